@@ -1,0 +1,43 @@
+"""Timing helpers shared by the benchmark suites (CPU: median of repeats; CUDA: events)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def bench(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repeat: int = 7) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA: per-call events after warm-up)."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def row(suite: str, case: str, impl: str, ms: float, ref_ms: float | None = None, floor_ms: float | None = None,
+        **extra) -> dict:
+    """One result row: time, speed-up over the suite's reference (ref_ms / ms), fraction of floor."""
+    r = {"suite": suite, "case": case, "impl": impl, "ms": round(ms, 4)}
+    if ref_ms is not None:
+        r["speedup"] = round(ref_ms / ms, 3)
+    if floor_ms is not None:
+        r["of_floor"] = round(floor_ms / ms, 3)
+    r.update(extra)
+    return r

@@ -1,0 +1,67 @@
+// Branch-free fp32 log and sin/cos(2 pi t), written so that gcc vectorises loops over them and
+// nvcc compiles them to plain FMAs: the same code runs on both sides, so CPU and CUDA noise agree.
+// Accuracy (checked in tests/test_philox.py against float64): a few ulp on the ranges used here.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace pyfastbayes {
+
+PFB_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  return __builtin_bit_cast(uint32_t, x);
+#endif
+}
+PFB_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  return __builtin_bit_cast(float, u);
+#endif
+}
+
+// natural log for normal, positive, finite x
+PFB_HD float fast_logf(float x) {
+  // x = m 2^e with m in [sqrt(1/2), sqrt(2)): integer arithmetic on the bits, no branches
+  const int32_t bits = static_cast<int32_t>(float_bits(x));
+  const int32_t e = (bits - 0x3F3504F3) >> 23;  // 0x3F3504F3 = sqrt(1/2)
+  const float m = bits_float(static_cast<uint32_t>(bits - (e << 23)));
+  const float s = (m - 1.0f) / (m + 1.0f);  // |s| <= 0.1716
+  const float s2 = s * s;
+  // log(m) = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + s^6/7 + s^8/9 + ...)
+  float p = 0.11111111f;
+  p = p * s2 + 0.14285715f;
+  p = p * s2 + 0.2f;
+  p = p * s2 + 0.33333334f;
+  p = p * s2 + 1.0f;
+  return static_cast<float>(e) * 0.69314718f + 2.0f * s * p;
+}
+
+// sin(2 pi t) and cos(2 pi t) for t in [0, 1)
+PFB_HD void fast_sincos_2pi(float t, float& sn, float& cs) {
+  const int32_t q = static_cast<int32_t>(4.0f * t + 0.5f);  // nearest quadrant 0..4 (t >= 0)
+  const float x = (t - 0.25f * static_cast<float>(q)) * 6.28318531f;  // [-pi/4, pi/4]
+  const float x2 = x * x;
+  float sp = 2.7557319e-06f;  // 1/9!
+  sp = sp * x2 - 1.9841270e-04f;
+  sp = sp * x2 + 8.3333333e-03f;
+  sp = sp * x2 - 1.6666667e-01f;
+  const float s = x + x * x2 * sp;
+  float cp = -2.7557319e-07f;  // -1/10!
+  cp = cp * x2 + 2.4801587e-05f;
+  cp = cp * x2 - 1.3888889e-03f;
+  cp = cp * x2 + 4.1666668e-02f;
+  cp = cp * x2 - 0.5f;
+  const float c = 1.0f + x2 * cp;
+  const int32_t qi = q & 3;
+  const float a = (qi & 1) ? c : s;
+  const float b = (qi & 1) ? s : c;
+  sn = (qi & 2) ? -a : a;
+  cs = ((qi + 1) & 2) ? -b : b;
+}
+
+}  // namespace pyfastbayes

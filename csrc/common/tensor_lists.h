@@ -1,0 +1,77 @@
+// Host-side argument checks and contiguity handling for the multi-tensor ops (CPU and CUDA).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace pyfastbayes {
+
+// Check that params/grads/(bufs) are matching lists of dense tensors on `device_type`, one
+// dtype, equal sizes; that hyper is float64 [>= nhyper] and rng int64 [2] on the same device.
+inline void check_step_args(const char* op, at::TensorList params, at::TensorList grads,
+                            at::TensorList bufs, bool has_bufs, const at::Tensor& hyper, int64_t nhyper,
+                            const at::Tensor& rng, const std::optional<at::Tensor>& skip,
+                            c10::DeviceType device_type) {
+  TORCH_CHECK(params.size() == grads.size(), op, ": got ", params.size(), " params but ", grads.size(), " grads");
+  TORCH_CHECK(!has_bufs || bufs.size() == params.size(), op, ": got ", params.size(), " params but ",
+              bufs.size(), " state buffers");
+  if (params.empty()) return;
+  const auto device = params[0].device();
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(device.type() == device_type, op, ": params are on ", device, ", expected ", device_type);
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": params must be floating point, got ", dtype);
+  auto check_like = [&](const at::Tensor& t, const at::Tensor& p, const char* what, size_t i) {
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", what, "[", i, "] must be dense (strided), got ", t.layout());
+    TORCH_CHECK(t.device() == device, op, ": ", what, "[", i, "] is on ", t.device(), " but params[0] is on ", device);
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
+                " but params[0] has ", dtype, " (one dtype per call)");
+    TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", what, "[", i, "] has shape ", t.sizes(), " but params[", i,
+                "] has shape ", p.sizes());
+  };
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_like(params[i], params[0], "params", i);
+    check_like(grads[i], params[i], "grads", i);
+    if (has_bufs) check_like(bufs[i], params[i], "state", i);
+  }
+  TORCH_CHECK(params.size() < (size_t(1) << 31), op, ": too many tensors");
+  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 1 && hyper.numel() >= nhyper &&
+                  hyper.is_contiguous() && hyper.device() == device,
+              op, ": hyper must be a contiguous float64 vector of length ", nhyper, " on ", device);
+  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2 && rng.is_contiguous() &&
+                  rng.device() == device,
+              op, ": rng must be a contiguous int64 [2] = (seed, step) on ", device);
+  if (skip.has_value()) {
+    TORCH_CHECK(skip->numel() == 1 && skip->scalar_type() == at::kBool && skip->device() == device, op,
+                ": skip must be a bool scalar on ", device);
+  }
+}
+
+// Contiguous stand-ins for a list of tensors that the op mutates: non-contiguous tensors are
+// computed on a contiguous copy and written back afterwards (elements in logical order).
+struct ContiguousList {
+  std::vector<at::Tensor> originals, work;
+  explicit ContiguousList(at::TensorList ts) {
+    originals.reserve(ts.size());
+    work.reserve(ts.size());
+    for (const auto& t : ts) {
+      originals.push_back(t);
+      work.push_back(t.is_contiguous() ? t : t.contiguous());
+    }
+  }
+  void write_back() {
+    for (size_t i = 0; i < work.size(); ++i)
+      if (!work[i].is_same(originals[i])) originals[i].copy_(work[i]);
+  }
+};
+
+inline std::vector<at::Tensor> contiguous_list(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+}  // namespace pyfastbayes

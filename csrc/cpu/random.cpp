@@ -1,0 +1,78 @@
+// CPU kernels of the RNG ops, and the vectorised normal-stream filler used by every noisy kernel.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "common/philox.h"
+#include "cpu/multi_tensor.h"
+
+namespace pyfastbayes::cpu {
+
+// target_clones: gcc emits a default, an AVX2+FMA and an AVX-512 body and picks one at load
+// time. The loop body is branch-free scalar code, which each clone vectorises at its width.
+__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+void fill_normal(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_block, int64_t nblocks,
+                 float* out) {
+  for (int64_t b = 0; b < nblocks; ++b) {
+    float z[4];
+    philox_normal4(seed, static_cast<uint64_t>(first_block + b), stream, step, z);
+    out[4 * b + 0] = z[0];
+    out[4 * b + 1] = z[1];
+    out[4 * b + 2] = z[2];
+    out[4 * b + 3] = z[3];
+  }
+}
+
+namespace {
+
+at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key0, int64_t key1) {
+  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 2 && counters.size(1) == 4,
+              "philox4x32: counters must be int64 [N, 4], got ", counters.scalar_type(), " ", counters.sizes());
+  auto c = counters.contiguous();
+  auto out = at::empty_like(c);
+  const int64_t* in = c.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, c.size(0), 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      uint32_t ctr[4], r[4];
+      for (int k = 0; k < 4; ++k) ctr[k] = static_cast<uint32_t>(in[4 * i + k]);
+      philox4x32_10(ctr, static_cast<uint32_t>(key0), static_cast<uint32_t>(key1), r);
+      for (int k = 0; k < 4; ++k) o[4 * i + k] = static_cast<int64_t>(r[k]);
+    }
+  });
+  return out;
+}
+
+at::Tensor& philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t step) {
+  TORCH_CHECK(at::isFloatingType(out.scalar_type()), "philox_normal_: out must be floating point, got ",
+              out.scalar_type());
+  const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
+  at::Tensor buf = direct ? out : at::empty({out.numel()}, out.options().dtype(at::kFloat));
+  float* z = buf.data_ptr<float>();
+  const int64_t n = out.numel();
+  parallel_chunks({n}, [&](const Chunk& c) {
+    const int64_t nb = (c.end - c.begin) / 4;
+    fill_normal(static_cast<uint64_t>(seed), static_cast<uint32_t>(stream), static_cast<uint32_t>(step),
+                c.begin / 4, nb, z + c.begin);
+    if (c.end - c.begin > 4 * nb) {  // tail of fewer than 4 elements
+      float t[4];
+      philox_normal4(static_cast<uint64_t>(seed), static_cast<uint64_t>(c.begin / 4 + nb),
+                     static_cast<uint32_t>(stream), static_cast<uint32_t>(step), t);
+      for (int64_t k = c.begin + 4 * nb; k < c.end; ++k) z[k] = t[k - c.begin - 4 * nb];
+    }
+  });
+  if (!direct) out.copy_(buf.view(out.sizes()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
+  m.impl("philox4x32", &philox4x32_cpu);
+  m.impl("philox_normal_", &philox_normal_cpu);
+}
+
+}  // namespace pyfastbayes::cpu

@@ -1,0 +1,115 @@
+// CPU kernels of the fused SG-MCMC steps: one parallel pass over every tensor of the group,
+// noise drawn in cache-sized blocks from the Philox stream, the update rule from common/.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+
+#include "common/philox.h"
+#include "common/sgmcmc_rules.h"
+#include "common/tensor_lists.h"
+#include "cpu/multi_tensor.h"
+
+namespace pyfastbayes::cpu {
+namespace {
+
+constexpr int64_t kNoiseBuf = 1024;  // normals generated per inner block (multiple of 4)
+
+template <typename scalar_t, template <class> class Rule, bool kHasBuf>
+void noisy_step(std::vector<at::Tensor>& ps, std::vector<at::Tensor>& gs, std::vector<at::Tensor>& bs,
+                const at::Tensor& hyper, const at::Tensor& rng) {
+  using op_t = at::opmath_type<scalar_t>;
+  const auto rule = Rule<op_t>::make(hyper.data_ptr<double>());
+  const auto seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
+  const auto step = static_cast<uint32_t>(rng.data_ptr<int64_t>()[1]);
+  std::vector<int64_t> numels;
+  for (const auto& p : ps) numels.push_back(p.numel());
+  parallel_chunks(numels, [&](const Chunk& c) {
+    scalar_t* p = ps[c.tensor].data_ptr<scalar_t>();
+    const scalar_t* g = gs[c.tensor].data_ptr<scalar_t>();
+    scalar_t* b = kHasBuf ? bs[c.tensor].data_ptr<scalar_t>() : nullptr;
+    alignas(64) float z[kNoiseBuf];
+    for (int64_t s = c.begin; s < c.end; s += kNoiseBuf) {
+      const int64_t n = std::min(kNoiseBuf, c.end - s);
+      fill_normal(seed, static_cast<uint32_t>(c.tensor), step, s / 4, (n + 3) / 4, z);
+      for (int64_t k = 0; k < n; ++k) {
+        op_t pv = static_cast<op_t>(p[s + k]);
+        op_t bv = kHasBuf ? static_cast<op_t>(b[s + k]) : op_t(0);
+        rule(pv, static_cast<op_t>(g[s + k]), bv, z[k]);
+        p[s + k] = static_cast<scalar_t>(pv);
+        if constexpr (kHasBuf) b[s + k] = static_cast<scalar_t>(bv);
+      }
+    }
+  });
+}
+
+template <template <class> class Rule, bool kHasBuf>
+void step_cpu(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs,
+              const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
+  check_step_args(op, params, grads, bufs, kHasBuf, hyper, kHyperSize, rng, skip, c10::DeviceType::CPU);
+  if (skip.has_value() && skip->item<bool>()) return;
+  if (!params.empty()) {
+    ContiguousList ps(params), bs(kHasBuf ? bufs : at::TensorList());
+    auto gs = contiguous_list(grads);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgmcmc_step", [&] {
+      noisy_step<scalar_t, Rule, kHasBuf>(ps.work, gs, bs.work, hyper, rng);
+    });
+    ps.write_back();
+    bs.write_back();
+  }
+  rng.data_ptr<int64_t>()[1] += 1;
+}
+
+void sgld_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& hyper, const at::Tensor& rng,
+                   const std::optional<at::Tensor>& skip) {
+  step_cpu<SGLDRule, false>("sgld_step_", params, grads, {}, hyper, rng, skip);
+}
+void sghmc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta, const at::Tensor& hyper,
+                    const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
+  step_cpu<SGHMCRule, true>("sghmc_step_", params, grads, momenta, hyper, rng, skip);
+}
+void psgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avg,
+                    const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
+  step_cpu<PSGLDRule, true>("psgld_step_", params, grads, square_avg, hyper, rng, skip);
+}
+
+at::Tensor any_nonfinite_cpu(at::TensorList tensors) {
+  std::atomic<bool> found{false};
+  std::vector<at::Tensor> ts;
+  std::vector<int64_t> numels;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "any_nonfinite: all tensors must be on the CPU, got ", t.device());
+    if (!at::isFloatingType(t.scalar_type())) continue;
+    ts.push_back(t.contiguous());
+    numels.push_back(t.numel());
+  }
+  parallel_chunks(numels, [&](const Chunk& c) {
+    if (found.load(std::memory_order_relaxed)) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ts[c.tensor].scalar_type(), "any_nonfinite", [&] {
+      using op_t = at::opmath_type<scalar_t>;
+      const scalar_t* x = ts[c.tensor].data_ptr<scalar_t>();
+      bool bad = false;
+      for (int64_t i = c.begin; i < c.end; ++i) {
+        const op_t v = static_cast<op_t>(x[i]);
+        bad |= (v - v != op_t(0));  // inf - inf and NaN - NaN are NaN
+      }
+      if (bad) found.store(true, std::memory_order_relaxed);
+    });
+  });
+  return at::zeros({}, at::TensorOptions().dtype(at::kBool)).fill_(found.load());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
+  m.impl("sgld_step_", &sgld_step_cpu);
+  m.impl("sghmc_step_", &sghmc_step_cpu);
+  m.impl("psgld_step_", &psgld_step_cpu);
+  m.impl("any_nonfinite", &any_nonfinite_cpu);
+}
+
+}  // namespace pyfastbayes::cpu

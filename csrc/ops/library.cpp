@@ -1,0 +1,5 @@
+// The pyfastbayes operator namespace. Each family adds its schemas with TORCH_LIBRARY_FRAGMENT in
+// its own file (ops/<family>.cpp); fake (meta) kernels live in pyfastbayes/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyfastbayes, m) { m.set_python_module("pyfastbayes.ops"); }

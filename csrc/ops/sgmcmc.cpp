@@ -1,0 +1,14 @@
+// Schemas of the fused SG-MCMC steps. One call updates every tensor of a parameter group.
+//   hyper: float64 [6] on the parameters' device (see common/sgmcmc_rules.h)
+//   rng:   int64 [2] = (seed, step) on the parameters' device; step += 1 after the update
+//   skip:  optional bool scalar on the device; when true the call changes nothing
+// Tensor i of the list draws its noise from Philox stream i.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
+  m.def("sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor hyper, Tensor(b!) rng, Tensor? skip=None) -> ()");
+  m.def("sghmc_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, Tensor hyper, Tensor(c!) rng, Tensor? skip=None) -> ()");
+  m.def("psgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avg, Tensor hyper, Tensor(c!) rng, Tensor? skip=None) -> ()");
+  // true where any element of any tensor is NaN or +-inf; a bool scalar on the tensors' device
+  m.def("any_nonfinite(Tensor[] tensors) -> Tensor");
+}

@@ -1,0 +1,13 @@
+"""pyfastbayes: fast, trustworthy Bayesian deep learning for PyTorch.
+
+Native (C++/CUDA) kernels under a thin Python API, with pure-PyTorch fallbacks everywhere:
+fused SG-MCMC optimizers (:mod:`pyfastbayes.optim`), Bayesian model averaging
+(:mod:`pyfastbayes.bma`), and the ops themselves under ``torch.ops.pyfastbayes``.
+"""
+__version__ = "0.1.0"
+
+from . import _native  # noqa: E402  (loads the extension or warns once)
+from ._native import build_info  # noqa: E402
+from . import ops, optim, bma  # noqa: E402
+
+__all__ = ["build_info", "ops", "optim", "bma", "__version__"]

@@ -1,0 +1,57 @@
+"""Loading of the compiled extension ``pyfastbayes._C``.
+
+``import pyfastbayes`` never fails because of the native build: when ``_C`` cannot be loaded,
+every public function runs its pure-PyTorch reference (same random stream, same numbers, slower)
+and one warning says why.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_C = None
+LOAD_ERROR: str | None = None
+try:
+    from . import _C  # noqa: F811  (registers torch.ops.pyfastbayes.*)
+except ImportError as exc:  # pragma: no cover - exercised in the fallback test via a subprocess
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "pyfastbayes: the compiled extension could not be loaded "
+        f"({LOAD_ERROR}); using the pure-PyTorch fallbacks. Rebuild with "
+        "`pip install --no-build-isolation .` against the installed torch.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def available() -> bool:
+    """True when the native extension is loaded and its ops are registered."""
+    return _C is not None
+
+
+def has_kernel(device: torch.device | str) -> bool:
+    """True when the native extension has kernels for ``device`` ('cpu' or 'cuda')."""
+    if _C is None:
+        return False
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda":
+        return bool(_C.build_info()["cuda"])
+    return False
+
+
+def build_info() -> dict:
+    """What the native build contains: dict(version, torch, cuda, cuda_archs, openmp).
+
+    Without the extension: ``cuda`` and ``openmp`` are False and ``error`` says why it did not load.
+    """
+    if _C is None:
+        from . import __version__
+
+        return {"version": __version__, "torch": torch.__version__, "cuda": False,
+                "cuda_archs": "", "openmp": False, "native": False, "error": LOAD_ERROR}
+    info = dict(_C.build_info())
+    info["native"] = True
+    return info

@@ -1,0 +1,115 @@
+"""Pure-PyTorch references of every native op.
+
+They are the oracles of the tests and the fallbacks when the extension is absent. Each function
+has the signature and in-place behaviour of the op of the same name in ``torch.ops.pyfastbayes``
+and draws the same Philox4x32-10 stream, computed here with int64 tensor arithmetic.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK = 0xFFFFFFFF
+
+
+def _mulhilo(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit words of a * m for int64 tensors a < 2^32 and a 32-bit constant m."""
+    lo_part = a * (m & 0xFFFF)  # < 2^48
+    hi_part = a * (m >> 16)  # < 2^48
+    s = lo_part + ((hi_part & 0xFFFF) << 16)
+    return ((s >> 32) + (hi_part >> 16)) & _MASK, s & _MASK
+
+
+def philox4x32(counters: Tensor, key0: int, key1: int) -> Tensor:
+    """Philox4x32-10 of int64 counters [N, 4] (uint32 words) under key (key0, key1) -> int64 [N, 4]."""
+    if counters.dtype != torch.int64 or counters.dim() != 2 or counters.shape[1] != 4:
+        raise ValueError(f"counters must be int64 [N, 4], got {counters.dtype} {tuple(counters.shape)}")
+    c0, c1, c2, c3 = (counters[:, i] & _MASK for i in range(4))
+    k0, k1 = key0 & _MASK, key1 & _MASK
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, _M0)
+        hi1, lo1 = _mulhilo(c2, _M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _MASK, (k1 + _W1) & _MASK
+    return torch.stack([c0, c1, c2, c3], dim=1)
+
+
+def philox_normal(numel: int, seed: int, stream: int, step: int, device=None) -> Tensor:
+    """The float32 normal stream [numel]: element i is lane i % 4 of Philox block i // 4 with
+    counter (block lo, block hi, stream, step) and key = the 64-bit seed; Box-Muller in float64."""
+    nblocks = (numel + 3) // 4
+    block = torch.arange(nblocks, dtype=torch.int64, device=device)
+    ctr = torch.stack([block & _MASK, block >> 32, torch.full_like(block, stream & _MASK),
+                       torch.full_like(block, step & _MASK)], dim=1)
+    seed &= (1 << 64) - 1
+    r = philox4x32(ctr, seed & _MASK, seed >> 32)
+    u1 = ((r[:, 0::2] >> 8) + 1).double() * 2.0**-24  # lanes 0, 2: radius, (0, 1]
+    u2 = (r[:, 1::2] >> 8).double() * 2.0**-24  # lanes 1, 3: angle
+    rad = torch.sqrt(-2.0 * torch.log(u1))
+    z = torch.stack([rad * torch.cos(2 * math.pi * u2), rad * torch.sin(2 * math.pi * u2)], dim=2)
+    return z.reshape(-1)[:numel].float()
+
+
+def philox_normal_(out: Tensor, seed: int, stream: int, step: int) -> Tensor:
+    """Fill ``out`` (any shape, floating dtype) with the normal stream, in logical element order."""
+    out.copy_(philox_normal(out.numel(), seed, stream, step, out.device).view(out.shape))
+    return out
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _noisy_step(kind: str, params, grads, bufs, hyper: Tensor, rng: Tensor, skip) -> None:
+    if skip is not None and bool(skip):
+        return
+    lr, temp, num_data, prior, a, b = (float(v) for v in hyper[:6].tolist())
+    seed, step = (int(v) for v in rng.tolist())
+    for i, (p, g) in enumerate(zip(params, grads)):
+        op = _opmath(p.dtype)
+        xi = philox_normal(p.numel(), seed, i, step, p.device).view(p.shape).to(op)
+        pv, gv = p.to(op), g.to(op)
+        grad_u = num_data * gv + prior * pv
+        if kind == "sgld":
+            pv = pv - (0.5 * lr) * grad_u + math.sqrt(lr * temp) * xi
+        elif kind == "sghmc":
+            v = (1.0 - a) * bufs[i].to(op) - lr * grad_u + math.sqrt(2.0 * a * lr * temp) * xi
+            pv = pv + v
+            bufs[i].copy_(v)
+        else:  # psgld
+            v = a * bufs[i].to(op) + (1.0 - a) * gv * gv
+            precond = 1.0 / (b + torch.sqrt(v))
+            pv = pv - (0.5 * lr) * precond * grad_u + torch.sqrt((lr * temp) * precond) * xi
+            bufs[i].copy_(v)
+        p.copy_(pv)
+    rng[1] += 1
+
+
+def sgld_step_(params: Sequence[Tensor], grads: Sequence[Tensor], hyper: Tensor, rng: Tensor,
+               skip: Tensor | None = None) -> None:
+    """Reference of ``torch.ops.pyfastbayes.sgld_step_`` (see :class:`pyfastbayes.optim.SGLD`)."""
+    _noisy_step("sgld", params, grads, None, hyper, rng, skip)
+
+
+def sghmc_step_(params, grads, momenta, hyper, rng, skip=None) -> None:
+    """Reference of ``torch.ops.pyfastbayes.sghmc_step_`` (see :class:`pyfastbayes.optim.SGHMC`)."""
+    _noisy_step("sghmc", params, grads, momenta, hyper, rng, skip)
+
+
+def psgld_step_(params, grads, square_avg, hyper, rng, skip=None) -> None:
+    """Reference of ``torch.ops.pyfastbayes.psgld_step_`` (see :class:`pyfastbayes.optim.PSGLD`)."""
+    _noisy_step("psgld", params, grads, square_avg, hyper, rng, skip)
+
+
+def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    """True (bool scalar) when any element of any floating tensor is NaN or infinite."""
+    flags = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    if not flags:
+        dev = tensors[0].device if len(tensors) else "cpu"
+        return torch.zeros((), dtype=torch.bool, device=dev)
+    return torch.stack([f.to(flags[0].device) for f in flags]).any()

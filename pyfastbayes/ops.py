@@ -1,0 +1,106 @@
+"""Typed wrappers over ``torch.ops.pyfastbayes.*``, with fake kernels for ``torch.compile``.
+
+Each wrapper runs the native kernel when the extension has one for the tensors' device and the
+pure-PyTorch reference (:mod:`pyfastbayes._reference`, same random stream) otherwise.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _native, _reference
+
+__all__ = ["philox4x32", "philox_normal_", "sgld_step_", "sghmc_step_", "psgld_step_", "any_nonfinite",
+           "native_op"]
+
+
+def native_op(name: str, device) -> object | None:
+    """``torch.ops.pyfastbayes.<name>.default`` when the extension has a kernel for ``device``."""
+    if device is not None and _native.has_kernel(device):
+        return getattr(torch.ops.pyfastbayes, name).default
+    return None
+
+
+def _device_of(tensors: Sequence[Tensor], fallback: Tensor | None = None):
+    if len(tensors):
+        return tensors[0].device
+    return fallback.device if fallback is not None else None
+
+
+def philox4x32(counters: Tensor, key0: int, key1: int) -> Tensor:
+    """Philox4x32-10 blocks: ``counters`` int64 [N, 4] of uint32 words -> int64 [N, 4]."""
+    op = native_op("philox4x32", counters.device)
+    return op(counters, key0, key1) if op else _reference.philox4x32(counters, key0, key1)
+
+
+def philox_normal_(out: Tensor, seed: int, stream: int, step: int) -> Tensor:
+    """Fill ``out`` [any shape] with the standard-normal stream (seed, stream, step) in place.
+
+    Element i (logical order) is lane i % 4 of Philox4x32-10 block i // 4 with counter
+    (block, stream, step) and key ``seed``; this is the noise the fused optimizers add.
+    """
+    op = native_op("philox_normal_", out.device)
+    return op(out, seed, stream, step) if op else _reference.philox_normal_(out, seed, stream, step)
+
+
+def sgld_step_(params: Sequence[Tensor], grads: Sequence[Tensor], hyper: Tensor, rng: Tensor,
+               skip: Tensor | None = None) -> None:
+    """Fused SGLD step over lists of P tensors (see :class:`pyfastbayes.optim.SGLD`).
+
+    hyper: float64 [6] = (lr, temperature, num_data, prior_precision, -, -); rng: int64 [2] =
+    (seed, step), step incremented; skip: optional bool scalar that turns the call into a no-op.
+    """
+    op = native_op("sgld_step_", _device_of(params, hyper))
+    (op or _reference.sgld_step_)(params, grads, hyper, rng, skip)
+
+
+def sghmc_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor], hyper: Tensor,
+                rng: Tensor, skip: Tensor | None = None) -> None:
+    """Fused SGHMC step; ``momenta`` like ``params``; hyper[4] = friction (see :class:`SGHMC`)."""
+    op = native_op("sghmc_step_", _device_of(params, hyper))
+    (op or _reference.sghmc_step_)(params, grads, momenta, hyper, rng, skip)
+
+
+def psgld_step_(params: Sequence[Tensor], grads: Sequence[Tensor], square_avg: Sequence[Tensor], hyper: Tensor,
+                rng: Tensor, skip: Tensor | None = None) -> None:
+    """Fused pSGLD step; ``square_avg`` like ``params``; hyper[4:6] = (alpha, eps) (see :class:`PSGLD`)."""
+    op = native_op("psgld_step_", _device_of(params, hyper))
+    (op or _reference.psgld_step_)(params, grads, square_avg, hyper, rng, skip)
+
+
+def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    """Bool scalar on the tensors' device: does any element of any tensor hold NaN or +-inf?"""
+    op = native_op("any_nonfinite", _device_of(tensors)) if len(tensors) else None
+    return op(list(tensors)) if op else _reference.any_nonfinite(tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# fake (meta) kernels: shapes only, so torch.compile / export can trace through the ops
+# ---------------------------------------------------------------------------------------------
+if _native.available():
+
+    @torch.library.register_fake("pyfastbayes::philox4x32")
+    def _(counters, key0, key1):
+        return torch.empty_like(counters)
+
+    @torch.library.register_fake("pyfastbayes::philox_normal_")
+    def _(out, seed, stream, step):
+        return out
+
+    @torch.library.register_fake("pyfastbayes::sgld_step_")
+    def _(params, grads, hyper, rng, skip=None):
+        return None
+
+    @torch.library.register_fake("pyfastbayes::sghmc_step_")
+    def _(params, grads, momenta, hyper, rng, skip=None):
+        return None
+
+    @torch.library.register_fake("pyfastbayes::psgld_step_")
+    def _(params, grads, square_avg, hyper, rng, skip=None):
+        return None
+
+    @torch.library.register_fake("pyfastbayes::any_nonfinite")
+    def _(tensors):
+        return torch.empty((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
