@@ -53,7 +53,7 @@ at::Tensor philox4x32_cuda(const at::Tensor& counters, int64_t key0, int64_t key
   return out;
 }
 
-at::Tensor& philox_normal_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t step) {
+void philox_normal_cuda(const at::Tensor& out, int64_t seed, int64_t stream, int64_t step) {
   TORCH_CHECK(at::isFloatingType(out.scalar_type()), "philox_normal_: out must be floating point, got ",
               out.scalar_type());
   const c10::cuda::CUDAGuard guard(out.device());
@@ -67,7 +67,6 @@ at::Tensor& philox_normal_cuda(at::Tensor& out, int64_t seed, int64_t stream, in
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (!direct) out.copy_(buf.view(out.sizes()));
-  return out;
 }
 
 }  // namespace
