@@ -63,8 +63,8 @@ class _SGMCMC(torch.optim.Optimizer):
         _check_positive("temperature", group["temperature"], allow_zero=True)
         _check_positive("prior_precision", group["prior_precision"], allow_zero=True)
 
-    def _active(self, gi: int, group: dict) -> tuple[list[Tensor], list[Tensor]]:
-        params, grads = [], []
+    def _explain(self, gi: int, group: dict) -> None:
+        """Raise a clear error naming the first parameter that the fused op cannot take."""
         ref = None
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -82,9 +82,6 @@ class _SGMCMC(torch.optim.Optimizer):
                                  f"dtypes in separate param groups")
             if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
                 raise ValueError(f"{where}: gradient is {p.grad.dtype} {tuple(p.grad.shape)} on {p.grad.device}")
-            params.append(p)
-            grads.append(p.grad)
-        return params, grads
 
     # ---- device-resident state ----------------------------------------------------------
     def _hyper_values(self, group: dict) -> list:
@@ -135,10 +132,14 @@ class _SGMCMC(torch.optim.Optimizer):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             self._check_hyper(group)
-            params, grads = self._active(gi, group)
+            params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            st = self._group_state(group, params[0].device)
+            grads = [p.grad for p in params]
+            dev = params[0].device
+            if any(p.device != dev for p in params) or any(g.layout != torch.strided for g in grads):
+                self._explain(gi, group)
+            st = self._group_state(group, dev)
             skip = None
             if group["nonfinite"] != "ignore":
                 skip = ops.any_nonfinite(grads)
@@ -150,13 +151,18 @@ class _SGMCMC(torch.optim.Optimizer):
                         f"gradients, or pass nonfinite='skip'.")
             args = [params, grads] + ([self._buffers(params)] if self._buffer else [])
             args += [st["hyper"], st["rng"], skip]
-            use_native = group["fused"] is not False and _native.has_kernel(params[0].device)
+            use_native = group["fused"] is not False and _native.has_kernel(dev)
             if group["fused"] and not use_native:
-                raise RuntimeError(f"{type(self).__name__}(fused=True): no native kernel for {params[0].device}")
-            if use_native:
-                getattr(torch.ops.pyfastbayes, self._op_name).default(*args)
-            else:
+                raise RuntimeError(f"{type(self).__name__}(fused=True): no native kernel for {dev}")
+            if not use_native:
+                self._explain(gi, group)  # the reference does not validate its arguments itself
                 getattr(_reference, self._op_name)(*args)
+                continue
+            try:  # the op checks every argument before it writes anything
+                getattr(torch.ops.pyfastbayes, self._op_name).default(*args)
+            except RuntimeError:
+                self._explain(gi, group)  # a clearer message naming the parameter, if it can
+                raise
         return loss
 
     # ---- state_dict: keep the int64 RNG position exact ----------------------------------

@@ -1,0 +1,104 @@
+"""SGLD step over a model-like list of ~300 tensors: ours vs what a user would otherwise run.
+
+Baselines in the same run: a per-tensor eager loop, torch._foreach_*, torch.compile of the
+loop, and posteriors' SGLD (``pip install posteriors``). On CUDA also the device-to-device copy
+bandwidth, which sets the floor: SGLD moves 12 bytes per fp32 element (read theta and g, write theta).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from bench.common import bench, row
+
+LR, NUM_DATA, TEMP = 1e-6, 50_000, 1.0
+
+
+def model_like(total: int, device: str, n_layers: int = 150, seed: int = 0):
+    """~2 * n_layers tensors: square-ish weights of jittered odd sizes plus their biases."""
+    g = torch.Generator().manual_seed(seed)
+    side = math.sqrt(total / n_layers)
+    shapes = []
+    for _ in range(n_layers):
+        r = int(side * (0.75 + 0.5 * torch.rand((), generator=g).item())) | 1
+        shapes += [(r, r), (r,)]
+    params = [torch.randn(s, device=device) for s in shapes]
+    grads = [torch.randn(s, device=device) for s in shapes]
+    return params, grads
+
+
+def eager_step(ps, gs):
+    for p, g in zip(ps, gs):
+        p.add_(g, alpha=-LR * NUM_DATA / 2)
+        p.add_(torch.randn_like(p), alpha=math.sqrt(LR * TEMP))
+
+
+def foreach_step(ps, gs):
+    torch._foreach_add_(ps, gs, alpha=-LR * NUM_DATA / 2)
+    torch._foreach_add_(ps, [torch.randn_like(p) for p in ps], alpha=math.sqrt(LR * TEMP))
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per ms of a large device-to-device copy (read + write)."""
+    n = 1 << 28 if device == "cuda" else 1 << 24
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    ms = bench(lambda: dst.copy_(src), device, repeat=10)
+    return 2 * 4 * n / ms
+
+
+def posteriors_runner(ps, gs):
+    """posteriors.sgmcmc.sgld.update, in place, on a log-posterior whose gradient is gs."""
+    import posteriors
+
+    state = posteriors.sgmcmc.sgld.init({str(i): p for i, p in enumerate(ps)})
+
+    scaled = {str(i): -NUM_DATA * g for i, g in enumerate(gs)}
+
+    def log_post(params, batch):
+        # linear in the parameters, so its gradient is -NUM_DATA * g: the drift of our SGLD
+        return sum((p * scaled[k]).sum() for k, p in params.items()), torch.tensor([])
+
+    def step():
+        # posteriors' rule: theta + lr' grad log p + sqrt(2 lr' T) xi, i.e. lr' = LR / 2 matches ours
+        posteriors.sgmcmc.sgld.update(state, None, log_post, lr=LR / 2, temperature=TEMP, inplace=True)
+
+    return step
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    from pyfastbayes.optim import SGLD
+
+    total = {("cpu", False): 10_000_000, ("cpu", True): 1_000_000,
+             ("cuda", False): 150_000_000, ("cuda", True): 16_000_000}[(device, quick)]
+    ps, gs = model_like(total, device)
+    n = sum(p.numel() for p in ps)
+    case = f"SGLD {len(ps)} tensors, {n / 1e6:.1f} M fp32"
+    rows, repeat = [], 3 if quick else 7
+    timed = {}
+    timed["eager loop"] = bench(lambda: eager_step(ps, gs), device, repeat=repeat)
+    timed["torch._foreach"] = bench(lambda: foreach_step(ps, gs), device, repeat=repeat)
+    t0 = time.perf_counter()
+    compiled = torch.compile(eager_step, fullgraph=False)
+    compiled(ps, gs)
+    compile_s = time.perf_counter() - t0
+    timed["torch.compile"] = bench(lambda: compiled(ps, gs), device, repeat=repeat)
+    try:
+        timed["posteriors sgld"] = bench(posteriors_runner(ps, gs), device, repeat=repeat)
+    except ImportError:
+        print("# bench_sgmcmc: posteriors is not installed (pip install posteriors); its row is left out")
+    for mode in ("ignore", "raise"):
+        params = [torch.nn.Parameter(p) for p in ps]
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt = SGLD(params, lr=LR, num_data=NUM_DATA, temperature=TEMP, nonfinite=mode)
+        timed[f"pyfastbayes SGLD (nonfinite={mode})"] = bench(opt.step, device, repeat=repeat)
+    floor = 12 * n / copy_bandwidth(device) if device == "cuda" else None
+    ref = timed["eager loop"]
+    for impl, ms in timed.items():
+        extra = {"vs_foreach": round(timed["torch._foreach"] / ms, 2)}
+        if impl == "torch.compile":
+            extra["note"] = f"compile {compile_s:.1f} s"
+        rows.append(row("sgmcmc", case, impl, ms, ref_ms=ref, floor_ms=floor, **extra))
+    return rows
