@@ -1,0 +1,66 @@
+"""Packaging: build info, the pure-PyTorch fallback without the extension, README <-> CI."""
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pyfastbayes
+
+from conftest import needs_native
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_build_info_fields():
+    info = pyfastbayes.build_info()
+    assert {"version", "torch", "cuda", "cuda_archs", "openmp", "native"} <= set(info)
+    assert info["version"] == pyfastbayes.__version__
+    if info["native"]:
+        assert info["torch"] == torch.__version__
+        if info["cuda"]:
+            assert "90" in info["cuda_archs"].split(",")
+
+
+@needs_native
+def test_fallback_without_extension_gives_the_same_chain():
+    """With _C blocked, import warns once, and SGLD runs the reference: the same numbers."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        if sys.argv[1] == "blocked":
+            sys.modules["pyfastbayes._C"] = None   # makes `from . import _C` raise ImportError
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import torch, pyfastbayes
+            from pyfastbayes.optim import SGLD
+        msgs = [str(x.message) for x in w if "compiled extension" in str(x.message)]
+        assert len(msgs) == (1 if sys.argv[1] == "blocked" else 0), msgs
+        assert pyfastbayes.build_info()["native"] == (sys.argv[1] != "blocked")
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(1001))
+        opt = SGLD([p], lr=1e-3, num_data=10)
+        for _ in range(3):
+            p.grad = torch.sin(p.detach())
+            opt.step()
+        torch.save(p.detach(), sys.argv[2])
+    """)
+    outs = []
+    for mode in ("blocked", "native"):
+        path = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"pfb-{mode}-{os.getpid()}.pt"
+        subprocess.run([sys.executable, "-c", code, mode, str(path)], check=True, cwd="/")
+        outs.append(torch.load(path))
+        path.unlink()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    blocks = [b.split("```")[0].strip() for b in readme.split("```bash")[1:]]
+    commands = [b for b in blocks if "pytest" in b and "setup.sh" in b]
+    assert len(commands) == 1, "README must give exactly one setup-and-test command"
+    assert commands[0] in ci, ".ci/run must run the README's test command"
+    assert any("pyfastbayes demo" in b and "setup.sh" in b for b in blocks), "README must give the demo command"
