@@ -17,25 +17,14 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;  // golden ratio
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;  // sqrt(3) - 1
 
-PFB_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-#if defined(__CUDA_ARCH__)
-  lo = a * b;
-  hi = __umulhi(a, b);
-#else
-  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
-  lo = static_cast<uint32_t>(p);
-  hi = static_cast<uint32_t>(p >> 32);
-#endif
-}
-
 // ten rounds, key bumped between rounds; c is the counter in, r the 128 random bits out
 PFB_HD void philox4x32_10(const uint32_t c[4], uint32_t k0, uint32_t k1, uint32_t r[4]) {
+#if defined(__CUDA_ARCH__)
   uint32_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(kPhiloxM0, c0, hi0, lo0);
-    mulhilo32(kPhiloxM1, c2, hi1, lo1);
+    const uint32_t hi0 = __umulhi(kPhiloxM0, c0), lo0 = kPhiloxM0 * c0;
+    const uint32_t hi1 = __umulhi(kPhiloxM1, c2), lo1 = kPhiloxM1 * c2;
     c0 = hi1 ^ c1 ^ k0;
     c1 = lo1;
     c2 = hi0 ^ c3 ^ k1;
@@ -47,6 +36,26 @@ PFB_HD void philox4x32_10(const uint32_t c[4], uint32_t k0, uint32_t k1, uint32_
   r[1] = c1;
   r[2] = c2;
   r[3] = c3;
+#else
+  // Host: every word lives zero-extended in 64 bits, so a vectorised loop multiplies with one
+  // 32x32->64 lane product (vpmuludq) and splits hi/lo with shifts instead of lane shuffles.
+  constexpr uint64_t kLo = 0xFFFFFFFFull;
+  uint64_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = k0, w1 = k1;
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = c0 * uint64_t(kPhiloxM0);
+    const uint64_t p1 = c2 * uint64_t(kPhiloxM1);
+    c0 = ((p1 >> 32) ^ c1 ^ w0) & kLo;
+    c1 = p1 & kLo;
+    c2 = ((p0 >> 32) ^ c3 ^ w1) & kLo;
+    c3 = p0 & kLo;
+    w0 = (w0 + kPhiloxW0) & kLo;
+    w1 = (w1 + kPhiloxW1) & kLo;
+  }
+  r[0] = static_cast<uint32_t>(c0);
+  r[1] = static_cast<uint32_t>(c1);
+  r[2] = static_cast<uint32_t>(c2);
+  r[3] = static_cast<uint32_t>(c3);
+#endif
 }
 
 // uniform on (0, 1] from the top 24 bits: (k + 1) 2^-24, exact in fp32, never 0
