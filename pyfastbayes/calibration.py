@@ -564,6 +564,7 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     never calls ``show()``.
     """
     import matplotlib.pyplot as plt
+    import numpy as np
 
     n_bins = _check_n_bins(n_bins)
     bins, _, _ = _bins(probs, targets, n_bins, from_logits, False, True)
@@ -576,6 +577,7 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     err = float(_error_from_bins(bins, "l1"))
     width = 1.0 / n_bins
     left = torch.arange(n_bins, dtype=torch.float64) * width
+    acc, conf, frac, left = acc.numpy(), conf.numpy(), frac.numpy(), left.numpy()
     twin = ax is not None
     if ax is None:
         fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
@@ -585,7 +587,7 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     m = nonempty.numpy()
     ax.bar(left[m], acc[m], width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.5,
            label=f"accuracy (ECE = {err:.4f})")
-    lo, hi = torch.minimum(acc, conf), torch.maximum(acc, conf)
+    lo, hi = np.minimum(acc, conf), np.maximum(acc, conf)
     ax.bar(left[m], (hi - lo)[m], bottom=lo[m], width=width, align="edge", color="tab:red", alpha=0.3,
            edgecolor="tab:red", hatch="//", label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
