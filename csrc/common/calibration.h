@@ -30,11 +30,11 @@ constexpr int kDiagNonFinite = 3;  // NaN / inf in the row (or all-(-inf) logits
 PFB_HD int64_t uniform_bin(double x, int64_t n_bins) {
   const double b = static_cast<double>(n_bins);
   const double p = x * b;
-  double f = floor(p);
-  if (f == p && f > 0.0 && fma(x, b, -p) < 0.0) f -= 1.0;  // exact x*B lies just below edge f
-  if (!(f >= 0.0)) return 0;                               // x <= 0 (NaN rows are skipped earlier)
-  if (f >= b - 1.0) return n_bins - 1;                     // last bin is closed: x = 1 lands here
-  return static_cast<int64_t>(f);
+  if (!(p > 0.0)) return 0;            // x <= 0 (NaN rows are skipped before binning)
+  if (p >= b) return n_bins - 1;       // the last bin is closed: x = 1 lands here
+  int64_t k = static_cast<int64_t>(p);  // floor, as 0 < p < b (no libm call on the CPU)
+  if (static_cast<double>(k) == p && fma(x, b, -p) < 0.0) --k;  // exact x*B just below edge k >= 1
+  return k;
 }
 
 }  // namespace pyfastbayes
