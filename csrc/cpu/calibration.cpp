@@ -47,12 +47,81 @@ void bins_kernel(const scalar_t* p, const int64_t* y, int64_t S, int64_t N, int6
   const int64_t stride_s = N * C;
   const bool direct = !logits && S == 1;  // top path: read the row itself, no accumulator
 
+  // Rows with S > 1 averaged probabilities are processed kBlock at a time, draw by draw, so each
+  // draw's slab of kBlock * C values is read contiguously (not S far-apart rows per point).
+  constexpr int64_t kBlock = 256;
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<double> acc(direct ? 0 : C), tmp(logits ? C : 0);
+    std::vector<double> acc(direct ? 0 : (logits ? C : kBlock * C)), tmp(logits ? C : 0);
+    std::vector<char> negrow(direct || logits ? 0 : kBlock);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       double* st = partial.data() + chunk * width;
       double* dg = st + nstat;
+      // bin one row: vals = its S-summed values (nullptr: the row itself, S = 1)
+      auto finish = [&](int64_t n, const scalar_t* row, const double* vals, double conf, int64_t pred, double sum,
+                        bool neg, bool finite) {
+        if (!finite) {
+          dg[kDiagNonFinite] += 1.0;
+          return;
+        }
+        const int64_t t = y[n];
+        if (t < 0 || t >= C) {
+          dg[kDiagBadTarget] += 1.0;
+          return;
+        }
+        if (!logits) {
+          if (!(std::fabs(sum - 1.0) <= tol)) dg[kDiagBadSum] += 1.0;
+          if (neg) dg[kDiagNegative] += 1.0;
+        }
+        if (!classwise) {
+          double* b = st + uniform_bin(conf, B) * kCalibStats;
+          b[0] += 1.0;
+          b[1] += conf;
+          b[2] += pred == t ? 1.0 : 0.0;
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const double v = vals ? vals[c] / static_cast<double>(S) : static_cast<double>(row[c]);
+            double* b = st + (c * B + uniform_bin(v, B)) * kCalibStats;
+            b[0] += 1.0;
+            b[1] += v;
+            b[2] += c == t ? 1.0 : 0.0;
+          }
+        }
+      };
       const int64_t r0 = chunk * N / nchunks, r1 = (chunk + 1) * N / nchunks;
+      if (!direct && !logits) {
+        for (int64_t blk = r0; blk < r1; blk += kBlock) {
+          const int64_t nb = std::min(kBlock, r1 - blk), len = nb * C;
+          std::fill(acc.begin(), acc.begin() + len, 0.0);
+          bool any_neg = false;
+          for (int64_t s = 0; s < S; ++s) {
+            const scalar_t* src = p + s * stride_s + blk * C;
+            for (int64_t i = 0; i < len; ++i) {
+              const double v = static_cast<double>(src[i]);
+              acc[i] += v;
+              any_neg |= v < 0.0;
+            }
+          }
+          std::fill(negrow.begin(), negrow.begin() + nb, 0);
+          if (any_neg)  // rare (invalid input): find which rows
+            for (int64_t s = 0; s < S; ++s)
+              for (int64_t i = 0; i < len; ++i)
+                if (static_cast<double>(p[s * stride_s + blk * C + i]) < 0.0) negrow[i / C] = 1;
+          for (int64_t r = 0; r < nb; ++r) {
+            const double* a = acc.data() + r * C;
+            double mx = a[0], sum = 0.0;
+            int64_t pred = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              const bool gt = a[c] > mx;
+              mx = gt ? a[c] : mx;
+              pred = gt ? c : pred;
+              sum += a[c];
+            }
+            sum /= static_cast<double>(S);
+            finish(blk + r, nullptr, a, mx / static_cast<double>(S), pred, sum, negrow[r] != 0, std::isfinite(sum));
+          }
+        }
+        continue;
+      }
       for (int64_t n = r0; n < r1; ++n) {
         const scalar_t* row = p + n * C;
         double conf, sum = 0.0;
@@ -69,26 +138,6 @@ void bins_kernel(const scalar_t* p, const int64_t* y, int64_t S, int64_t N, int6
             neg |= v < scalar_t(0);
           }
           conf = static_cast<double>(mx);
-          finite = std::isfinite(sum);
-        } else if (!logits) {
-          std::fill(acc.begin(), acc.end(), 0.0);
-          for (int64_t s = 0; s < S; ++s) {
-            const scalar_t* rs = row + s * stride_s;
-            for (int64_t c = 0; c < C; ++c) {
-              const double v = static_cast<double>(rs[c]);
-              acc[c] += v;
-              neg |= v < 0.0;
-            }
-          }
-          double mx = acc[0];
-          for (int64_t c = 0; c < C; ++c) {
-            const bool gt = acc[c] > mx;
-            mx = gt ? acc[c] : mx;
-            pred = gt ? c : pred;
-            sum += acc[c];
-          }
-          conf = mx / static_cast<double>(S);
-          sum /= static_cast<double>(S);
           finite = std::isfinite(sum);
         } else {
           std::fill(acc.begin(), acc.end(), 0.0);
@@ -113,33 +162,7 @@ void bins_kernel(const scalar_t* p, const int64_t* y, int64_t S, int64_t N, int6
           }
           conf = mx / static_cast<double>(S);
         }
-        if (!finite) {
-          dg[kDiagNonFinite] += 1.0;
-          continue;
-        }
-        const int64_t t = y[n];
-        if (t < 0 || t >= C) {
-          dg[kDiagBadTarget] += 1.0;
-          continue;
-        }
-        if (!logits) {
-          if (!(std::fabs(sum - 1.0) <= tol)) dg[kDiagBadSum] += 1.0;
-          if (neg) dg[kDiagNegative] += 1.0;
-        }
-        if (!classwise) {
-          double* b = st + uniform_bin(conf, B) * kCalibStats;
-          b[0] += 1.0;
-          b[1] += conf;
-          b[2] += pred == t ? 1.0 : 0.0;
-        } else {
-          for (int64_t c = 0; c < C; ++c) {
-            const double v = direct ? static_cast<double>(row[c]) : acc[c] / static_cast<double>(S);
-            double* b = st + (c * B + uniform_bin(v, B)) * kCalibStats;
-            b[0] += 1.0;
-            b[1] += v;
-            b[2] += c == t ? 1.0 : 0.0;
-          }
-        }
+        finish(n, row, direct ? nullptr : acc.data(), conf, pred, sum, neg, finite);
       }
     }
   });
