@@ -105,3 +105,33 @@ if _native.available():
     @torch.library.register_fake("pyfastbayes::any_nonfinite")
     def _(tensors):
         return torch.empty((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration (pyfastbayes.calibration)
+# ---------------------------------------------------------------------------------------------
+__all__ += ["calibration_bins"]
+
+
+def calibration_bins(probs: Tensor, targets: Tensor, n_bins: int, from_logits: bool = False,
+                     classwise: bool = False, sum_tol: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """One pass of binning for calibration metrics (native op or its reference).
+
+    probs: [S, N, C] probabilities (or logits with ``from_logits``), averaged over the S draws
+    inside; targets: int64 [N]. Returns (bins, diag): bins float64 [n_bins, 3] (top-label) or
+    [C, n_bins, 3] (``classwise``) holding per bin (count, sum of confidence, sum of correct);
+    diag float64 [4] = row counts of (row sum off 1 by more than ``sum_tol``, negative entry,
+    target outside [0, C), non-finite). Rows with a bad target or non-finite values are skipped.
+    Bin k is [k/n_bins, (k+1)/n_bins), the last bin closed (see common/calibration.h).
+    """
+    op = native_op("calibration_bins", probs.device)
+    fn = op or _reference.calibration_bins
+    return fn(probs, targets, int(n_bins), bool(from_logits), bool(classwise), float(sum_tol))
+
+
+if _native.available():
+
+    @torch.library.register_fake("pyfastbayes::calibration_bins")
+    def _(probs, targets, n_bins, from_logits=False, classwise=False, sum_tol=1e-4):
+        shape = (probs.shape[2], n_bins, 3) if classwise else (n_bins, 3)
+        return probs.new_empty(shape, dtype=torch.float64), probs.new_empty((4,), dtype=torch.float64)
