@@ -19,7 +19,7 @@ import time
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.append(str(HERE.parent))  # after site-packages: an installed pyfastbayes (with _C) wins
 
 
 def machine(device: str) -> str:
