@@ -9,5 +9,6 @@ __version__ = "0.1.0"
 from . import _native  # noqa: E402  (loads the extension or warns once)
 from ._native import build_info  # noqa: E402
 from . import ops, optim, bma  # noqa: E402
+from .swag import SWAG, SWA, MultiSWAG  # noqa: E402
 
-__all__ = ["build_info", "ops", "optim", "bma", "__version__"]
+__all__ = ["build_info", "ops", "optim", "bma", "SWAG", "SWA", "MultiSWAG", "__version__"]
