@@ -42,7 +42,8 @@ def philox_normal_(out: Tensor, seed: int, stream: int, step: int) -> Tensor:
     (block, stream, step) and key ``seed``; this is the noise the fused optimizers add.
     """
     op = native_op("philox_normal_", out.device)
-    return op(out, seed, stream, step) if op else _reference.philox_normal_(out, seed, stream, step)
+    (op or _reference.philox_normal_)(out, seed, stream, step)
+    return out
 
 
 def sgld_step_(params: Sequence[Tensor], grads: Sequence[Tensor], hyper: Tensor, rng: Tensor,
@@ -87,7 +88,7 @@ if _native.available():
 
     @torch.library.register_fake("pyfastbayes::philox_normal_")
     def _(out, seed, stream, step):
-        return out
+        return None
 
     @torch.library.register_fake("pyfastbayes::sgld_step_")
     def _(params, grads, hyper, rng, skip=None):

@@ -48,12 +48,12 @@ struct SGHMCRule {
 //   theta <- theta - (lr/2) G grad U + sqrt(lr T G) xi
 template <typename op_t>
 struct PSGLDRule {
-  op_t half_lr, num_data, prior, alpha, eps, lr_t;
+  op_t half_lr, num_data, prior, alpha, one_minus_alpha, eps, lr_t;
   PFB_HD static PSGLDRule make(const double* h) {
-    return {op_t(0.5 * h[0]), op_t(h[2]), op_t(h[3]), op_t(h[4]), op_t(h[5]), op_t(h[0] * h[1])};
+    return {op_t(0.5 * h[0]), op_t(h[2]), op_t(h[3]), op_t(h[4]), op_t(1.0 - h[4]), op_t(h[5]), op_t(h[0] * h[1])};
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& v, float xi) const {
-    v = alpha * v + (op_t(1) - alpha) * g * g;
+    v = alpha * v + one_minus_alpha * g * g;
     const op_t precond = op_t(1) / (eps + sqrt(v));
     const op_t grad_u = num_data * g + prior * p;
     p = p - half_lr * precond * grad_u + sqrt(lr_t * precond) * op_t(xi);

@@ -23,18 +23,18 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK(device.type() == device_type, op, ": params are on ", device, ", expected ", device_type);
   TORCH_CHECK(at::isFloatingType(dtype), op, ": params must be floating point, got ", dtype);
-  auto check_like = [&](const at::Tensor& t, const at::Tensor& p, const char* what, size_t i) {
+  auto check_like = [&](const at::Tensor& t, const at::Tensor* p, const char* what, size_t i) {
     TORCH_CHECK(t.layout() == at::kStrided, op, ": ", what, "[", i, "] must be dense (strided), got ", t.layout());
     TORCH_CHECK(t.device() == device, op, ": ", what, "[", i, "] is on ", t.device(), " but params[0] is on ", device);
     TORCH_CHECK(t.scalar_type() == dtype, op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
                 " but params[0] has ", dtype, " (one dtype per call)");
-    TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", what, "[", i, "] has shape ", t.sizes(), " but params[", i,
-                "] has shape ", p.sizes());
+    TORCH_CHECK(p == nullptr || t.sizes() == p->sizes(), op, ": ", what, "[", i, "] has shape ", t.sizes(),
+                " but params[", i, "] has shape ", p->sizes());
   };
   for (size_t i = 0; i < params.size(); ++i) {
-    check_like(params[i], params[0], "params", i);
-    check_like(grads[i], params[i], "grads", i);
-    if (has_bufs) check_like(bufs[i], params[i], "state", i);
+    check_like(params[i], nullptr, "params", i);
+    check_like(grads[i], &params[i], "grads", i);
+    if (has_bufs) check_like(bufs[i], &params[i], "state", i);
   }
   TORCH_CHECK(params.size() < (size_t(1) << 31), op, ": too many tensors");
   TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 1 && hyper.numel() >= nhyper &&

@@ -46,7 +46,7 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key0, int64_t key1
   return out;
 }
 
-at::Tensor& philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t step) {
+void philox_normal_cpu(const at::Tensor& out, int64_t seed, int64_t stream, int64_t step) {
   TORCH_CHECK(at::isFloatingType(out.scalar_type()), "philox_normal_: out must be floating point, got ",
               out.scalar_type());
   const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
@@ -65,7 +65,6 @@ at::Tensor& philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t stream, int
     }
   });
   if (!direct) out.copy_(buf.view(out.sizes()));
-  return out;
 }
 
 }  // namespace

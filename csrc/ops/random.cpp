@@ -6,5 +6,5 @@ TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
   m.def("philox4x32(Tensor counters, int key0, int key1) -> Tensor");
   // out: float tensor to fill (any floating dtype) with the normal stream (seed, stream, step):
   // element i gets lane i % 4 of block i / 4, exactly as the fused optimizers draw it
-  m.def("philox_normal_(Tensor(a!) out, int seed, int stream, int step) -> Tensor(a!)");
+  m.def("philox_normal_(Tensor(a!) out, int seed, int stream, int step) -> ()");
 }

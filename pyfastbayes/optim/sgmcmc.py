@@ -125,7 +125,7 @@ class _SGMCMC(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """One sampler step for every parameter group; returns ``closure()`` if given.
 
-        Raises ``FloatingPointError`` (parameters untouched) when a gradient holds NaN/inf and
+        Raises ``RuntimeError`` (parameters untouched) when a gradient holds NaN/inf and
         the group's ``nonfinite`` is 'raise'; 'skip' skips the step on the device without a host
         sync (CUDA-graph friendly); 'ignore' does not check.
         """
@@ -144,7 +144,7 @@ class _SGMCMC(torch.optim.Optimizer):
                 skip = ops.any_nonfinite(grads)
                 if group["nonfinite"] == "raise" and bool(skip):
                     bad = [i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all())]
-                    raise FloatingPointError(
+                    raise RuntimeError(
                         f"{type(self).__name__}: non-finite gradient in param_groups[{gi}] (tensors {bad} of "
                         f"those with gradients); parameters were not changed. Lower the learning rate, clip "
                         f"gradients, or pass nonfinite='skip'.")

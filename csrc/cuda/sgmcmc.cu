@@ -1,0 +1,168 @@
+// CUDA kernels of the fused SG-MCMC steps: one launch per parameter group (multi_tensor.cuh),
+// 4 elements per thread step = one Philox block, aligned vector loads, scalar tails.
+// Hyper-parameters and the RNG position are read from device memory, so a step can be captured
+// in a CUDA graph and replayed while lr / temperature change in place.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/philox.h"
+#include "common/sgmcmc_rules.h"
+#include "common/tensor_lists.h"
+#include "cuda/multi_tensor.cuh"
+
+namespace pyfastbayes::cuda {
+namespace {
+
+template <typename T, int NL, class Rule>
+__global__ void __launch_bounds__(kThreads)
+    noisy_step_kernel(const __grid_constant__ TensorTable<NL> tab, const double* __restrict__ hyper,
+                      const int64_t* __restrict__ rng, const bool* __restrict__ skip) {
+  if (skip != nullptr && *skip) return;
+  using op_t = at::opmath_type<T>;
+  constexpr bool kHasBuf = NL > 2;
+  const Rule rule = Rule::make(hyper);
+  const auto seed = static_cast<uint64_t>(rng[0]);
+  const auto step = static_cast<uint32_t>(rng[1]);
+  const int t = find_tensor(tab, blockIdx.x);
+  const int64_t begin = int64_t(blockIdx.x - tab.block_start[t]) * kChunk;
+  const int64_t end = min(begin + kChunk, tab.numel[t]);
+  const uint32_t stream = static_cast<uint32_t>(tab.stream[t]);
+  T* p = static_cast<T*>(tab.ptr[0][t]);
+  const T* g = static_cast<const T*>(tab.ptr[1][t]);
+  T* b = kHasBuf ? static_cast<T*>(tab.ptr[NL - 1][t]) : nullptr;
+  const bool aligned = is_aligned<T, 4>(p) && is_aligned<T, 4>(g) && (!kHasBuf || is_aligned<T, 4>(b));
+  using V = AlignedVec<T, 4>;
+  for (int64_t blk = begin / 4 + threadIdx.x; blk * 4 < end; blk += kThreads) {
+    float z[4];
+    philox_normal4(seed, static_cast<uint64_t>(blk), stream, step, z);
+    const int64_t i = blk * 4;
+    if (aligned && i + 4 <= end) {
+      V pv = *reinterpret_cast<const V*>(p + i);
+      const V gv = *reinterpret_cast<const V*>(g + i);
+      V bv;
+      if constexpr (kHasBuf) bv = *reinterpret_cast<const V*>(b + i);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        op_t pk = static_cast<op_t>(pv.v[k]);
+        op_t bk = kHasBuf ? static_cast<op_t>(bv.v[k]) : op_t(0);
+        rule(pk, static_cast<op_t>(gv.v[k]), bk, z[k]);
+        pv.v[k] = static_cast<T>(pk);
+        if constexpr (kHasBuf) bv.v[k] = static_cast<T>(bk);
+      }
+      *reinterpret_cast<V*>(p + i) = pv;
+      if constexpr (kHasBuf) *reinterpret_cast<V*>(b + i) = bv;
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (i + k >= end) break;
+        op_t pk = static_cast<op_t>(p[i + k]);
+        op_t bk = kHasBuf ? static_cast<op_t>(b[i + k]) : op_t(0);
+        rule(pk, static_cast<op_t>(g[i + k]), bk, z[k]);
+        p[i + k] = static_cast<T>(pk);
+        if constexpr (kHasBuf) b[i + k] = static_cast<T>(bk);
+      }
+    }
+  }
+}
+
+__global__ void advance_step_kernel(int64_t* rng, const bool* skip) {
+  if (skip == nullptr || !*skip) rng[1] += 1;
+}
+
+template <template <class> class Rule, bool kHasBuf>
+void step_cuda(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs,
+               const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
+  check_step_args(op, params, grads, bufs, kHasBuf, hyper, kHyperSize, rng, skip, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(rng.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool* skip_ptr = skip.has_value() ? skip->data_ptr<bool>() : nullptr;
+  if (!params.empty()) {
+    ContiguousList ps(params), bs(kHasBuf ? bufs : at::TensorList());
+    const auto gs = contiguous_list(grads);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgmcmc_step_cuda", [&] {
+      using op_t = at::opmath_type<scalar_t>;
+      constexpr int NL = kHasBuf ? 3 : 2;
+      std::array<const std::vector<at::Tensor>*, NL> lists;
+      lists[0] = &ps.work;
+      lists[1] = &gs;
+      if constexpr (kHasBuf) lists[2] = &bs.work;
+      multi_tensor_apply<NL>(lists, [&](const TensorTable<NL>& tab, int nblocks) {
+        noisy_step_kernel<scalar_t, NL, Rule<op_t>><<<nblocks, kThreads, 0, stream>>>(
+            tab, hyper.data_ptr<double>(), rng.data_ptr<int64_t>(), skip_ptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    ps.write_back();
+    bs.write_back();
+  }
+  advance_step_kernel<<<1, 1, 0, stream>>>(rng.data_ptr<int64_t>(), skip_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void sgld_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& hyper, const at::Tensor& rng,
+                    const std::optional<at::Tensor>& skip) {
+  step_cuda<SGLDRule, false>("sgld_step_", params, grads, {}, hyper, rng, skip);
+}
+void sghmc_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momenta,
+                     const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
+  step_cuda<SGHMCRule, true>("sghmc_step_", params, grads, momenta, hyper, rng, skip);
+}
+void psgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avg,
+                     const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
+  step_cuda<PSGLDRule, true>("psgld_step_", params, grads, square_avg, hyper, rng, skip);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) nonfinite_kernel(const __grid_constant__ TensorTable<1> tab, bool* found) {
+  using op_t = at::opmath_type<T>;
+  const int t = find_tensor(tab, blockIdx.x);
+  const int64_t begin = int64_t(blockIdx.x - tab.block_start[t]) * kChunk;
+  const int64_t end = min(begin + kChunk, tab.numel[t]);
+  const T* x = static_cast<const T*>(tab.ptr[0][t]);
+  bool bad = false;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const op_t v = static_cast<op_t>(x[i]);
+    bad |= (v - v != op_t(0));
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) *found = true;
+}
+
+at::Tensor any_nonfinite_cuda(at::TensorList tensors) {
+  TORCH_CHECK(!tensors.empty(), "any_nonfinite: empty list");
+  const auto device = tensors[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  auto found = at::zeros({}, at::TensorOptions().dtype(at::kBool).device(device));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  for (const auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    std::vector<at::Tensor> same;
+    for (const auto& t : tensors) {
+      TORCH_CHECK(t.device() == device, "any_nonfinite: tensors on ", t.device(), " and ", device);
+      if (t.scalar_type() == dtype) same.push_back(t.contiguous());
+    }
+    if (same.empty()) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "any_nonfinite_cuda", [&] {
+      multi_tensor_apply<1>({&same}, [&](const TensorTable<1>& tab, int nblocks) {
+        nonfinite_kernel<scalar_t><<<nblocks, kThreads, 0, stream>>>(tab, found.data_ptr<bool>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  return found;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfastbayes, CUDA, m) {
+  m.impl("sgld_step_", &sgld_step_cuda);
+  m.impl("sghmc_step_", &sghmc_step_cuda);
+  m.impl("psgld_step_", &psgld_step_cuda);
+  m.impl("any_nonfinite", &any_nonfinite_cuda);
+}
+
+}  // namespace pyfastbayes::cuda
