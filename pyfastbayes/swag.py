@@ -291,6 +291,10 @@ class SWA:
         return mean, (acc2 / count - mean * mean).clamp_min(0)
 
     def predict(self, x, bn_loader=None, likelihood: str = "classification", batch_size: int = 1024):
+        """Predictions of the SWA solution: :meth:`predict_mean`."""
+        return self.predict_mean(x, bn_loader, likelihood, batch_size)
+
+    def predict_mean(self, x, bn_loader=None, likelihood: str = "classification", batch_size: int = 1024):
         """Predictions of the SWA solution (the running average) in eval mode, without touching
         the model's own parameters.
 
