@@ -68,7 +68,7 @@ void swag_collect_cpu(at::TensorList params, const at::Tensor& mean, const std::
   });
 }
 
-constexpr int64_t kCols = 512;  // columns per work item (multiple of 4)
+constexpr int64_t kCols = 256;  // columns per work item (multiple of 4); K x kCols of D stays in L1/L2
 
 // z2 [S, K]: element s * K + k of the stream (seed, kSwagLowRankStream, step)
 std::vector<float> lowrank_noise(uint64_t seed, uint32_t step, int64_t S, int64_t K) {
@@ -76,6 +76,47 @@ std::vector<float> lowrank_noise(uint64_t seed, uint32_t step, int64_t S, int64_
   std::vector<float> z(static_cast<size_t>((n + 3) / 4 * 4));
   if (n > 0) fill_normal(seed, kSwagLowRankStream, step, 0, (n + 3) / 4, z.data());
   return z;
+}
+
+constexpr int64_t kTile = 16;  // columns whose K-term accumulators stay in registers
+
+// out[s, c0:c0+nc] for one column block (Dblk: column c0 of D's row 0): D's block (K x nc, cache-resident) is read from memory
+// once and reused by all S draws; the accumulators of kTile columns live in registers.
+template <typename state_t, typename d_t>
+void sample_block(const state_t* mean, const state_t* sigma, const d_t* Dblk, int64_t ldD, int64_t K, const float* z2,
+                  int64_t S, int64_t P, int64_t c0, int64_t nc, state_t* out, state_t c_diag, state_t c_low,
+                  uint64_t seed, uint32_t step, int64_t offset, float* z1) {
+  for (int64_t s = 0; s < S; ++s) {
+    fill_normal(seed, kSwagDiagStream + static_cast<uint32_t>(s), step, (offset + c0) / 4, (nc + 3) / 4, z1);
+    state_t* o = out + s * P + c0;
+    const float* zr = z2 + s * K;
+    int64_t j = 0;
+    for (; j + kTile <= nc; j += kTile) {
+      state_t acc[kTile] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const state_t zk = static_cast<state_t>(zr[k]);
+        const d_t* dr = Dblk + k * ldD + j;
+        for (int q = 0; q < kTile; ++q) acc[q] += zk * static_cast<state_t>(dr[q]);
+      }
+      for (int q = 0; q < kTile; ++q)
+        o[j + q] = swag_draw(mean[c0 + j + q], sigma[j + q], z1[j + q], acc[q], c_diag, c_low);
+    }
+    for (; j < nc; ++j) {
+      state_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<state_t>(zr[k]) * static_cast<state_t>(Dblk[k * ldD + j]);
+      o[j] = swag_draw(mean[c0 + j], sigma[j], z1[j], acc, c_diag, c_low);
+    }
+  }
+}
+
+template <typename state_t>
+void sample_block_diag(const state_t* mean, const state_t* sigma, int64_t S, int64_t P, int64_t c0, int64_t nc,
+                       state_t* out, state_t c_diag, uint64_t seed, uint32_t step, int64_t offset, float* z1) {
+  for (int64_t s = 0; s < S; ++s) {
+    fill_normal(seed, kSwagDiagStream + static_cast<uint32_t>(s), step, (offset + c0) / 4, (nc + 3) / 4, z1);
+    state_t* o = out + s * P + c0;
+    for (int64_t j = 0; j < nc; ++j) o[j] = swag_draw(mean[c0 + j], sigma[j], z1[j], state_t(0), c_diag, state_t(0));
+  }
 }
 
 template <typename state_t, typename d_t>
@@ -89,29 +130,21 @@ void sample_blocks(const state_t* mean, const state_t* sq, const d_t* D, int64_t
   const auto z2 = lowrank ? lowrank_noise(seed, step, S, K) : std::vector<float>();
   const int64_t nblocks = (P + kCols - 1) / kCols;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<state_t> acc(lowrank ? static_cast<size_t>(S * kCols) : 0);
     alignas(64) float z1[kCols];
     state_t sigma[kCols];
+    std::vector<state_t> dbuf(lowrank ? static_cast<size_t>(K * kCols) : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kCols, nc = std::min(kCols, P - c0);
       for (int64_t j = 0; j < nc; ++j) sigma[j] = swag_sigma(mean[c0 + j], sq[c0 + j], e);
-      if (lowrank) {  // acc[s, :] = sum_k z2[s, k] D[k, c0:c0+nc], each row of the block read once
-        std::fill(acc.begin(), acc.begin() + S * kCols, state_t(0));
-        for (int64_t k = 0; k < K; ++k) {
-          const d_t* drow = D + k * ldD + c0;
-          for (int64_t s = 0; s < S; ++s) {
-            const state_t zk = static_cast<state_t>(z2[s * K + k]);
-            state_t* a = acc.data() + s * kCols;
-            for (int64_t j = 0; j < nc; ++j) a[j] += zk * static_cast<state_t>(drow[j]);
-          }
-        }
-      }
-      for (int64_t s = 0; s < S; ++s) {
-        fill_normal(seed, kSwagDiagStream + static_cast<uint32_t>(s), step, (offset + c0) / 4, (nc + 3) / 4, z1);
-        state_t* o = out + s * P + c0;
-        const state_t* a = lowrank ? acc.data() + s * kCols : nullptr;
-        for (int64_t j = 0; j < nc; ++j)
-          o[j] = swag_draw(mean[c0 + j], sigma[j], z1[j], a ? a[j] : state_t(0), c_diag, c_low);
+      if (lowrank) {
+        // copy (and convert) the block of D once into a contiguous K x kCols buffer: rows of D are
+        // P apart, often a power of two, and would alias in the cache when read directly
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < nc; ++j) dbuf[k * kCols + j] = static_cast<state_t>(D[k * ldD + c0 + j]);
+        sample_block(mean, sigma, dbuf.data(), kCols, K, z2.data(), S, P, c0, nc, out, c_diag, c_low, seed, step,
+                     offset, z1);
+      } else {
+        sample_block_diag(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
       }
     }
   });
