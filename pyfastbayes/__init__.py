@@ -10,5 +10,7 @@ from . import _native  # noqa: E402  (loads the extension or warns once)
 from ._native import build_info  # noqa: E402
 from . import ops, optim, bma  # noqa: E402
 from . import calibration  # noqa: E402
+from .swag import SWAG, SWA, MultiSWAG  # noqa: E402
 
-__all__ = ["build_info", "ops", "optim", "bma", "calibration", "__version__"]
+__all__ = ["build_info", "ops", "optim", "bma", "calibration", "SWAG", "SWA", "MultiSWAG",
+           "__version__"]

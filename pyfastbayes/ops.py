@@ -129,9 +129,45 @@ def calibration_bins(probs: Tensor, targets: Tensor, n_bins: int, from_logits: b
     return fn(probs, targets, int(n_bins), bool(from_logits), bool(classwise), float(sum_tol))
 
 
+# ---------------------------------------------------------------------------------------------
+# SWA / SWAG (pyfastbayes.swag; math in csrc/common/swag.h)
+# ---------------------------------------------------------------------------------------------
+__all__ += ["swag_collect_", "swag_sample"]
+
+
+def swag_collect_(params: Sequence[Tensor], mean: Tensor, sq_mean: Tensor | None = None,
+                  deviation: Tensor | None = None, n: int = 0) -> None:
+    """One fused SWA/SWAG collect over the parameter tensors (flat list order, P elements).
+
+    mean, sq_mean: float32/float64 [P] running moments, updated in place with weight 1 / (n + 1)
+    (n = models averaged before this call); deviation: a [P] row of D (float64/32/16, bfloat16)
+    written with theta - mean (updated mean). sq_mean = deviation = None gives SWA.
+    """
+    op = native_op("swag_collect_", mean.device)
+    (op or _reference.swag_collect_)(list(params), mean, sq_mean, deviation, int(n))
+
+
+def swag_sample(mean: Tensor, sq_mean: Tensor, D: Tensor | None, n_draws: int, scale: float, eps: float,
+                seed: int, step: int = 0, offset: int = 0) -> Tensor:
+    """S = n_draws SWAG draws [S, P'] (mean's dtype) from mean, sq_mean [P'] and D [K, P'] (or None:
+    diagonal covariance); scale multiplies the covariance; D is read once for all S draws and the
+    noise comes from the Philox stream (seed, step); ``offset`` is the global index of column 0."""
+    op = native_op("swag_sample", mean.device)
+    return (op or _reference.swag_sample)(mean, sq_mean, D, int(n_draws), float(scale), float(eps), int(seed),
+                                          int(step), int(offset))
+
+
 if _native.available():
 
     @torch.library.register_fake("pyfastbayes::calibration_bins")
     def _(probs, targets, n_bins, from_logits=False, classwise=False, sum_tol=1e-4):
         shape = (probs.shape[2], n_bins, 3) if classwise else (n_bins, 3)
         return probs.new_empty(shape, dtype=torch.float64), probs.new_empty((4,), dtype=torch.float64)
+
+    @torch.library.register_fake("pyfastbayes::swag_collect_")
+    def _(params, mean, sq_mean, deviation, n):
+        return None
+
+    @torch.library.register_fake("pyfastbayes::swag_sample")
+    def _(mean, sq_mean, D, n_draws, scale, eps, seed, step=0, offset=0):
+        return mean.new_empty((n_draws, mean.shape[0]))

@@ -1,0 +1,178 @@
+// CPU kernels of the SWA / SWAG ops: one parallel pass over every parameter tensor for collect,
+// and a column-blocked sampler that reads each block of D once for all S draws.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/philox.h"
+#include "common/swag.h"
+#include "common/tensor_lists.h"
+#include "cpu/multi_tensor.h"
+
+namespace pyfastbayes::cpu {
+namespace {
+
+// dispatch over the three dtype families of the SWAG ops
+#define PFB_SWAG_DISPATCH_STATE(T, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES(T, NAME, [&] { using state_t = scalar_t; __VA_ARGS__(); })
+#define PFB_SWAG_DISPATCH_ANY(T, ALIAS, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, [&] { using ALIAS = scalar_t; __VA_ARGS__(); })
+
+template <typename param_t, typename state_t, typename dev_t>
+void collect_range(const param_t* p, state_t* mean, state_t* sq, dev_t* dev, int64_t n, state_t w) {
+  const bool has_sq = sq != nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    state_t m = mean[i];
+    state_t s = has_sq ? sq[i] : state_t(0);
+    const state_t d = swag_collect_elem(static_cast<state_t>(p[i]), m, s, w, has_sq);
+    mean[i] = m;
+    if (has_sq) sq[i] = s;
+    if (dev != nullptr) dev[i] = static_cast<dev_t>(d);
+  }
+}
+
+void swag_collect_cpu(at::TensorList params, const at::Tensor& mean, const std::optional<at::Tensor>& sq_mean,
+                      const std::optional<at::Tensor>& deviation, int64_t n) {
+  check_swag_collect(params, mean, sq_mean, deviation, n, c10::DeviceType::CPU);
+  if (params.empty()) return;
+  const auto ps = contiguous_list(params);  // read-only stand-ins for non-contiguous params
+  std::vector<int64_t> numels, offsets;
+  int64_t off = 0;
+  for (const auto& p : ps) {
+    numels.push_back(p.numel());
+    offsets.push_back(off);
+    off += p.numel();
+  }
+  const auto dev_type = deviation.has_value() ? deviation->scalar_type() : mean.scalar_type();
+  PFB_SWAG_DISPATCH_STATE(mean.scalar_type(), "swag_collect_state", [&] {
+    // w = 1 / (n + 1) rounded once in the state dtype, as torch computes AveragedModel's weight
+    const state_t w = state_t(1) / static_cast<state_t>(n + 1);
+    state_t* m = mean.data_ptr<state_t>();
+    state_t* s = sq_mean.has_value() ? sq_mean->data_ptr<state_t>() : nullptr;
+    PFB_SWAG_DISPATCH_ANY(dev_type, dev_t, "swag_collect_dev", [&] {
+      dev_t* d = deviation.has_value() ? deviation->data_ptr<dev_t>() : nullptr;
+      parallel_chunks(numels, [&](const Chunk& c) {
+        const int64_t o = offsets[c.tensor] + c.begin;
+        PFB_SWAG_DISPATCH_ANY(ps[c.tensor].scalar_type(), param_t, "swag_collect_param", [&] {
+          collect_range<param_t, state_t, dev_t>(ps[c.tensor].data_ptr<param_t>() + c.begin, m + o,
+                                                 s ? s + o : nullptr, d ? d + o : nullptr, c.end - c.begin, w);
+        });
+      });
+    });
+  });
+}
+
+constexpr int64_t kCols = 256;  // columns per work item (multiple of 4); K x kCols of D stays in L1/L2
+
+// z2 [S, K]: element s * K + k of the stream (seed, kSwagLowRankStream, step)
+std::vector<float> lowrank_noise(uint64_t seed, uint32_t step, int64_t S, int64_t K) {
+  const int64_t n = S * K;
+  std::vector<float> z(static_cast<size_t>((n + 3) / 4 * 4));
+  if (n > 0) fill_normal(seed, kSwagLowRankStream, step, 0, (n + 3) / 4, z.data());
+  return z;
+}
+
+constexpr int64_t kTile = 16;  // columns whose K-term accumulators stay in registers
+
+// out[s, c0:c0+nc] for one column block (Dblk: column c0 of D's row 0): D's block (K x nc, cache-resident) is read from memory
+// once and reused by all S draws; the accumulators of kTile columns live in registers.
+template <typename state_t, typename d_t>
+void sample_block(const state_t* mean, const state_t* sigma, const d_t* Dblk, int64_t ldD, int64_t K, const float* z2,
+                  int64_t S, int64_t P, int64_t c0, int64_t nc, state_t* out, state_t c_diag, state_t c_low,
+                  uint64_t seed, uint32_t step, int64_t offset, float* z1) {
+  for (int64_t s = 0; s < S; ++s) {
+    fill_normal(seed, kSwagDiagStream + static_cast<uint32_t>(s), step, (offset + c0) / 4, (nc + 3) / 4, z1);
+    state_t* o = out + s * P + c0;
+    const float* zr = z2 + s * K;
+    int64_t j = 0;
+    for (; j + kTile <= nc; j += kTile) {
+      state_t acc[kTile] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const state_t zk = static_cast<state_t>(zr[k]);
+        const d_t* dr = Dblk + k * ldD + j;
+        for (int q = 0; q < kTile; ++q) acc[q] += zk * static_cast<state_t>(dr[q]);
+      }
+      for (int q = 0; q < kTile; ++q)
+        o[j + q] = swag_draw(mean[c0 + j + q], sigma[j + q], z1[j + q], acc[q], c_diag, c_low);
+    }
+    for (; j < nc; ++j) {
+      state_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<state_t>(zr[k]) * static_cast<state_t>(Dblk[k * ldD + j]);
+      o[j] = swag_draw(mean[c0 + j], sigma[j], z1[j], acc, c_diag, c_low);
+    }
+  }
+}
+
+template <typename state_t>
+void sample_block_diag(const state_t* mean, const state_t* sigma, int64_t S, int64_t P, int64_t c0, int64_t nc,
+                       state_t* out, state_t c_diag, uint64_t seed, uint32_t step, int64_t offset, float* z1) {
+  for (int64_t s = 0; s < S; ++s) {
+    fill_normal(seed, kSwagDiagStream + static_cast<uint32_t>(s), step, (offset + c0) / 4, (nc + 3) / 4, z1);
+    state_t* o = out + s * P + c0;
+    for (int64_t j = 0; j < nc; ++j) o[j] = swag_draw(mean[c0 + j], sigma[j], z1[j], state_t(0), c_diag, state_t(0));
+  }
+}
+
+template <typename state_t, typename d_t>
+void sample_blocks(const state_t* mean, const state_t* sq, const d_t* D, int64_t ldD, int64_t K, int64_t P,
+                   int64_t S, state_t* out, double scale, double eps, uint64_t seed, uint32_t step,
+                   int64_t offset) {
+  const bool lowrank = D != nullptr;
+  const state_t c_diag = static_cast<state_t>(lowrank ? std::sqrt(scale / 2) : std::sqrt(scale));
+  const state_t c_low = lowrank ? static_cast<state_t>(std::sqrt(scale / (2.0 * double(K - 1)))) : state_t(0);
+  const state_t e = static_cast<state_t>(eps);
+  const auto z2 = lowrank ? lowrank_noise(seed, step, S, K) : std::vector<float>();
+  const int64_t nblocks = (P + kCols - 1) / kCols;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float z1[kCols];
+    state_t sigma[kCols];
+    std::vector<state_t> dbuf(lowrank ? static_cast<size_t>(K * kCols) : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kCols, nc = std::min(kCols, P - c0);
+      for (int64_t j = 0; j < nc; ++j) sigma[j] = swag_sigma(mean[c0 + j], sq[c0 + j], e);
+      if (lowrank) {
+        // copy (and convert) the block of D once into a contiguous K x kCols buffer: rows of D are
+        // P apart, often a power of two, and would alias in the cache when read directly
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < nc; ++j) dbuf[k * kCols + j] = static_cast<state_t>(D[k * ldD + c0 + j]);
+        sample_block(mean, sigma, dbuf.data(), kCols, K, z2.data(), S, P, c0, nc, out, c_diag, c_low, seed, step,
+                     offset, z1);
+      } else {
+        sample_block_diag(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
+      }
+    }
+  });
+}
+
+at::Tensor swag_sample_cpu(const at::Tensor& mean, const at::Tensor& sq_mean, const std::optional<at::Tensor>& D,
+                           int64_t n_draws, double scale, double eps, int64_t seed, int64_t step, int64_t offset) {
+  const int64_t K = check_swag_sample(mean, sq_mean, D, n_draws, scale, eps, offset, c10::DeviceType::CPU);
+  const int64_t P = mean.numel();
+  auto out = at::empty({n_draws, P}, mean.options());
+  if (n_draws == 0 || P == 0) return out;
+  const auto d_type = D.has_value() ? D->scalar_type() : mean.scalar_type();
+  PFB_SWAG_DISPATCH_STATE(mean.scalar_type(), "swag_sample_state", [&] {
+    PFB_SWAG_DISPATCH_ANY(d_type, d_t, "swag_sample_D", [&] {
+      sample_blocks<state_t, d_t>(mean.data_ptr<state_t>(), sq_mean.data_ptr<state_t>(),
+                                  D.has_value() ? D->data_ptr<d_t>() : nullptr, D.has_value() ? D->stride(0) : 0, K,
+                                  P, n_draws, out.data_ptr<state_t>(), scale, eps, static_cast<uint64_t>(seed),
+                                  static_cast<uint32_t>(step), offset);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
+  m.impl("swag_collect_", &swag_collect_cpu);
+  m.impl("swag_sample", &swag_sample_cpu);
+}
+
+}  // namespace pyfastbayes::cpu

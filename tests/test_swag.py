@@ -1,0 +1,536 @@
+"""SWA / SWAG / MultiSWAG: ops vs reference, ring buffer, sampling moments, log_prob, peers, end to end."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyfastbayes
+from pyfastbayes import SWA, SWAG, MultiSWAG, _reference, ops
+from pyfastbayes import swag as swag_mod
+
+from conftest import CUDA, DEVICES, NATIVE, needs_cuda, needs_native
+
+DEV_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+STATE_DTYPES = [torch.float32, torch.float64]
+
+
+def _tol(dtype):
+    return {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+
+
+def _mlp(dtype=torch.float32, device="cpu"):
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(device, dtype)
+
+
+def _jiggle(model, scale=0.3):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+
+
+# ---------------------------------------------------------------------------------------------
+# ops vs reference
+# ---------------------------------------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+@pytest.mark.parametrize("dev_dtype", DEV_DTYPES)
+def test_collect_op_matches_reference(device, state_dtype, dev_dtype):
+    # mixed parameter dtypes, a non-contiguous tensor, an empty tensor, sizes not multiples of 4
+    shapes = [((3, 5), torch.float32), ((6,), torch.float64), ((0,), torch.float32), ((4, 9), torch.bfloat16),
+              ((17,), torch.float16)]
+    ps = [torch.randn(s, dtype=d, device=device) for s, d in shapes]
+    ps[3] = torch.randn(9, 4, device=device).to(torch.bfloat16).t()  # non-contiguous [4, 9]
+    P = sum(p.numel() for p in ps)
+    native = [torch.zeros(P, dtype=state_dtype, device=device) for _ in range(2)] + [
+        torch.zeros(P, dtype=dev_dtype, device=device)]
+    ref = [t.clone() for t in native]
+    for n in range(5):
+        ps = [p + 0.5 * torch.randn_like(p) for p in ps]
+        torch.ops.pyfastbayes.swag_collect_(ps, *native, n)
+        _reference.swag_collect_(ps, *ref, n)
+        for a, b in zip(native, ref):
+            torch.testing.assert_close(a, b, rtol=_tol(a.dtype), atol=_tol(a.dtype))
+    # independent closed form: mean and sq_mean of the trajectory so far (float64)
+    swa = torch.ops.pyfastbayes.swag_collect_
+    m = torch.zeros(P, dtype=state_dtype, device=device)
+    traj = []
+    for n in range(4):
+        ps = [torch.randn_like(p) for p in ps]
+        traj.append(torch.cat([p.reshape(-1).double() for p in ps]))
+        swa(ps, m, None, None, n)
+    torch.testing.assert_close(m.double(), torch.stack(traj).mean(0), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+@pytest.mark.parametrize("dev_dtype", [None] + DEV_DTYPES)
+def test_sample_op_matches_reference(device, state_dtype, dev_dtype):
+    P, K, S = 203, 5, 37  # P and S not multiples of 4; S > one CUDA draw tile (32)
+    mean = torch.randn(P, dtype=state_dtype, device=device)
+    sq = mean * mean + torch.rand(P, dtype=state_dtype, device=device)
+    sq[:3] = mean[:3] ** 2 - 1  # negative variance -> clamped to eps
+    D = None if dev_dtype is None else torch.randn(K, P, device=device).to(dev_dtype)
+    for offset in (0, 8):
+        a = torch.ops.pyfastbayes.swag_sample(mean, sq, D, S, 0.7, 1e-4, -12345, 3, offset)
+        b = _reference.swag_sample(mean, sq, D, S, 0.7, 1e-4, -12345, 3, offset)
+        assert a.shape == (S, P) and a.dtype == state_dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    # column blocks with the global offset reproduce the full draw (what store_device='cpu' uses)
+    full = torch.ops.pyfastbayes.swag_sample(mean, sq, D, S, 0.7, 1e-4, 99, 0, 0)
+    c = 64
+    blocks = [torch.ops.pyfastbayes.swag_sample(mean[c0:c0 + c], sq[c0:c0 + c],
+                                                None if D is None else D[:, c0:c0 + c], S, 0.7, 1e-4, 99, 0, c0)
+              for c0 in range(0, P, c)]
+    torch.testing.assert_close(torch.cat(blocks, 1), full, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+def test_ops_empty_and_opcheck():
+    mean = torch.randn(10, dtype=torch.float64)
+    sq = mean * mean + 1
+    assert torch.ops.pyfastbayes.swag_sample(mean, sq, None, 0, 0.5, 0.0, 1).shape == (0, 10)
+    e = torch.zeros(0, dtype=torch.float64)
+    assert torch.ops.pyfastbayes.swag_sample(e, e, None, 3, 0.5, 0.0, 1).shape == (3, 0)
+    torch.ops.pyfastbayes.swag_collect_([], torch.zeros(0), None, None, 0)
+    ps = [torch.randn(3, 4), torch.randn(5)]
+    args = (ps, torch.zeros(17), torch.zeros(17), torch.zeros(17, dtype=torch.bfloat16), 2)
+    torch.library.opcheck(torch.ops.pyfastbayes.swag_collect_.default, args)
+    torch.library.opcheck(torch.ops.pyfastbayes.swag_collect_.default, (ps, torch.zeros(17), None, None, 0))
+    D = torch.randn(4, 10, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pyfastbayes.swag_sample.default, (mean, sq, D, 6, 0.5, 1e-30, 7, 0, 4))
+    torch.library.opcheck(torch.ops.pyfastbayes.swag_sample.default, (mean, sq, None, 6, 0.5, 1e-30, 7))
+
+
+@needs_native
+def test_ops_reject_bad_arguments_before_writing():
+    ps = [torch.randn(3)]
+    mean, sq, dev = torch.zeros(3), torch.zeros(3), torch.zeros(3)
+    before = [t.clone() for t in (mean, sq, dev)]
+    bad = [
+        ((ps, torch.zeros(4), sq, dev, 0), "mean has 4 elements"),
+        ((ps, mean, sq, torch.zeros(3, dtype=torch.int32), 0), "deviation must be"),
+        ((ps, mean, None, dev, 0), "needs sq_mean"),
+        ((ps, mean, sq, dev, -1), "n \\(models averaged"),
+        ((ps, mean.int(), sq, dev, 0), "mean must be float32 or float64"),
+        ((ps, mean, sq.double(), dev, 0), "sq_mean must be"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.pyfastbayes.swag_collect_(*args)
+    for a, b in zip((mean, sq, dev), before):
+        assert torch.equal(a, b)
+    m = torch.zeros(8)
+    for args, msg in [((m, m, None, 2, 0.0, 0.0, 1), "scale must be"), ((m, m, torch.zeros(1, 8), 2, 1.0, 0.0, 1),
+                                                                         "K >= 2"),
+                      ((m, m, None, 2, 1.0, 0.0, 1, 0, 2), "multiple of 4"),
+                      ((m, m, torch.zeros(3, 7), 2, 1.0, 0.0, 1), "D must be")]:
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.pyfastbayes.swag_sample(*args)
+
+
+def test_philox_normal_range_is_a_window_of_the_stream():
+    full = _reference.philox_normal(40, 5, 7, 1)
+    for start in (0, 3, 4, 13):
+        torch.testing.assert_close(_reference.philox_normal_range(start, 20, 5, 7, 1), full[start:start + 20])
+
+
+# ---------------------------------------------------------------------------------------------
+# SWAG object: collect, ring buffer, state
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dev_dtype", DEV_DTYPES)
+def test_collect_ring_buffer_wraps(device, dev_dtype):
+    model = _mlp(device=device)
+    K = 3
+    swag = SWAG(model, max_rank=K, deviation_dtype=dev_dtype)
+    traj = []
+    for i in range(7):  # wraps twice
+        _jiggle(model)
+        swag.collect()
+        traj.append(_flat(model))
+    assert swag.n_averaged == 7 and swag.rank == K and swag.position == 7 % K
+    T = torch.stack(traj)
+    torch.testing.assert_close(swag.mean.double(), T.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(swag.sq_mean.double(), (T * T).mean(0), rtol=1e-5, atol=1e-5)
+    # row i % K holds theta_i - mean_i (mean after collect i) for the last K collects
+    for i in range(7 - K, 7):
+        expect = T[i] - T[: i + 1].mean(0)
+        torch.testing.assert_close(swag.D[i % K].double(), expect.to(dev_dtype).double(),
+                                   rtol=4 * _tol(dev_dtype), atol=4 * _tol(dev_dtype) + 1e-5)
+
+
+def test_swag_native_equals_reference_fallback(monkeypatch):
+    def run():
+        torch.manual_seed(3)
+        model = _mlp(torch.float64)
+        swag = SWAG(model, max_rank=4)
+        for _ in range(6):
+            _jiggle(model)
+            swag.collect()
+        return swag, swag.sample(5, generator=torch.Generator().manual_seed(1))
+
+    s1, d1 = run()
+    monkeypatch.setattr(ops, "native_op", lambda name, device: None)
+    s2, d2 = run()
+    torch.testing.assert_close(s1.mean, s2.mean, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(s1.D, s2.D, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(d1, d2, rtol=1e-6, atol=1e-6)  # float32 noise: fast vs libm log/sincos
+
+
+def test_state_dict_round_trip_resumes_ring():
+    torch.manual_seed(1)
+    model = _mlp()
+    a = SWAG(model, max_rank=3, deviation_dtype=torch.bfloat16)
+    for _ in range(4):
+        _jiggle(model)
+        a.collect()
+    b = SWAG(model, max_rank=3, deviation_dtype=torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    assert b.position == a.position == 1
+    for _ in range(2):
+        _jiggle(model)
+        a.collect()
+        b.collect()
+    for k in ("mean", "sq_mean", "D"):
+        assert torch.equal(getattr(a, k), getattr(b, k))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(a.sample(3, generator=g1), b.sample(3, generator=g2))
+    with pytest.raises(ValueError, match="max_rank"):
+        SWAG(model, max_rank=4, deviation_dtype=torch.bfloat16).load_state_dict(a.state_dict())
+    sd = a.state_dict()
+    sd["position"] = (a.position + 1) % 3
+    c = SWAG(model, max_rank=3, deviation_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="ring position"):
+        c.load_state_dict(sd)
+    assert c.n_averaged == 0 and not c.mean.any()
+
+
+def test_mixed_dtype_model_and_sample_():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    model[1].to(torch.float64)
+    model[0].bias.data = model[0].bias.data.bfloat16()
+    swag = SWAG(model, max_rank=3, deviation_dtype=torch.float16)
+    assert swag.dtype == torch.float64
+    traj = []
+    for _ in range(4):
+        _jiggle(model)
+        swag.collect()
+        traj.append(_flat(model))
+    torch.testing.assert_close(swag.mean, torch.stack(traj).mean(0), rtol=1e-12, atol=1e-12)
+    theta = swag.sample(1, generator=torch.Generator().manual_seed(0))[0]
+    swag.sample_(generator=torch.Generator().manual_seed(0))
+    for p, v in zip(model.parameters(), swag._unflatten(theta).values()):
+        assert p.dtype == v.dtype and torch.equal(p.detach(), v)
+    swag.load_mean_()
+    torch.testing.assert_close(_flat(model), swag.mean, rtol=1e-2, atol=1e-2)  # bf16 bias rounds
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling moments and log_prob
+# ---------------------------------------------------------------------------------------------
+def _posterior(P_in=3, P_out=2, K=4, collects=6, dtype=torch.float64):
+    model = nn.Linear(P_in, P_out).to(dtype)
+    swag = SWAG(model, max_rank=K)
+    for _ in range(collects):
+        _jiggle(model, 1.0)
+        swag.collect()
+    return swag
+
+
+def _cov(swag, scale, cov):
+    var = swag.variance().double()
+    if cov == "diag":
+        return scale * torch.diag(var)
+    D, K = swag.deviations().double(), swag.rank
+    return scale * (torch.diag(var) / 2 + D.T @ D / (2 * (K - 1)))
+
+
+@pytest.mark.parametrize("cov", ["lowrank", "diag"])
+def test_sample_moments(cov):
+    swag = _posterior()
+    S, scale = 100_000, 0.7
+    th = swag.sample(S, scale=scale, cov=cov, generator=torch.Generator().manual_seed(11)).double()
+    Sigma = _cov(swag, scale, cov)
+    sd = Sigma.diagonal().sqrt()
+    # mean: each coordinate's sample mean has sd sqrt(Sigma_ii / S); 5 sd
+    assert ((th.mean(0) - swag.mean).abs() <= 5 * sd / math.sqrt(S)).all()
+    # covariance: Var(hat Sigma_ij) = (Sigma_ii Sigma_jj + Sigma_ij^2) / S for a Gaussian; 5 sd
+    emp = torch.cov(th.T)
+    se = ((torch.outer(Sigma.diagonal(), Sigma.diagonal()) + Sigma**2) / S).sqrt()
+    assert ((emp - Sigma).abs() <= 5 * se).all(), ((emp - Sigma).abs() / se).max()
+
+
+def test_log_prob_matches_torch_distributions():
+    swag = _posterior(4, 3, K=5, collects=8)
+    scale = 0.3
+    K = swag.rank
+    var = swag.variance()
+    low = torch.distributions.LowRankMultivariateNormal(
+        swag.mean, swag.deviations().T * math.sqrt(scale / (2 * (K - 1))), scale * var / 2)
+    th = swag.sample(6, scale=scale, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(swag.log_prob(th, scale=scale), low.log_prob(th), rtol=1e-8, atol=0)
+    torch.testing.assert_close(swag.log_prob(th[2], scale=scale), low.log_prob(th[2]), rtol=1e-8, atol=0)
+    diag = torch.distributions.Independent(torch.distributions.Normal(swag.mean, (scale * var).sqrt()), 1)
+    torch.testing.assert_close(swag.log_prob(th, scale=scale, cov="diag"), diag.log_prob(th), rtol=1e-8, atol=0)
+    # column blocks of log_prob (D read in blocks) agree with one block
+    swag_mod_block = swag_mod._COLUMN_BLOCK
+    try:
+        swag_mod._COLUMN_BLOCK = 4
+        torch.testing.assert_close(swag.log_prob(th, scale=scale), low.log_prob(th), rtol=1e-8, atol=0)
+    finally:
+        swag_mod._COLUMN_BLOCK = swag_mod_block
+
+
+def test_sampling_is_reproducible_and_seeded():
+    swag = _posterior()
+    torch.manual_seed(4)
+    a = swag.sample(3)
+    torch.manual_seed(4)
+    b = swag.sample(3)
+    assert torch.equal(a, b)
+    assert not torch.equal(swag.sample(3), a)
+
+
+# ---------------------------------------------------------------------------------------------
+# SWA vs torch.optim.swa_utils.AveragedModel
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_swa_equals_averaged_model(device, dtype):
+    model = _mlp(dtype, device)
+    swa = SWA(model)
+    avg = torch.optim.swa_utils.AveragedModel(model)
+    for _ in range(9):
+        _jiggle(model)
+        swa.collect()
+        avg.update_parameters(model)
+    ref = torch.cat([p.detach().reshape(-1) for p in avg.module.parameters()])
+    torch.testing.assert_close(swa.mean, ref, rtol=2e-7 if dtype == torch.float32 else 1e-15, atol=1e-7)
+    assert swa.n_averaged == int(avg.n_averaged)
+    x = torch.randn(4, 5, device=device, dtype=dtype)
+    torch.testing.assert_close(swa.predict(x), avg(x).softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm, prediction, MultiSWAG
+# ---------------------------------------------------------------------------------------------
+def _bn_model():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_update_bn_matches_torch_and_predict_refreshes_bn_per_draw():
+    torch.manual_seed(0)
+    model = _bn_model()
+    x = torch.randn(64, 4) * 3 + 1
+    loader = [(x[i:i + 16], None) for i in range(0, 64, 16)]
+    ref = copy.deepcopy(model)
+    ours = copy.deepcopy(model)
+    SWA(ours).update_bn(loader)
+    torch.optim.swa_utils.update_bn([b for b, _ in loader], ref)
+    torch.testing.assert_close(ours[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(ours[1].running_var, ref[1].running_var)
+    assert ours[1].momentum == ref[1].momentum and ours.training == ref.training
+
+    swag = SWAG(model, max_rank=3)
+    for _ in range(4):
+        _jiggle(model, 0.2)
+        swag.collect()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xt = torch.randn(10, 4)
+    p = swag.predict(xt, n_samples=3, bn_loader=loader, progress=False, generator=torch.Generator().manual_seed(7))
+    for k, v in model.state_dict().items():  # the model is untouched
+        assert torch.equal(v, before[k]), k
+    # the same draws, written into a copy, BN recomputed with torch's update_bn, eval forward
+    draws = swag.sample(3, generator=torch.Generator().manual_seed(7))
+    probs = []
+    for th in draws:
+        m2 = copy.deepcopy(model)
+        swag._write(th, m2)
+        torch.optim.swa_utils.update_bn([b for b, _ in loader], m2)
+        probs.append(m2.eval()(xt).softmax(-1))
+    torch.testing.assert_close(p, torch.stack(probs).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_regression_and_multiswag_mixture():
+    torch.manual_seed(0)
+    models = [_mlp(torch.float64) for _ in range(2)]
+    swags = []
+    for m in models:
+        s = SWAG(m, max_rank=3)
+        for _ in range(4):
+            _jiggle(m)
+            s.collect()
+        swags.append(s)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    mean, var = swags[0].predict(x, n_samples=4, likelihood="regression", progress=False,
+                                 generator=torch.Generator().manual_seed(1))
+    outs = torch.stack([torch.func.functional_call(models[0], swags[0]._unflatten(t), (x,))
+                        for t in swags[0].sample(4, generator=torch.Generator().manual_seed(1))])
+    torch.testing.assert_close(mean, outs.mean(0))
+    torch.testing.assert_close(var, outs.var(0, unbiased=False))
+
+    multi = MultiSWAG(swags)
+    pm = multi.predict(x, n_samples=5, progress=False, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    p0 = swags[0].predict(x, n_samples=3, progress=False, generator=g)  # counts 3 + 2
+    p1 = swags[1].predict(x, n_samples=2, progress=False, generator=g)
+    torch.testing.assert_close(pm, (3 * p0 + 2 * p1) / 5)
+    th = multi.sample(5, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(th, torch.cat([swags[0].sample(3, generator=g), swags[1].sample(2, generator=g)]))
+    sd = multi.state_dict()
+    other = MultiSWAG([SWAG(m, max_rank=3) for m in models])
+    other.load_state_dict(sd)
+    assert torch.equal(other[1].D, swags[1].D)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+def test_bad_input_raises_and_leaves_state_unchanged():
+    torch.manual_seed(0)
+    model = _mlp()
+    with pytest.raises(ValueError, match="max_rank"):
+        SWAG(model, max_rank=1)
+    with pytest.raises(TypeError, match="deviation_dtype"):
+        SWAG(model, deviation_dtype=torch.int8)
+    swag = SWAG(model, max_rank=4)
+    with pytest.raises(RuntimeError, match="no collected models"):
+        swag.sample(2)
+    with pytest.raises(RuntimeError, match="no collected models"):
+        swag.predict(torch.randn(2, 5), progress=False)
+    swag.collect()
+    with pytest.raises(RuntimeError, match=">= 2 collected deviations"):
+        swag.sample(2)
+    swag.sample(2, cov="diag")  # the diagonal works after one collect
+    _jiggle(model)
+    swag.collect()
+    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in swag.state_dict().items()}
+    for scale in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            swag.sample(2, scale=scale)
+        with pytest.raises(ValueError, match="scale"):
+            swag.log_prob(swag.mean, scale=scale)
+    with pytest.raises(ValueError, match="cov"):
+        swag.sample(2, cov="full")
+    with pytest.raises(ValueError, match="theta"):
+        swag.log_prob(torch.zeros(3))
+    with pytest.raises(ValueError, match="n_samples"):
+        swag.predict(torch.randn(2, 5), n_samples=0)
+    # parameters changed: shape, then count
+    model[0].weight = nn.Parameter(torch.randn(8, 5))
+    with pytest.raises(RuntimeError, match="changed since the SWAG was built"):
+        swag.collect()
+    with pytest.raises(RuntimeError, match="changed since"):
+        swag.sample_()
+    model[0].weight = nn.Parameter(torch.randn(7, 5))
+    model.add_module("extra", nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="trainable tensors now"):
+        swag.collect()
+    now = swag.state_dict()
+    for k, v in state.items():
+        assert (torch.equal(v, now[k]) if torch.is_tensor(v) else v == now[k]), k
+    diag_only = SWAG(_mlp(), max_rank=0)
+    diag_only.collect()
+    with pytest.raises(ValueError, match="diagonal only"):
+        diag_only.sample(1)
+    with pytest.raises(ValueError, match="one device|no trainable"):
+        SWAG(nn.ReLU())
+    with pytest.raises(TypeError, match="SWAG"):
+        MultiSWAG([SWA(_mlp())])
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: digits
+# ---------------------------------------------------------------------------------------------
+def test_digits_swag_bma_beats_swa_and_last_iterate():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = torch.tensor(X, dtype=torch.float32) / 16, torch.tensor(y)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1000], perm[1000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threading only adds overhead on a shared machine
+    try:
+        last, swa, bma = _digits_run(X, y, tr, te)
+    finally:
+        torch.set_num_threads(threads)
+    assert bma < swa and bma < last, (last, swa, bma)
+
+
+def _digits_run(X, y, tr, te):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    swag = SWAG(model, max_rank=20)
+    epochs = 60
+    for ep in range(epochs):
+        order = tr[torch.randperm(len(tr))]
+        for i in range(0, len(order), 32):
+            idx = order[i:i + 32]
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if ep >= epochs // 2:
+            swag.collect()
+
+    def nll(p):
+        return F.nll_loss(p.clamp_min(1e-12).log(), y[te]).item()
+
+    with torch.no_grad():
+        last = nll(model(X[te]).softmax(-1))
+    swa = nll(swag.predict_mean(X[te]))
+    bma = nll(swag.predict(X[te], n_samples=30, progress=False))
+    return last, swa, bma
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------------
+@needs_cuda
+@needs_native
+def test_cuda_matches_cpu_streams():
+    torch.manual_seed(0)
+    mean = torch.randn(1001, dtype=torch.float64)
+    sq = mean * mean + torch.rand(1001, dtype=torch.float64)
+    D = torch.randn(6, 1001).bfloat16()
+    a = torch.ops.pyfastbayes.swag_sample(mean, sq, D, 40, 0.5, 1e-30, 42, 1, 0)
+    b = torch.ops.pyfastbayes.swag_sample(mean.cuda(), sq.cuda(), D.cuda(), 40, 0.5, 1e-30, 42, 1, 0)
+    torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dev_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_store_device_cpu(dev_dtype):
+    torch.manual_seed(0)
+    model = _mlp(device="cuda")
+    on_gpu = SWAG(model, max_rank=3, deviation_dtype=dev_dtype)
+    on_cpu = SWAG(model, max_rank=3, deviation_dtype=dev_dtype, store_device="cpu")
+    assert on_cpu.D.device.type == "cpu" and on_cpu.D.is_pinned()
+    for _ in range(5):
+        _jiggle(model)
+        on_gpu.collect()
+        on_cpu.collect()
+    assert torch.equal(on_cpu.deviations(), on_gpu.deviations().cpu())
+    old = swag_mod._COLUMN_BLOCK
+    try:
+        swag_mod._COLUMN_BLOCK = 16  # several column blocks
+        a = on_cpu.sample(5, generator=torch.Generator().manual_seed(1))
+    finally:
+        swag_mod._COLUMN_BLOCK = old
+    b = on_gpu.sample(5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    th = on_gpu.sample(3)
+    torch.testing.assert_close(on_cpu.log_prob(th), on_gpu.log_prob(th))
