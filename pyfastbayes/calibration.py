@@ -558,9 +558,10 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     """Reliability diagram of the top-label confidence (uniform bins, as :func:`ece`).
 
     Bars: accuracy per confidence bin, over the diagonal (perfect calibration); shaded: the gap
-    between each bin's accuracy and its mean confidence; below (or, with ``ax`` given, on a
-    twin axis of ``ax``): the histogram of confidences (fraction of points per bin). The ECE is in
-    the legend. probs: [N, C], [S, N, C] or [N]; targets: [N]. Returns the matplotlib Figure;
+    between each bin's accuracy and its mean confidence; below: the histogram of confidences
+    (fraction of points per bin). ``ax`` may be None (a new figure with both panels), a pair
+    (bars axis, histogram axis), or one axis (the histogram then sits in its lower quarter, on a
+    twin axis without ticks). The ECE is in the legend. probs: [N, C], [S, N, C] or [N]; targets: [N]. Returns the matplotlib Figure;
     never calls ``show()``.
     """
     import matplotlib.pyplot as plt
@@ -578,12 +579,17 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     width = 1.0 / n_bins
     left = torch.arange(n_bins, dtype=torch.float64) * width
     acc, conf, frac, left = acc.numpy(), conf.numpy(), frac.numpy(), left.numpy()
-    twin = ax is not None
+    twin = False
     if ax is None:
         fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
                                           gridspec_kw={"height_ratios": [3, 1]})
+    elif isinstance(ax, (tuple, list)):
+        if len(ax) != 2:
+            raise ValueError(f"ax must be one matplotlib Axes or a pair of them, got {len(ax)} items")
+        ax, ax_hist = ax
+        fig = ax.figure
     else:
-        fig, ax_hist = ax.figure, ax.twinx()
+        fig, ax_hist, twin = ax.figure, ax.twinx(), True
     m = nonempty.numpy()
     ax.bar(left[m], acc[m], width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.5,
            label=f"accuracy (ECE = {err:.4f})")
@@ -602,7 +608,9 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     ax_hist.set_xlim(0, 1)
     if twin:  # keep the histogram in the lower quarter, under the bars
         ax_hist.set_ylim(0, 4 * max(float(frac.max()), 1e-12))
-        ax.set_xlabel("confidence")
+        ax_hist.set_yticks([])
+        ax_hist.set_ylabel("")
+        ax.set_xlabel("confidence (grey: histogram)")
     else:
         ax_hist.set_xlabel("confidence")
     return fig
