@@ -169,3 +169,16 @@ def test_cuda_graph_capture_with_changing_lr():
     # T = 0: deterministic, theta = -sum(lr/2 * g)
     torch.testing.assert_close(p[0], torch.full_like(p[0], -sum(lrs) / 2))
     assert rng[1].item() == 3
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_group_still_checks_and_advances_rng(device):
+    hyper, rng = hyper_for("sgld", device), torch.tensor([4, 7], device=device)
+    ops.sgld_step_([], [], hyper, rng)
+    assert rng.tolist() == [4, 8]
+    with pytest.raises(RuntimeError, match="rng must be"):
+        ops.sgld_step_([], [], hyper, torch.tensor([4], device=device))
+    with pytest.raises(RuntimeError, match="skip must be"):
+        ops.sgld_step_([], [], hyper, rng, torch.tensor(1.0, device=device))
+    assert rng.tolist() == [4, 8]

@@ -18,10 +18,21 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
   TORCH_CHECK(params.size() == grads.size(), op, ": got ", params.size(), " params but ", grads.size(), " grads");
   TORCH_CHECK(!has_bufs || bufs.size() == params.size(), op, ": got ", params.size(), " params but ",
               bufs.size(), " state buffers");
+  // hyper, rng and skip are checked even for an empty list: the step still advances rng
+  const auto device = params.empty() ? rng.device() : params[0].device();
+  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 1 && hyper.numel() >= nhyper &&
+                  hyper.is_contiguous() && hyper.device() == device,
+              op, ": hyper must be a contiguous float64 vector of length ", nhyper, " on ", device);
+  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2 && rng.is_contiguous() &&
+                  rng.device() == device,
+              op, ": rng must be a contiguous int64 [2] = (seed, step) on ", device);
+  if (skip.has_value()) {
+    TORCH_CHECK(skip->numel() == 1 && skip->scalar_type() == at::kBool && skip->device() == device, op,
+                ": skip must be a bool scalar on ", device);
+  }
+  TORCH_CHECK(device.type() == device_type, op, ": tensors are on ", device, ", expected ", device_type);
   if (params.empty()) return;
-  const auto device = params[0].device();
   const auto dtype = params[0].scalar_type();
-  TORCH_CHECK(device.type() == device_type, op, ": params are on ", device, ", expected ", device_type);
   TORCH_CHECK(at::isFloatingType(dtype), op, ": params must be floating point, got ", dtype);
   auto check_like = [&](const at::Tensor& t, const at::Tensor* p, const char* what, size_t i) {
     TORCH_CHECK(t.layout() == at::kStrided, op, ": ", what, "[", i, "] must be dense (strided), got ", t.layout());
@@ -37,16 +48,6 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
     if (has_bufs) check_like(bufs[i], &params[i], "state", i);
   }
   TORCH_CHECK(params.size() < (size_t(1) << 31), op, ": too many tensors");
-  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 1 && hyper.numel() >= nhyper &&
-                  hyper.is_contiguous() && hyper.device() == device,
-              op, ": hyper must be a contiguous float64 vector of length ", nhyper, " on ", device);
-  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2 && rng.is_contiguous() &&
-                  rng.device() == device,
-              op, ": rng must be a contiguous int64 [2] = (seed, step) on ", device);
-  if (skip.has_value()) {
-    TORCH_CHECK(skip->numel() == 1 && skip->scalar_type() == at::kBool && skip->device() == device, op,
-                ": skip must be a bool scalar on ", device);
-  }
 }
 
 // Contiguous stand-ins for a list of tensors that the op mutates: non-contiguous tensors are

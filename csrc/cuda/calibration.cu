@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxSmemBins = 48 * 1024 / (kCalibStats * sizeof(double));  // B up to 2048 in shared
-constexpr int64_t kMaxWorkDoubles = int64_t(8) << 20;                          // 64 MiB of row scratch
+constexpr int64_t kMaxWorkDoubles = int64_t(2) << 20;                          // 16 MiB of row scratch (stays in L2)
 
 __device__ __forceinline__ void group_max_arg(double& v, int64_t& arg, int G) {
   for (int off = G / 2; off > 0; off >>= 1) {
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
                             double* __restrict__ diag) {
   using op_t = at::opmath_type<scalar_t>;
   extern __shared__ double sbins[];
-  const int64_t nstat = B * kCalibStats;
+  const int64_t nstat = (classwise ? C : 1) * B * kCalibStats;  // bins held in shared memory
   if (smem_bins) {
     for (int64_t i = threadIdx.x; i < nstat; i += blockDim.x) sbins[i] = 0.0;
     __syncthreads();
@@ -66,7 +66,10 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = static_cast<int>(threadIdx.x) % G;
   const int64_t gpb = blockDim.x / G;  // groups (rows in flight) per block
   const int64_t gib = threadIdx.x / G;
-  double* acc = work ? work + (static_cast<int64_t>(blockIdx.x) * gpb + gib) * C : nullptr;
+  // per-row scratch: acc [C] (sum over draws); with logits also tmp [C] (the draw's exponentials)
+  const int64_t wstride = (logits ? 2 : 1) * C;
+  double* acc = work ? work + (static_cast<int64_t>(blockIdx.x) * gpb + gib) * wstride : nullptr;
+  double* tmp = logits ? acc + C : nullptr;
   const int64_t stride_s = N * C;
   const double sd = static_cast<double>(S);  // divide (not multiply by 1/S): same rounding as the CPU
   double d_sum = 0.0, d_neg = 0.0, d_tgt = 0.0, d_fin = 0.0;
@@ -115,11 +118,14 @@ __global__ void __launch_bounds__(kThreads)
         for (int64_t c = lane; active && c < C; c += G) m = fmax(m, static_cast<double>(static_cast<op_t>(rs[c])));
         m = group_max(m, G);
         double z = 0.0;
-        for (int64_t c = lane; active && c < C; c += G) z += exp(static_cast<double>(static_cast<op_t>(rs[c])) - m);
+        for (int64_t c = lane; active && c < C; c += G) {
+          const double e = exp(static_cast<double>(static_cast<op_t>(rs[c])) - m);  // once per element
+          tmp[c] = e;
+          z += e;
+        }
         z = group_sum(z, G);
         finite = finite && isfinite(m) && isfinite(z);
-        for (int64_t c = lane; active && c < C; c += G)
-          acc[c] += exp(static_cast<double>(static_cast<op_t>(rs[c])) - m) / z;
+        for (int64_t c = lane; active && c < C; c += G) acc[c] += tmp[c] / z;  // the lane's own writes
       }
       for (int64_t c = lane; active && c < C; c += G) {
         if (acc[c] > mx) {
@@ -155,7 +161,7 @@ __global__ void __launch_bounds__(kThreads)
     if (classwise && !skip) {
       for (int64_t c = lane; c < C; c += G) {
         const double v = acc[c] / sd;  // the lane's own writes: no synchronisation needed
-        double* b = bins + (c * B + uniform_bin(v, B)) * kCalibStats;
+        double* b = tgt + (c * B + uniform_bin(v, B)) * kCalibStats;
         atomicAdd(b, 1.0);
         atomicAdd(b + 1, v);
         if (c == t) atomicAdd(b + 2, 1.0);
@@ -207,11 +213,13 @@ std::tuple<at::Tensor, at::Tensor> calibration_bins_cuda(const at::Tensor& probs
   int64_t blocks = std::min<int64_t>((N + gpb - 1) / gpb, int64_t(sms) * 8);
   at::Tensor work;
   if (from_logits || classwise) {
-    blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxWorkDoubles / (gpb * C)));
-    work = at::empty({blocks * gpb, C}, f64);
+    const int64_t wstride = (from_logits ? 2 : 1) * C;
+    blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxWorkDoubles / (gpb * wstride)));
+    work = at::empty({blocks * gpb, wstride}, f64);
   }
-  const bool smem_bins = !classwise && n_bins <= kMaxSmemBins;
-  const size_t smem = smem_bins ? static_cast<size_t>(n_bins) * kCalibStats * sizeof(double) : 0;
+  const int64_t nbins_total = (classwise ? C : 1) * n_bins;  // class-wise bins too, when they fit
+  const bool smem_bins = nbins_total <= kMaxSmemBins;
+  const size_t smem = smem_bins ? static_cast<size_t>(nbins_total) * kCalibStats * sizeof(double) : 0;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "calibration_bins_cuda", [&] {
     calibration_bins_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(

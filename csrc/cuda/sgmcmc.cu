@@ -26,7 +26,11 @@ __global__ void __launch_bounds__(kThreads)
   if (skip != nullptr && *skip) return;
   using op_t = at::opmath_type<T>;
   constexpr bool kHasBuf = NL > 2;
-  const Rule rule = Rule::make(hyper);
+  // coefficients (fp64 loads and square roots) once per block, not once per thread
+  __shared__ Rule block_rule;
+  if (threadIdx.x == 0) block_rule = Rule::make(hyper);
+  __syncthreads();
+  const Rule rule = block_rule;
   const auto seed = static_cast<uint64_t>(rng[0]);
   const auto step = static_cast<uint32_t>(rng[1]);
   const int t = find_tensor(tab, blockIdx.x);
@@ -121,14 +125,27 @@ void psgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 template <typename T>
 __global__ void __launch_bounds__(kThreads) nonfinite_kernel(const __grid_constant__ TensorTable<1> tab, bool* found) {
   using op_t = at::opmath_type<T>;
+  constexpr int kVec = 16 / sizeof(T);  // one 16-byte load per step
   const int t = find_tensor(tab, blockIdx.x);
   const int64_t begin = int64_t(blockIdx.x - tab.block_start[t]) * kChunk;
   const int64_t end = min(begin + kChunk, tab.numel[t]);
   const T* x = static_cast<const T*>(tab.ptr[0][t]);
   bool bad = false;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const op_t v = static_cast<op_t>(x[i]);
-    bad |= (v - v != op_t(0));
+  auto check = [&](T v) {
+    const op_t w = static_cast<op_t>(v);
+    bad |= (w - w != op_t(0));  // inf - inf and NaN - NaN are NaN
+  };
+  if (is_aligned<T, kVec>(x)) {  // kChunk is a multiple of kVec: every vector is aligned
+    using V = AlignedVec<T, kVec>;
+    const int64_t vend = begin + (end - begin) / kVec * kVec;
+    for (int64_t i = begin + int64_t(threadIdx.x) * kVec; i < vend; i += int64_t(kThreads) * kVec) {
+      const V v = *reinterpret_cast<const V*>(x + i);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) check(v.v[k]);
+    }
+    for (int64_t i = vend + threadIdx.x; i < end; i += kThreads) check(x[i]);
+  } else {
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) check(x[i]);
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0) *found = true;
 }

@@ -49,11 +49,23 @@ __global__ void __launch_bounds__(kThreads)
   const bool has_sq = s != nullptr;
   const bool aligned = is_aligned<T, 4>(p) && is_aligned<state_t, 4>(m) && (!has_sq || is_aligned<state_t, 4>(s)) &&
                        (d == nullptr || is_aligned<d_t, 4>(d));
+  auto scalar = [&](int64_t e) {
+    state_t mk = m[e];
+    state_t sk = has_sq ? s[e] : state_t(0);
+    const state_t dk = swag_collect_elem(static_cast<state_t>(p[e]), mk, sk, w, has_sq);
+    m[e] = mk;
+    if (has_sq) s[e] = sk;
+    if (d != nullptr) d[e] = static_cast<d_t>(dk);
+  };
+  if (!aligned) {  // e.g. tensors after an odd-sized bias: coalesced scalar accesses
+    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) scalar(e);
+    return;
+  }
   using VP = AlignedVec<T, 4>;
   using VS = AlignedVec<state_t, 4>;
   using VD = AlignedVec<d_t, 4>;
   for (int64_t i = begin + 4 * int64_t(threadIdx.x); i < end; i += 4 * kThreads) {
-    if (aligned && i + 4 <= end) {
+    if (i + 4 <= end) {
       const VP pv = *reinterpret_cast<const VP*>(p + i);
       VS mv = *reinterpret_cast<const VS*>(m + i);
       VS sv;
@@ -70,14 +82,7 @@ __global__ void __launch_bounds__(kThreads)
       if (has_sq) *reinterpret_cast<VS*>(s + i) = sv;
       if (d != nullptr) *reinterpret_cast<VD*>(d + i) = dv;
     } else {
-      for (int64_t e = i; e < min(i + 4, end); ++e) {
-        state_t mk = m[e];
-        state_t sk = has_sq ? s[e] : state_t(0);
-        const state_t dk = swag_collect_elem(static_cast<state_t>(p[e]), mk, sk, w, has_sq);
-        m[e] = mk;
-        if (has_sq) s[e] = sk;
-        if (d != nullptr) d[e] = static_cast<d_t>(dk);
-      }
+      for (int64_t e = i; e < end; ++e) scalar(e);
     }
   }
 }
