@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 
-def bench(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repeat: int = 7) -> float:
+def bench(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, repeat: int = 7) -> float:
     """Median wall time of ``fn()`` in milliseconds (CUDA: per-call events after warm-up)."""
     for _ in range(warmup):
         fn()

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -33,6 +34,36 @@ void check_calibration_args(const at::Tensor& probs, const at::Tensor& targets, 
   TORCH_CHECK(probs.size(0) >= 1, "calibration_bins: probs needs S >= 1 draws, got S = ", probs.size(0));
   TORCH_CHECK(probs.size(2) >= 1, "calibration_bins: probs needs C >= 1 classes, got C = ", probs.size(2));
   TORCH_CHECK(sum_tol >= 0.0, "calibration_bins: sum_tol must be >= 0, got ", sum_tol);
+}
+
+// Row reductions of the S = 1 path, written so that gcc vectorises them. Their relaxed
+// floating-point flags are scoped to these helpers and cannot change a result that is used:
+// a row holding NaN or inf has a non-finite sum (the sum keeps IEEE NaN/inf semantics, it is
+// only reassociated), is counted as non-finite and is not binned, so its (then unspecified) max
+// is never read; the sum is only compared with 1 within a tolerance.
+template <typename scalar_t>
+__attribute__((optimize("finite-math-only", "no-signed-zeros"))) auto row_max(const scalar_t* row, int64_t C) {
+  using cmp_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  cmp_t mx = static_cast<cmp_t>(row[0]);
+  for (int64_t c = 1; c < C; ++c) {
+    const cmp_t v = static_cast<cmp_t>(row[c]);
+    mx = v > mx ? v : mx;
+  }
+  return mx;
+}
+
+template <typename scalar_t>
+__attribute__((optimize("associative-math", "no-signed-zeros", "no-trapping-math"))) double row_sum(
+    const scalar_t* row, int64_t C, bool& neg) {
+  double sum = 0.0;
+  int any_neg = 0;  // an int (not bool) OR-reduction: gcc vectorises it
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = static_cast<double>(row[c]);
+    sum += v;
+    any_neg |= static_cast<int>(v < 0.0);
+  }
+  neg = any_neg != 0;
+  return sum;
 }
 
 template <typename scalar_t>
@@ -128,16 +159,24 @@ void bins_kernel(const scalar_t* p, const int64_t* y, int64_t S, int64_t N, int6
         int64_t pred = 0;
         bool neg = false, finite;
         if (direct) {
-          scalar_t mx = row[0];
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t v = row[c];
-            const bool gt = v > mx;  // strict: ties keep the lowest class index
-            mx = gt ? v : mx;
-            pred = gt ? c : pred;
-            sum += static_cast<double>(v);
-            neg |= v < scalar_t(0);
+          if (C < 64) {  // short rows: one fused scalar pass
+            scalar_t mx = row[0];
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t v = row[c];
+              const bool gt = v > mx;  // strict: ties keep the lowest class index
+              mx = gt ? v : mx;
+              pred = gt ? c : pred;
+              sum += static_cast<double>(v);
+              neg |= v < scalar_t(0);
+            }
+            conf = static_cast<double>(mx);
+          } else {  // long rows: vectorised sum and max, then the first index of the max
+            sum = row_sum(row, C, neg);
+            const auto mx = row_max(row, C);
+            if (std::isfinite(sum))
+              while (pred < C - 1 && static_cast<decltype(mx)>(row[pred]) != mx) ++pred;
+            conf = static_cast<double>(mx);
           }
-          conf = static_cast<double>(mx);
           finite = std::isfinite(sum);
         } else {
           std::fill(acc.begin(), acc.end(), 0.0);
