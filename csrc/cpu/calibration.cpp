@@ -15,26 +15,10 @@
 #include <vector>
 
 #include "common/calibration.h"
+#include "common/calibration_args.h"
 
 namespace pyfastbayes::cpu {
 namespace {
-
-void check_calibration_args(const at::Tensor& probs, const at::Tensor& targets, int64_t n_bins, double sum_tol) {
-  TORCH_CHECK(probs.dim() == 3, "calibration_bins: probs must be [S, N, C], got shape ", probs.sizes());
-  TORCH_CHECK(at::isFloatingType(probs.scalar_type()), "calibration_bins: probs must be floating point, got ",
-              probs.scalar_type());
-  TORCH_CHECK(probs.device().is_cpu(), "calibration_bins: probs must be on the CPU here, got ", probs.device());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "calibration_bins: targets must be int64, got ",
-              targets.scalar_type());
-  TORCH_CHECK(targets.device() == probs.device(), "calibration_bins: targets on ", targets.device(),
-              " but probs on ", probs.device());
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == probs.size(1), "calibration_bins: targets must be [N] with N = ",
-              probs.size(1), " (probs.size(1)), got shape ", targets.sizes());
-  TORCH_CHECK(n_bins >= 1, "calibration_bins: n_bins must be >= 1, got ", n_bins);
-  TORCH_CHECK(probs.size(0) >= 1, "calibration_bins: probs needs S >= 1 draws, got S = ", probs.size(0));
-  TORCH_CHECK(probs.size(2) >= 1, "calibration_bins: probs needs C >= 1 classes, got C = ", probs.size(2));
-  TORCH_CHECK(sum_tol >= 0.0, "calibration_bins: sum_tol must be >= 0, got ", sum_tol);
-}
 
 // Row reductions of the S = 1 path, written so that gcc vectorises them. Their relaxed
 // floating-point flags are scoped to these helpers and cannot change a result that is used:
@@ -235,7 +219,7 @@ void bins_kernel(const scalar_t* p, const int64_t* y, int64_t S, int64_t N, int6
 std::tuple<at::Tensor, at::Tensor> calibration_bins_cpu(const at::Tensor& probs, const at::Tensor& targets,
                                                         int64_t n_bins, bool from_logits, bool classwise,
                                                         double sum_tol) {
-  check_calibration_args(probs, targets, n_bins, sum_tol);
+  check_calibration_args(probs, targets, n_bins, sum_tol, c10::DeviceType::CPU);
   const int64_t S = probs.size(0), N = probs.size(1), C = probs.size(2);
   const auto f64 = probs.options().dtype(at::kDouble);
   at::Tensor bins = classwise ? at::zeros({C, n_bins, kCalibStats}, f64) : at::zeros({n_bins, kCalibStats}, f64);

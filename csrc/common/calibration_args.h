@@ -1,0 +1,27 @@
+// Host-side argument checks of calibration_bins, shared by the CPU and CUDA entry points.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace pyfastbayes {
+
+inline void check_calibration_args(const at::Tensor& probs, const at::Tensor& targets, int64_t n_bins,
+                                   double sum_tol, c10::DeviceType device_type) {
+  TORCH_CHECK(probs.dim() == 3, "calibration_bins: probs must be [S, N, C], got shape ", probs.sizes());
+  TORCH_CHECK(at::isFloatingType(probs.scalar_type()), "calibration_bins: probs must be floating point, got ",
+              probs.scalar_type());
+  TORCH_CHECK(probs.device().type() == device_type, "calibration_bins: probs must be on ", device_type,
+              " here, got ", probs.device());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "calibration_bins: targets must be int64, got ",
+              targets.scalar_type());
+  TORCH_CHECK(targets.device() == probs.device(), "calibration_bins: targets on ", targets.device(),
+              " but probs on ", probs.device());
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == probs.size(1), "calibration_bins: targets must be [N] with N = ",
+              probs.size(1), " (probs.size(1)), got shape ", targets.sizes());
+  TORCH_CHECK(n_bins >= 1, "calibration_bins: n_bins must be >= 1, got ", n_bins);
+  TORCH_CHECK(probs.size(0) >= 1, "calibration_bins: probs needs S >= 1 draws, got S = ", probs.size(0));
+  TORCH_CHECK(probs.size(2) >= 1, "calibration_bins: probs needs C >= 1 classes, got C = ", probs.size(2));
+  TORCH_CHECK(sum_tol >= 0.0, "calibration_bins: sum_tol must be >= 0, got ", sum_tol);
+}
+
+}  // namespace pyfastbayes
