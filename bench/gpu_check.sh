@@ -13,6 +13,20 @@ log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 
 log "$(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 log "python $(python -c 'import sys; print(sys.version.split()[0])'), torch $(python -c 'import torch; print(torch.__version__)'), $(nvcc --version | tail -1)"
+# no network there: install what the test run needs from the carried .gpu-wheels/ (scripts/fetch_gpu_wheels.sh)
+if [ -d .gpu-wheels ]; then
+  for m in pytest numpy tqdm posteriors; do
+    python -c "import $m" 2>/dev/null && continue
+    case $m in
+      pytest) pkgs="pytest pluggy iniconfig packaging" ;;
+      posteriors) pkgs="posteriors torchopt optree tensordict cloudpickle pyvers typing-extensions" ;;
+      *) pkgs=$m ;;
+    esac
+    python -m pip install -q --no-index --find-links .gpu-wheels --no-deps $pkgs >>"$OUT/wheels.log" 2>&1
+    log "offline install of $pkgs: rc=$?"
+  done
+fi
+python -c "import pytest" 2>/dev/null || log "pytest is missing: run scripts/fetch_gpu_wheels.sh here and carry .gpu-wheels"
 t0=$(date +%s)
 PYFASTBAYES_CUDA=ON python -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1
 rc=$?

@@ -454,7 +454,7 @@ def test_bad_input_raises_and_leaves_state_unchanged():
 # end to end: digits
 # ---------------------------------------------------------------------------------------------
 def test_digits_swag_bma_beats_swa_and_last_iterate():
-    from sklearn.datasets import load_digits
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits
 
     X, y = load_digits(return_X_y=True)
     X, y = torch.tensor(X, dtype=torch.float32) / 16, torch.tensor(y)

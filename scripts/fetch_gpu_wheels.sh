@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU machine has torch, nvcc and scikit-build-core but no network: download (here) the few
+# wheels its test run needs into .gpu-wheels/ (git-ignored, < 64 MiB), and pass
+# carry=[".gpu-wheels"] to the device tool; bench/gpu_check.sh installs them offline.
+# Tests whose optional peers are absent there (sklearn, matplotlib, torchmetrics, ...) skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PFB_GPU_PYTHON_VERSION:-3.12}
+rm -rf .gpu-wheels && mkdir -p .gpu-wheels
+python3 -m pip download -q --only-binary=:all: --python-version "$PY" --platform manylinux2014_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --no-deps -d .gpu-wheels \
+  pytest pluggy iniconfig packaging numpy tqdm \
+  posteriors==0.1.3 torchopt==0.7.3 optree tensordict cloudpickle pyvers typing-extensions
+du -sh .gpu-wheels
