@@ -1,8 +1,11 @@
 """pyfastbayes: fast, trustworthy Bayesian deep learning for PyTorch.
 
 Native (C++/CUDA) kernels under a thin Python API, with pure-PyTorch fallbacks everywhere:
-fused SG-MCMC optimizers (:mod:`pyfastbayes.optim`), Bayesian model averaging
-(:mod:`pyfastbayes.bma`), and the ops themselves under ``torch.ops.pyfastbayes``.
+fused SG-MCMC optimizers (:mod:`pyfastbayes.optim`), Bayesian model averaging over stored draws
+(:mod:`pyfastbayes.bma`), SWA / SWAG / MultiSWAG (:mod:`pyfastbayes.swag`), calibration and
+uncertainty metrics (:mod:`pyfastbayes.calibration`), and the ops themselves under
+``torch.ops.pyfastbayes`` (typed wrappers in :mod:`pyfastbayes.ops`). ``python -m pyfastbayes demo``
+runs the whole workflow on small embedded data.
 """
 __version__ = "0.1.0"
 
