@@ -7,7 +7,7 @@
 #     torch with PYFASTBAYES_CUDA=AUTO must give a working CPU-only build and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${PFB_CUDA_VENV:-.venv-cuda}
+VENV=$(realpath -m "${PFB_CUDA_VENV:-.venv-cuda}")
 if ! command -v nvcc >/dev/null; then
   echo "cuda_checks: nvcc not found" >&2
   exit 1
