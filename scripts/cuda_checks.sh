@@ -4,7 +4,9 @@
 #  1. compile every CUDA source for sm_90 with nvcc against torch's headers and the CUDA headers
 #     its nvidia-* wheels ship (needs nvcc on PATH). Any error fails.
 #  2. unless PFB_SKIP_CUDA_TORCH_BUILD=1: `pip install --no-build-isolation .` against that CUDA
-#     torch with PYFASTBAYES_CUDA=AUTO must give a working CPU-only build and say why.
+#     torch with PYFASTBAYES_CUDA=AUTO must give a working CPU-only build and say why;
+#  3. and with PYFASTBAYES_CUDA=ON (against the wheels' CUDA headers) a full CUDA build that
+#     compiles, links and, on import, registers the CUDA kernels of every op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(realpath -m "${PFB_CUDA_VENV:-.venv-cuda}")
@@ -38,12 +40,28 @@ if [ "${PFB_SKIP_CUDA_TORCH_BUILD:-0}" != 1 ]; then
     exit 1
   fi
   grep -E "pyfastbayes: building" "$log" | sed 's/^ */  /'
+  (cd / && "$VENV/bin/python" -c "
+import pyfastbayes, torch
+info = pyfastbayes.build_info()
+assert info['native'] and not info['cuda'], info
+p = torch.nn.Parameter(torch.zeros(8)); p.grad = torch.ones(8)
+pyfastbayes.optim.SGLD([p], lr=1e-2, num_data=1).step()
+print('  imports and steps:', info)")
+
+  echo "ON build (CUDA kernels compiled and linked against the wheels' CUDA headers):"
+  if ! PYFASTBAYES_CUDA=ON "$VENV/bin/python" -m pip install -v --no-build-isolation --no-deps \
+      -C build-dir=build/cuda-on-check . >"$log" 2>&1; then
+    grep -E "error|Error" "$log" | head -40
+    exit 1
+  fi
   rm -f "$log"
   (cd / && "$VENV/bin/python" -c "
 import pyfastbayes, torch
 info = pyfastbayes.build_info()
-assert info['native'], info
-p = torch.nn.Parameter(torch.zeros(8)); p.grad = torch.ones(8)
-pyfastbayes.optim.SGLD([p], lr=1e-2, num_data=1).step()
-print('  imports and steps:', info)")
+assert info['native'] and info['cuda'] and '90' in info['cuda_archs'].split(','), info
+ops = sorted({n.split('::')[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith('pyfastbayes::')})
+assert len(ops) >= 9, ops
+missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f'pyfastbayes::{n}', 'CUDA')]
+assert not missing, f'ops without a CUDA kernel: {missing}'
+print('  CUDA kernels registered for', len(ops), 'ops:', info)")
 fi
