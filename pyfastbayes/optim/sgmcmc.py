@@ -9,7 +9,8 @@ minibatch, and the potential is
 One native call per parameter group and step updates every tensor of the group (one kernel
 launch on CUDA); the noise xi comes from an in-kernel Philox4x32-10 stream keyed by a seed drawn
 once from the torch generator, so ``torch.manual_seed`` (or ``generator=``) fixes the chain,
-CPU and CUDA draw the same noise, and no noise tensor is ever allocated.
+CPU and CUDA draw the same noise, and no noise tensor is ever allocated. Within a group, the i-th
+parameter that has a gradient in a step draws from Philox stream i at that step's counter.
 """
 from __future__ import annotations
 
