@@ -182,3 +182,27 @@ def test_empty_group_still_checks_and_advances_rng(device):
     with pytest.raises(RuntimeError, match="skip must be"):
         ops.sgld_step_([], [], hyper, rng, torch.tensor(1.0, device=device))
     assert rng.tolist() == [4, 8]
+
+
+@needs_native
+def test_ops_trace_under_torch_compile():
+    """The fake kernels let dynamo/AOT trace the mutating ops (fullgraph), with eager numbers."""
+    def step_and_score(ps, gs, bufs, hyper, rng):
+        torch.ops.pyfastbayes.sghmc_step_.default(ps, gs, bufs, hyper, rng)
+        return sum((p * p).sum() for p in ps) + ops.any_nonfinite(gs).float()
+
+    gen = torch.Generator().manual_seed(2)
+    make = lambda: ([torch.randn(7, generator=gen), torch.randn(3, 5, generator=gen)],)  # noqa: E731
+    (p1,) = make()
+    g = [torch.randn_like(x) for x in p1]
+    p2, b1, b2 = [x.clone() for x in p1], [torch.zeros_like(x) for x in p1], [torch.zeros_like(x) for x in p1]
+    hyper = hyper_for("sghmc", "cpu")
+    rng1, rng2 = torch.tensor([5, 0]), torch.tensor([5, 0])
+    compiled = torch.compile(step_and_score, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        out_c = compiled(p1, g, b1, hyper, rng1)
+        out_e = step_and_score(p2, g, b2, hyper, rng2)
+    torch.testing.assert_close(out_c, out_e)
+    for a, e in zip(p1 + b1, p2 + b2):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert rng1.tolist() == rng2.tolist() == [5, 2]
