@@ -1,5 +1,6 @@
 // CUDA kernels of the fused SG-MCMC steps: one launch per parameter group (multi_tensor.cuh),
-// 4 elements per thread step = one Philox block, aligned vector loads, scalar tails.
+// 16-byte aligned vector accesses covering whole Philox blocks (4 elements of fp32/fp64, 8 of
+// fp16/bf16) per thread step, scalar tails.
 // Hyper-parameters and the RNG position are read from device memory, so a step can be captured
 // in a CUDA graph and replayed while lr / temperature change in place.
 #include <ATen/Dispatch.h>
@@ -40,19 +41,29 @@ __global__ void __launch_bounds__(kThreads)
   T* p = static_cast<T*>(tab.ptr[0][t]);
   const T* g = static_cast<const T*>(tab.ptr[1][t]);
   T* b = kHasBuf ? static_cast<T*>(tab.ptr[NL - 1][t]) : nullptr;
-  const bool aligned = is_aligned<T, 4>(p) && is_aligned<T, 4>(g) && (!kHasBuf || is_aligned<T, 4>(b));
-  using V = AlignedVec<T, 4>;
-  for (int64_t blk = begin / 4 + threadIdx.x; blk * 4 < end; blk += kThreads) {
-    float z[4];
-    philox_normal4(seed, static_cast<uint64_t>(blk), stream, step, z);
-    const int64_t i = blk * 4;
-    if (aligned && i + 4 <= end) {
+  // kVec elements per thread step: 16-byte accesses for fp32 and fp16/bf16 (8 elements = two
+  // Philox blocks), 2 x 16 bytes for fp64; element i always takes lane i % 4 of block i / 4
+  constexpr int kVec = sizeof(T) >= 4 ? 4 : 16 / static_cast<int>(sizeof(T));
+  static_assert(kVec % 4 == 0 && kChunk % kVec == 0, "a thread step covers whole Philox blocks");
+  const bool aligned =
+      is_aligned<T, kVec>(p) && is_aligned<T, kVec>(g) && (!kHasBuf || is_aligned<T, kVec>(b));
+  using V = AlignedVec<T, kVec>;
+  for (int64_t i = begin + int64_t(threadIdx.x) * kVec; i < end; i += int64_t(kThreads) * kVec) {
+    float z[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec / 4; ++j) {
+      float zj[4];
+      philox_normal4(seed, static_cast<uint64_t>(i / 4 + j), stream, step, zj);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) z[4 * j + l] = zj[l];
+    }
+    if (aligned && i + kVec <= end) {
       V pv = *reinterpret_cast<const V*>(p + i);
       const V gv = *reinterpret_cast<const V*>(g + i);
       V bv;
       if constexpr (kHasBuf) bv = *reinterpret_cast<const V*>(b + i);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
+      for (int k = 0; k < kVec; ++k) {
         op_t pk = static_cast<op_t>(pv.v[k]);
         op_t bk = kHasBuf ? static_cast<op_t>(bv.v[k]) : op_t(0);
         rule(pk, static_cast<op_t>(gv.v[k]), bk, z[k]);
@@ -61,15 +72,16 @@ __global__ void __launch_bounds__(kThreads)
       }
       *reinterpret_cast<V*>(p + i) = pv;
       if constexpr (kHasBuf) *reinterpret_cast<V*>(b + i) = bv;
-    } else {
+    } else {  // unaligned tensor or the tensor's last partial step
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (i + k >= end) break;
-        op_t pk = static_cast<op_t>(p[i + k]);
-        op_t bk = kHasBuf ? static_cast<op_t>(b[i + k]) : op_t(0);
-        rule(pk, static_cast<op_t>(g[i + k]), bk, z[k]);
-        p[i + k] = static_cast<T>(pk);
-        if constexpr (kHasBuf) b[i + k] = static_cast<T>(bk);
+      for (int k = 0; k < kVec; ++k) {
+        if (i + k < end) {
+          op_t pk = static_cast<op_t>(p[i + k]);
+          op_t bk = kHasBuf ? static_cast<op_t>(b[i + k]) : op_t(0);
+          rule(pk, static_cast<op_t>(g[i + k]), bk, z[k]);
+          p[i + k] = static_cast<T>(pk);
+          if constexpr (kHasBuf) b[i + k] = static_cast<T>(bk);
+        }
       }
     }
   }
