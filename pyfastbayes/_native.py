@@ -30,16 +30,13 @@ def available() -> bool:
     return _C is not None
 
 
+# device types with native kernels, fixed at load time (asked on every op call: keep it a lookup)
+_KERNEL_DEVICES = frozenset() if _C is None else frozenset({"cpu"} | ({"cuda"} if _C.build_info()["cuda"] else set()))
+
+
 def has_kernel(device: torch.device | str) -> bool:
     """True when the native extension has kernels for ``device`` ('cpu' or 'cuda')."""
-    if _C is None:
-        return False
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return True
-    if dev.type == "cuda":
-        return bool(_C.build_info()["cuda"])
-    return False
+    return (device.type if isinstance(device, torch.device) else torch.device(device).type) in _KERNEL_DEVICES
 
 
 def build_info() -> dict:
