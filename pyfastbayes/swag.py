@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import ops
-from ._reference import SWAG_MAX_DRAWS
+from .ops.layouts import SWAG as _SWAG_SLOTS
+SWAG_MAX_DRAWS = _SWAG_SLOTS.max_draws
 from .bma import iterate_inputs
 
 __all__ = ["SWA", "SWAG", "MultiSWAG", "update_bn"]

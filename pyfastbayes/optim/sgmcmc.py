@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from .. import _native, _reference, ops
+from .. import _native, ops
 
 _NONFINITE = ("raise", "skip", "ignore")
 
@@ -152,15 +152,12 @@ class _SGMCMC(torch.optim.Optimizer):
                         f"gradients, or pass nonfinite='skip'.")
             args = [params, grads] + ([self._buffers(params)] if self._buffer else [])
             args += [st["hyper"], st["rng"], skip]
-            use_native = group["fused"] is not False and _native.has_kernel(dev)
-            if group["fused"] and not use_native:
-                raise RuntimeError(f"{type(self).__name__}(fused=True): no native kernel for {dev}")
-            if not use_native:
+            backend = {None: None, True: "native", False: "reference"}[group["fused"]]
+            step_op = getattr(ops, self._op_name)
+            if backend == "reference" or not _native.has_kernel(dev):
                 self._explain(gi, group)  # the reference does not validate its arguments itself
-                getattr(_reference, self._op_name)(*args)
-                continue
             try:  # the op checks every argument before it writes anything
-                getattr(torch.ops.pyfastbayes, self._op_name).default(*args)
+                step_op(*args, backend=backend)
             except RuntimeError:
                 self._explain(gi, group)  # a clearer message naming the parameter, if it can
                 raise

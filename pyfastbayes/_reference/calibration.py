@@ -1,0 +1,93 @@
+"""Reference of calibration_bins (uniform bins, exact edges; see csrc/common/calibration.h)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..ops.layouts import CALIB_DIAG, CALIB_STATS
+
+
+def uniform_bin(x: Tensor, n_bins: int) -> Tensor:
+    """Bin index (int64, same shape) of float64 confidences ``x`` for ``n_bins`` uniform bins.
+
+    Bin k holds k <= x * n_bins < k + 1 over the reals: left-closed, an interior edge k / n_bins
+    goes to bin k; the last bin is closed, so x = 1 lands in bin n_bins - 1; x <= 0 in bin 0.
+    The rounded product x * n_bins can only cross an edge when it equals that edge, and there the
+    exact sign of the rounding error is found with Dekker's error-free product (n_bins < 2**26).
+    """
+    if not 1 <= n_bins < 2**26:
+        raise ValueError(f"n_bins must be in [1, 2**26), got {n_bins}")
+    b = float(n_bins)
+    p = x * b
+    f = torch.floor(p)
+    edge = (f == p) & (f > 0)
+    if bool(edge.any()):
+        c = x * 134217729.0  # Veltkamp split: x = xh + xl, xh with 26 significant bits
+        xh = c - (c - x)
+        xl = x - xh
+        err = (xh * b - p) + xl * b  # exact x * b - p
+        f = torch.where(edge & (err < 0), f - 1, f)
+    f = torch.nan_to_num(f, nan=0.0)
+    return f.clamp(0, n_bins - 1).long()
+
+
+def calibration_bins(probs: Tensor, targets: Tensor, n_bins: int, from_logits: bool = False,
+                     classwise: bool = False, sum_tol: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Reference of ``torch.ops.pyfastbayes.calibration_bins`` (see csrc/ops/calibration.cpp).
+
+    probs [S, N, C] (probabilities or logits), targets int64 [N] -> (bins float64 [n_bins, 3] or
+    [C, n_bins, 3] of (count, confidence sum, correct sum), diag float64 [4] row counts of
+    (bad row sum, negative entry, target out of range, non-finite)).
+    """
+    if probs.dim() != 3 or not probs.is_floating_point():
+        raise ValueError(f"probs must be floating [S, N, C], got {probs.dtype} {tuple(probs.shape)}")
+    if targets.dtype != torch.int64 or targets.shape != (probs.shape[1],):
+        raise ValueError(f"targets must be int64 [{probs.shape[1]}], got {targets.dtype} {tuple(targets.shape)}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    S, N, C = probs.shape
+    if S < 1 or C < 1:
+        raise ValueError(f"probs needs S >= 1 and C >= 1, got {tuple(probs.shape)}")
+    f64 = dict(dtype=torch.float64, device=probs.device)
+    nstat = (C if classwise else 1) * n_bins
+    diag = torch.zeros(CALIB_DIAG.size, **f64)
+    if N == 0:
+        shape = (C, n_bins, CALIB_STATS.size) if classwise else (n_bins, CALIB_STATS.size)
+        return torch.zeros(shape, **f64), diag
+    x = probs.double()
+    if from_logits:
+        m = x.amax(-1, keepdim=True)
+        e = torch.exp(x - m)
+        z = e.sum(-1, keepdim=True)
+        finite = (torch.isfinite(m) & torch.isfinite(z)).squeeze(-1).all(0)
+        total = (e / z).sum(0)
+        rowsum = neg = None
+    else:
+        total = x.sum(0)
+        rowsum = total.sum(-1) / S
+        finite = torch.isfinite(rowsum)
+        neg = (x < 0).any(-1).any(0)
+    avg = total / S
+    conf, pred = avg.max(-1)  # ties: the first (lowest) class
+    bad_target = (targets < 0) | (targets >= C)
+    valid = finite & ~bad_target
+    diag[CALIB_DIAG.nonfinite] = (~finite).sum()
+    diag[CALIB_DIAG.bad_target] = (finite & bad_target).sum()
+    if not from_logits:
+        diag[CALIB_DIAG.bad_sum] = (valid & ~((rowsum - 1).abs() <= sum_tol)).sum()
+        diag[CALIB_DIAG.negative] = (valid & neg).sum()
+    y = targets.clamp(0, C - 1)
+    if not classwise:
+        k = uniform_bin(conf, n_bins)[valid]
+        w = torch.stack([torch.ones_like(conf), conf, (pred == y).double()], -1)[valid]
+        bins = torch.zeros(nstat, CALIB_STATS.size, **f64).index_add_(0, k, w)
+        return bins, diag
+    v = avg[valid]  # [M, C]
+    k = uniform_bin(v, n_bins) + torch.arange(C, device=probs.device) * n_bins
+    hit = torch.nn.functional.one_hot(y[valid], C).double()
+    w = torch.stack([torch.ones_like(v), v, hit], -1).reshape(-1, CALIB_STATS.size)
+    bins = torch.zeros(nstat, CALIB_STATS.size, **f64).index_add_(0, k.reshape(-1), w)
+    return bins.view(C, n_bins, CALIB_STATS.size), diag

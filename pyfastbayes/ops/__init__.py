@@ -1,0 +1,20 @@
+"""Typed wrappers over ``torch.ops.pyfastbayes.*``, one module per op family.
+
+This package is the only place that touches ``torch.ops.pyfastbayes`` or the pure-PyTorch
+references (:mod:`pyfastbayes._reference`). Each wrapper runs the native kernel when the extension
+has one for the tensors' device and the reference otherwise (same numbers, same random stream);
+``backend='native'|'reference'`` forces one, :func:`default_backend` sets the default for a block.
+Each module also registers the op's fake kernel (shapes only, with ``torch._check`` argument
+checks) so ``torch.compile`` traces through it. Slot layouts: :mod:`pyfastbayes.ops.layouts`.
+"""
+from . import layouts
+from ._dispatch import BACKENDS, default_backend, native_op, select
+from .calibration import calibration_bins
+from .layouts import CALIB_DIAG, CALIB_STATS, HYPER, RNG, SWAG
+from .random import philox4x32, philox_normal_
+from .sgmcmc import any_nonfinite, psgld_step_, sghmc_step_, sgld_step_
+from .swag import swag_collect_, swag_sample
+
+__all__ = ["philox4x32", "philox_normal_", "sgld_step_", "sghmc_step_", "psgld_step_", "any_nonfinite",
+           "calibration_bins", "swag_collect_", "swag_sample", "native_op", "select", "default_backend",
+           "BACKENDS", "layouts", "HYPER", "RNG", "CALIB_STATS", "CALIB_DIAG", "SWAG"]

@@ -1,0 +1,94 @@
+"""Backend choice and fake-kernel helpers shared by every op family.
+
+``select(name, device, backend)`` is the one place that picks between the native kernel
+``torch.ops.pyfastbayes.<name>`` and the pure-PyTorch reference ``pyfastbayes._reference.<name>``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .. import _native, _reference
+
+BACKENDS = ("native", "reference")
+_default: list[str | None] = [None]  # the process-wide default set by `default_backend`
+
+
+def _check_backend(backend) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None (native when the extension has a kernel for the device, "
+                         f"else the reference), 'native' or 'reference'; got {backend!r}")
+
+
+def native_op(name: str, device) -> Callable | None:
+    """``torch.ops.pyfastbayes.<name>.default`` when the extension has a kernel for ``device``, else None."""
+    if device is not None and _native.has_kernel(device):
+        return getattr(torch.ops.pyfastbayes, name).default
+    return None
+
+
+def select(name: str, device, backend: str | None = None) -> Callable:
+    """The implementation of op ``name`` for tensors on ``device``.
+
+    backend: None -> the native kernel when the extension has one for ``device``, else the
+    reference (same numbers, same random stream, slower); 'native' -> the kernel or a
+    RuntimeError saying why there is none; 'reference' -> the pure-PyTorch reference.
+    A default other than None can be set for a block with :func:`default_backend`.
+    """
+    _check_backend(backend)
+    backend = backend if backend is not None else _default[0]
+    if backend == "reference":
+        return getattr(_reference, name)
+    op = native_op(name, device)
+    if op is not None:
+        return op
+    if backend == "native":
+        why = (f"the extension is not loaded ({_native.LOAD_ERROR})" if not _native.available()
+               else "the extension was built without kernels for it (see pyfastbayes.build_info())")
+        raise RuntimeError(f"{name}: no native kernel for {device}: {why}; use backend=None or 'reference'")
+    return getattr(_reference, name)
+
+
+@contextlib.contextmanager
+def default_backend(backend: str | None):
+    """Within the block, ops called with ``backend=None`` use ``backend`` ('native' or
+    'reference'); e.g. ``with pyfastbayes.ops.default_backend('reference'): ...`` runs everything
+    on the pure-PyTorch references (for debugging, or to compare against the kernels)."""
+    _check_backend(backend)
+    old = _default[0]
+    _default[0] = backend
+    try:
+        yield
+    finally:
+        _default[0] = old
+
+
+def device_of(tensors: Iterable[Tensor], fallback: Tensor | None = None):
+    """Device of the first tensor of ``tensors``, else of ``fallback``, else None."""
+    for t in tensors:
+        return t.device
+    return fallback.device if fallback is not None else None
+
+
+def _named_tensors(args: dict) -> list[tuple[str, Tensor]]:
+    out = []
+    for name, v in args.items():
+        if isinstance(v, Tensor):
+            out.append((name, v))
+        elif isinstance(v, (list, tuple)):
+            out += [(f"{name}[{i}]", t) for i, t in enumerate(v) if isinstance(t, Tensor)]
+    return out
+
+
+def check_meta_mix(op: str, **args) -> None:
+    """Fake kernels run for meta tensors. A call mixing meta and real tensors would reach the
+    fake kernel too and silently do nothing (or return uninitialised tensors): refuse it."""
+    named = _named_tensors(args)
+    meta = [n for n, t in named if t.device.type == "meta"]
+    real = [(n, t.device) for n, t in named if t.device.type != "meta"]
+    if meta and real:
+        raise RuntimeError(f"{op}: {meta[0]} is a meta tensor but {real[0][0]} is on {real[0][1]}; "
+                           f"all tensors of one call must be on one device")

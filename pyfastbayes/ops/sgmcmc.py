@@ -1,0 +1,81 @@
+"""Fused SG-MCMC steps over lists of tensors, and the non-finite check the optimizers use.
+
+Slots of ``hyper`` and ``rng``: :data:`pyfastbayes.ops.layouts.HYPER` and ``RNG``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from ._dispatch import check_meta_mix, device_of, select
+
+__all__ = ["sgld_step_", "sghmc_step_", "psgld_step_", "any_nonfinite"]
+
+
+def sgld_step_(params: Sequence[Tensor], grads: Sequence[Tensor], hyper: Tensor, rng: Tensor,
+               skip: Tensor | None = None, *, backend: str | None = None) -> None:
+    """Fused SGLD step over lists of tensors (see :class:`pyfastbayes.optim.SGLD`).
+
+    params, grads: equal-length lists of tensors [any shape], one floating dtype, one device;
+    params updated in place. hyper: float64 [6] (``layouts.HYPER``: lr, temperature, num_data,
+    prior_precision, -, -); rng: int64 [2] = (seed, step), step incremented; skip: optional
+    bool scalar that turns the call into a no-op. Tensor i draws from Philox stream i.
+    """
+    select("sgld_step_", device_of(params, hyper), backend)(params, grads, hyper, rng, skip)
+
+
+def sghmc_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor], hyper: Tensor,
+                rng: Tensor, skip: Tensor | None = None, *, backend: str | None = None) -> None:
+    """Fused SGHMC step; ``momenta`` like ``params`` (updated in place); hyper slot ``a`` = friction
+    (see :class:`pyfastbayes.optim.SGHMC`); other arguments as :func:`sgld_step_`."""
+    select("sghmc_step_", device_of(params, hyper), backend)(params, grads, momenta, hyper, rng, skip)
+
+
+def psgld_step_(params: Sequence[Tensor], grads: Sequence[Tensor], square_avg: Sequence[Tensor], hyper: Tensor,
+                rng: Tensor, skip: Tensor | None = None, *, backend: str | None = None) -> None:
+    """Fused pSGLD step; ``square_avg`` like ``params`` (updated in place); hyper slots
+    ``a, b`` = (alpha, eps) (see :class:`pyfastbayes.optim.PSGLD`); others as :func:`sgld_step_`."""
+    select("psgld_step_", device_of(params, hyper), backend)(params, grads, square_avg, hyper, rng, skip)
+
+
+def any_nonfinite(tensors: Sequence[Tensor], *, backend: str | None = None) -> Tensor:
+    """Bool scalar on the tensors' device: does any element of any tensor [any shape] hold NaN or
+    +-inf (complex: in its real or imaginary part)? An empty list gives False on the CPU."""
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros((), dtype=torch.bool)
+    return select("any_nonfinite", tensors[0].device, backend)(tensors)
+
+
+# ---- fake (meta) kernels: shapes only, so torch.compile / export trace through the ops ----------
+def _fake_step(op: str, params, grads, bufs, hyper, rng, skip) -> None:
+    check_meta_mix(op, params=params, grads=grads, state=bufs or [], hyper=hyper, rng=rng, skip=skip)
+    torch._check(len(params) == len(grads), lambda: f"{op}: got {len(params)} params but {len(grads)} grads")
+    if bufs is not None:
+        torch._check(len(bufs) == len(params), lambda: f"{op}: got {len(params)} params but {len(bufs)} state buffers")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        torch._check(g.shape == p.shape, lambda: f"{op}: grads[{i}] has shape {tuple(g.shape)} but params[{i}] "
+                                                 f"has shape {tuple(p.shape)}")
+
+
+if _native.available():
+
+    @torch.library.register_fake("pyfastbayes::sgld_step_")
+    def _(params, grads, hyper, rng, skip=None):
+        _fake_step("sgld_step_", params, grads, None, hyper, rng, skip)
+
+    @torch.library.register_fake("pyfastbayes::sghmc_step_")
+    def _(params, grads, momenta, hyper, rng, skip=None):
+        _fake_step("sghmc_step_", params, grads, momenta, hyper, rng, skip)
+
+    @torch.library.register_fake("pyfastbayes::psgld_step_")
+    def _(params, grads, square_avg, hyper, rng, skip=None):
+        _fake_step("psgld_step_", params, grads, square_avg, hyper, rng, skip)
+
+    @torch.library.register_fake("pyfastbayes::any_nonfinite")
+    def _(tensors):
+        check_meta_mix("any_nonfinite", tensors=tensors)
+        return torch.empty((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
