@@ -6,10 +6,12 @@
 // lerp is written as ATen's (a + w (b - a) for w < 1/2, else b - (b - a)(1 - w)), so the running
 // mean of fp32 parameters equals torch.optim.swa_utils.AveragedModel's (w = 1 gives theta exactly).
 //
-// sample, scale multiplies the covariance (the convention everywhere in pyfastbayes.swag):
+// sample, scale multiplies the covariance (swa_gaussian's convention; scale = 0.5 is the SWAG
+// paper's posterior N(mean, (diag(sigma^2) + D^T D / (K - 1)) / 2)):
 //   sigma^2 = max(sq_mean - mean^2, eps)
-//   lowrank: theta = mean + sqrt(scale/2) sigma z1 + sqrt(scale / (2 (K - 1))) sum_k z2[k] D[k]
-//   diag:    theta = mean + sqrt(scale) sigma z1
+//   lowrank: Sigma = scale (diag(sigma^2) + D^T D / (K - 1)),
+//            theta = mean + sqrt(scale) sigma z1 + sqrt(scale / (K - 1)) sum_k z2[k] D[k]
+//   diag:    Sigma = scale diag(sigma^2), theta = mean + sqrt(scale) sigma z1
 // z1 of draw s is the Philox normal stream (seed, kSwagDiagStream + s, step) indexed by the global
 // parameter index; z2 [S, K] is the stream (seed, kSwagLowRankStream, step), element s * K + k.
 #pragma once
@@ -48,8 +50,15 @@ PFB_HD op_t swag_sigma(op_t mean, op_t sq_mean, op_t eps) {
   return sqrt(var > eps ? var : eps);
 }
 
-// c_diag = sqrt(scale/2) (lowrank) or sqrt(scale) (diag); c_low = sqrt(scale / (2 (K - 1)));
-// lowrank_acc = sum_k z2[s, k] D[k, j] accumulated in k order
+// the coefficients of a draw for the covariance convention above (K = 0: diagonal)
+struct SwagCoefficients {
+  double diag, lowrank;
+};
+inline SwagCoefficients swag_coefficients(double scale, int64_t K) {
+  return {std::sqrt(scale), K > 0 ? std::sqrt(scale / static_cast<double>(K - 1)) : 0.0};
+}
+
+// c_diag, c_low from swag_coefficients; lowrank_acc = sum_k z2[s, k] D[k, j] accumulated in k order
 template <typename op_t>
 PFB_HD op_t swag_draw(op_t mean, op_t sigma, float z1, op_t lowrank_acc, op_t c_diag, op_t c_low) {
   return mean + c_diag * sigma * op_t(z1) + c_low * lowrank_acc;

@@ -124,8 +124,8 @@ void sample_blocks(const state_t* mean, const state_t* sq, const d_t* D, int64_t
                    int64_t S, state_t* out, double scale, double eps, uint64_t seed, uint32_t step,
                    int64_t offset) {
   const bool lowrank = D != nullptr;
-  const state_t c_diag = static_cast<state_t>(lowrank ? std::sqrt(scale / 2) : std::sqrt(scale));
-  const state_t c_low = lowrank ? static_cast<state_t>(std::sqrt(scale / (2.0 * double(K - 1)))) : state_t(0);
+  const auto coef = swag_coefficients(scale, lowrank ? K : 0);
+  const state_t c_diag = static_cast<state_t>(coef.diag), c_low = static_cast<state_t>(coef.lowrank);
   const state_t e = static_cast<state_t>(eps);
   const auto z2 = lowrank ? lowrank_noise(seed, step, S, K) : std::vector<float>();
   const int64_t nblocks = (P + kCols - 1) / kCols;

@@ -237,8 +237,8 @@ at::Tensor swag_sample_cuda(const at::Tensor& mean, const at::Tensor& sq_mean, c
   const auto d_type = D.has_value() ? D->scalar_type() : mean.scalar_type();
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "swag_sample_cuda_state", [&] {
     using state_t = scalar_t;
-    const state_t c_diag = static_cast<state_t>(K > 0 ? std::sqrt(scale / 2) : std::sqrt(scale));
-    const state_t c_low = K > 0 ? static_cast<state_t>(std::sqrt(scale / (2.0 * double(K - 1)))) : state_t(0);
+    const auto coef = swag_coefficients(scale, K);
+    const state_t c_diag = static_cast<state_t>(coef.diag), c_low = static_cast<state_t>(coef.lowrank);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d_type, "swag_sample_cuda_D", [&] {
       using d_t = scalar_t;
       if (K > 0) {

@@ -50,9 +50,10 @@ def swag_sample(mean: Tensor, sq_mean: Tensor, D: Tensor | None, n_draws: int, s
                 step: int = 0, offset: int = 0) -> Tensor:
     """Reference of ``torch.ops.pyfastbayes.swag_sample`` -> [S, P'] in mean's dtype.
 
-    sigma^2 = max(sq_mean - mean^2, eps); with D [K, P'] (K >= 2):
-    theta_s = mean + sqrt(scale/2) sigma z1_s + sqrt(scale/(2(K-1))) (z2 @ D)_s, else (diagonal)
-    theta_s = mean + sqrt(scale) sigma z1_s. z1_s: the normal stream (seed, SWAG.diag_stream + s,
+    sigma^2 = max(sq_mean - mean^2, eps); with D [K, P'] (K >= 2) the covariance is
+    scale (diag(sigma^2) + D^T D / (K - 1)): theta_s = mean + sqrt(scale) sigma z1_s +
+    sqrt(scale / (K - 1)) (z2 @ D)_s; without D it is scale diag(sigma^2): theta_s = mean +
+    sqrt(scale) sigma z1_s. z1_s: the normal stream (seed, SWAG.diag_stream + s,
     step) at global indices offset + j; z2 [S, K]: the stream (seed, SWAG.lowrank_stream, step).
     """
     if not (math.isfinite(scale) and scale > 0):
@@ -66,12 +67,12 @@ def swag_sample(mean: Tensor, sq_mean: Tensor, D: Tensor | None, n_draws: int, s
     P, dev, dt = mean.numel(), mean.device, mean.dtype
     var = sq_mean - mean * mean
     sigma = torch.sqrt(torch.where(var > eps, var, torch.full_like(var, eps)))
-    c_diag = math.sqrt(scale / 2) if D is not None else math.sqrt(scale)
+    c_diag = math.sqrt(scale)
     z1 = torch.stack([philox_normal_range(offset, P, seed, SWAG.diag_stream + s, step, dev)
                       for s in range(n_draws)]) if n_draws else torch.empty(0, P, device=dev)
     out = mean + c_diag * sigma * z1.to(dt)
     if D is not None:
         K = D.shape[0]
         z2 = philox_normal(n_draws * K, seed, SWAG.lowrank_stream, step, dev).view(n_draws, K).to(dt)
-        out = out + math.sqrt(scale / (2 * (K - 1))) * (z2 @ D.to(dt))
+        out = out + math.sqrt(scale / (K - 1)) * (z2 @ D.to(dt))
     return out.reshape(n_draws, P)

@@ -29,9 +29,9 @@ def swag_sample(mean: Tensor, sq_mean: Tensor, D: Tensor | None, n_draws: int, s
     diagonal covariance); D is read once for all S draws and the noise comes from the Philox
     stream (seed, step); ``offset`` (a multiple of 4) is the global index of column 0.
 
-    With sigma^2 = max(sq_mean - mean^2, eps): theta_s = mean + sqrt(scale / 2) sigma z1_s +
-    sqrt(scale / (2 (K - 1))) (z2 @ D)_s, or mean + sqrt(scale) sigma z1_s without D (the op's
-    own convention; the SWAG class chooses ``scale`` so that its documented covariance results).
+    With sigma^2 = max(sq_mean - mean^2, eps), ``scale`` multiplies the covariance
+    diag(sigma^2) + D^T D / (K - 1) (or diag(sigma^2) without D; swa_gaussian's convention):
+    theta_s = mean + sqrt(scale) sigma z1_s + sqrt(scale / (K - 1)) (z2 @ D)_s.
     """
     fn = select("swag_sample", mean.device, backend)
     return fn(mean, sq_mean, D, int(n_draws), float(scale), float(eps), int(seed), int(step), int(offset))
