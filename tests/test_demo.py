@@ -27,9 +27,15 @@ def test_quick_demo_runs_and_reports(tmp_path):
     for k in range(2):  # SGLD/SGHMC means within a few posterior std of the exact mean
         assert abs(reg["sgld_mean"][k] - reg["posterior_mean"][k]) < 0.5 * reg["posterior_std"][k]
         assert abs(reg["sghmc_mean"][k] - reg["posterior_mean"][k]) < 0.5 * reg["posterior_std"][k]
+    # epistemic variance of the SGLD draws at x* = 0, 2, 4 against the exact x*^T Sigma x*: the
+    # quick run keeps 200 independent chains x 5 snapshots spaced 3 relaxation times apart (ESS ~
+    # 1000), so a variance estimate has relative sd sqrt(2 / 1000) = 4.5 %: 3.3 sd = 15 % (observed
+    # at this seed: 1 %); noise off by 10 % (variance off by 21 %) fails it
     split = reg["variance_split"]
-    assert split[0]["epistemic_sgld"] < split[1]["epistemic_sgld"] < split[2]["epistemic_sgld"]
-    assert len({s["aleatoric"] for s in split}) == 1
+    for s in split:
+        assert abs(s["epistemic_sgld"] / s["epistemic_exact"] - 1) < 0.15, s
+        assert s["aleatoric"] == pytest.approx(0.3**2)  # the demo's noise variance, BLR_NOISE^2
+    assert split[0]["epistemic_exact"] < split[1]["epistemic_exact"] < split[2]["epistemic_exact"]
     assert "SWAG" in proc.stdout and "report written" in proc.stdout
 
 
