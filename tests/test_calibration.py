@@ -9,6 +9,7 @@ import torch
 
 from conftest import ALL_DTYPES, DEVICES, NATIVE, needs_native
 from pyfastbayes import _native, _reference, calibration as cal, ops
+from pyfastbayes.calibration._checks import as_3d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_ece_matches_netcal(norm, S):
 # edges
 # ---------------------------------------------------------------------------------------------
 def _bins_of(probs, targets, n_bins, **kw):
-    return ops.calibration_bins(cal._as_3d(probs, False), targets, n_bins, **kw)[0]
+    return ops.calibration_bins(as_3d(probs, False), targets, n_bins, **kw)[0]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)

@@ -1,0 +1,79 @@
+"""Reliability diagram (matplotlib; imported only when called)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._binning import bins, error_from_bins
+from ._checks import check_n_bins
+
+__all__ = ["reliability_diagram"]
+
+
+def _axes(ax):
+    """(figure, bars axis, histogram axis, twin) for ``ax`` = None, a pair, or one axis."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        return fig, ax, ax_hist, False
+    if isinstance(ax, (tuple, list)):
+        if len(ax) != 2:
+            raise ValueError(f"ax must be one matplotlib Axes or a pair of them, got {len(ax)} items")
+        return ax[0].figure, ax[0], ax[1], False
+    return ax.figure, ax, ax.twinx(), True
+
+
+def _per_bin(b: Tensor):
+    """(accuracy, mean confidence, fraction of points, non-empty mask) per bin, as numpy arrays."""
+    cnt, conf_sum, hit_sum = b.cpu().unbind(-1)
+    nonempty = cnt > 0
+    acc = torch.where(nonempty, hit_sum / cnt.clamp_min(1), torch.zeros_like(cnt))
+    conf = torch.where(nonempty, conf_sum / cnt.clamp_min(1), torch.zeros_like(cnt))
+    frac = cnt / cnt.sum().clamp_min(1)
+    return acc.numpy(), conf.numpy(), frac.numpy(), nonempty.numpy()
+
+
+def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=None, from_logits: bool = False,
+                        title: str | None = None):
+    """Reliability diagram of the top-label confidence (uniform bins, as :func:`ece`).
+
+    Bars: accuracy per confidence bin, over the diagonal (perfect calibration); shaded: the gap
+    between each bin's accuracy and its mean confidence; below: the histogram of confidences
+    (fraction of points per bin). ``ax`` may be None (a new figure with both panels), a pair
+    (bars axis, histogram axis), or one axis (the histogram then sits in its lower quarter, on a
+    twin axis without ticks). The ECE is in the legend. probs: [N, C], [S, N, C] or [N]; targets: [N]. Returns the matplotlib Figure;
+    never calls ``show()``.
+    """
+    import numpy as np
+
+    n_bins = check_n_bins(n_bins)
+    b, _, _ = bins(probs, targets, n_bins, from_logits, False, True)
+    acc, conf, frac, m = _per_bin(b)
+    err = float(error_from_bins(b.cpu(), "l1"))
+    width = 1.0 / n_bins
+    left = np.arange(n_bins, dtype=np.float64) * width
+    fig, ax, ax_hist, twin = _axes(ax)
+    ax.bar(left[m], acc[m], width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.5,
+           label=f"accuracy (ECE = {err:.4f})")
+    lo, hi = np.minimum(acc, conf), np.maximum(acc, conf)
+    ax.bar(left[m], (hi - lo)[m], bottom=lo[m], width=width, align="edge", color="tab:red", alpha=0.3,
+           edgecolor="tab:red", hatch="//", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize="small")
+    if title:
+        ax.set_title(title)
+    ax_hist.bar(left, frac, width=width, align="edge", color="tab:gray", alpha=0.5)
+    ax_hist.set_ylabel("fraction of points")
+    ax_hist.set_xlim(0, 1)
+    if twin:  # keep the histogram in the lower quarter, under the bars
+        ax_hist.set_ylim(0, 4 * max(float(frac.max()), 1e-12))
+        ax_hist.set_yticks([])
+        ax_hist.set_ylabel("")
+        ax.set_xlabel("confidence (grey: histogram)")
+    else:
+        ax_hist.set_xlabel("confidence")
+    return fig

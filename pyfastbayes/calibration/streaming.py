@@ -1,0 +1,94 @@
+"""Streaming calibration error with O(bins) state, mergeable across processes."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from ._binning import bins, error_from_bins
+from ._checks import NORMS, check_choice, check_n_bins
+
+__all__ = ["CalibrationError"]
+
+
+class CalibrationError:
+    """Streaming calibration error with O(bins) state (uniform bins).
+
+    ``update(probs, targets)`` adds a batch (shapes as in :func:`ece`: [N, C], [S, N, C] or [N]);
+    ``compute()`` returns the error of everything added; ``reset()`` clears; ``sync()`` sums the
+    state over the processes of a ``torch.distributed`` group, after which every rank's
+    ``compute()`` gives the global value (``sync`` is idempotent: it always reduces the local
+    state; a later ``update`` falls back to the local state until the next ``sync``).
+
+    State: float64 [B, 3] (count, confidence sum, correct sum per bin), or [C, B, 3] with
+    ``classwise`` (then ``num_classes`` is required, so every rank has the same shape).
+    Equal-mass ('adaptive') bins need every confidence, not O(bins) state: use :func:`ece`.
+    """
+
+    def __init__(self, n_bins: int = 15, norm: str = "l1", classwise: bool = False, num_classes: int | None = None,
+                 from_logits: bool = False, validate: bool = True):
+        self.n_bins = check_n_bins(n_bins)
+        self.norm = check_choice(norm, "norm", NORMS)
+        if classwise:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+                raise ValueError(f"num_classes must be an int >= 2 when classwise=True, got {num_classes!r}")
+            num_classes = int(num_classes)
+        self.classwise, self.num_classes = bool(classwise), num_classes
+        self.from_logits, self.validate = bool(from_logits), bool(validate)
+        self.reset()
+
+    def _shape(self) -> tuple[int, ...]:
+        return (self.num_classes, self.n_bins, 3) if self.classwise else (self.n_bins, 3)
+
+    def reset(self) -> None:
+        """Forget everything added (local and synchronised state)."""
+        self._local: Tensor | None = None
+        self._global: Tensor | None = None
+
+    @property
+    def state(self) -> Tensor:
+        """The bins that :meth:`compute` reads: synchronised if :meth:`sync` ran since the last update."""
+        if self._global is not None:
+            return self._global
+        if self._local is None:
+            return torch.zeros(self._shape(), dtype=torch.float64)
+        return self._local
+
+    def update(self, probs: Tensor, targets: Tensor) -> None:
+        """Add a batch: probs [N, C] / [S, N, C] / [N] (see :func:`ece`), targets [N]."""
+        if self.classwise and probs.dim() >= 2 and probs.shape[-1] != self.num_classes:
+            raise ValueError(f"probs has C = {probs.shape[-1]} classes but num_classes = {self.num_classes}")
+        if self.classwise and probs.dim() == 1 and self.num_classes != 2:
+            raise ValueError(f"binary [N] probs need num_classes = 2, got {self.num_classes}")
+        b, _, _ = bins(probs, targets, self.n_bins, self.from_logits, self.classwise, self.validate)
+        if self._local is None:
+            self._local = b
+        else:
+            self._local += b.to(self._local.device)
+        self._global = None
+
+    def compute(self) -> Tensor:
+        """Calibration error (float64 scalar) of all data added (and synchronised)."""
+        b = self.state
+        if b[..., 0].sum() == 0:
+            raise RuntimeError("CalibrationError.compute() called before any data was added")
+        err = error_from_bins(b, self.norm)
+        return err.mean() if self.classwise else err
+
+    def sync(self, group=None) -> "CalibrationError":
+        """All-reduce (sum) the local state over ``group`` (default: the world). Collective: every
+        rank must call it. A rank without data contributes zeros (on the CPU for gloo, else on
+        the current CUDA device)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("sync() needs an initialised torch.distributed process group")
+        local = self._local
+        if local is None:
+            dev = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+            local = torch.zeros(self._shape(), dtype=torch.float64, device=dev)
+        total = local.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        self._global = total
+        return self
