@@ -1,26 +1,30 @@
 """Binning shared by :func:`~pyfastbayes.calibration.ece`, the streaming
-:class:`~pyfastbayes.calibration.CalibrationError` and the reliability diagram: one native pass
-for uniform bins (which also yields the value diagnostics), equal-mass bins in PyTorch, and the
-error of a set of bins."""
+:class:`~pyfastbayes.calibration.CalibrationError` and the reliability diagram.
+
+What is binned against what (the *mode*):
+
+- ``'top'``: the top-label confidence max_c pbar_c against [argmax_c pbar_c == y];
+- ``'classwise'``: every class probability pbar_c against [y == c], one set of bins per class.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .. import ops
-from ._checks import as_3d, check_targets, raise_on_diag, sum_tol
+from ._checks import Prepared, checked_bins
 
 
-def bins(probs, targets, n_bins: int, from_logits: bool, classwise: bool, validate: bool):
-    """Check arguments, run the binning op. Returns (bins, p3, y)."""
-    p3 = as_3d(probs, from_logits)
-    y = check_targets(targets, p3.shape[1], p3.device)
-    tol = sum_tol(p3.dtype)
-    b, diag = ops.calibration_bins(p3, y, n_bins, from_logits, classwise, tol)
-    if validate:
-        raise_on_diag(diag, p3, y, from_logits, tol)
-    return b, p3, y
+def mode_of(prep: Prepared, classwise: bool) -> str:
+    """'classwise' or 'top'."""
+    return "classwise" if classwise else "top"
+
+
+def uniform_bins(prep: Prepared, n_bins: int, from_logits: bool, mode: str, validate: bool,
+                 name: str = "probs") -> Tensor:
+    """Uniform bins of one native pass (which also validates): [n_bins, 3] for 'top',
+    [C, n_bins, 3] for 'classwise'; per bin (count, value sum, hit sum)."""
+    return checked_bins(prep, n_bins, from_logits, mode != "top", validate, name)
 
 
 def mean_probs(p3: Tensor, from_logits: bool) -> Tensor:
@@ -29,16 +33,16 @@ def mean_probs(p3: Tensor, from_logits: bool) -> Tensor:
     return (x.softmax(-1) if from_logits else x).mean(0)
 
 
-def adaptive_bins(p3: Tensor, y: Tensor, n_bins: int, from_logits: bool, classwise: bool) -> Tensor:
-    """Equal-mass bins: sort by confidence (stable, ties by input order) and cut the sorted rows into
-    n_bins runs whose sizes differ by at most one (the first N % n_bins runs one longer); returns
-    [K, n_bins, 3] with K = C (classwise) or 1. Rows with non-finite values or bad targets are
-    dropped first (they only exist when validate=False)."""
-    avg = mean_probs(p3, from_logits)
+def adaptive_bins(prep: Prepared, n_bins: int, from_logits: bool, mode: str) -> Tensor:
+    """Equal-mass bins: sort by the binned value (stable, ties by input order) and cut the sorted
+    rows into n_bins runs whose sizes differ by at most one (the first N % n_bins runs one
+    longer); returns [K, n_bins, 3] with K = C ('classwise') or 1. Rows with non-finite values or
+    bad targets are dropped first (they only exist when validate=False)."""
+    avg, y = mean_probs(prep.p3, from_logits), prep.y
     C = avg.shape[-1]
     keep = torch.isfinite(avg).all(-1) & (y >= 0) & (y < C)
     avg, y = avg[keep], y[keep]
-    if classwise:
+    if mode == "classwise":
         vals, hit = avg, F.one_hot(y, C).double()
     else:
         conf, pred = avg.max(-1)
@@ -57,9 +61,9 @@ def adaptive_bins(p3: Tensor, y: Tensor, n_bins: int, from_logits: bool, classwi
     return out.permute(1, 0, 2)
 
 
-def error_from_bins(b: Tensor, norm: str) -> Tensor:
+def error_from_bins(bins: Tensor, norm: str) -> Tensor:
     """Calibration error of bins [..., B, 3] -> [...] (weights: bin count over the total count)."""
-    cnt, conf, hit = b.unbind(-1)
+    cnt, conf, hit = bins.unbind(-1)
     total = cnt.sum(-1, keepdim=True).clamp_min(1)
     gap = (hit - conf).abs() / cnt.clamp_min(1)  # |accuracy - mean confidence|; 0 for empty bins
     w = cnt / total

@@ -8,12 +8,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._binning import adaptive_bins, bins, error_from_bins, mean_probs
-from ._checks import (BINNINGS, NORMS, as_3d, check_choice, check_n_bins, check_scores, check_target_range,
-                      check_targets, prep)
+from ._binning import adaptive_bins, error_from_bins, mean_probs, mode_of, uniform_bins
+from ._checks import BINNINGS, NORMS, check_choice, check_n_bins, check_scores, prepare
 
 __all__ = ["ece", "nll", "brier", "accuracy", "predictive_entropy", "expected_entropy", "mutual_information",
            "ood_auroc"]
+
+_LOG_TINY = math.log(torch.finfo(torch.float64).tiny)  # log of the smallest normal float64
 
 
 def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binning: str = "uniform",
@@ -35,26 +36,30 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
             confidence against correctness.
         from_logits: inputs are logits (softmax per draw before averaging).
         validate: check the values (probabilities non-negative and summing to 1 within 1e-4, or
-            2e-2 for fp16/bf16; targets in range; finite). Costs one host synchronisation.
+            2e-2 for fp16/bf16; targets in range; finite; with logits: no NaN, no +inf, not all
+            -inf in a row). The check reads the diagnostics of the same native pass that bins;
+            it costs one host synchronisation. With ``validate=False`` bad rows are skipped.
 
     Returns:
         float64 scalar tensor on the device of ``probs``.
 
     Raises:
-        TypeError / ValueError naming the offending argument.
+        TypeError / ValueError naming the offending argument and the fix; ValueError for
+        N = 0 ("no data points (N = 0)").
     """
     n_bins = check_n_bins(n_bins)
     check_choice(norm, "norm", NORMS)
     check_choice(binning, "binning", BINNINGS)
-    b, p3, y = bins(probs, targets, n_bins, from_logits, classwise, validate)
-    if p3.shape[1] == 0:
-        raise ValueError("probs has no data points (N = 0)")
+    prep = prepare(probs, targets, from_logits=from_logits, validate=False)  # values: in the binning pass
+    mode = mode_of(prep, classwise)
+    b = uniform_bins(prep, n_bins, from_logits, mode, validate)
     if binning == "adaptive":
-        b = adaptive_bins(p3, y, n_bins, from_logits, classwise)
+        b = adaptive_bins(prep, n_bins, from_logits, mode)
     if b[..., 0].sum() == 0:
-        raise ValueError("no valid rows to bin (all had bad targets or non-finite values)")
+        raise ValueError("no valid rows to bin: every row of probs has a bad target or non-finite values "
+                         "(validate=False skipped the checks that say which)")
     err = error_from_bins(b, norm)
-    return err.mean() if classwise or binning == "adaptive" else err
+    return err.mean() if mode == "classwise" or binning == "adaptive" else err
 
 
 def nll(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: bool = True) -> Tensor:
@@ -62,12 +67,13 @@ def nll(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: boo
 
     probs: [N, C], [S, N, C] (pbar = mean over draws) or binary [N]; targets: [N]. With logits the
     mean over draws is taken in log space (logsumexp), never exponentiating a whole [S, N, C].
-    Probabilities are clamped at the smallest normal float64 so a zero gives a large finite value.
-    Returns a float64 scalar.
+    log pbar is clamped at the log of the smallest normal float64, so a probability of 0 (or a
+    -inf logit of the target) gives the same large finite value (708.4) on both paths.
+    ``validate`` as in :func:`ece` (one native pass; NaN, +inf and all -inf logit rows raise);
+    without it the target range is still checked. Returns a float64 scalar.
     """
-    p3 = prep(probs, from_logits, validate)
-    y = check_targets(targets, p3.shape[1], p3.device)
-    check_target_range(y, p3.shape[-1])
+    prep = prepare(probs, targets, from_logits=from_logits, validate=validate, indexes_targets=True)
+    p3, y = prep.p3, prep.y
     S = p3.shape[0]
     idx = y.view(1, -1, 1).expand(S, -1, 1)
     if from_logits:
@@ -75,35 +81,30 @@ def nll(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: boo
         logp_y = x.gather(-1, idx).squeeze(-1) - torch.logsumexp(x, -1)  # [S, N]
         logp = torch.logsumexp(logp_y, 0) - math.log(S)
     else:
-        pbar = p3.gather(-1, idx).squeeze(-1).double().mean(0)
-        logp = pbar.clamp_min(torch.finfo(torch.float64).tiny).log()
-    return -logp.mean()
+        logp = p3.gather(-1, idx).squeeze(-1).double().mean(0).log()
+    return -logp.clamp_min(_LOG_TINY).mean()
 
 
 def brier(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: bool = True) -> Tensor:
     """Mean Brier score of the BMA predictive: 1/N sum_n sum_c (pbar_nc - [y_n = c])^2, in [0, 2].
 
     probs: [N, C], [S, N, C] or binary [N] (then the binary score 1/N sum_n (p_n - y_n)^2, in
-    [0, 1]); targets: [N]. Returns a float64 scalar.
+    [0, 1]); targets: [N]. ``validate`` as in :func:`nll`. Returns a float64 scalar.
     """
-    binary = torch.is_tensor(probs) and probs.dim() == 1
-    p3 = prep(probs, from_logits, validate)
-    y = check_targets(targets, p3.shape[1], p3.device)
-    C = p3.shape[-1]
-    check_target_range(y, C)
-    pbar = mean_probs(p3, from_logits)
-    score = (pbar - F.one_hot(y, C).double()).pow(2).sum(-1)
-    return (score / 2 if binary else score).mean()
+    prep = prepare(probs, targets, from_logits=from_logits, validate=validate, indexes_targets=True)
+    C = prep.p3.shape[-1]
+    score = (mean_probs(prep.p3, from_logits) - F.one_hot(prep.y, C).double()).pow(2).sum(-1)
+    return (score / 2 if prep.binary else score).mean()
 
 
-def accuracy(probs: Tensor, targets: Tensor, from_logits: bool = False) -> Tensor:
+def accuracy(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: bool = True) -> Tensor:
     """Fraction of points whose BMA prediction argmax_c pbar_nc (ties: lowest class) equals the
-    target. probs: [N, C], [S, N, C] or binary [N]; targets: [N]. Returns a float64 scalar."""
-    p3 = as_3d(probs, from_logits)
-    y = check_targets(targets, p3.shape[1], p3.device)
-    check_target_range(y, p3.shape[-1])
+    target. probs: [N, C], [S, N, C] or binary [N] (class 1 predicted when p > 0.5); targets: [N].
+    ``validate`` as in :func:`ece`. Returns a float64 scalar."""
+    prep = prepare(probs, targets, from_logits=from_logits, validate=validate)
+    p3 = prep.p3
     pred = (p3[0] if p3.shape[0] == 1 else mean_probs(p3, from_logits)).argmax(-1)
-    return (pred == y).double().mean()
+    return (pred == prep.y).double().mean()
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -112,22 +113,25 @@ def _entropy(p: Tensor) -> Tensor:
 
 def predictive_entropy(probs: Tensor, from_logits: bool = False, validate: bool = True) -> Tensor:
     """Entropy of the BMA predictive, H[pbar_n] = -sum_c pbar_nc log pbar_nc (nats): the total
-    uncertainty. probs: [N, C], [S, N, C] or binary [N]. Returns float64 [N]."""
-    return _entropy(mean_probs(prep(probs, from_logits, validate), from_logits))
+    uncertainty. probs: [N, C], [S, N, C] or binary [N]; ``validate`` as in :func:`ece`.
+    Returns float64 [N]."""
+    p3 = prepare(probs, from_logits=from_logits, validate=validate).p3
+    return _entropy(mean_probs(p3, from_logits))
 
 
 def expected_entropy(probs: Tensor, from_logits: bool = False, validate: bool = True) -> Tensor:
     """Mean entropy of the individual draws, 1/S sum_s H[p_sn] (nats): the aleatoric part.
-    probs: [S, N, C] ([N, C] or [N] count as S = 1). Returns float64 [N]."""
-    p3 = prep(probs, from_logits, validate).double()
+    probs: [S, N, C] ([N, C] or [N] count as S = 1); ``validate`` as in :func:`ece`. Returns
+    float64 [N]."""
+    p3 = prepare(probs, from_logits=from_logits, validate=validate).p3.double()
     return _entropy(p3.softmax(-1) if from_logits else p3).mean(0)
 
 
 def mutual_information(probs: Tensor, from_logits: bool = False, validate: bool = True) -> Tensor:
     """Mutual information between the prediction and the parameters (BALD), the epistemic part of
     the BMA uncertainty: H[pbar_n] - 1/S sum_s H[p_sn] >= 0 (clamped at 0 against rounding).
-    probs: [S, N, C] (S = 1 gives 0). Returns float64 [N]."""
-    p3 = prep(probs, from_logits, validate).double()
+    probs: [S, N, C] (S = 1 gives 0); ``validate`` as in :func:`ece`. Returns float64 [N]."""
+    p3 = prepare(probs, from_logits=from_logits, validate=validate).p3.double()
     p = p3.softmax(-1) if from_logits else p3
     return (_entropy(p.mean(0)) - _entropy(p).mean(0)).clamp_min(0)
 
@@ -136,14 +140,15 @@ def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> Tensor:
     """Area under the ROC curve for telling out-of-distribution points from in-distribution ones by
     a score that is larger for OOD points (e.g. predictive entropy or mutual information).
 
-    scores_in: [N_in], scores_out: [N_out], both non-empty and finite. Equals
+    scores_in: [N_in], scores_out: [N_out], both non-empty (else "no data points (N = 0)") and
+    finite. Equals
     P(score_out > score_in) + 1/2 P(score_out = score_in) (Mann-Whitney U, ties counted half).
     Returns a float64 scalar on the inputs' device.
     """
     check_scores(scores_in, "scores_in")
     check_scores(scores_out, "scores_out")
     if scores_in.device != scores_out.device:
-        raise ValueError(f"scores_in is on {scores_in.device} but scores_out on {scores_out.device}")
+        raise ValueError(f"scores_in is on {scores_in.device} but scores_out on {scores_out.device}; move one of them")
     n_in, n_out = scores_in.numel(), scores_out.numel()
     s = torch.cat([scores_in.double(), scores_out.double()])
     _, inv, counts = torch.unique(s, return_inverse=True, return_counts=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._binning import bins, error_from_bins
-from ._checks import check_n_bins
+from ._binning import error_from_bins, mode_of, uniform_bins
+from ._checks import check_n_bins, prepare
 
 __all__ = ["reliability_diagram"]
 
@@ -48,7 +48,8 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     import numpy as np
 
     n_bins = check_n_bins(n_bins)
-    b, _, _ = bins(probs, targets, n_bins, from_logits, False, True)
+    prep = prepare(probs, targets, from_logits=from_logits, validate=False)  # values: in the binning pass
+    b = uniform_bins(prep, n_bins, from_logits, mode_of(prep, False), True)
     acc, conf, frac, m = _per_bin(b)
     err = float(error_from_bins(b.cpu(), "l1"))
     width = 1.0 / n_bins

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._checks import check_choice, check_logits
+from ._checks import check_choice, check_int, check_logits
 
 __all__ = ["TemperatureScaling", "VectorScaling"]
 
@@ -24,9 +24,7 @@ class TemperatureScaling:
 
     def __init__(self, method: str = "newton", max_iter: int = 100, tol: float = 1e-10):
         self.method = check_choice(method, "method", ("newton", "lbfgs"))
-        if int(max_iter) < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-        self.max_iter, self.tol = int(max_iter), float(tol)
+        self.max_iter, self.tol = check_int(max_iter, "max_iter", 1), float(tol)
         self.temperature = torch.ones((), dtype=torch.float64)
         self.n_iter = 0
 
@@ -95,9 +93,7 @@ class VectorScaling:
     """
 
     def __init__(self, max_iter: int = 200, tol: float = 1e-12):
-        if int(max_iter) < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-        self.max_iter, self.tol = int(max_iter), float(tol)
+        self.max_iter, self.tol = check_int(max_iter, "max_iter", 1), float(tol)
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 
@@ -125,6 +121,7 @@ class VectorScaling:
         if self.weight is None:
             raise RuntimeError("VectorScaling.transform() called before fit()")
         if logits.shape[-1] != self.weight.shape[0]:
-            raise ValueError(f"logits has C = {logits.shape[-1]} classes, fitted with {self.weight.shape[0]}")
+            raise ValueError(f"logits has C = {logits.shape[-1]} classes but VectorScaling was fitted with "
+                             f"C = {self.weight.shape[0]}; fit it on logits of the same classes")
         w = self.weight.to(device=logits.device, dtype=logits.dtype)
         return logits * w + self.bias.to(device=logits.device, dtype=logits.dtype)

@@ -1,13 +1,11 @@
 """Streaming calibration error with O(bins) state, mergeable across processes."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
-from ._binning import bins, error_from_bins
-from ._checks import NORMS, check_choice, check_n_bins
+from ._binning import error_from_bins, mode_of, uniform_bins
+from ._checks import NORMS, check_choice, check_int, check_n_bins, prepare
 
 __all__ = ["CalibrationError"]
 
@@ -31,9 +29,10 @@ class CalibrationError:
         self.n_bins = check_n_bins(n_bins)
         self.norm = check_choice(norm, "norm", NORMS)
         if classwise:
-            if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
-                raise ValueError(f"num_classes must be an int >= 2 when classwise=True, got {num_classes!r}")
-            num_classes = int(num_classes)
+            if num_classes is None:
+                raise ValueError("num_classes must be given when classwise=True (every rank needs the same "
+                                 "[C, B, 3] state): pass num_classes=C")
+            num_classes = check_int(num_classes, "num_classes", 2)
         self.classwise, self.num_classes = bool(classwise), num_classes
         self.from_logits, self.validate = bool(from_logits), bool(validate)
         self.reset()
@@ -56,12 +55,17 @@ class CalibrationError:
         return self._local
 
     def update(self, probs: Tensor, targets: Tensor) -> None:
-        """Add a batch: probs [N, C] / [S, N, C] / [N] (see :func:`ece`), targets [N]."""
-        if self.classwise and probs.dim() >= 2 and probs.shape[-1] != self.num_classes:
-            raise ValueError(f"probs has C = {probs.shape[-1]} classes but num_classes = {self.num_classes}")
-        if self.classwise and probs.dim() == 1 and self.num_classes != 2:
-            raise ValueError(f"binary [N] probs need num_classes = 2, got {self.num_classes}")
-        b, _, _ = bins(probs, targets, self.n_bins, self.from_logits, self.classwise, self.validate)
+        """Add a batch: probs [N, C] / [S, N, C] / [N] (see :func:`ece`), targets [N]. The same
+        checks as :func:`ece` (one native pass); an empty batch (N = 0) adds nothing."""
+        prep = prepare(probs, targets, from_logits=self.from_logits, validate=False, allow_empty=True)
+        C = prep.p3.shape[-1]
+        if self.classwise and C != self.num_classes:
+            what = "binary [N] probs have" if prep.binary else "probs has"
+            raise ValueError(f"{what} C = {C} classes but num_classes = {self.num_classes}; pass num_classes={C} "
+                             f"to the constructor")
+        if prep.p3.shape[1] == 0:
+            return
+        b = uniform_bins(prep, self.n_bins, self.from_logits, mode_of(prep, self.classwise), self.validate)
         if self._local is None:
             self._local = b
         else:
@@ -72,7 +76,8 @@ class CalibrationError:
         """Calibration error (float64 scalar) of all data added (and synchronised)."""
         b = self.state
         if b[..., 0].sum() == 0:
-            raise RuntimeError("CalibrationError.compute() called before any data was added")
+            raise RuntimeError("CalibrationError.compute() called before any data was added: no data points "
+                               "(N = 0); call update(probs, targets) first")
         err = error_from_bins(b, self.norm)
         return err.mean() if self.classwise else err
 
