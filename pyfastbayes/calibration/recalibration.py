@@ -1,49 +1,105 @@
 """Post-hoc recalibration of logits: temperature scaling and vector scaling (Guo et al. 2017)."""
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._checks import check_choice, check_int, check_logits
+from ._checks import check_choice, check_int, check_logits, check_positive_float
 
 __all__ = ["TemperatureScaling", "VectorScaling"]
 
 
+def _separates(z: Tensor, y: Tensor) -> bool:
+    """Every row's target logit is strictly the largest: then scaling the logits up drives the
+    NLL to 0, and no finite temperature (or vector scale) minimises it."""
+    zy = z.gather(1, y[:, None])
+    others = z.scatter(1, y[:, None], float("-inf"))
+    return bool((zy.squeeze(1) > others.amax(1)).all())
+
+
 class TemperatureScaling:
     """Temperature scaling (Guo et al. 2017): one scalar T > 0, softmax(logits / T), fitted by
-    minimising the NLL on held-out data.
+    minimising the NLL on held-out data, with T kept in [t_min, t_max] (default [0.05, 20]).
 
-    ``method='newton'``: the NLL is convex in beta = 1/T, with derivative mean(E_p[z] - z_y) and
-    second derivative mean(Var_p[z]); damped Newton steps on beta (halved until the NLL does not
-    increase, beta kept > 0). ``method='lbfgs'``: torch.optim.LBFGS on log T. Both run in float64
-    on the logits' device.
+    The NLL is convex in beta = 1/T, with derivative g(beta) = mean(E_p[z] - z_y) and second
+    derivative mean(Var_p[z]) >= 0. So the minimiser over the range is at t_min when g is still
+    <= 0 at beta = 1/t_min, at t_max when g is still >= 0 at beta = 1/t_max, and inside
+    otherwise. Both ends are checked first; at an end the fit stops there (``at_bound`` says which)
+    and a RuntimeWarning names the cause. The usual one at t_min: the logits separate the
+    validation data (every target logit is the largest), so the NLL keeps falling as T -> 0 and
+    has no finite minimiser; more or harder validation data is the cure. The default range allows
+    a factor 20 either way on the logits the model was trained with; fitted temperatures of
+    modern networks lie around 1 to 3 (Guo et al. 2017), so an optimum outside it points at the
+    data rather than at the model.
 
-    Attributes: ``temperature`` (float64 scalar tensor, 1 before :meth:`fit`), ``n_iter``.
+    Inside the range: ``method='newton'`` takes damped Newton steps on beta (halved until the NLL
+    does not increase, kept in the range); ``method='lbfgs'`` runs torch.optim.LBFGS on log T.
+    Both run in float64 on the logits' device.
+
+    Attributes: ``temperature`` (float64 scalar tensor, 1 before :meth:`fit`), ``n_iter`` (0 when
+    the fit stopped at a bound), ``at_bound`` (None, 't_min' or 't_max').
     """
 
-    def __init__(self, method: str = "newton", max_iter: int = 100, tol: float = 1e-10):
+    def __init__(self, method: str = "newton", max_iter: int = 100, tol: float = 1e-10, t_min: float = 0.05,
+                 t_max: float = 20.0):
         self.method = check_choice(method, "method", ("newton", "lbfgs"))
         self.max_iter, self.tol = check_int(max_iter, "max_iter", 1), float(tol)
+        self.t_min, self.t_max = check_positive_float(t_min, "t_min"), check_positive_float(t_max, "t_max")
+        if not self.t_min < self.t_max:
+            raise ValueError(f"t_min must be < t_max, got t_min = {t_min}, t_max = {t_max}")
         self.temperature = torch.ones((), dtype=torch.float64)
         self.n_iter = 0
+        self.at_bound: str | None = None
 
     @staticmethod
     def _nll(z: Tensor, zy: Tensor, beta: Tensor) -> Tensor:
         return (torch.logsumexp(beta * z, -1) - beta * zy).mean()
 
+    @staticmethod
+    def _grad(z: Tensor, zy: Tensor, beta: float) -> float:
+        """d NLL / d beta = mean(E_p[z] - z_y) at p = softmax(beta z), summed as E_p[z - z_y] so that
+        a saturated softmax keeps its tiny but non-zero slope (no cancellation)."""
+        return float((torch.softmax(beta * z, -1) * (z - zy[:, None])).sum(-1).mean())
+
+    def _bound(self, z: Tensor, zy: Tensor, y: Tensor) -> str | None:
+        """Which end of [t_min, t_max] holds the constrained minimiser (None: inside); warns."""
+        g_small_t, g_large_t = self._grad(z, zy, 1 / self.t_min), self._grad(z, zy, 1 / self.t_max)
+        if g_small_t <= 0 <= g_large_t:  # g is non-decreasing in beta: zero on the whole range
+            warnings.warn("TemperatureScaling: the NLL does not depend on T (every row's logits are equal); "
+                          "keeping T = 1 (clamped to the range)", RuntimeWarning, stacklevel=3)
+            return None
+        if g_small_t <= 0:
+            cause = ("the logits separate the validation data (every point's target logit is the largest), so "
+                     "the NLL keeps falling as T -> 0 and has no finite minimiser; use more or harder validation "
+                     "data (points the model gets wrong)" if _separates(z, y) else
+                     "the NLL is still falling there, its minimiser lies below t_min (the logits are far too "
+                     "small); lower t_min or check the logits")
+            warnings.warn(f"TemperatureScaling: stopped at the bound T = t_min = {self.t_min:g}: {cause}",
+                          RuntimeWarning, stacklevel=3)
+            return "t_min"
+        if g_large_t >= 0:
+            warnings.warn(f"TemperatureScaling: stopped at the bound T = t_max = {self.t_max:g}: the NLL is still "
+                          f"falling there, its minimiser lies above t_max (the logits carry little information "
+                          f"about the targets, or are far too large); check that logits and targets belong "
+                          f"together, or raise t_max", RuntimeWarning, stacklevel=3)
+            return "t_max"
+        return None
+
     def _fit_newton(self, z: Tensor, zy: Tensor) -> tuple[Tensor, int]:
-        beta = torch.ones((), dtype=torch.float64, device=z.device)
+        lo, hi = 1 / self.t_max, 1 / self.t_min  # the range of beta
+        beta = torch.ones((), dtype=torch.float64, device=z.device).clamp(lo, hi)
         f = self._nll(z, zy, beta)
         it = 0
         for it in range(1, self.max_iter + 1):
             p = torch.softmax(beta * z, -1)
-            ez = (p * z).sum(-1)
-            g = (ez - zy).mean()
-            h = (p * (z - ez[:, None]) ** 2).sum(-1).mean()
-            step = g / h.clamp_min(1e-300)
-            new = beta - step
-            new = torch.where(new > 0, new, beta / 4)  # keep beta > 0
+            d = (p * (z - zy[:, None])).sum(-1)  # E_p[z] - z_y without cancellation
+            g = d.mean()
+            h = (p * (z - zy[:, None] - d[:, None]) ** 2).sum(-1).mean()
+            new = (beta - g / h.clamp_min(1e-300)).clamp(lo, hi)
             f_new = self._nll(z, zy, new)
             for _ in range(50):  # convex in beta: backtrack until no increase
                 if bool(f_new <= f):
@@ -57,7 +113,8 @@ class TemperatureScaling:
         return 1 / beta, it
 
     def _fit_lbfgs(self, z: Tensor, y: Tensor) -> tuple[Tensor, int]:
-        log_t = torch.zeros((), dtype=torch.float64, device=z.device, requires_grad=True)
+        lo, hi = math.log(self.t_min), math.log(self.t_max)
+        log_t = torch.zeros((), dtype=torch.float64, device=z.device).clamp(lo, hi).requires_grad_()
         opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-12,
                                 tolerance_change=self.tol, line_search_fn="strong_wolfe")
 
@@ -67,14 +124,19 @@ class TemperatureScaling:
             loss.backward()
             return loss
 
-        opt.step(closure)
-        return log_t.detach().exp(), opt.state[log_t]["n_iter"]
+        opt.step(closure)  # the minimiser is inside the range (checked first): the clamp is a safeguard
+        return log_t.detach().clamp(lo, hi).exp(), opt.state[log_t]["n_iter"]
 
     def fit(self, logits: Tensor, targets: Tensor) -> "TemperatureScaling":
-        """Fit T on logits [N, C] and integer targets [N]; returns self."""
+        """Fit T on logits [N, C] and integer targets [N]; returns self. Warns (RuntimeWarning)
+        and stops when the minimiser is at t_min or t_max (see the class docstring)."""
         z, y = check_logits(logits, targets)
-        if self.method == "newton":
-            zy = z.gather(1, y[:, None]).squeeze(1)
+        zy = z.gather(1, y[:, None]).squeeze(1)
+        self.at_bound = self._bound(z, zy, y)
+        if self.at_bound is not None:
+            t = self.t_min if self.at_bound == "t_min" else self.t_max
+            self.temperature, self.n_iter = torch.tensor(t, dtype=torch.float64, device=z.device), 0
+        elif self.method == "newton":
             self.temperature, self.n_iter = self._fit_newton(z, zy)
         else:
             self.temperature, self.n_iter = self._fit_lbfgs(z, y)
@@ -87,7 +149,9 @@ class TemperatureScaling:
 
 class VectorScaling:
     """Vector scaling (Guo et al. 2017): per-class scale w [C] and bias b [C], softmax(w * z + b),
-    fitted by NLL with LBFGS in float64 on the logits' device (a convex problem).
+    fitted by NLL with LBFGS in float64 on the logits' device (a convex problem). When the logits
+    separate the validation data (every target logit is the largest) the NLL has no finite
+    minimiser: the fit stops after ``max_iter`` with large weights and a RuntimeWarning.
 
     Attributes: ``weight`` [C], ``bias`` [C] (float64; None before :meth:`fit`).
     """
@@ -114,6 +178,11 @@ class VectorScaling:
 
         opt.step(closure)
         self.weight, self.bias = w.detach(), b.detach()
+        if _separates(z, y):
+            warnings.warn("VectorScaling: the logits separate the validation data (every point's target logit is "
+                          "the largest), so the NLL keeps falling as the weights grow and has no finite minimiser; "
+                          "the weights depend on max_iter. Use more or harder validation data (points the model "
+                          "gets wrong), or TemperatureScaling, whose T is bounded", RuntimeWarning, stacklevel=2)
         return self
 
     def transform(self, logits: Tensor) -> Tensor:
