@@ -6,7 +6,13 @@ may be
 - ``[N, C]``: one predictive distribution per point,
 - ``[S, N, C]``: S draws; the BMA predictive is their mean, computed inside (for the binned
   metrics the native op averages each row on the fly: no ``[N, C]`` mean is materialised),
-- ``[N]``: binary, the probability of class 1 (class 1 is predicted when p > 0.5).
+- ``[N]``: binary, the probability p of class 1 (class 1 is predicted when p > 0.5).
+
+Binary ``[N]`` inputs are calibrated for the positive class: :func:`ece`,
+:class:`CalibrationError` and :func:`reliability_diagram` bin p and compare each bin's mean p
+with the frequency of y == 1 in it, as torchmetrics' ``binary_calibration_error`` and netcal's
+ECE do. ``[N, C]`` inputs are calibrated for the top label (max_c p_c against correctness); the
+top-label calibration of a binary problem is that of its ``[N, 2]`` input (1 - p, p).
 
 With ``from_logits=True`` the inputs are logits (softmax per draw, then the mean over draws; a
 binary ``[N]`` input is the logit of class 1). Metrics are computed in float64 and returned as

@@ -3,7 +3,10 @@
 
 What is binned against what (the *mode*):
 
-- ``'top'``: the top-label confidence max_c pbar_c against [argmax_c pbar_c == y];
+- ``'top'``: the top-label confidence max_c pbar_c against [argmax_c pbar_c == y] ([N, C] and
+  [S, N, C] inputs);
+- ``'positive'``: the probability of class 1 against [y == 1] (binary [N] inputs, as
+  torchmetrics' ``binary_calibration_error`` and netcal do);
 - ``'classwise'``: every class probability pbar_c against [y == c], one set of bins per class.
 """
 from __future__ import annotations
@@ -16,15 +19,18 @@ from ._checks import Prepared, checked_bins
 
 
 def mode_of(prep: Prepared, classwise: bool) -> str:
-    """'classwise' or 'top'."""
-    return "classwise" if classwise else "top"
+    """'classwise', 'positive' (binary [N] input) or 'top'."""
+    if classwise:
+        return "classwise"
+    return "positive" if prep.binary else "top"
 
 
 def uniform_bins(prep: Prepared, n_bins: int, from_logits: bool, mode: str, validate: bool,
                  name: str = "probs") -> Tensor:
-    """Uniform bins of one native pass (which also validates): [n_bins, 3] for 'top',
-    [C, n_bins, 3] for 'classwise'; per bin (count, value sum, hit sum)."""
-    return checked_bins(prep, n_bins, from_logits, mode != "top", validate, name)
+    """Uniform bins of one native pass (which also validates): [n_bins, 3] for 'top' and
+    'positive', [C, n_bins, 3] for 'classwise'; per bin (count, value sum, hit sum)."""
+    bins = checked_bins(prep, n_bins, from_logits, mode != "top", validate, name)
+    return bins[1] if mode == "positive" else bins
 
 
 def mean_probs(p3: Tensor, from_logits: bool) -> Tensor:
@@ -44,6 +50,8 @@ def adaptive_bins(prep: Prepared, n_bins: int, from_logits: bool, mode: str) -> 
     avg, y = avg[keep], y[keep]
     if mode == "classwise":
         vals, hit = avg, F.one_hot(y, C).double()
+    elif mode == "positive":
+        vals, hit = avg[:, 1:], (y == 1).double()[:, None]
     else:
         conf, pred = avg.max(-1)
         vals, hit = conf[:, None], (pred == y).double()[:, None]

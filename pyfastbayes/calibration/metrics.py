@@ -21,19 +21,25 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
         classwise: bool = False, from_logits: bool = False, validate: bool = True) -> Tensor:
     """Expected calibration error and its relatives, for one or S averaged predictive distributions.
 
+    What is binned: for [N, C] and [S, N, C] inputs the top-label confidence max_c pbar_c against
+    correctness [argmax_c pbar_c == y]; for binary [N] inputs the probability p of class 1 against
+    the frequency of y == 1 (positive-class calibration, as torchmetrics'
+    ``binary_calibration_error`` and netcal's ECE measure it; pass [N, 2] probabilities
+    (1 - p, p) for the top-label calibration of a binary problem).
+
     Args:
         probs: [N, C] probabilities, [S, N, C] draws (averaged inside: the BMA predictive), or [N]
             binary probabilities of class 1; logits of the same shapes with ``from_logits=True``.
-        targets: [N] integer (or bool) class indices in [0, C).
+        targets: [N] integer (or bool) class indices in [0, C) (binary: 0 or 1).
         n_bins: number of bins B >= 1.
         norm: 'l1' -> ECE = sum_b (n_b / N) |acc_b - conf_b|; 'l2' -> RMSCE = sqrt(sum_b (n_b / N)
             (acc_b - conf_b)^2); 'max' -> MCE = max over non-empty bins of |acc_b - conf_b|.
         binning: 'uniform' (B equal-width bins on [0, 1], the rule in the module docstring) or
-            'adaptive' (equal-mass bins: ACE; rows sorted by confidence, ties kept in input order,
-            cut into B runs of sizes differing by at most one).
+            'adaptive' (equal-mass bins: ACE; rows sorted by the binned value, ties kept in input
+            order, cut into B runs of sizes differing by at most one).
         classwise: bin every class probability p_c against the indicator [target == c] and average
-            the per-class errors over the C classes (classwise-ECE) instead of the top-label
-            confidence against correctness.
+            the per-class errors over the C classes (classwise-ECE; binary [N]: over both
+            classes) instead of the top-label confidence (or, for [N], p) as above.
         from_logits: inputs are logits (softmax per draw before averaging).
         validate: check the values (probabilities non-negative and summing to 1 within 1e-4, or
             2e-2 for fp16/bf16; targets in range; finite; with logits: no NaN, no +inf, not all

@@ -36,34 +36,39 @@ def _per_bin(b: Tensor):
 
 def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=None, from_logits: bool = False,
                         title: str | None = None):
-    """Reliability diagram of the top-label confidence (uniform bins, as :func:`ece`).
+    """Reliability diagram of the top-label confidence (uniform bins, as :func:`ece`); for binary
+    [N] probs, of the probability of class 1 against the frequency of class 1 (as :func:`ece`).
 
-    Bars: accuracy per confidence bin, over the diagonal (perfect calibration); shaded: the gap
-    between each bin's accuracy and its mean confidence; below: the histogram of confidences
-    (fraction of points per bin). ``ax`` may be None (a new figure with both panels), a pair
-    (bars axis, histogram axis), or one axis (the histogram then sits in its lower quarter, on a
-    twin axis without ticks). The ECE is in the legend. probs: [N, C], [S, N, C] or [N]; targets: [N]. Returns the matplotlib Figure;
-    never calls ``show()``.
+    Bars: accuracy (binary [N]: frequency of class 1) per confidence bin, over the diagonal
+    (perfect calibration); shaded: the gap between each bin's accuracy and its mean confidence;
+    below: the histogram of confidences (fraction of points per bin). ``ax`` may be None (a new
+    figure with both panels), a pair (bars axis, histogram axis), or one axis (the histogram then
+    sits in its lower quarter, on a twin axis without ticks). The ECE is in the legend.
+
+    probs: [N, C], [S, N, C] or [N] (checked as in :func:`ece`); targets: [N]. Returns the
+    matplotlib Figure; never calls ``show()``.
     """
     import numpy as np
 
     n_bins = check_n_bins(n_bins)
     prep = prepare(probs, targets, from_logits=from_logits, validate=False)  # values: in the binning pass
     b = uniform_bins(prep, n_bins, from_logits, mode_of(prep, False), True)
+    y_label, x_label = ("frequency of class 1", "probability of class 1") if prep.binary else \
+        ("accuracy", "confidence")
     acc, conf, frac, m = _per_bin(b)
     err = float(error_from_bins(b.cpu(), "l1"))
     width = 1.0 / n_bins
     left = np.arange(n_bins, dtype=np.float64) * width
     fig, ax, ax_hist, twin = _axes(ax)
     ax.bar(left[m], acc[m], width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.5,
-           label=f"accuracy (ECE = {err:.4f})")
+           label=f"{y_label} (ECE = {err:.4f})")
     lo, hi = np.minimum(acc, conf), np.maximum(acc, conf)
     ax.bar(left[m], (hi - lo)[m], bottom=lo[m], width=width, align="edge", color="tab:red", alpha=0.3,
-           edgecolor="tab:red", hatch="//", label="gap to mean confidence")
+           edgecolor="tab:red", hatch="//", label=f"gap to mean {x_label}")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(y_label)
     ax.legend(loc="upper left", fontsize="small")
     if title:
         ax.set_title(title)
@@ -74,7 +79,7 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
         ax_hist.set_ylim(0, 4 * max(float(frac.max()), 1e-12))
         ax_hist.set_yticks([])
         ax_hist.set_ylabel("")
-        ax.set_xlabel("confidence (grey: histogram)")
+        ax.set_xlabel(f"{x_label} (grey: histogram)")
     else:
-        ax_hist.set_xlabel("confidence")
+        ax_hist.set_xlabel(x_label)
     return fig

@@ -13,7 +13,9 @@ __all__ = ["CalibrationError"]
 class CalibrationError:
     """Streaming calibration error with O(bins) state (uniform bins).
 
-    ``update(probs, targets)`` adds a batch (shapes as in :func:`ece`: [N, C], [S, N, C] or [N]);
+    ``update(probs, targets)`` adds a batch (shapes as in :func:`ece`: [N, C], [S, N, C] or [N];
+    binary [N] batches are binned as in :func:`ece`, p of class 1 against y == 1, so all batches
+    of one metric must be binary [N] or all [N, C] unless ``classwise``);
     ``compute()`` returns the error of everything added; ``reset()`` clears; ``sync()`` sums the
     state over the processes of a ``torch.distributed`` group, after which every rank's
     ``compute()`` gives the global value (``sync`` is idempotent: it always reduces the local
@@ -44,6 +46,7 @@ class CalibrationError:
         """Forget everything added (local and synchronised state)."""
         self._local: Tensor | None = None
         self._global: Tensor | None = None
+        self._mode: str | None = None  # what the state bins: 'top', 'positive' or 'classwise'
 
     @property
     def state(self) -> Tensor:
@@ -65,7 +68,15 @@ class CalibrationError:
                              f"to the constructor")
         if prep.p3.shape[1] == 0:
             return
-        b = uniform_bins(prep, self.n_bins, self.from_logits, mode_of(prep, self.classwise), self.validate)
+        mode = mode_of(prep, self.classwise)
+        if self._mode is not None and mode != self._mode:
+            kinds = {"top": "[N, C] probs (top-label calibration)", "positive": "binary [N] probs (calibration of "
+                     "class 1)"}
+            raise ValueError(f"CalibrationError got {kinds[mode]} after {kinds[self._mode]}; the two measure "
+                             f"different things: pass every batch in one form (a binary problem as [N, 2] probs "
+                             f"for top-label calibration) or call reset()")
+        b = uniform_bins(prep, self.n_bins, self.from_logits, mode, self.validate)
+        self._mode = mode
         if self._local is None:
             self._local = b
         else:
