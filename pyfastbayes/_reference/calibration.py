@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..ops.layouts import CALIB_DIAG, CALIB_STATS
+from ._checks import check, check_dense, check_meta_mix, dispatch_device_type, num, scalar_type, sizes
 
 
 def uniform_bin(x: Tensor, n_bins: int) -> Tensor:
@@ -16,22 +17,47 @@ def uniform_bin(x: Tensor, n_bins: int) -> Tensor:
     Bin k holds k <= x * n_bins < k + 1 over the reals: left-closed, an interior edge k / n_bins
     goes to bin k; the last bin is closed, so x = 1 lands in bin n_bins - 1; x <= 0 in bin 0.
     The rounded product x * n_bins can only cross an edge when it equals that edge, and there the
-    exact sign of the rounding error is found with Dekker's error-free product (n_bins < 2**26).
+    exact sign of the rounding error is found with Dekker's error-free product (the kernel's fma).
     """
-    if not 1 <= n_bins < 2**26:
-        raise ValueError(f"n_bins must be in [1, 2**26), got {n_bins}")
+    check(1 <= n_bins < 2**53, "uniform_bin: n_bins must be in [1, 2**53), got ", n_bins)
     b = float(n_bins)
     p = x * b
     f = torch.floor(p)
     edge = (f == p) & (f > 0)
     if bool(edge.any()):
-        c = x * 134217729.0  # Veltkamp split: x = xh + xl, xh with 26 significant bits
-        xh = c - (c - x)
-        xl = x - xh
-        err = (xh * b - p) + xl * b  # exact x * b - p
+        xh, xl = _split(x)
+        bh, bl = _split(torch.full_like(x, b))
+        err = ((xh * bh - p) + xh * bl + xl * bh) + xl * bl  # exact x * b - p (Dekker's TwoProduct)
         f = torch.where(edge & (err < 0), f - 1, f)
     f = torch.nan_to_num(f, nan=0.0)
     return f.clamp(0, n_bins - 1).long()
+
+
+def _split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Veltkamp split x = hi + lo, hi with 26 significant bits (float64)."""
+    c = x * 134217729.0
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def check_calibration_bins(probs: Tensor, targets: Tensor, n_bins: int, sum_tol: float, *,
+                           fake: bool = False) -> None:
+    """The checks of ``calibration_bins`` (``check_calibration_args``, csrc/checks/calibration.h)."""
+    op = "calibration_bins"
+    check_meta_mix(op, probs=probs, targets=targets)
+    check_dense(op, probs=probs, targets=targets)
+    check(probs.dim() == 3, op, ": probs must be [S, N, C], got shape ", sizes(probs))
+    check(probs.is_floating_point(), op, ": probs must be floating point, got ", scalar_type(probs.dtype))
+    kernel = dispatch_device_type(probs, targets)
+    check(probs.device.type.upper() == kernel, op, ": probs must be on ", kernel, " here, got ", probs.device)
+    check(targets.dtype == torch.int64, op, ": targets must be int64, got ", scalar_type(targets.dtype))
+    check(targets.device == probs.device, op, ": targets on ", targets.device, " but probs on ", probs.device)
+    check(targets.dim() == 1 and targets.shape[0] == probs.shape[1], op, ": targets must be [N] with N = ",
+          probs.shape[1], " (probs.size(1)), got shape ", sizes(targets))
+    check(n_bins >= 1, op, ": n_bins must be >= 1, got ", n_bins)
+    check(probs.shape[0] >= 1, op, ": probs needs S >= 1 draws, got S = ", probs.shape[0])
+    check(probs.shape[2] >= 1, op, ": probs needs C >= 1 classes, got C = ", probs.shape[2])
+    check(sum_tol >= 0.0, op, ": sum_tol must be >= 0, got ", num(sum_tol))
 
 
 def calibration_bins(probs: Tensor, targets: Tensor, n_bins: int, from_logits: bool = False,
@@ -42,15 +68,8 @@ def calibration_bins(probs: Tensor, targets: Tensor, n_bins: int, from_logits: b
     [C, n_bins, 3] of (count, confidence sum, correct sum), diag float64 [4] row counts of
     (bad row sum, negative entry, target out of range, non-finite)).
     """
-    if probs.dim() != 3 or not probs.is_floating_point():
-        raise ValueError(f"probs must be floating [S, N, C], got {probs.dtype} {tuple(probs.shape)}")
-    if targets.dtype != torch.int64 or targets.shape != (probs.shape[1],):
-        raise ValueError(f"targets must be int64 [{probs.shape[1]}], got {targets.dtype} {tuple(targets.shape)}")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    check_calibration_bins(probs, targets, n_bins, sum_tol)
     S, N, C = probs.shape
-    if S < 1 or C < 1:
-        raise ValueError(f"probs needs S >= 1 and C >= 1, got {tuple(probs.shape)}")
     f64 = dict(dtype=torch.float64, device=probs.device)
     nstat = (C if classwise else 1) * n_bins
     diag = torch.zeros(CALIB_DIAG.size, **f64)

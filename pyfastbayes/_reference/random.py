@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ._checks import OverlapCheck, check, check_dense, check_meta_mix, scalar_type, sizes
+
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _MASK = 0xFFFFFFFF
@@ -20,10 +22,25 @@ def _mulhilo(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
     return ((s >> 32) + (hi_part >> 16)) & _MASK, s & _MASK
 
 
+def check_philox4x32(counters: Tensor, *, fake: bool = False) -> None:
+    """The checks of ``philox4x32`` (csrc/checks/random.h)."""
+    check_meta_mix("philox4x32", counters=counters)
+    check_dense("philox4x32", counters=counters)
+    check(counters.dtype == torch.int64 and counters.dim() == 2 and counters.shape[1] == 4,
+          "philox4x32: counters must be int64 [N, 4], got ", scalar_type(counters.dtype), " ", sizes(counters))
+
+
+def check_philox_normal_(out: Tensor, *, fake: bool = False) -> None:
+    """The checks of ``philox_normal_`` (csrc/checks/random.h): a floating ``out`` with memory of its own."""
+    check_meta_mix("philox_normal_", out=out)
+    check_dense("philox_normal_", out=out)
+    check(out.is_floating_point(), "philox_normal_: out must be floating point, got ", scalar_type(out.dtype))
+    OverlapCheck("philox_normal_", fake).add(out, "out", True).run()
+
+
 def philox4x32(counters: Tensor, key0: int, key1: int) -> Tensor:
     """Philox4x32-10 of int64 counters [N, 4] (uint32 words) under key (key0, key1) -> int64 [N, 4]."""
-    if counters.dtype != torch.int64 or counters.dim() != 2 or counters.shape[1] != 4:
-        raise ValueError(f"counters must be int64 [N, 4], got {counters.dtype} {tuple(counters.shape)}")
+    check_philox4x32(counters)
     c0, c1, c2, c3 = (counters[:, i] & _MASK for i in range(4))
     k0, k1 = key0 & _MASK, key1 & _MASK
     for _ in range(10):
@@ -36,6 +53,7 @@ def philox4x32(counters: Tensor, key0: int, key1: int) -> Tensor:
 
 def philox_normal_(out: Tensor, seed: int, stream: int, step: int) -> Tensor:
     """Fill ``out`` (any shape, floating dtype) with the normal stream, in logical element order."""
+    check_philox_normal_(out)
     out.copy_(philox_normal(out.numel(), seed, stream, step, out.device).view(out.shape))
     return out
 

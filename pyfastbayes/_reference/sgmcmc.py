@@ -8,7 +8,73 @@ import torch
 from torch import Tensor
 
 from ..ops.layouts import HYPER, RNG
+from ._checks import (OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, scalar_type, sizes)
 from .random import philox_normal
+
+_BUFS = {"sgld_step_": None, "sghmc_step_": "momenta", "psgld_step_": "square_avg"}
+
+
+def check_step_args(op: str, params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor] | None,
+                    hyper: Tensor, rng: Tensor, skip: Tensor | None, *, fake: bool = False) -> None:
+    """The checks of the fused steps (``check_step_args``, csrc/checks/sgmcmc.h): matching lists of
+    dense tensors, one floating dtype, one device; hyper float64 [>= HYPER.size], rng int64
+    [RNG.size], skip a bool scalar, all on that device; nothing the step writes (params, state,
+    rng) overlaps another argument or itself."""
+    bufs_name = _BUFS[op]
+    state = {bufs_name: bufs} if bufs_name else {}
+    check_meta_mix(op, params=params, grads=grads, **state, hyper=hyper, rng=rng, skip=skip)
+    check_dense(op, params=params, grads=grads, **state, hyper=hyper, rng=rng, skip=skip)
+    has_bufs = bufs_name is not None
+    check(len(params) == len(grads), op, ": got ", len(params), " params but ", len(grads), " grads")
+    check(not has_bufs or len(bufs) == len(params), op, ": got ", len(params), " params but ",
+          len(bufs) if has_bufs else 0, " state buffers")
+    device = params[0].device if len(params) else rng.device
+    check(hyper.dtype == torch.float64 and hyper.dim() == 1 and hyper.numel() >= HYPER.size and hyper.is_contiguous()
+          and hyper.device == device, op, ": hyper must be a contiguous float64 vector of length ", HYPER.size,
+          " on ", device)
+    check(rng.dtype == torch.int64 and rng.dim() == 1 and rng.numel() == RNG.size and rng.is_contiguous()
+          and rng.device == device, op, ": rng must be a contiguous int64 [2] = (seed, step) on ", device)
+    if skip is not None:
+        check(skip.numel() == 1 and skip.dtype == torch.bool and skip.device == device, op,
+              ": skip must be a bool scalar on ", device)
+    kernel = dispatch_device_type(params, grads, bufs, hyper, rng, skip)
+    check(device.type.upper() == kernel, op, ": tensors are on ", device, ", expected ", kernel)
+    if len(params):
+        dtype = params[0].dtype
+        check(dtype.is_floating_point, op, ": params must be floating point, got ", scalar_type(dtype))
+
+        def like(t, p, what, i):
+            check(t.device == device, op, ": ", what, "[", i, "] is on ", t.device, " but params[0] is on ", device)
+            check(t.dtype == dtype, op, ": ", what, "[", i, "] has dtype ", scalar_type(t.dtype),
+                  " but params[0] has ", scalar_type(dtype), " (one dtype per call)")
+            check(p is None or t.shape == p.shape, op, ": ", what, "[", i, "] has shape ", sizes(t),
+                  " but params[", i, "] has shape ", sizes(p) if p is not None else "")
+
+        for i in range(len(params)):
+            like(params[i], None, "params", i)
+            like(grads[i], params[i], "grads", i)
+            if has_bufs:
+                like(bufs[i], params[i], "state", i)
+    overlap = OverlapCheck(op, fake).add_list(params, "params", True).add_list(grads, "grads", False)
+    if has_bufs:
+        overlap.add_list(bufs, bufs_name, True)
+    overlap.add(hyper, "hyper", False).add(rng, "rng", True).add(skip, "skip", False).run()
+
+
+def check_any_nonfinite(tensors: Sequence[Tensor], *, fake: bool = False) -> None:
+    """The checks of ``any_nonfinite`` (``nonfinite_inputs``, csrc/checks/sgmcmc.h): one device
+    (the CPU kernel words it as 'all on the CPU'); any dtype (only floating and complex can be
+    non-finite)."""
+    check_meta_mix("any_nonfinite", tensors=tensors)
+    check_dense("any_nonfinite", tensors=tensors)
+    if not len(tensors):
+        return
+    kernel = dispatch_device_type(tensors)
+    for t in tensors:
+        if kernel == "CPU":
+            check(t.device.type == "cpu", "any_nonfinite: all tensors must be on the CPU, got ", t.device)
+        else:
+            check(t.device == tensors[0].device, "any_nonfinite: tensors on ", t.device, " and ", tensors[0].device)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -16,6 +82,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 
 def _noisy_step(kind: str, params, grads, bufs, hyper: Tensor, rng: Tensor, skip) -> None:
+    check_step_args(f"{kind}_step_", params, grads, bufs, hyper, rng, skip)
     if skip is not None and bool(skip):
         return
     h = [float(v) for v in hyper.tolist()]
@@ -59,8 +126,10 @@ def psgld_step_(params, grads, square_avg, hyper, rng, skip=None) -> None:
 
 
 def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
-    """True (bool scalar) when any element of any floating tensor is NaN or infinite."""
-    flags = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    """True (bool scalar) when any element of any floating tensor is NaN or infinite (complex: in
+    its real or imaginary part); integer and bool tensors are never non-finite."""
+    check_any_nonfinite(tensors)
+    flags = [~torch.isfinite(t).all() for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
     if not flags:
         dev = tensors[0].device if len(tensors) else "cpu"
         return torch.zeros((), dtype=torch.bool, device=dev)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, _reference
+from .._reference._checks import check_meta_mix  # noqa: F401  (re-exported: the fake kernels' first check)
 
 BACKENDS = ("native", "reference")
 _default: list[str | None] = [None]  # the process-wide default set by `default_backend`
@@ -24,10 +25,18 @@ def _check_backend(backend) -> None:
 
 
 def native_op(name: str, device) -> Callable | None:
-    """``torch.ops.pyfastbayes.<name>.default`` when the extension has a kernel for ``device``, else None."""
-    if device is not None and _native.has_kernel(device):
+    """``torch.ops.pyfastbayes.<name>.default`` when the extension has a kernel for ``device``, else None.
+
+    Meta tensors go to the op too when the extension is loaded: its fake kernel computes the
+    output shapes (and refuses a call that mixes meta and real tensors).
+    """
+    if device is not None and (_native.has_kernel(device) or (_native.available() and _is_meta(device))):
         return getattr(torch.ops.pyfastbayes, name).default
     return None
+
+
+def _is_meta(device) -> bool:
+    return (device.type if isinstance(device, torch.device) else torch.device(device).type) == "meta"
 
 
 def select(name: str, device, backend: str | None = None) -> Callable:
@@ -71,24 +80,3 @@ def device_of(tensors: Iterable[Tensor], fallback: Tensor | None = None):
     for t in tensors:
         return t.device
     return fallback.device if fallback is not None else None
-
-
-def _named_tensors(args: dict) -> list[tuple[str, Tensor]]:
-    out = []
-    for name, v in args.items():
-        if isinstance(v, Tensor):
-            out.append((name, v))
-        elif isinstance(v, (list, tuple)):
-            out += [(f"{name}[{i}]", t) for i, t in enumerate(v) if isinstance(t, Tensor)]
-    return out
-
-
-def check_meta_mix(op: str, **args) -> None:
-    """Fake kernels run for meta tensors. A call mixing meta and real tensors would reach the
-    fake kernel too and silently do nothing (or return uninitialised tensors): refuse it."""
-    named = _named_tensors(args)
-    meta = [n for n, t in named if t.device.type == "meta"]
-    real = [(n, t.device) for n, t in named if t.device.type != "meta"]
-    if meta and real:
-        raise RuntimeError(f"{op}: {meta[0]} is a meta tensor but {real[0][0]} is on {real[0][1]}; "
-                           f"all tensors of one call must be on one device")

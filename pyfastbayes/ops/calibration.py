@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import check_meta_mix, select
+from .._reference.calibration import check_calibration_bins
+from ._dispatch import select
 from .layouts import CALIB_DIAG, CALIB_STATS
 
 __all__ = ["calibration_bins"]
@@ -32,11 +33,6 @@ if _native.available():
 
     @torch.library.register_fake("pyfastbayes::calibration_bins")
     def _(probs, targets, n_bins, from_logits=False, classwise=False, sum_tol=1e-4):
-        check_meta_mix("calibration_bins", probs=probs, targets=targets)
-        torch._check(probs.dim() == 3, lambda: f"calibration_bins: probs must be [S, N, C], got {tuple(probs.shape)}")
-        torch._check(targets.dim() == 1 and targets.shape[0] == probs.shape[1],
-                     lambda: f"calibration_bins: targets must be [N] with N = {probs.shape[1]}, got "
-                             f"{tuple(targets.shape)}")
-        torch._check(n_bins >= 1, lambda: f"calibration_bins: n_bins must be >= 1, got {n_bins}")
+        check_calibration_bins(probs, targets, n_bins, sum_tol, fake=True)
         shape = (probs.shape[2], n_bins, CALIB_STATS.size) if classwise else (n_bins, CALIB_STATS.size)
         return probs.new_empty(shape, dtype=torch.float64), probs.new_empty((CALIB_DIAG.size,), dtype=torch.float64)

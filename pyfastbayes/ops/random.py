@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import check_meta_mix, select
+from .._reference.random import check_philox4x32, check_philox_normal_
+from ._dispatch import select
 
 __all__ = ["philox4x32", "philox_normal_"]
 
@@ -32,11 +33,10 @@ if _native.available():
 
     @torch.library.register_fake("pyfastbayes::philox4x32")
     def _(counters, key0, key1):
-        torch._check(counters.dtype == torch.int64 and counters.dim() == 2 and counters.shape[1] == 4,
-                     lambda: f"philox4x32: counters must be int64 [N, 4], got {counters.dtype} {tuple(counters.shape)}")
+        check_philox4x32(counters, fake=True)
         return torch.empty_like(counters)
 
     @torch.library.register_fake("pyfastbayes::philox_normal_")
     def _(out, seed, stream, step):
-        check_meta_mix("philox_normal_", out=out)
+        check_philox_normal_(out, fake=True)
         return None

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import check_meta_mix, device_of, select
+from .._reference.sgmcmc import check_any_nonfinite, check_step_args
+from ._dispatch import device_of, select
 
 __all__ = ["sgld_step_", "sghmc_step_", "psgld_step_", "any_nonfinite"]
 
@@ -50,32 +51,23 @@ def any_nonfinite(tensors: Sequence[Tensor], *, backend: str | None = None) -> T
     return select("any_nonfinite", tensors[0].device, backend)(tensors)
 
 
-# ---- fake (meta) kernels: shapes only, so torch.compile / export trace through the ops ----------
-def _fake_step(op: str, params, grads, bufs, hyper, rng, skip) -> None:
-    check_meta_mix(op, params=params, grads=grads, state=bufs or [], hyper=hyper, rng=rng, skip=skip)
-    torch._check(len(params) == len(grads), lambda: f"{op}: got {len(params)} params but {len(grads)} grads")
-    if bufs is not None:
-        torch._check(len(bufs) == len(params), lambda: f"{op}: got {len(params)} params but {len(bufs)} state buffers")
-    for i, (p, g) in enumerate(zip(params, grads)):
-        torch._check(g.shape == p.shape, lambda: f"{op}: grads[{i}] has shape {tuple(g.shape)} but params[{i}] "
-                                                 f"has shape {tuple(p.shape)}")
-
-
+# ---- fake (meta) kernels: the references' checks (same messages), then shapes only, so
+# torch.compile / export trace through the ops ---------------------------------------------------
 if _native.available():
 
     @torch.library.register_fake("pyfastbayes::sgld_step_")
     def _(params, grads, hyper, rng, skip=None):
-        _fake_step("sgld_step_", params, grads, None, hyper, rng, skip)
+        check_step_args("sgld_step_", params, grads, None, hyper, rng, skip, fake=True)
 
     @torch.library.register_fake("pyfastbayes::sghmc_step_")
     def _(params, grads, momenta, hyper, rng, skip=None):
-        _fake_step("sghmc_step_", params, grads, momenta, hyper, rng, skip)
+        check_step_args("sghmc_step_", params, grads, momenta, hyper, rng, skip, fake=True)
 
     @torch.library.register_fake("pyfastbayes::psgld_step_")
     def _(params, grads, square_avg, hyper, rng, skip=None):
-        _fake_step("psgld_step_", params, grads, square_avg, hyper, rng, skip)
+        check_step_args("psgld_step_", params, grads, square_avg, hyper, rng, skip, fake=True)
 
     @torch.library.register_fake("pyfastbayes::any_nonfinite")
     def _(tensors):
-        check_meta_mix("any_nonfinite", tensors=tensors)
+        check_any_nonfinite(tensors, fake=True)
         return torch.empty((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")

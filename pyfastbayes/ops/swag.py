@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import check_meta_mix, select
+from .._reference.swag import check_swag_collect, check_swag_sample
+from ._dispatch import select
 
 __all__ = ["swag_collect_", "swag_sample"]
 
@@ -41,17 +42,10 @@ if _native.available():
 
     @torch.library.register_fake("pyfastbayes::swag_collect_")
     def _(params, mean, sq_mean, deviation, n):
-        check_meta_mix("swag_collect_", params=params, mean=mean, sq_mean=sq_mean, deviation=deviation)
-        total = sum(p.numel() for p in params)
-        torch._check(mean.dim() == 1 and mean.numel() == total,
-                     lambda: f"swag_collect_: mean has {mean.numel()} elements but the params have {total}")
+        check_swag_collect(params, mean, sq_mean, deviation, n, fake=True)
         return None
 
     @torch.library.register_fake("pyfastbayes::swag_sample")
     def _(mean, sq_mean, D, n_draws, scale, eps, seed, step=0, offset=0):
-        check_meta_mix("swag_sample", mean=mean, sq_mean=sq_mean, D=D)
-        torch._check(sq_mean.shape == mean.shape, lambda: "swag_sample: sq_mean must be shaped like mean")
-        if D is not None:
-            torch._check(D.dim() == 2 and D.shape[1] == mean.shape[0],
-                         lambda: f"swag_sample: D must be [K, {mean.shape[0]}], got {tuple(D.shape)}")
+        check_swag_sample(mean, sq_mean, D, n_draws, scale, eps, offset, fake=True)
         return mean.new_empty((n_draws, mean.shape[0]))

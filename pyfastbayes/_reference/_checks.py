@@ -1,0 +1,211 @@
+"""Argument checks of the references: the Python mirror of ``csrc/checks/*.h``.
+
+Every check raises ``RuntimeError`` (what ``TORCH_CHECK`` raises) with the message text of the
+C++ check it mirrors, so an op refuses the same inputs with the same error on both backends. The
+per-family checks live next to their reference (``check_*`` functions in ``random.py``,
+``sgmcmc.py``, ``calibration.py``, ``swag.py``); this module holds the pieces they share: the
+c10 spellings of dtypes, sizes, devices and floats, the dispatcher's refusals (meta/real mixes:
+the fake kernels; sparse tensors: ``csrc/ops/dense_only.cpp``), the device-type check of the
+kernel the dispatcher would pick, and the memory-overlap check of the mutating ops
+(``csrc/checks/common.h``).
+
+The fake kernels (:mod:`pyfastbayes.ops`) run the same checks with ``fake=True``, which skips
+what needs real memory (overlap), so ``torch.compile`` refuses bad inputs with the same text.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+_SCALAR_TYPE = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.complex32: "ComplexHalf",
+}
+_LAYOUT = {torch.strided: "Strided", torch.sparse_coo: "Sparse", torch.sparse_csr: "SparseCsr",
+           torch.sparse_csc: "SparseCsc", torch.sparse_bsr: "SparseBsr", torch.sparse_bsc: "SparseBsc",
+           torch._mkldnn: "Mkldnn"}
+# backends in the dispatcher's priority order (lowest first): a call mixing devices runs the
+# kernel of the highest one, whose checks then speak
+_BACKEND_PRIORITY = ("cpu", "cuda", "hip", "xla", "mps", "ipu", "xpu", "hpu", "ve", "lazy", "mtia",
+                     "privateuseone", "meta")
+
+
+def fail(*parts) -> None:
+    """Raise what ``TORCH_CHECK(false, parts...)`` raises: a RuntimeError with the parts joined."""
+    raise RuntimeError("".join(str(p) for p in parts))
+
+
+def check(cond, *parts) -> None:
+    """``TORCH_CHECK(cond, parts...)``."""
+    if not cond:
+        fail(*parts)
+
+
+def scalar_type(dtype: torch.dtype) -> str:
+    """How c10 prints a ScalarType: torch.float32 -> 'Float'."""
+    return _SCALAR_TYPE.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def sizes(t: Tensor | Sequence[int]) -> str:
+    """How c10 prints an IntArrayRef: '[3, 4]'."""
+    shape = t.shape if isinstance(t, Tensor) else t
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def layout(t: Tensor) -> str:
+    """How c10 prints a Layout: 'Strided', 'Sparse', ..."""
+    return _LAYOUT.get(t.layout, str(t.layout).replace("torch.", ""))
+
+
+def device_type(t: Tensor | torch.device | str) -> str:
+    """How c10 prints a DeviceType: 'CPU', 'CUDA'."""
+    dev = t.device if isinstance(t, Tensor) else torch.device(t)
+    return dev.type.upper()
+
+
+def num(x: float) -> str:
+    """How a C++ ostream prints a double (precision 6, %g): 0.0 -> '0', 1e-05 -> '1e-05'."""
+    return f"{float(x):g}"
+
+
+def named_tensors(args: dict) -> list[tuple[str, Tensor]]:
+    """(label, tensor) of every tensor argument in call order; list elements as 'name[i]'."""
+    out = []
+    for name, v in args.items():
+        if isinstance(v, Tensor):
+            out.append((name, v))
+        elif isinstance(v, (list, tuple)):
+            out += [(f"{name}[{i}]", t) for i, t in enumerate(v) if isinstance(t, Tensor)]
+    return out
+
+
+def check_meta_mix(op: str, **args) -> None:
+    """Fake kernels run for meta tensors. A call mixing meta and real tensors would reach the
+    fake kernel too and silently do nothing (or return uninitialised tensors): refuse it."""
+    named = named_tensors(args)
+    meta = [n for n, t in named if t.device.type == "meta"]
+    real = [(n, t.device) for n, t in named if t.device.type != "meta"]
+    if meta and real:
+        fail(f"{op}: {meta[0]} is a meta tensor but {real[0][0]} is on {real[0][1]}; "
+             f"all tensors of one call must be on one device")
+
+
+def check_dense(op: str, **args) -> None:
+    """Sparse inputs: the native dispatcher sends them to the dense-only kernel
+    (``csrc/ops/dense_only.cpp``), which names the first one."""
+    for name, t in named_tensors(args):
+        if t.layout != torch.strided:
+            fail(f"{op}: {name} is a sparse tensor (layout {layout(t)}); the op takes dense (strided) tensors "
+                 f"only: pass {name}.to_dense()")
+
+
+def dispatch_device_type(*tensors: Tensor | None | Iterable[Tensor]) -> str:
+    """The device type whose kernel the dispatcher runs for these arguments (the highest-priority
+    backend among them), e.g. 'CUDA' for a call mixing CPU and CUDA tensors."""
+    best = -1
+    for arg in tensors:
+        for t in (arg if isinstance(arg, (list, tuple)) else [arg]):
+            if isinstance(t, Tensor):
+                typ = t.device.type
+                rank = _BACKEND_PRIORITY.index(typ) if typ in _BACKEND_PRIORITY else len(_BACKEND_PRIORITY)
+                if rank > best:
+                    best, best_type = rank, typ
+    return best_type.upper() if best >= 0 else "CPU"
+
+
+def is_fake(t: Tensor) -> bool:
+    """A meta or fake tensor: it has no memory to check for overlap."""
+    return t.device.type == "meta" or isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def non_overlapping_and_dense(t: Tensor) -> bool:
+    """``t.is_non_overlapping_and_dense()`` of c10: some permutation of t's dims is contiguous."""
+    dims = sorted(range(t.dim()), key=lambda d: (t.shape[d] < 2, t.stride(d)))
+    expect = 1
+    for d in dims:
+        if t.shape[d] < 2:
+            return True
+        if t.stride(d) != expect:
+            return False
+        expect *= t.shape[d]
+    return True
+
+
+def has_internal_overlap(t: Tensor) -> bool:
+    """``at::has_internal_overlap(t) == MemOverlap::Yes``: a dimension of size > 1 and stride 0."""
+    if t.layout != torch.strided or non_overlapping_and_dense(t):
+        return False
+    return any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape))
+
+
+class OverlapCheck:
+    """Mirror of ``OverlapCheck`` (csrc/checks/common.h): every tensor argument of one call is
+    added in schema order; a tensor the call writes must not overlap itself (an expanded view)
+    nor share a byte with any other argument. ``run()`` raises naming both arguments."""
+
+    def __init__(self, op: str, fake: bool = False):
+        self.op, self.fake = op, fake
+        self.args: list[tuple[str, Tensor, bool]] = []
+
+    def add(self, t: Tensor | None, label: str, mutated: bool) -> "OverlapCheck":
+        if t is None or t.layout != torch.strided:
+            return self
+        if mutated:
+            check(not has_internal_overlap(t), self.op, ": ", label,
+                  " has internal overlap (an expanded or stride-0 view: several of its elements share memory), "
+                  "so it cannot be written in place; pass a tensor with memory of its own (e.g. .clone())")
+        if t.numel() and not self.fake and not is_fake(t):
+            self.args.append((label, t, mutated))
+        return self
+
+    def add_list(self, ts: Sequence[Tensor], name: str, mutated: bool) -> "OverlapCheck":
+        for i, t in enumerate(ts):
+            self.add(t, f"{name}[{i}]", mutated)
+        return self
+
+    def run(self) -> None:
+        spans = [(_byte_range(t), k) for k, (_, t, _) in enumerate(self.args)]
+        spans.sort()
+        for a in range(len(spans)):
+            (lo_a, hi_a), i = spans[a]
+            for b in range(a + 1, len(spans)):
+                (lo_b, hi_b), j = spans[b]
+                if lo_b >= hi_a:
+                    break
+                first, second = sorted((i, j))
+                (n1, t1, m1), (n2, t2, m2) = self.args[first], self.args[second]
+                if (m1 or m2) and _share_memory(t1, t2):
+                    fail(self.op, ": ", n2, " overlaps ", n1,
+                         " (the same memory twice in one call); pass each tensor once")
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + (last + 1) * t.element_size()
+
+
+def _element_starts(t: Tensor) -> Tensor:
+    """Byte address of every element of t (int64 [numel], sorted)."""
+    off = torch.zeros((), dtype=torch.int64)
+    for d, (s, st) in enumerate(zip(t.shape, t.stride())):
+        shape = [1] * t.dim()
+        shape[d] = s
+        off = off + (torch.arange(s, dtype=torch.int64) * st).view(shape)
+    return (off.reshape(-1) * t.element_size() + t.data_ptr()).sort().values
+
+
+def _share_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors whose byte ranges intersect share a byte."""
+    if non_overlapping_and_dense(a) and non_overlapping_and_dense(b):
+        return True
+    sa, sb = _element_starts(a), _element_starts(b)
+    ia, ib = a.element_size(), b.element_size()
+    # element [s, s + ia) of a meets [u, u + ib) of b iff u in (s - ib, s + ia): the first u > s - ib
+    k = torch.searchsorted(sb, sa - ib, right=True)
+    hit = k < sb.numel()
+    return bool((sb[k[hit]] < sa[hit] + ia).any()) if bool(hit.any()) else False
