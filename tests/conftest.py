@@ -1,18 +1,22 @@
-"""Shared test fixtures: devices, dtypes, RNG hygiene, the needs_cuda mark."""
+"""Shared test fixtures (RNG hygiene), the report header, and the CI rule: under CI=true a build
+whose native extension did not load fails the run before any test is collected.
+
+The device/dtype grid and the op-test base live in ``_helpers.py``; the names tests import from
+here (``from conftest import DEVICES, needs_cuda, ...``) are re-exported.
+"""
 import pytest
 import torch
 
 import pyfastbayes
-from pyfastbayes import _native
 
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
-FLOAT_DTYPES = [torch.float32, torch.float64]
-ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-NATIVE = _native.available()
+from _helpers import (ALL_DTYPES, CUDA, DEVICES, FLOAT_DTYPES, NATIVE, in_ci, native_problem,  # noqa: F401
+                      needs_cuda, needs_native, require)
 
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-needs_native = pytest.mark.skipif(not NATIVE, reason="needs the compiled extension")
+
+def pytest_configure(config):
+    problem = native_problem()
+    if problem is not None:
+        raise pytest.UsageError(problem)
 
 
 @pytest.fixture(autouse=True)
@@ -28,4 +32,4 @@ def _restore_rng():
 
 
 def pytest_report_header(config):
-    return f"pyfastbayes build: {pyfastbayes.build_info()}"
+    return f"pyfastbayes build: {pyfastbayes.build_info()} (CI={in_ci()})"

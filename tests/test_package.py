@@ -10,7 +10,7 @@ import torch
 
 import pyfastbayes
 
-from conftest import needs_native
+from _helpers import in_ci, native_problem, needs_native, require
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -64,3 +64,43 @@ def test_readme_test_command_is_what_ci_runs():
     assert len(commands) == 1, "README must give exactly one setup-and-test command"
     assert commands[0] in ci, ".ci/run must run the README's test command"
     assert any("pyfastbayes demo" in b and "setup.sh" in b for b in blocks), "README must give the demo command"
+
+
+def test_ci_fails_without_the_native_extension():
+    """Under CI=true a build whose extension does not load fails the run, with the load error,
+    instead of skipping every native test (without CI it runs on the references:
+    test_fallback_without_extension_gives_the_same_chain)."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["pyfastbayes._C"] = None   # the extension does not load
+        import pytest
+        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_ops_layouts.py"]))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    ci = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, CI="true"),
+                        capture_output=True, text=True, timeout=300)
+    out = ci.stdout + ci.stderr
+    assert ci.returncode != 0, out
+    assert "CI=true but the pyfastbayes native extension did not load" in out, out
+    assert "import of pyfastbayes._C halted" in out, out  # the reason it did not load
+
+
+def test_native_problem_only_under_ci(monkeypatch):
+    blocked = {"native": False, "error": "ImportError: no _C"}
+    monkeypatch.delenv("CI", raising=False)
+    assert not in_ci() and native_problem(blocked) is None
+    monkeypatch.setenv("CI", "true")
+    assert in_ci() and "ImportError: no _C" in native_problem(blocked)
+    assert native_problem({"native": True}) is None
+    monkeypatch.setenv("CI", "false")
+    assert native_problem(blocked) is None
+
+
+def test_require_skips_locally_and_fails_under_ci(monkeypatch):
+    assert require("math").sqrt(4.0) == 2.0
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="pfb_no_such_module"):
+        require("pfb_no_such_module")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: pfb_no_such_module is not installed"):
+        require("pfb_no_such_module")
