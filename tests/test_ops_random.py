@@ -1,0 +1,190 @@
+"""RNG ops (philox4x32, philox_normal_): the op contract, Random123's known answers, the normal
+stream's statistics, CPU vs CUDA bits."""
+import math
+
+import pytest
+import torch
+
+from pyfastbayes import _reference as R
+from pyfastbayes import ops
+
+from _helpers import (ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, expanded_like, needs_cuda, put,
+                      sparse_like)
+
+# Random123 kat_vectors for philox4x32_10: (counter; key) -> output
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+KEYS = [(0, 0), (2**32 - 1, 12345), (0xDEADBEEF, 0x01234567)]
+# (seed, stream, step): extremes of each word, a negative seed (its two's complement is the key)
+STREAMS = [(0, 0, 0), (2**63 - 1, 7, 3), (-5, 2**31 - 1, 2**32 - 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# philox4x32
+# ---------------------------------------------------------------------------------------------
+def _counters(n, device, gen):
+    return torch.randint(0, 2**32, (n, 4), generator=gen, dtype=torch.int64).to(device)
+
+
+def philox_make(kind, device, dtype, gen):
+    if kind == "random":  # 4096 random counters (uint32 words) under three keys
+        ctr = _counters(4096, device, gen)
+        return [dict(counters=ctr, key0=k0, key1=k1) for k0, k1 in KEYS]
+    if kind == "empty":
+        return [dict(counters=torch.zeros(0, 4, dtype=torch.int64, device=device), key0=1, key1=2)]
+    wide = _counters(8, device, gen).t().contiguous().t()  # [8, 4] column-major
+    return [dict(counters=wide, key0=3, key1=4), dict(counters=_counters(66, device, gen)[::3], key0=5, key1=6)]
+
+
+def philox_good(device):
+    return dict(counters=_counters(33, device, torch.Generator().manual_seed(7)), key0=3, key1=4)
+
+
+PHILOX4X32 = OpSpec(
+    "philox4x32", grid=[torch.int64], make=philox_make, good=philox_good, seed=1,
+    bad=[
+        Bad("float", put(counters=lambda a, d: a["counters"].float()), r"philox4x32: counters must be int64 \[N, 4\], got Float \[33, 4\]"),
+        Bad("3-columns", put(counters=lambda a, d: a["counters"][:, :3]), r"counters must be int64 \[N, 4\], got Long \[33, 3\]"),
+        Bad("1-d", put(counters=lambda a, d: a["counters"].reshape(-1)), r"counters must be int64 \[N, 4\], got Long \[132\]"),
+        Bad("int32", put(counters=lambda a, d: a["counters"].int()), r"counters must be int64 \[N, 4\], got Int"),
+        Bad("sparse", put(counters=lambda a, d: sparse_like(a["counters"])), r"philox4x32: counters .*(?i:sparse)",
+            pending=True),
+    ])
+
+
+class TestPhilox4x32(OpContract):
+    spec = PHILOX4X32
+
+
+@pytest.mark.parametrize("impl", ["reference", "native"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_known_answers(impl, device, ctr, key, expected):
+    if impl == "native" and not ops.native_op("philox4x32", device):
+        pytest.skip("no native kernel")
+    out = ops.philox4x32(torch.tensor([ctr], dtype=torch.int64, device=device), *key, backend=impl)
+    assert tuple(out[0].tolist()) == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_bits_match_reference(device):
+    """Bit-exact (rtol = atol = 0), for every key of KEYS (also covered by the contract)."""
+    if not ops.native_op("philox4x32", device):
+        pytest.skip("no native kernel")
+    ctr = _counters(4096, device, torch.Generator().manual_seed(1))
+    for k0, k1 in KEYS:
+        torch.testing.assert_close(ops.philox4x32(ctr, k0, k1), R.philox4x32(ctr, k0, k1), rtol=0, atol=0)
+
+
+def test_reference_refuses_bad_counters_like_the_kernel():
+    """The reference raises what TORCH_CHECK raises (RuntimeError), not ValueError."""
+    with pytest.raises(RuntimeError, match="counters must be int64"):
+        ops.philox4x32(torch.zeros(3, 3, dtype=torch.int64), 0, 0)
+    with pytest.raises(RuntimeError, match="counters must be int64"):
+        R.philox4x32(torch.zeros(3, 4), 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# philox_normal_
+# ---------------------------------------------------------------------------------------------
+NORMAL_SIZES = [1, 3, 4, 5, 1027, 100_003]
+
+
+def normal_make(kind, device, dtype, gen):
+    if kind == "random":  # every size x every (seed, stream, step)
+        return [dict(out=torch.empty(n, dtype=dtype, device=device), seed=s, stream=st, step=sp)
+                for n in NORMAL_SIZES for s, st, sp in STREAMS]
+    if kind == "empty":
+        return [dict(out=torch.empty(0, dtype=dtype, device=device), seed=s, stream=st, step=sp) for s, st, sp in STREAMS]
+    return [dict(out=torch.zeros(40, 30, dtype=dtype, device=device).t(), seed=11, stream=2, step=9),
+            dict(out=torch.zeros(7, 9, dtype=dtype, device=device)[:, 1:6], seed=-3, stream=5, step=1)]
+
+
+def normal_tol(t):
+    # the native Box-Muller uses fp32 polynomials (csrc/common/fastmath.h): a few ulp of |z| <= 5.8
+    return {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}.get(
+        t.dtype, dict(rtol=2e-6, atol=2e-6))
+
+
+PHILOX_NORMAL = OpSpec(
+    "philox_normal_", grid=ALL_DTYPES, make=normal_make, tol=normal_tol, seed=2,
+    good=lambda device: dict(out=torch.empty(37, device=device), seed=5, stream=1, step=2),
+    bad=[
+        Bad("int-out", put(out=lambda a, d: torch.zeros(5, dtype=torch.int64, device=d)),
+            r"philox_normal_: out must be floating point, got Long"),
+        Bad("bool-out", put(out=lambda a, d: torch.zeros(5, dtype=torch.bool, device=d)),
+            r"philox_normal_: out must be floating point, got Bool"),
+        Bad("expanded-out", put(out=lambda a, d: expanded_like(torch.empty(6, device=d))),
+            r"philox_normal_: out has internal overlap", pending=True),
+        Bad("sparse-out", put(out=lambda a, d: sparse_like(torch.ones(6, device=d))), r"philox_normal_: out .*(?i:sparse)",
+            pending=True),
+    ])
+
+
+class TestPhiloxNormal(OpContract):
+    spec = PHILOX_NORMAL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [0] + NORMAL_SIZES)
+@pytest.mark.parametrize("seed,stream,step", STREAMS)
+def test_normal_stream_matches_reference(device, n, seed, stream, step):
+    """The op (native where built, else the reference) equals the reference stream function."""
+    out = torch.empty(n, device=device)
+    ops.philox_normal_(out, seed, stream, step)
+    ref = R.philox_normal(n, seed, stream, step, device)
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_normal_stream_other_dtypes_and_views(dtype):
+    base = torch.zeros(40, 30, dtype=dtype)
+    view = base.t()  # non-contiguous
+    ops.philox_normal_(view, 11, 2, 9)
+    ref = R.philox_normal(view.numel(), 11, 2, 9).view(30, 40).to(dtype)
+    torch.testing.assert_close(view, ref, rtol=1e-2 if dtype != torch.float64 else 1e-6, atol=1e-2)
+
+
+def test_philox_normal_range_is_a_window_of_the_stream():
+    full = R.philox_normal(40, 5, 7, 1)
+    for start in (0, 3, 4, 13):
+        torch.testing.assert_close(R.philox_normal_range(start, 20, 5, 7, 1), full[start:start + 20])
+
+
+@pytest.mark.skipif(not ops.native_op("philox_normal_", "cpu"), reason="needs the compiled extension")
+def test_normal_statistics():
+    n = 2_000_000
+    z = torch.empty(n)
+    ops.philox_normal_(z, 42, 0, 0)
+    zd = z.double()
+    se = 1 / math.sqrt(n)
+    assert abs(zd.mean().item()) < 5 * se
+    assert abs(zd.var().item() - 1) < 5 * math.sqrt(2) * se
+    assert abs((zd**3).mean().item()) < 5 * math.sqrt(15) * se  # skewness, Var(z^3) = 15
+    assert abs((zd**4).mean().item() - 3) < 5 * math.sqrt(96) * se  # kurtosis, Var(z^4) = 96
+    # tail mass beyond 2 sigma: binomial standard error
+    p = 2 * 0.5 * math.erfc(2 / math.sqrt(2))
+    frac = (zd.abs() > 2).double().mean().item()
+    assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n)
+    # neighbouring lanes, streams and steps are uncorrelated
+    other = torch.empty(n)
+    for stream, step in [(1, 0), (0, 1)]:
+        ops.philox_normal_(other, 42, stream, step)
+        assert abs(torch.corrcoef(torch.stack([z, other]))[0, 1].item()) < 5 * se
+    lanes = z.view(-1, 4).double()
+    c = torch.corrcoef(lanes.t())
+    assert (c - torch.eye(4, dtype=c.dtype)).abs().max() < 5 * 2 * se
+
+
+@needs_cuda
+def test_cuda_noise_equals_cpu_noise():
+    a = torch.empty(100_001)
+    b = torch.empty(100_001, device="cuda")
+    ops.philox_normal_(a, 99, 3, 17)
+    ops.philox_normal_(b, 99, 3, 17)
+    # same bits, same fp32 polynomial code; only FMA contraction may differ by an ulp
+    torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-6)
