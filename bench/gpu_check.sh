@@ -19,7 +19,7 @@ if [ -d .gpu-wheels ]; then
     python -c "import $m" 2>/dev/null && continue
     case $m in
       pytest) pkgs="pytest pluggy iniconfig packaging" ;;
-      posteriors) pkgs="posteriors torchopt optree tensordict cloudpickle pyvers typing-extensions" ;;
+      posteriors) pkgs="posteriors torchopt graphviz optree tensordict cloudpickle pyvers typing-extensions" ;;
       *) pkgs=$m ;;
     esac
     python -m pip install -q --no-index --find-links .gpu-wheels --no-deps $pkgs >>"$OUT/wheels.log" 2>&1

@@ -10,5 +10,5 @@ rm -rf .gpu-wheels && mkdir -p .gpu-wheels
 python3 -m pip download -q --only-binary=:all: --python-version "$PY" --platform manylinux2014_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --no-deps -d .gpu-wheels \
   pytest pluggy iniconfig packaging numpy tqdm \
-  posteriors==0.1.3 torchopt==0.7.3 optree tensordict cloudpickle pyvers typing-extensions
+  posteriors==0.1.3 torchopt==0.7.3 graphviz optree tensordict cloudpickle pyvers typing-extensions
 du -sh .gpu-wheels
