@@ -104,13 +104,14 @@ class Bad:
 
     pending: a native refusal of issue 8 still being added in C++ (see :func:`pending_native`); its
     native message must match the regex, the reference's text is the proposal for the C++ one.
-    An id starting with ``meta`` marks a meta/real mix.
+    An id starting with ``meta`` marks a meta/real mix. cuda: the case mixes devices (needs CUDA).
     """
     id: str
     edit: Callable[[Args, str], Args]
     match: str
     exc: type = RuntimeError
     pending: bool = False
+    cuda: bool = False
 
 
 @dataclasses.dataclass
@@ -285,6 +286,8 @@ class OpContract:
     # (e), (f): bad inputs, both backends, same type, same message, inputs unchanged
     def test_bad_input(self, bad, backend, device):
         spec = self.spec
+        if bad.cuda and not CUDA:
+            pytest.skip("mixes CPU and CUDA tensors: needs a CUDA device")
         if backend == "native":
             native_kernel(spec.name, device)
         try:
@@ -314,6 +317,11 @@ def put(**changes) -> Callable[[Args, str], Args]:
             out[k] = v(args, device) if callable(v) else v
         return out
     return edit
+
+
+def other_device(device: str) -> str:
+    """The other real device of a CUDA machine: 'cuda' for 'cpu' and 'cpu' for 'cuda'."""
+    return "cpu" if device == "cuda" else "cuda"
 
 
 def meta_like(t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 
 from pyfastbayes import _reference, ops
 
-from _helpers import ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, meta_like, put, sparse_like
+from _helpers import ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, meta_like, other_device, put, sparse_like
 
 N, C = 777, 7
 
@@ -90,9 +90,9 @@ CALIBRATION_BINS = OpSpec(
             rf"{OP}: targets is a meta tensor but probs is on"),
         Bad("meta-probs", put(probs=lambda a, d: meta_like(a["probs"])), rf"{OP}: probs is a meta tensor but targets is on"),
         Bad("sparse-targets", put(targets=lambda a, d: sparse_like(a["targets"])), rf"{OP}: .*(?i:sparse)", pending=True),
-    ] + ([Bad("targets-device", put(targets=lambda a, d: a["targets"].to("cpu" if d == "cuda" else "cuda")),
-              rf"{OP}: (targets on cpu but probs on cuda:0|probs must be on CUDA here, got cpu)")]
-         if "cuda" in DEVICES else []))
+        Bad("targets-device", put(targets=lambda a, d: a["targets"].to(other_device(d))),
+            rf"{OP}: (targets on cpu but probs on cuda:0|probs must be on CUDA here, got cpu)", cuda=True),
+    ])
 
 
 class TestCalibrationBins(OpContract):

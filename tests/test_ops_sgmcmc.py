@@ -6,8 +6,8 @@ import torch
 from pyfastbayes import _reference as R
 from pyfastbayes import ops
 
-from _helpers import (ALL_DTYPES, DEVICES, TOL, Bad, OpContract, OpSpec, expanded_like, in_ci, meta_like,
-                      needs_cuda, needs_native, pending_native, put, sparse_like)
+from _helpers import (ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, expanded_like, meta_like, needs_cuda,
+                      needs_native, other_device, pending_native, put, sparse_like)
 
 # kind -> (wrapper, reference, name of the state list or None); fixed seeds per kind
 OPS = {"sgld": (ops.sgld_step_, R.sgld_step_, None),
@@ -103,6 +103,8 @@ def step_spec(kind):
                                    rng=lambda a, d: torch.tensor([4], device=d)), "rng must be"),
         Bad("empty-group-skip", put(params=[], grads=[], **({state: []} if state else {}),
                                     skip=lambda a, d: torch.tensor(1.0, device=d)), "skip must be"),
+        Bad("grad-device", put(grads=lambda a, d: [a["grads"][0].to(other_device(d)), a["grads"][1]]),
+            rf"{op}: (tensors are on cpu, expected CUDA|grads\[0\] is on cpu but params\[0\] is on cuda:0)", cuda=True),
         Bad("meta-grad", put(grads=lambda a, d: [meta_like(a["grads"][0]), a["grads"][1]]),
             rf"{op}: grads\[0\] is a meta tensor but params\[0\] is on"),
         Bad("meta-hyper", put(hyper=lambda a, d: meta_like(a["hyper"])), rf"{op}: hyper is a meta tensor but params\[0\] is on"),
@@ -302,14 +304,13 @@ def nonfinite_make(case, device, dtype, gen):
 
 
 NONFINITE_BAD = [
+    Bad("device-mix", put(tensors=lambda a, d: [a["tensors"][0].cuda(), a["tensors"][1].cpu()]),
+        r"any_nonfinite: tensors on cpu and cuda:0", cuda=True),
     Bad("meta-mix", put(tensors=lambda a, d: [a["tensors"][0], meta_like(a["tensors"][1])]),
         r"any_nonfinite: tensors\[1\] is a meta tensor but tensors\[0\] is on"),
     Bad("sparse", put(tensors=lambda a, d: [a["tensors"][0], sparse_like(a["tensors"][1])]),
         r"any_nonfinite: .*(?i:sparse)", pending=True),
 ]
-if "cuda" in DEVICES:
-    NONFINITE_BAD.append(Bad("device-mix", put(tensors=lambda a, d: [a["tensors"][0].cuda(), a["tensors"][1].cpu()]),
-                             r"any_nonfinite: tensors on cpu and cuda:0"))
 
 ANY_NONFINITE = OpSpec(
     "any_nonfinite", grid=ALL_DTYPES, make=nonfinite_make, seed=4,

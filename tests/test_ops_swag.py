@@ -3,10 +3,8 @@ closed form, column blocks of a draw. The SWAG objects are tested in test_swag.p
 import pytest
 import torch
 
-from pyfastbayes import _reference, ops
-
-from _helpers import (DEVICES, Bad, OpContract, OpSpec, expanded_like, meta_like, needs_cuda, needs_native, put,
-                      sparse_like)
+from _helpers import (DEVICES, Bad, OpContract, OpSpec, expanded_like, meta_like, needs_cuda, needs_native,
+                      other_device, put, sparse_like)
 
 DEV_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 STATE_DTYPES = [torch.float32, torch.float64]
@@ -100,9 +98,9 @@ SWAG_COLLECT = OpSpec(
         Bad("expanded-mean", put(mean=lambda a, d: expanded_like(a["mean"])), rf"{OP}: mean must be a contiguous 1-D tensor, got shape \[17\]"),
         Bad("sparse-param", put(params=lambda a, d: [a["params"][0], sparse_like(a["params"][1])]), rf"{OP}: .*(?i:sparse)",
             pending=True),
-    ] + ([Bad("param-device", put(params=lambda a, d: [a["params"][0], a["params"][1].to("cpu" if d == "cuda" else "cuda")]),
-              rf"{OP}: (params\[1\] is on cpu but mean is on cuda:0|mean is on cpu, expected CUDA)")]
-         if "cuda" in DEVICES else []))
+        Bad("param-device", put(params=lambda a, d: [a["params"][0], a["params"][1].to(other_device(d))]),
+            rf"{OP}: (params\[1\] is on cpu but mean is on cuda:0|mean is on cpu, expected CUDA)", cuda=True),
+    ])
 
 
 class TestSwagCollect(OpContract):
@@ -198,9 +196,9 @@ SWAG_SAMPLE = OpSpec(
         Bad("meta-D", put(D=lambda a, d: meta_like(a["D"])), rf"{SOP}: D is a meta tensor but mean is on"),
         Bad("meta-sq_mean", put(sq_mean=lambda a, d: meta_like(a["sq_mean"])), rf"{SOP}: sq_mean is a meta tensor but mean is on"),
         Bad("sparse-D", put(D=lambda a, d: sparse_like(a["D"])), rf"{SOP}: .*(?i:sparse)", pending=True),
-    ] + ([Bad("D-device", put(D=lambda a, d: a["D"].to("cpu" if d == "cuda" else "cuda")),
-              rf"{SOP}: (D is on cpu but mean is on cuda:0|mean is on cpu, expected CUDA)")]
-         if "cuda" in DEVICES else []))
+        Bad("D-device", put(D=lambda a, d: a["D"].to(other_device(d))),
+            rf"{SOP}: (D is on cpu but mean is on cuda:0|mean is on cpu, expected CUDA)", cuda=True),
+    ])
 
 
 class TestSwagSample(OpContract):

@@ -1,9 +1,6 @@
 """Reference of calibration_bins (uniform bins, exact edges; see csrc/common/calibration.h)."""
 from __future__ import annotations
 
-import math
-from typing import Sequence
-
 import torch
 from torch import Tensor
 

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from .. import _native, _reference
-from .._reference._checks import check_meta_mix  # noqa: F401  (re-exported: the fake kernels' first check)
 
 BACKENDS = ("native", "reference")
 _default: list[str | None] = [None]  # the process-wide default set by `default_backend`
