@@ -309,6 +309,35 @@ def spec_ids(specs: Sequence[OpSpec]) -> list[str]:
 
 
 # ---- small argument editors for Bad.edit --------------------------------------------------------
+def placement(op: str, arg: str, first: str, device: str | None = None, index: int | None = None,
+              meta: bool = True, sparse: bool = True) -> list[Bad]:
+    """The placement cases of one tensor argument (``arg``, or element ``index`` of the list
+    ``arg``): a meta tensor among real ones (refused naming it and ``first``, the label of the
+    call's first real tensor), a sparse tensor (pending), and, with the regex ``device``, a tensor
+    on the other device of a CUDA machine."""
+    label = arg if index is None else f"{arg}[{index}]"
+
+    def edit(f):
+        def replace(args: Args, dev: str) -> Args:
+            if index is None:
+                return dict(args, **{arg: f(args[arg], dev)})
+            items = list(args[arg])
+            items[index] = f(items[index], dev)
+            return dict(args, **{arg: items})
+        return replace
+
+    cases = []
+    if meta:
+        cases.append(Bad(f"meta-{label}", edit(lambda t, d: meta_like(t)),
+                         rf"{op}: {re.escape(label)} is a meta tensor but {re.escape(first)} is on"))
+    if sparse:
+        cases.append(Bad(f"sparse-{label}", edit(lambda t, d: sparse_like(t)), rf"{op}: .*(?i:sparse)", pending=True))
+    if device is not None:
+        cases.append(Bad(f"device-{label}", edit(lambda t, d: t.to(other_device(d))), device, cuda=True))
+    return cases
+
+
+
 def put(**changes) -> Callable[[Args, str], Args]:
     """Bad.edit that replaces arguments: values, or functions (args, device) -> value."""
     def edit(args: Args, device: str) -> Args:

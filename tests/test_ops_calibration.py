@@ -5,7 +5,7 @@ import torch
 
 from pyfastbayes import _reference, ops
 
-from _helpers import ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, meta_like, other_device, put, sparse_like
+from _helpers import ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, placement, put
 
 N, C = 777, 7
 
@@ -86,13 +86,8 @@ CALIBRATION_BINS = OpSpec(
         Bad("S-0", put(probs=lambda a, d: a["probs"][:0]), f"{OP}: probs needs S >= 1 draws, got S = 0"),
         Bad("C-0", put(probs=lambda a, d: a["probs"][..., :0]), f"{OP}: probs needs C >= 1 classes, got C = 0"),
         Bad("sum_tol-negative", put(sum_tol=-1e-5), f"{OP}: sum_tol must be >= 0, got -1e-05"),
-        Bad("meta-targets", put(targets=lambda a, d: meta_like(a["targets"])),
-            rf"{OP}: targets is a meta tensor but probs is on"),
-        Bad("meta-probs", put(probs=lambda a, d: meta_like(a["probs"])), rf"{OP}: probs is a meta tensor but targets is on"),
-        Bad("sparse-targets", put(targets=lambda a, d: sparse_like(a["targets"])), rf"{OP}: .*(?i:sparse)", pending=True),
-        Bad("targets-device", put(targets=lambda a, d: a["targets"].to(other_device(d))),
-            rf"{OP}: (targets on cpu but probs on cuda:0|probs must be on CUDA here, got cpu)", cuda=True),
-    ])
+    ] + placement(OP, "targets", "probs", device=rf"{OP}: (targets on cpu but probs on cuda:0|probs must be on CUDA here, got cpu)")
+    + placement(OP, "probs", "targets", sparse=False))
 
 
 class TestCalibrationBins(OpContract):

@@ -6,8 +6,8 @@ import torch
 from pyfastbayes import _reference as R
 from pyfastbayes import ops
 
-from _helpers import (ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, expanded_like, meta_like, needs_cuda,
-                      needs_native, other_device, pending_native, put, sparse_like)
+from _helpers import (ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, expanded_like, needs_cuda, needs_native,
+                      pending_native, placement, put)
 
 # kind -> (wrapper, reference, name of the state list or None); fixed seeds per kind
 OPS = {"sgld": (ops.sgld_step_, R.sgld_step_, None),
@@ -103,11 +103,6 @@ def step_spec(kind):
                                    rng=lambda a, d: torch.tensor([4], device=d)), "rng must be"),
         Bad("empty-group-skip", put(params=[], grads=[], **({state: []} if state else {}),
                                     skip=lambda a, d: torch.tensor(1.0, device=d)), "skip must be"),
-        Bad("grad-device", put(grads=lambda a, d: [a["grads"][0].to(other_device(d)), a["grads"][1]]),
-            rf"{op}: (tensors are on cpu, expected CUDA|grads\[0\] is on cpu but params\[0\] is on cuda:0)", cuda=True),
-        Bad("meta-grad", put(grads=lambda a, d: [meta_like(a["grads"][0]), a["grads"][1]]),
-            rf"{op}: grads\[0\] is a meta tensor but params\[0\] is on"),
-        Bad("meta-hyper", put(hyper=lambda a, d: meta_like(a["hyper"])), rf"{op}: hyper is a meta tensor but params\[0\] is on"),
         Bad("duplicate-params", put(params=lambda a, d: [a["params"][0], a["params"][0]],
                                     grads=lambda a, d: [a["grads"][0], a["grads"][0].clone()],
                                     **({state: lambda a, d: [a[state][0], a[state][0].clone()]} if state else {})),
@@ -118,9 +113,9 @@ def step_spec(kind):
         Bad("rng-in-params", rng_in_params, rf"{op}: rng overlaps params\[0\]", pending=True),
         Bad("expanded-param", put(params=lambda a, d: [expanded_like(a["params"][0]), a["params"][1]]),
             rf"{op}: params\[0\] has internal overlap", pending=True),
-        Bad("sparse-grad", put(grads=lambda a, d: [sparse_like(a["grads"][0]), a["grads"][1]]),
-            rf"{op}: .*(?i:sparse)", pending=True),
-    ]
+    ] + placement(op, "grads", "params[0]", index=0,
+                  device=rf"{op}: (tensors are on cpu, expected CUDA|grads\[0\] is on cpu but params\[0\] is on cuda:0)")
+    bad += placement(op, "hyper", "params[0]")
     if state:
         bad += [
             Bad("state-count", put(**{state: lambda a, d: a[state][:1]}), f"{op}: got 2 params but 1 state buffers"),
@@ -128,9 +123,7 @@ def step_spec(kind):
                 r"state\[1\] has shape \[3, 2\] but params\[1\] has shape \[2, 3\]"),
             Bad("state-is-param", put(**{state: lambda a, d: [a["params"][0], a[state][1]]}),
                 rf"{op}: {state}\[0\] overlaps params\[0\]", pending=True),
-            Bad("meta-state", put(**{state: lambda a, d: [a[state][0], meta_like(a[state][1])]}),
-                rf"{op}: {state}\[1\] is a meta tensor but params\[0\] is on"),
-        ]
+        ] + placement(op, state, "params[0]", index=1, sparse=False)
     def post(case, calls, outs, after):  # each call advanced the step by one; dtypes and shapes kept
         steps = calls[0]["rng"][1].item() + len(calls)
         assert after[-1]["rng"].tolist() == [calls[0]["rng"][0].item(), steps]
@@ -303,14 +296,8 @@ def nonfinite_make(case, device, dtype, gen):
     return calls
 
 
-NONFINITE_BAD = [
-    Bad("device-mix", put(tensors=lambda a, d: [a["tensors"][0].cuda(), a["tensors"][1].cpu()]),
-        r"any_nonfinite: tensors on cpu and cuda:0", cuda=True),
-    Bad("meta-mix", put(tensors=lambda a, d: [a["tensors"][0], meta_like(a["tensors"][1])]),
-        r"any_nonfinite: tensors\[1\] is a meta tensor but tensors\[0\] is on"),
-    Bad("sparse", put(tensors=lambda a, d: [a["tensors"][0], sparse_like(a["tensors"][1])]),
-        r"any_nonfinite: .*(?i:sparse)", pending=True),
-]
+NONFINITE_BAD = placement("any_nonfinite", "tensors", "tensors[0]", index=1,
+                          device=r"any_nonfinite: tensors on (cpu and cuda:0|cuda:0 and cpu)")
 
 ANY_NONFINITE = OpSpec(
     "any_nonfinite", grid=ALL_DTYPES, make=nonfinite_make, seed=4,

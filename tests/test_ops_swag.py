@@ -3,8 +3,7 @@ closed form, column blocks of a draw. The SWAG objects are tested in test_swag.p
 import pytest
 import torch
 
-from _helpers import (DEVICES, Bad, OpContract, OpSpec, expanded_like, meta_like, needs_cuda, needs_native,
-                      other_device, put, sparse_like)
+from _helpers import DEVICES, Bad, OpContract, OpSpec, expanded_like, needs_cuda, needs_native, placement, put
 
 DEV_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 STATE_DTYPES = [torch.float32, torch.float64]
@@ -88,19 +87,14 @@ SWAG_COLLECT = OpSpec(
             rf"{OP}: deviation must be a contiguous \[17\] row, got shape \[16\]"),
         Bad("param-int", put(params=lambda a, d: [a["params"][0], a["params"][1].long()]),
             rf"{OP}: params\[1\] must be float64/32/16 or bfloat16, got Long"),
-        Bad("meta-param", put(params=lambda a, d: [a["params"][0], meta_like(a["params"][1])]),
-            rf"{OP}: params\[1\] is a meta tensor but params\[0\] is on"),
-        Bad("meta-sq_mean", put(sq_mean=lambda a, d: meta_like(a["sq_mean"])), rf"{OP}: sq_mean is a meta tensor but params\[0\] is on"),
         Bad("sq_mean-is-mean", put(sq_mean=lambda a, d: a["mean"]), rf"{OP}: sq_mean overlaps mean", pending=True),
         Bad("mean-is-param", lambda a, d: dict(a, params=[a["mean"][:12].view(3, 4), a["params"][1]]),
             rf"{OP}: mean overlaps params\[0\]", pending=True),
         Bad("deviation-in-mean", lambda a, d: dict(a, deviation=a["mean"]), rf"{OP}: deviation overlaps mean", pending=True),
         Bad("expanded-mean", put(mean=lambda a, d: expanded_like(a["mean"])), rf"{OP}: mean must be a contiguous 1-D tensor, got shape \[17\]"),
-        Bad("sparse-param", put(params=lambda a, d: [a["params"][0], sparse_like(a["params"][1])]), rf"{OP}: .*(?i:sparse)",
-            pending=True),
-        Bad("param-device", put(params=lambda a, d: [a["params"][0], a["params"][1].to(other_device(d))]),
-            rf"{OP}: (params\[1\] is on cpu but mean is on cuda:0|mean is on cpu, expected CUDA)", cuda=True),
-    ])
+    ] + placement(OP, "params", "params[0]", index=1,
+                  device=rf"{OP}: (params\[1\] is on cpu but mean is on cuda:0|mean is on cpu, expected CUDA)")
+    + placement(OP, "sq_mean", "params[0]", sparse=False))
 
 
 class TestSwagCollect(OpContract):
@@ -193,12 +187,8 @@ SWAG_SAMPLE = OpSpec(
         Bad("sq_mean-dtype", put(sq_mean=lambda a, d: a["sq_mean"].float()),
             f"{SOP}: sq_mean must be a contiguous Double tensor shaped like mean"),
         Bad("sq_mean-size", put(sq_mean=lambda a, d: a["sq_mean"][:9]), f"{SOP}: sq_mean must be a contiguous Double"),
-        Bad("meta-D", put(D=lambda a, d: meta_like(a["D"])), rf"{SOP}: D is a meta tensor but mean is on"),
-        Bad("meta-sq_mean", put(sq_mean=lambda a, d: meta_like(a["sq_mean"])), rf"{SOP}: sq_mean is a meta tensor but mean is on"),
-        Bad("sparse-D", put(D=lambda a, d: sparse_like(a["D"])), rf"{SOP}: .*(?i:sparse)", pending=True),
-        Bad("D-device", put(D=lambda a, d: a["D"].to(other_device(d))),
-            rf"{SOP}: (D is on cpu but mean is on cuda:0|mean is on cpu, expected CUDA)", cuda=True),
-    ])
+    ] + placement(SOP, "D", "mean", device=rf"{SOP}: (D is on cpu but mean is on cuda:0|mean is on cpu, expected CUDA)")
+    + placement(SOP, "sq_mean", "mean", sparse=False))
 
 
 class TestSwagSample(OpContract):
