@@ -1,4 +1,5 @@
-"""SWA / SWAG / MultiSWAG: ops vs reference, ring buffer, sampling moments, log_prob, peers, end to end."""
+"""SWA / SWAG / MultiSWAG objects: ring buffer, sampling moments, log_prob, peers, end to end. The ops
+themselves (swag_collect_, swag_sample) are tested in test_ops_swag.py."""
 import copy
 import math
 
@@ -7,14 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pyfastbayes
-from pyfastbayes import SWA, SWAG, MultiSWAG, _reference, ops
+from pyfastbayes import SWA, SWAG, MultiSWAG, ops
 from pyfastbayes import swag as swag_mod
 
-from conftest import CUDA, DEVICES, NATIVE, needs_cuda, needs_native
+from conftest import DEVICES, needs_cuda
 
 DEV_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-STATE_DTYPES = [torch.float32, torch.float64]
 
 
 def _tol(dtype):
@@ -33,114 +32,6 @@ def _jiggle(model, scale=0.3):
 
 def _flat(model):
     return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
-
-
-# ---------------------------------------------------------------------------------------------
-# ops vs reference
-# ---------------------------------------------------------------------------------------------
-@needs_native
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
-@pytest.mark.parametrize("dev_dtype", DEV_DTYPES)
-def test_collect_op_matches_reference(device, state_dtype, dev_dtype):
-    # mixed parameter dtypes, a non-contiguous tensor, an empty tensor, sizes not multiples of 4
-    shapes = [((3, 5), torch.float32), ((6,), torch.float64), ((0,), torch.float32), ((4, 9), torch.bfloat16),
-              ((17,), torch.float16)]
-    ps = [torch.randn(s, dtype=d, device=device) for s, d in shapes]
-    ps[3] = torch.randn(9, 4, device=device).to(torch.bfloat16).t()  # non-contiguous [4, 9]
-    P = sum(p.numel() for p in ps)
-    native = [torch.zeros(P, dtype=state_dtype, device=device) for _ in range(2)] + [
-        torch.zeros(P, dtype=dev_dtype, device=device)]
-    ref = [t.clone() for t in native]
-    for n in range(5):
-        ps = [p + 0.5 * torch.randn_like(p) for p in ps]
-        torch.ops.pyfastbayes.swag_collect_(ps, *native, n)
-        _reference.swag_collect_(ps, *ref, n)
-        for a, b in zip(native, ref):
-            torch.testing.assert_close(a, b, rtol=_tol(a.dtype), atol=_tol(a.dtype))
-    # independent closed form: mean and sq_mean of the trajectory so far (float64)
-    swa = torch.ops.pyfastbayes.swag_collect_
-    m = torch.zeros(P, dtype=state_dtype, device=device)
-    traj = []
-    for n in range(4):
-        ps = [torch.randn_like(p) for p in ps]
-        traj.append(torch.cat([p.reshape(-1).double() for p in ps]))
-        swa(ps, m, None, None, n)
-    torch.testing.assert_close(m.double(), torch.stack(traj).mean(0), rtol=1e-5, atol=1e-5)
-
-
-@needs_native
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
-@pytest.mark.parametrize("dev_dtype", [None] + DEV_DTYPES)
-def test_sample_op_matches_reference(device, state_dtype, dev_dtype):
-    P, K, S = 203, 5, 37  # P and S not multiples of 4; S > one CUDA draw tile (32)
-    mean = torch.randn(P, dtype=state_dtype, device=device)
-    sq = mean * mean + torch.rand(P, dtype=state_dtype, device=device)
-    sq[:3] = mean[:3] ** 2 - 1  # negative variance -> clamped to eps
-    D = None if dev_dtype is None else torch.randn(K, P, device=device).to(dev_dtype)
-    for offset in (0, 8):
-        a = torch.ops.pyfastbayes.swag_sample(mean, sq, D, S, 0.7, 1e-4, -12345, 3, offset)
-        b = _reference.swag_sample(mean, sq, D, S, 0.7, 1e-4, -12345, 3, offset)
-        assert a.shape == (S, P) and a.dtype == state_dtype
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
-    # column blocks with the global offset reproduce the full draw (what store_device='cpu' uses)
-    full = torch.ops.pyfastbayes.swag_sample(mean, sq, D, S, 0.7, 1e-4, 99, 0, 0)
-    c = 64
-    blocks = [torch.ops.pyfastbayes.swag_sample(mean[c0:c0 + c], sq[c0:c0 + c],
-                                                None if D is None else D[:, c0:c0 + c], S, 0.7, 1e-4, 99, 0, c0)
-              for c0 in range(0, P, c)]
-    torch.testing.assert_close(torch.cat(blocks, 1), full, rtol=1e-6, atol=1e-6)
-
-
-@needs_native
-def test_ops_empty_and_opcheck():
-    mean = torch.randn(10, dtype=torch.float64)
-    sq = mean * mean + 1
-    assert torch.ops.pyfastbayes.swag_sample(mean, sq, None, 0, 0.5, 0.0, 1).shape == (0, 10)
-    e = torch.zeros(0, dtype=torch.float64)
-    assert torch.ops.pyfastbayes.swag_sample(e, e, None, 3, 0.5, 0.0, 1).shape == (3, 0)
-    torch.ops.pyfastbayes.swag_collect_([], torch.zeros(0), None, None, 0)
-    ps = [torch.randn(3, 4), torch.randn(5)]
-    args = (ps, torch.zeros(17), torch.zeros(17), torch.zeros(17, dtype=torch.bfloat16), 2)
-    torch.library.opcheck(torch.ops.pyfastbayes.swag_collect_.default, args)
-    torch.library.opcheck(torch.ops.pyfastbayes.swag_collect_.default, (ps, torch.zeros(17), None, None, 0))
-    D = torch.randn(4, 10, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.pyfastbayes.swag_sample.default, (mean, sq, D, 6, 0.5, 1e-30, 7, 0, 4))
-    torch.library.opcheck(torch.ops.pyfastbayes.swag_sample.default, (mean, sq, None, 6, 0.5, 1e-30, 7))
-
-
-@needs_native
-def test_ops_reject_bad_arguments_before_writing():
-    ps = [torch.randn(3)]
-    mean, sq, dev = torch.zeros(3), torch.zeros(3), torch.zeros(3)
-    before = [t.clone() for t in (mean, sq, dev)]
-    bad = [
-        ((ps, torch.zeros(4), sq, dev, 0), "mean has 4 elements"),
-        ((ps, mean, sq, torch.zeros(3, dtype=torch.int32), 0), "deviation must be"),
-        ((ps, mean, None, dev, 0), "needs sq_mean"),
-        ((ps, mean, sq, dev, -1), "n \\(models averaged"),
-        ((ps, mean.int(), sq, dev, 0), "mean must be float32 or float64"),
-        ((ps, mean, sq.double(), dev, 0), "sq_mean must be"),
-    ]
-    for args, msg in bad:
-        with pytest.raises(RuntimeError, match=msg):
-            torch.ops.pyfastbayes.swag_collect_(*args)
-    for a, b in zip((mean, sq, dev), before):
-        assert torch.equal(a, b)
-    m = torch.zeros(8)
-    for args, msg in [((m, m, None, 2, 0.0, 0.0, 1), "scale must be"), ((m, m, torch.zeros(1, 8), 2, 1.0, 0.0, 1),
-                                                                         "K >= 2"),
-                      ((m, m, None, 2, 1.0, 0.0, 1, 0, 2), "multiple of 4"),
-                      ((m, m, torch.zeros(3, 7), 2, 1.0, 0.0, 1), "D must be")]:
-        with pytest.raises(RuntimeError, match=msg):
-            torch.ops.pyfastbayes.swag_sample(*args)
-
-
-def test_philox_normal_range_is_a_window_of_the_stream():
-    full = _reference.philox_normal(40, 5, 7, 1)
-    for start in (0, 3, 4, 13):
-        torch.testing.assert_close(_reference.philox_normal_range(start, 20, 5, 7, 1), full[start:start + 20])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,18 +390,6 @@ def _digits_run(X, y, tr, te):
 # ---------------------------------------------------------------------------------------------
 # CUDA
 # ---------------------------------------------------------------------------------------------
-@needs_cuda
-@needs_native
-def test_cuda_matches_cpu_streams():
-    torch.manual_seed(0)
-    mean = torch.randn(1001, dtype=torch.float64)
-    sq = mean * mean + torch.rand(1001, dtype=torch.float64)
-    D = torch.randn(6, 1001).bfloat16()
-    a = torch.ops.pyfastbayes.swag_sample(mean, sq, D, 40, 0.5, 1e-30, 42, 1, 0)
-    b = torch.ops.pyfastbayes.swag_sample(mean.cuda(), sq.cuda(), D.cuda(), 40, 0.5, 1e-30, 42, 1, 0)
-    torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
-
-
 @needs_cuda
 @pytest.mark.parametrize("dev_dtype", [torch.float32, torch.bfloat16])
 def test_cuda_store_device_cpu(dev_dtype):
