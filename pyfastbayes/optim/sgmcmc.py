@@ -11,30 +11,70 @@ launch on CUDA); the noise xi comes from an in-kernel Philox4x32-10 stream keyed
 once from the torch generator, so ``torch.manual_seed`` (or ``generator=``) fixes the chain,
 CPU and CUDA draw the same noise, and no noise tensor is ever allocated. Within a group, the i-th
 parameter that has a gradient in a step draws from Philox stream i at that step's counter.
+
+A step is all-or-nothing: every group is validated (hyper-parameters, gradients, layouts, memory
+overlap, non-finite gradients in 'raise' mode) before the first write, so a step that raises has
+changed no parameter, no state buffer and no RNG position. No tensor's memory may be updated
+twice: parameters that share memory (the same tensor twice, overlapping views, expanded views)
+are refused when they are added.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Iterable
+import operator
+import warnings
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import _native, ops
+from ._checks import Interval, check_hyper, memory_overlaps, overlaps_itself
 
 _NONFINITE = ("raise", "skip", "ignore")
+_BACKEND = {None: None, True: "native", False: "reference"}  # fused= -> backend= of the ops
+_POSITIVE, _NONNEGATIVE = Interval(), Interval(lo_closed=True)
+# hyper-parameter key of a param group -> (its slot name in ops.HYPER, allowed range)
+_COMMON_HYPER = {"lr": ("lr", _POSITIVE), "temperature": ("temperature", _NONNEGATIVE),
+                 "num_data": ("num_data", _POSITIVE), "prior_precision": ("prior_precision", _NONNEGATIVE)}
+_TORCH_DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
+_STATE_KEYS = ("rng", "hyper", "_hyper_cache")  # per-group state, kept with the group's first parameter
+_DTYPE, _DEVICE, _LAYOUT = (operator.attrgetter(a) for a in ("dtype", "device", "layout"))
 
 
-def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if torch.is_tensor(value):  # device-resident hyper-parameters are checked by the user
-        return
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+class _Plan(NamedTuple):
+    """One param group's share of a step, validated: the op's tensor lists and backend."""
+
+    index: int
+    group: dict
+    params: list[Tensor]  # those with a gradient
+    grads: list[Tensor]
+    backend: str | None
+
+
+def _name(gi: int, i: int, p: Tensor) -> str:
+    return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
+
+
+def _param_problem(p: Tensor) -> Exception | None:
+    """Why ``p`` cannot be a sampler parameter (the message completes its name), or None."""
+    if not torch.is_tensor(p):
+        return None  # torch.optim.Optimizer.add_param_group raises its own TypeError
+    if p.layout != torch.strided:
+        return ValueError(f"is a {p.layout} tensor; parameters must be dense (strided)")
+    if not p.is_floating_point():
+        return TypeError(f"has dtype {p.dtype}; parameters must be floating point")
+    if overlaps_itself(p):
+        return ValueError(f"overlaps itself (stride {tuple(p.stride())}: an expand()ed or as_strided view), so "
+                          f"one memory location would be updated several times per step; pass a tensor that "
+                          f"owns its elements, e.g. nn.Parameter(t.clone())")
+    return None
+
+
+def _by_device(flags: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    out: dict[torch.device, list[Tensor]] = {}
+    for f in flags:
+        out.setdefault(f.device, []).append(f)
+    return out
 
 
 class _SGMCMC(torch.optim.Optimizer):
@@ -42,39 +82,117 @@ class _SGMCMC(torch.optim.Optimizer):
 
     _op_name: str = ""
     _buffer: str | None = None  # name of the per-parameter state buffer, if any
-    _extra: tuple[str, ...] = ()  # method-specific hyper-parameters, in hyper[4:6]
+    _hyper: dict[str, tuple[str, Interval]] = _COMMON_HYPER  # subclasses add their ops.HYPER slots a, b
 
     def __init__(self, params, defaults: dict, fused: bool | None, nonfinite: str,
                  generator: torch.Generator | None):
-        self._check_hyper(defaults)
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        defaults = dict(defaults, fused=fused, nonfinite=nonfinite)
+        self._check_group(defaults, "")
         if fused and not _native.available():
             raise RuntimeError(f"{type(self).__name__}(fused=True): the pyfastbayes native extension is not "
                                f"loaded ({_native.LOAD_ERROR}); use fused=None or rebuild it")
-        defaults = dict(defaults, fused=fused, nonfinite=nonfinite)
-        super().__init__(params, defaults)
         self._generator = generator
+        super().__init__(params, defaults)  # calls add_param_group for every group
 
-    # ---- validation ---------------------------------------------------------------------
-    @classmethod
-    def _check_hyper(cls, group: dict) -> None:
-        _check_positive("lr", group["lr"])
-        _check_positive("num_data", group["num_data"])
-        _check_positive("temperature", group["temperature"], allow_zero=True)
-        _check_positive("prior_precision", group["prior_precision"], allow_zero=True)
+    # ---- validation of a group: hyper-parameters, parameter layouts, memory ---------------------
+    def _check_group(self, group: dict, where: str) -> None:
+        """Hyper-parameters, ``nonfinite`` and ``fused`` of one group (or the defaults, where='')."""
+        params = group.get("params") or []
+        device = params[0].device if params and torch.is_tensor(params[0]) else None
+        for key, (_, interval) in self._hyper.items():
+            check_hyper(key, group[key], interval, device, where)
+        if group["nonfinite"] not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {group['nonfinite']!r}"
+                             + (f" in {where}" if where else ""))
+        if group["fused"] not in _BACKEND:
+            raise TypeError(f"fused must be None, True or False, got {group['fused']!r}"
+                            + (f" in {where}" if where else ""))
+
+    def _check_param_memory(self, new_group: list) -> None:
+        """The parameters of ``new_group`` are usable and share no memory with each other or with
+        those of the groups already added (byte ranges compared, O(n log n))."""
+        gi_new = len(self.param_groups)
+        named = [(_name(gi, i, p), p) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])]
+        new = [(_name(gi_new, i, p), p) for i, p in enumerate(new_group) if torch.is_tensor(p)]
+        first_seen: dict[int, str] = {}
+        for name, p in named + new:
+            if id(p) in first_seen:
+                raise ValueError(f"{name} is the same tensor as {first_seen[id(p)]}: it would be updated twice "
+                                 f"per step; pass each tensor once")
+            first_seen[id(p)] = name
+        for name, p in new:
+            problem = _param_problem(p)
+            if problem is not None:
+                raise type(problem)(f"{name} {problem}")
+        everything = named + new
+        pairs = sorted((max(i, j), min(i, j)) for i, j in memory_overlaps([t for _, t in everything]))
+        if pairs:
+            later, earlier = pairs[0]
+            more = f" (and {len(pairs) - 1} more pairs)" if len(pairs) > 1 else ""
+            raise ValueError(f"{everything[later][0]} shares memory with {everything[earlier][0]}{more}: an element "
+                             f"would be updated twice per step (a data race on CUDA); pass disjoint tensors "
+                             f"(disjoint views of one tensor are fine)")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group as :meth:`torch.optim.Optimizer.add_param_group` does, after checking its
+        parameters (floating, dense, not expanded, no memory shared with any other parameter) and,
+        once the defaults are filled in, its hyper-parameters. A refused group is not added."""
+        if isinstance(param_group, dict) and "params" in param_group:
+            params = param_group["params"]
+            if torch.is_tensor(params):
+                params = [params]
+            elif not isinstance(params, set):  # torch refuses sets itself
+                params = param_group["params"] = list(params)  # a generator is read once
+            self._check_param_memory([p[1] if isinstance(p, tuple) else p for p in params])
+        with warnings.catch_warnings():  # duplicates were refused above: torch's warning cannot apply
+            warnings.filterwarnings("ignore", message=_TORCH_DUPLICATE_WARNING)
+            super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    # ---- validation of a step: every group, before anything is written --------------------------
+    def _plan(self) -> list[_Plan]:
+        """Validate every group for this step; raises before any write. Returns the groups with gradients."""
+        plans = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, f"param_groups[{gi}]")
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not self._uniform(params, grads):
+                self._explain(gi, group)
+            backend = _BACKEND[group["fused"]]
+            ops.select(self._op_name, params[0].device, backend)  # no kernel for fused=True: raises now
+            plans.append(_Plan(gi, group, params, grads, backend))
+        self._check_step_memory(plans)
+        return plans
+
+    @staticmethod
+    def _uniform(params: list[Tensor], grads: list[Tensor]) -> bool:
+        """Fast path: one floating dtype and one device, dense gradients of the parameters' shapes
+        (C-level maps: this runs for every tensor at every step)."""
+        both = params + grads
+        dtypes, devices = set(map(_DTYPE, both)), set(map(_DEVICE, both))
+        return (len(dtypes) == 1 and next(iter(dtypes)).is_floating_point and len(devices) == 1
+                and set(map(_LAYOUT, both)) == {torch.strided}
+                and list(map(Tensor.size, params)) == list(map(Tensor.size, grads)))
 
     def _explain(self, gi: int, group: dict) -> None:
-        """Raise a clear error naming the first parameter that the fused op cannot take."""
+        """Raise a clear error naming the first parameter of the group the fused op cannot take."""
         ref = None
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            where = f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
-            if p.grad.is_sparse or p.grad.layout != torch.strided:
+            where = _name(gi, i, p)
+            if p.grad.layout != torch.strided:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: {where}")
-            if not p.is_floating_point():
-                raise TypeError(f"{where} has dtype {p.dtype}; parameters must be floating point")
+            problem = _param_problem(p)
+            if problem is not None:
+                raise type(problem)(f"{where} {problem}")
             if ref is None:
                 ref = p
             elif p.device != ref.device or p.dtype != ref.dtype:
@@ -82,22 +200,84 @@ class _SGMCMC(torch.optim.Optimizer):
                                  f"{ref.dtype} on {ref.device}; put parameters of different devices or "
                                  f"dtypes in separate param groups")
             if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
-                raise ValueError(f"{where}: gradient is {p.grad.dtype} {tuple(p.grad.shape)} on {p.grad.device}")
+                raise ValueError(f"{where}: gradient is {p.grad.dtype} {tuple(p.grad.shape)} on {p.grad.device}; "
+                                 f"it must match its parameter")
+        raise RuntimeError(f"{type(self).__name__}: param_groups[{gi}] cannot be stepped (mixed tensors)")
 
-    # ---- device-resident state ----------------------------------------------------------
+    def _check_step_memory(self, plans: list[_Plan]) -> None:
+        """The parameters written this step share no memory with each other or with any gradient;
+        gradients that overlap themselves or each other are read from copies (exact: they are only
+        read). State buffers are allocated by the optimizer (or copied at load): they share nothing."""
+        params = [p for pl in plans for p in pl.params]
+        owners = [(pl, k) for pl in plans for k in range(len(pl.params))]  # flat index -> (plan, k)
+        if not all(map(Tensor.is_contiguous, params)):
+            for x, p in enumerate(params):
+                if overlaps_itself(p):  # re-pointed (p.data = ...) since it was added
+                    raise ValueError(f"{self._label(*owners[x])} {_param_problem(p)}; no parameter was changed")
+        for pl in plans:
+            if not all(map(Tensor.is_contiguous, pl.grads)):  # e.g. torch.ones(1).expand(n)
+                pl.grads[:] = [g.contiguous() if overlaps_itself(g) else g for g in pl.grads]
+        n = len(params)
+        for i, j in memory_overlaps(params + [g for pl in plans for g in pl.grads]):
+            i, j = min(i, j), max(i, j)
+            if i >= n:  # two gradients: read the later from its own memory
+                pl, k = owners[j - n]
+                pl.grads[k] = pl.grads[k].clone()
+                continue
+            later = f"the gradient of {self._label(*owners[j - n])}" if j >= n else self._label(*owners[j])
+            raise ValueError(f"{later} shares memory with {self._label(*owners[i])}: the step would write memory "
+                             f"that it also reads or writes elsewhere; no parameter was changed. Give each "
+                             f"parameter its own memory and its own gradient")
+
+    @staticmethod
+    def _label(plan: _Plan, k: int) -> str:
+        p = plan.params[k]
+        return _name(plan.index, next(i for i, q in enumerate(plan.group["params"]) if q is p), p)
+
+    def _nonfinite_skips(self, plans: list[_Plan]) -> list[Tensor | None]:
+        """The ``skip`` argument of each group's op. 'raise' groups with a NaN/inf raise here (one
+        host sync per device), before any write. With a 'skip' group on a device, a non-finite
+        gradient in any checked group of that device skips every group of that device (no sync)."""
+        modes = [pl.group["nonfinite"] for pl in plans]
+        flags = [None if m == "ignore" else ops.any_nonfinite(pl.grads, backend=pl.backend)
+                 for pl, m in zip(plans, modes)]
+        raising = [f for f, m in zip(flags, modes) if m == "raise"]
+        if raising and any(bool(torch.stack(fs).any()) for fs in _by_device(raising).values()):
+            self._raise_nonfinite(plans, flags)
+        skipping = {pl.params[0].device for pl, m in zip(plans, modes) if m == "skip"}
+        combined = {d: torch.stack(fs).any() for d, fs in _by_device([f for f in flags if f is not None]).items()
+                    if d in skipping}
+        return [combined.get(pl.params[0].device) for pl in plans]
+
+    def _raise_nonfinite(self, plans: list[_Plan], flags: list) -> None:
+        for pl, f in zip(plans, flags):
+            if pl.group["nonfinite"] == "raise" and bool(f):
+                bad = [i for i, g in enumerate(pl.grads) if not bool(torch.isfinite(g).all())]
+                raise RuntimeError(
+                    f"{type(self).__name__}: non-finite gradient in param_groups[{pl.index}] (tensors {bad} of "
+                    f"those with gradients); parameters were not changed (no group was stepped). Lower the "
+                    f"learning rate, clip gradients, or pass nonfinite='skip'.")
+
+    # ---- device-resident state ------------------------------------------------------------------
     def _hyper_values(self, group: dict) -> list:
-        extra = [group[k] for k in self._extra] + [0.0] * (2 - len(self._extra))
-        return [group["lr"], group["temperature"], group["num_data"], group["prior_precision"], *extra]
+        """The op's hyper vector [ops.HYPER.size], filled by slot name; numbers or 0-dim tensors."""
+        values: list = [0.0] * ops.HYPER.size
+        for key, (slot, _) in self._hyper.items():
+            values[getattr(ops.HYPER, slot)] = group[key]
+        return values
 
     def _group_state(self, group: dict, device: torch.device) -> dict:
+        """RNG position (seed drawn at the group's first step) and hyper vector on ``device``."""
         st = self.state[group["params"][0]]
         if "rng" not in st:
             seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=self._generator))
-            st["rng"] = torch.tensor([seed, 0], dtype=torch.int64, device=device)
+            rng = [0] * ops.RNG.size
+            rng[ops.RNG.seed] = seed
+            st["rng"] = torch.tensor(rng, dtype=torch.int64, device=device)
         elif st["rng"].device != device:
             st["rng"] = st["rng"].to(device)
         if "hyper" not in st or st["hyper"].device != device:
-            st["hyper"] = torch.zeros(6, dtype=torch.float64, device=device)
+            st["hyper"] = torch.zeros(ops.HYPER.size, dtype=torch.float64, device=device)
             st["_hyper_cache"] = None
         vals = self._hyper_values(group)
         floats = tuple(0.0 if torch.is_tensor(v) else float(v) for v in vals)
@@ -118,74 +298,116 @@ class _SGMCMC(torch.optim.Optimizer):
             out.append(st[self._buffer])
         return out
 
-    # ---- the step -----------------------------------------------------------------------
+    def _op_args(self, plan: _Plan) -> list:
+        """[params, grads, (buffers,) hyper, rng] of one group; creates missing state."""
+        st = self._group_state(plan.group, plan.params[0].device)
+        bufs = [self._buffers(plan.params)] if self._buffer else []
+        return [plan.params, plan.grads, *bufs, st["hyper"], st["rng"]]
+
+    # ---- the step -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One sampler step for every parameter group; returns ``closure()`` if given.
 
-        Raises ``RuntimeError`` (parameters untouched) when a gradient holds NaN/inf and
-        the group's ``nonfinite`` is 'raise'; 'skip' skips the step on the device without a host
-        sync (CUDA-graph friendly); 'ignore' does not check.
+        All groups step or none does: every group is validated first, and a step that raises
+        (bad hyper-parameter, gradient or layout; NaN/inf gradient with ``nonfinite='raise'``, the
+        default) has changed nothing. ``'skip'`` skips on the device without a host sync: a
+        non-finite gradient in any checked group skips every group on that device (the RNG does not
+        advance); ``'ignore'`` does not check that group's gradients.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            self._check_hyper(group)
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            dev = params[0].device
-            if any(p.device != dev for p in params) or any(g.layout != torch.strided for g in grads):
-                self._explain(gi, group)
-            st = self._group_state(group, dev)
-            skip = None
-            if group["nonfinite"] != "ignore":
-                skip = ops.any_nonfinite(grads)
-                if group["nonfinite"] == "raise" and bool(skip):
-                    bad = [i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all())]
-                    raise RuntimeError(
-                        f"{type(self).__name__}: non-finite gradient in param_groups[{gi}] (tensors {bad} of "
-                        f"those with gradients); parameters were not changed. Lower the learning rate, clip "
-                        f"gradients, or pass nonfinite='skip'.")
-            args = [params, grads] + ([self._buffers(params)] if self._buffer else [])
-            args += [st["hyper"], st["rng"], skip]
-            backend = {None: None, True: "native", False: "reference"}[group["fused"]]
-            step_op = getattr(ops, self._op_name)
-            if backend == "reference" or not _native.has_kernel(dev):
-                self._explain(gi, group)  # the reference does not validate its arguments itself
-            try:  # the op checks every argument before it writes anything
-                step_op(*args, backend=backend)
-            except RuntimeError:
-                self._explain(gi, group)  # a clearer message naming the parameter, if it can
-                raise
+        plans = self._plan()
+        skips = self._nonfinite_skips(plans)
+        args = [self._op_args(plan) for plan in plans]
+        step_op = getattr(ops, self._op_name)
+        for k, (plan, a, skip) in enumerate(zip(plans, args, skips)):
+            try:  # cannot fail for a validated plan; if it does, say honestly what was written
+                step_op(*a, skip, backend=plan.backend)
+            except RuntimeError as exc:
+                done = [p.index for p in plans[:k]]
+                raise RuntimeError(f"{type(self).__name__}: {self._op_name} failed on param_groups[{plan.index}] "
+                                   f"although the step was validated (please report this): {exc}; "
+                                   + (f"param_groups {done} were already stepped" if done else
+                                      "no parameter was changed (the op checks before it writes)")) from exc
         return loss
 
-    # ---- state_dict: keep the int64 RNG position exact ----------------------------------
+    # ---- state_dict: refuse foreign state, keep the int64 RNG position exact --------------------
+    def _check_loadable(self, state_dict: dict) -> None:
+        """Raise before anything is loaded when ``state_dict`` was not saved by this sampler class or
+        for parameters of these shapes and this order."""
+        me = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise TypeError(f"{me}.load_state_dict expects the dict of an optimizer's state_dict() "
+                            f"(keys 'state' and 'param_groups'), got {type(state_dict).__name__}")
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved)} param groups but this {me} has {len(self.param_groups)}")
+        foreign = {k for cls in _SGMCMC.__subclasses__() for k in cls._hyper} - set(self._hyper)
+        params = []
+        for gi, (group, mine) in enumerate(zip(saved, self.param_groups)):
+            missing = [k for k in (*self._hyper, "nonfinite", "fused") if k not in group]
+            extra = sorted(foreign & group.keys())
+            if missing or extra:
+                why = f"it has no {missing}" if missing else f"it has {extra}"
+                raise ValueError(f"state_dict['param_groups'][{gi}] was not saved by {me} ({why}; its keys: "
+                                 f"{sorted(k for k in group if k != 'params')}); load a state_dict saved by {me}")
+            if len(group["params"]) != len(mine["params"]):
+                raise ValueError(f"state_dict has {len(group['params'])} parameters in param_groups[{gi}] but this "
+                                 f"{me} has {len(mine['params'])} there")
+            self._check_group({**group, "params": mine["params"]}, f"state_dict['param_groups'][{gi}]")
+            params += [(saved_id, gi, i, p) for i, (saved_id, p) in enumerate(zip(group["params"], mine["params"]))]
+        self._check_saved_state(state_dict["state"], params)
+
+    def _check_saved_state(self, state: dict, params: list) -> None:
+        allowed = set(_STATE_KEYS) | ({self._buffer} if self._buffer else set())
+        for saved_id, gi, i, p in params:
+            entry = state.get(saved_id, {})
+            unknown = sorted(set(entry) - allowed)
+            if unknown:
+                raise ValueError(f"state_dict['state'][{saved_id}] has {unknown}, which {type(self).__name__} does "
+                                 f"not keep: it was saved by another optimizer; load a state_dict saved by "
+                                 f"{type(self).__name__}")
+            buf = entry.get(self._buffer) if self._buffer else None
+            if buf is not None and (not torch.is_tensor(buf) or tuple(buf.shape) != tuple(p.shape)):
+                raise ValueError(f"state_dict['state'][{saved_id}][{self._buffer!r}] has shape {tuple(getattr(buf, 'shape', ()))} "
+                                 f"but param_groups[{gi}]['params'][{i}] has shape {tuple(p.shape)}: the state was "
+                                 f"saved for parameters of other shapes or in another order; build the optimizer "
+                                 f"over the same parameters, in the same order, as the one that was saved")
+            rng = entry.get("rng")
+            if rng is not None and (not torch.is_tensor(rng) or rng.dtype != torch.int64
+                                    or tuple(rng.shape) != (ops.RNG.size,)):
+                raise ValueError(f"state_dict['state'][{saved_id}]['rng'] must be an int64 tensor of shape "
+                                 f"({ops.RNG.size},) = (seed, step), got {rng!r}")
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load state; the RNG position (seed, step) is restored exactly, so a chain resumes its stream."""
+        """Load state saved by this sampler class for parameters of the same shapes and order
+        (checked first: a refused state_dict changes nothing). The RNG position (seed, step) is
+        restored exactly, so a chain resumes its stream; state buffers are copied, never shared
+        with ``state_dict``."""
+        self._check_loadable(state_dict)
         saved = {k: v["rng"].clone() for k, v in state_dict["state"].items() if "rng" in v}
-        super().load_state_dict(state_dict)
-        id_to_param = {}
-        idx = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                id_to_param[idx] = p
-                idx += 1
+        super().load_state_dict(state_dict)  # casts every state tensor to its parameter's dtype
+        params = [p for group in self.param_groups for p in group["params"]]
+        id_to_param = dict(zip((k for g in state_dict["param_groups"] for k in g["params"]), params))
         for k, rng in saved.items():
-            p = id_to_param[int(k)]
-            self.state[p]["rng"] = rng.to(device=p.device, dtype=torch.int64)
-            self.state[p].pop("hyper", None)
+            p = id_to_param[k]
+            self.state[p]["rng"] = rng.to(device=p.device)  # int64 kept exactly
+            self.state[p].pop("hyper", None)  # rebuilt from the param group at the next step
             self.state[p].pop("_hyper_cache", None)
+        for p in params:
+            st = self.state.get(p)
+            if self._buffer and st and self._buffer in st:
+                st[self._buffer] = st[self._buffer].clone(memory_format=torch.preserve_format)
 
     def seed(self, group: int = 0) -> int:
         """The 64-bit Philox seed of a parameter group (drawn at its first step)."""
         st = self.state[self.param_groups[group]["params"][0]]
         if "rng" not in st:
             raise RuntimeError("the seed is drawn at the first step; call step() first")
-        return int(st["rng"][0])
+        return int(st["rng"][ops.RNG.seed])
 
 
 class SGLD(_SGMCMC):
@@ -199,8 +421,10 @@ class SGLD(_SGMCMC):
     T = 0 is plain (noise-free) gradient descent on U.
 
     Args:
-        params: iterable of tensors [any shape] or param-group dicts.
-        lr: step size (> 0); may be changed per step (schedules) or be a 0-dim device tensor.
+        params: iterable of tensors [any shape] or param-group dicts. No two may share memory
+            (disjoint views of one tensor are fine); expanded views are refused.
+        lr: step size (> 0); may be changed per step (schedules) or be a 0-dim float32/float64
+            tensor on the parameters' device (read live each step, its value is not checked).
         num_data: N, the number of training points (> 0); scales the minibatch mean gradient.
         temperature: T >= 0.  prior_precision: alpha >= 0 of the Gaussian prior N(0, 1/alpha).
         fused: None picks the native kernel when it exists for the device, True insists, False
@@ -231,20 +455,13 @@ class SGHMC(_SGMCMC):
 
     _op_name = "sghmc_step_"
     _buffer = "momentum_buffer"
-    _extra = ("friction",)
+    _hyper = {**_COMMON_HYPER, "friction": ("a", Interval(0.0, 1.0, hi_closed=True))}
 
     def __init__(self, params: Iterable, lr: float, num_data: int, friction: float = 0.1,
                  temperature: float = 1.0, prior_precision: float = 0.0, fused: bool | None = None,
                  nonfinite: str = "raise", generator: torch.Generator | None = None):
         super().__init__(params, dict(lr=lr, num_data=num_data, friction=friction, temperature=temperature,
                                       prior_precision=prior_precision), fused, nonfinite, generator)
-
-    @classmethod
-    def _check_hyper(cls, group: dict) -> None:
-        super()._check_hyper(group)
-        f = group["friction"]
-        if not torch.is_tensor(f) and not (0.0 < float(f) <= 1.0):
-            raise ValueError(f"friction must be in (0, 1], got {f}")
 
 
 class PSGLD(_SGMCMC):
@@ -261,17 +478,10 @@ class PSGLD(_SGMCMC):
 
     _op_name = "psgld_step_"
     _buffer = "square_avg"
-    _extra = ("alpha", "eps")
+    _hyper = {**_COMMON_HYPER, "alpha": ("a", Interval(0.0, 1.0, lo_closed=True)), "eps": ("b", _POSITIVE)}
 
     def __init__(self, params: Iterable, lr: float, num_data: int, alpha: float = 0.99, eps: float = 1e-5,
                  temperature: float = 1.0, prior_precision: float = 0.0, fused: bool | None = None,
                  nonfinite: str = "raise", generator: torch.Generator | None = None):
         super().__init__(params, dict(lr=lr, num_data=num_data, alpha=alpha, eps=eps, temperature=temperature,
                                       prior_precision=prior_precision), fused, nonfinite, generator)
-
-    @classmethod
-    def _check_hyper(cls, group: dict) -> None:
-        super()._check_hyper(group)
-        if not torch.is_tensor(group["alpha"]) and not (0.0 <= float(group["alpha"]) < 1.0):
-            raise ValueError(f"alpha must be in [0, 1), got {group['alpha']}")
-        _check_positive("eps", group["eps"])
