@@ -1,0 +1,15 @@
+"""Model plumbing shared by every posterior.
+
+- :class:`ParamLayout` (params.py): a model's trainable named parameters <-> one flat [P] vector
+  (``flatten``, ``unflatten`` for ``torch.func.functional_call``, ``write_`` in place), checked
+  against the model at every access.
+- :func:`update_bn`, :func:`refresh_bn`, :class:`ModeGuard` (batchnorm.py): BatchNorm statistics
+  for the current weights (torch's ``update_bn`` call form) and the train/eval mode guard.
+- :func:`iterate_inputs` and the ``input_fn`` / ``output_fn`` adapters (inputs.py): what is fed to
+  the model and what it returns.
+"""
+from .batchnorm import ModeGuard, bn_modules, refresh_bn, update_bn
+from .inputs import iterate_inputs
+from .params import ParamLayout
+
+__all__ = ["ParamLayout", "update_bn", "refresh_bn", "bn_modules", "ModeGuard", "iterate_inputs"]

@@ -1,0 +1,116 @@
+"""BatchNorm statistics for a set of weights, and the train/eval mode guard.
+
+A weight draw changes the activations, so the BatchNorm running statistics collected while
+training do not fit it: :func:`update_bn` recomputes them in one pass over data (as
+``torch.optim.swa_utils.update_bn``), :func:`refresh_bn` does the same for weights and buffers
+swapped in with ``torch.func.functional_call`` (the posteriors' per-draw refresh), and
+:class:`ModeGuard` sets train or eval mode and restores every submodule's own flag afterwards.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .inputs import call_model, iterate_inputs, to_device
+
+__all__ = ["update_bn", "refresh_bn", "bn_modules", "ModeGuard"]
+
+
+def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers (1d/2d/3d, SyncBatchNorm, lazy) of ``model`` that track running
+    statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+class ModeGuard:
+    """Context manager: ``model.train(training)`` on entry; on exit every submodule gets back its
+    own train/eval flag (``model.train(flag)`` on exit would overwrite submodules that were in
+    another mode than the root, e.g. a frozen BatchNorm kept in eval mode)."""
+
+    def __init__(self, model: nn.Module, training: bool):
+        self.model, self.training = model, bool(training)
+
+    def __enter__(self) -> "ModeGuard":
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.train(self.training)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+@torch.no_grad()
+def refresh_bn(model: nn.Module, loader, tensors: dict[str, Tensor] | None = None, device=None,
+               batch_size: int = 1024, input_fn: Callable | None = None) -> None:
+    """Recompute the BatchNorm running statistics in one pass over ``loader`` in train mode with
+    the cumulative average (momentum None), as ``torch.optim.swa_utils.update_bn`` does.
+
+    Args:
+        model: the network. No-op when it has no BatchNorm layer tracking statistics.
+        loader: a tensor [N, ...] (split into ``batch_size`` rows) or an iterable of batches
+            (see :func:`pyfastbayes.nn.inputs.model_input`; ``input_fn`` picks the input).
+        tensors: None -> the model's own parameters and buffers are used and the buffers updated;
+            else name -> tensor (parameters and buffers) run through ``functional_call``, and the
+            BatchNorm buffers *in this dict* are updated in place (the model's are untouched).
+        device: where the inputs are moved (None: not moved).
+
+    Momenta and every submodule's train/eval flag are restored, also on error. A loader without
+    batches raises ValueError.
+    """
+    bns = bn_modules(model)
+    if not bns:
+        return
+    names = {m: n for n, m in model.named_modules()}
+    for m in bns:
+        pre = names[m] + "." if names[m] else ""
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            t = tensors[pre + k] if tensors is not None else getattr(m, k)
+            if t is not None:
+                t.fill_(1 if k == "running_var" else 0)
+    momenta = [(m, m.momentum) for m in bns]
+    fn = model if tensors is None else (lambda *a: functional_call(model, tensors, a))
+    try:
+        for m in bns:
+            m.momentum = None  # cumulative moving average over the pass
+        with ModeGuard(model, True):
+            seen = False
+            for b in iterate_inputs(loader, batch_size, input_fn):
+                call_model(fn, b if device is None else to_device(b, device))
+                seen = True
+            if not seen:
+                raise ValueError("bn_loader / loader yielded no batches: the BatchNorm statistics need data")
+    finally:
+        for m, mom in momenta:
+            m.momentum = mom
+
+
+def update_bn(loader, model: nn.Module, device=None, *, batch_size: int = 1024,
+              input_fn: Callable | None = None) -> None:
+    """Recompute the BatchNorm running statistics of ``model`` for its current parameters.
+
+    Same call form and result as ``torch.optim.swa_utils.update_bn(loader, model, device=None)``:
+    one pass over ``loader`` in train mode with the cumulative average (momentum None), then the
+    momenta are restored. Differences: every submodule's own train/eval flag is restored (torch
+    sets all of them to the root's), ``loader`` may also be a tensor [N, ...] (split into
+    ``batch_size`` rows), ``input_fn`` (item -> model input) handles dict batches, and ``device``
+    defaults to the device of the model's parameters (or buffers; inputs stay where they are for a
+    model with neither). No-op without BatchNorm layers.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} (call form: "
+                        "update_bn(loader, model, device=None))")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    refresh_bn(model, loader, None, dev, batch_size, input_fn)

@@ -1,0 +1,89 @@
+"""What the model is fed and what it returns: batches of a tensor or a loader, ``input_fn`` and
+``output_fn`` adapters, shared by :func:`~pyfastbayes.nn.update_bn` and every posterior's
+``predict``.
+
+Accepted without adapters: a tensor [N, ...] (split into batches of rows), or an iterable whose
+items are tensors or (input, target, ...) tuples/lists (the first element is the input), and a
+model returning a tensor. Anything else (dict batches, several model inputs, models returning
+tuples or dicts) goes through ``input_fn`` (item -> a tensor, or a tuple of tensors passed as
+positional arguments) and ``output_fn`` (model output -> a tensor [N, ...]).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["iterate_inputs", "model_input", "model_output", "call_model", "to_device"]
+
+ModelInput = Any  # a tensor, or a tuple of positional arguments (from input_fn)
+
+
+def model_input(item, input_fn: Callable | None = None) -> ModelInput:
+    """The model input of one loader item: ``input_fn(item)`` when given, else the item itself (a
+    tensor) or its first element (a tuple/list whose first element is a tensor). Other items
+    raise a TypeError saying what is accepted."""
+    if input_fn is not None:
+        out = input_fn(item)
+        if not (torch.is_tensor(out) or (isinstance(out, tuple) and out)):
+            raise TypeError(f"input_fn must return a tensor or a non-empty tuple of positional model "
+                            f"arguments, got {type(out).__name__}")
+        return out
+    if torch.is_tensor(item):
+        return item
+    if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
+        return item[0]
+    if isinstance(item, Mapping):
+        keys = ", ".join(repr(k) for k in list(item)[:5])
+        raise TypeError(f"the loader yields dicts (keys {keys}); pass input_fn=lambda batch: batch[<key>] "
+                        "(a tensor, or a tuple of positional model arguments) to pick the model input")
+    raise TypeError(f"cannot find the model input in a loader item of type {type(item).__name__}: items must be "
+                    "tensors or (input, target, ...) tuples whose first element is a tensor; pass "
+                    "input_fn=... (item -> tensor or tuple of model arguments) for anything else")
+
+
+def iterate_inputs(data, batch_size: int, input_fn: Callable | None = None) -> Iterator[ModelInput]:
+    """Yield model inputs from a tensor [N, ...] (split into ``batch_size`` rows, then passed
+    through ``input_fn`` when given) or from an iterable of loader items (see :func:`model_input`)."""
+    if torch.is_tensor(data):
+        if data.dim() == 0:
+            raise ValueError("x must have a batch dimension: a tensor [N, ...], got a 0-dim tensor")
+        for b in data.split(batch_size):
+            yield model_input(b, input_fn)
+        return
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError(f"x must be a tensor [N, ...] or an iterable of batches (a DataLoader), got "
+                        f"{type(data).__name__}") from None
+    for item in it:
+        yield model_input(item, input_fn)
+
+
+def to_device(inp: ModelInput, device) -> ModelInput:
+    """Move a model input (a tensor, or a tuple of arguments: its tensors) to ``device``."""
+    if isinstance(inp, tuple):
+        return tuple(a.to(device) if torch.is_tensor(a) else a for a in inp)
+    return inp.to(device)
+
+
+def call_model(fn: Callable, inp: ModelInput):
+    """``fn(*inp)`` for a tuple of arguments, else ``fn(inp)``."""
+    return fn(*inp) if isinstance(inp, tuple) else fn(inp)
+
+
+def model_output(out, output_fn: Callable | None = None) -> Tensor:
+    """The tensor [N, ...] of one model output: ``output_fn(out)`` when given, else ``out`` itself,
+    which must then be a tensor (TypeError saying how to pick it otherwise)."""
+    if output_fn is not None:
+        out = output_fn(out)
+        if not torch.is_tensor(out):
+            raise TypeError(f"output_fn must return a tensor [N, ...], got {type(out).__name__}")
+        return out
+    if not torch.is_tensor(out):
+        hint = "out[0]" if isinstance(out, (tuple, list)) else "out['logits']" if isinstance(out, Mapping) else "..."
+        raise TypeError(f"the model returned a {type(out).__name__}, not a tensor; pass "
+                        f"output_fn=lambda out: {hint} to pick the outputs [N, ...] (logits for classification)")
+    return out
