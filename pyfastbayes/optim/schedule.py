@@ -5,6 +5,13 @@ import math
 
 import torch
 
+from ._checks import Interval, check_integer, check_number
+
+__all__ = ["CyclicalSchedule", "SAMPLING_TEMPERATURE"]
+
+SAMPLING_TEMPERATURE = "sampling_temperature"  # param-group key: the temperature while sampling
+_CONFIG = ("total_steps", "n_cycles", "lr_max", "explore_fraction")
+
 
 class CyclicalSchedule:
     r"""Cosine cycles of the step size, noise off while exploring, samples at the end of a cycle.
@@ -14,28 +21,34 @@ class CyclicalSchedule:
         lr(t) = lr_max / 2 * (cos(pi * r(t)) + 1)
 
     While r(t) < ``explore_fraction`` the chain explores (temperature 0: optimisation); after
-    that it samples (the optimizer's own temperature). :meth:`apply` writes both into an
-    optimizer's param groups and returns whether the step is in the sampling phase, i.e. whether
-    to keep the draw.
+    that it samples. :meth:`apply` writes both into an optimizer's param groups and returns whether
+    the step is in the sampling phase, i.e. whether to keep the draw. The last step of a cycle, or
+    of the run (the last cycle may be shorter), is :meth:`is_cycle_end`.
+
+    The sampling temperature of each param group is kept in the group itself, under the key
+    ``'sampling_temperature'``, set once from the group's ``temperature`` the first time
+    :meth:`apply` sees the group. So a group added later samples at its own temperature, and an
+    optimizer ``state_dict`` saved while exploring (temperature 0) resumes with the right one, even
+    under a fresh schedule. To change it during a run, set ``group['sampling_temperature']``.
 
     Args:
-        total_steps: T > 0, steps of the whole run.  n_cycles: M, 1 <= M <= T.
+        total_steps: T >= 1, steps of the whole run.  n_cycles: M, 1 <= M <= T.
         lr_max: peak step size (> 0).  explore_fraction: beta in [0, 1].
     """
 
     def __init__(self, total_steps: int, n_cycles: int, lr_max: float, explore_fraction: float = 0.8):
-        if int(total_steps) < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if not 1 <= int(n_cycles) <= int(total_steps):
-            raise ValueError(f"n_cycles must be in [1, total_steps={total_steps}], got {n_cycles}")
-        if not (math.isfinite(lr_max) and lr_max > 0):
-            raise ValueError(f"lr_max must be > 0, got {lr_max}")
-        if not 0.0 <= explore_fraction <= 1.0:
-            raise ValueError(f"explore_fraction must be in [0, 1], got {explore_fraction}")
-        self.total_steps, self.n_cycles = int(total_steps), int(n_cycles)
-        self.lr_max, self.explore_fraction = float(lr_max), float(explore_fraction)
-        self.cycle_length = math.ceil(self.total_steps / self.n_cycles)
-        self._temperatures: dict[int, float] | None = None
+        self._configure(total_steps, n_cycles, lr_max, explore_fraction)
+        self._legacy: dict[int, float] = {}  # sampling temperatures from a state_dict of the old format
+
+    def _configure(self, total_steps, n_cycles, lr_max, explore_fraction) -> None:
+        total = check_integer("total_steps", total_steps, 1)
+        cycles = check_integer("n_cycles", n_cycles, 1)
+        if cycles > total:
+            raise ValueError(f"n_cycles must be in [1, total_steps={total}], got {n_cycles}")
+        lr = check_number("lr_max", lr_max, Interval())
+        beta = check_number("explore_fraction", explore_fraction, Interval(0.0, 1.0, True, True))
+        self.total_steps, self.n_cycles, self.lr_max, self.explore_fraction = total, cycles, lr, beta
+        self.cycle_length = math.ceil(total / cycles)
 
     def phase(self, step: int) -> float:
         """r(t) in [0, 1): position of ``step`` (0-based) inside its cycle."""
@@ -54,23 +67,35 @@ class CyclicalSchedule:
         return (int(step) + 1) % self.cycle_length == 0 or int(step) + 1 == self.total_steps
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
-        """Set lr and temperature of every param group for ``step``; returns :meth:`is_sampling`.
+        """Set lr and temperature of every param group for ``step`` (0-based); returns :meth:`is_sampling`.
 
-        The groups' temperatures at the first call are the sampling temperatures.
+        Groups with a ``temperature`` get their ``'sampling_temperature'`` while sampling and 0
+        while exploring; the key is set from ``temperature`` when a group does not have it yet.
         """
-        if self._temperatures is None:
-            self._temperatures = {i: g.get("temperature", 1.0) for i, g in enumerate(optimizer.param_groups)}
-        sampling = self.is_sampling(step)
-        for i, g in enumerate(optimizer.param_groups):
-            g["lr"] = self.lr(step)
-            if "temperature" in g:
-                g["temperature"] = self._temperatures.get(i, 1.0) if sampling else 0.0
+        check_integer("step", step, 0)
+        sampling, lr = self.is_sampling(step), self.lr(step)
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr
+            if "temperature" in group:
+                if SAMPLING_TEMPERATURE not in group:
+                    group[SAMPLING_TEMPERATURE] = self._legacy.get(i, group["temperature"])
+                group["temperature"] = group[SAMPLING_TEMPERATURE] if sampling else 0.0
         return sampling
 
     def state_dict(self) -> dict:
-        """Picklable state (the remembered sampling temperatures)."""
-        return {"temperatures": self._temperatures}
+        """The schedule's configuration (the sampling temperatures live in the optimizer's groups)."""
+        return {k: getattr(self, k) for k in _CONFIG}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`."""
-        self._temperatures = state["temperatures"]
+        """Restore :meth:`state_dict` (checked first: a refused state changes nothing). A state of
+        the old format ({'temperatures': {group: T}}) supplies the sampling temperatures of groups
+        that do not have one yet."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from CyclicalSchedule.state_dict(), got {type(state).__name__}")
+        if "temperatures" in state and not set(_CONFIG) & state.keys():
+            self._legacy = {int(i): t for i, t in (state["temperatures"] or {}).items()}
+            return
+        missing = [k for k in _CONFIG if k not in state]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}; pass the dict of CyclicalSchedule.state_dict()")
+        self._configure(*(state[k] for k in _CONFIG))
