@@ -17,7 +17,7 @@ from torch import nn
 from bench.common import bench, row
 
 import pyfastbayes
-from pyfastbayes.swag import SWA, SWAG
+from pyfastbayes.posteriors import SWA, SWAG
 
 SUITE = "swag"
 K, S = 20, 32
@@ -49,19 +49,21 @@ def _eager_collect(state, params, n):
 
 
 def _eager_sample_one(mean, sq, D, scale):
-    """One draw: theta = mean + sqrt(scale) (sigma z1 / sqrt 2 + D^T z2 / sqrt(2 (K - 1)))."""
+    """One draw as swa_gaussian: theta = mean + sqrt(scale) (sigma z1 + D^T z2 / sqrt(K - 1)), i.e.
+    covariance scale (diag(sigma^2) + D^T D / (K - 1)), the convention of SWAG.sample."""
     var = torch.clamp(sq - mean * mean, min=1e-30)
     z1 = torch.randn_like(mean)
     z2 = torch.randn(D.shape[0], device=mean.device, dtype=mean.dtype)
-    low = D.t().matmul(z2) / math.sqrt(2 * (D.shape[0] - 1))
-    return mean + math.sqrt(scale) * (var.sqrt() * z1 / math.sqrt(2) + low)
+    low = D.t().matmul(z2) / math.sqrt(D.shape[0] - 1)
+    return mean + math.sqrt(scale) * (var.sqrt() * z1 + low)
 
 
 def _eager_sample_batched(mean, sq, D, scale, n):
+    """All n draws of :func:`_eager_sample_one` as two big tensor expressions."""
     var = torch.clamp(sq - mean * mean, min=1e-30)
     z1 = torch.randn(n, mean.numel(), device=mean.device, dtype=mean.dtype)
     z2 = torch.randn(n, D.shape[0], device=mean.device, dtype=mean.dtype)
-    return mean + math.sqrt(scale) * (var.sqrt() * z1 / math.sqrt(2) + (z2 @ D) / math.sqrt(2 * (D.shape[0] - 1)))
+    return mean + math.sqrt(scale) * (var.sqrt() * z1 + (z2 @ D) / math.sqrt(D.shape[0] - 1))
 
 
 def _copy_bandwidth(device: str, P: int) -> float:
@@ -86,17 +88,22 @@ def _peak_mb(fn, device: str) -> float | str:
 
 
 def run(device: str, quick: bool) -> list[dict]:
+    """The suite's rows (see the module docstring for sizes and baselines)."""
     P = 2**18 if quick else (2**25 if device == "cuda" else 2**22)
     rep = dict(warmup=1, repeat=3) if quick else (dict(warmup=3, repeat=10) if device == "cuda"
                                                  else dict(warmup=1, repeat=5))
     torch.manual_seed(0)
     model = _Flat(P, device)
     params = [p.detach() for p in model.parameters()]
-    rows = []
     case = f"P=2^{int(math.log2(P))} ({len(params)} tensors), K={K}"
     bw = _copy_bandwidth(device, P) if device == "cuda" else None
+    return _collect_rows(model, params, case, device, rep, bw) + _sample_rows(model, params, case, device, rep, bw)
 
-    # ---- collect ------------------------------------------------------------------------------
+
+def _collect_rows(model, params, case, device, rep, bw) -> list[dict]:
+    """SWAG.collect (its non-finite check included) vs the eager swa_gaussian-style update, SWA.collect
+    vs AveragedModel."""
+    P, rows = sum(p.numel() for p in params), []
     eager = {"mean": [torch.zeros_like(p) for p in params], "sq": [torch.zeros_like(p) for p in params],
              "D": [torch.zeros(0, p.numel(), device=device) for p in params]}
     for n in range(K):  # fill the ring so that every timed call pays the steady-state cat + drop
@@ -104,6 +111,7 @@ def run(device: str, quick: bool) -> list[dict]:
     cnt = [K]
 
     def eager_step():
+        """One eager collect at the steady state (the ring already full)."""
         _eager_collect(eager, params, cnt[0])
         cnt[0] += 1
 
@@ -126,8 +134,12 @@ def run(device: str, quick: bool) -> list[dict]:
     t = bench(swa.collect, device, **rep)
     rows.append(row(SUITE, "SWA update " + case, "pyfastbayes SWA.collect", t, t_avg, 3 * 4 * P / bw if bw else None))
     del swa
+    return rows
 
-    # ---- sampling: 32 draws ---------------------------------------------------------------------
+
+def _sample_rows(model, params, case, device, rep, bw) -> list[dict]:
+    """S = 32 draws: SWAG.sample vs 32 eager single draws and an eager batched sampler."""
+    P, rows = sum(p.numel() for p in params), []
     for dt, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
         swag = SWAG(model, max_rank=K, deviation_dtype=dt)
         with torch.no_grad():

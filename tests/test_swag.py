@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyfastbayes import SWA, SWAG, MultiSWAG, ops
-from pyfastbayes import swag as swag_mod
+from pyfastbayes.posteriors import swag as swag_mod  # _COLUMN_BLOCK lives here since the restructure
 
-from conftest import DEVICES, needs_cuda
+from _helpers import DEVICES, needs_cuda, needs_native, require
 
 DEV_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -32,6 +32,17 @@ def _jiggle(model, scale=0.3):
 
 def _flat(model):
     return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+
+
+def _snapshot(post):
+    """A posterior's state dict with its tensors cloned."""
+    return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in post.state_dict().items()}
+
+
+def _assert_state_is(post, before):
+    now = post.state_dict()
+    for k, v in before.items():
+        assert (torch.equal(v, now[k]) if torch.is_tensor(v) else v == now[k]), k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +70,7 @@ def test_collect_ring_buffer_wraps(device, dev_dtype):
                                    rtol=4 * _tol(dev_dtype), atol=4 * _tol(dev_dtype) + 1e-5)
 
 
+@needs_native  # without the extension both runs are the reference and the comparison could not fail
 def test_swag_native_equals_reference_fallback(monkeypatch):
     def run():
         torch.manual_seed(3)
@@ -120,7 +132,7 @@ def test_mixed_dtype_model_and_sample_():
     torch.testing.assert_close(swag.mean, torch.stack(traj).mean(0), rtol=1e-12, atol=1e-12)
     theta = swag.sample(1, generator=torch.Generator().manual_seed(0))[0]
     swag.sample_(generator=torch.Generator().manual_seed(0))
-    for p, v in zip(model.parameters(), swag._unflatten(theta).values()):
+    for p, v in zip(model.parameters(), swag.layout.unflatten(theta).values()):
         assert p.dtype == v.dtype and torch.equal(p.detach(), v)
     swag.load_mean_()
     torch.testing.assert_close(_flat(model), swag.mean, rtol=1e-2, atol=1e-2)  # bf16 bias rounds
@@ -139,11 +151,12 @@ def _posterior(P_in=3, P_out=2, K=4, collects=6, dtype=torch.float64):
 
 
 def _cov(swag, scale, cov):
+    """Dense covariance: scale (diag(sigma^2) + D^T D / (K - 1)), or scale diag(sigma^2) (issue 8 item 13)."""
     var = swag.variance().double()
     if cov == "diag":
         return scale * torch.diag(var)
     D, K = swag.deviations().double(), swag.rank
-    return scale * (torch.diag(var) / 2 + D.T @ D / (2 * (K - 1)))
+    return scale * (torch.diag(var) + D.T @ D / (K - 1))
 
 
 @pytest.mark.parametrize("cov", ["lowrank", "diag"])
@@ -166,8 +179,8 @@ def test_log_prob_matches_torch_distributions():
     scale = 0.3
     K = swag.rank
     var = swag.variance()
-    low = torch.distributions.LowRankMultivariateNormal(
-        swag.mean, swag.deviations().T * math.sqrt(scale / (2 * (K - 1))), scale * var / 2)
+    low = torch.distributions.LowRankMultivariateNormal(  # covariance scale (diag(var) + D^T D / (K - 1))
+        swag.mean, swag.deviations().T * math.sqrt(scale / (K - 1)), scale * var)
     th = swag.sample(6, scale=scale, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(swag.log_prob(th, scale=scale), low.log_prob(th), rtol=1e-8, atol=0)
     torch.testing.assert_close(swag.log_prob(th[2], scale=scale), low.log_prob(th[2]), rtol=1e-8, atol=0)
@@ -180,6 +193,12 @@ def test_log_prob_matches_torch_distributions():
         torch.testing.assert_close(swag.log_prob(th, scale=scale), low.log_prob(th), rtol=1e-8, atol=0)
     finally:
         swag_mod._COLUMN_BLOCK = swag_mod_block
+    # the defaults: scale 0.5 with the low-rank part, 1.0 for the diagonal (item 13)
+    half = torch.distributions.LowRankMultivariateNormal(swag.mean, swag.deviations().T * math.sqrt(0.5 / (K - 1)),
+                                                        0.5 * var)
+    torch.testing.assert_close(swag.log_prob(th), half.log_prob(th), rtol=1e-8, atol=0)
+    full_diag = torch.distributions.Independent(torch.distributions.Normal(swag.mean, var.sqrt()), 1)
+    torch.testing.assert_close(swag.log_prob(th, cov="diag"), full_diag.log_prob(th), rtol=1e-8, atol=0)
 
 
 def test_sampling_is_reproducible_and_seeded():
@@ -246,7 +265,7 @@ def test_update_bn_matches_torch_and_predict_refreshes_bn_per_draw():
     probs = []
     for th in draws:
         m2 = copy.deepcopy(model)
-        swag._write(th, m2)
+        swag.layout.write_(th, m2)
         torch.optim.swa_utils.update_bn([b for b, _ in loader], m2)
         probs.append(m2.eval()(xt).softmax(-1))
     torch.testing.assert_close(p, torch.stack(probs).mean(0), rtol=1e-5, atol=1e-6)
@@ -265,7 +284,7 @@ def test_predict_regression_and_multiswag_mixture():
     x = torch.randn(6, 5, dtype=torch.float64)
     mean, var = swags[0].predict(x, n_samples=4, likelihood="regression", progress=False,
                                  generator=torch.Generator().manual_seed(1))
-    outs = torch.stack([torch.func.functional_call(models[0], swags[0]._unflatten(t), (x,))
+    outs = torch.stack([torch.func.functional_call(models[0], swags[0].layout.unflatten(t), (x,))
                         for t in swags[0].sample(4, generator=torch.Generator().manual_seed(1))])
     torch.testing.assert_close(mean, outs.mean(0))
     torch.testing.assert_close(var, outs.var(0, unbiased=False))
@@ -306,7 +325,7 @@ def test_bad_input_raises_and_leaves_state_unchanged():
     swag.sample(2, cov="diag")  # the diagonal works after one collect
     _jiggle(model)
     swag.collect()
-    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in swag.state_dict().items()}
+    state = _snapshot(swag)
     for scale in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="scale"):
             swag.sample(2, scale=scale)
@@ -328,9 +347,7 @@ def test_bad_input_raises_and_leaves_state_unchanged():
     model.add_module("extra", nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="trainable tensors now"):
         swag.collect()
-    now = swag.state_dict()
-    for k, v in state.items():
-        assert (torch.equal(v, now[k]) if torch.is_tensor(v) else v == now[k]), k
+    _assert_state_is(swag, state)
     diag_only = SWAG(_mlp(), max_rank=0)
     diag_only.collect()
     with pytest.raises(ValueError, match="diagonal only"):
@@ -345,7 +362,7 @@ def test_bad_input_raises_and_leaves_state_unchanged():
 # end to end: digits
 # ---------------------------------------------------------------------------------------------
 def test_digits_swag_bma_beats_swa_and_last_iterate():
-    load_digits = pytest.importorskip("sklearn.datasets").load_digits
+    load_digits = require("sklearn.datasets", "the digits data").load_digits
 
     X, y = load_digits(return_X_y=True)
     X, y = torch.tensor(X, dtype=torch.float32) / 16, torch.tensor(y)

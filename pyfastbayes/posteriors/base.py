@@ -1,0 +1,252 @@
+r"""The one :class:`Posterior` interface and the one Bayesian-model-averaging loop.
+
+A posterior over a network's trainable weights (P numbers, flattened by
+:class:`pyfastbayes.nn.ParamLayout`) provides its draws; this base class does the rest:
+
+- :meth:`Posterior.sample` ``(n, *, generator=None) -> [n, P]`` (abstract: the posterior's draws),
+- :meth:`Posterior.sample_` ``(model=None, *, generator=None) -> model``: one draw written into
+  the model in place,
+- :meth:`Posterior.predict` ``(x, n_samples=30, *, likelihood='classification', bn_loader=None,
+  batch_size=1024, progress=False, generator=None, input_fn=None, output_fn=None)``: the Bayesian
+  model average :math:`\frac1S\sum_s p(y \mid x, \theta_s)` over S draws,
+- :meth:`Posterior.state_dict` / :meth:`Posterior.load_state_dict` (abstract).
+
+The averaging loop (:meth:`Posterior._average`) runs every draw through
+``torch.func.functional_call`` (the model's own parameters and buffers are never written), in eval
+mode (every submodule's own flag restored afterwards, also on error), with the BatchNorm
+statistics recomputed for each draw when ``bn_loader`` is given (on copies of the buffers), the
+inputs batched and moved to the model's device once, and an optional tqdm bar over the draws.
+
+Likelihoods: ``'classification'`` averages softmax probabilities of outputs [N, C] -> [N, C];
+``'regression'`` returns (mean [N, ...], variance over draws [N, ...]) of the outputs (the
+epistemic part: add the noise variance for the predictive one).
+"""
+from __future__ import annotations
+
+import abc
+import numbers
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..nn import ModeGuard, ParamLayout, bn_modules, refresh_bn
+from ..nn.inputs import call_model, iterate_inputs, model_output, to_device
+
+__all__ = ["Posterior", "LIKELIHOODS"]
+
+LIKELIHOODS = ("classification", "regression")
+_DRAW_BYTES = 256 << 20  # iter_samples keeps each batch of draws [batch, P] under this size
+
+Source = tuple[ParamLayout, Iterable[Tensor]]  # (where the draws go, the flat draws [P])
+
+
+def check_count(value, name: str, minimum: int) -> int:
+    """An int (not a bool) >= minimum, else TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_likelihood(likelihood) -> str:
+    """``likelihood`` if it is one of :data:`LIKELIHOODS`, else a ValueError listing them."""
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    return likelihood
+
+
+class _Average:
+    """Running Bayesian model average of one likelihood over draws (see the module docstring).
+
+    Probabilities are summed and divided at the end; regression outputs use Welford's update
+    (mean and sum of squared deviations), which does not cancel catastrophically like
+    E[f^2] - E[f]^2. Half-precision outputs are promoted to float32.
+    """
+
+    def __init__(self, likelihood: str):
+        self.likelihood = likelihood
+        self.count = 0
+        self.acc: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def _transform(self, out: Tensor) -> Tensor:
+        if out.dtype in (torch.float16, torch.bfloat16):
+            out = out.float()
+        if self.likelihood == "classification":
+            return out.softmax(-1)
+        return out
+
+    def add(self, out: Tensor) -> None:
+        """Add the outputs [N, ...] of one draw."""
+        out = self._transform(out)
+        self.count += 1
+        if self.acc is None:
+            self.acc = out.clone()
+            if self.likelihood == "regression":
+                self.m2 = torch.zeros_like(out)
+            return
+        out = out.to(self.acc.device)
+        if self.likelihood != "regression":
+            self.acc += out
+            return
+        delta = out - self.acc
+        self.acc += delta / self.count
+        self.m2 += delta * (out - self.acc)
+
+    def result(self) -> Tensor | tuple[Tensor, Tensor]:
+        """The average: probabilities [N, C], or (mean, variance over draws) [N, ...]."""
+        if self.likelihood != "regression":
+            return self.acc / self.count
+        return self.acc, self.m2 / self.count
+
+
+class Posterior(abc.ABC):
+    """A distribution over the trainable weights of ``model`` (P numbers, see
+    :class:`pyfastbayes.nn.ParamLayout`), with Bayesian model averaging over its draws.
+
+    Subclasses implement :meth:`sample`, :meth:`state_dict` and :meth:`load_state_dict`; they get
+    :meth:`sample_`, :meth:`iter_samples` and :meth:`predict` (the one averaging loop), and may
+    override :meth:`predict` to add sampling options (their own keyword arguments) while calling
+    :meth:`_average` with their draws.
+
+    Attributes:
+        layout: the :class:`~pyfastbayes.nn.ParamLayout` of the model.  model: ``layout.model``.
+        numel: P.
+    """
+
+    kind = "Posterior"
+
+    def __init__(self, model: nn.Module):
+        self.layout = ParamLayout(model, owner=self.kind)
+
+    @property
+    def model(self) -> nn.Module:
+        """The network the posterior was built for (default target of ``sample_`` and ``predict``)."""
+        return self.layout.model
+
+    @property
+    def numel(self) -> int:
+        """P, the number of trainable parameters."""
+        return self.layout.numel
+
+    # ---- draws ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws [n, P] from the posterior (``generator``: the torch generator the randomness
+        comes from; default the global one)."""
+
+    @torch.no_grad()
+    def sample_(self, model: nn.Module | None = None, *, generator: torch.Generator | None = None) -> nn.Module:
+        """Write one draw into the parameters of ``model`` (default: :attr:`model`) in place (one
+        [P] temporary, no deep copy); returns the model. The model is checked first; BatchNorm
+        statistics are not touched (call :func:`pyfastbayes.nn.update_bn` afterwards)."""
+        self.layout.params(model)
+        return self.layout.write_(self.sample(1, generator=generator)[0], model)
+
+    def iter_samples(self, n: int, *, generator: torch.Generator | None = None, **options) -> Iterator[Tensor]:
+        """Yield ``n`` draws [P] one by one, generated by :meth:`sample` (``options`` passed on) in
+        batches whose [batch, P] stays under 256 MB."""
+        n = check_count(n, "n", 0)
+        return self._iter_samples(n, generator, options)
+
+    def _iter_samples(self, n: int, generator, options: dict) -> Iterator[Tensor]:
+        per = max(1, min(n, _DRAW_BYTES // max(1, self.numel * 8)))
+        for s0 in range(0, n, per):
+            yield from self.sample(min(per, n - s0), generator=generator, **options)
+
+    # ---- prediction ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x, n_samples: int = 30, *, likelihood: str = "classification", bn_loader=None,
+                batch_size: int = 1024, progress: bool = False, generator: torch.Generator | None = None,
+                input_fn: Callable | None = None, output_fn: Callable | None = None):
+        """Bayesian model average over ``n_samples`` draws of :meth:`sample`.
+
+        Args:
+            x: inputs [N, ...] (split into ``batch_size`` rows) or an iterable of batches: tensors
+                or (input, target, ...) tuples; ``input_fn`` (item -> tensor or tuple of model
+                arguments) for anything else, e.g. dict batches.
+            n_samples: S >= 1 draws.
+            likelihood: 'classification' -> mean of softmax(outputs) [N, C]; 'regression' ->
+                (mean [N, ...], variance over draws [N, ...]) of the outputs.
+            bn_loader: when given, the BatchNorm statistics are recomputed for every draw in one
+                pass over it (same accepted forms as ``x``; copies of the buffers).
+            batch_size: rows per forward pass when ``x`` / ``bn_loader`` are tensors.
+            progress: tqdm bar over the draws.  generator: the randomness of the draws.
+            output_fn: model output -> the tensor [N, ...] (e.g. ``lambda out: out[0]`` for a model
+                returning a tuple).
+        """
+        n = check_count(n_samples, "n_samples", 1)
+        return self._average([(self.layout, self.iter_samples(n, generator=generator))], x, total=n,
+                             likelihood=likelihood, bn_loader=bn_loader, batch_size=batch_size, progress=progress,
+                             input_fn=input_fn, output_fn=output_fn)
+
+    @torch.no_grad()
+    def _average(self, sources: Iterable[Source], x, *, total: int, likelihood: str, bn_loader, batch_size: int,
+                 progress: bool, input_fn: Callable | None, output_fn: Callable | None):
+        """THE Bayesian-model-averaging loop: every flat draw [P] of every (layout, draws) source
+        runs through its layout's model (see the module docstring); ``total`` sizes the bar."""
+        check_likelihood(likelihood)
+        batch_size = check_count(batch_size, "batch_size", 1)
+        sources = list(sources)
+        for layout, _ in sources:
+            layout.params()  # the model still has the recorded parameters
+        inputs = list(iterate_inputs(x, batch_size, input_fn))
+        if not inputs:
+            raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
+        on_device: dict[torch.device, list] = {}
+        avg = _Average(likelihood)
+        with tqdm(total=total, desc=f"{self.kind} BMA", leave=False, disable=not progress) as bar:
+            for layout, draws in sources:
+                batches = on_device.setdefault(layout.device, [to_device(b, layout.device) for b in inputs])
+                with ModeGuard(layout.model, False):
+                    for theta in draws:
+                        avg.add(_forward(layout, theta, batches, bn_loader, batch_size, input_fn, output_fn))
+                        bar.update()
+        if avg.count == 0:
+            raise RuntimeError(f"the {self.kind} produced no draws to average")
+        return avg.result()
+
+    # ---- state ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to restore the posterior (tensors cloned), with its kind and layout."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (checked first; nothing changes when it does not fit)."""
+
+    def _state_header(self) -> dict:
+        return {"kind": self.kind, "layout": self.layout.describe()}
+
+    def _check_header(self, state) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict must be a dict (from {self.kind}.state_dict()), got {type(state).__name__}")
+        if state.get("kind") != self.kind:
+            raise ValueError(f"state_dict is of a {state.get('kind')!r}, expected {self.kind!r}")
+        self.layout.check_description(state.get("layout"))
+
+
+def _forward(layout: ParamLayout, theta: Tensor, batches: list, bn_loader, batch_size: int,
+             input_fn: Callable | None, output_fn: Callable | None) -> Tensor:
+    """Outputs [N, ...] of the model at the flat draw ``theta`` [P] (eval mode is set by the
+    caller), the BatchNorm statistics recomputed on copies of the buffers when ``bn_loader`` is
+    given."""
+    model = layout.model
+    tensors = layout.unflatten(theta.to(layout.device))
+    buffers = dict(model.named_buffers())
+    if bn_loader is not None and bn_modules(model):
+        buffers = {k: v.clone() for k, v in buffers.items()}
+        tensors.update(buffers)
+        refresh_bn(model, bn_loader, tensors, layout.device, batch_size, input_fn)
+    else:
+        tensors.update(buffers)
+
+    def fn(*args):
+        """The model at ``tensors`` (parameters of the draw, buffers)."""
+        return functional_call(model, tensors, args)
+
+    return torch.cat([model_output(call_model(fn, b), output_fn) for b in batches])

@@ -1,0 +1,111 @@
+"""An equal-weight mixture of SWAG posteriors from independent runs (Wilson & Izmailov 2020):
+:class:`MultiSWAG`. It goes through each component's public interface (``sample``,
+``iter_samples``, ``state_dict``) and averages with the shared loop of
+:class:`~pyfastbayes.posteriors.base.Posterior`."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Posterior, check_count
+from .swag import SWAG
+
+__all__ = ["MultiSWAG"]
+
+
+class MultiSWAG(Posterior):
+    """An equal-weight mixture of M SWAG posteriors over models with the same parameter layout.
+
+    Draws are stratified: of S draws, component i gets S // M (+1 for the first S % M), in
+    component order, so each run contributes in proportion to its weight 1 / M without sampling
+    noise in the counts. Each component's draws run through its own model (its own buffers);
+    ``scale=None`` means each component's default for ``cov`` (see :class:`SWAG`).
+
+    Args:
+        posteriors: M >= 1 :class:`SWAG` objects over models with the same parameter layout.
+
+    Attributes:
+        layout, model: those of the first component (the default target of :meth:`sample_`).
+    """
+
+    kind = "MultiSWAG"
+
+    def __init__(self, posteriors: Sequence[SWAG]):
+        posteriors = list(posteriors)
+        if not posteriors:
+            raise ValueError("MultiSWAG needs at least one SWAG")
+        for i, p in enumerate(posteriors):
+            if not isinstance(p, SWAG):
+                raise TypeError(f"posteriors[{i}] is a {type(p).__name__}, expected SWAG")
+        if any(p.numel != posteriors[0].numel for p in posteriors):
+            raise ValueError(f"the SWAGs track different parameter counts: {[p.numel for p in posteriors]}")
+        self.posteriors = posteriors
+        self.layout = posteriors[0].layout
+
+    def __len__(self) -> int:
+        return len(self.posteriors)
+
+    def __getitem__(self, i: int) -> SWAG:
+        return self.posteriors[i]
+
+    def _counts(self, n: int) -> list[int]:
+        M = len(self.posteriors)
+        return [n // M + (i < n % M) for i in range(M)]
+
+    def _check(self, n, scale, cov, name: str = "n", minimum: int = 0) -> int:
+        n = check_count(n, name, minimum)
+        for p in self.posteriors:
+            p._check_draw_args(0, scale, cov)
+        return n
+
+    def sample(self, n: int, *, scale: float | None = None, cov: str = "lowrank",
+               generator: torch.Generator | None = None) -> Tensor:
+        """S = n draws [n, P] from the mixture (component blocks in order, on the first
+        component's device; see the class docstring)."""
+        n = self._check(n, scale, cov)
+        parts = [p.sample(k, scale=scale, cov=cov, generator=generator)
+                 for p, k in zip(self.posteriors, self._counts(n)) if k]
+        if not parts:
+            return self.posteriors[0].sample(0, scale=scale, cov=cov)
+        dev = parts[0].device
+        return torch.cat([q.to(dev) for q in parts])
+
+    @torch.no_grad()
+    def sample_(self, model: nn.Module | None = None, *, scale: float | None = None, cov: str = "lowrank",
+                generator: torch.Generator | None = None) -> nn.Module:
+        """Write one mixture draw into ``model`` (default: the first component's model) in place:
+        a component picked uniformly at random (from ``generator``), then one of its draws."""
+        self._check(1, scale, cov)
+        self.layout.params(model)
+        i = int(torch.randint(len(self), (), generator=generator))
+        theta = self.posteriors[i].sample(1, scale=scale, cov=cov, generator=generator)[0]
+        return self.layout.write_(theta, model)
+
+    @torch.no_grad()
+    def predict(self, x, n_samples: int = 30, *, scale: float | None = None, cov: str = "lowrank",
+                likelihood: str = "classification", bn_loader=None, batch_size: int = 1024, progress: bool = False,
+                generator: torch.Generator | None = None, input_fn: Callable | None = None,
+                output_fn: Callable | None = None):
+        """Bayesian model average over ``n_samples`` stratified mixture draws, each component's
+        through its own model; arguments and outputs as in :meth:`SWAG.predict`."""
+        n = self._check(n_samples, scale, cov, "n_samples", 1)
+        sources = [(p.layout, p.iter_samples(k, generator=generator, scale=scale, cov=cov))
+                   for p, k in zip(self.posteriors, self._counts(n)) if k]
+        return self._average(sources, x, total=n, likelihood=likelihood, bn_loader=bn_loader, batch_size=batch_size,
+                             progress=progress, input_fn=input_fn, output_fn=output_fn)
+
+    def state_dict(self) -> dict:
+        """The components' state dicts, in order."""
+        return {"kind": self.kind, "components": [p.state_dict() for p in self.posteriors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (all components checked before any is changed)."""
+        comps = state.get("components", []) if isinstance(state, dict) else []
+        if not isinstance(state, dict) or state.get("kind") != self.kind or len(comps) != len(self.posteriors):
+            raise ValueError(f"state_dict is not a MultiSWAG of {len(self.posteriors)} components")
+        for p, s in zip(self.posteriors, comps):
+            p._check_state(s)
+        for p, s in zip(self.posteriors, comps):
+            p.load_state_dict(s)

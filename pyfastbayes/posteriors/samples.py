@@ -1,0 +1,152 @@
+"""Stored parameter draws (e.g. from an SG-MCMC chain) as a posterior: :class:`SampleBuffer`."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .base import Posterior, check_count
+
+__all__ = ["SampleBuffer"]
+
+_ORDER = "oldest_first"  # state_dict layout of the draws since issue 8
+
+
+class SampleBuffer(Posterior):
+    """Flat copies of parameter draws of ``model`` and their Bayesian model average.
+
+    Keeps the newest ``max_samples`` draws in a ring buffer :attr:`draws` [max_samples, P]
+    (P = the trainable parameters, see :class:`pyfastbayes.nn.ParamLayout`); ``thin`` keeps every
+    ``thin``-th call of :meth:`collect`. The posterior is the empirical distribution of the stored
+    draws: :meth:`sample` picks stored draws uniformly at random, :meth:`predict` averages over
+    all of them (or over ``n_samples`` random picks).
+
+    Args:
+        model: the network whose trainable parameters are drawn (any floating dtypes, one device).
+        max_samples: capacity S_max >= 1.  thin: >= 1.
+        device: where draws are kept (default: the parameters' device).
+        dtype: storage dtype (default: the promoted dtype of the parameters, i.e. theirs when
+            they all share one).
+
+    Attributes:
+        draws: [max_samples, P] ring storage (physical order; :meth:`stored` gives oldest to
+            newest).  count: draws collected so far (also those overwritten since).
+    """
+
+    kind = "SampleBuffer"
+
+    def __init__(self, model: nn.Module, max_samples: int, thin: int = 1, device=None,
+                 dtype: torch.dtype | None = None):
+        max_samples = check_count(max_samples, "max_samples", 1)
+        thin = check_count(thin, "thin", 1)
+        super().__init__(model)
+        dtype = self.layout.dtype if dtype is None else dtype
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.device = torch.device(device) if device is not None else self.layout.device
+        self.max_samples, self.thin = max_samples, thin
+        self.draws = torch.empty(max_samples, self.numel, dtype=dtype, device=self.device)
+        self.count = 0
+        self._calls = 0
+        self._len = 0  # rows holding draws
+        self._next = 0  # ring row the next collect writes
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _rows(self) -> list[int]:
+        """Physical rows of the stored draws, oldest first."""
+        return [(self._next - self._len + i) % self.max_samples for i in range(self._len)]
+
+    @torch.no_grad()
+    def collect(self, model: nn.Module | None = None) -> bool:
+        """Store the current parameters of ``model`` (default: :attr:`model`), subject to
+        thinning; the oldest draw is overwritten when full. Returns True if stored."""
+        ps = self.layout.params(model)
+        self._calls += 1
+        if (self._calls - 1) % self.thin:
+            return False
+        row = self.draws[self._next]
+        for p, o in zip(ps, self.layout.offsets):
+            row[o:o + p.numel()].copy_(p.reshape(-1))
+        self._next = (self._next + 1) % self.max_samples
+        self._len = min(self._len + 1, self.max_samples)
+        self.count += 1
+        return True
+
+    def stored(self) -> Tensor:
+        """The stored draws [len, P], oldest first (a view when the ring has not wrapped)."""
+        if self._len < self.max_samples or self._next == 0:  # rows 0 .. len - 1 in order
+            return self.draws[:self._len]
+        return torch.cat([self.draws[self._next:], self.draws[:self._next]])
+
+    def params_of(self, index: int) -> dict[str, Tensor]:
+        """Draw ``index`` (0 = oldest stored) as a dict name -> view [shape of the parameter]."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self):
+            raise IndexError(f"draw {index!r} out of range: {len(self)} stored (0 = oldest)")
+        return self.layout.unflatten(self.draws[self._rows()[index]])
+
+    def _require_draws(self) -> None:
+        if len(self) == 0:
+            raise RuntimeError("the SampleBuffer holds no draws yet: call collect() first")
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws [n, P] picked uniformly at random (with replacement) from the stored ones
+        (``generator``: a CPU torch generator; default the global one)."""
+        n = check_count(n, "n", 0)
+        self._require_draws()
+        idx = torch.randint(len(self), (n,), generator=generator)
+        rows = torch.tensor(self._rows(), dtype=torch.long)[idx]
+        return self.draws[rows.to(self.device)]
+
+    @torch.no_grad()
+    def predict(self, x, n_samples: int | None = None, *, likelihood: str = "classification", bn_loader=None,
+                batch_size: int = 1024, progress: bool = False, generator: torch.Generator | None = None,
+                input_fn: Callable | None = None, output_fn: Callable | None = None):
+        """Bayesian model average over the stored draws: all of them, oldest first (``n_samples``
+        None), or ``n_samples`` picks of :meth:`sample`. Other arguments and the outputs as in
+        :meth:`Posterior.predict` ('classification' -> [N, C], 'regression' -> (mean, epistemic
+        variance over draws)); eval mode, the model untouched."""
+        self._require_draws()
+        if n_samples is None:
+            draws, total = iter(self.stored()), len(self)
+        else:
+            total = check_count(n_samples, "n_samples", 1)
+            draws = self.iter_samples(total, generator=generator)
+        return self._average([(self.layout, draws)], x, total=total, likelihood=likelihood, bn_loader=bn_loader,
+                             batch_size=batch_size, progress=progress, input_fn=input_fn, output_fn=output_fn)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Kind, layout, the stored draws [len, P] oldest first, count and thinning position."""
+        sd = self._state_header()
+        sd.update(draws=self.stored().clone(), count=self.count, calls=self._calls, order=_ORDER)
+        return sd
+
+    def _logical_draws(self, state: dict) -> Tensor:
+        """The saved draws oldest first (state dicts written before issue 8 kept the ring order)."""
+        d = state.get("draws")
+        if not torch.is_tensor(d) or d.dim() != 2 or d.shape[1] != self.numel:
+            raise ValueError(f"state_dict draws must be a tensor [S, {self.numel}], got "
+                             f"{tuple(d.shape) if torch.is_tensor(d) else type(d).__name__}")
+        if state.get("order") == _ORDER or len(d) == 0:
+            return d
+        return d.roll(-(int(state["count"]) % len(d)), 0) if int(state["count"]) > len(d) else d
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into this buffer: exactly the saved draws, in their order.
+        A buffer with fewer rows than saved draws keeps the newest ``max_samples`` of them.
+        Checked first: nothing changes when the state does not fit."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
+        if "kind" in state:  # older state dicts had no header
+            self._check_header(state)
+        d = self._logical_draws(state)
+        count, calls = int(state["count"]), int(state["calls"])
+        if count < len(d) or calls < 0:
+            raise ValueError(f"state_dict count {count} is smaller than its {len(d)} draws")
+        d = d[-self.max_samples:] if len(d) > self.max_samples else d
+        self.draws[:len(d)].copy_(d)
+        self._len, self._next = len(d), len(d) % self.max_samples
+        self.count, self._calls = count, calls

@@ -1,0 +1,318 @@
+r"""SWA-Gaussian (Maddox et al. 2019): :class:`SWAG`.
+
+The posterior tracks the model's trainable parameters, flattened by
+:class:`pyfastbayes.nn.ParamLayout` (P numbers). Each :meth:`SWAG.collect` is ONE fused op over all
+parameter tensors (``pyfastbayes.ops.swag_collect_``) that updates the running mean and mean of
+squares and writes the deviation of theta from the *updated* mean into row ``n % K`` of a
+preallocated ring buffer D [K, P] (no ``torch.cat``, no reallocation; the oldest row is
+overwritten).
+
+**Covariance and scale.** ``scale`` multiplies the whole covariance, as in swa_gaussian:
+
+.. math::
+    \Sigma_{\text{lowrank}} = \text{scale}\,\Big(\mathrm{diag}(\sigma^2) + \tfrac{1}{K-1} D^\top D\Big),
+    \qquad \Sigma_{\text{diag}} = \text{scale}\,\mathrm{diag}(\sigma^2),
+
+with :math:`\sigma^2 = \max(\overline{\theta^2} - \bar\theta^2, \text{var\_clamp})` and K the number
+of deviation rows collected so far (at most ``max_rank``). A draw is
+:math:`\theta = \bar\theta + \sqrt{\text{scale}}\,\sigma\odot z_1 + \sqrt{\text{scale}/(K-1)}\,D^\top z_2`
+(``cov='lowrank'``) or :math:`\bar\theta + \sqrt{\text{scale}}\,\sigma\odot z_1` (``cov='diag'``),
+z1 ~ N(0, I_P), z2 ~ N(0, I_K). The default ``scale=None`` is the SWAG paper's posterior for each
+covariance: 0.5 for ``'lowrank'`` (N(theta_SWA, (Sigma_diag + D^T D / (K - 1)) / 2)) and 1.0 for
+``'diag'`` (N(theta_SWA, Sigma_diag), SWAG-Diagonal).
+
+Randomness: each :meth:`SWAG.sample` call draws one 64-bit seed from the torch generator (the
+global one, or ``generator=``) per block of at most ``ops.SWAG.max_draws`` draws, and the kernel
+generates z1 in-kernel from the Philox4x32-10 stream (seed, ``ops.SWAG.diag_stream`` + draw index)
+at the parameter's flat index, and z2 [S, K] from the stream (seed, ``ops.SWAG.lowrank_stream``),
+element s * K + k (see ``csrc/common/swag.h``): CPU, CUDA and the pure-PyTorch reference draw the
+same numbers, and ``torch.manual_seed`` fixes every draw.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .base import check_count
+from .swa import PARAM_DTYPES, SWA
+
+__all__ = ["SWAG", "DEFAULT_SCALE"]
+
+COVS = ("lowrank", "diag")
+DEFAULT_SCALE = {"lowrank": 0.5, "diag": 1.0}  # the SWAG paper's posterior for each covariance
+_COLUMN_BLOCK = 1 << 22  # columns per block when D lives on another device than the mean (and in log_prob)
+
+
+def check_cov(cov) -> str:
+    """``cov`` if it is one of :data:`COVS`, else a ValueError listing them."""
+    if cov not in COVS:
+        raise ValueError(f"cov must be one of {COVS}, got {cov!r}")
+    return cov
+
+
+def check_scale(scale, cov: str) -> float:
+    """``scale`` as a float > 0; None -> :data:`DEFAULT_SCALE` of ``cov``."""
+    if scale is None:
+        return DEFAULT_SCALE[cov]
+    if isinstance(scale, bool):
+        raise TypeError("scale must be a number, got bool")
+    try:
+        s = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}") from None
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"scale must be a finite number > 0 (it multiplies the covariance), got {scale}")
+    return s
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """One 64-bit seed from ``generator`` (default: the global CPU generator)."""
+    dev = generator.device if generator is not None else "cpu"
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator, device=dev))
+
+
+class SWAG(SWA):
+    r"""SWA-Gaussian posterior N(mean, Sigma) over the model's trainable parameters (see the module
+    docstring for Sigma and ``scale``).
+
+    Memory: mean and sq_mean [P] in ``dtype``, D [K, P] in ``deviation_dtype`` (the dominant
+    term: 80 bytes per parameter at K = 20 in float32, 40 in bfloat16), plus a [P] staging row
+    when D is kept on another device than the model.
+
+    Args:
+        model: the network (trainable parameters, order of ``model.named_parameters()``; mixed
+            dtypes allowed, all on one device, CPU or CUDA).
+        max_rank: K, rows of the deviation ring buffer; 0 keeps the diagonal only, else >= 2.
+        deviation_dtype: float32, bfloat16, float16 (or float64) storage of D; default ``dtype``.
+        store_device: where D lives; ``'cpu'`` with a CUDA model keeps it in pinned host memory
+            (each collect writes the row on the GPU and copies it asynchronously; sampling streams
+            D back in column blocks).
+        var_clamp: eps of sigma^2 = max(sq_mean - mean^2, eps).
+        dtype: float32 or float64 for mean and sq_mean (default float64 if any parameter is
+            float64, else float32).
+    """
+
+    kind = "SWAG"
+
+    def __init__(self, model: nn.Module, max_rank: int = 20, deviation_dtype: torch.dtype | None = None,
+                 store_device=None, var_clamp: float = 1e-30, dtype: torch.dtype | None = None):
+        if isinstance(max_rank, bool) or not isinstance(max_rank, int):
+            raise TypeError(f"max_rank must be an int, got {type(max_rank).__name__}")
+        if max_rank == 1 or max_rank < 0:
+            raise ValueError(f"max_rank must be 0 (diagonal only) or >= 2 (the low-rank part divides by K - 1), "
+                             f"got {max_rank}")
+        if not (math.isfinite(float(var_clamp)) and float(var_clamp) >= 0):
+            raise ValueError(f"var_clamp must be finite and >= 0, got {var_clamp}")
+        super().__init__(model, dtype)
+        if deviation_dtype is None:
+            deviation_dtype = self.dtype
+        if deviation_dtype not in PARAM_DTYPES:
+            raise TypeError(f"deviation_dtype must be one of float32, bfloat16, float16, float64; got {deviation_dtype}")
+        self.max_rank = max_rank
+        self.var_clamp = float(var_clamp)
+        self.deviation_dtype = deviation_dtype
+        self.store_device = torch.device(store_device) if store_device is not None else self.device
+        pin = self.store_device.type == "cpu" and self.device.type == "cuda"
+        self.sq_mean = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        self.D = torch.zeros(max_rank, self.numel, dtype=deviation_dtype, device=self.store_device, pin_memory=pin)
+        self._stage = (torch.empty(self.numel, dtype=deviation_dtype, device=self.device)
+                       if max_rank and self.store_device != self.device else None)
+
+    @property
+    def rank(self) -> int:
+        """Deviation rows collected so far, at most ``max_rank`` (the K used by sampling)."""
+        return min(self.n_averaged, self.max_rank)
+
+    @property
+    def position(self) -> int:
+        """Ring-buffer row that the next :meth:`collect` overwrites."""
+        return self.n_averaged % self.max_rank if self.max_rank else 0
+
+    def _sync_store(self) -> None:
+        """Wait for pending device -> pinned-host copies of deviation rows."""
+        if self._stage is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    # ---- collecting ----------------------------------------------------------------------------
+    def _update(self, ps: list[Tensor]) -> None:
+        """One fused update: mean, sq_mean, and the deviation theta - mean (updated mean) into ring
+        row ``position``; the oldest row is overwritten once K rows are full."""
+        row = None
+        if self.max_rank:
+            row = self._stage if self._stage is not None else self.D[self.position]
+        ops.swag_collect_(ps, self.mean, self.sq_mean, row, self.n_averaged)
+        if self._stage is not None:
+            self.D[self.position].copy_(self._stage, non_blocking=True)
+
+    def variance(self) -> Tensor:
+        """sigma^2 = max(sq_mean - mean^2, var_clamp) [P] (the diagonal part, before ``scale``)."""
+        self._require_collected()
+        return (self.sq_mean - self.mean * self.mean).clamp_min(self.var_clamp)
+
+    def deviations(self) -> Tensor:
+        """The collected deviation rows D[:K] [K, P] (a view, no copy; physical ring order)."""
+        self._sync_store()
+        return self.D[: self.rank]
+
+    # ---- sampling ------------------------------------------------------------------------------
+    def _check_draw_args(self, n, scale, cov) -> tuple[int, float, str]:
+        n = check_count(n, "n", 0)
+        cov = check_cov(cov)
+        scale = check_scale(scale, cov)
+        self._require_collected()
+        if cov == "lowrank" and self.rank < 2:
+            if self.max_rank == 0:
+                raise ValueError("cov='lowrank' needs max_rank >= 2; this SWAG keeps the diagonal only "
+                                 "(use cov='diag')")
+            raise RuntimeError(f"cov='lowrank' needs >= 2 collected deviations, have {self.rank}: collect more "
+                               "or use cov='diag'")
+        return n, scale, cov
+
+    def _draw_block(self, n: int, scale: float, cov: str, seed: int) -> Tensor:
+        K = self.rank if cov == "lowrank" else 0
+        if K == 0 or self.D.device == self.device:
+            return ops.swag_sample(self.mean, self.sq_mean, self.D[:K] if K else None, n, scale, self.var_clamp,
+                                   seed)
+        # D on another device: stream it to the mean's device in column blocks (noise indexed globally)
+        self._sync_store()
+        out = torch.empty(n, self.numel, dtype=self.dtype, device=self.device)
+        for c0 in range(0, self.numel, _COLUMN_BLOCK):
+            c1 = min(c0 + _COLUMN_BLOCK, self.numel)
+            blk = self.D[:K, c0:c1].to(self.device, non_blocking=True)
+            out[:, c0:c1] = ops.swag_sample(self.mean[c0:c1], self.sq_mean[c0:c1], blk, n, scale, self.var_clamp,
+                                            seed, 0, c0)
+        return out
+
+    def sample(self, n: int, *, scale: float | None = None, cov: str = "lowrank",
+               generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws [n, P] (dtype of the state, on the model's device) in one batched kernel:
+        mean, variance and D are read once for all draws and the noise is generated in-kernel.
+
+        Args:
+            n: S >= 0, number of draws.
+            scale: > 0, multiplies the covariance; None: 0.5 for 'lowrank', 1.0 for 'diag'.
+            cov: 'lowrank' (diagonal + low-rank, needs >= 2 collected rows) or 'diag'.
+            generator: torch generator the draws' seeds come from (default: the global one).
+        """
+        n, scale, cov = self._check_draw_args(n, scale, cov)
+        step = ops.SWAG.max_draws
+        parts = [self._draw_block(min(step, n - s0), scale, cov, draw_seed(generator)) for s0 in range(0, n, step)]
+        if not parts:
+            return self.mean.new_empty(0, self.numel)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @torch.no_grad()
+    def sample_(self, model: nn.Module | None = None, *, scale: float | None = None, cov: str = "lowrank",
+                generator: torch.Generator | None = None) -> nn.Module:
+        """Write one draw (``scale``, ``cov`` as in :meth:`sample`) into the parameters of ``model``
+        (default: :attr:`model`) in place (one [P] temporary, no deep copy); returns the model.
+        BatchNorm statistics are not touched: call :meth:`update_bn` afterwards."""
+        self.layout.params(model)
+        return self.layout.write_(self.sample(1, scale=scale, cov=cov, generator=generator)[0], model)
+
+    # ---- density -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def log_prob(self, theta: Tensor, *, scale: float | None = None, cov: str = "lowrank") -> Tensor:
+        r"""Log density of the SWAG Gaussian at ``theta`` [P] or [S, P] -> float64 [] or [S].
+
+        Low rank: the covariance is A + U U^T with A = scale sigma^2 (diagonal) and
+        U = sqrt(scale / (K - 1)) D^T [P, K]; the Woodbury identity and the matrix determinant
+        lemma reduce it to a K x K Cholesky factor of I + U^T A^{-1} U (no P x P matrix; D is read
+        in column blocks, in float64).
+        """
+        _, scale, cov = self._check_draw_args(0, scale, cov)
+        if not torch.is_tensor(theta) or not theta.is_floating_point():
+            raise TypeError("theta must be a floating-point tensor [P] or [S, P]")
+        if theta.dim() not in (1, 2) or theta.shape[-1] != self.numel:
+            raise ValueError(f"theta must be [P] or [S, P] with P = {self.numel}, got {tuple(theta.shape)}")
+        th = theta.reshape(-1, self.numel)
+        K = self.rank if cov == "lowrank" else 0
+        logdet, quad, C, v = self._woodbury_sums(th, scale, K)
+        if K:
+            C += torch.eye(K, dtype=C.dtype, device=C.device)
+            L = torch.linalg.cholesky(C)
+            logdet = logdet + 2 * torch.log(torch.diagonal(L)).sum()
+            w = torch.cholesky_solve(v.T, L)  # [K, S]
+            quad = quad - (v * w.T).sum(1)
+        lp = -0.5 * (self.numel * math.log(2 * math.pi) + logdet + quad)
+        return lp[0] if theta.dim() == 1 else lp
+
+    def _woodbury_sums(self, th: Tensor, scale: float, K: int):
+        """Over column blocks, in float64: log det A, sum r^2 / a, C = U^T A^-1 U [K, K],
+        v = r A^-1 U [S, K] (r = theta - mean)."""
+        S, dev, f64 = th.shape[0], self.device, torch.float64
+        self._sync_store()
+        logdet = torch.zeros((), dtype=f64, device=dev)
+        quad = torch.zeros(S, dtype=f64, device=dev)
+        C = torch.zeros(K, K, dtype=f64, device=dev)
+        v = torch.zeros(S, K, dtype=f64, device=dev)
+        cu = math.sqrt(scale / (K - 1)) if K else 0.0
+        for c0 in range(0, self.numel, _COLUMN_BLOCK):
+            c1 = min(c0 + _COLUMN_BLOCK, self.numel)
+            m = self.mean[c0:c1].to(f64)
+            a = (self.sq_mean[c0:c1].to(f64) - m * m).clamp_min(self.var_clamp) * scale
+            r = th[:, c0:c1].to(dev, f64) - m
+            logdet += torch.log(a).sum()
+            quad += (r * r / a).sum(1)
+            if K:
+                U = self.D[:K, c0:c1].to(dev, f64).T * cu  # [c, K]
+                Ua = U / a[:, None]
+                C += U.T @ Ua
+                v += r @ Ua
+        return logdet, quad, C, v
+
+    # ---- prediction ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x, n_samples: int = 30, *, scale: float | None = None, cov: str = "lowrank",
+                likelihood: str = "classification", bn_loader=None, batch_size: int = 1024, progress: bool = False,
+                generator: torch.Generator | None = None, input_fn: Callable | None = None,
+                output_fn: Callable | None = None):
+        """Bayesian model average over ``n_samples`` SWAG draws (``scale``, ``cov``, ``generator``
+        as in :meth:`sample`), in eval mode through ``functional_call`` (the model's own
+        parameters and buffers are left alone); ``bn_loader`` recomputes the BatchNorm
+        statistics for each draw. Other arguments and the outputs as in :meth:`Posterior.predict`
+        ('classification' -> [N, C], 'regression' -> (mean, variance over draws)).
+        """
+        n = check_count(n_samples, "n_samples", 1)
+        _, scale, cov = self._check_draw_args(n, scale, cov)
+        draws = self.iter_samples(n, generator=generator, scale=scale, cov=cov)
+        return self._average([(self.layout, draws)], x, total=n, likelihood=likelihood, bn_loader=bn_loader,
+                             batch_size=batch_size, progress=progress, input_fn=input_fn, output_fn=output_fn)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Kind, layout, mean, sq_mean, the collected rows of D, count and ring position (cloned)."""
+        self._sync_store()
+        sd = super().state_dict()
+        sd.update(sq_mean=self.sq_mean.clone(), D=self.D[: self.rank].clone(), max_rank=self.max_rank,
+                  position=self.position, var_clamp=self.var_clamp)
+        return sd
+
+    def _check_state(self, state: dict) -> None:
+        super()._check_state(state)
+        if int(state["max_rank"]) != self.max_rank:
+            raise ValueError(f"state_dict has max_rank {state['max_rank']}, this SWAG {self.max_rank}")
+        rank = min(int(state["n_averaged"]), self.max_rank)
+        if tuple(state["sq_mean"].shape) != (self.numel,) or tuple(state["D"].shape) != (rank, self.numel):
+            raise ValueError(f"state_dict sq_mean/D have shapes {tuple(state['sq_mean'].shape)}/"
+                             f"{tuple(state['D'].shape)}, expected ({self.numel},)/({rank}, {self.numel})")
+        pos = int(state["n_averaged"]) % self.max_rank if self.max_rank else 0
+        if int(state["position"]) != pos:
+            raise ValueError(f"state_dict ring position {state['position']} disagrees with n_averaged "
+                             f"{state['n_averaged']} (expected {pos})")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`, ring position included (checked first; nothing changes when
+        it does not fit)."""
+        self._check_state(state)
+        self._sync_store()
+        super().load_state_dict(state)
+        self.sq_mean.copy_(state["sq_mean"])
+        rank = state["D"].shape[0]
+        self.D[:rank].copy_(state["D"])
+        self.D[rank:].zero_()
+        self.var_clamp = float(state["var_clamp"])

@@ -1,0 +1,149 @@
+"""pyfastbayes.posteriors: the one Posterior interface and model-averaging loop, SampleBuffer, and the
+defects of issue 8 that live in the shared code (item numbers in the comments)."""
+import copy
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from pyfastbayes.posteriors import SWA, SWAG, MultiSWAG, Posterior, SampleBuffer
+
+COMMON = ["likelihood", "bn_loader", "batch_size", "progress", "generator", "input_fn", "output_fn"]
+
+
+def _mlp(dtype=torch.float32):
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def _jiggle(model, scale=0.3):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def _fed(post, collects):
+    """``post`` after ``collects`` collects of its model, jiggled before each."""
+    for _ in range(collects):
+        _jiggle(post.model)
+        post.collect()
+    return post
+
+
+def _buffer(model, cap, collects):
+    return _fed(SampleBuffer(model, cap), collects)
+
+
+def _swag(model, collects=4):
+    return _fed(SWAG(model, max_rank=3), collects)
+
+
+def _manual_bma(model, draws, x, link=lambda o: o.softmax(-1)):
+    """Each flat draw written into a deep copy in eval mode, outputs through ``link``, averaged."""
+    ref = copy.deepcopy(model).eval()
+    outs = []
+    for th in draws:
+        torch.nn.utils.vector_to_parameters(th.to(torch.float32), [p for p in ref.parameters() if p.requires_grad])
+        outs.append(link(ref(x)).detach())
+    return torch.stack(outs).mean(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [SampleBuffer, SWA, SWAG, MultiSWAG])
+def test_every_posterior_has_the_same_interface(cls):
+    assert issubclass(cls, Posterior)
+    pred = inspect.signature(cls.predict).parameters
+    names = list(pred)
+    assert names[:3] == ["self", "x", "n_samples"]
+    assert all(pred[n].kind is inspect.Parameter.KEYWORD_ONLY for n in names[3:])  # after n_samples: keywords
+    assert set(COMMON) <= set(names[3:])
+    samp = inspect.signature(cls.sample).parameters
+    assert list(samp)[:2] == ["self", "n"] and samp["generator"].kind is inspect.Parameter.KEYWORD_ONLY
+    samp_ = inspect.signature(cls.sample_).parameters
+    assert list(samp_)[:2] == ["self", "model"] and samp_["generator"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError):
+        Posterior(_mlp())  # abstract
+
+
+def test_sample_buffer_sample_and_predict_with_n_samples():
+    torch.manual_seed(0)
+    model = _mlp()
+    buf = _buffer(model, 4, 6)
+    stored = buf.stored()
+    th = buf.sample(50, generator=torch.Generator().manual_seed(3))
+    assert th.shape == (50, buf.numel)
+    assert all(any(torch.equal(t, s) for s in stored) for t in th)  # every draw is a stored one
+    assert len({tuple(t.tolist()) for t in th}) == 4  # and all four appear among 50 picks
+    x = torch.randn(6, 5)
+    p = buf.predict(x, 7, generator=torch.Generator().manual_seed(4))
+    again = buf.sample(7, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(p, _manual_bma(model, again, x))
+    m2 = buf.sample_(copy.deepcopy(model), generator=torch.Generator().manual_seed(5))
+    first = buf.sample(1, generator=torch.Generator().manual_seed(5))[0]
+    assert torch.equal(buf.layout.flatten(m2), first)
+
+
+def test_swa_and_sample_buffer_average_the_same_way():
+    """Peer check of the shared loop: a SampleBuffer holding the SWA mean predicts what SWA does."""
+    torch.manual_seed(0)
+    model = _mlp()
+    swa = _fed(SWA(model), 3)
+    swa.load_mean_()
+    buf = SampleBuffer(model, 1)
+    buf.collect()
+    x = torch.randn(9, 5)
+    for lik in ("classification", "regression"):
+        a, b = swa.predict(x, likelihood=lik), buf.predict(x, likelihood=lik)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            torch.testing.assert_close(u, v)
+    assert torch.equal(swa.sample(2), swa.mean.expand(2, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# item 1: SampleBuffer state into a larger / smaller buffer after the ring wrapped
+# ---------------------------------------------------------------------------------------------
+def test_sample_buffer_load_state_refuses_what_does_not_fit():
+    model = _mlp()
+    b = _buffer(model, 3, 2)
+    sd = b.state_dict()
+    other = SampleBuffer(nn.Linear(2, 3), 3)
+    with pytest.raises(ValueError, match="other trainable parameters"):
+        other.load_state_dict(sd)
+    bad = dict(sd, draws=sd["draws"][:, :5])
+    fresh = SampleBuffer(model, 3)
+    with pytest.raises(ValueError, match="draws must be"):
+        fresh.load_state_dict(bad)
+    assert len(fresh) == 0 and fresh.count == 0
+    with pytest.raises(ValueError, match="SampleBuffer"):
+        fresh.load_state_dict(dict(sd, kind="SWAG"))
+
+
+# ---------------------------------------------------------------------------------------------
+# item 5: predict evaluates in eval mode and restores the mode
+# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# item 6: one logit per point: refuse classification, support binary
+# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# item 9: MultiSWAG compares the full layout
+# ---------------------------------------------------------------------------------------------
+def test_multiswag_sample_into_model_picks_a_component():
+    torch.manual_seed(0)
+    swags = [_swag(nn.Linear(4, 3).double()) for _ in range(2)]
+    multi = MultiSWAG(swags)
+    target = nn.Linear(4, 3).double()
+    g = torch.Generator().manual_seed(9)
+    i = int(torch.randint(2, (), generator=g))
+    expect = swags[i].sample(1, generator=g)[0]
+    multi.sample_(target, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(multi.layout.flatten(target), expect)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 20: regression BMA against the exact Bayesian-linear-regression posterior
+# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# unclear errors: dict batches, tuple outputs
+# ---------------------------------------------------------------------------------------------
