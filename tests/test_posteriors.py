@@ -104,6 +104,39 @@ def test_swa_and_sample_buffer_average_the_same_way():
 # ---------------------------------------------------------------------------------------------
 # item 1: SampleBuffer state into a larger / smaller buffer after the ring wrapped
 # ---------------------------------------------------------------------------------------------
+def test_sample_buffer_load_state_after_wrap_keeps_exactly_the_saved_draws():
+    """Item 1: 5 collects into a ring of 3, loaded into a buffer of 5: 3 draws, no garbage rows."""
+    torch.manual_seed(0)
+    model = _mlp()
+    b = SampleBuffer(model, 3)
+    traj = []
+    for _ in range(5):
+        _jiggle(model)
+        b.collect()
+        traj.append(b.layout.flatten())
+    newest = torch.stack(traj[-3:])
+    assert torch.equal(b.stored(), newest)  # oldest first
+    b2 = SampleBuffer(model, 5)
+    b2.load_state_dict(b.state_dict())
+    assert len(b2) == 3 and b2.count == 5 and torch.equal(b2.stored(), newest)
+    x = torch.randn(4, 5)
+    p2 = b2.predict(x)
+    assert torch.isfinite(p2).all()
+    torch.testing.assert_close(p2, _manual_bma(model, newest, x))
+    _jiggle(model)
+    b2.collect()  # the next draw lands after the loaded ones
+    assert torch.equal(b2.stored(), torch.cat([newest, b2.layout.flatten()[None]]))
+    small = SampleBuffer(model, 2)  # smaller: keeps the newest
+    small.load_state_dict(b.state_dict())
+    assert len(small) == 2 and torch.equal(small.stored(), newest[1:])
+    assert torch.equal(small.params_of(0)["2.bias"], newest[1, -3:])  # index 0 = oldest stored
+    # a state dict of the old format (rows in ring order, no header) is read in logical order too
+    old = {"draws": b.draws.clone(), "count": 5, "calls": 5}
+    b3 = SampleBuffer(model, 3)
+    b3.load_state_dict(old)
+    assert torch.equal(b3.stored(), newest)
+
+
 def test_sample_buffer_load_state_refuses_what_does_not_fit():
     model = _mlp()
     b = _buffer(model, 3, 2)
