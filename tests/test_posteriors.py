@@ -156,6 +156,43 @@ def test_sample_buffer_load_state_refuses_what_does_not_fit():
 # ---------------------------------------------------------------------------------------------
 # item 5: predict evaluates in eval mode and restores the mode
 # ---------------------------------------------------------------------------------------------
+def _bn_dropout_net():
+    return nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+
+def test_predict_in_eval_mode_leaves_model_and_buffers_alone():
+    """Item 5: after a training loop (train mode) SampleBuffer.predict used batch statistics,
+    overwrote the running buffers and kept dropout on: two identical calls differed."""
+    torch.manual_seed(0)
+    model = _bn_dropout_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    buf = SampleBuffer(model, 4)
+    for _ in range(4):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        buf.collect()
+    assert model.training
+    bufs = {k: v.clone() for k, v in model.named_buffers()}
+    xt = torch.randn(10, 4)
+    p1, p2 = buf.predict(xt), buf.predict(xt)
+    assert torch.equal(p1, p2)
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.named_buffers():
+        assert torch.equal(v, bufs[k]), k
+    torch.testing.assert_close(p1, _manual_bma(model, buf.stored(), xt))
+    swag = SWAG(model, max_rank=3)
+    for _ in range(3):
+        _jiggle(model, 0.05)
+        swag.collect()
+    model.train()
+    q1 = swag.predict(xt, 3, generator=torch.Generator().manual_seed(1))
+    q2 = swag.predict(xt, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(q1, q2) and model.training
+
+
 # ---------------------------------------------------------------------------------------------
 # item 6: one logit per point: refuse classification, support binary
 # ---------------------------------------------------------------------------------------------
