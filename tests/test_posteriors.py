@@ -2,11 +2,13 @@
 defects of issue 8 that live in the shared code (item numbers in the comments)."""
 import copy
 import inspect
+import math
 
 import pytest
 import torch
 from torch import nn
 
+from pyfastbayes import data
 from pyfastbayes.posteriors import SWA, SWAG, MultiSWAG, Posterior, SampleBuffer
 
 COMMON = ["likelihood", "bn_loader", "batch_size", "progress", "generator", "input_fn", "output_fn"]
@@ -214,6 +216,37 @@ def test_multiswag_sample_into_model_picks_a_component():
 # ---------------------------------------------------------------------------------------------
 # item 20: regression BMA against the exact Bayesian-linear-regression posterior
 # ---------------------------------------------------------------------------------------------
+def test_regression_predict_matches_blr_epistemic_variance():
+    """Item 20: draws from the exact posterior N(mu, Sigma); at x* the epistemic variance is
+    x*^T Sigma x* and the predictive one x*^T Sigma x* + sigma^2."""
+    noise_var = 0.25
+    x, y, _ = data.linear_regression_data(n=30, d=3, noise_std=math.sqrt(noise_var), seed=1)
+    mu, Sigma = data.blr_posterior(x, y, noise_var=noise_var, prior_precision=1.0)
+    S = 8000
+    g = torch.Generator().manual_seed(0)
+    draws = mu + torch.randn(S, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(Sigma).T
+    model = nn.Linear(3, 1, bias=False).double()
+    buf = SampleBuffer(model, S)
+    for th in draws:
+        buf.layout.write_(th)
+        buf.collect()
+    xs = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [3.0, 3.0, -3.0], [0.1, 0.2, 0.3]], dtype=torch.float64)
+    mean, var = buf.predict(xs, likelihood="regression")
+    assert mean.shape == var.shape == (4, 1)
+    exact_var = torch.einsum("nd,de,ne->n", xs, Sigma, xs)
+    exact_mean = xs @ mu
+    # sample variance of S Gaussian values: sd = var sqrt(2 / S) (1.6 % here); 5 sd. The first point
+    # (x* = 0) has no epistemic variance at all.
+    rel = 5 * math.sqrt(2 / S)
+    assert var[0, 0] == 0 and mean[0, 0] == 0
+    assert ((var[1:, 0] - exact_var[1:]).abs() <= rel * exact_var[1:]).all(), (var[:, 0], exact_var)
+    assert ((mean[1:, 0] - exact_mean[1:]).abs() <= 5 * (exact_var[1:] / S).sqrt()).all()
+    predictive = var[:, 0] + noise_var
+    assert ((predictive - (exact_var + noise_var)).abs() <= rel * exact_var + 1e-12).all()
+    # a 20 % too narrow posterior is caught by the same tolerance
+    assert not ((0.8 * var[1:, 0] - exact_var[1:]).abs() <= rel * exact_var[1:]).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # unclear errors: dict batches, tuple outputs
 # ---------------------------------------------------------------------------------------------
