@@ -250,3 +250,36 @@ def test_regression_predict_matches_blr_epistemic_variance():
 # ---------------------------------------------------------------------------------------------
 # unclear errors: dict batches, tuple outputs
 # ---------------------------------------------------------------------------------------------
+class _TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.f(x), x.sum()
+
+
+def test_dict_batches_and_tuple_outputs_are_explained_or_adapted():
+    torch.manual_seed(0)
+    model = _mlp()
+    buf = _buffer(model, 3, 3)
+    swag = _swag(model)
+    x = torch.randn(12, 5)
+    loader = [{"pixels": x[i:i + 4], "label": torch.zeros(4)} for i in range(0, 12, 4)]
+    for post in (buf, swag):
+        with pytest.raises(TypeError, match=r"dicts \(keys 'pixels', 'label'\).*input_fn"):
+            post.predict(loader, 2)
+    got = buf.predict(loader, input_fn=lambda b: b["pixels"])
+    torch.testing.assert_close(got, buf.predict(x))
+    tmodel = _TupleNet()
+    tbuf = _buffer(tmodel, 2, 2)
+    with pytest.raises(TypeError, match=r"returned a tuple.*output_fn=lambda out: out\[0\]"):
+        tbuf.predict(x)
+    got = tbuf.predict(x, output_fn=lambda out: out[0])
+    plain = copy.deepcopy(tmodel.f)
+    torch.testing.assert_close(got, _manual_bma(plain, tbuf.stored(), x))
+    with pytest.raises(TypeError, match="output_fn must return a tensor"):
+        tbuf.predict(x, output_fn=lambda out: out)
+    with pytest.raises(ValueError, match="no inputs"):
+        buf.predict([])
+    assert buf.predict(x[:0]).shape == (0, 3)  # an empty tensor is N = 0 points
