@@ -198,6 +198,30 @@ def test_predict_in_eval_mode_leaves_model_and_buffers_alone():
 # ---------------------------------------------------------------------------------------------
 # item 6: one logit per point: refuse classification, support binary
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("squeeze", [True, False], ids=["N", "Nx1"])
+def test_binary_outputs(squeeze):
+    """Item 6: outputs [N] / [N, 1] under 'classification' gave softmax over the batch / over one
+    class (all ones); now refused with a pointer to 'binary', which averages sigmoids -> [N]."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0)) if squeeze else nn.Linear(3, 1)
+    buf = _buffer(model, 5, 5)
+    swag = _swag(model)
+    x = torch.randn(8, 3)
+    for post in (buf, swag):
+        with pytest.raises(ValueError, match="likelihood='binary'"):
+            post.predict(x, 3)
+    p = buf.predict(x, likelihood="binary")
+    assert p.shape == (8,)
+    torch.testing.assert_close(p, _manual_bma(model, buf.stored(), x, lambda o: o.sigmoid().reshape(-1)))
+    q = swag.predict(x, 4, likelihood="binary", generator=torch.Generator().manual_seed(2))
+    draws = swag.sample(4, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(q, _manual_bma(model, draws, x, lambda o: o.sigmoid().reshape(-1)))
+    with pytest.raises(ValueError, match="likelihood='classification'"):
+        _buffer(_mlp(), 2, 2).predict(torch.randn(4, 5), likelihood="binary")  # 3 outputs per point
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        buf.predict(x, likelihood="poisson")
+
+
 # ---------------------------------------------------------------------------------------------
 # item 9: MultiSWAG compares the full layout
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ mode (every submodule's own flag restored afterwards, also on error), with the B
 statistics recomputed for each draw when ``bn_loader`` is given (on copies of the buffers), the
 inputs batched and moved to the model's device once, and an optional tqdm bar over the draws.
 
-Likelihoods: ``'classification'`` averages softmax probabilities of outputs [N, C] -> [N, C];
+Likelihoods: ``'classification'`` averages softmax probabilities of outputs [N, C] (C >= 2) ->
+[N, C]; ``'binary'`` averages sigmoid probabilities of class 1 of outputs [N] or [N, 1] -> [N];
 ``'regression'`` returns (mean [N, ...], variance over draws [N, ...]) of the outputs (the
 epistemic part: add the noise variance for the predictive one).
 """
@@ -37,7 +38,7 @@ from ..nn.inputs import call_model, iterate_inputs, model_output, to_device
 
 __all__ = ["Posterior", "LIKELIHOODS"]
 
-LIKELIHOODS = ("classification", "regression")
+LIKELIHOODS = ("classification", "regression", "binary")
 _DRAW_BYTES = 256 << 20  # iter_samples keeps each batch of draws [batch, P] under this size
 
 Source = tuple[ParamLayout, Iterable[Tensor]]  # (where the draws go, the flat draws [P])
@@ -76,8 +77,20 @@ class _Average:
     def _transform(self, out: Tensor) -> Tensor:
         if out.dtype in (torch.float16, torch.bfloat16):
             out = out.float()
+        shape = tuple(out.shape)
         if self.likelihood == "classification":
+            if out.dim() < 2 or shape[-1] < 2:
+                raise ValueError(f"likelihood='classification' needs logits [N, C] with C >= 2 classes; the model "
+                                 f"outputs {shape} (softmax over it would be meaningless): for one logit per point "
+                                 "use likelihood='binary'")
             return out.softmax(-1)
+        if self.likelihood == "binary":
+            if out.dim() == 2 and shape[1] == 1:
+                out = out[:, 0]
+            if out.dim() != 1:
+                raise ValueError(f"likelihood='binary' needs one logit per point, [N] or [N, 1]; the model outputs "
+                                 f"{shape}: for C >= 2 classes use likelihood='classification'")
+            return out.sigmoid()
         return out
 
     def add(self, out: Tensor) -> None:
@@ -98,7 +111,7 @@ class _Average:
         self.m2 += delta * (out - self.acc)
 
     def result(self) -> Tensor | tuple[Tensor, Tensor]:
-        """The average: probabilities [N, C], or (mean, variance over draws) [N, ...]."""
+        """The average: probabilities [N, C] / [N], or (mean, variance over draws) [N, ...]."""
         if self.likelihood != "regression":
             return self.acc / self.count
         return self.acc, self.m2 / self.count
@@ -170,8 +183,9 @@ class Posterior(abc.ABC):
                 or (input, target, ...) tuples; ``input_fn`` (item -> tensor or tuple of model
                 arguments) for anything else, e.g. dict batches.
             n_samples: S >= 1 draws.
-            likelihood: 'classification' -> mean of softmax(outputs) [N, C]; 'regression' ->
-                (mean [N, ...], variance over draws [N, ...]) of the outputs.
+            likelihood: 'classification' -> mean of softmax(outputs) [N, C]; 'binary' -> mean of
+                sigmoid(outputs) [N] for outputs [N] or [N, 1]; 'regression' -> (mean [N, ...],
+                variance over draws [N, ...]) of the outputs.
             bn_loader: when given, the BatchNorm statistics are recomputed for every draw in one
                 pass over it (same accepted forms as ``x``; copies of the buffers).
             batch_size: rows per forward pass when ``x`` / ``bn_loader`` are tensors.

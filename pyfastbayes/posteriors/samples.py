@@ -106,8 +106,8 @@ class SampleBuffer(Posterior):
                 input_fn: Callable | None = None, output_fn: Callable | None = None):
         """Bayesian model average over the stored draws: all of them, oldest first (``n_samples``
         None), or ``n_samples`` picks of :meth:`sample`. Other arguments and the outputs as in
-        :meth:`Posterior.predict` ('classification' -> [N, C], 'regression' -> (mean, epistemic
-        variance over draws)); eval mode, the model untouched."""
+        :meth:`Posterior.predict` ('classification' -> [N, C], 'binary' -> [N], 'regression' ->
+        (mean, epistemic variance over draws)); eval mode, the model untouched."""
         self._require_draws()
         if n_samples is None:
             draws, total = iter(self.stored()), len(self)

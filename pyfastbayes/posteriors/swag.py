@@ -275,7 +275,7 @@ class SWAG(SWA):
         as in :meth:`sample`), in eval mode through ``functional_call`` (the model's own
         parameters and buffers are left alone); ``bn_loader`` recomputes the BatchNorm
         statistics for each draw. Other arguments and the outputs as in :meth:`Posterior.predict`
-        ('classification' -> [N, C], 'regression' -> (mean, variance over draws)).
+        ('classification' -> [N, C], 'binary' -> [N], 'regression' -> (mean, variance over draws)).
         """
         n = check_count(n_samples, "n_samples", 1)
         _, scale, cov = self._check_draw_args(n, scale, cov)
