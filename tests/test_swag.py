@@ -211,6 +211,59 @@ def test_sampling_is_reproducible_and_seeded():
     assert not torch.equal(swag.sample(3), a)
 
 
+@pytest.mark.parametrize("cls", [SWA, SWAG])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_collect_refuses_nonfinite_parameters(cls, bad):
+    """Item 8: a NaN parameter used to poison the running mean (and every draw) for ever."""
+    torch.manual_seed(0)
+    model = _mlp()
+    post = cls(model)
+    for _ in range(2):
+        _jiggle(model)
+        post.collect()
+    before = _snapshot(post)
+    with torch.no_grad():
+        model[2].bias[1] = bad
+    with pytest.raises(ValueError, match="'2.bias' holds NaN or inf.*state is unchanged"):
+        post.collect()
+    _assert_state_is(post, before)
+    with torch.no_grad():
+        model[2].bias[1] = 0.0
+    post.collect()
+    assert post.n_averaged == 3 and torch.isfinite(post.mean).all()
+
+
+def test_float16_deviations_beyond_range_are_refused():
+    """Item 8: deviation_dtype=float16 with deviations above 65504 stored inf: non-finite draws."""
+    torch.manual_seed(0)
+    model = _mlp()
+    swag = SWAG(model, max_rank=3, deviation_dtype=torch.float16)
+    swag.collect()
+    before = _snapshot(swag)
+    with torch.no_grad():
+        model[0].weight[0, 0] += 2e5  # deviation from the updated mean: 1e5
+    with pytest.raises(ValueError, match=r"reaches 100000.*65504.*bfloat16"):
+        swag.collect()
+    _assert_state_is(swag, before)
+    with torch.no_grad():
+        model[0].weight[0, 0] -= 2e5 - 1.2e5  # now 1.2e5 above: deviation 6e4, inside float16's range
+    swag.collect()
+    assert torch.isfinite(swag.D).all() and swag.D.abs().max() > 5.9e4
+    assert torch.isfinite(swag.sample(4)).all()
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")  # the float16 range check also catches non-finite parameters
+    with pytest.raises(ValueError, match="'2.bias' holds NaN"):
+        swag.collect()
+    with torch.no_grad():
+        model[2].bias[0] = 0.0
+    wide = SWAG(model, max_rank=3, deviation_dtype=torch.bfloat16)  # the suggested fix takes it
+    wide.collect()
+    with torch.no_grad():
+        model[0].weight[0, 0] += 2e5
+    wide.collect()
+    assert torch.isfinite(wide.sample(4)).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # SWA vs torch.optim.swa_utils.AveragedModel
 # ---------------------------------------------------------------------------------------------

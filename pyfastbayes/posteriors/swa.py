@@ -61,10 +61,30 @@ class SWA(Posterior):
         self.n_averaged = 0
 
     # ---- collecting ----------------------------------------------------------------------------
+    def _collect_flag(self, ps: list[Tensor]) -> Tensor:
+        """Bool scalar on the device: does this collect have to be refused? (non-finite params)"""
+        return ops.any_nonfinite(ps)
+
+    def _refuse_collect(self, ps: list[Tensor]) -> None:
+        """Raise the error that :meth:`_collect_flag` found (slow path, only after a refusal):
+        here the first non-finite parameter."""
+        for name, p in zip(self.layout.names, ps):
+            if not torch.isfinite(p).all():
+                raise ValueError(f"parameter {name!r} holds NaN or inf: collect() refuses it (it would poison the "
+                                 f"running mean for ever); the {self.kind} state is unchanged")
+
     @torch.no_grad()
     def collect(self, model: nn.Module | None = None) -> None:
-        """Add the current parameters of ``model`` (default: :attr:`model`) to the average."""
+        """Add the current parameters of ``model`` (default: :attr:`model`) to the average.
+
+        Non-finite parameters are refused (ValueError, state unchanged). The cost: one fused
+        check over the parameters (``ops.any_nonfinite``, one read of P numbers next to the
+        collect's three reads and three writes) and one host synchronisation per collect to
+        learn its answer, negligible at one collect per epoch.
+        """
         ps = self.layout.params(model)
+        if bool(self._collect_flag(ps)):
+            self._refuse_collect(ps)
         self._update(ps)
         self.n_averaged += 1
 

@@ -44,6 +44,7 @@ __all__ = ["SWAG", "DEFAULT_SCALE"]
 
 COVS = ("lowrank", "diag")
 DEFAULT_SCALE = {"lowrank": 0.5, "diag": 1.0}  # the SWAG paper's posterior for each covariance
+FP16_MAX = 65504.0  # largest finite float16
 _COLUMN_BLOCK = 1 << 22  # columns per block when D lives on another device than the mean (and in log_prob)
 
 
@@ -88,6 +89,8 @@ class SWAG(SWA):
             dtypes allowed, all on one device, CPU or CUDA).
         max_rank: K, rows of the deviation ring buffer; 0 keeps the diagonal only, else >= 2.
         deviation_dtype: float32, bfloat16, float16 (or float64) storage of D; default ``dtype``.
+            float16 holds deviations up to 65504 only: :meth:`collect` refuses larger ones
+            (bfloat16 has float32's range).
         store_device: where D lives; ``'cpu'`` with a CUDA model keeps it in pinned host memory
             (each collect writes the row on the GPU and copies it asynchronously; sampling streams
             D back in column blocks).
@@ -138,6 +141,35 @@ class SWAG(SWA):
             torch.cuda.current_stream(self.device).synchronize()
 
     # ---- collecting ----------------------------------------------------------------------------
+    def _max_deviation(self, ps: list[Tensor]) -> Tensor:
+        """max_j |theta_j - mean'_j| [] of the row this collect would write, without writing it:
+        mean' = mean + w (theta - mean), so theta - mean' = (1 - w)(theta - mean), w = 1/(n + 1)."""
+        pairs = [(p, o) for p, o in zip(ps, self.layout.offsets) if p.numel()]
+        if not pairs:
+            return self.mean.new_zeros(())
+        views = [self.mean[o:o + p.numel()].view(p.shape) for p, o in pairs]
+        diffs = torch._foreach_sub([p.to(self.dtype) for p, _ in pairs], views)
+        w = 1.0 / (self.n_averaged + 1)
+        return torch.stack(torch._foreach_norm(diffs, math.inf)).max() * (1 - w)
+
+    def _collect_flag(self, ps: list[Tensor]) -> Tensor:
+        """Non-finite parameters (SWA's fused check); with float16 D instead the range check of the
+        deviation row this collect would write, ``~(max |row| <= 65504)``, which NaN and inf
+        parameters fail too. Its cost: ``torch._foreach_sub`` and ``_foreach_norm`` over the
+        parameters, a transient [P] in ``dtype`` and about three passes over P (float16 D trades
+        this for memory; bfloat16 D needs no range check)."""
+        if self.max_rank and self.deviation_dtype == torch.float16:
+            return ~(self._max_deviation(ps) <= FP16_MAX)
+        return super()._collect_flag(ps)
+
+    def _refuse_collect(self, ps: list[Tensor]) -> None:
+        super()._refuse_collect(ps)
+        big = float(self._max_deviation(ps))
+        raise ValueError(f"the deviation from the running mean reaches {big:.6g}, beyond float16's largest finite "
+                         f"value {FP16_MAX:g}: D would hold inf and every draw would be non-finite. Use "
+                         "deviation_dtype=torch.bfloat16 (same memory, float32's range) or torch.float32; "
+                         f"the {self.kind} state is unchanged")
+
     def _update(self, ps: list[Tensor]) -> None:
         """One fused update: mean, sq_mean, and the deviation theta - mean (updated mean) into ring
         row ``position``; the oldest row is overwritten once K rows are full."""
