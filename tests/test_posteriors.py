@@ -225,6 +225,18 @@ def test_binary_outputs(squeeze):
 # ---------------------------------------------------------------------------------------------
 # item 9: MultiSWAG compares the full layout
 # ---------------------------------------------------------------------------------------------
+def test_multiswag_refuses_other_layouts_with_the_same_count():
+    """Item 9: Linear(4, 3) and Linear(2, 5) both have 15 parameters and were mixed."""
+    a, b = _swag(nn.Linear(4, 3)), _swag(nn.Linear(2, 5))
+    assert a.numel == b.numel == 15
+    with pytest.raises(ValueError, match=r"posteriors\[1\] tracks other parameters.*\(3, 4\)"):
+        MultiSWAG([a, b])
+    with pytest.raises(ValueError, match="float64"):
+        MultiSWAG([a, _swag(nn.Linear(4, 3).double())])
+    multi = MultiSWAG([a, _swag(nn.Linear(4, 3))])
+    assert len(multi) == 2
+
+
 def test_multiswag_sample_into_model_picks_a_component():
     torch.manual_seed(0)
     swags = [_swag(nn.Linear(4, 3).double()) for _ in range(2)]

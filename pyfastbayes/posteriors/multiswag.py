@@ -24,7 +24,8 @@ class MultiSWAG(Posterior):
     ``scale=None`` means each component's default for ``cov`` (see :class:`SWAG`).
 
     Args:
-        posteriors: M >= 1 :class:`SWAG` objects over models with the same parameter layout.
+        posteriors: M >= 1 :class:`SWAG` objects whose layouts are equal (names, shapes and dtypes
+            of the trainable parameters, :class:`pyfastbayes.nn.ParamLayout`).
 
     Attributes:
         layout, model: those of the first component (the default target of :meth:`sample_`).
@@ -39,10 +40,13 @@ class MultiSWAG(Posterior):
         for i, p in enumerate(posteriors):
             if not isinstance(p, SWAG):
                 raise TypeError(f"posteriors[{i}] is a {type(p).__name__}, expected SWAG")
-        if any(p.numel != posteriors[0].numel for p in posteriors):
-            raise ValueError(f"the SWAGs track different parameter counts: {[p.numel for p in posteriors]}")
+        first = posteriors[0].layout
+        for i, p in enumerate(posteriors[1:], 1):
+            if p.layout != first:
+                raise ValueError(f"posteriors[{i}] tracks other parameters than posteriors[0] "
+                                 f"({first.difference(p.layout)}): MultiSWAG mixes runs of one architecture")
         self.posteriors = posteriors
-        self.layout = posteriors[0].layout
+        self.layout = first
 
     def __len__(self) -> int:
         return len(self.posteriors)
