@@ -211,6 +211,22 @@ def test_sampling_is_reproducible_and_seeded():
     assert not torch.equal(swag.sample(3), a)
 
 
+def test_log_prob_of_a_singular_covariance_says_how_to_fix_it():
+    """Identical collects with var_clamp=0: every variance is 0 (torch's _LinAlgError before)."""
+    model = nn.Linear(3, 2).double()
+    swag = SWAG(model, max_rank=3, var_clamp=0.0)
+    for _ in range(3):
+        swag.collect()
+    assert not swag.variance().any()
+    for cov in ("lowrank", "diag"):
+        with pytest.raises(RuntimeError, match="singular.*var_clamp > 0.*collect more varied models"):
+            swag.log_prob(swag.mean, cov=cov)
+    ok = SWAG(model, max_rank=3)  # the default var_clamp keeps it finite
+    for _ in range(3):
+        ok.collect()
+    assert torch.isfinite(ok.log_prob(ok.mean))
+
+
 @pytest.mark.parametrize("cls", [SWA, SWAG])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_collect_refuses_nonfinite_parameters(cls, bad):

@@ -254,7 +254,8 @@ class SWAG(SWA):
         Low rank: the covariance is A + U U^T with A = scale sigma^2 (diagonal) and
         U = sqrt(scale / (K - 1)) D^T [P, K]; the Woodbury identity and the matrix determinant
         lemma reduce it to a K x K Cholesky factor of I + U^T A^{-1} U (no P x P matrix; D is read
-        in column blocks, in float64).
+        in column blocks, in float64). A singular covariance (some sigma^2 = 0, possible only with
+        ``var_clamp=0``) raises a RuntimeError saying how to avoid it.
         """
         _, scale, cov = self._check_draw_args(0, scale, cov)
         if not torch.is_tensor(theta) or not theta.is_floating_point():
@@ -263,10 +264,14 @@ class SWAG(SWA):
             raise ValueError(f"theta must be [P] or [S, P] with P = {self.numel}, got {tuple(theta.shape)}")
         th = theta.reshape(-1, self.numel)
         K = self.rank if cov == "lowrank" else 0
-        logdet, quad, C, v = self._woodbury_sums(th, scale, K)
+        logdet, quad, C, v, a_min = self._woodbury_sums(th, scale, K)
+        if not a_min > 0:
+            self._singular()
         if K:
             C += torch.eye(K, dtype=C.dtype, device=C.device)
-            L = torch.linalg.cholesky(C)
+            L, info = torch.linalg.cholesky_ex(C)
+            if info.item():
+                self._singular()
             logdet = logdet + 2 * torch.log(torch.diagonal(L)).sum()
             w = torch.cholesky_solve(v.T, L)  # [K, S]
             quad = quad - (v * w.T).sum(1)
@@ -275,19 +280,21 @@ class SWAG(SWA):
 
     def _woodbury_sums(self, th: Tensor, scale: float, K: int):
         """Over column blocks, in float64: log det A, sum r^2 / a, C = U^T A^-1 U [K, K],
-        v = r A^-1 U [S, K] (r = theta - mean)."""
+        v = r A^-1 U [S, K] (r = theta - mean) and min(a) (a host float)."""
         S, dev, f64 = th.shape[0], self.device, torch.float64
         self._sync_store()
         logdet = torch.zeros((), dtype=f64, device=dev)
         quad = torch.zeros(S, dtype=f64, device=dev)
         C = torch.zeros(K, K, dtype=f64, device=dev)
         v = torch.zeros(S, K, dtype=f64, device=dev)
+        a_min = torch.full((), math.inf, dtype=f64, device=dev)
         cu = math.sqrt(scale / (K - 1)) if K else 0.0
         for c0 in range(0, self.numel, _COLUMN_BLOCK):
             c1 = min(c0 + _COLUMN_BLOCK, self.numel)
             m = self.mean[c0:c1].to(f64)
             a = (self.sq_mean[c0:c1].to(f64) - m * m).clamp_min(self.var_clamp) * scale
             r = th[:, c0:c1].to(dev, f64) - m
+            a_min = torch.minimum(a_min, a.min())
             logdet += torch.log(a).sum()
             quad += (r * r / a).sum(1)
             if K:
@@ -295,7 +302,13 @@ class SWAG(SWA):
                 Ua = U / a[:, None]
                 C += U.T @ Ua
                 v += r @ Ua
-        return logdet, quad, C, v
+        return logdet, quad, C, v, float(a_min)
+
+    def _singular(self):
+        raise RuntimeError(f"the {self.kind} covariance is singular (some variance sigma^2 = sq_mean - mean^2 is 0: "
+                           f"the collected models agree there, and var_clamp={self.var_clamp:g}), so it has no "
+                           "density: build the SWAG with var_clamp > 0 (e.g. the default 1e-30) or collect more "
+                           "varied models")
 
     # ---- prediction ----------------------------------------------------------------------------
     @torch.no_grad()
