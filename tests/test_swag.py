@@ -211,6 +211,62 @@ def test_sampling_is_reproducible_and_seeded():
     assert not torch.equal(swag.sample(3), a)
 
 
+def _swa_gaussian_draws(mean, sq_mean, D, scale, var_clamp, S, g):
+    """swa_gaussian's SWAG.sample (full-rank path), written out with torch.randn:
+    var = clamp(sq_mean - mean^2, var_clamp); theta = mean + scale^0.5 (var^0.5 z1 + D^T z2 / (K - 1)^0.5),
+    i.e. covariance scale (diag(var) + D^T D / (K - 1)), K = max_num_models (a full ring here)."""
+    var = torch.clamp(sq_mean - mean**2, var_clamp)
+    z1 = torch.randn(S, mean.numel(), generator=g, dtype=mean.dtype)
+    z2 = torch.randn(S, D.shape[0], generator=g, dtype=mean.dtype)
+    return mean + scale**0.5 * (var.sqrt() * z1 + z2 @ D / (D.shape[0] - 1) ** 0.5)
+
+
+def _chi2_quantile(q, dof):
+    """chi-square quantile by bisection on the regularised incomplete gamma function."""
+    lo, hi = 0.0, 10.0 * dof + 100
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if torch.special.gammainc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(mid / 2)) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def test_default_draws_follow_swa_gaussian_covariance():
+    """Item 13: the default draws (scale None = 0.5 with the low-rank part) have swa_gaussian's
+    covariance 0.5 (diag(var) + D^T D / (K - 1)), the SWAG paper's posterior; the old default
+    drew from half of it (each coordinate sqrt(2) too narrow) and fails the coverage check."""
+    torch.manual_seed(0)
+    swag = _posterior(3, 2, K=4, collects=7)  # the ring is full: K = max_rank = 4
+    assert swag.rank == swag.max_rank == 4
+    mean, var, D = swag.mean, swag.variance(), swag.deviations().double()
+    dense = 0.5 * (torch.diag(var) + D.T @ D / (4 - 1))
+    S, P = 40_000, swag.numel
+    ours = swag.sample(S, generator=torch.Generator().manual_seed(1)).double()
+    theirs = _swa_gaussian_draws(mean, swag.sq_mean, D, 0.5, swag.var_clamp, S, torch.Generator().manual_seed(2))
+    se = ((torch.outer(dense.diagonal(), dense.diagonal()) + dense**2) / S).sqrt()  # sd of a sample covariance
+    for th in (ours, theirs):
+        assert ((torch.cov(th.T) - dense).abs() <= 5 * se).all(), ((torch.cov(th.T) - dense).abs() / se).max()
+    # coverage: the Mahalanobis distance^2 of a draw is chi-square(P); 95 % of draws fall in its 95 % region
+    q95 = _chi2_quantile(0.95, P)
+    L = torch.linalg.cholesky(dense)
+    tol = 5 * math.sqrt(0.95 * 0.05 / S)
+
+    def coverage(th):
+        z = torch.linalg.solve_triangular(L, (th - mean).T, upper=False)
+        return ((z * z).sum(0) <= q95).double().mean().item()
+
+    assert abs(coverage(ours) - 0.95) <= tol, coverage(ours)
+    assert abs(coverage(theirs) - 0.95) <= tol, coverage(theirs)
+    old = swag.sample(S, scale=0.25, generator=torch.Generator().manual_seed(3)).double()  # the old default
+    assert coverage(old) > 0.95 + tol, coverage(old)
+    # cov='diag' defaults to scale 1: SWAG-Diagonal's N(mean, diag(var))
+    d = swag.sample(S, cov="diag", generator=torch.Generator().manual_seed(4)).double()
+    sd_var = var * math.sqrt(2 / S)
+    assert ((d.var(0) - var).abs() <= 5 * sd_var).all()
+
+
 def test_log_prob_of_a_singular_covariance_says_how_to_fix_it():
     """Identical collects with var_clamp=0: every variance is 0 (torch's _LinAlgError before)."""
     model = nn.Linear(3, 2).double()
