@@ -356,6 +356,33 @@ def test_swa_equals_averaged_model(device, dtype):
     torch.testing.assert_close(swa.predict(x), avg(x).softmax(-1), rtol=1e-5, atol=1e-6)
 
 
+def test_swa_vs_averaged_model_is_within_one_rounding_unit():
+    """Item 15: what the SWA docstring promises, exactly. Not bit-equal to AveragedModel (the lerp
+    rounds differently, which shows as many ulps at elements whose average is near 0), but per
+    element |ours - torch| <= eps * max_t |theta_t| in float32 and float64 (measured: <= 0.74 eps
+    over 20 seeds), and both are that close to the exact average of the trajectory."""
+    from fractions import Fraction
+
+    for dtype in (torch.float32, torch.float64):
+        eps = torch.finfo(dtype).eps
+        model = _mlp(dtype)
+        swa, avg, traj = SWA(model), torch.optim.swa_utils.AveragedModel(model), []
+        for _ in range(9):
+            _jiggle(model)
+            swa.collect()
+            avg.update_parameters(model)
+            traj.append(_flat(model))
+        ref = torch.cat([p.detach().reshape(-1) for p in avg.module.parameters()]).double()
+        T = torch.stack(traj)
+        unit = eps * T.abs().amax(0)  # one rounding unit at the trajectory's magnitude, per element
+        exact = torch.tensor([float(sum(map(Fraction, col)) / len(col)) for col in T.T.tolist()], dtype=torch.float64)
+        ours = swa.mean.double()
+        assert ((ours - ref).abs() <= unit).all(), ((ours - ref).abs() / unit).max()
+        assert ((ours - exact).abs() <= unit).all() and ((ref - exact).abs() <= unit).all()
+        # and the bound is tight enough to notice a one-collect slip (the average of 8 of the 9 models)
+        assert not ((T[:8].mean(0) - exact).abs() <= unit).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # BatchNorm, prediction, MultiSWAG
 # ---------------------------------------------------------------------------------------------
