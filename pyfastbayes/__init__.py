@@ -1,19 +1,25 @@
 """pyfastbayes: fast, trustworthy Bayesian deep learning for PyTorch.
 
 Native (C++/CUDA) kernels under a thin Python API, with pure-PyTorch fallbacks everywhere:
-fused SG-MCMC optimizers (:mod:`pyfastbayes.optim`), Bayesian model averaging over stored draws
-(:mod:`pyfastbayes.bma`), SWA / SWAG / MultiSWAG (:mod:`pyfastbayes.swag`), calibration and
-uncertainty metrics (:mod:`pyfastbayes.calibration`), and the ops themselves under
-``torch.ops.pyfastbayes`` (typed wrappers in :mod:`pyfastbayes.ops`). ``python -m pyfastbayes demo``
-runs the whole workflow on small embedded data.
+
+- :mod:`pyfastbayes.optim`: fused SG-MCMC samplers (SGLD, SGHMC, pSGLD) and the cyclical schedule;
+- :mod:`pyfastbayes.posteriors`: one :class:`~pyfastbayes.posteriors.Posterior` interface and its
+  Bayesian-model-averaging loop, for stored draws (``SampleBuffer``), SWA, SWAG and MultiSWAG;
+- :mod:`pyfastbayes.calibration`: calibration and uncertainty metrics, recalibration, plots;
+- :mod:`pyfastbayes.nn`: ``ParamLayout`` (named parameters <-> one flat vector) and ``update_bn``;
+- :mod:`pyfastbayes.ops`: typed wrappers of the ops under ``torch.ops.pyfastbayes``.
+
+``python -m pyfastbayes demo`` runs the whole workflow on small embedded data. The layers and how
+to add to them: docs/ARCHITECTURE.md.
 """
 __version__ = "0.1.0"
 
 from . import _native  # noqa: E402  (loads the extension or warns once)
 from ._native import build_info  # noqa: E402
-from . import ops, optim, bma  # noqa: E402
-from . import calibration  # noqa: E402
-from .swag import SWAG, SWA, MultiSWAG  # noqa: E402
+from . import ops, nn, optim, posteriors, calibration  # noqa: E402
+from . import bma  # noqa: E402,F401  (former import path of SampleBuffer)
+from .nn import update_bn  # noqa: E402
+from .posteriors import SWA, SWAG, MultiSWAG, SampleBuffer  # noqa: E402
 
-__all__ = ["build_info", "ops", "optim", "bma", "calibration", "SWAG", "SWA", "MultiSWAG",
-           "__version__"]
+__all__ = ["build_info", "ops", "nn", "optim", "posteriors", "calibration", "bma", "SWAG", "SWA", "MultiSWAG",
+           "SampleBuffer", "update_bn", "__version__"]
