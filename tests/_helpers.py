@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import inspect
 import os
 import re
 from typing import Any, Callable, Sequence
@@ -43,19 +44,6 @@ NATIVE = _native.available()
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 needs_native = pytest.mark.skipif(not NATIVE, reason="needs the compiled extension")
-
-# Bad inputs marked ``pending`` are the native refusals of issue 8 that the C++ change in progress
-# adds (overlapping or duplicate tensors, expanded mutated tensors, swag_collect_'s n > 2**53,
-# sparse inputs, complex tensors in any_nonfinite). While a build lacks one, its native case skips
-# locally (naming what the kernel did instead) and FAILS under CI=true; the reference side and the
-# message regex are checked everywhere.
-
-
-def pending_native(what: str) -> None:
-    msg = f"native refusal not in this build yet (issue 8, C++ change pending): {what}"
-    if in_ci():
-        pytest.fail(msg, pytrace=False)
-    pytest.skip(msg)
 
 
 # ---- CI rules ---------------------------------------------------------------------------------
@@ -87,6 +75,20 @@ def native_problem(info: dict | None = None) -> str | None:
         return (f"CI=true but the pyfastbayes native extension did not load: {info.get('error')}. "
                 f"Every native test would be skipped; rebuild with `pip install --no-build-isolation -e .`")
     return None
+
+
+# Bad inputs marked ``pending`` are the native refusals of issue 8 that the C++ change in progress
+# adds (overlapping or duplicate tensors, expanded mutated tensors, swag_collect_'s n > 2**53,
+# sparse inputs, complex tensors in any_nonfinite). While a build lacks one, its native case skips
+# locally (naming what the kernel did instead) and FAILS under CI=true; the reference side and the
+# message regex are checked everywhere.
+
+
+def pending_native(what: str) -> None:
+    msg = f"native refusal not in this build yet (issue 8, C++ change pending): {what}"
+    if in_ci():
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg)
 
 
 # ---- the op-test base -------------------------------------------------------------------------
@@ -260,7 +262,16 @@ class OpContract:
         if kind == "noncontig":
             assert any(not t.is_contiguous() for t in tensors_of(calls)), "noncontig case has no non-contiguous tensor"
         if kind == "empty":
-            assert any(t.numel() == 0 for t in tensors_of(calls)) or not tensors_of(calls[0])
+            assert any(t.numel() == 0 for t in tensors_of(calls)), "empty case has no empty tensor"
+
+    def test_spec_covers_the_contract(self):
+        spec = self.spec
+        ids = [b.id for b in spec.bad]
+        assert spec.bad and len(set(ids)) == len(ids), f"{spec.name}: bad inputs needed, with distinct ids"
+        if len(tensors_of(spec.good("cpu"))) > 1:  # (f): an op of several tensors refuses meta mixes
+            assert any(i.startswith("meta") for i in ids), f"{spec.name}: no meta/real mix among the bad inputs"
+        assert set(spec.good("cpu")) == set(inspect.signature(wrapper(spec.name)).parameters) - {"backend"}, \
+            f"{spec.name}: good() must name every parameter of the wrapper"
 
     # (c)
     def test_opcheck(self, device, args_fn):
@@ -304,10 +315,6 @@ class OpContract:
             assert raise_message(spec, bad, device, "reference") == (typ, msg)
 
 
-def spec_ids(specs: Sequence[OpSpec]) -> list[str]:
-    return [s.name for s in specs]
-
-
 # ---- small argument editors for Bad.edit --------------------------------------------------------
 def placement(op: str, arg: str, first: str, device: str | None = None, index: int | None = None,
               meta: bool = True, sparse: bool = True) -> list[Bad]:
@@ -335,7 +342,6 @@ def placement(op: str, arg: str, first: str, device: str | None = None, index: i
     if device is not None:
         cases.append(Bad(f"device-{label}", edit(lambda t, d: t.to(other_device(d))), device, cuda=True))
     return cases
-
 
 
 def put(**changes) -> Callable[[Args, str], Args]:
