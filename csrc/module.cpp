@@ -1,7 +1,9 @@
 // The pybind11 module pyfastbayes._C: loading it registers every op (static initialisers of the
-// TORCH_LIBRARY blocks in this shared library) and exposes build_info().
+// TORCH_LIBRARY blocks in this shared library) and exposes build_info() and layouts().
 #include <ATen/Config.h>
 #include <pybind11/pybind11.h>
+
+#include "common/layouts.h"
 
 #ifndef PYFASTBAYES_VERSION
 #define PYFASTBAYES_VERSION "unknown"
@@ -31,7 +33,39 @@ static py::dict build_info() {
   return d;
 }
 
+// The named slots of every small vector that crosses the op boundary (common/layouts.h), for the
+// Python mirror pyfastbayes.ops.layouts: {layout: {slot name: index (or constant)}}.
+static py::dict layouts() {
+  using namespace pyfastbayes;
+  auto slots = [](std::initializer_list<std::pair<const char*, int64_t>> items) {
+    py::dict d;
+    for (const auto& [name, value] : items) d[name] = value;
+    return d;
+  };
+  py::dict d;
+  d["sgmcmc_hyper"] = slots({{"lr", kHyperLr},
+                             {"temperature", kHyperTemperature},
+                             {"num_data", kHyperNumData},
+                             {"prior_precision", kHyperPrior},
+                             {"a", kHyperA},
+                             {"b", kHyperB},
+                             {"size", kHyperSize}});
+  d["rng"] = slots({{"seed", kRngSeed}, {"step", kRngStep}, {"size", kRngSize}});
+  d["calibration_stats"] = slots(
+      {{"count", kStatCount}, {"confidence", kStatConfidence}, {"correct", kStatCorrect}, {"size", kCalibStats}});
+  d["calibration_diag"] = slots({{"bad_sum", kDiagBadSum},
+                                 {"negative", kDiagNegative},
+                                 {"bad_target", kDiagBadTarget},
+                                 {"nonfinite", kDiagNonFinite},
+                                 {"size", kCalibDiag}});
+  d["swag"] = slots({{"diag_stream", kSwagDiagStream},
+                     {"lowrank_stream", kSwagLowRankStream},
+                     {"max_draws", kSwagMaxDraws}});
+  return d;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfastbayes native ops (registered under torch.ops.pyfastbayes)";
   m.def("build_info", &build_info, "dict(version, torch, cuda, cuda_archs, openmp) of this build");
+  m.def("layouts", &layouts, "dict of the named slots of the op vectors: {layout: {slot: index}}");
 }

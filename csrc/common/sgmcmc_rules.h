@@ -3,24 +3,26 @@
 // Convention: g is the gradient of the MEAN negative log-likelihood of a minibatch,
 //   grad U = num_data * g + prior_precision * theta,  xi ~ N(0, 1).
 // Hyper-parameters arrive as one float64 vector (so schedules never re-setup and a CUDA graph
-// can replay a step whose learning rate lives in device memory):
+// can replay a step whose learning rate lives in device memory), slots in common/layouts.h:
 //   h = [lr, temperature, num_data, prior_precision, a, b]
 //   SGHMC: a = friction;  pSGLD: a = alpha, b = eps.
 #pragma once
 #include <cmath>
+#include <cstdint>
 
+#include "common/layouts.h"
 #include "common/macros.h"
 
 namespace pyfastbayes {
 
-constexpr int kHyperSize = 6;
-
 // SGLD (Welling & Teh 2011): theta <- theta - (lr/2) grad U + sqrt(lr T) xi
 template <typename op_t>
 struct SGLDRule {
+  using op_type = op_t;
   op_t half_lr, num_data, prior, noise;
   PFB_HD static SGLDRule make(const double* h) {
-    return {op_t(0.5 * h[0]), op_t(h[2]), op_t(h[3]), op_t(sqrt(h[0] * h[1]))};
+    return {op_t(0.5 * h[kHyperLr]), op_t(h[kHyperNumData]), op_t(h[kHyperPrior]),
+            op_t(sqrt(h[kHyperLr] * h[kHyperTemperature]))};
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& /*unused*/, float xi) const {
     const op_t grad_u = num_data * g + prior * p;
@@ -32,9 +34,11 @@ struct SGLDRule {
 //   v <- (1 - friction) v - lr grad U + sqrt(2 friction lr T) xi;  theta <- theta + v
 template <typename op_t>
 struct SGHMCRule {
+  using op_type = op_t;
   op_t lr, num_data, prior, decay, noise;
   PFB_HD static SGHMCRule make(const double* h) {
-    return {op_t(h[0]), op_t(h[2]), op_t(h[3]), op_t(1.0 - h[4]), op_t(sqrt(2.0 * h[4] * h[0] * h[1]))};
+    return {op_t(h[kHyperLr]), op_t(h[kHyperNumData]), op_t(h[kHyperPrior]), op_t(1.0 - h[kHyperA]),
+            op_t(sqrt(2.0 * h[kHyperA] * h[kHyperLr] * h[kHyperTemperature]))};
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& v, float xi) const {
     const op_t grad_u = num_data * g + prior * p;
@@ -48,9 +52,11 @@ struct SGHMCRule {
 //   theta <- theta - (lr/2) G grad U + sqrt(lr T G) xi
 template <typename op_t>
 struct PSGLDRule {
+  using op_type = op_t;
   op_t half_lr, num_data, prior, alpha, one_minus_alpha, eps, lr_t;
   PFB_HD static PSGLDRule make(const double* h) {
-    return {op_t(0.5 * h[0]), op_t(h[2]), op_t(h[3]), op_t(h[4]), op_t(1.0 - h[4]), op_t(h[5]), op_t(h[0] * h[1])};
+    return {op_t(0.5 * h[kHyperLr]), op_t(h[kHyperNumData]), op_t(h[kHyperPrior]), op_t(h[kHyperA]),
+            op_t(1.0 - h[kHyperA]),   op_t(h[kHyperB]),       op_t(h[kHyperLr] * h[kHyperTemperature])};
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& v, float xi) const {
     v = alpha * v + one_minus_alpha * g * g;
@@ -59,5 +65,18 @@ struct PSGLDRule {
     p = p - half_lr * precond * grad_u + sqrt(lr_t * precond) * op_t(xi);
   }
 };
+
+// Element i of a fused step, in storage type T: load theta (and the state buffer), apply the
+// rule in its math type (fp32 for the half types), store. b is only touched when kHasBuf.
+// The arrays may be tensors in memory or a thread's registers (the CUDA vector path).
+template <bool kHasBuf, class Rule, typename T>
+PFB_HD void sgmcmc_update(const Rule& rule, T* p, const T* g, T* b, int64_t i, float xi) {
+  using op_t = typename Rule::op_type;
+  op_t pv = static_cast<op_t>(p[i]);
+  op_t bv = kHasBuf ? static_cast<op_t>(b[i]) : op_t(0);
+  rule(pv, static_cast<op_t>(g[i]), bv, xi);
+  p[i] = static_cast<T>(pv);
+  if constexpr (kHasBuf) b[i] = static_cast<T>(bv);
+}
 
 }  // namespace pyfastbayes

@@ -1,7 +1,8 @@
 // CPU kernel of calibration_bins: rows split into one contiguous chunk per thread
 // (at::parallel_for), each chunk accumulating its own float64 partial bins, then a reduction in
-// chunk order (deterministic for a given thread count). Per-row math in float64; the bin rule is
-// common/calibration.h.
+// chunk order (deterministic for a given thread count). One function per path (probabilities with
+// S = 1, probabilities averaged over S > 1 draws, logits); per-row math in float64; the row
+// classification and the bin rule are common/calibration.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,8 +15,8 @@
 #include <tuple>
 #include <vector>
 
+#include "checks/calibration.h"
 #include "common/calibration.h"
-#include "common/calibration_args.h"
 
 namespace pyfastbayes::cpu {
 namespace {
@@ -77,6 +78,130 @@ bool accumulate(const scalar_t* src, double* acc, int64_t len) {
   else return accumulate_slab(src, acc, len) != 0;
 }
 
+// One chunk's accumulators and the constants of the call.
+struct ChunkBins {
+  double* stats;  // [(classwise ? C : 1), B, kCalibStats]
+  double* diag;   // [kCalibDiag]
+  const int64_t* y;
+  int64_t S, stride_s, C, B;  // stride_s = N * C: from one draw to the next
+  bool logits, classwise;
+  double tol;
+
+  // Count, classify and bin row n (rules in common/calibration.h): conf / pred of its S-averaged
+  // distribution, value_of(c) its probability of class c (only read for class-wise bins).
+  template <class ValueOf>
+  void finish(int64_t n, const RowSummary& row, double conf, int64_t pred, ValueOf&& value_of) {
+    const int64_t t = y[n];
+    if (!classify_row([&](int slot) { diag[slot] += 1.0; }, row, t, C, logits, tol)) return;
+    auto add = [&](int64_t i, double x) { stats[i] += x; };
+    if (!classwise) {
+      bin_value(add, 0, conf, pred == t, B);
+      return;
+    }
+    for (int64_t c = 0; c < C; ++c) bin_value(add, c, value_of(c), c == t, B);
+  }
+};
+
+// Probabilities, S = 1: each row read in place, no accumulator.
+template <typename scalar_t>
+void rows_direct(const scalar_t* p, int64_t r0, int64_t r1, ChunkBins& out) {
+  const int64_t C = out.C;
+  for (int64_t n = r0; n < r1; ++n) {
+    const scalar_t* row = p + n * C;
+    double conf, sum = 0.0;
+    int64_t pred = 0;
+    bool neg = false;
+    if (C < 64) {  // short rows: one fused scalar pass
+      scalar_t mx = row[0];
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t v = row[c];
+        const bool gt = v > mx;  // strict: ties keep the lowest class index
+        mx = gt ? v : mx;
+        pred = gt ? c : pred;
+        sum += static_cast<double>(v);
+        neg |= v < scalar_t(0);
+      }
+      conf = static_cast<double>(mx);
+    } else {  // long rows: vectorised sum and max, then the first index of the max
+      sum = row_sum(row, C, neg);
+      const auto mx = row_max(row, C);
+      if (std::isfinite(sum))
+        while (pred < C - 1 && static_cast<decltype(mx)>(row[pred]) != mx) ++pred;
+      conf = static_cast<double>(mx);
+    }
+    out.finish(n, {std::isfinite(sum), neg, sum}, conf, pred, [&](int64_t c) { return static_cast<double>(row[c]); });
+  }
+}
+
+// Probabilities, S > 1: rows are processed `block` at a time, draw by draw, so each draw's slab
+// of block * C values is read contiguously (not S far-apart rows per point).
+template <typename scalar_t>
+void rows_averaged(const scalar_t* p, int64_t r0, int64_t r1, int64_t block, ChunkBins& out) {
+  const int64_t S = out.S, C = out.C;
+  std::vector<double> acc(static_cast<size_t>(block * C));
+  std::vector<char> negrow(static_cast<size_t>(block));
+  for (int64_t blk = r0; blk < r1; blk += block) {
+    const int64_t nb = std::min(block, r1 - blk), len = nb * C;
+    std::fill(acc.begin(), acc.begin() + len, 0.0);
+    bool any_neg = false;
+    for (int64_t s = 0; s < S; ++s) any_neg |= accumulate(p + s * out.stride_s + blk * C, acc.data(), len);
+    std::fill(negrow.begin(), negrow.begin() + nb, 0);
+    if (any_neg)  // rare (invalid input): find which rows
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t i = 0; i < len; ++i)
+          if (static_cast<double>(p[s * out.stride_s + blk * C + i]) < 0.0) negrow[i / C] = 1;
+    for (int64_t r = 0; r < nb; ++r) {
+      const double* a = acc.data() + r * C;
+      double mx = a[0], sum = 0.0;
+      int64_t pred = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const bool gt = a[c] > mx;
+        mx = gt ? a[c] : mx;
+        pred = gt ? c : pred;
+        sum += a[c];
+      }
+      sum /= static_cast<double>(S);
+      out.finish(blk + r, {std::isfinite(sum), negrow[r] != 0, sum}, mx / static_cast<double>(S), pred,
+                 [&](int64_t c) { return a[c] / static_cast<double>(S); });
+    }
+  }
+}
+
+// Logits: each draw's softmax (one exp per logit) summed over the S draws.
+template <typename scalar_t>
+void rows_logits(const scalar_t* p, int64_t r0, int64_t r1, ChunkBins& out) {
+  const int64_t S = out.S, C = out.C;
+  std::vector<double> acc(static_cast<size_t>(C)), tmp(static_cast<size_t>(C));
+  for (int64_t n = r0; n < r1; ++n) {
+    const scalar_t* row = p + n * C;
+    std::fill(acc.begin(), acc.end(), 0.0);
+    bool finite = true;
+    for (int64_t s = 0; s < S && finite; ++s) {
+      const scalar_t* rs = row + s * out.stride_s;
+      double m = -INFINITY;
+      for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(rs[c]));
+      double z = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        tmp[c] = std::exp(static_cast<double>(rs[c]) - m);
+        z += tmp[c];
+      }
+      finite = std::isfinite(m) && std::isfinite(z);
+      for (int64_t c = 0; c < C; ++c) acc[c] += tmp[c] / z;
+    }
+    double mx = acc[0];
+    int64_t pred = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const bool gt = acc[c] > mx;
+      mx = gt ? acc[c] : mx;
+      pred = gt ? c : pred;
+    }
+    out.finish(n, {finite, false, 0.0}, mx / static_cast<double>(S), pred,
+               [&](int64_t c) { return acc[c] / static_cast<double>(S); });
+  }
+}
+
+// Rows split into one contiguous chunk per thread, each with its own partial bins, reduced in
+// chunk order at the end (deterministic for a given thread count).
 template <typename scalar_t>
 void bins_kernel(const scalar_t* p, const int64_t* y, int64_t S, int64_t N, int64_t C, int64_t B, bool logits,
                  bool classwise, double tol, double* bins, double* diag) {
@@ -86,127 +211,15 @@ void bins_kernel(const scalar_t* p, const int64_t* y, int64_t S, int64_t N, int6
   const int64_t nchunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), (N + min_rows - 1) / min_rows));
   std::vector<double> partial(static_cast<size_t>(nchunks * width), 0.0);
-  const int64_t stride_s = N * C;
-  const bool direct = !logits && S == 1;  // top path: read the row itself, no accumulator
-
-  // Rows with S > 1 averaged probabilities are processed kBlock at a time, draw by draw, so each
-  // draw's slab of kBlock * C values is read contiguously (not S far-apart rows per point).
-  constexpr int64_t kBlock = 256;
+  constexpr int64_t kBlock = 256;  // rows per block of the S > 1 path
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<double> acc(direct ? 0 : (logits ? C : kBlock * C)), tmp(logits ? C : 0);
-    std::vector<char> negrow(direct || logits ? 0 : kBlock);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       double* st = partial.data() + chunk * width;
-      double* dg = st + nstat;
-      // bin one row: vals = its S-summed values (nullptr: the row itself, S = 1)
-      auto finish = [&](int64_t n, const scalar_t* row, const double* vals, double conf, int64_t pred, double sum,
-                        bool neg, bool finite) {
-        if (!finite) {
-          dg[kDiagNonFinite] += 1.0;
-          return;
-        }
-        const int64_t t = y[n];
-        if (t < 0 || t >= C) {
-          dg[kDiagBadTarget] += 1.0;
-          return;
-        }
-        if (!logits) {
-          if (!(std::fabs(sum - 1.0) <= tol)) dg[kDiagBadSum] += 1.0;
-          if (neg) dg[kDiagNegative] += 1.0;
-        }
-        if (!classwise) {
-          double* b = st + uniform_bin(conf, B) * kCalibStats;
-          b[0] += 1.0;
-          b[1] += conf;
-          b[2] += pred == t ? 1.0 : 0.0;
-        } else {
-          for (int64_t c = 0; c < C; ++c) {
-            const double v = vals ? vals[c] / static_cast<double>(S) : static_cast<double>(row[c]);
-            double* b = st + (c * B + uniform_bin(v, B)) * kCalibStats;
-            b[0] += 1.0;
-            b[1] += v;
-            b[2] += c == t ? 1.0 : 0.0;
-          }
-        }
-      };
+      ChunkBins out{st, st + nstat, y, S, N * C, C, B, logits, classwise, tol};
       const int64_t r0 = chunk * N / nchunks, r1 = (chunk + 1) * N / nchunks;
-      if (!direct && !logits) {
-        for (int64_t blk = r0; blk < r1; blk += kBlock) {
-          const int64_t nb = std::min(kBlock, r1 - blk), len = nb * C;
-          std::fill(acc.begin(), acc.begin() + len, 0.0);
-          bool any_neg = false;
-          for (int64_t s = 0; s < S; ++s) any_neg |= accumulate(p + s * stride_s + blk * C, acc.data(), len);
-          std::fill(negrow.begin(), negrow.begin() + nb, 0);
-          if (any_neg)  // rare (invalid input): find which rows
-            for (int64_t s = 0; s < S; ++s)
-              for (int64_t i = 0; i < len; ++i)
-                if (static_cast<double>(p[s * stride_s + blk * C + i]) < 0.0) negrow[i / C] = 1;
-          for (int64_t r = 0; r < nb; ++r) {
-            const double* a = acc.data() + r * C;
-            double mx = a[0], sum = 0.0;
-            int64_t pred = 0;
-            for (int64_t c = 0; c < C; ++c) {
-              const bool gt = a[c] > mx;
-              mx = gt ? a[c] : mx;
-              pred = gt ? c : pred;
-              sum += a[c];
-            }
-            sum /= static_cast<double>(S);
-            finish(blk + r, nullptr, a, mx / static_cast<double>(S), pred, sum, negrow[r] != 0, std::isfinite(sum));
-          }
-        }
-        continue;
-      }
-      for (int64_t n = r0; n < r1; ++n) {
-        const scalar_t* row = p + n * C;
-        double conf, sum = 0.0;
-        int64_t pred = 0;
-        bool neg = false, finite;
-        if (direct) {
-          if (C < 64) {  // short rows: one fused scalar pass
-            scalar_t mx = row[0];
-            for (int64_t c = 0; c < C; ++c) {
-              const scalar_t v = row[c];
-              const bool gt = v > mx;  // strict: ties keep the lowest class index
-              mx = gt ? v : mx;
-              pred = gt ? c : pred;
-              sum += static_cast<double>(v);
-              neg |= v < scalar_t(0);
-            }
-            conf = static_cast<double>(mx);
-          } else {  // long rows: vectorised sum and max, then the first index of the max
-            sum = row_sum(row, C, neg);
-            const auto mx = row_max(row, C);
-            if (std::isfinite(sum))
-              while (pred < C - 1 && static_cast<decltype(mx)>(row[pred]) != mx) ++pred;
-            conf = static_cast<double>(mx);
-          }
-          finite = std::isfinite(sum);
-        } else {
-          std::fill(acc.begin(), acc.end(), 0.0);
-          finite = true;
-          for (int64_t s = 0; s < S && finite; ++s) {
-            const scalar_t* rs = row + s * stride_s;
-            double m = -INFINITY;
-            for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(rs[c]));
-            double z = 0.0;
-            for (int64_t c = 0; c < C; ++c) {
-              tmp[c] = std::exp(static_cast<double>(rs[c]) - m);
-              z += tmp[c];
-            }
-            finite = std::isfinite(m) && std::isfinite(z);
-            for (int64_t c = 0; c < C; ++c) acc[c] += tmp[c] / z;
-          }
-          double mx = acc[0];
-          for (int64_t c = 0; c < C; ++c) {
-            const bool gt = acc[c] > mx;
-            mx = gt ? acc[c] : mx;
-            pred = gt ? c : pred;
-          }
-          conf = mx / static_cast<double>(S);
-        }
-        finish(n, row, direct ? nullptr : acc.data(), conf, pred, sum, neg, finite);
-      }
+      if (logits) rows_logits(p, r0, r1, out);
+      else if (S == 1) rows_direct(p, r0, r1, out);
+      else rows_averaged(p, r0, r1, kBlock, out);
     }
   });
   for (int64_t chunk = 0; chunk < nchunks; ++chunk) {

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "checks/random.h"
 #include "common/philox.h"
 #include "cpu/multi_tensor.h"
 
@@ -29,8 +30,7 @@ void fill_normal(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_bl
 namespace {
 
 at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key0, int64_t key1) {
-  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 2 && counters.size(1) == 4,
-              "philox4x32: counters must be int64 [N, 4], got ", counters.scalar_type(), " ", counters.sizes());
+  check_philox_counters(counters);
   auto c = counters.contiguous();
   auto out = at::empty_like(c);
   const int64_t* in = c.data_ptr<int64_t>();
@@ -47,8 +47,7 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key0, int64_t key1
 }
 
 void philox_normal_cpu(const at::Tensor& out, int64_t seed, int64_t stream, int64_t step) {
-  TORCH_CHECK(at::isFloatingType(out.scalar_type()), "philox_normal_: out must be floating point, got ",
-              out.scalar_type());
+  check_philox_normal_out(out);
   const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
   at::Tensor buf = direct ? out : at::empty({out.numel()}, out.options().dtype(at::kFloat));
   float* z = buf.data_ptr<float>();

@@ -9,9 +9,10 @@
 #include <atomic>
 #include <cmath>
 
+#include "checks/sgmcmc.h"
+#include "common/layouts.h"
 #include "common/philox.h"
 #include "common/sgmcmc_rules.h"
-#include "common/tensor_lists.h"
 #include "cpu/multi_tensor.h"
 
 namespace pyfastbayes::cpu {
@@ -24,8 +25,8 @@ void noisy_step(std::vector<at::Tensor>& ps, std::vector<at::Tensor>& gs, std::v
                 const at::Tensor& hyper, const at::Tensor& rng) {
   using op_t = at::opmath_type<scalar_t>;
   const auto rule = Rule<op_t>::make(hyper.data_ptr<double>());
-  const auto seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
-  const auto step = static_cast<uint32_t>(rng.data_ptr<int64_t>()[1]);
+  const auto seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[kRngSeed]);
+  const auto step = static_cast<uint32_t>(rng.data_ptr<int64_t>()[kRngStep]);
   std::vector<int64_t> numels;
   for (const auto& p : ps) numels.push_back(p.numel());
   parallel_chunks(numels, [&](const Chunk& c) {
@@ -36,21 +37,16 @@ void noisy_step(std::vector<at::Tensor>& ps, std::vector<at::Tensor>& gs, std::v
     for (int64_t s = c.begin; s < c.end; s += kNoiseBuf) {
       const int64_t n = std::min(kNoiseBuf, c.end - s);
       fill_normal(seed, static_cast<uint32_t>(c.tensor), step, s / 4, (n + 3) / 4, z);
-      for (int64_t k = 0; k < n; ++k) {
-        op_t pv = static_cast<op_t>(p[s + k]);
-        op_t bv = kHasBuf ? static_cast<op_t>(b[s + k]) : op_t(0);
-        rule(pv, static_cast<op_t>(g[s + k]), bv, z[k]);
-        p[s + k] = static_cast<scalar_t>(pv);
-        if constexpr (kHasBuf) b[s + k] = static_cast<scalar_t>(bv);
-      }
+      for (int64_t k = 0; k < n; ++k) sgmcmc_update<kHasBuf>(rule, p, g, b, s + k, z[k]);
     }
   });
 }
 
+// bufs_name: the schema name of the state buffers, nullptr for SGLD (none)
 template <template <class> class Rule, bool kHasBuf>
-void step_cpu(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs,
+void step_cpu(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs, const char* bufs_name,
               const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  check_step_args(op, params, grads, bufs, kHasBuf, hyper, kHyperSize, rng, skip, c10::DeviceType::CPU);
+  check_step_args(op, params, grads, bufs, bufs_name, hyper, kHyperSize, rng, skip, c10::DeviceType::CPU);
   if (skip.has_value() && skip->item<bool>()) return;
   if (!params.empty()) {
     ContiguousList ps(params), bs(kHasBuf ? bufs : at::TensorList());
@@ -61,32 +57,27 @@ void step_cpu(const char* op, at::TensorList params, at::TensorList grads, at::T
     ps.write_back();
     bs.write_back();
   }
-  rng.data_ptr<int64_t>()[1] += 1;
+  rng.data_ptr<int64_t>()[kRngStep] += 1;
 }
 
 void sgld_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& hyper, const at::Tensor& rng,
                    const std::optional<at::Tensor>& skip) {
-  step_cpu<SGLDRule, false>("sgld_step_", params, grads, {}, hyper, rng, skip);
+  step_cpu<SGLDRule, false>("sgld_step_", params, grads, {}, nullptr, hyper, rng, skip);
 }
 void sghmc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta, const at::Tensor& hyper,
                     const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  step_cpu<SGHMCRule, true>("sghmc_step_", params, grads, momenta, hyper, rng, skip);
+  step_cpu<SGHMCRule, true>("sghmc_step_", params, grads, momenta, "momenta", hyper, rng, skip);
 }
 void psgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avg,
                     const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  step_cpu<PSGLDRule, true>("psgld_step_", params, grads, square_avg, hyper, rng, skip);
+  step_cpu<PSGLDRule, true>("psgld_step_", params, grads, square_avg, "square_avg", hyper, rng, skip);
 }
 
 at::Tensor any_nonfinite_cpu(at::TensorList tensors) {
   std::atomic<bool> found{false};
-  std::vector<at::Tensor> ts;
+  const auto ts = nonfinite_inputs(tensors, c10::DeviceType::CPU);
   std::vector<int64_t> numels;
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu(), "any_nonfinite: all tensors must be on the CPU, got ", t.device());
-    if (!at::isFloatingType(t.scalar_type())) continue;
-    ts.push_back(t.contiguous());
-    numels.push_back(t.numel());
-  }
+  for (const auto& t : ts) numels.push_back(t.numel());
   parallel_chunks(numels, [&](const Chunk& c) {
     if (found.load(std::memory_order_relaxed)) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ts[c.tensor].scalar_type(), "any_nonfinite", [&] {

@@ -10,9 +10,10 @@
 #include <cmath>
 #include <vector>
 
+#include "checks/common.h"
+#include "checks/swag.h"
 #include "common/philox.h"
 #include "common/swag.h"
-#include "common/tensor_lists.h"
 #include "cpu/multi_tensor.h"
 
 namespace pyfastbayes::cpu {
@@ -26,15 +27,7 @@ namespace {
 
 template <typename param_t, typename state_t, typename dev_t>
 void collect_range(const param_t* p, state_t* mean, state_t* sq, dev_t* dev, int64_t n, state_t w) {
-  const bool has_sq = sq != nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    state_t m = mean[i];
-    state_t s = has_sq ? sq[i] : state_t(0);
-    const state_t d = swag_collect_elem(static_cast<state_t>(p[i]), m, s, w, has_sq);
-    mean[i] = m;
-    if (has_sq) sq[i] = s;
-    if (dev != nullptr) dev[i] = static_cast<dev_t>(d);
-  }
+  for (int64_t i = 0; i < n; ++i) swag_collect_update(p, mean, sq, dev, i, w);
 }
 
 void swag_collect_cpu(at::TensorList params, const at::Tensor& mean, const std::optional<at::Tensor>& sq_mean,

@@ -3,7 +3,8 @@
 // reduced with xor shuffles (every lane ends with the same values). Top-label bins live in
 // shared memory per block (float64 atomics, one lane per row), flushed to global with atomics at
 // the end; class-wise bins go straight to global atomics. Per-row math in float64 for the
-// averaged confidence; the bin rule is common/calibration.h (same function as the CPU loop).
+// averaged confidence; one device function per path (probabilities, logits); the row
+// classification and the bin rule are common/calibration.h (the same functions as the CPU loop).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -16,47 +17,116 @@
 
 #include <tuple>
 
+#include "checks/calibration.h"
 #include "common/calibration.h"
-#include "common/calibration_args.h"
+#include "cuda/launch.cuh"
 
 namespace pyfastbayes::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kMaxSmemBins = 48 * 1024 / (kCalibStats * sizeof(double));  // B up to 2048 in shared
 constexpr int64_t kMaxWorkDoubles = int64_t(2) << 20;                          // 16 MiB of row scratch (stays in L2)
 
-__device__ __forceinline__ void group_max_arg(double& v, int64_t& arg, int G) {
-  for (int off = G / 2; off > 0; off >>= 1) {
-    const double ov = __shfl_xor_sync(0xffffffffu, v, off);
-    const int64_t oa = __shfl_xor_sync(0xffffffffu, arg, off);
-    if (ov > v || (ov == v && oa < arg)) {  // larger value wins; ties keep the lowest class
-      v = ov;
-      arg = oa;
+// The row a group of G lanes works on: lane l owns the classes c = l, l + G, ...
+struct GroupRow {
+  int lane, G;
+  bool active;  // false for a group past the last row: it joins the shuffles, reads and writes nothing
+};
+
+// Probabilities: each lane sums its classes over the S draws (kept in acc when acc != nullptr,
+// for the class-wise bins) and tracks its max / argmax; returns the group's sum / negative flag.
+template <typename scalar_t>
+__device__ __forceinline__ RowSummary row_probs(const scalar_t* row, int64_t S, int64_t stride_s, int64_t C,
+                                                const GroupRow& g, double* acc, double& mx, int64_t& pred) {
+  using op_t = at::opmath_type<scalar_t>;
+  double sum = 0.0;
+  int neg = 0;
+  for (int64_t c = g.lane; g.active && c < C; c += g.G) {
+    double a;
+    if (S == 1) {
+      const op_t v = static_cast<op_t>(row[c]);
+      neg |= v < op_t(0);
+      a = static_cast<double>(v);
+    } else {
+      a = 0.0;
+      for (int64_t s = 0; s < S; ++s) {
+        const double v = static_cast<double>(static_cast<op_t>(row[s * stride_s + c]));
+        neg |= v < 0.0;
+        a += v;
+      }
     }
+    if (acc) acc[c] = a;  // sum over draws (divided by S when binned)
+    if (a > mx) {
+      mx = a;
+      pred = c;
+    }
+    sum += a;
   }
-}
-__device__ __forceinline__ double group_sum(double v, int G) {
-  for (int off = G / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-__device__ __forceinline__ double group_max(double v, int G) {
-  for (int off = G / 2; off > 0; off >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-__device__ __forceinline__ int group_or(int v, int G) {
-  for (int off = G / 2; off > 0; off >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
+  sum = group_sum(sum, g.G) / static_cast<double>(S);
+  return {static_cast<bool>(isfinite(sum)), group_or(neg, g.G) != 0, sum};
 }
 
-// work: [gridDim.x * groups_per_block, C] float64 scratch (logits or classwise), else nullptr.
+// Logits: acc [C] = the sum over the S draws of each draw's softmax (tmp [C]: the draw's
+// exponentials, one exp per element); each lane tracks the max / argmax of its classes.
+template <typename scalar_t>
+__device__ __forceinline__ RowSummary row_logits(const scalar_t* row, int64_t S, int64_t stride_s, int64_t C,
+                                                 const GroupRow& g, double* acc, double* tmp, double& mx,
+                                                 int64_t& pred) {
+  using op_t = at::opmath_type<scalar_t>;
+  bool finite = true;
+  if (g.active)
+    for (int64_t c = g.lane; c < C; c += g.G) acc[c] = 0.0;
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t* rs = row + s * stride_s;
+    double m = -INFINITY;
+    for (int64_t c = g.lane; g.active && c < C; c += g.G) m = fmax(m, static_cast<double>(static_cast<op_t>(rs[c])));
+    m = group_max(m, g.G);
+    double z = 0.0;
+    for (int64_t c = g.lane; g.active && c < C; c += g.G) {
+      const double e = exp(static_cast<double>(static_cast<op_t>(rs[c])) - m);  // once per element
+      tmp[c] = e;
+      z += e;
+    }
+    z = group_sum(z, g.G);
+    finite = finite && isfinite(m) && isfinite(z);
+    for (int64_t c = g.lane; g.active && c < C; c += g.G) acc[c] += tmp[c] / z;  // the lane's own writes
+  }
+  for (int64_t c = g.lane; g.active && c < C; c += g.G) {
+    if (acc[c] > mx) {
+      mx = acc[c];
+      pred = c;
+    }
+  }
+  return {finite, false, 0.0};
+}
+
+// Count, classify and bin one row (rules in common/calibration.h): lane 0 counts the row and
+// bins its top-label confidence; for class-wise bins every lane bins its own classes of acc.
+__device__ __forceinline__ void finish_row(const RowSummary& r, double conf, int64_t pred, int64_t t,
+                                           const double* acc, const GroupRow& g, int64_t C, int64_t B, double sd,
+                                           bool logits, bool classwise, double tol, double* tgt,
+                                           double (&counts)[kCalibDiag]) {
+  auto count = [&](int slot) {
+    if (g.lane == 0) counts[slot] += 1.0;
+  };
+  if (!classify_row(count, r, t, C, logits, tol)) return;
+  auto add = [&](int64_t i, double x) { atomicAdd(tgt + i, x); };
+  if (!classwise) {
+    if (g.lane == 0) bin_value(add, 0, conf, pred == t, B);
+    return;
+  }
+  for (int64_t c = g.lane; c < C; c += g.G) bin_value(add, c, acc[c] / sd, c == t, B);  // the lane's own acc
+}
+
+// One group of G lanes (G = the power of two >= C, at most 32) per row, grid-stride over rows.
+// work: [gridDim.x * groups_per_block, C] (classwise) or [.., 2 C] (logits) float64 scratch, else
+// nullptr. Top-label (and small class-wise) bins accumulate in shared memory, flushed at the end.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     calibration_bins_kernel(const scalar_t* __restrict__ p, const int64_t* __restrict__ y, int64_t S, int64_t N,
                             int64_t C, int64_t B, bool logits, bool classwise, double tol, int G,
                             bool smem_bins, double* __restrict__ work, double* __restrict__ bins,
                             double* __restrict__ diag) {
-  using op_t = at::opmath_type<scalar_t>;
   extern __shared__ double sbins[];
   const int64_t nstat = (classwise ? C : 1) * B * kCalibStats;  // bins held in shared memory
   if (smem_bins) {
@@ -64,115 +134,31 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
   double* tgt = smem_bins ? sbins : bins;
-  const int lane = static_cast<int>(threadIdx.x) % G;
   const int64_t gpb = blockDim.x / G;  // groups (rows in flight) per block
   const int64_t gib = threadIdx.x / G;
-  // per-row scratch: acc [C] (sum over draws); with logits also tmp [C] (the draw's exponentials)
-  const int64_t wstride = (logits ? 2 : 1) * C;
+  const int64_t wstride = (logits ? 2 : 1) * C;  // per-row scratch: acc [C], with logits also tmp [C]
   double* acc = work ? work + (static_cast<int64_t>(blockIdx.x) * gpb + gib) * wstride : nullptr;
-  double* tmp = logits ? acc + C : nullptr;
   const int64_t stride_s = N * C;
   const double sd = static_cast<double>(S);  // divide (not multiply by 1/S): same rounding as the CPU
-  double d_sum = 0.0, d_neg = 0.0, d_tgt = 0.0, d_fin = 0.0;
+  double counts[kCalibDiag] = {};
 
   // The loop bound is uniform over the block, so every lane of a warp runs the same shuffles;
   // a group past the last row computes on nothing and records nothing.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * gpb; base < N; base += static_cast<int64_t>(gridDim.x) * gpb) {
     const int64_t n = base + gib;
-    const bool active = n < N;
-    const scalar_t* row = p + (active ? n : 0) * C;
-    double mx = -INFINITY, sum = 0.0;
+    const GroupRow g{static_cast<int>(threadIdx.x) % G, G, n < N};
+    const scalar_t* row = p + (g.active ? n : 0) * C;
+    double mx = -INFINITY;
     int64_t pred = INT64_MAX;
-    int neg = 0;
-    bool finite = true;
-    if (!logits) {
-      for (int64_t c = lane; active && c < C; c += G) {
-        double a;
-        if (S == 1) {
-          const op_t v = static_cast<op_t>(row[c]);
-          neg |= v < op_t(0);
-          a = static_cast<double>(v);
-        } else {
-          a = 0.0;
-          for (int64_t s = 0; s < S; ++s) {
-            const double v = static_cast<double>(static_cast<op_t>(row[s * stride_s + c]));
-            neg |= v < 0.0;
-            a += v;
-          }
-        }
-        if (acc) acc[c] = a;  // sum over draws (divided by S below)
-        if (a > mx) {
-          mx = a;
-          pred = c;
-        }
-        sum += a;
-      }
-      sum = group_sum(sum, G) / sd;
-      neg = group_or(neg, G);
-      finite = isfinite(sum);
-    } else {
-      if (active)
-        for (int64_t c = lane; c < C; c += G) acc[c] = 0.0;
-      for (int64_t s = 0; s < S; ++s) {
-        const scalar_t* rs = row + s * stride_s;
-        double m = -INFINITY;
-        for (int64_t c = lane; active && c < C; c += G) m = fmax(m, static_cast<double>(static_cast<op_t>(rs[c])));
-        m = group_max(m, G);
-        double z = 0.0;
-        for (int64_t c = lane; active && c < C; c += G) {
-          const double e = exp(static_cast<double>(static_cast<op_t>(rs[c])) - m);  // once per element
-          tmp[c] = e;
-          z += e;
-        }
-        z = group_sum(z, G);
-        finite = finite && isfinite(m) && isfinite(z);
-        for (int64_t c = lane; active && c < C; c += G) acc[c] += tmp[c] / z;  // the lane's own writes
-      }
-      for (int64_t c = lane; active && c < C; c += G) {
-        if (acc[c] > mx) {
-          mx = acc[c];
-          pred = c;
-        }
-      }
-    }
+    const RowSummary r = logits ? row_logits(row, S, stride_s, C, g, acc, acc + C, mx, pred)
+                                : row_probs(row, S, stride_s, C, g, acc, mx, pred);
     group_max_arg(mx, pred, G);
-    if (!active) continue;
-    const double conf = mx / sd;
-    const int64_t t = y[n];
-    const bool bad_target = t < 0 || t >= C;
-    const bool skip = !finite || bad_target;
-    if (lane == 0) {
-      if (!finite) {
-        d_fin += 1.0;
-      } else if (bad_target) {
-        d_tgt += 1.0;
-      } else {
-        if (!logits) {
-          if (!(fabs(sum - 1.0) <= tol)) d_sum += 1.0;
-          if (neg) d_neg += 1.0;
-        }
-        if (!classwise) {
-          double* b = tgt + uniform_bin(conf, B) * kCalibStats;
-          atomicAdd(b, 1.0);
-          atomicAdd(b + 1, conf);
-          if (pred == t) atomicAdd(b + 2, 1.0);
-        }
-      }
-    }
-    if (classwise && !skip) {
-      for (int64_t c = lane; c < C; c += G) {
-        const double v = acc[c] / sd;  // the lane's own writes: no synchronisation needed
-        double* b = tgt + (c * B + uniform_bin(v, B)) * kCalibStats;
-        atomicAdd(b, 1.0);
-        atomicAdd(b + 1, v);
-        if (c == t) atomicAdd(b + 2, 1.0);
-      }
-    }
+    if (!g.active) continue;
+    finish_row(r, mx / sd, pred, y[n], acc, g, C, B, sd, logits, classwise, tol, tgt, counts);
   }
-  if (d_sum != 0.0) atomicAdd(diag + kDiagBadSum, d_sum);
-  if (d_neg != 0.0) atomicAdd(diag + kDiagNegative, d_neg);
-  if (d_tgt != 0.0) atomicAdd(diag + kDiagBadTarget, d_tgt);
-  if (d_fin != 0.0) atomicAdd(diag + kDiagNonFinite, d_fin);
+#pragma unroll
+  for (int i = 0; i < kCalibDiag; ++i)
+    if (counts[i] != 0.0) atomicAdd(diag + i, counts[i]);
   if (smem_bins) {
     __syncthreads();
     for (int64_t i = threadIdx.x; i < nstat; i += blockDim.x)
@@ -197,8 +183,7 @@ std::tuple<at::Tensor, at::Tensor> calibration_bins_cuda(const at::Tensor& probs
   int G = 1;
   while (G < C && G < 32) G <<= 1;
   const int64_t gpb = kThreads / G;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t blocks = std::min<int64_t>((N + gpb - 1) / gpb, int64_t(sms) * 8);
+  int64_t blocks = resident_blocks_for(N, gpb);
   at::Tensor work;
   if (from_logits || classwise) {
     const int64_t wstride = (from_logits ? 2 : 1) * C;

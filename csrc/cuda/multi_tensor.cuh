@@ -14,9 +14,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda/launch.cuh"
+
 namespace pyfastbayes::cuda {
 
-constexpr int kThreads = 256;
 constexpr int64_t kChunk = 1 << 14;  // elements per CUDA block; a multiple of 4 (Philox blocks)
 constexpr int kMaxTensors = 512;
 

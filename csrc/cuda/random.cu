@@ -7,12 +7,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "checks/random.h"
 #include "common/philox.h"
+#include "cuda/launch.cuh"
 
 namespace pyfastbayes::cuda {
 namespace {
-
-constexpr int kThreads = 256;
 
 __global__ void philox_kernel(const int64_t* __restrict__ in, int64_t* __restrict__ out, int64_t n, uint32_t k0,
                               uint32_t k1) {
@@ -36,17 +36,14 @@ __global__ void normal_kernel(float* __restrict__ out, int64_t n, uint64_t seed,
     if (blk * 4 + k < n) out[blk * 4 + k] = z[k];
 }
 
-int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
-
 at::Tensor philox4x32_cuda(const at::Tensor& counters, int64_t key0, int64_t key1) {
-  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 2 && counters.size(1) == 4,
-              "philox4x32: counters must be int64 [N, 4], got ", counters.scalar_type(), " ", counters.sizes());
+  check_philox_counters(counters);
   const c10::cuda::CUDAGuard guard(counters.device());
   auto c = counters.contiguous();
   auto out = at::empty_like(c);
   const int64_t n = c.size(0);
   if (n > 0) {
-    philox_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    philox_kernel<<<static_cast<unsigned>(blocks_for(n)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         c.data_ptr<int64_t>(), out.data_ptr<int64_t>(), n, static_cast<uint32_t>(key0), static_cast<uint32_t>(key1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -54,14 +51,13 @@ at::Tensor philox4x32_cuda(const at::Tensor& counters, int64_t key0, int64_t key
 }
 
 void philox_normal_cuda(const at::Tensor& out, int64_t seed, int64_t stream, int64_t step) {
-  TORCH_CHECK(at::isFloatingType(out.scalar_type()), "philox_normal_: out must be floating point, got ",
-              out.scalar_type());
+  check_philox_normal_out(out);
   const c10::cuda::CUDAGuard guard(out.device());
   const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
   at::Tensor buf = direct ? out : at::empty({out.numel()}, out.options().dtype(at::kFloat));
   const int64_t n = out.numel();
   if (n > 0) {
-    normal_kernel<<<blocks_for((n + 3) / 4), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    normal_kernel<<<static_cast<unsigned>(blocks_for((n + 3) / 4)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         buf.data_ptr<float>(), n, static_cast<uint64_t>(seed), static_cast<uint32_t>(stream),
         static_cast<uint32_t>(step));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

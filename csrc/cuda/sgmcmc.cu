@@ -12,9 +12,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "checks/sgmcmc.h"
+#include "common/layouts.h"
 #include "common/philox.h"
 #include "common/sgmcmc_rules.h"
-#include "common/tensor_lists.h"
+#include "cuda/launch.cuh"
 #include "cuda/multi_tensor.cuh"
 
 namespace pyfastbayes::cuda {
@@ -25,15 +27,14 @@ __global__ void __launch_bounds__(kThreads)
     noisy_step_kernel(const __grid_constant__ TensorTable<NL> tab, const double* __restrict__ hyper,
                       const int64_t* __restrict__ rng, const bool* __restrict__ skip) {
   if (skip != nullptr && *skip) return;
-  using op_t = at::opmath_type<T>;
   constexpr bool kHasBuf = NL > 2;
   // coefficients (fp64 loads and square roots) once per block, not once per thread
   __shared__ Rule block_rule;
   if (threadIdx.x == 0) block_rule = Rule::make(hyper);
   __syncthreads();
   const Rule rule = block_rule;
-  const auto seed = static_cast<uint64_t>(rng[0]);
-  const auto step = static_cast<uint32_t>(rng[1]);
+  const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
+  const auto step = static_cast<uint32_t>(rng[kRngStep]);
   const int t = find_tensor(tab, blockIdx.x);
   const int64_t begin = int64_t(blockIdx.x - tab.block_start[t]) * kChunk;
   const int64_t end = min(begin + kChunk, tab.numel[t]);
@@ -63,38 +64,27 @@ __global__ void __launch_bounds__(kThreads)
       V bv;
       if constexpr (kHasBuf) bv = *reinterpret_cast<const V*>(b + i);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        op_t pk = static_cast<op_t>(pv.v[k]);
-        op_t bk = kHasBuf ? static_cast<op_t>(bv.v[k]) : op_t(0);
-        rule(pk, static_cast<op_t>(gv.v[k]), bk, z[k]);
-        pv.v[k] = static_cast<T>(pk);
-        if constexpr (kHasBuf) bv.v[k] = static_cast<T>(bk);
-      }
+      for (int k = 0; k < kVec; ++k) sgmcmc_update<kHasBuf>(rule, pv.v, gv.v, bv.v, k, z[k]);
       *reinterpret_cast<V*>(p + i) = pv;
       if constexpr (kHasBuf) *reinterpret_cast<V*>(b + i) = bv;
     } else {  // unaligned tensor or the tensor's last partial step
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        if (i + k < end) {
-          op_t pk = static_cast<op_t>(p[i + k]);
-          op_t bk = kHasBuf ? static_cast<op_t>(b[i + k]) : op_t(0);
-          rule(pk, static_cast<op_t>(g[i + k]), bk, z[k]);
-          p[i + k] = static_cast<T>(pk);
-          if constexpr (kHasBuf) b[i + k] = static_cast<T>(bk);
-        }
-      }
+      for (int k = 0; k < kVec; ++k)
+        if (i + k < end) sgmcmc_update<kHasBuf>(rule, p, g, b, i + k, z[k]);
     }
   }
 }
 
 __global__ void advance_step_kernel(int64_t* rng, const bool* skip) {
-  if (skip == nullptr || !*skip) rng[1] += 1;
+  if (skip == nullptr || !*skip) rng[kRngStep] += 1;
 }
 
+// bufs_name: the schema name of the state buffers, nullptr for SGLD (none)
 template <template <class> class Rule, bool kHasBuf>
 void step_cuda(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs,
-               const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  check_step_args(op, params, grads, bufs, kHasBuf, hyper, kHyperSize, rng, skip, c10::DeviceType::CUDA);
+               const char* bufs_name, const at::Tensor& hyper, const at::Tensor& rng,
+               const std::optional<at::Tensor>& skip) {
+  check_step_args(op, params, grads, bufs, bufs_name, hyper, kHyperSize, rng, skip, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(rng.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const bool* skip_ptr = skip.has_value() ? skip->data_ptr<bool>() : nullptr;
@@ -123,15 +113,15 @@ void step_cuda(const char* op, at::TensorList params, at::TensorList grads, at::
 
 void sgld_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& hyper, const at::Tensor& rng,
                     const std::optional<at::Tensor>& skip) {
-  step_cuda<SGLDRule, false>("sgld_step_", params, grads, {}, hyper, rng, skip);
+  step_cuda<SGLDRule, false>("sgld_step_", params, grads, {}, nullptr, hyper, rng, skip);
 }
 void sghmc_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momenta,
                      const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  step_cuda<SGHMCRule, true>("sghmc_step_", params, grads, momenta, hyper, rng, skip);
+  step_cuda<SGHMCRule, true>("sghmc_step_", params, grads, momenta, "momenta", hyper, rng, skip);
 }
 void psgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avg,
                      const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  step_cuda<PSGLDRule, true>("psgld_step_", params, grads, square_avg, hyper, rng, skip);
+  step_cuda<PSGLDRule, true>("psgld_step_", params, grads, square_avg, "square_avg", hyper, rng, skip);
 }
 
 template <typename T>
@@ -166,14 +156,13 @@ at::Tensor any_nonfinite_cuda(at::TensorList tensors) {
   TORCH_CHECK(!tensors.empty(), "any_nonfinite: empty list");
   const auto device = tensors[0].device();
   const c10::cuda::CUDAGuard guard(device);
+  const auto inputs = nonfinite_inputs(tensors, c10::DeviceType::CUDA);
   auto found = at::zeros({}, at::TensorOptions().dtype(at::kBool).device(device));
   const auto stream = at::cuda::getCurrentCUDAStream();
   for (const auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
     std::vector<at::Tensor> same;
-    for (const auto& t : tensors) {
-      TORCH_CHECK(t.device() == device, "any_nonfinite: tensors on ", t.device(), " and ", device);
-      if (t.scalar_type() == dtype) same.push_back(t.contiguous());
-    }
+    for (const auto& t : inputs)
+      if (t.scalar_type() == dtype) same.push_back(t);
     if (same.empty()) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "any_nonfinite_cuda", [&] {
       multi_tensor_apply<1>({&same}, [&](const TensorTable<1>& tab, int nblocks) {

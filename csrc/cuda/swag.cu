@@ -23,9 +23,11 @@
 #include <array>
 #include <vector>
 
+#include "checks/common.h"
+#include "checks/swag.h"
 #include "common/philox.h"
 #include "common/swag.h"
-#include "common/tensor_lists.h"
+#include "cuda/launch.cuh"
 #include "cuda/multi_tensor.cuh"
 
 namespace pyfastbayes::cuda {
@@ -49,16 +51,8 @@ __global__ void __launch_bounds__(kThreads)
   const bool has_sq = s != nullptr;
   const bool aligned = is_aligned<T, 4>(p) && is_aligned<state_t, 4>(m) && (!has_sq || is_aligned<state_t, 4>(s)) &&
                        (d == nullptr || is_aligned<d_t, 4>(d));
-  auto scalar = [&](int64_t e) {
-    state_t mk = m[e];
-    state_t sk = has_sq ? s[e] : state_t(0);
-    const state_t dk = swag_collect_elem(static_cast<state_t>(p[e]), mk, sk, w, has_sq);
-    m[e] = mk;
-    if (has_sq) s[e] = sk;
-    if (d != nullptr) d[e] = static_cast<d_t>(dk);
-  };
   if (!aligned) {  // e.g. tensors after an odd-sized bias: coalesced scalar accesses
-    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) scalar(e);
+    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) swag_collect_update(p, m, s, d, e, w);
     return;
   }
   using VP = AlignedVec<T, 4>;
@@ -72,17 +66,12 @@ __global__ void __launch_bounds__(kThreads)
       if (has_sq) sv = *reinterpret_cast<const VS*>(s + i);
       VD dv;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        state_t sk = has_sq ? sv.v[k] : state_t(0);
-        const state_t dk = swag_collect_elem(static_cast<state_t>(pv.v[k]), mv.v[k], sk, w, has_sq);
-        if (has_sq) sv.v[k] = sk;
-        dv.v[k] = static_cast<d_t>(dk);
-      }
+      for (int k = 0; k < 4; ++k) swag_collect_update(pv.v, mv.v, has_sq ? sv.v : nullptr, dv.v, k, w);
       *reinterpret_cast<VS*>(m + i) = mv;
       if (has_sq) *reinterpret_cast<VS*>(s + i) = sv;
       if (d != nullptr) *reinterpret_cast<VD*>(d + i) = dv;
     } else {
-      for (int64_t e = i; e < end; ++e) scalar(e);
+      for (int64_t e = i; e < end; ++e) swag_collect_update(p, m, s, d, e, w);
     }
   }
 }
@@ -227,11 +216,11 @@ at::Tensor swag_sample_cuda(const at::Tensor& mean, const at::Tensor& sq_mean, c
     const int64_t nz = n_draws * K;
     z2 = at::empty({nz}, mean.options().dtype(at::kFloat));
     const int64_t nblk4 = (nz + 3) / 4;
-    const int grid = static_cast<int>((nblk4 + kThreads - 1) / kThreads);
-    swag_lowrank_noise_kernel<<<grid, kThreads, 0, stream>>>(z2.data_ptr<float>(), nz, useed, ustep);
+    swag_lowrank_noise_kernel<<<static_cast<unsigned>(blocks_for(nblk4)), kThreads, 0, stream>>>(
+        z2.data_ptr<float>(), nz, useed, ustep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int64_t gx = (P + kThreads - 1) / kThreads;
+  const int64_t gx = blocks_for(P);
   TORCH_CHECK(gx < (int64_t(1) << 31), "swag_sample: too many columns (", P, ")");
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>((n_draws + kSTile - 1) / kSTile));
   const auto d_type = D.has_value() ? D->scalar_type() : mean.scalar_type();

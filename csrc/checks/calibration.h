@@ -1,4 +1,4 @@
-// Host-side argument checks of calibration_bins, shared by the CPU and CUDA entry points.
+// Host-only argument checks of calibration_bins, shared by the CPU and CUDA entry points.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

@@ -1,0 +1,94 @@
+// Host-only argument checks of the fused SG-MCMC ops (CPU and CUDA entry points), and the
+// contiguous stand-ins of the lists they mutate.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <vector>
+
+#include "checks/common.h"
+#include "common/layouts.h"
+
+namespace pyfastbayes {
+
+// Check that params/grads/(bufs) are matching lists of dense tensors on `device_type`, one
+// dtype, equal sizes; that hyper is float64 [>= nhyper] and rng int64 [kRngSize] on the same
+// device. bufs_name: the schema name of the state buffers (nullptr: the op has none).
+inline void check_step_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                            const char* bufs_name, const at::Tensor& hyper, int64_t nhyper, const at::Tensor& rng,
+                            const std::optional<at::Tensor>& skip, c10::DeviceType device_type) {
+  const bool has_bufs = bufs_name != nullptr;
+  TORCH_CHECK(params.size() == grads.size(), op, ": got ", params.size(), " params but ", grads.size(), " grads");
+  TORCH_CHECK(!has_bufs || bufs.size() == params.size(), op, ": got ", params.size(), " params but ",
+              bufs.size(), " state buffers");
+  // hyper, rng and skip are checked even for an empty list: the step still advances rng
+  const auto device = params.empty() ? rng.device() : params[0].device();
+  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 1 && hyper.numel() >= nhyper &&
+                  hyper.is_contiguous() && hyper.device() == device,
+              op, ": hyper must be a contiguous float64 vector of length ", nhyper, " on ", device);
+  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == kRngSize && rng.is_contiguous() &&
+                  rng.device() == device,
+              op, ": rng must be a contiguous int64 [2] = (seed, step) on ", device);
+  if (skip.has_value()) {
+    TORCH_CHECK(skip->numel() == 1 && skip->scalar_type() == at::kBool && skip->device() == device, op,
+                ": skip must be a bool scalar on ", device);
+  }
+  TORCH_CHECK(device.type() == device_type, op, ": tensors are on ", device, ", expected ", device_type);
+  if (!params.empty()) {
+    const auto dtype = params[0].scalar_type();
+    TORCH_CHECK(at::isFloatingType(dtype), op, ": params must be floating point, got ", dtype);
+    auto check_like = [&](const at::Tensor& t, const at::Tensor* p, const char* what, size_t i) {
+      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", what, "[", i, "] must be dense (strided), got ", t.layout());
+      TORCH_CHECK(t.device() == device, op, ": ", what, "[", i, "] is on ", t.device(), " but params[0] is on ",
+                  device);
+      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
+                  " but params[0] has ", dtype, " (one dtype per call)");
+      TORCH_CHECK(p == nullptr || t.sizes() == p->sizes(), op, ": ", what, "[", i, "] has shape ", t.sizes(),
+                  " but params[", i, "] has shape ", p->sizes());
+    };
+    for (size_t i = 0; i < params.size(); ++i) {
+      check_like(params[i], nullptr, "params", i);
+      check_like(grads[i], &params[i], "grads", i);
+      if (has_bufs) check_like(bufs[i], &params[i], "state", i);
+    }
+    TORCH_CHECK(params.size() < (size_t(1) << 31), op, ": too many tensors");
+  }
+}
+
+// Contiguous stand-ins for a list of tensors that the op mutates: non-contiguous tensors are
+// computed on a contiguous copy and written back afterwards (elements in logical order).
+struct ContiguousList {
+  std::vector<at::Tensor> originals, work;
+  explicit ContiguousList(at::TensorList ts) {
+    originals.reserve(ts.size());
+    work.reserve(ts.size());
+    for (const auto& t : ts) {
+      originals.push_back(t);
+      work.push_back(t.is_contiguous() ? t : t.contiguous());
+    }
+  }
+  void write_back() {
+    for (size_t i = 0; i < work.size(); ++i)
+      if (!work[i].is_same(originals[i])) originals[i].copy_(work[i]);
+  }
+};
+
+// The inputs of any_nonfinite that can hold NaN / inf, as contiguous tensors: integer and bool
+// tensors are skipped. Every tensor must be on `device_type`, all on one device.
+inline std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors, c10::DeviceType device_type) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    if (device_type == c10::DeviceType::CPU) {
+      TORCH_CHECK(t.device().is_cpu(), "any_nonfinite: all tensors must be on the CPU, got ", t.device());
+    } else {
+      TORCH_CHECK(t.device() == tensors[0].device(), "any_nonfinite: tensors on ", t.device(), " and ",
+                  tensors[0].device());
+    }
+    if (at::isFloatingType(t.scalar_type())) out.push_back(t.contiguous());
+  }
+  return out;
+}
+
+}  // namespace pyfastbayes
