@@ -1,4 +1,4 @@
-"""SGLD and SGHMC sample the exact Gaussian posterior of Bayesian linear regression.
+"""SGLD, SGHMC and pSGLD sample the exact Gaussian posterior of Bayesian linear regression.
 
 Many independent chains run side by side as the rows of one parameter [C, D] (the potential is
 separable across rows), so one fused step advances all of them. Tolerances follow from the
@@ -80,6 +80,34 @@ def test_sghmc_matches_exact_posterior():
                          h, 400, spacing, 10)
     # stationary variance of this linear scheme exceeds 1/lam by < 0.3 % here (discrete Lyapunov)
     check_moments(s, mean, cov, ess_ar1(rho, spacing, s.shape[0]), bias=0.005)
+
+
+def test_psgld_with_constant_preconditioner_matches_exact_posterior():
+    """item 18: pSGLD with V held at V0 (alpha = 1 - 1e-12: V moves by < 1e-7 in this run) is
+    preconditioned Langevin with the constant G = diag(1 / (eps + sqrt(V0))), whose stationary law
+    is the posterior for every G > 0: drift (G grad U) and noise (sqrt(G) xi) must agree.
+
+    In phi = G^(-1/2) theta the scheme is SGLD on the precision B = G^(1/2) A G^(1/2) (A = Sigma^-1),
+    whose stationary covariance is exactly (B - h B^2 / 4)^-1 (from S = M S M + h I, M = I - h B / 2).
+    The bias allowed is the largest correlation-scaled gap between that and Sigma."""
+    mean, cov, _, _ = posterior()
+    eps, v0 = 1e-6, torch.tensor([16.0, 9.0, 36.0], dtype=torch.float64)  # sqrt(V0) != V0
+    g = 1.0 / (eps + v0.sqrt())
+    b = g.sqrt()[:, None] * torch.linalg.inv(cov) * g.sqrt()[None, :]
+    lam = torch.linalg.eigvalsh(b)
+    h = 0.05 / lam.max().item()
+    stationary = g.sqrt()[:, None] * torch.linalg.inv(b - h * b @ b / 4) * g.sqrt()[None, :]
+    bias = ((stationary - cov) / torch.sqrt(torch.outer(cov.diag(), cov.diag()))).abs().max().item()
+    slow = h * lam.min().item() / 2
+
+    def make(params, h):
+        opt = optim.PSGLD(params, lr=h, num_data=N, alpha=1 - 1e-12, eps=eps, prior_precision=ALPHA)
+        opt.state[params[0]]["square_avg"] = v0.expand(CHAINS, D).clone()
+        return opt
+
+    spacing = math.ceil(3 / slow)
+    _, _, s = run_chains(make, h, math.ceil(8 / slow), spacing, 10)
+    check_moments(s, mean, cov, ess_ar1(1 - slow, spacing, s.shape[0]), bias=bias)
 
 
 def test_predictive_epistemic_variance_at_several_inputs():
