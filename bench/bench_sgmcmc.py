@@ -3,9 +3,12 @@
 Baselines in the same run: a per-tensor eager loop, torch._foreach_*, torch.compile of the
 loop, and posteriors' SGLD (``pip install posteriors``). On CUDA also the device-to-device copy
 bandwidth, which sets the floor: SGLD moves 12 bytes per fp32 element (read theta and g, write theta).
+A full run refuses to start when a peer cannot be imported (a table that silently lacks a row
+misleads); ``--quick`` leaves the row out and prints why.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import time
 
@@ -14,6 +17,22 @@ import torch
 from bench.common import bench, row
 
 LR, NUM_DATA, TEMP = 1e-6, 50_000, 1.0
+# how to install each peer: requirements-peers.txt pins it with the dependencies it imports (graphviz, ...)
+PEERS = {"posteriors": "bash scripts/setup.sh, or pip install --no-deps -r requirements-peers.txt"}
+
+
+def import_peer(name: str, quick: bool):
+    """The peer library ``name``, imported. When it cannot be imported: a full run raises
+    RuntimeError with the import error and the fix; a quick run prints both and returns None."""
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - any import failure (missing module, broken dependency)
+        why = f"{name} cannot be imported ({type(exc).__name__}: {exc}); fix: {PEERS[name]}"
+        if not quick:
+            raise RuntimeError(f"bench_sgmcmc: {why}. A full run compares against every peer; "
+                               f"run with --quick to leave its row out") from exc
+        print(f"# bench_sgmcmc --quick: the {name} row is left out: {why}")
+        return None
 
 
 def model_like(total: int, device: str, n_layers: int = 150, seed: int = 0):
@@ -48,10 +67,8 @@ def copy_bandwidth(device: str) -> float:
     return 2 * 4 * n / ms
 
 
-def posteriors_runner(ps, gs):
+def posteriors_runner(posteriors, ps, gs):
     """posteriors.sgmcmc.sgld.update, in place, on a log-posterior whose gradient is gs."""
-    import posteriors
-
     state = posteriors.sgmcmc.sgld.init({str(i): p for i, p in enumerate(ps)})
 
     scaled = {str(i): -NUM_DATA * g for i, g in enumerate(gs)}
@@ -70,6 +87,7 @@ def posteriors_runner(ps, gs):
 def run(device: str, quick: bool) -> list[dict]:
     from pyfastbayes.optim import SGLD
 
+    posteriors = import_peer("posteriors", quick)  # before any timing: a full run fails fast
     total = {("cpu", False): 10_000_000, ("cpu", True): 1_000_000,
              ("cuda", False): 150_000_000, ("cuda", True): 16_000_000}[(device, quick)]
     ps, gs = model_like(total, device)
@@ -84,10 +102,8 @@ def run(device: str, quick: bool) -> list[dict]:
     compiled(ps, gs)
     compile_s = time.perf_counter() - t0
     timed["torch.compile"] = bench(lambda: compiled(ps, gs), device, repeat=repeat)
-    try:
-        timed["posteriors sgld"] = bench(posteriors_runner(ps, gs), device, repeat=repeat)
-    except ImportError:
-        print("# bench_sgmcmc: posteriors is not installed (pip install posteriors); its row is left out")
+    if posteriors is not None:
+        timed["posteriors sgld"] = bench(posteriors_runner(posteriors, ps, gs), device, repeat=repeat)
     for mode in ("ignore", "raise"):
         params = [torch.nn.Parameter(p) for p in ps]
         for p, g in zip(params, gs):
