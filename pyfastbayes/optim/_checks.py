@@ -162,7 +162,8 @@ def _really_overlap(a: Tensor, b: Tensor, lo: int, hi: int) -> bool:
 
 
 def memory_overlaps(tensors: Sequence[Tensor]) -> list[tuple[int, int]]:
-    """Pairs (i, j), i != j, of ``tensors`` that share at least one byte of memory.
+    """Pairs (i, j), i != j, of ``tensors`` (each [any shape], any dtype and device) that share at
+    least one byte of memory.
 
     Sorts the tensors' address ranges per device (O(n log n)); ranges that intersect are then
     compared exactly unless the answer follows from density, so disjoint views of one storage
