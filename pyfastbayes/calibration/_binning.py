@@ -36,6 +36,8 @@ def uniform_bins(prep: Prepared, n_bins: int, from_logits: bool, mode: str, vali
 def mean_probs(p3: Tensor, from_logits: bool) -> Tensor:
     """BMA predictive [N, C] in float64 of [S, N, C] probabilities or logits."""
     x = p3.double()
+    if x.shape[0] == 1:  # one draw: no mean to take (saves a pass over [N, C])
+        return x[0].softmax(-1) if from_logits else x[0]
     return (x.softmax(-1) if from_logits else x).mean(0)
 
 

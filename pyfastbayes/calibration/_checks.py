@@ -47,6 +47,7 @@ def sum_tol(dtype: torch.dtype) -> float:
 
 
 def check_choice(value, name: str, choices) -> str:
+    """value, if it is one of choices."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
@@ -63,10 +64,12 @@ def check_int(value, name: str, minimum: int, maximum: int | None = None) -> int
 
 
 def check_n_bins(n_bins) -> int:
+    """n_bins as an int in [1, MAX_BINS]."""
     return check_int(n_bins, "n_bins", 1, MAX_BINS)
 
 
 def check_positive_float(value, name: str) -> float:
+    """value as a finite float > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
@@ -113,6 +116,7 @@ def check_targets(targets, n: int, device, name: str = "targets", probs_name: st
 
 
 def check_not_empty(n: int, name: str, shape) -> None:
+    """N = 0 is refused by every metric: a mean over no points has no value."""
     if n == 0:
         raise ValueError(f"no data points (N = 0): {name} has shape {tuple(shape)}; pass at least one data point")
 

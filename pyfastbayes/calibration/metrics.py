@@ -6,7 +6,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from ._binning import adaptive_bins, error_from_bins, mean_probs, mode_of, uniform_bins
 from ._checks import BINNINGS, NORMS, check_choice, check_n_bins, check_scores, prepare
@@ -98,8 +97,8 @@ def brier(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: b
     [0, 1]); targets: [N]. ``validate`` as in :func:`nll`. Returns a float64 scalar.
     """
     prep = prepare(probs, targets, from_logits=from_logits, validate=validate, indexes_targets=True)
-    C = prep.p3.shape[-1]
-    score = (mean_probs(prep.p3, from_logits) - F.one_hot(prep.y, C).double()).pow(2).sum(-1)
+    pbar = mean_probs(prep.p3, from_logits)
+    score = pbar.pow(2).sum(-1) - 2 * pbar.gather(-1, prep.y[:, None]).squeeze(-1) + 1  # no [N, C] one-hot
     return (score / 2 if prep.binary else score).mean()
 
 
