@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "checks/common.h"
+
 namespace pyfastbayes {
 
 inline void check_philox_counters(const at::Tensor& counters) {
@@ -14,6 +16,8 @@ inline void check_philox_counters(const at::Tensor& counters) {
 inline void check_philox_normal_out(const at::Tensor& out) {
   TORCH_CHECK(at::isFloatingType(out.scalar_type()), "philox_normal_: out must be floating point, got ",
               out.scalar_type());
+  OverlapCheck overlap("philox_normal_", 1);  // one tensor: refuses an expanded (self-overlapping) out
+  overlap.add(out, "out", -1, true);
 }
 
 }  // namespace pyfastbayes

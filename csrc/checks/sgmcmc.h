@@ -14,7 +14,8 @@ namespace pyfastbayes {
 
 // Check that params/grads/(bufs) are matching lists of dense tensors on `device_type`, one
 // dtype, equal sizes; that hyper is float64 [>= nhyper] and rng int64 [kRngSize] on the same
-// device. bufs_name: the schema name of the state buffers (nullptr: the op has none).
+// device; that no tensor the op writes (params, bufs, rng) overlaps another argument or itself.
+// bufs_name: the schema name of the state buffers (nullptr: the op has none).
 inline void check_step_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs,
                             const char* bufs_name, const at::Tensor& hyper, int64_t nhyper, const at::Tensor& rng,
                             const std::optional<at::Tensor>& skip, c10::DeviceType device_type) {
@@ -54,10 +55,19 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
     }
     TORCH_CHECK(params.size() < (size_t(1) << 31), op, ": too many tensors");
   }
+  OverlapCheck overlap(op, (has_bufs ? 3 : 2) * params.size() + 3);
+  overlap.add(params, "params", true);
+  overlap.add(grads, "grads", false);
+  if (has_bufs) overlap.add(bufs, bufs_name, true);
+  overlap.add(hyper, "hyper", -1, false);
+  overlap.add(rng, "rng", -1, true);
+  if (skip.has_value()) overlap.add(*skip, "skip", -1, false);
+  overlap.run();
 }
 
 // Contiguous stand-ins for a list of tensors that the op mutates: non-contiguous tensors are
-// computed on a contiguous copy and written back afterwards (elements in logical order).
+// computed on a contiguous copy and written back afterwards (elements in logical order). The
+// write-back cannot fail: check_step_args refused internal overlap and cross-argument overlap.
 struct ContiguousList {
   std::vector<at::Tensor> originals, work;
   explicit ContiguousList(at::TensorList ts) {

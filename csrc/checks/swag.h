@@ -56,6 +56,12 @@ inline int64_t check_swag_collect(at::TensorList params, const at::Tensor& mean,
     TORCH_CHECK(deviation->dim() == 1 && deviation->numel() == total && deviation->is_contiguous(), op,
                 ": deviation must be a contiguous [", total, "] row, got shape ", deviation->sizes());
   }
+  OverlapCheck overlap(op, params.size() + 3);
+  overlap.add(params, "params", false);
+  overlap.add(mean, "mean", -1, true);
+  if (sq_mean.has_value()) overlap.add(*sq_mean, "sq_mean", -1, true);
+  if (deviation.has_value()) overlap.add(*deviation, "deviation", -1, true);
+  overlap.run();
   return total;
 }
 
