@@ -292,16 +292,21 @@ def _synthetic_logits(N, C, T0, seed):
     return u * T0, y, u
 
 
+def temperature_sd(z: torch.Tensor, u: torch.Tensor) -> float:
+    """Standard deviation of the MLE of beta = 1/T for observed logits z [N, C] whose calibrated
+    version is u (labels ~ softmax(u)): 1 / sqrt(N * Fisher), Fisher = mean Var_p[z] at the truth."""
+    p = u.softmax(-1)
+    fisher = float((p * (z - (p * z).sum(-1, keepdim=True)) ** 2).sum(-1).mean())
+    return 1 / math.sqrt(z.shape[0] * fisher)
+
+
 @pytest.mark.parametrize("method", ["newton", "lbfgs"])
 def test_temperature_scaling_recovers_temperature(method):
     T0, N = 2.5, 100_000  # sd of 1/T: 0.3%, so a 2% error in T is 6 sd away
     z, y, u = _synthetic_logits(N, 10, T0, seed=7)
     ts = cal.TemperatureScaling(method=method).fit(z.float(), y)
     beta = 1 / float(ts.temperature)
-    # MLE of beta = 1/T: sd ~ 1 / sqrt(N * Fisher), Fisher = mean Var_p[z] at the truth
-    p = u.softmax(-1)
-    fisher = float((p * (z - (p * z).sum(-1, keepdim=True)) ** 2).sum(-1).mean())
-    sd = 1 / math.sqrt(N * fisher)
+    sd = temperature_sd(z, u)
     assert abs(beta - 1 / T0) <= 4 * sd, (beta, 1 / T0, sd)  # two-sided normal tail 6e-5
     calibrated = ts.transform(z)
     assert float(cal.nll(calibrated, y, from_logits=True)) < float(cal.nll(z, y, from_logits=True))
