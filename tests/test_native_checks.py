@@ -225,3 +225,32 @@ def test_mutated_non_contiguous_tensors_without_overlap_still_work():
     P.philox_normal_(ref, 1, 2, 3)
     P.philox_normal_(out, 1, 2, 3)
     assert torch.equal(out, ref)
+
+
+# ---- item 12 ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [2**53, 2**62, 2**63 - 1])
+def test_swag_collect_refuses_n_it_cannot_weigh(n):
+    ps, mean, sq = [torch.randn(4)], torch.zeros(4), torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"swag_collect_: n \(models averaged so far\) must be < 2\*\*53"):
+        P.swag_collect_(ps, mean, sq, None, n)
+    assert mean.eq(0).all() and sq.eq(0).all()
+
+
+def test_swag_collect_takes_the_largest_n():
+    ps, mean = [torch.ones(4, dtype=torch.float64)], torch.zeros(4, dtype=torch.float64)
+    P.swag_collect_(ps, mean, None, None, 2**53 - 1)
+    assert torch.equal(mean, torch.full((4,), 2.0**-53, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128, torch.complex32])
+def test_any_nonfinite_sees_complex_nan_and_inf(dtype):
+    ok = torch.randn(7, dtype=torch.complex64).to(dtype)
+    assert not P.any_nonfinite([ok]).item()
+    for bad in [complex(float("nan"), 0.0), complex(1.0, float("nan")), complex(0.0, float("inf")),
+                complex(float("-inf"), 2.0)]:
+        x = ok.clone()
+        x[3] = bad
+        assert P.any_nonfinite([torch.randn(3), x]).item(), bad
+        assert P.any_nonfinite([x[1::2]]).item(), "non-contiguous"
+        assert P.any_nonfinite([x.conj()]).item(), "conjugate view"

@@ -2,6 +2,7 @@
 // contiguous stand-ins of the lists they mutate.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/view_as_real.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -84,8 +85,9 @@ struct ContiguousList {
   }
 };
 
-// The inputs of any_nonfinite that can hold NaN / inf, as contiguous tensors: integer and bool
-// tensors are skipped. Every tensor must be on `device_type`, all on one device.
+// The inputs of any_nonfinite that can hold NaN / inf, as contiguous real tensors: floating
+// tensors as they are, complex ones as their (real, imaginary) pairs; integer and bool tensors
+// are skipped. Every tensor must be on `device_type`, all on one device.
 inline std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors, c10::DeviceType device_type) {
   std::vector<at::Tensor> out;
   out.reserve(tensors.size());
@@ -96,7 +98,11 @@ inline std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors, c10::Dev
       TORCH_CHECK(t.device() == tensors[0].device(), "any_nonfinite: tensors on ", t.device(), " and ",
                   tensors[0].device());
     }
-    if (at::isFloatingType(t.scalar_type())) out.push_back(t.contiguous());
+    if (at::isComplexType(t.scalar_type())) {
+      out.push_back(at::view_as_real(t.is_conj() ? t.resolve_conj() : t).contiguous());
+    } else if (at::isFloatingType(t.scalar_type())) {
+      out.push_back(t.contiguous());
+    }
   }
   return out;
 }

@@ -18,6 +18,10 @@ inline bool swag_dev_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// Largest n (models averaged so far) that swag_collect_ takes: n + 1 stays exact in float64, so
+// the weight 1 / (n + 1) still means something (and n + 1 cannot overflow int64).
+constexpr int64_t kSwagMaxModels = (int64_t(1) << 53) - 1;
+
 // swag_collect_: returns P; every check runs before anything is written
 inline int64_t check_swag_collect(at::TensorList params, const at::Tensor& mean,
                                   const std::optional<at::Tensor>& sq_mean,
@@ -25,6 +29,8 @@ inline int64_t check_swag_collect(at::TensorList params, const at::Tensor& mean,
                                   c10::DeviceType device_type) {
   const char* op = "swag_collect_";
   TORCH_CHECK(n >= 0, op, ": n (models averaged so far) must be >= 0, got ", n);
+  TORCH_CHECK(n <= kSwagMaxModels, op, ": n (models averaged so far) must be < 2**53 (the weight 1 / (n + 1) ",
+              "is float64), got ", n);
   TORCH_CHECK(mean.device().type() == device_type, op, ": mean is on ", mean.device(), ", expected ", device_type);
   TORCH_CHECK(swag_state_dtype(mean.scalar_type()), op, ": mean must be float32 or float64, got ", mean.scalar_type());
   TORCH_CHECK(mean.dim() == 1 && mean.is_contiguous() && mean.layout() == at::kStrided, op,
