@@ -124,6 +124,12 @@ def check_not_empty(n: int, name: str, shape) -> None:
 # ---------------------------------------------------------------------------------------------
 # values: one pass of the binning op
 # ---------------------------------------------------------------------------------------------
+def _bad_targets(count: int, y: Tensor, C: int, binary: bool, name: str) -> ValueError:
+    valid = "0 or 1 for binary [N] probs" if binary else f"class indices 0..{C - 1}"
+    return ValueError(f"{name} must lie in [0, {C}) (C = {C} classes); {count} of N = {y.numel()} do not "
+                      f"(min {int(y.min())}, max {int(y.max())}): pass {valid}")
+
+
 def raise_on_diag(diag: Tensor, p3: Tensor, y: Tensor, from_logits: bool, binary: bool, name: str = "probs",
                   targets_name: str = "targets") -> None:
     """Raise ValueError for the first kind of bad row the op counted (non-finite, bad target,
@@ -141,9 +147,7 @@ def raise_on_diag(diag: Tensor, p3: Tensor, y: Tensor, from_logits: bool, binary
         raise ValueError(f"{name} has NaN or infinite values in {nonfinite} {of} rows; probabilities must be "
                          f"finite: drop or repair those rows")
     if bad_target:
-        valid = "0 or 1 for binary [N] probs" if binary else f"class indices 0..{C - 1}"
-        raise ValueError(f"{targets_name} must lie in [0, {C}) (C = {C} classes); {bad_target} {of} do not "
-                         f"(min {int(y.min())}, max {int(y.max())}): pass {valid}")
+        raise _bad_targets(bad_target, y, C, binary, targets_name)
     if neg:
         if binary:
             raise ValueError(f"{name} must be non-negative probabilities of class 1, in [0, 1]; {neg} {of} values "
@@ -171,10 +175,7 @@ def check_target_range(y: Tensor, C: int, binary: bool, name: str = "targets") -
     """Target range alone (one host sync): what metrics that index by target check when
     validate=False."""
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
-        bad = int(((y < 0) | (y >= C)).sum())
-        valid = "0 or 1 for binary [N] probs" if binary else f"class indices 0..{C - 1}"
-        raise ValueError(f"{name} must lie in [0, {C}) (C = {C} classes); {bad} of N = {y.numel()} do not "
-                         f"(min {int(y.min())}, max {int(y.max())}): pass {valid}")
+        raise _bad_targets(int(((y < 0) | (y >= C)).sum()), y, C, binary, name)
 
 
 def prepare(probs, targets=None, *, from_logits: bool, validate: bool, name: str = "probs",
