@@ -1,5 +1,8 @@
-"""pyfastbayes.calibration: the binning op against references, metrics against a float64 numpy
-reference and the peers (torchmetrics, netcal), edge bins, bad input, statistics, recalibration."""
+"""pyfastbayes.calibration: metrics against a float64 numpy reference, edge bins, bad input,
+statistics, recalibration, streaming. Elsewhere: the binning op (test_ops_calibration.py), the
+peers torchmetrics and netcal (test_calibration_peers.py), one validation path
+(test_calibration_validation.py), recalibration edge cases (test_calibration_recalibration.py),
+sync under torch.distributed (test_calibration_dist.py)."""
 import math
 from fractions import Fraction
 
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ALL_DTYPES, DEVICES, NATIVE, needs_native
+from conftest import ALL_DTYPES
 from pyfastbayes import _native, _reference, calibration as cal, ops
 from pyfastbayes.calibration._checks import as_3d
 
@@ -76,62 +79,9 @@ def rand_probs(*shape, scale=2.0, dtype=torch.float32, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# the binning op
+# the binning op: its contract (op vs reference over devices x dtypes x S x logits x classwise,
+# non-contiguous and empty input, opcheck, row diagnostics) is tested in test_ops_calibration.py
 # ---------------------------------------------------------------------------------------------
-@needs_native
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("S", [1, 3])
-@pytest.mark.parametrize("from_logits", [False, True])
-@pytest.mark.parametrize("classwise", [False, True])
-def test_op_matches_reference(device, dtype, S, from_logits, classwise):
-    N, C = 777, 7
-    x = torch.randn(S, N, C, dtype=torch.float64) * 2
-    p = (x if from_logits else x.softmax(-1)).to(dtype=dtype, device=device)
-    y = torch.randint(0, C, (N,), device=device)
-    bins, diag = torch.ops.pyfastbayes.calibration_bins(p, y, 15, from_logits, classwise, 0.02)
-    rbins, rdiag = _reference.calibration_bins(p, y, 15, from_logits, classwise, 0.02)
-    assert bins.dtype == torch.float64 and bins.shape == ((C, 15, 3) if classwise else (15, 3))
-    torch.testing.assert_close(bins[..., 0], rbins[..., 0], rtol=0, atol=0)  # same bins, exactly
-    torch.testing.assert_close(bins, rbins, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(diag, rdiag, rtol=0, atol=0)
-    assert bins[..., 0].sum() == (N * C if classwise else N)
-
-
-@needs_native
-@pytest.mark.parametrize("device", DEVICES)
-def test_op_noncontiguous_and_empty(device):
-    p = rand_probs(2, 50, 6, device=device).transpose(0, 1)  # [50, 2, 6] viewed as [S=50, N=2, C=6]
-    y = torch.tensor([1, 4], device=device)
-    a = torch.ops.pyfastbayes.calibration_bins(p, y, 10, False, False, 1e-4)
-    b = _reference.calibration_bins(p.contiguous(), y, 10, False, False, 1e-4)
-    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    bins, diag = torch.ops.pyfastbayes.calibration_bins(
-        torch.empty(1, 0, 5, device=device), torch.empty(0, dtype=torch.long, device=device), 15, False, True, 1e-4)
-    assert bins.shape == (5, 15, 3) and not bins.any() and not diag.any()
-
-
-@needs_native
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(device, dtype):
-    p = rand_probs(2, 40, 5, dtype=dtype, device=device)
-    y = torch.randint(0, 5, (40,), device=device)
-    for args in [(p, y, 15, False, False, 1e-4), (p.log(), y, 7, True, True, 1e-4),
-                 (p[:, :0], y[:0], 3, False, False, 1e-4)]:
-        torch.library.opcheck(torch.ops.pyfastbayes.calibration_bins.default, args)
-
-
-@needs_native
-def test_op_diagnostics_count_bad_rows():
-    p = torch.tensor([[[0.2, 0.8], [0.7, 0.7], [-0.1, 1.1], [float("nan"), 0.5], [0.5, 0.5]]])
-    y = torch.tensor([1, 0, 1, 0, 2])
-    bins, diag = torch.ops.pyfastbayes.calibration_bins(p, y, 4, False, False, 1e-4)
-    assert diag.tolist() == [1.0, 1.0, 1.0, 1.0]  # bad sum, negative, bad target, NaN
-    assert bins[:, 0].sum() == 3  # bad target and NaN rows are skipped
-    torch.testing.assert_close(diag, _reference.calibration_bins(p, y, 4, False, False, 1e-4)[1])
-
-
 def test_fallback_without_native(monkeypatch):
     p, y = rand_probs(3, 300, 4, dtype=torch.float64), torch.randint(0, 4, (300,))
     expected = cal.ece(p, y)
