@@ -1,9 +1,11 @@
 // The pybind11 module pyfastbayes._C: loading it registers every op (static initialisers of the
-// TORCH_LIBRARY blocks in this shared library) and exposes build_info() and layouts().
+// TORCH_LIBRARY blocks in this shared library), adds the sparse-input refusals of every op
+// (ops/dense_only.cpp) and exposes build_info() and layouts().
 #include <ATen/Config.h>
 #include <pybind11/pybind11.h>
 
 #include "common/layouts.h"
+#include "ops/dense_only.h"
 
 #ifndef PYFASTBAYES_VERSION
 #define PYFASTBAYES_VERSION "unknown"
@@ -66,6 +68,7 @@ static py::dict layouts() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfastbayes native ops (registered under torch.ops.pyfastbayes)";
+  pyfastbayes::register_dense_only_kernels();  // every schema is defined by now (static initialisers)
   m.def("build_info", &build_info, "dict(version, torch, cuda, cuda_archs, openmp) of this build");
   m.def("layouts", &layouts, "dict of the named slots of the op vectors: {layout: {slot: index}}");
 }

@@ -243,6 +243,7 @@ def test_swag_collect_takes_the_largest_n():
     assert torch.equal(mean, torch.full((4,), 2.0**-53, dtype=torch.float64))
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128, torch.complex32])
 def test_any_nonfinite_sees_complex_nan_and_inf(dtype):
     ok = torch.randn(7, dtype=torch.complex64).to(dtype)
@@ -254,3 +255,46 @@ def test_any_nonfinite_sees_complex_nan_and_inf(dtype):
         assert P.any_nonfinite([torch.randn(3), x]).item(), bad
         assert P.any_nonfinite([x[1::2]]).item(), "non-contiguous"
         assert P.any_nonfinite([x.conj()]).item(), "conjugate view"
+
+
+# ---- clear errors: sparse inputs, no tensor ------------------------------------------------------------
+
+def sparse_calls():
+    s1, s2 = torch.zeros(4).to_sparse(), torch.eye(3).to_sparse()
+    d4 = torch.zeros(4)
+    h, r = hyper(), torch.tensor([0, 0])
+    return [
+        ("sgld_step_", "grads[0]", lambda: P.sgld_step_([d4], [s1], h, r)),
+        ("sghmc_step_", "params[0]", lambda: P.sghmc_step_([s1], [d4], [d4.clone()], h, r)),
+        ("psgld_step_", "square_avg[0]", lambda: P.psgld_step_([d4], [d4.clone()], [s1], h, r)),
+        ("any_nonfinite", "tensors[1]", lambda: P.any_nonfinite([d4, s1])),
+        ("philox4x32", "counters", lambda: P.philox4x32(torch.zeros(2, 4, dtype=torch.long).to_sparse(), 1, 2)),
+        ("philox_normal_", "out", lambda: P.philox_normal_(s1, 1, 2, 3)),
+        ("calibration_bins", "probs", lambda: P.calibration_bins(torch.ones(1, 2, 1).to_sparse(),
+                                                                  torch.zeros(2, dtype=torch.long), 5)),
+        ("swag_collect_", "deviation", lambda: P.swag_collect_([d4], d4.clone(), d4.clone(), s1, 0)),
+        ("swag_sample", "D", lambda: P.swag_sample(torch.zeros(3), torch.ones(3), s2, 2, 1.0, 0.0, 1)),
+        ("swag_sample", "D", lambda: P.swag_sample(torch.zeros(3), torch.ones(3), torch.eye(3).to_sparse_csr(),
+                                                    2, 1.0, 0.0, 1)),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("op,arg,call", sparse_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_sparse_inputs_raise_a_clear_error(op, arg, call):
+    with pytest.raises(RuntimeError, match=rf"^{op}: {arg.replace('[', '.').replace(']', '.')} is a sparse tensor "
+                                           r"\(torch\.sparse_c..\); .*pass dense tensors \(\.to_dense\(\)\)"):
+        call()
+
+
+def test_every_op_refuses_sparse_inputs():
+    ops = sorted({n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyfastbayes::")})
+    assert len(ops) >= 9
+    for name in ops:
+        for key in ["SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA"]:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfastbayes::{name}", key), (name, key)
+
+
+def test_any_nonfinite_of_no_tensor_is_false():
+    out = P.any_nonfinite.default([])
+    assert out.dtype == torch.bool and out.device.type == "cpu" and out.dim() == 0 and not out.item()

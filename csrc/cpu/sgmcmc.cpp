@@ -94,7 +94,18 @@ at::Tensor any_nonfinite_cpu(at::TensorList tensors) {
   return at::zeros({}, at::TensorOptions().dtype(at::kBool)).fill_(found.load());
 }
 
+// any_nonfinite when the dispatcher finds no backend kernel: no tensor at all (an empty list has
+// no dispatch key; nothing in it is non-finite: False on the CPU), or tensors on a device this
+// build has no kernel for (the NotImplementedError the dispatcher would raise, with the op's name).
+at::Tensor any_nonfinite_no_backend(at::TensorList tensors) {
+  TORCH_CHECK_NOT_IMPLEMENTED(tensors.empty(), "any_nonfinite: no kernel for ", tensors[0].device(),
+                              " tensors in this build of pyfastbayes");
+  return at::zeros({}, at::TensorOptions().dtype(at::kBool));
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(pyfastbayes, CompositeExplicitAutograd, m) { m.impl("any_nonfinite", &any_nonfinite_no_backend); }
 
 TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
   m.impl("sgld_step_", &sgld_step_cpu);
