@@ -1,16 +1,15 @@
 """Shared test fixtures (RNG hygiene), the report header, and the CI rule: under CI=true a build
 whose native extension did not load fails the run before any test is collected.
 
-The device/dtype grid and the op-test base live in ``_helpers.py``; the names tests import from
-here (``from conftest import DEVICES, needs_cuda, ...``) are re-exported.
+The device/dtype grid, the CI rules and the op-test base live in ``_helpers.py``: tests import
+them from there (``from _helpers import DEVICES, needs_cuda, ...``), never from this file.
 """
 import pytest
 import torch
 
 import pyfastbayes
 
-from _helpers import (ALL_DTYPES, CUDA, DEVICES, FLOAT_DTYPES, NATIVE, in_ci, native_problem,  # noqa: F401
-                      needs_cuda, needs_native, require)
+from _helpers import CUDA, in_ci, native_problem
 
 
 def pytest_configure(config):

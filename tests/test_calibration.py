@@ -8,9 +8,11 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+
+from _helpers import require
 import torch
 
-from conftest import ALL_DTYPES
+from _helpers import ALL_DTYPES
 from pyfastbayes import _native, _reference, calibration as cal, ops
 from pyfastbayes.calibration._checks import as_3d
 
@@ -334,7 +336,7 @@ def test_streaming_equals_one_shot(classwise):
 # other metrics
 # ---------------------------------------------------------------------------------------------
 def test_nll_brier_accuracy_against_sklearn_and_numpy():
-    sk = pytest.importorskip("sklearn.metrics")
+    sk = require("sklearn.metrics")
     p, y = rand_probs(4, 600, 5, dtype=torch.float64), torch.randint(0, 5, (600,))
     pbar = p.mean(0).numpy()
     assert abs(float(cal.nll(p, y)) - sk.log_loss(y.numpy(), pbar, labels=range(5))) <= 1e-10
@@ -367,7 +369,7 @@ def test_entropies_and_mutual_information():
 
 
 def test_ood_auroc_against_sklearn():
-    sk = pytest.importorskip("sklearn.metrics")
+    sk = require("sklearn.metrics")
     s_in = torch.randint(0, 20, (300,)).double()  # many ties
     s_out = torch.randint(5, 30, (200,)).double()
     want = sk.roc_auc_score(np.r_[np.zeros(300), np.ones(200)], np.r_[s_in.numpy(), s_out.numpy()])
@@ -377,7 +379,7 @@ def test_ood_auroc_against_sklearn():
 
 
 def test_reliability_diagram(monkeypatch):
-    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

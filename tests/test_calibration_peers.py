@@ -25,12 +25,14 @@ import math
 
 import numpy as np
 import pytest
+
+from _helpers import require
 import torch
 
 from pyfastbayes import calibration as cal
 
-tm = pytest.importorskip("torchmetrics")
-netcal = pytest.importorskip("netcal.metrics")
+tm = require("torchmetrics")
+netcal = require("netcal.metrics")
 tmf = tm.functional.classification
 
 NUM_BATCHES, BATCH_SIZE, NUM_CLASSES, EXTRA_DIM = 4, 32, 5, 3  # torchmetrics' test sizes
@@ -104,7 +106,7 @@ def test_streaming_refuses_to_mix_binary_and_top_label():
 
 
 def test_reliability_diagram_of_binary_input():
-    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -5,6 +5,8 @@ message names the argument and says how to fix it."""
 import math
 
 import pytest
+
+from _helpers import require
 import torch
 
 from pyfastbayes import calibration as cal
@@ -159,7 +161,7 @@ def test_messages_name_the_argument():
 
 
 def test_reliability_diagram_validates_like_the_metrics():
-    pytest.importorskip("matplotlib").use("Agg")
+    require("matplotlib").use("Agg")
     p, y, msg = CASES["row sum"]
     with pytest.raises(ValueError, match=msg):
         cal.reliability_diagram(p, y)

@@ -5,8 +5,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
+from _helpers import require
+
+require("sklearn")
+require("matplotlib")
 
 
 def test_quick_demo_runs_and_reports(tmp_path):

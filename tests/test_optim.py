@@ -9,7 +9,7 @@ from torch import nn
 from pyfastbayes import optim
 from pyfastbayes.bma import SampleBuffer
 
-from conftest import ALL_DTYPES, needs_native
+from _helpers import ALL_DTYPES, needs_native
 
 SAMPLERS = {"SGLD": dict(), "SGHMC": dict(friction=0.2), "PSGLD": dict(alpha=0.95, eps=1e-2)}  # eps bounds the preconditioner (G <= 100)
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from pyfastbayes import optim
 
-from conftest import NATIVE
+from _helpers import NATIVE
 
 BACKENDS = [False] + ([True] if NATIVE else [])  # fused=False: reference, True: native kernel
 SAMPLERS = {"SGLD": dict(), "SGHMC": dict(friction=0.2), "PSGLD": dict(alpha=0.9, eps=1e-2)}

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from _helpers import require
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root: `bench` package
 
 from bench import bench_sgmcmc  # noqa: E402
@@ -31,5 +33,5 @@ def test_quick_run_prints_why_a_peer_is_left_out(no_posteriors, capsys):
 
 
 def test_importable_peer_is_returned():
-    pytest.importorskip("posteriors")
+    require("posteriors")
     assert bench_sgmcmc.import_peer("posteriors", quick=False).__name__ == "posteriors"

@@ -11,7 +11,7 @@ import torch
 
 from pyfastbayes import optim
 
-from conftest import NATIVE
+from _helpers import NATIVE
 
 BACKENDS = [False] + ([True] if NATIVE else [])
 
