@@ -40,6 +40,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_sync_gloo_two_processes():
     with tempfile.TemporaryDirectory() as d:

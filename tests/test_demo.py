@@ -11,6 +11,7 @@ require("sklearn")
 require("matplotlib")
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_and_reports(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "pyfastbayes", "demo", "--quick", "--no-progress", "--out", str(out)],

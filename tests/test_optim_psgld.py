@@ -39,6 +39,7 @@ def test_psgld_deterministic_steps_closed_form(fused):
 
 
 # item 18: with V > 0 the injected noise has variance lr * T * G, G = 1 / (eps + sqrt(V))
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", BACKENDS)
 def test_psgld_noise_variance_with_preconditioner(fused):
     n, lr, temp, alpha, eps = 100_000, 1e-2, 0.8, 0.9, 1e-4

@@ -513,6 +513,7 @@ def test_bad_input_raises_and_leaves_state_unchanged():
 # ---------------------------------------------------------------------------------------------
 # end to end: digits
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_digits_swag_bma_beats_swa_and_last_iterate():
     load_digits = require("sklearn.datasets", "the digits data").load_digits
 
