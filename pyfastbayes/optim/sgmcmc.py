@@ -168,7 +168,8 @@ class _SGMCMC(torch.optim.Optimizer):
             backend = _BACKEND[group["fused"]]
             ops.select(self._op_name, params[0].device, backend)  # no kernel for fused=True: raises now
             plans.append(_Plan(gi, group, params, grads, backend))
-        self._check_step_memory(plans)
+        if len(plans) > 1:  # one op call checks its own arguments before writing (both backends);
+            self._check_step_memory(plans)  # several calls need the overlap check across them first
         return plans
 
     @staticmethod
@@ -324,14 +325,16 @@ class _SGMCMC(torch.optim.Optimizer):
         args = [self._op_args(plan) for plan in plans]
         step_op = getattr(ops, self._op_name)
         for k, (plan, a, skip) in enumerate(zip(plans, args, skips)):
-            try:  # cannot fail for a validated plan; if it does, say honestly what was written
+            try:  # a single call validates itself before writing; with several, _plan checked across them
                 step_op(*a, skip, backend=plan.backend)
             except RuntimeError as exc:
+                if k == 0:  # nothing was written (the op checks before it writes): name the culprit
+                    self._check_step_memory(plans)  # raises the ValueError naming the overlap, if that was it
+                    raise
                 done = [p.index for p in plans[:k]]
                 raise RuntimeError(f"{type(self).__name__}: {self._op_name} failed on param_groups[{plan.index}] "
-                                   f"although the step was validated (please report this): {exc}; "
-                                   + (f"param_groups {done} were already stepped" if done else
-                                      "no parameter was changed (the op checks before it writes)")) from exc
+                                   f"although the step was validated (please report this): {exc}; param_groups "
+                                   f"{done} were already stepped") from exc
         return loss
 
     # ---- state_dict: refuse foreign state, keep the int64 RNG position exact --------------------
