@@ -1,5 +1,9 @@
 """Native-level reliability (issue 8): what the raw ops refuse before any write, and what they
 must not cost. Every test calls ``torch.ops.pyfastbayes.*`` directly (no Python wrapper)."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -298,3 +302,32 @@ def test_every_op_refuses_sparse_inputs():
 def test_any_nonfinite_of_no_tensor_is_false():
     out = P.any_nonfinite.default([])
     assert out.dtype == torch.bool and out.device.type == "cpu" and out.dim() == 0 and not out.item()
+
+
+# ---- item 17: CPU scratch of calibration_bins bounded by the input ------------------------------
+
+MEASURE = textwrap.dedent("""
+    import resource, sys, torch, pyfastbayes
+    torch.set_num_threads(int(sys.argv[3]))
+    P = torch.ops.pyfastbayes
+    P.calibration_bins(torch.full((2, 4, 3), 1 / 3), torch.zeros(4, dtype=torch.long), 15)  # start the pool
+    S, N, C = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
+    probs, y = torch.full((S, N, C), 1.0 / C), torch.zeros(N, dtype=torch.long)
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
+    before = rss()
+    bins, diag = P.calibration_bins(probs, y, 15)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    assert bins[:, 0].sum().item() == N and diag.sum().item() == 0
+    print((peak - before) / 1024)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss in KiB")
+@pytest.mark.parametrize("S,N,C", [(2, 1, 256_000), (2, 2, 1_000_000)])
+def test_calibration_bins_scratch_is_bounded(S, N, C):
+    """S > 1 draws used to cost 256 * C doubles per thread whatever N: +502 MiB for a 2 MiB input."""
+    res = subprocess.run([sys.executable, "-c", MEASURE, str(S), str(N), "4", str(C)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    grew_mib = float(res.stdout.split()[-1])
+    assert grew_mib < 64, f"peak memory grew by {grew_mib:.0f} MiB for a {S * N * C * 4 / 2**20:.0f} MiB input"

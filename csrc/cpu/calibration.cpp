@@ -134,10 +134,17 @@ void rows_direct(const scalar_t* p, int64_t r0, int64_t r1, ChunkBins& out) {
 }
 
 // Probabilities, S > 1: rows are processed `block` at a time, draw by draw, so each draw's slab
-// of block * C values is read contiguously (not S far-apart rows per point).
+// of block * C values is read contiguously (not S far-apart rows per point). The block's sums
+// take block * C doubles: at most kBlock rows, never more than the chunk has, and no more than
+// kScratchDoubles unless one row alone is longer (then one row: the scratch stays within the
+// input's size).
+constexpr int64_t kBlock = 256;
+constexpr int64_t kScratchDoubles = int64_t(1) << 18;  // 2 MiB per thread
+
 template <typename scalar_t>
-void rows_averaged(const scalar_t* p, int64_t r0, int64_t r1, int64_t block, ChunkBins& out) {
+void rows_averaged(const scalar_t* p, int64_t r0, int64_t r1, ChunkBins& out) {
   const int64_t S = out.S, C = out.C;
+  const int64_t block = std::max<int64_t>(1, std::min({kBlock, r1 - r0, kScratchDoubles / C}));
   std::vector<double> acc(static_cast<size_t>(block * C));
   std::vector<char> negrow(static_cast<size_t>(block));
   for (int64_t blk = r0; blk < r1; blk += block) {
@@ -211,7 +218,6 @@ void bins_kernel(const scalar_t* p, const int64_t* y, int64_t S, int64_t N, int6
   const int64_t nchunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), (N + min_rows - 1) / min_rows));
   std::vector<double> partial(static_cast<size_t>(nchunks * width), 0.0);
-  constexpr int64_t kBlock = 256;  // rows per block of the S > 1 path
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       double* st = partial.data() + chunk * width;
@@ -219,7 +225,7 @@ void bins_kernel(const scalar_t* p, const int64_t* y, int64_t S, int64_t N, int6
       const int64_t r0 = chunk * N / nchunks, r1 = (chunk + 1) * N / nchunks;
       if (logits) rows_logits(p, r0, r1, out);
       else if (S == 1) rows_direct(p, r0, r1, out);
-      else rows_averaged(p, r0, r1, kBlock, out);
+      else rows_averaged(p, r0, r1, out);
     }
   });
   for (int64_t chunk = 0; chunk < nchunks; ++chunk) {

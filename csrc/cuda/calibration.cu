@@ -137,7 +137,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t gpb = blockDim.x / G;  // groups (rows in flight) per block
   const int64_t gib = threadIdx.x / G;
   const int64_t wstride = (logits ? 2 : 1) * C;  // per-row scratch: acc [C], with logits also tmp [C]
-  double* acc = work ? work + (static_cast<int64_t>(blockIdx.x) * gpb + gib) * wstride : nullptr;
+  // scratch rows exist for the groups that ever get a row (group index < N)
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * gpb + gib;
+  double* acc = work && group < N ? work + group * wstride : nullptr;
   const int64_t stride_s = N * C;
   const double sd = static_cast<double>(S);  // divide (not multiply by 1/S): same rounding as the CPU
   double counts[kCalibDiag] = {};
@@ -150,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* row = p + (g.active ? n : 0) * C;
     double mx = -INFINITY;
     int64_t pred = INT64_MAX;
-    const RowSummary r = logits ? row_logits(row, S, stride_s, C, g, acc, acc + C, mx, pred)
+    const RowSummary r = logits ? row_logits(row, S, stride_s, C, g, acc, acc ? acc + C : nullptr, mx, pred)
                                 : row_probs(row, S, stride_s, C, g, acc, mx, pred);
     group_max_arg(mx, pred, G);
     if (!g.active) continue;
@@ -186,9 +188,11 @@ std::tuple<at::Tensor, at::Tensor> calibration_bins_cuda(const at::Tensor& probs
   int64_t blocks = resident_blocks_for(N, gpb);
   at::Tensor work;
   if (from_logits || classwise) {
+    // one scratch row per group that ever gets a row: at most 16 MiB (fewer blocks for long rows)
+    // unless one block's rows alone are longer, and never more rows than N
     const int64_t wstride = (from_logits ? 2 : 1) * C;
     blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxWorkDoubles / (gpb * wstride)));
-    work = at::empty({blocks * gpb, wstride}, f64);
+    work = at::empty({std::min(blocks * gpb, N), wstride}, f64);
   }
   const int64_t nbins_total = (classwise ? C : 1) * n_bins;  // class-wise bins too, when they fit
   const bool smem_bins = nbins_total <= kMaxSmemBins;
