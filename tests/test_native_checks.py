@@ -331,3 +331,60 @@ def test_calibration_bins_scratch_is_bounded(S, N, C):
     assert res.returncode == 0, res.stderr
     grew_mib = float(res.stdout.split()[-1])
     assert grew_mib < 64, f"peak memory grew by {grew_mib:.0f} MiB for a {S * N * C * 4 / 2**20:.0f} MiB input"
+
+
+# ---- every argument checked before the first write ----------------------------------------------------
+
+def test_float8_tensors_get_a_clear_error_or_are_checked():
+    f8 = torch.tensor([0.5, float("nan"), 1.0]).to(torch.float8_e4m3fn)
+    rng = torch.tensor([0, 0])
+    with pytest.raises(RuntimeError, match=r"sgld_step_: params must be float64, float32, float16 or bfloat16, "
+                                           r"got Float8_e4m3fn"):
+        P.sgld_step_([f8], [f8.clone()], hyper(), rng)
+    with pytest.raises(RuntimeError, match=r"calibration_bins: probs must be float64, float32, float16 or bfloat16"):
+        P.calibration_bins(torch.ones(1, 2, 1).to(torch.float8_e5m2), torch.zeros(2, dtype=torch.long), 4)
+    assert rng.tolist() == [0, 0]
+    assert P.any_nonfinite([f8]).item() and not P.any_nonfinite([f8[::2]]).item()
+    assert P.any_nonfinite([torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2)]).item()
+
+
+@pytest.mark.parametrize("kind", ["sgld", "sghmc", "psgld"])
+def test_a_bad_last_argument_leaves_every_tensor_and_the_rng_unchanged(kind):
+    def lists():
+        return [torch.randn(5) for _ in range(3)], [torch.randn(5) for _ in range(3)], [torch.rand(5) for _ in range(3)]
+
+    bad = {
+        "grads[2] dtype": lambda p, g, b: g.__setitem__(2, g[2].double()),
+        "grads[2] shape": lambda p, g, b: g.__setitem__(2, torch.randn(6)),
+        "params[2] expanded": lambda p, g, b: p.__setitem__(2, torch.zeros(1).expand(5)),
+        "params[2] is params[0]": lambda p, g, b: p.__setitem__(2, p[0]),
+    }
+    if kind != "sgld":
+        bad["state[2] shape"] = lambda p, g, b: b.__setitem__(2, torch.rand(4))
+        bad["state[2] is grads[1]"] = lambda p, g, b: b.__setitem__(2, g[1])
+    for what, spoil in bad.items():
+        p, g, b = lists()
+        spoil(p, g, b)
+        before = snapshot(*p, *b)
+        rng = torch.tensor([7, 11])
+        with pytest.raises(RuntimeError):
+            step(kind, p, g, b, rng)
+        assert unchanged(p + b, before) and rng.tolist() == [7, 11], what
+
+
+def test_the_rng_step_wraps_like_torch_int64():
+    rng = torch.tensor([3, 2**63 - 1])
+    P.sgld_step_([torch.zeros(4)], [torch.zeros(4)], hyper(), rng)
+    assert rng.tolist() == [3, -(2**63)] == (torch.tensor([3, 2**63 - 1]) + torch.tensor([0, 1])).tolist()
+
+
+# ---- layouts ----------------------------------------------------------------------------------------------
+
+def test_layouts_have_the_agreed_shape():
+    assert _native._C.layouts() == {
+        "sgmcmc_hyper": {"lr": 0, "temperature": 1, "num_data": 2, "prior_precision": 3, "a": 4, "b": 5, "size": 6},
+        "rng": {"seed": 0, "step": 1, "size": 2},
+        "calibration_stats": {"count": 0, "confidence": 1, "correct": 2, "size": 3},
+        "calibration_diag": {"bad_sum": 0, "negative": 1, "bad_target": 2, "nonfinite": 3, "size": 4},
+        "swag": {"diag_stream": 0x53570000, "lowrank_stream": 0x5357FFFF, "max_draws": 0xFFFF},
+    }

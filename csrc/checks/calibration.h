@@ -3,6 +3,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "checks/common.h"
+
 namespace pyfastbayes {
 
 inline void check_calibration_args(const at::Tensor& probs, const at::Tensor& targets, int64_t n_bins,
@@ -10,6 +12,8 @@ inline void check_calibration_args(const at::Tensor& probs, const at::Tensor& ta
   TORCH_CHECK(probs.dim() == 3, "calibration_bins: probs must be [S, N, C], got shape ", probs.sizes());
   TORCH_CHECK(at::isFloatingType(probs.scalar_type()), "calibration_bins: probs must be floating point, got ",
               probs.scalar_type());
+  TORCH_CHECK(kernel_float_dtype(probs.scalar_type()),
+              "calibration_bins: probs must be float64, float32, float16 or bfloat16, got ", probs.scalar_type());
   TORCH_CHECK(probs.device().type() == device_type, "calibration_bins: probs must be on ", device_type,
               " here, got ", probs.device());
   TORCH_CHECK(targets.scalar_type() == at::kLong, "calibration_bins: targets must be int64, got ",

@@ -190,6 +190,11 @@ class OverlapCheck {
   std::vector<std::pair<uintptr_t, uint32_t>> keys_;  // (start, i): sorted, the sweep order
 };
 
+// The floating dtypes every kernel is compiled for (the math type of the half ones is float32).
+inline bool kernel_float_dtype(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
 // Contiguous stand-ins for a list of tensors that the op only reads.
 inline std::vector<at::Tensor> contiguous_list(at::TensorList ts) {
   std::vector<at::Tensor> out;

@@ -40,6 +40,7 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
   if (!params.empty()) {
     const auto dtype = params[0].scalar_type();
     TORCH_CHECK(at::isFloatingType(dtype), op, ": params must be floating point, got ", dtype);
+    TORCH_CHECK(kernel_float_dtype(dtype), op, ": params must be float64, float32, float16 or bfloat16, got ", dtype);
     auto check_like = [&](const at::Tensor& t, const at::Tensor* p, const char* what, size_t i) {
       TORCH_CHECK(t.layout() == at::kStrided, op, ": ", what, "[", i, "] must be dense (strided), got ", t.layout());
       TORCH_CHECK(t.device() == device, op, ": ", what, "[", i, "] is on ", t.device(), " but params[0] is on ",
@@ -85,9 +86,10 @@ struct ContiguousList {
   }
 };
 
-// The inputs of any_nonfinite that can hold NaN / inf, as contiguous real tensors: floating
-// tensors as they are, complex ones as their (real, imaginary) pairs; integer and bool tensors
-// are skipped. Every tensor must be on `device_type`, all on one device.
+// The inputs of any_nonfinite that can hold NaN / inf, as contiguous real tensors of a kernel
+// dtype: floating tensors as they are (float8 ones converted to float32, which keeps NaN and
+// inf), complex ones as their (real, imaginary) pairs; integer, bool and float4 tensors (no NaN
+// or inf to hold) are skipped. Every tensor must be on `device_type`, all on one device.
 inline std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors, c10::DeviceType device_type) {
   std::vector<at::Tensor> out;
   out.reserve(tensors.size());
@@ -100,8 +102,10 @@ inline std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors, c10::Dev
     }
     if (at::isComplexType(t.scalar_type())) {
       out.push_back(at::view_as_real(t.is_conj() ? t.resolve_conj() : t).contiguous());
-    } else if (at::isFloatingType(t.scalar_type())) {
+    } else if (kernel_float_dtype(t.scalar_type())) {
       out.push_back(t.contiguous());
+    } else if (at::isFloat8Type(t.scalar_type())) {
+      out.push_back(t.to(at::kFloat).contiguous());
     }
   }
   return out;

@@ -14,9 +14,7 @@
 namespace pyfastbayes {
 
 inline bool swag_state_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
-inline bool swag_dev_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
+inline bool swag_dev_dtype(at::ScalarType t) { return kernel_float_dtype(t); }
 
 // Largest n (models averaged so far) that swag_collect_ takes: n + 1 stays exact in float64, so
 // the weight 1 / (n + 1) still means something (and n + 1 cannot overflow int64).

@@ -57,7 +57,8 @@ void step_cpu(const char* op, at::TensorList params, at::TensorList grads, at::T
     ps.write_back();
     bs.write_back();
   }
-  rng.data_ptr<int64_t>()[kRngStep] += 1;
+  int64_t& step = rng.data_ptr<int64_t>()[kRngStep];
+  step = static_cast<int64_t>(static_cast<uint64_t>(step) + 1);  // wraps like torch's int64 add, no UB
 }
 
 void sgld_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& hyper, const at::Tensor& rng,

@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void advance_step_kernel(int64_t* rng, const bool* skip) {
-  if (skip == nullptr || !*skip) rng[kRngStep] += 1;
+  // wraps like torch's int64 add (no signed-overflow UB)
+  if (skip == nullptr || !*skip) rng[kRngStep] = static_cast<int64_t>(static_cast<uint64_t>(rng[kRngStep]) + 1);
 }
 
 // bufs_name: the schema name of the state buffers, nullptr for SGLD (none)
