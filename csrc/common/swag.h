@@ -37,12 +37,13 @@ PFB_HD op_t swag_collect_elem(op_t theta, op_t& mean, op_t& sq_mean, op_t w, boo
   return theta - mean;
 }
 
-// Element i of a collect: load mean (and sq_mean), update, store them and the deviation.
-// sq and dev may be nullptr (SWA: mean only; SWAG without a deviation row). The arrays may be
-// tensors in memory or a thread's registers (the CUDA vector path).
+// Element i of a collect: load mean (and sq_mean when has_sq), update, store them and the
+// deviation (dev may be nullptr: SWA, or SWAG without a deviation row). The arrays may be tensors
+// in memory or a thread's registers (the CUDA vector path: there sq always points to the
+// register array and has_sq says whether to use it, so the arrays stay in registers).
 template <typename param_t, typename state_t, typename dev_t>
-PFB_HD void swag_collect_update(const param_t* p, state_t* mean, state_t* sq, dev_t* dev, int64_t i, state_t w) {
-  const bool has_sq = sq != nullptr;
+PFB_HD void swag_collect_update(const param_t* p, state_t* mean, state_t* sq, bool has_sq, dev_t* dev, int64_t i,
+                                state_t w) {
   state_t m = mean[i];
   state_t s = has_sq ? sq[i] : state_t(0);
   const state_t d = swag_collect_elem(static_cast<state_t>(p[i]), m, s, w, has_sq);

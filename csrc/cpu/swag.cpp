@@ -27,7 +27,8 @@ namespace {
 
 template <typename param_t, typename state_t, typename dev_t>
 void collect_range(const param_t* p, state_t* mean, state_t* sq, dev_t* dev, int64_t n, state_t w) {
-  for (int64_t i = 0; i < n; ++i) swag_collect_update(p, mean, sq, dev, i, w);
+  const bool has_sq = sq != nullptr;
+  for (int64_t i = 0; i < n; ++i) swag_collect_update(p, mean, sq, has_sq, dev, i, w);
 }
 
 void swag_collect_cpu(at::TensorList params, const at::Tensor& mean, const std::optional<at::Tensor>& sq_mean,

@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool aligned = is_aligned<T, 4>(p) && is_aligned<state_t, 4>(m) && (!has_sq || is_aligned<state_t, 4>(s)) &&
                        (d == nullptr || is_aligned<d_t, 4>(d));
   if (!aligned) {  // e.g. tensors after an odd-sized bias: coalesced scalar accesses
-    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) swag_collect_update(p, m, s, d, e, w);
+    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) swag_collect_update(p, m, s, has_sq, d, e, w);
     return;
   }
   using VP = AlignedVec<T, 4>;
@@ -66,12 +66,12 @@ __global__ void __launch_bounds__(kThreads)
       if (has_sq) sv = *reinterpret_cast<const VS*>(s + i);
       VD dv;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) swag_collect_update(pv.v, mv.v, has_sq ? sv.v : nullptr, dv.v, k, w);
+      for (int k = 0; k < 4; ++k) swag_collect_update(pv.v, mv.v, sv.v, has_sq, dv.v, k, w);
       *reinterpret_cast<VS*>(m + i) = mv;
       if (has_sq) *reinterpret_cast<VS*>(s + i) = sv;
       if (d != nullptr) *reinterpret_cast<VD*>(d + i) = dv;
     } else {
-      for (int64_t e = i; e < end; ++e) swag_collect_update(p, m, s, d, e, w);
+      for (int64_t e = i; e < end; ++e) swag_collect_update(p, m, s, has_sq, d, e, w);
     }
   }
 }
