@@ -307,22 +307,29 @@ def test_any_nonfinite_of_no_tensor_is_false():
 # ---- item 17: CPU scratch of calibration_bins bounded by the input ------------------------------
 
 MEASURE = textwrap.dedent("""
-    import resource, sys, torch, pyfastbayes
+    import sys, torch, pyfastbayes
     torch.set_num_threads(int(sys.argv[3]))
     P = torch.ops.pyfastbayes
     P.calibration_bins(torch.full((2, 4, 3), 1 / 3), torch.zeros(4, dtype=torch.long), 15)  # start the pool
     S, N, C = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
     probs, y = torch.full((S, N, C), 1.0 / C), torch.zeros(N, dtype=torch.long)
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
-    before = rss()
+
+    def status(key):  # KiB
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+    # the peak RSS (VmHWM) restarts from the current RSS: ru_maxrss would also count the parent's
+    # RSS at the fork, which an exec keeps
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
     bins, diag = P.calibration_bins(probs, y, 15)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = status("VmHWM")
     assert bins[:, 0].sum().item() == N and diag.sum().item() == 0
     print((peak - before) / 1024)
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss in KiB")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc")
 @pytest.mark.parametrize("S,N,C", [(2, 1, 256_000), (2, 2, 1_000_000)])
 def test_calibration_bins_scratch_is_bounded(S, N, C):
     """S > 1 draws used to cost 256 * C doubles per thread whatever N: +502 MiB for a 2 MiB input."""
