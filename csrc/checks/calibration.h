@@ -1,9 +1,14 @@
-// Host-only argument checks of calibration_bins, shared by the CPU and CUDA entry points.
+// Host-only argument checks of calibration_bins and its outputs, shared by the CPU and CUDA entry
+// points.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include <tuple>
+
 #include "checks/common.h"
+#include "common/layouts.h"
 
 namespace pyfastbayes {
 
@@ -26,6 +31,14 @@ inline void check_calibration_args(const at::Tensor& probs, const at::Tensor& ta
   TORCH_CHECK(probs.size(0) >= 1, "calibration_bins: probs needs S >= 1 draws, got S = ", probs.size(0));
   TORCH_CHECK(probs.size(2) >= 1, "calibration_bins: probs needs C >= 1 classes, got C = ", probs.size(2));
   TORCH_CHECK(sum_tol >= 0.0, "calibration_bins: sum_tol must be >= 0, got ", sum_tol);
+}
+
+// The zeroed outputs on probs' device: bins float64 [(C,) n_bins, kCalibStats], diag [kCalibDiag].
+inline std::tuple<at::Tensor, at::Tensor> calibration_outputs(const at::Tensor& probs, int64_t n_bins, bool classwise) {
+  const auto f64 = probs.options().dtype(at::kDouble);
+  at::Tensor bins =
+      classwise ? at::zeros({probs.size(2), n_bins, kCalibStats}, f64) : at::zeros({n_bins, kCalibStats}, f64);
+  return {bins, at::zeros({kCalibDiag}, f64)};
 }
 
 }  // namespace pyfastbayes

@@ -6,7 +6,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -240,9 +239,8 @@ std::tuple<at::Tensor, at::Tensor> calibration_bins_cpu(const at::Tensor& probs,
                                                         double sum_tol) {
   check_calibration_args(probs, targets, n_bins, sum_tol, c10::DeviceType::CPU);
   const int64_t S = probs.size(0), N = probs.size(1), C = probs.size(2);
-  const auto f64 = probs.options().dtype(at::kDouble);
-  at::Tensor bins = classwise ? at::zeros({C, n_bins, kCalibStats}, f64) : at::zeros({n_bins, kCalibStats}, f64);
-  at::Tensor diag = at::zeros({kCalibDiag}, f64);
+  at::Tensor bins, diag;
+  std::tie(bins, diag) = calibration_outputs(probs, n_bins, classwise);
   if (N == 0) return {bins, diag};
   const at::Tensor p = probs.contiguous();
   const at::Tensor y = targets.contiguous();

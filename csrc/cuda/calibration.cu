@@ -10,7 +10,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -175,9 +174,8 @@ std::tuple<at::Tensor, at::Tensor> calibration_bins_cuda(const at::Tensor& probs
 
   const c10::cuda::CUDAGuard guard(probs.device());
   const int64_t S = probs.size(0), N = probs.size(1), C = probs.size(2);
-  const auto f64 = probs.options().dtype(at::kDouble);
-  at::Tensor bins = classwise ? at::zeros({C, n_bins, kCalibStats}, f64) : at::zeros({n_bins, kCalibStats}, f64);
-  at::Tensor diag = at::zeros({kCalibDiag}, f64);
+  at::Tensor bins, diag;
+  std::tie(bins, diag) = calibration_outputs(probs, n_bins, classwise);
   if (N == 0) return {bins, diag};
   const at::Tensor p = probs.contiguous();
   const at::Tensor y = targets.contiguous();
@@ -192,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> calibration_bins_cuda(const at::Tensor& probs
     // unless one block's rows alone are longer, and never more rows than N
     const int64_t wstride = (from_logits ? 2 : 1) * C;
     blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxWorkDoubles / (gpb * wstride)));
-    work = at::empty({std::min(blocks * gpb, N), wstride}, f64);
+    work = at::empty({std::min(blocks * gpb, N), wstride}, probs.options().dtype(at::kDouble));
   }
   const int64_t nbins_total = (classwise ? C : 1) * n_bins;  // class-wise bins too, when they fit
   const bool smem_bins = nbins_total <= kMaxSmemBins;
