@@ -6,7 +6,8 @@
 #  2. unless PFB_SKIP_CUDA_TORCH_BUILD=1: `pip install --no-build-isolation .` against that CUDA
 #     torch with PYFASTBAYES_CUDA=AUTO must give a working CPU-only build and say why;
 #  3. and with PYFASTBAYES_CUDA=ON (against the wheels' CUDA headers) a full CUDA build that
-#     compiles, links and, on import, registers the CUDA kernels of every op.
+#     compiles, links and, on import, registers the CUDA kernels (and the sparse-input refusal
+#     under SparseCUDA) of every op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(realpath -m "${PFB_CUDA_VENV:-.venv-cuda}")
@@ -63,5 +64,7 @@ ops = sorted({n.split('::')[1] for n in torch._C._dispatch_get_all_op_names() if
 assert len(ops) >= 9, ops
 missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f'pyfastbayes::{n}', 'CUDA')]
 assert not missing, f'ops without a CUDA kernel: {missing}'
+dense_only = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f'pyfastbayes::{n}', 'SparseCUDA')]
+assert not dense_only, f'ops without the sparse-input refusal on CUDA: {dense_only}'
 print('  CUDA kernels registered for', len(ops), 'ops:', info)")
 fi
