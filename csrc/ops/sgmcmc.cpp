@@ -1,8 +1,10 @@
 // Schemas of the fused SG-MCMC steps. One call updates every tensor of a parameter group.
-//   hyper: float64 [6] on the parameters' device (see common/sgmcmc_rules.h)
+//   hyper: float64 [6] on the parameters' device (slots kHyper* in common/layouts.h, rules in
+//          common/sgmcmc_rules.h)
 //   rng:   int64 [2] = (seed, step) on the parameters' device; step += 1 after the update
 //   skip:  optional bool scalar on the device; when true the call changes nothing
-// Tensor i of the list draws its noise from Philox stream i.
+// Tensor i of the list draws its noise from Philox stream i. A tensor the call writes (params,
+// the state buffers, rng) must not overlap itself or another argument (checks/sgmcmc.h).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {

@@ -5,7 +5,8 @@
 //   sq_mean  same, optional         running mean of squares (None: SWA, mean only)
 //   deviation [P], optional         one row of the deviation matrix D (float64/32/16, bfloat16),
 //                                   written with theta - mean (updated); needs sq_mean
-//   n                               models averaged before this call (weight 1 / (n + 1))
+//   n                               models averaged before this call (weight 1 / (n + 1)), < 2**53
+//   mean, sq_mean and deviation must not overlap each other or the params (checks/swag.h)
 // swag_sample: S = n_draws draws [S, P'] of the columns [offset, offset + P') of the posterior,
 //   mean/sq_mean [P'] (float32/64), D [K, P'] or None (diagonal covariance), scale > 0
 //   multiplying the covariance, eps the variance floor, (seed, step) the Philox stream; offset
