@@ -77,20 +77,6 @@ def native_problem(info: dict | None = None) -> str | None:
     return None
 
 
-# Bad inputs marked ``pending`` are the native refusals of issue 8 that the C++ change in progress
-# adds (overlapping or duplicate tensors, expanded mutated tensors, swag_collect_'s n > 2**53,
-# sparse inputs, complex tensors in any_nonfinite). While a build lacks one, its native case skips
-# locally (naming what the kernel did instead) and FAILS under CI=true; the reference side and the
-# message regex are checked everywhere.
-
-
-def pending_native(what: str) -> None:
-    msg = f"native refusal not in this build yet (issue 8, C++ change pending): {what}"
-    if in_ci():
-        pytest.fail(msg, pytrace=False)
-    pytest.skip(msg)
-
-
 # ---- the op-test base -------------------------------------------------------------------------
 Args = dict  # parameter name -> value, in the op's parameter order
 
@@ -104,15 +90,12 @@ class Bad:
     """One bad input: ``edit(good_args, device)`` returns the bad arguments; both backends must
     raise ``exc`` with a message matching ``match`` (re.search) and change no input.
 
-    pending: a native refusal of issue 8 still being added in C++ (see :func:`pending_native`); its
-    native message must match the regex, the reference's text is the proposal for the C++ one.
     An id starting with ``meta`` marks a meta/real mix. cuda: the case mixes devices (needs CUDA).
     """
     id: str
     edit: Callable[[Args, str], Args]
     match: str
     exc: type = RuntimeError
-    pending: bool = False
     cuda: bool = False
 
 
@@ -301,18 +284,13 @@ class OpContract:
             pytest.skip("mixes CPU and CUDA tensors: needs a CUDA device")
         if backend == "native":
             native_kernel(spec.name, device)
-        try:
-            typ, msg = raise_message(spec, bad, device, backend)
-        except (AssertionError, pytest.fail.Exception) as exc:
-            if backend == "native" and bad.pending:
-                pending_native(f"{spec.name} [{bad.id}]: {str(exc).splitlines()[0]}")
-            raise
-        if backend == "native" and bad.pending and not (issubclass(typ, bad.exc) and re.search(bad.match, msg)):
-            pending_native(f"{spec.name} [{bad.id}] raised {typ.__name__}: {msg.splitlines()[0][:200]}")
+        typ, msg = raise_message(spec, bad, device, backend)
         assert issubclass(typ, bad.exc), f"{spec.name} [{backend}] raised {typ.__name__}: {msg}"
         assert re.search(bad.match, msg), f"{spec.name} [{backend}]: {msg!r} does not match {bad.match!r}"
-        if backend == "native" and not bad.pending:  # parity: the reference says exactly the same
-            assert raise_message(spec, bad, device, "reference") == (typ, msg)
+        if backend == "native":  # parity: the reference says exactly the same
+            ref = raise_message(spec, bad, device, "reference")
+            assert ref == (typ, msg), f"{spec.name} [{bad.id}]: native {(typ, msg)} but reference {ref}"
+
 
 
 # ---- small argument editors for Bad.edit --------------------------------------------------------
@@ -320,7 +298,7 @@ def placement(op: str, arg: str, first: str, device: str | None = None, index: i
               meta: bool = True, sparse: bool = True) -> list[Bad]:
     """The placement cases of one tensor argument (``arg``, or element ``index`` of the list
     ``arg``): a meta tensor among real ones (refused naming it and ``first``, the label of the
-    call's first real tensor), a sparse tensor (pending), and, with the regex ``device``, a tensor
+    call's first real tensor), a sparse tensor, and, with the regex ``device``, a tensor
     on the other device of a CUDA machine."""
     label = arg if index is None else f"{arg}[{index}]"
 
@@ -338,7 +316,7 @@ def placement(op: str, arg: str, first: str, device: str | None = None, index: i
         cases.append(Bad(f"meta-{label}", edit(lambda t, d: meta_like(t)),
                          rf"{op}: {re.escape(label)} is a meta tensor but {re.escape(first)} is on"))
     if sparse:
-        cases.append(Bad(f"sparse-{label}", edit(lambda t, d: sparse_like(t)), rf"{op}: .*(?i:sparse)", pending=True))
+        cases.append(Bad(f"sparse-{label}", edit(lambda t, d: sparse_like(t)), rf"{op}: .*(?i:sparse)"))
     if device is not None:
         cases.append(Bad(f"device-{label}", edit(lambda t, d: t.to(other_device(d))), device, cuda=True))
     return cases

@@ -7,7 +7,7 @@ from pyfastbayes import _reference as R
 from pyfastbayes import ops
 
 from _helpers import (ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, expanded_like, needs_cuda, needs_native,
-                      pending_native, placement, put)
+                      placement, put)
 
 # kind -> (wrapper, reference, name of the state list or None); fixed seeds per kind
 OPS = {"sgld": (ops.sgld_step_, R.sgld_step_, None),
@@ -106,13 +106,13 @@ def step_spec(kind):
         Bad("duplicate-params", put(params=lambda a, d: [a["params"][0], a["params"][0]],
                                     grads=lambda a, d: [a["grads"][0], a["grads"][0].clone()],
                                     **({state: lambda a, d: [a[state][0], a[state][0].clone()]} if state else {})),
-            rf"{op}: params\[1\] overlaps params\[0\]", pending=True),
+            rf"{op}: params\[1\] overlaps params\[0\]"),
         Bad("grad-is-param", put(grads=lambda a, d: [a["params"][0], a["grads"][1]]),
-            rf"{op}: grads\[0\] overlaps params\[0\]", pending=True),
-        Bad("partial-overlap", overlapping_views(state), rf"{op}: params\[1\] overlaps params\[0\]", pending=True),
-        Bad("rng-in-params", rng_in_params, rf"{op}: rng overlaps params\[0\]", pending=True),
+            rf"{op}: grads\[0\] overlaps params\[0\]"),
+        Bad("partial-overlap", overlapping_views(state), rf"{op}: params\[1\] overlaps params\[0\]"),
+        Bad("rng-in-params", rng_in_params, rf"{op}: rng overlaps params\[0\]"),
         Bad("expanded-param", put(params=lambda a, d: [expanded_like(a["params"][0]), a["params"][1]]),
-            rf"{op}: params\[0\] has internal overlap", pending=True),
+            rf"{op}: params\[0\] has internal overlap"),
     ] + placement(op, "grads", "params[0]", index=0,
                   device=rf"{op}: (tensors are on cpu, expected CUDA|grads\[0\] is on cpu but params\[0\] is on cuda:0)")
     bad += placement(op, "hyper", "params[0]")
@@ -122,7 +122,7 @@ def step_spec(kind):
             Bad("state-shape", put(**{state: lambda a, d: [a[state][0], torch.zeros(3, 2, device=d)]}),
                 r"state\[1\] has shape \[3, 2\] but params\[1\] has shape \[2, 3\]"),
             Bad("state-is-param", put(**{state: lambda a, d: [a["params"][0], a[state][1]]}),
-                rf"{op}: {state}\[0\] overlaps params\[0\]", pending=True),
+                rf"{op}: {state}\[0\] overlaps params\[0\]"),
         ] + placement(op, state, "params[0]", index=1, sparse=False)
     def post(case, calls, outs, after):  # each call advanced the step by one; dtypes and shapes kept
         steps = calls[0]["rng"][1].item() + len(calls)
@@ -336,8 +336,6 @@ def test_any_nonfinite_checks_real_and_imaginary_parts(dtype, backend):
     got["clean"] = bool(ops.any_nonfinite([clean, clean.conj()], backend=backend))
     got["conj"] = bool(ops.any_nonfinite([z.conj()], backend=backend))
     want = {"real": True, "imag": True, "imag-neg": True, "clean": False, "conj": True}
-    if backend == "native" and got != want:
-        pending_native(f"any_nonfinite on complex tensors gave {got}")
     assert got == want
 
 

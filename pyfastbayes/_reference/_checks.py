@@ -25,9 +25,6 @@ _SCALAR_TYPE = {
     torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
     torch.complex32: "ComplexHalf",
 }
-_LAYOUT = {torch.strided: "Strided", torch.sparse_coo: "Sparse", torch.sparse_csr: "SparseCsr",
-           torch.sparse_csc: "SparseCsc", torch.sparse_bsr: "SparseBsr", torch.sparse_bsc: "SparseBsc",
-           torch._mkldnn: "Mkldnn"}
 # backends in the dispatcher's priority order (lowest first): a call mixing devices runs the
 # kernel of the highest one, whose checks then speak
 _BACKEND_PRIORITY = ("cpu", "cuda", "hip", "xla", "mps", "ipu", "xpu", "hpu", "ve", "lazy", "mtia",
@@ -54,11 +51,6 @@ def sizes(t: Tensor | Sequence[int]) -> str:
     """How c10 prints an IntArrayRef: '[3, 4]'."""
     shape = t.shape if isinstance(t, Tensor) else t
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
-
-
-def layout(t: Tensor) -> str:
-    """How c10 prints a Layout: 'Strided', 'Sparse', ..."""
-    return _LAYOUT.get(t.layout, str(t.layout).replace("torch.", ""))
 
 
 def device_type(t: Tensor | torch.device | str) -> str:
@@ -99,8 +91,8 @@ def check_dense(op: str, **args) -> None:
     (``csrc/ops/dense_only.cpp``), which names the first one."""
     for name, t in named_tensors(args):
         if t.layout != torch.strided:
-            fail(f"{op}: {name} is a sparse tensor (layout {layout(t)}); the op takes dense (strided) tensors "
-                 f"only: pass {name}.to_dense()")
+            fail(f"{op}: {name} is a sparse tensor ({t.layout}); pyfastbayes ops take dense (strided) tensors "
+                 f"only: pass dense tensors (.to_dense())")
 
 
 def dispatch_device_type(*tensors: Tensor | None | Iterable[Tensor]) -> str:

@@ -14,7 +14,7 @@ from .random import philox_normal, philox_normal_range
 
 _STATE_DTYPES = (torch.float32, torch.float64)
 _DEV_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-MAX_N = 2**53  # n + 1 and the weight 1 / (n + 1) are exact in float64 up to here
+MAX_N = 2**53 - 1  # n + 1 and the weight 1 / (n + 1) are exact in float64 up to here (kSwagMaxModels)
 
 
 def check_swag_collect(params: Sequence[Tensor], mean: Tensor, sq_mean: Tensor | None, deviation: Tensor | None,
@@ -24,8 +24,7 @@ def check_swag_collect(params: Sequence[Tensor], mean: Tensor, sq_mean: Tensor |
     check_meta_mix(op, params=params, mean=mean, sq_mean=sq_mean, deviation=deviation)
     check_dense(op, params=params, mean=mean, sq_mean=sq_mean, deviation=deviation)
     check(n >= 0, op, ": n (models averaged so far) must be >= 0, got ", n)
-    check(n <= MAX_N, op, ": n (models averaged so far) must be <= 2**53, got ", n,
-          " (the weight 1 / (n + 1) would not be exact)")
+    check(n <= MAX_N, op, ": n (models averaged so far) must be < 2**53 (the weight 1 / (n + 1) is float64), got ", n)
     kernel = dispatch_device_type(params, mean, sq_mean, deviation)
     check(mean.device.type.upper() == kernel, op, ": mean is on ", mean.device, ", expected ", kernel)
     check(mean.dtype in _STATE_DTYPES, op, ": mean must be float32 or float64, got ", scalar_type(mean.dtype))
