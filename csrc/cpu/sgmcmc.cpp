@@ -74,6 +74,44 @@ void psgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   step_cpu<PSGLDRule, true>("psgld_step_", params, grads, square_avg, "square_avg", hyper, rng, skip);
 }
 
+// Non-finite test on the bits: the exponent field all ones (inf or NaN). Integer AND and compare
+// of an int OR-reduction, so every clone below vectorises at its width (a float compare chain
+// `v - v != 0` with a bool reduction did not: 4M floats took 2.2 ms, ~5x the read time).
+template <typename bits_t, bits_t kExp>
+int any_exponent_all_ones(const bits_t* x, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<int>((x[i] & kExp) == kExp);
+  return bad;
+}
+__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"))) int nonfinite_bits32(
+    const uint32_t* x, int64_t n) {
+  return any_exponent_all_ones<uint32_t, 0x7F800000u>(x, n);
+}
+__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"))) int nonfinite_bits64(
+    const uint64_t* x, int64_t n) {
+  return any_exponent_all_ones<uint64_t, 0x7FF0000000000000ull>(x, n);
+}
+__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"))) int nonfinite_half(
+    const uint16_t* x, int64_t n) {
+  return any_exponent_all_ones<uint16_t, 0x7C00u>(x, n);
+}
+__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"))) int nonfinite_bf16(
+    const uint16_t* x, int64_t n) {
+  return any_exponent_all_ones<uint16_t, 0x7F80u>(x, n);
+}
+
+// elements [b, e) of a contiguous tensor of a kernel float dtype
+bool range_nonfinite(const at::Tensor& t, int64_t b, int64_t e) {
+  const void* base = t.const_data_ptr();
+  switch (t.scalar_type()) {
+    case at::kFloat: return nonfinite_bits32(static_cast<const uint32_t*>(base) + b, e - b) != 0;
+    case at::kDouble: return nonfinite_bits64(static_cast<const uint64_t*>(base) + b, e - b) != 0;
+    case at::kHalf: return nonfinite_half(static_cast<const uint16_t*>(base) + b, e - b) != 0;
+    case at::kBFloat16: return nonfinite_bf16(static_cast<const uint16_t*>(base) + b, e - b) != 0;
+    default: TORCH_CHECK(false, "any_nonfinite: unexpected dtype ", t.scalar_type());
+  }
+}
+
 at::Tensor any_nonfinite_cpu(at::TensorList tensors) {
   std::atomic<bool> found{false};
   const auto ts = nonfinite_inputs(tensors, c10::DeviceType::CPU);
@@ -81,16 +119,7 @@ at::Tensor any_nonfinite_cpu(at::TensorList tensors) {
   for (const auto& t : ts) numels.push_back(t.numel());
   parallel_chunks(numels, [&](const Chunk& c) {
     if (found.load(std::memory_order_relaxed)) return;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ts[c.tensor].scalar_type(), "any_nonfinite", [&] {
-      using op_t = at::opmath_type<scalar_t>;
-      const scalar_t* x = ts[c.tensor].data_ptr<scalar_t>();
-      bool bad = false;
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        const op_t v = static_cast<op_t>(x[i]);
-        bad |= (v - v != op_t(0));  // inf - inf and NaN - NaN are NaN
-      }
-      if (bad) found.store(true, std::memory_order_relaxed);
-    });
+    if (range_nonfinite(ts[c.tensor], c.begin, c.end)) found.store(true, std::memory_order_relaxed);
   });
   return at::zeros({}, at::TensorOptions().dtype(at::kBool)).fill_(found.load());
 }
