@@ -163,14 +163,25 @@ class _SGMCMC(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if not self._uniform(params, grads):
-                self._explain(gi, group)
             backend = _BACKEND[group["fused"]]
             ops.select(self._op_name, params[0].device, backend)  # no kernel for fused=True: raises now
             plans.append(_Plan(gi, group, params, grads, backend))
-        if len(plans) > 1:  # one op call checks its own arguments before writing (both backends);
-            self._check_step_memory(plans)  # several calls need the overlap check across them first
+        # One op call checks all its arguments (dtypes, devices, layouts, shapes, memory overlap)
+        # before it writes, on both backends, and _name_culprit explains a refusal; several calls
+        # are checked here first, so that a refusal of a later one cannot follow a written group.
+        if len(plans) > 1:
+            for plan in plans:
+                if not self._uniform(plan.params, plan.grads):
+                    self._explain(plan.index, plan.group)
+            self._check_step_memory(plans)
         return plans
+
+    def _name_culprit(self, plan: _Plan, plans: list[_Plan]) -> None:
+        """After the first op call refused (nothing was written): raise the clearer error that
+        names the parameter (dtype, device, layout or memory), when there is one."""
+        if not self._uniform(plan.params, plan.grads):
+            self._explain(plan.index, plan.group)
+        self._check_step_memory(plans)
 
     @staticmethod
     def _uniform(params: list[Tensor], grads: list[Tensor]) -> bool:
@@ -321,15 +332,20 @@ class _SGMCMC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = self._plan()
-        skips = self._nonfinite_skips(plans)
+        try:  # any_nonfinite reads the gradients first: the first op to see a bad one
+            skips = self._nonfinite_skips(plans)
+        except RuntimeError:
+            for plan in plans:
+                self._name_culprit(plan, plans)
+            raise
         args = [self._op_args(plan) for plan in plans]
         step_op = getattr(ops, self._op_name)
         for k, (plan, a, skip) in enumerate(zip(plans, args, skips)):
-            try:  # a single call validates itself before writing; with several, _plan checked across them
+            try:  # a call validates itself before writing; with several, _plan checked across them
                 step_op(*a, skip, backend=plan.backend)
             except RuntimeError as exc:
-                if k == 0:  # nothing was written (the op checks before it writes): name the culprit
-                    self._check_step_memory(plans)  # raises the ValueError naming the overlap, if that was it
+                if k == 0:  # nothing was written (the op checks before it writes)
+                    self._name_culprit(plan, plans)
                     raise
                 done = [p.index for p in plans[:k]]
                 raise RuntimeError(f"{type(self).__name__}: {self._op_name} failed on param_groups[{plan.index}] "
