@@ -319,3 +319,45 @@ def test_dict_batches_and_tuple_outputs_are_explained_or_adapted():
     with pytest.raises(ValueError, match="no inputs"):
         buf.predict([])
     assert buf.predict(x[:0]).shape == (0, 3)  # an empty tensor is N = 0 points
+
+
+# load_state_dict is checked whole before anything is written (found by review after issue 8)
+@pytest.mark.parametrize("edit, exc, match", [
+    (lambda sd: sd.pop("var_clamp"), ValueError, "var_clamp"),
+    (lambda sd: sd.update(var_clamp=float("nan")), ValueError, "var_clamp must be finite"),
+    (lambda sd: sd.update(var_clamp=-1.0), ValueError, "var_clamp must be finite"),
+    (lambda sd: sd["mean"].__setitem__(0, float("nan")), ValueError, r"state_dict\['mean'\] holds NaN"),
+    (lambda sd: sd["D"].__setitem__((0, 0), float("inf")), ValueError, r"state_dict\['D'\] holds NaN or inf"),
+    (lambda sd: sd.update(sq_mean=sd["sq_mean"].long()), TypeError, r"state_dict\['sq_mean'\] must be a floating"),
+    (lambda sd: sd.update(n_averaged=-1), ValueError, "n_averaged"),
+])
+def test_swag_load_state_dict_refuses_before_writing(edit, exc, match):
+    torch.manual_seed(5)
+    src = _swag(_mlp(), collects=4)
+    sd = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in src.state_dict().items()}
+    var_clamp = sd.get("var_clamp")
+    edit(sd)
+    dst = _swag(_mlp(), collects=2)
+    before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in dst.state_dict().items()}
+    with pytest.raises(exc, match=match):
+        dst.load_state_dict(sd)
+    after = dst.state_dict()
+    for k, v in before.items():
+        assert (torch.equal(v, after[k]) if torch.is_tensor(v) else v == after[k]), k
+    assert var_clamp == dst.var_clamp
+
+
+def test_sample_buffer_load_state_dict_messages():
+    torch.manual_seed(6)
+    buf = _buffer(_mlp(), 3, 2)
+    sd = buf.state_dict()
+    with pytest.raises(ValueError, match="calls must be >= 0"):
+        SampleBuffer(_mlp(), 3).load_state_dict(dict(sd, calls=-5))
+    with pytest.raises(ValueError, match="floating point and finite"):
+        SampleBuffer(_mlp(), 3).load_state_dict(dict(sd, draws=sd["draws"].long()))
+    bad = sd["draws"].clone()
+    bad[0, 0] = float("nan")
+    other = SampleBuffer(_mlp(), 3)
+    with pytest.raises(ValueError, match="floating point and finite"):
+        other.load_state_dict(dict(sd, draws=bad))
+    assert len(other) == 0

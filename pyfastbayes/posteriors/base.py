@@ -243,6 +243,22 @@ class Posterior(abc.ABC):
             raise ValueError(f"state_dict is of a {state.get('kind')!r}, expected {self.kind!r}")
         self.layout.check_description(state.get("layout"))
 
+    def _check_state_tensor(self, state: dict, key: str, shape: tuple) -> Tensor:
+        """``state[key]``: a floating-point tensor of ``shape`` holding finite values (what a
+        collect would have refused to store), else a clear error; nothing is changed here."""
+        if key not in state:
+            raise ValueError(f"state_dict has no {key!r}: it was not saved by {self.kind}.state_dict()")
+        t = state[key]
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            raise TypeError(f"state_dict[{key!r}] must be a floating-point tensor, got "
+                            f"{t.dtype if torch.is_tensor(t) else type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"state_dict[{key!r}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"state_dict[{key!r}] holds NaN or inf values; {self.kind} refuses them (they would "
+                             "poison every prediction)")
+        return t
+
 
 def _forward(layout: ParamLayout, theta: Tensor, batches: list, bn_loader, batch_size: int,
              input_fn: Callable | None, output_fn: Callable | None) -> Tensor:

@@ -143,9 +143,14 @@ class SampleBuffer(Posterior):
         if "kind" in state:  # older state dicts had no header
             self._check_header(state)
         d = self._logical_draws(state)
+        if not d.is_floating_point() or (d.numel() and not bool(torch.isfinite(d).all())):
+            raise ValueError("state_dict draws must be floating point and finite (NaN/inf draws would poison "
+                             f"every prediction), got {d.dtype}")
         count, calls = int(state["count"]), int(state["calls"])
-        if count < len(d) or calls < 0:
+        if count < len(d):
             raise ValueError(f"state_dict count {count} is smaller than its {len(d)} draws")
+        if calls < 0:
+            raise ValueError(f"state_dict calls must be >= 0 (collect() calls so far), got {calls}")
         d = d[-self.max_samples:] if len(d) > self.max_samples else d
         self.draws[:len(d)].copy_(d)
         self._len, self._next = len(d), len(d) % self.max_samples

@@ -145,8 +145,10 @@ class SWA(Posterior):
 
     def _check_state(self, state: dict) -> None:
         self._check_header(state)
-        if int(state["n_averaged"]) < 0 or tuple(state["mean"].shape) != (self.numel,):
-            raise ValueError(f"state_dict mean has shape {tuple(state['mean'].shape)}, expected ({self.numel},)")
+        n = state.get("n_averaged")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"state_dict['n_averaged'] must be an int >= 0, got {n!r}")
+        self._check_state_tensor(state, "mean", (self.numel,))
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (checked first; nothing changes when it does not fit)."""

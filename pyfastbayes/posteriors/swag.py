@@ -31,6 +31,7 @@ same numbers, and ``torch.manual_seed`` fixes every draw.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -53,6 +54,15 @@ def check_cov(cov) -> str:
     if cov not in COVS:
         raise ValueError(f"cov must be one of {COVS}, got {cov!r}")
     return cov
+
+
+def check_var_clamp(var_clamp) -> float:
+    """The variance floor: a finite number >= 0, else TypeError/ValueError naming var_clamp."""
+    if isinstance(var_clamp, bool) or not isinstance(var_clamp, numbers.Real):
+        raise TypeError(f"var_clamp must be a number, got {type(var_clamp).__name__}")
+    if not (math.isfinite(float(var_clamp)) and float(var_clamp) >= 0):
+        raise ValueError(f"var_clamp must be finite and >= 0, got {var_clamp}")
+    return float(var_clamp)
 
 
 def check_scale(scale, cov: str) -> float:
@@ -108,8 +118,7 @@ class SWAG(SWA):
         if max_rank == 1 or max_rank < 0:
             raise ValueError(f"max_rank must be 0 (diagonal only) or >= 2 (the low-rank part divides by K - 1), "
                              f"got {max_rank}")
-        if not (math.isfinite(float(var_clamp)) and float(var_clamp) >= 0):
-            raise ValueError(f"var_clamp must be finite and >= 0, got {var_clamp}")
+        check_var_clamp(var_clamp)
         super().__init__(model, dtype)
         if deviation_dtype is None:
             deviation_dtype = self.dtype
@@ -342,9 +351,11 @@ class SWAG(SWA):
         if int(state["max_rank"]) != self.max_rank:
             raise ValueError(f"state_dict has max_rank {state['max_rank']}, this SWAG {self.max_rank}")
         rank = min(int(state["n_averaged"]), self.max_rank)
-        if tuple(state["sq_mean"].shape) != (self.numel,) or tuple(state["D"].shape) != (rank, self.numel):
-            raise ValueError(f"state_dict sq_mean/D have shapes {tuple(state['sq_mean'].shape)}/"
-                             f"{tuple(state['D'].shape)}, expected ({self.numel},)/({rank}, {self.numel})")
+        self._check_state_tensor(state, "sq_mean", (self.numel,))
+        self._check_state_tensor(state, "D", (rank, self.numel))
+        if "var_clamp" not in state:
+            raise ValueError("state_dict has no 'var_clamp': it was not saved by SWAG.state_dict()")
+        check_var_clamp(state["var_clamp"])
         pos = int(state["n_averaged"]) % self.max_rank if self.max_rank else 0
         if int(state["position"]) != pos:
             raise ValueError(f"state_dict ring position {state['position']} disagrees with n_averaged "
