@@ -345,6 +345,12 @@ def sparse_like(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to_sparse()
 
 
+def self_overlapping(shape=(3, 2), dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """An as_strided view [3, 2] whose elements [2, 0] and [0, 1] are one memory location (no
+    stride 0: torch's own has_internal_overlap cannot decide it)."""
+    return torch.zeros(8, dtype=dtype, device=device).as_strided(shape, (1, 2))
+
+
 def expanded_like(t: torch.Tensor) -> torch.Tensor:
     """A stride-0 view with t's shape, dtype and device (its elements share one memory location)."""
     return torch.zeros([1] * t.dim(), dtype=t.dtype, device=t.device).expand(t.shape)

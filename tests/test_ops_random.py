@@ -9,7 +9,7 @@ from pyfastbayes import _reference as R
 from pyfastbayes import ops
 
 from _helpers import (ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, expanded_like, needs_cuda, put,
-                      sparse_like)
+                      self_overlapping, sparse_like)
 
 # Random123 kat_vectors for philox4x32_10: (counter; key) -> output
 KAT = [
@@ -119,6 +119,7 @@ PHILOX_NORMAL = OpSpec(
             r"philox_normal_: out must be floating point, got Bool"),
         Bad("expanded-out", put(out=lambda a, d: expanded_like(torch.empty(6, device=d))),
             r"philox_normal_: out has internal overlap"),
+        Bad("as-strided-out", put(out=lambda a, d: self_overlapping(device=d)), r"philox_normal_: out has internal overlap"),
         Bad("sparse-out", put(out=lambda a, d: sparse_like(torch.ones(6, device=d))), r"philox_normal_: out .*(?i:sparse)"),
     ])
 

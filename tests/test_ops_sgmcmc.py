@@ -7,7 +7,7 @@ from pyfastbayes import _reference as R
 from pyfastbayes import ops
 
 from _helpers import (ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, expanded_like, needs_cuda, needs_native,
-                      placement, put)
+                      placement, put, self_overlapping)
 
 # kind -> (wrapper, reference, name of the state list or None); fixed seeds per kind
 OPS = {"sgld": (ops.sgld_step_, R.sgld_step_, None),
@@ -112,6 +112,12 @@ def step_spec(kind):
         Bad("partial-overlap", overlapping_views(state), rf"{op}: params\[1\] overlaps params\[0\]"),
         Bad("rng-in-params", rng_in_params, rf"{op}: rng overlaps params\[0\]"),
         Bad("expanded-param", put(params=lambda a, d: [expanded_like(a["params"][0]), a["params"][1]]),
+            rf"{op}: params\[0\] has internal overlap"),
+        Bad("as-strided-param", put(  # partial self-overlap without a stride 0 (found in review)
+            params=lambda a, d: [self_overlapping(dtype=a["params"][0].dtype, device=d), a["params"][1]],
+            grads=lambda a, d: [torch.ones(3, 2, dtype=a["grads"][0].dtype, device=d), a["grads"][1]],
+            **({state: lambda a, d: [torch.zeros(3, 2, dtype=a[state][0].dtype, device=d), a[state][1]]}
+               if state else {})),
             rf"{op}: params\[0\] has internal overlap"),
     ] + placement(op, "grads", "params[0]", index=0,
                   device=rf"{op}: (tensors are on cpu, expected CUDA|grads\[0\] is on cpu but params\[0\] is on cuda:0)")

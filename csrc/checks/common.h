@@ -33,9 +33,9 @@ class OverlapCheck {
     if (t.layout() != at::kStrided) return;  // only strided tensors have a byte range (ops refuse the others)
     const bool dense = t.is_non_overlapping_and_dense();
     if (mutated && !dense) {
-      TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op_, ": ", label(name, index),
-                  " has internal overlap (an expanded or stride-0 view: several of its elements share memory), so "
-                  "it cannot be written in place; pass a tensor with memory of its own (e.g. .clone())");
+      TORCH_CHECK(!overlaps_itself(t), op_, ": ", label(name, index),
+                  " has internal overlap (an expanded, stride-0 or as_strided view: several of its elements share "
+                  "memory), so it cannot be written in place; pass a tensor with memory of its own (e.g. .clone())");
     }
     if (t.numel() == 0) return;
     const auto sizes = t.sizes(), strides = t.strides();
@@ -147,6 +147,32 @@ class OverlapCheck {
       f(base + static_cast<uintptr_t>(off * item));
       for (int64_t d = nd - 1; d >= 0 && ++idx[d] == sizes[d]; --d) idx[d] = 0;
     }
+  }
+
+  // Whether two elements of t share memory. at::has_internal_overlap decides only stride 0 (Yes)
+  // and dense tensors (No), and says TooHard for every other view, e.g. as_strided((3, 2), (1, 2)),
+  // whose elements [2, 0] and [0, 1] are one element. Sufficient for No: the dims of size > 1
+  // sorted by stride, each stride reaches past the offsets the smaller dims cover; else the element
+  // offsets are compared exactly (only odd views get there).
+  static bool overlaps_itself(const at::Tensor& t) {
+    const auto status = at::has_internal_overlap(t);
+    if (status != at::MemOverlap::TooHard) return status == at::MemOverlap::Yes;
+    std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+    for (int64_t d = 0; d < t.dim(); ++d)
+      if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+    std::sort(dims.begin(), dims.end());
+    int64_t span = 1;  // the smaller dims cover element offsets [0, span)
+    bool separated = true;
+    for (const auto& [stride, size] : dims) {
+      separated = separated && stride >= span;
+      span += stride * (size - 1);
+    }
+    if (separated) return false;
+    std::vector<uintptr_t> addr;
+    addr.reserve(static_cast<size_t>(t.numel()));
+    for_each_element(t, [&](uintptr_t e) { addr.push_back(e); });
+    std::sort(addr.begin(), addr.end());
+    return std::adjacent_find(addr.begin(), addr.end()) != addr.end();
   }
 
   // Whether two tensors whose byte ranges intersect share a byte.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -128,10 +129,27 @@ def non_overlapping_and_dense(t: Tensor) -> bool:
 
 
 def has_internal_overlap(t: Tensor) -> bool:
-    """``at::has_internal_overlap(t) == MemOverlap::Yes``: a dimension of size > 1 and stride 0."""
+    """``OverlapCheck::overlaps_itself`` (csrc/checks/common.h): two elements of ``t`` share memory.
+
+    Stride 0 on a dimension of size > 1 does; a dense tensor does not; otherwise the dims of size
+    > 1 sorted by stride, each reaching past the offsets the smaller ones cover, do not; else the
+    element offsets are compared exactly (shapes and strides only: works on fake tensors too).
+    """
     if t.layout != torch.strided or non_overlapping_and_dense(t):
         return False
-    return any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape))
+    dims = sorted((int(st), int(sz)) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    if any(st == 0 for st, _ in dims):
+        return True
+    span, separated = 1, True
+    for st, sz in dims:
+        separated = separated and st >= span
+        span += st * (sz - 1)
+    if separated:
+        return False
+    offsets = np.zeros(1, dtype=np.int64)
+    for st, sz in dims:
+        offsets = (offsets[:, None] + np.arange(sz, dtype=np.int64) * st).reshape(-1)
+    return len(np.unique(offsets)) < len(offsets)
 
 
 class OverlapCheck:
@@ -148,7 +166,7 @@ class OverlapCheck:
             return self
         if mutated:
             check(not has_internal_overlap(t), self.op, ": ", label,
-                  " has internal overlap (an expanded or stride-0 view: several of its elements share memory), "
+                  " has internal overlap (an expanded, stride-0 or as_strided view: several of its elements share memory), "
                   "so it cannot be written in place; pass a tensor with memory of its own (e.g. .clone())")
         if t.numel() and not self.fake and not is_fake(t):
             self.args.append((label, t, mutated))
