@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..ops import CALIB_STATS
 from ._checks import Prepared, checked_bins
 
 
@@ -64,16 +65,21 @@ def adaptive_bins(prep: Prepared, n_bins: int, from_logits: bool, mode: str) -> 
     sizes[: n % n_bins] += 1
     bin_of = torch.repeat_interleave(torch.arange(n_bins), sizes).to(avg.device)
     idx = bin_of[:, None].expand(n, k)
-    out = torch.zeros(n_bins, k, 3, dtype=torch.float64, device=avg.device)
-    out[..., 0].scatter_add_(0, idx, torch.ones_like(v))
-    out[..., 1].scatter_add_(0, idx, v)
-    out[..., 2].scatter_add_(0, idx, h)
+    out = torch.zeros(n_bins, k, CALIB_STATS.size, dtype=torch.float64, device=avg.device)
+    out[..., CALIB_STATS.count].scatter_add_(0, idx, torch.ones_like(v))
+    out[..., CALIB_STATS.confidence].scatter_add_(0, idx, v)
+    out[..., CALIB_STATS.correct].scatter_add_(0, idx, h)
     return out.permute(1, 0, 2)
+
+
+def split_stats(bins: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, confidence sum, correct sum) [..., B] of bins [..., B, CALIB_STATS.size], by slot name."""
+    return bins[..., CALIB_STATS.count], bins[..., CALIB_STATS.confidence], bins[..., CALIB_STATS.correct]
 
 
 def error_from_bins(bins: Tensor, norm: str) -> Tensor:
     """Calibration error of bins [..., B, 3] -> [...] (weights: bin count over the total count)."""
-    cnt, conf, hit = bins.unbind(-1)
+    cnt, conf, hit = split_stats(bins)
     total = cnt.sum(-1, keepdim=True).clamp_min(1)
     gap = (hit - conf).abs() / cnt.clamp_min(1)  # |accuracy - mean confidence|; 0 for empty bins
     w = cnt / total

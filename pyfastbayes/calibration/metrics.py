@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._binning import adaptive_bins, error_from_bins, mean_probs, mode_of, uniform_bins
+from ._binning import adaptive_bins, error_from_bins, mean_probs, mode_of, split_stats, uniform_bins
 from ._checks import BINNINGS, NORMS, check_choice, check_n_bins, check_scores, prepare
 
 __all__ = ["ece", "nll", "brier", "accuracy", "predictive_entropy", "expected_entropy", "mutual_information",
@@ -60,7 +60,7 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
     b = uniform_bins(prep, n_bins, from_logits, mode, validate)
     if binning == "adaptive":
         b = adaptive_bins(prep, n_bins, from_logits, mode)
-    if b[..., 0].sum() == 0:
+    if split_stats(b)[0].sum() == 0:
         raise ValueError("no valid rows to bin: every row of probs has a bad target or non-finite values "
                          "(validate=False skipped the checks that say which)")
     err = error_from_bins(b, norm)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._binning import error_from_bins, mode_of, uniform_bins
+from ._binning import error_from_bins, mode_of, split_stats, uniform_bins
 from ._checks import check_n_bins, prepare
 
 __all__ = ["reliability_diagram"]
@@ -26,7 +26,7 @@ def _axes(ax):
 
 def _per_bin(b: Tensor):
     """(accuracy, mean confidence, fraction of points, non-empty mask) per bin, as numpy arrays."""
-    cnt, conf_sum, hit_sum = b.cpu().unbind(-1)
+    cnt, conf_sum, hit_sum = split_stats(b.cpu())
     nonempty = cnt > 0
     acc = torch.where(nonempty, hit_sum / cnt.clamp_min(1), torch.zeros_like(cnt))
     conf = torch.where(nonempty, conf_sum / cnt.clamp_min(1), torch.zeros_like(cnt))

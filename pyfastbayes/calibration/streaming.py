@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._binning import error_from_bins, mode_of, uniform_bins
+from ..ops import CALIB_STATS
+from ._binning import error_from_bins, mode_of, split_stats, uniform_bins
 from ._checks import NORMS, check_choice, check_int, check_n_bins, prepare
 
 __all__ = ["CalibrationError"]
@@ -40,7 +41,8 @@ class CalibrationError:
         self.reset()
 
     def _shape(self) -> tuple[int, ...]:
-        return (self.num_classes, self.n_bins, 3) if self.classwise else (self.n_bins, 3)
+        return ((self.num_classes, self.n_bins, CALIB_STATS.size) if self.classwise
+                else (self.n_bins, CALIB_STATS.size))
 
     def reset(self) -> None:
         """Forget everything added (local and synchronised state)."""
@@ -86,7 +88,7 @@ class CalibrationError:
     def compute(self) -> Tensor:
         """Calibration error (float64 scalar) of all data added (and synchronised)."""
         b = self.state
-        if b[..., 0].sum() == 0:
+        if split_stats(b)[0].sum() == 0:
             raise RuntimeError("CalibrationError.compute() called before any data was added: no data points "
                                "(N = 0); call update(probs, targets) first")
         err = error_from_bins(b, self.norm)
