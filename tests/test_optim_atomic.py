@@ -198,3 +198,17 @@ def test_memory_overlaps_matches_brute_force():
         assert not any(overlaps_itself(v) for v in views)
         expected = {(i, j) for i in range(len(sets)) for j in range(i + 1, len(sets)) if sets[i] & sets[j]}
         assert {tuple(sorted(p)) for p in memory_overlaps(views)} == expected
+
+
+# a refused first step leaves no state and draws no seed (found in review after the one-group fast path)
+@pytest.mark.parametrize("fused", BACKENDS)
+def test_refused_first_step_leaves_no_state_and_no_seed(fused):
+    a = nn.Parameter(torch.randn(4))
+    b = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = optim.SGHMC([a, b], lr=0.1, num_data=10, fused=fused)
+    a.grad, b.grad = torch.randn(4), torch.randn(3, dtype=torch.float64)
+    rng_before = torch.get_rng_state()
+    with pytest.raises(ValueError, match="separate param groups"):
+        opt.step()
+    assert len(opt.state) == 0
+    assert torch.equal(torch.get_rng_state(), rng_before)

@@ -176,6 +176,23 @@ class _SGMCMC(torch.optim.Optimizer):
             self._check_step_memory(plans)
         return plans
 
+    def _first_step_undo(self, plans: list[_Plan]) -> Callable[[], None]:
+        """What undoes the state that ``_op_args`` is about to create for groups stepping for the
+        first time (RNG position, hyper vector, state buffers, and the seed drawn from the
+        generator) when their op then refuses the call. O(groups) per step; empty after step 1."""
+        fresh = [p for plan in plans if "rng" not in self.state.get(plan.group["params"][0], {})
+                 for p in [plan.group["params"][0], *plan.params] if not self.state.get(p)]
+        if not fresh:
+            return lambda: None
+        gen = self._generator if self._generator is not None else torch.default_generator
+        gen_state = gen.get_state()
+
+        def undo() -> None:
+            for p in fresh:
+                self.state.pop(p, None)
+            gen.set_state(gen_state)
+        return undo
+
     def _name_culprit(self, plan: _Plan, plans: list[_Plan]) -> None:
         """After the first op call refused (nothing was written): raise the clearer error that
         names the parameter (dtype, device, layout or memory), when there is one."""
@@ -338,6 +355,7 @@ class _SGMCMC(torch.optim.Optimizer):
             for plan in plans:
                 self._name_culprit(plan, plans)
             raise
+        undo = self._first_step_undo(plans)
         args = [self._op_args(plan) for plan in plans]
         step_op = getattr(ops, self._op_name)
         for k, (plan, a, skip) in enumerate(zip(plans, args, skips)):
@@ -345,6 +363,7 @@ class _SGMCMC(torch.optim.Optimizer):
                 step_op(*a, skip, backend=plan.backend)
             except RuntimeError as exc:
                 if k == 0:  # nothing was written (the op checks before it writes)
+                    undo()  # nor is any state left behind, or a seed drawn
                     self._name_culprit(plan, plans)
                     raise
                 done = [p.index for p in plans[:k]]
