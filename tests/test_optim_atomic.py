@@ -172,7 +172,7 @@ def test_gradient_aliasing_a_parameter_is_refused():
 # item 3: the O(n log n) overlap search (fast path for contiguous tensors, exact bytes otherwise)
 # against brute force: the element offsets of random views of one storage
 def test_memory_overlaps_matches_brute_force():
-    from pyfastbayes.optim._checks import memory_overlaps, overlaps_itself
+    from pyfastbayes._memory import memory_overlaps, overlaps_itself
 
     g = torch.Generator().manual_seed(9)
     base, offsets = torch.zeros(64), torch.arange(64)

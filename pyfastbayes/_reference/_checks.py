@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from .._memory import memory_overlaps, overlaps_itself
 
 _SCALAR_TYPE = {
     torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
@@ -115,43 +116,6 @@ def is_fake(t: Tensor) -> bool:
     return t.device.type == "meta" or isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
 
 
-def non_overlapping_and_dense(t: Tensor) -> bool:
-    """``t.is_non_overlapping_and_dense()`` of c10: some permutation of t's dims is contiguous."""
-    dims = sorted(range(t.dim()), key=lambda d: (t.shape[d] < 2, t.stride(d)))
-    expect = 1
-    for d in dims:
-        if t.shape[d] < 2:
-            return True
-        if t.stride(d) != expect:
-            return False
-        expect *= t.shape[d]
-    return True
-
-
-def has_internal_overlap(t: Tensor) -> bool:
-    """``OverlapCheck::overlaps_itself`` (csrc/checks/common.h): two elements of ``t`` share memory.
-
-    Stride 0 on a dimension of size > 1 does; a dense tensor does not; otherwise the dims of size
-    > 1 sorted by stride, each reaching past the offsets the smaller ones cover, do not; else the
-    element offsets are compared exactly (shapes and strides only: works on fake tensors too).
-    """
-    if t.layout != torch.strided or non_overlapping_and_dense(t):
-        return False
-    dims = sorted((int(st), int(sz)) for st, sz in zip(t.stride(), t.shape) if sz > 1)
-    if any(st == 0 for st, _ in dims):
-        return True
-    span, separated = 1, True
-    for st, sz in dims:
-        separated = separated and st >= span
-        span += st * (sz - 1)
-    if separated:
-        return False
-    offsets = np.zeros(1, dtype=np.int64)
-    for st, sz in dims:
-        offsets = (offsets[:, None] + np.arange(sz, dtype=np.int64) * st).reshape(-1)
-    return len(np.unique(offsets)) < len(offsets)
-
-
 class OverlapCheck:
     """Mirror of ``OverlapCheck`` (csrc/checks/common.h): every tensor argument of one call is
     added in schema order; a tensor the call writes must not overlap itself (an expanded view)
@@ -165,7 +129,7 @@ class OverlapCheck:
         if t is None or t.layout != torch.strided:
             return self
         if mutated:
-            check(not has_internal_overlap(t), self.op, ": ", label,
+            check(not overlaps_itself(t), self.op, ": ", label,
                   " has internal overlap (an expanded, stride-0 or as_strided view: several of its elements share memory), "
                   "so it cannot be written in place; pass a tensor with memory of its own (e.g. .clone())")
         if t.numel() and not self.fake and not is_fake(t):
@@ -178,44 +142,7 @@ class OverlapCheck:
         return self
 
     def run(self) -> None:
-        spans = [(_byte_range(t), k) for k, (_, t, _) in enumerate(self.args)]
-        spans.sort()
-        for a in range(len(spans)):
-            (lo_a, hi_a), i = spans[a]
-            for b in range(a + 1, len(spans)):
-                (lo_b, hi_b), j = spans[b]
-                if lo_b >= hi_a:
-                    break
-                first, second = sorted((i, j))
-                (n1, t1, m1), (n2, t2, m2) = self.args[first], self.args[second]
-                if (m1 or m2) and _share_memory(t1, t2):
-                    fail(self.op, ": ", n2, " overlaps ", n1,
-                         " (the same memory twice in one call); pass each tensor once")
-
-
-def _byte_range(t: Tensor) -> tuple[int, int]:
-    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    start = t.data_ptr()
-    return start, start + (last + 1) * t.element_size()
-
-
-def _element_starts(t: Tensor) -> Tensor:
-    """Byte address of every element of t (int64 [numel], sorted)."""
-    off = torch.zeros((), dtype=torch.int64)
-    for d, (s, st) in enumerate(zip(t.shape, t.stride())):
-        shape = [1] * t.dim()
-        shape[d] = s
-        off = off + (torch.arange(s, dtype=torch.int64) * st).view(shape)
-    return (off.reshape(-1) * t.element_size() + t.data_ptr()).sort().values
-
-
-def _share_memory(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors whose byte ranges intersect share a byte."""
-    if non_overlapping_and_dense(a) and non_overlapping_and_dense(b):
-        return True
-    sa, sb = _element_starts(a), _element_starts(b)
-    ia, ib = a.element_size(), b.element_size()
-    # element [s, s + ia) of a meets [u, u + ib) of b iff u in (s - ib, s + ia): the first u > s - ib
-    k = torch.searchsorted(sb, sa - ib, right=True)
-    hit = k < sb.numel()
-    return bool((sb[k[hit]] < sa[hit] + ia).any()) if bool(hit.any()) else False
+        for i, j in memory_overlaps([t for _, t, _ in self.args]):  # in address order, as the C++ sweep
+            (n1, _, m1), (n2, _, m2) = (self.args[k] for k in sorted((i, j)))
+            if m1 or m2:
+                fail(self.op, ": ", n2, " overlaps ", n1, " (the same memory twice in one call); pass each tensor once")

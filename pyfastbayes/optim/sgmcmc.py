@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from .. import _native, ops
-from ._checks import Interval, check_hyper, memory_overlaps, overlaps_itself
+from .._memory import memory_overlaps, overlaps_itself
+from ._checks import Interval, check_hyper
 
 _NONFINITE = ("raise", "skip", "ignore")
 _BACKEND = {None: None, True: "native", False: "reference"}  # fused= -> backend= of the ops
