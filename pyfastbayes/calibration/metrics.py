@@ -57,8 +57,11 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
     check_choice(binning, "binning", BINNINGS)
     prep = prepare(probs, targets, from_logits=from_logits, validate=False)  # values: in the binning pass
     mode = mode_of(prep, classwise)
-    b = uniform_bins(prep, n_bins, from_logits, mode, validate)
-    if binning == "adaptive":
+    if binning == "uniform":
+        b = uniform_bins(prep, n_bins, from_logits, mode, validate)
+    else:
+        if validate:  # the value checks of the native pass (one bin: its bins are not used)
+            uniform_bins(prep, 1, from_logits, mode, True)
         b = adaptive_bins(prep, n_bins, from_logits, mode)
     if split_stats(b)[0].sum() == 0:
         raise ValueError("no valid rows to bin: every row of probs has a bad target or non-finite values "
