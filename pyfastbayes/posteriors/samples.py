@@ -110,7 +110,7 @@ class SampleBuffer(Posterior):
         (mean, epistemic variance over draws)); eval mode, the model untouched."""
         self._require_draws()
         if n_samples is None:
-            draws, total = iter(self.stored()), len(self)
+            draws, total = (self.draws[r] for r in self._rows()), len(self)  # row views, no [S, P] copy
         else:
             total = check_count(n_samples, "n_samples", 1)
             draws = self.iter_samples(total, generator=generator)
