@@ -13,6 +13,16 @@ SAMPLING_TEMPERATURE = "sampling_temperature"  # param-group key: the temperatur
 _CONFIG = ("total_steps", "n_cycles", "lr_max", "explore_fraction")
 
 
+def _assign(group: dict, key: str, value) -> None:
+    """group[key] = value; a 0-dim tensor already there is updated in place (no host copy), so a
+    step captured in a CUDA graph reads the new value at its next replay."""
+    cur = group[key]
+    if torch.is_tensor(cur):
+        cur.copy_(value) if torch.is_tensor(value) else cur.fill_(value)
+    else:
+        group[key] = value.clone() if torch.is_tensor(value) else value
+
+
 class CyclicalSchedule:
     r"""Cosine cycles of the step size, noise off while exploring, samples at the end of a cycle.
 
@@ -30,6 +40,8 @@ class CyclicalSchedule:
     :meth:`apply` sees the group. So a group added later samples at its own temperature, and an
     optimizer ``state_dict`` saved while exploring (temperature 0) resumes with the right one, even
     under a fresh schedule. To change it during a run, set ``group['sampling_temperature']``.
+    A group whose ``lr`` / ``temperature`` are 0-dim tensors has them updated in place, so a
+    sampler step captured in a CUDA graph follows the schedule (:mod:`pyfastbayes.optim.sgmcmc`, "CUDA graphs").
 
     Args:
         total_steps: T >= 1, steps of the whole run.  n_cycles: M, 1 <= M <= T.
@@ -75,11 +87,12 @@ class CyclicalSchedule:
         check_integer("step", step, 0)
         sampling, lr = self.is_sampling(step), self.lr(step)
         for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr
+            _assign(group, "lr", lr)
             if "temperature" in group:
                 if SAMPLING_TEMPERATURE not in group:
-                    group[SAMPLING_TEMPERATURE] = self._legacy.get(i, group["temperature"])
-                group["temperature"] = group[SAMPLING_TEMPERATURE] if sampling else 0.0
+                    t = self._legacy.get(i, group["temperature"])
+                    group[SAMPLING_TEMPERATURE] = t.clone() if torch.is_tensor(t) else t  # never the live slot
+                _assign(group, "temperature", group[SAMPLING_TEMPERATURE] if sampling else 0.0)
         return sampling
 
     def state_dict(self) -> dict:

@@ -17,6 +17,27 @@ overlap, non-finite gradients in 'raise' mode) before the first write, so a step
 changed no parameter, no state buffer and no RNG position. No tensor's memory may be updated
 twice: parameters that share memory (the same tensor twice, overlapping views, expanded views)
 are refused when they are added.
+
+CUDA graphs. A step of a CUDA parameter group reads its hyper-parameters and RNG position from
+device memory, so ``step()`` can be captured and replayed. The recipe:
+
+    lr = torch.tensor(1e-3, dtype=torch.float64, device="cuda")   # 0-dim device tensors for
+    opt = SGLD(model.parameters(), lr=lr, num_data=N, nonfinite="skip")  # what changes
+    side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loss_fn(model(x)).backward(); opt.step()       # warm-up: draws the seed, allocates state
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        opt.zero_grad(set_to_none=False); loss_fn(model(x)).backward(); opt.step()
+    for t in range(T):
+        x.copy_(next_batch); lr.fill_(schedule(t)); g.replay()   # or CyclicalSchedule.apply(opt, t)
+
+A captured step refuses ``nonfinite='raise'`` (its check syncs the host every step: use 'skip',
+which skips on the device, or 'ignore'), refuses a group that has not stepped yet, and refuses
+Python-number hyper-parameters that changed since the last step (a capture cannot copy host
+memory). Python numbers that stay fixed are fine, but a replay keeps their captured values (a
+warning lists them): change them between replays only through 0-dim device tensors updated in place.
 """
 from __future__ import annotations
 
@@ -350,6 +371,8 @@ class _SGMCMC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = self._plan()
+        if any(pl.params[0].is_cuda for pl in plans) and torch.cuda.is_current_stream_capturing():
+            self._check_capturable(plans)
         try:  # any_nonfinite reads the gradients first: the first op to see a bad one
             skips = self._nonfinite_skips(plans)
         except RuntimeError:
@@ -372,6 +395,42 @@ class _SGMCMC(torch.optim.Optimizer):
                                    f"although the step was validated (please report this): {exc}; param_groups "
                                    f"{done} were already stepped") from exc
         return loss
+
+    def _check_capturable(self, plans: list[_Plan]) -> None:
+        """Refuse what a CUDA graph cannot hold (before anything is recorded), and say which
+        hyper-parameters a replay will not see change. See the class docstring, "CUDA graphs"."""
+        name = type(self).__name__
+        for pl in plans:
+            where = f"param_groups[{pl.index}]"
+            if pl.group["nonfinite"] == "raise":
+                raise RuntimeError(
+                    f"{name}.step() is being captured in a CUDA graph but {where} has nonfinite='raise', which "
+                    f"reads a flag on the host every step (a sync, not allowed while capturing); pass "
+                    f"nonfinite='skip' (the step is skipped on the device) or 'ignore'")
+            st = self.state.get(pl.group["params"][0], {})
+            if "rng" not in st or "hyper" not in st or st["hyper"].device != pl.params[0].device or (self._buffer and any(
+                    self._buffer not in self.state.get(p, {}) for p in pl.params)):
+                raise RuntimeError(
+                    f"{name}.step() is being captured in a CUDA graph before {where} has stepped on "
+                    f"{pl.params[0].device}: take one step outside the capture first (on a side stream, as "
+                    f"torch.cuda.graphs recommends); it draws the seed and allocates the state")
+            vals = self._hyper_values(pl.group)
+            floats = tuple(0.0 if torch.is_tensor(v) else float(v) for v in vals)
+            if floats != st.get("_hyper_cache"):
+                keys = [k for k, (slot, _) in self._hyper.items() if not torch.is_tensor(pl.group[k])
+                        and float(pl.group[k]) != st["_hyper_cache"][getattr(ops.HYPER, slot)]]
+                raise RuntimeError(
+                    f"{name}.step() is being captured in a CUDA graph but {keys} of {where} changed as Python "
+                    f"numbers since the last step; a capture cannot copy them from host memory. Take one step "
+                    f"outside the capture after changing them, or make them 0-dim tensors on the device and "
+                    f"update them in place")
+        numbers = sorted({k for pl in plans for k in self._hyper if not torch.is_tensor(pl.group[k])})
+        if numbers:
+            warnings.warn(
+                f"{name}: {numbers} are Python numbers in the captured step: every replay uses the values they "
+                f"had at capture. To change one between replays, make it a 0-dim tensor on the device (e.g. "
+                f"group['lr'] = torch.tensor(1e-3, device='cuda')) and update it in place (lr.fill_(...); "
+                f"CyclicalSchedule.apply does)", stacklevel=3)
 
     # ---- state_dict: refuse foreign state, keep the int64 RNG position exact --------------------
     def _check_loadable(self, state_dict: dict) -> None:
