@@ -1,8 +1,11 @@
 """SGLD step over a model-like list of ~300 tensors: ours vs what a user would otherwise run.
 
 Baselines in the same run: a per-tensor eager loop, torch._foreach_*, torch.compile of the
-loop, and posteriors' SGLD (``pip install posteriors``). On CUDA also the device-to-device copy
-bandwidth, which sets the floor: SGLD moves 12 bytes per fp32 element (read theta and g, write theta).
+loop, and posteriors' SGLD (``pip install posteriors``); and one flat fp32 tensor (134 M on CUDA) vs
+the eager ops and ``_foreach``. On CUDA ``of_floor`` is the time of a device-to-device copy of the same
+bytes (SGLD moves 12 bytes per fp32 element: read theta and g, write theta) over ours.
+``torch.compile`` of the loop is left out when PFB_BENCH_COMPILE=0 (its compile time on 300 tensors
+would eat the GPU machine's budget; bench/gpu_check.sh sets it).
 A full run refuses to start when a peer cannot be imported (a table that silently lacks a row
 misleads); ``--quick`` leaves the row out and prints why.
 """
@@ -10,11 +13,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import time
 
 import torch
 
-from bench.common import bench, row
+from bench.common import bench, copy_floor_ms, row
 
 LR, NUM_DATA, TEMP = 1e-6, 50_000, 1.0
 # how to install each peer: requirements-peers.txt pins it with the dependencies it imports (graphviz, ...)
@@ -59,14 +63,6 @@ def foreach_step(ps, gs):
     torch._foreach_add_(ps, [torch.randn_like(p) for p in ps], alpha=math.sqrt(LR * TEMP))
 
 
-def copy_bandwidth(device: str) -> float:
-    """Bytes per ms of a large device-to-device copy (read + write)."""
-    n = 1 << 28 if device == "cuda" else 1 << 24
-    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
-    ms = bench(lambda: dst.copy_(src), device, repeat=10)
-    return 2 * 4 * n / ms
-
-
 def posteriors_runner(posteriors, ps, gs):
     """posteriors.sgmcmc.sgld.update, in place, on a log-posterior whose gradient is gs."""
     state = posteriors.sgmcmc.sgld.init({str(i): p for i, p in enumerate(ps)})
@@ -97,11 +93,13 @@ def run(device: str, quick: bool) -> list[dict]:
     timed = {}
     timed["eager loop"] = bench(lambda: eager_step(ps, gs), device, repeat=repeat)
     timed["torch._foreach"] = bench(lambda: foreach_step(ps, gs), device, repeat=repeat)
-    t0 = time.perf_counter()
-    compiled = torch.compile(eager_step, fullgraph=False)
-    compiled(ps, gs)
-    compile_s = time.perf_counter() - t0
-    timed["torch.compile"] = bench(lambda: compiled(ps, gs), device, repeat=repeat)
+    compile_s = None
+    if os.environ.get("PFB_BENCH_COMPILE", "1") != "0":
+        t0 = time.perf_counter()
+        compiled = torch.compile(eager_step, fullgraph=False)
+        compiled(ps, gs)
+        compile_s = time.perf_counter() - t0
+        timed["torch.compile"] = bench(lambda: compiled(ps, gs), device, repeat=repeat)
     if posteriors is not None:
         timed["posteriors sgld"] = bench(posteriors_runner(posteriors, ps, gs), device, repeat=repeat)
     for mode in ("ignore", "raise"):
@@ -110,11 +108,31 @@ def run(device: str, quick: bool) -> list[dict]:
             p.grad = g
         opt = SGLD(params, lr=LR, num_data=NUM_DATA, temperature=TEMP, nonfinite=mode)
         timed[f"pyfastbayes SGLD (nonfinite={mode})"] = bench(opt.step, device, repeat=repeat)
-    floor = 12 * n / copy_bandwidth(device) if device == "cuda" else None
+    floor = copy_floor_ms(12 * n, device)
     ref = timed["eager loop"]
     for impl, ms in timed.items():
         extra = {"vs_foreach": round(timed["torch._foreach"] / ms, 2)}
         if impl == "torch.compile":
             extra["note"] = f"compile {compile_s:.1f} s"
         rows.append(row("sgmcmc", case, impl, ms, ref_ms=ref, floor_ms=floor, **extra))
-    return rows
+    del ps, gs
+    return rows + flat_rows(device, quick)
+
+
+def flat_rows(device: str, quick: bool) -> list[dict]:
+    """One flat fp32 tensor: the kernel alone against the copy floor (no per-tensor overhead)."""
+    from pyfastbayes.optim import SGLD
+
+    n = {("cpu", False): 1 << 24, ("cpu", True): 1 << 20, ("cuda", False): 1 << 27,
+         ("cuda", True): 1 << 24}[(device, quick)]
+    p, g = torch.randn(n, device=device), torch.randn(n, device=device)
+    case, repeat = f"SGLD 1 flat tensor, {n / 1e6:.0f} M fp32", 3 if quick else 10
+    timed = {"eager loop": bench(lambda: eager_step([p], [g]), device, repeat=repeat),
+             "torch._foreach": bench(lambda: foreach_step([p], [g]), device, repeat=repeat)}
+    param = torch.nn.Parameter(p)
+    param.grad = g
+    opt = SGLD([param], lr=LR, num_data=NUM_DATA, temperature=TEMP, nonfinite="ignore")
+    timed["pyfastbayes SGLD (nonfinite=ignore)"] = bench(opt.step, device, repeat=repeat)
+    floor = copy_floor_ms(12 * n, device)
+    return [row("sgmcmc", case, impl, ms, ref_ms=timed["eager loop"], floor_ms=floor,
+                vs_foreach=round(timed["torch._foreach"] / ms, 2)) for impl, ms in timed.items()]

@@ -4,8 +4,8 @@ Baselines, written plainly here (not imported): the swa_gaussian-style eager SWA
 moment updates, ``torch.cat`` of the new deviation onto D, one draw at a time), an eager batched
 sampler (all S draws as two big tensor expressions), and ``torch.optim.swa_utils.AveragedModel``
 for the running mean. Sizes: P = 2^25 on CUDA, 2^22 on CPU (2^18 with --quick), K = 20, S = 32.
-On CUDA, ``of_floor`` is the memory floor (bytes the op must move / copy bandwidth measured in the
-same run) over the measured time.
+On CUDA, ``of_floor`` is the time of a device-to-device copy of the bytes the op must move (measured
+in the same run) over the measured time.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from bench.common import bench, row
+from bench.common import bench, copy_floor_ms, row
 
 import pyfastbayes
 from pyfastbayes.posteriors import SWA, SWAG
@@ -66,14 +66,6 @@ def _eager_sample_batched(mean, sq, D, scale, n):
     return mean + math.sqrt(scale) * (var.sqrt() * z1 + (z2 @ D) / math.sqrt(D.shape[0] - 1))
 
 
-def _copy_bandwidth(device: str, P: int) -> float:
-    """Bytes per ms of a large device copy (read + write), measured now."""
-    src = torch.empty(4 * P, device=device)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), device, warmup=3, repeat=10)
-    return 2 * src.numel() * 4 / ms
-
-
 def _peak_mb(fn, device: str) -> float | str:
     if device != "cuda":
         return ""
@@ -96,11 +88,10 @@ def run(device: str, quick: bool) -> list[dict]:
     model = _Flat(P, device)
     params = [p.detach() for p in model.parameters()]
     case = f"P=2^{int(math.log2(P))} ({len(params)} tensors), K={K}"
-    bw = _copy_bandwidth(device, P) if device == "cuda" else None
-    return _collect_rows(model, params, case, device, rep, bw) + _sample_rows(model, params, case, device, rep, bw)
+    return _collect_rows(model, params, case, device, rep) + _sample_rows(model, params, case, device, rep)
 
 
-def _collect_rows(model, params, case, device, rep, bw) -> list[dict]:
+def _collect_rows(model, params, case, device, rep) -> list[dict]:
     """SWAG.collect (its non-finite check included) vs the eager swa_gaussian-style update, SWA.collect
     vs AveragedModel."""
     P, rows = sum(p.numel() for p in params), []
@@ -121,7 +112,7 @@ def _collect_rows(model, params, case, device, rep, bw) -> list[dict]:
     for dt, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
         swag = SWAG(model, max_rank=K, deviation_dtype=dt)
         t = bench(swag.collect, device, **rep)
-        floor = (3 * 4 + 2 * 4 + nbytes) * P / bw if bw else None  # read theta, mean, sq; write mean, sq, row
+        floor = copy_floor_ms((3 * 4 + 2 * 4 + nbytes) * P, device)  # read theta, mean, sq; write mean, sq, row
         rows.append(row(SUITE, "collect " + case, f"pyfastbayes SWAG.collect (D {str(dt)[6:]})", t, t_eager, floor,
                         D_MB=round(swag.D.numel() * nbytes / 2**20, 1)))
         del swag
@@ -132,12 +123,12 @@ def _collect_rows(model, params, case, device, rep, bw) -> list[dict]:
     del avg
     swa = SWA(model)
     t = bench(swa.collect, device, **rep)
-    rows.append(row(SUITE, "SWA update " + case, "pyfastbayes SWA.collect", t, t_avg, 3 * 4 * P / bw if bw else None))
+    rows.append(row(SUITE, "SWA update " + case, "pyfastbayes SWA.collect", t, t_avg, copy_floor_ms(3 * 4 * P, device)))
     del swa
     return rows
 
 
-def _sample_rows(model, params, case, device, rep, bw) -> list[dict]:
+def _sample_rows(model, params, case, device, rep) -> list[dict]:
     """S = 32 draws: SWAG.sample vs 32 eager single draws and an eager batched sampler."""
     P, rows = sum(p.numel() for p in params), []
     for dt, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
@@ -149,7 +140,7 @@ def _sample_rows(model, params, case, device, rep, bw) -> list[dict]:
                 swag.collect()
         mean, sq, D = swag.mean, swag.sq_mean, swag.deviations()
         scase = f"sample S={S} " + case
-        floor = (K * nbytes + 8 + 4 * S) * P / bw if bw else None
+        floor = copy_floor_ms((K * nbytes + 8 + 4 * S) * P, device)  # read D, mean, sq; write S draws
         if dt == torch.float32:
             Df = D
             t_one = bench(lambda: [_eager_sample_one(mean, sq, Df, 0.5) for _ in range(S)], device,

@@ -31,6 +31,20 @@ def bench(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, repeat
     return statistics.median(times)
 
 
+def copy_floor_ms(nbytes: int, device: str) -> float | None:
+    """The hardware floor of an op that moves ``nbytes`` bytes (reads + writes): the time of a
+    device-to-device copy moving the same bytes (nbytes / 2 read, nbytes / 2 written), measured
+    now. None on the CPU (no floor is claimed there)."""
+    if device != "cuda":
+        return None
+    n = max(1, nbytes // 8)  # fp32 elements copied: 4 B read + 4 B written each
+    src = torch.empty(n, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device, warmup=3, repeat=10)
+    del src, dst
+    return ms
+
+
 def row(suite: str, case: str, impl: str, ms: float, ref_ms: float | None = None, floor_ms: float | None = None,
         **extra) -> dict:
     """One result row: time, speed-up over the suite's reference (ref_ms / ms), fraction of floor."""

@@ -1,46 +1,88 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build with CUDA kernels, run the test suite (the CUDA tests run
-# there), run every benchmark suite on the GPU, and print a short table. Results land in $OUT
-# (the device tool's output folder) or ./gpu-check.
-#   bash bench/gpu_check.sh [--quick]
+# One call on the GPU machine: build with CUDA kernels (sm_90), run the whole test suite there (the
+# CUDA tests included), compute-sanitizer (memcheck, racecheck, synccheck) over scripts/cuda_smoke.py
+# while the tests run, then every benchmark suite on the GPU, and write a short summary. Every step
+# has a time limit and the summary is written whatever fails. Results land in $OUT (the device
+# tool's output folder) or ./gpu-check.
+#   OUT=$OUT bash bench/gpu_check.sh [--quick]
+# Knobs (environment): STEPS (default "build tests sanitize bench"), TESTS (pytest targets, default
+# the tests folder), BENCH_ONLY (suites, e.g. sgmcmc,swag), TEST_LIMIT / BENCH_LIMIT (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=${OUT:-$REPO/gpu-check}
 mkdir -p "$OUT"
 QUICK=${1:-}
-log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+STEPS=${STEPS:-build tests sanitize bench}
+TESTS=${TESTS:-$REPO/tests}
+T_START=$(date +%s)
+log() { echo "== [$(( $(date +%s) - T_START )) s] $*" | tee -a "$OUT/summary.txt"; }
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 log "$(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
-log "python $(python -c 'import sys; print(sys.version.split()[0])'), torch $(python -c 'import torch; print(torch.__version__)'), $(nvcc --version | tail -1)"
-# no network there: install what the test run needs from the carried .gpu-wheels/ (scripts/fetch_gpu_wheels.sh)
+log "python $(python -c 'import sys; print(sys.version.split()[0])'), torch $(python -c 'import torch; print(torch.__version__)'), $(nvcc --version | tail -1), $(nproc) cores"
+# no network there: install what is missing from the carried .gpu-wheels/ (scripts/fetch_gpu_wheels.sh)
 if [ -d .gpu-wheels ]; then
-  for m in pytest numpy tqdm posteriors; do
-    python -c "import $m" 2>/dev/null && continue
-    case $m in
-      pytest) pkgs="pytest pluggy iniconfig packaging" ;;
-      posteriors) pkgs="posteriors torchopt graphviz optree tensordict cloudpickle pyvers typing-extensions" ;;
-      *) pkgs=$m ;;
-    esac
-    python -m pip install -q --no-index --find-links .gpu-wheels --no-deps $pkgs >>"$OUT/wheels.log" 2>&1
-    log "offline install of $pkgs: rc=$?"
+  need=()
+  for m in pytest:"pytest pluggy iniconfig packaging" xdist:"pytest-xdist execnet" numpy:numpy tqdm:tqdm \
+           posteriors:"posteriors torchopt graphviz optree tensordict cloudpickle pyvers typing-extensions" \
+           torchmetrics:"torchmetrics lightning-utilities"; do
+    python -c "import ${m%%:*}" 2>/dev/null || need+=(${m#*:})
   done
+  if [ ${#need[@]} -gt 0 ]; then
+    python -m pip install -q --no-index --find-links .gpu-wheels --no-deps "${need[@]}" >"$OUT/wheels.log" 2>&1
+    log "offline install of ${need[*]}: rc=$?"
+  fi
 fi
 python -c "import pytest" 2>/dev/null || log "pytest is missing: run scripts/fetch_gpu_wheels.sh here and carry .gpu-wheels"
-t0=$(date +%s)
-PYFASTBAYES_CUDA=ON python -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1
-rc=$?
-log "build rc=$rc in $(( $(date +%s) - t0 )) s"
-[ $rc -eq 0 ] || { tail -40 "$OUT/build.log"; exit $rc; }
-cd /tmp
+
+if has build; then
+  t0=$(date +%s)
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PYFASTBAYES_CUDA=ON CMAKE_CUDA_ARCHITECTURES=90 CUDAFLAGS="-Xptxas=-v" \
+    python -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
+  rc=$?
+  log "build rc=$rc in $(( $(date +%s) - t0 )) s"
+  grep -E "Compiling entry|registers|spill" "$OUT/build.log" >"$OUT/ptxas.txt"  # registers and spills per kernel
+  [ $rc -eq 0 ] || { tail -60 "$OUT/build.log"; exit $rc; }
+fi
+cd /tmp  # import the installed package, not the source tree
 python -c "import pyfastbayes; print(pyfastbayes.build_info())" | tee -a "$OUT/summary.txt"
 
-t0=$(date +%s)
-python -m pytest -q -x -p no:cacheprovider "$REPO/tests" >"$OUT/tests.log" 2>&1
-log "tests rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests.log")"
-grep -E "FAILED|Error" "$OUT/tests.log" | head -20
+san_pids=()
+if has sanitize && command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck synccheck; do
+    ( timeout "${SAN_LIMIT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 \
+        python "$REPO/scripts/cuda_smoke.py" >"$OUT/sanitize-$tool.log" 2>&1
+      echo "rc=$?" >>"$OUT/sanitize-$tool.log" ) &
+    san_pids+=($!)
+  done
+elif has sanitize; then
+  log "compute-sanitizer not found: sanitizer pass skipped"
+fi
 
-t0=$(date +%s)
-(cd "$REPO" && python bench/run.py --device cuda $QUICK --json "$OUT/bench.json") >"$OUT/bench.txt" 2>&1
-log "bench rc=$? in $(( $(date +%s) - t0 )) s"
-grep -vE "Warning|warn" "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
+if has tests; then
+  t0=$(date +%s)
+  xdist=""
+  python -c "import xdist" 2>/dev/null && xdist="-n 12"
+  timeout "${TEST_LIMIT:-300}" python -m pytest -q $xdist -p no:cacheprovider -rfE $TESTS >"$OUT/tests.log" 2>&1
+  log "tests rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
+fi
+
+if [ ${#san_pids[@]} -gt 0 ]; then
+  wait "${san_pids[@]}"
+  for tool in memcheck racecheck synccheck; do
+    log "sanitize $tool: $(grep -E "ERROR SUMMARY|rc=" "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
+    grep -E "cuda_smoke:|Error|error" "$OUT/sanitize-$tool.log" | head -8
+  done
+fi
+
+if has bench; then
+  t0=$(date +%s)
+  only=${BENCH_ONLY:+--only $BENCH_ONLY}
+  (cd "$REPO" && PFB_BENCH_COMPILE=0 timeout "${BENCH_LIMIT:-300}" python bench/run.py --device cuda $QUICK $only \
+      --json "$OUT/bench.json") >"$OUT/bench.txt" 2>&1
+  log "bench rc=$? in $(( $(date +%s) - t0 )) s"
+  grep -vE "Warning|warn" "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
+fi
+log "done"

@@ -2,13 +2,15 @@
 # The GPU machine has torch, nvcc and scikit-build-core but no network: download (here) the few
 # wheels its test run needs into .gpu-wheels/ (git-ignored, < 64 MiB), and pass
 # carry=[".gpu-wheels"] to the device tool; bench/gpu_check.sh installs them offline.
-# Tests whose optional peers are absent there (sklearn, matplotlib, torchmetrics, ...) skip.
+# pytest-xdist spreads the test run over the cores there; posteriors and torchmetrics are the peers
+# of the GPU benchmarks. Tests whose optional peers are absent there (sklearn, matplotlib, ...) skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PFB_GPU_PYTHON_VERSION:-3.12}
 rm -rf .gpu-wheels && mkdir -p .gpu-wheels
 python3 -m pip download -q --only-binary=:all: --python-version "$PY" --platform manylinux2014_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --no-deps -d .gpu-wheels \
-  pytest pluggy iniconfig packaging numpy tqdm \
-  posteriors==0.1.3 torchopt==0.7.3 graphviz optree tensordict cloudpickle pyvers typing-extensions
+  pytest pluggy iniconfig packaging numpy tqdm pytest-xdist execnet \
+  posteriors==0.1.3 torchopt==0.7.3 graphviz optree tensordict cloudpickle pyvers typing-extensions \
+  torchmetrics lightning-utilities
 du -sh .gpu-wheels
