@@ -6,6 +6,16 @@
 // can replay a step whose learning rate lives in device memory), slots in common/layouts.h:
 //   h = [lr, temperature, num_data, prior_precision, a, b]
 //   SGHMC: a = friction;  pSGLD: a = alpha, b = eps.
+//
+// Arithmetic: the coefficients (make) are computed in float64 from hyper and rounded once to the
+// math type op_t (at::opmath_type: fp32 for fp32/fp16/bf16, fp64 for fp64); every per-element
+// intermediate stays in op_t on both sides (rule_sqrt below: an unqualified sqrt on a float used
+// to resolve to ::sqrt(double) on the host while the device used sqrtf). Division and square root
+// are IEEE-rounded on both sides (no fast math), but CPU and CUDA still differ in the last bits:
+// nvcc contracts a * b + c into one FMA (its default), the host compiler does so only where it
+// targets FMA hardware (the AVX2 / AVX-512 clones of fill_normal, which draws the CPU noise), so
+// the same step agrees to ~1e-6 relative in fp32, not bit for bit; the CUDA-vs-CPU tests
+// (tests/test_ops_sgmcmc_cuda.py) use ~1e-5 for fp32 for this reason.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -15,6 +25,22 @@
 
 namespace pyfastbayes {
 
+// Square root in the argument's own type on host and device (fp32 stays fp32).
+PFB_HD float rule_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+PFB_HD double rule_sqrt(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
 // SGLD (Welling & Teh 2011): theta <- theta - (lr/2) grad U + sqrt(lr T) xi
 template <typename op_t>
 struct SGLDRule {
@@ -22,7 +48,7 @@ struct SGLDRule {
   op_t half_lr, num_data, prior, noise;
   PFB_HD static SGLDRule make(const double* h) {
     return {op_t(0.5 * h[kHyperLr]), op_t(h[kHyperNumData]), op_t(h[kHyperPrior]),
-            op_t(sqrt(h[kHyperLr] * h[kHyperTemperature]))};
+            op_t(rule_sqrt(h[kHyperLr] * h[kHyperTemperature]))};
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& /*unused*/, float xi) const {
     const op_t grad_u = num_data * g + prior * p;
@@ -38,7 +64,7 @@ struct SGHMCRule {
   op_t lr, num_data, prior, decay, noise;
   PFB_HD static SGHMCRule make(const double* h) {
     return {op_t(h[kHyperLr]), op_t(h[kHyperNumData]), op_t(h[kHyperPrior]), op_t(1.0 - h[kHyperA]),
-            op_t(sqrt(2.0 * h[kHyperA] * h[kHyperLr] * h[kHyperTemperature]))};
+            op_t(rule_sqrt(2.0 * h[kHyperA] * h[kHyperLr] * h[kHyperTemperature]))};
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& v, float xi) const {
     const op_t grad_u = num_data * g + prior * p;
@@ -60,9 +86,9 @@ struct PSGLDRule {
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& v, float xi) const {
     v = alpha * v + one_minus_alpha * g * g;
-    const op_t precond = op_t(1) / (eps + sqrt(v));
+    const op_t precond = op_t(1) / (eps + rule_sqrt(v));
     const op_t grad_u = num_data * g + prior * p;
-    p = p - half_lr * precond * grad_u + sqrt(lr_t * precond) * op_t(xi);
+    p = p - half_lr * precond * grad_u + rule_sqrt(lr_t * precond) * op_t(xi);
   }
 };
 
