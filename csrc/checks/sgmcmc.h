@@ -1,5 +1,5 @@
-// Host-only argument checks of the fused SG-MCMC ops (CPU and CUDA entry points), and the
-// contiguous stand-ins of the lists they mutate.
+// Host-only argument checks of the fused SG-MCMC ops (CPU and CUDA entry points), the
+// contiguous stand-ins of the lists they mutate, and the flat inputs of any_nonfinite.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/view_as_real.h>
@@ -70,6 +70,14 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
 // Contiguous stand-ins for a list of tensors that the op mutates: non-contiguous tensors are
 // computed on a contiguous copy and written back afterwards (elements in logical order). The
 // write-back cannot fail: check_step_args refused internal overlap and cross-argument overlap.
+//
+// Dense permuted tensors (channels_last weights, transposes) are copied too, although an
+// elementwise update could walk their memory in place: the noise of element i is normal i of the
+// tensor's Philox stream with i the LOGICAL (row-major) index, on the CPU, on CUDA and in the
+// reference (pyfastbayes/_reference/sgmcmc.py: philox_normal(numel).view(shape)). Walking the
+// memory order would hand such a tensor other normals than the reference's, and computing the
+// logical index of each element in memory order would cost a Philox block per element. Changing
+// the stream to memory order would remove these copies, but only together with the reference.
 struct ContiguousList {
   std::vector<at::Tensor> originals, work;
   explicit ContiguousList(at::TensorList ts) {
@@ -86,10 +94,21 @@ struct ContiguousList {
   }
 };
 
-// The inputs of any_nonfinite that can hold NaN / inf, as contiguous real tensors of a kernel
-// dtype: floating tensors as they are (float8 ones converted to float32, which keeps NaN and
-// inf), complex ones as their (real, imaginary) pairs; integer, bool and float4 tensors (no NaN
-// or inf to hold) are skipped. Every tensor must be on `device_type`, all on one device.
+// A tensor whose elements are read as one flat array from data_ptr() by an op to which the
+// order of the elements does not matter (any_nonfinite): a dense tensor in any memory order
+// (non-overlapping and dense: its elements fill [data_ptr, data_ptr + numel), e.g. channels_last
+// or transposed) as a 1-D view of that memory, in place; any other tensor as a contiguous copy.
+inline at::Tensor flat_in_memory_order(const at::Tensor& t) {
+  if (t.is_contiguous()) return t;
+  if (t.is_non_overlapping_and_dense()) return t.as_strided({t.numel()}, {1});
+  return t.contiguous();
+}
+
+// The inputs of any_nonfinite that can hold NaN / inf, as flat real tensors of a kernel dtype
+// (flat_in_memory_order: dense ones in place): floating tensors as they are (float8 ones
+// converted to float32, which keeps NaN and inf), complex ones as their (real, imaginary) pairs;
+// integer, bool and float4 tensors (no NaN or inf to hold) are skipped. Every tensor must be on
+// `device_type`, all on one device.
 inline std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors, c10::DeviceType device_type) {
   std::vector<at::Tensor> out;
   out.reserve(tensors.size());
@@ -101,9 +120,9 @@ inline std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors, c10::Dev
                   tensors[0].device());
     }
     if (at::isComplexType(t.scalar_type())) {
-      out.push_back(at::view_as_real(t.is_conj() ? t.resolve_conj() : t).contiguous());
+      out.push_back(flat_in_memory_order(at::view_as_real(t.is_conj() ? t.resolve_conj() : t)));
     } else if (kernel_float_dtype(t.scalar_type())) {
-      out.push_back(t.contiguous());
+      out.push_back(flat_in_memory_order(t));
     } else if (at::isFloat8Type(t.scalar_type())) {
       out.push_back(t.to(at::kFloat).contiguous());
     }

@@ -1,5 +1,10 @@
 // CPU kernels of the fused SG-MCMC steps: one parallel pass over every tensor of the group,
 // noise drawn in cache-sized blocks from the Philox stream, the update rule from common/.
+// Element i of tensor s takes lane i % 4 of Philox block i / 4 of stream s, i the logical
+// (row-major) index, as in the CUDA kernel and the reference: non-contiguous tensors are computed
+// on contiguous copies (ContiguousList, checks/sgmcmc.h, says why dense permuted ones are too).
+// And any_nonfinite: its inputs are flat arrays (nonfinite_inputs: dense tensors in place, in
+// memory order), tested on the exponent bits.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -93,7 +98,7 @@ PFB_NONFINITE_CLONES(nonfinite_bits32, uint32_t)
 PFB_NONFINITE_CLONES(nonfinite_bits64, uint64_t)
 #undef PFB_NONFINITE_CLONES
 
-// elements [b, e) of a contiguous tensor of a kernel float dtype
+// elements [b, e) of a flat input of a kernel float dtype (nonfinite_inputs)
 bool range_nonfinite(const at::Tensor& t, int64_t b, int64_t e) {
   const void* base = t.const_data_ptr();
   switch (t.scalar_type()) {

@@ -1,6 +1,21 @@
-// CUDA kernels of the fused SG-MCMC steps: one launch per parameter group (multi_tensor.cuh),
-// 16-byte aligned vector accesses covering whole Philox blocks (4 elements of fp32/fp64, 8 of
-// fp16/bf16) per thread step, scalar tails.
+// CUDA kernels of the fused SG-MCMC steps and of any_nonfinite: one launch per parameter group
+// (multi_tensor.cuh; the table's capacity fits the group). Each CUDA block owns a chunk of one
+// tensor and splits it (ChunkSplit): a scalar head of fewer than kVec elements chosen so that the
+// pointers line up with 16-byte accesses, vector steps of kVec elements (4 for fp32 and fp64 --
+// fp64 as two 16-byte accesses --, 8 for fp16/bf16), a scalar tail. Pointers whose misalignment
+// differs from the chosen head's are accessed element by element inside the same steps.
+//
+// The noise does not depend on this split: element i of tensor s always takes lane i % 4 of the
+// Philox block i / 4 of stream s (common/philox.h), as on the CPU and in the reference. A vector
+// step that starts at i with r = i % 4 != 0 (a head that is not a multiple of 4) draws the
+// kVec / 4 + 1 blocks it straddles and takes lanes r .. r + kVec - 1 of them (one extra block per
+// step; such a step is still bound by memory traffic for fp32 / fp64).
+//
+// Elements are addressed as flat arrays from data_ptr() in logical (row-major) order, the order
+// that indexes the noise: non-contiguous params / state are computed on contiguous copies and
+// written back (ContiguousList, checks/sgmcmc.h), including dense permuted ones such as
+// channels_last weights (see there for why).
+//
 // Hyper-parameters and the RNG position are read from device memory, so a step can be captured
 // in a CUDA graph and replayed while lr / temperature change in place.
 #include <ATen/Dispatch.h>
@@ -12,6 +27,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "checks/sgmcmc.h"
 #include "common/layouts.h"
 #include "common/philox.h"
@@ -22,12 +39,24 @@
 namespace pyfastbayes::cuda {
 namespace {
 
-template <typename T, int NL, class Rule>
+// z[l] for a lane index l in 0..3 known only at run time (selects, no local-memory array)
+__device__ __forceinline__ float lane_of(const float (&z)[4], int l) {
+  return l == 0 ? z[0] : l == 1 ? z[1] : l == 2 ? z[2] : z[3];
+}
+
+// the noise of element e of stream `stream`: lane e % 4 of Philox block e / 4
+__device__ __forceinline__ float normal_at(uint64_t seed, int64_t e, uint32_t stream, uint32_t step) {
+  float z[4];
+  philox_normal4(seed, static_cast<uint64_t>(e) / 4, stream, step, z);
+  return lane_of(z, static_cast<int>(e & 3));
+}
+
+template <typename T, class Table, class Rule>
 __global__ void __launch_bounds__(kThreads)
-    noisy_step_kernel(const __grid_constant__ TensorTable<NL> tab, const double* __restrict__ hyper,
+    noisy_step_kernel(const __grid_constant__ Table tab, const double* __restrict__ hyper,
                       const int64_t* __restrict__ rng, const bool* __restrict__ skip) {
   if (skip != nullptr && *skip) return;
-  constexpr bool kHasBuf = NL > 2;
+  constexpr bool kHasBuf = Table::kLists > 2;
   // coefficients (fp64 loads and square roots) once per block, not once per thread
   __shared__ Rule block_rule;
   if (threadIdx.x == 0) block_rule = Rule::make(hyper);
@@ -41,37 +70,55 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t stream = static_cast<uint32_t>(tab.stream[t]);
   T* p = static_cast<T*>(tab.ptr[0][t]);
   const T* g = static_cast<const T*>(tab.ptr[1][t]);
-  T* b = kHasBuf ? static_cast<T*>(tab.ptr[NL - 1][t]) : nullptr;
-  // kVec elements per thread step: 16-byte accesses for fp32 and fp16/bf16 (8 elements = two
-  // Philox blocks), 2 x 16 bytes for fp64; element i always takes lane i % 4 of block i / 4
-  constexpr int kVec = sizeof(T) >= 4 ? 4 : 16 / static_cast<int>(sizeof(T));
-  static_assert(kVec % 4 == 0 && kChunk % kVec == 0, "a thread step covers whole Philox blocks");
-  const bool aligned =
-      is_aligned<T, kVec>(p) && is_aligned<T, kVec>(g) && (!kHasBuf || is_aligned<T, kVec>(b));
-  using V = AlignedVec<T, kVec>;
-  for (int64_t i = begin + int64_t(threadIdx.x) * kVec; i < end; i += int64_t(kThreads) * kVec) {
+  T* b = kHasBuf ? static_cast<T*>(tab.ptr[Table::kLists - 1][t]) : nullptr;
+
+  constexpr int kVec = sizeof(T) >= 4 ? 4 : 16 / static_cast<int>(sizeof(T));  // elements per step
+  static_assert(kVec % 4 == 0 && kChunk % kVec == 0, "a step covers whole Philox blocks");
+  using VA = VecAccess<T, kVec>;
+  // the head: the offset in [0, kVec) at which most pointers (weighted by traffic: the written
+  // ones count twice) are aligned; ties keep the smallest (0 when all are aligned: no extra block)
+  int head = 0, best = -1;
+#pragma unroll
+  for (int c = 0; c < kVec; ++c) {
+    const int score = 2 * VA::aligned(p, c) + VA::aligned(g, c) + (kHasBuf ? 2 * VA::aligned(b, c) : 0);
+    if (score > best) {
+      best = score;
+      head = c;
+    }
+  }
+  const bool vp = VA::aligned(p, head), vg = VA::aligned(g, head), vb = kHasBuf && VA::aligned(b, head);
+  const ChunkSplit<kVec> split(begin, end, head);
+  const int r = head & 3;  // == vbegin % 4 (begin is a multiple of 4)
+
+  for (int64_t i = split.vbegin + int64_t(threadIdx.x) * kVec; i < split.vend; i += int64_t(kThreads) * kVec) {
+    // zz[4 j + l] = lane l of block i / 4 + j; element i + k takes zz[r + k]
+    float zz[kVec + 4];
+    const uint64_t first = static_cast<uint64_t>(i) / 4;
+#pragma unroll
+    for (int j = 0; j < kVec / 4; ++j) philox_normal4(seed, first + j, stream, step, zz + 4 * j);
+    if (r != 0) {
+      philox_normal4(seed, first + kVec / 4, stream, step, zz + kVec);
+    } else {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) zz[kVec + l] = 0.0f;
+    }
     float z[kVec];
 #pragma unroll
-    for (int j = 0; j < kVec / 4; ++j) {
-      float zj[4];
-      philox_normal4(seed, static_cast<uint64_t>(i / 4 + j), stream, step, zj);
+    for (int k = 0; k < kVec; ++k) z[k] = r == 0 ? zz[k] : r == 1 ? zz[k + 1] : r == 2 ? zz[k + 2] : zz[k + 3];
+    T pv[kVec], gv[kVec], bv[kVec];
+    VA::load(p + i, vp, pv);
+    VA::load(g + i, vg, gv);
+    if constexpr (kHasBuf) VA::load(b + i, vb, bv);
 #pragma unroll
-      for (int l = 0; l < 4; ++l) z[4 * j + l] = zj[l];
-    }
-    if (aligned && i + kVec <= end) {
-      V pv = *reinterpret_cast<const V*>(p + i);
-      const V gv = *reinterpret_cast<const V*>(g + i);
-      V bv;
-      if constexpr (kHasBuf) bv = *reinterpret_cast<const V*>(b + i);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) sgmcmc_update<kHasBuf>(rule, pv.v, gv.v, bv.v, k, z[k]);
-      *reinterpret_cast<V*>(p + i) = pv;
-      if constexpr (kHasBuf) *reinterpret_cast<V*>(b + i) = bv;
-    } else {  // unaligned tensor or the tensor's last partial step
-#pragma unroll
-      for (int k = 0; k < kVec; ++k)
-        if (i + k < end) sgmcmc_update<kHasBuf>(rule, p, g, b, i + k, z[k]);
-    }
+    for (int k = 0; k < kVec; ++k) sgmcmc_update<kHasBuf>(rule, pv, gv, bv, k, z[k]);
+    VA::store(p + i, vp, pv);
+    if constexpr (kHasBuf) VA::store(b + i, vb, bv);
+  }
+  // scalar head and tail (< 2 kVec elements), on the block's last threads (least vector work)
+  const int s = kThreads - 1 - static_cast<int>(threadIdx.x);
+  if (s < split.n_scalar()) {
+    const int64_t e = split.scalar(s);
+    sgmcmc_update<kHasBuf>(rule, p, g, b, e, normal_at(seed, e, stream, step));
   }
 }
 
@@ -99,8 +146,9 @@ void step_cuda(const char* op, at::TensorList params, at::TensorList grads, at::
       lists[0] = &ps.work;
       lists[1] = &gs;
       if constexpr (kHasBuf) lists[2] = &bs.work;
-      multi_tensor_apply<NL>(lists, [&](const TensorTable<NL>& tab, int nblocks) {
-        noisy_step_kernel<scalar_t, NL, Rule<op_t>><<<nblocks, kThreads, 0, stream>>>(
+      multi_tensor_apply<NL>(lists, [&](const auto& tab, int nblocks) {
+        using Table = std::decay_t<decltype(tab)>;
+        noisy_step_kernel<scalar_t, Table, Rule<op_t>><<<nblocks, kThreads, 0, stream>>>(
             tab, hyper.data_ptr<double>(), rng.data_ptr<int64_t>(), skip_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -125,10 +173,14 @@ void psgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   step_cuda<PSGLDRule, true>("psgld_step_", params, grads, square_avg, "square_avg", hyper, rng, skip);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) nonfinite_kernel(const __grid_constant__ TensorTable<1> tab, bool* found) {
+// any_nonfinite over one dtype: 16-byte loads (4 fp32, 2 fp64, 8 fp16/bf16) after a scalar head
+// that aligns them, a scalar tail; the tensors are flat arrays (dense, any memory order: the
+// order does not matter here, see nonfinite_inputs)
+template <typename T, class Table>
+__global__ void __launch_bounds__(kThreads) nonfinite_kernel(const __grid_constant__ Table tab, bool* found) {
   using op_t = at::opmath_type<T>;
-  constexpr int kVec = 16 / sizeof(T);  // one 16-byte load per step
+  constexpr int kVec = 16 / sizeof(T);
+  using VA = VecAccess<T, kVec>;
   const int t = find_tensor(tab, blockIdx.x);
   const int64_t begin = int64_t(blockIdx.x - tab.block_start[t]) * kChunk;
   const int64_t end = min(begin + kChunk, tab.numel[t]);
@@ -138,18 +190,18 @@ __global__ void __launch_bounds__(kThreads) nonfinite_kernel(const __grid_consta
     const op_t w = static_cast<op_t>(v);
     bad |= (w - w != op_t(0));  // inf - inf and NaN - NaN are NaN
   };
-  if (is_aligned<T, kVec>(x)) {  // kChunk is a multiple of kVec: every vector is aligned
-    using V = AlignedVec<T, kVec>;
-    const int64_t vend = begin + (end - begin) / kVec * kVec;
-    for (int64_t i = begin + int64_t(threadIdx.x) * kVec; i < vend; i += int64_t(kThreads) * kVec) {
-      const V v = *reinterpret_cast<const V*>(x + i);
+  int head = 0;  // the first offset at which x is 16-byte aligned (none: x is not element-aligned)
+  while (head < kVec - 1 && !VA::aligned(x, head)) ++head;
+  const bool vec = VA::aligned(x, head);
+  const ChunkSplit<kVec> split(begin, end, head);
+  for (int64_t i = split.vbegin + int64_t(threadIdx.x) * kVec; i < split.vend; i += int64_t(kThreads) * kVec) {
+    T v[kVec];
+    VA::load(x + i, vec, v);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) check(v.v[k]);
-    }
-    for (int64_t i = vend + threadIdx.x; i < end; i += kThreads) check(x[i]);
-  } else {
-    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) check(x[i]);
+    for (int k = 0; k < kVec; ++k) check(v[k]);
   }
+  const int s = kThreads - 1 - static_cast<int>(threadIdx.x);  // scalar head and tail
+  if (s < split.n_scalar()) check(x[split.scalar(s)]);
   if (__syncthreads_or(bad) && threadIdx.x == 0) *found = true;
 }
 
@@ -166,8 +218,9 @@ at::Tensor any_nonfinite_cuda(at::TensorList tensors) {
       if (t.scalar_type() == dtype) same.push_back(t);
     if (same.empty()) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "any_nonfinite_cuda", [&] {
-      multi_tensor_apply<1>({&same}, [&](const TensorTable<1>& tab, int nblocks) {
-        nonfinite_kernel<scalar_t><<<nblocks, kThreads, 0, stream>>>(tab, found.data_ptr<bool>());
+      multi_tensor_apply<1>({&same}, [&](const auto& tab, int nblocks) {
+        nonfinite_kernel<scalar_t, std::decay_t<decltype(tab)>><<<nblocks, kThreads, 0, stream>>>(
+            tab, found.data_ptr<bool>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
