@@ -1,5 +1,7 @@
 // Branch-free fp32 log and sin/cos(2 pi t), written so that gcc vectorises loops over them and
-// nvcc compiles them to plain FMAs: the same code runs on both sides, so CPU and CUDA noise agree.
+// nvcc compiles them to plain FMAs: the same code runs on both sides, so CPU and CUDA noise agree
+// to ~1e-6 (not bit for bit: nvcc contracts a * b + c into FMAs, the host compiler only in its
+// AVX2 / AVX-512 clones), and typed_sqrt, the square root in the argument's own type.
 // Accuracy (checked in tests/test_philox.py against float64): a few ulp on the ranges used here.
 #pragma once
 #include <cmath>
@@ -8,6 +10,23 @@
 #include "common/macros.h"
 
 namespace pyfastbayes {
+// Square root in the argument's own type on host and device (fp32 stays fp32: an unqualified sqrt
+// on a float resolves to ::sqrt(double) on the host).
+PFB_HD float typed_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+PFB_HD double typed_sqrt(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
 
 PFB_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)

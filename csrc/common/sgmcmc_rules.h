@@ -9,7 +9,7 @@
 //
 // Arithmetic: the coefficients (make) are computed in float64 from hyper and rounded once to the
 // math type op_t (at::opmath_type: fp32 for fp32/fp16/bf16, fp64 for fp64); every per-element
-// intermediate stays in op_t on both sides (rule_sqrt below: an unqualified sqrt on a float used
+// intermediate stays in op_t on both sides (typed_sqrt below: an unqualified sqrt on a float used
 // to resolve to ::sqrt(double) on the host while the device used sqrtf). Division and square root
 // are IEEE-rounded on both sides (no fast math), but CPU and CUDA still differ in the last bits:
 // nvcc contracts a * b + c into one FMA (its default), the host compiler does so only where it
@@ -20,26 +20,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/fastmath.h"
 #include "common/layouts.h"
 #include "common/macros.h"
 
 namespace pyfastbayes {
-
-// Square root in the argument's own type on host and device (fp32 stays fp32).
-PFB_HD float rule_sqrt(float x) {
-#if defined(__CUDA_ARCH__)
-  return sqrtf(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-PFB_HD double rule_sqrt(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::sqrt(x);
-#else
-  return std::sqrt(x);
-#endif
-}
 
 // SGLD (Welling & Teh 2011): theta <- theta - (lr/2) grad U + sqrt(lr T) xi
 template <typename op_t>
@@ -48,7 +33,7 @@ struct SGLDRule {
   op_t half_lr, num_data, prior, noise;
   PFB_HD static SGLDRule make(const double* h) {
     return {op_t(0.5 * h[kHyperLr]), op_t(h[kHyperNumData]), op_t(h[kHyperPrior]),
-            op_t(rule_sqrt(h[kHyperLr] * h[kHyperTemperature]))};
+            op_t(typed_sqrt(h[kHyperLr] * h[kHyperTemperature]))};
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& /*unused*/, float xi) const {
     const op_t grad_u = num_data * g + prior * p;
@@ -64,7 +49,7 @@ struct SGHMCRule {
   op_t lr, num_data, prior, decay, noise;
   PFB_HD static SGHMCRule make(const double* h) {
     return {op_t(h[kHyperLr]), op_t(h[kHyperNumData]), op_t(h[kHyperPrior]), op_t(1.0 - h[kHyperA]),
-            op_t(rule_sqrt(2.0 * h[kHyperA] * h[kHyperLr] * h[kHyperTemperature]))};
+            op_t(typed_sqrt(2.0 * h[kHyperA] * h[kHyperLr] * h[kHyperTemperature]))};
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& v, float xi) const {
     const op_t grad_u = num_data * g + prior * p;
@@ -86,9 +71,9 @@ struct PSGLDRule {
   }
   PFB_HD void operator()(op_t& p, op_t g, op_t& v, float xi) const {
     v = alpha * v + one_minus_alpha * g * g;
-    const op_t precond = op_t(1) / (eps + rule_sqrt(v));
+    const op_t precond = op_t(1) / (eps + typed_sqrt(v));
     const op_t grad_u = num_data * g + prior * p;
-    p = p - half_lr * precond * grad_u + rule_sqrt(lr_t * precond) * op_t(xi);
+    p = p - half_lr * precond * grad_u + typed_sqrt(lr_t * precond) * op_t(xi);
   }
 };
 

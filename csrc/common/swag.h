@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/fastmath.h"
 #include "common/layouts.h"
 #include "common/macros.h"
 
@@ -55,7 +56,7 @@ PFB_HD void swag_collect_update(const param_t* p, state_t* mean, state_t* sq, bo
 template <typename op_t>
 PFB_HD op_t swag_sigma(op_t mean, op_t sq_mean, op_t eps) {
   const op_t var = sq_mean - mean * mean;
-  return sqrt(var > eps ? var : eps);
+  return typed_sqrt(var > eps ? var : eps);  // in op_t on both sides
 }
 
 // the coefficients of a draw for the covariance convention above (K = 0: diagonal)
