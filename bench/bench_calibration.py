@@ -13,6 +13,7 @@ import torch
 
 from bench.common import bench, row
 from pyfastbayes import calibration as cal
+from pyfastbayes import ops
 
 SUITE = "calibration"
 N_BINS = 15
@@ -71,6 +72,9 @@ def run(device: str, quick: bool) -> list[dict]:
             # the three agree (to float32 rounding of torchmetrics' sums)
             assert abs(float(tm()) - float(cal.ece(p, y))) < 1e-4
         floor_ms = bench(lambda: p.amax(), **kw) if device == "cuda" else None
+        p3 = p if p.dim() == 3 else p.unsqueeze(0)
+        op_ms = bench(lambda: ops.calibration_bins(p3, y, N_BINS, backend="native"), **kw)
+        rows.append(row(SUITE, name, "pyfastbayes op calibration_bins (kernel alone)", op_ms, ref_ms, floor_ms))
         ours_state = N_BINS * 3 * 8
         rows.append(row(SUITE, name, "pyfastbayes", ours_ms, ref_ms, floor_ms, vs_torch=round(hand_ms / ours_ms, 2),
                         state_bytes=ours_state))

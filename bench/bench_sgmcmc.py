@@ -63,6 +63,17 @@ def foreach_step(ps, gs):
     torch._foreach_add_(ps, [torch.randn_like(p) for p in ps], alpha=math.sqrt(LR * TEMP))
 
 
+def raw_step(ps, gs):
+    """The native op alone (no optimizer bookkeeping): what the kernel costs."""
+    from pyfastbayes import ops
+
+    dev = ps[0].device
+    hyper = torch.zeros(ops.HYPER.size, dtype=torch.float64, device=dev)
+    hyper[ops.HYPER.lr], hyper[ops.HYPER.num_data], hyper[ops.HYPER.temperature] = LR, NUM_DATA, TEMP
+    rng = torch.tensor([12345, 0], dtype=torch.int64, device=dev)
+    return lambda: ops.sgld_step_(ps, gs, hyper, rng, backend="native")
+
+
 def posteriors_runner(posteriors, ps, gs):
     """posteriors.sgmcmc.sgld.update, in place, on a log-posterior whose gradient is gs."""
     state = posteriors.sgmcmc.sgld.init({str(i): p for i, p in enumerate(ps)})
@@ -108,6 +119,7 @@ def run(device: str, quick: bool) -> list[dict]:
             p.grad = g
         opt = SGLD(params, lr=LR, num_data=NUM_DATA, temperature=TEMP, nonfinite=mode)
         timed[f"pyfastbayes SGLD (nonfinite={mode})"] = bench(opt.step, device, repeat=repeat)
+    timed["pyfastbayes op sgld_step_ (kernel alone)"] = bench(raw_step(ps, gs), device, repeat=repeat)
     floor = copy_floor_ms(12 * n, device)
     ref = timed["eager loop"]
     for impl, ms in timed.items():
@@ -133,6 +145,7 @@ def flat_rows(device: str, quick: bool) -> list[dict]:
     param.grad = g
     opt = SGLD([param], lr=LR, num_data=NUM_DATA, temperature=TEMP, nonfinite="ignore")
     timed["pyfastbayes SGLD (nonfinite=ignore)"] = bench(opt.step, device, repeat=repeat)
+    timed["pyfastbayes op sgld_step_ (kernel alone)"] = bench(raw_step([p], [g]), device, repeat=repeat)
     floor = copy_floor_ms(12 * n, device)
     return [row("sgmcmc", case, impl, ms, ref_ms=timed["eager loop"], floor_ms=floor,
                 vs_foreach=round(timed["torch._foreach"] / ms, 2)) for impl, ms in timed.items()]

@@ -115,6 +115,10 @@ def _collect_rows(model, params, case, device, rep) -> list[dict]:
         floor = copy_floor_ms((3 * 4 + 2 * 4 + nbytes) * P, device)  # read theta, mean, sq; write mean, sq, row
         rows.append(row(SUITE, "collect " + case, f"pyfastbayes SWAG.collect (D {str(dt)[6:]})", t, t_eager, floor,
                         D_MB=round(swag.D.numel() * nbytes / 2**20, 1)))
+        t_op = bench(lambda: pyfastbayes.ops.swag_collect_(params, swag.mean, swag.sq_mean, swag.D[1], K), device,
+                     **rep)
+        rows.append(row(SUITE, "collect " + case, f"pyfastbayes op swag_collect_ (kernel alone, D {str(dt)[6:]})",
+                        t_op, t_eager, floor))
         del swag
     avg = torch.optim.swa_utils.AveragedModel(model)
     avg.update_parameters(model)
@@ -151,6 +155,9 @@ def _sample_rows(model, params, case, device, rep) -> list[dict]:
             t_bat = bench(lambda: _eager_sample_batched(mean, sq, Df, 0.5, S), device, **rep)
             rows.append(row(SUITE, scase, "eager, batched", t_bat, t_one,
                             peak_MB=_peak_mb(lambda: _eager_sample_batched(mean, sq, Df, 0.5, S), device)))
+        t_op = bench(lambda: pyfastbayes.ops.swag_sample(mean, sq, D, S, 0.5, 1e-30, 7), device, **rep)
+        rows.append(row(SUITE, scase, f"pyfastbayes op swag_sample (kernel alone, D {str(dt)[6:]})", t_op, t_one,
+                        floor, vs_batched=round(t_bat / t_op, 2)))
         t = bench(lambda: swag.sample(S), device, **rep)
         rows.append(row(SUITE, scase, f"pyfastbayes SWAG.sample (D {str(dt)[6:]})", t, t_one, floor,
                         vs_batched=round(t_bat / t, 2), peak_MB=_peak_mb(lambda: swag.sample(S), device),

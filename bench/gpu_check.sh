@@ -5,8 +5,12 @@
 # has a time limit and the summary is written whatever fails. Results land in $OUT (the device
 # tool's output folder) or ./gpu-check.
 #   OUT=$OUT bash bench/gpu_check.sh [--quick]
-# Knobs (environment): STEPS (default "build tests sanitize bench"), TESTS (pytest targets, default
-# the tests folder), BENCH_ONLY (suites, e.g. sgmcmc,swag), TEST_LIMIT / BENCH_LIMIT (seconds).
+# Order: build; sanitizers in the background; the CUDA tests (-k cuda: every test of a *_cuda.py
+# file and every op-contract case on the cuda device); the benchmarks (after the sanitizers, so
+# nothing else uses the GPU); then the rest of the suite until DEADLINE. At most 7 files in $OUT.
+# Knobs (environment): STEPS (default "build tests sanitize bench"), BENCH_ONLY (suites, e.g.
+# sgmcmc,swag), TEST_LIMIT / SAN_LIMIT / BENCH_LIMIT (seconds per step), DEADLINE (seconds from
+# the start by which the rest of the suite is interrupted, with its summary, default 540).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -14,7 +18,7 @@ OUT=${OUT:-$REPO/gpu-check}
 mkdir -p "$OUT"
 QUICK=${1:-}
 STEPS=${STEPS:-build tests sanitize bench}
-TESTS=${TESTS:-$REPO/tests}
+DEADLINE=${DEADLINE:-540}
 T_START=$(date +%s)
 log() { echo "== [$(( $(date +%s) - T_START )) s] $*" | tee -a "$OUT/summary.txt"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -30,7 +34,7 @@ if [ -d .gpu-wheels ]; then
     python -c "import ${m%%:*}" 2>/dev/null || need+=(${m#*:})
   done
   if [ ${#need[@]} -gt 0 ]; then
-    python -m pip install -q --no-index --find-links .gpu-wheels --no-deps "${need[@]}" >"$OUT/wheels.log" 2>&1
+    python -m pip install -q --no-index --find-links .gpu-wheels --no-deps "${need[@]}" >/tmp/pfb-wheels.log 2>&1
     log "offline install of ${need[*]}: rc=$?"
   fi
 fi
@@ -41,40 +45,42 @@ if has build; then
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PYFASTBAYES_CUDA=ON CMAKE_CUDA_ARCHITECTURES=90 CUDAFLAGS="-Xptxas=-v" \
     python -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
   rc=$?
-  log "build rc=$rc in $(( $(date +%s) - t0 )) s"
-  grep -E "Compiling entry|registers|spill" "$OUT/build.log" >"$OUT/ptxas.txt"  # registers and spills per kernel
+  log "build rc=$rc in $(( $(date +%s) - t0 )) s (ptxas registers and spills per kernel: build.log)"
   [ $rc -eq 0 ] || { tail -60 "$OUT/build.log"; exit $rc; }
 fi
 cd /tmp  # import the installed package, not the source tree
 python -c "import pyfastbayes; print(pyfastbayes.build_info())" | tee -a "$OUT/summary.txt"
 
-san_pids=()
+san_pid=""
 if has sanitize && command -v compute-sanitizer >/dev/null; then
-  for tool in memcheck racecheck synccheck; do
-    ( timeout "${SAN_LIMIT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 \
-        python "$REPO/scripts/cuda_smoke.py" >"$OUT/sanitize-$tool.log" 2>&1
-      echo "rc=$?" >>"$OUT/sanitize-$tool.log" ) &
-    san_pids+=($!)
-  done
+  ( for tool in memcheck racecheck synccheck; do  # the three at once, one log
+      ( timeout "${SAN_LIMIT:-150}" compute-sanitizer --tool $tool --error-exitcode 9 \
+          python "$REPO/scripts/cuda_smoke.py" >/tmp/pfb-san-$tool.log 2>&1
+        echo "### $tool rc=$?" >>/tmp/pfb-san-$tool.log ) &
+    done
+    wait
+    for tool in memcheck racecheck synccheck; do echo "### $tool"; cat /tmp/pfb-san-$tool.log; done >"$OUT/sanitize.log" ) &
+  san_pid=$!
 elif has sanitize; then
   log "compute-sanitizer not found: sanitizer pass skipped"
 fi
 
-if has tests; then
-  t0=$(date +%s)
-  xdist=""
-  python -c "import xdist" 2>/dev/null && xdist="-n 12"
-  timeout "${TEST_LIMIT:-300}" python -m pytest -q $xdist -p no:cacheprovider -rfE $TESTS >"$OUT/tests.log" 2>&1
-  log "tests rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
-fi
+xdist=""
+python -c "import xdist" 2>/dev/null && xdist="-n 14"
+# SIGINT at the limit: pytest stops and still prints its summary (failures so far)
+run_tests() {  # run_tests LOG LIMIT ARGS...
+  local log=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout -s INT -k 30 "$limit" python -m pytest -q $xdist -p no:cacheprovider -rfE --durations=15 "$@" >"$log" 2>&1
+  log "tests $* rc=$? in $(( $(date +%s) - t0 )) s: $(grep -E "passed|failed|error" "$log" | tail -1)"
+  grep -E "^(FAILED|ERROR)" "$log" | head -40 | tee -a "$OUT/summary.txt"
+}
+has tests && run_tests "$OUT/tests-cuda.log" "${TEST_LIMIT:-200}" -k cuda "$REPO/tests"
 
-if [ ${#san_pids[@]} -gt 0 ]; then
-  wait "${san_pids[@]}"
-  for tool in memcheck racecheck synccheck; do
-    log "sanitize $tool: $(grep -E "ERROR SUMMARY|rc=" "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
-    grep -E "cuda_smoke:|Error|error" "$OUT/sanitize-$tool.log" | head -8
-  done
+if [ -n "$san_pid" ]; then
+  wait "$san_pid"
+  log "sanitizers: $(grep -E "^### .* rc=|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tr '\n' ' ')"
+  grep -E "cuda_smoke:|Error|error" "$OUT/sanitize.log" | head -12
 fi
 
 if has bench; then
@@ -84,5 +90,10 @@ if has bench; then
       --json "$OUT/bench.json") >"$OUT/bench.txt" 2>&1
   log "bench rc=$? in $(( $(date +%s) - t0 )) s"
   grep -vE "Warning|warn" "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
+fi
+if has tests; then
+  left=$(( DEADLINE - ($(date +%s) - T_START) ))
+  if [ $left -gt 30 ]; then run_tests "$OUT/tests-rest.log" $left -k "not cuda" "$REPO/tests"
+  else log "no time left for the rest of the suite (DEADLINE=$DEADLINE)"; fi
 fi
 log "done"

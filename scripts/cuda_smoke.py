@@ -34,8 +34,10 @@ def sgmcmc() -> None:
             hyper = torch.tensor([1e-3, 0.7, 500.0, 2.0, 0.5, 1e-3], dtype=torch.float64)
             out = {}
             for dev in ("cpu", "cuda"):
-                ps = [b.to(dev)[1:] for b in base]  # views one element in: unaligned bases
-                gs, bs = [x.to(dev) for x in grads], [x.to(dev) for x in bufs]
+                # copies (x.to("cpu") would be x itself, and the step writes in place); params are
+                # views one element in: unaligned bases
+                ps = [b.clone().to(dev)[1:] for b in base]
+                gs, bs = [x.clone().to(dev) for x in grads], [x.clone().to(dev) for x in bufs]
                 args = [ps, gs] + ([bs] if state else []) + [hyper.to(dev), torch.tensor([7, 3], device=dev)]
                 getattr(ops, name)(*args, backend="native")
                 out[dev] = ps + (bs if state else [])

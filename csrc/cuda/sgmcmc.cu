@@ -91,6 +91,11 @@ __global__ void __launch_bounds__(kThreads)
   const int r = head & 3;  // == vbegin % 4 (begin is a multiple of 4)
 
   for (int64_t i = split.vbegin + int64_t(threadIdx.x) * kVec; i < split.vend; i += int64_t(kThreads) * kVec) {
+    // loads first: they are in flight while the noise is computed
+    T pv[kVec], gv[kVec], bv[kVec];
+    VA::load(p + i, vp, pv);
+    VA::load(g + i, vg, gv);
+    if constexpr (kHasBuf) VA::load(b + i, vb, bv);
     // zz[4 j + l] = lane l of block i / 4 + j; element i + k takes zz[r + k]
     float zz[kVec + 4];
     const uint64_t first = static_cast<uint64_t>(i) / 4;
@@ -105,10 +110,6 @@ __global__ void __launch_bounds__(kThreads)
     float z[kVec];
 #pragma unroll
     for (int k = 0; k < kVec; ++k) z[k] = r == 0 ? zz[k] : r == 1 ? zz[k + 1] : r == 2 ? zz[k + 2] : zz[k + 3];
-    T pv[kVec], gv[kVec], bv[kVec];
-    VA::load(p + i, vp, pv);
-    VA::load(g + i, vg, gv);
-    if constexpr (kHasBuf) VA::load(b + i, vb, bv);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) sgmcmc_update<kHasBuf>(rule, pv, gv, bv, k, z[k]);
     VA::store(p + i, vp, pv);
