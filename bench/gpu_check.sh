@@ -50,6 +50,10 @@ if has build; then
 fi
 cd /tmp  # import the installed package, not the source tree
 python -c "import pyfastbayes; print(pyfastbayes.build_info())" | tee -a "$OUT/summary.txt"
+# the 2026-11-27 run lost pytest workers to SIGSEGV while a refusal was thrown from _C: say where
+so=$(python -c "import pyfastbayes._C as c; print(c.__file__)")
+log "_C: $(readelf -lW "$so" | grep -c GNU_EH_FRAME) GNU_EH_FRAME header(s); $(ldd "$so" | grep -oE "lib(cudart|gomp|stdc\+\+|gcc_s)[^ ]* => [^ ]*" | tr '\n' ' ')"
+has tests && timeout 120 python "$REPO/scripts/cxx_error_probe.py" 2>&1 | tee -a "$OUT/summary.txt"
 
 san_pid=""
 if has sanitize && command -v compute-sanitizer >/dev/null; then

@@ -13,6 +13,16 @@
 
 namespace pyfastbayes {
 
+// The device type as the error messages spell it ("CPU", "CUDA"): streaming a c10::DeviceType
+// prints "cuda" or "CUDA" depending on the torch version.
+inline const char* device_type_name(c10::DeviceType t) {
+  switch (t) {
+    case c10::DeviceType::CPU: return "CPU";
+    case c10::DeviceType::CUDA: return "CUDA";
+    default: return "another device type";
+  }
+}
+
 // The overlap check of one call. Every tensor argument is added (in schema order, list elements
 // in list order); a tensor the call writes (`mutated`) must not share a byte with any other
 // argument, and must not overlap itself (an expanded, stride-0 view). Either would be a data race

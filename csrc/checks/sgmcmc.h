@@ -36,7 +36,7 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
     TORCH_CHECK(skip->numel() == 1 && skip->scalar_type() == at::kBool && skip->device() == device, op,
                 ": skip must be a bool scalar on ", device);
   }
-  TORCH_CHECK(device.type() == device_type, op, ": tensors are on ", device, ", expected ", device_type);
+  TORCH_CHECK(device.type() == device_type, op, ": tensors are on ", device, ", expected ", device_type_name(device_type));
   if (!params.empty()) {
     const auto dtype = params[0].scalar_type();
     TORCH_CHECK(at::isFloatingType(dtype), op, ": params must be floating point, got ", dtype);

@@ -29,7 +29,7 @@ inline int64_t check_swag_collect(at::TensorList params, const at::Tensor& mean,
   TORCH_CHECK(n >= 0, op, ": n (models averaged so far) must be >= 0, got ", n);
   TORCH_CHECK(n <= kSwagMaxModels, op, ": n (models averaged so far) must be < 2**53 (the weight 1 / (n + 1) ",
               "is float64), got ", n);
-  TORCH_CHECK(mean.device().type() == device_type, op, ": mean is on ", mean.device(), ", expected ", device_type);
+  TORCH_CHECK(mean.device().type() == device_type, op, ": mean is on ", mean.device(), ", expected ", device_type_name(device_type));
   TORCH_CHECK(swag_state_dtype(mean.scalar_type()), op, ": mean must be float32 or float64, got ", mean.scalar_type());
   TORCH_CHECK(mean.dim() == 1 && mean.is_contiguous() && mean.layout() == at::kStrided, op,
               ": mean must be a contiguous 1-D tensor, got shape ", mean.sizes());
@@ -74,7 +74,7 @@ inline int64_t check_swag_sample(const at::Tensor& mean, const at::Tensor& sq_me
                                  int64_t n_draws, double scale, double eps, int64_t offset,
                                  c10::DeviceType device_type) {
   const char* op = "swag_sample";
-  TORCH_CHECK(mean.device().type() == device_type, op, ": mean is on ", mean.device(), ", expected ", device_type);
+  TORCH_CHECK(mean.device().type() == device_type, op, ": mean is on ", mean.device(), ", expected ", device_type_name(device_type));
   TORCH_CHECK(swag_state_dtype(mean.scalar_type()), op, ": mean must be float32 or float64, got ", mean.scalar_type());
   TORCH_CHECK(mean.dim() == 1 && mean.is_contiguous(), op, ": mean must be a contiguous 1-D tensor, got shape ",
               mean.sizes());

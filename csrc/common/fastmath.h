@@ -10,6 +10,40 @@
 #include "common/macros.h"
 
 namespace pyfastbayes {
+// a * b, a + b, a - b rounded once each on host and device: nvcc would contract a * b + c into
+// one FMA (different rounding from the host's separate operations); where CPU and CUDA must agree
+// to the bit (the SWAG moments), the device uses the _rn intrinsics, which are never contracted.
+PFB_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+PFB_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+PFB_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+PFB_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+PFB_HD float sub_rn(float a, float b) { return add_rn(a, -b); }
+PFB_HD double sub_rn(double a, double b) { return add_rn(a, -b); }
+
 // Square root in the argument's own type on host and device (fp32 stays fp32: an unqualified sqrt
 // on a float resolves to ::sqrt(double) on the host).
 PFB_HD float typed_sqrt(float x) {

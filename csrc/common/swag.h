@@ -25,17 +25,20 @@
 
 namespace pyfastbayes {
 
+// every operation rounded on its own (mul_rn, ...: no FMA contraction on the device), so the CPU
+// and CUDA moments and deviations agree to the bit
 template <typename op_t>
 PFB_HD op_t swag_lerp(op_t a, op_t b, op_t w) {
-  return (w < op_t(0.5)) ? a + w * (b - a) : b - (b - a) * (op_t(1) - w);
+  const op_t d = sub_rn(b, a);
+  return (w < op_t(0.5)) ? add_rn(a, mul_rn(w, d)) : sub_rn(b, mul_rn(d, sub_rn(op_t(1), w)));
 }
 
 // one collect for one element; returns the deviation from the updated mean
 template <typename op_t>
 PFB_HD op_t swag_collect_elem(op_t theta, op_t& mean, op_t& sq_mean, op_t w, bool has_sq) {
   mean = swag_lerp(mean, theta, w);
-  if (has_sq) sq_mean = swag_lerp(sq_mean, theta * theta, w);
-  return theta - mean;
+  if (has_sq) sq_mean = swag_lerp(sq_mean, mul_rn(theta, theta), w);
+  return sub_rn(theta, mean);
 }
 
 // Element i of a collect: load mean (and sq_mean when has_sq), update, store them and the

@@ -209,6 +209,8 @@ __global__ void __launch_bounds__(kThreads) nonfinite_kernel(const __grid_consta
 at::Tensor any_nonfinite_cuda(at::TensorList tensors) {
   TORCH_CHECK(!tensors.empty(), "any_nonfinite: empty list");
   const auto device = tensors[0].device();
+  for (const auto& t : tensors)  // before the guard: tensors[0] may be a CPU tensor beside CUDA ones
+    TORCH_CHECK(t.device() == device, "any_nonfinite: tensors on ", t.device(), " and ", device);
   const c10::cuda::CUDAGuard guard(device);
   const auto inputs = nonfinite_inputs(tensors, c10::DeviceType::CUDA);
   auto found = at::zeros({}, at::TensorOptions().dtype(at::kBool).device(device));
