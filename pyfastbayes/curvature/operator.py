@@ -1,0 +1,136 @@
+"""The linear-operator interface every curvature matrix of :mod:`pyfastbayes.curvature` has.
+
+A :class:`LinearOperator` is a symmetric P x P matrix that is only ever applied: ``op @ v`` for a
+vector v [P] and ``op @ V`` for a block V [P, k] of k vectors computed together (one pass over
+the data for the model operators). ``diagonal`` and ``to_dense`` are built on the block product.
+Subclasses implement :meth:`LinearOperator._matmat` ([P, k] -> [P, k]); the checks of the
+argument live here, once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["LinearOperator", "DenseOperator"]
+
+DENSE_LIMIT = 20_000  # to_dense() refuses larger P (P^2 numbers)
+
+
+class LinearOperator:
+    """A symmetric P x P matrix applied to vectors: ``op @ v`` ([P] -> [P]), ``op @ V``
+    ([P, k] -> [P, k]).
+
+    Attributes: ``shape`` (P, P), ``dtype``, ``device`` (what the vectors must have).
+    """
+
+    def __init__(self, P: int, dtype: torch.dtype, device: torch.device | str):
+        if not isinstance(P, int) or isinstance(P, bool) or P < 1:
+            raise ValueError(f"P must be a positive int, got {P!r}")
+        self.shape = (P, P)
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    # ---- to implement -----------------------------------------------------------------------------
+    def _matmat(self, V: Tensor) -> Tensor:
+        """A V for V [P, k] (checked: dtype, device, k >= 1) -> [P, k]."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _matmat")
+
+    # ---- products ------------------------------------------------------------------------------------
+    def __matmul__(self, v: Tensor) -> Tensor:
+        """A v for v [P] -> [P], or A V for a block V [P, k] -> [P, k] (the k products together)."""
+        V = self._check_vectors(v, "v")
+        out = self._matmat(V)
+        return out[:, 0] if v.dim() == 1 else out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """A v for v [P] -> [P] (same as ``op @ v``)."""
+        if not torch.is_tensor(v) or v.dim() != 1:
+            raise ValueError(f"matvec takes one vector of shape [{self.shape[0]}], got "
+                             f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}; use op @ V for a block")
+        return self @ v
+
+    def _check_vectors(self, v, name: str) -> Tensor:
+        """v [P] or [P, k] (k >= 1) of the operator's dtype and device, as a [P, k] block."""
+        P = self.shape[0]
+        if not torch.is_tensor(v):
+            raise TypeError(f"{name} must be a tensor of shape [{P}] or [{P}, k], got {type(v).__name__}")
+        if v.dim() not in (1, 2) or v.shape[0] != P:
+            raise ValueError(f"{name} must have shape [{P}] or [{P}, k] (P = {P} parameters), got {tuple(v.shape)}")
+        if v.dim() == 2 and v.shape[1] == 0:
+            raise ValueError(f"{name} is an empty block [{P}, 0]: pass k >= 1 vectors")
+        if v.dtype != self.dtype:
+            raise TypeError(f"{name} is {v.dtype} but the operator is {self.dtype}; convert it with "
+                            f"{name}.to({self.dtype})")
+        if v.device != self.device:
+            raise ValueError(f"{name} is on {v.device} but the operator is on {self.device}; move it with "
+                             f"{name}.to('{self.device}')")
+        return v if v.dim() == 2 else v.unsqueeze(1)
+
+    # ---- derived -----------------------------------------------------------------------------------------
+    def diagonal(self, method: str = "exact", n_probes: int = 100, block: int = 32,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """The diagonal [P].
+
+        'exact': products with the unit vectors, ``block`` at a time (P products in all).
+        'hutchinson': the unbiased estimate mean over n_probes Rademacher z of z * (A z)
+        (``generator`` for the probes, on the operator's device)."""
+        P = self.shape[0]
+        if method == "exact":
+            out = torch.empty(P, dtype=self.dtype, device=self.device)
+            for j in range(0, P, block):
+                b = min(block, P - j)
+                out[j:j + b] = (self @ self._units(j, b))[j:j + b].diagonal()
+            return out
+        if method == "hutchinson":
+            _check_count(n_probes, "n_probes")
+            acc = torch.zeros(P, dtype=self.dtype, device=self.device)
+            for j in range(0, n_probes, block):
+                Z = rademacher(P, min(block, n_probes - j), self.dtype, self.device, generator)
+                acc += (Z * (self @ Z)).sum(1)
+            return acc / n_probes
+        raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
+
+    def to_dense(self, block: int = 64) -> Tensor:
+        """The matrix [P, P] (products with the identity, ``block`` columns at a time); P <= 20 000."""
+        P = self.shape[0]
+        if P > DENSE_LIMIT:
+            raise ValueError(f"to_dense() would hold a {P} x {P} matrix (P > {DENSE_LIMIT}); use products, "
+                             f"diagonal() or the spectral tools instead")
+        return torch.cat([self @ self._units(j, min(block, P - j)) for j in range(0, P, block)], 1)
+
+    def _units(self, j: int, b: int) -> Tensor:
+        """The unit vectors e_j .. e_{j+b-1} as a block [P, b]."""
+        E = torch.zeros(self.shape[0], b, dtype=self.dtype, device=self.device)
+        E[torch.arange(j, j + b, device=self.device), torch.arange(b, device=self.device)] = 1
+        return E
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(P={self.shape[0]}, dtype={self.dtype}, device={self.device})"
+
+
+class DenseOperator(LinearOperator):
+    """A given symmetric matrix A [P, P] as a :class:`LinearOperator` (tests, small problems)."""
+
+    def __init__(self, A: Tensor):
+        if not torch.is_tensor(A) or A.dim() != 2 or A.shape[0] != A.shape[1] or not A.is_floating_point():
+            raise ValueError(f"A must be a square floating-point matrix [P, P], got "
+                             f"{tuple(A.shape) if torch.is_tensor(A) else type(A).__name__}")
+        super().__init__(A.shape[0], A.dtype, A.device)
+        self.A = A
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.A @ V
+
+
+def _check_count(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+    return n
+
+
+def rademacher(P: int, k: int, dtype: torch.dtype, device, generator: torch.Generator | None) -> Tensor:
+    """[P, k] of independent +-1 (the probes of the trace and diagonal estimators)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    z = torch.randint(0, 2, (P, k), generator=generator, device=gen_device).to(device=device, dtype=dtype)
+    return z.mul_(2).sub_(1)
+
