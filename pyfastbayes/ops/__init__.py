@@ -10,11 +10,12 @@ checks) so ``torch.compile`` traces through it. Slot layouts: :mod:`pyfastbayes.
 from . import layouts
 from ._dispatch import BACKENDS, default_backend, native_op, select
 from .calibration import calibration_bins
+from .curvature import loss_hessian
 from .layouts import CALIB_DIAG, CALIB_STATS, HYPER, RNG, SWAG
 from .random import philox4x32, philox_normal_
 from .sgmcmc import any_nonfinite, psgld_step_, sghmc_step_, sgld_step_
 from .swag import swag_collect_, swag_sample
 
 __all__ = ["philox4x32", "philox_normal_", "sgld_step_", "sghmc_step_", "psgld_step_", "any_nonfinite",
-           "calibration_bins", "swag_collect_", "swag_sample", "native_op", "select", "default_backend",
+           "calibration_bins", "loss_hessian", "swag_collect_", "swag_sample", "native_op", "select", "default_backend",
            "BACKENDS", "layouts", "HYPER", "RNG", "CALIB_STATS", "CALIB_DIAG", "SWAG"]
