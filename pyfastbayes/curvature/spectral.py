@@ -1,0 +1,280 @@
+"""Extreme eigenpairs of a curvature operator by Lanczos with full reorthogonalisation.
+
+:func:`eigenvalues` works on any :class:`~pyfastbayes.curvature.operator.LinearOperator` (or a
+square symmetric tensor) and only applies it: ``op @ Q_j`` for one vector per step
+(``method='lanczos'``) or for a block of b vectors per step (``method='block_lanczos'``: one pass
+over the data per block for the model operators, and eigenvalues of multiplicity up to b).
+
+The algorithm (Golub & Van Loan, "Matrix Computations", 4th ed., sections 10.1 and 10.3):
+an orthonormal Krylov basis Q is built block by block from a random start block; every new block
+is orthogonalised against the whole basis twice (classical Gram-Schmidt, "twice is enough"), so
+the projected matrix T = Q^T A Q is block tridiagonal to working precision and its eigenpairs
+(``torch.linalg.eigh`` of the small T) give the Ritz pairs. A Ritz pair (theta, y = Q s) has the
+residual ||A y - theta y|| = ||B s_last|| (B: the coupling of the last block to the next one,
+s_last: the last block's rows of s), which is the convergence test. When a new vector falls into
+the span of the basis (an invariant subspace: breakdown) it is replaced by a random vector
+orthogonal to the basis, so the run continues in the rest of the space (and finds repeated
+eigenvalues); once the basis spans all P dimensions the Ritz pairs are the exact eigenpairs.
+
+The private helpers here (operator coercion, argument checks, random starts, progress bars) are
+shared by :mod:`.trace` and :mod:`.density`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from .operator import DenseOperator, LinearOperator, _check_count
+
+__all__ = ["eigenvalues"]
+
+WHICH = ("largest", "smallest", "magnitude")
+METHODS = ("lanczos", "block_lanczos")
+# A new basis vector whose norm after reorthogonalisation is below BREAKDOWN * eps * ||A|| lies in
+# the span of the basis to working precision (an invariant subspace was found).
+BREAKDOWN = 100.0
+
+
+# ---- shared helpers (also used by trace.py and density.py) -------------------------------------------
+def _as_operator(op, name: str = "op") -> LinearOperator:
+    """``op`` as a LinearOperator: itself, or a square symmetric floating-point tensor [P, P] wrapped
+    in a DenseOperator."""
+    if isinstance(op, LinearOperator):
+        return op
+    if torch.is_tensor(op):
+        if not op.is_floating_point():
+            raise TypeError(f"{name} must be a LinearOperator or a floating-point matrix [P, P], got a {op.dtype} "
+                            f"tensor; convert it with {name}.double()")
+        if op.dim() != 2 or op.shape[0] != op.shape[1] or op.shape[0] == 0:
+            raise ValueError(f"{name} must be a LinearOperator or a square matrix [P, P] with P >= 1, got shape "
+                             f"{tuple(op.shape)}")
+        scale = float(op.abs().max())
+        asym = float((op - op.mT).abs().max())
+        if not asym <= math.sqrt(torch.finfo(op.dtype).eps) * scale:
+            raise ValueError(f"{name} must be symmetric: max |A - A^T| = {asym:.3g} (max |A| = {scale:.3g}); "
+                             f"pass (A + A.T) / 2")
+        return DenseOperator(op)
+    raise TypeError(f"{name} must be a pyfastbayes.curvature.LinearOperator or a square tensor [P, P], "
+                    f"got {type(op).__name__}")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _check_progress(progress) -> None:
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (tqdm's automatic choice), got {progress!r}")
+
+
+def _progress(progress: bool | None, total: int, desc: str):
+    """A tqdm bar: shown for True, hidden for False, tqdm's choice (shown on a terminal) for None."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=None if progress is None else not progress)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the bookkeeping (basis, projections): float64 for float64 operators, float32
+    otherwise (half-precision Lanczos vectors lose orthogonality at once)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _apply(op: LinearOperator, X: Tensor, work: torch.dtype) -> Tensor:
+    """op @ X for X [P, k] in the working dtype: the product in the operator's dtype, back in ``work``."""
+    return (op @ X.to(op.dtype)).to(work)
+
+
+def _randn(P: int, k: int, dtype: torch.dtype, device, generator: torch.Generator | None) -> Tensor:
+    """[P, k] standard normals, drawn on the generator's device (CPU without one, as
+    :func:`~pyfastbayes.curvature.operator.rademacher`) so a seed gives the same numbers everywhere."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(P, k, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _cgs2(B: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """W [P, c] minus its projection on the orthonormal columns of B [P, n], done twice (classical
+    Gram-Schmidt, "twice is enough"); returns (W orthogonalised, the coefficients B^T W [n, c])."""
+    H = B.mT @ W
+    W = W - B @ H
+    H2 = B.mT @ W
+    return W - B @ H2, H + H2
+
+
+# ---- block Lanczos ---------------------------------------------------------------------------------------
+def _extend(Q: Tensor, n: int, W: Tensor, thr: float, generator, restart: bool) -> tuple[int, Tensor]:
+    """Orthonormalise the columns of W [P, c] against the basis Q[:, :n] and each other, writing the
+    new basis vectors to Q[:, n:n_new].
+
+    Returns (n_new, R [n_new - n, c]) with W = Q[:, :n] H + Q[:, n:n_new] R (+ dropped parts of norm
+    <= thr): R is the coupling block of the block tridiagonal T. A column that falls into the span
+    (norm <= thr after orthogonalisation: breakdown) is replaced, when ``restart`` and the basis
+    does not span the space yet, by a random unit vector orthogonal to the basis (its row of R is
+    zero); else it adds nothing. Q has room for all c new columns (the caller sizes it).
+    """
+    P, cap = Q.shape
+    W, _ = _cgs2(Q[:, :n], W)  # against the old basis, as a block: two passes over Q
+    c = W.shape[1]
+    R = torch.zeros(c, c, dtype=W.dtype, device=W.device)
+    m = n
+    for i in range(c):
+        w = W[:, i:i + 1]
+        norm_in = float(torch.linalg.vector_norm(w))
+        if m > n:  # against the new columns of this block
+            w, h = _cgs2(Q[:, n:m], w)
+            R[:m - n, i] = h[:, 0]
+        r = float(torch.linalg.vector_norm(w))
+        if m > n and r < 0.5 * norm_in:
+            # cancellation inside the block: what is left may have lost orthogonality to the old
+            # basis (errors of size eps * norm_in), so one more two-pass sweep against all of it
+            w, h = _cgs2(Q[:, :m], w)
+            R[:m - n, i] += h[n:m, 0]
+            r = float(torch.linalg.vector_norm(w))
+        if m >= cap:
+            continue  # the basis spans the whole space: nothing can be added
+        if r > thr:
+            Q[:, m] = w[:, 0] / r
+            R[m - n, i] = r
+            m += 1
+        elif restart and m < P:
+            Q[:, m] = _random_orthogonal(Q[:, :m], generator)
+            m += 1
+    return m, R[:m - n]
+
+
+def _random_orthogonal(B: Tensor, generator) -> Tensor:
+    """A random unit vector [P] orthogonal to the orthonormal columns of B [P, n] (n < P)."""
+    P, n = B.shape
+    for _ in range(3):
+        z = _randn(P, 1, B.dtype, B.device, generator)
+        z, _ = _cgs2(B, z)
+        z, _ = _cgs2(B, z)  # z's norm may have dropped a lot: sweep again to keep it orthogonal
+        r = float(torch.linalg.vector_norm(z))
+        if r > 0:
+            return z[:, 0] / r
+    raise RuntimeError(f"could not draw a vector orthogonal to a basis of {n} vectors in dimension {P}")
+
+
+def _select(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the k wanted values among the ascending Ritz values ``theta``."""
+    e = theta.shape[0]
+    if which == "largest":
+        return torch.arange(e - k, e)
+    if which == "smallest":
+        return torch.arange(0, k)
+    return torch.topk(theta.abs(), k).indices
+
+
+def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos", n_iter: int | None = None,
+                tol: float | None = None, block: int | None = None, generator: torch.Generator | None = None,
+                progress: bool | None = False) -> tuple[Tensor, Tensor]:
+    """The k extreme eigenpairs of a symmetric operator A [P, P] by Lanczos with full
+    reorthogonalisation.
+
+    Args:
+        op: a :class:`LinearOperator` or a symmetric floating-point tensor [P, P].
+        k: how many eigenpairs, 1 <= k <= P.
+        which: 'largest' (algebraically largest), 'smallest' (algebraically smallest, e.g. the most
+            negative Hessian directions) or 'magnitude' (largest |lambda|).
+        method: 'lanczos' (one product ``op @ v`` per step) or 'block_lanczos' (``op @ V`` on a
+            block of ``block`` vectors per step: one data pass per block for the model operators;
+            finds eigenvalues of multiplicity up to ``block``).
+        n_iter: the largest Krylov dimension (number of operator-vector products), k <= n_iter;
+            default min(P, max(2k + 20, 50)) for 'lanczos', min(P, max(2k + 20, 50, 20 * block))
+            for 'block_lanczos' (rounded up to whole blocks). n_iter >= P runs P products and
+            is exact (the Krylov space is the whole space).
+        tol: stop once every wanted Ritz pair has ||A y - theta y|| <= tol * max |theta|; default
+            sqrt(eps) of the working dtype (1.5e-8 in float64, 3.5e-4 otherwise); 0 runs n_iter.
+        block: the block size b of 'block_lanczos' (default min(k, 8)); only for that method.
+        generator: the random start vectors (and the restarts after a breakdown) come from it.
+        progress: a tqdm bar over the products (None: tqdm's choice).
+
+    Returns:
+        (eigenvalues [k], eigenvectors [P, k]) sorted by descending eigenvalue, in the operator's
+        dtype and on its device; column i is the unit eigenvector of eigenvalue i. The bookkeeping
+        runs in float64 for float64 operators, float32 otherwise. Warns (RuntimeWarning) when the
+        wanted pairs have not converged after n_iter products.
+    """
+    op = _as_operator(op)
+    P = op.shape[0]
+    k = _check_count(k, "k")
+    if k > P:
+        raise ValueError(f"k = {k} eigenpairs asked of a {P} x {P} operator; k must be <= P")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "lanczos":
+        if block not in (None, 1):
+            raise ValueError(f"block = {block!r} is for method='block_lanczos'; method='lanczos' uses one vector")
+        b = 1
+    else:
+        b = min(k, 8) if block is None else _check_count(block, "block")
+    b = min(b, P)
+    if n_iter is None:
+        m = min(P, max(2 * k + 20, 50, 20 * b if method == "block_lanczos" else 0))
+    else:
+        m = _check_count(n_iter, "n_iter")
+        if m < k:
+            raise ValueError(f"n_iter = {m} is smaller than k = {k}: Lanczos needs at least k products")
+        m = min(m, P)
+    work = _work_dtype(op.dtype)
+    if tol is None:
+        tol = math.sqrt(torch.finfo(work).eps)
+    elif isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or math.isinf(tol):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    _check_generator(generator)
+    _check_progress(progress)
+
+    eps = torch.finfo(work).eps
+    device = op.device
+    cap = min(P, m + b)  # the last step may add one block past m
+    Q = torch.zeros(P, cap, dtype=work, device=device)
+    T = torch.zeros(cap, cap, dtype=torch.float64)  # the block tridiagonal Q^T A Q, small: on the CPU
+    X0 = _randn(P, b, work, device, generator)
+    e, _ = _extend(Q, 0, X0, BREAKDOWN * eps * float(X0.norm(dim=0).max()), generator, restart=True)
+    s, anorm = 0, 0.0
+    R_prev = None  # coupling block of the previous block to the current one (device, work dtype)
+    n_steps = -(-m // b)
+    check_every = max(1, n_steps // 50)  # the small eigh per check stays negligible
+    step = 0
+    with _progress(progress, m, f"{method} ({which} {k})") as bar:
+        while True:
+            Qj = Q[:, s:e]
+            W = _apply(op, Qj, work)
+            bar.update(min(e, m) - min(s, m))
+            anorm = max(anorm, float(W.norm(dim=0).max()))
+            Aj = Qj.mT @ W
+            Aj = (Aj + Aj.mT) / 2
+            T[s:e, s:e] = Aj.to("cpu", torch.float64)
+            W = W - Qj @ Aj  # the three-term recurrence; _extend's full sweep cleans up the rest
+            if R_prev is not None:
+                W = W - Q[:, ps:s] @ R_prev.mT
+            e_new, R = _extend(Q, e, W, BREAKDOWN * eps * anorm, generator, restart=True)
+            Rc = R.to("cpu", torch.float64)
+            step += 1
+            exhausted = e_new == e  # the basis spans all P dimensions
+            done = e >= m or exhausted
+            if done or (e >= k and step % check_every == 0):
+                theta, S = torch.linalg.eigh(T[:e, :e])
+                idx = _select(theta, k, which)
+                residuals = (Rc @ S[s:e][:, idx]).norm(dim=0) if Rc.shape[0] else torch.zeros(k, dtype=torch.float64)
+                converged = bool((residuals <= tol * float(theta.abs().max())).all())
+                if done or converged:
+                    break
+            T[e:e_new, s:e] = Rc
+            T[s:e, e:e_new] = Rc.mT
+            ps, s, e, R_prev = s, e, e_new, R
+    if not converged:
+        warnings.warn(f"eigenvalues: the {k} {which} Ritz pairs have not converged after {e} products "
+                      f"(largest residual {float(residuals.max()):.3g}, tol * max|theta| = "
+                      f"{tol * float(theta.abs().max()):.3g}); raise n_iter", RuntimeWarning, stacklevel=2)
+    order = torch.argsort(theta[idx], descending=True)
+    idx = idx[order]
+    vecs = Q[:, :e] @ S[:, idx].to(device=device, dtype=work)
+    vecs = vecs / vecs.norm(dim=0, keepdim=True)
+    return theta[idx].to(device=device, dtype=op.dtype), vecs.to(op.dtype)
