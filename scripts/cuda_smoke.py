@@ -93,9 +93,26 @@ def random() -> None:
     close(b, a, 1e-5)
 
 
+def curvature() -> None:
+    """loss_hessian: elementwise kinds, cross_entropy with one- and many-column tiles, shared-memory
+    and global-scratch (long rows) coefficients, every dtype."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(3, 1, 1), (37, 31, 2), (5, 33, 3), (4, 300, 40), (2, 30_000, 2)]  # the last: global scratch (fp64)
+    for (N, C, k), dtype in ((s, d) for s in shapes for d in DTYPES):
+        if C > 1000 and dtype != torch.float64:
+            continue
+        x = (torch.randn(N, C, generator=g, dtype=torch.float64) * 3).to(dtype)
+        V = torch.randn(N, C, k, generator=g, dtype=torch.float64).to(dtype)
+        for kind in ("cross_entropy", "bce", "mse"):
+            for mode in ("hessian", "factor", "factor_t"):
+                cpu = ops.loss_hessian(kind, x, V, mode, backend="native")
+                gpu = ops.loss_hessian(kind, x.cuda(), V.cuda(), mode, backend="native")
+                close(gpu, cpu, 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2)
+
+
 def main() -> int:
     assert pyfastbayes.build_info()["cuda"], "a CUDA build of pyfastbayes is needed"
-    for check in (random, sgmcmc, swag, calibration):
+    for check in (random, sgmcmc, swag, calibration, curvature):
         check()
         torch.cuda.synchronize()
         print(f"cuda_smoke: {check.__name__} ok", flush=True)
