@@ -218,6 +218,20 @@ def test_no_rows(device):
         assert out.shape == (0, 4, 6) and out.dtype == torch.float32 and out.device.type == device
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_result_is_new_and_carries_no_graph(device):
+    """The inputs are read only and the result is detached on both backends (the op has no autograd)."""
+    gen = torch.Generator().manual_seed(8)
+    x = _logits(3, 4, gen).to(device).requires_grad_()
+    V = torch.randn(3, 4, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    x0, V0 = x.detach().clone(), V.detach().clone()
+    for backend, kind in itertools.product(_backends(device), KINDS):
+        out = ops.loss_hessian(kind, x, V, "hessian", backend=backend)
+        assert not out.requires_grad and out.grad_fn is None
+        out.add_(1.0)  # writing the result touches no input
+    assert torch.equal(x.detach(), x0) and torch.equal(V.detach(), V0)
+
+
 @needs_native
 def test_native_refuses_other_floating_dtypes():
     x = torch.zeros(2, 3).to(torch.float8_e5m2)

@@ -29,9 +29,10 @@ def loss_hessian(kind: str, outputs: Tensor, V: Tensor, mode: str = "hessian", *
     The sum-reduced loss of N rows has the block-diagonal Hessian of these H_n. Softmax is
     max-subtracted (logits of any magnitude), sums and dots accumulate in float64, the rest runs
     in float32 (float64 for float64 inputs). C = 1 is allowed (cross_entropy: H = 0).
+    Not differentiable: the inputs are detached, the result carries no autograd graph.
     """
     fn = select("loss_hessian", outputs.device, backend)
-    return fn(str(kind), outputs, V, str(mode))
+    return fn(str(kind), outputs.detach(), V.detach(), str(mode))
 
 
 if _native.available():
