@@ -1,0 +1,225 @@
+"""What the model curvature operators (models.py) are built from: the data, the loss, the
+parameters, the train/eval mode and the cross-process reduction, each checked once here.
+
+- :func:`as_batches`: ``data`` (one ``(inputs, targets)`` batch or a re-iterable of them) as
+  something to walk once per product.
+- :func:`loss_kind`: which of the supported losses ``loss_fn`` is ('cross_entropy', 'bce',
+  'mse', the kinds of :func:`pyfastbayes.ops.loss_hessian`), refusing what the output-space
+  Hessian cannot represent (class weights, ``pos_weight``, other reductions).
+- :class:`Selection`: the differentiated parameters (all trainable ones, or ``params=``) in model
+  order, and their flat [P] <-> per-tensor [k, *shape] conversions.
+- :func:`mode_dependent`: the submodules whose forward depends on train/eval mode.
+- :func:`all_reduce`: the one collective per product when torch.distributed is initialised.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.params import ParamLayout
+
+Batch = tuple  # (inputs, targets): inputs a tensor or a tuple of positional model arguments
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+def _is_batch(obj) -> bool:
+    """One (inputs, targets) pair: a 2-tuple/list whose targets are a tensor and whose inputs are a
+    tensor or a tuple of them (a list of two batches has a tuple, not a tensor, second)."""
+    return (isinstance(obj, (tuple, list)) and len(obj) == 2 and torch.is_tensor(obj[1])
+            and (torch.is_tensor(obj[0]) or (isinstance(obj[0], tuple) and len(obj[0]) > 0
+                                             and all(torch.is_tensor(a) for a in obj[0]))))
+
+
+def as_batches(data) -> Iterable:
+    """``data`` as a re-iterable of (inputs, targets) batches: a single batch becomes a one-item
+    list; a list/tuple of batches is checked now (each item a batch, at least one row in all); a
+    DataLoader or other re-iterable is checked as it is walked (:func:`iterate`). One-shot
+    iterators (generators) are refused: every product walks the data again."""
+    if _is_batch(data):
+        data = [tuple(data)]
+    if isinstance(data, (str, bytes)) or torch.is_tensor(data) or not isinstance(data, Iterable):
+        raise TypeError("data must be an (inputs, targets) tuple of tensors or a re-iterable of them (a list of "
+                        f"batches, a DataLoader), got {type(data).__name__}")
+    if isinstance(data, Iterator):
+        raise TypeError("data is a one-shot iterator (e.g. a generator): every product walks the data again, "
+                        "pass a list of (inputs, targets) batches or a DataLoader instead")
+    if isinstance(data, Sequence):
+        for i, item in enumerate(data):
+            _check_batch(item, i)
+    return data
+
+
+def _check_batch(item, i: int) -> None:
+    if not _is_batch(item):
+        what = type(item).__name__ if not isinstance(item, (tuple, list)) else f"a {type(item).__name__} of {len(item)}"
+        raise TypeError(f"data item {i} must be an (inputs, targets) pair of tensors (inputs may be a tuple of "
+                        f"tensors), got {what}")
+    if item[1].dim() == 0:
+        raise ValueError(f"data item {i}: targets must have a batch dimension [N, ...], got a 0-dim tensor")
+
+
+def iterate(data: Iterable, device: torch.device) -> Iterator[tuple]:
+    """Walk the batches once: (inputs, targets, N_b) moved to ``device``; batches of 0 rows are
+    skipped (they add nothing to a sum over examples)."""
+    for i, item in enumerate(data):
+        _check_batch(item, i)
+        x, y = item
+        n = y.shape[0]
+        if n == 0:
+            continue
+        x = tuple(a.to(device) for a in x) if isinstance(x, tuple) else x.to(device)
+        yield x, y.to(device), n
+
+
+# ---- loss -----------------------------------------------------------------------------------------------
+_FUNCTIONAL = {F.cross_entropy: "cross_entropy", F.binary_cross_entropy_with_logits: "bce", F.mse_loss: "mse"}
+_MODULES = ((nn.CrossEntropyLoss, "cross_entropy"), (nn.BCEWithLogitsLoss, "bce"), (nn.MSELoss, "mse"))
+SUPPORTED = ("torch.nn.CrossEntropyLoss / F.cross_entropy, torch.nn.BCEWithLogitsLoss / "
+             "F.binary_cross_entropy_with_logits, torch.nn.MSELoss / F.mse_loss (reduction='mean')")
+
+
+def loss_kind(loss_fn, what: str) -> str:
+    """'cross_entropy', 'bce' or 'mse' for the supported losses (module instances or the torch
+    functionals, called with their defaults); ValueError for anything else, or for settings that
+    change the output-space Hessian (class ``weight``, ``pos_weight``, a reduction other than
+    'mean')."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
+    if loss_fn in _FUNCTIONAL:
+        return _FUNCTIONAL[loss_fn]
+    for cls, kind in _MODULES:
+        if isinstance(loss_fn, cls):
+            if loss_fn.reduction != "mean":
+                raise ValueError(f"{what} needs loss_fn with reduction='mean' (the curvature of the mean loss), "
+                                 f"got reduction={loss_fn.reduction!r}")
+            if getattr(loss_fn, "weight", None) is not None:
+                raise ValueError(f"{what} does not support a loss with class/element weights "
+                                 f"({cls.__name__}(weight=...)): its output-space Hessian is not the supported one")
+            if getattr(loss_fn, "pos_weight", None) is not None:
+                raise ValueError(f"{what} does not support BCEWithLogitsLoss(pos_weight=...): the output-space "
+                                 "Hessian then depends on the targets")
+            return kind
+    raise ValueError(f"{what} supports only {SUPPORTED}; got {loss_fn!r}. The Hessian operator "
+                     "(pyfastbayes.curvature.hessian) takes any scalar loss")
+
+
+def ignore_index(loss_fn) -> int | None:
+    """The ``ignore_index`` that mean-reduced cross-entropy would skip rows for (None otherwise)."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return loss_fn.ignore_index
+    if loss_fn is F.cross_entropy:
+        return -100
+    return None
+
+
+# ---- parameters ----------------------------------------------------------------------------------------
+class Selection:
+    """The differentiated parameters of ``model`` in model order: all trainable ones (``params``
+    None) or the given subset (Parameters of the model or their names, any order, no repeats).
+
+    Attributes: names, shapes, sizes, offsets (in the flat vector), numel (P), dtype (promoted),
+    device, layout (the full :class:`ParamLayout`, which checks the model at every access)."""
+
+    def __init__(self, model: nn.Module, params=None):
+        self.layout = layout = ParamLayout(model, owner="curvature operator")
+        index = {n: i for i, n in enumerate(layout.names)}
+        if params is None:
+            chosen = list(range(len(layout.names)))
+        else:
+            if torch.is_tensor(params) or isinstance(params, (str, nn.Module)) or not isinstance(params, Iterable):
+                raise TypeError("params must be a list of the model's parameters or of their names "
+                                f"(model.named_parameters()), got {type(params).__name__}")
+            by_id = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            chosen = []
+            for j, p in enumerate(params):
+                if isinstance(p, str):
+                    if p in frozen:
+                        raise ValueError(f"params[{j}] = {p!r} has requires_grad=False: only trainable parameters "
+                                         "can be selected")
+                    if p not in index:
+                        raise ValueError(f"params[{j}] = {p!r} is not a parameter name of the model (see "
+                                         f"model.named_parameters(); e.g. {layout.names[-1]!r})")
+                    name = p
+                elif torch.is_tensor(p):
+                    if id(p) not in by_id:
+                        raise ValueError(f"params[{j}] (shape {tuple(p.shape)}) is not a trainable parameter of the "
+                                         "model: pass the model's own Parameters (or their names)")
+                    name = by_id[id(p)]
+                else:
+                    raise TypeError(f"params[{j}] must be a Parameter of the model or its name, got {type(p).__name__}")
+                if index[name] in chosen:
+                    raise ValueError(f"params names {name!r} twice")
+                chosen.append(index[name])
+            if not chosen:
+                raise ValueError("params is empty: pass at least one parameter (or params=None for all)")
+            chosen.sort()  # the flat vector follows model order whatever order params came in
+        self.chosen = chosen
+        self.names = tuple(layout.names[i] for i in chosen)
+        self.shapes = tuple(layout.shapes[i] for i in chosen)
+        self.dtypes = tuple(layout.dtypes[i] for i in chosen)
+        self.sizes = tuple(math.prod(s) for s in self.shapes)
+        self.offsets = tuple(sum(self.sizes[:i]) for i in range(len(self.sizes)))
+        self.numel = sum(self.sizes)
+        dtype = self.dtypes[0]
+        for d in self.dtypes[1:]:
+            dtype = torch.promote_types(dtype, d)
+        self.dtype = dtype
+        self.device = layout.device
+
+    def current(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(selected, fixed): name -> the model's current parameter values, detached (the model is
+        checked against the layout first: RuntimeError if its parameters changed)."""
+        ps = self.layout.params()
+        sel = set(self.chosen)
+        selected = {self.layout.names[i]: ps[i] for i in self.chosen}
+        fixed = {n: p for i, (n, p) in enumerate(zip(self.layout.names, ps)) if i not in sel}
+        return selected, fixed
+
+    def split(self, V: Tensor) -> dict[str, Tensor]:
+        """Block V [P, k] -> name -> [k, *shape] in each parameter's dtype (the vmapped tangents)."""
+        k = V.shape[1]
+        Vt = V.t()
+        return {n: Vt[:, o:o + s].reshape(k, *shape).to(d)
+                for n, shape, s, o, d in zip(self.names, self.shapes, self.sizes, self.offsets, self.dtypes)}
+
+    def join(self, parts: dict[str, Tensor]) -> Tensor:
+        """name -> [k, *shape] -> block [P, k] in the operator dtype."""
+        return torch.cat([parts[n].reshape(parts[n].shape[0], -1).to(self.dtype) for n in self.names], 1).t()
+
+
+# ---- train/eval mode --------------------------------------------------------------------------------------
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                   nn.modules.dropout._DropoutNd, nn.MultiheadAttention, nn.RNNBase)
+
+
+def mode_dependent(model: nn.Module) -> list[str]:
+    """Names of the submodules in training mode whose forward depends on the mode (BatchNorm,
+    InstanceNorm, Dropout, MultiheadAttention, RNNs)."""
+    return [n or type(m).__name__ for n, m in model.named_modules()
+            if m.training and isinstance(m, _MODE_DEPENDENT)]
+
+
+# ---- distributed -----------------------------------------------------------------------------------------
+def distributed_active(distributed: bool | None) -> bool:
+    """Whether products are summed over processes: ``distributed`` None -> when torch.distributed
+    is initialised; True insists on it; False never."""
+    up = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed is None:
+        return up
+    if distributed and not up:
+        raise ValueError("distributed=True but torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group first)")
+    return bool(distributed)
+
+
+def all_reduce(acc: Tensor, n: int) -> tuple[Tensor, float]:
+    """Sum acc [P, k] and the example count n over all processes with ONE all_reduce (n travels
+    as an extra element of the same buffer); returns (summed acc, total count)."""
+    buf = torch.cat([acc.reshape(-1), acc.new_tensor([float(n)])])
+    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+    return buf[:-1].view_as(acc), float(buf[-1].item())
