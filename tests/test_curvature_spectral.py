@@ -16,7 +16,7 @@ from pyfastbayes.curvature import (DenseOperator, LinearOperator, SpectralDensit
                                    plot_spectral_density, spectral_density, trace)
 from pyfastbayes.curvature.operator import rademacher
 
-from _helpers import require
+from _helpers import needs_cuda, require
 
 F64 = torch.float64
 NEG = torch.tensor([-7.0, -3.0, -1.0, -0.3, -0.1], dtype=F64)
@@ -397,3 +397,28 @@ def test_density_and_plot_bad_arguments():
         d.integrate(2.0)
     with pytest.raises(TypeError, match="result must be the SpectralDensity"):
         plot_spectral_density((d.nodes, d.weights))
+
+
+# ---- CUDA: the same numbers as on the CPU (probes and start vectors come from a CPU generator) --------
+@needs_cuda
+def test_spectral_tools_on_cuda_match_cpu():
+    A, lam = spectrum_matrix(100, seed=15)
+    cpu, cuda = DenseOperator(A), DenseOperator(A.cuda())
+    for method in ("lanczos", "block_lanczos"):
+        v_cpu, V_cpu = eigenvalues(cpu, k=4, method=method, generator=gen(0))
+        v_gpu, V_gpu = eigenvalues(cuda, k=4, method=method, generator=gen(0))
+        assert v_gpu.device.type == "cuda" and V_gpu.device.type == "cuda"
+        torch.testing.assert_close(v_gpu.cpu(), v_cpu, rtol=1e-10, atol=0)
+        assert float(((V_gpu.cpu() * V_cpu).sum(0).abs() - 1).abs().max()) < 1e-8
+    for method in ("hutchinson", "hutch++"):
+        e_cpu = trace(cpu, 30, method, generator=gen(1), block=7)
+        e_gpu = trace(cuda, 30, method, generator=gen(1), block=7)
+        assert e_gpu.estimate == pytest.approx(e_cpu.estimate, rel=1e-10)
+    d_cpu = spectral_density(cpu, 6, 15, generator=gen(2), block=4)
+    d_gpu = spectral_density(cuda, 6, 15, generator=gen(2), block=4)
+    torch.testing.assert_close(d_gpu.nodes, d_cpu.nodes, rtol=0, atol=1e-9)
+    torch.testing.assert_close(d_gpu.weights, d_cpu.weights, rtol=0, atol=1e-8)
+    # a generator on the device works too, and float32 operators stay float32 there
+    v32, V32 = eigenvalues(DenseOperator(A.float().cuda()), k=2, generator=torch.Generator("cuda").manual_seed(0))
+    assert v32.dtype == torch.float32 and V32.is_cuda
+    torch.testing.assert_close(v32.double().cpu(), lam[:2], rtol=1e-4, atol=0)

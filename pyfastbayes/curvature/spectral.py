@@ -242,7 +242,7 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
     T = torch.zeros(cap, cap, dtype=torch.float64)  # the block tridiagonal Q^T A Q, small: on the CPU
     X0 = _randn(P, b, work, device, generator)
     e, _ = _extend(Q, 0, X0, BREAKDOWN * eps * float(X0.norm(dim=0).max()), generator, restart=True)
-    s, anorm = 0, 0.0
+    s, ps, anorm = 0, 0, 0.0
     R_prev = None  # coupling block of the previous block to the current one (device, work dtype)
     n_steps = -(-m // b)
     check_every = max(1, n_steps // 50)  # the small eigh per check stays negligible
