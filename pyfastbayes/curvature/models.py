@@ -233,6 +233,11 @@ class FisherOperator(_OutputSpaceOperator):
         super().__init__(model, loss_fn, data, params, distributed)
         self.fisher_kind, self.mc_samples = kind, mc_samples
         if kind == "mc":
+            sampler = getattr(self.data, "sampler", None)
+            if isinstance(sampler, torch.utils.data.RandomSampler):
+                raise ValueError("the MC Fisher draws its targets batch by batch from one generator state, so every "
+                                 "product needs the same batches in the same order: pass a DataLoader with "
+                                 "shuffle=False (or a list of batches)")
             if generator is None:  # a seed from torch's global RNG: torch.manual_seed makes it reproducible
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(int(torch.randint(0, 2 ** 62, ())))
