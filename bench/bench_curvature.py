@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.common import bench, row
+from bench.common import bench, peak_mb, row
 
 SUITE = "curvature"
 K = 32
@@ -95,19 +95,6 @@ def _pyhessian_top(model, loss_fn, x, y, k: int, n_iter: int, gen):
     return vals
 
 
-def _peak_mb(fn, device: str) -> float | str:
-    if device != "cuda":
-        return ""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
-
-
 def run(device: str, quick: bool) -> list[dict]:
     from pyfastbayes.curvature import eigenvalues, ggn, hessian, trace
 
@@ -136,8 +123,8 @@ def run(device: str, quick: bool) -> list[dict]:
         t_vmap = bench(lambda: _vmap_hvp(model, loss_fn, x, y, V), device, **rep)
         t_h = bench(lambda: H @ V, device, **rep)
         t_g = bench(lambda: G @ V, device, **rep)
-        grad_mb = _peak_mb(lambda: torch.autograd.grad(loss_fn(model(x), y), params), device)
-        peak = _peak_mb(lambda: H @ V, device)
+        grad_mb = peak_mb(lambda: torch.autograd.grad(loss_fn(model(x), y), params), device)
+        peak = peak_mb(lambda: H @ V, device)
         extra = dict(peak_MB=round(peak, 1), peak_x_grad=round(peak / grad_mb, 2)) if grad_mb else {}
         rows.append(row(SUITE, case, "double-backward loop (PyHessian-style)", t_loop, t_loop))
         rows.append(row(SUITE, case, "torch.func vmap(jvp(grad))", t_vmap, t_loop))

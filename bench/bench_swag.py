@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from bench.common import bench, copy_floor_ms, row
+from bench.common import bench, copy_floor_ms, peak_mb, row
 
 import pyfastbayes
 from pyfastbayes.posteriors import SWA, SWAG
@@ -66,19 +66,6 @@ def _eager_sample_batched(mean, sq, D, scale, n):
     return mean + math.sqrt(scale) * (var.sqrt() * z1 + (z2 @ D) / math.sqrt(D.shape[0] - 1))
 
 
-def _peak_mb(fn, device: str) -> float | str:
-    if device != "cuda":
-        return ""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return round(peak / 2**20, 1)
-
-
 def run(device: str, quick: bool) -> list[dict]:
     """The suite's rows (see the module docstring for sizes and baselines)."""
     P = 2**18 if quick else (2**25 if device == "cuda" else 2**22)
@@ -89,6 +76,12 @@ def run(device: str, quick: bool) -> list[dict]:
     params = [p.detach() for p in model.parameters()]
     case = f"P=2^{int(math.log2(P))} ({len(params)} tensors), K={K}"
     return _collect_rows(model, params, case, device, rep) + _sample_rows(model, params, case, device, rep)
+
+
+def _mb(fn, device: str) -> float | str:
+    """peak_mb rounded to 0.1 MiB for the table."""
+    mb = peak_mb(fn, device)
+    return round(mb, 1) if mb != "" else mb
 
 
 def _collect_rows(model, params, case, device, rep) -> list[dict]:
@@ -150,17 +143,17 @@ def _sample_rows(model, params, case, device, rep) -> list[dict]:
             t_one = bench(lambda: [_eager_sample_one(mean, sq, Df, 0.5) for _ in range(S)], device,
                           **dict(rep, repeat=min(rep["repeat"], 3)))
             rows.append(row(SUITE, scase, f"eager, {S} single draws", t_one, t_one,
-                            peak_MB=_peak_mb(lambda: [_eager_sample_one(mean, sq, Df, 0.5) for _ in range(S)],
+                            peak_MB=_mb(lambda: [_eager_sample_one(mean, sq, Df, 0.5) for _ in range(S)],
                                              device)))
             t_bat = bench(lambda: _eager_sample_batched(mean, sq, Df, 0.5, S), device, **rep)
             rows.append(row(SUITE, scase, "eager, batched", t_bat, t_one,
-                            peak_MB=_peak_mb(lambda: _eager_sample_batched(mean, sq, Df, 0.5, S), device)))
+                            peak_MB=_mb(lambda: _eager_sample_batched(mean, sq, Df, 0.5, S), device)))
         t_op = bench(lambda: pyfastbayes.ops.swag_sample(mean, sq, D, S, 0.5, 1e-30, 7), device, **rep)
         rows.append(row(SUITE, scase, f"pyfastbayes op swag_sample (kernel alone, D {str(dt)[6:]})", t_op, t_one,
                         floor, vs_batched=round(t_bat / t_op, 2)))
         t = bench(lambda: swag.sample(S), device, **rep)
         rows.append(row(SUITE, scase, f"pyfastbayes SWAG.sample (D {str(dt)[6:]})", t, t_one, floor,
-                        vs_batched=round(t_bat / t, 2), peak_MB=_peak_mb(lambda: swag.sample(S), device),
+                        vs_batched=round(t_bat / t, 2), peak_MB=_mb(lambda: swag.sample(S), device),
                         D_MB=round(D.numel() * nbytes / 2**20, 1)))
         del swag, D
     return rows

@@ -43,6 +43,21 @@ def bench(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, repeat
     return statistics.median(times)
 
 
+def peak_mb(fn: Callable[[], object], device: str) -> float | str:
+    """Peak CUDA memory (MiB) that ``fn()`` allocates above what was allocated before it; ""
+    on the CPU (not measured there)."""
+    if device != "cuda":
+        return ""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
 def copy_floor_ms(nbytes: int, device: str) -> float | None:
     """The hardware floor of an op that moves ``nbytes`` bytes (reads + writes): the time of a
     device-to-device copy moving the same bytes (nbytes / 2 read, nbytes / 2 written), measured

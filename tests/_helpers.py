@@ -354,3 +354,40 @@ def self_overlapping(shape=(3, 2), dtype=torch.float32, device="cpu") -> torch.T
 def expanded_like(t: torch.Tensor) -> torch.Tensor:
     """A stride-0 view with t's shape, dtype and device (its elements share one memory location)."""
     return torch.zeros([1] * t.dim(), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA-vs-CPU tests: views made on the device with sentinels around them
+# ---------------------------------------------------------------------------------------------
+SENTINEL = -96.0  # written around every device view (exact in every dtype); the ops must never touch it
+
+
+def require_cuda_kernel(op: str) -> None:
+    """Inside a CUDA-vs-CPU test: a build without the op's CUDA kernel fails under CI, skips locally."""
+    from pyfastbayes import ops
+
+    if not ops.native_op(op, "cuda"):
+        msg = "the pyfastbayes extension has no CUDA kernels (built without CUDA)"
+        if in_ci():
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def placed(values: torch.Tensor, offset: int, slack: int = 9):
+    """values (CPU) copied into a fresh device buffer at element `offset`: a view made on the
+    device, whose data pointer is `offset` elements past a 512-byte aligned allocation, with
+    SENTINEL in the `offset` elements before it and the `slack` elements after it.
+    Returns (view, buffer)."""
+    n = values.numel()
+    buf = torch.full((offset + n + slack,), SENTINEL, dtype=values.dtype, device="cuda")
+    view = buf[offset:offset + n].view(values.shape)
+    view.copy_(values)
+    assert view.storage_offset() == offset
+    return view, buf
+
+
+def sentinels_intact(view: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Every element of buf outside view still holds SENTINEL (no out-of-bounds write)."""
+    start = view.storage_offset()
+    outside = torch.cat([buf[:start], buf[start + view.numel():]])
+    return bool((outside == SENTINEL).all())

@@ -17,44 +17,16 @@ import torch
 from pyfastbayes import _reference as R
 from pyfastbayes import ops
 
-from _helpers import in_ci, needs_cuda
+from _helpers import needs_cuda, placed, require_cuda_kernel, sentinels_intact
 
 OPS = {"sgld": (ops.sgld_step_, None), "sghmc": (ops.sghmc_step_, "momenta"), "psgld": (ops.psgld_step_, "square_avg")}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-6, atol=1e-6),
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 CHUNK = 1 << 14  # elements per CUDA block (kChunk)
-SENTINEL = -96.0  # written around every device view (exact in every dtype); the ops must never touch it
-
-
 @pytest.fixture(autouse=True)
 def _cuda_kernels():
-    """These tests compare the CUDA kernels: a build without them fails under CI, skips locally."""
-    if not ops.native_op("sgld_step_", "cuda"):
-        msg = "the pyfastbayes extension has no CUDA kernels (built without CUDA)"
-        if in_ci():
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
-def placed(values, offset, slack=9):
-    """values (CPU) copied into a fresh device buffer at element `offset`: a view made on the
-    device, whose data pointer is `offset` elements past a 512-byte aligned allocation, with
-    SENTINEL in the `offset` elements before it and the `slack` elements after it.
-    Returns (view, buffer)."""
-    n = values.numel()
-    buf = torch.full((offset + n + slack,), SENTINEL, dtype=values.dtype, device="cuda")
-    view = buf[offset:offset + n].view(values.shape)
-    view.copy_(values)
-    assert view.storage_offset() == offset
-    return view, buf
-
-
-def sentinels_intact(view, buf):
-    """Every element of buf outside view still holds SENTINEL (no out-of-bounds write)."""
-    start = view.storage_offset()
-    outside = torch.cat([buf[:start], buf[start + view.numel():]])
-    return bool((outside == SENTINEL).all())
+    require_cuda_kernel("sgld_step_")
 
 
 def rnd(gen, dtype, *shape, positive=False):

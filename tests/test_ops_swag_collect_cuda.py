@@ -14,39 +14,18 @@ import torch
 
 from pyfastbayes import ops
 
-from _helpers import in_ci, needs_cuda
+from _helpers import needs_cuda, placed, require_cuda_kernel, sentinels_intact
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 DEV_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 STATE_DTYPES = [torch.float32, torch.float64]
 CHUNK = 1 << 14  # elements per CUDA block (kChunk)
-SENTINEL = -96.0  # written around the device views (exact in every dtype); never touched
 
 
 @pytest.fixture(autouse=True)
 def _cuda_kernels():
-    """These tests compare the CUDA kernel: a build without it fails under CI, skips locally."""
-    if not ops.native_op("swag_collect_", "cuda"):
-        msg = "the pyfastbayes extension has no CUDA kernels (built without CUDA)"
-        if in_ci():
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
-def placed(values, offset, slack=7):
-    """values (CPU) copied into a fresh device buffer at element `offset` (a view made on the
-    device: its pointer is `offset` elements past an aligned allocation), SENTINEL around it."""
-    n = values.numel()
-    buf = torch.full((offset + n + slack,), SENTINEL, dtype=values.dtype, device="cuda")
-    view = buf[offset:offset + n].view(values.shape)
-    view.copy_(values)
-    return view, buf
-
-
-def outside_intact(view, buf):
-    start = view.storage_offset()
-    return bool((torch.cat([buf[:start], buf[start + view.numel():]]) == SENTINEL).all())
+    require_cuda_kernel("swag_collect_")
 
 
 # odd-sized tensors before aligned ones: the flat offsets 3, 38, 39, 103, 1130, 17521, 21617 are not
@@ -94,7 +73,7 @@ def run_both(steps, state_dtype, dev_dtype, K, param_offsets=(0,), mean_offset=0
 def assert_match(cpu, dev, views):
     for a, e in zip(dev, cpu):
         torch.testing.assert_close(a.cpu(), e, **TOL[e.dtype])
-    assert all(outside_intact(v, b) for v, b in views)
+    assert all(sentinels_intact(v, b) for v, b in views)
 
 
 @needs_cuda

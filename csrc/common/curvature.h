@@ -30,23 +30,6 @@ struct LossProblem {
   HessMode mode;
 };
 
-// exp in the argument's own type on host and device (an unqualified exp of a float could resolve
-// to the double overload on the host).
-PFB_HD float typed_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-PFB_HD double typed_exp(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
 // The scale of an elementwise kind (bce, mse) at output x: H's diagonal entry ('hessian') or
 // B's ('factor', 'factor_t': B is diagonal, B = B^T).
 template <class T>

@@ -121,4 +121,21 @@ PFB_HD void fast_sincos_2pi(float t, float& sn, float& cs) {
   cs = ((qi + 1) & 2) ? -b : b;
 }
 
+// exp in the argument's own type on host and device (an unqualified exp of a float could resolve
+// to the double overload on the host).
+PFB_HD float typed_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+PFB_HD double typed_exp(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
 }  // namespace pyfastbayes
