@@ -278,7 +278,30 @@ def run_swag(map_model: nn.Module, data: Digits, epochs: int, seed: int, progres
     swag = SWAG(model, max_rank=20)
     _train(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), data, epochs, seed + 2,
            "SWAG (SGD)", progress, prior_in_loss=True, after_epoch=lambda epoch: swag.collect())
-    return swag
+    return swag, model
+
+
+def flatness(sgd_model: nn.Module, swag, data: Digits, quick: bool, seed: int) -> dict:
+    """The lecture's flatness comparison: top Hessian eigenvalue and Hessian trace of the mean
+    training NLL at the last SGD iterate and at the SWA solution (the SWAG mean)."""
+    import copy
+
+    from .curvature import sharpness
+    from .nn import ParamLayout
+
+    swa_model = copy.deepcopy(sgd_model)
+    ParamLayout(swa_model).write_(swag.mean.to(next(swa_model.parameters()).dtype))
+    out = {}
+    for name, model in (("SGD", sgd_model), ("SWA", swa_model)):
+        t = time.perf_counter()
+        s = sharpness(model, nn.CrossEntropyLoss(), (data.x_train, data.y_train), n_probes=30 if quick else 100,
+                      generator=torch.Generator().manual_seed(seed))
+        out[name] = {**s._asdict(), "time_s": time.perf_counter() - t}
+    print("\nFlatness of the training loss (Hessian of the mean NLL): top eigenvalue (Lanczos), trace (Hutchinson)")
+    for name, r in out.items():
+        print(f"  {name}: lambda_max {r['top_eigenvalue']:8.3f}   trace {r['trace']:9.2f} +- "
+              f"{r['trace_std_error']:.2f}   ({r['time_s']:.1f} s)")
+    return out
 
 
 def evaluate(probs: dict[str, Tensor], data: Digits) -> dict:
@@ -303,7 +326,7 @@ def _predict_sets(predict, data: Digits) -> dict[str, Tensor]:
     return {"test": p[:a], "shift": p[a:a + b], "ood": p[a + b:]}
 
 
-def classification_demo(out: str, device: str, quick: bool, seed: int, progress: bool) -> list[dict]:
+def classification_demo(out: str, device: str, quick: bool, seed: int, progress: bool) -> tuple[list[dict], dict]:
     from . import calibration as cal
 
     data = load_digit_sets(seed, device)
@@ -344,14 +367,17 @@ def classification_demo(out: str, device: str, quick: bool, seed: int, progress:
 
         timed(name, sampler, map_time)
 
+    fitted = {}
+
     def swag():
-        post = run_swag(map_model, data, ep["swag"], seed, progress)
-        return _predict_sets(lambda x: post.predict(x, n_samples=samples if quick else 30, progress=False), data)
+        fitted["swag"], fitted["sgd"] = run_swag(map_model, data, ep["swag"], seed, progress)
+        return _predict_sets(lambda x: fitted["swag"].predict(x, n_samples=samples if quick else 30, progress=False),
+                             data)
 
     timed("SWAG", swag, map_time)
     _print_table(rows)
     _reliability_figure(probs_of, data, os.path.join(out, "reliability.png"))
-    return rows
+    return rows, flatness(fitted["sgd"], fitted["swag"], data, quick, seed)
 
 
 COLUMNS = [("method", "{:<18}"), ("acc", "{:6.3f}"), ("nll", "{:6.3f}"), ("ece", "{:6.3f}"), ("brier", "{:6.3f}"),
@@ -417,11 +443,14 @@ def run_demo(out: str = "pyfastbayes-report", device: str = "cpu", quick: bool =
           f"on {device}, torch {torch.__version__}{', quick run' if quick else ''}")
     results = {"build": info, "device": device, "quick": quick}
     results["regression"] = regression_demo(out, quick, seed, progress)
-    results["classification"] = classification_demo(out, device, quick, seed, progress)
+    results["classification"], results["flatness"] = classification_demo(out, device, quick, seed, progress)
     results["total_s"] = time.perf_counter() - t0
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("# pyfastbayes demo\n\n" + "\n".join(_format_rows(results["classification"])) + "\n")
+        f.write("\n## Flatness of the training loss\n\n| solution | top Hessian eigenvalue | Hessian trace |\n|---|---|---|\n")
+        for name, r in results["flatness"].items():
+            f.write(f"| {name} | {r['top_eigenvalue']:.3f} | {r['trace']:.2f} +- {r['trace_std_error']:.2f} |\n")
     print(f"\nreport written to {os.path.abspath(out)} in {results['total_s']:.1f} s")
     return results

@@ -40,6 +40,11 @@ def test_quick_demo_runs_and_reports(tmp_path):
         assert s["aleatoric"] == pytest.approx(0.3**2)  # the demo's noise variance, BLR_NOISE^2
     assert split[0]["epistemic_exact"] < split[1]["epistemic_exact"] < split[2]["epistemic_exact"]
     assert "SWAG" in proc.stdout and "report written" in proc.stdout
+    flat = res["flatness"]
+    assert set(flat) == {"SGD", "SWA"}
+    for r in flat.values():  # a trained network's loss is locally convex along its sharpest direction
+        assert r["top_eigenvalue"] > 0 and r["trace_std_error"] > 0
+    assert "Flatness of the training loss" in proc.stdout
 
 
 def test_demo_rejects_missing_cuda():
