@@ -187,9 +187,11 @@ class Selection:
         return {n: Vt[:, o:o + s].reshape(k, *shape).to(d)
                 for n, shape, s, o, d in zip(self.names, self.shapes, self.sizes, self.offsets, self.dtypes)}
 
-    def join(self, parts: dict[str, Tensor]) -> Tensor:
-        """name -> [k, *shape] -> block [P, k] in the operator dtype."""
-        return torch.cat([parts[n].reshape(parts[n].shape[0], -1).to(self.dtype) for n in self.names], 1).t()
+    def accumulate_(self, acc: Tensor, parts: dict[str, Tensor], alpha: float) -> None:
+        """acc [k, P] += alpha * (name -> [k, *shape]) side by side, in place, slice by slice."""
+        k = acc.shape[0]
+        for n, s, o in zip(self.names, self.sizes, self.offsets):
+            acc[:, o:o + s].add_(parts[n].reshape(k, s), alpha=alpha)
 
 
 # ---- train/eval mode --------------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ def distributed_active(distributed: bool | None) -> bool:
 
 
 def all_reduce(acc: Tensor, n: int) -> tuple[Tensor, float]:
-    """Sum acc [P, k] and the example count n over all processes with ONE all_reduce (n travels
+    """Sum acc (any shape) and the example count n over all processes with ONE all_reduce (n travels
     as an extra element of the same buffer); returns (summed acc, total count)."""
     buf = torch.cat([acc.reshape(-1), acc.new_tensor([float(n)])])
     torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)

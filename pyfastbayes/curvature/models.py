@@ -95,8 +95,9 @@ class _ModelCurvature(LinearOperator):
             return out
         return f
 
-    def _batch(self, x, y: Tensor, nb: int, selected: dict, fixed: dict, tangents: dict) -> Tensor:
-        """N_b times the batch curvature applied to the block (tangents: name -> [k, *shape]) -> [P, k]."""
+    def _batch(self, x, y: Tensor, nb: int, selected: dict, fixed: dict, tangents: dict) -> tuple[dict, float]:
+        """The batch's term applied to the block (tangents: name -> [k, *shape]) as (name -> [k, *shape],
+        alpha): alpha times the parts is N_b times the batch curvature times the block."""
         raise NotImplementedError
 
     def _start_pass(self) -> None:
@@ -108,19 +109,21 @@ class _ModelCurvature(LinearOperator):
         selected, fixed = self.sel.current()
         # batch sums in float32 at least (a count and many batches in fp16/bf16 would round)
         acc_dtype = torch.promote_types(self.dtype, torch.float32)
-        acc = torch.zeros(self.shape[0], k, dtype=acc_dtype, device=self.device)
+        # [k, P]: each batch's parts are added in place as contiguous [k, size] slices (no [P, k]
+        # transposed copies per batch); the result is returned as the [P, k] view
+        acc = torch.zeros(k, self.shape[0], dtype=acc_dtype, device=self.device)
         n = 0
         self._start_pass()
         with ModeGuard(self.model, False):
             for x, y, nb in iterate(self.data, self.device):
-                acc += self._batch(x, y, nb, selected, fixed, tangents).to(acc_dtype)
+                self.sel.accumulate_(acc, *self._batch(x, y, nb, selected, fixed, tangents))
                 n += nb
         if self.distributed:
             acc, n = all_reduce(acc, n)
         if n == 0:
             raise ValueError("data has no examples (no batch with rows"
                              f"{' on any process' if self.distributed else ''}): the mean loss is undefined")
-        return (acc / n).to(self.dtype)
+        return acc.div_(n).to(self.dtype).t()
 
 
 # forward-over-reverse errors of PyTorch ops, answered by reverse-over-reverse instead:
@@ -154,7 +157,7 @@ class HessianOperator(_ModelCurvature):
             # d/dt grad(loss)(theta + t v), vmapped over the k tangents
             try:
                 HV = vmap(lambda t: jvp(g, (selected,), (t,))[1])(tangents)
-                return self.sel.join(HV) * nb
+                return HV, nb
             except RuntimeError as exc:  # ops without a working forward-over-reverse formula
                 if not any(s in str(exc) for s in _NO_FORWARD_OVER_REVERSE):
                     raise
@@ -162,7 +165,7 @@ class HessianOperator(_ModelCurvature):
         # the vjp of the gradient (H is symmetric: v^T H = (H v)^T), vmapped over the k tangents
         _, vjp_g = vjp(g, selected)
         (HV,) = vmap(vjp_g)(tangents)
-        return self.sel.join(HV) * nb
+        return HV, nb
 
 
 class _OutputSpaceOperator(_ModelCurvature):
@@ -198,7 +201,7 @@ class _OutputSpaceOperator(_ModelCurvature):
         MJV = M(JV.reshape(k, nb, -1).permute(1, 2, 0))  # [N, C, k]
         cot = MJV.permute(2, 0, 1).reshape(k, *out.shape).to(out.dtype)
         (JtMJV,) = vmap(vjp_fn)(cot)
-        return self.sel.join(JtMJV)
+        return JtMJV, 1.0
 
     def _scale(self, C: int) -> float:
         """Weight of one example's term in the batch sum: 1 for cross-entropy (the mean runs over
