@@ -36,17 +36,21 @@ SETUP = {
 def main() -> int:
     has_cuda = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
                               capture_output=True, text=True).stdout.strip() == "True"
+    probes = []  # (label, process): every probe at once (each is one interpreter start)
     for setup_name, setup in SETUP.items():
         if "cuda" in setup and not has_cuda:
             continue
         for what, body in (("pyfastbayes", OURS), ("torch", TORCH)):
             for dev in ([""] + ([", device='cuda'"] if has_cuda else [])):
                 code = "import faulthandler; faulthandler.enable()\nimport torch\n" + setup + body.format(dev=dev)
-                r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-                where = "cuda" if dev else "cpu"
-                print(f"probe: {what} refusal on {where}, {setup_name}: rc={r.returncode}", flush=True)
-                if r.returncode != 0:
-                    print("  " + "\n  ".join((r.stdout + r.stderr).strip().splitlines()[-12:]))
+                label = f"{what} refusal on {'cuda' if dev else 'cpu'}, {setup_name}"
+                probes.append((label, subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT, text=True)))
+    for label, proc in probes:
+        out, _ = proc.communicate(timeout=300)
+        print(f"probe: {label}: rc={proc.returncode}", flush=True)
+        if proc.returncode != 0:
+            print("  " + "\n  ".join(out.strip().splitlines()[-12:]))
     return 0
 
 
