@@ -1,0 +1,170 @@
+"""Directions in parameter space for loss landscapes, each a flat [P] vector over the model's
+trainable parameters in ``model.parameters()`` order (:class:`pyfastbayes.nn.ParamLayout`).
+
+- :func:`random_directions`: Gaussian directions with filter/layer normalisation (Li et al. 2018,
+  "Visualizing the Loss Landscape of Neural Nets"), so that a unit step has the scale of the weights.
+- :func:`directions_to`: the vectors from the model to other models (other minima, SWA means).
+- :func:`pca_directions`: the top principal directions of a training trajectory.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.params import ParamLayout
+
+__all__ = ["random_directions", "directions_to", "pca_directions"]
+
+NORMALIZATIONS = ("filter", "layer", "none")
+IGNORES = ("biasbn", None)
+_EPS = 1e-10  # as Li et al.: a zero weight filter gives a zero direction filter, never NaN
+
+
+def layout_of(model: nn.Module) -> ParamLayout:
+    """The model's :class:`ParamLayout` after refusing integer parameters anywhere in the model
+    (frozen ones included: a landscape moves floating-point weights only)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            raise TypeError(f"model: parameter {name!r} has dtype {p.dtype}; loss landscapes need floating-point "
+                            "parameters (turn integer tensors into buffers)")
+    return ParamLayout(model, owner="landscape")
+
+
+def _count(n, name: str, low: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if n < low:
+        raise ValueError(f"{name} must be >= {low}, got {n}")
+    return n
+
+
+def random_directions(model: nn.Module, n: int = 2, normalization: str = "filter", ignore: str | None = "biasbn",
+                      generator: torch.Generator | None = None) -> Tensor:
+    """n Gaussian directions [n, P] over the model's trainable parameters, normalised per filter.
+
+    Args:
+        model: the network (its trainable parameters, ``model.parameters()`` order, set P).
+        n: number of directions (>= 1).
+        normalization: ``'filter'``: each filter of a weight of dim >= 2 (a row of a Linear weight,
+            an output channel of a Conv weight: a slice along dim 0) is rescaled to the norm of the
+            matching filter of the weight; ``'layer'``: each tensor is rescaled to the norm of its
+            weight tensor; ``'none'``: the raw N(0, 1) draws.
+        ignore: ``'biasbn'``: parameters of dim <= 1 (biases, BatchNorm affine weights) get zero
+            direction; ``None``: they are normalised like a weight, by the whole vector's norm
+            (for ``'filter'`` and ``'layer'``).
+        generator: the random stream (its device is where the draws are made; default: the global
+            CPU generator). The same generator state gives the same directions.
+
+    Returns:
+        Tensor [n, P] in the parameters' (promoted) dtype, on their device.
+    """
+    layout = layout_of(model)
+    n = _count(n, "n", 1)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if ignore not in IGNORES:
+        raise ValueError(f"ignore must be 'biasbn' (zero direction for parameters of dim <= 1) or None, got {ignore!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    weights = layout.params()
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    # norms in float32 at least (fp16 weights would round the sums of squares)
+    work = torch.promote_types(layout.dtype, torch.float32)
+    out = torch.empty(n, layout.numel, dtype=layout.dtype, device=layout.device)
+    for k in range(n):
+        for w, o in zip(weights, layout.offsets):
+            size = w.numel()
+            # drawn tensor by tensor in layout order, so one generator state gives one result
+            d = torch.randn(w.shape, generator=generator, device=gen_device, dtype=work).to(w.device)
+            wf = w.to(work)
+            if w.dim() <= 1 and ignore == "biasbn":
+                d.zero_()
+            elif normalization == "filter" and w.dim() >= 2:
+                dr, wr = d.reshape(w.shape[0], -1), wf.reshape(w.shape[0], -1)
+                dr.mul_(wr.norm(dim=1, keepdim=True) / (dr.norm(dim=1, keepdim=True) + _EPS))
+            elif normalization != "none":  # 'layer', or a vector under 'filter': the whole tensor
+                d.mul_(wf.norm() / (d.norm() + _EPS))
+            out[k, o:o + size] = d.reshape(-1)
+    return out
+
+
+def directions_to(model: nn.Module, others) -> Tensor:
+    """The vectors from ``model`` to each of ``others``: [len(others), P], row i = flat(others[i]) -
+    flat(model) (so ``theta0 + 1 * row`` is the other model's parameters).
+
+    Args:
+        model: the centre (its trainable parameters set P).
+        others: a sequence of models with the same trainable parameters (names, shapes, dtypes),
+            or of flat [P] tensors, or one [k, P] tensor.
+    """
+    layout = layout_of(model)
+    theta0 = layout.flatten()
+    if torch.is_tensor(others):
+        if others.dim() == 1:
+            others = others[None]
+        rows = list(others)
+    elif isinstance(others, nn.Module) or isinstance(others, (str, bytes)):
+        raise TypeError("others must be a sequence of models or flat [P] tensors (wrap one model in a list)")
+    else:
+        try:
+            rows = list(others)
+        except TypeError:
+            raise TypeError("others must be a sequence of models or flat [P] tensors, "
+                            f"got {type(others).__name__}") from None
+    if not rows:
+        raise ValueError("others is empty: pass at least one model (or flat [P] tensor)")
+    out = torch.empty(len(rows), layout.numel, dtype=layout.dtype, device=layout.device)
+    for i, other in enumerate(rows):
+        if isinstance(other, nn.Module):
+            why = layout.difference(layout_of(other))
+            if why:
+                raise ValueError(f"others[{i}] has other trainable parameters than model ({why})")
+            flat = layout.flatten(other)
+        elif torch.is_tensor(other) and other.is_floating_point():
+            if other.shape != (layout.numel,):
+                raise ValueError(f"others[{i}] must be a flat [P] tensor with P = {layout.numel}, "
+                                 f"got {tuple(other.shape)}")
+            flat = other
+        else:
+            raise TypeError(f"others[{i}] must be a model or a floating-point [P] tensor, got {type(other).__name__}")
+        torch.sub(flat.to(out.device, out.dtype), theta0, out=out[i])
+    return out
+
+
+def pca_directions(trajectory: Tensor, n: int = 2) -> tuple[Tensor, Tensor]:
+    """Top-n principal directions of a trajectory of flat parameters (e.g. saved every epoch).
+
+    The trajectory is centred on its mean and decomposed with ``torch.linalg.svd``; each direction
+    is a unit vector, its sign fixed so that its largest-magnitude entry is positive.
+
+    Args:
+        trajectory: [T, P] floating point, T >= 2 (one row per saved parameter vector).
+        n: directions wanted, 1 <= n <= min(T - 1, P) (the centred rows span at most T - 1).
+
+    Returns:
+        (directions [n, P] in the trajectory's dtype, explained_variance_ratio [n] float64: the
+        fraction of the trajectory's total variance along each direction).
+    """
+    if not torch.is_tensor(trajectory) or not trajectory.is_floating_point():
+        raise TypeError(f"trajectory must be a floating-point tensor [T, P], got {type(trajectory).__name__}"
+                        + (f" of dtype {trajectory.dtype}" if torch.is_tensor(trajectory) else ""))
+    if trajectory.dim() != 2 or trajectory.shape[0] < 2:
+        raise ValueError(f"trajectory must be [T, P] with T >= 2 rows, got {tuple(trajectory.shape)}")
+    T, P = trajectory.shape
+    n = _count(n, "n", 1)
+    if n > min(T - 1, P):
+        raise ValueError(f"n must be <= min(T - 1, P) = {min(T - 1, P)} for a trajectory of shape {(T, P)}, got {n}")
+    work = torch.promote_types(trajectory.dtype, torch.float32)
+    X = trajectory.to(work)
+    X = X - X.mean(dim=0, keepdim=True)
+    _, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    dirs = Vh[:n].clone()
+    # deterministic signs: the largest-magnitude entry of each direction is positive
+    idx = dirs.abs().argmax(dim=1, keepdim=True)
+    dirs.mul_(torch.sign(dirs.gather(1, idx)))
+    var = S.double() ** 2
+    total = var.sum()
+    ratio = var[:n] / total if total > 0 else torch.zeros(n, dtype=torch.float64, device=var.device)
+    return dirs.to(trajectory.dtype), ratio

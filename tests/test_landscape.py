@@ -1,0 +1,298 @@
+"""Loss landscapes: random / to-model / PCA directions, the vmapped grid against a one-point loop,
+an analytic quadratic surface, LandscapeResult files and plots, and the refusals."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pyfastbayes.landscape import (LandscapeResult, directions_to, grid, interpolate, pca_directions,
+                                   random_directions)
+from pyfastbayes.landscape.grid import _points
+from pyfastbayes.nn import ParamLayout
+from tests._helpers import require
+
+
+def _acc(out, y):
+    return (out.argmax(-1) == y).float().mean()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _cnn():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    # non-trivial running statistics, so eval mode differs from batch statistics
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 2, 6, 6) * 2 + 1)
+    return m
+
+
+def _data(shape, n=(7, 5, 6)):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(k, *shape, generator=g), torch.randint(0, 3, (k,), generator=g)) for k in n]
+
+
+def _reference(model, loss_fn, data, directions, coords):
+    """One point at a time: a fresh copy of the model with the parameters written, plain forward,
+    the mean loss over all examples."""
+    layout = ParamLayout(model)
+    theta0 = layout.flatten().double()
+    axes = [torch.as_tensor(c, dtype=torch.float64) for c in coords]
+    out = torch.zeros(*[len(a) for a in axes], dtype=torch.float64)
+    for idx in torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(-1, len(axes)):
+        theta = theta0.clone()
+        for k, i in enumerate(idx):
+            theta += axes[k][i] * directions[k].double()
+        m = copy.deepcopy(model).eval()
+        ParamLayout(m).write_(theta.float(), m)
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for x, y in data:
+                tot += float(loss_fn(m(x), y)) * len(y)
+                n += len(y)
+        out[tuple(idx)] = tot / n
+    return out
+
+
+@pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_cnn, (2, 6, 6))], ids=["mlp", "cnn_bn"])
+def test_grid_matches_point_loop(make, shape):
+    model = make()
+    model.train()  # grid must evaluate in eval mode and give the modes back
+    data = _data(shape)
+    d = random_directions(model, 2, generator=torch.Generator().manual_seed(5))
+    coords = (torch.linspace(-1, 1, 4), torch.linspace(-0.5, 1.5, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    res = grid(model, loss_fn, data, d, coords, metrics={"acc": _acc}, batch_points=5, progress=False)
+    ref = _reference(model, loss_fn, data, d, coords)
+    assert res.loss.shape == (4, 3) and res.loss.dtype == torch.float64
+    torch.testing.assert_close(res.loss, ref, rtol=1e-5, atol=1e-5)
+    ref_acc = _reference(model, _acc, data, d, coords)
+    torch.testing.assert_close(res.metrics["acc"], ref_acc, rtol=0, atol=1e-6)
+    assert all(m.training for m in model.modules())
+    # 1-D, default chunking: the same values as the first row of the plane through beta = 0
+    res1 = grid(model, loss_fn, data, d[:1], torch.tensor([-1.0, 0.0, 2.0]), progress=False)
+    torch.testing.assert_close(res1.loss, _reference(model, loss_fn, data, d[:1], (torch.tensor([-1.0, 0.0, 2.0]),)),
+                               rtol=1e-5, atol=1e-5)
+
+
+class _Quadratic(nn.Module):
+    """out [N, 2] = x * w: with the loss below, L(w) = a + b w1^2 + c w2^2 for x of ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -1.0], dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_quadratic_surface_is_analytic():
+    a, b, c = 0.3, 2.0, 0.5
+    model = _Quadratic()
+    loss_fn = lambda out, y: (a + b * out[:, 0] ** 2 + c * out[:, 1] ** 2).mean()  # noqa: E731
+    data = [(torch.ones(k, 2, dtype=torch.float64), torch.zeros(k)) for k in (3, 2)]
+    alphas, betas = torch.linspace(-2, 2, 9), torch.linspace(-1, 3, 5)
+    d = torch.eye(2, dtype=torch.float64)
+    res = grid(model, loss_fn, data, d, (alphas, betas), batch_points=7, progress=False)
+    A, B = torch.meshgrid(alphas.double(), betas.double(), indexing="ij")
+    torch.testing.assert_close(res.loss, a + b * (0.5 + A) ** 2 + c * (-1.0 + B) ** 2, rtol=1e-12, atol=1e-12)
+    # the model's own parameters are never written
+    assert model.w.tolist() == [0.5, -1.0]
+
+
+def test_points_helper():
+    theta0, d, co = torch.randn(7), torch.randn(2, 7), torch.randn(4, 2)
+    out = torch.full((4, 7), float("nan"))
+    assert _points(theta0, d, co, out) is out
+    torch.testing.assert_close(out, theta0 + co @ d)
+
+
+def test_interpolate_ends_are_the_two_models():
+    a, b = _mlp(), _mlp()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p))
+    data, loss_fn = _data((5,)), nn.CrossEntropyLoss()
+    res = interpolate(a, b, 5, loss_fn, data, progress=False)
+    torch.testing.assert_close(res.coords[0], torch.linspace(0, 1, 5, dtype=torch.float64))
+
+    def mean_loss(m):
+        return sum(float(loss_fn(m(x), y)) * len(y) for x, y in data) / sum(len(y) for _, y in data)
+    with torch.no_grad():
+        assert res.loss[0].item() == pytest.approx(mean_loss(a), rel=1e-5)
+        assert res.loss[-1].item() == pytest.approx(mean_loss(b), rel=1e-5)
+
+
+# ---- directions ------------------------------------------------------------------------------------------
+def test_filter_normalisation():
+    model = _cnn()
+    layout = ParamLayout(model)
+    d = random_directions(model, 3, generator=torch.Generator().manual_seed(0))
+    assert d.shape == (3, layout.numel)
+    for k in range(3):
+        parts = layout.unflatten(d[k])
+        for (name, w) in model.named_parameters():
+            if w.dim() <= 1:
+                assert parts[name].abs().max() == 0, name  # ignore='biasbn'
+            else:
+                torch.testing.assert_close(parts[name].reshape(w.shape[0], -1).norm(dim=1),
+                                           w.detach().reshape(w.shape[0], -1).norm(dim=1), rtol=1e-5, atol=1e-6)
+    # reproducible with a generator, different with another seed
+    assert torch.equal(d, random_directions(model, 3, generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(d, random_directions(model, 3, generator=torch.Generator().manual_seed(1)))
+
+
+def test_layer_normalisation_and_no_ignore():
+    model = _mlp()
+    layout = ParamLayout(model)
+    d = random_directions(model, 1, normalization="layer", ignore=None, generator=torch.Generator().manual_seed(2))[0]
+    for name, w in model.named_parameters():
+        part = layout.unflatten(d)[name]
+        assert part.norm().item() == pytest.approx(w.detach().norm().item(), rel=1e-5)
+        assert part.abs().max() > 0
+    # filter normalisation with ignore=None: vectors are normalised by their whole norm too
+    d = random_directions(model, 1, ignore=None, generator=torch.Generator().manual_seed(2))[0]
+    part = layout.unflatten(d)["0.bias"]
+    assert part.norm().item() == pytest.approx(model[0].bias.detach().norm().item(), rel=1e-5)
+    raw = random_directions(model, 1, normalization="none", generator=torch.Generator().manual_seed(2))[0]
+    # 'none': the raw N(0, 1) draws, tensor by tensor in layout order; biases still zero (ignore='biasbn')
+    w0 = model[0].weight
+    torch.testing.assert_close(layout.unflatten(raw)["0.weight"],
+                               torch.randn(w0.shape, generator=torch.Generator().manual_seed(2)))
+    assert layout.unflatten(raw)["0.bias"].abs().max() == 0
+
+
+def test_directions_to():
+    a, b, c = _mlp(), _mlp(), _mlp()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1.0)
+        for p in c.parameters():
+            p.mul_(3.0)
+    la = ParamLayout(a)
+    d = directions_to(a, [b, c])
+    assert d.shape == (2, la.numel)
+    torch.testing.assert_close(d[0], torch.ones(la.numel))
+    torch.testing.assert_close(d[1], 2 * la.flatten())
+    torch.testing.assert_close(directions_to(a, la.flatten() + 4), torch.full((1, la.numel), 4.0))
+    with pytest.raises(ValueError, match="others\\[0\\] has other trainable parameters"):
+        directions_to(a, [_cnn()])
+    with pytest.raises(ValueError, match="others is empty"):
+        directions_to(a, [])
+
+
+def test_pca_directions_known_trajectory():
+    # points along 3 e0 (large spread) and e2 (small spread), plus the mean offset
+    t = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    s = torch.tensor([0.5, -0.5, 0.0, -0.5, 0.5], dtype=torch.float64)  # zero mean, orthogonal to t
+    traj = torch.zeros(5, 4, dtype=torch.float64)
+    traj[:, 0] = -3 * t + 7
+    traj[:, 2] = s + 1
+    dirs, ratio = pca_directions(traj, 2)
+    torch.testing.assert_close(dirs, torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]], dtype=torch.float64))
+    var0, var2 = (9 * t ** 2).sum(), ((s - s.mean()) ** 2).sum()
+    torch.testing.assert_close(ratio, torch.stack([var0, var2]) / (var0 + var2))
+    with pytest.raises(ValueError, match="n must be <= min"):
+        pca_directions(traj, 5)
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+def _result2d():
+    a, b = torch.linspace(-1, 1, 4), torch.linspace(0, 2, 3)
+    A, B = torch.meshgrid(a, b, indexing="ij")
+    return LandscapeResult((a, b), A ** 2 + B, {"acc": A * 0 + 0.5})
+
+
+def test_result_save_load_round_trip(tmp_path):
+    r = _result2d()
+    path = tmp_path / "land.npz"
+    r.save(path)
+    q = LandscapeResult.load(path)
+    assert len(q.coords) == 2 and all(torch.equal(x, y) for x, y in zip(q.coords, r.coords))
+    assert torch.equal(q.loss, r.loss) and q.metrics.keys() == {"acc"}
+    assert torch.equal(q.metrics["acc"], r.metrics["acc"])
+    r1 = LandscapeResult((torch.arange(3.0),), torch.tensor([1.0, 0.0, 1.0]))
+    r1.save(tmp_path / "line")
+    q1 = LandscapeResult.load(tmp_path / "line")
+    assert q1.ndim == 1 and torch.equal(q1.loss, r1.loss) and q1.metrics == {}
+    with pytest.raises(ValueError, match="loss must have shape"):
+        LandscapeResult((torch.arange(3.0),), torch.zeros(4))
+
+
+def test_plots_return_axes():
+    mpl = require("matplotlib")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = _result2d()
+    ax = r.plot_contour(points={"SWA": (0.0, 1.0)})
+    assert ax.get_xlabel() == "alpha" and len(ax.lines) == 1
+    ax3 = r.plot_surface(metric="acc")
+    assert ax3.name == "3d"
+    r1 = LandscapeResult((torch.arange(3.0),), torch.tensor([1.0, 0.0, 1.0]))
+    ax1 = r1.plot_line()
+    assert len(ax1.lines) == 1
+    with pytest.raises(ValueError, match="plot_line"):
+        r1.plot_contour()
+    with pytest.raises(ValueError, match="metric"):
+        r.plot_contour(metric="nope")
+    plt.close("all")
+
+
+# ---- refusals ---------------------------------------------------------------------------------------------
+def test_bad_inputs():
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    P = ParamLayout(model).numel
+    data = _data((5,))
+    d2 = torch.randn(2, P)
+    ab = (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 3))
+    with pytest.raises(ValueError, match="P = "):
+        grid(model, loss_fn, data, torch.randn(2, P + 1), ab, progress=False)
+    with pytest.raises(ValueError, match="m = 1 or 2"):
+        grid(model, loss_fn, data, torch.randn(3, P), ab, progress=False)
+    with pytest.raises(ValueError, match="at least 2 offsets"):
+        grid(model, loss_fn, data, d2, (torch.tensor([0.0]), torch.linspace(-1, 1, 3)), progress=False)
+    with pytest.raises(TypeError, match="coords must be a pair"):
+        grid(model, loss_fn, data, d2, torch.linspace(-1, 1, 3), progress=False)
+    with pytest.raises(ValueError, match="no examples"):
+        grid(model, loss_fn, [], d2, ab, progress=False)
+    with pytest.raises(ValueError, match="no examples"):
+        grid(model, loss_fn, [(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))], d2, ab, progress=False)
+    with pytest.raises(ValueError, match="bn must be one of"):
+        grid(model, loss_fn, data, d2, ab, bn="recompute", progress=False)
+    with pytest.raises(TypeError, match="directions must be a floating-point"):
+        grid(model, loss_fn, data, torch.ones(2, P, dtype=torch.long), ab, progress=False)
+    with pytest.raises(ValueError, match="batch_points"):
+        grid(model, loss_fn, data, d2, ab, batch_points=0, progress=False)
+    with pytest.raises(ValueError, match="normalization must be"):
+        random_directions(model, normalization="batch")
+    with pytest.raises(ValueError, match="ignore must be"):
+        random_directions(model, ignore="bias")
+    with pytest.raises(ValueError, match="steps"):
+        interpolate(model, _mlp(), 1, loss_fn, data)
+    bad = _mlp()
+    bad.register_parameter("count", nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False))
+    with pytest.raises(TypeError, match="'count' has dtype torch.int64"):
+        random_directions(bad)
+    with pytest.raises(TypeError, match="'count' has dtype"):
+        grid(bad, loss_fn, data, d2, ab, progress=False)
+
+
+def test_dataloader_and_single_batch_data():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    data = _data((5,))
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    d = random_directions(model, 1, generator=torch.Generator().manual_seed(4))
+    coords = torch.linspace(-1, 1, 5)
+    ref = grid(model, loss_fn, data, d, coords, progress=False).loss
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)  # batches 4, 4, 4, 4, 2: another split
+    torch.testing.assert_close(grid(model, loss_fn, loader, d, coords, progress=False).loss, ref)
+    torch.testing.assert_close(grid(model, loss_fn, (x, y), d, coords, progress=True).loss, ref)
