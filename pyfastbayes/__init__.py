@@ -22,4 +22,14 @@ from .nn import update_bn  # noqa: E402
 from .posteriors import SWA, SWAG, MultiSWAG, SampleBuffer  # noqa: E402
 
 __all__ = ["build_info", "ops", "nn", "optim", "posteriors", "calibration", "bma", "SWAG", "SWA", "MultiSWAG",
-           "SampleBuffer", "update_bn", "__version__"]
+           "SampleBuffer", "update_bn", "__version__", "curvature", "landscape"]
+
+_LAZY = ("curvature", "landscape")  # imported on first use: they pull in torch.func and matplotlib
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,110 @@
+"""Loss landscapes: a 2-D grid of losses around a trained point, side by side with what a user
+would otherwise run.
+
+Baselines in the same run: a plain loop of ``torch.func.functional_call`` (fresh parameters per
+point, the way tomgoldstein/loss-landscape evaluates), ``vmap`` over chunks of points (each data
+batch read once per chunk), and loss-landscapes' ``random_plane`` (``pip install loss-landscapes``;
+its own points, same count). Sizes: CPU, the digits MLP 64-128-128-10 on all 1797 digits, 25 x 25;
+CUDA, MLP 784-512-512-10 on 10 000 random inputs, 21 x 21; ``--quick`` smaller. ``GFLOP/s`` counts
+the forward multiply-adds of every point (2 flops each).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bench.common import bench, row
+
+SUITE = "landscape"
+
+
+def _problem(device: str, quick: bool):
+    if device == "cuda" and not quick:
+        widths, n = (784, 512, 512, 10), 10_000
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
+    else:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.data, dtype=torch.float32) / 16
+        y = torch.tensor(d.target)
+        widths = (64, 128, 128, 10)
+        if quick:
+            x, y = x[:400], y[:400]
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1]).to(device)
+    return model, x.to(device), y.to(device), widths
+
+
+def _flops(widths, n_inputs: int, n_points: int) -> float:
+    return 2.0 * n_inputs * n_points * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def _loop(model, loss_fn, x, y, theta0, D, alphas, betas, names, shapes, sizes):
+    from torch.func import functional_call
+
+    out = torch.empty(len(alphas), len(betas), dtype=torch.float64)
+    for i, a in enumerate(alphas):
+        for j, b in enumerate(betas):
+            flat = theta0 + a * D[0] + b * D[1]
+            ps = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+            out[i, j] = float(loss_fn(functional_call(model, ps, (x,)), y))
+    return out
+
+
+def _vmap_chunks(model, loss_fn, x, y, theta0, D, alphas, betas, names, shapes, sizes, chunk=64):
+    from torch.func import functional_call, vmap
+
+    coords = torch.cartesian_prod(alphas, betas).to(theta0)
+    losses = []
+    for c in coords.split(chunk):
+        thetas = torch.addmm(theta0.unsqueeze(0), c, D)
+
+        def one(flat):
+            ps = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+            return loss_fn(functional_call(model, ps, (x,)), y)
+
+        losses.append(vmap(one)(thetas))
+    return torch.cat(losses).view(len(alphas), len(betas))
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    from pyfastbayes.landscape import grid, random_directions
+
+    model, x, y, widths = _problem(device, quick)
+    loss_fn = nn.CrossEntropyLoss()
+    steps = 25 if device == "cpu" and not quick else (21 if not quick else 9)
+    alphas = betas = torch.linspace(-1, 1, steps)
+    D = random_directions(model, n=2, normalization="filter", generator=torch.Generator().manual_seed(1)).to(device)
+    named = [(n, p) for n, p in model.named_parameters()]
+    names, shapes = [n for n, _ in named], [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+    theta0 = torch.cat([p.detach().reshape(-1) for _, p in named])
+    rep = dict(warmup=1, repeat=3)
+    case = f"{steps}x{steps} grid, MLP {'-'.join(map(str, widths))}, {len(x)} inputs"
+    flops = _flops(widths, len(x), steps * steps)
+    with torch.no_grad():
+        timed = {
+            "plain loop of functional_call": bench(lambda: _loop(model, loss_fn, x, y, theta0, D, alphas, betas, names,
+                                                                 shapes, sizes), device, **rep),
+            "vmap over chunks of 64 points": bench(lambda: _vmap_chunks(model, loss_fn, x, y, theta0, D, alphas, betas,
+                                                                        names, shapes, sizes), device, **rep),
+        }
+        try:
+            import loss_landscapes
+            import loss_landscapes.metrics as llm
+
+            metric = llm.Loss(loss_fn, x, y)
+            timed["loss-landscapes random_plane"] = bench(
+                lambda: loss_landscapes.random_plane(model, metric, distance=1, steps=steps, normalization="filter",
+                                                     deepcopy_model=True), device, **rep)
+        except ImportError:
+            print("# bench_landscape: loss-landscapes cannot be imported; its row is left out")
+        timed["pyfastbayes landscape.grid"] = bench(
+            lambda: grid(model, loss_fn, (x, y), D, (alphas, betas), progress=False), device, **rep)
+    ref = timed["plain loop of functional_call"]
+    return [row(SUITE, case, impl, ms, ref, GFLOPs=round(flops / ms / 1e6, 1)) for impl, ms in timed.items()]
