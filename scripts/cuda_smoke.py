@@ -110,9 +110,27 @@ def curvature() -> None:
                 close(gpu, cpu, 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2)
 
 
+def landscape() -> None:
+    """landscape_points_: m = 1, 2, 8 directions, few and many points (the y split of the grid),
+    several coords tiles per block (float32 only), float64 and same-dtype coords, every dtype; CPU
+    and CUDA agree bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1, 1, 1), (1000, 2, 37), (70_001, 8, 3), (33, 2, 5000), (280_001, 1, 40)]  # last: several tiles
+    for (P, m, n), dtype in ((s, d) for s in shapes for d in DTYPES):
+        if P * n > 1_000_000 and dtype != torch.float32:
+            continue
+        th = torch.randn(P, generator=g, dtype=torch.float64).to(dtype)
+        D = torch.randn(m, P, generator=g, dtype=torch.float64).to(dtype)
+        for c in (torch.randn(n, m, generator=g, dtype=torch.float64), torch.randn(n, m, generator=g).to(dtype)):
+            cpu, gpu = torch.empty(n, P, dtype=dtype), torch.empty(n, P, dtype=dtype, device="cuda")
+            ops.landscape_points_(th, D, c, cpu, backend="native")
+            ops.landscape_points_(th.cuda(), D.cuda(), c.cuda(), gpu, backend="native")
+            assert torch.equal(gpu.cpu(), cpu), ("landscape_points_", P, m, n, dtype, c.dtype)
+
+
 def main() -> int:
     assert pyfastbayes.build_info()["cuda"], "a CUDA build of pyfastbayes is needed"
-    for check in (random, sgmcmc, swag, calibration, curvature):
+    for check in (random, sgmcmc, swag, calibration, curvature, landscape):
         check()
         torch.cuda.synchronize()
         print(f"cuda_smoke: {check.__name__} ok", flush=True)

@@ -1,0 +1,79 @@
+"""Reference of landscape_points_, the parameter vectors of a loss-landscape grid
+(see csrc/ops/landscape.cpp and csrc/common/landscape.h).
+
+For n points with coordinates ``coords`` [n, m] in the span of m directions [m, P] around the
+centre theta0 [P], row i of ``out`` [n, P] is written in place:
+
+    out[i] = theta0 + sum_j coords[i, j] * directions[j]
+
+Arithmetic in the op math type (float64 for float64 tensors, float32 for float32 / float16 /
+bfloat16); coords (float64 or the tensors' dtype) are rounded once to it. The sum starts from
+theta0 and adds the terms in the order j = 0..m-1, every product and every sum rounded on its own
+(separate torch mul and add, no fused multiply-add): the same bits as the native kernels. The
+result is rounded once to the tensors' dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, scalar_type, sizes
+
+MAX_DIRECTIONS = 8  # kLandscapeMaxDirs (csrc/common/landscape.h)
+_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_landscape_points_(theta0: Tensor, directions: Tensor, coords: Tensor, out: Tensor, *,
+                            fake: bool = False) -> None:
+    """The checks of ``landscape_points_`` (``check_landscape_points``, csrc/checks/landscape.h)."""
+    op = "landscape_points_"
+    check_meta_mix(op, theta0=theta0, directions=directions, coords=coords, out=out)
+    check_dense(op, theta0=theta0, directions=directions, coords=coords, out=out)
+    kernel = dispatch_device_type(theta0, directions, coords, out)
+    check(theta0.device.type.upper() == kernel, op, ": theta0 is on ", theta0.device, ", expected ", kernel)
+    check(theta0.dtype in _KERNEL_DTYPES, op, ": theta0 must be float64, float32, float16 or bfloat16, got ",
+          scalar_type(theta0.dtype))
+    check(theta0.dim() == 1, op, ": theta0 must be a 1-D [P] tensor, got shape ", sizes(theta0))
+    P = theta0.shape[0]
+    check(directions.device == theta0.device, op, ": directions is on ", directions.device, " but theta0 is on ",
+          theta0.device)
+    check(directions.dtype == theta0.dtype, op, ": directions must have the dtype of theta0 (",
+          scalar_type(theta0.dtype), "), got ", scalar_type(directions.dtype))
+    check(directions.dim() == 2 and directions.shape[1] == P, op, ": directions must be [m, P] with P = ", P,
+          " (theta0's length), got shape ", sizes(directions))
+    m = directions.shape[0]
+    check(1 <= m <= MAX_DIRECTIONS, op, ": directions must have 1 to ", MAX_DIRECTIONS,
+          " rows (m directions), got m = ", m)
+    check(coords.device == theta0.device, op, ": coords is on ", coords.device, " but theta0 is on ", theta0.device)
+    check(coords.dtype in (torch.float64, theta0.dtype), op, ": coords must be float64 or the dtype of theta0 (",
+          scalar_type(theta0.dtype), "), got ", scalar_type(coords.dtype))
+    check(coords.dim() == 2 and coords.shape[1] == m, op, ": coords must be [n, m] with m = ", m,
+          " (directions' rows), got shape ", sizes(coords))
+    n = coords.shape[0]
+    check(out.device == theta0.device, op, ": out is on ", out.device, " but theta0 is on ", theta0.device)
+    check(out.dtype == theta0.dtype, op, ": out must have the dtype of theta0 (", scalar_type(theta0.dtype), "), got ",
+          scalar_type(out.dtype))
+    check(out.dim() == 2 and out.shape[0] == n and out.shape[1] == P, op, ": out must be [n, P] = [", n, ", ", P,
+          "], got shape ", sizes(out))
+    check(out.is_contiguous(), op, ": out must be contiguous (it is written in place), got strides ",
+          sizes(out.stride()))
+    if fake:  # no memory to compare; out, checked contiguous, cannot overlap itself (and symbolic
+        return  # shapes would reach the element-wise self-overlap test)
+    (OverlapCheck(op).add(theta0, "theta0", False).add(directions, "directions", False)
+     .add(coords, "coords", False).add(out, "out", True).run())
+
+
+def landscape_points_(theta0: Tensor, directions: Tensor, coords: Tensor, out: Tensor) -> None:
+    """Reference of ``torch.ops.pyfastbayes.landscape_points_``: theta0 [P], directions [m, P],
+    coords [n, m] -> out [n, P] in place, out[i] = theta0 + sum_j coords[i, j] * directions[j]
+    (accumulated in the order j = 0..m-1, see the module docstring)."""
+    check_landscape_points_(theta0, directions, coords, out)
+    opmath = torch.float64 if theta0.dtype == torch.float64 else torch.float32
+    th = theta0.detach().to(opmath)
+    d = directions.detach().to(opmath)
+    c = coords.detach().to(opmath)
+    acc = th.unsqueeze(0).expand(out.shape[0], -1)
+    for j in range(d.shape[0]):
+        acc = acc + c[:, j, None] * d[j][None, :]  # a product, then a sum: each rounded once
+    with torch.no_grad():
+        out.copy_(acc)
