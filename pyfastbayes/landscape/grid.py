@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .. import ops
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from .directions import layout_of
@@ -27,8 +28,9 @@ _MAX_POINTS = 64           # ... and at most this many points (activations grow 
 
 
 def _points(theta0: Tensor, directions: Tensor, coords: Tensor, out: Tensor) -> Tensor:
-    """out [c, P] = theta0 [P] + coords [c, m] @ directions [m, P], written into ``out`` (one addmm)."""
-    return torch.addmm(theta0, coords, directions, out=out)
+    """out [c, P] = theta0 [P] + coords [c, m] @ directions [m, P], written into ``out`` by the fused
+    op ``landscape_points_`` (each output element once; coords float64 so offsets are exact)."""
+    return ops.landscape_points_(theta0, directions, coords, out)
 
 
 def _axis(c, name: str, dtype) -> Tensor:
@@ -119,7 +121,7 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
 
     theta0 = layout.flatten()
     dirs = directions.to(device=device, dtype=dtype)
-    pts_dev = pts.to(device=device, dtype=dtype)
+    pts_dev = pts.to(device=device, dtype=torch.float64)
     thetas = torch.empty(c, P, dtype=dtype, device=device)
     names = ["loss", *metrics]
     fns = [loss_fn, *metrics.values()]
