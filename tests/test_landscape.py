@@ -10,7 +10,7 @@ from pyfastbayes.landscape import (LandscapeResult, directions_to, grid, interpo
                                    random_directions)
 from pyfastbayes.landscape.grid import _points
 from pyfastbayes.nn import ParamLayout
-from tests._helpers import require
+from _helpers import require
 
 
 def _acc(out, y):
@@ -296,3 +296,20 @@ def test_dataloader_and_single_batch_data():
     loader = DataLoader(TensorDataset(x, y), batch_size=4)  # batches 4, 4, 4, 4, 2: another split
     torch.testing.assert_close(grid(model, loss_fn, loader, d, coords, progress=False).loss, ref)
     torch.testing.assert_close(grid(model, loss_fn, (x, y), d, coords, progress=True).loss, ref)
+
+
+def test_row_blocks_change_nothing_but_rounding():
+    """Splitting each data batch into blocks of rows (batch_rows) weights the blocks by their rows:
+    the same means as whole batches, for sizes that do and do not divide the batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(23, 5), torch.randint(0, 3, (23,))
+    d = random_directions(model, 2, generator=torch.Generator().manual_seed(1))
+    ab = (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 4))
+    whole = grid(model, nn.CrossEntropyLoss(), (x, y), d, ab, batch_rows=1000, progress=False)
+    for rows in (1, 5, 23):
+        part = grid(model, nn.CrossEntropyLoss(), [(x[:10], y[:10]), (x[10:], y[10:])], d, ab, batch_rows=rows,
+                    progress=False)
+        torch.testing.assert_close(part.loss, whole.loss, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_rows must be a positive int or None"):
+        grid(model, nn.CrossEntropyLoss(), (x, y), d, ab, batch_rows=0, progress=False)

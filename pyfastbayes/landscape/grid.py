@@ -33,6 +33,19 @@ def _points(theta0: Tensor, directions: Tensor, coords: Tensor, out: Tensor) -> 
     return ops.landscape_points_(theta0, directions, coords, out)
 
 
+_CPU_POINT_ROWS = 8_192  # points x rows evaluated together on the CPU (activations stay in cache)
+
+
+def _row_blocks(x, y: Tensor, nb: int, r: int | None):
+    """(inputs, targets, rows) of consecutive blocks of at most r rows of one batch (r None: the batch)."""
+    if r is None or nb <= r:
+        yield x, y, nb
+        return
+    for i in range(0, nb, r):
+        xr = tuple(a[i:i + r] for a in x) if isinstance(x, tuple) else x[i:i + r]
+        yield xr, y[i:i + r], min(r, nb - i)
+
+
 def _axis(c, name: str, dtype) -> Tensor:
     try:
         t = torch.as_tensor(c, dtype=dtype)
@@ -59,7 +72,8 @@ def _check_metrics(metrics) -> dict:
 
 
 def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics: dict | None = None,
-         bn: str = "eval", batch_points: int | None = None, progress: bool = True) -> LandscapeResult:
+         bn: str = "eval", batch_points: int | None = None, batch_rows: int | None = None,
+         progress: bool = True) -> LandscapeResult:
     """Mean loss (and metrics) of ``model`` at theta0 + offsets along 1 or 2 directions.
 
     Args:
@@ -76,6 +90,10 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         bn: ``'eval'`` (BatchNorm with the centre's running statistics at every point); the only
             mode supported so far.
         batch_points: points per chunk (default: thetas under 256 MiB, at most 64 points).
+        batch_rows: rows of a data batch evaluated together for the chunk's points (default: on the
+            CPU, 8 192 point-rows per block, e.g. 64 points x 128 rows, so the chunk's activations
+            stay in cache: ~1.5x faster than whole batches of 1797 digits; on CUDA the whole batch).
+            Blocks are weighted by their rows, so the result does not depend on it beyond rounding.
         progress: a tqdm bar over the chunks.
 
     Returns:
@@ -117,6 +135,12 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         if isinstance(batch_points, bool) or not isinstance(batch_points, int) or batch_points < 1:
             raise ValueError(f"batch_points must be a positive int or None, got {batch_points!r}")
         c = min(batch_points, n_pts)
+    if batch_rows is None:
+        r = max(1, _CPU_POINT_ROWS // c) if torch.device(layout.device).type == "cpu" else None
+    elif isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+        raise ValueError(f"batch_rows must be a positive int or None, got {batch_rows!r}")
+    else:
+        r = batch_rows
     data = as_batches(data)
 
     theta0 = layout.flatten()
@@ -146,7 +170,8 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             th = _points(theta0, dirs, pts_dev[s:e], thetas[:e - s])
             n = 0
             for x, y, nb in iterate(data, device):
-                sums[:, s:e].add_(batched(th, x, y).t(), alpha=nb)
+                for xr, yr, nr in _row_blocks(x, y, nb, r):
+                    sums[:, s:e].add_(batched(th, xr, yr).t(), alpha=nr)
                 n += nb
             if n == 0:
                 raise ValueError("data has no examples (no batch with rows): the mean loss is undefined")
