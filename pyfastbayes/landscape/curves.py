@@ -33,7 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature._model_data import as_batches, iterate
+from ..nn import ModeGuard
 from ..nn.params import ParamLayout, _difference
+from .grid import data_sums
 
 __all__ = ["BezierCurve", "PolyChain", "linear_path", "bezier_basis", "plot_curve"]
 
@@ -233,9 +235,7 @@ class _Curve(nn.Module):
         from tqdm.auto import tqdm
 
         history = torch.zeros(epochs, dtype=torch.float64)
-        was_training = self.template.training
-        self.template.train()
-        try:
+        with ModeGuard(self.template, True):
             with tqdm(total=epochs, desc="curve fit", leave=False,
                       disable=None if progress is None else not progress) as bar:
                 for e in range(epochs):
@@ -255,8 +255,6 @@ class _Curve(nn.Module):
                     history[e] = total / count
                     bar.update(1)
                     bar.set_postfix(loss=f"{history[e]:.4g}")
-        finally:
-            self.template.train(was_training)
         return history
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -270,6 +268,7 @@ class _Curve(nn.Module):
             loss_fn: loss_fn(outputs, targets) -> the scalar mean over the batch.
             data: one (inputs, targets) batch or a re-iterable of them, at least one row in all.
             metrics: optional name -> fn(outputs, targets) -> scalar batch mean (e.g. accuracy).
+            loss_fn and the metrics run under ``torch.vmap`` over the T points (torch's losses do).
 
         Returns a dict of float64 CPU tensors: 't' [T], 'loss' [T] (the mean over all rows of
         ``data``: batch means weighted by batch size) and one [T] entry per metric. The template's
@@ -284,29 +283,12 @@ class _Curve(nn.Module):
                 raise ValueError(f"metrics must map new names (not 't' or 'loss') to callables, got {name!r}")
         data = as_batches(data)
         self.layout.params(self.template)
-        out = {"t": torch.tensor(grid, dtype=torch.float64)}
-        sums = {k: torch.zeros(len(grid), dtype=torch.float64) for k in ["loss", *metrics]}
-        was_training = self.template.training
-        self.template.eval()
-        try:
-            for i, t in enumerate(grid):
-                params = self.layout.unflatten(self.point(t))
-                count = 0
-                for x, y, n in iterate(data, self.layout.device):
-                    args = x if isinstance(x, tuple) else (x,)
-                    outputs = torch.func.functional_call(self.template, params, args)
-                    sums["loss"][i] += float(loss_fn(outputs, y)) * n
-                    for name, fn in metrics.items():
-                        sums[name][i] += float(fn(outputs, y)) * n
-                    count += n
-                if count == 0:
-                    raise ValueError("data has no rows: nothing to evaluate on")
-                for v in sums.values():
-                    v[i] /= count
-        finally:
-            self.template.train(was_training)
-        out.update(sums)
-        return out
+        thetas = torch.stack([self.point(t) for t in grid])  # [T, P]: every batch read once for all t
+        with ModeGuard(self.template, False):
+            sums, count = data_sums(self.template, self.layout, thetas, data, [loss_fn, *metrics.values()], None)
+        means = (sums / count).cpu()
+        return {"t": torch.tensor(grid, dtype=torch.float64),
+                **{k: means[i] for i, k in enumerate(["loss", *metrics])}}
 
     def extra_repr(self) -> str:
         return f"n_bends={self.n_bends}, P={self.layout.numel}"

@@ -71,6 +71,33 @@ def _check_metrics(metrics) -> dict:
     return dict(metrics)
 
 
+def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows: int | None) -> tuple[Tensor, int]:
+    """One pass over ``data`` for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s
+    order): returns (sums [len(fns), c] float64, N), sums[f, i] = sum over the batches of rows x
+    fns[f](model at thetas[i] on the batch, targets), i.e. N times the mean over the data. Every
+    batch is read once for all c points (``torch.vmap`` over ``functional_call``), in blocks of at
+    most ``rows`` rows (None: whole batches). The caller sets no_grad and the model's mode."""
+    f64 = torch.float64
+
+    def values(theta: Tensor, x, y: Tensor) -> Tensor:
+        out = functional_call(model, layout.unflatten(theta), x if isinstance(x, tuple) else (x,))
+        if not torch.is_tensor(out):
+            raise TypeError(f"the model must return a tensor of outputs, got {type(out).__name__}")
+        return torch.stack([torch.as_tensor(f(out, y), dtype=out.dtype, device=out.device).reshape(()).to(f64)
+                            for f in fns])
+
+    batched = torch.vmap(values, in_dims=(0, None, None))
+    sums = torch.zeros(len(fns), thetas.shape[0], dtype=f64, device=thetas.device)
+    n = 0
+    for x, y, nb in iterate(data, thetas.device):
+        for xr, yr, nr in _row_blocks(x, y, nb, rows):
+            sums.add_(batched(thetas, xr, yr).t(), alpha=nr)
+        n += nb
+    if n == 0:
+        raise ValueError("data has no examples (no rows in any batch): the mean loss is undefined")
+    return sums, n
+
+
 def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics: dict | None = None,
          bn: str = "eval", batch_points: int | None = None, batch_rows: int | None = None,
          progress: bool = True) -> LandscapeResult:
@@ -150,15 +177,6 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
     names = ["loss", *metrics]
     fns = [loss_fn, *metrics.values()]
     sums = torch.zeros(len(names), n_pts, dtype=f64, device=device)
-
-    def values(theta: Tensor, x, y: Tensor) -> Tensor:
-        out = functional_call(model, layout.unflatten(theta), x if isinstance(x, tuple) else (x,))
-        if not torch.is_tensor(out):
-            raise TypeError(f"the model must return a tensor of outputs, got {type(out).__name__}")
-        return torch.stack([torch.as_tensor(f(out, y), dtype=out.dtype, device=out.device).reshape(()).to(f64)
-                            for f in fns])
-
-    batched = torch.vmap(values, in_dims=(0, None, None))
     starts = range(0, n_pts, c)
     if progress:
         from tqdm.auto import tqdm
@@ -168,13 +186,7 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         for s in starts:
             e = min(s + c, n_pts)
             th = _points(theta0, dirs, pts_dev[s:e], thetas[:e - s])
-            n = 0
-            for x, y, nb in iterate(data, device):
-                for xr, yr, nr in _row_blocks(x, y, nb, r):
-                    sums[:, s:e].add_(batched(th, xr, yr).t(), alpha=nr)
-                n += nb
-            if n == 0:
-                raise ValueError("data has no examples (no batch with rows): the mean loss is undefined")
+            sums[:, s:e], n = data_sums(model, layout, th, data, fns, r)
             if total is not None and n != total:
                 raise ValueError(f"data gave {n} examples on one pass and {total} on another: every pass must see "
                                  "the same data (a DataLoader with drop_last and shuffling changes nothing, but a "
