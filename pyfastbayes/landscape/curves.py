@@ -248,11 +248,11 @@ class _Curve(nn.Module):
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
-                        total += float(loss.detach()) * n
+                        total += loss.detach().double() * n  # on the device: no host sync per step
                         count += n
                     if count == 0:
                         raise ValueError("data has no rows: nothing to train on")
-                    history[e] = total / count
+                    history[e] = float(total) / count
                     bar.update(1)
                     bar.set_postfix(loss=f"{history[e]:.4g}")
         return history
