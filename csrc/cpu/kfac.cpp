@@ -1,0 +1,59 @@
+// CPU kernel of kfac_factor_: gram = x^T x and colsum by ATen (GEMM: MKL / OpenBLAS, row chunks
+// when x is converted; common/kfac.h: kfac_gram), then one pass over factor [D, D] in square
+// tiles of kTile x kTile, the tile rows split over threads (at::parallel_for, OpenMP): each
+// element gets kfac_update (the CUDA kernel's function). Tiles keep the transposed reads
+// gram[j, i] of a tile within a few KiB (the rows of gram it touches stay in L1).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "checks/kfac.h"
+#include "common/kfac.h"
+
+namespace pyfastbayes::cpu {
+namespace {
+
+constexpr int64_t kTile = 64;  // a 64 x 64 tile of factor: 32 KiB of doubles, plus the transposed tile of gram
+
+// Rows [i0, i1) of factor, in tiles of up to kTile x kTile elements.
+template <typename T>
+void kfac_rows(T* f, const T* gram, const T* colsum, KfacScalars<T> s, int64_t d, int64_t D, int64_t i0,
+               int64_t i1) {
+  for (int64_t ib = i0; ib < i1; ib += kTile) {
+    const int64_t ie = std::min(ib + kTile, i1);
+    for (int64_t jb = 0; jb < D; jb += kTile) {
+      const int64_t je = std::min(jb + kTile, D);
+      for (int64_t i = ib; i < ie; ++i) {
+        T* row = f + i * D;
+        for (int64_t j = jb; j < je; ++j) row[j] = kfac_update(row[j], gram, colsum, s, d, i, j);
+      }
+    }
+  }
+}
+
+void kfac_factor_cpu(const at::Tensor& factor, const at::Tensor& x, double scale, bool bias) {
+  check_kfac_factor(factor, x, scale, bias, c10::DeviceType::CPU);
+  const int64_t M = x.size(0), d = x.size(1), D = factor.size(0);
+  if (M == 0) return;  // nothing to add (and factor keeps every bit)
+  at::Tensor gram, colsum;
+  std::tie(gram, colsum) = kfac_gram(x, factor.scalar_type(), bias);
+  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "kfac_factor_", [&] {
+    const KfacScalars<scalar_t> s = kfac_scalars<scalar_t>(scale, M);
+    scalar_t* f = factor.data_ptr<scalar_t>();
+    const scalar_t* g = gram.const_data_ptr<scalar_t>();
+    const scalar_t* c = bias ? colsum.const_data_ptr<scalar_t>() : nullptr;  // never read without the bias
+    // a task covers whole tiles of rows, at least about 64 K elements
+    const int64_t grain = kTile * std::max<int64_t>(1, 65536 / (kTile * D));
+    at::parallel_for(0, D, grain, [&](int64_t i0, int64_t i1) { kfac_rows<scalar_t>(f, g, c, s, d, D, i0, i1); });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) { m.impl("kfac_factor_", &kfac_factor_cpu); }
+
+}  // namespace pyfastbayes::cpu
