@@ -286,6 +286,7 @@ def sparse_calls():
         ("loss_hessian", "V", lambda: P.loss_hessian("mse", torch.zeros(2, 3), torch.zeros(2, 3, 1).to_sparse())),
         ("landscape_points_", "coords", lambda: P.landscape_points_(d4, torch.zeros(1, 4), torch.zeros(2, 1).to_sparse(),
                                                                     torch.zeros(2, 4))),
+        ("kfac_factor_", "x", lambda: P.kfac_factor_(torch.zeros(5, 5), torch.zeros(3, 4).to_sparse(), 1.0, True)),
     ]
 
 
@@ -299,7 +300,7 @@ def test_sparse_inputs_raise_a_clear_error(op, arg, call):
 
 def test_every_op_refuses_sparse_inputs():
     ops = sorted({n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyfastbayes::")})
-    assert len(ops) >= 11
+    assert len(ops) >= 12
     for name in ops:
         for key in ["SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA"]:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfastbayes::{name}", key), (name, key)

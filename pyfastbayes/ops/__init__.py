@@ -11,6 +11,7 @@ from . import layouts
 from ._dispatch import BACKENDS, default_backend, native_op, select
 from .calibration import calibration_bins
 from .curvature import loss_hessian
+from .kfac import kfac_factor_
 from .landscape import landscape_points_
 from .layouts import CALIB_DIAG, CALIB_STATS, HYPER, RNG, SWAG
 from .random import philox4x32, philox_normal_
@@ -19,4 +20,4 @@ from .swag import swag_collect_, swag_sample
 
 __all__ = ["philox4x32", "philox_normal_", "sgld_step_", "sghmc_step_", "psgld_step_", "any_nonfinite",
            "calibration_bins", "loss_hessian", "swag_collect_", "swag_sample", "native_op", "select", "default_backend",
-           "landscape_points_", "BACKENDS", "layouts", "HYPER", "RNG", "CALIB_STATS", "CALIB_DIAG", "SWAG"]
+           "landscape_points_", "kfac_factor_", "BACKENDS", "layouts", "HYPER", "RNG", "CALIB_STATS", "CALIB_DIAG", "SWAG"]
