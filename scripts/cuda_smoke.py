@@ -128,9 +128,29 @@ def landscape() -> None:
             assert torch.equal(gpu.cpu(), cpu), ("landscape_points_", P, m, n, dtype, c.dtype)
 
 
+def kfac() -> None:
+    """kfac_factor_: every (x, factor) dtype pair, with and without the bias, D = 1 to 300 (past a
+    block, not a multiple of it), x transposed on the device, two batches into one factor; the
+    GEMMs add in other orders, so CUDA and CPU agree to ~eps * the size of the terms, and both
+    stay exactly symmetric."""
+    g = torch.Generator().manual_seed(6)
+    pairs = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float32),
+             (torch.bfloat16, torch.float32), (torch.float32, torch.float64), (torch.bfloat16, torch.float64)]
+    for (M, d, bias), (xd, fd) in ((s, p) for s in [(1, 1, True), (300, 17, False), (2000, 299, True)] for p in pairs):
+        B = torch.randn(d + bias, d + bias, generator=g, dtype=torch.float64)
+        cpu = (B + B.t()).to(fd)
+        gpu = cpu.cuda()
+        for scale in (0.5, 2.0):
+            x = torch.randn(M, d, generator=g).to(xd)
+            ops.kfac_factor_(cpu, x, scale, bias, backend="native")
+            ops.kfac_factor_(gpu, x.t().contiguous().cuda().t(), scale, bias, backend="native")
+        assert torch.equal(gpu, gpu.t()) and torch.equal(cpu, cpu.t()), ("kfac_factor_ symmetry", M, d, xd, fd)
+        close(gpu / (M + 1), cpu / (M + 1), 1e-5 if fd == torch.float32 else 1e-12)
+
+
 def main() -> int:
     assert pyfastbayes.build_info()["cuda"], "a CUDA build of pyfastbayes is needed"
-    for check in (random, sgmcmc, swag, calibration, curvature, landscape):
+    for check in (random, sgmcmc, swag, calibration, curvature, landscape, kfac):
         check()
         torch.cuda.synchronize()
         print(f"cuda_smoke: {check.__name__} ok", flush=True)
