@@ -1,0 +1,17 @@
+"""Laplace approximations over a trained network's weights: KFAC (Kronecker-factored), diagonal and
+full, all weights or the last layer; the marginal likelihood and prior tuning; GLM (probit, bridge,
+MC) and sampling predictives.
+
+- :class:`Laplace` (laplace.py): the posterior (a :class:`pyfastbayes.posteriors.Posterior`).
+- factors.py: the curvature accumulated over the data (one forward and one batched backward per
+  batch; Kronecker factors through ``pyfastbayes.ops.kfac_factor_``).
+- eigenbasis.py: eigendecomposition of many factors at once (:func:`eigh_many`).
+- precision.py: the posterior precision per structure (log det, draws, J P^-1 J^T).
+- marglik.py: the log marginal likelihood and prior structures; predictive.py: link approximations.
+- _layers.py: which layers are supported and how their blocks are formed; _likelihood.py: losses,
+  targets, output-space directions.
+"""
+from .eigenbasis import eigh_many
+from .laplace import Laplace, RegressionPredictive
+
+__all__ = ["Laplace", "RegressionPredictive", "eigh_many"]

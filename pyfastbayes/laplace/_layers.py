@@ -1,0 +1,325 @@
+"""What Laplace knows about each kind of layer: which blocks its parameters form, and for one batch
+their per-example Jacobians and Kronecker-factor rows, from the layer's input ``a`` and the
+gradients ``g`` of m output-space directions with respect to the layer's output.
+
+Blocks. A Kronecker block holds a parameter matrix Theta [p, q] (rows: the "left" side, columns: the
+"right" side) whose curvature is approximated by L (x) R, L [p, p], R [q, q]; ``index`` [p, q] gives
+each entry's position in the flat [P] vector of :class:`pyfastbayes.nn.ParamLayout`.
+
+- ``nn.Linear`` (inputs [N, ..., in]: every leading position beyond N shares the weight): Theta =
+  [W | b] [out, in + 1] with L = G (output gradients) and R = A (inputs with the bias column) when
+  ``bias_block='joint'``; with 'separate' (laplace-torch's convention) W [out, in] (L = G, R = A) and
+  b [out, 1] (L = G, R = [[1]]).
+- ``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, zero padding): the same with the unfolded patches as
+  inputs (W viewed as [out, in * kernel]).
+- ``nn.Embedding``: Theta = W [V, D] with L = A (diagonal: token counts, stored as a vector) and
+  R = G [D, D].
+- Diagonal blocks: the affine parameters of LayerNorm, GroupNorm and BatchNorm (eval mode), and with
+  ``unsupported='diag'`` any other module's own parameters, from per-example gradients
+  (``torch.func``: vmap over examples and directions of the module's own forward).
+
+Weight sharing (positions t = 1..T beyond the batch dimension) follows Eschenhagen et al. (2023):
+'expand' treats the N*T positions as examples (A averaged over N*T rows, G summed over them);
+'reduce' averages the inputs and sums the output gradients over positions first.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+KRON_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+DIAG_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+SUPPORTED_TEXT = ("Kronecker-factored: Linear, Conv1d, Conv2d (groups=1, zero padding), Embedding; diagonal: "
+                  "LayerNorm, GroupNorm, BatchNorm (eval mode)")
+
+
+class Block:
+    """A group of parameters with one curvature structure (see the module docstring).
+
+    Attributes: name (for messages), kind ('kron' or 'diag'), index (flat positions: [p, q] for
+    'kron', [p] for 'diag'), p, q, left_diag (True when L is diagonal, stored as a vector)."""
+
+    def __init__(self, name: str, kind: str, index: Tensor, left_diag: bool = False):
+        self.name, self.kind, self.index, self.left_diag = name, kind, index, left_diag
+        self.p = index.shape[0]
+        self.q = index.shape[1] if kind == "kron" else 1
+
+    @property
+    def numel(self) -> int:
+        return self.index.numel()
+
+    def __repr__(self) -> str:
+        shape = f"{self.p}x{self.q}" if self.kind == "kron" else f"{self.p}"
+        return f"Block({self.name!r}, {self.kind}, {shape})"
+
+
+class KronRows:
+    """One batch's contribution to a Kronecker block's factors.
+
+    The gradient factor G (summed over rows) gets ``g_rows`` [*, g_dim]; the activation factor A
+    (averaged: its sum is divided by the total ``n`` over all batches) gets ``a_rows`` [*, a_dim]
+    with a column of ones appended when ``a_bias`` (the bias column), or ``a_counts`` [a_dim] on
+    its diagonal (Embedding: token counts), or, when both are None, ``n`` on its one entry (a bias
+    block of its own: A = [[1]])."""
+
+    def __init__(self, g_rows: Tensor, n: int, a_rows: Tensor | None = None, a_bias: bool = False,
+                 a_counts: Tensor | None = None):
+        self.g_rows, self.n, self.a_rows, self.a_bias, self.a_counts = g_rows, n, a_rows, a_bias, a_counts
+
+
+class Layer:
+    """One module whose direct trainable parameters are covered, its blocks and what a forward
+    recorded (``a``: the input, detached; ``out``: the output tensor in the graph)."""
+
+    def __init__(self, name: str, module: nn.Module, params: dict[str, tuple[int, tuple, int]],
+                 bias_block: str, sharing: str):
+        self.name, self.module, self.sharing = name, module, sharing
+        self.params = params  # local name -> (flat offset, shape, numel)
+        self.a: Tensor | None = None
+        self.out: Tensor | None = None
+        self.calls = 0
+        self.blocks = self._make_blocks(bias_block)
+
+    # ---- structure ------------------------------------------------------------------------------
+    def _index(self, local: str) -> Tensor:
+        off, shape, n = self.params[local]
+        return torch.arange(off, off + n).view(shape)
+
+    def _make_blocks(self, bias_block: str) -> list[Block]:
+        return [Block(f"{self.name}.{k}" if self.name else k, "diag", self._index(k).reshape(-1)) for k in self.params]
+
+    # ---- per batch ------------------------------------------------------------------------------
+    def record(self, inp: tuple, out: Tensor) -> None:
+        self.calls += 1
+        self.a = inp[0].detach() if inp and torch.is_tensor(inp[0]) else None
+        self.out = out
+
+    def clear(self) -> None:
+        self.a = self.out = None
+        self.calls = 0
+
+    def jacobians(self, g: Tensor) -> list:
+        """Per block the per-example Jacobians of the m directions whose output gradients are
+        ``g`` [m, *out.shape]: ('factored', U [m, N, p], V [N, q]) meaning U (x) V, or ('matrix',
+        M [m, N, p, q]) for Kronecker blocks; ('rows', R [m, N, p]) for diagonal blocks."""
+        params = {k: getattr(self.module, k) for k in self.params}
+        rows = _per_example_grads(self.module, params, self.a, g)
+        return [("rows", r) for r in rows]
+
+    def kron_rows(self, g: Tensor) -> list["KronRows"]:
+        """Per Kronecker block, what one batch adds to its factors (see :class:`KronRows`)."""
+        return []
+
+
+def _per_example_grads(module: nn.Module, params: dict[str, Tensor], a: Tensor, g: Tensor) -> list[Tensor]:
+    """Gradients [m, N, numel] of <g[j, n], module(a[n])> for every direction j and example n, one
+    per parameter, by vmapping the module's own forward on single examples (the module must treat
+    examples independently, e.g. BatchNorm in eval mode)."""
+    detached = {k: v.detach() for k, v in params.items()}
+
+    def one(p, x, gj):
+        out = functional_call(module, p, (x.unsqueeze(0),))
+        return (out.squeeze(0) * gj).sum()
+
+    per = vmap(vmap(grad(one), in_dims=(None, 0, 0)), in_dims=(None, None, 0))(detached, a, g)
+    return [per[k].reshape(g.shape[0], g.shape[1], -1) for k in params]
+
+
+class _Matrix(Layer):
+    """Linear and convolutions: Theta = [W | b] (or W and b apart), L = G, R = A."""
+
+    def _make_blocks(self, bias_block: str) -> list[Block]:
+        self.has_bias = "bias" in self.params
+        out = self.params["weight"][1][0]
+        w = self._index("weight").reshape(out, -1)
+        prefix = f"{self.name}." if self.name else ""
+        if not self.has_bias:
+            self.joint = False
+            return [Block(prefix + "weight", "kron", w)]
+        b = self._index("bias").reshape(out, 1)
+        self.joint = bias_block == "joint"
+        if self.joint:
+            return [Block(prefix + "weight+bias", "kron", torch.cat([w, b], 1))]
+        return [Block(prefix + "weight", "kron", w), Block(prefix + "bias", "kron", b)]
+
+    def _inputs(self) -> Tensor:
+        """The inputs as [N, T, in] (T positions sharing the weight)."""
+        raise NotImplementedError
+
+    def _grads(self, g: Tensor) -> Tensor:
+        """Output gradients [m, *out.shape] -> [m, N, T, out]."""
+        raise NotImplementedError
+
+    def _shared(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        a, gg = self._inputs(), self._grads(g)
+        if self.sharing == "reduce" and a.shape[1] > 1:
+            a, gg = a.mean(1, keepdim=True), gg.sum(2, keepdim=True)
+        return a, gg
+
+    def jacobians(self, g):
+        a, gg = self._shared(g)
+        ones = a.new_ones(a.shape[0], a.shape[1], 1)
+        av = torch.cat([a, ones], -1) if self.joint else a
+        if a.shape[1] == 1:
+            parts = [("factored", gg[:, :, 0], av[:, 0])]
+            if self.has_bias and not self.joint:
+                parts.append(("factored", gg[:, :, 0], ones[:, 0]))
+            return parts
+        parts = [("matrix", torch.einsum("mnto,nti->mnoi", gg, av))]
+        if self.has_bias and not self.joint:
+            parts.append(("matrix", gg.sum(2).unsqueeze(-1)))
+        return parts
+
+    def kron_rows(self, g):
+        a, gg = self._shared(g)
+        g_rows = gg.reshape(-1, gg.shape[-1])
+        a_rows = a.reshape(-1, a.shape[-1])
+        rows = [KronRows(g_rows, a_rows.shape[0], a_rows, a_bias=self.joint)]
+        if self.has_bias and not self.joint:
+            rows.append(KronRows(g_rows, a_rows.shape[0]))  # A = [[1]]: the bias alone
+        return rows
+
+
+class _Linear(_Matrix):
+    def _inputs(self):
+        a = self.a
+        return a.reshape(a.shape[0], -1, a.shape[-1])
+
+    def _grads(self, g):
+        return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+class _Conv(_Matrix):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        m = self.module
+        d = 1 if isinstance(m, nn.Conv1d) else 2
+        self.dims = d
+        if m.groups != 1 or m.padding_mode != "zeros":
+            raise _Unsupported(f"{type(m).__name__} with groups={m.groups}, padding_mode={m.padding_mode!r}")
+        if isinstance(m.padding, str):
+            if m.padding == "valid":
+                self.pad = (0,) * d
+            else:  # 'same' (stride 1): symmetric padding when the total is even
+                total = [dl * (k - 1) for dl, k in zip(m.dilation, m.kernel_size)]
+                if any(t % 2 for t in total):
+                    raise _Unsupported(f"{type(m).__name__}(padding='same') with an odd total padding")
+                self.pad = tuple(t // 2 for t in total)
+        else:
+            self.pad = tuple(m.padding)
+
+    def _inputs(self):
+        m, a = self.module, self.a
+        if a.dim() != self.dims + 2:
+            raise ValueError(f"layer {self.name!r}: Laplace needs batched inputs [N, C, ...] for "
+                             f"{type(m).__name__}, got {tuple(a.shape)}")
+        if self.dims == 1:
+            cols = F.unfold(a.unsqueeze(-1), (m.kernel_size[0], 1), dilation=(m.dilation[0], 1),
+                            padding=(self.pad[0], 0), stride=(m.stride[0], 1))
+        else:
+            cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=self.pad, stride=m.stride)
+        return cols.transpose(1, 2)  # [N, L, C * k]
+
+    def _grads(self, g):
+        return g.reshape(g.shape[0], g.shape[1], g.shape[2], -1).transpose(2, 3)  # [m, N, L, out]
+
+
+class _Embedding(Layer):
+    """Theta = W [V, D]: L = diag(token counts), R = G."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.module.max_norm is not None:
+            raise _Unsupported("Embedding(max_norm=...) (it renormalises its weight in place)")
+
+    def _make_blocks(self, bias_block):
+        prefix = f"{self.name}." if self.name else ""
+        return [Block(prefix + "weight", "kron", self._index("weight"), left_diag=True)]
+
+    def _onehot_parts(self, g):
+        idx = self.a.reshape(self.a.shape[0], -1)  # [N, T]
+        gg = g.reshape(g.shape[0], g.shape[1], idx.shape[1], -1)  # [m, N, T, D]
+        keep = torch.ones_like(idx, dtype=torch.bool)
+        if self.module.padding_idx is not None:
+            keep = idx != self.module.padding_idx
+        if self.sharing == "reduce" and idx.shape[1] > 1:
+            return idx, gg, keep, True
+        return idx, gg, keep, False
+
+    def jacobians(self, g):
+        idx, gg, keep, _ = self._onehot_parts(g)
+        V = self.module.num_embeddings
+        m, N, T, D = gg.shape
+        M = gg.new_zeros(m, N, V, D)
+        src = gg * keep.to(gg.dtype)[None, :, :, None]
+        M.scatter_add_(2, idx[None, :, :, None].expand(m, N, T, D), src)
+        return [("matrix", M)]
+
+    def kron_rows(self, g):
+        idx, gg, keep, reduce = self._onehot_parts(g)
+        V = self.module.num_embeddings
+        w = keep.to(gg.dtype)
+        if reduce:  # a_n = mean_t onehot(idx_t): a diagonal L only when no two tokens of a row differ
+            raise _Unsupported("Embedding with kfac_approx='reduce'")
+        counts = torch.zeros(V, dtype=gg.dtype, device=gg.device).index_add_(0, idx.reshape(-1), w.reshape(-1))
+        g_rows = (gg * w[None, :, :, None]).reshape(-1, gg.shape[-1])
+        return [KronRows(g_rows, idx.numel(), a_counts=counts)]
+
+
+class _Unsupported(Exception):
+    """Raised while building a layer the Kronecker path cannot represent."""
+
+
+def build_layers(model: nn.Module, layout, selected: set[str], *, bias_block: str, sharing: str,
+                 unsupported: str) -> list[Layer]:
+    """The layers covering the ``selected`` flat-layout parameter names (each exactly once), in
+    model order; ValueError listing the supported layers when a parameter's module is not one of
+    them and ``unsupported='error'``."""
+    offsets = {n: (o, s, math.prod(s)) for n, o, s in zip(layout.names, layout.offsets, layout.shapes)}
+    layers, covered, fallback = [], set(), []
+    for mname, module in model.named_modules():
+        own = {k: offsets[f"{mname}.{k}" if mname else k] for k, p in module.named_parameters(recurse=False)
+               if (f"{mname}.{k}" if mname else k) in selected}
+        if not own:
+            continue
+        cls = None
+        if isinstance(module, nn.Linear):
+            cls = _Linear
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            cls = _Conv
+        elif isinstance(module, nn.Embedding):
+            cls = _Embedding
+        elif isinstance(module, DIAG_MODULES):
+            cls = Layer
+        layer = None
+        if cls is not None and (cls is Layer or set(own) <= {"weight", "bias"}):
+            try:
+                layer = cls(mname, module, own, bias_block, sharing)
+            except _Unsupported as e:
+                why = str(e)
+            else:
+                why = ""
+        else:
+            why = f"{type(module).__name__}"
+        if layer is None:
+            if unsupported != "diag":
+                raise ValueError(f"module {mname or '<root>'!r} ({why}) has trainable parameters Laplace cannot "
+                                 f"factor; supported: {SUPPORTED_TEXT}. Pass unsupported='diag' to give its "
+                                 "parameters a diagonal block (per-example gradients), or freeze them "
+                                 "(requires_grad=False) / use subset_of_weights='last_layer'")
+            fallback.append(mname or type(module).__name__)
+            layer = Layer(mname, module, own, bias_block, sharing)
+        layers.append(layer)
+        covered |= {f"{mname}.{k}" if mname else k for k in own}
+    missing = selected - covered
+    if missing:
+        raise ValueError(f"parameters {sorted(missing)} were not found as direct parameters of any module")
+    if fallback:
+        import warnings
+        warnings.warn(f"Laplace: diagonal blocks (unsupported='diag') for {fallback}; supported for "
+                      f"Kronecker factors: {SUPPORTED_TEXT}", stacklevel=3)
+    return layers

@@ -1,0 +1,134 @@
+"""The likelihoods of Laplace: targets checked against the outputs, the summed loss, and the
+output-space directions whose back-propagation gives the curvature (the loss-Hessian square root
+for the exact GGN, sampled labels for the MC Fisher, the loss gradient for the empirical Fisher).
+
+Conventions (laplace-torch's, so numbers compare): 'classification' -> sum of cross-entropies of
+logits [N, C]; 'binary' -> sum of binary cross-entropies of one logit per row [N, 1];
+'regression' -> half the sum of squared errors of outputs [N, C] (the Gaussian log-likelihood is
+-loss / sigma^2 - N C log(sigma sqrt(2 pi))). The curvature is that of these losses at sigma = 1 and
+temperature 1; the posterior precision scales it by 1 / (sigma^2 T).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+
+LIKELIHOODS = ("classification", "regression", "binary")
+CURVATURES = ("ggn", "ef", "mc_fisher")
+
+
+def outputs_2d(out, likelihood: str) -> Tensor:
+    """The model output as [N, C] (regression/binary [N] -> [N, 1]); clear errors otherwise."""
+    if not torch.is_tensor(out):
+        raise TypeError(f"the model must return a tensor [N, C], got {type(out).__name__}")
+    if likelihood == "classification":
+        if out.dim() != 2 or out.shape[1] < 2:
+            raise ValueError(f"likelihood='classification' needs logits [N, C] with C >= 2; the model outputs "
+                             f"{tuple(out.shape)} (one logit per row: likelihood='binary')")
+        return out
+    if out.dim() == 1:
+        out = out.unsqueeze(1)
+    if out.dim() != 2:
+        raise ValueError(f"likelihood={likelihood!r} needs outputs [N] or [N, C]; the model outputs {tuple(out.shape)}")
+    if likelihood == "binary" and out.shape[1] != 1:
+        raise ValueError(f"likelihood='binary' needs one logit per row ([N] or [N, 1]); the model outputs "
+                         f"{tuple(out.shape)}: for C >= 2 classes use likelihood='classification'")
+    return out
+
+
+def check_targets(y, f: Tensor, likelihood: str) -> Tensor:
+    """Targets for outputs f [N, C]: classification -> class indices [N] (int) in [0, C);
+    binary -> [N] or [N, 1] of 0/1; regression -> the shape of f (or [N] when C = 1), finite.
+    Returned on f's device in the form the loss uses."""
+    if not torch.is_tensor(y):
+        raise TypeError(f"targets must be a tensor, got {type(y).__name__}")
+    N, C = f.shape
+    if y.shape[:1] != (N,):
+        raise ValueError(f"targets have {tuple(y.shape)} rows but the outputs {N}: one target per input row")
+    y = y.to(f.device)
+    if likelihood == "classification":
+        if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"likelihood='classification' needs class indices [N] (an integer tensor), got "
+                             f"{tuple(y.shape)} {y.dtype}")
+        if N and (int(y.min()) < 0 or int(y.max()) >= C):
+            raise ValueError(f"targets must be class indices in [0, {C}), got values in [{int(y.min())}, {int(y.max())}]")
+        return y
+    if likelihood == "binary":
+        if y.dim() == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.dim() != 1:
+            raise ValueError(f"likelihood='binary' needs targets [N] or [N, 1], got {tuple(y.shape)}")
+        y = y.to(f.dtype)
+        if N and not bool(((y == 0) | (y == 1)).all()):
+            raise ValueError("likelihood='binary' needs targets 0 or 1")
+        return y.unsqueeze(1)
+    if y.dim() == 1 and C == 1:
+        y = y.unsqueeze(1)
+    if y.shape != f.shape:
+        raise ValueError(f"likelihood='regression' needs targets of the outputs' shape {tuple(f.shape)}, got "
+                         f"{tuple(y.shape)}")
+    if not y.is_floating_point():
+        y = y.to(f.dtype)
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError("regression targets contain NaN or infinity")
+    return y.to(f.dtype)
+
+
+def summed_loss(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
+    """The summed negative log-likelihood at sigma = 1 without constants (module docstring)."""
+    if likelihood == "classification":
+        return F.cross_entropy(f, y, reduction="sum")
+    if likelihood == "binary":
+        return F.binary_cross_entropy_with_logits(f, y, reduction="sum")
+    return 0.5 * (f - y).square().sum()
+
+
+def directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_samples: int,
+               generator: torch.Generator | None) -> Tensor:
+    """Output-space directions R [m, N, C] with sum_j R[j, n] R[j, n]^T the per-row curvature
+    (exactly for 'ggn', in expectation for 'mc_fisher', the gradient outer product for 'ef')."""
+    f = f.detach()
+    N, C = f.shape
+    if curvature == "ggn":
+        if likelihood == "regression":  # 0.5 (f - y)^2: Hessian I
+            return torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, N, C)
+        kind = "cross_entropy" if likelihood == "classification" else "bce"
+        eye = torch.eye(C, dtype=f.dtype, device=f.device).expand(N, C, C)
+        B = ops.loss_hessian(kind, f, eye, "factor")  # [N, C, C]: H_n = B_n B_n^T
+        return B.permute(2, 0, 1)
+    if curvature == "ef":
+        return _loss_gradient(f, y, likelihood).unsqueeze(0)
+    draws = []
+    for _ in range(mc_samples):
+        if likelihood == "classification":
+            ys = torch.multinomial(f.softmax(-1), 1, generator=generator)[:, 0]
+        elif likelihood == "binary":
+            ys = torch.bernoulli(f.sigmoid(), generator=generator)
+        else:
+            ys = f + torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
+        draws.append(_loss_gradient(f, ys, likelihood))
+    return torch.stack(draws) / math.sqrt(mc_samples)
+
+
+def _loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
+    """d loss_n / d f_n [N, C] in closed form."""
+    if likelihood == "classification":
+        return f.softmax(-1) - F.one_hot(y, f.shape[1]).to(f.dtype)
+    if likelihood == "binary":
+        return f.sigmoid() - y
+    return f - y
+
+
+def log_likelihood(loss: Tensor, n_data: int, n_outputs: int, likelihood: str, sigma: Tensor,
+                   temperature: float) -> Tensor:
+    """log p(D | theta_MAP) from the summed loss (laplace-torch's convention, differentiable in
+    sigma): -loss / (sigma^2 T), minus N C log(sigma sqrt(2 pi)) for regression."""
+    factor = 1.0 / (sigma.square() * temperature)
+    if likelihood != "regression":
+        return -factor * loss
+    return -factor * loss - n_data * n_outputs * torch.log(sigma * math.sqrt(2 * math.pi))

@@ -1,0 +1,250 @@
+"""The curvature Laplace accumulates over the training data, one structure per class, all fed by
+one pass per batch (:func:`batch_pass`): a forward with hooks recording every covered layer's input
+and output, then ONE batched backward (``is_grads_batched``) of the m output-space directions of
+:func:`pyfastbayes.laplace._likelihood.directions` to every layer's output. No per-input Jacobian
+over all parameters is ever formed for the Kronecker structure.
+
+- :class:`KronCurvature`: per Kronecker block the gradient factor G = sum g g^T and the activation
+  factor A = (1/n) sum a a^T (bias column appended in place by ``pyfastbayes.ops.kfac_factor_``,
+  never materialised), per diagonal block the diagonal.
+- :class:`DiagCurvature`: the exact diagonal of the GGN / Fisher (squared per-example Jacobians,
+  in factored form for unshared layers: no Jacobian tensor).
+- :class:`FullCurvature`: the full [P, P] matrix from per-example Jacobian rows, in row chunks.
+
+Every accumulator has ``tensors()`` (for the one all-reduce under torch.distributed and the
+finiteness check), ``state()`` / ``load(state)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ._layers import Block, Layer
+
+_CHUNK_ELEMENTS = 1 << 24  # per-example Jacobian rows are built at most this many numbers at a time
+
+
+class Recorder:
+    """Forward hooks on the covered layers' modules for the duration of a ``with`` block: each
+    call records (input, output) on its :class:`Layer` and hands a clone of the output on, so an
+    in-place operation downstream (``ReLU(inplace=True)``) cannot change the recorded tensor."""
+
+    def __init__(self, layers: list[Layer]):
+        self.layers = layers
+
+    def __enter__(self):
+        self.handles = []
+        for layer in self.layers:
+            layer.clear()
+            self.handles.append(layer.module.register_forward_hook(self._hook(layer)))
+        return self
+
+    @staticmethod
+    def _hook(layer: Layer):
+        def hook(module, inp, out):
+            if layer.calls:
+                raise RuntimeError(f"layer {layer.name!r} is called more than once per forward pass; Laplace "
+                                   "needs one call per covered layer (weight sharing across calls is not supported)")
+            if not torch.is_tensor(out):
+                raise RuntimeError(f"layer {layer.name!r} returns {type(out).__name__}, not a tensor")
+            layer.record(inp, out)
+            return out.clone()
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def backprop(f: Tensor, layers: list[Layer], R: Tensor) -> list[Tensor]:
+    """Gradients [m, *out.shape] of <R[j], f> with respect to every layer's recorded output, for
+    the m directions R [m, N, C] in one batched backward (a loop when an operation has no
+    batching rule)."""
+    outs = [layer.out for layer in layers]
+    for layer, o in zip(layers, outs):
+        if o is None or not o.requires_grad:
+            raise RuntimeError(f"layer {layer.name!r} did not take part in the forward pass with gradients "
+                               "(is it used by the model's forward, with requires_grad parameters?)")
+    try:
+        return list(torch.autograd.grad(f, outs, grad_outputs=R, is_grads_batched=True, allow_unused=True))
+    except RuntimeError as e:
+        if "vmap" not in str(e) and "batching rule" not in str(e):
+            raise
+    grads = [[] for _ in outs]
+    for j in range(R.shape[0]):
+        gs = torch.autograd.grad(f, outs, grad_outputs=R[j], retain_graph=j + 1 < R.shape[0], allow_unused=True)
+        for acc, g in zip(grads, gs):
+            acc.append(g)
+    return [torch.stack(g) for g in grads]
+
+
+def block_parts(layers: list[Layer], grads: list[Tensor]):
+    """(block, part) for every block of every layer: Jacobian parts (see :meth:`Layer.jacobians`)."""
+    for layer, g in zip(layers, grads):
+        yield from zip(layer.blocks, layer.jacobians(_zeros_if_none(g, layer)))
+
+
+def _zeros_if_none(g, layer: Layer) -> Tensor:
+    if g is None:
+        raise RuntimeError(f"the model's outputs do not depend on layer {layer.name!r}: its curvature is zero; "
+                           "freeze its parameters (requires_grad=False)")
+    return g
+
+
+def part_rows(part, dtype) -> Tensor:
+    """A Jacobian part as explicit rows [m, N, numel] (flattened in the block's index order)."""
+    kind, *t = part
+    if kind == "factored":
+        U, V = t
+        return (U.unsqueeze(-1) * V.unsqueeze(0).unsqueeze(2)).reshape(U.shape[0], U.shape[1], -1).to(dtype)
+    if kind == "matrix":
+        M = t[0]
+        return M.reshape(M.shape[0], M.shape[1], -1).to(dtype)
+    return t[0].to(dtype)
+
+
+def part_sq_sum(part) -> Tensor:
+    """sum over directions and examples of the squared Jacobian, [numel] in index order."""
+    kind, *t = part
+    if kind == "factored":
+        U, V = t
+        return (U.square().sum(0).t() @ V.square()).reshape(-1)  # [p, N] @ [N, q]
+    if kind == "matrix":
+        return t[0].square().sum((0, 1)).reshape(-1)
+    return t[0].square().sum((0, 1))
+
+
+class KronCurvature:
+    """Kronecker factors per Kronecker block, diagonals per diagonal block (module docstring)."""
+
+    structure = "kron"
+
+    def __init__(self, blocks: list[Block], dtype: torch.dtype, device):
+        self.blocks = blocks
+        self.G, self.A, self.n, self.h = {}, {}, {}, {}
+        for i, b in enumerate(blocks):
+            if b.kind == "diag":
+                self.h[i] = torch.zeros(b.numel, dtype=dtype, device=device)
+                continue
+            g_dim, a_dim = (b.q, b.p) if b.left_diag else (b.p, b.q)
+            self.G[i] = torch.zeros(g_dim, g_dim, dtype=dtype, device=device)
+            self.A[i] = (torch.zeros(a_dim, dtype=dtype, device=device) if b.left_diag
+                         else torch.zeros(a_dim, a_dim, dtype=dtype, device=device))
+            self.n[i] = 0
+
+    def add(self, layers: list[Layer], grads: list[Tensor]) -> None:
+        i = 0
+        for layer, g in zip(layers, grads):
+            g = _zeros_if_none(g, layer)
+            if layer.blocks[0].kind == "diag":
+                for part in layer.jacobians(g):
+                    self.h[i] += part_sq_sum(part).to(self.h[i].dtype)
+                    i += 1
+                continue
+            for rows in layer.kron_rows(g):
+                G, A = self.G[i], self.A[i]
+                ops.kfac_factor_(G, rows.g_rows.to(G.dtype), 1.0, False)
+                if rows.a_counts is not None:
+                    A += rows.a_counts.to(A.dtype)
+                elif rows.a_rows is not None:
+                    ops.kfac_factor_(A, rows.a_rows.to(A.dtype), 1.0, rows.a_bias)
+                else:
+                    A += rows.n
+                self.n[i] += rows.n
+                i += 1
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.G.values(), *self.A.values(), *self.h.values()]
+
+    def counts(self) -> list[int]:
+        return list(self.n.values())
+
+    def set_counts(self, counts: list[int]) -> None:
+        for k, c in zip(list(self.n), counts):
+            self.n[k] = int(c)
+
+    def factors(self, i: int) -> tuple[Tensor, Tensor]:
+        """(left, right) factors of Kronecker block i: L [p, p] (or its diagonal [p]) and R [q, q],
+        the averaged activation factor divided by its row count."""
+        G, A = self.G[i], self.A[i] / max(self.n[i], 1)
+        return (A, G) if self.blocks[i].left_diag else (G, A)
+
+
+class DiagCurvature:
+    """The exact diagonal [numel] of every block (in the block's index order)."""
+
+    structure = "diag"
+
+    def __init__(self, blocks: list[Block], dtype, device):
+        self.blocks = blocks
+        self.h = {i: torch.zeros(b.numel, dtype=dtype, device=device) for i, b in enumerate(blocks)}
+
+    def add(self, layers, grads) -> None:
+        for i, (_, part) in enumerate(block_parts(layers, grads)):
+            self.h[i] += part_sq_sum(part).to(self.h[i].dtype)
+
+    def tensors(self):
+        return list(self.h.values())
+
+    def counts(self):
+        return []
+
+    def set_counts(self, counts):
+        pass
+
+
+class FullCurvature:
+    """The full matrix H [P, P] over the covered parameters in selection order (``block.sel``)."""
+
+    structure = "full"
+
+    def __init__(self, blocks: list[Block], dtype, device):
+        self.blocks = blocks
+        self.P = sum(b.numel for b in blocks)
+        self.H = torch.zeros(self.P, self.P, dtype=dtype, device=device)
+
+    def add(self, layers, grads) -> None:
+        parts = list(block_parts(layers, grads))
+        m, N = grads_shape(parts)
+        step = max(1, _CHUNK_ELEMENTS // max(1, m * self.P))
+        for n0 in range(0, N, step):
+            J = jacobian_rows(parts, self.P, self.H.dtype, slice(n0, n0 + step))
+            J = J.reshape(-1, self.P)
+            self.H.addmm_(J.t(), J)
+
+    def tensors(self):
+        return [self.H]
+
+    def counts(self):
+        return []
+
+    def set_counts(self, counts):
+        pass
+
+
+def grads_shape(parts) -> tuple[int, int]:
+    """(m, N) of a list of (block, part)."""
+    kind, t0, *_ = parts[0][1]
+    return t0.shape[0], t0.shape[1]
+
+
+def jacobian_rows(parts, P: int, dtype, rows: slice) -> Tensor:
+    """Explicit per-example Jacobians [m, n, P] (selection order) of the examples ``rows``."""
+    sliced = []
+    for b, part in parts:
+        kind, *t = part
+        if kind == "factored":
+            sliced.append((b, ("factored", t[0][:, rows], t[1][rows])))
+        else:
+            sliced.append((b, (kind, t[0][:, rows])))
+    m, n = grads_shape(sliced)
+    J = torch.zeros(m, n, P, dtype=dtype, device=sliced[0][1][1].device)
+    for b, part in sliced:
+        J[:, :, b.sel.reshape(-1)] = part_rows(part, dtype)
+    return J
+
+
+STRUCTURES = {"kron": KronCurvature, "diag": DiagCurvature, "full": FullCurvature}

@@ -1,0 +1,620 @@
+r"""``pyfastbayes.laplace.Laplace``: a Gaussian posterior N(theta_MAP, P^-1) around a trained network,
+P = s H + P_0 (see :mod:`~pyfastbayes.laplace.marglik`), as a :class:`~pyfastbayes.posteriors.Posterior`.
+
+Names follow laplace-torch (``fit``, ``log_marginal_likelihood``, ``optimize_prior_precision``,
+``la(x, pred_type, link_approx)``), and so do the numbers: the curvature of the summed loss, KFAC
+factors A = mean a a^T and G = sum g g^T, the log marginal likelihood term by term. What differs is
+how they are computed: one forward and one batched backward of the m output-space directions per
+batch (C for the exact GGN), Kronecker factors accumulated in place by a native op, and a GLM
+predictive built from Kronecker quadratic forms of each input's activations and output gradients
+instead of [N, C, P] Jacobians.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..nn import ModeGuard
+from ..nn.inputs import iterate_inputs, model_output, to_device
+from ..posteriors.base import Posterior, check_count
+from . import marglik as ml
+from ._layers import build_layers
+from ._likelihood import (CURVATURES, LIKELIHOODS, check_targets, directions, log_likelihood, outputs_2d,
+                          summed_loss)
+from .factors import STRUCTURES, Recorder, backprop, block_parts
+from .precision import PRECISIONS
+from .predictive import probabilities
+
+__all__ = ["Laplace", "RegressionPredictive"]
+
+SUBSETS = ("all", "last_layer")
+BIAS_BLOCKS = ("joint", "separate")
+SHARING = ("expand", "reduce")
+PRED_TYPES = ("glm", "nn")
+
+
+class RegressionPredictive(NamedTuple):
+    """The regression predictive of :meth:`Laplace.predict`: mean [N, C] and total variance [N, C] =
+    aleatoric (sigma^2) + epistemic (the functional variance's diagonal)."""
+    mean: Tensor
+    variance: Tensor
+    aleatoric: Tensor
+    epistemic: Tensor
+
+
+def _choice(value, options, name):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def _positive(value, name) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class Laplace(Posterior):
+    """Laplace approximation of the posterior over a trained network's weights.
+
+    Args:
+        model: the trained network (its current weights are the MAP); outputs [N, C] logits for
+            'classification', [N] or [N, 1] for 'binary', [N] or [N, C] for 'regression'.
+        likelihood: 'classification' (cross-entropy), 'regression' (Gaussian with noise
+            ``sigma_noise``) or 'binary' (one logit, Bernoulli).
+        subset_of_weights: 'all' trainable weights, or 'last_layer' (the last module with
+            parameters called in the forward, which must be an ``nn.Linear``).
+        hessian_structure: 'kron' (KFAC), 'diag' (exact diagonal), 'full'.
+        prior_precision: delta > 0: a float, or a tensor [] / [n_blocks] (layerwise) / [P] (diag;
+            not for 'kron').  prior_mean: a float or a tensor [P] (default 0).
+        sigma_noise: the regression noise standard deviation (must stay 1 for the others).
+        temperature: T; the likelihood curvature is scaled by 1 / (sigma^2 T).
+        curvature: 'ggn' (exact generalised Gauss-Newton = Fisher for these likelihoods),
+            'mc_fisher' (``mc_samples`` sampled labels per input), 'ef' (empirical Fisher).
+        bias_block: 'joint' (a layer's weight and bias form one Kronecker block: the activation
+            factor gets the bias column) or 'separate' (laplace-torch's blocks).
+        kfac_approx: 'expand' or 'reduce' for layers whose weights are shared over positions
+            (convolutions, sequences).
+        unsupported: 'error' (default) or 'diag' (diagonal blocks, with a warning) for modules with
+            parameters that have no Kronecker factorisation.
+        eigh_method: how the Kronecker factors are eigendecomposed
+            (:func:`pyfastbayes.laplace.eigenbasis.eigh_many`).
+
+    After :meth:`fit`: ``mean`` [P] (the MAP), ``n_data``, ``n_outputs``, :meth:`log_marginal_likelihood`,
+    :meth:`optimize_prior_precision`, :meth:`la` (laplace-torch's ``__call__``, also ``la(x)``),
+    :meth:`predict`, :meth:`sample`, :meth:`to_dense`, ``posterior_precision``, ``state_dict``.
+    """
+
+    kind = "Laplace"
+
+    def __init__(self, model: nn.Module, likelihood: str = "classification", subset_of_weights: str = "all",
+                 hessian_structure: str = "kron", prior_precision=1.0, sigma_noise: float = 1.0,
+                 temperature: float = 1.0, curvature: str = "ggn", *, prior_mean=0.0, bias_block: str = "joint",
+                 kfac_approx: str = "expand", unsupported: str = "error", mc_samples: int = 1,
+                 eigh_method: str = "auto"):
+        super().__init__(model)
+        self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
+        self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
+        if hessian_structure == "lowrank":
+            raise ValueError("hessian_structure='lowrank' is not implemented yet; use 'kron', 'diag' or 'full'")
+        self.hessian_structure = _choice(hessian_structure, tuple(STRUCTURES), "hessian_structure")
+        self.curvature = _choice(curvature, CURVATURES, "curvature")
+        self.bias_block = _choice(bias_block, BIAS_BLOCKS, "bias_block")
+        self.kfac_approx = _choice(kfac_approx, SHARING, "kfac_approx")
+        self.unsupported = _choice(unsupported, ("error", "diag"), "unsupported")
+        self.mc_samples = check_count(mc_samples, "mc_samples", 1)
+        self.eigh_method = eigh_method
+        self.temperature = _positive(temperature, "temperature")
+        sigma = _positive(float(sigma_noise), "sigma_noise") if not torch.is_tensor(sigma_noise) else sigma_noise
+        if likelihood != "regression" and float(sigma) != 1.0:
+            raise ValueError(f"sigma_noise is the regression noise; likelihood={likelihood!r} needs sigma_noise=1")
+        self.dtype, self.device = self.layout.dtype, self.layout.device
+        self._sigma = torch.as_tensor(float(sigma), dtype=self.dtype, device=self.device)
+        self._prior_value = prior_precision
+        self._prior_mean_value = prior_mean
+        self._prior: Tensor | None = None
+        self.layers = None
+        self._fitted = None  # (curvature, loss, n_data, n_outputs, mean, precision)
+        if self.subset_of_weights == "all":
+            self._setup(set(self.layout.names))
+
+    # ---- covered parameters ------------------------------------------------------------------------------
+    def _setup(self, selected: set[str]) -> None:
+        """Build the layers and blocks of the covered parameters and their selection order."""
+        layers = build_layers(self.model, self.layout, selected, bias_block=self.bias_block,
+                              sharing=self.kfac_approx, unsupported=self.unsupported)
+        blocks = [b for layer in layers for b in layer.blocks]
+        positions = torch.cat([b.index.reshape(-1) for b in blocks]).sort().values
+        rank = torch.full((self.layout.numel,), -1, dtype=torch.long)
+        rank[positions] = torch.arange(positions.numel())
+        for b in blocks:
+            b.sel = rank[b.index].to(self.device)
+        self.layers, self.blocks = layers, blocks
+        self.positions = positions.to(self.device)
+        self.n_params = positions.numel()
+        self._prior = ml.check_prior(self._prior_value, blocks, self.n_params, self.hessian_structure, self.dtype,
+                                     self.device)
+        pm = self._prior_mean_value
+        pm = torch.as_tensor(pm, dtype=self.dtype, device=self.device)
+        if pm.dim() > 1 or (pm.dim() == 1 and pm.numel() not in (1, self.n_params)):
+            raise ValueError(f"prior_mean must be a float or a tensor [P] = [{self.n_params}], got {tuple(pm.shape)}")
+        self.prior_mean = pm
+
+    def _find_last_layer(self, x) -> None:
+        """subset_of_weights='last_layer': the last module with trainable parameters the forward calls."""
+        order = []
+        hooks = [m.register_forward_hook(lambda mod, i, o, name=n: order.append((name, mod)))
+                 for n, m in self.model.named_modules()
+                 if any(p.requires_grad for p in m.parameters(recurse=False))]
+        try:
+            with torch.no_grad(), ModeGuard(self.model, False):
+                self.model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not order:
+            raise ValueError("subset_of_weights='last_layer': the forward called no module with trainable parameters")
+        name, mod = order[-1]
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"subset_of_weights='last_layer' needs the last layer with parameters to be nn.Linear; "
+                             f"it is {name!r} ({type(mod).__name__})")
+        self.last_layer_name = name
+        prefix = f"{name}." if name else ""
+        self._setup({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad})
+
+    # ---- prior -------------------------------------------------------------------------------------------
+    @property
+    def prior_precision(self) -> Tensor:
+        """delta: [] (scalar), [n_blocks] (layerwise) or [P] (diag)."""
+        return self._prior if self._prior is not None else torch.as_tensor(self._prior_value)
+
+    @prior_precision.setter
+    def prior_precision(self, value) -> None:
+        if self.layers is None:
+            self._prior_value = value
+            return
+        self._prior = ml.check_prior(value, self.blocks, self.n_params, self.hessian_structure, self.dtype, self.device)
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        return self._sigma
+
+    @sigma_noise.setter
+    def sigma_noise(self, value) -> None:
+        t = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(())
+        if not (bool(torch.isfinite(t.detach())) and float(t.detach()) > 0):
+            raise ValueError(f"sigma_noise must be finite and > 0, got {float(t.detach())}")
+        if self.likelihood != "regression" and float(t.detach()) != 1.0:
+            raise ValueError("sigma_noise can only change for likelihood='regression'")
+        self._sigma = t
+
+    def _scale(self, sigma: Tensor | None = None) -> Tensor:
+        sigma = self._sigma if sigma is None else sigma
+        return 1.0 / (sigma.square() * self.temperature)
+
+    @property
+    def block_names(self) -> list[str]:
+        """The names of the blocks (the layerwise prior's order)."""
+        self._check_layers()
+        return [b.name for b in self.blocks]
+
+    def _check_layers(self):
+        if self.layers is None:
+            raise RuntimeError("subset_of_weights='last_layer' finds its layer in fit(): call fit(loader) first")
+
+    # ---- fit ---------------------------------------------------------------------------------------------
+    def fit(self, loader, progress: bool = True, *, generator: torch.Generator | None = None) -> "Laplace":
+        """Accumulate the curvature over ``loader`` (an iterable of (inputs [N, ...], targets) batches,
+        e.g. a DataLoader) at the model's current weights, in eval mode; returns self.
+
+        One forward and one batched backward per batch; under torch.distributed every process
+        passes its own shard and the accumulated curvature, loss and counts are summed over
+        processes (one all-reduce). Nothing changes when it fails (empty loader, bad targets,
+        non-finite curvature)."""
+        self.layout.params()
+        batches = iter(loader) if not torch.is_tensor(loader) else None
+        if batches is None:
+            raise TypeError("fit needs an iterable of (inputs, targets) batches (e.g. a DataLoader), not a tensor")
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("fit: the loader yielded no batches; pass a loader with at least one (inputs, targets) batch")
+        x0 = self._split(first, 0)[0]
+        if self.layers is None:
+            self._find_last_layer(x0.to(self.device))
+        curv = STRUCTURES[self.hessian_structure](self.blocks, self.dtype, self.device)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_data, n_out = 0, None
+        with ModeGuard(self.model, False), tqdm(desc="Laplace fit", leave=False, disable=not progress) as bar:
+            i, item = 0, first
+            while item is not None:
+                x, y = self._split(item, i)
+                if y.shape[0]:
+                    f, layers = self._forward(x)
+                    n_out = f.shape[1] if n_out is None else n_out
+                    if f.shape[1] != n_out:
+                        raise ValueError(f"batch {i}: the model outputs {f.shape[1]} columns, earlier batches {n_out}")
+                    yt = check_targets(y, f, self.likelihood)
+                    loss += summed_loss(f.detach(), yt, self.likelihood).double()
+                    R = directions(f, yt, self.likelihood, self.curvature, self.mc_samples, generator)
+                    curv.add(layers, backprop(f, layers, R.to(f.dtype)))
+                    n_data += y.shape[0]
+                    for layer in layers:
+                        layer.clear()
+                bar.update()
+                i, item = i + 1, next(batches, None)
+        n_data, loss = self._all_reduce(curv, loss, n_data)
+        if n_data == 0:
+            raise ValueError("fit: the loader's batches hold no rows")
+        for t, b in zip(curv.tensors(), self._tensor_owners(curv)):
+            if not bool(torch.isfinite(t).all()):
+                raise RuntimeError(f"the curvature of block {b!r} is not finite (NaN or infinity): the model's outputs "
+                                   "or gradients overflowed on the training data; check the inputs and the weights")
+        mean = self.layout.flatten()
+        precision = PRECISIONS[self.hessian_structure](curv, **({"eigh_method": self.eigh_method}
+                                                               if self.hessian_structure == "kron" else {}))
+        self._fitted = (curv, loss.to(self.dtype), n_data, n_out, mean, precision)
+        return self
+
+    def _tensor_owners(self, curv) -> list[str]:
+        if self.hessian_structure == "full":
+            return ["full"]
+        if self.hessian_structure == "diag":
+            return [b.name for b in self.blocks]
+        names = [self.blocks[i].name for i in curv.G]
+        return names + [self.blocks[i].name for i in curv.A] + [self.blocks[i].name for i in curv.h]
+
+    @staticmethod
+    def _split(item, i: int):
+        if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0]) and torch.is_tensor(item[1])):
+            raise TypeError(f"batch {i} must be an (inputs, targets) pair of tensors, got {type(item).__name__}")
+        return item[0], item[1]
+
+    def _forward(self, x) -> tuple[Tensor, list]:
+        """Forward of inputs [N, ...] with the covered layers recorded; (outputs [N, C], layers)."""
+        x = x.to(self.device)
+        with torch.enable_grad(), Recorder(self.layers):
+            out = self.model(x)
+        return outputs_2d(out, self.likelihood), self.layers
+
+    def _all_reduce(self, curv, loss: Tensor, n: int):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return n, loss
+        tensors = curv.tensors()
+        counts = curv.counts()
+        flat = torch.cat([t.reshape(-1).double() for t in tensors]
+                         + [loss.reshape(1), loss.new_tensor([float(n)] + [float(c) for c in counts])])
+        torch.distributed.all_reduce(flat)
+        o = 0
+        for t in tensors:
+            t.copy_(flat[o:o + t.numel()].view_as(t))
+            o += t.numel()
+        loss = flat[o].clone()
+        n = int(flat[o + 1].item())
+        curv.set_counts([int(c) for c in flat[o + 2:].tolist()])
+        return n, loss
+
+    def _need_fit(self):
+        if self._fitted is None:
+            raise RuntimeError("the Laplace is not fitted: call fit(train_loader) first")
+        return self._fitted
+
+    @property
+    def mean(self) -> Tensor:
+        """theta_MAP [P] (all trainable parameters, flat layout order)."""
+        return self._need_fit()[4]
+
+    @property
+    def n_data(self) -> int:
+        return self._need_fit()[2]
+
+    @property
+    def n_outputs(self) -> int:
+        return self._need_fit()[3]
+
+    # ---- marginal likelihood -----------------------------------------------------------------------------
+    def _delta(self, prior: Tensor | None = None) -> Tensor:
+        prior = self._prior if prior is None else prior
+        return ml.expand_prior(prior, self.blocks, self.n_params)
+
+    def log_likelihood(self, sigma: Tensor | None = None) -> Tensor:
+        """log p(D | theta_MAP) on the training data (laplace-torch's convention)."""
+        curv, loss, n, C, _, _ = self._need_fit()
+        return log_likelihood(loss, n, C, self.likelihood, self._sigma if sigma is None else sigma, self.temperature)
+
+    def _lml(self, prior: Tensor, sigma: Tensor) -> Tensor:
+        _, _, _, _, mean, precision = self._need_fit()
+        delta = self._delta(prior)
+        d = mean[self.positions] - (self.prior_mean if self.prior_mean.dim() == 0 else self.prior_mean)
+        scatter = (delta * d.square()).sum()
+        logdet_ratio = precision.logdet(self._scale(sigma), delta) - torch.log(delta).sum()
+        return self.log_likelihood(sigma) - 0.5 * (logdet_ratio + scatter)
+
+    def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None) -> Tensor:
+        """The Laplace log marginal likelihood (see :mod:`~pyfastbayes.laplace.marglik`), a scalar
+        tensor differentiable in ``prior_precision`` and ``sigma_noise`` when they are tensors that
+        require grad; given values replace the current ones (laplace-torch's behaviour)."""
+        self._need_fit()
+        if prior_precision is not None:
+            self.prior_precision = prior_precision
+        if sigma_noise is not None:
+            self.sigma_noise = sigma_noise
+        return self._lml(self._prior, self._sigma)
+
+    def optimize_prior_precision(self, method: str = "marglik", prior_structure: str = "scalar", *,
+                                 n_steps: int = 100, lr: float = 0.1, init_prior_prec=None, val_loader=None,
+                                 log_prior_prec_range: tuple[float, float] = (-4.0, 4.0), grid_size: int = 21,
+                                 pred_type: str = "glm", link_approx: str = "probit", n_samples: int = 100,
+                                 tune_sigma: bool | None = None, progress: bool = False) -> Tensor:
+        """Tune the prior precision (and for regression the noise) after :meth:`fit`; returns it.
+
+        method='marglik': Adam on log delta (and log sigma when ``tune_sigma``, default True for
+        regression) maximising the log marginal likelihood, ``n_steps`` steps of ``lr`` from
+        ``init_prior_prec`` (default: the current prior), with ``prior_structure`` 'scalar',
+        'layerwise' (one per block) or 'diag' (one per parameter; not for 'kron').
+        method='gridsearch': the scalar delta among ``grid_size`` values log-spaced over
+        10**log_prior_prec_range with the lowest predictive NLL on ``val_loader`` (classification,
+        binary) or Gaussian NLL (regression), using ``pred_type`` / ``link_approx``.
+        """
+        _choice(method, ml.TUNING, "method")
+        _choice(prior_structure, ml.PRIOR_STRUCTURES, "prior_structure")
+        self._need_fit()
+        if method == "gridsearch":
+            return self._gridsearch(val_loader, log_prior_prec_range, grid_size, pred_type, link_approx, n_samples)
+        if prior_structure == "diag" and self.hessian_structure == "kron":
+            raise ValueError("prior_structure='diag' does not fit hessian_structure='kron' (one exact damping per "
+                             "Kronecker block): use 'scalar' or 'layerwise'")
+        n_steps = check_count(n_steps, "n_steps", 1)
+        init = self._prior if init_prior_prec is None else ml.check_prior(
+            init_prior_prec, self.blocks, self.n_params, "diag", self.dtype, self.device, "init_prior_prec")
+        if init.dim() == 1 and init.numel() not in (1,) and prior_structure == "scalar":
+            init = init.mean()
+        log_prior = ml.initial(prior_structure, init, len(self.blocks), self.n_params)
+        tune = (self.likelihood == "regression") if tune_sigma is None else bool(tune_sigma)
+        if tune and self.likelihood != "regression":
+            raise ValueError("tune_sigma=True needs likelihood='regression'")
+        log_sigma = self._sigma.detach().log().clone()
+        tensors = [log_prior] + ([log_sigma] if tune else [])
+        ml.adam(lambda: -self._lml(log_prior.exp(), log_sigma.exp()), tensors, n_steps, _positive(lr, "lr"),
+                progress, "prior precision (marglik)")
+        self._prior = log_prior.detach().exp()
+        if tune:
+            self._sigma = log_sigma.detach().exp()
+        return self._prior
+
+    def _gridsearch(self, val_loader, rng, grid_size, pred_type, link_approx, n_samples) -> Tensor:
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs val_loader (an iterable of (inputs, targets) batches)")
+        grid_size = check_count(grid_size, "grid_size", 2)
+        _choice(pred_type, PRED_TYPES, "pred_type")
+        batches = [self._split(item, i) for i, item in enumerate(val_loader)]
+        if not batches or sum(y.shape[0] for _, y in batches) == 0:
+            raise ValueError("val_loader yielded no rows")
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches]).to(self.device)
+        grid = torch.logspace(rng[0], rng[1], grid_size, dtype=torch.float64).tolist()
+        pieces = self._glm_pieces(x, 1024) if pred_type == "glm" else None
+        best, best_nll = None, math.inf
+        for delta in grid:
+            prior = torch.as_tensor(delta, dtype=self.dtype, device=self.device)
+            if pred_type == "glm":
+                f_mu, f_var = self._glm_moments(pieces, prior)
+                nll = self._nll(f_mu, f_var, y, link_approx, n_samples)
+            else:
+                old, self._prior = self._prior, prior
+                try:
+                    nll = self._nll_nn(x, y, n_samples)
+                finally:
+                    self._prior = old
+            if nll < best_nll:
+                best, best_nll = prior, nll
+        self._prior = best
+        return best
+
+    def _nll(self, f_mu, f_var, y, link_approx, n_samples) -> float:
+        if self.likelihood == "regression":
+            yt = check_targets(y, f_mu, "regression")
+            var = torch.diagonal(f_var, dim1=1, dim2=2) + self._sigma.square()
+            return float((0.5 * (torch.log(2 * math.pi * var) + (yt - f_mu).square() / var)).sum(1).mean())
+        p = probabilities(f_mu, f_var, self.likelihood, link_approx, n_samples)
+        return _class_nll(p, y, self.likelihood)
+
+    def _nll_nn(self, x, y, n_samples) -> float:
+        out = Posterior.predict(self, x, n_samples, likelihood=self.likelihood)
+        if self.likelihood == "regression":
+            mean, var = out
+            mean, var = outputs_2d(mean, "regression"), outputs_2d(var, "regression") + self._sigma.square()
+            yt = check_targets(y, mean, "regression")
+            return float((0.5 * (torch.log(2 * math.pi * var) + (yt - mean).square() / var)).sum(1).mean())
+        return _class_nll(out, y, self.likelihood)
+
+    # ---- predictives -------------------------------------------------------------------------------------
+    def _glm_pieces(self, x, batch_size: int) -> list:
+        """Per input batch: (f_mu [n, C], Jacobian parts per block) for the GLM predictive."""
+        self._need_fit()
+        pieces = []
+        with ModeGuard(self.model, False):
+            for xb in iterate_inputs(x, batch_size):
+                f, layers = self._forward(xb)
+                C = f.shape[1]
+                eye = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, f.shape[0], C)
+                grads = backprop(f, layers, eye)
+                parts = [(b, tuple(t.detach() if torch.is_tensor(t) else t for t in part))
+                         for b, part in block_parts(layers, grads)]
+                pieces.append((f.detach(), parts))
+                for layer in layers:
+                    layer.clear()
+        return pieces
+
+    def _glm_moments(self, pieces, prior: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        precision = self._need_fit()[5]
+        delta, s = self._delta(prior), self._scale()
+        mus, vars_ = [], []
+        for f, parts in pieces:
+            mus.append(f)
+            vars_.append(precision.functional_variance(parts, s, delta).to(f.dtype))
+        return torch.cat(mus), torch.cat(vars_)
+
+    @torch.no_grad()
+    def functional_variance(self, x, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+        """GLM predictive moments of the outputs: (f_mu [N, C], f_var [N, C, C]) = (f(x; theta_MAP),
+        J P^-1 J^T), without [N, C, P] Jacobians for 'kron' and 'diag'."""
+        return self._glm_moments(self._glm_pieces(x, check_count(batch_size, "batch_size", 1)))
+
+    def la(self, x, pred_type: str = "glm", link_approx: str = "probit", n_samples: int = 100, *,
+           generator: torch.Generator | None = None, batch_size: int = 256):
+        """laplace-torch's ``__call__``: classification -> probabilities [N, C] ('binary': [N]);
+        regression -> (f_mu [N, C], f_var [N, C, C]) for 'glm' (the epistemic, functional variance:
+        sigma^2 is not in it), (mean [N, C], variance [N, C] over draws) for 'nn'."""
+        _choice(pred_type, PRED_TYPES, "pred_type")
+        n_samples = check_count(n_samples, "n_samples", 1)
+        if pred_type == "nn":
+            out = Posterior.predict(self, x, n_samples, likelihood=self.likelihood, generator=generator)
+            if self.likelihood == "regression":
+                return outputs_2d(out[0], "regression"), outputs_2d(out[1], "regression")
+            return out
+        f_mu, f_var = self.functional_variance(x, batch_size)
+        if self.likelihood == "regression":
+            return f_mu, f_var
+        return probabilities(f_mu, f_var, self.likelihood, link_approx, n_samples, generator)
+
+    __call__ = la
+
+    def predict(self, x, n_samples: int = 100, *, pred_type: str = "glm", link_approx: str = "probit",
+                likelihood: str | None = None, generator: torch.Generator | None = None, batch_size: int = 256,
+                **options):
+        """The posterior predictive: probabilities [N, C] (binary: [N]) for classification, and for
+        regression a :class:`RegressionPredictive` (mean, total variance = sigma^2 + epistemic,
+        aleatoric, epistemic; [N, C] each). ``pred_type='nn'`` averages ``n_samples`` weight draws
+        through the one BMA loop of :class:`~pyfastbayes.posteriors.Posterior` (``options``: its
+        ``bn_loader``, ``progress``, ``input_fn``, ``output_fn``)."""
+        if likelihood is not None and likelihood != self.likelihood:
+            raise ValueError(f"this Laplace was built for likelihood={self.likelihood!r}, got {likelihood!r}")
+        _choice(pred_type, PRED_TYPES, "pred_type")
+        if pred_type == "nn":
+            out = Posterior.predict(self, x, n_samples, likelihood=self.likelihood, generator=generator, **options)
+            if self.likelihood != "regression":
+                return out
+            mean, epi = outputs_2d(out[0], "regression"), outputs_2d(out[1], "regression")
+        else:
+            if options:
+                raise TypeError(f"pred_type='glm' takes no {sorted(options)}")
+            out = self.la(x, "glm", link_approx, n_samples, generator=generator, batch_size=batch_size)
+            if self.likelihood != "regression":
+                return out
+            mean, epi = out[0], torch.diagonal(out[1], dim1=1, dim2=2)
+        alea = self._sigma.detach().square().to(mean.dtype).expand_as(mean)
+        return RegressionPredictive(mean, alea + epi, alea, epi)
+
+    # ---- draws and matrices ------------------------------------------------------------------------------
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n draws [n, P] of N(theta_MAP, P^-1) over all trainable weights (the uncovered ones, with
+        subset_of_weights='last_layer', stay at the MAP)."""
+        n = check_count(n, "n", 0)
+        _, _, _, _, mean, precision = self._need_fit()
+        out = mean.unsqueeze(0).repeat(n, 1)
+        if n:
+            dev = precision.sample(n, self._scale(), self._delta(), generator)
+            out[:, self.positions] += dev.to(out.dtype)
+        return out
+
+    def to_dense(self) -> Tensor:
+        """The posterior precision P [P_c, P_c] over the covered parameters (selection order: flat
+        layout order), as a dense matrix (block-diagonal for 'kron'); for small models and tests."""
+        curv, *_ = self._need_fit()
+        s, delta = self._scale(), self._delta()
+        if self.hessian_structure == "full":
+            return s * curv.H + torch.diag(delta)
+        out = torch.diag(delta.clone())
+        for i, b in enumerate(self.blocks):
+            idx = b.sel.reshape(-1)
+            if b.kind == "diag" or self.hessian_structure == "diag":
+                out[idx, idx] += s * curv.h[i]
+                continue
+            L, R = curv.factors(i)
+            if b.left_diag:
+                L = torch.diag(L)
+            out[idx.unsqueeze(1), idx.unsqueeze(0)] += s * torch.kron(L, R)
+        return out
+
+    @property
+    def posterior_precision(self):
+        """'full': P [P_c, P_c]; 'diag': its diagonal [P_c]; 'kron': a list per block of
+        (name, L, R, s, delta) with P_block = s (L (x) R) + delta I (L a vector when diagonal;
+        diagonal blocks: (name, h, None, s, delta))."""
+        curv, *_ = self._need_fit()
+        s, delta = self._scale(), self._delta()
+        if self.hessian_structure == "full":
+            return self.to_dense()
+        if self.hessian_structure == "diag":
+            h = delta.new_zeros(self.n_params)
+            for i, b in enumerate(self.blocks):
+                h[b.sel.reshape(-1)] = curv.h[i]
+            return s * h + delta
+        out = []
+        for i, b in enumerate(self.blocks):
+            d = delta[b.sel.reshape(-1)[0]]
+            if b.kind == "diag":
+                out.append((b.name, curv.h[i], None, s, d))
+            else:
+                L, R = curv.factors(i)
+                out.append((b.name, L, R, s, d))
+        return out
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        curv, loss, n, C, mean, _ = self._need_fit()
+        state = self._state_header()
+        state.update(config=dict(likelihood=self.likelihood, subset_of_weights=self.subset_of_weights,
+                                 hessian_structure=self.hessian_structure, curvature=self.curvature,
+                                 bias_block=self.bias_block, kfac_approx=self.kfac_approx, temperature=self.temperature),
+                     blocks=[b.name for b in self.blocks], last_layer=getattr(self, "last_layer_name", None),
+                     curvature_tensors=[t.detach().clone() for t in curv.tensors()], counts=curv.counts(),
+                     loss=loss.detach().clone(), n_data=n, n_outputs=C, mean=mean.clone(),
+                     prior_precision=self._prior.detach().clone(), prior_mean=self.prior_mean.clone(),
+                     sigma_noise=self._sigma.detach().clone())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_header(state)
+        config = dict(likelihood=self.likelihood, subset_of_weights=self.subset_of_weights,
+                      hessian_structure=self.hessian_structure, curvature=self.curvature, bias_block=self.bias_block,
+                      kfac_approx=self.kfac_approx, temperature=self.temperature)
+        if state.get("config") != config:
+            raise ValueError(f"state_dict was saved by a Laplace with {state.get('config')}, this one has {config}")
+        if self.layers is None:
+            name = state["last_layer"]
+            mod = self.model.get_submodule(name)
+            prefix = f"{name}." if name else ""
+            self.last_layer_name = name
+            self._setup({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad})
+        if state.get("blocks") != [b.name for b in self.blocks]:
+            raise ValueError(f"state_dict has blocks {state.get('blocks')}, this model {[b.name for b in self.blocks]}")
+        curv = STRUCTURES[self.hessian_structure](self.blocks, self.dtype, self.device)
+        tensors = curv.tensors()
+        saved = state["curvature_tensors"]
+        if len(saved) != len(tensors) or any(a.shape != b.shape for a, b in zip(saved, tensors)):
+            raise ValueError("state_dict's curvature tensors do not fit this model's blocks")
+        mean = self._check_state_tensor(state, "mean", (self.layout.numel,))
+        for t, v in zip(tensors, saved):
+            t.copy_(v)
+        curv.set_counts(state["counts"])
+        self.prior_precision = state["prior_precision"]
+        self.prior_mean = state["prior_mean"].to(self.device, self.dtype)
+        self._sigma = state["sigma_noise"].to(self.device, self.dtype)
+        precision = PRECISIONS[self.hessian_structure](curv, **({"eigh_method": self.eigh_method}
+                                                               if self.hessian_structure == "kron" else {}))
+        self._fitted = (curv, state["loss"].to(self.device, self.dtype), int(state["n_data"]), int(state["n_outputs"]),
+                        mean.to(self.device, self.dtype), precision)
+
+
+def _class_nll(p: Tensor, y: Tensor, likelihood: str) -> float:
+    tiny = torch.finfo(p.dtype).tiny
+    if likelihood == "binary":
+        yb = y.reshape(-1).to(p.dtype)
+        return float(-(yb * p.clamp_min(tiny).log() + (1 - yb) * (1 - p).clamp_min(tiny).log()).mean())
+    return float(-p.gather(1, y.reshape(-1, 1).long()).clamp_min(tiny).log().mean())

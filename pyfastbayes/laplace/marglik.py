@@ -1,0 +1,85 @@
+"""The Laplace approximation to the log marginal likelihood and prior-precision tuning.
+
+log p(D) ~= log p(D | theta_MAP) - 1/2 [log det P - log det P_0 + (theta_MAP - mu_0)^T P_0 (theta_MAP - mu_0)]
+
+with P = s H + P_0 the posterior precision (s = 1 / (sigma^2 T)) and P_0 = diag(delta) the prior
+precision (MacKay 1992; Immer et al. 2021; laplace-torch's convention term by term).
+
+Prior structures: 'scalar' (one delta), 'layerwise' (one per block: a layer's weight and bias
+together when ``bias_block='joint'``, every parameter tensor with 'separate'), 'diag' (one per
+parameter; not for the Kronecker structure, whose exact damping needs one delta per block).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
+TUNING = ("marglik", "gridsearch")
+
+
+def expand_prior(prior: Tensor, blocks, P: int) -> Tensor:
+    """A prior precision of shape [] (scalar), [n_blocks] (layerwise) or [P] (diag) as [P] in
+    selection order (differentiable)."""
+    if prior.dim() == 0 or prior.numel() == 1:
+        return prior.reshape(()).expand(P)
+    if prior.numel() == len(blocks) and prior.numel() != P:
+        out = prior.new_empty(P)
+        parts = [prior[i].expand(b.numel) for i, b in enumerate(blocks)]
+        index = torch.cat([b.sel.reshape(-1) for b in blocks])
+        return out.index_copy(0, index, torch.cat(parts))
+    return prior
+
+
+def check_prior(value, blocks, P: int, structure: str, dtype, device, name: str = "prior_precision") -> Tensor:
+    """``value`` (a positive float or tensor of shape [], [1], [n_blocks] or [P]) as a tensor, checked."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or torch.is_tensor(value)):
+        raise TypeError(f"{name} must be a positive float or a tensor ([], [n_blocks] = [{len(blocks)}] or "
+                        f"[P] = [{P}]), got {type(value).__name__}")
+    t = torch.as_tensor(value, dtype=dtype, device=device) if not torch.is_tensor(value) else value.to(dtype=dtype, device=device)
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, len(blocks), P)):
+        raise ValueError(f"{name} must have shape [], [1], [n_blocks] = [{len(blocks)}] or [P] = [{P}], got "
+                         f"{tuple(t.shape)}")
+    if not bool(torch.isfinite(t.detach()).all()) or not bool((t.detach() > 0).all()):
+        raise ValueError(f"{name} must be finite and > 0 (a prior precision), got "
+                         f"{t.detach().min().item() if t.numel() else t}")
+    if structure == "kron" and t.dim() == 1 and t.numel() == P and t.numel() not in (1, len(blocks)):
+        raise ValueError(f"hessian_structure='kron' takes a scalar or a per-block (layerwise, {len(blocks)}) "
+                         f"{name}: the prior is added exactly in each block's Kronecker eigenbasis, which needs "
+                         "one value per block; for a per-parameter prior use hessian_structure='diag' or 'full'")
+    return t
+
+
+def initial(structure: str, init: Tensor, n_blocks: int, P: int) -> Tensor:
+    """The starting log prior precision of a ``prior_structure`` from ``init`` ([] or that shape)."""
+    size = {"scalar": 1, "layerwise": n_blocks, "diag": P}[structure]
+    init = init.detach().reshape(-1)
+    if init.numel() == 1:
+        init = init.expand(size)
+    elif init.numel() != size:
+        raise ValueError(f"init_prior_prec has {init.numel()} values; prior_structure={structure!r} needs 1 or {size}")
+    return init.log().clone().reshape(() if structure == "scalar" else (size,))
+
+
+def adam(objective, tensors: list[Tensor], n_steps: int, lr: float, progress: bool, desc: str) -> float:
+    """Minimise ``objective()`` over ``tensors`` (requires_grad set here) with Adam; returns the
+    last value. Non-finite objectives stop the run with a RuntimeError naming the step."""
+    for t in tensors:
+        t.requires_grad_(True)
+    opt = torch.optim.Adam(tensors, lr=lr)
+    value = math.nan
+    for step in tqdm(range(n_steps), desc=desc, leave=False, disable=not progress):
+        opt.zero_grad()
+        loss = objective()
+        if not bool(torch.isfinite(loss)):
+            raise RuntimeError(f"the negative log marginal likelihood became {loss.item()} at step {step}: lower lr "
+                               "or start from another init_prior_prec")
+        loss.backward()
+        opt.step()
+        value = float(loss)
+    for t in tensors:
+        t.requires_grad_(False)
+    return value

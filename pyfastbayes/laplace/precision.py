@@ -1,0 +1,189 @@
+"""Posterior precisions P = s H + diag(delta) of the three structures, with what Laplace needs from
+them: log-determinant, draws N(0, P^-1) and the GLM functional variance J P^-1 J^T.
+
+``s`` = 1 / (sigma^2 T) scales the likelihood curvature H; ``delta`` [P] is the prior precision
+per covered parameter in selection order (``block.sel``), constant within a Kronecker block.
+Everything is differentiable in s and delta (marginal-likelihood tuning).
+
+- :class:`KronPrecision`: per Kronecker block L (x) R = (Q_L diag(l) Q_L^T) (x) (Q_R diag(r) Q_R^T),
+  the prior added exactly in the eigenbasis: eigenvalues s l_i r_j + delta (Immer et al. 2021), so
+  log det, draws and inverse quadratic forms cost two small rotations per block.
+- :class:`DiagPrecision`: s h + delta elementwise.
+- :class:`FullPrecision`: Cholesky of s H + diag(delta).
+
+GLM functional variance from Jacobian parts (see :meth:`pyfastbayes.laplace._layers.Layer.jacobians`):
+for an unshared layer the Jacobian of output c is the rank-one U_c V^T, so
+J_c Sigma J_d^T = sum_{i,j} (Q_L^T U_c)_i (Q_L^T U_d)_i (Q_R^T V)_j^2 / (s l_i r_j + delta): a
+product of [N, q] by [q, p] and a C x C contraction per input, no [N, C, P] Jacobian.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .eigenbasis import eigh_many
+from .factors import KronCurvature, grads_shape, jacobian_rows
+
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _block_delta(delta: Tensor, b) -> Tensor:
+    return delta[b.sel.reshape(-1)[0]]
+
+
+class KronPrecision:
+    """Eigenbasis of every Kronecker block of a :class:`KronCurvature` (module docstring)."""
+
+    def __init__(self, curv: KronCurvature, eigh_method: str = "auto"):
+        self.blocks = curv.blocks
+        mats, where = [], []
+        self.left, self.right, self.h = {}, {}, {}
+        for i, b in enumerate(self.blocks):
+            if b.kind == "diag":
+                self.h[i] = curv.h[i]
+                continue
+            L, R = curv.factors(i)
+            if b.left_diag:
+                self.left[i] = (L.clamp_min(0), None)
+            else:
+                mats.append(L), where.append((i, "left"))
+            mats.append(R), where.append((i, "right"))
+        for (i, side), ev in zip(where, eigh_many(mats, eigh_method)):
+            (self.left if side == "left" else self.right)[i] = ev
+
+    def eigenvalues(self, i: int) -> Tensor:
+        """l r^T [p, q] of Kronecker block i (the likelihood curvature's eigenvalues)."""
+        return self.left[i][0].unsqueeze(1) * self.right[i][0].unsqueeze(0)
+
+    def logdet(self, s: Tensor, delta: Tensor) -> Tensor:
+        total = delta.new_zeros(())
+        for i, b in enumerate(self.blocks):
+            if b.kind == "diag":
+                total = total + torch.log(s * self.h[i] + delta[b.sel]).sum()
+            else:
+                total = total + torch.log(s * self.eigenvalues(i) + _block_delta(delta, b)).sum()
+        return total
+
+    def sample(self, n: int, s: Tensor, delta: Tensor, generator=None) -> Tensor:
+        P = sum(b.numel for b in self.blocks)
+        out = delta.new_zeros(n, P)
+        for i, b in enumerate(self.blocks):
+            if b.kind == "diag":
+                z = torch.randn(n, b.numel, dtype=out.dtype, device=out.device, generator=generator)
+                out[:, b.sel] = z / torch.sqrt(s * self.h[i] + delta[b.sel])
+                continue
+            z = torch.randn(n, b.p, b.q, dtype=out.dtype, device=out.device, generator=generator)
+            z = z / torch.sqrt(s * self.eigenvalues(i) + _block_delta(delta, b))
+            QL, QR = self.left[i][1], self.right[i][1]
+            if QL is not None:
+                z = QL @ z
+            out[:, b.sel.reshape(-1)] = (z @ QR.t()).reshape(n, -1)
+        return out
+
+    def functional_variance(self, parts, s: Tensor, delta: Tensor) -> Tensor:
+        fvar = None
+        for i, (b, part) in enumerate(parts):
+            kind, *t = part
+            if b.kind == "diag":
+                term = _diag_term(part, 1.0 / (s * self.h[i] + delta[b.sel]))
+            else:
+                var = 1.0 / (s * self.eigenvalues(i) + _block_delta(delta, b))
+                QL, QR = self.left[i][1], self.right[i][1]
+                if kind == "factored":
+                    U, V = t
+                    Ut = U if QL is None else U @ QL
+                    term = _factored_term(Ut, (V @ QR).square(), var)
+                else:
+                    M = t[0] @ QR
+                    if QL is not None:
+                        M = QL.t() @ M
+                    term = torch.einsum("cnpq,dnpq,pq->ncd", M, M, var)
+            fvar = term if fvar is None else fvar + term
+        return fvar
+
+
+def _factored_term(U: Tensor, V2: Tensor, var: Tensor) -> Tensor:
+    """sum_{p,q} U[c,n,p] U[d,n,p] V2[n,q] var[p,q] -> [N, C, C] (U [C, N, p], V2 [N, q])."""
+    w = V2 @ var.t()  # [N, p]
+    return torch.einsum("cnp,dnp,np->ncd", U, U, w)
+
+
+def _diag_term(part, var_flat: Tensor) -> Tensor:
+    kind, *t = part
+    if kind == "factored":
+        U, V = t
+        return _factored_term(U, V.square(), var_flat.view(U.shape[-1], V.shape[-1]))
+    if kind == "matrix":
+        M = t[0]
+        return torch.einsum("cnpq,dnpq,pq->ncd", M, M, var_flat.view(M.shape[2], M.shape[3]))
+    R = t[0]
+    return torch.einsum("cnp,dnp,p->ncd", R, R, var_flat)
+
+
+class DiagPrecision:
+    """s h + delta elementwise, h the exact diagonal per block."""
+
+    def __init__(self, curv):
+        self.blocks = curv.blocks
+        P = sum(b.numel for b in self.blocks)
+        first = next(iter(curv.h.values()))
+        self.h = first.new_zeros(P)
+        for i, b in enumerate(self.blocks):
+            self.h[b.sel.reshape(-1)] = curv.h[i]
+
+    def logdet(self, s, delta):
+        return torch.log(s * self.h + delta).sum()
+
+    def sample(self, n, s, delta, generator=None):
+        z = torch.randn(n, self.h.numel(), dtype=delta.dtype, device=delta.device, generator=generator)
+        return z / torch.sqrt(s * self.h + delta)
+
+    def functional_variance(self, parts, s, delta):
+        var = 1.0 / (s * self.h + delta)
+        fvar = None
+        for b, part in parts:
+            term = _diag_term(part, var[b.sel.reshape(-1)])
+            fvar = term if fvar is None else fvar + term
+        return fvar
+
+
+class FullPrecision:
+    """Cholesky factor of s H + diag(delta)."""
+
+    def __init__(self, curv):
+        self.blocks = curv.blocks
+        self.H = curv.H
+
+    def _chol(self, s, delta) -> Tensor:
+        Pm = s * self.H + torch.diag(delta)
+        L, info = torch.linalg.cholesky_ex(Pm)
+        if int(info) != 0:
+            raise RuntimeError("the posterior precision s H + diag(prior precision) is not positive definite "
+                               "(the curvature has negative eigenvalues beyond rounding): use curvature='ggn', "
+                               "or a larger prior_precision")
+        return L
+
+    def logdet(self, s, delta):
+        return 2 * torch.log(torch.diagonal(self._chol(s, delta))).sum()
+
+    def sample(self, n, s, delta, generator=None):
+        L = self._chol(s, delta)
+        z = torch.randn(self.H.shape[0], n, dtype=delta.dtype, device=delta.device, generator=generator)
+        return torch.linalg.solve_triangular(L.t(), z, upper=True).t()
+
+    def covariance(self, s, delta) -> Tensor:
+        return torch.cholesky_inverse(self._chol(s, delta))
+
+    def functional_variance(self, parts, s, delta):
+        Sigma = self.covariance(s, delta)
+        m, N = grads_shape(parts)
+        P = Sigma.shape[0]
+        step = max(1, _CHUNK_ELEMENTS // max(1, m * P))
+        out = []
+        for n0 in range(0, N, step):
+            J = jacobian_rows(parts, P, Sigma.dtype, slice(n0, n0 + step))  # [C, n, P]
+            out.append(torch.einsum("cnp,pq,dnq->ncd", J, Sigma, J))
+        return torch.cat(out)
+
+
+PRECISIONS = {"kron": KronPrecision, "diag": DiagPrecision, "full": FullPrecision}
