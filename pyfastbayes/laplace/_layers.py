@@ -161,7 +161,10 @@ class _Matrix(Layer):
         return a, gg
 
     def jacobians(self, g):
-        a, gg = self._shared(g)
+        # The exact per-example Jacobian sum_t g_t a_t^T, whatever kfac_approx says: 'reduce' only
+        # changes how the Kronecker FACTORS are formed (kron_rows); the diagonal and full
+        # structures and the GLM predictive J P^-1 J^T need the true Jacobian.
+        a, gg = self._inputs(), self._grads(g)
         ones = a.new_ones(a.shape[0], a.shape[1], 1)
         av = torch.cat([a, ones], -1) if self.joint else a
         if a.shape[1] == 1:
