@@ -12,8 +12,10 @@ each entry's position in the flat [P] vector of :class:`pyfastbayes.nn.ParamLayo
   b [out, 1] (L = G, R = [[1]]).
 - ``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, zero padding): the same with the unfolded patches as
   inputs (W viewed as [out, in * kernel]).
-- ``nn.Embedding``: Theta = W [V, D] with L = A (diagonal: token counts, stored as a vector) and
-  R = G [D, D].
+- ``nn.Embedding``: Theta = W [V, D] with L = A (diagonal: token counts over the number of
+  non-padding tokens, stored as a vector) and R = G [D, D] (summed over the non-padding tokens:
+  ``padding_idx`` tokens are not rows of either factor). 'reduce' with several tokens per example
+  is refused (its averaged one-hot inputs give a dense [V, V] factor).
 - Diagonal blocks: the affine parameters of LayerNorm, GroupNorm and BatchNorm (eval mode), and with
   ``unsupported='diag'`` any other module's own parameters, from per-example gradients
   (``torch.func``: vmap over examples and directions of the module's own forward).
@@ -266,11 +268,17 @@ class _Embedding(Layer):
         idx, gg, keep, reduce = self._onehot_parts(g)
         V = self.module.num_embeddings
         w = keep.to(gg.dtype)
-        if reduce:  # a_n = mean_t onehot(idx_t): a diagonal L only when no two tokens of a row differ
-            raise _Unsupported("Embedding with kfac_approx='reduce'")
+        if reduce:  # a_n = mean_t onehot(idx_t): a dense [V, V] factor, no diagonal L
+            raise ValueError(f"layer {self.name!r}: nn.Embedding with kfac_approx='reduce' and {idx.shape[1]} tokens "
+                             "per example is not supported (the averaged one-hot inputs give a dense [V, V] "
+                             "factor); use kfac_approx='expand', or hessian_structure='diag' / 'full'")
         counts = torch.zeros(V, dtype=gg.dtype, device=gg.device).index_add_(0, idx.reshape(-1), w.reshape(-1))
         g_rows = (gg * w[None, :, :, None]).reshape(-1, gg.shape[-1])
-        return [KronRows(g_rows, idx.numel(), a_counts=counts)]
+        # Padding tokens are no rows at all (their weight gradient is zero by definition): they
+        # leave both factors, so A = diag(counts) / (number of non-padding tokens). Counting them
+        # in A's normalisation while dropping them from G shrank the block by the padding fraction
+        # (KFAC of one token per example, all the same token, is then no longer exact).
+        return [KronRows(g_rows, int(keep.sum()), a_counts=counts)]
 
 
 class _Unsupported(Exception):
