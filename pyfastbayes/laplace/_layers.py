@@ -290,6 +290,14 @@ def build_layers(model: nn.Module, layout, selected: set[str], *, bias_block: st
     """The layers covering the ``selected`` flat-layout parameter names (each exactly once), in
     model order; ValueError listing the supported layers when a parameter's module is not one of
     them and ``unsupported='error'``."""
+    for mname, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            # In eval mode it still normalises with the batch's own statistics: every output
+            # depends on the other rows of the batch, and the per-example likelihood (and every
+            # per-example Jacobian) Laplace is built on does not exist.
+            raise ValueError(f"module {mname or '<root>'!r} ({type(module).__name__}(track_running_stats=False)) "
+                             "normalises with batch statistics even in eval mode, so the examples are not "
+                             "independent; Laplace needs BatchNorm with running statistics (track_running_stats=True)")
     offsets = {n: (o, s, math.prod(s)) for n, o, s in zip(layout.names, layout.offsets, layout.shapes)}
     layers, covered, fallback = [], set(), []
     for mname, module in model.named_modules():
