@@ -32,7 +32,11 @@ def outputs_2d(out, likelihood: str) -> Tensor:
                              f"{tuple(out.shape)} (one logit per row: likelihood='binary')")
         return out
     if out.dim() == 1:
-        out = out.unsqueeze(1)
+        # a view in the graph even under no_grad (functional_variance runs under no_grad with the
+        # model's forward alone under enable_grad; a [N] -> [N, 1] view taken in no_grad mode
+        # would cut the outputs off the graph the GLM Jacobians are back-propagated through)
+        with torch.enable_grad():
+            out = out.unsqueeze(1)
     if out.dim() != 2:
         raise ValueError(f"likelihood={likelihood!r} needs outputs [N] or [N, C]; the model outputs {tuple(out.shape)}")
     if likelihood == "binary" and out.shape[1] != 1:
