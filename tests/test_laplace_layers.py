@@ -1,0 +1,473 @@
+"""pyfastbayes.laplace layer by layer against independent references (tests/_laplace_reference.py,
+fp64, small models):
+
+- 'full' and 'diag' equal the exact GGN / empirical Fisher / MC Fisher (matrix and diagonal) built
+  from per-example Jacobians (torch.func) and closed-form output Hessians, for Linear on [N, T, in]
+  inputs, Conv1d, Conv2d (stride, padding, dilation, padding='same'), Embedding (padding_idx),
+  LayerNorm, BatchNorm2d (eval), GroupNorm and a module with a raw nn.Parameter (unsupported='diag');
+- 'kron' equals the explicit KFAC formulas (Eschenhagen et al. 2023: 'expand' and 'reduce'), is
+  exact for one example, and agrees with curvlinops' KFACLinearOperator on a small CNN;
+- the GLM functional variance equals J P^-1 J^T with explicit Jacobians and to_dense(), and the
+  probit / bridge / MC links their formulas; draws of a CNN's kron posterior have inv(to_dense()).
+"""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import _laplace_reference as ref
+from _helpers import require
+from pyfastbayes.laplace import Laplace
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny fp64 models: a second thread only adds spin-waiting on a shared 2-core machine (10x
+    slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+T_POS = 3  # positions of the sequence models
+C = 3
+
+
+class Scale(nn.Module):
+    """An elementwise scale held in a raw nn.Parameter: no Kronecker factorisation exists for it."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d, dtype=DT))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self, V=7, D=3, T=T_POS, padding_idx=0, out=C):
+        super().__init__()
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.out = nn.Linear(T * D, out)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x)).flatten(1))
+
+
+def _bn_net():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(27, C))
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        m[1].weight.normal_()
+        m[1].bias.normal_()
+    return m
+
+
+# name -> (model factory, inputs(n, generator), likelihood, outputs)
+MODELS = {
+    "seq_linear": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(T_POS * 4, C)),
+                   lambda n, g: torch.randn(n, T_POS, 3, generator=g, dtype=DT), "classification"),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Tanh(), nn.Flatten(),
+                                     nn.Linear(12, 2)),
+               lambda n, g: torch.randn(n, 2, 9, generator=g, dtype=DT), "regression"),
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+                                     nn.Conv2d(3, 4, 3, padding="same", dilation=2), nn.Tanh(),
+                                     nn.Conv2d(4, 2, (2, 3), dilation=(2, 1), padding=(1, 0)), nn.Flatten(),
+                                     nn.Linear(16, C)),
+               lambda n, g: torch.randn(n, 2, 7, 7, generator=g, dtype=DT), "classification"),
+    "embedding": (EmbeddingNet, lambda n, g: torch.randint(0, 7, (n, T_POS), generator=g), "classification"),
+    "layernorm": (lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 1), nn.Flatten(0)),
+                  lambda n, g: torch.randn(n, 4, generator=g, dtype=DT), "binary"),
+    "batchnorm": (_bn_net, lambda n, g: torch.randn(n, 2, 5, 5, generator=g, dtype=DT), "classification"),
+    "groupnorm": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(),
+                                        nn.Linear(36, C)),
+                  lambda n, g: torch.randn(n, 2, 5, 5, generator=g, dtype=DT), "classification"),
+    "custom": (lambda: nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, C)),
+               lambda n, g: torch.randn(n, 4, generator=g, dtype=DT), "classification"),
+}
+
+
+def _targets(likelihood, f, g):
+    if likelihood == "classification":
+        return torch.randint(0, f.shape[1], (f.shape[0],), generator=g)
+    if likelihood == "binary":
+        return torch.randint(0, 2, (f.shape[0],), generator=g).to(DT)
+    return f + torch.randn(f.shape, generator=g, dtype=DT)
+
+
+def make(name, n=10, seed=1):
+    """(model, loader of two uneven batches, likelihood): accumulation over batches must be exact."""
+    factory, inputs, likelihood = MODELS[name]
+    torch.manual_seed(seed)
+    model = factory().to(DT)
+    g = torch.Generator().manual_seed(seed)
+    X = inputs(n, g)
+    with torch.no_grad():
+        f = model.eval()(X)
+    y = _targets(likelihood, f, g)
+    k = 6 * n // 10
+    return model, [(X[:k], y[:k]), (X[k:], y[k:])], likelihood
+
+
+def fit(model, loader, likelihood, **kw):
+    progress = kw.pop("progress", False)
+    generator = kw.pop("generator", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unsupported='diag' warns; tested on its own below
+        return Laplace(model, likelihood, **kw).fit(loader, progress=progress, generator=generator)
+
+
+def curvature_part(la):
+    """s H of to_dense() (the prior's diagonal removed)."""
+    return la.to_dense() - torch.diag(la._delta())
+
+
+# ---- exact GGN / EF / MC Fisher: 'full' and 'diag' ----------------------------------------------------------
+_EXACT = {}
+
+
+def exact(name, curvature, mc_samples=2, seed=5):
+    key = (name, curvature)
+    if key not in _EXACT:
+        model, loader, lik = make(name)
+        gen = torch.Generator().manual_seed(seed)
+        _EXACT[key] = ref.exact_curvature(model, loader, lik, curvature, mc_samples, gen)
+    return _EXACT[key]
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ef", "mc_fisher"])
+@pytest.mark.parametrize("structure", ["full", "diag"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_full_and_diag_equal_the_exact_curvature(name, structure, curvature):
+    model, loader, lik = make(name)
+    H = exact(name, curvature)
+    # 'reduce' must not matter here: it only changes how Kronecker factors are formed
+    la = fit(model, loader, lik, hessian_structure=structure, curvature=curvature, mc_samples=2,
+             generator=torch.Generator().manual_seed(5), prior_precision=0.5, kfac_approx="reduce",
+             unsupported="diag" if name == "custom" else "error")
+    got = curvature_part(la)
+    want = H if structure == "full" else torch.diag(H.diagonal())
+    assert float(H.abs().max()) > 0.1  # a real curvature, not a vacuous comparison
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if structure == "diag":
+        torch.testing.assert_close(la.posterior_precision, H.diagonal() + 0.5, rtol=1e-10, atol=1e-12)
+
+
+def test_padding_idx_row_has_no_curvature():
+    model, loader, lik = make("embedding")
+    H = exact("embedding", "ggn")
+    la = fit(model, loader, lik, hessian_structure="full")
+    pad_row = slice(0, 3)  # emb.weight[0] (padding_idx=0) is the first 3 flat parameters
+    assert float(curvature_part(la)[pad_row].abs().max()) == 0.0
+    assert float(H[3:6].abs().max()) > 0  # other rows do have curvature
+
+
+def test_unsupported_module_error_lists_the_supported_layers():
+    model, loader, lik = make("custom")
+    with pytest.raises(ValueError, match=r"module '1' \(Scale\).*supported: Kronecker-factored: Linear, Conv1d, "
+                                         r"Conv2d.*Embedding; diagonal: LayerNorm, GroupNorm, BatchNorm.*"
+                                         r"unsupported='diag'"):
+        Laplace(model, lik)
+    with pytest.warns(UserWarning, match=r"diagonal blocks \(unsupported='diag'\) for \['1'\]"):
+        la = Laplace(model, lik, unsupported="diag")
+    assert [b.name for b in la.blocks] == ["0.weight+bias", "1.scale", "3.weight+bias"]
+    # the fallback diagonal block equals the exact diagonal also inside a 'kron' posterior
+    la.fit(loader, progress=False)
+    H = exact("custom", "ggn")
+    idx = slice(20, 25)  # 1.scale
+    torch.testing.assert_close(torch.diagonal(curvature_part(la))[idx], H.diagonal()[idx], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("module, why", [
+    (lambda: nn.Conv2d(2, 2, 3, groups=2), r"groups=2"),
+    (lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), r"padding_mode='reflect'"),
+    (lambda: nn.Conv2d(2, 2, 2, padding="same"), r"padding='same'\) with an odd total padding"),
+    (lambda: nn.InstanceNorm2d(2, affine=True), r"InstanceNorm2d"),
+])
+def test_unfactorable_variants_are_named_and_fall_back_exactly(module, why):
+    torch.manual_seed(0)
+    model = nn.Sequential(module(), nn.Flatten(), nn.LazyLinear(3)).to(DT)
+    X = torch.randn(6, 2, 5, 5, dtype=DT)
+    model(X)
+    y = torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=why):
+        Laplace(model)
+    la = fit(model, [(X, y)], "classification", hessian_structure="kron", unsupported="diag")
+    H = ref.exact_curvature(model, [(X, y)], "classification")
+    n0 = sum(p.numel() for p in model[0].parameters())
+    torch.testing.assert_close(torch.diagonal(curvature_part(la))[:n0], H.diagonal()[:n0], rtol=1e-10, atol=1e-12)
+
+
+def test_batchnorm_with_batch_statistics_is_refused():
+    """BatchNorm without running statistics normalises with the batch's statistics even in eval
+    mode: the examples are not independent, so no per-example likelihood exists."""
+    model = nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten(),
+                          nn.Linear(18, 3))
+    for uns in ("error", "diag"):
+        with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\(track_running_stats=False\)\).*not independent"):
+            Laplace(model, unsupported=uns)
+
+
+# ---- KFAC ---------------------------------------------------------------------------------------------------
+def kron_modules(model):
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+
+
+def mlp(D=4, H=5, out=C):
+    return nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, out)).to(DT)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+@pytest.mark.parametrize("bias_block", ["joint", "separate"])
+def test_kron_mlp_is_the_blockwise_kfac_formula(bias_block, curvature):
+    """Unshared layers: block = (sum_n J_n^T H_n J_n over the layer's outputs) (x) (mean_n a a^T),
+    a with the bias 1 for 'joint'; with 'separate' W gets (G, mean a a^T) and b (G, [[1]])."""
+    torch.manual_seed(3)
+    model = mlp()
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(11, 4, generator=g, dtype=DT), torch.randint(0, C, (11,), generator=g)
+    loader = [(X[:4], y[:4]), (X[4:], y[4:])]
+    la = fit(model, loader, "classification", hessian_structure="kron", bias_block=bias_block, curvature=curvature)
+    joint = bias_block == "joint"
+    facs = ref.kfac_factors(model, loader, "classification", kron_modules(model), "expand", curvature, bias=joint)
+    blocks = []
+    for (G, A), m in zip(facs, kron_modules(model)):
+        if joint:  # Theta = [W | b] row-major: columns W[o, :] then b[o]
+            K = torch.kron(G.contiguous(), A.contiguous())
+            out, inp = m.weight.shape
+            order = torch.arange(out * (inp + 1)).view(out, inp + 1)
+            flat_pos = torch.cat([order[:, :inp].reshape(-1), order[:, inp]])  # layout order: W then b
+            blocks.append(K[flat_pos][:, flat_pos])
+        else:
+            blocks += [torch.kron(G.contiguous(), A.contiguous()), G]
+    want = torch.block_diag(*blocks)
+    torch.testing.assert_close(curvature_part(la), want, rtol=1e-10, atol=1e-12)
+
+
+def test_kron_is_exact_for_one_example():
+    """With one example KFAC of an unshared layer is the exact GGN block (one rank-C term)."""
+    torch.manual_seed(4)
+    model = mlp()
+    X, y = torch.randn(1, 4, dtype=DT), torch.tensor([1])
+    la = fit(model, [(X, y)], "classification", hessian_structure="kron")
+    H = ref.exact_curvature(model, [(X, y)], "classification")
+    sizes = [m.weight.numel() + m.bias.numel() for m in kron_modules(model)]
+    mask = torch.block_diag(*[torch.ones(s, s, dtype=DT) for s in sizes])
+    torch.testing.assert_close(curvature_part(la), H * mask, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", ["seq_linear", "conv1d", "conv2d"])
+def test_kron_weight_sharing_is_the_expand_reduce_formula(name, approx):
+    """Eschenhagen et al. (2023): 'expand' A over the N T positions averaged, G summed over them;
+    'reduce' the inputs averaged and the output gradients summed over positions first."""
+    model, loader, lik = make(name)
+    la = fit(model, loader, lik, hessian_structure="kron", kfac_approx=approx)
+    facs = ref.kfac_factors(model, loader, lik, kron_modules(model), approx)
+    pp = la.posterior_precision
+    assert len(pp) == len(facs)
+    for (bname, L, R, s, d), (G, A) in zip(pp, facs):
+        assert float(s) == 1.0 and float(d) == 1.0
+        torch.testing.assert_close(L, G, rtol=1e-10, atol=1e-13, msg=f"G of {bname}")
+        torch.testing.assert_close(R, A, rtol=1e-10, atol=1e-13, msg=f"A of {bname}")
+    if approx == "expand" and name != "seq_linear":
+        # shared layers really are approximated: the weight blocks differ from the exact GGN's
+        H = exact(name, "ggn")
+        n0 = model[0].weight.numel() + model[0].bias.numel()
+        assert float((curvature_part(la)[:n0, :n0] - H[:n0, :n0]).abs().max()) > 1e-3
+
+
+def _embedding_factors(model, loader, lik):
+    """KFAC-expand of the embedding as a linear layer on one-hot inputs, padding tokens being no
+    rows: A = diag(counts of non-padding tokens) / their number, G = sum over them of J^T H J."""
+    emb = model.emb
+    V, D = emb.weight.shape
+    counts, G, n = torch.zeros(V, dtype=DT), torch.zeros(D, D, dtype=DT), 0
+    for x, y in loader:
+        f, [(_, J)] = ref.output_jacobians(model, x, [emb])  # J [N, C, T, D]
+        Hout = ref.output_hessians(f, y, lik)
+        keep = x != emb.padding_idx
+        counts += torch.bincount(x[keep], minlength=V).to(DT)
+        Jk = J.permute(0, 2, 1, 3)[keep]  # [n_tokens, C, D]
+        Hk = Hout[:, None].expand(-1, x.shape[1], -1, -1)[keep]
+        G += torch.einsum("kco,kcd,kdp->op", Jk, Hk, Jk)
+        n += int(keep.sum())
+    return counts / n, G
+
+
+def test_kron_embedding_is_the_one_hot_kfac():
+    model, loader, lik = make("embedding")
+    la = fit(model, loader, lik, hessian_structure="kron")
+    L_want, R_want = _embedding_factors(model, loader, lik)
+    name, L, R, _, _ = la.posterior_precision[0]
+    assert name == "emb.weight" and L.shape == (7,)
+    torch.testing.assert_close(L, L_want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(R, R_want, rtol=1e-10, atol=1e-13)
+    assert float(L[0]) == 0.0  # padding_idx
+    torch.testing.assert_close(curvature_part(la)[:21, :21], torch.kron(torch.diag(L_want), R_want), rtol=1e-10,
+                               atol=1e-13)
+
+
+def test_kron_embedding_exact_with_padding():
+    """One token per example, every non-padding token the same: the exact GGN block of that row is
+    sum over its examples of J^T H J, which KFAC reproduces only when padding tokens leave both
+    factors (a padding fraction in A's normalisation would shrink it)."""
+    torch.manual_seed(0)
+    model = EmbeddingNet(V=5, D=3, T=1, out=2).to(DT)
+    model.out.requires_grad_(False)
+    X = torch.tensor([[2], [0], [2], [0], [2], [2]])
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    loader = [(X[:3], y[:3]), (X[3:], y[3:])]
+    la = fit(model, loader, "classification", hessian_structure="kron")
+    H = ref.exact_curvature(model, loader, "classification")
+    assert float(H.abs().max()) > 0.05
+    torch.testing.assert_close(curvature_part(la), H, rtol=1e-10, atol=1e-13)
+
+
+def test_kron_embedding_reduce_is_refused_clearly():
+    model, loader, lik = make("embedding")
+    with pytest.raises(ValueError, match=r"layer 'emb'.*kfac_approx='reduce'.*kfac_approx='expand'"):
+        fit(model, loader, lik, hessian_structure="kron", kfac_approx="reduce")
+    # one token per example: 'reduce' is 'expand'
+    torch.manual_seed(0)
+    m1 = EmbeddingNet(T=1).to(DT)
+    X, y = torch.randint(0, 7, (8, 1)), torch.randint(0, C, (8,))
+    a = fit(m1, [(X, y)], "classification", hessian_structure="kron", kfac_approx="reduce")
+    b = fit(m1, [(X, y)], "classification", hessian_structure="kron", kfac_approx="expand")
+    torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("separate", [True, False])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_kron_factors_match_curvlinops(approx, separate):
+    """curvlinops' KFACLinearOperator (type-2 Fisher = GGN, loss reduction 'sum') normalises as we
+    do (curvlinops/kfac.py: input covariance sum a a^T / (N T) for expand, / N of the averaged
+    patches for reduce; gradient covariance sum g g^T, no correction for 'sum'): its factors are
+    ours without any rescaling."""
+    curvlinops = require("curvlinops", "the KFAC reference (Eschenhagen et al. 2023)")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 2, dilation=2),
+                          nn.Flatten(), nn.Linear(16, 3)).to(DT)
+    X, y = torch.randn(12, 2, 8, 8, dtype=DT), torch.randint(0, 3, (12,))
+    loader = [(X[:5], y[:5]), (X[5:], y[5:])]
+    op = curvlinops.KFACLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), list(model.parameters()), loader,
+                                       fisher_type="type-2", kfac_approx=approx, separate_weight_and_bias=separate,
+                                       check_deterministic=False)
+    op.compute_kronecker_factors()
+    la = fit(model, loader, "classification", hessian_structure="kron", kfac_approx=approx,
+             bias_block="separate" if separate else "joint")
+    ours = {name: (L, R) for name, L, R, _, _ in la.posterior_precision}
+    assert len(op._input_covariances) == 3
+    for mod, A in op._input_covariances.items():
+        G = op._gradient_covariances[mod]
+        L, R = ours[f"{mod}.weight" if separate else f"{mod}.weight+bias"]
+        torch.testing.assert_close(L, G, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(R, A, rtol=1e-10, atol=1e-13)
+        if separate:
+            Lb, Rb = ours[f"{mod}.bias"]
+            torch.testing.assert_close(Lb, G, rtol=1e-10, atol=1e-13)
+            assert Rb.tolist() == [[1.0]]
+
+
+# ---- GLM functional variance and links ----------------------------------------------------------------------
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+@pytest.mark.parametrize("name, approx", [("mlp", "expand"), ("conv2d", "expand"), ("conv2d", "reduce"),
+                                          ("seq_linear", "reduce"), ("embedding", "expand"),
+                                          ("layernorm", "expand"), ("batchnorm", "expand")])
+def test_functional_variance_is_J_inverse_precision_Jt(name, approx, structure):
+    """J P^-1 J^T with explicit Jacobians at new inputs; for 'reduce' the TRUE Jacobian (sum over
+    positions of g a^T), not the one of the reduced factors."""
+    if name == "mlp":
+        torch.manual_seed(3)
+        model = mlp()
+        g = torch.Generator().manual_seed(3)
+        X, y = torch.randn(10, 4, generator=g, dtype=DT), torch.randint(0, C, (10,), generator=g)
+        loader, lik = [(X[:6], y[:6]), (X[6:], y[6:])], "classification"
+        Xs = torch.randn(5, 4, generator=g, dtype=DT)
+    else:
+        model, loader, lik = make(name)
+        Xs = MODELS[name][1](5, torch.Generator().manual_seed(9))
+    la = fit(model, loader, lik, hessian_structure=structure, kfac_approx=approx, prior_precision=0.3)
+    f_mu, f_var = la.functional_variance(Xs, batch_size=3)  # two input batches
+    J = ref.jacobians(model, Xs)
+    want = ref.logits_var(J, torch.linalg.inv(la.to_dense()))
+    torch.testing.assert_close(f_mu, ref.outputs(model, Xs))
+    torch.testing.assert_close(f_var, want, rtol=1e-9, atol=1e-12)
+
+
+def _glm_setup(lik="classification", out=C):
+    torch.manual_seed(3)
+    model = mlp(out=out)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(30, 4, generator=g, dtype=DT)
+    y = torch.randint(0, max(out, 2), (30,), generator=g)
+    if lik == "binary":
+        model = nn.Sequential(model, nn.Flatten(0))
+        y = y.to(DT)
+    la = fit(model, [(X, y)], lik, hessian_structure="kron", prior_precision=0.2)
+    Xs = torch.randn(6, 4, generator=g, dtype=DT)
+    f = ref.outputs(model, Xs)
+    V = ref.logits_var(ref.jacobians(model, Xs), torch.linalg.inv(la.to_dense()))
+    return la, Xs, f, V
+
+
+def test_probit_bridge_and_mc_links():
+    la, Xs, f, V = _glm_setup()
+    d = torch.diagonal(V, dim1=1, dim2=2)
+    assert float(d.min()) > 0.05  # a variance large enough for the links to differ from softmax(f)
+    probit = torch.softmax(f / torch.sqrt(1 + math.pi / 8 * d), -1)
+    torch.testing.assert_close(la.la(Xs, link_approx="probit"), probit, rtol=1e-10, atol=1e-12)
+    assert float((probit - torch.softmax(f, -1)).abs().max()) > 1e-3
+    torch.testing.assert_close(la.la(Xs, link_approx="bridge"), ref.bridge(f, V), rtol=1e-9, atol=1e-12)
+    n = 20000
+    mc = la.la(Xs, link_approx="mc", n_samples=n, generator=torch.Generator().manual_seed(0))
+    # E softmax(f + L z) by brute force with independent draws; each MC mean has a standard
+    # deviation <= 0.5 / sqrt(n) (a probability's spread is at most 1/2): 6 of them for both
+    z = torch.randn(n, *f.shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+    brute = torch.softmax(f + torch.einsum("nij,snj->sni", torch.linalg.cholesky(V), z), -1).mean(0)
+    assert float((mc - brute).abs().max()) <= 2 * 6 * 0.5 / math.sqrt(n)
+    assert mc.shape == (6, C) and torch.allclose(mc.sum(1), torch.ones(6, dtype=DT))
+
+
+def test_binary_links_return_one_probability_per_row():
+    la, Xs, f, V = _glm_setup("binary", out=1)
+    assert V.shape == (6, 1, 1)
+    p = la.la(Xs, link_approx="probit")
+    assert p.shape == (6,)
+    torch.testing.assert_close(p, torch.sigmoid(f[:, 0] / torch.sqrt(1 + math.pi / 8 * V[:, 0, 0])), rtol=1e-10,
+                               atol=1e-12)
+    n = 20000
+    mc = la.la(Xs, link_approx="mc", n_samples=n, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(n, 6, dtype=DT, generator=torch.Generator().manual_seed(1))
+    brute = torch.sigmoid(f[:, 0] + V[:, 0, 0].sqrt() * z).mean(0)
+    assert mc.shape == (6,) and float((mc - brute).abs().max()) <= 2 * 6 * 0.5 / math.sqrt(n)
+    with pytest.raises(ValueError, match="bridge"):
+        la.la(Xs, link_approx="bridge")
+    pred = la.predict(Xs)
+    torch.testing.assert_close(pred, p)
+
+
+def test_kron_cnn_draws_have_the_posterior_covariance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 2)).to(DT)
+    X, y = torch.randn(20, 1, 3, 3, dtype=DT), torch.randint(0, 2, (20,))
+    la = fit(model, [(X, y)], "classification", hessian_structure="kron", prior_precision=0.5)
+    n = 40000
+    draws = la.sample(n, generator=torch.Generator().manual_seed(2))
+    cov = torch.linalg.inv(la.to_dense())
+    assert draws.shape == (n, 28)
+    # the mean of n draws has standard error sqrt(S_ii / n); a sample covariance entry
+    # sqrt((S_ii S_jj + S_ij^2) / n): 6 standard errors each (784 entries: a false alarm
+    # has probability ~ 784 * 2e-9)
+    se_mean = (cov.diagonal() / n).sqrt()
+    assert ((draws.mean(0) - la.mean).abs() <= 6 * se_mean).all()
+    se = ((cov.diagonal()[:, None] * cov.diagonal()[None] + cov ** 2) / n).sqrt()
+    assert ((torch.cov(draws.T) - cov).abs() <= 6 * se).all()
+    # the draws see the off-diagonal structure (the Kronecker blocks are not diagonal)
+    off = cov - torch.diag(cov.diagonal())
+    assert float(off.abs().max()) > 10 * float(se.max())
