@@ -84,12 +84,19 @@ def check_targets(y, f: Tensor, likelihood: str) -> Tensor:
 
 
 def summed_loss(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
-    """The summed negative log-likelihood at sigma = 1 without constants (module docstring)."""
+    """The summed negative log-likelihood at sigma = 1 without constants (module docstring);
+    RuntimeError when it is not finite (outputs that overflowed: the curvature can stay finite,
+    e.g. regression outputs shifted by infinity, and the marginal likelihood would be -inf)."""
     if likelihood == "classification":
-        return F.cross_entropy(f, y, reduction="sum")
-    if likelihood == "binary":
-        return F.binary_cross_entropy_with_logits(f, y, reduction="sum")
-    return 0.5 * (f - y).square().sum()
+        loss = F.cross_entropy(f, y, reduction="sum")
+    elif likelihood == "binary":
+        loss = F.binary_cross_entropy_with_logits(f, y, reduction="sum")
+    else:
+        loss = 0.5 * (f - y).square().sum()
+    if not bool(torch.isfinite(loss)):
+        raise RuntimeError(f"the loss of the model's outputs on the training data is {float(loss)} (not finite): the "
+                           "outputs overflowed or are NaN; check the inputs and the weights")
+    return loss
 
 
 def directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_samples: int,
