@@ -326,12 +326,24 @@ class Laplace(Posterior):
         curv, loss, n, C, _, _ = self._need_fit()
         return log_likelihood(loss, n, C, self.likelihood, self._sigma if sigma is None else sigma, self.temperature)
 
+    def _prior_terms(self, prior: Tensor) -> tuple[Tensor, Tensor]:
+        """(log det P_0, (theta_MAP - mu_0)^T P_0 (theta_MAP - mu_0)) for a prior of shape [],
+        [n_blocks] or [P]; per block sums for the first two (no [P] vector per step)."""
+        mean = self._need_fit()[4]
+        d2 = (mean[self.positions] - self.prior_mean).square()
+        if prior.numel() == 1:
+            delta = prior.reshape(())
+            return self.n_params * torch.log(delta), delta * d2.sum()
+        if prior.numel() == len(self.blocks) and prior.numel() != self.n_params:
+            numel = prior.new_tensor([b.numel for b in self.blocks])
+            sq = torch.stack([d2[b.sel.reshape(-1)].sum() for b in self.blocks])
+            return (numel * torch.log(prior)).sum(), (prior * sq).sum()
+        return torch.log(prior).sum(), (prior * d2).sum()
+
     def _lml(self, prior: Tensor, sigma: Tensor) -> Tensor:
-        _, _, _, _, mean, precision = self._need_fit()
-        delta = self._delta(prior)
-        d = mean[self.positions] - (self.prior_mean if self.prior_mean.dim() == 0 else self.prior_mean)
-        scatter = (delta * d.square()).sum()
-        logdet_ratio = precision.logdet(self._scale(sigma), delta) - torch.log(delta).sum()
+        precision = self._need_fit()[5]
+        logdet_prior, scatter = self._prior_terms(prior)
+        logdet_ratio = precision.logdet(self._scale(sigma), self._delta(prior)) - logdet_prior
         return self.log_likelihood(sigma) - 0.5 * (logdet_ratio + scatter)
 
     def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None) -> Tensor:

@@ -79,7 +79,7 @@ def adam(objective, tensors: list[Tensor], n_steps: int, lr: float, progress: bo
                                "or start from another init_prior_prec")
         loss.backward()
         opt.step()
-        value = float(loss)
+        value = float(loss.detach())
     for t in tensors:
         t.requires_grad_(False)
     return value
