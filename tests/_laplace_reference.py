@@ -20,6 +20,21 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 
+class eval_mode:
+    """Every submodule in eval mode inside the block, each one's own flag restored afterwards."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.training = mode
+
+
 def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -42,22 +57,13 @@ def jacobians(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
         tensors.update(buffers)
         return functional_call(model, tensors, (x.unsqueeze(0),)).reshape(-1)
 
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return vmap(jacrev(f), in_dims=(None, 0))(theta, X)
-    finally:
-        model.train(was)
 
 
 def outputs(model, X) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            f = model(X)
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        f = model(X)
     return f.reshape(f.shape[0], -1)
 
 
@@ -151,12 +157,10 @@ def output_jacobians(model, X, modules):
         rec[mod] = (inp[0].detach(), out)
 
     handles = [m.register_forward_hook(hook) for m in modules]
-    was = model.training
-    model.eval()
     try:
-        f = model(X)
+        with eval_mode(model):
+            f = model(X)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     f = f.reshape(f.shape[0], -1)
