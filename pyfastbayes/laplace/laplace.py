@@ -424,6 +424,13 @@ class Laplace(Posterior):
                     self._prior = old
             if nll < best_nll:
                 best, best_nll = prior, nll
+        if float(best) in (grid[0], grid[-1]):
+            import warnings
+            edge = "upper" if float(best) == grid[-1] else "lower"
+            warnings.warn(f"gridsearch: the validation NLL is lowest at the {edge} end of the grid "
+                          f"(prior precision {float(best):g}); widen log_prior_prec_range. At the upper end the "
+                          "validation data prefer (nearly) no posterior variance: the Laplace predictive is then "
+                          "close to the MAP's", stacklevel=3)
         self._prior = best
         return best
 
