@@ -11,7 +11,8 @@ each entry's position in the flat [P] vector of :class:`pyfastbayes.nn.ParamLayo
   ``bias_block='joint'``; with 'separate' (laplace-torch's convention) W [out, in] (L = G, R = A) and
   b [out, 1] (L = G, R = [[1]]).
 - ``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, zero padding): the same with the unfolded patches as
-  inputs (W viewed as [out, in * kernel]).
+  inputs (W viewed as [out, in * kernel]). A frozen weight leaves the bias alone: b [out, 1] with
+  L = G, R = [[1]].
 - ``nn.Embedding``: Theta = W [V, D] with L = A (diagonal: token counts over the number of
   non-padding tokens, stored as a vector) and R = G [D, D] (summed over the non-padding tokens:
   ``padding_idx`` tokens are not rows of either factor). 'reduce' with several tokens per example
@@ -136,9 +137,14 @@ class _Matrix(Layer):
 
     def _make_blocks(self, bias_block: str) -> list[Block]:
         self.has_bias = "bias" in self.params
+        self.has_weight = "weight" in self.params
+        prefix = f"{self.name}." if self.name else ""
+        if not self.has_weight:  # a frozen weight: the bias alone, L = G, R = [[1]]
+            self.joint = False
+            b = self._index("bias")
+            return [Block(prefix + "bias", "kron", b.reshape(b.numel(), 1))]
         out = self.params["weight"][1][0]
         w = self._index("weight").reshape(out, -1)
-        prefix = f"{self.name}." if self.name else ""
         if not self.has_bias:
             self.joint = False
             return [Block(prefix + "weight", "kron", w)]
@@ -156,32 +162,39 @@ class _Matrix(Layer):
         """Output gradients [m, *out.shape] -> [m, N, T, out]."""
         raise NotImplementedError
 
-    def _shared(self, g: Tensor) -> tuple[Tensor, Tensor]:
-        a, gg = self._inputs(), self._grads(g)
-        if self.sharing == "reduce" and a.shape[1] > 1:
-            a, gg = a.mean(1, keepdim=True), gg.sum(2, keepdim=True)
-        return a, gg
+    def _bias_part(self, gg: Tensor):
+        """The Jacobian of a bias of its own: sum_t g_t ([m, N, out, 1])."""
+        if gg.shape[2] == 1:
+            return ("factored", gg[:, :, 0], gg.new_ones(gg.shape[1], 1))
+        return ("matrix", gg.sum(2).unsqueeze(-1))
 
     def jacobians(self, g):
         # The exact per-example Jacobian sum_t g_t a_t^T, whatever kfac_approx says: 'reduce' only
         # changes how the Kronecker FACTORS are formed (kron_rows); the diagonal and full
         # structures and the GLM predictive J P^-1 J^T need the true Jacobian.
-        a, gg = self._inputs(), self._grads(g)
-        ones = a.new_ones(a.shape[0], a.shape[1], 1)
-        av = torch.cat([a, ones], -1) if self.joint else a
+        gg = self._grads(g)
+        if not self.has_weight:
+            return [self._bias_part(gg)]
+        a = self._inputs()
+        av = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], -1) if self.joint else a
         if a.shape[1] == 1:
             parts = [("factored", gg[:, :, 0], av[:, 0])]
-            if self.has_bias and not self.joint:
-                parts.append(("factored", gg[:, :, 0], ones[:, 0]))
-            return parts
-        parts = [("matrix", torch.einsum("mnto,nti->mnoi", gg, av))]
+        else:
+            parts = [("matrix", torch.einsum("mnto,nti->mnoi", gg, av))]
         if self.has_bias and not self.joint:
-            parts.append(("matrix", gg.sum(2).unsqueeze(-1)))
+            parts.append(self._bias_part(gg))
         return parts
 
     def kron_rows(self, g):
-        a, gg = self._shared(g)
+        gg = self._grads(g)
+        if self.sharing == "reduce" and gg.shape[2] > 1:
+            gg = gg.sum(2, keepdim=True)
         g_rows = gg.reshape(-1, gg.shape[-1])
+        if not self.has_weight:
+            return [KronRows(g_rows, g_rows.shape[0])]  # A = [[1]]: the bias alone
+        a = self._inputs()
+        if self.sharing == "reduce" and a.shape[1] > 1:
+            a = a.mean(1, keepdim=True)
         a_rows = a.reshape(-1, a.shape[-1])
         rows = [KronRows(g_rows, a_rows.shape[0], a_rows, a_bias=self.joint)]
         if self.has_bias and not self.joint:
