@@ -21,6 +21,9 @@ each entry's position in the flat [P] vector of :class:`pyfastbayes.nn.ParamLayo
   ``unsupported='diag'`` any other module's own parameters, from per-example gradients
   (``torch.func``: vmap over examples and directions of the module's own forward).
 
+A parameter shared by several modules (tied weights) is refused: the flat layout holds it once and
+no per-module block would see all of its uses.
+
 Weight sharing (positions t = 1..T beyond the batch dimension) follows Eschenhagen et al. (2023):
 'expand' treats the N*T positions as examples (A averaged over N*T rows, G summed over them);
 'reduce' averages the inputs and sums the output gradients over positions first.
@@ -311,6 +314,16 @@ def build_layers(model: nn.Module, layout, selected: set[str], *, bias_block: st
             raise ValueError(f"module {mname or '<root>'!r} ({type(module).__name__}(track_running_stats=False)) "
                              "normalises with batch statistics even in eval mode, so the examples are not "
                              "independent; Laplace needs BatchNorm with running statistics (track_running_stats=True)")
+    aliases: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(pname)
+    for names in aliases.values():
+        if len(names) > 1 and any(n in selected for n in names):
+            # the flat layout lists a tied parameter once; a block per module would see only one
+            # of its uses and miss the other's curvature (silently wrong)
+            raise ValueError(f"parameter {names[0]!r} is shared by {names} (tied weights): Laplace needs every "
+                             "covered parameter to belong to one module; untie them, or freeze them "
+                             "(requires_grad=False) / use subset_of_weights='last_layer'")
     offsets = {n: (o, s, math.prod(s)) for n, o, s in zip(layout.names, layout.offsets, layout.shapes)}
     layers, covered, fallback = [], set(), []
     for mname, module in model.named_modules():
