@@ -213,6 +213,91 @@ def test_batchnorm_with_batch_statistics_is_refused():
             Laplace(model, unsupported=uns)
 
 
+def _freeze(model, which):
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            getattr(m, which).requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["separate", "no_bias", "no_weight"])
+@pytest.mark.parametrize("name", ["conv2d", "seq_linear"])
+def test_bias_apart_or_frozen(name, variant):
+    """bias_block='separate', bias-free layers and layers whose weight is frozen (the bias alone):
+    full/diag exact, and the functional variance of every structure (both kfac_approx) J P^-1 J^T."""
+    model, loader, lik = make(name)
+    kw = {}
+    if variant == "separate":
+        kw["bias_block"] = "separate"
+    else:
+        _freeze(model, "bias" if variant == "no_bias" else "weight")
+    H = ref.exact_curvature(model, loader, lik)
+    Xs = MODELS[name][1](4, torch.Generator().manual_seed(2))
+    J = ref.jacobians(model, Xs)
+    for structure in ("full", "diag", "kron"):
+        for approx in ("expand", "reduce"):
+            la = fit(model, loader, lik, hessian_structure=structure, kfac_approx=approx, prior_precision=0.4, **kw)
+            if structure != "kron":
+                want = H if structure == "full" else torch.diag(H.diagonal())
+                torch.testing.assert_close(curvature_part(la), want, rtol=1e-10, atol=1e-12)
+            want = ref.logits_var(J, torch.linalg.inv(la.to_dense()))
+            torch.testing.assert_close(la.functional_variance(Xs)[1], want, rtol=1e-9, atol=1e-12)
+    if variant == "no_weight":  # the bias block of a shared layer: G over all positions, A = [[1]]
+        la = fit(model, loader, lik, hessian_structure="kron")
+        facs = ref.kfac_factors(model, loader, lik, kron_modules(model), "expand", bias=False)
+        for (bname, L, R, _, _), (G, _) in zip(la.posterior_precision, facs):
+            assert bname.endswith(".bias") and R.tolist() == [[1.0]]
+            torch.testing.assert_close(L, G, rtol=1e-10, atol=1e-13)
+
+
+def test_tied_parameters_are_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    for structure in ("kron", "full"):
+        with pytest.raises(ValueError, match=r"'a.weight' is shared by \['a.weight', 'b.weight'\] \(tied weights\)"):
+            Laplace(Tied(), hessian_structure=structure, unsupported="diag")
+    Laplace(Tied(), subset_of_weights="last_layer")  # the tied pair is not covered: fine
+
+
+def test_forward_contracts():
+    """In-place activations after a covered layer change nothing (the recorded output is a clone);
+    a covered layer called twice, or not at all, is refused by name."""
+    torch.manual_seed(0)
+    X, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).to(DT)
+    la = fit(model, [(X, y)], "classification", hessian_structure="full")
+    torch.testing.assert_close(curvature_part(la), ref.exact_curvature(model, [(X, y)], "classification"),
+                               rtol=1e-10, atol=1e-12)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(self.lin(torch.tanh(self.lin(x))))
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.spare = nn.Linear(4, 3), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    with pytest.raises(RuntimeError, match="layer 'lin' is called more than once"):
+        fit(Twice().to(DT), [(X, y)], "classification")
+    with pytest.raises(RuntimeError, match="layer 'spare' did not take part in the forward"):
+        fit(Unused().to(DT), [(X, y)], "classification")
+
+
 # ---- KFAC ---------------------------------------------------------------------------------------------------
 def kron_modules(model):
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
