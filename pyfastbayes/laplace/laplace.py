@@ -27,6 +27,7 @@ from ._layers import build_layers
 from ._likelihood import (CURVATURES, LIKELIHOODS, check_targets, directions, log_likelihood, outputs_2d,
                           summed_loss)
 from .factors import STRUCTURES, Recorder, backprop, block_parts
+from .lowrank import LowRankCurvature, LowRankPrecision
 from .precision import PRECISIONS
 from .predictive import probabilities
 
@@ -36,6 +37,10 @@ SUBSETS = ("all", "last_layer")
 BIAS_BLOCKS = ("joint", "separate")
 SHARING = ("expand", "reduce")
 PRED_TYPES = ("glm", "nn")
+
+
+_STRUCTURES = {**STRUCTURES, "lowrank": LowRankCurvature}
+_PRECISIONS = {**PRECISIONS, "lowrank": LowRankPrecision}
 
 
 class RegressionPredictive(NamedTuple):
@@ -69,7 +74,9 @@ class Laplace(Posterior):
             ``sigma_noise``) or 'binary' (one logit, Bernoulli).
         subset_of_weights: 'all' trainable weights, or 'last_layer' (the last module with
             parameters called in the forward, which must be an ``nn.Linear``).
-        hessian_structure: 'kron' (KFAC), 'diag' (exact diagonal), 'full'.
+        hessian_structure: 'kron' (KFAC), 'diag' (exact diagonal), 'full', 'lowrank' (the top
+            ``low_rank`` eigenpairs by block Lanczos on the matrix-free curvature plus a scalar
+            prior; the loader must be re-iterable: several data passes).
         prior_precision: delta > 0: a float, or a tensor [] / [n_blocks] (layerwise) / [P] (diag;
             not for 'kron').  prior_mean: a float or a tensor [P] (default 0).
         sigma_noise: the regression noise standard deviation (must stay 1 for the others).
@@ -96,13 +103,12 @@ class Laplace(Posterior):
                  hessian_structure: str = "kron", prior_precision=1.0, sigma_noise: float = 1.0,
                  temperature: float = 1.0, curvature: str = "ggn", *, prior_mean=0.0, bias_block: str = "joint",
                  kfac_approx: str = "expand", unsupported: str = "error", mc_samples: int = 1,
-                 eigh_method: str = "auto"):
+                 eigh_method: str = "auto", low_rank: int = 20):
         super().__init__(model)
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
-        if hessian_structure == "lowrank":
-            raise ValueError("hessian_structure='lowrank' is not implemented yet; use 'kron', 'diag' or 'full'")
-        self.hessian_structure = _choice(hessian_structure, tuple(STRUCTURES), "hessian_structure")
+        self.hessian_structure = _choice(hessian_structure, tuple(_STRUCTURES), "hessian_structure")
+        self.low_rank = check_count(low_rank, "low_rank", 1)
         self.curvature = _choice(curvature, CURVATURES, "curvature")
         self.bias_block = _choice(bias_block, BIAS_BLOCKS, "bias_block")
         self.kfac_approx = _choice(kfac_approx, SHARING, "kfac_approx")
@@ -226,7 +232,11 @@ class Laplace(Posterior):
         x0 = self._split(first, 0)[0]
         if self.layers is None:
             self._find_last_layer(x0.to(self.device))
-        curv = STRUCTURES[self.hessian_structure](self.blocks, self.dtype, self.device)
+        lowrank = self.hessian_structure == "lowrank"
+        if lowrank and iter(loader) is loader:
+            raise TypeError("hessian_structure='lowrank' walks the data several times: pass a re-iterable loader "
+                            "(a DataLoader or a list of batches), not a one-shot iterator")
+        curv = self._new_curvature()
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         n_data, n_out = 0, None
         with ModeGuard(self.model, False), tqdm(desc="Laplace fit", leave=False, disable=not progress) as bar:
@@ -240,8 +250,9 @@ class Laplace(Posterior):
                         raise ValueError(f"batch {i}: the model outputs {f.shape[1]} columns, earlier batches {n_out}")
                     yt = check_targets(y, f, self.likelihood)
                     loss += summed_loss(f.detach(), yt, self.likelihood).double()
-                    R = directions(f, yt, self.likelihood, self.curvature, self.mc_samples, generator)
-                    curv.add(layers, backprop(f, layers, R.to(f.dtype)))
+                    if not lowrank:
+                        R = directions(f, yt, self.likelihood, self.curvature, self.mc_samples, generator)
+                        curv.add(layers, backprop(f, layers, R.to(f.dtype)))
                     n_data += y.shape[0]
                     for layer in layers:
                         layer.clear()
@@ -250,19 +261,40 @@ class Laplace(Posterior):
         n_data, loss = self._all_reduce(curv, loss, n_data)
         if n_data == 0:
             raise ValueError("fit: the loader's batches hold no rows")
+        if lowrank:
+            names = [self.layout.names[i] for i in range(len(self.layout.names))
+                     if self._covers(self.layout.offsets[i])]
+            with ModeGuard(self.model, False):
+                curv.compute(self.model, loader, self.likelihood, self.curvature, names, n_data, n_out,
+                             self.mc_samples, generator)
         for t, b in zip(curv.tensors(), self._tensor_owners(curv)):
             if not bool(torch.isfinite(t).all()):
                 raise RuntimeError(f"the curvature of block {b!r} is not finite (NaN or infinity): the model's outputs "
                                    "or gradients overflowed on the training data; check the inputs and the weights")
         mean = self.layout.flatten()
-        precision = PRECISIONS[self.hessian_structure](curv, **({"eigh_method": self.eigh_method}
-                                                               if self.hessian_structure == "kron" else {}))
-        self._fitted = (curv, loss.to(self.dtype), n_data, n_out, mean, precision)
+        self._fitted = (curv, loss.to(self.dtype), n_data, n_out, mean, self._new_precision(curv))
         return self
+
+    def _new_curvature(self):
+        if self.hessian_structure == "lowrank":
+            return LowRankCurvature(self.blocks, self.dtype, self.device, self.low_rank)
+        return STRUCTURES[self.hessian_structure](self.blocks, self.dtype, self.device)
+
+    def _new_precision(self, curv):
+        if self.hessian_structure == "kron":
+            return PRECISIONS["kron"](curv, eigh_method=self.eigh_method)
+        return _PRECISIONS[self.hessian_structure](curv)
+
+    def _covers(self, offset: int) -> bool:
+        """Whether the flat position ``offset`` (a parameter tensor's start) is covered."""
+        i = int(torch.searchsorted(self.positions.cpu(), torch.tensor(offset)))
+        return i < self.n_params and int(self.positions[i]) == offset
 
     def _tensor_owners(self, curv) -> list[str]:
         if self.hessian_structure == "full":
             return ["full"]
+        if self.hessian_structure == "lowrank":
+            return ["low-rank eigenvalues", "low-rank eigenvectors"]
         if self.hessian_structure == "diag":
             return [b.name for b in self.blocks]
         names = [self.blocks[i].name for i in curv.G]
@@ -377,6 +409,8 @@ class Laplace(Posterior):
         self._need_fit()
         if method == "gridsearch":
             return self._gridsearch(val_loader, log_prior_prec_range, grid_size, pred_type, link_approx, n_samples)
+        if prior_structure != "scalar" and self.hessian_structure == "lowrank":
+            raise ValueError("hessian_structure='lowrank' tunes one scalar prior: use prior_structure='scalar'")
         if prior_structure == "diag" and self.hessian_structure == "kron":
             raise ValueError("prior_structure='diag' does not fit hessian_structure='kron' (one exact damping per "
                              "Kronecker block): use 'scalar' or 'layerwise'")
@@ -548,6 +582,8 @@ class Laplace(Posterior):
         s, delta = self._scale(), self._delta()
         if self.hessian_structure == "full":
             return s * curv.H + torch.diag(delta)
+        if self.hessian_structure == "lowrank":
+            return s * (curv.eigvecs * curv.eigvals) @ curv.eigvecs.t() + torch.diag(delta)
         out = torch.diag(delta.clone())
         for i, b in enumerate(self.blocks):
             idx = b.sel.reshape(-1)
@@ -562,13 +598,16 @@ class Laplace(Posterior):
 
     @property
     def posterior_precision(self):
-        """'full': P [P_c, P_c]; 'diag': its diagonal [P_c]; 'kron': a list per block of
+        """'full': P [P_c, P_c]; 'diag': its diagonal [P_c]; 'lowrank': (U [P_c, k], lambda [k], s,
+        delta) with P = s U diag(lambda) U^T + delta I; 'kron': a list per block of
         (name, L, R, s, delta) with P_block = s (L (x) R) + delta I (L a vector when diagonal;
         diagonal blocks: (name, h, None, s, delta))."""
         curv, *_ = self._need_fit()
         s, delta = self._scale(), self._delta()
         if self.hessian_structure == "full":
             return self.to_dense()
+        if self.hessian_structure == "lowrank":
+            return curv.eigvecs, curv.eigvals, s, delta[0]
         if self.hessian_structure == "diag":
             h = delta.new_zeros(self.n_params)
             for i, b in enumerate(self.blocks):
@@ -613,7 +652,7 @@ class Laplace(Posterior):
             self._setup({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad})
         if state.get("blocks") != [b.name for b in self.blocks]:
             raise ValueError(f"state_dict has blocks {state.get('blocks')}, this model {[b.name for b in self.blocks]}")
-        curv = STRUCTURES[self.hessian_structure](self.blocks, self.dtype, self.device)
+        curv = self._new_curvature()
         tensors = curv.tensors()
         saved = state["curvature_tensors"]
         if len(saved) != len(tensors) or any(a.shape != b.shape for a, b in zip(saved, tensors)):
@@ -625,8 +664,7 @@ class Laplace(Posterior):
         self.prior_precision = state["prior_precision"]
         self.prior_mean = state["prior_mean"].to(self.device, self.dtype)
         self._sigma = state["sigma_noise"].to(self.device, self.dtype)
-        precision = PRECISIONS[self.hessian_structure](curv, **({"eigh_method": self.eigh_method}
-                                                               if self.hessian_structure == "kron" else {}))
+        precision = self._new_precision(curv)
         self._fitted = (curv, state["loss"].to(self.device, self.dtype), int(state["n_data"]), int(state["n_outputs"]),
                         mean.to(self.device, self.dtype), precision)
 

@@ -46,6 +46,9 @@ def check_prior(value, blocks, P: int, structure: str, dtype, device, name: str 
     if not bool(torch.isfinite(t.detach()).all()) or not bool((t.detach() > 0).all()):
         raise ValueError(f"{name} must be finite and > 0 (a prior precision), got "
                          f"{t.detach().min().item() if t.numel() else t}")
+    if structure == "lowrank" and t.numel() != 1:
+        raise ValueError(f"hessian_structure='lowrank' takes one scalar {name} (the low-rank complement is exact "
+                         "only for delta I)")
     if structure == "kron" and t.dim() == 1 and t.numel() == P and t.numel() not in (1, len(blocks)):
         raise ValueError(f"hessian_structure='kron' takes a scalar or a per-block (layerwise, {len(blocks)}) "
                          f"{name}: the prior is added exactly in each block's Kronecker eigenbasis, which needs "
