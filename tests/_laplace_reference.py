@@ -208,9 +208,10 @@ def kfac_factors(model, loader, likelihood, modules, approx="expand", curvature=
     return [(G, A / r) for (G, A), r in zip(sums, rows)]
 
 
-def bridge(f_mu, f_var):
+def bridge(f_mu, f_var, normalise=False):
     """The Laplace bridge (Hobbhahn et al. 2022) after the zero-mean correction of the logits, as
-    laplace-torch applies it, written from the formulas."""
+    laplace-torch applies it, written from the formulas; ``normalise``: its variance normalisation
+    (the mean corrected variance scaled to sqrt(K / 2), laplace-torch's 'bridge_norm')."""
     K = f_mu.shape[1]
     out = []
     for mu, S in zip(f_mu, f_var):
@@ -221,6 +222,9 @@ def bridge(f_mu, f_var):
         mu = mu - Sone * (one @ mu) / total
         S = S - torch.outer(Sone, Sone) / total
         d = torch.diagonal(S)
+        if normalise:
+            c = d.mean() / math.sqrt(K / 2)
+            mu, d = mu / math.sqrt(c), d / c
         alpha = (1 - 2 / K + torch.exp(mu) * torch.exp(-mu).sum() / K ** 2) / d
         out.append(alpha / alpha.sum())
     return torch.stack(out)

@@ -509,6 +509,9 @@ def test_probit_bridge_and_mc_links():
     torch.testing.assert_close(la.la(Xs, link_approx="probit"), probit, rtol=1e-10, atol=1e-12)
     assert float((probit - torch.softmax(f, -1)).abs().max()) > 1e-3
     torch.testing.assert_close(la.la(Xs, link_approx="bridge"), ref.bridge(f, V), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(la.la(Xs, link_approx="bridge_norm"), ref.bridge(f, V, normalise=True), rtol=1e-9,
+                               atol=1e-12)
+    assert float((ref.bridge(f, V, normalise=True) - ref.bridge(f, V)).abs().max()) > 1e-3
     n = 20000
     mc = la.la(Xs, link_approx="mc", n_samples=n, generator=torch.Generator().manual_seed(0))
     # E softmax(f + L z) by brute force with independent draws; each MC mean has a standard
