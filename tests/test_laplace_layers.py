@@ -559,3 +559,18 @@ def test_kron_cnn_draws_have_the_posterior_covariance():
     # the draws see the off-diagonal structure (the Kronecker blocks are not diagonal)
     off = cov - torch.diag(cov.diagonal())
     assert float(off.abs().max()) > 10 * float(se.max())
+
+
+def test_full_structure_in_row_chunks(monkeypatch):
+    """The full structure builds per-example Jacobian rows in chunks (and the functional variance
+    too): one example per chunk gives the same matrix and variances as one chunk."""
+    from pyfastbayes.laplace import factors, precision
+    model, loader, lik = make("conv2d")
+    Xs = MODELS["conv2d"][1](5, torch.Generator().manual_seed(9))
+    whole = fit(model, loader, lik, hessian_structure="full")
+    whole_var = whole.functional_variance(Xs)[1]
+    monkeypatch.setattr(factors, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(precision, "_CHUNK_ELEMENTS", 1)
+    chunked = fit(model, loader, lik, hessian_structure="full")
+    torch.testing.assert_close(chunked.to_dense(), whole.to_dense(), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(chunked.functional_variance(Xs)[1], whole_var, rtol=1e-12, atol=1e-14)
