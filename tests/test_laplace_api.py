@@ -483,6 +483,13 @@ def _distributed_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = _fit_all(_shards()[rank])
+        # an error on one process (rank 1: an empty loader) must stop every process, not leave the
+        # others waiting in the all-reduce
+        try:
+            Laplace(mlp()).fit(_shards()[0] if rank == 0 else [], progress=False)
+            results["error"] = None
+        except (ValueError, RuntimeError) as e:
+            results["error"] = f"{type(e).__name__}: {e}"
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -516,10 +523,13 @@ def test_distributed_fit_equals_one_process_on_the_union():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_distributed_worker, args=(2, _free_port(), d), nprocs=2, join=True)
         ranks = [torch.load(os.path.join(d, f"{r}.pt")) for r in range(2)]
+    assert ranks[0]["error"].startswith("RuntimeError: Laplace.fit failed on another process"), ranks[0]["error"]
+    assert ranks[1]["error"].startswith("ValueError: fit: the loader yielded no batches"), ranks[1]["error"]
     union = _fit_all([b for shard in _shards() for b in shard])
     alone = _fit_all(_shards()[0])
     for structure in STRUCTURES:
         want = union[structure]
+        assert "error" not in want
         for got in ranks:
             g = got[structure]
             assert g["n"] == 25
@@ -527,3 +537,21 @@ def test_distributed_fit_equals_one_process_on_the_union():
             torch.testing.assert_close(g["dense"], want["dense"], rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(g["f_var"], want["f_var"], rtol=1e-9, atol=1e-12)
         assert abs(alone[structure]["lml"] - want["lml"]) > 1.0  # a shard alone is different
+
+
+def test_glm_predictive_and_load_refuse_other_weights():
+    """The GLM predictive linearises at the fitted MAP: weights changed after fit (or a state_dict
+    saved at other weights) are refused instead of mixing two points."""
+    X, y = data(n=20)
+    model = mlp()
+    la = Laplace(model).fit([(X, y)], progress=False)
+    state = la.state_dict()
+    before = la.la(X)
+    with torch.no_grad():
+        model[0].weight.add_(0.5)
+    with pytest.raises(RuntimeError, match="weights changed since the Laplace was fitted"):
+        la.la(X)
+    with pytest.raises(ValueError, match="saved at other weights"):
+        Laplace(model).load_state_dict(state)
+    la.layout.write_(la.mean)
+    torch.testing.assert_close(la.la(X), before)

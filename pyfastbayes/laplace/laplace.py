@@ -223,20 +223,52 @@ class Laplace(Posterior):
         processes (one all-reduce). Nothing changes when it fails (empty loader, bad targets,
         non-finite curvature)."""
         self.layout.params()
-        batches = iter(loader) if not torch.is_tensor(loader) else None
-        if batches is None:
+        if torch.is_tensor(loader):
             raise TypeError("fit needs an iterable of (inputs, targets) batches (e.g. a DataLoader), not a tensor")
-        first = next(batches, None)
-        if first is None:
-            raise ValueError("fit: the loader yielded no batches; pass a loader with at least one (inputs, targets) batch")
-        x0 = self._split(first, 0)[0]
-        if self.layers is None:
-            self._find_last_layer(x0.to(self.device))
         lowrank = self.hessian_structure == "lowrank"
         if lowrank and iter(loader) is loader:
             raise TypeError("hessian_structure='lowrank' walks the data several times: pass a re-iterable loader "
                             "(a DataLoader or a list of batches), not a one-shot iterator")
-        curv = self._new_curvature()
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        error, curv = None, None
+        loss, n_data, n_out = torch.zeros((), dtype=torch.float64, device=self.device), 0, None
+        try:
+            batches = iter(loader)
+            first = next(batches, None)
+            if first is None:
+                raise ValueError("fit: the loader yielded no batches; pass a loader with at least one (inputs, targets) "
+                                 "batch")
+            if self.layers is None:
+                self._find_last_layer(self._split(first, 0)[0].to(self.device))
+            curv = self._new_curvature()
+            loss, n_data, n_out = self._local_pass(curv, first, batches, progress, generator, lowrank)
+        except Exception as e:  # under torch.distributed the other ranks must learn of it, or they wait forever
+            if not dist:
+                raise
+            error = e
+        if dist:
+            n_out = self._agree(error, n_out)
+            if curv is None:
+                curv = self._new_curvature()
+        n_data, loss = self._all_reduce(curv, loss, n_data)
+        if n_data == 0:
+            raise ValueError("fit: the loader's batches hold no rows")
+        if lowrank:
+            names = [self.layout.names[i] for i in range(len(self.layout.names))
+                     if self._covers(self.layout.offsets[i])]
+            with ModeGuard(self.model, False):
+                curv.compute(self.model, loader, self.likelihood, self.curvature, names, n_data, n_out,
+                             self.mc_samples, generator)
+        for t, b in zip(curv.tensors(), self._tensor_owners(curv)):
+            if not bool(torch.isfinite(t).all()):
+                raise RuntimeError(f"the curvature of block {b!r} is not finite (NaN or infinity): the model's outputs "
+                                   "or gradients overflowed on the training data; check the inputs and the weights")
+        mean = self.layout.flatten()
+        self._fitted = (curv, loss.to(self.dtype), n_data, n_out, mean, self._new_precision(curv))
+        return self
+
+    def _local_pass(self, curv, first, batches, progress: bool, generator, lowrank: bool):
+        """This process's batches: (summed loss, rows, output columns)."""
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         n_data, n_out = 0, None
         with ModeGuard(self.model, False), tqdm(desc="Laplace fit", leave=False, disable=not progress) as bar:
@@ -258,22 +290,22 @@ class Laplace(Posterior):
                         layer.clear()
                 bar.update()
                 i, item = i + 1, next(batches, None)
-        n_data, loss = self._all_reduce(curv, loss, n_data)
-        if n_data == 0:
-            raise ValueError("fit: the loader's batches hold no rows")
-        if lowrank:
-            names = [self.layout.names[i] for i in range(len(self.layout.names))
-                     if self._covers(self.layout.offsets[i])]
-            with ModeGuard(self.model, False):
-                curv.compute(self.model, loader, self.likelihood, self.curvature, names, n_data, n_out,
-                             self.mc_samples, generator)
-        for t, b in zip(curv.tensors(), self._tensor_owners(curv)):
-            if not bool(torch.isfinite(t).all()):
-                raise RuntimeError(f"the curvature of block {b!r} is not finite (NaN or infinity): the model's outputs "
-                                   "or gradients overflowed on the training data; check the inputs and the weights")
-        mean = self.layout.flatten()
-        self._fitted = (curv, loss.to(self.dtype), n_data, n_out, mean, self._new_precision(curv))
-        return self
+        return loss, n_data, n_out
+
+    def _agree(self, error, n_out):
+        """Under torch.distributed: one all-reduce of (failed, output columns) so that an error on
+        any rank stops every rank, and the ranks agree on the number of outputs; returns it."""
+        status = torch.tensor([1.0 if error is not None else 0.0, float(n_out or 0), -float(n_out or 1e9)],
+                              dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if status[0] > 0:
+            raise RuntimeError("Laplace.fit failed on another process (see its error); nothing was fitted here")
+        hi, lo = int(status[1]), int(-status[2])
+        if hi and lo != 1e9 and hi != lo:
+            raise ValueError(f"the processes' models output different numbers of columns ({lo} and {hi})")
+        return hi or None
 
     def _new_curvature(self):
         if self.hessian_structure == "lowrank":
@@ -310,8 +342,8 @@ class Laplace(Posterior):
         """Forward of inputs [N, ...] with the covered layers recorded; (outputs [N, C], layers)."""
         x = x.to(self.device)
         with torch.enable_grad(), Recorder(self.layers):
-            out = self.model(x)
-        return outputs_2d(out, self.likelihood), self.layers
+            out = outputs_2d(self.model(x), self.likelihood)
+        return out, self.layers
 
     def _all_reduce(self, curv, loss: Tensor, n: int):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -486,9 +518,18 @@ class Laplace(Posterior):
         return _class_nll(out, y, self.likelihood)
 
     # ---- predictives -------------------------------------------------------------------------------------
+    def _check_at_mean(self, what: str) -> None:
+        """The GLM predictive linearises the model at its CURRENT weights: they must be the MAP the
+        curvature was computed at (RuntimeError otherwise, saying how to fix it)."""
+        mean = self._need_fit()[4]
+        if not torch.equal(self.layout.flatten(), mean):
+            raise RuntimeError(f"{what}: the model's weights changed since the Laplace was fitted (or loaded); the GLM "
+                               "predictive linearises at the fitted MAP: write it back with "
+                               "la.layout.write_(la.mean) or fit again")
+
     def _glm_pieces(self, x, batch_size: int) -> list:
         """Per input batch: (f_mu [n, C], Jacobian parts per block) for the GLM predictive."""
-        self._need_fit()
+        self._check_at_mean("the GLM predictive")
         pieces = []
         with ModeGuard(self.model, False):
             for xb in iterate_inputs(x, batch_size):
@@ -658,6 +699,9 @@ class Laplace(Posterior):
         if len(saved) != len(tensors) or any(a.shape != b.shape for a, b in zip(saved, tensors)):
             raise ValueError("state_dict's curvature tensors do not fit this model's blocks")
         mean = self._check_state_tensor(state, "mean", (self.layout.numel,))
+        if not torch.equal(self.layout.flatten(), mean.to(self.device, self.dtype)):
+            raise ValueError("state_dict was saved at other weights than the model's current ones: load the model's "
+                             "own state_dict (the MAP the Laplace was fitted at) first")
         for t, v in zip(tensors, saved):
             t.copy_(v)
         curv.set_counts(state["counts"])
