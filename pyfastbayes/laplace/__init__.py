@@ -7,11 +7,13 @@ MC) and sampling predictives.
   batch; Kronecker factors through ``pyfastbayes.ops.kfac_factor_``).
 - eigenbasis.py: eigendecomposition of many factors at once (:func:`eigh_many`).
 - precision.py: the posterior precision per structure (log det, draws, J P^-1 J^T).
-- marglik.py: the log marginal likelihood and prior structures; predictive.py: link approximations.
+- marglik.py: the log marginal likelihood and prior structures; predictive.py: link approximations;
+  training.py: :func:`marglik_training` (network and prior trained together); lowrank.py: 'lowrank'.
 - _layers.py: which layers are supported and how their blocks are formed; _likelihood.py: losses,
   targets, output-space directions.
 """
 from .eigenbasis import eigh_many
 from .laplace import Laplace, RegressionPredictive
+from .training import marglik_training
 
-__all__ = ["Laplace", "RegressionPredictive", "eigh_many"]
+__all__ = ["Laplace", "RegressionPredictive", "eigh_many", "marglik_training"]
