@@ -1,0 +1,60 @@
+"""The Laplace pipeline on a CUDA device equals the CPU one (fp64: the same math on other kernels):
+fit for every structure and both bias blocks, evidence, dense precision, GLM functional variance,
+probit probabilities, draws' device, marglik tuning; an MLP and a CNN. Skipped without CUDA."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from _helpers import needs_cuda
+from pyfastbayes.laplace import Laplace
+
+pytestmark = needs_cuda
+
+
+def _models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 3 * 3, 4)).double()
+    g = torch.Generator().manual_seed(1)
+    x_mlp, x_cnn = torch.randn(40, 6, dtype=torch.float64, generator=g), torch.randn(40, 1, 8, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    return [(mlp, x_mlp, y), (cnn, x_cnn, y)]
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full", "lowrank"])
+@pytest.mark.parametrize("bias_block", ["joint", "separate"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_cuda_equals_cpu(structure, bias_block, which):
+    model, x, y = _models()[which]
+    loader = [(x[:25], y[:25]), (x[25:], y[25:])]
+    results = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        la = Laplace(m, hessian_structure=structure, bias_block=bias_block, prior_precision=0.8, low_rank=8)
+        la.fit([(a.to(device), b.to(device)) for a, b in loader], progress=False,
+               generator=torch.Generator(device).manual_seed(0))
+        f_mu, f_var = la.functional_variance(x[:7].to(device))
+        draws = la.sample(3, generator=torch.Generator(device).manual_seed(0))
+        assert draws.device.type == device and draws.shape == (3, la.numel)
+        results[device] = dict(lml=la.log_marginal_likelihood().cpu(), dense=la.to_dense().cpu(), f_var=f_var.cpu(),
+                               probs=la.la(x[:7].to(device)).cpu())
+    cpu, gpu = results["cpu"], results["cuda"]
+    tol = dict(rtol=1e-6, atol=1e-8) if structure == "lowrank" else dict(rtol=1e-9, atol=1e-11)  # Lanczos vs exact
+    torch.testing.assert_close(gpu["lml"], cpu["lml"], **tol)
+    torch.testing.assert_close(gpu["dense"], cpu["dense"], **tol)
+    torch.testing.assert_close(gpu["f_var"], cpu["f_var"], **tol)
+    torch.testing.assert_close(gpu["probs"], cpu["probs"], **tol)
+
+
+def test_cuda_marglik_and_float32():
+    model, x, y = _models()[0]
+    m = copy.deepcopy(model).float().cuda()
+    la = Laplace(m).fit([(x.float().cuda(), y.cuda())], progress=False)
+    before = float(la.log_marginal_likelihood())
+    la.optimize_prior_precision("marglik", "layerwise")
+    assert float(la.log_marginal_likelihood()) > before
+    p = la.la(x[:5].float().cuda())
+    assert p.device.type == "cuda" and torch.allclose(p.sum(1), torch.ones(5, device="cuda"))
