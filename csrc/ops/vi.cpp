@@ -1,0 +1,31 @@
+// Schemas of the vi family (variational inference). Math: common/vi.h; checks: checks/vi.h.
+//
+// Section 1: reparameterised noise. Every op of this section takes
+//   rng:    int64 [2] = (seed, step), contiguous, on the tensors' device (the SG-MCMC ops' RNG
+//           position, ops.RNG); read by the kernel (on the device for CUDA: CUDA-graph safe) and
+//           NOT advanced: the caller advances the step between draws
+//   stream: Philox stream id in [0, 2^32)
+// and draws eps_i, element i in logical (row-major) order, as exactly the float32 normal stream of
+// philox_normal_(out, seed, stream, step) (lane i % 4 of Philox block i / 4), generated inside the
+// kernel and never stored. Math in float32 (float64 for float64 tensors); results in the inputs'
+// dtype, a new contiguous tensor of their shape.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
+  // ---- Section 1: reparameterised noise ----
+  // mu, rho: same shape and dtype (float64, float32, float16, bfloat16), any strides
+  // -> w = mu + softplus(rho) * eps   (softplus: torch's, threshold 20)
+  m.def("vi_sample(Tensor mu, Tensor rho, Tensor rng, int stream) -> Tensor");
+  // grad_w, rho: as vi_sample's mu, rho -> grad_rho = grad_w * eps * softplus'(rho) (the same eps;
+  // grad_mu is grad_w itself)
+  m.def("vi_sample_backward(Tensor grad_w, Tensor rho, Tensor rng, int stream) -> Tensor");
+  // mean, var: same shape and dtype -> mean + sqrt(var) * eps (local reparameterisation of
+  // pre-activations); var < 0 (rounding) counts as 0
+  m.def("vi_local_noise(Tensor mean, Tensor var, Tensor rng, int stream) -> Tensor");
+  // grad_out, var -> grad_var = grad_out * eps / (2 sqrt(var)), 0 where var <= 0 (grad_mean = grad_out)
+  m.def("vi_local_noise_backward(Tensor grad_out, Tensor var, Tensor rng, int stream) -> Tensor");
+  // out: any floating dtype and strides, filled in place with +1 / -1: element i is -1 when the top
+  // bit of word i % 4 of Philox block i / 4 (the counter of the normal stream) is set
+  m.def("vi_rademacher_(Tensor(a!) out, Tensor rng, int stream) -> ()");
+  // ---- end of section 1 (further ops of the family: a section of their own below) ----
+}
