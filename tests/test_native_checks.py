@@ -287,6 +287,12 @@ def sparse_calls():
         ("landscape_points_", "coords", lambda: P.landscape_points_(d4, torch.zeros(1, 4), torch.zeros(2, 1).to_sparse(),
                                                                     torch.zeros(2, 4))),
         ("kfac_factor_", "x", lambda: P.kfac_factor_(torch.zeros(5, 5), torch.zeros(3, 4).to_sparse(), 1.0, True)),
+        ("vi_sample", "rho", lambda: P.vi_sample(d4, s1, r, 0)),
+        ("vi_sample_backward", "grad_w", lambda: P.vi_sample_backward(s1, d4, r, 0)),
+        ("vi_local_noise", "mean", lambda: P.vi_local_noise(s1, d4, r, 0)),
+        ("vi_local_noise_backward", "var", lambda: P.vi_local_noise_backward(d4, s1, r, 0)),
+        ("vi_rademacher_", "out", lambda: P.vi_rademacher_(s1, r, 0)),
+        ("vi_rademacher_", "rng", lambda: P.vi_rademacher_(d4.clone(), r.to_sparse(), 0)),
     ]
 
 
@@ -300,7 +306,7 @@ def test_sparse_inputs_raise_a_clear_error(op, arg, call):
 
 def test_every_op_refuses_sparse_inputs():
     ops = sorted({n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyfastbayes::")})
-    assert len(ops) >= 12
+    assert len(ops) >= 17
     for name in ops:
         for key in ["SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA"]:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfastbayes::{name}", key), (name, key)

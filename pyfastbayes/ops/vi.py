@@ -1,0 +1,123 @@
+"""The vi family: the noise of variational inference, drawn inside the kernels from the Philox
+stream and never stored (math in csrc/common/vi.h, reference in pyfastbayes/_reference/vi.py).
+
+Section 1, reparameterised noise. Every op takes ``rng``, the RNG position (seed, step): an int64
+[2] tensor on the tensors' device (the layout :data:`pyfastbayes.ops.RNG` of the SG-MCMC steps),
+read by the kernel itself (on the GPU for CUDA tensors, so calls can be captured in a CUDA graph)
+and never advanced by these ops, and ``stream``, a Philox stream id in [0, 2^32). The noise of
+element i (row-major logical order) is exactly element i of
+``philox_normal_(out, seed=rng[0], stream, step=rng[1])``: a float32 standard normal, also for
+float64 tensors. The same (rng, stream) therefore regenerates the same eps, which is how a
+backward pass recovers the forward's noise without saving it.
+
+Ops of a further section of the family go at the end of this module.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from .._reference.vi import check_vi_pair, check_vi_rademacher_
+from ._dispatch import select
+
+__all__ = ["vi_sample", "vi_sample_backward", "vi_local_noise", "vi_local_noise_backward", "vi_rademacher_"]
+
+# ======================= Section 1: reparameterised noise =======================================
+
+
+def vi_sample(mu: Tensor, rho: Tensor, rng: Tensor, stream: int, *, backend: str | None = None) -> Tensor:
+    """A draw of mean-field Gaussian weights: ``w = mu + softplus(rho) * eps``.
+
+    mu, rho: [any shape], one dtype (float64, float32, float16 or bfloat16), one device, any
+    strides. rng: int64 [2] = (seed, step) on their device. stream: in [0, 2^32).
+    Returns w, a new contiguous tensor of mu's shape and dtype. softplus is torch's (beta 1,
+    threshold 20: rho itself above 20); math in float32 (float64 for float64). eps is the normal
+    stream of ``philox_normal_`` at (rng[0], stream, rng[1]). Not differentiable by itself:
+    d w / d mu = 1 and d w / d rho come from :func:`vi_sample_backward` (same rng and stream).
+
+    backend: None (native kernel when available), 'native' or 'reference'.
+    """
+    return select("vi_sample", mu.device, backend)(mu, rho, rng, stream)
+
+
+def vi_sample_backward(grad_w: Tensor, rho: Tensor, rng: Tensor, stream: int, *,
+                       backend: str | None = None) -> Tensor:
+    """The gradient of :func:`vi_sample` with respect to rho: ``grad_rho = grad_w * eps * softplus'(rho)``.
+
+    grad_w, rho: [any shape], as vi_sample's mu and rho; rng and stream: those of the forward
+    call, whose eps is regenerated (the step must not have been advanced in between).
+    softplus'(rho) = sigmoid(rho) below the threshold 20 and exactly 1 above it (the derivative
+    of vi_sample's softplus on both sides). Returns a new contiguous tensor of rho's shape and
+    dtype. The gradient with respect to mu is grad_w itself.
+    """
+    return select("vi_sample_backward", grad_w.device, backend)(grad_w, rho, rng, stream)
+
+
+def vi_local_noise(mean: Tensor, var: Tensor, rng: Tensor, stream: int, *, backend: str | None = None) -> Tensor:
+    """Local reparameterisation of pre-activations: ``out = mean + sqrt(var) * eps``.
+
+    mean, var: [any shape, e.g. N x out_features], one dtype (fp64 / fp32 / fp16 / bf16), one
+    device, any strides; rng, stream as in :func:`vi_sample`. var must be >= 0; the op does not
+    check it (no host sync): values below 0, as rounding can leave a computed variance, count as
+    0 (out = mean there). NaN propagates. Returns a new contiguous tensor of mean's shape and dtype.
+    """
+    return select("vi_local_noise", mean.device, backend)(mean, var, rng, stream)
+
+
+def vi_local_noise_backward(grad_out: Tensor, var: Tensor, rng: Tensor, stream: int, *,
+                            backend: str | None = None) -> Tensor:
+    """The gradient of :func:`vi_local_noise` with respect to var:
+    ``grad_var = grad_out * eps / (2 sqrt(var))``, and 0 where var <= 0 (where sqrt is not
+    differentiable; the forward had no noise there).
+
+    grad_out, var: [any shape], as vi_local_noise's mean and var; rng and stream: those of the
+    forward call. Returns a new contiguous tensor. The gradient with respect to mean is grad_out.
+    """
+    return select("vi_local_noise_backward", grad_out.device, backend)(grad_out, var, rng, stream)
+
+
+def vi_rademacher_(out: Tensor, rng: Tensor, stream: int, *, backend: str | None = None) -> Tensor:
+    """Fill ``out`` [any shape, any floating dtype and strides] with random signs +1 / -1 in place
+    (flipout's sign vectors).
+
+    Element i (row-major logical order) is -1 when the top bit (bit 31) of word i % 4 of the
+    Philox4x32-10 block i // 4 is set, else +1, with counter (block, stream, step) and key seed:
+    the raw bits under the normal stream of the same (seed, stream, step), so use a stream id of
+    its own for the signs. out must not overlap itself or rng. Returns ``out``.
+    """
+    select("vi_rademacher_", out.device, backend)(out, rng, stream)
+    return out
+
+# ======================= end of section 1 =======================================================
+
+
+if _native.available():
+
+    def _new_like(t: Tensor) -> Tensor:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("pyfastbayes::vi_sample")
+    def _(mu, rho, rng, stream):
+        check_vi_pair("vi_sample", mu, "mu", rho, "rho", rng, stream, fake=True)
+        return _new_like(mu)
+
+    @torch.library.register_fake("pyfastbayes::vi_sample_backward")
+    def _(grad_w, rho, rng, stream):
+        check_vi_pair("vi_sample_backward", grad_w, "grad_w", rho, "rho", rng, stream, fake=True)
+        return _new_like(grad_w)
+
+    @torch.library.register_fake("pyfastbayes::vi_local_noise")
+    def _(mean, var, rng, stream):
+        check_vi_pair("vi_local_noise", mean, "mean", var, "var", rng, stream, fake=True)
+        return _new_like(mean)
+
+    @torch.library.register_fake("pyfastbayes::vi_local_noise_backward")
+    def _(grad_out, var, rng, stream):
+        check_vi_pair("vi_local_noise_backward", grad_out, "grad_out", var, "var", rng, stream, fake=True)
+        return _new_like(grad_out)
+
+    @torch.library.register_fake("pyfastbayes::vi_rademacher_")
+    def _(out, rng, stream):
+        check_vi_rademacher_(out, rng, stream, fake=True)
+        return None
