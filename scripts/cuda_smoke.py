@@ -148,9 +148,40 @@ def kfac() -> None:
         close(gpu / (M + 1), cpu / (M + 1), 1e-5 if fd == torch.float32 else 1e-12)
 
 
+def vi() -> None:
+    """The vi family: the four two-input noisy ops and vi_rademacher_, every dtype, partial last
+    Philox blocks and a few CUDA blocks, inputs one element past an aligned allocation (the scalar
+    path) and transposed on the device, out a strided view (the temporary); the normals agree to
+    ~1e-6 (FMA contraction), the signs to the bit."""
+    g = torch.Generator().manual_seed(7)
+    for dtype in DTYPES:
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+        for n in (1, 5, 1027, 70_001):
+            a = torch.randn(n + 1, generator=g, dtype=torch.float64).to(dtype)
+            rho = (3 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(-30, 25).to(dtype)
+            var = (torch.rand(n, generator=g, dtype=torch.float64) - 0.01).to(dtype)  # a few below 0
+            for name, b in (("vi_sample", rho), ("vi_sample_backward", rho), ("vi_local_noise", var),
+                            ("vi_local_noise_backward", var)):
+                f = getattr(ops, name)
+                cpu = f(a[1:], b, torch.tensor([-3, 2**32 + 5]), 9, backend="native")
+                gpu = f(a.cuda()[1:], b.cuda(), torch.tensor([-3, 2**32 + 5], device="cuda"), 9, backend="native")
+                close(gpu, cpu, tol)
+            cpu = torch.zeros(n, dtype=dtype)
+            ops.vi_rademacher_(cpu, torch.tensor([5, 6]), 2**32 - 1, backend="native")
+            gpu = torch.zeros(2 * n, dtype=dtype, device="cuda")[::2]
+            ops.vi_rademacher_(gpu, torch.tensor([5, 6], device="cuda"), 2**32 - 1, backend="native")
+            assert torch.equal(gpu.cpu(), cpu), ("vi_rademacher_", n, dtype)
+        m = torch.randn(40, 30, generator=g).to(dtype)
+        r = torch.randn(30, 40, generator=g).to(dtype).t()
+        cpu = ops.vi_sample(m, r, torch.tensor([1, 1]), 0, backend="native")
+        gpu = ops.vi_sample(m.t().contiguous().cuda().t(), r.cuda(), torch.tensor([1, 1], device="cuda"), 0,
+                            backend="native")
+        close(gpu, cpu, tol)
+
+
 def main() -> int:
     assert pyfastbayes.build_info()["cuda"], "a CUDA build of pyfastbayes is needed"
-    for check in (random, sgmcmc, swag, calibration, curvature, landscape, kfac):
+    for check in (random, sgmcmc, swag, calibration, curvature, landscape, kfac, vi):
         check()
         torch.cuda.synchronize()
         print(f"cuda_smoke: {check.__name__} ok", flush=True)
