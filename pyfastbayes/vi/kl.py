@@ -1,0 +1,130 @@
+"""KL(q || p) of every Bayesian layer of a model, and the ELBO loss.
+
+Gaussian-prior layers: the closed form sum_i log(s / sigma_i) + (sigma_i^2 + mu_i^2) / (2 s^2) - 1/2
+(s the layer's prior std), all layers' tensors in ONE fused multi-tensor reduction (``ops.vi_kl``,
+float32 accumulation or float64 for float64 parameters) with its fused backward. Scale-mixture
+layers: a one-draw Monte Carlo estimate log q(w) - log p(w) at a fresh draw w (no closed form).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .layers import BayesianLayer
+from .priors import GaussianPrior
+
+
+def bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
+    """(name, layer) of every Bayesian layer in ``model`` (model order)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BayesianLayer)]
+
+
+class _KL(torch.autograd.Function):
+    """sum of the closed-form Gaussian KLs over tensors (mus, rhos, prior variance per tensor)."""
+
+    @staticmethod
+    def forward(ctx, prior_var: Tensor, *tensors):
+        t = len(tensors) // 2
+        mus, rhos = list(tensors[:t]), list(tensors[t:])
+        ctx.save_for_backward(prior_var, *tensors)
+        return ops.vi_kl(mus, rhos, prior_var)
+
+    @staticmethod
+    def backward(ctx, g):
+        prior_var, *tensors = ctx.saved_tensors
+        t = len(tensors) // 2
+        gmu, grho = ops.vi_kl_backward(g, list(tensors[:t]), list(tensors[t:]), prior_var)
+        return (None, *gmu, *grho)
+
+
+def kl_divergence(model: nn.Module) -> Tensor:
+    """KL(q || p) summed over every Bayesian layer of ``model`` (a scalar tensor, differentiable in
+    every mu and rho). ValueError when the model has no Bayesian layer; RuntimeError naming the
+    layer when a mu or rho is not finite (a diverged step: nothing is changed here)."""
+    layers = bayesian_layers(model)
+    if not layers:
+        raise ValueError("the model has no Bayesian layer (BayesianLinear / BayesianConv2d): convert it with "
+                         "pyfastbayes.vi.to_bayesian(model) first")
+    mus, rhos, var = [], [], []
+    mc = []
+    for name, layer in layers:
+        pairs = [(layer.weight_mu, layer.weight_rho)] + ([(layer.bias_mu, layer.bias_rho)] if layer.bias_mu is not None
+                                                          else [])
+        if isinstance(layer.prior, GaussianPrior):
+            for mu, rho in pairs:
+                mus.append(mu), rhos.append(rho), var.append(layer.prior.std ** 2)
+        else:
+            mc.append((name, layer, pairs))
+    _check_finite(layers)
+    total = None
+    if mus:
+        prior_var = torch.tensor(var, dtype=torch.float64, device=mus[0].device)
+        total = _KL.apply(prior_var, *mus, *rhos)
+    for name, layer, pairs in mc:
+        for mu, rho in pairs:
+            sigma = F.softplus(rho)
+            w = mu + sigma * torch.randn_like(mu)
+            log_q = (-0.5 * ((w - mu) / sigma).square() - torch.log(sigma) - 0.5 * math.log(2 * math.pi)).sum()
+            term = log_q - layer.prior.log_prob(w)
+            total = term if total is None else total + term
+    return total
+
+
+def _check_finite(layers) -> None:
+    tensors = [t for _, layer in layers for t in (layer.weight_mu, layer.weight_rho, layer.bias_mu, layer.bias_rho)
+               if t is not None]
+    if bool(ops.any_nonfinite([t.detach() for t in tensors])):
+        for name, layer in layers:
+            for pname in ("weight_mu", "weight_rho", "bias_mu", "bias_rho"):
+                t = getattr(layer, pname)
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise RuntimeError(f"layer {name!r}: {pname} holds NaN or infinity (a diverged step); lower the "
+                                       "learning rate or restore a checkpoint")
+
+
+class ELBO(nn.Module):
+    """The negative ELBO per data point: mean NLL of the batch + kl_weight * KL(q || p) / num_data.
+
+    Args:
+        model: the model with Bayesian layers.  num_data: N, the training set size (> 0).
+        kl_weight: beta; a float, or a callable step -> float for KL annealing (``step`` counts
+            calls of this loss).
+        likelihood: 'classification' (cross-entropy of logits [N, C]) or 'regression' (Gaussian
+            NLL with noise std ``sigma``).
+
+    ``loss = elbo(outputs, targets)``; ``elbo.last`` holds (nll, kl) of the last call, detached.
+    """
+
+    def __init__(self, model: nn.Module, num_data: int, kl_weight=1.0, likelihood: str = "classification",
+                 sigma: float = 1.0):
+        super().__init__()
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(f"num_data must be an int >= 1 (the training set size), got {num_data!r}")
+        if likelihood not in ("classification", "regression"):
+            raise ValueError(f"likelihood must be 'classification' or 'regression', got {likelihood!r}")
+        if not callable(kl_weight) and not (isinstance(kl_weight, (int, float)) and kl_weight >= 0):
+            raise ValueError(f"kl_weight must be a float >= 0 or a callable step -> float, got {kl_weight!r}")
+        if not (isinstance(sigma, (int, float)) and sigma > 0):
+            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        bayesian_layers(model) or kl_divergence(model)  # refuses a model without Bayesian layers
+        self.model, self.num_data, self.kl_weight, self.likelihood, self.sigma = model, num_data, kl_weight, likelihood, sigma
+        self.step = 0
+        self.last = None
+
+    def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        beta = self.kl_weight(self.step) if callable(self.kl_weight) else self.kl_weight
+        self.step += 1
+        if self.likelihood == "classification":
+            nll = F.cross_entropy(outputs, targets)
+        else:
+            nll = (0.5 * ((outputs - targets.reshape(outputs.shape)) / self.sigma).square()
+                   + math.log(self.sigma) + 0.5 * math.log(2 * math.pi)).reshape(outputs.shape[0], -1).sum(1).mean()
+        kl = kl_divergence(self.model)
+        self.last = (nll.detach(), kl.detach())
+        return nll + beta * kl / self.num_data

@@ -1,0 +1,55 @@
+"""Priors over a Bayesian layer's weights: a zero-mean Gaussian N(0, std^2) (closed-form KL) or
+Blundell et al.'s scale mixture pi N(0, std1^2) + (1 - pi) N(0, std2^2) (KL by Monte Carlo)."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def _positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class GaussianPrior:
+    """N(0, std^2) per weight; KL(N(mu, sigma^2) || prior) in closed form."""
+
+    def __init__(self, std: float = 1.0):
+        self.std = _positive(std, "prior_std")
+
+    def log_prob(self, w: Tensor) -> Tensor:
+        return (-0.5 * (w / self.std).square() - math.log(self.std) - 0.5 * math.log(2 * math.pi)).sum()
+
+    def __repr__(self) -> str:
+        return f"GaussianPrior(std={self.std:g})"
+
+
+class ScaleMixturePrior:
+    """pi N(0, std1^2) + (1 - pi) N(0, std2^2) (Blundell et al. 2015, section 3.3)."""
+
+    def __init__(self, pi: float = 0.5, std1: float = 1.0, std2: float = math.exp(-6)):
+        if isinstance(pi, bool) or not isinstance(pi, numbers.Real) or not 0 < pi < 1:
+            raise ValueError(f"pi must be in (0, 1), got {pi!r}")
+        self.pi, self.std1, self.std2 = float(pi), _positive(std1, "std1"), _positive(std2, "std2")
+
+    def log_prob(self, w: Tensor) -> Tensor:
+        a = math.log(self.pi) - 0.5 * (w / self.std1).square() - math.log(self.std1)
+        b = math.log1p(-self.pi) - 0.5 * (w / self.std2).square() - math.log(self.std2)
+        return (torch.logaddexp(a, b) - 0.5 * math.log(2 * math.pi)).sum()
+
+    def __repr__(self) -> str:
+        return f"ScaleMixturePrior(pi={self.pi:g}, std1={self.std1:g}, std2={self.std2:g})"
+
+
+def as_prior(prior) -> GaussianPrior | ScaleMixturePrior:
+    """A prior object from a prior or a positive number (the Gaussian prior's std)."""
+    if isinstance(prior, (GaussianPrior, ScaleMixturePrior)):
+        return prior
+    if isinstance(prior, numbers.Real) and not isinstance(prior, bool):
+        return GaussianPrior(prior)
+    raise TypeError(f"prior must be a GaussianPrior, a ScaleMixturePrior or a positive float (the Gaussian std), "
+                    f"got {type(prior).__name__}")

@@ -1,0 +1,196 @@
+"""Bayes-by-Backprop layers against independent references.
+
+The references draw the same eps from the same Philox stream (pyfastbayes._reference.random.
+philox_normal with the layer's seed, stream and step) and differentiate mu + softplus(rho) eps (or
+the local / flipout formulas) with plain autograd; the fused layers must give the same outputs and
+gradients (fp64 rel <= 1e-10, fp32 <= 1e-4). Then gradcheck of the fused function, estimator
+agreement in expectation, flipout's lower gradient variance, and the layer API."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyfastbayes import ops
+from pyfastbayes.vi import BayesianConv2d, BayesianLinear, kl_divergence, to_bayesian
+from pyfastbayes.vi._functions import Affine, SampledAffine
+
+
+def _eps(layer, stream_offset, step, shape, dtype):
+    """The float32 normal stream the kernels draw from (the native philox_normal_, which shares
+    csrc/common/philox.h with them; the reference stream rounds its float64 Box-Muller once and
+    differs in the last float32 bits), widened to ``dtype``: the same eps as the layer's."""
+    out = torch.empty(shape, dtype=torch.float32)
+    ops.philox_normal_(out, int(layer.rng[0]), layer.stream + stream_offset, step)
+    return out.to(dtype)
+
+
+def _signs(layer, stream_offset, step, shape, dtype):
+    """flipout's sign stream, from the reference of vi_rademacher_."""
+    from pyfastbayes._reference.vi import vi_rademacher_
+    out = torch.empty(shape, dtype=dtype)
+    rng = torch.tensor([int(layer.rng[0]), step], dtype=torch.int64)
+    vi_rademacher_(out, rng, layer.stream + stream_offset)
+    return out
+
+
+def _reference_forward(layer, x, step):
+    """The layer's output at RNG step ``step`` with plain autograd (module docstring)."""
+    dt = layer.weight_mu.dtype
+    sw, sb = F.softplus(layer.weight_rho), F.softplus(layer.bias_rho)
+    conv = isinstance(layer, BayesianConv2d)
+    op = (lambda x, w, b: F.conv2d(x, w, b, layer.affine.stride, layer.affine.padding)) if conv else F.linear
+    if layer.estimator == "reparam":
+        w = layer.weight_mu + sw * _eps(layer, 0, step, layer.weight_mu.shape, dt)
+        b = layer.bias_mu + sb * _eps(layer, 1, step, layer.bias_mu.shape, dt)
+        return op(x, w, b)
+    if layer.estimator == "local":
+        mean = op(x, layer.weight_mu, layer.bias_mu)
+        var = op(x.square(), sw.square(), sb.square())
+        return mean + var.sqrt() * _eps(layer, 2, step, mean.shape, dt)
+    s_in = _signs(layer, 3, step, x.shape, dt)
+    dw = sw * _eps(layer, 0, step, layer.weight_mu.shape, dt)
+    pert = op(x * s_in, dw, None)
+    s_out = _signs(layer, 4, step, pert.shape, dt)
+    b = layer.bias_mu + sb * _eps(layer, 1, step, layer.bias_mu.shape, dt)
+    return op(x, layer.weight_mu, None) + pert * s_out + (b if not conv else b.view(1, -1, 1, 1))
+
+
+def _make(kind, estimator, dtype):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = BayesianLinear(5, 4, estimator=estimator, init_std=0.3), torch.randn(6, 5)
+    else:
+        layer, x = BayesianConv2d(2, 3, 3, padding=1, stride=2, estimator=estimator, init_std=0.3), torch.randn(4, 2, 6, 6)
+    return layer.to(dtype), x.to(dtype).requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_outputs_and_gradients_equal_the_autograd_reference(kind, estimator, dtype):
+    layer, x = _make(kind, estimator, dtype)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for step in range(2):  # each forward advances the stream by one step
+        assert int(layer.rng[1]) == step
+        y = layer(x)
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [x, layer.weight_mu, layer.weight_rho, layer.bias_mu, layer.bias_rho], g)
+        y_ref = _reference_forward(layer, x, step)
+        grads_ref = torch.autograd.grad(y_ref, [x, layer.weight_mu, layer.weight_rho, layer.bias_mu, layer.bias_rho], g)
+        torch.testing.assert_close(y, y_ref, **tol)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_gradcheck_of_the_fused_function_at_a_fixed_counter():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    mu = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    rho = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    bmu = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    brho = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    rng = torch.tensor([1234, 7], dtype=torch.int64)
+    fn = lambda x, mu, rho, bmu, brho: SampledAffine.apply(x, mu, rho, bmu, brho, rng, 16, 17, Affine("linear"), True)
+    assert torch.autograd.gradcheck(fn, (x, mu, rho, bmu, brho))
+
+
+def test_no_noise_or_sampled_weight_is_saved_for_backward():
+    """What autograd keeps from a forward: the input and the parameters, never eps or W."""
+    layer = BayesianLinear(64, 32)
+    x = torch.randn(8, 64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    params = {id(p) for p in layer.parameters()}
+    big = [t for t in saved if t.numel() >= 32 * 64 and id(t) not in params]
+    assert not big, [tuple(t.shape) for t in big]
+
+
+def test_estimators_agree_in_expectation_and_flipout_has_lower_variance():
+    """Mean gradient of mu and rho over many draws: the three estimators estimate the same
+    expectation (within 5 standard errors); per draw, flipout's gradient over a batch of
+    independent examples varies less than plain reparameterisation's."""
+    torch.manual_seed(0)
+    x, target = torch.randn(64, 6), torch.randn(64, 3)
+    grads = {}
+    for est in ("reparam", "local", "flipout"):
+        torch.manual_seed(1)
+        layer = BayesianLinear(6, 3, estimator=est, init_std=0.5)
+        draws = []
+        for _ in range(400):
+            loss = (layer(x) - target).square().mean()
+            draws.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [layer.weight_mu, layer.weight_rho])]))
+        grads[est] = torch.stack(draws)
+    mean, se = {}, {}
+    for est, d in grads.items():
+        mean[est], se[est] = d.mean(0), d.std(0) / math.sqrt(d.shape[0])
+    for est in ("local", "flipout"):
+        z = (mean[est] - mean["reparam"]).abs() / torch.sqrt(se[est] ** 2 + se["reparam"] ** 2)
+        assert float(z.max()) < 5, (est, float(z.max()))
+    assert float(grads["flipout"].var(0).sum()) < 0.8 * float(grads["reparam"].var(0).sum())
+
+
+def test_sigma_to_zero_is_the_deterministic_layer_and_warm_start():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+    x = torch.randn(4, 5)
+    want = net(x)
+    to_bayesian(net, init_std=1e-30)
+    assert isinstance(net[0], BayesianLinear) and isinstance(net[2], BayesianLinear)
+    torch.testing.assert_close(net(x), want)
+
+
+def test_sampling_advances_and_means_mode():
+    layer = BayesianLinear(3, 2, init_std=0.5)
+    x = torch.randn(4, 3)
+    a, b = layer(x), layer(x)
+    assert not torch.equal(a, b)
+    layer.sample_weights = False
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight_mu, layer.bias_mu))
+
+
+def test_bayesian_torch_state_dict_names_load():
+    layer = BayesianLinear(3, 2)
+    state = {"mu_weight": torch.ones(2, 3), "rho_weight": torch.full((2, 3), -4.0), "mu_bias": torch.zeros(2),
+             "rho_bias": torch.full((2,), -4.0), "eps_weight": torch.zeros(2, 3), "prior_weight_mu": torch.zeros(2, 3),
+             "rng": layer.rng.clone()}
+    layer.load_state_dict(state)
+    assert torch.equal(layer.weight_mu.detach(), torch.ones(2, 3)) and float(layer.weight_rho[0, 0]) == -4.0
+
+
+def test_functional_call_and_compile():
+    torch.manual_seed(0)
+    layer = BayesianLinear(4, 3)
+    x = torch.randn(5, 4)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
+    buffers = {"rng": layer.rng.clone()}
+    y = torch.func.functional_call(layer, (params, buffers), (x,))
+    y.sum().backward()
+    assert params["weight_rho"].grad is not None and int(buffers["rng"][1]) == 1
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=False)
+    layer2 = BayesianLinear(4, 3)
+    layer2.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(compiled(x), layer2(x))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="prior_std"):
+        BayesianLinear(3, 2, prior_std=0.0)
+    with pytest.raises(ValueError, match="estimator"):
+        BayesianLinear(3, 2, estimator="exact")
+    with pytest.raises(ValueError, match="init_std"):
+        BayesianLinear(3, 2, init_std=-1.0)
+    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
+        to_bayesian(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="no Bayesian layer"):
+        kl_divergence(nn.Linear(2, 2))
+    net = to_bayesian(nn.Sequential(nn.Linear(3, 2)))
+    with torch.no_grad():
+        net[0].weight_rho[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError, match="weight_rho holds NaN"):
+        kl_divergence(net)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all()
