@@ -9,8 +9,8 @@
 # file and every op-contract case on the cuda device); the benchmarks (after the sanitizers, so
 # nothing else uses the GPU); then the rest of the suite until DEADLINE. At most 7 files in $OUT.
 # Knobs (environment): STEPS (default "build tests sanitize bench"), BENCH_ONLY (suites, e.g.
-# sgmcmc,swag), TEST_LIMIT / SAN_LIMIT / BENCH_LIMIT / LAPLACE_LIMIT (seconds per step; bench_laplace
-# runs apart in --quick mode, default 120 s), DEADLINE (seconds from
+# sgmcmc,swag), TEST_LIMIT / SAN_LIMIT / BENCH_LIMIT / LAPLACE_LIMIT / VI_LIMIT (seconds per step;
+# bench_laplace and bench_vi run apart in --quick mode, defaults 120 s and 90 s), DEADLINE (seconds from
 # the start by which the rest of the suite is interrupted, with its summary, default 540).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,7 +94,7 @@ if has bench; then
   # without laplace-torch (absent from the GPU image unless its wheels are carried), which would
   # stop the suites after it; its rows go into the same bench.txt / bench.json
   suites=${BENCH_ONLY:-$(cd "$REPO/bench" && ls bench_*.py | sed 's/^bench_//; s/\.py$//' | paste -sd, -)}
-  others=$(tr , '\n' <<<"$suites" | grep -vx laplace | paste -sd, -)
+  others=$(tr , '\n' <<<"$suites" | grep -vxE "laplace|vi" | paste -sd, -)
   : >"$OUT/bench.txt"
   if [ -n "$others" ]; then
     (cd "$REPO" && PFB_BENCH_COMPILE=0 timeout "${BENCH_LIMIT:-300}" python bench/run.py --device cuda $QUICK \
@@ -108,6 +108,30 @@ if has bench; then
         --json /tmp/pfb-bench-laplace.json) >>"$OUT/bench.txt" 2>&1
     log "bench laplace (--quick) rc=$? in $(( $(date +%s) - t0 )) s"
     python - "$OUT/bench.json" /tmp/pfb-bench-laplace.json <<'PY'
+import json, os, sys
+out, add = sys.argv[1:]
+if os.path.exists(add):
+    new = json.load(open(add))
+    d = json.load(open(out)) if os.path.exists(out) else {"device": new["device"], "rows": []}
+    d["rows"] += new["rows"]
+    json.dump(d, open(out, "w"), indent=1)
+PY
+  fi
+  if [[ ",$suites," == *",vi,"* ]]; then
+    # bench_vi runs apart, --quick (on CUDA still the full MNIST MLP and batch 128, fewer repeats),
+    # under VI_LIMIT: a full run refuses to start without bayesian-torch (pure Python; installed
+    # here from a carried .gpu-wheels/bayesian_torch-*.whl when there is one, else its rows are
+    # left out with the reason printed)
+    t0=$(date +%s)
+    if ! python -c "import bayesian_torch.layers" 2>/dev/null && ls "$REPO"/.gpu-wheels/bayesian_torch-*.whl >/dev/null 2>&1; then
+      python -m pip install -q --no-index --find-links "$REPO/.gpu-wheels" --no-deps bayesian-torch >>/tmp/pfb-wheels.log 2>&1
+      log "offline install of bayesian-torch: rc=$?"
+    fi
+    rm -f /tmp/pfb-bench-vi.json
+    (cd "$REPO" && timeout "${VI_LIMIT:-90}" python bench/run.py --device cuda --quick --only vi \
+        --json /tmp/pfb-bench-vi.json) >>"$OUT/bench.txt" 2>&1
+    log "bench vi (--quick) rc=$? in $(( $(date +%s) - t0 )) s"
+    python - "$OUT/bench.json" /tmp/pfb-bench-vi.json <<'PY'
 import json, os, sys
 out, add = sys.argv[1:]
 if os.path.exists(add):
