@@ -363,7 +363,8 @@ def _predictive_rows(name, model, loader, x_test, fitted, laplace, backends, dev
         extra["vs_best_peer"] = round(min(t for t, _, _ in peers.values()) / t_ours, 2)
         mems = [m for _, m, _ in peers.values() if m]
         if mems and m_ours:
-            extra["mem_vs_default"] = round(peers[BACKENDS[0]][1] / m_ours, 1) if peers.get(BACKENDS[0], (0, 0))[1] else ""
+            m_default = peers.get(BACKENDS[0], (None, None))[1]
+            extra["mem_vs_default"] = round(m_default / m_ours, 1) if m_default else ""
             extra["mem_vs_best_peer"] = round(min(mems) / m_ours, 1)
     rows.append(row(SUITE, case, "pyfastbayes Laplace", t_ours, ref, peak_MB=_mb(m_ours), **extra))
     return rows
@@ -453,10 +454,14 @@ def _eigh_rows(mlp_factors, device, quick, rep):
     for case, mats, same in cases:
         ref_vals = [torch.linalg.eigvalsh(m.double()) for m in mats]
         for method in ("batched", "loop", "cpu"):
-            got = eigh_many(mats, method)
-            err = max(float((v.double() - r.clamp_min(0)).abs().max() / r.abs().max()) for (v, _), r in zip(got, ref_vals))
+            # eigenvalues against float64, and Q diag(v) Q^T against the matrix (the eigenvectors)
+            err = 0.0
+            for (v, Q), r, m in zip(eigh_many(mats, method), ref_vals, mats):
+                scale = float(r.abs().max())
+                err = max(err, float((v.double() - r.clamp_min(0)).abs().max()) / scale,
+                          float((Q @ torch.diag(v) @ Q.T - m).abs().max()) / scale)
             if not err <= 1e-4:
-                raise RuntimeError(f"bench_laplace: {case}: eigh_many({method!r}) eigenvalues off by {err:.1e}")
+                raise RuntimeError(f"bench_laplace: {case}: eigh_many({method!r}) is off by {err:.1e} (relative)")
         t_loop = _time(lambda: [torch.linalg.eigh(m) for m in mats], device, rep)[1]
         rows.append(row(SUITE, case, "torch.linalg.eigh, one call per matrix (laplace-torch)", t_loop, t_loop))
         if same:
