@@ -208,12 +208,38 @@ class FullCurvature:
 
     def add(self, layers, grads) -> None:
         parts = list(block_parts(layers, grads))
+        if all(part[0] == "factored" for _, part in parts):
+            self._add_factored(parts)
+            return
         m, N = grads_shape(parts)
         step = max(1, _CHUNK_ELEMENTS // max(1, m * self.P))
         for n0 in range(0, N, step):
             J = jacobian_rows(parts, self.P, self.H.dtype, slice(n0, n0 + step))
             J = J.reshape(-1, self.P)
             self.H.addmm_(J.t(), J)
+
+    def _add_factored(self, parts) -> None:
+        """Every block's Jacobian is U (x) V (unshared layers): the block pair (i, j) of
+        sum_n sum_m J^T J is sum_n (sum_m U_i U_j^T)_n (x) (V_i V_j^T)_n, ONE GEMM
+        [p_i p_j, N] x [N, q_i q_j] per pair (N P_i P_j flops instead of the rows' m N P_i P_j)."""
+        dt = self.H.dtype
+        m, N = grads_shape(parts)
+        for i, (bi, (_, Ui, Vi)) in enumerate(parts):
+            for j in range(i, len(parts)):
+                bj, (_, Uj, Vj) = parts[j]
+                pi, qi, pj, qj = Ui.shape[-1], Vi.shape[-1], Uj.shape[-1], Vj.shape[-1]
+                step = max(1, _CHUNK_ELEMENTS // max(1, pi * pj + qi * qj))
+                block = torch.zeros(pi * pj, qi * qj, dtype=dt, device=self.H.device)
+                for n0 in range(0, N, step):
+                    r = slice(n0, n0 + step)
+                    G = torch.einsum("mnp,mnr->npr", Ui[:, r].to(dt), Uj[:, r].to(dt)).reshape(-1, pi * pj)
+                    A = torch.einsum("nq,ns->nqs", Vi[r].to(dt), Vj[r].to(dt)).reshape(-1, qi * qj)
+                    block.addmm_(G.t(), A)
+                Hij = block.view(pi, pj, qi, qj).permute(0, 2, 1, 3).reshape(pi * qi, pj * qj)
+                si, sj = bi.sel.reshape(-1), bj.sel.reshape(-1)
+                self.H[si.unsqueeze(1), sj.unsqueeze(0)] += Hij
+                if j != i:
+                    self.H[sj.unsqueeze(1), si.unsqueeze(0)] += Hij.t()
 
     def tensors(self):
         return [self.H]

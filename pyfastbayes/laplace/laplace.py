@@ -557,7 +557,15 @@ class Laplace(Posterior):
     def functional_variance(self, x, batch_size: int = 256) -> tuple[Tensor, Tensor]:
         """GLM predictive moments of the outputs: (f_mu [N, C], f_var [N, C, C]) = (f(x; theta_MAP),
         J P^-1 J^T), without [N, C, P] Jacobians for 'kron' and 'diag'."""
-        return self._glm_moments(self._glm_pieces(x, check_count(batch_size, "batch_size", 1)))
+        batch_size = check_count(batch_size, "batch_size", 1)
+        self._check_at_mean("the GLM predictive")
+        mus, vars_ = [], []
+        for xb in iterate_inputs(x, batch_size):  # one batch's Jacobian parts alive at a time
+            f_mu, f_var = self._glm_moments(self._glm_pieces(xb, batch_size))
+            mus.append(f_mu), vars_.append(f_var)
+        if not mus:
+            raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
+        return torch.cat(mus), torch.cat(vars_)
 
     def la(self, x, pred_type: str = "glm", link_approx: str = "probit", n_samples: int = 100, *,
            generator: torch.Generator | None = None, batch_size: int = 256):
