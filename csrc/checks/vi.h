@@ -3,10 +3,12 @@
 //
 // Section 1: the reparameterised-noise ops (vi_sample, vi_sample_backward, vi_local_noise,
 // vi_local_noise_backward, vi_rademacher_). Further ops of the family add a section below it.
+// Section 2: the closed-form KL (vi_kl, vi_kl_backward).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "checks/common.h"
@@ -68,5 +70,59 @@ inline void check_vi_rademacher(const at::Tensor& out, const at::Tensor& rng, in
 }
 
 // ======================= end of section 1 ======================================================
+
+// ======================= Section 2: closed-form KL of mean-field Gaussians =====================
+
+// vi_kl and vi_kl_backward: mus and rhos lists of one length T >= 1 (an empty list has no device
+// and no dtype); mus[0] on `device_type`, every tensor on mus[0]'s device and of its dtype (a kernel
+// float dtype), rhos[t] of mus[t]'s shape (any strides; the kernels read contiguous stand-ins);
+// prior_var a float64 vector [T] on the same device (any strides), whose values must be finite
+// and > 0: checked here when it is a CPU tensor; a CUDA prior_var is NOT read on the host (that
+// would synchronise with the device): a bad value makes the KL and tensor t's gradients NaN
+// (common/vi.h: ViKlPrior). Nothing is written in place (new results): no overlap check.
+inline void check_vi_kl(const char* op, at::TensorList mus, at::TensorList rhos, const at::Tensor& prior_var,
+                        c10::DeviceType device_type) {
+  TORCH_CHECK(!mus.empty(), op, ": mus is empty; pass at least one (mu, rho) pair");
+  TORCH_CHECK(rhos.size() == mus.size(), op, ": got ", mus.size(), " mus but ", rhos.size(), " rhos");
+  const auto device = mus[0].device();
+  TORCH_CHECK(device.type() == device_type, op, ": mus[0] is on ", device, ", expected ",
+              device_type_name(device_type));
+  const auto dtype = mus[0].scalar_type();
+  TORCH_CHECK(kernel_float_dtype(dtype), op, ": mus[0] must be float64, float32, float16 or bfloat16, got ", dtype);
+  auto like = [&](const at::Tensor& t, const char* what, size_t i) {
+    TORCH_CHECK(t.device() == device, op, ": ", what, "[", i, "] is on ", t.device(), " but mus[0] is on ", device);
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", what, "[", i, "] has dtype ", t.scalar_type(), " but mus[0] has ",
+                dtype);
+  };
+  for (size_t i = 0; i < mus.size(); ++i) {
+    like(mus[i], "mus", i);
+    like(rhos[i], "rhos", i);
+    TORCH_CHECK(rhos[i].sizes() == mus[i].sizes(), op, ": rhos[", i, "] has shape ", rhos[i].sizes(), " but mus[", i,
+                "] has shape ", mus[i].sizes());
+  }
+  TORCH_CHECK(mus.size() < (size_t(1) << 31), op, ": too many tensors");
+  const auto n = static_cast<int64_t>(mus.size());
+  TORCH_CHECK(prior_var.scalar_type() == at::kDouble && prior_var.dim() == 1 && prior_var.numel() == n &&
+                  prior_var.device() == device,
+              op, ": prior_var must be a float64 vector of length ", n, " (one prior variance per tensor) on ", device,
+              "; got ", prior_var.scalar_type(), " of shape ", prior_var.sizes(), " on ", prior_var.device());
+  if (prior_var.is_cpu()) {
+    const at::Tensor pv = prior_var.contiguous();
+    const double* v = pv.const_data_ptr<double>();
+    for (int64_t t = 0; t < n; ++t)
+      TORCH_CHECK(std::isfinite(v[t]) && v[t] > 0.0, op, ": prior_var[", t, "] must be finite and > 0, got ", v[t]);
+  }
+}
+
+// vi_kl_backward's grad (the gradient of vi_kl's 0-dim result): a 0-dim tensor of a kernel float
+// dtype on the lists' device, read by the kernel (on the device for CUDA: no host sync). Checked
+// after the lists (check_vi_kl), which fix the device.
+inline void check_vi_kl_grad(const char* op, const at::Tensor& grad, const c10::Device& device) {
+  TORCH_CHECK(grad.dim() == 0 && kernel_float_dtype(grad.scalar_type()) && grad.device() == device, op,
+              ": grad must be a 0-dim float64, float32, float16 or bfloat16 tensor on ", device, "; got ",
+              grad.scalar_type(), " of shape ", grad.sizes(), " on ", grad.device());
+}
+
+// ======================= end of section 2 ======================================================
 
 }  // namespace pyfastbayes

@@ -28,11 +28,32 @@
 // s, step), key = seed) is set, else +1. (The same (seed, s, step) would also feed the normal
 // stream: give sign vectors their own stream id.)
 //
-// ---- Section 2 (reserved): further ops of this family (e.g. vi_kl) add their math below the
-// ---- end of section 1, in a section of their own.
+// ---- Section 2: closed-form KL of mean-field Gaussians (vi_kl, vi_kl_backward)
+//
+// q = N(mu, sigma^2), sigma = softplus(rho) (section 1's vi_softplus), against the prior N(0, v)
+// of the element's tensor (v = prior_var[t]); per element, in the math type T:
+//
+//   kl    = 0.5 log v - log sigma + (sigma^2 + mu^2) / (2 v) - 0.5            (>= 0)
+//   d/dmu  = g mu / v
+//   d/drho = g (sigma softplus'(rho) / v - softplus'(rho) / sigma)
+//
+// log sigma is evaluated stably over the whole float range: rho itself for rho < -20 (softplus(rho)
+// = exp(rho) (1 - exp(rho) / 2 + ...), so log sigma = rho to a relative 1e-9, while log1p(exp(rho))
+// underflows to 0 in float32 below rho ~ -103 and log(0) = -inf), log(rho) above the threshold 20
+// (sigma = rho there), log(log1p(exp(rho))) between. The ratio softplus'(rho) / sigma of the
+// gradient (sigmoid(rho) / softplus(rho) -> 1 as rho -> -inf, a 0/0 once both underflow) is the
+// exact derivative of that log sigma: 1 for rho < -20, 1 / rho above 20, sigmoid / softplus between
+// (both >= 2e-9 there). NaN propagates (every comparison with NaN is false: the middle branch);
+// rho = -inf gives kl = +inf and d/drho = -g.
+//
+// Per-tensor constants (half_log_v = 0.5 log v, inv_2v = 0.5 / v, inv_v = 1 / v) are computed in
+// float64 once per tensor (CPU work item / CUDA block) and rounded to T. A prior variance that is
+// not finite and > 0 (possible only on CUDA, where prior_var is not checked on the host) makes
+// every term of its tensor NaN: the KL and that tensor's gradients are NaN (ViKlPrior::make).
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "common/macros.h"
 #include "common/philox.h"
@@ -124,5 +145,75 @@ PFB_HD void vi_philox_bits4(uint64_t seed, uint64_t block, uint32_t stream, uint
 PFB_HD float vi_rademacher_sign(uint32_t word) { return (word >> 31) != 0u ? -1.0f : 1.0f; }
 
 // ======================= end of section 1 ======================================================
+
+// ======================= Section 2: closed-form KL of mean-field Gaussians =====================
+
+constexpr int kViKlRun = 64;  // CPU: float32 partial sums of at most this many terms (then float64)
+
+PFB_HD float vi_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return std::log(x);
+#endif
+}
+PFB_HD double vi_log(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::log(x);
+#else
+  return std::log(x);
+#endif
+}
+
+// The per-tensor constants of the prior N(0, v), computed in float64 and rounded to T. v not finite
+// and > 0 (NaN included) gives NaN constants, hence a NaN term for every element of the tensor.
+template <class T>
+struct ViKlPrior {
+  T half_log_v, inv_2v, inv_v;
+  PFB_HD static ViKlPrior make(double v) {
+    const bool ok = v > 0.0 && v <= std::numeric_limits<double>::max();  // finite and > 0 (NaN fails both)
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    ViKlPrior p;
+    p.half_log_v = static_cast<T>(ok ? 0.5 * vi_log(v) : nan);
+    p.inv_2v = static_cast<T>(ok ? 0.5 / v : nan);
+    p.inv_v = static_cast<T>(ok ? 1.0 / v : nan);
+    return p;
+  }
+};
+
+// log(softplus(rho)) given sigma = vi_softplus(rho), stable for every rho (see the section's head)
+template <class T>
+PFB_HD T vi_log_sigma(T rho, T sigma) {
+  return rho < T(-kViSoftplusThreshold) ? rho : vi_log(sigma);
+}
+
+// One element's KL(N(mu, sigma^2) || N(0, v)), sigma = softplus(rho)
+template <class T>
+PFB_HD T vi_kl_term(T mu, T rho, const ViKlPrior<T>& p) {
+  const T sigma = vi_softplus(rho);
+  return p.half_log_v - vi_log_sigma(rho, sigma) + (sigma * sigma + mu * mu) * p.inv_2v - T(0.5);
+}
+
+// One element's gradients of g * kl: grad_mu = g mu / v, grad_rho = g (sigma s' / v - s' / sigma),
+// s' = softplus'(rho) (vi_softplus_grad: 1 above the threshold), s' / sigma the exact derivative of
+// vi_log_sigma (1 below -20: never 0 / 0)
+template <class T>
+PFB_HD void vi_kl_grad(T mu, T rho, T g, const ViKlPrior<T>& p, T& grad_mu, T& grad_rho) {
+  grad_mu = g * mu * p.inv_v;
+  T sigma, ds, ratio;  // softplus, its derivative, d log sigma / d rho
+  if (rho > T(kViSoftplusThreshold)) {
+    sigma = rho;
+    ds = T(1);
+    ratio = T(1) / rho;
+  } else {
+    const T e = vi_exp(rho);
+    sigma = vi_log1p(e);
+    ds = e / (T(1) + e);
+    ratio = rho < T(-kViSoftplusThreshold) ? T(1) : ds / sigma;
+  }
+  grad_rho = g * (sigma * ds * p.inv_v - ratio);
+}
+
+// ======================= end of section 2 ======================================================
 
 }  // namespace pyfastbayes

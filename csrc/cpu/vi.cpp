@@ -10,15 +10,25 @@
 // by the logical element); the result is a new contiguous tensor. vi_rademacher_ writes its out in
 // place, through a contiguous float32 temporary copied back when out is not a contiguous tensor of
 // a kernel dtype.
+//
+// Section 2 (closed-form KL): the work items of cpu/multi_tensor.h (chunks of kChunk elements of
+// one tensor) over all tensors of the lists, run by one at::parallel_for. vi_kl: each work item
+// sums its terms in float32 runs of kViKlRun (64) terms (float64 for float64 inputs) added into a
+// float64 partial of its own slot; the partials are summed in work-item order afterwards, so the
+// result does not depend on the number of threads. vi_kl_backward: elementwise into new contiguous
+// tensors. Inputs are read through contiguous stand-ins (mu and rho must pair element by element).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #include "checks/vi.h"
 #include "common/layouts.h"
@@ -146,9 +156,111 @@ void vi_rademacher_cpu(const at::Tensor& out, const at::Tensor& rng, int64_t str
   if (!direct) out.copy_(buf.view(out.sizes()));  // +-1 is exact in every floating dtype
 }
 
-}  // namespace
-
 // ======================= end of section 1 ======================================================
+
+// ======================= Section 2: closed-form KL of mean-field Gaussians =====================
+
+// The per-tensor prior constants (common/vi.h: ViKlPrior), from a contiguous float64 prior_var
+template <class op_t>
+std::vector<ViKlPrior<op_t>> kl_priors(const at::Tensor& prior_var) {
+  const at::Tensor pv = prior_var.contiguous();
+  const double* v = pv.const_data_ptr<double>();
+  std::vector<ViKlPrior<op_t>> out;
+  out.reserve(static_cast<size_t>(pv.numel()));
+  for (int64_t t = 0; t < pv.numel(); ++t) out.push_back(ViKlPrior<op_t>::make(v[t]));
+  return out;
+}
+
+// The sum of the terms of elements [b, e) of one tensor: float32 (op_t) runs of kViKlRun terms,
+// each added to a float64 total
+template <class scalar_t>
+double kl_range(const scalar_t* mu, const scalar_t* rho, int64_t b, int64_t e,
+                const ViKlPrior<at::opmath_type<scalar_t>>& prior) {
+  using op_t = at::opmath_type<scalar_t>;
+  double total = 0.0;
+  for (int64_t s = b; s < e; s += kViKlRun) {
+    const int64_t n = std::min<int64_t>(kViKlRun, e - s);
+    op_t run = op_t(0);
+    for (int64_t k = 0; k < n; ++k)
+      run += vi_kl_term(static_cast<op_t>(mu[s + k]), static_cast<op_t>(rho[s + k]), prior);
+    total += static_cast<double>(run);
+  }
+  return total;
+}
+
+at::Tensor vi_kl_cpu(at::TensorList mus, at::TensorList rhos, const at::Tensor& prior_var) {
+  check_vi_kl("vi_kl", mus, rhos, prior_var, c10::DeviceType::CPU);
+  const auto dtype = mus[0].scalar_type();
+  const auto ms = contiguous_list(mus), rs = contiguous_list(rhos);
+  std::vector<int64_t> numels;
+  for (const auto& m : ms) numels.push_back(m.numel());
+  const auto chunks = make_chunks(numels);
+  std::vector<double> partial(chunks.size(), 0.0);  // one slot per work item: no shared accumulator
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vi_kl", [&] {
+    const auto priors = kl_priors<at::opmath_type<scalar_t>>(prior_var);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const Chunk& c = chunks[i];
+        partial[i] = kl_range(ms[c.tensor].const_data_ptr<scalar_t>(), rs[c.tensor].const_data_ptr<scalar_t>(),
+                              c.begin, c.end, priors[c.tensor]);
+      }
+    });
+  });
+  double total = 0.0;
+  for (const double p : partial) total += p;  // work-item order: deterministic
+  const auto rdtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(rdtype).device(mus[0].device()));
+}
+
+// grad as a float64 value (any kernel float dtype; the CPU tensor is read on the host)
+double read_grad(const at::Tensor& grad) {
+  double g = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "vi_kl_backward_grad",
+                                  [&] { g = static_cast<double>(*grad.const_data_ptr<scalar_t>()); });
+  return g;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> vi_kl_backward_cpu(const at::Tensor& grad,
+                                                                                 at::TensorList mus,
+                                                                                 at::TensorList rhos,
+                                                                                 const at::Tensor& prior_var) {
+  const char* op = "vi_kl_backward";
+  check_vi_kl(op, mus, rhos, prior_var, c10::DeviceType::CPU);
+  check_vi_kl_grad(op, grad, mus[0].device());
+  const auto dtype = mus[0].scalar_type();
+  const auto ms = contiguous_list(mus), rs = contiguous_list(rhos);
+  std::vector<at::Tensor> gms, grs;
+  std::vector<int64_t> numels;
+  for (const auto& m : ms) {
+    gms.push_back(at::empty(m.sizes(), m.options()));  // contiguous
+    grs.push_back(at::empty(m.sizes(), m.options()));
+    numels.push_back(m.numel());
+  }
+  const double g64 = read_grad(grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vi_kl_backward", [&] {
+    using op_t = at::opmath_type<scalar_t>;
+    const auto priors = kl_priors<op_t>(prior_var);
+    const auto g = static_cast<op_t>(g64);
+    parallel_chunks(numels, [&](const Chunk& c) {
+      const scalar_t* mu = ms[c.tensor].const_data_ptr<scalar_t>();
+      const scalar_t* rho = rs[c.tensor].const_data_ptr<scalar_t>();
+      scalar_t* gm = gms[c.tensor].mutable_data_ptr<scalar_t>();
+      scalar_t* gr = grs[c.tensor].mutable_data_ptr<scalar_t>();
+      const ViKlPrior<op_t>& prior = priors[c.tensor];
+      for (int64_t i = c.begin; i < c.end; ++i) {
+        op_t dm, dr;
+        vi_kl_grad(static_cast<op_t>(mu[i]), static_cast<op_t>(rho[i]), g, prior, dm, dr);
+        gm[i] = static_cast<scalar_t>(dm);
+        gr[i] = static_cast<scalar_t>(dr);
+      }
+    });
+  });
+  return {std::move(gms), std::move(grs)};
+}
+
+// ======================= end of section 2 ======================================================
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
   // section 1
@@ -157,6 +269,9 @@ TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
   m.impl("vi_local_noise", &vi_local_noise_cpu);
   m.impl("vi_local_noise_backward", &vi_local_noise_backward_cpu);
   m.impl("vi_rademacher_", &vi_rademacher_cpu);
+  // section 2
+  m.impl("vi_kl", &vi_kl_cpu);
+  m.impl("vi_kl_backward", &vi_kl_backward_cpu);
 }
 
 }  // namespace pyfastbayes::cpu

@@ -17,6 +17,18 @@
 // CPU and CUDA agree to ~1e-6 relative (fp32): the same Philox bits and the same fp32 Box-Muller
 // code, but nvcc contracts a * b + c into FMAs and the CUDA expf / log1pf / sqrt round differently
 // from glibc's by an ulp; the Rademacher signs are integer code and agree exactly.
+//
+// Section 2 (closed-form KL): ONE launch over every tensor of the lists (multi_tensor.cuh; more
+// than 512 tensors, or over 2^30 chunks, take several), each CUDA block owning a chunk of kChunk
+// elements of one tensor, split as the SG-MCMC kernels split theirs (ChunkSplit: a scalar head
+// chosen to align the most pointers, vector steps, a scalar tail). The table's `stream` slot is
+// the tensor's index in the caller's list: it selects prior_var[t], read on the device once per
+// block (no host sync, CUDA-graph safe). vi_kl: each thread sums its terms in float32 (float64 for
+// float64; at most kChunk / kThreads + 1 = 65 terms), the block adds the thread sums in float64 (a
+// fixed shuffle tree) into its own slot of a float64 partials buffer, and one final single-block
+// kernel adds the partials in a fixed order: deterministic, no atomics. vi_kl_backward reads grad
+// on the device and writes new contiguous tensors. CPU and CUDA differ by the order of the float32
+// sums and the FMA contraction (~1e-6 relative).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -26,7 +38,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "checks/vi.h"
 #include "common/layouts.h"
@@ -168,6 +184,228 @@ void vi_rademacher_cuda(const at::Tensor& out, const at::Tensor& rng, int64_t st
 
 // ======================= end of section 1 ======================================================
 
+// ======================= Section 2: closed-form KL of mean-field Gaussians =====================
+
+static_assert(sizeof(TensorTable<4, kMaxTensors>) < 32000, "the backward's table (4 lists) must fit 32 KB");
+
+// elements per vector step: 4 for fp32 / fp64 (fp64 as two 16-byte pieces), 8 for fp16 / bf16
+template <typename T>
+constexpr int kl_vec() {
+  return sizeof(T) >= 4 ? 4 : 16 / static_cast<int>(sizeof(T));
+}
+
+// The chunk [begin, end) of CUDA block blockIdx.x in the table, and its tensor's index in the table
+template <class Table>
+struct KlChunk {
+  int t;
+  int64_t begin, end;
+  __device__ __forceinline__ explicit KlChunk(const Table& tab) {
+    t = find_tensor(tab, blockIdx.x);
+    begin = int64_t(blockIdx.x - tab.block_start[t]) * kChunk;
+    end = min(begin + kChunk, tab.numel[t]);
+  }
+};
+
+// The head in [0, kVec) at which the most pointers are aligned (weights: 1 per read pointer, 2 per
+// written one); ties keep the smallest
+template <typename T, int kVec, int N>
+__device__ __forceinline__ int kl_head(const T* const (&ptrs)[N], const int (&weight)[N]) {
+  using VA = VecAccess<T, kVec>;
+  int head = 0, best = -1;
+#pragma unroll
+  for (int c = 0; c < kVec; ++c) {
+    int score = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) score += weight[k] * VA::aligned(ptrs[k], c);
+    if (score > best) {
+      best = score;
+      head = c;
+    }
+  }
+  return head;
+}
+
+// grad (0-dim, a kernel float dtype named by `kind`: 0 fp64, 1 fp32, 2 fp16, 3 bf16) as float64
+__device__ __forceinline__ double kl_read_grad(const void* grad, int kind) {
+  switch (kind) {
+    case 0: return *static_cast<const double*>(grad);
+    case 1: return static_cast<double>(*static_cast<const float*>(grad));
+    case 2: return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(grad)));
+    default: return static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(grad)));
+  }
+}
+
+// partials[blockIdx.x] = the sum of the terms of this block's chunk (float64). Every thread of the
+// block reaches the reduction (no early exit), so the full-mask shuffles are safe.
+template <typename T, class Table>
+__global__ void __launch_bounds__(kThreads)
+    vi_kl_kernel(const __grid_constant__ Table tab, const double* __restrict__ prior_var,
+                 double* __restrict__ partials) {
+  using op_t = at::opmath_type<T>;
+  constexpr int kVec = kl_vec<T>();
+  using VA = VecAccess<T, kVec>;
+  const KlChunk<Table> c(tab);
+  const T* mu = static_cast<const T*>(tab.ptr[0][c.t]);
+  const T* rho = static_cast<const T*>(tab.ptr[1][c.t]);
+  const ViKlPrior<op_t> prior = ViKlPrior<op_t>::make(prior_var[tab.stream[c.t]]);
+  const int head = kl_head<T, kVec, 2>({mu, rho}, {1, 1});
+  const bool vm = VA::aligned(mu, head), vr = VA::aligned(rho, head);
+  const ChunkSplit<kVec> split(c.begin, c.end, head);
+
+  op_t acc = op_t(0);  // this thread's terms: float32 (float64 for float64)
+  for (int64_t i = split.vbegin + int64_t(threadIdx.x) * kVec; i < split.vend; i += int64_t(kThreads) * kVec) {
+    T mv[kVec], rv[kVec];
+    VA::load(mu + i, vm, mv);
+    VA::load(rho + i, vr, rv);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) acc += vi_kl_term(static_cast<op_t>(mv[k]), static_cast<op_t>(rv[k]), prior);
+  }
+  const int s = kThreads - 1 - static_cast<int>(threadIdx.x);  // scalar head and tail (< 2 kVec elements)
+  if (s < split.n_scalar()) {
+    const int64_t e = split.scalar(s);
+    acc += vi_kl_term(static_cast<op_t>(mu[e]), static_cast<op_t>(rho[e]), prior);
+  }
+  // block sum in float64: warps by xor shuffles, then warp 0 over the warp sums (fixed order)
+  __shared__ double warp_sum[kThreads / 32];
+  double v = group_sum(static_cast<double>(acc), 32);
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  if (lane == 0) warp_sum[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_sum[lane] : 0.0;
+    v = group_sum(v, 32);
+    if (lane == 0) partials[blockIdx.x] = v;
+  }
+}
+
+// out = the sum of partials[0 .. n) in float64, in a fixed order (one block: each thread a strided
+// subsequence, then the shuffle tree), rounded to R. n may be 0 (out = 0).
+template <typename R>
+__global__ void __launch_bounds__(kThreads) vi_kl_final_kernel(const double* __restrict__ partials, int64_t n, R* out) {
+  double v = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) v += partials[i];
+  __shared__ double warp_sum[kThreads / 32];
+  v = group_sum(v, 32);
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  if (lane == 0) warp_sum[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_sum[lane] : 0.0;
+    v = group_sum(v, 32);
+    if (lane == 0) *out = static_cast<R>(v);
+  }
+}
+
+// grad_mu, grad_rho of this block's chunk (lists: mu, rho, grad_mu, grad_rho)
+template <typename T, class Table>
+__global__ void __launch_bounds__(kThreads)
+    vi_kl_backward_kernel(const __grid_constant__ Table tab, const void* __restrict__ grad, int grad_kind,
+                          const double* __restrict__ prior_var) {
+  using op_t = at::opmath_type<T>;
+  constexpr int kVec = kl_vec<T>();
+  using VA = VecAccess<T, kVec>;
+  const KlChunk<Table> c(tab);
+  const T* mu = static_cast<const T*>(tab.ptr[0][c.t]);
+  const T* rho = static_cast<const T*>(tab.ptr[1][c.t]);
+  T* gm = static_cast<T*>(tab.ptr[2][c.t]);
+  T* gr = static_cast<T*>(tab.ptr[3][c.t]);
+  const ViKlPrior<op_t> prior = ViKlPrior<op_t>::make(prior_var[tab.stream[c.t]]);
+  const auto g = static_cast<op_t>(kl_read_grad(grad, grad_kind));
+  const int head = kl_head<T, kVec, 4>({mu, rho, gm, gr}, {1, 1, 2, 2});
+  const bool vm = VA::aligned(mu, head), vr = VA::aligned(rho, head), vgm = VA::aligned(gm, head),
+             vgr = VA::aligned(gr, head);
+  const ChunkSplit<kVec> split(c.begin, c.end, head);
+
+  for (int64_t i = split.vbegin + int64_t(threadIdx.x) * kVec; i < split.vend; i += int64_t(kThreads) * kVec) {
+    T mv[kVec], rv[kVec], dm[kVec], dr[kVec];
+    VA::load(mu + i, vm, mv);
+    VA::load(rho + i, vr, rv);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      op_t a, b;
+      vi_kl_grad(static_cast<op_t>(mv[k]), static_cast<op_t>(rv[k]), g, prior, a, b);
+      dm[k] = static_cast<T>(a);
+      dr[k] = static_cast<T>(b);
+    }
+    VA::store(gm + i, vgm, dm);
+    VA::store(gr + i, vgr, dr);
+  }
+  const int s = kThreads - 1 - static_cast<int>(threadIdx.x);  // scalar head and tail
+  if (s < split.n_scalar()) {
+    const int64_t e = split.scalar(s);
+    op_t a, b;
+    vi_kl_grad(static_cast<op_t>(mu[e]), static_cast<op_t>(rho[e]), g, prior, a, b);
+    gm[e] = static_cast<T>(a);
+    gr[e] = static_cast<T>(b);
+  }
+}
+
+at::Tensor vi_kl_cuda(at::TensorList mus, at::TensorList rhos, const at::Tensor& prior_var) {
+  check_vi_kl("vi_kl", mus, rhos, prior_var, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(mus[0].device());
+  const auto dtype = mus[0].scalar_type();
+  const auto rdtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({}, mus[0].options().dtype(rdtype));
+  const auto ms = contiguous_list(mus), rs = contiguous_list(rhos);
+  const at::Tensor pv = prior_var.contiguous();
+  int64_t nblocks = 0;  // the CUDA blocks of every launch: one partial each
+  for (const auto& m : ms) nblocks += (m.numel() + kChunk - 1) / kChunk;
+  at::Tensor partials = at::empty({std::max<int64_t>(nblocks, 1)}, mus[0].options().dtype(at::kDouble));
+  const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vi_kl", [&] {
+    int64_t offset = 0;  // blocks of the launches so far
+    multi_tensor_apply<2>({&ms, &rs}, [&](const auto& tab, int n) {
+      vi_kl_kernel<scalar_t, std::decay_t<decltype(tab)>><<<n, kThreads, 0, cs>>>(
+          tab, pv.const_data_ptr<double>(), partials.mutable_data_ptr<double>() + offset);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      offset += n;
+    });
+    TORCH_INTERNAL_ASSERT(offset == nblocks, "vi_kl: ", offset, " blocks launched, ", nblocks, " expected");
+  });
+  AT_DISPATCH_FLOATING_TYPES(rdtype, "vi_kl_final", [&] {
+    vi_kl_final_kernel<scalar_t><<<1, kThreads, 0, cs>>>(partials.const_data_ptr<double>(), nblocks,
+                                                         out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> vi_kl_backward_cuda(const at::Tensor& grad,
+                                                                                  at::TensorList mus,
+                                                                                  at::TensorList rhos,
+                                                                                  const at::Tensor& prior_var) {
+  const char* op = "vi_kl_backward";
+  check_vi_kl(op, mus, rhos, prior_var, c10::DeviceType::CUDA);
+  check_vi_kl_grad(op, grad, mus[0].device());
+  const c10::cuda::CUDAGuard guard(mus[0].device());
+  const auto dtype = mus[0].scalar_type();
+  const auto ms = contiguous_list(mus), rs = contiguous_list(rhos);
+  const at::Tensor pv = prior_var.contiguous();
+  std::vector<at::Tensor> gms, grs;
+  for (const auto& m : ms) {
+    gms.push_back(at::empty(m.sizes(), m.options()));  // contiguous
+    grs.push_back(at::empty(m.sizes(), m.options()));
+  }
+  int grad_kind = 0;
+  switch (grad.scalar_type()) {
+    case at::kDouble: grad_kind = 0; break;
+    case at::kFloat: grad_kind = 1; break;
+    case at::kHalf: grad_kind = 2; break;
+    default: grad_kind = 3; break;  // kBFloat16 (check_vi_kl_grad admits these four)
+  }
+  const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vi_kl_backward", [&] {
+    multi_tensor_apply<4>({&ms, &rs, &gms, &grs}, [&](const auto& tab, int n) {
+      vi_kl_backward_kernel<scalar_t, std::decay_t<decltype(tab)>><<<n, kThreads, 0, cs>>>(
+          tab, grad.const_data_ptr(), grad_kind, pv.const_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {std::move(gms), std::move(grs)};
+}
+
+// ======================= end of section 2 ======================================================
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfastbayes, CUDA, m) {
@@ -177,6 +415,9 @@ TORCH_LIBRARY_IMPL(pyfastbayes, CUDA, m) {
   m.impl("vi_local_noise", &vi_local_noise_cuda);
   m.impl("vi_local_noise_backward", &vi_local_noise_backward_cuda);
   m.impl("vi_rademacher_", &vi_rademacher_cuda);
+  // section 2
+  m.impl("vi_kl", &vi_kl_cuda);
+  m.impl("vi_kl_backward", &vi_kl_backward_cuda);
 }
 
 }  // namespace pyfastbayes::cuda

@@ -9,6 +9,13 @@
 // philox_normal_(out, seed, stream, step) (lane i % 4 of Philox block i / 4), generated inside the
 // kernel and never stored. Math in float32 (float64 for float64 tensors); results in the inputs'
 // dtype, a new contiguous tensor of their shape.
+//
+// Section 2: the closed-form KL of mean-field Gaussians against zero-mean Gaussian priors, summed
+// over a list of T >= 1 tensor pairs in ONE launch (the multi-tensor launchers). mus[t], rhos[t]:
+// equal shapes, one kernel float dtype for all, one device, any strides; sigma = softplus(rho)
+// (torch's, threshold 20); prior_var: float64 [T] on that device, the prior variance of tensor t,
+// finite and > 0 (checked on the host for a CPU tensor; on CUDA not checked, which would cost a
+// sync: a bad value makes the KL NaN and tensor t's gradients NaN).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
@@ -28,4 +35,16 @@ TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
   // bit of word i % 4 of Philox block i / 4 (the counter of the normal stream) is set
   m.def("vi_rademacher_(Tensor(a!) out, Tensor rng, int stream) -> ()");
   // ---- end of section 1 (further ops of the family: a section of their own below) ----
+
+  // ---- Section 2: closed-form KL(q || p) of mean-field Gaussians ----
+  // -> 0-dim tensor (float64 for float64 inputs, float32 otherwise):
+  //    sum_t sum_i [0.5 log(prior_var[t]) - log(sigma_ti) + (sigma_ti^2 + mu_ti^2) / (2 prior_var[t]) - 0.5]
+  //    terms in float32 (float64 for float64), float32 sums of at most 65 terms added in float64,
+  //    deterministic (per-block partials, then one fixed-order reduction; no atomics)
+  m.def("vi_kl(Tensor[] mus, Tensor[] rhos, Tensor prior_var) -> Tensor");
+  // grad: 0-dim floating tensor on the device (read there: no host sync), the gradient of vi_kl's
+  // result -> (grad_mus, grad_rhos): new contiguous tensors shaped like mus / rhos, in their dtype,
+  //    grad_mu = grad * mu / prior_var[t],  grad_rho = grad * (sigma / prior_var[t] - 1 / sigma) * softplus'(rho)
+  m.def("vi_kl_backward(Tensor grad, Tensor[] mus, Tensor[] rhos, Tensor prior_var) -> (Tensor[], Tensor[])");
+  // ---- end of section 2 ----
 }
