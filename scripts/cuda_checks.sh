@@ -61,7 +61,7 @@ import pyfastbayes, torch
 info = pyfastbayes.build_info()
 assert info['native'] and info['cuda'] and '90' in info['cuda_archs'].split(','), info
 ops = sorted({n.split('::')[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith('pyfastbayes::')})
-assert len(ops) >= 17, ops
+assert len(ops) >= 19, ops
 missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f'pyfastbayes::{n}', 'CUDA')]
 assert not missing, f'ops without a CUDA kernel: {missing}'
 dense_only = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f'pyfastbayes::{n}', 'SparseCUDA')]

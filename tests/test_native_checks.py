@@ -293,6 +293,10 @@ def sparse_calls():
         ("vi_local_noise_backward", "var", lambda: P.vi_local_noise_backward(d4, s1, r, 0)),
         ("vi_rademacher_", "out", lambda: P.vi_rademacher_(s1, r, 0)),
         ("vi_rademacher_", "rng", lambda: P.vi_rademacher_(d4.clone(), r.to_sparse(), 0)),
+        ("vi_kl", "mus[1]", lambda: P.vi_kl([d4, s1], [d4, d4], torch.ones(2, dtype=torch.float64))),
+        ("vi_kl", "prior_var", lambda: P.vi_kl([d4], [d4], torch.ones(1, dtype=torch.float64).to_sparse())),
+        ("vi_kl_backward", "rhos[0]", lambda: P.vi_kl_backward(torch.tensor(1.0), [d4], [s1],
+                                                               torch.ones(1, dtype=torch.float64))),
     ]
 
 
@@ -306,7 +310,7 @@ def test_sparse_inputs_raise_a_clear_error(op, arg, call):
 
 def test_every_op_refuses_sparse_inputs():
     ops = sorted({n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyfastbayes::")})
-    assert len(ops) >= 17
+    assert len(ops) >= 19
     for name in ops:
         for key in ["SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA"]:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfastbayes::{name}", key), (name, key)

@@ -18,15 +18,28 @@ float64 results agree with the kernels to ~1e-12 given the same eps, and to ~2e-
 term| with this module's eps. The checks (``check_vi_pair``, ``check_vi_rademacher_``) mirror
 csrc/checks/vi.h with the same messages. Further ops of the family: a section of their own at the
 end of this module.
+
+Section 2, the closed-form KL of mean-field Gaussians q = N(mu, softplus(rho)^2) against zero-mean
+Gaussian priors N(0, prior_var[t]), summed over a list of tensor pairs (``vi_kl``), and its
+gradients (``vi_kl_backward``), computed here in float64 whatever the inputs' dtype (the kernels:
+float32 terms and float32 sums of at most 65 terms, added in float64), cast to the result dtype
+(float64 for float64 inputs, float32 otherwise; the gradients in the inputs' dtype). The checks
+(``check_vi_kl``) mirror csrc/checks/vi.h: prior_var's values are checked (finite and > 0) only
+for a CPU prior_var; on other devices a bad value gives a NaN KL and NaN gradients of its tensor,
+as in the CUDA kernels.
 """
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.layouts import RNG
-from ._checks import OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, scalar_type, sizes
+from ._checks import (OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, is_fake, num, scalar_type,
+                      sizes)
 from .random import philox4x32, philox_normal
 
 # ======================= Section 1: reparameterised noise =======================================
@@ -163,3 +176,104 @@ def vi_rademacher_(out: Tensor, rng: Tensor, stream: int) -> None:
         out.copy_(rademacher(out.numel(), seed, stream, step, out.device).view(out.shape))
 
 # ======================= end of section 1 =======================================================
+
+
+# ======================= Section 2: closed-form KL of mean-field Gaussians ========================
+
+
+def check_vi_kl(op: str, mus: Sequence[Tensor], rhos: Sequence[Tensor], prior_var: Tensor, grad: Tensor | None = None,
+                *, fake: bool = False) -> None:
+    """The checks of ``vi_kl`` and ``vi_kl_backward`` (``check_vi_kl`` and ``check_vi_kl_grad``,
+    csrc/checks/vi.h): mus and rhos of one length T >= 1, every tensor on mus[0]'s device (the
+    kernel's device type) and of its dtype (a kernel float dtype), rhos[t] shaped as mus[t];
+    prior_var a float64 [T] on that device, its values finite and > 0 when it is a real CPU tensor
+    (not with ``fake``, not on other devices); grad (vi_kl_backward only) a 0-dim tensor of a kernel
+    float dtype on the device."""
+    args = dict(mus=mus, rhos=rhos, prior_var=prior_var)
+    if grad is not None:
+        args = dict(grad=grad, **args)
+    check_meta_mix(op, **args)
+    check_dense(op, **args)
+    check(len(mus) > 0, op, ": mus is empty; pass at least one (mu, rho) pair")
+    check(len(rhos) == len(mus), op, ": got ", len(mus), " mus but ", len(rhos), " rhos")
+    device = mus[0].device
+    kernel = dispatch_device_type(grad, mus, rhos, prior_var)
+    check(device.type.upper() == kernel, op, ": mus[0] is on ", device, ", expected ", kernel)
+    dtype = mus[0].dtype
+    check(dtype in _KERNEL_DTYPES, op, ": mus[0] must be float64, float32, float16 or bfloat16, got ",
+          scalar_type(dtype))
+    for i, (m, r) in enumerate(zip(mus, rhos)):
+        for what, t in (("mus", m), ("rhos", r)):
+            check(t.device == device, op, ": ", what, "[", i, "] is on ", t.device, " but mus[0] is on ", device)
+            check(t.dtype == dtype, op, ": ", what, "[", i, "] has dtype ", scalar_type(t.dtype), " but mus[0] has ",
+                  scalar_type(dtype))
+        check(r.shape == m.shape, op, ": rhos[", i, "] has shape ", sizes(r), " but mus[", i, "] has shape ", sizes(m))
+    n = len(mus)
+    check(prior_var.dtype == torch.float64 and prior_var.dim() == 1 and prior_var.numel() == n
+          and prior_var.device == device, op, ": prior_var must be a float64 vector of length ", n,
+          " (one prior variance per tensor) on ", device, "; got ", scalar_type(prior_var.dtype), " of shape ",
+          sizes(prior_var), " on ", prior_var.device)
+    if not fake and not is_fake(prior_var) and prior_var.device.type == "cpu":
+        for t, v in enumerate(prior_var.tolist()):
+            check(math.isfinite(v) and v > 0, op, ": prior_var[", t, "] must be finite and > 0, got ", num(v))
+    if grad is not None:
+        check(grad.dim() == 0 and grad.dtype in _KERNEL_DTYPES and grad.device == device, op,
+              ": grad must be a 0-dim float64, float32, float16 or bfloat16 tensor on ", device, "; got ",
+              scalar_type(grad.dtype), " of shape ", sizes(grad), " on ", grad.device)
+
+
+def _kl_result_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _valid_variance(prior_var: Tensor) -> Tensor:
+    """Bool [T]: prior_var finite and > 0 (the kernels give NaN for the others, unchecked on CUDA)."""
+    return torch.isfinite(prior_var) & (prior_var > 0)
+
+
+def vi_kl(mus: Sequence[Tensor], rhos: Sequence[Tensor], prior_var: Tensor) -> Tensor:
+    """Reference of ``torch.ops.pyfastbayes.vi_kl``: sum over t and i of
+    0.5 log v_t - log sigma + (sigma^2 + mu^2) / (2 v_t) - 0.5, sigma = softplus(rho) (torch's,
+    threshold 20), in float64; log sigma = rho below rho = -20 (as the kernels define it: softplus
+    underflows past rho ~ -745 in float64, and there log sigma = rho to 1e-9). 0-dim result."""
+    check_vi_kl("vi_kl", mus, rhos, prior_var)
+    with torch.no_grad():
+        v = prior_var.to(torch.float64)
+        ok = _valid_variance(v)
+        total = torch.zeros((), dtype=torch.float64, device=mus[0].device)
+        for t, (m, r) in enumerate(zip(mus, rhos)):
+            mu, rho = m.to(torch.float64), r.to(torch.float64)
+            sigma = F.softplus(rho)
+            log_sigma = torch.where(rho < -_SOFTPLUS_THRESHOLD, rho, torch.log(sigma))
+            terms = 0.5 * torch.log(v[t]) - log_sigma + (sigma * sigma + mu * mu) / (2 * v[t]) - 0.5
+            part = terms.sum()
+            total = total + torch.where(ok[t], part, torch.full_like(part, math.nan))
+    return total.to(_kl_result_dtype(mus[0].dtype))
+
+
+def vi_kl_backward(grad: Tensor, mus: Sequence[Tensor], rhos: Sequence[Tensor],
+                   prior_var: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Reference of ``torch.ops.pyfastbayes.vi_kl_backward``: grad_mu = g mu / v_t and
+    grad_rho = g (sigma / v_t - 1 / sigma) softplus'(rho), in float64; softplus' = sigmoid below the
+    threshold 20 and 1 above it (torch's softplus backward), sigmoid(rho) / sigma taken as 1 where
+    sigma underflows to 0. New contiguous tensors in the inputs' dtype."""
+    check_vi_kl("vi_kl_backward", mus, rhos, prior_var, grad)
+    gms, grs = [], []
+    with torch.no_grad():
+        v = prior_var.to(torch.float64)
+        ok = _valid_variance(v)
+        g = grad.to(torch.float64)
+        for t, (m, r) in enumerate(zip(mus, rhos)):
+            mu, rho = m.to(torch.float64), r.to(torch.float64)
+            sigma = F.softplus(rho)
+            ds = torch.where(rho > _SOFTPLUS_THRESHOLD, torch.ones_like(rho), torch.sigmoid(rho))
+            ratio = torch.where(sigma > 0, ds / torch.where(sigma > 0, sigma, torch.ones_like(sigma)),
+                                torch.ones_like(sigma))
+            gm = g * mu / v[t]
+            gr = g * (sigma * ds / v[t] - ratio)
+            nan = torch.full_like(gm, math.nan)
+            gms.append(torch.where(ok[t], gm, nan).to(m.dtype).contiguous())
+            grs.append(torch.where(ok[t], gr, nan).to(m.dtype).contiguous())
+    return gms, grs
+
+# ======================= end of section 2 =======================================================

@@ -10,18 +10,24 @@ element i (row-major logical order) is exactly element i of
 float64 tensors. The same (rng, stream) therefore regenerates the same eps, which is how a
 backward pass recovers the forward's noise without saving it.
 
+Section 2, the closed-form KL of mean-field Gaussians (:func:`vi_kl`, :func:`vi_kl_backward`):
+one fused reduction over every (mu, rho) tensor pair of a model, in one kernel launch.
+
 Ops of a further section of the family go at the end of this module.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .. import _native
-from .._reference.vi import check_vi_pair, check_vi_rademacher_
-from ._dispatch import select
+from .._reference.vi import check_vi_kl, check_vi_pair, check_vi_rademacher_
+from ._dispatch import device_of, select
 
-__all__ = ["vi_sample", "vi_sample_backward", "vi_local_noise", "vi_local_noise_backward", "vi_rademacher_"]
+__all__ = ["vi_sample", "vi_sample_backward", "vi_local_noise", "vi_local_noise_backward", "vi_rademacher_", "vi_kl",
+           "vi_kl_backward"]
 
 # ======================= Section 1: reparameterised noise =======================================
 
@@ -91,6 +97,52 @@ def vi_rademacher_(out: Tensor, rng: Tensor, stream: int, *, backend: str | None
 
 # ======================= end of section 1 =======================================================
 
+# ======================= Section 2: closed-form KL of mean-field Gaussians ========================
+
+
+def vi_kl(mus: Sequence[Tensor], rhos: Sequence[Tensor], prior_var: Tensor, *, backend: str | None = None) -> Tensor:
+    """KL(q || p) of mean-field Gaussians q = N(mu, sigma^2), sigma = softplus(rho), against
+    zero-mean Gaussian priors N(0, prior_var[t]), summed over every element of every tensor:
+
+        sum_t sum_i [0.5 log prior_var[t] - log sigma_ti + (sigma_ti^2 + mu_ti^2) / (2 prior_var[t]) - 0.5]
+
+    mus, rhos: lists of T >= 1 tensors, rhos[t] of mus[t]'s shape [any shape, empty allowed], all of
+    one dtype (float64, float32, float16 or bfloat16) on one device, any strides. prior_var: float64
+    [T] on that device, each value finite and > 0: checked for a CPU tensor; a CUDA prior_var is not
+    read on the host (no sync), and a bad value gives a NaN result. softplus is torch's (threshold
+    20); log sigma is computed stably (= rho below -20), so any finite rho works (e.g. -80 .. 80).
+
+    Returns a 0-dim tensor on the device: float64 for float64 inputs, else float32. The terms are
+    computed in float32 (float64 for float64), summed in float32 runs of at most 65 terms that are
+    added in float64; the result is deterministic (fixed summation order, no atomics). Not
+    differentiable by itself: the gradients come from :func:`vi_kl_backward`.
+
+    backend: None (native kernel when available), 'native' or 'reference'.
+    """
+    mus, rhos = list(mus), list(rhos)
+    return select("vi_kl", device_of(mus, prior_var), backend)(mus, rhos, prior_var)
+
+
+def vi_kl_backward(grad: Tensor, mus: Sequence[Tensor], rhos: Sequence[Tensor], prior_var: Tensor, *,
+                   backend: str | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """The gradients of ``grad * vi_kl(mus, rhos, prior_var)``:
+
+        grad_mus[t]  = grad * mu / prior_var[t]
+        grad_rhos[t] = grad * (sigma / prior_var[t] - 1 / sigma) * softplus'(rho)
+
+    grad: a 0-dim tensor (float64, float32, float16 or bfloat16) on the device, e.g. the gradient of
+    vi_kl's result; read on the device for CUDA (no host sync). mus, rhos, prior_var: as
+    :func:`vi_kl`. softplus' is sigmoid below the threshold 20 and 1 above it (the derivative of
+    vi_kl's softplus), and softplus'(rho) / sigma is computed stably (-> 1 as rho -> -inf).
+    Returns (grad_mus, grad_rhos): two lists of T new contiguous tensors shaped like mus[t], in the
+    inputs' dtype (math in float32, float64 for float64). One kernel launch over all tensors.
+    """
+    mus, rhos = list(mus), list(rhos)
+    gms, grs = select("vi_kl_backward", device_of(mus, prior_var), backend)(grad, mus, rhos, prior_var)
+    return list(gms), list(grs)
+
+# ======================= end of section 2 =======================================================
+
 
 if _native.available():
 
@@ -121,3 +173,14 @@ if _native.available():
     def _(out, rng, stream):
         check_vi_rademacher_(out, rng, stream, fake=True)
         return None
+
+    @torch.library.register_fake("pyfastbayes::vi_kl")
+    def _(mus, rhos, prior_var):
+        check_vi_kl("vi_kl", mus, rhos, prior_var, fake=True)
+        dtype = torch.float64 if mus[0].dtype == torch.float64 else torch.float32
+        return mus[0].new_empty((), dtype=dtype)
+
+    @torch.library.register_fake("pyfastbayes::vi_kl_backward")
+    def _(grad, mus, rhos, prior_var):
+        check_vi_kl("vi_kl_backward", mus, rhos, prior_var, grad, fake=True)
+        return [_new_like(m) for m in mus], [_new_like(m) for m in mus]
