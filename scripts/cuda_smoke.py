@@ -179,9 +179,38 @@ def vi() -> None:
         close(gpu, cpu, tol)
 
 
+def vi_kl() -> None:
+    """vi_kl and vi_kl_backward: every dtype, odd sizes around the vector step and a 16 K chunk, an
+    empty and a 0-dim tensor, mu one element past an aligned allocation (the scalar head), 513
+    tensors (two launches); the sums to ~1e-5 (float32 terms in another order), gradients as the
+    noisy ops'."""
+    g = torch.Generator().manual_seed(8)
+    for dtype in DTYPES:
+        tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+        for sizes in ([1, 3, 5, 0, 9, 16_385, 1027], [2] * 512 + [70_001]):
+            mus = [torch.randn(n + 1, generator=g, dtype=torch.float64).to(dtype) for n in sizes]
+            rhos = [(3 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(-80, 80).to(dtype) for n in sizes]
+            pv = 0.1 + torch.rand(len(sizes), generator=g, dtype=torch.float64)
+            mus_c, mus_g = [m[1:] for m in mus], [m.cuda()[1:] for m in mus]
+            rhos_g = [r.cuda() for r in rhos]
+            mus_c.append(torch.tensor(0.5, dtype=dtype))
+            mus_g.append(torch.tensor(0.5, dtype=dtype, device="cuda"))
+            rhos.append(torch.tensor(-80.0, dtype=dtype))
+            rhos_g.append(torch.tensor(-80.0, dtype=dtype, device="cuda"))
+            pv = torch.cat([pv, torch.tensor([2.0], dtype=torch.float64)])
+            cpu = ops.vi_kl(mus_c, rhos, pv, backend="native")
+            gpu = ops.vi_kl(mus_g, rhos_g, pv.cuda(), backend="native")
+            close(gpu, cpu, 1e-5)
+            gr = torch.tensor(0.5, dtype=cpu.dtype)
+            c = ops.vi_kl_backward(gr, mus_c, rhos, pv, backend="native")
+            d = ops.vi_kl_backward(gr.cuda(), mus_g, rhos_g, pv.cuda(), backend="native")
+            for a, b in zip(d[0] + d[1], c[0] + c[1]):
+                close(a, b, tol)
+
+
 def main() -> int:
     assert pyfastbayes.build_info()["cuda"], "a CUDA build of pyfastbayes is needed"
-    for check in (random, sgmcmc, swag, calibration, curvature, landscape, kfac, vi):
+    for check in (random, sgmcmc, swag, calibration, curvature, landscape, kfac, vi, vi_kl):
         check()
         torch.cuda.synchronize()
         print(f"cuda_smoke: {check.__name__} ok", flush=True)

@@ -4,6 +4,7 @@ draws eps from the random family's reference philox_normal), and closed forms: s
 the noise is philox_normal_'s stream bit for bit (CPU, fp32), the backward ops are the derivatives
 of the forward ones (finite differences in fp64, torch autograd), the rng position is read (seed's
 64 bits, the step's low 32) and never advanced, the signs are +-1, balanced and reproducible.
+Section 2 (vi_kl, vi_kl_backward: the closed-form KL over lists of tensors) at the end of the file.
 CUDA against the CPU op: tests/test_ops_vi_cuda.py.
 
 Tolerances. The kernels' eps comes from fp32 polynomials (csrc/common/fastmath.h), the reference's
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 from pyfastbayes import _reference as R
 from pyfastbayes import ops
 
-from _helpers import (ALL_DTYPES, DEVICES, TOL, Bad, OpContract, OpSpec, expanded_like, placement, put,
-                      self_overlapping)
+from _helpers import (ALL_DTYPES, DEVICES, TOL, Bad, OpContract, OpSpec, expanded_like, meta_like, placement, put,
+                      self_overlapping, tensors_of)
 
 # (seed, stream, step): zeros, the largest int64 seed, a negative seed (its two's complement is the
 # key) with the largest stream and uint32 step, and a step past 2^32 (only its low 32 bits count)
@@ -497,3 +498,450 @@ def test_reference_checks_match_the_messages():
         R.vi_sample(torch.zeros(2), torch.zeros(3), rng_of(0, 0), 0)
     with pytest.raises(RuntimeError, match=re.escape("vi_local_noise: stream must be in [0, 2^32), got -1")):
         R.vi_local_noise(torch.zeros(2), torch.zeros(2), rng_of(0, 0), -1)
+
+
+# ======================= Section 2: vi_kl, vi_kl_backward ========================================
+# The closed-form KL of mean-field Gaussians against N(0, prior_var[t]) over lists of tensors, and
+# its gradients. Tolerances: the reference computes in float64; the kernels' terms are float32
+# (float64 for float64), summed in float32 runs of <= 65 terms added in float64 (relative ~1e-6 for
+# these positive terms); fp64 kernels define log sigma = rho below rho = -20 and softplus'/sigma = 1
+# there, the reference's float64 softplus differs by exp(rho) / 2 < 1e-9 (rtol 1e-8).
+from torch.distributions import Normal
+from torch.distributions import kl_divergence as torch_kl
+
+KL_RHO_EDGES = [-80.0, 80.0, -20.0, 20.0, 20.5, -20.5, -25.0, 0.0]  # both thresholds, both ends
+# tensor lists: one tensor; a matrix, one element and 3 CPU work items / CUDA chunks; empty tensors
+# between odd sizes, one element past a chunk (16 385) and a 0-dim tensor; 70 small tensors (the
+# CUDA launcher's 512-slot table and its binary search)
+KL_LISTS = [[(5,)], [(13, 79), (1,), (40_003,)], [(7,), (0,), (3, 0), (16_385,), ()],
+            [(i % 7 + 1,) for i in range(70)]]
+
+
+def kl_result_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kl_values(shapes, dtype, gen, specials=True):
+    """(mus, rhos, prior_var) on the CPU: mu ~ N(0, 1), rho ~ 3 N(0, 1) - 2 with KL_RHO_EDGES in the
+    first elements of every tensor of >= 8 elements; prior variances in [0.05, 4] (float64)."""
+    mus, rhos = [], []
+    for shape in shapes:
+        mu = torch.randn(shape, generator=gen, dtype=torch.float64)
+        rho = 3 * torch.randn(shape, generator=gen, dtype=torch.float64) - 2
+        if specials and rho.numel() >= 8:
+            rho.view(-1)[:8] = torch.tensor(KL_RHO_EDGES, dtype=torch.float64)
+        mus.append(mu.to(dtype))
+        rhos.append(rho.to(dtype))
+    return mus, rhos, 0.05 + 3.95 * torch.rand(len(shapes), generator=gen, dtype=torch.float64)
+
+
+def kl_tol(t):
+    if t.dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5)
+    if t.dtype == torch.float64:
+        return dict(rtol=1e-8, atol=1e-10)
+    return TOL[t.dtype]  # fp16 / bf16 gradients: the same value rounded, an ulp apart at most
+
+
+def closed_form_kl(mus, rhos, prior_var):
+    """torch.distributions' KL(Normal(mu, softplus(rho)) || Normal(0, sqrt(v))) summed, in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for m, r, v in zip(mus, rhos, prior_var.tolist()):
+        m, r = m.double().cpu(), r.double().cpu()
+        q = Normal(m, F.softplus(r))
+        p = Normal(torch.zeros_like(m), torch.full_like(m, math.sqrt(v)))
+        total = total + torch_kl(q, p).sum()
+    return total
+
+
+def kl_spec(op):
+    backward = op == "vi_kl_backward"
+    grads = [0.75, -1.25, 2.0]
+
+    def call(mus, rhos, pv, device, g=None, gdtype=None):
+        args = dict(mus=[m.to(device) for m in mus], rhos=[r.to(device) for r in rhos], prior_var=pv.to(device))
+        if backward:
+            dt = gdtype or kl_result_dtype(mus[0].dtype)
+            args = dict(grad=torch.tensor(g, dtype=dt, device=device), **args)
+        return args
+
+    def make(case, device, dtype, gen):
+        if case == "random":
+            calls = []
+            for k, shapes in enumerate(KL_LISTS):
+                mus, rhos, pv = kl_values(shapes, dtype, gen)
+                # grad in vi_kl's result dtype, and in float64 / float16 (any kernel float dtype)
+                calls.append(call(mus, rhos, pv, device, grads[k % 3], [None, torch.float64, torch.float16][k % 3]))
+            return calls
+        if case == "empty":
+            a = kl_values([(0,)], dtype, gen)
+            b = kl_values([(0,), (2, 0), (3,)], dtype, gen)
+            return [call(*a, device, 1.0), call(*b, device, -0.5)]
+        # views: transposed mu, strided pair, a stride-0 (expanded) mu, channels_last pair, 0-dim pair;
+        # prior_var a strided view
+        m1, r1, _ = kl_values([(30, 40)], dtype, gen)
+        m2, r2, _ = kl_values([(9, 14)], dtype, gen)
+        _, r3, _ = kl_values([(5, 6)], dtype, gen)
+        m4, r4, _ = kl_values([(2, 3, 4, 5)], dtype, gen)
+        m5, r5, _ = kl_values([()], dtype, gen)
+        cl = lambda t: t.to(device).contiguous(memory_format=torch.channels_last)  # noqa: E731
+        mus = [m1[0].to(device).t(), m2[0].to(device)[:, 1::3], torch.ones((), dtype=dtype, device=device).expand(5, 6),
+               cl(m4[0]), m5[0].to(device)]
+        rhos = [r1[0].t().contiguous().to(device), r2[0].to(device)[:, ::3], r3[0].to(device), cl(r4[0]),
+                r5[0].to(device)]
+        pv = (0.1 + torch.rand(10, generator=gen, dtype=torch.float64)).to(device)[::2]
+        args = dict(mus=mus, rhos=rhos, prior_var=pv)
+        if backward:
+            args = dict(grad=torch.tensor(0.5, dtype=kl_result_dtype(dtype), device=device), **args)
+        return [args]
+
+    def good(device):
+        gen = torch.Generator().manual_seed(5)
+        mus, rhos, _ = kl_values([(4, 5), (3,)], torch.float32, gen, specials=False)
+        return call(mus, rhos, torch.tensor([0.5, 2.0], dtype=torch.float64), device, 1.5)
+
+    def post(case, calls, outs, after):
+        """vi_kl: a 0-dim result of the documented dtype; vi_kl_backward: two lists of new contiguous
+        tensors shaped like mus in their dtype; every input unchanged."""
+        for c, out, a in zip(calls, outs, after):
+            dtype = c["mus"][0].dtype
+            if backward:
+                gms, grs = out
+                assert len(gms) == len(grs) == len(c["mus"])
+                for m, gm, gr in zip(c["mus"], gms, grs):
+                    for x in (gm, gr):
+                        assert x.shape == m.shape and x.dtype == dtype and x.is_contiguous() and x.device == m.device
+            else:
+                assert out.dim() == 0 and out.dtype == kl_result_dtype(dtype)
+            torch.testing.assert_close(tensors_of(a), tensors_of(c), rtol=0, atol=0, equal_nan=True)
+
+    first = "grad" if backward else "mus[0]"  # the call's first real tensor (schema order)
+    mix = (rf"^{op}: (mus\[0\] is on cpu, expected CUDA|(mus|rhos)\[\d\] is on cpu but mus\[0\] is on cuda:0"
+           r"|prior_var must be a float64 vector of length 2 \(one prior variance per tensor\) on cuda:0; got Double "
+           r"of shape \[2\] on cpu|grad must be a 0-dim .* on cuda:0; got .* on cpu)$")
+    pv_msg = rf"^{op}: prior_var must be a float64 vector of length 2 \(one prior variance per tensor\) on cpu; got "
+
+    def at(name, i, f):
+        """Bad.edit replacing element i of the list argument `name` by f(element, device)."""
+        def edit(args, device):
+            items = list(args[name])
+            items[i] = f(items[i], device)
+            return dict(args, **{name: items})
+        return edit
+
+    def both(f):
+        """Bad.edit applying f to mus[0] and rhos[0]."""
+        def edit(args, device):
+            return at("rhos", 0, f)(at("mus", 0, f)(args, device), device)
+        return edit
+
+    bad = [
+        Bad("empty-lists", put(mus=[], rhos=[], prior_var=lambda a, d: torch.zeros(0, dtype=torch.float64, device=d)),
+            rf"^{op}: mus is empty; pass at least one \(mu, rho\) pair$"),
+        Bad("rhos-short", put(rhos=lambda a, d: a["rhos"][:1]), rf"^{op}: got 2 mus but 1 rhos$"),
+        Bad("rhos-long", put(rhos=lambda a, d: a["rhos"] + a["rhos"][:1]), rf"^{op}: got 2 mus but 3 rhos$"),
+        Bad("mus-int", both(lambda t, d: t.long()),
+            rf"^{op}: mus\[0\] must be float64, float32, float16 or bfloat16, got Long$"),
+        Bad("mus-bool", both(lambda t, d: t > 0),
+            rf"^{op}: mus\[0\] must be float64, float32, float16 or bfloat16, got Bool$"),
+        Bad("mus-complex", both(lambda t, d: t.to(torch.complex64)),
+            rf"^{op}: mus\[0\] must be float64, float32, float16 or bfloat16, got ComplexFloat$"),
+        Bad("mus1-double", at("mus", 1, lambda t, d: t.double()),
+            rf"^{op}: mus\[1\] has dtype Double but mus\[0\] has Float$"),
+        Bad("rhos0-half", at("rhos", 0, lambda t, d: t.half()),
+            rf"^{op}: rhos\[0\] has dtype Half but mus\[0\] has Float$"),
+        Bad("rhos1-int", at("rhos", 1, lambda t, d: t.int()),
+            rf"^{op}: rhos\[1\] has dtype Int but mus\[0\] has Float$"),
+        Bad("rhos1-shape", at("rhos", 1, lambda t, d: t[:2]),
+            rf"^{op}: rhos\[1\] has shape \[2\] but mus\[1\] has shape \[3\]$"),
+        Bad("rhos0-transposed", at("rhos", 0, lambda t, d: t.t()),
+            rf"^{op}: rhos\[0\] has shape \[5, 4\] but mus\[0\] has shape \[4, 5\]$"),
+        Bad("rhos0-broadcastable", at("rhos", 0, lambda t, d: t[:1]),
+            rf"^{op}: rhos\[0\] has shape \[1, 5\] but mus\[0\] has shape \[4, 5\]$"),
+        Bad("rhos-swapped", put(rhos=lambda a, d: a["rhos"][::-1]),
+            rf"^{op}: rhos\[0\] has shape \[3\] but mus\[0\] has shape \[4, 5\]$"),
+        Bad("prior_var-float32", put(prior_var=lambda a, d: a["prior_var"].float()),
+            pv_msg.replace("cpu", ".*") + r"Float of shape \[2\] on "),
+        Bad("prior_var-short", put(prior_var=lambda a, d: a["prior_var"][:1]),
+            pv_msg.replace("cpu", ".*") + r"Double of shape \[1\]"),
+        Bad("prior_var-long", put(prior_var=lambda a, d: a["prior_var"].repeat(2)),
+            pv_msg.replace("cpu", ".*") + r"Double of shape \[4\]"),
+        Bad("prior_var-2d", put(prior_var=lambda a, d: a["prior_var"][None]),
+            pv_msg.replace("cpu", ".*") + r"Double of shape \[1, 2\]"),
+        Bad("prior_var-0d", put(prior_var=lambda a, d: a["prior_var"][0]),
+            pv_msg.replace("cpu", ".*") + r"Double of shape \[\]"),
+        Bad("prior_var-int", put(prior_var=lambda a, d: a["prior_var"].long()), pv_msg.replace("cpu", ".*") + "Long"),
+    ]
+    if backward:
+        g_msg = rf"^{op}: grad must be a 0-dim float64, float32, float16 or bfloat16 tensor on .*; got "
+        bad += [
+            Bad("grad-1d", put(grad=lambda a, d: a["grad"][None]), g_msg + r"Float of shape \[1\] on "),
+            Bad("grad-2", put(grad=lambda a, d: torch.ones(2, device=d)), g_msg + r"Float of shape \[2\] on "),
+            Bad("grad-int", put(grad=lambda a, d: torch.tensor(1, device=d)), g_msg + r"Long of shape \[\] on "),
+            Bad("grad-complex", put(grad=lambda a, d: a["grad"].to(torch.complex64)), g_msg + "ComplexFloat"),
+        ] + placement(op, "grad", "mus[0]", device=mix)
+    bad += (placement(op, "mus", first, device=mix, index=1)
+            + placement(op, "rhos", first, device=mix, index=0)
+            + placement(op, "prior_var", first, device=mix)
+            + [Bad("meta-mus[0]", at("mus", 0, lambda t, d: meta_like(t)),
+                   rf"^{op}: mus\[0\] is a meta tensor but {re.escape('grad' if backward else 'mus[1]')} is on")])
+
+    def opcheck_args(dtype, shapes):
+        def args(device):
+            gen = torch.Generator().manual_seed(6)
+            mus, rhos, pv = kl_values(shapes, dtype, gen, specials=False)
+            return call(mus, rhos, pv, device, -0.5)
+        return args
+
+    return OpSpec(op, grid=ALL_DTYPES, make=make, good=good, bad=bad, post=post, tol=kl_tol, seed=len(op) + 100,
+                  opcheck=[opcheck_args(torch.float64, [(33,), (2, 3)]), opcheck_args(torch.bfloat16, [(2, 3, 5)]),
+                           opcheck_args(torch.float16, [(0,), (4,)])])
+
+
+class TestViKl(OpContract):
+    spec = kl_spec("vi_kl")
+
+
+class TestViKlBackward(OpContract):
+    spec = kl_spec("vi_kl_backward")
+
+
+@pytest.mark.parametrize("op", ["vi_kl", "vi_kl_backward"])
+@pytest.mark.parametrize("value,text", [(-1.0, "-1"), (0.0, "0"), (-0.0, "-0"), (math.nan, "nan"), (math.inf, "inf"),
+                                        (-math.inf, "-inf"), (-2.5e-7, "-2.5e-07")])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_kl_prior_var_values_checked_on_cpu(op, value, text, backend):
+    """A CPU prior_var must be finite and > 0, each value checked (the first bad one named), before
+    any work, with the same text on both backends; the inputs are unchanged."""
+    if backend == "native" and not ops.native_op(op, "cpu"):
+        pytest.skip("no native kernel")
+    gen = torch.Generator().manual_seed(7)
+    mus, rhos, _ = kl_values([(3,), (4, 2), (5,)], torch.float32, gen)
+    pv = torch.tensor([0.5, value, 1.0], dtype=torch.float64)
+    args = dict(mus=mus, rhos=rhos, prior_var=pv)
+    if op == "vi_kl_backward":
+        args = dict(grad=torch.tensor(1.0), **args)
+    before = [t.clone() for t in tensors_of(args)]
+    with pytest.raises(RuntimeError) as info:
+        getattr(ops, op)(**args, backend=backend)
+    assert str(info.value) == f"{op}: prior_var[1] must be finite and > 0, got {text}"
+    for t, b in zip(tensors_of(args), before):
+        assert torch.equal(t, b) or (t.isnan() & b.isnan()).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_kl_is_the_closed_form(device, dtype, backend):
+    """vi_kl = sum of torch.distributions.kl_divergence(Normal(mu, softplus(rho)), Normal(0, sqrt(v)))
+    over every element of every tensor (float64 closed form of the same inputs): to 1e-12 in fp64,
+    1e-6 in fp32 (float32 terms; the terms are >= 0, so their sum has no cancellation)."""
+    if backend == "native" and not ops.native_op("vi_kl", device):
+        pytest.skip("no native kernel")
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(300, 7), (1,), (0,), (16_385,), ()]
+    mus, rhos, pv = kl_values(shapes, dtype, gen)
+    want = closed_form_kl(mus, rhos, pv)
+    got = ops.vi_kl([m.to(device) for m in mus], [r.to(device) for r in rhos], pv.to(device), backend=backend)
+    assert got.dtype == kl_result_dtype(dtype) and got.dim() == 0 and got.device.type == device
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=0)
+    # the per-tensor split: the KL of a list is the sum of the KLs of its tensors
+    parts = sum(ops.vi_kl([m.to(device)], [r.to(device)], pv[i:i + 1].to(device), backend=backend).double()
+                for i, (m, r) in enumerate(zip(mus, rhos)))
+    torch.testing.assert_close(got.double(), parts, rtol=rtol, atol=0)
+
+
+def test_kl_at_the_prior_is_zero_and_grows_away_from_it():
+    """mu = 0 and softplus(rho) = sqrt(v): KL = 0 (to rounding) and both gradients 0; moving mu or
+    rho away raises it."""
+    if not ops.native_op("vi_kl", "cpu"):
+        pytest.skip("no native kernel")
+    v = torch.tensor([0.25, 4.0], dtype=torch.float64)
+    inv_softplus = lambda s: math.log(math.expm1(s))  # noqa: E731
+    mus = [torch.zeros(1000, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)]
+    rhos = [torch.full((1000,), inv_softplus(0.5), dtype=torch.float64),
+            torch.full((3, 3), inv_softplus(2.0), dtype=torch.float64)]
+    kl = ops.vi_kl(mus, rhos, v)
+    assert abs(kl.item()) < 1e-12
+    gms, grs = ops.vi_kl_backward(torch.tensor(1.0, dtype=torch.float64), mus, rhos, v)
+    assert all(bool((g.abs() < 1e-12).all()) for g in gms + grs)
+    assert ops.vi_kl([mus[0] + 0.1, mus[1]], rhos, v).item() > 1e-3
+    assert ops.vi_kl(mus, [rhos[0], rhos[1] - 0.1], v).item() > 1e-3
+
+
+class _KLFn(torch.autograd.Function):
+    """vi_kl with vi_kl_backward as its derivative (what pyfastbayes.vi's kl_divergence does)."""
+
+    @staticmethod
+    def forward(ctx, prior_var, backend, n, *tensors):
+        ctx.save_for_backward(prior_var, *tensors)
+        ctx.backend, ctx.n = backend, n
+        return ops.vi_kl(list(tensors[:n]), list(tensors[n:]), prior_var, backend=backend)
+
+    @staticmethod
+    def backward(ctx, g):
+        prior_var, *tensors = ctx.saved_tensors
+        n = ctx.n
+        gms, grs = ops.vi_kl_backward(g, tensors[:n], tensors[n:], prior_var, backend=ctx.backend)
+        return (None, None, None, *gms, *grs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_kl_backward_is_the_derivative(device, backend):
+    """torch.autograd.gradcheck (central finite differences of vi_kl, fp64) with vi_kl_backward as the
+    derivative, rho on both sides of both thresholds (+-20; the step 1e-6 crosses neither) and far
+    out (-30, 35); and the gradients of torch autograd through the distributions' closed form, times
+    a grad of -0.37 (to 1e-8: below rho = -20 the kernels take log sigma = rho, so d log sigma / d rho
+    = 1, where the exact softplus' / softplus is 1 - exp(rho) / 2, 6e-10 away at rho = -20.5)."""
+    if backend == "native" and not ops.native_op("vi_kl", device):
+        pytest.skip("no native kernel")
+    gen = torch.Generator().manual_seed(9)
+    mus, rhos, pv = kl_values([(6, 4), (5,), ()], torch.float64, gen, specials=False)
+    rhos[0].view(-1)[:8] = torch.tensor([19.5, 20.5, -19.5, -20.5, -30.0, 35.0, 0.0, -5.0], dtype=torch.float64)
+    mus = [m.to(device).requires_grad_() for m in mus]
+    rhos = [r.to(device).requires_grad_() for r in rhos]
+    pv = pv.to(device)
+    n = len(mus)
+    assert torch.autograd.gradcheck(lambda *ts: _KLFn.apply(pv, backend, n, *ts), (*mus, *rhos),
+                                    eps=1e-6, atol=1e-6, rtol=1e-6)
+    kl = _KLFn.apply(pv, backend, n, *mus, *rhos)
+    got = torch.autograd.grad(-0.37 * kl, [*mus, *rhos])
+    want_kl = sum(torch_kl(Normal(m, F.softplus(r)), Normal(torch.zeros_like(m), v.sqrt().expand_as(m))).sum()
+                  for m, r, v in zip(mus, rhos, pv))
+    want = torch.autograd.grad(-0.37 * want_kl, [*mus, *rhos])
+    torch.testing.assert_close(kl, want_kl.detach(), rtol=1e-12, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    assert all(t.dtype == torch.float64 for t in got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_kl_stable_at_rho_80_and_minus_80(device, dtype):
+    """rho = -80 (sigma = exp(-80) ~ 1.8e-35: softplus's log1p(exp(rho)) is subnormal-free in fp32 but
+    sigma^2 underflows; log sigma must be rho itself) and rho = +80 (sigma = rho), every dtype, both
+    backends: the KL and its gradients are finite and equal the float64 closed form written by hand,
+    log sigma = rho and softplus'(rho) / sigma = 1 at -80 (grad_rho = -grad), 1 / 80 at +80."""
+    v = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    mu = torch.tensor([0.0, 1.0, -2.0, 0.5], dtype=torch.float64)
+    rho = torch.tensor([-80.0, 80.0, -80.0, 80.0], dtype=torch.float64)
+    mus = [mu[:2].to(dtype).to(device), mu[2:].to(dtype).to(device)]
+    rhos = [rho[:2].to(dtype).to(device), rho[2:].to(dtype).to(device)]
+    # by hand: sigma = exp(-80) (its square is 0 next to mu^2) or 80
+    want = 0.0
+    want_gm, want_gr = [], []
+    g = 0.75
+    for i in range(4):
+        t = i // 2
+        vt = float(v[t])
+        m = float(mu[i])
+        if rho[i] < 0:
+            want += 0.5 * math.log(vt) + 80.0 + m * m / (2 * vt) - 0.5
+            want_gr.append(-g)
+        else:
+            want += 0.5 * math.log(vt) - math.log(80.0) + (6400.0 + m * m) / (2 * vt) - 0.5
+            want_gr.append(g * (80.0 / vt - 1.0 / 80.0))
+        want_gm.append(g * m / vt)
+    rd = kl_result_dtype(dtype)
+    for backend in backends("vi_kl", device):
+        kl = ops.vi_kl(mus, rhos, v.to(device), backend=backend)
+        assert bool(torch.isfinite(kl)), backend
+        torch.testing.assert_close(kl.double().cpu(), torch.tensor(want, dtype=torch.float64),
+                                   rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+        gms, grs = ops.vi_kl_backward(torch.tensor(g, dtype=rd, device=device), mus, rhos, v.to(device),
+                                      backend=backend)
+        got_gm, got_gr = torch.cat(gms).double().cpu(), torch.cat(grs).double().cpu()
+        assert bool(torch.isfinite(got_gm).all() and torch.isfinite(got_gr).all()), backend
+        tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else kl_tol(torch.empty(0, dtype=dtype))
+        torch.testing.assert_close(got_gm, torch.tensor(want_gm, dtype=torch.float64), **tol)
+        torch.testing.assert_close(got_gr, torch.tensor(want_gr, dtype=torch.float64), **tol)
+        if dtype in (torch.float32, torch.float64):  # grad * (sigma s'/v - s'/sigma) = -grad at rho = -80, exactly
+            assert got_gr[0].item() == -g and got_gr[2].item() == -g
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_far_below_the_threshold_float32(device):
+    """rho from -20 down to -1e4 in float32: log1p(exp(rho)) underflows to 0 below ~-103, yet the KL
+    counts -log sigma = -rho and grad_rho = -grad (never 0 / 0 = NaN)."""
+    rho = torch.tensor([-20.0, -21.0, -50.0, -90.0, -103.0, -110.0, -200.0, -1e4])
+    v = torch.tensor([1.5], dtype=torch.float64)
+    for backend in backends("vi_kl", device):
+        kl = ops.vi_kl([torch.zeros(8, device=device)], [rho.to(device)], v.to(device), backend=backend)
+        want = sum(0.5 * math.log(1.5) - r - 0.5 for r in rho.double().tolist())
+        assert abs(kl.item() - want) <= 1e-6 * abs(want), backend
+        _, (gr,) = ops.vi_kl_backward(torch.tensor(2.0, device=device), [torch.zeros(8, device=device)],
+                                      [rho.to(device)], v.to(device), backend=backend)
+        torch.testing.assert_close(gr.cpu(), torch.full((8,), -2.0), rtol=1e-6, atol=0)
+
+
+def test_kl_float32_sum_is_accurate_and_deterministic():
+    """4 M float32 elements: the result equals the float64 reference to 2e-6 relative (one float32
+    accumulator over 4 M terms is off by ~1e-2 here: the float32 sums are runs of 64 terms added in
+    float64), and it is bit for bit the same for 1, 2 threads and repeated calls (fixed order)."""
+    if not ops.native_op("vi_kl", "cpu"):
+        pytest.skip("no native kernel")
+    gen = torch.Generator().manual_seed(10)
+    mus, rhos, pv = kl_values([(3_000_001,), (1_000_003,)], torch.float32, gen)
+    want = ops.vi_kl(mus, rhos, pv, backend="reference")
+    ref64 = R.vi_kl([m.double() for m in mus], [r.double() for r in rhos], pv)
+    got = ops.vi_kl(mus, rhos, pv, backend="native")
+    assert abs(got.double().item() - ref64.item()) <= 2e-6 * abs(ref64.item())
+    assert abs(got.item() - want.item()) <= 2e-6 * abs(want.item())
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, threads):
+            torch.set_num_threads(n)
+            results += [ops.vi_kl(mus, rhos, pv, backend="native") for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, got) for r in results)
+
+
+def test_kl_half_dtypes_compute_in_float32():
+    """fp16 / bf16 inputs: vi_kl is the float32 op on the converted inputs, bit for bit (the same
+    kernel arithmetic); the gradients are the float32 op's, rounded once."""
+    if not ops.native_op("vi_kl", "cpu"):
+        pytest.skip("no native kernel")
+    gen = torch.Generator().manual_seed(11)
+    for dtype in (torch.float16, torch.bfloat16):
+        mus, rhos, pv = kl_values([(777,), (5, 3)], dtype, gen)
+        f32 = ([m.float() for m in mus], [r.float() for r in rhos], pv)
+        assert torch.equal(ops.vi_kl(mus, rhos, pv), ops.vi_kl(*f32))
+        gms, grs = ops.vi_kl_backward(torch.tensor(0.75), mus, rhos, pv)
+        wms, wrs = ops.vi_kl_backward(torch.tensor(0.75), *f32)
+        for a, b in zip(gms + grs, wms + wrs):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b.to(dtype), rtol=0, atol=0)
+
+
+def test_kl_grad_of_any_float_dtype_and_nan_propagation():
+    """grad in float64 / float32 / float16 / bfloat16 gives the same gradients (its value, converted);
+    a NaN mu or rho makes the KL NaN and only its own element's gradients NaN."""
+    if not ops.native_op("vi_kl", "cpu"):
+        pytest.skip("no native kernel")
+    gen = torch.Generator().manual_seed(12)
+    mus, rhos, pv = kl_values([(50,), (9,)], torch.float32, gen)
+    base = ops.vi_kl_backward(torch.tensor(-1.5), mus, rhos, pv)
+    for dt in (torch.float64, torch.float16, torch.bfloat16):
+        other = ops.vi_kl_backward(torch.tensor(-1.5, dtype=dt), mus, rhos, pv)
+        assert all(torch.equal(a, b) for a, b in zip(base[0] + base[1], other[0] + other[1]))
+    rhos[1][3] = math.nan
+    mus[0][7] = math.nan
+    for backend in backends("vi_kl", "cpu"):
+        assert ops.vi_kl(mus, rhos, pv, backend=backend).isnan()
+        gms, grs = ops.vi_kl_backward(torch.tensor(1.0), mus, rhos, pv, backend=backend)
+        assert gms[0].isnan().nonzero().flatten().tolist() == [7] and not grs[0].isnan().any()
+        assert grs[1].isnan().nonzero().flatten().tolist() == [3] and not gms[1].isnan().any()
+
+
+def test_kl_reference_checks_match_the_messages():
+    """A few refusals by hand (the reference's RuntimeError is the kernels' text, checks/vi.h)."""
+    pv = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=re.escape("vi_kl: rhos[0] has shape [3] but mus[0] has shape [2]")):
+        R.vi_kl([torch.zeros(2)], [torch.zeros(3)], pv)
+    with pytest.raises(RuntimeError, match=re.escape("vi_kl_backward: grad must be a 0-dim float64, float32, float16 "
+                                                     "or bfloat16 tensor on cpu; got Float of shape [1] on cpu")):
+        R.vi_kl_backward(torch.ones(1), [torch.zeros(2)], [torch.zeros(2)], pv)

@@ -3,6 +3,12 @@ two-input noisy ops and vi_rademacher_, every dtype, one element to past one gri
 partial last Philox blocks, device views (transposed, strided, unaligned base pointers, which take
 the element-by-element path), out as a device view with sentinels, a side stream, and a CUDA graph
 replayed after the RNG step changed in place (the kernels read rng on the device).
+Section 2 (vi_kl, vi_kl_backward): against the CPU op and the float64 reference, every dtype, one
+element to 3 M (183 chunks), chunk edges, empty and 0-dim tensors, 600 tensors (two launches of
+the multi-tensor launcher: the partials of the second land after the first's), 512 + 1 tensors,
+inputs one element past an aligned allocation (the ChunkSplit head) and strided (stand-ins); the
+result is bit for bit the same on every call (fixed summation order); a bad prior_var (not checked
+on CUDA) gives NaN; a CUDA graph replayed after prior_var and grad changed in place.
 
 Tolerances. Both devices draw the same Philox bits; the fp32 Box-Muller code is the same, but nvcc
 contracts a * b + c into FMAs and CUDA's expf / log1pf round differently from glibc's, so the
@@ -230,3 +236,176 @@ def test_cuda_graph_replay_reads_the_step_on_the_device():
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"step {step}: {m}")
         other = ops.vi_sample(mu, rho, rng_of(77, 0, "cuda"), 1, backend="native")
         assert (other != got[0]).float().mean() > 0.9
+
+
+
+# ======================= Section 2: vi_kl, vi_kl_backward ========================================
+KL_RHO_EDGES = [-80.0, 80.0, -20.0, 20.0, 20.5, -20.5, -25.0, 0.0]  # as tests/test_ops_vi.py
+# one element, a partial vector step, a chunk (16 384) and its neighbours, 3 M elements, empty and
+# 0-dim tensors among others, 600 tensors (512 + 88: two launches), 512 small tensors + a large one
+KL_LISTS = {
+    "1": [(1,)], "3": [(3,)], "chunk": [(16_384,)], "chunk-edges": [(16_385,), (16_383,)], "3M": [(3_000_001,)],
+    "mixed": [(7,), (0,), (3, 0), (40_003,), ()], "600": [((i * 37) % 101 + 1,) for i in range(600)],
+    "513": [(5,)] * 512 + [(20_001,)],
+}
+
+
+def kl_values(shapes, dtype, gen):
+    """(mus, rhos, prior_var) on the CPU as tests/test_ops_vi.py makes them: mu ~ N(0, 1), rho ~
+    3 N(0, 1) - 2 with KL_RHO_EDGES first, prior variances in [0.05, 4]."""
+    mus, rhos = [], []
+    for shape in shapes:
+        mu = torch.randn(shape, generator=gen, dtype=torch.float64)
+        rho = 3 * torch.randn(shape, generator=gen, dtype=torch.float64) - 2
+        if rho.numel() >= 8:
+            rho.view(-1)[:8] = torch.tensor(KL_RHO_EDGES, dtype=torch.float64)
+        mus.append(mu.to(dtype))
+        rhos.append(rho.to(dtype))
+    return mus, rhos, 0.05 + 3.95 * torch.rand(len(shapes), generator=gen, dtype=torch.float64)
+
+
+def kl_tol(dtype):
+    """CUDA vs CPU: float32 terms summed in another order, CUDA's logf / expf / log1pf an ulp from
+    glibc's (relative ~1e-6 for these positive terms); float64: the same float64 formulas;
+    fp16 / bf16 gradients: the float32 value rounded, an ulp apart at most."""
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5)
+    if dtype == torch.float64:
+        return dict(rtol=1e-12, atol=1e-12)
+    return TOL[dtype]
+
+
+def kl_result_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(KL_LISTS))
+@pytest.mark.parametrize("views", [("plain", "plain"), ("offset", "plain"), ("plain", "offset"), ("strided", "offset")])
+def test_kl_cuda_matches_cpu(dtype, case, views):
+    """vi_kl and vi_kl_backward on the device = the CPU op (and the float64 reference) on the same
+    inputs; the gradients are new contiguous tensors of the inputs' shapes and dtype."""
+    require_cuda_kernel("vi_kl")
+    require_cuda_kernel("vi_kl_backward")
+    if case in ("3M", "600", "513") and views[0] == "strided":
+        pytest.skip("the large lists once per pointer alignment are enough")
+    gen = torch.Generator().manual_seed(len(case) + 10 * DTYPES.index(dtype))
+    mus, rhos, pv = kl_values(KL_LISTS[case], dtype, gen)
+    dev = lambda ts, how: [device_view(t.reshape(-1), how).reshape(t.shape) for t in ts]  # noqa: E731
+    gmus, grhos, gpv = dev(mus, views[0]), dev(rhos, views[1]), pv.cuda()
+    cpu = ops.vi_kl(mus, rhos, pv, backend="native")
+    gpu = ops.vi_kl(gmus, grhos, gpv, backend="native")
+    assert gpu.is_cuda and gpu.dim() == 0 and gpu.dtype == kl_result_dtype(dtype)
+    torch.testing.assert_close(gpu.cpu(), cpu, **kl_tol(cpu.dtype), msg=lambda m: f"vi_kl {case} {views}: {m}")
+    # the float64 reference: float32 terms to ~1e-6; in float64 the kernels' log sigma = rho below -20
+    # is exp(rho) / 2 < 1e-9 from the reference's log(softplus(rho))
+    ref = ops.vi_kl(gmus, grhos, gpv, backend="reference")
+    torch.testing.assert_close(gpu, ref, **(dict(rtol=1e-8, atol=1e-10) if dtype == torch.float64 else
+                                            dict(rtol=1e-5, atol=1e-5)))
+    for gdtype in (kl_result_dtype(dtype), torch.float16):
+        g_cpu = torch.tensor(-1.25, dtype=gdtype)
+        cg = ops.vi_kl_backward(g_cpu, mus, rhos, pv, backend="native")
+        gg = ops.vi_kl_backward(g_cpu.cuda(), gmus, grhos, gpv, backend="native")
+        for want, got, m in zip(cg[0] + cg[1], gg[0] + gg[1], mus + mus):
+            assert got.is_cuda and got.is_contiguous() and got.dtype == dtype and got.shape == m.shape
+            torch.testing.assert_close(got.cpu(), want, **kl_tol(dtype), equal_nan=True,
+                                       msg=lambda msg: f"vi_kl_backward {case} {views} grad {gdtype}: {msg}")
+
+
+def test_kl_cuda_views_and_zero_dim():
+    """Transposed, channels_last, stride-0 (expanded) and 0-dim inputs made on the device, and a
+    strided prior_var: the CPU op's results."""
+    require_cuda_kernel("vi_kl")
+    gen = torch.Generator().manual_seed(4)
+    for dtype in DTYPES:
+        (m1, m2, m3), (r1, r2, r3), pv = kl_values([(30, 40), (2, 3, 10, 20), ()], dtype, gen)
+        r4 = kl_values([(5, 6)], dtype, gen)[1][0]
+        cpu_args = ([m1.t().contiguous(), m2, m3, torch.ones(5, 6, dtype=dtype)],
+                    [r1.t().contiguous(), r2, r3, r4], torch.cat([pv, torch.tensor([0.3], dtype=torch.float64)]))
+        cl = lambda t: t.cuda().contiguous(memory_format=torch.channels_last)  # noqa: E731
+        gpu_pv = torch.stack([cpu_args[2], cpu_args[2]], 1).reshape(-1).cuda()[::2]
+        gpu_args = ([m1.cuda().t(), cl(m2), m3.cuda(), torch.ones((), dtype=dtype, device="cuda").expand(5, 6)],
+                    [r1.t().contiguous().cuda(), cl(r2), r3.cuda(), r4.cuda()], gpu_pv)
+        assert not gpu_pv.is_contiguous()
+        cpu = ops.vi_kl(*cpu_args, backend="native")
+        gpu = ops.vi_kl(*gpu_args, backend="native")
+        torch.testing.assert_close(gpu.cpu(), cpu, **kl_tol(cpu.dtype))
+        g = torch.tensor(0.5, dtype=kl_result_dtype(dtype))
+        cg = ops.vi_kl_backward(g, *cpu_args, backend="native")
+        gg = ops.vi_kl_backward(g.cuda(), *gpu_args, backend="native")
+        for want, got in zip(cg[0] + cg[1], gg[0] + gg[1]):
+            assert got.is_contiguous() and got.shape == want.shape
+            torch.testing.assert_close(got.cpu(), want, **kl_tol(dtype))
+
+
+def test_kl_cuda_is_deterministic():
+    """The same call gives the same bits every time (per-block float64 partials and one final
+    fixed-order reduction: no atomics), for float32 and float64 over 600 tensors and 3 M elements."""
+    require_cuda_kernel("vi_kl")
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        mus, rhos, pv = kl_values(KL_LISTS["600"] + [(3_000_001,)], dtype, gen)
+        mus, rhos, pv = [m.cuda() for m in mus], [r.cuda() for r in rhos], pv.cuda()
+        first = ops.vi_kl(mus, rhos, pv, backend="native")
+        for _ in range(5):
+            assert torch.equal(ops.vi_kl(mus, rhos, pv, backend="native"), first)
+
+
+def test_kl_cuda_unchecked_prior_var_gives_nan():
+    """On CUDA prior_var's values are not read on the host (no sync): a value that is not finite and
+    > 0 makes the KL NaN and that tensor's gradients NaN (native and reference alike); the other
+    tensors' gradients are the CPU op's."""
+    require_cuda_kernel("vi_kl")
+    gen = torch.Generator().manual_seed(6)
+    mus, rhos, _ = kl_values([(9,)] * 6, torch.float32, gen)
+    pv = torch.tensor([1.0, -1.0, 0.0, math.nan, math.inf, 2.0], dtype=torch.float64)
+    gmus, grhos, gpv = [m.cuda() for m in mus], [r.cuda() for r in rhos], pv.cuda()
+    for backend in ("native", "reference"):
+        assert ops.vi_kl(gmus, grhos, gpv, backend=backend).isnan().item(), backend
+        gms, grs = ops.vi_kl_backward(torch.tensor(1.0, device="cuda"), gmus, grhos, gpv, backend=backend)
+        for t in range(6):
+            bad = t in (1, 2, 3, 4)
+            assert bool(gms[t].isnan().all()) == bad and bool(grs[t].isnan().all()) == bad, (backend, t)
+            assert bad or not (gms[t].isnan().any() or grs[t].isnan().any()), (backend, t)
+    ok = [0, 5]
+    cpu = ops.vi_kl_backward(torch.tensor(1.0), [mus[t] for t in ok], [rhos[t] for t in ok], pv[ok], backend="native")
+    gpu = ops.vi_kl_backward(torch.tensor(1.0, device="cuda"), gmus, grhos, gpv, backend="native")
+    for k, t in enumerate(ok):
+        torch.testing.assert_close(gpu[0][t].cpu(), cpu[0][k], **kl_tol(torch.float32))
+        torch.testing.assert_close(gpu[1][t].cpu(), cpu[1][k], **kl_tol(torch.float32))
+
+
+def test_kl_cuda_graph_reads_prior_var_and_grad_on_the_device():
+    """vi_kl and vi_kl_backward captured in a CUDA graph (possible only without host syncs) and
+    replayed after prior_var and grad changed in place give the eager results of the new values."""
+    require_cuda_kernel("vi_kl")
+    require_cuda_kernel("vi_kl_backward")
+    gen = torch.Generator().manual_seed(7)
+    mus, rhos, pv = kl_values([(1000,), (40_003,), (3,)], torch.float32, gen)
+    mus, rhos, pv = [m.cuda() for m in mus], [r.cuda() for r in rhos], pv.cuda()
+    grad = torch.tensor(1.0, device="cuda")
+
+    def body():
+        kl = ops.vi_kl(mus, rhos, pv, backend="native")
+        gms, grs = ops.vi_kl_backward(grad, mus, rhos, pv, backend="native")
+        return [kl] + gms + grs
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = body()
+    before = [t.clone() for t in outs]
+    for new_pv, new_grad in (([0.3, 2.5, 1.0], -0.5), ([4.0, 0.01, 0.7], 3.0)):
+        pv.copy_(torch.tensor(new_pv, dtype=torch.float64))
+        grad.fill_(new_grad)
+        graph.replay()
+        torch.cuda.synchronize()
+        got = [t.clone() for t in outs]
+        want = body()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{new_pv} {new_grad}: {m}")
+        assert not torch.equal(got[0], before[0])
