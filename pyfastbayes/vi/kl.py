@@ -7,6 +7,7 @@ layers: a one-draw Monte Carlo estimate log q(w) - log p(w) at a fresh draw w (n
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -64,8 +65,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
     _check_finite(layers)
     total = None
     if mus:
-        prior_var = torch.tensor(var, dtype=torch.float64, device=mus[0].device)
-        total = _KL.apply(prior_var, *mus, *rhos)
+        total = _KL.apply(_prior_var(tuple(var), mus[0].device), *mus, *rhos)
     for name, layer, pairs in mc:
         for mu, rho in pairs:
             sigma = F.softplus(rho)
@@ -74,6 +74,13 @@ def kl_divergence(model: nn.Module) -> Tensor:
             term = log_q - layer.prior.log_prob(w)
             total = term if total is None else total + term
     return total
+
+
+@functools.lru_cache(maxsize=64)
+def _prior_var(var: tuple, device: torch.device) -> Tensor:
+    """The per-tensor prior variances as a float64 device tensor, made once per (values, device)
+    instead of a host-to-device copy at every step."""
+    return torch.tensor(var, dtype=torch.float64, device=device)
 
 
 def _check_finite(layers) -> None:

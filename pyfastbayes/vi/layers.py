@@ -126,14 +126,15 @@ def _sampled_bias(mu: Tensor, rho: Tensor, rng: Tensor, stream: int, kind: str) 
 
 
 def _accept_bayesian_torch_names(state, prefix, *args):
-    """load_state_dict pre-hook: bayesian-torch's mu_weight / rho_weight / mu_bias / rho_bias keys
-    are renamed to weight_mu / weight_rho / bias_mu / bias_rho."""
-    for theirs, ours in (("mu_weight", "weight_mu"), ("rho_weight", "weight_rho"), ("mu_bias", "bias_mu"),
-                         ("rho_bias", "bias_rho")):
+    """load_state_dict pre-hook: bayesian-torch's mu_weight / rho_weight (mu_kernel / rho_kernel for
+    its convolutions) / mu_bias / rho_bias keys are renamed to weight_mu / weight_rho / bias_mu /
+    bias_rho, and its prior and eps buffers dropped."""
+    for theirs, ours in (("mu_weight", "weight_mu"), ("rho_weight", "weight_rho"), ("mu_kernel", "weight_mu"),
+                         ("rho_kernel", "weight_rho"), ("mu_bias", "bias_mu"), ("rho_bias", "bias_rho")):
         if prefix + theirs in state and prefix + ours not in state:
             state[prefix + ours] = state.pop(prefix + theirs)
     for extra in ("prior_weight_mu", "prior_weight_sigma", "prior_bias_mu", "prior_bias_sigma", "eps_weight",
-                  "eps_bias"):
+                  "eps_bias", "prior_kernel_mu", "prior_kernel_sigma", "eps_kernel"):
         state.pop(prefix + extra, None)
 
 
