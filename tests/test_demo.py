@@ -21,8 +21,8 @@ def test_quick_demo_runs_and_reports(tmp_path):
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in res["classification"]}
-    assert set(rows) == {"MAP", "MAP + temperature", "SGLD", "cSGLD", "pSGLD", "SGHMC", "SWAG", "Laplace KFAC val",
-                         "Laplace KFAC ml"}
+    assert set(rows) == {"MAP", "MAP + temperature", "SGLD", "cSGLD", "pSGLD", "SGHMC", "SWAG", "Bayes by Backprop",
+                         "Laplace KFAC val", "Laplace KFAC ml"}
     for name, r in rows.items():
         assert r["acc"] > 0.8, (name, r)  # 8 classes: chance is 0.125
         assert 0 <= r["ece"] <= 1 and r["nll"] > 0 and 0 <= r["brier"] <= 2
