@@ -194,3 +194,25 @@ def test_bad_inputs():
         kl_divergence(net)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all()
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_bfloat16_weights_follow_the_float32_layer(estimator):
+    """bf16 parameters, fp32 math inside the kernels: the bf16 layer's output and gradients stay
+    within bf16 rounding (relative 2^-8 per operand, a few operands deep) of the fp32 layer at the
+    same noise."""
+    torch.manual_seed(0)
+    layer = BayesianLinear(16, 8, estimator=estimator, init_std=0.2)
+    half = BayesianLinear(16, 8, estimator=estimator, init_std=0.2).to(torch.bfloat16)
+    half.load_state_dict({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in layer.state_dict().items()})
+    ref = BayesianLinear(16, 8, estimator=estimator, init_std=0.2)  # fp32 copy of the ROUNDED bf16 parameters
+    ref.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.state_dict().items()})
+    x = torch.randn(12, 16).to(torch.bfloat16)
+    a, b = half(x), ref(x.float())
+    assert a.dtype == torch.bfloat16
+    torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2)
+    ga = torch.autograd.grad(a.float().square().sum(), [half.weight_mu, half.weight_rho])
+    gb = torch.autograd.grad(b.square().sum(), [ref.weight_mu, ref.weight_rho])
+    for u, v in zip(ga, gb):
+        assert u.dtype == torch.bfloat16
+        torch.testing.assert_close(u.float(), v, rtol=5e-2, atol=5e-2 * float(v.abs().max()))
