@@ -7,8 +7,9 @@ being saved, so no noise tensor and no sampled-weight tensor outlives the forwar
   flipout's perturbation). Saves x, the parameters and the 2-element RNG position; the backward
   draws w again (``ops.vi_sample``), forms grad_x and grad_w with the layer's own ops, and
   d/d rho = grad_w * eps * sigmoid(rho) in one fused pass (``ops.vi_sample_backward``).
-- :class:`LocalNoise`: out = mean + sqrt(var) eps over pre-activations (local reparameterisation);
-  saves var and the RNG position, regenerates eps in the backward.
+- :class:`Regenerated`: out = mean + sqrt(var) eps over pre-activations (local
+  reparameterisation), or a bias vector mu + softplus(rho) eps; saves var / rho and the RNG
+  position, regenerates eps in the backward.
 """
 from __future__ import annotations
 
@@ -83,17 +84,21 @@ class SampledAffine(torch.autograd.Function):
         return gx, gmu, grho, gbmu, gbrho, None, None, None, None, None
 
 
-class LocalNoise(torch.autograd.Function):
-    """mean + sqrt(var) eps with eps regenerated in backward."""
+class Regenerated(torch.autograd.Function):
+    """out = a + scale(b) * eps with eps regenerated in the backward, for the two elementwise noise
+    ops: kind 'sample' (b = rho: a + softplus(rho) eps; a bias vector) and 'local' (b = var:
+    mean + sqrt(var) eps, local reparameterisation). Saves b and the RNG position."""
+
+    OPS = {"sample": (ops.vi_sample, ops.vi_sample_backward), "local": (ops.vi_local_noise, ops.vi_local_noise_backward)}
 
     @staticmethod
-    def forward(ctx, mean, var, rng, stream):
-        ctx.save_for_backward(var, rng)
-        ctx.stream = stream
-        return ops.vi_local_noise(mean, var, rng, stream)
+    def forward(ctx, a, b, rng, stream, kind: str):
+        ctx.save_for_backward(b, rng)
+        ctx.stream, ctx.kind = stream, kind
+        return Regenerated.OPS[kind][0](a, b, rng, stream)
 
     @staticmethod
     def backward(ctx, g):
-        var, rng = ctx.saved_tensors
-        gvar = ops.vi_local_noise_backward(g, var, rng, ctx.stream) if ctx.needs_input_grad[1] else None
-        return g, gvar, None, None
+        b, rng = ctx.saved_tensors
+        gb = Regenerated.OPS[ctx.kind][1](g, b, rng, ctx.stream) if ctx.needs_input_grad[1] else None
+        return g, gb, None, None, None

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._functions import Affine, LocalNoise, SampledAffine
+from ._functions import Affine, Regenerated, SampledAffine
 from .priors import as_prior
 
 ESTIMATORS = ("reparam", "local", "flipout")
@@ -86,7 +86,7 @@ class BayesianLayer(nn.Module):
             sw2 = F.softplus(self.weight_rho).square()
             mean = self.affine(x, self.weight_mu, self.bias_mu)
             var = self.affine(x.square(), sw2, None if self.bias_rho is None else F.softplus(self.bias_rho).square())
-            return LocalNoise.apply(mean, var, rng, s + 2)
+            return Regenerated.apply(mean, var, rng, s + 2, "local")
         # flipout: x mu + b + ((x * s_in) dW^T) * s_out, dW = sigma eps shared by the batch
         s_in = ops.vi_rademacher_(torch.empty_like(x), rng, s + 3)
         mean = self.affine(x, self.weight_mu, None)
@@ -105,23 +105,8 @@ class BayesianLayer(nn.Module):
         return f"estimator={self.estimator!r}, prior={self.prior!r}"
 
 
-class _SampledVector(torch.autograd.Function):
-    """b = mu + sigma(rho) eps for a bias vector, eps regenerated in the backward."""
-
-    @staticmethod
-    def forward(ctx, mu, rho, rng, stream):
-        ctx.save_for_backward(rho, rng)
-        ctx.stream = stream
-        return ops.vi_sample(mu, rho, rng, stream)
-
-    @staticmethod
-    def backward(ctx, g):
-        rho, rng = ctx.saved_tensors
-        return g, ops.vi_sample_backward(g, rho, rng, ctx.stream), None, None
-
-
 def _sampled_bias(mu: Tensor, rho: Tensor, rng: Tensor, stream: int, kind: str) -> Tensor:
-    b = _SampledVector.apply(mu, rho, rng, stream)
+    b = Regenerated.apply(mu, rho, rng, stream, "sample")
     return b if kind == "linear" else b.view(1, -1, 1, 1)
 
 
