@@ -107,7 +107,12 @@ class _SGMCMC(torch.optim.Optimizer):
     _hyper: dict[str, tuple[str, Interval]] = _COMMON_HYPER  # subclasses add their ops.HYPER slots a, b
 
     def __init__(self, params, defaults: dict, fused: bool | None, nonfinite: str,
-                 generator: torch.Generator | None):
+                 generator: torch.Generator | None, chains: str = "shared", verify: bool = False):
+        if chains not in ("shared", "per_rank"):
+            raise ValueError(f"chains must be 'shared' or 'per_rank', got {chains!r}")
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
+        self._chains, self._verify = chains, verify
         defaults = dict(defaults, fused=fused, nonfinite=nonfinite)
         self._check_group(defaults, "")
         if fused and not _native.available():
@@ -321,7 +326,8 @@ class _SGMCMC(torch.optim.Optimizer):
         """RNG position (seed drawn at the group's first step) and hyper vector on ``device``."""
         st = self.state[group["params"][0]]
         if "rng" not in st:
-            seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=self._generator))
+            seed = _distributed_seed(int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64,
+                                                       generator=self._generator)), self._chains, device)
             rng = [0] * ops.RNG.size
             rng[ops.RNG.seed] = seed
             st["rng"] = torch.tensor(rng, dtype=torch.int64, device=device)
@@ -394,6 +400,8 @@ class _SGMCMC(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__}: {self._op_name} failed on param_groups[{plan.index}] "
                                    f"although the step was validated (please report this): {exc}; param_groups "
                                    f"{done} were already stepped") from exc
+        if self._verify and self._chains == "shared" and _distributed():
+            _verify_replicas(type(self).__name__, plans)
         return loss
 
     def _check_capturable(self, plans: list[_Plan]) -> None:
@@ -529,15 +537,21 @@ class SGLD(_SGMCMC):
             runs the pure-PyTorch reference (same noise stream, slower).
         nonfinite: 'raise' (default), 'skip' or 'ignore' non-finite gradients (see :meth:`step`).
         generator: torch.Generator the seed is drawn from (default: the global CPU generator).
+        chains: under torch.distributed, 'shared' (default: one chain replicated over the ranks,
+            e.g. DDP: rank 0's seed is broadcast at a group's first step, one collective, so every
+            rank draws the same noise whatever its own seed) or 'per_rank' (each rank its own
+            independent chain: rank 0's seed mixed with the rank).
+        verify: under torch.distributed with chains='shared', compare a parameter checksum across
+            ranks after every step (two small all-reduces) and raise when the replicas drifted apart.
     """
 
     _op_name = "sgld_step_"
 
     def __init__(self, params: Iterable, lr: float, num_data: int, temperature: float = 1.0,
                  prior_precision: float = 0.0, fused: bool | None = None, nonfinite: str = "raise",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, *, chains: str = "shared", verify: bool = False):
         super().__init__(params, dict(lr=lr, num_data=num_data, temperature=temperature,
-                                      prior_precision=prior_precision), fused, nonfinite, generator)
+                                      prior_precision=prior_precision), fused, nonfinite, generator, chains, verify)
 
 
 class SGHMC(_SGMCMC):
@@ -557,9 +571,10 @@ class SGHMC(_SGMCMC):
 
     def __init__(self, params: Iterable, lr: float, num_data: int, friction: float = 0.1,
                  temperature: float = 1.0, prior_precision: float = 0.0, fused: bool | None = None,
-                 nonfinite: str = "raise", generator: torch.Generator | None = None):
+                 nonfinite: str = "raise", generator: torch.Generator | None = None, *, chains: str = "shared",
+                 verify: bool = False):
         super().__init__(params, dict(lr=lr, num_data=num_data, friction=friction, temperature=temperature,
-                                      prior_precision=prior_precision), fused, nonfinite, generator)
+                                      prior_precision=prior_precision), fused, nonfinite, generator, chains, verify)
 
 
 class PSGLD(_SGMCMC):
@@ -580,6 +595,47 @@ class PSGLD(_SGMCMC):
 
     def __init__(self, params: Iterable, lr: float, num_data: int, alpha: float = 0.99, eps: float = 1e-5,
                  temperature: float = 1.0, prior_precision: float = 0.0, fused: bool | None = None,
-                 nonfinite: str = "raise", generator: torch.Generator | None = None):
+                 nonfinite: str = "raise", generator: torch.Generator | None = None, *, chains: str = "shared",
+                 verify: bool = False):
         super().__init__(params, dict(lr=lr, num_data=num_data, alpha=alpha, eps=eps, temperature=temperature,
-                                      prior_precision=prior_precision), fused, nonfinite, generator)
+                                      prior_precision=prior_precision), fused, nonfinite, generator, chains, verify)
+
+
+# ---- torch.distributed ---------------------------------------------------------------------------------
+_RANK_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive ranks get far-apart keys
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _distributed_seed(seed: int, chains: str, device: torch.device) -> int:
+    """The group's seed: rank 0's, broadcast (one collective) when torch.distributed is
+    initialised; mixed with the rank for chains='per_rank'. Unchanged in a single process."""
+    if not _distributed():
+        return seed
+    dist = torch.distributed
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([seed], dtype=torch.int64, device=on)
+    dist.broadcast(t, src=0)
+    seed = int(t.item())
+    if chains == "per_rank":
+        seed = (seed + dist.get_rank() * _RANK_MIX) % 2**64
+        seed -= 2**64 if seed >= 2**63 else 0
+    return seed
+
+
+def _verify_replicas(name: str, plans) -> None:
+    """All ranks must hold the same parameters after a shared-chain step: compare a checksum
+    (sum and sum of squares of every stepped parameter, float64) by MAX and MIN all-reduces."""
+    dist = torch.distributed
+    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                        for pl in plans for p in pl.params]).reshape(-1)
+    on = sums.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    lo, hi = sums.to(on), sums.to(on).clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"{name}(verify=True): the parameters differ across ranks after this step (rank "
+                           f"{dist.get_rank()} of {dist.get_world_size()}): the replicas drifted apart; check that "
+                           "every rank sees the same gradients (DDP) and that no rank changes parameters alone")
