@@ -313,3 +313,52 @@ def test_row_blocks_change_nothing_but_rounding():
         torch.testing.assert_close(part.loss, whole.loss, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="batch_rows must be a positive int or None"):
         grid(model, nn.CrossEntropyLoss(), (x, y), d, ab, batch_rows=0, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_first_layer_shortcut_equals_the_plain_path(kind):
+    """grid(first_layer=True) combines the first layer's output from its m + 1 products per block;
+    it must give the plain path's numbers up to float32 rounding (and metrics too)."""
+    from pyfastbayes.landscape import random_directions, grid
+    from pyfastbayes.landscape import _first_layer
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        x = torch.randn(50, 6)
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1, stride=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(4 * 16, 3))
+        x = torch.randn(50, 1, 8, 8)
+    y = torch.randint(0, 3, (50,))
+    layout = ParamLayout(model)
+    first = _first_layer.find(model, layout, x)
+    assert first is not None and first.name == "0"
+    D = random_directions(model, n=2, generator=torch.Generator().manual_seed(1))
+    acc = {"acc": lambda out, t: (out.argmax(-1) == t).float().mean()}
+    axes = (torch.linspace(-1, 1, 5), torch.linspace(-0.5, 0.5, 4))
+    plain = grid(model, torch.nn.CrossEntropyLoss(), [(x[:30], y[:30]), (x[30:], y[30:])], D, axes, metrics=acc,
+                 first_layer=False, batch_rows=7, progress=False)
+    short = grid(model, torch.nn.CrossEntropyLoss(), [(x[:30], y[:30]), (x[30:], y[30:])], D, axes, metrics=acc,
+                 first_layer=True, batch_rows=7, progress=False)
+    torch.testing.assert_close(short.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(short.metrics["acc"], plain.metrics["acc"])
+    assert isinstance(model[0], torch.nn.Linear if kind == "mlp" else torch.nn.Conv2d)  # the layer is back
+
+
+def test_first_layer_shortcut_is_not_used_where_it_does_not_apply():
+    from pyfastbayes.landscape import _first_layer
+
+    class Scaled(torch.nn.Module):  # the first layer sees 2 x, not the model's input
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(2 * x)
+
+    model = Scaled()
+    assert _first_layer.find(model, ParamLayout(model), torch.randn(4, 3)) is None
+    tied = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    tied.append(tied[0])  # called twice
+    assert _first_layer.find(tied, ParamLayout(tied), torch.randn(4, 3)) is None
