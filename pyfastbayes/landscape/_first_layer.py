@@ -74,11 +74,7 @@ def find(model: nn.Module, layout, example) -> FirstLayer | None:
     ``example`` inputs (a tensor; tuples of inputs are not eligible), or None."""
     if not torch.is_tensor(example) or isinstance(model, (nn.Linear, nn.Conv2d)):
         return None
-    calls: list = []
-
-    def hook(mod, inp, out, name=None):
-        calls.append((name, mod, inp))
-
+    calls: list = []  # (name, module, inputs) of every module with parameters, in call order
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.append((n, mod, i)))
              for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
     try:
