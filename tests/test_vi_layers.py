@@ -216,3 +216,15 @@ def test_bfloat16_weights_follow_the_float32_layer(estimator):
     for u, v in zip(ga, gb):
         assert u.dtype == torch.bfloat16
         torch.testing.assert_close(u.float(), v, rtol=5e-2, atol=5e-2 * float(v.abs().max()))
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_nothing_weight_sized_is_saved_by_any_estimator(estimator):
+    layer = BayesianLinear(64, 32, estimator=estimator)
+    x = torch.randn(8, 64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    params = {id(p) for p in layer.parameters()}
+    big = [t for t in saved if t.numel() >= 32 * 64 and id(t) not in params]
+    assert not big, [tuple(t.shape) for t in big]

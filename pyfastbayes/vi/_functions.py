@@ -102,3 +102,35 @@ class Regenerated(torch.autograd.Function):
         b, rng = ctx.saved_tensors
         gb = Regenerated.OPS[ctx.kind][1](g, b, rng, ctx.stream) if ctx.needs_input_grad[1] else None
         return g, gb, None, None, None
+
+
+def _dsoftplus(rho: Tensor) -> Tensor:
+    """d softplus / d rho for torch's softplus (threshold 20: the identity above it)."""
+    return torch.where(rho > 20, torch.ones_like(rho), torch.sigmoid(rho))
+
+
+class LocalVariance(torch.autograd.Function):
+    """var = affine(x^2, softplus(rho)^2, softplus(rho_b)^2), the pre-activation variance of the local
+    reparameterisation; saves x and the rho parameters only (sigma^2 and x^2 are recomputed in the
+    backward: autograd through softplus would keep two weight-sized tensors per layer)."""
+
+    @staticmethod
+    def forward(ctx, x, rho, bias_rho, affine: Affine):
+        ctx.save_for_backward(x, rho, bias_rho)
+        ctx.affine = affine
+        sb2 = None if bias_rho is None else F.softplus(bias_rho).square()
+        return affine(x.square(), F.softplus(rho).square(), sb2)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, rho, bias_rho = ctx.saved_tensors
+        affine = ctx.affine
+        x2 = x.square()
+        gx = grho = gbrho = None
+        if ctx.needs_input_grad[0]:
+            gx = affine.grad_input(x2, F.softplus(rho).square(), g) * (2 * x)
+        if ctx.needs_input_grad[1]:
+            grho = affine.grad_weight(x2, rho.shape, g).to(rho.dtype) * (2 * F.softplus(rho) * _dsoftplus(rho))
+        if bias_rho is not None and ctx.needs_input_grad[2]:
+            gbrho = affine.grad_bias(g).to(bias_rho.dtype) * (2 * F.softplus(bias_rho) * _dsoftplus(bias_rho))
+        return gx, grho, gbrho, None

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._functions import Affine, Regenerated, SampledAffine
+from ._functions import Affine, LocalVariance, Regenerated, SampledAffine
 from .priors import as_prior
 
 ESTIMATORS = ("reparam", "local", "flipout")
@@ -83,9 +83,8 @@ class BayesianLayer(nn.Module):
             return SampledAffine.apply(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, s + 1,
                                        self.affine, True)
         if self.estimator == "local":
-            sw2 = F.softplus(self.weight_rho).square()
             mean = self.affine(x, self.weight_mu, self.bias_mu)
-            var = self.affine(x.square(), sw2, None if self.bias_rho is None else F.softplus(self.bias_rho).square())
+            var = LocalVariance.apply(x, self.weight_rho, self.bias_rho, self.affine)
             return Regenerated.apply(mean, var, rng, s + 2, "local")
         # flipout: x mu + b + ((x * s_in) dW^T) * s_out, dW = sigma eps shared by the batch
         s_in = ops.vi_rademacher_(torch.empty_like(x), rng, s + 3)
