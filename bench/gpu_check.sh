@@ -31,7 +31,8 @@ if [ -d .gpu-wheels ]; then
   need=()
   for m in pytest:"pytest pluggy iniconfig packaging" xdist:"pytest-xdist execnet" numpy:numpy tqdm:tqdm \
            posteriors:"posteriors torchopt graphviz optree tensordict cloudpickle pyvers typing-extensions" \
-           torchmetrics:"torchmetrics lightning-utilities"; do
+           torchmetrics:"torchmetrics lightning-utilities" bayesian_torch:bayesian-torch scipy:scipy \
+           laplace:"laplace-torch asdfghjkl curvlinops-for-pytorch backpack-for-pytorch unfoldNd einops einconv linear-operator opt-einsum"; do
     python -c "import ${m%%:*}" 2>/dev/null || need+=(${m#*:})
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -90,9 +91,6 @@ fi
 
 if has bench; then
   t0=$(date +%s)
-  # bench_laplace runs apart, --quick, under its own LAPLACE_LIMIT: a full run refuses to start
-  # without laplace-torch (absent from the GPU image unless its wheels are carried), which would
-  # stop the suites after it; its rows go into the same bench.txt / bench.json
   suites=${BENCH_ONLY:-$(cd "$REPO/bench" && ls bench_*.py | sed 's/^bench_//; s/\.py$//' | paste -sd, -)}
   others=$(tr , '\n' <<<"$suites" | grep -vxE "laplace|vi" | paste -sd, -)
   : >"$OUT/bench.txt"
@@ -101,46 +99,27 @@ if has bench; then
         --only "$others" --json "$OUT/bench.json") >>"$OUT/bench.txt" 2>&1
     log "bench rc=$? in $(( $(date +%s) - t0 )) s"
   fi
-  if [[ ",$suites," == *",laplace,"* ]]; then
+  # laplace and vi run apart, --quick, each under its own limit: a full run refuses to start without
+  # its peer (laplace-torch / bayesian-torch, installed above from the carried wheels), which would
+  # stop the suites after it. On CUDA bench_vi's --quick keeps the full MNIST MLP at batch 128.
+  for apart in laplace:${LAPLACE_LIMIT:-120} vi:${VI_LIMIT:-90}; do
+    name=${apart%%:*} limit=${apart#*:}
+    [[ ",$suites," == *",$name,"* ]] || continue
     t0=$(date +%s)
-    rm -f /tmp/pfb-bench-laplace.json
-    (cd "$REPO" && timeout "${LAPLACE_LIMIT:-120}" python bench/run.py --device cuda --quick --only laplace \
-        --json /tmp/pfb-bench-laplace.json) >>"$OUT/bench.txt" 2>&1
-    log "bench laplace (--quick) rc=$? in $(( $(date +%s) - t0 )) s"
-    python - "$OUT/bench.json" /tmp/pfb-bench-laplace.json <<'PY'
+    rm -f "/tmp/pfb-bench-$name.json"
+    (cd "$REPO" && timeout "$limit" python bench/run.py --device cuda --quick --only "$name" \
+        --json "/tmp/pfb-bench-$name.json") >>"$OUT/bench.txt" 2>&1
+    log "bench $name (--quick) rc=$? in $(( $(date +%s) - t0 )) s"
+    python - "$OUT/bench.json" "/tmp/pfb-bench-$name.json" <<'PY'
 import json, os, sys
 out, add = sys.argv[1:]
-if os.path.exists(add):
+if os.path.exists(add):  # the suite's rows join the others' in bench.json
     new = json.load(open(add))
     d = json.load(open(out)) if os.path.exists(out) else {"device": new["device"], "rows": []}
     d["rows"] += new["rows"]
     json.dump(d, open(out, "w"), indent=1)
 PY
-  fi
-  if [[ ",$suites," == *",vi,"* ]]; then
-    # bench_vi runs apart, --quick (on CUDA still the full MNIST MLP and batch 128, fewer repeats),
-    # under VI_LIMIT: a full run refuses to start without bayesian-torch (pure Python; installed
-    # here from a carried .gpu-wheels/bayesian_torch-*.whl when there is one, else its rows are
-    # left out with the reason printed)
-    t0=$(date +%s)
-    if ! python -c "import bayesian_torch.layers" 2>/dev/null && ls "$REPO"/.gpu-wheels/bayesian_torch-*.whl >/dev/null 2>&1; then
-      python -m pip install -q --no-index --find-links "$REPO/.gpu-wheels" --no-deps bayesian-torch >>/tmp/pfb-wheels.log 2>&1
-      log "offline install of bayesian-torch: rc=$?"
-    fi
-    rm -f /tmp/pfb-bench-vi.json
-    (cd "$REPO" && timeout "${VI_LIMIT:-90}" python bench/run.py --device cuda --quick --only vi \
-        --json /tmp/pfb-bench-vi.json) >>"$OUT/bench.txt" 2>&1
-    log "bench vi (--quick) rc=$? in $(( $(date +%s) - t0 )) s"
-    python - "$OUT/bench.json" /tmp/pfb-bench-vi.json <<'PY'
-import json, os, sys
-out, add = sys.argv[1:]
-if os.path.exists(add):
-    new = json.load(open(add))
-    d = json.load(open(out)) if os.path.exists(out) else {"device": new["device"], "rows": []}
-    d["rows"] += new["rows"]
-    json.dump(d, open(out, "w"), indent=1)
-PY
-  fi
+  done
   grep -vE "Warning|warn" "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
 fi
 if has tests; then
