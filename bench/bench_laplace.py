@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench.common import bench, peak_mb, row
+from bench.common import bench, peak_mb_any, row
 
 SUITE = "laplace"
 BACKENDS = ("CurvlinopsGGN", "AsdlGGN", "BackPackGGN")  # the first is laplace-torch's default
@@ -137,49 +137,6 @@ def _time(fn, device: str, rep: dict):
     if first > rep["slow_ms"]:
         return result, min(first, bench(fn, device, warmup=0, repeat=1))
     return result, bench(fn, device, warmup=0, repeat=rep["repeat"])
-
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    """kineto writes two 'USDT ... profiler_start/stop' lines to file descriptor 2 per profile."""
-    try:
-        fd = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
-
-
-def _peak_mb(fn, device: str) -> float | None:
-    """Peak memory (MiB) that fn() allocates above what was allocated before it. CUDA:
-    bench.common.peak_mb (max_memory_allocated). CPU: the torch CPU allocator's allocation and
-    free events (torch.profiler, profile_memory=True) in time order, the maximum of their running
-    sum: the tensor bytes alive at once, the CPU analogue of max_memory_allocated. None when the
-    profiler does not expose its events."""
-    if device == "cuda":
-        return peak_mb(fn, device)
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = fn()
-            del out
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-    except Exception as exc:  # noqa: BLE001 - a private profiler API: report, do not fail the timings
-        print(f"# bench_laplace: CPU peak memory not measured ({type(exc).__name__}: {exc})")
-        return None
-    cur = peak = 0
-    for _, nbytes in events:
-        cur += nbytes
-        peak = max(peak, cur)
-    return peak / 2**20
 
 
 def _rel(a: float, b: float) -> float:
@@ -318,7 +275,7 @@ def _predictive_rows(name, model, loader, x_test, fitted, laplace, backends, dev
     ours, ref_obj, ref_name = fitted[(name, "kron")]
     case = f"kron GLM probit predictive, {len(x_test)} test rows, {name}"
     p_ours, t_ours = _time(lambda: ours.la(x_test, link_approx="probit"), device, rep)
-    m_ours = _peak_mb(lambda: ours.la(x_test, link_approx="probit"), device)
+    m_ours = peak_mb_any(lambda: ours.la(x_test, link_approx="probit"), device)
     peers = {}
     for be_name, be in backends.items():
         if be_name == ref_name:
@@ -340,7 +297,7 @@ def _predictive_rows(name, model, loader, x_test, fitted, laplace, backends, dev
         try:
             with _quiet():
                 p, t = _time(pred, device, rep)
-                m = _peak_mb(pred, device)
+                m = peak_mb_any(pred, device)
         except Exception as exc:  # noqa: BLE001 - a backend that does not run here is reported, not timed
             print(f"# bench_laplace: {case}: laplace-torch {be_name} raised {type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:160]}; left out")
@@ -411,7 +368,7 @@ def _big_rows(laplace, device, quick, rep):
     p, t_ours = _time(lambda: ours.la(x, link_approx="probit"), device, dict(rep, repeat=1) if device == "cpu" else rep)
     if not bool(torch.isfinite(p).all()) or not torch.allclose(p.sum(1), torch.ones_like(p[:, 0]), atol=1e-4):
         raise RuntimeError(f"bench_laplace: {case}: our probabilities are not a distribution")
-    m_ours = _peak_mb(lambda: ours.la(x, link_approx="probit"), device)
+    m_ours = peak_mb_any(lambda: ours.la(x, link_approx="probit"), device)
     peer = "not tried on the CPU (it would exhaust the machine's memory)"
     if device == "cuda":
         peer = "laplace-torch not installed"

@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.bench_laplace import _peak_mb
-from bench.common import bench, row
+from bench.common import bench, peak_mb_any, row
 
 SUITE = "vi"
 NUM_DATA = 60_000  # the KL / N of the ELBO per data point
@@ -334,7 +333,7 @@ def _case_rows(name: str, spec: list, batch: int, device: str, quick: bool, btl)
     for _ in range(rounds):  # interleaved: a burst of load hits one round, not one implementation
         for impl in impls:
             ms[impl] = min(ms[impl], bench(steps[impl], device, warmup=warmup, repeat=repeat))
-    peak = {impl: _peak_mb(steps[impl], device) for impl in impls}
+    peak = {impl: peak_mb_any(steps[impl], device) for impl in impls}
     for impl in impls:
         loss = steps[impl]()
         if not bool(torch.isfinite(loss)):

@@ -1,6 +1,8 @@
 """Timing helpers shared by the benchmark suites (CPU: median of repeats; CUDA: events)."""
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from typing import Callable
@@ -82,3 +84,46 @@ def row(suite: str, case: str, impl: str, ms: float, ref_ms: float | None = None
         r["of_floor"] = round(floor_ms / ms, 3)
     r.update(extra)
     return r
+
+
+@contextlib.contextmanager
+def stderr_silenced():
+    """kineto writes two 'USDT ... profiler_start/stop' lines to file descriptor 2 per profile."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def peak_mb_any(fn, device: str) -> float | None:
+    """Peak memory (MiB) that fn() allocates above what was allocated before it. CUDA:
+    bench.common.peak_mb (max_memory_allocated). CPU: the torch CPU allocator's allocation and
+    free events (torch.profiler, profile_memory=True) in time order, the maximum of their running
+    sum: the tensor bytes alive at once, the CPU analogue of max_memory_allocated. None when the
+    profiler does not expose its events."""
+    if device == "cuda":
+        return peak_mb(fn, device)
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+            del out
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except Exception as exc:  # noqa: BLE001 - a private profiler API: report, do not fail the timings
+        print(f"# bench: CPU peak memory not measured ({type(exc).__name__}: {exc})")
+        return None
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak / 2**20
