@@ -76,9 +76,10 @@ def _split(y: Tensor) -> Tensor:
     return torch.cat([y[..., :half], y[..., y.shape[-1] - half:]], dim=1)
 
 
-def _z_scale(y: Tensor) -> Tensor:
+def _z_scale(y: Tensor, with_sorted: bool = False):
     """Normal scores of y [M, C, D], ranking all C * D values of an element together: average
-    ranks for ties (scipy's rankdata 'average'), Blom's (r - 3/8) / (S + 1/4), then Phi^-1."""
+    ranks for ties (scipy's rankdata 'average'), Blom's (r - 3/8) / (S + 1/4), then Phi^-1.
+    With ``with_sorted``, also the sorted values [M, C * D] (for the median without a 2nd sort)."""
     flat = y.reshape(y.shape[0], -1)
     v, idx = torch.sort(flat, dim=-1)
     n = flat.shape[-1]
@@ -91,7 +92,8 @@ def _z_scale(y: Tensor) -> Tensor:
     last = torch.where(ends, pos, n - 1).flip(-1).cummin(-1).values.flip(-1)  # ... and its last
     ranks_sorted = (first + last).to(torch.float64) / 2 + 1
     ranks = torch.empty_like(ranks_sorted).scatter_(-1, idx, ranks_sorted)
-    return torch.special.ndtri((ranks - 0.375) / (n - 0.75 + 1)).reshape(y.shape)
+    z = torch.special.ndtri((ranks - 0.375) / (n - 0.75 + 1)).reshape(y.shape)
+    return (z, v) if with_sorted else z
 
 
 def _median(sorted_values: Tensor) -> Tensor:
@@ -102,9 +104,9 @@ def _median(sorted_values: Tensor) -> Tensor:
     return (sorted_values[:, n // 2 - 1] + sorted_values[:, n // 2]) / 2
 
 
-def _folded(s: Tensor) -> Tensor:
-    """|s - median| per element of split draws s [M, C, D]."""
-    v, _ = torch.sort(s.reshape(s.shape[0], -1), dim=-1)
+def _folded(s: Tensor, sorted_values: Tensor | None = None) -> Tensor:
+    """|s - median| per element of split draws s [M, C, D] (sorted_values: s's, if known)."""
+    v = torch.sort(s.reshape(s.shape[0], -1), dim=-1).values if sorted_values is None else sorted_values
     return (s - _median(v)[:, None, None]).abs()
 
 
@@ -216,7 +218,8 @@ def rhat(x, method: str = "rank") -> Tensor:
         elif method == "folded":
             r = _rhat_core(_z_scale(_folded(s)))
         else:  # the NaN of constant draws shows in both parts; fmax keeps the other one otherwise
-            r = torch.fmax(_rhat_core(_z_scale(s)), _rhat_core(_z_scale(_folded(s))))
+            z, v = _z_scale(s, with_sorted=True)
+            r = torch.fmax(_rhat_core(z), _rhat_core(_z_scale(_folded(s, v))))
         out.append(r)
     return _collect(out, y, trailing)
 
