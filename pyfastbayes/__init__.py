@@ -24,7 +24,7 @@ from .posteriors import SWA, SWAG, MultiSWAG, SampleBuffer  # noqa: E402
 __all__ = ["build_info", "ops", "nn", "optim", "posteriors", "calibration", "bma", "SWAG", "SWA", "MultiSWAG",
            "SampleBuffer", "update_bn", "__version__", "curvature", "landscape"]
 
-_LAZY = ("curvature", "landscape", "laplace")  # imported on first use: they pull in torch.func and matplotlib
+_LAZY = ("curvature", "landscape", "laplace", "diagnostics")  # imported on first use: they pull in torch.func and matplotlib
 
 
 def __getattr__(name: str):
