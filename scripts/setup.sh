@@ -19,6 +19,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$PY" -m pip install -q --no-deps -r requirements-peers.txt
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 # every peer must import: a test or benchmark against a peer that cannot load fails, it does not skip
-"$PY" -c "import posteriors, torchmetrics, netcal.metrics, sklearn, scipy, matplotlib, curvlinops, loss_landscapes.metrics, laplace, bayesian_torch.layers" || {
+"$PY" -c "import posteriors, torchmetrics, netcal.metrics, sklearn, scipy, matplotlib, curvlinops, loss_landscapes.metrics, laplace, bayesian_torch.layers, arviz" || {
   echo "setup: a peer library does not import (see the error above); fix requirements-peers.txt" >&2; exit 1; }
 "$PY" -c "import pyfastbayes, sys; i = pyfastbayes.build_info(); print('pyfastbayes', i); sys.exit(0 if i['native'] else 1)"
