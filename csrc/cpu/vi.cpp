@@ -5,7 +5,9 @@
 // the noise is made kViBuf elements at a time into a stack buffer by fill_normal (cpu/random.cpp:
 // the very function behind philox_normal_, with its AVX2 / AVX-512 clones; the tensor's partial last
 // block by the scalar philox_normal4, as philox_normal_ does), so eps is bit for bit philox_normal_'s
-// on the same machine; then one branch-free elementwise loop applies the rule.
+// on the same machine; then one branch-free elementwise loop applies the rule (vi_noisy_f32 / _f64:
+// target_clones, vectorised with the polynomial exp / log / log1p below instead of scalar libm calls;
+// fp16 / bf16 through float copies of the piece).
 // Inputs are read through contiguous stand-ins (logical order = memory order: the noise is indexed
 // by the logical element); the result is a new contiguous tensor. vi_rademacher_ writes its out in
 // place, through a contiguous float32 temporary copied back when out is not a contiguous tensor of
@@ -13,8 +15,8 @@
 //
 // Section 2 (closed-form KL): the work items of cpu/multi_tensor.h (chunks of kChunk elements of
 // one tensor) over all tensors of the lists, run by one at::parallel_for. vi_kl: each work item
-// sums its terms in float32 runs of kViKlRun (64) terms (float64 for float64 inputs) added into a
-// float64 partial of its own slot; the partials are summed in work-item order afterwards, so the
+// sums its terms in float32 runs of kViKlRun (64) terms (float64 for float64 inputs; each run in a
+// fixed 16-lane order, vi_kl_sum) added into a float64 partial of its own slot; the partials are summed in work-item order afterwards, so the
 // result does not depend on the number of threads. vi_kl_backward: elementwise into new contiguous
 // tensors. Inputs are read through contiguous stand-ins (mu and rho must pair element by element).
 #include <ATen/Dispatch.h>
@@ -26,8 +28,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
+#include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks/vi.h"
@@ -54,6 +59,246 @@ void fill_rademacher(uint64_t seed, uint32_t stream, uint32_t step, int64_t firs
   }
 }
 
+// ---- Vectorisable transcendental functions (CPU only) ----------------------------------------
+// Branch-free Cephes-style exp / log / log1p in float and double, written with float arithmetic,
+// selects and unsigned bit operations only (no float<->int conversions, no calls), so that gcc
+// vectorises the loops that inline them at the width of each target_clones body (AVX2 / AVX-512),
+// where std::exp / std::log1p / std::log stay scalar libm calls. Accuracy: ~1-2 ulp over the
+// domains the vi rules use them on (checked against libm in the commit that added them).
+#define PFB_VI_INLINE __attribute__((always_inline)) inline
+
+// exp(x): round(x / ln 2) by the 1.5 * 2^23 magic add, the reduced argument in two parts
+// (C1 + C2 = ln 2), Cephes expf's polynomial, and the scale 2^n applied as two factors 2^n1 2^n2
+// (each a normal float for n in [-150, 128], so subnormal results come out right). Below -104 the
+// result is 0, above ~88.72 +inf; NaN stays NaN.
+PFB_VI_INLINE float vi_vexp(float x) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds |v| < 2^22 to an integer
+  const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
+  const float n = (xc * 1.44269504088896341f + kMagic) - kMagic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  // 2^n1, 2^n2 with n1 = n / 2 rounded, n2 = n - n1: the low bits of v + magic are v + 2^22; shifted
+  // left by 23 only v + 127 (in [52, 191]) stays, as the biased exponent of 2^v
+  const float n1 = (n * 0.5f + kMagic) - kMagic;
+  const float n2 = n - n1;
+  const float s1 = std::bit_cast<float>(std::bit_cast<uint32_t>(n1 + (kMagic + 127.0f)) << 23);
+  const float s2 = std::bit_cast<float>(std::bit_cast<uint32_t>(n2 + (kMagic + 127.0f)) << 23);
+  const float y = p * s1 * s2;
+  return x < -104.0f ? 0.0f : y;
+}
+
+PFB_VI_INLINE double vi_vexp(double x) {
+  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
+  const double xc = x < -746.0 ? -746.0 : (x > 710.0 ? 710.0 : x);
+  const double n = (xc * 1.4426950408889634073599 + kMagic) - kMagic;
+  double r = xc - n * 6.93145751953125e-1;
+  r = r - n * 1.42860682030941723212e-6;
+  // Cephes exp: e^r = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2))
+  const double rr = r * r;
+  const double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr +
+                         9.99999999999999999910e-1);
+  const double q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr +
+                    2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
+  const double p = 1.0 + 2.0 * (px / (q - px));
+  const double n1 = (n * 0.5 + kMagic) - kMagic;
+  const double n2 = n - n1;
+  const double s1 = std::bit_cast<double>(std::bit_cast<uint64_t>(n1 + (kMagic + 1023.0)) << 52);
+  const double s2 = std::bit_cast<double>(std::bit_cast<uint64_t>(n2 + (kMagic + 1023.0)) << 52);
+  const double y = p * s1 * s2;
+  return x < -746.0 ? 0.0 : y;
+}
+
+// log(x) for x a positive normal number or +inf (NaN stays NaN): x = m 2^e, m in [sqrt(1/2), sqrt(2)),
+// Cephes logf's polynomial in f = m - 1, e ln 2 in two parts. The exponent field is read as a float
+// by the 2^23 magic (or'ed into the mantissa of 2^23). Zero, subnormal and negative x are outside the
+// domain (the callers select another value for them).
+PFB_VI_INLINE float vi_vlog(float x) {
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const float ef = std::bit_cast<float>((bits >> 23) | 0x4b000000u) - 8388608.0f;  // biased exponent
+  float m = std::bit_cast<float>((bits & 0x007fffffu) | 0x3f800000u);             // in [1, 2)
+  const bool big = m > 1.41421356237f;
+  m = big ? m * 0.5f : m;
+  const float e = ef - (big ? 126.0f : 127.0f);
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  float y = f * (z * p);
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  const float res = (f + y) + e * 0.693359375f;
+  return x < std::numeric_limits<float>::infinity() ? res : x;  // +inf and NaN: themselves
+}
+
+PFB_VI_INLINE double vi_vlog(double x) {
+  const uint64_t bits = std::bit_cast<uint64_t>(x);
+  const double ef = std::bit_cast<double>((bits >> 52) | 0x4330000000000000ull) - 4503599627370496.0;
+  double m = std::bit_cast<double>((bits & 0x000fffffffffffffull) | 0x3ff0000000000000ull);
+  const bool big = m > 1.4142135623730950488;
+  m = big ? m * 0.5 : m;
+  const double e = ef - (big ? 1022.0 : 1023.0);
+  const double f = m - 1.0;
+  const double z = f * f;
+  // Cephes log: log(1 + f) = f - f^2 / 2 + f^3 P(f) / Q(f)
+  const double p = ((((1.01875663804580931796e-4 * f + 4.97494994976747001425e-1) * f + 4.70579119878881725854e0) * f +
+                     1.44989225341610930846e1) * f + 1.79368678507819816313e1) * f + 7.70838733755885391666e0;
+  const double q = ((((f + 1.12873587189167450590e1) * f + 4.52279145837532221105e1) * f + 8.29875266912776603211e1) * f +
+                    7.11544750618563894466e1) * f + 2.31251620126765340583e1;
+  double y = f * (z * p / q);
+  y = y - e * 2.121944400546905827679e-4;
+  y = y - 0.5 * z;
+  const double res = (f + y) + e * 0.693359375;
+  return x < std::numeric_limits<double>::infinity() ? res : x;
+}
+
+// log1p(x) for x >= 0, +inf or NaN: u = 1 + x rounded, log(u) corrected by (x - (u - 1)) / u, the
+// first-order term of the rounding error of u (exact to a few ulp; x below 2^-24 gives x)
+template <class T>
+PFB_VI_INLINE T vi_vlog1p(T x) {
+  const T u = T(1) + x;
+  const T res = vi_vlog(u) + (x - (u - T(1))) / u;
+  return x < std::numeric_limits<T>::infinity() ? res : x;  // +inf and NaN: themselves
+}
+
+// ---- The elementwise loops, compiled as target_clones (default / AVX2+FMA / AVX-512) -----------
+// Each rule is common/vi.h's, computed branch-free: both sides of a threshold are evaluated and
+// the right one selected, with the vectorisable exp / log / log1p above in place of libm's (same
+// formulas, same operation order, results within ~2 ulp of the libm ones). fp16 / bf16 run the
+// float loops on converted copies (so they are the fp32 op on the converted inputs, bit for bit).
+
+// softplus (threshold 20) and its derivative from rho and e = exp(rho)
+template <class T>
+PFB_VI_INLINE T vi_vsoftplus(T rho, T e) {
+  return rho > T(kViSoftplusThreshold) ? rho : vi_vlog1p(e);
+}
+template <class T>
+PFB_VI_INLINE T vi_vsoftplus_grad(T rho, T e) {
+  return rho > T(kViSoftplusThreshold) ? T(1) : e / (T(1) + e);
+}
+
+enum class ViNoisy : int { kSample, kSampleBackward, kLocalNoise, kLocalNoiseBackward };
+
+// out[k] = rule(a[k], b[k], z[k]) for k < n (ViSampleRule, ViSampleBackwardRule, ViLocalNoiseRule,
+// ViLocalNoiseBackwardRule of common/vi.h)
+template <class T>
+PFB_VI_INLINE void vi_noisy_loop(ViNoisy op, const T* __restrict a, const T* __restrict b, const float* __restrict z,
+                                 T* __restrict out, int64_t n) {
+  switch (op) {
+    case ViNoisy::kSample:
+      for (int64_t k = 0; k < n; ++k) out[k] = a[k] + vi_vsoftplus(b[k], vi_vexp(b[k])) * static_cast<T>(z[k]);
+      break;
+    case ViNoisy::kSampleBackward:
+      for (int64_t k = 0; k < n; ++k)
+        out[k] = a[k] * static_cast<T>(z[k]) * vi_vsoftplus_grad(b[k], vi_vexp(b[k]));
+      break;
+    case ViNoisy::kLocalNoise:
+      for (int64_t k = 0; k < n; ++k) {
+        const T v = b[k] < T(0) ? T(0) : b[k];
+        out[k] = a[k] + std::sqrt(v) * static_cast<T>(z[k]);
+      }
+      break;
+    case ViNoisy::kLocalNoiseBackward:
+      for (int64_t k = 0; k < n; ++k) {
+        const T g = a[k] * static_cast<T>(z[k]) / (T(2) * std::sqrt(b[k]));
+        out[k] = b[k] <= T(0) ? T(0) : g;
+      }
+      break;
+  }
+}
+
+#define PFB_VI_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+
+PFB_VI_CLONES void vi_noisy_f32(ViNoisy op, const float* a, const float* b, const float* z, float* out, int64_t n) {
+  vi_noisy_loop(op, a, b, z, out, n);
+}
+PFB_VI_CLONES void vi_noisy_f64(ViNoisy op, const double* a, const double* b, const float* z, double* out,
+                                int64_t n) {
+  vi_noisy_loop(op, a, b, z, out, n);
+}
+
+// vi_kl_term of common/vi.h for k < n into t
+template <class T>
+PFB_VI_INLINE void vi_kl_terms(const T* __restrict mu, const T* __restrict rho, int64_t n, T half_log_v, T inv_2v,
+                               T* __restrict t) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T r = rho[k];
+    const T sigma = vi_vsoftplus(r, vi_vexp(r));
+    const T log_sigma = r < T(-kViSoftplusThreshold) ? r : vi_vlog(sigma);
+    t[k] = half_log_v - log_sigma + (sigma * sigma + mu[k] * mu[k]) * inv_2v - T(0.5);
+  }
+}
+
+// total += the sums of the runs of kViKlRun terms of elements [0, n), run by run in order. A run is
+// summed in a fixed order independent of the clone: 16 lanes, lane j adding terms j, j + 16, j + 32,
+// j + 48 in turn, then the lanes by a fixed halving tree; a short last run is padded with zeros.
+template <class T>
+PFB_VI_INLINE void vi_kl_sum(const T* mu, const T* rho, int64_t n, T half_log_v, T inv_2v, double& total) {
+  static_assert(kViKlRun == 64, "the lane sum below covers 64 terms");
+  constexpr int64_t kBlock = 1024;  // terms per vectorised pass (a multiple of kViKlRun)
+  alignas(64) T t[kBlock];
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t m = std::min(kBlock, n - s);
+    vi_kl_terms(mu + s, rho + s, m, half_log_v, inv_2v, t);
+    const int64_t padded = (m + kViKlRun - 1) / kViKlRun * kViKlRun;
+    for (int64_t k = m; k < padded; ++k) t[k] = T(0);
+    for (int64_t r = 0; r < padded; r += kViKlRun) {
+      T acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = ((t[r + j] + t[r + 16 + j]) + t[r + 32 + j]) + t[r + 48 + j];
+      for (int w = 8; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+      total += static_cast<double>(acc[0]);
+    }
+  }
+}
+
+PFB_VI_CLONES void vi_kl_sum_f32(const float* mu, const float* rho, int64_t n, float half_log_v, float inv_2v,
+                                 double& total) {
+  vi_kl_sum(mu, rho, n, half_log_v, inv_2v, total);
+}
+PFB_VI_CLONES void vi_kl_sum_f64(const double* mu, const double* rho, int64_t n, double half_log_v, double inv_2v,
+                                 double& total) {
+  vi_kl_sum(mu, rho, n, half_log_v, inv_2v, total);
+}
+
+// vi_kl_grad of common/vi.h for k < n
+template <class T>
+PFB_VI_INLINE void vi_kl_grad_loop(const T* __restrict mu, const T* __restrict rho, int64_t n, T g, T inv_v,
+                                   T* __restrict gm, T* __restrict gr) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T r = rho[k];
+    const T e = vi_vexp(r);
+    const bool big = r > T(kViSoftplusThreshold);
+    const T sigma = big ? r : vi_vlog1p(e);
+    const T ds = big ? T(1) : e / (T(1) + e);
+    const T ratio = big ? T(1) / r : (r < T(-kViSoftplusThreshold) ? T(1) : ds / sigma);
+    gm[k] = g * mu[k] * inv_v;
+    gr[k] = g * (sigma * ds * inv_v - ratio);
+  }
+}
+
+PFB_VI_CLONES void vi_kl_grad_f32(const float* mu, const float* rho, int64_t n, float g, float inv_v, float* gm,
+                                  float* gr) {
+  vi_kl_grad_loop(mu, rho, n, g, inv_v, gm, gr);
+}
+PFB_VI_CLONES void vi_kl_grad_f64(const double* mu, const double* rho, int64_t n, double g, double inv_v,
+                                  double* gm, double* gr) {
+  vi_kl_grad_loop(mu, rho, n, g, inv_v, gm, gr);
+}
+
 namespace {
 
 constexpr int64_t kViBuf = 1024;          // noise values per inner piece (a multiple of 4): 4 KiB on the stack
@@ -70,14 +315,29 @@ RngPosition read_rng(const at::Tensor& rng) {
   return {static_cast<uint64_t>(r[kRngSeed]), static_cast<uint32_t>(r[kRngStep])};
 }
 
-// out[i] = Rule(a[i], b[i], eps_i) for i < n, all three contiguous; math in op_t
-template <class scalar_t, class Rule>
-void noisy_pair(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, RngPosition pos, uint32_t stream) {
+// conversion buffer length: kViBuf for fp16 / bf16, 1 (unused) where the op math type is the dtype
+template <class scalar_t>
+constexpr int64_t kConvBuf = std::is_same_v<scalar_t, at::opmath_type<scalar_t>> ? 1 : kViBuf;
+
+// The float / double loop of op over one piece (the float loop for fp16 / bf16 too)
+inline void noisy_piece(ViNoisy op, const float* a, const float* b, const float* z, float* out, int64_t n) {
+  vi_noisy_f32(op, a, b, z, out, n);
+}
+inline void noisy_piece(ViNoisy op, const double* a, const double* b, const float* z, double* out, int64_t n) {
+  vi_noisy_f64(op, a, b, z, out, n);
+}
+
+// out[i] = op's rule(a[i], b[i], eps_i) for i < n, all three contiguous; math in op_t
+template <class scalar_t>
+void noisy_pair(ViNoisy op, const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, RngPosition pos,
+                uint32_t stream) {
   using op_t = at::opmath_type<scalar_t>;
+  constexpr bool direct = std::is_same_v<scalar_t, op_t>;  // fp32 / fp64: no conversion buffers
   const int64_t nblocks = (n + 3) / 4;
   at::parallel_for(0, nblocks, kViGrainBlocks, [&](int64_t b0, int64_t b1) {
     alignas(64) float z[kViBuf];
-    const Rule rule{};
+    // fp16 / bf16: the piece's inputs converted to float, the float result (unused for fp32 / fp64)
+    alignas(64) op_t ca[kConvBuf<scalar_t>], cb[kConvBuf<scalar_t>], co[kConvBuf<scalar_t>];
     const int64_t end = std::min(4 * b1, n);
     for (int64_t s = 4 * b0; s < end; s += kViBuf) {  // s: a multiple of 4, the start of a block
       const int64_t m = std::min(kViBuf, end - s);
@@ -89,17 +349,22 @@ void noisy_pair(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, 
       if (m > 4 * whole) {
         philox_normal4(pos.seed, static_cast<uint64_t>(s / 4 + whole), stream, pos.step, z + 4 * whole);
       }
-      for (int64_t k = 0; k < m; ++k) {
-        out[s + k] = static_cast<scalar_t>(
-            rule(static_cast<op_t>(a[s + k]), static_cast<op_t>(b[s + k]), static_cast<op_t>(z[k])));
+      if constexpr (direct) {
+        noisy_piece(op, a + s, b + s, z, out + s, m);
+      } else {
+        for (int64_t k = 0; k < m; ++k) {
+          ca[k] = static_cast<op_t>(a[s + k]);
+          cb[k] = static_cast<op_t>(b[s + k]);
+        }
+        noisy_piece(op, ca, cb, z, co, m);
+        for (int64_t k = 0; k < m; ++k) out[s + k] = static_cast<scalar_t>(co[k]);
       }
     }
   });
 }
 
 // The entry point of a two-input noisy op: checks, contiguous stand-ins, a new contiguous result.
-template <class Rule>
-at::Tensor noisy_pair_cpu(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
+at::Tensor noisy_pair_cpu(ViNoisy kind, const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
                           const char* b_name, const at::Tensor& rng, int64_t stream) {
   check_vi_pair(op, a, a_name, b, b_name, rng, stream, c10::DeviceType::CPU);
   at::Tensor out = at::empty(a.sizes(), a.options());  // contiguous
@@ -108,28 +373,28 @@ at::Tensor noisy_pair_cpu(const char* op, const at::Tensor& a, const char* a_nam
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   const RngPosition pos = read_rng(rng);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "vi_noisy_pair", [&] {
-    noisy_pair<scalar_t, Rule>(ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
+    noisy_pair<scalar_t>(kind, ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
                                out.mutable_data_ptr<scalar_t>(), n, pos, static_cast<uint32_t>(stream));
   });
   return out;
 }
 
 at::Tensor vi_sample_cpu(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& rng, int64_t stream) {
-  return noisy_pair_cpu<ViSampleRule>("vi_sample", mu, "mu", rho, "rho", rng, stream);
+  return noisy_pair_cpu(ViNoisy::kSample, "vi_sample", mu, "mu", rho, "rho", rng, stream);
 }
 
 at::Tensor vi_sample_backward_cpu(const at::Tensor& grad_w, const at::Tensor& rho, const at::Tensor& rng,
                                   int64_t stream) {
-  return noisy_pair_cpu<ViSampleBackwardRule>("vi_sample_backward", grad_w, "grad_w", rho, "rho", rng, stream);
+  return noisy_pair_cpu(ViNoisy::kSampleBackward, "vi_sample_backward", grad_w, "grad_w", rho, "rho", rng, stream);
 }
 
 at::Tensor vi_local_noise_cpu(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& rng, int64_t stream) {
-  return noisy_pair_cpu<ViLocalNoiseRule>("vi_local_noise", mean, "mean", var, "var", rng, stream);
+  return noisy_pair_cpu(ViNoisy::kLocalNoise, "vi_local_noise", mean, "mean", var, "var", rng, stream);
 }
 
 at::Tensor vi_local_noise_backward_cpu(const at::Tensor& grad_out, const at::Tensor& var, const at::Tensor& rng,
                                        int64_t stream) {
-  return noisy_pair_cpu<ViLocalNoiseBackwardRule>("vi_local_noise_backward", grad_out, "grad_out", var, "var", rng,
+  return noisy_pair_cpu(ViNoisy::kLocalNoiseBackward, "vi_local_noise_backward", grad_out, "grad_out", var, "var", rng,
                                                   stream);
 }
 
@@ -171,19 +436,34 @@ std::vector<ViKlPrior<op_t>> kl_priors(const at::Tensor& prior_var) {
   return out;
 }
 
-// The sum of the terms of elements [b, e) of one tensor: float32 (op_t) runs of kViKlRun terms,
-// each added to a float64 total
+// The sum of the terms of elements [b, e) of one tensor: runs of kViKlRun terms summed in op_t
+// (vi_kl_sum: a fixed lane order), each added to a float64 total in order. fp16 / bf16 convert
+// kViBuf elements at a time (a multiple of kViKlRun: the runs are those of the float32 op)
+inline void kl_piece(const float* mu, const float* rho, int64_t n, const ViKlPrior<float>& p, double& total) {
+  vi_kl_sum_f32(mu, rho, n, p.half_log_v, p.inv_2v, total);
+}
+inline void kl_piece(const double* mu, const double* rho, int64_t n, const ViKlPrior<double>& p, double& total) {
+  vi_kl_sum_f64(mu, rho, n, p.half_log_v, p.inv_2v, total);
+}
+
 template <class scalar_t>
 double kl_range(const scalar_t* mu, const scalar_t* rho, int64_t b, int64_t e,
                 const ViKlPrior<at::opmath_type<scalar_t>>& prior) {
   using op_t = at::opmath_type<scalar_t>;
   double total = 0.0;
-  for (int64_t s = b; s < e; s += kViKlRun) {
-    const int64_t n = std::min<int64_t>(kViKlRun, e - s);
-    op_t run = op_t(0);
-    for (int64_t k = 0; k < n; ++k)
-      run += vi_kl_term(static_cast<op_t>(mu[s + k]), static_cast<op_t>(rho[s + k]), prior);
-    total += static_cast<double>(run);
+  if constexpr (std::is_same_v<scalar_t, op_t>) {
+    kl_piece(mu + b, rho + b, e - b, prior, total);
+  } else {
+    static_assert(kViBuf % kViKlRun == 0);
+    alignas(64) op_t cm[kViBuf], cr[kViBuf];
+    for (int64_t s = b; s < e; s += kViBuf) {
+      const int64_t m = std::min(kViBuf, e - s);
+      for (int64_t k = 0; k < m; ++k) {
+        cm[k] = static_cast<op_t>(mu[s + k]);
+        cr[k] = static_cast<op_t>(rho[s + k]);
+      }
+      kl_piece(cm, cr, m, prior, total);
+    }
   }
   return total;
 }
@@ -210,6 +490,40 @@ at::Tensor vi_kl_cpu(at::TensorList mus, at::TensorList rhos, const at::Tensor& 
   for (const double p : partial) total += p;  // work-item order: deterministic
   const auto rdtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   return at::scalar_tensor(total, at::TensorOptions().dtype(rdtype).device(mus[0].device()));
+}
+
+// vi_kl_grad over n elements by the float / double clones
+inline void kl_grad_piece(const float* mu, const float* rho, int64_t n, float g, float inv_v, float* gm, float* gr) {
+  vi_kl_grad_f32(mu, rho, n, g, inv_v, gm, gr);
+}
+inline void kl_grad_piece(const double* mu, const double* rho, int64_t n, double g, double inv_v, double* gm,
+                          double* gr) {
+  vi_kl_grad_f64(mu, rho, n, g, inv_v, gm, gr);
+}
+
+// grad_mu, grad_rho of elements [b, e) of one tensor (vi_kl_grad); fp16 / bf16 run the float loop
+// on converted copies, kViBuf elements at a time
+template <class scalar_t>
+void kl_grad_range(const scalar_t* mu, const scalar_t* rho, int64_t b, int64_t e, at::opmath_type<scalar_t> g,
+                   at::opmath_type<scalar_t> inv_v, scalar_t* gm, scalar_t* gr) {
+  using op_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, op_t>) {
+    kl_grad_piece(mu + b, rho + b, e - b, g, inv_v, gm + b, gr + b);
+  } else {
+    alignas(64) op_t cm[kViBuf], cr[kViBuf], om[kViBuf], orr[kViBuf];
+    for (int64_t s = b; s < e; s += kViBuf) {
+      const int64_t m = std::min(kViBuf, e - s);
+      for (int64_t k = 0; k < m; ++k) {
+        cm[k] = static_cast<op_t>(mu[s + k]);
+        cr[k] = static_cast<op_t>(rho[s + k]);
+      }
+      kl_grad_piece(cm, cr, m, g, inv_v, om, orr);
+      for (int64_t k = 0; k < m; ++k) {
+        gm[s + k] = static_cast<scalar_t>(om[k]);
+        gr[s + k] = static_cast<scalar_t>(orr[k]);
+      }
+    }
+  }
 }
 
 // grad as a float64 value (any kernel float dtype; the CPU tensor is read on the host)
@@ -247,12 +561,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> vi_kl_backward_cpu(
       scalar_t* gm = gms[c.tensor].mutable_data_ptr<scalar_t>();
       scalar_t* gr = grs[c.tensor].mutable_data_ptr<scalar_t>();
       const ViKlPrior<op_t>& prior = priors[c.tensor];
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        op_t dm, dr;
-        vi_kl_grad(static_cast<op_t>(mu[i]), static_cast<op_t>(rho[i]), g, prior, dm, dr);
-        gm[i] = static_cast<scalar_t>(dm);
-        gr[i] = static_cast<scalar_t>(dr);
-      }
+      kl_grad_range(mu, rho, c.begin, c.end, g, prior.inv_v, gm, gr);
     });
   });
   return {std::move(gms), std::move(grs)};
