@@ -391,3 +391,25 @@ def sentinels_intact(view: torch.Tensor, buf: torch.Tensor) -> bool:
     start = view.storage_offset()
     outside = torch.cat([buf[:start], buf[start + view.numel():]])
     return bool((outside == SENTINEL).all())
+
+
+# ---- torch.distributed tests ----------------------------------------------------------------------
+def spawn_gloo(worker, world: int) -> list:
+    """Run ``worker(rank, world, port, out_dir)`` in ``world`` processes (torch.multiprocessing.spawn
+    on a free localhost port; the worker initialises its gloo group) and return what each rank saved
+    with ``torch.save(obj, os.path.join(out_dir, f"{rank}.pt"))``, in rank order. Skips where
+    torch.distributed is unavailable."""
+    import socket
+    import tempfile
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(worker, args=(world, port, d), nprocs=world, join=True)
+        return [torch.load(os.path.join(d, f"{r}.pt")) for r in range(world)]

@@ -8,8 +8,6 @@ fp64, small models."""
 import io
 import math
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import _laplace_reference as ref
+from _helpers import spawn_gloo
 from pyfastbayes.laplace import Laplace, RegressionPredictive
 
 DT = torch.float64
@@ -510,19 +509,8 @@ def _fit_all(loader):
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_fit_equals_one_process_on_the_union():
-    import torch.multiprocessing as mp
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_distributed_worker, args=(2, _free_port(), d), nprocs=2, join=True)
-        ranks = [torch.load(os.path.join(d, f"{r}.pt")) for r in range(2)]
+    ranks = spawn_gloo(_distributed_worker, 2)
     assert ranks[0]["error"].startswith("RuntimeError: Laplace.fit failed on another process"), ranks[0]["error"]
     assert ranks[1]["error"].startswith("ValueError: fit: the loader yielded no batches"), ranks[1]["error"]
     union = _fit_all([b for shard in _shards() for b in shard])

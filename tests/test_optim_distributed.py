@@ -3,13 +3,12 @@ rank 0's noise whatever its own seed (one broadcast at the first step), so repli
 same gradients (as under DDP) stay identical and equal the single-process chain of rank 0's seed;
 verify=True catches replicas that drifted apart; chains='per_rank' gives independent chains."""
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
 from torch import nn
 
+from _helpers import spawn_gloo
 from pyfastbayes.optim import SGHMC, SGLD
 
 STEPS = 5
@@ -62,19 +61,8 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_shared_chains_equal_the_single_process_chain_and_per_rank_chains_differ():
-    import torch.multiprocessing as mp
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
-        ranks = [torch.load(os.path.join(d, f"{r}.pt")) for r in range(2)]
+    ranks = spawn_gloo(_worker, 2)
     for name, cls in (("sgld", SGLD), ("sghmc", SGHMC)):
         model = _model()
         torch.manual_seed(100)  # rank 0's seed, alone
