@@ -11,12 +11,15 @@ its parameters in the layout. Anything else keeps the plain path (``find`` retur
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..nn.calls import parameter_calls
 
 _HELD = threading.local()  # the chunk's precombined first-layer outputs, read by the stand-in
 
@@ -54,37 +57,26 @@ class FirstLayer:
             outs.append(self._apply(x, part(dirs[k], "weight"), part(dirs[k], "bias")))
         return torch.stack(outs)
 
+    @contextlib.contextmanager
     def swapped(self, model: nn.Module):
-        """Context: the layer replaced by the stand-in in ``model`` (restored afterwards)."""
-        layer = self
-
-        class _Swap:
-            def __enter__(self):
-                self.parent = model.get_submodule(layer.parent_name) if layer.parent_name else model
-                self.old = getattr(self.parent, layer.attr)
-                setattr(self.parent, layer.attr, _StandIn())
-
-            def __exit__(self, *exc):
-                setattr(self.parent, layer.attr, self.old)
-        return _Swap()
-
+        """Context: the layer replaced by the stand-in in ``model`` (restored afterwards, also on error)."""
+        parent = model.get_submodule(self.parent_name) if self.parent_name else model
+        old = getattr(parent, self.attr)
+        setattr(parent, self.attr, _StandIn())
+        try:
+            yield
+        finally:
+            setattr(parent, self.attr, old)
 
 def find(model: nn.Module, layout, example) -> FirstLayer | None:
     """The eligible first layer of ``model`` (module docstring) found by one forward of the
     ``example`` inputs (a tensor; tuples of inputs are not eligible), or None."""
     if not torch.is_tensor(example) or isinstance(model, (nn.Linear, nn.Conv2d)):
         return None
-    calls: list = []  # (name, module, inputs) of every module with parameters, in call order
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.append((n, mod, i)))
-             for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
     try:
-        with torch.no_grad():
-            model(example)
-    except Exception:
+        calls = parameter_calls(model, example)
+    except Exception:  # a model the probe cannot run on its own: the plain path
         return None
-    finally:
-        for h in hooks:
-            h.remove()
     if not calls:
         return None
     name, mod, inp = calls[0]

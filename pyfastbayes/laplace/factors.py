@@ -16,10 +16,9 @@ finiteness check), ``state()`` / ``load(state)``.
 """
 from __future__ import annotations
 
-import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import ops
 from ._layers import Block, Layer

@@ -12,15 +12,16 @@ instead of [N, C, P] Jacobians.
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..nn import ModeGuard
-from ..nn.inputs import iterate_inputs, model_output, to_device
+from ..nn.calls import parameter_calls
+from ..nn.inputs import iterate_inputs
+from ..calibration._checks import check_positive_float
 from ..posteriors.base import Posterior, check_count
 from . import marglik as ml
 from ._layers import build_layers
@@ -56,12 +57,6 @@ def _choice(value, options, name):
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
-
-
-def _positive(value, name) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 class Laplace(Posterior):
@@ -115,8 +110,8 @@ class Laplace(Posterior):
         self.unsupported = _choice(unsupported, ("error", "diag"), "unsupported")
         self.mc_samples = check_count(mc_samples, "mc_samples", 1)
         self.eigh_method = eigh_method
-        self.temperature = _positive(temperature, "temperature")
-        sigma = _positive(float(sigma_noise), "sigma_noise") if not torch.is_tensor(sigma_noise) else sigma_noise
+        self.temperature = check_positive_float(temperature, "temperature")
+        sigma = check_positive_float(float(sigma_noise), "sigma_noise") if not torch.is_tensor(sigma_noise) else sigma_noise
         if likelihood != "regression" and float(sigma) != 1.0:
             raise ValueError(f"sigma_noise is the regression noise; likelihood={likelihood!r} needs sigma_noise=1")
         self.dtype, self.device = self.layout.dtype, self.layout.device
@@ -153,16 +148,9 @@ class Laplace(Posterior):
 
     def _find_last_layer(self, x) -> None:
         """subset_of_weights='last_layer': the last module with trainable parameters the forward calls."""
-        order = []
-        hooks = [m.register_forward_hook(lambda mod, i, o, name=n: order.append((name, mod)))
-                 for n, m in self.model.named_modules()
-                 if any(p.requires_grad for p in m.parameters(recurse=False))]
-        try:
-            with torch.no_grad(), ModeGuard(self.model, False):
-                self.model(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        with ModeGuard(self.model, False):
+            order = [(n, m) for n, m, _ in parameter_calls(self.model, x)
+                     if any(p.requires_grad for p in m.parameters(recurse=False))]
         if not order:
             raise ValueError("subset_of_weights='last_layer': the forward called no module with trainable parameters")
         name, mod = order[-1]
@@ -457,7 +445,7 @@ class Laplace(Posterior):
             raise ValueError("tune_sigma=True needs likelihood='regression'")
         log_sigma = self._sigma.detach().log().clone()
         tensors = [log_prior] + ([log_sigma] if tune else [])
-        ml.adam(lambda: -self._lml(log_prior.exp(), log_sigma.exp()), tensors, n_steps, _positive(lr, "lr"),
+        ml.adam(lambda: -self._lml(log_prior.exp(), log_sigma.exp()), tensors, n_steps, check_positive_float(lr, "lr"),
                 progress, "prior precision (marglik)")
         self._prior = log_prior.detach().exp()
         if tune:
@@ -475,6 +463,8 @@ class Laplace(Posterior):
         x = torch.cat([b[0] for b in batches])
         y = torch.cat([b[1] for b in batches]).to(self.device)
         grid = torch.logspace(rng[0], rng[1], grid_size, dtype=torch.float64).tolist()
+        if pred_type == "glm":
+            self._check_at_mean("the GLM predictive")
         pieces = self._glm_pieces(x, 1024) if pred_type == "glm" else None
         best, best_nll = None, math.inf
         for delta in grid:
@@ -528,8 +518,8 @@ class Laplace(Posterior):
                                "la.layout.write_(la.mean) or fit again")
 
     def _glm_pieces(self, x, batch_size: int) -> list:
-        """Per input batch: (f_mu [n, C], Jacobian parts per block) for the GLM predictive."""
-        self._check_at_mean("the GLM predictive")
+        """Per input batch: (f_mu [n, C], Jacobian parts per block) for the GLM predictive (the
+        caller has checked the weights with :meth:`_check_at_mean`)."""
         pieces = []
         with ModeGuard(self.model, False):
             for xb in iterate_inputs(x, batch_size):
@@ -658,10 +648,7 @@ class Laplace(Posterior):
         if self.hessian_structure == "lowrank":
             return curv.eigvecs, curv.eigvals, s, delta[0]
         if self.hessian_structure == "diag":
-            h = delta.new_zeros(self.n_params)
-            for i, b in enumerate(self.blocks):
-                h[b.sel.reshape(-1)] = curv.h[i]
-            return s * h + delta
+            return s * self._need_fit()[5].h + delta
         out = []
         for i, b in enumerate(self.blocks):
             d = delta[b.sel.reshape(-1)[0]]
