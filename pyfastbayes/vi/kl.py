@@ -19,11 +19,16 @@ from .layers import BayesianLayer
 from .priors import GaussianPrior
 
 
-def bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
-    """(name, layer) of every Bayesian layer in ``model`` (model order)."""
+def bayesian_layers(model: nn.Module, required: bool = False) -> list[tuple[str, BayesianLayer]]:
+    """(name, layer) of every Bayesian layer in ``model`` (model order); with ``required`` a
+    ValueError saying how to convert the model when there is none."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BayesianLayer)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BayesianLayer)]
+    if required and not layers:
+        raise ValueError("the model has no Bayesian layer (BayesianLinear / BayesianConv2d): convert it with "
+                         "pyfastbayes.vi.to_bayesian(model) first")
+    return layers
 
 
 class _KL(torch.autograd.Function):
@@ -48,10 +53,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
     """KL(q || p) summed over every Bayesian layer of ``model`` (a scalar tensor, differentiable in
     every mu and rho). ValueError when the model has no Bayesian layer; RuntimeError naming the
     layer when a mu or rho is not finite (a diverged step: nothing is changed here)."""
-    layers = bayesian_layers(model)
-    if not layers:
-        raise ValueError("the model has no Bayesian layer (BayesianLinear / BayesianConv2d): convert it with "
-                         "pyfastbayes.vi.to_bayesian(model) first")
+    layers = bayesian_layers(model, required=True)
     mus, rhos, var = [], [], []
     mc = []
     for name, layer in layers:
@@ -119,7 +121,7 @@ class ELBO(nn.Module):
             raise ValueError(f"kl_weight must be a float >= 0 or a callable step -> float, got {kl_weight!r}")
         if not (isinstance(sigma, (int, float)) and sigma > 0):
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
-        bayesian_layers(model) or kl_divergence(model)  # refuses a model without Bayesian layers
+        bayesian_layers(model, required=True)
         self.model, self.num_data, self.kl_weight, self.likelihood, self.sigma = model, num_data, kl_weight, likelihood, sigma
         self.step = 0
         self.last = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -96,9 +95,6 @@ class BayesianLayer(nn.Module):
         if self.bias_mu is not None:
             out = out + _sampled_bias(self.bias_mu, self.bias_rho, rng, s + 1, self.affine.kind)
         return out
-
-    def sigmas(self) -> list[Tensor]:
-        return [F.softplus(r) for r in (self.weight_rho, self.bias_rho) if r is not None]
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator!r}, prior={self.prior!r}"

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..posteriors.base import Posterior, check_count
 from .kl import bayesian_layers
-from .layers import BayesianConv2d, BayesianLinear
+from .layers import BayesianLinear
 
 
 def _twin(model: nn.Module) -> nn.Module:
@@ -41,8 +41,7 @@ class VariationalPosterior(Posterior):
     kind = "VariationalPosterior"
 
     def __init__(self, model: nn.Module):
-        if not bayesian_layers(model):
-            raise ValueError("the model has no Bayesian layer: convert it with pyfastbayes.vi.to_bayesian(model)")
+        bayesian_layers(model, required=True)
         self.source = model
         super().__init__(_twin(model))
         index = {n: i for i, n in enumerate(self.layout.names)}

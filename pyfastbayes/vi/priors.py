@@ -8,18 +8,14 @@ import numbers
 import torch
 from torch import Tensor
 
-
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+from ..calibration._checks import check_positive_float
 
 
 class GaussianPrior:
     """N(0, std^2) per weight; KL(N(mu, sigma^2) || prior) in closed form."""
 
     def __init__(self, std: float = 1.0):
-        self.std = _positive(std, "prior_std")
+        self.std = check_positive_float(std, "prior_std")
 
     def log_prob(self, w: Tensor) -> Tensor:
         return (-0.5 * (w / self.std).square() - math.log(self.std) - 0.5 * math.log(2 * math.pi)).sum()
@@ -34,7 +30,7 @@ class ScaleMixturePrior:
     def __init__(self, pi: float = 0.5, std1: float = 1.0, std2: float = math.exp(-6)):
         if isinstance(pi, bool) or not isinstance(pi, numbers.Real) or not 0 < pi < 1:
             raise ValueError(f"pi must be in (0, 1), got {pi!r}")
-        self.pi, self.std1, self.std2 = float(pi), _positive(std1, "std1"), _positive(std2, "std2")
+        self.pi, self.std1, self.std2 = float(pi), check_positive_float(std1, "std1"), check_positive_float(std2, "std2")
 
     def log_prob(self, w: Tensor) -> Tensor:
         a = math.log(self.pi) - 0.5 * (w / self.std1).square() - math.log(self.std1)
