@@ -9,7 +9,8 @@
 # file and every op-contract case on the cuda device); the benchmarks (after the sanitizers, so
 # nothing else uses the GPU); then the rest of the suite until DEADLINE. At most 7 files in $OUT.
 # Knobs (environment): STEPS (default "build tests sanitize bench"), BENCH_ONLY (suites, e.g.
-# sgmcmc,swag), TEST_LIMIT / SAN_LIMIT / BENCH_LIMIT / LAPLACE_LIMIT / VI_LIMIT (seconds per step;
+# sgmcmc,swag, in that order), CUDA_K (the -k expression of the CUDA test step, default cuda), PEERS=0
+# (install only pytest from the carried wheels: no peer rows or peer tests), TEST_LIMIT / SAN_LIMIT / BENCH_LIMIT / LAPLACE_LIMIT / VI_LIMIT (seconds per step;
 # bench_laplace and bench_vi run apart in --quick mode, defaults 120 s and 90 s), DEADLINE (seconds from
 # the start by which the rest of the suite is interrupted, with its summary, default 540).
 set -uo pipefail
@@ -33,6 +34,7 @@ if [ -d .gpu-wheels ]; then
            posteriors:"posteriors torchopt graphviz optree tensordict cloudpickle pyvers typing-extensions" \
            torchmetrics:"torchmetrics lightning-utilities" bayesian_torch:bayesian-torch scipy:scipy \
            laplace:"laplace-torch asdfghjkl curvlinops-for-pytorch backpack-for-pytorch unfoldNd einops einconv linear-operator opt-einsum"; do
+    [ "${PEERS:-1}" = 0 ] && [[ " pytest xdist numpy tqdm " != *" ${m%%:*} "* ]] && continue  # PEERS=0: pytest only
     python -c "import ${m%%:*}" 2>/dev/null || need+=(${m#*:})
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -44,8 +46,10 @@ python -c "import pytest" 2>/dev/null || log "pytest is missing: run scripts/fet
 
 if has build; then
   t0=$(date +%s)
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PYFASTBAYES_CUDA=ON CMAKE_CUDA_ARCHITECTURES=90 CUDAFLAGS="-Xptxas=-v" \
-    python -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
+  # sm_90 only: the image's TORCH_CUDA_ARCH_LIST (9.0a) would add a second, identical pass (95 s, not 50)
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PYFASTBAYES_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 CUDAFLAGS="-Xptxas=-v" \
+    python -m pip install --no-build-isolation --no-deps -v -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 . \
+    >"$OUT/build.log" 2>&1
   rc=$?
   log "build rc=$rc in $(( $(date +%s) - t0 )) s (ptxas registers and spills per kernel: build.log)"
   [ $rc -eq 0 ] || { tail -60 "$OUT/build.log"; exit $rc; }
@@ -54,6 +58,7 @@ cd /tmp  # import the installed package, not the source tree
 python -c "import pyfastbayes; print(pyfastbayes.build_info())" | tee -a "$OUT/summary.txt"
 # the 2026-11-27 run lost pytest workers to SIGSEGV while a refusal was thrown from _C: say where
 so=$(python -c "import pyfastbayes._C as c; print(c.__file__)")
+log "_C NEEDED: $(readelf -dW "$so" | grep -oE "\[lib(stdc\+\+|c10|cudart)[^]]*\]" | tr "\n" " ")"
 log "_C: $(readelf -lW "$so" | grep -c GNU_EH_FRAME) GNU_EH_FRAME header(s); $(ldd "$so" | grep -oE "lib(cudart|gomp|stdc\+\+|gcc_s)[^ ]* => [^ ]*" | tr '\n' ' ')"
 has tests && timeout 120 python "$REPO/scripts/cxx_error_probe.py" 2>&1 | tee -a "$OUT/summary.txt"
 
@@ -81,7 +86,7 @@ run_tests() {  # run_tests LOG LIMIT ARGS...
   log "tests $* rc=$? in $(( $(date +%s) - t0 )) s: $(grep -E "passed|failed|error" "$log" | tail -1)"
   grep -E "^(FAILED|ERROR)" "$log" | head -40 | tee -a "$OUT/summary.txt"
 }
-has tests && run_tests "$OUT/tests-cuda.log" "${TEST_LIMIT:-200}" -k cuda "$REPO/tests"
+has tests && run_tests "$OUT/tests-cuda.log" "${TEST_LIMIT:-200}" -k "${CUDA_K:-cuda}" "$REPO/tests"
 
 if [ -n "$san_pid" ]; then
   wait "$san_pid"

@@ -36,6 +36,17 @@ def machine(device: str) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+def print_table(rows: list[dict]) -> None:
+    """Print ``rows`` (dicts) as one aligned table: the standard columns first, then any extras."""
+    cols = ["suite", "case", "impl", "ms", "speedup", "of_floor"]
+    cols += sorted({k for r in rows for k in r} - set(cols))
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols} if rows else {}
+    print(" | ".join(c.ljust(widths[c]) for c in cols))
+    print("-|-".join("-" * widths[c] for c in cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -49,25 +60,19 @@ def main() -> int:
         unknown = wanted - set(suites)
         if unknown:
             ap.error(f"unknown suites {sorted(unknown)}; have {suites}")
-        suites = [s for s in suites if s in wanted]
+        suites = [s for s in args.only.split(",") if s]  # in the order asked: the first ones matter most
     import pyfastbayes
 
     print(f"# {time.strftime('%Y-%m-%d')} | {machine(args.device)} | torch {torch.__version__} | "
           f"pyfastbayes {pyfastbayes.build_info()}")
     rows = []
-    for s in suites:
-        mod = importlib.import_module(f"bench.bench_{s}")
-        rows += mod.run(args.device, args.quick)
-    cols = ["suite", "case", "impl", "ms", "speedup", "of_floor"]
-    extra = sorted({k for r in rows for k in r} - set(cols))
-    cols += extra
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols} if rows else {}
-    print(" | ".join(c.ljust(widths[c]) for c in cols))
-    print("-|-".join("-" * widths[c] for c in cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"device": machine(args.device), "rows": rows}, indent=1))
+    for s in suites:  # each suite's table is printed (and the json rewritten) as soon as it ends,
+        mod = importlib.import_module(f"bench.bench_{s}")  # so a run cut by a time limit keeps them
+        new = mod.run(args.device, args.quick)
+        rows += new
+        print_table(new)
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps({"device": machine(args.device), "rows": rows}, indent=1))
     return 0
 
 

@@ -26,3 +26,11 @@ print("TORCH_INCLUDES=" + ";".join(includes))
 print("TORCH_CUDA_INCLUDES=" + ";".join(cuda_includes))
 print(f"TORCH_CUDA={'ON' if torch.version.cuda else 'OFF'}")
 print(f"TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+# The libstdc++ this process (python + torch) loaded: _C links it explicitly (CMakeLists.txt), so
+# the extension never carries a private static copy of the C++ runtime.
+try:
+    with open("/proc/self/maps") as maps:
+        stdcxx = sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line})
+except OSError:  # not Linux
+    stdcxx = []
+print("TORCH_LIBSTDCXX=" + (stdcxx[0] if stdcxx else ""))

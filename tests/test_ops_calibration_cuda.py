@@ -48,11 +48,13 @@ def assert_all_binned(bins, N, C, classwise):
     assert bins[..., 0].sum().item() == (N * C if classwise else N)
 
 
-# C = 2, 10 (G < 32, several rows per warp), 33 / 100 / 200 (G = 32, 2 / 4 / 8 classes per lane in
-# registers), 257 / 1000 (generic path); class-wise with B = 15: per-warp copies for C <= 17, one
-# block copy up to C = 645 (C = 1000: two class tiles) on an H100 / H200.
+# Top-label: C = 2, 4 / 5, 10, 16 (one row per thread, 4 or 16 classes in registers), 17 and 33 /
+# 100 / 200 (a group of 32 lanes per row, 1 / 2 / 4 / 8 classes per lane), 257 / 1000 (generic
+# path). Class-wise: C = 2 .. 16 (G < 32, several rows per warp), the rest as top-label; with
+# B = 15: per-warp copies for C <= 17, one block copy up to C = 645 (C = 1000: two class tiles) on
+# an H100 / H200.
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("C", [2, 10, 33, 100, 200, 257, 1000])
+@pytest.mark.parametrize("C", [2, 4, 5, 10, 16, 17, 33, 100, 200, 257, 1000])
 @pytest.mark.parametrize("S", [1, 3])
 @pytest.mark.parametrize("from_logits", [False, True], ids=["probs", "logits"])
 @pytest.mark.parametrize("classwise", [False, True], ids=["top", "classwise"])

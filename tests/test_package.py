@@ -26,6 +26,29 @@ def test_build_info_fields():
 
 
 @needs_native
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects: Linux")
+def test_extension_uses_the_shared_cxx_runtime():
+    """_C names libstdc++.so as a dependency: a private static copy of the C++ runtime makes every
+    C++ exception crossing _C (each refused argument) kill the process (CMakeLists.txt)."""
+    import shutil
+
+    import pyfastbayes._C as native
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        (pytest.fail if in_ci() else pytest.skip)("readelf (binutils) is not installed")
+    out = subprocess.run([readelf, "-dW", native.__file__], capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
+    assert any(n.startswith("libstdc++.so") for n in needed), needed
+    # and a refusal from C++ reaches Python in a fresh process (the crash killed the interpreter)
+    code = ("import torch, pyfastbayes.ops as ops\n"
+            "try:\n    ops.calibration_bins(torch.rand(3, 4), torch.zeros(3, dtype=torch.long), 0, backend='native')\n"
+            "except (RuntimeError, ValueError) as e:\n    print('refused', type(e).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "refused" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+@needs_native
 def test_fallback_without_extension_gives_the_same_chain():
     """With _C blocked, import warns once, and SGLD runs the reference: the same numbers."""
     code = textwrap.dedent("""

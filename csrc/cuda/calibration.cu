@@ -1,7 +1,8 @@
 // CUDA kernel of calibration_bins.
 //
-// Rows. A "group" of G lanes (G = the power of two >= C, at most 32; 32 when class-wise bins use
-// the block histogram below) handles one row, grid-stride over the rows: lane l owns the classes
+// Rows. Top-label with C <= 16: one row per thread (G = 1, row_per_thread: the row's C loads in
+// flight at once, no shuffles). Otherwise a "group" of G lanes (G = the power of two >= C, at most
+// 32; 32 when class-wise bins use the block histogram below) handles one row, grid-stride over the rows: lane l owns the classes
 // c = l, l + G, ...; the row's max / argmax / sums are reduced with xor shuffles (every lane of the
 // group ends with the same values). Per-row math in float64, in the same order as the CPU loop
 // for each class (sum over the draws s = 0, 1, ...; each draw's softmax exp(x - m) / z).
@@ -16,8 +17,8 @@
 //    16 MiB (L2-sized). Top-label probabilities with S > 1 need no scratch (max taken on the fly).
 // Bins, accumulated without float64 shared-memory atomics (compare-and-swap loops on sm_90) and
 // flushed once per block with global float64 atomicAdd (native since sm_60):
-//  - top-label: one [B, 3] histogram per warp in shared memory; the groups of a warp write their
-//    rows in turn (one round per group, __syncwarp between rounds), lane 0 of the group writing.
+//  - top-label: one [B, 3] histogram per warp in shared memory; the warp merges its rows by bin
+//    (ballots and one shuffle sum per distinct bin, bin_top_warp) and lane 0 adds each bin once.
 //  - class-wise, 8 * C * B * 24 bytes <= 48 KiB: one [C, B, 3] copy per warp, the groups of a
 //    warp in turn, each lane writing its own classes (distinct histograms within a group).
 //  - class-wise, larger: one copy per block of a tile of classes (blockIdx.y: tiles of as many
@@ -52,6 +53,7 @@ namespace {
 
 constexpr int kWarps = kThreads / 32;                        // warps (and block-histogram rounds) per block
 constexpr int kRegClasses = 8;                               // classes per lane held in registers
+constexpr int kRowPerThread = 16;                        // top-label with C <= this: one row per thread
 constexpr int64_t kMaxWorkDoubles = int64_t(2) << 20;        // 16 MiB of per-row scratch (stays in L2)
 constexpr int64_t kMaxTiles = 16;                            // class tiles (row recomputations) at most
 constexpr size_t kDefaultSmem = 48 * 1024;                   // dynamic shared memory without opt-in
@@ -147,6 +149,65 @@ __device__ __forceinline__ RowSummary row_in_registers(const scalar_t* row, cons
   return {static_cast<bool>(isfinite(sum)), group_or(neg, a.G) != 0, sum};
 }
 
+// Top-label, one row per thread (G = 1, C <= K): per draw the thread issues its row's C loads
+// before any arithmetic, then keeps in v[k] the sum over the draws of class k's probability
+// (logits: exp(x - m) / z, each exponential computed twice rather than held, to keep registers
+// for occupancy), in the CPU loop's order. mx / pred: the max of v and its class (strict: ties
+// keep the lowest class). No shuffles: a row is one thread's.
+template <typename scalar_t, int K>
+__device__ __forceinline__ RowSummary row_per_thread(const scalar_t* row, const Args& a, bool active, double (&v)[K],
+                                                     double& mx, int64_t& pred) {
+  const int C = active ? static_cast<int>(a.C) : 0;  // an inactive thread owns nothing
+  const int64_t stride_s = a.N * a.C;
+  using op_t = at::opmath_type<scalar_t>;
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = 0.0;
+  bool finite = true;
+  int neg = 0;
+  for (int64_t s = 0; s < a.S && C > 0; ++s) {
+    const scalar_t* rs = row + s * stride_s;
+    scalar_t x[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (k < C) x[k] = rs[k];
+    auto val = [&](int k) { return static_cast<double>(static_cast<op_t>(x[k])); };
+    if (!a.logits) {
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (k < C) {
+          neg |= val(k) < 0.0;
+          v[k] += val(k);
+        }
+      continue;
+    }
+    double m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (k < C) m = fmax(m, val(k));
+    double z = 0.0;
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (k < C) z += exp(val(k) - m);
+    finite = finite && isfinite(m) && isfinite(z);
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (k < C) v[k] += exp(val(k) - m) / z;
+  }
+  double sum = 0.0;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (k < C) {
+      if (v[k] > mx) {
+        mx = v[k];
+        pred = k;
+      }
+      sum += v[k];
+    }
+  if (a.logits) return {finite, false, 0.0};
+  sum /= static_cast<double>(a.S);
+  return {static_cast<bool>(isfinite(sum)), neg != 0, sum};
+}
+
 // Generic path (any C): lane `lane` owns c = lane, lane + G, ... Keeps per-class state only in
 // acc (the group's scratch row, non-null exactly when S > 1 and logits or class-wise bins):
 // acc[c] = the sum over the draws. Logits with S = 1: m1 / z1 = the row's max logit and sum of
@@ -161,7 +222,24 @@ __device__ __forceinline__ RowSummary row_generic(const scalar_t* row, const Arg
   if (!a.logits) {
     double sum = 0.0;
     int neg = 0;
-    for (int64_t c = first; c < C; c += G) {
+    if (S == 1) {  // one draw: four loads in flight per lane, then the same per-class order as below
+      for (int64_t c = first; c < C; c += 4 * G) {
+        double x[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) x[u] = c + u * G < C ? load(row, c + u * G) : 0.0;
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (c + u * G < C) {
+            neg |= x[u] < 0.0;
+            if (x[u] > mx) {
+              mx = x[u];
+              pred = c + u * G;
+            }
+            sum += x[u];
+          }
+      }
+    }
+    for (int64_t c = S == 1 ? C : first; c < C; c += G) {
       double v = 0.0;
       for (int64_t s = 0; s < S; ++s) {
         const double x = load(row, s * stride_s + c);
@@ -182,9 +260,11 @@ __device__ __forceinline__ RowSummary row_generic(const scalar_t* row, const Arg
   for (int64_t s = 0; s < S; ++s) {
     const scalar_t* rs = row + s * stride_s;
     double m = -INFINITY;
+#pragma unroll 4
     for (int64_t c = first; c < C; c += G) m = fmax(m, load(rs, c));
     m = group_max(m, a.G);
     double z = 0.0;
+#pragma unroll 4
     for (int64_t c = first; c < C; c += G) {
       const double e = exp(load(rs, c) - m);
       z += e;
@@ -245,9 +325,38 @@ __device__ __forceinline__ void for_own_classes(const scalar_t* row, const Args&
   }
 }
 
+// Top-label bins of one warp's rows (kTopWarp), into the warp's own histogram copy: a lane holding
+// a kept row (`mine`) adds (1, conf, correct) to bin uniform_bin(conf). The warp merges its rows by
+// bin first: per distinct bin among them, two ballots (count, hits) and one xor-shuffle sum of the
+// confidences, then lane 0 adds the three. No shared-memory atomics (float64 ones are
+// compare-and-swap loops on sm_90) and no per-row rounds; a confident model puts most rows of a
+// warp in one or two bins, so the loop usually runs once or twice. Every lane must call it (the
+// loop bound comes from ballots: warp-uniform). The sum order is fixed: deterministic.
+__device__ __forceinline__ void bin_top_warp(double* hist, bool mine, double conf, bool correct, int64_t B) {
+  const int bin = mine ? static_cast<int>(uniform_bin(conf, B)) : -1;  // B <= 2^24
+  unsigned pending = __ballot_sync(0xffffffffu, mine);
+  while (pending) {
+    const int b = __shfl_sync(0xffffffffu, bin, __ffs(pending) - 1);
+    const bool in = mine && bin == b;
+    const unsigned members = __ballot_sync(0xffffffffu, in);
+    const unsigned hits = __ballot_sync(0xffffffffu, in && correct);
+    double s = in ? conf : 0.0;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if ((threadIdx.x & 31) == 0) {
+      double* at = hist + static_cast<int64_t>(b) * kCalibStats;
+      at[kStatCount] += static_cast<double>(__popc(members));
+      at[kStatConfidence] += s;
+      at[kStatCorrect] += static_cast<double>(__popc(hits));
+    }
+    pending &= ~members;
+  }
+}
+
 // One group of G lanes per row, grid-stride over rows; blockIdx.y = the class tile (class-wise
 // block histograms), else 0. Shared memory: the histogram copies of the mode (see the top).
-template <typename scalar_t, int K>
+// kThread: top-label with one row per thread (G = 1, row_per_thread), modes kTopWarp / kTopGlobal.
+template <typename scalar_t, int K, bool kThread>
 __global__ void __launch_bounds__(kThreads) calibration_bins_kernel(const scalar_t* __restrict__ p, const Args a) {
   extern __shared__ double shist[];
   const int64_t B = a.B, C = a.C, N = a.N;
@@ -284,7 +393,8 @@ __global__ void __launch_bounds__(kThreads) calibration_bins_kernel(const scalar
     int64_t pred = INT64_MAX;
     double v[K > 0 ? K : 1];
     RowSummary r;
-    if constexpr (K > 0) r = row_in_registers<scalar_t, K>(row, a, lane, active, v, mx, pred);
+    if constexpr (kThread) r = row_per_thread<scalar_t, K>(row, a, active, v, mx, pred);
+    else if constexpr (K > 0) r = row_in_registers<scalar_t, K>(row, a, lane, active, v, mx, pred);
     else r = row_generic(row, a, lane, active, acc, mx, pred, m1, z1);
     group_max_arg(mx, pred, G);
     const int64_t t = active ? a.y[n] : -1;
@@ -295,12 +405,14 @@ __global__ void __launch_bounds__(kThreads) calibration_bins_kernel(const scalar
       for_own_classes<scalar_t, K>(row, a, lane, c0, c1, slice, v, acc, m1, z1,
                                    [&](int64_t c, double x) { bin_value(add, c - c0, x, c == t, B); });
     };
+    if constexpr (kThread) {  // top-label only: every thread holds its own row
+      if (a.mode == kTopWarp) bin_top_warp(hist, keep, conf, pred == t, B);
+      else if (keep) bin_value(add_global, 0, conf, pred == t, B);
+      continue;
+    }
     switch (a.mode) {
-      case kTopWarp:  // the warp's groups in turn, lane 0 of each
-        for (int q = 0; q < warp_groups; ++q) {
-          if (keep && gw == q && lane == 0) bin_value(add_shared, 0, conf, pred == t, B);
-          __syncwarp();
-        }
+      case kTopWarp:  // lane 0 of each group holds its row
+        bin_top_warp(hist, keep && lane == 0, conf, pred == t, B);
         break;
       case kTopGlobal:
         if (keep && lane == 0) bin_value(add_global, 0, conf, pred == t, B);
@@ -350,6 +462,9 @@ Plan plan_for(int64_t C, int64_t B, bool classwise) {
   Plan pl;
   while (pl.G < C && pl.G < 32) pl.G <<= 1;
   if (!classwise) {
+    // small C: one row per thread (its C classes in registers, no shuffles per row); larger C: a
+    // group of G lanes per row, so that a row's loads are spread over lanes
+    if (C <= kRowPerThread) pl.G = 1;
     if (B <= optin / (kWarps * bin_bytes)) pl.smem = static_cast<size_t>(kWarps * B * bin_bytes);
     else pl.mode = kTopGlobal;
     return pl;
@@ -374,9 +489,9 @@ Plan plan_for(int64_t C, int64_t B, bool classwise) {
   return pl;
 }
 
-template <typename scalar_t, int K>
+template <typename scalar_t, int K, bool kThread = false>
 void launch(const at::Tensor& p, const Plan& pl, Args a) {
-  auto kernel = calibration_bins_kernel<scalar_t, K>;
+  auto kernel = calibration_bins_kernel<scalar_t, K, kThread>;
   if (pl.smem > kDefaultSmem)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(pl.smem)));
   int per_sm = 0;
@@ -418,7 +533,10 @@ std::tuple<at::Tensor, at::Tensor> calibration_bins_cuda(const at::Tensor& probs
                nullptr, 0, bins.data_ptr<double>(), diag.data_ptr<double>()};
   const int64_t per_lane = (C + pl.G - 1) / pl.G;  // classes per lane
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "calibration_bins_cuda", [&] {
-    if (per_lane <= 1) launch<scalar_t, 1>(p, pl, a);
+    if (pl.G == 1 && !classwise) {  // one row per thread (plan_for: C <= kRowPerThread)
+      if (C <= 4) launch<scalar_t, 4, true>(p, pl, a);
+      else launch<scalar_t, kRowPerThread, true>(p, pl, a);
+    } else if (per_lane <= 1) launch<scalar_t, 1>(p, pl, a);
     else if (per_lane <= 2) launch<scalar_t, 2>(p, pl, a);
     else if (per_lane <= 4) launch<scalar_t, 4>(p, pl, a);
     else if (per_lane <= kRegClasses) launch<scalar_t, kRegClasses>(p, pl, a);

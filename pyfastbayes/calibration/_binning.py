@@ -27,10 +27,11 @@ def mode_of(prep: Prepared, classwise: bool) -> str:
 
 
 def uniform_bins(prep: Prepared, n_bins: int, from_logits: bool, mode: str, validate: bool,
-                 name: str = "probs") -> Tensor:
+                 name: str = "probs", host: bool = False) -> Tensor:
     """Uniform bins of one native pass (which also validates): [n_bins, 3] for 'top' and
-    'positive', [C, n_bins, 3] for 'classwise'; per bin (count, value sum, hit sum)."""
-    bins = checked_bins(prep, n_bins, from_logits, mode != "top", validate, name)
+    'positive', [C, n_bins, 3] for 'classwise'; per bin (count, value sum, hit sum). ``host``:
+    returned on the CPU (see ``checked_bins``)."""
+    bins = checked_bins(prep, n_bins, from_logits, mode != "top", validate, name, host)
     return bins[1] if mode == "positive" else bins
 
 

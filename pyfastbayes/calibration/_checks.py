@@ -160,12 +160,17 @@ def raise_on_diag(diag: Tensor, p3: Tensor, y: Tensor, from_logits: bool, binary
 
 
 def checked_bins(prep: Prepared, n_bins: int, from_logits: bool, classwise: bool, validate: bool,
-                 name: str = "probs") -> Tensor:
+                 name: str = "probs", host: bool = False) -> Tensor:
     """The binning op over prep.p3 (targets: prep.y, or zeros without targets); with ``validate``
-    its row diagnostics are checked. Returns bins [n_bins, 3] or [C, n_bins, 3]."""
+    its row diagnostics are checked. Returns bins [n_bins, 3] or [C, n_bins, 3], on the device of
+    p3, or with ``host`` on the CPU: then bins and diagnostics come over in one copy (the call's one
+    host synchronisation, which the checks need anyway)."""
     p3 = prep.p3
     y = prep.y if prep.y is not None else torch.zeros(p3.shape[1], dtype=torch.long, device=p3.device)
     bins, diag = ops.calibration_bins(p3, y, n_bins, from_logits, classwise, sum_tol(p3.dtype))
+    if host:
+        both = torch.cat([diag, bins.flatten()]).cpu()
+        diag, bins = both[: diag.numel()], both[diag.numel():].view(bins.shape)
     if validate:
         raise_on_diag(diag, p3, y, from_logits, prep.binary, name)
     return bins

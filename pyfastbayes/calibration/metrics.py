@@ -57,8 +57,8 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
     check_choice(binning, "binning", BINNINGS)
     prep = prepare(probs, targets, from_logits=from_logits, validate=False)  # values: in the binning pass
     mode = mode_of(prep, classwise)
-    if binning == "uniform":
-        b = uniform_bins(prep, n_bins, from_logits, mode, validate)
+    if binning == "uniform":  # the bins come to the host with the checks' diagnostics (one sync),
+        b = uniform_bins(prep, n_bins, from_logits, mode, validate, host=True)  # the error is taken there
     else:
         if validate:  # the value checks of the native pass (one bin: its bins are not used)
             uniform_bins(prep, 1, from_logits, mode, True)
@@ -67,7 +67,8 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
         raise ValueError("no valid rows to bin: every row of probs has a bad target or non-finite values "
                          "(validate=False skipped the checks that say which)")
     err = error_from_bins(b, norm)
-    return err.mean() if mode == "classwise" or binning == "adaptive" else err
+    err = err.mean() if mode == "classwise" or binning == "adaptive" else err
+    return err.to(probs.device)
 
 
 def nll(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: bool = True) -> Tensor:
