@@ -4,14 +4,16 @@
 // of R consecutive draws. Its 256 threads are kGroups = 4 groups of 64 (two whole warps each):
 // thread (g, c) owns column col0 + c and the St draws r0 + g St .. r0 + g St + St - 1 of the
 // round that starts at draw r0, accumulating acc[s] = sum_k z2[s, k] D[k, j] in registers in
-// state_t. St = 16 for fp32 state and 8 for fp64 state, so R = 4 St = 64 or 32; with
+// state_t. St = 16 for fp32 state and 8 for fp64 state, so R = 4 St = 64 or 32, both halved when
+// S <= R / 2 (draw_tile_for: otherwise S = 32 would leave two of the four groups idle); with
 // __launch_bounds__(256, 4) every variant fits 64 registers without spilling (ptxas -v). The
 // block takes rounds blockIdx.y, blockIdx.y + gridDim.y, ... of the nR = ceil(S / R) rounds.
 //
 // How often D is read. The block copies its slice of D (its 64 columns of Kc rows, in D's own
 // dtype) into shared memory with coalesced row reads, and every round it runs consumes it there.
 // Kc is the number of rows that fit next to the 8.5 KiB z2 stage in 48 KiB: 158 rows of fp32 D,
-// 79 of fp64, 316 of fp16 / bf16 (either state dtype). Exactly:
+// 79 of fp64, 316 of fp16 / bf16 (either state dtype); more next to the 4.5 KiB stage of the
+// halved draw tile. Exactly:
 //   * K == 0: D is not read (gridDim.y = nR, one round per block).
 //   * K <= Kc: each block loads its slice once, before its first round, so D is read from global
 //     memory gy = gridDim.y times in all: gy = 1 (D read once) whenever gx = ceil(P / 64) >=
@@ -67,43 +69,49 @@ constexpr int kBlocksPerSm = 4;             // register budget: 64 per thread (4
 static_assert(kThreads % kCols == 0 && kCols % 32 == 0, "a warp must lie inside one draw group");
 static_assert(kKTile % kBand == 0, "the z2 stage is whole bands");
 
-// Draws per thread (St, the register accumulators). Chosen with ptxas -v so that no variant
-// spills and each stays at <= 64 registers (4 blocks of 256 threads per SM).
+// Draws per thread (St, the register accumulators): a template parameter of the kernel, chosen per
+// call (draw_tile_for) so that the 4 draw groups of a block all have draws: St = 16 (fp32 state)
+// or 8 (fp64) for many draws; 8 or 4 when S <= 4 St / 2 (S = 32 with St = 16 left two of the
+// four groups idle). ptxas -v: no variant spills, each stays at <= 64 registers (4 blocks of 256
+// threads per SM).
 template <typename state_t>
-constexpr int draw_tile() {
+constexpr int max_draw_tile() {
   return sizeof(state_t) == 8 ? 8 : 16;
 }
 template <typename state_t>
-constexpr int round_draws() {  // R: draws per round of a block
-  return kGroups * draw_tile<state_t>();
+int draw_tile_for(int64_t S) {
+  return S <= kGroups * max_draw_tile<state_t>() / 2 ? max_draw_tile<state_t>() / 2 : max_draw_tile<state_t>();
 }
+constexpr int round_draws(int St) { return kGroups * St; }  // R: draws per round of a block
 // z2 is staged in state_t (converted from float once here, not in the inner loop). A warp's
 // store of 4-byte elements is served in one wavefront of 32 lanes, of 8-byte elements in two of
 // 16 lanes; a wavefront is conflict-free when its lanes hit distinct slots of the W = 128 bytes /
 // sizeof(state_t) element slots (32 or 16) of the 32 banks. A wavefront of the staging copy
 // holds kBand = 8 k-rows x L = W / 8 draws (L = 4 or 2); with R a multiple of W and the pitch
 // Rp = R + L, element (kk, ss) sits in slot (L kk + ss) mod W: all W distinct. Rp sizeof(state_t)
-// = 272 bytes keeps every row 16-byte aligned for the broadcast vector loads (L elements).
+// (144 or 272 bytes) keeps every row 16-byte aligned for the broadcast vector loads (L elements).
 template <typename state_t>
 constexpr int zs_lanes() {
   return 16 / static_cast<int>(sizeof(state_t));  // elements per 16-byte vector: 4 or 2
 }
-template <typename state_t>
+template <typename state_t, int St>
 constexpr int zs_pitch() {
-  return round_draws<state_t>() + zs_lanes<state_t>();
+  return round_draws(St) + zs_lanes<state_t>();
 }
-template <typename state_t>
+template <typename state_t, int St>
 constexpr int zs_bytes() {
-  return kKTile * zs_pitch<state_t>() * static_cast<int>(sizeof(state_t));
+  return kKTile * zs_pitch<state_t, St>() * static_cast<int>(sizeof(state_t));
 }
-template <typename state_t>
+template <typename state_t, int St>
 constexpr bool zs_layout_ok() {
   // slots: 4-byte banks / element words = elements of one store wavefront; L draws per wavefront
   constexpr int slots = 128 / static_cast<int>(sizeof(state_t)), L = slots / kBand;
-  return L == zs_lanes<state_t>() && round_draws<state_t>() % slots == 0 && zs_pitch<state_t>() % slots == L &&
-         (zs_pitch<state_t>() * sizeof(state_t)) % 16 == 0 && kBand * L == slots && draw_tile<state_t>() % L == 0;
+  return L == zs_lanes<state_t>() && round_draws(St) % slots == 0 && zs_pitch<state_t, St>() % slots == L &&
+         (zs_pitch<state_t, St>() * sizeof(state_t)) % 16 == 0 && kBand * L == slots && St % L == 0;
 }
-static_assert(zs_layout_ok<float>() && zs_layout_ok<double>(), "the z2 stage layout of the header comment");
+static_assert(zs_layout_ok<float, 16>() && zs_layout_ok<float, 8>() && zs_layout_ok<double, 8>() &&
+                  zs_layout_ok<double, 4>(),
+              "the z2 stage layout of the header comment");
 
 // acc[0..L) += z[0..L) * d with one 16-byte shared-memory load (L = 4 floats or 2 doubles)
 __device__ __forceinline__ void axpy_vec(float* acc, const float* z, float d) {
@@ -136,15 +144,14 @@ __device__ __forceinline__ float pick4(const float v[4], int i) {
 
 // K: rows of D; Kc: rows of D resident in shared memory at a time (Kc == K: the whole slice,
 // loaded once per block; otherwise a multiple of kKTile, reloaded every round). nR = ceil(S / R).
-template <typename state_t, typename d_t, bool kLowRank>
+template <typename state_t, typename d_t, bool kLowRank, int St>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     swag_sample_kernel(const state_t* __restrict__ mean, const state_t* __restrict__ sq, const d_t* __restrict__ D,
                        int64_t ldD, int K, int Kc, const float* __restrict__ z2, int64_t P, int S, int nR,
                        state_t* __restrict__ out, state_t c_diag, state_t c_low, state_t eps, uint64_t seed,
                        uint32_t step, int64_t offset) {
-  constexpr int St = draw_tile<state_t>();
-  constexpr int R = round_draws<state_t>();
-  constexpr int Rp = zs_pitch<state_t>();
+  constexpr int R = round_draws(St);
+  constexpr int Rp = zs_pitch<state_t, St>();
   __shared__ __align__(16) state_t zs[kKTile * Rp];        // z2 stage: zs[kk * Rp + ss]
   extern __shared__ __align__(16) unsigned char smem[];    // D slice: Ds[k * kCols + c], Kc rows
   d_t* Ds = reinterpret_cast<d_t*>(smem);
@@ -236,6 +243,44 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   }
 }
 
+// One kernel launch for draw tile St (the dispatch of swag_sample_cuda).
+template <typename state_t, int St>
+void launch_sample(const at::Tensor& mean, const at::Tensor& sq_mean, const std::optional<at::Tensor>& D, int64_t K,
+                   int64_t P, int64_t n_draws, double scale, double eps, uint64_t useed, uint32_t ustep,
+                   int64_t offset, const at::Tensor& z2, at::Tensor& out) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t gx = blocks_for(P, kCols);
+  const auto coef = swag_coefficients(scale, K);
+  const state_t c_diag = static_cast<state_t>(coef.diag), c_low = static_cast<state_t>(coef.lowrank);
+  const int64_t nR = (n_draws + round_draws(St) - 1) / round_draws(St);  // <= 2^31 / 16
+  // the header comment's rule: without D every round is its own block row; with D, the draws
+  // are split over blocks only while the columns alone give fewer than kMinBlocks blocks
+  const int64_t gy = K == 0 ? nR : gx >= kMinBlocks ? 1 : std::min<int64_t>(nR, (kMinBlocks + gx - 1) / gx);
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  if (K == 0) {
+    swag_sample_kernel<state_t, state_t, false, St><<<grid, kThreads, 0, stream>>>(
+        mean.data_ptr<state_t>(), sq_mean.data_ptr<state_t>(), nullptr, 0, 0, 1, nullptr, P,
+        static_cast<int>(n_draws), static_cast<int>(nR), out.data_ptr<state_t>(), c_diag, c_low,
+        static_cast<state_t>(eps), useed, ustep, offset);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, D->scalar_type(), "swag_sample_cuda_D", [&] {
+    using d_t = scalar_t;
+    // rows of D that fit next to the z2 stage; a chunked slice takes whole z2 stages
+    constexpr int64_t fit = (kSmemBytes - zs_bytes<state_t, St>()) / (kCols * static_cast<int64_t>(sizeof(d_t)));
+    static_assert((kSmemBytes - zs_bytes<state_t, St>()) / (kCols * 8) >= kKTile, "a D chunk holds one z2 stage");
+    const int64_t Kc = K <= fit ? K : fit / kKTile * kKTile;
+    const size_t dyn = static_cast<size_t>(Kc * kCols) * sizeof(d_t);
+    swag_sample_kernel<state_t, d_t, true, St><<<grid, kThreads, dyn, stream>>>(
+        mean.data_ptr<state_t>(), sq_mean.data_ptr<state_t>(), D->data_ptr<d_t>(), D->stride(0),
+        static_cast<int>(K), static_cast<int>(Kc), z2.data_ptr<float>(), P, static_cast<int>(n_draws),
+        static_cast<int>(nR), out.data_ptr<state_t>(), c_diag, c_low, static_cast<state_t>(eps), useed, ustep,
+        offset);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 at::Tensor swag_sample_cuda(const at::Tensor& mean, const at::Tensor& sq_mean, const std::optional<at::Tensor>& D,
                             int64_t n_draws, double scale, double eps, int64_t seed, int64_t step, int64_t offset) {
   const int64_t K = check_swag_sample(mean, sq_mean, D, n_draws, scale, eps, offset, c10::DeviceType::CUDA);
@@ -244,7 +289,7 @@ at::Tensor swag_sample_cuda(const at::Tensor& mean, const at::Tensor& sq_mean, c
   const c10::cuda::CUDAGuard guard(mean.device());
   auto out = at::empty({n_draws, P}, mean.options());
   if (n_draws == 0 || P == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = at::cuda::getCurrentCUDAStream();  // the low-rank noise kernel's
   const auto useed = static_cast<uint64_t>(seed);
   const auto ustep = static_cast<uint32_t>(step);
   at::Tensor z2;
@@ -258,38 +303,13 @@ at::Tensor swag_sample_cuda(const at::Tensor& mean, const at::Tensor& sq_mean, c
   }
   const int64_t gx = blocks_for(P, kCols);
   TORCH_CHECK(gx < (int64_t(1) << 31), "swag_sample: too many columns (", P, ")");
-  const auto d_type = D.has_value() ? D->scalar_type() : mean.scalar_type();
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "swag_sample_cuda_state", [&] {
     using state_t = scalar_t;
-    const auto coef = swag_coefficients(scale, K);
-    const state_t c_diag = static_cast<state_t>(coef.diag), c_low = static_cast<state_t>(coef.lowrank);
-    const int64_t nR = (n_draws + round_draws<state_t>() - 1) / round_draws<state_t>();  // <= 2048
-    // the header comment's rule: without D every round is its own block row; with D, the draws
-    // are split over blocks only while the columns alone give fewer than kMinBlocks blocks
-    const int64_t gy = K == 0 ? nR : gx >= kMinBlocks ? 1 : std::min<int64_t>(nR, (kMinBlocks + gx - 1) / gx);
-    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-    if (K == 0) {
-      swag_sample_kernel<state_t, state_t, false><<<grid, kThreads, 0, stream>>>(
-          mean.data_ptr<state_t>(), sq_mean.data_ptr<state_t>(), nullptr, 0, 0, 1, nullptr, P,
-          static_cast<int>(n_draws), static_cast<int>(nR), out.data_ptr<state_t>(), c_diag, c_low,
-          static_cast<state_t>(eps), useed, ustep, offset);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d_type, "swag_sample_cuda_D", [&] {
-      using d_t = scalar_t;
-      // rows of D that fit next to the z2 stage; a chunked slice takes whole z2 stages
-      const int64_t fit = (kSmemBytes - zs_bytes<state_t>()) / (kCols * static_cast<int64_t>(sizeof(d_t)));
-      static_assert((kSmemBytes - zs_bytes<state_t>()) / (kCols * 8) >= kKTile, "a D chunk holds one z2 stage");
-      const int64_t Kc = K <= fit ? K : fit / kKTile * kKTile;
-      const size_t dyn = static_cast<size_t>(Kc * kCols) * sizeof(d_t);
-      swag_sample_kernel<state_t, d_t, true><<<grid, kThreads, dyn, stream>>>(
-          mean.data_ptr<state_t>(), sq_mean.data_ptr<state_t>(), D->data_ptr<d_t>(), D->stride(0),
-          static_cast<int>(K), static_cast<int>(Kc), z2.data_ptr<float>(), P, static_cast<int>(n_draws),
-          static_cast<int>(nR), out.data_ptr<state_t>(), c_diag, c_low, static_cast<state_t>(eps), useed, ustep,
-          offset);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    constexpr int kTile = max_draw_tile<state_t>();
+    if (draw_tile_for<state_t>(n_draws) == kTile)
+      launch_sample<state_t, kTile>(mean, sq_mean, D, K, P, n_draws, scale, eps, useed, ustep, offset, z2, out);
+    else
+      launch_sample<state_t, kTile / 2>(mean, sq_mean, D, K, P, n_draws, scale, eps, useed, ustep, offset, z2, out);
   });
   return out;
 }
