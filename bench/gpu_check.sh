@@ -7,10 +7,11 @@
 #   OUT=$OUT bash bench/gpu_check.sh [--quick]
 # Order: build; sanitizers in the background; the CUDA tests (-k cuda: every test of a *_cuda.py
 # file and every op-contract case on the cuda device); the benchmarks (after the sanitizers, so
-# nothing else uses the GPU); then the rest of the suite until DEADLINE. At most 7 files in $OUT.
+# nothing else uses the GPU); STEPS with 'ncu': Nsight Compute over scripts/ncu_targets.py (NCU_LIMIT);
+# then the rest of the suite until DEADLINE. At most 8 files in $OUT (the device tool's limit).
 # Knobs (environment): STEPS (default "build tests sanitize bench"), BENCH_ONLY (suites, e.g.
 # sgmcmc,swag, in that order), CUDA_K (the -k expression of the CUDA test step, default cuda), PEERS=0
-# (install only pytest from the carried wheels: no peer rows or peer tests), TEST_LIMIT / SAN_LIMIT / BENCH_LIMIT / LAPLACE_LIMIT / VI_LIMIT (seconds per step;
+# (install only pytest and torchmetrics from the carried wheels: fewer peer rows and tests), TEST_LIMIT / SAN_LIMIT / BENCH_LIMIT / LAPLACE_LIMIT / VI_LIMIT (seconds per step;
 # bench_laplace and bench_vi run apart in --quick mode, defaults 120 s and 90 s), DEADLINE (seconds from
 # the start by which the rest of the suite is interrupted, with its summary, default 540).
 set -uo pipefail
@@ -34,7 +35,7 @@ if [ -d .gpu-wheels ]; then
            posteriors:"posteriors torchopt graphviz optree tensordict cloudpickle pyvers typing-extensions" \
            torchmetrics:"torchmetrics lightning-utilities" bayesian_torch:bayesian-torch scipy:scipy \
            laplace:"laplace-torch asdfghjkl curvlinops-for-pytorch backpack-for-pytorch unfoldNd einops einconv linear-operator opt-einsum"; do
-    [ "${PEERS:-1}" = 0 ] && [[ " pytest xdist numpy tqdm " != *" ${m%%:*} "* ]] && continue  # PEERS=0: pytest only
+    [ "${PEERS:-1}" = 0 ] && [[ " pytest xdist numpy tqdm torchmetrics " != *" ${m%%:*} "* ]] && continue  # PEERS=0: pytest + torchmetrics
     python -c "import ${m%%:*}" 2>/dev/null || need+=(${m#*:})
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -126,6 +127,14 @@ if os.path.exists(add):  # the suite's rows join the others' in bench.json
 PY
   done
   grep -vE "Warning|warn" "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
+fi
+if has ncu && command -v ncu >/dev/null; then  # the kernels that missed their targets, profiled
+  t0=$(date +%s)
+  timeout "${NCU_LIMIT:-90}" ncu --kernel-name regex:"swag_sample_kernel|calibration_bins_kernel" \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      python "$REPO/scripts/ncu_targets.py" >"$OUT/ncu.txt" 2>&1
+  log "ncu rc=$? in $(( $(date +%s) - t0 )) s (ncu.txt)"
 fi
 if has tests; then
   left=$(( DEADLINE - ($(date +%s) - T_START) ))

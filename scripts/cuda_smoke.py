@@ -51,7 +51,7 @@ def sgmcmc() -> None:
 
 def calibration() -> None:
     g = torch.Generator().manual_seed(1)
-    for S, N, C, B in ((1, 3000, 10, 15), (3, 500, 33, 10), (1, 200, 1000, 15), (2, 100, 300, 15)):
+    for S, N, C, B in ((1, 3000, 10, 15), (2, 700, 3, 15), (3, 500, 33, 10), (1, 200, 1000, 15), (2, 100, 300, 15)):
         for logits in (False, True):
             x = torch.randn(S, N, C, generator=g)
             p = x if logits else x.softmax(-1)
@@ -79,7 +79,8 @@ def swag() -> None:
                 ps = [(p + 0.1 * n).to(dev) for p in params]
                 ops.swag_collect_(ps, mean, sq, D[n % 3], n, backend="native")
             draws = ops.swag_sample(mean, sq, D, 40, 0.5, 1e-30, 42, 1, 0, backend="native")
-            res[dev] = (mean, sq, D, draws)
+            few = ops.swag_sample(mean, sq, D, 20, 0.5, 1e-30, 43, 1, 0, backend="native")  # the halved draw tile
+            res[dev] = (mean, sq, D, draws, few)
         for a, b in zip(res["cuda"], res["cpu"]):
             close(a, b, 1e-4 if dev_dtype == torch.float32 else 1e-2)
 
