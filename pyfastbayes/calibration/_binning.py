@@ -89,3 +89,11 @@ def error_from_bins(bins: Tensor, norm: str) -> Tensor:
     if norm == "l2":
         return (w * gap * gap).sum(-1).sqrt()
     return torch.where(cnt > 0, gap, torch.zeros_like(gap)).amax(-1)
+
+
+def require_binned(bins: Tensor) -> None:
+    """Refuse bins that hold no row: every row was skipped (a bad target or non-finite values,
+    which only pass with validate=False)."""
+    if split_stats(bins)[0].sum() == 0:
+        raise ValueError("no valid rows to bin: every row of probs has a bad target or non-finite values "
+                         "(validate=False skipped the checks that say which)")

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._binning import adaptive_bins, error_from_bins, mean_probs, mode_of, split_stats, uniform_bins
-from ._checks import BINNINGS, NORMS, check_choice, check_n_bins, check_scores, prepare
+from ._binning import adaptive_bins, error_from_bins, mean_probs, mode_of, require_binned, uniform_bins
+from ._checks import BINNINGS, NORMS, Prepared, check_choice, check_n_bins, check_scores, prepare
 
 __all__ = ["ece", "nll", "brier", "accuracy", "predictive_entropy", "expected_entropy", "mutual_information",
            "ood_auroc"]
@@ -63,9 +63,7 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
         if validate:  # the value checks of the native pass (one bin: its bins are not used)
             uniform_bins(prep, 1, from_logits, mode, True)
         b = adaptive_bins(prep, n_bins, from_logits, mode)
-    if split_stats(b)[0].sum() == 0:
-        raise ValueError("no valid rows to bin: every row of probs has a bad target or non-finite values "
-                         "(validate=False skipped the checks that say which)")
+    require_binned(b)
     err = error_from_bins(b, norm)
     err = err.mean() if mode == "classwise" or binning == "adaptive" else err
     return err.to(probs.device)
@@ -82,16 +80,7 @@ def nll(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: boo
     without it the target range is still checked. Returns a float64 scalar.
     """
     prep = prepare(probs, targets, from_logits=from_logits, validate=validate, indexes_targets=True)
-    p3, y = prep.p3, prep.y
-    S = p3.shape[0]
-    idx = y.view(1, -1, 1).expand(S, -1, 1)
-    if from_logits:
-        x = p3.double()
-        logp_y = x.gather(-1, idx).squeeze(-1) - torch.logsumexp(x, -1)  # [S, N]
-        logp = torch.logsumexp(logp_y, 0) - math.log(S)
-    else:
-        logp = p3.gather(-1, idx).squeeze(-1).double().mean(0).log()
-    return -logp.clamp_min(_LOG_TINY).mean()
+    return nll_terms(prep, from_logits).mean()
 
 
 def brier(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: bool = True) -> Tensor:
@@ -101,9 +90,7 @@ def brier(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: b
     [0, 1]); targets: [N]. ``validate`` as in :func:`nll`. Returns a float64 scalar.
     """
     prep = prepare(probs, targets, from_logits=from_logits, validate=validate, indexes_targets=True)
-    pbar = mean_probs(prep.p3, from_logits)
-    score = pbar.pow(2).sum(-1) - 2 * pbar.gather(-1, prep.y[:, None]).squeeze(-1) + 1  # no [N, C] one-hot
-    return (score / 2 if prep.binary else score).mean()
+    return brier_terms(prep, from_logits).mean()
 
 
 def accuracy(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: bool = True) -> Tensor:
@@ -111,9 +98,37 @@ def accuracy(probs: Tensor, targets: Tensor, from_logits: bool = False, validate
     target. probs: [N, C], [S, N, C] or binary [N] (class 1 predicted when p > 0.5); targets: [N].
     ``validate`` as in :func:`ece`. Returns a float64 scalar."""
     prep = prepare(probs, targets, from_logits=from_logits, validate=validate)
+    return hits(prep, from_logits).double().mean()
+
+
+# ---- per-point terms of nll, brier and accuracy: each metric is the mean of its terms; the ----------
+# ---- sharded evaluation (:mod:`.sharded`) sums them on every process instead ------------------------
+def nll_terms(prep: Prepared, from_logits: bool) -> Tensor:
+    """-log pbar(y_n | x_n) per point, float64 [N] (N = 0 allowed), clamped as :func:`nll` says."""
+    p3, y = prep.p3, prep.y
+    S = p3.shape[0]
+    idx = y.view(1, -1, 1).expand(S, -1, 1)
+    if from_logits:
+        x = p3.double()
+        logp_y = x.gather(-1, idx).squeeze(-1) - torch.logsumexp(x, -1)  # [S, N]
+        logp = torch.logsumexp(logp_y, 0) - math.log(S)
+    else:
+        logp = p3.gather(-1, idx).squeeze(-1).double().mean(0).log()
+    return -logp.clamp_min(_LOG_TINY)
+
+
+def brier_terms(prep: Prepared, from_logits: bool) -> Tensor:
+    """Brier score per point, float64 [N]: sum_c (pbar_nc - [y_n = c])^2, halved for binary [N]."""
+    pbar = mean_probs(prep.p3, from_logits)
+    score = pbar.pow(2).sum(-1) - 2 * pbar.gather(-1, prep.y[:, None]).squeeze(-1) + 1  # no [N, C] one-hot
+    return score / 2 if prep.binary else score
+
+
+def hits(prep: Prepared, from_logits: bool) -> Tensor:
+    """[argmax_c pbar_nc == y_n] per point, bool [N] (ties: lowest class)."""
     p3 = prep.p3
     pred = (p3[0] if p3.shape[0] == 1 else mean_probs(p3, from_logits)).argmax(-1)
-    return (pred == prep.y).double().mean()
+    return pred == prep.y
 
 
 def _entropy(p: Tensor) -> Tensor:

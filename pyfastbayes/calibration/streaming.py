@@ -102,11 +102,28 @@ class CalibrationError:
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("sync() needs an initialised torch.distributed process group")
-        local = self._local
-        if local is None:
-            dev = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-            local = torch.zeros(self._shape(), dtype=torch.float64, device=dev)
-        total = local.clone()
+        total = self._local_state(collective_device(group)).clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         self._global = total
         return self
+
+    # ---- what sync() reduces and stores; also used by :func:`~pyfastbayes.calibration.evaluate`,
+    # ---- which reduces this state inside its one flat buffer ----------------------------------------
+    def _local_state(self, device) -> Tensor:
+        """The local bins (without ``sync``), or zeros of the state's shape on ``device`` when no
+        data was added."""
+        if self._local is None:
+            return torch.zeros(self._shape(), dtype=torch.float64, device=device)
+        return self._local
+
+    def _set_global(self, total: Tensor) -> None:
+        """Take ``total`` (the state summed over the processes) as the state :meth:`compute` reads."""
+        self._global = total.reshape(self._shape())
+
+
+def collective_device(group=None) -> str:
+    """Where a tensor must live for a collective over ``group``: the current CUDA device for NCCL,
+    else the CPU (gloo, mpi)."""
+    import torch.distributed as dist
+
+    return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
