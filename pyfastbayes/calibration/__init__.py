@@ -23,8 +23,14 @@ evaluated exactly (not in rounded floating point); the last bin is closed, so co
 1.0 lands in bin B - 1 and confidence 0 in bin 0; a value exactly on an interior edge k/B goes to
 bin k (the bin above the edge).
 
+A test set split by rows over the processes of a ``torch.distributed`` group: :func:`evaluate`
+(probs [N_r, C] / [S, N_r, C] / [N_r] and targets [N_r] on process r, N_r >= 0) returns on every
+process the nll, accuracy, ece and Brier score of the whole test set, from one all-reduce of
+their sufficient statistics; without torch.distributed it is the local metrics.
+
 Modules: :mod:`.metrics` (ece, nll, brier, accuracy, entropies, mutual information, OOD AUROC),
-:mod:`.streaming` (:class:`CalibrationError`), :mod:`.recalibration` (temperature and vector
+:mod:`.streaming` (:class:`CalibrationError`), :mod:`.sharded` (:func:`evaluate`),
+:mod:`.recalibration` (temperature and vector
 scaling), :mod:`.plot` (reliability diagram); argument and value checks shared by all live in
 :mod:`._checks`, the binning shared by ece, the streaming metric and the plot in :mod:`._binning`.
 """
@@ -32,8 +38,9 @@ from .metrics import (accuracy, brier, ece, expected_entropy, mutual_information
                       predictive_entropy)
 from .plot import reliability_diagram
 from .recalibration import TemperatureScaling, VectorScaling
+from .sharded import evaluate
 from .streaming import CalibrationError
 
 __all__ = ["ece", "CalibrationError", "nll", "brier", "predictive_entropy", "expected_entropy",
            "mutual_information", "accuracy", "ood_auroc", "TemperatureScaling", "VectorScaling",
-           "reliability_diagram"]
+           "reliability_diagram", "evaluate"]
