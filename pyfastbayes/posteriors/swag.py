@@ -27,11 +27,27 @@ generates z1 in-kernel from the Philox4x32-10 stream (seed, ``ops.SWAG.diag_stre
 at the parameter's flat index, and z2 [S, K] from the stream (seed, ``ops.SWAG.lowrank_stream``),
 element s * K + k (see ``csrc/common/swag.h``): CPU, CUDA and the pure-PyTorch reference draw the
 same numbers, and ``torch.manual_seed`` fixes every draw.
+
+**Sharding under torch.distributed** (``SWAG(..., shard=True)``). Under DDP the parameters, hence
+the moments, are the same on every rank; a sharded SWAG keeps on rank r only the columns
+[a_r, b_r) of the flattened parameter vector (:func:`shard_columns`: balanced ranges that start
+at multiples of 256): mean, sq_mean [b_r - a_r] and D [K, b_r - a_r], about (K + 2) P / R numbers
+per rank instead of (K + 2) P. :meth:`SWAG.collect` updates those columns only (every update is
+per element, so they are the single-process columns to the bit). A draw needs no communication
+of the moments: column j's diagonal noise is the Philox counter of its global index j and z2
+[S, K] does not depend on the columns, so rank r samples its columns with ``offset=a_r`` (exactly
+those columns of the single-process draw, the seed being rank 0's, broadcast) and one all-gather
+per block of draws assembles [S, P] on every rank: the same draws as the single-process SWAG with
+rank 0's generator. The column ranges start at multiples of the CPU sampler's column block (256),
+so every column also takes the same instruction path (tile or tail) in the CPU kernel as in the
+single-process call.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import struct
+import zlib
 from typing import Callable
 
 import torch
@@ -41,12 +57,17 @@ from .. import ops
 from .base import check_count
 from .swa import PARAM_DTYPES, SWA
 
-__all__ = ["SWAG", "DEFAULT_SCALE"]
+__all__ = ["SWAG", "DEFAULT_SCALE", "shard_columns"]
 
 COVS = ("lowrank", "diag")
 DEFAULT_SCALE = {"lowrank": 0.5, "diag": 1.0}  # the SWAG paper's posterior for each covariance
 FP16_MAX = 65504.0  # largest finite float16
 _COLUMN_BLOCK = 1 << 22  # columns per block when D lives on another device than the mean (and in log_prob)
+# Shard boundaries are multiples of this: of 4 (swag_sample's offset: a Philox counter holds 4
+# normals) and of the CPU sampler's column block kCols = 256 (csrc/cpu/swag.cpp), so that a
+# shard's blocks and 16-column tiles are the single-process call's and every column is computed by
+# the same code path (no dependence on how the compiler treats tile and tail loops).
+SHARD_ALIGN = 256
 
 
 def check_cov(cov) -> str:
@@ -80,6 +101,26 @@ def check_scale(scale, cov: str) -> float:
     return s
 
 
+def shard_columns(numel: int, world: int, align: int = SHARD_ALIGN) -> list[tuple[int, int]]:
+    """The column ranges [a_r, b_r) of ``world`` shards of a vector of ``numel`` columns: the
+    ceil(numel / align) blocks of ``align`` columns are split as evenly as possible (rank r gets
+    blocks [r U // R, (r + 1) U // R)), so every a_r is a multiple of ``align`` and < numel (or 0),
+    the ranges tile [0, numel) in rank order, and only the last non-empty one may end off the grid.
+    More ranks than blocks leave some ranges empty."""
+    numel, world, align = check_count(numel, "numel", 0), check_count(world, "world", 1), check_count(align, "align", 1)
+    if align % 4:
+        raise ValueError(f"align must be a multiple of 4 (swag_sample's offset), got {align}")
+    units = -(-numel // align)
+    cuts = [min(numel, (r * units // world) * align) for r in range(world + 1)]
+    return [(cuts[r], cuts[r + 1]) for r in range(world)]
+
+
+def _check_shard(shard) -> bool | None:
+    if shard is not None and not isinstance(shard, bool):
+        raise TypeError(f"shard must be None, True or False, got {type(shard).__name__}")
+    return shard
+
+
 def draw_seed(generator: torch.Generator | None) -> int:
     """One 64-bit seed from ``generator`` (default: the global CPU generator)."""
     dev = generator.device if generator is not None else "cpu"
@@ -107,12 +148,42 @@ class SWAG(SWA):
         var_clamp: eps of sigma^2 = max(sq_mean - mean^2, eps).
         dtype: float32 or float64 for mean and sq_mean (default float64 if any parameter is
             float64, else float32).
+        shard: under torch.distributed, keep only this rank's columns of the moments (see
+            below). False (default): every rank keeps everything and nothing communicates; True:
+            shard over ``process_group`` (needs an initialised process group; a group of one is
+            allowed); None: shard when torch.distributed is initialised and the group has more
+            than one rank.
+        process_group: the group to shard over (default: the default group); only with
+            ``shard`` True or None.
+
+    **Sharded** (``sharded`` is True): with R ranks in the group, rank ``shard_index`` keeps the
+    columns ``columns`` = [a, b) of :func:`shard_columns` (P, R): ``mean``, ``sq_mean`` [b - a]
+    and ``D`` [K, b - a] (memory about (K + 2) P / R numbers per rank). The parameters must be the
+    same on every rank, as DDP keeps them. Every method that draws or reads the whole moments is
+    then *collective*: all ranks of the group call it, in the same order, with the same arguments
+    (``collect``: one small all-reduce of the refusal flag; ``sample``/``sample_``/``predict``/
+    ``iter_samples``: one broadcast of rank 0's seeds per call and one all-gather per block of at
+    most ``ops.SWAG.max_draws`` draws, after which every rank holds the same [S, P] draws,
+    equal to the single-process SWAG's with rank 0's generator; ``log_prob``: two all-reduces;
+    ``full_mean``, ``variance``, ``deviations``, ``load_mean_``, ``predict_mean`` and
+    ``state_dict``: all-gathers, each rank then holding the [P] / [K, P] result). ``state_dict``
+    is the single-process format (loadable by any SWAG of the same model, sharded or not);
+    :meth:`shard_state_dict` saves only this rank's columns (loadable by the same rank of the
+    same sharding). Construction is collective too: one all-gather checks that every rank built
+    the same SWAG (layout, K, dtypes, var_clamp).
+
+    Attributes:
+        sharded: whether the moments are sharded.  process_group: the group (None: default).
+        shard_world, shard_index: R and this rank's index in the group (1 and 0 unsharded).
+        shard_ranges: [(a_r, b_r)] of every rank.  columns: (a, b) of this rank ((0, P) unsharded).
     """
 
     kind = "SWAG"
 
     def __init__(self, model: nn.Module, max_rank: int = 20, deviation_dtype: torch.dtype | None = None,
-                 store_device=None, var_clamp: float = 1e-30, dtype: torch.dtype | None = None):
+                 store_device=None, var_clamp: float = 1e-30, dtype: torch.dtype | None = None,
+                 shard: bool | None = False, process_group=None):
+        _check_shard(shard)
         if isinstance(max_rank, bool) or not isinstance(max_rank, int):
             raise TypeError(f"max_rank must be an int, got {type(max_rank).__name__}")
         if max_rank == 1 or max_rank < 0:
@@ -128,11 +199,121 @@ class SWAG(SWA):
         self.var_clamp = float(var_clamp)
         self.deviation_dtype = deviation_dtype
         self.store_device = torch.device(store_device) if store_device is not None else self.device
+        self._setup_shards(shard, process_group)
+        a, b = self.columns
+        width = b - a
+        if self.sharded:
+            self.mean = self.mean[a:b].clone()  # SWA allocated [P]; keep this rank's columns only
         pin = self.store_device.type == "cpu" and self.device.type == "cuda"
-        self.sq_mean = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        self.D = torch.zeros(max_rank, self.numel, dtype=deviation_dtype, device=self.store_device, pin_memory=pin)
-        self._stage = (torch.empty(self.numel, dtype=deviation_dtype, device=self.device)
+        self.sq_mean = torch.zeros(width, dtype=self.dtype, device=self.device)
+        self.D = torch.zeros(max_rank, width, dtype=deviation_dtype, device=self.store_device, pin_memory=pin)
+        self._stage = (torch.empty(width, dtype=deviation_dtype, device=self.device)
                        if max_rank and self.store_device != self.device else None)
+        if self.sharded:
+            self._check_same_everywhere()
+
+    # ---- sharding ------------------------------------------------------------------------------
+    def _setup_shards(self, shard: bool | None, group) -> None:
+        """Resolve ``shard`` and set the shard attributes (see the class docstring)."""
+        dist = torch.distributed
+        active = dist.is_available() and dist.is_initialized()
+        if shard is False and group is not None:
+            raise ValueError("process_group is used only by a sharded SWAG: pass shard=True (or None)")
+        if shard is True and not active:
+            raise RuntimeError("SWAG(shard=True) needs an initialised torch.distributed process group "
+                               "(torch.distributed.init_process_group); use shard=False for one process")
+        if shard is None:
+            shard = active and dist.get_world_size(group) > 1
+        self.sharded = bool(shard)
+        self.process_group = group
+        if not self.sharded:
+            self.shard_world, self.shard_index = 1, 0
+            self.shard_ranges = [(0, self.numel)]
+        else:
+            self.shard_world = dist.get_world_size(group)
+            self.shard_index = dist.get_rank(group)
+            if self.shard_index < 0:
+                raise ValueError("this process is not a member of process_group: only its members build the "
+                                 "sharded SWAG")
+            self.shard_ranges = shard_columns(self.numel, self.shard_world)
+            # where collectives run: NCCL needs CUDA tensors, gloo is given CPU ones
+            self._comm = self.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+            self._src = dist.get_global_rank(group, 0) if group is not None else 0  # the seeds' source
+        self.columns = self.shard_ranges[self.shard_index]
+        self._max_width = max(b - a for a, b in self.shard_ranges)
+        # the pieces of the parameters in this rank's columns: (tensor index, start, end) in its flat view
+        a, b = self.columns
+        self._pieces = [(i, max(a, o) - o, min(b, o + n) - o)
+                        for i, (o, n) in enumerate(zip(self.layout.offsets, map(math.prod, self.layout.shapes)))
+                        if max(a, o) < min(b, o + n)]
+
+    def _fingerprint(self) -> list[int]:
+        """What every rank of a sharded SWAG must agree on, as int64s: P, K, the layout (crc32 of
+        its description), the two dtypes and var_clamp (its float64 bits)."""
+        desc = zlib.crc32(repr(self.layout.describe()).encode())
+        clamp = struct.unpack("<q", struct.pack("<d", self.var_clamp))[0]
+        return [self.numel, self.max_rank, desc, PARAM_DTYPES.index(self.dtype),
+                PARAM_DTYPES.index(self.deviation_dtype), clamp]
+
+    def _check_same_everywhere(self) -> None:
+        """One all-gather of :meth:`_fingerprint`; every rank sees the same table, so either all
+        ranks raise the same error or none does."""
+        dist = torch.distributed
+        mine = torch.tensor(self._fingerprint(), dtype=torch.int64, device=self._comm)
+        table = [torch.empty_like(mine) for _ in range(self.shard_world)]
+        dist.all_gather(table, mine, group=self.process_group)
+        rows = [t.tolist() for t in table]
+        names = ("P", "max_rank", "layout checksum", "dtype", "deviation_dtype", "var_clamp bits")
+        for r, row in enumerate(rows):
+            diff = [f"{n} {x} vs {y}" for n, x, y in zip(names, rows[0], row) if x != y]
+            if diff:
+                raise ValueError(f"SWAG(shard=True) must be built identically on every rank of the group: rank {r} "
+                                 f"differs from rank 0 ({', '.join(diff)}); build it from the same model and "
+                                 "arguments everywhere")
+
+    def _local(self, ps: list[Tensor]) -> list[tuple[Tensor, int]]:
+        """(tensor, offset in the local state) of the parameters in this rank's columns: every
+        parameter unsharded; flat slices (views of contiguous parameters) when sharded."""
+        if not self.sharded:
+            return list(zip(ps, self.layout.offsets))
+        a = self.columns[0]
+        return [(ps[i].reshape(-1)[lo:hi], self.layout.offsets[i] + lo - a) for i, lo, hi in self._pieces]
+
+    def _all_reduce(self, t: Tensor, op) -> Tensor:
+        """``t`` reduced over the group with ``op`` (on the collective device), back on t's device."""
+        x = t.to(self._comm).clone()
+        torch.distributed.all_reduce(x, op=op, group=self.process_group)
+        return x.to(t.device)
+
+    def _gather_columns(self, local: Tensor) -> Tensor:
+        """The [rows, P] (or [P]) assembled from every rank's [rows, b_r - a_r] (or [b_r - a_r]),
+        on ``local``'s device: one all-gather of the shards padded to the widest one."""
+        if local.dim() == 1:
+            return self._gather_columns(local.unsqueeze(0))[0]
+        rows, width = local.shape
+        send = local.to(self._comm)
+        if width != self._max_width:
+            padded = send.new_zeros(rows, self._max_width)
+            padded[:, :width] = send
+            send = padded
+        send = send.contiguous()
+        parts = [torch.empty_like(send) for _ in range(self.shard_world)]
+        torch.distributed.all_gather(parts, send, group=self.process_group)
+        out = local.new_empty(rows, self.numel)
+        for (a, b), part in zip(self.shard_ranges, parts):
+            out[:, a:b] = part[:, : b - a]
+        return out
+
+    def _shared_seeds(self, seeds: list[int]) -> list[int]:
+        """Rank 0's seeds on every rank (one broadcast): the shards of a draw share its noise."""
+        t = torch.tensor(seeds, dtype=torch.int64, device=self._comm)
+        torch.distributed.broadcast(t, src=self._src, group=self.process_group)
+        return t.tolist()
+
+    def full_mean(self) -> Tensor:
+        """The running mean [P] (the SWA solution once collected): :attr:`mean` itself unsharded
+        (no copy), else gathered (collective)."""
+        return self._gather_columns(self.mean) if self.sharded else self.mean
 
     @property
     def rank(self) -> int:
@@ -150,10 +331,11 @@ class SWAG(SWA):
             torch.cuda.current_stream(self.device).synchronize()
 
     # ---- collecting ----------------------------------------------------------------------------
-    def _max_deviation(self, ps: list[Tensor]) -> Tensor:
-        """max_j |theta_j - mean'_j| [] of the row this collect would write, without writing it:
-        mean' = mean + w (theta - mean), so theta - mean' = (1 - w)(theta - mean), w = 1/(n + 1)."""
-        pairs = [(p, o) for p, o in zip(ps, self.layout.offsets) if p.numel()]
+    def _local_max_deviation(self, ps: list[Tensor]) -> Tensor:
+        """max_j |theta_j - mean'_j| [] over this rank's columns of the row this collect would
+        write, without writing it: mean' = mean + w (theta - mean), so theta - mean' =
+        (1 - w)(theta - mean), w = 1/(n + 1)."""
+        pairs = [(p, o) for p, o in self._local(ps) if p.numel()]
         if not pairs:
             return self.mean.new_zeros(())
         views = [self.mean[o:o + p.numel()].view(p.shape) for p, o in pairs]
@@ -161,19 +343,43 @@ class SWAG(SWA):
         w = 1.0 / (self.n_averaged + 1)
         return torch.stack(torch._foreach_norm(diffs, math.inf)).max() * (1 - w)
 
+    def _max_deviation(self, ps: list[Tensor]) -> Tensor:
+        """max_j |theta_j - mean'_j| [] over all P columns (sharded: an all-reduce of the ranks')."""
+        big = self._local_max_deviation(ps)
+        return self._all_reduce(big, torch.distributed.ReduceOp.MAX) if self.sharded else big
+
+    def _fp16_check(self) -> bool:
+        return bool(self.max_rank) and self.deviation_dtype == torch.float16
+
     def _collect_flag(self, ps: list[Tensor]) -> Tensor:
         """Non-finite parameters (SWA's fused check); with float16 D instead the range check of the
         deviation row this collect would write, ``~(max |row| <= 65504)``, which NaN and inf
         parameters fail too. Its cost: ``torch._foreach_sub`` and ``_foreach_norm`` over the
         parameters, a transient [P] in ``dtype`` and about three passes over P (float16 D trades
-        this for memory; bfloat16 D needs no range check)."""
-        if self.max_rank and self.deviation_dtype == torch.float16:
-            return ~(self._max_deviation(ps) <= FP16_MAX)
-        return super()._collect_flag(ps)
+        this for memory; bfloat16 D needs no range check). Sharded, the range check covers this
+        rank's columns and the flag is all-reduced, so that every rank refuses or none does."""
+        if self._fp16_check():
+            flag = ~(self._local_max_deviation(ps) <= FP16_MAX)
+        else:
+            flag = super()._collect_flag(ps)
+        if self.sharded:
+            flag = self._all_reduce(flag.to(torch.int32), torch.distributed.ReduceOp.MAX).bool()
+        return flag
 
     def _refuse_collect(self, ps: list[Tensor]) -> None:
-        super()._refuse_collect(ps)
-        big = float(self._max_deviation(ps))
+        if not self.sharded:
+            super()._refuse_collect(ps)
+            self._refuse_fp16(float(self._max_deviation(ps)))
+        # sharded: the global maximum (a collective) first, before any rank can raise
+        big = float(self._max_deviation(ps)) if self._fp16_check() else None
+        super()._refuse_collect(ps)  # a non-finite parameter (the same on every rank under DDP)
+        if big is not None and not big <= FP16_MAX:
+            self._refuse_fp16(big)
+        raise RuntimeError(f"another rank refused this collect (non-finite parameters) while this rank's parameters "
+                           f"pass: the replicas differ, but a sharded {self.kind} needs the same parameters on every "
+                           f"rank (as DDP keeps them); the {self.kind} state is unchanged")
+
+    def _refuse_fp16(self, big: float) -> None:
         raise ValueError(f"the deviation from the running mean reaches {big:.6g}, beyond float16's largest finite "
                          f"value {FP16_MAX:g}: D would hold inf and every draw would be non-finite. Use "
                          "deviation_dtype=torch.bfloat16 (same memory, float32's range) or torch.float32; "
@@ -181,7 +387,13 @@ class SWAG(SWA):
 
     def _update(self, ps: list[Tensor]) -> None:
         """One fused update: mean, sq_mean, and the deviation theta - mean (updated mean) into ring
-        row ``position``; the oldest row is overwritten once K rows are full."""
+        row ``position``; the oldest row is overwritten once K rows are full. Sharded, the op
+        gets the parameters' slices in this rank's columns (all per element: the same numbers as
+        those columns of the single-process update)."""
+        if self.sharded:
+            ps = [p for p, _ in self._local(ps)]
+            if not ps:  # no columns on this rank (more ranks than 256-column blocks)
+                return
         row = None
         if self.max_rank:
             row = self._stage if self._stage is not None else self.D[self.position]
@@ -190,14 +402,17 @@ class SWAG(SWA):
             self.D[self.position].copy_(self._stage, non_blocking=True)
 
     def variance(self) -> Tensor:
-        """sigma^2 = max(sq_mean - mean^2, var_clamp) [P] (the diagonal part, before ``scale``)."""
+        """sigma^2 = max(sq_mean - mean^2, var_clamp) [P] (the diagonal part, before ``scale``;
+        sharded: gathered, collective)."""
         self._require_collected()
-        return (self.sq_mean - self.mean * self.mean).clamp_min(self.var_clamp)
+        var = (self.sq_mean - self.mean * self.mean).clamp_min(self.var_clamp)
+        return self._gather_columns(var) if self.sharded else var
 
     def deviations(self) -> Tensor:
-        """The collected deviation rows D[:K] [K, P] (a view, no copy; physical ring order)."""
+        """The collected deviation rows D[:K] [K, P] (physical ring order): a view, no copy;
+        sharded, a gathered copy (collective; K P numbers on every rank)."""
         self._sync_store()
-        return self.D[: self.rank]
+        return self._gather_columns(self.D[: self.rank]) if self.sharded else self.D[: self.rank]
 
     # ---- sampling ------------------------------------------------------------------------------
     def _check_draw_args(self, n, scale, cov) -> tuple[int, float, str]:
@@ -214,24 +429,33 @@ class SWAG(SWA):
         return n, scale, cov
 
     def _draw_block(self, n: int, scale: float, cov: str, seed: int) -> Tensor:
+        """``n`` draws [n, b - a] of this rank's columns [a, b) (all P unsharded): the noise of
+        local column j is that of global index a + j (swag_sample's ``offset``)."""
         K = self.rank if cov == "lowrank" else 0
+        a, b = self.columns
+        if a == b:  # no columns on this rank
+            return self.mean.new_empty(n, 0)
         if K == 0 or self.D.device == self.device:
             return ops.swag_sample(self.mean, self.sq_mean, self.D[:K] if K else None, n, scale, self.var_clamp,
-                                   seed)
+                                   seed, 0, a)
         # D on another device: stream it to the mean's device in column blocks (noise indexed globally)
         self._sync_store()
-        out = torch.empty(n, self.numel, dtype=self.dtype, device=self.device)
-        for c0 in range(0, self.numel, _COLUMN_BLOCK):
-            c1 = min(c0 + _COLUMN_BLOCK, self.numel)
+        out = torch.empty(n, b - a, dtype=self.dtype, device=self.device)
+        for c0 in range(0, b - a, _COLUMN_BLOCK):
+            c1 = min(c0 + _COLUMN_BLOCK, b - a)
             blk = self.D[:K, c0:c1].to(self.device, non_blocking=True)
             out[:, c0:c1] = ops.swag_sample(self.mean[c0:c1], self.sq_mean[c0:c1], blk, n, scale, self.var_clamp,
-                                            seed, 0, c0)
+                                            seed, 0, a + c0)
         return out
 
     def sample(self, n: int, *, scale: float | None = None, cov: str = "lowrank",
                generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws [n, P] (dtype of the state, on the model's device) in one batched kernel:
         mean, variance and D are read once for all draws and the noise is generated in-kernel.
+        Sharded (collective, the same ``n``, ``scale`` and ``cov`` on every rank): rank 0's seeds
+        are broadcast, each rank draws its columns and one all-gather per block of
+        ``ops.SWAG.max_draws`` draws gives every rank the same [n, P], equal to the
+        single-process draws with rank 0's generator (every rank's generator advances as there).
 
         Args:
             n: S >= 0, number of draws.
@@ -241,9 +465,14 @@ class SWAG(SWA):
         """
         n, scale, cov = self._check_draw_args(n, scale, cov)
         step = ops.SWAG.max_draws
-        parts = [self._draw_block(min(step, n - s0), scale, cov, draw_seed(generator)) for s0 in range(0, n, step)]
-        if not parts:
+        seeds = [draw_seed(generator) for _ in range(0, n, step)]
+        if not seeds:
             return self.mean.new_empty(0, self.numel)
+        if self.sharded:
+            seeds = self._shared_seeds(seeds)
+        parts = [self._draw_block(min(step, n - s0), scale, cov, seed) for s0, seed in zip(range(0, n, step), seeds)]
+        if self.sharded:
+            parts = [self._gather_columns(p) for p in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.no_grad()
@@ -264,7 +493,9 @@ class SWAG(SWA):
         U = sqrt(scale / (K - 1)) D^T [P, K]; the Woodbury identity and the matrix determinant
         lemma reduce it to a K x K Cholesky factor of I + U^T A^{-1} U (no P x P matrix; D is read
         in column blocks, in float64). A singular covariance (some sigma^2 = 0, possible only with
-        ``var_clamp=0``) raises a RuntimeError saying how to avoid it.
+        ``var_clamp=0``) raises a RuntimeError saying how to avoid it. Sharded (collective, the
+        same ``theta`` on every rank): each rank sums over its columns and two all-reduces
+        combine the sums, so the result equals the single-process one up to rounding.
         """
         _, scale, cov = self._check_draw_args(0, scale, cov)
         if not torch.is_tensor(theta) or not theta.is_floating_point():
@@ -289,8 +520,11 @@ class SWAG(SWA):
 
     def _woodbury_sums(self, th: Tensor, scale: float, K: int):
         """Over column blocks, in float64: log det A, sum r^2 / a, C = U^T A^-1 U [K, K],
-        v = r A^-1 U [S, K] (r = theta - mean) and min(a) (a host float)."""
+        v = r A^-1 U [S, K] (r = theta - mean) and min(a) (a host float); sharded, this rank's
+        columns are summed and the sums all-reduced over the ranks."""
         S, dev, f64 = th.shape[0], self.device, torch.float64
+        a0, b0 = self.columns
+        width = b0 - a0
         self._sync_store()
         logdet = torch.zeros((), dtype=f64, device=dev)
         quad = torch.zeros(S, dtype=f64, device=dev)
@@ -298,11 +532,11 @@ class SWAG(SWA):
         v = torch.zeros(S, K, dtype=f64, device=dev)
         a_min = torch.full((), math.inf, dtype=f64, device=dev)
         cu = math.sqrt(scale / (K - 1)) if K else 0.0
-        for c0 in range(0, self.numel, _COLUMN_BLOCK):
-            c1 = min(c0 + _COLUMN_BLOCK, self.numel)
+        for c0 in range(0, width, _COLUMN_BLOCK):
+            c1 = min(c0 + _COLUMN_BLOCK, width)
             m = self.mean[c0:c1].to(f64)
             a = (self.sq_mean[c0:c1].to(f64) - m * m).clamp_min(self.var_clamp) * scale
-            r = th[:, c0:c1].to(dev, f64) - m
+            r = th[:, a0 + c0:a0 + c1].to(dev, f64) - m
             a_min = torch.minimum(a_min, a.min())
             logdet += torch.log(a).sum()
             quad += (r * r / a).sum(1)
@@ -311,6 +545,12 @@ class SWAG(SWA):
                 Ua = U / a[:, None]
                 C += U.T @ Ua
                 v += r @ Ua
+        if self.sharded:
+            dist = torch.distributed
+            flat = self._all_reduce(torch.cat([logdet.view(1), quad, C.view(-1), v.view(-1)]), dist.ReduceOp.SUM)
+            logdet, quad = flat[0], flat[1:1 + S]
+            C, v = flat[1 + S:1 + S + K * K].view(K, K), flat[1 + S + K * K:].view(S, K)
+            a_min = self._all_reduce(a_min, dist.ReduceOp.MIN)
         return logdet, quad, C, v, float(a_min)
 
     def _singular(self):
@@ -337,22 +577,84 @@ class SWAG(SWA):
         return self._average([(self.layout, draws)], x, total=n, likelihood=likelihood, bn_loader=bn_loader,
                              batch_size=batch_size, progress=progress, input_fn=input_fn, output_fn=output_fn)
 
+    # ---- the SWA solution (sharded: gathered) -------------------------------------------------
+    def load_mean_(self, model: nn.Module | None = None) -> nn.Module:
+        """Write the running average [P] into the parameters of ``model`` (default: :attr:`model`)
+        in place, cast to each parameter's dtype; returns the model (sharded: collective)."""
+        if not self.sharded:
+            return super().load_mean_(model)
+        self._require_collected()
+        return self.layout.write_(self.full_mean(), model)
+
+    @torch.no_grad()
+    def predict_mean(self, x, *, likelihood: str = "classification", bn_loader=None, batch_size: int = 1024,
+                     progress: bool = False, input_fn: Callable | None = None, output_fn: Callable | None = None):
+        """Predictions of the running average, as :meth:`SWA.predict_mean` (sharded: collective,
+        the mean gathered once)."""
+        if not self.sharded:
+            return super().predict_mean(x, likelihood=likelihood, bn_loader=bn_loader, batch_size=batch_size,
+                                        progress=progress, input_fn=input_fn, output_fn=output_fn)
+        self._require_collected()
+        return self._average([(self.layout, [self.full_mean()])], x, total=1, likelihood=likelihood,
+                             bn_loader=bn_loader, batch_size=batch_size, progress=progress, input_fn=input_fn,
+                             output_fn=output_fn)
+
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Kind, layout, mean, sq_mean, the collected rows of D, count and ring position (cloned)."""
+        """Kind, layout, mean, sq_mean, the collected rows of D, count and ring position (cloned).
+        Sharded: the same single-process format, all columns gathered on every rank (collective;
+        (K + 2) P numbers per rank): see :meth:`shard_state_dict` for this rank's columns only."""
         self._sync_store()
-        sd = super().state_dict()
-        sd.update(sq_mean=self.sq_mean.clone(), D=self.D[: self.rank].clone(), max_rank=self.max_rank,
-                  position=self.position, var_clamp=self.var_clamp)
+        if not self.sharded:
+            sd = super().state_dict()
+            sd.update(sq_mean=self.sq_mean.clone(), D=self.D[: self.rank].clone(), max_rank=self.max_rank,
+                      position=self.position, var_clamp=self.var_clamp)
+            return sd
+        sd = self._state_header()
+        sd.update(mean=self._gather_columns(self.mean), n_averaged=self.n_averaged,
+                  sq_mean=self._gather_columns(self.sq_mean), D=self._gather_columns(self.D[: self.rank]),
+                  max_rank=self.max_rank, position=self.position, var_clamp=self.var_clamp)
         return sd
 
+    def shard_state_dict(self) -> dict:
+        """This rank's columns only (sharded SWAG; no communication): the keys of
+        :meth:`state_dict` with mean, sq_mean [b - a] and D [K, b - a], plus ``shard`` = {world,
+        index, columns, numel}. :meth:`load_state_dict` takes it back on the same rank of a
+        sharding of the same P over as many ranks, and refuses any other."""
+        if not self.sharded:
+            raise RuntimeError(f"shard_state_dict() is for a sharded {self.kind} (shard=True); this one keeps all "
+                               "columns: use state_dict()")
+        self._sync_store()
+        sd = self._state_header()
+        sd.update(mean=self.mean.clone(), n_averaged=self.n_averaged, sq_mean=self.sq_mean.clone(),
+                  D=self.D[: self.rank].clone(), max_rank=self.max_rank, position=self.position,
+                  var_clamp=self.var_clamp, shard=self._shard_meta())
+        return sd
+
+    def _shard_meta(self) -> dict:
+        return {"world": self.shard_world, "index": self.shard_index, "columns": tuple(self.columns),
+                "numel": self.numel}
+
     def _check_state(self, state: dict) -> None:
-        super()._check_state(state)
+        shard = isinstance(state, dict) and "shard" in state
+        if shard:
+            self._check_shard_meta(state["shard"])
+            self._check_header(state)
+            n = state.get("n_averaged")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"state_dict['n_averaged'] must be an int >= 0, got {n!r}")
+        else:
+            super()._check_state(state)  # header, count, mean [P]
+        width = self.columns[1] - self.columns[0] if shard else self.numel
+        if shard:
+            self._check_state_tensor(state, "mean", (width,))
+        if "max_rank" not in state:
+            raise ValueError("state_dict has no 'max_rank': it was not saved by SWAG.state_dict()")
         if int(state["max_rank"]) != self.max_rank:
             raise ValueError(f"state_dict has max_rank {state['max_rank']}, this SWAG {self.max_rank}")
         rank = min(int(state["n_averaged"]), self.max_rank)
-        self._check_state_tensor(state, "sq_mean", (self.numel,))
-        self._check_state_tensor(state, "D", (rank, self.numel))
+        self._check_state_tensor(state, "sq_mean", (width,))
+        self._check_state_tensor(state, "D", (rank, width))
         if "var_clamp" not in state:
             raise ValueError("state_dict has no 'var_clamp': it was not saved by SWAG.state_dict()")
         check_var_clamp(state["var_clamp"])
@@ -361,14 +663,42 @@ class SWAG(SWA):
             raise ValueError(f"state_dict ring position {state['position']} disagrees with n_averaged "
                              f"{state['n_averaged']} (expected {pos})")
 
+    def _check_shard_meta(self, meta) -> None:
+        """A shard state fits only the same rank of the same sharding."""
+        try:
+            theirs = {"world": int(meta["world"]), "index": int(meta["index"]),
+                      "columns": tuple(int(c) for c in meta["columns"]), "numel": int(meta["numel"])}
+        except (TypeError, KeyError, ValueError):
+            raise ValueError("state_dict['shard'] must be {world, index, columns, numel} as saved by "
+                             "shard_state_dict()") from None
+        where = (f"rank {theirs['index']} of {theirs['world']} (columns [{theirs['columns'][0]}, "
+                 f"{theirs['columns'][1]}) of P = {theirs['numel']})")
+        if not self.sharded:
+            raise ValueError(f"state_dict holds one shard of a sharded {self.kind}, {where}: load it into the "
+                             f"{self.kind}(shard=True) of that rank, or save state_dict() (all columns) instead")
+        if theirs != self._shard_meta():
+            a, b = self.columns
+            raise ValueError(f"state_dict holds the shard of {where}, but this {self.kind} is rank "
+                             f"{self.shard_index} of {self.shard_world} (columns [{a}, {b}) of P = {self.numel}): a "
+                             "shard loads only on the same rank of the same world; save state_dict() (all columns) "
+                             "to change the world size")
+
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`, ring position included (checked first; nothing changes when
-        it does not fit)."""
+        it does not fit). Sharded: a full state (any SWAG's :meth:`state_dict`) is cut to this
+        rank's columns, a :meth:`shard_state_dict` must come from the same rank and sharding. No
+        communication: give every rank the same full state."""
         self._check_state(state)
         self._sync_store()
-        super().load_state_dict(state)
-        self.sq_mean.copy_(state["sq_mean"])
+        if not self.sharded:
+            super().load_state_dict(state)
+            cols = slice(None)
+        else:
+            cols = slice(None) if "shard" in state else slice(*self.columns)
+            self.mean.copy_(state["mean"][cols])
+            self.n_averaged = int(state["n_averaged"])
+        self.sq_mean.copy_(state["sq_mean"][cols])
         rank = state["D"].shape[0]
-        self.D[:rank].copy_(state["D"])
+        self.D[:rank].copy_(state["D"][:, cols])
         self.D[rank:].zero_()
         self.var_clamp = float(state["var_clamp"])
