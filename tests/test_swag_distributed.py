@@ -1,5 +1,6 @@
 """SWAG(shard=True) under torch.distributed (gloo, 2 and 3 processes on CPU; the CUDA variant puts
-2 processes on one GPU, gloo moving the shards through host memory).
+2 processes on one GPU, gloo moving the shards through host memory, and adds D kept in pinned host
+memory).
 
 Rank r keeps the columns shard_columns(P, R)[r] of mean, sq_mean and D; after the same collects
 every rank's draws (sample, sample_, predict) must equal the single-process SWAG's with rank 0's
@@ -26,6 +27,8 @@ CONFIGS = {  # name -> SWAG keyword arguments (the model is float32)
     "f32": dict(max_rank=4),
     "bf16_D_f64": dict(max_rank=3, deviation_dtype=torch.bfloat16, dtype=torch.float64),
 }
+# CUDA only: D in pinned host memory, streamed back in column blocks (offset a_r + c0)
+CUDA_CONFIGS = {**CONFIGS, "D_on_host": dict(max_rank=4, store_device="cpu")}
 COLLECTS = 6  # > max_rank: the ring buffer wraps
 
 
@@ -75,7 +78,7 @@ def _sharded(rank, device, config, group=None, seed_base=100):
     """The sharded run of one config on this rank: its outputs, its shard shapes and columns, and
     the draws (seed 7) of two fresh sharded SWAGs restored from the shard and the full state."""
     model = _model(device)
-    kw = CONFIGS[config]
+    kw = CUDA_CONFIGS[config]
     swag = SWAG(model, shard=True, process_group=group, **kw)
     _collect(model, swag)
     torch.manual_seed(seed_base + rank)  # the ranks' own seeds differ: the draws use rank 0's
@@ -94,7 +97,7 @@ def _sharded(rank, device, config, group=None, seed_base=100):
 
 def _single(device, config, seed=100):
     model = _model(device)
-    swag = SWAG(model, **CONFIGS[config])
+    swag = SWAG(model, **CUDA_CONFIGS[config])
     _collect(model, swag)
     torch.manual_seed(seed)
     out = _run(swag, model, _inputs().to(device))
@@ -138,7 +141,7 @@ def _worker(rank, world, port, out_dir, device="cpu", errors=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        out = {c: _sharded(rank, device, c) for c in CONFIGS}
+        out = {c: _sharded(rank, device, c) for c in (CUDA_CONFIGS if device == "cuda" else CONFIGS)}
         out["auto"] = SWAG(_model(device), shard=None).sharded
         if errors:
             out.update(_refusals(rank, world))
@@ -172,7 +175,7 @@ def _check_equal_to_single(ranks, device, world, config):
         torch.testing.assert_close(got["log_prob"], want["log_prob"], rtol=1e-12, atol=1e-9)
         assert torch.equal(got["from_shard"], want["again"]) and torch.equal(got["from_full"], want["again"])
         a, b = RANGES[world][r]
-        K = CONFIGS[config]["max_rank"]
+        K = CUDA_CONFIGS[config]["max_rank"]
         assert got["columns"] == (a, b) and got["shapes"] == ((b - a,), (b - a,), (K, b - a)), (config, r)
         assert got["shard_state"]["D"].shape == (K, b - a)
 
@@ -217,7 +220,7 @@ def _check_pair(got, r):
 @needs_cuda
 def test_cuda_two_processes_on_one_gpu():
     ranks = spawn_gloo(functools.partial(_worker, device="cuda"), 2)
-    for config in CONFIGS:
+    for config in CUDA_CONFIGS:
         _check_equal_to_single(ranks, "cuda", 2, config)
 
 
