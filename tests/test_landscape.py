@@ -265,7 +265,12 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="no examples"):
         grid(model, loss_fn, [(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))], d2, ab, progress=False)
     with pytest.raises(ValueError, match="bn must be one of"):
-        grid(model, loss_fn, data, d2, ab, bn="recompute", progress=False)
+        grid(model, loss_fn, data, d2, ab, bn="train", progress=False)
+    with pytest.raises(TypeError, match="distributed must be None, True or False"):
+        grid(model, loss_fn, data, d2, ab, distributed="yes", progress=False)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        with pytest.raises(ValueError, match="distributed=True but torch.distributed is not initialised"):
+            grid(model, loss_fn, data, d2, ab, distributed=True, progress=False)
     with pytest.raises(TypeError, match="directions must be a floating-point"):
         grid(model, loss_fn, data, torch.ones(2, P, dtype=torch.long), ab, progress=False)
     with pytest.raises(ValueError, match="batch_points"):

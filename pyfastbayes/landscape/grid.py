@@ -7,6 +7,11 @@ points together (``torch.vmap`` over ``torch.func.functional_call``; the model's
 never written). The model runs in eval mode (BatchNorm running statistics, no dropout); every
 submodule's own mode is restored afterwards. Each point's value is the mean over all examples
 (batch means weighted by batch size), accumulated in float64.
+
+bn='recompute' adds a first walk per chunk with the BatchNorm layers in train mode and their
+running statistics as per-point buffers [c, ...] vmapped with the points (momentum None: the
+cumulative average over the batches), then the evaluation walk reads those buffers. Under
+torch.distributed the points are split across the ranks and one all_reduce gathers the surface.
 """
 from __future__ import annotations
 
@@ -17,13 +22,14 @@ from torch.func import functional_call
 from .. import ops
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
+from ..nn.batchnorm import bn_modules
 from . import _first_layer
 from .directions import layout_of
 from .result import LandscapeResult
 
 __all__ = ["grid", "interpolate"]
 
-BN_MODES = ("eval",)
+BN_MODES = ("eval", "recompute")
 _POINT_BYTES = 256 << 20  # default chunk: the thetas [c, P] of one chunk stay under this size
 _MAX_POINTS = 64           # ... and at most this many points (activations grow with c too)
 
@@ -72,58 +78,173 @@ def _check_metrics(metrics) -> dict:
     return dict(metrics)
 
 
+def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shortcut: tuple | None,
+          buffers: dict, shared: dict, post, consume, on_batch=None) -> int:
+    """Walk ``data`` once for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s order):
+    for each block of at most ``rows`` rows of each batch (None: whole batches), consume(rows,
+    post(outputs, targets) of every point stacked [c, ...]); returns the number of examples. Every
+    block goes through the model for all c points at once (``torch.vmap`` over ``functional_call``).
+    ``buffers``: name -> [c, ...] per-point buffers, vmapped with the points; ``shared``: name ->
+    buffers common to the points (not vmapped; in-place updates act on them once per block).
+    ``shortcut`` = (first layer, theta0 [P], directions [m, P], coords [c, m]) with thetas = theta0
+    + coords @ directions: the first layer's output is combined from its m + 1 products per block
+    instead of computed per point (_first_layer.py). ``on_batch(inputs, targets, rows)`` sees each
+    batch first (the data checksum under torch.distributed). The caller sets no_grad and the modes."""
+    def args(x):
+        return x if isinstance(x, tuple) else (x,)
+
+    def one(theta: Tensor, bufs: dict, x, y: Tensor):
+        return post(functional_call(model, {**layout.unflatten(theta), **shared, **bufs}, args(x)), y)
+
+    batched = torch.vmap(one, in_dims=(0, 0, None, None))
+    if shortcut is not None:
+        first, theta0, dirs, coords = shortcut
+        mix = coords.to(thetas.dtype)
+
+        def one_first(theta: Tensor, bufs: dict, h: Tensor, x, y: Tensor):
+            _first_layer.hold(h)
+            params = {k: v for k, v in layout.unflatten(theta).items() if not k.startswith(first.prefix)}
+            return post(functional_call(model, {**params, **shared, **bufs}, (x,)), y)
+
+        batched_first = torch.vmap(one_first, in_dims=(0, 0, 0, None, None))
+    n = 0
+    for x, y, nb in iterate(data, thetas.device):
+        if on_batch is not None:
+            on_batch(x, y, nb)
+        for xr, yr, nr in _row_blocks(x, y, nb, rows):
+            if shortcut is None:
+                consume(nr, batched(thetas, buffers, xr, yr))
+                continue
+            O = first.outputs(xr, theta0, dirs)  # [m + 1, rows, ...]: once for the chunk's points
+            h = O[0] + torch.tensordot(mix, O[1:], dims=1)  # [c, rows, ...]
+            with first.swapped(model):
+                consume(nr, batched_first(thetas, buffers, h, xr, yr))
+        n += nb
+    return n
+
+
 def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows: int | None,
-              shortcut: tuple | None = None) -> tuple[Tensor, int]:
+              shortcut: tuple | None = None, buffers: dict | None = None, on_batch=None) -> tuple[Tensor, int]:
     """One pass over ``data`` for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s
-    order): returns (sums [len(fns), c] float64, N), sums[f, i] = sum over the batches of rows x
-    fns[f](model at thetas[i] on the batch, targets), i.e. N times the mean over the data. Every
-    batch is read once for all c points (``torch.vmap`` over ``functional_call``), in blocks of at
-    most ``rows`` rows (None: whole batches). ``shortcut`` = (first layer, theta0 [P], directions
-    [m, P], coords [c, m]) with thetas = theta0 + coords @ directions: the first layer's output is
-    combined from its m + 1 products per block instead of computed per point (_first_layer.py).
-    The caller sets no_grad and the model's mode."""
+    order): returns (sums [len(fns), c] float64, N), sums[f, i] = sum over the blocks of rows x
+    fns[f](model at thetas[i] on the block, targets), i.e. N times the mean over the data. Blocks
+    of at most ``rows`` rows (None: whole batches); ``shortcut`` as in :func:`_walk`; ``buffers``
+    name -> [c, ...]: per-point buffers (the BatchNorm statistics of bn='recompute'); ``on_batch``
+    as in :func:`_walk`. The caller sets no_grad and the model's mode."""
     f64 = torch.float64
 
-    def outputs_to_values(out, y: Tensor) -> Tensor:
+    def values(out, y: Tensor) -> Tensor:
         if not torch.is_tensor(out):
             raise TypeError(f"the model must return a tensor of outputs, got {type(out).__name__}")
         return torch.stack([torch.as_tensor(f(out, y), dtype=out.dtype, device=out.device).reshape(()).to(f64)
                             for f in fns])
 
-    def values(theta: Tensor, x, y: Tensor) -> Tensor:
-        return outputs_to_values(functional_call(model, layout.unflatten(theta), x if isinstance(x, tuple) else (x,)), y)
-
-    if shortcut is not None:
-        first, theta0, dirs, coords = shortcut
-        mix = coords.to(thetas.dtype)
-
-        def values_first(theta: Tensor, h: Tensor, x, y: Tensor) -> Tensor:
-            _first_layer.hold(h)
-            params = {k: v for k, v in layout.unflatten(theta).items() if not k.startswith(first.prefix)}
-            return outputs_to_values(functional_call(model, params, (x,)), y)
-
-        batched_first = torch.vmap(values_first, in_dims=(0, 0, None, None))
-    batched = torch.vmap(values, in_dims=(0, None, None))
     sums = torch.zeros(len(fns), thetas.shape[0], dtype=f64, device=thetas.device)
-    n = 0
-    for x, y, nb in iterate(data, thetas.device):
-        for xr, yr, nr in _row_blocks(x, y, nb, rows):
-            if shortcut is None:
-                sums.add_(batched(thetas, xr, yr).t(), alpha=nr)
-                continue
-            O = first.outputs(xr, theta0, dirs)  # [m + 1, rows, ...]: once for the chunk's points
-            h = O[0] + torch.tensordot(mix, O[1:], dims=1)  # [c, rows, ...]
-            with first.swapped(model):
-                sums.add_(batched_first(thetas, h, xr, yr).t(), alpha=nr)
-        n += nb
+    n = _walk(model, layout, thetas, data, rows, shortcut, buffers or {}, {}, values,
+              lambda nr, v: sums.add_(v.t(), alpha=nr), on_batch)
     if n == 0:
         raise ValueError("data has no examples (no rows in any batch): the mean loss is undefined")
     return sums, n
 
 
+def recompute_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the BatchNorm layers whose statistics bn='recompute' refreshes: those
+    tracking running statistics (the others use batch statistics in eval mode anyway)."""
+    ids = {id(m) for m in bn_modules(model)}
+    layers = [(n, m) for n, m in model.named_modules() if id(m) in ids]
+    if layers and any(isinstance(m, nn.SyncBatchNorm) for _, m in layers) and torch.distributed.is_available() \
+            and torch.distributed.is_initialized():
+        raise ValueError("bn='recompute' with a SyncBatchNorm layer under torch.distributed: in train mode it would "
+                         "average statistics across ranks, which evaluate different points; convert the layers to "
+                         "BatchNorm (e.g. a copy of the model with nn.BatchNorm*d modules) first")
+    for n, m in layers:
+        if isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
+            raise ValueError(f"bn='recompute': the lazy BatchNorm {n!r} is not initialised; run the model once first")
+    return layers
+
+
+def bn_statistics(model: nn.Module, layout, thetas: Tensor, data, layers, shortcut: tuple | None = None) -> dict:
+    """The BatchNorm statistics of bn='recompute' for a chunk of points thetas [c, P]: name ->
+    [c, ...] running_mean / running_var of every layer in ``layers`` (:func:`recompute_layers`),
+    for each point what one pass over ``data`` in train mode with the cumulative average gives
+    (statistics reset, momentum None: the mean over the batches of each batch's mean and unbiased
+    variance), all c points in the same vmapped pass. Only the BatchNorm layers are in train mode
+    (Dropout and the rest stay in eval mode, so the statistics are deterministic); batches are
+    whole (a BatchNorm in train mode normalises with the statistics of the batch it sees).
+    Momenta and modes are restored, also on error."""
+    c, device = thetas.shape[0], thetas.device
+    buffers, counts = {}, {}
+    for name, m in layers:
+        pre = f"{name}." if name else ""
+        buffers[pre + "running_mean"] = torch.zeros((c, *m.running_mean.shape), dtype=m.running_mean.dtype,
+                                                    device=device)
+        buffers[pre + "running_var"] = torch.ones((c, *m.running_var.shape), dtype=m.running_var.dtype,
+                                                  device=device)
+        # the batch count is the same for every point: one shared counter, read by momentum=None
+        counts[pre + "num_batches_tracked"] = torch.zeros((), dtype=torch.long, device=device)
+    saved = [(m, m.momentum, m.training) for _, m in layers]
+    try:
+        for m, _, _ in saved:
+            m.momentum, m.training = None, True
+        n = _walk(model, layout, thetas, data, None, shortcut, buffers, counts, lambda out, y: out,
+                  lambda nr, v: None)
+    finally:
+        for m, momentum, training in saved:
+            m.momentum, m.training = momentum, training
+    if n == 0:
+        raise ValueError("data has no examples (no rows in any batch): the mean loss is undefined")
+    return buffers
+
+
+def _batch_dependent(model: nn.Module) -> bool:
+    """Whether the model's eval-mode outputs depend on which rows share a batch (a BatchNorm without
+    running statistics normalises with the batch's own): then batches are never split into blocks."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
+
+
+# ---- distributed -----------------------------------------------------------------------------------------
+def _dist_check_same(device, values: list[float], what: str) -> None:
+    """Refuse (on every rank alike) when the ranks passed different ``values`` (one all_reduce of a
+    [world, k] table, each rank filling its row)."""
+    dist = torch.distributed
+    world, rank = dist.get_world_size(), dist.get_rank()
+    table = torch.zeros(world, len(values), dtype=torch.float64, device=device)
+    table[rank] = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(table, op=dist.ReduceOp.SUM)
+    table = table.cpu()
+    if not torch.allclose(table, table[:1].expand_as(table), rtol=1e-9, atol=0):
+        bad = [r for r in range(world) if not torch.allclose(table[r], table[0], rtol=1e-9, atol=0)]
+        raise ValueError(f"grid under torch.distributed: rank(s) {bad} passed other {what} than rank 0; every rank "
+                         "must call grid with the same arguments (it splits the points, not the data)")
+
+
+def _fingerprint(*tensors: Tensor) -> list[float]:
+    """Cheap summaries (sum, sum of |.|, sum of squares) of tensors, to compare them across ranks."""
+    out = []
+    for t in tensors:
+        d = t.detach().double()
+        out += [float(d.sum()), float(d.abs().sum()), float(d.square().sum())]
+    return out
+
+
+class _Checksum:
+    """[rows, sum of inputs, sum of targets] in float64 over the batches it is shown (on their
+    device, no host sync): compared across ranks, which must see the same data."""
+
+    def __init__(self, device):
+        self.acc = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def __call__(self, x, y: Tensor, nb: int) -> None:
+        self.acc[0] += nb
+        for a in (x if isinstance(x, tuple) else (x,)):
+            if torch.is_tensor(a):
+                self.acc[1] += a.detach().double().sum()
+        self.acc[2] += y.detach().double().sum()
+
+
 def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics: dict | None = None,
          bn: str = "eval", batch_points: int | None = None, batch_rows: int | None = None,
-         first_layer: bool | None = None, progress: bool = True) -> LandscapeResult:
+         first_layer: bool | None = None, distributed: bool | None = None, progress: bool = True) -> LandscapeResult:
     """Mean loss (and metrics) of ``model`` at theta0 + offsets along 1 or 2 directions.
 
     Args:
@@ -131,34 +252,62 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         loss_fn: (outputs, targets) -> scalar mean over the batch (e.g. ``nn.CrossEntropyLoss()``);
             it must work under ``torch.vmap`` (torch's losses do).
         data: one ``(inputs, targets)`` batch or a re-iterable of them (list, DataLoader); inputs a
-            tensor or a tuple of positional model arguments. Read once per chunk of points.
+            tensor or a tuple of positional model arguments. Read once per chunk of points (twice
+            with bn='recompute').
         directions: [m, P] floating point, m = 1 or 2 (e.g. from :func:`random_directions`).
         coords: m = 1: a 1-D tensor alphas [n1]; m = 2: a pair (alphas [n1], betas [n2]); at least
             2 offsets per axis. Point (i, j) is theta0 + alphas[i] d1 + betas[j] d2.
         metrics: name -> fn(outputs, targets) -> scalar mean over the batch (e.g. accuracy),
             evaluated at every point like the loss.
-        bn: ``'eval'`` (BatchNorm with the centre's running statistics at every point); the only
-            mode supported so far.
+        bn: how BatchNorm layers (those tracking running statistics) normalise at each point.
+            ``'eval'``: with the model's own running statistics (the centre's) at every point.
+            ``'recompute'``: with statistics recomputed for the point's parameters over ``data``:
+            for each point, what you get by loading its weights, resetting every BatchNorm's
+            running statistics, setting momentum=None (the cumulative average) and running one
+            pass over ``data`` with the BatchNorm layers in train mode, then evaluating in eval mode;
+            i.e. each layer's running_mean / running_var is the mean over the batches of each
+            batch's mean / unbiased variance of the layer's input, and a layer's input in that pass
+            is normalised upstream with batch statistics. Two differences from
+            ``torch.optim.swa_utils.update_bn``: only the BatchNorm layers are in train mode in
+            the statistics pass (Dropout stays off, so the statistics are deterministic), and the
+            model's own buffers and momenta are never written. Batched: per chunk, one statistics
+            pass over the data for all its points (per-point buffers vmapped with the points), then
+            the evaluation pass; the statistics pass reads whole batches (batch statistics depend on
+            the batch), so a chunk holds the activations of c points x one batch.
         batch_points: points per chunk (default: thetas under 256 MiB, at most 64 points).
         batch_rows: rows of a data batch evaluated together for the chunk's points (default: on the
             CPU, 8 192 point-rows per block, e.g. 64 points x 128 rows, so the chunk's activations
             stay in cache: ~1.5x faster than whole batches of 1797 digits; on CUDA the whole batch).
             Blocks are weighted by their rows, so the result does not depend on it beyond rounding.
+            Ignored (whole batches) when a BatchNorm layer keeps no running statistics: its eval
+            output depends on the rows that share a batch.
         first_layer: use the first-layer shortcut when the model's first layer is an eligible
             Linear / Conv2d (its output at a point combined from m + 1 products per data block, see
             ``_first_layer.py``); False: every point runs the whole model; None (default): on CUDA
             only (on 2 CPU cores it measured no faster for the digits MLP: the vmapped first-layer
             GEMM is cheap there next to writing the combined [c, rows, out] output). Same numbers
-            up to rounding.
-        progress: a tqdm bar over the chunks.
+            up to rounding, in both bn modes.
+        distributed: None (default): split the points across the processes when torch.distributed
+            is initialised; True: insist on it (ValueError if not initialised); False: every
+            process evaluates every point on its own. Split: rank r evaluates a contiguous 1/world
+            of the points (row-major order) on the FULL ``data`` (every rank passes the same model,
+            directions, coords and data: the points are split, not the data; the ranks' parameters,
+            directions, coords and a checksum of the data are compared and a mismatch raises on every
+            rank), then one all_reduce gathers the surface: every rank returns the full result, equal
+            to the single-process one. An error on one rank is raised there and reported on the
+            others (no hang). The tensors of the collectives live on the model's device (gloo:
+            CPU, NCCL: CUDA).
+        progress: a tqdm bar over the chunks (under torch.distributed: rank 0's chunks only).
 
     Returns:
         :class:`LandscapeResult` with loss [n1] or [n1, n2] (float64) and the metrics.
     """
+    from ..curvature._model_data import distributed_active
+
     layout = layout_of(model)
     if bn not in BN_MODES:
-        raise ValueError(f"bn must be one of {BN_MODES} (BatchNorm in eval mode with the model's running "
-                         f"statistics), got {bn!r}")
+        raise ValueError(f"bn must be one of {BN_MODES} ('eval': BatchNorm with the model's running statistics; "
+                         f"'recompute': statistics recomputed over the data at every point), got {bn!r}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
     metrics = _check_metrics(metrics)
@@ -173,6 +322,9 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
     if P != layout.numel:
         raise ValueError(f"directions must be [m, P] with P = {layout.numel} (the model's trainable parameters), "
                          f"got {tuple(directions.shape)}")
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
+    dist_on = distributed_active(distributed)
     dtype, device = layout.dtype, layout.device
     f64 = torch.float64
     if m == 1:
@@ -197,16 +349,61 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         raise ValueError(f"batch_rows must be a positive int or None, got {batch_rows!r}")
     else:
         r = batch_rows
+    if _batch_dependent(model):
+        r = None
     data = as_batches(data)
+    layers = recompute_layers(model) if bn == "recompute" else []
 
     theta0 = layout.flatten()
     dirs = directions.to(device=device, dtype=dtype)
-    pts_dev = pts.to(device=device, dtype=torch.float64)
-    thetas = torch.empty(c, P, dtype=dtype, device=device)
     names = ["loss", *metrics]
     fns = [loss_fn, *metrics.values()]
-    sums = torch.zeros(len(names), n_pts, dtype=f64, device=device)
-    starts = range(0, n_pts, c)
+    lo, hi = 0, n_pts
+    if dist_on:
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        # the same arguments everywhere, checked before any work (different grid sizes would also
+        # make the final all_reduce's buffers disagree)
+        _dist_check_same(device, [n_pts, len(fns), P, m, BN_MODES.index(bn)] + _fingerprint(theta0, dirs, pts),
+                         "grid sizes, metrics, bn mode, parameters, directions or coords")
+        lo, hi = n_pts * rank // world, n_pts * (rank + 1) // world
+        progress = progress and rank == 0
+    pts_dev = pts.to(device=device, dtype=torch.float64)
+    means = torch.zeros(len(names), n_pts, dtype=f64, device=device)
+    checksum = _Checksum(device) if dist_on else None
+    total, error = None, None
+    try:
+        if hi > lo:
+            total = _evaluate(model, layout, theta0, dirs, pts_dev, lo, hi, c, r, data, fns, layers, means,
+                              first_layer, checksum, progress)
+    except Exception as e:  # under torch.distributed: reported to the other ranks, raised after the gather
+        if not dist_on:
+            raise
+        error = e
+    if dist_on:
+        means, counts, sums = _gather(means, total, error, checksum)
+        if error is not None:
+            raise error
+        failed = [i for i, k in enumerate(counts) if k < 0]
+        if failed:
+            raise RuntimeError(f"grid failed on rank(s) {failed} (see the error raised there); no surface")
+        seen = [i for i, k in enumerate(counts) if k > 0]
+        ref = seen[0] if seen else 0
+        if any(counts[i] != counts[ref] or not torch.allclose(sums[i], sums[ref], rtol=1e-9, atol=0) for i in seen):
+            raise ValueError(f"grid under torch.distributed: the ranks saw different data (examples per rank "
+                             f"{[int(k) for k in counts]}); every rank must pass the full data set (the points are "
+                             "split, not the data: no DistributedSampler)")
+    shape = tuple(len(a) for a in axes)
+    res = means.cpu().reshape(len(names), *shape)
+    return LandscapeResult(axes, res[0], {k: res[i + 1] for i, k in enumerate(metrics)})
+
+
+def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r, data, fns, layers, means,
+              first_layer, checksum, progress) -> int:
+    """Points lo:hi of pts_dev, in chunks of c: their means over ``data`` written into means[:, lo:hi];
+    returns the number of examples (the same on every pass, else ValueError)."""
+    device, dtype = theta0.device, theta0.dtype
+    thetas = torch.empty(min(c, hi - lo), theta0.numel(), dtype=dtype, device=device)
+    starts = range(lo, hi, c)
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="landscape", total=len(starts), leave=False)
@@ -217,30 +414,52 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             example = next(iter(iterate(data, device)), None)
             first = _first_layer.find(model, layout, example[0]) if example is not None else None
         for s in starts:
-            e = min(s + c, n_pts)
+            e = min(s + c, hi)
             th = _points(theta0, dirs, pts_dev[s:e], thetas[:e - s])
             sc = None if first is None else (first, theta0, dirs, pts_dev[s:e])
-            sums[:, s:e], n = data_sums(model, layout, th, data, fns, r, sc)
+            bufs = bn_statistics(model, layout, th, data, layers, sc) if layers else None
+            sums, n = data_sums(model, layout, th, data, fns, r, sc, bufs, checksum if total is None else None)
             if total is not None and n != total:
                 raise ValueError(f"data gave {n} examples on one pass and {total} on another: every pass must see "
                                  "the same data (a DataLoader with drop_last and shuffling changes nothing, but a "
                                  "stream that changes length does)")
             total = n
-    sums.div_(total)
-    shape = tuple(len(a) for a in axes)
-    res = sums.cpu().reshape(len(names), *shape)
-    return LandscapeResult(axes, res[0], {k: res[i + 1] for i, k in enumerate(metrics)})
+            means[:, s:e] = sums / n
+    return total
+
+
+def _gather(means: Tensor, total: int | None, error, checksum: "_Checksum"):
+    """One all_reduce (sum) of every rank's means (zero outside its points: the sum is each value
+    exactly) with a [world, 4] table of (examples or -1 on error, the data checksum) per rank;
+    returns (means, counts [world], checksums [world, 3]) on the CPU."""
+    dist = torch.distributed
+    world, rank = dist.get_world_size(), dist.get_rank()
+    table = torch.zeros(world, 4, dtype=torch.float64, device=means.device)
+    if error is not None:
+        table[rank, 0] = -1
+        means.zero_()  # a failed rank adds nothing
+    elif total is not None:
+        table[rank, 0] = total
+        table[rank, 1:] = checksum.acc
+    buf = torch.cat([means.reshape(-1), table.reshape(-1)])
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf = buf.cpu()
+    k = means.numel()
+    table = buf[k:].view(world, 4)
+    return buf[:k].view_as(means), table[:, 0].tolist(), table[:, 1:]
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, data, *, metrics: dict | None = None,
-                bn: str = "eval", batch_points: int | None = None, progress: bool = True) -> LandscapeResult:
+                bn: str = "eval", batch_points: int | None = None, distributed: bool | None = None,
+                progress: bool = True) -> LandscapeResult:
     """Mean loss along the straight line from ``model_a`` (offset 0) to ``model_b`` (offset 1).
 
     Args:
         model_a, model_b: two networks with the same trainable parameters (names, shapes, dtypes);
-            ``model_a``'s buffers (BatchNorm statistics) are used at every point.
+            ``model_a``'s forward is used at every point, with its BatchNorm statistics under
+            bn='eval' (bn='recompute': each point's own, recomputed over ``data``).
         steps: number of points, >= 2, evenly spaced on [0, 1] (both ends included).
-        loss_fn, data, metrics, bn, batch_points, progress: as in :func:`grid`.
+        loss_fn, data, metrics, bn, batch_points, distributed, progress: as in :func:`grid`.
 
     Returns:
         1-D :class:`LandscapeResult`: coords (t [steps],), loss [steps].
@@ -251,4 +470,4 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
         raise ValueError(f"steps must be an int >= 2 (points on the line, ends included), got {steps!r}")
     d = directions_to(model_a, [model_b])
     return grid(model_a, loss_fn, data, d, torch.linspace(0, 1, steps, dtype=torch.float64), metrics=metrics,
-                bn=bn, batch_points=batch_points, progress=progress)
+                bn=bn, batch_points=batch_points, distributed=distributed, progress=progress)
