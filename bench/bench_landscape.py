@@ -4,9 +4,11 @@ would otherwise run.
 Baselines in the same run: a plain loop of ``torch.func.functional_call`` (fresh parameters per
 point, the way tomgoldstein/loss-landscape evaluates), ``vmap`` over chunks of points (each data
 batch read once per chunk), and loss-landscapes' ``random_plane`` (``pip install loss-landscapes``;
-its own points, same count). Sizes: CPU, the digits MLP 64-128-128-10 on all 1797 digits, 25 x 25;
-CUDA, MLP 784-512-512-10 on 10 000 random inputs, 21 x 21; ``--quick`` smaller. ``GFLOP/s`` counts
-the forward multiply-adds of every point (2 flops each).
+its own points, same count). Cases: (1) MLP: CPU, the digits MLP 64-128-128-10 on all 1797 digits,
+25 x 25; CUDA, MLP 784-512-512-10 on 10 000 random inputs, 21 x 21. (2) CNN on the 8 x 8 digits
+(all 1797, both devices), 21 x 21: conv 1->8 3x3 pad 1, ReLU, conv 8->16 3x3 pad 1 stride 2, ReLU,
+linear 256->10. ``--quick``: 400 digits, 9 x 9. ``GFLOP/s`` counts the forward multiply-adds of
+every point (2 flops each).
 """
 from __future__ import annotations
 
@@ -18,20 +20,23 @@ from bench.common import bench, row
 SUITE = "landscape"
 
 
+def _digits(quick: bool):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    y = torch.tensor(d.target)
+    return (x[:400], y[:400]) if quick else (x, y)
+
+
 def _problem(device: str, quick: bool):
     if device == "cuda" and not quick:
         widths, n = (784, 512, 512, 10), 10_000
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
     else:
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.tensor(d.data, dtype=torch.float32) / 16
-        y = torch.tensor(d.target)
+        x, y = _digits(quick)
         widths = (64, 128, 128, 10)
-        if quick:
-            x, y = x[:400], y[:400]
     torch.manual_seed(0)
     layers = []
     for a, b in zip(widths[:-1], widths[1:]):
@@ -42,6 +47,17 @@ def _problem(device: str, quick: bool):
 
 def _flops(widths, n_inputs: int, n_points: int) -> float:
     return 2.0 * n_inputs * n_points * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def _cnn_problem(device: str, quick: bool):
+    """The digits CNN (module docstring) and its forward multiply-adds per input."""
+    x, y = _digits(quick)
+    x = x.view(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)).to(device)
+    macs = 8 * 1 * 9 * 8 * 8 + 16 * 8 * 9 * 4 * 4 + 256 * 10  # conv1 on 8x8, conv2 on 4x4 outputs, linear
+    return model, x.to(device), y.to(device), macs
 
 
 def _loop(model, loss_fn, x, y, theta0, D, alphas, betas, names, shapes, sizes):
@@ -72,12 +88,10 @@ def _vmap_chunks(model, loss_fn, x, y, theta0, D, alphas, betas, names, shapes, 
     return torch.cat(losses).view(len(alphas), len(betas))
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def _rows(case: str, model, x, y, steps: int, flops: float, device: str) -> list[dict]:
     from pyfastbayes.landscape import grid, random_directions
 
-    model, x, y, widths = _problem(device, quick)
     loss_fn = nn.CrossEntropyLoss()
-    steps = 25 if device == "cpu" and not quick else (21 if not quick else 9)
     alphas = betas = torch.linspace(-1, 1, steps)
     D = random_directions(model, n=2, normalization="filter", generator=torch.Generator().manual_seed(1)).to(device)
     named = [(n, p) for n, p in model.named_parameters()]
@@ -85,8 +99,6 @@ def run(device: str, quick: bool) -> list[dict]:
     sizes = [p.numel() for _, p in named]
     theta0 = torch.cat([p.detach().reshape(-1) for _, p in named])
     rep = dict(warmup=1, repeat=3)
-    case = f"{steps}x{steps} grid, MLP {'-'.join(map(str, widths))}, {len(x)} inputs"
-    flops = _flops(widths, len(x), steps * steps)
     with torch.no_grad():
         timed = {
             "plain loop of functional_call": bench(lambda: _loop(model, loss_fn, x, y, theta0, D, alphas, betas, names,
@@ -106,5 +118,18 @@ def run(device: str, quick: bool) -> list[dict]:
             print("# bench_landscape: loss-landscapes cannot be imported; its row is left out")
         timed["pyfastbayes landscape.grid"] = bench(
             lambda: grid(model, loss_fn, (x, y), D, (alphas, betas), progress=False), device, **rep)
-    ref = timed["plain loop of functional_call"]
-    return [row(SUITE, case, impl, ms, ref, GFLOPs=round(flops / ms / 1e6, 1)) for impl, ms in timed.items()]
+    ref, vm = timed["plain loop of functional_call"], timed["vmap over chunks of 64 points"]
+    return [row(SUITE, case, impl, ms, ref, GFLOPs=round(flops / ms / 1e6, 1), vs_vmap=round(vm / ms, 3))
+            for impl, ms in timed.items()]
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    model, x, y, widths = _problem(device, quick)
+    steps = 25 if device == "cpu" and not quick else (21 if not quick else 9)
+    rows = _rows(f"{steps}x{steps} grid, MLP {'-'.join(map(str, widths))}, {len(x)} inputs", model, x, y, steps,
+                 _flops(widths, len(x), steps * steps), device)
+    model, x, y, macs = _cnn_problem(device, quick)
+    steps = 9 if quick else 21
+    rows += _rows(f"{steps}x{steps} grid, CNN conv8-conv16-linear on 8x8 digits, {len(x)} inputs", model, x, y,
+                  steps, 2.0 * macs * len(x) * steps * steps, device)
+    return rows
