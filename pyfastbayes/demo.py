@@ -228,30 +228,60 @@ def train_map(data: Digits, epochs: int, seed: int, progress: bool) -> nn.Module
     return model
 
 
+# SG-MCMC settings chosen on the validation split, the way temperature scaling is fitted: each
+# method runs one chain per (prior, temperature) of its sweep from the MAP, the setting with the
+# lowest validation NLL gets MCMC_CHAINS - 1 more chains (R-hat over all of them, the row averages
+# all their draws); T = 1 under the MAP's prior gets as many chains and stays in the table as the
+# reference row of the Bayes posterior (the cold-posterior evidence). The sweep's chains share one
+# minibatch order and noise seed (common random numbers: the differences are the settings');
+# chain k of a setting has its own order and noise.
+SWEEP_TEMPERATURES = (1.0, 0.3, 0.1, 0.03)
+MCMC_CHAINS = 4
+FAN_IN_SCALE = 10.0  # SGLD's second prior: N(0, FAN_IN_SCALE / fan_in) per layer (pyfastbayes.priors)
+ISO_PRIOR = f"N(0,{1 / PRIOR_PRECISION:g})"  # the MAP's prior, every weight and bias
+FAN_IN_PRIOR = f"N(0,{FAN_IN_SCALE:g}/fan_in)"
+SWEEP_PRIORS = {"SGLD": (ISO_PRIOR, FAN_IN_PRIOR), "cSGLD": (ISO_PRIOR,), "pSGLD": (ISO_PRIOR,), "SGHMC": (ISO_PRIOR,)}
+
+
+def prior_groups(prior: str, model: nn.Module) -> list[dict]:
+    """Sampler param groups of ``model`` for a prior of the sweep (``ISO_PRIOR`` or ``FAN_IN_PRIOR``)."""
+    from .priors import scaled_groups
+
+    if prior == ISO_PRIOR:
+        return [{"params": list(model.parameters()), "prior_precision": PRIOR_PRECISION}]
+    if prior == FAN_IN_PRIOR:
+        return scaled_groups(model, FAN_IN_SCALE)  # weights N(0, s / fan_in), biases N(0, s)
+    raise ValueError(f"unknown prior {prior!r}")
+
+
 def run_sampler(name: str, map_model: nn.Module, data: Digits, epochs: int, seed: int, progress: bool,
-                samples: int) -> SampleBuffer:
-    """SG-MCMC from the MAP with minibatches; the last `samples` epochs each keep one draw
-    (cSGLD: draws are kept twice per epoch in the sampling phase of each cycle)."""
+                samples: int, temperature: float = 1.0, prior: str = ISO_PRIOR, chain: int = 0) -> SampleBuffer:
+    """SG-MCMC from the MAP with minibatches at ``temperature`` under ``prior``; the last
+    `samples` epochs each keep one draw (cSGLD: draws are kept twice per epoch in the sampling
+    phase of each cycle, the newest `samples` stay). ``chain`` picks the minibatch order and noise."""
     import copy
 
     model = copy.deepcopy(map_model)
     n = len(data.y_train)
     steps_per_epoch = math.ceil(n / BATCH)
-    kw = dict(num_data=n, prior_precision=PRIOR_PRECISION)
+    groups = prior_groups(prior, model)
+    kw = dict(num_data=n, temperature=temperature)
     schedule = None
     if name == "SGLD":
-        opt = optim.SGLD(model.parameters(), lr=5e-5, **kw)  # small: minibatch noise << injected noise
+        opt = optim.SGLD(groups, lr=5e-5, **kw)  # small: minibatch noise << injected noise
     elif name == "pSGLD":
-        opt = optim.PSGLD(model.parameters(), lr=5e-7, eps=1e-3, **kw)  # G ~ 1/|g|: lr N / 2 ~ the step
+        opt = optim.PSGLD(groups, lr=5e-7, eps=1e-3, **kw)  # G ~ 1/|g|: lr N / 2 ~ the step
     elif name == "SGHMC":
-        opt = optim.SGHMC(model.parameters(), lr=1e-6, friction=0.05, **kw)  # lr / friction ~ SGLD lr
+        opt = optim.SGHMC(groups, lr=1e-6, friction=0.05, **kw)  # lr / friction ~ SGLD lr
     elif name == "cSGLD":
-        opt = optim.SGLD(model.parameters(), lr=4e-4, **kw)
+        opt = optim.SGLD(groups, lr=4e-4, **kw)
         schedule = optim.CyclicalSchedule(epochs * steps_per_epoch, n_cycles=4, lr_max=4e-4, explore_fraction=0.7)
     else:
         raise ValueError(name)
     buf = SampleBuffer(model, max_samples=samples)
-    torch.manual_seed(seed + 1)
+    chain_seed = seed + 1 + 1000 * chain
+    torch.manual_seed(chain_seed)
+    desc = f"{name} T={temperature:g} {prior} chain {chain}"
     if schedule is not None:
         sampling = {}
 
@@ -262,11 +292,118 @@ def run_sampler(name: str, map_model: nn.Module, data: Digits, epochs: int, seed
             if sampling["now"] and (t + 1) % max(1, steps_per_epoch // 2) == 0:
                 buf.collect()
 
-        _train(model, opt, data, epochs, seed + 1, name, progress, False, before_step=before, after_step=after)
+        _train(model, opt, data, epochs, chain_seed, desc, progress, False, before_step=before, after_step=after)
     else:
-        _train(model, opt, data, epochs, seed + 1, name, progress, False,
+        _train(model, opt, data, epochs, chain_seed, desc, progress, False,
                after_epoch=lambda epoch: buf.collect() if epoch >= epochs - samples else None)
     return buf
+
+
+@dataclass
+class Chain:
+    """One SG-MCMC chain, evaluated draw by draw on the validation, test, shifted and OOD inputs."""
+
+    probs: Tensor  # [S, M, C] predictive probabilities of each draw on data's eval inputs
+    tracked: Tensor  # [S, K] per draw: the TRACKED log-likelihoods, then the _tracked_weights
+    time_s: float
+
+
+def _eval_inputs(data: Digits) -> tuple[Tensor, dict[str, slice]]:
+    """The validation, test, shifted and OOD inputs stacked, and each set's rows."""
+    sets = {"val": data.x_val, "test": data.x_test, "shift": data.x_shift, "ood": data.x_ood}
+    rows, start = {}, 0
+    for k, v in sets.items():
+        rows[k] = slice(start, start + len(v))
+        start += len(v)
+    return torch.cat(list(sets.values())), rows
+
+
+def _tracked_weights(map_model: nn.Module) -> list[tuple[str, int]]:
+    """(name, flat index) of the largest-magnitude MAP weight of each weight matrix: scalars of the
+    chain that the data constrain (a corner pixel's weights, always multiplied by 0, would not)."""
+    from .nn import ParamLayout
+
+    layout = ParamLayout(map_model)
+    out = []
+    for name, offset, p in zip(layout.names, layout.offsets, [p for _, p in map_model.named_parameters()]):
+        if p.dim() == 2:
+            i = int(p.detach().abs().argmax())
+            out.append((f"w[{name}{list(divmod(i, p.shape[1]))}]", offset + i))
+    return out
+
+
+TRACKED = ("test log-lik", "shift log-lik")  # + the tracked weights
+
+
+def run_chain(name: str, map_model: nn.Module, data: Digits, epochs: int, seed: int, progress: bool, samples: int,
+              temperature: float, prior: str, chain: int) -> Chain:
+    """Run one chain and evaluate every stored draw: probabilities on the eval inputs, the mean
+    log-likelihood of the test and shifted sets per draw and the tracked weights per draw."""
+    from torch.func import functional_call
+
+    t = time.perf_counter()
+    buf = run_sampler(name, map_model, data, epochs, seed, progress, samples, temperature, prior, chain)
+    x, rows = _eval_inputs(data)
+    model = buf.model
+    with torch.no_grad():
+        probs = torch.stack([functional_call(model, buf.params_of(i), (x,)).softmax(-1) for i in range(len(buf))])
+    y = data.y_test[None, :, None].expand(len(probs), -1, 1)
+    loglik = [probs[:, rows[k]].gather(-1, y).squeeze(-1).clamp_min(1e-12).log().mean(1) for k in ("test", "shift")]
+    weights = buf.stored()[:, [i for _, i in _tracked_weights(map_model)]].to(probs.dtype)
+    return Chain(probs, torch.cat([torch.stack(loglik, 1), weights], 1), time.perf_counter() - t)
+
+
+def _chain_probs(chains: list[Chain], data: Digits) -> dict[str, Tensor]:
+    """The Bayesian model average over every draw of ``chains``, split into the eval sets."""
+    _, rows = _eval_inputs(data)
+    p = torch.cat([c.probs for c in chains]).mean(0)
+    return {k: p[r] for k, r in rows.items()}
+
+
+def mixing(chains: list[Chain], names: list[str]) -> dict:
+    """Rank-normalised split R-hat and bulk ESS of each tracked scalar over the chains (the
+    newest common number of draws of each chain)."""
+    from .diagnostics import ess, rhat
+
+    s = min(len(c.tracked) for c in chains)
+    x = torch.stack([c.tracked[-s:] for c in chains]).double()  # [chains, draws, K]
+    r, e = rhat(x), ess(x, "bulk")
+    return {"chains": len(chains), "draws_per_chain": s,
+            "rhat": {n: float(v) for n, v in zip(names, r)}, "ess_bulk": {n: float(v) for n, v in zip(names, e)}}
+
+
+def sgmcmc_sweep(name: str, map_model: nn.Module, data: Digits, epochs: int, seed: int, progress: bool,
+                 samples: int) -> dict:
+    """The validation sweep of one method: a chain per (prior, T), the choice by validation NLL,
+    MCMC_CHAINS chains at the choice and at T = 1 under the MAP's prior (the reference row, the
+    same budget). Returns the sweep rows, the choice, both sets of chains, their mixing and times
+    (the choice's time counts the whole sweep)."""
+    from . import calibration as cal
+
+    sweep, chains0 = [], {}
+    for prior in SWEEP_PRIORS[name]:
+        for temp in SWEEP_TEMPERATURES:
+            c = run_chain(name, map_model, data, epochs, seed, progress, samples, temp, prior, 0)
+            chains0[prior, temp] = c
+            p = _chain_probs([c], data)
+            sweep.append({"method": name, "prior": prior, "temperature": temp,
+                          "val_nll": float(cal.nll(p["val"], data.y_val)),
+                          "test_nll": float(cal.nll(p["test"], data.y_test)),
+                          "shift_nll": float(cal.nll(p["shift"], data.y_test)), "time_s": c.time_s})
+    best = min(sweep, key=lambda r: r["val_nll"])
+    prior, temp = best["prior"], best["temperature"]
+    names = list(TRACKED) + [n for n, _ in _tracked_weights(map_model)]
+
+    def chains_at(prior, temp):  # the sweep's chain and MCMC_CHAINS - 1 more
+        return [chains0[prior, temp]] + [run_chain(name, map_model, data, epochs, seed, progress, samples, temp, prior,
+                                                   k) for k in range(1, MCMC_CHAINS)]
+
+    chosen = chains_at(prior, temp)
+    reference = chosen if (prior, temp) == (ISO_PRIOR, 1.0) else chains_at(ISO_PRIOR, 1.0)
+    return {"sweep": sweep, "prior": prior, "temperature": temp, "chains": chosen, "mixing": mixing(chosen, names),
+            "reference": reference, "reference_mixing": mixing(reference, names),
+            "time_s": sum(r["time_s"] for r in sweep) + sum(c.time_s for c in chosen[1:]),
+            "reference_time_s": sum(c.time_s for c in reference)}
 
 
 def run_swag(map_model: nn.Module, data: Digits, epochs: int, seed: int, progress: bool):
@@ -310,7 +447,7 @@ def run_bbb(map_model: nn.Module, data: Digits, epochs: int, seed: int, progress
 # keeps the in-distribution NLL of this well-calibrated MAP); 'marglik': maximised marginal
 # likelihood (layerwise): on an overfit MAP the GGN vanishes where p is one-hot, so the evidence
 # prefers a broad prior and the predictive variance swamps the logits (see the README).
-LAPLACE_RECIPES = (("Laplace KFAC val", "gridsearch"), ("Laplace KFAC ml", "marglik"))
+LAPLACE_RECIPES = (("Laplace KFAC val", "gridsearch"), ("Laplace KFAC ml [ref]", "marglik"))
 
 
 def run_laplace(map_model: nn.Module, data: Digits, tune: str):
@@ -375,17 +512,32 @@ def _predict_sets(predict, data: Digits) -> dict[str, Tensor]:
     return {"test": p[:a], "shift": p[a:a + b], "ood": p[a + b:]}
 
 
-def classification_demo(out: str, device: str, quick: bool, seed: int, progress: bool) -> tuple[list[dict], dict]:
+SGMCMC_METHODS = ("SGLD", "cSGLD", "pSGLD", "SGHMC")
+GOAL_IN, GOAL = 1.02, "test NLL <= 1.02 x the MAP's and shift NLL < the MAP's"
+
+
+def _goal_met(row: dict, map_row: dict) -> bool:
+    return row["nll"] <= GOAL_IN * map_row["nll"] and row["shift_nll"] < map_row["shift_nll"]
+
+
+def classification_demo(out: str, device: str, quick: bool, seed: int,
+                        progress: bool) -> tuple[list[dict], dict, dict]:
+    """Part 2; returns the table rows, the flatness comparison and the SG-MCMC sweeps and mixing."""
     from . import calibration as cal
 
     data = load_digit_sets(seed, device)
-    ep = dict(map=15 if quick else 60, mcmc=8 if quick else 100, swag=8 if quick else 50, vi=8 if quick else 30)
-    samples = 5 if quick else 25
+    ep = dict(map=15 if quick else 60, mcmc=8 if quick else 50, swag=8 if quick else 50, vi=8 if quick else 30)
+    samples = 5 if quick else 25  # SWAG / VI predictive draws
+    draws = 5 if quick else 20  # per SG-MCMC chain
+    temps = ", ".join(f"{t:g}" for t in SWEEP_TEMPERATURES)
     print(f"\nDigits 8x8 (sklearn, embedded): classes 0-{ID_CLASSES - 1} in distribution "
           f"(train {data.meta['train']}, val {data.meta['val']}, test {data.meta['test']}); shifted = test "
           f"digits rotated by up to 35 degrees plus noise; OOD = {data.meta['ood']} digits of classes 8 and 9.\n"
-          f"MLP 64-128-128-{ID_CLASSES}, prior N(0, I / {PRIOR_PRECISION:g}); SG-MCMC from the MAP at temperature 1 "
-          f"(the Bayes posterior), {samples} draws; SWAG from SGD, K = 20; temperature fitted on the validation split.")
+          f"MLP 64-128-128-{ID_CLASSES}, MAP prior {ISO_PRIOR} on every weight and bias. SG-MCMC from the MAP, "
+          f"{ep['mcmc']} epochs and {draws} draws per chain: temperature T in {{{temps}}} (SGLD also the prior "
+          f"{FAN_IN_PRIOR}) chosen by validation NLL, {MCMC_CHAINS} chains at the choice; the T = 1 rows [ref] are "
+          f"the Bayes posterior ({MCMC_CHAINS} chains too), kept as reference. SWAG from SGD, K = 20; temperature "
+          f"scaling and Laplace's prior fitted on the validation split.")
     rows, probs_of = [], {}
 
     t0 = time.perf_counter()
@@ -393,28 +545,36 @@ def classification_demo(out: str, device: str, quick: bool, seed: int, progress:
     map_model.eval()
     map_time = time.perf_counter() - t0
 
-    def timed(name, fit_and_predict, base=0.0):
+    def add(name, probs, wall, role, **extra):
+        probs_of[name] = probs
+        rows.append({"method": name, "role": role, **evaluate(probs, data), "time_s": wall, **extra})
+
+    def timed(name, fit_and_predict, base=0.0, role="bayes"):
         t = time.perf_counter()
         probs = fit_and_predict()
-        wall = base + time.perf_counter() - t
-        probs_of[name] = probs
-        rows.append({"method": name, **evaluate(probs, data), "time_s": wall})
+        add(name, probs, base + time.perf_counter() - t, role)
 
     with torch.no_grad():
-        timed("MAP", lambda: _predict_sets(lambda x: map_model(x).softmax(-1), data), map_time)
+        timed("MAP", lambda: _predict_sets(lambda x: map_model(x).softmax(-1), data), map_time, "baseline")
+        map_val_nll = float(cal.nll(map_model(data.x_val).softmax(-1), data.y_val))
 
     def temperature():
         with torch.no_grad():
             ts = cal.TemperatureScaling().fit(map_model(data.x_val), data.y_val)
             return _predict_sets(lambda x: ts.transform(map_model(x)).softmax(-1), data)
 
-    timed("MAP + temperature", temperature, map_time)
-    for name in ["SGLD", "cSGLD", "pSGLD", "SGHMC"]:
-        def sampler(name=name):
-            buf = run_sampler(name, map_model, data, ep["mcmc"], seed, progress, samples)
-            return _predict_sets(lambda x: buf.predict(x), data)
-
-        timed(name, sampler, map_time)
+    timed("MAP + temperature", temperature, map_time, "baseline")
+    sweeps, references = {}, []
+    for name in SGMCMC_METHODS:
+        sw = sweeps[name] = sgmcmc_sweep(name, map_model, data, ep["mcmc"], seed, progress, draws)
+        label = f"{name} T={sw['temperature']:g} {sw['prior']}"
+        add(label, _chain_probs(sw["chains"], data), map_time + sw["time_s"], "bayes", sampler=name,
+            temperature=sw["temperature"], prior=sw["prior"], chains=len(sw["chains"]),
+            draws=sum(len(c.probs) for c in sw["chains"]))
+        ref = sw["reference"]
+        references.append((f"{name} T=1 {ISO_PRIOR} [ref]", _chain_probs(ref, data), map_time + sw["reference_time_s"],
+                           dict(sampler=name, temperature=1.0, prior=ISO_PRIOR, chains=len(ref),
+                                draws=sum(len(c.probs) for c in ref))))
 
     fitted = {}
 
@@ -427,21 +587,114 @@ def classification_demo(out: str, device: str, quick: bool, seed: int, progress:
     timed("Bayes by Backprop", lambda: _predict_sets(run_bbb(map_model, data, ep["vi"], seed, progress, samples), data),
           map_time)
     for name, tune in LAPLACE_RECIPES:
-        timed(name, lambda tune=tune: _predict_sets(run_laplace(map_model, data, tune), data), map_time)
+        timed(name, lambda tune=tune: _predict_sets(run_laplace(map_model, data, tune), data), map_time,
+              "reference" if name.endswith("[ref]") else "bayes")
+    # the reference rows last: the T = 1 chains, then the marginal-likelihood Laplace
+    laplace_refs = [r for r in rows if r["role"] == "reference"]
+    rows = [r for r in rows if r["role"] != "reference"]
+    for name, probs, wall, extra in references:
+        add(name, probs, wall, "reference", **extra)
+    rows += laplace_refs
+    map_row = rows[0]
+    for r in rows[1:]:
+        r["goal_met"] = _goal_met(r, map_row)
     _print_table(rows)
+    missed = [r["method"] for r in rows if r["role"] == "bayes" and not r["goal_met"]]
+    print(f"  goal ({GOAL}): " + (f"MISSED by {', '.join(missed)}" if missed else "met by every Bayesian row")
+          + "; [ref] rows are not tuned")
+    sgmcmc = {"temperatures": list(SWEEP_TEMPERATURES), "map_val_nll": map_val_nll,
+              "map_test_nll": map_row["nll"], "map_shift_nll": map_row["shift_nll"],
+              "sweep": [r for sw in sweeps.values() for r in sw["sweep"]],
+              "chosen": {n: {"temperature": sw["temperature"], "prior": sw["prior"], **sw["mixing"]}
+                         for n, sw in sweeps.items()},
+              "reference": {n: {"temperature": 1.0, "prior": ISO_PRIOR, **sw["reference_mixing"]}
+                            for n, sw in sweeps.items()}}
+    _print_sweep(sgmcmc)
+    _sweep_figure(sgmcmc, os.path.join(out, "sweep.png"))
     _reliability_figure(probs_of, data, os.path.join(out, "reliability.png"))
-    return rows, flatness(fitted["sgd"], fitted["swag"], data, quick, seed)
+    return rows, flatness(fitted["sgd"], fitted["swag"], data, quick, seed), sgmcmc
 
 
-COLUMNS = [("method", "{:<18}"), ("acc", "{:6.3f}"), ("nll", "{:6.3f}"), ("ece", "{:6.3f}"), ("brier", "{:6.3f}"),
+def _print_sweep(sgmcmc: dict) -> None:
+    print(f"\nSG-MCMC settings by validation NLL (one chain each; MAP: val {sgmcmc['map_val_nll']:.4f}, test "
+          f"{sgmcmc['map_test_nll']:.4f}, shift {sgmcmc['map_shift_nll']:.3f}):")
+    print(f"  {'method':7} {'prior':15} " + " ".join(f"{'T=' + format(t, 'g'):>21}" for t in sgmcmc["temperatures"]))
+    print(f"  {'':7} {'':15} " + " ".join(f"{'val / test / shift':>21}" for _ in sgmcmc["temperatures"]))
+    by = {}
+    for r in sgmcmc["sweep"]:
+        by.setdefault((r["method"], r["prior"]), {})[r["temperature"]] = r
+    for (method, prior), cells in by.items():
+        chosen = sgmcmc["chosen"][method]
+        out = []
+        for t in sgmcmc["temperatures"]:
+            r = cells[t]
+            mark = "*" if (chosen["temperature"], chosen["prior"]) == (t, prior) else " "
+            out.append(f"{r['val_nll']:.3f}/{r['test_nll']:.3f}/{r['shift_nll']:.2f}{mark}".rjust(21))
+        print(f"  {method:7} {prior:15} " + " ".join(out))
+    print("  (* = chosen.) Mixing at the choice and at T = 1: rank-normalised split R-hat (bulk ESS) over the "
+          "chains x draws of\n  the mean test and shift log-likelihood of each draw and the largest MAP weight of each "
+          "layer (R-hat < 1.01: the chains agree):")
+    for method in sgmcmc["chosen"]:
+        for c in (sgmcmc["chosen"][method], sgmcmc["reference"][method]):
+            cells = "  ".join(f"{n} {c['rhat'][n]:.2f} ({c['ess_bulk'][n]:.0f})" for n in c["rhat"])
+            print(f"  {method + ' T=' + format(c['temperature'], 'g'):11} {c['prior']:15} {c['chains']} x "
+                  f"{c['draws_per_chain']}: {cells}")
+
+
+def _sweep_figure(sgmcmc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(sgmcmc["chosen"])
+    fig, axes = plt.subplots(2, len(methods), figsize=(4 * len(methods), 6.4), sharex=True, sharey="row")
+    for col, method in enumerate(methods):
+        chosen = sgmcmc["chosen"][method]
+        top, bottom = axes[0, col], axes[1, col]
+        for i, prior in enumerate(dict.fromkeys(r["prior"] for r in sgmcmc["sweep"] if r["method"] == method)):
+            rs = sorted((r for r in sgmcmc["sweep"] if r["method"] == method and r["prior"] == prior),
+                        key=lambda r: r["temperature"])
+            ts = [r["temperature"] for r in rs]
+            color = f"C{i}"
+            top.plot(ts, [r["val_nll"] for r in rs], "o-", color=color, label=f"val, {prior}")
+            top.plot(ts, [r["test_nll"] for r in rs], "s--", color=color, alpha=0.6, label=f"test, {prior}")
+            bottom.plot(ts, [r["shift_nll"] for r in rs], "^-", color=color, label=f"shift, {prior}")
+            if prior == chosen["prior"]:
+                r = next(r for r in rs if r["temperature"] == chosen["temperature"])
+                top.plot([r["temperature"]], [r["val_nll"]], "*", color="k", ms=14, zorder=5, label="chosen")
+                bottom.plot([r["temperature"]], [r["shift_nll"]], "*", color="k", ms=14, zorder=5)
+        top.axhline(sgmcmc["map_val_nll"], color="grey", lw=1, label="MAP val")
+        top.axhline(sgmcmc["map_test_nll"], color="grey", lw=1, ls="--", label="MAP test")
+        bottom.axhline(sgmcmc["map_shift_nll"], color="grey", lw=1, label="MAP shift")
+        top.set_title(f"{method}: chosen T={chosen['temperature']:g}, {chosen['prior']}", fontsize=10)
+        bottom.set(xscale="log", xlabel="temperature T")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("in-distribution NLL (one chain)")
+    axes[1, 0].set_ylabel("shifted NLL (one chain)")
+    axes[0, 0].legend(fontsize=7)
+    axes[1, 0].legend(fontsize=7)
+    fig.suptitle("The cold-posterior effect: validation (solid) and test (dashed) NLL against the temperature; "
+                 "the choice is the lowest validation NLL", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"  sweep picture: {path}")
+
+
+COLUMNS = [("method", "{:<28}"), ("acc", "{:6.3f}"), ("nll", "{:6.3f}"), ("ece", "{:6.3f}"), ("brier", "{:6.3f}"),
            ("shift_acc", "{:9.3f}"), ("shift_nll", "{:9.3f}"), ("shift_ece", "{:9.3f}"), ("ood_auroc", "{:9.3f}"),
            ("time_s", "{:7.2f}")]
 
 
 def _format_rows(rows: list[dict]) -> list[str]:
-    head = " | ".join(f"{c:<18}" if c == "method" else f"{c:>{max(6, len(c))}}" for c, _ in COLUMNS)
+    head = " | ".join(f"{c:<28}" if c == "method" else f"{c:>{max(6, len(c))}}" for c, _ in COLUMNS)
     lines = [head, "-" * len(head)]
-    for r in rows:
+    for i, r in enumerate(rows):
+        if r.get("role") == "reference" and (i == 0 or rows[i - 1].get("role") != "reference"):
+            lines.append("- reference rows, not tuned: the Bayes posterior (T = 1) and the marglik Laplace "
+                         + "-" * max(0, len(head) - 82))
         cells = []
         for c, fmt in COLUMNS:
             cells.append(fmt.format(r[c]) if c == "method" else fmt.format(r[c]).rjust(max(6, len(c))))
@@ -451,7 +704,8 @@ def _format_rows(rows: list[dict]) -> list[str]:
 
 def _print_table(rows: list[dict]) -> None:
     print("\nIn distribution (acc, NLL, ECE, Brier), shifted (acc, NLL, ECE), OOD AUROC from predictive "
-          "entropy; time = MAP + the method's own fit and prediction, seconds:")
+          "entropy; time = MAP + the method's own fit and prediction, seconds (a tuned SG-MCMC row: its whole "
+          "sweep and its chains):")
     for line in _format_rows(rows):
         print("  " + line)
 
@@ -484,7 +738,7 @@ def _reliability_figure(probs_of: dict, data: Digits, path: str) -> None:
 def run_demo(out: str = "pyfastbayes-report", device: str = "cpu", quick: bool = False, seed: int = 0,
              progress: bool = True) -> dict:
     """Run both parts, print the tables, write ``out``/{regression_predictive.png, reliability.png,
-    results.json, results.md}; returns the results dict."""
+    sweep.png, results.json, results.md}; returns the results dict."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
     os.makedirs(out, exist_ok=True)
@@ -496,7 +750,8 @@ def run_demo(out: str = "pyfastbayes-report", device: str = "cpu", quick: bool =
           f"on {device}, torch {torch.__version__}{', quick run' if quick else ''}")
     results = {"build": info, "device": device, "quick": quick}
     results["regression"] = regression_demo(out, quick, seed, progress)
-    results["classification"], results["flatness"] = classification_demo(out, device, quick, seed, progress)
+    results["classification"], results["flatness"], results["sgmcmc"] = classification_demo(out, device, quick, seed,
+                                                                                            progress)
     results["total_s"] = time.perf_counter() - t0
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -505,5 +760,20 @@ def run_demo(out: str = "pyfastbayes-report", device: str = "cpu", quick: bool =
         f.write("\n## Flatness of the training loss\n\n| solution | top Hessian eigenvalue | Hessian trace |\n|---|---|---|\n")
         for name, r in results["flatness"].items():
             f.write(f"| {name} | {r['top_eigenvalue']:.3f} | {r['trace']:.2f} +- {r['trace_std_error']:.2f} |\n")
+        sg = results["sgmcmc"]
+        f.write("\n## SG-MCMC temperature / prior sweep (one chain each; chosen by validation NLL)\n\n"
+                "| method | prior | T | val NLL | test NLL | shift NLL |\n|---|---|---|---|---|---|\n")
+        for r in sg["sweep"]:
+            mark = " (chosen)" if (sg["chosen"][r["method"]]["temperature"], sg["chosen"][r["method"]]["prior"]) == (
+                r["temperature"], r["prior"]) else ""
+            f.write(f"| {r['method']} | {r['prior']} | {r['temperature']:g}{mark} | {r['val_nll']:.4f} | "
+                    f"{r['test_nll']:.4f} | {r['shift_nll']:.3f} |\n")
+        f.write(f"\nMAP: val {sg['map_val_nll']:.4f}, test {sg['map_test_nll']:.4f}, shift {sg['map_shift_nll']:.3f}\n"
+                "\n## Mixing at the chosen settings and at T = 1: rank R-hat (bulk ESS)\n\n")
+        for method in sg["chosen"]:
+            for c in (sg["chosen"][method], sg["reference"][method]):
+                cells = ", ".join(f"{n} {c['rhat'][n]:.2f} ({c['ess_bulk'][n]:.0f})" for n in c["rhat"])
+                f.write(f"- {method} T={c['temperature']:g} {c['prior']}, {c['chains']} chains x "
+                        f"{c['draws_per_chain']} draws: {cells}\n")
     print(f"\nreport written to {os.path.abspath(out)} in {results['total_s']:.1f} s")
     return results
