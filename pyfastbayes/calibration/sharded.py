@@ -25,6 +25,7 @@ from ._binning import require_binned
 from ._checks import check_not_empty, prepare
 from .metrics import brier_terms, hits, nll_terms
 from .streaming import CalibrationError, collective_device
+from .._distributed import distributed_active
 
 __all__ = ["evaluate", "METRICS"]
 
@@ -78,7 +79,7 @@ def evaluate(probs: Tensor, targets: Tensor, metrics: str | Sequence[str] = METR
     calib = (CalibrationError(n_bins, norm, classwise, num_classes, from_logits, validate) if "ece" in names
              else None)
     sums = [m for m in names if m != "ece"]
-    reduce = _reduces(distributed)
+    reduce = distributed_active(distributed)
     error = None
     try:
         local = _local_stats(probs, targets, sums, calib, from_logits, validate)
@@ -156,17 +157,6 @@ def _check_metrics(metrics) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"metrics names a metric twice: {names}")
     return names
-
-
-def _reduces(distributed: bool | None) -> bool:
-    """Whether to all-reduce: ``distributed`` None -> when torch.distributed is initialised."""
-    up = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed is None:
-        return up
-    if distributed and not up:
-        raise ValueError("distributed=True but torch.distributed is not initialised (call "
-                         "torch.distributed.init_process_group first)")
-    return bool(distributed)
 
 
 def _classes(probs) -> int:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.params import ParamLayout
+from .._distributed import distributed_active  # noqa: F401  (models.py imports it from here)
 
 Batch = tuple  # (inputs, targets): inputs a tensor or a tuple of positional model arguments
 
@@ -207,18 +208,6 @@ def mode_dependent(model: nn.Module) -> list[str]:
 
 
 # ---- distributed -----------------------------------------------------------------------------------------
-def distributed_active(distributed: bool | None) -> bool:
-    """Whether products are summed over processes: ``distributed`` None -> when torch.distributed
-    is initialised; True insists on it; False never."""
-    up = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed is None:
-        return up
-    if distributed and not up:
-        raise ValueError("distributed=True but torch.distributed is not initialised "
-                         "(call torch.distributed.init_process_group first)")
-    return bool(distributed)
-
-
 def all_reduce(acc: Tensor, n: int) -> tuple[Tensor, float]:
     """Sum acc (any shape) and the example count n over all processes with ONE all_reduce (n travels
     as an extra element of the same buffer); returns (summed acc, total count)."""

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import ops
+from .._distributed import distributed_active
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from ..nn.batchnorm import bn_modules
@@ -302,8 +303,6 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
     Returns:
         :class:`LandscapeResult` with loss [n1] or [n1, n2] (float64) and the metrics.
     """
-    from ..curvature._model_data import distributed_active
-
     layout = layout_of(model)
     if bn not in BN_MODES:
         raise ValueError(f"bn must be one of {BN_MODES} ('eval': BatchNorm with the model's running statistics; "
