@@ -413,3 +413,14 @@ def spawn_gloo(worker, world: int) -> list:
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(worker, args=(world, port, d), nprocs=world, join=True)
         return [torch.load(os.path.join(d, f"{r}.pt")) for r in range(world)]
+
+
+class CountingBatches:
+    """A re-iterable of batches that counts how often it is walked (tests that data is read once)."""
+
+    def __init__(self, batches):
+        self.batches, self.walks = batches, 0
+
+    def __iter__(self):
+        self.walks += 1
+        return iter(self.batches)

@@ -10,6 +10,7 @@ from torch import nn
 
 from pyfastbayes.landscape import grid, interpolate, random_directions
 from pyfastbayes.nn import ParamLayout
+from _helpers import CountingBatches
 
 BN = nn.modules.batchnorm._BatchNorm
 
@@ -153,22 +154,13 @@ def test_first_layer_shortcut_in_both_bn_modes(make, shape, bn):
     assert type(model[0]) in (nn.Linear, nn.Conv2d)  # the first layer is back
 
 
-class _Counting:
-    """A re-iterable of batches that counts its walks."""
-
-    def __init__(self, batches):
-        self.batches, self.walks = batches, 0
-
-    def __iter__(self):
-        self.walks += 1
-        return iter(self.batches)
 
 
 def test_recompute_is_batched_over_points():
     """One chunk of all 9 points: the data is walked twice (statistics pass, evaluation pass), not
     once per point."""
     model = _mlp()
-    data = _Counting(_data((5,)))
+    data = CountingBatches(_data((5,)))
     d = random_directions(model, 2, generator=torch.Generator().manual_seed(1))
     grid(model, nn.CrossEntropyLoss(), data, d, (torch.linspace(-1, 1, 3),) * 2, bn="recompute", batch_points=9,
          first_layer=False, progress=False)

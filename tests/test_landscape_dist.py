@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from _helpers import spawn_gloo
+from _helpers import CountingBatches, spawn_gloo
 from pyfastbayes.landscape import grid, random_directions
 
 
@@ -51,15 +51,6 @@ def _error(fn):
     return None
 
 
-class _Counting:
-    """A re-iterable of batches that counts its walks."""
-
-    def __init__(self, batches):
-        self.batches, self.walks = batches, 0
-
-    def __iter__(self):
-        self.walks += 1
-        return iter(self.batches)
 
 
 def _worker(rank, world, port, out_dir):
@@ -78,7 +69,7 @@ def _worker(rank, world, port, out_dir):
         out["fail"] = _error(lambda: grid(model, loss_fn, empty, d, coords, progress=False))
         # each rank walks the data once per chunk of ITS points: 7 and 8 points in chunks of 4 -> 2
         # walks each (all 15 points would take 4)
-        counted = _Counting(_data())
+        counted = CountingBatches(_data())
         grid(model, loss_fn, counted, d, coords, batch_points=4, first_layer=False, progress=False)
         out["walks"] = counted.walks
         # still in step after the refusals: one more surface
