@@ -46,6 +46,7 @@ import sys
 import time
 
 import torch
+import torch._dynamo  # noqa: F401  before init_process_group: see the note in main()
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -71,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "else steps / 2)")
     p.add_argument("--thin", type=int, help="record a draw every THIN steps after the burn-in "
                                             "(default 5 with --quick, else 25)")
-    p.add_argument("--batch", type=int, default=64,
-                   help="global batch: split over the ranks with 'shared', each chain's own with 'per_rank'")
+    p.add_argument("--batch", type=int,
+                   help="global batch: split evenly over the ranks with 'shared' (default 64, rounded up to a "
+                        "multiple of the number of processes), each chain's own with 'per_rank' (default 64)")
     p.add_argument("--lr", type=float, help="step size (default 1e-3 for SGLD, 5e-5 for SGHMC)")
     p.add_argument("--friction", type=float, default=0.1, help="SGHMC friction")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -91,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.thin = a.thin if a.thin is not None else (5 if a.quick else 25)
     a.lr = a.lr if a.lr is not None else (1e-3 if a.sampler == "sgld" else 5e-5)
     for name in ("steps", "thin", "batch", "hidden"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     if not 0 <= a.burn_in < a.steps:
         p.error(f"--burn-in must be in [0, steps = {a.steps}), got {a.burn_in}")
@@ -165,6 +167,11 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     dtype = getattr(torch, a.dtype)
     device = pick_device(a.device)
+    # Note: torch._dynamo, which torch.optim imports when the first optimizer is built, holds on to
+    # the process group when it is first imported after init_process_group (seen with torch 2.13):
+    # destroy_process_group then leaves gloo's worker threads running, and one that drops its last
+    # finished work during interpreter shutdown aborts the process ("terminate called without an
+    # active exception", now and then). Imported above, before the group exists, it holds nothing.
     if launched():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world = dist.get_world_size() if launched() else 1
@@ -186,9 +193,11 @@ def gather(t: torch.Tensor, world: int) -> torch.Tensor:
 
 def run(a: argparse.Namespace, dtype: torch.dtype, device: torch.device, world: int, rank: int) -> None:
     shared = a.chains == "shared"
+    if a.batch is None:
+        a.batch = world * math.ceil(64 / world) if shared else 64
     if shared and a.batch % world:
         raise SystemExit(f"--batch {a.batch} (the global batch) must be divisible by the {world} processes "
-                         f"with --chains shared (each rank reads batch / world points per step)")
+                         f"with --chains shared (each rank reads batch / world points per step)" if rank == 0 else 2)
     x_tr, y_tr, x_te, y_te = load_digits(dtype, device)
     n = len(y_tr)
 
