@@ -204,7 +204,7 @@ def run(a: argparse.Namespace, dtype: torch.dtype, device: torch.device, world: 
     # shared: one chain, the same initial weights (DDP also broadcasts rank 0's) and rank 0's seed;
     # per_rank: own initial weights per rank (spread-out starts make R-hat meaningful).
     model = make_mlp(a.hidden, a.seed if shared else a.seed + 1000 * rank, dtype, device)
-    net = DistributedDataParallel(model) if shared and world > 1 else model
+    net = DistributedDataParallel(model) if shared and launched() else model
     kw = dict(num_data=n, temperature=a.temperature, prior_precision=a.prior_precision, chains=a.chains,
               generator=torch.Generator().manual_seed(a.seed + 1))  # rank 0's is the one broadcast
     if shared:
