@@ -411,8 +411,18 @@ def spawn_gloo(worker, world: int) -> list:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(worker, args=(world, port, d), nprocs=world, join=True)
+        mp.spawn(_gloo_worker, args=(worker, world, port, d), nprocs=world, join=True)
         return [torch.load(os.path.join(d, f"{r}.pt")) for r in range(world)]
+
+
+def _gloo_worker(rank: int, worker, world: int, port: int, out_dir: str) -> None:
+    """spawn_gloo's process body. torch._dynamo is imported BEFORE the worker initialises its
+    group: the first optimizer imports it, and imported after init_process_group it keeps the
+    group alive past destroy_process_group, so gloo's threads sometimes abort the process at exit
+    ("terminate called without an active exception", ~2 % of runs; examples/torchrun_sgld.py)."""
+    import torch._dynamo  # noqa: F401
+
+    worker(rank, world, port, out_dir)
 
 
 class CountingBatches:
