@@ -10,7 +10,7 @@ from torch import nn
 
 from pyfastbayes.landscape import grid, interpolate, random_directions
 from pyfastbayes.nn import ParamLayout
-from _helpers import CountingBatches
+from _helpers import CountingBatches, needs_cuda
 
 BN = nn.modules.batchnorm._BatchNorm
 
@@ -212,3 +212,21 @@ def test_interpolate_recompute_ends_are_the_refreshed_models():
         with torch.no_grad():
             want = sum(float(loss_fn(fresh(x), y)) * len(y) for x, y in data) / n
         assert res.loss[i].item() == pytest.approx(want, rel=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_cnn, (2, 6, 6))], ids=["mlp_bn1d", "cnn_bn2d"])
+def test_recompute_on_cuda_matches_cpu(make, shape):
+    """The batched statistics pass on CUDA (cuDNN's BatchNorm under vmap) gives the CPU surface."""
+    model = make()
+    data = _data(shape)
+    d = random_directions(model, 2, generator=torch.Generator().manual_seed(5))
+    coords = (torch.linspace(-1, 1, 4), torch.linspace(-0.5, 1.0, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    cpu = grid(model, loss_fn, data, d, coords, metrics={"acc": _acc}, bn="recompute", batch_points=5,
+               progress=False)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = grid(gpu_model, loss_fn, [(x.cuda(), y.cuda()) for x, y in data], d.cuda(), coords,
+               metrics={"acc": _acc}, bn="recompute", batch_points=5, progress=False)
+    torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu.metrics["acc"].cpu(), cpu.metrics["acc"], rtol=0, atol=1e-6)
