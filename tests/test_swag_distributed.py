@@ -19,7 +19,7 @@ from torch import nn
 
 from _helpers import needs_cuda, spawn_gloo
 from pyfastbayes.posteriors import SWAG
-from pyfastbayes.posteriors.swag import SHARD_ALIGN, shard_columns
+from pyfastbayes.posteriors._sharding import SHARD_ALIGN, shard_columns
 
 P = 30 * 40 + 40 + 40 * 7 + 7  # 1527: not a multiple of 4, six 256-column blocks
 RANGES = {2: [(0, 768), (768, 1527)], 3: [(0, 512), (512, 1024), (1024, 1527)]}
