@@ -38,6 +38,18 @@ __device__ __forceinline__ double group_max(double v, int G) {
   for (int off = G / 2; off > 0; off >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
+// Sum of v over the block (blockDim.x = kThreads) in a fixed order: each warp by xor shuffles,
+// then warp 0 over the warp sums. The result is valid in thread 0 only; every thread must call it
+// (it holds a __syncthreads).
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double warp_sum[kThreads / 32];
+  v = group_sum(v, 32);
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  if (lane == 0) warp_sum[warp] = v;
+  __syncthreads();
+  if (warp == 0) v = group_sum(lane < kThreads / 32 ? warp_sum[lane] : 0.0, 32);
+  return v;
+}
 __device__ __forceinline__ int group_or(int v, int G) {
   for (int off = G / 2; off > 0; off >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, off);
   return v;

@@ -265,17 +265,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t e = split.scalar(s);
     acc += vi_kl_term(static_cast<op_t>(mu[e]), static_cast<op_t>(rho[e]), prior);
   }
-  // block sum in float64: warps by xor shuffles, then warp 0 over the warp sums (fixed order)
-  __shared__ double warp_sum[kThreads / 32];
-  double v = group_sum(static_cast<double>(acc), 32);
-  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  if (lane == 0) warp_sum[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kThreads / 32 ? warp_sum[lane] : 0.0;
-    v = group_sum(v, 32);
-    if (lane == 0) partials[blockIdx.x] = v;
-  }
+  const double v = block_sum(static_cast<double>(acc));  // float64, fixed order
+  if (threadIdx.x == 0) partials[blockIdx.x] = v;
 }
 
 // out = the sum of partials[0 .. n) in float64, in a fixed order (one block: each thread a strided
@@ -284,16 +275,8 @@ template <typename R>
 __global__ void __launch_bounds__(kThreads) vi_kl_final_kernel(const double* __restrict__ partials, int64_t n, R* out) {
   double v = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) v += partials[i];
-  __shared__ double warp_sum[kThreads / 32];
-  v = group_sum(v, 32);
-  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  if (lane == 0) warp_sum[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kThreads / 32 ? warp_sum[lane] : 0.0;
-    v = group_sum(v, 32);
-    if (lane == 0) *out = static_cast<R>(v);
-  }
+  v = block_sum(v);
+  if (threadIdx.x == 0) *out = static_cast<R>(v);
 }
 
 // grad_mu, grad_rho of this block's chunk (lists: mu, rho, grad_mu, grad_rho)
