@@ -15,6 +15,8 @@ torch.distributed the points are split across the ranks and one all_reduce gathe
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -24,7 +26,8 @@ from .._distributed import distributed_active
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from ..nn.batchnorm import bn_modules
-from . import _first_layer
+from . import _batched, _first_layer
+from ._losses import point_values
 from .directions import layout_of
 from .result import LandscapeResult
 
@@ -79,11 +82,18 @@ def _check_metrics(metrics) -> dict:
     return dict(metrics)
 
 
+def _per_point(layout, thetas: Tensor) -> dict[str, Tensor]:
+    """name -> [c, *shape] per-point parameters of thetas [c, P] (views where the dtypes agree)."""
+    c = thetas.shape[0]
+    return {n: thetas[:, o:o + math.prod(s)].view(c, *s).to(d)
+            for n, s, d, o in zip(layout.names, layout.shapes, layout.dtypes, layout.offsets)}
+
+
 def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shortcut: tuple | None,
           buffers: dict, shared: dict, post, consume, on_batch=None) -> int:
     """Walk ``data`` once for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s order):
     for each block of at most ``rows`` rows of each batch (None: whole batches), consume(rows,
-    post(outputs, targets) of every point stacked [c, ...]); returns the number of examples. Every
+    post(outputs of all c points stacked [c, rows, ...], targets)); returns the number of examples. Every
     block goes through the model for all c points at once (``torch.vmap`` over ``functional_call``).
     ``buffers``: name -> [c, ...] per-point buffers, vmapped with the points; ``shared``: name ->
     buffers common to the points (not vmapped; in-place updates act on them once per block).
@@ -94,33 +104,36 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
     def args(x):
         return x if isinstance(x, tuple) else (x,)
 
-    def one(theta: Tensor, bufs: dict, x, y: Tensor):
-        return post(functional_call(model, {**layout.unflatten(theta), **shared, **bufs}, args(x)), y)
+    def one(net: nn.Module, params: dict, bufs: dict, x):
+        return functional_call(net, {**params, **shared, **bufs}, args(x))
 
-    batched = torch.vmap(one, in_dims=(0, 0, None, None))
+    batched = torch.vmap(one, in_dims=(None, 0, 0, None))
+    params = _per_point(layout, thetas)  # once per chunk, not once per block
     if shortcut is not None:
         first, theta0, dirs, coords = shortcut
-        mix = coords.to(thetas.dtype)
+        # [c, m + 1] weights (1, a_1, ..., a_m) of the products W0 x, D_1 x, ...: one GEMM combines them
+        mix = torch.cat([torch.ones_like(coords[:, :1]), coords], dim=1).to(thetas.dtype)
+        params = {k: v for k, v in params.items() if not k.startswith(first.prefix)}
 
-        def one_first(theta: Tensor, bufs: dict, h: Tensor, x, y: Tensor):
+        def one_first(net: nn.Module, params: dict, bufs: dict, h: Tensor, x):
             _first_layer.hold(h)
-            params = {k: v for k, v in layout.unflatten(theta).items() if not k.startswith(first.prefix)}
-            return post(functional_call(model, {**params, **shared, **bufs}, (x,)), y)
+            return functional_call(net, {**params, **shared, **bufs}, (x,))
 
-        batched_first = torch.vmap(one_first, in_dims=(0, 0, 0, None, None))
+        batched_first = torch.vmap(one_first, in_dims=(None, 0, 0, 0, None))
     n = 0
-    for x, y, nb in iterate(data, thetas.device):
-        if on_batch is not None:
-            on_batch(x, y, nb)
-        for xr, yr, nr in _row_blocks(x, y, nb, rows):
-            if shortcut is None:
-                consume(nr, batched(thetas, buffers, xr, yr))
-                continue
-            O = first.outputs(xr, theta0, dirs)  # [m + 1, rows, ...]: once for the chunk's points
-            h = O[0] + torch.tensordot(mix, O[1:], dims=1)  # [c, rows, ...]
-            with first.swapped(model):
-                consume(nr, batched_first(thetas, buffers, h, xr, yr))
-        n += nb
+    with _batched.swapped(model) as net:
+        for x, y, nb in iterate(data, thetas.device):
+            if on_batch is not None:
+                on_batch(x, y, nb)
+            for xr, yr, nr in _row_blocks(x, y, nb, rows):
+                if shortcut is None:
+                    consume(nr, post(batched(net, params, buffers, xr), yr))
+                    continue
+                O = first.outputs(xr, theta0, dirs)  # [m + 1, rows, ...]: once for the chunk's points
+                h = torch.mm(mix, O.reshape(O.shape[0], -1)).view(mix.shape[0], *O.shape[1:])  # [c, rows, ...]
+                with first.swapped(model):
+                    consume(nr, post(batched_first(net, params, buffers, h, xr), yr))
+            n += nb
     return n
 
 
@@ -132,17 +145,9 @@ def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows: int | N
     of at most ``rows`` rows (None: whole batches); ``shortcut`` as in :func:`_walk`; ``buffers``
     name -> [c, ...]: per-point buffers (the BatchNorm statistics of bn='recompute'); ``on_batch``
     as in :func:`_walk`. The caller sets no_grad and the model's mode."""
-    f64 = torch.float64
-
-    def values(out, y: Tensor) -> Tensor:
-        if not torch.is_tensor(out):
-            raise TypeError(f"the model must return a tensor of outputs, got {type(out).__name__}")
-        return torch.stack([torch.as_tensor(f(out, y), dtype=out.dtype, device=out.device).reshape(()).to(f64)
-                            for f in fns])
-
-    sums = torch.zeros(len(fns), thetas.shape[0], dtype=f64, device=thetas.device)
-    n = _walk(model, layout, thetas, data, rows, shortcut, buffers or {}, {}, values,
-              lambda nr, v: sums.add_(v.t(), alpha=nr), on_batch)
+    sums = torch.zeros(len(fns), thetas.shape[0], dtype=torch.float64, device=thetas.device)
+    n = _walk(model, layout, thetas, data, rows, shortcut, buffers or {}, {},
+              lambda out, y: point_values(fns, out, y), lambda nr, v: sums.add_(v, alpha=nr), on_batch)
     if n == 0:
         raise ValueError("data has no examples (no rows in any batch): the mean loss is undefined")
     return sums, n

@@ -1,0 +1,108 @@
+"""The grid engine's batched pieces: the Linear stand-in's vmap rule against vmap of F.linear, the
+recognised cross-entropy against the user's loss mapped over the points, and the model left as
+it was (modules, also after an error)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyfastbayes.landscape import _batched, grid, random_directions
+from pyfastbayes.landscape._losses import point_values
+
+
+def _ref_linear(x, w, b, in_dims):
+    return torch.vmap(lambda x, w, b: F.linear(x, w, b), in_dims=in_dims)(x, w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["all", "x_shared", "lead_dims", "no_bias", "w_shared", "x_dim1", "bias_shared"])
+def test_linear_rule_equals_vmap_of_linear(case, dtype):
+    g = torch.Generator().manual_seed(0)
+    n, rows, i, o = 5, 7, 4, 3
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=dtype)
+
+    x, w, b, dims = r(n, rows, i), r(n, o, i), r(n, o), (0, 0, 0)
+    if case == "x_shared":
+        x, dims = r(rows, i), (None, 0, 0)
+    elif case == "lead_dims":
+        x = r(n, 2, rows, i)
+    elif case == "no_bias":
+        b, dims = None, (0, 0, None)
+    elif case == "w_shared":
+        w, dims = r(o, i), (0, None, 0)
+    elif case == "x_dim1":
+        x, dims = r(rows, n, i), (1, 0, 0)
+    elif case == "bias_shared":
+        b, dims = r(o), (0, 0, None)
+    got = torch.vmap(lambda x, w, b: _batched._LinearFn.apply(x, w, b), in_dims=dims)(x, w, b)
+    want = _ref_linear(x, w, b, dims)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_swapped_restores_every_module_also_on_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    hooked = model[2][0]
+    hooked.register_forward_hook(lambda *a: None)  # a hooked layer keeps its own forward
+    before = [m for m in model.modules()]
+    with _batched.swapped(model) as net:
+        assert net is model
+        assert type(model[0]) is _batched._BatchedLinear and model[0].weight is before[1].weight
+        assert model[2][0] is hooked and type(model[2][1]) is _batched._BatchedLinear
+    assert [m for m in model.modules()] == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with _batched.swapped(model):
+            raise RuntimeError("boom")
+    assert [m for m in model.modules()] == before
+    single = nn.Linear(3, 2)
+    with _batched.swapped(single) as net:
+        assert type(net) is _batched._BatchedLinear and net.weight is single.weight
+
+
+@pytest.mark.parametrize("loss", ["module", "functional", "ignore_index"])
+def test_recognised_cross_entropy_equals_the_loss_per_point(loss):
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(6, 9, 10, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 10, (9,), generator=g)
+    fn = {"module": nn.CrossEntropyLoss(), "functional": F.cross_entropy,
+          "ignore_index": nn.CrossEntropyLoss(ignore_index=4)}[loss]
+    if loss == "ignore_index":
+        y[:3] = 4
+    got = point_values([fn], out, y)[0]
+    want = torch.stack([F.cross_entropy(o, y, ignore_index=4 if loss == "ignore_index" else -100) for o in out])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # not recognised: other settings and probability targets go through vmap, with the same numbers
+    smooth = nn.CrossEntropyLoss(label_smoothing=0.1)
+    torch.testing.assert_close(point_values([smooth], out, y)[0],
+                               torch.stack([smooth(o, y) for o in out]), rtol=1e-12, atol=1e-12)
+    soft = torch.softmax(torch.randn(9, 10, generator=g, dtype=torch.float64), -1)
+    torch.testing.assert_close(point_values([nn.CrossEntropyLoss()], out, soft)[0],
+                               torch.stack([F.cross_entropy(o, soft) for o in out]), rtol=1e-12, atol=1e-12)
+
+
+def test_all_ignored_rows_give_nan_like_the_loss():
+    out = torch.randn(2, 3, 4)
+    y = torch.full((3,), -100)
+    assert torch.isnan(point_values([F.cross_entropy], out, y)).all()
+    assert torch.isnan(F.cross_entropy(out[0], y))
+
+
+def test_grid_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mods = list(model.modules())
+    d = random_directions(model, n=2, generator=torch.Generator().manual_seed(2))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    grid(model, nn.CrossEntropyLoss(), (x, y), d, (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 3)),
+         progress=False)
+    def fails(o, t):
+        raise RuntimeError("a loss that fails mid-walk")
+
+    with pytest.raises(RuntimeError, match="fails mid-walk"):
+        grid(model, fails, (x, y), d, (torch.linspace(-1, 1, 3),) * 2, progress=False)
+    assert list(model.modules()) == mods
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
