@@ -33,14 +33,23 @@ def hyper_for(kind, device):
     return torch.tensor([1e-3, 0.7, 500.0, 2.0] + extra, dtype=torch.float64, device=device)
 
 
-def step_args(kind, params, grads, bufs, hyper, rng, skip=None):
+def step_args(kind, params, grads, bufs, hyper, rng, skip=None, offsets=None):
     """The arguments of one step as a dict keyed by the schema's names."""
     state = OPS[kind][2]
-    return dict(params=params, grads=grads, **({state: bufs} if state else {}), hyper=hyper, rng=rng, skip=skip)
+    return dict(params=params, grads=grads, **({state: bufs} if state else {}), hyper=hyper, rng=rng, skip=skip,
+                offsets=offsets)
 
 
-def run(fn, kind, params, grads, bufs, hyper, rng, skip=None):
-    fn(**step_args(kind, params, grads, bufs, hyper, rng, skip))
+def run(fn, kind, params, grads, bufs, hyper, rng, skip=None, offsets=None):
+    fn(**step_args(kind, params, grads, bufs, hyper, rng, skip, offsets))
+
+
+def random_offsets(n, gen):
+    """n stream offsets: 0, odd ones, multiples of 4 +- 1, one past 2^32 blocks (the block index's
+    high word) and random ones."""
+    fixed = [0, 1, 3, 4 * 1000 + 2, 5, 2**34 + 7, 70_001]
+    rnd = torch.randint(0, 10**6, (n,), generator=gen).tolist()
+    return [fixed[i] if i < len(fixed) else rnd[i] for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +62,10 @@ def step_spec(kind):
         gen.manual_seed(SEEDS[kind] * 100 + DTYPE_SEEDS[dtype] * 10 + ("random", "empty", "noncontig").index(case))
         rng = torch.tensor([123456789012345, 5], dtype=torch.int64, device=device)
         hyper = hyper_for(kind, device)
-        if case == "random":  # three steps on the mixed list of make_lists: the state carries over
-            p, g, b = make_lists(dtype, device, gen)
+        if case == "random":  # three steps on the mixed list of make_lists: the state carries over;
+            p, g, b = make_lists(dtype, device, gen)  # offsets None, then random ones (odd included)
+            return [step_args(kind, p, g, b, hyper, rng, offsets=off)
+                    for off in (None, random_offsets(len(p), gen), random_offsets(len(p), gen)[::-1])]
         elif case == "empty":  # an empty group (the step still advances rng), then empty tensors
             e = [torch.zeros(0, dtype=dtype, device=device), torch.zeros(3, 0, dtype=dtype, device=device)]
             return [step_args(kind, [], [], [], hyper, rng),
@@ -65,7 +76,7 @@ def step_spec(kind):
             views = lambda: [rnd(9, 7).t(), rnd(40)[1::3], rnd(5, 6, 4).permute(2, 0, 1), rnd(300, 2)[:, 1]]  # noqa: E731
             p, g = views(), views()
             b = [x.abs() for x in views()]
-        return [step_args(kind, p, g, b, hyper, rng) for _ in range(3)]
+        return [step_args(kind, p, g, b, hyper, rng, offsets=off) for off in (None, [3, 0, 6, 1], [1, 2, 3, 4])]
 
     def good(device):
         gen = torch.Generator().manual_seed(0)
@@ -77,6 +88,9 @@ def step_spec(kind):
 
     def with_skip(device):
         return {**good(device), "skip": torch.tensor(False, device=device)}
+
+    def with_offsets(device):
+        return {**good(device), "offsets": [7, 2]}
 
     lst = lambda name, f: (lambda a, d: [f(t, d) for t in a[name]])  # noqa: E731
     op = f"{kind}_step_"
@@ -99,6 +113,12 @@ def step_spec(kind):
         Bad("rng-int32", put(rng=lambda a, d: a["rng"].int()), r"rng must be a contiguous int64 \[2\] = \(seed, step\)"),
         Bad("skip-float", put(skip=lambda a, d: torch.tensor(1.0, device=d)), f"{op}: skip must be a bool scalar"),
         Bad("skip-vector", put(skip=lambda a, d: torch.tensor([True, True], device=d)), "skip must be a bool scalar"),
+        Bad("offsets-count", put(offsets=[0]), f"{op}: got 2 params but 1 offsets"),
+        Bad("offsets-count-empty-group", put(params=[], grads=[], **({state: []} if state else {}), offsets=[4]),
+            f"{op}: got 0 params but 1 offsets"),
+        Bad("offsets-negative", put(offsets=[0, -3]), rf"{op}: offsets\[1\] must be >= 0, got -3"),
+        Bad("offsets-overflow", put(offsets=[2**63 - 3, 0]),
+            rf"{op}: offsets\[0\] \+ 5 elements must be below 2\^63, got offsets\[0\] = {2**63 - 3}"),
         Bad("empty-group-rng", put(params=[], grads=[], **({state: []} if state else {}),
                                    rng=lambda a, d: torch.tensor([4], device=d)), "rng must be"),
         Bad("empty-group-skip", put(params=[], grads=[], **({state: []} if state else {}),
@@ -139,7 +159,7 @@ def step_spec(kind):
             for name in ("params", state) if state else ("params",):
                 assert [(t.dtype, t.shape) for t in a[name]] == [(t.dtype, t.shape) for t in b[name]]
 
-    return OpSpec(op, grid=ALL_DTYPES, make=make, good=good, bad=bad, opcheck=[with_skip], post=post,
+    return OpSpec(op, grid=ALL_DTYPES, make=make, good=good, bad=bad, opcheck=[with_skip, with_offsets], post=post,
                   seed=SEEDS[kind])
 
 
@@ -169,6 +189,46 @@ class TestSghmcStep(OpContract):
 
 class TestPsgldStep(OpContract):
     spec = step_spec("psgld")
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("kind", list(OPS))
+def test_stepping_pieces_with_offsets_equals_stepping_the_whole(kind, backend):
+    """The offsets rule: a tensor split at any element k (k not a multiple of 4 too), the pieces
+    stepped with offsets (0, k) on the same stream index, equals the whole tensor stepped (state
+    included), bit for bit: each element draws the same normal. Also the pieces in two calls
+    with stream index 1 (the tensor's place in its list) and in another order."""
+    if backend == "native" and not ops.native_op(f"{kind}_step_", "cpu"):
+        pytest.skip("needs the compiled extension")
+    fn = OPS[kind][0]
+    gen = torch.Generator().manual_seed(21)
+    n = 3 * 16384 + 1030  # several CPU work items and noise buffers of 1024
+    x, g = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+    b0 = torch.rand(n, generator=gen, dtype=torch.float64)
+    other = torch.randn(10, generator=gen, dtype=torch.float64)  # list position 0: the tensor is stream 1
+    hyper = hyper_for(kind, "cpu")
+    whole, wb = x.clone(), b0.clone()
+    for _ in range(2):
+        fn(**step_args(kind, [other.clone(), whole], [other, g], [other.abs(), wb], hyper, torch.tensor([5, 9])),
+           backend=backend)
+    for k in (1, 2, 3, 4, 1023, 1025, 16383, 16389, n - 1):
+        pieces = [(0, k), (k, n)]
+        got, gb = x.clone(), b0.clone()
+        for _ in range(2):
+            for lo, hi in pieces[::-1]:  # order does not matter: each piece has its own offset
+                fn(**step_args(kind, [other.clone(), got[lo:hi]], [other, g[lo:hi]], [other.abs(), gb[lo:hi]],
+                               hyper, torch.tensor([5, 9]), offsets=[0, lo]), backend=backend)
+        torch.testing.assert_close(got, whole, rtol=0, atol=0, msg=lambda m: f"split at {k}: {m}")
+        if OPS[kind][2]:
+            torch.testing.assert_close(gb, wb, rtol=0, atol=0)
+    # offsets [0] is the default (None); offsets [1] draws other noise
+    outs = []
+    for off in ([0], None, [1]):
+        y = x[:100].clone()
+        fn(**step_args(kind, [y], [g[:100]], [b0[:100].clone()], hyper, torch.tensor([1, 2]), offsets=off),
+           backend=backend)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
 @needs_native

@@ -39,10 +39,10 @@ def hyper_for(kind, device):
     return torch.tensor([1e-3, 0.7, 500.0, 2.0] + extra, dtype=torch.float64, device=device)
 
 
-def call(kind, params, grads, bufs, hyper, rng, skip=None, backend=None):
+def call(kind, params, grads, bufs, hyper, rng, skip=None, backend=None, offsets=None):
     fn, state = OPS[kind]
     fn(params=params, grads=grads, **({state: bufs} if state else {}), hyper=hyper, rng=rng, skip=skip,
-       backend=backend)
+       offsets=offsets, backend=backend)
 
 
 def device_lists(kind, dtype, sizes, offsets, gen):
@@ -95,6 +95,60 @@ def test_step_cuda_matches_cpu_on_unaligned_device_views(kind, dtype):
         call(kind, *dev, hyper_for(kind, "cuda"), rng_c, backend="native")
     assert rng_c.tolist() == rng.tolist() == [987654321, 6]
     compare(kind, dtype, cpu, dev, bufs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", list(OPS))
+def test_step_with_offsets_cuda_matches_cpu(kind, dtype):
+    """offsets (the Philox index of each tensor's element 0) on CUDA as on the CPU: every residue
+    mod 4 (the vector steps then straddle Philox blocks whatever the head), one past 2^32 blocks,
+    on unaligned device views across chunk boundaries."""
+    gen = torch.Generator().manual_seed(300 + DTYPES.index(dtype) * 10 + list(OPS).index(kind))
+    cpu, dev, bufs = device_lists(kind, dtype, SIZES, OFFSETS, gen)
+    offsets = [(7 * i + 1) * 5 + (i % 4) for i in range(len(SIZES))]
+    offsets[3] = 2**34 + 3
+    rng, rng_c = torch.tensor([123, 3]), torch.tensor([123, 3], device="cuda")
+    for step in range(3):  # None, then the offsets, then others: the state carries over
+        off = None if step == 0 else offsets if step == 1 else [o + 2 for o in offsets]
+        call(kind, *cpu, hyper_for(kind, "cpu"), rng, offsets=off)
+        call(kind, *dev, hyper_for(kind, "cuda"), rng_c, backend="native", offsets=off)
+    assert rng_c.tolist() == rng.tolist() == [123, 6]
+    compare(kind, dtype, cpu, dev, bufs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", list(OPS))
+def test_pieces_with_offsets_equal_the_whole_on_cuda(kind):
+    """A tensor split at k (odd k, k across a 16384-element chunk) and its pieces stepped with
+    offsets (0, k) on the same stream, as unaligned device views: equals the whole stepped on
+    CUDA and the whole stepped on the CPU (the FSDP2 rule: a rank's shard gets the noise of its
+    elements in the full tensor)."""
+    n = 2 * CHUNK + 37
+    gen = torch.Generator().manual_seed(61)
+    x, g, b = (rnd(gen, torch.float32, n, positive=(k == 2)) for k in range(3))
+    hyper_c, hyper = hyper_for(kind, "cuda"), hyper_for(kind, "cpu")
+    whole = [[x.cuda()], [g.cuda()], [b.cuda()]]
+    call(kind, *whole, hyper_c, torch.tensor([4, 1], device="cuda"), backend="native")
+    cpu = [[x.clone()], [g.clone()], [b.clone()]]
+    call(kind, *cpu, hyper, torch.tensor([4, 1]))
+    for k in (1, 3, 6, CHUNK - 1, CHUNK + 5, n - 2):
+        got, views = ([], []), []
+        for lo, hi, at in ((0, k, 1), (k, n, 3)):  # each piece: its own call, stream 0 like the whole
+            piece = []
+            for v in (x, g, b):
+                view, buf = placed(v[lo:hi].clone(), at)  # unaligned device views
+                piece.append([view])
+                views.append((view, buf))
+            call(kind, *piece, hyper_c, torch.tensor([4, 1], device="cuda"), backend="native", offsets=[lo])
+            got[0].append(piece[0][0])
+            got[1].append(piece[2][0])
+        p = torch.cat(got[0])
+        torch.testing.assert_close(p, whole[0][0], rtol=1e-6, atol=1e-6, msg=lambda m: f"split at {k}: {m}")
+        torch.testing.assert_close(p.cpu(), cpu[0][0], **TOL[torch.float32])
+        if OPS[kind][1]:
+            torch.testing.assert_close(torch.cat(got[1]), whole[2][0], rtol=1e-6, atol=1e-6)
+        assert all(sentinels_intact(v, buf) for v, buf in views)
 
 
 @needs_cuda

@@ -4,7 +4,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/view_as_real.h>
 #include <c10/util/Exception.h>
+#include <c10/util/OptionalArrayRef.h>
 
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -15,15 +18,28 @@ namespace pyfastbayes {
 
 // Check that params/grads/(bufs) are matching lists of dense tensors on `device_type`, one
 // dtype, equal sizes; that hyper is float64 [>= nhyper] and rng int64 [kRngSize] on the same
-// device; that no tensor the op writes (params, bufs, rng) overlaps another argument or itself.
+// device; that offsets (when given) has one value >= 0 per tensor, small enough that the stream
+// index offsets[i] + e of every element stays below 2^63; that no tensor the op writes (params,
+// bufs, rng) overlaps another argument or itself.
 // bufs_name: the schema name of the state buffers (nullptr: the op has none).
 inline void check_step_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs,
                             const char* bufs_name, const at::Tensor& hyper, int64_t nhyper, const at::Tensor& rng,
-                            const std::optional<at::Tensor>& skip, c10::DeviceType device_type) {
+                            const std::optional<at::Tensor>& skip, c10::OptionalIntArrayRef offsets,
+                            c10::DeviceType device_type) {
   const bool has_bufs = bufs_name != nullptr;
   TORCH_CHECK(params.size() == grads.size(), op, ": got ", params.size(), " params but ", grads.size(), " grads");
   TORCH_CHECK(!has_bufs || bufs.size() == params.size(), op, ": got ", params.size(), " params but ",
               bufs.size(), " state buffers");
+  if (offsets.has_value()) {
+    TORCH_CHECK(offsets->size() == params.size(), op, ": got ", params.size(), " params but ", offsets->size(),
+                " offsets");
+    for (size_t i = 0; i < params.size(); ++i) {
+      const int64_t off = (*offsets)[i];
+      TORCH_CHECK(off >= 0, op, ": offsets[", i, "] must be >= 0, got ", off);
+      TORCH_CHECK(off <= std::numeric_limits<int64_t>::max() - params[i].numel(), op, ": offsets[", i, "] + ",
+                  params[i].numel(), " elements must be below 2^63, got offsets[", i, "] = ", off);
+    }
+  }
   // hyper, rng and skip are checked even for an empty list: the step still advances rng
   const auto device = params.empty() ? rng.device() : params[0].device();
   TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 1 && hyper.numel() >= nhyper &&

@@ -1,8 +1,9 @@
 // CPU kernels of the fused SG-MCMC steps: one parallel pass over every tensor of the group,
 // noise drawn in cache-sized blocks from the Philox stream, the update rule from common/.
-// Element i of tensor s takes lane i % 4 of Philox block i / 4 of stream s, i the logical
-// (row-major) index, as in the CUDA kernel and the reference: non-contiguous tensors are computed
-// on contiguous copies (ContiguousList, checks/sgmcmc.h, says why dense permuted ones are too).
+// Element i of tensor s takes normal j = offsets[s] + i of stream s (offsets default to 0): lane
+// j % 4 of Philox block j / 4, i the logical (row-major) index, as in the CUDA kernel and the
+// reference: non-contiguous tensors are computed on contiguous copies (ContiguousList,
+// checks/sgmcmc.h, says why dense permuted ones are too).
 // And any_nonfinite: its inputs are flat arrays (nonfinite_inputs: dense tensors in place, in
 // memory order), tested on the exponent bits.
 #include <ATen/Dispatch.h>
@@ -25,9 +26,10 @@ namespace {
 
 constexpr int64_t kNoiseBuf = 1024;  // normals generated per inner block (multiple of 4)
 
+// offsets: the stream index of each tensor's element 0 (empty: all 0)
 template <typename scalar_t, template <class> class Rule, bool kHasBuf>
 void noisy_step(std::vector<at::Tensor>& ps, std::vector<at::Tensor>& gs, std::vector<at::Tensor>& bs,
-                const at::Tensor& hyper, const at::Tensor& rng) {
+                const at::Tensor& hyper, const at::Tensor& rng, c10::IntArrayRef offsets) {
   using op_t = at::opmath_type<scalar_t>;
   const auto rule = Rule<op_t>::make(hyper.data_ptr<double>());
   const auto seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[kRngSeed]);
@@ -38,11 +40,16 @@ void noisy_step(std::vector<at::Tensor>& ps, std::vector<at::Tensor>& gs, std::v
     scalar_t* p = ps[c.tensor].data_ptr<scalar_t>();
     const scalar_t* g = gs[c.tensor].data_ptr<scalar_t>();
     scalar_t* b = kHasBuf ? bs[c.tensor].data_ptr<scalar_t>() : nullptr;
-    alignas(64) float z[kNoiseBuf];
+    const int64_t off = offsets.empty() ? 0 : offsets[c.tensor];
+    // elements s .. s + n - 1 take normals j = off + s .. off + s + n - 1: the blocks from
+    // (off + s) / 4 on, from lane r = (off + s) % 4 (r > 0 only for an offset that is not a
+    // multiple of 4: the first r normals of the first block are drawn and not used)
+    alignas(64) float z[kNoiseBuf + 4];
     for (int64_t s = c.begin; s < c.end; s += kNoiseBuf) {
       const int64_t n = std::min(kNoiseBuf, c.end - s);
-      fill_normal(seed, static_cast<uint32_t>(c.tensor), step, s / 4, (n + 3) / 4, z);
-      for (int64_t k = 0; k < n; ++k) sgmcmc_update<kHasBuf>(rule, p, g, b, s + k, z[k]);
+      const int64_t r = (off + s) % 4;
+      fill_normal(seed, static_cast<uint32_t>(c.tensor), step, (off + s) / 4, (r + n + 3) / 4, z);
+      for (int64_t k = 0; k < n; ++k) sgmcmc_update<kHasBuf>(rule, p, g, b, s + k, z[r + k]);
     }
   });
 }
@@ -50,14 +57,15 @@ void noisy_step(std::vector<at::Tensor>& ps, std::vector<at::Tensor>& gs, std::v
 // bufs_name: the schema name of the state buffers, nullptr for SGLD (none)
 template <template <class> class Rule, bool kHasBuf>
 void step_cpu(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs, const char* bufs_name,
-              const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  check_step_args(op, params, grads, bufs, bufs_name, hyper, kHyperSize, rng, skip, c10::DeviceType::CPU);
+              const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip,
+              c10::OptionalIntArrayRef offsets) {
+  check_step_args(op, params, grads, bufs, bufs_name, hyper, kHyperSize, rng, skip, offsets, c10::DeviceType::CPU);
   if (skip.has_value() && skip->item<bool>()) return;
   if (!params.empty()) {
     ContiguousList ps(params), bs(kHasBuf ? bufs : at::TensorList());
     auto gs = contiguous_list(grads);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgmcmc_step", [&] {
-      noisy_step<scalar_t, Rule, kHasBuf>(ps.work, gs, bs.work, hyper, rng);
+      noisy_step<scalar_t, Rule, kHasBuf>(ps.work, gs, bs.work, hyper, rng, offsets.value_or(c10::IntArrayRef()));
     });
     ps.write_back();
     bs.write_back();
@@ -67,16 +75,17 @@ void step_cpu(const char* op, at::TensorList params, at::TensorList grads, at::T
 }
 
 void sgld_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& hyper, const at::Tensor& rng,
-                   const std::optional<at::Tensor>& skip) {
-  step_cpu<SGLDRule, false>("sgld_step_", params, grads, {}, nullptr, hyper, rng, skip);
+                   const std::optional<at::Tensor>& skip, c10::OptionalIntArrayRef offsets) {
+  step_cpu<SGLDRule, false>("sgld_step_", params, grads, {}, nullptr, hyper, rng, skip, offsets);
 }
 void sghmc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta, const at::Tensor& hyper,
-                    const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  step_cpu<SGHMCRule, true>("sghmc_step_", params, grads, momenta, "momenta", hyper, rng, skip);
+                    const at::Tensor& rng, const std::optional<at::Tensor>& skip, c10::OptionalIntArrayRef offsets) {
+  step_cpu<SGHMCRule, true>("sghmc_step_", params, grads, momenta, "momenta", hyper, rng, skip, offsets);
 }
 void psgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avg,
-                    const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  step_cpu<PSGLDRule, true>("psgld_step_", params, grads, square_avg, "square_avg", hyper, rng, skip);
+                    const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip,
+                    c10::OptionalIntArrayRef offsets) {
+  step_cpu<PSGLDRule, true>("psgld_step_", params, grads, square_avg, "square_avg", hyper, rng, skip, offsets);
 }
 
 // Non-finite test on the bits: the exponent field all ones (inf or NaN). Integer AND and compare

@@ -5,7 +5,7 @@
 // allows 32 KB of parameters), so a launch needs no host-to-device copy and can be captured in a
 // CUDA graph. The table's capacity is a template argument, chosen per launch from the number of
 // tensors still to launch (kTableCaps: 1, 8, 64 or 512 slots), so a launch over one tensor passes
-// a parameter block of a few dozen bytes instead of the ~20 KB of a 512-slot table. Each CUDA
+// a parameter block of a few dozen bytes instead of the ~24 KB of a 512-slot table. Each CUDA
 // block owns one chunk of kChunk elements of one tensor; it finds its tensor by binary search over
 // the prefix sums of chunk counts (no search with one slot). More than kMaxTensors tensors are
 // split into several launches, as is a group whose chunk count would pass 2^30.
@@ -32,11 +32,13 @@ struct TensorTable {
   static constexpr int kCap = Cap;
   void* ptr[NL][Cap];
   int64_t numel[Cap];
+  int64_t offset[Cap];           // Philox stream index of the tensor's element 0 (0 unless the caller sets it)
   int32_t stream[Cap];           // Philox stream id: the tensor's index in the caller's list
   int32_t block_start[Cap + 1];  // prefix sums of chunk counts; block_start[n] = #blocks
   int32_t n;
 };
-static_assert(sizeof(TensorTable<3, kMaxTensors>) < 32000, "table must fit the 32 KB kernel-parameter limit");
+// the largest table in use (4 lists: vi_kl_backward; ~28 KB) with room for a few pointer arguments
+static_assert(sizeof(TensorTable<4, kMaxTensors>) < 32000, "table must fit the 32 KB kernel-parameter limit");
 
 // index of the tensor owning CUDA block `b`: the largest t with block_start[t] <= b
 template <int NL, int Cap>
@@ -55,9 +57,10 @@ __device__ __forceinline__ int find_tensor(const TensorTable<NL, Cap>& tab, int 
 
 // Fills one table of capacity Cap from todo[pos...] (indices of non-empty tensors), calls
 // launch(table, n_blocks) and returns the position after the last tensor it took.
+// offsets: one per tensor of the lists (its table slot's `offset`), or empty (all 0).
 template <int NL, int Cap, class Launch>
 size_t launch_group(const std::array<const std::vector<at::Tensor>*, NL>& lists, const std::vector<size_t>& todo,
-                    size_t pos, Launch& launch) {
+                    size_t pos, Launch& launch, c10::ArrayRef<int64_t> offsets) {
   TensorTable<NL, Cap> tab;
   tab.n = 0;
   tab.block_start[0] = 0;
@@ -67,6 +70,7 @@ size_t launch_group(const std::array<const std::vector<at::Tensor>*, NL>& lists,
     if (tab.n > 0 && int64_t(tab.block_start[tab.n]) + chunks > (int64_t(1) << 30)) break;  // next launch
     for (int l = 0; l < NL; ++l) tab.ptr[l][tab.n] = (*lists[l])[i].data_ptr();
     tab.numel[tab.n] = (*lists[0])[i].numel();
+    tab.offset[tab.n] = offsets.empty() ? 0 : offsets[i];
     tab.stream[tab.n] = static_cast<int32_t>(i);
     tab.block_start[tab.n + 1] = tab.block_start[tab.n] + static_cast<int32_t>(chunks);
     ++tab.n;
@@ -79,8 +83,13 @@ size_t launch_group(const std::array<const std::vector<at::Tensor>*, NL>& lists,
 // lists of equal length; each tensor's elements are read as one flat array from data_ptr(), so
 // the caller passes contiguous tensors or dense ones sharing one memory order; all on one device).
 // launch is a generic lambda: the table's type (TensorTable<NL, Cap>) differs between groups.
+// offsets: empty, or one value per tensor of the lists, passed to the kernel in the table
+// (TensorTable::offset: e.g. the SG-MCMC steps' Philox index of each tensor's element 0).
 template <int NL, class Launch>
-void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, NL>& lists, Launch&& launch) {
+void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, NL>& lists, Launch&& launch,
+                        c10::ArrayRef<int64_t> offsets = {}) {
+  TORCH_CHECK(offsets.empty() || offsets.size() == lists[0]->size(), "multi_tensor_apply: ", offsets.size(),
+              " offsets for ", lists[0]->size(), " tensors");
   std::vector<size_t> todo;
   for (size_t i = 0; i < lists[0]->size(); ++i) {
     const int64_t numel = (*lists[0])[i].numel();
@@ -91,10 +100,10 @@ void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, NL>& li
   }
   for (size_t pos = 0; pos < todo.size();) {
     const size_t left = todo.size() - pos;  // the smallest capacity that takes them all, up to 512
-    if (left <= 1) pos = launch_group<NL, 1>(lists, todo, pos, launch);
-    else if (left <= 8) pos = launch_group<NL, 8>(lists, todo, pos, launch);
-    else if (left <= 64) pos = launch_group<NL, 64>(lists, todo, pos, launch);
-    else pos = launch_group<NL, kMaxTensors>(lists, todo, pos, launch);
+    if (left <= 1) pos = launch_group<NL, 1>(lists, todo, pos, launch, offsets);
+    else if (left <= 8) pos = launch_group<NL, 8>(lists, todo, pos, launch, offsets);
+    else if (left <= 64) pos = launch_group<NL, 64>(lists, todo, pos, launch, offsets);
+    else pos = launch_group<NL, kMaxTensors>(lists, todo, pos, launch, offsets);
   }
 }
 

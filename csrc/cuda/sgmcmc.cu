@@ -5,11 +5,12 @@
 // fp64 as two 16-byte accesses --, 8 for fp16/bf16), a scalar tail. Pointers whose misalignment
 // differs from the chosen head's are accessed element by element inside the same steps.
 //
-// The noise does not depend on this split: element i of tensor s always takes lane i % 4 of the
-// Philox block i / 4 of stream s (common/philox.h), as on the CPU and in the reference. A vector
-// step that starts at i with r = i % 4 != 0 (a head that is not a multiple of 4) draws the
-// kVec / 4 + 1 blocks it straddles and takes lanes r .. r + kVec - 1 of them (one extra block per
-// step; such a step is still bound by memory traffic for fp32 / fp64).
+// The noise does not depend on this split: element i of tensor s always takes normal
+// j = off + i of stream s, lane j % 4 of the Philox block j / 4 (common/philox.h), as on the CPU
+// and in the reference; off = the op's offsets[s] (0 by default; the table's `offset`). A vector
+// step that starts at i with r = (off + i) % 4 != 0 (a head or an offset that is not a multiple
+// of 4) draws the kVec / 4 + 1 blocks it straddles and takes lanes r .. r + kVec - 1 of them (one
+// extra block per step; such a step is still bound by memory traffic for fp32 / fp64).
 //
 // Elements are addressed as flat arrays from data_ptr() in logical (row-major) order, the order
 // that indexes the noise: non-contiguous params / state are computed on contiguous copies and
@@ -68,6 +69,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = int64_t(blockIdx.x - tab.block_start[t]) * kChunk;
   const int64_t end = min(begin + kChunk, tab.numel[t]);
   const uint32_t stream = static_cast<uint32_t>(tab.stream[t]);
+  const int64_t off = tab.offset[t];  // element e takes normal off + e of the stream
   T* p = static_cast<T*>(tab.ptr[0][t]);
   const T* g = static_cast<const T*>(tab.ptr[1][t]);
   T* b = kHasBuf ? static_cast<T*>(tab.ptr[Table::kLists - 1][t]) : nullptr;
@@ -76,7 +78,8 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(kVec % 4 == 0 && kChunk % kVec == 0, "a step covers whole Philox blocks");
   using VA = VecAccess<T, kVec>;
   // the head: the offset in [0, kVec) at which most pointers (weighted by traffic: the written
-  // ones count twice) are aligned; ties keep the smallest (0 when all are aligned: no extra block)
+  // ones count twice) are aligned; ties keep the smallest (0 when all are aligned: no extra block
+  // unless off % 4 != 0)
   int head = 0, best = -1;
 #pragma unroll
   for (int c = 0; c < kVec; ++c) {
@@ -88,7 +91,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   const bool vp = VA::aligned(p, head), vg = VA::aligned(g, head), vb = kHasBuf && VA::aligned(b, head);
   const ChunkSplit<kVec> split(begin, end, head);
-  const int r = head & 3;  // == vbegin % 4 (begin is a multiple of 4)
+  // the first lane of every vector step: (off + i) % 4 is the same for all steps i (i - vbegin is
+  // a multiple of kVec, itself a multiple of 4); begin is a multiple of 4, so it is (off + head) % 4
+  const int r = static_cast<int>((off + head) & 3);
 
   for (int64_t i = split.vbegin + int64_t(threadIdx.x) * kVec; i < split.vend; i += int64_t(kThreads) * kVec) {
     // loads first: they are in flight while the noise is computed
@@ -96,9 +101,9 @@ __global__ void __launch_bounds__(kThreads)
     VA::load(p + i, vp, pv);
     VA::load(g + i, vg, gv);
     if constexpr (kHasBuf) VA::load(b + i, vb, bv);
-    // zz[4 j + l] = lane l of block i / 4 + j; element i + k takes zz[r + k]
+    // zz[4 j + l] = lane l of block (off + i) / 4 + j; element i + k takes zz[r + k]
     float zz[kVec + 4];
-    const uint64_t first = static_cast<uint64_t>(i) / 4;
+    const uint64_t first = static_cast<uint64_t>(off + i) / 4;
 #pragma unroll
     for (int j = 0; j < kVec / 4; ++j) philox_normal4(seed, first + j, stream, step, zz + 4 * j);
     if (r != 0) {
@@ -119,7 +124,7 @@ __global__ void __launch_bounds__(kThreads)
   const int s = kThreads - 1 - static_cast<int>(threadIdx.x);
   if (s < split.n_scalar()) {
     const int64_t e = split.scalar(s);
-    sgmcmc_update<kHasBuf>(rule, p, g, b, e, normal_at(seed, e, stream, step));
+    sgmcmc_update<kHasBuf>(rule, p, g, b, e, normal_at(seed, off + e, stream, step));
   }
 }
 
@@ -132,8 +137,9 @@ __global__ void advance_step_kernel(int64_t* rng, const bool* skip) {
 template <template <class> class Rule, bool kHasBuf>
 void step_cuda(const char* op, at::TensorList params, at::TensorList grads, at::TensorList bufs,
                const char* bufs_name, const at::Tensor& hyper, const at::Tensor& rng,
-               const std::optional<at::Tensor>& skip) {
-  check_step_args(op, params, grads, bufs, bufs_name, hyper, kHyperSize, rng, skip, c10::DeviceType::CUDA);
+               const std::optional<at::Tensor>& skip, c10::OptionalIntArrayRef offsets) {
+  check_step_args(op, params, grads, bufs, bufs_name, hyper, kHyperSize, rng, skip, offsets,
+                  c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(rng.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const bool* skip_ptr = skip.has_value() ? skip->data_ptr<bool>() : nullptr;
@@ -152,7 +158,7 @@ void step_cuda(const char* op, at::TensorList params, at::TensorList grads, at::
         noisy_step_kernel<scalar_t, Table, Rule<op_t>><<<nblocks, kThreads, 0, stream>>>(
             tab, hyper.data_ptr<double>(), rng.data_ptr<int64_t>(), skip_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      }, offsets.value_or(c10::IntArrayRef()));
     });
     ps.write_back();
     bs.write_back();
@@ -162,16 +168,18 @@ void step_cuda(const char* op, at::TensorList params, at::TensorList grads, at::
 }
 
 void sgld_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& hyper, const at::Tensor& rng,
-                    const std::optional<at::Tensor>& skip) {
-  step_cuda<SGLDRule, false>("sgld_step_", params, grads, {}, nullptr, hyper, rng, skip);
+                    const std::optional<at::Tensor>& skip, c10::OptionalIntArrayRef offsets) {
+  step_cuda<SGLDRule, false>("sgld_step_", params, grads, {}, nullptr, hyper, rng, skip, offsets);
 }
 void sghmc_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momenta,
-                     const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  step_cuda<SGHMCRule, true>("sghmc_step_", params, grads, momenta, "momenta", hyper, rng, skip);
+                     const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip,
+                     c10::OptionalIntArrayRef offsets) {
+  step_cuda<SGHMCRule, true>("sghmc_step_", params, grads, momenta, "momenta", hyper, rng, skip, offsets);
 }
 void psgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avg,
-                     const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip) {
-  step_cuda<PSGLDRule, true>("psgld_step_", params, grads, square_avg, "square_avg", hyper, rng, skip);
+                     const at::Tensor& hyper, const at::Tensor& rng, const std::optional<at::Tensor>& skip,
+                     c10::OptionalIntArrayRef offsets) {
+  step_cuda<PSGLDRule, true>("psgld_step_", params, grads, square_avg, "square_avg", hyper, rng, skip, offsets);
 }
 
 // any_nonfinite over one dtype: 16-byte loads (4 fp32, 2 fp64, 8 fp16/bf16) after a scalar head

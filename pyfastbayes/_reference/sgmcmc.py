@@ -9,17 +9,19 @@ from torch import Tensor
 
 from ..ops.layouts import HYPER, RNG
 from ._checks import (OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, scalar_type, sizes)
-from .random import philox_normal
+from .random import philox_normal_range
 
 _BUFS = {"sgld_step_": None, "sghmc_step_": "momenta", "psgld_step_": "square_avg"}
 
 
 def check_step_args(op: str, params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor] | None,
-                    hyper: Tensor, rng: Tensor, skip: Tensor | None, *, fake: bool = False) -> None:
+                    hyper: Tensor, rng: Tensor, skip: Tensor | None, offsets: Sequence[int] | None = None, *,
+                    fake: bool = False) -> None:
     """The checks of the fused steps (``check_step_args``, csrc/checks/sgmcmc.h): matching lists of
-    dense tensors, one floating dtype, one device; hyper float64 [>= HYPER.size], rng int64
-    [RNG.size], skip a bool scalar, all on that device; nothing the step writes (params, state,
-    rng) overlaps another argument or itself."""
+    dense tensors, one floating dtype, one device; offsets None or one int >= 0 per tensor (with
+    offsets[i] + numel below 2^63); hyper float64 [>= HYPER.size], rng int64 [RNG.size], skip a
+    bool scalar, all on that device; nothing the step writes (params, state, rng) overlaps another
+    argument or itself."""
     bufs_name = _BUFS[op]
     state = {bufs_name: bufs} if bufs_name else {}
     check_meta_mix(op, params=params, grads=grads, **state, hyper=hyper, rng=rng, skip=skip)
@@ -28,6 +30,12 @@ def check_step_args(op: str, params: Sequence[Tensor], grads: Sequence[Tensor], 
     check(len(params) == len(grads), op, ": got ", len(params), " params but ", len(grads), " grads")
     check(not has_bufs or len(bufs) == len(params), op, ": got ", len(params), " params but ",
           len(bufs) if has_bufs else 0, " state buffers")
+    if offsets is not None:
+        check(len(offsets) == len(params), op, ": got ", len(params), " params but ", len(offsets), " offsets")
+        for i, (off, p) in enumerate(zip(offsets, params)):
+            check(off >= 0, op, ": offsets[", i, "] must be >= 0, got ", off)
+            check(off <= 2**63 - 1 - p.numel(), op, ": offsets[", i, "] + ", p.numel(),
+                  " elements must be below 2^63, got offsets[", i, "] = ", off)
     device = params[0].device if len(params) else rng.device
     check(hyper.dtype == torch.float64 and hyper.dim() == 1 and hyper.numel() >= HYPER.size and hyper.is_contiguous()
           and hyper.device == device, op, ": hyper must be a contiguous float64 vector of length ", HYPER.size,
@@ -81,8 +89,8 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _noisy_step(kind: str, params, grads, bufs, hyper: Tensor, rng: Tensor, skip) -> None:
-    check_step_args(f"{kind}_step_", params, grads, bufs, hyper, rng, skip)
+def _noisy_step(kind: str, params, grads, bufs, hyper: Tensor, rng: Tensor, skip, offsets) -> None:
+    check_step_args(f"{kind}_step_", params, grads, bufs, hyper, rng, skip, offsets)
     if skip is not None and bool(skip):
         return
     h = [float(v) for v in hyper.tolist()]
@@ -91,7 +99,9 @@ def _noisy_step(kind: str, params, grads, bufs, hyper: Tensor, rng: Tensor, skip
     seed, step = int(rng[RNG.seed]), int(rng[RNG.step])
     for i, (p, g) in enumerate(zip(params, grads)):
         op = _opmath(p.dtype)
-        xi = philox_normal(p.numel(), seed, i, step, p.device).view(p.shape).to(op)
+        # element e (row-major) takes normal offsets[i] + e of stream i
+        start = 0 if offsets is None else int(offsets[i])
+        xi = philox_normal_range(start, p.numel(), seed, i, step, p.device).view(p.shape).to(op)
         pv, gv = p.to(op), g.to(op)
         grad_u = num_data * gv + prior * pv
         if kind == "sgld":
@@ -110,19 +120,19 @@ def _noisy_step(kind: str, params, grads, bufs, hyper: Tensor, rng: Tensor, skip
 
 
 def sgld_step_(params: Sequence[Tensor], grads: Sequence[Tensor], hyper: Tensor, rng: Tensor,
-               skip: Tensor | None = None) -> None:
+               skip: Tensor | None = None, offsets: Sequence[int] | None = None) -> None:
     """Reference of ``torch.ops.pyfastbayes.sgld_step_`` (see :class:`pyfastbayes.optim.SGLD`)."""
-    _noisy_step("sgld", params, grads, None, hyper, rng, skip)
+    _noisy_step("sgld", params, grads, None, hyper, rng, skip, offsets)
 
 
-def sghmc_step_(params, grads, momenta, hyper, rng, skip=None) -> None:
+def sghmc_step_(params, grads, momenta, hyper, rng, skip=None, offsets=None) -> None:
     """Reference of ``torch.ops.pyfastbayes.sghmc_step_`` (see :class:`pyfastbayes.optim.SGHMC`)."""
-    _noisy_step("sghmc", params, grads, momenta, hyper, rng, skip)
+    _noisy_step("sghmc", params, grads, momenta, hyper, rng, skip, offsets)
 
 
-def psgld_step_(params, grads, square_avg, hyper, rng, skip=None) -> None:
+def psgld_step_(params, grads, square_avg, hyper, rng, skip=None, offsets=None) -> None:
     """Reference of ``torch.ops.pyfastbayes.psgld_step_`` (see :class:`pyfastbayes.optim.PSGLD`)."""
-    _noisy_step("psgld", params, grads, square_avg, hyper, rng, skip)
+    _noisy_step("psgld", params, grads, square_avg, hyper, rng, skip, offsets)
 
 
 def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
