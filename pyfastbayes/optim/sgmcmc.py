@@ -38,10 +38,25 @@ which skips on the device, or 'ignore'), refuses a group that has not stepped ye
 Python-number hyper-parameters that changed since the last step (a capture cannot copy host
 memory). Python numbers that stay fixed are fine, but a replay keeps their captured values (a
 warning lists them): change them between replays only through 0-dim device tensors updated in place.
+
+FSDP2. Parameters may be DTensors (``torch.distributed.tensor``), as ``fully_shard`` makes them:
+placed Shard(0) (rows split over the ranks, ceil-chunked) and/or Replicate, so that each rank's
+local shard is one contiguous range [off, off + numel) of the full row-major tensor. Each rank steps
+its local shard (state buffers are local-shard-sized) with the noise the unsharded tensor's
+elements off .. off + numel - 1 get (the ops' ``offsets``), on the stream of the tensor's position
+in the group, with rank 0's seed (chains='shared'): the sharded chain equals the single-process
+chain whose gradients are FSDP's (reduce-scattered) ones. Other placements (Shard(d) for d > 0,
+Partial, strided shards) are refused when the parameter is added. With sharded parameters, the
+non-finite check of a step is combined over the ranks (one all-reduce of a flag per group), so all
+ranks raise or skip together and no shard steps alone; chains='per_rank' is refused (the ranks
+hold one model together), and verify=True compares what the ranks share: the unsharded parameters
+and every group's RNG position (seed, step); shards hold different elements and are not compared.
 """
 from __future__ import annotations
 
+import math
 import operator
+import sys
 import warnings
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -68,19 +83,84 @@ class _Plan(NamedTuple):
 
     index: int
     group: dict
-    params: list[Tensor]  # those with a gradient
-    grads: list[Tensor]
+    params: list[Tensor]  # those with a gradient; a DTensor's local shard in its place
+    grads: list[Tensor]  # their gradients (local shards likewise)
     backend: str | None
+    sources: list[Tensor]  # the group's parameters behind ``params`` (DTensors themselves): the state keys
+    offsets: list[int] | None = None  # the ops' offsets: each local shard's flat offset (None: no DTensor)
+    sharded: bool = False  # some parameter is split over the ranks (a Shard placement)
 
 
 def _name(gi: int, i: int, p: Tensor) -> str:
     return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
 
 
+# ---- DTensor parameters (FSDP2) -----------------------------------------------------------------
+def _dtensor_type() -> type | None:
+    """torch.distributed.tensor.DTensor once that module is imported (no DTensor exists before)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _is_dtensor(t) -> bool:
+    dt = _dtensor_type()
+    return dt is not None and isinstance(t, dt)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (the tensor itself, no autograd view); any other tensor unchanged."""
+    if not _is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
+def _is_sharded(p: Tensor) -> bool:
+    """Whether ``p`` is a DTensor split over ranks (some placement a Shard)."""
+    if not _is_dtensor(p):
+        return False
+    from torch.distributed.tensor import Shard
+    return any(isinstance(pl, Shard) for pl in p.placements)
+
+
+def _shard_offset(p: Tensor) -> int:
+    """The flat (row-major) offset in the full tensor of DTensor ``p``'s local shard, which must be
+    one contiguous range of it: every placement Shard(0) or Replicate (FSDP2's fully_shard: Shard(0)
+    on a 1-D mesh). Raises ValueError (completing the parameter's name) for any other placement."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    def rows(pl) -> bool:  # exactly Shard(0): _StridedShard (a Shard subclass) interleaves rows
+        return type(pl) is Shard and pl.dim % max(p.dim(), 1) == 0
+
+    bad = [pl for pl in p.placements if not (isinstance(pl, Replicate) or rows(pl))]
+    if bad:
+        raise ValueError(f"is a DTensor placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D device mesh: its "
+                         f"local shard is not one contiguous range of the full tensor ({bad[0]} is neither "
+                         f"Shard(0) nor Replicate). The samplers step DTensors placed Shard(0) (as FSDP2's "
+                         f"fully_shard places them) or Replicate; redistribute it, e.g. p.redistribute("
+                         f"placements=[Shard(0)])")
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    local = _local(p)
+    if tuple(local.shape) != tuple(shape):
+        raise ValueError(f"is a DTensor whose local shard has shape {tuple(local.shape)} but its placements "
+                         f"{tuple(p.placements)} give {tuple(shape)} on this rank (an uneven sharding the "
+                         f"samplers cannot locate in the full tensor)")
+    if p.dim() == 0 or local.numel() == 0:
+        return 0  # a scalar is replicated; an empty shard draws nothing
+    return int(offset[0]) * math.prod(p.shape[1:])
+
+
 def _param_problem(p: Tensor) -> Exception | None:
-    """Why ``p`` cannot be a sampler parameter (the message completes its name), or None."""
+    """Why ``p`` cannot be a sampler parameter (the message completes its name), or None.
+    A DTensor is judged by its placements, then by its local shard."""
     if not torch.is_tensor(p):
         return None  # torch.optim.Optimizer.add_param_group raises its own TypeError
+    if _is_dtensor(p):
+        try:
+            _shard_offset(p)
+        except ValueError as exc:
+            return exc
+        p = _local(p)
     if p.layout != torch.strided:
         return ValueError(f"is a {p.layout} tensor; parameters must be dense (strided)")
     if not p.is_floating_point():
@@ -141,6 +221,12 @@ class _SGMCMC(torch.optim.Optimizer):
         gi_new = len(self.param_groups)
         named = [(_name(gi, i, p), p) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])]
         new = [(_name(gi_new, i, p), p) for i, p in enumerate(new_group) if torch.is_tensor(p)]
+        if self._chains == "per_rank":
+            for name, p in new:
+                if _is_sharded(p):
+                    raise ValueError(f"{name} is a DTensor sharded over the ranks ({tuple(p.placements)}), but "
+                                     f"chains='per_rank' runs an independent chain on each rank: the ranks hold "
+                                     f"one model together, so they must run one chain; use chains='shared'")
         first_seen: dict[int, str] = {}
         for name, p in named + new:
             if id(p) in first_seen:
@@ -152,7 +238,7 @@ class _SGMCMC(torch.optim.Optimizer):
             if problem is not None:
                 raise type(problem)(f"{name} {problem}")
         everything = named + new
-        pairs = sorted((max(i, j), min(i, j)) for i, j in memory_overlaps([t for _, t in everything]))
+        pairs = sorted((max(i, j), min(i, j)) for i, j in memory_overlaps([_local(t) for _, t in everything]))
         if pairs:
             later, earlier = pairs[0]
             more = f" (and {len(pairs) - 1} more pairs)" if len(pairs) > 1 else ""
@@ -186,13 +272,12 @@ class _SGMCMC(torch.optim.Optimizer):
         plans = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{gi}]")
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+            sources = [p for p in group["params"] if p.grad is not None]
+            if not sources:
                 continue
-            grads = [p.grad for p in params]
             backend = _BACKEND[group["fused"]]
-            ops.select(self._op_name, params[0].device, backend)  # no kernel for fused=True: raises now
-            plans.append(_Plan(gi, group, params, grads, backend))
+            ops.select(self._op_name, sources[0].device, backend)  # no kernel for fused=True: raises now
+            plans.append(self._local_plan(gi, group, sources, backend))
         # One op call checks all its arguments (dtypes, devices, layouts, shapes, memory overlap)
         # before it writes, on both backends, and _name_culprit explains a refusal; several calls
         # are checked here first, so that a refusal of a later one cannot follow a written group.
@@ -203,12 +288,40 @@ class _SGMCMC(torch.optim.Optimizer):
             self._check_step_memory(plans)
         return plans
 
+    def _local_plan(self, gi: int, group: dict, sources: list[Tensor], backend: str | None) -> _Plan:
+        """The plan of one group: plain tensors as they are; DTensors (FSDP2) as their local shards,
+        with their gradients' local shards and each shard's flat offset in the full tensor."""
+        dt = _dtensor_type()
+        if dt is None or not any(isinstance(p, dt) or isinstance(p.grad, dt) for p in sources):
+            return _Plan(gi, group, sources, [p.grad for p in sources], backend, sources)
+        params, grads, offsets, sharded = [], [], [], False
+        for p in sources:
+            where = _name(gi, next(i for i, q in enumerate(group["params"]) if q is p), p)
+            if isinstance(p, dt) != isinstance(p.grad, dt) or (isinstance(p, dt) and (
+                    p.grad.placements != p.placements or p.grad.device_mesh != p.device_mesh)):
+                def kind(t):
+                    return f"a DTensor placed {tuple(t.placements)}" if isinstance(t, dt) else "a plain tensor"
+                raise ValueError(f"{where}: the parameter is {kind(p)} but its gradient is {kind(p.grad)}; a DTensor "
+                                 f"parameter needs a gradient of the same placements on the same mesh (as FSDP2 "
+                                 f"makes it), a plain one a plain gradient; no parameter was changed")
+            if isinstance(p, dt):
+                try:
+                    offsets.append(_shard_offset(p))
+                except ValueError as exc:  # re-placed since it was added
+                    raise ValueError(f"{where} {exc}; no parameter was changed") from None
+                sharded = sharded or _is_sharded(p)
+            else:
+                offsets.append(0)
+            params.append(_local(p))
+            grads.append(_local(p.grad))
+        return _Plan(gi, group, params, grads, backend, sources, offsets, sharded)
+
     def _first_step_undo(self, plans: list[_Plan]) -> Callable[[], None]:
         """What undoes the state that ``_op_args`` is about to create for groups stepping for the
         first time (RNG position, hyper vector, state buffers, and the seed drawn from the
         generator) when their op then refuses the call. O(groups) per step; empty after step 1."""
         fresh = [p for plan in plans if "rng" not in self.state.get(plan.group["params"][0], {})
-                 for p in [plan.group["params"][0], *plan.params] if not self.state.get(p)]
+                 for p in [plan.group["params"][0], *plan.sources] if not self.state.get(p)]
         if not fresh:
             return lambda: None
         gen = self._generator if self._generator is not None else torch.default_generator
@@ -244,19 +357,20 @@ class _SGMCMC(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             where = _name(gi, i, p)
-            if p.grad.layout != torch.strided:
+            if p.grad.layout != torch.strided:  # (a DTensor's layout is its local shard's)
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: {where}")
             problem = _param_problem(p)
             if problem is not None:
                 raise type(problem)(f"{where} {problem}")
+            p, grad = _local(p), _local(p.grad)  # DTensors: what the op receives
             if ref is None:
                 ref = p
             elif p.device != ref.device or p.dtype != ref.dtype:
                 raise ValueError(f"{where} is {p.dtype} on {p.device} but the group's first parameter is "
                                  f"{ref.dtype} on {ref.device}; put parameters of different devices or "
                                  f"dtypes in separate param groups")
-            if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
-                raise ValueError(f"{where}: gradient is {p.grad.dtype} {tuple(p.grad.shape)} on {p.grad.device}; "
+            if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+                raise ValueError(f"{where}: gradient is {grad.dtype} {tuple(grad.shape)} on {grad.device}; "
                                  f"it must match its parameter")
         raise RuntimeError(f"{type(self).__name__}: param_groups[{gi}] cannot be stepped (mixed tensors)")
 
@@ -287,7 +401,7 @@ class _SGMCMC(torch.optim.Optimizer):
 
     @staticmethod
     def _label(plan: _Plan, k: int) -> str:
-        p = plan.params[k]
+        p = plan.sources[k]
         return _name(plan.index, next(i for i, q in enumerate(plan.group["params"]) if q is p), p)
 
     def _nonfinite_skips(self, plans: list[_Plan]) -> list[Tensor | None]:
@@ -297,6 +411,8 @@ class _SGMCMC(torch.optim.Optimizer):
         modes = [pl.group["nonfinite"] for pl in plans]
         flags = [None if m == "ignore" else ops.any_nonfinite(pl.grads, backend=pl.backend)
                  for pl, m in zip(plans, modes)]
+        if any(pl.sharded for pl in plans) and _distributed():
+            flags = _any_over_ranks(flags)  # each rank sees its shards only: all must agree
         raising = [f for f, m in zip(flags, modes) if m == "raise"]
         if raising and any(bool(torch.stack(fs).any()) for fs in _by_device(raising).values()):
             self._raise_nonfinite(plans, flags)
@@ -309,9 +425,11 @@ class _SGMCMC(torch.optim.Optimizer):
         for pl, f in zip(plans, flags):
             if pl.group["nonfinite"] == "raise" and bool(f):
                 bad = [i for i, g in enumerate(pl.grads) if not bool(torch.isfinite(g).all())]
+                which = (f"tensors {bad} of those with gradients" if bad else
+                         "in another rank's shards: the group's parameters are sharded over the ranks")
                 raise RuntimeError(
-                    f"{type(self).__name__}: non-finite gradient in param_groups[{pl.index}] (tensors {bad} of "
-                    f"those with gradients); parameters were not changed (no group was stepped). Lower the "
+                    f"{type(self).__name__}: non-finite gradient in param_groups[{pl.index}] ({which}); "
+                    f"parameters were not changed (no group was stepped). Lower the "
                     f"learning rate, clip gradients, or pass nonfinite='skip'.")
 
     # ---- device-resident state ------------------------------------------------------------------
@@ -346,10 +464,12 @@ class _SGMCMC(torch.optim.Optimizer):
                 st["hyper"][i].copy_(v)
         return st
 
-    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
+    def _buffers(self, sources: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+        """The state buffer of each parameter (kept under ``sources[k]``), shaped like ``params[k]``
+        (a DTensor's local shard: the buffer is local-shard-sized, a plain tensor)."""
         out = []
-        for p in params:
-            st = self.state[p]
+        for src, p in zip(sources, params):
+            st = self.state[src]
             if self._buffer not in st:
                 st[self._buffer] = torch.zeros_like(p, memory_format=torch.preserve_format)
             out.append(st[self._buffer])
@@ -358,7 +478,7 @@ class _SGMCMC(torch.optim.Optimizer):
     def _op_args(self, plan: _Plan) -> list:
         """[params, grads, (buffers,) hyper, rng] of one group; creates missing state."""
         st = self._group_state(plan.group, plan.params[0].device)
-        bufs = [self._buffers(plan.params)] if self._buffer else []
+        bufs = [self._buffers(plan.sources, plan.params)] if self._buffer else []
         return [plan.params, plan.grads, *bufs, st["hyper"], st["rng"]]
 
     # ---- the step -------------------------------------------------------------------------------
@@ -390,7 +510,7 @@ class _SGMCMC(torch.optim.Optimizer):
         step_op = getattr(ops, self._op_name)
         for k, (plan, a, skip) in enumerate(zip(plans, args, skips)):
             try:  # a call validates itself before writing; with several, _plan checked across them
-                step_op(*a, skip, backend=plan.backend)
+                step_op(*a, skip, plan.offsets, backend=plan.backend)
             except RuntimeError as exc:
                 if k == 0:  # nothing was written (the op checks before it writes)
                     undo()  # nor is any state left behind, or a seed drawn
@@ -400,8 +520,8 @@ class _SGMCMC(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__}: {self._op_name} failed on param_groups[{plan.index}] "
                                    f"although the step was validated (please report this): {exc}; param_groups "
                                    f"{done} were already stepped") from exc
-        if self._verify and self._chains == "shared" and _distributed():
-            _verify_replicas(type(self).__name__, plans)
+        if self._verify and self._chains == "shared" and plans and _distributed():
+            _verify_replicas(type(self).__name__, plans, [a[-1] for a in args])
         return loss
 
     def _check_capturable(self, plans: list[_Plan]) -> None:
@@ -417,7 +537,7 @@ class _SGMCMC(torch.optim.Optimizer):
                     f"nonfinite='skip' (the step is skipped on the device) or 'ignore'")
             st = self.state.get(pl.group["params"][0], {})
             if "rng" not in st or "hyper" not in st or st["hyper"].device != pl.params[0].device or (self._buffer and any(
-                    self._buffer not in self.state.get(p, {}) for p in pl.params)):
+                    self._buffer not in self.state.get(p, {}) for p in pl.sources)):
                 raise RuntimeError(
                     f"{name}.step() is being captured in a CUDA graph before {where} has stepped on "
                     f"{pl.params[0].device}: take one step outside the capture first (on a side stream, as "
@@ -477,9 +597,10 @@ class _SGMCMC(torch.optim.Optimizer):
                                  f"not keep: it was saved by another optimizer; load a state_dict saved by "
                                  f"{type(self).__name__}")
             buf = entry.get(self._buffer) if self._buffer else None
-            if buf is not None and (not torch.is_tensor(buf) or tuple(buf.shape) != tuple(p.shape)):
+            shape = tuple(_local(p).shape)  # a DTensor's buffer is its local shard's shape
+            if buf is not None and (not torch.is_tensor(buf) or tuple(buf.shape) != shape):
                 raise ValueError(f"state_dict['state'][{saved_id}][{self._buffer!r}] has shape {tuple(getattr(buf, 'shape', ()))} "
-                                 f"but param_groups[{gi}]['params'][{i}] has shape {tuple(p.shape)}: the state was "
+                                 f"but param_groups[{gi}]['params'][{i}] has shape {shape}: the state was "
                                  f"saved for parameters of other shapes or in another order; build the optimizer "
                                  f"over the same parameters, in the same order, as the one that was saved")
             rng = entry.get("rng")
@@ -528,7 +649,9 @@ class SGLD(_SGMCMC):
 
     Args:
         params: iterable of tensors [any shape] or param-group dicts. No two may share memory
-            (disjoint views of one tensor are fine); expanded views are refused.
+            (disjoint views of one tensor are fine); expanded views are refused. DTensors placed
+            Shard(0) or Replicate (FSDP2's ``fully_shard``; see the module docstring) are stepped
+            as their local shards [local rows, *shape[1:]], whose state is local-shard-sized too.
         lr: step size (> 0); may be changed per step (schedules) or be a 0-dim float32/float64
             tensor on the parameters' device (read live each step, its value is not checked).
         num_data: N, the number of training points (> 0); scales the minibatch mean gradient.
@@ -538,11 +661,14 @@ class SGLD(_SGMCMC):
         nonfinite: 'raise' (default), 'skip' or 'ignore' non-finite gradients (see :meth:`step`).
         generator: torch.Generator the seed is drawn from (default: the global CPU generator).
         chains: under torch.distributed, 'shared' (default: one chain replicated over the ranks,
-            e.g. DDP: rank 0's seed is broadcast at a group's first step, one collective, so every
-            rank draws the same noise whatever its own seed) or 'per_rank' (each rank its own
-            independent chain: rank 0's seed mixed with the rank).
-        verify: under torch.distributed with chains='shared', compare a parameter checksum across
-            ranks after every step (two small all-reduces) and raise when the replicas drifted apart.
+            e.g. DDP, or sharded over them, FSDP2: rank 0's seed is broadcast at a group's first
+            step, one collective, so every rank draws the same noise whatever its own seed) or
+            'per_rank' (each rank its own independent chain: rank 0's seed mixed with the rank;
+            refused for parameters sharded over the ranks).
+        verify: under torch.distributed with chains='shared', compare a checksum across ranks
+            after every step (two small all-reduces) and raise when the replicas drifted apart:
+            of every parameter not sharded over the ranks and of every group's RNG position
+            (seed, step) (a sharded parameter's shards differ by design and are not compared).
     """
 
     _op_name = "sgld_step_"
@@ -625,12 +751,35 @@ def _distributed_seed(seed: int, chains: str, device: torch.device) -> int:
     return seed
 
 
-def _verify_replicas(name: str, plans) -> None:
-    """All ranks must hold the same parameters after a shared-chain step: compare a checksum
-    (sum and sum of squares of every stepped parameter, float64) by MAX and MIN all-reduces."""
+def _any_over_ranks(flags: list[Tensor | None]) -> list[Tensor | None]:
+    """The groups' non-finite flags (bool scalars; None: not checked) OR-ed over the ranks, one
+    all-reduce (MAX) for all groups: with sharded parameters each rank checks only its shards, and
+    every rank must raise or skip together (a shard stepping alone would break the chain)."""
     dist = torch.distributed
-    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                        for pl in plans for p in pl.params]).reshape(-1)
+    idx = [i for i, f in enumerate(flags) if f is not None]
+    if not idx:
+        return flags
+    on = flags[idx[0]].device if dist.get_backend() == "nccl" else torch.device("cpu")
+    both = torch.stack([flags[i].to(on) for i in idx]).to(torch.int32)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    out = list(flags)
+    for k, i in enumerate(idx):
+        out[i] = both[k].to(device=flags[i].device, dtype=torch.bool)
+    return out
+
+
+def _verify_replicas(name: str, plans, rngs: list[Tensor]) -> None:
+    """All ranks must hold the same chain after a shared-chain step: compare a checksum by MAX and
+    MIN all-reduces: the sum and sum of squares (float64) of every stepped parameter that is not
+    split over the ranks (shards of a DTensor hold different elements on each rank: skipped), and
+    every group's RNG position (seed, step), which all ranks must share (as 32-bit halves, exact in
+    float64). rngs: each plan's int64 [2] RNG position."""
+    dist = torch.distributed
+    device = plans[0].params[0].device
+    parts = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).to(device)
+             for pl in plans for p, src in zip(pl.params, pl.sources) if not _is_sharded(src)]
+    parts += [rng.view(torch.int32).to(device=device, dtype=torch.float64) for rng in rngs]
+    sums = torch.cat(parts)
     on = sums.device if dist.get_backend() == "nccl" else torch.device("cpu")
     lo, hi = sums.to(on), sums.to(on).clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
