@@ -6,8 +6,9 @@ Part 2, sklearn's 8x8 digits (no download): a MAP network and every posterior me
 package, evaluated in distribution, under a shift (rotated, noisy digits) and out of distribution
 (digits of held-out classes). The SG-MCMC samplers' temperature (and SGLD's prior) is chosen on
 the validation split, with the T = 1 Bayes posterior kept as labelled reference rows, and the
-mixing of the chains is measured (R-hat, ESS). Writes a report folder with the pictures, the
-table, the sweep and the mixing numbers.
+mixing of the chains is measured (R-hat, ESS). Then the loss-landscape pictures of
+``demo_landscape.py`` (mode connectivity, SWA in the plane of the SGD iterates, skip connections).
+Writes a report folder with the pictures, the table, the sweep and the mixing numbers.
 """
 from __future__ import annotations
 
@@ -409,16 +410,23 @@ def sgmcmc_sweep(name: str, map_model: nn.Module, data: Digits, epochs: int, see
             "reference_time_s": sum(c.time_s for c in reference)}
 
 
-def run_swag(map_model: nn.Module, data: Digits, epochs: int, seed: int, progress: bool):
-    """SGD at a constant learning rate from the MAP, one SWAG snapshot per epoch (K = 20)."""
+def run_swag(map_model: nn.Module, data: Digits, epochs: int, seed: int, progress: bool, iterates: list | None = None):
+    """SGD at a constant learning rate from the MAP, one SWAG snapshot per epoch (K = 20); with a
+    list ``iterates``, the flat parameters after every epoch are appended to it (the SWA picture)."""
     import copy
 
     from .swag import SWAG
 
     model = copy.deepcopy(map_model)
     swag = SWAG(model, max_rank=20)
+
+    def snapshot(epoch):
+        swag.collect()
+        if iterates is not None:
+            iterates.append(nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+
     _train(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), data, epochs, seed + 2,
-           "SWAG (SGD)", progress, prior_in_loss=True, after_epoch=lambda epoch: swag.collect())
+           "SWAG (SGD)", progress, prior_in_loss=True, after_epoch=snapshot)
     return swag, model
 
 
@@ -524,8 +532,9 @@ def _goal_met(row: dict, map_row: dict) -> bool:
 
 
 def classification_demo(out: str, device: str, quick: bool, seed: int,
-                        progress: bool) -> tuple[list[dict], dict, dict]:
-    """Part 2; returns the table rows, the flatness comparison and the SG-MCMC sweeps and mixing."""
+                        progress: bool) -> tuple[list[dict], dict, dict, dict]:
+    """Part 2; returns the table rows, the flatness comparison, the SG-MCMC sweeps and mixing, and
+    what the landscape pictures reuse (data, MAP, the SWAG run: keyword arguments of landscape_demo)."""
     from . import calibration as cal
 
     data = load_digit_sets(seed, device)
@@ -582,7 +591,8 @@ def classification_demo(out: str, device: str, quick: bool, seed: int,
     fitted = {}
 
     def swag():
-        fitted["swag"], fitted["sgd"] = run_swag(map_model, data, ep["swag"], seed, progress)
+        fitted["iterates"] = []
+        fitted["swag"], fitted["sgd"] = run_swag(map_model, data, ep["swag"], seed, progress, fitted["iterates"])
         return _predict_sets(lambda x: fitted["swag"].predict(x, n_samples=samples if quick else 30, progress=False),
                              data)
 
@@ -615,7 +625,10 @@ def classification_demo(out: str, device: str, quick: bool, seed: int,
     _print_sweep(sgmcmc)
     _sweep_figure(sgmcmc, os.path.join(out, "sweep.png"))
     _reliability_figure(probs_of, data, os.path.join(out, "reliability.png"))
-    return rows, flatness(fitted["sgd"], fitted["swag"], data, quick, seed), sgmcmc
+    # what the loss-landscape pictures reuse: the data, the MAP and the SWAG run
+    reuse = dict(data=data, map_model=map_model, map_epochs=ep["map"], sgd_model=fitted["sgd"], swag=fitted["swag"],
+                 iterates=fitted["iterates"])
+    return rows, flatness(fitted["sgd"], fitted["swag"], data, quick, seed), sgmcmc, reuse
 
 
 def _print_sweep(sgmcmc: dict) -> None:
@@ -744,12 +757,15 @@ def _reliability_figure(probs_of: dict, data: Digits, path: str) -> None:
 
 def run_demo(out: str = "pyfastbayes-report", device: str = "cpu", quick: bool = False, seed: int = 0,
              progress: bool = True) -> dict:
-    """Run both parts, print the tables, write ``out``/{regression_predictive.png, reliability.png,
-    sweep.png, results.json, results.md}; returns the results dict."""
+    """Run both parts and the loss-landscape pictures, print the tables, write ``out``/{regression_predictive.png,
+    reliability.png, sweep.png, mode_connectivity.png, swa_plane.png, residual_slices.png, results.json,
+    results.md}; returns the results dict."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
     os.makedirs(out, exist_ok=True)
     import pyfastbayes
+
+    from .demo_landscape import landscape_demo, markdown as landscape_markdown
 
     t0 = time.perf_counter()
     info = pyfastbayes.build_info()
@@ -757,8 +773,9 @@ def run_demo(out: str = "pyfastbayes-report", device: str = "cpu", quick: bool =
           f"on {device}, torch {torch.__version__}{', quick run' if quick else ''}")
     results = {"build": info, "device": device, "quick": quick}
     results["regression"] = regression_demo(out, quick, seed, progress)
-    results["classification"], results["flatness"], results["sgmcmc"] = classification_demo(out, device, quick, seed,
-                                                                                            progress)
+    results["classification"], results["flatness"], results["sgmcmc"], reuse = classification_demo(
+        out, device, quick, seed, progress)
+    results["landscape"] = landscape_demo(out, reuse.pop("data"), quick, seed, progress, **reuse)
     results["total_s"] = time.perf_counter() - t0
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -782,5 +799,6 @@ def run_demo(out: str = "pyfastbayes-report", device: str = "cpu", quick: bool =
                 cells = ", ".join(f"{n} {c['rhat'][n]:.2f} ({c['ess_bulk'][n]:.0f})" for n in c["rhat"])
                 f.write(f"- {method} T={c['temperature']:g} {c['prior']}, {c['chains']} chains x "
                         f"{c['draws_per_chain']} draws: {cells}\n")
+        f.write(landscape_markdown(results["landscape"]))
     print(f"\nreport written to {os.path.abspath(out)} in {results['total_s']:.1f} s")
     return results

@@ -18,11 +18,13 @@ def test_quick_demo_runs_and_reports(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pyfastbayes", "demo", "--quick", "--no-progress", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ["regression_predictive.png", "reliability.png", "sweep.png", "results.json", "results.md"]:
+    for name in ["regression_predictive.png", "reliability.png", "sweep.png", "mode_connectivity.png", "swa_plane.png",
+                 "residual_slices.png", "results.json", "results.md"]:
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in res["classification"]}
     _check_rows_and_sweep(res, out)
+    _check_landscape(res["landscape"], proc.stdout, out)
     for name, r in rows.items():
         assert r["acc"] > 0.8, (name, r)  # 8 classes: chance is 0.125
         assert 0 <= r["ece"] <= 1 and r["nll"] > 0 and 0 <= r["brier"] <= 2
@@ -96,6 +98,45 @@ def _check_rows_and_sweep(res: dict, out) -> None:
     assert "temperature / prior sweep" in md and "R-hat" in md
 
 
+def _check_landscape(land: dict, stdout: str, out) -> None:
+    """The loss-landscape pictures' numbers (issue 11): straight lines between independently trained
+    solutions rise, the trained Bezier curve does not; the evaluations agree where they meet (both
+    ends of a path are the solutions themselves); SWA, SGD and the skip-connection slices give
+    finite numbers, intervals that contain their point and nets trained below chance level."""
+    import math
+
+    assert set(land) == {"mode_connectivity", "swa", "residual", "time_s"}, set(land)
+    mc = land["mode_connectivity"]
+    ends = mc["solution_train_loss"]
+    assert len(ends) == 3 and all(0 < v < 0.2 for v in ends), ends
+    for k, top in mc["line_max_loss"].items():  # independent solutions: a barrier on every straight line
+        assert math.isfinite(top) and top > 3 * max(ends), (k, top, ends)
+    # the curve w0 -> w1 is trained: far below the barrier of the straight line between the same ends
+    assert mc["curve_max_loss"] < 0.5 * mc["line_max_loss"]["0-1"], mc
+    # t = 0 and t = 1 of the line (interpolate) and of the curve (BezierCurve.evaluate) are w0 and w1
+    line01 = mc["line_loss"]["0-1"]
+    assert line01[0] == pytest.approx(mc["curve_ends_loss"][0], rel=1e-4)
+    assert line01[-1] == pytest.approx(mc["curve_ends_loss"][1], rel=1e-4)
+    assert mc["line_loss"]["0-2"][0] == pytest.approx(ends[0], rel=1e-4)
+    assert mc["line_loss"]["1-2"][-1] == pytest.approx(ends[2], rel=1e-4)
+    sw = land["swa"]
+    d = sw["swa_sgd_distance"]
+    assert d > 0 and sw["plane_coords"]["SGD"] == pytest.approx([d, 0.0], abs=1e-6 * d)
+    for name, at in (("SWA", 0.0), ("SGD", d)):
+        assert 0 < sw["train_loss"][name] < 0.2 and 0 < sw["test_loss"][name] < 0.5, sw
+        w = sw["line_width"][name]
+        assert w["left"] < at < w["right"] and w["width"] == pytest.approx(w["right"] - w["left"]), (name, w)
+        assert math.isfinite(sw["random_width"][name]["mean_width"]) and sw["random_width"][name]["mean_width"] > 0
+    rs = land["residual"]
+    for name in ("residual", "plain"):
+        r = rs[name]
+        assert r["train_loss"] < 0.75 * math.log(8), (name, r)  # trained: below chance level (log 8)
+        assert all(math.isfinite(r[k]) for k in ("curvature", "rise_at_1", "mean_width", "max_loss")), (name, r)
+        assert r["rise_at_1"] > 0 and r["mean_width"] > 0, (name, r)
+    assert "Loss landscapes" in stdout and "Bezier curve" in stdout
+    assert "Loss landscapes" in (out / "results.md").read_text()
+
+
 @pytest.mark.slow
 def test_full_demo_meets_the_goal(tmp_path):
     """Issue 14's goal on the full run (seed 0, the README's table): every Bayesian row that is not a
@@ -106,6 +147,7 @@ def test_full_demo_meets_the_goal(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     _check_rows_and_sweep(res, out)
+    _check_landscape(res["landscape"], proc.stdout, out)
     rows = res["classification"]
     mp = rows[0]
     assert mp["method"] == "MAP"
