@@ -31,8 +31,8 @@ STATE_DTYPES = [torch.float32, torch.float64]
 D_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 EPS = 1e-4
 PAD = 5  # D is a view D = big[1:K + 1, :P] of big [K + 2, P + PAD]: row stride P + 5, storage offset
-# (scale, seed, step, offset): both covariance scales, a nonzero offset (multiple of 4), a seed with
-# bits in both 32-bit halves
+# (scale, seed, step, offset): both covariance scales, a nonzero offset (multiple of 4: the aligned
+# path; unaligned offsets in test_unaligned_offsets), a seed with bits in both 32-bit halves
 CALLS = [(0.5, 0x7EADBEEF12345678, 3, 1028), (1.0, 42, 0, 0)]
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -158,6 +158,34 @@ def test_offset_beyond_32_bit_counter(K, state):
     """offset = 2**34 + 4: the Philox block index (offset + j) / 4 needs the counter's high word."""
     mean, sq, make_D = _posterior(1023, K, state, torch.float32, seed=11)
     _check(mean, sq, make_D, 33, calls=[(0.5, 9, 1, 2**34 + 4)])
+
+
+UNALIGNED = [(0.5, 0x7EADBEEF12345678, 3, off) for off in (1, 2, 3, 1029, 2**34 + 7)]
+
+
+@pytest.mark.parametrize("K", [0, 20])
+@pytest.mark.parametrize("S", [5, 33])
+@pytest.mark.parametrize("state", STATE_DTYPES)
+def test_unaligned_offsets(K, S, state):
+    """offset % 4 != 0 (an FSDP2 local shard starts anywhere): the kernel's per-column Philox path
+    (a column quad straddles two Philox blocks) against the CPU op and the formula on the CUDA
+    noise, for every residue mod 4 and a block index beyond 32 bits; P = 1023 leaves a partial
+    quad and 16 column blocks, S = 33 more than one draw tile."""
+    mean, sq, make_D = _posterior(1023, K, state, torch.bfloat16, seed=13 + K + S)
+    _check(mean, sq, make_D, S, calls=UNALIGNED)
+
+
+@pytest.mark.parametrize("state", STATE_DTYPES)
+def test_unaligned_pieces_are_columns_of_the_whole_draw(state):
+    """On CUDA, columns [a, b) drawn with offset=a equal columns a:b of the whole draw to the bit
+    for unaligned a (the aligned fast path and the per-column path draw the same normals)."""
+    mean, sq, make_D = _posterior(1023, 20, state, torch.float32, seed=17)
+    D = make_D("cuda")
+    mc, qc = mean.cuda(), sq.cuda()
+    full = _op(mc, qc, D, 33, 0.5, 5, 2, 0)
+    for a, b in [(1, 2), (3, 70), (65, 1023), (130, 515), (1022, 1023)]:
+        got = _op(mc[a:b].contiguous(), qc[a:b].contiguous(), D[:, a:b], 33, 0.5, 5, 2, a)
+        assert torch.equal(got, full[:, a:b]), (a, b)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -85,7 +85,7 @@ inline int64_t check_swag_sample(const at::Tensor& mean, const at::Tensor& sq_me
               n_draws);
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a finite number > 0, got ", scale);
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK(offset >= 0 && offset % 4 == 0, op, ": offset must be a non-negative multiple of 4, got ", offset);
+  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
   if (!D.has_value()) return 0;
   TORCH_CHECK(D->device() == mean.device(), op, ": D is on ", D->device(), " but mean is on ", mean.device());
   TORCH_CHECK(swag_dev_dtype(D->scalar_type()), op, ": D must be float64/32/16 or bfloat16, got ", D->scalar_type());

@@ -72,6 +72,17 @@ std::vector<float> lowrank_noise(uint64_t seed, uint32_t step, int64_t S, int64_
   return z;
 }
 
+// z1 of draw s for the nc columns whose first has global index g0 (any g0 >= 0): the Philox blocks
+// g0 / 4 .. (g0 + nc - 1) / 4 of the stream (seed, kSwagDiagStream + s, step) into buf (kZ1
+// floats); returns buf + g0 % 4, where the normal of global index g0 sits (the lanes before it,
+// and after the last column, are drawn and skipped)
+constexpr int64_t kZ1 = kCols + 4;  // kCols columns starting at any lane fit in kCols / 4 + 1 blocks
+inline const float* diag_noise(uint64_t seed, uint32_t step, int64_t s, int64_t g0, int64_t nc, float* buf) {
+  const int64_t lane = g0 % 4;
+  fill_normal(seed, kSwagDiagStream + static_cast<uint32_t>(s), step, g0 / 4, (lane + nc + 3) / 4, buf);
+  return buf + lane;
+}
+
 constexpr int64_t kTile = 16;  // columns whose K-term accumulators stay in registers
 
 // out[s, c0:c0+nc] for one column block (Dblk: column c0 of D's row 0): D's block (K x nc, cache-resident) is read from memory
@@ -81,7 +92,7 @@ void sample_block(const state_t* mean, const state_t* sigma, const d_t* Dblk, in
                   int64_t S, int64_t P, int64_t c0, int64_t nc, state_t* out, state_t c_diag, state_t c_low,
                   uint64_t seed, uint32_t step, int64_t offset, float* z1) {
   for (int64_t s = 0; s < S; ++s) {
-    fill_normal(seed, kSwagDiagStream + static_cast<uint32_t>(s), step, (offset + c0) / 4, (nc + 3) / 4, z1);
+    const float* zc = diag_noise(seed, step, s, offset + c0, nc, z1);
     state_t* o = out + s * P + c0;
     const float* zr = z2 + s * K;
     int64_t j = 0;
@@ -93,12 +104,12 @@ void sample_block(const state_t* mean, const state_t* sigma, const d_t* Dblk, in
         for (int q = 0; q < kTile; ++q) acc[q] += zk * static_cast<state_t>(dr[q]);
       }
       for (int q = 0; q < kTile; ++q)
-        o[j + q] = swag_draw(mean[c0 + j + q], sigma[j + q], z1[j + q], acc[q], c_diag, c_low);
+        o[j + q] = swag_draw(mean[c0 + j + q], sigma[j + q], zc[j + q], acc[q], c_diag, c_low);
     }
     for (; j < nc; ++j) {
       state_t acc = 0;
       for (int64_t k = 0; k < K; ++k) acc += static_cast<state_t>(zr[k]) * static_cast<state_t>(Dblk[k * ldD + j]);
-      o[j] = swag_draw(mean[c0 + j], sigma[j], z1[j], acc, c_diag, c_low);
+      o[j] = swag_draw(mean[c0 + j], sigma[j], zc[j], acc, c_diag, c_low);
     }
   }
 }
@@ -107,9 +118,9 @@ template <typename state_t>
 void sample_block_diag(const state_t* mean, const state_t* sigma, int64_t S, int64_t P, int64_t c0, int64_t nc,
                        state_t* out, state_t c_diag, uint64_t seed, uint32_t step, int64_t offset, float* z1) {
   for (int64_t s = 0; s < S; ++s) {
-    fill_normal(seed, kSwagDiagStream + static_cast<uint32_t>(s), step, (offset + c0) / 4, (nc + 3) / 4, z1);
+    const float* zc = diag_noise(seed, step, s, offset + c0, nc, z1);
     state_t* o = out + s * P + c0;
-    for (int64_t j = 0; j < nc; ++j) o[j] = swag_draw(mean[c0 + j], sigma[j], z1[j], state_t(0), c_diag, state_t(0));
+    for (int64_t j = 0; j < nc; ++j) o[j] = swag_draw(mean[c0 + j], sigma[j], zc[j], state_t(0), c_diag, state_t(0));
   }
 }
 
@@ -124,7 +135,7 @@ void sample_blocks(const state_t* mean, const state_t* sq, const d_t* D, int64_t
   const auto z2 = lowrank ? lowrank_noise(seed, step, S, K) : std::vector<float>();
   const int64_t nblocks = (P + kCols - 1) / kCols;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float z1[kCols];
+    alignas(64) float z1[kZ1];
     state_t sigma[kCols];
     std::vector<state_t> dbuf(lowrank ? static_cast<size_t>(K * kCols) : 0);
     for (int64_t b = b0; b < b1; ++b) {

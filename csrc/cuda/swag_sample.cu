@@ -33,13 +33,18 @@
 // as consecutive elements per lane, also conflict-free. The sum runs in k order, like the CPU
 // kernel's: acc[s] += z2[s, k] D[k, j] for k = 0, 1, ..., K - 1.
 //
-// z1 comes from Philox in-kernel: the 4 threads of a column quad each compute one Philox block
-// (4 normals of ONE draw for the quad's 4 columns) and a 4x4 transpose by warp shuffles hands
-// every thread its column's normal of 4 draws: one Philox call per 4 outputs, the same streams
-// as the CPU kernel (draw s: stream kSwagDiagStream + s, block (offset + j) / 4, lane
-// (offset + j) % 4). A warp is one group, so the draw loop's bounds are uniform over the warp and
-// every lane (also those of columns >= P) takes part in the shuffles; loads and stores are
-// guarded by j < P and s < S.
+// z1 comes from Philox in-kernel, the same streams as the CPU kernel (draw s: stream
+// kSwagDiagStream + s, block (offset + j) / 4, lane (offset + j) % 4). Aligned offset (offset % 4
+// == 0, every whole-vector call and the DDP column shards): the 4 threads of a column quad share
+// one Philox block, each computes it for ONE draw (4 normals for the quad's 4 columns) and a 4x4
+// transpose by warp shuffles hands every thread its column's normal of 4 draws: one Philox call
+// per 4 outputs. Unaligned offset (a piece of a vector starting anywhere, e.g. an FSDP2 local
+// shard): a quad's columns straddle two Philox blocks, so every thread computes the block of its
+// own column for each of its draws and keeps lane (offset + j) % 4 (4 Philox calls per 4
+// outputs, no shuffles). offset is a kernel argument, so the choice is uniform over the grid. A
+// warp is one group, so the draw loop's bounds are uniform over the warp and every lane (also
+// those of columns >= P) takes part in the shuffles; loads and stores are guarded by j < P and
+// s < S.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -165,8 +170,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     m = mean[j];
     sg = swag_sigma(m, sq[j], eps);
   }
-  const int r = threadIdx.x & 3;
-  const uint64_t block4 = static_cast<uint64_t>(offset + j) >> 2;  // offset % 4 == 0
+  const int r = threadIdx.x & 3;                                   // j % 4 (col0 % 4 == 0)
+  const bool aligned = (offset & 3) == 0;                           // uniform over the grid
+  const uint64_t block4 = static_cast<uint64_t>(offset + j) >> 2;  // Philox block of column j's normal
+  const int lane = static_cast<int>((offset + j) & 3);              // its lane there (== r when aligned)
   const int nDc = kLowRank ? (K + Kc - 1) / Kc : 0;                // row chunks of D
 
   for (int rnd = blockIdx.y; rnd < nR; rnd += gridDim.y) {  // uniform over the CUDA block
@@ -223,14 +230,27 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 #pragma unroll 1
     for (int s0 = 0; s0 < s_count; s0 += 4) {
       float v[4], wz[4];
-      philox_normal4(seed, block4, kSwagDiagStream + static_cast<uint32_t>(s_begin + s0 + r), step, v);
-      // 4x4 transpose inside the quad: lane r ends with wz[q] = normal of draw s_begin + s0 + q at column j
+      if (aligned) {
+        philox_normal4(seed, block4, kSwagDiagStream + static_cast<uint32_t>(s_begin + s0 + r), step, v);
+        // 4x4 transpose inside the quad: lane r ends with wz[q] = normal of draw s_begin + s0 + q at column j
 #pragma unroll
-      for (int dlt = 0; dlt < 4; ++dlt) {
-        const float got = __shfl_xor_sync(0xffffffffu, pick4(v, r ^ dlt), dlt);
+        for (int dlt = 0; dlt < 4; ++dlt) {
+          const float got = __shfl_xor_sync(0xffffffffu, pick4(v, r ^ dlt), dlt);
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
-          if (q == (r ^ dlt)) wz[q] = got;
+          for (int q = 0; q < 4; ++q)
+            if (q == (r ^ dlt)) wz[q] = got;
+        }
+      } else {
+        // column j's own block for each of the 4 draws (one Philox copy: the q loop is not
+        // unrolled, the write into wz stays at compile-time indices)
+#pragma unroll 1
+        for (int q = 0; q < 4; ++q) {
+          philox_normal4(seed, block4, kSwagDiagStream + static_cast<uint32_t>(s_begin + s0 + q), step, v);
+          const float got = pick4(v, lane);
+#pragma unroll
+          for (int qq = 0; qq < 4; ++qq)
+            if (qq == q) wz[qq] = got;
+        }
       }
 #pragma unroll
       for (int q = 0; q < 4; ++q) {

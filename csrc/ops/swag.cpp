@@ -10,7 +10,7 @@
 // swag_sample: S = n_draws draws [S, P'] of the columns [offset, offset + P') of the posterior,
 //   mean/sq_mean [P'] (float32/64), D [K, P'] or None (diagonal covariance), scale > 0
 //   multiplying the covariance, eps the variance floor, (seed, step) the Philox stream; offset
-//   (a multiple of 4) is the global index of column 0, so column blocks draw the noise of the
+//   (any int >= 0) is the global index of column 0, so column blocks draw the noise of the
 //   whole vector. Output dtype = mean's. D is read once for all S draws.
 #include <torch/library.h>
 

@@ -71,7 +71,7 @@ def check_swag_sample(mean: Tensor, sq_mean: Tensor, D: Tensor | None, n_draws: 
     check(0 <= n_draws <= SWAG.max_draws, op, ": n_draws must be in [0, ", SWAG.max_draws, "], got ", n_draws)
     check(math.isfinite(scale) and scale > 0, op, ": scale must be a finite number > 0, got ", num(scale))
     check(math.isfinite(eps) and eps >= 0, op, ": eps must be finite and >= 0, got ", num(eps))
-    check(offset >= 0 and offset % 4 == 0, op, ": offset must be a non-negative multiple of 4, got ", offset)
+    check(offset >= 0, op, ": offset must be >= 0, got ", offset)
     if D is None:
         return 0
     check(D.device == mean.device, op, ": D is on ", D.device, " but mean is on ", mean.device)

@@ -28,7 +28,8 @@ def swag_sample(mean: Tensor, sq_mean: Tensor, D: Tensor | None, n_draws: int, s
                 seed: int, step: int = 0, offset: int = 0, *, backend: str | None = None) -> Tensor:
     """S = n_draws SWAG draws [S, P'] (mean's dtype) from mean, sq_mean [P'] and D [K, P'] (or None:
     diagonal covariance); D is read once for all S draws and the noise comes from the Philox
-    stream (seed, step); ``offset`` (a multiple of 4) is the global index of column 0.
+    stream (seed, step); ``offset`` (any int >= 0) is the global index of column 0: the draws of
+    columns [a, b) of a vector with ``offset=a`` are columns a:b of the whole vector's draws.
 
     With sigma^2 = max(sq_mean - mean^2, eps), ``scale`` multiplies the covariance
     diag(sigma^2) + D^T D / (K - 1) (or diag(sigma^2) without D; swa_gaussian's convention):
