@@ -1,10 +1,12 @@
 // The pybind11 module pyfastbayes._C: loading it registers every op (static initialisers of the
 // TORCH_LIBRARY blocks in this shared library), adds the sparse-input refusals of every op
-// (ops/dense_only.cpp) and exposes build_info() and layouts().
+// (ops/dense_only.cpp) and exposes build_info(), layouts() and the scoped CPU allocation cache
+// (cpu/allocation_cache.cpp; used through pyfastbayes._memory.allocation_cache()).
 #include <ATen/Config.h>
 #include <pybind11/pybind11.h>
 
 #include "common/layouts.h"
+#include "cpu/allocation_cache.h"
 #include "ops/dense_only.h"
 
 #ifndef PYFASTBAYES_VERSION
@@ -71,4 +73,10 @@ PYBIND11_MODULE(_C, m) {
   pyfastbayes::register_dense_only_kernels();  // every schema is defined by now (static initialisers)
   m.def("build_info", &build_info, "dict(version, torch, cuda, cuda_archs, openmp) of this build");
   m.def("layouts", &layouts, "dict of the named slots of the op vectors: {layout: {slot: index}}");
+  m.def("allocation_cache_enter", &pyfastbayes::cpu::allocation_cache_enter,
+        "start (or nest) a scope in which freed CPU tensor memory is cached and reused");
+  m.def("allocation_cache_exit", &pyfastbayes::cpu::allocation_cache_exit,
+        "end the innermost scope; the outermost releases the cache and restores the CPU allocator");
+  m.def("allocation_cache_active", &pyfastbayes::cpu::allocation_cache_active,
+        "whether a scope is open and the process's CPU allocator is the cache");
 }

@@ -1,11 +1,16 @@
-"""Which tensors share memory: the Python twin of ``OverlapCheck`` (csrc/checks/common.h).
+"""Memory helpers.
 
-Used by the references (the same refusals as the native ops, so a reference call is checked like
-a native one) and by the optimizers (across parameter groups, and at construction). Shapes,
+Which tensors share memory: the Python twin of ``OverlapCheck`` (csrc/checks/common.h), used by
+the references (the same refusals as the native ops, so a reference call is checked like a
+native one) and by the optimizers (across parameter groups, and at construction). Shapes,
 strides and data pointers only: nothing here reads tensor values.
+
+:func:`allocation_cache`: a scope in which freed CPU tensor memory is kept and reused
+(csrc/cpu/allocation_cache.cpp), for loops of large, repeated temporaries.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from itertools import compress
 from typing import Sequence
@@ -14,7 +19,28 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["non_overlapping_and_dense", "overlaps_itself", "share_memory", "memory_overlaps"]
+__all__ = ["non_overlapping_and_dense", "overlaps_itself", "share_memory", "memory_overlaps", "allocation_cache"]
+
+
+@contextlib.contextmanager
+def allocation_cache(enabled: bool = True):
+    """Context: CPU tensor memory freed inside it is kept in exact-size free lists and handed out
+    again (up to 1 GiB), instead of going back to glibc, which returns blocks above its mmap
+    threshold to the kernel, so the next allocation of the same size page-faults on every 4 KiB
+    page again. For loops that allocate the same large temporaries over and over (the grid
+    engine's activations under vmap). Nested scopes are fine; the outermost one releases the cached
+    blocks and restores the CPU allocator on exit, also on error. A no-op when ``enabled`` is
+    False or the native extension is not loaded. CUDA memory is not affected (torch caches it)."""
+    from ._native import _C
+
+    if not enabled or _C is None:
+        yield
+        return
+    _C.allocation_cache_enter()
+    try:
+        yield
+    finally:
+        _C.allocation_cache_exit()
 
 
 def non_overlapping_and_dense(t: Tensor) -> bool:

@@ -42,8 +42,40 @@ def test_linear_rule_equals_vmap_of_linear(case, dtype):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["all", "x_shared", "x_shared_groups", "w_shared", "no_bias", "bias_shared",
+                                  "x_dim1", "groups"])
+def test_conv2d_rule_equals_vmap_of_conv2d(case, dtype):
+    g = torch.Generator().manual_seed(0)
+    n, rows, cin, cout, groups = 4, 3, 4, 6, 1
+    args = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=dtype)
+
+    if case in ("groups", "x_shared_groups"):
+        groups = 2
+    x, w, b, dims = r(n, rows, cin, 7, 8), r(n, cout, cin // groups, 3, 3), r(n, cout), (0, 0, 0)
+    if case in ("x_shared", "x_shared_groups"):
+        x, dims = r(rows, cin, 7, 8), (None, 0, 0)
+    elif case == "w_shared":
+        w, b, dims = r(cout, cin, 3, 3), r(cout), (0, None, None)
+    elif case == "no_bias":
+        b, dims = None, (0, 0, None)
+    elif case == "bias_shared":
+        b, dims = r(cout), (0, 0, None)
+    elif case == "x_dim1":
+        x, dims = r(rows, n, cin, 7, 8), (1, 0, 0)
+    st, pad, dil = args["stride"], args["padding"], args["dilation"]
+    got = torch.vmap(lambda x, w, b: _batched._Conv2dFn.apply(x, w, b, st, pad, dil, groups), in_dims=dims)(x, w, b)
+    want = torch.vmap(lambda x, w, b: F.conv2d(x, w, b, st, pad, dil, groups), in_dims=dims)(x, w, b)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+
+
 def test_swapped_restores_every_module_also_on_error():
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)),
+                          nn.Conv2d(1, 2, 3), nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"))
     hooked = model[2][0]
     hooked.register_forward_hook(lambda *a: None)  # a hooked layer keeps its own forward
     before = [m for m in model.modules()]
@@ -51,6 +83,8 @@ def test_swapped_restores_every_module_also_on_error():
         assert net is model
         assert type(model[0]) is _batched._BatchedLinear and model[0].weight is before[1].weight
         assert model[2][0] is hooked and type(model[2][1]) is _batched._BatchedLinear
+        assert type(model[3]) is _batched._BatchedConv2d and model[3].bias is before[6].bias
+        assert model[4] is before[7]  # circular padding keeps its own forward
     assert [m for m in model.modules()] == before
     with pytest.raises(RuntimeError, match="boom"):
         with _batched.swapped(model):

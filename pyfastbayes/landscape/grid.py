@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from .. import ops
 from .._distributed import distributed_active
+from .._memory import allocation_cache
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from ..nn.batchnorm import bn_modules
@@ -412,7 +413,8 @@ def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r,
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="landscape", total=len(starts), leave=False)
     total = None
-    with torch.no_grad(), ModeGuard(model, False):
+    # CPU: the blocks' activations (MBs, the same shapes block after block) reuse warm memory
+    with torch.no_grad(), ModeGuard(model, False), allocation_cache(torch.device(device).type == "cpu"):
         first = None
         if first_layer or (first_layer is None and torch.device(device).type == "cuda"):
             example = next(iter(iterate(data, device)), None)
