@@ -54,9 +54,7 @@ and every group's RNG position (seed, step); shards hold different elements and 
 """
 from __future__ import annotations
 
-import math
 import operator
-import sys
 import warnings
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -64,6 +62,11 @@ import torch
 from torch import Tensor
 
 from .. import _native, ops
+from .._distributed import dtensor_type as _dtensor_type
+from .._distributed import is_dtensor as _is_dtensor
+from .._distributed import is_sharded as _is_sharded
+from .._distributed import local_tensor as _local
+from .._distributed import shard_offset
 from .._memory import memory_overlaps, overlaps_itself
 from ._checks import Interval, check_hyper
 
@@ -95,59 +98,11 @@ def _name(gi: int, i: int, p: Tensor) -> str:
     return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
 
 
-# ---- DTensor parameters (FSDP2) -----------------------------------------------------------------
-def _dtensor_type() -> type | None:
-    """torch.distributed.tensor.DTensor once that module is imported (no DTensor exists before)."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-
-
-def _is_dtensor(t) -> bool:
-    dt = _dtensor_type()
-    return dt is not None and isinstance(t, dt)
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (the tensor itself, no autograd view); any other tensor unchanged."""
-    if not _is_dtensor(t):
-        return t
-    with torch.no_grad():
-        return t.to_local()
-
-
-def _is_sharded(p: Tensor) -> bool:
-    """Whether ``p`` is a DTensor split over ranks (some placement a Shard)."""
-    if not _is_dtensor(p):
-        return False
-    from torch.distributed.tensor import Shard
-    return any(isinstance(pl, Shard) for pl in p.placements)
-
-
+# ---- DTensor parameters (FSDP2): the placement helpers live in pyfastbayes._distributed ----------
 def _shard_offset(p: Tensor) -> int:
-    """The flat (row-major) offset in the full tensor of DTensor ``p``'s local shard, which must be
-    one contiguous range of it: every placement Shard(0) or Replicate (FSDP2's fully_shard: Shard(0)
-    on a 1-D mesh). Raises ValueError (completing the parameter's name) for any other placement."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    def rows(pl) -> bool:  # exactly Shard(0): _StridedShard (a Shard subclass) interleaves rows
-        return type(pl) is Shard and pl.dim % max(p.dim(), 1) == 0
-
-    bad = [pl for pl in p.placements if not (isinstance(pl, Replicate) or rows(pl))]
-    if bad:
-        raise ValueError(f"is a DTensor placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D device mesh: its "
-                         f"local shard is not one contiguous range of the full tensor ({bad[0]} is neither "
-                         f"Shard(0) nor Replicate). The samplers step DTensors placed Shard(0) (as FSDP2's "
-                         f"fully_shard places them) or Replicate; redistribute it, e.g. p.redistribute("
-                         f"placements=[Shard(0)])")
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    local = _local(p)
-    if tuple(local.shape) != tuple(shape):
-        raise ValueError(f"is a DTensor whose local shard has shape {tuple(local.shape)} but its placements "
-                         f"{tuple(p.placements)} give {tuple(shape)} on this rank (an uneven sharding the "
-                         f"samplers cannot locate in the full tensor)")
-    if p.dim() == 0 or local.numel() == 0:
-        return 0  # a scalar is replicated; an empty shard draws nothing
-    return int(offset[0]) * math.prod(p.shape[1:])
+    """The flat offset in the full tensor of DTensor ``p``'s local shard (Shard(0) / Replicate
+    only; ValueError completing the parameter's name otherwise): :func:`shard_offset`."""
+    return shard_offset(p, user="The samplers step")
 
 
 def _param_problem(p: Tensor) -> Exception | None:
