@@ -15,6 +15,7 @@ torch.distributed the points are split across the ranks and one all_reduce gathe
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -45,7 +46,8 @@ def _points(theta0: Tensor, directions: Tensor, coords: Tensor, out: Tensor) -> 
     return ops.landscape_points_(theta0, directions, coords, out)
 
 
-_CPU_POINT_ROWS = 8_192  # points x rows evaluated together on the CPU (activations stay in cache)
+_CPU_POINTS = 32              # default points per chunk on the CPU
+_CPU_BLOCK_BYTES = 8 << 20    # CPU: rows per block so that the widest activation of a block stays under this
 
 
 def _row_blocks(x, y: Tensor, nb: int, r: int | None):
@@ -90,8 +92,8 @@ def _per_point(layout, thetas: Tensor) -> dict[str, Tensor]:
             for n, s, d, o in zip(layout.names, layout.shapes, layout.dtypes, layout.offsets)}
 
 
-def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shortcut: tuple | None,
-          buffers: dict, shared: dict, post, consume, on_batch=None) -> int:
+def _walk(model: nn.Module, layout, thetas: Tensor, data, rows, shortcut, buffers: dict, shared: dict, post, consume,
+          on_batch=None) -> int:
     """Walk ``data`` once for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s order):
     for each block of at most ``rows`` rows of each batch (None: whole batches), consume(rows,
     post(outputs of all c points stacked [c, rows, ...], targets)); returns the number of examples. Every
@@ -100,8 +102,10 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
     buffers common to the points (not vmapped; in-place updates act on them once per block).
     ``shortcut`` = (first layer, theta0 [P], directions [m, P], coords [c, m]) with thetas = theta0
     + coords @ directions: the first layer's output is combined from its m + 1 products per block
-    instead of computed per point (_first_layer.py). ``on_batch(inputs, targets, rows)`` sees each
-    batch first (the data checksum under torch.distributed). The caller sets no_grad and the modes."""
+    instead of computed per point (_first_layer.py). ``rows`` and ``shortcut`` may also be functions
+    of the first batch's inputs returning them (decided on the data without walking it once more).
+    ``on_batch(inputs, targets, rows)`` sees each batch first (the data checksum under
+    torch.distributed). The caller sets no_grad and the modes."""
     def args(x):
         return x if isinstance(x, tuple) else (x,)
 
@@ -109,25 +113,27 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
         return functional_call(net, {**params, **shared, **bufs}, args(x))
 
     batched = torch.vmap(one, in_dims=(None, 0, 0, None))
+    batched_first = torch.vmap(_one_first(shared), in_dims=(None, 0, 0, 0, None))
     params = _per_point(layout, thetas)  # once per chunk, not once per block
-    if shortcut is not None:
-        first, theta0, dirs, coords = shortcut
-        # [c, m + 1] weights (1, a_1, ..., a_m) of the products W0 x, D_1 x, ...: one GEMM combines them
-        mix = torch.cat([torch.ones_like(coords[:, :1]), coords], dim=1).to(thetas.dtype)
-        params = {k: v for k, v in params.items() if not k.startswith(first.prefix)}
-
-        def one_first(net: nn.Module, params: dict, bufs: dict, h: Tensor, x):
-            _first_layer.hold(h)
-            return functional_call(net, {**params, **shared, **bufs}, (x,))
-
-        batched_first = torch.vmap(one_first, in_dims=(None, 0, 0, 0, None))
+    batches = iter(iterate(data, thetas.device))
+    head = next(batches, None)
+    first = None
+    if head is not None:  # decisions that need an example batch, made on the first one (no extra walk)
+        with ModeGuard(model, False):  # probes in eval mode (a BatchNorm in train mode would update its stats)
+            rows = rows(head[0]) if callable(rows) else rows
+            shortcut = shortcut(head[0]) if callable(shortcut) else shortcut
+        if shortcut is not None:
+            first, theta0, dirs, coords = shortcut
+            # [c, m + 1] weights (1, a_1, ..., a_m) of the products W0 x, D_1 x, ...: one GEMM combines them
+            mix = torch.cat([torch.ones_like(coords[:, :1]), coords], dim=1).to(thetas.dtype)
+            params = {k: v for k, v in params.items() if not k.startswith(first.prefix)}
     n = 0
     with _batched.swapped(model) as net:
-        for x, y, nb in iterate(data, thetas.device):
+        for x, y, nb in itertools.chain([head] if head is not None else [], batches):
             if on_batch is not None:
                 on_batch(x, y, nb)
             for xr, yr, nr in _row_blocks(x, y, nb, rows):
-                if shortcut is None:
+                if first is None:
                     consume(nr, post(batched(net, params, buffers, xr), yr))
                     continue
                 O = first.outputs(xr, theta0, dirs)  # [m + 1, rows, ...]: once for the chunk's points
@@ -138,12 +144,45 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
     return n
 
 
-def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows: int | None,
-              shortcut: tuple | None = None, buffers: dict | None = None, on_batch=None) -> tuple[Tensor, int]:
+class _Plan:
+    """The grid's data-dependent choices, made once, on the first batch the first walk reads (in
+    eval mode, before the layers are swapped for their batched stand-ins): the first-layer
+    shortcut (a FirstLayer or None) and the rows per block ("auto": :func:`_cpu_rows`)."""
+
+    _UNSET = object()
+
+    def __init__(self, model: nn.Module, layout, use_first: bool, rows, c: int, dtype: torch.dtype):
+        self.model, self.layout, self.use_first, self._rows, self.c, self.dtype = model, layout, use_first, rows, c, dtype
+        self._first = self._UNSET
+
+    def rows(self, x):
+        if self._rows == "auto":
+            self._rows = _cpu_rows(self.model, x, self.c, self.dtype)
+        return self._rows
+
+    def shortcut(self, theta0: Tensor, dirs: Tensor, coords: Tensor):
+        """A function of the first inputs: (first layer, theta0, dirs, coords) or None."""
+        def decide(x):
+            if self._first is self._UNSET:
+                self._first = _first_layer.find(self.model, self.layout, x) if self.use_first else None
+            return None if self._first is None else (self._first, theta0, dirs, coords)
+        return decide
+
+
+def _one_first(shared: dict):
+    """The per-point call of the first-layer path: the held combined output replaces the layer."""
+    def one_first(net: nn.Module, params: dict, bufs: dict, h: Tensor, x):
+        _first_layer.hold(h)
+        return functional_call(net, {**params, **shared, **bufs}, (x,))
+    return one_first
+
+
+def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows, shortcut=None, buffers: dict | None = None,
+              on_batch=None) -> tuple[Tensor, int]:
     """One pass over ``data`` for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s
     order): returns (sums [len(fns), c] float64, N), sums[f, i] = sum over the blocks of rows x
     fns[f](model at thetas[i] on the block, targets), i.e. N times the mean over the data. Blocks
-    of at most ``rows`` rows (None: whole batches); ``shortcut`` as in :func:`_walk`; ``buffers``
+    of at most ``rows`` rows (None: whole batches); ``rows`` and ``shortcut`` as in :func:`_walk`; ``buffers``
     name -> [c, ...]: per-point buffers (the BatchNorm statistics of bn='recompute'); ``on_batch``
     as in :func:`_walk`. The caller sets no_grad and the model's mode."""
     sums = torch.zeros(len(fns), thetas.shape[0], dtype=torch.float64, device=thetas.device)
@@ -201,6 +240,30 @@ def bn_statistics(model: nn.Module, layout, thetas: Tensor, data, layers, shortc
     if n == 0:
         raise ValueError("data has no examples (no rows in any batch): the mean loss is undefined")
     return buffers
+
+
+def _cpu_rows(model: nn.Module, x, c: int, dtype: torch.dtype) -> int:
+    """Rows per block on the CPU: the widest activation of a block (c points x rows x the largest
+    per-row output of any module, from one probe forward of 2 rows of the inputs ``x``) under
+    _CPU_BLOCK_BYTES (8 MiB: digits MLP, 32 points x 512 rows; the digits CNN, 32 x 128). Smaller
+    blocks cost more per-block overhead (vmap, functional_call: ~0.4 ms a block on 2 cores),
+    bigger ones fall out of cache. 512 rows when the probe cannot run."""
+    widths = [1]
+
+    def hook(module, args, out):
+        if torch.is_tensor(out) and out.dim() > 0 and out.shape[0] > 0:
+            widths.append(out.numel() // out.shape[0])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        model(*(a[:2] for a in x) if isinstance(x, tuple) else x[:2])
+    except Exception:  # a model the probe cannot run on 2 rows: a fixed block
+        return 512
+    finally:
+        for h in handles:
+            h.remove()
+    size = torch.empty((), dtype=dtype).element_size()
+    return max(1, _CPU_BLOCK_BYTES // (c * max(widths) * size))
 
 
 def _batch_dependent(model: nn.Module) -> bool:
@@ -281,19 +344,20 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             pass over the data for all its points (per-point buffers vmapped with the points), then
             the evaluation pass; the statistics pass reads whole batches (batch statistics depend on
             the batch), so a chunk holds the activations of c points x one batch.
-        batch_points: points per chunk (default: thetas under 256 MiB, at most 64 points).
+        batch_points: points per chunk (default: thetas under 256 MiB, at most 64 points; 32 on
+            the CPU).
         batch_rows: rows of a data batch evaluated together for the chunk's points (default: on the
-            CPU, 8 192 point-rows per block, e.g. 64 points x 128 rows, so the chunk's activations
-            stay in cache: ~1.5x faster than whole batches of 1797 digits; on CUDA the whole batch).
+            CPU, as many as keep a block's widest activation, points x rows x its per-row width,
+            under 8 MiB, e.g. 32 points x 512 rows for the digits MLP: whole batches of 1797 digits
+            were ~2x slower; on CUDA the whole batch).
             Blocks are weighted by their rows, so the result does not depend on it beyond rounding.
             Ignored (whole batches) when a BatchNorm layer keeps no running statistics: its eval
             output depends on the rows that share a batch.
         first_layer: use the first-layer shortcut when the model's first layer is an eligible
             Linear / Conv2d (its output at a point combined from m + 1 products per data block, see
-            ``_first_layer.py``); False: every point runs the whole model; None (default): on CUDA
-            only (on 2 CPU cores it measured no faster for the digits MLP: the vmapped first-layer
-            GEMM is cheap there next to writing the combined [c, rows, out] output). Same numbers
-            up to rounding, in both bn modes.
+            ``_first_layer.py``); False: every point runs the whole model; None (default) or True:
+            where eligible (digits MLP on 1 CPU thread: 743 ms with it, 877 ms without). Same
+            numbers up to rounding, in both bn modes.
         distributed: None (default): split the points across the processes when torch.distributed
             is initialised; True: insist on it (ValueError if not initialised); False: every
             process evaluates every point on its own. Split: rank r evaluates a contiguous 1/world
@@ -343,13 +407,14 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         pts = torch.stack([A.reshape(-1), B.reshape(-1)], dim=1)  # [n1 * n2, 2], row-major (alpha, beta)
     n_pts = pts.shape[0]
     if batch_points is None:
-        c = max(1, min(n_pts, _MAX_POINTS, _POINT_BYTES // (P * torch.empty((), dtype=dtype).element_size())))
+        most = _CPU_POINTS if torch.device(layout.device).type == "cpu" else _MAX_POINTS
+        c = max(1, min(n_pts, most, _POINT_BYTES // (P * torch.empty((), dtype=dtype).element_size())))
     else:
         if isinstance(batch_points, bool) or not isinstance(batch_points, int) or batch_points < 1:
             raise ValueError(f"batch_points must be a positive int or None, got {batch_points!r}")
         c = min(batch_points, n_pts)
     if batch_rows is None:
-        r = max(1, _CPU_POINT_ROWS // c) if torch.device(layout.device).type == "cpu" else None
+        r = "auto" if torch.device(layout.device).type == "cpu" else None  # from the widest activation
     elif isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be a positive int or None, got {batch_rows!r}")
     else:
@@ -415,16 +480,13 @@ def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r,
     total = None
     # CPU: the blocks' activations (MBs, the same shapes block after block) reuse warm memory
     with torch.no_grad(), ModeGuard(model, False), allocation_cache(torch.device(device).type == "cpu"):
-        first = None
-        if first_layer or (first_layer is None and torch.device(device).type == "cuda"):
-            example = next(iter(iterate(data, device)), None)
-            first = _first_layer.find(model, layout, example[0]) if example is not None else None
+        plan = _Plan(model, layout, first_layer is not False, r, c, dtype)
         for s in starts:
             e = min(s + c, hi)
             th = _points(theta0, dirs, pts_dev[s:e], thetas[:e - s])
-            sc = None if first is None else (first, theta0, dirs, pts_dev[s:e])
+            sc = plan.shortcut(theta0, dirs, pts_dev[s:e])
             bufs = bn_statistics(model, layout, th, data, layers, sc) if layers else None
-            sums, n = data_sums(model, layout, th, data, fns, r, sc, bufs, checksum if total is None else None)
+            sums, n = data_sums(model, layout, th, data, fns, plan.rows, sc, bufs, checksum if total is None else None)
             if total is not None and n != total:
                 raise ValueError(f"data gave {n} examples on one pass and {total} on another: every pass must see "
                                  "the same data (a DataLoader with drop_last and shuffling changes nothing, but a "
