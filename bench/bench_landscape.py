@@ -8,7 +8,9 @@ its own points, same count). Cases: (1) MLP: CPU, the digits MLP 64-128-128-10 o
 25 x 25; CUDA, MLP 784-512-512-10 on 10 000 random inputs, 21 x 21. (2) CNN on the 8 x 8 digits
 (all 1797, both devices), 21 x 21: conv 1->8 3x3 pad 1, ReLU, conv 8->16 3x3 pad 1 stride 2, ReLU,
 linear 256->10. ``--quick``: 400 digits, 9 x 9. ``GFLOP/s`` counts the forward multiply-adds of
-every point (2 flops each).
+every point (2 flops each) of the whole model, also for pyfastbayes, whose first-layer shortcut
+skips a third of them on the MLP; ``of_peak`` divides it by the GFLOP/s of one large fp32 GEMM
+measured in the same run (the machine's practical peak on all its threads).
 """
 from __future__ import annotations
 
@@ -88,7 +90,14 @@ def _vmap_chunks(model, loss_fn, x, y, theta0, D, alphas, betas, names, shapes, 
     return torch.cat(losses).view(len(alphas), len(betas))
 
 
-def _rows(case: str, model, x, y, steps: int, flops: float, device: str) -> list[dict]:
+def _gemm_peak(device: str) -> float:
+    """GFLOP/s of a 2048^3 fp32 matmul (median of 5): the practical FLOP peak of this machine."""
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    return 2.0 * 2048**3 / bench(lambda: a @ b, device, warmup=2, repeat=5) / 1e6
+
+
+def _rows(case: str, model, x, y, steps: int, flops: float, device: str, peak: float) -> list[dict]:
     from pyfastbayes.landscape import grid, random_directions
 
     loss_fn = nn.CrossEntropyLoss()
@@ -119,17 +128,19 @@ def _rows(case: str, model, x, y, steps: int, flops: float, device: str) -> list
         timed["pyfastbayes landscape.grid"] = bench(
             lambda: grid(model, loss_fn, (x, y), D, (alphas, betas), progress=False), device, **rep)
     ref, vm = timed["plain loop of functional_call"], timed["vmap over chunks of 64 points"]
-    return [row(SUITE, case, impl, ms, ref, GFLOPs=round(flops / ms / 1e6, 1), vs_vmap=round(vm / ms, 3))
-            for impl, ms in timed.items()]
+    return [row(SUITE, case, impl, ms, ref, GFLOPs=round(flops / ms / 1e6, 1),
+                of_peak=round(flops / ms / 1e6 / peak, 3), vs_vmap=round(vm / ms, 3)) for impl, ms in timed.items()]
 
 
 def run(device: str, quick: bool) -> list[dict]:
+    peak = _gemm_peak(device)
+    print(f"# bench_landscape: fp32 GEMM peak {peak:.0f} GFLOP/s on {device}")
     model, x, y, widths = _problem(device, quick)
     steps = 25 if device == "cpu" and not quick else (21 if not quick else 9)
     rows = _rows(f"{steps}x{steps} grid, MLP {'-'.join(map(str, widths))}, {len(x)} inputs", model, x, y, steps,
-                 _flops(widths, len(x), steps * steps), device)
+                 _flops(widths, len(x), steps * steps), device, peak)
     model, x, y, macs = _cnn_problem(device, quick)
     steps = 9 if quick else 21
     rows += _rows(f"{steps}x{steps} grid, CNN conv8-conv16-linear on 8x8 digits, {len(x)} inputs", model, x, y,
-                  steps, 2.0 * macs * len(x) * steps * steps, device)
+                  steps, 2.0 * macs * len(x) * steps * steps, device, peak)
     return rows
