@@ -90,6 +90,9 @@ def test_swapped_restores_every_module_also_on_error():
         with _batched.swapped(model):
             raise RuntimeError("boom")
     assert [m for m in model.modules()] == before
+    with _batched.swapped(model, conv=False):
+        assert type(model[0]) is _batched._BatchedLinear and model[3] is before[6]  # convolutions kept
+    assert [m for m in model.modules()] == before
     single = nn.Linear(3, 2)
     with _batched.swapped(single) as net:
         assert type(net) is _batched._BatchedLinear and net.weight is single.weight

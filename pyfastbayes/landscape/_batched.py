@@ -133,22 +133,24 @@ class _BatchedLinear(nn.Module):
 _STAND_INS = {nn.Linear: _BatchedLinear, nn.Conv2d: _BatchedConv2d}
 
 
-def _stand_in(m: nn.Module) -> nn.Module | None:
+def _stand_in(m: nn.Module, conv: bool) -> nn.Module | None:
     """The batched stand-in for ``m``, or None when ``m`` keeps its own forward."""
     kind = _STAND_INS.get(type(m))
     if kind is None or m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m):
         return None
-    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+    if isinstance(m, nn.Conv2d) and (not conv or m.padding_mode != "zeros"):
         return None
     return kind(m)
 
 
 @contextlib.contextmanager
-def swapped(model: nn.Module):
+def swapped(model: nn.Module, conv: bool = True):
     """Context: every plain nn.Linear / nn.Conv2d of ``model`` (the model itself included)
     replaced by a batched stand-in; yields the model to call (the stand-in when the model is one
-    such layer). Restored afterwards, also on error."""
-    whole = _stand_in(model)
+    such layer). ``conv=False`` keeps the Conv2d layers (the grid passes it on CUDA, where the
+    per-point loop of convolutions is unmeasured against vmap's one grouped cuDNN call).
+    Restored afterwards, also on error."""
+    whole = _stand_in(model, conv)
     if whole is not None:
         yield whole
         return
@@ -156,7 +158,7 @@ def swapped(model: nn.Module):
     try:
         for name, parent in list(model.named_modules()):
             for attr, child in list(parent.named_children()):
-                new = _stand_in(child)
+                new = _stand_in(child, conv)
                 if new is not None:
                     setattr(parent, attr, new)
                     done.append((parent, attr, child))

@@ -128,7 +128,7 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows, shortcut, buffer
             mix = torch.cat([torch.ones_like(coords[:, :1]), coords], dim=1).to(thetas.dtype)
             params = {k: v for k, v in params.items() if not k.startswith(first.prefix)}
     n = 0
-    with _batched.swapped(model) as net:
+    with _batched.swapped(model, conv=thetas.device.type == "cpu") as net:
         for x, y, nb in itertools.chain([head] if head is not None else [], batches):
             if on_batch is not None:
                 on_batch(x, y, nb)
