@@ -70,9 +70,10 @@ def plane_through(points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def project(points: Tensor, origin: Tensor, directions: Tensor) -> Tensor:
-    """Coordinates [n, 2] (float64) of the orthogonal projection of points [n, P] onto the plane
-    origin + span(directions) (directions [2, P] orthonormal, as :func:`plane_through` returns)."""
-    return (points.double() - origin.double()) @ directions.double().T
+    """Coordinates [n, 2] (float64, on the CPU, for plotting) of the orthogonal projection of points
+    [n, P] onto the plane origin + span(directions) (directions [2, P] orthonormal, as
+    :func:`plane_through` returns)."""
+    return ((points.double() - origin.double()) @ directions.double().T).cpu()
 
 
 def low_loss_interval(offsets: Tensor, loss: Tensor, at: float, rise: float) -> tuple[float, float, bool]:
