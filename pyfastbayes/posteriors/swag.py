@@ -41,18 +41,35 @@ per block of draws assembles [S, P] on every rank: the same draws as the single-
 rank 0's generator. The column ranges start at multiples of the CPU sampler's column block (256),
 so every column also takes the same instruction path (tile or tail) in the CPU kernel as in the
 single-process call.
+
+**FSDP2** (the trainable parameters are DTensors of ``torch.distributed.fsdp.fully_shard``,
+placed Shard(0) or Replicate on a 1-D device mesh). The state is sharded like the parameters,
+with no option to set: rank r keeps mean, sq_mean [P_r] and D [K, P_r] for the elements of its
+local shards only (P_r: the concatenation of its local shard of every parameter, in layout
+order). Each local shard is one contiguous range [g_t, g_t + n_t) of the full flat vector (the
+layout over the FULL parameters), so :meth:`SWAG.collect` updates those columns from the local
+shards (no gather; the same numbers as the single-process columns) and a draw takes, per range,
+the single-process draw's columns: ``swag_sample`` with ``offset=g_t`` (any offset) and the same
+z2 on every rank (rank 0's seed, broadcast). :meth:`SWAG.sample_` writes each rank's local shards
+(one seed broadcast, no gather), :meth:`SWAG.predict` runs the BMA on the live FSDP model (each
+draw written into the local shards, FSDP's own forward all-gathers; parameters restored
+afterwards), :meth:`SWAG.sample` all-gathers to the full [n, P] (the single-process draws, rank
+0's generator) and :meth:`SWAG.state_dict` gathers to the single-process format.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import check_count
+from .._distributed import local_tensor, shard_offset
+from ..nn import ModeGuard, bn_modules, update_bn
+from ..nn.inputs import call_model, iterate_inputs, model_output, to_device
+from .base import _DRAW_BYTES, _Average, check_count, check_likelihood
 from ._sharding import ColumnShards, check_shard, shard_columns
 from .swa import PARAM_DTYPES, SWA
 
@@ -130,6 +147,21 @@ class SWAG(ColumnShards, SWA):
         process_group: the group to shard over (default: the default group); only with
             ``shard`` True or None.
 
+    **FSDP2** (``fsdp`` is True): when the trainable parameters are DTensors of ``fully_shard``
+    (Shard(0) or Replicate on one 1-D mesh; every trainable parameter a DTensor), the state is
+    sharded like them over the mesh's group (see the module docstring): ``mean``, ``sq_mean``
+    [P_r] and ``D`` [K, P_r] hold this rank's local shards (``runs``: (global start, local
+    start, length) of its columns; ``local_numel`` = P_r). ``shard=True`` (the DDP column
+    sharding) and ``process_group`` are refused with FSDP2 parameters, as are other placements
+    and meshes (ValueError naming them). Collective, all ranks in the same order: construction,
+    ``collect`` (one all-reduce of the refusal flag), ``sample`` (seed broadcast, all-gather to
+    the full [n, P]), ``sample_`` (seed broadcast only: each rank writes its local shards),
+    ``predict`` and ``predict_mean`` (the model's forward passes, FSDP's all-gathers: give every
+    rank inputs of the same number of batches), ``log_prob``, ``full_mean``, ``variance``,
+    ``deviations`` and ``state_dict`` (gathered to the single-process format). ``load_state_dict``
+    takes a full state (cut to the local columns, no communication); ``shard_state_dict`` is
+    refused (use ``state_dict``). ``load_mean_`` writes the local shards (no communication).
+
     **Sharded** (``sharded`` is True): with R ranks in the group, rank ``shard_index`` keeps the
     columns ``columns`` = [a, b) of :func:`shard_columns` (P, R): ``mean``, ``sq_mean`` [b - a]
     and ``D`` [K, b - a] (memory about (K + 2) P / R numbers per rank). The parameters must be the
@@ -147,9 +179,12 @@ class SWAG(ColumnShards, SWA):
     the same SWAG (layout, K, dtypes, var_clamp).
 
     Attributes:
-        sharded: whether the moments are sharded.  process_group: the group (None: default).
+        sharded: whether the moments are sharded (shard=True or FSDP2).  fsdp: whether by FSDP2's
+            parameter shards.  process_group: the group (None: default).
         shard_world, shard_index: R and this rank's index in the group (1 and 0 unsharded).
-        shard_ranges: [(a_r, b_r)] of every rank.  columns: (a, b) of this rank ((0, P) unsharded).
+        shard_ranges: [(a_r, b_r)] of every rank.  columns: (a, b) of this rank ((0, P) unsharded;
+            None under FSDP2).  runs: this rank's (global start, local start, length) column
+            runs.  local_numel: the width of the local state (P unsharded).
     """
 
     kind = "SWAG"
@@ -174,10 +209,9 @@ class SWAG(ColumnShards, SWA):
         self.deviation_dtype = deviation_dtype
         self.store_device = torch.device(store_device) if store_device is not None else self.device
         self._setup_shards(shard, process_group)
-        a, b = self.columns
-        width = b - a
+        width = self.local_numel
         if self.sharded:
-            self.mean = self.mean[a:b].clone()  # SWA allocated [P]; keep this rank's columns only
+            self.mean = self.mean.new_zeros(width)  # SWA allocated [P]; keep this rank's columns only
         pin = self.store_device.type == "cpu" and self.device.type == "cuda"
         self.sq_mean = torch.zeros(width, dtype=self.dtype, device=self.device)
         self.D = torch.zeros(max_rank, width, dtype=deviation_dtype, device=self.store_device, pin_memory=pin)
@@ -231,6 +265,8 @@ class SWAG(ColumnShards, SWA):
         rank's columns and the flag is all-reduced, so that every rank refuses or none does."""
         if self._fp16_check():
             flag = ~(self._local_max_deviation(ps) <= FP16_MAX)
+        elif self.fsdp:  # the local shards (DTensors themselves are not the op's input)
+            flag = ops.any_nonfinite([t for t, _ in self._local(ps)])
         else:
             flag = super()._collect_flag(ps)
         if self.sharded:
@@ -243,6 +279,16 @@ class SWAG(ColumnShards, SWA):
             self._refuse_fp16(float(self._max_deviation(ps)))
         # sharded: the global maximum (a collective) first, before any rank can raise
         big = float(self._max_deviation(ps)) if self._fp16_check() else None
+        if self.fsdp:  # a non-finite element in this rank's shards, else in another rank's
+            for (i, lo, hi), (t, _) in zip([pc for pc in self._pieces if pc[2] > pc[1]], self._local(ps)):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"parameter {self.layout.names[i]!r} holds NaN or inf (in this rank's shard): "
+                                     f"collect() refuses it (it would poison the running mean for ever); the "
+                                     f"{self.kind} state is unchanged")
+            if big is not None and not big <= FP16_MAX:
+                self._refuse_fp16(big)
+            raise RuntimeError(f"another rank refused this collect (NaN or inf in its shards of the FSDP2 parameters, "
+                               f"or a deviation beyond float16's range); the {self.kind} state is unchanged")
         super()._refuse_collect(ps)  # a non-finite parameter (the same on every rank under DDP)
         if big is not None and not big <= FP16_MAX:
             self._refuse_fp16(big)
@@ -259,11 +305,11 @@ class SWAG(ColumnShards, SWA):
     def _update(self, ps: list[Tensor]) -> None:
         """One fused update: mean, sq_mean, and the deviation theta - mean (updated mean) into ring
         row ``position``; the oldest row is overwritten once K rows are full. Sharded, the op
-        gets the parameters' slices in this rank's columns (all per element: the same numbers as
-        those columns of the single-process update)."""
+        gets the parameters' slices in this rank's columns, under FSDP2 their local shards (all per
+        element: the same numbers as those columns of the single-process update)."""
         if self.sharded:
             ps = [p for p, _ in self._local(ps)]
-            if not ps:  # no columns on this rank (more ranks than 256-column blocks)
+            if not ps:  # no columns on this rank (more ranks than 256-column blocks, or empty shards)
                 return
         row = None
         if self.max_rank:
@@ -300,23 +346,30 @@ class SWAG(ColumnShards, SWA):
         return n, scale, cov
 
     def _draw_block(self, n: int, scale: float, cov: str, seed: int) -> Tensor:
-        """``n`` draws [n, b - a] of this rank's columns [a, b) (all P unsharded): the noise of
-        local column j is that of global index a + j (swag_sample's ``offset``)."""
+        """``n`` draws [n, local_numel] of this rank's columns (all P unsharded): each run of
+        columns (global start g, local start l, length c) is drawn with swag_sample's
+        ``offset=g``, so local column l + i takes the noise of global index g + i."""
         K = self.rank if cov == "lowrank" else 0
-        a, b = self.columns
-        if a == b:  # no columns on this rank
-            return self.mean.new_empty(n, 0)
+        if len(self.runs) == 1:
+            return self._draw_run(n, scale, K, seed, *self.runs[0])
+        out = torch.empty(n, self.local_numel, dtype=self.dtype, device=self.device)
+        for g, lo, c in self.runs:
+            out[:, lo:lo + c] = self._draw_run(n, scale, K, seed, g, lo, c)
+        return out
+
+    def _draw_run(self, n: int, scale: float, K: int, seed: int, g: int, lo: int, c: int) -> Tensor:
+        """``n`` draws [n, c] of the local columns [lo, lo + c), global columns [g, g + c)."""
+        mean, sq = self.mean[lo:lo + c], self.sq_mean[lo:lo + c]
         if K == 0 or self.D.device == self.device:
-            return ops.swag_sample(self.mean, self.sq_mean, self.D[:K] if K else None, n, scale, self.var_clamp,
-                                   seed, 0, a)
+            return ops.swag_sample(mean, sq, self.D[:K, lo:lo + c] if K else None, n, scale, self.var_clamp,
+                                   seed, 0, g)
         # D on another device: stream it to the mean's device in column blocks (noise indexed globally)
         self._sync_store()
-        out = torch.empty(n, b - a, dtype=self.dtype, device=self.device)
-        for c0 in range(0, b - a, _COLUMN_BLOCK):
-            c1 = min(c0 + _COLUMN_BLOCK, b - a)
-            blk = self.D[:K, c0:c1].to(self.device, non_blocking=True)
-            out[:, c0:c1] = ops.swag_sample(self.mean[c0:c1], self.sq_mean[c0:c1], blk, n, scale, self.var_clamp,
-                                            seed, 0, a + c0)
+        out = torch.empty(n, c, dtype=self.dtype, device=self.device)
+        for c0 in range(0, c, _COLUMN_BLOCK):
+            c1 = min(c0 + _COLUMN_BLOCK, c)
+            blk = self.D[:K, lo + c0:lo + c1].to(self.device, non_blocking=True)
+            out[:, c0:c1] = ops.swag_sample(mean[c0:c1], sq[c0:c1], blk, n, scale, self.var_clamp, seed, 0, g + c0)
         return out
 
     def sample(self, n: int, *, scale: float | None = None, cov: str = "lowrank",
@@ -342,6 +395,7 @@ class SWAG(ColumnShards, SWA):
         if self.sharded:
             seeds = self._shared_seeds(seeds)
         parts = [self._draw_block(min(step, n - s0), scale, cov, seed) for s0, seed in zip(range(0, n, step), seeds)]
+        # under FSDP2 too: one all-gather per block gives the full [n, P] (the posterior's contract)
         if self.sharded:
             parts = [self._gather_columns(p) for p in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -351,9 +405,93 @@ class SWAG(ColumnShards, SWA):
                 generator: torch.Generator | None = None) -> nn.Module:
         """Write one draw (``scale``, ``cov`` as in :meth:`sample`) into the parameters of ``model``
         (default: :attr:`model`) in place (one [P] temporary, no deep copy); returns the model.
-        BatchNorm statistics are not touched: call :meth:`update_bn` afterwards."""
-        self.layout.params(model)
-        return self.layout.write_(self.sample(1, scale=scale, cov=cov, generator=generator)[0], model)
+        BatchNorm statistics are not touched: call :meth:`update_bn` afterwards. FSDP2
+        (collective: one broadcast of rank 0's seed): each rank draws and writes its local shards
+        only, the single-process draw's elements there; no gather."""
+        if not self.fsdp:
+            self.layout.params(model)
+            return self.layout.write_(self.sample(1, scale=scale, cov=cov, generator=generator)[0], model)
+        ps = self._fsdp_params(model)
+        _, scale, cov = self._check_draw_args(1, scale, cov)
+        seed = self._shared_seeds([draw_seed(generator)])[0]
+        self._write_local_(self._draw_block(1, scale, cov, seed)[0], ps)
+        return self.model if model is None else model
+
+    # ---- FSDP2: the local shards of the live model ---------------------------------------------
+    def _fsdp_params(self, model: nn.Module | None) -> list[Tensor]:
+        """The DTensor parameters of ``model`` (checked against the layout), whose local shards
+        must be this SWAG's (same offsets and sizes: the same sharding)."""
+        ps = self.layout.params(model)
+        for name, p, (i, lo, hi) in zip(self.layout.names, ps, self._pieces):
+            t = local_tensor(p)
+            if t is p:
+                raise ValueError(f"parameter {name!r} of the model is a plain tensor, but this {self.kind} was built "
+                                 "on FSDP2 DTensor parameters: pass the fully_shard model")
+            if t.numel() != hi - lo or (t.numel() and shard_offset(p, user=f"{self.kind} tracks") != lo):
+                raise ValueError(f"parameter {name!r}: the model's local shard holds elements [{shard_offset(p)}, "
+                                 f"{shard_offset(p) + t.numel()}) of the parameter, this {self.kind}'s shard [{lo}, {hi}): "
+                                 "shard the model the same way (the same mesh and fully_shard)")
+        return ps
+
+    def _write_local_(self, local: Tensor, ps: list[Tensor]) -> None:
+        """Copy this rank's columns ``local`` [local_numel] into the local shards of the DTensors
+        ``ps`` in place (cast to each parameter's dtype)."""
+        lo = 0
+        for i, a, b in self._pieces:
+            if b > a:
+                shard = local_tensor(ps[i])
+                shard.copy_(local[lo:lo + b - a].view(shard.shape))
+                lo += b - a
+
+    def _local_draws(self, n: int, scale: float, cov: str, generator) -> Iterator[Tensor]:
+        """``n`` draws of this rank's columns [local_numel], one by one, seeded as
+        :meth:`iter_samples` seeds the single-process draws (the same batches of ``sample`` calls,
+        rank 0's seeds broadcast per batch), so they are those draws' local columns."""
+        per = max(1, min(n, _DRAW_BYTES // max(1, self.numel * 8)))
+        step = ops.SWAG.max_draws
+        for s0 in range(0, n, per):
+            k = min(per, n - s0)
+            seeds = self._shared_seeds([draw_seed(generator) for _ in range(0, k, step)])
+            for b0, seed in zip(range(0, k, step), seeds):
+                yield from self._draw_block(min(step, k - b0), scale, cov, seed)
+
+    def _fsdp_average(self, draws, x, *, total: int, likelihood: str, bn_loader, batch_size: int, progress: bool,
+                      input_fn, output_fn):
+        """The Bayesian model average on the live FSDP2 model: every local draw [local_numel] is
+        written into the local shards and the model runs its own forward (FSDP all-gathers the
+        parameters), in eval mode; with ``bn_loader`` the BatchNorm statistics are recomputed in
+        place per draw. The local shards and buffers are restored afterwards, also on error."""
+        from tqdm.auto import tqdm
+
+        check_likelihood(likelihood)
+        batch_size = check_count(batch_size, "batch_size", 1)
+        model = self.model
+        ps = self._fsdp_params(None)
+        inputs = [to_device(b, self.device) for b in iterate_inputs(x, batch_size, input_fn)]
+        if not inputs:
+            raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
+        saved = [local_tensor(p).clone() for p in ps]
+        bn = bn_loader is not None and bool(bn_modules(model))
+        buffers = {k: v.clone() for k, v in model.named_buffers()} if bn else {}
+        avg = _Average(likelihood)
+        try:
+            with ModeGuard(model, False), tqdm(total=total, desc=f"{self.kind} BMA", leave=False,
+                                                 disable=not progress) as bar:
+                for theta in draws:
+                    self._write_local_(theta, ps)
+                    if bn:
+                        update_bn(bn_loader, model, batch_size=batch_size, input_fn=input_fn)
+                    avg.add(torch.cat([model_output(call_model(model, b), output_fn) for b in inputs]))
+                    bar.update()
+        finally:
+            for p, v in zip(ps, saved):
+                local_tensor(p).copy_(v)
+            for k, v in model.named_buffers():
+                if k in buffers:
+                    v.copy_(buffers[k])
+        if avg.count == 0:
+            raise RuntimeError(f"the {self.kind} produced no draws to average")
+        return avg.result()
 
     # ---- density -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -394,8 +532,8 @@ class SWAG(ColumnShards, SWA):
         v = r A^-1 U [S, K] (r = theta - mean) and min(a) (a host float); sharded, this rank's
         columns are summed and the sums all-reduced over the ranks."""
         S, dev, f64 = th.shape[0], self.device, torch.float64
-        a0, b0 = self.columns
-        width = b0 - a0
+        width = self.local_numel
+        th = self._take_columns(th) if self.sharded else th  # [S, width]: this rank's columns
         self._sync_store()
         logdet = torch.zeros((), dtype=f64, device=dev)
         quad = torch.zeros(S, dtype=f64, device=dev)
@@ -407,7 +545,7 @@ class SWAG(ColumnShards, SWA):
             c1 = min(c0 + _COLUMN_BLOCK, width)
             m = self.mean[c0:c1].to(f64)
             a = (self.sq_mean[c0:c1].to(f64) - m * m).clamp_min(self.var_clamp) * scale
-            r = th[:, a0 + c0:a0 + c1].to(dev, f64) - m
+            r = th[:, c0:c1].to(dev, f64) - m
             a_min = torch.minimum(a_min, a.min())
             logdet += torch.log(a).sum()
             quad += (r * r / a).sum(1)
@@ -441,9 +579,18 @@ class SWAG(ColumnShards, SWA):
         parameters and buffers are left alone); ``bn_loader`` recomputes the BatchNorm
         statistics for each draw. Other arguments and the outputs as in :meth:`Posterior.predict`
         ('classification' -> [N, C], 'binary' -> [N], 'regression' -> (mean, variance over draws)).
+        FSDP2 (collective; every rank gives inputs of the same number of batches): each draw is
+        written into the live model's local shards (:meth:`sample_`'s draws, seeded as the
+        single-process ``predict``) and the model's own forward runs (FSDP all-gathers the
+        parameters); ``bn_loader`` recomputes the statistics in place; the parameters' local
+        shards and the buffers are restored afterwards.
         """
         n = check_count(n_samples, "n_samples", 1)
         _, scale, cov = self._check_draw_args(n, scale, cov)
+        if self.fsdp:
+            return self._fsdp_average(self._local_draws(n, scale, cov, generator), x, total=n, likelihood=likelihood,
+                                      bn_loader=bn_loader, batch_size=batch_size, progress=progress, input_fn=input_fn,
+                                      output_fn=output_fn)
         draws = self.iter_samples(n, generator=generator, scale=scale, cov=cov)
         return self._average([(self.layout, draws)], x, total=n, likelihood=likelihood, bn_loader=bn_loader,
                              batch_size=batch_size, progress=progress, input_fn=input_fn, output_fn=output_fn)
@@ -451,7 +598,12 @@ class SWAG(ColumnShards, SWA):
     # ---- the SWA solution (sharded: gathered) -------------------------------------------------
     def load_mean_(self, model: nn.Module | None = None) -> nn.Module:
         """Write the running average [P] into the parameters of ``model`` (default: :attr:`model`)
-        in place, cast to each parameter's dtype; returns the model (sharded: collective)."""
+        in place, cast to each parameter's dtype; returns the model (sharded: collective; FSDP2:
+        each rank writes its local shards, no communication)."""
+        if self.fsdp:
+            self._require_collected()
+            self._write_local_(self.mean, self._fsdp_params(model))
+            return self.model if model is None else model
         if not self.sharded:
             return super().load_mean_(model)
         self._require_collected()
@@ -461,7 +613,12 @@ class SWAG(ColumnShards, SWA):
     def predict_mean(self, x, *, likelihood: str = "classification", bn_loader=None, batch_size: int = 1024,
                      progress: bool = False, input_fn: Callable | None = None, output_fn: Callable | None = None):
         """Predictions of the running average, as :meth:`SWA.predict_mean` (sharded: collective,
-        the mean gathered once)."""
+        the mean gathered once; FSDP2: the mean written into the live model's local shards, as
+        :meth:`predict` does with draws)."""
+        if self.fsdp:
+            self._require_collected()
+            return self._fsdp_average([self.mean], x, total=1, likelihood=likelihood, bn_loader=bn_loader,
+                                      batch_size=batch_size, progress=progress, input_fn=input_fn, output_fn=output_fn)
         if not self.sharded:
             return super().predict_mean(x, likelihood=likelihood, bn_loader=bn_loader, batch_size=batch_size,
                                         progress=progress, input_fn=input_fn, output_fn=output_fn)
@@ -495,6 +652,10 @@ class SWAG(ColumnShards, SWA):
         if not self.sharded:
             raise RuntimeError(f"shard_state_dict() is for a sharded {self.kind} (shard=True); this one keeps all "
                                "columns: use state_dict()")
+        if self.fsdp:
+            raise RuntimeError(f"shard_state_dict() is for SWAG(shard=True) under DDP; this {self.kind} is sharded by "
+                               "FSDP2's parameter shards: use state_dict() (gathered to the single-process format, "
+                               "collective) and load_state_dict() (cut to each rank's shards)")
         self._sync_store()
         sd = self._state_header()
         sd.update(mean=self.mean.clone(), n_averaged=self.n_averaged, sq_mean=self.sq_mean.clone(),
@@ -516,7 +677,7 @@ class SWAG(ColumnShards, SWA):
                 raise ValueError(f"state_dict['n_averaged'] must be an int >= 0, got {n!r}")
         else:
             super()._check_state(state)  # header, count, mean [P]
-        width = self.columns[1] - self.columns[0] if shard else self.numel
+        width = self.local_numel if shard else self.numel
         if shard:
             self._check_state_tensor(state, "mean", (width,))
         if "max_rank" not in state:
@@ -544,7 +705,7 @@ class SWAG(ColumnShards, SWA):
                              "shard_state_dict()") from None
         where = (f"rank {theirs['index']} of {theirs['world']} (columns [{theirs['columns'][0]}, "
                  f"{theirs['columns'][1]}) of P = {theirs['numel']})")
-        if not self.sharded:
+        if not self.sharded or self.fsdp:
             raise ValueError(f"state_dict holds one shard of a sharded {self.kind}, {where}: load it into the "
                              f"{self.kind}(shard=True) of that rank, or save state_dict() (all columns) instead")
         if theirs != self._shard_meta():
@@ -557,19 +718,21 @@ class SWAG(ColumnShards, SWA):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`, ring position included (checked first; nothing changes when
         it does not fit). Sharded: a full state (any SWAG's :meth:`state_dict`) is cut to this
-        rank's columns, a :meth:`shard_state_dict` must come from the same rank and sharding. No
-        communication: give every rank the same full state."""
+        rank's columns (FSDP2: its local shards), a :meth:`shard_state_dict` must come from the
+        same rank and sharding (not under FSDP2). No communication: give every rank the same full
+        state."""
         self._check_state(state)
         self._sync_store()
+        def cols(t: Tensor) -> Tensor:  # this rank's columns of a saved [..., P] (or local) tensor
+            return t if not self.sharded or "shard" in state else self._take_columns(t)
+
         if not self.sharded:
             super().load_state_dict(state)
-            cols = slice(None)
         else:
-            cols = slice(None) if "shard" in state else slice(*self.columns)
-            self.mean.copy_(state["mean"][cols])
+            self.mean.copy_(cols(state["mean"]))
             self.n_averaged = int(state["n_averaged"])
-        self.sq_mean.copy_(state["sq_mean"][cols])
+        self.sq_mean.copy_(cols(state["sq_mean"]))
         rank = state["D"].shape[0]
-        self.D[:rank].copy_(state["D"][:, cols])
+        self.D[:rank].copy_(cols(state["D"]))
         self.D[rank:].zero_()
         self.var_clamp = float(state["var_clamp"])
