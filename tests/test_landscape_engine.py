@@ -93,6 +93,20 @@ def test_swapped_restores_every_module_also_on_error():
     with _batched.swapped(model, conv=False):
         assert type(model[0]) is _batched._BatchedLinear and model[3] is before[6]  # convolutions kept
     assert [m for m in model.modules()] == before
+    class ReadsAttributes(nn.Module):  # a forward that reads the layer's attributes still runs
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            assert isinstance(self.fc, nn.Linear)
+            return self.fc(x.view(-1, self.fc.in_features))
+
+    reader = ReadsAttributes()
+    d = random_directions(reader, n=1, generator=torch.Generator().manual_seed(0))
+    res = grid(reader, nn.MSELoss(), (torch.randn(5, 3), torch.randn(5, 2)), d, torch.linspace(-1, 1, 3),
+               progress=False)
+    assert torch.isfinite(res.loss).all() and type(reader.fc) is nn.Linear
     single = nn.Linear(3, 2)
     with _batched.swapped(single) as net:
         assert type(net) is _batched._BatchedLinear and net.weight is single.weight

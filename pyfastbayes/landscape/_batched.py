@@ -105,29 +105,31 @@ class _Conv2dFn(torch.autograd.Function):
         return out, 0
 
 
-class _BatchedConv2d(nn.Module):
-    """Stand-in for an nn.Conv2d (zero padding): the same parameters, forward through :class:`_Conv2dFn`."""
-
-    def __init__(self, layer: nn.Conv2d):
-        super().__init__()
-        self.weight = layer.weight
-        self.bias = layer.bias
-        self.args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+class _BatchedConv2d(nn.Conv2d):
+    """Stand-in for an nn.Conv2d (zero padding): the layer's attributes and parameters, forward
+    through :class:`_Conv2dFn`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _Conv2dFn.apply(x, self.weight, self.bias, *self.args)
+        return _Conv2dFn.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-class _BatchedLinear(nn.Module):
-    """Stand-in for an nn.Linear: the same parameters, forward through :class:`_LinearFn`."""
-
-    def __init__(self, layer: nn.Linear):
-        super().__init__()
-        self.weight = layer.weight
-        self.bias = layer.bias
+class _BatchedLinear(nn.Linear):
+    """Stand-in for an nn.Linear: the layer's attributes and parameters, forward through :class:`_LinearFn`."""
 
     def forward(self, x: Tensor) -> Tensor:
         return _LinearFn.apply(x, self.weight, self.bias)
+
+
+def _twin(layer: nn.Module, cls: type) -> nn.Module:
+    """An instance of ``cls`` (a subclass of the layer's class) with the layer's attributes and the
+    same Parameter objects in its own dicts (so functional_call's swaps never touch the layer),
+    without running __init__ (no new parameters are drawn). Models that read e.g.
+    ``self.fc.in_features`` or test ``isinstance(m, nn.Linear)`` in their forward still work."""
+    twin = cls.__new__(cls)
+    twin.__dict__.update(layer.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        twin.__dict__[key] = dict(layer.__dict__[key])
+    return twin
 
 
 _STAND_INS = {nn.Linear: _BatchedLinear, nn.Conv2d: _BatchedConv2d}
@@ -140,7 +142,7 @@ def _stand_in(m: nn.Module, conv: bool) -> nn.Module | None:
         return None
     if isinstance(m, nn.Conv2d) and (not conv or m.padding_mode != "zeros"):
         return None
-    return kind(m)
+    return _twin(m, kind)
 
 
 @contextlib.contextmanager
