@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._memory import allocation_cache
 from ..nn import ModeGuard
 from ..nn.calls import parameter_calls
 from ..nn.inputs import iterate_inputs
@@ -229,7 +230,11 @@ class Laplace(Posterior):
             if self.layers is None:
                 self._find_last_layer(self._split(first, 0)[0].to(self.device))
             curv = self._new_curvature()
-            loss, n_data, n_out = self._local_pass(curv, first, batches, progress, generator, lowrank)
+            # every batch allocates the same MB-sized temporaries (output gradients of the m
+            # directions, unfolded patches): on the CPU they are reused from exact-size free lists
+            # instead of page-faulting afresh each batch (pyfastbayes._memory.allocation_cache)
+            with allocation_cache(torch.device(self.device).type == "cpu"):
+                loss, n_data, n_out = self._local_pass(curv, first, batches, progress, generator, lowrank)
         except Exception as e:  # under torch.distributed the other ranks must learn of it, or they wait forever
             if not dist:
                 raise
