@@ -70,11 +70,18 @@ class KronRows:
     (averaged: its sum is divided by the total ``n`` over all batches) gets ``a_rows`` [*, a_dim]
     with a column of ones appended when ``a_bias`` (the bias column), or ``a_counts`` [a_dim] on
     its diagonal (Embedding: token counts), or, when both are None, ``n`` on its one entry (a bias
-    block of its own: A = [[1]])."""
+    block of its own: A = [[1]]).
+
+    ``a_order`` (or None: the identity) says that ``a_rows``' columns come in another order than
+    the block's: the update U of ``a_rows`` (bias last) lands on A as A[j, k] += U[a_order[j],
+    a_order[k]] (conv patches built channel-last, see :meth:`_Conv._patch_rows`). Blocks of one
+    layer may share one ``g_rows`` tensor (a separate bias block has its weight's G): the
+    accumulator computes its update once."""
 
     def __init__(self, g_rows: Tensor, n: int, a_rows: Tensor | None = None, a_bias: bool = False,
-                 a_counts: Tensor | None = None):
+                 a_counts: Tensor | None = None, a_order: Tensor | None = None):
         self.g_rows, self.n, self.a_rows, self.a_bias, self.a_counts = g_rows, n, a_rows, a_bias, a_counts
+        self.a_order = a_order
 
 
 class Layer:
@@ -165,6 +172,11 @@ class _Matrix(Layer):
         """Output gradients [m, *out.shape] -> [m, N, T, out]."""
         raise NotImplementedError
 
+    def _patch_rows(self) -> tuple[Tensor, Tensor | None]:
+        """The inputs for the activation factor: (rows [N, T, in], None), or with their columns in
+        another order (rows, order): column order[j] of rows is the block's column j."""
+        return self._inputs(), None
+
     def _bias_part(self, gg: Tensor):
         """The Jacobian of a bias of its own: sum_t g_t ([m, N, out, 1])."""
         if gg.shape[2] == 1:
@@ -195,11 +207,13 @@ class _Matrix(Layer):
         g_rows = gg.reshape(-1, gg.shape[-1])
         if not self.has_weight:
             return [KronRows(g_rows, g_rows.shape[0])]  # A = [[1]]: the bias alone
-        a = self._inputs()
+        a, order = self._patch_rows()
         if self.sharing == "reduce" and a.shape[1] > 1:
             a = a.mean(1, keepdim=True)
         a_rows = a.reshape(-1, a.shape[-1])
-        rows = [KronRows(g_rows, a_rows.shape[0], a_rows, a_bias=self.joint)]
+        if order is not None and self.joint:
+            order = torch.cat([order, order.new_tensor([order.numel()])])  # the bias stays last
+        rows = [KronRows(g_rows, a_rows.shape[0], a_rows, a_bias=self.joint, a_order=order)]
         if self.has_bias and not self.joint:
             rows.append(KronRows(g_rows, a_rows.shape[0]))  # A = [[1]]: the bias alone
         return rows
@@ -247,6 +261,43 @@ class _Conv(_Matrix):
 
     def _grads(self, g):
         return g.reshape(g.shape[0], g.shape[1], g.shape[2], -1).transpose(2, 3)  # [m, N, L, out]
+
+    def _patch_rows(self):
+        """The patches [N, L, k * C] with the input channel fastest (column (kernel offset t,
+        channel c) at t * C + c; the block's order, F.unfold's, is c * k + t) and that order.
+
+        Built by ONE copy from a strided view of the channel-last (padded) input, whose runs of
+        kernel-width x C elements are contiguous, instead of F.unfold (im2col, a loop over the
+        examples) followed by the transposing copy of its [N, C * k, L] result to rows: the
+        activation factor's update is computed in this order and its rows and columns put back
+        in the block's order (a gather of the small [D, D] update, see KronRows.a_order)."""
+        m, a = self.module, self.a
+        if a.dim() != self.dims + 2:
+            return self._inputs(), None  # its error message
+        if self.dims == 1:
+            a = a.unsqueeze(-1)
+            ks, dil, st, pad = (m.kernel_size[0], 1), (m.dilation[0], 1), (m.stride[0], 1), (self.pad[0], 0)
+        else:
+            ks, dil, st, pad = m.kernel_size, m.dilation, m.stride, self.pad
+        N, C, H, W = a.shape
+        Hp, Wp = H + 2 * pad[0], W + 2 * pad[1]
+        Ho, Wo = (Hp - dil[0] * (ks[0] - 1) - 1) // st[0] + 1, (Wp - dil[1] * (ks[1] - 1) - 1) // st[1] + 1
+        if Ho < 1 or Wo < 1:
+            return self._inputs(), None  # its error message
+        if pad[0] or pad[1]:
+            xl = a.new_zeros(N, Hp, Wp, C)
+            xl[:, pad[0]:pad[0] + H, pad[1]:pad[1] + W].copy_(a.permute(0, 2, 3, 1))
+        else:
+            xl = a.permute(0, 2, 3, 1).contiguous()
+        s0, s1, s2 = Hp * Wp * C, Wp * C, C  # xl's strides (n, h, w); the channel's is 1
+        view = xl.as_strided((N, Ho, Wo, ks[0], ks[1], C),
+                             (s0, st[0] * s1, st[1] * s2, dil[0] * s1, dil[1] * s2, 1), xl.storage_offset())
+        rows = view.reshape(N, Ho * Wo, ks[0] * ks[1] * C)
+        kk = ks[0] * ks[1]
+        if C == 1 or kk == 1:
+            return rows, None  # the same order
+        # the block's column c * kk + t is rows' column t * C + c
+        return rows, torch.arange(kk * C, device=a.device).view(kk, C).t().reshape(-1)
 
 
 class _Embedding(Layer):

@@ -143,13 +143,32 @@ class KronCurvature:
                     self.h[i] += part_sq_sum(part).to(self.h[i].dtype)
                     i += 1
                 continue
-            for rows in layer.kron_rows(g):
+            layer_rows = layer.kron_rows(g)
+            uses = {}
+            for rows in layer_rows:
+                uses[id(rows.g_rows)] = uses.get(id(rows.g_rows), 0) + 1
+            shared = {}  # id(g_rows) -> its G update, for g_rows used by several blocks
+            for rows in layer_rows:
                 G, A = self.G[i], self.A[i]
-                ops.kfac_factor_(G, rows.g_rows.to(G.dtype), 1.0, False)
+                key = id(rows.g_rows)
+                if uses[key] == 1:
+                    ops.kfac_factor_(G, rows.g_rows.to(G.dtype), 1.0, False)
+                else:
+                    # a weight block and its separate bias block: one GEMM, the same update added
+                    # to both (0 + u is u exactly, so each G gets the bits of its own in-place call)
+                    if key not in shared:
+                        shared[key] = ops.kfac_factor_(torch.zeros_like(G), rows.g_rows.to(G.dtype), 1.0, False)
+                    G += shared[key]
                 if rows.a_counts is not None:
                     A += rows.a_counts.to(A.dtype)
-                elif rows.a_rows is not None:
+                elif rows.a_rows is not None and rows.a_order is None:
                     ops.kfac_factor_(A, rows.a_rows.to(A.dtype), 1.0, rows.a_bias)
+                elif rows.a_rows is not None:
+                    # columns in another order (channel-last conv patches): the update in that
+                    # order, its rows and columns gathered back into the block's order
+                    u = ops.kfac_factor_(torch.zeros_like(A), rows.a_rows.to(A.dtype), 1.0, rows.a_bias)
+                    o = rows.a_order
+                    A += u[o.unsqueeze(1), o.unsqueeze(0)]
                 else:
                     A += rows.n
                 self.n[i] += rows.n
