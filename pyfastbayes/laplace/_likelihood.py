@@ -108,9 +108,10 @@ def directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_samples
     if curvature == "ggn":
         if likelihood == "regression":  # 0.5 (f - y)^2: Hessian I
             return torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, N, C)
-        kind = "cross_entropy" if likelihood == "classification" else "bce"
+        if likelihood == "classification" and C > 1:
+            return _softmax_directions(f)
         eye = torch.eye(C, dtype=f.dtype, device=f.device).expand(N, C, C)
-        B = ops.loss_hessian(kind, f, eye, "factor")  # [N, C, C]: H_n = B_n B_n^T
+        B = ops.loss_hessian("bce", f, eye, "factor")  # [N, C, C]: H_n = B_n B_n^T (diagonal)
         return B.permute(2, 0, 1)
     if curvature == "ef":
         return _loss_gradient(f, y, likelihood).unsqueeze(0)
@@ -124,6 +125,24 @@ def directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_samples
             ys = f + torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
         draws.append(_loss_gradient(f, ys, likelihood))
     return torch.stack(draws) / math.sqrt(mc_samples)
+
+
+def _softmax_directions(f: Tensor) -> Tensor:
+    """C - 1 directions [C - 1, N, C] of the softmax cross-entropy's exact GGN (C >= 2).
+
+    H_n = diag(p) - p p^T has rank C - 1, and so has the factor of ``ops.loss_hessian``,
+    B_n = diag(q) - p q^T with q = sqrt(p): B_n q = p - p (q^T q) = 0. With the per-row Householder
+    reflection Q_n = I - w w^T / (1 + q_C), w = q + e_C (orthogonal and symmetric, Q_n e_C = -q;
+    1 + q_C >= 1, no cancellation), B_n Q_n (B_n Q_n)^T = B_n B_n^T = H_n and the last column of
+    B_n Q_n is -B_n q = 0: the first C - 1 columns carry the whole curvature (to rounding), so the
+    batched backward and the gradient factors see C - 1 directions instead of C."""
+    N, C = f.shape
+    q = f.double().softmax(-1).sqrt()
+    w = q.clone()
+    w[:, -1] += 1
+    Q = torch.eye(C, dtype=torch.float64, device=f.device) - w.unsqueeze(2) * (w / (1 + q[:, -1:])).unsqueeze(1)
+    B = ops.loss_hessian("cross_entropy", f, Q.to(f.dtype), "factor")  # [N, C, C]: B_n Q_n
+    return B[:, :, :C - 1].permute(2, 0, 1)
 
 
 def _loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
