@@ -1,8 +1,8 @@
 // CPU kernel of kfac_factor_: gram = x^T x and colsum by ATen (GEMM: MKL / OpenBLAS, row chunks
 // when x is converted; common/kfac.h: kfac_gram), then one pass over factor [D, D] in square
 // tiles of kTile x kTile, the tile rows split over threads (at::parallel_for, OpenMP): each
-// element gets kfac_update (the CUDA kernel's function). Tiles keep the transposed reads
-// gram[j, i] of a tile within a few KiB (the rows of gram it touches stay in L1).
+// element gets kfac_update's operations (the CUDA kernel's function; see kfac_rows). A tile's
+// transposed reads gram[j, i] go through a local copy (16-32 KiB), so the loop vectorises.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,17 +19,36 @@ namespace {
 
 constexpr int64_t kTile = 64;  // a 64 x 64 tile of factor: 32 KiB of doubles, plus the transposed tile of gram
 
-// Rows [i0, i1) of factor, in tiles of up to kTile x kTile elements.
+// Rows [i0, i1) of factor, in tiles of up to kTile x kTile elements. The part of a tile inside
+// gram (i, j < d) first copies gram's transposed tile (gram[j, i]) into a local buffer, so the
+// update loop reads both operands along rows, without a branch, and vectorises; it applies the
+// very operations of kfac_update (same operands, same order: the same bits). The bias row and
+// column (i == d or j == d) take kfac_update itself.
 template <typename T>
 void kfac_rows(T* f, const T* gram, const T* colsum, KfacScalars<T> s, int64_t d, int64_t D, int64_t i0,
                int64_t i1) {
+  T tile[kTile * kTile];  // tile[(i - ib) * kTile + (j - jb)] = gram[j, i]
   for (int64_t ib = i0; ib < i1; ib += kTile) {
     const int64_t ie = std::min(ib + kTile, i1);
+    const int64_t id = std::min(ie, d);  // rows of the tile inside gram: [ib, id)
     for (int64_t jb = 0; jb < D; jb += kTile) {
       const int64_t je = std::min(jb + kTile, D);
-      for (int64_t i = ib; i < ie; ++i) {
+      const int64_t jd = std::min(je, d);  // columns of the tile inside gram: [jb, jd)
+      if (ib < id && jb < jd) {
+        for (int64_t j = jb; j < jd; ++j) {
+          const T* gj = gram + j * d;
+          for (int64_t i = ib; i < id; ++i) tile[(i - ib) * kTile + (j - jb)] = gj[i];
+        }
+        for (int64_t i = ib; i < id; ++i) {
+          T* row = f + i * D;
+          const T* gi = gram + i * d;
+          const T* ti = tile + (i - ib) * kTile - jb;  // ti[j] = gram[j, i]
+          for (int64_t j = jb; j < jd; ++j) row[j] = add_rn(row[j], mul_rn(s.half_scale, add_rn(gi[j], ti[j])));
+        }
+      }
+      for (int64_t i = ib; i < ie; ++i) {  // the bias column (i < d, j == d) and row (i == d)
         T* row = f + i * D;
-        for (int64_t j = jb; j < je; ++j) row[j] = kfac_update(row[j], gram, colsum, s, d, i, j);
+        for (int64_t j = i < d ? std::max(jb, d) : jb; j < je; ++j) row[j] = kfac_update(row[j], gram, colsum, s, d, i, j);
       }
     }
   }
