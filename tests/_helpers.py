@@ -394,6 +394,21 @@ def sentinels_intact(view: torch.Tensor, buf: torch.Tensor) -> bool:
 
 
 # ---- torch.distributed tests ----------------------------------------------------------------------
+def fully_sharded(model, world: int):
+    """FSDP2 on the CPU (inside a gloo worker): every nn.Linear of ``model`` and then the model
+    wrapped by ``fully_shard`` over a 1-D mesh of ``world`` ranks; returns (model, mesh)."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, mesh
+
+
 def spawn_gloo(worker, world: int) -> list:
     """Run ``worker(rank, world, port, out_dir)`` in ``world`` processes (torch.multiprocessing.spawn
     on a free localhost port; the worker initialises its gloo group) and return what each rank saved

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import spawn_gloo
+from _helpers import fully_sharded, spawn_gloo
 from pyfastbayes.optim import PSGLD, SGHMC, SGLD
 
 STEPS = 4
@@ -55,19 +55,6 @@ def _single(name, fused=None):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _sharded_model(world):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (world,))
-    model = _model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, mesh
-
-
 def _full(model):
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
@@ -84,7 +71,7 @@ def _worker(rank, world, port, out_dir):
         out = {"offsets": {}}
         for name, fused in [("sgld", None), ("sghmc", None), ("psgld", None)] + (
                 [("sgld", False)] if world == 3 else []):
-            model, mesh = _sharded_model(world)
+            model, mesh = fully_sharded(_model(), world)
             assert all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in model.parameters())
             torch.manual_seed(100 + rank)  # the ranks' own seeds differ: rank 0's is broadcast
             opt = _chain(SAMPLERS[name][0], model, x[lo:hi], y[lo:hi], fused=fused, verify=True)
@@ -114,7 +101,7 @@ def _nonfinite_and_verify(rank, world, x, y):
     position moved alone."""
     out = {}
     for mode in ("skip", "raise"):
-        model, _ = _sharded_model(world)
+        model, _ = fully_sharded(_model(), world)
         torch.manual_seed(100 + rank)
         opt = _chain(SGLD, model, x, y, steps=1, nonfinite=mode)
         before = [p.to_local().clone() for p in model.parameters()]
@@ -129,7 +116,7 @@ def _nonfinite_and_verify(rank, world, x, y):
             out[mode] = str(e)
         out[mode, "unchanged"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
         out[mode, "step"] = opt.state[next(iter(model.parameters()))]["rng"][1].item()
-    model, _ = _sharded_model(world)
+    model, _ = fully_sharded(_model(), world)
     torch.manual_seed(100 + rank)
     opt = _chain(SGLD, model, x, y, steps=1, verify=True)
     if rank == 1:
@@ -158,7 +145,7 @@ def _refusals(rank, world):
     out = {}
     cols = nn.Parameter(distribute_tensor(torch.randn(4, 6, dtype=torch.float64), mesh, [Shard(1)]))
     for key, make in (("shard1", lambda: SGLD([cols], lr=1e-3, num_data=10)),
-                      ("per_rank", lambda: SGLD(_sharded_model(world)[0].parameters(), lr=1e-3, num_data=10,
+                      ("per_rank", lambda: SGLD(fully_sharded(_model(), world)[0].parameters(), lr=1e-3, num_data=10,
                                                 chains="per_rank"))):
         try:
             make()

@@ -30,7 +30,7 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import spawn_gloo
+from _helpers import fully_sharded, spawn_gloo
 from pyfastbayes.posteriors import SWAG
 
 COLLECTS = 5  # > max_rank: the ring buffer wraps
@@ -122,26 +122,13 @@ def _single():
     return swag, _reads(swag, model, _x(), 100)
 
 
-def _fsdp_model(world):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (world,))
-    model = _model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, mesh
-
-
 def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model, mesh = _fsdp_model(world)
+        model, mesh = fully_sharded(_model(), world)
         swag = SWAG(model, max_rank=MAX_RANK)
         out = {"fsdp": swag.fsdp, "sharded": swag.sharded, "runs": swag.runs, "local_numel": swag.local_numel}
         for values in _trajectory():
