@@ -6,8 +6,8 @@ Names follow laplace-torch (``fit``, ``log_marginal_likelihood``, ``optimize_pri
 factors A = mean a a^T and G = sum g g^T, the log marginal likelihood term by term. What differs is
 how they are computed: one forward and one batched backward of the m output-space directions per
 batch (C - 1 for the exact GGN of a softmax: its rank), Kronecker factors accumulated in place by
-a native op, and a GLM predictive built from Kronecker quadratic forms of each input's activations and output gradients
-instead of [N, C, P] Jacobians.
+a native op, and a GLM predictive built from Kronecker quadratic forms of each input's
+activations and output gradients instead of [N, C, P] Jacobians.
 """
 from __future__ import annotations
 
