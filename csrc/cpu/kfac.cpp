@@ -48,7 +48,8 @@ void kfac_rows(T* f, const T* gram, const T* colsum, KfacScalars<T> s, int64_t d
       }
       for (int64_t i = ib; i < ie; ++i) {  // the bias column (i < d, j == d) and row (i == d)
         T* row = f + i * D;
-        for (int64_t j = i < d ? std::max(jb, d) : jb; j < je; ++j) row[j] = kfac_update(row[j], gram, colsum, s, d, i, j);
+        for (int64_t j = i < d ? std::max(jb, d) : jb; j < je; ++j)
+          row[j] = kfac_update(row[j], gram, colsum, s, d, i, j);
       }
     }
   }
