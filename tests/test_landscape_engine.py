@@ -157,3 +157,36 @@ def test_grid_leaves_the_model_as_it_was():
     assert list(model.modules()) == mods
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_a_chunk_that_runs_out_of_memory_is_retried_smaller(monkeypatch):
+    """Default chunk size: a chunk that raises torch.OutOfMemoryError is retried with half the points
+    (the surface is unchanged); a chunk size the user chose raises with a hint instead."""
+    import sys
+
+    G = sys.modules["pyfastbayes.landscape.grid"]  # the module (the package exports the function grid)
+    real = G.data_sums
+    seen = []
+
+    def tight(model, layout, thetas, *args, **kw):  # "memory" for at most 3 points at once
+        seen.append(thetas.shape[0])
+        if thetas.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, layout, thetas, *args, **kw)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    d = random_directions(model, n=2, generator=torch.Generator().manual_seed(2))
+    data = (torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    coords = (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 4))
+    want = grid(model, nn.CrossEntropyLoss(), data, d, coords, batch_points=3, progress=False).loss
+    monkeypatch.setattr(G, "data_sums", tight)
+    with pytest.warns(RuntimeWarning, match="retrying with"):
+        got = grid(model, nn.CrossEntropyLoss(), data, d, coords, progress=False).loss
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert seen == [12, 6, 3, 3, 3, 3]  # 12 and 6 points fail, then 4 chunks of 3
+    with pytest.raises(torch.OutOfMemoryError, match="batch_points=8 does not fit"):
+        grid(model, nn.CrossEntropyLoss(), data, d, coords, batch_points=8, progress=False)
+    monkeypatch.setattr(G, "data_sums", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError, match="even one point"):
+        grid(model, nn.CrossEntropyLoss(), data, d, coords, progress=False)

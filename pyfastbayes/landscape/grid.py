@@ -344,8 +344,10 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             pass over the data for all its points (per-point buffers vmapped with the points), then
             the evaluation pass; the statistics pass reads whole batches (batch statistics depend on
             the batch), so a chunk holds the activations of c points x one batch.
-        batch_points: points per chunk (default: thetas under 256 MiB, at most 64 points; 32 on
-            the CPU).
+        batch_points: points per chunk (default: thetas under 256 MiB and, on CUDA, under a quarter
+            of the free device memory, at most 64 points; 32 on the CPU; a default chunk that runs
+            out of memory is retried with half as many points, with a RuntimeWarning). A chunk of
+            the size you pass that runs out of memory raises torch.OutOfMemoryError.
         batch_rows: rows of a data batch evaluated together for the chunk's points (default: on the
             CPU, as many as keep a block's widest activation, points x rows x its per-row width,
             under 8 MiB, e.g. 32 points x 512 rows for the digits MLP: whole batches of 1797 digits
@@ -407,8 +409,12 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         pts = torch.stack([A.reshape(-1), B.reshape(-1)], dim=1)  # [n1 * n2, 2], row-major (alpha, beta)
     n_pts = pts.shape[0]
     if batch_points is None:
+        size = torch.empty((), dtype=dtype).element_size()
         most = _CPU_POINTS if torch.device(layout.device).type == "cpu" else _MAX_POINTS
-        c = max(1, min(n_pts, most, _POINT_BYTES // (P * torch.empty((), dtype=dtype).element_size())))
+        c = max(1, min(n_pts, most, _POINT_BYTES // (P * size)))
+        if torch.device(layout.device).type == "cuda":  # the chunk's parameters under a quarter of free memory
+            free, _ = torch.cuda.mem_get_info(layout.device)
+            c = max(1, min(c, free // 4 // (P * size)))
     else:
         if isinstance(batch_points, bool) or not isinstance(batch_points, int) or batch_points < 1:
             raise ValueError(f"batch_points must be a positive int or None, got {batch_points!r}")
@@ -444,7 +450,7 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
     try:
         if hi > lo:
             total = _evaluate(model, layout, theta0, dirs, pts_dev, lo, hi, c, r, data, fns, layers, means,
-                              first_layer, checksum, progress)
+                              first_layer, checksum, progress, adaptive=batch_points is None)
     except Exception as e:  # under torch.distributed: reported to the other ranks, raised after the gather
         if not dist_on:
             raise
@@ -468,32 +474,70 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
 
 
 def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r, data, fns, layers, means,
-              first_layer, checksum, progress) -> int:
+              first_layer, checksum, progress, adaptive: bool = False) -> int:
     """Points lo:hi of pts_dev, in chunks of c: their means over ``data`` written into means[:, lo:hi];
-    returns the number of examples (the same on every pass, else ValueError)."""
+    returns the number of examples (the same on every pass, else ValueError). ``adaptive`` (the
+    default chunk size): a chunk that runs out of memory (torch.OutOfMemoryError, CPU or CUDA) is
+    retried with half as many points, down to one, with a warning; with a chunk size the caller
+    chose, the error is raised with a hint."""
     device, dtype = theta0.device, theta0.dtype
     thetas = torch.empty(min(c, hi - lo), theta0.numel(), dtype=dtype, device=device)
-    starts = range(lo, hi, c)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="landscape", total=len(starts), leave=False)
+        bar = tqdm(desc="landscape", total=hi - lo, unit="pt", leave=False)
     total = None
     # CPU: the blocks' activations (MBs, the same shapes block after block) reuse warm memory
-    with torch.no_grad(), ModeGuard(model, False), allocation_cache(torch.device(device).type == "cpu"):
-        plan = _Plan(model, layout, first_layer is not False, r, c, dtype)
-        for s in starts:
-            e = min(s + c, hi)
-            th = _points(theta0, dirs, pts_dev[s:e], thetas[:e - s])
-            sc = plan.shortcut(theta0, dirs, pts_dev[s:e])
-            bufs = bn_statistics(model, layout, th, data, layers, sc) if layers else None
-            sums, n = data_sums(model, layout, th, data, fns, plan.rows, sc, bufs, checksum if total is None else None)
-            if total is not None and n != total:
-                raise ValueError(f"data gave {n} examples on one pass and {total} on another: every pass must see "
-                                 "the same data (a DataLoader with drop_last and shuffling changes nothing, but a "
-                                 "stream that changes length does)")
-            total = n
-            means[:, s:e] = sums / n
+    try:
+        with torch.no_grad(), ModeGuard(model, False), allocation_cache(torch.device(device).type == "cpu"):
+            plan = _Plan(model, layout, first_layer is not False, r, c, dtype)
+            s = lo
+            while s < hi:
+                e = min(s + c, hi)
+                try:
+                    th = _points(theta0, dirs, pts_dev[s:e], thetas[:e - s])
+                    sc = plan.shortcut(theta0, dirs, pts_dev[s:e])
+                    bufs = bn_statistics(model, layout, th, data, layers, sc) if layers else None
+                    sums, n = data_sums(model, layout, th, data, fns, plan.rows, sc, bufs,
+                                        checksum if total is None else None)
+                except torch.OutOfMemoryError:
+                    if not adaptive or c == 1:
+                        raise _oom_hint(c, adaptive) from None
+                    c = max(1, c // 2)
+                    _oom_retry(c, device, checksum if total is None else None)
+                    continue
+                if total is not None and n != total:
+                    raise ValueError(f"data gave {n} examples on one pass and {total} on another: every pass must "
+                                     "see the same data (a DataLoader with drop_last and shuffling changes nothing, "
+                                     "but a stream that changes length does)")
+                total = n
+                means[:, s:e] = sums / n
+                if bar is not None:
+                    bar.update(e - s)
+                s = e
+    finally:
+        if bar is not None:
+            bar.close()
     return total
+
+
+def _oom_retry(c: int, device, checksum) -> None:
+    """Before a chunk is retried with c points: free the cached blocks, forget the partial data
+    checksum of the failed first pass, and say so (a RuntimeWarning)."""
+    import warnings
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    if checksum is not None:
+        checksum.acc.zero_()
+    warnings.warn(f"landscape.grid: a chunk of points ran out of memory; retrying with {c} points per chunk "
+                  "(pass batch_points= to choose it yourself)", RuntimeWarning, stacklevel=4)
+
+
+def _oom_hint(c: int, adaptive: bool) -> Exception:
+    fix = ("even one point at a time does not fit: use smaller data batches (or batch_rows=) or a smaller model"
+           if adaptive else f"batch_points={c} does not fit: lower it, or leave it None to let grid adapt")
+    return torch.OutOfMemoryError(f"landscape.grid ran out of memory: {fix}")
 
 
 def _gather(means: Tensor, total: int | None, error, checksum: "_Checksum"):
