@@ -47,7 +47,8 @@ def _points(theta0: Tensor, directions: Tensor, coords: Tensor, out: Tensor) -> 
 
 
 _CPU_POINTS = 32              # default points per chunk on the CPU
-_CPU_BLOCK_BYTES = 8 << 20    # CPU: rows per block so that the widest activation of a block stays under this
+_CPU_ROWS = 512               # default rows per block on the CPU (digits MLP and CNN: 256-1797 within 5 %,
+                              # 128 rows 1.4x slower for the CNN, whose small convolutions want rows)
 
 
 def _row_blocks(x, y: Tensor, nb: int, r: int | None):
@@ -92,7 +93,7 @@ def _per_point(layout, thetas: Tensor) -> dict[str, Tensor]:
             for n, s, d, o in zip(layout.names, layout.shapes, layout.dtypes, layout.offsets)}
 
 
-def _walk(model: nn.Module, layout, thetas: Tensor, data, rows, shortcut, buffers: dict, shared: dict, post, consume,
+def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shortcut, buffers: dict, shared: dict, post, consume,
           on_batch=None) -> int:
     """Walk ``data`` once for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s order):
     for each block of at most ``rows`` rows of each batch (None: whole batches), consume(rows,
@@ -102,8 +103,8 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows, shortcut, buffer
     buffers common to the points (not vmapped; in-place updates act on them once per block).
     ``shortcut`` = (first layer, theta0 [P], directions [m, P], coords [c, m]) with thetas = theta0
     + coords @ directions: the first layer's output is combined from its m + 1 products per block
-    instead of computed per point (_first_layer.py). ``rows`` and ``shortcut`` may also be functions
-    of the first batch's inputs returning them (decided on the data without walking it once more).
+    instead of computed per point (_first_layer.py). ``shortcut`` may also be a function of the first
+    batch's inputs returning it (decided on the data without walking it once more).
     ``on_batch(inputs, targets, rows)`` sees each batch first (the data checksum under
     torch.distributed). The caller sets no_grad and the modes."""
     def args(x):
@@ -120,7 +121,6 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows, shortcut, buffer
     first = None
     if head is not None:  # decisions that need an example batch, made on the first one (no extra walk)
         with ModeGuard(model, False):  # probes in eval mode (a BatchNorm in train mode would update its stats)
-            rows = rows(head[0]) if callable(rows) else rows
             shortcut = shortcut(head[0]) if callable(shortcut) else shortcut
         if shortcut is not None:
             first, theta0, dirs, coords = shortcut
@@ -145,20 +145,15 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows, shortcut, buffer
 
 
 class _Plan:
-    """The grid's data-dependent choices, made once, on the first batch the first walk reads (in
+    """The grid's data-dependent choice, made once, on the first batch the first walk reads (in
     eval mode, before the layers are swapped for their batched stand-ins): the first-layer
-    shortcut (a FirstLayer or None) and the rows per block ("auto": :func:`_cpu_rows`)."""
+    shortcut (a FirstLayer or None)."""
 
     _UNSET = object()
 
-    def __init__(self, model: nn.Module, layout, use_first: bool, rows, c: int, dtype: torch.dtype):
-        self.model, self.layout, self.use_first, self._rows, self.c, self.dtype = model, layout, use_first, rows, c, dtype
+    def __init__(self, model: nn.Module, layout, use_first: bool):
+        self.model, self.layout, self.use_first = model, layout, use_first
         self._first = self._UNSET
-
-    def rows(self, x):
-        if self._rows == "auto":
-            self._rows = _cpu_rows(self.model, x, self.c, self.dtype)
-        return self._rows
 
     def shortcut(self, theta0: Tensor, dirs: Tensor, coords: Tensor):
         """A function of the first inputs: (first layer, theta0, dirs, coords) or None."""
@@ -177,12 +172,12 @@ def _one_first(shared: dict):
     return one_first
 
 
-def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows, shortcut=None, buffers: dict | None = None,
+def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows: int | None, shortcut=None, buffers: dict | None = None,
               on_batch=None) -> tuple[Tensor, int]:
     """One pass over ``data`` for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s
     order): returns (sums [len(fns), c] float64, N), sums[f, i] = sum over the blocks of rows x
     fns[f](model at thetas[i] on the block, targets), i.e. N times the mean over the data. Blocks
-    of at most ``rows`` rows (None: whole batches); ``rows`` and ``shortcut`` as in :func:`_walk`; ``buffers``
+    of at most ``rows`` rows (None: whole batches); ``shortcut`` as in :func:`_walk`; ``buffers``
     name -> [c, ...]: per-point buffers (the BatchNorm statistics of bn='recompute'); ``on_batch``
     as in :func:`_walk`. The caller sets no_grad and the model's mode."""
     sums = torch.zeros(len(fns), thetas.shape[0], dtype=torch.float64, device=thetas.device)
@@ -240,30 +235,6 @@ def bn_statistics(model: nn.Module, layout, thetas: Tensor, data, layers, shortc
     if n == 0:
         raise ValueError("data has no examples (no rows in any batch): the mean loss is undefined")
     return buffers
-
-
-def _cpu_rows(model: nn.Module, x, c: int, dtype: torch.dtype) -> int:
-    """Rows per block on the CPU: the widest activation of a block (c points x rows x the largest
-    per-row output of any module, from one probe forward of 2 rows of the inputs ``x``) under
-    _CPU_BLOCK_BYTES (8 MiB: digits MLP, 32 points x 512 rows; the digits CNN, 32 x 128). Smaller
-    blocks cost more per-block overhead (vmap, functional_call: ~0.4 ms a block on 2 cores),
-    bigger ones fall out of cache. 512 rows when the probe cannot run."""
-    widths = [1]
-
-    def hook(module, args, out):
-        if torch.is_tensor(out) and out.dim() > 0 and out.shape[0] > 0:
-            widths.append(out.numel() // out.shape[0])
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        model(*(a[:2] for a in x) if isinstance(x, tuple) else x[:2])
-    except Exception:  # a model the probe cannot run on 2 rows: a fixed block
-        return 512
-    finally:
-        for h in handles:
-            h.remove()
-    size = torch.empty((), dtype=dtype).element_size()
-    return max(1, _CPU_BLOCK_BYTES // (c * max(widths) * size))
 
 
 def _batch_dependent(model: nn.Module) -> bool:
@@ -349,9 +320,8 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             out of memory is retried with half as many points, with a RuntimeWarning). A chunk of
             the size you pass that runs out of memory raises torch.OutOfMemoryError.
         batch_rows: rows of a data batch evaluated together for the chunk's points (default: on the
-            CPU, as many as keep a block's widest activation, points x rows x its per-row width,
-            under 8 MiB, e.g. 32 points x 512 rows for the digits MLP: whole batches of 1797 digits
-            were ~2x slower; on CUDA the whole batch).
+            CPU 512 rows (with 32 points: 256 to 1 797 rows ran within 5 % for the digits MLP and
+            CNN, 128 rows 1.4x slower for the CNN); on CUDA the whole batch).
             Blocks are weighted by their rows, so the result does not depend on it beyond rounding.
             Ignored (whole batches) when a BatchNorm layer keeps no running statistics: its eval
             output depends on the rows that share a batch.
@@ -420,7 +390,7 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             raise ValueError(f"batch_points must be a positive int or None, got {batch_points!r}")
         c = min(batch_points, n_pts)
     if batch_rows is None:
-        r = "auto" if torch.device(layout.device).type == "cpu" else None  # from the widest activation
+        r = _CPU_ROWS if torch.device(layout.device).type == "cpu" else None
     elif isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be a positive int or None, got {batch_rows!r}")
     else:
@@ -490,7 +460,7 @@ def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r,
     # CPU: the blocks' activations (MBs, the same shapes block after block) reuse warm memory
     try:
         with torch.no_grad(), ModeGuard(model, False), allocation_cache(torch.device(device).type == "cpu"):
-            plan = _Plan(model, layout, first_layer is not False, r, c, dtype)
+            plan = _Plan(model, layout, first_layer is not False)
             s = lo
             while s < hi:
                 e = min(s + c, hi)
@@ -498,7 +468,7 @@ def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r,
                     th = _points(theta0, dirs, pts_dev[s:e], thetas[:e - s])
                     sc = plan.shortcut(theta0, dirs, pts_dev[s:e])
                     bufs = bn_statistics(model, layout, th, data, layers, sc) if layers else None
-                    sums, n = data_sums(model, layout, th, data, fns, plan.rows, sc, bufs,
+                    sums, n = data_sums(model, layout, th, data, fns, r, sc, bufs,
                                         checksum if total is None else None)
                 except torch.OutOfMemoryError:
                     if not adaptive or c == 1:
