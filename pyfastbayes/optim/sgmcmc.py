@@ -62,11 +62,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, ops
-from .._distributed import dtensor_type as _dtensor_type
-from .._distributed import is_dtensor as _is_dtensor
-from .._distributed import is_sharded as _is_sharded
-from .._distributed import local_tensor as _local
-from .._distributed import shard_offset
+from .._distributed import dtensor_type, is_dtensor, is_sharded, local_tensor, shard_offset
 from .._memory import memory_overlaps, overlaps_itself
 from ._checks import Interval, check_hyper
 
@@ -110,12 +106,12 @@ def _param_problem(p: Tensor) -> Exception | None:
     A DTensor is judged by its placements, then by its local shard."""
     if not torch.is_tensor(p):
         return None  # torch.optim.Optimizer.add_param_group raises its own TypeError
-    if _is_dtensor(p):
+    if is_dtensor(p):
         try:
             _shard_offset(p)
         except ValueError as exc:
             return exc
-        p = _local(p)
+        p = local_tensor(p)
     if p.layout != torch.strided:
         return ValueError(f"is a {p.layout} tensor; parameters must be dense (strided)")
     if not p.is_floating_point():
@@ -178,7 +174,7 @@ class _SGMCMC(torch.optim.Optimizer):
         new = [(_name(gi_new, i, p), p) for i, p in enumerate(new_group) if torch.is_tensor(p)]
         if self._chains == "per_rank":
             for name, p in new:
-                if _is_sharded(p):
+                if is_sharded(p):
                     raise ValueError(f"{name} is a DTensor sharded over the ranks ({tuple(p.placements)}), but "
                                      f"chains='per_rank' runs an independent chain on each rank: the ranks hold "
                                      f"one model together, so they must run one chain; use chains='shared'")
@@ -193,7 +189,7 @@ class _SGMCMC(torch.optim.Optimizer):
             if problem is not None:
                 raise type(problem)(f"{name} {problem}")
         everything = named + new
-        pairs = sorted((max(i, j), min(i, j)) for i, j in memory_overlaps([_local(t) for _, t in everything]))
+        pairs = sorted((max(i, j), min(i, j)) for i, j in memory_overlaps([local_tensor(t) for _, t in everything]))
         if pairs:
             later, earlier = pairs[0]
             more = f" (and {len(pairs) - 1} more pairs)" if len(pairs) > 1 else ""
@@ -246,7 +242,7 @@ class _SGMCMC(torch.optim.Optimizer):
     def _local_plan(self, gi: int, group: dict, sources: list[Tensor], backend: str | None) -> _Plan:
         """The plan of one group: plain tensors as they are; DTensors (FSDP2) as their local shards,
         with their gradients' local shards and each shard's flat offset in the full tensor."""
-        dt = _dtensor_type()
+        dt = dtensor_type()
         if dt is None or not any(isinstance(p, dt) or isinstance(p.grad, dt) for p in sources):
             return _Plan(gi, group, sources, [p.grad for p in sources], backend, sources)
         params, grads, offsets, sharded = [], [], [], False
@@ -264,11 +260,11 @@ class _SGMCMC(torch.optim.Optimizer):
                     offsets.append(_shard_offset(p))
                 except ValueError as exc:  # re-placed since it was added
                     raise ValueError(f"{where} {exc}; no parameter was changed") from None
-                sharded = sharded or _is_sharded(p)
+                sharded = sharded or is_sharded(p)
             else:
                 offsets.append(0)
-            params.append(_local(p))
-            grads.append(_local(p.grad))
+            params.append(local_tensor(p))
+            grads.append(local_tensor(p.grad))
         return _Plan(gi, group, params, grads, backend, sources, offsets, sharded)
 
     def _first_step_undo(self, plans: list[_Plan]) -> Callable[[], None]:
@@ -317,7 +313,7 @@ class _SGMCMC(torch.optim.Optimizer):
             problem = _param_problem(p)
             if problem is not None:
                 raise type(problem)(f"{where} {problem}")
-            p, grad = _local(p), _local(p.grad)  # DTensors: what the op receives
+            p, grad = local_tensor(p), local_tensor(p.grad)  # DTensors: what the op receives
             if ref is None:
                 ref = p
             elif p.device != ref.device or p.dtype != ref.dtype:
@@ -552,7 +548,7 @@ class _SGMCMC(torch.optim.Optimizer):
                                  f"not keep: it was saved by another optimizer; load a state_dict saved by "
                                  f"{type(self).__name__}")
             buf = entry.get(self._buffer) if self._buffer else None
-            shape = tuple(_local(p).shape)  # a DTensor's buffer is its local shard's shape
+            shape = tuple(local_tensor(p).shape)  # a DTensor's buffer is its local shard's shape
             if buf is not None and (not torch.is_tensor(buf) or tuple(buf.shape) != shape):
                 raise ValueError(f"state_dict['state'][{saved_id}][{self._buffer!r}] has shape {tuple(getattr(buf, 'shape', ()))} "
                                  f"but param_groups[{gi}]['params'][{i}] has shape {shape}: the state was "
@@ -732,7 +728,7 @@ def _verify_replicas(name: str, plans, rngs: list[Tensor]) -> None:
     dist = torch.distributed
     device = plans[0].params[0].device
     parts = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).to(device)
-             for pl in plans for p, src in zip(pl.params, pl.sources) if not _is_sharded(src)]
+             for pl in plans for p, src in zip(pl.params, pl.sources) if not is_sharded(src)]
     parts += [rng.view(torch.int32).to(device=device, dtype=torch.float64) for rng in rngs]
     sums = torch.cat(parts)
     on = sums.device if dist.get_backend() == "nccl" else torch.device("cpu")
