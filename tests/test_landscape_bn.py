@@ -93,18 +93,27 @@ def _state(model):
             [(type(m).__name__, m.training, getattr(m, "momentum", None)) for m in model.modules()])
 
 
+def _case(model, shape):
+    """Data, two directions and a 4 x 3 grid of offsets for the bn='recompute' comparisons."""
+    d = random_directions(model, 2, generator=torch.Generator().manual_seed(5))
+    return _data(shape), d, (torch.linspace(-1, 1, 4), torch.linspace(-0.5, 1.0, 3))
+
+
+def _recompute(model, data, d, coords):
+    """grid with bn='recompute' and accuracy; 5 points per chunk: chunks of 5, 5, 2 (per-point
+    buffers of several chunk sizes)."""
+    return grid(model, nn.CrossEntropyLoss(), data, d, coords, metrics={"acc": _acc}, bn="recompute",
+                batch_points=5, progress=False)
+
+
 @pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_cnn, (2, 6, 6))], ids=["mlp_bn1d", "cnn_bn2d"])
 def test_recompute_matches_the_one_point_recipe(make, shape):
     model = make()
     model.train()  # grid must restore every flag (and never write the model's buffers)
     before = _state(model)
-    data = _data(shape)
-    d = random_directions(model, 2, generator=torch.Generator().manual_seed(5))
-    coords = (torch.linspace(-1, 1, 4), torch.linspace(-0.5, 1.0, 3))
+    data, d, coords = _case(model, shape)
     loss_fn = nn.CrossEntropyLoss()
-    # 5 points per chunk: chunks of 5, 5, 2 (per-point buffers of several chunk sizes)
-    res = grid(model, loss_fn, data, d, coords, metrics={"acc": _acc}, bn="recompute", batch_points=5,
-               progress=False)
+    res = _recompute(model, data, d, coords)
     ref = _reference(model, [loss_fn, _acc], data, d, coords)
     torch.testing.assert_close(res.loss, ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(res.metrics["acc"], ref[1], rtol=0, atol=1e-6)
@@ -219,14 +228,8 @@ def test_interpolate_recompute_ends_are_the_refreshed_models():
 def test_recompute_on_cuda_matches_cpu(make, shape):
     """The batched statistics pass on CUDA (cuDNN's BatchNorm under vmap) gives the CPU surface."""
     model = make()
-    data = _data(shape)
-    d = random_directions(model, 2, generator=torch.Generator().manual_seed(5))
-    coords = (torch.linspace(-1, 1, 4), torch.linspace(-0.5, 1.0, 3))
-    loss_fn = nn.CrossEntropyLoss()
-    cpu = grid(model, loss_fn, data, d, coords, metrics={"acc": _acc}, bn="recompute", batch_points=5,
-               progress=False)
-    gpu_model = copy.deepcopy(model).cuda()
-    gpu = grid(gpu_model, loss_fn, [(x.cuda(), y.cuda()) for x, y in data], d.cuda(), coords,
-               metrics={"acc": _acc}, bn="recompute", batch_points=5, progress=False)
+    data, d, coords = _case(model, shape)
+    cpu = _recompute(model, data, d, coords)
+    gpu = _recompute(copy.deepcopy(model).cuda(), [(x.cuda(), y.cuda()) for x, y in data], d.cuda(), coords)
     torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gpu.metrics["acc"].cpu(), cpu.metrics["acc"], rtol=0, atol=1e-6)
