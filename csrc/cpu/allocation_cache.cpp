@@ -40,21 +40,20 @@ class AllocationCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     void* p = nullptr;
-    uint64_t gen = 0;
-    {
+    {  // a cached block of this size: taken and recorded under one lock
       std::lock_guard<std::mutex> lock(mu_);
-      gen = generation_;
       auto it = free_.find(n);
       if (it != free_.end() && !it->second.empty()) {
         p = it->second.back();
         it->second.pop_back();
         cached_ -= n;
+        live_[p] = Block{n, generation_};
       }
     }
-    if (p == nullptr && n > 0) p = c10::alloc_cpu(n);
-    if (p != nullptr) {
+    if (p == nullptr && n > 0) {  // a new block: the system allocation outside the lock
+      p = c10::alloc_cpu(n);
       std::lock_guard<std::mutex> lock(mu_);
-      live_[p] = Block{n, gen};
+      live_[p] = Block{n, generation_};
     }
     // context == data (a "simple" data pointer: oneDNN and others assert it); the size lives in live_
     return {p, p, &AllocationCache::release, c10::Device(c10::DeviceType::CPU)};
