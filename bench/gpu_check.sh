@@ -34,7 +34,7 @@ if [ -d .gpu-wheels ]; then
   for m in pytest:"pytest pluggy iniconfig packaging" xdist:"pytest-xdist execnet" numpy:numpy tqdm:tqdm \
            posteriors:"posteriors torchopt graphviz optree tensordict cloudpickle pyvers typing-extensions" \
            torchmetrics:"torchmetrics lightning-utilities" bayesian_torch:bayesian-torch scipy:scipy \
-           sklearn:"scikit-learn joblib threadpoolctl" loss_landscapes:loss-landscapes \
+           loss_landscapes:loss-landscapes \
            laplace:"laplace-torch asdfghjkl curvlinops-for-pytorch backpack-for-pytorch unfoldNd einops einconv linear-operator opt-einsum"; do
     [ "${PEERS:-1}" = 0 ] && [[ " pytest xdist numpy tqdm torchmetrics " != *" ${m%%:*} "* ]] && continue  # PEERS=0: pytest + torchmetrics
     python -c "import ${m%%:*}" 2>/dev/null || need+=(${m#*:})

@@ -15,10 +15,9 @@ python3 -m pip download -q --only-binary=:all: --python-version "$PY" --platform
   torchmetrics lightning-utilities \
   bayesian-torch==0.5.0 \
   laplace-torch==0.3 asdfghjkl==0.1a4 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 \
-  einops einconv==0.1.0 linear-operator==0.6.1 opt-einsum scipy \
-  scikit-learn joblib threadpoolctl loss-landscapes
+  einops einconv==0.1.0 linear-operator==0.6.1 opt-einsum scipy loss-landscapes
 du -sh .gpu-wheels
 # the peers of bench_vi (bayesian-torch), bench_laplace (laplace-torch and its backends, scipy) and
-# bench_landscape (loss-landscapes; scikit-learn for its digits data):
+# bench_landscape (loss-landscapes; scikit-learn would not fit: the bench falls back to random digits):
 # the carry limit is 64 MiB; scipy is the largest of them
 [ "$(du -sb .gpu-wheels | cut -f1)" -lt $((63 * 1024 * 1024)) ] || { echo ".gpu-wheels exceeds the 64 MiB carry limit" >&2; exit 1; }
