@@ -128,9 +128,15 @@ def _rows(case: str, model, x, y, steps: int, flops: float, device: str, peak: f
             import loss_landscapes.metrics as llm
 
             metric = llm.Loss(loss_fn, x, y)
-            timed["loss-landscapes random_plane"] = bench(
-                lambda: loss_landscapes.random_plane(model, metric, distance=1, steps=steps, normalization="filter",
-                                                     deepcopy_model=True), device, **rep)
+
+            def peer():
+                # loss-landscapes draws its directions with torch.randn(size) (no device): on CUDA it would mix
+                # devices; the default-device context puts them next to the model, as a user would
+                with torch.device(device):
+                    return loss_landscapes.random_plane(model, metric, distance=1, steps=steps,
+                                                        normalization="filter", deepcopy_model=True)
+
+            timed["loss-landscapes random_plane"] = bench(peer, device, **rep)
         except ImportError:
             print("# bench_landscape: loss-landscapes cannot be imported; its row is left out")
         timed["pyfastbayes landscape.grid"] = bench(
