@@ -857,7 +857,9 @@ def test_kl_stable_at_rho_80_and_minus_80(device, dtype):
         tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else kl_tol(torch.empty(0, dtype=dtype))
         torch.testing.assert_close(got_gm, torch.tensor(want_gm, dtype=torch.float64), **tol)
         torch.testing.assert_close(got_gr, torch.tensor(want_gr, dtype=torch.float64), **tol)
-        if dtype in (torch.float32, torch.float64):  # grad * (sigma s'/v - s'/sigma) = -grad at rho = -80, exactly
+        if backend == "native" and dtype in (torch.float32, torch.float64):
+            # the kernels take s'/sigma = 1 below -20, so grad * (sigma s'/v - 1) = -grad exactly; the reference
+            # divides torch's sigmoid by its softplus (1 ulp apart on CUDA: within the tolerance above only)
             assert got_gr[0].item() == -g and got_gr[2].item() == -g
 
 
