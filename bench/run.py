@@ -15,6 +15,7 @@ import pathlib
 import platform
 import sys
 import time
+import traceback
 
 import torch
 
@@ -65,15 +66,22 @@ def main() -> int:
 
     print(f"# {time.strftime('%Y-%m-%d')} | {machine(args.device)} | torch {torch.__version__} | "
           f"pyfastbayes {pyfastbayes.build_info()}")
-    rows = []
+    rows, failed = [], []
     for s in suites:  # each suite's table is printed (and the json rewritten) as soon as it ends,
-        mod = importlib.import_module(f"bench.bench_{s}")  # so a run cut by a time limit keeps them
-        new = mod.run(args.device, args.quick)
+        try:  # so a run cut by a time limit keeps them; a suite that raises does not stop the others
+            new = importlib.import_module(f"bench.bench_{s}").run(args.device, args.quick)
+        except Exception:
+            traceback.print_exc()
+            print(f"# bench_{s} FAILED (traceback above); the other suites go on", flush=True)
+            failed.append(s)
+            continue
         rows += new
         print_table(new)
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({"device": machine(args.device), "rows": rows}, indent=1))
-    return 0
+    if failed:
+        print(f"# failed suites: {','.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
