@@ -182,6 +182,11 @@ def test_bad_inputs():
         kl_divergence(net)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all()
+    with torch.no_grad():  # every value finite, but mu^2 overflows the float32 terms: named as an overflow
+        net[0].weight_rho.fill_(-3.0)
+        net[0].weight_mu[0, 0] = 3e38
+    with pytest.raises(RuntimeError, match="every mu and rho is finite"):
+        kl_divergence(net)
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])

@@ -65,10 +65,10 @@ class BayesianLayer(nn.Module):
         self._register_load_state_dict_pre_hook(_accept_bayesian_torch_names)
 
     def _next_rng(self) -> Tensor:
-        """This forward's RNG position (a copy) and the buffer advanced by one step."""
+        """This forward's RNG position (a copy) and the buffer advanced by one step: two ops (a
+        clone and an in-place add of (0, 1)), no host sync, so a training step can be captured."""
         rng = self.rng.clone()
-        with torch.no_grad():
-            self.rng[1] += 1
+        self.rng.add_(_step_one(self.rng.device))  # an int64 buffer: no autograd to switch off
         return rng
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,6 +98,18 @@ class BayesianLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator!r}, prior={self.prior!r}"
+
+
+_STEP_ONE: dict = {}
+
+
+def _step_one(device: torch.device) -> Tensor:
+    """The int64 (0, 1) that advances an RNG position by one step, one tensor per device (made once:
+    adding a Python int would take a select and a write-back, three ops instead of one)."""
+    t = _STEP_ONE.get(device)
+    if t is None:
+        t = _STEP_ONE[device] = torch.tensor([0, 1], dtype=torch.int64, device=device)
+    return t
 
 
 def _sampled_bias(mu: Tensor, rho: Tensor, rng: Tensor, stream: int, kind: str) -> Tensor:
