@@ -6,7 +6,10 @@ One step = ``zero_grad``, forward, ``cross_entropy + KL / N`` (N = 60 000, MNIST
 backward, ``torch.optim.SGD`` step, on random data (batch 128) for
 
 (a) Blundell et al.'s MNIST MLP 784-1200-1200-10 (ReLU; 2.39 M weights, each with mu and rho), and
-(b) a small CNN: Conv2d(1,16,3)-ReLU-Conv2d(16,32,3)-ReLU-Flatten-Linear(18 432, 10) on 1 x 28 x 28.
+(b) a small CNN: Conv2d(1,16,3)-ReLU-Conv2d(16,32,3)-ReLU-Flatten-Linear(18 432, 10) on 1 x 28 x 28,
+(c) the host's cost per step: MLP 16-16-16-10 at batch 2, next to nothing to compute, so the time is
+    Python, dispatch and (on CUDA) launches. On the GPU, (a) at batch 128 is host-bound too: the H200
+    ratios of 2026-11-27 (1.77x / 1.28x / 1.34x) matched this case's CPU ratios (1.82x / 1.23x / 1.50x).
 
 Implementations (every Linear / Conv2d Bayesian, prior N(0, 1), the same mu and rho loaded into all):
 - ``pyfastbayes`` ``BayesianLinear`` / ``BayesianConv2d`` with estimator 'reparam', 'local' and
@@ -63,6 +66,7 @@ def _mlp_spec(hidden: int) -> list:
     return [("linear", 784, hidden), "relu", ("linear", hidden, hidden), "relu", ("linear", hidden, 10)]
 
 
+HOST_SPEC = [("linear", 16, 16), "relu", ("linear", 16, 16), "relu", ("linear", 16, 10)]
 CNN_SPEC = [("conv", 1, 16, 3), "relu", ("conv", 16, 32, 3), "relu", "flatten", ("linear", 32 * 24 * 24, 10)]
 
 
@@ -195,7 +199,7 @@ def _kl_fn(impl: str, btl):
 
 def _data(spec: list, batch: int, device: str):
     g = torch.Generator().manual_seed(1)
-    shape = (batch, 784) if spec[0][0] == "linear" else (batch, 1, 28, 28)
+    shape = (batch, spec[0][1]) if spec[0][0] == "linear" else (batch, 1, 28, 28)
     return torch.randn(shape, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device)
 
 
@@ -365,7 +369,10 @@ def run(device: str, quick: bool) -> list[dict]:
     # --quick on the CPU: a smaller MLP and batch (< 60 s on 2 cores); on CUDA the full sizes (ms per step)
     hidden, batch = (400, 64) if quick and device == "cpu" else (1200, 128)
     cases = [(f"MLP 784-{hidden}-{hidden}-10, batch {batch}", _mlp_spec(hidden), batch),
-             (f"CNN 16-32 conv + linear, batch {batch}", CNN_SPEC, batch)]
+             (f"CNN 16-32 conv + linear, batch {batch}", CNN_SPEC, batch),
+             # next to nothing to compute: the host's cost per step (Python, dispatch, launches), which
+             # is what the GPU rows at batch 128 measure (H200, 2026-11-27: the same ratios)
+             ("host overhead: MLP 16-16-16-10, batch 2", HOST_SPEC, 2)]
     rows = []
     for name, spec, b in cases:
         rows += _case_rows(name, spec, b, device, quick, btl)

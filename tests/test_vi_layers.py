@@ -14,7 +14,7 @@ from torch import nn
 
 from pyfastbayes import ops
 from pyfastbayes.vi import BayesianConv2d, BayesianLinear, kl_divergence, to_bayesian
-from pyfastbayes.vi._functions import Affine, SampledAffine
+from pyfastbayes.vi._functions import Affine, Flipout, SampledAffine
 
 
 def _eps(layer, stream_offset, step, shape, dtype):
@@ -92,7 +92,26 @@ def test_gradcheck_of_the_fused_function_at_a_fixed_counter():
     bmu = torch.randn(2, dtype=torch.float64, requires_grad=True)
     brho = torch.randn(2, dtype=torch.float64, requires_grad=True)
     rng = torch.tensor([1234, 7], dtype=torch.int64)
-    fn = lambda x, mu, rho, bmu, brho: SampledAffine.apply(x, mu, rho, bmu, brho, rng, 16, 17, Affine("linear"), True)
+    fn = lambda x, mu, rho, bmu, brho: SampledAffine.apply(x, mu, rho, bmu, brho, rng, 16, 17, Affine("linear"))
+    assert torch.autograd.gradcheck(fn, (x, mu, rho, bmu, brho))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gradcheck_of_the_fused_flipout_function(kind):
+    """Flipout's one node (signs, perturbation and bias noise regenerated in the backward) against
+    finite differences at a fixed counter, for the linear and the strided convolution form."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        x, w_shape, affine = torch.randn(3, 4, dtype=torch.float64), (2, 4), Affine("linear")
+    else:
+        x, w_shape, affine = torch.randn(2, 2, 5, 5, dtype=torch.float64), (3, 2, 3, 3), Affine("conv2d", (2, 2), (1, 1))
+    x.requires_grad_(True)
+    mu = torch.randn(w_shape, dtype=torch.float64, requires_grad=True)
+    rho = torch.randn(w_shape, dtype=torch.float64, requires_grad=True)
+    bmu = torch.randn(w_shape[0], dtype=torch.float64, requires_grad=True)
+    brho = torch.randn(w_shape[0], dtype=torch.float64, requires_grad=True)
+    rng = torch.tensor([99, 3], dtype=torch.int64)
+    fn = lambda x, mu, rho, bmu, brho: Flipout.apply(x, mu, rho, bmu, brho, rng, 8, affine)
     assert torch.autograd.gradcheck(fn, (x, mu, rho, bmu, brho))
 
 

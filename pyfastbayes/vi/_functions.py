@@ -3,13 +3,13 @@ are regenerated in the backward pass from the Philox position (seed, step, strea
 being saved, so no noise tensor and no sampled-weight tensor outlives the forward.
 
 - :class:`SampledAffine`: y = op(x, mu + sigma(rho) eps_w, mu_b + sigma(rho_b) eps_b) for op = linear
-  or a convolution (the 'reparam' estimator; with ``center=False`` the weights are sigma eps only,
-  flipout's perturbation). Saves x, the parameters and the 2-element RNG position; the backward
+  or a convolution (the 'reparam' estimator). Saves x, the parameters and the 2-element RNG position; the backward
   draws w again (``ops.vi_sample``), forms grad_x and grad_w with the layer's own ops, and
   d/d rho = grad_w * eps * sigmoid(rho) in one fused pass (``ops.vi_sample_backward``).
-- :class:`Regenerated`: out = mean + sqrt(var) eps over pre-activations (local
-  reparameterisation), or a bias vector mu + softplus(rho) eps; saves var / rho and the RNG
-  position, regenerates eps in the backward.
+- :class:`Flipout`: the flipout estimator's whole layer as one node (signs, perturbation and
+  bias noise regenerated in the backward).
+- :class:`LocalNoise`: out = mean + sqrt(var) eps over pre-activations (local
+  reparameterisation); saves var and the RNG position, regenerates eps in the backward.
 """
 from __future__ import annotations
 
@@ -55,58 +55,97 @@ class SampledAffine(torch.autograd.Function):
     """y = affine(x, W, b) with W = mu + sigma(rho) eps (eps from (rng, stream)) regenerated in backward."""
 
     @staticmethod
-    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream, bias_stream, affine: Affine, center: bool):
-        w = ops.vi_sample(mu if center else _zero_mean(rho), rho, rng, stream)
-        b = None
-        if bias_mu is not None:
-            b = ops.vi_sample(bias_mu if center else _zero_mean(bias_rho), bias_rho, rng, bias_stream)
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream, bias_stream, affine: Affine):
+        w = ops.vi_sample(mu, rho, rng, stream)
+        b = None if bias_mu is None else ops.vi_sample(bias_mu, bias_rho, rng, bias_stream)
         ctx.save_for_backward(x, mu, rho, bias_rho, rng)
-        ctx.meta = (stream, bias_stream, affine, center, bias_mu is not None)
+        ctx.meta = (stream, bias_stream, affine, bias_mu is not None)
         return affine(x, w, b)
 
     @staticmethod
     def backward(ctx, g):
         x, mu, rho, bias_rho, rng = ctx.saved_tensors
-        stream, bias_stream, affine, center, has_bias = ctx.meta
+        stream, bias_stream, affine, has_bias = ctx.meta
         gx = gmu = grho = gbmu = gbrho = None
         if ctx.needs_input_grad[0]:
-            w = ops.vi_sample(mu if center else _zero_mean(rho), rho, rng, stream)  # transient
+            w = ops.vi_sample(mu, rho, rng, stream)  # transient
             gx = affine.grad_input(x, w, g)
             del w
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gw = affine.grad_weight(x, rho.shape, g).to(rho.dtype)
-            gmu = gw if (center and ctx.needs_input_grad[1]) else None
+            gmu = gw if ctx.needs_input_grad[1] else None
             grho = ops.vi_sample_backward(gw, rho, rng, stream) if ctx.needs_input_grad[2] else None
         if has_bias and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
             gb = affine.grad_bias(g).to(bias_rho.dtype)
-            gbmu = gb if (center and ctx.needs_input_grad[3]) else None
+            gbmu = gb if ctx.needs_input_grad[3] else None
             gbrho = ops.vi_sample_backward(gb, bias_rho, rng, bias_stream) if ctx.needs_input_grad[4] else None
-        return gx, gmu, grho, gbmu, gbrho, None, None, None, None, None
+        return gx, gmu, grho, gbmu, gbrho, None, None, None, None
 
 
-class Regenerated(torch.autograd.Function):
-    """out = a + scale(b) * eps with eps regenerated in the backward, for the two elementwise noise
-    ops: kind 'sample' (b = rho: a + softplus(rho) eps; a bias vector) and 'local' (b = var:
-    mean + sqrt(var) eps, local reparameterisation). Saves b and the RNG position."""
-
-    OPS = {"sample": (ops.vi_sample, ops.vi_sample_backward), "local": (ops.vi_local_noise, ops.vi_local_noise_backward)}
+class Flipout(torch.autograd.Function):
+    """Flipout (Wen et al. 2018) as one autograd node:
+    out = affine(x, mu, b) + affine(x * s_in, sigma(rho) eps, None) * s_out, b = bias_mu + sigma(bias_rho) eps_b,
+    with the shared perturbation sigma eps (stream s), eps_b (s + 1) and the random signs s_in [x's
+    shape] (s + 3) and s_out [out's shape] (s + 4) all regenerated in the backward. Saves x, mu, rho,
+    bias_rho and the RNG position: no sign, noise or perturbation tensor outlives the forward."""
 
     @staticmethod
-    def forward(ctx, a, b, rng, stream, kind: str):
-        ctx.save_for_backward(b, rng)
-        ctx.stream, ctx.kind = stream, kind
-        return Regenerated.OPS[kind][0](a, b, rng, stream)
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream: int, affine: Affine):
+        b = None if bias_mu is None else ops.vi_sample(bias_mu, bias_rho, rng, stream + 1)
+        xs = ops.vi_rademacher_(torch.empty_like(x), rng, stream + 3).mul_(x)
+        pert = affine(xs, ops.vi_sample(_zero_mean(rho), rho, rng, stream), None)
+        del xs
+        out = affine(x, mu, b)
+        out.addcmul_(pert, ops.vi_rademacher_(torch.empty_like(pert), rng, stream + 4))
+        ctx.save_for_backward(x, mu, rho, bias_rho, rng)
+        ctx.meta = (stream, affine, bias_mu is not None)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        b, rng = ctx.saved_tensors
-        gb = Regenerated.OPS[ctx.kind][1](g, b, rng, ctx.stream) if ctx.needs_input_grad[1] else None
-        return g, gb, None, None, None
+        x, mu, rho, bias_rho, rng = ctx.saved_tensors
+        stream, affine, has_bias = ctx.meta
+        need = ctx.needs_input_grad
+        gx = gmu = grho = gbmu = gbrho = None
+        s_in = ops.vi_rademacher_(torch.empty_like(x), rng, stream + 3)
+        gp = ops.vi_rademacher_(torch.empty_like(g), rng, stream + 4).mul_(g)  # the perturbation's grad_out
+        if need[0]:
+            dw = ops.vi_sample(_zero_mean(rho), rho, rng, stream)  # transient
+            gx = affine.grad_input(x, dw, gp).mul_(s_in).add_(affine.grad_input(x, mu, g))
+            del dw
+        if need[1]:
+            gmu = affine.grad_weight(x, mu.shape, g).to(mu.dtype)
+        if need[2]:
+            gdw = affine.grad_weight(s_in.mul_(x), rho.shape, gp).to(rho.dtype)
+            grho = ops.vi_sample_backward(gdw, rho, rng, stream)
+        if has_bias and (need[3] or need[4]):
+            gb = affine.grad_bias(g).to(bias_rho.dtype)
+            gbmu = gb if need[3] else None
+            gbrho = ops.vi_sample_backward(gb, bias_rho, rng, stream + 1) if need[4] else None
+        return gx, gmu, grho, gbmu, gbrho, None, None, None
 
 
-def _dsoftplus(rho: Tensor) -> Tensor:
-    """d softplus / d rho for torch's softplus (threshold 20: the identity above it)."""
-    return torch.where(rho > 20, torch.ones_like(rho), torch.sigmoid(rho))
+class LocalNoise(torch.autograd.Function):
+    """out = mean + sqrt(var) * eps over pre-activations (local reparameterisation), eps (stream
+    ``stream``) regenerated in the backward; saves var and the RNG position."""
+
+    @staticmethod
+    def forward(ctx, mean, var, rng, stream):
+        ctx.save_for_backward(var, rng)
+        ctx.stream = stream
+        return ops.vi_local_noise(mean, var, rng, stream)
+
+    @staticmethod
+    def backward(ctx, g):
+        var, rng = ctx.saved_tensors
+        gv = ops.vi_local_noise_backward(g, var, rng, ctx.stream) if ctx.needs_input_grad[1] else None
+        return g, gv, None, None
+
+
+def _dsquare_softplus(grad: Tensor, rho: Tensor) -> Tensor:
+    """grad * d softplus(rho)^2 / d rho = grad * 2 softplus(rho) softplus'(rho), with torch's own
+    softplus derivative (threshold 20: 1 above it); ``grad`` is a fresh tensor, scaled in place."""
+    return torch.ops.aten.softplus_backward(grad.mul_(F.softplus(rho)).mul_(2), rho, 1, 20)
 
 
 class LocalVariance(torch.autograd.Function):
@@ -127,10 +166,10 @@ class LocalVariance(torch.autograd.Function):
         affine = ctx.affine
         x2 = x.square()
         gx = grho = gbrho = None
-        if ctx.needs_input_grad[0]:
-            gx = affine.grad_input(x2, F.softplus(rho).square(), g) * (2 * x)
+        if ctx.needs_input_grad[0]:  # d/dx of affine(x^2, sigma^2) = 2 x * (grad through the affine map)
+            gx = affine.grad_input(x2, F.softplus(rho).square(), g).mul_(x).mul_(2)
         if ctx.needs_input_grad[1]:
-            grho = affine.grad_weight(x2, rho.shape, g).to(rho.dtype) * (2 * F.softplus(rho) * _dsoftplus(rho))
+            grho = _dsquare_softplus(affine.grad_weight(x2, rho.shape, g).to(rho.dtype), rho)
         if bias_rho is not None and ctx.needs_input_grad[2]:
-            gbrho = affine.grad_bias(g).to(bias_rho.dtype) * (2 * F.softplus(bias_rho) * _dsoftplus(bias_rho))
+            gbrho = _dsquare_softplus(affine.grad_bias(g).to(bias_rho.dtype), bias_rho)
         return gx, grho, gbrho, None

@@ -20,8 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .. import ops
-from ._functions import Affine, LocalVariance, Regenerated, SampledAffine
+from ._functions import Affine, Flipout, LocalNoise, LocalVariance, SampledAffine
 from .priors import as_prior
 
 ESTIMATORS = ("reparam", "local", "flipout")
@@ -80,21 +79,13 @@ class BayesianLayer(nn.Module):
         s = self.stream
         if self.estimator == "reparam":
             return SampledAffine.apply(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, s + 1,
-                                       self.affine, True)
+                                       self.affine)
         if self.estimator == "local":
             mean = self.affine(x, self.weight_mu, self.bias_mu)
             var = LocalVariance.apply(x, self.weight_rho, self.bias_rho, self.affine)
-            return Regenerated.apply(mean, var, rng, s + 2, "local")
+            return LocalNoise.apply(mean, var, rng, s + 2)
         # flipout: x mu + b + ((x * s_in) dW^T) * s_out, dW = sigma eps shared by the batch
-        s_in = ops.vi_rademacher_(torch.empty_like(x), rng, s + 3)
-        mean = self.affine(x, self.weight_mu, None)
-        pert = SampledAffine.apply(x * s_in, self.weight_mu, self.weight_rho, None, None, rng, s, s + 1, self.affine,
-                                   False)
-        s_out = ops.vi_rademacher_(torch.empty_like(pert), rng, s + 4)
-        out = mean + pert * s_out
-        if self.bias_mu is not None:
-            out = out + _sampled_bias(self.bias_mu, self.bias_rho, rng, s + 1, self.affine.kind)
-        return out
+        return Flipout.apply(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, self.affine)
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator!r}, prior={self.prior!r}"
@@ -110,11 +101,6 @@ def _step_one(device: torch.device) -> Tensor:
     if t is None:
         t = _STEP_ONE[device] = torch.tensor([0, 1], dtype=torch.int64, device=device)
     return t
-
-
-def _sampled_bias(mu: Tensor, rho: Tensor, rng: Tensor, stream: int, kind: str) -> Tensor:
-    b = Regenerated.apply(mu, rho, rng, stream, "sample")
-    return b if kind == "linear" else b.view(1, -1, 1, 1)
 
 
 def _accept_bayesian_torch_names(state, prefix, *args):
