@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -24,10 +25,20 @@ inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels, int64_
   return chunks;
 }
 
+// The at::parallel_for grain over work items: about `chunk` elements per task on average, so a list
+// of small tensors (a small model's layers) runs inline instead of opening a parallel region for a
+// few hundred elements; full-sized items keep a grain of 1.
+inline int64_t chunk_grain(const std::vector<Chunk>& chunks, int64_t chunk = kChunk) {
+  int64_t total = 0;
+  for (const Chunk& c : chunks) total += c.end - c.begin;
+  const auto n = static_cast<int64_t>(chunks.size());
+  return total <= 0 ? std::max<int64_t>(n, 1) : std::max<int64_t>(1, (n * chunk + total - 1) / total);
+}
+
 template <class F>
 void parallel_chunks(const std::vector<int64_t>& numels, F&& f, int64_t chunk = kChunk) {
   const auto chunks = make_chunks(numels, chunk);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(chunks, chunk), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) f(chunks[i]);
   });
 }

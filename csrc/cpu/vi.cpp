@@ -478,7 +478,7 @@ at::Tensor vi_kl_cpu(at::TensorList mus, at::TensorList rhos, const at::Tensor& 
   std::vector<double> partial(chunks.size(), 0.0);  // one slot per work item: no shared accumulator
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vi_kl", [&] {
     const auto priors = kl_priors<at::opmath_type<scalar_t>>(prior_var);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(chunks), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const Chunk& c = chunks[i];
         partial[i] = kl_range(ms[c.tensor].const_data_ptr<scalar_t>(), rs[c.tensor].const_data_ptr<scalar_t>(),
