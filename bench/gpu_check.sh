@@ -79,7 +79,9 @@ elif has sanitize; then
 fi
 
 xdist=""
-python -c "import xdist" 2>/dev/null && xdist="-n 14"
+# worksteal: a worker that runs out takes queued tests from a busy one (the -k cuda tail is a few long
+# tests: torch.compile cases, the nccl example)
+python -c "import xdist" 2>/dev/null && xdist="-n 14 --dist worksteal"
 # SIGINT at the limit: pytest stops and still prints its summary (failures so far)
 run_tests() {  # run_tests LOG LIMIT ARGS...
   local log=$1 limit=$2; shift 2
