@@ -240,3 +240,16 @@ def test_nothing_weight_sized_is_saved_by_any_estimator(estimator):
     params = {id(p) for p in layer.parameters()}
     big = [t for t in saved if t.numel() >= 32 * 64 and id(t) not in params]
     assert not big, [tuple(t.shape) for t in big]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_flipout_keeps_no_sign_or_perturbation_tensor(kind):
+    """Flipout's one node saves the input, the parameters and the RNG position only: its sign vectors
+    (x-shaped and output-shaped) and the perturbation are regenerated in the backward."""
+    layer, x = _make(kind, "flipout", torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    allowed = {id(p) for p in layer.parameters()} | {id(x)}
+    kept = [tuple(t.shape) for t in saved if id(t) not in allowed and t.dtype != torch.int64]
+    assert not kept, kept
