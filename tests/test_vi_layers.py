@@ -253,3 +253,19 @@ def test_flipout_keeps_no_sign_or_perturbation_tensor(kind):
     allowed = {id(p) for p in layer.parameters()} | {id(x)}
     kept = [tuple(t.shape) for t in saved if id(t) not in allowed and t.dtype != torch.int64]
     assert not kept, kept
+
+
+def test_kl_divergence_reads_parametrized_parameters():
+    """A parametrization on weight_mu (torch.nn.utils.parametrize moves the tensor out of the
+    layer's parameter dict) leaves kl_divergence working and its value unchanged."""
+    from torch.nn.utils import parametrize
+
+    class Identity(nn.Module):
+        def forward(self, t):
+            return t
+
+    torch.manual_seed(0)
+    layer = BayesianLinear(3, 2)
+    want = kl_divergence(layer).detach()
+    parametrize.register_parametrization(layer, "weight_mu", Identity())
+    torch.testing.assert_close(kl_divergence(layer).detach(), want)

@@ -107,8 +107,9 @@ class Flipout(torch.autograd.Function):
         stream, affine, has_bias = ctx.meta
         need = ctx.needs_input_grad
         gx = gmu = grho = gbmu = gbrho = None
-        s_in = ops.vi_rademacher_(torch.empty_like(x), rng, stream + 3)
-        gp = ops.vi_rademacher_(torch.empty_like(g), rng, stream + 4).mul_(g)  # the perturbation's grad_out
+        if need[0] or need[2]:  # the perturbation's path: its signs and grad_out g * s_out
+            s_in = ops.vi_rademacher_(torch.empty_like(x), rng, stream + 3)
+            gp = ops.vi_rademacher_(torch.empty_like(g), rng, stream + 4).mul_(g)
         if need[0]:
             dw = ops.vi_sample(_zero_mean(rho), rho, rng, stream)  # transient
             gx = affine.grad_input(x, dw, gp).mul_(s_in).add_(affine.grad_input(x, mu, g))

@@ -61,8 +61,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
     mus, rhos, var = [], [], []
     mc = []
     for name, layer in layers:
-        p = layer._parameters
-        pairs = ((p["weight_mu"], p["weight_rho"]), (p["bias_mu"], p["bias_rho"]))
+        pairs = ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho))
         if isinstance(layer.prior, GaussianPrior):
             v = layer.prior.std ** 2
             for mu, rho in pairs:
