@@ -99,6 +99,8 @@ def _step_one(device: torch.device) -> Tensor:
     adding a Python int would take a select and a write-back, three ops instead of one)."""
     t = _STEP_ONE.get(device)
     if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.arange(2, dtype=torch.int64, device=device)  # no host copy inside a capture; not kept
         t = _STEP_ONE[device] = torch.tensor([0, 1], dtype=torch.int64, device=device)
     return t
 
