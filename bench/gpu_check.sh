@@ -46,6 +46,12 @@ if [ -d .gpu-wheels ]; then
 fi
 python -c "import pytest" 2>/dev/null || log "pytest is missing: run scripts/fetch_gpu_wheels.sh here and carry .gpu-wheels"
 
+# a call without 'build' on a machine that was released in between (30 s idle) finds no pyfastbayes:
+# build then, or every suite would time the pure-PyTorch fallbacks (the 2026-11-27 second call did)
+if ! has build && ! (cd /tmp && python -c "import pyfastbayes._C" 2>/dev/null); then
+  log "pyfastbayes._C is not installed here (a fresh machine): building"
+  STEPS="build $STEPS"
+fi
 if has build; then
   t0=$(date +%s)
   # sm_90 only: the image's TORCH_CUDA_ARCH_LIST (9.0a) would add a second, identical pass (95 s, not 50)

@@ -426,16 +426,24 @@ def spawn_gloo(worker, world: int) -> list:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_gloo_worker, args=(worker, world, port, d), nprocs=world, join=True)
+        parent = (pyfastbayes.__file__, NATIVE)
+        mp.spawn(_gloo_worker, args=(worker, world, port, d, parent), nprocs=world, join=True)
         return [torch.load(os.path.join(d, f"{r}.pt")) for r in range(world)]
 
 
-def _gloo_worker(rank: int, worker, world: int, port: int, out_dir: str) -> None:
+def _gloo_worker(rank: int, worker, world: int, port: int, out_dir: str, parent: tuple) -> None:
     """spawn_gloo's process body. torch._dynamo is imported BEFORE the worker initialises its
     group: the first optimizer imports it, and imported after init_process_group it keeps the
     group alive past destroy_process_group, so gloo's threads sometimes abort the process at exit
-    ("terminate called without an active exception", ~2 % of runs; examples/torchrun_sgld.py)."""
+    ("terminate called without an active exception", ~2 % of runs; examples/torchrun_sgld.py).
+    The rank must load the pyfastbayes the test process loaded: a source tree ahead of
+    site-packages on sys.path once gave the ranks the pure-PyTorch fallbacks beside a native
+    single-process run (the H200 run of 2026-11-27), a mismatch reported as wrong numbers."""
     import torch._dynamo  # noqa: F401
+
+    if (pyfastbayes.__file__, NATIVE) != parent:
+        raise RuntimeError(f"rank {rank} imported pyfastbayes {pyfastbayes.__file__} (native={NATIVE}), "
+                           f"the test process {parent[0]} (native={parent[1]}): fix sys.path")
 
     worker(rank, world, port, out_dir)
 

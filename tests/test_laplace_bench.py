@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root: `bench` package
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root (`bench`), AFTER
+# site-packages: first, it would make processes spawned later import the uncompiled source tree
 
 from bench import bench_laplace  # noqa: E402
 

@@ -9,7 +9,8 @@ import torch
 
 from _helpers import require
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root: `bench` package
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root (`bench`), AFTER
+# site-packages: first, it would make processes spawned later import the uncompiled source tree
 
 from bench import bench_vi  # noqa: E402
 
