@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.loaders import batches
 from ..nn.params import ParamLayout
 from .._distributed import distributed_active  # noqa: F401  (models.py imports it from here)
 
@@ -66,7 +67,7 @@ def _check_batch(item, i: int) -> None:
 def iterate(data: Iterable, device: torch.device) -> Iterator[tuple]:
     """Walk the batches once: (inputs, targets, N_b) moved to ``device``; batches of 0 rows are
     skipped (they add nothing to a sum over examples)."""
-    for i, item in enumerate(data):
+    for i, item in enumerate(batches(data)):
         _check_batch(item, i)
         x, y = item
         n = y.shape[0]

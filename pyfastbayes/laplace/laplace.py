@@ -22,6 +22,7 @@ from .._memory import allocation_cache
 from ..nn import ModeGuard
 from ..nn.calls import parameter_calls
 from ..nn.inputs import iterate_inputs
+from ..nn.loaders import batches as loader_batches
 from ..calibration._checks import check_positive_float
 from ..posteriors.base import Posterior, check_count
 from . import marglik as ml
@@ -222,7 +223,7 @@ class Laplace(Posterior):
         error, curv = None, None
         loss, n_data, n_out = torch.zeros((), dtype=torch.float64, device=self.device), 0, None
         try:
-            batches = iter(loader)
+            batches = loader_batches(loader)
             first = next(batches, None)
             if first is None:
                 raise ValueError("fit: the loader yielded no batches; pass a loader with at least one (inputs, targets) "
@@ -462,7 +463,7 @@ class Laplace(Posterior):
             raise ValueError("method='gridsearch' needs val_loader (an iterable of (inputs, targets) batches)")
         grid_size = check_count(grid_size, "grid_size", 2)
         _choice(pred_type, PRED_TYPES, "pred_type")
-        batches = [self._split(item, i) for i, item in enumerate(val_loader)]
+        batches = [self._split(item, i) for i, item in enumerate(loader_batches(val_loader))]
         if not batches or sum(y.shape[0] for _, y in batches) == 0:
             raise ValueError("val_loader yielded no rows")
         x = torch.cat([b[0] for b in batches])

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import eigenvalues, fisher, ggn
+from ..nn.loaders import batches
 
 _LOSSES = {"classification": nn.CrossEntropyLoss, "binary": nn.BCEWithLogitsLoss, "regression": nn.MSELoss}
 
@@ -28,7 +29,7 @@ class _Pairs:
         self.loader, self.likelihood = loader, likelihood
 
     def __iter__(self):
-        for item in self.loader:
+        for item in batches(self.loader):
             x, y = item[0], item[1]
             if self.likelihood == "binary":
                 y = y.reshape(-1).to(torch.get_default_dtype() if not y.is_floating_point() else y.dtype)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..nn.loaders import batches
 from ..posteriors.base import check_count
 from .laplace import Laplace
 from .marglik import PRIOR_STRUCTURES
@@ -77,7 +78,7 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
     hyper_opt = torch.optim.Adam(hyper, lr=lr_hyp)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer_cls(params, lr=lr)
-    n = sum(int(item[1].shape[0]) for item in train_loader)
+    n = sum(int(item[1].shape[0]) for item in batches(train_loader))
     if n == 0:
         raise ValueError("train_loader yielded no rows")
     margliks: list[float] = []
@@ -86,7 +87,7 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
         model.train()
         delta = la._delta(log_prior.detach().exp())
         sigma2 = log_sigma.detach().exp().square()
-        for item in train_loader:
+        for item in batches(train_loader):
             x, y = item[0].to(la.device), item[1].to(la.device)
             opt.zero_grad()
             nll = _mean_nll(model(x), y, likelihood, sigma2)

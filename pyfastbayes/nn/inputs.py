@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from .loaders import batches
+
 __all__ = ["iterate_inputs", "model_input", "model_output", "call_model", "to_device"]
 
 ModelInput = Any  # a tensor, or a tuple of positional arguments (from input_fn)
@@ -54,7 +56,7 @@ def iterate_inputs(data, batch_size: int, input_fn: Callable | None = None) -> I
             yield model_input(b, input_fn)
         return
     try:
-        it = iter(data)
+        it = batches(data)
     except TypeError:
         raise TypeError(f"x must be a tensor [N, ...] or an iterable of batches (a DataLoader), got "
                         f"{type(data).__name__}") from None
