@@ -13,7 +13,7 @@ laplace-torch``; the reference Laplace library) in the same run, as ratios (issu
 4. a 'kron' GLM predictive over all weights of a model whose [N, C, P] Jacobian (laplace-torch's
    predictive) does not fit the device: ours only on the CPU, with the bytes laplace-torch would
    need; on CUDA laplace-torch is tried too and its out-of-memory error reported.
-5. eigendecomposition: ``eigh_many`` ('batched', 'loop', 'cpu') against ``torch.linalg.eigh`` on
+5. eigendecomposition: ``eigh_many`` ('batched', 'loop', 'cpu', 'streams': CUDA streams, one host thread each) against ``torch.linalg.eigh`` on
    the stacked batch and a loop of it (laplace-torch decomposes one factor at a time), on 16
    matrices 512 x 512 and on the Kronecker factors of the MLP.
 
@@ -410,7 +410,7 @@ def _eigh_rows(mlp_factors, device, quick, rep):
              (f"eigh MLP Kronecker factors {sorted({m.shape[0] for m in mlp_factors})} fp32", mlp_factors, False)]
     for case, mats, same in cases:
         ref_vals = [torch.linalg.eigvalsh(m.double()) for m in mats]
-        for method in ("batched", "loop", "cpu"):
+        for method in ("batched", "loop", "cpu", "streams"):
             # eigenvalues against float64, and Q diag(v) Q^T against the matrix (the eigenvectors)
             err = 0.0
             for (v, Q), r, m in zip(eigh_many(mats, method), ref_vals, mats):
@@ -425,7 +425,7 @@ def _eigh_rows(mlp_factors, device, quick, rep):
             stack = torch.stack(mats)
             rows.append(row(SUITE, case, "torch.linalg.eigh on the stacked batch",
                             _time(lambda: torch.linalg.eigh(stack), device, rep)[1], t_loop))
-        for method in ("batched", "loop", "cpu"):
+        for method in ("batched", "loop", "cpu", "streams"):
             rows.append(row(SUITE, case, f"pyfastbayes eigh_many({method!r})",
                             _time(lambda: eigh_many(mats, method), device, rep)[1], t_loop))
     return rows

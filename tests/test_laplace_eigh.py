@@ -1,0 +1,84 @@
+"""eigh_many (pyfastbayes.laplace.eigenbasis): every method decomposes mixed sizes like float64
+LAPACK, on every device, and a Laplace fit gives the same posterior whichever method it uses."""
+import pytest
+import torch
+from torch import nn
+
+from _helpers import DEVICES, needs_cuda
+from pyfastbayes.laplace import Laplace, eigh_many
+from pyfastbayes.laplace.eigenbasis import METHODS
+
+SIZES = (1, 5, 40, 40, 7, 129)
+
+
+def _spd(sizes, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mats = []
+    for n in sizes:
+        a = torch.randn(n, n + 3, generator=g, dtype=torch.float64)
+        mats.append((a @ a.T / n).to(device=device, dtype=dtype))
+    return mats
+
+
+def _check(got, mats, tol):
+    assert len(got) == len(mats)
+    for (vals, vecs), m in zip(got, mats):
+        n = m.shape[0]
+        assert vals.shape == (n,) and vecs.shape == (n, n)
+        assert vals.device == m.device and vals.dtype == vecs.dtype == m.dtype
+        want = torch.linalg.eigvalsh(m.double().cpu()).clamp_min(0)
+        scale = float(want.abs().max())
+        assert float((vals.double().cpu() - want).abs().max()) <= tol * scale
+        assert bool((vals >= 0).all()) and bool((vals[1:] >= vals[:-1]).all())  # clamped, ascending
+        rebuilt = (vecs * vals) @ vecs.T
+        assert float((rebuilt - m).abs().max()) <= tol * scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_matches_float64_lapack(method, dtype, tol, device):
+    mats = _spd(SIZES, device, dtype)
+    _check(eigh_many(mats, method), mats, tol)
+
+
+@needs_cuda
+def test_streams_from_a_side_stream_with_one_worker_and_many():
+    mats = _spd(SIZES * 3, "cuda", torch.float32, seed=1)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # the caller's own stream: the workers wait for it, it waits for them
+        scaled = [m * 2 for m in mats]
+        for threads in (1, 3, None):
+            got = eigh_many(scaled, "streams", threads=threads)
+            doubled = [(2 * v, q) for v, q in got]  # used at once on the caller's stream
+            _check([(v / 2, q) for v, q in doubled], mats, 1e-4)
+    torch.cuda.synchronize()
+
+
+def test_mixed_devices_and_empty_input():
+    mats = _spd((4, 6), "cpu", torch.float64)
+    for method in METHODS:
+        assert eigh_many([], method) == []
+        _check(eigh_many(mats, method, threads=1), mats, 1e-10)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="method must be one of"):
+        eigh_many([torch.eye(2)], "jacobi")
+    with pytest.raises(ValueError, match=r"mats\[1\] must be a square matrix"):
+        eigh_many([torch.eye(2), torch.ones(2, 3)], "streams")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_laplace_is_the_same_whichever_method(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double().to(device)
+    x = torch.randn(40, 6, dtype=torch.float64, device=device)
+    y = torch.randint(0, 3, (40,), device=device)
+    loader = [(x[:25], y[:25]), (x[25:], y[25:])]
+    fits = {m: Laplace(model, "classification", hessian_structure="kron", eigh_method=m).fit(loader, progress=False)
+            for m in ("batched", "loop", "cpu", "streams")}
+    ref = fits["batched"]
+    for m, la in fits.items():
+        assert torch.allclose(la.log_marginal_likelihood(), ref.log_marginal_likelihood(), rtol=1e-10), m
+        assert torch.allclose(la(x[:5]), ref(x[:5]), rtol=1e-8, atol=1e-12), m
