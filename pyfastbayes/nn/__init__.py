@@ -7,6 +7,8 @@
   for the current weights (torch's ``update_bn`` call form) and the train/eval mode guard.
 - :func:`iterate_inputs` and the ``input_fn`` / ``output_fn`` adapters (inputs.py): what is fed to
   the model and what it returns.
+- :func:`~pyfastbayes.nn.loaders.batches` (loaders.py): a loader's batches, a DataLoader over a
+  TensorDataset taken from its tensors directly (the same batches and random draws).
 """
 from .batchnorm import ModeGuard, bn_modules, refresh_bn, update_bn
 from .inputs import iterate_inputs
