@@ -223,6 +223,7 @@ class FullCurvature:
         self.blocks = blocks
         self.P = sum(b.numel for b in blocks)
         self.H = torch.zeros(self.P, self.P, dtype=dtype, device=device)
+        self._runs: dict[int, slice | None] = {}  # id(block) -> its positions as a slice (see _run)
 
     def add(self, layers, grads) -> None:
         parts = list(block_parts(layers, grads))
@@ -254,10 +255,41 @@ class FullCurvature:
                     A = torch.einsum("nq,ns->nqs", Vi[r].to(dt), Vj[r].to(dt)).reshape(-1, qi * qj)
                     block.addmm_(G.t(), A)
                 Hij = block.view(pi, pj, qi, qj).permute(0, 2, 1, 3).reshape(pi * qi, pj * qj)
-                si, sj = bi.sel.reshape(-1), bj.sel.reshape(-1)
-                self.H[si.unsqueeze(1), sj.unsqueeze(0)] += Hij
+                self._scatter_add(bi, bj, Hij)
                 if j != i:
-                    self.H[sj.unsqueeze(1), si.unsqueeze(0)] += Hij.t()
+                    self._scatter_add(bj, bi, Hij.t())
+
+    def _scatter_add(self, bi: Block, bj: Block, Hij: Tensor) -> None:
+        """H[bi's positions, bj's positions] += Hij. A block's positions are a run of consecutive
+        ones in some order (a whole parameter tensor; a weight and its bias column interleaved in
+        a joint block): the update goes into that slice of H, its rows and columns gathered into
+        position order first. Advanced indexing on H, the general case, costs ~10x the slice (40
+        of a last-layer fit's 80 ms on digits)."""
+        ri, rj = self._run(bi), self._run(bj)
+        if ri is None or rj is None:
+            si, sj = bi.sel.reshape(-1), bj.sel.reshape(-1)
+            self.H[si.unsqueeze(1), sj.unsqueeze(0)] += Hij
+            return
+        (span_i, order_i), (span_j, order_j) = ri, rj
+        if order_i is not None:
+            Hij = Hij.index_select(0, order_i)
+        if order_j is not None:
+            Hij = Hij.index_select(1, order_j)
+        self.H[span_i, span_j] += Hij
+
+    def _run(self, b: Block) -> tuple[slice, Tensor | None] | None:
+        """(slice of the block's positions, the order that sorts its entries into them, or None
+        when they are in order already), or None when the positions are not consecutive."""
+        if id(b) not in self._runs:
+            sel = b.sel.reshape(-1).cpu()
+            order = torch.argsort(sel)
+            start, n = (int(sel[order[0]]) if sel.numel() else 0), sel.numel()
+            run = None
+            if torch.equal(sel[order], torch.arange(start, start + n)):
+                in_order = torch.equal(order, torch.arange(n))
+                run = (slice(start, start + n), None if in_order else order.to(self.H.device))
+            self._runs[id(b)] = run
+        return self._runs[id(b)]
 
     def tensors(self):
         return [self.H]
