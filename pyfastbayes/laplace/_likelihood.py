@@ -99,11 +99,31 @@ def summed_loss(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
     return loss
 
 
+# entries of a row's directions below its largest times this are set to 0 (see _drop_negligible)
+NEGLIGIBLE = 2.0 ** -50
+
+
+def _drop_negligible(R: Tensor) -> Tensor:
+    """R with the entries below NEGLIGIBLE x the largest |entry| of their row n (over directions
+    and outputs) set to 0: their share of the row's curvature R R^T is below 2^-100 of its
+    largest entry. A confident classifier's softmax directions reach ~1e-23 (sqrt p of an
+    unlikely class) and their products, the curvature's terms, fall below float32's normal
+    range: such subnormal operands slowed the dense GEMMs of a last-layer 'full' fit tenfold
+    (CNN on digits: 270 ms -> 27 ms per batch for the same block once they are dropped)."""
+    big = R.abs().amax(dim=(0, 2), keepdim=True)
+    return R.masked_fill(R.abs() < big * NEGLIGIBLE, 0.0)
+
+
 def directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_samples: int,
                generator: torch.Generator | None) -> Tensor:
     """Output-space directions R [m, N, C] with sum_j R[j, n] R[j, n]^T the per-row curvature
-    (exactly for 'ggn', in expectation for 'mc_fisher', the gradient outer product for 'ef')."""
-    f = f.detach()
+    (exactly for 'ggn', in expectation for 'mc_fisher', the gradient outer product for 'ef'),
+    entries negligible within their row (below 2^-50 of its largest) dropped to 0."""
+    return _drop_negligible(_directions(f.detach(), y, likelihood, curvature, mc_samples, generator))
+
+
+def _directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_samples: int,
+                generator: torch.Generator | None) -> Tensor:
     N, C = f.shape
     if curvature == "ggn":
         if likelihood == "regression":  # 0.5 (f - y)^2: Hessian I

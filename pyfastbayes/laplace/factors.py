@@ -239,25 +239,55 @@ class FullCurvature:
 
     def _add_factored(self, parts) -> None:
         """Every block's Jacobian is U (x) V (unshared layers): the block pair (i, j) of
-        sum_n sum_m J^T J is sum_n (sum_m U_i U_j^T)_n (x) (V_i V_j^T)_n, ONE GEMM
-        [p_i p_j, N] x [N, q_i q_j] per pair (N P_i P_j flops instead of the rows' m N P_i P_j)."""
+        sum_n sum_m J^T J is sum_n M_n (x) (V_i V_j^T)_n with M_n = (sum_m U_i U_j^T)_n
+        [p_i, p_j] (N p_i p_j q_i q_j flops instead of the rows' m N p_i p_j q_i q_j).
+        Row block c of the pair (rows c q_i ... (c + 1) q_i) is V_i^T W_c with W_c [N, p_j q_j]
+        = rows n of M_n[c, :] (x) V_j,n: one GEMM per c whose output lands in place; the
+        alternative, one GEMM over the [N, q_i q_j] outer products of the V's (and a permuting
+        copy of the [p_i p_j, q_i q_j] result), moves ~20x the bytes on a last-layer block of
+        5 130 weights, so it is kept for small blocks only (q_i q_j < 4 096), where one call
+        beats p_i of them."""
         dt = self.H.dtype
         m, N = grads_shape(parts)
         for i, (bi, (_, Ui, Vi)) in enumerate(parts):
             for j in range(i, len(parts)):
                 bj, (_, Uj, Vj) = parts[j]
                 pi, qi, pj, qj = Ui.shape[-1], Vi.shape[-1], Uj.shape[-1], Vj.shape[-1]
-                step = max(1, _CHUNK_ELEMENTS // max(1, pi * pj + qi * qj))
-                block = torch.zeros(pi * pj, qi * qj, dtype=dt, device=self.H.device)
-                for n0 in range(0, N, step):
-                    r = slice(n0, n0 + step)
-                    G = torch.einsum("mnp,mnr->npr", Ui[:, r].to(dt), Uj[:, r].to(dt)).reshape(-1, pi * pj)
-                    A = torch.einsum("nq,ns->nqs", Vi[r].to(dt), Vj[r].to(dt)).reshape(-1, qi * qj)
-                    block.addmm_(G.t(), A)
-                Hij = block.view(pi, pj, qi, qj).permute(0, 2, 1, 3).reshape(pi * qi, pj * qj)
+                if qi * qj >= 4096:
+                    Hij = self._pair_by_rows(Ui, Vi, Uj, Vj)
+                else:
+                    Hij = self._pair_by_outer(Ui, Vi, Uj, Vj)
                 self._scatter_add(bi, bj, Hij)
                 if j != i:
                     self._scatter_add(bj, bi, Hij.t())
+
+    def _pair_by_rows(self, Ui, Vi, Uj, Vj) -> Tensor:
+        """The pair's block [p_i q_i, p_j q_j], one GEMM per row block c (see _add_factored)."""
+        dt, N = self.H.dtype, Vi.shape[0]
+        pi, qi, pj, qj = Ui.shape[-1], Vi.shape[-1], Uj.shape[-1], Vj.shape[-1]
+        Hij = torch.zeros(pi * qi, pj * qj, dtype=dt, device=self.H.device)
+        step = max(1, _CHUNK_ELEMENTS // max(1, pj * qj + pi * pj))
+        for n0 in range(0, N, step):
+            r = slice(n0, n0 + step)
+            M = torch.einsum("mnp,mnr->npr", Ui[:, r].to(dt), Uj[:, r].to(dt))  # [n, p_i, p_j]
+            vi, vj = Vi[r].to(dt), Vj[r].to(dt)
+            for c in range(pi):
+                W = (M[:, c, :, None] * vj[:, None, :]).reshape(-1, pj * qj)
+                Hij[c * qi:(c + 1) * qi].addmm_(vi.t(), W)
+        return Hij
+
+    def _pair_by_outer(self, Ui, Vi, Uj, Vj) -> Tensor:
+        """The pair's block by one GEMM over the outer products of the V's (small blocks)."""
+        dt, N = self.H.dtype, Vi.shape[0]
+        pi, qi, pj, qj = Ui.shape[-1], Vi.shape[-1], Uj.shape[-1], Vj.shape[-1]
+        step = max(1, _CHUNK_ELEMENTS // max(1, pi * pj + qi * qj))
+        block = torch.zeros(pi * pj, qi * qj, dtype=dt, device=self.H.device)
+        for n0 in range(0, N, step):
+            r = slice(n0, n0 + step)
+            G = torch.einsum("mnp,mnr->npr", Ui[:, r].to(dt), Uj[:, r].to(dt)).reshape(-1, pi * pj)
+            A = torch.einsum("nq,ns->nqs", Vi[r].to(dt), Vj[r].to(dt)).reshape(-1, qi * qj)
+            block.addmm_(G.t(), A)
+        return block.view(pi, pj, qi, qj).permute(0, 2, 1, 3).reshape(pi * qi, pj * qj)
 
     def _scatter_add(self, bi: Block, bj: Block, Hij: Tensor) -> None:
         """H[bi's positions, bj's positions] += Hij. A block's positions are a run of consecutive
