@@ -172,6 +172,12 @@ def vi() -> None:
             gpu = torch.zeros(2 * n, dtype=dtype, device="cuda")[::2]
             ops.vi_rademacher_(gpu, torch.tensor([5, 6], device="cuda"), 2**32 - 1, backend="native")
             assert torch.equal(gpu.cpu(), cpu), ("vi_rademacher_", n, dtype)
+            gw = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+            pos = torch.tensor([-3, 2**32 + 5])
+            cpu = ops.vi_sample_and_backward(a[1:], rho, gw, pos, 9, backend="native")
+            gpu = ops.vi_sample_and_backward(a.cuda()[1:], rho.cuda(), gw.cuda(), pos.cuda(), 9, backend="native")
+            for c_, g_ in zip(cpu, gpu):
+                close(g_, c_, tol)
         m = torch.randn(40, 30, generator=g).to(dtype)
         r = torch.randn(30, 40, generator=g).to(dtype).t()
         cpu = ops.vi_sample(m, r, torch.tensor([1, 1]), 0, backend="native")

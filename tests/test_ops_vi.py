@@ -188,6 +188,99 @@ class TestViLocalNoiseBackward(OpContract):
     spec = pair_spec("vi_local_noise_backward")
 
 
+# ---- vi_sample_and_backward: vi_sample and vi_sample_backward from one draw --------------------
+SAB = "vi_sample_and_backward"
+
+
+def sab_values(shape, dtype, gen, specials=True):
+    mu, rho = pair_values("rho", shape, dtype, gen, specials)
+    return mu, rho, torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def sab_call(mu, rho, grad_w, rng, stream):
+    return dict(mu=mu, rho=rho, grad_w=grad_w, rng=rng, stream=stream)
+
+
+def sab_make(case, device, dtype, gen):
+    on = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    if case == "random":
+        return [sab_call(*on(*sab_values(shape, dtype, gen)), rng_of(seed, step, device), stream)
+                for shape in SHAPES for seed, stream, step in POSITIONS]
+    if case == "empty":
+        z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        return [sab_call(z(0), z(0), z(0), rng_of(1, 2, device), 3),
+                sab_call(z(3, 0), z(3, 0), z(3, 0), rng_of(-1, 0, device), 0)]
+    m1, r1, g1 = sab_values((30, 40), dtype, gen)
+    m2, r2, g2 = sab_values((9, 14), dtype, gen)
+    m4, r4, g4 = sab_values((2, 3, 4, 5), dtype, gen)
+    cl = lambda t: t.to(device).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    return [sab_call(m1.to(device).t(), r1.t().contiguous().to(device), g1.to(device).t(), rng_of(11, 9, device), 2),
+            sab_call(m2.to(device)[:, 1::3], r2.to(device)[:, ::3], g2.to(device)[:, 1::3], rng_of(-3, 1, device), 5),
+            sab_call(torch.zeros((), dtype=dtype, device=device).expand(9, 14), r2.to(device), g2.to(device),
+                     rng_of(4, 4, device), 1),
+            sab_call(cl(m4), cl(r4), cl(g4), rng_of(8, 2**32 + 1, device), 2**32 - 1)]
+
+
+def sab_good(device):
+    gen = torch.Generator().manual_seed(5)
+    return sab_call(*[t.to(device) for t in sab_values((4, 5), torch.float32, gen, specials=False)],
+                    rng_of(11, 3, device), 2)
+
+
+def sab_post(case, calls, outs, after):
+    """(w, grad_rho): new contiguous tensors of mu's shape and dtype, bit for bit what the two
+    native ops give (CPU; CUDA to 1e-6: nvcc may contract the two kernels' FMAs differently);
+    every input unchanged."""
+    for c, (w, gr), a in zip(calls, outs, after):
+        for out in (w, gr):
+            assert out.is_contiguous() and out.shape == c["mu"].shape and out.dtype == c["mu"].dtype
+        assert w.numel() == 0 or w.data_ptr() != gr.data_ptr()
+        want_w = ops.vi_sample(c["mu"], c["rho"], c["rng"], c["stream"], backend="native")
+        want_g = ops.vi_sample_backward(c["grad_w"], c["rho"], c["rng"], c["stream"], backend="native")
+        tol = dict(rtol=0, atol=0) if w.device.type == "cpu" else dict(rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(w, want_w, equal_nan=True, **tol)
+        torch.testing.assert_close(gr, want_g, equal_nan=True, **tol)
+        for name in ("mu", "rho", "grad_w", "rng"):
+            torch.testing.assert_close(a[name], c[name], rtol=0, atol=0, equal_nan=True)
+
+
+def sab_spec():
+    op = SAB
+    mix = (rf"^{op}: (\w+ is on cpu, expected CUDA|\w+ is on (cpu|cuda:0) but \w+ is on (cpu|cuda:0)"
+           rf"|rng must be a contiguous int64 \[2\] = \(seed, step\) on cuda:0)$")
+    rng_msg = rf"^{op}: rng must be a contiguous int64 \[2\] = \(seed, step\) on .*$"
+    bad = [
+        Bad("mu-int", put(mu=lambda a, d: a["mu"].long()), rf"^{op}: mu must be float64, float32, float16 or bfloat16, got Long$"),
+        Bad("rho-dtype", put(rho=lambda a, d: a["rho"].double()), rf"^{op}: rho has dtype Double but mu has Float$"),
+        Bad("grad_w-dtype", put(grad_w=lambda a, d: a["grad_w"].half()),
+            rf"^{op}: rho has dtype Float but grad_w has Half$"),
+        Bad("grad_w-int", put(grad_w=lambda a, d: a["grad_w"].long()),
+            rf"^{op}: grad_w must be float64, float32, float16 or bfloat16, got Long$"),
+        Bad("rho-shape", put(rho=lambda a, d: a["rho"][:3]), rf"^{op}: rho has shape \[3, 5\] but mu has shape \[4, 5\]$"),
+        Bad("grad_w-shape", put(grad_w=lambda a, d: a["grad_w"].t()),
+            rf"^{op}: rho has shape \[4, 5\] but grad_w has shape \[5, 4\]$"),
+        Bad("rng-3", put(rng=lambda a, d: torch.tensor([0, 0, 0], device=d)), rng_msg),
+        Bad("rng-float", put(rng=lambda a, d: a["rng"].double()), rng_msg),
+        Bad("stream-negative", put(stream=-1), rf"^{op}: stream must be in \[0, 2\^32\), got -1$"),
+    ] + (placement(op, "mu", "rho", device=mix) + placement(op, "rho", "mu", device=mix)
+         + placement(op, "grad_w", "rho", device=mix) + placement(op, "rng", "mu", device=mix))
+
+    def opcheck_args(dtype, shape):
+        def args(device):
+            gen = torch.Generator().manual_seed(6)
+            return sab_call(*[t.to(device) for t in sab_values(shape, dtype, gen, specials=False)],
+                            rng_of(-9, 2, device), 7)
+        return args
+
+    return OpSpec(op, grid=ALL_DTYPES, make=sab_make, good=sab_good, bad=bad, post=sab_post, tol=pair_tol, seed=31,
+                  opcheck=[opcheck_args(torch.float64, (33,)), opcheck_args(torch.bfloat16, (2, 3, 5)),
+                           opcheck_args(torch.float16, (0,))])
+
+
+class TestViSampleAndBackward(OpContract):
+    spec = sab_spec()
+
+
 # ---- vi_rademacher_ ----------------------------------------------------------------------------
 RADEMACHER_DTYPES = ALL_DTYPES
 

@@ -220,7 +220,29 @@ PFB_VI_INLINE void vi_noisy_loop(ViNoisy op, const T* __restrict a, const T* __r
   }
 }
 
+// vi_sample_and_backward: w[k] = the kSample rule, gr[k] = the kSampleBackward rule, one eps and one
+// exp(rho) for both (the same expressions as vi_noisy_loop's: bit for bit the two ops' results)
+template <class T>
+PFB_VI_INLINE void vi_sample_grad_loop(const T* __restrict mu, const T* __restrict rho, const T* __restrict gw,
+                                       const float* __restrict z, T* __restrict w, T* __restrict gr, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T e = vi_vexp(rho[k]);
+    const T eps = static_cast<T>(z[k]);
+    w[k] = mu[k] + vi_vsoftplus(rho[k], e) * eps;
+    gr[k] = gw[k] * eps * vi_vsoftplus_grad(rho[k], e);
+  }
+}
+
 #define PFB_VI_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+
+PFB_VI_CLONES void vi_sample_grad_f32(const float* mu, const float* rho, const float* gw, const float* z, float* w,
+                                      float* gr, int64_t n) {
+  vi_sample_grad_loop(mu, rho, gw, z, w, gr, n);
+}
+PFB_VI_CLONES void vi_sample_grad_f64(const double* mu, const double* rho, const double* gw, const float* z,
+                                      double* w, double* gr, int64_t n) {
+  vi_sample_grad_loop(mu, rho, gw, z, w, gr, n);
+}
 
 PFB_VI_CLONES void vi_noisy_f32(ViNoisy op, const float* a, const float* b, const float* z, float* out, int64_t n) {
   vi_noisy_loop(op, a, b, z, out, n);
@@ -386,6 +408,69 @@ at::Tensor vi_sample_cpu(const at::Tensor& mu, const at::Tensor& rho, const at::
 at::Tensor vi_sample_backward_cpu(const at::Tensor& grad_w, const at::Tensor& rho, const at::Tensor& rng,
                                   int64_t stream) {
   return noisy_pair_cpu(ViNoisy::kSampleBackward, "vi_sample_backward", grad_w, "grad_w", rho, "rho", rng, stream);
+}
+
+inline void sample_grad_piece(const float* mu, const float* rho, const float* gw, const float* z, float* w, float* gr,
+                              int64_t n) {
+  vi_sample_grad_f32(mu, rho, gw, z, w, gr, n);
+}
+inline void sample_grad_piece(const double* mu, const double* rho, const double* gw, const float* z, double* w,
+                              double* gr, int64_t n) {
+  vi_sample_grad_f64(mu, rho, gw, z, w, gr, n);
+}
+
+// vi_sample_and_backward over n contiguous elements: noise pieces as noisy_pair draws them
+template <class scalar_t>
+void sample_and_backward(const scalar_t* mu, const scalar_t* rho, const scalar_t* gw, scalar_t* w, scalar_t* gr,
+                         int64_t n, RngPosition pos, uint32_t stream) {
+  using op_t = at::opmath_type<scalar_t>;
+  constexpr bool direct = std::is_same_v<scalar_t, op_t>;
+  at::parallel_for(0, (n + 3) / 4, kViGrainBlocks, [&](int64_t b0, int64_t b1) {
+    alignas(64) float z[kViBuf];
+    alignas(64) op_t c[5][kConvBuf<scalar_t>];  // fp16 / bf16: mu, rho, grad_w, w, grad_rho in float
+    const int64_t end = std::min(4 * b1, n);
+    for (int64_t s = 4 * b0; s < end; s += kViBuf) {
+      const int64_t m = std::min(kViBuf, end - s);
+      const int64_t whole = m / 4;
+      fill_normal(pos.seed, stream, pos.step, s / 4, whole, z);
+      if (m > 4 * whole) {  // the partial last block, as noisy_pair draws it
+        philox_normal4(pos.seed, static_cast<uint64_t>(s / 4 + whole), stream, pos.step, z + 4 * whole);
+      }
+      if constexpr (direct) {
+        sample_grad_piece(mu + s, rho + s, gw + s, z, w + s, gr + s, m);
+      } else {
+        for (int64_t k = 0; k < m; ++k) {
+          c[0][k] = static_cast<op_t>(mu[s + k]);
+          c[1][k] = static_cast<op_t>(rho[s + k]);
+          c[2][k] = static_cast<op_t>(gw[s + k]);
+        }
+        sample_grad_piece(c[0], c[1], c[2], z, c[3], c[4], m);
+        for (int64_t k = 0; k < m; ++k) {
+          w[s + k] = static_cast<scalar_t>(c[3][k]);
+          gr[s + k] = static_cast<scalar_t>(c[4][k]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> vi_sample_and_backward_cpu(const at::Tensor& mu, const at::Tensor& rho,
+                                                              const at::Tensor& grad_w, const at::Tensor& rng,
+                                                              int64_t stream) {
+  const char* op = "vi_sample_and_backward";
+  check_vi_pair(op, mu, "mu", rho, "rho", rng, stream, c10::DeviceType::CPU);
+  check_vi_pair(op, grad_w, "grad_w", rho, "rho", rng, stream, c10::DeviceType::CPU);
+  at::Tensor w = at::empty(mu.sizes(), mu.options()), gr = at::empty(mu.sizes(), mu.options());  // contiguous
+  const int64_t n = mu.numel();
+  if (n == 0) return {w, gr};
+  const at::Tensor mc = mu.contiguous(), rc = rho.contiguous(), gc = grad_w.contiguous();
+  const RngPosition pos = read_rng(rng);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vi_sample_and_backward", [&] {
+    sample_and_backward<scalar_t>(mc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(),
+                                  gc.const_data_ptr<scalar_t>(), w.mutable_data_ptr<scalar_t>(),
+                                  gr.mutable_data_ptr<scalar_t>(), n, pos, static_cast<uint32_t>(stream));
+  });
+  return {w, gr};
 }
 
 at::Tensor vi_local_noise_cpu(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& rng, int64_t stream) {
@@ -575,6 +660,7 @@ TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
   // section 1
   m.impl("vi_sample", &vi_sample_cpu);
   m.impl("vi_sample_backward", &vi_sample_backward_cpu);
+  m.impl("vi_sample_and_backward", &vi_sample_and_backward_cpu);
   m.impl("vi_local_noise", &vi_local_noise_cpu);
   m.impl("vi_local_noise_backward", &vi_local_noise_backward_cpu);
   m.impl("vi_rademacher_", &vi_rademacher_cpu);

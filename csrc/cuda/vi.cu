@@ -95,6 +95,55 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// vi_sample_and_backward: w[i] = ViSampleRule(mu[i], rho[i], eps_i), gr[i] = ViSampleBackwardRule(gw[i],
+// rho[i], eps_i), i < n, one draw of eps; all five contiguous; math in op_t
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    vi_sample_and_backward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, const T* __restrict__ gw,
+                                  T* __restrict__ w, T* __restrict__ gr, int64_t n, const int64_t* __restrict__ rng,
+                                  uint32_t stream) {
+  using op_t = at::opmath_type<T>;
+  using VA = VecAccess<T, 4>;
+  const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
+  const auto step = static_cast<uint32_t>(rng[kRngStep]);
+  const bool vm = VA::aligned(mu), vr = VA::aligned(rho), vg = VA::aligned(gw), vw = VA::aligned(w),
+             vgr = VA::aligned(gr);
+  const int64_t full = n / 4;
+  const int64_t nblocks = (n + 3) / 4;
+  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const ViSampleRule sample{};
+  const ViSampleBackwardRule back{};
+  for (int64_t blk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; blk < nblocks; blk += grid_stride) {
+    const int64_t i0 = 4 * blk;
+    float z[4];
+    if (blk < full) {
+      T mv[4], rv[4], gv[4], wv[4], grv[4];
+      VA::load(mu + i0, vm, mv);
+      VA::load(rho + i0, vr, rv);
+      VA::load(gw + i0, vg, gv);
+      philox_normal4(seed, static_cast<uint64_t>(blk), stream, step, z);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const op_t r = static_cast<op_t>(rv[k]), e = static_cast<op_t>(z[k]);
+        wv[k] = static_cast<T>(sample(static_cast<op_t>(mv[k]), r, e));
+        grv[k] = static_cast<T>(back(static_cast<op_t>(gv[k]), r, e));
+      }
+      VA::store(w + i0, vw, wv);
+      VA::store(gr + i0, vgr, grv);
+    } else {
+      philox_normal4(seed, static_cast<uint64_t>(blk), stream, step, z);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (i0 + k < n) {
+          const op_t r = static_cast<op_t>(rho[i0 + k]), e = static_cast<op_t>(z[k]);
+          w[i0 + k] = static_cast<T>(sample(static_cast<op_t>(mu[i0 + k]), r, e));
+          gr[i0 + k] = static_cast<T>(back(static_cast<op_t>(gw[i0 + k]), r, e));
+        }
+      }
+    }
+  }
+}
+
 // out[i] = +1 / -1 from the top bit of word i % 4 of Philox block i / 4, i < n; out contiguous
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -152,6 +201,29 @@ at::Tensor vi_sample_cuda(const at::Tensor& mu, const at::Tensor& rho, const at:
 at::Tensor vi_sample_backward_cuda(const at::Tensor& grad_w, const at::Tensor& rho, const at::Tensor& rng,
                                    int64_t stream) {
   return vi_noisy_pair_cuda<ViSampleBackwardRule>("vi_sample_backward", grad_w, "grad_w", rho, "rho", rng, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> vi_sample_and_backward_cuda(const at::Tensor& mu, const at::Tensor& rho,
+                                                               const at::Tensor& grad_w, const at::Tensor& rng,
+                                                               int64_t stream) {
+  const char* op = "vi_sample_and_backward";
+  check_vi_pair(op, mu, "mu", rho, "rho", rng, stream, c10::DeviceType::CUDA);
+  check_vi_pair(op, grad_w, "grad_w", rho, "rho", rng, stream, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  at::Tensor w = at::empty(mu.sizes(), mu.options()), gr = at::empty(mu.sizes(), mu.options());  // contiguous
+  const int64_t n = mu.numel();
+  if (n == 0) return {w, gr};
+  const at::Tensor mc = mu.contiguous(), rc = rho.contiguous(), gc = grad_w.contiguous();
+  const int64_t grid = resident_blocks_for((n + 3) / 4, kThreads);
+  const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vi_sample_and_backward", [&] {
+    vi_sample_and_backward_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, cs>>>(
+        mc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
+        w.mutable_data_ptr<scalar_t>(), gr.mutable_data_ptr<scalar_t>(), n, rng.const_data_ptr<int64_t>(),
+        static_cast<uint32_t>(stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {w, gr};
 }
 
 at::Tensor vi_local_noise_cuda(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& rng,
@@ -395,6 +467,7 @@ TORCH_LIBRARY_IMPL(pyfastbayes, CUDA, m) {
   // section 1
   m.impl("vi_sample", &vi_sample_cuda);
   m.impl("vi_sample_backward", &vi_sample_backward_cuda);
+  m.impl("vi_sample_and_backward", &vi_sample_and_backward_cuda);
   m.impl("vi_local_noise", &vi_local_noise_cuda);
   m.impl("vi_local_noise_backward", &vi_local_noise_backward_cuda);
   m.impl("vi_rademacher_", &vi_rademacher_cuda);

@@ -26,6 +26,10 @@ TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
   // grad_w, rho: as vi_sample's mu, rho -> grad_rho = grad_w * eps * softplus'(rho) (the same eps;
   // grad_mu is grad_w itself)
   m.def("vi_sample_backward(Tensor grad_w, Tensor rho, Tensor rng, int stream) -> Tensor");
+  // mu, rho, grad_w: one shape, dtype and device -> (w, grad_rho): vi_sample(mu, rho) and
+  // vi_sample_backward(grad_w, rho) from ONE draw of eps (a layer's backward that needs the weights
+  // for its input gradient and d/d rho), bit for bit the two ops' results
+  m.def("vi_sample_and_backward(Tensor mu, Tensor rho, Tensor grad_w, Tensor rng, int stream) -> (Tensor, Tensor)");
   // mean, var: same shape and dtype -> mean + sqrt(var) * eps (local reparameterisation of
   // pre-activations); var < 0 (rounding) counts as 0
   m.def("vi_local_noise(Tensor mean, Tensor var, Tensor rng, int stream) -> Tensor");

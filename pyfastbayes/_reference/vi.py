@@ -9,6 +9,7 @@ float64 tensors) with torch's own functions:
 
     vi_sample(mu, rho)                    mu + softplus(rho) * eps        (F.softplus: threshold 20)
     vi_sample_backward(grad_w, rho)       grad_w * eps * softplus'(rho)   (1 above 20, else sigmoid)
+    vi_sample_and_backward(mu, rho, grad_w)  both of the above, one eps
     vi_local_noise(mean, var)             mean + sqrt(max(var, 0)) * eps
     vi_local_noise_backward(grad_out, var) grad_out * eps / (2 sqrt(var)), 0 where var <= 0
     vi_rademacher_(out)                   -1 where bit 31 of word i % 4 of Philox block i // 4 is set, else +1
@@ -131,6 +132,14 @@ def vi_sample_backward(grad_w: Tensor, rho: Tensor, rng: Tensor, stream: int) ->
     with torch.no_grad():
         g = grad_w.to(op) * _eps(grad_w, rng, stream) * _softplus_grad(rho.to(op))
     return g.to(grad_w.dtype).contiguous()
+
+
+def vi_sample_and_backward(mu: Tensor, rho: Tensor, grad_w: Tensor, rng: Tensor, stream: int) -> tuple[Tensor, Tensor]:
+    """Reference of ``torch.ops.pyfastbayes.vi_sample_and_backward``: (vi_sample(mu, rho),
+    vi_sample_backward(grad_w, rho)) with the same eps."""
+    check_vi_pair("vi_sample_and_backward", mu, "mu", rho, "rho", rng, stream)
+    check_vi_pair("vi_sample_and_backward", grad_w, "grad_w", rho, "rho", rng, stream)
+    return vi_sample(mu, rho, rng, stream), vi_sample_backward(grad_w, rho, rng, stream)
 
 
 def vi_local_noise(mean: Tensor, var: Tensor, rng: Tensor, stream: int) -> Tensor:

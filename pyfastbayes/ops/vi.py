@@ -26,7 +26,8 @@ from .. import _native
 from .._reference.vi import check_vi_kl, check_vi_pair, check_vi_rademacher_
 from ._dispatch import device_of, select
 
-__all__ = ["vi_sample", "vi_sample_backward", "vi_local_noise", "vi_local_noise_backward", "vi_rademacher_", "vi_kl",
+__all__ = ["vi_sample", "vi_sample_backward", "vi_sample_and_backward",
+           "vi_local_noise", "vi_local_noise_backward", "vi_rademacher_", "vi_kl",
            "vi_kl_backward"]
 
 # ======================= Section 1: reparameterised noise =======================================
@@ -58,6 +59,19 @@ def vi_sample_backward(grad_w: Tensor, rho: Tensor, rng: Tensor, stream: int, *,
     dtype. The gradient with respect to mu is grad_w itself.
     """
     return select("vi_sample_backward", grad_w.device, backend)(grad_w, rho, rng, stream)
+
+
+def vi_sample_and_backward(mu: Tensor, rho: Tensor, grad_w: Tensor, rng: Tensor, stream: int, *,
+                           backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """``(vi_sample(mu, rho, rng, stream), vi_sample_backward(grad_w, rho, rng, stream))`` from ONE
+    draw of eps: the backward pass of a layer that needs both its sampled weights (for the input
+    gradient) and d/d rho, in one pass over the noise instead of two.
+
+    mu, rho, grad_w: [any shape], one shape, dtype (fp64 / fp32 / fp16 / bf16) and device, any
+    strides; rng and stream: those of the forward draw. Returns (w, grad_rho): new contiguous
+    tensors of mu's shape and dtype, bit for bit the two ops' results on the same backend.
+    """
+    return select("vi_sample_and_backward", mu.device, backend)(mu, rho, grad_w, rng, stream)
 
 
 def vi_local_noise(mean: Tensor, var: Tensor, rng: Tensor, stream: int, *, backend: str | None = None) -> Tensor:
@@ -158,6 +172,12 @@ if _native.available():
     def _(grad_w, rho, rng, stream):
         check_vi_pair("vi_sample_backward", grad_w, "grad_w", rho, "rho", rng, stream, fake=True)
         return _new_like(grad_w)
+
+    @torch.library.register_fake("pyfastbayes::vi_sample_and_backward")
+    def _(mu, rho, grad_w, rng, stream):
+        check_vi_pair("vi_sample_and_backward", mu, "mu", rho, "rho", rng, stream, fake=True)
+        check_vi_pair("vi_sample_and_backward", grad_w, "grad_w", rho, "rho", rng, stream, fake=True)
+        return _new_like(mu), _new_like(mu)
 
     @torch.library.register_fake("pyfastbayes::vi_local_noise")
     def _(mean, var, rng, stream):

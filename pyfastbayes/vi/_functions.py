@@ -4,8 +4,9 @@ being saved, so no noise tensor and no sampled-weight tensor outlives the forwar
 
 - :class:`SampledAffine`: y = op(x, mu + sigma(rho) eps_w, mu_b + sigma(rho_b) eps_b) for op = linear
   or a convolution (the 'reparam' estimator). Saves x, the parameters and the 2-element RNG position; the backward
-  draws w again (``ops.vi_sample``), forms grad_x and grad_w with the layer's own ops, and
-  d/d rho = grad_w * eps * sigmoid(rho) in one fused pass (``ops.vi_sample_backward``).
+  forms grad_w with the layer's own op, then draws w again and d/d rho = grad_w * eps * sigmoid(rho)
+  in one pass over the noise (``ops.vi_sample_and_backward``; one of ``ops.vi_sample`` /
+  ``ops.vi_sample_backward`` when only grad_x or only d/d rho is needed), and grad_x from w.
 - :class:`Flipout`: the flipout estimator's whole layer as one node (signs, perturbation and
   bias noise regenerated in the backward).
 - :class:`LocalNoise`: out = mean + sqrt(var) eps over pre-activations (local
@@ -67,14 +68,17 @@ class SampledAffine(torch.autograd.Function):
         x, mu, rho, bias_rho, rng = ctx.saved_tensors
         stream, bias_stream, affine, has_bias = ctx.meta
         gx = gmu = grho = gbmu = gbrho = None
-        if ctx.needs_input_grad[0]:
-            w = ops.vi_sample(mu, rho, rng, stream)  # transient
+        need_x, need_mu, need_rho = ctx.needs_input_grad[:3]
+        gw = affine.grad_weight(x, rho.shape, g).to(rho.dtype) if need_mu or need_rho else None
+        if need_x and need_rho:  # w and d/d rho from one draw of the noise
+            w, grho = ops.vi_sample_and_backward(mu, rho, gw, rng, stream)
             gx = affine.grad_input(x, w, g)
             del w
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gw = affine.grad_weight(x, rho.shape, g).to(rho.dtype)
-            gmu = gw if ctx.needs_input_grad[1] else None
-            grho = ops.vi_sample_backward(gw, rho, rng, stream) if ctx.needs_input_grad[2] else None
+        elif need_x:
+            gx = affine.grad_input(x, ops.vi_sample(mu, rho, rng, stream), g)
+        elif need_rho:
+            grho = ops.vi_sample_backward(gw, rho, rng, stream)
+        gmu = gw if need_mu else None
         if has_bias and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
             gb = affine.grad_bias(g).to(bias_rho.dtype)
             gbmu = gb if ctx.needs_input_grad[3] else None
@@ -110,15 +114,20 @@ class Flipout(torch.autograd.Function):
         if need[0] or need[2]:  # the perturbation's path: its signs and grad_out g * s_out
             s_in = ops.vi_rademacher_(torch.empty_like(x), rng, stream + 3)
             gp = ops.vi_rademacher_(torch.empty_like(g), rng, stream + 4).mul_(g)
-        if need[0]:
+        gdw = dw = None
+        if need[2]:  # x * s_in in a tensor of its own when s_in is still needed for grad_x
+            gdw = affine.grad_weight(s_in * x if need[0] else s_in.mul_(x), rho.shape, gp).to(rho.dtype)
+        if need[0] and need[2]:  # dW and d/d rho from one draw of the noise
+            dw, grho = ops.vi_sample_and_backward(_zero_mean(rho), rho, gdw, rng, stream)
+        elif need[0]:
             dw = ops.vi_sample(_zero_mean(rho), rho, rng, stream)  # transient
+        elif need[2]:
+            grho = ops.vi_sample_backward(gdw, rho, rng, stream)
+        if need[0]:
             gx = affine.grad_input(x, dw, gp).mul_(s_in).add_(affine.grad_input(x, mu, g))
             del dw
         if need[1]:
             gmu = affine.grad_weight(x, mu.shape, g).to(mu.dtype)
-        if need[2]:
-            gdw = affine.grad_weight(s_in.mul_(x), rho.shape, gp).to(rho.dtype)
-            grho = ops.vi_sample_backward(gdw, rho, rng, stream)
         if has_bias and (need[3] or need[4]):
             gb = affine.grad_bias(g).to(bias_rho.dtype)
             gbmu = gb if need[3] else None
