@@ -11,6 +11,8 @@ What is binned against what (the *mode*):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -89,6 +91,23 @@ def error_from_bins(bins: Tensor, norm: str) -> Tensor:
     if norm == "l2":
         return (w * gap * gap).sum(-1).sqrt()
     return torch.where(cnt > 0, gap, torch.zeros_like(gap)).amax(-1)
+
+
+def error_from_host_bins(rows: list, norm: str) -> float:
+    """:func:`error_from_bins` of one set of bins given as a Python list of B [count, confidence
+    sum, correct sum] rows (already on the host): the same float64 formulas in Python, without the
+    dozen small tensor ops (their dispatch was most of ``ece``'s host time). Refuses bins that hold
+    no row as :func:`require_binned` does."""
+    ci, fi, hi = CALIB_STATS.count, CALIB_STATS.confidence, CALIB_STATS.correct
+    filled = [(r[ci], abs(r[hi] - r[fi]) / r[ci]) for r in rows if r[ci] > 0]  # (count, |acc - conf|)
+    if not filled:
+        require_binned(torch.zeros(1, CALIB_STATS.size))  # its error
+    if norm == "max":
+        return max(g for _, g in filled)
+    total = sum(c for c, _ in filled)
+    if norm == "l1":
+        return sum(c / total * g for c, g in filled)
+    return math.sqrt(sum(c / total * g * g for c, g in filled))
 
 
 def require_binned(bins: Tensor) -> None:

@@ -168,7 +168,7 @@ def checked_bins(prep: Prepared, n_bins: int, from_logits: bool, classwise: bool
     p3 = prep.p3
     y = prep.y if prep.y is not None else torch.zeros(p3.shape[1], dtype=torch.long, device=p3.device)
     bins, diag = ops.calibration_bins(p3, y, n_bins, from_logits, classwise, sum_tol(p3.dtype))
-    if host:
+    if host and bins.device.type != "cpu":
         both = torch.cat([diag, bins.flatten()]).cpu()
         diag, bins = both[: diag.numel()], both[diag.numel():].view(bins.shape)
     if validate:

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._binning import adaptive_bins, error_from_bins, mean_probs, mode_of, require_binned, uniform_bins
+from ._binning import (adaptive_bins, error_from_bins, error_from_host_bins, mean_probs, mode_of, require_binned,
+                       uniform_bins)
 from ._checks import BINNINGS, NORMS, Prepared, check_choice, check_n_bins, check_scores, prepare
 
 __all__ = ["ece", "nll", "brier", "accuracy", "predictive_entropy", "expected_entropy", "mutual_information",
@@ -57,6 +58,9 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
     check_choice(binning, "binning", BINNINGS)
     prep = prepare(probs, targets, from_logits=from_logits, validate=False)  # values: in the binning pass
     mode = mode_of(prep, classwise)
+    if binning == "uniform" and mode != "classwise":  # one set of bins: the error in Python on the host
+        rows = uniform_bins(prep, n_bins, from_logits, mode, validate, host=True).tolist()
+        return torch.full((), error_from_host_bins(rows, norm), dtype=torch.float64, device=probs.device)
     if binning == "uniform":  # the bins come to the host with the checks' diagnostics (one sync),
         b = uniform_bins(prep, n_bins, from_logits, mode, validate, host=True)  # the error is taken there
     else:
