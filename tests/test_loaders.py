@@ -86,22 +86,61 @@ def test_other_loaders_are_walked_by_the_loader():
     assert list(batches(plain)) == plain
 
 
-def test_out_of_range_indices_raise_as_in_the_loader():
-    class Past:
-        def __iter__(self):
-            yield [35, 36, 37]  # 37 rows: index 37 is past the end
+class Fixed:
+    """A batch sampler of given index lists."""
 
-        def __len__(self):
-            return 1
+    def __init__(self, *batches):
+        self.batches = batches
 
-    loader = DataLoader(_data(), batch_sampler=Past())
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+@pytest.mark.parametrize("bad", [[[35, 36, 37]], [[-38]], [[]], [[0.0, 1.0]], [[0.5]]],
+                         ids=["past-the-end", "before-the-start", "empty", "float", "fraction"])
+def test_indices_the_loader_refuses_raise_index_error(bad):
+    loader = DataLoader(_data(), batch_sampler=Fixed(*bad))  # 37 rows
     with pytest.raises(IndexError):
         list(iter(loader))
     with pytest.raises(IndexError):
         list(batches(loader))
 
 
-def test_contiguous_batches_are_views_of_the_dataset():
+def test_negative_indices_count_from_the_end_as_in_the_loader():
+    loader = DataLoader(_data(), batch_sampler=Fixed([-1, -2], [-3, -2, -1], [0, -37]))
+    for g, w in zip(batches(loader), iter(loader), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+
+
+class Eager:
+    """A batch sampler whose __iter__ draws at once (not a generator): the order of its draw and
+    the loader's seed draw decides the batches."""
+
+    def __iter__(self):
+        perm = torch.randperm(37).tolist()
+        return iter([perm[i:i + 10] for i in range(0, 37, 10)])
+
+    def __len__(self):
+        return 4
+
+
+def test_an_eager_batch_sampler_draws_before_the_seed_as_in_the_loader():
+    torch.manual_seed(3)
+    want = [b[1] for b in DataLoader(_data(), batch_sampler=Eager())]
+    state = torch.get_rng_state()
+    torch.manual_seed(3)
+    got = [b[1] for b in batches(DataLoader(_data(), batch_sampler=Eager()))]
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_batches_own_their_memory():
     d = _data()
-    first = next(batches(DataLoader(d, batch_size=8)))
-    assert first[0].data_ptr() == d.tensors[0].data_ptr()
+    keep = d.tensors[0].clone()
+    for loader in (DataLoader(d, batch_size=8), DataLoader(d, batch_size=8, shuffle=True)):
+        for b in batches(loader):
+            b[0].mul_(0)  # a model writing into its input
+    assert torch.equal(d.tensors[0], keep)

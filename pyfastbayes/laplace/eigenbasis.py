@@ -94,25 +94,27 @@ def _eigh_streams(mats: list[Tensor], threads: int | None) -> list[tuple[Tensor,
     by_device: dict = defaultdict(list)
     for i in cuda:
         by_device[mats[i].device].append(i)
-    jobs = []  # (worker, device, [matrix indices])
+    jobs = []  # (device, [matrix indices]): one per worker and device
     for device, idx in by_device.items():
         for w in range(min(workers, len(idx))):
             jobs.append((device, idx[w::workers]))
     callers = {d: torch.cuda.current_stream(d) for d in by_device}
+    streams = [torch.cuda.Stream(device) for device, _ in jobs]
 
-    def work(job):
-        device, idx = job
-        stream = torch.cuda.Stream(device)
+    def work(k):
+        (device, idx), stream = jobs[k], streams[k]
         stream.wait_stream(callers[device])  # the matrices are ready on the caller's stream
         with torch.cuda.stream(stream):
-            res = [(i, *_eigh(mats[i].unsqueeze(0), device)) for i in idx]
-        return stream, res
+            return [(i, *_eigh(mats[i].unsqueeze(0), device)) for i in idx]
 
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        done = list(pool.map(work, jobs))
-    for (device, _), (stream, res) in zip(jobs, done):
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            done = list(pool.map(work, range(len(jobs))))
+    finally:  # also when a worker raised: later work on the caller's stream waits for every side stream
+        for (device, _), stream in zip(jobs, streams):
+            callers[device].wait_stream(stream)
+    for (device, _), res in zip(jobs, done):
         caller = callers[device]
-        caller.wait_stream(stream)  # later work on the caller's stream sees the results
         for i, vals, vecs in res:
             vals.record_stream(caller)  # made on the side stream, used and freed on the caller's
             vecs.record_stream(caller)
