@@ -53,6 +53,14 @@ inline void check_vi_pair(const char* op, const at::Tensor& a, const char* a_nam
   check_vi_stream(op, stream);
 }
 
+// vi_sample_and_backward: mu, rho and grad_w as a vi_sample pair and a vi_sample_backward pair
+inline void check_vi_sample_and_backward(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& grad_w,
+                                         const at::Tensor& rng, int64_t stream, c10::DeviceType device_type) {
+  const char* op = "vi_sample_and_backward";
+  check_vi_pair(op, mu, "mu", rho, "rho", rng, stream, device_type);
+  check_vi_pair(op, grad_w, "grad_w", rho, "rho", rng, stream, device_type);
+}
+
 // vi_rademacher_: out floating (any floating dtype: +-1 is exact in all of them) on `device_type`,
 // written in place, so it must not overlap itself or rng; rng on out's device.
 inline void check_vi_rademacher(const at::Tensor& out, const at::Tensor& rng, int64_t stream,

@@ -337,10 +337,6 @@ RngPosition read_rng(const at::Tensor& rng) {
   return {static_cast<uint64_t>(r[kRngSeed]), static_cast<uint32_t>(r[kRngStep])};
 }
 
-// conversion buffer length: kViBuf for fp16 / bf16, 1 (unused) where the op math type is the dtype
-template <class scalar_t>
-constexpr int64_t kConvBuf = std::is_same_v<scalar_t, at::opmath_type<scalar_t>> ? 1 : kViBuf;
-
 // The float / double loop of op over one piece (the float loop for fp16 / bf16 too)
 inline void noisy_piece(ViNoisy op, const float* a, const float* b, const float* z, float* out, int64_t n) {
   vi_noisy_f32(op, a, b, z, out, n);
@@ -349,17 +345,12 @@ inline void noisy_piece(ViNoisy op, const double* a, const double* b, const floa
   vi_noisy_f64(op, a, b, z, out, n);
 }
 
-// out[i] = op's rule(a[i], b[i], eps_i) for i < n, all three contiguous; math in op_t
-template <class scalar_t>
-void noisy_pair(ViNoisy op, const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, RngPosition pos,
-                uint32_t stream) {
-  using op_t = at::opmath_type<scalar_t>;
-  constexpr bool direct = std::is_same_v<scalar_t, op_t>;  // fp32 / fp64: no conversion buffers
-  const int64_t nblocks = (n + 3) / 4;
-  at::parallel_for(0, nblocks, kViGrainBlocks, [&](int64_t b0, int64_t b1) {
+// Walks [0, n) in pieces of at most kViBuf elements (tasks of at least kViGrainBlocks Philox blocks)
+// and calls piece(s, m, z) with z[k] = eps of element s + k, k < m: the noise of every noisy op
+template <class Piece>
+void for_each_noise_piece(int64_t n, RngPosition pos, uint32_t stream, const Piece& piece) {
+  at::parallel_for(0, (n + 3) / 4, kViGrainBlocks, [&](int64_t b0, int64_t b1) {
     alignas(64) float z[kViBuf];
-    // fp16 / bf16: the piece's inputs converted to float, the float result (unused for fp32 / fp64)
-    alignas(64) op_t ca[kConvBuf<scalar_t>], cb[kConvBuf<scalar_t>], co[kConvBuf<scalar_t>];
     const int64_t end = std::min(4 * b1, n);
     for (int64_t s = 4 * b0; s < end; s += kViBuf) {  // s: a multiple of 4, the start of a block
       const int64_t m = std::min(kViBuf, end - s);
@@ -371,16 +362,27 @@ void noisy_pair(ViNoisy op, const scalar_t* a, const scalar_t* b, scalar_t* out,
       if (m > 4 * whole) {
         philox_normal4(pos.seed, static_cast<uint64_t>(s / 4 + whole), stream, pos.step, z + 4 * whole);
       }
-      if constexpr (direct) {
-        noisy_piece(op, a + s, b + s, z, out + s, m);
-      } else {
-        for (int64_t k = 0; k < m; ++k) {
-          ca[k] = static_cast<op_t>(a[s + k]);
-          cb[k] = static_cast<op_t>(b[s + k]);
-        }
-        noisy_piece(op, ca, cb, z, co, m);
-        for (int64_t k = 0; k < m; ++k) out[s + k] = static_cast<scalar_t>(co[k]);
+      piece(s, m, z);
+    }
+  });
+}
+
+// out[i] = op's rule(a[i], b[i], eps_i) for i < n, all three contiguous; math in op_t
+template <class scalar_t>
+void noisy_pair(ViNoisy op, const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, RngPosition pos,
+                uint32_t stream) {
+  using op_t = at::opmath_type<scalar_t>;
+  for_each_noise_piece(n, pos, stream, [&](int64_t s, int64_t m, const float* z) {
+    if constexpr (std::is_same_v<scalar_t, op_t>) {  // fp32 / fp64: no conversion buffers
+      noisy_piece(op, a + s, b + s, z, out + s, m);
+    } else {  // fp16 / bf16: the piece's inputs converted to float, the float result converted back
+      alignas(64) op_t ca[kViBuf], cb[kViBuf], co[kViBuf];
+      for (int64_t k = 0; k < m; ++k) {
+        ca[k] = static_cast<op_t>(a[s + k]);
+        cb[k] = static_cast<op_t>(b[s + k]);
       }
+      noisy_piece(op, ca, cb, z, co, m);
+      for (int64_t k = 0; k < m; ++k) out[s + k] = static_cast<scalar_t>(co[k]);
     }
   });
 }
@@ -419,36 +421,25 @@ inline void sample_grad_piece(const double* mu, const double* rho, const double*
   vi_sample_grad_f64(mu, rho, gw, z, w, gr, n);
 }
 
-// vi_sample_and_backward over n contiguous elements: noise pieces as noisy_pair draws them
+// vi_sample_and_backward over n contiguous elements, the noise drawn as noisy_pair draws it
 template <class scalar_t>
 void sample_and_backward(const scalar_t* mu, const scalar_t* rho, const scalar_t* gw, scalar_t* w, scalar_t* gr,
                          int64_t n, RngPosition pos, uint32_t stream) {
   using op_t = at::opmath_type<scalar_t>;
-  constexpr bool direct = std::is_same_v<scalar_t, op_t>;
-  at::parallel_for(0, (n + 3) / 4, kViGrainBlocks, [&](int64_t b0, int64_t b1) {
-    alignas(64) float z[kViBuf];
-    alignas(64) op_t c[5][kConvBuf<scalar_t>];  // fp16 / bf16: mu, rho, grad_w, w, grad_rho in float
-    const int64_t end = std::min(4 * b1, n);
-    for (int64_t s = 4 * b0; s < end; s += kViBuf) {
-      const int64_t m = std::min(kViBuf, end - s);
-      const int64_t whole = m / 4;
-      fill_normal(pos.seed, stream, pos.step, s / 4, whole, z);
-      if (m > 4 * whole) {  // the partial last block, as noisy_pair draws it
-        philox_normal4(pos.seed, static_cast<uint64_t>(s / 4 + whole), stream, pos.step, z + 4 * whole);
+  for_each_noise_piece(n, pos, stream, [&](int64_t s, int64_t m, const float* z) {
+    if constexpr (std::is_same_v<scalar_t, op_t>) {
+      sample_grad_piece(mu + s, rho + s, gw + s, z, w + s, gr + s, m);
+    } else {  // fp16 / bf16: mu, rho, grad_w, w, grad_rho of the piece in float
+      alignas(64) op_t c[5][kViBuf];
+      for (int64_t k = 0; k < m; ++k) {
+        c[0][k] = static_cast<op_t>(mu[s + k]);
+        c[1][k] = static_cast<op_t>(rho[s + k]);
+        c[2][k] = static_cast<op_t>(gw[s + k]);
       }
-      if constexpr (direct) {
-        sample_grad_piece(mu + s, rho + s, gw + s, z, w + s, gr + s, m);
-      } else {
-        for (int64_t k = 0; k < m; ++k) {
-          c[0][k] = static_cast<op_t>(mu[s + k]);
-          c[1][k] = static_cast<op_t>(rho[s + k]);
-          c[2][k] = static_cast<op_t>(gw[s + k]);
-        }
-        sample_grad_piece(c[0], c[1], c[2], z, c[3], c[4], m);
-        for (int64_t k = 0; k < m; ++k) {
-          w[s + k] = static_cast<scalar_t>(c[3][k]);
-          gr[s + k] = static_cast<scalar_t>(c[4][k]);
-        }
+      sample_grad_piece(c[0], c[1], c[2], z, c[3], c[4], m);
+      for (int64_t k = 0; k < m; ++k) {
+        w[s + k] = static_cast<scalar_t>(c[3][k]);
+        gr[s + k] = static_cast<scalar_t>(c[4][k]);
       }
     }
   });
@@ -457,9 +448,7 @@ void sample_and_backward(const scalar_t* mu, const scalar_t* rho, const scalar_t
 std::tuple<at::Tensor, at::Tensor> vi_sample_and_backward_cpu(const at::Tensor& mu, const at::Tensor& rho,
                                                               const at::Tensor& grad_w, const at::Tensor& rng,
                                                               int64_t stream) {
-  const char* op = "vi_sample_and_backward";
-  check_vi_pair(op, mu, "mu", rho, "rho", rng, stream, c10::DeviceType::CPU);
-  check_vi_pair(op, grad_w, "grad_w", rho, "rho", rng, stream, c10::DeviceType::CPU);
+  check_vi_sample_and_backward(mu, rho, grad_w, rng, stream, c10::DeviceType::CPU);
   at::Tensor w = at::empty(mu.sizes(), mu.options()), gr = at::empty(mu.sizes(), mu.options());  // contiguous
   const int64_t n = mu.numel();
   if (n == 0) return {w, gr};

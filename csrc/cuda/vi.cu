@@ -206,9 +206,7 @@ at::Tensor vi_sample_backward_cuda(const at::Tensor& grad_w, const at::Tensor& r
 std::tuple<at::Tensor, at::Tensor> vi_sample_and_backward_cuda(const at::Tensor& mu, const at::Tensor& rho,
                                                                const at::Tensor& grad_w, const at::Tensor& rng,
                                                                int64_t stream) {
-  const char* op = "vi_sample_and_backward";
-  check_vi_pair(op, mu, "mu", rho, "rho", rng, stream, c10::DeviceType::CUDA);
-  check_vi_pair(op, grad_w, "grad_w", rho, "rho", rng, stream, c10::DeviceType::CUDA);
+  check_vi_sample_and_backward(mu, rho, grad_w, rng, stream, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(mu.device());
   at::Tensor w = at::empty(mu.sizes(), mu.options()), gr = at::empty(mu.sizes(), mu.options());  // contiguous
   const int64_t n = mu.numel();

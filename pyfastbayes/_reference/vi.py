@@ -79,6 +79,14 @@ def check_vi_pair(op: str, a: Tensor, a_name: str, b: Tensor, b_name: str, rng: 
     _check_stream(op, stream)
 
 
+def check_vi_sample_and_backward(mu: Tensor, rho: Tensor, grad_w: Tensor, rng: Tensor, stream: int, *,
+                                 fake: bool = False) -> None:
+    """The checks of ``vi_sample_and_backward`` (csrc/checks/vi.h): (mu, rho) and (grad_w, rho) as
+    the pairs of vi_sample and vi_sample_backward."""
+    check_vi_pair("vi_sample_and_backward", mu, "mu", rho, "rho", rng, stream, fake=fake)
+    check_vi_pair("vi_sample_and_backward", grad_w, "grad_w", rho, "rho", rng, stream, fake=fake)
+
+
 def check_vi_rademacher_(out: Tensor, rng: Tensor, stream: int, *, fake: bool = False) -> None:
     """The checks of ``vi_rademacher_`` (``check_vi_rademacher``, csrc/checks/vi.h): a floating out
     with memory of its own, not overlapping rng, on the kernel's device type; rng on out's device."""
@@ -137,8 +145,7 @@ def vi_sample_backward(grad_w: Tensor, rho: Tensor, rng: Tensor, stream: int) ->
 def vi_sample_and_backward(mu: Tensor, rho: Tensor, grad_w: Tensor, rng: Tensor, stream: int) -> tuple[Tensor, Tensor]:
     """Reference of ``torch.ops.pyfastbayes.vi_sample_and_backward``: (vi_sample(mu, rho),
     vi_sample_backward(grad_w, rho)) with the same eps."""
-    check_vi_pair("vi_sample_and_backward", mu, "mu", rho, "rho", rng, stream)
-    check_vi_pair("vi_sample_and_backward", grad_w, "grad_w", rho, "rho", rng, stream)
+    check_vi_sample_and_backward(mu, rho, grad_w, rng, stream)
     return vi_sample(mu, rho, rng, stream), vi_sample_backward(grad_w, rho, rng, stream)
 
 

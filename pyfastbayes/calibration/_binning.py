@@ -101,7 +101,7 @@ def error_from_host_bins(rows: list, norm: str) -> float:
     ci, fi, hi = CALIB_STATS.count, CALIB_STATS.confidence, CALIB_STATS.correct
     filled = [(r[ci], abs(r[hi] - r[fi]) / r[ci]) for r in rows if r[ci] > 0]  # (count, |acc - conf|)
     if not filled:
-        require_binned(torch.zeros(1, CALIB_STATS.size))  # its error
+        raise _no_rows()
     if norm == "max":
         return max(g for _, g in filled)
     total = sum(c for c, _ in filled)
@@ -114,5 +114,9 @@ def require_binned(bins: Tensor) -> None:
     """Refuse bins that hold no row: every row was skipped (a bad target or non-finite values,
     which only pass with validate=False)."""
     if split_stats(bins)[0].sum() == 0:
-        raise ValueError("no valid rows to bin: every row of probs has a bad target or non-finite values "
-                         "(validate=False skipped the checks that say which)")
+        raise _no_rows()
+
+
+def _no_rows() -> ValueError:
+    return ValueError("no valid rows to bin: every row of probs has a bad target or non-finite values "
+                      "(validate=False skipped the checks that say which)")

@@ -119,7 +119,10 @@ def directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_samples
     """Output-space directions R [m, N, C] with sum_j R[j, n] R[j, n]^T the per-row curvature
     (exactly for 'ggn', in expectation for 'mc_fisher', the gradient outer product for 'ef'),
     entries negligible within their row (below 2^-50 of its largest) dropped to 0."""
-    return _drop_negligible(_directions(f.detach(), y, likelihood, curvature, mc_samples, generator))
+    R = _directions(f.detach(), y, likelihood, curvature, mc_samples, generator)
+    if curvature == "ggn" and likelihood == "regression":
+        return R  # the identity's 0 / 1 entries: nothing to drop, and no copy of the expanded view
+    return _drop_negligible(R)
 
 
 def _directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_samples: int,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._reference.vi import check_vi_kl, check_vi_pair, check_vi_rademacher_
+from .._reference.vi import check_vi_kl, check_vi_pair, check_vi_rademacher_, check_vi_sample_and_backward
 from ._dispatch import device_of, select
 
 __all__ = ["vi_sample", "vi_sample_backward", "vi_sample_and_backward",
@@ -175,8 +175,7 @@ if _native.available():
 
     @torch.library.register_fake("pyfastbayes::vi_sample_and_backward")
     def _(mu, rho, grad_w, rng, stream):
-        check_vi_pair("vi_sample_and_backward", mu, "mu", rho, "rho", rng, stream, fake=True)
-        check_vi_pair("vi_sample_and_backward", grad_w, "grad_w", rho, "rho", rng, stream, fake=True)
+        check_vi_sample_and_backward(mu, rho, grad_w, rng, stream, fake=True)
         return _new_like(mu), _new_like(mu)
 
     @torch.library.register_fake("pyfastbayes::vi_local_noise")
