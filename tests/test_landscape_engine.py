@@ -14,9 +14,28 @@ def _ref_linear(x, w, b, in_dims):
     return torch.vmap(lambda x, w, b: F.linear(x, w, b), in_dims=in_dims)(x, w, b)
 
 
+_ACTS = {None: lambda t: t, "relu": torch.relu, "tanh": torch.tanh}
+
+
+def _through(route: str, fn_apply, stand_in, monkeypatch):
+    """The batched call of a stand-in by ``route``: 'function' its autograd.Function under vmap,
+    'direct' the stand-in module inside vmap (its own unwrapping, the Function forbidden), 'fallback'
+    the stand-in module with functorch's C API missing (the Function's vmap rule)."""
+    if route == "function":
+        return fn_apply
+    if route == "direct":
+        cls = _batched._LinearFn if isinstance(stand_in, nn.Linear) else _batched._Conv2dFn
+        monkeypatch.setattr(cls, "apply", lambda *a: pytest.fail("the direct route fell back"))
+    else:
+        monkeypatch.setattr(_batched, "_ft", None)
+    return lambda x, w, b, *rest: torch.func.functional_call(stand_in, {"weight": w, "bias": b}, (x,))
+
+
+@pytest.mark.parametrize("route", ["function", "direct", "fallback"])
+@pytest.mark.parametrize("act", [None, "relu", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["all", "x_shared", "lead_dims", "no_bias", "w_shared", "x_dim1", "bias_shared"])
-def test_linear_rule_equals_vmap_of_linear(case, dtype):
+def test_linear_rule_equals_vmap_of_linear(case, dtype, act, route, monkeypatch):
     g = torch.Generator().manual_seed(0)
     n, rows, i, o = 5, 7, 4, 3
 
@@ -36,16 +55,21 @@ def test_linear_rule_equals_vmap_of_linear(case, dtype):
         x, dims = r(rows, n, i), (1, 0, 0)
     elif case == "bias_shared":
         b, dims = r(o), (0, 0, None)
-    got = torch.vmap(lambda x, w, b: _batched._LinearFn.apply(x, w, b), in_dims=dims)(x, w, b)
-    want = _ref_linear(x, w, b, dims)
+    layer = _batched._twin(nn.Linear(i, o, bias=b is not None), _batched._BatchedLinear)
+    layer.act = act
+    call = _through(route, lambda x, w, b: _batched._LinearFn.apply(x, w, b, act), layer, monkeypatch)
+    got = torch.vmap(call, in_dims=dims)(x, w, b)
+    want = _ACTS[act](_ref_linear(x, w, b, dims))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("route", ["function", "direct", "fallback"])
+@pytest.mark.parametrize("act", [None, "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["all", "x_shared", "x_shared_groups", "w_shared", "no_bias", "bias_shared",
                                   "x_dim1", "groups"])
-def test_conv2d_rule_equals_vmap_of_conv2d(case, dtype):
+def test_conv2d_rule_equals_vmap_of_conv2d(case, dtype, act, route, monkeypatch):
     g = torch.Generator().manual_seed(0)
     n, rows, cin, cout, groups = 4, 3, 4, 6, 1
     args = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))
@@ -67,8 +91,13 @@ def test_conv2d_rule_equals_vmap_of_conv2d(case, dtype):
     elif case == "x_dim1":
         x, dims = r(rows, n, cin, 7, 8), (1, 0, 0)
     st, pad, dil = args["stride"], args["padding"], args["dilation"]
-    got = torch.vmap(lambda x, w, b: _batched._Conv2dFn.apply(x, w, b, st, pad, dil, groups), in_dims=dims)(x, w, b)
-    want = torch.vmap(lambda x, w, b: F.conv2d(x, w, b, st, pad, dil, groups), in_dims=dims)(x, w, b)
+    layer = _batched._twin(nn.Conv2d(cin, cout, 3, stride=st, padding=pad, dilation=dil, groups=groups,
+                                     bias=b is not None), _batched._BatchedConv2d)
+    layer.act = act
+    call = _through(route, lambda x, w, b: _batched._Conv2dFn.apply(x, w, b, st, pad, dil, groups, act), layer,
+                    monkeypatch)
+    got = torch.vmap(call, in_dims=dims)(x, w, b)
+    want = _ACTS[act](torch.vmap(lambda x, w, b: F.conv2d(x, w, b, st, pad, dil, groups), in_dims=dims)(x, w, b))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, **tol)
 
@@ -112,6 +141,61 @@ def test_swapped_restores_every_module_also_on_error():
         assert type(net) is _batched._BatchedLinear and net.weight is single.weight
 
 
+def test_activations_fuse_into_the_layer_before_them_only_inside_a_plain_sequential():
+    class MySequential(nn.Sequential):  # a subclass may hand outputs elsewhere: not fused
+        pass
+
+    hooked_relu = nn.ReLU()
+    hooked_relu.register_forward_hook(lambda *a: None)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), hooked_relu,
+                          nn.Conv2d(1, 1, 1), nn.ReLU(inplace=True), nn.Sigmoid(),
+                          MySequential(nn.Linear(4, 4), nn.ReLU()))
+    before = list(model.modules())
+    with _batched.swapped(model):
+        assert [getattr(model[i], "act", "-") for i in (0, 2, 4, 6)] == ["relu", "tanh", None, "relu"]
+        assert [type(model[i]) for i in (1, 3, 5, 7, 8)] == [_batched._Fused, _batched._Fused, nn.ReLU,
+                                                              _batched._Fused, nn.Sigmoid]
+        assert model[5] is hooked_relu and model[9][0].act is None and type(model[9][1]) is nn.ReLU
+    assert list(model.modules()) == before and not hasattr(before[1], "act")
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)  # global hooks: nothing fused
+    try:
+        with _batched.swapped(model):
+            assert model[0].act is None and type(model[1]) is nn.ReLU
+    finally:
+        handle.remove()
+    assert list(model.modules()) == before
+
+
+@pytest.mark.parametrize("first_layer", [True, False])
+def test_grid_with_fused_activations_equals_the_point_loop(first_layer):
+    """ReLU and Tanh fused into Linear and Conv2d stand-ins (the first layer's one included) give the
+    numbers of the plain model evaluated point by point."""
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(3)
+    cases = [(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)),
+              torch.randn(40, 6, generator=g)),
+             (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(4 * 9, 3)), torch.randn(40, 1, 8, 8, generator=g))]
+    for model, x in cases:
+        y = torch.randint(0, 3, (40,), generator=g)
+        d = random_directions(model, n=2, generator=torch.Generator().manual_seed(1))
+        a, b = torch.linspace(-1, 1, 3), torch.linspace(-0.5, 0.5, 2)
+        res = grid(model, nn.CrossEntropyLoss(), [(x[:25], y[:25]), (x[25:], y[25:])], d, (a, b),
+                   first_layer=first_layer, batch_rows=16, progress=False)
+        want = torch.empty(3, 2, dtype=torch.float64)
+        names = [n for n, _ in model.named_parameters()]
+        theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        for i, ai in enumerate(a):
+            for j, bj in enumerate(b):
+                flat = theta0 + ai * d[0] + bj * d[1]
+                params = dict(zip(names, torch.split(flat, [p.numel() for p in model.parameters()])))
+                params = {n: t.view_as(p) for (n, t), p in zip(params.items(), model.parameters())}
+                with torch.no_grad():
+                    want[i, j] = float(F.cross_entropy(torch.func.functional_call(model, params, (x,)), y))
+        torch.testing.assert_close(res.loss, want, rtol=1e-5, atol=1e-6)
+        assert all(type(m) is not _batched._Fused for m in model.modules())
+
+
 @pytest.mark.parametrize("loss", ["module", "functional", "ignore_index"])
 def test_recognised_cross_entropy_equals_the_loss_per_point(loss):
     g = torch.Generator().manual_seed(1)
@@ -121,22 +205,28 @@ def test_recognised_cross_entropy_equals_the_loss_per_point(loss):
           "ignore_index": nn.CrossEntropyLoss(ignore_index=4)}[loss]
     if loss == "ignore_index":
         y[:3] = 4
-    got = point_values([fn], out, y)[0]
+
+    def per_point(f):  # point_values is called per point inside the grid's vmap over the points
+        return torch.vmap(lambda o: point_values([f], o, y)[0])(out)
+
+    got = per_point(fn)
     want = torch.stack([F.cross_entropy(o, y, ignore_index=4 if loss == "ignore_index" else -100) for o in out])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # not recognised: other settings and probability targets go through vmap, with the same numbers
+    torch.testing.assert_close(torch.stack([point_values([fn], o, y)[0] for o in out]), want, rtol=1e-12,
+                               atol=1e-12)  # and outside a vmap
+    # not recognised: other settings and probability targets are called as they are, with the same numbers
     smooth = nn.CrossEntropyLoss(label_smoothing=0.1)
-    torch.testing.assert_close(point_values([smooth], out, y)[0],
+    torch.testing.assert_close(per_point(smooth),
                                torch.stack([smooth(o, y) for o in out]), rtol=1e-12, atol=1e-12)
     soft = torch.softmax(torch.randn(9, 10, generator=g, dtype=torch.float64), -1)
-    torch.testing.assert_close(point_values([nn.CrossEntropyLoss()], out, soft)[0],
+    torch.testing.assert_close(torch.vmap(lambda o: point_values([nn.CrossEntropyLoss()], o, soft)[0])(out),
                                torch.stack([F.cross_entropy(o, soft) for o in out]), rtol=1e-12, atol=1e-12)
 
 
 def test_all_ignored_rows_give_nan_like_the_loss():
     out = torch.randn(2, 3, 4)
     y = torch.full((3,), -100)
-    assert torch.isnan(point_values([F.cross_entropy], out, y)).all()
+    assert torch.isnan(torch.vmap(lambda o: point_values([F.cross_entropy], o, y))(out)).all()
     assert torch.isnan(F.cross_entropy(out[0], y))
 
 

@@ -9,10 +9,14 @@ took a quarter as long as its GEMMs), and ``F.conv2d`` with batched weights beco
 convolution (c groups), which oneDNN runs ~3x slower than c plain convolutions of the same
 sizes (8 -> 16 channels, 3x3, on 1 797 digits). So, for the duration of the walk, the model's
 plain ``nn.Linear`` / ``nn.Conv2d`` modules are swapped for stand-ins holding the same parameters
-(``functional_call`` still finds ``<name>.weight`` / ``<name>.bias``) whose forward is an
-autograd.Function with its own vmap rule: Linear, ``bmm`` plus the bias added in place; Conv2d,
-one plain convolution per point written into the stacked output (or, for an input shared by the
-points, ONE convolution with the points' filters concatenated).
+(``functional_call`` still finds ``<name>.weight`` / ``<name>.bias``) that compute all points at
+once: Linear, ``bmm`` plus the bias added in place; Conv2d, one plain convolution per point
+written into the stacked output (or, for an input shared by the points, ONE convolution with the
+points' filters concatenated). Inside the grid's vmap a stand-in unwraps its batched arguments
+itself (functorch's C API, :func:`_direct`); elsewhere it goes through an autograd.Function with
+the same vmap rule (the generic route costs ~0.5 ms of Python per call: a quarter of the digits
+MLP grid). A ReLU or Tanh that follows a stand-in in an nn.Sequential is fused into it (applied
+in place on the layer's fresh output).
 
 Only exact ``nn.Linear`` / ``nn.Conv2d`` (``padding_mode='zeros'``) instances without hooks or
 parametrizations are swapped (anything else keeps its own forward); the originals are put back
@@ -28,41 +32,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+try:  # functorch's C API: unwrap / wrap batched tensors without the generic autograd.Function dispatch
+    from torch._C import _functorch as _ft
+    _ft.maybe_current_level, _ft.peek_interpreter_stack, _ft._unwrap_batched, _ft._add_batch_dim  # noqa: B018
+except (ImportError, AttributeError):  # another torch: every call goes through the autograd.Functions
+    _ft = None
 
-class _LinearFn(torch.autograd.Function):
-    """F.linear(x, w, b) with a vmap rule for per-point weights: one baddbmm for all points."""
 
-    @staticmethod
-    def forward(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return F.linear(x, w, b)
+FUSED = {nn.ReLU: "relu", nn.Tanh: "tanh"}  # activation modules fused into the stand-in before them
+_IN_PLACE = {"relu": Tensor.relu_, "tanh": Tensor.tanh_}
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
-    @staticmethod
-    def vmap(info, in_dims, x: Tensor, w: Tensor, b: Tensor | None):
-        xd, wd, bd = in_dims
-        if wd is None or (b is not None and bd is None):
-            # weights shared by the points (or an unbatched bias): the plain layer maps over x
-            x, w = _moved(x, xd, info.batch_size), _moved(w, wd, info.batch_size)
-            out = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), w.transpose(1, 2))
-            if b is not None:
-                out = out + (b.movedim(bd, 0) if bd is not None else b).unsqueeze(-2)
-            return out.reshape(*x.shape[:-1], w.shape[1]), 0
-        n = info.batch_size
-        w = w.movedim(wd, 0)  # [n, out, in]
-        if xd is None:
-            lead = x.shape[:-1]
-            x3 = x.reshape(1, -1, x.shape[-1]).expand(n, -1, -1)
-        else:
-            x = x.movedim(xd, 0)
-            lead = x.shape[1:-1]
-            x3 = x.reshape(n, -1, x.shape[-1])  # [n, rows, in]
-        out = torch.bmm(x3, w.transpose(1, 2))
-        if b is not None:
-            out.add_(b.movedim(bd, 0).unsqueeze(1))  # in place on the fresh output: no second buffer
-        return out.view(n, *lead, w.shape[1]), 0
+def activate_(t: Tensor, act: str | None) -> Tensor:
+    """``t`` with the fused activation ``act`` (a value of :data:`FUSED`) applied in place (None:
+    unchanged); ``t`` must be a fresh result that nothing else reads."""
+    return t if act is None else _IN_PLACE[act](t)
 
 
 def _moved(t: Tensor, d: int | None, n: int) -> Tensor:
@@ -70,54 +54,148 @@ def _moved(t: Tensor, d: int | None, n: int) -> Tensor:
     return t.movedim(d, 0) if d is not None else t.expand(n, *t.shape)
 
 
-class _Conv2dFn(torch.autograd.Function):
-    """F.conv2d with a vmap rule for per-point filters: plain convolutions, not one grouped one."""
+def _linear_points(n: int, x: Tensor, xd, w: Tensor, wd, b: Tensor | None, bd, act: str | None) -> Tensor:
+    """act(F.linear) of the n points, [n, ...] (the point dimension first): x, w, b plain tensors
+    with their point dimensions xd, wd, bd (None: shared by the points)."""
+    if wd is None or (b is not None and bd is None):
+        # weights shared by the points (or an unbatched bias): the plain layer maps over x
+        x, w = _moved(x, xd, n), _moved(w, wd, n)
+        out = torch.matmul(x.reshape(n, -1, x.shape[-1]), w.transpose(1, 2))
+        if b is not None:
+            out.add_((b.movedim(bd, 0) if bd is not None else b).unsqueeze(-2))
+        return activate_(out, act).view(*x.shape[:-1], w.shape[1])
+    w = w.movedim(wd, 0)  # [n, out, in]
+    if xd is None:
+        lead = x.shape[:-1]
+        x3 = x.reshape(1, -1, x.shape[-1]).expand(n, -1, -1)
+    else:
+        x = x.movedim(xd, 0)
+        lead = x.shape[1:-1]
+        x3 = x.reshape(n, -1, x.shape[-1])  # [n, rows, in]
+    out = torch.bmm(x3, w.transpose(1, 2))
+    if b is not None:
+        out.add_(b.movedim(bd, 0).unsqueeze(1))  # in place on the fresh output: no second buffer
+    return activate_(out, act).view(n, *lead, w.shape[1])
+
+
+def _conv2d_points(n: int, x: Tensor, xd, w: Tensor, wd, b: Tensor | None, bd, stride, padding, dilation,
+                   groups: int, act: str | None) -> Tensor:
+    """act(F.conv2d) of the n points, [n, ...] (arguments as in :func:`_linear_points`)."""
+    conv = lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups)  # noqa: E731
+    if wd is None and (b is None or bd is None):  # shared filters: the points fold into the batch
+        x = _moved(x, xd, n)
+        out = conv(x.reshape(-1, *x.shape[-3:]), w, b)
+        return activate_(out, act).view(*x.shape[:-3], *out.shape[-3:])
+    if xd is None and groups == 1 and x.dim() == 4:  # shared input: one convolution, filters stacked
+        w = _moved(w, wd, n)
+        bias = None if b is None else _moved(b, bd, n).reshape(-1)
+        out = activate_(conv(x, w.reshape(-1, *w.shape[2:]), bias), act)  # [rows, n * out, H', W']
+        return out.view(x.shape[0], n, w.shape[1], *out.shape[-2:]).transpose(0, 1)
+    x, w = _moved(x, xd, n), _moved(w, wd, n)
+    b = None if b is None else _moved(b, bd, n)
+    first = conv(x[0], w[0], None if b is None else b[0])
+    out = first.new_empty(n, *first.shape)
+    out[0] = first
+    for i in range(1, n):
+        out[i] = conv(x[i], w[i], None if b is None else b[i])
+    return activate_(out, act)
+
+
+class _LinearFn(torch.autograd.Function):
+    """act(F.linear(x, w, b)) with a vmap rule for per-point weights: one bmm for all points, the
+    bias and the activation applied in place."""
 
     @staticmethod
-    def forward(x: Tensor, w: Tensor, b: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
-        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+    def forward(x: Tensor, w: Tensor, b: Tensor | None, act: str | None = None) -> Tensor:
+        return activate_(F.linear(x, w, b), act)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         pass
 
     @staticmethod
-    def vmap(info, in_dims, x: Tensor, w: Tensor, b: Tensor | None, stride, padding, dilation, groups: int):
+    def vmap(info, in_dims, x: Tensor, w: Tensor, b: Tensor | None, act: str | None = None):
+        return _linear_points(info.batch_size, x, in_dims[0], w, in_dims[1], b, in_dims[2], act), 0
+
+
+class _Conv2dFn(torch.autograd.Function):
+    """act(F.conv2d) with a vmap rule for per-point filters: plain convolutions, not one grouped one."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Tensor | None, stride, padding, dilation, groups: int,
+                act: str | None = None) -> Tensor:
+        return activate_(F.conv2d(x, w, b, stride, padding, dilation, groups), act)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, x: Tensor, w: Tensor, b: Tensor | None, stride, padding, dilation, groups: int,
+             act: str | None = None):
         xd, wd, bd = in_dims[:3]
-        n = info.batch_size
-        conv = lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups)  # noqa: E731
-        if wd is None and (b is None or bd is None):  # shared filters: the points fold into the batch
-            x = x.movedim(xd, 0)
-            out = conv(x.reshape(-1, *x.shape[-3:]), w, b)
-            return out.view(*x.shape[:-3], *out.shape[-3:]), 0
-        if xd is None and groups == 1 and x.dim() == 4:  # shared input: one convolution, filters stacked
-            w = _moved(w, wd, n)
-            bias = None if b is None else _moved(b, bd, n).reshape(-1)
-            out = conv(x, w.reshape(-1, *w.shape[2:]), bias)  # [rows, n * out, H', W']
-            return out.view(x.shape[0], n, w.shape[1], *out.shape[-2:]).transpose(0, 1), 0
-        x, w = _moved(x, xd, n), _moved(w, wd, n)
-        b = None if b is None else _moved(b, bd, n)
-        first = conv(x[0], w[0], None if b is None else b[0])
-        out = first.new_empty(n, *first.shape)
-        out[0] = first
-        for i in range(1, n):
-            out[i] = conv(x[i], w[i], None if b is None else b[i])
-        return out, 0
+        return _conv2d_points(info.batch_size, x, xd, w, wd, b, bd, stride, padding, dilation, groups, act), 0
+
+
+def _direct(points, *tensors):
+    """``points(n, *plain tensors and their point dimensions)`` called on the unwrapped tensors when
+    the innermost functorch transform is a vmap that batches some of ``tensors`` and none is wrapped
+    by another transform: the output is wrapped back at that level. None otherwise (the caller goes
+    through its autograd.Function, whose generic vmap dispatch costs ~0.5 ms of Python per call)."""
+    if _ft is None:
+        return None
+    level = _ft.maybe_current_level()
+    if level is None:
+        return None
+    top = _ft.peek_interpreter_stack()
+    if top is None or top.key() != _ft.TransformType.Vmap:
+        return None
+    args, n = [], None
+    for t in tensors:
+        if t is None:
+            args += [None, None]
+            continue
+        u, d = _ft._unwrap_batched(t, level)
+        if _ft.maybe_get_level(u) != -1:
+            return None
+        if d is not None:
+            n = u.shape[d]
+        args += [u, d]
+    if n is None:
+        return None
+    return _ft._add_batch_dim(points(n, *args), 0, level)
 
 
 class _BatchedConv2d(nn.Conv2d):
     """Stand-in for an nn.Conv2d (zero padding): the layer's attributes and parameters, forward
-    through :class:`_Conv2dFn`."""
+    through :func:`_conv2d_points` (directly inside the grid's vmap, else :class:`_Conv2dFn`);
+    ``act``: an activation fused by :func:`swapped`."""
+
+    act = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return _Conv2dFn.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        args = (self.stride, self.padding, self.dilation, self.groups, self.act)
+        out = _direct(lambda n, *t: _conv2d_points(n, *t, *args), x, self.weight, self.bias)
+        return out if out is not None else _Conv2dFn.apply(x, self.weight, self.bias, *args)
 
 
 class _BatchedLinear(nn.Linear):
-    """Stand-in for an nn.Linear: the layer's attributes and parameters, forward through :class:`_LinearFn`."""
+    """Stand-in for an nn.Linear: the layer's attributes and parameters, forward through
+    :func:`_linear_points` (directly inside the grid's vmap, else :class:`_LinearFn`); ``act``: an
+    activation fused by :func:`swapped`."""
+
+    act = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return _LinearFn.apply(x, self.weight, self.bias)
+        out = _direct(lambda n, *t: _linear_points(n, *t, self.act), x, self.weight, self.bias)
+        return out if out is not None else _LinearFn.apply(x, self.weight, self.bias, self.act)
+
+
+class _Fused(nn.Module):
+    """Stand-in for an activation whose work the layer before it does (``act``): the identity."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
 
 
 def _twin(layer: nn.Module, cls: type) -> nn.Module:
@@ -138,20 +216,47 @@ _STAND_INS = {nn.Linear: _BatchedLinear, nn.Conv2d: _BatchedConv2d}
 def _stand_in(m: nn.Module, conv: bool) -> nn.Module | None:
     """The batched stand-in for ``m``, or None when ``m`` keeps its own forward."""
     kind = _STAND_INS.get(type(m))
-    if kind is None or m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m):
+    if kind is None or _hooked(m) or parametrize.is_parametrized(m):
         return None
     if isinstance(m, nn.Conv2d) and (not conv or m.padding_mode != "zeros"):
         return None
     return _twin(m, kind)
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _fuse_activations(model: nn.Module, done: list) -> None:
+    """In every plain nn.Sequential of ``model``: a stand-in followed by an activation of
+    :data:`FUSED` (nn.ReLU, nn.Tanh) applies it in place on its fresh output and the activation
+    module becomes :class:`_Fused` (one pass over the activations instead of two, no second buffer). Only inside an exact nn.Sequential, whose forward
+    hands each module's output to the next one and to nothing else; not with global module hooks
+    (they would see the layer's output after the ReLU). Replacements are appended to ``done``."""
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return
+    for parent in list(model.modules()):
+        if type(parent) is not nn.Sequential or _hooked(parent):
+            continue
+        kids = list(parent._modules.items())
+        for (_, a), (name, b) in zip(kids, kids[1:]):
+            if type(a) in (_BatchedLinear, _BatchedConv2d) and a.act is None and type(b) in FUSED \
+                    and not _hooked(b) and sum(1 for _, m in kids if m is a) == 1:
+                a.act = FUSED[type(b)]
+                parent._modules[name] = _Fused()
+                done.append((parent, name, b))
+
+
 @contextlib.contextmanager
 def swapped(model: nn.Module, conv: bool = True):
     """Context: every plain nn.Linear / nn.Conv2d of ``model`` (the model itself included)
-    replaced by a batched stand-in; yields the model to call (the stand-in when the model is one
-    such layer). ``conv=False`` keeps the Conv2d layers (the grid passes it on CUDA, where the
-    per-point loop of convolutions is unmeasured against vmap's one grouped cuDNN call).
-    Restored afterwards, also on error."""
+    replaced by a batched stand-in, and the activations that follow one in an nn.Sequential fused into it
+    (:func:`_fuse_activations`); yields the model to call (the stand-in when the model is one such
+    layer). ``conv=False`` keeps the Conv2d layers (the grid passes it on CUDA, where the per-point
+    loop of convolutions is unmeasured against vmap's one grouped cuDNN call). Restored afterwards,
+    also on error."""
     whole = _stand_in(model, conv)
     if whole is not None:
         yield whole
@@ -164,7 +269,8 @@ def swapped(model: nn.Module, conv: bool = True):
                 if new is not None:
                     setattr(parent, attr, new)
                     done.append((parent, attr, child))
+        _fuse_activations(model, done)
         yield model
     finally:
         for parent, attr, child in reversed(done):
-            setattr(parent, attr, child)
+            parent._modules[attr] = child

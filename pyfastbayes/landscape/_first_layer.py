@@ -59,14 +59,18 @@ class FirstLayer:
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module):
-        """Context: the layer replaced by the stand-in in ``model`` (restored afterwards, also on error)."""
+        """Context: the layer replaced by the stand-in in ``model`` (restored afterwards, also on
+        error); yields the activation fused into the layer it replaces (``act`` of the grid's
+        batched stand-in, _batched.py: None, 'relu' or 'tanh'), which the caller applies to the combined
+        outputs it holds."""
         parent = model.get_submodule(self.parent_name) if self.parent_name else model
         old = getattr(parent, self.attr)
         setattr(parent, self.attr, _StandIn())
         try:
-            yield
+            yield getattr(old, "act", None)
         finally:
             setattr(parent, self.attr, old)
+
 
 def find(model: nn.Module, layout, example) -> FirstLayer | None:
     """The eligible first layer of ``model`` (module docstring) found by one forward of the

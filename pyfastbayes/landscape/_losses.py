@@ -7,7 +7,8 @@ common classification loss this is slow on the CPU: ``log_softmax`` over a short
 as long as the chunk's hidden-layer GEMMs). So cross-entropy with class-index targets is
 recognised (``nn.CrossEntropyLoss`` or ``F.cross_entropy`` with their defaults, any
 ``ignore_index``) and computed with the classes in the middle, [c, C, rows], where the
-reduction over classes is vectorised along the rows. Everything else goes through ``vmap``.
+reduction over classes is vectorised along the rows. Everything else is called as it is (inside
+the grid's vmap over the points).
 """
 from __future__ import annotations
 
@@ -27,26 +28,27 @@ def _cross_entropy_ignore_index(fn) -> int | None:
 
 
 def _cross_entropy(out: Tensor, y: Tensor, ignore: int) -> Tensor | None:
-    """Mean cross-entropy per point [c] of logits out [c, rows, C] against class indices y [rows]
-    (rows whose target is ``ignore`` left out of the mean; no row left: NaN, as F.cross_entropy);
-    None when the shapes are not these (the caller then maps the loss over the points)."""
-    if out.dim() != 3 or y.dim() != 1 or y.is_floating_point() or y.shape[0] != out.shape[1] \
-            or out.shape[1] == 0 or not out.is_floating_point():
+    """Mean cross-entropy of ONE point's logits out [rows, C] against class indices y [rows] (rows
+    whose target is ``ignore`` left out of the mean; no row left: NaN, as F.cross_entropy), computed
+    on the transposed logits [C, rows] (inside the grid's vmap: [c, C, rows], the reduction over
+    classes vectorised along the rows); None when the shapes are not these (the caller then calls
+    the loss itself)."""
+    if out.dim() != 2 or y.dim() != 1 or y.is_floating_point() or y.shape[0] != out.shape[0] \
+            or out.shape[0] == 0 or not out.is_floating_point():
         return None
-    c, rows, _ = out.shape
     keep = y != ignore
     idx = torch.where(keep, y, 0)
-    logp = torch.log_softmax(out.transpose(1, 2).contiguous(), dim=1)  # [c, C, rows]
-    picked = logp.gather(1, idx.view(1, 1, rows).expand(c, 1, rows)).squeeze(1)  # [c, rows]
-    picked = picked * keep
-    return -picked.sum(1) / keep.sum()
+    logp = torch.log_softmax(out.t().contiguous(), dim=0)  # [C, rows]
+    picked = logp.gather(0, idx.view(1, -1)).squeeze(0) * keep  # [rows]
+    return -picked.sum() / keep.sum()
 
 
 def point_values(fns, out: Tensor, y: Tensor) -> Tensor:
-    """[len(fns), c] float64: fns[f] of each point's outputs out[i] [rows, ...] and the targets y.
+    """[len(fns)] float64: each fn of ONE point's outputs out [rows, ...] and the targets y (called
+    inside the grid's vmap over the points).
 
     Each fn is ``(outputs, targets) -> scalar mean over the rows``; recognised cross-entropy is
-    computed for all points at once (module docstring), the others with ``torch.vmap``."""
+    computed with the classes first (module docstring), the others by calling them."""
     if not torch.is_tensor(out):
         raise TypeError(f"the model must return a tensor of outputs, got {type(out).__name__}")
     vals = []
@@ -54,7 +56,7 @@ def point_values(fns, out: Tensor, y: Tensor) -> Tensor:
         ignore = _cross_entropy_ignore_index(fn)
         v = _cross_entropy(out, y, ignore) if ignore is not None else None
         if v is None:
-            v = torch.vmap(lambda o, f=fn: _scalar(f(o, y), o), in_dims=0)(out)
+            v = _scalar(fn(out, y), out)
         vals.append(v.to(torch.float64))
     return torch.stack(vals)
 

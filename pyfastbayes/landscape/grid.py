@@ -15,6 +15,7 @@ torch.distributed the points are split across the ranks and one all_reduce gathe
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -93,12 +94,26 @@ def _per_point(layout, thetas: Tensor) -> dict[str, Tensor]:
             for n, s, d, o in zip(layout.names, layout.shapes, layout.dtypes, layout.offsets)}
 
 
-def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shortcut, buffers: dict, shared: dict, post, consume,
-          on_batch=None) -> int:
+class _Loop(nn.Module):
+    """Holds the model as ``net`` so that ONE ``functional_call`` (one vmap level) covers the walk
+    over all blocks of the data: ``forward(*args)`` is ``body(net, *args)``."""
+
+    def __init__(self, net: nn.Module, body):
+        super().__init__()
+        self.net, self.body = net, body
+
+    def forward(self, *args):
+        return self.body(self.net, *args)
+
+
+def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shortcut, buffers: dict, shared: dict,
+          fns, on_batch=None) -> tuple[Tensor | None, int]:
     """Walk ``data`` once for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s order):
-    for each block of at most ``rows`` rows of each batch (None: whole batches), consume(rows,
-    post(outputs of all c points stacked [c, rows, ...], targets)); returns the number of examples. Every
-    block goes through the model for all c points at once (``torch.vmap`` over ``functional_call``).
+    returns (sums [len(fns), c] float64, N examples), sums[f, i] the sum over the blocks (at most
+    ``rows`` rows of a batch each; None: whole batches) of rows x fns[f](outputs of point i on the
+    block, targets); None when ``fns`` is empty (a walk for its side effects on ``buffers``). ONE
+    ``torch.vmap`` over the points covers the whole walk (a vmap and a functional_call per block
+    cost ~0.5 ms of Python each): every block goes through the model for all c points at once.
     ``buffers``: name -> [c, ...] per-point buffers, vmapped with the points; ``shared``: name ->
     buffers common to the points (not vmapped; in-place updates act on them once per block).
     ``shortcut`` = (first layer, theta0 [P], directions [m, P], coords [c, m]) with thetas = theta0
@@ -110,38 +125,54 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
     def args(x):
         return x if isinstance(x, tuple) else (x,)
 
-    def one(net: nn.Module, params: dict, bufs: dict, x):
-        return functional_call(net, {**params, **shared, **bufs}, args(x))
-
-    batched = torch.vmap(one, in_dims=(None, 0, 0, None))
-    batched_first = torch.vmap(_one_first(shared), in_dims=(None, 0, 0, 0, None))
-    params = _per_point(layout, thetas)  # once per chunk, not once per block
+    c = thetas.shape[0]
+    params = _per_point(layout, thetas)  # once per chunk
     batches = iter(iterate(data, thetas.device))
     head = next(batches, None)
-    first = None
-    if head is not None:  # decisions that need an example batch, made on the first one (no extra walk)
-        with ModeGuard(model, False):  # probes in eval mode (a BatchNorm in train mode would update its stats)
-            shortcut = shortcut(head[0]) if callable(shortcut) else shortcut
-        if shortcut is not None:
-            first, theta0, dirs, coords = shortcut
-            # [c, m + 1] weights (1, a_1, ..., a_m) of the products W0 x, D_1 x, ...: one GEMM combines them
-            mix = torch.cat([torch.ones_like(coords[:, :1]), coords], dim=1).to(thetas.dtype)
-            params = {k: v for k, v in params.items() if not k.startswith(first.prefix)}
+    if head is None:
+        return (thetas.new_zeros(len(fns), c, dtype=torch.float64) if fns else None), 0
+    first, mix, act = None, None, None
+    with ModeGuard(model, False):  # probes in eval mode (a BatchNorm in train mode would update its stats)
+        shortcut = shortcut(head[0]) if callable(shortcut) else shortcut
+    if shortcut is not None:  # decided on the first batch (no extra walk)
+        first, theta0, dirs, coords = shortcut
+        # [c, m + 1] weights (1, a_1, ..., a_m) of the products W0 x, D_1 x, ...: per point one row
+        mix = torch.cat([torch.ones_like(coords[:, :1]), coords], dim=1).to(thetas.dtype)
+        params = {k: v for k, v in params.items() if not k.startswith(first.prefix)}
     n = 0
-    with _batched.swapped(model, conv=thetas.device.type == "cpu") as net:
-        for x, y, nb in itertools.chain([head] if head is not None else [], batches):
+
+    def body(net: nn.Module, mix_p: Tensor | None):
+        # one point's view of the whole walk (inside the vmap): sums [len(fns)] float64
+        nonlocal n
+        total = None
+        for x, y, nb in itertools.chain([head], batches):
             if on_batch is not None:
                 on_batch(x, y, nb)
             for xr, yr, nr in _row_blocks(x, y, nb, rows):
                 if first is None:
-                    consume(nr, post(batched(net, params, buffers, xr), yr))
-                    continue
-                O = first.outputs(xr, theta0, dirs)  # [m + 1, rows, ...]: once for the chunk's points
-                h = torch.mm(mix, O.reshape(O.shape[0], -1)).view(mix.shape[0], *O.shape[1:])  # [c, rows, ...]
-                with first.swapped(model):
-                    consume(nr, post(batched_first(net, params, buffers, h, xr), yr))
+                    out = net(*args(xr))
+                else:
+                    O = first.outputs(xr, theta0, dirs)  # [m + 1, rows, ...]: once for the chunk's points
+                    h = _batched.activate_((mix_p @ O.reshape(O.shape[0], -1)).view(O.shape[1:]), act)
+                    _first_layer.hold(h)  # the first layer's combined output (an activation fused into it applied)
+                    out = net(xr)
+                if fns:
+                    v = point_values(fns, out, yr) * nr
+                    total = v if total is None else total + v
             n += nb
-    return n
+        return total if total is not None else torch.zeros((), dtype=torch.float64, device=thetas.device)
+
+    with _batched.swapped(model, conv=thetas.device.type == "cpu") as net, \
+            (first.swapped(model) if first is not None else contextlib.nullcontext()) as act:
+        loop = _Loop(net, body)
+        names = {f"net.{k}": v for k, v in {**params, **buffers}.items()}
+        fixed = {f"net.{k}": v for k, v in shared.items()}
+
+        def one(point: dict, mix_p):
+            return functional_call(loop, {**point, **fixed}, (mix_p,))
+
+        sums = torch.vmap(one, in_dims=(0, None if mix is None else 0))(names, mix)
+    return (sums.T.contiguous() if fns else None), n
 
 
 class _Plan:
@@ -164,14 +195,6 @@ class _Plan:
         return decide
 
 
-def _one_first(shared: dict):
-    """The per-point call of the first-layer path: the held combined output replaces the layer."""
-    def one_first(net: nn.Module, params: dict, bufs: dict, h: Tensor, x):
-        _first_layer.hold(h)
-        return functional_call(net, {**params, **shared, **bufs}, (x,))
-    return one_first
-
-
 def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows: int | None, shortcut=None, buffers: dict | None = None,
               on_batch=None) -> tuple[Tensor, int]:
     """One pass over ``data`` for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s
@@ -180,9 +203,7 @@ def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows: int | N
     of at most ``rows`` rows (None: whole batches); ``shortcut`` as in :func:`_walk`; ``buffers``
     name -> [c, ...]: per-point buffers (the BatchNorm statistics of bn='recompute'); ``on_batch``
     as in :func:`_walk`. The caller sets no_grad and the model's mode."""
-    sums = torch.zeros(len(fns), thetas.shape[0], dtype=torch.float64, device=thetas.device)
-    n = _walk(model, layout, thetas, data, rows, shortcut, buffers or {}, {},
-              lambda out, y: point_values(fns, out, y), lambda nr, v: sums.add_(v, alpha=nr), on_batch)
+    sums, n = _walk(model, layout, thetas, data, rows, shortcut, buffers or {}, {}, fns, on_batch)
     if n == 0:
         raise ValueError("data has no examples (no rows in any batch): the mean loss is undefined")
     return sums, n
@@ -227,8 +248,7 @@ def bn_statistics(model: nn.Module, layout, thetas: Tensor, data, layers, shortc
     try:
         for m, _, _ in saved:
             m.momentum, m.training = None, True
-        n = _walk(model, layout, thetas, data, None, shortcut, buffers, counts, lambda out, y: out,
-                  lambda nr, v: None)
+        _, n = _walk(model, layout, thetas, data, None, shortcut, buffers, counts, [])
     finally:
         for m, momentum, training in saved:
             m.momentum, m.training = momentum, training
