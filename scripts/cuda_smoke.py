@@ -113,8 +113,8 @@ def curvature() -> None:
 
 def landscape() -> None:
     """landscape_points_: m = 1, 2, 8 directions, few and many points (the y split of the grid),
-    several coords tiles per block (float32 only), float64 and same-dtype coords, every dtype; CPU
-    and CUDA agree bit for bit."""
+    several coords tiles per block (float32 only), float64 and same-dtype coords, every dtype; then
+    landscape_combine and landscape_bias_act_; CPU and CUDA agree bit for bit."""
     g = torch.Generator().manual_seed(5)
     shapes = [(1, 1, 1), (1000, 2, 37), (70_001, 8, 3), (33, 2, 5000), (280_001, 1, 40)]  # last: several tiles
     for (P, m, n), dtype in ((s, d) for s in shapes for d in DTYPES):
@@ -127,6 +127,20 @@ def landscape() -> None:
             ops.landscape_points_(th, D, c, cpu, backend="native")
             ops.landscape_points_(th.cuda(), D.cuda(), c.cuda(), gpu, backend="native")
             assert torch.equal(gpu.cpu(), cpu), ("landscape_points_", P, m, n, dtype, c.dtype)
+    # the grid engine's fused passes: k = 1..9 parts, both activations, with and without a bias
+    for (R, k, F, c), dtype in ((s, d) for s in [(1, 1, 1, 1), (513, 3, 128, 33), (7, 9, 1000, 5)] for d in DTYPES):
+        parts = torch.randn(R, k, F, generator=g, dtype=torch.float64).to(dtype)
+        mix = torch.randn(c, k, generator=g, dtype=torch.float64).to(dtype)
+        bias = torch.randn(c, F, generator=g, dtype=torch.float64).to(dtype)
+        for act in ("none", "relu"):
+            cpu = ops.landscape_combine(parts, mix, act, backend="native")
+            gpu = ops.landscape_combine(parts.cuda(), mix.cuda(), act, backend="native")
+            assert torch.equal(gpu.cpu(), cpu), ("landscape_combine", R, k, F, c, act, dtype)
+            for b in (bias, None):
+                x_cpu, x_gpu = cpu.clone(), cpu.cuda()
+                ops.landscape_bias_act_(x_cpu, b, act, backend="native")
+                ops.landscape_bias_act_(x_gpu, None if b is None else b.cuda(), act, backend="native")
+                assert torch.equal(x_gpu.cpu(), x_cpu), ("landscape_bias_act_", R, F, c, act, dtype)
 
 
 def kfac() -> None:

@@ -166,10 +166,14 @@ def test_activations_fuse_into_the_layer_before_them_only_inside_a_plain_sequent
     assert list(model.modules()) == before
 
 
+@pytest.mark.parametrize("route", ["direct", "fallback"])
 @pytest.mark.parametrize("first_layer", [True, False])
-def test_grid_with_fused_activations_equals_the_point_loop(first_layer):
+def test_grid_with_fused_activations_equals_the_point_loop(first_layer, route, monkeypatch):
     """ReLU and Tanh fused into Linear and Conv2d stand-ins (the first layer's one included) give the
-    numbers of the plain model evaluated point by point."""
+    numbers of the plain model evaluated point by point; also without functorch's C API (the
+    stand-ins' autograd.Functions, the first layer combined by einsum)."""
+    if route == "fallback":
+        monkeypatch.setattr(_batched, "_ft", None)
     torch.manual_seed(2)
     g = torch.Generator().manual_seed(3)
     cases = [(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)),

@@ -1,6 +1,9 @@
-"""The landscape op (landscape_points_): the op contract (bit-exact against the reference), the
+"""The landscape ops. landscape_points_: the op contract (bit-exact against the reference), the
 closed form theta0 + coords @ directions, the fixed accumulation order and math type, n = 0,
-P = 0, m = 1..8, overlap refusals, and the CUDA kernel against the CPU op bit for bit."""
+P = 0, m = 1..8, overlap refusals, and the CUDA kernel against the CPU op bit for bit. The grid
+engine's fused passes landscape_combine and landscape_bias_act_: the op contract (bit-exact), the
+closed forms act(sum_j mix_j parts_j) and act(x + bias), the ReLU's NaN / signed-zero rule, and the
+CUDA kernels against the CPU ops bit for bit."""
 import pytest
 import torch
 
@@ -234,3 +237,207 @@ def test_cuda_matches_cpu_bitwise(dtype):
             ops.landscape_points_(th_g, D_g, coords.cuda(), out, backend="native")
             assert torch.equal(out.cpu(), cpu), (P, m, n, dtype, coords.dtype)
             assert sentinels_intact(out, buf), (P, m, n, dtype)
+
+
+# ---- landscape_combine and landscape_bias_act_: the grid engine's fused passes -----------------
+def _rand(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+COMBINE_SHAPES = [(7, 3, 5, 4), (33, 2, 130, 3), (5, 9, 17, 2), (64, 1, 8, 6), (3, 4, 1100, 2)]  # (R, k, F, c)
+
+
+def cb_make(kind, device, dtype, gen):
+    def call(parts, mix, act):
+        return dict(parts=parts.to(dtype=dtype, device=device), mix=mix.to(dtype=dtype, device=device), act=act)
+
+    if kind == "random":  # k = 3 (a plane) and 2 (a line) take their own loops on the CPU, the others the general one
+        return [call(_rand(gen, R, k, F), _rand(gen, c, k), act) for R, k, F, c in COMBINE_SHAPES
+                for act in ("none", "relu")]
+    if kind == "empty":
+        return [call(_rand(gen, R, k, F), _rand(gen, c, k), "relu") for R, k, F, c in
+                [(0, 3, 5, 2), (4, 2, 0, 3), (4, 3, 5, 0)]]
+    # strided: parts a permuted view, mix transposed
+    parts = _rand(gen, 6, 11, 3).to(dtype=dtype, device=device).permute(1, 2, 0)  # [11, 3, 6]
+    mix = _rand(gen, 3, 4).to(dtype=dtype, device=device).t()
+    return [dict(parts=parts, mix=mix, act="relu")]
+
+
+def cb_post(kind, calls, outs, after):
+    for a, out, b in zip(calls, outs, after):
+        assert out.is_contiguous() and out.shape == (a["mix"].shape[0], a["parts"].shape[0], a["parts"].shape[2])
+        assert torch.equal(a["parts"], b["parts"]) and torch.equal(a["mix"], b["mix"])
+
+
+def cb_good(device, dtype=torch.float32, act="relu"):
+    gen = torch.Generator().manual_seed(5)
+    return dict(parts=_rand(gen, 4, 3, 6).to(dtype=dtype, device=device),
+                mix=_rand(gen, 2, 3).to(dtype=dtype, device=device), act=act)
+
+
+LANDSCAPE_COMBINE = OpSpec(
+    "landscape_combine", grid=ALL_DTYPES, make=cb_make, good=cb_good, post=cb_post, seed=23,
+    tol=lambda t: dict(rtol=0, atol=0),  # every operation rounded on its own: bit for bit
+    opcheck=[lambda d: cb_good(d, torch.float64, "none"), lambda d: cb_good(d, torch.bfloat16),
+             lambda d: cb_good(d, torch.float16, "none")],
+    bad=[
+        Bad("parts-int", put(parts=lambda a, d: a["parts"].long(), mix=lambda a, d: a["mix"].long()),
+            r"^landscape_combine: parts must be float64, float32, float16 or bfloat16, got Long$"),
+        Bad("parts-2d", put(parts=lambda a, d: a["parts"][0]),
+            r"^landscape_combine: parts must be a 3-D \[R, k, F\] tensor, got shape \[3, 6\]$"),
+        Bad("k-0", put(parts=lambda a, d: a["parts"][:, :0], mix=lambda a, d: a["mix"][:, :0]),
+            r"^landscape_combine: parts must have 1 to 9 parts \(dimension 1\), got k = 0$"),
+        Bad("k-10", put(parts=lambda a, d: torch.zeros(4, 10, 6, device=d),
+                        mix=lambda a, d: torch.zeros(2, 10, device=d)),
+            r"^landscape_combine: parts must have 1 to 9 parts \(dimension 1\), got k = 10$"),
+        Bad("mix-dtype", put(mix=lambda a, d: a["mix"].double()),
+            r"^landscape_combine: mix must have the dtype of parts \(Float\), got Double$"),
+        Bad("mix-k", put(mix=lambda a, d: a["mix"][:, :2]),
+            r"^landscape_combine: mix must be \[c, k\] with k = 3 \(parts' dimension 1\), got shape \[2, 2\]$"),
+        Bad("mix-1d", put(mix=lambda a, d: a["mix"][0]),
+            r"^landscape_combine: mix must be \[c, k\] with k = 3 \(parts' dimension 1\), got shape \[3\]$"),
+        Bad("act", put(act="gelu"), r"^landscape_combine: act must be 'none' or 'relu', got 'gelu'$"),
+    ] + placement("landscape_combine", "parts", "mix")
+    + placement("landscape_combine", "mix", "parts",
+                device=r"^landscape_combine: (parts is on cpu, expected CUDA|mix is on cpu but parts is on cuda:0)$"))
+
+
+class TestLandscapeCombine(OpContract):
+    spec = LANDSCAPE_COMBINE
+
+
+BIAS_SHAPES = [(3, 7, 5), (2, 33, 130), (4, 1, 1100), (1, 5, 3)]  # (c, R, F)
+
+
+def ba_make(kind, device, dtype, gen):
+    def call(x, bias, act):
+        return dict(x=x.to(dtype=dtype, device=device), act=act,
+                    bias=None if bias is None else bias.to(dtype=dtype, device=device))
+
+    if kind == "random":  # with and without a bias, both activations; x written twice (state carries over)
+        calls = []
+        for c, R, F in BIAS_SHAPES:
+            x = _rand(gen, c, R, F)
+            calls += [call(x, _rand(gen, c, F), "relu"), call(x, None, "relu"), call(x, _rand(gen, c, F), "none"),
+                      call(x, None, "none")]
+        return calls
+    if kind == "empty":
+        return [call(_rand(gen, c, R, F), _rand(gen, c, F), "relu") for c, R, F in [(0, 3, 4), (2, 0, 4), (2, 3, 0)]]
+    bias = _rand(gen, 9, 2).to(dtype=dtype, device=device).t()  # [2, 9], strided
+    return [dict(x=_rand(gen, 2, 5, 9).to(dtype=dtype, device=device), bias=bias, act="relu")]
+
+
+def ba_post(kind, calls, outs, after):
+    for a, out, b in zip(calls, outs, after):
+        assert out is b["x"]
+        if a["bias"] is not None:
+            assert torch.equal(a["bias"], b["bias"])
+
+
+def ba_good(device, dtype=torch.float32, bias=True, act="relu"):
+    gen = torch.Generator().manual_seed(6)
+    return dict(x=_rand(gen, 2, 3, 4).to(dtype=dtype, device=device),
+                bias=_rand(gen, 2, 4).to(dtype=dtype, device=device) if bias else None, act=act)
+
+
+def _bias_of_x(a, d):
+    return a["x"][:, 0]  # a view of x: [c, F]
+
+
+LANDSCAPE_BIAS_ACT = OpSpec(
+    "landscape_bias_act_", grid=ALL_DTYPES, make=ba_make, good=ba_good, post=ba_post, seed=24,
+    tol=lambda t: dict(rtol=0, atol=0),
+    opcheck=[lambda d: ba_good(d, torch.float64, act="none"), lambda d: ba_good(d, torch.bfloat16, bias=False),
+             lambda d: ba_good(d, torch.float16)],
+    bad=[
+        Bad("x-int", put(x=lambda a, d: a["x"].long(), bias=lambda a, d: a["bias"].long()),
+            r"^landscape_bias_act_: x must be float64, float32, float16 or bfloat16, got Long$"),
+        Bad("x-2d", put(x=lambda a, d: a["x"][0].contiguous()),
+            r"^landscape_bias_act_: x must be a 3-D \[c, R, F\] tensor, got shape \[3, 4\]$"),
+        Bad("x-strided", put(x=lambda a, d: a["x"].transpose(1, 2).contiguous().transpose(1, 2)),
+            r"^landscape_bias_act_: x must be contiguous \(it is written in place\), got strides \[12, 1, 3\]$"),
+        Bad("bias-dtype", put(bias=lambda a, d: a["bias"].double()),
+            r"^landscape_bias_act_: bias must have the dtype of x \(Float\), got Double$"),
+        Bad("bias-shape", put(bias=lambda a, d: a["bias"][:, :3]),
+            r"^landscape_bias_act_: bias must be \[c, F\] = \[2, 4\], got shape \[2, 3\]$"),
+        Bad("bias-c", put(bias=lambda a, d: a["bias"][:1]),
+            r"^landscape_bias_act_: bias must be \[c, F\] = \[2, 4\], got shape \[1, 4\]$"),
+        Bad("act", put(act="tanh"), r"^landscape_bias_act_: act must be 'none' or 'relu', got 'tanh'$"),
+        Bad("bias-in-x", put(bias=_bias_of_x),
+            r"^landscape_bias_act_: (bias overlaps x|x overlaps bias) \(the same memory twice in one call\)"),
+    ] + placement("landscape_bias_act_", "x", "bias")
+    + placement("landscape_bias_act_", "bias", "x",
+                device=r"^landscape_bias_act_: (x is on cpu, expected CUDA|bias is on cpu but x is on cuda:0)$"))
+
+
+class TestLandscapeBiasAct(OpContract):
+    spec = LANDSCAPE_BIAS_ACT
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_combine_and_bias_act_closed_forms(device, dtype):
+    """Against float64 sums of the rounded inputs: combine == act(einsum) and bias_act == act(x + b)."""
+    gen = torch.Generator().manual_seed(9)
+    tol = _CLOSE[dtype] * 4
+    for R, k, F, c in COMBINE_SHAPES:
+        parts, mix = _rand(gen, R, k, F).to(dtype), _rand(gen, c, k).to(dtype)
+        lin = torch.einsum("cj,rjf->crf", mix.double(), parts.double())
+        scale = torch.einsum("cj,rjf->crf", mix.double().abs(), parts.double().abs()) + 1e-3
+        for backend in _backends(device) if ops.native_op("landscape_combine", device) else ["reference"]:
+            for act, want in (("none", lin), ("relu", lin.clamp_min(0))):
+                got = ops.landscape_combine(parts.to(device), mix.to(device), act, backend=backend).cpu().double()
+                assert bool(((got - want).abs() <= tol * scale).all()), (backend, act, R, k, F, c)
+    for c, R, F in BIAS_SHAPES:
+        x, b = _rand(gen, c, R, F).to(dtype), _rand(gen, c, F).to(dtype)
+        want = x.double() + b.double()[:, None]
+        for backend in ["reference"] + (["native"] if ops.native_op("landscape_bias_act_", device) else []):
+            for bias, act, w in ((b, "relu", want.clamp_min(0)), (b, "none", want),
+                                 (None, "relu", x.double().clamp_min(0))):
+                y = x.to(device).clone()
+                assert ops.landscape_bias_act_(y, None if bias is None else bias.to(device), act, backend=backend) is y
+                scale = x.double().abs() + (0 if bias is None else b.double().abs()[:, None]) + 1e-3
+                assert bool(((y.cpu().double() - w).abs() <= tol * scale).all()), (backend, act, c, R, F)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_relu_keeps_nan_and_signed_zero(device):
+    """act='relu': v < 0 -> +0, NaN and -0 pass through (the reference's rule, on every backend)."""
+    v = torch.tensor([-1.0, -0.0, 0.0, 2.0, float("nan"), float("-inf"), float("inf")], device=device)
+    for backend in _backends(device):
+        x = v.view(1, 1, -1).clone()
+        ops.landscape_bias_act_(x, None, "relu", backend=backend)
+        got = x.view(-1).cpu()
+        assert got[0].item() == 0.0 and not torch.signbit(got[0])
+        assert torch.signbit(got[1]) and got[1].item() == 0.0
+        assert torch.isnan(got[4]) and got[5].item() == 0.0 and got[6].item() == float("inf")
+        parts = v.view(-1, 1, 1)  # k = 1: out = 1 * v
+        out = ops.landscape_combine(parts, torch.ones(1, 1, device=device), "relu", backend=backend).view(-1).cpu()
+        assert torch.equal(out.nan_to_num(7.0), got.nan_to_num(7.0))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_cuda_fused_passes_match_cpu_bitwise(dtype):
+    """The CUDA kernels of landscape_combine and landscape_bias_act_ against the CPU op, bit for bit
+    (k = 1..9, grid-stride sizes, strided inputs), and bias_act_ writes nothing outside x."""
+    require_cuda_kernel("landscape_combine")
+    require_cuda_kernel("landscape_bias_act_")
+    gen = torch.Generator().manual_seed(12)
+    for R, k, F, c in COMBINE_SHAPES + [(1000, 3, 600, 40), (3, 9, 5, 7)]:
+        parts, mix = _rand(gen, R, k, F).to(dtype), _rand(gen, c, k).to(dtype)
+        for act in ("none", "relu"):
+            cpu = ops.landscape_combine(parts, mix, act, backend="native")
+            gpu = ops.landscape_combine(parts.cuda().transpose(0, 2).contiguous().transpose(0, 2), mix.cuda(), act,
+                                        backend="native")
+            assert torch.equal(gpu.cpu(), cpu), (R, k, F, c, act, dtype)
+    for c, R, F in BIAS_SHAPES + [(40, 1000, 600)]:
+        x, b = _rand(gen, c, R, F).to(dtype), _rand(gen, c, F).to(dtype)
+        for bias in (b, None):
+            cpu = x.clone()
+            ops.landscape_bias_act_(cpu, bias, "relu", backend="native")
+            out, buf = placed(x.clone(), offset=5)
+            ops.landscape_bias_act_(out, None if bias is None else bias.cuda().t().contiguous().t(), "relu",
+                                    backend="native")
+            assert torch.equal(out.cpu(), cpu), (c, R, F, dtype)
+            assert sentinels_intact(out, buf)

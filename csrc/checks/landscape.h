@@ -1,8 +1,13 @@
-// Host-only argument checks of landscape_points_, shared by the CPU and CUDA entry points
-// (mirrored, with the same messages, by pyfastbayes/_reference/landscape.py: check_landscape_points_).
+// Host-only argument checks of landscape_points_, landscape_combine and landscape_bias_act_,
+// shared by the CPU and CUDA entry points (mirrored, with the same messages, by
+// pyfastbayes/_reference/landscape.py: check_<op>).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <string>
 
 #include "checks/common.h"
 #include "common/landscape.h"
@@ -51,6 +56,63 @@ inline void check_landscape_points(const at::Tensor& theta0, const at::Tensor& d
   overlap.add(coords, "coords", -1, false);
   overlap.add(out, "out", -1, true);
   overlap.run();
+}
+
+// act: "none" -> kActNone, "relu" -> kActRelu; anything else is refused.
+inline int parse_landscape_act(c10::string_view act, const char* op) {
+  if (act == "none") return kActNone;
+  if (act == "relu") return kActRelu;
+  TORCH_CHECK(false, op, ": act must be 'none' or 'relu', got '", std::string(act), "'");
+  return kActNone;
+}
+
+// Checks parts [R, k, F] (1 <= k <= 9) and mix [c, k] (device type of the kernel, dtypes, shapes);
+// returns the activation.
+inline int check_landscape_combine(const at::Tensor& parts, const at::Tensor& mix, c10::string_view act,
+                                   c10::DeviceType device_type) {
+  const char* op = "landscape_combine";
+  TORCH_CHECK(parts.device().type() == device_type, op, ": parts is on ", parts.device(), ", expected ",
+              device_type_name(device_type));
+  TORCH_CHECK(kernel_float_dtype(parts.scalar_type()), op,
+              ": parts must be float64, float32, float16 or bfloat16, got ", parts.scalar_type());
+  TORCH_CHECK(parts.dim() == 3, op, ": parts must be a 3-D [R, k, F] tensor, got shape ", parts.sizes());
+  const int64_t k = parts.size(1);
+  TORCH_CHECK(k >= 1 && k <= kLandscapeMaxParts, op, ": parts must have 1 to ", kLandscapeMaxParts,
+              " parts (dimension 1), got k = ", k);
+  TORCH_CHECK(mix.device() == parts.device(), op, ": mix is on ", mix.device(), " but parts is on ", parts.device());
+  TORCH_CHECK(mix.scalar_type() == parts.scalar_type(), op, ": mix must have the dtype of parts (",
+              parts.scalar_type(), "), got ", mix.scalar_type());
+  TORCH_CHECK(mix.dim() == 2 && mix.size(1) == k, op, ": mix must be [c, k] with k = ", k,
+              " (parts' dimension 1), got shape ", mix.sizes());
+  return parse_landscape_act(act, op);
+}
+
+// Checks x [c, R, F] (contiguous, written in place) and bias [c, F] or undefined (device type of
+// the kernel, dtypes, shapes, no overlap with x); returns the activation.
+inline int check_landscape_bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view act,
+                                    c10::DeviceType device_type) {
+  const char* op = "landscape_bias_act_";
+  TORCH_CHECK(x.device().type() == device_type, op, ": x is on ", x.device(), ", expected ",
+              device_type_name(device_type));
+  TORCH_CHECK(kernel_float_dtype(x.scalar_type()), op, ": x must be float64, float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 3, op, ": x must be a 3-D [c, R, F] tensor, got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous (it is written in place), got strides ", x.strides());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device() == x.device(), op, ": bias is on ", b.device(), " but x is on ", x.device());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias must have the dtype of x (", x.scalar_type(),
+                "), got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == x.size(0) && b.size(1) == x.size(2), op, ": bias must be [c, F] = [",
+                x.size(0), ", ", x.size(2), "], got shape ", b.sizes());
+  }
+  const int a = parse_landscape_act(act, op);
+  OverlapCheck overlap(op, 2);
+  overlap.add(x, "x", -1, true);
+  if (has_bias) overlap.add(*bias, "bias", -1, false);
+  overlap.run();
+  return a;
 }
 
 }  // namespace pyfastbayes

@@ -10,15 +10,22 @@
 // memory, kTilePts points at a time, rounded once to the math type T.
 // Every product and sum is rounded on its own (mul_rn / add_rn, never an FMA) in the order
 // j = 0..m-1 from theta0: the results equal the CPU op bit for bit.
+//
+// landscape_combine and landscape_bias_act_: one thread per output element, grid-stride (resident
+// blocks only); consecutive threads take consecutive features f of a row (coalesced). The
+// combination reads the point's k mix weights (cached, k <= 9) and the row's k parts; products and
+// sums rounded one by one in the order j = 0..k-1 as on the CPU: bit for bit the CPU results.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "checks/landscape.h"
 #include "common/landscape.h"
@@ -108,8 +115,73 @@ void landscape_points_cuda(const at::Tensor& theta0, const at::Tensor& direction
   });
 }
 
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const scalar_t* __restrict__ parts,
+                                                           const scalar_t* __restrict__ mix, scalar_t* __restrict__ out,
+                                                           int64_t total, int64_t R, int64_t F, int k, int act) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t f = e % F, i = e / F;  // i = p * R + r
+    const int64_t p = i / R, r = i % R;
+    const scalar_t* row = parts + r * k * F + f;
+    const scalar_t* w = mix + p * k;
+    T acc = landscape_first_term(static_cast<T>(w[0]), static_cast<T>(row[0]));
+    for (int j = 1; j < k; ++j) acc = landscape_step(acc, static_cast<T>(w[j]), static_cast<T>(row[j * F]));
+    out[e] = static_cast<scalar_t>(landscape_act(acc, act));
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) bias_act_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ bias,
+                                                            int64_t total, int64_t R, int64_t F, int act) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    T v = static_cast<T>(x[e]);
+    if (bias != nullptr) v = add_rn(v, static_cast<T>(bias[(e / (R * F)) * F + e % F]));
+    x[e] = static_cast<scalar_t>(landscape_act(v, act));
+  }
+}
+
+at::Tensor landscape_combine_cuda(const at::Tensor& parts, const at::Tensor& mix, c10::string_view act) {
+  const int a = check_landscape_combine(parts, mix, act, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(parts.device());
+  const int64_t R = parts.size(0), k = parts.size(1), F = parts.size(2), c = mix.size(0);
+  at::Tensor out = at::empty({c, R, F}, parts.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor pc = parts.contiguous();
+  const at::Tensor mc = mix.contiguous();
+  const int64_t total = out.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc.scalar_type(), "landscape_combine_cuda", [&] {
+    combine_kernel<scalar_t><<<resident_blocks_for(total, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        pc.const_data_ptr<scalar_t>(), mc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total, R, F,
+        static_cast<int>(k), a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+void landscape_bias_act_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view act) {
+  const int a = check_landscape_bias_act(x, bias, act, c10::DeviceType::CUDA);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (x.numel() == 0 || (!has_bias && a == kActNone)) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const int64_t total = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "landscape_bias_act_cuda", [&] {
+    bias_act_kernel<scalar_t><<<resident_blocks_for(total, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr, total, x.size(1), x.size(2), a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyfastbayes, CUDA, m) { m.impl("landscape_points_", &landscape_points_cuda); }
+TORCH_LIBRARY_IMPL(pyfastbayes, CUDA, m) {
+  m.impl("landscape_points_", &landscape_points_cuda);
+  m.impl("landscape_combine", &landscape_combine_cuda);
+  m.impl("landscape_bias_act_", &landscape_bias_act_cuda);
+}
 
 }  // namespace pyfastbayes::cuda

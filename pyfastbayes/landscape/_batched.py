@@ -10,7 +10,8 @@ convolution (c groups), which oneDNN runs ~3x slower than c plain convolutions o
 sizes (8 -> 16 channels, 3x3, on 1 797 digits). So, for the duration of the walk, the model's
 plain ``nn.Linear`` / ``nn.Conv2d`` modules are swapped for stand-ins holding the same parameters
 (``functional_call`` still finds ``<name>.weight`` / ``<name>.bias``) that compute all points at
-once: Linear, ``bmm`` plus the bias added in place; Conv2d, one plain convolution per point
+once: Linear, ``bmm`` plus the bias and a fused ReLU in one in-place pass (op
+``landscape_bias_act_``); Conv2d, one plain convolution per point
 written into the stacked output (or, for an input shared by the points, ONE convolution with the
 points' filters concatenated). Inside the grid's vmap a stand-in unwraps its batched arguments
 itself (functorch's C API, :func:`_direct`); elsewhere it goes through an autograd.Function with
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .. import ops
+
 try:  # functorch's C API: unwrap / wrap batched tensors without the generic autograd.Function dispatch
     from torch._C import _functorch as _ft
     _ft.maybe_current_level, _ft.peek_interpreter_stack, _ft._unwrap_batched, _ft._add_batch_dim  # noqa: B018
@@ -49,6 +52,35 @@ def activate_(t: Tensor, act: str | None) -> Tensor:
     return t if act is None else _IN_PLACE[act](t)
 
 
+def _native_act(act: str | None) -> str:
+    """The part of ``act`` the fused ops apply themselves ('relu' or 'none'; tanh goes to ATen's
+    vectorised in-place tanh afterwards)."""
+    return "relu" if act == "relu" else "none"
+
+
+def _epilogue_(out: Tensor, bias: Tensor | None, act: str | None) -> Tensor:
+    """out [n, R, F] (fresh, contiguous) = act(out + bias[:, None, :]) with bias [n, F] or None: the
+    bias and a ReLU in ONE pass (op ``landscape_bias_act_``), any other activation in place after."""
+    native = _native_act(act)
+    if bias is not None or native != "none":
+        ops.landscape_bias_act_(out, bias, native)
+    return activate_(out, None if native == act else act)
+
+
+def combine(parts: Tensor, mix_p: Tensor, act: str | None, shape: tuple) -> Tensor:
+    """One point's first-layer output (its shape ``shape``) inside the grid's vmap: act(sum_j
+    mix_p[j] * parts[:, j]) with parts [R, k, F] shared by the points and mix_p [k] the point's
+    weights (1, a_1, ..., a_m), by the fused op ``landscape_combine`` for all points at once (the
+    output written once, a ReLU applied in the same pass); outside such a vmap, the same by einsum."""
+    def points(n, mix, md):
+        out = ops.landscape_combine(parts, mix.movedim(md, 0), _native_act(act))  # [n, R, F]
+        return activate_(out, None if _native_act(act) == act else act).view(n, *shape)
+    h = _direct(points, mix_p)
+    if h is None:
+        h = activate_(torch.einsum("j,rjf->rf", mix_p, parts).view(shape), act)
+    return h
+
+
 def _moved(t: Tensor, d: int | None, n: int) -> Tensor:
     """t with its vmapped dimension first ([n, ...]; expanded when it has none)."""
     return t.movedim(d, 0) if d is not None else t.expand(n, *t.shape)
@@ -61,9 +93,8 @@ def _linear_points(n: int, x: Tensor, xd, w: Tensor, wd, b: Tensor | None, bd, a
         # weights shared by the points (or an unbatched bias): the plain layer maps over x
         x, w = _moved(x, xd, n), _moved(w, wd, n)
         out = torch.matmul(x.reshape(n, -1, x.shape[-1]), w.transpose(1, 2))
-        if b is not None:
-            out.add_((b.movedim(bd, 0) if bd is not None else b).unsqueeze(-2))
-        return activate_(out, act).view(*x.shape[:-1], w.shape[1])
+        bias = None if b is None else _moved(b, bd, n)
+        return _epilogue_(out, bias, act).view(*x.shape[:-1], w.shape[1])
     w = w.movedim(wd, 0)  # [n, out, in]
     if xd is None:
         lead = x.shape[:-1]
@@ -72,10 +103,8 @@ def _linear_points(n: int, x: Tensor, xd, w: Tensor, wd, b: Tensor | None, bd, a
         x = x.movedim(xd, 0)
         lead = x.shape[1:-1]
         x3 = x.reshape(n, -1, x.shape[-1])  # [n, rows, in]
-    out = torch.bmm(x3, w.transpose(1, 2))
-    if b is not None:
-        out.add_(b.movedim(bd, 0).unsqueeze(1))  # in place on the fresh output: no second buffer
-    return activate_(out, act).view(n, *lead, w.shape[1])
+    out = torch.bmm(x3, w.transpose(1, 2))  # then the bias and the activation in place, in one pass
+    return _epilogue_(out, None if b is None else b.movedim(bd, 0), act).view(n, *lead, w.shape[1])
 
 
 def _conv2d_points(n: int, x: Tensor, xd, w: Tensor, wd, b: Tensor | None, bd, stride, padding, dilation,
@@ -230,9 +259,10 @@ def _hooked(m: nn.Module) -> bool:
 def _fuse_activations(model: nn.Module, done: list) -> None:
     """In every plain nn.Sequential of ``model``: a stand-in followed by an activation of
     :data:`FUSED` (nn.ReLU, nn.Tanh) applies it in place on its fresh output and the activation
-    module becomes :class:`_Fused` (one pass over the activations instead of two, no second buffer). Only inside an exact nn.Sequential, whose forward
-    hands each module's output to the next one and to nothing else; not with global module hooks
-    (they would see the layer's output after the ReLU). Replacements are appended to ``done``."""
+    module becomes :class:`_Fused` (one pass over the activations instead of two, no second
+    buffer). Only inside an exact nn.Sequential, whose forward hands each module's output to the
+    next one and to nothing else; not with global module hooks (they would see the layer's output
+    after the activation). Replacements are appended to ``done``."""
     from torch.nn.modules import module as _module
 
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:

@@ -1,9 +1,11 @@
 """The first-layer shortcut of the grid engine: the model's first layer is linear in its weights,
 so at theta0 + sum_k a_k d_k its output is W0 x + sum_k a_k (D_k x) (biases likewise). Per data
-batch the m + 1 products W0 x, D_1 x, ... are computed ONCE for the whole chunk of points; each
-point then costs one small combination instead of its own first-layer GEMM (a third of the FLOPs
-of a digits MLP). The rest of the model runs per point as before, with the first layer replaced
-by a stand-in that returns the point's precombined output.
+batch the m + 1 products W0 x, D_1 x, ... are computed ONCE for the whole chunk of points (one
+GEMM / convolution with the m + 1 weight sets stacked); each point then costs one small
+combination instead of its own first-layer GEMM (a third of the FLOPs of a digits MLP): the
+fused op ``landscape_combine``, which also applies the activation that follows the layer. The
+rest of the model runs per point as before, with the first layer replaced by a stand-in that
+returns the point's precombined output.
 
 Eligible: the first module with trainable parameters that the forward calls is an ``nn.Linear``
 or ``nn.Conv2d`` (``padding_mode='zeros'``), called once, on the model's own input tensor, with all
@@ -46,16 +48,38 @@ class FirstLayer:
             return F.linear(x, w, b)
         return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
 
-    def outputs(self, x: Tensor, theta0: Tensor, dirs: Tensor) -> Tensor:
-        """[m + 1, N, ...]: the layer at theta0 and along each direction (biases: d_b), on x."""
-        def part(vec: Tensor, key: str):
+    def weights(self, theta0: Tensor, dirs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The layer's k = m + 1 weight sets (theta0's, then each direction's) stacked along the
+        output channels: (weight [k * out, ...], bias [k * out] or None), once per walk."""
+        def part(key: str):
             if key not in self.slices:
                 return None
-            return vec[self.slices[key]].view(self.shapes[key]).to(x.dtype)
-        outs = [self._apply(x, part(theta0, "weight"), part(theta0, "bias"))]
-        for k in range(dirs.shape[0]):
-            outs.append(self._apply(x, part(dirs[k], "weight"), part(dirs[k], "bias")))
-        return torch.stack(outs)
+            sl, shape = self.slices[key], self.shapes[key]
+            sets = [theta0[sl].view(shape)] + [dirs[j, sl].view(shape) for j in range(dirs.shape[0])]
+            return torch.cat(sets).to(dtype)
+        return part("weight"), part("bias")
+
+    def parts(self, x: Tensor, stacked: tuple[Tensor, Tensor | None]) -> tuple[Tensor, tuple]:
+        """(parts [R, k, F], shape): the layer's outputs on x at theta0 and along each direction
+        (biases: d_b), per row r of the R rows (the layer's leading dimensions) its k outputs of F
+        values, by ONE product with the stacked weights (:meth:`weights`); ``shape`` is one point's
+        output shape (the layer's output on x)."""
+        w, b = stacked
+        m = self.module
+        k = w.shape[0] // (m.out_features if isinstance(m, nn.Linear) else m.out_channels)
+        if isinstance(m, nn.Linear):
+            y = F.linear(x, w, b)  # [*lead, k * out]
+            shape = (*y.shape[:-1], y.shape[-1] // k)
+            return y.reshape(-1, k, shape[-1]), shape
+        if m.groups == 1:
+            y = self._apply(x, w, b)  # [*lead, k * out, H', W']: the k filter sets side by side
+        else:  # grouped: the stacked filters would cross the groups; one convolution per set
+            out = m.out_channels
+            y = torch.cat([self._apply(x, w[j * out:(j + 1) * out], None if b is None else b[j * out:(j + 1) * out])
+                           for j in range(k)], dim=-3)
+        shape = (*y.shape[:-3], y.shape[-3] // k, *y.shape[-2:])
+        rows = math.prod(y.shape[:-3])
+        return y.reshape(rows, k, -1), shape
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module):

@@ -137,8 +137,10 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
     if shortcut is not None:  # decided on the first batch (no extra walk)
         first, theta0, dirs, coords = shortcut
         # [c, m + 1] weights (1, a_1, ..., a_m) of the products W0 x, D_1 x, ...: per point one row
-        mix = torch.cat([torch.ones_like(coords[:, :1]), coords], dim=1).to(thetas.dtype)
+        dtype = first.module.weight.dtype  # the layer's own (the products and their combination in it)
+        mix = torch.cat([torch.ones_like(coords[:, :1]), coords], dim=1).to(dtype)
         params = {k: v for k, v in params.items() if not k.startswith(first.prefix)}
+        stacked = first.weights(theta0, dirs, dtype)  # the m + 1 weight sets, once per walk
     n = 0
 
     def body(net: nn.Module, mix_p: Tensor | None):
@@ -152,9 +154,9 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
                 if first is None:
                     out = net(*args(xr))
                 else:
-                    O = first.outputs(xr, theta0, dirs)  # [m + 1, rows, ...]: once for the chunk's points
-                    h = _batched.activate_((mix_p @ O.reshape(O.shape[0], -1)).view(O.shape[1:]), act)
-                    _first_layer.hold(h)  # the first layer's combined output (an activation fused into it applied)
+                    parts, shape = first.parts(xr, stacked)  # [rows, m + 1, F]: once for the chunk's points
+                    # the first layer's combined output, the activation fused into the layer applied
+                    _first_layer.hold(_batched.combine(parts, mix_p, act, shape))
                     out = net(xr)
                 if fns:
                     v = point_values(fns, out, yr) * nr

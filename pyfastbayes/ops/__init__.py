@@ -12,7 +12,7 @@ from ._dispatch import BACKENDS, default_backend, native_op, select
 from .calibration import calibration_bins
 from .curvature import loss_hessian
 from .kfac import kfac_factor_
-from .landscape import landscape_points_
+from .landscape import landscape_bias_act_, landscape_combine, landscape_points_
 from .layouts import CALIB_DIAG, CALIB_STATS, HYPER, RNG, SWAG
 from .random import philox4x32, philox_normal_
 from .sgmcmc import any_nonfinite, psgld_step_, sghmc_step_, sgld_step_
@@ -22,7 +22,7 @@ from .vi import (vi_kl, vi_kl_backward, vi_local_noise, vi_local_noise_backward,
 
 __all__ = ["philox4x32", "philox_normal_", "sgld_step_", "sghmc_step_", "psgld_step_", "any_nonfinite",
            "calibration_bins", "loss_hessian", "swag_collect_", "swag_sample", "native_op", "select", "default_backend",
-           "landscape_points_", "kfac_factor_", "vi_sample", "vi_sample_backward",
-           "vi_sample_and_backward", "vi_local_noise",
+           "landscape_points_", "landscape_combine", "landscape_bias_act_", "kfac_factor_", "vi_sample",
+           "vi_sample_backward", "vi_sample_and_backward", "vi_local_noise",
            "vi_local_noise_backward", "vi_rademacher_", "vi_kl", "vi_kl_backward", "BACKENDS", "layouts", "HYPER", "RNG", "CALIB_STATS", "CALIB_DIAG",
            "SWAG"]
