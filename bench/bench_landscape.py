@@ -14,6 +14,8 @@ measured in the same run (the machine's practical peak on all its threads).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -131,8 +133,10 @@ def _rows(case: str, model, x, y, steps: int, flops: float, device: str, peak: f
 
             def peer():
                 # loss-landscapes draws its directions with torch.randn(size) (no device): on CUDA it would mix
-                # devices; the default-device context puts them next to the model, as a user would
-                with torch.device(device):
+                # devices; the default-device context puts them next to the model, as a user would. Not on the
+                # CPU: the context is a TorchFunctionMode that adds Python to every torch call (~15 % of its time)
+                where = torch.device(device) if device != "cpu" else contextlib.nullcontext()
+                with where:
                     return loss_landscapes.random_plane(model, metric, distance=1, steps=steps,
                                                         normalization="filter", deepcopy_model=True)
 
@@ -142,8 +146,10 @@ def _rows(case: str, model, x, y, steps: int, flops: float, device: str, peak: f
         timed["pyfastbayes landscape.grid"] = bench(
             lambda: grid(model, loss_fn, (x, y), D, (alphas, betas), progress=False), device, **rep)
     ref, vm = timed["plain loop of functional_call"], timed["vmap over chunks of 64 points"]
+    peer = timed.get("loss-landscapes random_plane")
     return [row(SUITE, case, impl, ms, ref, GFLOPs=round(flops / ms / 1e6, 1),
-                of_peak=round(flops / ms / 1e6 / peak, 3), vs_vmap=round(vm / ms, 3)) for impl, ms in timed.items()]
+                of_peak=round(flops / ms / 1e6 / peak, 3), vs_vmap=round(vm / ms, 3),
+                vs_loss_landscapes=round(peer / ms, 3) if peer else "") for impl, ms in timed.items()]
 
 
 def run(device: str, quick: bool) -> list[dict]:
