@@ -14,15 +14,21 @@
 
 namespace pyfastbayes {
 
+// The first tensor of a landscape op (the one the others are compared with): on the kernel's
+// device type and of a floating dtype the kernels take.
+inline void check_landscape_lead(const at::Tensor& t, const char* op, const char* name, c10::DeviceType device_type) {
+  TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " is on ", t.device(), ", expected ",
+              device_type_name(device_type));
+  TORCH_CHECK(kernel_float_dtype(t.scalar_type()), op, ": ", name,
+              " must be float64, float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
 // Checks theta0 [P], directions [m, P], coords [n, m], out [n, P] (device type of the kernel,
 // dtypes, shapes, 1 <= m <= 8, out contiguous and overlapping no input) before anything is written.
 inline void check_landscape_points(const at::Tensor& theta0, const at::Tensor& directions, const at::Tensor& coords,
                                    const at::Tensor& out, c10::DeviceType device_type) {
   const char* op = "landscape_points_";
-  TORCH_CHECK(theta0.device().type() == device_type, op, ": theta0 is on ", theta0.device(), ", expected ",
-              device_type_name(device_type));
-  TORCH_CHECK(kernel_float_dtype(theta0.scalar_type()), op,
-              ": theta0 must be float64, float32, float16 or bfloat16, got ", theta0.scalar_type());
+  check_landscape_lead(theta0, op, "theta0", device_type);
   TORCH_CHECK(theta0.dim() == 1, op, ": theta0 must be a 1-D [P] tensor, got shape ", theta0.sizes());
   const int64_t P = theta0.size(0);
   TORCH_CHECK(directions.device() == theta0.device(), op, ": directions is on ", directions.device(),
@@ -71,10 +77,7 @@ inline int parse_landscape_act(c10::string_view act, const char* op) {
 inline int check_landscape_combine(const at::Tensor& parts, const at::Tensor& mix, c10::string_view act,
                                    c10::DeviceType device_type) {
   const char* op = "landscape_combine";
-  TORCH_CHECK(parts.device().type() == device_type, op, ": parts is on ", parts.device(), ", expected ",
-              device_type_name(device_type));
-  TORCH_CHECK(kernel_float_dtype(parts.scalar_type()), op,
-              ": parts must be float64, float32, float16 or bfloat16, got ", parts.scalar_type());
+  check_landscape_lead(parts, op, "parts", device_type);
   TORCH_CHECK(parts.dim() == 3, op, ": parts must be a 3-D [R, k, F] tensor, got shape ", parts.sizes());
   const int64_t k = parts.size(1);
   TORCH_CHECK(k >= 1 && k <= kLandscapeMaxParts, op, ": parts must have 1 to ", kLandscapeMaxParts,
@@ -92,10 +95,7 @@ inline int check_landscape_combine(const at::Tensor& parts, const at::Tensor& mi
 inline int check_landscape_bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view act,
                                     c10::DeviceType device_type) {
   const char* op = "landscape_bias_act_";
-  TORCH_CHECK(x.device().type() == device_type, op, ": x is on ", x.device(), ", expected ",
-              device_type_name(device_type));
-  TORCH_CHECK(kernel_float_dtype(x.scalar_type()), op, ": x must be float64, float32, float16 or bfloat16, got ",
-              x.scalar_type());
+  check_landscape_lead(x, op, "x", device_type);
   TORCH_CHECK(x.dim() == 3, op, ": x must be a 3-D [c, R, F] tensor, got shape ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous (it is written in place), got strides ", x.strides());
   const bool has_bias = bias.has_value() && bias->defined();

@@ -26,6 +26,13 @@ ACTS = ("none", "relu")  # the act argument of landscape_combine and landscape_b
 _KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+def _check_lead(op: str, name: str, t: Tensor, kernel: str) -> None:
+    """``check_landscape_lead``: the op's first tensor on the kernel's device type, of a kernel dtype."""
+    check(t.device.type.upper() == kernel, op, ": ", name, " is on ", t.device, ", expected ", kernel)
+    check(t.dtype in _KERNEL_DTYPES, op, ": ", name, " must be float64, float32, float16 or bfloat16, got ",
+          scalar_type(t.dtype))
+
+
 def check_landscape_points_(theta0: Tensor, directions: Tensor, coords: Tensor, out: Tensor, *,
                             fake: bool = False) -> None:
     """The checks of ``landscape_points_`` (``check_landscape_points``, csrc/checks/landscape.h)."""
@@ -33,9 +40,7 @@ def check_landscape_points_(theta0: Tensor, directions: Tensor, coords: Tensor, 
     check_meta_mix(op, theta0=theta0, directions=directions, coords=coords, out=out)
     check_dense(op, theta0=theta0, directions=directions, coords=coords, out=out)
     kernel = dispatch_device_type(theta0, directions, coords, out)
-    check(theta0.device.type.upper() == kernel, op, ": theta0 is on ", theta0.device, ", expected ", kernel)
-    check(theta0.dtype in _KERNEL_DTYPES, op, ": theta0 must be float64, float32, float16 or bfloat16, got ",
-          scalar_type(theta0.dtype))
+    _check_lead(op, "theta0", theta0, kernel)
     check(theta0.dim() == 1, op, ": theta0 must be a 1-D [P] tensor, got shape ", sizes(theta0))
     P = theta0.shape[0]
     check(directions.device == theta0.device, op, ": directions is on ", directions.device, " but theta0 is on ",
@@ -101,9 +106,7 @@ def check_landscape_combine(parts: Tensor, mix: Tensor, act: str, *, fake: bool 
     check_meta_mix(op, parts=parts, mix=mix)
     check_dense(op, parts=parts, mix=mix)
     kernel = dispatch_device_type(parts, mix)
-    check(parts.device.type.upper() == kernel, op, ": parts is on ", parts.device, ", expected ", kernel)
-    check(parts.dtype in _KERNEL_DTYPES, op, ": parts must be float64, float32, float16 or bfloat16, got ",
-          scalar_type(parts.dtype))
+    _check_lead(op, "parts", parts, kernel)
     check(parts.dim() == 3, op, ": parts must be a 3-D [R, k, F] tensor, got shape ", sizes(parts))
     k = parts.shape[1]
     check(1 <= k <= MAX_PARTS, op, ": parts must have 1 to ", MAX_PARTS, " parts (dimension 1), got k = ", k)
@@ -135,9 +138,7 @@ def check_landscape_bias_act_(x: Tensor, bias: Tensor | None, act: str, *, fake:
     check_meta_mix(op, x=x, bias=bias)
     check_dense(op, x=x, bias=bias)
     kernel = dispatch_device_type(x, bias)
-    check(x.device.type.upper() == kernel, op, ": x is on ", x.device, ", expected ", kernel)
-    check(x.dtype in _KERNEL_DTYPES, op, ": x must be float64, float32, float16 or bfloat16, got ",
-          scalar_type(x.dtype))
+    _check_lead(op, "x", x, kernel)
     check(x.dim() == 3, op, ": x must be a 3-D [c, R, F] tensor, got shape ", sizes(x))
     check(x.is_contiguous(), op, ": x must be contiguous (it is written in place), got strides ", sizes(x.stride()))
     if bias is not None:
