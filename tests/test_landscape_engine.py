@@ -17,10 +17,14 @@ def _ref_linear(x, w, b, in_dims):
 _ACTS = {None: lambda t: t, "relu": torch.relu, "tanh": torch.tanh}
 
 
-def _through(route: str, fn_apply, stand_in, monkeypatch):
+_ACT_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def _through(route: str, fn_apply, stand_in, act, monkeypatch):
     """The batched call of a stand-in by ``route``: 'function' its autograd.Function under vmap,
     'direct' the stand-in module inside vmap (its own unwrapping, the Function forbidden), 'fallback'
-    the stand-in module with functorch's C API missing (the Function's vmap rule)."""
+    the stand-in module with functorch's C API missing (the Function's vmap rule). With ``act``, the
+    stand-in runs inside a fused Sequential (stand-in, activation), as the grid builds it."""
     if route == "function":
         return fn_apply
     if route == "direct":
@@ -28,7 +32,12 @@ def _through(route: str, fn_apply, stand_in, monkeypatch):
         monkeypatch.setattr(cls, "apply", lambda *a: pytest.fail("the direct route fell back"))
     else:
         monkeypatch.setattr(_batched, "_ft", None)
-    return lambda x, w, b, *rest: torch.func.functional_call(stand_in, {"weight": w, "bias": b}, (x,))
+    if act is None:
+        return lambda x, w, b, *rest: torch.func.functional_call(stand_in, {"weight": w, "bias": b}, (x,))
+    seq = _batched._twin(nn.Sequential(stand_in, _ACT_MODULES[act]()), _batched._FusedSequential)
+    seq.fused = {"0": act}
+    monkeypatch.setattr(_ACT_MODULES[act], "forward", lambda *a: pytest.fail("the activation was not fused"))
+    return lambda x, w, b, *rest: torch.func.functional_call(seq, {"0.weight": w, "0.bias": b}, (x,))
 
 
 @pytest.mark.parametrize("route", ["function", "direct", "fallback"])
@@ -56,8 +65,7 @@ def test_linear_rule_equals_vmap_of_linear(case, dtype, act, route, monkeypatch)
     elif case == "bias_shared":
         b, dims = r(o), (0, 0, None)
     layer = _batched._twin(nn.Linear(i, o, bias=b is not None), _batched._BatchedLinear)
-    layer.act = act
-    call = _through(route, lambda x, w, b: _batched._LinearFn.apply(x, w, b, act), layer, monkeypatch)
+    call = _through(route, lambda x, w, b: _batched._LinearFn.apply(x, w, b, act), layer, act, monkeypatch)
     got = torch.vmap(call, in_dims=dims)(x, w, b)
     want = _ACTS[act](_ref_linear(x, w, b, dims))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
@@ -93,9 +101,8 @@ def test_conv2d_rule_equals_vmap_of_conv2d(case, dtype, act, route, monkeypatch)
     st, pad, dil = args["stride"], args["padding"], args["dilation"]
     layer = _batched._twin(nn.Conv2d(cin, cout, 3, stride=st, padding=pad, dilation=dil, groups=groups,
                                      bias=b is not None), _batched._BatchedConv2d)
-    layer.act = act
     call = _through(route, lambda x, w, b: _batched._Conv2dFn.apply(x, w, b, st, pad, dil, groups, act), layer,
-                    monkeypatch)
+                    act, monkeypatch)
     got = torch.vmap(call, in_dims=dims)(x, w, b)
     want = _ACTS[act](torch.vmap(lambda x, w, b: F.conv2d(x, w, b, st, pad, dil, groups), in_dims=dims)(x, w, b))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
@@ -109,7 +116,7 @@ def test_swapped_restores_every_module_also_on_error():
     hooked.register_forward_hook(lambda *a: None)  # a hooked layer keeps its own forward
     before = [m for m in model.modules()]
     with _batched.swapped(model) as net:
-        assert net is model
+        assert type(net) is _batched._FusedSequential and net.fused == {"0": "relu"}  # the Linear-ReLU pair
         assert type(model[0]) is _batched._BatchedLinear and model[0].weight is before[1].weight
         assert model[2][0] is hooked and type(model[2][1]) is _batched._BatchedLinear
         assert type(model[3]) is _batched._BatchedConv2d and model[3].bias is before[6].bias
@@ -147,23 +154,63 @@ def test_activations_fuse_into_the_layer_before_them_only_inside_a_plain_sequent
 
     hooked_relu = nn.ReLU()
     hooked_relu.register_forward_hook(lambda *a: None)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), hooked_relu,
                           nn.Conv2d(1, 1, 1), nn.ReLU(inplace=True), nn.Sigmoid(),
-                          MySequential(nn.Linear(4, 4), nn.ReLU()))
+                          MySequential(nn.Linear(4, 4), nn.ReLU()), inner)
     before = list(model.modules())
-    with _batched.swapped(model):
-        assert [getattr(model[i], "act", "-") for i in (0, 2, 4, 6)] == ["relu", "tanh", None, "relu"]
-        assert [type(model[i]) for i in (1, 3, 5, 7, 8)] == [_batched._Fused, _batched._Fused, nn.ReLU,
-                                                              _batched._Fused, nn.Sigmoid]
-        assert model[5] is hooked_relu and model[9][0].act is None and type(model[9][1]) is nn.ReLU
-    assert list(model.modules()) == before and not hasattr(before[1], "act")
+    with _batched.swapped(model) as net:
+        assert type(net) is _batched._FusedSequential and net is not model
+        assert net.fused == {"0": "relu", "2": "tanh", "6": "relu"}
+        assert type(net[1]) is nn.ReLU and net[5] is hooked_relu  # children unchanged: direct calls unfused
+        assert type(net[9]) is MySequential and not isinstance(net[9], _batched._FusedSequential)
+        assert type(net[10]) is _batched._FusedSequential and net[10].fused == {"0": "relu"}
+        assert type(model[10]) is _batched._FusedSequential  # the nested one is installed in the original
+    assert list(model.modules()) == before and model[10] is inner
     handle = nn.modules.module.register_module_forward_hook(lambda *a: None)  # global hooks: nothing fused
     try:
-        with _batched.swapped(model):
-            assert model[0].act is None and type(model[1]) is nn.ReLU
+        with _batched.swapped(model) as net:
+            assert net is model and type(model[10]) is nn.Sequential
     finally:
         handle.remove()
     assert list(model.modules()) == before
+
+
+def test_fused_layers_called_directly_give_their_own_outputs():
+    """A model that calls a Sequential's children itself (residual over a Linear-ReLU pair, a
+    feature loop) gets the unfused outputs: the grid equals the point-by-point loop."""
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(5, 8), nn.ReLU())
+            self.feats = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.body[0](x)
+            h = self.body[1](h) + h
+            for m in self.feats:
+                h = m(h) + 0.5 * h
+            return self.out(h)
+
+    torch.manual_seed(4)
+    model = Residual()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g)
+    d = random_directions(model, n=1, generator=torch.Generator().manual_seed(1))
+    a = torch.linspace(-1, 1, 4)
+    names = [n for n, _ in model.named_parameters()]
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    want = []
+    for ai in a:
+        flat = theta0 + ai * d[0]
+        ps = {n: t.view_as(p) for n, t, p in zip(names, torch.split(flat, [p.numel() for p in model.parameters()]),
+                                                   model.parameters())}
+        with torch.no_grad():
+            want.append(float(F.cross_entropy(torch.func.functional_call(model, ps, (x,)), y)))
+    for first_layer in (True, False):
+        res = grid(model, nn.CrossEntropyLoss(), (x, y), d, a, first_layer=first_layer, progress=False)
+        torch.testing.assert_close(res.loss, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("route", ["direct", "fallback"])
@@ -197,7 +244,7 @@ def test_grid_with_fused_activations_equals_the_point_loop(first_layer, route, m
                 with torch.no_grad():
                     want[i, j] = float(F.cross_entropy(torch.func.functional_call(model, params, (x,)), y))
         torch.testing.assert_close(res.loss, want, rtol=1e-5, atol=1e-6)
-        assert all(type(m) is not _batched._Fused for m in model.modules())
+        assert all(not isinstance(m, _batched._FusedSequential) for m in model.modules())
 
 
 @pytest.mark.parametrize("loss", ["module", "functional", "ignore_index"])
@@ -284,3 +331,48 @@ def test_a_chunk_that_runs_out_of_memory_is_retried_smaller(monkeypatch):
     monkeypatch.setattr(G, "data_sums", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError, match="even one point"):
         grid(model, nn.CrossEntropyLoss(), data, d, coords, progress=False)
+
+
+def test_grid_reads_shuffled_and_randomly_transformed_data():
+    """The walk runs inside the vmap over the points; the data is fetched outside it, so a shuffling
+    DataLoader (its sampler's randperm) and a dataset drawing random numbers work, with the values
+    of the same data in order (a per-example noise that depends on a generator reseeded per pass)."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    d = random_directions(model, n=2, generator=torch.Generator().manual_seed(2))
+    axes = (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 2))
+    plain = grid(model, nn.CrossEntropyLoss(), (x, y), d, axes, progress=False)
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    torch.testing.assert_close(grid(model, nn.CrossEntropyLoss(), shuffled, d, axes, progress=False).loss,
+                               plain.loss, rtol=1e-5, atol=1e-6)
+
+    class Noisy(Dataset):  # draws a random number per item (discarded: same data every pass)
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            torch.rand(1)
+            return x[i], y[i]
+
+    torch.testing.assert_close(grid(model, nn.CrossEntropyLoss(), DataLoader(Noisy(), batch_size=16), d, axes,
+                                    progress=False).loss, plain.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_layer", [True, False])
+def test_grid_under_autocast(first_layer):
+    """Under CPU autocast the GEMMs give bfloat16 outputs while biases and the first layer's mixing
+    weights stay float32: the fused passes take them in the output's dtype (bfloat16 rounding)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g)
+    d = random_directions(model, n=2, generator=torch.Generator().manual_seed(3))
+    axes = (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 3))
+    want = grid(model, nn.CrossEntropyLoss(), (x, y), d, axes, first_layer=first_layer, progress=False).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grid(model, nn.CrossEntropyLoss(), (x, y), d, axes, first_layer=first_layer, progress=False).loss
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)

@@ -85,7 +85,8 @@ void landscape_points_cpu(const at::Tensor& theta0, const at::Tensor& directions
 int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(F, 1)); }
 
 // ---- Row loops of the fused passes, compiled as target_clones (default / AVX2 / AVX-512) with
-// contraction off: every product and sum rounded on its own, as the reference and the CUDA kernel.
+// contraction off (also for the whole file: CMakeLists.txt): every product and sum rounded on its
+// own, as the reference and the CUDA kernel.
 #define PFB_LS_CLONES \
   __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"), optimize("fp-contract=off")))
 #define PFB_LS_INLINE inline __attribute__((always_inline))

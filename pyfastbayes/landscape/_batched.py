@@ -17,7 +17,8 @@ points' filters concatenated). Inside the grid's vmap a stand-in unwraps its bat
 itself (functorch's C API, :func:`_direct`); elsewhere it goes through an autograd.Function with
 the same vmap rule (the generic route costs ~0.5 ms of Python per call: a quarter of the digits
 MLP grid). A ReLU or Tanh that follows a stand-in in an nn.Sequential is fused into it (applied
-in place on the layer's fresh output).
+in place on the layer's fresh output) when the Sequential's own forward runs them (a stand-in
+Sequential, :class:`_FusedSequential`; direct calls of the children are not fused).
 
 Only exact ``nn.Linear`` / ``nn.Conv2d`` (``padding_mode='zeros'``) instances without hooks or
 parametrizations are swapped (anything else keeps its own forward); the originals are put back
@@ -62,8 +63,8 @@ def _epilogue_(out: Tensor, bias: Tensor | None, act: str | None) -> Tensor:
     """out [n, R, F] (fresh, contiguous) = act(out + bias[:, None, :]) with bias [n, F] or None: the
     bias and a ReLU in ONE pass (op ``landscape_bias_act_``), any other activation in place after."""
     native = _native_act(act)
-    if bias is not None or native != "none":
-        ops.landscape_bias_act_(out, bias, native)
+    if bias is not None or native != "none":  # (under autocast the GEMM's output dtype is not the bias's)
+        ops.landscape_bias_act_(out, None if bias is None else bias.to(out.dtype), native)
     return activate_(out, None if native == act else act)
 
 
@@ -73,11 +74,11 @@ def combine(parts: Tensor, mix_p: Tensor, act: str | None, shape: tuple) -> Tens
     weights (1, a_1, ..., a_m), by the fused op ``landscape_combine`` for all points at once (the
     output written once, a ReLU applied in the same pass); outside such a vmap, the same by einsum."""
     def points(n, mix, md):
-        out = ops.landscape_combine(parts, mix.movedim(md, 0), _native_act(act))  # [n, R, F]
+        out = ops.landscape_combine(parts, mix.movedim(md, 0).to(parts.dtype), _native_act(act))  # [n, R, F]
         return activate_(out, None if _native_act(act) == act else act).view(n, *shape)
     h = _direct(points, mix_p)
     if h is None:
-        h = activate_(torch.einsum("j,rjf->rf", mix_p, parts).view(shape), act)
+        h = activate_(torch.einsum("j,rjf->rf", mix_p.to(parts.dtype), parts).view(shape), act)
     return h
 
 
@@ -198,33 +199,51 @@ def _direct(points, *tensors):
 class _BatchedConv2d(nn.Conv2d):
     """Stand-in for an nn.Conv2d (zero padding): the layer's attributes and parameters, forward
     through :func:`_conv2d_points` (directly inside the grid's vmap, else :class:`_Conv2dFn`);
-    ``act``: an activation fused by :func:`swapped`."""
+    ``fused_call(x, act)``: the same with the activation that follows it applied (:class:`_FusedSequential`)."""
 
-    act = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        args = (self.stride, self.padding, self.dilation, self.groups, self.act)
+    def fused_call(self, x: Tensor, act: str | None) -> Tensor:
+        args = (self.stride, self.padding, self.dilation, self.groups, act)
         out = _direct(lambda n, *t: _conv2d_points(n, *t, *args), x, self.weight, self.bias)
         return out if out is not None else _Conv2dFn.apply(x, self.weight, self.bias, *args)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fused_call(x, None)
 
 
 class _BatchedLinear(nn.Linear):
     """Stand-in for an nn.Linear: the layer's attributes and parameters, forward through
-    :func:`_linear_points` (directly inside the grid's vmap, else :class:`_LinearFn`); ``act``: an
-    activation fused by :func:`swapped`."""
+    :func:`_linear_points` (directly inside the grid's vmap, else :class:`_LinearFn`);
+    ``fused_call(x, act)``: the same with the activation that follows it applied (:class:`_FusedSequential`)."""
 
-    act = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = _direct(lambda n, *t: _linear_points(n, *t, self.act), x, self.weight, self.bias)
-        return out if out is not None else _LinearFn.apply(x, self.weight, self.bias, self.act)
-
-
-class _Fused(nn.Module):
-    """Stand-in for an activation whose work the layer before it does (``act``): the identity."""
+    def fused_call(self, x: Tensor, act: str | None) -> Tensor:
+        out = _direct(lambda n, *t: _linear_points(n, *t, act), x, self.weight, self.bias)
+        return out if out is not None else _LinearFn.apply(x, self.weight, self.bias, act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x
+        return self.fused_call(x, None)
+
+
+class _FusedSequential(nn.Sequential):
+    """Stand-in for a plain nn.Sequential (same children, same dict of them) whose own forward runs
+    ``fused``: name -> activation of the children that take the activation module after them into
+    their ``fused_call`` (that module is then skipped). The children are unchanged, so a model that
+    calls them itself (``seq[0](x)``, ``for m in seq``) gets their plain outputs. Children are
+    looked up by name on every call (the first-layer shortcut swaps one for the duration of a walk)."""
+
+    fused: dict = {}
+
+    def forward(self, input):
+        skip = False
+        for name, m in self._modules.items():
+            if skip:
+                skip = False
+                continue
+            act = self.fused.get(name)
+            if act is None:
+                input = m(input)
+            else:
+                input, skip = m.fused_call(input, act), True
+        return input
 
 
 def _twin(layer: nn.Module, cls: type) -> nn.Module:
@@ -256,27 +275,42 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _fuse_activations(model: nn.Module, done: list) -> None:
-    """In every plain nn.Sequential of ``model``: a stand-in followed by an activation of
-    :data:`FUSED` (nn.ReLU, nn.Tanh) applies it in place on its fresh output and the activation
-    module becomes :class:`_Fused` (one pass over the activations instead of two, no second
-    buffer). Only inside an exact nn.Sequential, whose forward hands each module's output to the
-    next one and to nothing else; not with global module hooks (they would see the layer's output
-    after the activation). Replacements are appended to ``done``."""
+def _fuse_activations(model: nn.Module, done: list) -> nn.Module:
+    """Every plain nn.Sequential of ``model`` (bottom-up) with a stand-in followed by an activation
+    of :data:`FUSED` (nn.ReLU, nn.Tanh) replaced by a :class:`_FusedSequential` that applies the
+    activation in place on the stand-in's fresh output (one pass over the activations instead of two,
+    no second buffer); only where the Sequential's own forward is what hands the output on (its
+    children are unchanged for direct calls), and not with global module hooks (they would see the
+    layer's output after the activation). Replacements are appended to ``done``; returns the model
+    to call (its fused stand-in when it is such a Sequential itself)."""
     from torch.nn.modules import module as _module
 
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return
-    for parent in list(model.modules()):
-        if type(parent) is not nn.Sequential or _hooked(parent):
+        return model
+    root = model
+    for name, seq in reversed(list(model.named_modules(remove_duplicate=False))):  # children first
+        if type(seq) is not nn.Sequential or _hooked(seq):
             continue
-        kids = list(parent._modules.items())
-        for (_, a), (name, b) in zip(kids, kids[1:]):
-            if type(a) in (_BatchedLinear, _BatchedConv2d) and a.act is None and type(b) in FUSED \
-                    and not _hooked(b) and sum(1 for _, m in kids if m is a) == 1:
-                a.act = FUSED[type(b)]
-                parent._modules[name] = _Fused()
-                done.append((parent, name, b))
+        kids = list(seq._modules.items())
+        fused = {}
+        for (a_name, a), (_, b) in zip(kids, kids[1:]):
+            if type(a) in (_BatchedLinear, _BatchedConv2d) and type(b) in FUSED and not _hooked(b) \
+                    and sum(1 for _, m in kids if m is a) == 1:
+                fused[a_name] = FUSED[type(b)]
+        if not fused:
+            continue
+        twin = _twin(seq, _FusedSequential)
+        twin.fused = fused
+        if not name:
+            root = twin
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if parent._modules.get(attr) is not seq:
+            continue  # reached twice (a shared Sequential): fused once
+        parent._modules[attr] = twin
+        done.append((parent, attr, seq))
+    return root
 
 
 @contextlib.contextmanager
@@ -299,8 +333,7 @@ def swapped(model: nn.Module, conv: bool = True):
                 if new is not None:
                     setattr(parent, attr, new)
                     done.append((parent, attr, child))
-        _fuse_activations(model, done)
-        yield model
+        yield _fuse_activations(model, done)
     finally:
         for parent, attr, child in reversed(done):
             parent._modules[attr] = child

@@ -27,10 +27,15 @@ _HELD = threading.local()  # the chunk's precombined first-layer outputs, read b
 
 
 class _StandIn(nn.Module):
-    """Returns the precombined output of the layer it replaces (inside the vmapped call: one point's)."""
+    """Returns the combined output of the layer it replaces (inside the vmapped call: one point's),
+    from the held function of the activation: ``forward`` the layer's own output, ``fused_call`` with
+    the activation that follows it applied (a fused nn.Sequential, _batched.py)."""
 
     def forward(self, *args, **kwargs):
-        return _HELD.value
+        return _HELD.value(None)
+
+    def fused_call(self, x, act: str | None):
+        return _HELD.value(act)
 
 
 class FirstLayer:
@@ -83,17 +88,16 @@ class FirstLayer:
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module):
-        """Context: the layer replaced by the stand-in in ``model`` (restored afterwards, also on
-        error); yields the activation fused into the layer it replaces (``act`` of the grid's
-        batched stand-in, _batched.py: None, 'relu' or 'tanh'), which the caller applies to the combined
-        outputs it holds."""
+        """Context: the layer replaced by the stand-in in ``model`` (the module the walk calls;
+        restored afterwards, also on error); the stand-in returns what :func:`hold` was given."""
         parent = model.get_submodule(self.parent_name) if self.parent_name else model
-        old = getattr(parent, self.attr)
-        setattr(parent, self.attr, _StandIn())
+        old = parent._modules[self.attr]
+        parent._modules[self.attr] = _StandIn()
         try:
-            yield getattr(old, "act", None)
+            yield
         finally:
-            setattr(parent, self.attr, old)
+            parent._modules[self.attr] = old
+            _HELD.value = None  # the last block's outputs are not kept alive
 
 
 def find(model: nn.Module, layout, example) -> FirstLayer | None:
@@ -126,5 +130,7 @@ def find(model: nn.Module, layout, example) -> FirstLayer | None:
     return FirstLayer(name, mod, slices, shapes)
 
 
-def hold(value: Tensor) -> None:
-    _HELD.value = value
+def hold(combined) -> None:
+    """The current block's first-layer output for the stand-in: ``combined(act)`` gives it with the
+    activation ``act`` (None or a value of _batched.FUSED) applied."""
+    _HELD.value = combined

@@ -94,6 +94,18 @@ def _per_point(layout, thetas: Tensor) -> dict[str, Tensor]:
             for n, s, d, o in zip(layout.names, layout.shapes, layout.dtypes, layout.offsets)}
 
 
+def _unbatched(batches):
+    """The batches of an iterator, each fetched with functorch off: the walk runs inside the vmap
+    over the points, whose randomness='error' would refuse a shuffling sampler's randperm or a
+    random transform of the data (the data is the same for every point)."""
+    while True:
+        with torch._C._DisableFuncTorch():
+            b = next(batches, None)
+        if b is None:
+            return
+        yield b
+
+
 class _Loop(nn.Module):
     """Holds the model as ``net`` so that ONE ``functional_call`` (one vmap level) covers the walk
     over all blocks of the data: ``forward(*args)`` is ``body(net, *args)``."""
@@ -131,7 +143,7 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
     head = next(batches, None)
     if head is None:
         return (thetas.new_zeros(len(fns), c, dtype=torch.float64) if fns else None), 0
-    first, mix, act = None, None, None
+    first, mix = None, None
     with ModeGuard(model, False):  # probes in eval mode (a BatchNorm in train mode would update its stats)
         shortcut = shortcut(head[0]) if callable(shortcut) else shortcut
     if shortcut is not None:  # decided on the first batch (no extra walk)
@@ -147,7 +159,7 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
         # one point's view of the whole walk (inside the vmap): sums [len(fns)] float64
         nonlocal n
         total = None
-        for x, y, nb in itertools.chain([head], batches):
+        for x, y, nb in itertools.chain([head], _unbatched(batches)):
             if on_batch is not None:
                 on_batch(x, y, nb)
             for xr, yr, nr in _row_blocks(x, y, nb, rows):
@@ -155,8 +167,8 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
                     out = net(*args(xr))
                 else:
                     parts, shape = first.parts(xr, stacked)  # [rows, m + 1, F]: once for the chunk's points
-                    # the first layer's combined output, the activation fused into the layer applied
-                    _first_layer.hold(_batched.combine(parts, mix_p, act, shape))
+                    # the first layer's combined output, with the activation after it if that is fused
+                    _first_layer.hold(lambda act: _batched.combine(parts, mix_p, act, shape))
                     out = net(xr)
                 if fns:
                     v = point_values(fns, out, yr) * nr
@@ -165,7 +177,7 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
         return total if total is not None else torch.zeros((), dtype=torch.float64, device=thetas.device)
 
     with _batched.swapped(model, conv=thetas.device.type == "cpu") as net, \
-            (first.swapped(model) if first is not None else contextlib.nullcontext()) as act:
+            (first.swapped(net) if first is not None else contextlib.nullcontext()):
         loop = _Loop(net, body)
         names = {f"net.{k}": v for k, v in {**params, **buffers}.items()}
         fixed = {f"net.{k}": v for k, v in shared.items()}
