@@ -515,8 +515,8 @@ def test_rng_position_selects_the_noise(device, op):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rademacher_values_balance_and_reproducibility(device):
-    """n = 10^6 signs: each is +-1; the mean of each lane (word k of every block, so every word's top
-    bit) is within 5 standard errors (5 / sqrt(n / 4)) of 0, the overall mean within 5 / sqrt(n);
+    """n = 10^6 signs: each is +-1; the mean of each of the 128 lanes (bit k of word w of every
+    block) is within 5 standard errors (5 / sqrt(n / 128)) of 0, the overall mean within 5 / sqrt(n);
     neighbouring signs are uncorrelated (5 / sqrt(n)); the same call repeats bit for bit, another
     stream or step gives other signs (uncorrelated), and the reference gives the same signs."""
     n = 1_000_000
@@ -525,8 +525,8 @@ def test_rademacher_values_balance_and_reproducibility(device):
     ops.vi_rademacher_(out, rng, 3)
     assert bool(((out == 1) | (out == -1)).all())
     assert abs(out.double().mean().item()) < 5 / math.sqrt(n)
-    lanes = out.view(-1, 4).double()
-    assert (lanes.mean(0).abs() < 5 / math.sqrt(n / 4)).all()
+    lanes = out[:n // 128 * 128].view(-1, 128).double()
+    assert (lanes.mean(0).abs() < 5 / math.sqrt(n // 128)).all()
     assert abs((out[1:].double() * out[:-1].double()).mean().item()) < 5 / math.sqrt(n)
     again = torch.empty(n, device=device)
     ops.vi_rademacher_(again, rng, 3)
@@ -541,15 +541,16 @@ def test_rademacher_values_balance_and_reproducibility(device):
     assert rng.tolist() == [1234, 5]
 
 
-def test_rademacher_is_the_top_bit_of_the_philox_words():
-    """The documented rule, from the random family's philox4x32: element i is -1 iff bit 31 of word
-    i % 4 of the block i // 4 under counter (block, stream, step) and key seed."""
-    n, seed, stream, step = 41, -2, 9, 7
-    blocks = torch.arange((n + 3) // 4, dtype=torch.int64)
+def test_rademacher_is_every_bit_of_the_philox_words():
+    """The documented rule, from the random family's philox4x32, element by element in Python:
+    element i is -1 iff bit i % 32 of word (i // 32) % 4 of the block i // 128 under counter
+    (block, stream, step) and key seed (n = 300: two whole blocks and a part)."""
+    n, seed, stream, step = 300, -2, 9, 7
+    blocks = torch.arange((n + 127) // 128, dtype=torch.int64)
     ctr = torch.stack([blocks, torch.zeros_like(blocks), torch.full_like(blocks, stream),
                        torch.full_like(blocks, step)], 1)
-    words = ops.philox4x32(ctr, seed & 0xFFFFFFFF, (seed % 2**64) >> 32).reshape(-1)[:n]
-    want = torch.where(words >= 2**31, -1.0, 1.0)
+    words = ops.philox4x32(ctr, seed & 0xFFFFFFFF, (seed % 2**64) >> 32).tolist()  # [blocks, 4]
+    want = torch.tensor([-1.0 if (int(words[i // 128][(i // 32) % 4]) >> (i % 32)) & 1 else 1.0 for i in range(n)])
     out = torch.empty(n)
     ops.vi_rademacher_(out, rng_of(seed, step), stream)
     assert torch.equal(out, want)

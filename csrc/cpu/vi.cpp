@@ -44,18 +44,17 @@ namespace pyfastbayes::cpu {
 
 // ======================= Section 1: reparameterised noise ======================================
 
-// out[0 .. 4 nblocks) = the +-1 signs of Philox blocks first_block .. first_block + nblocks
-// (common/vi.h: vi_rademacher_sign of word k of each block); integer code, vectorised by each clone
+// out[0 .. 128 nblocks) = the +-1 signs of Philox blocks first_block .. first_block + nblocks
+// (common/vi.h: bit k of word w of a block is sign 32 w + k); integer code, vectorised by each clone
 __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 void fill_rademacher(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_block, int64_t nblocks,
                      float* out) {
   for (int64_t b = 0; b < nblocks; ++b) {
     uint32_t r[4];
     vi_philox_bits4(seed, static_cast<uint64_t>(first_block + b), stream, step, r);
-    out[4 * b + 0] = vi_rademacher_sign(r[0]);
-    out[4 * b + 1] = vi_rademacher_sign(r[1]);
-    out[4 * b + 2] = vi_rademacher_sign(r[2]);
-    out[4 * b + 3] = vi_rademacher_sign(r[3]);
+    float* o = out + kViSignsPerBlock * b;
+    for (int w = 0; w < 4; ++w)
+      for (int k = 0; k < 32; ++k) o[32 * w + k] = vi_rademacher_sign(r[w], k);
   }
 }
 
@@ -482,12 +481,15 @@ void vi_rademacher_cpu(const at::Tensor& out, const at::Tensor& rng, int64_t str
   const auto s32 = static_cast<uint32_t>(stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "vi_rademacher_", [&] {
     scalar_t* o = buf.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, (n + 3) / 4, kViGrainBlocks, [&](int64_t b0, int64_t b1) {
+    constexpr int64_t per = kViSignsPerBlock;
+    static_assert(kViBuf % kViSignsPerBlock == 0, "a piece holds whole sign blocks");
+    // tasks of at least kViGrainBlocks * 4 signs, as the noise ops' tasks of elements
+    at::parallel_for(0, (n + per - 1) / per, kViGrainBlocks * 4 / per, [&](int64_t b0, int64_t b1) {
       alignas(64) float sign[kViBuf];
-      const int64_t end = std::min(4 * b1, n);
-      for (int64_t s = 4 * b0; s < end; s += kViBuf) {
+      const int64_t end = std::min(per * b1, n);
+      for (int64_t s = per * b0; s < end; s += kViBuf) {
         const int64_t m = std::min(kViBuf, end - s);
-        fill_rademacher(pos.seed, s32, pos.step, s / 4, (m + 3) / 4, sign);
+        fill_rademacher(pos.seed, s32, pos.step, s / per, (m + per - 1) / per, sign);
         for (int64_t k = 0; k < m; ++k) o[s + k] = static_cast<scalar_t>(sign[k]);
       }
     });

@@ -2,8 +2,8 @@
 //
 // Section 1 (reparameterised noise): one thread per Philox block of 4 elements, grid-stride over
 // the blocks (grid: resident_blocks_for), on the current stream. A thread draws the block's four
-// normals (philox_normal4, the code philox_normal_ runs) or four raw words (vi_rademacher_) and
-// handles elements 4 blk .. 4 blk + 3: a whole block moves with vector accesses (VecAccess: 16-byte
+// normals (philox_normal4, the code philox_normal_ runs) or, for vi_rademacher_, the four raw
+// words of the block holding its 4 signs (128 signs per block), and handles elements 4 blk .. 4 blk + 3: a whole block moves with vector accesses (VecAccess: 16-byte
 // pieces for fp32 / fp64, 8 bytes for fp16 / bf16) for each pointer aligned to its piece size and
 // element by element otherwise; the last, partial block (n % 4 elements) element by element with
 // bounds checks. Nothing outside [0, n) is read or written.
@@ -144,7 +144,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out[i] = +1 / -1 from the top bit of word i % 4 of Philox block i / 4, i < n; out contiguous
+// out[i] = +1 / -1 from bit i % 32 of word (i / 32) % 4 of Philox block i / 128, i < n; out
+// contiguous. A thread writes 4 consecutive signs (group g = i / 4: one vector store) from its own
+// evaluation of their block (the 32 threads of a block's groups evaluate it alike: one Philox per 4
+// signs, as for the normals; on the CPU every evaluation serves 128).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     vi_rademacher_kernel(T* __restrict__ out, int64_t n, const int64_t* __restrict__ rng, uint32_t stream) {
@@ -153,21 +156,23 @@ __global__ void __launch_bounds__(kThreads)
   const auto step = static_cast<uint32_t>(rng[kRngStep]);
   const bool vo = VA::aligned(out);
   const int64_t full = n / 4;
-  const int64_t nblocks = (n + 3) / 4;
+  const int64_t ngroups = (n + 3) / 4;
   const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t blk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; blk < nblocks; blk += grid_stride) {
-    const int64_t i0 = 4 * blk;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < ngroups; g += grid_stride) {
+    const int64_t i0 = 4 * g;
     uint32_t r[4];
-    vi_philox_bits4(seed, static_cast<uint64_t>(blk), stream, step, r);
-    if (blk < full) {
+    vi_philox_bits4(seed, static_cast<uint64_t>(i0 / kViSignsPerBlock), stream, step, r);
+    const uint32_t word = r[(i0 / 32) % 4];
+    const int bit0 = static_cast<int>(i0 % 32);
+    if (g < full) {
       T ov[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) ov[k] = static_cast<T>(vi_rademacher_sign(r[k]));
+      for (int k = 0; k < 4; ++k) ov[k] = static_cast<T>(vi_rademacher_sign(word, bit0 + k));
       VA::store(out + i0, vo, ov);
     } else {
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        if (i0 + k < n) out[i0 + k] = static_cast<T>(vi_rademacher_sign(r[k]));
+        if (i0 + k < n) out[i0 + k] = static_cast<T>(vi_rademacher_sign(word, bit0 + k));
     }
   }
 }

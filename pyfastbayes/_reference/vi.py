@@ -12,7 +12,8 @@ float64 tensors) with torch's own functions:
     vi_sample_and_backward(mu, rho, grad_w)  both of the above, one eps
     vi_local_noise(mean, var)             mean + sqrt(max(var, 0)) * eps
     vi_local_noise_backward(grad_out, var) grad_out * eps / (2 sqrt(var)), 0 where var <= 0
-    vi_rademacher_(out)                   -1 where bit 31 of word i % 4 of Philox block i // 4 is set, else +1
+    vi_rademacher_(out)                   -1 where bit i % 32 of word (i // 32) % 4 of Philox block i // 128
+                                          is set, else +1
 
 eps is float32 in every dtype (for float64 tensors too: the float32 value, converted exactly), so
 float64 results agree with the kernels to ~1e-12 given the same eps, and to ~2e-6 * |the noise
@@ -173,15 +174,17 @@ def vi_local_noise_backward(grad_out: Tensor, var: Tensor, rng: Tensor, stream: 
 
 
 def rademacher(numel: int, seed: int, stream: int, step: int, device=None) -> Tensor:
-    """The float32 sign stream [numel]: element i is -1 when bit 31 of word i % 4 of Philox block
-    i // 4 (counter (block lo, block hi, stream, step), key = the 64-bit seed) is set, else +1."""
-    nblocks = (numel + 3) // 4
+    """The float32 sign stream [numel]: element i is -1 when bit i % 32 of word (i // 32) % 4 of
+    Philox block i // 128 (counter (block lo, block hi, stream, step), key = the 64-bit seed) is
+    set, else +1 (every bit of a block: 128 signs)."""
+    nblocks = (numel + 127) // 128
     block = torch.arange(nblocks, dtype=torch.int64, device=device)
     ctr = torch.stack([block & _MASK, block >> 32, torch.full_like(block, stream & _MASK),
                        torch.full_like(block, step & _MASK)], dim=1)
     seed &= (1 << 64) - 1
-    words = philox4x32(ctr, seed & _MASK, seed >> 32).reshape(-1)[:numel]
-    return 1.0 - 2.0 * (words >> 31).float()
+    words = philox4x32(ctr, seed & _MASK, seed >> 32).reshape(-1, 1)  # [4 nblocks, 1], word order
+    bits = (words >> torch.arange(32, dtype=torch.int64, device=device)) & 1  # [4 nblocks, 32]
+    return 1.0 - 2.0 * bits.reshape(-1)[:numel].float()
 
 
 def vi_rademacher_(out: Tensor, rng: Tensor, stream: int) -> None:
