@@ -1041,3 +1041,23 @@ def test_kl_reference_checks_match_the_messages():
     with pytest.raises(RuntimeError, match=re.escape("vi_kl_backward: grad must be a 0-dim float64, float32, float16 "
                                                      "or bfloat16 tensor on cpu; got Float of shape [1] on cpu")):
         R.vi_kl_backward(torch.ones(1), [torch.zeros(2)], [torch.zeros(2)], pv)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_first_input_broadcast_from_one_value(device, dtype):
+    """A first input that is one value expanded to the shape (all strides 0, as flipout's zero mean)
+    is read as that value, not copied: the same bits as the materialised tensor, for the noisy
+    pairs and vi_sample_and_backward, across pieces (n past one kViBuf piece and a task)."""
+    gen = torch.Generator().manual_seed(21)
+    rho = torch.randn(300, 70, generator=gen).to(dtype=dtype, device=device)
+    g = torch.randn(300, 70, generator=gen).to(dtype=dtype, device=device)
+    rng = rng_of(17, 3, device)
+    for value in (0.0, 0.7):
+        bcast = torch.full((), value, dtype=dtype, device=device).expand(rho.shape)
+        full = bcast.contiguous()
+        for op in (ops.vi_sample, ops.vi_sample_backward, ops.vi_local_noise, ops.vi_local_noise_backward):
+            assert torch.equal(op(bcast, rho.abs(), rng, 4), op(full, rho.abs(), rng, 4)), (op.__name__, value)
+        got, want = ops.vi_sample_and_backward(bcast, rho, g, rng, 4), ops.vi_sample_and_backward(full, rho, g, rng, 4)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), value
+    assert rng.tolist() == [17, 3]

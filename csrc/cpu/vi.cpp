@@ -9,7 +9,9 @@
 // target_clones, vectorised with the polynomial exp / log / log1p below instead of scalar libm calls;
 // fp16 / bf16 through float copies of the piece).
 // Inputs are read through contiguous stand-ins (logical order = memory order: the noise is indexed
-// by the logical element); the result is a new contiguous tensor. vi_rademacher_ writes its out in
+// by the logical element), except a first input that is one value broadcast to every element (all
+// strides 0: flipout's zero mean), read as that value piece by piece instead of a materialised
+// copy; the result is a new contiguous tensor. vi_rademacher_ writes its out in
 // place, through a contiguous float32 temporary copied back when out is not a contiguous tensor of
 // a kernel dtype.
 //
@@ -366,18 +368,41 @@ void for_each_noise_piece(int64_t n, RngPosition pos, uint32_t stream, const Pie
   });
 }
 
-// out[i] = op's rule(a[i], b[i], eps_i) for i < n, all three contiguous; math in op_t
+// A tensor of one value broadcast to every element (all strides 0, e.g. flipout's zero mean
+// rho.new_zeros(()).expand(shape)): read as that value instead of a materialised contiguous copy.
+bool broadcast_scalar(const at::Tensor& t) {
+  if (t.numel() <= 1) return false;
+  for (const int64_t s : t.strides())
+    if (s != 0) return false;
+  return true;
+}
+
+// The contiguous stand-in of an input, or the tensor itself when it is one broadcast value.
+at::Tensor input_stand_in(const at::Tensor& t) { return broadcast_scalar(t) ? t : t.contiguous(); }
+
+// The piece [s, s + m) of input p: p + s, or (bcast: p holds one value) buf filled with it.
+template <class T>
+const T* piece_of(const T* p, bool bcast, int64_t s, int64_t m, T* buf) {
+  if (!bcast) return p + s;
+  std::fill_n(buf, m, p[0]);
+  return buf;
+}
+
+// out[i] = op's rule(a[i], b[i], eps_i) for i < n, all three contiguous (a may be one broadcast
+// value: a_bcast); math in op_t
 template <class scalar_t>
-void noisy_pair(ViNoisy op, const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, RngPosition pos,
-                uint32_t stream) {
+void noisy_pair(ViNoisy op, const scalar_t* a, bool a_bcast, const scalar_t* b, scalar_t* out, int64_t n,
+                RngPosition pos, uint32_t stream) {
   using op_t = at::opmath_type<scalar_t>;
   for_each_noise_piece(n, pos, stream, [&](int64_t s, int64_t m, const float* z) {
+    alignas(64) scalar_t abuf[kViBuf];
+    const scalar_t* ap = piece_of(a, a_bcast, s, m, abuf);  // a's piece: element k is ap[k]
     if constexpr (std::is_same_v<scalar_t, op_t>) {  // fp32 / fp64: no conversion buffers
-      noisy_piece(op, a + s, b + s, z, out + s, m);
+      noisy_piece(op, ap, b + s, z, out + s, m);
     } else {  // fp16 / bf16: the piece's inputs converted to float, the float result converted back
       alignas(64) op_t ca[kViBuf], cb[kViBuf], co[kViBuf];
       for (int64_t k = 0; k < m; ++k) {
-        ca[k] = static_cast<op_t>(a[s + k]);
+        ca[k] = static_cast<op_t>(ap[k]);
         cb[k] = static_cast<op_t>(b[s + k]);
       }
       noisy_piece(op, ca, cb, z, co, m);
@@ -393,11 +418,11 @@ at::Tensor noisy_pair_cpu(ViNoisy kind, const char* op, const at::Tensor& a, con
   at::Tensor out = at::empty(a.sizes(), a.options());  // contiguous
   const int64_t n = a.numel();
   if (n == 0) return out;
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const at::Tensor ac = input_stand_in(a), bc = b.contiguous();
   const RngPosition pos = read_rng(rng);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "vi_noisy_pair", [&] {
-    noisy_pair<scalar_t>(kind, ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
-                               out.mutable_data_ptr<scalar_t>(), n, pos, static_cast<uint32_t>(stream));
+    noisy_pair<scalar_t>(kind, ac.const_data_ptr<scalar_t>(), broadcast_scalar(ac), bc.const_data_ptr<scalar_t>(),
+                         out.mutable_data_ptr<scalar_t>(), n, pos, static_cast<uint32_t>(stream));
   });
   return out;
 }
@@ -420,18 +445,21 @@ inline void sample_grad_piece(const double* mu, const double* rho, const double*
   vi_sample_grad_f64(mu, rho, gw, z, w, gr, n);
 }
 
-// vi_sample_and_backward over n contiguous elements, the noise drawn as noisy_pair draws it
+// vi_sample_and_backward over n contiguous elements (mu may be one broadcast value: mu_bcast), the
+// noise drawn as noisy_pair draws it
 template <class scalar_t>
-void sample_and_backward(const scalar_t* mu, const scalar_t* rho, const scalar_t* gw, scalar_t* w, scalar_t* gr,
-                         int64_t n, RngPosition pos, uint32_t stream) {
+void sample_and_backward(const scalar_t* mu, bool mu_bcast, const scalar_t* rho, const scalar_t* gw, scalar_t* w,
+                         scalar_t* gr, int64_t n, RngPosition pos, uint32_t stream) {
   using op_t = at::opmath_type<scalar_t>;
   for_each_noise_piece(n, pos, stream, [&](int64_t s, int64_t m, const float* z) {
+    alignas(64) scalar_t mbuf[kViBuf];
+    const scalar_t* mp = piece_of(mu, mu_bcast, s, m, mbuf);  // mu's piece: element k is mp[k]
     if constexpr (std::is_same_v<scalar_t, op_t>) {
-      sample_grad_piece(mu + s, rho + s, gw + s, z, w + s, gr + s, m);
+      sample_grad_piece(mp, rho + s, gw + s, z, w + s, gr + s, m);
     } else {  // fp16 / bf16: mu, rho, grad_w, w, grad_rho of the piece in float
       alignas(64) op_t c[5][kViBuf];
       for (int64_t k = 0; k < m; ++k) {
-        c[0][k] = static_cast<op_t>(mu[s + k]);
+        c[0][k] = static_cast<op_t>(mp[k]);
         c[1][k] = static_cast<op_t>(rho[s + k]);
         c[2][k] = static_cast<op_t>(gw[s + k]);
       }
@@ -451,10 +479,10 @@ std::tuple<at::Tensor, at::Tensor> vi_sample_and_backward_cpu(const at::Tensor& 
   at::Tensor w = at::empty(mu.sizes(), mu.options()), gr = at::empty(mu.sizes(), mu.options());  // contiguous
   const int64_t n = mu.numel();
   if (n == 0) return {w, gr};
-  const at::Tensor mc = mu.contiguous(), rc = rho.contiguous(), gc = grad_w.contiguous();
+  const at::Tensor mc = input_stand_in(mu), rc = rho.contiguous(), gc = grad_w.contiguous();
   const RngPosition pos = read_rng(rng);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vi_sample_and_backward", [&] {
-    sample_and_backward<scalar_t>(mc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(),
+    sample_and_backward<scalar_t>(mc.const_data_ptr<scalar_t>(), broadcast_scalar(mc), rc.const_data_ptr<scalar_t>(),
                                   gc.const_data_ptr<scalar_t>(), w.mutable_data_ptr<scalar_t>(),
                                   gr.mutable_data_ptr<scalar_t>(), n, pos, static_cast<uint32_t>(stream));
   });
