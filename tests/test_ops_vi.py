@@ -544,8 +544,9 @@ def test_rademacher_values_balance_and_reproducibility(device):
 def test_rademacher_is_every_bit_of_the_philox_words():
     """The documented rule, from the random family's philox4x32, element by element in Python:
     element i is -1 iff bit i % 32 of word (i // 32) % 4 of the block i // 128 under counter
-    (block, stream, step) and key seed (n = 300: two whole blocks and a part)."""
-    n, seed, stream, step = 300, -2, 9, 7
+    (block, stream, step) and key seed (n = 16 385: past a 1 024-sign piece and a 16 K-sign task,
+    a partial last block)."""
+    n, seed, stream, step = 16_385, -2, 9, 7
     blocks = torch.arange((n + 127) // 128, dtype=torch.int64)
     ctr = torch.stack([blocks, torch.zeros_like(blocks), torch.full_like(blocks, stream),
                        torch.full_like(blocks, step)], 1)
@@ -1060,4 +1061,8 @@ def test_first_input_broadcast_from_one_value(device, dtype):
             assert torch.equal(op(bcast, rho.abs(), rng, 4), op(full, rho.abs(), rng, 4)), (op.__name__, value)
         got, want = ops.vi_sample_and_backward(bcast, rho, g, rng, 4), ops.vi_sample_and_backward(full, rho, g, rng, 4)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), value
+    one = torch.full((1, 1), 0.7, dtype=dtype, device=device).expand(1, 2100)  # strides (1, 0): a size-1 dim
+    row = rho.reshape(1, -1)[:, :2100]
+    assert one.stride() == (1, 0)
+    assert torch.equal(ops.vi_sample(one, row, rng, 4), ops.vi_sample(one.contiguous(), row, rng, 4))
     assert rng.tolist() == [17, 3]

@@ -372,8 +372,8 @@ void for_each_noise_piece(int64_t n, RngPosition pos, uint32_t stream, const Pie
 // rho.new_zeros(()).expand(shape)): read as that value instead of a materialised contiguous copy.
 bool broadcast_scalar(const at::Tensor& t) {
   if (t.numel() <= 1) return false;
-  for (const int64_t s : t.strides())
-    if (s != 0) return false;
+  for (int64_t d = 0; d < t.dim(); ++d)  // a size-1 dimension's stride does not matter
+    if (t.size(d) != 1 && t.stride(d) != 0) return false;
   return true;
 }
 

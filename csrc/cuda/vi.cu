@@ -1,9 +1,10 @@
 // CUDA kernels of the vi family. Math: common/vi.h (the CPU loops' functions); checks: checks/vi.h.
 //
-// Section 1 (reparameterised noise): one thread per Philox block of 4 elements, grid-stride over
-// the blocks (grid: resident_blocks_for), on the current stream. A thread draws the block's four
-// normals (philox_normal4, the code philox_normal_ runs) or, for vi_rademacher_, the four raw
-// words of the block holding its 4 signs (128 signs per block), and handles elements 4 blk .. 4 blk + 3: a whole block moves with vector accesses (VecAccess: 16-byte
+// Section 1 (reparameterised noise): one thread per group of 4 elements (for the normals: one
+// Philox block), grid-stride over the groups (grid: resident_blocks_for), on the current stream. A
+// thread draws its block's four normals (philox_normal4, the code philox_normal_ runs) or, for
+// vi_rademacher_, the four raw words of the block holding its 4 signs (128 signs per block), and
+// handles elements 4 g .. 4 g + 3: a whole block moves with vector accesses (VecAccess: 16-byte
 // pieces for fp32 / fp64, 8 bytes for fp16 / bf16) for each pointer aligned to its piece size and
 // element by element otherwise; the last, partial block (n % 4 elements) element by element with
 // bounds checks. Nothing outside [0, n) is read or written.
