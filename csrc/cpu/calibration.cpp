@@ -16,6 +16,7 @@
 
 #include "checks/calibration.h"
 #include "common/calibration.h"
+#include "cpu/clones.h"
 
 namespace pyfastbayes::cpu {
 namespace {
@@ -62,12 +63,10 @@ int accumulate_slab(const scalar_t* src, double* acc, int64_t len) {
   }
   return neg;
 }
-__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"))) int accumulate_slab_f32(
-    const float* src, double* acc, int64_t len) {
+PFB_CPU_CLONES int accumulate_slab_f32(const float* src, double* acc, int64_t len) {
   return accumulate_slab(src, acc, len);
 }
-__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"))) int accumulate_slab_f64(
-    const double* src, double* acc, int64_t len) {
+PFB_CPU_CLONES int accumulate_slab_f64(const double* src, double* acc, int64_t len) {
   return accumulate_slab(src, acc, len);
 }
 template <typename scalar_t>

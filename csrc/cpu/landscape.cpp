@@ -21,6 +21,7 @@
 
 #include "checks/landscape.h"
 #include "common/landscape.h"
+#include "cpu/clones.h"
 
 namespace pyfastbayes::cpu {
 namespace {
@@ -84,35 +85,27 @@ void landscape_points_cpu(const at::Tensor& theta0, const at::Tensor& directions
 // rows per task: about 32k outputs
 int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(F, 1)); }
 
-// ---- Row loops of the fused passes, compiled as target_clones (default / AVX2 / AVX-512) with
-// contraction off (also for the whole file: CMakeLists.txt): every product and sum rounded on its
-// own, as the reference and the CUDA kernel.
-#define PFB_LS_CLONES \
-  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"), optimize("fp-contract=off")))
-#define PFB_LS_INLINE inline __attribute__((always_inline))
+// ---- Row loops of the fused passes, compiled as target_clones (cpu/clones.h); this file is built
+// with contraction off (CMakeLists.txt): every product and sum rounded on its own, as the reference
+// and the CUDA kernel.
 
 // o[f] = act(sum_j w[j] * row[j * F + f]) for one output row (T: the tensors' own type, float or double).
 template <class T>
-PFB_LS_INLINE void combine_row(const T* __restrict row, const T* __restrict w, T* __restrict o, int64_t F, int k,
+PFB_CPU_INLINE void combine_row(const T* __restrict row, const T* __restrict w, T* __restrict o, int64_t F, int k,
                                int act) {
-  const bool relu = act == kActRelu;
   if (k == 3) {  // a plane: theta0 and two directions
     const T w0 = w[0], w1 = w[1], w2 = w[2];
     const T* __restrict p1 = row + F;
     const T* __restrict p2 = row + 2 * F;
-    for (int64_t f = 0; f < F; ++f) {
-      const T v = landscape_step(landscape_step(landscape_first_term(w0, row[f]), w1, p1[f]), w2, p2[f]);
-      o[f] = relu && v < T(0) ? T(0) : v;
-    }
+    for (int64_t f = 0; f < F; ++f)
+      o[f] = landscape_act(landscape_step(landscape_step(landscape_first_term(w0, row[f]), w1, p1[f]), w2, p2[f]), act);
     return;
   }
   if (k == 2) {  // a line
     const T w0 = w[0], w1 = w[1];
     const T* __restrict p1 = row + F;
-    for (int64_t f = 0; f < F; ++f) {
-      const T v = landscape_step(landscape_first_term(w0, row[f]), w1, p1[f]);
-      o[f] = relu && v < T(0) ? T(0) : v;
-    }
+    for (int64_t f = 0; f < F; ++f)
+      o[f] = landscape_act(landscape_step(landscape_first_term(w0, row[f]), w1, p1[f]), act);
     return;
   }
   for (int64_t f = 0; f < F; ++f) o[f] = landscape_first_term(w[0], row[f]);  // any k: the row accumulates
@@ -121,13 +114,13 @@ PFB_LS_INLINE void combine_row(const T* __restrict row, const T* __restrict w, T
     const T* __restrict pj = row + j * F;
     for (int64_t f = 0; f < F; ++f) o[f] = landscape_step(o[f], wj, pj[f]);
   }
-  if (relu)
-    for (int64_t f = 0; f < F; ++f) o[f] = o[f] < T(0) ? T(0) : o[f];
+  if (act != kActNone)
+    for (int64_t f = 0; f < F; ++f) o[f] = landscape_act(o[f], act);
 }
 
 // rows i0..i1 of out [c, R, F] (i = p * R + r) from parts [R, k, F] and mix [c, k]
 template <class T>
-PFB_LS_INLINE void combine_rows(const T* parts, const T* mix, T* out, int64_t i0, int64_t i1, int64_t R, int64_t F,
+PFB_CPU_INLINE void combine_rows(const T* parts, const T* mix, T* out, int64_t i0, int64_t i1, int64_t R, int64_t F,
                                 int k, int act) {
   for (int64_t i = i0; i < i1; ++i)
     combine_row(parts + (i % R) * k * F, mix + (i / R) * k, out + i * F, F, k, act);
@@ -135,35 +128,31 @@ PFB_LS_INLINE void combine_rows(const T* parts, const T* mix, T* out, int64_t i0
 
 // rows i0..i1 of x [c, R, F] in place: act(x + bias[p]) (bias null: act(x))
 template <class T>
-PFB_LS_INLINE void bias_act_rows(T* x, const T* bias, int64_t i0, int64_t i1, int64_t R, int64_t F, int act) {
-  const bool relu = act == kActRelu;
+PFB_CPU_INLINE void bias_act_rows(T* x, const T* bias, int64_t i0, int64_t i1, int64_t R, int64_t F, int act) {
   for (int64_t i = i0; i < i1; ++i) {
     T* __restrict row = x + i * F;
     if (bias != nullptr) {
       const T* __restrict b = bias + (i / R) * F;
-      for (int64_t f = 0; f < F; ++f) {
-        const T v = add_rn(row[f], b[f]);
-        row[f] = relu && v < T(0) ? T(0) : v;
-      }
-    } else if (relu) {
-      for (int64_t f = 0; f < F; ++f) row[f] = row[f] < T(0) ? T(0) : row[f];
+      for (int64_t f = 0; f < F; ++f) row[f] = landscape_act(add_rn(row[f], b[f]), act);
+    } else {
+      for (int64_t f = 0; f < F; ++f) row[f] = landscape_act(row[f], act);
     }
   }
 }
 
-PFB_LS_CLONES void combine_rows_f32(const float* parts, const float* mix, float* out, int64_t i0, int64_t i1,
+PFB_CPU_CLONES void combine_rows_f32(const float* parts, const float* mix, float* out, int64_t i0, int64_t i1,
                                     int64_t R, int64_t F, int k, int act) {
   combine_rows(parts, mix, out, i0, i1, R, F, k, act);
 }
-PFB_LS_CLONES void combine_rows_f64(const double* parts, const double* mix, double* out, int64_t i0, int64_t i1,
+PFB_CPU_CLONES void combine_rows_f64(const double* parts, const double* mix, double* out, int64_t i0, int64_t i1,
                                     int64_t R, int64_t F, int k, int act) {
   combine_rows(parts, mix, out, i0, i1, R, F, k, act);
 }
-PFB_LS_CLONES void bias_act_rows_f32(float* x, const float* bias, int64_t i0, int64_t i1, int64_t R, int64_t F,
+PFB_CPU_CLONES void bias_act_rows_f32(float* x, const float* bias, int64_t i0, int64_t i1, int64_t R, int64_t F,
                                      int act) {
   bias_act_rows(x, bias, i0, i1, R, F, act);
 }
-PFB_LS_CLONES void bias_act_rows_f64(double* x, const double* bias, int64_t i0, int64_t i1, int64_t R, int64_t F,
+PFB_CPU_CLONES void bias_act_rows_f64(double* x, const double* bias, int64_t i0, int64_t i1, int64_t R, int64_t F,
                                      int act) {
   bias_act_rows(x, bias, i0, i1, R, F, act);
 }

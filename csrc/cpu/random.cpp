@@ -8,13 +8,14 @@
 
 #include "checks/random.h"
 #include "common/philox.h"
+#include "cpu/clones.h"
 #include "cpu/multi_tensor.h"
 
 namespace pyfastbayes::cpu {
 
-// target_clones: gcc emits a default, an AVX2+FMA and an AVX-512 body and picks one at load
-// time. The loop body is branch-free scalar code, which each clone vectorises at its width.
-__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+// target_clones (cpu/clones.h): the loop body is branch-free scalar code, which each clone
+// vectorises at its width.
+PFB_CPU_CLONES
 void fill_normal(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_block, int64_t nblocks,
                  float* out) {
   for (int64_t b = 0; b < nblocks; ++b) {

@@ -19,6 +19,7 @@
 #include "common/layouts.h"
 #include "common/philox.h"
 #include "common/sgmcmc_rules.h"
+#include "cpu/clones.h"
 #include "cpu/multi_tensor.h"
 
 namespace pyfastbayes::cpu {
@@ -98,8 +99,7 @@ int any_exponent_all_ones(const bits_t* x, int64_t n, bits_t exp_mask) {
   return bad;
 }
 #define PFB_NONFINITE_CLONES(NAME, BITS)                                                                    \
-  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"))) int NAME(const BITS* x, \
-                                                                                         int64_t n, BITS m) { \
+  PFB_CPU_CLONES int NAME(const BITS* x, int64_t n, BITS m) {                                              \
     return any_exponent_all_ones<BITS>(x, n, m);                                                           \
   }
 PFB_NONFINITE_CLONES(nonfinite_bits16, uint16_t)

@@ -40,6 +40,7 @@
 #include "checks/vi.h"
 #include "common/layouts.h"
 #include "common/vi.h"
+#include "cpu/clones.h"
 #include "cpu/multi_tensor.h"
 
 namespace pyfastbayes::cpu {
@@ -48,7 +49,7 @@ namespace pyfastbayes::cpu {
 
 // out[0 .. 128 nblocks) = the +-1 signs of Philox blocks first_block .. first_block + nblocks
 // (common/vi.h: bit k of word w of a block is sign 32 w + k); integer code, vectorised by each clone
-__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+PFB_CPU_CLONES
 void fill_rademacher(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_block, int64_t nblocks,
                      float* out) {
   for (int64_t b = 0; b < nblocks; ++b) {
@@ -66,13 +67,12 @@ void fill_rademacher(uint64_t seed, uint32_t stream, uint32_t step, int64_t firs
 // vectorises the loops that inline them at the width of each target_clones body (AVX2 / AVX-512),
 // where std::exp / std::log1p / std::log stay scalar libm calls. Accuracy: ~1-2 ulp over the
 // domains the vi rules use them on (checked against libm in the commit that added them).
-#define PFB_VI_INLINE __attribute__((always_inline)) inline
 
 // exp(x): round(x / ln 2) by the 1.5 * 2^23 magic add, the reduced argument in two parts
 // (C1 + C2 = ln 2), Cephes expf's polynomial, and the scale 2^n applied as two factors 2^n1 2^n2
 // (each a normal float for n in [-150, 128], so subnormal results come out right). Below -104 the
 // result is 0, above ~88.72 +inf; NaN stays NaN.
-PFB_VI_INLINE float vi_vexp(float x) {
+PFB_CPU_INLINE float vi_vexp(float x) {
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds |v| < 2^22 to an integer
   const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
   const float n = (xc * 1.44269504088896341f + kMagic) - kMagic;
@@ -95,7 +95,7 @@ PFB_VI_INLINE float vi_vexp(float x) {
   return x < -104.0f ? 0.0f : y;
 }
 
-PFB_VI_INLINE double vi_vexp(double x) {
+PFB_CPU_INLINE double vi_vexp(double x) {
   constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
   const double xc = x < -746.0 ? -746.0 : (x > 710.0 ? 710.0 : x);
   const double n = (xc * 1.4426950408889634073599 + kMagic) - kMagic;
@@ -120,7 +120,7 @@ PFB_VI_INLINE double vi_vexp(double x) {
 // Cephes logf's polynomial in f = m - 1, e ln 2 in two parts. The exponent field is read as a float
 // by the 2^23 magic (or'ed into the mantissa of 2^23). Zero, subnormal and negative x are outside the
 // domain (the callers select another value for them).
-PFB_VI_INLINE float vi_vlog(float x) {
+PFB_CPU_INLINE float vi_vlog(float x) {
   const uint32_t bits = std::bit_cast<uint32_t>(x);
   const float ef = std::bit_cast<float>((bits >> 23) | 0x4b000000u) - 8388608.0f;  // biased exponent
   float m = std::bit_cast<float>((bits & 0x007fffffu) | 0x3f800000u);             // in [1, 2)
@@ -145,7 +145,7 @@ PFB_VI_INLINE float vi_vlog(float x) {
   return x < std::numeric_limits<float>::infinity() ? res : x;  // +inf and NaN: themselves
 }
 
-PFB_VI_INLINE double vi_vlog(double x) {
+PFB_CPU_INLINE double vi_vlog(double x) {
   const uint64_t bits = std::bit_cast<uint64_t>(x);
   const double ef = std::bit_cast<double>((bits >> 52) | 0x4330000000000000ull) - 4503599627370496.0;
   double m = std::bit_cast<double>((bits & 0x000fffffffffffffull) | 0x3ff0000000000000ull);
@@ -169,7 +169,7 @@ PFB_VI_INLINE double vi_vlog(double x) {
 // log1p(x) for x >= 0, +inf or NaN: u = 1 + x rounded, log(u) corrected by (x - (u - 1)) / u, the
 // first-order term of the rounding error of u (exact to a few ulp; x below 2^-24 gives x)
 template <class T>
-PFB_VI_INLINE T vi_vlog1p(T x) {
+PFB_CPU_INLINE T vi_vlog1p(T x) {
   const T u = T(1) + x;
   const T res = vi_vlog(u) + (x - (u - T(1))) / u;
   return x < std::numeric_limits<T>::infinity() ? res : x;  // +inf and NaN: themselves
@@ -183,11 +183,11 @@ PFB_VI_INLINE T vi_vlog1p(T x) {
 
 // softplus (threshold 20) and its derivative from rho and e = exp(rho)
 template <class T>
-PFB_VI_INLINE T vi_vsoftplus(T rho, T e) {
+PFB_CPU_INLINE T vi_vsoftplus(T rho, T e) {
   return rho > T(kViSoftplusThreshold) ? rho : vi_vlog1p(e);
 }
 template <class T>
-PFB_VI_INLINE T vi_vsoftplus_grad(T rho, T e) {
+PFB_CPU_INLINE T vi_vsoftplus_grad(T rho, T e) {
   return rho > T(kViSoftplusThreshold) ? T(1) : e / (T(1) + e);
 }
 
@@ -196,7 +196,7 @@ enum class ViNoisy : int { kSample, kSampleBackward, kLocalNoise, kLocalNoiseBac
 // out[k] = rule(a[k], b[k], z[k]) for k < n (ViSampleRule, ViSampleBackwardRule, ViLocalNoiseRule,
 // ViLocalNoiseBackwardRule of common/vi.h)
 template <class T>
-PFB_VI_INLINE void vi_noisy_loop(ViNoisy op, const T* __restrict a, const T* __restrict b, const float* __restrict z,
+PFB_CPU_INLINE void vi_noisy_loop(ViNoisy op, const T* __restrict a, const T* __restrict b, const float* __restrict z,
                                  T* __restrict out, int64_t n) {
   switch (op) {
     case ViNoisy::kSample:
@@ -224,7 +224,7 @@ PFB_VI_INLINE void vi_noisy_loop(ViNoisy op, const T* __restrict a, const T* __r
 // vi_sample_and_backward: w[k] = the kSample rule, gr[k] = the kSampleBackward rule, one eps and one
 // exp(rho) for both (the same expressions as vi_noisy_loop's: bit for bit the two ops' results)
 template <class T>
-PFB_VI_INLINE void vi_sample_grad_loop(const T* __restrict mu, const T* __restrict rho, const T* __restrict gw,
+PFB_CPU_INLINE void vi_sample_grad_loop(const T* __restrict mu, const T* __restrict rho, const T* __restrict gw,
                                        const float* __restrict z, T* __restrict w, T* __restrict gr, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
     const T e = vi_vexp(rho[k]);
@@ -234,28 +234,26 @@ PFB_VI_INLINE void vi_sample_grad_loop(const T* __restrict mu, const T* __restri
   }
 }
 
-#define PFB_VI_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-
-PFB_VI_CLONES void vi_sample_grad_f32(const float* mu, const float* rho, const float* gw, const float* z, float* w,
+PFB_CPU_CLONES void vi_sample_grad_f32(const float* mu, const float* rho, const float* gw, const float* z, float* w,
                                       float* gr, int64_t n) {
   vi_sample_grad_loop(mu, rho, gw, z, w, gr, n);
 }
-PFB_VI_CLONES void vi_sample_grad_f64(const double* mu, const double* rho, const double* gw, const float* z,
+PFB_CPU_CLONES void vi_sample_grad_f64(const double* mu, const double* rho, const double* gw, const float* z,
                                       double* w, double* gr, int64_t n) {
   vi_sample_grad_loop(mu, rho, gw, z, w, gr, n);
 }
 
-PFB_VI_CLONES void vi_noisy_f32(ViNoisy op, const float* a, const float* b, const float* z, float* out, int64_t n) {
+PFB_CPU_CLONES void vi_noisy_f32(ViNoisy op, const float* a, const float* b, const float* z, float* out, int64_t n) {
   vi_noisy_loop(op, a, b, z, out, n);
 }
-PFB_VI_CLONES void vi_noisy_f64(ViNoisy op, const double* a, const double* b, const float* z, double* out,
+PFB_CPU_CLONES void vi_noisy_f64(ViNoisy op, const double* a, const double* b, const float* z, double* out,
                                 int64_t n) {
   vi_noisy_loop(op, a, b, z, out, n);
 }
 
 // vi_kl_term of common/vi.h for k < n into t
 template <class T>
-PFB_VI_INLINE void vi_kl_terms(const T* __restrict mu, const T* __restrict rho, int64_t n, T half_log_v, T inv_2v,
+PFB_CPU_INLINE void vi_kl_terms(const T* __restrict mu, const T* __restrict rho, int64_t n, T half_log_v, T inv_2v,
                                T* __restrict t) {
   for (int64_t k = 0; k < n; ++k) {
     const T r = rho[k];
@@ -269,7 +267,7 @@ PFB_VI_INLINE void vi_kl_terms(const T* __restrict mu, const T* __restrict rho, 
 // summed in a fixed order independent of the clone: 16 lanes, lane j adding terms j, j + 16, j + 32,
 // j + 48 in turn, then the lanes by a fixed halving tree; a short last run is padded with zeros.
 template <class T>
-PFB_VI_INLINE void vi_kl_sum(const T* mu, const T* rho, int64_t n, T half_log_v, T inv_2v, double& total) {
+PFB_CPU_INLINE void vi_kl_sum(const T* mu, const T* rho, int64_t n, T half_log_v, T inv_2v, double& total) {
   static_assert(kViKlRun == 64, "the lane sum below covers 64 terms");
   constexpr int64_t kBlock = 1024;  // terms per vectorised pass (a multiple of kViKlRun)
   alignas(64) T t[kBlock];
@@ -288,18 +286,18 @@ PFB_VI_INLINE void vi_kl_sum(const T* mu, const T* rho, int64_t n, T half_log_v,
   }
 }
 
-PFB_VI_CLONES void vi_kl_sum_f32(const float* mu, const float* rho, int64_t n, float half_log_v, float inv_2v,
+PFB_CPU_CLONES void vi_kl_sum_f32(const float* mu, const float* rho, int64_t n, float half_log_v, float inv_2v,
                                  double& total) {
   vi_kl_sum(mu, rho, n, half_log_v, inv_2v, total);
 }
-PFB_VI_CLONES void vi_kl_sum_f64(const double* mu, const double* rho, int64_t n, double half_log_v, double inv_2v,
+PFB_CPU_CLONES void vi_kl_sum_f64(const double* mu, const double* rho, int64_t n, double half_log_v, double inv_2v,
                                  double& total) {
   vi_kl_sum(mu, rho, n, half_log_v, inv_2v, total);
 }
 
 // vi_kl_grad of common/vi.h for k < n
 template <class T>
-PFB_VI_INLINE void vi_kl_grad_loop(const T* __restrict mu, const T* __restrict rho, int64_t n, T g, T inv_v,
+PFB_CPU_INLINE void vi_kl_grad_loop(const T* __restrict mu, const T* __restrict rho, int64_t n, T g, T inv_v,
                                    T* __restrict gm, T* __restrict gr) {
   for (int64_t k = 0; k < n; ++k) {
     const T r = rho[k];
@@ -313,11 +311,11 @@ PFB_VI_INLINE void vi_kl_grad_loop(const T* __restrict mu, const T* __restrict r
   }
 }
 
-PFB_VI_CLONES void vi_kl_grad_f32(const float* mu, const float* rho, int64_t n, float g, float inv_v, float* gm,
+PFB_CPU_CLONES void vi_kl_grad_f32(const float* mu, const float* rho, int64_t n, float g, float inv_v, float* gm,
                                   float* gr) {
   vi_kl_grad_loop(mu, rho, n, g, inv_v, gm, gr);
 }
-PFB_VI_CLONES void vi_kl_grad_f64(const double* mu, const double* rho, int64_t n, double g, double inv_v,
+PFB_CPU_CLONES void vi_kl_grad_f64(const double* mu, const double* rho, int64_t n, double g, double inv_v,
                                   double* gm, double* gr) {
   vi_kl_grad_loop(mu, rho, n, g, inv_v, gm, gr);
 }

@@ -53,19 +53,19 @@ def activate_(t: Tensor, act: str | None) -> Tensor:
     return t if act is None else _IN_PLACE[act](t)
 
 
-def _native_act(act: str | None) -> str:
-    """The part of ``act`` the fused ops apply themselves ('relu' or 'none'; tanh goes to ATen's
-    vectorised in-place tanh afterwards)."""
-    return "relu" if act == "relu" else "none"
+def _split_act(act: str | None) -> tuple[str, str | None]:
+    """(what the fused ops apply themselves: 'relu' or 'none', what is left for :func:`activate_`
+    afterwards: tanh, through ATen's vectorised in-place tanh, or None)."""
+    return ("relu", None) if act == "relu" else ("none", act)
 
 
 def _epilogue_(out: Tensor, bias: Tensor | None, act: str | None) -> Tensor:
     """out [n, R, F] (fresh, contiguous) = act(out + bias[:, None, :]) with bias [n, F] or None: the
     bias and a ReLU in ONE pass (op ``landscape_bias_act_``), any other activation in place after."""
-    native = _native_act(act)
+    native, rest = _split_act(act)
     if bias is not None or native != "none":  # (under autocast the GEMM's output dtype is not the bias's)
         ops.landscape_bias_act_(out, None if bias is None else bias.to(out.dtype), native)
-    return activate_(out, None if native == act else act)
+    return activate_(out, rest)
 
 
 def combine(parts: Tensor, mix_p: Tensor, act: str | None, shape: tuple) -> Tensor:
@@ -73,9 +73,11 @@ def combine(parts: Tensor, mix_p: Tensor, act: str | None, shape: tuple) -> Tens
     mix_p[j] * parts[:, j]) with parts [R, k, F] shared by the points and mix_p [k] the point's
     weights (1, a_1, ..., a_m), by the fused op ``landscape_combine`` for all points at once (the
     output written once, a ReLU applied in the same pass); outside such a vmap, the same by einsum."""
+    native, rest = _split_act(act)
+
     def points(n, mix, md):
-        out = ops.landscape_combine(parts, mix.movedim(md, 0).to(parts.dtype), _native_act(act))  # [n, R, F]
-        return activate_(out, None if _native_act(act) == act else act).view(n, *shape)
+        out = ops.landscape_combine(parts, mix.movedim(md, 0).to(parts.dtype), native)  # [n, R, F]
+        return activate_(out, rest).view(n, *shape)
     h = _direct(points, mix_p)
     if h is None:
         h = activate_(torch.einsum("j,rjf->rf", mix_p.to(parts.dtype), parts).view(shape), act)
