@@ -1,6 +1,9 @@
 """RNG ops (philox4x32, philox_normal_): the op contract, Random123's known answers, the normal
 stream's statistics, CPU vs CUDA bits."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -177,6 +180,50 @@ def test_normal_statistics():
     lanes = z.view(-1, 4).double()
     c = torch.corrcoef(lanes.t())
     assert (c - torch.eye(4, dtype=c.dtype)).abs().max() < 5 * 2 * se
+
+
+# The CPU draws Philox blocks in bulk by one of three versions (csrc/cpu/philox_tile.cpp: AVX-512F,
+# AVX2 intrinsics, the portable loop), picked once per process; PYFASTBAYES_PHILOX_ISA caps it.
+_ISA_N = 100_003  # several 64-block tiles and tasks, and a partial last block
+_ISA_SCRIPT = f"""
+import sys, torch
+from pyfastbayes import ops
+signs = torch.empty({_ISA_N})
+ops.vi_rademacher_(signs, torch.tensor([-5, 2**32 - 1], dtype=torch.int64), 7)  # all 128 bits of a block
+z = torch.empty({_ISA_N})
+ops.philox_normal_(z, 2**63 - 1, 7, 3)
+torch.save(dict(signs=signs, z=z), sys.argv[1])
+"""
+
+
+def _run_with_isa(isa, *args):
+    env = dict(os.environ, PYFASTBAYES_PHILOX_ISA=isa)
+    return subprocess.run([sys.executable, "-c", _ISA_SCRIPT, *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.skipif(not ops.native_op("philox_normal_", "cpu"), reason="needs the compiled extension")
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_cpu_philox_version_draws_the_same_bits(isa, tmp_path):
+    """Each version (where the CPU runs it; a missing one falls back to the next narrower) gives the
+    reference's sign stream bit for bit, and the very normals of this process's version."""
+    proc = _run_with_isa(isa, str(tmp_path / "out.pt"))
+    assert proc.returncode == 0, proc.stderr
+    got = torch.load(tmp_path / "out.pt")
+    assert torch.equal(got["signs"], R.vi.rademacher(_ISA_N, -5, 7, 2**32 - 1))
+    z = torch.empty(_ISA_N)
+    ops.philox_normal_(z, 2**63 - 1, 7, 3)
+    assert torch.equal(got["z"], z)
+
+
+@pytest.mark.skipif(not ops.native_op("philox_normal_", "cpu"), reason="needs the compiled extension")
+def test_unknown_philox_isa_is_named_and_ignored(tmp_path):
+    """The knob is read on the first draw (maybe in a worker thread, where throwing would abort the
+    process): a wrong value is said on stderr and the widest version runs."""
+    proc = _run_with_isa("sse2", str(tmp_path / "out.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert "PYFASTBAYES_PHILOX_ISA must be scalar, avx2 or avx512, got 'sse2': ignored" in proc.stderr
+    assert torch.equal(torch.load(tmp_path / "out.pt")["signs"], R.vi.rademacher(_ISA_N, -5, 7, 2**32 - 1))
 
 
 @needs_cuda

@@ -44,7 +44,8 @@ void parallel_chunks(const std::vector<int64_t>& numels, F&& f, int64_t chunk = 
 }
 
 // Fill out[0 .. 4*nblocks) with the normal stream (seed, stream, step) from Philox block
-// `first_block` on; vectorised (AVX2/AVX-512 clones chosen at load time).
+// `first_block` on; the Philox bits by cpu/philox_tile.h's vector versions, Box-Muller in AVX2 /
+// AVX-512 clones chosen at load time (cpu/random.cpp).
 void fill_normal(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_block, int64_t nblocks, float* out);
 
 }  // namespace pyfastbayes::cpu

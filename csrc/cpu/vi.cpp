@@ -3,7 +3,8 @@
 // Section 1 (reparameterised noise): at::parallel_for (OpenMP) over Philox blocks of 4 elements, a
 // task owning whole blocks, so every block's 4 normals are drawn once, by one thread. Inside a task
 // the noise is made kViBuf elements at a time into a stack buffer by fill_normal (cpu/random.cpp:
-// the very function behind philox_normal_, with its AVX2 / AVX-512 clones; the tensor's partial last
+// the very function behind philox_normal_: cpu/philox_tile.h's bits, Box-Muller in AVX2 / AVX-512
+// clones; the tensor's partial last
 // block by the scalar philox_normal4, as philox_normal_ does), so eps is bit for bit philox_normal_'s
 // on the same machine; then one branch-free elementwise loop applies the rule (vi_noisy_f32 / _f64:
 // target_clones, vectorised with the polynomial exp / log / log1p below instead of scalar libm calls;
@@ -42,22 +43,24 @@
 #include "common/vi.h"
 #include "cpu/clones.h"
 #include "cpu/multi_tensor.h"
+#include "cpu/philox_tile.h"
 
 namespace pyfastbayes::cpu {
 
 // ======================= Section 1: reparameterised noise ======================================
 
-// out[0 .. 128 nblocks) = the +-1 signs of Philox blocks first_block .. first_block + nblocks
-// (common/vi.h: bit k of word w of a block is sign 32 w + k); integer code, vectorised by each clone
+// out[0 .. 128 nblocks) = the +-1 signs of Philox blocks first_block .. first_block + nblocks,
+// nblocks <= kPhiloxTile (common/vi.h: bit k of word w of a block is sign 32 w + k); the bits from
+// philox_tile, the signs by integer code that each clone vectorises
 PFB_CPU_CLONES
 void fill_rademacher(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_block, int64_t nblocks,
                      float* out) {
+  alignas(64) uint32_t r[4][kPhiloxTile];
+  philox_tile(seed, stream, step, first_block, nblocks, r);
   for (int64_t b = 0; b < nblocks; ++b) {
-    uint32_t r[4];
-    vi_philox_bits4(seed, static_cast<uint64_t>(first_block + b), stream, step, r);
     float* o = out + kViSignsPerBlock * b;
     for (int w = 0; w < 4; ++w)
-      for (int k = 0; k < 32; ++k) o[32 * w + k] = vi_rademacher_sign(r[w], k);
+      for (int k = 0; k < 32; ++k) o[32 * w + k] = vi_rademacher_sign(r[w][b], k);
   }
 }
 
@@ -508,13 +511,13 @@ void vi_rademacher_cpu(const at::Tensor& out, const at::Tensor& rng, int64_t str
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "vi_rademacher_", [&] {
     scalar_t* o = buf.mutable_data_ptr<scalar_t>();
     constexpr int64_t per = kViSignsPerBlock;
-    static_assert(kViBuf % kViSignsPerBlock == 0, "a piece holds whole sign blocks");
+    constexpr int64_t piece = kPhiloxTile * per;  // signs per fill_rademacher call: one Philox tile
     // tasks of at least kViGrainBlocks * 4 signs, as the noise ops' tasks of elements
     at::parallel_for(0, (n + per - 1) / per, kViGrainBlocks * 4 / per, [&](int64_t b0, int64_t b1) {
-      alignas(64) float sign[kViBuf];
+      alignas(64) float sign[piece];  // 32 KiB
       const int64_t end = std::min(per * b1, n);
-      for (int64_t s = per * b0; s < end; s += kViBuf) {
-        const int64_t m = std::min(kViBuf, end - s);
+      for (int64_t s = per * b0; s < end; s += piece) {
+        const int64_t m = std::min(piece, end - s);
         fill_rademacher(pos.seed, s32, pos.step, s / per, (m + per - 1) / per, sign);
         for (int64_t k = 0; k < m; ++k) o[s + k] = static_cast<scalar_t>(sign[k]);
       }
