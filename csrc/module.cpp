@@ -1,12 +1,18 @@
 // The pybind11 module pyfastbayes._C: loading it registers every op (static initialisers of the
 // TORCH_LIBRARY blocks in this shared library), adds the sparse-input refusals of every op
 // (ops/dense_only.cpp) and exposes build_info(), layouts() and the scoped CPU allocation cache
-// (cpu/allocation_cache.cpp; used through pyfastbayes._memory.allocation_cache()).
+// (cpu/allocation_cache.cpp; used through pyfastbayes._memory.allocation_cache()), and, for tests,
+// the CPU Philox tile (cpu/philox_tile.cpp): which version runs, and its bits at any counter.
 #include <ATen/Config.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
 
 #include "common/layouts.h"
 #include "cpu/allocation_cache.h"
+#include "cpu/philox_tile.h"
 #include "ops/dense_only.h"
 
 #ifndef PYFASTBAYES_VERSION
@@ -68,6 +74,18 @@ static py::dict layouts() {
   return d;
 }
 
+// words [4][nblocks] of philox_tile from block first_block (a uint64 counter), nblocks <= 64
+static std::vector<std::vector<uint32_t>> philox_tile_bits(uint64_t seed, uint32_t stream, uint32_t step,
+                                                           uint64_t first_block, int64_t nblocks) {
+  if (nblocks < 0 || nblocks > pyfastbayes::cpu::kPhiloxTile)
+    throw py::value_error("nblocks must be in [0, 64], got " + std::to_string(nblocks));
+  alignas(64) uint32_t r[4][pyfastbayes::cpu::kPhiloxTile];
+  pyfastbayes::cpu::philox_tile(seed, stream, step, static_cast<int64_t>(first_block), nblocks, r);
+  std::vector<std::vector<uint32_t>> out(4);
+  for (int w = 0; w < 4; ++w) out[w].assign(r[w], r[w] + nblocks);
+  return out;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfastbayes native ops (registered under torch.ops.pyfastbayes)";
   pyfastbayes::register_dense_only_kernels();  // every schema is defined by now (static initialisers)
@@ -79,4 +97,9 @@ PYBIND11_MODULE(_C, m) {
         "end the innermost scope; the outermost releases the cache and restores the CPU allocator");
   m.def("allocation_cache_active", &pyfastbayes::cpu::allocation_cache_active,
         "whether a scope is open and the process's CPU allocator is the cache");
+  m.def("philox_tile_isa", &pyfastbayes::cpu::philox_tile_isa,
+        "the CPU Philox version this process runs: 'avx512', 'avx2' or 'scalar'");
+  m.def("philox_tile_bits", &philox_tile_bits, py::arg("seed"), py::arg("stream"), py::arg("step"),
+        py::arg("first_block"), py::arg("nblocks"),
+        "[4][nblocks] Philox words of blocks first_block.. (counter (lo, hi, stream, step), key seed): for tests");
 }

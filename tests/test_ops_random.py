@@ -2,6 +2,7 @@
 stream's statistics, CPU vs CUDA bits."""
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -185,14 +186,18 @@ def test_normal_statistics():
 # The CPU draws Philox blocks in bulk by one of three versions (csrc/cpu/philox_tile.cpp: AVX-512F,
 # AVX2 intrinsics, the portable loop), picked once per process; PYFASTBAYES_PHILOX_ISA caps it.
 _ISA_N = 100_003  # several 64-block tiles and tasks, and a partial last block
+# block counters whose high word is not 0, that cross 2^32 inside a tile, and that wrap past 2^64 - 1
+_ISA_TILES = [(0x123456789ABCDEF0, 9, 0xFFFFFFFF, 2**32 - 5, 64), (2**64 - 1, 0, 7, 2**64 - 40, 64),
+              (5, 2**31, 3, 2**63 - 3, 37), (0, 0, 0, 7 * 2**32, 1), (2**63, 1, 2, 2**33 - 1, 9)]
 _ISA_SCRIPT = f"""
 import sys, torch
-from pyfastbayes import ops
+from pyfastbayes import _C, ops
 signs = torch.empty({_ISA_N})
 ops.vi_rademacher_(signs, torch.tensor([-5, 2**32 - 1], dtype=torch.int64), 7)  # all 128 bits of a block
 z = torch.empty({_ISA_N})
 ops.philox_normal_(z, 2**63 - 1, 7, 3)
-torch.save(dict(signs=signs, z=z), sys.argv[1])
+tiles = [_C.philox_tile_bits(*t) for t in {_ISA_TILES!r}]
+torch.save(dict(isa=_C.philox_tile_isa(), signs=signs, z=z, tiles=tiles), sys.argv[1])
 """
 
 
@@ -202,18 +207,52 @@ def _run_with_isa(isa, *args):
                           timeout=300)
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split()}
+    except OSError:
+        return set()
+
+
+def _tile_reference(seed, stream, step, first, n):
+    """[4][n] words of R.philox4x32 for blocks first.. (mod 2^64): counter (lo, hi, stream, step)."""
+    blocks = [(first + b) % 2**64 for b in range(n)]
+    ctr = torch.tensor([[blk & 0xFFFFFFFF, blk >> 32, stream, step] for blk in blocks], dtype=torch.int64)
+    words = R.philox4x32(ctr, seed & 0xFFFFFFFF, seed >> 32)
+    return [[int(v) for v in words[:, w]] for w in range(4)]
+
+
 @pytest.mark.skipif(not ops.native_op("philox_normal_", "cpu"), reason="needs the compiled extension")
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
-def test_every_cpu_philox_version_draws_the_same_bits(isa, tmp_path):
-    """Each version (where the CPU runs it; a missing one falls back to the next narrower) gives the
-    reference's sign stream bit for bit, and the very normals of this process's version."""
+def test_every_cpu_philox_version_draws_the_reference_bits(isa, tmp_path):
+    """Each version (the requested one where the CPU runs it, else the next narrower: the process
+    says which ran) gives the reference's words at block counters past 2^32 and across 2^64, the
+    reference's sign stream bit for bit, and the normals of the reference stream."""
     proc = _run_with_isa(isa, str(tmp_path / "out.pt"))
     assert proc.returncode == 0, proc.stderr
     got = torch.load(tmp_path / "out.pt")
+    runs = {"avx512": "avx512f", "avx2": "avx2"}
+    order = ["avx512", "avx2", "scalar"]
+    expected = next(v for v in order[order.index(isa):] if v == "scalar" or runs[v] in _cpu_flags())
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        assert got["isa"] == expected
+    for t, bits in zip(_ISA_TILES, got["tiles"]):
+        assert bits == _tile_reference(*t), t
     assert torch.equal(got["signs"], R.vi.rademacher(_ISA_N, -5, 7, 2**32 - 1))
-    z = torch.empty(_ISA_N)
+    torch.testing.assert_close(got["z"], R.philox_normal(_ISA_N, 2**63 - 1, 7, 3), rtol=2e-6, atol=2e-6)
+    z = torch.empty(_ISA_N)  # and the very normals of this process's version (the same Box-Muller code)
     ops.philox_normal_(z, 2**63 - 1, 7, 3)
     assert torch.equal(got["z"], z)
+
+
+@pytest.mark.skipif(not ops.native_op("philox_normal_", "cpu"), reason="needs the compiled extension")
+def test_philox_tile_bits_refuses_more_than_a_tile():
+    from pyfastbayes import _C
+
+    with pytest.raises(ValueError, match=r"nblocks must be in \[0, 64\], got 65"):
+        _C.philox_tile_bits(1, 2, 3, 0, 65)
+    assert _C.philox_tile_bits(1, 2, 3, 0, 0) == [[], [], [], []]
 
 
 @pytest.mark.skipif(not ops.native_op("philox_normal_", "cpu"), reason="needs the compiled extension")
@@ -223,7 +262,8 @@ def test_unknown_philox_isa_is_named_and_ignored(tmp_path):
     proc = _run_with_isa("sse2", str(tmp_path / "out.pt"))
     assert proc.returncode == 0, proc.stderr
     assert "PYFASTBAYES_PHILOX_ISA must be scalar, avx2 or avx512, got 'sse2': ignored" in proc.stderr
-    assert torch.equal(torch.load(tmp_path / "out.pt")["signs"], R.vi.rademacher(_ISA_N, -5, 7, 2**32 - 1))
+    got = torch.load(tmp_path / "out.pt")
+    assert torch.equal(got["signs"], R.vi.rademacher(_ISA_N, -5, 7, 2**32 - 1))
 
 
 @needs_cuda

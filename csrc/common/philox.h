@@ -38,8 +38,9 @@ PFB_HD void philox4x32_10(const uint32_t c[4], uint32_t k0, uint32_t k1, uint32_
   r[2] = c2;
   r[3] = c3;
 #else
-  // Host: every word lives zero-extended in 64 bits, so a vectorised loop multiplies with one
-  // 32x32->64 lane product (vpmuludq) and splits hi/lo with shifts instead of lane shuffles.
+  // Host: the portable rounds, every word zero-extended in 64 bits and hi/lo split by shifts. (gcc
+  // vectorises these products as 64x64 vpmullq, not the one-uop vpmuludq: bulk CPU draws come from
+  // cpu/philox_tile.cpp's intrinsics, bit for bit these rounds.)
   constexpr uint64_t kLo = 0xFFFFFFFFull;
   uint64_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = k0, w1 = k1;
   for (int round = 0; round < 10; ++round) {

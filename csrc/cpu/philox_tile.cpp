@@ -6,14 +6,17 @@
 // an emulation of it, never as vpmuludq, which multiplies the low 32 bits of each 64-bit lane in
 // one uop. The versions below use vpmuludq directly and leave the high half of each lane as
 // scratch (only the low 32 bits of a lane are ever read: by vpmuludq, by the final narrowing, and
-// through xors whose high bits no one reads), which halves the time of fill_normal (1.9 -> 0.95 ns
+// through xors whose high bits no one reads), which halves the time of fill_normal (1.90 -> 0.97 ns
 // per normal on one AVX-512 core). Four groups of blocks are in flight to hide the multiply latency.
 //
 // Dispatch: the first call picks the AVX-512F version where the CPU has it, else the AVX2 one, else
 // the portable loop; the environment variable PYFASTBAYES_PHILOX_ISA=scalar|avx2|avx512, read then,
-// caps the choice (another value is ignored, with a line on stderr) (tests/test_ops_random.py runs every version in a subprocess and compares the
-// bits of vi_rademacher_, which uses all 128 of a block, and the normals). Same bits in all three.
+// caps the choice (another value is ignored, with a line on stderr). Same bits in all three:
+// tests/test_ops_random.py runs each in a subprocess (pyfastbayes._C.philox_tile_isa() says which
+// ran) against the reference, at block counters past 2^32 and near 2^64 too.
 #include "cpu/philox_tile.h"
+
+#include <c10/util/Exception.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -21,7 +24,7 @@
 
 #include "common/philox.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__)  // gcc or clang on x86-64
 #define PFB_PHILOX_SIMD 1
 #include <immintrin.h>
 #endif
@@ -42,6 +45,16 @@ void philox_tile_scalar(uint64_t seed, uint32_t stream, uint32_t step, int64_t f
 }
 
 #if PFB_PHILOX_SIMD
+// gcc 12 reports its own avx512fintrin.h (__Y = __Y) as maybe-uninitialised (a known false positive)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// the block counter of lane 0 of group g: unsigned arithmetic (wraps as the scalar counter does;
+// groups past nblocks are computed too, and must not overflow a signed type)
+inline uint64_t group_block(int64_t first_block, int64_t b, int lanes, int g) {
+  return static_cast<uint64_t>(first_block) + static_cast<uint64_t>(b) + static_cast<uint64_t>(lanes * g);
+}
+
 constexpr int kGroups = 4;  // independent groups of lanes per pass (multiply latency / throughput)
 static_assert(kPhiloxTile % (kGroups * 8) == 0, "a tile is whole passes of the AVX-512 version");
 
@@ -54,7 +67,7 @@ void philox_tile_avx512(uint64_t seed, uint32_t stream, uint32_t step, int64_t f
   for (int64_t b = 0; b < nblocks; b += 8 * kGroups) {
     __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
     for (int g = 0; g < kGroups; ++g) {
-      const __m512i block = _mm512_add_epi64(_mm512_set1_epi64(first_block + b + 8 * g), lane);
+      const __m512i block = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(group_block(first_block, b, 8, g))), lane);
       c0[g] = block;  // the low word (the high half of the lane is never read)
       c1[g] = _mm512_srli_epi64(block, 32);
       c2[g] = _mm512_set1_epi64(stream);
@@ -94,7 +107,7 @@ void philox_tile_avx2(uint64_t seed, uint32_t stream, uint32_t step, int64_t fir
   for (int64_t b = 0; b < nblocks; b += 4 * kGroups) {
     __m256i c[4][kGroups];
     for (int g = 0; g < kGroups; ++g) {
-      const __m256i block = _mm256_add_epi64(_mm256_set1_epi64x(first_block + b + 4 * g), lane);
+      const __m256i block = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group_block(first_block, b, 4, g))), lane);
       c[0][g] = block;
       c[1][g] = _mm256_srli_epi64(block, 32);
       c[2][g] = _mm256_set1_epi64x(stream);
@@ -120,13 +133,18 @@ void philox_tile_avx2(uint64_t seed, uint32_t stream, uint32_t step, int64_t fir
                          _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c[w][g], low_words)));
   }
 }
+#pragma GCC diagnostic pop
 #endif  // PFB_PHILOX_SIMD
 
 using TileFn = void (*)(uint64_t, uint32_t, uint32_t, int64_t, int64_t, uint32_t (*)[kPhiloxTile]);
 
+struct Tile {
+  TileFn fn;
+  const char* isa;
+};
+
 // The widest version the CPU runs, capped by PYFASTBAYES_PHILOX_ISA (scalar | avx2 | avx512)
-TileFn pick_tile() {
-#if PFB_PHILOX_SIMD
+Tile pick_tile() {
   const char* cap = std::getenv("PYFASTBAYES_PHILOX_ISA");
   std::string level = cap == nullptr ? "avx512" : cap;
   if (level != "scalar" && level != "avx2" && level != "avx512") {
@@ -135,19 +153,27 @@ TileFn pick_tile() {
                  level.c_str());
     level = "avx512";
   }
+#if PFB_PHILOX_SIMD
   __builtin_cpu_init();
-  if (level == "avx512" && __builtin_cpu_supports("avx512f")) return philox_tile_avx512;
-  if ((level == "avx512" || level == "avx2") && __builtin_cpu_supports("avx2")) return philox_tile_avx2;
+  if (level == "avx512" && __builtin_cpu_supports("avx512f")) return {philox_tile_avx512, "avx512"};
+  if ((level == "avx512" || level == "avx2") && __builtin_cpu_supports("avx2")) return {philox_tile_avx2, "avx2"};
 #endif
-  return philox_tile_scalar;
+  return {philox_tile_scalar, "scalar"};
+}
+
+const Tile& tile() {
+  static const Tile chosen = pick_tile();  // thread-safe initialisation, once per process
+  return chosen;
 }
 
 }  // namespace
 
 void philox_tile(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_block, int64_t nblocks,
                  uint32_t (*r)[kPhiloxTile]) {
-  static const TileFn tile = pick_tile();
-  tile(seed, stream, step, first_block, nblocks, r);
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(nblocks >= 0 && nblocks <= kPhiloxTile);
+  tile().fn(seed, stream, step, first_block, nblocks, r);
 }
+
+const char* philox_tile_isa() { return tile().isa; }
 
 }  // namespace pyfastbayes::cpu

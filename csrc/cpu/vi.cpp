@@ -4,11 +4,11 @@
 // task owning whole blocks, so every block's 4 normals are drawn once, by one thread. Inside a task
 // the noise is made kViBuf elements at a time into a stack buffer by fill_normal (cpu/random.cpp:
 // the very function behind philox_normal_: cpu/philox_tile.h's bits, Box-Muller in AVX2 / AVX-512
-// clones; the tensor's partial last
-// block by the scalar philox_normal4, as philox_normal_ does), so eps is bit for bit philox_normal_'s
-// on the same machine; then one branch-free elementwise loop applies the rule (vi_noisy_f32 / _f64:
-// target_clones, vectorised with the polynomial exp / log / log1p below instead of scalar libm calls;
-// fp16 / bf16 through float copies of the piece).
+// clones; the tensor's partial last block by the scalar philox_normal4, as philox_normal_ does), so
+// eps is bit for bit philox_normal_'s on the same machine; then branch-free elementwise loops apply
+// the rule (vi_noisy_f32 / _f64: target_clones, vectorised with the polynomial exp / log / log1p
+// below instead of scalar libm calls, staged in short loops; fp16 / bf16 through float copies of
+// the piece).
 // Inputs are read through contiguous stand-ins (logical order = memory order: the noise is indexed
 // by the logical element), except a first input that is one value broadcast to every element (all
 // strides 0: flipout's zero mean), read as that value piece by piece instead of a materialised
@@ -49,18 +49,20 @@ namespace pyfastbayes::cpu {
 
 // ======================= Section 1: reparameterised noise ======================================
 
-// out[0 .. 128 nblocks) = the +-1 signs of Philox blocks first_block .. first_block + nblocks,
-// nblocks <= kPhiloxTile (common/vi.h: bit k of word w of a block is sign 32 w + k); the bits from
-// philox_tile, the signs by integer code that each clone vectorises
+// out[0 .. 128 nblocks) = the +-1 signs of Philox blocks first_block .. first_block + nblocks
+// (common/vi.h: bit k of word w of a block is sign 32 w + k); the bits from philox_tile a tile at a
+// time, the signs by integer code that each clone vectorises
 PFB_CPU_CLONES
 void fill_rademacher(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_block, int64_t nblocks,
                      float* out) {
   alignas(64) uint32_t r[4][kPhiloxTile];
-  philox_tile(seed, stream, step, first_block, nblocks, r);
-  for (int64_t b = 0; b < nblocks; ++b) {
-    float* o = out + kViSignsPerBlock * b;
-    for (int w = 0; w < 4; ++w)
-      for (int k = 0; k < 32; ++k) o[32 * w + k] = vi_rademacher_sign(r[w][b], k);
+  for (int64_t t = 0; t < nblocks; t += kPhiloxTile) {
+    const int64_t m = std::min(kPhiloxTile, nblocks - t);
+    philox_tile(seed, stream, step, first_block + t, m, r);
+    float* o = out + kViSignsPerBlock * t;
+    for (int64_t b = 0; b < m; ++b)
+      for (int w = 0; w < 4; ++w)
+        for (int k = 0; k < 32; ++k) o[kViSignsPerBlock * b + 32 * w + k] = vi_rademacher_sign(r[w][b], k);
   }
 }
 
@@ -183,6 +185,12 @@ PFB_CPU_INLINE T vi_vlog1p(T x) {
 // the right one selected, with the vectorisable exp / log / log1p above in place of libm's (same
 // formulas, same operation order, results within ~2 ulp of the libm ones). fp16 / bf16 run the
 // float loops on converted copies (so they are the fp32 op on the converted inputs, bit for bit).
+// Staged: a loop whose body chains several of these functions (exp -> log1p -> log: ~60 dependent
+// vector operations) is latency-bound, because the out-of-order window holds only about two of
+// its iterations; so each such loop is split into short loops over the piece (exp into the output
+// or a stack buffer, then the rest), whose iterations overlap (the KL terms: 2.5 -> 1.5 ns per
+// element on one AVX-512 core). Every loop that uses e = exp(rho) stores it first, so the rules
+// that must agree bit for bit (vi_sample_and_backward and the two ops) round it the same way.
 
 // softplus (threshold 20) and its derivative from rho and e = exp(rho)
 template <class T>
@@ -202,12 +210,13 @@ template <class T>
 PFB_CPU_INLINE void vi_noisy_loop(ViNoisy op, const T* __restrict a, const T* __restrict b, const float* __restrict z,
                                  T* __restrict out, int64_t n) {
   switch (op) {
-    case ViNoisy::kSample:
-      for (int64_t k = 0; k < n; ++k) out[k] = a[k] + vi_vsoftplus(b[k], vi_vexp(b[k])) * static_cast<T>(z[k]);
+    case ViNoisy::kSample:  // staged: e = exp(b) into out first
+      for (int64_t k = 0; k < n; ++k) out[k] = vi_vexp(b[k]);
+      for (int64_t k = 0; k < n; ++k) out[k] = a[k] + vi_vsoftplus(b[k], out[k]) * static_cast<T>(z[k]);
       break;
     case ViNoisy::kSampleBackward:
-      for (int64_t k = 0; k < n; ++k)
-        out[k] = a[k] * static_cast<T>(z[k]) * vi_vsoftplus_grad(b[k], vi_vexp(b[k]));
+      for (int64_t k = 0; k < n; ++k) out[k] = vi_vexp(b[k]);
+      for (int64_t k = 0; k < n; ++k) out[k] = a[k] * static_cast<T>(z[k]) * vi_vsoftplus_grad(b[k], out[k]);
       break;
     case ViNoisy::kLocalNoise:
       for (int64_t k = 0; k < n; ++k) {
@@ -229,8 +238,9 @@ PFB_CPU_INLINE void vi_noisy_loop(ViNoisy op, const T* __restrict a, const T* __
 template <class T>
 PFB_CPU_INLINE void vi_sample_grad_loop(const T* __restrict mu, const T* __restrict rho, const T* __restrict gw,
                                        const float* __restrict z, T* __restrict w, T* __restrict gr, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) gr[k] = vi_vexp(rho[k]);  // staged: e into gr first
   for (int64_t k = 0; k < n; ++k) {
-    const T e = vi_vexp(rho[k]);
+    const T e = gr[k];
     const T eps = static_cast<T>(z[k]);
     w[k] = mu[k] + vi_vsoftplus(rho[k], e) * eps;
     gr[k] = gw[k] * eps * vi_vsoftplus_grad(rho[k], e);
@@ -258,9 +268,10 @@ PFB_CPU_CLONES void vi_noisy_f64(ViNoisy op, const double* a, const double* b, c
 template <class T>
 PFB_CPU_INLINE void vi_kl_terms(const T* __restrict mu, const T* __restrict rho, int64_t n, T half_log_v, T inv_2v,
                                T* __restrict t) {
+  for (int64_t k = 0; k < n; ++k) t[k] = vi_vexp(rho[k]);  // staged: e, sigma, then the term
+  for (int64_t k = 0; k < n; ++k) t[k] = vi_vsoftplus(rho[k], t[k]);
   for (int64_t k = 0; k < n; ++k) {
-    const T r = rho[k];
-    const T sigma = vi_vsoftplus(r, vi_vexp(r));
+    const T r = rho[k], sigma = t[k];
     const T log_sigma = r < T(-kViSoftplusThreshold) ? r : vi_vlog(sigma);
     t[k] = half_log_v - log_sigma + (sigma * sigma + mu[k] * mu[k]) * inv_2v - T(0.5);
   }
@@ -302,16 +313,23 @@ PFB_CPU_CLONES void vi_kl_sum_f64(const double* mu, const double* rho, int64_t n
 template <class T>
 PFB_CPU_INLINE void vi_kl_grad_loop(const T* __restrict mu, const T* __restrict rho, int64_t n, T g, T inv_v,
                                    T* __restrict gm, T* __restrict gr) {
-  for (int64_t k = 0; k < n; ++k) {
-    const T r = rho[k];
-    const T e = vi_vexp(r);
-    const bool big = r > T(kViSoftplusThreshold);
-    const T sigma = big ? r : vi_vlog1p(e);
-    const T ds = big ? T(1) : e / (T(1) + e);
-    const T ratio = big ? T(1) / r : (r < T(-kViSoftplusThreshold) ? T(1) : ds / sigma);
-    gm[k] = g * mu[k] * inv_v;
-    gr[k] = g * (sigma * ds * inv_v - ratio);
+  constexpr int64_t kStage = 1024;  // staged a piece at a time, so that e stays in L1
+  for (int64_t s = 0; s < n; s += kStage) {
+    const int64_t m = std::min(kStage, n - s);
+    const T* __restrict rs = rho + s;
+    T* __restrict gs = gr + s;
+    for (int64_t k = 0; k < m; ++k) gs[k] = vi_vexp(rs[k]);  // staged: e into gr first
+    for (int64_t k = 0; k < m; ++k) {
+      const T r = rs[k];
+      const T e = gs[k];
+      const bool big = r > T(kViSoftplusThreshold);
+      const T sigma = big ? r : vi_vlog1p(e);
+      const T ds = big ? T(1) : e / (T(1) + e);
+      const T ratio = big ? T(1) / r : (r < T(-kViSoftplusThreshold) ? T(1) : ds / sigma);
+      gs[k] = g * (sigma * ds * inv_v - ratio);
+    }
   }
+  for (int64_t k = 0; k < n; ++k) gm[k] = g * mu[k] * inv_v;
 }
 
 PFB_CPU_CLONES void vi_kl_grad_f32(const float* mu, const float* rho, int64_t n, float g, float inv_v, float* gm,
