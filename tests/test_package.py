@@ -127,3 +127,29 @@ def test_require_skips_locally_and_fails_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true: pfb_no_such_module is not installed"):
         require("pfb_no_such_module")
+
+
+@needs_native
+def test_backend_choice_follows_its_inputs_despite_the_cache(monkeypatch):
+    """ops select() remembers its choice per (op, device, backend, default, extension): a different
+    backend, a default_backend block, a bad backend name and a swapped-out extension are each
+    answered afresh."""
+    from pyfastbayes import _native, _reference, ops
+    from pyfastbayes.ops._dispatch import select
+
+    cpu = torch.device("cpu")
+    native = torch.ops.pyfastbayes.vi_sample.default
+    assert select("vi_sample", cpu) is native and select("vi_sample", cpu) is native
+    assert select("vi_sample", cpu, "reference") is _reference.vi_sample
+    with ops.default_backend("reference"):
+        assert select("vi_sample", cpu) is _reference.vi_sample
+    assert select("vi_sample", cpu) is native
+    for _ in range(2):  # a wrong name is refused every time, never remembered
+        with pytest.raises(ValueError, match="backend must be None"):
+            select("vi_sample", cpu, "fast")
+    monkeypatch.setattr(_native, "has_kernel", lambda device: False)
+    assert select("vi_sample", cpu) is _reference.vi_sample
+    with pytest.raises(RuntimeError, match="no native kernel for cpu"):
+        select("vi_sample", cpu, "native")
+    monkeypatch.undo()
+    assert select("vi_sample", cpu) is native

@@ -46,8 +46,28 @@ def select(name: str, device, backend: str | None = None) -> Callable:
     RuntimeError saying why there is none; 'reference' -> the pure-PyTorch reference.
     A default other than None can be set for a block with :func:`default_backend`.
     """
+    key = (name, device, backend, _default[0], _native.has_kernel, _native._C)
+    try:  # the common case: a choice made before for this op, device and backend (a dict lookup)
+        return _SELECTED[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable device argument; decided below, not cached
+        pass
     _check_backend(backend)
-    backend = backend if backend is not None else _default[0]
+    fn = _select(name, device, backend if backend is not None else _default[0])
+    try:
+        _SELECTED[key] = fn
+    except TypeError:
+        pass
+    return fn
+
+
+# (name, device, backend, default, what the extension offers) -> the implementation select() chose:
+# every op call asks, and deciding afresh took ~4 us of Python (~10 % of a small Bayesian network's
+# training step). The key holds the extension's module and has_kernel themselves, so a test that
+# swaps either (to run without the extension) gets a fresh choice.
+_SELECTED: dict = {}
+
+
+def _select(name: str, device, backend: str | None) -> Callable:
     if backend == "reference":
         return getattr(_reference, name)
     op = native_op(name, device)

@@ -34,18 +34,25 @@ class Affine:
 
     def grad_input(self, x: Tensor, w: Tensor, g: Tensor) -> Tensor:
         if self.kind == "linear":
-            return g @ w
+            return torch.mm(g, w) if g.dim() == 2 else g @ w
         return torch.nn.grad.conv2d_input(x.shape, w, g, self.stride, self.padding, self.dilation, self.groups)
 
     def grad_weight(self, x: Tensor, w_shape, g: Tensor) -> Tensor:
         if self.kind == "linear":
+            if g.dim() == 2 and x.dim() == 2:  # the common [N, features] case: no reshape dispatches
+                return torch.mm(g.t(), x)
             return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         return torch.nn.grad.conv2d_weight(x, w_shape, g, self.stride, self.padding, self.dilation, self.groups)
 
     def grad_bias(self, g: Tensor) -> Tensor:
         if self.kind == "linear":
-            return g.reshape(-1, g.shape[-1]).sum(0)
+            return g.sum(0) if g.dim() == 2 else g.reshape(-1, g.shape[-1]).sum(0)
         return g.sum((0, 2, 3))
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype`` (t itself when it already is: ``Tensor.to`` costs a dispatch even then)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _zero_mean(rho: Tensor) -> Tensor:
@@ -69,7 +76,7 @@ class SampledAffine(torch.autograd.Function):
         stream, bias_stream, affine, has_bias = ctx.meta
         gx = gmu = grho = gbmu = gbrho = None
         need_x, need_mu, need_rho = ctx.needs_input_grad[:3]
-        gw = affine.grad_weight(x, rho.shape, g).to(rho.dtype) if need_mu or need_rho else None
+        gw = _as_dtype(affine.grad_weight(x, rho.shape, g), rho.dtype) if need_mu or need_rho else None
         if need_x and need_rho:  # w and d/d rho from one draw of the noise
             w, grho = ops.vi_sample_and_backward(mu, rho, gw, rng, stream)
             gx = affine.grad_input(x, w, g)
@@ -80,7 +87,7 @@ class SampledAffine(torch.autograd.Function):
             grho = ops.vi_sample_backward(gw, rho, rng, stream)
         gmu = gw if need_mu else None
         if has_bias and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
-            gb = affine.grad_bias(g).to(bias_rho.dtype)
+            gb = _as_dtype(affine.grad_bias(g), bias_rho.dtype)
             gbmu = gb if ctx.needs_input_grad[3] else None
             gbrho = ops.vi_sample_backward(gb, bias_rho, rng, bias_stream) if ctx.needs_input_grad[4] else None
         return gx, gmu, grho, gbmu, gbrho, None, None, None, None
@@ -116,7 +123,7 @@ class Flipout(torch.autograd.Function):
             gp = ops.vi_rademacher_(torch.empty_like(g), rng, stream + 4).mul_(g)
         gdw = dw = None
         if need[2]:  # x * s_in in a tensor of its own when s_in is still needed for grad_x
-            gdw = affine.grad_weight(s_in * x if need[0] else s_in.mul_(x), rho.shape, gp).to(rho.dtype)
+            gdw = _as_dtype(affine.grad_weight(s_in * x if need[0] else s_in.mul_(x), rho.shape, gp), rho.dtype)
         if need[0] and need[2]:  # dW and d/d rho from one draw of the noise
             dw, grho = ops.vi_sample_and_backward(_zero_mean(rho), rho, gdw, rng, stream)
         elif need[0]:
@@ -127,9 +134,9 @@ class Flipout(torch.autograd.Function):
             gx = affine.grad_input(x, dw, gp).mul_(s_in).add_(affine.grad_input(x, mu, g))
             del dw
         if need[1]:
-            gmu = affine.grad_weight(x, mu.shape, g).to(mu.dtype)
+            gmu = _as_dtype(affine.grad_weight(x, mu.shape, g), mu.dtype)
         if has_bias and (need[3] or need[4]):
-            gb = affine.grad_bias(g).to(bias_rho.dtype)
+            gb = _as_dtype(affine.grad_bias(g), bias_rho.dtype)
             gbmu = gb if need[3] else None
             gbrho = ops.vi_sample_backward(gb, bias_rho, rng, stream + 1) if need[4] else None
         return gx, gmu, grho, gbmu, gbrho, None, None, None
@@ -179,7 +186,7 @@ class LocalVariance(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # d/dx of affine(x^2, sigma^2) = 2 x * (grad through the affine map)
             gx = affine.grad_input(x2, F.softplus(rho).square(), g).mul_(x).mul_(2)
         if ctx.needs_input_grad[1]:
-            grho = _dsquare_softplus(affine.grad_weight(x2, rho.shape, g).to(rho.dtype), rho)
+            grho = _dsquare_softplus(_as_dtype(affine.grad_weight(x2, rho.shape, g), rho.dtype), rho)
         if bias_rho is not None and ctx.needs_input_grad[2]:
-            gbrho = _dsquare_softplus(affine.grad_bias(g).to(bias_rho.dtype), bias_rho)
+            gbrho = _dsquare_softplus(_as_dtype(affine.grad_bias(g), bias_rho.dtype), bias_rho)
         return gx, grho, gbrho, None
