@@ -164,10 +164,10 @@ def kfac() -> None:
 
 
 def vi() -> None:
-    """The vi family: the four two-input noisy ops and vi_rademacher_, every dtype, partial last
-    Philox blocks and a few CUDA blocks, inputs one element past an aligned allocation (the scalar
-    path) and transposed on the device, out a strided view (the temporary); the normals agree to
-    ~1e-6 (FMA contraction), the signs to the bit."""
+    """The vi family: the four two-input noisy ops, vi_rademacher_ and vi_rademacher_mul, every
+    dtype, partial last Philox blocks and a few CUDA blocks, inputs one element past an aligned
+    allocation (the scalar path) and transposed on the device, out a strided view (the temporary);
+    the normals agree to ~1e-6 (FMA contraction), the signs (and x times them) to the bit."""
     g = torch.Generator().manual_seed(7)
     for dtype in DTYPES:
         tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
@@ -186,6 +186,9 @@ def vi() -> None:
             gpu = torch.zeros(2 * n, dtype=dtype, device="cuda")[::2]
             ops.vi_rademacher_(gpu, torch.tensor([5, 6], device="cuda"), 2**32 - 1, backend="native")
             assert torch.equal(gpu.cpu(), cpu), ("vi_rademacher_", n, dtype)
+            cpu = ops.vi_rademacher_mul(a[1:], torch.tensor([5, 6]), 7, backend="native")
+            gpu = ops.vi_rademacher_mul(a.cuda()[1:], torch.tensor([5, 6], device="cuda"), 7, backend="native")
+            assert torch.equal(gpu.cpu(), cpu), ("vi_rademacher_mul", n, dtype)
             gw = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
             pos = torch.tensor([-3, 2**32 + 5])
             cpu = ops.vi_sample_and_backward(a[1:], rho, gw, pos, 9, backend="native")

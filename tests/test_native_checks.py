@@ -293,6 +293,7 @@ def sparse_calls():
         ("vi_local_noise_backward", "var", lambda: P.vi_local_noise_backward(d4, s1, r, 0)),
         ("vi_rademacher_", "out", lambda: P.vi_rademacher_(s1, r, 0)),
         ("vi_rademacher_", "rng", lambda: P.vi_rademacher_(d4.clone(), r.to_sparse(), 0)),
+        ("vi_rademacher_mul", "x", lambda: P.vi_rademacher_mul(s1, r, 0)),
         ("vi_kl", "mus[1]", lambda: P.vi_kl([d4, s1], [d4, d4], torch.ones(2, dtype=torch.float64))),
         ("vi_kl", "prior_var", lambda: P.vi_kl([d4], [d4], torch.ones(1, dtype=torch.float64).to_sparse())),
         ("vi_kl_backward", "rhos[0]", lambda: P.vi_kl_backward(torch.tensor(1.0), [d4], [s1],

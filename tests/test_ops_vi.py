@@ -351,6 +351,96 @@ class TestViRademacher(OpContract):
     spec = VI_RADEMACHER
 
 
+# ---- vi_rademacher_mul: x times the signs ------------------------------------------------------
+def rmul_values(shape, dtype, gen, specials=True):
+    """x ~ N(0, 1) with, from 6 elements on, 0, -0, +-inf and NaN (all flipped exactly)."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if specials and x.numel() >= 6:
+        x.view(-1)[:5] = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan], dtype=torch.float64)
+    return x.to(dtype)
+
+
+def rmul_make(case, device, dtype, gen):
+    if case == "random":
+        return [dict(x=rmul_values(shape, dtype, gen).to(device), rng=rng_of(seed, step, device), stream=stream)
+                for shape in SHAPES for seed, stream, step in POSITIONS]
+    if case == "empty":
+        return [dict(x=torch.zeros(0, dtype=dtype, device=device), rng=rng_of(1, 2, device), stream=3),
+                dict(x=torch.zeros(2, 0, 3, dtype=dtype, device=device), rng=rng_of(1, 2, device), stream=3)]
+    return [dict(x=rmul_values((40, 30), dtype, gen).to(device).t(), rng=rng_of(11, 9, device), stream=2),
+            dict(x=rmul_values((7, 9), dtype, gen).to(device)[:, 1:6], rng=rng_of(-3, 1, device), stream=5),
+            dict(x=torch.ones((), dtype=dtype, device=device).expand(5, 6), rng=rng_of(4, 4, device), stream=1),
+            dict(x=rmul_values((2, 3, 4, 5), dtype, gen).to(device).contiguous(memory_format=torch.channels_last),
+                 rng=rng_of(5, 5, device), stream=0)]
+
+
+def rmul_post(case, calls, outs, after):
+    """A new contiguous tensor of x's shape and dtype holding x or -x in every element, with the
+    signs vi_rademacher_'s reference draws (exact); x and rng unchanged."""
+    for c, out, a in zip(calls, outs, after):
+        x = c["x"]
+        assert out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype
+        assert out.data_ptr() != a["x"].data_ptr() or out.numel() == 0
+        seed, step = (int(v) for v in c["rng"].cpu())
+        signs = R.vi.rademacher(x.numel(), seed, c["stream"], step).view(x.shape).to(x.device)
+        want = torch.where(signs > 0, x, -x)
+        assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~out.isnan()], want[~want.isnan()])
+        assert torch.equal(out.signbit()[~out.isnan()], want.signbit()[~want.isnan()])  # -0.0 where it flips 0.0
+        for name in ("x", "rng"):
+            torch.testing.assert_close(a[name], c[name], rtol=0, atol=0, equal_nan=True)
+
+
+_RMUL_MIX = (r"^vi_rademacher_mul: (x is on cpu, expected CUDA"
+             r"|rng must be a contiguous int64 \[2\] = \(seed, step\) on cuda:0)$")
+_RMUL_RNG = r"^vi_rademacher_mul: rng must be a contiguous int64 \[2\] = \(seed, step\) on "
+
+
+def _rmul_opcheck(dtype, shape):
+    def args(device):
+        return dict(x=rmul_values(shape, dtype, torch.Generator().manual_seed(8), specials=False).to(device),
+                    rng=rng_of(-9, 2, device), stream=7)
+    return args
+
+
+VI_RADEMACHER_MUL = OpSpec(
+    "vi_rademacher_mul", grid=ALL_DTYPES, make=rmul_make, post=rmul_post, seed=78,
+    tol=lambda t: dict(rtol=0, atol=0),
+    good=lambda device: dict(x=torch.randn(4, 5, device=device), rng=rng_of(11, 3, device), stream=2),
+    bad=[
+        Bad("x-int", put(x=lambda a, d: a["x"].long()),
+            r"^vi_rademacher_mul: x must be float64, float32, float16 or bfloat16, got Long$"),
+        Bad("x-bool", put(x=lambda a, d: a["x"] > 0),
+            r"^vi_rademacher_mul: x must be float64, float32, float16 or bfloat16, got Bool$"),
+        Bad("x-complex", put(x=lambda a, d: a["x"].to(torch.complex64)),
+            r"^vi_rademacher_mul: x must be float64, float32, float16 or bfloat16, got ComplexFloat$"),
+        Bad("rng-3", put(rng=lambda a, d: torch.tensor([0, 0, 0], device=d)), _RMUL_RNG),
+        Bad("rng-int32", put(rng=lambda a, d: a["rng"].int()), _RMUL_RNG),
+        Bad("rng-strided", put(rng=lambda a, d: torch.tensor([1, 0, 2, 0], device=d)[::2]), _RMUL_RNG),
+        Bad("stream-negative", put(stream=-2), r"^vi_rademacher_mul: stream must be in \[0, 2\^32\), got -2$"),
+        Bad("stream-2^32", put(stream=2**32 + 5),
+            r"^vi_rademacher_mul: stream must be in \[0, 2\^32\), got 4294967301$"),
+    ] + placement("vi_rademacher_mul", "x", "rng", device=_RMUL_MIX)
+    + placement("vi_rademacher_mul", "rng", "x", device=_RMUL_MIX),
+    opcheck=[_rmul_opcheck(torch.float64, (33,)), _rmul_opcheck(torch.bfloat16, (2, 3, 5)),
+             _rmul_opcheck(torch.float16, (0,))])
+
+
+class TestViRademacherMul(OpContract):
+    spec = VI_RADEMACHER_MUL
+
+
+def test_rademacher_mul_is_x_times_the_signs_of_vi_rademacher_():
+    """Native and reference: vi_rademacher_mul(x) == x * vi_rademacher_(empty) of the same position,
+    bit for bit, past a Philox tile and a task (n = 100 003) and in every dtype."""
+    gen = torch.Generator().manual_seed(9)
+    for dtype in ALL_DTYPES:
+        x = torch.randn(100_003, generator=gen).to(dtype)
+        signs = torch.empty(100_003, dtype=dtype)
+        ops.vi_rademacher_(signs, rng_of(3, 2**32 + 4), 11)
+        for backend in backends("vi_rademacher_mul", "cpu"):
+            assert torch.equal(ops.vi_rademacher_mul(x, rng_of(3, 2**32 + 4), 11, backend=backend), x * signs), dtype
+
+
 # ---- closed forms ------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)

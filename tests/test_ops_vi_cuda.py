@@ -148,6 +148,25 @@ def test_rademacher_cuda_equals_cpu(dtype, n, offset):
             assert sentinels_intact(gpu, buf)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_rademacher_mul_cuda_equals_cpu(dtype, n, offset):
+    """Bit for bit (x or -x): x a device view at `offset` elements past an aligned allocation (the
+    scalar path), and a transposed x (its contiguous stand-in)."""
+    require_cuda_kernel("vi_rademacher_mul")
+    gen = torch.Generator().manual_seed(n + offset)
+    for seed, stream, step in POSITIONS[:1] if n > 300_000 else POSITIONS:
+        x = torch.randn(n + offset, generator=gen).to(dtype)
+        cpu = ops.vi_rademacher_mul(x[offset:], rng_of(seed, step, "cpu"), stream, backend="native")
+        gpu = ops.vi_rademacher_mul(x.cuda()[offset:], rng_of(seed, step, "cuda"), stream, backend="native")
+        assert torch.equal(gpu.cpu(), cpu), (dtype, n, offset, seed, stream, step)
+    xt = torch.randn(30, 40, generator=gen).to(dtype)
+    cpu = ops.vi_rademacher_mul(xt.t(), rng_of(4, 4, "cpu"), 6, backend="native")
+    gpu = ops.vi_rademacher_mul(xt.cuda().t(), rng_of(4, 4, "cuda"), 6, backend="native")
+    assert torch.equal(gpu.cpu(), cpu)
+
+
 def test_rademacher_noncontiguous_out_on_the_device():
     """A transposed and a strided out (written through the contiguous temporary): the CPU op's signs
     in logical order, the gaps of the strided view untouched."""

@@ -77,6 +77,19 @@ inline void check_vi_rademacher(const at::Tensor& out, const at::Tensor& rng, in
   overlap.run();
 }
 
+// vi_rademacher_mul: x dense on `device_type`, a kernel float dtype (any strides); rng on x's device.
+// The result is a new tensor: no overlap check.
+inline void check_vi_rademacher_mul(const at::Tensor& x, const at::Tensor& rng, int64_t stream,
+                                    c10::DeviceType device_type) {
+  const char* op = "vi_rademacher_mul";
+  TORCH_CHECK(x.device().type() == device_type, op, ": x is on ", x.device(), ", expected ",
+              device_type_name(device_type));
+  check_vi_rng(op, rng, x.device());
+  TORCH_CHECK(kernel_float_dtype(x.scalar_type()), op, ": x must be float64, float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  check_vi_stream(op, stream);
+}
+
 // ======================= end of section 1 ======================================================
 
 // ======================= Section 2: closed-form KL of mean-field Gaussians =====================

@@ -28,6 +28,8 @@
 // ~18 % of its CPU time): element i is -1 when bit i % 32 of word (i / 32) % 4 of
 // philox4x32_10(counter = (i / 128 lo, i / 128 hi, s, step), key = seed) is set, else +1. (The
 // same (seed, s, step) would also feed the normal stream: give sign vectors their own stream id.)
+// vi_rademacher_mul(x) = x_i * s_i with those signs, in x's dtype (exact: x_i or -x_i; NaN stays
+// NaN): flipout's flips of its input and output without a sign tensor.
 //
 // ---- Section 2: closed-form KL of mean-field Gaussians (vi_kl, vi_kl_backward)
 //

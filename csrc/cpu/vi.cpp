@@ -14,7 +14,8 @@
 // strides 0: flipout's zero mean), read as that value piece by piece instead of a materialised
 // copy; the result is a new contiguous tensor. vi_rademacher_ writes its out in
 // place, through a contiguous float32 temporary copied back when out is not a contiguous tensor of
-// a kernel dtype.
+// a kernel dtype; vi_rademacher_mul multiplies x's contiguous stand-in by the same signs into a new
+// contiguous tensor.
 //
 // Section 2 (closed-form KL): the work items of cpu/multi_tensor.h (chunks of kChunk elements of
 // one tensor) over all tensors of the lists, run by one at::parallel_for. vi_kl: each work item
@@ -518,30 +519,56 @@ at::Tensor vi_local_noise_backward_cpu(const at::Tensor& grad_out, const at::Ten
                                                   stream);
 }
 
+// Walks the sign stream of [0, n) in pieces of one Philox tile (kPhiloxTile * 128 signs; tasks of at
+// least kViGrainBlocks * 4 signs, as the noise ops' tasks of elements) and calls piece(s, m, sign)
+// with sign[k] = the +-1 of element s + k, k < m: vi_rademacher_ and vi_rademacher_mul
+template <class Piece>
+void for_each_sign_piece(int64_t n, RngPosition pos, uint32_t stream, const Piece& piece) {
+  constexpr int64_t per = kViSignsPerBlock;
+  constexpr int64_t tile = kPhiloxTile * per;
+  at::parallel_for(0, (n + per - 1) / per, kViGrainBlocks * 4 / per, [&](int64_t b0, int64_t b1) {
+    alignas(64) float sign[tile];  // 32 KiB
+    const int64_t end = std::min(per * b1, n);
+    for (int64_t s = per * b0; s < end; s += tile) {
+      const int64_t m = std::min(tile, end - s);
+      fill_rademacher(pos.seed, stream, pos.step, s / per, (m + per - 1) / per, sign);
+      piece(s, m, sign);
+    }
+  });
+}
+
 void vi_rademacher_cpu(const at::Tensor& out, const at::Tensor& rng, int64_t stream) {
   check_vi_rademacher(out, rng, stream, c10::DeviceType::CPU);
   const int64_t n = out.numel();
   if (n == 0) return;
   const bool direct = kernel_float_dtype(out.scalar_type()) && out.is_contiguous();
   at::Tensor buf = direct ? out : at::empty({n}, out.options().dtype(at::kFloat));
-  const RngPosition pos = read_rng(rng);
-  const auto s32 = static_cast<uint32_t>(stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "vi_rademacher_", [&] {
     scalar_t* o = buf.mutable_data_ptr<scalar_t>();
-    constexpr int64_t per = kViSignsPerBlock;
-    constexpr int64_t piece = kPhiloxTile * per;  // signs per fill_rademacher call: one Philox tile
-    // tasks of at least kViGrainBlocks * 4 signs, as the noise ops' tasks of elements
-    at::parallel_for(0, (n + per - 1) / per, kViGrainBlocks * 4 / per, [&](int64_t b0, int64_t b1) {
-      alignas(64) float sign[piece];  // 32 KiB
-      const int64_t end = std::min(per * b1, n);
-      for (int64_t s = per * b0; s < end; s += piece) {
-        const int64_t m = std::min(piece, end - s);
-        fill_rademacher(pos.seed, s32, pos.step, s / per, (m + per - 1) / per, sign);
-        for (int64_t k = 0; k < m; ++k) o[s + k] = static_cast<scalar_t>(sign[k]);
-      }
+    for_each_sign_piece(n, read_rng(rng), static_cast<uint32_t>(stream), [&](int64_t s, int64_t m, const float* sign) {
+      for (int64_t k = 0; k < m; ++k) o[s + k] = static_cast<scalar_t>(sign[k]);
     });
   });
   if (!direct) out.copy_(buf.view(out.sizes()));  // +-1 is exact in every floating dtype
+}
+
+// x * s into a new contiguous tensor, x read through a contiguous stand-in (the signs are indexed by
+// the logical element); the product is exact (x or -x), computed in the op math type
+at::Tensor vi_rademacher_mul_cpu(const at::Tensor& x, const at::Tensor& rng, int64_t stream) {
+  check_vi_rademacher_mul(x, rng, stream, c10::DeviceType::CPU);
+  at::Tensor out = at::empty(x.sizes(), x.options());  // contiguous
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  const at::Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vi_rademacher_mul", [&] {
+    using op_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for_each_sign_piece(n, read_rng(rng), static_cast<uint32_t>(stream), [&](int64_t s, int64_t m, const float* sign) {
+      for (int64_t k = 0; k < m; ++k) o[s + k] = static_cast<scalar_t>(static_cast<op_t>(xp[s + k]) * sign[k]);
+    });
+  });
+  return out;
 }
 
 // ======================= end of section 1 ======================================================
@@ -702,6 +729,7 @@ TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
   m.impl("vi_local_noise", &vi_local_noise_cpu);
   m.impl("vi_local_noise_backward", &vi_local_noise_backward_cpu);
   m.impl("vi_rademacher_", &vi_rademacher_cpu);
+  m.impl("vi_rademacher_mul", &vi_rademacher_mul_cpu);
   // section 2
   m.impl("vi_kl", &vi_kl_cpu);
   m.impl("vi_kl_backward", &vi_kl_backward_cpu);

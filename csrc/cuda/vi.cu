@@ -3,11 +3,11 @@
 // Section 1 (reparameterised noise): one thread per group of 4 elements (for the normals: one
 // Philox block), grid-stride over the groups (grid: resident_blocks_for), on the current stream. A
 // thread draws its block's four normals (philox_normal4, the code philox_normal_ runs) or, for
-// vi_rademacher_, the four raw words of the block holding its 4 signs (128 signs per block), and
-// handles elements 4 g .. 4 g + 3: a whole block moves with vector accesses (VecAccess: 16-byte
-// pieces for fp32 / fp64, 8 bytes for fp16 / bf16) for each pointer aligned to its piece size and
-// element by element otherwise; the last, partial block (n % 4 elements) element by element with
-// bounds checks. Nothing outside [0, n) is read or written.
+// vi_rademacher_ and vi_rademacher_mul, the four raw words of the block holding its 4 signs (128
+// signs per block), and handles elements 4 g .. 4 g + 3: a whole block moves with vector accesses
+// (VecAccess: 16-byte pieces for fp32 / fp64, 8 bytes for fp16 / bf16) for each pointer aligned to
+// its piece size and element by element otherwise; the last, partial block (n % 4 elements)
+// element by element with bounds checks. Nothing outside [0, n) is read or written.
 //
 // The RNG position is read from the device tensor rng inside the kernel (no host sync), so a call
 // can be captured in a CUDA graph and replayed while the step advances in place. Inputs go
@@ -17,7 +17,8 @@
 //
 // CPU and CUDA agree to ~1e-6 relative (fp32): the same Philox bits and the same fp32 Box-Muller
 // code, but nvcc contracts a * b + c into FMAs and the CUDA expf / log1pf / sqrt round differently
-// from glibc's by an ulp; the Rademacher signs are integer code and agree exactly.
+// from glibc's by an ulp; the Rademacher signs are integer code and agree exactly (and so does
+// vi_rademacher_mul: x or -x).
 //
 // Section 2 (closed-form KL): ONE launch over every tensor of the lists (multi_tensor.cuh; more
 // than 512 tensors, or over 2^30 chunks, take several), each CUDA block owning a chunk of kChunk
@@ -145,17 +146,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out[i] = +1 / -1 from bit i % 32 of word (i / 32) % 4 of Philox block i / 128, i < n; out
-// contiguous. A thread writes 4 consecutive signs (group g = i / 4: one vector store) from its own
+// out[i] = s_i, the +1 / -1 from bit i % 32 of word (i / 32) % 4 of Philox block i / 128, or
+// x[i] * s_i when x is given (vi_rademacher_mul; exact), i < n; out and x contiguous. A thread
+// writes 4 consecutive elements (group g = i / 4: one vector load and store) from its own
 // evaluation of their block (the 32 threads of a block's groups evaluate it alike: one Philox per 4
 // signs, as for the normals; on the CPU every evaluation serves 128).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    vi_rademacher_kernel(T* __restrict__ out, int64_t n, const int64_t* __restrict__ rng, uint32_t stream) {
+    vi_rademacher_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t n, const int64_t* __restrict__ rng,
+                         uint32_t stream) {
   using VA = VecAccess<T, 4>;
+  using op_t = at::opmath_type<T>;
   const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
   const auto step = static_cast<uint32_t>(rng[kRngStep]);
   const bool vo = VA::aligned(out);
+  const bool vx = x != nullptr && VA::aligned(x);
   const int64_t full = n / 4;
   const int64_t ngroups = (n + 3) / 4;
   const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -167,13 +172,24 @@ __global__ void __launch_bounds__(kThreads)
     const int bit0 = static_cast<int>(i0 % 32);
     if (g < full) {
       T ov[4];
+      if (x != nullptr) {
+        T xv[4];
+        VA::load(x + i0, vx, xv);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) ov[k] = static_cast<T>(vi_rademacher_sign(word, bit0 + k));
+        for (int k = 0; k < 4; ++k)
+          ov[k] = static_cast<T>(static_cast<op_t>(xv[k]) * vi_rademacher_sign(word, bit0 + k));
+      } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) ov[k] = static_cast<T>(vi_rademacher_sign(word, bit0 + k));
+      }
       VA::store(out + i0, vo, ov);
     } else {
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        if (i0 + k < n) out[i0 + k] = static_cast<T>(vi_rademacher_sign(word, bit0 + k));
+        if (i0 + k < n) {
+          const float sign = vi_rademacher_sign(word, bit0 + k);
+          out[i0 + k] = x != nullptr ? static_cast<T>(static_cast<op_t>(x[i0 + k]) * sign) : static_cast<T>(sign);
+        }
     }
   }
 }
@@ -252,10 +268,28 @@ void vi_rademacher_cuda(const at::Tensor& out, const at::Tensor& rng, int64_t st
   const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "vi_rademacher_", [&] {
     vi_rademacher_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, cs>>>(
-        buf.mutable_data_ptr<scalar_t>(), n, rng.const_data_ptr<int64_t>(), static_cast<uint32_t>(stream));
+        buf.mutable_data_ptr<scalar_t>(), nullptr, n, rng.const_data_ptr<int64_t>(), static_cast<uint32_t>(stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!direct) out.copy_(buf.view(out.sizes()));  // +-1 is exact in every floating dtype
+}
+
+at::Tensor vi_rademacher_mul_cuda(const at::Tensor& x, const at::Tensor& rng, int64_t stream) {
+  check_vi_rademacher_mul(x, rng, stream, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options());  // contiguous
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  const at::Tensor xc = x.contiguous();
+  const int64_t grid = resident_blocks_for((n + 3) / 4, kThreads);
+  const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vi_rademacher_mul", [&] {
+    vi_rademacher_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, cs>>>(
+        out.mutable_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), n, rng.const_data_ptr<int64_t>(),
+        static_cast<uint32_t>(stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 // ======================= end of section 1 ======================================================
@@ -475,6 +509,7 @@ TORCH_LIBRARY_IMPL(pyfastbayes, CUDA, m) {
   m.impl("vi_local_noise", &vi_local_noise_cuda);
   m.impl("vi_local_noise_backward", &vi_local_noise_backward_cuda);
   m.impl("vi_rademacher_", &vi_rademacher_cuda);
+  m.impl("vi_rademacher_mul", &vi_rademacher_mul_cuda);
   // section 2
   m.impl("vi_kl", &vi_kl_cuda);
   m.impl("vi_kl_backward", &vi_kl_backward_cuda);

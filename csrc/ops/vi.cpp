@@ -35,9 +35,12 @@ TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
   m.def("vi_local_noise(Tensor mean, Tensor var, Tensor rng, int stream) -> Tensor");
   // grad_out, var -> grad_var = grad_out * eps / (2 sqrt(var)), 0 where var <= 0 (grad_mean = grad_out)
   m.def("vi_local_noise_backward(Tensor grad_out, Tensor var, Tensor rng, int stream) -> Tensor");
-  // out: any floating dtype and strides, filled in place with +1 / -1: element i is -1 when the top
-  // bit of word i % 4 of Philox block i / 4 (the counter of the normal stream) is set
+  // out: any floating dtype and strides, filled in place with +1 / -1: element i is -1 when bit i % 32
+  // of word (i / 32) % 4 of Philox block i / 128 (the counter scheme of the normal stream) is set
   m.def("vi_rademacher_(Tensor(a!) out, Tensor rng, int stream) -> ()");
+  // x: a kernel float dtype, any strides -> x * s (a new contiguous tensor), s the signs vi_rademacher_
+  // draws for the same (rng, stream): flipout's sign flips without a sign tensor (exact: x or -x)
+  m.def("vi_rademacher_mul(Tensor x, Tensor rng, int stream) -> Tensor");
   // ---- end of section 1 (further ops of the family: a section of their own below) ----
 
   // ---- Section 2: closed-form KL(q || p) of mean-field Gaussians ----

@@ -14,6 +14,7 @@ float64 tensors) with torch's own functions:
     vi_local_noise_backward(grad_out, var) grad_out * eps / (2 sqrt(var)), 0 where var <= 0
     vi_rademacher_(out)                   -1 where bit i % 32 of word (i // 32) % 4 of Philox block i // 128
                                           is set, else +1
+    vi_rademacher_mul(x)                  x * those signs (exact), a new contiguous tensor
 
 eps is float32 in every dtype (for float64 tensors too: the float32 value, converted exactly), so
 float64 results agree with the kernels to ~1e-12 given the same eps, and to ~2e-6 * |the noise
@@ -106,6 +107,20 @@ def check_vi_rademacher_(out: Tensor, rng: Tensor, stream: int, *, fake: bool = 
     OverlapCheck(op, fake).add(out, "out", True).add(rng, "rng", False).run()
 
 
+def check_vi_rademacher_mul(x: Tensor, rng: Tensor, stream: int, *, fake: bool = False) -> None:
+    """The checks of ``vi_rademacher_mul`` (``check_vi_rademacher_mul``, csrc/checks/vi.h): x dense,
+    a kernel float dtype, on the kernel's device type; rng on x's device. The result is new."""
+    op = "vi_rademacher_mul"
+    check_meta_mix(op, x=x, rng=rng)
+    check_dense(op, x=x, rng=rng)
+    kernel = dispatch_device_type(x, rng)
+    check(x.device.type.upper() == kernel, op, ": x is on ", x.device, ", expected ", kernel)
+    _check_rng(op, rng, x.device)
+    check(x.dtype in _KERNEL_DTYPES, op, ": x must be float64, float32, float16 or bfloat16, got ",
+          scalar_type(x.dtype))
+    _check_stream(op, stream)
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -193,6 +208,16 @@ def vi_rademacher_(out: Tensor, rng: Tensor, stream: int) -> None:
     seed, step = _position(rng)
     with torch.no_grad():
         out.copy_(rademacher(out.numel(), seed, stream, step, out.device).view(out.shape))
+
+
+def vi_rademacher_mul(x: Tensor, rng: Tensor, stream: int) -> Tensor:
+    """Reference of ``torch.ops.pyfastbayes.vi_rademacher_mul``: x times the signs of
+    ``vi_rademacher_`` at (rng, stream), a new contiguous tensor of x's dtype (exact)."""
+    check_vi_rademacher_mul(x, rng, stream)
+    seed, step = _position(rng)
+    with torch.no_grad():
+        signs = rademacher(x.numel(), seed, stream, step, x.device).view(x.shape)
+        return (x.to(_opmath(x.dtype)) * signs).to(x.dtype).contiguous()
 
 # ======================= end of section 1 =======================================================
 

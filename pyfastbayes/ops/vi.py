@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._reference.vi import check_vi_kl, check_vi_pair, check_vi_rademacher_, check_vi_sample_and_backward
+from .._reference.vi import (check_vi_kl, check_vi_pair, check_vi_rademacher_, check_vi_rademacher_mul,
+                             check_vi_sample_and_backward)
 from ._dispatch import device_of, select
 
 __all__ = ["vi_sample", "vi_sample_backward", "vi_sample_and_backward",
-           "vi_local_noise", "vi_local_noise_backward", "vi_rademacher_", "vi_kl",
+           "vi_local_noise", "vi_local_noise_backward", "vi_rademacher_", "vi_rademacher_mul", "vi_kl",
            "vi_kl_backward"]
 
 # ======================= Section 1: reparameterised noise =======================================
@@ -101,13 +102,28 @@ def vi_rademacher_(out: Tensor, rng: Tensor, stream: int, *, backend: str | None
     """Fill ``out`` [any shape, any floating dtype and strides] with random signs +1 / -1 in place
     (flipout's sign vectors).
 
-    Element i (row-major logical order) is -1 when the top bit (bit 31) of word i % 4 of the
-    Philox4x32-10 block i // 4 is set, else +1, with counter (block, stream, step) and key seed:
-    the raw bits under the normal stream of the same (seed, stream, step), so use a stream id of
-    its own for the signs. out must not overlap itself or rng. Returns ``out``.
+    Element i (row-major logical order) is -1 when bit i % 32 of word (i // 32) % 4 of the
+    Philox4x32-10 block i // 128 is set, else +1 (128 signs per block), with counter (block lo,
+    block hi, stream, step) and key seed: the raw bits under the normal stream of the same (seed,
+    stream, step), so use a stream id of its own for the signs. out must not overlap itself or rng.
+    rng: int64 [2] = (seed, step) on out's device; stream in [0, 2^32). Returns ``out``.
     """
     select("vi_rademacher_", out.device, backend)(out, rng, stream)
     return out
+
+
+def vi_rademacher_mul(x: Tensor, rng: Tensor, stream: int, *, backend: str | None = None) -> Tensor:
+    """``x * s`` with s the random signs :func:`vi_rademacher_` draws for the same (rng, stream),
+    without a sign tensor (flipout's sign flips of its input, output and their gradients).
+
+    x: [any shape], float64, float32, float16 or bfloat16, any strides. rng: int64 [2] = (seed,
+    step) on x's device. stream: in [0, 2^32). Returns a new contiguous tensor of x's shape and
+    dtype, element i = x_i or -x_i (exact; NaN stays NaN). Not differentiable by itself: its
+    gradient is the same op on the upstream gradient (the signs are their own inverse).
+
+    backend: None (native kernel when available), 'native' or 'reference'.
+    """
+    return select("vi_rademacher_mul", x.device, backend)(x, rng, stream)
 
 # ======================= end of section 1 =======================================================
 
@@ -192,6 +208,11 @@ if _native.available():
     def _(out, rng, stream):
         check_vi_rademacher_(out, rng, stream, fake=True)
         return None
+
+    @torch.library.register_fake("pyfastbayes::vi_rademacher_mul")
+    def _(x, rng, stream):
+        check_vi_rademacher_mul(x, rng, stream, fake=True)
+        return _new_like(x)
 
     @torch.library.register_fake("pyfastbayes::vi_kl")
     def _(mus, rhos, prior_var):

@@ -97,17 +97,18 @@ class Flipout(torch.autograd.Function):
     """Flipout (Wen et al. 2018) as one autograd node:
     out = affine(x, mu, b) + affine(x * s_in, sigma(rho) eps, None) * s_out, b = bias_mu + sigma(bias_rho) eps_b,
     with the shared perturbation sigma eps (stream s), eps_b (s + 1) and the random signs s_in [x's
-    shape] (s + 3) and s_out [out's shape] (s + 4) all regenerated in the backward. Saves x, mu, rho,
-    bias_rho and the RNG position: no sign, noise or perturbation tensor outlives the forward."""
+    shape] (s + 3) and s_out [out's shape] (s + 4) all regenerated in the backward, the signs applied
+    by ``ops.vi_rademacher_mul`` (no sign tensor at all). Saves x, mu, rho, bias_rho and the RNG
+    position: no sign, noise or perturbation tensor outlives the forward."""
 
     @staticmethod
     def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream: int, affine: Affine):
         b = None if bias_mu is None else ops.vi_sample(bias_mu, bias_rho, rng, stream + 1)
-        xs = ops.vi_rademacher_(torch.empty_like(x), rng, stream + 3).mul_(x)
+        xs = ops.vi_rademacher_mul(x, rng, stream + 3)  # x * s_in, no sign tensor
         pert = affine(xs, ops.vi_sample(_zero_mean(rho), rho, rng, stream), None)
         del xs
         out = affine(x, mu, b)
-        out.addcmul_(pert, ops.vi_rademacher_(torch.empty_like(pert), rng, stream + 4))
+        out.add_(ops.vi_rademacher_mul(pert, rng, stream + 4))  # + pert * s_out
         ctx.save_for_backward(x, mu, rho, bias_rho, rng)
         ctx.meta = (stream, affine, bias_mu is not None)
         return out
@@ -118,12 +119,11 @@ class Flipout(torch.autograd.Function):
         stream, affine, has_bias = ctx.meta
         need = ctx.needs_input_grad
         gx = gmu = grho = gbmu = gbrho = None
-        if need[0] or need[2]:  # the perturbation's path: its signs and grad_out g * s_out
-            s_in = ops.vi_rademacher_(torch.empty_like(x), rng, stream + 3)
-            gp = ops.vi_rademacher_(torch.empty_like(g), rng, stream + 4).mul_(g)
+        if need[0] or need[2]:  # the perturbation's path: grad_out g * s_out
+            gp = ops.vi_rademacher_mul(g, rng, stream + 4)
         gdw = dw = None
-        if need[2]:  # x * s_in in a tensor of its own when s_in is still needed for grad_x
-            gdw = _as_dtype(affine.grad_weight(s_in * x if need[0] else s_in.mul_(x), rho.shape, gp), rho.dtype)
+        if need[2]:  # d/d dW from x * s_in
+            gdw = _as_dtype(affine.grad_weight(ops.vi_rademacher_mul(x, rng, stream + 3), rho.shape, gp), rho.dtype)
         if need[0] and need[2]:  # dW and d/d rho from one draw of the noise
             dw, grho = ops.vi_sample_and_backward(_zero_mean(rho), rho, gdw, rng, stream)
         elif need[0]:
@@ -131,7 +131,7 @@ class Flipout(torch.autograd.Function):
         elif need[2]:
             grho = ops.vi_sample_backward(gdw, rho, rng, stream)
         if need[0]:
-            gx = affine.grad_input(x, dw, gp).mul_(s_in).add_(affine.grad_input(x, mu, g))
+            gx = ops.vi_rademacher_mul(affine.grad_input(x, dw, gp), rng, stream + 3).add_(affine.grad_input(x, mu, g))
             del dw
         if need[1]:
             gmu = _as_dtype(affine.grad_weight(x, mu.shape, g), mu.dtype)
