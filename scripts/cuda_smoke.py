@@ -186,9 +186,10 @@ def vi() -> None:
             gpu = torch.zeros(2 * n, dtype=dtype, device="cuda")[::2]
             ops.vi_rademacher_(gpu, torch.tensor([5, 6], device="cuda"), 2**32 - 1, backend="native")
             assert torch.equal(gpu.cpu(), cpu), ("vi_rademacher_", n, dtype)
-            cpu = ops.vi_rademacher_mul(a[1:], torch.tensor([5, 6]), 7, backend="native")
-            gpu = ops.vi_rademacher_mul(a.cuda()[1:], torch.tensor([5, 6], device="cuda"), 7, backend="native")
-            assert torch.equal(gpu.cpu(), cpu), ("vi_rademacher_mul", n, dtype)
+            for part in (slice(1, None), slice(None, -1)):  # x one element past an aligned allocation, and aligned
+                cpu = ops.vi_rademacher_mul(a[part], torch.tensor([5, 6]), 7, backend="native")
+                gpu = ops.vi_rademacher_mul(a.cuda()[part], torch.tensor([5, 6], device="cuda"), 7, backend="native")
+                assert torch.equal(gpu.cpu(), cpu), ("vi_rademacher_mul", n, dtype)
             gw = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
             pos = torch.tensor([-3, 2**32 + 5])
             cpu = ops.vi_sample_and_backward(a[1:], rho, gw, pos, 9, backend="native")

@@ -267,7 +267,7 @@ class OpContract:
         spec = self.spec
         native_kernel(spec.name, device)
         fn = wrapper(spec.name)
-        torch._dynamo.reset()  # one code object (the lambda) serves every op: no recompile limit
+        torch._dynamo.reset()  # one code object (the lambda) serves every op: start each op's count afresh
         compiled = torch.compile(lambda args: fn(**args), fullgraph=True, backend="aot_eager")
         args_c = spec.good(device)
         args_e = copy.deepcopy(args_c)

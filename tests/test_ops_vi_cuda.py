@@ -1,5 +1,5 @@
 """The vi family's CUDA kernels (csrc/cuda/vi.cu) against the CPU op on the same inputs: the four
-two-input noisy ops and vi_rademacher_, every dtype, one element to past one grid-stride round,
+two-input noisy ops, vi_rademacher_ and vi_rademacher_mul, every dtype, one element to past one grid-stride round,
 partial last Philox blocks, device views (transposed, strided, unaligned base pointers, which take
 the element-by-element path), out as a device view with sentinels, a side stream, and a CUDA graph
 replayed after the RNG step changed in place (the kernels read rng on the device).
@@ -15,7 +15,7 @@ contracts a * b + c into FMAs and CUDA's expf / log1pf round differently from gl
 normals agree to ~1e-6 (the philox_normal_ tests' bound) and a result to ~1e-6 * |its noise term|
 (noise scales here below ~25, |eps| below ~6): rtol = 1e-5, atol = 2e-5 for fp32 and fp64; fp16 /
 bf16 round the same fp32 value and may land an ulp apart. The signs of vi_rademacher_ are integer
-code: equal to the bit.
+code: equal to the bit, and so are vi_rademacher_mul's products (x or -x).
 """
 import math
 
@@ -213,16 +213,18 @@ def test_side_stream():
         got = ops.vi_sample(mu.cuda(), rho.cuda(), rng, 5, backend="native")
         out = torch.empty(50_001, device="cuda")
         ops.vi_rademacher_(out, rng, 6, backend="native")
+        flipped = ops.vi_rademacher_mul(mu.cuda(), rng, 6, backend="native")
     side.synchronize()
     torch.testing.assert_close(got.cpu(), want, **tol(torch.float32), equal_nan=True)
     assert torch.equal(out.cpu(), signs)
+    assert torch.equal(flipped.cpu(), mu * signs)
 
 
 def test_cuda_graph_replay_reads_the_step_on_the_device():
     """A captured forward/backward pair (vi_sample, vi_sample_backward, vi_local_noise,
-    vi_rademacher_) replayed after rng's step was changed in place gives the new step's results
-    (the kernels read rng from device memory, not a value baked in at capture)."""
-    for op in ("vi_sample", "vi_sample_backward", "vi_local_noise", "vi_rademacher_"):
+    vi_rademacher_, vi_rademacher_mul) replayed after rng's step was changed in place gives the new
+    step's results (the kernels read rng from device memory, not a value baked in at capture)."""
+    for op in ("vi_sample", "vi_sample_backward", "vi_local_noise", "vi_rademacher_", "vi_rademacher_mul"):
         require_cuda_kernel(op)
     gen = torch.Generator().manual_seed(9)
     mu, rho = (t.cuda() for t in pair_values("rho", 4099, torch.float32, gen))
@@ -235,7 +237,7 @@ def test_cuda_graph_replay_reads_the_step_on_the_device():
         g = ops.vi_sample_backward(w, rho, rng, 1, backend="native")
         y = ops.vi_local_noise(mu, var, rng, 2, backend="native")
         ops.vi_rademacher_(signs, rng, 3, backend="native")
-        return w, g, y
+        return w, g, y, ops.vi_rademacher_mul(mu, rng, 4, backend="native")
 
     side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graphs asks
     side.wait_stream(torch.cuda.current_stream())

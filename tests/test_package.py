@@ -153,3 +153,28 @@ def test_backend_choice_follows_its_inputs_despite_the_cache(monkeypatch):
         select("vi_sample", cpu, "native")
     monkeypatch.undo()
     assert select("vi_sample", cpu) is native
+
+
+@needs_native
+def test_compiled_op_calls_do_not_recompile_as_the_choice_cache_grows():
+    """select() skips its cache under torch.compile: a traced dict lookup would guard on the dict,
+    and every new (op, device, backend) choice made anywhere would recompile the frame (and past the
+    recompile limit run it eagerly)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from pyfastbayes import ops
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def sample(mu, rho, rng):
+        return ops.vi_sample(mu, rho, rng, 3)
+
+    mu, rho, rng = torch.zeros(8), torch.zeros(8), torch.tensor([1, 2])
+    first = sample(mu, rho, rng)
+    for name in ("vi_sample_backward", "vi_local_noise", "philox_normal_", "sgld_step_", "swag_sample"):
+        for backend in (None, "native", "reference"):  # new choices made in eager code
+            ops.select(name, torch.device("cpu"), backend)
+        assert torch.equal(sample(mu, rho, rng), first)
+    assert counter.frame_count == 1

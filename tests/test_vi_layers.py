@@ -269,3 +269,18 @@ def test_kl_divergence_reads_parametrized_parameters():
     want = kl_divergence(layer).detach()
     parametrize.register_parametrization(layer, "weight_mu", Identity())
     torch.testing.assert_close(kl_divergence(layer).detach(), want)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_second_order_gradients_are_refused_not_wrong(estimator):
+    """The noise ops have no derivative of their own, so a gradient of a gradient through a
+    Bayesian layer would silently miss terms: it raises instead (once_differentiable)."""
+    from pyfastbayes.vi import BayesianLinear
+
+    layer = BayesianLinear(3, 2, estimator=estimator)
+    x = torch.randn(4, 3, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        gx.sum().backward()
+    with pytest.raises(RuntimeError):  # torch.autograd.grad: x is cut off from gx's graph ("not used")
+        torch.autograd.grad(gx.sum(), x)

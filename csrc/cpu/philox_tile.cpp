@@ -36,7 +36,7 @@ namespace {
 void philox_tile_scalar(uint64_t seed, uint32_t stream, uint32_t step, int64_t first_block, int64_t nblocks,
                         uint32_t (*r)[kPhiloxTile]) {
   for (int64_t b = 0; b < nblocks; ++b) {
-    const auto block = static_cast<uint64_t>(first_block + b);
+    const uint64_t block = static_cast<uint64_t>(first_block) + static_cast<uint64_t>(b);  // wraps, no overflow
     const uint32_t ctr[4] = {static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), stream, step};
     uint32_t out[4];
     philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), out);
@@ -46,8 +46,10 @@ void philox_tile_scalar(uint64_t seed, uint32_t stream, uint32_t step, int64_t f
 
 #if PFB_PHILOX_SIMD
 // gcc 12 reports its own avx512fintrin.h (__Y = __Y) as maybe-uninitialised (a known false positive)
+#if !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 // the block counter of lane 0 of group g: unsigned arithmetic (wraps as the scalar counter does;
 // groups past nblocks are computed too, and must not overflow a signed type)
@@ -133,7 +135,9 @@ void philox_tile_avx2(uint64_t seed, uint32_t stream, uint32_t step, int64_t fir
                          _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c[w][g], low_words)));
   }
 }
+#if !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 #endif  // PFB_PHILOX_SIMD
 
 using TileFn = void (*)(uint64_t, uint32_t, uint32_t, int64_t, int64_t, uint32_t (*)[kPhiloxTile]);

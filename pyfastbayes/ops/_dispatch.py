@@ -46,6 +46,9 @@ def select(name: str, device, backend: str | None = None) -> Callable:
     RuntimeError saying why there is none; 'reference' -> the pure-PyTorch reference.
     A default other than None can be set for a block with :func:`default_backend`.
     """
+    if torch.compiler.is_compiling():  # a traced lookup would guard on the cache: recompiles as it grows
+        _check_backend(backend)
+        return _select(name, device, backend if backend is not None else _default[0])
     key = (name, device, backend, _default[0], _native.has_kernel, _native._C)
     try:  # the common case: a choice made before for this op, device and backend (a dict lookup)
         return _SELECTED[key]
@@ -63,7 +66,8 @@ def select(name: str, device, backend: str | None = None) -> Callable:
 # (name, device, backend, default, what the extension offers) -> the implementation select() chose:
 # every op call asks, and deciding afresh took ~4 us of Python (~10 % of a small Bayesian network's
 # training step). The key holds the extension's module and has_kernel themselves, so a test that
-# swaps either (to run without the extension) gets a fresh choice.
+# swaps either (to run without the extension) gets a fresh choice. Not used under torch.compile:
+# Dynamo would guard on the dict's size and recompile each time another choice is added.
 _SELECTED: dict = {}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import ops
 
@@ -71,6 +72,7 @@ class SampledAffine(torch.autograd.Function):
         return affine(x, w, b)
 
     @staticmethod
+    @once_differentiable  # the noise ops have no derivative of their own: a second order fails loudly
     def backward(ctx, g):
         x, mu, rho, bias_rho, rng = ctx.saved_tensors
         stream, bias_stream, affine, has_bias = ctx.meta
@@ -114,6 +116,7 @@ class Flipout(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the noise ops have no derivative of their own: a second order fails loudly
     def backward(ctx, g):
         x, mu, rho, bias_rho, rng = ctx.saved_tensors
         stream, affine, has_bias = ctx.meta
@@ -153,6 +156,7 @@ class LocalNoise(torch.autograd.Function):
         return ops.vi_local_noise(mean, var, rng, stream)
 
     @staticmethod
+    @once_differentiable  # the noise ops have no derivative of their own: a second order fails loudly
     def backward(ctx, g):
         var, rng = ctx.saved_tensors
         gv = ops.vi_local_noise_backward(g, var, rng, ctx.stream) if ctx.needs_input_grad[1] else None
@@ -174,17 +178,18 @@ class LocalVariance(torch.autograd.Function):
     def forward(ctx, x, rho, bias_rho, affine: Affine):
         ctx.save_for_backward(x, rho, bias_rho)
         ctx.affine = affine
-        sb2 = None if bias_rho is None else F.softplus(bias_rho).square()
-        return affine(x.square(), F.softplus(rho).square(), sb2)
+        sb2 = None if bias_rho is None else F.softplus(bias_rho).square_()
+        return affine(x.square(), F.softplus(rho).square_(), sb2)
 
     @staticmethod
+    @once_differentiable  # with LocalNoise's: no silent second order through half the graph
     def backward(ctx, g):
         x, rho, bias_rho = ctx.saved_tensors
         affine = ctx.affine
         x2 = x.square()
         gx = grho = gbrho = None
         if ctx.needs_input_grad[0]:  # d/dx of affine(x^2, sigma^2) = 2 x * (grad through the affine map)
-            gx = affine.grad_input(x2, F.softplus(rho).square(), g).mul_(x).mul_(2)
+            gx = affine.grad_input(x2, F.softplus(rho).square_(), g).mul_(x).mul_(2)
         if ctx.needs_input_grad[1]:
             grho = _dsquare_softplus(_as_dtype(affine.grad_weight(x2, rho.shape, g), rho.dtype), rho)
         if bias_rho is not None and ctx.needs_input_grad[2]:
