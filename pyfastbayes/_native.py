@@ -40,15 +40,19 @@ def has_kernel(device: torch.device | str) -> bool:
 
 
 def build_info() -> dict:
-    """What the native build contains: dict(version, torch, cuda, cuda_archs, openmp).
+    """What the native build contains: dict(version, torch, cuda, cuda_archs, openmp, native,
+    cpu_philox), ``cpu_philox`` being the CPU Philox version this process draws noise with
+    ('avx512', 'avx2' or 'scalar': the widest the CPU runs, capped by PYFASTBAYES_PHILOX_ISA).
 
-    Without the extension: ``cuda`` and ``openmp`` are False and ``error`` says why it did not load.
+    Without the extension: ``cuda`` and ``openmp`` are False, ``cpu_philox`` is None (the
+    pure-PyTorch reference draws the noise) and ``error`` says why it did not load.
     """
     if _C is None:
         from . import __version__
 
-        return {"version": __version__, "torch": torch.__version__, "cuda": False,
-                "cuda_archs": "", "openmp": False, "native": False, "error": LOAD_ERROR}
+        return {"version": __version__, "torch": torch.__version__, "cuda": False, "cuda_archs": "",
+                "openmp": False, "native": False, "cpu_philox": None, "error": LOAD_ERROR}
     info = dict(_C.build_info())
     info["native"] = True
+    info["cpu_philox"] = _C.philox_tile_isa()
     return info

@@ -17,10 +17,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def test_build_info_fields():
     info = pyfastbayes.build_info()
-    assert {"version", "torch", "cuda", "cuda_archs", "openmp", "native"} <= set(info)
+    assert {"version", "torch", "cuda", "cuda_archs", "openmp", "native", "cpu_philox"} <= set(info)
     assert info["version"] == pyfastbayes.__version__
     if info["native"]:
         assert info["torch"] == torch.__version__
+        assert info["cpu_philox"] in ("avx512", "avx2", "scalar")
         if info["cuda"]:
             assert "90" in info["cuda_archs"].split(",")
 
