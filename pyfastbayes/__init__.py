@@ -17,13 +17,14 @@ __version__ = "0.1.0"
 
 from . import _native  # noqa: E402  (loads the extension or warns once)
 from ._native import build_info  # noqa: E402
+from ._memory import allocation_cache  # noqa: E402
 from . import ops, nn, optim, posteriors, calibration, priors  # noqa: E402
 from . import bma  # noqa: E402,F401  (former import path of SampleBuffer)
 from .nn import update_bn  # noqa: E402
 from .posteriors import SWA, SWAG, MultiSWAG, SampleBuffer  # noqa: E402
 
-__all__ = ["build_info", "ops", "nn", "optim", "posteriors", "calibration", "priors", "bma", "SWAG", "SWA", "MultiSWAG",
-           "SampleBuffer", "update_bn", "__version__", "curvature", "landscape"]
+__all__ = ["build_info", "allocation_cache", "ops", "nn", "optim", "posteriors", "calibration", "priors", "bma",
+           "SWAG", "SWA", "MultiSWAG", "SampleBuffer", "update_bn", "__version__", "curvature", "landscape"]
 
 _LAZY = ("curvature", "landscape", "laplace", "diagnostics")  # imported on first use: they pull in torch.func and matplotlib
 

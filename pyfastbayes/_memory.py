@@ -28,7 +28,8 @@ def allocation_cache(enabled: bool = True):
     again (up to 1 GiB), instead of going back to glibc, which returns blocks above its mmap
     threshold to the kernel, so the next allocation of the same size page-faults on every 4 KiB
     page again. For loops that allocate the same large temporaries over and over (the grid
-    engine's activations under vmap). Nested scopes are fine; the outermost one releases the cached
+    engine's activations under vmap; a CPU training loop: ``with pyfastbayes.allocation_cache():
+    for x, y in loader: ...``). Nested scopes are fine; the outermost one releases the cached
     blocks and restores the CPU allocator on exit, also on error. A no-op when ``enabled`` is
     False or the native extension is not loaded. CUDA memory is not affected (torch caches it)."""
     from ._native import _C

@@ -51,3 +51,13 @@ def test_results_inside_equal_results_outside():
         for _ in range(3):  # oneDNN's scratch memory goes through raw_allocate / raw_deallocate
             got = (F.conv2d(x, w, padding=1).relu().sum((2, 3)), a @ m)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_public_name_is_the_scope():
+    """``pyfastbayes.allocation_cache`` (README: CPU training loops) is this scope."""
+    import pyfastbayes
+
+    assert pyfastbayes.allocation_cache is allocation_cache and "allocation_cache" in pyfastbayes.__all__
+    with pyfastbayes.allocation_cache():
+        assert _C.allocation_cache_active()
+    assert not _C.allocation_cache_active()

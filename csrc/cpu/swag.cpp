@@ -8,12 +8,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "checks/common.h"
 #include "checks/swag.h"
 #include "common/philox.h"
 #include "common/swag.h"
+#include "cpu/clones.h"
 #include "cpu/multi_tensor.h"
 
 namespace pyfastbayes::cpu {
@@ -85,12 +87,15 @@ inline const float* diag_noise(uint64_t seed, uint32_t step, int64_t s, int64_t 
 
 constexpr int64_t kTile = 16;  // columns whose K-term accumulators stay in registers
 
-// out[s, c0:c0+nc] for one column block (Dblk: column c0 of D's row 0): D's block (K x nc, cache-resident) is read from memory
-// once and reused by all S draws; the accumulators of kTile columns live in registers.
-template <typename state_t, typename d_t>
-void sample_block(const state_t* mean, const state_t* sigma, const d_t* Dblk, int64_t ldD, int64_t K, const float* z2,
-                  int64_t S, int64_t P, int64_t c0, int64_t nc, state_t* out, state_t c_diag, state_t c_low,
-                  uint64_t seed, uint32_t step, int64_t offset, float* z1) {
+// out[s, c0:c0+nc] for one column block (Dblk: the block of D, K x nc, converted to the state
+// type, row stride ldD, cache-resident): read from memory once and reused by all S draws; the
+// accumulators of kTile columns live in registers. Compiled into each target_clones body
+// (sample_block_f32 / _f64), so the K-term dot products run as AVX2 / AVX-512 FMAs, not SSE2.
+template <typename state_t>
+PFB_CPU_INLINE void sample_block(const state_t* mean, const state_t* sigma, const state_t* Dblk, int64_t ldD, int64_t K,
+                                 const float* z2, int64_t S, int64_t P, int64_t c0, int64_t nc, state_t* out,
+                                 state_t c_diag, state_t c_low, uint64_t seed, uint32_t step, int64_t offset,
+                                 float* z1) {
   for (int64_t s = 0; s < S; ++s) {
     const float* zc = diag_noise(seed, step, s, offset + c0, nc, z1);
     state_t* o = out + s * P + c0;
@@ -100,28 +105,51 @@ void sample_block(const state_t* mean, const state_t* sigma, const d_t* Dblk, in
       state_t acc[kTile] = {};
       for (int64_t k = 0; k < K; ++k) {
         const state_t zk = static_cast<state_t>(zr[k]);
-        const d_t* dr = Dblk + k * ldD + j;
-        for (int q = 0; q < kTile; ++q) acc[q] += zk * static_cast<state_t>(dr[q]);
+        const state_t* dr = Dblk + k * ldD + j;
+        for (int q = 0; q < kTile; ++q) acc[q] += zk * dr[q];
       }
       for (int q = 0; q < kTile; ++q)
         o[j + q] = swag_draw(mean[c0 + j + q], sigma[j + q], zc[j + q], acc[q], c_diag, c_low);
     }
     for (; j < nc; ++j) {
       state_t acc = 0;
-      for (int64_t k = 0; k < K; ++k) acc += static_cast<state_t>(zr[k]) * static_cast<state_t>(Dblk[k * ldD + j]);
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<state_t>(zr[k]) * Dblk[k * ldD + j];
       o[j] = swag_draw(mean[c0 + j], sigma[j], zc[j], acc, c_diag, c_low);
     }
   }
 }
 
 template <typename state_t>
-void sample_block_diag(const state_t* mean, const state_t* sigma, int64_t S, int64_t P, int64_t c0, int64_t nc,
-                       state_t* out, state_t c_diag, uint64_t seed, uint32_t step, int64_t offset, float* z1) {
+PFB_CPU_INLINE void sample_block_diag(const state_t* mean, const state_t* sigma, int64_t S, int64_t P, int64_t c0,
+                                      int64_t nc, state_t* out, state_t c_diag, uint64_t seed, uint32_t step,
+                                      int64_t offset, float* z1) {
   for (int64_t s = 0; s < S; ++s) {
     const float* zc = diag_noise(seed, step, s, offset + c0, nc, z1);
     state_t* o = out + s * P + c0;
     for (int64_t j = 0; j < nc; ++j) o[j] = swag_draw(mean[c0 + j], sigma[j], zc[j], state_t(0), c_diag, state_t(0));
   }
+}
+
+// The two block loops in each target_clones body (cpu/clones.h), per state type
+#define PFB_SWAG_BLOCK_ARGS(T)                                                                                       \
+  const T *mean, const T *sigma, const T *Dblk, int64_t ldD, int64_t K, const float *z2, int64_t S, int64_t P,      \
+      int64_t c0, int64_t nc, T *out, T c_diag, T c_low, uint64_t seed, uint32_t step, int64_t offset, float *z1
+PFB_CPU_CLONES void sample_block_f32(PFB_SWAG_BLOCK_ARGS(float)) {
+  sample_block(mean, sigma, Dblk, ldD, K, z2, S, P, c0, nc, out, c_diag, c_low, seed, step, offset, z1);
+}
+PFB_CPU_CLONES void sample_block_f64(PFB_SWAG_BLOCK_ARGS(double)) {
+  sample_block(mean, sigma, Dblk, ldD, K, z2, S, P, c0, nc, out, c_diag, c_low, seed, step, offset, z1);
+}
+#undef PFB_SWAG_BLOCK_ARGS
+PFB_CPU_CLONES void sample_block_diag_f32(const float* mean, const float* sigma, int64_t S, int64_t P, int64_t c0,
+                                          int64_t nc, float* out, float c_diag, uint64_t seed, uint32_t step,
+                                          int64_t offset, float* z1) {
+  sample_block_diag(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
+}
+PFB_CPU_CLONES void sample_block_diag_f64(const double* mean, const double* sigma, int64_t S, int64_t P, int64_t c0,
+                                          int64_t nc, double* out, double c_diag, uint64_t seed, uint32_t step,
+                                          int64_t offset, float* z1) {
+  sample_block_diag(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
 }
 
 template <typename state_t, typename d_t>
@@ -146,10 +174,16 @@ void sample_blocks(const state_t* mean, const state_t* sq, const d_t* D, int64_t
         // P apart, often a power of two, and would alias in the cache when read directly
         for (int64_t k = 0; k < K; ++k)
           for (int64_t j = 0; j < nc; ++j) dbuf[k * kCols + j] = static_cast<state_t>(D[k * ldD + c0 + j]);
-        sample_block(mean, sigma, dbuf.data(), kCols, K, z2.data(), S, P, c0, nc, out, c_diag, c_low, seed, step,
-                     offset, z1);
+        if constexpr (std::is_same_v<state_t, float>)
+          sample_block_f32(mean, sigma, dbuf.data(), kCols, K, z2.data(), S, P, c0, nc, out, c_diag, c_low, seed,
+                           step, offset, z1);
+        else
+          sample_block_f64(mean, sigma, dbuf.data(), kCols, K, z2.data(), S, P, c0, nc, out, c_diag, c_low, seed,
+                           step, offset, z1);
+      } else if constexpr (std::is_same_v<state_t, float>) {
+        sample_block_diag_f32(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
       } else {
-        sample_block_diag(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
+        sample_block_diag_f64(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
       }
     }
   });
