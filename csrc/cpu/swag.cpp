@@ -90,7 +90,8 @@ constexpr int64_t kTile = 16;  // columns whose K-term accumulators stay in regi
 // out[s, c0:c0+nc] for one column block (Dblk: the block of D, K x nc, converted to the state
 // type, row stride ldD, cache-resident): read from memory once and reused by all S draws; the
 // accumulators of kTile columns live in registers. Compiled into each target_clones body
-// (sample_block_f32 / _f64), so the K-term dot products run as AVX2 / AVX-512 FMAs, not SSE2.
+// (sample_one_block_f32 / _f64), so the K-term dot products run at AVX2 / AVX-512 width, not SSE2
+// (multiplies and adds: the file is built without FMA contraction, see CMakeLists.txt).
 template <typename state_t>
 PFB_CPU_INLINE void sample_block(const state_t* mean, const state_t* sigma, const state_t* Dblk, int64_t ldD, int64_t K,
                                  const float* z2, int64_t S, int64_t P, int64_t c0, int64_t nc, state_t* out,
@@ -130,26 +131,29 @@ PFB_CPU_INLINE void sample_block_diag(const state_t* mean, const state_t* sigma,
   }
 }
 
-// The two block loops in each target_clones body (cpu/clones.h), per state type
-#define PFB_SWAG_BLOCK_ARGS(T)                                                                                       \
-  const T *mean, const T *sigma, const T *Dblk, int64_t ldD, int64_t K, const float *z2, int64_t S, int64_t P,      \
-      int64_t c0, int64_t nc, T *out, T c_diag, T c_low, uint64_t seed, uint32_t step, int64_t offset, float *z1
-PFB_CPU_CLONES void sample_block_f32(PFB_SWAG_BLOCK_ARGS(float)) {
-  sample_block(mean, sigma, Dblk, ldD, K, z2, S, P, c0, nc, out, c_diag, c_low, seed, step, offset, z1);
+// One column block, low rank (Dblk given) or diagonal only (Dblk null), in each target_clones body
+// (cpu/clones.h), per state type
+template <typename state_t>
+PFB_CPU_INLINE void sample_one_block(const state_t* mean, const state_t* sigma, const state_t* Dblk, int64_t K,
+                                     const float* z2, int64_t S, int64_t P, int64_t c0, int64_t nc, state_t* out,
+                                     state_t c_diag, state_t c_low, uint64_t seed, uint32_t step, int64_t offset,
+                                     float* z1) {
+  if (Dblk != nullptr)
+    sample_block(mean, sigma, Dblk, kCols, K, z2, S, P, c0, nc, out, c_diag, c_low, seed, step, offset, z1);
+  else
+    sample_block_diag(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
 }
-PFB_CPU_CLONES void sample_block_f64(PFB_SWAG_BLOCK_ARGS(double)) {
-  sample_block(mean, sigma, Dblk, ldD, K, z2, S, P, c0, nc, out, c_diag, c_low, seed, step, offset, z1);
+PFB_CPU_CLONES void sample_one_block_f32(const float* mean, const float* sigma, const float* Dblk, int64_t K,
+                                         const float* z2, int64_t S, int64_t P, int64_t c0, int64_t nc, float* out,
+                                         float c_diag, float c_low, uint64_t seed, uint32_t step, int64_t offset,
+                                         float* z1) {
+  sample_one_block(mean, sigma, Dblk, K, z2, S, P, c0, nc, out, c_diag, c_low, seed, step, offset, z1);
 }
-#undef PFB_SWAG_BLOCK_ARGS
-PFB_CPU_CLONES void sample_block_diag_f32(const float* mean, const float* sigma, int64_t S, int64_t P, int64_t c0,
-                                          int64_t nc, float* out, float c_diag, uint64_t seed, uint32_t step,
-                                          int64_t offset, float* z1) {
-  sample_block_diag(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
-}
-PFB_CPU_CLONES void sample_block_diag_f64(const double* mean, const double* sigma, int64_t S, int64_t P, int64_t c0,
-                                          int64_t nc, double* out, double c_diag, uint64_t seed, uint32_t step,
-                                          int64_t offset, float* z1) {
-  sample_block_diag(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
+PFB_CPU_CLONES void sample_one_block_f64(const double* mean, const double* sigma, const double* Dblk, int64_t K,
+                                         const float* z2, int64_t S, int64_t P, int64_t c0, int64_t nc, double* out,
+                                         double c_diag, double c_low, uint64_t seed, uint32_t step, int64_t offset,
+                                         float* z1) {
+  sample_one_block(mean, sigma, Dblk, K, z2, S, P, c0, nc, out, c_diag, c_low, seed, step, offset, z1);
 }
 
 template <typename state_t, typename d_t>
@@ -174,17 +178,12 @@ void sample_blocks(const state_t* mean, const state_t* sq, const d_t* D, int64_t
         // P apart, often a power of two, and would alias in the cache when read directly
         for (int64_t k = 0; k < K; ++k)
           for (int64_t j = 0; j < nc; ++j) dbuf[k * kCols + j] = static_cast<state_t>(D[k * ldD + c0 + j]);
-        if constexpr (std::is_same_v<state_t, float>)
-          sample_block_f32(mean, sigma, dbuf.data(), kCols, K, z2.data(), S, P, c0, nc, out, c_diag, c_low, seed,
-                           step, offset, z1);
-        else
-          sample_block_f64(mean, sigma, dbuf.data(), kCols, K, z2.data(), S, P, c0, nc, out, c_diag, c_low, seed,
-                           step, offset, z1);
-      } else if constexpr (std::is_same_v<state_t, float>) {
-        sample_block_diag_f32(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
-      } else {
-        sample_block_diag_f64(mean, sigma, S, P, c0, nc, out, c_diag, seed, step, offset, z1);
       }
+      const state_t* dblk = lowrank ? dbuf.data() : nullptr;
+      if constexpr (std::is_same_v<state_t, float>)
+        sample_one_block_f32(mean, sigma, dblk, K, z2.data(), S, P, c0, nc, out, c_diag, c_low, seed, step, offset, z1);
+      else
+        sample_one_block_f64(mean, sigma, dblk, K, z2.data(), S, P, c0, nc, out, c_diag, c_low, seed, step, offset, z1);
     }
   });
 }

@@ -46,20 +46,18 @@ def select(name: str, device, backend: str | None = None) -> Callable:
     RuntimeError saying why there is none; 'reference' -> the pure-PyTorch reference.
     A default other than None can be set for a block with :func:`default_backend`.
     """
-    if torch.compiler.is_compiling():  # a traced lookup would guard on the cache: recompiles as it grows
-        _check_backend(backend)
-        return _select(name, device, backend if backend is not None else _default[0])
-    key = (name, device, backend, _default[0], _native.has_kernel, _native._C)
-    try:  # the common case: a choice made before for this op, device and backend (a dict lookup)
-        return _SELECTED[key]
-    except (KeyError, TypeError):  # TypeError: an unhashable device argument; decided below, not cached
-        pass
+    cached = not torch.compiler.is_compiling()  # a traced lookup would guard on the cache: recompiles
+    key = (name, device, backend, _default[0], _native.has_kernel, _native._C) if cached else None
+    if cached:
+        try:  # the common case: a choice made before for this op, device and backend (a dict lookup)
+            return _SELECTED[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable device argument; decided below, not kept
+            pass
     _check_backend(backend)
     fn = _select(name, device, backend if backend is not None else _default[0])
-    try:
-        _SELECTED[key] = fn
-    except TypeError:
-        pass
+    if cached:
+        with contextlib.suppress(TypeError):
+            _SELECTED[key] = fn
     return fn
 
 
