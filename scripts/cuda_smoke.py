@@ -164,7 +164,7 @@ def kfac() -> None:
 
 
 def vi() -> None:
-    """The vi family: the four two-input noisy ops, vi_rademacher_ and vi_rademacher_mul, every
+    """The vi family: the four two-input noisy ops, vi_rademacher_, vi_rademacher_mul and the sigma^2 ops, every
     dtype, partial last Philox blocks and a few CUDA blocks, inputs one element past an aligned
     allocation (the scalar path) and transposed on the device, out a strided view (the temporary);
     the normals agree to ~1e-6 (FMA contraction), the signs (and x times them) to the bit."""
@@ -190,6 +190,15 @@ def vi() -> None:
                 cpu = ops.vi_rademacher_mul(a[part], torch.tensor([5, 6]), 7, backend="native")
                 gpu = ops.vi_rademacher_mul(a.cuda()[part], torch.tensor([5, 6], device="cuda"), 7, backend="native")
                 assert torch.equal(gpu.cpu(), cpu), ("vi_rademacher_mul", n, dtype)
+            gs = torch.randn(n + 1, generator=g, dtype=torch.float64).to(dtype)  # sigma^2 ops, grad in place
+            s2_cpu, gr_cpu = ops.vi_sigma_sq(rho, backend="native"), ops.vi_sigma_sq_backward_(gs[1:].clone(), rho,
+                                                                                           backend="native")
+            gr_gpu = gs.cuda()  # written from element 1 on (unaligned: the scalar path); element 0 untouched
+            s2_gpu = ops.vi_sigma_sq_and_backward_(gr_gpu[1:], rho.cuda(), backend="native")
+            close(s2_gpu, s2_cpu, tol)
+            close(gr_gpu[1:], gr_cpu, tol)
+            assert torch.equal(gr_gpu[:1].cpu(), gs[:1]), ("vi_sigma_sq_and_backward_ wrote outside grad", n, dtype)
+            close(ops.vi_sigma_sq(rho.cuda(), backend="native"), s2_cpu, tol)
             gw = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
             pos = torch.tensor([-3, 2**32 + 5])
             cpu = ops.vi_sample_and_backward(a[1:], rho, gw, pos, 9, backend="native")

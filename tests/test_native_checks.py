@@ -298,6 +298,9 @@ def sparse_calls():
         ("vi_kl", "prior_var", lambda: P.vi_kl([d4], [d4], torch.ones(1, dtype=torch.float64).to_sparse())),
         ("vi_kl_backward", "rhos[0]", lambda: P.vi_kl_backward(torch.tensor(1.0), [d4], [s1],
                                                                torch.ones(1, dtype=torch.float64))),
+        ("vi_sigma_sq", "rho", lambda: P.vi_sigma_sq(s1)),
+        ("vi_sigma_sq_backward_", "rho", lambda: P.vi_sigma_sq_backward_(d4.clone(), s1)),
+        ("vi_sigma_sq_and_backward_", "grad", lambda: P.vi_sigma_sq_and_backward_(s1, d4)),
     ]
 
 

@@ -1,5 +1,5 @@
 """The vi family's CUDA kernels (csrc/cuda/vi.cu) against the CPU op on the same inputs: the four
-two-input noisy ops, vi_rademacher_ and vi_rademacher_mul, every dtype, one element to past one grid-stride round,
+two-input noisy ops, vi_rademacher_, vi_rademacher_mul and the sigma^2 ops (section 3), every dtype, one element to past one grid-stride round,
 partial last Philox blocks, device views (transposed, strided, unaligned base pointers, which take
 the element-by-element path), out as a device view with sentinels, a side stream, and a CUDA graph
 replayed after the RNG step changed in place (the kernels read rng on the device).
@@ -98,6 +98,39 @@ def test_pair_cuda_matches_cpu(op, dtype, n, views):
         assert gpu.is_cuda and gpu.is_contiguous() and gpu.dtype == dtype and gpu.shape == (n,)
         torch.testing.assert_close(gpu.cpu(), cpu, **tol(dtype), equal_nan=True,
                                    msg=lambda m: f"{op} {dtype} n={n} {views} {(seed, stream, step)}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("views", VIEWS)
+def test_sigma_sq_cuda_matches_cpu(dtype, n, views):
+    """vi_sigma_sq, vi_sigma_sq_backward_ and vi_sigma_sq_and_backward_ (section 3: no noise) on the
+    device against the CPU ops: rho and grad as device views (grad written in place through them,
+    nothing outside it touched), the combined op equal to the two single ones."""
+    require_cuda_kernel("vi_sigma_sq_and_backward_")
+    if n == SIZES[-1] and views[1] == "strided":
+        pytest.skip("the largest size once per pointer alignment is enough")
+    gen = torch.Generator().manual_seed(n + 17)
+    grad, rho = pair_values("rho", n, dtype, gen)
+    s2_cpu = ops.vi_sigma_sq(rho, backend="native")
+    g_cpu = ops.vi_sigma_sq_backward_(grad.clone(), rho, backend="native")
+    r_dev = device_view(rho, views[0])
+    for single in (False, True):
+        g_dev = device_view(grad, views[1])
+        base = g_dev._base if g_dev._base is not None else g_dev
+        before = base.clone()
+        if single:
+            s2 = ops.vi_sigma_sq(r_dev, backend="native")
+            assert ops.vi_sigma_sq_backward_(g_dev, r_dev, backend="native") is g_dev
+        else:
+            s2 = ops.vi_sigma_sq_and_backward_(g_dev, r_dev, backend="native")
+        assert s2.is_cuda and s2.is_contiguous() and s2.dtype == dtype and s2.shape == (n,)
+        torch.testing.assert_close(s2.cpu(), s2_cpu, **tol(dtype), equal_nan=True)
+        torch.testing.assert_close(g_dev.cpu(), g_cpu, **tol(dtype), equal_nan=True)
+        if views[1] == "strided":  # the other half of the buffer untouched
+            torch.testing.assert_close(base[0::2], before[0::2], rtol=0, atol=0, equal_nan=True)
+        elif views[1] == "offset":
+            assert sentinels_intact(g_dev, base)
 
 
 @pytest.mark.parametrize("op", list(PAIR_OPS))

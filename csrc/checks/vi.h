@@ -4,6 +4,8 @@
 // Section 1: the reparameterised-noise ops (vi_sample, vi_sample_backward, vi_local_noise,
 // vi_local_noise_backward, vi_rademacher_). Further ops of the family add a section below it.
 // Section 2: the closed-form KL (vi_kl, vi_kl_backward).
+// Section 3: the local reparameterisation's weight variance (vi_sigma_sq, vi_sigma_sq_backward_,
+// vi_sigma_sq_and_backward_).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -145,5 +147,31 @@ inline void check_vi_kl_grad(const char* op, const at::Tensor& grad, const c10::
 }
 
 // ======================= end of section 2 ======================================================
+
+// ======================= Section 3: the local reparameterisation's weight variance ============
+
+// vi_sigma_sq (rho), vi_sigma_sq_backward_ and vi_sigma_sq_and_backward_ (grad, rho): rho dense on
+// `device_type`, a kernel float dtype (any strides); grad, when given, on rho's device with its
+// dtype and shape, written in place: it must not overlap itself or rho. Values are not looked at
+// (NaN propagates).
+inline void check_vi_sigma_sq(const char* op, const at::Tensor& rho, const at::Tensor* grad,
+                              c10::DeviceType device_type) {
+  TORCH_CHECK(rho.device().type() == device_type, op, ": rho is on ", rho.device(), ", expected ",
+              device_type_name(device_type));
+  TORCH_CHECK(kernel_float_dtype(rho.scalar_type()), op, ": rho must be float64, float32, float16 or bfloat16, got ",
+              rho.scalar_type());
+  if (grad == nullptr) return;
+  TORCH_CHECK(grad->device() == rho.device(), op, ": grad is on ", grad->device(), " but rho is on ", rho.device());
+  TORCH_CHECK(grad->scalar_type() == rho.scalar_type(), op, ": grad has dtype ", grad->scalar_type(), " but rho has ",
+              rho.scalar_type());
+  TORCH_CHECK(grad->sizes() == rho.sizes(), op, ": grad has shape ", grad->sizes(), " but rho has shape ",
+              rho.sizes());
+  OverlapCheck overlap(op, 2);
+  overlap.add(*grad, "grad", -1, true);
+  overlap.add(rho, "rho", -1, false);
+  overlap.run();
+}
+
+// ======================= end of section 3 ======================================================
 
 }  // namespace pyfastbayes

@@ -53,6 +53,19 @@
 // float64 once per tensor (CPU work item / CUDA block) and rounded to T. A prior variance that is
 // not finite and > 0 (possible only on CUDA, where prior_var is not checked on the host) makes
 // every term of its tensor NaN: the KL and that tensor's gradients are NaN (ViKlPrior::make).
+//
+// ---- Section 3: the local reparameterisation's weight variance (vi_sigma_sq, vi_sigma_sq_backward_,
+// ---- vi_sigma_sq_and_backward_)
+//
+// The local estimator's pre-activation variance is x^2 (sigma^2)^T with sigma = softplus(rho); these
+// rules give sigma^2 and its gradient in one pass over rho (no noise), in the math type T:
+//
+//   vi_sigma_sq:           s2       = s * s,              s = softplus(rho) (section 1's vi_softplus)
+//   vi_sigma_sq_backward_: grad_rho = grad * (2 s * s'),  s' = softplus'(rho) (vi_softplus_grad), over grad
+//
+// (torch's softplus and softplus_backward with the threshold 20, so autograd through
+// F.softplus(rho).square() gives the same numbers to an ulp). rho = -inf: s = s' = 0, so 0 and
+// grad * 0; rho = +inf: +inf and grad * inf; NaN propagates.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -220,5 +233,23 @@ PFB_HD void vi_kl_grad(T mu, T rho, T g, const ViKlPrior<T>& p, T& grad_mu, T& g
 }
 
 // ======================= end of section 2 ======================================================
+
+// ======================= Section 3: the local reparameterisation's weight variance ============
+
+struct ViSigmaSqRule {  // rho -> softplus(rho)^2
+  template <class T>
+  PFB_HD T operator()(T rho) const {
+    const T s = vi_softplus(rho);
+    return s * s;
+  }
+};
+struct ViSigmaSqBackwardRule {  // (grad, rho) -> grad * 2 softplus(rho) softplus'(rho)
+  template <class T>
+  PFB_HD T operator()(T grad, T rho) const {
+    return grad * (T(2) * vi_softplus(rho) * vi_softplus_grad(rho));
+  }
+};
+
+// ======================= end of section 3 ======================================================
 
 }  // namespace pyfastbayes

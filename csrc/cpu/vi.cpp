@@ -23,6 +23,13 @@
 // fixed 16-lane order, vi_kl_sum) added into a float64 partial of its own slot; the partials are summed in work-item order afterwards, so the
 // result does not depend on the number of threads. vi_kl_backward: elementwise into new contiguous
 // tensors. Inputs are read through contiguous stand-ins (mu and rho must pair element by element).
+//
+// Section 3 (the local reparameterisation's weight variance): at::parallel_for over elements, a
+// task walking kViBuf-element pieces through the staged sigma^2 loops (vi_sigma_sq_f32 / _f64, the
+// target_clones of vi_sigma_sq_loop: exp into a stack scratch first, then softplus, its square and
+// derivative); fp16 / bf16 through float copies of each piece. rho through a contiguous stand-in,
+// sigma^2 a new contiguous tensor, grad updated in place (through a contiguous copy written back
+// when it is not contiguous).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -340,6 +347,38 @@ PFB_CPU_CLONES void vi_kl_grad_f32(const float* mu, const float* rho, int64_t n,
 PFB_CPU_CLONES void vi_kl_grad_f64(const double* mu, const double* rho, int64_t n, double g, double inv_v,
                                   double* gm, double* gr) {
   vi_kl_grad_loop(mu, rho, n, g, inv_v, gm, gr);
+}
+
+// ---- Section 3's loops: sigma^2 = softplus(rho)^2 and its gradient ------------------------------
+// s2[k] = ViSigmaSqRule(rho[k]) when s2 is given, gr[k] = ViSigmaSqBackwardRule(gr[k], rho[k]) (in place:
+// gr holds the incoming gradient) when gr is given, k < n <= kViBuf. Staged as the section 1 loops:
+// e = exp(rho) into the scratch e first, then softplus, its square and derivative from it: the three
+// ops run the same expressions on the same e, so vi_sigma_sq_and_backward_ is bit for bit the other two.
+template <class T>
+PFB_CPU_INLINE void vi_sigma_sq_loop(const T* __restrict rho, T* __restrict gr, T* __restrict s2, T* __restrict e,
+                                    int64_t n) {
+  for (int64_t k = 0; k < n; ++k) e[k] = vi_vexp(rho[k]);
+  if (gr == nullptr) {
+    for (int64_t k = 0; k < n; ++k) {
+      const T s = vi_vsoftplus(rho[k], e[k]);
+      s2[k] = s * s;
+    }
+  } else if (s2 == nullptr) {
+    for (int64_t k = 0; k < n; ++k) gr[k] = gr[k] * (T(2) * vi_vsoftplus(rho[k], e[k]) * vi_vsoftplus_grad(rho[k], e[k]));
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      const T s = vi_vsoftplus(rho[k], e[k]);
+      s2[k] = s * s;
+      gr[k] = gr[k] * (T(2) * s * vi_vsoftplus_grad(rho[k], e[k]));
+    }
+  }
+}
+
+PFB_CPU_CLONES void vi_sigma_sq_f32(const float* rho, float* gr, float* s2, float* e, int64_t n) {
+  vi_sigma_sq_loop(rho, gr, s2, e, n);
+}
+PFB_CPU_CLONES void vi_sigma_sq_f64(const double* rho, double* gr, double* s2, double* e, int64_t n) {
+  vi_sigma_sq_loop(rho, gr, s2, e, n);
 }
 
 namespace {
@@ -719,6 +758,71 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> vi_kl_backward_cpu(
 
 // ======================= end of section 2 ======================================================
 
+// ======================= Section 3: the local reparameterisation's weight variance ============
+
+inline void sigma_sq_piece(const float* rho, float* gr, float* s2, float* e, int64_t n) {
+  vi_sigma_sq_f32(rho, gr, s2, e, n);
+}
+inline void sigma_sq_piece(const double* rho, double* gr, double* s2, double* e, int64_t n) {
+  vi_sigma_sq_f64(rho, gr, s2, e, n);
+}
+
+// s2 = softplus(rho)^2 and / or gr <- gr * its derivative, in place (a null pointer: not computed)
+// over n contiguous elements, in tasks of kViBuf-element pieces
+template <class scalar_t>
+void sigma_sq(const scalar_t* rho, scalar_t* gr, scalar_t* s2, int64_t n) {
+  using op_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, n, 4 * kViGrainBlocks, [&](int64_t b, int64_t e) {
+    alignas(64) op_t scratch[kViBuf];
+    for (int64_t s = b; s < e; s += kViBuf) {
+      const int64_t m = std::min(kViBuf, e - s);
+      if constexpr (std::is_same_v<scalar_t, op_t>) {
+        sigma_sq_piece(rho + s, gr == nullptr ? nullptr : gr + s, s2 == nullptr ? nullptr : s2 + s, scratch, m);
+      } else {  // fp16 / bf16: the piece in float
+        alignas(64) op_t c[3][kViBuf];
+        for (int64_t k = 0; k < m; ++k) c[0][k] = static_cast<op_t>(rho[s + k]);
+        if (gr != nullptr)
+          for (int64_t k = 0; k < m; ++k) c[1][k] = static_cast<op_t>(gr[s + k]);
+        sigma_sq_piece(c[0], gr == nullptr ? nullptr : c[1], s2 == nullptr ? nullptr : c[2], scratch, m);
+        if (gr != nullptr)
+          for (int64_t k = 0; k < m; ++k) gr[s + k] = static_cast<scalar_t>(c[1][k]);
+        if (s2 != nullptr)
+          for (int64_t k = 0; k < m; ++k) s2[s + k] = static_cast<scalar_t>(c[2][k]);
+      }
+    }
+  });
+}
+
+// The entry point of the three ops: checks; sigma^2 (a new contiguous tensor) when want_s2, else
+// undefined; grad (when given) overwritten with its product by the derivative, through a contiguous
+// copy written back when grad is not contiguous
+at::Tensor sigma_sq_cpu(const char* op, const at::Tensor& rho, const at::Tensor* grad, bool want_s2) {
+  check_vi_sigma_sq(op, rho, grad, c10::DeviceType::CPU);
+  at::Tensor s2 = want_s2 ? at::empty(rho.sizes(), rho.options()) : at::Tensor();  // contiguous
+  const int64_t n = rho.numel();
+  if (n == 0) return s2;
+  const at::Tensor rc = rho.contiguous();
+  at::Tensor gc = grad == nullptr ? at::Tensor() : grad->contiguous();  // grad itself when contiguous
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rho.scalar_type(), "vi_sigma_sq", [&] {
+    sigma_sq<scalar_t>(rc.const_data_ptr<scalar_t>(), gc.defined() ? gc.mutable_data_ptr<scalar_t>() : nullptr,
+                       s2.defined() ? s2.mutable_data_ptr<scalar_t>() : nullptr, n);
+  });
+  if (grad != nullptr && !gc.is_same(*grad)) grad->copy_(gc);
+  return s2;
+}
+
+at::Tensor vi_sigma_sq_cpu(const at::Tensor& rho) { return sigma_sq_cpu("vi_sigma_sq", rho, nullptr, true); }
+
+void vi_sigma_sq_backward_cpu(const at::Tensor& grad, const at::Tensor& rho) {
+  sigma_sq_cpu("vi_sigma_sq_backward_", rho, &grad, false);
+}
+
+at::Tensor vi_sigma_sq_and_backward_cpu(const at::Tensor& grad, const at::Tensor& rho) {
+  return sigma_sq_cpu("vi_sigma_sq_and_backward_", rho, &grad, true);
+}
+
+// ======================= end of section 3 ======================================================
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
@@ -733,6 +837,10 @@ TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
   // section 2
   m.impl("vi_kl", &vi_kl_cpu);
   m.impl("vi_kl_backward", &vi_kl_backward_cpu);
+  // section 3
+  m.impl("vi_sigma_sq", &vi_sigma_sq_cpu);
+  m.impl("vi_sigma_sq_backward_", &vi_sigma_sq_backward_cpu);
+  m.impl("vi_sigma_sq_and_backward_", &vi_sigma_sq_and_backward_cpu);
 }
 
 }  // namespace pyfastbayes::cpu

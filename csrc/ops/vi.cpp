@@ -16,6 +16,12 @@
 // (torch's, threshold 20); prior_var: float64 [T] on that device, the prior variance of tensor t,
 // finite and > 0 (checked on the host for a CPU tensor; on CUDA not checked, which would cost a
 // sync: a bad value makes the KL NaN and tensor t's gradients NaN).
+//
+// Section 3: the local reparameterisation's weight variance sigma^2 = softplus(rho)^2 and its
+// gradient, elementwise, no noise. rho (and grad): one kernel float dtype, one device, equal shapes,
+// any strides; math in float32 (float64 for float64); sigma^2 a new contiguous tensor of rho's shape
+// and dtype; the gradient written over grad in place (grad is the caller's temporary: a layer's
+// backward holds one weight-sized tensor fewer at its peak).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
@@ -54,4 +60,15 @@ TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
   //    grad_mu = grad * mu / prior_var[t],  grad_rho = grad * (sigma / prior_var[t] - 1 / sigma) * softplus'(rho)
   m.def("vi_kl_backward(Tensor grad, Tensor[] mus, Tensor[] rhos, Tensor prior_var) -> (Tensor[], Tensor[])");
   // ---- end of section 2 ----
+
+  // ---- Section 3: the local reparameterisation's weight variance ----
+  // rho -> softplus(rho)^2   (softplus: torch's, threshold 20)
+  m.def("vi_sigma_sq(Tensor rho) -> Tensor");
+  // grad <- grad * 2 softplus(rho) softplus'(rho) in place (the gradient of vi_sigma_sq; softplus' is 1
+  // above 20): grad must not overlap itself or rho
+  m.def("vi_sigma_sq_backward_(Tensor(a!) grad, Tensor rho) -> ()");
+  // vi_sigma_sq_backward_(grad, rho) and -> vi_sigma_sq(rho), in one pass over rho, bit for bit the two
+  // ops' results (a local layer's backward needs sigma^2 for its input gradient and d/d rho)
+  m.def("vi_sigma_sq_and_backward_(Tensor(a!) grad, Tensor rho) -> Tensor");
+  // ---- end of section 3 ----
 }

@@ -30,6 +30,12 @@ float32 terms and float32 sums of at most 65 terms, added in float64), cast to t
 (``check_vi_kl``) mirror csrc/checks/vi.h: prior_var's values are checked (finite and > 0) only
 for a CPU prior_var; on other devices a bad value gives a NaN KL and NaN gradients of its tensor,
 as in the CUDA kernels.
+
+Section 3, the local reparameterisation's weight variance, elementwise in float32 (float64 for
+float64) with torch's functions: ``vi_sigma_sq(rho)`` = F.softplus(rho)^2, ``vi_sigma_sq_backward_(grad,
+rho)`` grad <- grad * (2 softplus(rho) softplus'(rho)) in place (softplus' = 1 above 20, else
+sigmoid: torch's softplus_backward), ``vi_sigma_sq_and_backward_(grad, rho)`` both (sigma^2
+returned). The checks (``check_vi_sigma_sq``) mirror csrc/checks/vi.h.
 """
 from __future__ import annotations
 
@@ -321,3 +327,60 @@ def vi_kl_backward(grad: Tensor, mus: Sequence[Tensor], rhos: Sequence[Tensor],
     return gms, grs
 
 # ======================= end of section 2 =======================================================
+
+
+# ======================= Section 3: the local reparameterisation's weight variance =================
+
+
+def check_vi_sigma_sq(op: str, rho: Tensor, grad: Tensor | None = None, *, fake: bool = False) -> None:
+    """The checks of the section 3 ops (``check_vi_sigma_sq``, csrc/checks/vi.h): rho dense, a kernel
+    float dtype, on the kernel's device type; grad (when given: the schema's first tensor, written in
+    place) on rho's device with its dtype and shape, not overlapping itself or rho."""
+    named = {"rho": rho} if grad is None else {"grad": grad, "rho": rho}
+    check_meta_mix(op, **named)
+    check_dense(op, **named)
+    kernel = dispatch_device_type(*named.values())
+    check(rho.device.type.upper() == kernel, op, ": rho is on ", rho.device, ", expected ", kernel)
+    check(rho.dtype in _KERNEL_DTYPES, op, ": rho must be float64, float32, float16 or bfloat16, got ",
+          scalar_type(rho.dtype))
+    if grad is None:
+        return
+    check(grad.device == rho.device, op, ": grad is on ", grad.device, " but rho is on ", rho.device)
+    check(grad.dtype == rho.dtype, op, ": grad has dtype ", scalar_type(grad.dtype), " but rho has ",
+          scalar_type(rho.dtype))
+    check(grad.shape == rho.shape, op, ": grad has shape ", sizes(grad), " but rho has shape ", sizes(rho))
+    if fake and any(isinstance(v, torch.SymInt) for v in (*grad.shape, *grad.stride())):
+        return  # symbolic strides cannot be ordered (as check_vi_rademacher_); the kernel checks when it runs
+    OverlapCheck(op, fake).add(grad, "grad", True).add(rho, "rho", False).run()
+
+
+def vi_sigma_sq(rho: Tensor) -> Tensor:
+    """Reference of ``torch.ops.pyfastbayes.vi_sigma_sq``: softplus(rho)^2, a new contiguous tensor."""
+    check_vi_sigma_sq("vi_sigma_sq", rho)
+    with torch.no_grad():
+        s = F.softplus(rho.to(_opmath(rho.dtype)))
+        return (s * s).to(rho.dtype).contiguous()
+
+
+def _sigma_sq_grad(grad: Tensor, rho: Tensor) -> Tensor:
+    op = _opmath(rho.dtype)
+    with torch.no_grad():
+        r = rho.to(op)
+        return (grad.to(op) * (2 * F.softplus(r) * _softplus_grad(r))).to(rho.dtype)
+
+
+def vi_sigma_sq_backward_(grad: Tensor, rho: Tensor) -> None:
+    """Reference of ``torch.ops.pyfastbayes.vi_sigma_sq_backward_``: grad <- grad * (2 softplus(rho) softplus'(rho))."""
+    check_vi_sigma_sq("vi_sigma_sq_backward_", rho, grad)
+    with torch.no_grad():
+        grad.copy_(_sigma_sq_grad(grad, rho))
+
+
+def vi_sigma_sq_and_backward_(grad: Tensor, rho: Tensor) -> Tensor:
+    """Reference of ``torch.ops.pyfastbayes.vi_sigma_sq_and_backward_``: vi_sigma_sq_backward_(grad, rho)
+    and vi_sigma_sq(rho), returned."""
+    check_vi_sigma_sq("vi_sigma_sq_and_backward_", rho, grad)
+    s2 = vi_sigma_sq(rho)
+    with torch.no_grad():
+        grad.copy_(_sigma_sq_grad(grad, rho))
+    return s2

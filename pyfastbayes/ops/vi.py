@@ -13,6 +13,11 @@ backward pass recovers the forward's noise without saving it.
 Section 2, the closed-form KL of mean-field Gaussians (:func:`vi_kl`, :func:`vi_kl_backward`):
 one fused reduction over every (mu, rho) tensor pair of a model, in one kernel launch.
 
+Section 3, the local reparameterisation's weight variance (:func:`vi_sigma_sq`,
+:func:`vi_sigma_sq_backward_`, :func:`vi_sigma_sq_and_backward_`): sigma^2 = softplus(rho)^2 and
+its gradient (written over the incoming gradient) in one elementwise pass over rho (no noise), for
+the local estimator's x^2 sigma^2^T.
+
 Ops of a further section of the family go at the end of this module.
 """
 from __future__ import annotations
@@ -24,12 +29,12 @@ from torch import Tensor
 
 from .. import _native
 from .._reference.vi import (check_vi_kl, check_vi_pair, check_vi_rademacher_, check_vi_rademacher_mul,
-                             check_vi_sample_and_backward)
+                             check_vi_sample_and_backward, check_vi_sigma_sq)
 from ._dispatch import device_of, select
 
 __all__ = ["vi_sample", "vi_sample_backward", "vi_sample_and_backward",
            "vi_local_noise", "vi_local_noise_backward", "vi_rademacher_", "vi_rademacher_mul", "vi_kl",
-           "vi_kl_backward"]
+           "vi_kl_backward", "vi_sigma_sq", "vi_sigma_sq_backward_", "vi_sigma_sq_and_backward_"]
 
 # ======================= Section 1: reparameterised noise =======================================
 
@@ -173,6 +178,47 @@ def vi_kl_backward(grad: Tensor, mus: Sequence[Tensor], rhos: Sequence[Tensor], 
 
 # ======================= end of section 2 =======================================================
 
+# ======================= Section 3: the local reparameterisation's weight variance =================
+
+
+def vi_sigma_sq(rho: Tensor, *, backend: str | None = None) -> Tensor:
+    """The weight variance of a mean-field Gaussian: ``sigma^2 = softplus(rho)^2``.
+
+    rho: [any shape], float64, float32, float16 or bfloat16, any strides. Returns a new contiguous
+    tensor of rho's shape and dtype. softplus is torch's (beta 1, threshold 20: rho itself above
+    20); math in float32 (float64 for float64); rho = -inf gives 0, NaN stays NaN. Not
+    differentiable by itself: the gradient comes from :func:`vi_sigma_sq_backward_`.
+
+    backend: None (native kernel when available), 'native' or 'reference'.
+    """
+    return select("vi_sigma_sq", rho.device, backend)(rho)
+
+
+def vi_sigma_sq_backward_(grad: Tensor, rho: Tensor, *, backend: str | None = None) -> Tensor:
+    """The gradient of :func:`vi_sigma_sq`, in place: ``grad <- grad * 2 softplus(rho) softplus'(rho)``.
+
+    grad, rho: [any shape], one shape, dtype (fp64 / fp32 / fp16 / bf16) and device, any strides;
+    grad (the incoming gradient, overwritten with d/d rho: pass a temporary of your own) must not
+    overlap itself or rho. softplus'(rho) = sigmoid(rho) below the threshold 20 and exactly 1 above
+    it (the derivative of vi_sigma_sq on both sides), as torch's ``softplus_backward``. Returns
+    ``grad``; a call refused by its checks leaves it unchanged.
+    """
+    select("vi_sigma_sq_backward_", grad.device, backend)(grad, rho)
+    return grad
+
+
+def vi_sigma_sq_and_backward_(grad: Tensor, rho: Tensor, *, backend: str | None = None) -> Tensor:
+    """:func:`vi_sigma_sq_backward_` (grad overwritten with d/d rho) and ``vi_sigma_sq(rho)``, returned,
+    in one pass over rho: the backward of a local-reparameterisation layer, which needs sigma^2 for
+    its input gradient and d/d rho.
+
+    grad, rho: as :func:`vi_sigma_sq_backward_`. Returns sigma^2, a new contiguous tensor of rho's
+    shape and dtype; both results bit for bit those of the two ops on the same backend.
+    """
+    return select("vi_sigma_sq_and_backward_", grad.device, backend)(grad, rho)
+
+# ======================= end of section 3 =======================================================
+
 
 if _native.available():
 
@@ -224,3 +270,18 @@ if _native.available():
     def _(grad, mus, rhos, prior_var):
         check_vi_kl("vi_kl_backward", mus, rhos, prior_var, grad, fake=True)
         return [_new_like(m) for m in mus], [_new_like(m) for m in mus]
+
+    @torch.library.register_fake("pyfastbayes::vi_sigma_sq")
+    def _(rho):
+        check_vi_sigma_sq("vi_sigma_sq", rho, fake=True)
+        return _new_like(rho)
+
+    @torch.library.register_fake("pyfastbayes::vi_sigma_sq_backward_")
+    def _(grad, rho):
+        check_vi_sigma_sq("vi_sigma_sq_backward_", rho, grad, fake=True)
+        return None
+
+    @torch.library.register_fake("pyfastbayes::vi_sigma_sq_and_backward_")
+    def _(grad, rho):
+        check_vi_sigma_sq("vi_sigma_sq_and_backward_", rho, grad, fake=True)
+        return _new_like(rho)

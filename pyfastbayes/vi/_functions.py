@@ -9,6 +9,9 @@ being saved, so no noise tensor and no sampled-weight tensor outlives the forwar
   ``ops.vi_sample_backward`` when only grad_x or only d/d rho is needed), and grad_x from w.
 - :class:`Flipout`: the flipout estimator's whole layer as one node (signs, perturbation and
   bias noise regenerated in the backward).
+- :class:`LocalMoments`: the local reparameterisation's pre-activation mean = affine(x, mu, bias_mu)
+  and var = affine(x^2, sigma^2, sigma_b^2) as one node; sigma^2 recomputed in the backward with
+  d/d rho in one pass (``ops.vi_sigma_sq_and_backward_``, over the d/d sigma^2 it turns into d/d rho).
 - :class:`LocalNoise`: out = mean + sqrt(var) eps over pre-activations (local
   reparameterisation); saves var and the RNG position, regenerates eps in the backward.
 """
@@ -54,6 +57,13 @@ class Affine:
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in ``dtype`` (t itself when it already is: ``Tensor.to`` costs a dispatch even then)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _fresh_as(t: Tensor, like: Tensor) -> Tensor:
+    """t, a tensor this backward just made, in like's dtype and contiguous (the in-place vi_sigma_sq
+    ops write over it): t itself when it already is (the weight and bias gradients of Affine are)."""
+    t = _as_dtype(t, like.dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _zero_mean(rho: Tensor) -> Tensor:
@@ -145,6 +155,48 @@ class Flipout(torch.autograd.Function):
         return gx, gmu, grho, gbmu, gbrho, None, None, None
 
 
+class LocalMoments(torch.autograd.Function):
+    """The local reparameterisation's pre-activation moments as one autograd node: mean = affine(x,
+    mu, bias_mu) and var = affine(x^2, sigma^2, sigma_b^2), sigma^2 = softplus(rho)^2 (``ops.vi_sigma_sq``).
+    Saves x, mu, rho and bias_rho: sigma^2 and x^2 are recomputed in the backward (no weight-sized
+    tensor outlives the forward). The noise is :class:`LocalNoise`'s, a node of its own so that the
+    engine frees the saved var (activation-sized) as soon as its gradient is formed."""
+
+    @staticmethod
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, affine: Affine):
+        ctx.save_for_backward(x, mu, rho, bias_rho)
+        ctx.meta = (affine, bias_mu is not None)
+        sb2 = None if bias_rho is None else ops.vi_sigma_sq(bias_rho)
+        return affine(x, mu, bias_mu), affine(x.square(), ops.vi_sigma_sq(rho), sb2)
+
+    @staticmethod
+    @once_differentiable  # with LocalNoise's: no silent second order through half the graph
+    def backward(ctx, g, gv):
+        x, mu, rho, bias_rho = ctx.saved_tensors
+        affine, has_bias = ctx.meta
+        need = ctx.needs_input_grad
+        gx = gmu = grho = gbmu = gbrho = s2 = None
+        if need[2]:  # d/d sigma^2 (affine's weight gradient from x^2), turned into d/d rho in place, with
+            # sigma^2 itself from the same pass when grad_x needs it; x^2 freed right after
+            grho = _fresh_as(affine.grad_weight(x.square(), rho.shape, gv), rho)
+            if need[0]:
+                s2 = ops.vi_sigma_sq_and_backward_(grho, rho)
+            else:
+                ops.vi_sigma_sq_backward_(grho, rho)
+        if has_bias and need[4]:
+            gbrho = ops.vi_sigma_sq_backward_(_fresh_as(affine.grad_bias(gv), bias_rho), bias_rho)
+        if need[0]:  # grad_x = affine^T(g, mu) + 2 x * affine^T(gv, sigma^2) (affine^T reads x's shape only)
+            gx_var = affine.grad_input(x, ops.vi_sigma_sq(rho) if s2 is None else s2, gv)
+            del s2
+            gx = affine.grad_input(x, mu, g).addcmul_(x, gx_var, value=2)
+            del gx_var
+        if need[1]:
+            gmu = _as_dtype(affine.grad_weight(x, mu.shape, g), mu.dtype)
+        if has_bias and need[3]:
+            gbmu = _as_dtype(affine.grad_bias(g), mu.dtype)
+        return gx, gmu, grho, gbmu, gbrho, None
+
+
 class LocalNoise(torch.autograd.Function):
     """out = mean + sqrt(var) * eps over pre-activations (local reparameterisation), eps (stream
     ``stream``) regenerated in the backward; saves var and the RNG position."""
@@ -161,37 +213,3 @@ class LocalNoise(torch.autograd.Function):
         var, rng = ctx.saved_tensors
         gv = ops.vi_local_noise_backward(g, var, rng, ctx.stream) if ctx.needs_input_grad[1] else None
         return g, gv, None, None
-
-
-def _dsquare_softplus(grad: Tensor, rho: Tensor) -> Tensor:
-    """grad * d softplus(rho)^2 / d rho = grad * 2 softplus(rho) softplus'(rho), with torch's own
-    softplus derivative (threshold 20: 1 above it); ``grad`` is a fresh tensor, scaled in place."""
-    return torch.ops.aten.softplus_backward(grad.mul_(F.softplus(rho)).mul_(2), rho, 1, 20)
-
-
-class LocalVariance(torch.autograd.Function):
-    """var = affine(x^2, softplus(rho)^2, softplus(rho_b)^2), the pre-activation variance of the local
-    reparameterisation; saves x and the rho parameters only (sigma^2 and x^2 are recomputed in the
-    backward: autograd through softplus would keep two weight-sized tensors per layer)."""
-
-    @staticmethod
-    def forward(ctx, x, rho, bias_rho, affine: Affine):
-        ctx.save_for_backward(x, rho, bias_rho)
-        ctx.affine = affine
-        sb2 = None if bias_rho is None else F.softplus(bias_rho).square_()
-        return affine(x.square(), F.softplus(rho).square_(), sb2)
-
-    @staticmethod
-    @once_differentiable  # with LocalNoise's: no silent second order through half the graph
-    def backward(ctx, g):
-        x, rho, bias_rho = ctx.saved_tensors
-        affine = ctx.affine
-        x2 = x.square()
-        gx = grho = gbrho = None
-        if ctx.needs_input_grad[0]:  # d/dx of affine(x^2, sigma^2) = 2 x * (grad through the affine map)
-            gx = affine.grad_input(x2, F.softplus(rho).square_(), g).mul_(x).mul_(2)
-        if ctx.needs_input_grad[1]:
-            grho = _dsquare_softplus(_as_dtype(affine.grad_weight(x2, rho.shape, g), rho.dtype), rho)
-        if bias_rho is not None and ctx.needs_input_grad[2]:
-            gbrho = _dsquare_softplus(_as_dtype(affine.grad_bias(g), bias_rho.dtype), bias_rho)
-        return gx, grho, gbrho, None

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._functions import Affine, Flipout, LocalNoise, LocalVariance, SampledAffine
+from ._functions import Affine, Flipout, LocalMoments, LocalNoise, SampledAffine
 from .priors import as_prior
 
 ESTIMATORS = ("reparam", "local", "flipout")
@@ -81,8 +81,7 @@ class BayesianLayer(nn.Module):
             return SampledAffine.apply(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, s + 1,
                                        self.affine)
         if self.estimator == "local":
-            mean = self.affine(x, self.weight_mu, self.bias_mu)
-            var = LocalVariance.apply(x, self.weight_rho, self.bias_rho, self.affine)
+            mean, var = LocalMoments.apply(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, self.affine)
             return LocalNoise.apply(mean, var, rng, s + 2)
         # flipout: x mu + b + ((x * s_in) dW^T) * s_out, dW = sigma eps shared by the batch
         return Flipout.apply(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, self.affine)
