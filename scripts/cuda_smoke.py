@@ -190,14 +190,15 @@ def vi() -> None:
                 cpu = ops.vi_rademacher_mul(a[part], torch.tensor([5, 6]), 7, backend="native")
                 gpu = ops.vi_rademacher_mul(a.cuda()[part], torch.tensor([5, 6], device="cuda"), 7, backend="native")
                 assert torch.equal(gpu.cpu(), cpu), ("vi_rademacher_mul", n, dtype)
-            gs = torch.randn(n + 1, generator=g, dtype=torch.float64).to(dtype)  # sigma^2 ops, grad in place
-            s2_cpu, gr_cpu = ops.vi_sigma_sq(rho, backend="native"), ops.vi_sigma_sq_backward_(gs[1:].clone(), rho,
+            gs = torch.randn(n + 2, generator=g, dtype=torch.float64).to(dtype)  # sigma^2 ops, grad in place
+            s2_cpu, gr_cpu = ops.vi_sigma_sq(rho, backend="native"), ops.vi_sigma_sq_backward_(gs[1:-1].clone(), rho,
                                                                                            backend="native")
-            gr_gpu = gs.cuda()  # written from element 1 on (unaligned: the scalar path); element 0 untouched
-            s2_gpu = ops.vi_sigma_sq_and_backward_(gr_gpu[1:], rho.cuda(), backend="native")
+            gr_gpu = gs.cuda()  # grad = elements 1 .. n (unaligned: the scalar path); the two ends untouched
+            s2_gpu = ops.vi_sigma_sq_and_backward_(gr_gpu[1:-1], rho.cuda(), backend="native")
             close(s2_gpu, s2_cpu, tol)
-            close(gr_gpu[1:], gr_cpu, tol)
-            assert torch.equal(gr_gpu[:1].cpu(), gs[:1]), ("vi_sigma_sq_and_backward_ wrote outside grad", n, dtype)
+            close(gr_gpu[1:-1], gr_cpu, tol)
+            ends = gr_gpu[[0, -1]].cpu()
+            assert torch.equal(ends, gs[[0, -1]]), ("vi_sigma_sq_and_backward_ wrote outside grad", n, dtype)
             close(ops.vi_sigma_sq(rho.cuda(), backend="native"), s2_cpu, tol)
             gw = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
             pos = torch.tensor([-3, 2**32 + 5])

@@ -127,6 +127,7 @@ def test_sigma_sq_cuda_matches_cpu(dtype, n, views):
         assert s2.is_cuda and s2.is_contiguous() and s2.dtype == dtype and s2.shape == (n,)
         torch.testing.assert_close(s2.cpu(), s2_cpu, **tol(dtype), equal_nan=True)
         torch.testing.assert_close(g_dev.cpu(), g_cpu, **tol(dtype), equal_nan=True)
+        torch.testing.assert_close(r_dev.cpu(), rho, rtol=0, atol=0, equal_nan=True)  # rho read only
         if views[1] == "strided":  # the other half of the buffer untouched
             torch.testing.assert_close(base[0::2], before[0::2], rtol=0, atol=0, equal_nan=True)
         elif views[1] == "offset":

@@ -131,12 +131,12 @@ def post_backward(case, calls, outs, after):
 
 
 def post_combined(case, calls, outs, after):
-    """vi_sigma_sq_and_backward_: sigma^2 and the updated grad bit for bit the two native ops' results
-    (CUDA to 1e-6: nvcc may contract the kernels alike or not); rho unchanged."""
+    """vi_sigma_sq_and_backward_: sigma^2 and the updated grad bit for bit the two native ops' results;
+    rho unchanged."""
     for c, s2, a in zip(calls, outs, after):
         want_s2 = ops.vi_sigma_sq(c["rho"], backend="native")
         want_g = ops.vi_sigma_sq_backward_(c["grad"].clone(), c["rho"], backend="native")
-        exact = dict(rtol=0, atol=0) if s2.device.type == "cpu" else dict(rtol=1e-6, atol=1e-6)
+        exact = dict(rtol=0, atol=0)  # one loop (CPU) / one kernel (CUDA) for the three ops, the same expressions
         assert s2.is_contiguous() and s2.shape == c["rho"].shape and s2.dtype == c["rho"].dtype
         torch.testing.assert_close(s2, want_s2, equal_nan=True, **exact)
         torch.testing.assert_close(a["grad"], want_g, equal_nan=True, **exact)
@@ -210,9 +210,68 @@ def test_gradcheck(device, backend):
 def test_a_refused_call_leaves_grad_unchanged():
     """Checks run before any write: a grad of the wrong dtype / shape or overlapping rho is not touched."""
     rho = torch.randn(4, 5)
-    for bad_grad, other in ((torch.randn(4, 5, dtype=torch.float64), rho), (torch.randn(4, 6), rho)):
-        before = bad_grad.clone()
+    buf = torch.randn(40)
+    for bad_grad, other in ((torch.randn(4, 5, dtype=torch.float64), rho), (torch.randn(4, 6), rho), (rho, rho),
+                            (buf[:20].view(4, 5), buf[10:30].view(4, 5))):  # dtype, shape, rho itself, half shared
+        before, other_before = bad_grad.clone(), other.clone()
         for backend in _backends("vi_sigma_sq_backward_", "cpu"):
-            with pytest.raises(RuntimeError):
-                ops.vi_sigma_sq_and_backward_(bad_grad, other, backend=backend)
-            assert torch.equal(bad_grad, before)
+            for op in (ops.vi_sigma_sq_and_backward_, ops.vi_sigma_sq_backward_):
+                with pytest.raises(RuntimeError):
+                    op(bad_grad, other, backend=backend)
+                assert torch.equal(bad_grad, before) and torch.equal(other, other_before)
+
+
+# ---- the local estimator's autograd node against plain autograd ---------------------------------
+_LOCAL_CASES = {
+    "linear": ("linear", {}, (5, 7), (3, 7)),
+    "linear-3d": ("linear", {}, (2, 5, 7), (3, 7)),
+    "conv": ("conv2d", dict(stride=(2, 2), padding=(1, 1), groups=2), (2, 4, 9, 9), (6, 2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(_LOCAL_CASES))
+@pytest.mark.parametrize("bias", [True, False])
+def test_local_moments_gradients_for_every_needs_input_grad(case, bias):
+    """LocalMoments (the 'local' layer's mean and variance, sigma^2 from the native ops) against autograd
+    through affine(x, mu, b) and affine(x^2, softplus(rho)^2, softplus(rho_b)^2), float64, for every
+    combination of the inputs that need a gradient (the first layer's x does not; a frozen rho or bias
+    takes other branches), with upstream gradients on both outputs and on one only."""
+    import itertools
+
+    from pyfastbayes.vi._functions import Affine, LocalMoments
+
+    kind, kw, xs, ws = _LOCAL_CASES[case]
+    affine = Affine(kind, **kw)
+    gen = torch.Generator().manual_seed(7)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    n_in = 5 if bias else 3
+    for req in itertools.product([False, True], repeat=n_in):
+        if not any(req):
+            continue
+        rho = 3 * rnd(ws)
+        rho.view(-1)[0] = 25.0  # above the softplus threshold
+        ins = [rnd(xs), 0.3 * rnd(ws), rho] + ([rnd(ws[0]), 3 * rnd(ws[0])] if bias else [None, None])
+        for t, r in zip(ins, req):
+            t.requires_grad_(r)
+        want_inputs = [t for t in ins if t is not None and t.requires_grad]
+        mean, var = LocalMoments.apply(*ins, affine)
+        sb2 = None if ins[4] is None else F.softplus(ins[4]).square()
+        mean_r, var_r = affine(ins[0], ins[1], ins[3]), affine(ins[0].square(), F.softplus(ins[2]).square(), sb2)
+        torch.testing.assert_close(mean, mean_r, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var, var_r, rtol=1e-12, atol=1e-12)
+        gm, gv = rnd(mean.shape), rnd(var.shape)
+        for use in ("both", "mean", "var"):
+            got_out = [o for o, u in ((mean, "mean"), (var, "var")) if use in (u, "both")]
+            ref_out = [o for o, u in ((mean_r, "mean"), (var_r, "var")) if use in (u, "both")]
+            grads = [g for g, u in ((gm, "mean"), (gv, "var")) if use in (u, "both")]
+            if not any(o.requires_grad for o in ref_out):
+                continue
+            got = torch.autograd.grad(got_out, want_inputs, grads, allow_unused=True, retain_graph=True)
+            want = torch.autograd.grad([o for o in ref_out if o.requires_grad],
+                                       want_inputs, [g for o, g in zip(ref_out, grads) if o.requires_grad],
+                                       allow_unused=True, retain_graph=True)
+            for i, (a, b) in enumerate(zip(got, want)):
+                a = torch.zeros_like(want_inputs[i]) if a is None else a
+                b = torch.zeros_like(want_inputs[i]) if b is None else b
+                assert a.dtype == b.dtype and a.shape == b.shape, (case, bias, req, use, i)
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{case} {bias} {req} {use} {i}: {m}")

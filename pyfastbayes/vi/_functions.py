@@ -165,7 +165,7 @@ class LocalMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu, rho, bias_mu, bias_rho, affine: Affine):
         ctx.save_for_backward(x, mu, rho, bias_rho)
-        ctx.meta = (affine, bias_mu is not None)
+        ctx.meta = (affine, None if bias_mu is None else bias_mu.dtype)
         sb2 = None if bias_rho is None else ops.vi_sigma_sq(bias_rho)
         return affine(x, mu, bias_mu), affine(x.square(), ops.vi_sigma_sq(rho), sb2)
 
@@ -173,7 +173,7 @@ class LocalMoments(torch.autograd.Function):
     @once_differentiable  # with LocalNoise's: no silent second order through half the graph
     def backward(ctx, g, gv):
         x, mu, rho, bias_rho = ctx.saved_tensors
-        affine, has_bias = ctx.meta
+        affine, bias_dtype = ctx.meta
         need = ctx.needs_input_grad
         gx = gmu = grho = gbmu = gbrho = s2 = None
         if need[2]:  # d/d sigma^2 (affine's weight gradient from x^2), turned into d/d rho in place, with
@@ -183,7 +183,7 @@ class LocalMoments(torch.autograd.Function):
                 s2 = ops.vi_sigma_sq_and_backward_(grho, rho)
             else:
                 ops.vi_sigma_sq_backward_(grho, rho)
-        if has_bias and need[4]:
+        if bias_rho is not None and need[4]:
             gbrho = ops.vi_sigma_sq_backward_(_fresh_as(affine.grad_bias(gv), bias_rho), bias_rho)
         if need[0]:  # grad_x = affine^T(g, mu) + 2 x * affine^T(gv, sigma^2) (affine^T reads x's shape only)
             gx_var = affine.grad_input(x, ops.vi_sigma_sq(rho) if s2 is None else s2, gv)
@@ -192,8 +192,8 @@ class LocalMoments(torch.autograd.Function):
             del gx_var
         if need[1]:
             gmu = _as_dtype(affine.grad_weight(x, mu.shape, g), mu.dtype)
-        if has_bias and need[3]:
-            gbmu = _as_dtype(affine.grad_bias(g), mu.dtype)
+        if bias_dtype is not None and need[3]:
+            gbmu = _as_dtype(affine.grad_bias(g), bias_dtype)
         return gx, gmu, grho, gbmu, gbrho, None
 
 
