@@ -26,6 +26,7 @@ models (their values along the curve would be undefined), integer parameters.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -35,7 +36,8 @@ from torch import Tensor, nn
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from ..nn.params import ParamLayout, _difference
-from .grid import data_sums
+from .directions import refuse_meta
+from .grid import _failed_forward, data_sums
 
 __all__ = ["BezierCurve", "PolyChain", "linear_path", "bezier_basis", "plot_curve"]
 
@@ -76,6 +78,7 @@ def _check_pair(model_a: nn.Module, model_b: nn.Module) -> None:
     for which, m in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{which} must be a torch.nn.Module, got {type(m).__name__}")
+        refuse_meta(m, which)
     mods_a, mods_b = list(model_a.named_modules()), list(model_b.named_modules())
     if len(mods_a) != len(mods_b):
         raise ValueError(f"model_a and model_b have different architectures: {len(mods_a)} modules vs {len(mods_b)}")
@@ -199,14 +202,20 @@ class _Curve(nn.Module):
             data: one (inputs, targets) batch or a re-iterable of them (list, DataLoader); inputs
                 [N, ...] (or a tuple of positional arguments), targets [N, ...].
             epochs: passes over ``data`` (>= 1).
-            lr: learning rate of the default optimizer, Adam over the bends (required when
-                ``optimizer`` is None, not allowed otherwise).
+            lr: learning rate of the default optimizer, Adam over the bends, finite and > 0
+                (required when ``optimizer`` is None, not allowed otherwise).
             optimizer: a ``torch.optim.Optimizer`` over (some of) ``self.parameters()``, or None.
             generator: the CPU torch.Generator the t are drawn from (reproducible runs).
             progress: show a tqdm bar (True), hide it (False), or tqdm's choice (None).
 
         The template is in train mode during training and back in its previous mode afterwards.
         Returns the mean training loss per epoch, float64 [epochs].
+
+        A loss that is not finite (NaN or infinity: too large a step, or bad data) raises a
+        RuntimeError at the end of its epoch (the check is read with the epoch's mean loss, no host
+        sync per step), naming the epoch and the first such batch. On any error the bends, the other
+        parameters the optimizer steps, their ``.grad``, a given optimizer's state and the
+        generator's state are put back as they were before the call.
         """
         if len(self.bends) == 0:
             raise ValueError("this curve has no bends (n_bends=0, the straight line): nothing to train")
@@ -217,9 +226,10 @@ class _Curve(nn.Module):
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {progress!r}")
         if optimizer is None:
-            if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-                raise ValueError(f"lr must be a number > 0 when no optimizer is given, got {lr!r}")
+            if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+                raise ValueError(f"lr must be a finite number > 0 when no optimizer is given, got {lr!r}")
             optimizer = torch.optim.Adam(self.parameters(), lr=float(lr))
+            own = True
         else:
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
@@ -228,6 +238,7 @@ class _Curve(nn.Module):
             mine = {id(p) for p in self.bends}
             if not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
                 raise ValueError("the optimizer holds none of the curve's bends: build it over curve.parameters()")
+            own = False
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
         data = as_batches(data)
@@ -235,26 +246,61 @@ class _Curve(nn.Module):
         from tqdm.auto import tqdm
 
         history = torch.zeros(epochs, dtype=torch.float64)
-        with ModeGuard(self.template, True):
-            with tqdm(total=epochs, desc="curve fit", leave=False,
-                      disable=None if progress is None else not progress) as bar:
-                for e in range(epochs):
-                    total, count = 0.0, 0
-                    for x, y, n in iterate(data, self.layout.device):
-                        t = float(torch.rand((), generator=generator, dtype=torch.float64))
-                        loss = loss_fn(self(x, t), y)
-                        if not torch.is_tensor(loss) or loss.numel() != 1:
-                            raise ValueError("loss_fn must return a scalar tensor (reduction 'mean')")
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        total += loss.detach().double() * n  # on the device: no host sync per step
-                        count += n
-                    if count == 0:
-                        raise ValueError("data has no rows: nothing to train on")
-                    history[e] = float(total) / count
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{history[e]:.4g}")
+        # What a failure must leave as it was (validated above; the rest can only fail mid-way): the
+        # bends and every other parameter the optimizer steps, their .grad, the optimizer's state
+        # (a user's optimizer; the default Adam is discarded) and the generator's state.
+        params = {id(p): p for p in self.bends}
+        params.update({id(p): p for g in optimizer.param_groups for p in g["params"]})
+        saved = [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone()) for p in params.values()]
+        opt_state = None if own else copy.deepcopy(optimizer.state_dict())
+        gen_state = None if generator is None else generator.get_state()
+        x = None
+        try:
+            with ModeGuard(self.template, True):
+                with tqdm(total=epochs, desc="curve fit", leave=False,
+                          disable=None if progress is None else not progress) as bar:
+                    for e in range(epochs):
+                        total, count = 0.0, 0
+                        # the first batch whose loss is not finite, kept on the device (no host sync
+                        # per step): read with the epoch's mean, the one sync per epoch
+                        first_bad = torch.full((), -1, dtype=torch.long, device=self.layout.device)
+                        for k, (x, y, n) in enumerate(iterate(data, self.layout.device)):
+                            t = float(torch.rand((), generator=generator, dtype=torch.float64))
+                            loss = loss_fn(self(x, t), y)
+                            if not torch.is_tensor(loss) or loss.numel() != 1:
+                                raise ValueError("loss_fn must return a scalar tensor (reduction 'mean')")
+                            optimizer.zero_grad(set_to_none=True)
+                            loss.backward()
+                            optimizer.step()
+                            total += loss.detach().double() * n  # on the device: no host sync per step
+                            count += n
+                            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()).reshape(()),
+                                                    k, first_bad)
+                        if count == 0:
+                            raise ValueError("data has no rows: nothing to train on")
+                        history[e] = float(total) / count
+                        if not math.isfinite(history[e]):
+                            x = None  # not a failed forward: no dtype hint
+                            raise RuntimeError(
+                                f"curve fit: the training loss is not finite (NaN or infinity) in epoch {e}, first "
+                                f"at batch {int(first_bad)}: a step size too large for the bends (try a smaller "
+                                "lr) or NaN, infinity or invalid values in the data / targets; the bends "
+                                "are left as they were before fit")
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{history[e]:.4g}")
+        except BaseException as err:
+            with torch.no_grad():
+                for p, value, grad in saved:
+                    p.copy_(value)
+                    p.grad = grad
+            if opt_state is not None:
+                optimizer.load_state_dict(opt_state)
+            if gen_state is not None:
+                generator.set_state(gen_state)
+            wrong = err if x is None else _failed_forward(err, x, self.layout.dtype)
+            if wrong is err:
+                raise
+            raise wrong from err
         return history
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -285,7 +331,8 @@ class _Curve(nn.Module):
         self.layout.params(self.template)
         thetas = torch.stack([self.point(t) for t in grid])  # [T, P]: every batch read once for all t
         with ModeGuard(self.template, False):
-            sums, count = data_sums(self.template, self.layout, thetas, data, [loss_fn, *metrics.values()], None)
+            sums, count = data_sums(self.template, self.layout, thetas, data, [loss_fn, *metrics.values()], None,
+                                    labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)])
         means = (sums / count).cpu()
         return {"t": torch.tensor(grid, dtype=torch.float64),
                 **{k: means[i] for i, k in enumerate(["loss", *metrics])}}

@@ -20,14 +20,26 @@ IGNORES = ("biasbn", None)
 _EPS = 1e-10  # as Li et al.: a zero weight filter gives a zero direction filter, never NaN
 
 
-def layout_of(model: nn.Module) -> ParamLayout:
+def refuse_meta(model: nn.Module, name: str = "model") -> None:
+    """ValueError naming ``name`` when a parameter or buffer of ``model`` is on the meta device (no
+    values: nothing to flatten, perturb or evaluate)."""
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for n, t in tensors:
+            if t.is_meta:
+                raise ValueError(f"{name} has {kind} {n!r} on the meta device (no values): materialise the model "
+                                 "first, e.g. model.to_empty(device='cpu') and then load its weights")
+
+
+def layout_of(model: nn.Module, name: str = "model") -> ParamLayout:
     """The model's :class:`ParamLayout` after refusing integer parameters anywhere in the model
-    (frozen ones included: a landscape moves floating-point weights only)."""
+    (frozen ones included: a landscape moves floating-point weights only) and tensors on the meta
+    device. ``name``: what the errors call the model."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, p in model.named_parameters():
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_meta(model, name)
+    for pname, p in model.named_parameters():
         if not p.is_floating_point():
-            raise TypeError(f"model: parameter {name!r} has dtype {p.dtype}; loss landscapes need floating-point "
+            raise TypeError(f"{name}: parameter {pname!r} has dtype {p.dtype}; loss landscapes need floating-point "
                             "parameters (turn integer tensors into buffers)")
     return ParamLayout(model, owner="landscape")
 
@@ -69,6 +81,12 @@ def random_directions(model: nn.Module, n: int = 2, normalization: str = "filter
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     weights = layout.params()
+    if normalization != "none":  # the weights' norms scale the directions: NaN / inf would spread into them
+        for name, w in zip(layout.names, weights):
+            if (w.dim() >= 2 or ignore is None) and not bool(torch.isfinite(w).all()):
+                raise ValueError(f"model parameter {name!r} holds NaN or infinity: its {normalization} normalisation "
+                                 "would make the directions NaN; fix the model's weights (or use "
+                                 "normalization='none')")
     gen_device = generator.device if generator is not None else torch.device("cpu")
     # norms in float32 at least (fp16 weights would round the sums of squares)
     work = torch.promote_types(layout.dtype, torch.float32)
@@ -102,6 +120,9 @@ def directions_to(model: nn.Module, others) -> Tensor:
     layout = layout_of(model)
     theta0 = layout.flatten()
     if torch.is_tensor(others):
+        if others.dim() == 0:
+            raise TypeError("others must be a sequence of models, flat [P] tensors, or one [k, P] tensor; got a "
+                            "0-dim tensor")
         if others.dim() == 1:
             others = others[None]
         rows = list(others)
@@ -118,7 +139,7 @@ def directions_to(model: nn.Module, others) -> Tensor:
     out = torch.empty(len(rows), layout.numel, dtype=layout.dtype, device=layout.device)
     for i, other in enumerate(rows):
         if isinstance(other, nn.Module):
-            why = layout.difference(layout_of(other))
+            why = layout.difference(layout_of(other, f"others[{i}]"))
             if why:
                 raise ValueError(f"others[{i}] has other trainable parameters than model ({why})")
             flat = layout.flatten(other)
@@ -156,6 +177,10 @@ def pca_directions(trajectory: Tensor, n: int = 2) -> tuple[Tensor, Tensor]:
     n = _count(n, "n", 1)
     if n > min(T - 1, P):
         raise ValueError(f"n must be <= min(T - 1, P) = {min(T - 1, P)} for a trajectory of shape {(T, P)}, got {n}")
+    if not bool(torch.isfinite(trajectory).all()):
+        rows = torch.nonzero(~torch.isfinite(trajectory).all(dim=1)).flatten().tolist()
+        raise ValueError(f"trajectory must be finite: row(s) {rows[:10]}{' ...' if len(rows) > 10 else ''} hold NaN "
+                         "or infinity (a diverged checkpoint?); leave those rows out")
     work = torch.promote_types(trajectory.dtype, torch.float32)
     X = trajectory.to(work)
     X = X - X.mean(dim=0, keepdim=True)

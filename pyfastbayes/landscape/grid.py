@@ -62,6 +62,28 @@ def _row_blocks(x, y: Tensor, nb: int, r: int | None):
         yield xr, y[i:i + r], min(r, nb - i)
 
 
+def data_dtype_error(x, dtype: torch.dtype) -> TypeError | None:
+    """A TypeError naming ``data`` when a floating-point tensor of the inputs ``x`` (a tensor or a
+    tuple) has another dtype than the model's parameters (``dtype``), else None. Called only once a
+    forward has failed (so a model that converts its inputs itself is never refused, and no batch
+    pays for the check)."""
+    for a in (x if isinstance(x, tuple) else (x,)):
+        if torch.is_tensor(a) and a.is_floating_point() and a.dtype != dtype:
+            return TypeError(f"data: the inputs are {a.dtype} but the model's parameters are {dtype}; convert the "
+                             f"data (inputs.to({dtype})) or the model (model.to({a.dtype}))")
+    return None
+
+
+def _failed_forward(err: BaseException, x, dtype: torch.dtype) -> BaseException:
+    """The error to raise for ``err`` from a forward on inputs ``x``: :func:`data_dtype_error` when
+    it is a RuntimeError (not out of memory) and the inputs' dtype differs from the model's."""
+    if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError):
+        wrong = data_dtype_error(x, dtype)
+        if wrong is not None:
+            return wrong
+    return err
+
+
 def _axis(c, name: str, dtype) -> Tensor:
     try:
         t = torch.as_tensor(c, dtype=dtype)
@@ -119,7 +141,7 @@ class _Loop(nn.Module):
 
 
 def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shortcut, buffers: dict, shared: dict,
-          fns, on_batch=None) -> tuple[Tensor | None, int]:
+          fns, on_batch=None, labels=None) -> tuple[Tensor | None, int]:
     """Walk ``data`` once for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s order):
     returns (sums [len(fns), c] float64, N examples), sums[f, i] the sum over the blocks (at most
     ``rows`` rows of a batch each; None: whole batches) of rows x fns[f](outputs of point i on the
@@ -133,7 +155,11 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
     instead of computed per point (_first_layer.py). ``shortcut`` may also be a function of the first
     batch's inputs returning it (decided on the data without walking it once more).
     ``on_batch(inputs, targets, rows)`` sees each batch first (the data checksum under
-    torch.distributed). The caller sets no_grad and the modes."""
+    torch.distributed). ``labels``: the names of ``fns`` in error messages (default: 'loss_fn'
+    for the first, 'metric i' for the others). A RuntimeError of the forward with floating-point
+    inputs of another dtype than the model's becomes a TypeError naming ``data``
+    (:func:`data_dtype_error`, the first batch's inputs looked at once the walk failed). The
+    caller sets no_grad and the modes."""
     def args(x):
         return x if isinstance(x, tuple) else (x,)
 
@@ -171,7 +197,7 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
                     _first_layer.hold(lambda act: _batched.combine(parts, mix_p, act, shape))
                     out = net(xr)
                 if fns:
-                    v = point_values(fns, out, yr) * nr
+                    v = point_values(fns, out, yr, labels) * nr
                     total = v if total is None else total + v
             n += nb
         return total if total is not None else torch.zeros((), dtype=torch.float64, device=thetas.device)
@@ -185,7 +211,13 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
         def one(point: dict, mix_p):
             return functional_call(loop, {**point, **fixed}, (mix_p,))
 
-        sums = torch.vmap(one, in_dims=(0, None if mix is None else 0))(names, mix)
+        try:
+            sums = torch.vmap(one, in_dims=(0, None if mix is None else 0))(names, mix)
+        except Exception as err:
+            wrong = _failed_forward(err, head[0], layout.dtype)
+            if wrong is err:
+                raise
+            raise wrong from err
     return (sums.T.contiguous() if fns else None), n
 
 
@@ -210,14 +242,14 @@ class _Plan:
 
 
 def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows: int | None, shortcut=None, buffers: dict | None = None,
-              on_batch=None) -> tuple[Tensor, int]:
+              on_batch=None, labels=None) -> tuple[Tensor, int]:
     """One pass over ``data`` for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s
     order): returns (sums [len(fns), c] float64, N), sums[f, i] = sum over the blocks of rows x
     fns[f](model at thetas[i] on the block, targets), i.e. N times the mean over the data. Blocks
     of at most ``rows`` rows (None: whole batches); ``shortcut`` as in :func:`_walk`; ``buffers``
     name -> [c, ...]: per-point buffers (the BatchNorm statistics of bn='recompute'); ``on_batch``
-    as in :func:`_walk`. The caller sets no_grad and the model's mode."""
-    sums, n = _walk(model, layout, thetas, data, rows, shortcut, buffers or {}, {}, fns, on_batch)
+    and ``labels`` as in :func:`_walk`. The caller sets no_grad and the model's mode."""
+    sums, n = _walk(model, layout, thetas, data, rows, shortcut, buffers or {}, {}, fns, on_batch, labels)
     if n == 0:
         raise ValueError("data has no examples (no rows in any batch): the mean loss is undefined")
     return sums, n
@@ -259,10 +291,22 @@ def bn_statistics(model: nn.Module, layout, thetas: Tensor, data, layers, shortc
         # the batch count is the same for every point: one shared counter, read by momentum=None
         counts[pre + "num_batches_tracked"] = torch.zeros((), dtype=torch.long, device=device)
     saved = [(m, m.momentum, m.training) for _, m in layers]
+    fewest = [None]  # the fewest rows of a batch seen (a Python int per batch: no device work)
+
+    def rows_seen(x, y, nb: int) -> None:
+        fewest[0] = nb if fewest[0] is None else min(fewest[0], nb)
     try:
         for m, _, _ in saved:
             m.momentum, m.training = None, True
-        _, n = _walk(model, layout, thetas, data, None, shortcut, buffers, counts, [])
+        _, n = _walk(model, layout, thetas, data, None, shortcut, buffers, counts, [], rows_seen)
+    except ValueError as err:
+        # torch's "Expected more than 1 value per channel when training": a BatchNorm's batch
+        # statistics of a single row (BatchNorm1d on [1, C]); said in terms of the data
+        if fewest[0] == 1 and "value per channel" in str(err):
+            raise ValueError("bn='recompute' computes batch statistics, which need batches of at least 2 rows; data "
+                             "has a batch of 1 row (use larger batches, or drop_last=True in the DataLoader for a "
+                             "1-row last batch)") from err
+        raise
     finally:
         for m, momentum, training in saved:
             m.momentum, m.training = momentum, training
@@ -329,7 +373,7 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         data: one ``(inputs, targets)`` batch or a re-iterable of them (list, DataLoader); inputs a
             tensor or a tuple of positional model arguments. Read once per chunk of points (twice
             with bn='recompute').
-        directions: [m, P] floating point, m = 1 or 2 (e.g. from :func:`random_directions`).
+        directions: [m, P] floating point and finite, m = 1 or 2 (e.g. from :func:`random_directions`).
         coords: m = 1: a 1-D tensor alphas [n1]; m = 2: a pair (alphas [n1], betas [n2]); at least
             2 offsets per axis. Point (i, j) is theta0 + alphas[i] d1 + betas[j] d2.
         metrics: name -> fn(outputs, targets) -> scalar mean over the batch (e.g. accuracy),
@@ -397,6 +441,11 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
     if P != layout.numel:
         raise ValueError(f"directions must be [m, P] with P = {layout.numel} (the model's trainable parameters), "
                          f"got {tuple(directions.shape)}")
+    if not bool(torch.isfinite(directions).all()):  # [m, P]: checked once, up front
+        bad = [i for i in range(m) if not bool(torch.isfinite(directions[i]).all())]
+        raise ValueError(f"directions must be finite: row(s) {bad} hold NaN or infinity (every point along them "
+                         "would be NaN); check how they were made (e.g. random_directions of a model with NaN "
+                         "weights)")
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
     dist_on = distributed_active(distributed)
@@ -454,7 +503,8 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
     try:
         if hi > lo:
             total = _evaluate(model, layout, theta0, dirs, pts_dev, lo, hi, c, r, data, fns, layers, means,
-                              first_layer, checksum, progress, adaptive=batch_points is None)
+                              first_layer, checksum, progress, adaptive=batch_points is None,
+                              labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)])
     except Exception as e:  # under torch.distributed: reported to the other ranks, raised after the gather
         if not dist_on:
             raise
@@ -478,7 +528,7 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
 
 
 def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r, data, fns, layers, means,
-              first_layer, checksum, progress, adaptive: bool = False) -> int:
+              first_layer, checksum, progress, adaptive: bool = False, labels=None) -> int:
     """Points lo:hi of pts_dev, in chunks of c: their means over ``data`` written into means[:, lo:hi];
     returns the number of examples (the same on every pass, else ValueError). ``adaptive`` (the
     default chunk size): a chunk that runs out of memory (torch.OutOfMemoryError, CPU or CUDA) is
@@ -503,7 +553,7 @@ def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r,
                     sc = plan.shortcut(theta0, dirs, pts_dev[s:e])
                     bufs = bn_statistics(model, layout, th, data, layers, sc) if layers else None
                     sums, n = data_sums(model, layout, th, data, fns, r, sc, bufs,
-                                        checksum if total is None else None)
+                                        checksum if total is None else None, labels)
                 except torch.OutOfMemoryError:
                     if not adaptive or c == 1:
                         raise _oom_hint(c, adaptive) from None

@@ -1,6 +1,7 @@
 """The values of a loss landscape on a grid (:class:`LandscapeResult`): saving, loading, plots."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,8 +11,34 @@ from torch import Tensor
 __all__ = ["LandscapeResult"]
 
 
+def _float64(value, name: str) -> Tensor:
+    """``value`` as a float64 CPU tensor; TypeError naming ``name`` when it holds no numbers."""
+    try:
+        return torch.as_tensor(value, dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a tensor (or array) of numbers, got {type(value).__name__}") from None
+
+
 def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t)
+
+
+def _points(points) -> list[tuple[str, tuple[float, float]]]:
+    """plot_contour's ``points`` (None or a dict label -> (alpha, beta)) as (label, (alpha, beta))
+    pairs; TypeError for anything else."""
+    if points is None:
+        return []
+    if not isinstance(points, Mapping):
+        raise TypeError("points must be a dict label -> (alpha, beta), e.g. {'SGD': (0, 0), 'SWA': (1, 0)}, got "
+                        f"{type(points).__name__}")
+    out = []
+    for name, xy in points.items():
+        try:
+            pa, pb = xy
+            out.append((name, (float(pa), float(pb))))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"points[{name!r}] must be a pair (alpha, beta) of numbers, got {xy!r}") from None
+    return out
 
 
 @dataclass
@@ -29,13 +56,22 @@ class LandscapeResult:
     metrics: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.coords = tuple(torch.as_tensor(c, dtype=torch.float64).cpu() for c in self.coords)
-        self.loss = torch.as_tensor(self.loss, dtype=torch.float64).cpu()
-        self.metrics = {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in self.metrics.items()}
-        shape = tuple(len(c) for c in self.coords)
-        if len(shape) not in (1, 2) or any(c.dim() != 1 for c in self.coords):
+        if torch.is_tensor(self.coords) or not isinstance(self.coords, (tuple, list)):
+            raise TypeError("coords must be a tuple of 1-D tensors, (alphas,) or (alphas, betas), got "
+                            f"{type(self.coords).__name__} (wrap a single axis as (alphas,))")
+        if not isinstance(self.metrics, Mapping):
+            raise TypeError("metrics must be a dict name -> tensor of the loss's shape, got "
+                            f"{type(self.metrics).__name__}")
+        for k in self.metrics:
+            if not isinstance(k, str) or not k:
+                raise TypeError(f"metrics keys must be non-empty strings (they name the saved arrays), got {k!r}")
+        self.coords = tuple(_float64(c, f"coords[{i}]") for i, c in enumerate(self.coords))
+        self.loss = _float64(self.loss, "loss")
+        self.metrics = {k: _float64(v, f"metrics[{k!r}]") for k, v in self.metrics.items()}
+        if len(self.coords) not in (1, 2) or any(c.dim() != 1 for c in self.coords):
             raise ValueError(f"coords must be 1 or 2 one-dimensional tensors, got shapes "
                              f"{[tuple(c.shape) for c in self.coords]}")
+        shape = tuple(len(c) for c in self.coords)
         for name, v in [("loss", self.loss)] + [(f"metrics[{k!r}]", v) for k, v in self.metrics.items()]:
             if tuple(v.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} (the lengths of coords), got {tuple(v.shape)}")
@@ -103,6 +139,7 @@ class LandscapeResult:
             levels, filled, kwargs: passed to ``ax.contour`` / ``ax.contourf``.
         """
         self._need(2, "plot_contour")
+        marks = _points(points)  # checked before anything is drawn
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -113,7 +150,7 @@ class LandscapeResult:
         cs = (ax.contourf if filled else ax.contour)(a, b, values.T, levels=levels, **kwargs)
         if not filled:
             ax.clabel(cs, inline=True, fontsize=7)
-        for name, (pa, pb) in (points or {}).items():
+        for name, (pa, pb) in marks:
             ax.plot([float(pa)], [float(pb)], marker="o", linestyle="none")
             ax.annotate(str(name), (float(pa), float(pb)), textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel("alpha")
