@@ -12,6 +12,7 @@ activations and output gradients instead of [N, C, P] Jacobians.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ from . import marglik as ml
 from ._layers import build_layers
 from ._likelihood import (CURVATURES, LIKELIHOODS, check_targets, directions, log_likelihood, outputs_2d,
                           summed_loss)
+from .eigenbasis import METHODS as EIGH_METHODS
 from .factors import STRUCTURES, Recorder, backprop, block_parts
 from .lowrank import LowRankCurvature, LowRankPrecision
 from .precision import PRECISIONS
@@ -40,6 +42,8 @@ SUBSETS = ("all", "last_layer")
 BIAS_BLOCKS = ("joint", "separate")
 SHARING = ("expand", "reduce")
 PRED_TYPES = ("glm", "nn")
+_CONSTRUCTOR = object()  # Laplace._plan: the prior given to the constructor (or set before fit)
+_STATE_NAMES = ("state_dict['prior_precision']", "state_dict['prior_mean']")
 
 
 _STRUCTURES = {**STRUCTURES, "lowrank": LowRankCurvature}
@@ -59,6 +63,47 @@ def _choice(value, options, name):
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def _check_sigma(value, likelihood: str, dtype, device, name: str = "sigma_noise") -> Tensor:
+    """sigma_noise (a float or a one-value tensor; a tensor keeps its autograd graph) as a tensor [],
+    finite and > 0, and 1 unless the likelihood is 'regression'; one path for the constructor,
+    the setter, log_marginal_likelihood and load_state_dict."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or torch.is_tensor(value)):
+        raise TypeError(f"{name} must be a float > 0 or a one-value tensor, got {type(value).__name__}")
+    if torch.is_tensor(value) and (value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a real tensor (the noise standard deviation), got {value.dtype}")
+    t = value.to(dtype=dtype, device=device) if torch.is_tensor(value) else \
+        torch.tensor(float(value), dtype=dtype, device=device)
+    if t.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (a float or a tensor with one value), got shape "
+                         f"{tuple(t.shape)}")
+    t = t.reshape(())
+    v = float(t.detach())
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    if likelihood != "regression" and v != 1.0:
+        raise ValueError(f"sigma_noise is the regression noise; likelihood={likelihood!r} needs {name}=1, "
+                         f"got {v}")
+    return t
+
+
+def _check_prior_mean(value, P: int | None, dtype, device, name: str = "prior_mean") -> Tensor:
+    """prior_mean (a float, or a tensor [] / [1] / [P]) as a finite tensor; ``P=None`` (a last-layer
+    Laplace before fit) leaves the length of a 1-D tensor to fit."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or torch.is_tensor(value)):
+        raise TypeError(f"{name} must be a float or a tensor [P], got {type(value).__name__}")
+    if torch.is_tensor(value) and (value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
+    t = value.to(dtype=dtype, device=device) if torch.is_tensor(value) else \
+        torch.tensor(float(value), dtype=dtype, device=device)
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() != 1 and P is not None and t.numel() != P) or \
+            (t.dim() == 1 and not t.numel()):
+        raise ValueError(f"{name} must be a float or a tensor [P]{f' = [{P}]' if P is not None else ''}, got "
+                         f"{tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite (no NaN or infinity)")
+    return t
 
 
 class Laplace(Posterior):
@@ -111,24 +156,30 @@ class Laplace(Posterior):
         self.kfac_approx = _choice(kfac_approx, SHARING, "kfac_approx")
         self.unsupported = _choice(unsupported, ("error", "diag"), "unsupported")
         self.mc_samples = check_count(mc_samples, "mc_samples", 1)
-        self.eigh_method = eigh_method
+        self.eigh_method = _choice(eigh_method, EIGH_METHODS, "eigh_method")
         self.temperature = check_positive_float(temperature, "temperature")
-        sigma = check_positive_float(float(sigma_noise), "sigma_noise") if not torch.is_tensor(sigma_noise) else sigma_noise
-        if likelihood != "regression" and float(sigma) != 1.0:
-            raise ValueError(f"sigma_noise is the regression noise; likelihood={likelihood!r} needs sigma_noise=1")
         self.dtype, self.device = self.layout.dtype, self.layout.device
-        self._sigma = torch.as_tensor(float(sigma), dtype=self.dtype, device=self.device)
-        self._prior_value = prior_precision
-        self._prior_mean_value = prior_mean
+        self._sigma = _check_sigma(sigma_noise, likelihood, self.dtype, self.device).detach().clone()
+        self._prior_value, self._prior_mean_value = prior_precision, prior_mean
         self._prior: Tensor | None = None
         self.layers = None
         self._fitted = None  # (curvature, loss, n_data, n_outputs, mean, precision)
         if self.subset_of_weights == "all":
             self._setup(set(self.layout.names))
+        else:  # the last layer is found in fit(): what can be checked without it is checked now
+            self._prior_value = ml.check_prior(prior_precision, None, None, self.hessian_structure, self.dtype,
+                                               self.device)
+            self._prior_mean_value = _check_prior_mean(prior_mean, None, self.dtype, self.device)
 
     # ---- covered parameters ------------------------------------------------------------------------------
-    def _setup(self, selected: set[str]) -> None:
-        """Build the layers and blocks of the covered parameters and their selection order."""
+    # the attributes _setup assigns (a failed last-layer fit or load puts the previous ones back)
+    _SETUP = ("layers", "blocks", "positions", "n_params", "_prior", "prior_mean", "last_layer_name")
+
+    def _plan(self, selected: set[str], prior=_CONSTRUCTOR, prior_mean=_CONSTRUCTOR,
+              names=("prior_precision", "prior_mean")) -> dict:
+        """The layers and blocks of the covered parameters, their selection order and the checked
+        prior (``prior`` / ``prior_mean``, default the constructor's), as the attributes
+        :meth:`_setup` assigns; nothing on self changes here."""
         layers = build_layers(self.model, self.layout, selected, bias_block=self.bias_block,
                               sharing=self.kfac_approx, unsupported=self.unsupported)
         blocks = [b for layer in layers for b in layer.blocks]
@@ -137,16 +188,27 @@ class Laplace(Posterior):
         rank[positions] = torch.arange(positions.numel())
         for b in blocks:
             b.sel = rank[b.index].to(self.device)
-        self.layers, self.blocks = layers, blocks
-        self.positions = positions.to(self.device)
-        self.n_params = positions.numel()
-        self._prior = ml.check_prior(self._prior_value, blocks, self.n_params, self.hessian_structure, self.dtype,
-                                     self.device)
-        pm = self._prior_mean_value
-        pm = torch.as_tensor(pm, dtype=self.dtype, device=self.device)
-        if pm.dim() > 1 or (pm.dim() == 1 and pm.numel() not in (1, self.n_params)):
-            raise ValueError(f"prior_mean must be a float or a tensor [P] = [{self.n_params}], got {tuple(pm.shape)}")
-        self.prior_mean = pm
+        n_params = positions.numel()
+        prior = ml.check_prior(self._prior_value if prior is _CONSTRUCTOR else prior, blocks, n_params,
+                               self.hessian_structure, self.dtype, self.device, names[0])
+        pm = _check_prior_mean(self._prior_mean_value if prior_mean is _CONSTRUCTOR else prior_mean, n_params,
+                               self.dtype, self.device, names[1])
+        return dict(layers=layers, blocks=blocks, positions=positions.to(self.device), n_params=n_params,
+                    _prior=prior, prior_mean=pm)
+
+    def _setup(self, selected: set[str]) -> None:
+        """Build the layers and blocks of the covered parameters and their selection order."""
+        self.__dict__.update(self._plan(selected))
+
+    def _setup_state(self) -> dict:
+        return {k: self.__dict__[k] for k in self._SETUP if k in self.__dict__}
+
+    def _restore_setup(self, saved: dict) -> None:
+        for k in self._SETUP:
+            if k in saved:
+                self.__dict__[k] = saved[k]
+            else:
+                self.__dict__.pop(k, None)
 
     def _find_last_layer(self, x) -> None:
         """subset_of_weights='last_layer': the last module with trainable parameters the forward calls."""
@@ -159,9 +221,9 @@ class Laplace(Posterior):
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"subset_of_weights='last_layer' needs the last layer with parameters to be nn.Linear; "
                              f"it is {name!r} ({type(mod).__name__})")
-        self.last_layer_name = name
         prefix = f"{name}." if name else ""
         self._setup({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad})
+        self.last_layer_name = name
 
     # ---- prior -------------------------------------------------------------------------------------------
     @property
@@ -171,8 +233,8 @@ class Laplace(Posterior):
 
     @prior_precision.setter
     def prior_precision(self, value) -> None:
-        if self.layers is None:
-            self._prior_value = value
+        if self.layers is None:  # a last-layer Laplace before fit: checked as far as possible now, its length at fit
+            self._prior_value = ml.check_prior(value, None, None, self.hessian_structure, self.dtype, self.device)
             return
         self._prior = ml.check_prior(value, self.blocks, self.n_params, self.hessian_structure, self.dtype, self.device)
 
@@ -182,12 +244,7 @@ class Laplace(Posterior):
 
     @sigma_noise.setter
     def sigma_noise(self, value) -> None:
-        t = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(())
-        if not (bool(torch.isfinite(t.detach())) and float(t.detach()) > 0):
-            raise ValueError(f"sigma_noise must be finite and > 0, got {float(t.detach())}")
-        if self.likelihood != "regression" and float(t.detach()) != 1.0:
-            raise ValueError("sigma_noise can only change for likelihood='regression'")
-        self._sigma = t
+        self._sigma = _check_sigma(value, self.likelihood, self.dtype, self.device)
 
     def _scale(self, sigma: Tensor | None = None) -> Tensor:
         sigma = self._sigma if sigma is None else sigma
@@ -212,6 +269,16 @@ class Laplace(Posterior):
         passes its own shard and the accumulated curvature, loss and counts are summed over
         processes (one all-reduce). Nothing changes when it fails (empty loader, bad targets,
         non-finite curvature)."""
+        # a last-layer Laplace finds its layer here: a failed fit forgets it again (state unchanged)
+        saved = self._setup_state() if self.layers is None else None
+        try:
+            return self._fit(loader, progress, generator)
+        except BaseException:
+            if saved is not None:
+                self._restore_setup(saved)
+            raise
+
+    def _fit(self, loader, progress: bool, generator) -> "Laplace":
         self.layout.params()
         if torch.is_tensor(loader):
             raise TypeError("fit needs an iterable of (inputs, targets) batches (e.g. a DataLoader), not a tensor")
@@ -301,10 +368,11 @@ class Laplace(Posterior):
             raise ValueError(f"the processes' models output different numbers of columns ({lo} and {hi})")
         return hi or None
 
-    def _new_curvature(self):
+    def _new_curvature(self, blocks=None):
+        blocks = self.blocks if blocks is None else blocks
         if self.hessian_structure == "lowrank":
-            return LowRankCurvature(self.blocks, self.dtype, self.device, self.low_rank)
-        return STRUCTURES[self.hessian_structure](self.blocks, self.dtype, self.device)
+            return LowRankCurvature(blocks, self.dtype, self.device, self.low_rank)
+        return STRUCTURES[self.hessian_structure](blocks, self.dtype, self.device)
 
     def _new_precision(self, curv):
         if self.hessian_structure == "kron":
@@ -329,15 +397,37 @@ class Laplace(Posterior):
     @staticmethod
     def _split(item, i: int):
         if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0]) and torch.is_tensor(item[1])):
-            raise TypeError(f"batch {i} must be an (inputs, targets) pair of tensors, got {type(item).__name__}")
+            hint = (" (a loader item that is one tensor: was (X, Y) passed itself? wrap it: [(X, Y)])"
+                    if torch.is_tensor(item) else "")
+            raise TypeError(f"batch {i} must be an (inputs, targets) pair of tensors, got {type(item).__name__}{hint}: "
+                            "pass an iterable of (inputs, targets) batches, e.g. [(X, Y)] or a DataLoader")
         return item[0], item[1]
 
     def _forward(self, x) -> tuple[Tensor, list]:
         """Forward of inputs [N, ...] with the covered layers recorded; (outputs [N, C], layers)."""
         x = x.to(self.device)
         with torch.enable_grad(), Recorder(self.layers):
-            out = outputs_2d(self.model(x), self.likelihood)
+            try:
+                out = self.model(x)
+            except RuntimeError as e:
+                self._dtype_hint(x, e)
+                raise
+            out = outputs_2d(out, self.likelihood)
         return out, self.layers
+
+    def _dtype_hint(self, x, error: Exception) -> None:
+        """After the model's forward raised ``error`` on inputs ``x``: a TypeError naming the inputs'
+        and the parameters' dtypes when they differ (torch's own message names neither the data
+        nor the fix). Checked only once the forward has failed: no cost, and a model that casts
+        its inputs itself is not refused."""
+        if not torch.is_tensor(x) or x.dtype == self.dtype:
+            return
+        if x.is_floating_point() or "type" in str(error).lower():
+            cast = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()",
+                    torch.bfloat16: ".bfloat16()"}.get(self.dtype, f".to({self.dtype})")
+            model = f" or the model (model.to({x.dtype}), then fit again)" if x.is_floating_point() else ""
+            raise TypeError(f"the inputs are {x.dtype} but the model's parameters {self.dtype}: cast the data "
+                            f"(x{cast}){model} so that they agree") from error
 
     def _all_reduce(self, curv, loss: Tensor, n: int):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -409,10 +499,14 @@ class Laplace(Posterior):
         tensor differentiable in ``prior_precision`` and ``sigma_noise`` when they are tensors that
         require grad; given values replace the current ones (laplace-torch's behaviour)."""
         self._need_fit()
-        if prior_precision is not None:
-            self.prior_precision = prior_precision
-        if sigma_noise is not None:
-            self.sigma_noise = sigma_noise
+        # both checked before either is stored: a bad one changes nothing
+        prior = None if prior_precision is None else ml.check_prior(
+            prior_precision, self.blocks, self.n_params, self.hessian_structure, self.dtype, self.device)
+        sigma = None if sigma_noise is None else _check_sigma(sigma_noise, self.likelihood, self.dtype, self.device)
+        if prior is not None:
+            self._prior = prior
+        if sigma is not None:
+            self._sigma = sigma
         return self._lml(self._prior, self._sigma)
 
     def optimize_prior_precision(self, method: str = "marglik", prior_structure: str = "scalar", *,
@@ -463,12 +557,23 @@ class Laplace(Posterior):
             raise ValueError("method='gridsearch' needs val_loader (an iterable of (inputs, targets) batches)")
         grid_size = check_count(grid_size, "grid_size", 2)
         _choice(pred_type, PRED_TYPES, "pred_type")
+        grid = self._grid(rng, grid_size)
         batches = [self._split(item, i) for i, item in enumerate(loader_batches(val_loader))]
         if not batches or sum(y.shape[0] for _, y in batches) == 0:
             raise ValueError("val_loader yielded no rows")
+        for i, (xb, yb) in enumerate(batches):
+            if xb.dim() == 0 or yb.dim() == 0 or yb.shape[0] != xb.shape[0]:
+                raise ValueError(f"val_loader batch {i}: {tuple(yb.shape)} targets for inputs {tuple(xb.shape)}; "
+                                 "one target per input row")
         x = torch.cat([b[0] for b in batches])
-        y = torch.cat([b[1] for b in batches]).to(self.device)
-        grid = torch.logspace(rng[0], rng[1], grid_size, dtype=torch.float64).tolist()
+        y = torch.cat([b[1] for b in batches])
+        # the targets against outputs [N, C] of the fitted width before anything is predicted: class
+        # indices (integers in [0, C)), 0/1 for 'binary', the outputs' shape for 'regression'
+        try:
+            y = check_targets(y, torch.empty(x.shape[0], self.n_outputs, dtype=self.dtype, device=self.device),
+                              self.likelihood)
+        except ValueError as e:
+            raise ValueError(f"val_loader: {e}") from None
         if pred_type == "glm":
             self._check_at_mean("the GLM predictive")
         pieces = self._glm_pieces(x, 1024) if pred_type == "glm" else None
@@ -484,8 +589,12 @@ class Laplace(Posterior):
                     nll = self._nll_nn(x, y, n_samples)
                 finally:
                     self._prior = old
-            if nll < best_nll:
+            if nll < best_nll:  # a NaN or infinite NLL is never chosen
                 best, best_nll = prior, nll
+        if best is None:
+            raise RuntimeError("gridsearch: the validation NLL is NaN or infinite at every grid point (the "
+                               "predictions overflowed); check the validation data, or narrow log_prior_prec_range; "
+                               "the prior precision is unchanged")
         if float(best) in (grid[0], grid[-1]):
             import warnings
             edge = "upper" if float(best) == grid[-1] else "lower"
@@ -496,6 +605,28 @@ class Laplace(Posterior):
         self._prior = best
         return best
 
+    def _grid(self, rng, grid_size: int) -> list[float]:
+        """The grid 10**linspace(low, high) of the prior precision for ``log_prior_prec_range`` =
+        (low, high): two finite numbers, low < high, inside the span where 10**x is a finite
+        positive (normal) number of the model's dtype (ValueError saying the span otherwise)."""
+        ok = isinstance(rng, (tuple, list)) and len(rng) == 2 and all(
+            (isinstance(v, numbers.Real) and not isinstance(v, bool)) or (torch.is_tensor(v) and v.numel() == 1
+                                                                          and not v.is_complex()) for v in rng)
+        if not ok:
+            raise TypeError(f"log_prior_prec_range must be two numbers (low, high), log10 of the prior precision, "
+                            f"e.g. (-4, 4); got {rng!r}")
+        lo, hi = float(rng[0]), float(rng[1])
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+            raise ValueError(f"log_prior_prec_range must be two finite numbers low < high (log10 of the prior "
+                             f"precision), got {rng!r}")
+        fi = torch.finfo(self.dtype)
+        span = (math.log10(fi.tiny), math.log10(fi.max))
+        grid = torch.logspace(lo, hi, grid_size, dtype=torch.float64).to(self.dtype)
+        if lo < span[0] or hi > span[1] or not bool(torch.isfinite(grid).all() and (grid >= fi.tiny).all()):
+            raise ValueError(f"log_prior_prec_range={tuple(rng)!r} leaves the usable span [{span[0]:.2f}, "
+                             f"{span[1]:.2f}] of the model's {self.dtype}: 10**x must be a finite prior precision > 0")
+        return grid.tolist()
+
     def _nll(self, f_mu, f_var, y, link_approx, n_samples) -> float:
         if self.likelihood == "regression":
             yt = check_targets(y, f_mu, "regression")
@@ -505,7 +636,7 @@ class Laplace(Posterior):
         return _class_nll(p, y, self.likelihood)
 
     def _nll_nn(self, x, y, n_samples) -> float:
-        out = Posterior.predict(self, x, n_samples, likelihood=self.likelihood)
+        out = self._nn_predict(x, n_samples)
         if self.likelihood == "regression":
             mean, var = out
             mean, var = outputs_2d(mean, "regression"), outputs_2d(var, "regression") + self._sigma.square()
@@ -555,23 +686,32 @@ class Laplace(Posterior):
         J P^-1 J^T), without [N, C, P] Jacobians for 'kron' and 'diag'."""
         batch_size = check_count(batch_size, "batch_size", 1)
         self._check_at_mean("the GLM predictive")
-        mus, vars_ = [], []
+        mus, vars_, n_inputs = [], [], 0
         for xb in iterate_inputs(x, batch_size):  # one batch's Jacobian parts alive at a time
+            n_inputs += 1
+            if xb.shape[0] == 0:  # no rows: nothing to linearise (the 'nn' path returns [0, C] too)
+                continue
             f_mu, f_var = self._glm_moments(self._glm_pieces(xb, batch_size))
             mus.append(f_mu), vars_.append(f_var)
-        if not mus:
+        if not n_inputs:
             raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
+        if not mus:
+            C = self.n_outputs
+            return (torch.empty(0, C, dtype=self.dtype, device=self.device),
+                    torch.empty(0, C, C, dtype=self.dtype, device=self.device))
         return torch.cat(mus), torch.cat(vars_)
 
     def la(self, x, pred_type: str = "glm", link_approx: str = "probit", n_samples: int = 100, *,
-           generator: torch.Generator | None = None, batch_size: int = 256):
+           generator: torch.Generator | None = None, batch_size: int | None = None):
         """laplace-torch's ``__call__``: classification -> probabilities [N, C] ('binary': [N]);
         regression -> (f_mu [N, C], f_var [N, C, C]) for 'glm' (the epistemic, functional variance:
-        sigma^2 is not in it), (mean [N, C], variance [N, C] over draws) for 'nn'."""
+        sigma^2 is not in it), (mean [N, C], variance [N, C] over draws) for 'nn'. ``batch_size``:
+        rows per forward when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
         _choice(pred_type, PRED_TYPES, "pred_type")
         n_samples = check_count(n_samples, "n_samples", 1)
+        batch_size = self._batch_size(batch_size, pred_type)
         if pred_type == "nn":
-            out = Posterior.predict(self, x, n_samples, likelihood=self.likelihood, generator=generator)
+            out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size)
             if self.likelihood == "regression":
                 return outputs_2d(out[0], "regression"), outputs_2d(out[1], "regression")
             return out
@@ -582,19 +722,36 @@ class Laplace(Posterior):
 
     __call__ = la
 
+    @staticmethod
+    def _batch_size(batch_size, pred_type: str) -> int:
+        if batch_size is None:
+            return 256 if pred_type == "glm" else 1024  # the GLM path's and Posterior.predict's defaults
+        return check_count(batch_size, "batch_size", 1)
+
+    def _nn_predict(self, x, n_samples: int, **options):
+        """Posterior.predict (the BMA over draws), float inputs of another dtype than the model's
+        named in a TypeError when the forward fails on them."""
+        try:
+            return Posterior.predict(self, x, n_samples, likelihood=self.likelihood, **options)
+        except RuntimeError as e:
+            self._dtype_hint(x, e)
+            raise
+
     def predict(self, x, n_samples: int = 100, *, pred_type: str = "glm", link_approx: str = "probit",
-                likelihood: str | None = None, generator: torch.Generator | None = None, batch_size: int = 256,
-                **options):
+                likelihood: str | None = None, generator: torch.Generator | None = None,
+                batch_size: int | None = None, **options):
         """The posterior predictive: probabilities [N, C] (binary: [N]) for classification, and for
         regression a :class:`RegressionPredictive` (mean, total variance = sigma^2 + epistemic,
         aleatoric, epistemic; [N, C] each). ``pred_type='nn'`` averages ``n_samples`` weight draws
         through the one BMA loop of :class:`~pyfastbayes.posteriors.Posterior` (``options``: its
-        ``bn_loader``, ``progress``, ``input_fn``, ``output_fn``)."""
+        ``bn_loader``, ``progress``, ``input_fn``, ``output_fn``); ``batch_size``: rows per forward
+        when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
         if likelihood is not None and likelihood != self.likelihood:
             raise ValueError(f"this Laplace was built for likelihood={self.likelihood!r}, got {likelihood!r}")
         _choice(pred_type, PRED_TYPES, "pred_type")
+        batch_size = self._batch_size(batch_size, pred_type)
         if pred_type == "nn":
-            out = Posterior.predict(self, x, n_samples, likelihood=self.likelihood, generator=generator, **options)
+            out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size, **options)
             if self.likelihood != "regression":
                 return out
             mean, epi = outputs_2d(out[0], "regression"), outputs_2d(out[1], "regression")
@@ -680,38 +837,86 @@ class Laplace(Posterior):
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Load what :meth:`state_dict` saved (the model must hold the same weights). Every entry is
+        checked, and the eigendecomposition that may fail is done, before anything is assigned:
+        a failed load leaves this Laplace as it was."""
         self._check_header(state)
         config = dict(likelihood=self.likelihood, subset_of_weights=self.subset_of_weights,
                       hessian_structure=self.hessian_structure, curvature=self.curvature, bias_block=self.bias_block,
                       kfac_approx=self.kfac_approx, temperature=self.temperature)
         if state.get("config") != config:
             raise ValueError(f"state_dict was saved by a Laplace with {state.get('config')}, this one has {config}")
-        if self.layers is None:
+        for key in ("blocks", "curvature_tensors", "counts", "loss", "n_data", "n_outputs", "mean", "prior_precision",
+                    "prior_mean", "sigma_noise") + (("last_layer",) if self.subset_of_weights == "last_layer" else ()):
+            if key not in state:
+                raise ValueError(f"state_dict has no {key!r}: it was not saved by Laplace.state_dict()")
+        # the covered layers, blocks and prior, planned without touching self
+        if self.subset_of_weights == "last_layer":
             name = state["last_layer"]
-            mod = self.model.get_submodule(name)
+            mod = self._saved_last_layer(name)
             prefix = f"{name}." if name else ""
-            self.last_layer_name = name
-            self._setup({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad})
-        if state.get("blocks") != [b.name for b in self.blocks]:
-            raise ValueError(f"state_dict has blocks {state.get('blocks')}, this model {[b.name for b in self.blocks]}")
-        curv = self._new_curvature()
-        tensors = curv.tensors()
-        saved = state["curvature_tensors"]
-        if len(saved) != len(tensors) or any(a.shape != b.shape for a, b in zip(saved, tensors)):
-            raise ValueError("state_dict's curvature tensors do not fit this model's blocks")
+            plan = self._plan({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad},
+                              state["prior_precision"], state["prior_mean"], _STATE_NAMES)
+            plan["last_layer_name"] = name
+        else:
+            plan = dict(_prior=ml.check_prior(state["prior_precision"], self.blocks, self.n_params,
+                                              self.hessian_structure, self.dtype, self.device, _STATE_NAMES[0]),
+                        prior_mean=_check_prior_mean(state["prior_mean"], self.n_params, self.dtype, self.device,
+                                                     _STATE_NAMES[1]))
+        blocks = plan.get("blocks", getattr(self, "blocks", None))
+        if state["blocks"] != [b.name for b in blocks]:
+            raise ValueError(f"state_dict has blocks {state['blocks']}, this model {[b.name for b in blocks]}")
+        sigma = _check_sigma(state["sigma_noise"], self.likelihood, self.dtype, self.device,
+                             "state_dict['sigma_noise']").detach().clone()
+        loss = self._check_state_tensor(state, "loss", ())
+        n_data = state["n_data"]
+        n_outputs = state["n_outputs"]
+        for key, v in (("n_data", n_data), ("n_outputs", n_outputs)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"state_dict[{key!r}] must be an int >= 1, got {v!r}")
+        if self.likelihood == "binary" and n_outputs != 1:
+            raise ValueError(f"state_dict['n_outputs'] must be 1 for likelihood='binary', got {n_outputs}")
         mean = self._check_state_tensor(state, "mean", (self.layout.numel,))
         if not torch.equal(self.layout.flatten(), mean.to(self.device, self.dtype)):
             raise ValueError("state_dict was saved at other weights than the model's current ones: load the model's "
                              "own state_dict (the MAP the Laplace was fitted at) first")
+        curv = self._new_curvature(blocks)
+        tensors = curv.tensors()
+        saved = state["curvature_tensors"]
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(tensors) or any(
+                not torch.is_tensor(a) or a.shape != b.shape for a, b in zip(saved, tensors)):
+            raise ValueError("state_dict's curvature tensors do not fit this model's blocks")
         for t, v in zip(tensors, saved):
+            if v.is_complex() or not bool(torch.isfinite(v).all()):
+                raise ValueError("state_dict's curvature tensors hold NaN or infinity (or complex values); Laplace "
+                                 "refuses them (fit would have refused such a curvature)")
             t.copy_(v)
-        curv.set_counts(state["counts"])
-        self.prior_precision = state["prior_precision"]
-        self.prior_mean = state["prior_mean"].to(self.device, self.dtype)
-        self._sigma = state["sigma_noise"].to(self.device, self.dtype)
-        precision = self._new_precision(curv)
-        self._fitted = (curv, state["loss"].to(self.device, self.dtype), int(state["n_data"]), int(state["n_outputs"]),
+        counts = state["counts"]
+        if not isinstance(counts, (list, tuple)) or len(counts) != len(curv.counts()) or any(
+                isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in counts):
+            raise ValueError(f"state_dict['counts'] must be {len(curv.counts())} ints >= 0 (the Kronecker blocks' row "
+                             f"counts), got {counts!r}")
+        curv.set_counts(counts)
+        precision = self._new_precision(curv)  # the eigendecomposition, the one step that may still fail
+        # everything checked: assign
+        self.__dict__.update(plan)
+        self._sigma = sigma
+        self._fitted = (curv, loss.to(self.device, self.dtype), int(n_data), int(n_outputs),
                         mean.to(self.device, self.dtype), precision)
+
+    def _saved_last_layer(self, name) -> nn.Module:
+        """The module ``name`` a last-layer state_dict was saved for: an nn.Linear of this model."""
+        if not isinstance(name, str):
+            raise ValueError(f"state_dict['last_layer'] must be a module name (str), got {type(name).__name__}")
+        try:
+            mod = self.model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"state_dict['last_layer'] = {name!r} is not a module of this model: the state_dict "
+                             "was saved for another architecture") from None
+        if not isinstance(mod, nn.Linear) or not any(p.requires_grad for p in mod.parameters(recurse=False)):
+            raise ValueError(f"state_dict['last_layer'] = {name!r} is not an nn.Linear with trainable parameters in "
+                             f"this model (it is {type(mod).__name__})")
+        return mod
 
 
 def _class_nll(p: Tensor, y: Tensor, likelihood: str) -> float:

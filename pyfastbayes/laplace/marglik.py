@@ -34,22 +34,27 @@ def expand_prior(prior: Tensor, blocks, P: int) -> Tensor:
     return prior
 
 
-def check_prior(value, blocks, P: int, structure: str, dtype, device, name: str = "prior_precision") -> Tensor:
-    """``value`` (a positive float or tensor of shape [], [1], [n_blocks] or [P]) as a tensor, checked."""
+def check_prior(value, blocks, P: int | None, structure: str, dtype, device, name: str = "prior_precision") -> Tensor:
+    """``value`` (a positive float or tensor of shape [], [1], [n_blocks] or [P]) as a tensor, checked.
+
+    ``blocks=None, P=None``: the covered layers are not known yet (a last-layer Laplace before
+    fit finds them): everything but the length of a 1-D tensor is checked now, that at fit."""
+    known = blocks is not None
+    shapes = f"[], [1], [n_blocks] = [{len(blocks)}] or [P] = [{P}]" if known else "[], [1], [n_blocks] or [P]"
     if isinstance(value, bool) or not (isinstance(value, (int, float)) or torch.is_tensor(value)):
-        raise TypeError(f"{name} must be a positive float or a tensor ([], [n_blocks] = [{len(blocks)}] or "
-                        f"[P] = [{P}]), got {type(value).__name__}")
+        raise TypeError(f"{name} must be a positive float or a tensor ({shapes}), got {type(value).__name__}")
+    if torch.is_tensor(value) and (value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a real tensor (a prior precision > 0), got {value.dtype}")
     t = torch.as_tensor(value, dtype=dtype, device=device) if not torch.is_tensor(value) else value.to(dtype=dtype, device=device)
-    if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, len(blocks), P)):
-        raise ValueError(f"{name} must have shape [], [1], [n_blocks] = [{len(blocks)}] or [P] = [{P}], got "
-                         f"{tuple(t.shape)}")
+    if t.dim() > 1 or (t.dim() == 1 and (not t.numel() or (known and t.numel() not in (1, len(blocks), P)))):
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(t.shape)}")
     if not bool(torch.isfinite(t.detach()).all()) or not bool((t.detach() > 0).all()):
         raise ValueError(f"{name} must be finite and > 0 (a prior precision), got "
                          f"{t.detach().min().item() if t.numel() else t}")
     if structure == "lowrank" and t.numel() != 1:
         raise ValueError(f"hessian_structure='lowrank' takes one scalar {name} (the low-rank complement is exact "
                          "only for delta I)")
-    if structure == "kron" and t.dim() == 1 and t.numel() == P and t.numel() not in (1, len(blocks)):
+    if known and structure == "kron" and t.dim() == 1 and t.numel() == P and t.numel() not in (1, len(blocks)):
         raise ValueError(f"hessian_structure='kron' takes a scalar or a per-block (layerwise, {len(blocks)}) "
                          f"{name}: the prior is added exactly in each block's Kronecker eigenbasis, which needs "
                          "one value per block; for a per-parameter prior use hessian_structure='diag' or 'full'")
