@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import BayesianConv2d, BayesianLinear
+from .layers import BayesianConv2d, BayesianLinear, check_options
+from .priors import as_prior
 
 
 def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(), estimator: str = "reparam") -> nn.Module:
@@ -12,36 +13,83 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
     ``exclude``) by :class:`BayesianLinear` / :class:`BayesianConv2d` in place, with mu initialised
     from the layer's weights and bias (a MAP warm start), sigma = ``init_std``, the given ``prior``
     (a positive float: Gaussian std; or a prior object) and ``estimator``; returns the model.
-    ValueError when nothing was converted (no such layer, or all excluded)."""
+
+    A layer used at several places (shared weights) becomes ONE Bayesian layer put at all of them
+    (excluded when any of its names is in ``exclude``). Every layer is checked and every
+    replacement built before the first is put in: on an error the model is unchanged (and torch's
+    global CPU generator, which seeds the new layers, is put back). ValueError when nothing would be
+    converted (no such layer, or all excluded), naming the layer that cannot be (e.g. non-zero
+    padding modes); ValueError when ``model`` itself is a Linear / Conv2d (in place cannot replace it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    exclude = {exclude} if isinstance(exclude, str) else set(exclude)
-    names = {n for n, _ in model.named_modules()}
+    exclude = _exclude_names(exclude)
+    check_options(init_std, estimator)
+    as_prior(prior)  # the prior's own error before any layer is built
+    places: dict[int, tuple[nn.Module, list[str]]] = {}  # id -> (layer, every name it has in the model)
+    for n, m in model.named_modules(remove_duplicate=False):
+        if type(m) in (nn.Linear, nn.Conv2d):
+            places.setdefault(id(m), (m, []))[1].append(n)
+    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
     unknown = exclude - names
     if unknown:
         raise ValueError(f"exclude names {sorted(unknown)} that are not submodules of the model")
-    targets = [(n, m) for n, m in model.named_modules()
-               if n not in exclude and type(m) in (nn.Linear, nn.Conv2d)]
+    targets = [(ns, m) for m, ns in places.values() if not exclude.intersection(ns)]
     if not targets:
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to convert (outside exclude)")
-    for name, m in targets:
-        w = m.weight
+    if any("" in ns for ns, _ in targets):
+        raise ValueError(f"model is itself an {type(model).__name__}: to_bayesian converts the layers inside a model "
+                         "in place and cannot replace the model itself; build a BayesianLinear / BayesianConv2d "
+                         "directly or wrap it (nn.Sequential(model))")
+    for ns, m in targets:  # everything that can be seen without building a layer, before any is built
+        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            raise ValueError(f"layer {ns[0]!r}: only zero padding with numeric sizes converts (got "
+                             f"padding={m.padding!r}, padding_mode={m.padding_mode!r}); exclude it")
+    generator_state = torch.get_rng_state()  # each new layer draws its seed and init from it
+    try:
+        built = [(ns, _bayesian(ns[0], m, prior, init_std, estimator)) for ns, m in targets]
+    except BaseException:
+        torch.set_rng_state(generator_state)
+        raise
+    for ns, new in built:  # nothing below can fail: the model changes only from here
+        for name in ns:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def _exclude_names(exclude) -> set[str]:
+    """``exclude`` (a submodule name or an iterable of them) as a set, else a TypeError naming it."""
+    if isinstance(exclude, str):
+        return {exclude}
+    try:
+        names = set(exclude)
+    except TypeError:
+        raise TypeError(f"exclude must be a submodule name or a list of them (e.g. exclude=['fc']), got "
+                        f"{type(exclude).__name__}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"exclude must hold submodule names (str, as in model.named_modules()), got {bad[0]!r}")
+    return names
+
+
+def _bayesian(name: str, m: nn.Module, prior, init_std: float, estimator: str) -> nn.Module:
+    """The Bayesian layer replacing ``m`` (named ``name``): its sizes, device, dtype and training flag,
+    mu = m's weight and bias. A layer whose sizes a Bayesian layer refuses is named in the error."""
+    w = m.weight
+    try:
         if isinstance(m, nn.Linear):
             new = BayesianLinear(m.in_features, m.out_features, m.bias is not None, prior=prior, init_std=init_std,
                                  estimator=estimator)
         else:
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                raise ValueError(f"layer {name!r}: only zero padding with numeric sizes converts (got "
-                                 f"padding={m.padding!r}, padding_mode={m.padding_mode!r}); exclude it")
             new = BayesianConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                                  m.groups, m.bias is not None, prior=prior, init_std=init_std, estimator=estimator)
-        new = new.to(device=w.device, dtype=w.dtype)
-        new.rng = new.rng.to(w.device)
-        with torch.no_grad():
-            new.weight_mu.copy_(w)
-            if m.bias is not None:
-                new.bias_mu.copy_(m.bias)
-        new.train(m.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    return model
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"layer {name!r} ({m}) cannot be converted: {e}; exclude it") from e
+    new = new.to(device=w.device, dtype=w.dtype)
+    new.rng = new.rng.to(w.device)
+    with torch.no_grad():
+        new.weight_mu.copy_(w)
+        if m.bias is not None:
+            new.bias_mu.copy_(m.bias)
+    new.train(m.training)
+    return new

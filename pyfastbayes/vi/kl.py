@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -51,27 +52,32 @@ class _KL(torch.autograd.Function):
 
 def kl_divergence(model: nn.Module) -> Tensor:
     """KL(q || p) summed over every Bayesian layer of ``model`` (a scalar tensor, differentiable in
-    every mu and rho). ValueError when the model has no Bayesian layer; RuntimeError naming the
-    layer when a mu or rho is not finite (a diverged step: nothing is changed here).
+    every mu and rho). ValueError when the model has no Bayesian layer, or naming two layers whose
+    parameters differ in dtype or device; RuntimeError naming the layer when a mu or rho is not
+    finite (a diverged step: nothing is changed here).
 
     The finiteness check reads the KL itself (non-finite exactly when a mu or rho is, or when the
     float32 terms overflow), one 0-dim read per call instead of a pass over every parameter; on
     CUDA that read is the call's one host sync."""
     layers = bayesian_layers(model, required=True)
-    mus, rhos, var = [], [], []
+    mus, rhos, var, labels = [], [], [], []
     mc = []
     for name, layer in layers:
         pairs = ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho))
         if isinstance(layer.prior, GaussianPrior):
             v = layer.prior.std ** 2
-            for mu, rho in pairs:
+            for (mu, rho), pname in zip(pairs, ("weight", "bias")):
                 if mu is not None:
-                    mus.append(mu), rhos.append(rho), var.append(v)
+                    mus.append(mu), rhos.append(rho), var.append(v), labels.append((name, pname))
         else:
             mc.append((layer, [(mu, rho) for mu, rho in pairs if mu is not None]))
     total = None
     if mus:
-        total = _KL.apply(_prior_var(tuple(var), mus[0].device), *mus, *rhos)
+        try:
+            total = _KL.apply(_prior_var(tuple(var), mus[0].device), *mus, *rhos)
+        except RuntimeError:  # the op's own words name tensors by index: name the layers when that is why
+            _check_one_dtype(labels, mus + rhos)
+            raise
     for layer, pairs in mc:
         for mu, rho in pairs:
             sigma = F.softplus(rho)
@@ -82,6 +88,21 @@ def kl_divergence(model: nn.Module) -> Tensor:
     if not math.isfinite(total.item()):  # one read of the 0-dim KL (isfinite + bool would be two ops)
         _raise_nonfinite(layers, total)
     return total
+
+
+def _check_one_dtype(labels: list, tensors: list) -> None:
+    """After the fused reduction failed: a ValueError naming two layers whose parameters differ in
+    dtype or device (the op takes every mu and rho in one, and its own error says 'mus[2] has dtype
+    Float'), saying how to match them; nothing when they agree (the op's error stands).
+    ``tensors`` = mus + rhos, ``labels`` the (layer, weight/bias) of each mu."""
+    labels = [(n, f"{p}_mu") for n, p in labels] + [(n, f"{p}_rho") for n, p in labels]
+    first = (tensors[0].dtype, tensors[0].device)
+    for (name, pname), t in zip(labels, tensors):
+        if (t.dtype, t.device) != first:
+            raise ValueError(f"the Bayesian layers' parameters differ in dtype or device: layer {labels[0][0]!r} "
+                             f"{labels[0][1]} is {first[0]} on {first[1]}, layer {name!r} {pname} is {t.dtype} on "
+                             f"{t.device}; the KL sums them in one op: convert the model with model.to(dtype) "
+                             "(and model.to(device))")
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,10 +130,11 @@ class ELBO(nn.Module):
 
     Args:
         model: the model with Bayesian layers.  num_data: N, the training set size (> 0).
-        kl_weight: beta; a float, or a callable step -> float for KL annealing (``step`` counts
-            calls of this loss).
-        likelihood: 'classification' (cross-entropy of logits [N, C]) or 'regression' (Gaussian
-            NLL with noise std ``sigma``).
+        kl_weight: beta, a finite float >= 0, or a callable step -> float for KL annealing
+            (``step`` counts the successful calls of this loss; a failed call leaves it).
+        likelihood: 'classification' (cross-entropy of logits [N, C], targets [N] class indices)
+            or 'regression' (Gaussian NLL with noise std ``sigma``, finite > 0; targets of the
+            outputs' shape [N, ...], or [N] for outputs [N, 1] and [N, 1] for outputs [N]).
 
     ``loss = elbo(outputs, targets)``; ``elbo.last`` holds (nll, kl) of the last call, detached.
     """
@@ -124,23 +146,53 @@ class ELBO(nn.Module):
             raise ValueError(f"num_data must be an int >= 1 (the training set size), got {num_data!r}")
         if likelihood not in ("classification", "regression"):
             raise ValueError(f"likelihood must be 'classification' or 'regression', got {likelihood!r}")
-        if not callable(kl_weight) and not (isinstance(kl_weight, (int, float)) and kl_weight >= 0):
-            raise ValueError(f"kl_weight must be a float >= 0 or a callable step -> float, got {kl_weight!r}")
-        if not (isinstance(sigma, (int, float)) and sigma > 0):
-            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        if not callable(kl_weight):
+            _check_beta(kl_weight, "kl_weight must be a finite float >= 0 or a callable step -> float")
+        if isinstance(sigma, bool) or not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0 (the regression noise std), got {sigma!r}")
         bayesian_layers(model, required=True)
         self.model, self.num_data, self.kl_weight, self.likelihood, self.sigma = model, num_data, kl_weight, likelihood, sigma
         self.step = 0
         self.last = None
 
     def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        beta = self.kl_weight(self.step) if callable(self.kl_weight) else self.kl_weight
-        self.step += 1
+        if not torch.is_tensor(outputs) or not torch.is_tensor(targets):
+            bad = "outputs" if not torch.is_tensor(outputs) else "targets"
+            raise TypeError(f"{bad} must be a tensor, got {type(outputs if bad == 'outputs' else targets).__name__}")
+        if callable(self.kl_weight):
+            beta = _check_beta(self.kl_weight(self.step), f"kl_weight({self.step}) must return a finite float >= 0")
+        else:
+            beta = self.kl_weight
         if self.likelihood == "classification":
             nll = F.cross_entropy(outputs, targets)
         else:
-            nll = (0.5 * ((outputs - targets.reshape(outputs.shape)) / self.sigma).square()
+            targets = _regression_targets(outputs, targets)
+            nll = (0.5 * ((outputs - targets) / self.sigma).square()
                    + math.log(self.sigma) + 0.5 * math.log(2 * math.pi)).reshape(outputs.shape[0], -1).sum(1).mean()
         kl = kl_divergence(self.model)
+        self.step += 1  # only once the call has succeeded: a failed call does not move the annealing on
         self.last = (nll.detach(), kl.detach())
         return nll + beta * kl / self.num_data
+
+
+def _check_beta(beta, message: str) -> float:
+    """beta as a finite float >= 0 (not a bool), else a ValueError with ``message`` and the value."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"{message}, got {beta!r}")
+    return float(beta)
+
+
+def _regression_targets(outputs: Tensor, targets: Tensor) -> Tensor:
+    """targets in the outputs' shape, for the regression NLL: the same shape, or [N] for outputs
+    [N, 1] and [N, 1] for outputs [N] (the one reshape that keeps each target with its row);
+    anything else is a ValueError (reshaping e.g. [3, 8] into [8, 3] would pair values with the
+    wrong rows)."""
+    if outputs.dim() == 0:
+        raise ValueError("outputs must be a tensor [N, ...] (one row per data point), got a 0-dim tensor")
+    if targets.shape == outputs.shape:
+        return targets
+    n = outputs.shape[0]
+    if (outputs.shape == (n, 1) and targets.shape == (n,)) or (outputs.shape == (n,) and targets.shape == (n, 1)):
+        return targets.reshape(outputs.shape)
+    raise ValueError(f"targets must have the outputs' shape {tuple(outputs.shape)} (or [N] for outputs [N, 1]), "
+                     f"got {tuple(targets.shape)}: reshape or transpose them to match the rows of outputs")

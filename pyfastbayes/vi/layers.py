@@ -3,10 +3,10 @@
 Each weight has q(w) = N(mu, sigma^2), sigma = softplus(rho); parameters ``weight_mu``,
 ``weight_rho``, ``bias_mu``, ``bias_rho`` (bayesian-torch's ``mu_weight`` / ``rho_weight`` names are
 accepted by ``load_state_dict``). Every forward draws new noise from the layer's Philox position, a
-buffer ``rng`` = (seed, step) advanced by one per forward (seeded from torch's global generator at
-construction, so ``torch.manual_seed`` makes runs repeatable, and saved in the state_dict, so a
-loaded layer draws the same noise); the noise is regenerated in the backward, never stored (see
-_functions.py).
+buffer ``rng`` = (seed, step) advanced by one per successful forward (seeded from torch's global
+generator at construction, so ``torch.manual_seed`` makes runs repeatable, and saved in the
+state_dict, so a loaded layer draws the same noise); the noise is regenerated in the backward,
+never stored (see _functions.py).
 
 Estimators: 'reparam' (one weight sample per forward, shared by the batch), 'local' (local
 reparameterisation, Kingma et al. 2015: pre-activations sampled from N(x mu^T, x^2 sigma^2^T),
@@ -16,10 +16,12 @@ by per-example random signs on inputs and outputs).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
 
+from ..calibration._checks import check_int
 from ._functions import Affine, Flipout, LocalMoments, LocalNoise, SampledAffine
 from .priors import as_prior
 
@@ -33,16 +35,33 @@ def _rho(std: float) -> float:
     return std + math.log(-math.expm1(-std))
 
 
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair; TypeError / ValueError naming ``name``
+    (checked here rather than left to the first forward, which would fail after drawing noise)."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return tuple(check_int(v, name, minimum) for v in pair)
+
+
+def check_options(init_std, estimator) -> None:
+    """The layer options every Bayesian layer shares (also checked by to_bayesian before it builds
+    any layer): ``estimator`` one of ESTIMATORS, ``init_std`` a finite real > 0 (not a bool)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real):  # True would silently be sigma = 1
+        raise TypeError(f"init_std must be a float > 0 (the initial sigma), got {type(init_std).__name__}")
+    if not (math.isfinite(init_std) and init_std > 0):
+        raise ValueError(f"init_std must be a finite number > 0 (the initial sigma), got {init_std!r}")
+
+
 class BayesianLayer(nn.Module):
     """What BayesianLinear and BayesianConv2d share: parameters, prior, RNG position, estimators."""
 
     def __init__(self, weight_shape: tuple, bias: bool, prior, init_std: float, estimator: str, affine: Affine,
                  fan_in: int):
         super().__init__()
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
-            raise ValueError(f"init_std must be a finite number > 0 (the initial sigma), got {init_std!r}")
+        check_options(init_std, estimator)
         self.prior = as_prior(prior)
         self.estimator, self.affine = estimator, affine
         self.weight_mu = nn.Parameter(torch.empty(weight_shape))
@@ -63,31 +82,44 @@ class BayesianLayer(nn.Module):
         self.sample_weights = True
         self._register_load_state_dict_pre_hook(_accept_bayesian_torch_names)
 
-    def _next_rng(self) -> Tensor:
-        """This forward's RNG position (a copy) and the buffer advanced by one step: two ops (a
-        clone and an in-place add of (0, 1)), no host sync, so a training step can be captured."""
-        rng = self.rng.clone()
+    def _advance_rng(self) -> None:
+        """Advance the RNG position by one step: one in-place add of (0, 1), no host sync, so a
+        training step can be captured. Called once the forward has succeeded (it drew from a clone
+        of the position), so a failed forward leaves the position, and so the next noise, as it was."""
         self.rng.add_(_step_one(self.rng.device))  # an int64 buffer: no autograd to switch off
-        return rng
 
     def forward(self, x: Tensor) -> Tensor:
         """x [N, ...] -> the layer's output with weights drawn from q (or at the means when
-        ``sample_weights`` is False)."""
+        ``sample_weights`` is False). TypeError when x's dtype is not the parameters' (outside autocast)."""
+        mu = self.weight_mu  # read once: a parametrization recomputes it at every access
+        if x.dtype != mu.dtype:  # one dtype comparison; the slow path only on a mismatch
+            _check_input_dtype(x, mu)
         if not self.sample_weights:
-            return self.affine(x, self.weight_mu, self.bias_mu)
-        rng = self._next_rng()
+            return self.affine(x, mu, self.bias_mu)
+        rng = self.rng.clone()  # this forward's position; the buffer advances below, on success only
         s = self.stream
         if self.estimator == "reparam":
-            return SampledAffine.apply(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, s + 1,
-                                       self.affine)
-        if self.estimator == "local":
-            mean, var = LocalMoments.apply(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, self.affine)
-            return LocalNoise.apply(mean, var, rng, s + 2)
-        # flipout: x mu + b + ((x * s_in) dW^T) * s_out, dW = sigma eps shared by the batch
-        return Flipout.apply(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, self.affine)
+            out = SampledAffine.apply(x, mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, s + 1, self.affine)
+        elif self.estimator == "local":
+            mean, var = LocalMoments.apply(x, mu, self.weight_rho, self.bias_mu, self.bias_rho, self.affine)
+            out = LocalNoise.apply(mean, var, rng, s + 2)
+        else:  # flipout: x mu + b + ((x * s_in) dW^T) * s_out, dW = sigma eps shared by the batch
+            out = Flipout.apply(x, mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, self.affine)
+        self._advance_rng()
+        return out
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator!r}, prior={self.prior!r}"
+
+
+def _check_input_dtype(x: Tensor, mu: Tensor) -> None:
+    """x's dtype differs from the parameters': a TypeError saying how to match them (instead of the
+    op's 'mat1 and mat2 must have the same dtype'), except under autocast, which casts them itself."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    other = f" (or convert the model with model.to({x.dtype}))" if x.is_floating_point() else ""
+    raise TypeError(f"x has dtype {x.dtype} but the Bayesian layer's parameters are {mu.dtype}: pass "
+                    f"x.to({mu.dtype}){other}")
 
 
 _STEP_ONE: dict = {}
@@ -130,6 +162,8 @@ class BayesianLinear(BayesianLayer):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, prior_std: float = 1.0, *,
                  prior=None, init_std: float = 0.05, estimator: str = "reparam"):
+        in_features = check_int(in_features, "in_features", 1)  # 0 would divide by zero in the init
+        out_features = check_int(out_features, "out_features", 1)
         super().__init__((out_features, in_features), bias, prior if prior is not None else prior_std, init_std,
                          estimator, Affine("linear"), in_features)
         self.in_features, self.out_features = in_features, out_features
@@ -142,15 +176,18 @@ class BayesianConv2d(BayesianLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, prior_std: float = 1.0, *, prior=None, init_std: float = 0.05,
                  estimator: str = "reparam"):
-        k = nn.modules.utils._pair(kernel_size)
+        # every size checked here, before any parameter exists: 0 channels or a 0 kernel would divide
+        # by zero in the init, groups=0 take a modulo by zero, a bad stride fail only at the first forward
+        in_channels, out_channels = check_int(in_channels, "in_channels", 1), check_int(out_channels, "out_channels", 1)
+        groups = check_int(groups, "groups", 1)
+        k = _pair(kernel_size, "kernel_size", 1)
         if isinstance(padding, str):
             raise ValueError(f"BayesianConv2d takes numeric padding (int or pair), got {padding!r}")
+        stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
                              f"groups ({groups})")
         super().__init__((out_channels, in_channels // groups, *k), bias, prior if prior is not None else prior_std,
-                         init_std, estimator,
-                         Affine("conv2d", nn.modules.utils._pair(stride), nn.modules.utils._pair(padding),
-                                nn.modules.utils._pair(dilation), groups),
+                         init_std, estimator, Affine("conv2d", stride, padding, dilation, groups),
                          in_channels // groups * k[0] * k[1])
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k

@@ -1,0 +1,280 @@
+"""pyfastbayes.vi on bad input and changed state: every public function refuses with a clear error
+naming the argument, and a call that fails leaves the model, its parameters, buffers (the RNG
+positions included) and the posterior's state as they were.
+
+Each test reproduces an audit finding: to_bayesian converting part of a model before it fails,
+splitting shared layers, VariationalPosterior.load_state_dict loading half a bad state, the ELBO
+scrambling regression targets or counting failed calls, a posterior predicting from stale or NaN
+weights, and the layers' obscure errors."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pyfastbayes.vi import (ELBO, BayesianConv2d, BayesianLinear, VariationalPosterior, kl_divergence,
+                            to_bayesian)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, before):
+    now = model.state_dict()
+    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in now)
+
+
+def _kinds(model):
+    return [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)]
+
+
+def _bayes(estimator="reparam"):
+    torch.manual_seed(0)
+    return to_bayesian(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), init_std=0.2, estimator=estimator)
+
+
+# ---- to_bayesian ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, match", [
+    (nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), "layer '1': only zero padding"),
+    (nn.Conv2d(1, 1, 3, padding="same"), "layer '1': only zero padding"),
+    (nn.Linear(0, 3), "layer '1'.*in_features"),
+])
+def test_to_bayesian_checks_every_layer_before_converting_any(bad, match):
+    """A layer that cannot be converted after one that can: the error names it and the model is
+    untouched (no half-converted model), torch's generator as it was."""
+    model = nn.Sequential(nn.Linear(4, 4), bad)
+    kinds, state, generator = _kinds(model), _state(model), torch.get_rng_state()
+    with pytest.raises(ValueError, match=match):
+        to_bayesian(model)
+    assert _kinds(model) == kinds and _same_state(model, state)
+    assert torch.equal(torch.get_rng_state(), generator)
+
+
+def test_to_bayesian_keeps_shared_layers_shared():
+    """One nn.Linear used twice becomes one BayesianLinear used twice: the weights stay tied, the KL
+    counts them once, and the posterior sees one layer."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(3, 4)
+    want = model(x)
+    to_bayesian(model, init_std=1e-30)
+    assert isinstance(model[0], BayesianLinear) and model[0] is model[2]
+    torch.testing.assert_close(model(x), want)
+    single = to_bayesian(nn.Sequential(copy.deepcopy(lin)), init_std=1e-30)
+    torch.testing.assert_close(kl_divergence(model), kl_divergence(single))
+    post = VariationalPosterior(model)
+    assert post.numel == 4 * 4 + 4 and post.model[0] is post.model[2]
+    assert not any(isinstance(m, BayesianLinear) for m in post.model.modules())
+    torch.testing.assert_close(post.predict(x, 2, likelihood="regression")[0], want)
+    # excluded under either of its names: excluded at both places
+    lin2 = nn.Linear(4, 4)
+    model2 = nn.Sequential(lin2, nn.ReLU(), lin2, nn.Linear(4, 2))
+    to_bayesian(model2, exclude=["2"])
+    assert model2[0] is lin2 and model2[2] is lin2 and isinstance(model2[3], BayesianLinear)
+
+
+def test_to_bayesian_bad_exclude_and_a_bare_layer():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="exclude must be a submodule name"):
+        to_bayesian(model, exclude=0)
+    with pytest.raises(TypeError, match="exclude must hold submodule names"):
+        to_bayesian(model, exclude=[0])
+    assert type(model[0]) is nn.Linear
+    lin = nn.Linear(3, 2)  # in place cannot turn the object itself into another class
+    with pytest.raises(ValueError, match="model is itself an Linear.*nn.Sequential"):
+        to_bayesian(lin)
+    assert not lin._modules
+
+
+# ---- layers ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: BayesianLinear(0, 3), ValueError, "in_features"),
+    (lambda: BayesianLinear(-1, 3), ValueError, "in_features"),
+    (lambda: BayesianLinear(2.5, 3), TypeError, "in_features"),
+    (lambda: BayesianLinear(3, 0), ValueError, "out_features"),
+    (lambda: BayesianLinear(3, 2, init_std=True), TypeError, "init_std"),
+    (lambda: BayesianConv2d(2, 2, 0), ValueError, "kernel_size"),
+    (lambda: BayesianConv2d(2, 2, (3, 3, 3)), ValueError, "kernel_size"),
+    (lambda: BayesianConv2d(0, 2, 3), ValueError, "in_channels"),
+    (lambda: BayesianConv2d(2, 2, 3, groups=0), ValueError, "groups"),
+    (lambda: BayesianConv2d(2, 2, 3, groups=1.0), TypeError, "groups"),
+    (lambda: BayesianConv2d(2, 2, 3, stride=0), ValueError, "stride"),
+    (lambda: BayesianConv2d(2, 2, 3, padding=-1), ValueError, "padding"),
+    (lambda: BayesianConv2d(2, 2, 3, dilation=0), ValueError, "dilation"),
+])
+def test_layer_sizes_are_checked_at_construction(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_a_failed_forward_draws_nothing(estimator):
+    """A float64 input to a float32 layer: a TypeError naming x and the cast; a wrong shape: the op's
+    error. Either way the RNG position is not advanced, so the next forward draws what it would have."""
+    layer = BayesianLinear(4, 3, estimator=estimator)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(5, 4)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64.*x.to\(torch.float32\)"):
+        layer(x.double())
+    with pytest.raises(TypeError, match=r"x has dtype torch.int64.*x.to\(torch.float32\)"):
+        layer(torch.ones(5, 4, dtype=torch.long))
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(5, 6))
+    assert _same_state(layer, _state(twin))
+    torch.testing.assert_close(layer(x), twin(x))
+    assert int(layer.rng[1]) == 1
+    conv = BayesianConv2d(2, 3, 3, estimator=estimator)
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        conv(torch.randn(1, 2, 5, 5, dtype=torch.float64))
+    assert int(conv.rng[1]) == 0
+
+
+def test_autocast_still_mixes_dtypes():
+    """Under autocast the input's dtype differs from the weights' by design: no dtype error."""
+    layer = BayesianLinear(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(5, 4)).dtype == torch.bfloat16
+
+
+def test_kl_names_layers_of_different_dtypes():
+    model = to_bayesian(nn.Sequential(nn.Linear(4, 4).double(), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"layer '0' weight_mu is torch.float64.*layer '1' weight_mu is "
+                                         r"torch.float32.*model.to\(dtype\)"):
+        kl_divergence(model)
+    kl_divergence(model.double())
+
+
+# ---- ELBO -----------------------------------------------------------------------------------------
+def test_elbo_regression_targets_must_match_the_outputs():
+    model = _bayes()
+    model[0].sample_weights = model[2].sample_weights = False
+    elbo = ELBO(model, 10, likelihood="regression")
+    out = model(torch.randn(8, 4))
+    for bad in (torch.randn(3, 8), torch.randn(24), torch.randn(8, 2)):  # same numel or not: refused
+        with pytest.raises(ValueError, match="targets must have the outputs' shape"):
+            elbo(out, bad)
+    assert elbo.step == 0 and elbo.last is None
+    y = torch.randn(8, 3)
+    elbo(out, y)
+    assert elbo.step == 1
+    # the documented [N] vs [N, 1] case, both ways, pairs each target with its row
+    one = out[:, :1]
+    y1 = torch.randn(8)
+    torch.testing.assert_close(elbo(one, y1), elbo(one, y1[:, None]))
+    torch.testing.assert_close(elbo(one[:, 0], y1[:, None]), elbo(one[:, 0], y1))
+
+
+def test_elbo_step_advances_only_on_success():
+    model = _bayes()
+    seen = []
+    elbo = ELBO(model, 10, kl_weight=lambda step: seen.append(step) or 0.5)
+    out, y = model(torch.randn(8, 4)), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError):
+        elbo(out, y[:3])
+    with torch.no_grad():
+        model[0].weight_rho[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="weight_rho holds NaN"):
+        elbo(out, y)
+    assert elbo.step == 0
+    with torch.no_grad():
+        model[0].weight_rho[0, 0] = 0.0
+    elbo(out, y)
+    elbo(out, y)
+    assert elbo.step == 2 and seen == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kl_weight=float("inf")), "kl_weight"),
+    (dict(kl_weight=True), "kl_weight"),
+    (dict(likelihood="regression", sigma=float("inf")), "sigma"),
+])
+def test_elbo_refuses_non_finite_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ELBO(_bayes(), 10, **kwargs)
+
+
+def test_elbo_refuses_a_non_finite_annealed_weight():
+    model = _bayes()
+    elbo = ELBO(model, 10, kl_weight=lambda step: float("nan"))
+    with pytest.raises(ValueError, match=r"kl_weight\(0\) must return a finite float"):
+        elbo(model(torch.randn(8, 4)), torch.randint(0, 3, (8,)))
+    assert elbo.step == 0
+    with pytest.raises(TypeError, match="outputs must be a tensor"):
+        ELBO(model, 10)((torch.zeros(2, 3),), torch.zeros(2, dtype=torch.long))
+
+
+# ---- VariationalPosterior -------------------------------------------------------------------------
+def test_posterior_refuses_a_model_changed_since_construction():
+    model = _bayes()
+    post = VariationalPosterior(model)
+    x = torch.randn(6, 4)
+    model[2] = BayesianLinear(5, 7)  # another output size: the twin would still predict 3 outputs
+    for call in (lambda: post.predict(x, 2), lambda: post.sample(1), post.mean):
+        with pytest.raises(RuntimeError, match="model changed since the VariationalPosterior was built.*build a new"):
+            call()
+    model[2] = nn.Linear(5, 3)  # no longer Bayesian
+    with pytest.raises(RuntimeError, match="model changed"):
+        post.mean()
+    # a replacement of the same shape is read where it is now (the twin follows the model)
+    model[2] = BayesianLinear(5, 3, init_std=1e-30)
+    with torch.no_grad():
+        model[2].weight_mu.fill_(0.25)
+    assert torch.equal(post.sample(1)[0, -18:-3], torch.full((15,), 0.25))
+
+
+def test_posterior_refuses_nan_rho_and_a_bad_generator():
+    model = _bayes()
+    post = VariationalPosterior(model)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        post.sample(2, generator=5)
+    with torch.no_grad():
+        model[2].bias_rho[1] = float("nan")
+    state = _state(model)
+    with pytest.raises(RuntimeError, match="layer '2': bias_rho holds NaN"):
+        post.sample(2)
+    with pytest.raises(RuntimeError, match="layer '2': bias_rho holds NaN"):
+        post.predict(torch.randn(3, 4), 2)
+    assert all(torch.equal(v, state[k]) or v.isnan().any() for k, v in model.state_dict().items())
+
+
+def test_posterior_of_a_bare_bayesian_layer():
+    """A model that is itself a Bayesian layer: its twin is the plain layer (not a Bayesian layer
+    with a plain child named '')."""
+    layer = BayesianLinear(3, 2, init_std=1e-30)
+    post = VariationalPosterior(layer)
+    assert type(post.model) is nn.Linear and post.numel == 8
+    x = torch.randn(4, 3)
+    layer.sample_weights = False
+    torch.testing.assert_close(post.predict(x, 2, likelihood="regression")[0], layer(x))
+
+
+@pytest.mark.parametrize("corrupt", ["shape", "extra", "missing", "nan_rho", "rng_dtype", "not_dict"])
+def test_posterior_load_state_dict_checks_everything_first(corrupt):
+    post = VariationalPosterior(_bayes())
+    state = copy.deepcopy(post.state_dict())
+    target = _bayes()
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)
+    other = VariationalPosterior(target)
+    before = _state(target)
+    m = state["model"]
+    if corrupt == "shape":
+        m["2.weight_mu"] = torch.zeros(6, 5)
+    elif corrupt == "extra":
+        m["extra"] = torch.zeros(1)
+    elif corrupt == "missing":
+        del m["2.bias_rho"]
+    elif corrupt == "nan_rho":
+        m["0.weight_rho"][0, 0] = float("nan")
+    elif corrupt == "rng_dtype":
+        m["2.rng"] = m["2.rng"].double()
+    else:
+        state["model"] = list(m.items())
+    with pytest.raises((ValueError, TypeError)) as info:
+        other.load_state_dict(state)
+    assert {"shape": "2.weight_mu", "extra": "extra", "missing": "2.bias_rho", "nan_rho": "0.weight_rho",
+            "rng_dtype": "2.rng", "not_dict": "state_dict\\['model'\\]"}[corrupt].replace("\\", "") in str(info.value)
+    assert _same_state(target, before)
