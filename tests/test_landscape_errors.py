@@ -273,6 +273,15 @@ def test_grid_refuses_non_finite_directions():
     assert _same(before, _state(m))
 
 
+@pytest.mark.parametrize("value", ["no", 0, 1.0])
+def test_grid_first_layer_must_be_a_bool(value):
+    """first_layer="no" (or 0) used to switch the shortcut on: not False, so True."""
+    m, (x, y) = _mlp(), _data()
+    with pytest.raises(TypeError, match=r"first_layer must be None, True or False, got"):
+        L.grid(m, ce, (x, y), L.random_directions(m, 1), torch.tensor([-1.0, 1.0]), first_layer=value,
+               progress=False)
+
+
 # ---- 8. bn='recompute' on 1-row batches --------------------------------------------------------------
 def test_bn_recompute_names_one_row_batches():
     torch.manual_seed(0)

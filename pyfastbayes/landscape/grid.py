@@ -448,6 +448,8 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
                          "weights)")
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
+    if first_layer is not None and not isinstance(first_layer, bool):  # "no" would read as True
+        raise TypeError(f"first_layer must be None, True or False, got {first_layer!r}")
     dist_on = distributed_active(distributed)
     dtype, device = layout.dtype, layout.device
     f64 = torch.float64
