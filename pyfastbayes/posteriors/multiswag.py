@@ -4,12 +4,12 @@
 :class:`~pyfastbayes.posteriors.base.Posterior`."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import Posterior, check_count
+from .base import Posterior, check_count, check_generator
 from .swag import SWAG
 
 __all__ = ["MultiSWAG"]
@@ -34,6 +34,9 @@ class MultiSWAG(Posterior):
     kind = "MultiSWAG"
 
     def __init__(self, posteriors: Sequence[SWAG]):
+        if isinstance(posteriors, (Posterior, str, bytes)) or not isinstance(posteriors, Iterable):
+            raise TypeError(f"posteriors must be a list of SWAG objects (one per run), got "
+                            f"{type(posteriors).__name__}: pass MultiSWAG([swag_1, ..., swag_M])")
         posteriors = list(posteriors)
         if not posteriors:
             raise ValueError("MultiSWAG needs at least one SWAG")
@@ -58,17 +61,23 @@ class MultiSWAG(Posterior):
         M = len(self.posteriors)
         return [n // M + (i < n % M) for i in range(M)]
 
-    def _check(self, n, scale, cov, name: str = "n", minimum: int = 0) -> int:
+    def _check(self, n, scale, cov, generator, name: str = "n", minimum: int = 0) -> int:
+        """Every argument and every component's ability to draw, before any component draws; a
+        component's refusal names it (posteriors[i])."""
         n = check_count(n, name, minimum)
-        for p in self.posteriors:
-            p._check_draw_args(0, scale, cov)
+        check_generator(generator)
+        for i, p in enumerate(self.posteriors):
+            try:
+                p._check_draw_args(0, scale, cov)
+            except (ValueError, RuntimeError) as e:
+                raise type(e)(f"posteriors[{i}]: {e}") from None
         return n
 
     def sample(self, n: int, *, scale: float | None = None, cov: str = "lowrank",
                generator: torch.Generator | None = None) -> Tensor:
         """S = n draws [n, P] from the mixture (component blocks in order, on the first
         component's device; see the class docstring)."""
-        n = self._check(n, scale, cov)
+        n = self._check(n, scale, cov, generator)
         parts = [p.sample(k, scale=scale, cov=cov, generator=generator)
                  for p, k in zip(self.posteriors, self._counts(n)) if k]
         if not parts:
@@ -81,9 +90,10 @@ class MultiSWAG(Posterior):
                 generator: torch.Generator | None = None) -> nn.Module:
         """Write one mixture draw into ``model`` (default: the first component's model) in place:
         a component picked uniformly at random (from ``generator``), then one of its draws."""
-        self._check(1, scale, cov)
+        self._check(1, scale, cov, generator)
         self.layout.params(model)
-        i = int(torch.randint(len(self), (), generator=generator))
+        dev = generator.device if generator is not None else "cpu"
+        i = int(torch.randint(len(self), (), generator=generator, device=dev))
         theta = self.posteriors[i].sample(1, scale=scale, cov=cov, generator=generator)[0]
         return self.layout.write_(theta, model)
 
@@ -94,7 +104,7 @@ class MultiSWAG(Posterior):
                 output_fn: Callable | None = None):
         """Bayesian model average over ``n_samples`` stratified mixture draws, each component's
         through its own model; arguments and outputs as in :meth:`SWAG.predict`."""
-        n = self._check(n_samples, scale, cov, "n_samples", 1)
+        n = self._check(n_samples, scale, cov, generator, "n_samples", 1)
         sources = [(p.layout, p.iter_samples(k, generator=generator, scale=scale, cov=cov))
                    for p, k in zip(self.posteriors, self._counts(n)) if k]
         return self._average(sources, x, total=n, likelihood=likelihood, bn_loader=bn_loader, batch_size=batch_size,
@@ -106,10 +116,17 @@ class MultiSWAG(Posterior):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (all components checked before any is changed)."""
-        comps = state.get("components", []) if isinstance(state, dict) else []
-        if not isinstance(state, dict) or state.get("kind") != self.kind or len(comps) != len(self.posteriors):
-            raise ValueError(f"state_dict is not a MultiSWAG of {len(self.posteriors)} components")
-        for p, s in zip(self.posteriors, comps):
-            p._check_state(s)
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict must be a dict (from MultiSWAG.state_dict()), got {type(state).__name__}")
+        comps = state.get("components")
+        if state.get("kind") != self.kind or not isinstance(comps, (list, tuple)) or len(comps) != len(self.posteriors):
+            raise ValueError(f"state_dict is not a MultiSWAG of {len(self.posteriors)} components (kind "
+                             f"{state.get('kind')!r}, components a {type(comps).__name__}"
+                             f"{f' of {len(comps)}' if isinstance(comps, (list, tuple)) else ''})")
+        for i, (p, s) in enumerate(zip(self.posteriors, comps)):
+            try:
+                p._check_state(s)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"state_dict['components'][{i}]: {e}") from None
         for p, s in zip(self.posteriors, comps):
             p.load_state_dict(s)

@@ -1,12 +1,13 @@
 """Stored parameter draws (e.g. from an SG-MCMC chain) as a posterior: :class:`SampleBuffer`."""
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .base import Posterior, check_count
+from .base import Posterior, check_count, check_generator
 
 __all__ = ["SampleBuffer"]
 
@@ -93,10 +94,13 @@ class SampleBuffer(Posterior):
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws [n, P] picked uniformly at random (with replacement) from the stored ones
-        (``generator``: a CPU torch generator; default the global one)."""
+        (``generator``: a torch generator on any device, the indices drawn there; default the
+        global CPU one)."""
         n = check_count(n, "n", 0)
+        check_generator(generator)
         self._require_draws()
-        idx = torch.randint(len(self), (n,), generator=generator)
+        dev = generator.device if generator is not None else "cpu"
+        idx = torch.randint(len(self), (n,), generator=generator, device=dev).cpu()
         rows = torch.tensor(self._rows(), dtype=torch.long)[idx]
         return self.draws[rows.to(self.device)]
 
@@ -124,15 +128,18 @@ class SampleBuffer(Posterior):
         sd.update(draws=self.stored().clone(), count=self.count, calls=self._calls, order=_ORDER)
         return sd
 
-    def _logical_draws(self, state: dict) -> Tensor:
+    def _logical_draws(self, state: dict, count: int) -> Tensor:
         """The saved draws oldest first (state dicts written before issue 8 kept the ring order)."""
         d = state.get("draws")
         if not torch.is_tensor(d) or d.dim() != 2 or d.shape[1] != self.numel:
             raise ValueError(f"state_dict draws must be a tensor [S, {self.numel}], got "
                              f"{tuple(d.shape) if torch.is_tensor(d) else type(d).__name__}")
+        if "order" in state and state["order"] != _ORDER:
+            raise ValueError(f"state_dict['order'] must be {_ORDER!r} (as SampleBuffer.state_dict() writes it), "
+                             f"got {state['order']!r}")
         if state.get("order") == _ORDER or len(d) == 0:
             return d
-        return d.roll(-(int(state["count"]) % len(d)), 0) if int(state["count"]) > len(d) else d
+        return d.roll(-(count % len(d)), 0) if count > len(d) else d
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` into this buffer: exactly the saved draws, in their order.
@@ -142,16 +149,21 @@ class SampleBuffer(Posterior):
             raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
         if "kind" in state:  # older state dicts had no header
             self._check_header(state)
-        d = self._logical_draws(state)
-        if not d.is_floating_point() or (d.numel() and not bool(torch.isfinite(d).all())):
+        if "calls" in state and isinstance(state["calls"], numbers.Integral) and state["calls"] < 0:
+            raise ValueError(f"state_dict calls must be >= 0 (collect() calls so far), got {state['calls']}")
+        count, calls = self._check_state_count(state, "count"), self._check_state_count(state, "calls")
+        d = self._logical_draws(state, count)
+        if not d.is_floating_point() or d.is_meta or (d.numel() and not bool(torch.isfinite(d).all())):
             raise ValueError("state_dict draws must be floating point and finite (NaN/inf draws would poison "
-                             f"every prediction), got {d.dtype}")
-        count, calls = int(state["count"]), int(state["calls"])
+                             f"every prediction), got {d.dtype}{' on meta' if d.is_meta else ''}")
+        self._check_state_tensor({"draws": d}, "draws", tuple(d.shape), self.draws.dtype)
         if count < len(d):
             raise ValueError(f"state_dict count {count} is smaller than its {len(d)} draws")
-        if calls < 0:
-            raise ValueError(f"state_dict calls must be >= 0 (collect() calls so far), got {calls}")
+        if calls < count:
+            raise ValueError(f"state_dict calls {calls} is smaller than its count {count}: every stored draw "
+                             "came from one collect() call")
         d = d[-self.max_samples:] if len(d) > self.max_samples else d
-        self.draws[:len(d)].copy_(d)
+        with torch.no_grad():  # a saved tensor that requires grad must not make the draws part of a graph
+            self.draws[:len(d)].copy_(d)
         self._len, self._next = len(d), len(d) % self.max_samples
         self.count, self._calls = count, calls

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn import update_bn
+from ..nn import bn_modules, update_bn
 from .base import Posterior, check_count
 
 __all__ = ["SWA"]
@@ -104,8 +104,21 @@ class SWA(Posterior):
     def update_bn(self, loader, model: nn.Module | None = None, *, batch_size: int = 1024,
                   input_fn: Callable | None = None) -> None:
         """Recompute the BatchNorm statistics of ``model`` (default: :attr:`model`) for its current
-        parameters in one pass over ``loader`` (see :func:`pyfastbayes.nn.update_bn`)."""
-        update_bn(loader, self.model if model is None else model, batch_size=batch_size, input_fn=input_fn)
+        parameters in one pass over ``loader`` (see :func:`pyfastbayes.nn.update_bn`). A pass that
+        fails (a batch the model refuses, an empty loader) puts the BatchNorm buffers back as they
+        were, rather than leaving them reset or half-averaged."""
+        batch_size = check_count(batch_size, "batch_size", 1)
+        model = self.model if model is None else model
+        saved = ({k: v.clone() for k, v in model.named_buffers()} if isinstance(model, nn.Module) and bn_modules(model)
+                 else {})
+        try:
+            update_bn(loader, model, batch_size=batch_size, input_fn=input_fn)
+        except BaseException:
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    if k in saved:
+                        v.copy_(saved[k])
+            raise
 
     # ---- the Posterior interface (a point mass at the mean) ------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -145,11 +158,10 @@ class SWA(Posterior):
 
     def _check_state(self, state: dict) -> None:
         self._check_header(state)
-        n = state.get("n_averaged")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"state_dict['n_averaged'] must be an int >= 0, got {n!r}")
-        self._check_state_tensor(state, "mean", (self.numel,))
+        self._check_state_count(state, "n_averaged")
+        self._check_state_tensor(state, "mean", (self.numel,), self.dtype)
 
+    @torch.no_grad()  # a saved tensor that requires grad must not make the state part of a graph
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (checked first; nothing changes when it does not fit)."""
         self._check_state(state)

@@ -69,7 +69,7 @@ from .. import ops
 from .._distributed import local_tensor, shard_offset
 from ..nn import ModeGuard, bn_modules, update_bn
 from ..nn.inputs import call_model, iterate_inputs, model_output, to_device
-from .base import _DRAW_BYTES, _Average, check_count, check_likelihood
+from .base import _DRAW_BYTES, _Average, check_count, check_generator, check_likelihood
 from ._sharding import ColumnShards, check_shard, shard_columns
 from .swa import PARAM_DTYPES, SWA
 
@@ -114,6 +114,7 @@ def check_scale(scale, cov: str) -> float:
 
 def draw_seed(generator: torch.Generator | None) -> int:
     """One 64-bit seed from ``generator`` (default: the global CPU generator)."""
+    check_generator(generator)
     dev = generator.device if generator is not None else "cpu"
     return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator, device=dev))
 
@@ -587,6 +588,7 @@ class SWAG(ColumnShards, SWA):
         """
         n = check_count(n_samples, "n_samples", 1)
         _, scale, cov = self._check_draw_args(n, scale, cov)
+        check_generator(generator)
         if self.fsdp:
             return self._fsdp_average(self._local_draws(n, scale, cov, generator), x, total=n, likelihood=likelihood,
                                       bn_loader=bn_loader, batch_size=batch_size, progress=progress, input_fn=input_fn,
@@ -672,26 +674,22 @@ class SWAG(ColumnShards, SWA):
         if shard:
             self._check_shard_meta(state["shard"])
             self._check_header(state)
-            n = state.get("n_averaged")
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise ValueError(f"state_dict['n_averaged'] must be an int >= 0, got {n!r}")
+            self._check_state_count(state, "n_averaged")
         else:
             super()._check_state(state)  # header, count, mean [P]
         width = self.local_numel if shard else self.numel
         if shard:
-            self._check_state_tensor(state, "mean", (width,))
-        if "max_rank" not in state:
-            raise ValueError("state_dict has no 'max_rank': it was not saved by SWAG.state_dict()")
-        if int(state["max_rank"]) != self.max_rank:
+            self._check_state_tensor(state, "mean", (width,), self.dtype)
+        if self._check_state_count(state, "max_rank") != self.max_rank:
             raise ValueError(f"state_dict has max_rank {state['max_rank']}, this SWAG {self.max_rank}")
         rank = min(int(state["n_averaged"]), self.max_rank)
-        self._check_state_tensor(state, "sq_mean", (width,))
-        self._check_state_tensor(state, "D", (rank, width))
+        self._check_state_tensor(state, "sq_mean", (width,), self.dtype)
+        self._check_state_tensor(state, "D", (rank, width), self.deviation_dtype)
         if "var_clamp" not in state:
             raise ValueError("state_dict has no 'var_clamp': it was not saved by SWAG.state_dict()")
         check_var_clamp(state["var_clamp"])
         pos = int(state["n_averaged"]) % self.max_rank if self.max_rank else 0
-        if int(state["position"]) != pos:
+        if self._check_state_count(state, "position") != pos:
             raise ValueError(f"state_dict ring position {state['position']} disagrees with n_averaged "
                              f"{state['n_averaged']} (expected {pos})")
 
@@ -721,6 +719,10 @@ class SWAG(ColumnShards, SWA):
         rank's columns (FSDP2: its local shards), a :meth:`shard_state_dict` must come from the
         same rank and sharding (not under FSDP2). No communication: give every rank the same full
         state."""
+        with torch.no_grad():  # a saved tensor that requires grad must not make the state part of a graph
+            self._load_state(state)
+
+    def _load_state(self, state: dict) -> None:
         self._check_state(state)
         self._sync_store()
         def cols(t: Tensor) -> Tensor:  # this rank's columns of a saved [..., P] (or local) tensor

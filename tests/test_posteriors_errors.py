@@ -1,0 +1,242 @@
+"""pyfastbayes.posteriors on bad input and changed state: every public method refuses with a clear
+error naming the argument, and a call that fails leaves the posterior's state (moments, deviation
+ring, counters, stored draws) and the user's model as they were.
+
+Each test reproduces an audit finding: a generator that is not a torch.Generator failing deep
+inside torch, load_state_dict truncating non-int counters with int() (or raising KeyError),
+loading values that overflow to inf in the state's dtype or that make the state require grad,
+update_bn leaving the BatchNorm buffers reset after a failed pass, predict on inputs of another
+dtype, and MultiSWAG's obscure or anonymous errors."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pyfastbayes.posteriors import SWA, SWAG, MultiSWAG, SampleBuffer
+
+
+def _mlp(seed=0, bn=False):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), *([nn.BatchNorm1d(8)] if bn else []), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _jiggle(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+def _collected(cls, seed=0, n=4, **kw):
+    model = _mlp(seed)
+    post = cls(model, **kw)
+    for _ in range(n):
+        _jiggle(model)
+        post.collect()
+    return post
+
+
+def _state(obj):
+    """Every tensor and number attribute of a posterior, copied."""
+    return {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in vars(obj).items()
+            if torch.is_tensor(v) or isinstance(v, (int, float))}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(
+        (torch.equal(a[k], b[k]) and a[k].requires_grad == b[k].requires_grad) if torch.is_tensor(a[k])
+        else a[k] == b[k] for k in a)
+
+
+# ---- generators ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [3, "cpu", np.random.default_rng(0)])
+@pytest.mark.parametrize("call", [
+    lambda p, g: p.sample(2, generator=g),
+    lambda p, g: p.sample_(generator=g),
+    lambda p, g: p.predict(torch.ones(5, 4), 2, generator=g),
+    lambda p, g: p.iter_samples(2, generator=g),
+])
+@pytest.mark.parametrize("kind", ["swag", "buffer", "multi"])
+def test_generator_must_be_a_torch_generator(kind, call, bad):
+    """Before: AttributeError "'int' object has no attribute 'device'" (SWAG) or torch.randint's
+    overload list (SampleBuffer, MultiSWAG.sample_); now a TypeError naming generator, nothing
+    drawn and the model untouched."""
+    post = {"swag": lambda: _collected(SWAG, max_rank=3), "buffer": lambda: _collected(SampleBuffer, max_samples=3),
+            "multi": lambda: MultiSWAG([_collected(SWAG, 0, max_rank=3), _collected(SWAG, 1, max_rank=3)])}[kind]()
+    weights = [p.detach().clone() for p in post.model.parameters()]
+    rng = torch.get_rng_state()
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got"):
+        call(post, bad)
+    assert all(torch.equal(a, b) for a, b in zip(weights, post.model.parameters()))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_sample_buffer_takes_a_generator_of_any_device():
+    """The indices are drawn on the generator's device (before: only a CPU generator worked):
+    the same generator state gives the same picks."""
+    buf = _collected(SampleBuffer, max_samples=4)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(buf.sample(5, generator=g1), buf.sample(5, generator=g2))
+
+
+# ---- load_state_dict -----------------------------------------------------------------------------
+@pytest.mark.parametrize("key, value, exc, match", [
+    ("max_rank", "3", ValueError, r"state_dict\['max_rank'\] must be an int >= 0, got '3'"),
+    ("max_rank", 3.5, ValueError, r"state_dict\['max_rank'\] must be an int"),
+    ("max_rank", None, ValueError, r"state_dict\['max_rank'\] must be an int"),
+    ("position", 1.0, ValueError, r"state_dict\['position'\] must be an int"),
+    ("position", None, ValueError, r"state_dict\['position'\] must be an int"),
+    ("position", ..., ValueError, "state_dict has no 'position'"),
+    ("n_averaged", ..., ValueError, "state_dict has no 'n_averaged'"),
+    ("mean", torch.full((99,), 1e300, dtype=torch.float64)[:0], ValueError, r"state_dict\['mean'\] has shape"),
+    ("mean", "meta", ValueError, r"state_dict\['mean'\] is a meta tensor"),
+    ("mean", "huge", ValueError, r"state_dict\['mean'\] holds values up to 1e\+300, beyond the largest finite "
+                                 r"torch.float32"),
+    ("D", "huge", ValueError, r"state_dict\['D'\] holds values up to 1e\+300"),
+    ("sq_mean", "huge", ValueError, r"state_dict\['sq_mean'\] holds values up to"),
+])
+def test_swag_load_state_dict_checks_counters_and_ranges(key, value, exc, match):
+    """Before: int('3') / int(3.5) accepted a malformed max_rank or position, a missing position
+    raised KeyError, None a TypeError from int(), a meta tensor "Tensor.item() cannot be called
+    on meta tensors", and float64 values beyond float32's range loaded as inf (every draw
+    non-finite). Now a ValueError naming the key, and the SWAG unchanged."""
+    src = _collected(SWAG, 0, n=5, max_rank=3)
+    sd = src.state_dict()
+    if value is ...:
+        del sd[key]
+    elif value == "meta":
+        sd[key] = torch.empty_like(sd[key], device="meta")
+    elif value == "huge":
+        sd[key] = torch.full_like(sd[key], 1e300, dtype=torch.float64)
+    else:
+        sd[key] = value
+    dst = _collected(SWAG, 1, n=2, max_rank=3)
+    before = _state(dst)
+    with pytest.raises(exc, match=match):
+        dst.load_state_dict(sd)
+    assert _same(before, _state(dst))
+
+
+def test_load_state_dict_of_tensors_that_require_grad_leaves_the_state_out_of_autograd():
+    """Before: copy_ outside no_grad made mean / D / draws require grad (part of a graph), and the
+    next collect's in-place update ran on autograd-tracked state."""
+    src = _collected(SWAG, 0, n=4, max_rank=3)
+    sd = {k: (v.clone().requires_grad_() if torch.is_tensor(v) else v) for k, v in src.state_dict().items()}
+    dst = SWAG(_mlp(1), max_rank=3)
+    dst.load_state_dict(sd)
+    assert not (dst.mean.requires_grad or dst.sq_mean.requires_grad or dst.D.requires_grad)
+    assert torch.equal(dst.mean, src.mean) and torch.equal(dst.D, src.D)
+    buf = _collected(SampleBuffer, max_samples=3)
+    sd = buf.state_dict()
+    sd["draws"] = sd["draws"].clone().requires_grad_()
+    other = SampleBuffer(_mlp(1), 3)
+    other.load_state_dict(sd)
+    assert not other.draws.requires_grad and torch.equal(other.stored(), buf.stored())
+
+
+def test_swa_load_state_dict_accepts_numpy_counts_and_refuses_huge_means():
+    sw = _collected(SWA, n=2)
+    sd = sw.state_dict()
+    other = SWA(_mlp(1))
+    other.load_state_dict(dict(sd, n_averaged=np.int64(2)))  # e.g. after a round trip through NumPy
+    assert other.n_averaged == 2 and torch.equal(other.mean, sw.mean)
+    before = _state(other)
+    with pytest.raises(ValueError, match="holds values up to"):
+        other.load_state_dict(dict(sd, mean=torch.full((sw.numel,), -1e39, dtype=torch.float64)))
+    assert _same(before, _state(other))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda sd: sd.pop("count"), "state_dict has no 'count'"),
+    (lambda sd: sd.pop("calls"), "state_dict has no 'calls'"),
+    (lambda sd: sd.update(count="9"), r"state_dict\['count'\] must be an int >= 0, got '9'"),
+    (lambda sd: sd.update(count=5.7), r"state_dict\['count'\] must be an int"),
+    (lambda sd: sd.update(calls=2.5), r"state_dict\['calls'\] must be an int"),
+    (lambda sd: sd.update(calls=1), "calls 1 is smaller than its count 5"),
+    (lambda sd: sd.update(order="newest_first"), r"state_dict\['order'\] must be 'oldest_first'"),
+    (lambda sd: sd.update(draws=torch.full_like(sd["draws"], 1e300, dtype=torch.float64)),
+     r"state_dict\['draws'\] holds values up to"),
+    (lambda sd: sd.update(draws=torch.empty_like(sd["draws"], device="meta")), "on meta"),
+])
+def test_sample_buffer_load_state_dict_checks_counters(edit, match):
+    """Before: KeyError for a missing count/calls, int() truncating '9' / 5.7, calls < count, an
+    unknown order read as the old ring order, float64 draws loading as inf, a meta tensor failing
+    in .item(); now a ValueError and the buffer unchanged."""
+    sd = _collected(SampleBuffer, 0, n=5, max_samples=3).state_dict()
+    edit(sd)
+    buf = _collected(SampleBuffer, 1, n=2, max_samples=3)
+    before = _state(buf)
+    with pytest.raises(ValueError, match=match):
+        buf.load_state_dict(sd)
+    assert _same(before, _state(buf))
+
+
+# ---- update_bn -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loader", [
+    lambda: torch.randn(6, 7),  # the model refuses the first batch
+    lambda: [torch.randn(6, 4), torch.randn(3, 7)],  # ... a later batch, after one was averaged
+    lambda: [],  # no batches
+])
+def test_update_bn_that_fails_puts_the_batchnorm_buffers_back(loader):
+    """Before: the running statistics stayed reset (mean 0, var 1) or half-averaged after a failed
+    pass, and the model predicted from them."""
+    model = _mlp(bn=True)
+    model.train()
+    model(torch.randn(20, 4) * 3 + 1)
+    swa = SWA(model)
+    swa.collect()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with pytest.raises((RuntimeError, ValueError)):
+        swa.update_bn(loader())
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+
+
+def test_update_bn_batch_size_is_checked():
+    """Before: RuntimeError 'split_size can only be 0 if dimension size is 0'."""
+    swa = _collected(SWA, n=1)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        swa.update_bn(torch.randn(5, 4), batch_size=0)
+
+
+# ---- predict -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", [SWA, SWAG, SampleBuffer])
+def test_predict_names_inputs_of_another_dtype(kind):
+    """Before: torch's 'mat1 and mat2 must have the same dtype, but got Double and Float'."""
+    post = _collected(kind, **({"max_samples": 3} if kind is SampleBuffer else {}))
+    with pytest.raises(TypeError, match=r"x: the inputs are torch.float64 but the model's parameters are "
+                                        r"torch.float32; convert the data \(x.to\(torch.float32\)\)"):
+        post.predict(torch.randn(5, 4, dtype=torch.float64), 2)
+    post.predict(torch.randn(5, 4), 2)  # the same call on float32 inputs works
+
+
+# ---- MultiSWAG -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [None, "swag", 3])
+def test_multiswag_needs_a_list(bad):
+    """Before: "'NoneType' object is not iterable" / a SWAG passed itself: "'SWAG' object is not
+    iterable"; a string gave "posteriors[0] is a str"."""
+    with pytest.raises(TypeError, match="posteriors must be a list of SWAG objects"):
+        MultiSWAG(bad)
+    with pytest.raises(TypeError, match="posteriors must be a list of SWAG objects"):
+        MultiSWAG(SWAG(_mlp()))
+
+
+def test_multiswag_names_the_component_that_cannot_draw():
+    a, b = _collected(SWAG, 0, max_rank=3), SWAG(_mlp(1), max_rank=3)
+    ms = MultiSWAG([a, b])
+    for call in (lambda: ms.sample(4), lambda: ms.predict(torch.randn(3, 4), 4), lambda: ms.sample_()):
+        with pytest.raises(RuntimeError, match=r"posteriors\[1\]: the SWAG has no collected models yet"):
+            call()
+
+
+def test_multiswag_load_state_dict_messages_and_no_partial_load():
+    a, b = _collected(SWAG, 0, max_rank=3), _collected(SWAG, 1, max_rank=3)
+    ms = MultiSWAG([a, b])
+    before = [_state(a), _state(b)]
+    with pytest.raises(ValueError, match="not a MultiSWAG of 2 components.*components a int"):
+        ms.load_state_dict({"kind": "MultiSWAG", "components": 5})
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        ms.load_state_dict([1])
+    sd = ms.state_dict()
+    sd["components"][1]["mean"][0] = float("nan")
+    with pytest.raises(ValueError, match=r"state_dict\['components'\]\[1\]: state_dict\['mean'\] holds NaN"):
+        ms.load_state_dict(sd)
+    assert _same(before[0], _state(a)) and _same(before[1], _state(b))
