@@ -115,6 +115,28 @@ def _loader():
     return [(x[i:i + 16], torch.zeros(16)) for i in range(0, 48, 16)]
 
 
+@pytest.mark.parametrize("bad", ["empty", "refused batch", "late failure", "batch_size"])
+def test_update_bn_that_fails_puts_the_statistics_back(bad):
+    """A pass that fails (no batches, a batch the model refuses, a failure mid-loader) leaves the
+    BatchNorm statistics as they were (before: reset to 0 / 1, or half-averaged); a bad batch_size is
+    refused before anything changes."""
+    model = _bn_net()
+    update_bn(_loader(), model)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+
+    def late():
+        yield from _loader()[:2]
+        raise RuntimeError("the loader broke")
+
+    loader, kw, exc = {"empty": ([], {}, ValueError), "refused batch": ([(torch.randn(16, 5), None)], {}, RuntimeError),
+                       "late failure": (late(), {}, RuntimeError),
+                       "batch_size": (torch.randn(8, 4), {"batch_size": 0}, ValueError)}[bad]
+    with pytest.raises(exc):
+        update_bn(loader, model, **kw)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("make", [_bn_net, lambda: nn.Sequential(nn.BatchNorm1d(4, affine=False))],
                          ids=["with_params", "without_params"])
 def test_update_bn_torch_call_form_matches_torch(make):

@@ -67,19 +67,25 @@ def refresh_bn(model: nn.Module, loader, tensors: dict[str, Tensor] | None = Non
             BatchNorm buffers *in this dict* are updated in place (the model's are untouched).
         device: where the inputs are moved (None: not moved).
 
-    Momenta and every submodule's train/eval flag are restored, also on error. A loader without
-    batches raises ValueError.
+    Momenta and every submodule's train/eval flag are restored, also on error; a pass that fails (a
+    batch the model refuses, a loader without batches: ValueError) also puts the statistics back as
+    they were, rather than leaving them reset or half-averaged.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     bns = bn_modules(model)
     if not bns:
         return
     names = {m: n for n, m in model.named_modules()}
-    for m in bns:
-        pre = names[m] + "." if names[m] else ""
-        for k in ("running_mean", "running_var", "num_batches_tracked"):
-            t = tensors[pre + k] if tensors is not None else getattr(m, k)
-            if t is not None:
-                t.fill_(1 if k == "running_var" else 0)
+    saved = []  # (buffer, its value before the pass): put back if the pass fails (BatchNorm buffers only: small)
+    with torch.no_grad():
+        for m in bns:
+            pre = names[m] + "." if names[m] else ""
+            for k in ("running_mean", "running_var", "num_batches_tracked"):
+                t = tensors[pre + k] if tensors is not None else getattr(m, k)
+                if t is not None:
+                    saved.append((t, t.clone()))
+                    t.fill_(1 if k == "running_var" else 0)
     momenta = [(m, m.momentum) for m in bns]
     fn = model if tensors is None else (lambda *a: functional_call(model, tensors, a))
     try:
@@ -92,6 +98,11 @@ def refresh_bn(model: nn.Module, loader, tensors: dict[str, Tensor] | None = Non
                 seen = True
             if not seen:
                 raise ValueError("bn_loader / loader yielded no batches: the BatchNorm statistics need data")
+    except BaseException:
+        with torch.no_grad():
+            for t, before in saved:
+                t.copy_(before)
+        raise
     finally:
         for m, mom in momenta:
             m.momentum = mom

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn import bn_modules, update_bn
+from ..nn import update_bn
 from .base import Posterior, check_count
 
 __all__ = ["SWA"]
@@ -108,17 +108,7 @@ class SWA(Posterior):
         fails (a batch the model refuses, an empty loader) puts the BatchNorm buffers back as they
         were, rather than leaving them reset or half-averaged."""
         batch_size = check_count(batch_size, "batch_size", 1)
-        model = self.model if model is None else model
-        saved = ({k: v.clone() for k, v in model.named_buffers()} if isinstance(model, nn.Module) and bn_modules(model)
-                 else {})
-        try:
-            update_bn(loader, model, batch_size=batch_size, input_fn=input_fn)
-        except BaseException:
-            with torch.no_grad():
-                for k, v in model.named_buffers():
-                    if k in saved:
-                        v.copy_(saved[k])
-            raise
+        update_bn(loader, self.model if model is None else model, batch_size=batch_size, input_fn=input_fn)
 
     # ---- the Posterior interface (a point mass at the mean) ------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
