@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .operator import LinearOperator, _check_count, rademacher
-from .spectral import BREAKDOWN, _apply, _as_operator, _check_generator, _check_progress, _progress, _work_dtype
+from .spectral import (BREAKDOWN, _apply, _as_operator, _check_generator, _check_progress, _not_finite, _progress,
+                       _work_dtype)
 
 __all__ = ["spectral_density", "SpectralDensity", "plot_spectral_density"]
 
@@ -110,6 +111,8 @@ def _lanczos_probes(op: LinearOperator, V: Tensor, m: int, work: torch.dtype, ba
         anorm = torch.maximum(anorm, w.norm(dim=0))
         a = (q * w).sum(0)
         alphas[j] = a.to("cpu", torch.float64)
+        if not bool(torch.isfinite(alphas[j]).all()):  # on the host already: no extra sync
+            raise _not_finite("spectral_density", j + 1)  # (eigh of a NaN T fails with an obscure error)
         if j == m - 1:
             break
         w = w - q * a - q_prev * beta_prev

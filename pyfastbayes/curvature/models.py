@@ -89,11 +89,30 @@ class _ModelCurvature(LinearOperator):
         args = x if isinstance(x, tuple) else (x,)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            out = functional_call(self.model, {**fixed, **p}, args)
+            try:
+                out = functional_call(self.model, {**fixed, **p}, args)
+            except RuntimeError as exc:
+                self._dtype_hint(args, exc)
+                raise
             if not torch.is_tensor(out):
                 raise TypeError(f"the model must return a tensor [N, ...] of outputs, got {type(out).__name__}")
             return out
         return f
+
+    def _dtype_hint(self, args: tuple, error: RuntimeError) -> None:
+        """After the model's forward raised ``error``: a TypeError naming the inputs' and the
+        parameters' dtypes when a floating-point input has another dtype than the parameters
+        (torch's own "mat1 and mat2 must have the same dtype" names neither). Checked only once
+        the forward has failed: no cost, and a model that casts its inputs itself still works."""
+        for i, a in enumerate(args):
+            if not torch.is_tensor(a) or a.dtype == self.dtype:
+                continue
+            # integer inputs are normal (embeddings): named only when torch's error is about dtypes
+            if a.is_floating_point() or "dtype" in str(error).lower():
+                which = "the inputs are" if len(args) == 1 else f"input {i} is"
+                model = f" or the model (model.to({a.dtype}))" if a.is_floating_point() else ""
+                raise TypeError(f"{which} {a.dtype} but the model's parameters are {self.dtype}: cast the data "
+                                f"(x.to({self.dtype})){model} so that they agree") from error
 
     def _batch(self, x, y: Tensor, nb: int, selected: dict, fixed: dict, tangents: dict) -> tuple[dict, float]:
         """The batch's term applied to the block (tangents: name -> [k, *shape]) as (name -> [k, *shape],
@@ -182,11 +201,34 @@ class _OutputSpaceOperator(_ModelCurvature):
         as the model returned it, out2 the same [N, C])."""
         raise NotImplementedError
 
+    def _check_targets(self, out: Tensor, y: Tensor) -> None:
+        """The batch's targets against the outputs. The GGN and the MC Fisher never read the
+        targets, so without this wrong ones (class 7 of 3, MSE targets [N] for outputs [N, 1]
+        that the loss would broadcast to [N, N]) would pass silently. One host read per batch
+        (integer class targets only), as the ignore_index check needs anyway."""
+        if self.kind != "cross_entropy" or y.is_floating_point():
+            if y.shape != out.shape:
+                what = "class probabilities" if self.kind == "cross_entropy" else "targets"
+                raise ValueError(f"{self.what}: the {what} must have the outputs' shape {tuple(out.shape)}, got "
+                                 f"{tuple(y.shape)}{' (y.view_as(outputs))' if y.numel() == out.numel() else ''}")
+            return
+        C = out.shape[1]
+        if y.shape != out.shape[:1] or y.dtype == torch.bool:
+            raise ValueError(f"{self.what} with cross-entropy needs class targets [N] = {tuple(out.shape[:1])} of "
+                             f"integers in [0, {C}) or probabilities [N, C] like the outputs, got {y.dtype} "
+                             f"{tuple(y.shape)}")
+        bad = (y < 0) | (y >= C)
+        if self._ignore is not None:
+            bad = bad | (y == self._ignore)
+        if bool(bad.any()):  # the one host read; the error's details only on this path
+            if self._ignore is not None and bool((y == self._ignore).any()):
+                raise ValueError(f"targets contain ignore_index = {self._ignore}: mean-reduced cross-entropy then "
+                                 f"averages over fewer rows than the batch has, which {self.what} does not model; "
+                                 "drop those rows from the data")
+            raise ValueError(f"{self.what}: class targets must be in [0, {C}) for outputs with {C} classes, got "
+                             f"values from {int(y.min())} to {int(y.max())}")
+
     def _batch(self, x, y, nb, selected, fixed, tangents):
-        if self._ignore is not None and not y.is_floating_point() and bool((y == self._ignore).any()):
-            raise ValueError(f"targets contain ignore_index = {self._ignore}: mean-reduced cross-entropy then "
-                             f"averages over fewer rows than the batch has, which {self.what} does not model; "
-                             "drop those rows from the data")
         f = self._forward(x, fixed)
         out, vjp_fn = vjp(f, selected)
         if out.dim() == 0 or out.shape[0] != nb:
@@ -194,6 +236,7 @@ class _OutputSpaceOperator(_ModelCurvature):
                              f"got {tuple(out.shape)}")
         if self.kind == "cross_entropy" and out.dim() != 2:
             raise ValueError(f"{self.what} with cross-entropy needs outputs [N, C] (logits), got {tuple(out.shape)}")
+        self._check_targets(out, y)
         out2 = out.detach().reshape(nb, -1)
         M = self._output_matrix(out, out2, y, nb)
         JV = vmap(lambda t: jvp(f, (selected,), (t,))[1])(tangents)  # [k, *out.shape]

@@ -40,6 +40,12 @@ class LinearOperator:
         """A v for v [P] -> [P], or A V for a block V [P, k] -> [P, k] (the k products together)."""
         V = self._check_vectors(v, "v")
         out = self._matmat(V)
+        # a subclass's _matmat of another shape would come back as a wrong-length vector (op @ v
+        # takes column 0) or fail deep inside the spectral tools: say whose method it is
+        if not torch.is_tensor(out) or out.shape != V.shape:
+            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise RuntimeError(f"{type(self).__name__}._matmat returned {got} for a block of shape {tuple(V.shape)}; "
+                               "it must return A V of the same shape [P, k]")
         return out[:, 0] if v.dim() == 1 else out
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -75,6 +81,9 @@ class LinearOperator:
         'hutchinson': the unbiased estimate mean over n_probes Rademacher z of z * (A z)
         (``generator`` for the probes, on the operator's device)."""
         P = self.shape[0]
+        if method not in ("exact", "hutchinson"):
+            raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
+        block = _check_count(block, "block")  # block <= 0 left out[] uninitialised / never ended
         if method == "exact":
             out = torch.empty(P, dtype=self.dtype, device=self.device)
             for j in range(0, P, block):
@@ -83,16 +92,17 @@ class LinearOperator:
             return out
         if method == "hutchinson":
             _check_count(n_probes, "n_probes")
+            _check_generator(generator)
             acc = torch.zeros(P, dtype=self.dtype, device=self.device)
             for j in range(0, n_probes, block):
                 Z = rademacher(P, min(block, n_probes - j), self.dtype, self.device, generator)
                 acc += (Z * (self @ Z)).sum(1)
             return acc / n_probes
-        raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
 
     def to_dense(self, block: int = 64) -> Tensor:
         """The matrix [P, P] (products with the identity, ``block`` columns at a time); P <= 20 000."""
         P = self.shape[0]
+        block = _check_count(block, "block")
         if P > DENSE_LIMIT:
             raise ValueError(f"to_dense() would hold a {P} x {P} matrix (P > {DENSE_LIMIT}); use products, "
                              f"diagonal() or the spectral tools instead")
@@ -126,6 +136,11 @@ def _check_count(n, name: str) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{name} must be an int >= 1, got {n!r}")
     return n
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def rademacher(P: int, k: int, dtype: torch.dtype, device, generator: torch.Generator | None) -> Tensor:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .models import hessian
-from .spectral import eigenvalues
+from .operator import _check_count, _check_generator
+from .spectral import _check_progress, eigenvalues
 from .trace import trace
 
 __all__ = ["Sharpness", "sharpness"]
@@ -31,6 +32,10 @@ def sharpness(model: nn.Module, loss_fn, data, *, n_probes: int = 100, params=No
     Hutchinson with ``n_probes`` Rademacher probes in blocks of 32 (:func:`trace`). ``generator``
     draws the start vector and the probes. Larger values mean a sharper minimum.
     """
+    # checked before the Lanczos run, not after it (trace() would refuse them only then)
+    _check_count(n_probes, "n_probes")
+    _check_generator(generator)
+    _check_progress(progress)
     H = hessian(model, loss_fn, data, params=params)
     top, _ = eigenvalues(H, k=1, generator=generator, progress=progress)
     tr = trace(H, n_probes=n_probes, generator=generator, progress=progress)

@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .operator import DenseOperator, LinearOperator, _check_count
+from .operator import DenseOperator, LinearOperator, _check_count, _check_generator  # noqa: F401 (re-exported)
 
 __all__ = ["eigenvalues"]
 
@@ -51,6 +51,9 @@ def _as_operator(op, name: str = "op") -> LinearOperator:
         if op.dim() != 2 or op.shape[0] != op.shape[1] or op.shape[0] == 0:
             raise ValueError(f"{name} must be a LinearOperator or a square matrix [P, P] with P >= 1, got shape "
                              f"{tuple(op.shape)}")
+        if not bool(torch.isfinite(op).all()):  # else the symmetry test below reports max |A - A^T| = nan
+            raise ValueError(f"{name} holds {int((~torch.isfinite(op)).sum())} NaN or inf entries: its eigenvalues "
+                             "and trace are undefined; check how the matrix was computed")
         scale = float(op.abs().max())
         asym = float((op - op.mT).abs().max())
         if not asym <= math.sqrt(torch.finfo(op.dtype).eps) * scale:
@@ -59,11 +62,6 @@ def _as_operator(op, name: str = "op") -> LinearOperator:
         return DenseOperator(op)
     raise TypeError(f"{name} must be a pyfastbayes.curvature.LinearOperator or a square tensor [P, P], "
                     f"got {type(op).__name__}")
-
-
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _check_progress(progress) -> None:
@@ -157,6 +155,14 @@ def _random_orthogonal(B: Tensor, generator) -> Tensor:
         if r > 0:
             return z[:, 0] / r
     raise RuntimeError(f"could not draw a vector orthogonal to a basis of {n} vectors in dimension {P}")
+
+
+def _not_finite(what: str, n_products: int) -> RuntimeError:
+    """The error for an operator product with NaN or inf entries (the model operators give them for
+    NaN/inf weights or data, or a loss that overflows)."""
+    return RuntimeError(f"{what}: a product of the operator with a finite vector is not finite (NaN or inf) after "
+                        f"{n_products} products; check the model's parameters and the data for NaN/inf (e.g. "
+                        "all(p.isfinite().all() for p in model.parameters())) and that the loss is finite there")
 
 
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -253,7 +259,10 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
             Qj = Q[:, s:e]
             W = _apply(op, Qj, work)
             bar.update(min(e, m) - min(s, m))
-            anorm = max(anorm, float(W.norm(dim=0).max()))
+            wnorm = float(W.norm(dim=0).max())  # the one host read per step the recurrence needs anyway
+            if not math.isfinite(wnorm):  # NaN would come back as the eigenvalue, or break eigh of T
+                raise _not_finite("eigenvalues", e)
+            anorm = max(anorm, wnorm)
             Aj = Qj.mT @ W
             Aj = (Aj + Aj.mT) / 2
             T[s:e, s:e] = Aj.to("cpu", torch.float64)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .operator import LinearOperator, _check_count, rademacher
-from .spectral import _apply, _as_operator, _cgs2, _check_generator, _check_progress, _progress, _work_dtype
+from .spectral import (_apply, _as_operator, _cgs2, _check_generator, _check_progress, _not_finite, _progress,
+                       _work_dtype)
 
 __all__ = ["trace", "TraceEstimate"]
 
@@ -93,7 +94,7 @@ def trace(op, n_probes: int = 100, method: str = "hutchinson", generator: torch.
                 Z = rademacher(P, min(block, n - j), work, op.device, generator)
                 values.append((Z * _apply(op, Z, work)).sum(0).double())
                 bar.update(Z.shape[1])
-            return TraceEstimate(*_mean_and_error(torch.cat(values)))
+            return _finite(TraceEstimate(*_mean_and_error(torch.cat(values))), n)
         # Hutch++ (Algorithm 1 of Meyer et al.): S and G drawn up front, S first
         s = n // 3
         S = rademacher(P, s, work, op.device, generator)
@@ -103,4 +104,11 @@ def trace(op, n_probes: int = 100, method: str = "hutchinson", generator: torch.
         Gd, _ = _cgs2(Q, G)  # (I - QQ^T) G, two passes
         values = (Gd * _products(op, Gd, block, work, bar)).sum(0).double()
         mean, err = _mean_and_error(values)
-        return TraceEstimate(exact + mean, err)
+        return _finite(TraceEstimate(exact + mean, err), n)
+
+
+def _finite(result: TraceEstimate, n: int) -> TraceEstimate:
+    """``result``, checked once at the end: a NaN/inf estimate means a non-finite product."""
+    if not math.isfinite(result.estimate):
+        raise _not_finite("trace", n)
+    return result
