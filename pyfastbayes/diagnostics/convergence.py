@@ -34,7 +34,11 @@ def _prepare(x, name: str = "x") -> tuple[Tensor, tuple[int, ...]]:
     if isinstance(x, np.ndarray):
         if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
             raise TypeError(f"{name} must be a real numeric array, got numpy dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        try:
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        except TypeError:  # numpy number types torch has no dtype for (longdouble, timedelta64, ...)
+            raise TypeError(f"{name} has numpy dtype {x.dtype}, which torch cannot hold; convert it with "
+                            f"{name}.astype(np.float64)") from None
     elif not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray of shape [chains, draws, ...], "
                         f"got {type(x).__name__}; convert it with torch.as_tensor")
@@ -67,7 +71,14 @@ def _chunks(y: Tensor):
     copied whole."""
     step = max(1, _CHUNK_VALUES // max(1, y.shape[0] * y.shape[1]))
     for i in range(0, y.shape[2], step):
-        yield y[:, :, i:i + step].permute(2, 0, 1).to(torch.float64).contiguous()
+        c = y[:, :, i:i + step].permute(2, 0, 1).to(torch.float64).contiguous()
+        # finite draws beyond ~1e154 overflow the variances of 'split' R-hat and 'mean' ESS to inf,
+        # draws below ~1e-154 underflow them to 0 (NaN / wrong results); every statistic here is
+        # scale-free, so such elements are scaled by a power of two (exact) to 1/2 <= max|x| < 1.
+        # Elements with max|x| in [2^-256, 2^256] are left as they are (ArviZ's numbers exactly).
+        _, e = torch.frexp(c.abs().amax((1, 2)))
+        c = torch.ldexp(c, -torch.where((e > 256) | (e < -256), e, 0)[:, None, None])
+        yield c
 
 
 def _split(y: Tensor) -> Tensor:
