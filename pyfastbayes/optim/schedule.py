@@ -64,7 +64,7 @@ class CyclicalSchedule:
 
     def phase(self, step: int) -> float:
         """r(t) in [0, 1): position of ``step`` (0-based) inside its cycle."""
-        return (int(step) % self.cycle_length) / self.cycle_length
+        return (check_integer("step", step, 0) % self.cycle_length) / self.cycle_length
 
     def lr(self, step: int) -> float:
         """The step size at ``step`` (0-based)."""
@@ -76,7 +76,8 @@ class CyclicalSchedule:
 
     def is_cycle_end(self, step: int) -> bool:
         """True on the last step of a cycle (or of the run)."""
-        return (int(step) + 1) % self.cycle_length == 0 or int(step) + 1 == self.total_steps
+        step = check_integer("step", step, 0)
+        return (step + 1) % self.cycle_length == 0 or step + 1 == self.total_steps
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
         """Set lr and temperature of every param group for ``step`` (0-based); returns :meth:`is_sampling`.
@@ -85,6 +86,9 @@ class CyclicalSchedule:
         while exploring; the key is set from ``temperature`` when a group does not have it yet.
         """
         check_integer("step", step, 0)
+        if not isinstance(getattr(optimizer, "param_groups", None), list):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (it needs param_groups), got "
+                            f"{type(optimizer).__name__}")
         sampling, lr = self.is_sampling(step), self.lr(step)
         for i, group in enumerate(optimizer.param_groups):
             _assign(group, "lr", lr)
@@ -106,7 +110,11 @@ class CyclicalSchedule:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from CyclicalSchedule.state_dict(), got {type(state).__name__}")
         if "temperatures" in state and not set(_CONFIG) & state.keys():
-            self._legacy = {int(i): t for i, t in (state["temperatures"] or {}).items()}
+            temps = state["temperatures"] or {}
+            if not isinstance(temps, dict) or not all(isinstance(i, (int, str)) and str(i).isdigit() for i in temps):
+                raise ValueError(f"state['temperatures'] must map param-group indices to temperatures, got "
+                                 f"{temps!r:.200}; pass the dict of CyclicalSchedule.state_dict()")
+            self._legacy = {int(i): t for i, t in temps.items()}
             return
         missing = [k for k in _CONFIG if k not in state]
         if missing:

@@ -143,6 +143,13 @@ class _SGMCMC(torch.optim.Optimizer):
             raise ValueError(f"chains must be 'shared' or 'per_rank', got {chains!r}")
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: pass "
+                            f"e.g. generator=torch.Generator().manual_seed(0)")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"generator is a {generator.device.type} generator, but the seed of each param group "
+                             f"is drawn once on the host (the noise itself comes from the in-kernel Philox "
+                             f"stream): pass a CPU generator, e.g. torch.Generator().manual_seed(0)")
         self._chains, self._verify = chains, verify
         defaults = dict(defaults, fused=fused, nonfinite=nonfinite)
         self._check_group(defaults, "")
@@ -185,6 +192,10 @@ class _SGMCMC(torch.optim.Optimizer):
                                  f"per step; pass each tensor once")
             first_seen[id(p)] = name
         for name, p in new:
+            if not (p.is_leaf or p.retains_grad):  # torch's own refusal would not name it
+                raise ValueError(f"{name} is not a leaf tensor (it was computed from other tensors, grad_fn="
+                                 f"{type(p.grad_fn).__name__}), so its .grad is never filled; pass a leaf, e.g. "
+                                 f"nn.Parameter(t.detach().clone())")
             problem = _param_problem(p)
             if problem is not None:
                 raise type(problem)(f"{name} {problem}")
@@ -201,20 +212,37 @@ class _SGMCMC(torch.optim.Optimizer):
         """Add a group as :meth:`torch.optim.Optimizer.add_param_group` does, after checking its
         parameters (floating, dense, not expanded, no memory shared with any other parameter) and,
         once the defaults are filled in, its hyper-parameters. A refused group is not added."""
-        if isinstance(param_group, dict) and "params" in param_group:
-            params = param_group["params"]
-            if torch.is_tensor(params):
-                params = [params]
-            elif not isinstance(params, set):  # torch refuses sets itself
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict such as {{'params': [tensors], 'lr': 1e-3}}, got "
+                            f"{type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError(f"param_group has no 'params' (its keys: {sorted(param_group)}); pass "
+                             f"{{'params': [tensors], ...}}")
+        before = dict(param_group)  # torch fills in the defaults: a refused group is put back as it came
+        params = param_group["params"]
+        if torch.is_tensor(params):
+            params = [params]
+        elif not isinstance(params, set):  # torch refuses sets itself
+            try:
                 params = param_group["params"] = list(params)  # a generator is read once
-            self._check_param_memory([p[1] if isinstance(p, tuple) else p for p in params])
-        with warnings.catch_warnings():  # duplicates were refused above: torch's warning cannot apply
-            warnings.filterwarnings("ignore", message=_TORCH_DUPLICATE_WARNING)
-            super().add_param_group(param_group)
+            except TypeError:
+                raise TypeError(f"param_group['params'] must be a tensor or an iterable of tensors, got "
+                                f"{type(params).__name__}") from None
+            if iter(before["params"]) is before["params"]:  # a spent iterator: keep what was read from it
+                before["params"] = params
         try:
-            self._check_group(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+            self._check_param_memory([p[1] if isinstance(p, tuple) else p for p in params])
+            with warnings.catch_warnings():  # duplicates were refused above: torch's warning cannot apply
+                warnings.filterwarnings("ignore", message=_TORCH_DUPLICATE_WARNING)
+                super().add_param_group(param_group)
+            try:
+                self._check_group(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+            except Exception:
+                self.param_groups.pop()
+                raise
         except Exception:
-            self.param_groups.pop()
+            param_group.clear()
+            param_group.update(before)
             raise
 
     # ---- validation of a step: every group, before anything is written --------------------------
@@ -519,7 +547,14 @@ class _SGMCMC(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
             raise TypeError(f"{me}.load_state_dict expects the dict of an optimizer's state_dict() "
                             f"(keys 'state' and 'param_groups'), got {type(state_dict).__name__}")
-        saved = state_dict["param_groups"]
+        saved, state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(g, dict) and isinstance(g.get("params"), (
+                list, tuple)) for g in saved):
+            raise TypeError(f"state_dict['param_groups'] must be a list of dicts with a 'params' list, as "
+                            f"{me}.state_dict() makes it; got {saved!r:.200}")
+        if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+            raise TypeError(f"state_dict['state'] must be a dict of dicts (one per parameter), as {me}.state_dict() "
+                            f"makes it; got {state!r:.200}")
         if len(saved) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved)} param groups but this {me} has {len(self.param_groups)}")
         foreign = {k for cls in _SGMCMC.__subclasses__() for k in cls._hyper} - set(self._hyper)
@@ -536,12 +571,22 @@ class _SGMCMC(torch.optim.Optimizer):
                                  f"{me} has {len(mine['params'])} there")
             self._check_group({**group, "params": mine["params"]}, f"state_dict['param_groups'][{gi}]")
             params += [(saved_id, gi, i, p) for i, (saved_id, p) in enumerate(zip(group["params"], mine["params"]))]
-        self._check_saved_state(state_dict["state"], params)
+            ids = group["params"]
+            if ids and "rng" not in state.get(ids[0], {}) and any(state.get(k) for k in ids):
+                # the RNG position is kept with the group's first parameter from its first step on
+                raise ValueError(f"state_dict['state'][{ids[0]!r}] has no 'rng' (seed, step) although "
+                                 f"param_groups[{gi}] has state: it was not saved by {me} (or was edited); "
+                                 f"load a state_dict saved by {me}")
+        self._check_saved_state(state, params)
 
     def _check_saved_state(self, state: dict, params: list) -> None:
         allowed = set(_STATE_KEYS) | ({self._buffer} if self._buffer else set())
         for saved_id, gi, i, p in params:
             entry = state.get(saved_id, {})
+            meta = sorted(k for k, v in entry.items() if torch.is_tensor(v) and v.is_meta)
+            if meta:
+                raise ValueError(f"state_dict['state'][{saved_id}] holds meta tensors {meta} (shapes without "
+                                 f"data); load a state_dict whose tensors hold values")
             unknown = sorted(set(entry) - allowed)
             if unknown:
                 raise ValueError(f"state_dict['state'][{saved_id}] has {unknown}, which {type(self).__name__} does "
@@ -571,21 +616,31 @@ class _SGMCMC(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         id_to_param = dict(zip((k for g in state_dict["param_groups"] for k in g["params"]), params))
         for k, rng in saved.items():
-            p = id_to_param[k]
-            self.state[p]["rng"] = rng.to(device=p.device)  # int64 kept exactly
-            self.state[p].pop("hyper", None)  # rebuilt from the param group at the next step
-            self.state[p].pop("_hyper_cache", None)
+            if k in id_to_param:  # (torch drops the state of ids that name no parameter)
+                p = id_to_param[k]
+                self.state[p]["rng"] = rng.to(device=p.device)  # int64 kept exactly
         for p in params:
             st = self.state.get(p)
+            if st:  # the hyper vector, cast to the parameter's dtype by torch: rebuilt at the next step
+                st.pop("hyper", None)
+                st.pop("_hyper_cache", None)
             if self._buffer and st and self._buffer in st:
                 st[self._buffer] = st[self._buffer].clone(memory_format=torch.preserve_format)
 
     def seed(self, group: int = 0) -> int:
         """The 64-bit Philox seed of a parameter group (drawn at its first step)."""
-        st = self.state[self.param_groups[group]["params"][0]]
-        if "rng" not in st:
+        n = len(self.param_groups)
+        if isinstance(group, bool) or not isinstance(group, int):
+            raise TypeError(f"group must be an int, the index of a param group, got {type(group).__name__}")
+        if not -n <= group < n:
+            raise IndexError(f"group must be an index of param_groups (this {type(self).__name__} has {n}), "
+                             f"got {group!r}")
+        params = self.param_groups[group]["params"]
+        if not params:
+            raise RuntimeError(f"param_groups[{group}] has no parameters, so it has no seed")
+        if "rng" not in self.state.get(params[0], {}):  # .get: asking creates no state entry
             raise RuntimeError("the seed is drawn at the first step; call step() first")
-        return int(st["rng"][ops.RNG.seed])
+        return int(self.state[params[0]]["rng"][ops.RNG.seed])
 
 
 class SGLD(_SGMCMC):
