@@ -12,11 +12,10 @@ its width::
 from __future__ import annotations
 
 import math
-import numbers
 
 from torch import nn
 
-from .calibration._checks import check_positive_float
+from .calibration._checks import check_nonnegative_float, check_positive_float
 
 __all__ = ["scaled_groups", "FAN_IN_LAYERS"]
 
@@ -27,10 +26,14 @@ FAN_IN_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                  nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _check_nonnegative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+def _precision(fan_in: int, scale: float, name: str) -> float:
+    """fan_in / scale, which must be finite: a tiny scale (1e-320) overflows to inf, a precision
+    every sampler refuses (naming prior_precision, not the scale that made it)."""
+    alpha = fan_in / scale
+    if not math.isfinite(alpha):
+        raise ValueError(f"{name} = {scale!r} is too small: the prior precision {fan_in} / {name} overflows a "
+                         f"float64; pass {name} >= {fan_in / 1e308:.3g}")
+    return alpha
 
 
 def scaled_groups(model: nn.Module, scale: float = 1.0, *, bias_scale: float | None = None,
@@ -55,7 +58,7 @@ def scaled_groups(model: nn.Module, scale: float = 1.0, *, bias_scale: float | N
     step); the groups come in the order of their first parameter, each a dict
     ``{"params": [...], "prior_precision": alpha, "param_names": [...], **options}``.
     ``options`` are any other per-group hyper-parameters of the sampler (``temperature``, ``lr``,
-    ...); ``params`` and ``prior_precision`` are set here and cannot be passed.
+    ...); ``params``, ``prior_precision`` and ``param_names`` are set here and cannot be passed.
 
     Args:
         model: the network.  scale: s > 0 of N(0, s / fan_in) (s = 1: LeCun, s = 2: He).
@@ -68,8 +71,8 @@ def scaled_groups(model: nn.Module, scale: float = 1.0, *, bias_scale: float | N
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     scale = check_positive_float(scale, "scale")
     bias_scale = scale if bias_scale is None else check_positive_float(bias_scale, "bias_scale")
-    other_precision = _check_nonnegative(other_precision, "other_precision")
-    for key in ("params", "prior_precision"):
+    other_precision = check_nonnegative_float(other_precision, "other_precision")
+    for key in ("params", "prior_precision", "param_names"):
         if key in options:
             raise TypeError(f"scaled_groups sets {key!r} itself; pass the other group options only")
 
@@ -79,9 +82,9 @@ def scaled_groups(model: nn.Module, scale: float = 1.0, *, bias_scale: float | N
             continue
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         if isinstance(weight, nn.Parameter) and id(weight) not in precision_of:
-            precision_of[id(weight)] = weight[0].numel() / scale
+            precision_of[id(weight)] = _precision(weight[0].numel(), scale, "scale")
         if isinstance(bias, nn.Parameter) and id(bias) not in precision_of:
-            precision_of[id(bias)] = 1.0 / bias_scale
+            precision_of[id(bias)] = _precision(1, bias_scale, "bias_scale")
 
     groups: dict[float, dict] = {}  # precision -> group, in order of first appearance
     for name, p in model.named_parameters():

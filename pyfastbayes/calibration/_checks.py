@@ -68,11 +68,41 @@ def check_n_bins(n_bins) -> int:
     return check_int(n_bins, "n_bins", 1, MAX_BINS)
 
 
+def _finite_real(value) -> float | None:
+    """value as a finite float, or None when it is no real number (bool included) or not finite
+    (a Python int too large for a float64 included: math.isfinite would raise OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        v = float(value)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) else None
+
+
 def check_positive_float(value, name: str) -> float:
     """value as a finite float > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    v = _finite_real(value)
+    if v is None or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r:.60}")
+    return v
+
+
+def check_nonnegative_float(value, name: str) -> float:
+    """value as a finite float >= 0."""
+    v = _finite_real(value)
+    if v is None or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r:.60}")
+    return v
+
+
+def check_bool(value, name: str) -> bool:
+    """value, if it is a bool (NumPy's included): a string such as 'no' or None must not pass
+    as its truth value (from_logits='no' would read probabilities as logits)."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not isinstance(value, bool) and not numpy_bool:
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.60}")
+    return bool(value)
 
 
 def check_probs(probs, name: str = "probs") -> None:
@@ -81,6 +111,8 @@ def check_probs(probs, name: str = "probs") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(probs).__name__}")
     if not probs.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {probs.dtype}; convert it with .float()")
+    if probs.is_meta:
+        raise ValueError(f"{name} is a meta tensor (a shape without data); pass a tensor that holds values")
     if probs.dim() not in (1, 2, 3):
         raise ValueError(f"{name} must be [N] (binary), [N, C] or [S, N, C], got shape {tuple(probs.shape)}")
     if probs.dim() >= 2 and probs.shape[-1] < 2:
@@ -189,6 +221,8 @@ def prepare(probs, targets=None, *, from_logits: bool, validate: bool, name: str
     ``allow_empty``), and with ``validate`` the value checks of one native pass. Without
     ``validate``, a metric that indexes by target (``indexes_targets``) still gets the target
     range checked: an out-of-range index must raise, never read out of bounds."""
+    check_bool(from_logits, "from_logits")
+    check_bool(validate, "validate")
     p3 = as_3d(probs, from_logits, name)
     binary = probs.dim() == 1
     if not allow_empty:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._binning import (adaptive_bins, error_from_bins, error_from_host_bins, mean_probs, mode_of, require_binned,
                        uniform_bins)
-from ._checks import BINNINGS, NORMS, Prepared, check_choice, check_n_bins, check_scores, prepare
+from ._checks import BINNINGS, NORMS, Prepared, check_bool, check_choice, check_n_bins, check_scores, prepare
 
 __all__ = ["ece", "nll", "brier", "accuracy", "predictive_entropy", "expected_entropy", "mutual_information",
            "ood_auroc"]
@@ -56,6 +56,7 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
     n_bins = check_n_bins(n_bins)
     check_choice(norm, "norm", NORMS)
     check_choice(binning, "binning", BINNINGS)
+    classwise, validate = check_bool(classwise, "classwise"), check_bool(validate, "validate")
     prep = prepare(probs, targets, from_logits=from_logits, validate=False)  # values: in the binning pass
     mode = mode_of(prep, classwise)
     if binning == "uniform" and mode != "classwise":  # one set of bins: the error in Python on the host

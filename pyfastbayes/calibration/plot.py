@@ -10,16 +10,34 @@ from ._checks import check_n_bins, prepare
 __all__ = ["reliability_diagram"]
 
 
+def _check_ax(ax):
+    """``ax`` as None, one Axes, or a tuple of two (a list or a NumPy array of two, as
+    ``plt.subplots(1, 2)`` returns, counts as a pair); TypeError / ValueError otherwise, before
+    anything is drawn."""
+    from matplotlib.axes import Axes
+
+    if ax is None or isinstance(ax, Axes):
+        return ax
+    if type(ax).__name__ == "ndarray":
+        ax = list(ax.ravel())
+    if not isinstance(ax, (tuple, list)):
+        raise TypeError(f"ax must be None, one matplotlib Axes or a pair of them, got {type(ax).__name__}")
+    if len(ax) != 2:
+        raise ValueError(f"ax must be one matplotlib Axes or a pair of them, got {len(ax)} items")
+    bad = [f"ax[{i}] is {type(a).__name__}" for i, a in enumerate(ax) if not isinstance(a, Axes)]
+    if bad:
+        raise TypeError(f"ax must be a pair of matplotlib Axes (bars, histogram), but {', '.join(bad)}")
+    return tuple(ax)
+
+
 def _axes(ax):
-    """(figure, bars axis, histogram axis, twin) for ``ax`` = None, a pair, or one axis."""
+    """(figure, bars axis, histogram axis, twin) for ``ax`` = None, a pair, or one axis (checked)."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
         return fig, ax, ax_hist, False
-    if isinstance(ax, (tuple, list)):
-        if len(ax) != 2:
-            raise ValueError(f"ax must be one matplotlib Axes or a pair of them, got {len(ax)} items")
+    if isinstance(ax, tuple):
         return ax[0].figure, ax[0], ax[1], False
     return ax.figure, ax, ax.twinx(), True
 
@@ -43,7 +61,8 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     (perfect calibration); shaded: the gap between each bin's accuracy and its mean confidence;
     below: the histogram of confidences (fraction of points per bin). ``ax`` may be None (a new
     figure with both panels), a pair (bars axis, histogram axis), or one axis (the histogram then
-    sits in its lower quarter, on a twin axis without ticks). The ECE is in the legend.
+    sits in its lower quarter, on a twin axis without ticks); a list or NumPy array of two Axes
+    (``plt.subplots(1, 2)[1]``) counts as a pair. The ECE is in the legend.
 
     probs: [N, C], [S, N, C] or [N] (checked as in :func:`ece`); targets: [N]. Returns the
     matplotlib Figure; never calls ``show()``.
@@ -51,6 +70,7 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     import numpy as np
 
     n_bins = check_n_bins(n_bins)
+    ax = _check_ax(ax)
     prep = prepare(probs, targets, from_logits=from_logits, validate=False)  # values: in the binning pass
     b = uniform_bins(prep, n_bins, from_logits, mode_of(prep, False), True)
     y_label, x_label = ("frequency of class 1", "probability of class 1") if prep.binary else \

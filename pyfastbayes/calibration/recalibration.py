@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._checks import check_choice, check_int, check_logits, check_positive_float
+from ._checks import check_choice, check_int, check_logits, check_nonnegative_float, check_positive_float
 
 __all__ = ["TemperatureScaling", "VectorScaling"]
 
@@ -19,6 +19,17 @@ def _separates(z: Tensor, y: Tensor) -> bool:
     zy = z.gather(1, y[:, None])
     others = z.scatter(1, y[:, None], float("-inf"))
     return bool((zy.squeeze(1) > others.amax(1)).all())
+
+
+def _check_transform_input(logits) -> None:
+    """transform() takes floating-point logits: integer ones would round the fitted scale to an
+    integer (T = 1.5 read as 1, weights 0.9 as 0) and return wrong logits silently."""
+    if not torch.is_tensor(logits):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}; convert it with .float()")
+    if logits.dim() == 0:
+        raise ValueError("logits must be [..., C] (classes in the last dimension), got a 0-dim tensor")
 
 
 class TemperatureScaling:
@@ -47,7 +58,7 @@ class TemperatureScaling:
     def __init__(self, method: str = "newton", max_iter: int = 100, tol: float = 1e-10, t_min: float = 0.05,
                  t_max: float = 20.0):
         self.method = check_choice(method, "method", ("newton", "lbfgs"))
-        self.max_iter, self.tol = check_int(max_iter, "max_iter", 1), float(tol)
+        self.max_iter, self.tol = check_int(max_iter, "max_iter", 1), check_nonnegative_float(tol, "tol")
         self.t_min, self.t_max = check_positive_float(t_min, "t_min"), check_positive_float(t_max, "t_max")
         if not self.t_min < self.t_max:
             raise ValueError(f"t_min must be < t_max, got t_min = {t_min}, t_max = {t_max}")
@@ -144,6 +155,7 @@ class TemperatureScaling:
 
     def transform(self, logits: Tensor) -> Tensor:
         """Calibrated logits [..., C] = logits / T (dtype and device of ``logits``)."""
+        _check_transform_input(logits)
         return logits / self.temperature.to(device=logits.device, dtype=logits.dtype)
 
 
@@ -157,7 +169,7 @@ class VectorScaling:
     """
 
     def __init__(self, max_iter: int = 200, tol: float = 1e-12):
-        self.max_iter, self.tol = check_int(max_iter, "max_iter", 1), float(tol)
+        self.max_iter, self.tol = check_int(max_iter, "max_iter", 1), check_nonnegative_float(tol, "tol")
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 
@@ -189,6 +201,7 @@ class VectorScaling:
         """Calibrated logits [..., C] = w * logits + b (dtype and device of ``logits``)."""
         if self.weight is None:
             raise RuntimeError("VectorScaling.transform() called before fit()")
+        _check_transform_input(logits)
         if logits.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"logits has C = {logits.shape[-1]} classes but VectorScaling was fitted with "
                              f"C = {self.weight.shape[0]}; fit it on logits of the same classes")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._binning import require_binned
-from ._checks import check_not_empty, prepare
+from ._checks import check_bool, check_not_empty, prepare
 from .metrics import brier_terms, hits, nll_terms
 from .streaming import CalibrationError, collective_device
 from .._distributed import distributed_active
@@ -75,6 +75,9 @@ def evaluate(probs: Tensor, targets: Tensor, metrics: str | Sequence[str] = METR
         processes disagree on C or on binary [N] against [N, C] inputs.
     """
     names = _check_metrics(metrics)
+    from_logits, validate = check_bool(from_logits, "from_logits"), check_bool(validate, "validate")
+    if distributed is not None:  # distributed='no' must not read as True
+        check_bool(distributed, "distributed")
     # option checks (the same on every process, so they may raise before the collective)
     calib = (CalibrationError(n_bins, norm, classwise, num_classes, from_logits, validate) if "ece" in names
              else None)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from ..ops import CALIB_STATS
 from ._binning import error_from_bins, mode_of, split_stats, uniform_bins
-from ._checks import NORMS, check_choice, check_int, check_n_bins, prepare
+from ._checks import NORMS, check_bool, check_choice, check_int, check_n_bins, prepare
 
 __all__ = ["CalibrationError"]
 
@@ -31,13 +31,14 @@ class CalibrationError:
                  from_logits: bool = False, validate: bool = True):
         self.n_bins = check_n_bins(n_bins)
         self.norm = check_choice(norm, "norm", NORMS)
-        if classwise:
-            if num_classes is None:
-                raise ValueError("num_classes must be given when classwise=True (every rank needs the same "
-                                 "[C, B, 3] state): pass num_classes=C")
+        classwise = check_bool(classwise, "classwise")
+        if classwise and num_classes is None:
+            raise ValueError("num_classes must be given when classwise=True (every rank needs the same "
+                             "[C, B, 3] state): pass num_classes=C")
+        if num_classes is not None:
             num_classes = check_int(num_classes, "num_classes", 2)
-        self.classwise, self.num_classes = bool(classwise), num_classes
-        self.from_logits, self.validate = bool(from_logits), bool(validate)
+        self.classwise, self.num_classes = classwise, num_classes
+        self.from_logits, self.validate = check_bool(from_logits, "from_logits"), check_bool(validate, "validate")
         self.reset()
 
     def _shape(self) -> tuple[int, ...]:
