@@ -156,7 +156,7 @@ def test_grid_and_interpolate_name_a_data_dtype_mismatch(model_dtype, data_dtype
     m, (x, y) = _mlp(0, model_dtype), _data()
     before = _state(m)
     d = L.random_directions(m, 1)
-    with pytest.raises(TypeError, match=rf"data: the inputs are {data_dtype} .* {model_dtype}; convert the data"):
+    with pytest.raises(TypeError, match=rf"data: the inputs are {data_dtype} .* {model_dtype}: cast the data"):
         L.grid(m, ce, (x.to(data_dtype), y), d, [-1, 0, 1], progress=False)
     with pytest.raises(TypeError, match="data: the inputs are"):
         L.interpolate(m, _mlp(1, model_dtype), 3, ce, (x.to(data_dtype), y), progress=False)

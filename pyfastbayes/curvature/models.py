@@ -51,6 +51,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .. import ops
 from ..nn.batchnorm import ModeGuard
+from ..nn.inputs import dtype_mismatch
 from ._model_data import (Selection, all_reduce, as_batches, distributed_active, ignore_index, iterate,
                           loss_kind, mode_dependent)
 from .operator import LinearOperator
@@ -92,27 +93,14 @@ class _ModelCurvature(LinearOperator):
             try:
                 out = functional_call(self.model, {**fixed, **p}, args)
             except RuntimeError as exc:
-                self._dtype_hint(args, exc)
+                wrong = dtype_mismatch(args, self.dtype, exc, name="data")
+                if wrong is not None:
+                    raise wrong from exc
                 raise
             if not torch.is_tensor(out):
                 raise TypeError(f"the model must return a tensor [N, ...] of outputs, got {type(out).__name__}")
             return out
         return f
-
-    def _dtype_hint(self, args: tuple, error: RuntimeError) -> None:
-        """After the model's forward raised ``error``: a TypeError naming the inputs' and the
-        parameters' dtypes when a floating-point input has another dtype than the parameters
-        (torch's own "mat1 and mat2 must have the same dtype" names neither). Checked only once
-        the forward has failed: no cost, and a model that casts its inputs itself still works."""
-        for i, a in enumerate(args):
-            if not torch.is_tensor(a) or a.dtype == self.dtype:
-                continue
-            # integer inputs are normal (embeddings): named only when torch's error is about dtypes
-            if a.is_floating_point() or "dtype" in str(error).lower():
-                which = "the inputs are" if len(args) == 1 else f"input {i} is"
-                model = f" or the model (model.to({a.dtype}))" if a.is_floating_point() else ""
-                raise TypeError(f"{which} {a.dtype} but the model's parameters are {self.dtype}: cast the data "
-                                f"(x.to({self.dtype})){model} so that they agree") from error
 
     def _batch(self, x, y: Tensor, nb: int, selected: dict, fixed: dict, tangents: dict) -> tuple[dict, float]:
         """The batch's term applied to the block (tangents: name -> [k, *shape]) as (name -> [k, *shape],

@@ -29,6 +29,7 @@ from .._memory import allocation_cache
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from ..nn.batchnorm import bn_modules
+from ..nn.inputs import dtype_mismatch
 from . import _batched, _first_layer
 from ._losses import point_values
 from .directions import layout_of
@@ -62,26 +63,10 @@ def _row_blocks(x, y: Tensor, nb: int, r: int | None):
         yield xr, y[i:i + r], min(r, nb - i)
 
 
-def data_dtype_error(x, dtype: torch.dtype) -> TypeError | None:
-    """A TypeError naming ``data`` when a floating-point tensor of the inputs ``x`` (a tensor or a
-    tuple) has another dtype than the model's parameters (``dtype``), else None. Called only once a
-    forward has failed (so a model that converts its inputs itself is never refused, and no batch
-    pays for the check)."""
-    for a in (x if isinstance(x, tuple) else (x,)):
-        if torch.is_tensor(a) and a.is_floating_point() and a.dtype != dtype:
-            return TypeError(f"data: the inputs are {a.dtype} but the model's parameters are {dtype}; convert the "
-                             f"data (inputs.to({dtype})) or the model (model.to({a.dtype}))")
-    return None
-
-
 def _failed_forward(err: BaseException, x, dtype: torch.dtype) -> BaseException:
-    """The error to raise for ``err`` from a forward on inputs ``x``: :func:`data_dtype_error` when
-    it is a RuntimeError (not out of memory) and the inputs' dtype differs from the model's."""
-    if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError):
-        wrong = data_dtype_error(x, dtype)
-        if wrong is not None:
-            return wrong
-    return err
+    """The error to raise for ``err`` from a forward on inputs ``x``: the TypeError of
+    :func:`~pyfastbayes.nn.inputs.dtype_mismatch` naming ``data`` when the dtypes explain it, else ``err``."""
+    return dtype_mismatch(x, dtype, err, name="data") or err
 
 
 def _axis(c, name: str, dtype) -> Tensor:
@@ -158,7 +143,7 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
     torch.distributed). ``labels``: the names of ``fns`` in error messages (default: 'loss_fn'
     for the first, 'metric i' for the others). A RuntimeError of the forward with floating-point
     inputs of another dtype than the model's becomes a TypeError naming ``data``
-    (:func:`data_dtype_error`, the first batch's inputs looked at once the walk failed). The
+    (:func:`~pyfastbayes.nn.inputs.dtype_mismatch`, the first batch's inputs looked at once the walk failed). The
     caller sets no_grad and the modes."""
     def args(x):
         return x if isinstance(x, tuple) else (x,)

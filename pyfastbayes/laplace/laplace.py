@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .._memory import allocation_cache
 from ..nn import ModeGuard
 from ..nn.calls import parameter_calls
-from ..nn.inputs import iterate_inputs
+from ..nn.inputs import dtype_mismatch, iterate_inputs
 from ..nn.loaders import batches as loader_batches
 from ..calibration._checks import check_positive_float
 from ..posteriors.base import Posterior, check_count
@@ -416,18 +416,11 @@ class Laplace(Posterior):
         return out, self.layers
 
     def _dtype_hint(self, x, error: Exception) -> None:
-        """After the model's forward raised ``error`` on inputs ``x``: a TypeError naming the inputs'
-        and the parameters' dtypes when they differ (torch's own message names neither the data
-        nor the fix). Checked only once the forward has failed: no cost, and a model that casts
-        its inputs itself is not refused."""
-        if not torch.is_tensor(x) or x.dtype == self.dtype:
-            return
-        if x.is_floating_point() or "type" in str(error).lower():
-            cast = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()",
-                    torch.bfloat16: ".bfloat16()"}.get(self.dtype, f".to({self.dtype})")
-            model = f" or the model (model.to({x.dtype}), then fit again)" if x.is_floating_point() else ""
-            raise TypeError(f"the inputs are {x.dtype} but the model's parameters {self.dtype}: cast the data "
-                            f"(x{cast}){model} so that they agree") from error
+        """After the model's forward raised ``error`` on inputs ``x``: raise
+        :func:`~pyfastbayes.nn.inputs.dtype_mismatch`'s TypeError when the dtypes explain it."""
+        wrong = dtype_mismatch(x, self.dtype, error, refit=", then fit again")
+        if wrong is not None:
+            raise wrong from error
 
     def _all_reduce(self, curv, loss: Tensor, n: int):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .loaders import batches
 
-__all__ = ["iterate_inputs", "model_input", "model_output", "call_model", "to_device"]
+__all__ = ["iterate_inputs", "model_input", "model_output", "call_model", "to_device", "dtype_mismatch"]
 
 ModelInput = Any  # a tensor, or a tuple of positional arguments (from input_fn)
 
@@ -89,3 +89,41 @@ def model_output(out, output_fn: Callable | None = None) -> Tensor:
         raise TypeError(f"the model returned a {type(out).__name__}, not a tensor; pass "
                         f"output_fn=lambda out: {hint} to pick the outputs [N, ...] (logits for classification)")
     return out
+
+
+def _tensors(inputs) -> Iterator[Tensor]:
+    """The tensors of ``inputs``: a tensor, or nested tuples/lists of them (other items skipped)."""
+    if torch.is_tensor(inputs):
+        yield inputs
+    elif isinstance(inputs, (tuple, list)):
+        for a in inputs:
+            yield from _tensors(a)
+
+
+def dtype_mismatch(inputs, dtype: torch.dtype, error: BaseException | None = None, *, name: str = "x",
+                   owner: str = "the model", refit: str = "") -> TypeError | None:
+    """The one message for "the data has another dtype than the parameters": a TypeError naming
+    ``name``, both dtypes and both fixes, or None when nothing in ``inputs`` explains ``error``.
+
+    ``inputs``: a tensor, a tuple of positional model arguments, or a list of such batches;
+    ``dtype``: the parameters' dtype; ``error``: the exception a forward raised on them (None for
+    an up-front check, e.g. a layer's). Called only once a forward has failed (or, for a layer,
+    after one dtype comparison), so no batch pays for it and a model that casts its own inputs is
+    never refused. A floating-point input of another dtype is always named; an integer one
+    (token ids are normal) only when ``error`` is absent or speaks of types. Out-of-memory and
+    non-RuntimeErrors are never reinterpreted. ``owner`` names whose parameters these are;
+    ``refit`` is appended to the model fix (e.g. ", then fit again")."""
+    if error is not None and (not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError)):
+        return None
+    # several positional arguments are numbered; a list of batches is not
+    groups = list(enumerate(inputs)) if isinstance(inputs, tuple) and len(inputs) > 1 else [(None, inputs)]
+    for i, group in groups:
+        a = next((t for t in _tensors(group) if t.dtype != dtype and (
+            t.is_floating_point() or error is None or "type" in str(error).lower())), None)
+        if a is None:
+            continue
+        which = "the inputs are" if i is None else f"input {i} is"
+        model = f" or the model (model.to({a.dtype}){refit})" if a.is_floating_point() else ""
+        return TypeError(f"{name}: {which} {a.dtype} but {owner}'s parameters are {dtype}: cast the data "
+                         f"(inputs.to({dtype})){model} so that they agree")
+    return None

@@ -34,7 +34,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..nn import ModeGuard, ParamLayout, bn_modules, refresh_bn
-from ..nn.inputs import call_model, iterate_inputs, model_output, to_device
+from ..nn.inputs import call_model, dtype_mismatch, iterate_inputs, model_output, to_device
 
 __all__ = ["Posterior", "LIKELIHOODS"]
 
@@ -233,7 +233,9 @@ class Posterior(abc.ABC):
                         try:
                             out = _forward(layout, theta, batches, bn_loader, batch_size, input_fn, output_fn)
                         except RuntimeError as e:
-                            _dtype_hint(batches, layout.dtype, e)
+                            wrong = dtype_mismatch(batches, layout.dtype, e, refit=", then build the posterior again")
+                            if wrong is not None:
+                                raise wrong from e
                             raise
                         avg.add(out)
                         bar.update()
@@ -294,21 +296,6 @@ class Posterior(abc.ABC):
                 raise ValueError(f"state_dict[{key!r}] holds values up to {big:.6g}, beyond the largest finite "
                                  f"{dtype} ({top:.6g}) that this {self.kind} stores it in: they would load as inf")
         return t
-
-
-def _dtype_hint(batches: list, dtype: torch.dtype, error: Exception) -> None:
-    """After a forward raised ``error``: a TypeError naming ``x`` when its floating-point inputs
-    have another dtype than the model's parameters (torch's own message names neither the data
-    nor the fix). Checked only once the forward has failed: no cost per batch, and a model that
-    casts its inputs itself is never refused."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return
-    for b in batches:
-        for a in (b if isinstance(b, tuple) else (b,)):
-            if torch.is_tensor(a) and a.is_floating_point() and a.dtype != dtype:
-                raise TypeError(f"x: the inputs are {a.dtype} but the model's parameters are {dtype}; convert the "
-                                f"data (x.to({dtype})) or the model (model.to({a.dtype}), then build the posterior "
-                                "again)") from error
 
 
 def _forward(layout: ParamLayout, theta: Tensor, batches: list, bn_loader, batch_size: int,

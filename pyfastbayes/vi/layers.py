@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration._checks import check_int
+from ..nn.inputs import dtype_mismatch
 from ._functions import Affine, Flipout, LocalMoments, LocalNoise, SampledAffine
 from .priors import as_prior
 
@@ -113,13 +114,11 @@ class BayesianLayer(nn.Module):
 
 
 def _check_input_dtype(x: Tensor, mu: Tensor) -> None:
-    """x's dtype differs from the parameters': a TypeError saying how to match them (instead of the
-    op's 'mat1 and mat2 must have the same dtype'), except under autocast, which casts them itself."""
-    if torch.is_autocast_enabled(x.device.type):
-        return
-    other = f" (or convert the model with model.to({x.dtype}))" if x.is_floating_point() else ""
-    raise TypeError(f"x has dtype {x.dtype} but the Bayesian layer's parameters are {mu.dtype}: pass "
-                    f"x.to({mu.dtype}){other}")
+    """x's dtype differs from the parameters': :func:`~pyfastbayes.nn.inputs.dtype_mismatch`'s TypeError
+    (instead of the op's 'mat1 and mat2 must have the same dtype'), except under autocast, which
+    casts them itself."""
+    if not torch.is_autocast_enabled(x.device.type):
+        raise dtype_mismatch(x, mu.dtype, owner="the Bayesian layer")
 
 
 _STEP_ONE: dict = {}
