@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from .base import Posterior, check_count, check_generator
 
 __all__ = ["SampleBuffer"]
@@ -23,6 +24,11 @@ class SampleBuffer(Posterior):
     draws: :meth:`sample` picks stored draws uniformly at random, :meth:`predict` averages over
     all of them (or over ``n_samples`` random picks).
 
+    A draw holding NaN or inf (a diverged chain) is stored without a host synchronisation (the
+    collect stays asynchronous on the sampler's hot path): its finiteness is a device-side flag
+    per ring row, and :meth:`sample`, :meth:`predict` and :meth:`state_dict` refuse the buffer
+    with a ValueError naming the draw; :meth:`drop_nonfinite` removes such draws.
+
     Args:
         model: the network whose trainable parameters are drawn (any floating dtypes, one device).
         max_samples: capacity S_max >= 1.  thin: >= 1.
@@ -33,6 +39,7 @@ class SampleBuffer(Posterior):
     Attributes:
         draws: [max_samples, P] ring storage (physical order; :meth:`stored` gives oldest to
             newest).  count: draws collected so far (also those overwritten since).
+        finite: [max_samples] bool, per ring row: does the draw there hold only finite values.
     """
 
     kind = "SampleBuffer"
@@ -48,6 +55,7 @@ class SampleBuffer(Posterior):
         self.device = torch.device(device) if device is not None else self.layout.device
         self.max_samples, self.thin = max_samples, thin
         self.draws = torch.empty(max_samples, self.numel, dtype=dtype, device=self.device)
+        self.finite = torch.ones(max_samples, dtype=torch.bool, device=self.device)
         self.count = 0
         self._calls = 0
         self._len = 0  # rows holding draws
@@ -63,7 +71,10 @@ class SampleBuffer(Posterior):
     @torch.no_grad()
     def collect(self, model: nn.Module | None = None) -> bool:
         """Store the current parameters of ``model`` (default: :attr:`model`), subject to
-        thinning; the oldest draw is overwritten when full. Returns True if stored."""
+        thinning; the oldest draw is overwritten when full. Returns True if stored.
+
+        No host synchronisation: whether the draw is finite is recorded on the device (one fused
+        read of the parameters, ``ops.any_nonfinite``) and checked when draws are used."""
         ps = self.layout.params(model)
         self._calls += 1
         if (self._calls - 1) % self.thin:
@@ -71,6 +82,7 @@ class SampleBuffer(Posterior):
         row = self.draws[self._next]
         for p, o in zip(ps, self.layout.offsets):
             row[o:o + p.numel()].copy_(p.reshape(-1))
+        self.finite[self._next].copy_(ops.any_nonfinite(ps).logical_not())  # a device-side write, no sync
         self._next = (self._next + 1) % self.max_samples
         self._len = min(self._len + 1, self.max_samples)
         self.count += 1
@@ -89,8 +101,34 @@ class SampleBuffer(Posterior):
         return self.layout.unflatten(self.draws[self._rows()[index]])
 
     def _require_draws(self) -> None:
+        """RuntimeError when empty; then :meth:`_require_finite`."""
         if len(self) == 0:
             raise RuntimeError("the SampleBuffer holds no draws yet: call collect() first")
+        self._require_finite()
+
+    def _require_finite(self) -> None:
+        """ValueError naming the first stored draw with NaN/inf (one host sync; none when empty)."""
+        # the stored rows are 0 .. len - 1 until the ring is full, then all of them
+        if self._len and not bool(self.finite[:self._len].all()):
+            bad = [i for i, f in enumerate(self.finite[self._rows()].tolist()) if not f]
+            raise ValueError(f"stored draw {bad[0]} of {len(self)} (0 = oldest; {len(bad)} in all) holds NaN or inf: "
+                             "the chain diverged before it was collected, and it would poison every prediction. "
+                             "Call drop_nonfinite() to remove such draws (and lower the step size, or use the "
+                             "sampler's nonfinite='skip')")
+
+    def drop_nonfinite(self) -> int:
+        """Remove the stored draws that hold NaN or inf, keeping the others in order (oldest
+        first, packed at the start of the ring); returns how many were removed. ``count`` (draws
+        collected so far) is unchanged."""
+        rows = self._rows()
+        keep = [r for r, f in zip(rows, self.finite[rows].tolist()) if f]
+        dropped = len(rows) - len(keep)
+        if dropped:
+            kept = self.draws[torch.tensor(keep, dtype=torch.long, device=self.device)]  # a copy: rows may move
+            self.draws[:len(keep)].copy_(kept)
+            self.finite.fill_(True)
+            self._len, self._next = len(keep), len(keep) % self.max_samples
+        return dropped
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws [n, P] picked uniformly at random (with replacement) from the stored ones
@@ -124,6 +162,7 @@ class SampleBuffer(Posterior):
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Kind, layout, the stored draws [len, P] oldest first, count and thinning position."""
+        self._require_finite()
         sd = self._state_header()
         sd.update(draws=self.stored().clone(), count=self.count, calls=self._calls, order=_ORDER)
         return sd
@@ -165,5 +204,6 @@ class SampleBuffer(Posterior):
         d = d[-self.max_samples:] if len(d) > self.max_samples else d
         with torch.no_grad():  # a saved tensor that requires grad must not make the draws part of a graph
             self.draws[:len(d)].copy_(d)
+        self.finite.fill_(True)  # the loaded draws were checked finite above
         self._len, self._next = len(d), len(d) % self.max_samples
         self.count, self._calls = count, calls
