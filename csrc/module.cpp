@@ -1,6 +1,6 @@
 // The pybind11 module pyfastbayes._C: loading it registers every op (static initialisers of the
-// TORCH_LIBRARY blocks in this shared library), adds the sparse-input refusals of every op
-// (ops/dense_only.cpp) and exposes build_info(), layouts() and the scoped CPU allocation cache
+// TORCH_LIBRARY blocks in this shared library), adds the sparse-input refusals and version-counter bumps of every op
+// (ops/library_kernels.h) and exposes build_info(), layouts() and the scoped CPU allocation cache
 // (cpu/allocation_cache.cpp; used through pyfastbayes._memory.allocation_cache()), and, for tests,
 // the CPU Philox tile (cpu/philox_tile.cpp): which version runs, and its bits at any counter.
 #include <ATen/Config.h>
@@ -13,7 +13,7 @@
 #include "common/layouts.h"
 #include "cpu/allocation_cache.h"
 #include "cpu/philox_tile.h"
-#include "ops/dense_only.h"
+#include "ops/library_kernels.h"
 
 #ifndef PYFASTBAYES_VERSION
 #define PYFASTBAYES_VERSION "unknown"
@@ -88,7 +88,7 @@ static std::vector<std::vector<uint32_t>> philox_tile_bits(uint64_t seed, uint32
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfastbayes native ops (registered under torch.ops.pyfastbayes)";
-  pyfastbayes::register_dense_only_kernels();  // every schema is defined by now (static initialisers)
+  pyfastbayes::register_library_kernels();  // every schema is defined by now (static initialisers)
   m.def("build_info", &build_info, "dict(version, torch, cuda, cuda_archs, openmp) of this build");
   m.def("layouts", &layouts, "dict of the named slots of the op vectors: {layout: {slot: index}}");
   m.def("allocation_cache_enter", &pyfastbayes::cpu::allocation_cache_enter,

@@ -12,7 +12,8 @@ devices x grid, (b) also on empty and non-contiguous inputs, (c) ``torch.library
 (d) the wrapper traces under ``torch.compile(fullgraph=True, backend='aot_eager')`` with eager
 numbers, (e) every bad input raises the same exception type with the same message on both
 backends (``backend='native'`` and ``'reference'``) and leaves every input unchanged, (f) calls
-mixing meta and real tensors are refused (they are bad inputs whose id starts with ``meta``).
+mixing meta and real tensors are refused (they are bad inputs whose id starts with ``meta``), (g) every
+tensor the schema marks written gets a new version (autograd's in-place check), no other does.
 Arguments are dicts keyed by the op's parameter names (the schema's, the wrapper's and the
 reference's are the same), so a bad input is a small edit of a good one.
 
@@ -292,6 +293,24 @@ class OpContract:
             ref = raise_message(spec, bad, device, "reference")
             assert ref == (typ, msg), f"{spec.name} [{bad.id}]: native {(typ, msg)} but reference {ref}"
 
+
+    # (g): every tensor the schema marks written (Tensor(a!)) has a new version, the others not, so
+    # autograd refuses a backward through a saved tensor the op changed (csrc/ops/version_bump.cpp)
+    def test_bumps_the_versions_of_written_tensors(self, backend, device):
+        spec = self.spec
+        if backend == "native":
+            native_kernel(spec.name, device)
+        args = spec.good(device)
+        schema = getattr(torch.ops.pyfastbayes, spec.name).default._schema
+        written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        before = {k: [t._version for t in tensors_of(v)] for k, v in args.items()}
+        wrapper(spec.name)(**args, backend=backend)
+        for k, v in args.items():
+            for t, old in zip(tensors_of(v), before[k]):
+                if k in written:
+                    assert t._version > old, f"{spec.name} [{backend}]: {k} was written but its version did not change"
+                else:
+                    assert t._version == old, f"{spec.name} [{backend}]: {k} is read-only but its version changed"
 
 
 # ---- small argument editors for Bad.edit --------------------------------------------------------

@@ -2,8 +2,8 @@
 // for a kernel under a sparse key (SparseCPU, SparseCUDA, SparseCsrCPU, SparseCsrCUDA); without
 // one the call ended in a NotImplementedError about a backend. One boxed function (it receives
 // the OperatorHandle, so it names the op) is registered under those keys for every op of the
-// library, found in the dispatcher: no op list to keep in sync with the schemas.
-#include "ops/dense_only.h"
+// library (for_each_library_op). Also here: that walk over the library, and register_library_kernels.
+#include "ops/library_kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -56,21 +56,33 @@ void refuse_sparse(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 }  // namespace
 
+void for_each_library_op(const std::function<void(const std::string&, const c10::FunctionSchema&)>& fn) {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  for (const auto& op : dispatcher.getAllOpNames()) {
+    if (op.name.rfind("pyfastbayes::", 0) != 0) continue;
+    std::string impl_name = op.name.substr(op.name.find("::") + 2);
+    if (!op.overload_name.empty()) impl_name += "." + op.overload_name;
+    fn(impl_name, dispatcher.findSchemaOrThrow(op.name.c_str(), op.overload_name.c_str()).schema());
+  }
+}
+
 void register_dense_only_kernels() {
-  static bool done = false;
-  if (done) return;
-  done = true;
   for (const auto key : {c10::DispatchKey::SparseCPU, c10::DispatchKey::SparseCUDA, c10::DispatchKey::SparseCsrCPU,
                          c10::DispatchKey::SparseCsrCUDA}) {
     // never destroyed: the registrations live as long as the ops (like TORCH_LIBRARY_IMPL's)
     auto* lib = new torch::Library(torch::Library::IMPL, "pyfastbayes", key, __FILE__, __LINE__);
-    for (const auto& op : c10::Dispatcher::singleton().getAllOpNames()) {
-      if (op.name.rfind("pyfastbayes::", 0) != 0) continue;
-      std::string impl_name = op.name.substr(op.name.find("::") + 2);
-      if (!op.overload_name.empty()) impl_name += "." + op.overload_name;
-      lib->impl(impl_name.c_str(), torch::CppFunction::makeFromBoxedFunction<&refuse_sparse>());
-    }
+    for_each_library_op([lib](const std::string& name, const c10::FunctionSchema&) {
+      lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&refuse_sparse>());
+    });
   }
+}
+
+void register_library_kernels() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  register_dense_only_kernels();
+  register_version_bump_kernels();
 }
 
 }  // namespace pyfastbayes
