@@ -109,3 +109,13 @@ def test_cuda_collect_flags_nonfinite_draws(buffer_device):
     with pytest.raises(ValueError, match="stored draw 1 of 2"):
         buf.predict(torch.randn(2, 4, device="cuda"))
     assert buf.drop_nonfinite() == 1 and len(buf) == 1
+
+
+def test_a_draw_that_overflows_the_storage_dtype_is_flagged():
+    """Finite float32 parameters beyond float16's range are stored as inf: the stored row is what counts."""
+    model = _model()
+    buf = SampleBuffer(model, max_samples=2, dtype=torch.float16)
+    _fill(buf, model, [0.5, 1e5])
+    assert buf.finite[:2].tolist() == [True, False]
+    with pytest.raises(ValueError, match="stored draw 1 of 2"):
+        buf.sample(1)

@@ -73,8 +73,8 @@ class SampleBuffer(Posterior):
         """Store the current parameters of ``model`` (default: :attr:`model`), subject to
         thinning; the oldest draw is overwritten when full. Returns True if stored.
 
-        No host synchronisation: whether the draw is finite is recorded on the device (one fused
-        read of the parameters, ``ops.any_nonfinite``) and checked when draws are used."""
+        No host synchronisation: whether the stored draw is finite is recorded on the device (one
+        fused read of the row, ``ops.any_nonfinite``) and checked when draws are used."""
         ps = self.layout.params(model)
         self._calls += 1
         if (self._calls - 1) % self.thin:
@@ -82,7 +82,9 @@ class SampleBuffer(Posterior):
         row = self.draws[self._next]
         for p, o in zip(ps, self.layout.offsets):
             row[o:o + p.numel()].copy_(p.reshape(-1))
-        self.finite[self._next].copy_(ops.any_nonfinite(ps).logical_not())  # a device-side write, no sync
+        # the stored row is checked, not the parameters: a storage dtype narrower than theirs
+        # (fp16) can overflow to inf in the copy
+        self.finite[self._next].copy_(ops.any_nonfinite([row]).logical_not())  # a device-side write, no sync
         self._next = (self._next + 1) % self.max_samples
         self._len = min(self._len + 1, self.max_samples)
         self.count += 1
