@@ -203,7 +203,7 @@ def test_predict_names_inputs_of_another_dtype(kind):
     """Before: torch's 'mat1 and mat2 must have the same dtype, but got Double and Float'."""
     post = _collected(kind, **({"max_samples": 3} if kind is SampleBuffer else {}))
     with pytest.raises(TypeError, match=r"x: the inputs are torch.float64 but the model's parameters are "
-                                        r"torch.float32: cast the data \(inputs.to\(torch.float32\)\)"):
+                                        r"torch.float32: cast the data \(x.to\(torch.float32\)\)"):
         post.predict(torch.randn(5, 4, dtype=torch.float64), 2)
     post.predict(torch.randn(5, 4), 2)  # the same call on float32 inputs works
 

@@ -117,9 +117,9 @@ def test_a_failed_forward_draws_nothing(estimator):
     twin = copy.deepcopy(layer)
     x = torch.randn(5, 4)
     with pytest.raises(TypeError, match=r"x: the inputs are torch.float64 but the Bayesian layer's parameters are torch.float32: "
-                                        r"cast the data \(inputs.to\(torch.float32\)\) or the model"):
+                                        r"cast the data \(x.to\(torch.float32\)\) or the model"):
         layer(x.double())
-    with pytest.raises(TypeError, match=r"x: the inputs are torch.int64 .*inputs.to\(torch.float32\)\) so"):
+    with pytest.raises(TypeError, match=r"x: the inputs are torch.int64 .*x.to\(torch.float32\)\) so"):
         layer(torch.ones(5, 4, dtype=torch.long))
     with pytest.raises(RuntimeError):
         layer(torch.randn(5, 6))

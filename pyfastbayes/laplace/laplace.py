@@ -337,7 +337,7 @@ class Laplace(Posterior):
             while item is not None:
                 x, y = self._split(item, i)
                 if y.shape[0]:
-                    f, layers = self._forward(x)
+                    f, layers = self._forward(x, "loader")
                     n_out = f.shape[1] if n_out is None else n_out
                     if f.shape[1] != n_out:
                         raise ValueError(f"batch {i}: the model outputs {f.shape[1]} columns, earlier batches {n_out}")
@@ -403,22 +403,23 @@ class Laplace(Posterior):
                             "pass an iterable of (inputs, targets) batches, e.g. [(X, Y)] or a DataLoader")
         return item[0], item[1]
 
-    def _forward(self, x) -> tuple[Tensor, list]:
-        """Forward of inputs [N, ...] with the covered layers recorded; (outputs [N, C], layers)."""
+    def _forward(self, x, name: str = "x") -> tuple[Tensor, list]:
+        """Forward of inputs [N, ...] with the covered layers recorded; (outputs [N, C], layers).
+        ``name``: the argument the inputs came from, for the dtype error."""
         x = x.to(self.device)
         with torch.enable_grad(), Recorder(self.layers):
             try:
                 out = self.model(x)
             except RuntimeError as e:
-                self._dtype_hint(x, e)
+                self._dtype_hint(x, e, name)
                 raise
             out = outputs_2d(out, self.likelihood)
         return out, self.layers
 
-    def _dtype_hint(self, x, error: Exception) -> None:
-        """After the model's forward raised ``error`` on inputs ``x``: raise
+    def _dtype_hint(self, x, error: Exception, name: str) -> None:
+        """After the model's forward raised ``error`` on inputs ``x`` (from the argument ``name``): raise
         :func:`~pyfastbayes.nn.inputs.dtype_mismatch`'s TypeError when the dtypes explain it."""
-        wrong = dtype_mismatch(x, self.dtype, error, refit=", then fit again")
+        wrong = dtype_mismatch(x, self.dtype, error, name=name, refit=", then fit again")
         if wrong is not None:
             raise wrong from error
 
@@ -722,13 +723,8 @@ class Laplace(Posterior):
         return check_count(batch_size, "batch_size", 1)
 
     def _nn_predict(self, x, n_samples: int, **options):
-        """Posterior.predict (the BMA over draws), float inputs of another dtype than the model's
-        named in a TypeError when the forward fails on them."""
-        try:
-            return Posterior.predict(self, x, n_samples, likelihood=self.likelihood, **options)
-        except RuntimeError as e:
-            self._dtype_hint(x, e)
-            raise
+        """Posterior.predict (the BMA over draws; it names inputs of another dtype than the model's)."""
+        return Posterior.predict(self, x, n_samples, likelihood=self.likelihood, **options)
 
     def predict(self, x, n_samples: int = 100, *, pred_type: str = "glm", link_approx: str = "probit",
                 likelihood: str | None = None, generator: torch.Generator | None = None,

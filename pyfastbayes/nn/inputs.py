@@ -105,25 +105,30 @@ def dtype_mismatch(inputs, dtype: torch.dtype, error: BaseException | None = Non
     """The one message for "the data has another dtype than the parameters": a TypeError naming
     ``name``, both dtypes and both fixes, or None when nothing in ``inputs`` explains ``error``.
 
-    ``inputs``: a tensor, a tuple of positional model arguments, or a list of such batches;
-    ``dtype``: the parameters' dtype; ``error``: the exception a forward raised on them (None for
-    an up-front check, e.g. a layer's). Called only once a forward has failed (or, for a layer,
-    after one dtype comparison), so no batch pays for it and a model that casts its own inputs is
-    never refused. A floating-point input of another dtype is always named; an integer one
-    (token ids are normal) only when ``error`` is absent or speaks of types. Out-of-memory and
-    non-RuntimeErrors are never reinterpreted. ``owner`` names whose parameters these are;
-    ``refit`` is appended to the model fix (e.g. ", then fit again")."""
+    ``inputs``: a tensor, a tuple of positional model arguments, or a list of such batches (model
+    inputs only: targets would be blamed too); ``dtype``: the parameters' dtype; ``error``: the
+    exception a forward raised on them (None for an up-front check, e.g. a layer's). Called only
+    once a forward has failed (or, for a layer, after one dtype comparison), so no batch pays for
+    it and a model that casts its own inputs is never refused. A floating-point input of another
+    dtype is named first; an integer one (token ids are normal inputs) only for an up-front check,
+    or when no input is floating point and ``error`` speaks of dtypes (integer pixels fed to a
+    Linear). Out-of-memory and non-RuntimeErrors are never reinterpreted. ``owner`` names whose
+    parameters these are; ``refit`` is appended to the model fix (e.g. ", then fit again")."""
     if error is not None and (not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError)):
         return None
     # several positional arguments are numbered; a list of batches is not
     groups = list(enumerate(inputs)) if isinstance(inputs, tuple) and len(inputs) > 1 else [(None, inputs)]
-    for i, group in groups:
-        a = next((t for t in _tensors(group) if t.dtype != dtype and (
-            t.is_floating_point() or error is None or "type" in str(error).lower())), None)
-        if a is None:
-            continue
-        which = "the inputs are" if i is None else f"input {i} is"
-        model = f" or the model (model.to({a.dtype}){refit})" if a.is_floating_point() else ""
-        return TypeError(f"{name}: {which} {a.dtype} but {owner}'s parameters are {dtype}: cast the data "
-                         f"(inputs.to({dtype})){model} so that they agree")
-    return None
+    tensors = [(i, t) for i, group in groups for t in _tensors(group)]
+    culprit = next(((i, t) for i, t in tensors if t.is_floating_point() and t.dtype != dtype), None)
+    text = "" if error is None else str(error).lower()
+    if culprit is None and (error is None or (not any(t.is_floating_point() for _, t in tensors)
+                                              and ("dtype" in text or "scalar type" in text))):
+        culprit = next(((i, t) for i, t in tensors if t.dtype != dtype), None)
+    if culprit is None:
+        return None
+    i, a = culprit
+    which = "the inputs are" if i is None else f"input {i} is"
+    model = f" or the model (model.to({a.dtype}){refit})" if a.is_floating_point() else ""
+    cast = f"{name}.to({dtype})" if name == "x" else f"inputs.to({dtype})"
+    return TypeError(f"{name}: {which} {a.dtype} but {owner}'s parameters are {dtype}: cast the data ({cast})"
+                     f"{model} so that they agree")
