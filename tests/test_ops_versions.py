@@ -65,3 +65,28 @@ def test_the_version_kernel_leaves_the_numbers_unchanged():
     ops.sgld_step_(q, grads, hyper, torch.tensor([3, 0]), backend="reference")
     for a, b in zip(p, q):
         torch.testing.assert_close(a, b)
+
+
+def test_inside_inference_mode_inference_tensors_are_written_beside_normal_ones():
+    """Review finding: the kernel runs when any argument is a normal tensor, also inside inference
+    mode; an inference tensor written there is legal (as for ATen's ops) and was refused."""
+    rng = torch.tensor([3, 0])  # a normal tensor (made outside): the kernel runs
+    with torch.inference_mode():
+        p, g = [torch.randn(5)], [torch.randn(5)]
+        before = p[0].clone()
+        hyper = torch.tensor([1e-3, 1.0, 100.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+        ops.sgld_step_(p, g, hyper, rng)
+    assert not torch.equal(p[0], before)
+    assert rng._version > 0 and int(rng[1]) == 1  # the normal tensor's version is bumped
+
+
+def test_a_landscape_grid_runs_inside_inference_mode():
+    from pyfastbayes import landscape as L
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    d = L.random_directions(model, 1)
+    want = L.grid(model, torch.nn.CrossEntropyLoss(), (x, y), d, [-1, 0, 1], progress=False).loss
+    with torch.inference_mode():
+        got = L.grid(model, torch.nn.CrossEntropyLoss(), (x, y), d, [-1, 0, 1], progress=False).loss
+    torch.testing.assert_close(got, want)

@@ -5,11 +5,13 @@
 // computed its gradient from the new values without a word. This boxed kernel, registered under
 // ADInplaceOrView for every pyfastbayes op with a mutable argument (Tensor(a!), Tensor(a!)?,
 // Tensor(a!)[] in its schema), runs the op below that key and then bumps the version of every tensor
-// the schema says it writes. An op that raises bumps nothing (it changed nothing either).
+// the schema says it writes (inference tensors have no counter: written only inside
+// torch.inference_mode(), as ATen allows). An op that raises bumps nothing (it changed nothing either).
 #include "ops/library_kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
@@ -29,12 +31,17 @@ void run_and_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   for (size_t a = 0; a < args.size(); ++a) {
     if (!writes(args[a])) continue;
     auto take = [&](const at::Tensor& t) {
-      // an inference tensor has no version counter to bump: refused before the op writes it, as
-      // ATen refuses an in-place op on one outside torch.inference_mode()
-      const std::string& name = op.schema().name();
-      TORCH_CHECK(!(t.defined() && t.is_inference()), name.substr(name.find("::") + 2), ": ", args[a].name(),
-                  " is an inference tensor (made under torch.inference_mode()), which may be written in place "
-                  "only inside torch.inference_mode(): call the op there, or pass a clone made outside it");
+      if (!t.defined()) return;
+      if (t.is_inference()) {
+        // no version counter to bump. Inside torch.inference_mode() the write is legal (this kernel
+        // still runs when another argument is a normal tensor); outside it ATen refuses in-place
+        // writes to inference tensors, and so does this kernel, before the op writes anything
+        const std::string& name = op.schema().name();
+        TORCH_CHECK(c10::InferenceMode::is_enabled(), name.substr(name.find("::") + 2), ": ", args[a].name(),
+                    " is an inference tensor (made under torch.inference_mode()), which may be written in place "
+                    "only inside torch.inference_mode(): call the op there, or pass a clone made outside it");
+        return;
+      }
       written.push_back(t);
     };
     const c10::IValue& v = (*stack)[first + a];
@@ -48,9 +55,7 @@ void run_and_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : written) {
-    if (t.defined()) torch::autograd::impl::bump_version(t);
-  }
+  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
 }
 
 }  // namespace
