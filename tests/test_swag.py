@@ -532,7 +532,7 @@ def test_digits_swag_bma_beats_swa_and_last_iterate():
     # the CPU's BLAS: on an Intel Xeon the SWAG average improved the SWA NLL (0.257) by 0.066 .. 0.100
     # over three sampling seeds; on an AMD EPYC (2026-11-28) by 0.024, 0.051, 0.074, 0.019 for training
     # seeds 0-3 (SWA 0.17-0.30), the collapsed one by -1.3e-4 .. 1e-5. A margin of 0.01 nats, 75x the
-    # largest collapsed difference, separates them on both (0.03, set on the Xeon, failed seed 0 there).
+    # largest collapsed difference, separates them on both (0.03, set on the Xeon, failed on the EPYC at seed 0).
     margin = 0.01
     assert bma < swa - margin and bma < last - margin, (last, swa, bma)
     assert not collapsed < swa - margin, (swa, collapsed)  # the margin does reject a collapsed posterior

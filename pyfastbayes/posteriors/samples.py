@@ -113,10 +113,11 @@ class SampleBuffer(Posterior):
         # the stored rows are 0 .. len - 1 until the ring is full, then all of them
         if self._len and not bool(self.finite[:self._len].all()):
             bad = [i for i, f in enumerate(self.finite[self._rows()].tolist()) if not f]
-            raise ValueError(f"stored draw {bad[0]} of {len(self)} (0 = oldest; {len(bad)} in all) holds NaN or inf: "
-                             "the chain diverged before it was collected, and it would poison every prediction. "
-                             "Call drop_nonfinite() to remove such draws (and lower the step size, or use the "
-                             "sampler's nonfinite='skip')")
+            raise ValueError(f"stored draw {bad[0]} of {len(self)} (0 = oldest; {len(bad)} in all) holds NaN or inf "
+                             "(a chain that diverged before the collect, or values beyond the range of the buffer's "
+                             f"dtype {self.draws.dtype}), and it would poison every prediction. Call drop_nonfinite() "
+                             "to remove such draws; then lower the step size (or use the sampler's nonfinite='skip'), "
+                             "or store the draws in a wider dtype=")
 
     def drop_nonfinite(self) -> int:
         """Remove the stored draws that hold NaN or inf, keeping the others in order (oldest
