@@ -355,3 +355,41 @@ def test_glm_predict_of_no_rows_is_empty_like_nn(structure, likelihood, out):
     assert f_mu.shape == (0, out) and f_var.shape == (0, out, out)
     with pytest.raises(ValueError, match="x yielded no inputs"):
         la.predict([])
+
+
+# ---- prior_mean assigned after construction (ninth session: it was a plain attribute, unchecked) ----------
+@pytest.mark.parametrize("bad, exc, match", [
+    (torch.full((7,), 0.5), ValueError, r"prior_mean must be a float or a tensor \[P\] = \["),
+    (float("nan"), ValueError, "prior_mean must be finite"),
+    ("0.5", TypeError, "prior_mean must be a float or a tensor"),
+    (torch.ones(3, dtype=torch.complex64), TypeError, "prior_mean must be a real tensor")])
+def test_assigned_prior_mean_is_checked_and_a_refusal_changes_nothing(bad, exc, match):
+    la, model, X, y = fitted("diag")
+    before = la.log_marginal_likelihood()
+    with pytest.raises(exc, match=match):
+        la.prior_mean = bad
+    assert float(la.prior_mean) == 0.0
+    torch.testing.assert_close(la.log_marginal_likelihood(), before)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_assigned_prior_mean_is_used_like_the_constructors(subset):
+    la, model, X, y = fitted("diag", subset_of_weights=subset)
+    twin = Laplace(model, subset_of_weights=subset, hessian_structure="diag", prior_mean=0.25).fit(
+        [(X, y)], progress=False)
+    la.prior_mean = 0.25
+    assert la.prior_mean.dtype == DT and float(la.prior_mean) == 0.25
+    torch.testing.assert_close(la.log_marginal_likelihood(), twin.log_marginal_likelihood())
+    per_weight = torch.full((la.n_params,), 0.25, dtype=DT)
+    la.prior_mean = per_weight
+    torch.testing.assert_close(la.log_marginal_likelihood(), twin.log_marginal_likelihood())
+
+
+def test_a_last_layer_prior_mean_assigned_before_fit_is_checked_at_fit():
+    X, y = data()
+    model = mlp()
+    n_last = sum(p.numel() for p in model[-1].parameters())
+    la = Laplace(model, subset_of_weights="last_layer", hessian_structure="diag")
+    la.prior_mean = torch.full((5,), 0.1, dtype=DT)  # not the last layer's length
+    with pytest.raises(ValueError, match=rf"prior_mean must be a float or a tensor \[P\] = \[{n_last}\]"):
+        la.fit([(X, y)], progress=False)

@@ -173,7 +173,7 @@ class Laplace(Posterior):
 
     # ---- covered parameters ------------------------------------------------------------------------------
     # the attributes _setup assigns (a failed last-layer fit or load puts the previous ones back)
-    _SETUP = ("layers", "blocks", "positions", "n_params", "_prior", "prior_mean", "last_layer_name")
+    _SETUP = ("layers", "blocks", "positions", "n_params", "_prior", "_prior_mean", "last_layer_name")
 
     def _plan(self, selected: set[str], prior=_CONSTRUCTOR, prior_mean=_CONSTRUCTOR,
               names=("prior_precision", "prior_mean")) -> dict:
@@ -194,7 +194,7 @@ class Laplace(Posterior):
         pm = _check_prior_mean(self._prior_mean_value if prior_mean is _CONSTRUCTOR else prior_mean, n_params,
                                self.dtype, self.device, names[1])
         return dict(layers=layers, blocks=blocks, positions=positions.to(self.device), n_params=n_params,
-                    _prior=prior, prior_mean=pm)
+                    _prior=prior, _prior_mean=pm)
 
     def _setup(self, selected: set[str]) -> None:
         """Build the layers and blocks of the covered parameters and their selection order."""
@@ -237,6 +237,19 @@ class Laplace(Posterior):
             self._prior_value = ml.check_prior(value, None, None, self.hessian_structure, self.dtype, self.device)
             return
         self._prior = ml.check_prior(value, self.blocks, self.n_params, self.hessian_structure, self.dtype, self.device)
+
+    @property
+    def prior_mean(self) -> Tensor:
+        """The prior's mean: [] (one value for every weight) or [P] (per weight, the covered ones' order)."""
+        pm = self.__dict__.get("_prior_mean")
+        return pm if pm is not None else torch.as_tensor(self._prior_mean_value)
+
+    @prior_mean.setter
+    def prior_mean(self, value) -> None:
+        if self.layers is None:  # a last-layer Laplace before fit: its length is checked at fit
+            self._prior_mean_value = _check_prior_mean(value, None, self.dtype, self.device)
+            return
+        self._prior_mean = _check_prior_mean(value, self.n_params, self.dtype, self.device)
 
     @property
     def sigma_noise(self) -> Tensor:
@@ -850,7 +863,7 @@ class Laplace(Posterior):
         else:
             plan = dict(_prior=ml.check_prior(state["prior_precision"], self.blocks, self.n_params,
                                               self.hessian_structure, self.dtype, self.device, _STATE_NAMES[0]),
-                        prior_mean=_check_prior_mean(state["prior_mean"], self.n_params, self.dtype, self.device,
+                        _prior_mean=_check_prior_mean(state["prior_mean"], self.n_params, self.dtype, self.device,
                                                      _STATE_NAMES[1]))
         blocks = plan.get("blocks", getattr(self, "blocks", None))
         if state["blocks"] != [b.name for b in blocks]:
