@@ -105,6 +105,16 @@ def check_bool(value, name: str) -> bool:
     return bool(value)
 
 
+def check_generator(generator) -> torch.Generator | None:
+    """``generator`` if it is None or a ``torch.Generator``, else a TypeError saying what to pass
+    (a NumPy or ``random`` generator, a seed or a device string would otherwise fail deep inside
+    torch, or, for a seed, be mistaken for a generator). The one check of every ``generator=``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: pass e.g. "
+                        "torch.Generator().manual_seed(seed) (for a seed alone, call torch.manual_seed)")
+    return generator
+
+
 def check_probs(probs, name: str = "probs") -> None:
     """Type and shape of probs: floating [N], [N, C] or [S, N, C] with C >= 2, S >= 1."""
     if not torch.is_tensor(probs):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..calibration._checks import check_generator as _check_generator
+
 __all__ = ["LinearOperator", "DenseOperator"]
 
 DENSE_LIMIT = 20_000  # to_dense() refuses larger P (P^2 numbers)
@@ -136,11 +138,6 @@ def _check_count(n, name: str) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{name} must be an int >= 1, got {n!r}")
     return n
-
-
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def rademacher(P: int, k: int, dtype: torch.dtype, device, generator: torch.Generator | None) -> Tensor:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..calibration._checks import check_generator
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from ..nn.params import ParamLayout, _difference
@@ -221,8 +222,7 @@ class _Curve(nn.Module):
             raise ValueError("this curve has no bends (n_bends=0, the straight line): nothing to train")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {progress!r}")
         if optimizer is None:

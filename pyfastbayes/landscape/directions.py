@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..calibration._checks import check_generator
 from ..nn.params import ParamLayout
 
 __all__ = ["random_directions", "directions_to", "pca_directions"]
@@ -78,8 +79,7 @@ def random_directions(model: nn.Module, n: int = 2, normalization: str = "filter
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if ignore not in IGNORES:
         raise ValueError(f"ignore must be 'biasbn' (zero direction for parameters of dim <= 1) or None, got {ignore!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)
     weights = layout.params()
     if normalization != "none":  # the weights' norms scale the directions: NaN / inf would spread into them
         for name, w in zip(layout.names, weights):

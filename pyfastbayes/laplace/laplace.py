@@ -424,17 +424,12 @@ class Laplace(Posterior):
             try:
                 out = self.model(x)
             except RuntimeError as e:
-                self._dtype_hint(x, e, name)
+                wrong = dtype_mismatch(x, self.dtype, e, name=name, refit=", then fit again")
+                if wrong is not None:
+                    raise wrong from e
                 raise
             out = outputs_2d(out, self.likelihood)
         return out, self.layers
-
-    def _dtype_hint(self, x, error: Exception, name: str) -> None:
-        """After the model's forward raised ``error`` on inputs ``x`` (from the argument ``name``): raise
-        :func:`~pyfastbayes.nn.inputs.dtype_mismatch`'s TypeError when the dtypes explain it."""
-        wrong = dtype_mismatch(x, self.dtype, error, name=name, refit=", then fit again")
-        if wrong is not None:
-            raise wrong from error
 
     def _all_reduce(self, curv, loss: Tensor, n: int):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

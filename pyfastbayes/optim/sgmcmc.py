@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, ops
+from ..calibration._checks import check_generator
 from .._distributed import dtensor_type, is_dtensor, is_sharded, local_tensor, shard_offset
 from .._memory import memory_overlaps, overlaps_itself
 from ._checks import Interval, check_hyper
@@ -143,10 +144,7 @@ class _SGMCMC(torch.optim.Optimizer):
             raise ValueError(f"chains must be 'shared' or 'per_rank', got {chains!r}")
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: pass "
-                            f"e.g. generator=torch.Generator().manual_seed(0)")
-        if generator is not None and generator.device.type != "cpu":
+        if check_generator(generator) is not None and generator.device.type != "cpu":
             raise ValueError(f"generator is a {generator.device.type} generator, but the seed of each param group "
                              f"is drawn once on the host (the noise itself comes from the in-kernel Philox "
                              f"stream): pass a CPU generator, e.g. torch.Generator().manual_seed(0)")

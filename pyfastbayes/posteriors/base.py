@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ..calibration._checks import check_generator  # noqa: F401 (the posteriors import it from here)
 from ..nn import ModeGuard, ParamLayout, bn_modules, refresh_bn
 from ..nn.inputs import call_model, dtype_mismatch, iterate_inputs, model_output, to_device
 
@@ -51,16 +52,6 @@ def check_count(value, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return int(value)
-
-
-def check_generator(generator) -> torch.Generator | None:
-    """``generator`` if it is None or a ``torch.Generator``, else a TypeError saying what to pass
-    (a NumPy or ``random`` generator, a seed or a device string would otherwise fail deep inside
-    torch, or, for a seed, be mistaken for a generator)."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: pass e.g. "
-                        "torch.Generator().manual_seed(seed) (for a seed alone, call torch.manual_seed)")
-    return generator
 
 
 def check_likelihood(likelihood) -> str:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..posteriors.base import Posterior, check_count
+from ..posteriors.base import Posterior, check_count, check_generator
 from .kl import bayesian_layers
 from .layers import BayesianLayer, BayesianLinear
 
@@ -116,8 +116,7 @@ class VariationalPosterior(Posterior):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         n = check_count(n, "n", 0)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         layers = self._sync()
         mean = self.layout.flatten()
         rhos = [getattr(layers[name], rho) for name, _, rho, _, _ in self._slots]
