@@ -63,6 +63,15 @@ def check_int(value, name: str, minimum: int, maximum: int | None = None) -> int
     return int(value)
 
 
+def check_count(value, name: str, minimum: int) -> int:
+    """An int (not a bool) >= minimum, else TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_n_bins(n_bins) -> int:
     """n_bins as an int in [1, MAX_BINS]."""
     return check_int(n_bins, "n_bins", 1, MAX_BINS)

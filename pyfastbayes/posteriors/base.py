@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..calibration._checks import check_generator  # noqa: F401 (the posteriors import it from here)
+from ..calibration._checks import check_count, check_generator  # noqa: F401 (the posteriors import them from here)
 from ..nn import ModeGuard, ParamLayout, bn_modules, refresh_bn
 from ..nn.inputs import call_model, dtype_mismatch, iterate_inputs, model_output, to_device
 
@@ -43,15 +43,6 @@ LIKELIHOODS = ("classification", "regression", "binary")
 _DRAW_BYTES = 256 << 20  # iter_samples keeps each batch of draws [batch, P] under this size
 
 Source = tuple[ParamLayout, Iterable[Tensor]]  # (where the draws go, the flat draws [P])
-
-
-def check_count(value, name: str, minimum: int) -> int:
-    """An int (not a bool) >= minimum, else TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
 
 
 def check_likelihood(likelihood) -> str:

@@ -107,7 +107,6 @@ class SWA(Posterior):
         parameters in one pass over ``loader`` (see :func:`pyfastbayes.nn.update_bn`). A pass that
         fails (a batch the model refuses, an empty loader) puts the BatchNorm buffers back as they
         were, rather than leaving them reset or half-averaged."""
-        batch_size = check_count(batch_size, "batch_size", 1)
         update_bn(loader, self.model if model is None else model, batch_size=batch_size, input_fn=input_fn)
 
     # ---- the Posterior interface (a point mass at the mean) ------------------------------------
