@@ -2,7 +2,7 @@
 // for a kernel under a sparse key (SparseCPU, SparseCUDA, SparseCsrCPU, SparseCsrCUDA); without
 // one the call ended in a NotImplementedError about a backend. One boxed function (it receives
 // the OperatorHandle, so it names the op) is registered under those keys for every op of the
-// library (for_each_library_op). Also here: that walk over the library, and register_library_kernels.
+// library (for_each_library_op, ops/library_kernels.cpp).
 #include "ops/library_kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -56,16 +56,6 @@ void refuse_sparse(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 }  // namespace
 
-void for_each_library_op(const std::function<void(const std::string&, const c10::FunctionSchema&)>& fn) {
-  auto& dispatcher = c10::Dispatcher::singleton();
-  for (const auto& op : dispatcher.getAllOpNames()) {
-    if (op.name.rfind("pyfastbayes::", 0) != 0) continue;
-    std::string impl_name = op.name.substr(op.name.find("::") + 2);
-    if (!op.overload_name.empty()) impl_name += "." + op.overload_name;
-    fn(impl_name, dispatcher.findSchemaOrThrow(op.name.c_str(), op.overload_name.c_str()).schema());
-  }
-}
-
 void register_dense_only_kernels() {
   for (const auto key : {c10::DispatchKey::SparseCPU, c10::DispatchKey::SparseCUDA, c10::DispatchKey::SparseCsrCPU,
                          c10::DispatchKey::SparseCsrCUDA}) {
@@ -75,14 +65,6 @@ void register_dense_only_kernels() {
       lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&refuse_sparse>());
     });
   }
-}
-
-void register_library_kernels() {
-  static bool done = false;
-  if (done) return;
-  done = true;
-  register_dense_only_kernels();
-  register_version_bump_kernels();
 }
 
 }  // namespace pyfastbayes

@@ -1,5 +1,6 @@
 // Kernels registered for every op of the pyfastbayes library at once, found in the dispatcher
-// (no op list to keep in sync with the schemas): the sparse-input refusal (ops/dense_only.cpp) and
+// (no op list to keep in sync with the schemas; the walk and the registration in library_kernels.cpp):
+// the sparse-input refusal (ops/dense_only.cpp) and
 // the version-counter bump of every mutated argument (ops/version_bump.cpp).
 #pragma once
 
