@@ -3,7 +3,8 @@ fp64, small models):
 
 - 'full' and 'diag' equal the exact GGN / empirical Fisher / MC Fisher (matrix and diagonal) built
   from per-example Jacobians (torch.func) and closed-form output Hessians, for Linear on [N, T, in]
-  inputs, Conv1d, Conv2d (stride, padding, dilation, padding='same'), Embedding (padding_idx),
+  inputs, Conv1d, Conv2d (stride, padding, dilation, padding='same'; chains of them, whose input
+  gradients the Laplace backward takes by transposed convolution), Embedding (padding_idx),
   LayerNorm, BatchNorm2d (eval), GroupNorm and a module with a raw nn.Parameter (unsupported='diag');
 - 'kron' equals the explicit KFAC formulas (Eschenhagen et al. 2023: 'expand' and 'reduce'), is
   exact for one example, and agrees with curvlinops' KFACLinearOperator on a small CNN;
@@ -80,6 +81,15 @@ MODELS = {
                                      nn.Conv2d(4, 2, (2, 3), dilation=(2, 1), padding=(1, 0)), nn.Flatten(),
                                      nn.Linear(16, C)),
                lambda n, g: torch.randn(n, 2, 7, 7, generator=g, dtype=DT), "classification"),
+    # convolutions whose inputs need gradients (their output gradients go through _ConvInputGrad), with
+    # strides that drop input rows (output_padding 1)
+    "conv2d_chain": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 4, 3, stride=2, padding=1),
+                                           nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(36, C)),
+                     lambda n, g: torch.randn(n, 2, 8, 8, generator=g, dtype=DT), "classification"),
+    "conv1d_chain": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(),
+                                           nn.Conv1d(3, 2, 2, stride=3, padding=1, dilation=2), nn.Flatten(),
+                                           nn.Linear(8, 2)),
+                     lambda n, g: torch.randn(n, 2, 13, generator=g, dtype=DT), "regression"),
     "embedding": (EmbeddingNet, lambda n, g: torch.randint(0, 7, (n, T_POS), generator=g), "classification"),
     "layernorm": (lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 1), nn.Flatten(0)),
                   lambda n, g: torch.randn(n, 4, generator=g, dtype=DT), "binary"),
@@ -574,3 +584,77 @@ def test_full_structure_in_row_chunks(monkeypatch):
     chunked = fit(model, loader, lik, hessian_structure="full")
     torch.testing.assert_close(chunked.to_dense(), whole.to_dense(), rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(chunked.functional_variance(Xs)[1], whole_var, rtol=1e-12, atol=1e-14)
+
+
+# ---- the batched backward -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv2d(3, 4, 3),
+    lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1),            # drops an input row and column (output_padding 1)
+    lambda: nn.Conv2d(3, 4, (2, 3), stride=(3, 2), padding=(1, 0), dilation=(2, 1)),
+    lambda: nn.Conv2d(3, 4, 3, padding="same", dilation=2, bias=False),
+    lambda: nn.Conv1d(3, 4, 2, stride=3, padding=1, dilation=2),
+    lambda: nn.Conv1d(3, 4, 5, padding="valid"),
+])
+def test_conv_input_gradient_is_the_transposed_convolution(conv):
+    """_Conv.input_grad (the backward of the node convolutions hand on) equals autograd's input
+    gradient of the convolution, for strides that drop input rows, dilation and 'same' padding."""
+    torch.manual_seed(0)
+    m = conv().to(DT)
+    x = torch.randn(2, 3, *((9, 8) if isinstance(m, nn.Conv2d) else (13,)), dtype=DT, requires_grad=True)
+    out = m(x)
+    g = torch.randn_like(out)
+    want, = torch.autograd.grad(out, x, g)
+    layer = next(layer for layer in Laplace(nn.Sequential(m), "regression").layers if layer.module is m)
+    torch.testing.assert_close(layer.input_grad(g, tuple(x.shape[2:])), want, rtol=1e-12, atol=1e-12)
+
+
+class HostTanh(torch.autograd.Function):
+    """tanh whose backward reads a host value (.item()): torch.func.vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        if not bool(torch.isfinite(g).all()):  # a host check on the incoming gradient
+            raise FloatingPointError("non-finite gradient")
+        return g * (1 - y * y)
+
+
+class HostTanhNet(nn.Module):
+    def __init__(self, host: bool):
+        super().__init__()
+        self.host = host
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, C)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(HostTanh.apply(h) if self.host else torch.tanh(h))
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_backward_without_vmap_support_loops_over_directions(structure, monkeypatch):
+    """An operation vmap cannot batch in the model's backward: the directions are taken one at a
+    time, with the same curvature as the model written with torch.tanh."""
+    torch.manual_seed(0)
+    X, y = torch.randn(9, 4, dtype=DT), torch.randint(0, C, (9,))
+    host = HostTanhNet(True).to(DT)
+    plain = HostTanhNet(False).to(DT)
+    plain.load_state_dict(host.state_dict())
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    got = fit(host, [(X, y)], "classification", hessian_structure=structure)
+    assert len(calls) > 2  # the batched call failed: one call per direction followed
+    calls.clear()
+    want = fit(plain, [(X, y)], "classification", hessian_structure=structure)
+    assert len(calls) == 1
+    assert float(curvature_part(want).abs().max()) > 0.1
+    torch.testing.assert_close(curvature_part(got), curvature_part(want), rtol=1e-12, atol=1e-12)
+    if structure == "full":
+        torch.testing.assert_close(curvature_part(got), ref.exact_curvature(plain, [(X, y)], "classification"),
+                                   rtol=1e-10, atol=1e-12)

@@ -106,10 +106,13 @@ class Layer:
         return [Block(f"{self.name}.{k}" if self.name else k, "diag", self._index(k).reshape(-1)) for k in self.params]
 
     # ---- per batch ------------------------------------------------------------------------------
-    def record(self, inp: tuple, out: Tensor) -> None:
+    def record(self, inp: tuple, out: Tensor) -> Tensor:
+        """Record one call's input and output; returns the output the forward goes on with (the
+        recorded one: see :meth:`_Conv.record`)."""
         self.calls += 1
         self.a = inp[0].detach() if inp and torch.is_tensor(inp[0]) else None
         self.out = out
+        return out
 
     def clear(self) -> None:
         self.a = self.out = None
@@ -247,6 +250,31 @@ class _Conv(_Matrix):
         else:
             self.pad = tuple(m.padding)
 
+    def record(self, inp, out):
+        """As :meth:`Layer.record`; when the input needs a gradient, the output goes on (and is
+        recorded) through a node of its own, :class:`_ConvInputGrad`, cut from the convolution's
+        graph: under vmap, ``convolution_backward`` expands the saved input to the batch of
+        directions and takes a path 3-4x slower than the transposed convolution of all directions
+        folded into the batch that the node runs (CPU, Laplace's digits CNN), and it is never asked
+        for the weight and bias gradients here."""
+        out = super().record(inp, out)
+        x = inp[0] if inp else None
+        if torch.is_tensor(x) and x.requires_grad and x.dim() == self.dims + 2:
+            self.out = _ConvInputGrad.apply(x, out.detach(), self)
+        return self.out
+
+    def input_grad(self, g: Tensor, in_size: tuple) -> Tensor:
+        """The gradient [N, C_in, *in_size] of <g, conv(x)> with respect to the input x, from output
+        gradients g [N, C_out, *out_size]: the transposed convolution with the weight (its
+        output_padding restores the rows and columns a stride > 1 dropped)."""
+        m = self.module
+        w = m.weight.detach()
+        full = [(o - 1) * s - 2 * p + dl * (k - 1) + 1
+                for o, s, p, dl, k in zip(g.shape[2:], m.stride, self.pad, m.dilation, w.shape[2:])]
+        extra = [i - f for i, f in zip(in_size, full)]
+        conv_t = F.conv_transpose1d if self.dims == 1 else F.conv_transpose2d
+        return conv_t(g, w, None, m.stride, self.pad, extra, 1, m.dilation)
+
     def _inputs(self):
         m, a = self.module, self.a
         if a.dim() != self.dims + 2:
@@ -298,6 +326,22 @@ class _Conv(_Matrix):
             return rows, None  # the same order
         # the block's column c * kk + t is rows' column t * C + c
         return rows, torch.arange(kk * C, device=a.device).view(kk, C).t().reshape(-1)
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """y = conv(x) as a node of its own (see :meth:`_Conv.record`): the forward hands on the
+    convolution's detached output, the backward gives x the transposed convolution of y's gradient
+    (:meth:`_Conv.input_grad`) and the weight nothing (Laplace differentiates with respect to the
+    layers' outputs only)."""
+
+    @staticmethod
+    def forward(ctx, x, out, layer):
+        ctx.layer, ctx.in_size = layer, tuple(x.shape[2:])
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.layer.input_grad(g, ctx.in_size), None, None
 
 
 class _Embedding(Layer):

@@ -1,6 +1,6 @@
 """The curvature Laplace accumulates over the training data, one structure per class, all fed by
 one pass per batch (:func:`batch_pass`): a forward with hooks recording every covered layer's input
-and output, then ONE batched backward (``is_grads_batched``) of the m output-space directions of
+and output, then ONE batched backward (``torch.func.vmap``) of the m output-space directions of
 :func:`pyfastbayes.laplace._likelihood.directions` to every layer's output. No per-input Jacobian
 over all parameters is ever formed for the Kronecker structure.
 
@@ -49,8 +49,7 @@ class Recorder:
                                    "needs one call per covered layer (weight sharing across calls is not supported)")
             if not torch.is_tensor(out):
                 raise RuntimeError(f"layer {layer.name!r} returns {type(out).__name__}, not a tensor")
-            layer.record(inp, out)
-            return out.clone()
+            return layer.record(inp, out).clone()
         return hook
 
     def __exit__(self, *exc):
@@ -67,8 +66,19 @@ def backprop(f: Tensor, layers: list[Layer], R: Tensor) -> list[Tensor]:
         if o is None or not o.requires_grad:
             raise RuntimeError(f"layer {layer.name!r} did not take part in the forward pass with gradients "
                                "(is it used by the model's forward, with requires_grad parameters?)")
+    unused = []
+
+    def all_directions(r):  # called once, with the m directions as vmap's batch
+        gs = torch.autograd.grad(f, outs, grad_outputs=r, retain_graph=True, allow_unused=True)
+        unused[:] = [g is None for g in gs]
+        return tuple(r.new_zeros(()) if g is None else g for g in gs)  # vmap returns tensors only
+
     try:
-        return list(torch.autograd.grad(f, outs, grad_outputs=R, is_grads_batched=True, allow_unused=True))
+        # torch.func.vmap folds the directions into the batch of every backward operation;
+        # autograd.grad(is_grads_batched=True) runs the legacy vmap instead, which loops over the
+        # directions at every convolution (no rule for convolution_backward; see _Conv.record)
+        grads = torch.func.vmap(all_directions)(R)
+        return [None if u else g for u, g in zip(unused, grads)]
     except RuntimeError as e:
         if "vmap" not in str(e) and "batching rule" not in str(e):
             raise
