@@ -485,15 +485,29 @@ class Laplace(Posterior):
             delta = prior.reshape(())
             return self.n_params * torch.log(delta), delta * d2.sum()
         if prior.numel() == len(self.blocks) and prior.numel() != self.n_params:
-            numel = prior.new_tensor([b.numel for b in self.blocks])
-            sq = torch.stack([d2[b.sel.reshape(-1)].sum() for b in self.blocks])
-            return (numel * torch.log(prior)).sum(), (prior * sq).sum()
+            numel, block = self._block_index()
+            # float64: index_add_ sums a block's terms one after another
+            sq = d2.new_zeros(len(self.blocks), dtype=torch.float64).index_add_(0, block, d2.double()).to(d2.dtype)
+            return (numel.to(prior.dtype) * torch.log(prior)).sum(), (prior * sq).sum()
         return torch.log(prior).sum(), (prior * d2).sum()
+
+    def _block_index(self) -> tuple[Tensor, Tensor]:
+        """(numel per block [n_blocks], the block of each covered parameter in selection order [P]),
+        built once per set of blocks (a last-layer Laplace finds its blocks at fit)."""
+        cached = self.__dict__.get("_block_index_cache")
+        if cached is None or cached[0] is not self.blocks:
+            block = torch.empty(self.n_params, dtype=torch.long)
+            for i, b in enumerate(self.blocks):
+                block[b.sel.reshape(-1).cpu()] = i
+            numel = torch.tensor([b.numel for b in self.blocks])
+            cached = (self.blocks, numel.to(self.device), block.to(self.device))
+            self.__dict__["_block_index_cache"] = cached
+        return cached[1], cached[2]
 
     def _lml(self, prior: Tensor, sigma: Tensor) -> Tensor:
         precision = self._need_fit()[5]
         logdet_prior, scatter = self._prior_terms(prior)
-        logdet_ratio = precision.logdet(self._scale(sigma), self._delta(prior)) - logdet_prior
+        logdet_ratio = precision.logdet(self._scale(sigma), prior) - logdet_prior
         return self.log_likelihood(sigma) - 0.5 * (logdet_ratio + scatter)
 
     def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None) -> Tensor:

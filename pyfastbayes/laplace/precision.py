@@ -3,7 +3,10 @@ them: log-determinant, draws N(0, P^-1) and the GLM functional variance J P^-1 J
 
 ``s`` = 1 / (sigma^2 T) scales the likelihood curvature H; ``delta`` [P] is the prior precision
 per covered parameter in selection order (``block.sel``), constant within a Kronecker block.
-Everything is differentiable in s and delta (marginal-likelihood tuning).
+``logdet`` also takes the prior as given, [] (one value) or [n_blocks] (one per block): the
+marginal-likelihood tuning evaluates it at every step, and a [P] vector built from a few values
+(and its backward) cost it more than the log det itself. Everything is differentiable in s and
+delta (marginal-likelihood tuning).
 
 - :class:`KronPrecision`: per Kronecker block L (x) R = (Q_L diag(l) Q_L^T) (x) (Q_R diag(r) Q_R^T),
   the prior added exactly in the eigenbasis: eigenvalues s l_i r_j + delta (Immer et al. 2021), so
@@ -23,12 +26,19 @@ from torch import Tensor
 
 from .eigenbasis import eigh_many
 from .factors import KronCurvature, grads_shape, jacobian_rows
+from .marglik import expand_prior
 
 _CHUNK_ELEMENTS = 1 << 24
 
 
 def _block_delta(delta: Tensor, b) -> Tensor:
     return delta[b.sel.reshape(-1)[0]]
+
+
+def _per_parameter(delta: Tensor, blocks) -> Tensor:
+    """A prior of shape [], [n_blocks] or [P] as what broadcasts against [P] (a [] stays [])."""
+    P = sum(b.numel for b in blocks)
+    return delta if delta.dim() == 0 or delta.numel() == P else expand_prior(delta, blocks, P)
 
 
 class KronPrecision:
@@ -50,19 +60,41 @@ class KronPrecision:
             mats.append(R), where.append((i, "right"))
         for (i, side), ev in zip(where, eigh_many(mats, eigh_method)):
             (self.left if side == "left" else self.right)[i] = ev
+        self._flat: tuple[Tensor, Tensor, Tensor] | None = None
 
     def eigenvalues(self, i: int) -> Tensor:
         """l r^T [p, q] of Kronecker block i (the likelihood curvature's eigenvalues)."""
         return self.left[i][0].unsqueeze(1) * self.right[i][0].unsqueeze(0)
 
+    def flat(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(every block's curvature eigenvalues l r^T (or diagonal h) flattened and concatenated
+        [P] in float64, each entry's block [P], each entry's position in [P] whose prior it takes:
+        a Kronecker block's first), computed once: log det P is then one expression for any prior.
+        float64 because the gradient of a block's prior sums its entries' 1 / (s l r + delta) one
+        after another in the backward of the gather (thousands of terms; fp32 lost 1e-3 of the
+        tuned priors)."""
+        if self._flat is None:
+            ev, blk, pos = [], [], []
+            for i, b in enumerate(self.blocks):
+                e = (self.h[i] if b.kind == "diag" else self.eigenvalues(i)).reshape(-1)
+                sel = b.sel.reshape(-1).to(e.device)
+                ev.append(e)
+                blk.append(torch.full_like(sel, i))
+                pos.append(sel if b.kind == "diag" else sel[:1].expand(e.numel()))
+            self._flat = (torch.cat(ev).double(), torch.cat(blk), torch.cat(pos))
+        return self._flat
+
     def logdet(self, s: Tensor, delta: Tensor) -> Tensor:
-        total = delta.new_zeros(())
-        for i, b in enumerate(self.blocks):
-            if b.kind == "diag":
-                total = total + torch.log(s * self.h[i] + delta[b.sel]).sum()
-            else:
-                total = total + torch.log(s * self.eigenvalues(i) + _block_delta(delta, b)).sum()
-        return total
+        """log det P for delta [] (one prior), [n_blocks] (per block) or [P] (per parameter)."""
+        ev, blk, pos = self.flat()
+        d = delta.double()
+        if d.numel() == 1:
+            d = d.reshape(())
+        elif d.numel() == len(self.blocks) and d.numel() != ev.numel():
+            d = d.index_select(0, blk)
+        else:
+            d = d.index_select(0, pos)
+        return torch.log(s * ev + d).sum().to(delta.dtype)
 
     def sample(self, n: int, s: Tensor, delta: Tensor, generator=None) -> Tensor:
         P = sum(b.numel for b in self.blocks)
@@ -132,7 +164,7 @@ class DiagPrecision:
             self.h[b.sel.reshape(-1)] = curv.h[i]
 
     def logdet(self, s, delta):
-        return torch.log(s * self.h + delta).sum()
+        return torch.log(s * self.h + _per_parameter(delta, self.blocks)).sum()
 
     def sample(self, n, s, delta, generator=None):
         z = torch.randn(n, self.h.numel(), dtype=delta.dtype, device=delta.device, generator=generator)
@@ -171,7 +203,7 @@ class FullPrecision:
             if self._eig is None:
                 self._eig = torch.linalg.eigvalsh(self.H).clamp_min(0)
             return torch.log(s * self._eig + delta.reshape(-1)[0]).sum()
-        return 2 * torch.log(torch.diagonal(self._chol(s, delta))).sum()
+        return 2 * torch.log(torch.diagonal(self._chol(s, _per_parameter(delta, self.blocks)))).sum()
 
     def sample(self, n, s, delta, generator=None):
         L = self._chol(s, delta)
