@@ -150,7 +150,7 @@ def test_messages_name_the_argument():
         cal.brier(torch.full((2, 2), 0.5), Y)
     with pytest.raises(ValueError, match=r"scores_out holds NaN or infinite values \(1 of 2\); drop or repair"):
         cal.ood_auroc(torch.rand(3), torch.tensor([0.5, NAN]))
-    with pytest.raises(ValueError, match=r"max_iter must be in \[1, inf\), got 0"):
+    with pytest.raises(ValueError, match=r"max_iter must be an int >= 1, got 0"):
         cal.TemperatureScaling(max_iter=0)
     with pytest.raises(ValueError, match=r"logits has NaN or infinite values in 1 of N = 3 rows"):
         cal.TemperatureScaling().fit(BAD_LOGITS["nan"], Y)

@@ -39,13 +39,16 @@ def _same(a, b) -> bool:
 
 
 # ---- 1. block / generator of diagonal() and to_dense() ---------------------------------------------------
-@pytest.mark.parametrize("block", [0, -1, 2.5, True])
+@pytest.mark.parametrize("block, exc, text", [(0, ValueError, "block must be an int >= 1, got 0"),
+                                               (-1, ValueError, "block must be an int >= 1, got -1"),
+                                               (2.5, TypeError, "block must be an int, got float"),
+                                               (True, TypeError, "block must be an int, got bool")])
 @pytest.mark.parametrize("call", ["exact", "hutchinson", "to_dense"])
-def test_diagonal_and_to_dense_refuse_a_bad_block(call, block):
+def test_diagonal_and_to_dense_refuse_a_bad_block(call, block, exc, text):
     # before: block=-1 returned torch.empty's uninitialised memory as the diagonal, 0 and 2.5 raised
     # range()'s own errors
     op = cv.DenseOperator(torch.eye(5))
-    with pytest.raises(ValueError, match="block must be an int >= 1"):
+    with pytest.raises(exc, match=text):
         op.to_dense(block=block) if call == "to_dense" else op.diagonal(call, n_probes=4, block=block)
 
 

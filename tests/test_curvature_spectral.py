@@ -169,7 +169,7 @@ def test_eigenvalues_progress_bar_runs():
 
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(k=0), ValueError, "k must be an int >= 1"),
-    (dict(k=2.0), ValueError, "k must be an int"),
+    (dict(k=2.0), TypeError, "k must be an int, got float"),
     (dict(k=31), ValueError, "k must be <= P"),
     (dict(which="top"), ValueError, "which must be one of"),
     (dict(method="arnoldi"), ValueError, "method must be one of"),

@@ -54,21 +54,15 @@ def check_choice(value, name: str, choices) -> str:
 
 
 def check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:
-    """An int (not bool) in [minimum, maximum]."""
+    """An int (not a bool; numpy integers too) in [minimum, maximum] (no upper bound when maximum
+    is None) as a Python int, else a TypeError / ValueError naming ``name``: the one count check of
+    every public API (sizes, sample counts, steps, probes, batch sizes)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum or (maximum is not None and value > maximum):
-        hi = f"{maximum}]" if maximum is not None else "inf)"
-        raise ValueError(f"{name} must be in [{minimum}, {hi}, got {value}")
-    return int(value)
-
-
-def check_count(value, name: str, minimum: int) -> int:
-    """An int (not a bool) >= minimum, else TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+        if maximum is None:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
     return int(value)
 
 

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .operator import LinearOperator, _check_count, rademacher
+from ..calibration._checks import check_int
+from .operator import LinearOperator, rademacher
 from .spectral import (BREAKDOWN, _apply, _as_operator, _check_generator, _check_progress, _not_finite, _progress,
                        _work_dtype)
 
@@ -65,7 +66,7 @@ class SpectralDensity:
         """
         sigma = self.default_sigma() if sigma is None else _check_sigma(sigma)
         if grid is None:
-            n_grid = _check_count(n_grid, "n_grid")
+            n_grid = check_int(n_grid, "n_grid", 1)
             if n_grid < 2:
                 raise ValueError(f"n_grid must be >= 2, got {n_grid}")
             grid = torch.linspace(float(self.nodes.min()) - 5 * sigma, float(self.nodes.max()) + 5 * sigma, n_grid,
@@ -154,9 +155,9 @@ def spectral_density(op, n_probes: int = 10, n_steps: int = 50, generator: torch
         :func:`plot_spectral_density` draws it.
     """
     op = _as_operator(op)
-    n = _check_count(n_probes, "n_probes")
-    steps = _check_count(n_steps, "n_steps")
-    block = n if block is None else _check_count(block, "block")
+    n = check_int(n_probes, "n_probes", 1)
+    steps = check_int(n_steps, "n_steps", 1)
+    block = n if block is None else check_int(block, "block", 1)
     _check_generator(generator)
     _check_progress(progress)
     P = op.shape[0]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..calibration._checks import check_generator as _check_generator
+from ..calibration._checks import check_int
 
 __all__ = ["LinearOperator", "DenseOperator"]
 
@@ -85,7 +86,7 @@ class LinearOperator:
         P = self.shape[0]
         if method not in ("exact", "hutchinson"):
             raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
-        block = _check_count(block, "block")  # block <= 0 left out[] uninitialised / never ended
+        block = check_int(block, "block", 1)  # block <= 0 left out[] uninitialised / never ended
         if method == "exact":
             out = torch.empty(P, dtype=self.dtype, device=self.device)
             for j in range(0, P, block):
@@ -93,7 +94,7 @@ class LinearOperator:
                 out[j:j + b] = (self @ self._units(j, b))[j:j + b].diagonal()
             return out
         if method == "hutchinson":
-            _check_count(n_probes, "n_probes")
+            check_int(n_probes, "n_probes", 1)
             _check_generator(generator)
             acc = torch.zeros(P, dtype=self.dtype, device=self.device)
             for j in range(0, n_probes, block):
@@ -104,7 +105,7 @@ class LinearOperator:
     def to_dense(self, block: int = 64) -> Tensor:
         """The matrix [P, P] (products with the identity, ``block`` columns at a time); P <= 20 000."""
         P = self.shape[0]
-        block = _check_count(block, "block")
+        block = check_int(block, "block", 1)
         if P > DENSE_LIMIT:
             raise ValueError(f"to_dense() would hold a {P} x {P} matrix (P > {DENSE_LIMIT}); use products, "
                              f"diagonal() or the spectral tools instead")
@@ -132,12 +133,6 @@ class DenseOperator(LinearOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.A @ V
-
-
-def _check_count(n, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {n!r}")
-    return n
 
 
 def rademacher(P: int, k: int, dtype: torch.dtype, device, generator: torch.Generator | None) -> Tensor:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .models import hessian
-from .operator import _check_count, _check_generator
+from ..calibration._checks import check_int
+from .operator import _check_generator
 from .spectral import _check_progress, eigenvalues
 from .trace import trace
 
@@ -33,7 +34,7 @@ def sharpness(model: nn.Module, loss_fn, data, *, n_probes: int = 100, params=No
     draws the start vector and the probes. Larger values mean a sharper minimum.
     """
     # checked before the Lanczos run, not after it (trace() would refuse them only then)
-    _check_count(n_probes, "n_probes")
+    check_int(n_probes, "n_probes", 1)
     _check_generator(generator)
     _check_progress(progress)
     H = hessian(model, loss_fn, data, params=params)

@@ -27,7 +27,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from .operator import DenseOperator, LinearOperator, _check_count, _check_generator  # noqa: F401 (re-exported)
+from ..calibration._checks import check_int
+from .operator import DenseOperator, LinearOperator, _check_generator  # noqa: F401 (re-exported)
 
 __all__ = ["eigenvalues"]
 
@@ -212,7 +213,7 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
     """
     op = _as_operator(op)
     P = op.shape[0]
-    k = _check_count(k, "k")
+    k = check_int(k, "k", 1)
     if k > P:
         raise ValueError(f"k = {k} eigenpairs asked of a {P} x {P} operator; k must be <= P")
     if which not in WHICH:
@@ -224,12 +225,12 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
             raise ValueError(f"block = {block!r} is for method='block_lanczos'; method='lanczos' uses one vector")
         b = 1
     else:
-        b = min(k, 8) if block is None else _check_count(block, "block")
+        b = min(k, 8) if block is None else check_int(block, "block", 1)
     b = min(b, P)
     if n_iter is None:
         m = min(P, max(2 * k + 20, 50, 20 * b if method == "block_lanczos" else 0))
     else:
-        m = _check_count(n_iter, "n_iter")
+        m = check_int(n_iter, "n_iter", 1)
         if m < k:
             raise ValueError(f"n_iter = {m} is smaller than k = {k}: Lanczos needs at least k products")
         m = min(m, P)

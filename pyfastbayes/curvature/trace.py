@@ -19,7 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .operator import LinearOperator, _check_count, rademacher
+from ..calibration._checks import check_int
+from .operator import LinearOperator, rademacher
 from .spectral import (_apply, _as_operator, _cgs2, _check_generator, _check_progress, _not_finite, _progress,
                        _work_dtype)
 
@@ -76,13 +77,13 @@ def trace(op, n_probes: int = 100, method: str = "hutchinson", generator: torch.
         at least).
     """
     op = _as_operator(op)
-    n = _check_count(n_probes, "n_probes")
+    n = check_int(n_probes, "n_probes", 1)
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     if method == "hutch++" and n < 3:
         raise ValueError(f"method='hutch++' needs n_probes >= 3 (a third each for the sketch, the products with "
                          f"its basis and the Hutchinson remainder), got {n}")
-    block = _check_count(block, "block")
+    block = check_int(block, "block", 1)
     _check_generator(generator)
     _check_progress(progress)
     P = op.shape[0]

@@ -25,7 +25,7 @@ from ..nn.calls import parameter_calls
 from ..nn.inputs import dtype_mismatch, iterate_inputs
 from ..nn.loaders import batches as loader_batches
 from ..calibration._checks import check_positive_float
-from ..posteriors.base import Posterior, check_count
+from ..posteriors.base import Posterior, check_int
 from . import marglik as ml
 from ._layers import build_layers
 from ._likelihood import (CURVATURES, LIKELIHOODS, check_targets, directions, log_likelihood, outputs_2d,
@@ -150,12 +150,12 @@ class Laplace(Posterior):
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
         self.hessian_structure = _choice(hessian_structure, tuple(_STRUCTURES), "hessian_structure")
-        self.low_rank = check_count(low_rank, "low_rank", 1)
+        self.low_rank = check_int(low_rank, "low_rank", 1)
         self.curvature = _choice(curvature, CURVATURES, "curvature")
         self.bias_block = _choice(bias_block, BIAS_BLOCKS, "bias_block")
         self.kfac_approx = _choice(kfac_approx, SHARING, "kfac_approx")
         self.unsupported = _choice(unsupported, ("error", "diag"), "unsupported")
-        self.mc_samples = check_count(mc_samples, "mc_samples", 1)
+        self.mc_samples = check_int(mc_samples, "mc_samples", 1)
         self.eigh_method = _choice(eigh_method, EIGH_METHODS, "eigh_method")
         self.temperature = check_positive_float(temperature, "temperature")
         self.dtype, self.device = self.layout.dtype, self.layout.device
@@ -550,7 +550,7 @@ class Laplace(Posterior):
         if prior_structure == "diag" and self.hessian_structure == "kron":
             raise ValueError("prior_structure='diag' does not fit hessian_structure='kron' (one exact damping per "
                              "Kronecker block): use 'scalar' or 'layerwise'")
-        n_steps = check_count(n_steps, "n_steps", 1)
+        n_steps = check_int(n_steps, "n_steps", 1)
         init = self._prior if init_prior_prec is None else ml.check_prior(
             init_prior_prec, self.blocks, self.n_params, "diag", self.dtype, self.device, "init_prior_prec")
         if init.dim() == 1 and init.numel() not in (1,) and prior_structure == "scalar":
@@ -571,7 +571,7 @@ class Laplace(Posterior):
     def _gridsearch(self, val_loader, rng, grid_size, pred_type, link_approx, n_samples) -> Tensor:
         if val_loader is None:
             raise ValueError("method='gridsearch' needs val_loader (an iterable of (inputs, targets) batches)")
-        grid_size = check_count(grid_size, "grid_size", 2)
+        grid_size = check_int(grid_size, "grid_size", 2)
         _choice(pred_type, PRED_TYPES, "pred_type")
         grid = self._grid(rng, grid_size)
         batches = [self._split(item, i) for i, item in enumerate(loader_batches(val_loader))]
@@ -700,7 +700,7 @@ class Laplace(Posterior):
     def functional_variance(self, x, batch_size: int = 256) -> tuple[Tensor, Tensor]:
         """GLM predictive moments of the outputs: (f_mu [N, C], f_var [N, C, C]) = (f(x; theta_MAP),
         J P^-1 J^T), without [N, C, P] Jacobians for 'kron' and 'diag'."""
-        batch_size = check_count(batch_size, "batch_size", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         self._check_at_mean("the GLM predictive")
         mus, vars_, n_inputs = [], [], 0
         for xb in iterate_inputs(x, batch_size):  # one batch's Jacobian parts alive at a time
@@ -724,7 +724,7 @@ class Laplace(Posterior):
         sigma^2 is not in it), (mean [N, C], variance [N, C] over draws) for 'nn'. ``batch_size``:
         rows per forward when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
         _choice(pred_type, PRED_TYPES, "pred_type")
-        n_samples = check_count(n_samples, "n_samples", 1)
+        n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
         if pred_type == "nn":
             out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size)
@@ -742,7 +742,7 @@ class Laplace(Posterior):
     def _batch_size(batch_size, pred_type: str) -> int:
         if batch_size is None:
             return 256 if pred_type == "glm" else 1024  # the GLM path's and Posterior.predict's defaults
-        return check_count(batch_size, "batch_size", 1)
+        return check_int(batch_size, "batch_size", 1)
 
     def _nn_predict(self, x, n_samples: int, **options):
         """Posterior.predict (the BMA over draws; it names inputs of another dtype than the model's)."""
@@ -780,7 +780,7 @@ class Laplace(Posterior):
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """n draws [n, P] of N(theta_MAP, P^-1) over all trainable weights (the uncovered ones, with
         subset_of_weights='last_layer', stay at the MAP)."""
-        n = check_count(n, "n", 0)
+        n = check_int(n, "n", 0)
         _, _, _, _, mean, precision = self._need_fit()
         out = mean.unsqueeze(0).repeat(n, 1)
         if n:

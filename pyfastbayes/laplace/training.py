@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn.loaders import batches
-from ..posteriors.base import check_count
+from ..posteriors.base import check_int
 from .laplace import Laplace
 from .marglik import PRIOR_STRUCTURES
 
@@ -59,10 +59,10 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
     """
     if prior_structure not in PRIOR_STRUCTURES:
         raise ValueError(f"prior_structure must be one of {PRIOR_STRUCTURES}, got {prior_structure!r}")
-    n_epochs = check_count(n_epochs, "n_epochs", 1)
-    marglik_frequency = check_count(marglik_frequency, "marglik_frequency", 1)
-    n_epochs_burnin = check_count(n_epochs_burnin, "n_epochs_burnin", 0)
-    n_hypersteps = check_count(n_hypersteps, "n_hypersteps", 1)
+    n_epochs = check_int(n_epochs, "n_epochs", 1)
+    marglik_frequency = check_int(marglik_frequency, "marglik_frequency", 1)
+    n_epochs_burnin = check_int(n_epochs_burnin, "n_epochs_burnin", 0)
+    n_hypersteps = check_int(n_hypersteps, "n_hypersteps", 1)
     la = Laplace(model, likelihood, hessian_structure=hessian_structure, prior_precision=prior_precision,
                  sigma_noise=sigma_noise, **laplace_kwargs)
     if la.subset_of_weights != "all":

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..calibration._checks import check_count
+from ..calibration._checks import check_int
 from .inputs import call_model, iterate_inputs, to_device
 
 __all__ = ["update_bn", "refresh_bn", "bn_modules", "ModeGuard"]
@@ -72,7 +72,7 @@ def refresh_bn(model: nn.Module, loader, tensors: dict[str, Tensor] | None = Non
     batch the model refuses, a loader without batches: ValueError) also puts the statistics back as
     they were, rather than leaving them reset or half-averaged.
     """
-    batch_size = check_count(batch_size, "batch_size", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     bns = bn_modules(model)
     if not bns:
         return

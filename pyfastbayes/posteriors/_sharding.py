@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .._distributed import dtensor_type, is_dtensor, local_tensor, shard_offset
-from .base import check_count
+from .base import check_int
 from .swa import PARAM_DTYPES
 
 __all__ = ["SHARD_ALIGN", "shard_columns", "check_shard", "ColumnShards", "Run"]
@@ -41,7 +41,7 @@ def shard_columns(numel: int, world: int, align: int = SHARD_ALIGN) -> list[tupl
     blocks [r U // R, (r + 1) U // R)), so every a_r is a multiple of ``align`` and < numel (or 0),
     the ranges tile [0, numel) in rank order, and only the last non-empty one may end off the grid.
     More ranks than blocks leave some ranges empty."""
-    numel, world, align = check_count(numel, "numel", 0), check_count(world, "world", 1), check_count(align, "align", 1)
+    numel, world, align = check_int(numel, "numel", 0), check_int(world, "world", 1), check_int(align, "align", 1)
     if align % 4:
         raise ValueError(f"align must be a multiple of 4 (swag_sample's aligned offsets), got {align}")
     units = -(-numel // align)

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Posterior, check_count, check_generator
+from .base import Posterior, check_int, check_generator
 from .swag import SWAG
 
 __all__ = ["MultiSWAG"]
@@ -64,7 +64,7 @@ class MultiSWAG(Posterior):
     def _check(self, n, scale, cov, generator, name: str = "n", minimum: int = 0) -> int:
         """Every argument and every component's ability to draw, before any component draws; a
         component's refusal names it (posteriors[i])."""
-        n = check_count(n, name, minimum)
+        n = check_int(n, name, minimum)
         check_generator(generator)
         for i, p in enumerate(self.posteriors):
             try:

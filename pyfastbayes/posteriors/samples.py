@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Posterior, check_count, check_generator
+from .base import Posterior, check_int, check_generator
 
 __all__ = ["SampleBuffer"]
 
@@ -46,8 +46,8 @@ class SampleBuffer(Posterior):
 
     def __init__(self, model: nn.Module, max_samples: int, thin: int = 1, device=None,
                  dtype: torch.dtype | None = None):
-        max_samples = check_count(max_samples, "max_samples", 1)
-        thin = check_count(thin, "thin", 1)
+        max_samples = check_int(max_samples, "max_samples", 1)
+        thin = check_int(thin, "thin", 1)
         super().__init__(model)
         dtype = self.layout.dtype if dtype is None else dtype
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -137,7 +137,7 @@ class SampleBuffer(Posterior):
         """``n`` draws [n, P] picked uniformly at random (with replacement) from the stored ones
         (``generator``: a torch generator on any device, the indices drawn there; default the
         global CPU one)."""
-        n = check_count(n, "n", 0)
+        n = check_int(n, "n", 0)
         check_generator(generator)
         self._require_draws()
         dev = generator.device if generator is not None else "cpu"
@@ -157,7 +157,7 @@ class SampleBuffer(Posterior):
         if n_samples is None:
             draws, total = (self.draws[r] for r in self._rows()), len(self)  # row views, no [S, P] copy
         else:
-            total = check_count(n_samples, "n_samples", 1)
+            total = check_int(n_samples, "n_samples", 1)
             draws = self.iter_samples(total, generator=generator)
         return self._average([(self.layout, draws)], x, total=total, likelihood=likelihood, bn_loader=bn_loader,
                              batch_size=batch_size, progress=progress, input_fn=input_fn, output_fn=output_fn)

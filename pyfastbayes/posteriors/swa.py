@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn import update_bn
-from .base import Posterior, check_count
+from .base import Posterior, check_int
 
 __all__ = ["SWA"]
 
@@ -112,7 +112,7 @@ class SWA(Posterior):
     # ---- the Posterior interface (a point mass at the mean) ------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` copies of the mean [n, P] (SWA is a point mass; ``generator`` is not used)."""
-        n = check_count(n, "n", 0)
+        n = check_int(n, "n", 0)
         self._require_collected()
         return self.mean.expand(n, self.numel).clone()
 
@@ -123,7 +123,7 @@ class SWA(Posterior):
         """Predictions of the SWA solution (:meth:`predict_mean`): every draw of a point mass is the
         mean, so one forward pass serves any ``n_samples`` (accepted for the common interface);
         'regression' gives (outputs, zeros)."""
-        check_count(n_samples, "n_samples", 1)
+        check_int(n_samples, "n_samples", 1)
         return self.predict_mean(x, likelihood=likelihood, bn_loader=bn_loader, batch_size=batch_size,
                                  progress=progress, input_fn=input_fn, output_fn=output_fn)
 

@@ -69,7 +69,7 @@ from .. import ops
 from .._distributed import local_tensor, shard_offset
 from ..nn import ModeGuard, bn_modules, update_bn
 from ..nn.inputs import call_model, iterate_inputs, model_output, to_device
-from .base import _DRAW_BYTES, _Average, check_count, check_generator, check_likelihood
+from .base import _DRAW_BYTES, _Average, check_int, check_generator, check_likelihood
 from ._sharding import ColumnShards, check_shard, shard_columns
 from .swa import PARAM_DTYPES, SWA
 
@@ -334,7 +334,7 @@ class SWAG(ColumnShards, SWA):
 
     # ---- sampling ------------------------------------------------------------------------------
     def _check_draw_args(self, n, scale, cov) -> tuple[int, float, str]:
-        n = check_count(n, "n", 0)
+        n = check_int(n, "n", 0)
         cov = check_cov(cov)
         scale = check_scale(scale, cov)
         self._require_collected()
@@ -465,7 +465,7 @@ class SWAG(ColumnShards, SWA):
         from tqdm.auto import tqdm
 
         check_likelihood(likelihood)
-        batch_size = check_count(batch_size, "batch_size", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         model = self.model
         ps = self._fsdp_params(None)
         inputs = [to_device(b, self.device) for b in iterate_inputs(x, batch_size, input_fn)]
@@ -586,7 +586,7 @@ class SWAG(ColumnShards, SWA):
         parameters); ``bn_loader`` recomputes the statistics in place; the parameters' local
         shards and the buffers are restored afterwards.
         """
-        n = check_count(n_samples, "n_samples", 1)
+        n = check_int(n_samples, "n_samples", 1)
         _, scale, cov = self._check_draw_args(n, scale, cov)
         check_generator(generator)
         if self.fsdp:

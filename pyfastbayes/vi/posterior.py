@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..posteriors.base import Posterior, check_count, check_generator
+from ..posteriors.base import Posterior, check_int, check_generator
 from .kl import bayesian_layers
 from .layers import BayesianLayer, BayesianLinear
 
@@ -115,7 +115,7 @@ class VariationalPosterior(Posterior):
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        n = check_count(n, "n", 0)
+        n = check_int(n, "n", 0)
         check_generator(generator)
         layers = self._sync()
         mean = self.layout.flatten()
