@@ -590,8 +590,11 @@ def test_bad_fisher_arguments():
     model, loss_fn, x, y = problem("mlp", "ce")
     with pytest.raises(ValueError, match="kind must be 'mc' or 'empirical'"):
         cv.fisher(model, loss_fn, (x, y), kind="type-2")
-    with pytest.raises(ValueError, match="mc_samples must be an int >= 1"):
+    with pytest.raises(ValueError, match="mc_samples must be an int >= 1, got 0"):
         cv.fisher(model, loss_fn, (x, y), mc_samples=0)
+    for bad in (1.5, True):  # the one count check: a float or bool is a TypeError
+        with pytest.raises(TypeError, match="mc_samples must be an int, got"):
+            cv.fisher(model, loss_fn, (x, y), mc_samples=bad)
     with pytest.raises(TypeError, match="torch.Generator"):
         cv.fisher(model, loss_fn, (x, y), generator=3)
     with pytest.raises(ValueError, match="kind='mc' only"):

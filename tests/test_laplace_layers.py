@@ -699,3 +699,35 @@ def test_fp32_per_block_prior_gradient_is_accurate():
         (grads[dt],) = torch.autograd.grad(la._need_fit()[5].logdet(la._scale(), prior), prior)
     assert max(b.numel for b in la.blocks) > 6000
     torch.testing.assert_close(grads[torch.float32].double(), grads[torch.float64], rtol=1e-6, atol=0)
+
+
+class _WatchHidden(nn.Module):
+    """Records a weak reference to a hidden tensor only the autograd graph keeps (exp saves its
+    output), and at every forward whether the previous call's one is still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 40), nn.Linear(40, C)
+        self.refs, self.alive = [], []
+
+    def forward(self, x):
+        import weakref
+
+        self.alive += [r() is not None for r in self.refs]
+        big = torch.exp(torch.tanh(self.a(x)))
+        self.refs = [weakref.ref(big)]
+        return self.b(big)
+
+
+@pytest.mark.parametrize("call", ["fit", "glm"])
+def test_a_batch_graph_is_freed_before_the_next_forward(call):
+    """The batched backward retains the graph (for its per-direction fallback); fit and the GLM
+    predictive drop it before the next batch's forward, so peak memory is one batch's graph."""
+    torch.manual_seed(0)
+    model = _WatchHidden().to(DT)
+    X, y = torch.randn(30, 5, dtype=DT), torch.randint(0, C, (30,))
+    la = fit(model, [(X[:10], y[:10]), (X[10:20], y[10:20]), (X[20:], y[20:])], "classification")
+    if call == "glm":
+        model.alive.clear()
+        la(X, pred_type="glm", batch_size=10)
+    assert model.alive and not any(model.alive)

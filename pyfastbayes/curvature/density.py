@@ -66,9 +66,7 @@ class SpectralDensity:
         """
         sigma = self.default_sigma() if sigma is None else _check_sigma(sigma)
         if grid is None:
-            n_grid = check_int(n_grid, "n_grid", 1)
-            if n_grid < 2:
-                raise ValueError(f"n_grid must be >= 2, got {n_grid}")
+            n_grid = check_int(n_grid, "n_grid", 2)
             grid = torch.linspace(float(self.nodes.min()) - 5 * sigma, float(self.nodes.max()) + 5 * sigma, n_grid,
                                   dtype=torch.float64)
         elif not torch.is_tensor(grid) or grid.dim() != 1:

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .. import ops
-from ..calibration._checks import check_generator
+from ..calibration._checks import check_generator, check_int
 from ..nn.batchnorm import ModeGuard
 from ..nn.inputs import dtype_mismatch
 from ._model_data import (Selection, all_reduce, as_batches, distributed_active, ignore_index, iterate,
@@ -261,8 +261,7 @@ class FisherOperator(_OutputSpaceOperator):
                  distributed=None):
         if kind not in ("mc", "empirical"):
             raise ValueError(f"kind must be 'mc' or 'empirical', got {kind!r}")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+        mc_samples = check_int(mc_samples, "mc_samples", 1)
         check_generator(generator)
         super().__init__(model, loss_fn, data, params, distributed)
         self.fisher_kind, self.mc_samples = kind, mc_samples

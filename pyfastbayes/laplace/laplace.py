@@ -362,6 +362,9 @@ class Laplace(Posterior):
                     n_data += y.shape[0]
                     for layer in layers:
                         layer.clear()
+                    # the graph (kept by backprop's retain_graph for its fallback) goes with f:
+                    # not alive during the next batch's forward
+                    del f
                 bar.update()
                 i, item = i + 1, next(batches, None)
         return loss, n_data, n_out
@@ -685,6 +688,7 @@ class Laplace(Posterior):
                 pieces.append((f.detach(), parts))
                 for layer in layers:
                     layer.clear()
+                del f  # and its graph, before the next batch's forward (see _local_pass)
         return pieces
 
     def _glm_moments(self, pieces, prior: Tensor | None = None) -> tuple[Tensor, Tensor]:
