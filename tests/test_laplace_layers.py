@@ -731,3 +731,24 @@ def test_a_batch_graph_is_freed_before_the_next_forward(call):
         model.alive.clear()
         la(X, pred_type="glm", batch_size=10)
     assert model.alive and not any(model.alive)
+
+
+def test_weight_parametrized_conv():
+    """A conv whose weight a parametrization computes (weight_norm) keeps its own graph (the
+    transposed-convolution node would cut the parametrization off); the parametrization itself,
+    called once per forward and not per example, is refused clearly under unsupported='diag', and
+    with it frozen the curvature is the exact one."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), weight_norm(nn.Conv2d(3, 4, 3, stride=2)), nn.Flatten(),
+                          nn.Linear(16, C)).to(DT)
+    X, y = torch.randn(8, 2, 8, 8, dtype=DT), torch.randint(0, C, (8,))
+    with pytest.raises(ValueError, match=r"layer '2.parametrizations.weight' \(ParametrizationList\) is not called "
+                                         r"on the batch's examples"):
+        fit(model, [(X, y)], "classification", hessian_structure="full", unsupported="diag")
+    for p in model[2].parametrizations.parameters():
+        p.requires_grad_(False)
+    la = fit(model, [(X, y)], "classification", hessian_structure="full")
+    torch.testing.assert_close(curvature_part(la), ref.exact_curvature(model, [(X, y)], "classification"),
+                               rtol=1e-10, atol=1e-12)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parametrize
 
 KRON_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 DIAG_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -122,6 +123,12 @@ class Layer:
         """Per block the per-example Jacobians of the m directions whose output gradients are
         ``g`` [m, *out.shape]: ('factored', U [m, N, p], V [N, q]) meaning U (x) V, or ('matrix',
         M [m, N, p, q]) for Kronecker blocks; ('rows', R [m, N, p]) for diagonal blocks."""
+        if self.a is None or self.a.dim() == 0 or self.a.shape[0] != g.shape[1]:
+            # e.g. a parametrization (weight_norm): it computes a weight every example shares
+            raise ValueError(f"layer {self.name!r} ({type(self.module).__name__}) is not called on the batch's "
+                             "examples (its first input is not a tensor of N rows), so its parameters have no "
+                             "per-example gradients for a diagonal block; freeze them (requires_grad=False) or use "
+                             "subset_of_weights='last_layer'")
         params = {k: getattr(self.module, k) for k in self.params}
         rows = _per_example_grads(self.module, params, self.a, g)
         return [("rows", r) for r in rows]
@@ -259,7 +266,10 @@ class _Conv(_Matrix):
         for the weight and bias gradients here."""
         out = super().record(inp, out)
         x = inp[0] if inp else None
-        if torch.is_tensor(x) and x.requires_grad and x.dim() == self.dims + 2:
+        # a weight computed in the forward (torch.nn.utils.parametrize) may come from covered
+        # parameters of its own: the conv's graph stays, or their output would be cut off
+        plain = not parametrize.is_parametrized(self.module, "weight")  # (reading .weight would run it)
+        if plain and torch.is_tensor(x) and x.requires_grad and x.dim() == self.dims + 2:
             self.out = _ConvInputGrad.apply(x, out.detach(), self)
         return self.out
 
