@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..calibration._checks import check_generator as _check_generator
-from ..calibration._checks import check_int
+from ..calibration._checks import check_generator as _check_generator, check_int
 
 __all__ = ["LinearOperator", "DenseOperator"]
 

@@ -24,8 +24,8 @@ from ..nn import ModeGuard
 from ..nn.calls import parameter_calls
 from ..nn.inputs import dtype_mismatch, iterate_inputs
 from ..nn.loaders import batches as loader_batches
-from ..calibration._checks import check_positive_float
-from ..posteriors.base import Posterior, check_int
+from ..calibration._checks import check_int, check_positive_float
+from ..posteriors.base import Posterior
 from . import marglik as ml
 from ._layers import build_layers
 from ._likelihood import (CURVATURES, LIKELIHOODS, check_targets, directions, log_likelihood, outputs_2d,
@@ -173,7 +173,7 @@ class Laplace(Posterior):
 
     # ---- covered parameters ------------------------------------------------------------------------------
     # the attributes _setup assigns (a failed last-layer fit or load puts the previous ones back)
-    _SETUP = ("layers", "blocks", "positions", "n_params", "_prior", "_prior_mean", "last_layer_name")
+    _SETUP = ("layers", "blocks", "positions", "block_of", "n_params", "_prior", "_prior_mean", "last_layer_name")
 
     def _plan(self, selected: set[str], prior=_CONSTRUCTOR, prior_mean=_CONSTRUCTOR,
               names=("prior_precision", "prior_mean")) -> dict:
@@ -186,15 +186,18 @@ class Laplace(Posterior):
         positions = torch.cat([b.index.reshape(-1) for b in blocks]).sort().values
         rank = torch.full((self.layout.numel,), -1, dtype=torch.long)
         rank[positions] = torch.arange(positions.numel())
-        for b in blocks:
-            b.sel = rank[b.index].to(self.device)
         n_params = positions.numel()
+        block_of = torch.empty(n_params, dtype=torch.long)  # each covered parameter's block (selection order)
+        for i, b in enumerate(blocks):
+            b.sel = rank[b.index]
+            block_of[b.sel.reshape(-1)] = i
+            b.sel = b.sel.to(self.device)
         prior = ml.check_prior(self._prior_value if prior is _CONSTRUCTOR else prior, blocks, n_params,
                                self.hessian_structure, self.dtype, self.device, names[0])
         pm = _check_prior_mean(self._prior_mean_value if prior_mean is _CONSTRUCTOR else prior_mean, n_params,
                                self.dtype, self.device, names[1])
-        return dict(layers=layers, blocks=blocks, positions=positions.to(self.device), n_params=n_params,
-                    _prior=prior, _prior_mean=pm)
+        return dict(layers=layers, blocks=blocks, positions=positions.to(self.device),
+                    block_of=block_of.to(self.device), n_params=n_params, _prior=prior, _prior_mean=pm)
 
     def _setup(self, selected: set[str]) -> None:
         """Build the layers and blocks of the covered parameters and their selection order."""
@@ -488,24 +491,11 @@ class Laplace(Posterior):
             delta = prior.reshape(())
             return self.n_params * torch.log(delta), delta * d2.sum()
         if prior.numel() == len(self.blocks) and prior.numel() != self.n_params:
-            numel, block = self._block_index()
+            numel = torch.bincount(self.block_of, minlength=len(self.blocks)).to(prior.dtype)
             # float64: index_add_ sums a block's terms one after another
-            sq = d2.new_zeros(len(self.blocks), dtype=torch.float64).index_add_(0, block, d2.double()).to(d2.dtype)
-            return (numel.to(prior.dtype) * torch.log(prior)).sum(), (prior * sq).sum()
+            sq = d2.new_zeros(len(self.blocks), dtype=torch.float64).index_add_(0, self.block_of, d2.double())
+            return (numel * torch.log(prior)).sum(), (prior * sq.to(d2.dtype)).sum()
         return torch.log(prior).sum(), (prior * d2).sum()
-
-    def _block_index(self) -> tuple[Tensor, Tensor]:
-        """(numel per block [n_blocks], the block of each covered parameter in selection order [P]),
-        built once per set of blocks (a last-layer Laplace finds its blocks at fit)."""
-        cached = self.__dict__.get("_block_index_cache")
-        if cached is None or cached[0] is not self.blocks:
-            block = torch.empty(self.n_params, dtype=torch.long)
-            for i, b in enumerate(self.blocks):
-                block[b.sel.reshape(-1).cpu()] = i
-            numel = torch.tensor([b.numel for b in self.blocks])
-            cached = (self.blocks, numel.to(self.device), block.to(self.device))
-            self.__dict__["_block_index_cache"] = cached
-        return cached[1], cached[2]
 
     def _lml(self, prior: Tensor, sigma: Tensor) -> Tensor:
         precision = self._need_fit()[5]

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn.loaders import batches
-from ..posteriors.base import check_int
+from ..calibration._checks import check_int
 from .laplace import Laplace
 from .marglik import PRIOR_STRUCTURES
 
