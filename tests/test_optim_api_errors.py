@@ -9,6 +9,8 @@ from torch import nn
 
 from pyfastbayes import optim
 
+from _helpers import needs_cuda
+
 
 def param(n=3):
     p = nn.Parameter(torch.zeros(n))
@@ -47,6 +49,47 @@ def test_cpu_generator_still_works():
     optim.SGLD([a], lr=0.1, num_data=1, generator=torch.Generator().manual_seed(3)).step()
     optim.SGLD([b], lr=0.1, num_data=1, generator=torch.Generator().manual_seed(3)).step()
     assert torch.equal(a, b)
+
+
+# a CUDA generator was refused with a ValueError ("pass a CPU generator"): the seed is now drawn on the
+# generator's own device, as SWAG, the landscape directions and the curvature probes do
+@needs_cuda
+@pytest.mark.parametrize("cls", [optim.SGLD, optim.SGHMC, optim.PSGLD])
+def test_cuda_generator_seeds_the_chain(cls):
+    def chain(seed, cpu_seed):
+        p = nn.Parameter(torch.zeros(1000, device="cuda"))
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        opt = cls([p], lr=1e-3, num_data=10, generator=gen)
+        torch.manual_seed(cpu_seed)  # the global CPU generator plays no part
+        cpu_state = torch.get_rng_state()
+        before = gen.get_state()
+        for _ in range(3):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        assert not torch.equal(gen.get_state(), before)  # the seed came from this generator
+        assert torch.equal(torch.get_rng_state(), cpu_state)
+        return p.detach().clone()
+
+    assert torch.equal(chain(4, 0), chain(4, 1))
+    assert not torch.equal(chain(4, 0), chain(5, 0))
+
+
+@needs_cuda
+def test_refused_first_step_puts_a_cuda_generator_back():
+    p = nn.Parameter(torch.zeros(5, device="cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    opt = optim.SGLD([p], lr=1e-3, num_data=10, generator=gen)
+    before = gen.get_state()
+    p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        opt.step()
+    assert torch.equal(gen.get_state(), before) and not opt.state and torch.equal(p, torch.zeros_like(p))
+    p.grad = torch.ones_like(p)
+    opt.step()  # the same seed as an optimizer that never failed
+    q = nn.Parameter(torch.zeros(5, device="cuda"))
+    q.grad = torch.ones_like(q)
+    optim.SGLD([q], lr=1e-3, num_data=10, generator=torch.Generator(device="cuda").manual_seed(2)).step()
+    assert torch.equal(p, q)
 
 
 # a state_dict without the group's RNG position but with other state loaded, kept the saved hyper

@@ -144,10 +144,7 @@ class _SGMCMC(torch.optim.Optimizer):
             raise ValueError(f"chains must be 'shared' or 'per_rank', got {chains!r}")
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
-        if check_generator(generator) is not None and generator.device.type != "cpu":
-            raise ValueError(f"generator is a {generator.device.type} generator, but the seed of each param group "
-                             f"is drawn once on the host (the noise itself comes from the in-kernel Philox "
-                             f"stream): pass a CPU generator, e.g. torch.Generator().manual_seed(0)")
+        check_generator(generator)
         self._chains, self._verify = chains, verify
         defaults = dict(defaults, fused=fused, nonfinite=nonfinite)
         self._check_group(defaults, "")
@@ -421,8 +418,10 @@ class _SGMCMC(torch.optim.Optimizer):
         """RNG position (seed drawn at the group's first step) and hyper vector on ``device``."""
         st = self.state[group["params"][0]]
         if "rng" not in st:
-            seed = _distributed_seed(int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64,
-                                                       generator=self._generator)), self._chains, device)
+            gen = self._generator  # the seed is drawn on the generator's own device (a CUDA generator: one sync)
+            seed = _distributed_seed(int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=gen,
+                                                       device=gen.device if gen is not None else "cpu")),
+                                     self._chains, device)
             rng = [0] * ops.RNG.size
             rng[ops.RNG.seed] = seed
             st["rng"] = torch.tensor(rng, dtype=torch.int64, device=device)
@@ -663,7 +662,8 @@ class SGLD(_SGMCMC):
         fused: None picks the native kernel when it exists for the device, True insists, False
             runs the pure-PyTorch reference (same noise stream, slower).
         nonfinite: 'raise' (default), 'skip' or 'ignore' non-finite gradients (see :meth:`step`).
-        generator: torch.Generator the seed is drawn from (default: the global CPU generator).
+        generator: torch.Generator the seed is drawn from, on its device (CPU or CUDA; default: the
+            global CPU generator). Only the seed comes from it: the noise is the in-kernel Philox stream.
         chains: under torch.distributed, 'shared' (default: one chain replicated over the ranks,
             e.g. DDP, or sharded over them, FSDP2: rank 0's seed is broadcast at a group's first
             step, one collective, so every rank draws the same noise whatever its own seed) or
