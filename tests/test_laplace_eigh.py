@@ -82,3 +82,28 @@ def test_laplace_is_the_same_whichever_method(device):
     for m, la in fits.items():
         assert torch.allclose(la.log_marginal_likelihood(), ref.log_marginal_likelihood(), rtol=1e-10), m
         assert torch.allclose(la(x[:5]), ref(x[:5]), rtol=1e-8, atol=1e-12), m
+
+
+def test_host_pool_splits_torch_threads_and_puts_them_back():
+    """'cpu' runs each worker's LAPACK call on its share of torch's threads (all threads each
+    oversubscribed the cores) and restores the caller's setting, also when a decomposition fails."""
+    seen = []
+    real = torch.linalg.eigh
+
+    def spy(m):
+        seen.append(torch.get_num_threads())
+        return real(m)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        mats = _spd((5, 6, 7, 8), "cpu", torch.float64)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.linalg, "eigh", spy)
+            _check(eigh_many(mats, "cpu", threads=2), mats, 1e-10)
+        assert seen == [2] * 4 and torch.get_num_threads() == 4
+        with pytest.raises(RuntimeError, match="failed to converge"):
+            eigh_many([torch.eye(3), torch.full((3, 3), float("nan"))], "cpu", threads=2)
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
