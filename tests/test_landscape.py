@@ -367,3 +367,67 @@ def test_first_layer_shortcut_is_not_used_where_it_does_not_apply():
     tied = torch.nn.Sequential(torch.nn.Linear(3, 3))
     tied.append(tied[0])  # called twice
     assert _first_layer.find(tied, ParamLayout(tied), torch.randn(4, 3)) is None
+
+
+class _TiedWeight(nn.Module):  # the first layer's weight is also the second layer's
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class _Alias(nn.Module):  # the first layer registered under two names, called through the second
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.first = self.fc1
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.first(x)))
+
+
+class _TiedDecoder(nn.Module):  # reads the first layer's weight outside its call
+    def __init__(self):
+        super().__init__()
+        self.enc, self.out = nn.Linear(5, 8), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.linear(torch.relu(self.enc(x)), self.enc.weight.t()))
+
+
+class _ReadsWidth(nn.Module):  # reads a plain attribute of the first layer: the shortcut still applies
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)).view(-1, self.fc1.out_features))
+
+
+def _hooked():
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0].register_forward_hook(lambda mod, inp, out: out * 2)
+    return model
+
+
+# these four gave the centre's first layer at every point (silently wrong surfaces) or, for
+# _ReadsWidth, "'_StandIn' object has no attribute 'out_features'"
+@pytest.mark.parametrize("make,eligible", [(_TiedWeight, False), (_Alias, False), (_TiedDecoder, False),
+                                           (_hooked, False), (_ReadsWidth, True)],
+                         ids=["tied_weight", "alias", "tied_decoder", "hook", "reads_width"])
+def test_first_layer_shortcut_only_where_every_path_sees_the_point(make, eligible):
+    from pyfastbayes.landscape import _first_layer
+
+    torch.manual_seed(0)
+    model = make()
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    assert (_first_layer.find(model, ParamLayout(model), x) is not None) == eligible
+    d = random_directions(model, 1, generator=torch.Generator().manual_seed(2))
+    coords = torch.tensor([-1.0, 0.0, 0.5])
+    got = grid(model, nn.CrossEntropyLoss(), (x, y), d, coords, progress=False).loss
+    torch.testing.assert_close(got, _reference(model, nn.CrossEntropyLoss(), [(x, y)], d, [coords]),
+                               rtol=1e-5, atol=1e-6)
+    assert all(type(m) is not _first_layer._StandIn for m in model.modules())  # put back

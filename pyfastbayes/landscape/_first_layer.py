@@ -9,7 +9,12 @@ returns the point's precombined output.
 
 Eligible: the first module with trainable parameters that the forward calls is an ``nn.Linear``
 or ``nn.Conv2d`` (``padding_mode='zeros'``), called once, on the model's own input tensor, with all
-its parameters in the layout. Anything else keeps the plain path (``find`` returns None).
+its parameters in the layout, without forward hooks (its own or global), reached under one name
+only, with parameters no other module holds (tied weights), and a forward that reads none of its
+parameters or buffers outside its call (a tied decoder ``F.linear(h, self.enc.weight.t())``): a
+probe forward with the layer behind a recording stand-in checks the last two. Anything else keeps
+the plain path (``find`` returns None). The stand-in of the walk hands other attribute reads
+(``self.fc1.out_features``) to the layer.
 """
 from __future__ import annotations
 
@@ -26,7 +31,30 @@ from ..nn.calls import parameter_calls
 _HELD = threading.local()  # the chunk's precombined first-layer outputs, read by the stand-in
 
 
-class _StandIn(nn.Module):
+class _Delegate(nn.Module):
+    """Stands in for ``layer`` (held outside the module tree: its parameters are not this module's):
+    attribute reads it does not have go to the layer, a read of one of the layer's parameters or
+    buffers to :meth:`_tensor_read`."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = object.__getattribute__(self, "_layer")
+            if name in layer._parameters or name in layer._buffers:
+                return self._tensor_read(name)
+            return getattr(layer, name)
+
+    def _tensor_read(self, name: str):
+        raise RuntimeError(f"the landscape grid's first-layer shortcut: the forward read the first layer's {name!r} "
+                           "outside its call (its value differs per point); pass first_layer=False")
+
+
+class _StandIn(_Delegate):
     """Returns the combined output of the layer it replaces (inside the vmapped call: one point's),
     from the held function of the activation: ``forward`` the layer's own output, ``fused_call`` with
     the activation that follows it applied (a fused nn.Sequential, _batched.py)."""
@@ -36,6 +64,34 @@ class _StandIn(nn.Module):
 
     def fused_call(self, x, act: str | None):
         return _HELD.value(act)
+
+
+class _Probe(_Delegate):
+    """The layer itself, counting its calls and recording reads of its parameters / buffers."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__(layer)
+        self.calls, self.reads = 0, []
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return object.__getattribute__(self, "_layer")(*args, **kwargs)
+
+    def _tensor_read(self, name: str):
+        self.reads.append(name)
+        return getattr(object.__getattribute__(self, "_layer"), name)
+
+
+@contextlib.contextmanager
+def _in_place_of(model: nn.Module, parent_name: str, attr: str, new: nn.Module):
+    """Context: ``new`` at ``parent_name``.``attr`` of ``model``, the old module put back afterwards."""
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = parent._modules[attr]
+    parent._modules[attr] = new
+    try:
+        yield
+    finally:
+        parent._modules[attr] = old
 
 
 class FirstLayer:
@@ -90,13 +146,10 @@ class FirstLayer:
     def swapped(self, model: nn.Module):
         """Context: the layer replaced by the stand-in in ``model`` (the module the walk calls;
         restored afterwards, also on error); the stand-in returns what :func:`hold` was given."""
-        parent = model.get_submodule(self.parent_name) if self.parent_name else model
-        old = parent._modules[self.attr]
-        parent._modules[self.attr] = _StandIn()
         try:
-            yield
+            with _in_place_of(model, self.parent_name, self.attr, _StandIn(self.module)):
+                yield
         finally:
-            parent._modules[self.attr] = old
             _HELD.value = None  # the last block's outputs are not kept alive
 
 
@@ -118,6 +171,23 @@ def find(model: nn.Module, layout, example) -> FirstLayer | None:
         return None
     if not inp or inp[0] is not example:
         return None
+    from torch.nn.modules import module as _module
+
+    if mod._forward_hooks or mod._forward_pre_hooks or _module._global_forward_hooks \
+            or _module._global_forward_pre_hooks:
+        return None  # the stand-in would skip the hooks
+    own = {id(p) for p in mod.parameters(recurse=False)}
+    if sum(id(p) in own for _, p in model.named_parameters(remove_duplicate=False)) != len(own):
+        return None  # tied to another module, or the layer reached under two names: one path would stay at theta0
+    parent_name, _, attr = name.rpartition(".")
+    probe = _Probe(mod)
+    try:
+        with _in_place_of(model, parent_name, attr, probe), torch.no_grad():
+            model(example)
+    except Exception:  # noqa: BLE001  (the probe forward failed: the plain path, which will say why)
+        return None
+    if probe.calls != 1 or probe.reads:
+        return None  # called through another reference, or its weights read outside its call
     index = {n: i for i, n in enumerate(layout.names)}
     slices, shapes = {}, {}
     for key, p in mod.named_parameters(recurse=False):
