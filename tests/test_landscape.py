@@ -431,3 +431,98 @@ def test_first_layer_shortcut_only_where_every_path_sees_the_point(make, eligibl
     torch.testing.assert_close(got, _reference(model, nn.CrossEntropyLoss(), [(x, y)], d, [coords]),
                                rtol=1e-5, atol=1e-6)
     assert all(type(m) is not _first_layer._StandIn for m in model.modules())  # put back
+
+
+def _mlp8():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _masked_mse(out, y):  # a user's mean over the rows a mask keeps: not a plain mean over rows
+    mask = (y >= 1).to(out.dtype)
+    return ((out[:, 0] - y.to(out.dtype)) ** 2 * mask).sum() / mask.sum()
+
+
+# blocks of rows were weighted by their row counts: ignored labels, class weights or a masked mean
+# gave other numbers than whole batches (or NaN for a block whose labels were all ignored)
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5])),
+                                     _masked_mse], ids=["ignore_index", "class_weights", "masked_mse"])
+def test_row_blocks_give_each_batch_its_own_value(loss_fn):
+    model = _mlp8()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(1100, 8, generator=g), torch.randint(0, 3, (1100,), generator=g)
+    y[:530] = -100 if loss_fn is not _masked_mse else 0  # the first block (512 rows) ignored whole
+    if loss_fn is _masked_mse:
+        y[530:] = torch.randint(0, 3, (570,), generator=g)
+    else:
+        y[600:700] = -100
+    d = random_directions(model, 1, generator=torch.Generator().manual_seed(2))
+    coords = torch.tensor([-1.0, 0.0, 1.0])
+    want = _reference(model, loss_fn, [(x, y)], d, [coords])
+    default = grid(model, loss_fn, (x, y), d, coords, progress=False).loss  # CPU default: 512-row blocks where exact
+    torch.testing.assert_close(default, want, rtol=1e-5, atol=1e-6)
+    if loss_fn is not _masked_mse:  # recognised cross-entropy combines its blocks exactly, any split
+        small = grid(model, loss_fn, (x, y), d, coords, batch_rows=16, progress=False).loss
+        torch.testing.assert_close(small, want, rtol=1e-5, atol=1e-6)
+
+
+class _TwoArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, x, w):  # w: a weight shared by the rows, [8] or 0-dim
+        return self.lin(x * w)
+
+
+# the default row blocks sliced every input along its first dimension: a shared [8] weight, a 0-dim
+# scale or targets flattened over tokens crashed on any batch over 512 rows
+@pytest.mark.parametrize("case", ["shared_vector", "scalar", "tokens"])
+def test_inputs_without_the_batch_rows_are_not_split(case):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    if case == "tokens":
+        class Tokens(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(4, 3)
+
+            def forward(self, x):  # [B, T, 4] -> [B * T, 3]
+                return self.lin(x).reshape(-1, 3)
+
+        model = Tokens()
+        x, y = torch.randn(100, 8, 4, generator=g), torch.randint(0, 3, (800,), generator=g)
+        data = (x, y)
+    else:
+        model = _TwoArgs()
+        w = torch.rand(8, generator=g) if case == "shared_vector" else torch.tensor(1.5)
+        x, y = torch.randn(600, 8, generator=g), torch.randint(0, 3, (600,), generator=g)
+        data = ((x, w), y)
+    d = random_directions(model, 1, generator=torch.Generator().manual_seed(2))
+    coords = torch.tensor([-0.5, 0.5])
+    got = grid(model, nn.CrossEntropyLoss(), data, d, coords, progress=False).loss
+
+    def run(m):
+        inputs = data[0] if isinstance(data[0], tuple) else (data[0],)
+        return float(nn.CrossEntropyLoss()(m(*inputs), data[1]))
+
+    for k, a in enumerate(coords):
+        m = copy.deepcopy(model).eval()
+        ParamLayout(m).write_(ParamLayout(m).flatten() + a * d[0], m)
+        with torch.no_grad():
+            assert abs(float(got[k]) - run(m)) <= 1e-5
+
+
+# uint8 class indices (which F.cross_entropy takes) failed in gather(); int32 (which it refuses)
+# was taken silently by the fast path
+def test_cross_entropy_targets_of_other_integer_dtypes_are_the_loss_own():
+    model = _mlp8()
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    d = random_directions(model, 1, generator=torch.Generator().manual_seed(2))
+    coords = torch.tensor([-1.0, 1.0])
+    want = grid(model, nn.CrossEntropyLoss(), (x, y), d, coords, progress=False).loss
+    got = grid(model, nn.CrossEntropyLoss(), (x, y.to(torch.uint8)), d, coords, progress=False).loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match=r"loss_fn is a cross-entropy and the targets are torch.int32: class indices "
+                                        r"must be int64 or uint8"):
+        grid(model, nn.CrossEntropyLoss(), (x, y.to(torch.int32)), d, coords, progress=False)

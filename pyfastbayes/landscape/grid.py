@@ -31,7 +31,7 @@ from ..nn import ModeGuard
 from ..nn.batchnorm import bn_modules
 from ..nn.inputs import dtype_mismatch
 from . import _batched, _first_layer
-from ._losses import point_values
+from ._losses import point_sums, row_separable
 from .directions import layout_of
 from .result import LandscapeResult
 
@@ -54,8 +54,11 @@ _CPU_ROWS = 512               # default rows per block on the CPU (digits MLP an
 
 
 def _row_blocks(x, y: Tensor, nb: int, r: int | None):
-    """(inputs, targets, rows) of consecutive blocks of at most r rows of one batch (r None: the batch)."""
-    if r is None or nb <= r:
+    """(inputs, targets, rows) of consecutive blocks of at most r rows of one batch (r None: the
+    batch); the whole batch also when an input or the targets do not have the batch's nb rows in
+    their first dimension (a weight or a scalar shared by the rows, targets flattened over tokens)."""
+    if r is None or nb <= r or not all(torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == nb
+                                       for a in (*(x if isinstance(x, tuple) else (x,)), y)):
         yield x, y, nb
         return
     for i in range(0, nb, r):
@@ -173,6 +176,7 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
         for x, y, nb in itertools.chain([head], _unbatched(batches)):
             if on_batch is not None:
                 on_batch(x, y, nb)
+            sums = None  # [len(fns), 2]: (sum, count) over the batch's blocks, each fn's batch value sum / count
             for xr, yr, nr in _row_blocks(x, y, nb, rows):
                 if first is None:
                     out = net(*args(xr))
@@ -182,8 +186,11 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
                     _first_layer.hold(lambda act: _batched.combine(parts, mix_p, act, shape))
                     out = net(xr)
                 if fns:
-                    v = point_values(fns, out, yr, labels) * nr
-                    total = v if total is None else total + v
+                    s = point_sums(fns, out, yr, labels)
+                    sums = s if sums is None else sums + s
+            if fns:  # batch means weighted by the batch's rows
+                v = sums[:, 0] / sums[:, 1] * nb
+                total = v if total is None else total + v
             n += nb
         return total if total is not None else torch.zeros((), dtype=torch.float64, device=thetas.device)
 
@@ -385,9 +392,18 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         batch_rows: rows of a data batch evaluated together for the chunk's points (default: on the
             CPU 512 rows (with 32 points: 256 to 1 797 rows ran within 5 % for the digits MLP and
             CNN, 128 rows 1.4x slower for the CNN); on CUDA the whole batch).
-            Blocks are weighted by their rows, so the result does not depend on it beyond rounding.
-            Ignored (whole batches) when a BatchNorm layer keeps no running statistics: its eval
-            output depends on the rows that share a batch.
+            A batch's value is combined from its blocks as (sum, count) pairs: recognised
+            cross-entropy counts the rows it does not ignore; any other fn is taken to be a mean
+            over the rows. So the default splits only when the loss and every metric are
+            recognised cross-entropy (also with ``ignore_index`` or class weights) or one of
+            torch's elementwise mean losses (MSELoss, L1Loss, BCEWithLogitsLoss, ...; no
+            ``weight``), and then the result does not depend on it
+            beyond rounding; with your own callables (accuracy, a masked or weighted mean) it
+            evaluates whole batches unless you pass batch_rows (do so only for means over rows:
+            a masked mean would be averaged block by block). Whole batches, whatever is passed,
+            when a BatchNorm layer keeps no running statistics (its eval output depends on the
+            rows that share a batch), or for a batch whose inputs or targets do not all have its
+            rows in their first dimension.
         first_layer: use the first-layer shortcut when the model's first layer is an eligible
             Linear / Conv2d (its output at a point combined from m + 1 products per data block, see
             ``_first_layer.py``); False: every point runs the whole model; None (default) or True:
@@ -474,6 +490,8 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
     dirs = directions.to(device=device, dtype=dtype)
     names = ["loss", *metrics]
     fns = [loss_fn, *metrics.values()]
+    if batch_rows is None and not all(map(row_separable, fns)):
+        r = None  # by default batches are split only where the blocks give each fn's batch value exactly
     lo, hi = 0, n_pts
     if dist_on:
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
