@@ -526,3 +526,35 @@ def test_cross_entropy_targets_of_other_integer_dtypes_are_the_loss_own():
     with pytest.raises(TypeError, match=r"loss_fn is a cross-entropy and the targets are torch.int32: class indices "
                                         r"must be int64 or uint8"):
         grid(model, nn.CrossEntropyLoss(), (x, y.to(torch.int32)), d, coords, progress=False)
+
+
+class _PairInputs(torch.utils.data.Dataset):  # items ((x, w), y): the default collation makes [x, w] a list
+    def __init__(self, x, w, y):
+        self.x, self.w, self.y = x, w, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return (self.x[i], self.w[i]), self.y[i]
+
+
+# a DataLoader over a dataset of ((inputs...), target) items was refused: "data item 0 must be an
+# (inputs, targets) pair of tensors ..., got a list of 2"
+def test_dataloader_of_several_inputs():
+    from torch.utils.data import DataLoader
+
+    from pyfastbayes.curvature import hessian
+
+    model = _TwoArgs()
+    g = torch.Generator().manual_seed(6)
+    x, w, y = torch.randn(20, 8, generator=g), torch.rand(20, 8, generator=g), torch.randint(0, 3, (20,), generator=g)
+    loader = DataLoader(_PairInputs(x, w, y), batch_size=8)
+    d = random_directions(model, 1, generator=torch.Generator().manual_seed(2))
+    coords = torch.tensor([-1.0, 0.0, 1.0])
+    want = grid(model, nn.CrossEntropyLoss(), [((x[:8], w[:8]), y[:8]), ((x[8:16], w[8:16]), y[8:16]),
+                                               ((x[16:], w[16:]), y[16:])], d, coords, progress=False).loss
+    torch.testing.assert_close(grid(model, nn.CrossEntropyLoss(), loader, d, coords, progress=False).loss, want)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=g)
+    H = hessian(model, nn.CrossEntropyLoss(), loader)
+    torch.testing.assert_close(H @ v, hessian(model, nn.CrossEntropyLoss(), ((x, w), y)) @ v, rtol=1e-5, atol=1e-6)

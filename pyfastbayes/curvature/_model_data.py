@@ -30,9 +30,10 @@ Batch = tuple  # (inputs, targets): inputs a tensor or a tuple of positional mod
 # ---- data ---------------------------------------------------------------------------------------------
 def _is_batch(obj) -> bool:
     """One (inputs, targets) pair: a 2-tuple/list whose targets are a tensor and whose inputs are a
-    tensor or a tuple of them (a list of two batches has a tuple, not a tensor, second)."""
+    tensor or a tuple or list of them (a DataLoader's default collation makes a list of a dataset's
+    tuple of inputs; a list of two batches has a pair, not a tensor, second)."""
     return (isinstance(obj, (tuple, list)) and len(obj) == 2 and torch.is_tensor(obj[1])
-            and (torch.is_tensor(obj[0]) or (isinstance(obj[0], tuple) and len(obj[0]) > 0
+            and (torch.is_tensor(obj[0]) or (isinstance(obj[0], (tuple, list)) and len(obj[0]) > 0
                                              and all(torch.is_tensor(a) for a in obj[0]))))
 
 
@@ -58,8 +59,8 @@ def as_batches(data) -> Iterable:
 def _check_batch(item, i: int) -> None:
     if not _is_batch(item):
         what = type(item).__name__ if not isinstance(item, (tuple, list)) else f"a {type(item).__name__} of {len(item)}"
-        raise TypeError(f"data item {i} must be an (inputs, targets) pair of tensors (inputs may be a tuple of "
-                        f"tensors), got {what}")
+        raise TypeError(f"data item {i} must be an (inputs, targets) pair of tensors (inputs may be a tuple or list "
+                        f"of tensors), got {what}")
     if item[1].dim() == 0:
         raise ValueError(f"data item {i}: targets must have a batch dimension [N, ...], got a 0-dim tensor")
 
@@ -73,7 +74,7 @@ def iterate(data: Iterable, device: torch.device) -> Iterator[tuple]:
         n = y.shape[0]
         if n == 0:
             continue
-        x = tuple(a.to(device) for a in x) if isinstance(x, tuple) else x.to(device)
+        x = tuple(a.to(device) for a in x) if isinstance(x, (tuple, list)) else x.to(device)
         yield x, y.to(device), n
 
 

@@ -325,7 +325,7 @@ def hessian(model: nn.Module, loss_fn, data, params=None, *, distributed: bool |
     Args:
         model: the network; outputs = ``model(inputs)`` (or ``model(*inputs)`` for a tuple).
         loss_fn: ``(outputs, targets) -> scalar`` with mean reduction (any loss).
-        data: one ``(inputs, targets)`` batch (inputs [N_b, ...] or a tuple of tensors, targets
+        data: one ``(inputs, targets)`` batch (inputs [N_b, ...] or a tuple / list of tensors, targets
             [N_b, ...]) or a re-iterable of them (list, DataLoader); batch b weighted N_b / N.
         params: None (all trainable parameters) or a list of the model's Parameters / their names;
             the flat vector follows model order.

@@ -363,8 +363,8 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         loss_fn: (outputs, targets) -> scalar mean over the batch (e.g. ``nn.CrossEntropyLoss()``);
             it must work under ``torch.vmap`` (torch's losses do).
         data: one ``(inputs, targets)`` batch or a re-iterable of them (list, DataLoader); inputs a
-            tensor or a tuple of positional model arguments. Read once per chunk of points (twice
-            with bn='recompute').
+            tensor or a tuple (or list: a DataLoader's collation) of positional model arguments.
+            Read once per chunk of points (twice with bn='recompute').
         directions: [m, P] floating point and finite, m = 1 or 2 (e.g. from :func:`random_directions`).
         coords: m = 1: a 1-D tensor alphas [n1]; m = 2: a pair (alphas [n1], betas [n2]); at least
             2 offsets per axis. Point (i, j) is theta0 + alphas[i] d1 + betas[j] d2.
