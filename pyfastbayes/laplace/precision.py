@@ -197,9 +197,12 @@ class FullPrecision:
         return L
 
     def logdet(self, s, delta):
-        if delta.dim() == 0 or bool((delta.detach() == delta.detach().reshape(-1)[0]).all()):
+        if delta.dim() == 0 or (not delta.requires_grad
+                                and bool((delta == delta.reshape(-1)[0]).all())):
             # one prior precision: log det (s H + delta I) = sum log(s lambda_i + delta) from H's
-            # eigenvalues, decomposed once (a Cholesky and its backward per tuning step otherwise)
+            # eigenvalues, decomposed once (a Cholesky and its backward per tuning step otherwise).
+            # Not for a per-block / per-weight prior being differentiated, even with equal values:
+            # each entry's gradient is its own diagonal of the covariance, not the sum of them all
             if self._eig is None:
                 self._eig = torch.linalg.eigvalsh(self.H).clamp_min(0)
             return torch.log(s * self._eig + delta.reshape(-1)[0]).sum()
