@@ -393,3 +393,17 @@ def test_a_last_layer_prior_mean_assigned_before_fit_is_checked_at_fit():
     la.prior_mean = torch.full((5,), 0.1, dtype=DT)  # not the last layer's length
     with pytest.raises(ValueError, match=rf"prior_mean must be a float or a tensor \[P\] = \[{n_last}\]"):
         la.fit([(X, y)], progress=False)
+
+
+# int32 class indices passed the target check and failed inside the loss ("expected target dtype
+# to be Long or Byte, but got Int")
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_class_indices_of_any_integer_dtype(dtype):
+    X, y = data()
+    want = Laplace(mlp(), "classification", hessian_structure="kron").fit([(X, y)], progress=False)
+    got = Laplace(mlp(), "classification", hessian_structure="kron").fit([(X, y.to(dtype))], progress=False)
+    assert float(got.log_marginal_likelihood()) == float(want.log_marginal_likelihood())
+    val = [(X, y.to(dtype))]
+    got.optimize_prior_precision(method="gridsearch", val_loader=val, progress=False)
+    want.optimize_prior_precision(method="gridsearch", val_loader=[(X, y)], progress=False)
+    torch.testing.assert_close(got.prior_precision, want.prior_precision)

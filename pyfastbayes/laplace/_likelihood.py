@@ -61,7 +61,7 @@ def check_targets(y, f: Tensor, likelihood: str) -> Tensor:
                              f"{tuple(y.shape)} {y.dtype}")
         if N and (int(y.min()) < 0 or int(y.max()) >= C):
             raise ValueError(f"targets must be class indices in [0, {C}), got values in [{int(y.min())}, {int(y.max())}]")
-        return y
+        return y.long()  # int32 / int16 indices (NumPy's defaults on some platforms): the loss takes int64
     if likelihood == "binary":
         if y.dim() == 2 and y.shape[1] == 1:
             y = y[:, 0]
