@@ -161,10 +161,13 @@ def test_sampling_advances_and_means_mode():
 def test_bayesian_torch_state_dict_names_load():
     layer = BayesianLinear(3, 2)
     state = {"mu_weight": torch.ones(2, 3), "rho_weight": torch.full((2, 3), -4.0), "mu_bias": torch.zeros(2),
-             "rho_bias": torch.full((2,), -4.0), "eps_weight": torch.zeros(2, 3), "prior_weight_mu": torch.zeros(2, 3),
-             "rng": layer.rng.clone()}
-    layer.load_state_dict(state)
+             "rho_bias": torch.full((2,), -4.0), "eps_weight": torch.zeros(2, 3), "prior_weight_mu": torch.zeros(2, 3)}
+    rng = layer.rng.clone()
+    layer.load_state_dict(state)  # strict, without 'rng' (bayesian-torch has none): the layer keeps its own
     assert torch.equal(layer.weight_mu.detach(), torch.ones(2, 3)) and float(layer.weight_rho[0, 0]) == -4.0
+    assert torch.equal(layer.rng, rng)
+    with pytest.raises(RuntimeError, match="Missing key.*rng"):  # our own names without 'rng': a missing key
+        layer.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "rng"})
 
 
 def test_functional_call_and_compile():

@@ -28,7 +28,9 @@ def test_kl_equals_bayesian_torch(dtype):
         with torch.no_grad():
             for name, p in t.named_parameters():
                 p.normal_() if name.startswith("mu") else p.uniform_(-4, 1)
-        o.load_state_dict(dict(t.state_dict()) | {"rng": o.rng})
+        rng = o.rng.clone()
+        o.load_state_dict(t.state_dict())  # strict: their state has no RNG position, the layer keeps its own
+        assert torch.equal(o.rng, rng)
         for name, p in t.named_parameters():  # the names were mapped, the values copied
             ours_name = {"mu": "weight_mu", "rho": "weight_rho"}[name.split("_")[0]] if "bias" not in name else \
                 {"mu": "bias_mu", "rho": "bias_rho"}[name.split("_")[0]]

@@ -81,7 +81,7 @@ class BayesianLayer(nn.Module):
         self.register_buffer("rng", torch.tensor([seed, 0], dtype=torch.int64))
         self.stream = 0  # streams 0..4 of the layer's own seed: (seed, step) in the state_dict fix its noise
         self.sample_weights = True
-        self._register_load_state_dict_pre_hook(_accept_bayesian_torch_names)
+        self._register_load_state_dict_pre_hook(_accept_bayesian_torch_names, with_module=True)
 
     def _advance_rng(self) -> None:
         """Advance the RNG position by one step: one in-place add of (0, 1), no host sync, so a
@@ -135,14 +135,19 @@ def _step_one(device: torch.device) -> Tensor:
     return t
 
 
-def _accept_bayesian_torch_names(state, prefix, *args):
+def _accept_bayesian_torch_names(layer, state, prefix, *args):
     """load_state_dict pre-hook: bayesian-torch's mu_weight / rho_weight (mu_kernel / rho_kernel for
     its convolutions) / mu_bias / rho_bias keys are renamed to weight_mu / weight_rho / bias_mu /
-    bias_rho, and its prior and eps buffers dropped."""
+    bias_rho, and its prior and eps buffers dropped; such a state, which has no RNG position,
+    keeps the layer's own ``rng`` (so it loads with strict=True)."""
+    theirs_found = False
     for theirs, ours in (("mu_weight", "weight_mu"), ("rho_weight", "weight_rho"), ("mu_kernel", "weight_mu"),
                          ("rho_kernel", "weight_rho"), ("mu_bias", "bias_mu"), ("rho_bias", "bias_rho")):
         if prefix + theirs in state and prefix + ours not in state:
             state[prefix + ours] = state.pop(prefix + theirs)
+            theirs_found = True
+    if theirs_found and prefix + "rng" not in state:
+        state[prefix + "rng"] = layer.rng.detach().clone()
     for extra in ("prior_weight_mu", "prior_weight_sigma", "prior_bias_mu", "prior_bias_sigma", "eps_weight",
                   "eps_bias", "prior_kernel_mu", "prior_kernel_sigma", "eps_kernel"):
         state.pop(prefix + extra, None)
