@@ -407,3 +407,18 @@ def test_class_indices_of_any_integer_dtype(dtype):
     got.optimize_prior_precision(method="gridsearch", val_loader=val, progress=False)
     want.optimize_prior_precision(method="gridsearch", val_loader=[(X, y)], progress=False)
     torch.testing.assert_close(got.prior_precision, want.prior_precision)
+
+
+# la(x, pred_type='nn', link_approx='probit') silently averaged draws (laplace-torch refuses it)
+def test_nn_predictive_refuses_a_glm_link():
+    X, y = data()
+    la = Laplace(mlp(), "classification", hessian_structure="diag").fit([(X, y)], progress=False)
+    for call in (lambda **k: la(X, pred_type="nn", **k), lambda **k: la.predict(X, pred_type="nn", **k)):
+        with pytest.raises(ValueError, match=r"pred_type='nn' averages sampled networks \(link_approx='mc'\); "
+                                             r"link_approx='probit' applies to pred_type='glm'"):
+            call(link_approx="probit", n_samples=3)
+        g = torch.Generator().manual_seed(0)
+        a = call(n_samples=3, generator=g)
+        b = call(link_approx="mc", n_samples=3, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(la(X), la(X, link_approx="probit"))

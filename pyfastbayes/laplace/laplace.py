@@ -711,13 +711,19 @@ class Laplace(Posterior):
                     torch.empty(0, C, C, dtype=self.dtype, device=self.device))
         return torch.cat(mus), torch.cat(vars_)
 
-    def la(self, x, pred_type: str = "glm", link_approx: str = "probit", n_samples: int = 100, *,
+    def la(self, x, pred_type: str = "glm", link_approx: str | None = None, n_samples: int = 100, *,
            generator: torch.Generator | None = None, batch_size: int | None = None):
         """laplace-torch's ``__call__``: classification -> probabilities [N, C] ('binary': [N]);
         regression -> (f_mu [N, C], f_var [N, C, C]) for 'glm' (the epistemic, functional variance:
-        sigma^2 is not in it), (mean [N, C], variance [N, C] over draws) for 'nn'. ``batch_size``:
-        rows per forward when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
+        sigma^2 is not in it), (mean [N, C], variance [N, C] over draws) for 'nn'. ``link_approx``:
+        'probit' (default), 'bridge', 'bridge_norm' or 'mc' for 'glm'; 'nn' averages ``n_samples``
+        draws, i.e. 'mc' (the default there; another link is refused, as laplace-torch does).
+        ``batch_size``: rows per forward when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
         _choice(pred_type, PRED_TYPES, "pred_type")
+        if pred_type == "nn" and link_approx not in (None, "mc"):
+            raise ValueError(f"pred_type='nn' averages sampled networks (link_approx='mc'); link_approx={link_approx!r} "
+                             "applies to pred_type='glm'")
+        link_approx = "probit" if link_approx is None else link_approx
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
         if pred_type == "nn":
@@ -742,20 +748,23 @@ class Laplace(Posterior):
         """Posterior.predict (the BMA over draws; it names inputs of another dtype than the model's)."""
         return Posterior.predict(self, x, n_samples, likelihood=self.likelihood, **options)
 
-    def predict(self, x, n_samples: int = 100, *, pred_type: str = "glm", link_approx: str = "probit",
+    def predict(self, x, n_samples: int = 100, *, pred_type: str = "glm", link_approx: str | None = None,
                 likelihood: str | None = None, generator: torch.Generator | None = None,
                 batch_size: int | None = None, **options):
         """The posterior predictive: probabilities [N, C] (binary: [N]) for classification, and for
         regression a :class:`RegressionPredictive` (mean, total variance = sigma^2 + epistemic,
         aleatoric, epistemic; [N, C] each). ``pred_type='nn'`` averages ``n_samples`` weight draws
         through the one BMA loop of :class:`~pyfastbayes.posteriors.Posterior` (``options``: its
-        ``bn_loader``, ``progress``, ``input_fn``, ``output_fn``); ``batch_size``: rows per forward
-        when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
+        ``bn_loader``, ``progress``, ``input_fn``, ``output_fn``); ``link_approx`` as in :meth:`la`;
+        ``batch_size``: rows per forward when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
         if likelihood is not None and likelihood != self.likelihood:
             raise ValueError(f"this Laplace was built for likelihood={self.likelihood!r}, got {likelihood!r}")
         _choice(pred_type, PRED_TYPES, "pred_type")
         batch_size = self._batch_size(batch_size, pred_type)
         if pred_type == "nn":
+            if link_approx not in (None, "mc"):
+                raise ValueError(f"pred_type='nn' averages sampled networks (link_approx='mc'); "
+                                 f"link_approx={link_approx!r} applies to pred_type='glm'")
             out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size, **options)
             if self.likelihood != "regression":
                 return out
