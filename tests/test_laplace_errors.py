@@ -422,3 +422,19 @@ def test_nn_predictive_refuses_a_glm_link():
         b = call(link_approx="mc", n_samples=3, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(la(X), la(X, link_approx="probit"))
+
+
+# the prior given to log_marginal_likelihood was stored with the caller's graph: later draws required
+# grad, and a second log_marginal_likelihood().backward() failed ("backward through the graph a second time")
+def test_prior_given_to_the_marginal_likelihood_is_stored_without_its_graph():
+    X, y = data()
+    la = Laplace(mlp(), "classification", hessian_structure="kron").fit([(X, y)], progress=False)
+    log_prior = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    la.log_marginal_likelihood(log_prior.exp()).backward()
+    assert log_prior.grad is not None and not la.prior_precision.requires_grad
+    assert float(la.prior_precision) == math.exp(0.3)
+    assert not la.sample(2).requires_grad
+    la.log_marginal_likelihood()  # no graph of the first call left to walk
+    prior = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    (g,) = torch.autograd.grad(la.log_marginal_likelihood(prior), prior)
+    assert torch.isfinite(g)

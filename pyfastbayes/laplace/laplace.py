@@ -506,17 +506,19 @@ class Laplace(Posterior):
     def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None) -> Tensor:
         """The Laplace log marginal likelihood (see :mod:`~pyfastbayes.laplace.marglik`), a scalar
         tensor differentiable in ``prior_precision`` and ``sigma_noise`` when they are tensors that
-        require grad; given values replace the current ones (laplace-torch's behaviour)."""
+        require grad; given values replace the current ones (laplace-torch's behaviour), stored
+        detached (draws and predictions made afterwards carry no graph of the caller's tensors)."""
         self._need_fit()
-        # both checked before either is stored: a bad one changes nothing
+        # both checked, and the value computed, before either is stored: a call that fails changes nothing
         prior = None if prior_precision is None else ml.check_prior(
             prior_precision, self.blocks, self.n_params, self.hessian_structure, self.dtype, self.device)
         sigma = None if sigma_noise is None else _check_sigma(sigma_noise, self.likelihood, self.dtype, self.device)
+        value = self._lml(self._prior if prior is None else prior, self._sigma if sigma is None else sigma)
         if prior is not None:
-            self._prior = prior
+            self._prior = prior.detach()
         if sigma is not None:
-            self._sigma = sigma
-        return self._lml(self._prior, self._sigma)
+            self._sigma = sigma.detach()
+        return value
 
     def optimize_prior_precision(self, method: str = "marglik", prior_structure: str = "scalar", *,
                                  n_steps: int = 100, lr: float = 0.1, init_prior_prec=None, val_loader=None,
