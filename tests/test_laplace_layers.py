@@ -211,6 +211,14 @@ def test_unfactorable_variants_are_named_and_fall_back_exactly(module, why):
     H = ref.exact_curvature(model, [(X, y)], "classification")
     n0 = sum(p.numel() for p in model[0].parameters())
     torch.testing.assert_close(torch.diagonal(curvature_part(la))[:n0], H.diagonal()[:n0], rtol=1e-10, atol=1e-12)
+    # 'full' and 'diag' factor nothing: such a module is theirs exactly, without the option or a warning
+    # (they raised "Laplace cannot factor" and, with unsupported='diag', warned of diagonal blocks)
+    for structure in ("full", "diag"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            la = Laplace(model, hessian_structure=structure).fit([(X, y)], progress=False)
+        torch.testing.assert_close(curvature_part(la), H if structure == "full" else torch.diag(H.diagonal()),
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_batchnorm_with_batch_statistics_is_refused():

@@ -410,7 +410,9 @@ def build_layers(model: nn.Module, layout, selected: set[str], *, bias_block: st
                  unsupported: str) -> list[Layer]:
     """The layers covering the ``selected`` flat-layout parameter names (each exactly once), in
     model order; ValueError listing the supported layers when a parameter's module is not one of
-    them and ``unsupported='error'``."""
+    them and ``unsupported='error'``; with 'diag' such a module gets diagonal blocks and a warning
+    (a Kronecker posterior's approximation), with 'generic' the same blocks silently (for the
+    structures that use its per-example gradients exactly: diag, full, lowrank)."""
     for mname, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
             # In eval mode it still normalises with the batch's own statistics: every output
@@ -456,7 +458,7 @@ def build_layers(model: nn.Module, layout, selected: set[str], *, bias_block: st
         else:
             why = f"{type(module).__name__}"
         if layer is None:
-            if unsupported != "diag":
+            if unsupported == "error":
                 raise ValueError(f"module {mname or '<root>'!r} ({why}) has trainable parameters Laplace cannot "
                                  f"factor; supported: {SUPPORTED_TEXT}. Pass unsupported='diag' to give its "
                                  "parameters a diagonal block (per-example gradients), or freeze them "
@@ -468,7 +470,7 @@ def build_layers(model: nn.Module, layout, selected: set[str], *, bias_block: st
     missing = selected - covered
     if missing:
         raise ValueError(f"parameters {sorted(missing)} were not found as direct parameters of any module")
-    if fallback:
+    if fallback and unsupported == "diag":
         import warnings
         warnings.warn(f"Laplace: diagonal blocks (unsupported='diag') for {fallback}; supported for "
                       f"Kronecker factors: {SUPPORTED_TEXT}", stacklevel=3)

@@ -129,8 +129,10 @@ class Laplace(Posterior):
             factor gets the bias column) or 'separate' (laplace-torch's blocks).
         kfac_approx: 'expand' or 'reduce' for layers whose weights are shared over positions
             (convolutions, sequences).
-        unsupported: 'error' (default) or 'diag' (diagonal blocks, with a warning) for modules with
-            parameters that have no Kronecker factorisation.
+        unsupported: for hessian_structure='kron', 'error' (default) or 'diag' (diagonal blocks,
+            with a warning) for modules with parameters that have no Kronecker factorisation. The
+            other structures take any module that its forward calls once per batch (PReLU, grouped
+            or circular convolutions, ...) exactly, from per-example gradients of its own forward.
         eigh_method: how the Kronecker factors are eigendecomposed
             (:func:`pyfastbayes.laplace.eigenbasis.eigh_many`).
 
@@ -180,8 +182,9 @@ class Laplace(Posterior):
         """The layers and blocks of the covered parameters, their selection order and the checked
         prior (``prior`` / ``prior_mean``, default the constructor's), as the attributes
         :meth:`_setup` assigns; nothing on self changes here."""
+        kron = self.hessian_structure == "kron"  # the only structure that approximates a generic module
         layers = build_layers(self.model, self.layout, selected, bias_block=self.bias_block,
-                              sharing=self.kfac_approx, unsupported=self.unsupported)
+                              sharing=self.kfac_approx, unsupported=self.unsupported if kron else "generic")
         blocks = [b for layer in layers for b in layer.blocks]
         positions = torch.cat([b.index.reshape(-1) for b in blocks]).sort().values
         rank = torch.full((self.layout.numel,), -1, dtype=torch.long)
