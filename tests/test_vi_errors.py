@@ -279,3 +279,13 @@ def test_posterior_load_state_dict_checks_everything_first(corrupt):
     assert {"shape": "2.weight_mu", "extra": "extra", "missing": "2.bias_rho", "nan_rho": "0.weight_rho",
             "rng_dtype": "2.rng", "not_dict": "state_dict\\['model'\\]"}[corrupt].replace("\\", "") in str(info.value)
     assert _same_state(target, before)
+
+
+def test_elbo_num_data_is_the_one_count_check():
+    """num_data: numpy integers are taken (np.int64 was refused), a float or bool is a TypeError, 0 a ValueError."""
+    import numpy as np
+
+    assert ELBO(_bayes(), np.int64(100)).num_data == 100 and type(ELBO(_bayes(), np.int64(100)).num_data) is int
+    for bad, exc in ((100.0, TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(exc, match=r"num_data \(the training set size\) must be an int"):
+            ELBO(_bayes(), bad)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..calibration._checks import check_int
 from .layers import BayesianLayer
 from .priors import GaussianPrior
 
@@ -142,8 +143,7 @@ class ELBO(nn.Module):
     def __init__(self, model: nn.Module, num_data: int, kl_weight=1.0, likelihood: str = "classification",
                  sigma: float = 1.0):
         super().__init__()
-        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
-            raise ValueError(f"num_data must be an int >= 1 (the training set size), got {num_data!r}")
+        num_data = check_int(num_data, "num_data (the training set size)", 1)  # numpy integers too
         if likelihood not in ("classification", "regression"):
             raise ValueError(f"likelihood must be 'classification' or 'regression', got {likelihood!r}")
         if not callable(kl_weight):
