@@ -281,6 +281,11 @@ def test_bad_inputs():
         random_directions(model, ignore="bias")
     with pytest.raises(ValueError, match="steps"):
         interpolate(model, _mlp(), 1, loss_fn, data)
+    with pytest.raises(TypeError, match=r"steps \(points on the line, ends included\) must be an int"):
+        interpolate(model, _mlp(), 2.0, loss_fn, data)
+    wider = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3))
+    with pytest.raises(ValueError, match=r"^model_b has other trainable parameters than model_a \("):
+        interpolate(model, wider, 3, loss_fn, data)  # it named others[0] and model
     bad = _mlp()
     bad.register_parameter("count", nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False))
     with pytest.raises(TypeError, match="'count' has dtype torch.int64"):

@@ -301,3 +301,25 @@ def test_bn_recompute_names_one_row_batches():
     res = L.grid(conv, ce, [(xi[:2], y[:2]), (xi[2:], y[2:3])], L.random_directions(conv, 1), [-1, 0, 1],
                  bn="recompute", progress=False)
     assert torch.isfinite(res.loss).all()
+
+
+@pytest.mark.parametrize("bn", ["eval", "recompute"])
+def test_a_failing_forward_raises_the_model_own_error(bn):
+    """Inputs of the wrong width: the model's own error ("mat1 and mat2 shapes cannot be multiplied"),
+    not the batched stand-in's about the points' dimension; the BatchNorm statistics untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    before = _state(model)
+    d = L.random_directions(model, 1)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(10x6 and 5x8\)") as info:
+        L.grid(model, nn.CrossEntropyLoss(), (x, y), d, torch.tensor([0.0, 1.0]), bn=bn, progress=False)
+    assert info.value.__cause__ is not None  # the walk's own error stays attached
+    assert _same(_state(model), before) and model.training and model[1].training
+
+    def failing_loss(out, t):
+        raise ValueError("the loss's own error")
+
+    with pytest.raises(ValueError, match="the loss's own error"):  # the plain forward works: not replaced
+        L.grid(model, failing_loss, (torch.randn(10, 5), y), d, torch.tensor([0.0, 1.0]), bn=bn, progress=False)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import ops
+from ..calibration._checks import check_int
 from .._distributed import distributed_active
 from .._memory import allocation_cache
 from ..curvature._model_data import as_batches, iterate
@@ -66,10 +67,21 @@ def _row_blocks(x, y: Tensor, nb: int, r: int | None):
         yield xr, y[i:i + r], min(r, nb - i)
 
 
-def _failed_forward(err: BaseException, x, dtype: torch.dtype) -> BaseException:
+def _failed_forward(err: BaseException, x, dtype: torch.dtype, model: nn.Module | None = None) -> BaseException:
     """The error to raise for ``err`` from a forward on inputs ``x``: the TypeError of
-    :func:`~pyfastbayes.nn.inputs.dtype_mismatch` naming ``data`` when the dtypes explain it, else ``err``."""
-    return dtype_mismatch(x, dtype, err, name="data") or err
+    :func:`~pyfastbayes.nn.inputs.dtype_mismatch` naming ``data`` when the dtypes explain it; else,
+    given the ``model`` (its own layers back in place), the error of its plain forward on ``x`` at
+    its own parameters in eval mode, where that fails too (the batched walk's message speaks of the
+    points' dimension: "batch2 tensor ... [9, 5]" for inputs of the wrong width); else ``err``."""
+    named = dtype_mismatch(x, dtype, err, name="data")
+    if named is not None or model is None:
+        return named or err
+    try:
+        with torch.no_grad(), ModeGuard(model, False):  # eval: no BatchNorm statistics written
+            model(*(x if isinstance(x, tuple) else (x,)))
+    except Exception as plain:  # noqa: BLE001  (the model's own words for what is wrong)
+        return plain
+    return err
 
 
 def _axis(c, name: str, dtype) -> Tensor:
@@ -205,11 +217,15 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
 
         try:
             sums = torch.vmap(one, in_dims=(0, None if mix is None else 0))(names, mix)
-        except Exception as err:
-            wrong = _failed_forward(err, head[0], layout.dtype)
-            if wrong is err:
-                raise
-            raise wrong from err
+        except Exception as err:  # explained below, once the model's own layers are back
+            failure = err
+        else:
+            failure = None
+    if failure is not None:
+        wrong = _failed_forward(failure, head[0], layout.dtype, model)
+        if wrong is failure:
+            raise failure
+        raise wrong from failure
     return (sums.T.contiguous() if fns else None), n
 
 
@@ -637,8 +653,10 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
     """
     from .directions import directions_to
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an int >= 2 (points on the line, ends included), got {steps!r}")
+    steps = check_int(steps, "steps (points on the line, ends included)", 2)
+    why = layout_of(model_a, "model_a").difference(layout_of(model_b, "model_b"))
+    if why:  # named here: directions_to would call them 'model' and 'others[0]'
+        raise ValueError(f"model_b has other trainable parameters than model_a ({why})")
     d = directions_to(model_a, [model_b])
     return grid(model_a, loss_fn, data, d, torch.linspace(0, 1, steps, dtype=torch.float64), metrics=metrics,
                 bn=bn, batch_points=batch_points, distributed=distributed, progress=progress)
