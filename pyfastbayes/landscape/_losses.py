@@ -6,16 +6,16 @@ common classification loss this is slow on the CPU: ``log_softmax`` over a short
 (10 classes) does not vectorise in ATen (0.7 ms for 64 x 128 rows of 10 logits on 2 cores, about
 as long as the chunk's hidden-layer GEMMs). So cross-entropy with class-index targets is
 recognised (``nn.CrossEntropyLoss`` or ``F.cross_entropy`` with their defaults, any
-``ignore_index``; with class weights through ``F.cross_entropy(reduction='sum')``) and computed with the classes in the middle, [c, C, rows], where the
-reduction over classes is vectorised along the rows. Everything else is called as it is (inside
-the grid's vmap over the points).
+``ignore_index``) and computed with the classes in the middle, [c, C, rows], where the reduction
+over classes is vectorised along the rows (with class weights: through
+``F.cross_entropy(reduction='sum')``). Everything else is called as it is (inside the grid's vmap
+over the points).
 
 Values come as (sum, count) pairs (:func:`point_sums`) so that a batch split into blocks of rows
-gives the batch's own value: recognised cross-entropy counts the rows it does not ignore (by
-their class weights), so its
-blocks combine exactly whatever ``ignore_index`` removes; any other fn is taken as a mean over the
-rows (value x rows, rows). The engine splits batches by default only when every fn is one whose
-value is such a mean (:func:`row_separable`).
+gives the batch's own value: recognised cross-entropy counts the rows it does not ignore (by their
+class weights), so its blocks combine exactly whatever ``ignore_index`` removes; any other fn is
+taken as a mean over the rows (value x rows, rows). The engine splits batches by default only
+when every fn is one whose value is such a mean (:func:`row_separable`).
 """
 from __future__ import annotations
 
@@ -127,10 +127,10 @@ _MEAN_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.bina
 
 def row_separable(fn) -> bool:
     """True when blocks of a batch's rows give ``fn``'s value on the whole batch exactly through
-    :func:`point_sums`: recognised cross-entropy (any ``ignore_index``, class weights), and torch's elementwise
-    losses averaged over all elements with their defaults (every row holds as many elements), as
-    module instances (reduction='mean', no ``weight``) or functions. A user's own callable is
-    not assumed to be a mean over rows (a masked or weighted mean is not)."""
+    :func:`point_sums`: recognised cross-entropy (any ``ignore_index``, class weights), and torch's
+    elementwise losses averaged over all elements with their defaults (every row holds as many
+    elements), as module instances (reduction='mean', no ``weight``) or functions. A user's own
+    callable is not assumed to be a mean over rows (a masked or weighted mean is not)."""
     if _cross_entropy_spec(fn) is not None:
         return True
     if fn in _MEAN_FUNCTIONS:
