@@ -274,3 +274,20 @@ def test_cuda_noise_equals_cpu_noise():
     ops.philox_normal_(b, 99, 3, 17)
     # same bits, same fp32 polynomial code; only FMA contraction may differ by an ulp
     torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rng_snapshot_is_a_copy_everywhere(device):
+    """ops.rng_snapshot: a fresh copy of the position (eager: a clone; compiled: the opaque op
+    pyfastbayes_py::rng_snapshot, which torch.library.opcheck checks here)."""
+    pos = torch.tensor([123456789, 7], dtype=torch.int64, device=device)
+    snap = ops.rng_snapshot(pos)
+    assert torch.equal(snap, pos) and snap.data_ptr() != pos.data_ptr()
+    op = torch.ops.pyfastbayes_py.rng_snapshot.default
+    torch.library.opcheck(op, (pos,))
+    out = op(pos)
+    pos.add_(1)
+    assert int(out[1]) == 7  # not a view of the position
+    compiled = torch.compile(lambda p: (ops.rng_snapshot(p), p.add_(1))[0], fullgraph=True)
+    before = pos.clone()
+    torch.testing.assert_close(compiled(pos), before)

@@ -289,3 +289,28 @@ def test_elbo_num_data_is_the_one_count_check():
     for bad, exc in ((100.0, TypeError), (True, TypeError), (0, ValueError)):
         with pytest.raises(exc, match=r"num_data \(the training set size\) must be an int"):
             ELBO(_bayes(), bad)
+
+
+# under autocast the forward worked and the backward failed ("expected m1 and m2 to have the same
+# dtype"; for conv, oneDNN's "could not create a primitive descriptor")
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_autocast_backward_gives_the_fp32_gradients(kind, estimator):
+    torch.manual_seed(0)
+    layer = (BayesianLinear(8, 4, estimator=estimator, init_std=0.3) if kind == "linear" else
+             BayesianConv2d(2, 3, 3, estimator=estimator, init_std=0.3))
+    x = torch.randn(5, 8) if kind == "linear" else torch.randn(2, 2, 6, 6)
+    x.requires_grad_(True)
+    start = layer.rng.clone()
+    grads = []
+    for autocast in (False, True):
+        layer.zero_grad()
+        x.grad = None
+        layer.rng.copy_(start)  # the same noise
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        out.float().square().sum().backward()
+        grads.append([x.grad, layer.weight_mu.grad, layer.weight_rho.grad, layer.bias_mu.grad])
+    for want, got in zip(*grads):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))

@@ -8,7 +8,7 @@ from .. import _native
 from .._reference.random import check_philox4x32, check_philox_normal_
 from ._dispatch import select
 
-__all__ = ["philox4x32", "philox_normal_"]
+__all__ = ["philox4x32", "philox_normal_", "rng_snapshot"]
 
 
 def philox4x32(counters: Tensor, key0: int, key1: int, *, backend: str | None = None) -> Tensor:
@@ -40,3 +40,25 @@ if _native.available():
     def _(out, seed, stream, step):
         check_philox_normal_(out, fake=True)
         return None
+
+
+@torch.library.custom_op("pyfastbayes_py::rng_snapshot", mutates_args=())
+def _rng_snapshot(position: Tensor) -> Tensor:
+    return position.clone()
+
+
+@_rng_snapshot.register_fake
+def _(position):
+    return torch.empty_like(position)
+
+
+def rng_snapshot(position: Tensor) -> Tensor:
+    """A copy of an RNG position (int64 [2]: seed, step) that ``torch.compile`` keeps apart from the
+    buffer it copies: the layer draws from the copy and then advances its buffer in place, and
+    inductor turned ``position.clone()`` into the buffer itself, so a backward that regenerates the
+    noise read the advanced position (wrong d/d rho, no error). Inside a compiled region this is an
+    opaque op (``pyfastbayes_py::rng_snapshot``, Python, any device); in eager mode a plain clone
+    (no dispatch of a custom op on the per-forward path)."""
+    if torch.compiler.is_compiling():
+        return _rng_snapshot(position)
+    return position.clone()

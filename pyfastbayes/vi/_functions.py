@@ -66,6 +66,14 @@ def _fresh_as(t: Tensor, like: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _in_param_dtype(mu: Tensor, *ts: Tensor | None) -> list:
+    """The saved input and the incoming gradients in the parameters' dtype: under autocast the
+    forward's affine op ran in the autocast dtype, so the gradients arrive in it (bf16) while x and
+    the parameters are fp32, and the backward's products would mix dtypes; they are formed in the
+    parameters' dtype (autograd hands grad_x back in x's own dtype). A no-op outside autocast."""
+    return [t if t is None else _as_dtype(t, mu.dtype) for t in ts]
+
+
 def _zero_mean(rho: Tensor) -> Tensor:
     return rho.new_zeros(()).expand(rho.shape)
 
@@ -85,6 +93,7 @@ class SampledAffine(torch.autograd.Function):
     @once_differentiable  # the noise ops have no derivative of their own: a second order fails loudly
     def backward(ctx, g):
         x, mu, rho, bias_rho, rng = ctx.saved_tensors
+        x, g = _in_param_dtype(mu, x, g)
         stream, bias_stream, affine, has_bias = ctx.meta
         gx = gmu = grho = gbmu = gbrho = None
         need_x, need_mu, need_rho = ctx.needs_input_grad[:3]
@@ -129,6 +138,7 @@ class Flipout(torch.autograd.Function):
     @once_differentiable  # the noise ops have no derivative of their own: a second order fails loudly
     def backward(ctx, g):
         x, mu, rho, bias_rho, rng = ctx.saved_tensors
+        x, g = _in_param_dtype(mu, x, g)
         stream, affine, has_bias = ctx.meta
         need = ctx.needs_input_grad
         gx = gmu = grho = gbmu = gbrho = None
@@ -173,6 +183,7 @@ class LocalMoments(torch.autograd.Function):
     @once_differentiable  # with LocalNoise's: no silent second order through half the graph
     def backward(ctx, g, gv):
         x, mu, rho, bias_rho = ctx.saved_tensors
+        x, g, gv = _in_param_dtype(mu, x, g, gv)
         affine, bias_dtype = ctx.meta
         need = ctx.needs_input_grad
         gx = gmu = grho = gbmu = gbrho = s2 = None

@@ -21,6 +21,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..calibration._checks import check_int
 from ..nn.inputs import dtype_mismatch
 from ._functions import Affine, Flipout, LocalMoments, LocalNoise, SampledAffine
@@ -97,7 +98,9 @@ class BayesianLayer(nn.Module):
             _check_input_dtype(x, mu)
         if not self.sample_weights:
             return self.affine(x, mu, self.bias_mu)
-        rng = self.rng.clone()  # this forward's position; the buffer advances below, on success only
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            _refuse_recomputation(self)
+        rng = ops.rng_snapshot(self.rng)  # this forward's position; the buffer advances below, on success only
         s = self.stream
         if self.estimator == "reparam":
             out = SampledAffine.apply(x, mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, s + 1, self.affine)
@@ -111,6 +114,17 @@ class BayesianLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator!r}, prior={self.prior!r}"
+
+
+def _refuse_recomputation(layer: nn.Module) -> None:
+    """A forward that runs inside a backward pass is activation checkpointing's recomputation
+    (``torch.utils.checkpoint``, either variant): the layer's position has advanced since the
+    original forward, so the regenerated noise, and every gradient, would belong to other draws."""
+    raise RuntimeError(f"{type(layer).__name__}: its forward is running inside a backward pass, i.e. recomputed by "
+                       "activation checkpointing (torch.utils.checkpoint); the layer draws new noise at every "
+                       "forward, so the recomputation would differ from the forward the gradients belong to. "
+                       "Keep Bayesian layers outside checkpointed regions (or set layer.sample_weights = False "
+                       "for a deterministic pass)")
 
 
 def _check_input_dtype(x: Tensor, mu: Tensor) -> None:
