@@ -226,3 +226,19 @@ def test_an_error_in_the_second_batch_restores_the_train_mode(build):
     with pytest.raises(RuntimeError):
         op @ torch.randn(_P(m))
     assert _same(before, _state(m))
+
+
+def test_training_mode_warning_points_at_the_caller():
+    """The warning names the user's line for every operator (ggn and fisher stopped inside the
+    library: a fixed stacklevel one level short), through pyfastbayes._warnings.warn_user."""
+    import warnings
+
+    from pyfastbayes import curvature as cv
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1))
+    data = (torch.randn(4, 3), torch.randint(0, 3, (4,)))
+    for make in (cv.hessian, cv.ggn, cv.fisher):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            make(model, nn.CrossEntropyLoss(), data)
+        assert [w.filename for w in seen if "training mode" in str(w.message)] == [__file__], make.__name__

@@ -617,3 +617,40 @@ def test_model_changed_after_construction():
     model[2] = nn.Linear(6, 4).double()
     with pytest.raises(RuntimeError, match="changed since the curvature operator was built"):
         op @ block(op.shape[0], 1)
+
+
+class _Attention(nn.Module):
+    """nn.MultiheadAttention or nn.TransformerEncoderLayer (dropout 0) on [N, 3, 4] sequences, then a linear head."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.a = (nn.MultiheadAttention(4, 2, batch_first=True) if kind == "mha" else
+                  nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True))
+        self.kind, self.fc = kind, nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x, x, x)[0] if self.kind == "mha" else self.a(x)
+        return self.fc(h.mean(1))
+
+
+# in eval mode without grad-requiring inputs, attention took torch's fused inference path, which has no
+# forward-mode derivative: ggn / fisher raised NotImplementedError, hessian of the encoder layer
+# "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"
+@pytest.mark.parametrize("kind", ["mha", "encoder"])
+def test_attention_models(kind):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = _Attention(kind).double().eval()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    with sdpa_kernel(SDPBackend.MATH):  # the oracles need the differentiable kernel too
+        want = {"hessian": dense_hessian(model, loss_fn, x, y), "ggn": dense_ggn(model, "ce", x),
+                "empirical": dense_ef(model, "ce", x, y)}
+    V = block(want["ggn"].shape[0], 3)
+    got = {"hessian": cv.hessian(model, loss_fn, (x, y)) @ V, "ggn": cv.ggn(model, loss_fn, (x, y)) @ V,
+           "empirical": cv.fisher(model, loss_fn, (x, y), kind="empirical") @ V}
+    for k in want:
+        assert rel(got[k], want[k] @ V) < 1e-10, k
+    assert torch.backends.mha.get_fastpath_enabled()  # put back

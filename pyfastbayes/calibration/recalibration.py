@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .._warnings import warn_user
 from ._checks import check_choice, check_int, check_logits, check_nonnegative_float, check_positive_float
 
 __all__ = ["TemperatureScaling", "VectorScaling"]
@@ -80,8 +80,8 @@ class TemperatureScaling:
         """Which end of [t_min, t_max] holds the constrained minimiser (None: inside); warns."""
         g_small_t, g_large_t = self._grad(z, zy, 1 / self.t_min), self._grad(z, zy, 1 / self.t_max)
         if g_small_t <= 0 <= g_large_t:  # g is non-decreasing in beta: zero on the whole range
-            warnings.warn("TemperatureScaling: the NLL does not depend on T (every row's logits are equal); "
-                          "keeping T = 1 (clamped to the range)", RuntimeWarning, stacklevel=3)
+            warn_user("TemperatureScaling: the NLL does not depend on T (every row's logits are equal); "
+                          "keeping T = 1 (clamped to the range)", RuntimeWarning)
             return None
         if g_small_t <= 0:
             cause = ("the logits separate the validation data (every point's target logit is the largest), so "
@@ -89,14 +89,14 @@ class TemperatureScaling:
                      "data (points the model gets wrong)" if _separates(z, y) else
                      "the NLL is still falling there, its minimiser lies below t_min (the logits are far too "
                      "small); lower t_min or check the logits")
-            warnings.warn(f"TemperatureScaling: stopped at the bound T = t_min = {self.t_min:g}: {cause}",
-                          RuntimeWarning, stacklevel=3)
+            warn_user(f"TemperatureScaling: stopped at the bound T = t_min = {self.t_min:g}: {cause}",
+                      RuntimeWarning)
             return "t_min"
         if g_large_t >= 0:
-            warnings.warn(f"TemperatureScaling: stopped at the bound T = t_max = {self.t_max:g}: the NLL is still "
+            warn_user(f"TemperatureScaling: stopped at the bound T = t_max = {self.t_max:g}: the NLL is still "
                           f"falling there, its minimiser lies above t_max (the logits carry little information "
                           f"about the targets, or are far too large); check that logits and targets belong "
-                          f"together, or raise t_max", RuntimeWarning, stacklevel=3)
+                          f"together, or raise t_max", RuntimeWarning)
             return "t_max"
         return None
 
@@ -191,10 +191,10 @@ class VectorScaling:
         opt.step(closure)
         self.weight, self.bias = w.detach(), b.detach()
         if _separates(z, y):
-            warnings.warn("VectorScaling: the logits separate the validation data (every point's target logit is "
+            warn_user("VectorScaling: the logits separate the validation data (every point's target logit is "
                           "the largest), so the NLL keeps falling as the weights grow and has no finite minimiser; "
                           "the weights depend on max_iter. Use more or harder validation data (points the model "
-                          "gets wrong), or TemperatureScaling, whose T is bounded", RuntimeWarning, stacklevel=2)
+                          "gets wrong), or TemperatureScaling, whose T is bounded", RuntimeWarning)
         return self
 
     def transform(self, logits: Tensor) -> Tensor:

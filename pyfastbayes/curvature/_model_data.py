@@ -13,6 +13,7 @@ parameters, the train/eval mode and the cross-process reduction, each checked on
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -200,6 +201,25 @@ class Selection:
 # ---- train/eval mode --------------------------------------------------------------------------------------
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                    nn.modules.dropout._DropoutNd, nn.MultiheadAttention, nn.RNNBase)
+
+
+@contextlib.contextmanager
+def differentiable_kernels():
+    """Context for the operators' passes: attention through kernels that have the derivatives the
+    products take. In eval mode without grad-requiring inputs, nn.MultiheadAttention and
+    nn.TransformerEncoderLayer take their fused inference path (``_native_multi_head_attention``,
+    ``_transformer_encoder_layer_fwd``), which has no forward-mode derivative (jvp), and the fused
+    CPU / CUDA ``scaled_dot_product_attention`` kernels have no second derivative; so the fast path
+    is off and SDPA runs its math kernel for the duration (both restored afterwards)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def mode_dependent(model: nn.Module) -> list[str]:

@@ -42,7 +42,6 @@ weighted by its number of examples).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -50,11 +49,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .. import ops
+from .._warnings import warn_user
 from ..calibration._checks import check_generator, check_int
 from ..nn.batchnorm import ModeGuard
 from ..nn.inputs import dtype_mismatch
-from ._model_data import (Selection, all_reduce, as_batches, distributed_active, ignore_index, iterate,
-                          loss_kind, mode_dependent)
+from ._model_data import (Selection, all_reduce, as_batches, differentiable_kernels, distributed_active, ignore_index,
+                          iterate, loss_kind, mode_dependent)
 from .operator import LinearOperator
 
 __all__ = ["hessian", "ggn", "fisher", "HessianOperator", "GGNOperator", "FisherOperator"]
@@ -81,10 +81,10 @@ class _ModelCurvature(LinearOperator):
             raise ValueError("data has no examples (every batch has 0 rows): the mean loss is undefined")
         busy = mode_dependent(model)
         if busy:
-            warnings.warn(f"{type(self).__name__}: the model has submodules in training mode whose forward depends on "
+            warn_user(f"{type(self).__name__}: the model has submodules in training mode whose forward depends on "
                           f"it ({', '.join(busy[:4])}{', ...' if len(busy) > 4 else ''}); the curvature is evaluated "
                           "in eval mode (BatchNorm running statistics, no dropout) and every submodule's mode is "
-                          "restored after each product", UserWarning, stacklevel=3)
+                          "restored after each product", UserWarning)
 
     # the model as a function of the selected parameters
     def _forward(self, x, fixed: dict[str, Tensor]):
@@ -122,7 +122,7 @@ class _ModelCurvature(LinearOperator):
         acc = torch.zeros(k, self.shape[0], dtype=acc_dtype, device=self.device)
         n = 0
         self._start_pass()
-        with ModeGuard(self.model, False):
+        with ModeGuard(self.model, False), differentiable_kernels():
             for x, y, nb in iterate(self.data, self.device):
                 self.sel.accumulate_(acc, *self._batch(x, y, nb, selected, fixed, tangents))
                 n += nb

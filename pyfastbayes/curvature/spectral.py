@@ -22,12 +22,12 @@ shared by :mod:`.trace` and :mod:`.density`.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
 from ..calibration._checks import check_int
+from .._warnings import warn_user
 from .operator import DenseOperator, LinearOperator, _check_generator  # noqa: F401 (re-exported)
 
 __all__ = ["eigenvalues"]
@@ -289,9 +289,9 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
             T[s:e, e:e_new] = Rc.mT
             ps, s, e, R_prev = s, e, e_new, R
     if not converged and tol > 0:
-        warnings.warn(f"eigenvalues: the {k} {which} Ritz pairs have not converged after {e} products "
+        warn_user(f"eigenvalues: the {k} {which} Ritz pairs have not converged after {e} products "
                       f"(largest residual {float(residuals.max()):.3g}, tol * max|theta| = "
-                      f"{tol * float(theta.abs().max()):.3g}); raise n_iter", RuntimeWarning, stacklevel=2)
+                      f"{tol * float(theta.abs().max()):.3g}); raise n_iter", RuntimeWarning)
     order = torch.argsort(theta[idx], descending=True)
     idx = idx[order]
     vecs = Q[:, :e] @ S[:, idx].to(device=device, dtype=work)

@@ -27,6 +27,7 @@ from .. import ops
 from ..calibration._checks import check_int
 from .._distributed import distributed_active
 from .._memory import allocation_cache
+from .._warnings import warn_user
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from ..nn.batchnorm import bn_modules
@@ -599,14 +600,12 @@ def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r,
 def _oom_retry(c: int, device, checksum) -> None:
     """Before a chunk is retried with c points: free the cached blocks, forget the partial data
     checksum of the failed first pass, and say so (a RuntimeWarning)."""
-    import warnings
-
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     if checksum is not None:
         checksum.acc.zero_()
-    warnings.warn(f"landscape.grid: a chunk of points ran out of memory; retrying with {c} points per chunk "
-                  "(pass batch_points= to choose it yourself)", RuntimeWarning, stacklevel=4)
+    warn_user(f"landscape.grid: a chunk of points ran out of memory; retrying with {c} points per chunk "
+                  "(pass batch_points= to choose it yourself)", RuntimeWarning)
 
 
 def _oom_hint(c: int, adaptive: bool) -> Exception:

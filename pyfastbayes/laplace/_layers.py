@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parametrize
 
+from .._warnings import warn_user
+
 KRON_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 DIAG_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 SUPPORTED_TEXT = ("Kronecker-factored: Linear, Conv1d, Conv2d (groups=1, zero padding), Embedding; diagonal: "
@@ -471,7 +473,6 @@ def build_layers(model: nn.Module, layout, selected: set[str], *, bias_block: st
     if missing:
         raise ValueError(f"parameters {sorted(missing)} were not found as direct parameters of any module")
     if fallback and unsupported == "diag":
-        import warnings
-        warnings.warn(f"Laplace: diagonal blocks (unsupported='diag') for {fallback}; supported for "
-                      f"Kronecker factors: {SUPPORTED_TEXT}", stacklevel=3)
+        warn_user(f"Laplace: diagonal blocks (unsupported='diag') for {fallback}; supported for "
+                      f"Kronecker factors: {SUPPORTED_TEXT}")
     return layers

@@ -257,13 +257,10 @@ class FullCurvature:
         copy of the [p_i p_j, q_i q_j] result), moves ~20x the bytes on a last-layer block of
         5 130 weights, so it is kept for small blocks only (q_i q_j < 4 096), where one call
         beats p_i of them."""
-        dt = self.H.dtype
-        m, N = grads_shape(parts)
         for i, (bi, (_, Ui, Vi)) in enumerate(parts):
             for j in range(i, len(parts)):
                 bj, (_, Uj, Vj) = parts[j]
-                pi, qi, pj, qj = Ui.shape[-1], Vi.shape[-1], Uj.shape[-1], Vj.shape[-1]
-                if qi * qj >= 4096:
+                if Vi.shape[-1] * Vj.shape[-1] >= 4096:  # q_i q_j
                     Hij = self._pair_by_rows(Ui, Vi, Uj, Vj)
                 else:
                     Hij = self._pair_by_outer(Ui, Vi, Uj, Vj)

@@ -35,6 +35,7 @@ from .factors import STRUCTURES, Recorder, backprop, block_parts
 from .lowrank import LowRankCurvature, LowRankPrecision
 from .precision import PRECISIONS
 from .predictive import probabilities
+from .._warnings import warn_user
 
 __all__ = ["Laplace", "RegressionPredictive"]
 
@@ -610,12 +611,11 @@ class Laplace(Posterior):
                                "predictions overflowed); check the validation data, or narrow log_prior_prec_range; "
                                "the prior precision is unchanged")
         if float(best) in (grid[0], grid[-1]):
-            import warnings
             edge = "upper" if float(best) == grid[-1] else "lower"
-            warnings.warn(f"gridsearch: the validation NLL is lowest at the {edge} end of the grid "
+            warn_user(f"gridsearch: the validation NLL is lowest at the {edge} end of the grid "
                           f"(prior precision {float(best):g}); widen log_prior_prec_range. At the upper end the "
                           "validation data prefer (nearly) no posterior variance: the Laplace predictive is then "
-                          "close to the MAP's", stacklevel=3)
+                          "close to the MAP's")
         self._prior = best
         return best
 

@@ -66,6 +66,7 @@ from ..calibration._checks import check_generator
 from .._distributed import dtensor_type, is_dtensor, is_sharded, local_tensor, shard_offset
 from .._memory import memory_overlaps, overlaps_itself
 from ._checks import Interval, check_hyper
+from .._warnings import warn_user
 
 _NONFINITE = ("raise", "skip", "ignore")
 _BACKEND = {None: None, True: "native", False: "reference"}  # fused= -> backend= of the ops
@@ -530,11 +531,11 @@ class _SGMCMC(torch.optim.Optimizer):
                     f"update them in place")
         numbers = sorted({k for pl in plans for k in self._hyper if not torch.is_tensor(pl.group[k])})
         if numbers:
-            warnings.warn(
+            warn_user(
                 f"{name}: {numbers} are Python numbers in the captured step: every replay uses the values they "
                 f"had at capture. To change one between replays, make it a 0-dim tensor on the device (e.g. "
                 f"group['lr'] = torch.tensor(1e-3, device='cuda')) and update it in place (lr.fill_(...); "
-                f"CyclicalSchedule.apply does)", stacklevel=3)
+                f"CyclicalSchedule.apply does)")
 
     # ---- state_dict: refuse foreign state, keep the int64 RNG position exact --------------------
     def _check_loadable(self, state_dict: dict) -> None:
