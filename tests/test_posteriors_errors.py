@@ -240,3 +240,20 @@ def test_multiswag_load_state_dict_messages_and_no_partial_load():
     with pytest.raises(ValueError, match=r"state_dict\['components'\]\[1\]: state_dict\['mean'\] holds NaN"):
         ms.load_state_dict(sd)
     assert _same(before[0], _state(a)) and _same(before[1], _state(b))
+
+
+def test_refresh_bn_with_a_dict_missing_batchnorm_buffers_changes_nothing():
+    """tensors= without some BatchNorm buffer: a bare KeyError after the buffers before it had been
+    reset (mean 0, var 1). Now a ValueError naming the key, before anything is reset."""
+    from pyfastbayes.nn import refresh_bn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    m[1].running_mean.fill_(7.0)
+    t = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("4.")}
+    before = {k: v.clone() for k, v in t.items()}
+    with pytest.raises(ValueError, match=r"tensors has no '4.running_mean': it must hold the BatchNorm buffers"):
+        refresh_bn(m, torch.randn(8, 3), t)
+    assert all(torch.equal(t[k], before[k]) for k in t)
+    with pytest.raises(ValueError, match=r"tensors has no '1.running_mean'"):
+        refresh_bn(m, torch.randn(8, 3), dict(m.named_parameters()))

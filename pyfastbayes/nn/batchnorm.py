@@ -77,15 +77,21 @@ def refresh_bn(model: nn.Module, loader, tensors: dict[str, Tensor] | None = Non
     if not bns:
         return
     names = {m: n for n, m in model.named_modules()}
+    stats = []  # every BatchNorm statistics buffer the pass resets and averages into
+    for m in bns:
+        pre = names[m] + "." if names[m] else ""
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(m, k) is None:
+                continue
+            if tensors is not None and pre + k not in tensors:  # found before any buffer is reset
+                raise ValueError(f"tensors has no {pre + k!r}: it must hold the BatchNorm buffers as well as the "
+                                 "parameters (e.g. {**dict(model.named_parameters()), **dict(model.named_buffers())})")
+            stats.append((k, tensors[pre + k] if tensors is not None else getattr(m, k)))
     saved = []  # (buffer, its value before the pass): put back if the pass fails (BatchNorm buffers only: small)
     with torch.no_grad():
-        for m in bns:
-            pre = names[m] + "." if names[m] else ""
-            for k in ("running_mean", "running_var", "num_batches_tracked"):
-                t = tensors[pre + k] if tensors is not None else getattr(m, k)
-                if t is not None:
-                    saved.append((t, t.clone()))
-                    t.fill_(1 if k == "running_var" else 0)
+        for k, t in stats:
+            saved.append((t, t.clone()))
+            t.fill_(1 if k == "running_var" else 0)
     momenta = [(m, m.momentum) for m in bns]
     fn = model if tensors is None else (lambda *a: functional_call(model, tensors, a))
     try:
