@@ -242,3 +242,12 @@ def test_training_mode_warning_points_at_the_caller():
             warnings.simplefilter("always")
             make(model, nn.CrossEntropyLoss(), data)
         assert [w.filename for w in seen if "training mode" in str(w.message)] == [__file__], make.__name__
+
+
+def test_a_three_tensor_batch_says_how_to_pass_two_inputs():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.randn(4, 3), torch.randn(4, 3), torch.randint(0, 2, (4,))), batch_size=2)
+    with pytest.raises(TypeError, match=r"got a list of 3; a DataLoader over TensorDataset\(x1, x2, y\) yields "
+                                        r"\[x1, x2, y\].*collate_fn returning \(\(x1, x2\), y\)"):
+        cv.ggn(nn.Linear(3, 2), nn.CrossEntropyLoss(), loader) @ torch.randn(8)

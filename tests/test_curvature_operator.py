@@ -87,8 +87,16 @@ def test_bad_arguments_of_the_derived_methods():
         op.matvec(torch.randn(5, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="A must be a square floating-point matrix"):
         DenseOperator(torch.randn(3, 4))
-    with pytest.raises(ValueError, match="P must be a positive int"):
+    with pytest.raises(ValueError, match="P must be an int >= 1, got 0"):
         LinearOperator(0, torch.float32, "cpu")
+    import numpy as np
+
+    assert LinearOperator(np.int64(4), torch.float32, "cpu").shape == (4, 4)  # was refused as not an int
+    # a non-symmetric or non-finite matrix was taken by DenseOperator (eigenvalues() refused it as a tensor)
+    with pytest.raises(ValueError, match=r"A must be symmetric: max \|A - A\^T\|"):
+        DenseOperator(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="A holds 1 NaN or inf entries"):
+        DenseOperator(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]).triu())
 
 
 def test_to_dense_refuses_a_huge_operator():

@@ -257,6 +257,14 @@ def test_mc_fisher_refuses_a_shuffling_loader():
     ds = torch.utils.data.TensorDataset(x, y)
     with pytest.raises(ValueError, match="same batches in the same order"):
         cv.fisher(model, loss_fn, torch.utils.data.DataLoader(ds, batch_size=3, shuffle=True))
+    # other random orders were taken, and every product applied another matrix
+    u = torch.utils.data
+    for loader in (u.DataLoader(ds, batch_size=3, sampler=u.SubsetRandomSampler(range(len(ds)))),
+                   u.DataLoader(ds, batch_sampler=u.BatchSampler(u.RandomSampler(ds), 3, False)),
+                   u.DataLoader(ds, batch_size=3, sampler=u.WeightedRandomSampler(torch.ones(len(ds)), len(ds)))):
+        with pytest.raises(ValueError, match="same batches in the same order"):
+            cv.fisher(model, loss_fn, loader)
+    cv.fisher(model, loss_fn, u.DataLoader(ds, batch_size=3, sampler=u.SequentialSampler(ds)))
     cv.fisher(model, loss_fn, torch.utils.data.DataLoader(ds, batch_size=3, shuffle=True), kind="empirical")
 
 

@@ -60,8 +60,11 @@ def as_batches(data) -> Iterable:
 def _check_batch(item, i: int) -> None:
     if not _is_batch(item):
         what = type(item).__name__ if not isinstance(item, (tuple, list)) else f"a {type(item).__name__} of {len(item)}"
+        hint = ("; a DataLoader over TensorDataset(x1, x2, y) yields [x1, x2, y]: give the model's inputs as one "
+                "item, a dataset of ((x1, x2), y) or a collate_fn returning ((x1, x2), y)"
+                if isinstance(item, (tuple, list)) and len(item) > 2 else "")
         raise TypeError(f"data item {i} must be an (inputs, targets) pair of tensors (inputs may be a tuple or list "
-                        f"of tensors), got {what}")
+                        f"of tensors), got {what}{hint}")
     if item[1].dim() == 0:
         raise ValueError(f"data item {i}: targets must have a batch dimension [N, ...], got a 0-dim tensor")
 

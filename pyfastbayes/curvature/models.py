@@ -252,6 +252,21 @@ class GGNOperator(_OutputSpaceOperator):
         return lambda U: ops.loss_hessian(kind, out2, U.contiguous(), "hessian") * scale
 
 
+def _shuffles(data) -> bool:
+    """Whether the DataLoader ``data`` draws its batches in a random order: a random sampler of
+    torch's (RandomSampler, SubsetRandomSampler, WeightedRandomSampler, a shuffling
+    DistributedSampler) as its sampler, its batch_sampler or the batch_sampler's sampler."""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for s in (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        if isinstance(s, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)) or \
+                (isinstance(s, DistributedSampler) and s.shuffle):
+            return True
+    return False
+
+
 class FisherOperator(_OutputSpaceOperator):
     """The empirical or Monte-Carlo Fisher of the mean loss (module docstring); built by :func:`fisher`."""
 
@@ -266,11 +281,10 @@ class FisherOperator(_OutputSpaceOperator):
         super().__init__(model, loss_fn, data, params, distributed)
         self.fisher_kind, self.mc_samples = kind, mc_samples
         if kind == "mc":
-            sampler = getattr(self.data, "sampler", None)
-            if isinstance(sampler, torch.utils.data.RandomSampler):
+            if _shuffles(self.data):
                 raise ValueError("the MC Fisher draws its targets batch by batch from one generator state, so every "
                                  "product needs the same batches in the same order: pass a DataLoader with "
-                                 "shuffle=False (or a list of batches)")
+                                 "shuffle=False and a sequential sampler (or a list of batches)")
             if generator is None:  # a seed from torch's global RNG: torch.manual_seed makes it reproducible
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(int(torch.randint(0, 2 ** 62, ())))

@@ -8,6 +8,8 @@ argument live here, once.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,8 +28,7 @@ class LinearOperator:
     """
 
     def __init__(self, P: int, dtype: torch.dtype, device: torch.device | str):
-        if not isinstance(P, int) or isinstance(P, bool) or P < 1:
-            raise ValueError(f"P must be a positive int, got {P!r}")
+        P = check_int(P, "P", 1)  # numpy integers too
         self.shape = (P, P)
         self.dtype = dtype
         self.device = torch.device(device)
@@ -121,12 +122,22 @@ class LinearOperator:
 
 
 class DenseOperator(LinearOperator):
-    """A given symmetric matrix A [P, P] as a :class:`LinearOperator` (tests, small problems)."""
+    """A given symmetric matrix A [P, P] as a :class:`LinearOperator` (tests, small problems);
+    ValueError for a matrix that is not square, finite and symmetric (to rounding: max |A - A^T|
+    <= sqrt(eps) max |A|), ``name`` being what the messages call it."""
 
-    def __init__(self, A: Tensor):
+    def __init__(self, A: Tensor, name: str = "A"):
         if not torch.is_tensor(A) or A.dim() != 2 or A.shape[0] != A.shape[1] or not A.is_floating_point():
-            raise ValueError(f"A must be a square floating-point matrix [P, P], got "
+            raise ValueError(f"{name} must be a square floating-point matrix [P, P], got "
                              f"{tuple(A.shape) if torch.is_tensor(A) else type(A).__name__}")
+        if not bool(torch.isfinite(A).all()):  # else the symmetry test below reports max |A - A^T| = nan
+            raise ValueError(f"{name} holds {int((~torch.isfinite(A)).sum())} NaN or inf entries: its eigenvalues "
+                             "and trace are undefined; check how the matrix was computed")
+        scale = float(A.abs().max()) if A.numel() else 0.0
+        asym = float((A - A.mT).abs().max()) if A.numel() else 0.0
+        if not asym <= math.sqrt(torch.finfo(A.dtype).eps) * scale:
+            raise ValueError(f"{name} must be symmetric: max |A - A^T| = {asym:.3g} (max |A| = {scale:.3g}); "
+                             f"pass (A + A.T) / 2")
         super().__init__(A.shape[0], A.dtype, A.device)
         self.A = A
 

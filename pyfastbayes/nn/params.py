@@ -147,7 +147,8 @@ class ParamLayout:
 
     def _check_flat(self, flat: Tensor, name: str = "flat") -> None:
         if not torch.is_tensor(flat) or not flat.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor [P], got {type(flat).__name__}")
+            got = f"a {flat.dtype} tensor" if torch.is_tensor(flat) else type(flat).__name__
+            raise TypeError(f"{name} must be a floating-point tensor [P], got {got}")
         if flat.shape != (self.numel,):
             raise ValueError(f"{name} must be [P] with P = {self.numel} (the trainable parameters), "
                              f"got {tuple(flat.shape)}")
