@@ -37,7 +37,7 @@ def _bayes(estimator="reparam"):
 # ---- to_bayesian ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, match", [
     (nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), "layer '1': only zero padding"),
-    (nn.Conv2d(1, 1, 3, padding="same"), "layer '1': only zero padding"),
+    (nn.Conv2d(1, 1, 2, padding="same"), "layer '1': only zero padding.*'same' with an even total"),
     (nn.Linear(0, 3), "layer '1'.*in_features"),
 ])
 def test_to_bayesian_checks_every_layer_before_converting_any(bad, match):
@@ -314,3 +314,51 @@ def test_autocast_backward_gives_the_fp32_gradients(kind, estimator):
     for want, got in zip(*grads):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+
+
+# exclude=['backbone'] (a container) excluded nothing: backbone.0 was converted; padding='valid' /
+# an even 'same' were refused as non-numeric
+def test_to_bayesian_exclude_covers_a_subtree_and_string_paddings_convert():
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("backbone", nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.ReLU()))
+    m.add_module("head", nn.Sequential(nn.Conv2d(2, 2, 3, padding="valid", dilation=2), nn.Flatten(),
+                                        nn.LazyLinear(3)))
+    x = torch.randn(2, 1, 8, 8)
+    want = m(x)
+    to_bayesian(m, exclude=["backbone"])
+    assert type(m.backbone[0]) is nn.Conv2d and type(m.head[0]).__name__ == "BayesianConv2d"
+    with torch.no_grad():
+        bayes = copy.deepcopy(m)
+        for layer in bayes.modules():
+            if hasattr(layer, "sample_weights"):
+                layer.sample_weights = False
+        torch.testing.assert_close(bayes(x), want)  # the same padding: the means give the same outputs
+    m2 = nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten())
+    want = m2(x)
+    to_bayesian(m2)[0].sample_weights = False
+    torch.testing.assert_close(m2(x), want)
+
+
+def test_elbo_state_keeps_the_annealing_step_and_layers_name_a_non_tensor_input():
+    model = _bayes()
+    elbo = ELBO(model, 10, kl_weight=lambda step: min(1.0, step / 4))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for _ in range(3):
+        elbo(model(x), y)
+    resumed = ELBO(model, 10, kl_weight=lambda step: min(1.0, step / 4))
+    resumed.load_state_dict(elbo.state_dict())  # the step was not saved: the schedule restarted at 0
+    assert resumed.step == 3
+    with pytest.raises(TypeError, match=r"BayesianLinear: the input must be a torch.Tensor, got list"):
+        model[0]([1.0, 2.0, 3.0, 4.0])
+
+
+def test_reliability_diagram_of_probabilities_that_require_grad():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pyfastbayes.calibration import reliability_diagram
+
+    p = nn.Linear(3, 4)(torch.randn(300, 3)).softmax(-1)  # "Can't call numpy() on Tensor that requires grad"
+    reliability_diagram(p, torch.randint(0, 4, (300,)))

@@ -44,7 +44,7 @@ def _axes(ax):
 
 def _per_bin(b: Tensor):
     """(accuracy, mean confidence, fraction of points, non-empty mask) per bin, as numpy arrays."""
-    cnt, conf_sum, hit_sum = split_stats(b.cpu())
+    cnt, conf_sum, hit_sum = split_stats(b.detach().cpu())  # probabilities that require grad plot too
     nonempty = cnt > 0
     acc = torch.where(nonempty, hit_sum / cnt.clamp_min(1), torch.zeros_like(cnt))
     conf = torch.where(nonempty, conf_sum / cnt.clamp_min(1), torch.zeros_like(cnt))

@@ -9,13 +9,14 @@ from .priors import as_prior
 
 
 def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(), estimator: str = "reparam") -> nn.Module:
-    """Replace every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (except the submodule names in
-    ``exclude``) by :class:`BayesianLinear` / :class:`BayesianConv2d` in place, with mu initialised
+    """Replace every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (except the submodules named in
+    ``exclude`` and everything under them: ``exclude=['backbone']`` keeps ``backbone.0``) by :class:`BayesianLinear` / :class:`BayesianConv2d` in place, with mu initialised
     from the layer's weights and bias (a MAP warm start), sigma = ``init_std``, the given ``prior``
     (a positive float: Gaussian std; or a prior object) and ``estimator``; returns the model.
 
     A layer used at several places (shared weights) becomes ONE Bayesian layer put at all of them
-    (excluded when any of its names is in ``exclude``). Every layer is checked and every
+    (excluded when any of its names is excluded). Convolutions with padding='valid' or an even
+    'same' convert to their numeric padding. Every layer is checked and every
     replacement built before the first is put in: on an error the model is unchanged (and torch's
     global CPU generator, which seeds the new layers, is put back). ValueError when nothing would be
     converted (no such layer, or all excluded), naming the layer that cannot be (e.g. non-zero
@@ -33,7 +34,9 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
     unknown = exclude - names
     if unknown:
         raise ValueError(f"exclude names {sorted(unknown)} that are not submodules of the model")
-    targets = [(ns, m) for m, ns in places.values() if not exclude.intersection(ns)]
+    # a name excludes its module and everything under it (exclude=['backbone'] keeps backbone.0 too)
+    targets = [(ns, m) for m, ns in places.values()
+               if not any(n == e or n.startswith(e + ".") for n in ns for e in exclude)]
     if not targets:
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to convert (outside exclude)")
     if any("" in ns for ns, _ in targets):
@@ -41,9 +44,10 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
                          "in place and cannot replace the model itself; build a BayesianLinear / BayesianConv2d "
                          "directly or wrap it (nn.Sequential(model))")
     for ns, m in targets:  # everything that can be seen without building a layer, before any is built
-        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
-            raise ValueError(f"layer {ns[0]!r}: only zero padding with numeric sizes converts (got "
-                             f"padding={m.padding!r}, padding_mode={m.padding_mode!r}); exclude it")
+        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or _numeric_padding(m) is None):
+            raise ValueError(f"layer {ns[0]!r}: only zero padding of numeric sizes, 'valid', or 'same' with an even "
+                             f"total per side converts (got padding={m.padding!r}, padding_mode={m.padding_mode!r}); "
+                             "exclude it")
     generator_state = torch.get_rng_state()  # each new layer draws its seed and init from it
     try:
         built = [(ns, _bayesian(ns[0], m, prior, init_std, estimator)) for ns, m in targets]
@@ -55,6 +59,17 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
     return model
+
+
+def _numeric_padding(m: nn.Conv2d) -> tuple[int, int] | None:
+    """The conv's padding as sizes per side: 'valid' is 0; 'same' is dilation (k - 1) / 2 where that
+    total is even (stride 1, as torch requires for 'same'); None for an uneven 'same'."""
+    if not isinstance(m.padding, str):
+        return tuple(m.padding)
+    if m.padding == "valid":
+        return (0, 0)
+    totals = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+    return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
 
 
 def _exclude_names(exclude) -> set[str]:
@@ -81,8 +96,9 @@ def _bayesian(name: str, m: nn.Module, prior, init_std: float, estimator: str) -
             new = BayesianLinear(m.in_features, m.out_features, m.bias is not None, prior=prior, init_std=init_std,
                                  estimator=estimator)
         else:
-            new = BayesianConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                                 m.groups, m.bias is not None, prior=prior, init_std=init_std, estimator=estimator)
+            new = BayesianConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, _numeric_padding(m),
+                                 m.dilation, m.groups, m.bias is not None, prior=prior, init_std=init_std,
+                                 estimator=estimator)
     except (TypeError, ValueError) as e:
         raise type(e)(f"layer {name!r} ({m}) cannot be converted: {e}; exclude it") from e
     new = new.to(device=w.device, dtype=w.dtype)

@@ -138,6 +138,7 @@ class ELBO(nn.Module):
             outputs' shape [N, ...], or [N] for outputs [N, 1] and [N, 1] for outputs [N]).
 
     ``loss = elbo(outputs, targets)``; ``elbo.last`` holds (nll, kl) of the last call, detached.
+    ``state_dict`` keeps ``step`` (a resumed run goes on with the annealing schedule where it was).
     """
 
     def __init__(self, model: nn.Module, num_data: int, kl_weight=1.0, likelihood: str = "classification",
@@ -154,6 +155,13 @@ class ELBO(nn.Module):
         self.model, self.num_data, self.kl_weight, self.likelihood, self.sigma = model, num_data, kl_weight, likelihood, sigma
         self.step = 0
         self.last = None
+
+    def get_extra_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_extra_state(self, state) -> None:
+        step = state.get("step") if isinstance(state, dict) else None
+        self.step = check_int(step, "the ELBO state's step", 0)
 
     def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
         if not torch.is_tensor(outputs) or not torch.is_tensor(targets):

@@ -94,6 +94,8 @@ class BayesianLayer(nn.Module):
         """x [N, ...] -> the layer's output with weights drawn from q (or at the means when
         ``sample_weights`` is False). TypeError when x's dtype is not the parameters' (outside autocast)."""
         mu = self.weight_mu  # read once: a parametrization recomputes it at every access
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}: the input must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != mu.dtype:  # one dtype comparison; the slow path only on a mismatch
             _check_input_dtype(x, mu)
         if not self.sample_weights:
