@@ -91,12 +91,23 @@ def _element_starts(t: Tensor) -> Tensor:
     return (off.reshape(-1) * t.element_size() + t.data_ptr()).sort().values
 
 
+_MAX_SPANS = 1 << 20  # the C++ check's kMaxSpans (csrc/checks/common.h): more elements in the window count as shared
+
+
 def share_memory(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors whose byte ranges intersect share a byte."""
-    if non_overlapping_and_dense(a) and non_overlapping_and_dense(b):
+    """Whether two tensors whose byte ranges intersect share a byte. As the C++ check: two strided
+    tensors with more than 2^20 elements between them inside the common byte window are taken to
+    share one (the C++ sweep would hold a span per element), so both backends refuse alike."""
+    dense_a, dense_b = non_overlapping_and_dense(a), non_overlapping_and_dense(b)
+    if dense_a and dense_b:
         return True
     sa, sb = _element_starts(a), _element_starts(b)
     ia, ib = a.element_size(), b.element_size()
+    if not dense_a and not dense_b:
+        lo, hi = max(int(sa[0]), int(sb[0])), min(int(sa[-1]) + ia, int(sb[-1]) + ib)  # the common window
+        inside = int(((sa < hi) & (sa + ia > lo)).sum()) + int(((sb < hi) & (sb + ib > lo)).sum())
+        if inside > _MAX_SPANS:
+            return True
     # element [s, s + ia) of a meets [u, u + ib) of b iff u in (s - ib, s + ia): the first u > s - ib
     k = torch.searchsorted(sb, sa - ib, right=True)
     hit = k < sb.numel()

@@ -27,7 +27,9 @@ inline void check_calibration_args(const at::Tensor& probs, const at::Tensor& ta
               " but probs on ", probs.device());
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == probs.size(1), "calibration_bins: targets must be [N] with N = ",
               probs.size(1), " (probs.size(1)), got shape ", targets.sizes());
-  TORCH_CHECK(n_bins >= 1, "calibration_bins: n_bins must be >= 1, got ", n_bins);
+  // a bin index is computed in float64 (exact below 2^53)
+  TORCH_CHECK(n_bins >= 1 && n_bins < (int64_t(1) << 53), "calibration_bins: n_bins must be in [1, 2^53), got ",
+              n_bins);
   TORCH_CHECK(probs.size(0) >= 1, "calibration_bins: probs needs S >= 1 draws, got S = ", probs.size(0));
   TORCH_CHECK(probs.size(2) >= 1, "calibration_bins: probs needs C >= 1 classes, got C = ", probs.size(2));
   TORCH_CHECK(sum_tol >= 0.0, "calibration_bins: sum_tol must be >= 0, got ", sum_tol);

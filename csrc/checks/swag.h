@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 #include "checks/common.h"
@@ -85,7 +86,12 @@ inline int64_t check_swag_sample(const at::Tensor& mean, const at::Tensor& sq_me
               n_draws);
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a finite number > 0, got ", scale);
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK(mean.scalar_type() != at::kFloat || eps <= static_cast<double>(std::numeric_limits<float>::max()), op,
+              ": eps must be finite in float32 (the state's dtype), got ", eps);
   TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
+  // the global index offset + j of every column stays below 2^63 (the kernels add them in int64)
+  TORCH_CHECK(offset <= std::numeric_limits<int64_t>::max() - mean.numel(), op, ": offset + ", mean.numel(),
+              " elements must be below 2^63, got offset = ", offset);
   if (!D.has_value()) return 0;
   TORCH_CHECK(D->device() == mean.device(), op, ": D is on ", D->device(), " but mean is on ", mean.device());
   TORCH_CHECK(swag_dev_dtype(D->scalar_type()), op, ": D must be float64/32/16 or bfloat16, got ", D->scalar_type());

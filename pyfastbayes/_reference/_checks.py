@@ -27,6 +27,14 @@ _SCALAR_TYPE = {
     torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
     torch.complex32: "ComplexHalf",
 }
+for _name, _c10 in (("float8_e5m2", "Float8_e5m2"), ("float8_e4m3fn", "Float8_e4m3fn"),
+                    ("float8_e5m2fnuz", "Float8_e5m2fnuz"), ("float8_e4m3fnuz", "Float8_e4m3fnuz"),
+                    ("float8_e8m0fnu", "Float8_e8m0fnu"), ("float4_e2m1fn_x2", "Float4_e2m1fn_x2"),
+                    ("uint16", "UInt16"), ("uint32", "UInt32"), ("uint64", "UInt64")):
+    if hasattr(torch, _name):  # the dtypes of this torch build
+        _SCALAR_TYPE[getattr(torch, _name)] = _c10
+# the floating dtypes every kernel is compiled for (kernel_float_dtype, csrc/checks/common.h)
+KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # backends in the dispatcher's priority order (lowest first): a call mixing devices runs the
 # kernel of the highest one, whose checks then speak
 _BACKEND_PRIORITY = ("cpu", "cuda", "hip", "xla", "mps", "ipu", "xpu", "hpu", "ve", "lazy", "mtia",
@@ -128,6 +136,11 @@ class OverlapCheck:
     def add(self, t: Tensor | None, label: str, mutated: bool) -> "OverlapCheck":
         if t is None or t.layout != torch.strided:
             return self
+        if mutated and t.is_inference() and not torch.is_inference_mode_enabled():
+            # the native ops' ADInplaceOrView kernel (csrc/ops/version_bump.cpp) refuses this before any write
+            fail(self.op, ": ", label.split("[")[0], " is an inference tensor (made under torch.inference_mode()), "
+                 "which may be written in place only inside torch.inference_mode(): call the op there, or pass a "
+                 "clone made outside it")
         if mutated:
             check(not overlaps_itself(t), self.op, ": ", label,
                   " has internal overlap (an expanded, stride-0 or as_strided view: several of its elements share memory), "

@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from ..ops.layouts import CALIB_DIAG, CALIB_STATS
-from ._checks import check, check_dense, check_meta_mix, dispatch_device_type, num, scalar_type, sizes
+from ._checks import (KERNEL_DTYPES, check, check_dense, check_meta_mix, dispatch_device_type, num, scalar_type,
+                      sizes)
 
 
 def uniform_bin(x: Tensor, n_bins: int) -> Tensor:
@@ -45,13 +46,15 @@ def check_calibration_bins(probs: Tensor, targets: Tensor, n_bins: int, sum_tol:
     check_dense(op, probs=probs, targets=targets)
     check(probs.dim() == 3, op, ": probs must be [S, N, C], got shape ", sizes(probs))
     check(probs.is_floating_point(), op, ": probs must be floating point, got ", scalar_type(probs.dtype))
+    check(probs.dtype in KERNEL_DTYPES, op, ": probs must be float64, float32, float16 or bfloat16, got ",
+          scalar_type(probs.dtype))
     kernel = dispatch_device_type(probs, targets)
     check(probs.device.type.upper() == kernel, op, ": probs must be on ", kernel, " here, got ", probs.device)
     check(targets.dtype == torch.int64, op, ": targets must be int64, got ", scalar_type(targets.dtype))
     check(targets.device == probs.device, op, ": targets on ", targets.device, " but probs on ", probs.device)
     check(targets.dim() == 1 and targets.shape[0] == probs.shape[1], op, ": targets must be [N] with N = ",
           probs.shape[1], " (probs.size(1)), got shape ", sizes(targets))
-    check(n_bins >= 1, op, ": n_bins must be >= 1, got ", n_bins)
+    check(1 <= n_bins < 2**53, op, ": n_bins must be in [1, 2^53), got ", n_bins)
     check(probs.shape[0] >= 1, op, ": probs needs S >= 1 draws, got S = ", probs.shape[0])
     check(probs.shape[2] >= 1, op, ": probs needs C >= 1 classes, got C = ", probs.shape[2])
     check(sum_tol >= 0.0, op, ": sum_tol must be >= 0, got ", num(sum_tol))

@@ -26,11 +26,10 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import check, check_dense, check_meta_mix, dispatch_device_type, scalar_type, sizes
+from ._checks import KERNEL_DTYPES, check, check_dense, check_meta_mix, dispatch_device_type, scalar_type, sizes
 
 KINDS = ("cross_entropy", "bce", "mse")
 MODES = ("hessian", "factor", "factor_t")
-_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_loss_hessian(kind: str, outputs: Tensor, V: Tensor, mode: str, *, fake: bool = False) -> int:
@@ -43,7 +42,7 @@ def check_loss_hessian(kind: str, outputs: Tensor, V: Tensor, mode: str, *, fake
     kernel = dispatch_device_type(outputs, V)
     check(outputs.device.type.upper() == kernel, op, ": outputs is on ", outputs.device, ", expected ", kernel)
     check(outputs.is_floating_point(), op, ": outputs must be floating point, got ", scalar_type(outputs.dtype))
-    check(outputs.dtype in _KERNEL_DTYPES, op, ": outputs must be float64, float32, float16 or bfloat16, got ",
+    check(outputs.dtype in KERNEL_DTYPES, op, ": outputs must be float64, float32, float16 or bfloat16, got ",
           scalar_type(outputs.dtype))
     check(outputs.dim() == 2, op, ": outputs must be [N, C], got shape ", sizes(outputs))
     check(outputs.shape[1] >= 1, op, ": outputs needs C >= 1 columns, got C = ", outputs.shape[1])

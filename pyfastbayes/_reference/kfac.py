@@ -20,9 +20,9 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, num, scalar_type, sizes
+from ._checks import (KERNEL_DTYPES, OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, num,
+                      scalar_type, sizes)
 
-_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _PRECISION = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}  # kfac_precision
 
 
@@ -36,7 +36,7 @@ def check_kfac_factor_(factor: Tensor, x: Tensor, scale: float, bias: bool, *, f
     check(factor.dtype in (torch.float32, torch.float64), op, ": factor must be float32 or float64, got ",
           scalar_type(factor.dtype))
     check(x.device == factor.device, op, ": x is on ", x.device, " but factor is on ", factor.device)
-    check(x.dtype in _KERNEL_DTYPES, op, ": x must be float64, float32, float16 or bfloat16, got ",
+    check(x.dtype in KERNEL_DTYPES, op, ": x must be float64, float32, float16 or bfloat16, got ",
           scalar_type(x.dtype))
     check(_PRECISION[x.dtype] <= _PRECISION[factor.dtype], op, ": x (", scalar_type(x.dtype),
           ") is more precise than factor (", scalar_type(factor.dtype),

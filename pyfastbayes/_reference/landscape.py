@@ -18,18 +18,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, scalar_type, sizes
+from ._checks import (KERNEL_DTYPES, OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type,
+                      scalar_type, sizes)
 
 MAX_DIRECTIONS = 8  # kLandscapeMaxDirs (csrc/common/landscape.h)
 MAX_PARTS = MAX_DIRECTIONS + 1  # kLandscapeMaxParts
 ACTS = ("none", "relu")  # the act argument of landscape_combine and landscape_bias_act_
-_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_lead(op: str, name: str, t: Tensor, kernel: str) -> None:
     """``check_landscape_lead``: the op's first tensor on the kernel's device type, of a kernel dtype."""
     check(t.device.type.upper() == kernel, op, ": ", name, " is on ", t.device, ", expected ", kernel)
-    check(t.dtype in _KERNEL_DTYPES, op, ": ", name, " must be float64, float32, float16 or bfloat16, got ",
+    check(t.dtype in KERNEL_DTYPES, op, ": ", name, " must be float64, float32, float16 or bfloat16, got ",
           scalar_type(t.dtype))
 
 

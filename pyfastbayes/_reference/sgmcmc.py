@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ..ops.layouts import HYPER, RNG
-from ._checks import (OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, scalar_type, sizes)
+from ._checks import (KERNEL_DTYPES, OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type,
+                      scalar_type, sizes)
 from .random import philox_normal_range
 
 _BUFS = {"sgld_step_": None, "sghmc_step_": "momenta", "psgld_step_": "square_avg"}
@@ -50,6 +51,8 @@ def check_step_args(op: str, params: Sequence[Tensor], grads: Sequence[Tensor], 
     if len(params):
         dtype = params[0].dtype
         check(dtype.is_floating_point, op, ": params must be floating point, got ", scalar_type(dtype))
+        check(dtype in KERNEL_DTYPES, op, ": params must be float64, float32, float16 or bfloat16, got ",
+              scalar_type(dtype))
 
         def like(t, p, what, i):
             check(t.device == device, op, ": ", what, "[", i, "] is on ", t.device, " but params[0] is on ", device)
@@ -85,6 +88,12 @@ def check_any_nonfinite(tensors: Sequence[Tensor], *, fake: bool = False) -> Non
             check(t.device == tensors[0].device, "any_nonfinite: tensors on ", t.device, " and ", tensors[0].device)
 
 
+def _sqrt(x: float) -> float:
+    """sqrt as the kernels take it: NaN for a negative argument (hyper-parameter values are not
+    checked by the op: a negative lr or temperature gives NaN parameters on both backends)."""
+    return math.sqrt(x) if x >= 0 else math.nan
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -105,9 +114,9 @@ def _noisy_step(kind: str, params, grads, bufs, hyper: Tensor, rng: Tensor, skip
         pv, gv = p.to(op), g.to(op)
         grad_u = num_data * gv + prior * pv
         if kind == "sgld":
-            pv = pv - (0.5 * lr) * grad_u + math.sqrt(lr * temp) * xi
+            pv = pv - (0.5 * lr) * grad_u + _sqrt(lr * temp) * xi
         elif kind == "sghmc":
-            v = (1.0 - a) * bufs[i].to(op) - lr * grad_u + math.sqrt(2.0 * a * lr * temp) * xi
+            v = (1.0 - a) * bufs[i].to(op) - lr * grad_u + _sqrt(2.0 * a * lr * temp) * xi
             pv = pv + v
             bufs[i].copy_(v)
         else:  # psgld
@@ -139,7 +148,9 @@ def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
     """True (bool scalar) when any element of any floating tensor is NaN or infinite (complex: in
     its real or imaginary part); integer and bool tensors are never non-finite."""
     check_any_nonfinite(tensors)
-    flags = [~torch.isfinite(t).all() for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
+    # 1-byte floats through float32 (torch.isfinite has no kernel for some, and misreads e8m0's NaN)
+    flags = [~torch.isfinite(t.float() if t.is_floating_point() and t.element_size() == 1 else t).all()
+             for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
     if not flags:
         dev = tensors[0].device if len(tensors) else "cpu"
         return torch.zeros((), dtype=torch.bool, device=dev)

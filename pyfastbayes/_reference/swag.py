@@ -71,7 +71,11 @@ def check_swag_sample(mean: Tensor, sq_mean: Tensor, D: Tensor | None, n_draws: 
     check(0 <= n_draws <= SWAG.max_draws, op, ": n_draws must be in [0, ", SWAG.max_draws, "], got ", n_draws)
     check(math.isfinite(scale) and scale > 0, op, ": scale must be a finite number > 0, got ", num(scale))
     check(math.isfinite(eps) and eps >= 0, op, ": eps must be finite and >= 0, got ", num(eps))
+    check(mean.dtype != torch.float32 or eps <= torch.finfo(torch.float32).max, op,
+          ": eps must be finite in float32 (the state's dtype), got ", num(eps))
     check(offset >= 0, op, ": offset must be >= 0, got ", offset)
+    check(offset <= 2**63 - 1 - mean.numel(), op, ": offset + ", mean.numel(), " elements must be below 2^63, got "
+          "offset = ", offset)
     if D is None:
         return 0
     check(D.device == mean.device, op, ": D is on ", D.device, " but mean is on ", mean.device)

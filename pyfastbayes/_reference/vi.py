@@ -47,13 +47,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.layouts import RNG
-from ._checks import (OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, is_fake, num, scalar_type,
-                      sizes)
+from ._checks import (KERNEL_DTYPES, OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, is_fake,
+                      num, scalar_type, sizes)
 from .random import philox4x32, philox_normal
 
 # ======================= Section 1: reparameterised noise =======================================
 
-_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _SOFTPLUS_THRESHOLD = 20.0  # kViSoftplusThreshold (csrc/common/vi.h), torch's default
 _MASK = 0xFFFFFFFF
 
@@ -79,7 +78,7 @@ def check_vi_pair(op: str, a: Tensor, a_name: str, b: Tensor, b_name: str, rng: 
     check(a.device.type.upper() == kernel, op, ": ", a_name, " is on ", a.device, ", expected ", kernel)
     check(b.device == a.device, op, ": ", b_name, " is on ", b.device, " but ", a_name, " is on ", a.device)
     _check_rng(op, rng, a.device)
-    check(a.dtype in _KERNEL_DTYPES, op, ": ", a_name, " must be float64, float32, float16 or bfloat16, got ",
+    check(a.dtype in KERNEL_DTYPES, op, ": ", a_name, " must be float64, float32, float16 or bfloat16, got ",
           scalar_type(a.dtype))
     check(b.dtype == a.dtype, op, ": ", b_name, " has dtype ", scalar_type(b.dtype), " but ", a_name, " has ",
           scalar_type(a.dtype))
@@ -122,7 +121,7 @@ def check_vi_rademacher_mul(x: Tensor, rng: Tensor, stream: int, *, fake: bool =
     kernel = dispatch_device_type(x, rng)
     check(x.device.type.upper() == kernel, op, ": x is on ", x.device, ", expected ", kernel)
     _check_rng(op, rng, x.device)
-    check(x.dtype in _KERNEL_DTYPES, op, ": x must be float64, float32, float16 or bfloat16, got ",
+    check(x.dtype in KERNEL_DTYPES, op, ": x must be float64, float32, float16 or bfloat16, got ",
           scalar_type(x.dtype))
     _check_stream(op, stream)
 
@@ -250,7 +249,7 @@ def check_vi_kl(op: str, mus: Sequence[Tensor], rhos: Sequence[Tensor], prior_va
     kernel = dispatch_device_type(grad, mus, rhos, prior_var)
     check(device.type.upper() == kernel, op, ": mus[0] is on ", device, ", expected ", kernel)
     dtype = mus[0].dtype
-    check(dtype in _KERNEL_DTYPES, op, ": mus[0] must be float64, float32, float16 or bfloat16, got ",
+    check(dtype in KERNEL_DTYPES, op, ": mus[0] must be float64, float32, float16 or bfloat16, got ",
           scalar_type(dtype))
     for i, (m, r) in enumerate(zip(mus, rhos)):
         for what, t in (("mus", m), ("rhos", r)):
@@ -267,7 +266,7 @@ def check_vi_kl(op: str, mus: Sequence[Tensor], rhos: Sequence[Tensor], prior_va
         for t, v in enumerate(prior_var.tolist()):
             check(math.isfinite(v) and v > 0, op, ": prior_var[", t, "] must be finite and > 0, got ", num(v))
     if grad is not None:
-        check(grad.dim() == 0 and grad.dtype in _KERNEL_DTYPES and grad.device == device, op,
+        check(grad.dim() == 0 and grad.dtype in KERNEL_DTYPES and grad.device == device, op,
               ": grad must be a 0-dim float64, float32, float16 or bfloat16 tensor on ", device, "; got ",
               scalar_type(grad.dtype), " of shape ", sizes(grad), " on ", grad.device)
 
@@ -305,8 +304,9 @@ def vi_kl_backward(grad: Tensor, mus: Sequence[Tensor], rhos: Sequence[Tensor],
                    prior_var: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """Reference of ``torch.ops.pyfastbayes.vi_kl_backward``: grad_mu = g mu / v_t and
     grad_rho = g (sigma / v_t - 1 / sigma) softplus'(rho), in float64; softplus' = sigmoid below the
-    threshold 20 and 1 above it (torch's softplus backward), sigmoid(rho) / sigma taken as 1 where
-    sigma underflows to 0. New contiguous tensors in the inputs' dtype."""
+    threshold 20 and 1 above it (torch's softplus backward), sigmoid(rho) / sigma taken as 1 for
+    rho < -40 (there it is 1 - e^rho / 2 = 1 in float64, and below ~-709 sigmoid underflows to 0 while
+    sigma is still subnormal: the plain quotient gave 0). New contiguous tensors in the inputs' dtype."""
     check_vi_kl("vi_kl_backward", mus, rhos, prior_var, grad)
     gms, grs = [], []
     with torch.no_grad():
@@ -317,7 +317,7 @@ def vi_kl_backward(grad: Tensor, mus: Sequence[Tensor], rhos: Sequence[Tensor],
             mu, rho = m.to(torch.float64), r.to(torch.float64)
             sigma = F.softplus(rho)
             ds = torch.where(rho > _SOFTPLUS_THRESHOLD, torch.ones_like(rho), torch.sigmoid(rho))
-            ratio = torch.where(sigma > 0, ds / torch.where(sigma > 0, sigma, torch.ones_like(sigma)),
+            ratio = torch.where(rho > -40, ds / torch.where(rho > -40, sigma, torch.ones_like(sigma)),
                                 torch.ones_like(sigma))
             gm = g * mu / v[t]
             gr = g * (sigma * ds / v[t] - ratio)
@@ -341,7 +341,7 @@ def check_vi_sigma_sq(op: str, rho: Tensor, grad: Tensor | None = None, *, fake:
     check_dense(op, **named)
     kernel = dispatch_device_type(*named.values())
     check(rho.device.type.upper() == kernel, op, ": rho is on ", rho.device, ", expected ", kernel)
-    check(rho.dtype in _KERNEL_DTYPES, op, ": rho must be float64, float32, float16 or bfloat16, got ",
+    check(rho.dtype in KERNEL_DTYPES, op, ": rho must be float64, float32, float16 or bfloat16, got ",
           scalar_type(rho.dtype))
     if grad is None:
         return
