@@ -63,3 +63,40 @@ def test_lowrank_refuses_non_scalar_priors_and_iterators():
     la.fit(loader, progress=False)
     with pytest.raises(ValueError, match="scalar"):
         la.optimize_prior_precision("marglik", "layerwise")
+
+
+class _Squeezed(nn.Module):  # a one-output regression model returning [N]
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)
+
+
+# regression: the empirical Fisher came out exactly 2x (the GGN's N C / 2 rescaling of the mean
+# squared error); a generator passed to fit with curvature='ef' raised "generator and mc_samples
+# apply to kind='mc' only"; [N] targets of a one-output model (or [N] outputs) were refused
+@pytest.mark.parametrize("curvature", ["ef", "ggn", "mc_fisher"])
+@pytest.mark.parametrize("shape", ["2 outputs", "targets [N]", "outputs [N]"])
+def test_regression_curvatures_and_target_shapes_equal_full(curvature, shape):
+    model, loader, _ = _problem("regression")
+    if shape != "2 outputs":
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+        loader = [(x, y[:, 0] if shape == "targets [N]" else y[:, :1]) for x, y in loader]
+        if shape == "outputs [N]":
+            model = _Squeezed(model)
+    P = sum(p.numel() for p in model.parameters())
+    kw = dict(curvature=curvature, mc_samples=400 if curvature == "mc_fisher" else 1, prior_precision=1e-6)
+    gen = torch.Generator().manual_seed(3)
+    low = Laplace(model, "regression", hessian_structure="lowrank", low_rank=P, **kw).fit(loader, progress=False,
+                                                                                         generator=gen)
+    if curvature == "mc_fisher":  # its own draws of the targets: against the GGN it estimates, to MC error
+        kw["curvature"], kw["mc_samples"] = "ggn", 1
+    full = Laplace(model, "regression", hessian_structure="full", **kw).fit(loader, progress=False, generator=gen)
+    if curvature == "mc_fisher":
+        ratio = float(low.to_dense().trace() / full.to_dense().trace())
+        assert abs(ratio - 1) < 0.1, ratio
+        return
+    torch.testing.assert_close(low.to_dense(), full.to_dense(), rtol=1e-9, atol=1e-9)

@@ -23,16 +23,21 @@ _LOSSES = {"classification": nn.CrossEntropyLoss, "binary": nn.BCEWithLogitsLoss
 
 class _Pairs:
     """A loader's items as (inputs, targets) pairs in the shape the curvature operators expect,
-    walked anew at every pass."""
+    walked anew at every pass: binary targets [N] (the outputs flattened by :class:`_Flat`),
+    regression targets [N, C] (the outputs made 2-D by :class:`_Columns`: [N] or [N, 1] targets of
+    a one-output model alike, as check_targets takes them), floating point in ``dtype``."""
 
-    def __init__(self, loader, likelihood: str):
-        self.loader, self.likelihood = loader, likelihood
+    def __init__(self, loader, likelihood: str, dtype: torch.dtype):
+        self.loader, self.likelihood, self.dtype = loader, likelihood, dtype
 
     def __iter__(self):
         for item in batches(self.loader):
             x, y = item[0], item[1]
             if self.likelihood == "binary":
                 y = y.reshape(-1).to(torch.get_default_dtype() if not y.is_floating_point() else y.dtype)
+            elif self.likelihood == "regression":
+                y = y.reshape(y.shape[0], -1)
+                y = y if y.is_floating_point() else y.to(self.dtype)
             yield x, y
 
 
@@ -55,21 +60,23 @@ class LowRankCurvature:
                 n_outputs: int, mc_samples: int, generator) -> None:
         """Top-k eigenpairs of the curvature of the covered parameters ``names`` over ``loader``
         (walked once per block of Lanczos vectors)."""
-        data = _Pairs(loader, likelihood)
-        out_flat = likelihood == "binary"
+        data = _Pairs(loader, likelihood, self.eigvals.dtype)
         loss = _LOSSES[likelihood]()
-        wrapped = _Flat(model) if out_flat else model
-        prefix = "model." if out_flat else ""
+        wrapped = {"binary": _Flat, "regression": _Columns}.get(likelihood, lambda m: m)(model)
+        prefix = "model." if wrapped is not model else ""
         params = [prefix + n for n in names]
         if curvature == "ggn":
             op = ggn(wrapped, loss, data, params=params)
+        elif curvature == "ef":  # (mc_samples and the generator are the MC Fisher's)
+            op = fisher(wrapped, loss, data, kind="empirical", params=params)
         else:
-            op = fisher(wrapped, loss, data, kind="empirical" if curvature == "ef" else "mc", mc_samples=mc_samples,
-                        generator=generator, params=params)
+            op = fisher(wrapped, loss, data, kind="mc", mc_samples=mc_samples, generator=generator, params=params)
         vals, vecs = eigenvalues(op, k=self.k, method="block_lanczos", generator=generator)
-        # the operators curve the mean loss: the summed cross-entropy / BCE is N times it; half the
-        # summed squared error is (N C / 2) times the mean squared error's
-        scale = n_data * n_outputs / 2 if likelihood == "regression" else n_data
+        # the operators curve the mean loss: the summed cross-entropy / BCE is N times it. Regression:
+        # half the summed squared error is (N C / 2) times the mean squared error (its GGN and MC
+        # Fisher); its per-example gradients J^T r are half those of the squared error, 2 J^T r, so
+        # the empirical Fisher, a sum of their outer products over N C-averaged terms, is (N C / 4) times
+        scale = n_data * n_outputs / (4 if curvature == "ef" else 2) if likelihood == "regression" else n_data
         self.eigvals.copy_((vals * scale).clamp_min(0))
         self.eigvecs.copy_(vecs)
 
@@ -81,6 +88,18 @@ class LowRankCurvature:
 
     def set_counts(self, counts):
         pass
+
+
+class _Columns(nn.Module):
+    """model(x) as [N, C] (a one-output regression model may return [N])."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return out.unsqueeze(1) if torch.is_tensor(out) and out.dim() == 1 else out
 
 
 class _Flat(nn.Module):
