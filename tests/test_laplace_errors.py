@@ -3,6 +3,7 @@ fails changes nothing (validate everything, then assign): load_state_dict, log_m
 the gridsearch (validation targets, the grid's range), the constructor's sigma_noise / prior_mean /
 eigh_method / last-layer prior, data of another dtype than the model's; the GLM predictive of no
 rows is empty like the 'nn' one. fp64, small models."""
+import copy
 import math
 import warnings
 
@@ -438,3 +439,43 @@ def test_prior_given_to_the_marginal_likelihood_is_stored_without_its_graph():
     prior = torch.tensor(0.5, dtype=DT, requires_grad=True)
     (g,) = torch.autograd.grad(la.log_marginal_likelihood(prior), prior)
     assert torch.isfinite(g)
+
+
+# float32 'full' with a tiny prior: H's rounding-level negative eigenvalues made the Cholesky of the
+# posterior precision fail, so predictions, draws and the grid search raised "not positive definite
+# ... use curvature='ggn'" (it was the GGN) while the marginal likelihood (clamped eigenvalues) worked
+def test_full_float32_with_a_tiny_prior_still_predicts():
+    """Such a posterior is ill-conditioned in float32 (cond ~1e11): its covariance comes from H's
+    clamped eigendecomposition, finite and positive semi-definite; with a prior the float32
+    Cholesky takes, it is the float64 one to float32 accuracy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2))
+    X, Y = torch.randn(8, 3) * 3, torch.randn(8, 2)
+    la32 = Laplace(model, "regression", hessian_structure="full", sigma_noise=0.05, prior_precision=1e-4).fit(
+        [(X, Y)], progress=False)
+    f_var = la32(X[:3])[1]
+    assert torch.isfinite(f_var).all() and bool((torch.linalg.eigvalsh(f_var) > -1e-3 * f_var.abs().max()).all())
+    draws = la32.sample(50, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(draws).all() and draws.shape == (50, sum(p.numel() for p in model.parameters()))
+    assert torch.isfinite(la32.optimize_prior_precision(method="gridsearch", val_loader=[(X, Y)], progress=False))
+    for prior in (1.0, 10.0):  # well conditioned: the usual Cholesky path, equal to float64
+        kw = dict(hessian_structure="full", sigma_noise=0.05, prior_precision=prior)
+        a = Laplace(model, "regression", **kw).fit([(X, Y)], progress=False)
+        b = Laplace(copy.deepcopy(model).double(), "regression", **kw).fit([(X.double(), Y.double())], progress=False)
+        torch.testing.assert_close(a(X[:3])[1].double(), b(X[:3].double())[1], rtol=1e-3, atol=1e-5)
+
+
+def test_full_eigendecomposition_path_equals_the_cholesky_one(monkeypatch):
+    """Where the Cholesky of P fails (as above), covariance, draws' covariance and the GLM variance
+    come from H's eigendecomposition: in float64, where both work, they agree."""
+    X, y = data()
+    la = Laplace(mlp(), "classification", hessian_structure="full", prior_precision=0.3).fit([(X, y)], progress=False)
+    prec, s, delta = la._need_fit()[5], la._scale(), la._delta()
+    want = (prec.covariance(s, delta), la.functional_variance(X[:5])[1])
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A: (real(A)[0], torch.ones((), dtype=torch.int32)))
+    got = (prec.covariance(s, delta), la.functional_variance(X[:5])[1])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    draws = prec.sample(20000, s, delta, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws.T.cov(), want[0], rtol=0.1, atol=0.05 * float(want[0].diagonal().max()))

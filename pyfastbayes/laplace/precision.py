@@ -180,21 +180,47 @@ class DiagPrecision:
 
 
 class FullPrecision:
-    """Cholesky factor of s H + diag(delta)."""
+    """Cholesky factor of s H + diag(delta); H's eigendecomposition where that fails (module docstring)."""
 
     def __init__(self, curv):
         self.blocks = curv.blocks
         self.H = curv.H
         self._eig: Tensor | None = None
+        self._eigh: tuple[Tensor, Tensor] | None = None
+
+    def _eigh_psd(self) -> tuple[Tensor, Tensor]:
+        """H's eigenvalues clamped at 0 and eigenvectors (decomposed once)."""
+        if self._eigh is None:
+            lam, V = torch.linalg.eigh(self.H)
+            self._eigh = (lam.clamp_min(0), V)
+        return self._eigh
 
     def _chol(self, s, delta) -> Tensor:
-        Pm = s * self.H + torch.diag(delta)
-        L, info = torch.linalg.cholesky_ex(Pm)
+        """Cholesky factor of s H + diag(delta). H (a GGN or Fisher) is positive semi-definite, but
+        rounding can leave it eigenvalues just below 0 (float32: -1e-6 against a tiny prior): then
+        s H + diag(delta) is rebuilt from H's eigenvalues clamped at 0, as :meth:`logdet` takes them."""
+        L, info = torch.linalg.cholesky_ex(s * self.H + torch.diag(delta))
         if int(info) != 0:
-            raise RuntimeError("the posterior precision s H + diag(prior precision) is not positive definite "
-                               "(the curvature has negative eigenvalues beyond rounding): use curvature='ggn', "
-                               "or a larger prior_precision")
+            lam, V = self._eigh_psd()
+            Pm = (V * (s * lam)) @ V.mT + torch.diag(delta)
+            L, info = torch.linalg.cholesky_ex((Pm + Pm.mT) / 2)
+            if int(info) != 0:
+                raise RuntimeError(f"the posterior precision s H + diag(prior precision) is singular in {self.H.dtype} "
+                                   "(a prior precision too small against the curvature's scale): raise "
+                                   "prior_precision, or fit in float64")
         return L
+
+    def _inverse_root(self, s, delta) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(L, None, None) with P = L L^T, or, where that Cholesky fails and the prior is one value,
+        (None, V, d) with P^-1 = V diag(d) V^T from H's clamped eigenvalues: exact however badly
+        P is conditioned (float32 with a tiny prior: condition numbers beyond 1e7)."""
+        L, info = torch.linalg.cholesky_ex(s * self.H + torch.diag(delta))
+        if int(info) == 0:
+            return L, None, None
+        if not delta.requires_grad and bool((delta == delta[0]).all()):
+            lam, V = self._eigh_psd()
+            return None, V, 1.0 / (s * lam + delta[0])
+        return self._chol(s, delta), None, None
 
     def logdet(self, s, delta):
         if delta.dim() == 0 or (not delta.requires_grad
@@ -209,22 +235,32 @@ class FullPrecision:
         return 2 * torch.log(torch.diagonal(self._chol(s, _per_parameter(delta, self.blocks)))).sum()
 
     def sample(self, n, s, delta, generator=None):
-        L = self._chol(s, delta)
+        L, V, d = self._inverse_root(s, delta)
         z = torch.randn(self.H.shape[0], n, dtype=delta.dtype, device=delta.device, generator=generator)
+        if L is None:
+            return (V @ (d.sqrt()[:, None] * (V.mT @ z))).t()
         return torch.linalg.solve_triangular(L.t(), z, upper=True).t()
 
     def covariance(self, s, delta) -> Tensor:
-        return torch.cholesky_inverse(self._chol(s, delta))
+        L, V, d = self._inverse_root(s, delta)
+        return torch.cholesky_inverse(L) if L is not None else (V * d) @ V.mT
 
     def functional_variance(self, parts, s, delta):
-        Sigma = self.covariance(s, delta)
+        L, V, d = self._inverse_root(s, delta)
+        # Cholesky: J Sigma J^T with Sigma = P^-1; eigendecomposition: (J W)(J W)^T with W = V diag(d)^(1/2),
+        # a sum of squares (J Sigma J^T would cancel to negative variances in float32 when cond(P) ~ 1e11)
+        M = torch.cholesky_inverse(L) if L is not None else V * d.sqrt()
         m, N = grads_shape(parts)
-        P = Sigma.shape[0]
+        P = M.shape[0]
         step = max(1, _CHUNK_ELEMENTS // max(1, m * P))
         out = []
         for n0 in range(0, N, step):
-            J = jacobian_rows(parts, P, Sigma.dtype, slice(n0, n0 + step))  # [C, n, P]
-            out.append(torch.einsum("cnp,pq,dnq->ncd", J, Sigma, J))
+            J = jacobian_rows(parts, P, M.dtype, slice(n0, n0 + step))  # [C, n, P]
+            if L is not None:
+                out.append(torch.einsum("cnp,pq,dnq->ncd", J, M, J))
+            else:
+                JW = torch.einsum("cnp,pk->cnk", J, M)
+                out.append(torch.einsum("cnk,dnk->ncd", JW, JW))
         return torch.cat(out)
 
 
