@@ -323,6 +323,8 @@ def test_data_of_another_dtype_is_named(model_dtype, data_dtype, cast):
             la.optimize_prior_precision("gridsearch", val_loader=[(X.to(data_dtype), y)], pred_type=pred_type,
                                         n_samples=2)
     assert_unchanged(la, before)
+    with pytest.raises(TypeError, match=text):  # the last layer's probe forward said "mat1 and mat2 must have ..."
+        Laplace(mlp(dtype=model_dtype), subset_of_weights="last_layer").fit([(X.to(data_dtype), y)], progress=False)
 
 
 def test_batch_size_is_checked_and_used_on_both_paths():
@@ -479,3 +481,15 @@ def test_full_eigendecomposition_path_equals_the_cholesky_one(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     draws = prec.sample(20000, s, delta, torch.Generator().manual_seed(0))
     torch.testing.assert_close(draws.T.cov(), want[0], rtol=0.1, atol=0.05 * float(want[0].diagonal().max()))
+
+
+def test_gridsearch_checks_n_samples_and_binary_names_its_link():
+    X, y = data()
+    la = Laplace(mlp(), "classification", hessian_structure="diag").fit([(X, y)], progress=False)
+    for bad, exc in ((0, ValueError), (-3, ValueError), (2.5, TypeError)):  # NaN NLLs / 'negative dimension' before
+        with pytest.raises(exc, match="n_samples must be an int"):
+            la.optimize_prior_precision("gridsearch", val_loader=[(X, y)], link_approx="mc", n_samples=bad)
+    Xb, yb = data("binary")
+    lb = Laplace(mlp(out=1), "binary", hessian_structure="diag").fit([(Xb, yb)], progress=False)
+    with pytest.raises(ValueError, match=r"link_approx='bridge_norm' needs C >= 2 classes"):
+        lb(Xb, link_approx="bridge_norm")

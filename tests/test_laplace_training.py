@@ -56,3 +56,26 @@ def test_evidence_rises_and_result_is_fitted():
     assert la.prior_precision.numel() == 1 and float(la.prior_precision) > 0
     with pytest.raises(ValueError, match="prior_structure"):
         marglik_training(model, loader, n_epochs=1, prior_structure="diag", progress=False)
+
+
+# 'lowrank' with the default layerwise prior trained a whole epoch in place, then raised; a prior
+# tensor of several values failed in math.log; a one-shot iterator trained on nothing
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(hessian_structure="lowrank"), ValueError, r"hessian_structure='lowrank' learns one scalar prior: use "
+                                                    r"prior_structure='scalar'"),
+    (dict(prior_precision=torch.tensor([1.0, 2.0])), ValueError, r"one number > 0, got a tensor of shape \(2,\)"),
+    (dict(iterator=True), TypeError, r"train_loader is a one-shot iterator"),
+])
+def test_bad_settings_are_refused_before_any_training(kwargs, exc, match):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    before = copy.deepcopy(model.state_dict())
+    data = iter([(X, y)]) if kwargs.pop("iterator", False) else [(X, y)]
+    with pytest.raises(exc, match=match):
+        marglik_training(model, data, n_epochs=2, progress=False, **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if kwargs.get("hessian_structure") == "lowrank":  # with a scalar prior it runs
+        la, margliks = marglik_training(model, [(X, y)], n_epochs=2, progress=False, prior_structure="scalar",
+                                        **kwargs)
+        assert len(margliks) >= 1

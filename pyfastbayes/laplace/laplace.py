@@ -220,8 +220,14 @@ class Laplace(Posterior):
     def _find_last_layer(self, x) -> None:
         """subset_of_weights='last_layer': the last module with trainable parameters the forward calls."""
         with ModeGuard(self.model, False):
-            order = [(n, m) for n, m, _ in parameter_calls(self.model, x)
-                     if any(p.requires_grad for p in m.parameters(recurse=False))]
+            try:
+                calls = parameter_calls(self.model, x)
+            except RuntimeError as e:  # the same words as the forward of the 'all' fit
+                wrong = dtype_mismatch(x, self.dtype, e, name="loader", refit=", then fit again")
+                if wrong is not None:
+                    raise wrong from e
+                raise
+            order = [(n, m) for n, m, _ in calls if any(p.requires_grad for p in m.parameters(recurse=False))]
         if not order:
             raise ValueError("subset_of_weights='last_layer': the forward called no module with trainable parameters")
         name, mod = order[-1]
@@ -543,6 +549,7 @@ class Laplace(Posterior):
         _choice(prior_structure, ml.PRIOR_STRUCTURES, "prior_structure")
         self._need_fit()
         if method == "gridsearch":
+            n_samples = check_int(n_samples, "n_samples", 1)  # (the predictive's draws: 'mc' link, 'nn')
             return self._gridsearch(val_loader, log_prior_prec_range, grid_size, pred_type, link_approx, n_samples)
         if prior_structure != "scalar" and self.hessian_structure == "lowrank":
             raise ValueError("hessian_structure='lowrank' tunes one scalar prior: use prior_structure='scalar'")

@@ -29,7 +29,8 @@ def probabilities(f_mu: Tensor, f_var: Tensor, likelihood: str, link_approx: str
         if link_approx == "probit":
             return torch.sigmoid(f_mu[:, 0] / torch.sqrt(1 + math.pi / 8 * var[:, 0]))
         if link_approx != "mc":
-            raise ValueError("link_approx='bridge' needs C >= 2 classes; for likelihood='binary' use 'probit' or 'mc'")
+            raise ValueError(f"link_approx={link_approx!r} needs C >= 2 classes; for likelihood='binary' use 'probit' "
+                             "or 'mc'")
         return _draws(f_mu, f_var, n_samples, generator).sigmoid().mean(0)[:, 0]
     if link_approx == "probit":
         return torch.softmax(f_mu / torch.sqrt(1 + math.pi / 8 * var), -1)

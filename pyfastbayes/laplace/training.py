@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -69,9 +70,18 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
         raise ValueError("marglik_training learns the prior of all weights: subset_of_weights must be 'all'")
     if prior_structure == "diag" and hessian_structure == "kron":
         raise ValueError("prior_structure='diag' does not fit hessian_structure='kron': use 'scalar' or 'layerwise'")
+    if prior_structure != "scalar" and hessian_structure == "lowrank":  # before any epoch changes the weights
+        raise ValueError(f"hessian_structure='lowrank' learns one scalar prior: use prior_structure='scalar' (got "
+                         f"{prior_structure!r}, the default 'layerwise')")
+    if torch.is_tensor(prior_precision) and prior_precision.numel() != 1:
+        raise ValueError("prior_precision of marglik_training is the initial value of every learnt prior: one "
+                         f"number > 0, got a tensor of shape {tuple(prior_precision.shape)}")
+    if isinstance(train_loader, Iterator):
+        raise TypeError("train_loader is a one-shot iterator (e.g. a generator): every epoch walks the data again, "
+                        "pass a list of (inputs, targets) batches or a DataLoader")
     size = {"scalar": 1, "layerwise": len(la.blocks), "diag": la.n_params}[prior_structure]
-    log_prior = torch.full((size,), math.log(prior_precision), dtype=la.dtype, device=la.device)
-    log_sigma = torch.full((), math.log(sigma_noise), dtype=la.dtype, device=la.device)
+    log_prior = torch.full((size,), math.log(float(prior_precision)), dtype=la.dtype, device=la.device)
+    log_sigma = torch.full((), math.log(float(sigma_noise)), dtype=la.dtype, device=la.device)
     hyper = [log_prior] + ([log_sigma] if likelihood == "regression" else [])
     for t in hyper:
         t.requires_grad_(True)
