@@ -107,3 +107,12 @@ def test_netcal_mle_scenario():
     assert abs(after[torch.float32] - after[torch.float64]) <= 1e-6
     assert abs(temps[torch.float32] - temps[torch.float64]) <= 1e-5  # float32 rounding of z: ~1e-7 relative
     assert abs(1 / temps[torch.float64] - 1 / 3.0) <= 4 * temperature_sd(z, latent)
+
+
+def test_one_logit_column_gets_the_logits_hint():
+    """[N, 1] logits were told to pass 'binary problems as [N] probabilities of class 1', which the
+    next call refused as not [N, C] logits."""
+    for cls in (cal.TemperatureScaling, cal.VectorScaling):
+        with pytest.raises(ValueError, match=r"logits must be \[N, C\] with C >= 2 classes, got shape \(10, 1\); for a "
+                                             r"binary problem pass both columns"):
+            cls().fit(torch.randn(10, 1), torch.randint(0, 2, (10,)))

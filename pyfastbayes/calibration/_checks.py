@@ -252,9 +252,10 @@ def prepare(probs, targets=None, *, from_logits: bool, validate: bool, name: str
 def check_logits(logits, targets) -> tuple[Tensor, Tensor]:
     """Logits [N, C] (N >= 1, C >= 2, every entry finite) and targets [N] in [0, C), through the
     same checks as the metrics -> (float64 logits, int64 targets)."""
-    if torch.is_tensor(logits) and logits.dim() != 2:
+    if torch.is_tensor(logits) and (logits.dim() != 2 or logits.shape[1] == 1):
+        # (a [N, 1] column would get prepare()'s hint for probabilities, which these are not)
         raise ValueError(f"logits must be [N, C] with C >= 2 classes, got shape {tuple(logits.shape)}; for a binary "
-                         f"problem pass both columns, e.g. torch.stack([torch.zeros_like(l), l], -1)")
+                         f"problem pass both columns, e.g. torch.stack([torch.zeros_like(l), l], -1) for l [N]")
     prep = prepare(logits, targets, from_logits=True, validate=True, name="logits")
     inf = ~torch.isfinite(logits)
     if bool(inf.any()):
