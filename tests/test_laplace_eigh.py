@@ -107,3 +107,23 @@ def test_host_pool_splits_torch_threads_and_puts_them_back():
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_takes_the_host_pool_for_several_large_cpu_matrices(monkeypatch):
+    from pyfastbayes.laplace import eigenbasis
+
+    seen = []
+    real = eigenbasis._eigh_host
+    monkeypatch.setattr(eigenbasis, "_eigh_host", lambda mats, threads: seen.append(len(mats)) or real(mats, threads))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        big = _spd((256, 256, 8), "cpu", torch.float64)
+        _check(eigh_many(big, "auto"), big, 1e-10)
+        assert seen == [3]
+        eigh_many(_spd((256, 8, 8), "cpu", torch.float64), "auto")  # one large matrix: batched
+        torch.set_num_threads(1)
+        eigh_many(big, "auto")  # one thread: nothing to split
+        assert seen == [3]
+    finally:
+        torch.set_num_threads(before)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 METHODS = ("auto", "batched", "loop", "cpu", "streams")
 STREAMS = 8  # default workers of method='streams' (host threads, one CUDA stream each)
+POOL_MIN_SIZE = 256  # 'auto' takes the host pool for 2 or more CPU matrices of at least this size
 
 
 def eigh_many(mats: list[Tensor], method: str = "auto", threads: int | None = None) -> list[tuple[Tensor, Tensor]]:
@@ -34,9 +35,13 @@ def eigh_many(mats: list[Tensor], method: str = "auto", threads: int | None = No
     'loop' -> one call per matrix; 'cpu' -> every matrix decomposed on the CPU (a thread pool of
     up to ``threads`` workers, default ``torch.get_num_threads()``; each worker one matrix at a
     time on its share of torch's threads, which are set to ``torch.get_num_threads() // workers``
-    for the duration of the call, process-wide) and the results moved back; 'streams' -> the CUDA matrices one call each, spread over up to
-    ``threads`` (default 8) host threads with a CUDA stream each, the caller's stream waiting
-    for them at the end (CPU matrices: as 'cpu'); 'auto' -> 'batched'.
+    for the duration of the call, process-wide) and the results moved back; 'streams' -> the
+    CUDA matrices one call each, spread over up to ``threads`` (default 8) host threads with a
+    CUDA stream each, the caller's stream waiting for them at the end (CPU matrices: as 'cpu');
+    'auto' -> 'cpu' when every matrix is on the CPU, torch has at least 2 threads and at least 2
+    matrices have :data:`POOL_MIN_SIZE` rows or more (2 cores, 16 x 512 x 512: 1.27-1.47x the
+    stacked batch; one LAPACK call gains less from 2 threads than 2 calls from one each), else
+    'batched' (CUDA: unmeasured against the others, see bench/RESULTS.md).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -44,6 +49,10 @@ def eigh_many(mats: list[Tensor], method: str = "auto", threads: int | None = No
         if not torch.is_tensor(m) or m.dim() != 2 or m.shape[0] != m.shape[1]:
             raise ValueError(f"mats[{i}] must be a square matrix [n, n], got "
                              f"{tuple(m.shape) if torch.is_tensor(m) else type(m).__name__}")
+    if method == "auto":
+        pool = (torch.get_num_threads() >= 2 and all(m.device.type == "cpu" for m in mats)
+                and sum(m.shape[0] >= POOL_MIN_SIZE for m in mats) >= 2)
+        method = "cpu" if pool else "batched"
     out: list = [None] * len(mats)
     if method == "loop":
         for i, m in enumerate(mats):
