@@ -58,3 +58,14 @@ def test_sample_into_a_plain_network_and_state_dict():
         VariationalPosterior(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="n_samples"):
         post.predict(torch.randn(2, 4), n_samples=0)
+
+
+def test_sample_into_the_bayesian_model_is_refused_by_name():
+    """It said "the model's trainable parameters changed since the VariationalPosterior was built"."""
+    torch.manual_seed(0)
+    model = to_bayesian(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    post = VariationalPosterior(model)
+    with pytest.raises(TypeError, match=r"sample_ writes a draw into a deterministic network \(posterior.model"):
+        post.sample_(model)
+    twin = post.sample_(generator=torch.Generator().manual_seed(1))
+    assert twin is post.model

@@ -108,6 +108,16 @@ class VariationalPosterior(Posterior):
         return layers
 
     @torch.no_grad()
+    def sample_(self, model: nn.Module | None = None, *, generator: torch.Generator | None = None) -> nn.Module:
+        """Write one draw into a deterministic network of the twin's architecture (default: the
+        twin, :attr:`model`); the Bayesian model itself is refused by name (its layers draw their
+        own weights at every forward; it said "the model's trainable parameters changed")."""
+        if model is not None and any(isinstance(m, BayesianLayer) for m in model.modules()):
+            raise TypeError("sample_ writes a draw into a deterministic network (posterior.model, or a copy of the "
+                            "network before to_bayesian); the model given has Bayesian layers, which draw their "
+                            "own weights at every forward")
+        return super().sample_(model, generator=generator)
+
     def mean(self) -> Tensor:
         """The means [P] (mu of the Bayesian layers, the other parameters as they are)."""
         self._sync()
