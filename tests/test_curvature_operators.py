@@ -265,6 +265,13 @@ def test_mc_fisher_refuses_a_shuffling_loader():
         with pytest.raises(ValueError, match="same batches in the same order"):
             cv.fisher(model, loss_fn, loader)
     cv.fisher(model, loss_fn, u.DataLoader(ds, batch_size=3, sampler=u.SequentialSampler(ds)))
+    # a DistributedSampler's order is its seed and epoch's: the same at every product, taken
+    from torch.utils.data.distributed import DistributedSampler
+
+    F = cv.fisher(model, loss_fn, u.DataLoader(ds, batch_size=3, sampler=DistributedSampler(ds, num_replicas=1, rank=0)),
+                  generator=torch.Generator().manual_seed(0))
+    v = block(F.shape[0], 1)
+    torch.testing.assert_close(F @ v, F @ v, rtol=0, atol=0)
     cv.fisher(model, loss_fn, torch.utils.data.DataLoader(ds, batch_size=3, shuffle=True), kind="empirical")
 
 

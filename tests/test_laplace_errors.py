@@ -421,7 +421,7 @@ def test_nn_predictive_refuses_a_glm_link():
                                              r"link_approx='probit' applies to pred_type='glm'"):
             call(link_approx="probit", n_samples=3)
         g = torch.Generator().manual_seed(0)
-        a = call(n_samples=3, generator=g)
+        a = call(n_samples=3, generator=g)  # (no link: the draws)
         b = call(link_approx="mc", n_samples=3, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(la(X), la(X, link_approx="probit"))
@@ -493,3 +493,13 @@ def test_gridsearch_checks_n_samples_and_binary_names_its_link():
     lb = Laplace(mlp(out=1), "binary", hessian_structure="diag").fit([(Xb, yb)], progress=False)
     with pytest.raises(ValueError, match=r"link_approx='bridge_norm' needs C >= 2 classes"):
         lb(Xb, link_approx="bridge_norm")
+
+
+def test_gridsearch_with_nn_refuses_a_glm_link():
+    """The grid search's predictive follows la(): 'nn' with link_approx='bridge' was silently ignored."""
+    X, y = data()
+    la = Laplace(mlp(), "classification", hessian_structure="diag").fit([(X, y)], progress=False)
+    with pytest.raises(ValueError, match=r"link_approx='bridge' applies to pred_type='glm'"):
+        la.optimize_prior_precision("gridsearch", val_loader=[(X, y)], pred_type="nn", link_approx="bridge",
+                                    n_samples=2)
+    la.optimize_prior_precision("gridsearch", val_loader=[(X, y)], pred_type="nn", n_samples=2, grid_size=3)

@@ -67,6 +67,7 @@ def test_evidence_rises_and_result_is_fitted():
     (dict(iterator=True), TypeError, r"train_loader is a one-shot iterator"),
 ])
 def test_bad_settings_are_refused_before_any_training(kwargs, exc, match):
+    kwargs = dict(kwargs)  # (the parametrize dict is shared by reruns)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))

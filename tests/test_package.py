@@ -179,3 +179,21 @@ def test_compiled_op_calls_do_not_recompile_as_the_choice_cache_grows():
             ops.select(name, torch.device("cpu"), backend)
         assert torch.equal(sample(mu, rho, rng), first)
     assert counter.frame_count == 1
+
+
+def test_warn_user_skips_library_and_torch_frames():
+    """A warning raised inside the package through torch's @no_grad wrapper names the caller's line
+    (a first frame outside pyfastbayes alone was torch/utils/_contextlib.py)."""
+    import os
+    import warnings
+
+    import pyfastbayes
+
+    fake = os.path.join(os.path.dirname(pyfastbayes.__file__), "_fake_caller.py")  # never written: a code name only
+    ns: dict = {}
+    exec(compile("import torch\nfrom pyfastbayes._warnings import warn_user\n@torch.no_grad()\n"
+                 "def lib():\n    warn_user('w')\n", fake, "exec"), ns)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ns["lib"]()
+    assert [w.filename for w in seen] == [__file__]

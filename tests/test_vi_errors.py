@@ -349,6 +349,9 @@ def test_elbo_state_keeps_the_annealing_step_and_layers_name_a_non_tensor_input(
     resumed = ELBO(model, 10, kl_weight=lambda step: min(1.0, step / 4))
     resumed.load_state_dict(elbo.state_dict())  # the step was not saved: the schedule restarted at 0
     assert resumed.step == 3
+    old = {k: v for k, v in elbo.state_dict().items() if not k.endswith("_extra_state")}  # saved before the step
+    resumed.load_state_dict(old)  # strict: loads, the step as it was
+    assert resumed.step == 3
     with pytest.raises(TypeError, match=r"BayesianLinear: the input must be a torch.Tensor, got list"):
         model[0]([1.0, 2.0, 3.0, 4.0])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -206,6 +207,10 @@ _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._Ins
                    nn.modules.dropout._DropoutNd, nn.MultiheadAttention, nn.RNNBase)
 
 
+_KERNELS_LOCK = threading.Lock()
+_KERNELS_STATE: dict = {"depth": 0, "fast": None, "sdpa": None}
+
+
 @contextlib.contextmanager
 def differentiable_kernels():
     """Context for the operators' passes: attention through kernels that have the derivatives the
@@ -213,16 +218,28 @@ def differentiable_kernels():
     nn.TransformerEncoderLayer take their fused inference path (``_native_multi_head_attention``,
     ``_transformer_encoder_layer_fwd``), which has no forward-mode derivative (jvp), and the fused
     CPU / CUDA ``scaled_dot_product_attention`` kernels have no second derivative; so the fast path
-    is off and SDPA runs its math kernel for the duration (both restored afterwards)."""
+    is off and SDPA runs its math kernel for the duration. Both are process-wide settings of torch:
+    other threads see them too while a pass runs; overlapping passes (threads) count themselves,
+    and the last one out restores the settings the first one found."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    with _KERNELS_LOCK:
+        if _KERNELS_STATE["depth"] == 0:
+            _KERNELS_STATE["fast"] = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            ctx = sdpa_kernel(SDPBackend.MATH)
+            ctx.__enter__()
+            _KERNELS_STATE["sdpa"] = ctx
+        _KERNELS_STATE["depth"] += 1
     try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+        with _KERNELS_LOCK:
+            _KERNELS_STATE["depth"] -= 1
+            if _KERNELS_STATE["depth"] == 0:
+                _KERNELS_STATE["sdpa"].__exit__(None, None, None)
+                torch.backends.mha.set_fastpath_enabled(_KERNELS_STATE["fast"])
+                _KERNELS_STATE["sdpa"] = None
 
 
 def mode_dependent(model: nn.Module) -> list[str]:

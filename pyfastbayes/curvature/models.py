@@ -253,16 +253,15 @@ class GGNOperator(_OutputSpaceOperator):
 
 
 def _shuffles(data) -> bool:
-    """Whether the DataLoader ``data`` draws its batches in a random order: a random sampler of
-    torch's (RandomSampler, SubsetRandomSampler, WeightedRandomSampler, a shuffling
-    DistributedSampler) as its sampler, its batch_sampler or the batch_sampler's sampler."""
+    """Whether the DataLoader ``data`` draws its batches in a new random order at every pass: a
+    random sampler of torch's (RandomSampler, SubsetRandomSampler, WeightedRandomSampler) as its
+    sampler, its batch_sampler or the batch_sampler's sampler. (A DistributedSampler's order is
+    fixed by its seed and epoch: the same at every pass until set_epoch is called.)"""
     from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
-    from torch.utils.data.distributed import DistributedSampler
 
     batch_sampler = getattr(data, "batch_sampler", None)
     for s in (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
-        if isinstance(s, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)) or \
-                (isinstance(s, DistributedSampler) and s.shuffle):
+        if isinstance(s, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
             return True
     return False
 

@@ -58,7 +58,9 @@ _CPU_ROWS = 512               # default rows per block on the CPU (digits MLP an
 def _row_blocks(x, y: Tensor, nb: int, r: int | None):
     """(inputs, targets, rows) of consecutive blocks of at most r rows of one batch (r None: the
     batch); the whole batch also when an input or the targets do not have the batch's nb rows in
-    their first dimension (a weight or a scalar shared by the rows, targets flattened over tokens)."""
+    their first dimension (a weight or a scalar shared by the rows, targets flattened over tokens).
+    A shared input whose first dimension happens to equal nb cannot be told from a batched one: it
+    is split too (grid's batch_rows docstring says so)."""
     if r is None or nb <= r or not all(torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == nb
                                        for a in (*(x if isinstance(x, tuple) else (x,)), y)):
         yield x, y, nb
@@ -75,8 +77,8 @@ def _failed_forward(err: BaseException, x, dtype: torch.dtype, model: nn.Module 
     its own parameters in eval mode, where that fails too (the batched walk's message speaks of the
     points' dimension: "batch2 tensor ... [9, 5]" for inputs of the wrong width); else ``err``."""
     named = dtype_mismatch(x, dtype, err, name="data")
-    if named is not None or model is None:
-        return named or err
+    if named is not None or model is None or isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return named or err  # (out of memory: no second forward while the failed one's tensors are alive)
     try:
         with torch.no_grad(), ModeGuard(model, False):  # eval: no BatchNorm statistics written
             model(*(x if isinstance(x, tuple) else (x,)))
@@ -420,7 +422,9 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             a masked mean would be averaged block by block). Whole batches, whatever is passed,
             when a BatchNorm layer keeps no running statistics (its eval output depends on the
             rows that share a batch), or for a batch whose inputs or targets do not all have its
-            rows in their first dimension.
+            rows in their first dimension (an input shared by the rows whose first dimension
+            happens to equal the batch size cannot be told apart: pass batch_rows above the
+            batch size to keep such batches whole).
         first_layer: use the first-layer shortcut when the model's first layer is an eligible
             Linear / Conv2d (its output at a point combined from m + 1 products per data block, see
             ``_first_layer.py``); False: every point runs the whole model; None (default) or True:
@@ -655,7 +659,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
     steps = check_int(steps, "steps (points on the line, ends included)", 2)
     why = layout_of(model_a, "model_a").difference(layout_of(model_b, "model_b"))
     if why:  # named here: directions_to would call them 'model' and 'others[0]'
-        raise ValueError(f"model_b has other trainable parameters than model_a ({why})")
+        raise ValueError(f"model_b has other trainable parameters than model_a ({why}; 'there' is model_b, "
+                         "'here' model_a)")
     d = directions_to(model_a, [model_b])
     return grid(model_a, loss_fn, data, d, torch.linspace(0, 1, steps, dtype=torch.float64), metrics=metrics,
                 bn=bn, batch_points=batch_points, distributed=distributed, progress=progress)

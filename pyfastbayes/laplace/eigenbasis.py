@@ -16,6 +16,7 @@ realistic mix).
 """
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 
 METHODS = ("auto", "batched", "loop", "cpu", "streams")
 STREAMS = 8  # default workers of method='streams' (host threads, one CUDA stream each)
+_THREADS_LOCK = threading.Lock()  # held while the host pool has torch's thread count lowered (process-wide)
 POOL_MIN_SIZE = 256  # 'auto' takes the host pool for 2 or more CPU matrices of at least this size
 
 
@@ -87,12 +89,13 @@ def _eigh_host(mats: list[Tensor], threads: int | None) -> list[tuple[Tensor, Te
         # the cores split between the workers (each LAPACK call on budget // workers threads): with
         # every worker on all of torch's threads they oversubscribe the cores (2 cores, 16 x 512 x 512:
         # 250 ms against 157 ms split, 190 ms for one call after another on both threads)
-        torch.set_num_threads(max(1, budget // workers))
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                results = list(pool.map(torch.linalg.eigh, host))
-        finally:
-            torch.set_num_threads(budget)
+        with _THREADS_LOCK:  # concurrent calls one at a time: no call restores another's reduced count
+            torch.set_num_threads(max(1, budget // workers))
+            try:
+                with ThreadPoolExecutor(workers) as pool:
+                    results = list(pool.map(torch.linalg.eigh, host))
+            finally:
+                torch.set_num_threads(budget)
     return [(vals.clamp_min(0).to(m.device), vecs.to(m.device)) for (vals, vecs), m in zip(results, mats)]
 
 

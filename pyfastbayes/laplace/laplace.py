@@ -66,6 +66,15 @@ def _choice(value, options, name):
     return value
 
 
+def _link(pred_type: str, link_approx: str | None) -> str:
+    """The link of a predictive: ``link_approx`` (default 'probit') for 'glm'; 'nn' averages sampled
+    networks, i.e. 'mc', and refuses another link (as laplace-torch does; it was silently ignored)."""
+    if pred_type == "nn" and link_approx not in (None, "mc"):
+        raise ValueError(f"pred_type='nn' averages sampled networks (link_approx='mc'); link_approx={link_approx!r} "
+                         "applies to pred_type='glm'")
+    return "probit" if link_approx is None else link_approx
+
+
 def _check_sigma(value, likelihood: str, dtype, device, name: str = "sigma_noise") -> Tensor:
     """sigma_noise (a float or a one-value tensor; a tensor keeps its autograd graph) as a tensor [],
     finite and > 0, and 1 unless the likelihood is 'regression'; one path for the constructor,
@@ -533,7 +542,7 @@ class Laplace(Posterior):
     def optimize_prior_precision(self, method: str = "marglik", prior_structure: str = "scalar", *,
                                  n_steps: int = 100, lr: float = 0.1, init_prior_prec=None, val_loader=None,
                                  log_prior_prec_range: tuple[float, float] = (-4.0, 4.0), grid_size: int = 21,
-                                 pred_type: str = "glm", link_approx: str = "probit", n_samples: int = 100,
+                                 pred_type: str = "glm", link_approx: str | None = None, n_samples: int = 100,
                                  tune_sigma: bool | None = None, progress: bool = False) -> Tensor:
         """Tune the prior precision (and for regression the noise) after :meth:`fit`; returns it.
 
@@ -549,6 +558,8 @@ class Laplace(Posterior):
         _choice(prior_structure, ml.PRIOR_STRUCTURES, "prior_structure")
         self._need_fit()
         if method == "gridsearch":
+            _choice(pred_type, PRED_TYPES, "pred_type")
+            link_approx = _link(pred_type, link_approx)
             n_samples = check_int(n_samples, "n_samples", 1)  # (the predictive's draws: 'mc' link, 'nn')
             return self._gridsearch(val_loader, log_prior_prec_range, grid_size, pred_type, link_approx, n_samples)
         if prior_structure != "scalar" and self.hessian_structure == "lowrank":
@@ -732,10 +743,7 @@ class Laplace(Posterior):
         draws, i.e. 'mc' (the default there; another link is refused, as laplace-torch does).
         ``batch_size``: rows per forward when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
         _choice(pred_type, PRED_TYPES, "pred_type")
-        if pred_type == "nn" and link_approx not in (None, "mc"):
-            raise ValueError(f"pred_type='nn' averages sampled networks (link_approx='mc'); link_approx={link_approx!r} "
-                             "applies to pred_type='glm'")
-        link_approx = "probit" if link_approx is None else link_approx
+        link_approx = _link(pred_type, link_approx)
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
         if pred_type == "nn":
@@ -774,9 +782,7 @@ class Laplace(Posterior):
         _choice(pred_type, PRED_TYPES, "pred_type")
         batch_size = self._batch_size(batch_size, pred_type)
         if pred_type == "nn":
-            if link_approx not in (None, "mc"):
-                raise ValueError(f"pred_type='nn' averages sampled networks (link_approx='mc'); "
-                                 f"link_approx={link_approx!r} applies to pred_type='glm'")
+            _link(pred_type, link_approx)
             out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size, **options)
             if self.likelihood != "regression":
                 return out

@@ -223,8 +223,8 @@ class FullPrecision:
         return self._chol(s, delta), None, None
 
     def logdet(self, s, delta):
-        if delta.dim() == 0 or (not delta.requires_grad
-                                and bool((delta == delta.reshape(-1)[0]).all())):
+        if delta.numel() == 1 or (not delta.requires_grad
+                                  and bool((delta == delta.reshape(-1)[0]).all())):
             # one prior precision: log det (s H + delta I) = sum log(s lambda_i + delta) from H's
             # eigenvalues, decomposed once (a Cholesky and its backward per tuning step otherwise).
             # Not for a per-block / per-weight prior being differentiated, even with equal values:

@@ -159,6 +159,11 @@ class ELBO(nn.Module):
     def get_extra_state(self) -> dict:
         return {"step": self.step}
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state saved before the step was kept has no '_extra_state': it loads strictly, the step as it is
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_extra_state(self, state) -> None:
         step = state.get("step") if isinstance(state, dict) else None
         self.step = check_int(step, "the ELBO state's step", 0)

@@ -107,7 +107,6 @@ class VariationalPosterior(Posterior):
             t.copy_(s)
         return layers
 
-    @torch.no_grad()
     def sample_(self, model: nn.Module | None = None, *, generator: torch.Generator | None = None) -> nn.Module:
         """Write one draw into a deterministic network of the twin's architecture (default: the
         twin, :attr:`model`); the Bayesian model itself is refused by name (its layers draw their
@@ -118,6 +117,7 @@ class VariationalPosterior(Posterior):
                             "own weights at every forward")
         return super().sample_(model, generator=generator)
 
+    @torch.no_grad()
     def mean(self) -> Tensor:
         """The means [P] (mu of the Bayesian layers, the other parameters as they are)."""
         self._sync()
