@@ -649,8 +649,8 @@ class _Attention(nn.Module):
 
 
 # in eval mode without grad-requiring inputs, attention took torch's fused inference path, which has no
-# forward-mode derivative: ggn / fisher raised NotImplementedError, hessian of the encoder layer
-# "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"
+# forward-mode formula: ggn / fisher failed there, and hessian of the encoder layer failed for want of a
+# second derivative of the fused scaled-dot-product kernel
 @pytest.mark.parametrize("kind", ["mha", "encoder"])
 def test_attention_models(kind):
     from torch.nn.attention import SDPBackend, sdpa_kernel

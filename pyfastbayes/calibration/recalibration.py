@@ -81,7 +81,7 @@ class TemperatureScaling:
         g_small_t, g_large_t = self._grad(z, zy, 1 / self.t_min), self._grad(z, zy, 1 / self.t_max)
         if g_small_t <= 0 <= g_large_t:  # g is non-decreasing in beta: zero on the whole range
             warn_user("TemperatureScaling: the NLL does not depend on T (every row's logits are equal); "
-                          "keeping T = 1 (clamped to the range)", RuntimeWarning)
+                      "keeping T = 1 (clamped to the range)", RuntimeWarning)
             return None
         if g_small_t <= 0:
             cause = ("the logits separate the validation data (every point's target logit is the largest), so "
@@ -94,9 +94,9 @@ class TemperatureScaling:
             return "t_min"
         if g_large_t >= 0:
             warn_user(f"TemperatureScaling: stopped at the bound T = t_max = {self.t_max:g}: the NLL is still "
-                          f"falling there, its minimiser lies above t_max (the logits carry little information "
-                          f"about the targets, or are far too large); check that logits and targets belong "
-                          f"together, or raise t_max", RuntimeWarning)
+                      f"falling there, its minimiser lies above t_max (the logits carry little information "
+                      f"about the targets, or are far too large); check that logits and targets belong "
+                      f"together, or raise t_max", RuntimeWarning)
             return "t_max"
         return None
 
@@ -192,9 +192,9 @@ class VectorScaling:
         self.weight, self.bias = w.detach(), b.detach()
         if _separates(z, y):
             warn_user("VectorScaling: the logits separate the validation data (every point's target logit is "
-                          "the largest), so the NLL keeps falling as the weights grow and has no finite minimiser; "
-                          "the weights depend on max_iter. Use more or harder validation data (points the model "
-                          "gets wrong), or TemperatureScaling, whose T is bounded", RuntimeWarning)
+                      "the largest), so the NLL keeps falling as the weights grow and has no finite minimiser; "
+                      "the weights depend on max_iter. Use more or harder validation data (points the model "
+                      "gets wrong), or TemperatureScaling, whose T is bounded", RuntimeWarning)
         return self
 
     def transform(self, logits: Tensor) -> Tensor:

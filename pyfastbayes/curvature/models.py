@@ -82,9 +82,9 @@ class _ModelCurvature(LinearOperator):
         busy = mode_dependent(model)
         if busy:
             warn_user(f"{type(self).__name__}: the model has submodules in training mode whose forward depends on "
-                          f"it ({', '.join(busy[:4])}{', ...' if len(busy) > 4 else ''}); the curvature is evaluated "
-                          "in eval mode (BatchNorm running statistics, no dropout) and every submodule's mode is "
-                          "restored after each product", UserWarning)
+                      f"it ({', '.join(busy[:4])}{', ...' if len(busy) > 4 else ''}); the curvature is evaluated "
+                      "in eval mode (BatchNorm running statistics, no dropout) and every submodule's mode is "
+                      "restored after each product", UserWarning)
 
     # the model as a function of the selected parameters
     def _forward(self, x, fixed: dict[str, Tensor]):

@@ -282,8 +282,8 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
             ps, s, e, R_prev = s, e, e_new, R
     if not converged and tol > 0:
         warn_user(f"eigenvalues: the {k} {which} Ritz pairs have not converged after {e} products "
-                      f"(largest residual {float(residuals.max()):.3g}, tol * max|theta| = "
-                      f"{tol * float(theta.abs().max()):.3g}); raise n_iter", RuntimeWarning)
+                  f"(largest residual {float(residuals.max()):.3g}, tol * max|theta| = "
+                  f"{tol * float(theta.abs().max()):.3g}); raise n_iter", RuntimeWarning)
     order = torch.argsort(theta[idx], descending=True)
     idx = idx[order]
     vecs = Q[:, :e] @ S[:, idx].to(device=device, dtype=work)

@@ -277,6 +277,13 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
+def global_hooks() -> bool:
+    """Whether module forward hooks are registered for every module (torch.nn.modules.module)."""
+    from torch.nn.modules import module as _module
+
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
 def _fuse_activations(model: nn.Module, done: list) -> nn.Module:
     """Every plain nn.Sequential of ``model`` (bottom-up) with a stand-in followed by an activation
     of :data:`FUSED` (nn.ReLU, nn.Tanh) replaced by a :class:`_FusedSequential` that applies the
@@ -285,9 +292,7 @@ def _fuse_activations(model: nn.Module, done: list) -> nn.Module:
     children are unchanged for direct calls), and not with global module hooks (they would see the
     layer's output after the activation). Replacements are appended to ``done``; returns the model
     to call (its fused stand-in when it is such a Sequential itself)."""
-    from torch.nn.modules import module as _module
-
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if global_hooks():
         return model
     root = model
     for name, seq in reversed(list(model.named_modules(remove_duplicate=False))):  # children first

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.calls import parameter_calls
+from . import _batched
 
 _HELD = threading.local()  # the chunk's precombined first-layer outputs, read by the stand-in
 
@@ -171,10 +172,7 @@ def find(model: nn.Module, layout, example) -> FirstLayer | None:
         return None
     if not inp or inp[0] is not example:
         return None
-    from torch.nn.modules import module as _module
-
-    if mod._forward_hooks or mod._forward_pre_hooks or _module._global_forward_hooks \
-            or _module._global_forward_pre_hooks:
+    if _batched._hooked(mod) or _batched.global_hooks():
         return None  # the stand-in would skip the hooks
     own = {id(p) for p in mod.parameters(recurse=False)}
     if sum(id(p) in own for _, p in model.named_parameters(remove_duplicate=False)) != len(own):

@@ -502,8 +502,9 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         raise ValueError(f"batch_rows must be a positive int or None, got {batch_rows!r}")
     else:
         r = batch_rows
-    if _batch_dependent(model):
-        r = None
+    if _batch_dependent(model) or (batch_rows is None
+                                   and not all(map(row_separable, [loss_fn, *metrics.values()]))):
+        r = None  # whole batches: batch statistics, or (by default) a fn whose blocks would not give its batch value
     data = as_batches(data)
     layers = recompute_layers(model) if bn == "recompute" else []
 
@@ -511,8 +512,6 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
     dirs = directions.to(device=device, dtype=dtype)
     names = ["loss", *metrics]
     fns = [loss_fn, *metrics.values()]
-    if batch_rows is None and not all(map(row_separable, fns)):
-        r = None  # by default batches are split only where the blocks give each fn's batch value exactly
     lo, hi = 0, n_pts
     if dist_on:
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -609,7 +608,7 @@ def _oom_retry(c: int, device, checksum) -> None:
     if checksum is not None:
         checksum.acc.zero_()
     warn_user(f"landscape.grid: a chunk of points ran out of memory; retrying with {c} points per chunk "
-                  "(pass batch_points= to choose it yourself)", RuntimeWarning)
+              "(pass batch_points= to choose it yourself)", RuntimeWarning)
 
 
 def _oom_hint(c: int, adaptive: bool) -> Exception:
@@ -657,10 +656,9 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
     from .directions import directions_to
 
     steps = check_int(steps, "steps (points on the line, ends included)", 2)
-    why = layout_of(model_a, "model_a").difference(layout_of(model_b, "model_b"))
+    why = layout_of(model_a, "model_a").difference(layout_of(model_b, "model_b"), "in model_b", "in model_a")
     if why:  # named here: directions_to would call them 'model' and 'others[0]'
-        raise ValueError(f"model_b has other trainable parameters than model_a ({why}; 'there' is model_b, "
-                         "'here' model_a)")
+        raise ValueError(f"model_b has other trainable parameters than model_a ({why})")
     d = directions_to(model_a, [model_b])
     return grid(model_a, loss_fn, data, d, torch.linspace(0, 1, steps, dtype=torch.float64), metrics=metrics,
                 bn=bn, batch_points=batch_points, distributed=distributed, progress=progress)

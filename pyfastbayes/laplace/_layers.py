@@ -474,5 +474,5 @@ def build_layers(model: nn.Module, layout, selected: set[str], *, bias_block: st
         raise ValueError(f"parameters {sorted(missing)} were not found as direct parameters of any module")
     if fallback and unsupported == "diag":
         warn_user(f"Laplace: diagonal blocks (unsupported='diag') for {fallback}; supported for "
-                      f"Kronecker factors: {SUPPORTED_TEXT}")
+                  f"Kronecker factors: {SUPPORTED_TEXT}")
     return layers

@@ -631,9 +631,9 @@ class Laplace(Posterior):
         if float(best) in (grid[0], grid[-1]):
             edge = "upper" if float(best) == grid[-1] else "lower"
             warn_user(f"gridsearch: the validation NLL is lowest at the {edge} end of the grid "
-                          f"(prior precision {float(best):g}); widen log_prior_prec_range. At the upper end the "
-                          "validation data prefer (nearly) no posterior variance: the Laplace predictive is then "
-                          "close to the MAP's")
+                      f"(prior precision {float(best):g}); widen log_prior_prec_range. At the upper end the "
+                      "validation data prefer (nearly) no posterior variance: the Laplace predictive is then "
+                      "close to the MAP's")
         self._prior = best
         return best
 

@@ -200,14 +200,16 @@ class FullPrecision:
         rounding can leave it eigenvalues just below 0 (float32: -1e-6 against a tiny prior): then
         s H + diag(delta) is rebuilt from H's eigenvalues clamped at 0, as :meth:`logdet` takes them."""
         L, info = torch.linalg.cholesky_ex(s * self.H + torch.diag(delta))
+        return L if int(info) == 0 else self._clamped_chol(s, delta)
+
+    def _clamped_chol(self, s, delta) -> Tensor:
+        lam, V = self._eigh_psd()
+        Pm = (V * (s * lam)) @ V.mT + torch.diag(delta)
+        L, info = torch.linalg.cholesky_ex((Pm + Pm.mT) / 2)
         if int(info) != 0:
-            lam, V = self._eigh_psd()
-            Pm = (V * (s * lam)) @ V.mT + torch.diag(delta)
-            L, info = torch.linalg.cholesky_ex((Pm + Pm.mT) / 2)
-            if int(info) != 0:
-                raise RuntimeError(f"the posterior precision s H + diag(prior precision) is singular in {self.H.dtype} "
-                                   "(a prior precision too small against the curvature's scale): raise "
-                                   "prior_precision, or fit in float64")
+            raise RuntimeError(f"the posterior precision s H + diag(prior precision) is singular in {self.H.dtype} "
+                               "(a prior precision too small against the curvature's scale): raise "
+                               "prior_precision, or fit in float64")
         return L
 
     def _inverse_root(self, s, delta) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -220,7 +222,7 @@ class FullPrecision:
         if not delta.requires_grad and bool((delta == delta[0]).all()):
             lam, V = self._eigh_psd()
             return None, V, 1.0 / (s * lam + delta[0])
-        return self._chol(s, delta), None, None
+        return self._clamped_chol(s, delta), None, None
 
     def logdet(self, s, delta):
         if delta.numel() == 1 or (not delta.requires_grad

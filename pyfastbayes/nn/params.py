@@ -101,9 +101,10 @@ class ParamLayout:
     def __repr__(self) -> str:
         return f"ParamLayout({len(self)} tensors, P={self.numel}, {self.dtype}, {self.device})"
 
-    def difference(self, other: "ParamLayout") -> str:
-        """Why ``other`` differs from this layout, in words ('' when equal)."""
-        return _difference(other._entries(), self._entries(), "there", "here")
+    def difference(self, other: "ParamLayout", there: str = "there", here: str = "here") -> str:
+        """Why ``other`` differs from this layout, in words ('' when equal); ``there`` / ``here``
+        name the two sides (e.g. "in model_b", "in model_a")."""
+        return _difference(other._entries(), self._entries(), there, here)
 
     def describe(self) -> Description:
         """Picklable description for state dicts: [(name, shape tuple, dtype string)] per tensor."""
