@@ -444,12 +444,17 @@ def test_predict_regression_and_multiswag_mixture():
     multi = MultiSWAG(swags)
     pm = multi.predict(x, n_samples=5, progress=False, generator=torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(2)
-    p0 = swags[0].predict(x, n_samples=3, progress=False, generator=g)  # counts 3 + 2
-    p1 = swags[1].predict(x, n_samples=2, progress=False, generator=g)
-    torch.testing.assert_close(pm, (3 * p0 + 2 * p1) / 5)
+    counts = [2, 2]
+    counts[int(torch.randperm(2, generator=g)[0])] += 1  # the odd draw goes to a random run
+    order = torch.randperm(2, generator=g).tolist()  # the runs' order
+    preds = {i: swags[i].predict(x, n_samples=counts[i], progress=False, generator=g) for i in order}
+    torch.testing.assert_close(pm, (preds[0] + preds[1]) / 2)  # each run weighs 1 / M, whatever its count
     th = multi.sample(5, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
-    torch.testing.assert_close(th, torch.cat([swags[0].sample(3, generator=g), swags[1].sample(2, generator=g)]))
+    counts = [2, 2]
+    counts[int(torch.randperm(2, generator=g)[0])] += 1
+    draws = torch.cat([swags[i].sample(counts[i], generator=g) for i in range(2)])
+    torch.testing.assert_close(th, draws[torch.randperm(5, generator=g)])  # in a random order
     sd = multi.state_dict()
     other = MultiSWAG([SWAG(m, max_rank=3) for m in models])
     other.load_state_dict(sd)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..calibration._checks import check_int
-from .inputs import call_model, iterate_inputs, to_device
+from .inputs import call_model, dtype_mismatch, iterate_inputs, to_device
 
 __all__ = ["update_bn", "refresh_bn", "bn_modules", "ModeGuard"]
 
@@ -55,7 +55,7 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 @torch.no_grad()
 def refresh_bn(model: nn.Module, loader, tensors: dict[str, Tensor] | None = None, device=None,
-               batch_size: int = 1024, input_fn: Callable | None = None) -> None:
+               batch_size: int = 1024, input_fn: Callable | None = None, *, name: str = "bn_loader") -> None:
     """Recompute the BatchNorm running statistics in one pass over ``loader`` in train mode with
     the cumulative average (momentum None), as ``torch.optim.swa_utils.update_bn`` does.
 
@@ -67,6 +67,8 @@ def refresh_bn(model: nn.Module, loader, tensors: dict[str, Tensor] | None = Non
             else name -> tensor (parameters and buffers) run through ``functional_call``, and the
             BatchNorm buffers *in this dict* are updated in place (the model's are untouched).
         device: where the inputs are moved (None: not moved).
+        name: the loader's argument name in errors (a loader of another dtype than the model's
+            parameters gets the same TypeError as ``x`` does in ``predict``).
 
     Momenta and every submodule's train/eval flag are restored, also on error; a pass that fails (a
     batch the model refuses, a loader without batches: ValueError) also puts the statistics back as
@@ -99,11 +101,19 @@ def refresh_bn(model: nn.Module, loader, tensors: dict[str, Tensor] | None = Non
             m.momentum = None  # cumulative moving average over the pass
         with ModeGuard(model, True):
             seen = False
-            for b in iterate_inputs(loader, batch_size, input_fn):
-                call_model(fn, b if device is None else to_device(b, device))
+            for b in iterate_inputs(loader, batch_size, input_fn, name=name):
+                b = b if device is None else to_device(b, device)
+                try:
+                    call_model(fn, b)
+                except RuntimeError as e:
+                    wrong = dtype_mismatch(b, bns[0].running_mean.dtype if bns[0].running_mean is not None
+                                           else torch.get_default_dtype(), e, name=name)
+                    if wrong is not None:
+                        raise wrong from e
+                    raise
                 seen = True
             if not seen:
-                raise ValueError("bn_loader / loader yielded no batches: the BatchNorm statistics need data")
+                raise ValueError(f"{name} yielded no batches: the BatchNorm statistics need data")
     except BaseException:
         with torch.no_grad():
             for t, before in saved:
@@ -130,4 +140,4 @@ def update_bn(loader, model: nn.Module, device=None, *, batch_size: int = 1024,
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} (call form: "
                         "update_bn(loader, model, device=None))")
     dev = torch.device(device) if device is not None else _model_device(model)
-    refresh_bn(model, loader, None, dev, batch_size, input_fn)
+    refresh_bn(model, loader, None, dev, batch_size, input_fn, name="loader")

@@ -11,14 +11,15 @@ positional arguments) and ``output_fn`` (model output -> a tensor [N, ...]).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .loaders import batches
 
-__all__ = ["iterate_inputs", "model_input", "model_output", "call_model", "to_device", "dtype_mismatch"]
+__all__ = ["iterate_inputs", "check_reiterable", "model_input", "model_output", "call_model", "to_device", "dtype_mismatch"]
 
 ModelInput = Any  # a tensor, or a tuple of positional arguments (from input_fn)
 
@@ -46,22 +47,43 @@ def model_input(item, input_fn: Callable | None = None) -> ModelInput:
                     "input_fn=... (item -> tensor or tuple of model arguments) for anything else")
 
 
-def iterate_inputs(data, batch_size: int, input_fn: Callable | None = None) -> Iterator[ModelInput]:
-    """Yield model inputs from a tensor [N, ...] (split into ``batch_size`` rows, then passed
-    through ``input_fn`` when given) or from an iterable of loader items (see :func:`model_input`)."""
+def iterate_inputs(data, batch_size: int, input_fn: Callable | None = None, *,
+                   name: str = "x") -> Iterator[ModelInput]:
+    """Yield model inputs from a tensor [N, ...] (split into ceil(N / ``batch_size``) chunks of
+    near-equal rows, at most ``batch_size`` each, so no chunk is a lone short remainder: a 1-row
+    chunk would fail in train-mode BatchNorm and a short one skew its averaged statistics; each
+    chunk then passed through ``input_fn`` when given) or from an iterable of loader items (see
+    :func:`model_input`). ``name``: the argument's name in errors."""
     if torch.is_tensor(data):
         if data.dim() == 0:
-            raise ValueError("x must have a batch dimension: a tensor [N, ...], got a 0-dim tensor")
-        for b in data.split(batch_size):
-            yield model_input(b, input_fn)
+            raise ValueError(f"{name} must have a batch dimension: a tensor [N, ...], got a 0-dim tensor")
+        for b in data.tensor_split(max(1, -(-len(data) // batch_size))):  # N = 0: one empty chunk
+            if input_fn is None:
+                yield b
+                continue
+            try:
+                yield model_input(b, input_fn)
+            except (TypeError, KeyError, IndexError, ValueError) as e:
+                raise TypeError(f"input_fn failed on a {tuple(b.shape)} chunk of the tensor {name} ({type(e).__name__}: "
+                                f"{e}): input_fn is applied to the chunks of tensors and to the items of loaders "
+                                f"alike; pass {name} in the same form as the other data, or make input_fn accept "
+                                "both") from e
         return
     try:
         it = batches(data)
     except TypeError:
-        raise TypeError(f"x must be a tensor [N, ...] or an iterable of batches (a DataLoader), got "
+        raise TypeError(f"{name} must be a tensor [N, ...] or an iterable of batches (a DataLoader), got "
                         f"{type(data).__name__}") from None
     for item in it:
         yield model_input(item, input_fn)
+
+
+def check_reiterable(data, name: str) -> None:
+    """TypeError when ``data`` is a one-shot iterator (``iter(data) is data``: a generator, or
+    ``iter(loader)``) where it is read more than once, e.g. ``bn_loader`` once per draw."""
+    if isinstance(data, Iterator):
+        raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}), but it is read once per draw: pass "
+                        "the DataLoader (or a list of batches, or a tensor) itself, not iter(...) or a generator")
 
 
 def to_device(inp: ModelInput, device) -> ModelInput:

@@ -35,14 +35,15 @@ from tqdm.auto import tqdm
 
 from ..calibration._checks import check_int, check_generator  # noqa: F401 (the posteriors import them from here)
 from ..nn import ModeGuard, ParamLayout, bn_modules, refresh_bn
-from ..nn.inputs import call_model, dtype_mismatch, iterate_inputs, model_output, to_device
+from ..nn.inputs import call_model, check_reiterable, dtype_mismatch, iterate_inputs, model_output, to_device
 
 __all__ = ["Posterior", "LIKELIHOODS"]
 
 LIKELIHOODS = ("classification", "regression", "binary")
 _DRAW_BYTES = 256 << 20  # iter_samples keeps each batch of draws [batch, P] under this size
 
-Source = tuple[ParamLayout, Iterable[Tensor]]  # (where the draws go, the flat draws [P])
+# (where the draws go, the flat draws [P]) or (..., the weight of each of those draws: default 1)
+Source = tuple[ParamLayout, Iterable[Tensor]] | tuple[ParamLayout, Iterable[Tensor], float]
 
 
 def check_likelihood(likelihood) -> str:
@@ -55,14 +56,17 @@ def check_likelihood(likelihood) -> str:
 class _Average:
     """Running Bayesian model average of one likelihood over draws (see the module docstring).
 
-    Probabilities are summed and divided at the end; regression outputs use Welford's update
-    (mean and sum of squared deviations), which does not cancel catastrophically like
-    E[f^2] - E[f]^2. Half-precision outputs are promoted to float32.
+    Each draw carries a weight (1 unless a mixture weighs its components' draws, see
+    :class:`~pyfastbayes.posteriors.MultiSWAG`); the average is normalised by the total weight.
+    Probabilities are summed and divided at the end; regression outputs use the weighted form of
+    Welford's update (mean and weighted sum of squared deviations, West 1979), which does not
+    cancel catastrophically like E[f^2] - E[f]^2. Half-precision outputs are promoted to float32.
     """
 
     def __init__(self, likelihood: str):
         self.likelihood = likelihood
         self.count = 0
+        self.weight = 0.0
         self.acc: Tensor | None = None
         self.m2: Tensor | None = None
 
@@ -75,6 +79,11 @@ class _Average:
                 raise ValueError(f"likelihood='classification' needs logits [N, C] with C >= 2 classes; the model "
                                  f"outputs {shape} (softmax over it would be meaningless): for one logit per point "
                                  "use likelihood='binary'")
+            if out.dim() > 2:  # [N, C, H, W] (torch's class dim 1) or [N, T, C] (classes last): not guessed
+                raise ValueError(f"likelihood='classification' needs logits [N, C]; the model outputs {shape}, where "
+                                 "the class dimension is ambiguous: pass output_fn=lambda out: "
+                                 "out.movedim(1, -1).flatten(0, -2) for classes in dim 1 (as F.cross_entropy takes "
+                                 "[N, C, d1, ...]) or output_fn=lambda out: out.flatten(0, -2) for classes last")
             return out.softmax(-1)
         if self.likelihood == "binary":
             if out.dim() == 2 and shape[1] == 1:
@@ -85,28 +94,29 @@ class _Average:
             return out.sigmoid()
         return out
 
-    def add(self, out: Tensor) -> None:
-        """Add the outputs [N, ...] of one draw."""
+    def add(self, out: Tensor, weight: float = 1.0) -> None:
+        """Add the outputs [N, ...] of one draw with ``weight`` > 0."""
         out = self._transform(out)
         self.count += 1
+        self.weight += weight
         if self.acc is None:
-            self.acc = out.clone()
+            self.acc = out * weight if self.likelihood != "regression" else out.clone()
             if self.likelihood == "regression":
                 self.m2 = torch.zeros_like(out)
             return
         out = out.to(self.acc.device)
         if self.likelihood != "regression":
-            self.acc += out
+            self.acc.add_(out, alpha=weight)
             return
         delta = out - self.acc
-        self.acc += delta / self.count
-        self.m2 += delta * (out - self.acc)
+        self.acc += delta * (weight / self.weight)
+        self.m2 += delta * (out - self.acc) * weight
 
     def result(self) -> Tensor | tuple[Tensor, Tensor]:
         """The average: probabilities [N, C] / [N], or (mean, variance over draws) [N, ...]."""
         if self.likelihood != "regression":
-            return self.acc / self.count
-        return self.acc, self.m2 / self.count
+            return self.acc / self.weight
+        return self.acc, self.m2 / self.weight
 
 
 class Posterior(abc.ABC):
@@ -199,8 +209,10 @@ class Posterior(abc.ABC):
         runs through its layout's model (see the module docstring); ``total`` sizes the bar."""
         check_likelihood(likelihood)
         batch_size = check_int(batch_size, "batch_size", 1)
+        if bn_loader is not None and total > 1:
+            check_reiterable(bn_loader, "bn_loader")
         sources = list(sources)
-        for layout, _ in sources:
+        for layout, *_ in sources:
             layout.params()  # the model still has the recorded parameters
         inputs = list(iterate_inputs(x, batch_size, input_fn))
         if not inputs:
@@ -208,7 +220,7 @@ class Posterior(abc.ABC):
         on_device: dict[torch.device, list] = {}
         avg = _Average(likelihood)
         with tqdm(total=total, desc=f"{self.kind} BMA", leave=False, disable=not progress) as bar:
-            for layout, draws in sources:
+            for layout, draws, *weight in sources:
                 batches = on_device.setdefault(layout.device, [to_device(b, layout.device) for b in inputs])
                 with ModeGuard(layout.model, False):
                     for theta in draws:
@@ -219,7 +231,7 @@ class Posterior(abc.ABC):
                             if wrong is not None:
                                 raise wrong from e
                             raise
-                        avg.add(out)
+                        avg.add(out, *weight)
                         bar.update()
         if avg.count == 0:
             raise RuntimeError(f"the {self.kind} produced no draws to average")

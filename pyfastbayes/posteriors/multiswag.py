@@ -4,24 +4,33 @@
 :class:`~pyfastbayes.posteriors.base.Posterior`."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .base import Posterior, check_int, check_generator
-from .swag import SWAG
+from .swag import SWAG, check_cov, check_scale
 
 __all__ = ["MultiSWAG"]
+
+
+def _device(generator: torch.Generator | None):
+    """Where a draw from ``generator`` happens (its own device; the global generator's: CPU)."""
+    return generator.device if generator is not None else "cpu"
 
 
 class MultiSWAG(Posterior):
     """An equal-weight mixture of M SWAG posteriors over models with the same parameter layout.
 
-    Draws are stratified: of S draws, component i gets S // M (+1 for the first S % M), in
-    component order, so each run contributes in proportion to its weight 1 / M without sampling
-    noise in the counts. Each component's draws run through its own model (its own buffers);
-    ``scale=None`` means each component's default for ``cov`` (see :class:`SWAG`).
+    Draws are stratified: of S draws, every component gets S // M and the S % M left over go to
+    as many components picked at random (from ``generator``), so each run's expected share is
+    exactly 1 / M with little noise in the counts. :meth:`predict` then weighs the draws so that
+    every component drawn from counts 1 / M (each draw of component i weighs 1 / k_i), the
+    equal-weight mixture whenever S >= M; :meth:`sample` returns the draws in a random order, and
+    :meth:`iter_samples` yields them in component blocks, the blocks in a random order. Each
+    component's draws run through its own model (its own buffers); ``scale=None`` means each
+    component's default for ``cov`` (see :class:`SWAG`).
 
     Args:
         posteriors: M >= 1 :class:`SWAG` objects whose layouts are equal (names, shapes and dtypes
@@ -57,15 +66,21 @@ class MultiSWAG(Posterior):
     def __getitem__(self, i: int) -> SWAG:
         return self.posteriors[i]
 
-    def _counts(self, n: int) -> list[int]:
+    def _counts(self, n: int, generator) -> list[int]:
+        """Draws per component: n // M each, one more for n % M components picked at random."""
         M = len(self.posteriors)
-        return [n // M + (i < n % M) for i in range(M)]
+        counts = [n // M] * M
+        if n % M:
+            for i in torch.randperm(M, generator=generator, device=_device(generator))[:n % M].tolist():
+                counts[i] += 1
+        return counts
 
     def _check(self, n, scale, cov, generator, name: str = "n", minimum: int = 0) -> int:
-        """Every argument and every component's ability to draw, before any component draws; a
-        component's refusal names it (posteriors[i])."""
+        """Every argument (named as the caller's), then every component's ability to draw, before
+        any component draws; a component's refusal names it (posteriors[i])."""
         n = check_int(n, name, minimum)
         check_generator(generator)
+        check_scale(scale, check_cov(cov))
         for i, p in enumerate(self.posteriors):
             try:
                 p._check_draw_args(0, scale, cov)
@@ -75,15 +90,30 @@ class MultiSWAG(Posterior):
 
     def sample(self, n: int, *, scale: float | None = None, cov: str = "lowrank",
                generator: torch.Generator | None = None) -> Tensor:
-        """S = n draws [n, P] from the mixture (component blocks in order, on the first
-        component's device; see the class docstring)."""
+        """S = n draws [n, P] from the mixture, in a random order, on the first component's
+        device (see the class docstring)."""
         n = self._check(n, scale, cov, generator)
         parts = [p.sample(k, scale=scale, cov=cov, generator=generator)
-                 for p, k in zip(self.posteriors, self._counts(n)) if k]
+                 for p, k in zip(self.posteriors, self._counts(n, generator)) if k]
         if not parts:
             return self.posteriors[0].sample(0, scale=scale, cov=cov)
         dev = parts[0].device
-        return torch.cat([q.to(dev) for q in parts])
+        out = torch.cat([q.to(dev) for q in parts])
+        return out[torch.randperm(n, generator=generator, device=_device(generator)).to(dev)]
+
+    def iter_samples(self, n: int, *, generator: torch.Generator | None = None, **options) -> Iterator[Tensor]:
+        """Yield ``n`` draws [P] one by one: each component's stratified count (see the class
+        docstring) from its own :meth:`SWAG.iter_samples`, the components in a random order."""
+        n = self._check(n, options.get("scale"), options.get("cov", "lowrank"), generator)
+        return (theta for _, draws, _ in self._sources(n, generator, options) for theta in draws)
+
+    def _sources(self, n: int, generator, options: dict) -> list[tuple]:
+        """(layout, lazy draws, weight of each draw) of every component with draws, in a random
+        order; the weights 1 / k_i give every component drawn from the same total weight."""
+        counts = self._counts(n, generator)
+        order = torch.randperm(len(self), generator=generator, device=_device(generator)).tolist()
+        return [(self.posteriors[i].layout, self.posteriors[i].iter_samples(counts[i], generator=generator, **options),
+                 1.0 / counts[i]) for i in order if counts[i]]
 
     @torch.no_grad()
     def sample_(self, model: nn.Module | None = None, *, scale: float | None = None, cov: str = "lowrank",
@@ -92,8 +122,7 @@ class MultiSWAG(Posterior):
         a component picked uniformly at random (from ``generator``), then one of its draws."""
         self._check(1, scale, cov, generator)
         self.layout.params(model)
-        dev = generator.device if generator is not None else "cpu"
-        i = int(torch.randint(len(self), (), generator=generator, device=dev))
+        i = int(torch.randint(len(self), (), generator=generator, device=_device(generator)))
         theta = self.posteriors[i].sample(1, scale=scale, cov=cov, generator=generator)[0]
         return self.layout.write_(theta, model)
 
@@ -103,10 +132,10 @@ class MultiSWAG(Posterior):
                 generator: torch.Generator | None = None, input_fn: Callable | None = None,
                 output_fn: Callable | None = None):
         """Bayesian model average over ``n_samples`` stratified mixture draws, each component's
-        through its own model; arguments and outputs as in :meth:`SWAG.predict`."""
+        through its own model and weighted so that the components count equally (see the class
+        docstring); arguments and outputs as in :meth:`SWAG.predict`."""
         n = self._check(n_samples, scale, cov, generator, "n_samples", 1)
-        sources = [(p.layout, p.iter_samples(k, generator=generator, scale=scale, cov=cov))
-                   for p, k in zip(self.posteriors, self._counts(n)) if k]
+        sources = self._sources(n, generator, {"scale": scale, "cov": cov})
         return self._average(sources, x, total=n, likelihood=likelihood, bn_loader=bn_loader, batch_size=batch_size,
                              progress=progress, input_fn=input_fn, output_fn=output_fn)
 

@@ -67,8 +67,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._distributed import local_tensor, shard_offset
-from ..nn import ModeGuard, bn_modules, update_bn
-from ..nn.inputs import call_model, iterate_inputs, model_output, to_device
+from ..nn import ModeGuard, bn_modules, refresh_bn
+from ..nn.inputs import call_model, check_reiterable, iterate_inputs, model_output, to_device
 from .base import _DRAW_BYTES, _Average, check_int, check_generator, check_likelihood
 from ._sharding import ColumnShards, check_shard, shard_columns
 from .swa import PARAM_DTYPES, SWA
@@ -112,6 +112,20 @@ def check_scale(scale, cov: str) -> float:
     return s
 
 
+def _store_device(store_device, default: torch.device) -> torch.device:
+    """``store_device`` as a torch.device that exists here (None: ``default``), else an error
+    naming the argument."""
+    if store_device is None:
+        return default
+    try:
+        dev = torch.device(store_device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, TypeError, AssertionError) as e:
+        raise type(e)(f"store_device={store_device!r} is not a usable device here ({e}): pass 'cpu' to keep "
+                      "the deviations in host memory, or None for the parameters' device") from None
+    return dev
+
+
 def draw_seed(generator: torch.Generator | None) -> int:
     """One 64-bit seed from ``generator`` (default: the global CPU generator)."""
     check_generator(generator)
@@ -139,7 +153,11 @@ class SWAG(ColumnShards, SWA):
             D back in column blocks).
         var_clamp: eps of sigma^2 = max(sq_mean - mean^2, eps).
         dtype: float32 or float64 for mean and sq_mean (default float64 if any parameter is
-            float64, else float32).
+            float64, else float32). sigma^2 = sq_mean - mean^2 cancels: its rounding error is about
+            eps(dtype) * theta^2, so in float32 a weight whose spread over the collected models is
+            below ~1e-3 of its size (|theta| / sigma > ~1e3, e.g. BatchNorm scales near 1 late in
+            training) gets a variance of rounding noise, often clamped to ``var_clamp``; pass
+            ``dtype=torch.float64`` there (8 more bytes per parameter; D keeps its own dtype).
         shard: under torch.distributed, keep only this rank's columns of the moments (see
             below). False (default): every rank keeps everything and nothing communicates; True:
             shard over ``process_group`` (needs an initialised process group; a group of one is
@@ -194,9 +212,8 @@ class SWAG(ColumnShards, SWA):
                  store_device=None, var_clamp: float = 1e-30, dtype: torch.dtype | None = None,
                  shard: bool | None = False, process_group=None):
         check_shard(shard)
-        if isinstance(max_rank, bool) or not isinstance(max_rank, int):
-            raise TypeError(f"max_rank must be an int, got {type(max_rank).__name__}")
-        if max_rank == 1 or max_rank < 0:
+        max_rank = check_int(max_rank, "max_rank", 0)
+        if max_rank == 1:
             raise ValueError(f"max_rank must be 0 (diagonal only) or >= 2 (the low-rank part divides by K - 1), "
                              f"got {max_rank}")
         check_var_clamp(var_clamp)
@@ -208,7 +225,7 @@ class SWAG(ColumnShards, SWA):
         self.max_rank = max_rank
         self.var_clamp = float(var_clamp)
         self.deviation_dtype = deviation_dtype
-        self.store_device = torch.device(store_device) if store_device is not None else self.device
+        self.store_device = _store_device(store_device, self.device)
         self._setup_shards(shard, process_group)
         width = self.local_numel
         if self.sharded:
@@ -466,6 +483,8 @@ class SWAG(ColumnShards, SWA):
 
         check_likelihood(likelihood)
         batch_size = check_int(batch_size, "batch_size", 1)
+        if bn_loader is not None and total > 1:
+            check_reiterable(bn_loader, "bn_loader")
         model = self.model
         ps = self._fsdp_params(None)
         inputs = [to_device(b, self.device) for b in iterate_inputs(x, batch_size, input_fn)]
@@ -481,7 +500,7 @@ class SWAG(ColumnShards, SWA):
                 for theta in draws:
                     self._write_local_(theta, ps)
                     if bn:
-                        update_bn(bn_loader, model, batch_size=batch_size, input_fn=input_fn)
+                        refresh_bn(model, bn_loader, None, self.device, batch_size, input_fn)
                     avg.add(torch.cat([model_output(call_model(model, b), output_fn) for b in inputs]))
                     bar.update()
         finally:
@@ -494,8 +513,14 @@ class SWAG(ColumnShards, SWA):
             raise RuntimeError(f"the {self.kind} produced no draws to average")
         return avg.result()
 
+    def iter_samples(self, n: int, *, generator: torch.Generator | None = None, scale: float | None = None,
+                     cov: str = "lowrank") -> Iterator[Tensor]:
+        """Yield ``n`` draws [P] one by one (as :meth:`sample` draws them, in batches under 256 MB);
+        the arguments are checked here, before the first draw is asked for."""
+        self._check_draw_args(n, scale, cov)
+        return super().iter_samples(n, generator=generator, scale=scale, cov=cov)
+
     # ---- density -------------------------------------------------------------------------------
-    @torch.no_grad()
     def log_prob(self, theta: Tensor, *, scale: float | None = None, cov: str = "lowrank") -> Tensor:
         r"""Log density of the SWAG Gaussian at ``theta`` [P] or [S, P] -> float64 [] or [S].
 
@@ -506,13 +531,20 @@ class SWAG(ColumnShards, SWA):
         ``var_clamp=0``) raises a RuntimeError saying how to avoid it. Sharded (collective, the
         same ``theta`` on every rank): each rank sums over its columns and two all-reduces
         combine the sums, so the result equals the single-process one up to rounding.
+
+        Differentiable in ``theta`` (e.g. the SWAG posterior as the prior of a later task's loss);
+        the SWAG state gets no gradient. Sharded, the all-reduces are not differentiable: a
+        ``theta`` that requires grad is refused there.
         """
         _, scale, cov = self._check_draw_args(0, scale, cov)
         if not torch.is_tensor(theta) or not theta.is_floating_point():
             raise TypeError("theta must be a floating-point tensor [P] or [S, P]")
         if theta.dim() not in (1, 2) or theta.shape[-1] != self.numel:
             raise ValueError(f"theta must be [P] or [S, P] with P = {self.numel}, got {tuple(theta.shape)}")
-        th = theta.reshape(-1, self.numel)
+        if self.sharded and theta.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("log_prob of a sharded SWAG is not differentiable (its sums are all-reduced): "
+                               "pass theta.detach(), or build the SWAG with shard=False for a gradient")
+        th = theta if theta.dim() == 2 else theta.unsqueeze(0)
         K = self.rank if cov == "lowrank" else 0
         logdet, quad, C, v, a_min = self._woodbury_sums(th, scale, K)
         if not a_min > 0:
