@@ -125,7 +125,8 @@ def test_resume_from_state_saved_while_exploring():
     ((10, 2.5, 0.1), TypeError, r"n_cycles must be an integer, got float 2.5"),
     ((10, 2, 0.1, None), TypeError, r"explore_fraction must be a number, got NoneType"),
     ((10, 2, float("inf")), ValueError, r"lr_max must be finite and > 0"),
-    ((10, 2, 0.1, float("nan")), ValueError, r"explore_fraction must be finite and in \[0, 1\]"),
+    ((10, 2, 0.1, float("nan")), ValueError, r"explore_fraction must be finite and in \[0, 1\)"),
+    ((10, 2, 0.1, 1.0), ValueError, r"explore_fraction must be finite and in \[0, 1\), got 1.0"),  # never samples
 ])
 def test_bad_arguments_name_the_argument(args, err, match):
     with pytest.raises(err, match=match):

@@ -25,7 +25,7 @@ ESS_METHODS = ("bulk", "tail", "mean")
 _MIN_DRAWS = 4  # as ArviZ: each split half needs two draws for an autocovariance at lag 1
 _CHUNK_VALUES = 1 << 22  # float64 values per chunk of elements (32 MiB; FFT and sort take ~8x)
 _TAIL_PROBS = (0.05, 0.95)
-_RESOLUTION = float(np.finfo(np.float64).resolution)  # ArviZ: spread below this = constant draws
+_RESOLUTION = float(np.finfo(np.float64).resolution)  # spread below this times max|draws| = constant draws
 
 
 def _prepare(x, name: str = "x") -> tuple[Tensor, tuple[int, ...]]:
@@ -34,6 +34,8 @@ def _prepare(x, name: str = "x") -> tuple[Tensor, tuple[int, ...]]:
     if isinstance(x, np.ndarray):
         if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
             raise TypeError(f"{name} must be a real numeric array, got numpy dtype {x.dtype}")
+        if not x.dtype.isnative:  # big-endian data (e.g. read from a file): torch holds native order only
+            x = x.astype(x.dtype.newbyteorder("="))
         try:
             x = torch.from_numpy(np.ascontiguousarray(x))
         except TypeError:  # numpy number types torch has no dtype for (longdouble, timedelta64, ...)
@@ -181,8 +183,11 @@ def _ess_core(y: Tensor) -> Tensor:
     tau = tau.squeeze(-1).clamp_min(1.0 / math.log10(total))
     out = total / tau
     out = torch.where(torch.isnan(rho[:, :2 * kmax + 2]).any(-1), math.nan, out)
+    # constant draws (the draw count), judged relative to the draws' size: ArviZ's absolute test
+    # (spread < 1e-15) would call a random walk of size 1e-17 'constant' (ESS = every draw)
+    top = y.abs().amax((1, 2))
     spread = y.amax((1, 2)) - y.amin((1, 2))
-    return torch.where(spread < _RESOLUTION, float(total), out)  # constant draws: the draw count
+    return torch.where(spread <= _RESOLUTION * top, float(total), out)
 
 
 def _quantile(sorted_values: Tensor, p: float) -> Tensor:

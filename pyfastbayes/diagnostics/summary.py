@@ -30,14 +30,26 @@ class Summary(dict):
         self.chains = chains
 
     def table(self) -> str:
+        """The summary as text: one row per name with its shape, the worst element's R-hat and
+        ESS, and ``check`` where R-hat >= 1.01 or an ESS < 100 per chain. Elements whose R-hat is
+        NaN (constant draws) are left out of the worst values and counted ("k constant"), so one
+        constant element does not hide the others."""
         rows = [("name", "shape", "max rhat", "min ess_bulk", "min ess_tail", "")]
         for name, d in self.items():
             if d.rhat.numel() == 0:
                 rows.append((name, str(list(d.rhat.shape)), "-", "-", "-", ""))
                 continue
-            r, b, t = float(d.rhat.max()), float(d.ess_bulk.min()), float(d.ess_tail.min())
+            nan = d.rhat.isnan()
+            n_const = int(nan.sum())
+            if n_const == d.rhat.numel():
+                rows.append((name, str(list(d.rhat.shape)), "nan", "-", "-", "all constant"))
+                continue
+            keep = ~nan
+            r, b, t = float(d.rhat[keep].max()), float(d.ess_bulk[keep].min()), float(d.ess_tail[keep].min())
             low = ESS_PER_CHAIN_OK * self.chains[name]
             flag = "" if (r < RHAT_OK and b >= low and t >= low) else "check"
+            if n_const:
+                flag = f"{flag} ({n_const} constant)".strip()
             rows.append((name, str(list(d.rhat.shape)), f"{r:.3f}", f"{b:.0f}", f"{t:.0f}", flag))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))

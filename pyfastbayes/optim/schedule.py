@@ -10,6 +10,7 @@ from ._checks import Interval, check_integer, check_number
 __all__ = ["CyclicalSchedule", "SAMPLING_TEMPERATURE"]
 
 SAMPLING_TEMPERATURE = "sampling_temperature"  # param-group key: the temperature while sampling
+LR_SCALE = "lr_scale"  # param-group key: the group's step size relative to the schedule's
 _CONFIG = ("total_steps", "n_cycles", "lr_max", "explore_fraction")
 
 
@@ -40,12 +41,16 @@ class CyclicalSchedule:
     :meth:`apply` sees the group. So a group added later samples at its own temperature, and an
     optimizer ``state_dict`` saved while exploring (temperature 0) resumes with the right one, even
     under a fresh schedule. To change it during a run, set ``group['sampling_temperature']``.
+    Param groups keep their step sizes' ratios: the first time :meth:`apply` sees groups, each
+    gets ``group['lr_scale']`` = its ``lr`` / the largest ``lr`` among them (1 for one group), and
+    its step size is ``lr_scale * lr(t)``; set the key to change it.
     A group whose ``lr`` / ``temperature`` are 0-dim tensors has them updated in place, so a
     sampler step captured in a CUDA graph follows the schedule (:mod:`pyfastbayes.optim.sgmcmc`, "CUDA graphs").
 
     Args:
         total_steps: T >= 1, steps of the whole run.  n_cycles: M, 1 <= M <= T.
-        lr_max: peak step size (> 0).  explore_fraction: beta in [0, 1].
+        lr_max: peak step size (> 0) of the group with the largest ``lr``.
+        explore_fraction: beta in [0, 1) (1 would never sample).
     """
 
     def __init__(self, total_steps: int, n_cycles: int, lr_max: float, explore_fraction: float = 0.8):
@@ -58,7 +63,7 @@ class CyclicalSchedule:
         if cycles > total:
             raise ValueError(f"n_cycles must be in [1, total_steps={total}], got {n_cycles}")
         lr = check_number("lr_max", lr_max, Interval())
-        beta = check_number("explore_fraction", explore_fraction, Interval(0.0, 1.0, True, True))
+        beta = check_number("explore_fraction", explore_fraction, Interval(0.0, 1.0, True, False))  # 1: never samples
         self.total_steps, self.n_cycles, self.lr_max, self.explore_fraction = total, cycles, lr, beta
         self.cycle_length = math.ceil(total / cycles)
 
@@ -82,16 +87,25 @@ class CyclicalSchedule:
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
         """Set lr and temperature of every param group for ``step`` (0-based); returns :meth:`is_sampling`.
 
-        Groups with a ``temperature`` get their ``'sampling_temperature'`` while sampling and 0
-        while exploring; the key is set from ``temperature`` when a group does not have it yet.
+        Each group's lr is its ``'lr_scale'`` times :meth:`lr` (the key set the first time, see
+        the class docstring). Groups with a ``temperature`` get their ``'sampling_temperature'``
+        while sampling and 0 while exploring; the key is set from ``temperature`` when a group
+        does not have it yet.
         """
         check_integer("step", step, 0)
         if not isinstance(getattr(optimizer, "param_groups", None), list):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (it needs param_groups), got "
                             f"{type(optimizer).__name__}")
         sampling, lr = self.is_sampling(step), self.lr(step)
+        new = [g for g in optimizer.param_groups if LR_SCALE not in g]
+        if new:  # the groups' own step sizes, relative to the largest: their ratios are kept
+            lrs = [float(g["lr"]) for g in new]
+            top = max(lrs)
+            for g, v in zip(new, lrs):
+                g[LR_SCALE] = v / top if top > 0 else 1.0
         for i, group in enumerate(optimizer.param_groups):
-            _assign(group, "lr", lr)
+            scale = group[LR_SCALE]
+            _assign(group, "lr", lr if scale == 1.0 else lr * scale)
             if "temperature" in group:
                 if SAMPLING_TEMPERATURE not in group:
                     t = self._legacy.get(i, group["temperature"])

@@ -65,6 +65,7 @@ from .. import _native, ops
 from ..calibration._checks import check_generator
 from .._distributed import dtensor_type, is_dtensor, is_sharded, local_tensor, shard_offset
 from .._memory import memory_overlaps, overlaps_itself
+from .._reference._checks import KERNEL_DTYPES
 from ._checks import Interval, check_hyper
 from .._warnings import warn_user
 
@@ -118,11 +119,24 @@ def _param_problem(p: Tensor) -> Exception | None:
         return ValueError(f"is a {p.layout} tensor; parameters must be dense (strided)")
     if not p.is_floating_point():
         return TypeError(f"has dtype {p.dtype}; parameters must be floating point")
+    if p.dtype not in KERNEL_DTYPES:
+        return TypeError(f"has dtype {p.dtype}; the samplers step float64, float32, float16 and bfloat16 "
+                         "parameters")
+    if p.is_meta:
+        return ValueError("is a meta tensor (a shape without data): materialise the model (e.g. "
+                          "model.to_empty(device=...) and initialise it) before building the sampler")
     if overlaps_itself(p):
         return ValueError(f"overlaps itself (stride {tuple(p.stride())}: an expand()ed or as_strided view), so "
                           f"one memory location would be updated several times per step; pass a tensor that "
                           f"owns its elements, e.g. nn.Parameter(t.clone())")
     return None
+
+
+def _host_hyper(values: list) -> tuple:
+    """The host part of a hyper vector, the key of its cached device copy: each number as a
+    float, None for a 0-dim tensor slot (copied on the device every step). None, not a number:
+    a tensor slot set back to a number equal to the placeholder must still be written."""
+    return tuple(None if torch.is_tensor(v) else float(v) for v in values)
 
 
 def _by_device(flags: list[Tensor]) -> dict[torch.device, list[Tensor]]:
@@ -399,8 +413,8 @@ class _SGMCMC(torch.optim.Optimizer):
     def _raise_nonfinite(self, plans: list[_Plan], flags: list) -> None:
         for pl, f in zip(plans, flags):
             if pl.group["nonfinite"] == "raise" and bool(f):
-                bad = [i for i, g in enumerate(pl.grads) if not bool(torch.isfinite(g).all())]
-                which = (f"tensors {bad} of those with gradients" if bad else
+                bad = [self._label(pl, k) for k, g in enumerate(pl.grads) if not bool(torch.isfinite(g).all())]
+                which = (", ".join(bad) if bad else
                          "in another rank's shards: the group's parameters are sharded over the ranks")
                 raise RuntimeError(
                     f"{type(self).__name__}: non-finite gradient in param_groups[{pl.index}] ({which}); "
@@ -432,9 +446,9 @@ class _SGMCMC(torch.optim.Optimizer):
             st["hyper"] = torch.zeros(ops.HYPER.size, dtype=torch.float64, device=device)
             st["_hyper_cache"] = None
         vals = self._hyper_values(group)
-        floats = tuple(0.0 if torch.is_tensor(v) else float(v) for v in vals)
+        floats = _host_hyper(vals)
         if floats != st.get("_hyper_cache"):
-            st["hyper"].copy_(torch.tensor(floats, dtype=torch.float64))
+            st["hyper"].copy_(torch.tensor([0.0 if f is None else f for f in floats], dtype=torch.float64))
             st["_hyper_cache"] = floats
         for i, v in enumerate(vals):
             if torch.is_tensor(v):  # device copy each step: graph-replay sees the live value
@@ -450,7 +464,26 @@ class _SGMCMC(torch.optim.Optimizer):
             if self._buffer not in st:
                 st[self._buffer] = torch.zeros_like(p, memory_format=torch.preserve_format)
             out.append(st[self._buffer])
+        if (list(map(Tensor.size, out)) != list(map(Tensor.size, params))
+                or set(map(_DTYPE, out)) != set(map(_DTYPE, params)) or set(map(_DEVICE, out)) != set(map(_DEVICE, params))):
+            for k, (b, p) in enumerate(zip(out, params)):
+                if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                    raise ValueError(
+                        f"{type(self).__name__}: the state {self._buffer!r} of {self._param_label(sources[k])} is "
+                        f"{b.dtype} {tuple(b.shape)} on {b.device} but the parameter is now {p.dtype} "
+                        f"{tuple(p.shape)} on {p.device} (re-pointed with .data = ..., resized, or converted with "
+                        f".to()/.double() after the first step); no parameter was changed. Build the sampler again "
+                        f"for the new parameters, or convert its state: optimizer.state[p]['{self._buffer}'] = "
+                        f"optimizer.state[p]['{self._buffer}'].to(p)")
         return out
+
+    def _param_label(self, p: Tensor) -> str:
+        """'param_groups[g]['params'][i] (shape ...)' of the parameter ``p``."""
+        for gi, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return _name(gi, i, q)
+        return "a parameter"
 
     def _op_args(self, plan: _Plan) -> list:
         """[params, grads, (buffers,) hyper, rng] of one group; creates missing state."""
@@ -483,7 +516,11 @@ class _SGMCMC(torch.optim.Optimizer):
                 self._name_culprit(plan, plans)
             raise
         undo = self._first_step_undo(plans)
-        args = [self._op_args(plan) for plan in plans]
+        try:
+            args = [self._op_args(plan) for plan in plans]  # state checked here: before any write
+        except (ValueError, RuntimeError):
+            undo()
+            raise
         step_op = getattr(ops, self._op_name)
         for k, (plan, a, skip) in enumerate(zip(plans, args, skips)):
             try:  # a call validates itself before writing; with several, _plan checked across them
@@ -520,10 +557,10 @@ class _SGMCMC(torch.optim.Optimizer):
                     f"{pl.params[0].device}: take one step outside the capture first (on a side stream, as "
                     f"torch.cuda.graphs recommends); it draws the seed and allocates the state")
             vals = self._hyper_values(pl.group)
-            floats = tuple(0.0 if torch.is_tensor(v) else float(v) for v in vals)
+            floats = _host_hyper(vals)
             if floats != st.get("_hyper_cache"):
-                keys = [k for k, (slot, _) in self._hyper.items() if not torch.is_tensor(pl.group[k])
-                        and float(pl.group[k]) != st["_hyper_cache"][getattr(ops.HYPER, slot)]]
+                keys = [k for k, (slot, _) in self._hyper.items()
+                        if floats[getattr(ops.HYPER, slot)] != st["_hyper_cache"][getattr(ops.HYPER, slot)]]
                 raise RuntimeError(
                     f"{name}.step() is being captured in a CUDA graph but {keys} of {where} changed as Python "
                     f"numbers since the last step; a capture cannot copy them from host memory. Take one step "
