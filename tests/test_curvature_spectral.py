@@ -423,3 +423,28 @@ def test_spectral_tools_on_cuda_match_cpu():
     v32, V32 = eigenvalues(DenseOperator(A.float().cuda()), k=2, generator=torch.Generator("cuda").manual_seed(0))
     assert v32.dtype == torch.float32 and V32.is_cuda
     torch.testing.assert_close(v32.double().cpu(), lam[:2], rtol=1e-4, atol=0)
+
+
+# twelfth-session review: a near-breakdown (a coupling at the products' rounding level) ended the
+# run on the invariant part's exact pairs, missing the other copies of a repeated eigenvalue
+def test_lanczos_finds_the_null_space_copies_of_a_low_rank_ggn():
+    from torch import nn
+    from pyfastbayes.curvature import ggn
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 3)).double()
+    x, y = torch.randn(8, 10, dtype=F64), torch.randint(0, 3, (8,))
+    G = ggn(m, nn.CrossEntropyLoss(), (x, y))  # P = 283, rank 16: 267 zero eigenvalues
+    for kw in ({}, {"tol": 0}, {"n_iter": 283}):
+        vals, _ = eigenvalues(G, k=3, which="smallest", generator=gen(0), **kw)
+        assert float(vals.abs().max()) < 1e-12, (kw, vals)
+
+
+def test_lanczos_repeated_eigenvalue_after_a_breakdown():
+    # 6, 4, 4 and six distinct others: the start vector's space closes after 8 products with one
+    # copy of 4; the restart finds the second before the run may stop
+    lam = torch.tensor([6.0, 4.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.25], dtype=F64)
+    A, _ = spectrum_matrix(10, seed=3, lam=lam)
+    big = torch.zeros(40, 40, dtype=F64)
+    big[:10, :10] = A  # and 30 zeros
+    vals, _ = eigenvalues(big, k=3, generator=gen(0))
+    torch.testing.assert_close(vals, torch.tensor([6.0, 4.0, 4.0], dtype=F64), rtol=1e-10, atol=0)

@@ -97,12 +97,12 @@ def _cgs2(B: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ---- block Lanczos ---------------------------------------------------------------------------------------
-def _extend(Q: Tensor, n: int, W: Tensor, thr: float, generator, restart: bool) -> tuple[int, Tensor]:
+def _extend(Q: Tensor, n: int, W: Tensor, thr: float, generator, restart: bool) -> tuple[int, Tensor, bool]:
     """Orthonormalise the columns of W [P, c] against the basis Q[:, :n] and each other, writing the
     new basis vectors to Q[:, n:n_new].
 
-    Returns (n_new, R [n_new - n, c]) with W = Q[:, :n] H + Q[:, n:n_new] R (+ dropped parts of norm
-    <= thr): R is the coupling block of the block tridiagonal T. A column that falls into the span
+    Returns (n_new, R [n_new - n, c], restarted) with W = Q[:, :n] H + Q[:, n:n_new] R (+ dropped
+    parts of norm <= thr): R is the coupling block of the block tridiagonal T. A column that falls into the span
     (norm <= thr after orthogonalisation: breakdown) is replaced, when ``restart`` and the basis
     does not span the space yet, by a random unit vector orthogonal to the basis (its row of R is
     zero); else it adds nothing. Q has room for all c new columns (the caller sizes it).
@@ -112,6 +112,7 @@ def _extend(Q: Tensor, n: int, W: Tensor, thr: float, generator, restart: bool) 
     c = W.shape[1]
     R = torch.zeros(c, c, dtype=W.dtype, device=W.device)
     m = n
+    restarted = False
     for i in range(c):
         w = W[:, i:i + 1]
         norm_in = float(torch.linalg.vector_norm(w))
@@ -134,7 +135,13 @@ def _extend(Q: Tensor, n: int, W: Tensor, thr: float, generator, restart: bool) 
         elif restart and m < P:
             Q[:, m] = _random_orthogonal(Q[:, :m], generator)
             m += 1
-    return m, R[:m - n]
+            restarted = True
+    return m, R[:m - n], restarted
+
+
+def _extremeness(theta: Tensor, which: str) -> Tensor:
+    """How far along the wanted end of the spectrum each value lies (larger: wanted sooner)."""
+    return theta if which == "largest" else -theta if which == "smallest" else theta.abs()
 
 
 def _random_orthogonal(B: Tensor, generator) -> Tensor:
@@ -185,9 +192,10 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
         n_iter: the largest Krylov dimension (number of operator-vector products), k <= n_iter;
             default min(P, max(2k + 20, 50)) for 'lanczos', min(P, max(2k + 20, 50, 20 * block))
             for 'block_lanczos' (rounded up to whole blocks). n_iter >= P runs P products and
-            is exact (the Krylov space is the whole space).
+            is exact (the Krylov space is the whole space; no early stop).
         tol: stop once every wanted Ritz pair has ||A y - theta y|| <= tol * max |theta| (tested
-            from min(n_iter, 2k) products on); default sqrt(eps) of the working dtype (1.5e-8 in
+            from min(n_iter, 2k) products on, and after a breakdown only once the restart's own
+            Krylov space has 2k vectors); default sqrt(eps) of the working dtype (1.5e-8 in
             float64, 3.5e-4 otherwise); 0 runs all n_iter products without a warning.
         block: the block size b of 'block_lanczos' (default min(k, 8)); only for that method.
         generator: the random start vectors (and the restarts after a breakdown) come from it.
@@ -200,8 +208,11 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
         wanted pairs have not converged after n_iter products (tol > 0).
 
     Like every Krylov method it can miss an eigenvalue whose eigenvector is (numerically)
-    orthogonal to the Krylov space; single-vector Lanczos may return a repeated eigenvalue fewer
-    times than its multiplicity (use 'block_lanczos' with block >= the multiplicity).
+    orthogonal to the Krylov space. A repeated eigenvalue makes the space invariant (a
+    breakdown) before its other copies are reached; the run then restarts in the rest of the space
+    and does not stop until no further copy could change the wanted values (or warns when n_iter
+    runs out first). Without a breakdown (many distinct eigenvalues beside the repeated one) the
+    copies stay unseen: 'block_lanczos' with block >= the multiplicity finds them.
     """
     op = _as_operator(op)
     P = op.shape[0]
@@ -240,12 +251,16 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
     Q = torch.zeros(P, cap, dtype=work, device=device)
     T = torch.zeros(cap, cap, dtype=torch.float64)  # the block tridiagonal Q^T A Q, small: on the CPU
     X0 = _randn(P, b, work, device, generator)
-    e, _ = _extend(Q, 0, X0, BREAKDOWN * eps * float(X0.norm(dim=0).max()), generator, restart=True)
+    e, _, _ = _extend(Q, 0, X0, BREAKDOWN * eps * float(X0.norm(dim=0).max()), generator, restart=True)
     s, ps, anorm = 0, 0, 0.0
     R_prev = None  # coupling block of the previous block to the current one (device, work dtype)
     n_steps = -(-m // b)
     check_every = max(1, n_steps // 50)  # the small eigh per check stays negligible
     min_dim = min(m, 2 * k)
+    # early stops only below P products with tol > 0 (n_iter >= P is exact, tol = 0 runs them all)
+    early = tol > 0 and m < P
+    seg = 0  # where the current Krylov segment (from the start block or the latest restart) begins
+    closed_top = None  # most extreme Ritz value (for `which`) of the last segment that closed
     step = 0
     with _progress(progress, m, f"{method} ({which} {k})") as bar:
         while True:
@@ -262,25 +277,44 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
             W = W - Qj @ Aj  # the three-term recurrence; _extend's full sweep cleans up the rest
             if R_prev is not None:
                 W = W - Q[:, ps:s] @ R_prev.mT
-            e_new, R = _extend(Q, e, W, BREAKDOWN * eps * anorm, generator, restart=True)
+            e_new, R, restarted = _extend(Q, e, W, BREAKDOWN * eps * anorm, generator, restart=True)
             Rc = R.to("cpu", torch.float64)
+            if (restarted and not bool(Rc.any())) or float(Rc.norm()) <= tol * anorm:
+                # the segment closed (breakdown, or a coupling at the level of the products'
+                # rounding, below the convergence test's): it spans an invariant subspace (to within
+                # tol), its Ritz pairs are
+                # exact (residual 0), and the rest of the space, explored from a random restart,
+                # holds no eigenvalue other than the segment's (its random start saw every distinct
+                # one of that part of the space), only further copies of them (e.g. of a repeated
+                # eigenvalue). Those could still displace a wanted pair unless every wanted value
+                # is at least as extreme as the segment's most extreme one: tested below.
+                closed_top = float(_extremeness(torch.linalg.eigvalsh(T[seg:e, seg:e]), which).max())
+                seg = e
             step += 1
             exhausted = e_new == e  # the basis spans all P dimensions
             done = e >= m or exhausted
             # convergence is tested from 2k basis vectors on: with e == k every Ritz value is
             # "wanted", and exact pairs of an invariant subspace would end the run before the
             # wanted part of the spectrum is reached (e.g. 4, 2, -1 of a rank-3 A before its zeros)
-            if done or (e >= min_dim and step % check_every == 0):
+            if done or (early and e >= min_dim and step % check_every == 0):
                 theta, S = torch.linalg.eigh(T[:e, :e])
                 idx = _select(theta, k, which)
                 residuals = (Rc @ S[s:e][:, idx]).norm(dim=0) if Rc.shape[0] else torch.zeros(k, dtype=torch.float64)
-                converged = bool((residuals <= tol * float(theta.abs().max())).all())
+                atol = tol * float(theta.abs().max())
+                copies_missing = closed_top is not None and e < P and not (
+                    float(_extremeness(theta[idx], which).min()) >= closed_top - atol)
+                converged = bool((residuals <= atol).all()) and not copies_missing
                 if done or converged:
                     break
             T[e:e_new, s:e] = Rc
             T[s:e, e:e_new] = Rc.mT
             ps, s, e, R_prev = s, e, e_new, R
-    if not converged and tol > 0:
+    if copies_missing and tol > 0:
+        warn_user(f"eigenvalues: the Krylov space became invariant (a breakdown: a repeated eigenvalue or a "
+                  f"low-rank operator) and the {e} products ran out before the rest of the space was explored: "
+                  f"further copies of an eigenvalue among the {k} {which} may be missing; raise n_iter (n_iter "
+                  f">= P is exact) or use method='block_lanczos' with block >= the multiplicity", RuntimeWarning)
+    elif not converged and tol > 0 and early:
         warn_user(f"eigenvalues: the {k} {which} Ritz pairs have not converged after {e} products "
                   f"(largest residual {float(residuals.max()):.3g}, tol * max|theta| = "
                   f"{tol * float(theta.abs().max()):.3g}); raise n_iter", RuntimeWarning)
