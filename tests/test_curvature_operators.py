@@ -480,9 +480,18 @@ def _dist_worker(rank, world, init_file, out_dir):
             res[which] = make(model, loss_fn, data) @ V
             res[which + "_calls"] = len(calls)
             res[which + "_local"] = make(model, loss_fn, data, distributed=False) @ V
+        # the randomised estimators with a different seed on each rank: rank 0's seed is shared
+        H = cv.hessian(model, loss_fn, data)
+        res["estimators"] = _estimators(H, lambda: torch.Generator().manual_seed(100 + rank))
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _estimators(H, gen):
+    return [cv.trace(H, n_probes=6, generator=gen()).estimate, cv.eigenvalues(H, k=2, generator=gen())[0],
+            cv.spectral_density(H, n_probes=2, n_steps=5, generator=gen()).nodes,
+            H.diagonal("hutchinson", n_probes=4, generator=gen())]
 
 
 @pytest.mark.slow
@@ -498,6 +507,13 @@ def test_distributed_equals_one_process_over_the_union():
         assert rel(r0[which], whole) <= 1e-12 and torch.equal(r0[which], r1[which]), which
         assert r0[which + "_calls"] == 1 and r1[which + "_calls"] == 1, which  # one all_reduce per block
         assert rel(r0[which + "_local"], make(model, loss_fn, (x[:7], y[:7])) @ V) <= 1e-12
+    # every rank draws rank 0's probes (they differed by rank, and the all-reduce summed products of
+    # different vectors): the estimates equal one process's with that seed over the union
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(100)))
+    whole = _estimators(cv.hessian(model, loss_fn, (x, y)), lambda: torch.Generator().manual_seed(seed))
+    for mine, other, ref in zip(r0["estimators"], r1["estimators"], whole):
+        assert torch.equal(torch.as_tensor(mine), torch.as_tensor(other))
+        torch.testing.assert_close(torch.as_tensor(mine), torch.as_tensor(ref), rtol=1e-9, atol=1e-12)
 
 
 def test_distributed_true_without_a_process_group():
@@ -525,7 +541,9 @@ def test_bad_vectors(which):
 
 def test_loss_that_is_not_a_scalar():
     model, _, x, y = problem("mlp", "ce")
-    op = cv.hessian(model, nn.CrossEntropyLoss(reduction="none"), (x, y))
+    with pytest.raises(ValueError, match=r"reduction='mean'.*got reduction='none'"):  # a torch loss: up front
+        cv.hessian(model, nn.CrossEntropyLoss(reduction="none"), (x, y))
+    op = cv.hessian(model, lambda out, t: F.cross_entropy(out, t, reduction="none"), (x, y))
     with pytest.raises(ValueError, match=r"loss_fn must return a scalar .*got \(9,\)"):
         op @ block(op.shape[0], 2)
 

@@ -177,7 +177,7 @@ def test_eigenvalues_progress_bar_runs():
     (dict(n_iter=0), ValueError, "n_iter must be an int >= 1"),
     (dict(block=4), ValueError, "block = 4 is for method='block_lanczos'"),
     (dict(method="block_lanczos", block=0), ValueError, "block must be an int >= 1"),
-    (dict(tol=-1.0), ValueError, "tol must be a finite number >= 0"),
+    (dict(tol=-1.0), ValueError, "tol must be finite and >= 0, got -1.0"),
     (dict(generator=0), TypeError, "generator must be a torch.Generator"),
     (dict(progress="yes"), TypeError, "progress must be True, False or None"),
 ])
@@ -389,7 +389,7 @@ def test_spectral_density_bad_arguments(kwargs, match):
 
 def test_density_and_plot_bad_arguments():
     d = spectral_density(spectrum_matrix(20)[0], 2, 5, generator=gen(0))
-    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"sigma \(the kernel width, in eigenvalue units\) must be finite and > 0"):
         d.density(sigma=0.0)
     for n in (0, 1):  # one message for both (0 said ">= 1" before)
         with pytest.raises(ValueError, match=f"n_grid must be an int >= 2, got {n}"):

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from ..calibration._checks import check_int
-from .operator import LinearOperator, rademacher
-from .spectral import (BREAKDOWN, _apply, _as_operator, _check_generator, _check_progress, _not_finite, _progress,
+from ..optim._checks import Interval, check_number
+from .operator import LinearOperator, rademacher, shared_generator
+from .spectral import (BREAKDOWN, _apply, _as_operator, _check_progress, _not_finite, _progress,
                        _work_dtype)
 
 __all__ = ["spectral_density", "SpectralDensity", "plot_spectral_density"]
@@ -49,7 +50,11 @@ class SpectralDensity:
         e.g. ``P * d.integrate(lambda x: x)`` estimates the trace."""
         if not callable(f):
             raise TypeError(f"f must be a function of a tensor (e.g. lambda x: x ** 2), got {type(f).__name__}")
-        return float((self.weights * f(self.nodes)).sum())
+        values = f(self.nodes)
+        if not torch.is_tensor(values) or values.shape != self.nodes.shape:
+            raise ValueError(f"f must map the nodes [M] elementwise to a tensor [M] (e.g. lambda x: x ** 2), got "
+                             f"{tuple(values.shape) if torch.is_tensor(values) else type(values).__name__}")
+        return float((self.weights * values).sum())
 
     def default_sigma(self) -> float:
         """The default kernel width: 1% of the spread of the nodes (of max(|node|, 1) when they coincide)."""
@@ -82,9 +87,8 @@ class SpectralDensity:
 
 
 def _check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
-        raise ValueError(f"sigma must be a finite number > 0 (the kernel width, in eigenvalue units), got {sigma!r}")
-    return float(sigma)
+    """The kernel width as a float > 0 (Python or NumPy real), else TypeError / ValueError."""
+    return check_number("sigma (the kernel width, in eigenvalue units)", sigma, Interval())
 
 
 def _lanczos_probes(op: LinearOperator, V: Tensor, m: int, work: torch.dtype, bar) -> list[tuple[Tensor, Tensor]]:
@@ -156,7 +160,7 @@ def spectral_density(op, n_probes: int = 10, n_steps: int = 50, generator: torch
     n = check_int(n_probes, "n_probes", 1)
     steps = check_int(n_steps, "n_steps", 1)
     block = n if block is None else check_int(block, "block", 1)
-    _check_generator(generator)
+    generator = shared_generator(op, generator)
     _check_progress(progress)
     P = op.shape[0]
     m = min(steps, P)

@@ -71,6 +71,10 @@ class _ModelCurvature(LinearOperator):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
+        if getattr(loss_fn, "reduction", "mean") != "mean":  # torch's loss modules: a summed loss scales with N_b
+            raise ValueError(f"{type(self).__name__} needs loss_fn with reduction='mean' (the curvature of the mean "
+                             f"loss; batches are weighted by their rows), got reduction={loss_fn.reduction!r}: with "
+                             "'sum' the result would scale with the batch size")
         self.sel = Selection(model, params)
         super().__init__(self.sel.numel, self.sel.dtype, self.sel.device)
         self.model, self.loss_fn = model, loss_fn

@@ -95,7 +95,7 @@ class LinearOperator:
             return out
         if method == "hutchinson":
             check_int(n_probes, "n_probes", 1)
-            _check_generator(generator)
+            generator = shared_generator(self, generator)
             acc = torch.zeros(P, dtype=self.dtype, device=self.device)
             for j in range(0, n_probes, block):
                 Z = rademacher(P, min(block, n_probes - j), self.dtype, self.device, generator)
@@ -146,8 +146,25 @@ class DenseOperator(LinearOperator):
 
 
 def rademacher(P: int, k: int, dtype: torch.dtype, device, generator: torch.Generator | None) -> Tensor:
-    """[P, k] of independent +-1 (the probes of the trace and diagonal estimators)."""
+    """[P, k] of independent +-1 (the probes of the trace and diagonal estimators). Drawn probe by
+    probe (each column from P consecutive draws), so a seed gives the same probes whatever the
+    blocks they are drawn in."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    z = torch.randint(0, 2, (P, k), generator=generator, device=gen_device).to(device=device, dtype=dtype)
-    return z.mul_(2).sub_(1)
+    z = torch.randint(0, 2, (k, P), generator=generator, device=gen_device).mT
+    return z.to(device=device, dtype=dtype, memory_format=torch.contiguous_format).mul_(2).sub_(1)
+
+
+def shared_generator(op, generator: torch.Generator | None) -> torch.Generator | None:
+    """The generator of a randomised estimator on ``op`` (checked): ``generator`` itself, or, for
+    a model operator summed over torch.distributed processes, a fresh one on its device seeded
+    with rank 0's draw from it (one broadcast), so that every process draws the same probes and
+    start vectors: their products are all-reduced, so vectors differing by rank would be summed
+    into nonsense (and make the ranks' stopping decisions, hence their collectives, differ)."""
+    _check_generator(generator)
+    if not getattr(op, "distributed", False):
+        return generator
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device).to(op.device)
+    torch.distributed.broadcast(seed, src=0)
+    return torch.Generator(device=gen_device).manual_seed(int(seed.item()))
 

@@ -25,19 +25,21 @@ class Sharpness(NamedTuple):
 
 
 def sharpness(model: nn.Module, loss_fn, data, *, n_probes: int = 100, params=None,
-              generator: torch.Generator | None = None, progress: bool | None = False) -> Sharpness:
+              generator: torch.Generator | None = None, progress: bool | None = False,
+              n_iter: int | None = None, tol: float | None = None) -> Sharpness:
     """lambda_max and tr of the Hessian of the mean loss over ``data`` (see :func:`hessian` for
     ``data``, ``params`` and the weighting of batches).
 
     lambda_max by Lanczos with full reorthogonalisation (:func:`eigenvalues`, k = 1); the trace by
     Hutchinson with ``n_probes`` Rademacher probes in blocks of 32 (:func:`trace`). ``generator``
-    draws the start vector and the probes. Larger values mean a sharper minimum.
+    draws the start vector and the probes; ``n_iter`` and ``tol`` are those of the Lanczos run
+    (:func:`eigenvalues`). Larger values mean a sharper minimum.
     """
     # checked before the Lanczos run, not after it (trace() would refuse them only then)
     check_int(n_probes, "n_probes", 1)
     _check_generator(generator)
     _check_progress(progress)
     H = hessian(model, loss_fn, data, params=params)
-    top, _ = eigenvalues(H, k=1, generator=generator, progress=progress)
+    top, _ = eigenvalues(H, k=1, n_iter=n_iter, tol=tol, generator=generator, progress=progress)
     tr = trace(H, n_probes=n_probes, generator=generator, progress=progress)
     return Sharpness(float(top[0]), float(tr.estimate), float(tr.std_error))

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from ..calibration._checks import check_int
+from ..optim._checks import Interval, check_number
 from .._warnings import warn_user
-from .operator import DenseOperator, LinearOperator, _check_generator  # noqa: F401 (re-exported)
+from .operator import DenseOperator, LinearOperator, _check_generator, shared_generator  # noqa: F401 (_check_generator re-exported)
 
 __all__ = ["eigenvalues"]
 
@@ -84,7 +85,8 @@ def _randn(P: int, k: int, dtype: torch.dtype, device, generator: torch.Generato
     """[P, k] standard normals, drawn on the generator's device (CPU without one, as
     :func:`~pyfastbayes.curvature.operator.rademacher`) so a seed gives the same numbers everywhere."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(P, k, generator=generator, device=gen_device, dtype=dtype).to(device)
+    z = torch.randn(k, P, generator=generator, device=gen_device, dtype=dtype).mT  # column by column
+    return z.to(device=device, memory_format=torch.contiguous_format)
 
 
 def _cgs2(B: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
@@ -240,9 +242,9 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
     work = _work_dtype(op.dtype)
     if tol is None:
         tol = math.sqrt(torch.finfo(work).eps)
-    elif isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or math.isinf(tol):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    _check_generator(generator)
+    else:
+        tol = check_number("tol", tol, Interval(0.0, math.inf, True))
+    generator = shared_generator(op, generator)
     _check_progress(progress)
 
     eps = torch.finfo(work).eps

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from ..calibration._checks import check_int
-from .operator import LinearOperator, rademacher
-from .spectral import (_apply, _as_operator, _cgs2, _check_generator, _check_progress, _not_finite, _progress,
+from .operator import LinearOperator, rademacher, shared_generator
+from .spectral import (_apply, _as_operator, _cgs2, _check_progress, _not_finite, _progress,
                        _work_dtype)
 
 __all__ = ["trace", "TraceEstimate"]
@@ -84,7 +84,7 @@ def trace(op, n_probes: int = 100, method: str = "hutchinson", generator: torch.
         raise ValueError(f"method='hutch++' needs n_probes >= 3 (a third each for the sketch, the products with "
                          f"its basis and the Hutchinson remainder), got {n}")
     block = check_int(block, "block", 1)
-    _check_generator(generator)
+    generator = shared_generator(op, generator)
     _check_progress(progress)
     P = op.shape[0]
     work = _work_dtype(op.dtype)

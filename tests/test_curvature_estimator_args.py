@@ -1,0 +1,58 @@
+"""Review findings on the curvature estimators (twelfth session), each a test that failed before
+its fix: a summed loss taken by hessian() / sharpness() (the result scaled with the batch size),
+probes that depended on the block size, NumPy numbers refused as tol / sigma, integrate() taking a
+function that is not elementwise, and sharpness() without the Lanczos settings its warning names."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pyfastbayes.curvature as cv
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    return model, x, y
+
+
+@pytest.mark.parametrize("make", [lambda m, l, d: cv.hessian(m, l, d), lambda m, l, d: cv.sharpness(m, l, d)])
+def test_a_summed_loss_is_refused(make):
+    model, x, y = _problem()
+    with pytest.raises(ValueError, match="reduction='mean'.*got reduction='sum'"):
+        make(model, nn.CrossEntropyLoss(reduction="sum"), (x, y))
+
+
+def test_probes_do_not_depend_on_the_block_size():
+    model, x, y = _problem()
+    H = cv.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    est = [cv.trace(H, n_probes=10, block=b, generator=torch.Generator().manual_seed(0)).estimate for b in (1, 3, 32)]
+    assert est[0] == pytest.approx(est[1], rel=1e-12) and est[0] == pytest.approx(est[2], rel=1e-12)
+    d = [H.diagonal("hutchinson", n_probes=6, block=b, generator=torch.Generator().manual_seed(0)) for b in (1, 4)]
+    torch.testing.assert_close(d[0], d[1], rtol=1e-12, atol=1e-14)
+    nodes = [cv.spectral_density(H, n_probes=4, n_steps=5, block=b, generator=torch.Generator().manual_seed(0)).nodes
+             for b in (1, 4)]
+    torch.testing.assert_close(nodes[0].sort().values, nodes[1].sort().values, rtol=1e-9, atol=1e-12)
+
+
+def test_numpy_numbers_are_taken_and_integrate_checks_its_function():
+    model, x, y = _problem()
+    H = cv.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    vals, _ = cv.eigenvalues(H, k=1, tol=np.float32(1e-6), generator=torch.Generator().manual_seed(0))
+    dense = torch.linalg.eigvalsh(H.to_dense())
+    assert float(vals[0]) == pytest.approx(float(dense[-1]), rel=1e-6)
+    with pytest.raises(TypeError, match="tol must be a number"):
+        cv.eigenvalues(H, k=1, tol="1e-6")
+    d = cv.spectral_density(H, n_probes=2, n_steps=5, generator=torch.Generator().manual_seed(0))
+    d.density(sigma=np.float64(0.1))
+    with pytest.raises(ValueError, match="elementwise"):
+        d.integrate(lambda t: t.sum())
+
+
+def test_sharpness_takes_the_lanczos_settings():
+    model, x, y = _problem()
+    s = cv.sharpness(model, nn.CrossEntropyLoss(), (x, y), n_probes=3, n_iter=400, tol=0,
+                     generator=torch.Generator().manual_seed(0))
+    dense = torch.linalg.eigvalsh(cv.hessian(model, nn.CrossEntropyLoss(), (x, y)).to_dense())
+    assert s.top_eigenvalue == pytest.approx(float(dense[-1]), rel=1e-10)
