@@ -139,6 +139,8 @@ def as_3d(probs: Tensor, from_logits: bool, name: str = "probs") -> Tensor:
     """[N] / [N, C] / [S, N, C] -> [S, N, C] (binary [N] -> [1, N, 2]: (1 - p, p) or logits (0, l))."""
     check_probs(probs, name)
     if probs.dim() == 1:
+        if probs.dtype in (torch.float16, torch.bfloat16):  # 1 - p in 8 / 11 bits would round class 0's p
+            probs = probs.float()
         first = torch.zeros_like(probs) if from_logits else 1 - probs
         return torch.stack([first, probs], -1).unsqueeze(0)
     return probs.unsqueeze(0) if probs.dim() == 2 else probs

@@ -21,6 +21,19 @@ def _separates(z: Tensor, y: Tensor) -> bool:
     return bool((zy.squeeze(1) > others.amax(1)).all())
 
 
+class _autograd_on:
+    """Gradients on and inference mode off for a fit's autograd (the caller may be in either)."""
+
+    def __enter__(self):
+        self._modes = (torch.inference_mode(False), torch.enable_grad())
+        for m in self._modes:
+            m.__enter__()
+
+    def __exit__(self, *exc):
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+
+
 def _check_transform_input(logits) -> None:
     """transform() takes floating-point logits: integer ones would round the fitted scale to an
     integer (T = 1.5 read as 1, weights 0.9 as 0) and return wrong logits silently."""
@@ -52,7 +65,10 @@ class TemperatureScaling:
     Both run in float64 on the logits' device.
 
     Attributes: ``temperature`` (float64 scalar tensor, 1 before :meth:`fit`), ``n_iter`` (0 when
-    the fit stopped at a bound), ``at_bound`` (None, 't_min' or 't_max').
+    the fit stopped at a bound), ``at_bound`` (None, 't_min' or 't_max'), ``converged`` (False,
+    with a RuntimeWarning, when ``max_iter`` ran out before the ``tol`` test passed).
+
+    Logits made under ``torch.inference_mode()`` are fine (the LBFGS fit differentiates copies).
     """
 
     def __init__(self, method: str = "newton", max_iter: int = 100, tol: float = 1e-10, t_min: float = 0.05,
@@ -65,6 +81,7 @@ class TemperatureScaling:
         self.temperature = torch.ones((), dtype=torch.float64)
         self.n_iter = 0
         self.at_bound: str | None = None
+        self.converged = True
 
     @staticmethod
     def _nll(z: Tensor, zy: Tensor, beta: Tensor) -> Tensor:
@@ -121,22 +138,27 @@ class TemperatureScaling:
             beta, f = new, f_new
             if done:
                 break
+        self.converged = done
         return 1 / beta, it
 
     def _fit_lbfgs(self, z: Tensor, y: Tensor) -> tuple[Tensor, int]:
         lo, hi = math.log(self.t_min), math.log(self.t_max)
-        log_t = torch.zeros((), dtype=torch.float64, device=z.device).clamp(lo, hi).requires_grad_()
-        opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-12,
-                                tolerance_change=self.tol, line_search_fn="strong_wolfe")
+        with _autograd_on():
+            z, y = z.clone(), y.clone()  # normal tensors even when made under inference_mode
+            log_t = torch.zeros((), dtype=torch.float64, device=z.device).clamp(lo, hi).requires_grad_()
+            opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-12,
+                                    tolerance_change=self.tol, line_search_fn="strong_wolfe")
 
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(z * torch.exp(-log_t), y)
-            loss.backward()
-            return loss
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(z * torch.exp(-log_t), y)
+                loss.backward()
+                return loss
 
-        opt.step(closure)  # the minimiser is inside the range (checked first): the clamp is a safeguard
-        return log_t.detach().clamp(lo, hi).exp(), opt.state[log_t]["n_iter"]
+            opt.step(closure)  # the minimiser is inside the range (checked first): the clamp is a safeguard
+        n_iter = opt.state[log_t]["n_iter"]
+        self.converged = n_iter < self.max_iter
+        return log_t.detach().clamp(lo, hi).exp(), n_iter
 
     def fit(self, logits: Tensor, targets: Tensor) -> "TemperatureScaling":
         """Fit T on logits [N, C] and integer targets [N]; returns self. Warns (RuntimeWarning)
@@ -144,6 +166,7 @@ class TemperatureScaling:
         z, y = check_logits(logits, targets)
         zy = z.gather(1, y[:, None]).squeeze(1)
         self.at_bound = self._bound(z, zy, y)
+        self.converged = True
         if self.at_bound is not None:
             t = self.t_min if self.at_bound == "t_min" else self.t_max
             self.temperature, self.n_iter = torch.tensor(t, dtype=torch.float64, device=z.device), 0
@@ -151,6 +174,10 @@ class TemperatureScaling:
             self.temperature, self.n_iter = self._fit_newton(z, zy)
         else:
             self.temperature, self.n_iter = self._fit_lbfgs(z, y)
+        if not self.converged:
+            warn_user(f"TemperatureScaling: max_iter = {self.max_iter} iterations ran out before the fit converged "
+                      f"(tol = {self.tol:g}); T = {float(self.temperature):.6g} may be off: raise max_iter",
+                      RuntimeWarning)
         return self
 
     def transform(self, logits: Tensor) -> Tensor:
@@ -174,21 +201,33 @@ class VectorScaling:
         self.bias: Tensor | None = None
 
     def fit(self, logits: Tensor, targets: Tensor) -> "VectorScaling":
-        """Fit on logits [N, C] and integer targets [N]; returns self."""
+        """Fit on logits [N, C] and integer targets [N] in which every class occurs; returns self.
+
+        A class absent from the targets is refused (ValueError naming it): its bias has no finite
+        minimiser, the fit drives it towards -inf and the class would never be predicted again.
+        Logits made under ``torch.inference_mode()`` are fine."""
         z, y = check_logits(logits, targets)
         C = z.shape[1]
-        w = torch.ones(C, dtype=torch.float64, device=z.device, requires_grad=True)
-        b = torch.zeros(C, dtype=torch.float64, device=z.device, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-10,
-                                tolerance_change=self.tol, line_search_fn="strong_wolfe")
+        absent = (torch.bincount(y, minlength=C) == 0).nonzero().flatten().tolist()
+        if absent:
+            raise ValueError(f"targets never contain class(es) {absent[:10]}{' ...' if len(absent) > 10 else ''} "
+                             f"of the C = {C}: vector scaling would drive their bias to -inf (no finite "
+                             "minimiser) and never predict them again; fit on validation data holding every "
+                             "class, or use TemperatureScaling (one T for all classes)")
+        with _autograd_on():
+            z, y = z.clone(), y.clone()  # normal tensors even when made under inference_mode
+            w = torch.ones(C, dtype=torch.float64, device=z.device, requires_grad=True)
+            b = torch.zeros(C, dtype=torch.float64, device=z.device, requires_grad=True)
+            opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-10,
+                                    tolerance_change=self.tol, line_search_fn="strong_wolfe")
 
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(z * w + b, y)
-            loss.backward()
-            return loss
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(z * w + b, y)
+                loss.backward()
+                return loss
 
-        opt.step(closure)
+            opt.step(closure)
         self.weight, self.bias = w.detach(), b.detach()
         if _separates(z, y):
             warn_user("VectorScaling: the logits separate the validation data (every point's target logit is "

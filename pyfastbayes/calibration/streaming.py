@@ -65,7 +65,7 @@ class CalibrationError:
         checks as :func:`ece` (one native pass); an empty batch (N = 0) adds nothing."""
         prep = prepare(probs, targets, from_logits=self.from_logits, validate=False, allow_empty=True)
         C = prep.p3.shape[-1]
-        if self.classwise and C != self.num_classes:
+        if self.num_classes is not None and C != self.num_classes:  # given: checked in every mode
             what = "binary [N] probs have" if prep.binary else "probs has"
             raise ValueError(f"{what} C = {C} classes but num_classes = {self.num_classes}; pass num_classes={C} "
                              f"to the constructor")
@@ -103,9 +103,18 @@ class CalibrationError:
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("sync() needs an initialised torch.distributed process group")
-        total = self._local_state(collective_device(group)).clone()
+        local = self._local_state(collective_device(group))
+        # two more numbers in the same all-reduce: how many ranks bin top-label [N, C] batches and
+        # how many binary [N] ones (their bins measure different things and must not be summed)
+        modes = local.new_tensor([float(self._mode == "top"), float(self._mode == "positive")])
+        total = torch.cat([local.flatten(), modes])
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        self._global = total
+        n_top, n_positive = (int(v) for v in total[-2:].tolist())
+        if n_top and n_positive:  # every rank sees the same sums: all raise
+            raise ValueError(f"CalibrationError.sync(): {n_top} rank(s) added [N, C] probs (top-label calibration) "
+                             f"and {n_positive} binary [N] probs (calibration of class 1); the two measure different "
+                             "things and cannot be summed: pass every batch on every rank in one form")
+        self._global = total[:-2].view_as(local)
         return self
 
     # ---- what sync() reduces and stores; also used by :func:`~pyfastbayes.calibration.evaluate`,

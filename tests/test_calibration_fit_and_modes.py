@@ -1,0 +1,100 @@
+"""Review findings on calibration (twelfth session), each a test that failed before its fix:
+VectorScaling drove a class absent from the validation targets to a bias of ~-22 (never predicted
+again); the LBFGS fits failed on logits made under inference_mode; a fit that ran out of
+iterations said nothing; binary [N] half-precision probabilities formed 1 - p in half precision;
+num_classes was not checked unless classwise; sync() summed top-label and binary bins."""
+import math
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pyfastbayes import calibration as cal
+
+
+def _val(C=5, absent=None, n=400):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, C, (n,), generator=g)
+    if absent is not None:
+        y[y == absent] = 0
+    z = torch.randn(n, C, generator=g, dtype=torch.float64) + 2.0 * torch.nn.functional.one_hot(y, C)
+    return z, y
+
+
+def test_vector_scaling_refuses_a_class_absent_from_the_targets():
+    z, y = _val(absent=4)
+    with pytest.raises(ValueError, match=r"targets never contain class\(es\) \[4\] of the C = 5"):
+        cal.VectorScaling().fit(z, y)
+
+
+@pytest.mark.parametrize("make", [lambda: cal.TemperatureScaling(method="lbfgs"), cal.VectorScaling])
+def test_fits_take_logits_made_under_inference_mode(make):
+    z, y = _val()
+    ref = make().fit(z, y)
+    with torch.inference_mode():
+        zi, yi = z.clone(), y.clone()
+        inside = make().fit(zi, yi)
+    outside = make().fit(zi, yi)
+    for fit in (inside, outside):
+        for name in ("temperature", "weight", "bias"):
+            if hasattr(ref, name):
+                torch.testing.assert_close(getattr(fit, name).clone(), getattr(ref, name))
+
+
+@pytest.mark.parametrize("method", ["newton", "lbfgs"])
+def test_a_fit_that_runs_out_of_iterations_says_so(method):
+    z, y = _val()
+    with pytest.warns(RuntimeWarning, match="max_iter = 1 iterations ran out"):
+        ts = cal.TemperatureScaling(method=method, max_iter=1).fit(z, y)
+    assert ts.converged is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cal.TemperatureScaling(method=method).fit(z, y).converged is True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_binary_half_precision_probabilities_keep_class_0_exact(dtype):
+    p = torch.tensor([0.001, 0.003, 0.02], dtype=dtype)
+    y = torch.zeros(3, dtype=torch.long)
+    q = p.double()
+    nll = [cal.nll(p[i:i + 1], y[i:i + 1]).item() for i in range(3)]
+    assert nll == pytest.approx([-math.log1p(-v) for v in q.tolist()], rel=1e-5)
+    torch.testing.assert_close(cal.predictive_entropy(p).double(), cal.predictive_entropy(q), rtol=1e-5, atol=0)
+
+
+def test_num_classes_is_checked_without_classwise():
+    m = cal.CalibrationError(num_classes=10)
+    with pytest.raises(ValueError, match="C = 5 classes but num_classes = 10"):
+        m.update(torch.softmax(torch.randn(20, 5), -1), torch.randint(0, 5, (20,)))
+
+
+def _mixed_worker(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        m = cal.CalibrationError()
+        g = torch.Generator().manual_seed(rank)
+        if rank == 0:
+            m.update(torch.rand(8, generator=g), torch.randint(0, 2, (8,), generator=g))  # binary [N]
+        else:
+            m.update(torch.softmax(torch.randn(8, 2, generator=g), -1), torch.randint(0, 2, (8,), generator=g))
+        try:
+            m.sync()
+            msg = "no error"
+        except ValueError as e:
+            msg = str(e)
+        torch.save(msg, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_refuses_top_label_and_binary_bins_on_different_ranks():
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out")
+        mp.spawn(_mixed_worker, args=(os.path.join(d, "init"), out), nprocs=2, join=True)
+        msgs = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    for msg in msgs:
+        assert "1 rank(s) added [N, C] probs" in msg and "1 binary [N] probs" in msg
