@@ -482,6 +482,13 @@ def _distributed_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = _fit_all(_shards()[rank])
+        # the grid search scores each rank's validation shard (rank 1's: empty) and all-reduces
+        Xv, yv = data(n=24, seed=5)
+        la = Laplace(mlp()).fit(_shards()[rank], progress=False)
+        results["grid"] = float(la.optimize_prior_precision(
+            "gridsearch", val_loader=[(Xv, yv)] if rank == 0 else [], grid_size=9))
+        results["grid_split"] = float(la.optimize_prior_precision(
+            "gridsearch", val_loader=[(Xv[:7], yv[:7])] if rank == 0 else [(Xv[7:], yv[7:])], grid_size=9))
         # an error on one process (rank 1: an empty loader) must stop every process, not leave the
         # others waiting in the all-reduce
         try:
@@ -515,6 +522,11 @@ def test_distributed_fit_equals_one_process_on_the_union():
     assert ranks[1]["error"].startswith("ValueError: fit: the loader yielded no batches"), ranks[1]["error"]
     union = _fit_all([b for shard in _shards() for b in shard])
     alone = _fit_all(_shards()[0])
+    Xv, yv = data(n=24, seed=5)
+    la = Laplace(mlp()).fit([b for shard in _shards() for b in shard], progress=False)
+    want_grid = float(la.optimize_prior_precision("gridsearch", val_loader=[(Xv, yv)], grid_size=9))
+    for got in ranks:  # the union's choice on every rank (each rank chose by its own shard before)
+        assert got["grid"] == want_grid and got["grid_split"] == want_grid
     for structure in STRUCTURES:
         want = union[structure]
         assert "error" not in want

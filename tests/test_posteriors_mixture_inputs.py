@@ -161,3 +161,12 @@ def test_swag_argument_checks():
         s.iter_samples(3, scale=-1)  # before the first draw is asked for
     with pytest.raises(ValueError, match="^scale must be"):
         _mixture(2).sample(2, scale=-1)  # the caller's argument, not posteriors[0]'s
+
+
+def test_predict_on_an_empty_tensor_gives_no_rows():
+    # an empty test shard on one rank (e.g. of a sharded SWAG, whose predict is collective): the
+    # rank must take part and return [0, C], not raise while the others wait in the all-gather
+    s = _swag(0, spread=0.1)
+    assert s.predict(torch.randn(0, 2), n_samples=2).shape == (0, 3)
+    mean, var = s.predict(torch.randn(0, 2), n_samples=2, likelihood="regression")
+    assert mean.shape == var.shape == (0, 3)

@@ -592,8 +592,53 @@ class Laplace(Posterior):
         _choice(pred_type, PRED_TYPES, "pred_type")
         grid = self._grid(rng, grid_size)
         batches = [self._split(item, i) for i, item in enumerate(loader_batches(val_loader))]
-        if not batches or sum(y.shape[0] for _, y in batches) == 0:
+        n_local = sum(y.shape[0] for _, y in batches)
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not dist and n_local == 0:
             raise ValueError("val_loader yielded no rows")
+        # under torch.distributed each rank scores its own validation shard (an empty one too) and
+        # the NLL sums and row counts of every grid point are all-reduced: every rank picks the
+        # prior of the union's NLL (choosing by the local shard made the ranks' priors differ)
+        error, sums = None, [0.0] * len(grid)
+        try:
+            if n_local:
+                sums = self._grid_nll_sums(batches, grid, pred_type, link_approx, n_samples)
+        except Exception as e:  # the other ranks must learn of it, or they wait in the all-reduce forever
+            if not dist:
+                raise
+            error = e
+        totals = torch.tensor([*sums, float(n_local), float(error is not None)], dtype=torch.float64)
+        if dist:
+            totals = totals.to(self.device)
+            torch.distributed.all_reduce(totals)
+            totals = totals.cpu()
+        if error is not None:
+            raise error
+        if float(totals[-1]) > 0:
+            raise RuntimeError("gridsearch failed on another process (see its error); the prior precision is unchanged")
+        totals = totals[:-1]
+        if float(totals[-1]) == 0:
+            raise ValueError("val_loader yielded no rows" + (" on any process" if dist else ""))
+        nlls = (totals[:-1] / totals[-1]).tolist()
+        best, best_nll = None, math.inf
+        for delta, nll in zip(grid, nlls):
+            if nll < best_nll:  # a NaN or infinite NLL is never chosen
+                best, best_nll = torch.as_tensor(delta, dtype=self.dtype, device=self.device), nll
+        if best is None:
+            raise RuntimeError("gridsearch: the validation NLL is NaN or infinite at every grid point (the "
+                               "predictions overflowed); check the validation data, or narrow log_prior_prec_range; "
+                               "the prior precision is unchanged")
+        if float(best) in (grid[0], grid[-1]):
+            edge = "upper" if float(best) == grid[-1] else "lower"
+            warn_user(f"gridsearch: the validation NLL is lowest at the {edge} end of the grid "
+                      f"(prior precision {float(best):g}); widen log_prior_prec_range"
+                      + (". At the upper end the validation data prefer (nearly) no posterior variance: the Laplace "
+                         "predictive is then close to the MAP's" if edge == "upper" else ""))
+        self._prior = best
+        return best
+
+    def _grid_nll_sums(self, batches: list, grid: list[float], pred_type: str, link_approx, n_samples) -> list[float]:
+        """The summed validation NLL of the local batches at every prior of ``grid``."""
         for i, (xb, yb) in enumerate(batches):
             if xb.dim() == 0 or yb.dim() == 0 or yb.shape[0] != xb.shape[0]:
                 raise ValueError(f"val_loader batch {i}: {tuple(yb.shape)} targets for inputs {tuple(xb.shape)}; "
@@ -610,7 +655,7 @@ class Laplace(Posterior):
         if pred_type == "glm":
             self._check_at_mean("the GLM predictive")
         pieces = self._glm_pieces(x, 1024) if pred_type == "glm" else None
-        best, best_nll = None, math.inf
+        sums = []
         for delta in grid:
             prior = torch.as_tensor(delta, dtype=self.dtype, device=self.device)
             if pred_type == "glm":
@@ -622,20 +667,8 @@ class Laplace(Posterior):
                     nll = self._nll_nn(x, y, n_samples)
                 finally:
                     self._prior = old
-            if nll < best_nll:  # a NaN or infinite NLL is never chosen
-                best, best_nll = prior, nll
-        if best is None:
-            raise RuntimeError("gridsearch: the validation NLL is NaN or infinite at every grid point (the "
-                               "predictions overflowed); check the validation data, or narrow log_prior_prec_range; "
-                               "the prior precision is unchanged")
-        if float(best) in (grid[0], grid[-1]):
-            edge = "upper" if float(best) == grid[-1] else "lower"
-            warn_user(f"gridsearch: the validation NLL is lowest at the {edge} end of the grid "
-                      f"(prior precision {float(best):g}); widen log_prior_prec_range. At the upper end the "
-                      "validation data prefer (nearly) no posterior variance: the Laplace predictive is then "
-                      "close to the MAP's")
-        self._prior = best
-        return best
+            sums.append(float(nll) * x.shape[0])
+        return sums
 
     def _grid(self, rng, grid_size: int) -> list[float]:
         """The grid 10**linspace(low, high) of the prior precision for ``log_prior_prec_range`` =
