@@ -24,9 +24,11 @@ from .nn import update_bn  # noqa: E402
 from .posteriors import SWA, SWAG, MultiSWAG, SampleBuffer  # noqa: E402
 
 __all__ = ["build_info", "allocation_cache", "ops", "nn", "optim", "posteriors", "calibration", "priors", "bma",
-           "SWAG", "SWA", "MultiSWAG", "SampleBuffer", "update_bn", "__version__", "curvature", "landscape"]
+           "SWAG", "SWA", "MultiSWAG", "SampleBuffer", "update_bn", "__version__", "curvature", "landscape",
+           "laplace", "diagnostics", "vi", "data"]
 
-_LAZY = ("curvature", "landscape", "laplace", "diagnostics")  # imported on first use: they pull in torch.func and matplotlib
+# imported on first use: they pull in torch.func and matplotlib (data: scikit-learn)
+_LAZY = ("curvature", "landscape", "laplace", "diagnostics", "vi", "data")
 
 
 def __getattr__(name: str):

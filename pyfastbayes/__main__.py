@@ -1,6 +1,22 @@
 """Command line: ``python -m pyfastbayes demo [--quick] [--out DIR] [--device cpu|cuda]``."""
 import argparse
+import os
 import sys
+
+
+def _device_problem(device: str) -> str | None:
+    """Why ``device`` cannot run the demo here, or None (checked before any work starts)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        return f"not a torch device ({e}); use cpu or cuda"
+    if dev.type not in ("cpu", "cuda"):
+        return "the demo runs on cpu or cuda"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False here (a CPU build or no GPU); use --device cpu"
+    return None
 
 
 def main(argv=None) -> int:
@@ -19,6 +35,11 @@ def main(argv=None) -> int:
 
         print(pyfastbayes.build_info())
         return 0
+    problem = _device_problem(args.device)
+    if problem:
+        ap.error(f"--device {args.device}: {problem}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out}: a file of that name exists; pass a folder for the report")
     from .demo import run_demo
 
     run_demo(out=args.out, device=args.device, quick=args.quick, seed=args.seed, progress=not args.no_progress)

@@ -197,3 +197,35 @@ def test_warn_user_skips_library_and_torch_frames():
         warnings.simplefilter("always")
         ns["lib"]()
     assert [w.filename for w in seen] == [__file__]
+
+
+# twelfth-session review: a bad --device ran the whole regression part before failing with a
+# traceback; pyfastbayes.vi / .data were not reachable as attributes like .laplace
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--device", "tpu"], "--device tpu: not a torch device"),
+    (["demo", "--device", "cuda:0"], "--device cuda:0: torch.cuda.is_available() is False"),
+])
+def test_cli_refuses_a_device_before_any_work(argv, message, capsys, tmp_path):
+    import torch
+    from pyfastbayes.__main__ import main
+    if "cuda" in argv[-1] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--out", str(tmp_path / "report")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+def test_cli_refuses_a_file_as_the_report_folder(capsys, tmp_path):
+    from pyfastbayes.__main__ import main
+    f = tmp_path / "taken"
+    f.write_text("")
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(f)])
+    assert "a file of that name exists" in capsys.readouterr().err
+
+
+def test_subpackages_are_attributes():
+    import pyfastbayes
+    for name in ("curvature", "landscape", "laplace", "diagnostics", "vi", "data"):
+        assert getattr(pyfastbayes, name).__name__ == f"pyfastbayes.{name}" and name in pyfastbayes.__all__

@@ -14,6 +14,7 @@ from .curvature import loss_hessian
 from .kfac import kfac_factor_
 from .landscape import landscape_bias_act_, landscape_combine, landscape_points_
 from .layouts import CALIB_DIAG, CALIB_STATS, HYPER, RNG, SWAG
+from .._reference._checks import KERNEL_DTYPES  # the dtypes every kernel takes (defined once, with the reference)
 from .random import philox4x32, philox_normal_, rng_snapshot
 from .sgmcmc import any_nonfinite, psgld_step_, sghmc_step_, sgld_step_
 from .swag import swag_collect_, swag_sample
@@ -27,4 +28,4 @@ __all__ = ["philox4x32", "philox_normal_", "rng_snapshot", "sgld_step_", "sghmc_
            "vi_sample_backward", "vi_sample_and_backward", "vi_local_noise",
            "vi_local_noise_backward", "vi_rademacher_", "vi_rademacher_mul", "vi_kl", "vi_kl_backward",
            "vi_sigma_sq", "vi_sigma_sq_backward_", "vi_sigma_sq_and_backward_", "BACKENDS",
-           "layouts", "HYPER", "RNG", "CALIB_STATS", "CALIB_DIAG", "SWAG"]
+           "layouts", "HYPER", "RNG", "CALIB_STATS", "CALIB_DIAG", "SWAG", "KERNEL_DTYPES"]

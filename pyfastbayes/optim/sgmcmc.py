@@ -65,7 +65,6 @@ from .. import _native, ops
 from ..calibration._checks import check_generator
 from .._distributed import dtensor_type, is_dtensor, is_sharded, local_tensor, shard_offset
 from .._memory import memory_overlaps, overlaps_itself
-from .._reference._checks import KERNEL_DTYPES
 from ._checks import Interval, check_hyper
 from .._warnings import warn_user
 
@@ -119,7 +118,7 @@ def _param_problem(p: Tensor) -> Exception | None:
         return ValueError(f"is a {p.layout} tensor; parameters must be dense (strided)")
     if not p.is_floating_point():
         return TypeError(f"has dtype {p.dtype}; parameters must be floating point")
-    if p.dtype not in KERNEL_DTYPES:
+    if p.dtype not in ops.KERNEL_DTYPES:
         return TypeError(f"has dtype {p.dtype}; the samplers step float64, float32, float16 and bfloat16 "
                          "parameters")
     if p.is_meta:
