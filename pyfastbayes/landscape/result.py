@@ -134,6 +134,7 @@ class LandscapeResult:
         """Contour plot of the 2-D surface (alphas on x, betas on y); returns the axes.
 
         Args:
+            ax: the matplotlib axes to draw on (None: a new figure's).
             points: label -> (alpha, beta) to mark and label (e.g. {'SGD': (0, 0), 'SWA': (1, 0)}).
             metric: None for the loss, else a key of :attr:`metrics`.
             levels, filled, kwargs: passed to ``ax.contour`` / ``ax.contourf``.

@@ -275,6 +275,8 @@ class Laplace(Posterior):
 
     @property
     def sigma_noise(self) -> Tensor:
+        """The observation noise std sigma (float scalar tensor; regression only, 1 otherwise);
+        assignable (checked: finite, > 0)."""
         return self._sigma
 
     @sigma_noise.setter
@@ -485,10 +487,12 @@ class Laplace(Posterior):
 
     @property
     def n_data(self) -> int:
+        """N, the number of training rows :meth:`fit` summed over (all processes)."""
         return self._need_fit()[2]
 
     @property
     def n_outputs(self) -> int:
+        """C, the model's output width (classes, or regression outputs) seen by :meth:`fit`."""
         return self._need_fit()[3]
 
     # ---- marginal likelihood -----------------------------------------------------------------------------
@@ -497,7 +501,12 @@ class Laplace(Posterior):
         return ml.expand_prior(prior, self.blocks, self.n_params)
 
     def log_likelihood(self, sigma: Tensor | None = None) -> Tensor:
-        """log p(D | theta_MAP) on the training data (laplace-torch's convention)."""
+        """log p(D | theta_MAP) on the training data (laplace-torch's convention): a float64
+        scalar, the summed log likelihood of the N fitted rows divided by the temperature.
+
+        Args:
+            sigma: the noise std for regression (a scalar tensor; default :attr:`sigma_noise`).
+        """
         curv, loss, n, C, _, _ = self._need_fit()
         return log_likelihood(loss, n, C, self.likelihood, self._sigma if sigma is None else sigma, self.temperature)
 

@@ -52,7 +52,8 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
             ``n_hypersteps`` steps per update.  n_epochs_burnin, marglik_frequency: when to update.
         prior_precision, sigma_noise: the initial values.  keep_best: end with the weights and
             hyper-parameters of the update with the highest marginal likelihood (laplace-torch's
-            choice); False keeps the last.  laplace_kwargs: passed to :class:`Laplace`.
+            choice); False keeps the last.  progress: a tqdm bar over the epochs.
+        laplace_kwargs: passed to :class:`Laplace`.
 
     Returns:
         (the Laplace fitted at the returned weights with the learnt prior, the log marginal

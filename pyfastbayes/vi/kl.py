@@ -169,6 +169,8 @@ class ELBO(nn.Module):
         self.step = check_int(step, "the ELBO state's step", 0)
 
     def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The loss (scalar): the NLL of ``outputs`` [N, ...] for ``targets`` [N] plus the weighted
+        KL divided by ``num_data`` (see the class docstring); ``last`` keeps (nll, kl)."""
         if not torch.is_tensor(outputs) or not torch.is_tensor(targets):
             bad = "outputs" if not torch.is_tensor(outputs) else "targets"
             raise TypeError(f"{bad} must be a tensor, got {type(outputs if bad == 'outputs' else targets).__name__}")

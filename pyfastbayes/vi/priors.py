@@ -18,6 +18,7 @@ class GaussianPrior:
         self.std = check_positive_float(std, "prior_std")
 
     def log_prob(self, w: Tensor) -> Tensor:
+        """log p(w) summed over the weights w [...] -> scalar (for a sampled-weight KL estimate)."""
         return (-0.5 * (w / self.std).square() - math.log(self.std) - 0.5 * math.log(2 * math.pi)).sum()
 
     def __repr__(self) -> str:
@@ -33,6 +34,7 @@ class ScaleMixturePrior:
         self.pi, self.std1, self.std2 = float(pi), check_positive_float(std1, "std1"), check_positive_float(std2, "std2")
 
     def log_prob(self, w: Tensor) -> Tensor:
+        """log p(w) of the two-component mixture, summed over the weights w [...] -> scalar."""
         a = math.log(self.pi) - 0.5 * (w / self.std1).square() - math.log(self.std1)
         b = math.log1p(-self.pi) - 0.5 * (w / self.std2).square() - math.log(self.std2)
         return (torch.logaddexp(a, b) - 0.5 * math.log(2 * math.pi)).sum()
