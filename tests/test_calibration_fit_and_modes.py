@@ -98,3 +98,22 @@ def test_sync_refuses_top_label_and_binary_bins_on_different_ranks():
         msgs = [torch.load(f"{out}.{r}") for r in (0, 1)]
     for msg in msgs:
         assert "1 rank(s) added [N, C] probs" in msg and "1 binary [N] probs" in msg
+
+
+def test_equal_mass_bins_do_not_depend_on_the_rows_order():
+    g = torch.Generator().manual_seed(0)
+    conf = torch.where(torch.rand(1000, generator=g) < 0.4, torch.ones(1000), 0.5 + 0.5 * torch.rand(1000, generator=g))
+    probs = torch.stack([1 - conf, conf], -1)
+    y = (torch.rand(1000, generator=g) < conf).long()
+    values = set()
+    for seed in range(4):
+        perm = torch.randperm(1000, generator=torch.Generator().manual_seed(seed))
+        for norm in ("l1", "l2", "max"):
+            values.add((norm, round(float(cal.ece(probs[perm], y[perm], binning="adaptive", norm=norm)), 12)))
+    assert len(values) == 3  # one value per norm, whatever the order
+    # four rows, two tie groups: no cut through a group (the cut at 2 of 4 fell inside the 0.9s)
+    p = torch.tensor([0.6, 0.9, 0.9, 0.9])
+    y4 = torch.tensor([1, 1, 0, 0])
+    a = float(cal.ece(p, y4, binning="adaptive", n_bins=2))
+    b = float(cal.ece(p.flip(0), y4.flip(0), binning="adaptive", n_bins=2))
+    assert a == pytest.approx(b, abs=1e-15)

@@ -46,10 +46,12 @@ def mean_probs(p3: Tensor, from_logits: bool) -> Tensor:
 
 
 def adaptive_bins(prep: Prepared, n_bins: int, from_logits: bool, mode: str) -> Tensor:
-    """Equal-mass bins: sort by the binned value (stable, ties by input order) and cut the sorted
-    rows into n_bins runs whose sizes differ by at most one (the first N % n_bins runs one
-    longer); returns [K, n_bins, 3] with K = C ('classwise') or 1. Rows with non-finite values or
-    bad targets are dropped first (they only exist when validate=False)."""
+    """Equal-mass bins: sort by the binned value and cut the sorted rows into n_bins runs whose
+    sizes differ by at most one (the first N % n_bins runs one longer), except that equal values
+    stay together, in the bin where their sorted run starts (a cut through them made the result
+    depend on the rows' order: saturated confidences of exactly 1.0 are common); so bins may hold
+    more or fewer rows, or none. Returns [K, n_bins, 3] with K = C ('classwise') or 1. Rows with
+    non-finite values or bad targets are dropped first (they only exist when validate=False)."""
     avg, y = mean_probs(prep.p3, from_logits), prep.y
     C = avg.shape[-1]
     keep = torch.isfinite(avg).all(-1) & (y >= 0) & (y < C)
@@ -67,7 +69,11 @@ def adaptive_bins(prep: Prepared, n_bins: int, from_logits: bool, mode: str) -> 
     sizes = torch.full((n_bins,), n // n_bins, dtype=torch.long)
     sizes[: n % n_bins] += 1
     bin_of = torch.repeat_interleave(torch.arange(n_bins), sizes).to(avg.device)
-    idx = bin_of[:, None].expand(n, k)
+    pos = torch.arange(n, device=avg.device)[:, None].expand(n, k)
+    starts = torch.ones_like(v, dtype=torch.bool)
+    starts[1:] = v[1:] != v[:-1]
+    first = torch.where(starts, pos, 0).cummax(0).values  # where each row's run of equal values starts
+    idx = bin_of[first]
     out = torch.zeros(n_bins, k, CALIB_STATS.size, dtype=torch.float64, device=avg.device)
     out[..., CALIB_STATS.count].scatter_add_(0, idx, torch.ones_like(v))
     out[..., CALIB_STATS.confidence].scatter_add_(0, idx, v)
