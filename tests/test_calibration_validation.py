@@ -84,8 +84,10 @@ def test_nan_probs_are_reported_as_nonfinite(metric, S):
 
 CASES = {  # probs, targets, message: the same for every metric
     "row sum": (torch.tensor([[0.2, 0.9], [0.6, 0.4], [0.5, 0.5]]), Y,
-                r"probs rows must sum to 1 \(within 0.0001\); 1 of N = 3 rows do not \(pass from_logits=True for "
-                r"logits; normalise probabilities with p / p.sum\(-1, keepdim=True\)\)"),
+                r"probs rows must sum to 1 \(within 0.0001, a tolerance of its dtype torch.float32\); 1 of N = 3 "
+                r"rows do not \(pass from_logits=True for logits; normalise probabilities with "
+                r"p / p.sum\(-1, keepdim=True\); half-precision probabilities cast up with .float\(\) keep their "
+                r"rounding: pass them in their own dtype, or normalise after the cast\)"),
     "negative": (torch.tensor([[-0.2, 1.2], [0.6, 0.4], [0.5, 0.5]]), Y,
                  r"probs must be non-negative probabilities; 1 of N = 3 rows hold negative values \(pass "
                  r"from_logits=True for logits\)"),

@@ -202,8 +202,10 @@ def raise_on_diag(diag: Tensor, p3: Tensor, y: Tensor, from_logits: bool, binary
         raise ValueError(f"{name} must be non-negative probabilities; {neg} {of} rows hold negative values "
                          f"({_LOGITS_HINT})")
     if bad_sum:
-        raise ValueError(f"{name} rows must sum to 1 (within {sum_tol(p3.dtype):g}); {bad_sum} {of} rows do not "
-                         f"({_LOGITS_HINT}; normalise probabilities with p / p.sum(-1, keepdim=True))")
+        raise ValueError(f"{name} rows must sum to 1 (within {sum_tol(p3.dtype):g}, a tolerance of its dtype "
+                         f"{p3.dtype}); {bad_sum} {of} rows do not ({_LOGITS_HINT}; normalise probabilities with "
+                         "p / p.sum(-1, keepdim=True); half-precision probabilities cast up with .float() keep their "
+                         "rounding: pass them in their own dtype, or normalise after the cast)")
 
 
 def checked_bins(prep: Prepared, n_bins: int, from_logits: bool, classwise: bool, validate: bool,
