@@ -56,3 +56,34 @@ def test_sharpness_takes_the_lanczos_settings():
                      generator=torch.Generator().manual_seed(0))
     dense = torch.linalg.eigvalsh(cv.hessian(model, nn.CrossEntropyLoss(), (x, y)).to_dense())
     assert s.top_eigenvalue == pytest.approx(float(dense[-1]), rel=1e-10)
+
+
+def test_hessian_weighs_batches_by_their_kept_rows():
+    # cross-entropy's ignore_index: each batch's mean runs over its kept rows, so batches weigh by
+    # them (by all rows, the result depended on how the data was batched)
+    model, x, y = _problem()
+    y = y.clone()
+    y[[1, 2, 3, 13]] = -100
+    keep = y != -100
+    loss = nn.CrossEntropyLoss()
+    V = torch.randn(cv.hessian(model, loss, (x, y)).shape[0], 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    want = cv.hessian(model, loss, (x[keep], y[keep])) @ V
+    for data in ([(x, y)], [(x[:10], y[:10]), (x[10:], y[10:])], [(x[1:4], y[1:4]), (x, y)][1:]):
+        torch.testing.assert_close(cv.hessian(model, loss, data) @ V, want, rtol=1e-10, atol=1e-12)
+    only_ignored = [(x[1:4], y[1:4]), (x[4:], y[4:])]  # a batch of ignored rows only adds nothing
+    torch.testing.assert_close(cv.hessian(model, loss, only_ignored) @ V,
+                               cv.hessian(model, loss, (x[4:][keep[4:]], y[4:][keep[4:]])) @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_density_warns_when_its_grid_aliases_the_kernels():
+    model, x, y = _problem()
+    d = cv.spectral_density(cv.hessian(model, nn.CrossEntropyLoss(), (x, y)), n_probes=2, n_steps=5,
+                            generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="aliases the kernels"):
+        d.density(sigma=d.default_sigma() / 100)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grid, dens = d.density()
+    assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-3)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..calibration._checks import check_int
+from .._warnings import warn_user
 from ..optim._checks import Interval, check_number
 from .operator import LinearOperator, rademacher, shared_generator
 from .spectral import (BREAKDOWN, _apply, _as_operator, _check_progress, _not_finite, _progress,
@@ -67,13 +68,20 @@ class SpectralDensity:
 
         grid: points t [G] (default: ``n_grid`` points from min(nodes) - 5 sigma to max(nodes) + 5 sigma).
         sigma: the Gaussian kernel's standard deviation (> 0; default :meth:`default_sigma`).
-        Returns (grid [G], density [G]), float64 on the CPU; the density integrates to 1.
+        Returns (grid [G], density [G]), float64 on the CPU; the density integrates to 1 on a grid
+        whose spacing is below sigma (the default grid warns, RuntimeWarning, when a small sigma
+        makes its spacing exceed sigma / 2: the curve would alias the kernels).
         """
         sigma = self.default_sigma() if sigma is None else _check_sigma(sigma)
         if grid is None:
             n_grid = check_int(n_grid, "n_grid", 2)
-            grid = torch.linspace(float(self.nodes.min()) - 5 * sigma, float(self.nodes.max()) + 5 * sigma, n_grid,
-                                  dtype=torch.float64)
+            lo, hi = float(self.nodes.min()) - 5 * sigma, float(self.nodes.max()) + 5 * sigma
+            if (hi - lo) / (n_grid - 1) > sigma / 2:
+                need = math.ceil(2 * (hi - lo) / sigma) + 1
+                warn_user(f"density: the grid's spacing {(hi - lo) / (n_grid - 1):.3g} exceeds sigma / 2 = {sigma / 2:.3g}, "
+                          f"so the curve aliases the kernels (its peaks and its integral are off); pass "
+                          f"n_grid >= {need} or a larger sigma", RuntimeWarning)
+            grid = torch.linspace(lo, hi, n_grid, dtype=torch.float64)
         elif not torch.is_tensor(grid) or grid.dim() != 1:
             raise ValueError(f"grid must be a 1-d tensor of points, got "
                              f"{tuple(grid.shape) if torch.is_tensor(grid) else type(grid).__name__}")

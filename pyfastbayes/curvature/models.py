@@ -128,8 +128,10 @@ class _ModelCurvature(LinearOperator):
         self._start_pass()
         with ModeGuard(self.model, False), differentiable_kernels():
             for x, y, nb in iterate(self.data, self.device):
-                self.sel.accumulate_(acc, *self._batch(x, y, nb, selected, fixed, tangents))
-                n += nb
+                parts, weight = self._batch(x, y, nb, selected, fixed, tangents)
+                if weight:  # a batch of rows that all count nothing (every target ignored) adds nothing
+                    self.sel.accumulate_(acc, parts, weight)
+                n += weight
         if self.distributed:
             acc, n = all_reduce(acc, n)
         if n == 0:
@@ -153,7 +155,22 @@ class HessianOperator(_ModelCurvature):
 
     hvp_mode = "forward-over-reverse"
 
+    def __init__(self, model, loss_fn, data, params=None, distributed=None):
+        super().__init__(model, loss_fn, data, params, distributed)
+        self._ignore = ignore_index(loss_fn)
+
+    def _kept_rows(self, y, nb: int) -> int:
+        """The rows a batch's mean loss averages over: for cross-entropy with class targets, those
+        whose target is not ``ignore_index`` (one host read), so batches weigh by them and the
+        operator is the Hessian of the mean over every kept row of the data; else N_b."""
+        if self._ignore is None or not torch.is_tensor(y) or y.is_floating_point() or y.dim() != 1:
+            return nb
+        return int((y != self._ignore).sum())
+
     def _batch(self, x, y, nb, selected, fixed, tangents):
+        nb = self._kept_rows(y, nb)
+        if nb == 0:
+            return None, 0
         f = self._forward(x, fixed)
         loss_fn = self.loss_fn
 
