@@ -112,6 +112,10 @@ class _ModelCurvature(LinearOperator):
         alpha): alpha times the parts is N_b times the batch curvature times the block."""
         raise NotImplementedError
 
+    def _rows(self, y, nb: int) -> int:
+        """How many rows the batch's mean loss averages over, its weight N_b (default: all)."""
+        return nb
+
     def _start_pass(self) -> None:
         """Called before each walk over the data (the MC Fisher resets its generator here)."""
 
@@ -128,10 +132,11 @@ class _ModelCurvature(LinearOperator):
         self._start_pass()
         with ModeGuard(self.model, False), differentiable_kernels():
             for x, y, nb in iterate(self.data, self.device):
-                parts, weight = self._batch(x, y, nb, selected, fixed, tangents)
-                if weight:  # a batch of rows that all count nothing (every target ignored) adds nothing
-                    self.sel.accumulate_(acc, parts, weight)
-                n += weight
+                rows = self._rows(y, nb)
+                if rows == 0:  # a batch whose rows all count nothing (every target ignored) adds nothing
+                    continue
+                self.sel.accumulate_(acc, *self._batch(x, y, rows, selected, fixed, tangents))
+                n += rows
         if self.distributed:
             acc, n = all_reduce(acc, n)
         if n == 0:
@@ -159,7 +164,7 @@ class HessianOperator(_ModelCurvature):
         super().__init__(model, loss_fn, data, params, distributed)
         self._ignore = ignore_index(loss_fn)
 
-    def _kept_rows(self, y, nb: int) -> int:
+    def _rows(self, y, nb: int) -> int:
         """The rows a batch's mean loss averages over: for cross-entropy with class targets, those
         whose target is not ``ignore_index`` (one host read), so batches weigh by them and the
         operator is the Hessian of the mean over every kept row of the data; else N_b."""
@@ -168,9 +173,6 @@ class HessianOperator(_ModelCurvature):
         return int((y != self._ignore).sum())
 
     def _batch(self, x, y, nb, selected, fixed, tangents):
-        nb = self._kept_rows(y, nb)
-        if nb == 0:
-            return None, 0
         f = self._forward(x, fixed)
         loss_fn = self.loss_fn
 
