@@ -87,3 +87,26 @@ def test_density_warns_when_its_grid_aliases_the_kernels():
         warnings.simplefilter("error")
         grid, dens = d.density()
     assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_operator_algebra():
+    model, x, y = _problem()
+    loss = nn.CrossEntropyLoss()
+    H, G = cv.hessian(model, loss, (x, y)), cv.ggn(model, loss, (x, y))
+    Hd, Gd = H.to_dense(), G.to_dense()
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cases = [(H + G, Hd + Gd), (H - G, Hd - Gd), (2.0 * H, 2 * Hd), (H * np.float32(0.5), Hd * 0.5),
+             (H / 4, Hd / 4), (H + 1e-3, Hd + 1e-3 * eye), (torch.tensor(2.0) - G, 2 * eye - Gd), (-G, -Gd),
+             (H.T, Hd), (3 * (G + 0.1) - H, 3 * (Gd + 0.1 * eye) - Hd)]
+    for op, dense in cases:
+        torch.testing.assert_close(op @ V, dense @ V, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(V.mT @ G, (Gd @ V).mT, rtol=1e-10, atol=1e-12)
+    vals, _ = cv.eigenvalues(G + 1e-3, k=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(Gd + 1e-3 * eye).flip(0)[:2], rtol=1e-8, atol=1e-10)
+    with pytest.raises(TypeError, match="real number or a LinearOperator"):
+        H + "damping"
+    with pytest.raises(ValueError, match="must agree"):
+        H + cv.DenseOperator(torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must be finite"):
+        H * float("nan")

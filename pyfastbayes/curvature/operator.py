@@ -3,12 +3,15 @@
 A :class:`LinearOperator` is a symmetric P x P matrix that is only ever applied: ``op @ v`` for a
 vector v [P] and ``op @ V`` for a block V [P, k] of k vectors computed together (one pass over
 the data for the model operators). ``diagonal`` and ``to_dense`` are built on the block product.
+Operators combine as symmetric matrices do: ``H + G``, ``H - G``, ``c * H``, ``H / c``, ``H + c``
+(= H + c I: damping), ``-H``, ``H.T`` (itself), ``v @ H``; the result applies its parts.
 Subclasses implement :meth:`LinearOperator._matmat` ([P, k] -> [P, k]); the checks of the
 argument live here, once.
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -119,6 +122,118 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(P={self.shape[0]}, dtype={self.dtype}, device={self.device})"
+
+    # ---- algebra: symmetric operators stay symmetric ----------------------------------------------------
+    # a + b and a - b (operators of one shape, dtype and device), c * a, a * c, a / c and a + c
+    # (c a real number: a + c I, e.g. damping), -a, a.T (the operator itself); each product of the
+    # result applies its parts, so e.g. eigenvalues(H + 1e-3) runs the data passes of H only
+    @property
+    def T(self) -> "LinearOperator":
+        """The transpose: the operator itself (it is symmetric)."""
+        return self
+
+    mT = T
+
+    def __add__(self, other) -> "LinearOperator":
+        """``A + B`` (another operator of the same shape, dtype and device) or ``A + c I`` (a real c)."""
+        if isinstance(other, LinearOperator):
+            return _Sum(self, other, 1.0)
+        return _Shifted(self, _real(other, "the number added"))
+
+    __radd__ = __add__
+
+    def __sub__(self, other) -> "LinearOperator":
+        """``A - B`` or ``A - c I``."""
+        if isinstance(other, LinearOperator):
+            return _Sum(self, other, -1.0)
+        return _Shifted(self, -_real(other, "the number subtracted"))
+
+    def __rsub__(self, other) -> "LinearOperator":
+        return _Shifted(_Scaled(self, -1.0), _real(other, "the number"))
+
+    def __mul__(self, c) -> "LinearOperator":
+        """``c A`` for a real number c (a matrix product is ``A @ V``)."""
+        return _Scaled(self, _real(c, "the factor (operators multiply vectors with @)"))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c) -> "LinearOperator":
+        c = _real(c, "the divisor")
+        if c == 0:
+            raise ZeroDivisionError("an operator divided by 0")
+        return _Scaled(self, 1.0 / c)
+
+    def __neg__(self) -> "LinearOperator":
+        return _Scaled(self, -1.0)
+
+    def __rmatmul__(self, v: Tensor) -> Tensor:
+        """``v @ A`` = (A v)^T for v [P] or [k, P] (A is symmetric)."""
+        if torch.is_tensor(v) and v.dim() == 2:
+            return (self @ v.mT).mT
+        return self @ v
+
+
+def _real(c, what: str) -> float:
+    """A real number (Python, NumPy or a 0-dim tensor) as a float, else TypeError / ValueError
+    naming ``what``."""
+    if torch.is_tensor(c) and c.dim() == 0 and not c.is_complex():
+        c = c.item()
+    if isinstance(c, bool) or not isinstance(c, numbers.Real):
+        raise TypeError(f"{what} must be a real number or a LinearOperator, got {type(c).__name__}")
+    c = float(c)
+    if not math.isfinite(c):
+        raise ValueError(f"{what} must be finite, got {c}")
+    return c
+
+
+class _Composite(LinearOperator):
+    """An operator built from others (sum, scaling, shift): distributed when any part is."""
+
+    def __init__(self, *parts: LinearOperator):
+        super().__init__(parts[0].shape[0], parts[0].dtype, parts[0].device)
+        self.parts = parts
+        self.distributed = any(getattr(p, "distributed", False) for p in parts)
+
+
+class _Sum(_Composite):
+    def __init__(self, a: LinearOperator, b: LinearOperator, sign: float):
+        if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
+            raise ValueError(f"cannot add operators of shape {a.shape} {a.dtype} on {a.device} and {b.shape} "
+                             f"{b.dtype} on {b.device}: they must agree")
+        super().__init__(a, b)
+        self.sign = sign
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        a, b = self.parts
+        out = a @ V
+        return out.add_(b @ V, alpha=self.sign)
+
+    def __repr__(self) -> str:
+        return f"({self.parts[0]!r} {'+' if self.sign > 0 else '-'} {self.parts[1]!r})"
+
+
+class _Scaled(_Composite):
+    def __init__(self, a: LinearOperator, c: float):
+        super().__init__(a)
+        self.c = c
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return (self.parts[0] @ V).mul_(self.c)
+
+    def __repr__(self) -> str:
+        return f"{self.c:g} * {self.parts[0]!r}"
+
+
+class _Shifted(_Composite):
+    def __init__(self, a: LinearOperator, c: float):
+        super().__init__(a)
+        self.c = c
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return (self.parts[0] @ V).add_(V, alpha=self.c)
+
+    def __repr__(self) -> str:
+        return f"({self.parts[0]!r} + {self.c:g} I)"
 
 
 class DenseOperator(LinearOperator):
