@@ -72,7 +72,7 @@ def reliability_diagram(probs: Tensor, targets: Tensor, n_bins: int = 15, ax=Non
     n_bins = check_n_bins(n_bins)
     ax = _check_ax(ax)
     prep = prepare(probs, targets, from_logits=from_logits, validate=False)  # values: in the binning pass
-    b = uniform_bins(prep, n_bins, from_logits, mode_of(prep, False), True)
+    b = uniform_bins(prep, n_bins, from_logits, mode_of(prep, False), True).detach()  # a picture: no graph
     y_label, x_label = ("frequency of class 1", "probability of class 1") if prep.binary else \
         ("accuracy", "confidence")
     acc, conf, frac, m = _per_bin(b)
