@@ -82,7 +82,9 @@ def nll(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: boo
     log pbar is clamped at the log of the smallest normal float64, so a probability of 0 (or a
     -inf logit of the target) gives the same large finite value (708.4) on both paths.
     ``validate`` as in :func:`ece` (one native pass; NaN, +inf and all -inf logit rows raise);
-    without it the target range is still checked. Returns a float64 scalar.
+    without it the target range is still checked, but a bad row is not skipped as in
+    :func:`ece`: its NaN reaches the mean (brier and the entropies alike; accuracy counts such a
+    row by its argmax). ``validate=False`` is for data known to be clean. Returns a float64 scalar.
     """
     prep = prepare(probs, targets, from_logits=from_logits, validate=validate, indexes_targets=True)
     return nll_terms(prep, from_logits).mean()
@@ -92,7 +94,8 @@ def brier(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: b
     """Mean Brier score of the BMA predictive: 1/N sum_n sum_c (pbar_nc - [y_n = c])^2, in [0, 2].
 
     probs: [N, C], [S, N, C] or binary [N] (then the binary score 1/N sum_n (p_n - y_n)^2, in
-    [0, 1]); targets: [N]. ``validate`` as in :func:`nll`. Returns a float64 scalar.
+    [0, 1]); targets: [N]. ``validate`` as in :func:`nll` (bad rows not skipped when False).
+    Returns a float64 scalar.
     """
     prep = prepare(probs, targets, from_logits=from_logits, validate=validate, indexes_targets=True)
     return brier_terms(prep, from_logits).mean()

@@ -69,6 +69,11 @@ class TemperatureScaling:
     with a RuntimeWarning, when ``max_iter`` ran out before the ``tol`` test passed).
 
     Logits made under ``torch.inference_mode()`` are fine (the LBFGS fit differentiates copies).
+
+    Args:
+        method: 'newton' (default) or 'lbfgs'.  max_iter: iterations before the fit gives up
+            (with a RuntimeWarning).  tol: the step (Newton, relative in beta) or NLL change
+            (LBFGS) below which the fit has converged.  t_min, t_max: the range of T.
     """
 
     def __init__(self, method: str = "newton", max_iter: int = 100, tol: float = 1e-10, t_min: float = 0.05,
@@ -193,6 +198,9 @@ class VectorScaling:
     minimiser: the fit stops after ``max_iter`` with large weights and a RuntimeWarning.
 
     Attributes: ``weight`` [C], ``bias`` [C] (float64; None before :meth:`fit`).
+
+    Args:
+        max_iter: LBFGS iterations.  tol: the NLL change below which LBFGS stops.
     """
 
     def __init__(self, max_iter: int = 200, tol: float = 1e-12):

@@ -25,6 +25,13 @@ class CalibrationError:
     State: float64 [B, 3] (count, confidence sum, correct sum per bin), or [C, B, 3] with
     ``classwise`` (then ``num_classes`` is required, so every rank has the same shape).
     Equal-mass ('adaptive') bins need every confidence, not O(bins) state: use :func:`ece`.
+
+    Args:
+        n_bins: B uniform bins on [0, 1].  norm: 'l1' (ECE), 'l2' (RMS) or 'max' (MCE).
+        classwise: the mean over classes of each class's error (needs ``num_classes``).
+        num_classes: C, checked against every batch when given.
+        from_logits: the batches hold logits (softmax / sigmoid taken per draw).
+        validate: check each batch's values as :func:`ece` does (one host sync per batch).
     """
 
     def __init__(self, n_bins: int = 15, norm: str = "l1", classwise: bool = False, num_classes: int | None = None,
