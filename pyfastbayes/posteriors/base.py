@@ -184,7 +184,10 @@ class Posterior(abc.ABC):
         Args:
             x: inputs [N, ...] (split into ``batch_size`` rows) or an iterable of batches: tensors
                 or (input, target, ...) tuples; ``input_fn`` (item -> tensor or tuple of model
-                arguments) for anything else, e.g. dict batches.
+                arguments) for anything else, e.g. dict batches. ``x`` is read once and its
+                batches are kept on the model's device for every draw, so memory grows with N:
+                for a test set that does not fit, call ``predict`` per part with a generator
+                seeded the same way each time (the same draws for every part).
             n_samples: S >= 1 draws.
             likelihood: 'classification' -> mean of softmax(outputs) [N, C]; 'binary' -> mean of
                 sigmoid(outputs) [N] for outputs [N] or [N, 1]; 'regression' -> (mean [N, ...],
