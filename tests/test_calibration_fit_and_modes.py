@@ -117,3 +117,12 @@ def test_equal_mass_bins_do_not_depend_on_the_rows_order():
     a = float(cal.ece(p, y4, binning="adaptive", n_bins=2))
     b = float(cal.ece(p.flip(0), y4.flip(0), binning="adaptive", n_bins=2))
     assert a == pytest.approx(b, abs=1e-15)
+
+
+@pytest.mark.parametrize("fn", [cal.expected_entropy, cal.mutual_information])
+def test_per_draw_metrics_check_every_draw(fn):
+    draws = torch.tensor([[[0.6, 0.6]], [[0.4, 0.4]]], dtype=torch.float64)  # mean row (0.5, 0.5) is valid
+    with pytest.raises(ValueError, match="draw 0, row 0 sums to 1.2"):
+        fn(draws)
+    fn(draws, validate=False)  # the caller's choice
+    fn(torch.tensor([[[0.7, 0.3]], [[0.2, 0.8]]], dtype=torch.float64))

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._binning import (adaptive_bins, error_from_bins, error_from_host_bins, mean_probs, mode_of, require_binned,
                        uniform_bins)
-from ._checks import BINNINGS, NORMS, Prepared, check_bool, check_choice, check_n_bins, check_scores, prepare
+from ._checks import BINNINGS, NORMS, Prepared, check_bool, check_choice, check_n_bins, check_scores, prepare, sum_tol
 
 __all__ = ["ece", "nll", "brier", "accuracy", "predictive_entropy", "expected_entropy", "mutual_information",
            "ood_auroc"]
@@ -155,7 +155,9 @@ def expected_entropy(probs: Tensor, from_logits: bool = False, validate: bool = 
     """Mean entropy of the individual draws, 1/S sum_s H[p_sn] (nats): the aleatoric part.
     probs: [S, N, C] ([N, C] or [N] count as S = 1); ``validate`` as in :func:`ece`. Returns
     float64 [N]."""
-    p3 = prepare(probs, from_logits=from_logits, validate=validate).p3.double()
+    p3 = prepare(probs, from_logits=from_logits, validate=validate).p3
+    _check_draws(p3, from_logits, validate)
+    p3 = p3.double()
     return _entropy(p3.softmax(-1) if from_logits else p3).mean(0)
 
 
@@ -163,9 +165,24 @@ def mutual_information(probs: Tensor, from_logits: bool = False, validate: bool 
     """Mutual information between the prediction and the parameters (BALD), the epistemic part of
     the BMA uncertainty: H[pbar_n] - 1/S sum_s H[p_sn] >= 0 (clamped at 0 against rounding).
     probs: [S, N, C] (S = 1 gives 0); ``validate`` as in :func:`ece`. Returns float64 [N]."""
-    p3 = prepare(probs, from_logits=from_logits, validate=validate).p3.double()
+    p3 = prepare(probs, from_logits=from_logits, validate=validate).p3
+    _check_draws(p3, from_logits, validate)
+    p3 = p3.double()
     p = p3.softmax(-1) if from_logits else p3
     return (_entropy(p.mean(0)) - _entropy(p).mean(0)).clamp_min(0)
+
+
+def _check_draws(p3: Tensor, from_logits: bool, validate: bool) -> None:
+    """The validation pass checks the mean over draws; the per-draw entropies need every draw's
+    rows to sum to 1 as well (two draws off by +-0.2 average to a valid row)."""
+    if not validate or from_logits or p3.shape[0] < 2 or p3.shape[1] == 0:
+        return
+    off = (p3.double().sum(-1) - 1).abs() > sum_tol(p3.dtype)  # [S, N]
+    if bool(off.any()):
+        s, n = (int(i) for i in off.nonzero()[0])
+        raise ValueError(f"probs rows must sum to 1 in every draw (within {sum_tol(p3.dtype):g}); draw {s}, row {n} "
+                         f"sums to {float(p3[s, n].double().sum()):.6g} ({int(off.sum())} rows of the [S, N] draws do "
+                         "not): normalise each draw with p / p.sum(-1, keepdim=True), or pass from_logits=True")
 
 
 def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> Tensor:
