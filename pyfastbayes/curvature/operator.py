@@ -138,7 +138,7 @@ class LinearOperator:
         """``A + B`` (another operator of the same shape, dtype and device) or ``A + c I`` (a real c)."""
         if isinstance(other, LinearOperator):
             return _Sum(self, other, 1.0)
-        return _Shifted(self, _real(other, "the number added"))
+        return _Affine(self, shift=_real(other, "the number added"))
 
     __radd__ = __add__
 
@@ -146,14 +146,14 @@ class LinearOperator:
         """``A - B`` or ``A - c I``."""
         if isinstance(other, LinearOperator):
             return _Sum(self, other, -1.0)
-        return _Shifted(self, -_real(other, "the number subtracted"))
+        return _Affine(self, shift=-_real(other, "the number subtracted"))
 
     def __rsub__(self, other) -> "LinearOperator":
-        return _Shifted(_Scaled(self, -1.0), _real(other, "the number"))
+        return _Affine(self, -1.0, _real(other, "the number"))
 
     def __mul__(self, c) -> "LinearOperator":
         """``c A`` for a real number c (a matrix product is ``A @ V``)."""
-        return _Scaled(self, _real(c, "the factor (operators multiply vectors with @)"))
+        return _Affine(self, _real(c, "the factor (operators multiply vectors with @)"))
 
     __rmul__ = __mul__
 
@@ -161,10 +161,10 @@ class LinearOperator:
         c = _real(c, "the divisor")
         if c == 0:
             raise ZeroDivisionError("an operator divided by 0")
-        return _Scaled(self, 1.0 / c)
+        return _Affine(self, 1.0 / c)
 
     def __neg__(self) -> "LinearOperator":
-        return _Scaled(self, -1.0)
+        return _Affine(self, -1.0)
 
     def __rmatmul__(self, v: Tensor) -> Tensor:
         """``v @ A`` = (A v)^T for v [P] or [k, P] (A is symmetric)."""
@@ -212,28 +212,21 @@ class _Sum(_Composite):
         return f"({self.parts[0]!r} {'+' if self.sign > 0 else '-'} {self.parts[1]!r})"
 
 
-class _Scaled(_Composite):
-    def __init__(self, a: LinearOperator, c: float):
+class _Affine(_Composite):
+    """scale * A + shift * I."""
+
+    def __init__(self, a: LinearOperator, scale: float = 1.0, shift: float = 0.0):
         super().__init__(a)
-        self.c = c
+        self.scale, self.shift = scale, shift
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return (self.parts[0] @ V).mul_(self.c)
+        out = self.parts[0] @ V
+        if self.scale != 1.0:
+            out.mul_(self.scale)
+        return out.add_(V, alpha=self.shift) if self.shift else out
 
     def __repr__(self) -> str:
-        return f"{self.c:g} * {self.parts[0]!r}"
-
-
-class _Shifted(_Composite):
-    def __init__(self, a: LinearOperator, c: float):
-        super().__init__(a)
-        self.c = c
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return (self.parts[0] @ V).add_(V, alpha=self.c)
-
-    def __repr__(self) -> str:
-        return f"({self.parts[0]!r} + {self.c:g} I)"
+        return f"({self.scale:g} * {self.parts[0]!r} + {self.shift:g} I)"
 
 
 class DenseOperator(LinearOperator):
