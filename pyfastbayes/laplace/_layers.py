@@ -145,9 +145,13 @@ def _per_example_grads(module: nn.Module, params: dict[str, Tensor], a: Tensor, 
     per parameter, by vmapping the module's own forward on single examples (the module must treat
     examples independently, e.g. BatchNorm in eval mode)."""
     detached = {k: v.detach() for k, v in params.items()}
+    # the module's other parameters (a child's weights, when the module has its own too) are
+    # swapped in detached as well: left live, they tied every batch's result to the model's graph
+    # (curvature that required grad, a backward through the model in prior tuning)
+    others = {k: v.detach() for k, v in module.named_parameters() if k not in params}
 
     def one(p, x, gj):
-        out = functional_call(module, p, (x.unsqueeze(0),))
+        out = functional_call(module, {**others, **p}, (x.unsqueeze(0),))
         return (out.squeeze(0) * gj).sum()
 
     per = vmap(vmap(grad(one), in_dims=(None, 0, 0)), in_dims=(None, None, 0))(detached, a, g)

@@ -34,7 +34,7 @@ from .eigenbasis import METHODS as EIGH_METHODS
 from .factors import STRUCTURES, Recorder, backprop, block_parts
 from .lowrank import LowRankCurvature, LowRankPrecision
 from .precision import PRECISIONS
-from .predictive import probabilities
+from .predictive import LINKS, probabilities
 from .._warnings import warn_user
 
 __all__ = ["Laplace", "RegressionPredictive"]
@@ -72,6 +72,8 @@ def _link(pred_type: str, link_approx: str | None) -> str:
     if pred_type == "nn" and link_approx not in (None, "mc"):
         raise ValueError(f"pred_type='nn' averages sampled networks (link_approx='mc'); link_approx={link_approx!r} "
                          "applies to pred_type='glm'")
+    if link_approx is not None and link_approx not in LINKS:  # regression ignores the link, but not a typo
+        raise ValueError(f"link_approx must be one of {LINKS} (or None: probit), got {link_approx!r}")
     return "probit" if link_approx is None else link_approx
 
 
@@ -169,7 +171,7 @@ class Laplace(Posterior):
         self.unsupported = _choice(unsupported, ("error", "diag"), "unsupported")
         self.mc_samples = check_int(mc_samples, "mc_samples", 1)
         self.eigh_method = _choice(eigh_method, EIGH_METHODS, "eigh_method")
-        self.temperature = check_positive_float(temperature, "temperature")
+        self.temperature = temperature
         self.dtype, self.device = self.layout.dtype, self.layout.device
         self._sigma = _check_sigma(sigma_noise, likelihood, self.dtype, self.device).detach().clone()
         self._prior_value, self._prior_mean_value = prior_precision, prior_mean
@@ -283,9 +285,25 @@ class Laplace(Posterior):
     def sigma_noise(self, value) -> None:
         self._sigma = _check_sigma(value, self.likelihood, self.dtype, self.device)
 
+    @property
+    def temperature(self) -> float:
+        """T > 0: the likelihood's curvature and log likelihood are divided by it; assignable
+        (checked: a finite number > 0)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value) -> None:
+        self._temperature = check_positive_float(value, "temperature")
+
     def _scale(self, sigma: Tensor | None = None) -> Tensor:
+        """What the fitted curvature (accumulated at sigma = 1) is multiplied by: 1 / (sigma^2 T);
+        for the empirical Fisher of a regression 1 / (sigma^4 T), its per-example gradients
+        (f - y) J / sigma^2 being squared (laplace-torch scales it like the GGN: off by sigma^2)."""
         sigma = self._sigma if sigma is None else sigma
-        return 1.0 / (sigma.square() * self.temperature)
+        s2 = sigma.square()
+        if self.curvature == "ef" and self.likelihood == "regression":
+            s2 = s2.square()
+        return 1.0 / (s2 * self.temperature)
 
     @property
     def block_names(self) -> list[str]:
@@ -456,6 +474,9 @@ class Laplace(Posterior):
                     raise wrong from e
                 raise
             out = outputs_2d(out, self.likelihood)
+        if x.dim() == 0 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"{name}: the model returned {out.shape[0]} output rows for inputs of shape "
+                             f"{tuple(x.shape)}: pass the inputs as a batch [N, ...] (one example: x.unsqueeze(0))")
         return out, self.layers
 
     def _all_reduce(self, curv, loss: Tensor, n: int):
@@ -496,6 +517,20 @@ class Laplace(Posterior):
         return self._need_fit()[3]
 
     # ---- marginal likelihood -----------------------------------------------------------------------------
+    def _current_as(self, structure: str) -> Tensor:
+        """The current prior precision as a start for tuning a ``structure`` prior: per weight
+        [P] for 'diag', each block's mean for 'layerwise', the mean for 'scalar' (so that a run
+        may follow one of another structure)."""
+        prior = self._prior.detach()
+        if prior.numel() == 1 or structure == "diag":
+            return prior if prior.numel() == 1 else self._delta(prior)
+        if structure == "scalar":
+            return self._delta(prior).mean()
+        if prior.numel() == len(self.blocks) and prior.numel() != self.n_params:
+            return prior
+        per_weight = self._delta(prior)
+        return torch.stack([per_weight[b.sel.reshape(-1)].mean() for b in self.blocks])
+
     def _delta(self, prior: Tensor | None = None) -> Tensor:
         prior = self._prior if prior is None else prior
         return ml.expand_prior(prior, self.blocks, self.n_params)
@@ -567,6 +602,9 @@ class Laplace(Posterior):
         _choice(prior_structure, ml.PRIOR_STRUCTURES, "prior_structure")
         self._need_fit()
         if method == "gridsearch":
+            if prior_structure != "scalar":
+                raise ValueError(f"method='gridsearch' tunes one scalar prior precision over a 1-d grid; "
+                                 f"prior_structure={prior_structure!r} needs method='marglik'")
             _choice(pred_type, PRED_TYPES, "pred_type")
             link_approx = _link(pred_type, link_approx)
             n_samples = check_int(n_samples, "n_samples", 1)  # (the predictive's draws: 'mc' link, 'nn')
@@ -577,12 +615,14 @@ class Laplace(Posterior):
             raise ValueError("prior_structure='diag' does not fit hessian_structure='kron' (one exact damping per "
                              "Kronecker block): use 'scalar' or 'layerwise'")
         n_steps = check_int(n_steps, "n_steps", 1)
-        init = self._prior if init_prior_prec is None else ml.check_prior(
+        init = self._current_as(prior_structure) if init_prior_prec is None else ml.check_prior(
             init_prior_prec, self.blocks, self.n_params, "diag", self.dtype, self.device, "init_prior_prec")
         if init.dim() == 1 and init.numel() not in (1,) and prior_structure == "scalar":
             init = init.mean()
         log_prior = ml.initial(prior_structure, init, len(self.blocks), self.n_params)
-        tune = (self.likelihood == "regression") if tune_sigma is None else bool(tune_sigma)
+        if tune_sigma is not None and not isinstance(tune_sigma, bool):
+            raise TypeError(f"tune_sigma must be True, False or None (tune it for regression), got {tune_sigma!r}")
+        tune = (self.likelihood == "regression") if tune_sigma is None else tune_sigma
         if tune and self.likelihood != "regression":
             raise ValueError("tune_sigma=True needs likelihood='regression'")
         log_sigma = self._sigma.detach().log().clone()
@@ -897,12 +937,19 @@ class Laplace(Posterior):
         return out
 
     # ---- state -------------------------------------------------------------------------------------------
+    def _config(self) -> dict:
+        """The settings a saved state must have been fitted with."""
+        config = dict(likelihood=self.likelihood, subset_of_weights=self.subset_of_weights,
+                      hessian_structure=self.hessian_structure, curvature=self.curvature, bias_block=self.bias_block,
+                      kfac_approx=self.kfac_approx, temperature=self.temperature)
+        if self.hessian_structure == "lowrank":
+            config["low_rank"] = self.low_rank
+        return config
+
     def state_dict(self) -> dict:
         curv, loss, n, C, mean, _ = self._need_fit()
         state = self._state_header()
-        state.update(config=dict(likelihood=self.likelihood, subset_of_weights=self.subset_of_weights,
-                                 hessian_structure=self.hessian_structure, curvature=self.curvature,
-                                 bias_block=self.bias_block, kfac_approx=self.kfac_approx, temperature=self.temperature),
+        state.update(config=self._config(),
                      blocks=[b.name for b in self.blocks], last_layer=getattr(self, "last_layer_name", None),
                      curvature_tensors=[t.detach().clone() for t in curv.tensors()], counts=curv.counts(),
                      loss=loss.detach().clone(), n_data=n, n_outputs=C, mean=mean.clone(),
@@ -915,11 +962,11 @@ class Laplace(Posterior):
         checked, and the eigendecomposition that may fail is done, before anything is assigned:
         a failed load leaves this Laplace as it was."""
         self._check_header(state)
-        config = dict(likelihood=self.likelihood, subset_of_weights=self.subset_of_weights,
-                      hessian_structure=self.hessian_structure, curvature=self.curvature, bias_block=self.bias_block,
-                      kfac_approx=self.kfac_approx, temperature=self.temperature)
-        if state.get("config") != config:
-            raise ValueError(f"state_dict was saved by a Laplace with {state.get('config')}, this one has {config}")
+        config, saved = self._config(), state.get("config")
+        if isinstance(saved, dict) and "low_rank" in config and "low_rank" not in saved:
+            saved = {**saved, "low_rank": config["low_rank"]}  # saved before low_rank was: the tensors' shapes check it
+        if saved != config:
+            raise ValueError(f"state_dict was saved by a Laplace with {saved}, this one has {config}")
         for key in ("blocks", "curvature_tensors", "counts", "loss", "n_data", "n_outputs", "mean", "prior_precision",
                     "prior_mean", "sigma_noise") + (("last_layer",) if self.subset_of_weights == "last_layer" else ()):
             if key not in state:

@@ -47,7 +47,10 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
             sigma_noise too).
         hessian_structure: the Laplace used for the evidence ('kron' default, 'diag', 'full').
         prior_structure: 'scalar' or 'layerwise' (one delta per block; 'diag' for diag/full).
-        n_epochs, lr, optimizer_cls: the network's training (mean NLL + delta |theta|^2 / (2 N)).
+        n_epochs, lr, optimizer_cls: the network's training (mean NLL + T delta |theta - prior_mean|^2
+            / (2 N): the mode of the returned Laplace's posterior, whose log density is the log
+            likelihood / T plus the log prior; ``temperature`` and ``prior_mean`` come with
+            ``laplace_kwargs``. laplace-torch divides by T instead: the same for T = 1).
         lr_hyp, n_hypersteps: one Adam optimiser on log delta (and log sigma) for the whole run,
             ``n_hypersteps`` steps per update.  n_epochs_burnin, marglik_frequency: when to update.
         prior_precision, sigma_noise: the initial values.  keep_best: end with the weights and
@@ -92,6 +95,7 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
     n = sum(int(item[1].shape[0]) for item in batches(train_loader))
     if n == 0:
         raise ValueError("train_loader yielded no rows")
+    prior_mean = la.prior_mean.detach()
     margliks: list[float] = []
     best = None
     for epoch in tqdm(range(1, n_epochs + 1), desc="marglik training", leave=False, disable=not progress):
@@ -103,7 +107,10 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
             opt.zero_grad()
             nll = _mean_nll(model(x), y, likelihood, sigma2)
             theta = torch.cat([p.reshape(-1) for p in params])
-            (nll + 0.5 * (delta * theta.square()).sum() / (n * la.temperature)).backward()
+            # the mode of la's posterior (log likelihood / T + log prior): mean NLL + T delta
+            # |theta - prior_mean|^2 / (2 N); laplace-torch divides by T instead, which trains
+            # towards another point than the Laplace it returns for T != 1
+            (nll + 0.5 * (delta * (theta - prior_mean).square()).sum() * la.temperature / n).backward()
             opt.step()
         if epoch < n_epochs_burnin or epoch % marglik_frequency:
             continue

@@ -19,7 +19,8 @@ inputs batched and moved to the model's device once, and an optional tqdm bar ov
 
 Likelihoods: ``'classification'`` averages softmax probabilities of outputs [N, C] (C >= 2) ->
 [N, C]; ``'binary'`` averages sigmoid probabilities of class 1 of outputs [N] or [N, 1] -> [N];
-``'regression'`` returns (mean [N, ...], variance over draws [N, ...]) of the outputs (the
+``'regression'`` returns (mean [N, ...], variance over draws [N, ...], divided by S as the
+variance of the S-draw mixture; ``samples.var(0)`` divides by S - 1) of the outputs (the
 epistemic part: add the noise variance for the predictive one).
 """
 from __future__ import annotations
@@ -314,4 +315,14 @@ def _forward(layout: ParamLayout, theta: Tensor, batches: list, bn_loader, batch
         """The model at ``tensors`` (parameters of the draw, buffers)."""
         return functional_call(model, tensors, args)
 
-    return torch.cat([model_output(call_model(fn, b), output_fn) for b in batches])
+    outs = []
+    for b in batches:
+        out = model_output(call_model(fn, b), output_fn)
+        first = b[0] if isinstance(b, tuple) else b
+        if (output_fn is None and torch.is_tensor(first) and first.dim()  # output_fn may reshape rows on purpose
+                and (out.dim() == 0 or out.shape[0] != first.shape[0])):
+            raise ValueError(f"x: the model returned outputs of shape {tuple(out.shape)} for inputs of shape "
+                             f"{tuple(first.shape)}; the outputs need the inputs' rows [N, ...]: pass the inputs as a "
+                             "batch (one example: x.unsqueeze(0)), or output_fn to pick [N, ...] outputs")
+        outs.append(out)
+    return torch.cat(outs)
