@@ -110,3 +110,27 @@ def test_operator_algebra():
         H + cv.DenseOperator(torch.eye(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="must be finite"):
         H * float("nan")
+
+
+def test_hessian_of_sequence_targets_and_class_weights_does_not_depend_on_the_batching():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(12, 5, 4, dtype=torch.float64)
+
+    class Seq(nn.Module):  # [N, T, F] -> [N, C, T]: torch's class dim 1
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m(x).transpose(1, 2)
+    seq = Seq()
+    y = torch.randint(0, 3, (12, 5))
+    y[0, :3] = -100
+    y[5] = -100
+    V = torch.randn(sum(p.numel() for p in seq.parameters()), 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    for loss in (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))):
+        whole = cv.hessian(seq, loss, (x, y)) @ V
+        split = cv.hessian(seq, loss, [(x[:4], y[:4]), (x[4:], y[4:])]) @ V
+        torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)

@@ -110,3 +110,13 @@ def test_summary_table_skips_constant_elements():
 def test_big_endian_numpy_draws_are_taken():
     x = np.random.default_rng(0).normal(size=(2, 50))
     torch.testing.assert_close(diagnostics.rhat(x.astype(">f8")), diagnostics.rhat(x))
+
+
+def test_a_group_added_later_is_scaled_against_the_first_groups():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = optim.SGLD([{"params": [a], "lr": 1e-3}], lr=1e-3, num_data=1)
+    sched = optim.CyclicalSchedule(total_steps=10, n_cycles=2, lr_max=0.1)
+    sched.apply(opt, 0)
+    opt.add_param_group({"params": [b], "lr": 1e-6})
+    sched.apply(opt, 1)
+    assert opt.param_groups[1]["lr"] == pytest.approx(sched.lr(1) * 1e-3)  # it was the full lr (scale 1)

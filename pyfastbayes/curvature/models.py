@@ -112,8 +112,9 @@ class _ModelCurvature(LinearOperator):
         alpha): alpha times the parts is N_b times the batch curvature times the block."""
         raise NotImplementedError
 
-    def _rows(self, y, nb: int) -> int:
-        """How many rows the batch's mean loss averages over, its weight N_b (default: all)."""
+    def _rows(self, y, nb: int) -> int | Tensor:
+        """The batch's weight: what its mean loss averages over (default N_b, its rows; a 0-dim
+        tensor where it is counted on the device)."""
         return nb
 
     def _start_pass(self) -> None:
@@ -133,10 +134,13 @@ class _ModelCurvature(LinearOperator):
         with ModeGuard(self.model, False), differentiable_kernels():
             for x, y, nb in iterate(self.data, self.device):
                 rows = self._rows(y, nb)
-                if rows == 0:  # a batch whose rows all count nothing (every target ignored) adds nothing
-                    continue
-                self.sel.accumulate_(acc, *self._batch(x, y, rows, selected, fixed, tangents))
-                n += rows
+                if isinstance(rows, int):
+                    self.sel.accumulate_(acc, *self._batch(x, y, rows, selected, fixed, tangents))
+                else:  # a weight on the device (no host read per batch): a batch weighing 0 adds nothing
+                    parts, _ = self._batch(x, y, nb, selected, fixed, tangents)
+                    self.sel.accumulate_(acc, {k: torch.where(rows > 0, v * rows, 0) for k, v in parts.items()}, 1)
+                n = n + rows
+        n = float(n)  # one host read per pass
         if self.distributed:
             acc, n = all_reduce(acc, n)
         if n == 0:
@@ -164,13 +168,18 @@ class HessianOperator(_ModelCurvature):
         super().__init__(model, loss_fn, data, params, distributed)
         self._ignore = ignore_index(loss_fn)
 
-    def _rows(self, y, nb: int) -> int:
-        """The rows a batch's mean loss averages over: for cross-entropy with class targets, those
-        whose target is not ``ignore_index`` (one host read), so batches weigh by them and the
-        operator is the Hessian of the mean over every kept row of the data; else N_b."""
-        if self._ignore is None or not torch.is_tensor(y) or y.is_floating_point() or y.dim() != 1:
+    def _rows(self, y, nb: int) -> int | Tensor:
+        """What a batch's mean loss averages over: for cross-entropy with class targets ([N] or
+        [N, d1, ...]), the class weights (1 without) of the targets that are not ``ignore_index``,
+        summed on the device, so batches weigh by them and the operator is the Hessian of the
+        mean over every kept target of the data, however it is batched; else N_b."""
+        if self._ignore is None or not torch.is_tensor(y) or y.is_floating_point() or y.dtype == torch.bool:
             return nb
-        return int((y != self._ignore).sum())
+        kept = y != self._ignore
+        weight = getattr(self.loss_fn, "weight", None)
+        if weight is None:
+            return kept.sum().to(torch.float64)
+        return torch.where(kept, weight.to(torch.float64)[torch.where(kept, y, 0)], 0).sum()
 
     def _batch(self, x, y, nb, selected, fixed, tangents):
         f = self._forward(x, fixed)

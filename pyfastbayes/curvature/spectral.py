@@ -193,12 +193,13 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
             finds eigenvalues of multiplicity up to ``block``).
         n_iter: the largest Krylov dimension (number of operator-vector products), k <= n_iter;
             default min(P, max(2k + 20, 50)) for 'lanczos', min(P, max(2k + 20, 50, 20 * block))
-            for 'block_lanczos' (rounded up to whole blocks). n_iter >= P runs P products and
-            is exact (the Krylov space is the whole space; no early stop).
+            for 'block_lanczos' (rounded up to whole blocks). A given n_iter >= P runs P products
+            and is exact (the Krylov space is the whole space; no early stop).
         tol: stop once every wanted Ritz pair has ||A y - theta y|| <= tol * max |theta| (tested
-            from min(n_iter, 2k) products on, and after a breakdown only once the restart's own
-            Krylov space has 2k vectors); default sqrt(eps) of the working dtype (1.5e-8 in
-            float64, 3.5e-4 otherwise); 0 runs all n_iter products without a warning.
+            from min(n_iter, 2k) products on; after a breakdown also no further copy of a value
+            may be able to enter the wanted ones, see below); default sqrt(eps) of the working
+            dtype (1.5e-8 in float64, 3.5e-4 otherwise); 0 runs all n_iter products without a
+            warning.
         block: the block size b of 'block_lanczos' (default min(k, 8)); only for that method.
         generator: the random start vectors (and the restarts after a breakdown) come from it.
         progress: a tqdm bar over the products (None: tqdm's choice).
@@ -260,7 +261,7 @@ def eigenvalues(op, k: int = 10, which: str = "largest", method: str = "lanczos"
     check_every = max(1, n_steps // 50)  # the small eigh per check stays negligible
     min_dim = min(m, 2 * k)
     # early stops only below P products with tol > 0 (n_iter >= P is exact, tol = 0 runs them all)
-    early = tol > 0 and m < P
+    early = tol > 0 and not (n_iter is not None and m >= P)
     seg = 0  # where the current Krylov segment (from the start block or the latest restart) begins
     closed_top = None  # most extreme Ritz value (for `which`) of the last segment that closed
     step = 0

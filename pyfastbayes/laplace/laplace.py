@@ -640,16 +640,17 @@ class Laplace(Posterior):
         grid_size = check_int(grid_size, "grid_size", 2)
         _choice(pred_type, PRED_TYPES, "pred_type")
         grid = self._grid(rng, grid_size)
-        batches = [self._split(item, i) for i, item in enumerate(loader_batches(val_loader))]
-        n_local = sum(y.shape[0] for _, y in batches)
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not dist and n_local == 0:
-            raise ValueError("val_loader yielded no rows")
-        # under torch.distributed each rank scores its own validation shard (an empty one too) and
-        # the NLL sums and row counts of every grid point are all-reduced: every rank picks the
-        # prior of the union's NLL (choosing by the local shard made the ranks' priors differ)
-        error, sums = None, [0.0] * len(grid)
+        # under torch.distributed (a collective: every rank calls it) each rank scores its own
+        # validation shard (an empty one too) and the NLL sums and row counts of every grid point
+        # are all-reduced: every rank picks the prior of the union's NLL (choosing by the local
+        # shard made the ranks' priors differ); a rank's error is flagged in the same all-reduce
+        error, sums, n_local = None, [0.0] * len(grid), 0
         try:
+            batches = [self._split(item, i) for i, item in enumerate(loader_batches(val_loader))]
+            n_local = sum(y.shape[0] for _, y in batches)
+            if not dist and n_local == 0:
+                raise ValueError("val_loader yielded no rows")
             if n_local:
                 sums = self._grid_nll_sums(batches, grid, pred_type, link_approx, n_samples)
         except Exception as e:  # the other ranks must learn of it, or they wait in the all-reduce forever

@@ -11,6 +11,7 @@ __all__ = ["CyclicalSchedule", "SAMPLING_TEMPERATURE"]
 
 SAMPLING_TEMPERATURE = "sampling_temperature"  # param-group key: the temperature while sampling
 LR_SCALE = "lr_scale"  # param-group key: the group's step size relative to the schedule's
+LR_REFERENCE = "lr_reference"  # param-group key: the lr that lr_scale 1 stood for (the first groups' largest)
 _CONFIG = ("total_steps", "n_cycles", "lr_max", "explore_fraction")
 
 
@@ -42,8 +43,10 @@ class CyclicalSchedule:
     optimizer ``state_dict`` saved while exploring (temperature 0) resumes with the right one, even
     under a fresh schedule. To change it during a run, set ``group['sampling_temperature']``.
     Param groups keep their step sizes' ratios: the first time :meth:`apply` sees groups, each
-    gets ``group['lr_scale']`` = its ``lr`` / the largest ``lr`` among them (1 for one group), and
-    its step size is ``lr_scale * lr(t)``; set the key to change it.
+    gets ``group['lr_scale']`` = its ``lr`` / the reference (the largest ``lr`` among the first
+    groups seen, kept as ``group['lr_reference']``; a group added later is scaled against it), and
+    its step size is ``lr_scale * lr(t)``; set the key to change it. (Before this, every group got
+    ``lr(t)``: multi-group chains now take their groups' own step sizes.)
     A group whose ``lr`` / ``temperature`` are 0-dim tensors has them updated in place, so a
     sampler step captured in a CUDA graph follows the schedule (:mod:`pyfastbayes.optim.sgmcmc`, "CUDA graphs").
 
@@ -98,11 +101,13 @@ class CyclicalSchedule:
                             f"{type(optimizer).__name__}")
         sampling, lr = self.is_sampling(step), self.lr(step)
         new = [g for g in optimizer.param_groups if LR_SCALE not in g]
-        if new:  # the groups' own step sizes, relative to the largest: their ratios are kept
+        if new:  # the groups' own step sizes, relative to the reference: their ratios are kept
             lrs = [float(g["lr"]) for g in new]
-            top = max(lrs)
+            known = [g[LR_REFERENCE] for g in optimizer.param_groups if LR_REFERENCE in g]
+            ref = known[0] if known else max(lrs)  # a group added later: against the first groups' reference
             for g, v in zip(new, lrs):
-                g[LR_SCALE] = v / top if top > 0 else 1.0
+                g[LR_SCALE] = v / ref if ref > 0 else 1.0
+                g[LR_REFERENCE] = ref
         for i, group in enumerate(optimizer.param_groups):
             scale = group[LR_SCALE]
             _assign(group, "lr", lr if scale == 1.0 else lr * scale)

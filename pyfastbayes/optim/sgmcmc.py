@@ -454,7 +454,7 @@ class _SGMCMC(torch.optim.Optimizer):
                 st["hyper"][i].copy_(v)
         return st
 
-    def _buffers(self, sources: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    def _buffers(self, sources: list[Tensor], params: list[Tensor], check: bool = True) -> list[Tensor]:
         """The state buffer of each parameter (kept under ``sources[k]``), shaped like ``params[k]``
         (a DTensor's local shard: the buffer is local-shard-sized, a plain tensor)."""
         out = []
@@ -463,7 +463,7 @@ class _SGMCMC(torch.optim.Optimizer):
             if self._buffer not in st:
                 st[self._buffer] = torch.zeros_like(p, memory_format=torch.preserve_format)
             out.append(st[self._buffer])
-        if (list(map(Tensor.size, out)) != list(map(Tensor.size, params))
+        if check and (list(map(Tensor.size, out)) != list(map(Tensor.size, params))
                 or set(map(_DTYPE, out)) != set(map(_DTYPE, params)) or set(map(_DEVICE, out)) != set(map(_DEVICE, params))):
             for k, (b, p) in enumerate(zip(out, params)):
                 if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
@@ -484,10 +484,13 @@ class _SGMCMC(torch.optim.Optimizer):
                     return _name(gi, i, q)
         return "a parameter"
 
-    def _op_args(self, plan: _Plan) -> list:
-        """[params, grads, (buffers,) hyper, rng] of one group; creates missing state."""
+    def _op_args(self, plan: _Plan, check: bool = True) -> list:
+        """[params, grads, (buffers,) hyper, rng] of one group; creates missing state. ``check``:
+        test that existing buffers still fit their parameters (a ValueError naming the first
+        that does not); the first group's op tests it itself before writing, so the step asks
+        only for the later groups' (a few us per tensor on the step's hot path)."""
         st = self._group_state(plan.group, plan.params[0].device)
-        bufs = [self._buffers(plan.sources, plan.params)] if self._buffer else []
+        bufs = [self._buffers(plan.sources, plan.params, check)] if self._buffer else []
         return [plan.params, plan.grads, *bufs, st["hyper"], st["rng"]]
 
     # ---- the step -------------------------------------------------------------------------------
@@ -515,8 +518,8 @@ class _SGMCMC(torch.optim.Optimizer):
                 self._name_culprit(plan, plans)
             raise
         undo = self._first_step_undo(plans)
-        try:
-            args = [self._op_args(plan) for plan in plans]  # state checked here: before any write
+        try:  # the later groups' state checked here, before any write (the first group's op checks its own)
+            args = [self._op_args(plan, check=k > 0) for k, plan in enumerate(plans)]
         except (ValueError, RuntimeError):
             undo()
             raise
@@ -528,6 +531,8 @@ class _SGMCMC(torch.optim.Optimizer):
                 if k == 0:  # nothing was written (the op checks before it writes)
                     undo()  # nor is any state left behind, or a seed drawn
                     self._name_culprit(plan, plans)
+                    if self._buffer:  # a state buffer that no longer fits: say which and how to fix it
+                        self._buffers(plan.sources, plan.params, check=True)
                     raise
                 done = [p.index for p in plans[:k]]
                 raise RuntimeError(f"{type(self).__name__}: {self._op_name} failed on param_groups[{plan.index}] "
