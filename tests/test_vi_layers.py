@@ -49,10 +49,12 @@ def _reference_forward(layer, x, step):
         mean = op(x, layer.weight_mu, layer.bias_mu)
         var = op(x.square(), sw.square(), sb.square())
         return mean + var.sqrt() * _eps(layer, 2, step, mean.shape, dt)
-    s_in = _signs(layer, 3, step, x.shape, dt)
+    # one sign per example and channel, shared by a conv's pixels (Wen et al.; TFP's Conv2DFlipout)
+    per_example = (lambda shape: tuple(shape[:2]) + (1, 1)) if conv else (lambda shape: tuple(shape))
+    s_in = _signs(layer, 3, step, per_example(x.shape), dt)
     dw = sw * _eps(layer, 0, step, layer.weight_mu.shape, dt)
     pert = op(x * s_in, dw, None)
-    s_out = _signs(layer, 4, step, pert.shape, dt)
+    s_out = _signs(layer, 4, step, per_example(pert.shape), dt)
     b = layer.bias_mu + sb * _eps(layer, 1, step, layer.bias_mu.shape, dt)
     return op(x, layer.weight_mu, None) + pert * s_out + (b if not conv else b.view(1, -1, 1, 1))
 
@@ -332,3 +334,14 @@ def test_activation_checkpointing_is_refused(reentrant):
     layer.sample_weights = False
     checkpoint(layer, x, use_reentrant=reentrant).sum().backward()
     torch.testing.assert_close(layer.weight_mu.grad, torch.ones(4, 3) @ x.detach())
+
+
+# twelfth-session review: a conv's flipout drew a sign per pixel, so the pixels of one image saw
+# different weights and the estimator followed another objective than the model's
+def test_conv_flipout_shares_one_weight_draw_across_pixels():
+    torch.manual_seed(0)
+    layer = BayesianConv2d(1, 1, 1, estimator="flipout", init_std=0.5)
+    x = torch.ones(1, 1, 1, 2)  # two equal pixels: every weight drawn from q gives them equal outputs
+    for _ in range(20):
+        out = layer(x)
+        assert float((out[..., 0] - out[..., 1]).abs().max()) < 1e-6

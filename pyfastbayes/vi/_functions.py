@@ -114,22 +114,38 @@ class SampledAffine(torch.autograd.Function):
         return gx, gmu, grho, gbmu, gbrho, None, None, None, None
 
 
+def _signs_mul(t: Tensor, rng: Tensor, stream: int, affine: "Affine") -> Tensor:
+    """t times random signs shared by the positions of an example: flipout's s_in / s_out are per
+    example and feature (Wen et al. 2018; TFP's Conv2DFlipout: [N, C] broadcast over the pixels), so
+    every position of one example sees the same weight draw. [N, F] inputs of a Linear (and t of
+    any shape whose positions are its rows): one sign per element, the signs made inside the op;
+    a conv's [N, C, H, W] (or a Linear's [N, ..., F]): a [N, C, 1, 1] ([N, 1, ..., F]) sign tensor."""
+    if t.dim() <= 2:
+        return ops.vi_rademacher_mul(t, rng, stream)
+    if affine.kind == "linear":
+        shape = (t.shape[0],) + (1,) * (t.dim() - 2) + (t.shape[-1],)
+    else:
+        shape = tuple(t.shape[:2]) + (1,) * (t.dim() - 2)
+    signs = ops.vi_rademacher_(torch.empty(shape, dtype=t.dtype, device=t.device), rng, stream)
+    return t * signs
+
+
 class Flipout(torch.autograd.Function):
     """Flipout (Wen et al. 2018) as one autograd node:
     out = affine(x, mu, b) + affine(x * s_in, sigma(rho) eps, None) * s_out, b = bias_mu + sigma(bias_rho) eps_b,
-    with the shared perturbation sigma eps (stream s), eps_b (s + 1) and the random signs s_in [x's
-    shape] (s + 3) and s_out [out's shape] (s + 4) all regenerated in the backward, the signs applied
-    by ``ops.vi_rademacher_mul`` (no sign tensor at all). Saves x, mu, rho, bias_rho and the RNG
-    position: no sign, noise or perturbation tensor outlives the forward."""
+    with the shared perturbation sigma eps (stream s), eps_b (s + 1) and the random signs s_in
+    (s + 3) and s_out (s + 4), one per example and feature (:func:`_signs_mul`), all regenerated in
+    the backward (for [N, F] inputs by ``ops.vi_rademacher_mul``: no sign tensor at all). Saves x,
+    mu, rho, bias_rho and the RNG position: no noise or perturbation tensor outlives the forward."""
 
     @staticmethod
     def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream: int, affine: Affine):
         b = None if bias_mu is None else ops.vi_sample(bias_mu, bias_rho, rng, stream + 1)
-        xs = ops.vi_rademacher_mul(x, rng, stream + 3)  # x * s_in, no sign tensor
+        xs = _signs_mul(x, rng, stream + 3, affine)  # x * s_in
         pert = affine(xs, ops.vi_sample(_zero_mean(rho), rho, rng, stream), None)
         del xs
         out = affine(x, mu, b)
-        out.add_(ops.vi_rademacher_mul(pert, rng, stream + 4))  # + pert * s_out
+        out.add_(_signs_mul(pert, rng, stream + 4, affine))  # + pert * s_out
         ctx.save_for_backward(x, mu, rho, bias_rho, rng)
         ctx.meta = (stream, affine, bias_mu is not None)
         return out
@@ -143,10 +159,10 @@ class Flipout(torch.autograd.Function):
         need = ctx.needs_input_grad
         gx = gmu = grho = gbmu = gbrho = None
         if need[0] or need[2]:  # the perturbation's path: grad_out g * s_out
-            gp = ops.vi_rademacher_mul(g, rng, stream + 4)
+            gp = _signs_mul(g, rng, stream + 4, affine)
         gdw = dw = None
         if need[2]:  # d/d dW from x * s_in
-            gdw = _as_dtype(affine.grad_weight(ops.vi_rademacher_mul(x, rng, stream + 3), rho.shape, gp), rho.dtype)
+            gdw = _as_dtype(affine.grad_weight(_signs_mul(x, rng, stream + 3, affine), rho.shape, gp), rho.dtype)
         if need[0] and need[2]:  # dW and d/d rho from one draw of the noise
             dw, grho = ops.vi_sample_and_backward(_zero_mean(rho), rho, gdw, rng, stream)
         elif need[0]:
@@ -154,7 +170,7 @@ class Flipout(torch.autograd.Function):
         elif need[2]:
             grho = ops.vi_sample_backward(gdw, rho, rng, stream)
         if need[0]:
-            gx = ops.vi_rademacher_mul(affine.grad_input(x, dw, gp), rng, stream + 3).add_(affine.grad_input(x, mu, g))
+            gx = _signs_mul(affine.grad_input(x, dw, gp), rng, stream + 3, affine).add_(affine.grad_input(x, mu, g))
             del dw
         if need[1]:
             gmu = _as_dtype(affine.grad_weight(x, mu.shape, g), mu.dtype)

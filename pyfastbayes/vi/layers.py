@@ -10,8 +10,13 @@ never stored (see _functions.py).
 
 Estimators: 'reparam' (one weight sample per forward, shared by the batch), 'local' (local
 reparameterisation, Kingma et al. 2015: pre-activations sampled from N(x mu^T, x^2 sigma^2^T),
-independent per example), 'flipout' (Wen et al. 2018: the shared perturbation sigma eps multiplied
-by per-example random signs on inputs and outputs).
+independent per example; on a convolution, or a Linear over [N, ..., F], independent per output
+element too, i.e. as if each position had its own weight draw (as in Molchanov et al. 2017): its
+gradients estimate a different objective from the model's shared-weight one where positions
+interact), 'flipout' (Wen et al. 2018: the shared perturbation sigma eps multiplied by random
+signs per example and feature on inputs and outputs, shared by a convolution's pixels, so every
+position of an example sees one weight draw). Under torch.distributed each rank draws from its
+own streams (DDP broadcasts rank 0's RNG position with the buffers).
 """
 from __future__ import annotations
 
@@ -55,6 +60,23 @@ def check_options(init_std, estimator) -> None:
         raise TypeError(f"init_std must be a float > 0 (the initial sigma), got {type(init_std).__name__}")
     if not (math.isfinite(init_std) and init_std > 0):
         raise ValueError(f"init_std must be a finite number > 0 (the initial sigma), got {init_std!r}")
+
+
+_RANK_STREAMS: list[int] = []  # 5 * this process's rank, once torch.distributed is initialised
+
+
+def _rank_streams() -> int:
+    """The stream offset of this process: 5 * rank under torch.distributed (0 otherwise), so ranks
+    draw independent noise. DDP broadcasts rank 0's buffers, the RNG position among them, at every
+    forward: without the offset every rank drew rank 0's noise (one weight draw for the whole
+    global batch). Streams are 32-bit: ranks up to 858 million."""
+    if _RANK_STREAMS:
+        return _RANK_STREAMS[0]
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    _RANK_STREAMS.append(5 * dist.get_rank())
+    return _RANK_STREAMS[0]
 
 
 class BayesianLayer(nn.Module):
@@ -103,7 +125,7 @@ class BayesianLayer(nn.Module):
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             _refuse_recomputation(self)
         rng = ops.rng_snapshot(self.rng)  # this forward's position; the buffer advances below, on success only
-        s = self.stream
+        s = self.stream + _rank_streams()
         if self.estimator == "reparam":
             out = SampledAffine.apply(x, mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, s + 1, self.affine)
         elif self.estimator == "local":
