@@ -321,7 +321,7 @@ def test_row_blocks_change_nothing_but_rounding():
         part = grid(model, nn.CrossEntropyLoss(), [(x[:10], y[:10]), (x[10:], y[10:])], d, ab, batch_rows=rows,
                     progress=False)
         torch.testing.assert_close(part.loss, whole.loss, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="batch_rows must be a positive int or None"):
+    with pytest.raises(ValueError, match="batch_rows must be an int >= 1, got 0"):
         grid(model, nn.CrossEntropyLoss(), (x, y), d, ab, batch_rows=0, progress=False)
 
 

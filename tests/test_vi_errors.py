@@ -365,3 +365,30 @@ def test_reliability_diagram_of_probabilities_that_require_grad():
 
     p = nn.Linear(3, 4)(torch.randn(300, 3)).softmax(-1)  # "Can't call numpy() on Tensor that requires grad"
     reliability_diagram(p, torch.randint(0, 4, (300,)))
+
+
+# twelfth-session review: the ELBO's classification NLL averaged over the positions of [N, C, H, W]
+# outputs while regression summed over each point's outputs: the KL / num_data was weighed H * W
+# times too heavily; and BayesianConv2d failed in backward on an unbatched [C, H, W] input
+def test_elbo_classification_sums_over_positions():
+    from pyfastbayes.vi import ELBO, BayesianConv2d
+    torch.manual_seed(0)
+    layer = BayesianConv2d(2, 3, 1)
+    elbo = ELBO(layer, num_data=100)
+    x, y = torch.randn(4, 2, 5, 6), torch.randint(0, 3, (4, 5, 6))
+    out = layer(x)
+    loss = elbo(out, y)
+    nll = torch.nn.functional.cross_entropy(out, y, reduction="sum") / 4
+    torch.testing.assert_close(elbo.last[0], nll.detach())
+    torch.testing.assert_close(loss.detach(), nll.detach() + elbo.last[1] / 100)
+
+
+def test_bayesian_conv_takes_an_unbatched_image():
+    from pyfastbayes.vi import BayesianConv2d
+    torch.manual_seed(0)
+    layer = BayesianConv2d(3, 4, 3)
+    x = torch.randn(3, 8, 8, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (4, 6, 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and layer.weight_rho.grad is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..calibration._checks import check_generator
+from ..calibration._checks import check_generator, check_int
 from ..nn.params import ParamLayout
 
 __all__ = ["random_directions", "directions_to", "pca_directions"]
@@ -46,11 +46,8 @@ def layout_of(model: nn.Module, name: str = "model") -> ParamLayout:
 
 
 def _count(n, name: str, low: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
-    if n < low:
-        raise ValueError(f"{name} must be >= {low}, got {n}")
-    return n
+    """n as an int >= low (NumPy integers too): the one count check."""
+    return check_int(n, name, low)
 
 
 def random_directions(model: nn.Module, n: int = 2, normalization: str = "filter", ignore: str | None = "biasbn",

@@ -493,15 +493,11 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             free, _ = torch.cuda.mem_get_info(layout.device)
             c = max(1, min(c, free // 4 // (P * size)))
     else:
-        if isinstance(batch_points, bool) or not isinstance(batch_points, int) or batch_points < 1:
-            raise ValueError(f"batch_points must be a positive int or None, got {batch_points!r}")
-        c = min(batch_points, n_pts)
+        c = min(check_int(batch_points, "batch_points", 1), n_pts)
     if batch_rows is None:
         r = _CPU_ROWS if torch.device(layout.device).type == "cpu" else None
-    elif isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
-        raise ValueError(f"batch_rows must be a positive int or None, got {batch_rows!r}")
     else:
-        r = batch_rows
+        r = check_int(batch_rows, "batch_rows", 1)
     if _batch_dependent(model) or (batch_rows is None
                                    and not all(map(row_separable, [loss_fn, *metrics.values()]))):
         r = None  # whole batches: batch statistics, or (by default) a fn whose blocks would not give its batch value
@@ -587,8 +583,7 @@ def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r,
                     continue
                 if total is not None and n != total:
                     raise ValueError(f"data gave {n} examples on one pass and {total} on another: every pass must "
-                                     "see the same data (a DataLoader with drop_last and shuffling changes nothing, "
-                                     "but a stream that changes length does)")
+                                     "see the same data (a stream that changes length)")
                 total = n
                 means[:, s:e] = sums / n
                 if bar is not None:

@@ -133,9 +133,11 @@ class ELBO(nn.Module):
         model: the model with Bayesian layers.  num_data: N, the training set size (> 0).
         kl_weight: beta, a finite float >= 0, or a callable step -> float for KL annealing
             (``step`` counts the successful calls of this loss; a failed call leaves it).
-        likelihood: 'classification' (cross-entropy of logits [N, C], targets [N] class indices)
-            or 'regression' (Gaussian NLL with noise std ``sigma``, finite > 0; targets of the
-            outputs' shape [N, ...], or [N] for outputs [N, 1] and [N, 1] for outputs [N]).
+        likelihood: 'classification' (cross-entropy of logits [N, C], targets [N] class indices;
+            logits [N, C, d1, ...] with targets [N, d1, ...]: summed over the positions of each
+            data point) or 'regression' (Gaussian NLL with noise std ``sigma``, finite > 0, summed
+            over each data point's outputs; targets of the outputs' shape [N, ...], or [N] for
+            outputs [N, 1] and [N, 1] for outputs [N]).
 
     ``loss = elbo(outputs, targets)``; ``elbo.last`` holds (nll, kl) of the last call, detached.
     ``state_dict`` keeps ``step`` (a resumed run goes on with the annealing schedule where it was).
@@ -178,7 +180,12 @@ class ELBO(nn.Module):
             beta = _check_beta(self.kl_weight(self.step), f"kl_weight({self.step}) must return a finite float >= 0")
         else:
             beta = self.kl_weight
-        if self.likelihood == "classification":
+        if self.likelihood == "classification" and outputs.dim() > 2:
+            # [N, C, d1, ...] (segmentation, sequences): the NLL of one data point sums over its
+            # positions, as regression's sums over its outputs (a mean over positions weighed the
+            # KL / num_data d1 * ... times too heavily)
+            nll = F.cross_entropy(outputs, targets, reduction="none").reshape(outputs.shape[0], -1).sum(1).mean()
+        elif self.likelihood == "classification":
             nll = F.cross_entropy(outputs, targets)
         else:
             targets = _regression_targets(outputs, targets)

@@ -120,6 +120,8 @@ class BayesianLayer(nn.Module):
             raise TypeError(f"{type(self).__name__}: the input must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != mu.dtype:  # one dtype comparison; the slow path only on a mismatch
             _check_input_dtype(x, mu)
+        if x.dim() == 3 and self.affine.kind == "conv2d":  # an unbatched [C, H, W], as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if not self.sample_weights:
             return self.affine(x, mu, self.bias_mu)
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
