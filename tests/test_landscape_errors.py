@@ -323,3 +323,22 @@ def test_a_failing_forward_raises_the_model_own_error(bn):
 
     with pytest.raises(ValueError, match="the loss's own error"):  # the plain forward works: not replaced
         L.grid(model, failing_loss, (torch.randn(10, 5), y), d, torch.tensor([0.0, 1.0]), bn=bn, progress=False)
+
+
+# twelfth-session review: grid reads the data again for every chunk of points; a shuffling loader
+# with drop_last or bn='recompute' gave each chunk other rows / statistics (seams in the surface)
+def test_a_shuffling_loader_that_would_change_between_chunks_is_refused():
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from pyfastbayes.landscape import grid, random_directions
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    ds = TensorDataset(torch.randn(30, 3), torch.randint(0, 2, (30,)))
+    d = random_directions(model, n=1, generator=torch.Generator().manual_seed(0))
+    ts = torch.linspace(-1, 1, 3)
+    for loader, bn in ((DataLoader(ds, batch_size=8, shuffle=True, drop_last=True), "eval"),
+                       (DataLoader(ds, batch_size=8, shuffle=True), "recompute")):
+        with pytest.raises(ValueError, match="DataLoader that shuffles"):
+            grid(model, nn.CrossEntropyLoss(), loader, d, ts, bn=bn, progress=False)
+    grid(model, nn.CrossEntropyLoss(), DataLoader(ds, batch_size=8, shuffle=True), d, ts, progress=False)  # exact

@@ -249,6 +249,20 @@ def mode_dependent(model: nn.Module) -> list[str]:
             if m.training and isinstance(m, _MODE_DEPENDENT)]
 
 
+def shuffles(data) -> bool:
+    """Whether the DataLoader ``data`` draws its batches in a new random order at every pass: a
+    random sampler of torch's (RandomSampler, SubsetRandomSampler, WeightedRandomSampler) as its
+    sampler, its batch_sampler or the batch_sampler's sampler. (A DistributedSampler's order is
+    fixed by its seed and epoch: the same at every pass until set_epoch is called.)"""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for s in (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        if isinstance(s, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+            return True
+    return False
+
+
 # ---- distributed -----------------------------------------------------------------------------------------
 def all_reduce(acc: Tensor, n: int) -> tuple[Tensor, float]:
     """Sum acc (any shape) and the example count n over all processes with ONE all_reduce (n travels

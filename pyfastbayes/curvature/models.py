@@ -54,7 +54,7 @@ from ..calibration._checks import check_generator, check_int
 from ..nn.batchnorm import ModeGuard
 from ..nn.inputs import dtype_mismatch
 from ._model_data import (Selection, all_reduce, as_batches, differentiable_kernels, distributed_active, ignore_index,
-                          iterate, loss_kind, mode_dependent)
+                          iterate, loss_kind, mode_dependent, shuffles)
 from .operator import LinearOperator
 
 __all__ = ["hessian", "ggn", "fisher", "HessianOperator", "GGNOperator", "FisherOperator"]
@@ -284,20 +284,6 @@ class GGNOperator(_OutputSpaceOperator):
         return lambda U: ops.loss_hessian(kind, out2, U.contiguous(), "hessian") * scale
 
 
-def _shuffles(data) -> bool:
-    """Whether the DataLoader ``data`` draws its batches in a new random order at every pass: a
-    random sampler of torch's (RandomSampler, SubsetRandomSampler, WeightedRandomSampler) as its
-    sampler, its batch_sampler or the batch_sampler's sampler. (A DistributedSampler's order is
-    fixed by its seed and epoch: the same at every pass until set_epoch is called.)"""
-    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
-
-    batch_sampler = getattr(data, "batch_sampler", None)
-    for s in (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
-        if isinstance(s, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
-            return True
-    return False
-
-
 class FisherOperator(_OutputSpaceOperator):
     """The empirical or Monte-Carlo Fisher of the mean loss (module docstring); built by :func:`fisher`."""
 
@@ -312,7 +298,7 @@ class FisherOperator(_OutputSpaceOperator):
         super().__init__(model, loss_fn, data, params, distributed)
         self.fisher_kind, self.mc_samples = kind, mc_samples
         if kind == "mc":
-            if _shuffles(self.data):
+            if shuffles(self.data):
                 raise ValueError("the MC Fisher draws its targets batch by batch from one generator state, so every "
                                  "product needs the same batches in the same order: pass a DataLoader with "
                                  "shuffle=False and a sequential sampler (or a list of batches)")

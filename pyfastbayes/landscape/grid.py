@@ -28,7 +28,7 @@ from ..calibration._checks import check_int
 from .._distributed import distributed_active
 from .._memory import allocation_cache
 from .._warnings import warn_user
-from ..curvature._model_data import as_batches, iterate
+from ..curvature._model_data import as_batches, iterate, shuffles
 from ..nn import ModeGuard
 from ..nn.batchnorm import bn_modules
 from ..nn.inputs import dtype_mismatch
@@ -502,6 +502,13 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
                                    and not all(map(row_separable, [loss_fn, *metrics.values()]))):
         r = None  # whole batches: batch statistics, or (by default) a fn whose blocks would not give its batch value
     data = as_batches(data)
+    if shuffles(data) and (getattr(data, "drop_last", False) or bn == "recompute"):
+        # the data is read again for every chunk of points: a new order then gives each chunk
+        # other rows (drop_last) or other batches' statistics (recompute): seams in the surface
+        raise ValueError("data is a DataLoader that shuffles, with " + ("drop_last=True" if getattr(
+            data, "drop_last", False) else "bn='recompute'") + ": grid reads it again for every chunk of points, "
+            "so the chunks would see other rows or other batch statistics; pass a loader with shuffle=False "
+            "(the surface's values do not depend on the order)")
     layers = recompute_layers(model) if bn == "recompute" else []
 
     theta0 = layout.flatten()
