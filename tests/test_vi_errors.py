@@ -392,3 +392,26 @@ def test_bayesian_conv_takes_an_unbatched_image():
     assert out.shape == (4, 6, 6)
     out.sum().backward()
     assert x.grad.shape == x.shape and layer.weight_rho.grad is not None
+
+
+def test_to_bayesian_refuses_tied_weights_and_hooks():
+    from pyfastbayes.vi import to_bayesian
+    torch.manual_seed(0)
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.dec = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, i):
+            return self.dec(self.emb(i))
+    m = Tied()
+    with pytest.raises(ValueError, match="layer 'dec'.*also held by another module"):
+        to_bayesian(m)
+    assert m.dec.weight is m.emb.weight  # unchanged
+    seq = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    seq[0].register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="layer '0' has forward hooks"):
+        to_bayesian(seq)
+    to_bayesian(seq, exclude=["0"])

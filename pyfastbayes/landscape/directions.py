@@ -63,7 +63,9 @@ def random_directions(model: nn.Module, n: int = 2, normalization: str = "filter
             weight tensor; ``'none'``: the raw N(0, 1) draws.
         ignore: ``'biasbn'``: parameters of dim <= 1 (biases, BatchNorm affine weights) get zero
             direction; ``None``: they are normalised like a weight, by the whole vector's norm
-            (for ``'filter'`` and ``'layer'``).
+            (for ``'filter'`` and ``'layer'``): a random direction of the parameter's norm, where
+            Li et al.'s code (``normalize_directions_for_weights``) copies the parameter itself
+            into the direction.
         generator: the random stream (its device is where the draws are made; default: the global
             CPU generator). The same generator state gives the same directions.
 

@@ -15,7 +15,8 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
     (a positive float: Gaussian std; or a prior object) and ``estimator``; returns the model.
 
     A layer used at several places (shared weights) becomes ONE Bayesian layer put at all of them
-    (excluded when any of its names is excluded). Convolutions with padding='valid' or an even
+    (excluded when any of its names is excluded); a layer whose parameters another module also
+    holds (tied weights) or that has forward hooks is refused by name. Convolutions with padding='valid' or an even
     'same' convert to their numeric padding. Every layer is checked and every
     replacement built before the first is put in: on an error the model is unchanged (and torch's
     global CPU generator, which seeds the new layers, is put back). ValueError when nothing would be
@@ -43,7 +44,19 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
         raise ValueError(f"model is itself an {type(model).__name__}: to_bayesian converts the layers inside a model "
                          "in place and cannot replace the model itself; build a BayesianLinear / BayesianConv2d "
                          "directly or wrap it (nn.Sequential(model))")
+    owners: dict[int, set[int]] = {}  # id of a parameter -> ids of the modules holding it directly
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(mod))
     for ns, m in targets:  # everything that can be seen without building a layer, before any is built
+        shared = [k for k, p in m.named_parameters(recurse=False) if len(owners[id(p)]) > 1]
+        if shared:  # a tied decoder: its Bayesian copy would untie it from the other module silently
+            raise ValueError(f"layer {ns[0]!r}: its parameter(s) {shared} are also held by another module (tied "
+                             "weights, e.g. an embedding and a decoder); converting it would untie them: exclude it "
+                             "(or untie the weights first)")
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise ValueError(f"layer {ns[0]!r} has forward hooks, which the Bayesian layer put in its place would not "
+                             "have: remove them (and register them on the converted layer) or exclude it")
         if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or _numeric_padding(m) is None):
             raise ValueError(f"layer {ns[0]!r}: only zero padding of numeric sizes, 'valid', or 'same' with an even "
                              f"total per side converts (got padding={m.padding!r}, padding_mode={m.padding_mode!r}); "
