@@ -415,3 +415,20 @@ def test_to_bayesian_refuses_tied_weights_and_hooks():
     with pytest.raises(ValueError, match="layer '0' has forward hooks"):
         to_bayesian(seq)
     to_bayesian(seq, exclude=["0"])
+
+
+def test_torch_func_transforms_over_sampling_layers_are_explained():
+    from pyfastbayes.vi import BayesianLinear
+    torch.manual_seed(0)
+    layer = BayesianLinear(3, 2)
+    x = torch.randn(4, 3)
+    params = dict(layer.named_parameters())
+    f = lambda p: torch.func.functional_call(layer, p, (x,)).sum()
+    with pytest.raises(RuntimeError, match="torch.func transforms .* are not supported"):
+        torch.func.grad(f)(params)
+    assert int(layer.rng[1]) == 0  # the refused call drew nothing
+    layer.sample_weights = False
+    g = torch.func.grad(f)(params)  # deterministic: fine
+    assert g["weight_mu"].shape == (2, 3)
+    layer.sample_weights = True
+    f(params).backward()  # functional_call alone (no transform) works

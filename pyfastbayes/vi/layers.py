@@ -124,8 +124,15 @@ class BayesianLayer(nn.Module):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if not self.sample_weights:
             return self.affine(x, mu, self.bias_mu)
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-            _refuse_recomputation(self)
+        if not torch.compiler.is_compiling():
+            if torch._C._current_graph_task_id() != -1:
+                _refuse_recomputation(self)
+            if torch._C._are_functorch_transforms_active():
+                raise RuntimeError(
+                    f"{type(self).__name__}: torch.func transforms (grad, vmap, jacrev, ...) over a layer that draws "
+                    "its weights are not supported (its fused noise nodes are autograd Functions without functorch "
+                    "rules); set layer.sample_weights = False for a deterministic pass at the means, or call the "
+                    "model outside the transform (torch.func.functional_call alone works)")
         rng = ops.rng_snapshot(self.rng)  # this forward's position; the buffer advances below, on success only
         s = self.stream + _rank_streams()
         if self.estimator == "reparam":
