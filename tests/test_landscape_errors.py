@@ -342,3 +342,30 @@ def test_a_shuffling_loader_that_would_change_between_chunks_is_refused():
         with pytest.raises(ValueError, match="DataLoader that shuffles"):
             grid(model, nn.CrossEntropyLoss(), loader, d, ts, bn=bn, progress=False)
     grid(model, nn.CrossEntropyLoss(), DataLoader(ds, batch_size=8, shuffle=True), d, ts, progress=False)  # exact
+
+
+def test_a_failed_grid_leaves_the_models_buffers_as_they_were():
+    # the first-layer probe and the error-explaining forward ran the model: a Bayesian layer's RNG
+    # position advanced by two on a call that then failed
+    import torch
+    from torch import nn
+    from pyfastbayes.landscape import grid, random_directions
+    from pyfastbayes.vi import BayesianLinear
+    torch.manual_seed(0)
+    model = nn.Sequential(BayesianLinear(3, 4), nn.ReLU(), BayesianLinear(4, 2))
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    d = random_directions(model, n=1, generator=torch.Generator().manual_seed(0))
+    before = [b.clone() for b in model.buffers()]
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        grid(model, nn.CrossEntropyLoss(), (x, y), d, torch.linspace(-1, 1, 3), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+def test_parameter_calls_probe_writes_no_buffer():
+    import torch
+    from torch import nn
+    from pyfastbayes.nn.calls import parameter_calls
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    before = [b.clone() for b in model.buffers()]
+    assert [n for n, _, _ in parameter_calls(model, torch.randn(8, 3))] == ["0", "1"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))

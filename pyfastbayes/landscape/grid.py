@@ -30,6 +30,7 @@ from .._memory import allocation_cache
 from .._warnings import warn_user
 from ..curvature._model_data import as_batches, iterate, shuffles
 from ..nn import ModeGuard
+from ..nn.calls import buffers_kept
 from ..nn.batchnorm import bn_modules
 from ..nn.inputs import dtype_mismatch
 from . import _batched, _first_layer
@@ -80,7 +81,7 @@ def _failed_forward(err: BaseException, x, dtype: torch.dtype, model: nn.Module 
     if named is not None or model is None or isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         return named or err  # (out of memory: no second forward while the failed one's tensors are alive)
     try:
-        with torch.no_grad(), ModeGuard(model, False):  # eval: no BatchNorm statistics written
+        with torch.no_grad(), ModeGuard(model, False), buffers_kept(model):  # no buffer written (RNG positions)
             model(*(x if isinstance(x, tuple) else (x,)))
     except Exception as plain:  # noqa: BLE001  (the model's own words for what is wrong)
         return plain
