@@ -134,3 +134,14 @@ def test_hessian_of_sequence_targets_and_class_weights_does_not_depend_on_the_ba
         whole = cv.hessian(seq, loss, (x, y)) @ V
         split = cv.hessian(seq, loss, [(x[:4], y[:4]), (x[4:], y[4:])]) @ V
         torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)
+
+
+def test_operator_algebra_leaves_the_parts_results_alone():
+    class Identity(cv.LinearOperator):  # returns the block it was given
+        def _matmat(self, V):
+            return V
+    I = Identity(3, torch.float64, "cpu")
+    V = torch.ones(3, 2, dtype=torch.float64)
+    torch.testing.assert_close((2 * I + 1) @ V, torch.full((3, 2), 3.0, dtype=torch.float64))
+    torch.testing.assert_close((I - I) @ V, torch.zeros(3, 2, dtype=torch.float64))
+    assert torch.equal(V, torch.ones(3, 2, dtype=torch.float64))  # the caller's block was written in place

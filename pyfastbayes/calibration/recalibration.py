@@ -21,19 +21,6 @@ def _separates(z: Tensor, y: Tensor) -> bool:
     return bool((zy.squeeze(1) > others.amax(1)).all())
 
 
-class _autograd_on:
-    """Gradients on and inference mode off for a fit's autograd (the caller may be in either)."""
-
-    def __enter__(self):
-        self._modes = (torch.inference_mode(False), torch.enable_grad())
-        for m in self._modes:
-            m.__enter__()
-
-    def __exit__(self, *exc):
-        for m in reversed(self._modes):
-            m.__exit__(*exc)
-
-
 def _check_transform_input(logits) -> None:
     """transform() takes floating-point logits: integer ones would round the fitted scale to an
     integer (T = 1.5 read as 1, weights 0.9 as 0) and return wrong logits silently."""
@@ -148,7 +135,7 @@ class TemperatureScaling:
 
     def _fit_lbfgs(self, z: Tensor, y: Tensor) -> tuple[Tensor, int]:
         lo, hi = math.log(self.t_min), math.log(self.t_max)
-        with _autograd_on():
+        with torch.inference_mode(False), torch.enable_grad():  # the caller may be in either
             z, y = z.clone(), y.clone()  # normal tensors even when made under inference_mode
             log_t = torch.zeros((), dtype=torch.float64, device=z.device).clamp(lo, hi).requires_grad_()
             opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-12,
@@ -222,7 +209,7 @@ class VectorScaling:
                              f"of the C = {C}: vector scaling would drive their bias to -inf (no finite "
                              "minimiser) and never predict them again; fit on validation data holding every "
                              "class, or use TemperatureScaling (one T for all classes)")
-        with _autograd_on():
+        with torch.inference_mode(False), torch.enable_grad():  # the caller may be in either
             z, y = z.clone(), y.clone()  # normal tensors even when made under inference_mode
             w = torch.ones(C, dtype=torch.float64, device=z.device, requires_grad=True)
             b = torch.zeros(C, dtype=torch.float64, device=z.device, requires_grad=True)

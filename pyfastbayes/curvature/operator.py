@@ -205,8 +205,7 @@ class _Sum(_Composite):
 
     def _matmat(self, V: Tensor) -> Tensor:
         a, b = self.parts
-        out = a @ V
-        return out.add_(b @ V, alpha=self.sign)
+        return torch.add(a @ V, b @ V, alpha=self.sign)  # out of place: a part may return its own storage
 
     def __repr__(self) -> str:
         return f"({self.parts[0]!r} {'+' if self.sign > 0 else '-'} {self.parts[1]!r})"
@@ -220,10 +219,10 @@ class _Affine(_Composite):
         self.scale, self.shift = scale, shift
 
     def _matmat(self, V: Tensor) -> Tensor:
-        out = self.parts[0] @ V
+        out = self.parts[0] @ V  # not written in place: a part may return its own storage (or V itself)
         if self.scale != 1.0:
-            out.mul_(self.scale)
-        return out.add_(V, alpha=self.shift) if self.shift else out
+            out = out * self.scale
+        return torch.add(out, V, alpha=self.shift) if self.shift else out
 
     def __repr__(self) -> str:
         return f"({self.scale:g} * {self.parts[0]!r} + {self.shift:g} I)"

@@ -454,21 +454,22 @@ class _SGMCMC(torch.optim.Optimizer):
                 st["hyper"][i].copy_(v)
         return st
 
-    def _buffers(self, sources: list[Tensor], params: list[Tensor], check: bool = True) -> list[Tensor]:
-        """The state buffer of each parameter (kept under ``sources[k]``), shaped like ``params[k]``
-        (a DTensor's local shard: the buffer is local-shard-sized, a plain tensor)."""
+    def _buffers(self, plan: _Plan, check: bool = True) -> list[Tensor]:
+        """The state buffer of each of the plan's parameters (kept under ``plan.sources[k]``), shaped
+        like ``plan.params[k]`` (a DTensor's local shard: the buffer is local-shard-sized, a plain
+        tensor); with ``check``, a ValueError naming the first buffer that no longer fits."""
         out = []
-        for src, p in zip(sources, params):
+        for src, p in zip(plan.sources, plan.params):
             st = self.state[src]
             if self._buffer not in st:
                 st[self._buffer] = torch.zeros_like(p, memory_format=torch.preserve_format)
             out.append(st[self._buffer])
-        if check and (list(map(Tensor.size, out)) != list(map(Tensor.size, params))
-                or set(map(_DTYPE, out)) != set(map(_DTYPE, params)) or set(map(_DEVICE, out)) != set(map(_DEVICE, params))):
-            for k, (b, p) in enumerate(zip(out, params)):
+        if check and (list(map(Tensor.size, out)) != list(map(Tensor.size, plan.params))
+                or set(map(_DTYPE, out)) != set(map(_DTYPE, plan.params)) or set(map(_DEVICE, out)) != set(map(_DEVICE, plan.params))):
+            for k, (b, p) in enumerate(zip(out, plan.params)):
                 if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
                     raise ValueError(
-                        f"{type(self).__name__}: the state {self._buffer!r} of {self._param_label(sources[k])} is "
+                        f"{type(self).__name__}: the state {self._buffer!r} of {self._label(plan, k)} is "
                         f"{b.dtype} {tuple(b.shape)} on {b.device} but the parameter is now {p.dtype} "
                         f"{tuple(p.shape)} on {p.device} (re-pointed with .data = ..., resized, or converted with "
                         f".to()/.double() after the first step); no parameter was changed. Build the sampler again "
@@ -476,21 +477,13 @@ class _SGMCMC(torch.optim.Optimizer):
                         f"optimizer.state[p]['{self._buffer}'].to(p)")
         return out
 
-    def _param_label(self, p: Tensor) -> str:
-        """'param_groups[g]['params'][i] (shape ...)' of the parameter ``p``."""
-        for gi, group in enumerate(self.param_groups):
-            for i, q in enumerate(group["params"]):
-                if q is p:
-                    return _name(gi, i, q)
-        return "a parameter"
-
     def _op_args(self, plan: _Plan, check: bool = True) -> list:
         """[params, grads, (buffers,) hyper, rng] of one group; creates missing state. ``check``:
         test that existing buffers still fit their parameters (a ValueError naming the first
         that does not); the first group's op tests it itself before writing, so the step asks
         only for the later groups' (a few us per tensor on the step's hot path)."""
         st = self._group_state(plan.group, plan.params[0].device)
-        bufs = [self._buffers(plan.sources, plan.params, check)] if self._buffer else []
+        bufs = [self._buffers(plan, check)] if self._buffer else []
         return [plan.params, plan.grads, *bufs, st["hyper"], st["rng"]]
 
     # ---- the step -------------------------------------------------------------------------------
@@ -532,7 +525,7 @@ class _SGMCMC(torch.optim.Optimizer):
                     undo()  # nor is any state left behind, or a seed drawn
                     self._name_culprit(plan, plans)
                     if self._buffer:  # a state buffer that no longer fits: say which and how to fix it
-                        self._buffers(plan.sources, plan.params, check=True)
+                        self._buffers(plan, check=True)
                     raise
                 done = [p.index for p in plans[:k]]
                 raise RuntimeError(f"{type(self).__name__}: {self._op_name} failed on param_groups[{plan.index}] "
