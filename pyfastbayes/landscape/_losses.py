@@ -97,7 +97,8 @@ def point_sums(fns, out: Tensor, y: Tensor, labels=None) -> Tensor:
     ``fns`` in error messages (default 'loss_fn' for the first, then 'metric i'); a value that is
     not a scalar (e.g. reduction='none') is refused with a ValueError."""
     if not torch.is_tensor(out):
-        raise TypeError(f"the model must return a tensor of outputs, got {type(out).__name__}")
+        raise TypeError(f"the model must return a tensor of outputs, got {type(out).__name__} (grid and interpolate "
+                        "take output_fn= to pick it, e.g. output_fn=lambda out: out['logits'])")
     rows = y.shape[0] if y.dim() else 1
     pairs = []
     for i, fn in enumerate(fns):

@@ -38,7 +38,7 @@ from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from ..nn.params import ParamLayout, _difference
 from .directions import refuse_meta
-from .grid import _failed_forward, data_sums
+from .grid import _failed_forward, _Plan, data_sums
 
 __all__ = ["BezierCurve", "PolyChain", "linear_path", "bezier_basis", "plot_curve"]
 
@@ -332,7 +332,8 @@ class _Curve(nn.Module):
         thetas = torch.stack([self.point(t) for t in grid])  # [T, P]: every batch read once for all t
         with ModeGuard(self.template, False):
             sums, count = data_sums(self.template, self.layout, thetas, data, [loss_fn, *metrics.values()], None,
-                                    labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)])
+                                    labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)],
+                                    plan=_Plan(self.template, self.layout, False))  # (LSTM: one t at a time)
         means = (sums / count).cpu()
         return {"t": torch.tensor(grid, dtype=torch.float64),
                 **{k: means[i] for i, k in enumerate(["loss", *metrics])}}

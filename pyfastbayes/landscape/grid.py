@@ -145,7 +145,7 @@ class _Loop(nn.Module):
 
 
 def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shortcut, buffers: dict, shared: dict,
-          fns, on_batch=None, labels=None) -> tuple[Tensor | None, int]:
+          fns, on_batch=None, labels=None, output_fn=None, plan=None) -> tuple[Tensor | None, int]:
     """Walk ``data`` once for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s order):
     returns (sums [len(fns), c] float64, N examples), sums[f, i] the sum over the blocks (at most
     ``rows`` rows of a batch each; None: whole batches) of rows x fns[f](outputs of point i on the
@@ -162,11 +162,14 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
     torch.distributed). ``labels``: the names of ``fns`` in error messages (default: 'loss_fn'
     for the first, 'metric i' for the others). A RuntimeError of the forward with floating-point
     inputs of another dtype than the model's becomes a TypeError naming ``data``
-    (:func:`~pyfastbayes.nn.inputs.dtype_mismatch`, the first batch's inputs looked at once the walk failed). The
-    caller sets no_grad and the modes."""
-    def args(x):
-        return x if isinstance(x, tuple) else (x,)
-
+    (:func:`~pyfastbayes.nn.inputs.dtype_mismatch`, the first batch's inputs looked at once the walk failed).
+    ``output_fn``: applied to the model's outputs before ``fns`` (None: the outputs themselves).
+    ``plan`` (a :class:`_Plan`, optional): where torch.vmap cannot batch the model over the points
+    (an nn.LSTM: "Batching rule not implemented") but its plain forward runs, the walk is redone one
+    point at a time (:func:`_walk_points`, with a warning) and the plan remembers it for the next
+    chunks. The caller sets no_grad and the modes."""
+    if plan is not None and plan.one_by_one:
+        return _walk_points(model, layout, thetas, data, rows, buffers, shared, fns, on_batch, labels, output_fn)
     c = thetas.shape[0]
     params = _per_point(layout, thetas)  # once per chunk
     batches = iter(iterate(data, thetas.device))
@@ -195,12 +198,14 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
             sums = None  # [len(fns), 2]: (sum, count) over the batch's blocks, each fn's batch value sum / count
             for xr, yr, nr in _row_blocks(x, y, nb, rows):
                 if first is None:
-                    out = net(*args(xr))
+                    out = net(*_args(xr))
                 else:
                     parts, shape = first.parts(xr, stacked)  # [rows, m + 1, F]: once for the chunk's points
                     # the first layer's combined output, with the activation after it if that is fused
                     _first_layer.hold(lambda act: _batched.combine(parts, mix_p, act, shape))
                     out = net(xr)
+                if output_fn is not None:
+                    out = output_fn(out)
                 if fns:
                     s = point_sums(fns, out, yr, labels)
                     sums = s if sums is None else sums + s
@@ -227,22 +232,82 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
             failure = None
     if failure is not None:
         wrong = _failed_forward(failure, head[0], layout.dtype, model)
-        if wrong is failure:
+        if wrong is not failure:
+            raise wrong from failure
+        if plan is None or not _unbatchable(failure):
             raise failure
-        raise wrong from failure
+        plan.one_by_one = True  # the plain forward runs: torch.vmap is what cannot batch the model
+        if hasattr(on_batch, "reset"):
+            on_batch.reset()  # the failed walk showed it some batches already
+        warn_user("landscape: torch.vmap cannot batch this model over the points ("
+                  f"{str(failure).splitlines()[0][:160]}); evaluating one point at a time instead (same values, "
+                  "much slower: every point runs the model on every batch)", RuntimeWarning)
+        return _walk_points(model, layout, thetas, data, rows, buffers, shared, fns, on_batch, labels, output_fn)
     return (sums.T.contiguous() if fns else None), n
 
 
+def _args(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+# how torch.vmap says it cannot batch an operation or a use of a tensor (not errors of the model or the data)
+_VMAP_LIMITS = ("Batching rule not implemented", "We could not generate a fallback", "vmap: ")
+
+
+def _unbatchable(err: BaseException) -> bool:
+    """Whether ``err`` is torch.vmap refusing to batch something the plain forward runs (an
+    operation without a batching rule, data-dependent control flow, ``.item()``, an in-place write
+    into an unbatched tensor, random numbers)."""
+    return isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError) and any(
+        s in str(err) for s in _VMAP_LIMITS)
+
+
+def _walk_points(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, buffers: dict, shared: dict, fns,
+                 on_batch=None, labels=None, output_fn=None) -> tuple[Tensor | None, int]:
+    """:func:`_walk` without torch.vmap: each block of each batch goes through the model once per
+    point (``functional_call`` with the point's parameters and buffers; no first-layer shortcut, no
+    batched stand-ins), the data still read once for the chunk. ``buffers`` [c, ...] are handed to
+    point i as views [i] (in-place updates land in them); ``shared`` buffers are copied per point
+    (a BatchNorm's batch counter, which the vmapped walk advances once per block for all points)."""
+    c = thetas.shape[0]
+    params = _per_point(layout, thetas)
+    own = [{k: v.clone() for k, v in shared.items()} for _ in range(c)]
+    points = [{**{k: v[i] for k, v in params.items()}, **{k: v[i] for k, v in buffers.items()}, **own[i]}
+              for i in range(c)]
+    total, n = None, 0
+    for x, y, nb in iterate(data, thetas.device):
+        if on_batch is not None:
+            on_batch(x, y, nb)
+        if fns:
+            sums = thetas.new_zeros(c, len(fns), 2, dtype=torch.float64)  # (sum, count) per point and fn
+        for xr, yr, _ in _row_blocks(x, y, nb, rows):
+            for i, point in enumerate(points):
+                out = functional_call(model, point, _args(xr))
+                if output_fn is not None:
+                    out = output_fn(out)
+                if fns:
+                    sums[i] += point_sums(fns, out, yr, labels)
+        if fns:
+            v = sums[..., 0] / sums[..., 1] * nb  # [c, len(fns)]
+            total = v if total is None else total + v
+        n += nb
+    if not fns:
+        return None, n
+    return (total.T.contiguous() if total is not None else thetas.new_zeros(len(fns), c, dtype=torch.float64)), n
+
+
 class _Plan:
-    """The grid's data-dependent choice, made once, on the first batch the first walk reads (in
-    eval mode, before the layers are swapped for their batched stand-ins): the first-layer
-    shortcut (a FirstLayer or None)."""
+    """The grid's data-dependent choices, made once: the first-layer shortcut (a FirstLayer or
+    None), on the first batch the first walk reads (in eval mode, before the layers are swapped for
+    their batched stand-ins); ``one_by_one``: whether the walks go one point at a time (torch.vmap
+    cannot batch the model, :func:`_walk`)."""
 
     _UNSET = object()
 
     def __init__(self, model: nn.Module, layout, use_first: bool):
         self.model, self.layout, self.use_first = model, layout, use_first
         self._first = self._UNSET
+        self.one_by_one = False  # set by the first walk that finds torch.vmap cannot batch the model
 
     def shortcut(self, theta0: Tensor, dirs: Tensor, coords: Tensor):
         """A function of the first inputs: (first layer, theta0, dirs, coords) or None."""
@@ -254,14 +319,15 @@ class _Plan:
 
 
 def data_sums(model: nn.Module, layout, thetas: Tensor, data, fns, rows: int | None, shortcut=None, buffers: dict | None = None,
-              on_batch=None, labels=None) -> tuple[Tensor, int]:
+              on_batch=None, labels=None, output_fn=None, plan=None) -> tuple[Tensor, int]:
     """One pass over ``data`` for a chunk of parameter vectors thetas [c, P] (flat, ``layout``'s
     order): returns (sums [len(fns), c] float64, N), sums[f, i] = sum over the blocks of rows x
     fns[f](model at thetas[i] on the block, targets), i.e. N times the mean over the data. Blocks
     of at most ``rows`` rows (None: whole batches); ``shortcut`` as in :func:`_walk`; ``buffers``
-    name -> [c, ...]: per-point buffers (the BatchNorm statistics of bn='recompute'); ``on_batch``
-    and ``labels`` as in :func:`_walk`. The caller sets no_grad and the model's mode."""
-    sums, n = _walk(model, layout, thetas, data, rows, shortcut, buffers or {}, {}, fns, on_batch, labels)
+    name -> [c, ...]: per-point buffers (the BatchNorm statistics of bn='recompute'); ``on_batch``,
+    ``labels``, ``output_fn`` and ``plan`` as in :func:`_walk`. The caller sets no_grad and the model's mode."""
+    sums, n = _walk(model, layout, thetas, data, rows, shortcut, buffers or {}, {}, fns, on_batch, labels, output_fn,
+                    plan)
     if n == 0:
         raise ValueError("data has no examples (no rows in any batch): the mean loss is undefined")
     return sums, n
@@ -283,7 +349,7 @@ def recompute_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def bn_statistics(model: nn.Module, layout, thetas: Tensor, data, layers, shortcut: tuple | None = None) -> dict:
+def bn_statistics(model: nn.Module, layout, thetas: Tensor, data, layers, shortcut=None, plan=None) -> dict:
     """The BatchNorm statistics of bn='recompute' for a chunk of points thetas [c, P]: name ->
     [c, ...] running_mean / running_var of every layer in ``layers`` (:func:`recompute_layers`),
     for each point what one pass over ``data`` in train mode with the cumulative average gives
@@ -291,7 +357,7 @@ def bn_statistics(model: nn.Module, layout, thetas: Tensor, data, layers, shortc
     variance), all c points in the same vmapped pass. Only the BatchNorm layers are in train mode
     (Dropout and the rest stay in eval mode, so the statistics are deterministic); batches are
     whole (a BatchNorm in train mode normalises with the statistics of the batch it sees).
-    Momenta and modes are restored, also on error."""
+    ``shortcut`` and ``plan`` as in :func:`_walk`. Momenta and modes are restored, also on error."""
     c, device = thetas.shape[0], thetas.device
     buffers, counts = {}, {}
     for name, m in layers:
@@ -310,7 +376,7 @@ def bn_statistics(model: nn.Module, layout, thetas: Tensor, data, layers, shortc
     try:
         for m, _, _ in saved:
             m.momentum, m.training = None, True
-        _, n = _walk(model, layout, thetas, data, None, shortcut, buffers, counts, [], rows_seen)
+        _, n = _walk(model, layout, thetas, data, None, shortcut, buffers, counts, [], rows_seen, plan=plan)
     except ValueError as err:
         # torch's "Expected more than 1 value per channel when training": a BatchNorm's batch
         # statistics of a single row (BatchNorm1d on [1, C]); said in terms of the data
@@ -365,6 +431,10 @@ class _Checksum:
     def __init__(self, device):
         self.acc = torch.zeros(3, dtype=torch.float64, device=device)
 
+    def reset(self) -> None:
+        """Forget the batches seen (a pass that failed and is run again)."""
+        self.acc.zero_()
+
     def __call__(self, x, y: Tensor, nb: int) -> None:
         self.acc[0] += nb
         for a in (x if isinstance(x, tuple) else (x,)):
@@ -374,7 +444,7 @@ class _Checksum:
 
 
 def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics: dict | None = None,
-         bn: str = "eval", batch_points: int | None = None, batch_rows: int | None = None,
+         output_fn=None, bn: str = "eval", batch_points: int | None = None, batch_rows: int | None = None,
          first_layer: bool | None = None, distributed: bool | None = None, progress: bool = True) -> LandscapeResult:
     """Mean loss (and metrics) of ``model`` at theta0 + offsets along 1 or 2 directions.
 
@@ -390,6 +460,11 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             2 offsets per axis. Point (i, j) is theta0 + alphas[i] d1 + betas[j] d2.
         metrics: name -> fn(outputs, targets) -> scalar mean over the batch (e.g. accuracy),
             evaluated at every point like the loss.
+        output_fn: applied to the model's outputs before ``loss_fn`` and the metrics (e.g.
+            ``lambda out: out.logits`` for a model returning an object, ``lambda out: out.flatten(0, 1)``
+            for [N, T, C] logits against [N * T] targets); it runs under ``torch.vmap`` like the loss.
+            None (default): the outputs as they are. Keeping ``loss_fn`` one of torch's losses
+            (instead of folding this into it) keeps the row blocks of ``batch_rows`` available.
         bn: how BatchNorm layers (those tracking running statistics) normalise at each point.
             ``'eval'``: with the model's own running statistics (the centre's) at every point.
             ``'recompute'``: with statistics recomputed for the point's parameters over ``data``:
@@ -443,6 +518,10 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             CPU, NCCL: CUDA).
         progress: a tqdm bar over the chunks (under torch.distributed: rank 0's chunks only).
 
+    Models that torch.vmap cannot batch over the points (an ``nn.LSTM`` / ``nn.GRU``: no batching
+    rule; data-dependent control flow; ``.item()``) but whose own forward runs are evaluated one
+    point at a time, with a RuntimeWarning: the same values, at the speed of a plain loop.
+
     Returns:
         :class:`LandscapeResult` with loss [n1] or [n1, n2] (float64) and the metrics.
     """
@@ -453,6 +532,8 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
     metrics = _check_metrics(metrics)
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be None or callable outputs -> outputs, got {type(output_fn).__name__}")
     if not torch.is_tensor(directions) or not directions.is_floating_point():
         raise TypeError(f"directions must be a floating-point tensor [m, P], got {type(directions).__name__}"
                         + (f" of dtype {directions.dtype}" if torch.is_tensor(directions) else ""))
@@ -533,7 +614,7 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         if hi > lo:
             total = _evaluate(model, layout, theta0, dirs, pts_dev, lo, hi, c, r, data, fns, layers, means,
                               first_layer, checksum, progress, adaptive=batch_points is None,
-                              labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)])
+                              labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)], output_fn=output_fn)
     except Exception as e:  # under torch.distributed: reported to the other ranks, raised after the gather
         if not dist_on:
             raise
@@ -557,7 +638,7 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
 
 
 def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r, data, fns, layers, means,
-              first_layer, checksum, progress, adaptive: bool = False, labels=None) -> int:
+              first_layer, checksum, progress, adaptive: bool = False, labels=None, output_fn=None) -> int:
     """Points lo:hi of pts_dev, in chunks of c: their means over ``data`` written into means[:, lo:hi];
     returns the number of examples (the same on every pass, else ValueError). ``adaptive`` (the
     default chunk size): a chunk that runs out of memory (torch.OutOfMemoryError, CPU or CUDA) is
@@ -580,9 +661,9 @@ def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r,
                 try:
                     th = _points(theta0, dirs, pts_dev[s:e], thetas[:e - s])
                     sc = plan.shortcut(theta0, dirs, pts_dev[s:e])
-                    bufs = bn_statistics(model, layout, th, data, layers, sc) if layers else None
+                    bufs = bn_statistics(model, layout, th, data, layers, sc, plan) if layers else None
                     sums, n = data_sums(model, layout, th, data, fns, r, sc, bufs,
-                                        checksum if total is None else None, labels)
+                                        checksum if total is None else None, labels, output_fn, plan)
                 except torch.OutOfMemoryError:
                     if not adaptive or c == 1:
                         raise _oom_hint(c, adaptive) from None
@@ -609,7 +690,7 @@ def _oom_retry(c: int, device, checksum) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     if checksum is not None:
-        checksum.acc.zero_()
+        checksum.reset()
     warn_user(f"landscape.grid: a chunk of points ran out of memory; retrying with {c} points per chunk "
               "(pass batch_points= to choose it yourself)", RuntimeWarning)
 
@@ -642,7 +723,7 @@ def _gather(means: Tensor, total: int | None, error, checksum: "_Checksum"):
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, data, *, metrics: dict | None = None,
-                bn: str = "eval", batch_points: int | None = None, distributed: bool | None = None,
+                output_fn=None, bn: str = "eval", batch_points: int | None = None, distributed: bool | None = None,
                 progress: bool = True) -> LandscapeResult:
     """Mean loss along the straight line from ``model_a`` (offset 0) to ``model_b`` (offset 1).
 
@@ -651,7 +732,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
             ``model_a``'s forward is used at every point, with its BatchNorm statistics under
             bn='eval' (bn='recompute': each point's own, recomputed over ``data``).
         steps: number of points, >= 2, evenly spaced on [0, 1] (both ends included).
-        loss_fn, data, metrics, bn, batch_points, distributed, progress: as in :func:`grid`.
+        loss_fn, data, metrics, output_fn, bn, batch_points, distributed, progress: as in :func:`grid`.
 
     Returns:
         1-D :class:`LandscapeResult`: coords (t [steps],), loss [steps].
@@ -664,4 +745,4 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
         raise ValueError(f"model_b has other trainable parameters than model_a ({why})")
     d = directions_to(model_a, [model_b])
     return grid(model_a, loss_fn, data, d, torch.linspace(0, 1, steps, dtype=torch.float64), metrics=metrics,
-                bn=bn, batch_points=batch_points, distributed=distributed, progress=progress)
+                output_fn=output_fn, bn=bn, batch_points=batch_points, distributed=distributed, progress=progress)
