@@ -410,9 +410,11 @@ def sgmcmc_sweep(name: str, map_model: nn.Module, data: Digits, epochs: int, see
             "reference_time_s": sum(c.time_s for c in reference)}
 
 
-def run_swag(map_model: nn.Module, data: Digits, epochs: int, seed: int, progress: bool, iterates: list | None = None):
-    """SGD at a constant learning rate from the MAP, one SWAG snapshot per epoch (K = 20); with a
-    list ``iterates``, the flat parameters after every epoch are appended to it (the SWA picture)."""
+def run_swag(map_model: nn.Module, data: Digits, epochs: int, seed: int, progress: bool, iterates: list | None = None,
+             lr: float = 0.05):
+    """SGD (momentum 0.9) at the constant learning rate ``lr`` from the MAP, one SWAG snapshot per
+    epoch (K = 20); with a list ``iterates``, the flat parameters after every epoch are appended to
+    it (the SWA picture)."""
     import copy
 
     from .swag import SWAG
@@ -425,7 +427,7 @@ def run_swag(map_model: nn.Module, data: Digits, epochs: int, seed: int, progres
         if iterates is not None:
             iterates.append(nn.utils.parameters_to_vector(model.parameters()).detach().clone())
 
-    _train(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), data, epochs, seed + 2,
+    _train(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), data, epochs, seed + 2,
            "SWAG (SGD)", progress, prior_in_loss=True, after_epoch=snapshot)
     return swag, model
 
@@ -534,7 +536,7 @@ def _goal_met(row: dict, map_row: dict) -> bool:
 def classification_demo(out: str, device: str, quick: bool, seed: int,
                         progress: bool) -> tuple[list[dict], dict, dict, dict]:
     """Part 2; returns the table rows, the flatness comparison, the SG-MCMC sweeps and mixing, and
-    what the landscape pictures reuse (data, MAP, the SWAG run: keyword arguments of landscape_demo)."""
+    what the landscape pictures reuse (data, MAP: keyword arguments of landscape_demo)."""
     from . import calibration as cal
 
     data = load_digit_sets(seed, device)
@@ -591,8 +593,7 @@ def classification_demo(out: str, device: str, quick: bool, seed: int,
     fitted = {}
 
     def swag():
-        fitted["iterates"] = []
-        fitted["swag"], fitted["sgd"] = run_swag(map_model, data, ep["swag"], seed, progress, fitted["iterates"])
+        fitted["swag"], fitted["sgd"] = run_swag(map_model, data, ep["swag"], seed, progress)
         return _predict_sets(lambda x: fitted["swag"].predict(x, n_samples=samples if quick else 30, progress=False),
                              data)
 
@@ -625,9 +626,9 @@ def classification_demo(out: str, device: str, quick: bool, seed: int,
     _print_sweep(sgmcmc)
     _sweep_figure(sgmcmc, os.path.join(out, "sweep.png"))
     _reliability_figure(probs_of, data, os.path.join(out, "reliability.png"))
-    # what the loss-landscape pictures reuse: the data, the MAP and the SWAG run
-    reuse = dict(data=data, map_model=map_model, map_epochs=ep["map"], sgd_model=fitted["sgd"], swag=fitted["swag"],
-                 iterates=fitted["iterates"])
+    # what the loss-landscape pictures reuse: the data and the MAP (the SWA picture runs SGD at its own,
+    # higher learning rate: demo_landscape.SWA_LR)
+    reuse = dict(data=data, map_model=map_model, map_epochs=ep["map"])
     return rows, flatness(fitted["sgd"], fitted["swag"], data, quick, seed), sgmcmc, reuse
 
 

@@ -4,10 +4,12 @@
 1. ``mode_connectivity.png`` (Garipov et al. 2018): the plane through three independently trained
    MLPs with the straight lines between them (the training loss rises between two solutions) and,
    in the plane of two of them and the trained bend, a quadratic Bezier curve whose loss stays low.
-2. ``swa_plane.png`` (Izmailov et al. 2018, fig. 1): the plane through the SWA solution (the SWAG
-   mean), the last SGD iterate and an early one, with every SGD iterate and some SWAG draws projected
-   onto it; the width of the low-loss region around SWA and around SGD along the line through both
-   and along filter-normalised random directions.
+2. ``swa_plane.png`` (Izmailov et al. 2018, fig. 1): SGD at a constant high learning rate from the
+   MAP (:data:`SWA_LR`), the plane through the SWA solution (the SWAG mean), the last SGD iterate and
+   an early one, with every SGD iterate and some SWAG draws projected onto it; along the line
+   through SWA and SGD, the region where the loss stays below the higher of their losses + RISE and
+   how far each point is from its edge (the paper's picture: SGD near the edge, SWA central); the
+   width of the low-loss region along filter-normalised random directions from each.
 3. ``residual_slices.png`` (Li et al. 2018): 1-D slices of the training loss along filter-normalised
    random directions (``ignore='biasbn'``) for a deep MLP with residual connections and the same
    MLP (same initial weights) without them, each trained briefly.
@@ -76,12 +78,22 @@ def project(points: Tensor, origin: Tensor, directions: Tensor) -> Tensor:
     return ((points.double() - origin.double()) @ directions.double().T).cpu()
 
 
-def low_loss_interval(offsets: Tensor, loss: Tensor, at: float, rise: float) -> tuple[float, float, bool]:
-    """The interval around offset ``at`` along a 1-D slice where the loss stays below loss(at) + rise.
+def loss_at(offsets: Tensor, loss: Tensor, at: float) -> float:
+    """The loss [n] along a slice at offsets [n] (increasing), interpolated linearly at ``at``."""
+    a, f = offsets.double().cpu(), loss.double().cpu()
+    j = int(torch.searchsorted(a, torch.tensor(at, dtype=torch.float64), right=True).clamp(1, len(a) - 1))
+    return float(f[j - 1] + (at - a[j - 1]) / (a[j] - a[j - 1]) * (f[j] - f[j - 1]))
+
+
+def low_loss_interval(offsets: Tensor, loss: Tensor, at: float, rise: float | None = None, *,
+                      level: float | None = None) -> tuple[float, float, bool]:
+    """The interval around offset ``at`` along a 1-D slice where the loss stays below loss(at) + rise
+    (or below ``level``).
 
     Args:
         offsets: [n] increasing; loss: [n] along the slice; at: an offset inside the slice (the
-            loss there is interpolated linearly); rise: > 0.
+            loss there is interpolated linearly); rise: > 0; level: instead of ``rise``, the
+            threshold itself (above the loss at ``at``).
 
     Returns:
         (left, right, censored): the offsets where the linearly interpolated loss first exceeds
@@ -94,12 +106,16 @@ def low_loss_interval(offsets: Tensor, loss: Tensor, at: float, rise: float) -> 
         raise ValueError("offsets must be increasing [n], n >= 2, and loss [n] of the same shape")
     if not (a[0] <= at <= a[-1]):
         raise ValueError(f"at = {at} lies outside the slice [{float(a[0])}, {float(a[-1])}]")
-    if not rise > 0:
-        raise ValueError(f"rise must be > 0, got {rise}")
+    if (rise is None) == (level is None):
+        raise ValueError("pass exactly one of rise (above the loss at `at`) and level")
     # the slice with the point `at` inserted (its loss interpolated linearly), walked outwards
-    j = int(torch.searchsorted(a, torch.tensor(at, dtype=torch.float64), right=True).clamp(1, len(a) - 1))
-    f_at = float(f[j - 1] + (at - a[j - 1]) / (a[j] - a[j - 1]) * (f[j] - f[j - 1]))
-    level = f_at + rise
+    f_at = loss_at(a, f, at)
+    if level is None:
+        if not rise > 0:
+            raise ValueError(f"rise must be > 0, got {rise}")
+        level = f_at + rise
+    elif not level > f_at:
+        raise ValueError(f"level = {level} must lie above the loss at `at` ({f_at})")
     xs = a.tolist()
     fs = f.tolist()
     right_side = [(at, f_at)] + [(x, v) for x, v in zip(xs, fs) if x > at]
@@ -115,20 +131,24 @@ def low_loss_interval(offsets: Tensor, loss: Tensor, at: float, rise: float) -> 
     return left, right, c_left or c_right
 
 
-def _widths(model: nn.Module, train, direction: Tensor, at: dict, reach: float, n: int, progress: bool):
+def _widths(model: nn.Module, train, direction: Tensor, at: dict, reach: float, n: int, progress: bool,
+            shared: bool = False):
     """The training loss (``train``: one (inputs, targets) batch) along model + s * direction on n
-    offsets s from min(at) - reach to max(at) + reach, and :func:`low_loss_interval` (rise
-    :data:`RISE`) around each named offset of ``at``; the reach is doubled (at most 6 times) while an
-    interval runs into the slice's end. Returns (the 1-D :class:`LandscapeResult`, name -> (left,
-    right, censored))."""
+    offsets s from min(at) - reach to max(at) + reach, and :func:`low_loss_interval` around each
+    named offset of ``at``: below its own loss + :data:`RISE`, or with ``shared``, below the one
+    level max over the points of their loss + RISE (the region they share); the reach is doubled (at
+    most 6 times) while an interval runs into the slice's end. Returns (the 1-D
+    :class:`LandscapeResult`, name -> (left, right, censored), the shared level or None)."""
     for _ in range(7):
         s = torch.linspace(min(at.values()) - reach, max(at.values()) + reach, n, dtype=torch.float64)
         res = grid(model, nn.CrossEntropyLoss(), train, direction, s, progress=progress)
-        ivs = {name: low_loss_interval(s, res.loss, x, RISE) for name, x in at.items()}
+        level = max(loss_at(s, res.loss, x) for x in at.values()) + RISE if shared else None
+        ivs = {name: low_loss_interval(s, res.loss, x, None if shared else RISE, level=level)
+               for name, x in at.items()}
         if not any(c for _, _, c in ivs.values()):
             break
         reach *= 2
-    return res, ivs
+    return res, ivs, level
 
 
 def _model_at(template: nn.Module, flat: Tensor) -> nn.Module:
@@ -267,13 +287,20 @@ def mode_connectivity(out: str, data, solutions: list[nn.Module], quick: bool, s
 # picture 2: SWA in the plane of the SGD iterates
 # ------------------------------------------------------------------------------------------
 RISE = 0.1  # the width of a low-loss region: where the training loss stays within RISE of the point's
+# SGD's constant learning rate for the SWA picture: Izmailov et al. run SWA at a high constant rate
+# (their fig. 1); at the table's SWAG rate (0.05) the iterates stay 0.47 apart in a region ~11 wide.
+# 0.1, 0.2 and 0.3 (3 data orders each) all put SWA nearer the centre of the line's low-loss region
+# than SGD (edge distance 1.1-2.8x SGD's; at 0.05: 1.1x)
+SWA_LR = 0.2
 
 
 def swa_plane(out: str, data, sgd_model: nn.Module, swag, iterates: list[Tensor], quick: bool, seed: int,
-              progress: bool) -> dict:
+              progress: bool, lr: float = SWA_LR) -> dict:
     """The plane through SWA, the last SGD iterate and the first one of the SWAG run (the SGD
-    iterates and SWAG draws projected onto it), the widths of the low-loss region around SWA and
-    around SGD; draws ``out``/swa_plane.png and returns the numbers."""
+    iterates and SWAG draws projected onto it); along the line through SWA and SGD the low-loss
+    region they share (loss below the higher of their two losses + RISE) and each point's distance
+    to its nearer edge (``margin``); the widths of the low-loss region around each along random
+    directions; draws ``out``/swa_plane.png and returns the numbers."""
     import matplotlib.pyplot as plt
 
     ce = nn.CrossEntropyLoss()
@@ -290,19 +317,19 @@ def swa_plane(out: str, data, sgd_model: nn.Module, swag, iterates: list[Tensor]
     swa_model = _model_at(sgd_model, swa)
     plane = grid(swa_model, ce, train, dirs, axes, progress=progress)
 
-    # widths: along the line through SWA (offset 0) and SGD (offset d), in parameter-space distance,
-    # and along filter-normalised random directions from each point (Li et al.'s units: a unit step
-    # has the size of each filter)
+    # along the line through SWA (offset 0) and SGD (offset d), in parameter-space distance: the region
+    # both share and how central each is in it; along filter-normalised random directions from each
+    # point (Li et al.'s units: a unit step has the size of each filter): the width at its own loss
     d = float((sgd - swa).norm())
-    line, line_iv = _widths(swa_model, train, directions_to(swa_model, [sgd])[0] / d, {"SWA": 0.0, "SGD": d},
-                            8 * d, 41 if quick else 81, progress)
+    line, line_iv, level = _widths(swa_model, train, directions_to(swa_model, [sgd])[0] / d,
+                                   {"SWA": 0.0, "SGD": d}, 8 * d, 41 if quick else 81, progress, shared=True)
     k = 2 if quick else 3
     random_w, slices = {}, {}
     for name, model in (("SWA", swa_model), ("SGD", _model_at(sgd_model, sgd))):
         dirs_r = random_directions(model, k, "filter", "biasbn", generator=torch.Generator().manual_seed(seed + 22))
         ivs = [_widths(model, train, dirs_r[i], {name: 0.0}, 2.0, 21 if quick else 41, progress) for i in range(k)]
-        slices[name] = [r for r, _ in ivs]
-        ivs = [iv[name] for _, iv in ivs]
+        slices[name] = [r for r, _, _ in ivs]
+        ivs = [iv[name] for _, iv, _ in ivs]
         random_w[name] = {"mean_width": sum(b - a for a, b, _ in ivs) / k, "censored": sum(c for _, _, c in ivs),
                           "directions": k}
 
@@ -313,10 +340,12 @@ def swa_plane(out: str, data, sgd_model: nn.Module, swag, iterates: list[Tensor]
 
     (swa_train, swa_test), (sgd_train, sgd_test) = losses(swa), losses(sgd)
     res = {
-        "epochs": len(iterates), "swa_sgd_distance": d, "rise": RISE,
+        "epochs": len(iterates), "lr": lr, "swa_sgd_distance": d, "rise": RISE,
         "train_loss": {"SWA": swa_train, "SGD": sgd_train}, "test_loss": {"SWA": swa_test, "SGD": sgd_test},
-        "line_width": {name: {"left": a, "right": b, "width": b - a, "censored": c}
-                       for name, (a, b, c) in line_iv.items()},
+        "line_level": level,
+        "line_width": {name: {"left": a, "right": b, "width": b - a, "censored": c,
+                              "margin": min(at - a, b - at)}
+                       for (name, (a, b, c)), at in zip(line_iv.items(), (0.0, d))},
         "random_width": random_w,
         "line_min_at": float(line.coords[0][int(line.loss.argmin())]),
         "plane_grid": [n, n], "plane_coords": {"SWA": pts[0].tolist(), "SGD": pts[1].tolist(),
@@ -332,14 +361,16 @@ def swa_plane(out: str, data, sgd_model: nn.Module, swag, iterates: list[Tensor]
     ax_a.plot(draw_xy[:, 0], draw_xy[:, 1], "x", color="tab:red", ms=5, label="SWAG draws (projected)")
     ax_a.legend(fontsize=7, loc="lower left")
     line.plot_line(ax=ax_b, color="k")
-    for name, color, at in (("SWA", "tab:blue", 0.0), ("SGD", "tab:orange", d)):
+    ax_b.axhline(level, color="0.5", lw=1, ls="--", label=f"the higher of their losses + {RISE:g}")
+    for i, (name, color, at) in enumerate((("SWA", "tab:blue", 0.0), ("SGD", "tab:orange", d))):
         w = res["line_width"][name]
         ax_b.axvline(at, color=color, lw=1)
-        ax_b.plot([w["left"], w["right"]], [res["train_loss"][name] + RISE] * 2, color=color, lw=3,
-                  label=f"{name}: loss < own + {RISE:g} over {w['width']:.2f}"
+        edge = w["left"] if at - w["left"] <= w["right"] - at else w["right"]
+        y = level * (1.15 + 0.25 * i)  # (log scale) the two distances drawn just above the level
+        ax_b.plot([at, edge], [y, y], color=color, lw=3, label=f"{name}: {w['margin']:.2f} to the region's edge"
                   + (" (censored)" if w["censored"] else ""))
     ax_b.set(yscale="log", xlabel="distance from SWA along SWA -> SGD", ylabel="training loss",
-             title="the line through SWA and SGD (Izmailov et al. 2018)")
+             title="the line through SWA and SGD (Izmailov et al. 2018):\nSGD near the edge, SWA central?")
     ax_b.legend(fontsize=7)
     for name, color in (("SWA", "tab:blue"), ("SGD", "tab:orange")):
         for i, r in enumerate(slices[name]):
@@ -446,7 +477,7 @@ def residual_slices(out: str, data, quick: bool, seed: int, progress: bool) -> d
 # ------------------------------------------------------------------------------------------
 def landscape_demo(out: str, data, quick: bool, seed: int, progress: bool, *, map_model: nn.Module | None = None,
                    map_epochs: int | None = None, sgd_model: nn.Module | None = None, swag=None,
-                   iterates: list[Tensor] | None = None) -> dict:
+                   iterates: list[Tensor] | None = None, swa_lr: float = SWA_LR) -> dict:
     """The three pictures; returns their numbers (results.json's "landscape") and prints a summary.
 
     Args:
@@ -454,8 +485,9 @@ def landscape_demo(out: str, data, quick: bool, seed: int, progress: bool, *, ma
         map_model: the demo's MAP network, used as the first of the three solutions (None: trained
             here); the other two are trained with the same recipe (``train_map``, ``map_epochs``
             epochs, default 15 quick / 60 full) from seeds seed + 1 and seed + 2.
-        sgd_model, swag, iterates: the demo's SWAG run (``run_swag``: the last SGD iterate, the
-            SWAG posterior, the flat parameters after every epoch); None: run here.
+        sgd_model, swag, iterates: a SWAG run for the SWA picture (``run_swag``: the last SGD
+            iterate, the SWAG posterior, the flat parameters after every epoch; its learning rate
+            ``swa_lr``); None (default): run here from the MAP at :data:`SWA_LR`.
     """
     import matplotlib
 
@@ -474,8 +506,9 @@ def landscape_demo(out: str, data, quick: bool, seed: int, progress: bool, *, ma
     t = time.perf_counter()
     if swag is None or sgd_model is None or not iterates:
         iterates = []
-        swag, sgd_model = run_swag(map_model, data, 8 if quick else 50, seed, progress, iterates=iterates)
-    results["swa"] = swa_plane(out, data, sgd_model, swag, iterates, quick, seed, progress)
+        swag, sgd_model = run_swag(map_model, data, 8 if quick else 50, seed, progress, iterates=iterates,
+                                   lr=swa_lr)
+    results["swa"] = swa_plane(out, data, sgd_model, swag, iterates, quick, seed, progress, swa_lr)
     times["swa"] = time.perf_counter() - t
     t = time.perf_counter()
     results["residual"] = residual_slices(out, data, quick, seed, progress)
@@ -499,25 +532,23 @@ def print_summary(res: dict) -> None:
              else "(NOT lower than the straight line on this run)"))
     tl, te, lw, rw = sw["train_loss"], sw["test_loss"], sw["line_width"], sw["random_width"]
     d = sw["swa_sgd_distance"]
-    print(f"  SWA vs the last SGD iterate ({sw['epochs']} epochs, {d:.2f} apart): train loss {tl['SWA']:.4f} vs "
-          f"{tl['SGD']:.4f}, test loss {te['SWA']:.4f} vs {te['SGD']:.4f}; on the line through both the loss is "
-          f"lowest at {sw['line_min_at']:+.2f} (SWA at 0, SGD at {d:.2f})")
-
-    def width(w) -> str:
-        return f"{w['width']:.2f}" + (" (censored)" if w["censored"] else "")
-
-    print(f"    width where the loss stays within {sw['rise']:g} of the point's own: along that line SWA "
-          f"{width(lw['SWA'])} vs SGD {width(lw['SGD'])}; mean over {rw['SWA']['directions']} filter-normalised "
-          f"directions SWA {rw['SWA']['mean_width']:.3f} vs SGD {rw['SGD']['mean_width']:.3f}")
-    ratio = min(lw["SWA"]["width"] / lw["SGD"]["width"], rw["SWA"]["mean_width"] / rw["SGD"]["mean_width"])
-    if ratio > 1.02:
-        verdict = "SWA sits in the wider region on both measures"
-    elif abs(lw["SWA"]["width"] / lw["SGD"]["width"] - 1) <= 0.02 and \
-            abs(rw["SWA"]["mean_width"] / rw["SGD"]["mean_width"] - 1) <= 0.02:
-        verdict = ("the widths agree within 2 %: both lie in one basin much wider than their distance (no "
-                   "measurable flatness gain at this scale)")
-    else:
-        verdict = "SWA is NOT wider than SGD on both measures on this run"
+    print(f"  SWA vs the last SGD iterate ({sw['epochs']} epochs at lr {sw['lr']:g}, {d:.2f} apart): train loss "
+          f"{tl['SWA']:.4f} vs {tl['SGD']:.4f}, test loss {te['SWA']:.4f} vs {te['SGD']:.4f}; on the line through "
+          f"both the loss is lowest at {sw['line_min_at']:+.2f} (SWA at 0, SGD at {d:.2f})")
+    m_swa, m_sgd = lw["SWA"]["margin"], lw["SGD"]["margin"]
+    print(f"    on that line, the region below {sw['line_level']:.4f} (the higher loss + {sw['rise']:g}): SWA is "
+          f"{m_swa:.2f} from its edge, SGD {m_sgd:.2f}"
+          + (" (censored)" if lw["SWA"]["censored"] or lw["SGD"]["censored"] else ""))
+    print(f"    width where the loss stays within {sw['rise']:g} of the point's own, mean over "
+          f"{rw['SWA']['directions']} filter-normalised directions: SWA {rw['SWA']['mean_width']:.3f} vs SGD "
+          f"{rw['SGD']['mean_width']:.3f}")
+    central = m_swa > 1.02 * m_sgd
+    ratio = rw["SWA"]["mean_width"] / rw["SGD"]["mean_width"]
+    verdict = ("SWA lies nearer the centre of the low-loss region and SGD nearer its edge (Izmailov et al.'s "
+               "picture)" if central else "SWA is NOT nearer the centre of the low-loss region than SGD on this run")
+    verdict += ("; along random directions SWA's region is wider" if ratio > 1.02 else
+                "; along random directions the widths agree within 2 %" if ratio >= 0.98 else
+                "; along random directions SGD's region is wider")
     print("    " + verdict)
     r, p = rs["residual"], rs["plain"]
     print(f"  MLP {rs['depth']} x {rs['width']} with / without skip connections ({rs['directions']} filter-normalised "
@@ -534,9 +565,10 @@ def markdown(res: dict) -> str:
              "| path | max loss |", "|---|---|"]
     lines += [f"| straight line w{k[0]} -> w{k[2]} | {v:.4f} |" for k, v in mc["line_max_loss"].items()]
     lines += [f"| Bezier curve w0 -> w1 | {mc['curve_max_loss']:.4f} |", "",
-              f"| solution | train loss | test loss | width along SWA-SGD (rise {sw['rise']:g}) | "
-              "mean width, random directions |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {sw['train_loss'][n]:.4f} | {sw['test_loss'][n]:.4f} | {sw['line_width'][n]['width']:.3f} | "
+              f"| solution | train loss | test loss | distance to the edge of the shared low-loss region along "
+              f"SWA-SGD (level {sw['line_level']:.4f}) | mean width, random directions (rise {sw['rise']:g}) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {n} | {sw['train_loss'][n]:.4f} | {sw['test_loss'][n]:.4f} | {sw['line_width'][n]['margin']:.3f} | "
               f"{sw['random_width'][n]['mean_width']:.3f} |" for n in ("SWA", "SGD")]
     lines += ["", "| MLP | train loss | curvature at 0 | rise at abs(alpha) = 1 |", "|---|---|---|---|"]
     lines += [f"| {n} | {rs[n]['train_loss']:.4f} | {rs[n]['curvature']:.3f} | {rs[n]['rise_at_1']:.3f} |"

@@ -122,10 +122,14 @@ def _check_landscape(land: dict, stdout: str, out) -> None:
     sw = land["swa"]
     d = sw["swa_sgd_distance"]
     assert d > 0 and sw["plane_coords"]["SGD"] == pytest.approx([d, 0.0], abs=1e-6 * d)
+    # the shared region along the SWA-SGD line: below the higher of the two losses + rise (the losses
+    # on the line are interpolated between its points, so the level is compared loosely)
+    assert sw["line_level"] == pytest.approx(max(sw["train_loss"].values()) + sw["rise"], rel=0.05), sw
     for name, at in (("SWA", 0.0), ("SGD", d)):
         assert 0 < sw["train_loss"][name] < 0.2 and 0 < sw["test_loss"][name] < 0.5, sw
         w = sw["line_width"][name]
         assert w["left"] < at < w["right"] and w["width"] == pytest.approx(w["right"] - w["left"]), (name, w)
+        assert w["margin"] == pytest.approx(min(at - w["left"], w["right"] - at)), (name, w)
         assert math.isfinite(sw["random_width"][name]["mean_width"]) and sw["random_width"][name]["mean_width"] > 0
     rs = land["residual"]
     for name in ("residual", "plain"):
@@ -157,6 +161,11 @@ def test_full_demo_meets_the_goal(tmp_path):
         assert r["nll"] <= 1.02 * mp["nll"] and r["shift_nll"] < mp["shift_nll"], (mp, r)
         assert r["goal_met"] is True
     assert "met by every Bayesian row" in proc.stdout
+    # the SWA picture's point on the full run (Izmailov et al. 2018, fig. 1): along the line through SWA
+    # and the last SGD iterate, SWA lies deeper inside the low-loss region they share than SGD
+    sw = res["landscape"]["swa"]
+    assert sw["line_width"]["SWA"]["margin"] > sw["line_width"]["SGD"]["margin"], sw["line_width"]
+    assert "SWA lies nearer the centre" in proc.stdout
     # the cold-posterior evidence stays visible: each sampler's T = 1 row predicts worse in distribution
     # than its tuned row (whatever T the sweep picked below 1)
     for name in SAMPLERS:

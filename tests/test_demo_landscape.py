@@ -64,6 +64,15 @@ def test_low_loss_interval_on_piecewise_linear_slices():
         low_loss_interval(a, v, 2.5, 0.3)
     with pytest.raises(ValueError, match="rise"):
         low_loss_interval(a, v, 0.0, 0.0)
+    # a shared level instead of a rise: the same region seen from two points (1.0 and -0.5 inside it)
+    for at in (1.0 / 2 - 0.2, -0.5):
+        assert low_loss_interval(a, v, at, level=1.0) == (pytest.approx(-1.0), pytest.approx(0.5), False)
+    with pytest.raises(ValueError, match="above the loss"):
+        low_loss_interval(a, v, -1.5, level=1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        low_loss_interval(a, v, 0.0, 0.3, level=1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        low_loss_interval(a, v, 0.0)
 
 
 def test_residual_mlp_differs_only_in_the_skip_connections():

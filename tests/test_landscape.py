@@ -245,6 +245,40 @@ def test_plots_return_axes():
     plt.close("all")
 
 
+def test_plots_mark_points_on_the_line_the_plane_and_the_surface():
+    mpl = require("matplotlib")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    a, b = torch.linspace(-1, 1, 5, dtype=torch.float64), torch.linspace(0, 2, 3, dtype=torch.float64)
+    loss = a[:, None] * 2 + b[None, :] * 3 + 1  # bilinear: interpolation at any point is exact
+    r = LandscapeResult((a, b), loss)
+    draws = torch.tensor([[0.1, 0.5], [-0.7, 1.9], [0.95, 0.0]], dtype=torch.float64)
+    ax = r.plot_contour(points={"SWA": (0.0, 1.0), "SWAG draws": draws})
+    assert len(ax.lines) == 2 and ax.get_legend() is not None
+    np.testing.assert_allclose(np.asarray(ax.lines[1].get_xydata()), draws.numpy())
+    ax3 = r.plot_surface(points={"SWA": (0.25, 1.5), "SWAG draws": draws})
+    z = np.asarray(ax3.lines[1].get_data_3d()[2])
+    np.testing.assert_allclose(z, (draws[:, 0] * 2 + draws[:, 1] * 3 + 1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ax3.lines[0].get_data_3d()[2], [0.5 + 4.5 + 1], rtol=1e-12)
+    with pytest.raises(ValueError, match="outside the grid"):
+        r.plot_surface(points={"far": (3.0, 0.0)})
+    r1 = LandscapeResult((a,), a.abs())
+    ax1 = r1.plot_line(points={"SWA": 0.0, "SGD": [0.5, -0.25]})
+    assert len(ax1.lines) == 3
+    np.testing.assert_allclose(np.asarray(ax1.lines[2].get_xydata()), [[0.5, 0.5], [-0.25, 0.25]])
+    with pytest.raises(TypeError, match="points\\['SWA'\\] must be an offset alpha"):
+        r1.plot_line(points={"SWA": "x"})
+    with pytest.raises(TypeError, match="must be a dict"):
+        r.plot_contour(points=[(0, 0)])
+    with pytest.raises(TypeError, match="\\[k, 2\\]"):
+        r.plot_contour(points={"SWA": (0.0, 1.0, 2.0)})
+    with pytest.raises(TypeError, match="finite"):
+        r.plot_contour(points={"SWA": (float("nan"), 1.0)})
+    plt.close("all")
+
+
 # ---- refusals ---------------------------------------------------------------------------------------------
 def test_bad_inputs():
     model, loss_fn = _mlp(), nn.CrossEntropyLoss()

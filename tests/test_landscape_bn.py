@@ -208,6 +208,22 @@ def test_batchnorm_without_running_statistics_keeps_whole_batches():
         torch.testing.assert_close(res.loss, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_interpolate_eval_warns_when_the_end_is_not_model_b():
+    import warnings
+    a, b = _mlp(), _mlp()
+    data, loss_fn = _data((5,)), nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same statistics: no warning
+        interpolate(a, b, 2, loss_fn, data, progress=False)
+        interpolate(a, _warm(b, (5,)), 2, loss_fn, data, bn="recompute", progress=False)
+    with pytest.warns(RuntimeWarning, match="does not end at model_b"):
+        res = interpolate(a, b, 2, loss_fn, data, progress=False)  # b's statistics moved by _warm above
+    n = sum(len(y) for _, y in data)
+    with torch.no_grad():
+        own_b = sum(float(loss_fn(b.eval()(x), y)) * len(y) for x, y in data) / n
+    assert abs(res.loss[-1].item() - own_b) > 1e-4  # what the warning says: the end is not model_b
+
+
 def test_interpolate_recompute_ends_are_the_refreshed_models():
     a, b = _mlp(), _mlp()
     with torch.no_grad():

@@ -190,6 +190,13 @@ def test_evaluate_is_reproducible_batched_and_restores_mode():
     assert torch.allclose(r3["acc"], r1["acc"], atol=1e-12)
     with torch.no_grad():
         assert r1["loss"][0].item() == pytest.approx(LOSS(a(x), y).item(), rel=1e-6)
+    # chunks of t: the same values (each chunk reads the data once); a bad chunk size is refused
+    for c in (1, 2):
+        r4 = curve.evaluate(ts, LOSS, batches, metrics=acc, batch_points=c)
+        torch.testing.assert_close(r4["loss"], r3["loss"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(r4["acc"], r3["acc"], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="batch_points"):
+        curve.evaluate(ts, LOSS, batches, batch_points=0)
 
 
 def test_fit_is_reproducible_with_a_generator():

@@ -232,7 +232,7 @@ def test_plot_contour_refuses_malformed_points():
     r = L.LandscapeResult((torch.linspace(0, 1, 3), torch.linspace(0, 1, 4)), torch.rand(3, 4))
     with pytest.raises(TypeError, match=r"points must be a dict label -> \(alpha, beta\)"):
         r.plot_contour(points=[(0, 0)])
-    with pytest.raises(TypeError, match=r"points\['a'\] must be a pair \(alpha, beta\)"):
+    with pytest.raises(TypeError, match=r"points\['a'\] must be \(alpha, beta\) or \[k, 2\]"):
         r.plot_contour(points={"a": 0})
     ax = r.plot_contour(points={"SGD": (0, 0), "SWA": torch.tensor([1.0, 0.5])})
     assert [t.get_text() for t in ax.texts][-2:] == ["SGD", "SWA"]
@@ -342,6 +342,19 @@ def test_a_shuffling_loader_that_would_change_between_chunks_is_refused():
         with pytest.raises(ValueError, match="DataLoader that shuffles"):
             grid(model, nn.CrossEntropyLoss(), loader, d, ts, bn=bn, progress=False)
     grid(model, nn.CrossEntropyLoss(), DataLoader(ds, batch_size=8, shuffle=True), d, ts, progress=False)  # exact
+
+
+def test_pca_directions_tuple_passed_as_directions_is_explained():
+    import torch
+    from torch import nn
+    from pyfastbayes.landscape import grid, pca_directions
+    from pyfastbayes.nn import ParamLayout
+    model = nn.Linear(3, 2)
+    theta = ParamLayout(model).flatten()
+    traj = torch.stack([theta + 0.1 * torch.randn_like(theta) for _ in range(5)])
+    with pytest.raises(TypeError, match=r"pca_directions returns \(directions, explained variance ratios\)"):
+        grid(model, nn.CrossEntropyLoss(), (torch.randn(4, 3), torch.randint(0, 2, (4,))), pca_directions(traj, 2),
+             (torch.linspace(-1, 1, 2), torch.linspace(-1, 1, 2)), progress=False)
 
 
 def test_a_failed_grid_leaves_the_models_buffers_as_they_were():

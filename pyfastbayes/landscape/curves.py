@@ -33,12 +33,12 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..calibration._checks import check_generator
+from ..calibration._checks import check_generator, check_int
 from ..curvature._model_data import as_batches, iterate
 from ..nn import ModeGuard
 from ..nn.params import ParamLayout, _difference
 from .directions import refuse_meta
-from .grid import _failed_forward, _Plan, data_sums
+from .grid import _failed_forward, _Plan, data_sums, default_chunk
 
 __all__ = ["BezierCurve", "PolyChain", "linear_path", "bezier_basis", "plot_curve"]
 
@@ -306,7 +306,8 @@ class _Curve(nn.Module):
     # ---- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, ts, loss_fn: Callable[[Tensor, Tensor], Tensor], data,
-                 metrics: Mapping[str, Callable[[Tensor, Tensor], Tensor]] | None = None) -> dict[str, Tensor]:
+                 metrics: Mapping[str, Callable[[Tensor, Tensor], Tensor]] | None = None, *,
+                 batch_points: int | None = None) -> dict[str, Tensor]:
         """The loss (and metrics) of the template at theta(t) for each t of ``ts``, in eval mode.
 
         Args:
@@ -315,6 +316,9 @@ class _Curve(nn.Module):
             data: one (inputs, targets) batch or a re-iterable of them, at least one row in all.
             metrics: optional name -> fn(outputs, targets) -> scalar batch mean (e.g. accuracy).
             loss_fn and the metrics run under ``torch.vmap`` over the T points (torch's losses do).
+            batch_points: values of t evaluated together, each chunk reading ``data`` once (default
+            as in :func:`~pyfastbayes.landscape.grid`: their parameters under 256 MiB, at most 32 on
+            the CPU, 64 on CUDA).
 
         Returns a dict of float64 CPU tensors: 't' [T], 'loss' [T] (the mean over all rows of
         ``data``: batch means weighted by batch size) and one [T] entry per metric. The template's
@@ -327,14 +331,19 @@ class _Curve(nn.Module):
         for name, fn in metrics.items():
             if not isinstance(name, str) or name in ("t", "loss") or not callable(fn):
                 raise ValueError(f"metrics must map new names (not 't' or 'loss') to callables, got {name!r}")
+        c = default_chunk(self.layout, len(grid)) if batch_points is None else check_int(batch_points,
+                                                                                           "batch_points", 1)
         data = as_batches(data)
         self.layout.params(self.template)
-        thetas = torch.stack([self.point(t) for t in grid])  # [T, P]: every batch read once for all t
+        plan = _Plan(self.template, self.layout, False)  # (an LSTM: one t at a time, decided once)
+        parts = []
         with ModeGuard(self.template, False):
-            sums, count = data_sums(self.template, self.layout, thetas, data, [loss_fn, *metrics.values()], None,
-                                    labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)],
-                                    plan=_Plan(self.template, self.layout, False))  # (LSTM: one t at a time)
-        means = (sums / count).cpu()
+            for lo in range(0, len(grid), c):
+                thetas = torch.stack([self.point(t) for t in grid[lo:lo + c]])  # [c, P]: each batch read once
+                sums, count = data_sums(self.template, self.layout, thetas, data, [loss_fn, *metrics.values()],
+                                        None, labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)], plan=plan)
+                parts.append(sums / count)
+        means = torch.cat(parts, dim=1).cpu()
         return {"t": torch.tensor(grid, dtype=torch.float64),
                 **{k: means[i] for i, k in enumerate(["loss", *metrics])}}
 

@@ -45,6 +45,18 @@ _POINT_BYTES = 256 << 20  # default chunk: the thetas [c, P] of one chunk stay u
 _MAX_POINTS = 64           # ... and at most this many points (activations grow with c too)
 
 
+def default_chunk(layout, n_pts: int) -> int:
+    """Points per chunk by default: their parameters under 256 MiB (and, on CUDA, under a quarter of
+    the free memory), at most 32 on the CPU and 64 on CUDA, at most ``n_pts``."""
+    P, device = layout.numel, torch.device(layout.device)
+    size = torch.empty((), dtype=layout.dtype).element_size()
+    c = max(1, min(n_pts, _CPU_POINTS if device.type == "cpu" else _MAX_POINTS, _POINT_BYTES // (P * size)))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        c = max(1, min(c, free // 4 // (P * size)))
+    return c
+
+
 def _points(theta0: Tensor, directions: Tensor, coords: Tensor, out: Tensor) -> Tensor:
     """out [c, P] = theta0 [P] + coords [c, m] @ directions [m, P], written into ``out`` by the fused
     op ``landscape_points_`` (each output element once; coords float64 so offsets are exact)."""
@@ -536,7 +548,9 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         raise TypeError(f"output_fn must be None or callable outputs -> outputs, got {type(output_fn).__name__}")
     if not torch.is_tensor(directions) or not directions.is_floating_point():
         raise TypeError(f"directions must be a floating-point tensor [m, P], got {type(directions).__name__}"
-                        + (f" of dtype {directions.dtype}" if torch.is_tensor(directions) else ""))
+                        + (f" of dtype {directions.dtype}" if torch.is_tensor(directions) else "")
+                        + (" (pca_directions returns (directions, explained variance ratios): pass its [0])"
+                           if isinstance(directions, tuple) else ""))
     if directions.dim() == 1:
         directions = directions[None]
     if directions.dim() != 2 or directions.shape[0] not in (1, 2):
@@ -567,15 +581,8 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         A, B = torch.meshgrid(*axes, indexing="ij")
         pts = torch.stack([A.reshape(-1), B.reshape(-1)], dim=1)  # [n1 * n2, 2], row-major (alpha, beta)
     n_pts = pts.shape[0]
-    if batch_points is None:
-        size = torch.empty((), dtype=dtype).element_size()
-        most = _CPU_POINTS if torch.device(layout.device).type == "cpu" else _MAX_POINTS
-        c = max(1, min(n_pts, most, _POINT_BYTES // (P * size)))
-        if torch.device(layout.device).type == "cuda":  # the chunk's parameters under a quarter of free memory
-            free, _ = torch.cuda.mem_get_info(layout.device)
-            c = max(1, min(c, free // 4 // (P * size)))
-    else:
-        c = min(check_int(batch_points, "batch_points", 1), n_pts)
+    c = default_chunk(layout, n_pts) if batch_points is None else min(check_int(batch_points, "batch_points", 1),
+                                                                      n_pts)
     if batch_rows is None:
         r = _CPU_ROWS if torch.device(layout.device).type == "cpu" else None
     else:
@@ -722,6 +729,21 @@ def _gather(means: Tensor, total: int | None, error, checksum: "_Checksum"):
     return buf[:k].view_as(means), table[:, 0].tolist(), table[:, 1:]
 
 
+def _warn_other_statistics(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Warn when bn='eval' would give the line's end model_a's BatchNorm statistics instead of
+    model_b's own (their running statistics differ)."""
+    a, b = bn_modules(model_a), bn_modules(model_b)
+    differ = len(a) != len(b) or any(
+        x.running_mean is not None and y.running_mean is not None and not (
+            torch.equal(x.running_mean, y.running_mean.to(x.running_mean)) and
+            torch.equal(x.running_var, y.running_var.to(x.running_var))) for x, y in zip(a, b))
+    if differ:
+        warn_user("interpolate with bn='eval': every point, the end at offset 1 included, uses model_a's BatchNorm "
+                  "running statistics, and model_b's differ, so the line does not end at model_b as it predicts; "
+                  "pass bn='recompute' for statistics recomputed at each point (both ends then differ from the "
+                  "models' own by their statistics on this data)", RuntimeWarning)
+
+
 def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, data, *, metrics: dict | None = None,
                 output_fn=None, bn: str = "eval", batch_points: int | None = None, distributed: bool | None = None,
                 progress: bool = True) -> LandscapeResult:
@@ -730,7 +752,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
     Args:
         model_a, model_b: two networks with the same trainable parameters (names, shapes, dtypes);
             ``model_a``'s forward is used at every point, with its BatchNorm statistics under
-            bn='eval' (bn='recompute': each point's own, recomputed over ``data``).
+            bn='eval' (a RuntimeWarning when model_b's differ: the end is then not model_b as it
+            predicts; bn='recompute': each point's own, recomputed over ``data``).
         steps: number of points, >= 2, evenly spaced on [0, 1] (both ends included).
         loss_fn, data, metrics, output_fn, bn, batch_points, distributed, progress: as in :func:`grid`.
 
@@ -743,6 +766,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
     why = layout_of(model_a, "model_a").difference(layout_of(model_b, "model_b"), "in model_b", "in model_a")
     if why:  # named here: directions_to would call them 'model' and 'others[0]'
         raise ValueError(f"model_b has other trainable parameters than model_a ({why})")
+    if bn == "eval":
+        _warn_other_statistics(model_a, model_b)
     d = directions_to(model_a, [model_b])
     return grid(model_a, loss_fn, data, d, torch.linspace(0, 1, steps, dtype=torch.float64), metrics=metrics,
                 output_fn=output_fn, bn=bn, batch_points=batch_points, distributed=distributed, progress=progress)

@@ -23,22 +23,59 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t)
 
 
-def _points(points) -> list[tuple[str, tuple[float, float]]]:
-    """plot_contour's ``points`` (None or a dict label -> (alpha, beta)) as (label, (alpha, beta))
-    pairs; TypeError for anything else."""
+def _points(points, ndim: int = 2) -> list[tuple[str, np.ndarray]]:
+    """The plots' ``points`` as (label, offsets [k, ndim]) pairs: None or a dict label -> one point
+    ((alpha, beta) on a plane, alpha on a line) or several ([k, 2] / [k] numbers, e.g. SWAG draws
+    projected onto the plane); TypeError for anything else."""
+    one = "(alpha, beta)" if ndim == 2 else "alpha"
     if points is None:
         return []
     if not isinstance(points, Mapping):
-        raise TypeError("points must be a dict label -> (alpha, beta), e.g. {'SGD': (0, 0), 'SWA': (1, 0)}, got "
+        example = "{'SGD': (0, 0), 'SWA': (1, 0)}" if ndim == 2 else "{'SGD': 0.0, 'SWA': 1.0}"
+        raise TypeError(f"points must be a dict label -> {one} or several of them, e.g. {example}, got "
                         f"{type(points).__name__}")
     out = []
     for name, xy in points.items():
         try:
-            pa, pb = xy
-            out.append((name, (float(pa), float(pb))))
+            arr = _np(xy).astype(np.float64).reshape(-1, ndim) if ndim == 2 else \
+                _np(xy).astype(np.float64).reshape(-1, 1)
         except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"points[{name!r}] must be a pair (alpha, beta) of numbers, got {xy!r}") from None
+            arr = None
+        if arr is None or arr.size == 0 or (ndim == 2 and _np(xy).shape[-1:] != (2,)) or not np.isfinite(arr).all():
+            raise TypeError(f"points[{name!r}] must be {one} or [k, {ndim}] finite numbers, got {xy!r}"
+                            if ndim == 2 else f"points[{name!r}] must be an offset alpha or a sequence of them "
+                            f"(finite numbers), got {xy!r}")
+        out.append((name, arr))
     return out
+
+
+def _interp2(a: np.ndarray, b: np.ndarray, values: np.ndarray, pts: np.ndarray, name) -> np.ndarray:
+    """values [n1, n2] on the grid a x b, bilinearly interpolated at pts [k, 2] (inside the grid, else
+    ValueError naming the label ``name``)."""
+    if ((pts[:, 0] < a[0]) | (pts[:, 0] > a[-1]) | (pts[:, 1] < b[0]) | (pts[:, 1] > b[-1])).any():
+        raise ValueError(f"points[{name!r}] lies outside the grid (alpha in [{a[0]:g}, {a[-1]:g}], beta in "
+                         f"[{b[0]:g}, {b[-1]:g}]): a surface marks points on it only")
+    i = np.clip(np.searchsorted(a, pts[:, 0], side="right") - 1, 0, len(a) - 2)
+    j = np.clip(np.searchsorted(b, pts[:, 1], side="right") - 1, 0, len(b) - 2)
+    u = (pts[:, 0] - a[i]) / (a[i + 1] - a[i])
+    v = (pts[:, 1] - b[j]) / (b[j + 1] - b[j])
+    return ((1 - u) * (1 - v) * values[i, j] + u * (1 - v) * values[i + 1, j] + (1 - u) * v * values[i, j + 1]
+            + u * v * values[i + 1, j + 1])
+
+
+def _mark(ax, name, xs: list[np.ndarray]) -> None:
+    """Draw the points of one label: one point as a dot with its label beside it, several as crosses
+    under one legend entry."""
+    if len(xs[0]) == 1:
+        ax.plot(*[x for x in xs], marker="o", linestyle="none")
+        at = tuple(float(x[0]) for x in xs)
+        if len(at) == 2:
+            ax.annotate(str(name), at, textcoords="offset points", xytext=(4, 4))
+        else:
+            ax.text(*at, f" {name}")
+    else:
+        ax.plot(*xs, marker="x", linestyle="none", label=str(name))
+        ax.legend(fontsize=8)
 
 
 @dataclass
@@ -115,16 +152,21 @@ class LandscapeResult:
             other = "plot_line" if self.ndim == 1 else "plot_contour or plot_surface"
             raise ValueError(f"{what} needs a {ndim}-D landscape, this one is {self.ndim}-D: use {other}")
 
-    def plot_line(self, ax=None, metric: str | None = None, **kwargs):
+    def plot_line(self, ax=None, metric: str | None = None, points: dict | None = None, **kwargs):
         """Loss (or ``metric``) along a 1-D line against the offsets; returns the matplotlib axes.
-        ``kwargs`` go to ``ax.plot``."""
+        ``points``: label -> an offset alpha (or a sequence of them) to mark on the curve (its value
+        there interpolated linearly; e.g. {'SWA': 0.0, 'SGD': 1.0}); ``kwargs`` go to ``ax.plot``."""
         self._need(1, "plot_line")
+        marks = _points(points, 1)  # checked before anything is drawn
         import matplotlib.pyplot as plt
 
         if ax is None:
             _, ax = plt.subplots()
         values, label = self._values(metric)
-        ax.plot(_np(self.coords[0]), values, **kwargs)
+        a = _np(self.coords[0])
+        ax.plot(a, values, **kwargs)
+        for name, pts in marks:
+            _mark(ax, name, [pts[:, 0], np.interp(pts[:, 0], a, values)])
         ax.set_xlabel("alpha")
         ax.set_ylabel(label)
         return ax
@@ -135,7 +177,9 @@ class LandscapeResult:
 
         Args:
             ax: the matplotlib axes to draw on (None: a new figure's).
-            points: label -> (alpha, beta) to mark and label (e.g. {'SGD': (0, 0), 'SWA': (1, 0)}).
+            points: label -> (alpha, beta) to mark and label (e.g. {'SGD': (0, 0), 'SWA': (1, 0)}), or
+                label -> [k, 2] offsets marked as crosses under one legend entry (e.g. SWAG draws
+                projected onto the plane).
             metric: None for the loss, else a key of :attr:`metrics`.
             levels, filled, kwargs: passed to ``ax.contour`` / ``ax.contourf``.
         """
@@ -151,26 +195,31 @@ class LandscapeResult:
         cs = (ax.contourf if filled else ax.contour)(a, b, values.T, levels=levels, **kwargs)
         if not filled:
             ax.clabel(cs, inline=True, fontsize=7)
-        for name, (pa, pb) in marks:
-            ax.plot([float(pa)], [float(pb)], marker="o", linestyle="none")
-            ax.annotate(str(name), (float(pa), float(pb)), textcoords="offset points", xytext=(4, 4))
+        for name, pts in marks:
+            _mark(ax, name, [pts[:, 0], pts[:, 1]])
         ax.set_xlabel("alpha")
         ax.set_ylabel("beta")
         ax.set_title(label)
         return ax
 
-    def plot_surface(self, ax=None, metric: str | None = None, **kwargs):
-        """3-D surface of the 2-D landscape; returns the (3-D) axes. ``kwargs`` go to
-        ``ax.plot_surface``."""
+    def plot_surface(self, ax=None, metric: str | None = None, points: dict | None = None, **kwargs):
+        """3-D surface of the 2-D landscape; returns the (3-D) axes. ``points`` as in
+        :meth:`plot_contour` (marked on the surface, at its bilinearly interpolated height; points
+        outside the grid raise ValueError); ``kwargs`` go to ``ax.plot_surface``."""
         self._need(2, "plot_surface")
+        marks = _points(points)
+        values, label = self._values(metric)
+        a, b = _np(self.coords[0]), _np(self.coords[1])
+        heights = [_interp2(a, b, values, pts, name) for name, pts in marks]  # (checked before drawing)
         import matplotlib.pyplot as plt
 
         if ax is None:
             ax = plt.figure().add_subplot(projection="3d")
-        values, label = self._values(metric)
-        A, B = np.meshgrid(_np(self.coords[0]), _np(self.coords[1]), indexing="ij")
+        A, B = np.meshgrid(a, b, indexing="ij")
         kwargs.setdefault("cmap", "viridis")
         ax.plot_surface(A, B, values, **kwargs)
+        for (name, pts), z in zip(marks, heights):
+            _mark(ax, name, [pts[:, 0], pts[:, 1], z])
         ax.set_xlabel("alpha")
         ax.set_ylabel("beta")
         ax.set_zlabel(label)
