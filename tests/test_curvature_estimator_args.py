@@ -136,6 +136,22 @@ def test_hessian_of_sequence_targets_and_class_weights_does_not_depend_on_the_ba
         torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)
 
 
+def test_fp16_hessian_weighs_kept_rows_in_the_accumulator_dtype():
+    # batch parts x kept rows was formed in fp16 before the float32 accumulation: |HV| 32 x 4086
+    # kept rows overflowed to inf (the integer-weight path multiplies in float32)
+    torch.manual_seed(0)
+    m32 = nn.Linear(4, 3)
+    x, y = torch.randn(4096, 4) * 16, torch.randint(0, 3, (4096,))
+    y[:10] = -100
+    V = torch.randn(15, 2)
+    ref = cv.hessian(m32, nn.CrossEntropyLoss(), [(x, y)]) @ V
+    m16 = nn.Linear(4, 3).half()
+    m16.load_state_dict(m32.state_dict())
+    got = cv.hessian(m16, nn.CrossEntropyLoss(), [(x.half(), y)]) @ V.half()
+    assert got.dtype == torch.float16 and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.float(), ref, rtol=2e-3, atol=0.05)  # fp16 products of |HV| ~ 32
+
+
 def test_operator_algebra_leaves_the_parts_results_alone():
     class Identity(cv.LinearOperator):  # returns the block it was given
         def _matmat(self, V):

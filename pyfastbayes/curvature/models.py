@@ -138,7 +138,9 @@ class _ModelCurvature(LinearOperator):
                     self.sel.accumulate_(acc, *self._batch(x, y, rows, selected, fixed, tangents))
                 else:  # a weight on the device (no host read per batch): a batch weighing 0 adds nothing
                     parts, _ = self._batch(x, y, nb, selected, fixed, tangents)
-                    self.sel.accumulate_(acc, {k: torch.where(rows > 0, v * rows, 0) for k, v in parts.items()}, 1)
+                    w = rows.to(acc_dtype)  # the product in the accumulator's dtype (fp16: |HV| x rows overflows)
+                    self.sel.accumulate_(acc, {k: torch.where(w > 0, v.to(acc_dtype) * w, 0)
+                                               for k, v in parts.items()}, 1)
                 n = n + rows
         n = float(n)  # one host read per pass
         if self.distributed:
