@@ -6,6 +6,7 @@ the local / flipout formulas) with plain autograd; the fused layers must give th
 gradients (fp64 rel <= 1e-10, fp32 <= 1e-4). Then gradcheck of the fused function, estimator
 agreement in expectation, flipout's lower gradient variance, and the layer API."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -315,6 +316,33 @@ def test_inductor_compiled_layer_equals_eager(estimator):
     layer.load_state_dict(state)
     got = _step_grads(layer, x, torch.compile(layer, fullgraph=True))
     for a, b in zip([*got[0], *got[1], got[2]], [*want[0], *want[1], want[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_whole_elbo_step_compiles_in_one_graph():
+    # kl_divergence's non-finite check read the KL on the host (.item()): fullgraph=True failed with
+    # "Could not guard on data-dependent expression"; now it is skipped while compiling
+    from pyfastbayes.vi import ELBO
+    torch.manual_seed(0)
+    model = nn.Sequential(BayesianLinear(4, 8, estimator="flipout"), nn.ReLU(), BayesianLinear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    elbo = ELBO(model, num_data=100)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step(x, y):
+        return elbo(model(x), y)
+
+    def run(f):
+        model.load_state_dict(state)
+        model.zero_grad()
+        loss = f(x, y)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    want = run(step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (Dynamo warned about tracing through an lru_cache)
+        got = run(torch.compile(step, fullgraph=True))
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -59,7 +59,8 @@ def kl_divergence(model: nn.Module) -> Tensor:
 
     The finiteness check reads the KL itself (non-finite exactly when a mu or rho is, or when the
     float32 terms overflow), one 0-dim read per call instead of a pass over every parameter; on
-    CUDA that read is the call's one host sync."""
+    CUDA that read is the call's one host sync. Under ``torch.compile`` (also ``fullgraph=True``)
+    and CUDA graph capture there is no host read and no check: a non-finite KL is returned as it is."""
     layers = bayesian_layers(model, required=True)
     mus, rhos, var, labels = [], [], [], []
     mc = []
@@ -75,7 +76,9 @@ def kl_divergence(model: nn.Module) -> Tensor:
     total = None
     if mus:
         try:
-            total = _KL.apply(_prior_var(tuple(var), mus[0].device), *mus, *rhos)
+            prior_var = (_prior_var.__wrapped__ if torch.compiler.is_compiling() else _prior_var)(tuple(var),
+                                                                                                  mus[0].device)
+            total = _KL.apply(prior_var, *mus, *rhos)  # (compiling: a constant of the graph, no cache)
         except RuntimeError:  # the op's own words name tensors by index: name the layers when that is why
             _check_one_dtype(labels, mus + rhos)
             raise
@@ -86,9 +89,17 @@ def kl_divergence(model: nn.Module) -> Tensor:
             log_q = (-0.5 * ((w - mu) / sigma).square() - torch.log(sigma) - 0.5 * math.log(2 * math.pi)).sum()
             term = log_q - layer.prior.log_prob(w)
             total = term if total is None else total + term
-    if not math.isfinite(total.item()):  # one read of the 0-dim KL (isfinite + bool would be two ops)
+    if not _tracing() and not math.isfinite(total.item()):  # one read of the 0-dim KL (isfinite + bool: two ops)
         _raise_nonfinite(layers, total)
     return total
+
+
+def _tracing() -> bool:
+    """Whether the KL is being compiled (torch.compile) or captured into a CUDA graph: no host read
+    then (it would break the graph or the capture); the non-finite check is left out."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_one_dtype(labels: list, tensors: list) -> None:
