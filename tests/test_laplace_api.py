@@ -312,6 +312,10 @@ def test_regression_predict_is_aleatoric_plus_epistemic(structure):
     torch.testing.assert_close(nn_pred.mean, f.mean(0))
     torch.testing.assert_close(nn_pred.epistemic, f.var(0, unbiased=False))
     torch.testing.assert_close(nn_pred.variance, f.var(0, unbiased=False) + 0.09)
+    # la(x, pred_type='nn') returns what laplace-torch does: (samples.mean(0), samples.var(0)), unbiased
+    f_mu, f_var = la(Xs, pred_type="nn", n_samples=n, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(f_mu, f.mean(0))
+    torch.testing.assert_close(f_var, f.var(0))
 
 
 def _outputs_at_draws(la, model, X, n, seed):

@@ -298,7 +298,8 @@ class Laplace(Posterior):
     def _scale(self, sigma: Tensor | None = None) -> Tensor:
         """What the fitted curvature (accumulated at sigma = 1) is multiplied by: 1 / (sigma^2 T);
         for the empirical Fisher of a regression 1 / (sigma^4 T), its per-example gradients
-        (f - y) J / sigma^2 being squared (laplace-torch scales it like the GGN: off by sigma^2)."""
+        (f - y) J / sigma^2 being squared (laplace-torch 0.3's EF is 2 sigma^2 times this: its summed MSE
+        has no 1/2 and it scales the squared gradients by 1 / sigma^2, like the GGN)."""
         sigma = self._sigma if sigma is None else sigma
         s2 = sigma.square()
         if self.curvature == "ef" and self.likelihood == "regression":
@@ -821,7 +822,9 @@ class Laplace(Posterior):
            generator: torch.Generator | None = None, batch_size: int | None = None):
         """laplace-torch's ``__call__``: classification -> probabilities [N, C] ('binary': [N]);
         regression -> (f_mu [N, C], f_var [N, C, C]) for 'glm' (the epistemic, functional variance:
-        sigma^2 is not in it), (mean [N, C], variance [N, C] over draws) for 'nn'. ``link_approx``:
+        sigma^2 is not in it), (mean [N, C], variance [N, C] over the draws) for 'nn', the variance
+        unbiased (divided by n_samples - 1, as laplace-torch's ``samples.var(0)``; one draw: 0; the
+        posterior interface's :meth:`predict` divides by n_samples). ``link_approx``:
         'probit' (default), 'bridge', 'bridge_norm' or 'mc' for 'glm'; 'nn' averages ``n_samples``
         draws, i.e. 'mc' (the default there; another link is refused, as laplace-torch does).
         ``batch_size``: rows per forward when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
@@ -831,8 +834,9 @@ class Laplace(Posterior):
         batch_size = self._batch_size(batch_size, pred_type)
         if pred_type == "nn":
             out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size)
-            if self.likelihood == "regression":
-                return outputs_2d(out[0], "regression"), outputs_2d(out[1], "regression")
+            if self.likelihood == "regression":  # laplace-torch's samples.var(0): the unbiased variance
+                var = out[1] * (n_samples / (n_samples - 1)) if n_samples > 1 else out[1]
+                return outputs_2d(out[0], "regression"), outputs_2d(var, "regression")
             return out
         f_mu, f_var = self.functional_variance(x, batch_size)
         if self.likelihood == "regression":
