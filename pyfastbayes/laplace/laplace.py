@@ -43,6 +43,11 @@ SUBSETS = ("all", "last_layer")
 BIAS_BLOCKS = ("joint", "separate")
 SHARING = ("expand", "reduce")
 PRED_TYPES = ("glm", "nn")
+# the GLM predictive's Jacobian parts of one chunk of input rows stay under this many bytes (on CUDA
+# also under a quarter of the free memory): a layer with shared weights (a convolution, a Linear on
+# [N, T, in], an Embedding) keeps [C, out, in] numbers per row, which at the default 256 rows per
+# batch reached gigabytes for a CNN of a million weights
+_GLM_BYTES = 256 << 20
 _CONSTRUCTOR = object()  # Laplace._plan: the prior given to the constructor (or set before fit)
 _STATE_NAMES = ("state_dict['prior_precision']", "state_dict['prior_mean']")
 
@@ -703,21 +708,25 @@ class Laplace(Posterior):
                               self.likelihood)
         except ValueError as e:
             raise ValueError(f"val_loader: {e}") from None
-        if pred_type == "glm":
+        priors = [torch.as_tensor(delta, dtype=self.dtype, device=self.device) for delta in grid]
+        if pred_type == "glm":  # chunk by chunk of rows, every prior on a chunk's Jacobian parts
             self._check_at_mean("the GLM predictive")
-        pieces = self._glm_pieces(x, 1024) if pred_type == "glm" else None
+            sums = [0.0] * len(grid)
+            rows = self._glm_rows(x, 1024)
+            for xc, yc in zip(x.tensor_split(max(1, -(-len(x) // rows))), y.tensor_split(max(1, -(-len(x) // rows)))):
+                pieces = self._glm_pieces(xc, rows)
+                for k, prior in enumerate(priors):
+                    f_mu, f_var = self._glm_moments(pieces, prior)
+                    sums[k] += self._nll(f_mu, f_var, yc, link_approx, n_samples) * xc.shape[0]
+                del pieces
+            return sums
         sums = []
-        for delta in grid:
-            prior = torch.as_tensor(delta, dtype=self.dtype, device=self.device)
-            if pred_type == "glm":
-                f_mu, f_var = self._glm_moments(pieces, prior)
-                nll = self._nll(f_mu, f_var, y, link_approx, n_samples)
-            else:
-                old, self._prior = self._prior, prior
-                try:
-                    nll = self._nll_nn(x, y, n_samples)
-                finally:
-                    self._prior = old
+        for prior in priors:
+            old, self._prior = self._prior, prior
+            try:
+                nll = self._nll_nn(x, y, n_samples)
+            finally:
+                self._prior = old
             sums.append(float(nll) * x.shape[0])
         return sums
 
@@ -788,6 +797,26 @@ class Laplace(Posterior):
                 del f  # and its graph, before the next batch's forward (see _local_pass)
         return pieces
 
+    def _glm_rows(self, x, batch_size: int) -> int:
+        """Rows per chunk of the GLM predictive: ``batch_size``, fewer when a chunk's Jacobian parts
+        (measured on one row of ``x``, a tensor, and counted twice: the precision's rotated copy)
+        would pass :data:`_GLM_BYTES` (on CUDA also a quarter of the free memory)."""
+        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] < 2:
+            return batch_size
+        cache = self.__dict__.setdefault("_glm_row_bytes", {})  # the sizes depend on the row's shape only
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in cache:
+            try:
+                parts = self._glm_pieces(x[:1], 1)[0][1]
+            except Exception:  # noqa: BLE001  (an input the model refuses: the real pass raises its own error)
+                return batch_size
+            cache[key] = 2 * sum(t.numel() * t.element_size() for _, part in parts for t in part if torch.is_tensor(t))
+        per_row = cache[key]
+        budget = _GLM_BYTES
+        if x.device.type == "cuda":
+            budget = min(budget, torch.cuda.mem_get_info(x.device)[0] // 4)
+        return max(1, min(batch_size, budget // max(per_row, 1)))
+
     def _glm_moments(self, pieces, prior: Tensor | None = None) -> tuple[Tensor, Tensor]:
         precision = self._need_fit()[5]
         delta, s = self._delta(prior), self._scale()
@@ -800,16 +829,21 @@ class Laplace(Posterior):
     @torch.no_grad()
     def functional_variance(self, x, batch_size: int = 256) -> tuple[Tensor, Tensor]:
         """GLM predictive moments of the outputs: (f_mu [N, C], f_var [N, C, C]) = (f(x; theta_MAP),
-        J P^-1 J^T), without [N, C, P] Jacobians for 'kron' and 'diag'."""
+        J P^-1 J^T), without [N, C, P] Jacobians for 'kron' and 'diag'. Rows go through in chunks of
+        at most ``batch_size``, fewer where the layers with shared weights (convolutions, Linear on
+        [N, T, in], Embedding), whose per-row parts are [C, out, in], would put a chunk's parts
+        over 256 MiB (on CUDA also a quarter of the free memory)."""
         batch_size = check_int(batch_size, "batch_size", 1)
         self._check_at_mean("the GLM predictive")
-        mus, vars_, n_inputs = [], [], 0
-        for xb in iterate_inputs(x, batch_size):  # one batch's Jacobian parts alive at a time
+        mus, vars_, n_inputs, rows = [], [], 0, None
+        for xb in iterate_inputs(x, batch_size):  # one chunk's Jacobian parts alive at a time
             n_inputs += 1
             if xb.shape[0] == 0:  # no rows: nothing to linearise (the 'nn' path returns [0, C] too)
                 continue
-            f_mu, f_var = self._glm_moments(self._glm_pieces(xb, batch_size))
-            mus.append(f_mu), vars_.append(f_var)
+            rows = self._glm_rows(xb, batch_size) if rows is None else rows  # measured on the first batch
+            for xc in iterate_inputs(xb, rows) if torch.is_tensor(xb) else (xb,):
+                f_mu, f_var = self._glm_moments(self._glm_pieces(xc, rows))
+                mus.append(f_mu), vars_.append(f_var)
         if not n_inputs:
             raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
         if not mus:
