@@ -28,6 +28,7 @@ from ..calibration._checks import check_int, check_positive_float
 from ..posteriors.base import Posterior
 from . import marglik as ml
 from ._layers import build_layers
+from ._uses import used_outside
 from ._likelihood import (CURVATURES, LIKELIHOODS, check_targets, directions, log_likelihood, outputs_2d,
                           summed_loss)
 from .eigenbasis import METHODS as EIGH_METHODS
@@ -358,6 +359,7 @@ class Laplace(Posterior):
                                  "batch")
             if self.layers is None:
                 self._find_last_layer(self._split(first, 0)[0].to(self.device))
+            self._check_uses(self._split(first, 0)[0])
             curv = self._new_curvature()
             # every batch allocates the same MB-sized temporaries (output gradients of the m
             # directions, unfolded patches): on the CPU they are reused from exact-size free lists
@@ -466,6 +468,26 @@ class Laplace(Posterior):
             raise TypeError(f"batch {i} must be an (inputs, targets) pair of tensors, got {type(item).__name__}{hint}: "
                             "pass an iterable of (inputs, targets) batches, e.g. [(X, Y)] or a DataLoader")
         return item[0], item[1]
+
+    def _check_uses(self, x) -> None:
+        """ValueError when the forward reads a covered parameter outside its own module's call
+        (weight tying through ``F.linear(h, emb.weight)``, a parent using ``self.lin.weight``):
+        that use's curvature would be missing from every block. One probe forward of two rows of
+        ``x`` (a tensor) without gradients; a probe the model refuses is left to the real pass."""
+        if not torch.is_tensor(x) or x.dim() == 0 or isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+            return  # (a compiled model would recompile for the probe)
+        covered = [(layer.name, layer.module, list(layer.params)) for layer in self.layers]
+        try:
+            with ModeGuard(self.model, False):
+                outside = used_outside(self.model, covered, x[:2].to(self.device))
+        except Exception:  # noqa: BLE001  (the fit's own forward raises the error that explains it)
+            return
+        if outside:
+            raise ValueError(f"the model's forward uses parameter(s) {outside} outside their own module's call (tied "
+                             "weights, e.g. F.linear(h, self.emb.weight), or a parent module reading a layer's "
+                             "weight): the curvature of that use would be missing from the posterior. Give the "
+                             "second use its own module, or freeze the parameter (requires_grad=False) or use "
+                             "subset_of_weights='last_layer' if the last layer is not tied")
 
     def _forward(self, x, name: str = "x") -> tuple[Tensor, list]:
         """Forward of inputs [N, ...] with the covered layers recorded; (outputs [N, C], layers).
