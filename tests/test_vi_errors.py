@@ -417,6 +417,38 @@ def test_to_bayesian_refuses_tied_weights_and_hooks():
     to_bayesian(seq, exclude=["0"])
 
 
+def test_to_bayesian_names_the_subclassed_layers_it_keeps():
+    # a subclass of nn.Linear was silently left deterministic next to converted layers
+    import warnings
+    from pyfastbayes.vi import BayesianLinear, to_bayesian
+
+    class MyLinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MyLinear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"left \['0'\] deterministic.*MyLinear"):
+        to_bayesian(model)
+    assert type(model[0]) is MyLinear and isinstance(model[2], BayesianLinear)
+    # excluded ones, and MultiheadAttention's out_proj (never called: not a layer to convert), say nothing
+    model = torch.nn.Sequential(MyLinear(3, 4), torch.nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_bayesian(model, exclude=["0"])
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.head = torch.nn.MultiheadAttention(4, 2, batch_first=True), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.att(x, x, x)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_bayesian(Attn())
+
+
 def test_torch_func_transforms_over_sampling_layers_are_explained():
     from pyfastbayes.vi import BayesianLinear
     torch.manual_seed(0)

@@ -4,8 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._warnings import warn_user
 from .layers import BayesianConv2d, BayesianLinear, check_options
 from .priors import as_prior
+
+
+# subclasses that are no user's layer: the Bayesian ones, and MultiheadAttention's out_proj (whose
+# weight the attention reads directly: it is never called, so it cannot be converted)
+_NOT_LAYERS = (BayesianLinear, BayesianConv2d, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
 def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(), estimator: str = "reparam") -> nn.Module:
@@ -21,16 +27,21 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
     replacement built before the first is put in: on an error the model is unchanged (and torch's
     global CPU generator, which seeds the new layers, is put back). ValueError when nothing would be
     converted (no such layer, or all excluded), naming the layer that cannot be (e.g. non-zero
-    padding modes); ValueError when ``model`` itself is a Linear / Conv2d (in place cannot replace it)."""
+    padding modes); ValueError when ``model`` itself is a Linear / Conv2d (in place cannot replace it).
+    Subclasses of nn.Linear / nn.Conv2d (their forward may differ) are left as they are, with a
+    warning naming them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     exclude = _exclude_names(exclude)
     check_options(init_std, estimator)
     as_prior(prior)  # the prior's own error before any layer is built
     places: dict[int, tuple[nn.Module, list[str]]] = {}  # id -> (layer, every name it has in the model)
+    subclassed = []  # subclasses of nn.Linear / nn.Conv2d: their forward may differ, so they are kept
     for n, m in model.named_modules(remove_duplicate=False):
         if type(m) in (nn.Linear, nn.Conv2d):
             places.setdefault(id(m), (m, []))[1].append(n)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, _NOT_LAYERS) and n not in subclassed:
+            subclassed.append(n)
     names = {n for n, _ in model.named_modules(remove_duplicate=False)}
     unknown = exclude - names
     if unknown:
@@ -71,6 +82,11 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
         for name in ns:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
+    kept = [n for n in subclassed if not any(n == e or n.startswith(e + ".") for e in exclude)]
+    if kept:
+        warn_user(f"to_bayesian left {kept} deterministic: subclasses of nn.Linear / nn.Conv2d ("
+                  f"{sorted({type(model.get_submodule(n)).__name__ for n in kept})}) may compute something else than "
+                  "the plain layer, so they are not replaced; convert them by hand, or make them plain layers first")
     return model
 
 
