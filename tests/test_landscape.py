@@ -342,6 +342,37 @@ def test_dataloader_and_single_batch_data():
     torch.testing.assert_close(grid(model, loss_fn, (x, y), d, coords, progress=True).loss, ref)
 
 
+def test_first_layer_products_are_computed_once_per_block_across_chunks(monkeypatch):
+    # the m + 1 first-layer products of a block were recomputed for every chunk of points
+    from torch.utils.data import DataLoader, TensorDataset
+    import pyfastbayes.landscape._first_layer as fl
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    x, y = torch.randn(23, 5), torch.randint(0, 3, (23,))
+    d = random_directions(model, 2, generator=torch.Generator().manual_seed(1))
+    ab = (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 4))  # 12 points: 6 chunks of 2
+    plain = grid(model, nn.CrossEntropyLoss(), [(x[:10], y[:10]), (x[10:], y[10:])], d, ab, first_layer=False,
+                 batch_points=2, progress=False)
+    calls = []
+    real = fl.FirstLayer.parts
+    monkeypatch.setattr(fl.FirstLayer, "parts", lambda self, *a: calls.append(1) or real(self, *a))
+    data = [(x[:10], y[:10]), (x[10:], y[10:])]
+    res = grid(model, nn.CrossEntropyLoss(), data, d, ab, batch_rows=4, batch_points=2, progress=False)
+    assert len(calls) == 3 + 4  # blocks of 4, 4, 2 and 4, 4, 4, 1 rows: each once for the 6 chunks
+    torch.testing.assert_close(res.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    calls.clear()  # a DataLoader gives new tensors every pass: computed per chunk (nothing kept by mistake)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    res = grid(model, nn.CrossEntropyLoss(), loader, d, ab, batch_rows=1000, batch_points=2, progress=False)
+    assert len(calls) == 3 * 6
+    torch.testing.assert_close(res.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    calls.clear()  # over the budget: computed every time, the same numbers
+    monkeypatch.setattr(fl, "CACHE_BYTES", 0)
+    res = grid(model, nn.CrossEntropyLoss(), data, d, ab, batch_rows=4, batch_points=2, progress=False)
+    assert len(calls) == 7 * 6
+    torch.testing.assert_close(res.loss, plain.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_row_blocks_change_nothing_but_rounding():
     """Splitting each data batch into blocks of rows (batch_rows) weights the blocks by their rows:
     the same means as whole batches, for sizes that do and do not divide the batch."""

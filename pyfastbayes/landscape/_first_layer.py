@@ -95,6 +95,9 @@ def _in_place_of(model: nn.Module, parent_name: str, attr: str, new: nn.Module):
         parent._modules[attr] = old
 
 
+CACHE_BYTES = 256 << 20  # the first layer's products kept across the chunks of points of one grid call
+
+
 class FirstLayer:
     """Where the first layer sits (parent module, attribute), its flat-layout slices and its op."""
 
@@ -103,6 +106,28 @@ class FirstLayer:
         parent, _, self.attr = name.rpartition(".")
         self.parent_name = parent
         self.prefix = f"{name}."
+        self._cache: dict = {}  # (id of a batch, block) -> (the batch, parts, shape): see cached_parts
+        self._cached = 0  # bytes held
+
+    def cached_parts(self, batch: Tensor, block: int, x: Tensor, stacked) -> tuple[Tensor, tuple]:
+        """:meth:`parts` of block ``block`` (rows ``x``) of the data batch ``batch``, computed once per
+        grid call: the next chunks of points read the same batch objects (a tensor or a list of
+        batches; a DataLoader makes new tensors each pass, so nothing is reused there) and get the
+        kept parts back. At most CACHE_BYTES are kept (on CUDA also an eighth of the free memory);
+        further blocks are computed every time."""
+        key = (id(batch), block, x.shape[0])
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is batch:
+            return hit[1], hit[2]
+        parts, shape = self.parts(x, stacked)
+        size = parts.numel() * parts.element_size()
+        budget = CACHE_BYTES
+        if parts.device.type == "cuda":
+            budget = min(budget, torch.cuda.mem_get_info(parts.device)[0] // 8)
+        if self._cached + size <= budget:
+            self._cache[key] = (batch, parts, shape)  # (the batch kept alive: its id stays its own)
+            self._cached += size
+        return parts, shape
 
     def _apply(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         m = self.module

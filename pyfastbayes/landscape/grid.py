@@ -208,11 +208,11 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
             if on_batch is not None:
                 on_batch(x, y, nb)
             sums = None  # [len(fns), 2]: (sum, count) over the batch's blocks, each fn's batch value sum / count
-            for xr, yr, nr in _row_blocks(x, y, nb, rows):
+            for block, (xr, yr, nr) in enumerate(_row_blocks(x, y, nb, rows)):
                 if first is None:
                     out = net(*_args(xr))
-                else:
-                    parts, shape = first.parts(xr, stacked)  # [rows, m + 1, F]: once for the chunk's points
+                else:  # [rows, m + 1, F]: once for the chunk's points (kept for the next chunks where it can)
+                    parts, shape = first.cached_parts(x, block, xr, stacked)
                     # the first layer's combined output, with the activation after it if that is fused
                     _first_layer.hold(lambda act: _batched.combine(parts, mix_p, act, shape))
                     out = net(xr)
