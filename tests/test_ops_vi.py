@@ -111,7 +111,7 @@ def pair_spec(op):
         cl = lambda t: t.to(device).contiguous(memory_format=torch.channels_last)  # noqa: E731
         return [call(a1.to(device).t(), b1.t().contiguous().to(device), rng_of(11, 9, device), 2),
                 call(a2.to(device)[:, 1::3], b2.to(device)[:, ::3], rng_of(-3, 1, device), 5),
-                call(torch.zeros((), dtype=dtype, device=device).expand(5, 6), b3.to(device), rng_of(4, 4, device), 1),
+                call(torch.full((), 0.375, dtype=dtype, device=device).expand(5, 6), b3.to(device), rng_of(4, 4, device), 1),
                 call(cl(a4), cl(b4), rng_of(8, 2**32 + 1, device), 2**32 - 1)]
 
     def good(device):
@@ -216,7 +216,7 @@ def sab_make(case, device, dtype, gen):
     cl = lambda t: t.to(device).contiguous(memory_format=torch.channels_last)  # noqa: E731
     return [sab_call(m1.to(device).t(), r1.t().contiguous().to(device), g1.to(device).t(), rng_of(11, 9, device), 2),
             sab_call(m2.to(device)[:, 1::3], r2.to(device)[:, ::3], g2.to(device)[:, 1::3], rng_of(-3, 1, device), 5),
-            sab_call(torch.zeros((), dtype=dtype, device=device).expand(9, 14), r2.to(device), g2.to(device),
+            sab_call(torch.full((), -0.625, dtype=dtype, device=device).expand(9, 14), r2.to(device), g2.to(device),
                      rng_of(4, 4, device), 1),
             sab_call(cl(m4), cl(r4), cl(g4), rng_of(8, 2**32 + 1, device), 2**32 - 1)]
 

@@ -20,6 +20,19 @@ namespace pyfastbayes {
 
 // ======================= Section 1: reparameterised noise ======================================
 
+// A tensor of one value broadcast to every element (all strides 0, e.g. flipout's zero mean
+// rho.new_zeros(()).expand(shape)): the kernels read that value instead of a materialised
+// contiguous copy (CPU and CUDA alike).
+inline bool broadcast_scalar(const at::Tensor& t) {
+  if (t.numel() <= 1) return false;
+  for (int64_t d = 0; d < t.dim(); ++d)  // a size-1 dimension's stride does not matter
+    if (t.size(d) != 1 && t.stride(d) != 0) return false;
+  return true;
+}
+
+// The contiguous stand-in of an input, or the tensor itself when it is one broadcast value.
+inline at::Tensor input_stand_in(const at::Tensor& t) { return broadcast_scalar(t) ? t : t.contiguous(); }
+
 // rng: the RNG position (seed, step), a contiguous int64 [kRngSize] on `device`, as the fused
 // SG-MCMC steps take it; read by the kernel itself (on the device for CUDA, so a call can be
 // captured in a CUDA graph while the step advances in place). Its values are not restricted: the

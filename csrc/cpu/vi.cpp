@@ -427,18 +427,6 @@ void for_each_noise_piece(int64_t n, RngPosition pos, uint32_t stream, const Pie
   });
 }
 
-// A tensor of one value broadcast to every element (all strides 0, e.g. flipout's zero mean
-// rho.new_zeros(()).expand(shape)): read as that value instead of a materialised contiguous copy.
-bool broadcast_scalar(const at::Tensor& t) {
-  if (t.numel() <= 1) return false;
-  for (int64_t d = 0; d < t.dim(); ++d)  // a size-1 dimension's stride does not matter
-    if (t.size(d) != 1 && t.stride(d) != 0) return false;
-  return true;
-}
-
-// The contiguous stand-in of an input, or the tensor itself when it is one broadcast value.
-at::Tensor input_stand_in(const at::Tensor& t) { return broadcast_scalar(t) ? t : t.contiguous(); }
-
 // The piece [s, s + m) of input p: p + s, or (bcast: p holds one value) buf filled with it.
 template <class T>
 const T* piece_of(const T* p, bool bcast, int64_t s, int64_t m, T* buf) {

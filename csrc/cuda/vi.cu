@@ -65,11 +65,12 @@ namespace {
 
 // ======================= Section 1: reparameterised noise ======================================
 
-// out[i] = Rule(a[i], b[i], eps_i), i < n; a, b, out contiguous; math in op_t
+// out[i] = Rule(a[i], b[i], eps_i), i < n; a, b, out contiguous (a_scalar: a holds one value for
+// every element, flipout's zero mean: read as a[0]); math in op_t
 template <typename T, class Rule>
 __global__ void __launch_bounds__(kThreads)
-    vi_noisy_pair_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t n,
-                         const int64_t* __restrict__ rng, uint32_t stream) {
+    vi_noisy_pair_kernel(const T* __restrict__ a, bool a_scalar, const T* __restrict__ b, T* __restrict__ out,
+                         int64_t n, const int64_t* __restrict__ rng, uint32_t stream) {
   using op_t = at::opmath_type<T>;
   using VA = VecAccess<T, 4>;
   const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
@@ -85,7 +86,12 @@ __global__ void __launch_bounds__(kThreads)
     float z[4];
     if (blk < full) {
       T av[4], bv[4], ov[4];
-      VA::load(a + i0, va, av);  // loads in flight while the noise is computed
+      if (a_scalar) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) av[k] = a[0];
+      } else {
+        VA::load(a + i0, va, av);  // loads in flight while the noise is computed
+      }
       VA::load(b + i0, vb, bv);
       philox_normal4(seed, static_cast<uint64_t>(blk), stream, step, z);
 #pragma unroll
@@ -97,20 +103,21 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if (i0 + k < n)
-          out[i0 + k] = static_cast<T>(
-              rule(static_cast<op_t>(a[i0 + k]), static_cast<op_t>(b[i0 + k]), static_cast<op_t>(z[k])));
+          out[i0 + k] = static_cast<T>(rule(static_cast<op_t>(a[a_scalar ? 0 : i0 + k]), static_cast<op_t>(b[i0 + k]),
+                                            static_cast<op_t>(z[k])));
       }
     }
   }
 }
 
 // vi_sample_and_backward: w[i] = ViSampleRule(mu[i], rho[i], eps_i), gr[i] = ViSampleBackwardRule(gw[i],
-// rho[i], eps_i), i < n, one draw of eps; all five contiguous; math in op_t
+// rho[i], eps_i), i < n, one draw of eps; all five contiguous (mu_scalar: mu holds one value for every
+// element, read as mu[0]); math in op_t
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    vi_sample_and_backward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, const T* __restrict__ gw,
-                                  T* __restrict__ w, T* __restrict__ gr, int64_t n, const int64_t* __restrict__ rng,
-                                  uint32_t stream) {
+    vi_sample_and_backward_kernel(const T* __restrict__ mu, bool mu_scalar, const T* __restrict__ rho,
+                                  const T* __restrict__ gw, T* __restrict__ w, T* __restrict__ gr, int64_t n,
+                                  const int64_t* __restrict__ rng, uint32_t stream) {
   using op_t = at::opmath_type<T>;
   using VA = VecAccess<T, 4>;
   const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
@@ -127,7 +134,12 @@ __global__ void __launch_bounds__(kThreads)
     float z[4];
     if (blk < full) {
       T mv[4], rv[4], gv[4], wv[4], grv[4];
-      VA::load(mu + i0, vm, mv);
+      if (mu_scalar) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) mv[k] = mu[0];
+      } else {
+        VA::load(mu + i0, vm, mv);
+      }
       VA::load(rho + i0, vr, rv);
       VA::load(gw + i0, vg, gv);
       philox_normal4(seed, static_cast<uint64_t>(blk), stream, step, z);
@@ -145,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < 4; ++k) {
         if (i0 + k < n) {
           const op_t r = static_cast<op_t>(rho[i0 + k]), e = static_cast<op_t>(z[k]);
-          w[i0 + k] = static_cast<T>(sample(static_cast<op_t>(mu[i0 + k]), r, e));
+          w[i0 + k] = static_cast<T>(sample(static_cast<op_t>(mu[mu_scalar ? 0 : i0 + k]), r, e));
           gr[i0 + k] = static_cast<T>(back(static_cast<op_t>(gw[i0 + k]), r, e));
         }
       }
@@ -211,12 +223,13 @@ at::Tensor vi_noisy_pair_cuda(const char* op, const at::Tensor& a, const char* a
   at::Tensor out = at::empty(a.sizes(), a.options());  // contiguous
   const int64_t n = a.numel();
   if (n == 0) return out;
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const at::Tensor ac = input_stand_in(a), bc = b.contiguous();  // (a broadcast value: not materialised)
+  const bool a_scalar = broadcast_scalar(ac);
   const int64_t grid = resident_blocks_for((n + 3) / 4, kThreads);
   const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "vi_noisy_pair", [&] {
     vi_noisy_pair_kernel<scalar_t, Rule><<<static_cast<unsigned>(grid), kThreads, 0, cs>>>(
-        ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n,
+        ac.const_data_ptr<scalar_t>(), a_scalar, bc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n,
         rng.const_data_ptr<int64_t>(), static_cast<uint32_t>(stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -240,12 +253,13 @@ std::tuple<at::Tensor, at::Tensor> vi_sample_and_backward_cuda(const at::Tensor&
   at::Tensor w = at::empty(mu.sizes(), mu.options()), gr = at::empty(mu.sizes(), mu.options());  // contiguous
   const int64_t n = mu.numel();
   if (n == 0) return {w, gr};
-  const at::Tensor mc = mu.contiguous(), rc = rho.contiguous(), gc = grad_w.contiguous();
+  const at::Tensor mc = input_stand_in(mu), rc = rho.contiguous(), gc = grad_w.contiguous();
+  const bool mu_scalar = broadcast_scalar(mc);  // flipout's zero mean: one value, not a weight-sized copy
   const int64_t grid = resident_blocks_for((n + 3) / 4, kThreads);
   const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vi_sample_and_backward", [&] {
     vi_sample_and_backward_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, cs>>>(
-        mc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
+        mc.const_data_ptr<scalar_t>(), mu_scalar, rc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
         w.mutable_data_ptr<scalar_t>(), gr.mutable_data_ptr<scalar_t>(), n, rng.const_data_ptr<int64_t>(),
         static_cast<uint32_t>(stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
