@@ -268,6 +268,14 @@ def test_plots_mark_points_on_the_line_the_plane_and_the_surface():
     ax1 = r1.plot_line(points={"SWA": 0.0, "SGD": [0.5, -0.25]})
     assert len(ax1.lines) == 3
     np.testing.assert_allclose(np.asarray(ax1.lines[2].get_xydata()), [[0.5, 0.5], [-0.25, 0.25]])
+    # descending offsets (grid takes them): the same marks
+    rd = LandscapeResult((a.flip(0),), a.abs().flip(0))
+    axd = rd.plot_line(points={"SGD": [0.5, -0.25]})
+    np.testing.assert_allclose(np.asarray(axd.lines[1].get_xydata()), [[0.5, 0.5], [-0.25, 0.25]])
+    r2d = LandscapeResult((a.flip(0), b.flip(0)), loss.flip(0).flip(1))
+    ax3d = r2d.plot_surface(points={"SWAG draws": draws})
+    np.testing.assert_allclose(ax3d.lines[0].get_data_3d()[2], (draws[:, 0] * 2 + draws[:, 1] * 3 + 1).numpy(),
+                               rtol=1e-12)
     with pytest.raises(TypeError, match="points\\['SWA'\\] must be an offset alpha"):
         r1.plot_line(points={"SWA": "x"})
     with pytest.raises(TypeError, match="must be a dict"):
@@ -359,13 +367,29 @@ def test_first_layer_products_are_computed_once_per_block_across_chunks(monkeypa
     monkeypatch.setattr(fl.FirstLayer, "parts", lambda self, *a: calls.append(1) or real(self, *a))
     data = [(x[:10], y[:10]), (x[10:], y[10:])]
     res = grid(model, nn.CrossEntropyLoss(), data, d, ab, batch_rows=4, batch_points=2, progress=False)
-    assert len(calls) == 3 + 4  # blocks of 4, 4, 2 and 4, 4, 4, 1 rows: each once for the 6 chunks
+    # blocks of 4, 4, 2 and 4, 4, 4, 1 rows: computed in the first two chunks (kept once seen again), then reused
+    assert len(calls) == 2 * (3 + 4)
     torch.testing.assert_close(res.loss, plain.loss, rtol=1e-5, atol=1e-6)
     calls.clear()  # a DataLoader gives new tensors every pass: computed per chunk (nothing kept by mistake)
     loader = DataLoader(TensorDataset(x, y), batch_size=10)
     res = grid(model, nn.CrossEntropyLoss(), loader, d, ab, batch_rows=1000, batch_points=2, progress=False)
     assert len(calls) == 3 * 6
     torch.testing.assert_close(res.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    calls.clear()  # one buffer refilled in place for every batch (a prefetcher): never another batch's products
+    buf = torch.empty(10, 5)
+
+    def refilled():
+        for xb, yb in [(x[:10], y[:10]), (x[10:20], y[10:20])]:
+            buf.copy_(xb)
+            yield buf, yb
+
+    class Refill:
+        def __iter__(self):
+            return refilled()
+    want = grid(model, nn.CrossEntropyLoss(), [(x[:10], y[:10]), (x[10:20], y[10:20])], d, ab, first_layer=False,
+                batch_points=2, progress=False)
+    got = grid(model, nn.CrossEntropyLoss(), Refill(), d, ab, batch_rows=1000, batch_points=2, progress=False)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     calls.clear()  # over the budget: computed every time, the same numbers
     monkeypatch.setattr(fl, "CACHE_BYTES", 0)
     res = grid(model, nn.CrossEntropyLoss(), data, d, ab, batch_rows=4, batch_points=2, progress=False)

@@ -187,3 +187,28 @@ def test_output_fn_selects_and_reshapes_the_outputs():
         grid(model, ce, data, d, axes, progress=False)
     with pytest.raises(TypeError, match="output_fn must be None or callable"):
         grid(model, ce, data, d, axes, output_fn="logits", progress=False)
+
+
+class _NormThenRecurrent(nn.Module):
+    """A BatchNorm1d BEFORE the LSTM: the failed vmapped statistics pass had updated it already."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 6), nn.BatchNorm1d(6)
+        self.rnn, self.head = nn.LSTM(6, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(self.bn(self.lin(x))[:, None])
+        return self.head(out[:, -1])
+
+
+def test_recompute_fallback_starts_the_statistics_afresh():
+    torch.manual_seed(0)
+    model = _NormThenRecurrent()
+    data = _data((4,))
+    d = random_directions(model, 1, generator=torch.Generator().manual_seed(1))
+    axis = torch.linspace(-1, 1, 3)
+    with pytest.warns(RuntimeWarning, match="one point at a time"):
+        res = grid(model, nn.CrossEntropyLoss(), data, d, axis, bn="recompute", progress=False)
+    ref = _reference(model, nn.CrossEntropyLoss(), data, d, (axis,), recompute=True)
+    torch.testing.assert_close(res.loss, ref, rtol=1e-5, atol=1e-6)

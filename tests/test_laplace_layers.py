@@ -810,3 +810,29 @@ def test_uses_inside_nested_modules_are_their_own():
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
     la = Laplace(model, "classification", hessian_structure="kron").fit([(x, y)], progress=False)
     assert la.n_params == 3 * 4 + 4 + 4 * 2 + 2
+
+
+class _MetadataReads(nn.Module):
+    """Reads of a covered parameter's dtype, shape, device and size outside its module: metadata,
+    not values (x.to(p.dtype), the Hugging Face self.device idiom); these fit as before."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x.to(dtype=self.a.weight.dtype, device=next(self.parameters()).device)
+        assert x.shape[-1] == self.a.weight.shape[1] and self.a.weight.size(0) == 8 and self.a.weight.requires_grad
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_metadata_reads_and_pre_hook_weights_are_not_outside_uses():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    Laplace(_MetadataReads(), "classification", hessian_structure="kron").fit([(x, y)], progress=False)
+    # old-style weight_norm computes the weight in its own forward pre-hook, registered before the probe's
+    from torch.nn.utils import weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (torch deprecates the old weight_norm)
+        model = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
+    Laplace(model, "classification", hessian_structure="diag").fit([(x, y)], progress=False)

@@ -431,6 +431,8 @@ def test_to_bayesian_names_the_subclassed_layers_it_keeps():
     with pytest.warns(UserWarning, match=r"left \['0'\] deterministic.*MyLinear"):
         to_bayesian(model)
     assert type(model[0]) is MyLinear and isinstance(model[2], BayesianLinear)
+    with pytest.raises(ValueError, match=r"\['0'\] are subclasses of them"):  # nothing else to convert
+        to_bayesian(torch.nn.Sequential(MyLinear(3, 2)))
     # excluded ones, and MultiheadAttention's out_proj (never called: not a layer to convert), say nothing
     model = torch.nn.Sequential(MyLinear(3, 4), torch.nn.Linear(4, 4))
     with warnings.catch_warnings():

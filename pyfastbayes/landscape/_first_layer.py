@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -106,26 +107,33 @@ class FirstLayer:
         parent, _, self.attr = name.rpartition(".")
         self.parent_name = parent
         self.prefix = f"{name}."
-        self._cache: dict = {}  # (id of a batch, block) -> (the batch, parts, shape): see cached_parts
+        self._cache: dict = {}  # (id, version of a batch, block, rows) -> (weakref, parts, shape)
+        self._seen: dict = {}  # the same keys -> weakref of a batch seen once (cached when seen again)
         self._cached = 0  # bytes held
 
     def cached_parts(self, batch: Tensor, block: int, x: Tensor, stacked) -> tuple[Tensor, tuple]:
         """:meth:`parts` of block ``block`` (rows ``x``) of the data batch ``batch``, computed once per
         grid call: the next chunks of points read the same batch objects (a tensor or a list of
-        batches; a DataLoader makes new tensors each pass, so nothing is reused there) and get the
-        kept parts back. At most CACHE_BYTES are kept (on CUDA also an eighth of the free memory);
-        further blocks are computed every time."""
-        key = (id(batch), block, x.shape[0])
+        batches) and get the kept parts back. A batch is recognised by object AND version (an
+        iterable that refills one buffer in place hands the same object with other values), and its
+        parts are kept only once it has come back (a DataLoader's new tensors each pass are never
+        kept). At most CACHE_BYTES are kept (on CUDA also an eighth of the free memory); further
+        blocks are computed every time."""
+        key = (id(batch), batch._version, block, x.shape[0])
         hit = self._cache.get(key)
-        if hit is not None and hit[0] is batch:
+        if hit is not None and hit[0]() is batch:
             return hit[1], hit[2]
         parts, shape = self.parts(x, stacked)
+        seen = self._seen.get(key)
+        if seen is None or seen() is not batch:
+            self._seen[key] = weakref.ref(batch)  # the first sighting: nothing kept yet
+            return parts, shape
         size = parts.numel() * parts.element_size()
         budget = CACHE_BYTES
         if parts.device.type == "cuda":
             budget = min(budget, torch.cuda.mem_get_info(parts.device)[0] // 8)
         if self._cached + size <= budget:
-            self._cache[key] = (batch, parts, shape)  # (the batch kept alive: its id stays its own)
+            self._cache[key] = (self._seen.pop(key), parts, shape)
             self._cached += size
         return parts, shape
 

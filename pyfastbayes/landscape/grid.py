@@ -227,6 +227,9 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
             n += nb
         return total if total is not None else torch.zeros((), dtype=torch.float64, device=thetas.device)
 
+    # the per-point / shared buffers as they start (the BatchNorm statistics of bn='recompute', small):
+    # a walk that fails and is redone one point at a time starts again from them
+    start = {k: v.clone() for k, v in {**buffers, **shared}.items()} if plan is not None else {}
     with _batched.swapped(model, conv=thetas.device.type == "cpu") as net, \
             (first.swapped(net) if first is not None else contextlib.nullcontext()):
         loop = _Loop(net, body)
@@ -251,6 +254,8 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
         plan.one_by_one = True  # the plain forward runs: torch.vmap is what cannot batch the model
         if hasattr(on_batch, "reset"):
             on_batch.reset()  # the failed walk showed it some batches already
+        for k, v in start.items():  # ... and may have updated some statistics in place
+            (buffers[k] if k in buffers else shared[k]).copy_(v)
         warn_user("landscape: torch.vmap cannot batch this model over the points ("
                   f"{str(failure).splitlines()[0][:160]}); evaluating one point at a time instead (same values, "
                   "much slower: every point runs the model on every batch)", RuntimeWarning)

@@ -51,7 +51,9 @@ def _points(points, ndim: int = 2) -> list[tuple[str, np.ndarray]]:
 
 def _interp2(a: np.ndarray, b: np.ndarray, values: np.ndarray, pts: np.ndarray, name) -> np.ndarray:
     """values [n1, n2] on the grid a x b, bilinearly interpolated at pts [k, 2] (inside the grid, else
-    ValueError naming the label ``name``)."""
+    ValueError naming the label ``name``); either axis may run in either direction."""
+    ia, ib = np.argsort(a, kind="stable"), np.argsort(b, kind="stable")
+    a, b, values = a[ia], b[ib], values[ia][:, ib]
     if ((pts[:, 0] < a[0]) | (pts[:, 0] > a[-1]) | (pts[:, 1] < b[0]) | (pts[:, 1] > b[-1])).any():
         raise ValueError(f"points[{name!r}] lies outside the grid (alpha in [{a[0]:g}, {a[-1]:g}], beta in "
                          f"[{b[0]:g}, {b[-1]:g}]): a surface marks points on it only")
@@ -165,8 +167,9 @@ class LandscapeResult:
         values, label = self._values(metric)
         a = _np(self.coords[0])
         ax.plot(a, values, **kwargs)
+        order = np.argsort(a, kind="stable")  # (np.interp needs increasing offsets; grid takes either order)
         for name, pts in marks:
-            _mark(ax, name, [pts[:, 0], np.interp(pts[:, 0], a, values)])
+            _mark(ax, name, [pts[:, 0], np.interp(pts[:, 0], a[order], values[order])])
         ax.set_xlabel("alpha")
         ax.set_ylabel(label)
         return ax

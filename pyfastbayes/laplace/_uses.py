@@ -15,6 +15,21 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 
+# reads of a parameter's metadata, not of its values: x.to(p.dtype), p.shape, next(parameters()).device
+_METADATA = frozenset({"size", "dim", "ndimension", "numel", "nelement", "stride", "element_size", "is_contiguous",
+                       "is_floating_point", "is_complex", "get_device", "data_ptr", "storage_offset", "__len__"})
+_VALUE_GETTERS = frozenset({"T", "mT", "H", "mH", "data"})  # attribute getters that do hand the values on
+
+
+def _reads_values(func) -> bool:
+    """Whether a torch call ``func`` taking a parameter reads its values (not its dtype / shape /
+    device / requires_grad, ...)."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # an attribute getter: Tensor.dtype.__get__, Tensor.T.__get__, ...
+        return getattr(getattr(func, "__self__", None), "__name__", "") in _VALUE_GETTERS
+    return name not in _METADATA
+
+
 class _Watch(TorchFunctionMode):
     """Records the names of covered parameters taken by torch calls while their module is not on
     the stack of running covered modules."""
@@ -25,6 +40,8 @@ class _Watch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not _reads_values(func):
+            return func(*args, **kwargs)
         for a in tree_flatten((args, kwargs))[0]:
             hit = self.owners.get(id(a)) if isinstance(a, nn.Parameter) else None
             if hit is not None and not any(m is hit[1] for m in self.running) and hit[0] not in self.outside:
@@ -40,9 +57,10 @@ def used_outside(model: nn.Module, modules: list[tuple[str, nn.Module, list[str]
     for mname, module, names in modules:
         for k in names:
             owners[id(getattr(module, k))] = (f"{mname}.{k}" if mname else k, module)
-        handles.append(module.register_forward_pre_hook(lambda m, inp: running.append(m)))
-        handles.append(module.register_forward_hook(lambda m, inp, out: running.pop() and None))  # (None: the
-        # hook keeps the module's output)
+        # around the module's own hooks too (weight_norm / spectral_norm compute the weight in a pre-hook)
+        handles.append(module.register_forward_pre_hook(lambda m, inp: running.append(m), prepend=True))
+        handles.append(module.register_forward_hook(lambda m, inp, out: running.pop() and None,  # (None: the
+                                                    always_call=True))  # output is kept)
     watch = _Watch(owners, running)
     try:
         with torch.no_grad(), watch:

@@ -474,8 +474,8 @@ class Laplace(Posterior):
         (weight tying through ``F.linear(h, emb.weight)``, a parent using ``self.lin.weight``):
         that use's curvature would be missing from every block. One probe forward of two rows of
         ``x`` (a tensor) without gradients; a probe the model refuses is left to the real pass."""
-        if not torch.is_tensor(x) or x.dim() == 0 or isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
-            return  # (a compiled model would recompile for the probe)
+        if not torch.is_tensor(x) or x.dim() == 0 or hasattr(self.model, "_orig_mod"):
+            return  # (a compiled model, torch.compile's OptimizedModule, would recompile for the probe)
         covered = [(layer.name, layer.module, list(layer.params)) for layer in self.layers]
         try:
             with ModeGuard(self.model, False):
@@ -823,7 +823,7 @@ class Laplace(Posterior):
         """Rows per chunk of the GLM predictive: ``batch_size``, fewer when a chunk's Jacobian parts
         (measured on one row of ``x``, a tensor, and counted twice: the precision's rotated copy)
         would pass :data:`_GLM_BYTES` (on CUDA also a quarter of the free memory)."""
-        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] < 2:
+        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] < 1:
             return batch_size
         cache = self.__dict__.setdefault("_glm_row_bytes", {})  # the sizes depend on the row's shape only
         key = (tuple(x.shape[1:]), x.dtype, x.device)
@@ -835,8 +835,8 @@ class Laplace(Posterior):
             cache[key] = 2 * sum(t.numel() * t.element_size() for _, part in parts for t in part if torch.is_tensor(t))
         per_row = cache[key]
         budget = _GLM_BYTES
-        if x.device.type == "cuda":
-            budget = min(budget, torch.cuda.mem_get_info(x.device)[0] // 4)
+        if torch.device(self.device).type == "cuda":  # (where the parts live: the model's device)
+            budget = min(budget, torch.cuda.mem_get_info(self.device)[0] // 4)
         return max(1, min(batch_size, budget // max(per_row, 1)))
 
     def _glm_moments(self, pieces, prior: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -50,7 +50,9 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
     targets = [(ns, m) for m, ns in places.values()
                if not any(n == e or n.startswith(e + ".") for n in ns for e in exclude)]
     if not targets:
-        raise ValueError("the model has no nn.Linear or nn.Conv2d layer to convert (outside exclude)")
+        raise ValueError("the model has no nn.Linear or nn.Conv2d layer to convert (outside exclude)"
+                         + (f"; {subclassed} are subclasses of them, which to_bayesian leaves as they are (their "
+                            "forward may differ): convert them by hand" if subclassed else ""))
     if any("" in ns for ns, _ in targets):
         raise ValueError(f"model is itself an {type(model).__name__}: to_bayesian converts the layers inside a model "
                          "in place and cannot replace the model itself; build a BayesianLinear / BayesianConv2d "
