@@ -125,3 +125,20 @@ def test_lowrank_state_names_low_rank():
         Laplace(model, hessian_structure="lowrank", low_rank=7).load_state_dict(sd)
     old = {**sd, "config": {k: v for k, v in sd["config"].items() if k != "low_rank"}}  # saved before the key
     Laplace(model, hessian_structure="lowrank", low_rank=5).load_state_dict(old)
+
+
+def test_marglik_warns_when_its_steps_run_out_far_from_the_optimum():
+    # started at a grid's end (1e4), 100 Adam steps stopped at ~240 while the optimum is ~2: silently
+    import warnings
+    model, X, y = _cls()
+    la = Laplace(model, hessian_structure="kron").fit([(X, y)], progress=False)
+    la.prior_precision = 1e4
+    with pytest.warns(RuntimeWarning, match="still moving one way"):
+        far = float(la.optimize_prior_precision("marglik"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # from there, enough steps converge: no warning
+        near = float(la.optimize_prior_precision("marglik", n_steps=400))
+    assert near < far
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(la.optimize_prior_precision("marglik")) == pytest.approx(near, rel=3e-2)

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._warnings import warn_user
+
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
 TUNING = ("marglik", "gridsearch")
 
@@ -74,11 +76,15 @@ def initial(structure: str, init: Tensor, n_blocks: int, P: int) -> Tensor:
 
 def adam(objective, tensors: list[Tensor], n_steps: int, lr: float, progress: bool, desc: str) -> float:
     """Minimise ``objective()`` over ``tensors`` (requires_grad set here) with Adam; returns the
-    last value. Non-finite objectives stop the run with a RuntimeError naming the step."""
+    last value. Non-finite objectives stop the run with a RuntimeError naming the step. A
+    RuntimeWarning when the run ends still marching (the last :data:`_MARCH` steps of some value
+    all in one direction, each above lr / 20; near an optimum they shrink and change sign), e.g. from
+    a start far from it: the result is then where the steps ran out, not the optimum."""
     for t in tensors:
         t.requires_grad_(True)
     opt = torch.optim.Adam(tensors, lr=lr)
     value = math.nan
+    moves = []  # the last _MARCH steps' changes, flattened
     for step in tqdm(range(n_steps), desc=desc, leave=False, disable=not progress):
         opt.zero_grad()
         loss = objective()
@@ -86,8 +92,21 @@ def adam(objective, tensors: list[Tensor], n_steps: int, lr: float, progress: bo
             raise RuntimeError(f"the negative log marginal likelihood became {loss.item()} at step {step}: lower lr "
                                "or start from another init_prior_prec")
         loss.backward()
+        before = torch.cat([t.detach().reshape(-1) for t in tensors])
         opt.step()
+        moves = (moves + [torch.cat([t.detach().reshape(-1) for t in tensors]) - before])[-_MARCH:]
         value = float(loss.detach())
     for t in tensors:
         t.requires_grad_(False)
+    if n_steps >= _MARCH:
+        m = torch.stack(moves)  # [_MARCH, values]
+        marching = ((m > 0.05 * lr).all(0) | (m < -0.05 * lr).all(0)).any()
+        if bool(marching):
+            warn_user(f"{desc}: still moving one way (by more than lr / 20 a step) when the {n_steps} steps ran "
+                      "out (a start far from the optimum, e.g. a prior left at a grid's end): the result is not the "
+                      "optimum; raise "
+                      "n_steps or lr, or start init_prior_prec nearer", RuntimeWarning)
     return value
+
+
+_MARCH = 10  # adam's convergence check: the last steps looked at
