@@ -478,8 +478,8 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         metrics: name -> fn(outputs, targets) -> scalar mean over the batch (e.g. accuracy),
             evaluated at every point like the loss.
         output_fn: applied to the model's outputs before ``loss_fn`` and the metrics (e.g.
-            ``lambda out: out.logits`` for a model returning an object, ``lambda out: out.flatten(0, 1)``
-            for [N, T, C] logits against [N * T] targets); it runs under ``torch.vmap`` like the loss.
+            ``lambda out: out.logits`` for a model returning an object, ``lambda out: out.transpose(1, 2)``
+            for [N, T, C] logits against [N, T] targets); it runs under ``torch.vmap`` like the loss.
             None (default): the outputs as they are. Keeping ``loss_fn`` one of torch's losses
             (instead of folding this into it) keeps the row blocks of ``batch_rows`` available.
         bn: how BatchNorm layers (those tracking running statistics) normalise at each point.

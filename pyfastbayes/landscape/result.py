@@ -37,8 +37,7 @@ def _points(points, ndim: int = 2) -> list[tuple[str, np.ndarray]]:
     out = []
     for name, xy in points.items():
         try:
-            arr = _np(xy).astype(np.float64).reshape(-1, ndim) if ndim == 2 else \
-                _np(xy).astype(np.float64).reshape(-1, 1)
+            arr = _np(xy).astype(np.float64).reshape(-1, ndim)
         except (TypeError, ValueError, RuntimeError):
             arr = None
         if arr is None or arr.size == 0 or (ndim == 2 and _np(xy).shape[-1:] != (2,)) or not np.isfinite(arr).all():
@@ -69,7 +68,7 @@ def _mark(ax, name, xs: list[np.ndarray]) -> None:
     """Draw the points of one label: one point as a dot with its label beside it, several as crosses
     under one legend entry."""
     if len(xs[0]) == 1:
-        ax.plot(*[x for x in xs], marker="o", linestyle="none")
+        ax.plot(*xs, marker="o", linestyle="none")
         at = tuple(float(x[0]) for x in xs)
         if len(at) == 2:
             ax.annotate(str(name), at, textcoords="offset points", xytext=(4, 4))

@@ -184,6 +184,7 @@ class Laplace(Posterior):
         self._prior: Tensor | None = None
         self.layers = None
         self._fitted = None  # (curvature, loss, n_data, n_outputs, mean, precision)
+        self._glm_row_bytes = {}  # the GLM parts' bytes per input row, by the row's shape (_glm_rows)
         if self.subset_of_weights == "all":
             self._setup(set(self.layout.names))
         else:  # the last layer is found in fit(): what can be checked without it is checked now
@@ -734,9 +735,9 @@ class Laplace(Posterior):
         if pred_type == "glm":  # chunk by chunk of rows, every prior on a chunk's Jacobian parts
             self._check_at_mean("the GLM predictive")
             sums = [0.0] * len(grid)
-            rows = self._glm_rows(x, 1024)
-            for xc, yc in zip(x.tensor_split(max(1, -(-len(x) // rows))), y.tensor_split(max(1, -(-len(x) // rows)))):
-                pieces = self._glm_pieces(xc, rows)
+            chunks = max(1, -(-len(x) // self._glm_rows(x, 1024)))
+            for xc, yc in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
+                pieces = self._glm_pieces(xc, max(len(xc), 1))
                 for k, prior in enumerate(priors):
                     f_mu, f_var = self._glm_moments(pieces, prior)
                     sums[k] += self._nll(f_mu, f_var, yc, link_approx, n_samples) * xc.shape[0]
@@ -825,7 +826,7 @@ class Laplace(Posterior):
         would pass :data:`_GLM_BYTES` (on CUDA also a quarter of the free memory)."""
         if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] < 1:
             return batch_size
-        cache = self.__dict__.setdefault("_glm_row_bytes", {})  # the sizes depend on the row's shape only
+        cache = self._glm_row_bytes  # the sizes depend on the row's shape only
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         if key not in cache:
             try:
@@ -857,12 +858,12 @@ class Laplace(Posterior):
         over 256 MiB (on CUDA also a quarter of the free memory)."""
         batch_size = check_int(batch_size, "batch_size", 1)
         self._check_at_mean("the GLM predictive")
-        mus, vars_, n_inputs, rows = [], [], 0, None
+        mus, vars_, n_inputs = [], [], 0
         for xb in iterate_inputs(x, batch_size):  # one chunk's Jacobian parts alive at a time
             n_inputs += 1
             if xb.shape[0] == 0:  # no rows: nothing to linearise (the 'nn' path returns [0, C] too)
                 continue
-            rows = self._glm_rows(xb, batch_size) if rows is None else rows  # measured on the first batch
+            rows = self._glm_rows(xb, batch_size)  # (measured once per row shape)
             for xc in iterate_inputs(xb, rows) if torch.is_tensor(xb) else (xb,):
                 f_mu, f_var = self._glm_moments(self._glm_pieces(xc, rows))
                 mus.append(f_mu), vars_.append(f_var)

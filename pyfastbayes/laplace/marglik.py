@@ -84,7 +84,7 @@ def adam(objective, tensors: list[Tensor], n_steps: int, lr: float, progress: bo
         t.requires_grad_(True)
     opt = torch.optim.Adam(tensors, lr=lr)
     value = math.nan
-    moves = []  # the last _MARCH steps' changes, flattened
+    moves = []  # the changes of the last _MARCH steps, flattened
     for step in tqdm(range(n_steps), desc=desc, leave=False, disable=not progress):
         opt.zero_grad()
         loss = objective()
@@ -92,9 +92,11 @@ def adam(objective, tensors: list[Tensor], n_steps: int, lr: float, progress: bo
             raise RuntimeError(f"the negative log marginal likelihood became {loss.item()} at step {step}: lower lr "
                                "or start from another init_prior_prec")
         loss.backward()
-        before = torch.cat([t.detach().reshape(-1) for t in tensors])
+        last = step >= n_steps - _MARCH  # (the convergence check looks at these steps only)
+        before = torch.cat([t.detach().reshape(-1) for t in tensors]) if last else None
         opt.step()
-        moves = (moves + [torch.cat([t.detach().reshape(-1) for t in tensors]) - before])[-_MARCH:]
+        if last:
+            moves.append(torch.cat([t.detach().reshape(-1) for t in tensors]) - before)
         value = float(loss.detach())
     for t in tensors:
         t.requires_grad_(False)
@@ -104,8 +106,7 @@ def adam(objective, tensors: list[Tensor], n_steps: int, lr: float, progress: bo
         if bool(marching):
             warn_user(f"{desc}: still moving one way (by more than lr / 20 a step) when the {n_steps} steps ran "
                       "out (a start far from the optimum, e.g. a prior left at a grid's end): the result is not the "
-                      "optimum; raise "
-                      "n_steps or lr, or start init_prior_prec nearer", RuntimeWarning)
+                      "optimum; raise n_steps or lr, or start init_prior_prec nearer", RuntimeWarning)
     return value
 
 

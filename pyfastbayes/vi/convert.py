@@ -46,9 +46,9 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
     unknown = exclude - names
     if unknown:
         raise ValueError(f"exclude names {sorted(unknown)} that are not submodules of the model")
-    # a name excludes its module and everything under it (exclude=['backbone'] keeps backbone.0 too)
-    targets = [(ns, m) for m, ns in places.values()
-               if not any(n == e or n.startswith(e + ".") for n in ns for e in exclude)]
+    def excluded(n: str) -> bool:  # a name excludes its module and everything under it (backbone.0 too)
+        return any(n == e or n.startswith(e + ".") for e in exclude)
+    targets = [(ns, m) for m, ns in places.values() if not any(map(excluded, ns))]
     if not targets:
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to convert (outside exclude)"
                          + (f"; {subclassed} are subclasses of them, which to_bayesian leaves as they are (their "
@@ -84,7 +84,7 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
         for name in ns:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
-    kept = [n for n in subclassed if not any(n == e or n.startswith(e + ".") for e in exclude)]
+    kept = [n for n in subclassed if not excluded(n)]
     if kept:
         warn_user(f"to_bayesian left {kept} deterministic: subclasses of nn.Linear / nn.Conv2d ("
                   f"{sorted({type(model.get_submodule(n)).__name__ for n in kept})}) may compute something else than "
