@@ -21,6 +21,7 @@ from torch import nn
 import _laplace_reference as ref
 from _helpers import require
 from pyfastbayes.laplace import Laplace
+from pyfastbayes.laplace import _layers as layers_mod
 
 DT = torch.float64
 
@@ -364,12 +365,19 @@ def test_kron_is_exact_for_one_example():
     torch.testing.assert_close(curvature_part(la), H * mask, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("patch_bytes", [None, 1], ids=["whole", "chunked"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("name", ["seq_linear", "conv1d", "conv2d"])
-def test_kron_weight_sharing_is_the_expand_reduce_formula(name, approx):
+def test_kron_weight_sharing_is_the_expand_reduce_formula(name, approx, patch_bytes, monkeypatch):
     """Eschenhagen et al. (2023): 'expand' A over the N T positions averaged, G summed over them;
-    'reduce' the inputs averaged and the output gradients summed over positions first."""
+    'reduce' the inputs averaged and the output gradients summed over positions first. 'chunked':
+    a convolution's patches built one example at a time (PATCH_BYTES below one example's)."""
+    if patch_bytes is not None:
+        if name == "seq_linear":
+            pytest.skip("a Linear has no patches")
+        monkeypatch.setattr(layers_mod, "PATCH_BYTES", patch_bytes)
     model, loader, lik = make(name)
+    assert all(x.shape[0] > 1 for x, _ in loader)  # several chunks per batch
     la = fit(model, loader, lik, hessian_structure="kron", kfac_approx=approx)
     facs = ref.kfac_factors(model, loader, lik, kron_modules(model), approx)
     pp = la.posterior_precision

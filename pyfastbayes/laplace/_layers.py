@@ -70,20 +70,22 @@ class KronRows:
     """One batch's contribution to a Kronecker block's factors.
 
     The gradient factor G (summed over rows) gets ``g_rows`` [*, g_dim]; the activation factor A
-    (averaged: its sum is divided by the total ``n`` over all batches) gets ``a_rows`` [*, a_dim]
-    with a column of ones appended when ``a_bias`` (the bias column), or ``a_counts`` [a_dim] on
-    its diagonal (Embedding: token counts), or, when both are None, ``n`` on its one entry (a bias
-    block of its own: A = [[1]]).
+    (averaged: its sum is divided by the total ``n`` over all batches) gets the rows of every
+    tensor of ``a_parts`` (an iterable of [*, a_dim] row blocks, made one at a time: a
+    convolution's patches come chunk by chunk, see :meth:`_Conv._patch_parts`) with a column of
+    ones appended when ``a_bias`` (the bias column), or ``a_counts`` [a_dim] on its diagonal
+    (Embedding: token counts), or, when both are None, ``n`` on its one entry (a bias block of its
+    own: A = [[1]]).
 
-    ``a_order`` (or None: the identity) says that ``a_rows``' columns come in another order than
-    the block's: the update U of ``a_rows`` (bias last) lands on A as A[j, k] += U[a_order[j],
+    ``a_order`` (or None: the identity) says that the parts' columns come in another order than
+    the block's: the update U of the parts (bias last) lands on A as A[j, k] += U[a_order[j],
     a_order[k]] (conv patches built channel-last, see :meth:`_Conv._patch_rows`). Blocks of one
     layer may share one ``g_rows`` tensor (a separate bias block has its weight's G): the
     accumulator computes its update once."""
 
-    def __init__(self, g_rows: Tensor, n: int, a_rows: Tensor | None = None, a_bias: bool = False,
+    def __init__(self, g_rows: Tensor, n: int, a_parts=None, a_bias: bool = False,
                  a_counts: Tensor | None = None, a_order: Tensor | None = None):
-        self.g_rows, self.n, self.a_rows, self.a_bias, self.a_counts = g_rows, n, a_rows, a_bias, a_counts
+        self.g_rows, self.n, self.a_parts, self.a_bias, self.a_counts = g_rows, n, a_parts, a_bias, a_counts
         self.a_order = a_order
 
 
@@ -188,10 +190,13 @@ class _Matrix(Layer):
         """Output gradients [m, *out.shape] -> [m, N, T, out]."""
         raise NotImplementedError
 
-    def _patch_rows(self) -> tuple[Tensor, Tensor | None]:
-        """The inputs for the activation factor: (rows [N, T, in], None), or with their columns in
-        another order (rows, order): column order[j] of rows is the block's column j."""
-        return self._inputs(), None
+    def _patch_parts(self, reduce: bool) -> tuple[list[Tensor], Tensor | None]:
+        """The activation factor's rows: ([rows [N * T, in]], None) (with ``reduce``, the mean over
+        the T positions: [N, in]); a convolution's come in chunks and another column order."""
+        a = self._inputs()
+        if reduce:
+            a = a.mean(1, keepdim=True)
+        return [a.reshape(-1, a.shape[-1])], None
 
     def _bias_part(self, gg: Tensor):
         """The Jacobian of a bias of its own: sum_t g_t ([m, N, out, 1])."""
@@ -218,20 +223,19 @@ class _Matrix(Layer):
 
     def kron_rows(self, g):
         gg = self._grads(g)
-        if self.sharing == "reduce" and gg.shape[2] > 1:
+        reduce = self.sharing == "reduce" and gg.shape[2] > 1
+        if reduce:
             gg = gg.sum(2, keepdim=True)
         g_rows = gg.reshape(-1, gg.shape[-1])
         if not self.has_weight:
             return [KronRows(g_rows, g_rows.shape[0])]  # A = [[1]]: the bias alone
-        a, order = self._patch_rows()
-        if self.sharing == "reduce" and a.shape[1] > 1:
-            a = a.mean(1, keepdim=True)
-        a_rows = a.reshape(-1, a.shape[-1])
+        parts, order = self._patch_parts(reduce)
+        n = gg.shape[1] * gg.shape[2]  # the activation rows: examples (x positions unless reduced)
         if order is not None and self.joint:
             order = torch.cat([order, order.new_tensor([order.numel()])])  # the bias stays last
-        rows = [KronRows(g_rows, a_rows.shape[0], a_rows, a_bias=self.joint, a_order=order)]
+        rows = [KronRows(g_rows, n, parts, a_bias=self.joint, a_order=order)]
         if self.has_bias and not self.joint:
-            rows.append(KronRows(g_rows, a_rows.shape[0]))  # A = [[1]]: the bias alone
+            rows.append(KronRows(g_rows, n))  # A = [[1]]: the bias alone
         return rows
 
 
@@ -242,6 +246,9 @@ class _Linear(_Matrix):
 
     def _grads(self, g):
         return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+PATCH_BYTES = 64 << 20  # a convolution's activation rows are built at most this many bytes at a time
 
 
 class _Conv(_Matrix):
@@ -306,8 +313,30 @@ class _Conv(_Matrix):
     def _grads(self, g):
         return g.reshape(g.shape[0], g.shape[1], g.shape[2], -1).transpose(2, 3)  # [m, N, L, out]
 
-    def _patch_rows(self):
-        """The patches [N, L, k * C] with the input channel fastest (column (kernel offset t,
+    def _patch_parts(self, reduce: bool):
+        """The patches in chunks of examples whose rows stay under PATCH_BYTES (a generator: one
+        chunk lives at a time, so the batch's whole im2col matrix [N * L, k * C] is never formed;
+        with ``reduce`` each chunk's mean over the positions), and their column order (see
+        :meth:`_patch_rows`)."""
+        a = self.a
+        if a.dim() != self.dims + 2:
+            return super()._patch_parts(reduce)  # _inputs' error message
+        rows, order = self._patch_rows(a[:1])
+        if rows.shape[1] == 0:
+            return super()._patch_parts(reduce)
+        per_example = rows.shape[1] * rows.shape[2] * rows.element_size()
+        chunks = max(1, -(-a.shape[0] * per_example // PATCH_BYTES))
+
+        def parts():
+            for chunk in a.tensor_split(chunks):
+                r = self._patch_rows(chunk)[0]
+                yield (r.mean(1) if reduce else r.reshape(-1, r.shape[-1]))
+                del r
+
+        return parts(), order
+
+    def _patch_rows(self, a: Tensor):
+        """The patches [N, L, k * C] of inputs a [N, C, ...] with the input channel fastest (column (kernel offset t,
         channel c) at t * C + c; the block's order, F.unfold's, is c * k + t) and that order.
 
         Built by ONE copy from a strided view of the channel-last (padded) input, whose runs of
@@ -315,9 +344,7 @@ class _Conv(_Matrix):
         examples) followed by the transposing copy of its [N, C * k, L] result to rows: the
         activation factor's update is computed in this order and its rows and columns put back
         in the block's order (a gather of the small [D, D] update, see KronRows.a_order)."""
-        m, a = self.module, self.a
-        if a.dim() != self.dims + 2:
-            return self._inputs(), None  # its error message
+        m = self.module
         if self.dims == 1:
             a = a.unsqueeze(-1)
             ks, dil, st, pad = (m.kernel_size[0], 1), (m.dilation[0], 1), (m.stride[0], 1), (self.pad[0], 0)
@@ -327,7 +354,7 @@ class _Conv(_Matrix):
         Hp, Wp = H + 2 * pad[0], W + 2 * pad[1]
         Ho, Wo = (Hp - dil[0] * (ks[0] - 1) - 1) // st[0] + 1, (Wp - dil[1] * (ks[1] - 1) - 1) // st[1] + 1
         if Ho < 1 or Wo < 1:
-            return self._inputs(), None  # its error message
+            return a.new_zeros(N, 0, 0), None  # (the caller falls back to _inputs and its error message)
         if pad[0] or pad[1]:
             xl = a.new_zeros(N, Hp, Wp, C)
             xl[:, pad[0]:pad[0] + H, pad[1]:pad[1] + W].copy_(a.permute(0, 2, 3, 1))

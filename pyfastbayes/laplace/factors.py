@@ -171,14 +171,15 @@ class KronCurvature:
                     G += shared[key]
                 if rows.a_counts is not None:
                     A += rows.a_counts.to(A.dtype)
-                elif rows.a_rows is not None and rows.a_order is None:
-                    ops.kfac_factor_(A, rows.a_rows.to(A.dtype), 1.0, rows.a_bias)
-                elif rows.a_rows is not None:
+                elif rows.a_parts is not None:
                     # columns in another order (channel-last conv patches): the update in that
                     # order, its rows and columns gathered back into the block's order
-                    u = ops.kfac_factor_(torch.zeros_like(A), rows.a_rows.to(A.dtype), 1.0, rows.a_bias)
-                    o = rows.a_order
-                    A += u.index_select(0, o).index_select(1, o)  # 3x faster than u[o[:, None], o]
+                    u = A if rows.a_order is None else torch.zeros_like(A)
+                    for part in rows.a_parts:
+                        ops.kfac_factor_(u, part.to(A.dtype), 1.0, rows.a_bias)
+                    if rows.a_order is not None:
+                        o = rows.a_order
+                        A += u.index_select(0, o).index_select(1, o)  # 3x faster than u[o[:, None], o]
                 else:
                     A += rows.n
                 self.n[i] += rows.n
