@@ -264,12 +264,13 @@ def test_bad_inputs():
         curve.fit(LOSS, (x, y), epochs=0, lr=0.1, progress=False)
 
 
-def test_refuses_batchnorm_integer_and_differing_frozen_tensors():
-    def bn(seed):
+def test_refuses_other_running_statistics_integer_and_differing_frozen_tensors():
+    def inorm(seed):
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match="BatchNorm.*not implemented"):
-        BezierCurve(bn(0), bn(1))
+        return nn.Sequential(nn.Linear(2, 4), nn.Unflatten(1, (1, 4)), nn.InstanceNorm1d(1, track_running_stats=True),
+                             nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="InstanceNorm1d.*running statistics.*track_running_stats=False"):
+        BezierCurve(inorm(0), inorm(1))
 
     class WithInt(nn.Module):
         def __init__(self):
@@ -290,3 +291,109 @@ def test_refuses_batchnorm_integer_and_differing_frozen_tensors():
     b[0].weight.data.copy_(a[0].weight.data)  # equal frozen tensors are fine: taken from model_a
     c = BezierCurve(a, b, 1)
     assert c.layout.numel == sum(p.numel() for p in a.parameters() if p.requires_grad)
+
+
+# ---- BatchNorm: batch statistics in fit, statistics recomputed per t in evaluate ---------------------------
+def _bn_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 16), nn.BatchNorm1d(16),
+                         nn.Tanh(), nn.Linear(16, 3))
+
+
+def _bn_trained(seed: int, x, y) -> nn.Module:
+    m = _bn_mlp(seed)
+    opt = torch.optim.Adam(m.parameters(), lr=0.02)
+    for i in range(60):
+        opt.zero_grad()
+        LOSS(m(x[i % 3::3]), y[i % 3::3]).backward()
+        opt.step()
+    return m.eval()
+
+
+def _at(curve, t) -> nn.Module:
+    """A fresh copy of model_a with the curve's parameters at t (the reference, one model per t)."""
+    import copy
+    m = copy.deepcopy(curve.template)
+    torch.nn.utils.vector_to_parameters(curve.point(t).detach(), [p for p in m.parameters() if p.requires_grad])
+    return m
+
+
+def _reference_stats(m: nn.Module, data) -> nn.Module:
+    """torch.optim.swa_utils.update_bn's recipe with only the BatchNorm layers in train mode."""
+    m.eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.reset_running_stats()
+            mod.momentum = None
+            mod.train()
+    with torch.no_grad():
+        for xb, _ in data:
+            m(xb)
+    return m.eval()
+
+
+def _state(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_batchnorm_curve_recomputes_statistics_per_t():
+    x, y = _spiral(60)
+    a, b = _bn_trained(0, x, y), _bn_trained(1, x, y)
+    state_a, state_b = _state(a), _state(b)
+    assert not torch.equal(state_a["1.running_mean"], state_b["1.running_mean"])  # different ends: allowed
+    curve = BezierCurve(a, b, 1)
+    with torch.no_grad():
+        curve.bends[0].add_(0.3 * torch.randn_like(curve.bends[0]))
+    data = [(x[:100], y[:100]), (x[100:], y[100:])]
+    bn_data = [(x[::2], y[::2]), (x[1::2], y[1::2])]
+    ts = [0.0, 0.3, 0.5, 1.0]
+    acc = lambda out, t: (out.argmax(-1) == t).double().mean()  # noqa: E731
+    res = curve.evaluate(ts, LOSS, data, {"acc": acc}, batch_points=3, bn_data=bn_data)
+    for i, t in enumerate(ts):
+        ref = _reference_stats(_at(curve, t), bn_data)
+        with torch.no_grad():
+            want = sum(float(LOSS(ref(xb), yb)) * len(yb) for xb, yb in data) / len(y)
+            want_acc = sum(float(acc(ref(xb), yb)) * len(yb) for xb, yb in data) / len(y)
+        assert res["loss"][i].item() == pytest.approx(want, rel=1e-5), t
+        assert res["acc"][i].item() == pytest.approx(want_acc, abs=1e-6), t
+        stats = curve.bn_statistics(t, bn_data)
+        assert sorted(stats) == ["1.running_mean", "1.running_var", "4.running_mean", "4.running_var"]
+        for k, v in stats.items():
+            torch.testing.assert_close(v, ref.state_dict()[k], rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(curve(x, t, bn_stats=stats), ref(x), rtol=1e-5, atol=1e-5)
+    # the statistics matter: with the ends' own running statistics the interior loss would differ
+    with torch.no_grad():
+        assert res["loss"][0].item() != pytest.approx(float(LOSS(a(x), y)), rel=1e-3)
+    # without statistics an eval-mode forward at t refuses (the ends' statistics do not fit theta(t))
+    with pytest.raises(ValueError, match=r"bn_stats=curve.bn_statistics\(t, data\)"):
+        curve(x, 0.5)
+    with pytest.raises(ValueError, match="bn_stats must be the dict"):
+        curve(x, 0.5, bn_stats={"1.running_mean": torch.zeros(16)})
+    # train mode: batch statistics, as a fresh copy in train mode; model_a's buffers untouched
+    curve.template.train()
+    ref = _at(curve, 0.5).train()
+    with torch.no_grad():
+        torch.testing.assert_close(curve(x, 0.5), ref(x), rtol=1e-5, atol=1e-5)
+    curve.template.eval()
+    hist = curve.fit(LOSS, data, epochs=2, lr=0.01, generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.isfinite(hist).all()
+    for m, st in ((a, state_a), (b, state_b)):
+        assert all(torch.equal(v, st[k]) for k, v in m.state_dict().items()), "fit/evaluate changed an end model"
+    assert not a.training  # mode restored
+
+
+def test_batchnorm_curve_argument_checks():
+    x, y = _spiral(20)
+    curve = BezierCurve(_bn_mlp(0), _bn_mlp(1), 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    with pytest.raises(ValueError, match="shuffles"):
+        curve.evaluate([0.5], LOSS, (x, y), bn_data=loader)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        curve.evaluate([0.5], LOSS, (x, y), bn_data=[(x[:1], y[:1])])
+    plain = BezierCurve(_mlp(0), _mlp(1), 1)
+    with pytest.raises(ValueError, match="bn_data: the model has no BatchNorm"):
+        plain.evaluate([0.5], LOSS, (x, y), bn_data=(x, y))
+    with pytest.raises(ValueError, match="bn_stats: the model has no BatchNorm"):
+        plain(x, 0.5, bn_stats={})
+    assert plain.bn_statistics(0.5, (x, y)) == {}

@@ -19,10 +19,18 @@ bends (and nothing else). :meth:`~_Curve.fit` trains the bends on the expected l
 t ~ U(0, 1) (one t per batch, as in the paper); :meth:`~_Curve.evaluate` measures the loss along
 the curve on a grid of t; :func:`plot_curve` draws it next to the straight line.
 
-Not supported (refused with an error, never a silent wrong answer): models with BatchNorm or other
-running statistics (the statistics would have to be recomputed for every t, which is not
-implemented), frozen (``requires_grad=False``) parameters or buffers that differ between the two
-models (their values along the curve would be undefined), integer parameters.
+BatchNorm (Garipov et al.'s recipe): the ends' running statistics do not fit theta(t), so they are
+not interpolated. :meth:`~_Curve.fit` trains with batch statistics (the template in train mode;
+the running statistics it would update are scratch copies: model_a is not changed), and
+:meth:`~_Curve.evaluate` recomputes them for every t over the data (``bn_data``, default the
+evaluated data: one pass in train mode with the cumulative average, all t of a chunk in one
+vmapped pass, as :func:`~pyfastbayes.landscape.grid`'s bn='recompute'). For outputs at one t in
+eval mode, pass ``curve(x, t, bn_stats=curve.bn_statistics(t, data))``.
+
+Not supported (refused with an error, never a silent wrong answer): other running statistics
+(InstanceNorm with ``track_running_stats``), frozen (``requires_grad=False``) parameters or buffers
+other than BatchNorm statistics that differ between the two models (their values along the curve
+would be undefined), integer parameters.
 """
 from __future__ import annotations
 
@@ -34,11 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration._checks import check_generator, check_int
-from ..curvature._model_data import as_batches, iterate
+from ..curvature._model_data import as_batches, iterate, shuffles
 from ..nn import ModeGuard
 from ..nn.params import ParamLayout, _difference
 from .directions import refuse_meta
-from .grid import _failed_forward, _Plan, data_sums, default_chunk
+from .grid import _failed_forward, _Plan, bn_statistics, data_sums, default_chunk, recompute_layers
 
 __all__ = ["BezierCurve", "PolyChain", "linear_path", "bezier_basis", "plot_curve"]
 
@@ -73,9 +81,17 @@ def _check_ts(ts) -> list[float]:
     return [_check_t(t, f"ts[{i}]") for i, t in enumerate(ts)]
 
 
+def _bn_buffer_names(model: nn.Module) -> set[str]:
+    """The running-statistics buffers of the BatchNorm layers (recomputed along a curve, never
+    interpolated): '<layer>.running_mean', '.running_var', '.num_batches_tracked'."""
+    return {f"{n}.{b}" if n else b for n, _ in recompute_layers(model)
+            for b in ("running_mean", "running_var", "num_batches_tracked")}
+
+
 def _check_pair(model_a: nn.Module, model_b: nn.Module) -> None:
     """Refuse what a curve in the flat trainable-parameter space cannot represent: other module
-    structures, running statistics, integer parameters, differing frozen tensors/buffers."""
+    structures, running statistics other than BatchNorm's, integer parameters, differing frozen
+    tensors/buffers (BatchNorm statistics excepted)."""
     for which, m in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{which} must be a torch.nn.Module, got {type(m).__name__}")
@@ -87,18 +103,22 @@ def _check_pair(model_a: nn.Module, model_b: nn.Module) -> None:
         if na != nb or type(ma) is not type(mb):
             raise ValueError(f"model_a and model_b have different architectures: module {na or '<root>'!r} "
                              f"({type(ma).__name__}) vs {nb or '<root>'!r} ({type(mb).__name__})")
-        if isinstance(ma, nn.modules.batchnorm._NormBase) and ma.track_running_stats:
-            raise ValueError(f"module {na!r} ({type(ma).__name__}) keeps running statistics: curves through models "
-                             "with BatchNorm are not supported (the statistics would have to be recomputed for "
-                             "every t along the curve, which is not implemented)")
+        if (isinstance(ma, nn.modules.batchnorm._NormBase) and ma.track_running_stats
+                and not isinstance(ma, nn.modules.batchnorm._BatchNorm)):
+            raise ValueError(f"module {na!r} ({type(ma).__name__}) keeps running statistics: curves recompute "
+                             "BatchNorm's along the curve, not these (use track_running_stats=False)")
     for which, m in (("model_a", model_a), ("model_b", model_b)):
         for n, p in m.named_parameters():
             if not p.is_floating_point():
                 raise TypeError(f"{which} parameter {n!r} has dtype {p.dtype}: curves interpolate floating-point "
                                 "parameters only")
-    # What the curve does not interpolate comes from model_a: it must be the same in model_b.
-    fixed_a = [(n, t) for n, t in model_a.named_parameters() if not t.requires_grad] + list(model_a.named_buffers())
-    fixed_b = [(n, t) for n, t in model_b.named_parameters() if not t.requires_grad] + list(model_b.named_buffers())
+    # What the curve does not interpolate comes from model_a: it must be the same in model_b
+    # (BatchNorm statistics aside: they are recomputed for every t).
+    bn = _bn_buffer_names(model_a)
+    fixed_a = [(n, t) for n, t in model_a.named_parameters() if not t.requires_grad] + [
+        (n, t) for n, t in model_a.named_buffers() if n not in bn]
+    fixed_b = [(n, t) for n, t in model_b.named_parameters() if not t.requires_grad] + [
+        (n, t) for n, t in model_b.named_buffers() if n not in bn]
     if [n for n, _ in fixed_a] != [n for n, _ in fixed_b]:
         raise ValueError("model_a and model_b have different frozen parameters / buffers: "
                          f"{[n for n, _ in fixed_a]} vs {[n for n, _ in fixed_b]}")
@@ -153,6 +173,8 @@ class _Curve(nn.Module):
         self.n_bends = n_bends
         a = layout.flatten(model_a)
         b = layout.flatten(model_b)
+        # the BatchNorm layers, whose running statistics are recomputed for each t (module docstring)
+        self._bn_layers = recompute_layers(model_a)
         self.register_buffer("theta_a", a.clone())
         self.register_buffer("theta_b", b.clone())
         m = n_bends + 1
@@ -185,12 +207,61 @@ class _Curve(nn.Module):
             out = term if out is None else out + term
         return out
 
-    def forward(self, x, t) -> Tensor:
+    def forward(self, x, t, bn_stats: Mapping[str, Tensor] | None = None) -> Tensor:
         """The template model (model_a's forward) at parameters theta(t): ``x`` is its input (a
         tensor, or a tuple of positional arguments); returns its output, differentiable w.r.t. the
-        bends. The template's current train/eval mode applies."""
+        bends. The template's current train/eval mode applies.
+
+        With BatchNorm layers: in train mode they normalise with the batch's statistics and the
+        running statistics they update are scratch copies (model_a keeps its own); in eval mode
+        ``bn_stats`` (from :meth:`bn_statistics` at this t) is required: the ends' running
+        statistics do not fit theta(t)."""
         args = x if isinstance(x, tuple) else (x,)
-        return torch.func.functional_call(self.template, self.layout.unflatten(self.point(t)), args)
+        tensors = self.layout.unflatten(self.point(t))
+        if self._bn_layers:
+            tensors.update(self._bn_buffers(bn_stats))
+        elif bn_stats is not None:
+            raise ValueError("bn_stats: the model has no BatchNorm layer with running statistics")
+        return torch.func.functional_call(self.template, tensors, args)
+
+    def _bn_buffers(self, bn_stats) -> dict[str, Tensor]:
+        """The running statistics forward passes to the template: ``bn_stats`` (checked against
+        the layers), else in train mode scratch copies of model_a's; eval mode without them: a
+        ValueError saying how to get them."""
+        names = {f"{n}.{b}" if n else b: getattr(m, b) for n, m in self._bn_layers for b in ("running_mean", "running_var")}
+        if bn_stats is None:
+            if any(m.training for _, m in self._bn_layers):  # (num_batches_tracked: counted in train mode)
+                return {f"{n}.{b}" if n else b: getattr(m, b).clone() for n, m in self._bn_layers
+                        for b in ("running_mean", "running_var", "num_batches_tracked") if getattr(m, b) is not None}
+            raise ValueError("the model has BatchNorm layers and is in eval mode: their running statistics (model_a's) "
+                             "do not fit the parameters at t; pass bn_stats=curve.bn_statistics(t, data), or call "
+                             "evaluate() (it recomputes them for every t), or put the model in train mode (batch "
+                             "statistics)")
+        if not isinstance(bn_stats, Mapping) or set(bn_stats) != set(names):
+            raise ValueError(f"bn_stats must be the dict curve.bn_statistics(t, data) returns, with the keys "
+                             f"{sorted(names)}; got {sorted(bn_stats) if isinstance(bn_stats, Mapping) else type(bn_stats).__name__}")
+        for k, v in names.items():
+            got = bn_stats[k]
+            if not torch.is_tensor(got) or got.shape != v.shape:
+                raise ValueError(f"bn_stats[{k!r}] must be a tensor of shape {tuple(v.shape)}, got "
+                                 f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}")
+        return dict(bn_stats)
+
+    @torch.no_grad()
+    def bn_statistics(self, t, data) -> dict[str, Tensor]:
+        """The BatchNorm running statistics at theta(t) over ``data`` (one pass in train mode with
+        the cumulative average: the mean over batches of each batch's mean and unbiased variance,
+        as ``torch.optim.swa_utils.update_bn``; other layers in eval mode): name ('<layer>.running_mean'
+        / '.running_var') -> tensor [C], for ``curve(x, t, bn_stats=...)`` in eval mode. data: one
+        (inputs, targets) batch or a re-iterable of them, batches of at least 2 rows. {} without
+        BatchNorm layers."""
+        t = _check_t(t)
+        if not self._bn_layers:
+            return {}
+        self.layout.params(self.template)
+        stats = bn_statistics(self.template, self.layout, self.point(t).unsqueeze(0), as_batches(data),
+                              self._bn_layers, None, _Plan(self.template, self.layout, False))
+        return {k: v[0] for k, v in stats.items()}
 
     # ---- training -------------------------------------------------------------------------------------
     def fit(self, loss_fn: Callable[[Tensor, Tensor], Tensor], data, epochs: int = 1, lr: float | None = None,
@@ -307,8 +378,9 @@ class _Curve(nn.Module):
     @torch.no_grad()
     def evaluate(self, ts, loss_fn: Callable[[Tensor, Tensor], Tensor], data,
                  metrics: Mapping[str, Callable[[Tensor, Tensor], Tensor]] | None = None, *,
-                 batch_points: int | None = None) -> dict[str, Tensor]:
-        """The loss (and metrics) of the template at theta(t) for each t of ``ts``, in eval mode.
+                 batch_points: int | None = None, bn_data=None) -> dict[str, Tensor]:
+        """The loss (and metrics) of the template at theta(t) for each t of ``ts``, in eval mode
+        (BatchNorm statistics recomputed at each t over ``bn_data``, see the module docstring).
 
         Args:
             ts: the grid, a 1-D tensor [T] or a sequence of numbers in [0, 1].
@@ -319,6 +391,10 @@ class _Curve(nn.Module):
             batch_points: values of t evaluated together, each chunk reading ``data`` once (default
             as in :func:`~pyfastbayes.landscape.grid`: their parameters under 256 MiB, at most 32 on
             the CPU, 64 on CUDA).
+            bn_data: with BatchNorm layers, the data their statistics are recomputed over at every
+            t (default ``data``; Garipov et al. use the training set), read once more per chunk;
+            batches of at least 2 rows, not a shuffling DataLoader (each chunk would see other
+            batches). Not allowed without BatchNorm layers.
 
         Returns a dict of float64 CPU tensors: 't' [T], 'loss' [T] (the mean over all rows of
         ``data``: batch means weighted by batch size) and one [T] entry per metric. The template's
@@ -334,14 +410,24 @@ class _Curve(nn.Module):
         c = default_chunk(self.layout, len(grid)) if batch_points is None else check_int(batch_points,
                                                                                            "batch_points", 1)
         data = as_batches(data)
+        if not self._bn_layers and bn_data is not None:
+            raise ValueError("bn_data: the model has no BatchNorm layer with running statistics to recompute")
+        bn_data = data if bn_data is None else as_batches(bn_data)
+        if self._bn_layers and shuffles(bn_data):
+            raise ValueError("the BatchNorm statistics are recomputed over " + ("bn_data" if bn_data is not data else
+                             "data") + ", a DataLoader that shuffles: each chunk of t would see other batches; pass a "
+                             "loader with shuffle=False")
         self.layout.params(self.template)
         plan = _Plan(self.template, self.layout, False)  # (an LSTM: one t at a time, decided once)
         parts = []
         with ModeGuard(self.template, False):
             for lo in range(0, len(grid), c):
                 thetas = torch.stack([self.point(t) for t in grid[lo:lo + c]])  # [c, P]: each batch read once
+                bufs = (bn_statistics(self.template, self.layout, thetas, bn_data, self._bn_layers, None, plan)
+                        if self._bn_layers else None)
                 sums, count = data_sums(self.template, self.layout, thetas, data, [loss_fn, *metrics.values()],
-                                        None, labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)], plan=plan)
+                                        None, buffers=bufs, labels=["loss_fn", *(f"metrics[{k!r}]" for k in metrics)],
+                                        plan=plan)
                 parts.append(sums / count)
         means = torch.cat(parts, dim=1).cpu()
         return {"t": torch.tensor(grid, dtype=torch.float64),
