@@ -483,3 +483,19 @@ class CountingBatches:
     def __iter__(self):
         self.walks += 1
         return iter(self.batches)
+
+
+def recompute_bn_(m: torch.nn.Module, data) -> torch.nn.Module:
+    """The reference BatchNorm refresh (torch.optim.swa_utils.update_bn's recipe, the BatchNorm
+    layers alone in train mode): running statistics reset, momentum None, one pass over the
+    (inputs, targets) batches of ``data`` without gradients; returns m in eval mode."""
+    m.eval()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.reset_running_stats()
+            mod.momentum = None
+            mod.train()
+    with torch.no_grad():
+        for x, _ in data:
+            m(x)
+    return m.eval()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import recompute_bn_
 from pyfastbayes.landscape.curves import BezierCurve, PolyChain, bezier_basis, linear_path, plot_curve
 
 LOSS = nn.CrossEntropyLoss()
@@ -318,20 +319,6 @@ def _at(curve, t) -> nn.Module:
     return m
 
 
-def _reference_stats(m: nn.Module, data) -> nn.Module:
-    """torch.optim.swa_utils.update_bn's recipe with only the BatchNorm layers in train mode."""
-    m.eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm1d):
-            mod.reset_running_stats()
-            mod.momentum = None
-            mod.train()
-    with torch.no_grad():
-        for xb, _ in data:
-            m(xb)
-    return m.eval()
-
-
 def _state(m):
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
@@ -350,7 +337,7 @@ def test_batchnorm_curve_recomputes_statistics_per_t():
     acc = lambda out, t: (out.argmax(-1) == t).double().mean()  # noqa: E731
     res = curve.evaluate(ts, LOSS, data, {"acc": acc}, batch_points=3, bn_data=bn_data)
     for i, t in enumerate(ts):
-        ref = _reference_stats(_at(curve, t), bn_data)
+        ref = recompute_bn_(_at(curve, t), bn_data)
         with torch.no_grad():
             want = sum(float(LOSS(ref(xb), yb)) * len(yb) for xb, yb in data) / len(y)
             want_acc = sum(float(acc(ref(xb), yb)) * len(yb) for xb, yb in data) / len(y)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import recompute_bn_
 from pyfastbayes.landscape import BezierCurve, grid, interpolate, random_directions
 from pyfastbayes.nn import ParamLayout
 
@@ -60,18 +61,7 @@ def _point(model, theta, data, recompute: bool):
     data (momentum None, BatchNorm layers alone in train mode)."""
     m = copy.deepcopy(model)
     ParamLayout(m).write_(theta.float(), m)
-    m.eval()
-    if recompute:
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm1d):
-                mod.reset_running_stats()
-                mod.momentum = None
-                mod.train()
-        with torch.no_grad():
-            for x, _ in data:
-                m(x)
-        m.eval()
-    return m
+    return recompute_bn_(m, data) if recompute else m.eval()
 
 
 def _reference(model, loss_fn, data, d, axes, recompute=False, output_fn=lambda o: o):
