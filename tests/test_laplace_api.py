@@ -78,7 +78,8 @@ def test_before_fit_everything_asks_for_fit(structure):
     calls = [lambda: la.log_marginal_likelihood(), lambda: la.predict(X), lambda: la.predict(X, pred_type="nn"),
              lambda: la(X), lambda: la.functional_variance(X), lambda: la.sample(3), lambda: la.to_dense(),
              lambda: la.state_dict(), lambda: la.optimize_prior_precision(), lambda: la.posterior_precision,
-             lambda: la.mean]
+             lambda: la.mean, lambda: la.posterior_variance, lambda: la.log_det_ratio, lambda: la.scatter,
+             lambda: la.predictive_samples(X), lambda: la.predictive_samples(X, "nn")]
     for call in calls:
         with pytest.raises(RuntimeError, match=r"not fitted: call fit\(train_loader\) first"):
             call()
@@ -345,6 +346,66 @@ def test_nn_predictive_is_the_model_average_by_hand(likelihood, out):
     assert float((f.softmax(-1).std(0) if out > 1 else f.std(0)).max()) > 1e-3  # the draws differ
     torch.testing.assert_close(la(X, pred_type="nn", n_samples=n, generator=torch.Generator().manual_seed(7)), want,
                                rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("likelihood, out", [("classification", 3), ("binary", 1), ("regression", 2)])
+def test_predictive_samples_are_the_draws_of_the_predictives(likelihood, out):
+    """laplace-torch's predictive_samples: 'nn' = the outputs at la.sample's draws (same generator);
+    'glm' = f ~ N(f_mu, f_var): its mean is the 'mc' link's probabilities for the same generator,
+    and for regression the draws' moments converge to (f_mu, f_var)."""
+    la, model, X, y = fitted("kron", likelihood, out, prior_precision=0.5)
+    link = (lambda f: f.softmax(-1)) if likelihood == "classification" else (
+        (lambda f: f[..., 0].sigmoid()) if likelihood == "binary" else (lambda f: f))
+    n = 40
+    got = la.predictive_samples(X, "nn", n, generator=torch.Generator().manual_seed(7), batch_size=7)
+    want = link(_outputs_at_draws(la, model, X, n, 7))
+    assert got.shape == want.shape == ((n, 30, out) if likelihood != "binary" else (n, 30))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    got = la.predictive_samples(X, n_samples=n, generator=torch.Generator().manual_seed(3))
+    assert got.shape == want.shape
+    if likelihood != "regression":
+        mc = la(X, link_approx="mc", n_samples=n, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(got.mean(0), mc, rtol=1e-12, atol=1e-14)
+        return
+    f = la.predictive_samples(X, n_samples=20000, generator=torch.Generator().manual_seed(3))
+    f_mu, f_var = la(X)
+    centred = f - f_mu
+    cov = torch.einsum("sni,snj->nij", centred, centred) / f.shape[0]
+    scale = torch.diagonal(f_var, dim1=1, dim2=2).sqrt()
+    assert float(((f.mean(0) - f_mu) / scale).abs().max()) < 5 / math.sqrt(f.shape[0])  # 5 standard errors
+    torch.testing.assert_close(cov, f_var, rtol=0.05, atol=0.05 * float(f_var.diagonal(0, 1, 2).max()))
+    with pytest.raises(ValueError, match="pred_type"):
+        la.predictive_samples(X, "mc")
+    with pytest.raises(ValueError, match="n_samples"):
+        la.predictive_samples(X, n_samples=0)
+
+
+@pytest.mark.parametrize("structure, subset", [("kron", "all"), ("diag", "all"), ("full", "all"), ("lowrank", "all"),
+                                               ("kron", "last_layer"), ("full", "last_layer")])
+def test_posterior_variance_log_dets_and_scatter_are_the_dense_ones(structure, subset):
+    """posterior_variance = diag(P^-1), log_det_posterior_precision = log det P of to_dense(),
+    log_det_prior_precision / scatter of the per-weight prior, and the evidence is their sum."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    X, y = data()
+    la = Laplace(model, "classification", subset_of_weights=subset, hessian_structure=structure,
+                 prior_mean=0.1, temperature=0.7, **({"low_rank": 6} if structure == "lowrank" else {}))
+    la.fit(loader_of(X, y), progress=False)
+    if structure != "lowrank":  # one prior per block (lowrank takes one scalar)
+        la.prior_precision = torch.linspace(0.5, 2.0, len(la.block_names), dtype=DT)
+    P = la.to_dense()
+    torch.testing.assert_close(la.posterior_variance, torch.linalg.inv(P).diagonal(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(la.log_det_posterior_precision, torch.linalg.slogdet(P)[1], rtol=1e-10, atol=1e-10)
+    prior = torch.as_tensor(la.prior_precision, dtype=DT)
+    per_weight = torch.empty(len(la.positions), dtype=DT)  # the prior of each covered weight
+    for i, b in enumerate(la.blocks):
+        per_weight[b.sel.reshape(-1)] = prior.reshape(-1)[i if prior.numel() > 1 else 0]
+    d = la.mean[la.positions] - 0.1
+    torch.testing.assert_close(la.log_det_prior_precision, torch.log(per_weight).sum(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(la.scatter, (per_weight * d.square()).sum(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(la.log_det_ratio, la.log_det_posterior_precision - la.log_det_prior_precision)
+    torch.testing.assert_close(la.log_marginal_likelihood(),
+                               la.log_likelihood() - 0.5 * (la.log_det_ratio + la.scatter), rtol=1e-12, atol=1e-12)
 
 
 def test_modes_restored_and_fit_in_eval_mode():

@@ -35,7 +35,7 @@ from .eigenbasis import METHODS as EIGH_METHODS
 from .factors import STRUCTURES, Recorder, backprop, block_parts
 from .lowrank import LowRankCurvature, LowRankPrecision
 from .precision import PRECISIONS
-from .predictive import LINKS, probabilities
+from .predictive import LINKS, draws, probabilities
 from .._warnings import warn_user
 
 __all__ = ["Laplace", "RegressionPredictive"]
@@ -952,6 +952,84 @@ class Laplace(Posterior):
             dev = precision.sample(n, self._scale(), self._delta(), generator)
             out[:, self.positions] += dev.to(out.dtype)
         return out
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """The marginal posterior variances diag(P^-1) [P_c] of the covered parameters (selection
+        order: flat layout order), for every structure without forming P^-1 ('kron': from each
+        block's eigenbases; 'full': the column norms of the Cholesky factor's inverse;
+        'lowrank': the subspace correction of 1 / delta). laplace-torch's DiagLaplace
+        ``posterior_variance``; its other structures have none."""
+        precision = self._need_fit()[5]
+        return precision.variance(self._scale(), self._delta())
+
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        """log det P (a scalar) at the current prior precision and noise (laplace-torch's name)."""
+        precision = self._need_fit()[5]
+        return precision.logdet(self._scale(), self._prior)
+
+    @property
+    def log_det_prior_precision(self) -> Tensor:
+        """log det P_0 (a scalar) of the current prior over the covered parameters."""
+        self._need_fit()
+        return self._prior_terms(self._prior)[0]
+
+    @property
+    def log_det_ratio(self) -> Tensor:
+        """log det P - log det P_0: the Occam factor's log-determinant in
+        :meth:`log_marginal_likelihood` = log_likelihood - (log_det_ratio + scatter) / 2."""
+        return self.log_det_posterior_precision - self.log_det_prior_precision
+
+    @property
+    def scatter(self) -> Tensor:
+        """(theta_MAP - mu_0)^T P_0 (theta_MAP - mu_0) (a scalar) over the covered parameters."""
+        self._need_fit()
+        return self._prior_terms(self._prior)[1]
+
+    @torch.no_grad()
+    def predictive_samples(self, x, pred_type: str = "glm", n_samples: int = 100, *,
+                           generator: torch.Generator | None = None, batch_size: int | None = None) -> Tensor:
+        """Draws of the predictive (laplace-torch's ``predictive_samples``): [n_samples, N, C]
+        class probabilities ('classification'), [n_samples, N] P(y = 1) ('binary') or outputs f
+        [n_samples, N, C] ('regression', no observation noise). 'glm': f ~ N(f_mu, f_var) of the
+        linearised model per input (:meth:`functional_variance`); 'nn': the network at weight
+        draws theta ~ N(theta_MAP, P^-1) (:meth:`sample`; torch.func.functional_call, eval mode).
+        x: a tensor [N, ...] (rows in chunks of ``batch_size``, default 256 for 'glm', 1024 for
+        'nn') or an iterable of input batches."""
+        _choice(pred_type, PRED_TYPES, "pred_type")
+        n_samples = check_int(n_samples, "n_samples", 1)
+        batch_size = self._batch_size(batch_size, pred_type)
+        if pred_type == "glm":
+            f_mu, f_var = self.functional_variance(x, batch_size)
+            f = draws(f_mu, f_var, n_samples, generator)
+        else:
+            self._need_fit()
+            xs = [xb.to(self.device) for xb in iterate_inputs(x, batch_size)]
+            if not xs:
+                raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
+            outs = []
+            with ModeGuard(self.model, False):
+                for theta in self.iter_samples(n_samples, generator=generator):
+                    params = self.layout.unflatten(theta.to(self.dtype))
+                    outs.append(torch.cat([self._call_at(params, xb) for xb in xs]))
+            f = torch.stack(outs)
+        if self.likelihood == "classification":
+            return f.softmax(-1)
+        if self.likelihood == "binary":
+            return f[..., 0].sigmoid()
+        return f
+
+    def _call_at(self, params: dict, x: Tensor) -> Tensor:
+        """The model's outputs [N, C] on inputs x at the weights ``params`` (functional_call)."""
+        try:
+            out = torch.func.functional_call(self.model, params, (x,))
+        except RuntimeError as e:
+            wrong = dtype_mismatch(x, self.dtype, e, name="x")
+            if wrong is not None:
+                raise wrong from e
+            raise
+        return outputs_2d(out, self.likelihood)
 
     def to_dense(self) -> Tensor:
         """The posterior precision P [P_c, P_c] over the covered parameters (selection order: flat

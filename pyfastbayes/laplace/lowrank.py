@@ -138,6 +138,11 @@ class LowRankPrecision:
         root = 1 / torch.sqrt(s * self.vals + d) - 1 / torch.sqrt(d)
         return z / torch.sqrt(d) + ((z @ self.U) * root) @ self.U.t()
 
+    def variance(self, s, delta):
+        """diag(P^-1) = 1 / delta + sum_k U_k^2 (1 / (s lambda_k + delta) - 1 / delta) [P]."""
+        d = self._delta(delta)
+        return 1 / d + self.U.square() @ (1 / (s * self.vals + d) - 1 / d)
+
     def functional_variance(self, parts, s, delta):
         d = self._delta(delta)
         w = 1 / (s * self.vals + d) - 1 / d  # [k]

@@ -112,6 +112,23 @@ class KronPrecision:
             out[:, b.sel.reshape(-1)] = (z @ QR.t()).reshape(n, -1)
         return out
 
+    def variance(self, s: Tensor, delta: Tensor) -> Tensor:
+        """The marginal posterior variances diag(P^-1) [P]: per Kronecker block
+        (Q_L o Q_L) diag-scaled (Q_R o Q_R)^T with the eigenvalues 1 / (s l_i r_j + delta)."""
+        P = sum(b.numel for b in self.blocks)
+        out = delta.new_zeros(P)
+        for i, b in enumerate(self.blocks):
+            if b.kind == "diag":
+                out[b.sel.reshape(-1)] = 1.0 / (s * self.h[i] + delta[b.sel.reshape(-1)])
+                continue
+            var = 1.0 / (s * self.eigenvalues(i) + _block_delta(delta, b))  # [p, q]
+            QL, QR = self.left[i][1], self.right[i][1]
+            v = var @ QR.square().t()
+            if QL is not None:
+                v = QL.square() @ v
+            out[b.sel.reshape(-1)] = v.reshape(-1).to(out.dtype)
+        return out
+
     def functional_variance(self, parts, s: Tensor, delta: Tensor) -> Tensor:
         fvar = None
         for i, (b, part) in enumerate(parts):
@@ -169,6 +186,9 @@ class DiagPrecision:
     def sample(self, n, s, delta, generator=None):
         z = torch.randn(n, self.h.numel(), dtype=delta.dtype, device=delta.device, generator=generator)
         return z / torch.sqrt(s * self.h + delta)
+
+    def variance(self, s, delta):
+        return 1.0 / (s * self.h + delta)
 
     def functional_variance(self, parts, s, delta):
         var = 1.0 / (s * self.h + delta)
@@ -246,6 +266,14 @@ class FullPrecision:
     def covariance(self, s, delta) -> Tensor:
         L, V, d = self._inverse_root(s, delta)
         return torch.cholesky_inverse(L) if L is not None else (V * d) @ V.mT
+
+    def variance(self, s, delta):
+        L, V, d = self._inverse_root(s, delta)
+        if L is None:
+            return V.square() @ d
+        # diag(P^-1) = the squared column norms of L^-1 (rows of L^-T): no [P, P] inverse product
+        Li = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
+        return Li.square().sum(0)
 
     def functional_variance(self, parts, s, delta):
         L, V, d = self._inverse_root(s, delta)

@@ -31,15 +31,15 @@ def probabilities(f_mu: Tensor, f_var: Tensor, likelihood: str, link_approx: str
         if link_approx != "mc":
             raise ValueError(f"link_approx={link_approx!r} needs C >= 2 classes; for likelihood='binary' use 'probit' "
                              "or 'mc'")
-        return _draws(f_mu, f_var, n_samples, generator).sigmoid().mean(0)[:, 0]
+        return draws(f_mu, f_var, n_samples, generator).sigmoid().mean(0)[:, 0]
     if link_approx == "probit":
         return torch.softmax(f_mu / torch.sqrt(1 + math.pi / 8 * var), -1)
     if link_approx == "mc":
-        return _draws(f_mu, f_var, n_samples, generator).softmax(-1).mean(0)
+        return draws(f_mu, f_var, n_samples, generator).softmax(-1).mean(0)
     return _bridge(f_mu, f_var, normalise=link_approx == "bridge_norm")
 
 
-def _draws(f_mu: Tensor, f_var: Tensor, n: int, generator) -> Tensor:
+def draws(f_mu: Tensor, f_var: Tensor, n: int, generator) -> Tensor:
     """n draws [n, N, C] of N(f_mu, f_var)."""
     C = f_mu.shape[1]
     scale = torch.diagonal(f_var, dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(f_var.dtype).tiny)
