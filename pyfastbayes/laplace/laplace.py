@@ -156,7 +156,9 @@ class Laplace(Posterior):
 
     After :meth:`fit`: ``mean`` [P] (the MAP), ``n_data``, ``n_outputs``, :meth:`log_marginal_likelihood`,
     :meth:`optimize_prior_precision`, :meth:`la` (laplace-torch's ``__call__``, also ``la(x)``),
-    :meth:`predict`, :meth:`sample`, :meth:`to_dense`, ``posterior_precision``, ``state_dict``.
+    :meth:`predict`, :meth:`predictive_samples`, :meth:`sample`, :meth:`to_dense`, ``posterior_precision``,
+    ``posterior_variance``, ``log_det_posterior_precision``, ``log_det_prior_precision``, ``log_det_ratio``,
+    ``scatter``, ``state_dict``.
     """
 
     kind = "Laplace"
