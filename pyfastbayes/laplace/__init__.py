@@ -4,7 +4,7 @@ MC) and sampling predictives.
 
 - :class:`Laplace` (laplace.py): the posterior (a :class:`pyfastbayes.posteriors.Posterior`).
 - factors.py: the curvature accumulated over the data (one forward and one batched backward per
-  batch; Kronecker factors through ``pyfastbayes.ops.kfac_factor_``).
+  batch, or one per chunk of directions under 256 MiB of output gradients; Kronecker factors through ``pyfastbayes.ops.kfac_factor_``).
 - eigenbasis.py: eigendecomposition of many factors at once (:func:`eigh_many`).
 - precision.py: the posterior precision per structure (log det, draws, J P^-1 J^T).
 - marglik.py: the log marginal likelihood and prior structures; predictive.py: link approximations;

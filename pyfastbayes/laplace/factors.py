@@ -1,8 +1,10 @@
 """The curvature Laplace accumulates over the training data, one structure per class, all fed by
 one pass per batch (:func:`batch_pass`): a forward with hooks recording every covered layer's input
 and output, then ONE batched backward (``torch.func.vmap``) of the m output-space directions of
-:func:`pyfastbayes.laplace._likelihood.directions` to every layer's output. No per-input Jacobian
-over all parameters is ever formed for the Kronecker structure.
+:func:`pyfastbayes.laplace._likelihood.directions` to every layer's output (several, each over a
+chunk of the directions, when their output gradients would pass ``laplace._FIT_BYTES``: the sums
+over directions are separable, the activations are added with the first chunk). No per-input
+Jacobian over all parameters is ever formed for the Kronecker structure.
 
 - :class:`KronCurvature`: per Kronecker block the gradient factor G = sum g g^T and the activation
   factor A = (1/n) sum a a^T (bias column appended in place by ``pyfastbayes.ops.kfac_factor_``,
@@ -144,7 +146,11 @@ class KronCurvature:
                          else torch.zeros(a_dim, a_dim, dtype=dtype, device=device))
             self.n[i] = 0
 
-    def add(self, layers: list[Layer], grads: list[Tensor]) -> None:
+    def add(self, layers: list[Layer], grads: list[Tensor], activations: bool = True) -> None:
+        """Add one batch's output gradients of m directions ``grads`` (per layer [m, *out.shape])
+        to G and, with ``activations``, its inputs to A and its rows to the counts: a batch whose
+        directions come in several chunks passes activations=True with the first only (G sums
+        over directions, A and the counts are per batch)."""
         i = 0
         for layer, g in zip(layers, grads):
             g = _zeros_if_none(g, layer)
@@ -169,7 +175,9 @@ class KronCurvature:
                     if key not in shared:
                         shared[key] = ops.kfac_factor_(torch.zeros_like(G), rows.g_rows.to(G.dtype), 1.0, False)
                     G += shared[key]
-                if rows.a_counts is not None:
+                if not activations:
+                    pass
+                elif rows.a_counts is not None:
                     A += rows.a_counts.to(A.dtype)
                 elif rows.a_parts is not None:
                     # columns in another order (channel-last conv patches): the update in that
@@ -182,7 +190,8 @@ class KronCurvature:
                         A += u.index_select(0, o).index_select(1, o)  # 3x faster than u[o[:, None], o]
                 else:
                     A += rows.n
-                self.n[i] += rows.n
+                if activations:
+                    self.n[i] += rows.n
                 i += 1
 
     def tensors(self) -> list[Tensor]:
@@ -211,7 +220,8 @@ class DiagCurvature:
         self.blocks = blocks
         self.h = {i: torch.zeros(b.numel, dtype=dtype, device=device) for i, b in enumerate(blocks)}
 
-    def add(self, layers, grads) -> None:
+    def add(self, layers, grads, activations: bool = True) -> None:
+        """Add the squared Jacobians of one chunk of directions (separable: ``activations`` unused)."""
         for i, (_, part) in enumerate(block_parts(layers, grads)):
             self.h[i] += part_sq_sum(part).to(self.h[i].dtype)
 
@@ -236,7 +246,8 @@ class FullCurvature:
         self.H = torch.zeros(self.P, self.P, dtype=dtype, device=device)
         self._runs: dict[int, slice | None] = {}  # id(block) -> its positions as a slice (see _run)
 
-    def add(self, layers, grads) -> None:
+    def add(self, layers, grads, activations: bool = True) -> None:
+        """Add J^T J of one chunk of directions (separable: ``activations`` unused)."""
         parts = list(block_parts(layers, grads))
         if all(part[0] == "factored" for _, part in parts):
             self._add_factored(parts)

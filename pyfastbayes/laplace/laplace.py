@@ -49,6 +49,7 @@ PRED_TYPES = ("glm", "nn")
 # [N, T, in], an Embedding) keeps [C, out, in] numbers per row, which at the default 256 rows per
 # batch reached gigabytes for a CNN of a million weights
 _GLM_BYTES = 256 << 20
+_FIT_BYTES = 256 << 20  # fit's output gradients of one batched backward (Laplace._directions_per_pass)
 _CONSTRUCTOR = object()  # Laplace._plan: the prior given to the constructor (or set before fit)
 _STATE_NAMES = ("state_dict['prior_precision']", "state_dict['prior_mean']")
 
@@ -330,7 +331,8 @@ class Laplace(Posterior):
         """Accumulate the curvature over ``loader`` (an iterable of (inputs [N, ...], targets) batches,
         e.g. a DataLoader) at the model's current weights, in eval mode; returns self.
 
-        One forward and one batched backward per batch; under torch.distributed every process
+        One forward and one batched backward per batch (one per chunk of the m directions when
+        their output gradients would pass 256 MiB, :meth:`_directions_per_pass`); under torch.distributed every process
         passes its own shard and the accumulated curvature, loss and counts are summed over
         processes (one all-reduce). Nothing changes when it fails (empty loader, bad targets,
         non-finite curvature)."""
@@ -410,8 +412,11 @@ class Laplace(Posterior):
                     yt = check_targets(y, f, self.likelihood)
                     loss += summed_loss(f.detach(), yt, self.likelihood).double()
                     if not lowrank:
-                        R = directions(f, yt, self.likelihood, self.curvature, self.mc_samples, generator)
-                        curv.add(layers, backprop(f, layers, R.to(f.dtype)))
+                        R = directions(f, yt, self.likelihood, self.curvature, self.mc_samples, generator).to(f.dtype)
+                        # the m directions' output gradients (m x every covered layer's output) in
+                        # chunks under _FIT_BYTES: G sums over directions, A is added once per batch
+                        for k, Rc in enumerate(R.split(self._directions_per_pass(layers, R.shape[0]))):
+                            curv.add(layers, backprop(f, layers, Rc), activations=k == 0)
                     n_data += y.shape[0]
                     for layer in layers:
                         layer.clear()
@@ -421,6 +426,16 @@ class Laplace(Posterior):
                 bar.update()
                 i, item = i + 1, next(batches, None)
         return loss, n_data, n_out
+
+    def _directions_per_pass(self, layers, m: int) -> int:
+        """Directions per batched backward of ``fit``: all m unless their output gradients (per
+        direction every covered layer's output, counted twice for the backward's own
+        temporaries) would pass :data:`_FIT_BYTES` (on CUDA also a quarter of the free memory)."""
+        per = 2 * sum(layer.out.numel() * layer.out.element_size() for layer in layers if layer.out is not None)
+        budget = _FIT_BYTES
+        if torch.device(self.device).type == "cuda":
+            budget = min(budget, torch.cuda.mem_get_info(self.device)[0] // 4)
+        return max(1, min(m, budget // max(per, 1)))
 
     def _agree(self, error, n_out):
         """Under torch.distributed: one all-reduce of (failed, output columns) so that an error on
