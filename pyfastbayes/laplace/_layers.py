@@ -318,22 +318,22 @@ class _Conv(_Matrix):
         chunk lives at a time, so the batch's whole im2col matrix [N * L, k * C] is never formed;
         with ``reduce`` each chunk's mean over the positions), and their column order (see
         :meth:`_patch_rows`)."""
-        a = self.a
+        a, m = self.a, self.module
         if a.dim() != self.dims + 2:
             return super()._patch_parts(reduce)  # _inputs' error message
-        rows, order = self._patch_rows(a[:1])
-        if rows.shape[1] == 0:
-            return super()._patch_parts(reduce)
-        per_example = rows.shape[1] * rows.shape[2] * rows.element_size()
-        chunks = max(1, -(-a.shape[0] * per_example // PATCH_BYTES))
+        # one example's patches: L output positions (the recorded output's) x C_in x kernel
+        per_example = math.prod(self.out.shape[2:]) * a.shape[1] * math.prod(m.kernel_size) * a.element_size()
+        chunks = min(a.shape[0], max(1, -(-a.shape[0] * per_example // PATCH_BYTES)))
 
         def parts():
             for chunk in a.tensor_split(chunks):
                 r = self._patch_rows(chunk)[0]
+                if r.shape[1] == 0:  # no output position: _inputs' error message
+                    self._inputs()
                 yield (r.mean(1) if reduce else r.reshape(-1, r.shape[-1]))
                 del r
 
-        return parts(), order
+        return parts(), _patch_order(a.shape[1], math.prod(m.kernel_size), a.device)
 
     def _patch_rows(self, a: Tensor):
         """The patches [N, L, k * C] of inputs a [N, C, ...] with the input channel fastest (column (kernel offset t,
@@ -364,11 +364,16 @@ class _Conv(_Matrix):
         view = xl.as_strided((N, Ho, Wo, ks[0], ks[1], C),
                              (s0, st[0] * s1, st[1] * s2, dil[0] * s1, dil[1] * s2, 1), xl.storage_offset())
         rows = view.reshape(N, Ho * Wo, ks[0] * ks[1] * C)
-        kk = ks[0] * ks[1]
-        if C == 1 or kk == 1:
-            return rows, None  # the same order
-        # the block's column c * kk + t is rows' column t * C + c
-        return rows, torch.arange(kk * C, device=a.device).view(kk, C).t().reshape(-1)
+        return rows, _patch_order(C, ks[0] * ks[1], a.device)
+
+
+def _patch_order(C: int, kk: int, device) -> Tensor | None:
+    """The column order of channel-last patches (C channels x kk kernel offsets) against the
+    block's (F.unfold's): the block's column c * kk + t is the patches' column t * C + c; None
+    when they agree (one channel or a 1-element kernel)."""
+    if C == 1 or kk == 1:
+        return None
+    return torch.arange(kk * C, device=device).view(kk, C).t().reshape(-1)
 
 
 class _ConvInputGrad(torch.autograd.Function):
