@@ -357,11 +357,15 @@ def test_batchnorm_curve_recomputes_statistics_per_t():
         curve(x, 0.5)
     with pytest.raises(ValueError, match="bn_stats must be the dict"):
         curve(x, 0.5, bn_stats={"1.running_mean": torch.zeros(16)})
-    # train mode: batch statistics, as a fresh copy in train mode; model_a's buffers untouched
+    # train mode: batch statistics, as a fresh copy in train mode; model_a's buffers untouched, and
+    # so are given statistics
     curve.template.train()
     ref = _at(curve, 0.5).train()
+    given = {k: v.clone() for k, v in stats.items()}
     with torch.no_grad():
         torch.testing.assert_close(curve(x, 0.5), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(curve(x, 0.5, bn_stats=given), ref(x), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(given[k], stats[k]) for k in stats)
     curve.template.eval()
     hist = curve.fit(LOSS, data, epochs=2, lr=0.01, generator=torch.Generator().manual_seed(0), progress=False)
     assert torch.isfinite(hist).all()

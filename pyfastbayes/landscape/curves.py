@@ -245,6 +245,8 @@ class _Curve(nn.Module):
             if not torch.is_tensor(got) or got.shape != v.shape:
                 raise ValueError(f"bn_stats[{k!r}] must be a tensor of shape {tuple(v.shape)}, got "
                                  f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}")
+        if any(m.training for _, m in self._bn_layers):  # a train-mode BatchNorm would update them in place
+            return {k: v.clone() for k, v in bn_stats.items()}
         return dict(bn_stats)
 
     @torch.no_grad()
