@@ -230,9 +230,8 @@ class _Curve(nn.Module):
         ValueError saying how to get them."""
         names = {f"{n}.{b}" if n else b: getattr(m, b) for n, m in self._bn_layers for b in ("running_mean", "running_var")}
         if bn_stats is None:
-            if any(m.training for _, m in self._bn_layers):  # (num_batches_tracked: counted in train mode)
-                return {f"{n}.{b}" if n else b: getattr(m, b).clone() for n, m in self._bn_layers
-                        for b in ("running_mean", "running_var", "num_batches_tracked") if getattr(m, b) is not None}
+            if any(m.training for _, m in self._bn_layers):
+                return self._scratch_statistics()
             raise ValueError("the model has BatchNorm layers and is in eval mode: their running statistics (model_a's) "
                              "do not fit the parameters at t; pass bn_stats=curve.bn_statistics(t, data), or call "
                              "evaluate() (it recomputes them for every t), or put the model in train mode (batch "
@@ -246,8 +245,14 @@ class _Curve(nn.Module):
                 raise ValueError(f"bn_stats[{k!r}] must be a tensor of shape {tuple(v.shape)}, got "
                                  f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}")
         if any(m.training for _, m in self._bn_layers):  # a train-mode BatchNorm would update them in place
-            return {k: v.clone() for k, v in bn_stats.items()}
+            return {**self._scratch_statistics(), **{k: v.clone() for k, v in bn_stats.items()}}
         return dict(bn_stats)
+
+    def _scratch_statistics(self) -> dict[str, Tensor]:
+        """Copies of model_a's BatchNorm buffers (running mean, variance, batch count) for a
+        train-mode forward to update instead of model_a's own."""
+        return {f"{n}.{b}" if n else b: getattr(m, b).clone() for n, m in self._bn_layers
+                for b in ("running_mean", "running_var", "num_batches_tracked") if getattr(m, b) is not None}
 
     @torch.no_grad()
     def bn_statistics(self, t, data) -> dict[str, Tensor]:
