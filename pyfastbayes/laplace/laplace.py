@@ -370,7 +370,8 @@ class Laplace(Posterior):
             # directions, unfolded patches): on the CPU they are reused from exact-size free lists
             # instead of page-faulting afresh each batch (pyfastbayes._memory.allocation_cache)
             with allocation_cache(torch.device(self.device).type == "cpu"):
-                loss, n_data, n_out = self._local_pass(curv, first, batches, progress, generator, lowrank)
+                total = len(loader) if hasattr(loader, "__len__") else None  # (the bar's total, when known)
+                loss, n_data, n_out = self._local_pass(curv, first, batches, progress, generator, lowrank, total)
         except Exception as e:  # under torch.distributed the other ranks must learn of it, or they wait forever
             if not dist:
                 raise
@@ -396,11 +397,13 @@ class Laplace(Posterior):
         self._fitted = (curv, loss.to(self.dtype), n_data, n_out, mean, self._new_precision(curv))
         return self
 
-    def _local_pass(self, curv, first, batches, progress: bool, generator, lowrank: bool):
-        """This process's batches: (summed loss, rows, output columns)."""
+    def _local_pass(self, curv, first, batches, progress: bool, generator, lowrank: bool, total: int | None = None):
+        """This process's batches: (summed loss, rows, output columns); ``total``: the number of
+        batches for the progress bar, when the loader knows it."""
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         n_data, n_out = 0, None
-        with ModeGuard(self.model, False), tqdm(desc="Laplace fit", leave=False, disable=not progress) as bar:
+        with ModeGuard(self.model, False), tqdm(desc="Laplace fit", total=total, unit="batch", leave=False,
+                                                      disable=not progress) as bar:
             i, item = 0, first
             while item is not None:
                 x, y = self._split(item, i)
