@@ -43,6 +43,26 @@ def test_marglik_and_probit_match_laplace_torch(trained, structure, subset):
     torch.testing.assert_close(ours.la(xs, link_approx="bridge"), theirs(xs, link_approx="bridge"), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+def test_evidence_terms_and_marginal_variances_match_laplace_torch(trained, structure):
+    """log_det_posterior_precision, log_det_ratio and scatter (laplace-torch's names), and the
+    marginal posterior variances where laplace-torch has them (DiagLaplace.posterior_variance,
+    FullLaplace.posterior_covariance's diagonal)."""
+    model, loader, _ = trained
+    theirs = laplace.Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure,
+                             prior_precision=0.7, prior_mean=0.05)
+    theirs.fit(loader)
+    ours = Laplace(model, "classification", hessian_structure=structure, prior_precision=0.7, prior_mean=0.05,
+                   bias_block="separate").fit(loader, progress=False)
+    for name in ("log_det_posterior_precision", "log_det_ratio", "scatter"):
+        a, b = float(getattr(theirs, name)), float(getattr(ours, name))
+        assert abs(a - b) <= 1e-6 * abs(a), (name, a, b)
+    if structure == "diag":
+        torch.testing.assert_close(ours.posterior_variance, theirs.posterior_variance, rtol=1e-6, atol=0)
+    elif structure == "full":
+        torch.testing.assert_close(ours.posterior_variance, theirs.posterior_covariance.diagonal(), rtol=1e-6, atol=0)
+
+
 def test_layerwise_marglik_matches(trained):
     model, loader, _ = trained
     prior = torch.tensor([0.5, 1.5, 2.0, 0.8], dtype=torch.float64)
