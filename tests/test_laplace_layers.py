@@ -860,3 +860,15 @@ def test_metadata_reads_and_pre_hook_weights_are_not_outside_uses():
         warnings.simplefilter("ignore", FutureWarning)  # (torch deprecates the old weight_norm)
         model = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
     Laplace(model, "classification", hessian_structure="diag").fit([(x, y)], progress=False)
+
+
+@pytest.mark.parametrize("name", ["embedding", "conv2d", "batchnorm"])
+def test_marginal_variances_of_every_block_kind(name):
+    """posterior_variance (diag(P^-1) from the eigenbases) on blocks with a diagonal left factor
+    (Embedding), shared-weight Kronecker blocks and diagonal blocks (BatchNorm) equals the dense
+    inverse's diagonal; log det P equals slogdet."""
+    model, loader, lik = make(name)
+    la = fit(model, loader, lik, hessian_structure="kron", prior_precision=0.3)
+    P = la.to_dense()
+    torch.testing.assert_close(la.posterior_variance, torch.linalg.inv(P).diagonal(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(la.log_det_posterior_precision, torch.linalg.slogdet(P)[1], rtol=1e-12, atol=1e-12)
