@@ -2,6 +2,7 @@
 the RNG position among them, at every forward, so every rank drew rank 0's noise (one weight draw
 for the whole global batch). Each rank now draws from its own streams (5 * rank onwards)."""
 import os
+import sys
 import tempfile
 
 import pytest
@@ -14,6 +15,13 @@ from pyfastbayes.vi import BayesianLinear
 
 
 def _worker(rank, init_file, out_dir, estimator):
+    # gloo's threads can abort a rank at interpreter teardown ("terminate called without an active
+    # exception", SIGABRT: seen in 2 of ~6 full suites on 2026-11-28): torch._dynamo is imported
+    # before the group exists (imported later it keeps the group alive past destroy_process_group),
+    # the ranks meet at a barrier before tearing down, and a rank whose result is saved leaves
+    # without the interpreter's teardown (as tests/_helpers.py's spawn_gloo workers do)
+    import torch._dynamo  # noqa: F401
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)  # the same layer and input on both ranks
@@ -23,8 +31,13 @@ def _worker(rank, init_file, out_dir, estimator):
         out = ddp(x)
         out.square().sum().backward()
         torch.save({"out": out.detach(), "grad_rho": layer.weight_rho.grad.clone()}, os.path.join(out_dir, f"{rank}.pt"))
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
