@@ -466,9 +466,13 @@ def _gloo_worker(rank: int, worker, world: int, port: int, out_dir: str, parent:
                            f"the test process {parent[0]} (native={parent[1]}): fix sys.path")
 
     worker(rank, world, port, out_dir)
-    # The rank's result is saved: leave without the interpreter's teardown, where gloo's threads can
-    # still abort the process ("terminate called without an active exception", seen once in ~3 400
-    # tests on 2026-11-28 in a 3-rank FSDP test, with the dynamo import above in place).
+    exit_without_teardown()
+
+
+def exit_without_teardown() -> None:
+    """End a spawned rank whose result is saved without the interpreter's teardown, where gloo's
+    threads can still abort the process ("terminate called without an active exception", seen once
+    in ~3 400 tests on 2026-11-28 in a 3-rank FSDP test, with the dynamo import in place)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _helpers import exit_without_teardown
 from pyfastbayes import calibration as cal
 
 WORLD = 2
@@ -20,6 +21,8 @@ def _data():
 
 
 def _worker(rank: int, init_file: str, out_file: str) -> None:
+    import torch._dynamo  # noqa: F401  (before the group: see tests/test_vi_distributed.py)
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         p, y = _data()
@@ -38,6 +41,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         torch.save(res, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
+    exit_without_teardown()
 
 
 @pytest.mark.slow

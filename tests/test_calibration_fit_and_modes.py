@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _helpers import exit_without_teardown
 from pyfastbayes import calibration as cal
 
 
@@ -73,6 +74,8 @@ def test_num_classes_is_checked_without_classwise():
 
 
 def _mixed_worker(rank, init_file, out_file):
+    import torch._dynamo  # noqa: F401  (before the group: see tests/test_vi_distributed.py)
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         m = cal.CalibrationError()
@@ -89,6 +92,7 @@ def _mixed_worker(rank, init_file, out_file):
         torch.save(msg, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
+    exit_without_teardown()
 
 
 def test_sync_refuses_top_label_and_binary_bins_on_different_ranks():

@@ -18,7 +18,7 @@ from pyfastbayes import curvature as cv
 from pyfastbayes import ops
 from pyfastbayes.nn import ParamLayout
 
-from _helpers import needs_cuda, require
+from _helpers import exit_without_teardown, needs_cuda, require
 
 LOSSES = {"ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss, "mse": nn.MSELoss}
 
@@ -460,6 +460,8 @@ def test_against_curvlinops(arch, loss):
 
 # ---- distributed (gloo, 2 processes on CPU) ----------------------------------------------------------
 def _dist_worker(rank, world, init_file, out_dir):
+    import torch._dynamo  # noqa: F401  (before the group: see tests/test_vi_distributed.py)
+
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -486,6 +488,7 @@ def _dist_worker(rank, world, init_file, out_dir):
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_without_teardown()
 
 
 def _estimators(H, gen):

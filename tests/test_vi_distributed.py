@@ -2,7 +2,6 @@
 the RNG position among them, at every forward, so every rank drew rank 0's noise (one weight draw
 for the whole global batch). Each rank now draws from its own streams (5 * rank onwards)."""
 import os
-import sys
 import tempfile
 
 import pytest
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from _helpers import exit_without_teardown
 from pyfastbayes.vi import BayesianLinear
 
 
@@ -35,9 +35,7 @@ def _worker(rank, init_file, out_dir, estimator):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
