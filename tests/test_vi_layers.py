@@ -346,6 +346,27 @@ def test_a_whole_elbo_step_compiles_in_one_graph():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_compiled_elbo_step_does_not_recompile_every_step():
+    """ELBO's step counter was a Python int that Dynamo guards on: every call compiled a new graph
+    and fullgraph=True failed at the recompile limit (8); now a tensor advanced in place."""
+    import torch._dynamo
+    from pyfastbayes.vi import ELBO
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(BayesianLinear(3, 8), nn.ReLU(), BayesianLinear(8, 2))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    elbo = ELBO(model, 100, kl_weight=0.5)
+    opt = torch.optim.SGD(model.parameters(), 1e-3)
+    step = torch.compile(lambda: elbo(model(x), y), backend="eager", fullgraph=True)
+    for _ in range(12):
+        opt.zero_grad()
+        step().backward()
+        opt.step()
+    assert elbo.step == 12
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
 # a checkpointed region recomputes the forward in the backward, after the position advanced: the
 # gradients belonged to other noise (no error); refused now, deterministic passes still work
 @pytest.mark.parametrize("reentrant", [False, True])

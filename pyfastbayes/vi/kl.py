@@ -152,6 +152,8 @@ class ELBO(nn.Module):
 
     ``loss = elbo(outputs, targets)``; ``elbo.last`` holds (nll, kl) of the last call, detached.
     ``state_dict`` keeps ``step`` (a resumed run goes on with the annealing schedule where it was).
+    Under ``torch.compile`` a constant ``kl_weight`` keeps the call in one graph; a callable reads
+    the step on the host (a graph break: compile without ``fullgraph``).
     """
 
     def __init__(self, model: nn.Module, num_data: int, kl_weight=1.0, likelihood: str = "classification",
@@ -166,8 +168,20 @@ class ELBO(nn.Module):
             raise ValueError(f"sigma must be a finite number > 0 (the regression noise std), got {sigma!r}")
         bayesian_layers(model, required=True)
         self.model, self.num_data, self.kl_weight, self.likelihood, self.sigma = model, num_data, kl_weight, likelihood, sigma
-        self.step = 0
+        # the step counter: a CPU int64 tensor advanced in place (a Python int would be a value
+        # torch.compile guards on: a compiled ELBO call recompiled at every step and fullgraph=True
+        # failed at the recompile limit); a plain attribute, so .to() leaves it on the CPU
+        self._step = torch.zeros((), dtype=torch.int64)
         self.last = None
+
+    @property
+    def step(self) -> int:
+        """The successful calls so far (the annealing clock; kept in the state_dict)."""
+        return int(self._step)
+
+    @step.setter
+    def step(self, value) -> None:
+        self._step.fill_(check_int(value, "step", 0))
 
     def get_extra_state(self) -> dict:
         return {"step": self.step}
@@ -187,8 +201,9 @@ class ELBO(nn.Module):
         if not torch.is_tensor(outputs) or not torch.is_tensor(targets):
             bad = "outputs" if not torch.is_tensor(outputs) else "targets"
             raise TypeError(f"{bad} must be a tensor, got {type(outputs if bad == 'outputs' else targets).__name__}")
-        if callable(self.kl_weight):
-            beta = _check_beta(self.kl_weight(self.step), f"kl_weight({self.step}) must return a finite float >= 0")
+        if callable(self.kl_weight):  # (under torch.compile: a graph break, the callable runs eagerly)
+            step = self.step
+            beta = _check_beta(self.kl_weight(step), f"kl_weight({step}) must return a finite float >= 0")
         else:
             beta = self.kl_weight
         if self.likelihood == "classification" and outputs.dim() > 2:
@@ -203,7 +218,7 @@ class ELBO(nn.Module):
             nll = (0.5 * ((outputs - targets) / self.sigma).square()
                    + math.log(self.sigma) + 0.5 * math.log(2 * math.pi)).reshape(outputs.shape[0], -1).sum(1).mean()
         kl = kl_divergence(self.model)
-        self.step += 1  # only once the call has succeeded: a failed call does not move the annealing on
+        self._step.add_(1)  # only once the call has succeeded: a failed call does not move the annealing on
         self.last = (nll.detach(), kl.detach())
         return nll + beta * kl / self.num_data
 
