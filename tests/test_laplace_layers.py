@@ -381,16 +381,16 @@ def test_directions_in_chunks_give_the_same_curvature(name, structure, monkeypat
                                atol=1e-12)
 
 
-@pytest.mark.parametrize("patch_bytes", [None, 1], ids=["whole", "chunked"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
-@pytest.mark.parametrize("name", ["seq_linear", "conv1d", "conv2d"])
+@pytest.mark.parametrize("name, patch_bytes", [("seq_linear", None), ("conv1d", None), ("conv2d", None),
+                                               ("conv1d", 1), ("conv2d", 1)],
+                         ids=["seq_linear", "conv1d", "conv2d", "conv1d-chunked", "conv2d-chunked"])
 def test_kron_weight_sharing_is_the_expand_reduce_formula(name, approx, patch_bytes, monkeypatch):
     """Eschenhagen et al. (2023): 'expand' A over the N T positions averaged, G summed over them;
     'reduce' the inputs averaged and the output gradients summed over positions first. 'chunked':
-    a convolution's patches built one example at a time (PATCH_BYTES below one example's)."""
+    a convolution's patches built one example at a time (PATCH_BYTES below one example's; a
+    Linear has no patches)."""
     if patch_bytes is not None:
-        if name == "seq_linear":
-            pytest.skip("a Linear has no patches")
         monkeypatch.setattr(layers_mod, "PATCH_BYTES", patch_bytes)
     model, loader, lik = make(name)
     assert all(x.shape[0] > 1 for x, _ in loader)  # several chunks per batch

@@ -81,11 +81,14 @@ def _check_ts(ts) -> list[float]:
     return [_check_t(t, f"ts[{i}]") for i, t in enumerate(ts)]
 
 
-def _bn_buffer_names(model: nn.Module) -> set[str]:
-    """The running-statistics buffers of the BatchNorm layers (recomputed along a curve, never
-    interpolated): '<layer>.running_mean', '.running_var', '.num_batches_tracked'."""
-    return {f"{n}.{b}" if n else b for n, _ in recompute_layers(model)
-            for b in ("running_mean", "running_var", "num_batches_tracked")}
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _bn_keys(layers, buffers=_BN_STATS) -> list[tuple[str, nn.Module, str]]:
+    """(state-dict key '<layer>.<buffer>', layer, buffer name) for the BatchNorm layers [(name,
+    module)] and the buffers named: the one spelling of the running statistics' keys (recomputed
+    along a curve, never interpolated)."""
+    return [(f"{n}.{b}" if n else b, m, b) for n, m in layers for b in buffers]
 
 
 def _check_pair(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -114,7 +117,7 @@ def _check_pair(model_a: nn.Module, model_b: nn.Module) -> None:
                                 "parameters only")
     # What the curve does not interpolate comes from model_a: it must be the same in model_b
     # (BatchNorm statistics aside: they are recomputed for every t).
-    bn = _bn_buffer_names(model_a)
+    bn = {k for k, _, _ in _bn_keys(recompute_layers(model_a))}
     fixed_a = [(n, t) for n, t in model_a.named_parameters() if not t.requires_grad] + [
         (n, t) for n, t in model_a.named_buffers() if n not in bn]
     fixed_b = [(n, t) for n, t in model_b.named_parameters() if not t.requires_grad] + [
@@ -228,7 +231,7 @@ class _Curve(nn.Module):
         """The running statistics forward passes to the template: ``bn_stats`` (checked against
         the layers), else in train mode scratch copies of model_a's; eval mode without them: a
         ValueError saying how to get them."""
-        names = {f"{n}.{b}" if n else b: getattr(m, b) for n, m in self._bn_layers for b in ("running_mean", "running_var")}
+        names = {k: getattr(m, b) for k, m, b in _bn_keys(self._bn_layers, _BN_STATS[:2])}
         if bn_stats is None:
             if any(m.training for _, m in self._bn_layers):
                 return self._scratch_statistics()
@@ -251,8 +254,7 @@ class _Curve(nn.Module):
     def _scratch_statistics(self) -> dict[str, Tensor]:
         """Copies of model_a's BatchNorm buffers (running mean, variance, batch count) for a
         train-mode forward to update instead of model_a's own."""
-        return {f"{n}.{b}" if n else b: getattr(m, b).clone() for n, m in self._bn_layers
-                for b in ("running_mean", "running_var", "num_batches_tracked") if getattr(m, b) is not None}
+        return {k: getattr(m, b).clone() for k, m, b in _bn_keys(self._bn_layers) if getattr(m, b) is not None}
 
     @torch.no_grad()
     def bn_statistics(self, t, data) -> dict[str, Tensor]:

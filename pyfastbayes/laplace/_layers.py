@@ -327,17 +327,16 @@ class _Conv(_Matrix):
 
         def parts():
             for chunk in a.tensor_split(chunks):
-                r = self._patch_rows(chunk)[0]
-                if r.shape[1] == 0:  # no output position: _inputs' error message
-                    self._inputs()
+                r = self._patch_rows(chunk)
                 yield (r.mean(1) if reduce else r.reshape(-1, r.shape[-1]))
                 del r
 
         return parts(), _patch_order(a.shape[1], math.prod(m.kernel_size), a.device)
 
-    def _patch_rows(self, a: Tensor):
-        """The patches [N, L, k * C] of inputs a [N, C, ...] with the input channel fastest (column (kernel offset t,
-        channel c) at t * C + c; the block's order, F.unfold's, is c * k + t) and that order.
+    def _patch_rows(self, a: Tensor) -> Tensor:
+        """The patches [N, L, k * C] of inputs a [N, C, ...] with the input channel fastest (column
+        (kernel offset t, channel c) at t * C + c; the block's order, F.unfold's, is c * k + t:
+        :func:`_patch_order`). L >= 1: the layer's own forward produced its output.
 
         Built by ONE copy from a strided view of the channel-last (padded) input, whose runs of
         kernel-width x C elements are contiguous, instead of F.unfold (im2col, a loop over the
@@ -353,8 +352,6 @@ class _Conv(_Matrix):
         N, C, H, W = a.shape
         Hp, Wp = H + 2 * pad[0], W + 2 * pad[1]
         Ho, Wo = (Hp - dil[0] * (ks[0] - 1) - 1) // st[0] + 1, (Wp - dil[1] * (ks[1] - 1) - 1) // st[1] + 1
-        if Ho < 1 or Wo < 1:
-            return a.new_zeros(N, 0, 0), None  # (the caller falls back to _inputs and its error message)
         if pad[0] or pad[1]:
             xl = a.new_zeros(N, Hp, Wp, C)
             xl[:, pad[0]:pad[0] + H, pad[1]:pad[1] + W].copy_(a.permute(0, 2, 3, 1))
@@ -363,8 +360,7 @@ class _Conv(_Matrix):
         s0, s1, s2 = Hp * Wp * C, Wp * C, C  # xl's strides (n, h, w); the channel's is 1
         view = xl.as_strided((N, Ho, Wo, ks[0], ks[1], C),
                              (s0, st[0] * s1, st[1] * s2, dil[0] * s1, dil[1] * s2, 1), xl.storage_offset())
-        rows = view.reshape(N, Ho * Wo, ks[0] * ks[1] * C)
-        return rows, _patch_order(C, ks[0] * ks[1], a.device)
+        return view.reshape(N, Ho * Wo, ks[0] * ks[1] * C)
 
 
 def _patch_order(C: int, kk: int, device) -> Tensor | None:

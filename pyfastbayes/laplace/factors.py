@@ -175,22 +175,8 @@ class KronCurvature:
                     if key not in shared:
                         shared[key] = ops.kfac_factor_(torch.zeros_like(G), rows.g_rows.to(G.dtype), 1.0, False)
                     G += shared[key]
-                if not activations:
-                    pass
-                elif rows.a_counts is not None:
-                    A += rows.a_counts.to(A.dtype)
-                elif rows.a_parts is not None:
-                    # columns in another order (channel-last conv patches): the update in that
-                    # order, its rows and columns gathered back into the block's order
-                    u = A if rows.a_order is None else torch.zeros_like(A)
-                    for part in rows.a_parts:
-                        ops.kfac_factor_(u, part.to(A.dtype), 1.0, rows.a_bias)
-                    if rows.a_order is not None:
-                        o = rows.a_order
-                        A += u.index_select(0, o).index_select(1, o)  # 3x faster than u[o[:, None], o]
-                else:
-                    A += rows.n
                 if activations:
+                    _add_activations(A, rows)
                     self.n[i] += rows.n
                 i += 1
 
@@ -209,6 +195,23 @@ class KronCurvature:
         the averaged activation factor divided by its row count."""
         G, A = self.G[i], self.A[i] / max(self.n[i], 1)
         return (A, G) if self.blocks[i].left_diag else (G, A)
+
+
+def _add_activations(A: Tensor, rows) -> None:
+    """One batch's activation rows (:class:`KronRows`) added to the factor sum A in place."""
+    if rows.a_counts is not None:
+        A += rows.a_counts.to(A.dtype)
+    elif rows.a_parts is None:
+        A += rows.n  # a bias block of its own: A = [[1]]
+    else:
+        # parts whose columns come in another order (channel-last conv patches): their update in
+        # that order, its rows and columns gathered back into the block's order
+        u = A if rows.a_order is None else torch.zeros_like(A)
+        for part in rows.a_parts:
+            ops.kfac_factor_(u, part.to(A.dtype), 1.0, rows.a_bias)
+        if rows.a_order is not None:
+            o = rows.a_order
+            A += u.index_select(0, o).index_select(1, o)  # 3x faster than u[o[:, None], o]
 
 
 class DiagCurvature:
