@@ -2,6 +2,7 @@
 an analytic quadratic surface, LandscapeResult files and plots, and the refusals."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -127,6 +128,26 @@ def test_interpolate_ends_are_the_two_models():
     with torch.no_grad():
         assert res.loss[0].item() == pytest.approx(mean_loss(a), rel=1e-5)
         assert res.loss[-1].item() == pytest.approx(mean_loss(b), rel=1e-5)
+
+
+def test_interpolate_refuses_frozen_tensors_that_differ():
+    """The line moves only trainable parameters and runs model_a: a frozen parameter or a non-
+    BatchNorm buffer of model_b's that differs would silently be model_a's at offset 1."""
+    a, b = _mlp(), _mlp()
+    with torch.no_grad():
+        b[0].weight.add_(1.0)
+    a[0].weight.requires_grad_(False)
+    b[0].weight.requires_grad_(False)
+    data, loss_fn = _data((5,)), nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="frozen parameter / buffer '0.weight' differs.*the line"):
+        interpolate(a, b, 3, loss_fn, data, progress=False)
+    a.register_buffer("scale", torch.ones(()))
+    b.register_buffer("scale", 2 * torch.ones(()))
+    b[0].weight.data.copy_(a[0].weight.data)
+    with pytest.raises(ValueError, match="'scale' differs"):
+        interpolate(a, b, 3, loss_fn, data, progress=False)
+    b.scale.fill_(1.0)  # equal: fine
+    assert interpolate(a, b, 3, loss_fn, data, progress=False).loss.shape == (3,)
 
 
 # ---- directions ------------------------------------------------------------------------------------------
@@ -376,20 +397,20 @@ def test_first_layer_products_are_computed_once_per_block_across_chunks(monkeypa
     assert len(calls) == 3 * 6
     torch.testing.assert_close(res.loss, plain.loss, rtol=1e-5, atol=1e-6)
     calls.clear()  # one buffer refilled in place for every batch (a prefetcher): never another batch's products
+    # (copy_ bumps the tensor's version; .data.copy_ and numpy writes do not: the cache compares contents)
     buf = torch.empty(10, 5)
-
-    def refilled():
-        for xb, yb in [(x[:10], y[:10]), (x[10:20], y[10:20])]:
-            buf.copy_(xb)
-            yield buf, yb
-
-    class Refill:
-        def __iter__(self):
-            return refilled()
+    refills = {"copy_": lambda xb: buf.copy_(xb), "data": lambda xb: buf.data.copy_(xb),
+               "numpy": lambda xb: np.copyto(buf.numpy(), xb.numpy())}
     want = grid(model, nn.CrossEntropyLoss(), [(x[:10], y[:10]), (x[10:20], y[10:20])], d, ab, first_layer=False,
                 batch_points=2, progress=False)
-    got = grid(model, nn.CrossEntropyLoss(), Refill(), d, ab, batch_rows=1000, batch_points=2, progress=False)
-    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for how, refill in refills.items():
+        class Refill:
+            def __iter__(self):
+                for xb, yb in [(x[:10], y[:10]), (x[10:20], y[10:20])]:
+                    refill(xb)
+                    yield buf, yb
+        got = grid(model, nn.CrossEntropyLoss(), Refill(), d, ab, batch_rows=1000, batch_points=2, progress=False)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6, msg=how)
     calls.clear()  # over the budget: computed every time, the same numbers
     monkeypatch.setattr(fl, "CACHE_BYTES", 0)
     res = grid(model, nn.CrossEntropyLoss(), data, d, ab, batch_rows=4, batch_points=2, progress=False)

@@ -1,6 +1,7 @@
 """Input validation and state safety of pyfastbayes.landscape: bad input gets a clear error naming
 the argument, and a call that fails leaves the models, curves and optimizers as they were."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -113,6 +114,14 @@ def test_grid_refuses_a_per_row_loss_or_metric():
     with pytest.raises(ValueError, match=r"metrics\['acc'\] must return a scalar"):
         L.grid(m, ce, (x, y), d, [-1, 0, 1], metrics={"acc": lambda o, t: (o.argmax(1) == t).float()},
                progress=False)
+    # a sum over the batch: the surface would depend on the batch size
+    with pytest.raises(ValueError, match=r"loss_fn has reduction='sum'.*reduction='mean'"):
+        L.grid(m, nn.CrossEntropyLoss(reduction="sum"), (x, y), d, [-1, 0, 1], progress=False)
+    with pytest.raises(ValueError, match=r"metrics\['mse'\] has reduction='sum'"):
+        L.grid(m, ce, (x, y), d, [-1, 0, 1], metrics={"mse": functools.partial(nn.functional.mse_loss,
+                                                                                reduction="sum")}, progress=False)
+    with pytest.raises(ValueError, match=r"loss_fn has reduction='sum'"):
+        L.interpolate(m, _mlp(), 2, nn.CrossEntropyLoss(reduction="sum"), (x, y), progress=False)
     assert _same(before, _state(m))
 
 
@@ -122,6 +131,8 @@ def test_evaluate_refuses_a_per_row_loss_or_metric():
         c.evaluate([0, 1], nn.CrossEntropyLoss(reduction="none"), (x, y))
     with pytest.raises(ValueError, match=r"metrics\['err'\] must return a scalar"):
         c.evaluate([0, 1], ce, (x, y), metrics={"err": lambda o, t: (o.argmax(1) != t).float()})
+    with pytest.raises(ValueError, match=r"loss_fn has reduction='sum'"):
+        c.evaluate([0, 1], nn.CrossEntropyLoss(reduction="sum"), (x, y))
 
 
 # ---- 3. class targets in the engine's own cross-entropy -----------------------------------------

@@ -99,6 +99,10 @@ def _in_place_of(model: nn.Module, parent_name: str, attr: str, new: nn.Module):
 CACHE_BYTES = 256 << 20  # the first layer's products kept across the chunks of points of one grid call
 
 
+def _nbytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class FirstLayer:
     """Where the first layer sits (parent module, attribute), its flat-layout slices and its op."""
 
@@ -107,33 +111,45 @@ class FirstLayer:
         parent, _, self.attr = name.rpartition(".")
         self.parent_name = parent
         self.prefix = f"{name}."
-        self._cache: dict = {}  # (id, version of a batch, block, rows) -> (weakref, parts, shape)
+        self._cache: dict = {}  # (id, version of a batch, block, rows) -> (weakref, parts, shape, rows' copy)
         self._seen: dict = {}  # the same keys -> weakref of a batch seen once (cached when seen again)
         self._cached = 0  # bytes held
 
     def cached_parts(self, batch: Tensor, block: int, x: Tensor, stacked) -> tuple[Tensor, tuple]:
         """:meth:`parts` of block ``block`` (rows ``x``) of the data batch ``batch``, computed once per
         grid call: the next chunks of points read the same batch objects (a tensor or a list of
-        batches) and get the kept parts back. A batch is recognised by object AND version (an
-        iterable that refills one buffer in place hands the same object with other values), and its
+        batches) and get the kept parts back. A batch is recognised by object and version, and its
         parts are kept only once it has come back (a DataLoader's new tensors each pass are never
-        kept). At most CACHE_BYTES are kept (on CUDA also an eighth of the free memory); further
-        blocks are computed every time."""
+        kept); a kept entry also holds a copy of the rows, compared with ``x`` on every hit: an
+        iterable that refills one buffer in place hands back the same object with other values,
+        and writes through ``.data``, ``.numpy()`` or DLPack leave the version unchanged. The
+        comparison reads the rows once, against the product's m + 1 x out multiply-adds per value.
+        At most CACHE_BYTES are kept (on CUDA also an eighth of the free memory); further blocks
+        are computed every time."""
         key = (id(batch), batch._version, block, x.shape[0])
         hit = self._cache.get(key)
-        if hit is not None and hit[0]() is batch:
-            return hit[1], hit[2]
+        if hit is not None:
+            ref, kept, shape, rows = hit
+            if ref() is batch:
+                if torch.equal(rows, x):
+                    return kept, shape
+                parts, shape = self.parts(x, stacked)  # the same object refilled: keep the new contents
+                rows.copy_(x)
+                self._cache[key] = (ref, parts, shape, rows)
+                return parts, shape
+            del self._cache[key]  # that batch is gone (its id reused)
+            self._cached -= _nbytes(kept, rows)
         parts, shape = self.parts(x, stacked)
         seen = self._seen.get(key)
         if seen is None or seen() is not batch:
             self._seen[key] = weakref.ref(batch)  # the first sighting: nothing kept yet
             return parts, shape
-        size = parts.numel() * parts.element_size()
+        size = _nbytes(parts, x)
         budget = CACHE_BYTES
         if parts.device.type == "cuda":
             budget = min(budget, torch.cuda.mem_get_info(parts.device)[0] // 8)
         if self._cached + size <= budget:
-            self._cache[key] = (self._seen.pop(key), parts, shape)
+            self._cache[key] = (self._seen.pop(key), parts, shape, x.clone())
             self._cached += size
         return parts, shape
 

@@ -19,6 +19,8 @@ when every fn is one whose value is such a mean (:func:`row_separable`).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -137,6 +139,18 @@ def row_separable(fn) -> bool:
     if fn in _MEAN_FUNCTIONS:
         return True
     return type(fn) in _MEAN_LOSSES and fn.reduction == "mean" and getattr(fn, "weight", None) is None
+
+
+def refuse_sum(fn, label: str) -> None:
+    """ValueError for a torch loss (module, or functools.partial of a function) set to
+    reduction='sum': its value grows with the batch's rows, so a mean over batches weighted by
+    rows would depend on the batching (reduction='none' is refused later, by its shape)."""
+    red = fn.keywords.get("reduction") if isinstance(fn, functools.partial) else (
+        getattr(fn, "reduction", None) if isinstance(fn, nn.modules.loss._Loss) else None)
+    if red == "sum":
+        raise ValueError(f"{label} has reduction='sum': grid averages each batch's value over the data weighted by "
+                         "its rows, which needs the mean over the batch; a sum would make the surface depend on the "
+                         "batch size (use reduction='mean')")
 
 
 def _scalar(value, like: Tensor, label: str) -> Tensor:

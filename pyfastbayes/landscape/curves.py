@@ -44,7 +44,10 @@ from torch import Tensor, nn
 from ..calibration._checks import check_generator, check_int
 from ..curvature._model_data import as_batches, iterate, shuffles
 from ..nn import ModeGuard
+from ..nn.batchnorm import BN_STATS, bn_keys
 from ..nn.params import ParamLayout, _difference
+from ._losses import refuse_sum
+from ._pairs import same_fixed_tensors
 from .directions import refuse_meta
 from .grid import _failed_forward, _Plan, bn_statistics, data_sums, default_chunk, recompute_layers
 
@@ -81,16 +84,6 @@ def _check_ts(ts) -> list[float]:
     return [_check_t(t, f"ts[{i}]") for i, t in enumerate(ts)]
 
 
-_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _bn_keys(layers, buffers=_BN_STATS) -> list[tuple[str, nn.Module, str]]:
-    """(state-dict key '<layer>.<buffer>', layer, buffer name) for the BatchNorm layers [(name,
-    module)] and the buffers named: the one spelling of the running statistics' keys (recomputed
-    along a curve, never interpolated)."""
-    return [(f"{n}.{b}" if n else b, m, b) for n, m in layers for b in buffers]
-
-
 def _check_pair(model_a: nn.Module, model_b: nn.Module) -> None:
     """Refuse what a curve in the flat trainable-parameter space cannot represent: other module
     structures, running statistics other than BatchNorm's, integer parameters, differing frozen
@@ -115,21 +108,7 @@ def _check_pair(model_a: nn.Module, model_b: nn.Module) -> None:
             if not p.is_floating_point():
                 raise TypeError(f"{which} parameter {n!r} has dtype {p.dtype}: curves interpolate floating-point "
                                 "parameters only")
-    # What the curve does not interpolate comes from model_a: it must be the same in model_b
-    # (BatchNorm statistics aside: they are recomputed for every t).
-    bn = {k for k, _, _ in _bn_keys(recompute_layers(model_a))}
-    fixed_a = [(n, t) for n, t in model_a.named_parameters() if not t.requires_grad] + [
-        (n, t) for n, t in model_a.named_buffers() if n not in bn]
-    fixed_b = [(n, t) for n, t in model_b.named_parameters() if not t.requires_grad] + [
-        (n, t) for n, t in model_b.named_buffers() if n not in bn]
-    if [n for n, _ in fixed_a] != [n for n, _ in fixed_b]:
-        raise ValueError("model_a and model_b have different frozen parameters / buffers: "
-                         f"{[n for n, _ in fixed_a]} vs {[n for n, _ in fixed_b]}")
-    for (n, ta), (_, tb) in zip(fixed_a, fixed_b):
-        if ta.shape != tb.shape or ta.dtype != tb.dtype or not torch.equal(ta.detach().cpu(), tb.detach().cpu()):
-            raise ValueError(f"frozen parameter / buffer {n!r} differs between model_a and model_b: the curve "
-                             "interpolates only trainable parameters (requires_grad=True), so everything else "
-                             "must be equal in both models")
+    same_fixed_tensors(model_a, model_b, "the curve")
 
 
 def bezier_basis(t, degree: int) -> Tensor:
@@ -231,7 +210,7 @@ class _Curve(nn.Module):
         """The running statistics forward passes to the template: ``bn_stats`` (checked against
         the layers), else in train mode scratch copies of model_a's; eval mode without them: a
         ValueError saying how to get them."""
-        names = {k: getattr(m, b) for k, m, b in _bn_keys(self._bn_layers, _BN_STATS[:2])}
+        names = {k: getattr(m, b) for k, m, b in bn_keys(self._bn_layers, BN_STATS[:2])}
         if bn_stats is None:
             if any(m.training for _, m in self._bn_layers):
                 return self._scratch_statistics()
@@ -254,7 +233,7 @@ class _Curve(nn.Module):
     def _scratch_statistics(self) -> dict[str, Tensor]:
         """Copies of model_a's BatchNorm buffers (running mean, variance, batch count) for a
         train-mode forward to update instead of model_a's own."""
-        return {k: getattr(m, b).clone() for k, m, b in _bn_keys(self._bn_layers) if getattr(m, b) is not None}
+        return {k: getattr(m, b).clone() for k, m, b in bn_keys(self._bn_layers) if getattr(m, b) is not None}
 
     @torch.no_grad()
     def bn_statistics(self, t, data) -> dict[str, Tensor]:
@@ -416,6 +395,8 @@ class _Curve(nn.Module):
         for name, fn in metrics.items():
             if not isinstance(name, str) or name in ("t", "loss") or not callable(fn):
                 raise ValueError(f"metrics must map new names (not 't' or 'loss') to callables, got {name!r}")
+        for label, fn in [("loss_fn", loss_fn), *((f"metrics[{k!r}]", f) for k, f in metrics.items())]:
+            refuse_sum(fn, label)
         c = default_chunk(self.layout, len(grid)) if batch_points is None else check_int(batch_points,
                                                                                            "batch_points", 1)
         data = as_batches(data)

@@ -34,7 +34,8 @@ from ..nn.calls import buffers_kept
 from ..nn.batchnorm import bn_modules
 from ..nn.inputs import dtype_mismatch
 from . import _batched, _first_layer
-from ._losses import point_sums, row_separable
+from ._losses import point_sums, refuse_sum, row_separable
+from ._pairs import same_fixed_tensors, warn_other_statistics
 from .directions import layout_of
 from .result import LandscapeResult
 
@@ -122,6 +123,7 @@ def _check_metrics(metrics) -> dict:
             raise TypeError(f"metrics keys must be non-empty strings, got {k!r}")
         if not callable(f):
             raise TypeError(f"metrics[{k!r}] must be callable (outputs, targets) -> scalar mean")
+        refuse_sum(f, f"metrics[{k!r}]")
     return dict(metrics)
 
 
@@ -548,6 +550,7 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
                          f"'recompute': statistics recomputed over the data at every point), got {bn!r}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
+    refuse_sum(loss_fn, "loss_fn")
     metrics = _check_metrics(metrics)
     if output_fn is not None and not callable(output_fn):
         raise TypeError(f"output_fn must be None or callable outputs -> outputs, got {type(output_fn).__name__}")
@@ -734,21 +737,6 @@ def _gather(means: Tensor, total: int | None, error, checksum: "_Checksum"):
     return buf[:k].view_as(means), table[:, 0].tolist(), table[:, 1:]
 
 
-def _warn_other_statistics(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Warn when bn='eval' would give the line's end model_a's BatchNorm statistics instead of
-    model_b's own (their running statistics differ)."""
-    a, b = bn_modules(model_a), bn_modules(model_b)
-    differ = len(a) != len(b) or any(
-        x.running_mean is not None and y.running_mean is not None and not (
-            torch.equal(x.running_mean, y.running_mean.to(x.running_mean)) and
-            torch.equal(x.running_var, y.running_var.to(x.running_var))) for x, y in zip(a, b))
-    if differ:
-        warn_user("interpolate with bn='eval': every point, the end at offset 1 included, uses model_a's BatchNorm "
-                  "running statistics, and model_b's differ, so the line does not end at model_b as it predicts; "
-                  "pass bn='recompute' for statistics recomputed at each point (both ends then differ from the "
-                  "models' own by their statistics on this data)", RuntimeWarning)
-
-
 def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, data, *, metrics: dict | None = None,
                 output_fn=None, bn: str = "eval", batch_points: int | None = None, distributed: bool | None = None,
                 progress: bool = True) -> LandscapeResult:
@@ -756,9 +744,11 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
 
     Args:
         model_a, model_b: two networks with the same trainable parameters (names, shapes, dtypes);
-            ``model_a``'s forward is used at every point, with its BatchNorm statistics under
-            bn='eval' (a RuntimeWarning when model_b's differ: the end is then not model_b as it
-            predicts; bn='recompute': each point's own, recomputed over ``data``).
+            ``model_a``'s forward is used at every point; their frozen parameters and buffers must be
+            equal (a ValueError otherwise: the line moves only trainable parameters), BatchNorm
+            running statistics aside: model_a's under bn='eval' (a RuntimeWarning when model_b's
+            differ: the end is then not model_b as it predicts), each point's own recomputed over
+            ``data`` under bn='recompute'.
         steps: number of points, >= 2, evenly spaced on [0, 1] (both ends included).
         loss_fn, data, metrics, output_fn, bn, batch_points, distributed, progress: as in :func:`grid`.
 
@@ -771,8 +761,9 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, steps: int, loss_fn, dat
     why = layout_of(model_a, "model_a").difference(layout_of(model_b, "model_b"), "in model_b", "in model_a")
     if why:  # named here: directions_to would call them 'model' and 'others[0]'
         raise ValueError(f"model_b has other trainable parameters than model_a ({why})")
+    same_fixed_tensors(model_a, model_b, "the line")
     if bn == "eval":
-        _warn_other_statistics(model_a, model_b)
+        warn_other_statistics(model_a, model_b)
     d = directions_to(model_a, [model_b])
     return grid(model_a, loss_fn, data, d, torch.linspace(0, 1, steps, dtype=torch.float64), metrics=metrics,
                 output_fn=output_fn, bn=bn, batch_points=batch_points, distributed=distributed, progress=progress)

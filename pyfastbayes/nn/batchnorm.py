@@ -17,7 +17,7 @@ from torch.func import functional_call
 from ..calibration._checks import check_int
 from .inputs import call_model, dtype_mismatch, iterate_inputs, to_device
 
-__all__ = ["update_bn", "refresh_bn", "bn_modules", "ModeGuard"]
+__all__ = ["update_bn", "refresh_bn", "bn_modules", "bn_keys", "ModeGuard"]
 
 
 def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -25,6 +25,19 @@ def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     statistics."""
     return [m for m in model.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def bn_keys(layers, buffers=BN_STATS) -> list[tuple[str, nn.Module, str]]:
+    """(state-dict key '<layer>.<buffer>', layer, buffer name) for each of ``layers`` [(name,
+    module)] and each of ``buffers`` (default: running mean, running variance, batch count): the
+    one spelling of the running statistics' keys. ``bn_keys(model)``: those of :func:`bn_modules`."""
+    if isinstance(layers, nn.Module):
+        ids = {id(m) for m in bn_modules(layers)}
+        layers = [(n, m) for n, m in layers.named_modules() if id(m) in ids]
+    return [(f"{n}.{b}" if n else b, m, b) for n, m in layers for b in buffers]
 
 
 class ModeGuard:
