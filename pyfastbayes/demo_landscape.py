@@ -28,10 +28,11 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .landscape import BezierCurve, LandscapeResult, directions_to, grid, interpolate, random_directions
+from .landscape import (BezierCurve, LandscapeResult, directions_to, grid, interpolate, project_trajectory,
+                        random_directions)
 from .nn import ParamLayout
 
-__all__ = ["plane_through", "project", "low_loss_interval", "ResidualMLP", "mode_connectivity", "swa_plane",
+__all__ = ["plane_through", "low_loss_interval", "ResidualMLP", "mode_connectivity", "swa_plane",
            "residual_slices", "landscape_demo", "print_summary", "markdown"]
 
 
@@ -69,13 +70,6 @@ def plane_through(points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     d2 = w / nw
     coords = torch.tensor([[0.0, 0.0], [float(nu), 0.0], [float(v @ d1), float(nw)]], dtype=torch.float64)
     return points[0].clone(), torch.stack([d1, d2]).to(points.dtype), coords
-
-
-def project(points: Tensor, origin: Tensor, directions: Tensor) -> Tensor:
-    """Coordinates [n, 2] (float64, on the CPU, for plotting) of the orthogonal projection of points
-    [n, P] onto the plane origin + span(directions) (directions [2, P] orthonormal, as
-    :func:`plane_through` returns)."""
-    return ((points.double() - origin.double()) @ directions.double().T).cpu()
 
 
 def loss_at(offsets: Tensor, loss: Tensor, at: float) -> float:
@@ -238,7 +232,7 @@ def mode_connectivity(out: str, data, solutions: list[nn.Module], quick: bool, s
     origin_b, dirs_b, pts_b = plane_through(torch.stack([flats[0], flats[1], bend]))
     dense = torch.linspace(0, 1, 101, dtype=torch.float64)
     with torch.no_grad():
-        path_b = project(torch.stack([curve.point(float(s)) for s in dense]), origin_b, dirs_b)
+        path_b = project_trajectory(torch.stack([curve.point(float(s)) for s in dense]), origin_b, dirs_b)
     axes_b = _axes_around(torch.cat([pts_b, path_b]), n, 1.4)
     plane_b = grid(_model_at(solutions[0], origin_b), ce, train, dirs_b, axes_b, progress=progress)
 
@@ -312,7 +306,7 @@ def swa_plane(out: str, data, sgd_model: nn.Module, swag, iterates: list[Tensor]
     sgd = its[-1]
     origin, dirs, pts = plane_through(torch.stack([swa, sgd, its[0]]))
     draws = swag.sample(8 if quick else 20, generator=torch.Generator().manual_seed(seed + 21)).to(layout.dtype)
-    it_xy, draw_xy = project(its, origin, dirs), project(draws, origin, dirs)
+    it_xy, draw_xy = project_trajectory(its, origin, dirs), project_trajectory(draws, origin, dirs)
     axes = _axes_around(torch.cat([pts, it_xy]), n, 2.5)
     swa_model = _model_at(sgd_model, swa)
     plane = grid(swa_model, ce, train, dirs, axes, progress=progress)

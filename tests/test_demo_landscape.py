@@ -4,7 +4,8 @@ with and without skip connections."""
 import pytest
 import torch
 
-from pyfastbayes.demo_landscape import ResidualMLP, low_loss_interval, plane_through, project
+from pyfastbayes.demo_landscape import ResidualMLP, low_loss_interval, plane_through
+from pyfastbayes.landscape import project_trajectory
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -35,17 +36,17 @@ def test_plane_through_refuses_degenerate_points():
         plane_through(torch.stack([a, b]))
 
 
-def test_project_drops_the_component_off_the_plane():
+def test_project_trajectory_on_the_demo_plane_drops_the_component_off_it():
     g = torch.Generator().manual_seed(1)
     pts = torch.randn(3, 40, generator=g, dtype=torch.float64)
     origin, dirs, coords = plane_through(pts)
-    torch.testing.assert_close(project(pts, origin, dirs), coords, atol=1e-12, rtol=0)
+    torch.testing.assert_close(project_trajectory(pts, origin, dirs), coords, atol=1e-12, rtol=0)
     # a point of the plane plus a normal vector projects to the point's coordinates
     normal = torch.randn(40, generator=g, dtype=torch.float64)
     normal -= dirs.T @ (dirs @ normal)
     xy = torch.tensor([0.7, -1.3], dtype=torch.float64)
     p = origin + xy @ dirs + 5 * normal
-    torch.testing.assert_close(project(p[None], origin, dirs)[0], xy, atol=1e-12, rtol=0)
+    torch.testing.assert_close(project_trajectory(p[None], origin, dirs)[0], xy, atol=1e-12, rtol=0)
 
 
 def test_low_loss_interval_on_piecewise_linear_slices():

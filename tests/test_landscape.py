@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pyfastbayes.landscape import (LandscapeResult, directions_to, grid, interpolate, pca_directions,
-                                   random_directions)
+                                   project_trajectory, random_directions)
 from pyfastbayes.landscape.grid import _points
 from pyfastbayes.nn import ParamLayout
 from _helpers import require
@@ -221,6 +221,45 @@ def test_pca_directions_known_trajectory():
     torch.testing.assert_close(ratio, torch.stack([var0, var2]) / (var0 + var2))
     with pytest.raises(ValueError, match="n must be <= min"):
         pca_directions(traj, 5)
+    with pytest.raises(ValueError, match="spans only 2 direction"):
+        pca_directions(traj, 3)  # T - 1 = 4 allows 3, but the rows span 2: the third would be arbitrary
+    with pytest.raises(ValueError, match="does not move"):
+        pca_directions(torch.ones(4, 3), 1)
+    with pytest.raises(ValueError, match="spans only 1 direction.*line"):
+        pca_directions(torch.outer(torch.arange(4.0), torch.randn(6)), 2)
+
+
+def test_project_trajectory_recovers_offsets_for_non_orthogonal_directions():
+    """Points built as theta0 + a d1 + b d2 (+ a component orthogonal to the plane) come back as
+    (a, b), for skewed directions, from tensors and from models; a fixed orthonormal reference
+    (the plain dot products) agrees when the directions are orthonormal."""
+    torch.manual_seed(0)
+    model = _mlp()
+    layout = ParamLayout(model)
+    theta0 = layout.flatten().double()
+    P = theta0.numel()
+    d = torch.randn(2, P, dtype=torch.float64)
+    d[1] += 0.7 * d[0]  # far from orthogonal
+    ab = torch.randn(5, 2, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.cat([d.T, torch.randn(P, 1, dtype=torch.float64)], 1))
+    off = q[:, 2] * 3.0  # orthogonal to the plane: projected away
+    pts = theta0 + ab @ d + off
+    torch.testing.assert_close(project_trajectory(pts, theta0, d), ab, rtol=0, atol=1e-10)
+    torch.testing.assert_close(project_trajectory(pts[0], theta0, d), ab[:1], rtol=0, atol=1e-10)
+    models = []
+    for row in pts[:2]:
+        m = copy.deepcopy(model)
+        layout.write_(row.float(), m)
+        models.append(m)
+    torch.testing.assert_close(project_trajectory(models, model, d.float()), ab[:2], rtol=0, atol=1e-4)
+    e = q[:, :2].T.contiguous()  # orthonormal: the coordinates are the dot products
+    torch.testing.assert_close(project_trajectory(pts, theta0, e), (pts - theta0) @ e.T, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="linearly dependent"):
+        project_trajectory(pts, theta0, torch.stack([d[0], 2 * d[0]]))
+    with pytest.raises(ValueError, match=r"points must be \[T, P\] or \[P\] with P = "):
+        project_trajectory(pts[:, :3], theta0, d)
+    with pytest.raises(TypeError, match="origin must be a model or a floating-point"):
+        project_trajectory(pts, "centre", d)
 
 
 # ---- results ------------------------------------------------------------------------------------------------
@@ -297,6 +336,27 @@ def test_plots_mark_points_on_the_line_the_plane_and_the_surface():
     ax3d = r2d.plot_surface(points={"SWAG draws": draws})
     np.testing.assert_allclose(ax3d.lines[0].get_data_3d()[2], (draws[:, 0] * 2 + draws[:, 1] * 3 + 1).numpy(),
                                rtol=1e-12)
+    # unsorted offsets (grid takes any order): drawn sorted, not as a zigzag line / folded surface
+    perm_a, perm_b = torch.tensor([3, 0, 4, 1, 2]), torch.tensor([2, 0, 1])
+    rs = LandscapeResult((a[perm_a],), a.abs()[perm_a])
+    np.testing.assert_allclose(np.asarray(rs.plot_line().lines[0].get_xydata()),
+                               np.stack([a.numpy(), a.abs().numpy()], 1))
+    rs2 = LandscapeResult((a[perm_a], b[perm_b]), loss[perm_a][:, perm_b])
+    cs_sorted, cs_shuffled = r.plot_contour(levels=5).collections, rs2.plot_contour(levels=5).collections
+    paths = [[p for c in cs for p in c.get_paths()] for cs in (cs_sorted, cs_shuffled)]
+    assert len(paths[0]) == len(paths[1]) > 0
+    for p1, p2 in zip(*paths):
+        np.testing.assert_allclose(p1.vertices, p2.vertices, rtol=1e-12, atol=1e-12)
+    ax_s = rs2.plot_surface(points={"SWAG draws": draws})
+    np.testing.assert_allclose(ax_s.lines[0].get_data_3d()[2], (draws[:, 0] * 2 + draws[:, 1] * 3 + 1).numpy(),
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="coords\\[0\\] repeats an offset"):
+        LandscapeResult((torch.tensor([0.0, 1.0, 1.0]),), torch.zeros(3)).plot_line()
+    # marks off the grid: refused by every plot (a line's end value would be extrapolated flat)
+    with pytest.raises(ValueError, match=r"points\['far'\] lies outside the grid \(alpha in \[-1, 1\]\)"):
+        r1.plot_line(points={"far": 1.5})
+    with pytest.raises(ValueError, match=r"outside the grid \(alpha in \[-1, 1\], beta in \[0, 2\]\)"):
+        r.plot_contour(points={"far": (0.0, 2.5)})
     with pytest.raises(TypeError, match="points\\['SWA'\\] must be an offset alpha"):
         r1.plot_line(points={"SWA": "x"})
     with pytest.raises(TypeError, match="must be a dict"):

@@ -122,6 +122,31 @@ def test_control_flow_and_item_fall_back_with_metrics_and_row_blocks():
     torch.testing.assert_close(res.metrics["acc"], _reference(model, acc, data, d, (axis,)), rtol=0, atol=1e-6)
 
 
+def test_the_warning_names_a_metric_that_cannot_be_batched():
+    """A metric calling .item() (or output_fn) is what vmap cannot batch, not the model: the
+    warning says so, and the values are still right."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    data = _data((4,))
+    d = random_directions(model, 1, generator=torch.Generator().manual_seed(2))
+    axis = torch.linspace(-1, 1, 3)
+
+    def acc(out, y):
+        return torch.tensor((out.argmax(-1) == y).double().mean().item())
+    res, warned = _grid_warned(model, nn.CrossEntropyLoss(), data, d, axis, metrics={"acc": acc}, progress=False)
+    assert len(warned) == 1 and "cannot batch metrics['acc'] over the points" in str(warned[0].message)
+    torch.testing.assert_close(res.metrics["acc"], _reference(model, acc, data, d, (axis,)), rtol=0, atol=1e-6)
+
+    def pick(out):
+        return out[:, : int(out.shape[1] - out.sum().item() * 0)]  # .item(): data-dependent
+    _, warned = _grid_warned(model, nn.CrossEntropyLoss(), data, d, axis, output_fn=pick, progress=False)
+    assert len(warned) == 1 and "cannot batch output_fn over the points" in str(warned[0].message)
+    branching = _Branching()
+    _, warned = _grid_warned(branching, nn.CrossEntropyLoss(), data, random_directions(branching, 1), axis,
+                             progress=False)
+    assert len(warned) == 1 and "cannot batch this model" in str(warned[0].message)
+
+
 def test_a_batchable_model_does_not_warn():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))

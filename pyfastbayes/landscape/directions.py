@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..calibration._checks import check_generator, check_int
 from ..nn.params import ParamLayout
 
-__all__ = ["random_directions", "directions_to", "pca_directions"]
+__all__ = ["random_directions", "directions_to", "pca_directions", "project_trajectory"]
 
 NORMALIZATIONS = ("filter", "layer", "none")
 IGNORES = ("biasbn", None)
@@ -190,5 +190,64 @@ def pca_directions(trajectory: Tensor, n: int = 2) -> tuple[Tensor, Tensor]:
     dirs.mul_(torch.sign(dirs.gather(1, idx)))
     var = S.double() ** 2
     total = var.sum()
-    ratio = var[:n] / total if total > 0 else torch.zeros(n, dtype=torch.float64, device=var.device)
-    return dirs.to(trajectory.dtype), ratio
+    if not total > 0:
+        raise ValueError("trajectory does not move: all its rows are equal, so it has no principal directions")
+    # a direction with no variance along it (rows on a line, or fewer distinct rows) is arbitrary
+    tol = S[0].double() * max(T, P) * torch.finfo(work).eps
+    spanned = int((S.double() > tol).sum())
+    if spanned < n:
+        raise ValueError(f"trajectory spans only {spanned} direction(s) around its mean (its rows lie on a "
+                         f"{'line' if spanned == 1 else f'{spanned}-D subspace'}), fewer than n = {n}: directions "
+                         "beyond those would be arbitrary; ask for fewer")
+    return dirs.to(trajectory.dtype), var[:n] / total
+
+
+def project_trajectory(points, origin, directions: Tensor) -> Tensor:
+    """Coordinates of parameter vectors in the plane (or line) origin + span(directions), to mark
+    them on a :func:`~pyfastbayes.landscape.grid` result's plots (``points=`` of
+    :meth:`~pyfastbayes.landscape.LandscapeResult.plot_contour`): the least-squares offsets, i.e.
+    those of each point's orthogonal projection, exact for points in the plane and correct for
+    directions that are not orthonormal (filter-normalised random ones are not).
+
+    Args:
+        points: [T, P] floating point (e.g. a saved trajectory), one [P] vector, or a sequence of
+            models with the same trainable parameters as ``origin``.
+        origin: the grid's centre: a model (its trainable parameters, flattened) or a [P] tensor.
+        directions: [m, P], the directions the grid used (linearly independent).
+
+    Returns:
+        [T, m] float64 on the CPU: row t holds the offsets (alpha, beta, ...) of point t.
+    """
+    if isinstance(origin, nn.Module):
+        layout = layout_of(origin, "origin")
+        theta0 = layout.flatten()
+        if torch.is_tensor(points):
+            X = points
+        else:
+            X = directions_to(origin, points) + theta0  # checks the models, names them others[i]
+    elif torch.is_tensor(origin) and origin.is_floating_point() and origin.dim() == 1:
+        theta0, X = origin, points
+    else:
+        raise TypeError("origin must be a model or a floating-point [P] tensor, got "
+                        f"{type(origin).__name__}{f' of shape {tuple(origin.shape)}' if torch.is_tensor(origin) else ''}")
+    P = theta0.shape[0]
+    if not torch.is_tensor(X) or not X.is_floating_point():
+        raise TypeError("points must be a floating-point tensor [T, P] or [P] (or, with a model as origin, a "
+                        f"sequence of models), got {type(X).__name__}")
+    X = X[None] if X.dim() == 1 else X
+    if X.dim() != 2 or X.shape[1] != P:
+        raise ValueError(f"points must be [T, P] or [P] with P = {P} (the origin's), got {tuple(X.shape)}")
+    if not torch.is_tensor(directions) or not directions.is_floating_point() or directions.dim() != 2 \
+            or directions.shape[1] != P:
+        raise ValueError(f"directions must be a floating-point [m, {P}] tensor, got "
+                         f"{tuple(directions.shape) if torch.is_tensor(directions) else type(directions).__name__}")
+    D = directions.double()
+    gram = D @ D.T  # [m, m]
+    rhs = (X.to(D.device).double() - theta0.to(D.device).double()) @ D.T  # [T, m]
+    try:
+        coords = torch.linalg.solve(gram, rhs.T).T
+    except RuntimeError:  # torch.linalg.LinAlgError: singular
+        coords = None
+    if coords is None or not bool(torch.isfinite(coords).all()) or torch.linalg.cond(gram) > 1e12:
+        raise ValueError("directions are linearly dependent (or zero): they span no plane to project onto")
+    return coords.cpu()

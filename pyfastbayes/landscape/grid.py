@@ -16,6 +16,7 @@ torch.distributed the points are split across the ranks and one all_reduce gathe
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 
@@ -258,11 +259,32 @@ def _walk(model: nn.Module, layout, thetas: Tensor, data, rows: int | None, shor
             on_batch.reset()  # the failed walk showed it some batches already
         for k, v in start.items():  # ... and may have updated some statistics in place
             (buffers[k] if k in buffers else shared[k]).copy_(v)
-        warn_user("landscape: torch.vmap cannot batch this model over the points ("
+        warn_user(f"landscape: torch.vmap cannot batch {_culprit(failure, fns, labels, output_fn)} over the points ("
                   f"{str(failure).splitlines()[0][:160]}); evaluating one point at a time instead (same values, "
                   "much slower: every point runs the model on every batch)", RuntimeWarning)
         return _walk_points(model, layout, thetas, data, rows, buffers, shared, fns, on_batch, labels, output_fn)
     return (sums.T.contiguous() if fns else None), n
+
+
+def _culprit(err: BaseException, fns, labels, output_fn) -> str:
+    """Who raised ``err`` inside the vmap, for the fallback warning: 'loss_fn', a metric's label or
+    'output_fn' when a frame of the traceback runs its code (a metric calling ``.item()``), else
+    'this model'."""
+    def code(fn):
+        f = fn.func if isinstance(fn, functools.partial) else fn
+        f = f.forward if isinstance(f, nn.Module) else f
+        return getattr(getattr(f, "__func__", f), "__code__", None)
+    names = list(labels) if labels is not None else ["loss_fn", *(f"metric {i}" for i in range(1, len(fns)))]
+    owners = {code(fn): name for fn, name in zip(fns, names)}
+    if output_fn is not None:
+        owners[code(output_fn)] = "output_fn"
+    owners.pop(None, None)
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in owners:
+            return owners[tb.tb_frame.f_code]
+        tb = tb.tb_next
+    return "this model"
 
 
 def _args(x) -> tuple:

@@ -48,14 +48,21 @@ def _points(points, ndim: int = 2) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def _interp2(a: np.ndarray, b: np.ndarray, values: np.ndarray, pts: np.ndarray, name) -> np.ndarray:
-    """values [n1, n2] on the grid a x b, bilinearly interpolated at pts [k, 2] (inside the grid, else
-    ValueError naming the label ``name``); either axis may run in either direction."""
-    ia, ib = np.argsort(a, kind="stable"), np.argsort(b, kind="stable")
-    a, b, values = a[ia], b[ib], values[ia][:, ib]
-    if ((pts[:, 0] < a[0]) | (pts[:, 0] > a[-1]) | (pts[:, 1] < b[0]) | (pts[:, 1] > b[-1])).any():
-        raise ValueError(f"points[{name!r}] lies outside the grid (alpha in [{a[0]:g}, {a[-1]:g}], beta in "
-                         f"[{b[0]:g}, {b[-1]:g}]): a surface marks points on it only")
+def _check_inside(axes: list[np.ndarray], pts: np.ndarray, name) -> None:
+    """ValueError naming the label ``name`` when a point of pts [k, len(axes)] lies outside the
+    grid (axes increasing): a plot marks points where it has values, never extrapolated ones."""
+    out = np.zeros(len(pts), dtype=bool)
+    for i, ax in enumerate(axes):
+        out |= (pts[:, i] < ax[0]) | (pts[:, i] > ax[-1])
+    if out.any():
+        span = ", ".join(f"{n} in [{ax[0]:g}, {ax[-1]:g}]" for n, ax in zip(("alpha", "beta"), axes))
+        raise ValueError(f"points[{name!r}] lies outside the grid ({span}): a plot marks points on the grid only "
+                         "(evaluate a larger grid to show it)")
+
+
+def _interp2(a: np.ndarray, b: np.ndarray, values: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """values [n1, n2] on the grid a x b (both increasing), bilinearly interpolated at pts [k, 2]
+    (inside the grid)."""
     i = np.clip(np.searchsorted(a, pts[:, 0], side="right") - 1, 0, len(a) - 2)
     j = np.clip(np.searchsorted(b, pts[:, 1], side="right") - 1, 0, len(b) - 2)
     u = (pts[:, 0] - a[i]) / (a[i + 1] - a[i])
@@ -141,12 +148,26 @@ class LandscapeResult:
             return cls(coords, torch.from_numpy(z["loss"]), metrics)
 
     # ---- plots ----------------------------------------------------------------------------------
-    def _values(self, metric: str | None) -> tuple[np.ndarray, str]:
+    def _sorted(self, metric: str | None) -> tuple[list[np.ndarray], np.ndarray, str]:
+        """(axes, values, label) for the plots: each axis in increasing order (grid takes offsets in
+        any order; drawn as given, a line would zigzag and a surface fold) with the values [n1] /
+        [n1, n2] of the loss or ``metric`` permuted alike; repeated offsets are refused."""
         if metric is None:
-            return _np(self.loss), "loss"
-        if metric not in self.metrics:
+            values, label = _np(self.loss), "loss"
+        elif metric not in self.metrics:
             raise ValueError(f"metric must be None (the loss) or one of {sorted(self.metrics)}, got {metric!r}")
-        return _np(self.metrics[metric]), metric
+        else:
+            values, label = _np(self.metrics[metric]), metric
+        axes = []
+        for i, c in enumerate(self.coords):
+            a = _np(c)
+            order = np.argsort(a, kind="stable")
+            a = a[order]
+            if len(a) > 1 and not (np.diff(a) > 0).all():
+                raise ValueError(f"coords[{i}] repeats an offset: a plot needs distinct offsets along each axis")
+            values = np.take(values, order, axis=i)
+            axes.append(a)
+        return axes, values, label
 
     def _need(self, ndim: int, what: str) -> None:
         if self.ndim != ndim:
@@ -154,21 +175,23 @@ class LandscapeResult:
             raise ValueError(f"{what} needs a {ndim}-D landscape, this one is {self.ndim}-D: use {other}")
 
     def plot_line(self, ax=None, metric: str | None = None, points: dict | None = None, **kwargs):
-        """Loss (or ``metric``) along a 1-D line against the offsets; returns the matplotlib axes.
-        ``points``: label -> an offset alpha (or a sequence of them) to mark on the curve (its value
-        there interpolated linearly; e.g. {'SWA': 0.0, 'SGD': 1.0}); ``kwargs`` go to ``ax.plot``."""
+        """Loss (or ``metric``) along a 1-D line against the offsets (drawn in increasing order,
+        whatever order grid was given); returns the matplotlib axes. ``points``: label -> an
+        offset alpha (or a sequence of them) to mark on the curve (its value there interpolated
+        linearly; e.g. {'SWA': 0.0, 'SGD': 1.0}; offsets outside the line raise ValueError);
+        ``kwargs`` go to ``ax.plot``."""
         self._need(1, "plot_line")
         marks = _points(points, 1)  # checked before anything is drawn
+        (a,), values, label = self._sorted(metric)
+        for name, pts in marks:
+            _check_inside([a], pts, name)
         import matplotlib.pyplot as plt
 
         if ax is None:
             _, ax = plt.subplots()
-        values, label = self._values(metric)
-        a = _np(self.coords[0])
         ax.plot(a, values, **kwargs)
-        order = np.argsort(a, kind="stable")  # (np.interp needs increasing offsets; grid takes either order)
         for name, pts in marks:
-            _mark(ax, name, [pts[:, 0], np.interp(pts[:, 0], a[order], values[order])])
+            _mark(ax, name, [pts[:, 0], np.interp(pts[:, 0], a, values)])
         ax.set_xlabel("alpha")
         ax.set_ylabel(label)
         return ax
@@ -181,18 +204,20 @@ class LandscapeResult:
             ax: the matplotlib axes to draw on (None: a new figure's).
             points: label -> (alpha, beta) to mark and label (e.g. {'SGD': (0, 0), 'SWA': (1, 0)}), or
                 label -> [k, 2] offsets marked as crosses under one legend entry (e.g. SWAG draws
-                projected onto the plane).
+                projected onto the plane with :func:`~pyfastbayes.landscape.project_trajectory`);
+                points outside the grid raise ValueError.
             metric: None for the loss, else a key of :attr:`metrics`.
             levels, filled, kwargs: passed to ``ax.contour`` / ``ax.contourf``.
         """
         self._need(2, "plot_contour")
         marks = _points(points)  # checked before anything is drawn
+        (a, b), values, label = self._sorted(metric)
+        for name, pts in marks:
+            _check_inside([a, b], pts, name)
         import matplotlib.pyplot as plt
 
         if ax is None:
             _, ax = plt.subplots()
-        values, label = self._values(metric)
-        a, b = _np(self.coords[0]), _np(self.coords[1])
         # values are [n1, n2] indexed (alpha, beta): matplotlib wants Z[y, x], hence the transpose
         cs = (ax.contourf if filled else ax.contour)(a, b, values.T, levels=levels, **kwargs)
         if not filled:
@@ -210,9 +235,10 @@ class LandscapeResult:
         outside the grid raise ValueError); ``kwargs`` go to ``ax.plot_surface``."""
         self._need(2, "plot_surface")
         marks = _points(points)
-        values, label = self._values(metric)
-        a, b = _np(self.coords[0]), _np(self.coords[1])
-        heights = [_interp2(a, b, values, pts, name) for name, pts in marks]  # (checked before drawing)
+        (a, b), values, label = self._sorted(metric)
+        for name, pts in marks:
+            _check_inside([a, b], pts, name)
+        heights = [_interp2(a, b, values, pts) for _, pts in marks]
         import matplotlib.pyplot as plt
 
         if ax is None:
