@@ -367,6 +367,36 @@ def test_a_compiled_elbo_step_does_not_recompile_every_step():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
+def test_linear_anneal_compiles_in_one_graph_and_equals_the_schedule():
+    """linear_anneal is evaluated on the ELBO's step tensor: the annealed loss equals nll + beta(step)
+    KL / N with beta = min(step / 5, 1) at each of 12 steps, compiled with fullgraph=True in <= 2
+    graphs (a Python callable is a graph break); dtypes stay float32; bad arguments are refused."""
+    import torch._dynamo
+    from pyfastbayes.vi import ELBO, kl_divergence, linear_anneal
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(BayesianLinear(3, 8), nn.ReLU(), BayesianLinear(8, 2))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    sched = linear_anneal(5, start=0.1, end=0.9)
+    elbo = ELBO(model, 100, kl_weight=sched)
+    step = torch.compile(lambda: elbo(model(x), y), backend="eager", fullgraph=True)
+    for k in range(12):
+        loss = step()
+        nll, kl = elbo.last
+        beta = 0.1 + 0.8 * min(k / 5, 1.0)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss.detach(), nll + beta * kl / 100, rtol=1e-6, atol=1e-7)
+        assert sched(k) == pytest.approx(beta)
+        torch.testing.assert_close(kl, kl_divergence(model).detach())
+    assert elbo.step == 12
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    with pytest.raises(ValueError, match="steps"):
+        linear_anneal(0)
+    with pytest.raises(ValueError, match="end must be a finite float >= 0"):
+        linear_anneal(10, end=float("nan"))
+
+
 # a checkpointed region recomputes the forward in the backward, after the position advanced: the
 # gradients belonged to other noise (no error); refused now, deterministic passes still work
 @pytest.mark.parametrize("reentrant", [False, True])

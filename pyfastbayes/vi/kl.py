@@ -137,13 +137,44 @@ def _raise_nonfinite(layers, total: Tensor) -> None:
                        f"the parameters' dtype (a diverged step); lower the learning rate or restore a checkpoint")
 
 
+class linear_anneal:
+    """KL annealing for :class:`ELBO`: beta rises linearly from ``start`` at step 0 to ``end`` at
+    step ``steps`` and stays there: beta(step) = start + (end - start) * min(step / steps, 1).
+
+    Unlike a Python callable (whose Python-int step the ELBO reads on the host, a graph break under
+    ``torch.compile``), the ELBO evaluates this schedule on its step tensor, so an annealed step
+    compiles with ``fullgraph=True``. Calling it with an int gives the same value as a float.
+
+    Args:
+        steps: the warm-up length, an int >= 1.  start, end: finite floats >= 0.
+    """
+
+    def __init__(self, steps: int, start: float = 0.0, end: float = 1.0):
+        self.steps = check_int(steps, "steps (the warm-up length)", 1)
+        self.start = _check_beta(start, "start must be a finite float >= 0")
+        self.end = _check_beta(end, "end must be a finite float >= 0")
+
+    def __call__(self, step: int) -> float:
+        return self.start + (self.end - self.start) * min(step / self.steps, 1.0)
+
+    def at(self, step: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """beta at the 0-dim integer tensor ``step``: a 0-dim tensor of ``dtype`` on its device
+        (computed in float64)."""
+        frac = torch.clamp(step.to(torch.float64) / self.steps, max=1.0)
+        return (self.start + (self.end - self.start) * frac).to(dtype)
+
+    def __repr__(self) -> str:
+        return f"linear_anneal(steps={self.steps}, start={self.start}, end={self.end})"
+
+
 class ELBO(nn.Module):
     """The negative ELBO per data point: mean NLL of the batch + kl_weight * KL(q || p) / num_data.
 
     Args:
         model: the model with Bayesian layers.  num_data: N, the training set size (> 0).
         kl_weight: beta, a finite float >= 0, or a callable step -> float for KL annealing
-            (``step`` counts the successful calls of this loss; a failed call leaves it).
+            (``step`` counts the successful calls of this loss; a failed call leaves it), e.g.
+            :class:`linear_anneal` (which also compiles in one graph).
         likelihood: 'classification' (cross-entropy of logits [N, C], targets [N] class indices;
             logits [N, C, d1, ...] with targets [N, d1, ...]: summed over the positions of each
             data point) or 'regression' (Gaussian NLL with noise std ``sigma``, finite > 0, summed
@@ -152,8 +183,9 @@ class ELBO(nn.Module):
 
     ``loss = elbo(outputs, targets)``; ``elbo.last`` holds (nll, kl) of the last call, detached.
     ``state_dict`` keeps ``step`` (a resumed run goes on with the annealing schedule where it was).
-    Under ``torch.compile`` a constant ``kl_weight`` keeps the call in one graph; a callable reads
-    the step on the host (a graph break: compile without ``fullgraph``).
+    Under ``torch.compile`` a constant ``kl_weight`` or a :class:`linear_anneal` keeps the call in
+    one graph; any other callable reads the step on the host (a graph break: compile without
+    ``fullgraph``).
     """
 
     def __init__(self, model: nn.Module, num_data: int, kl_weight=1.0, likelihood: str = "classification",
@@ -201,7 +233,9 @@ class ELBO(nn.Module):
         if not torch.is_tensor(outputs) or not torch.is_tensor(targets):
             bad = "outputs" if not torch.is_tensor(outputs) else "targets"
             raise TypeError(f"{bad} must be a tensor, got {type(outputs if bad == 'outputs' else targets).__name__}")
-        if callable(self.kl_weight):  # (under torch.compile: a graph break, the callable runs eagerly)
+        if isinstance(self.kl_weight, linear_anneal):  # read on the step tensor below, in the KL's dtype
+            beta = None
+        elif callable(self.kl_weight):  # (under torch.compile: a graph break, the callable runs eagerly)
             step = self.step
             beta = _check_beta(self.kl_weight(step), f"kl_weight({step}) must return a finite float >= 0")
         else:
@@ -218,6 +252,8 @@ class ELBO(nn.Module):
             nll = (0.5 * ((outputs - targets) / self.sigma).square()
                    + math.log(self.sigma) + 0.5 * math.log(2 * math.pi)).reshape(outputs.shape[0], -1).sum(1).mean()
         kl = kl_divergence(self.model)
+        if beta is None:
+            beta = self.kl_weight.at(self._step, kl.dtype)
         self._step.add_(1)  # only once the call has succeeded: a failed call does not move the annealing on
         self.last = (nll.detach(), kl.detach())
         return nll + beta * kl / self.num_data
