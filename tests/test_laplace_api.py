@@ -395,6 +395,7 @@ def test_posterior_variance_log_dets_and_scatter_are_the_dense_ones(structure, s
         la.prior_precision = torch.linspace(0.5, 2.0, len(la.block_names), dtype=DT)
     P = la.to_dense()
     torch.testing.assert_close(la.posterior_variance, torch.linalg.inv(P).diagonal(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(la.posterior_covariance, torch.linalg.inv(P), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(la.log_det_posterior_precision, torch.linalg.slogdet(P)[1], rtol=1e-10, atol=1e-10)
     prior = torch.as_tensor(la.prior_precision, dtype=DT)
     per_weight = torch.empty(len(la.positions), dtype=DT)  # the prior of each covered weight
@@ -620,3 +621,34 @@ def test_glm_predictive_and_load_refuse_other_weights():
         Laplace(model).load_state_dict(state)
     la.layout.write_(la.mean)
     torch.testing.assert_close(la.la(X), before)
+
+
+def test_posterior_covariance_refuses_a_dense_matrix_too_large(monkeypatch):
+    """'kron' / 'lowrank' form P^-1 densely: refused above COVARIANCE_BYTES with what to use instead."""
+    from pyfastbayes.laplace import laplace as laplace_mod
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    X, y = data()
+    la = Laplace(model, "classification").fit(loader_of(X, y), progress=False)
+    monkeypatch.setattr(laplace_mod, "COVARIANCE_BYTES", 8 * la.n_params ** 2 - 1)
+    with pytest.raises(RuntimeError, match="posterior_covariance of 43 parameters.*posterior_variance"):
+        la.posterior_covariance
+
+
+def test_options_after_the_structure_are_keyword_only():
+    """laplace-torch's positional order after hessian_structure is (sigma_noise, prior_precision, ...),
+    ours was (prior_precision, sigma_noise, ...): a positional call would silently swap them."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).to(DT)
+    with pytest.raises(TypeError, match="positional"):
+        Laplace(model, "regression", "all", "kron", 0.5, 2.0)
+
+
+def test_an_unbatched_input_is_named_as_such():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    X, y = data()
+    la = Laplace(model, "classification").fit(loader_of(X, y), progress=False)
+    with pytest.raises(ValueError, match=r"x: the model returned 3 output rows for inputs of shape \(4,\): pass the "
+                                         r"inputs as a batch \[N, ...\] \(one example: x.unsqueeze\(0\)\)"):
+        la.la(X[0])
+    torch.testing.assert_close(la.la(X[:1]), la.la(X)[:1])

@@ -49,6 +49,7 @@ PRED_TYPES = ("glm", "nn")
 # [N, T, in], an Embedding) keeps [C, out, in] numbers per row, which at the default 256 rows per
 # batch reached gigabytes for a CNN of a million weights
 _GLM_BYTES = 256 << 20
+COVARIANCE_BYTES = 1 << 30  # the largest dense posterior_covariance built for 'kron' / 'lowrank'
 _FIT_BYTES = 256 << 20  # fit's output gradients of one batched backward (Laplace._directions_per_pass)
 _CONSTRUCTOR = object()  # Laplace._plan: the prior given to the constructor (or set before fit)
 _STATE_NAMES = ("state_dict['prior_precision']", "state_dict['prior_mean']")
@@ -158,15 +159,19 @@ class Laplace(Posterior):
     After :meth:`fit`: ``mean`` [P] (the MAP), ``n_data``, ``n_outputs``, :meth:`log_marginal_likelihood`,
     :meth:`optimize_prior_precision`, :meth:`la` (laplace-torch's ``__call__``, also ``la(x)``),
     :meth:`predict`, :meth:`predictive_samples`, :meth:`sample`, :meth:`to_dense`, ``posterior_precision``,
-    ``posterior_variance``, ``log_det_posterior_precision``, ``log_det_prior_precision``, ``log_det_ratio``,
-    ``scatter``, ``state_dict``.
+    ``posterior_variance``, ``posterior_covariance``, ``log_det_posterior_precision``,
+    ``log_det_prior_precision``, ``log_det_ratio``, ``scatter``, ``state_dict``. ``positions`` [P_c]
+    (int64): where the P_c covered parameters sit in the flat [P] layout of ``mean`` and
+    :meth:`sample` (all of them unless subset_of_weights='last_layer'); ``n_params`` = P_c.
+    Everything after ``hessian_structure`` is keyword-only (laplace-torch's positional order
+    differs).
     """
 
     kind = "Laplace"
 
     def __init__(self, model: nn.Module, likelihood: str = "classification", subset_of_weights: str = "all",
-                 hessian_structure: str = "kron", prior_precision=1.0, sigma_noise: float = 1.0,
-                 temperature: float = 1.0, curvature: str = "ggn", *, prior_mean=0.0, bias_block: str = "joint",
+                 hessian_structure: str = "kron", *, prior_precision=1.0, sigma_noise: float = 1.0,
+                 temperature: float = 1.0, curvature: str = "ggn", prior_mean=0.0, bias_block: str = "joint",
                  kfac_approx: str = "expand", unsupported: str = "error", mc_samples: int = 1,
                  eigh_method: str = "auto", low_rank: int = 20):
         super().__init__(model)
@@ -522,6 +527,10 @@ class Laplace(Posterior):
                 if wrong is not None:
                     raise wrong from e
                 raise
+            if torch.is_tensor(out) and (x.dim() == 0 or out.dim() == 0 or out.shape[0] != x.shape[0]):
+                raise ValueError(f"{name}: the model returned {out.shape[0] if out.dim() else 'no'} output rows for "
+                                 f"inputs of shape {tuple(x.shape)}: pass the inputs as a batch [N, ...] (one "
+                                 "example: x.unsqueeze(0))")
             out = outputs_2d(out, self.likelihood)
         if x.dim() == 0 or out.shape[0] != x.shape[0]:
             raise ValueError(f"{name}: the model returned {out.shape[0]} output rows for inputs of shape "
@@ -552,7 +561,9 @@ class Laplace(Posterior):
 
     @property
     def mean(self) -> Tensor:
-        """theta_MAP [P] (all trainable parameters, flat layout order)."""
+        """theta_MAP [P] (all trainable parameters, flat layout order; with
+        subset_of_weights='last_layer' the covered ones are ``mean[la.positions]``, the entries
+        of :attr:`posterior_variance`)."""
         return self._need_fit()[4]
 
     @property
@@ -964,7 +975,8 @@ class Laplace(Posterior):
     # ---- draws and matrices ------------------------------------------------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """n draws [n, P] of N(theta_MAP, P^-1) over all trainable weights (the uncovered ones, with
-        subset_of_weights='last_layer', stay at the MAP)."""
+        subset_of_weights='last_layer', stay at the MAP; ``sample(n)[:, la.positions]`` are the
+        covered ones, laplace-torch's [n, P_c]), ready for :meth:`sample_`."""
         n = check_int(n, "n", 0)
         _, _, _, _, mean, precision = self._need_fit()
         out = mean.unsqueeze(0).repeat(n, 1)
@@ -982,6 +994,30 @@ class Laplace(Posterior):
         ``posterior_variance``; its other structures have none."""
         precision = self._need_fit()[5]
         return precision.variance(self._scale(), self._delta())
+
+    @property
+    def posterior_covariance(self) -> Tensor:
+        """The posterior covariance P^-1 [P_c, P_c] of the covered parameters (selection order, as
+        :attr:`posterior_variance`), dense: 'full' from its Cholesky factor, 'diag' the diagonal
+        matrix of the variances, 'kron' and 'lowrank' the inverse of :meth:`to_dense` (refused
+        above COVARIANCE_BYTES, 1 GiB: use :attr:`posterior_variance` or :meth:`sample`).
+        laplace-torch's FullLaplace / DiagLaplace ``posterior_covariance``."""
+        precision = self._need_fit()[5]
+        if self.hessian_structure == "full":
+            return precision.covariance(self._scale(), self._delta())
+        if self.hessian_structure == "diag":
+            return torch.diag(self.posterior_variance)
+        need = self.n_params ** 2 * self.layout.dtype.itemsize
+        if need > COVARIANCE_BYTES:
+            raise RuntimeError(f"posterior_covariance of {self.n_params} parameters is a dense {self.n_params} x "
+                               f"{self.n_params} matrix ({need / 2**30:.1f} GiB) of a '{self.hessian_structure}' "
+                               "posterior: use posterior_variance (its diagonal), sample(n), or "
+                               "hessian_structure='full' on a smaller subset")
+        L, info = torch.linalg.cholesky_ex(self.to_dense())
+        if int(info) != 0:
+            raise RuntimeError("the posterior precision is not positive definite in "
+                               f"{self.layout.dtype}: raise prior_precision, or fit in float64")
+        return torch.cholesky_inverse(L)
 
     @property
     def log_det_posterior_precision(self) -> Tensor:
