@@ -357,6 +357,7 @@ def test_plots_mark_points_on_the_line_the_plane_and_the_surface():
         r1.plot_line(points={"far": 1.5})
     with pytest.raises(ValueError, match=r"outside the grid \(alpha in \[-1, 1\], beta in \[0, 2\]\)"):
         r.plot_contour(points={"far": (0.0, 2.5)})
+    r.plot_contour(points={"end": (1.0 + 1e-12, 2.0)})  # an end computed with rounding still counts
     with pytest.raises(TypeError, match="points\\['SWA'\\] must be an offset alpha"):
         r1.plot_line(points={"SWA": "x"})
     with pytest.raises(TypeError, match="must be a dict"):

@@ -53,7 +53,8 @@ def _check_inside(axes: list[np.ndarray], pts: np.ndarray, name) -> None:
     grid (axes increasing): a plot marks points where it has values, never extrapolated ones."""
     out = np.zeros(len(pts), dtype=bool)
     for i, ax in enumerate(axes):
-        out |= (pts[:, i] < ax[0]) | (pts[:, i] > ax[-1])
+        tol = 1e-9 * (ax[-1] - ax[0])  # an end point computed in float32 (e.g. a projection) still counts
+        out |= (pts[:, i] < ax[0] - tol) | (pts[:, i] > ax[-1] + tol)
     if out.any():
         span = ", ".join(f"{n} in [{ax[0]:g}, {ax[-1]:g}]" for n, ax in zip(("alpha", "beta"), axes))
         raise ValueError(f"points[{name!r}] lies outside the grid ({span}): a plot marks points on the grid only "
