@@ -256,6 +256,11 @@ def test_project_trajectory_recovers_offsets_for_non_orthogonal_directions():
     torch.testing.assert_close(project_trajectory(pts, theta0, e), (pts - theta0) @ e.T, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="linearly dependent"):
         project_trajectory(pts, theta0, torch.stack([d[0], 2 * d[0]]))
+    scaled = torch.stack([d[0] * 1e4, d[1] * 1e-4])  # independent, lengths 1e8 apart: still solved
+    torch.testing.assert_close(project_trajectory(pts, theta0, scaled), ab * torch.tensor([1e-4, 1e4], dtype=ab.dtype),
+                               rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="linearly dependent"):
+        project_trajectory(pts, theta0, torch.stack([d[0], torch.zeros_like(d[0])]))
     with pytest.raises(ValueError, match=r"points must be \[T, P\] or \[P\] with P = "):
         project_trajectory(pts[:, :3], theta0, d)
     with pytest.raises(TypeError, match="origin must be a model or a floating-point"):

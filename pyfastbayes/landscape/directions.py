@@ -242,12 +242,9 @@ def project_trajectory(points, origin, directions: Tensor) -> Tensor:
         raise ValueError(f"directions must be a floating-point [m, {P}] tensor, got "
                          f"{tuple(directions.shape) if torch.is_tensor(directions) else type(directions).__name__}")
     D = directions.double()
-    gram = D @ D.T  # [m, m]
-    rhs = (X.to(D.device).double() - theta0.to(D.device).double()) @ D.T  # [T, m]
-    try:
-        coords = torch.linalg.solve(gram, rhs.T).T
-    except RuntimeError:  # torch.linalg.LinAlgError: singular
-        coords = None
-    if coords is None or not bool(torch.isfinite(coords).all()) or torch.linalg.cond(gram) > 1e12:
+    norms = D.norm(dim=1)
+    # independence judged on the unit directions (their lengths may differ by orders of magnitude)
+    if not bool((norms > 0).all()) or torch.linalg.cond((D / norms[:, None]) @ (D / norms[:, None]).T) > 1e12:
         raise ValueError("directions are linearly dependent (or zero): they span no plane to project onto")
-    return coords.cpu()
+    rhs = (X.to(D.device).double() - theta0.to(D.device).double()) @ D.T  # [T, m]
+    return torch.linalg.solve(D @ D.T, rhs.T).T.cpu()
