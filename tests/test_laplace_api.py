@@ -630,7 +630,7 @@ def test_posterior_covariance_refuses_a_dense_matrix_too_large(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
     X, y = data()
     la = Laplace(model, "classification").fit(loader_of(X, y), progress=False)
-    monkeypatch.setattr(laplace_mod, "COVARIANCE_BYTES", 8 * la.n_params ** 2 - 1)
+    monkeypatch.setattr(laplace_mod, "COVARIANCE_BYTES", 3 * 8 * la.n_params ** 2 - 1)
     with pytest.raises(RuntimeError, match="posterior_covariance of 43 parameters.*posterior_variance"):
         la.posterior_covariance
 
@@ -652,3 +652,35 @@ def test_an_unbatched_input_is_named_as_such():
                                          r"inputs as a batch \[N, ...\] \(one example: x.unsqueeze\(0\)\)"):
         la.la(X[0])
     torch.testing.assert_close(la.la(X[:1]), la.la(X)[:1])
+
+
+def test_fit_takes_a_dataloader_over_an_iterable_dataset_without_length():
+    """DataLoader has __len__, which raises TypeError for an IterableDataset without one: the
+    progress bar's total is then unknown, the fit goes on."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(20):
+                yield torch.randn(4, generator=g, dtype=DT), int(torch.randint(0, 3, (), generator=g))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    la = Laplace(model, "classification").fit(DataLoader(Stream(), batch_size=5), progress=True)
+    X = torch.stack([x for x, _ in Stream()])
+    y = torch.tensor([t for _, t in Stream()])
+    want = Laplace(model, "classification").fit([(X, y)], progress=False)
+    assert la.n_data == 20
+    torch.testing.assert_close(la.to_dense(), want.to_dense(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_squeezed_batch_of_one_gets_the_likelihood_message():
+    """A regression model ending in .squeeze() turns the last batch of one row into a 0-dim
+    output: the inputs ARE a batch, so the message is about the outputs' shape."""
+    class Squeeze(nn.Module):
+        def forward(self, x):
+            return x.squeeze()
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1), Squeeze()).to(DT)
+    X, y = torch.randn(11, 4, dtype=DT), torch.randn(11, dtype=DT)
+    with pytest.raises(ValueError, match=r"needs outputs \[N\] or \[N, C\]; the model outputs \(\)"):
+        Laplace(model, "regression", hessian_structure="full").fit([(X[:10], y[:10]), (X[10:], y[10:])],
+                                                                   progress=False)

@@ -668,10 +668,16 @@ class HostTanhNet(nn.Module):
         return self.b(HostTanh.apply(h) if self.host else torch.tanh(h))
 
 
-@pytest.mark.parametrize("structure", ["kron", "full"])
-def test_backward_without_vmap_support_loops_over_directions(structure, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_backward_without_vmap_support_loops_over_directions(structure, chunked, monkeypatch):
     """An operation vmap cannot batch in the model's backward: the directions are taken one at a
-    time, with the same curvature as the model written with torch.tanh."""
+    time, with the same curvature as the model written with torch.tanh. 'chunked': the directions
+    also split into passes (_FIT_BYTES): the loop of one pass must keep the graph for the next
+    (it freed it after its last direction: "backward through the graph a second time")."""
+    if chunked:
+        from pyfastbayes.laplace import laplace as laplace_mod
+        monkeypatch.setattr(laplace_mod, "_FIT_BYTES", 1)
     torch.manual_seed(0)
     X, y = torch.randn(9, 4, dtype=DT), torch.randint(0, C, (9,))
     host = HostTanhNet(True).to(DT)
@@ -684,7 +690,7 @@ def test_backward_without_vmap_support_loops_over_directions(structure, monkeypa
     assert len(calls) > 2  # the batched call failed: one call per direction followed
     calls.clear()
     want = fit(plain, [(X, y)], "classification", hessian_structure=structure)
-    assert len(calls) == 1
+    assert len(calls) == (C - 1 if chunked else 1)
     assert float(curvature_part(want).abs().max()) > 0.1
     torch.testing.assert_close(curvature_part(got), curvature_part(want), rtol=1e-12, atol=1e-12)
     if structure == "full":
@@ -872,3 +878,33 @@ def test_marginal_variances_of_every_block_kind(name):
     P = la.to_dense()
     torch.testing.assert_close(la.posterior_variance, torch.linalg.inv(P).diagonal(), rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(la.log_det_posterior_precision, torch.linalg.slogdet(P)[1], rtol=1e-12, atol=1e-12)
+
+
+def test_diag_and_full_budget_count_the_jacobian_parts_of_shared_weights(monkeypatch):
+    """For 'diag' / 'full' a convolution's per-example Jacobian [N, out, C k + 1] per direction is
+    built from its output gradients: fit's chunk of directions counts it (before: the output
+    gradients only, so a chunk could build parts 18x the budget)."""
+    from pyfastbayes.laplace import laplace as laplace_mod
+    torch.manual_seed(0)
+    N, Cin, H = 16, 3, 4
+    model = nn.Sequential(nn.Conv2d(Cin, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(8 * H * H, C)).to(DT)
+    X, y = torch.randn(N, Cin, H, H, dtype=DT), torch.randint(0, C, (N,))
+    outputs = N * 8 * H * H + N * C  # the two layers' outputs per direction
+    jac = N * (8 * Cin * 9 + 8)  # the conv's shared-weight Jacobian per direction (the Linear's is factored)
+    per = 8 * (2 * outputs + jac)
+    seen = []
+    real = laplace_mod.backprop
+    monkeypatch.setattr(laplace_mod, "backprop", lambda f, layers, R, **k: seen.append(R.shape[0]) or real(f, layers, R, **k))
+    monkeypatch.setattr(laplace_mod, "_FIT_BYTES", 2 * per - 1)  # room for one direction, not two
+    whole = fit(model, [(X, y)], "classification", hessian_structure="diag")
+    assert max(seen) == 1 and sum(seen) == C - 1
+    seen.clear()
+    monkeypatch.setattr(laplace_mod, "_FIT_BYTES", 2 * per)
+    fit(model, [(X, y)], "classification", hessian_structure="diag")
+    assert max(seen) == 2
+    seen.clear()
+    fit(model, [(X, y)], "classification", hessian_structure="kron")  # kron builds no Jacobian parts
+    assert max(seen) >= 2
+    monkeypatch.setattr(laplace_mod, "_FIT_BYTES", 1 << 40)
+    torch.testing.assert_close(fit(model, [(X, y)], "classification", hessian_structure="diag").to_dense(),
+                               whole.to_dense(), rtol=1e-12, atol=1e-14)

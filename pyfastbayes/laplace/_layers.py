@@ -137,6 +137,11 @@ class Layer:
         rows = _per_example_grads(self.module, params, self.a, g)
         return [("rows", r) for r in rows]
 
+    def jacobian_numel(self) -> int:
+        """Numbers per direction of the parts :meth:`jacobians` builds beyond the output gradients
+        (for fit's memory budget): per-example rows [N, p] of every parameter."""
+        return self.a.shape[0] * sum(n for _, _, n in self.params.values())
+
     def kron_rows(self, g: Tensor) -> list["KronRows"]:
         """Per Kronecker block, what one batch adds to its factors (see :class:`KronRows`)."""
         return []
@@ -204,6 +209,17 @@ class _Matrix(Layer):
             return ("factored", gg[:, :, 0], gg.new_ones(gg.shape[1], 1))
         return ("matrix", gg.sum(2).unsqueeze(-1))
 
+    def _positions(self) -> int:
+        """T, the positions per example that share the weight."""
+        raise NotImplementedError
+
+    def jacobian_numel(self) -> int:
+        # one position: factored (U, the output gradients, and V, the inputs); several: the matrix
+        # [N, out, in (+ 1)] per direction, as many numbers per example as the layer's parameters
+        if self._positions() == 1:
+            return 0
+        return self.out.shape[0] * sum(n for _, _, n in self.params.values())
+
     def jacobians(self, g):
         # The exact per-example Jacobian sum_t g_t a_t^T, whatever kfac_approx says: 'reduce' only
         # changes how the Kronecker FACTORS are formed (kron_rows); the diagonal and full
@@ -240,6 +256,9 @@ class _Matrix(Layer):
 
 
 class _Linear(_Matrix):
+    def _positions(self):
+        return math.prod(self.out.shape[1:-1])
+
     def _inputs(self):
         a = self.a
         return a.reshape(a.shape[0], -1, a.shape[-1])
@@ -252,6 +271,9 @@ PATCH_BYTES = 64 << 20  # a convolution's activation rows are built at most this
 
 
 class _Conv(_Matrix):
+    def _positions(self):
+        return math.prod(self.out.shape[2:])
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         m = self.module
@@ -409,6 +431,9 @@ class _Embedding(Layer):
         if self.sharing == "reduce" and idx.shape[1] > 1:
             return idx, gg, keep, True
         return idx, gg, keep, False
+
+    def jacobian_numel(self) -> int:
+        return self.a.shape[0] * self.module.weight.numel()  # M [N, V, D] per direction
 
     def jacobians(self, g):
         idx, gg, keep, _ = self._onehot_parts(g)

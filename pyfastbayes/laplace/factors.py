@@ -59,10 +59,11 @@ class Recorder:
             h.remove()
 
 
-def backprop(f: Tensor, layers: list[Layer], R: Tensor) -> list[Tensor]:
+def backprop(f: Tensor, layers: list[Layer], R: Tensor, keep_graph: bool = False) -> list[Tensor]:
     """Gradients [m, *out.shape] of <R[j], f> with respect to every layer's recorded output, for
     the m directions R [m, N, C] in one batched backward (a loop when an operation has no
-    batching rule)."""
+    batching rule). ``keep_graph``: the graph stays for another call (the next chunk of
+    directions); otherwise the loop's last backward may free it."""
     outs = [layer.out for layer in layers]
     for layer, o in zip(layers, outs):
         if o is None or not o.requires_grad:
@@ -86,7 +87,8 @@ def backprop(f: Tensor, layers: list[Layer], R: Tensor) -> list[Tensor]:
             raise
     grads = [[] for _ in outs]
     for j in range(R.shape[0]):
-        gs = torch.autograd.grad(f, outs, grad_outputs=R[j], retain_graph=j + 1 < R.shape[0], allow_unused=True)
+        gs = torch.autograd.grad(f, outs, grad_outputs=R[j], retain_graph=keep_graph or j + 1 < R.shape[0],
+                                 allow_unused=True)
         for acc, g in zip(grads, gs):
             acc.append(g)
     return [torch.stack(g) for g in grads]

@@ -126,6 +126,24 @@ def _check_prior_mean(value, P: int | None, dtype, device, name: str = "prior_me
     return t
 
 
+def _refuse_unbatched(x: Tensor, out, name: str) -> None:
+    """ValueError for inputs given without their batch dimension (one example [D] where [N, D] is
+    meant): the model's outputs have rows, but not the inputs' number (0-dim outputs are left to
+    the likelihood's shape message: a model squeezing a batch of one)."""
+    if torch.is_tensor(out) and out.dim() > 0 and (x.dim() == 0 or out.shape[0] != x.shape[0]):
+        raise ValueError(f"{name}: the model returned {out.shape[0]} output rows for inputs of shape "
+                         f"{tuple(x.shape)}: pass the inputs as a batch [N, ...] (one example: x.unsqueeze(0))")
+
+
+def _length(loader) -> int | None:
+    """len(loader) where it has one: a DataLoader over an IterableDataset without __len__ has the
+    attribute but raises TypeError."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 class Laplace(Posterior):
     """Laplace approximation of the posterior over a trained network's weights.
 
@@ -375,7 +393,7 @@ class Laplace(Posterior):
             # directions, unfolded patches): on the CPU they are reused from exact-size free lists
             # instead of page-faulting afresh each batch (pyfastbayes._memory.allocation_cache)
             with allocation_cache(torch.device(self.device).type == "cpu"):
-                total = len(loader) if hasattr(loader, "__len__") else None  # (the bar's total, when known)
+                total = _length(loader)  # (the bar's total, when known)
                 loss, n_data, n_out = self._local_pass(curv, first, batches, progress, generator, lowrank, total)
         except Exception as e:  # under torch.distributed the other ranks must learn of it, or they wait forever
             if not dist:
@@ -423,8 +441,10 @@ class Laplace(Posterior):
                         R = directions(f, yt, self.likelihood, self.curvature, self.mc_samples, generator).to(f.dtype)
                         # the m directions' output gradients (m x every covered layer's output) in
                         # chunks under _FIT_BYTES: G sums over directions, A is added once per batch
-                        for k, Rc in enumerate(R.split(self._directions_per_pass(layers, R.shape[0]))):
-                            curv.add(layers, backprop(f, layers, Rc), activations=k == 0)
+                        chunks = R.split(self._directions_per_pass(layers, R.shape[0]))
+                        for k, Rc in enumerate(chunks):
+                            curv.add(layers, backprop(f, layers, Rc, keep_graph=k + 1 < len(chunks)),
+                                     activations=k == 0)
                     n_data += y.shape[0]
                     for layer in layers:
                         layer.clear()
@@ -438,8 +458,13 @@ class Laplace(Posterior):
     def _directions_per_pass(self, layers, m: int) -> int:
         """Directions per batched backward of ``fit``: all m unless their output gradients (per
         direction every covered layer's output, counted twice for the backward's own
-        temporaries) would pass :data:`_FIT_BYTES` (on CUDA also a quarter of the free memory)."""
+        temporaries) and, for 'diag' / 'full', the per-example Jacobian parts built from them
+        (:meth:`Layer.jacobian_numel`: a weight shared over positions gives [N, out, in] per
+        direction) would pass :data:`_FIT_BYTES` (on CUDA also a quarter of the free memory)."""
         per = 2 * sum(layer.out.numel() * layer.out.element_size() for layer in layers if layer.out is not None)
+        if self.hessian_structure in ("diag", "full"):
+            per += sum(layer.jacobian_numel() * layer.out.element_size() for layer in layers
+                       if layer.out is not None and layer.a is not None and layer.a.dim() > 0)
         budget = _FIT_BYTES
         if torch.device(self.device).type == "cuda":
             budget = min(budget, torch.cuda.mem_get_info(self.device)[0] // 4)
@@ -527,10 +552,7 @@ class Laplace(Posterior):
                 if wrong is not None:
                     raise wrong from e
                 raise
-            if torch.is_tensor(out) and (x.dim() == 0 or out.dim() == 0 or out.shape[0] != x.shape[0]):
-                raise ValueError(f"{name}: the model returned {out.shape[0] if out.dim() else 'no'} output rows for "
-                                 f"inputs of shape {tuple(x.shape)}: pass the inputs as a batch [N, ...] (one "
-                                 "example: x.unsqueeze(0))")
+            _refuse_unbatched(x, out, name)
             out = outputs_2d(out, self.likelihood)
         if x.dim() == 0 or out.shape[0] != x.shape[0]:
             raise ValueError(f"{name}: the model returned {out.shape[0]} output rows for inputs of shape "
@@ -988,8 +1010,9 @@ class Laplace(Posterior):
     @property
     def posterior_variance(self) -> Tensor:
         """The marginal posterior variances diag(P^-1) [P_c] of the covered parameters (selection
-        order: flat layout order), for every structure without forming P^-1 ('kron': from each
-        block's eigenbases; 'full': the column norms of the Cholesky factor's inverse;
+        order: flat layout order), for every structure ('kron': from each block's eigenbases,
+        no [P_c, P_c] matrix; 'full': the column norms of the Cholesky factor's inverse, a dense
+        [P_c, P_c] like the covariance;
         'lowrank': the subspace correction of 1 / delta). laplace-torch's DiagLaplace
         ``posterior_variance``; its other structures have none."""
         precision = self._need_fit()[5]
@@ -1000,19 +1023,21 @@ class Laplace(Posterior):
         """The posterior covariance P^-1 [P_c, P_c] of the covered parameters (selection order, as
         :attr:`posterior_variance`), dense: 'full' from its Cholesky factor, 'diag' the diagonal
         matrix of the variances, 'kron' and 'lowrank' the inverse of :meth:`to_dense` (refused
-        above COVARIANCE_BYTES, 1 GiB: use :attr:`posterior_variance` or :meth:`sample`).
+        when the matrices built pass COVARIANCE_BYTES, 1 GiB: one for 'diag', three for 'kron' /
+        'lowrank'; use :attr:`posterior_variance` or :meth:`sample`).
         laplace-torch's FullLaplace / DiagLaplace ``posterior_covariance``."""
         precision = self._need_fit()[5]
         if self.hessian_structure == "full":
             return precision.covariance(self._scale(), self._delta())
-        if self.hessian_structure == "diag":
-            return torch.diag(self.posterior_variance)
-        need = self.n_params ** 2 * self.layout.dtype.itemsize
+        # the result, and for 'kron' / 'lowrank' also to_dense() and its Cholesky factor
+        need = (1 if self.hessian_structure == "diag" else 3) * self.n_params ** 2 * self.layout.dtype.itemsize
         if need > COVARIANCE_BYTES:
             raise RuntimeError(f"posterior_covariance of {self.n_params} parameters is a dense {self.n_params} x "
-                               f"{self.n_params} matrix ({need / 2**30:.1f} GiB) of a '{self.hessian_structure}' "
-                               "posterior: use posterior_variance (its diagonal), sample(n), or "
-                               "hessian_structure='full' on a smaller subset")
+                               f"{self.n_params} matrix ({need / 2**30:.1f} GiB with its work space) of a "
+                               f"'{self.hessian_structure}' posterior: use posterior_variance (its diagonal), "
+                               "sample(n), or hessian_structure='full' on a smaller subset")
+        if self.hessian_structure == "diag":
+            return torch.diag(self.posterior_variance)
         L, info = torch.linalg.cholesky_ex(self.to_dense())
         if int(info) != 0:
             raise RuntimeError("the posterior precision is not positive definite in "
@@ -1085,6 +1110,7 @@ class Laplace(Posterior):
             if wrong is not None:
                 raise wrong from e
             raise
+        _refuse_unbatched(x, out, "x")
         return outputs_2d(out, self.likelihood)
 
     def to_dense(self) -> Tensor:
