@@ -6,4 +6,5 @@ from .directions import directions_to, pca_directions, project_trajectory, rando
 from .grid import grid, interpolate
 from .result import LandscapeResult
 
-__all__ += ["random_directions", "directions_to", "pca_directions", "project_trajectory", "grid", "interpolate", "LandscapeResult"]
+__all__ += ["random_directions", "directions_to", "pca_directions", "project_trajectory", "grid", "interpolate",
+            "LandscapeResult"]

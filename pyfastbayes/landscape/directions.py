@@ -219,24 +219,23 @@ def project_trajectory(points, origin, directions: Tensor) -> Tensor:
         [T, m] float64 on the CPU: row t holds the offsets (alpha, beta, ...) of point t.
     """
     if isinstance(origin, nn.Module):
-        layout = layout_of(origin, "origin")
-        theta0 = layout.flatten()
-        if torch.is_tensor(points):
-            X = points
-        else:
-            X = directions_to(origin, points) + theta0  # checks the models, names them others[i]
+        theta0 = layout_of(origin, "origin").flatten()
     elif torch.is_tensor(origin) and origin.is_floating_point() and origin.dim() == 1:
-        theta0, X = origin, points
+        theta0 = origin
     else:
         raise TypeError("origin must be a model or a floating-point [P] tensor, got "
                         f"{type(origin).__name__}{f' of shape {tuple(origin.shape)}' if torch.is_tensor(origin) else ''}")
     P = theta0.shape[0]
-    if not torch.is_tensor(X) or not X.is_floating_point():
+    if isinstance(origin, nn.Module) and not torch.is_tensor(points):
+        offsets = directions_to(origin, points)  # [T, P]: checks the models, names them others[i]
+    elif torch.is_tensor(points) and points.is_floating_point():
+        X = points[None] if points.dim() == 1 else points
+        if X.dim() != 2 or X.shape[1] != P:
+            raise ValueError(f"points must be [T, P] or [P] with P = {P} (the origin's), got {tuple(X.shape)}")
+        offsets = X.to(theta0.device).double() - theta0.double()
+    else:
         raise TypeError("points must be a floating-point tensor [T, P] or [P] (or, with a model as origin, a "
-                        f"sequence of models), got {type(X).__name__}")
-    X = X[None] if X.dim() == 1 else X
-    if X.dim() != 2 or X.shape[1] != P:
-        raise ValueError(f"points must be [T, P] or [P] with P = {P} (the origin's), got {tuple(X.shape)}")
+                        f"sequence of models), got {type(points).__name__}")
     if not torch.is_tensor(directions) or not directions.is_floating_point() or directions.dim() != 2 \
             or directions.shape[1] != P:
         raise ValueError(f"directions must be a floating-point [m, {P}] tensor, got "
@@ -246,5 +245,5 @@ def project_trajectory(points, origin, directions: Tensor) -> Tensor:
     # independence judged on the unit directions (their lengths may differ by orders of magnitude)
     if not bool((norms > 0).all()) or torch.linalg.cond((D / norms[:, None]) @ (D / norms[:, None]).T) > 1e12:
         raise ValueError("directions are linearly dependent (or zero): they span no plane to project onto")
-    rhs = (X.to(D.device).double() - theta0.to(D.device).double()) @ D.T  # [T, m]
+    rhs = offsets.to(D.device, torch.float64) @ D.T  # [T, m]
     return torch.linalg.solve(D @ D.T, rhs.T).T.cpu()

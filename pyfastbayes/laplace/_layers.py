@@ -209,16 +209,12 @@ class _Matrix(Layer):
             return ("factored", gg[:, :, 0], gg.new_ones(gg.shape[1], 1))
         return ("matrix", gg.sum(2).unsqueeze(-1))
 
-    def _positions(self) -> int:
-        """T, the positions per example that share the weight."""
-        raise NotImplementedError
-
     def jacobian_numel(self) -> int:
-        # one position: factored (U, the output gradients, and V, the inputs); several: the matrix
-        # [N, out, in (+ 1)] per direction, as many numbers per example as the layer's parameters
-        if self._positions() == 1:
-            return 0
-        return self.out.shape[0] * sum(n for _, _, n in self.params.values())
+        # T positions sharing the weight (the output holds N x T x out numbers, a Linear's and a
+        # convolution's alike): one position is factored (U, the output gradients, and V, the
+        # inputs); several build the matrix [N, out, in (+ 1)] per direction, Layer's count
+        n_out = self.params["weight"][1][0] if self.has_weight else self.params["bias"][2]
+        return 0 if self.out.numel() == self.out.shape[0] * n_out else super().jacobian_numel()
 
     def jacobians(self, g):
         # The exact per-example Jacobian sum_t g_t a_t^T, whatever kfac_approx says: 'reduce' only
@@ -256,9 +252,6 @@ class _Matrix(Layer):
 
 
 class _Linear(_Matrix):
-    def _positions(self):
-        return math.prod(self.out.shape[1:-1])
-
     def _inputs(self):
         a = self.a
         return a.reshape(a.shape[0], -1, a.shape[-1])
@@ -271,9 +264,6 @@ PATCH_BYTES = 64 << 20  # a convolution's activation rows are built at most this
 
 
 class _Conv(_Matrix):
-    def _positions(self):
-        return math.prod(self.out.shape[2:])
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         m = self.module

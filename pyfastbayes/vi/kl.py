@@ -157,11 +157,9 @@ class linear_anneal:
     def __call__(self, step: int) -> float:
         return self.start + (self.end - self.start) * min(step / self.steps, 1.0)
 
-    def at(self, step: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-        """beta at the 0-dim integer tensor ``step``: a 0-dim tensor of ``dtype`` on its device
-        (computed in float64)."""
-        frac = torch.clamp(step.to(torch.float64) / self.steps, max=1.0)
-        return (self.start + (self.end - self.start) * frac).to(dtype)
+    def at(self, step: Tensor) -> Tensor:
+        """beta at the 0-dim integer tensor ``step``: a float64 0-dim tensor on its device."""
+        return self.start + (self.end - self.start) * torch.clamp(step.to(torch.float64) / self.steps, max=1.0)
 
     def __repr__(self) -> str:
         return f"linear_anneal(steps={self.steps}, start={self.start}, end={self.end})"
@@ -233,8 +231,8 @@ class ELBO(nn.Module):
         if not torch.is_tensor(outputs) or not torch.is_tensor(targets):
             bad = "outputs" if not torch.is_tensor(outputs) else "targets"
             raise TypeError(f"{bad} must be a tensor, got {type(outputs if bad == 'outputs' else targets).__name__}")
-        if isinstance(self.kl_weight, linear_anneal):  # read on the step tensor below, in the KL's dtype
-            beta = None
+        if isinstance(self.kl_weight, linear_anneal):  # on the step tensor: no host read
+            beta = self.kl_weight.at(self._step)
         elif callable(self.kl_weight):  # (under torch.compile: a graph break, the callable runs eagerly)
             step = self.step
             beta = _check_beta(self.kl_weight(step), f"kl_weight({step}) must return a finite float >= 0")
@@ -252,11 +250,9 @@ class ELBO(nn.Module):
             nll = (0.5 * ((outputs - targets) / self.sigma).square()
                    + math.log(self.sigma) + 0.5 * math.log(2 * math.pi)).reshape(outputs.shape[0], -1).sum(1).mean()
         kl = kl_divergence(self.model)
-        if beta is None:
-            beta = self.kl_weight.at(self._step, kl.dtype)
         self._step.add_(1)  # only once the call has succeeded: a failed call does not move the annealing on
         self.last = (nll.detach(), kl.detach())
-        return nll + beta * kl / self.num_data
+        return nll + (beta * kl).to(kl.dtype) / self.num_data  # (a float64 tensor beta kept in the KL's dtype)
 
 
 def _check_beta(beta, message: str) -> float:
