@@ -150,11 +150,12 @@ def _patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
 def output_jacobians(model, X, modules):
     """For each module: (inputs rows [N, T, in], Jacobians [N, C, T, out] of the model's outputs
     with respect to the module's output at every position), by hooks and one backward per output
-    column (the examples are independent in eval mode)."""
+    column (the examples are independent in eval mode). A module called several times has the
+    positions of all its calls, in call order."""
     rec = {}
 
     def hook(mod, inp, out):
-        rec[mod] = (inp[0].detach(), out)
+        rec.setdefault(mod, []).append((inp[0].detach(), out))
 
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
@@ -164,16 +165,21 @@ def output_jacobians(model, X, modules):
         for h in handles:
             h.remove()
     f = f.reshape(f.shape[0], -1)
-    outs = [rec[m][1] for m in modules]
+    outs = [o for m in modules for _, o in rec[m]]
     cols = [torch.autograd.grad(f[:, c].sum(), outs, retain_graph=True) for c in range(f.shape[1])]
-    result = []
-    for k, m in enumerate(modules):
-        g = torch.stack([col[k] for col in cols], 1)  # [N, C, *out.shape[1:]]
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
-        else:
-            g = g.reshape(g.shape[0], g.shape[1], g.shape[2], -1).transpose(2, 3)  # [N, C, T, out]
-        result.append((_patches(m, rec[m][0]), g.detach()))
+    result, k = [], 0
+    for m in modules:
+        a_calls, g_calls = [], []
+        for a, _ in rec[m]:
+            g = torch.stack([col[k] for col in cols], 1)  # [N, C, *out.shape[1:]]
+            k += 1
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+            else:
+                g = g.reshape(g.shape[0], g.shape[1], g.shape[2], -1).transpose(2, 3)  # [N, C, T, out]
+            a_calls.append(_patches(m, a))
+            g_calls.append(g.detach())
+        result.append((torch.cat(a_calls, 1), torch.cat(g_calls, 2)))
     return f.detach(), result
 
 

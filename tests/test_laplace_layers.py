@@ -70,6 +70,45 @@ def _bn_net():
     return m
 
 
+class Unrolled(nn.Module):
+    """A recurrent cell unrolled over T_POS steps: ``inp`` and the LayerNorm are called T_POS
+    times, ``cell`` T_POS - 1 times (modules called several times per forward)."""
+
+    def __init__(self, D=3, H=4, out=C):
+        super().__init__()
+        self.inp, self.cell, self.norm, self.out = nn.Linear(D, H), nn.Linear(H, H, bias=False), nn.LayerNorm(H), \
+            nn.Linear(H, out)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.inp(x[:, 0])))
+        for t in range(1, x.shape[1]):
+            h = torch.tanh(self.norm(self.inp(x[:, t]) + self.cell(h)))
+        return self.out(h)
+
+
+class Siamese(nn.Module):
+    """One convolution on the image and on its 2x subsampling (calls with different numbers of
+    positions), one Embedding on two token fields, the features joined by a Linear."""
+
+    def __init__(self, out=C, words=True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.emb = nn.Embedding(5, 2, padding_idx=0) if words else None
+        self.out = nn.Linear(3 * 25 + 3 * 9 + (2 * 4 if words else 0), out)
+
+    def forward(self, x):
+        img, tok = x[:, :50].view(-1, 2, 5, 5), x[:, 50:].long()
+        fine, coarse = self.conv(img), self.conv(img[:, :, ::2, ::2])
+        feats = [fine.flatten(1), coarse.flatten(1)]
+        if self.emb is not None:
+            feats.append(torch.cat([self.emb(tok[:, :2]), self.emb(tok[:, 2:])], 1).flatten(1))
+        return self.out(torch.tanh(torch.cat(feats, 1)))
+
+
+def _siamese_inputs(n, g):
+    return torch.cat([torch.randn(n, 50, generator=g, dtype=DT), torch.randint(0, 5, (n, 4), generator=g).to(DT)], 1)
+
+
 # name -> (model factory, inputs(n, generator), likelihood, outputs)
 MODELS = {
     "seq_linear": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(T_POS * 4, C)),
@@ -100,6 +139,10 @@ MODELS = {
                   lambda n, g: torch.randn(n, 2, 5, 5, generator=g, dtype=DT), "classification"),
     "custom": (lambda: nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, C)),
                lambda n, g: torch.randn(n, 4, generator=g, dtype=DT), "classification"),
+    # modules called several times per forward
+    "unrolled": (Unrolled, lambda n, g: torch.randn(n, T_POS, 3, generator=g, dtype=DT), "classification"),
+    "siamese": (Siamese, _siamese_inputs, "regression"),
+    "siamese_conv": (lambda: Siamese(words=False), _siamese_inputs, "regression"),
 }
 
 
@@ -287,7 +330,8 @@ def test_tied_parameters_are_refused():
 
 def test_forward_contracts():
     """In-place activations after a covered layer change nothing (the recorded output is a clone);
-    a covered layer called twice, or not at all, is refused by name."""
+    a covered layer called twice (one call's output discarded or not) has the exact curvature of
+    all its uses; one not called at all is refused by name."""
     torch.manual_seed(0)
     X, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).to(DT)
@@ -300,8 +344,15 @@ def test_forward_contracts():
             super().__init__()
             self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
 
-        def forward(self, x):
+        def forward(self, x, discard=False):
+            if discard:
+                self.lin(x.flip(0))  # a call whose output the model's outputs do not depend on
+                return self.out(self.lin(x))
             return self.out(self.lin(torch.tanh(self.lin(x))))
+
+    class Discard(Twice):
+        def forward(self, x):
+            return super().forward(x, discard=True)
 
     class Unused(nn.Module):
         def __init__(self):
@@ -311,8 +362,11 @@ def test_forward_contracts():
         def forward(self, x):
             return self.lin(x)
 
-    with pytest.raises(RuntimeError, match="layer 'lin' is called more than once"):
-        fit(Twice().to(DT), [(X, y)], "classification")
+    for cls in (Twice, Discard):
+        model = cls().to(DT)
+        la = fit(model, [(X, y)], "classification", hessian_structure="full")
+        torch.testing.assert_close(curvature_part(la), ref.exact_curvature(model, [(X, y)], "classification"),
+                                   rtol=1e-10, atol=1e-12)
     with pytest.raises(RuntimeError, match="layer 'spare' did not take part in the forward"):
         fit(Unused().to(DT), [(X, y)], "classification")
 
@@ -366,7 +420,7 @@ def test_kron_is_exact_for_one_example():
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])
-@pytest.mark.parametrize("name", ["conv2d", "seq_linear", "embedding", "groupnorm"])
+@pytest.mark.parametrize("name", ["conv2d", "seq_linear", "embedding", "groupnorm", "unrolled", "siamese"])
 def test_directions_in_chunks_give_the_same_curvature(name, structure, monkeypatch):
     """fit backpropagates the m directions in chunks under _FIT_BYTES: one direction per pass (a
     budget below one direction's gradients) gives the curvature of all m in one pass (G and the
@@ -409,15 +463,17 @@ def test_kron_weight_sharing_is_the_expand_reduce_formula(name, approx, patch_by
         assert float((curvature_part(la)[:n0, :n0] - H[:n0, :n0]).abs().max()) > 1e-3
 
 
-def _embedding_factors(model, loader, lik):
+def _embedding_factors(model, loader, lik, tokens=lambda x: x):
     """KFAC-expand of the embedding as a linear layer on one-hot inputs, padding tokens being no
-    rows: A = diag(counts of non-padding tokens) / their number, G = sum over them of J^T H J."""
+    rows: A = diag(counts of non-padding tokens) / their number, G = sum over them of J^T H J.
+    ``tokens``: the embedding's token indices [N, T] in an input batch (all calls, in order)."""
     emb = model.emb
     V, D = emb.weight.shape
     counts, G, n = torch.zeros(V, dtype=DT), torch.zeros(D, D, dtype=DT), 0
     for x, y in loader:
         f, [(_, J)] = ref.output_jacobians(model, x, [emb])  # J [N, C, T, D]
         Hout = ref.output_hessians(f, y, lik)
+        x = tokens(x)
         keep = x != emb.padding_idx
         counts += torch.bincount(x[keep], minlength=V).to(DT)
         Jk = J.permute(0, 2, 1, 3)[keep]  # [n_tokens, C, D]
@@ -425,6 +481,62 @@ def _embedding_factors(model, loader, lik):
         G += torch.einsum("kco,kcd,kdp->op", Jk, Hk, Jk)
         n += int(keep.sum())
     return counts / n, G
+
+
+@pytest.mark.parametrize("name, approx, patch_bytes", [
+    ("unrolled", "expand", None), ("unrolled", "reduce", None), ("siamese", "expand", None),
+    ("siamese", "expand", 1), ("siamese_conv", "reduce", None), ("siamese_conv", "reduce", 1)])
+def test_kron_of_modules_called_several_times_is_the_formula_over_all_calls(name, approx, patch_bytes, monkeypatch):
+    """A module called several times per forward: the positions of all its calls share the weight
+    ('expand': A averaged over the N x (all calls' positions) rows, G summed over them; 'reduce':
+    the inputs averaged and output gradients summed over all of them first; an Embedding's tokens
+    of all calls), convolution calls of different sizes too, patches in chunks or not; its
+    diagonal blocks (the unrolled LayerNorm) are the exact diagonal of the GGN."""
+    if patch_bytes is not None:
+        monkeypatch.setattr(layers_mod, "PATCH_BYTES", patch_bytes)
+    model, loader, lik = make(name)
+    la = fit(model, loader, lik, hessian_structure="kron", kfac_approx=approx, bias_block="separate")
+    got = {bname: (L, R) for bname, L, R, _, _ in la.posterior_precision}
+    mods = kron_modules(model)
+    for (G, A), m in zip(ref.kfac_factors(model, loader, lik, mods, approx, bias=False), mods):
+        mname = next(k for k, v in model.named_modules() if v is m)
+        torch.testing.assert_close(got[f"{mname}.weight"][0], G, rtol=1e-10, atol=1e-13, msg=f"G of {mname}")
+        torch.testing.assert_close(got[f"{mname}.weight"][1], A, rtol=1e-10, atol=1e-13, msg=f"A of {mname}")
+        if m.bias is not None:
+            torch.testing.assert_close(got[f"{mname}.bias"][0], G, rtol=1e-10, atol=1e-13)
+    if name == "siamese":
+        L_want, R_want = _embedding_factors(model, loader, lik, tokens=lambda x: x[:, 50:].long())
+        torch.testing.assert_close(got["emb.weight"][0], L_want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got["emb.weight"][1], R_want, rtol=1e-10, atol=1e-13)
+    if name == "unrolled":
+        H = exact(name, "ggn").diagonal()
+        offsets, o = {}, 0
+        for pname, p in model.named_parameters():
+            offsets[pname], o = (o, o + p.numel()), o + p.numel()
+        norm = torch.cat([got["norm.weight"][0], got["norm.bias"][0]])
+        torch.testing.assert_close(norm, H[offsets["norm.weight"][0]:offsets["norm.bias"][1]], rtol=1e-10, atol=1e-13)
+        # the cell's calls are T_POS - 1 of its positions: G sums over them (not one call's)
+        assert la.n_data == 10 and T_POS > 2
+
+
+def test_calls_on_different_batch_sizes_are_refused():
+    """A covered layer called once on the batch and once on a single row (a learned query, a
+    constant): per-example Jacobians cannot be added, the error says which layer and how to fix."""
+
+    class Query(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.q = nn.Linear(4, 3), nn.Parameter(torch.randn(1, 4))
+
+        def forward(self, x):
+            return self.lin(x) * self.lin(self.q)
+
+    X, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    model = Query().to(DT)
+    model.q.requires_grad_(False)
+    for structure in ("kron", "diag", "full"):
+        with pytest.raises(ValueError, match=r"layer 'lin' \(Linear\) is called on inputs of \[1, 6\] rows"):
+            fit(model, [(X, y)], "classification", hessian_structure=structure)
 
 
 def test_kron_embedding_is_the_one_hot_kfac():
@@ -505,7 +617,8 @@ def test_kron_factors_match_curvlinops(approx, separate):
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])
 @pytest.mark.parametrize("name, approx", [("mlp", "expand"), ("conv2d", "expand"), ("conv2d", "reduce"),
                                           ("seq_linear", "reduce"), ("embedding", "expand"),
-                                          ("layernorm", "expand"), ("batchnorm", "expand")])
+                                          ("layernorm", "expand"), ("batchnorm", "expand"),
+                                          ("unrolled", "reduce"), ("siamese", "expand")])
 def test_functional_variance_is_J_inverse_precision_Jt(name, approx, structure):
     """J P^-1 J^T with explicit Jacobians at new inputs; for 'reduce' the TRUE Jacobian (sum over
     positions of g a^T), not the one of the reduced factors."""

@@ -22,11 +22,15 @@ each entry's position in the flat [P] vector of :class:`pyfastbayes.nn.ParamLayo
   (``torch.func``: vmap over examples and directions of the module's own forward).
 
 A parameter shared by several modules (tied weights) is refused: the flat layout holds it once and
-no per-module block would see all of its uses.
+no per-module block would see all of its uses. A module called several times per forward (an
+unrolled recurrent cell, siamese branches) is not: its calls are recorded one by one, its
+per-example Jacobian is the sum of theirs, and for its Kronecker factors the calls are further
+positions sharing the weight (below).
 
-Weight sharing (positions t = 1..T beyond the batch dimension) follows Eschenhagen et al. (2023):
-'expand' treats the N*T positions as examples (A averaged over N*T rows, G summed over them);
-'reduce' averages the inputs and sums the output gradients over positions first.
+Weight sharing (positions t = 1..T beyond the batch dimension, over all of the module's calls)
+follows Eschenhagen et al. (2023): 'expand' treats the N*T positions as examples (A averaged over
+N*T rows, G summed over them); 'reduce' averages the inputs and sums the output gradients over
+positions first.
 """
 from __future__ import annotations
 
@@ -91,15 +95,16 @@ class KronRows:
 
 class Layer:
     """One module whose direct trainable parameters are covered, its blocks and what a forward
-    recorded (``a``: the input, detached; ``out``: the output tensor in the graph)."""
+    recorded, per call of the module: ``inputs`` (the first input, detached, or None when it is
+    not a tensor) and ``outs`` (the output tensors in the graph). The per-batch methods take the
+    output gradients ``gs`` of m directions as a list, one [m, *out.shape] per call."""
 
     def __init__(self, name: str, module: nn.Module, params: dict[str, tuple[int, tuple, int]],
                  bias_block: str, sharing: str):
         self.name, self.module, self.sharing = name, module, sharing
         self.params = params  # local name -> (flat offset, shape, numel)
-        self.a: Tensor | None = None
-        self.out: Tensor | None = None
-        self.calls = 0
+        self.inputs: list[Tensor | None] = []
+        self.outs: list[Tensor] = []
         self.blocks = self._make_blocks(bias_block)
 
     # ---- structure ------------------------------------------------------------------------------
@@ -114,37 +119,60 @@ class Layer:
     def record(self, inp: tuple, out: Tensor) -> Tensor:
         """Record one call's input and output; returns the output the forward goes on with (the
         recorded one: see :meth:`_Conv.record`)."""
-        self.calls += 1
-        self.a = inp[0].detach() if inp and torch.is_tensor(inp[0]) else None
-        self.out = out
+        self.inputs.append(inp[0].detach() if inp and torch.is_tensor(inp[0]) else None)
+        self.outs.append(out)
         return out
 
     def clear(self) -> None:
-        self.a = self.out = None
-        self.calls = 0
+        self.inputs, self.outs = [], []
 
-    def jacobians(self, g: Tensor) -> list:
+    def batch_rows(self) -> int | None:
+        """The number N of examples every recorded call ran on (the first dimension of its input),
+        or None when a call's input is not a tensor of rows; ValueError when the calls disagree
+        (their per-example Jacobians could not be added)."""
+        if not self.inputs or any(a is None or a.dim() == 0 for a in self.inputs):
+            return None
+        sizes = {a.shape[0] for a in self.inputs}
+        if len(sizes) > 1:
+            raise ValueError(f"layer {self.name!r} ({type(self.module).__name__}) is called on inputs of "
+                             f"{sorted(sizes)} rows in one forward; Laplace needs every call of a covered layer "
+                             "to run on the batch's N examples (freeze it, requires_grad=False, if it is not)")
+        return sizes.pop()
+
+    def jacobians(self, gs: list[Tensor]) -> list:
         """Per block the per-example Jacobians of the m directions whose output gradients are
-        ``g`` [m, *out.shape]: ('factored', U [m, N, p], V [N, q]) meaning U (x) V, or ('matrix',
-        M [m, N, p, q]) for Kronecker blocks; ('rows', R [m, N, p]) for diagonal blocks."""
-        if self.a is None or self.a.dim() == 0 or self.a.shape[0] != g.shape[1]:
+        ``gs`` (per call [m, *out.shape]), summed over the calls: ('factored', U [m, N, p],
+        V [N, q]) meaning U (x) V, or ('matrix', M [m, N, p, q]) for Kronecker blocks; ('rows',
+        R [m, N, p]) for diagonal blocks."""
+        N = self.batch_rows()
+        if N is None or any(g.shape[1] != N for g in gs):
             # e.g. a parametrization (weight_norm): it computes a weight every example shares
             raise ValueError(f"layer {self.name!r} ({type(self.module).__name__}) is not called on the batch's "
                              "examples (its first input is not a tensor of N rows), so its parameters have no "
                              "per-example gradients for a diagonal block; freeze them (requires_grad=False) or use "
                              "subset_of_weights='last_layer'")
         params = {k: getattr(self.module, k) for k in self.params}
-        rows = _per_example_grads(self.module, params, self.a, g)
+        rows = None
+        for a, g in zip(self.inputs, gs):
+            call = _per_example_grads(self.module, params, a, g)
+            rows = call if rows is None else [r + c for r, c in zip(rows, call)]
         return [("rows", r) for r in rows]
 
     def jacobian_numel(self) -> int:
         """Numbers per direction of the parts :meth:`jacobians` builds beyond the output gradients
-        (for fit's memory budget): per-example rows [N, p] of every parameter."""
-        return self.a.shape[0] * sum(n for _, _, n in self.params.values())
+        (for fit's memory budget): per-example rows [N, p] of every parameter (0 when the calls'
+        inputs are not rows: :meth:`jacobians` refuses them)."""
+        N = self.batch_rows()
+        return 0 if N is None else N * sum(n for _, _, n in self.params.values())
 
-    def kron_rows(self, g: Tensor) -> list["KronRows"]:
+    def kron_rows(self, gs: list[Tensor]) -> list["KronRows"]:
         """Per Kronecker block, what one batch adds to its factors (see :class:`KronRows`)."""
         return []
+
+
+def _join(tensors: list[Tensor], dim: int) -> Tensor:
+    """The calls' tensors joined along ``dim`` (one call's as it is: no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 def _per_example_grads(module: nn.Module, params: dict[str, Tensor], a: Tensor, g: Tensor) -> list[Tensor]:
@@ -188,11 +216,20 @@ class _Matrix(Layer):
         return [Block(prefix + "weight", "kron", w), Block(prefix + "bias", "kron", b)]
 
     def _inputs(self) -> Tensor:
-        """The inputs as [N, T, in] (T positions sharing the weight)."""
+        """The inputs as [N, T, in]: the T positions sharing the weight over all calls."""
+        return _join([self._call_inputs(a, o) for a, o in zip(self.inputs, self.outs)], 1)
+
+    def _grads(self, gs: list[Tensor]) -> Tensor:
+        """Output gradients (per call [m, *out.shape]) -> [m, N, T, out], the calls' positions in
+        the order of :meth:`_inputs`."""
+        return _join([self._call_grads(g) for g in gs], 2)
+
+    def _call_inputs(self, a: Tensor, out: Tensor) -> Tensor:
+        """One call's input as [N, T_call, in] (its output ``out`` for the sizes)."""
         raise NotImplementedError
 
-    def _grads(self, g: Tensor) -> Tensor:
-        """Output gradients [m, *out.shape] -> [m, N, T, out]."""
+    def _call_grads(self, g: Tensor) -> Tensor:
+        """One call's output gradients [m, *out.shape] -> [m, N, T_call, out]."""
         raise NotImplementedError
 
     def _patch_parts(self, reduce: bool) -> tuple[list[Tensor], Tensor | None]:
@@ -214,13 +251,14 @@ class _Matrix(Layer):
         # convolution's alike): one position is factored (U, the output gradients, and V, the
         # inputs); several build the matrix [N, out, in (+ 1)] per direction, Layer's count
         n_out = self.params["weight"][1][0] if self.has_weight else self.params["bias"][2]
-        return 0 if self.out.numel() == self.out.shape[0] * n_out else super().jacobian_numel()
+        one = len(self.outs) == 1 and self.outs[0].numel() == self.outs[0].shape[0] * n_out
+        return 0 if one else super().jacobian_numel()
 
-    def jacobians(self, g):
+    def jacobians(self, gs):
         # The exact per-example Jacobian sum_t g_t a_t^T, whatever kfac_approx says: 'reduce' only
         # changes how the Kronecker FACTORS are formed (kron_rows); the diagonal and full
         # structures and the GLM predictive J P^-1 J^T need the true Jacobian.
-        gg = self._grads(g)
+        gg = self._grads(gs)
         if not self.has_weight:
             return [self._bias_part(gg)]
         a = self._inputs()
@@ -233,8 +271,8 @@ class _Matrix(Layer):
             parts.append(self._bias_part(gg))
         return parts
 
-    def kron_rows(self, g):
-        gg = self._grads(g)
+    def kron_rows(self, gs):
+        gg = self._grads(gs)
         reduce = self.sharing == "reduce" and gg.shape[2] > 1
         if reduce:
             gg = gg.sum(2, keepdim=True)
@@ -252,11 +290,10 @@ class _Matrix(Layer):
 
 
 class _Linear(_Matrix):
-    def _inputs(self):
-        a = self.a
+    def _call_inputs(self, a, out):
         return a.reshape(a.shape[0], -1, a.shape[-1])
 
-    def _grads(self, g):
+    def _call_grads(self, g):
         return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
 
 
@@ -295,8 +332,8 @@ class _Conv(_Matrix):
         # parameters of its own: the conv's graph stays, or their output would be cut off
         plain = not parametrize.is_parametrized(self.module, "weight")  # (reading .weight would run it)
         if plain and torch.is_tensor(x) and x.requires_grad and x.dim() == self.dims + 2:
-            self.out = _ConvInputGrad.apply(x, out.detach(), self)
-        return self.out
+            self.outs[-1] = _ConvInputGrad.apply(x, out.detach(), self)
+        return self.outs[-1]
 
     def input_grad(self, g: Tensor, in_size: tuple) -> Tensor:
         """The gradient [N, C_in, *in_size] of <g, conv(x)> with respect to the input x, from output
@@ -310,8 +347,8 @@ class _Conv(_Matrix):
         conv_t = F.conv_transpose1d if self.dims == 1 else F.conv_transpose2d
         return conv_t(g, w, None, m.stride, self.pad, extra, 1, m.dilation)
 
-    def _inputs(self):
-        m, a = self.module, self.a
+    def _call_inputs(self, a, out):
+        m = self.module
         if a.dim() != self.dims + 2:
             raise ValueError(f"layer {self.name!r}: Laplace needs batched inputs [N, C, ...] for "
                              f"{type(m).__name__}, got {tuple(a.shape)}")
@@ -322,28 +359,35 @@ class _Conv(_Matrix):
             cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=self.pad, stride=m.stride)
         return cols.transpose(1, 2)  # [N, L, C * k]
 
-    def _grads(self, g):
+    def _call_grads(self, g):
         return g.reshape(g.shape[0], g.shape[1], g.shape[2], -1).transpose(2, 3)  # [m, N, L, out]
 
     def _patch_parts(self, reduce: bool):
         """The patches in chunks of examples whose rows stay under PATCH_BYTES (a generator: one
-        chunk lives at a time, so the batch's whole im2col matrix [N * L, k * C] is never formed;
-        with ``reduce`` each chunk's mean over the positions), and their column order (see
-        :meth:`_patch_rows`)."""
-        a, m = self.a, self.module
-        if a.dim() != self.dims + 2:
-            return super()._patch_parts(reduce)  # _inputs' error message
-        # one example's patches: L output positions (the recorded output's) x C_in x kernel
-        per_example = math.prod(self.out.shape[2:]) * a.shape[1] * math.prod(m.kernel_size) * a.element_size()
-        chunks = min(a.shape[0], max(1, -(-a.shape[0] * per_example // PATCH_BYTES)))
+        chunk of one call lives at a time, so the batch's whole im2col matrix [N * L, k * C] is
+        never formed; with ``reduce`` each chunk's mean over the positions of all calls), and
+        their column order (see :meth:`_patch_rows`)."""
+        m = self.module
+        if any(a.dim() != self.dims + 2 for a in self.inputs):
+            return super()._patch_parts(reduce)  # _call_inputs' error message
+        N, a0 = self.batch_rows(), self.inputs[0]
+        # one example's patches per call: L output positions (the recorded output's) x C_in x kernel
+        L = [math.prod(o.shape[2:]) for o in self.outs]
+        per_example = max(L) * a0.shape[1] * math.prod(m.kernel_size) * a0.element_size()
+        chunks = min(N, max(1, -(-N * per_example // PATCH_BYTES)))
 
         def parts():
-            for chunk in a.tensor_split(chunks):
-                r = self._patch_rows(chunk)
-                yield (r.mean(1) if reduce else r.reshape(-1, r.shape[-1]))
-                del r
+            if reduce:  # the mean over all calls' positions, example chunk by example chunk
+                for rows in zip(*(a.tensor_split(chunks) for a in self.inputs)):
+                    yield sum(self._patch_rows(r).sum(1) for r in rows) / sum(L)
+                return
+            for a in self.inputs:
+                for chunk in a.tensor_split(chunks):
+                    r = self._patch_rows(chunk)
+                    yield r.reshape(-1, r.shape[-1])
+                    del r
 
-        return parts(), _patch_order(a.shape[1], math.prod(m.kernel_size), a.device)
+        return parts(), _patch_order(a0.shape[1], math.prod(m.kernel_size), a0.device)
 
     def _patch_rows(self, a: Tensor) -> Tensor:
         """The patches [N, L, k * C] of inputs a [N, C, ...] with the input channel fastest (column
@@ -412,9 +456,10 @@ class _Embedding(Layer):
         prefix = f"{self.name}." if self.name else ""
         return [Block(prefix + "weight", "kron", self._index("weight"), left_diag=True)]
 
-    def _onehot_parts(self, g):
-        idx = self.a.reshape(self.a.shape[0], -1)  # [N, T]
-        gg = g.reshape(g.shape[0], g.shape[1], idx.shape[1], -1)  # [m, N, T, D]
+    def _onehot_parts(self, gs):
+        N = self.batch_rows()
+        idx = _join([a.reshape(N, -1) for a in self.inputs], 1)  # [N, T] over all calls
+        gg = _join([g.reshape(g.shape[0], N, -1, g.shape[-1]) for g in gs], 2)  # [m, N, T, D]
         keep = torch.ones_like(idx, dtype=torch.bool)
         if self.module.padding_idx is not None:
             keep = idx != self.module.padding_idx
@@ -423,10 +468,10 @@ class _Embedding(Layer):
         return idx, gg, keep, False
 
     def jacobian_numel(self) -> int:
-        return self.a.shape[0] * self.module.weight.numel()  # M [N, V, D] per direction
+        return self.batch_rows() * self.module.weight.numel()  # M [N, V, D] per direction
 
-    def jacobians(self, g):
-        idx, gg, keep, _ = self._onehot_parts(g)
+    def jacobians(self, gs):
+        idx, gg, keep, _ = self._onehot_parts(gs)
         V = self.module.num_embeddings
         m, N, T, D = gg.shape
         M = gg.new_zeros(m, N, V, D)
@@ -434,8 +479,8 @@ class _Embedding(Layer):
         M.scatter_add_(2, idx[None, :, :, None].expand(m, N, T, D), src)
         return [("matrix", M)]
 
-    def kron_rows(self, g):
-        idx, gg, keep, reduce = self._onehot_parts(g)
+    def kron_rows(self, gs):
+        idx, gg, keep, reduce = self._onehot_parts(gs)
         V = self.module.num_embeddings
         w = keep.to(gg.dtype)
         if reduce:  # a_n = mean_t onehot(idx_t): a dense [V, V] factor, no diagonal L

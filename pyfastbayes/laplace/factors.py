@@ -30,8 +30,10 @@ _CHUNK_ELEMENTS = 1 << 24  # per-example Jacobian rows are built at most this ma
 
 class Recorder:
     """Forward hooks on the covered layers' modules for the duration of a ``with`` block: each
-    call records (input, output) on its :class:`Layer` and hands a clone of the output on, so an
-    in-place operation downstream (``ReLU(inplace=True)``) cannot change the recorded tensor."""
+    call records (input, output) on its :class:`Layer` (a layer called several times, e.g. an
+    unrolled recurrent cell or a siamese branch, records every call) and hands a clone of the
+    output on, so an in-place operation downstream (``ReLU(inplace=True)``) cannot change the
+    recorded tensor."""
 
     def __init__(self, layers: list[Layer]):
         self.layers = layers
@@ -46,9 +48,6 @@ class Recorder:
     @staticmethod
     def _hook(layer: Layer):
         def hook(module, inp, out):
-            if layer.calls:
-                raise RuntimeError(f"layer {layer.name!r} is called more than once per forward pass; Laplace "
-                                   "needs one call per covered layer (weight sharing across calls is not supported)")
             if not torch.is_tensor(out):
                 raise RuntimeError(f"layer {layer.name!r} returns {type(out).__name__}, not a tensor")
             return layer.record(inp, out).clone()
@@ -59,16 +58,18 @@ class Recorder:
             h.remove()
 
 
-def backprop(f: Tensor, layers: list[Layer], R: Tensor, keep_graph: bool = False) -> list[Tensor]:
-    """Gradients [m, *out.shape] of <R[j], f> with respect to every layer's recorded output, for
-    the m directions R [m, N, C] in one batched backward (a loop when an operation has no
-    batching rule). ``keep_graph``: the graph stays for another call (the next chunk of
-    directions); otherwise the loop's last backward may free it."""
-    outs = [layer.out for layer in layers]
-    for layer, o in zip(layers, outs):
-        if o is None or not o.requires_grad:
+def backprop(f: Tensor, layers: list[Layer], R: Tensor, keep_graph: bool = False) -> list[list[Tensor] | None]:
+    """Per layer the gradients [m, *out.shape] of <R[j], f> with respect to the output of each of
+    its recorded calls (a list, zeros for a call the outputs do not depend on; None when they
+    depend on none of them), for the m directions R [m, N, C] in one batched backward (a loop
+    when an operation has no batching rule). ``keep_graph``: the graph stays for another call
+    (the next chunk of directions); otherwise the loop's last backward may free it."""
+    for layer in layers:
+        if not layer.outs or not all(o.requires_grad for o in layer.outs):
             raise RuntimeError(f"layer {layer.name!r} did not take part in the forward pass with gradients "
                                "(is it used by the model's forward, with requires_grad parameters?)")
+        layer.batch_rows()  # (ValueError when its calls ran on different numbers of examples)
+    outs = [o for layer in layers for o in layer.outs]
     unused = []
 
     def all_directions(r):  # called once, with the m directions as vmap's batch
@@ -76,31 +77,45 @@ def backprop(f: Tensor, layers: list[Layer], R: Tensor, keep_graph: bool = False
         unused[:] = [g is None for g in gs]
         return tuple(r.new_zeros(()) if g is None else g for g in gs)  # vmap returns tensors only
 
+    grads = None
     try:
         # torch.func.vmap folds the directions into the batch of every backward operation;
         # autograd.grad(is_grads_batched=True) runs the legacy vmap instead, which loops over the
         # directions at every convolution (no rule for convolution_backward; see _Conv.record)
-        grads = torch.func.vmap(all_directions)(R)
-        return [None if u else g for u, g in zip(unused, grads)]
+        grads = [None if u else g for u, g in zip(unused, torch.func.vmap(all_directions)(R))]
     except RuntimeError as e:
         if "vmap" not in str(e) and "batching rule" not in str(e):
             raise
-    grads = [[] for _ in outs]
-    for j in range(R.shape[0]):
-        gs = torch.autograd.grad(f, outs, grad_outputs=R[j], retain_graph=keep_graph or j + 1 < R.shape[0],
-                                 allow_unused=True)
-        for acc, g in zip(grads, gs):
-            acc.append(g)
-    return [torch.stack(g) for g in grads]
+    if grads is None:
+        per = [[] for _ in outs]
+        for j in range(R.shape[0]):
+            gs = torch.autograd.grad(f, outs, grad_outputs=R[j], retain_graph=keep_graph or j + 1 < R.shape[0],
+                                     allow_unused=True)
+            for acc, g in zip(per, gs):
+                acc.append(g)
+        grads = [None if g[0] is None else torch.stack(g) for g in per]
+    return _per_layer(layers, grads, R.shape[0])
 
 
-def block_parts(layers: list[Layer], grads: list[Tensor]):
+def _per_layer(layers: list[Layer], grads: list, m: int) -> list[list[Tensor] | None]:
+    """The flat per-output gradients regrouped by layer (see :func:`backprop`)."""
+    result, i = [], 0
+    for layer in layers:
+        gs, i = grads[i:i + len(layer.outs)], i + len(layer.outs)
+        if all(g is None for g in gs):
+            result.append(None)
+        else:
+            result.append([o.new_zeros(m, *o.shape) if g is None else g for o, g in zip(layer.outs, gs)])
+    return result
+
+
+def block_parts(layers: list[Layer], grads: list):
     """(block, part) for every block of every layer: Jacobian parts (see :meth:`Layer.jacobians`)."""
     for layer, g in zip(layers, grads):
-        yield from zip(layer.blocks, layer.jacobians(_zeros_if_none(g, layer)))
+        yield from zip(layer.blocks, layer.jacobians(_needed(g, layer)))
 
 
-def _zeros_if_none(g, layer: Layer) -> Tensor:
+def _needed(g, layer: Layer) -> list[Tensor]:
     if g is None:
         raise RuntimeError(f"the model's outputs do not depend on layer {layer.name!r}: its curvature is zero; "
                            "freeze its parameters (requires_grad=False)")
@@ -149,13 +164,13 @@ class KronCurvature:
             self.n[i] = 0
 
     def add(self, layers: list[Layer], grads: list[Tensor], activations: bool = True) -> None:
-        """Add one batch's output gradients of m directions ``grads`` (per layer [m, *out.shape])
+        """Add one batch's output gradients of m directions ``grads`` (per layer and call [m, *out.shape])
         to G and, with ``activations``, its inputs to A and its rows to the counts: a batch whose
         directions come in several chunks passes activations=True with the first only (G sums
         over directions, A and the counts are per batch)."""
         i = 0
         for layer, g in zip(layers, grads):
-            g = _zeros_if_none(g, layer)
+            g = _needed(g, layer)
             if layer.blocks[0].kind == "diag":
                 for part in layer.jacobians(g):
                     self.h[i] += part_sq_sum(part).to(self.h[i].dtype)

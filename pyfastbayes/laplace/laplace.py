@@ -461,10 +461,9 @@ class Laplace(Posterior):
         temporaries) and, for 'diag' / 'full', the per-example Jacobian parts built from them
         (:meth:`Layer.jacobian_numel`: a weight shared over positions gives [N, out, in] per
         direction) would pass :data:`_FIT_BYTES` (on CUDA also a quarter of the free memory)."""
-        per = 2 * sum(layer.out.numel() * layer.out.element_size() for layer in layers if layer.out is not None)
+        per = 2 * sum(o.numel() * o.element_size() for layer in layers for o in layer.outs)
         if self.hessian_structure in ("diag", "full"):
-            per += sum(layer.jacobian_numel() * layer.out.element_size() for layer in layers
-                       if layer.out is not None and layer.a is not None and layer.a.dim() > 0)
+            per += sum(layer.jacobian_numel() * layer.outs[0].element_size() for layer in layers if layer.outs)
         budget = _FIT_BYTES
         if torch.device(self.device).type == "cuda":
             budget = min(budget, torch.cuda.mem_get_info(self.device)[0] // 4)
