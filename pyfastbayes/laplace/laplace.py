@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 from .._memory import allocation_cache
 from ..nn import ModeGuard
 from ..nn.calls import parameter_calls
-from ..nn.inputs import dtype_mismatch, iterate_inputs
+from ..nn.inputs import dtype_mismatch, iterate_inputs, model_input
+from ..nn.rows import cat_rows, is_rows, row_count, row_tensors, rows_to, split_rows, take_rows
 from ..nn.loaders import batches as loader_batches
 from ..calibration._checks import check_int, check_positive_float
 from ..posteriors.base import Posterior
@@ -126,13 +128,28 @@ def _check_prior_mean(value, P: int | None, dtype, device, name: str = "prior_me
     return t
 
 
-def _refuse_unbatched(x: Tensor, out, name: str) -> None:
+def _refuse_unbatched(x, out, name: str) -> None:
     """ValueError for inputs given without their batch dimension (one example [D] where [N, D] is
     meant): the model's outputs have rows, but not the inputs' number (0-dim outputs are left to
-    the likelihood's shape message: a model squeezing a batch of one)."""
-    if torch.is_tensor(out) and out.dim() > 0 and (x.dim() == 0 or out.shape[0] != x.shape[0]):
+    the likelihood's shape message: a model squeezing a batch of one). ``x``: a tensor or a dict
+    batch (:mod:`pyfastbayes.nn.rows`)."""
+    if torch.is_tensor(out) and out.dim() > 0 and (_rows_or_none(x) != out.shape[0]):
         raise ValueError(f"{name}: the model returned {out.shape[0]} output rows for inputs of shape "
-                         f"{tuple(x.shape)}: pass the inputs as a batch [N, ...] (one example: x.unsqueeze(0))")
+                         f"{_shape(x)}: pass the inputs as a batch [N, ...] (one example: x.unsqueeze(0))")
+
+
+def _shape(x):
+    """A batch's shape for messages: the tensor's, or a dict batch's per key."""
+    return tuple(x.shape) if torch.is_tensor(x) else {k: tuple(v.shape) for k, v in x.items() if torch.is_tensor(v)}
+
+
+def _rows_or_none(x) -> int | None:
+    return None if torch.is_tensor(x) and x.dim() == 0 else row_count(x)
+
+
+def _dtype_inputs(x):
+    """What :func:`dtype_mismatch` inspects: the tensor, or a dict batch's tensors (as a list)."""
+    return x if torch.is_tensor(x) else row_tensors(x)
 
 
 def _length(loader) -> int | None:
@@ -169,10 +186,16 @@ class Laplace(Posterior):
             (convolutions, sequences).
         unsupported: for hessian_structure='kron', 'error' (default) or 'diag' (diagonal blocks,
             with a warning) for modules with parameters that have no Kronecker factorisation. The
-            other structures take any module that its forward calls once per batch (PReLU, grouped
-            or circular convolutions, ...) exactly, from per-example gradients of its own forward.
+            other structures take any module (PReLU, grouped or circular convolutions, ...)
+            exactly, from per-example gradients of its own forward. A module the forward calls
+            several times is covered by all its calls (KFAC: their positions share the weight).
         eigh_method: how the Kronecker factors are eigendecomposed
             (:func:`pyfastbayes.laplace.eigenbasis.eigh_many`).
+        dict_key_y: the targets' key when a loader yields dict batches (HuggingFace style, as
+            laplace-torch's ``dict_key_y``): the model gets the whole dict, ``model(batch)``,
+            and every tensor in it holds the batch's N rows first; predictives take such a dict
+            (split into row chunks) or a loader of them. Not for 'lowrank' (its curvature
+            operators take (inputs, targets) tensors).
 
     After :meth:`fit`: ``mean`` [P] (the MAP), ``n_data``, ``n_outputs``, :meth:`log_marginal_likelihood`,
     :meth:`optimize_prior_precision`, :meth:`la` (laplace-torch's ``__call__``, also ``la(x)``),
@@ -191,7 +214,7 @@ class Laplace(Posterior):
                  hessian_structure: str = "kron", *, prior_precision=1.0, sigma_noise: float = 1.0,
                  temperature: float = 1.0, curvature: str = "ggn", prior_mean=0.0, bias_block: str = "joint",
                  kfac_approx: str = "expand", unsupported: str = "error", mc_samples: int = 1,
-                 eigh_method: str = "auto", low_rank: int = 20):
+                 eigh_method: str = "auto", low_rank: int = 20, dict_key_y: str = "labels"):
         super().__init__(model)
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
@@ -203,6 +226,7 @@ class Laplace(Posterior):
         self.unsupported = _choice(unsupported, ("error", "diag"), "unsupported")
         self.mc_samples = check_int(mc_samples, "mc_samples", 1)
         self.eigh_method = _choice(eigh_method, EIGH_METHODS, "eigh_method")
+        self.dict_key_y = dict_key_y
         self.temperature = temperature
         self.dtype, self.device = self.layout.dtype, self.layout.device
         self._sigma = _check_sigma(sigma_noise, likelihood, self.dtype, self.device).detach().clone()
@@ -385,8 +409,12 @@ class Laplace(Posterior):
             if first is None:
                 raise ValueError("fit: the loader yielded no batches; pass a loader with at least one (inputs, targets) "
                                  "batch")
+            if lowrank and isinstance(first, Mapping):
+                raise TypeError("hessian_structure='lowrank' fits on (inputs, targets) batches of tensors, not dict "
+                                "batches (its curvature operators call model(x) on tensors); use 'kron', 'diag' or "
+                                "'full', or a loader of (inputs, targets) pairs")
             if self.layers is None:
-                self._find_last_layer(self._split(first, 0)[0].to(self.device))
+                self._find_last_layer(rows_to(self._split(first, 0)[0], self.device))
             self._check_uses(self._split(first, 0)[0])
             curv = self._new_curvature()
             # every batch allocates the same MB-sized temporaries (output gradients of the m
@@ -510,13 +538,21 @@ class Laplace(Posterior):
         names = [self.blocks[i].name for i in curv.G]
         return names + [self.blocks[i].name for i in curv.A] + [self.blocks[i].name for i in curv.h]
 
-    @staticmethod
-    def _split(item, i: int):
+    def _split(self, item, i: int):
+        """(inputs, targets) of loader item i: an (inputs, targets, ...) pair of tensors, or a dict
+        batch (the whole dict, item[dict_key_y])."""
+        if isinstance(item, Mapping):
+            if self.dict_key_y not in item or not torch.is_tensor(item[self.dict_key_y]):
+                raise ValueError(f"batch {i} is a dict without a tensor under dict_key_y={self.dict_key_y!r} (keys "
+                                 f"{list(item)[:8]}): pass Laplace(..., dict_key_y=<the targets' key>)")
+            row_count(item, f"batch {i}")
+            return item, item[self.dict_key_y]
         if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0]) and torch.is_tensor(item[1])):
             hint = (" (a loader item that is one tensor: was (X, Y) passed itself? wrap it: [(X, Y)])"
                     if torch.is_tensor(item) else "")
-            raise TypeError(f"batch {i} must be an (inputs, targets) pair of tensors, got {type(item).__name__}{hint}: "
-                            "pass an iterable of (inputs, targets) batches, e.g. [(X, Y)] or a DataLoader")
+            raise TypeError(f"batch {i} must be an (inputs, targets) pair of tensors (or a dict batch), got "
+                            f"{type(item).__name__}{hint}: pass an iterable of (inputs, targets) batches, e.g. "
+                            "[(X, Y)] or a DataLoader")
         return item[0], item[1]
 
     def _check_uses(self, x) -> None:
@@ -524,12 +560,12 @@ class Laplace(Posterior):
         (weight tying through ``F.linear(h, emb.weight)``, a parent using ``self.lin.weight``):
         that use's curvature would be missing from every block. One probe forward of two rows of
         ``x`` (a tensor) without gradients; a probe the model refuses is left to the real pass."""
-        if not torch.is_tensor(x) or x.dim() == 0 or hasattr(self.model, "_orig_mod"):
+        if not is_rows(x) or _rows_or_none(x) is None or hasattr(self.model, "_orig_mod"):
             return  # (a compiled model, torch.compile's OptimizedModule, would recompile for the probe)
         covered = [(layer.name, layer.module, list(layer.params)) for layer in self.layers]
         try:
             with ModeGuard(self.model, False):
-                outside = used_outside(self.model, covered, x[:2].to(self.device))
+                outside = used_outside(self.model, covered, rows_to(take_rows(x, slice(0, 2)), self.device))
         except Exception:  # noqa: BLE001  (the fit's own forward raises the error that explains it)
             return
         if outside:
@@ -542,20 +578,18 @@ class Laplace(Posterior):
     def _forward(self, x, name: str = "x") -> tuple[Tensor, list]:
         """Forward of inputs [N, ...] with the covered layers recorded; (outputs [N, C], layers).
         ``name``: the argument the inputs came from, for the dtype error."""
-        x = x.to(self.device)
+        x = rows_to(x, self.device)
         with torch.enable_grad(), Recorder(self.layers):
             try:
                 out = self.model(x)
             except RuntimeError as e:
-                wrong = dtype_mismatch(x, self.dtype, e, name=name, refit=", then fit again")
+                wrong = dtype_mismatch(_dtype_inputs(x), self.dtype, e, name=name, refit=", then fit again")
                 if wrong is not None:
                     raise wrong from e
                 raise
             _refuse_unbatched(x, out, name)
             out = outputs_2d(out, self.likelihood)
-        if x.dim() == 0 or out.shape[0] != x.shape[0]:
-            raise ValueError(f"{name}: the model returned {out.shape[0]} output rows for inputs of shape "
-                             f"{tuple(x.shape)}: pass the inputs as a batch [N, ...] (one example: x.unsqueeze(0))")
+        _refuse_unbatched(x, out, name)
         return out, self.layers
 
     def _all_reduce(self, curv, loss: Tensor, n: int):
@@ -771,15 +805,15 @@ class Laplace(Posterior):
     def _grid_nll_sums(self, batches: list, grid: list[float], pred_type: str, link_approx, n_samples) -> list[float]:
         """The summed validation NLL of the local batches at every prior of ``grid``."""
         for i, (xb, yb) in enumerate(batches):
-            if xb.dim() == 0 or yb.dim() == 0 or yb.shape[0] != xb.shape[0]:
-                raise ValueError(f"val_loader batch {i}: {tuple(yb.shape)} targets for inputs {tuple(xb.shape)}; "
+            if _rows_or_none(xb) is None or yb.dim() == 0 or yb.shape[0] != row_count(xb):
+                raise ValueError(f"val_loader batch {i}: {tuple(yb.shape)} targets for inputs {_shape(xb)}; "
                                  "one target per input row")
-        x = torch.cat([b[0] for b in batches])
+        x = cat_rows([b[0] for b in batches], "val_loader")
         y = torch.cat([b[1] for b in batches])
         # the targets against outputs [N, C] of the fitted width before anything is predicted: class
         # indices (integers in [0, C)), 0/1 for 'binary', the outputs' shape for 'regression'
         try:
-            y = check_targets(y, torch.empty(x.shape[0], self.n_outputs, dtype=self.dtype, device=self.device),
+            y = check_targets(y, torch.empty(row_count(x), self.n_outputs, dtype=self.dtype, device=self.device),
                               self.likelihood)
         except ValueError as e:
             raise ValueError(f"val_loader: {e}") from None
@@ -787,12 +821,12 @@ class Laplace(Posterior):
         if pred_type == "glm":  # chunk by chunk of rows, every prior on a chunk's Jacobian parts
             self._check_at_mean("the GLM predictive")
             sums = [0.0] * len(grid)
-            chunks = max(1, -(-len(x) // self._glm_rows(x, 1024)))
-            for xc, yc in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
-                pieces = self._glm_pieces(xc, max(len(xc), 1))
+            rows = self._glm_rows(x, 1024)
+            for xc, yc in zip(split_rows(x, rows), y.tensor_split(len(split_rows(y, rows)))):
+                pieces = self._glm_pieces(xc, max(len(yc), 1))
                 for k, prior in enumerate(priors):
                     f_mu, f_var = self._glm_moments(pieces, prior)
-                    sums[k] += self._nll(f_mu, f_var, yc, link_approx, n_samples) * xc.shape[0]
+                    sums[k] += self._nll(f_mu, f_var, yc, link_approx, n_samples) * yc.shape[0]
                 del pieces
             return sums
         sums = []
@@ -802,7 +836,7 @@ class Laplace(Posterior):
                 nll = self._nll_nn(x, y, n_samples)
             finally:
                 self._prior = old
-            sums.append(float(nll) * x.shape[0])
+            sums.append(float(nll) * y.shape[0])
         return sums
 
     def _grid(self, rng, grid_size: int) -> list[float]:
@@ -859,7 +893,7 @@ class Laplace(Posterior):
         caller has checked the weights with :meth:`_check_at_mean`)."""
         pieces = []
         with ModeGuard(self.model, False):
-            for xb in iterate_inputs(x, batch_size):
+            for xb in self._input_batches(x, batch_size):
                 f, layers = self._forward(xb)
                 C = f.shape[1]
                 eye = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, f.shape[0], C)
@@ -876,13 +910,14 @@ class Laplace(Posterior):
         """Rows per chunk of the GLM predictive: ``batch_size``, fewer when a chunk's Jacobian parts
         (measured on one row of ``x``, a tensor, and counted twice: the precision's rotated copy)
         would pass :data:`_GLM_BYTES` (on CUDA also a quarter of the free memory)."""
-        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] < 1:
+        if not is_rows(x) or not _rows_or_none(x):
             return batch_size
         cache = self._glm_row_bytes  # the sizes depend on the row's shape only
-        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        key = tuple((k, tuple(t.shape[1:]), t.dtype, t.device) for k, t in
+                    ([(None, x)] if torch.is_tensor(x) else [(k, v) for k, v in x.items() if torch.is_tensor(v)]))
         if key not in cache:
             try:
-                parts = self._glm_pieces(x[:1], 1)[0][1]
+                parts = self._glm_pieces(take_rows(x, slice(0, 1)), 1)[0][1]
             except Exception:  # noqa: BLE001  (an input the model refuses: the real pass raises its own error)
                 return batch_size
             cache[key] = 2 * sum(t.numel() * t.element_size() for _, part in parts for t in part if torch.is_tensor(t))
@@ -911,12 +946,12 @@ class Laplace(Posterior):
         batch_size = check_int(batch_size, "batch_size", 1)
         self._check_at_mean("the GLM predictive")
         mus, vars_, n_inputs = [], [], 0
-        for xb in iterate_inputs(x, batch_size):  # one chunk's Jacobian parts alive at a time
+        for xb in self._input_batches(x, batch_size):  # one chunk's Jacobian parts alive at a time
             n_inputs += 1
-            if xb.shape[0] == 0:  # no rows: nothing to linearise (the 'nn' path returns [0, C] too)
+            if _rows_or_none(xb) == 0:  # no rows: nothing to linearise (the 'nn' path returns [0, C] too)
                 continue
             rows = self._glm_rows(xb, batch_size)  # (measured once per row shape)
-            for xc in iterate_inputs(xb, rows) if torch.is_tensor(xb) else (xb,):
+            for xc in split_rows(xb, rows) if is_rows(xb) else (xb,):
                 f_mu, f_var = self._glm_moments(self._glm_pieces(xc, rows))
                 mus.append(f_mu), vars_.append(f_var)
         if not n_inputs:
@@ -936,7 +971,8 @@ class Laplace(Posterior):
         posterior interface's :meth:`predict` divides by n_samples). ``link_approx``:
         'probit' (default), 'bridge', 'bridge_norm' or 'mc' for 'glm'; 'nn' averages ``n_samples``
         draws, i.e. 'mc' (the default there; another link is refused, as laplace-torch does).
-        ``batch_size``: rows per forward when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
+        ``x``: a tensor [N, ...] or a dict batch (``batch_size`` rows per forward, default 256
+        for 'glm', 1024 for 'nn'), or an iterable of batches."""
         _choice(pred_type, PRED_TYPES, "pred_type")
         link_approx = _link(pred_type, link_approx)
         n_samples = check_int(n_samples, "n_samples", 1)
@@ -961,8 +997,24 @@ class Laplace(Posterior):
         return check_int(batch_size, "batch_size", 1)
 
     def _nn_predict(self, x, n_samples: int, **options):
-        """Posterior.predict (the BMA over draws; it names inputs of another dtype than the model's)."""
+        """Posterior.predict (the BMA over draws; it names inputs of another dtype than the model's);
+        a dict batch, or a loader of them, goes in whole as the model's one argument (unless
+        ``input_fn`` says otherwise)."""
+        if options.get("input_fn") is None and (isinstance(x, Mapping) or not is_rows(x)):
+            options["input_fn"] = _whole_dict
+            x = _DeviceDicts(split_rows(x, options.get("batch_size") or 1024) if isinstance(x, Mapping) else x,
+                             self.device)
         return Posterior.predict(self, x, n_samples, likelihood=self.likelihood, **options)
+
+    def _input_batches(self, x, batch_size: int):
+        """Model inputs from ``x``: a tensor or a dict batch split into row chunks of at most
+        ``batch_size``, or a loader's items (a tensor, a dict batch whole, or an (inputs, ...)
+        tuple's inputs)."""
+        if is_rows(x):
+            yield from split_rows(x, batch_size)
+            return
+        for inp in iterate_inputs(x, batch_size, _whole_dict):
+            yield inp[0] if isinstance(inp, tuple) else inp  # (a dict batch, whole)
 
     def predict(self, x, n_samples: int = 100, *, pred_type: str = "glm", link_approx: str | None = None,
                 likelihood: str | None = None, generator: torch.Generator | None = None,
@@ -1075,8 +1127,8 @@ class Laplace(Posterior):
         [n_samples, N, C] ('regression', no observation noise). 'glm': f ~ N(f_mu, f_var) of the
         linearised model per input (:meth:`functional_variance`); 'nn': the network at weight
         draws theta ~ N(theta_MAP, P^-1) (:meth:`sample`; torch.func.functional_call, eval mode).
-        x: a tensor [N, ...] (rows in chunks of ``batch_size``, default 256 for 'glm', 1024 for
-        'nn') or an iterable of input batches."""
+        x: a tensor [N, ...] or a dict batch (rows in chunks of ``batch_size``, default 256 for
+        'glm', 1024 for 'nn') or an iterable of input batches."""
         _choice(pred_type, PRED_TYPES, "pred_type")
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
@@ -1085,7 +1137,7 @@ class Laplace(Posterior):
             f = draws(f_mu, f_var, n_samples, generator)
         else:
             self._need_fit()
-            xs = [xb.to(self.device) for xb in iterate_inputs(x, batch_size)]
+            xs = [rows_to(xb, self.device) for xb in self._input_batches(x, batch_size)]
             if not xs:
                 raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
             outs = []
@@ -1105,7 +1157,7 @@ class Laplace(Posterior):
         try:
             out = torch.func.functional_call(self.model, params, (x,))
         except RuntimeError as e:
-            wrong = dtype_mismatch(x, self.dtype, e, name="x")
+            wrong = dtype_mismatch(_dtype_inputs(x), self.dtype, e, name="x")
             if wrong is not None:
                 raise wrong from e
             raise
@@ -1267,3 +1319,20 @@ def _class_nll(p: Tensor, y: Tensor, likelihood: str) -> float:
         yb = y.reshape(-1).to(p.dtype)
         return float(-(yb * p.clamp_min(tiny).log() + (1 - yb) * (1 - p).clamp_min(tiny).log()).mean())
     return float(-p.gather(1, y.reshape(-1, 1).long()).clamp_min(tiny).log().mean())
+
+
+def _whole_dict(item):
+    """input_fn for dict batches: the dict is the model's one positional argument."""
+    return (item,) if isinstance(item, Mapping) else model_input(item)
+
+
+class _DeviceDicts:
+    """A loader's items with the tensors of dict batches moved to ``device`` (the BMA loop moves
+    tensors and tuples of tensors only)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        for item in loader_batches(self.loader):
+            yield rows_to(item, self.device) if isinstance(item, Mapping) else item

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn.loaders import batches
+from ..nn.rows import rows_to
 from ..calibration._checks import check_int
 from .laplace import Laplace
 from .marglik import PRIOR_STRUCTURES
@@ -92,7 +93,8 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
     hyper_opt = torch.optim.Adam(hyper, lr=lr_hyp)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer_cls(params, lr=lr)
-    n = sum(int(item[1].shape[0]) for item in batches(train_loader))
+    # (inputs, targets) pairs or dict batches (the whole dict to the model, targets under dict_key_y)
+    n = sum(int(la._split(item, i)[1].shape[0]) for i, item in enumerate(batches(train_loader)))
     if n == 0:
         raise ValueError("train_loader yielded no rows")
     prior_mean = la.prior_mean.detach()
@@ -102,8 +104,9 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
         model.train()
         delta = la._delta(log_prior.detach().exp())
         sigma2 = log_sigma.detach().exp().square()
-        for item in batches(train_loader):
-            x, y = item[0].to(la.device), item[1].to(la.device)
+        for i, item in enumerate(batches(train_loader)):
+            x, y = la._split(item, i)
+            x, y = rows_to(x, la.device), y.to(la.device)
             opt.zero_grad()
             nll = _mean_nll(model(x), y, likelihood, sigma2)
             theta = torch.cat([p.reshape(-1) for p in params])

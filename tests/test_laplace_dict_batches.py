@@ -1,0 +1,168 @@
+"""Laplace on dict batches (HuggingFace style, laplace-torch's ``dict_key_y``): the model takes the
+whole dict, the targets sit under ``dict_key_y``. Everything equals the same network fed the same
+rows as (tensor, targets) pairs, whose path the other Laplace tests check against references."""
+import pytest
+import torch
+from torch import nn
+
+from pyfastbayes.laplace import Laplace
+
+DT = torch.float64
+V, T, C = 9, 5, 3
+
+
+class Body(nn.Module):
+    """Token ids [N, T] and a 0/1 mask [N, T] -> logits [N, C] (mean of the kept embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, 4)
+        self.hidden = nn.Linear(4, 6)
+        self.out = nn.Linear(6, C)
+
+    def forward(self, ids, mask):
+        e = self.emb(ids) * mask[..., None]
+        h = e.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return self.out(torch.tanh(self.hidden(h)))
+
+
+class DictNet(nn.Module):
+    """The HuggingFace-style wrapper laplace-torch asks for: forward(batch: dict) -> logits."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, batch):
+        return self.body(batch["input_ids"], batch["attention_mask"])
+
+
+class TensorNet(nn.Module):
+    """The same network on a tensor [N, 2, T] (ids and mask stacked)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x[:, 0].long(), x[:, 1])
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (n, T), generator=g)
+    mask = (torch.rand(n, T, generator=g) < 0.8).to(DT)
+    mask[:, 0] = 1
+    noise = torch.rand(n, generator=g) < 0.25  # labels from the first token, a quarter of them random
+    y = torch.where(noise, torch.randint(0, C, (n,), generator=g), ids[:, 0] % C)
+    return ids, mask, y
+
+
+def _dicts(ids, mask, y, bs):
+    return [{"input_ids": ids[i:i + bs], "attention_mask": mask[i:i + bs], "labels": y[i:i + bs], "note": "x"}
+            for i in range(0, len(y), bs)]
+
+
+def _pairs(ids, mask, y, bs):
+    x = torch.stack([ids.to(DT), mask], 1)
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(y), bs)]
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    body = Body().to(DT)
+    ids, mask, y = _data(200, 7)
+    opt = torch.optim.Adam(body.parameters(), 0.05)
+    for _ in range(60):  # a briefly trained MAP: an interior best prior
+        opt.zero_grad()
+        nn.functional.cross_entropy(body(ids, mask), y).backward()
+        opt.step()
+    return DictNet(body), TensorNet(body)
+
+
+@pytest.mark.parametrize("subset, structure", [("all", "kron"), ("all", "diag"), ("all", "full"),
+                                               ("last_layer", "kron")])
+def test_dict_batches_equal_tensor_batches(nets, subset, structure):
+    dnet, tnet = nets
+    ids, mask, y = _data(23, 1)
+    ours = Laplace(dnet, "classification", subset, structure, prior_precision=0.5).fit(_dicts(ids, mask, y, 8),
+                                                                                       progress=False)
+    ref = Laplace(tnet, "classification", subset, structure, prior_precision=0.5).fit(_pairs(ids, mask, y, 8),
+                                                                                      progress=False)
+    assert ours.n_data == ref.n_data == 23
+    torch.testing.assert_close(ours.log_marginal_likelihood(), ref.log_marginal_likelihood(), rtol=1e-12, atol=0)
+    ti, tm, ty = _data(11, 2)
+    test = {"input_ids": ti, "attention_mask": tm}
+    tx = torch.stack([ti.to(DT), tm], 1)
+    # the GLM predictive: a dict split into row chunks, a loader of dicts
+    want = ref.la(tx, batch_size=4)
+    torch.testing.assert_close(ours.la(test, batch_size=4), want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours.la(_dicts(ti, tm, ty, 5)), want, rtol=1e-12, atol=1e-14)
+    # sampled predictives with the same draws
+    for pred in ("nn", "glm"):
+        a = ours.predictive_samples(test, pred, 4, generator=torch.Generator().manual_seed(3), batch_size=4)
+        b = ref.predictive_samples(tx, pred, 4, generator=torch.Generator().manual_seed(3), batch_size=4)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for data in (test, _dicts(ti, tm, ty, 4)):
+        a = ours.la(data, "nn", n_samples=3, generator=torch.Generator().manual_seed(4), batch_size=4)
+        b = ref.la(tx, "nn", n_samples=3, generator=torch.Generator().manual_seed(4), batch_size=4)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:gridsearch")  # (the tiny net's best prior is at the grid's end)
+@pytest.mark.filterwarnings("ignore:prior precision")
+@pytest.mark.parametrize("pred_type", ["glm", "nn"])
+def test_gridsearch_on_dict_validation_batches(nets, pred_type):
+    """The validation NLL over the grid from dict batches picks the prior the pairs pick; marglik
+    on a dict-fitted Laplace moves the prior as on the pairs."""
+    dnet, tnet = nets
+    ids, mask, y = _data(200, 7)
+    vi, vm, vy = _data(40, 5)
+    kw = dict(method="gridsearch", grid_size=9, pred_type=pred_type, n_samples=3)
+    ours = Laplace(dnet, "classification", hessian_structure="diag").fit(_dicts(ids, mask, y, 64), progress=False)
+    ref = Laplace(tnet, "classification", hessian_structure="diag").fit(_pairs(ids, mask, y, 64), progress=False)
+    torch.manual_seed(6)
+    a = ours.optimize_prior_precision(val_loader=_dicts(vi, vm, vy, 16), **kw)
+    torch.manual_seed(6)
+    b = ref.optimize_prior_precision(val_loader=_pairs(vi, vm, vy, 16), **kw)
+    torch.testing.assert_close(a, b)
+    ours.optimize_prior_precision()  # marglik needs no data
+    ref.optimize_prior_precision()
+    torch.testing.assert_close(ours.prior_precision, ref.prior_precision, rtol=1e-8, atol=0)
+
+
+def test_dict_batch_errors_name_the_fix(nets):
+    dnet, _ = nets
+    ids, mask, y = _data(6, 1)
+    batch = {"input_ids": ids, "attention_mask": mask, "target": y}
+    with pytest.raises(ValueError, match=r"dict_key_y='labels' \(keys \['input_ids', 'attention_mask', 'target'\]"):
+        Laplace(dnet, "classification").fit([batch], progress=False)
+    la = Laplace(dnet, "classification", dict_key_y="target").fit([batch], progress=False)
+    assert la.n_data == 6
+    bad = {"input_ids": ids, "attention_mask": mask[:4], "labels": y}
+    with pytest.raises(ValueError, match="every tensor of a dict batch must hold the batch's rows"):
+        Laplace(dnet, "classification").fit([bad], progress=False)
+    with pytest.raises(TypeError, match="hessian_structure=.lowrank. fits on \\(inputs, targets\\) batches"):
+        Laplace(dnet, "classification", hessian_structure="lowrank").fit([{**batch, "labels": y}], progress=False)
+    with pytest.raises(ValueError, match="every tensor of a dict batch"):
+        la.la({"input_ids": ids, "attention_mask": mask[:2]})
+
+
+@pytest.mark.filterwarnings("ignore:prior precision")
+def test_marglik_training_on_dict_batches():
+    """marglik_training walks dict batches as it walks pairs: the same trained weights, priors and
+    evidence from two copies of one initial network."""
+    import copy
+
+    from pyfastbayes.laplace import marglik_training
+    torch.manual_seed(1)
+    body = Body().to(DT)
+    ids, mask, y = _data(60, 3)
+    kw = dict(hessian_structure="kron", n_epochs=3, n_epochs_burnin=1, marglik_frequency=1, n_hypersteps=5,
+              progress=False)
+    la_d, ev_d = marglik_training(DictNet(copy.deepcopy(body)), _dicts(ids, mask, y, 20), **kw)
+    la_t, ev_t = marglik_training(TensorNet(copy.deepcopy(body)), _pairs(ids, mask, y, 20), **kw)
+    torch.testing.assert_close(la_d.mean, la_t.mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.tensor(ev_d), torch.tensor(ev_t), rtol=1e-10, atol=0)
+    torch.testing.assert_close(la_d.prior_precision, la_t.prior_precision, rtol=1e-10, atol=0)
