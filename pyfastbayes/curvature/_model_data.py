@@ -16,27 +16,30 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.loaders import batches
+from ..nn.rows import rows_to
 from ..nn.params import ParamLayout
 from .._distributed import distributed_active  # noqa: F401  (models.py imports it from here)
 
-Batch = tuple  # (inputs, targets): inputs a tensor or a tuple of positional model arguments
+Batch = tuple  # (inputs, targets): inputs a tensor, a tuple of positional model arguments, or a dict batch
 
 
 # ---- data ---------------------------------------------------------------------------------------------
 def _is_batch(obj) -> bool:
     """One (inputs, targets) pair: a 2-tuple/list whose targets are a tensor and whose inputs are a
-    tensor or a tuple or list of them (a DataLoader's default collation makes a list of a dataset's
-    tuple of inputs; a list of two batches has a pair, not a tensor, second)."""
+    tensor, a tuple or list of them (a DataLoader's default collation makes a list of a dataset's
+    tuple of inputs; a list of two batches has a pair, not a tensor, second), or a dict batch
+    (HuggingFace style, the model's one argument: a mapping holding tensors)."""
     return (isinstance(obj, (tuple, list)) and len(obj) == 2 and torch.is_tensor(obj[1])
             and (torch.is_tensor(obj[0]) or (isinstance(obj[0], (tuple, list)) and len(obj[0]) > 0
-                                             and all(torch.is_tensor(a) for a in obj[0]))))
+                                             and all(torch.is_tensor(a) for a in obj[0]))
+                 or (isinstance(obj[0], Mapping) and any(torch.is_tensor(v) for v in obj[0].values()))))
 
 
 def as_batches(data) -> Iterable:
@@ -65,7 +68,7 @@ def _check_batch(item, i: int) -> None:
                 "item, a dataset of ((x1, x2), y) or a collate_fn returning ((x1, x2), y)"
                 if isinstance(item, (tuple, list)) and len(item) > 2 else "")
         raise TypeError(f"data item {i} must be an (inputs, targets) pair of tensors (inputs may be a tuple or list "
-                        f"of tensors), got {what}{hint}")
+                        f"of tensors, or a dict batch), got {what}{hint}")
     if item[1].dim() == 0:
         raise ValueError(f"data item {i}: targets must have a batch dimension [N, ...], got a 0-dim tensor")
 
@@ -79,7 +82,7 @@ def iterate(data: Iterable, device: torch.device) -> Iterator[tuple]:
         n = y.shape[0]
         if n == 0:
             continue
-        x = tuple(a.to(device) for a in x) if isinstance(x, (tuple, list)) else x.to(device)
+        x = tuple(a.to(device) for a in x) if isinstance(x, (tuple, list)) else rows_to(x, device)
         yield x, y.to(device), n
 
 

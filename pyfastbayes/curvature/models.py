@@ -42,7 +42,7 @@ weighted by its number of examples).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,7 @@ from .._warnings import warn_user
 from ..calibration._checks import check_generator, check_int
 from ..nn.batchnorm import ModeGuard
 from ..nn.inputs import dtype_mismatch
+from ..nn.rows import row_tensors
 from ._model_data import (Selection, all_reduce, as_batches, differentiable_kernels, distributed_active, ignore_index,
                           iterate, loss_kind, mode_dependent, shuffles)
 from .operator import LinearOperator
@@ -98,7 +99,7 @@ class _ModelCurvature(LinearOperator):
             try:
                 out = functional_call(self.model, {**fixed, **p}, args)
             except RuntimeError as exc:
-                wrong = dtype_mismatch(args, self.dtype, exc, name="data")
+                wrong = dtype_mismatch(row_tensors(x) if isinstance(x, Mapping) else args, self.dtype, exc, name="data")
                 if wrong is not None:
                     raise wrong from exc
                 raise
@@ -358,8 +359,9 @@ def hessian(model: nn.Module, loss_fn, data, params=None, *, distributed: bool |
     Args:
         model: the network; outputs = ``model(inputs)`` (or ``model(*inputs)`` for a tuple).
         loss_fn: ``(outputs, targets) -> scalar`` with mean reduction (any loss).
-        data: one ``(inputs, targets)`` batch (inputs [N_b, ...] or a tuple / list of tensors, targets
-            [N_b, ...]) or a re-iterable of them (list, DataLoader); batch b weighted N_b / N.
+        data: one ``(inputs, targets)`` batch (inputs [N_b, ...], a tuple / list of tensors, or a
+            dict batch passed whole as the model's one argument; targets [N_b, ...]) or a
+            re-iterable of them (list, DataLoader); batch b weighted N_b / N.
         params: None (all trainable parameters) or a list of the model's Parameters / their names;
             the flat vector follows model order.
         distributed: None: sum over processes when torch.distributed is initialised; False: never.

@@ -194,8 +194,7 @@ class Laplace(Posterior):
         dict_key_y: the targets' key when a loader yields dict batches (HuggingFace style, as
             laplace-torch's ``dict_key_y``): the model gets the whole dict, ``model(batch)``,
             and every tensor in it holds the batch's N rows first; predictives take such a dict
-            (split into row chunks) or a loader of them. Not for 'lowrank' (its curvature
-            operators take (inputs, targets) tensors).
+            (split into row chunks) or a loader of them.
 
     After :meth:`fit`: ``mean`` [P] (the MAP), ``n_data``, ``n_outputs``, :meth:`log_marginal_likelihood`,
     :meth:`optimize_prior_precision`, :meth:`la` (laplace-torch's ``__call__``, also ``la(x)``),
@@ -409,10 +408,6 @@ class Laplace(Posterior):
             if first is None:
                 raise ValueError("fit: the loader yielded no batches; pass a loader with at least one (inputs, targets) "
                                  "batch")
-            if lowrank and isinstance(first, Mapping):
-                raise TypeError("hessian_structure='lowrank' fits on (inputs, targets) batches of tensors, not dict "
-                                "batches (its curvature operators call model(x) on tensors); use 'kron', 'diag' or "
-                                "'full', or a loader of (inputs, targets) pairs")
             if self.layers is None:
                 self._find_last_layer(rows_to(self._split(first, 0)[0], self.device))
             self._check_uses(self._split(first, 0)[0])
@@ -439,7 +434,7 @@ class Laplace(Posterior):
                      if self._covers(self.layout.offsets[i])]
             with ModeGuard(self.model, False):
                 curv.compute(self.model, loader, self.likelihood, self.curvature, names, n_data, n_out,
-                             self.mc_samples, generator)
+                             self.mc_samples, generator, self._split)
         for t, b in zip(curv.tensors(), self._tensor_owners(curv)):
             if not bool(torch.isfinite(t).all()):
                 raise RuntimeError(f"the curvature of block {b!r} is not finite (NaN or infinity): the model's outputs "

@@ -27,12 +27,12 @@ class _Pairs:
     regression targets [N, C] (the outputs made 2-D by :class:`_Columns`: [N] or [N, 1] targets of
     a one-output model alike, as check_targets takes them), floating point in ``dtype``."""
 
-    def __init__(self, loader, likelihood: str, dtype: torch.dtype):
-        self.loader, self.likelihood, self.dtype = loader, likelihood, dtype
+    def __init__(self, loader, likelihood: str, dtype: torch.dtype, split):
+        self.loader, self.likelihood, self.dtype, self.split = loader, likelihood, dtype, split
 
     def __iter__(self):
-        for item in batches(self.loader):
-            x, y = item[0], item[1]
+        for i, item in enumerate(batches(self.loader)):
+            x, y = self.split(item, i)
             if self.likelihood == "binary":
                 y = y.reshape(-1).to(torch.get_default_dtype() if not y.is_floating_point() else y.dtype)
             elif self.likelihood == "regression":
@@ -57,10 +57,11 @@ class LowRankCurvature:
         raise RuntimeError("the low-rank curvature is computed matrix-free after the data pass (compute())")
 
     def compute(self, model, loader, likelihood: str, curvature: str, names: list[str], n_data: int,
-                n_outputs: int, mc_samples: int, generator) -> None:
+                n_outputs: int, mc_samples: int, generator, split) -> None:
         """Top-k eigenpairs of the curvature of the covered parameters ``names`` over ``loader``
-        (walked once per block of Lanczos vectors)."""
-        data = _Pairs(loader, likelihood, self.eigvals.dtype)
+        (walked once per block of Lanczos vectors); ``split(item, i)``: a loader item's (inputs,
+        targets), Laplace's (pairs or dict batches)."""
+        data = _Pairs(loader, likelihood, self.eigvals.dtype, split)
         loss = _LOSSES[likelihood]()
         wrapped = {"binary": _Flat, "regression": _Columns}.get(likelihood, lambda m: m)(model)
         prefix = "model." if wrapped is not model else ""

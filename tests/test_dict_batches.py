@@ -1,6 +1,7 @@
-"""Laplace on dict batches (HuggingFace style, laplace-torch's ``dict_key_y``): the model takes the
-whole dict, the targets sit under ``dict_key_y``. Everything equals the same network fed the same
-rows as (tensor, targets) pairs, whose path the other Laplace tests check against references."""
+"""Dict batches (HuggingFace style): Laplace (laplace-torch's ``dict_key_y``: the model takes the
+whole dict, the targets sit under ``dict_key_y``) and the curvature operators ((dict, targets)
+pairs). Everything equals the same network fed the same rows as (tensor, targets) pairs, whose
+path the other tests check against references."""
 import pytest
 import torch
 from torch import nn
@@ -110,6 +111,21 @@ def test_dict_batches_equal_tensor_batches(nets, subset, structure):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("curvature", ["ggn", "ef", "mc_fisher"])
+def test_lowrank_on_dict_batches(nets, curvature):
+    """'lowrank' walks dict batches through the curvature operators (the dict as the model's one
+    argument, non-tensor values carried along): the eigenpairs of the pairs' fit."""
+    dnet, tnet = nets
+    ids, mask, y = _data(30, 4)
+    kw = dict(hessian_structure="lowrank", low_rank=5, curvature=curvature, prior_precision=0.5)
+    ours = Laplace(dnet, "classification", **kw).fit(_dicts(ids, mask, y, 12), progress=False,
+                                                     generator=torch.Generator().manual_seed(2))
+    ref = Laplace(tnet, "classification", **kw).fit(_pairs(ids, mask, y, 12), progress=False,
+                                                    generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ours.log_marginal_likelihood(), ref.log_marginal_likelihood(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(ours.to_dense(), ref.to_dense(), rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.filterwarnings("ignore:gridsearch")  # (the tiny net's best prior is at the grid's end)
 @pytest.mark.filterwarnings("ignore:prior precision")
 @pytest.mark.parametrize("pred_type", ["glm", "nn"])
@@ -143,8 +159,6 @@ def test_dict_batch_errors_name_the_fix(nets):
     bad = {"input_ids": ids, "attention_mask": mask[:4], "labels": y}
     with pytest.raises(ValueError, match="every tensor of a dict batch must hold the batch's rows"):
         Laplace(dnet, "classification").fit([bad], progress=False)
-    with pytest.raises(TypeError, match="hessian_structure=.lowrank. fits on \\(inputs, targets\\) batches"):
-        Laplace(dnet, "classification", hessian_structure="lowrank").fit([{**batch, "labels": y}], progress=False)
     with pytest.raises(ValueError, match="every tensor of a dict batch"):
         la.la({"input_ids": ids, "attention_mask": mask[:2]})
 
@@ -166,3 +180,47 @@ def test_marglik_training_on_dict_batches():
     torch.testing.assert_close(la_d.mean, la_t.mean, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(torch.tensor(ev_d), torch.tensor(ev_t), rtol=1e-10, atol=0)
     torch.testing.assert_close(la_d.prior_precision, la_t.prior_precision, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical"])
+def test_curvature_operators_take_dict_inputs(nets, kind):
+    """pyfastbayes.curvature's operators on (dict batch, targets) pairs: the matrices of the same
+    rows as tensors."""
+    from pyfastbayes.curvature import fisher, ggn, hessian
+    dnet, tnet = nets
+    ids, mask, y = _data(14, 8)
+    loss = nn.CrossEntropyLoss()
+    make = {"hessian": hessian, "ggn": ggn, "empirical": lambda m, f, d: fisher(m, f, d, kind="empirical")}[kind]
+    d = [({k: v for k, v in b.items() if k != "labels"}, b["labels"]) for b in _dicts(ids, mask, y, 5)]
+    got = make(dnet, loss, d).to_dense()
+    want = make(tnet, loss, _pairs(ids, mask, y, 5)).to_dense()
+    assert float(want.abs().max()) > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_landscape_takes_dict_inputs(nets):
+    """landscape.grid, interpolate and a curve's evaluate on (dict batch, targets) pairs: the values
+    of the same rows as tensors."""
+    import copy
+
+    from pyfastbayes.landscape import BezierCurve, grid, interpolate, random_directions
+    dnet, tnet = nets
+    ids, mask, y = _data(30, 9)
+    d = [({k: v for k, v in b.items() if k != "labels"}, b["labels"]) for b in _dicts(ids, mask, y, 10)]
+    p = _pairs(ids, mask, y, 10)
+    loss = nn.CrossEntropyLoss()
+    D = random_directions(dnet, n=2, generator=torch.Generator().manual_seed(1))
+    c = (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 4))
+    want = grid(tnet, loss, p, D, c, progress=False).loss
+    assert float(want.std()) > 0
+    torch.testing.assert_close(grid(dnet, loss, d, D, c, progress=False).loss, want, rtol=1e-12, atol=0)
+    other = copy.deepcopy(dnet)
+    with torch.no_grad():
+        for q in other.parameters():
+            q.add_(0.3 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel()), dtype=q.dtype))
+    other_t = TensorNet(other.body)
+    torch.testing.assert_close(interpolate(dnet, other, 4, loss, d, progress=False).loss,
+                               interpolate(tnet, other_t, 4, loss, p, progress=False).loss, rtol=1e-12, atol=0)
+    ts = torch.linspace(0, 1, 3)
+    torch.testing.assert_close(BezierCurve(dnet, other).evaluate(ts, loss, d)["loss"],
+                               BezierCurve(tnet, other_t).evaluate(ts, loss, p)["loss"], rtol=1e-12, atol=0)
