@@ -224,3 +224,89 @@ def test_landscape_takes_dict_inputs(nets):
     ts = torch.linspace(0, 1, 3)
     torch.testing.assert_close(BezierCurve(dnet, other).evaluate(ts, loss, d)["loss"],
                                BezierCurve(tnet, other_t).evaluate(ts, loss, p)["loss"], rtol=1e-12, atol=0)
+
+
+def _padded(ids, mask, T_to):
+    """The same rows padded with masked tokens to T_to positions (Body ignores masked tokens)."""
+    pad = T_to - ids.shape[1]
+    return (torch.cat([ids, ids.new_zeros(ids.shape[0], pad)], 1),
+            torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1))
+
+
+@pytest.mark.filterwarnings("ignore:gridsearch")
+@pytest.mark.parametrize("pred_type", ["glm", "nn"])
+def test_gridsearch_on_dict_batches_padded_to_different_lengths(nets, pred_type):
+    """Validation dict batches padded per batch (HuggingFace collation: [4, 5] and [5, 7] ids)
+    score batch by batch: the prior chosen on the same rows all padded to one length."""
+    dnet, _ = nets
+    ids, mask, y = _data(40, 1)
+    la = Laplace(dnet, "classification", hessian_structure="diag").fit(_dicts(ids, mask, y, 20), progress=False)
+    vi, vm, vy = _data(9, 5)
+    wi, wm = _padded(vi[4:], vm[4:], 7)
+    ragged = [{"input_ids": vi[:4], "attention_mask": vm[:4], "labels": vy[:4]},
+              {"input_ids": wi, "attention_mask": wm, "labels": vy[4:]}]
+    pi, pm = _padded(vi, vm, 7)
+    even = [{"input_ids": pi[:4], "attention_mask": pm[:4], "labels": vy[:4]},
+            {"input_ids": pi[4:], "attention_mask": pm[4:], "labels": vy[4:]}]
+    kw = dict(method="gridsearch", grid_size=9, pred_type=pred_type, n_samples=3, log_prior_prec_range=(-2, 2))
+    torch.manual_seed(7)
+    a = la.optimize_prior_precision(val_loader=ragged, **kw)
+    torch.manual_seed(7)
+    b = la.optimize_prior_precision(val_loader=even, **kw)
+    torch.testing.assert_close(a, b)
+
+
+class _Feat(nn.Module):
+    """forward(d) -> lin(d['x']): a float32 'x' fails in a float64 Linear."""
+
+    def __init__(self, out=C):
+        super().__init__()
+        self.hidden, self.lin = nn.Linear(5, 4), nn.Linear(4, out)
+
+    def forward(self, d):
+        return self.lin(torch.tanh(self.hidden(d["x"])))
+
+
+def test_dict_inputs_of_another_dtype_get_the_dtype_message():
+    """A float32 tensor in a dict fed to a float64 model: the library's TypeError on every path
+    (fit, last-layer fit, glm and nn predictives, one dict or a loader of them); float32 targets
+    under dict_key_y are never blamed for another error."""
+    torch.manual_seed(0)
+    model = _Feat().to(DT)
+    X, y = torch.randn(8, 5, dtype=DT), torch.randint(0, C, (8,))
+    good, bad = {"x": X, "labels": y}, {"x": X.float(), "labels": y}
+    msg = "the inputs are torch.float32 but the model's parameters are torch.float64"
+    with pytest.raises(TypeError, match=msg):
+        Laplace(model, "classification").fit([bad], progress=False)
+    with pytest.raises(TypeError, match=msg):
+        Laplace(model, "classification", "last_layer").fit([bad], progress=False)
+    la = Laplace(model, "classification", hessian_structure="diag").fit([good], progress=False)
+    for data in (bad, [bad]):
+        for pred_type in ("glm", "nn"):
+            with pytest.raises(TypeError, match=msg):
+                la.la(data, pred_type)
+    reg = _Feat(out=2).to(DT)
+    wrong_width = {"x": torch.randn(6, 7, dtype=DT), "labels": torch.randn(6, 2)}  # float32 targets
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        Laplace(reg, "regression").fit([wrong_width], progress=False)
+
+
+def test_dict_batches_move_to_the_model_device():
+    """to_device (the BMA loop's, bn_loader's) moves the tensors of a dict passed whole; a user
+    input_fn gets the row chunks of one dict batch."""
+    from pyfastbayes.nn.inputs import to_device
+    d = {"a": torch.zeros(2), "n": 3}
+    moved = to_device((d, torch.ones(1)), "meta")
+    assert moved[0]["a"].device.type == "meta" and moved[0]["n"] == 3 and moved[1].device.type == "meta"
+    assert d["a"].device.type == "cpu"  # the caller's dict is not changed
+
+
+def test_nn_predict_on_one_dict_with_an_input_fn(nets):
+    dnet, tnet = nets
+    ids, mask, y = _data(10, 1)
+    la = Laplace(dnet, "classification", hessian_structure="diag").fit(_dicts(ids, mask, y, 10), progress=False)
+    test = {"input_ids": ids, "attention_mask": mask}
+    a = la.predict(test, 3, pred_type="nn", input_fn=lambda b: (b,), batch_size=4,
+                   generator=torch.Generator().manual_seed(1))
+    b = la.predict(test, 3, pred_type="nn", batch_size=4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)

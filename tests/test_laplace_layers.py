@@ -519,6 +519,64 @@ def test_kron_of_modules_called_several_times_is_the_formula_over_all_calls(name
         assert la.n_data == 10 and T_POS > 2
 
 
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_discarded_and_no_grad_calls_add_nothing(structure):
+    """A call whose output is discarded, or one under torch.no_grad() (a stop-gradient branch, as
+    in BYOL / SimSiam), has no curvature: the posterior is that of the same function with the
+    call made by a frozen copy of the layer (one call each), for every structure (KFAC's
+    activation factor too)."""
+    import copy
+
+    class Net(nn.Module):
+        def __init__(self, mode):
+            super().__init__()
+            self.mode, self.lin, self.out = mode, nn.Linear(4, 5), nn.Linear(5, 3)
+            self.frozen = None
+
+        def forward(self, x):
+            z = torch.tanh(self.lin(x))
+            if self.mode == "discard":
+                (self.frozen or self.lin)(3 * x)  # output unused
+                return self.out(z)
+            if self.frozen is not None:
+                t = torch.tanh(self.frozen(x.flip(0)))
+            else:
+                with torch.no_grad():
+                    t = torch.tanh(self.lin(x.flip(0)))
+            return self.out(z * t)
+
+    X, y = torch.randn(9, 4, dtype=DT), torch.randint(0, 3, (9,))
+    for mode in ("discard", "no_grad"):
+        torch.manual_seed(2)
+        model = Net(mode).to(DT)
+        twin = copy.deepcopy(model)
+        twin.frozen = copy.deepcopy(twin.lin).requires_grad_(False)
+        kw = dict(hessian_structure=structure, kfac_approx="expand")
+        got, want = fit(model, [(X, y)], "classification", **kw), fit(twin, [(X, y)], "classification", **kw)
+        torch.testing.assert_close(got.to_dense(), want.to_dense(), rtol=1e-12, atol=1e-14)
+        if structure == "full" and mode == "discard":  # (torch.func's jacrev differentiates through no_grad)
+            H = ref.exact_curvature(model, [(X, y)], "classification")
+            torch.testing.assert_close(curvature_part(got), H, rtol=1e-10, atol=1e-12)
+
+
+def test_embedding_on_a_scalar_index_is_refused_clearly():
+    """An Embedding called on a 0-dim index (no batch rows) under 'diag' / 'full': the per-example
+    error, not a TypeError from the memory budget."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(4, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x) + self.emb(torch.tensor(1))[:2]
+
+    X, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))
+    for structure in ("diag", "full"):
+        with pytest.raises(ValueError, match="layer 'emb' .* is not called on the batch's examples"):
+            fit(Net().to(DT), [(X, y)], "classification", hessian_structure=structure)
+
+
 def test_calls_on_different_batch_sizes_are_refused():
     """A covered layer called once on the batch and once on a single row (a learned query, a
     constant): per-example Jacobians cannot be added, the error says which layer and how to fix."""

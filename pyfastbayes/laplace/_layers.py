@@ -126,6 +126,11 @@ class Layer:
     def clear(self) -> None:
         self.inputs, self.outs = [], []
 
+    def keep(self, calls: list[bool]) -> None:
+        """Forget the recorded calls whose entry in ``calls`` is False."""
+        self.inputs = [a for a, k in zip(self.inputs, calls) if k]
+        self.outs = [o for o, k in zip(self.outs, calls) if k]
+
     def batch_rows(self) -> int | None:
         """The number N of examples every recorded call ran on (the first dimension of its input),
         or None when a call's input is not a tensor of rows; ValueError when the calls disagree
@@ -144,19 +149,24 @@ class Layer:
         ``gs`` (per call [m, *out.shape]), summed over the calls: ('factored', U [m, N, p],
         V [N, q]) meaning U (x) V, or ('matrix', M [m, N, p, q]) for Kronecker blocks; ('rows',
         R [m, N, p]) for diagonal blocks."""
-        N = self.batch_rows()
-        if N is None or any(g.shape[1] != N for g in gs):
-            # e.g. a parametrization (weight_norm): it computes a weight every example shares
-            raise ValueError(f"layer {self.name!r} ({type(self.module).__name__}) is not called on the batch's "
-                             "examples (its first input is not a tensor of N rows), so its parameters have no "
-                             "per-example gradients for a diagonal block; freeze them (requires_grad=False) or use "
-                             "subset_of_weights='last_layer'")
+        self._example_rows(gs)
         params = {k: getattr(self.module, k) for k in self.params}
         rows = None
         for a, g in zip(self.inputs, gs):
             call = _per_example_grads(self.module, params, a, g)
             rows = call if rows is None else [r + c for r, c in zip(rows, call)]
         return [("rows", r) for r in rows]
+
+    def _example_rows(self, gs: list[Tensor]) -> int:
+        """N, the batch rows every call ran on (ValueError otherwise: no per-example gradients)."""
+        N = self.batch_rows()
+        if N is None or any(g.shape[1] != N for g in gs):
+            # e.g. a parametrization (weight_norm): it computes a weight every example shares
+            raise ValueError(f"layer {self.name!r} ({type(self.module).__name__}) is not called on the batch's "
+                             "examples (its first input is not a tensor of N rows), so its parameters have no "
+                             "per-example gradients; freeze them (requires_grad=False) or use "
+                             "subset_of_weights='last_layer'")
+        return N
 
     def jacobian_numel(self) -> int:
         """Numbers per direction of the parts :meth:`jacobians` builds beyond the output gradients
@@ -457,7 +467,7 @@ class _Embedding(Layer):
         return [Block(prefix + "weight", "kron", self._index("weight"), left_diag=True)]
 
     def _onehot_parts(self, gs):
-        N = self.batch_rows()
+        N = self._example_rows(gs)
         idx = _join([a.reshape(N, -1) for a in self.inputs], 1)  # [N, T] over all calls
         gg = _join([g.reshape(g.shape[0], N, -1, g.shape[-1]) for g in gs], 2)  # [m, N, T, D]
         keep = torch.ones_like(idx, dtype=torch.bool)
@@ -468,7 +478,8 @@ class _Embedding(Layer):
         return idx, gg, keep, False
 
     def jacobian_numel(self) -> int:
-        return self.batch_rows() * self.module.weight.numel()  # M [N, V, D] per direction
+        N = self.batch_rows()
+        return 0 if N is None else N * self.module.weight.numel()  # M [N, V, D] per direction
 
     def jacobians(self, gs):
         idx, gg, keep, _ = self._onehot_parts(gs)

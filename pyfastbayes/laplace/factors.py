@@ -50,6 +50,8 @@ class Recorder:
         def hook(module, inp, out):
             if not torch.is_tensor(out):
                 raise RuntimeError(f"layer {layer.name!r} returns {type(out).__name__}, not a tensor")
+            if not out.requires_grad:  # a call under torch.no_grad() (a stop-gradient branch): no curvature
+                return None
             return layer.record(inp, out).clone()
         return hook
 
@@ -60,8 +62,8 @@ class Recorder:
 
 def backprop(f: Tensor, layers: list[Layer], R: Tensor, keep_graph: bool = False) -> list[list[Tensor] | None]:
     """Per layer the gradients [m, *out.shape] of <R[j], f> with respect to the output of each of
-    its recorded calls (a list, zeros for a call the outputs do not depend on; None when they
-    depend on none of them), for the m directions R [m, N, C] in one batched backward (a loop
+    its recorded calls (a list; a call the outputs do not depend on is dropped from the layer's
+    record; None when they depend on none of them), for the m directions R [m, N, C] in one batched backward (a loop
     when an operation has no batching rule). ``keep_graph``: the graph stays for another call
     (the next chunk of directions); otherwise the loop's last backward may free it."""
     for layer in layers:
@@ -94,18 +96,23 @@ def backprop(f: Tensor, layers: list[Layer], R: Tensor, keep_graph: bool = False
             for acc, g in zip(per, gs):
                 acc.append(g)
         grads = [None if g[0] is None else torch.stack(g) for g in per]
-    return _per_layer(layers, grads, R.shape[0])
+    return _per_layer(layers, grads)
 
 
-def _per_layer(layers: list[Layer], grads: list, m: int) -> list[list[Tensor] | None]:
-    """The flat per-output gradients regrouped by layer (see :func:`backprop`)."""
+def _per_layer(layers: list[Layer], grads: list) -> list[list[Tensor] | None]:
+    """The flat per-output gradients regrouped by layer (see :func:`backprop`). A call the outputs
+    do not depend on (its output discarded) is forgotten by its layer: its zero gradients would
+    still put its inputs into the Kronecker activation factor."""
     result, i = [], 0
     for layer in layers:
         gs, i = grads[i:i + len(layer.outs)], i + len(layer.outs)
         if all(g is None for g in gs):
             result.append(None)
-        else:
-            result.append([o.new_zeros(m, *o.shape) if g is None else g for o, g in zip(layer.outs, gs)])
+            continue
+        used = [g is not None for g in gs]
+        if not all(used):
+            layer.keep(used)
+        result.append([g for g in gs if g is not None])
     return result
 
 

@@ -24,7 +24,7 @@ from .._memory import allocation_cache
 from ..nn import ModeGuard
 from ..nn.calls import parameter_calls
 from ..nn.inputs import dtype_mismatch, iterate_inputs, model_input
-from ..nn.rows import cat_rows, is_rows, row_count, row_tensors, rows_to, split_rows, take_rows
+from ..nn.rows import cat_rows, is_rows, row_count, rows_to, same_row_shapes, split_rows, take_rows
 from ..nn.loaders import batches as loader_batches
 from ..calibration._checks import check_int, check_positive_float
 from ..posteriors.base import Posterior
@@ -147,9 +147,6 @@ def _rows_or_none(x) -> int | None:
     return None if torch.is_tensor(x) and x.dim() == 0 else row_count(x)
 
 
-def _dtype_inputs(x):
-    """What :func:`dtype_mismatch` inspects: the tensor, or a dict batch's tensors (as a list)."""
-    return x if torch.is_tensor(x) else row_tensors(x)
 
 
 def _length(loader) -> int | None:
@@ -290,7 +287,7 @@ class Laplace(Posterior):
             try:
                 calls = parameter_calls(self.model, x)
             except RuntimeError as e:  # the same words as the forward of the 'all' fit
-                wrong = dtype_mismatch(x, self.dtype, e, name="loader", refit=", then fit again")
+                wrong = dtype_mismatch(self._model_tensors(x), self.dtype, e, name="loader", refit=", then fit again")
                 if wrong is not None:
                     raise wrong from e
                 raise
@@ -533,6 +530,11 @@ class Laplace(Posterior):
         names = [self.blocks[i].name for i in curv.G]
         return names + [self.blocks[i].name for i in curv.A] + [self.blocks[i].name for i in curv.h]
 
+    def _model_tensors(self, x):
+        """What the dtype message inspects: the tensor, or a dict batch's tensors but its targets
+        (float32 regression targets must not be blamed for another error of a float64 model)."""
+        return x if torch.is_tensor(x) else [v for k, v in x.items() if torch.is_tensor(v) and k != self.dict_key_y]
+
     def _split(self, item, i: int):
         """(inputs, targets) of loader item i: an (inputs, targets, ...) pair of tensors, or a dict
         batch (the whole dict, item[dict_key_y])."""
@@ -578,7 +580,7 @@ class Laplace(Posterior):
             try:
                 out = self.model(x)
             except RuntimeError as e:
-                wrong = dtype_mismatch(_dtype_inputs(x), self.dtype, e, name=name, refit=", then fit again")
+                wrong = dtype_mismatch(self._model_tensors(x), self.dtype, e, name=name, refit=", then fit again")
                 if wrong is not None:
                     raise wrong from e
                 raise
@@ -803,27 +805,33 @@ class Laplace(Posterior):
             if _rows_or_none(xb) is None or yb.dim() == 0 or yb.shape[0] != row_count(xb):
                 raise ValueError(f"val_loader batch {i}: {tuple(yb.shape)} targets for inputs {_shape(xb)}; "
                                  "one target per input row")
-        x = cat_rows([b[0] for b in batches], "val_loader")
         y = torch.cat([b[1] for b in batches])
         # the targets against outputs [N, C] of the fitted width before anything is predicted: class
         # indices (integers in [0, C)), 0/1 for 'binary', the outputs' shape for 'regression'
         try:
-            y = check_targets(y, torch.empty(row_count(x), self.n_outputs, dtype=self.dtype, device=self.device),
+            y = check_targets(y, torch.empty(y.shape[0], self.n_outputs, dtype=self.dtype, device=self.device),
                               self.likelihood)
         except ValueError as e:
             raise ValueError(f"val_loader: {e}") from None
+        # the rows joined once, unless the batches' rows differ in shape (dict batches padded to
+        # each batch's longest sequence): then batch by batch
+        xs = [b[0] for b in batches]
+        groups = ([(cat_rows(xs, "val_loader"), y)] if same_row_shapes(xs)
+                  else list(zip(xs, y.split([b[1].shape[0] for b in batches]))))
         priors = [torch.as_tensor(delta, dtype=self.dtype, device=self.device) for delta in grid]
         if pred_type == "glm":  # chunk by chunk of rows, every prior on a chunk's Jacobian parts
             self._check_at_mean("the GLM predictive")
             sums = [0.0] * len(grid)
-            rows = self._glm_rows(x, 1024)
-            for xc, yc in zip(split_rows(x, rows), y.tensor_split(len(split_rows(y, rows)))):
-                pieces = self._glm_pieces(xc, max(len(yc), 1))
-                for k, prior in enumerate(priors):
-                    f_mu, f_var = self._glm_moments(pieces, prior)
-                    sums[k] += self._nll(f_mu, f_var, yc, link_approx, n_samples) * yc.shape[0]
-                del pieces
+            for xg, yg in groups:
+                rows = self._glm_rows(xg, 1024)
+                for xc, yc in zip(split_rows(xg, rows), split_rows(yg, rows)):
+                    pieces = self._glm_pieces(xc, max(len(yc), 1))
+                    for k, prior in enumerate(priors):
+                        f_mu, f_var = self._glm_moments(pieces, prior)
+                        sums[k] += self._nll(f_mu, f_var, yc, link_approx, n_samples) * yc.shape[0]
+                    del pieces
             return sums
+        x = groups[0][0] if len(groups) == 1 else xs  # (a loader of the batches)
         sums = []
         for prior in priors:
             old, self._prior = self._prior, prior
@@ -995,10 +1003,10 @@ class Laplace(Posterior):
         """Posterior.predict (the BMA over draws; it names inputs of another dtype than the model's);
         a dict batch, or a loader of them, goes in whole as the model's one argument (unless
         ``input_fn`` says otherwise)."""
-        if options.get("input_fn") is None and (isinstance(x, Mapping) or not is_rows(x)):
+        if isinstance(x, Mapping):  # one dict batch: its row chunks as a loader
+            x = split_rows(x, options.get("batch_size") or 1024)
+        if options.get("input_fn") is None and not is_rows(x):
             options["input_fn"] = _whole_dict
-            x = _DeviceDicts(split_rows(x, options.get("batch_size") or 1024) if isinstance(x, Mapping) else x,
-                             self.device)
         return Posterior.predict(self, x, n_samples, likelihood=self.likelihood, **options)
 
     def _input_batches(self, x, batch_size: int):
@@ -1152,7 +1160,7 @@ class Laplace(Posterior):
         try:
             out = torch.func.functional_call(self.model, params, (x,))
         except RuntimeError as e:
-            wrong = dtype_mismatch(_dtype_inputs(x), self.dtype, e, name="x")
+            wrong = dtype_mismatch(self._model_tensors(x), self.dtype, e, name="x")
             if wrong is not None:
                 raise wrong from e
             raise
@@ -1319,15 +1327,3 @@ def _class_nll(p: Tensor, y: Tensor, likelihood: str) -> float:
 def _whole_dict(item):
     """input_fn for dict batches: the dict is the model's one positional argument."""
     return (item,) if isinstance(item, Mapping) else model_input(item)
-
-
-class _DeviceDicts:
-    """A loader's items with the tensors of dict batches moved to ``device`` (the BMA loop moves
-    tensors and tuples of tensors only)."""
-
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
-
-    def __iter__(self):
-        for item in loader_batches(self.loader):
-            yield rows_to(item, self.device) if isinstance(item, Mapping) else item

@@ -87,10 +87,19 @@ def check_reiterable(data, name: str) -> None:
 
 
 def to_device(inp: ModelInput, device) -> ModelInput:
-    """Move a model input (a tensor, or a tuple of arguments: its tensors) to ``device``."""
+    """Move a model input (a tensor, or a tuple of arguments: its tensors and the tensors of its
+    dicts, e.g. a dict batch passed whole) to ``device``."""
     if isinstance(inp, tuple):
-        return tuple(a.to(device) if torch.is_tensor(a) else a for a in inp)
+        return tuple(_moved(a, device) for a in inp)
     return inp.to(device)
+
+
+def _moved(a, device):
+    if torch.is_tensor(a):
+        return a.to(device)
+    if isinstance(a, Mapping):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in a.items()}
+    return a
 
 
 def call_model(fn: Callable, inp: ModelInput):
@@ -114,11 +123,15 @@ def model_output(out, output_fn: Callable | None = None) -> Tensor:
 
 
 def _tensors(inputs) -> Iterator[Tensor]:
-    """The tensors of ``inputs``: a tensor, or nested tuples/lists of them (other items skipped)."""
+    """The tensors of ``inputs``: a tensor, or nested tuples/lists/dicts of them (other items
+    skipped)."""
     if torch.is_tensor(inputs):
         yield inputs
     elif isinstance(inputs, (tuple, list)):
         for a in inputs:
+            yield from _tensors(a)
+    elif isinstance(inputs, Mapping):
+        for a in inputs.values():
             yield from _tensors(a)
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["is_rows", "row_count", "take_rows", "split_rows", "cat_rows", "rows_to", "row_tensors"]
+__all__ = ["is_rows", "row_count", "take_rows", "split_rows", "cat_rows", "same_row_shapes", "rows_to", "row_tensors"]
 
 
 def is_rows(x) -> bool:
@@ -73,6 +73,20 @@ def cat_rows(batches: list, name: str = "x"):
         if not isinstance(b, Mapping) or list(b) != keys:
             raise ValueError(f"{name}: batch {i} has other keys than batch 0 ({keys}); dict batches must agree")
     return {k: torch.cat([b[k] for b in batches]) if torch.is_tensor(first[k]) else first[k] for k in keys}
+
+
+def same_row_shapes(batches: list) -> bool:
+    """Whether :func:`cat_rows` can join the batches: all tensors, or all mappings with the same
+    keys, whose tensors agree beyond the rows (shape[1:]) and in dtype (dict batches padded per
+    batch to their longest sequence do not)."""
+    def sig(b):
+        if torch.is_tensor(b):
+            return (tuple(b.shape[1:]), b.dtype)
+        if isinstance(b, Mapping):
+            return tuple((k, tuple(v.shape[1:]), v.dtype) if torch.is_tensor(v) else (k,) for k, v in b.items())
+        return None
+    first = sig(batches[0])
+    return first is not None and all(sig(b) == first for b in batches[1:])
 
 
 def rows_to(x, device):
