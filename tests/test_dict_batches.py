@@ -289,6 +289,11 @@ def test_dict_inputs_of_another_dtype_get_the_dtype_message():
     wrong_width = {"x": torch.randn(6, 7, dtype=DT), "labels": torch.randn(6, 2)}  # float32 targets
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         Laplace(reg, "regression").fit([wrong_width], progress=False)
+    la = Laplace(reg, "regression", hessian_structure="diag").fit(
+        [{"x": X, "labels": torch.randn(8, 2, dtype=DT)}], progress=False)
+    for pred_type in ("glm", "nn"):  # (the nn predictive goes through the posteriors' BMA loop)
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            la.la(wrong_width, pred_type)
 
 
 def test_dict_batches_move_to_the_model_device():
@@ -310,3 +315,98 @@ def test_nn_predict_on_one_dict_with_an_input_fn(nets):
                    generator=torch.Generator().manual_seed(1))
     b = la.predict(test, 3, pred_type="nn", batch_size=4, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b)
+
+
+class _Branchy(nn.Module):
+    """forward(d) with value-dependent control flow (vmap cannot batch it: grid falls back to one
+    point at a time) that never reads d's float32 'extra'; ``seen`` records the rows it gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.seen = nn.Linear(5, C), []
+
+    def forward(self, d):
+        x = d["x"]
+        self.seen.append(x.shape[-2] if x.dim() > 1 else 1)
+        return self.lin(x) if bool(x.sum() > -1e9) else -self.lin(x)
+
+
+def test_dict_values_the_model_never_reads_are_not_blamed():
+    """A float32 value in a dict batch that a float64 model never reads (targets, a mask): grid
+    still falls back to one point at a time, and a real error (wrong width) is reported as
+    itself, by the landscape and the curvature operators alike."""
+    import warnings
+
+    from pyfastbayes.curvature import ggn
+    from pyfastbayes.landscape import grid, random_directions
+    torch.manual_seed(0)
+    model = _Branchy().to(DT)
+    X, y = torch.randn(12, 5, dtype=DT), torch.randint(0, C, (12,))
+    loss = nn.CrossEntropyLoss()
+    D = random_directions(model, n=1, generator=torch.Generator().manual_seed(1))
+    c = torch.linspace(-1, 1, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the one-point-at-a-time warning)
+        want = grid(model, loss, [({"x": X}, y)], D, c, progress=False).loss
+        got = grid(model, loss, [({"x": X, "extra": torch.ones(12).float()}, y)], D, c, progress=False).loss
+    torch.testing.assert_close(got, want)
+    bad = [({"x": torch.randn(12, 7, dtype=DT), "extra": torch.ones(12).float()}, y)]
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        grid(model, loss, bad, D, c, progress=False)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        ggn(model, loss, bad).to_dense()
+
+
+def test_grid_splits_dict_batches_into_row_blocks():
+    """batch_rows applies to dict batches as to tensors: the model sees blocks of 8 rows, and the
+    surface is the whole batches' one."""
+    from pyfastbayes.landscape import grid, random_directions
+    torch.manual_seed(0)
+    model = _Feat().to(DT)
+    seen = []
+    model.hidden.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[-2]))
+    X, y = torch.randn(40, 5, dtype=DT), torch.randint(0, C, (40,))
+    D = random_directions(model, n=1, generator=torch.Generator().manual_seed(1))
+    c = torch.linspace(-1, 1, 3)
+    whole = grid(model, nn.CrossEntropyLoss(), [({"x": X, "tag": "a"}, y)], D, c, progress=False, batch_rows=64).loss
+    assert set(seen) == {40}
+    seen.clear()
+    blocks = grid(model, nn.CrossEntropyLoss(), [({"x": X, "tag": "a"}, y)], D, c, progress=False, batch_rows=8).loss
+    assert set(seen) == {8}
+    torch.testing.assert_close(blocks, whole, rtol=1e-12, atol=0)
+
+
+def test_a_discarded_probe_on_other_rows_is_harmless():
+    """A layer also called on one row whose output is discarded (a shape probe): the posterior of
+    the model without the probe (the row-count check comes after discarded calls are dropped)."""
+
+    class Net(nn.Module):
+        def __init__(self, probe):
+            super().__init__()
+            self.probe, self.a, self.out = probe, nn.Linear(4, 5), nn.Linear(5, C)
+
+        def forward(self, x):
+            if self.probe:
+                self.a(x[:1])
+            return self.out(torch.tanh(self.a(x)))
+
+    X, y = torch.randn(7, 4, dtype=DT), torch.randint(0, C, (7,))
+    for structure in ("kron", "diag", "full"):
+        torch.manual_seed(1)
+        with_probe = Net(True).to(DT)
+        plain = Net(False).to(DT)
+        plain.load_state_dict(with_probe.state_dict())
+        a = Laplace(with_probe, "classification", hessian_structure=structure).fit([(X, y)], progress=False)
+        b = Laplace(plain, "classification", hessian_structure=structure).fit([(X, y)], progress=False)
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_bare_dict_as_curvature_data_says_how_to_pair_it(nets):
+    from pyfastbayes.curvature import ggn
+    dnet, _ = nets
+    ids, mask, y = _data(6, 1)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": y}
+    with pytest.raises(TypeError, match=r"data is one dict .*pass \(batch, batch\['labels'\]\)"):
+        ggn(dnet, nn.CrossEntropyLoss(), batch)
+    with pytest.raises(TypeError, match=r"data item 0 is a dict"):
+        ggn(dnet, nn.CrossEntropyLoss(), [batch]).to_dense()

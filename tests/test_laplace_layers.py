@@ -367,7 +367,7 @@ def test_forward_contracts():
         la = fit(model, [(X, y)], "classification", hessian_structure="full")
         torch.testing.assert_close(curvature_part(la), ref.exact_curvature(model, [(X, y)], "classification"),
                                    rtol=1e-10, atol=1e-12)
-    with pytest.raises(RuntimeError, match="layer 'spare' did not take part in the forward"):
+    with pytest.raises(RuntimeError, match="layer 'spare' did not take part in this batch's forward"):
         fit(Unused().to(DT), [(X, y)], "classification")
 
 

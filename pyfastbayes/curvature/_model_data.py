@@ -49,6 +49,10 @@ def as_batches(data) -> Iterable:
     iterators (generators) are refused: every product walks the data again."""
     if _is_batch(data):
         data = [tuple(data)]
+    if isinstance(data, Mapping):
+        raise TypeError(f"data is one dict (keys {list(data)[:6]}); the curvature needs (inputs, targets) pairs: pass "
+                        "(batch, batch['labels']) (the dict is the model's one argument), or a list / DataLoader "
+                        "of such pairs")
     if isinstance(data, (str, bytes)) or torch.is_tensor(data) or not isinstance(data, Iterable):
         raise TypeError("data must be an (inputs, targets) tuple of tensors or a re-iterable of them (a list of "
                         f"batches, a DataLoader), got {type(data).__name__}")
@@ -62,6 +66,9 @@ def as_batches(data) -> Iterable:
 
 
 def _check_batch(item, i: int) -> None:
+    if isinstance(item, Mapping):
+        raise TypeError(f"data item {i} is a dict (keys {list(item)[:6]}): give (inputs, targets) pairs, e.g. a "
+                        "collate_fn or a list of (batch, batch['labels']) (the dict is the model's one argument)")
     if not _is_batch(item):
         what = type(item).__name__ if not isinstance(item, (tuple, list)) else f"a {type(item).__name__} of {len(item)}"
         hint = ("; a DataLoader over TensorDataset(x1, x2, y) yields [x1, x2, y]: give the model's inputs as one "

@@ -42,7 +42,7 @@ weighted by its number of examples).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,6 @@ from .._warnings import warn_user
 from ..calibration._checks import check_generator, check_int
 from ..nn.batchnorm import ModeGuard
 from ..nn.inputs import dtype_mismatch
-from ..nn.rows import row_tensors
 from ._model_data import (Selection, all_reduce, as_batches, differentiable_kernels, distributed_active, ignore_index,
                           iterate, loss_kind, mode_dependent, shuffles)
 from .operator import LinearOperator
@@ -99,7 +98,7 @@ class _ModelCurvature(LinearOperator):
             try:
                 out = functional_call(self.model, {**fixed, **p}, args)
             except RuntimeError as exc:
-                wrong = dtype_mismatch(row_tensors(x) if isinstance(x, Mapping) else args, self.dtype, exc, name="data")
+                wrong = dtype_mismatch(args, self.dtype, exc, name="data")
                 if wrong is not None:
                     raise wrong from exc
                 raise

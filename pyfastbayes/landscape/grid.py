@@ -19,6 +19,7 @@ import contextlib
 import functools
 import itertools
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,7 @@ from ..nn import ModeGuard
 from ..nn.calls import buffers_kept
 from ..nn.batchnorm import bn_modules
 from ..nn.inputs import dtype_mismatch
+from ..nn.rows import row_tensors, take_rows
 from . import _batched, _first_layer
 from ._losses import point_sums, refuse_sum, row_separable
 from ._pairs import same_fixed_tensors, warn_other_statistics
@@ -76,12 +78,14 @@ def _row_blocks(x, y: Tensor, nb: int, r: int | None):
     their first dimension (a weight or a scalar shared by the rows, targets flattened over tokens).
     A shared input whose first dimension happens to equal nb cannot be told from a batched one: it
     is split too (grid's batch_rows docstring says so)."""
-    if r is None or nb <= r or not all(torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == nb
-                                       for a in (*(x if isinstance(x, tuple) else (x,)), y)):
+    # a dict batch's tensors (HuggingFace style) are its inputs; its other values go with every block
+    args = (*(x if isinstance(x, tuple) else (x,)),)
+    parts = [v for a in args for v in (row_tensors(a) if isinstance(a, Mapping) else (a,))]
+    if r is None or nb <= r or not all(torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == nb for a in (*parts, y)):
         yield x, y, nb
         return
     for i in range(0, nb, r):
-        xr = tuple(a[i:i + r] for a in x) if isinstance(x, tuple) else x[i:i + r]
+        xr = tuple(take_rows(a, slice(i, i + r)) for a in x) if isinstance(x, tuple) else take_rows(x, slice(i, i + r))
         yield xr, y[i:i + r], min(r, nb - i)
 
 

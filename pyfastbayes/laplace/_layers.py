@@ -131,13 +131,16 @@ class Layer:
         self.inputs = [a for a, k in zip(self.inputs, calls) if k]
         self.outs = [o for o, k in zip(self.outs, calls) if k]
 
-    def batch_rows(self) -> int | None:
+    def batch_rows(self, strict: bool = True) -> int | None:
         """The number N of examples every recorded call ran on (the first dimension of its input),
         or None when a call's input is not a tensor of rows; ValueError when the calls disagree
-        (their per-example Jacobians could not be added)."""
+        (their per-example Jacobians could not be added), or with ``strict=False`` the largest
+        (an estimate for the memory budget, made before discarded calls are dropped)."""
         if not self.inputs or any(a is None or a.dim() == 0 for a in self.inputs):
             return None
         sizes = {a.shape[0] for a in self.inputs}
+        if len(sizes) > 1 and not strict:
+            return max(sizes)
         if len(sizes) > 1:
             raise ValueError(f"layer {self.name!r} ({type(self.module).__name__}) is called on inputs of "
                              f"{sorted(sizes)} rows in one forward; Laplace needs every call of a covered layer "
@@ -172,7 +175,7 @@ class Layer:
         """Numbers per direction of the parts :meth:`jacobians` builds beyond the output gradients
         (for fit's memory budget): per-example rows [N, p] of every parameter (0 when the calls'
         inputs are not rows: :meth:`jacobians` refuses them)."""
-        N = self.batch_rows()
+        N = self.batch_rows(strict=False)
         return 0 if N is None else N * sum(n for _, _, n in self.params.values())
 
     def kron_rows(self, gs: list[Tensor]) -> list["KronRows"]:
@@ -478,7 +481,7 @@ class _Embedding(Layer):
         return idx, gg, keep, False
 
     def jacobian_numel(self) -> int:
-        N = self.batch_rows()
+        N = self.batch_rows(strict=False)
         return 0 if N is None else N * self.module.weight.numel()  # M [N, V, D] per direction
 
     def jacobians(self, gs):

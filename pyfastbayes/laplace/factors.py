@@ -67,10 +67,10 @@ def backprop(f: Tensor, layers: list[Layer], R: Tensor, keep_graph: bool = False
     when an operation has no batching rule). ``keep_graph``: the graph stays for another call
     (the next chunk of directions); otherwise the loop's last backward may free it."""
     for layer in layers:
-        if not layer.outs or not all(o.requires_grad for o in layer.outs):
-            raise RuntimeError(f"layer {layer.name!r} did not take part in the forward pass with gradients "
-                               "(is it used by the model's forward, with requires_grad parameters?)")
-        layer.batch_rows()  # (ValueError when its calls ran on different numbers of examples)
+        if not layer.outs:
+            raise RuntimeError(f"layer {layer.name!r} did not take part in this batch's forward pass with gradients "
+                               "(not called, or called under torch.no_grad() only); every covered layer must take "
+                               "part in every batch: freeze its parameters (requires_grad=False) otherwise")
     outs = [o for layer in layers for o in layer.outs]
     unused = []
 
@@ -96,7 +96,10 @@ def backprop(f: Tensor, layers: list[Layer], R: Tensor, keep_graph: bool = False
             for acc, g in zip(per, gs):
                 acc.append(g)
         grads = [None if g[0] is None else torch.stack(g) for g in per]
-    return _per_layer(layers, grads)
+    result = _per_layer(layers, grads)
+    for layer in layers:  # (after the discarded calls are dropped: a discarded probe on other rows is harmless)
+        layer.batch_rows()  # ValueError when its calls ran on different numbers of examples
+    return result
 
 
 def _per_layer(layers: list[Layer], grads: list) -> list[list[Tensor] | None]:
@@ -124,8 +127,9 @@ def block_parts(layers: list[Layer], grads: list):
 
 def _needed(g, layer: Layer) -> list[Tensor]:
     if g is None:
-        raise RuntimeError(f"the model's outputs do not depend on layer {layer.name!r}: its curvature is zero; "
-                           "freeze its parameters (requires_grad=False)")
+        raise RuntimeError(f"this batch's outputs do not depend on layer {layer.name!r} (its calls' outputs are "
+                           "discarded): every covered layer must take part in every batch; freeze its parameters "
+                           "(requires_grad=False) otherwise")
     return g
 
 

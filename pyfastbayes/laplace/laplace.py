@@ -531,9 +531,10 @@ class Laplace(Posterior):
         return names + [self.blocks[i].name for i in curv.A] + [self.blocks[i].name for i in curv.h]
 
     def _model_tensors(self, x):
-        """What the dtype message inspects: the tensor, or a dict batch's tensors but its targets
-        (float32 regression targets must not be blamed for another error of a float64 model)."""
-        return x if torch.is_tensor(x) else [v for k, v in x.items() if torch.is_tensor(v) and k != self.dict_key_y]
+        """What the dtype message inspects: the tensor, or a dict batch without its targets (which
+        the model may not read; a dict's other values are blamed only for errors that speak of
+        dtypes, see :func:`~pyfastbayes.nn.inputs.dtype_mismatch`)."""
+        return x if torch.is_tensor(x) else {k: v for k, v in x.items() if k != self.dict_key_y}
 
     def _split(self, item, i: int):
         """(inputs, targets) of loader item i: an (inputs, targets, ...) pair of tensors, or a dict

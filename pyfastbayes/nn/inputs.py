@@ -122,17 +122,17 @@ def model_output(out, output_fn: Callable | None = None) -> Tensor:
     return out
 
 
-def _tensors(inputs) -> Iterator[Tensor]:
-    """The tensors of ``inputs``: a tensor, or nested tuples/lists/dicts of them (other items
-    skipped)."""
+def _tensors(inputs, in_dict: bool = False) -> Iterator[tuple[Tensor, bool]]:
+    """The tensors of ``inputs`` (a tensor, or nested tuples/lists/dicts of them; other items
+    skipped), each with whether it sits in a dict."""
     if torch.is_tensor(inputs):
-        yield inputs
+        yield inputs, in_dict
     elif isinstance(inputs, (tuple, list)):
         for a in inputs:
-            yield from _tensors(a)
+            yield from _tensors(a, in_dict)
     elif isinstance(inputs, Mapping):
         for a in inputs.values():
-            yield from _tensors(a)
+            yield from _tensors(a, True)
 
 
 def dtype_mismatch(inputs, dtype: torch.dtype, error: BaseException | None = None, *, name: str = "x",
@@ -153,11 +153,14 @@ def dtype_mismatch(inputs, dtype: torch.dtype, error: BaseException | None = Non
         return None
     # several positional arguments are numbered; a list of batches is not
     groups = list(enumerate(inputs)) if isinstance(inputs, tuple) and len(inputs) > 1 else [(None, inputs)]
-    tensors = [(i, t) for i, group in groups for t in _tensors(group)]
-    culprit = next(((i, t) for i, t in tensors if t.is_floating_point() and t.dtype != dtype), None)
     text = "" if error is None else str(error).lower()
+    speaks_of_dtypes = error is None or "dtype" in text or "scalar type" in text
+    # a dict batch also carries what the model may never read (its targets, a float32 mask it
+    # casts): its tensors are blamed only when the error speaks of dtypes
+    tensors = [(i, t) for i, group in groups for t, in_dict in _tensors(group) if speaks_of_dtypes or not in_dict]
+    culprit = next(((i, t) for i, t in tensors if t.is_floating_point() and t.dtype != dtype), None)
     if culprit is None and (error is None or (not any(t.is_floating_point() for _, t in tensors)
-                                              and ("dtype" in text or "scalar type" in text))):
+                                              and speaks_of_dtypes)):
         culprit = next(((i, t) for i, t in tensors if t.dtype != dtype), None)
     if culprit is None:
         return None
