@@ -126,6 +126,21 @@ def test_lowrank_on_dict_batches(nets, curvature):
     torch.testing.assert_close(ours.to_dense(), ref.to_dense(), rtol=1e-8, atol=1e-10)
 
 
+def test_dict_and_targets_pairs_fit_and_predict_as_dict_batches(nets):
+    """(dict batch, targets) pairs, the curvature operators' form, work in Laplace as dict batches
+    with the targets inside do."""
+    dnet, _ = nets
+    ids, mask, y = _data(17, 3)
+    inside = _dicts(ids, mask, y, 6)
+    pairs = [({k: v for k, v in b.items() if k != "labels"}, b["labels"]) for b in inside]
+    a = Laplace(dnet, "classification").fit(inside, progress=False)
+    b = Laplace(dnet, "classification").fit(pairs, progress=False)
+    torch.testing.assert_close(a.log_marginal_likelihood(), b.log_marginal_likelihood(), rtol=1e-14, atol=0)
+    for pred_type in ("glm", "nn"):
+        torch.testing.assert_close(b.la(pairs, pred_type, generator=torch.Generator().manual_seed(1)),
+                                   a.la(inside, pred_type, generator=torch.Generator().manual_seed(1)))
+
+
 @pytest.mark.filterwarnings("ignore:gridsearch")  # (the tiny net's best prior is at the grid's end)
 @pytest.mark.filterwarnings("ignore:prior precision")
 @pytest.mark.parametrize("pred_type", ["glm", "nn"])

@@ -537,20 +537,23 @@ class Laplace(Posterior):
         return x if torch.is_tensor(x) else {k: v for k, v in x.items() if k != self.dict_key_y}
 
     def _split(self, item, i: int):
-        """(inputs, targets) of loader item i: an (inputs, targets, ...) pair of tensors, or a dict
-        batch (the whole dict, item[dict_key_y])."""
+        """(inputs, targets) of loader item i: an (inputs, targets, ...) pair of tensors, a dict
+        batch (the whole dict, item[dict_key_y]) or a (dict batch, targets) pair."""
         if isinstance(item, Mapping):
             if self.dict_key_y not in item or not torch.is_tensor(item[self.dict_key_y]):
                 raise ValueError(f"batch {i} is a dict without a tensor under dict_key_y={self.dict_key_y!r} (keys "
                                  f"{list(item)[:8]}): pass Laplace(..., dict_key_y=<the targets' key>)")
             row_count(item, f"batch {i}")
             return item, item[self.dict_key_y]
-        if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0]) and torch.is_tensor(item[1])):
+        if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[1])
+                and (torch.is_tensor(item[0]) or isinstance(item[0], Mapping))):
             hint = (" (a loader item that is one tensor: was (X, Y) passed itself? wrap it: [(X, Y)])"
                     if torch.is_tensor(item) else "")
             raise TypeError(f"batch {i} must be an (inputs, targets) pair of tensors (or a dict batch), got "
                             f"{type(item).__name__}{hint}: pass an iterable of (inputs, targets) batches, e.g. "
                             "[(X, Y)] or a DataLoader")
+        if isinstance(item[0], Mapping):  # a (dict batch, targets) pair, as the curvature operators take
+            row_count(item[0], f"batch {i}")
         return item[0], item[1]
 
     def _check_uses(self, x) -> None:
@@ -1326,5 +1329,8 @@ def _class_nll(p: Tensor, y: Tensor, likelihood: str) -> float:
 
 
 def _whole_dict(item):
-    """input_fn for dict batches: the dict is the model's one positional argument."""
+    """input_fn for dict batches (alone or first in a (dict, targets) pair): the dict is the
+    model's one positional argument."""
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], Mapping):
+        item = item[0]
     return (item,) if isinstance(item, Mapping) else model_input(item)
