@@ -425,3 +425,57 @@ def test_a_bare_dict_as_curvature_data_says_how_to_pair_it(nets):
         ggn(dnet, nn.CrossEntropyLoss(), batch)
     with pytest.raises(TypeError, match=r"data item 0 is a dict"):
         ggn(dnet, nn.CrossEntropyLoss(), [batch]).to_dense()
+
+
+class _Wrapped(nn.Module):
+    """A HuggingFace-style model: dict batch in, a dict with 'logits' out."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, batch):
+        return {"logits": self.body(batch["input_ids"], batch["attention_mask"]), "aux": 1}
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full", "lowrank"])
+def test_output_fn_picks_the_logits_everywhere(nets, structure):
+    """Laplace(output_fn=...) on a model returning a dict equals the model returning the logits:
+    fit (every structure, 'lowrank' through the curvature operators), the glm and nn predictives;
+    without output_fn the error says what to pass."""
+    dnet, _ = nets
+    wrapped = _Wrapped(dnet.body)
+    ids, mask, y = _data(20, 2)
+    data = _dicts(ids, mask, y, 8)
+    kw = dict(hessian_structure=structure, low_rank=4, prior_precision=0.5)
+    g = torch.Generator
+    a = Laplace(wrapped, "classification", output_fn=lambda out: out["logits"], **kw).fit(
+        data, progress=False, generator=g().manual_seed(1))
+    b = Laplace(dnet, "classification", **kw).fit(data, progress=False, generator=g().manual_seed(1))
+    torch.testing.assert_close(a.log_marginal_likelihood(), b.log_marginal_likelihood(), rtol=1e-10, atol=0)
+    test = {"input_ids": ids[:6], "attention_mask": mask[:6]}
+    for pred_type in ("glm", "nn"):
+        torch.testing.assert_close(a.la(test, pred_type, generator=g().manual_seed(2)),
+                                   b.la(test, pred_type, generator=g().manual_seed(2)), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(a.predictive_samples(test, "nn", 3, generator=g().manual_seed(3)),
+                               b.predictive_samples(test, "nn", 3, generator=g().manual_seed(3)))
+    with pytest.raises(TypeError, match=r"pass output_fn=lambda out: out\['logits'\]"):
+        Laplace(wrapped, "classification", **kw).fit(data, progress=False)
+
+
+def test_marglik_training_with_output_fn():
+    import copy
+
+    from pyfastbayes.laplace import marglik_training
+    torch.manual_seed(1)
+    body = Body().to(DT)
+    ids, mask, y = _data(30, 3)
+    kw = dict(hessian_structure="diag", n_epochs=2, n_epochs_burnin=1, marglik_frequency=1, n_hypersteps=3,
+              progress=False)
+    la_a, ev_a = marglik_training(_Wrapped(copy.deepcopy(body)), _dicts(ids, mask, y, 10),
+                                  output_fn=lambda out: out["logits"], **kw)
+    la_b, ev_b = marglik_training(DictNet(copy.deepcopy(body)), _dicts(ids, mask, y, 10), **kw)
+    torch.testing.assert_close(la_a.mean, la_b.mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.tensor(ev_a), torch.tensor(ev_b), rtol=1e-10, atol=0)
+    with pytest.raises(TypeError, match="output_fn must be callable"):
+        Laplace(DictNet(body), output_fn="logits")

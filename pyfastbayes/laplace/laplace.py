@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .._memory import allocation_cache
 from ..nn import ModeGuard
 from ..nn.calls import parameter_calls
-from ..nn.inputs import dtype_mismatch, iterate_inputs, model_input
+from ..nn.inputs import dtype_mismatch, iterate_inputs, model_input, model_output
 from ..nn.rows import cat_rows, is_rows, row_count, rows_to, same_row_shapes, split_rows, take_rows
 from ..nn.loaders import batches as loader_batches
 from ..calibration._checks import check_int, check_positive_float
@@ -192,6 +192,9 @@ class Laplace(Posterior):
             laplace-torch's ``dict_key_y``): the model gets the whole dict, ``model(batch)``,
             and every tensor in it holds the batch's N rows first; predictives take such a dict
             (split into row chunks) or a loader of them.
+        output_fn: model output -> the outputs tensor, for models that return something else
+            (a HuggingFace ``ModelOutput``: ``lambda out: out.logits``); used in every forward
+            (fit, predictives, 'lowrank', ``marglik_training``).
 
     After :meth:`fit`: ``mean`` [P] (the MAP), ``n_data``, ``n_outputs``, :meth:`log_marginal_likelihood`,
     :meth:`optimize_prior_precision`, :meth:`la` (laplace-torch's ``__call__``, also ``la(x)``),
@@ -210,7 +213,7 @@ class Laplace(Posterior):
                  hessian_structure: str = "kron", *, prior_precision=1.0, sigma_noise: float = 1.0,
                  temperature: float = 1.0, curvature: str = "ggn", prior_mean=0.0, bias_block: str = "joint",
                  kfac_approx: str = "expand", unsupported: str = "error", mc_samples: int = 1,
-                 eigh_method: str = "auto", low_rank: int = 20, dict_key_y: str = "labels"):
+                 eigh_method: str = "auto", low_rank: int = 20, dict_key_y: str = "labels", output_fn=None):
         super().__init__(model)
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
@@ -223,6 +226,9 @@ class Laplace(Posterior):
         self.mc_samples = check_int(mc_samples, "mc_samples", 1)
         self.eigh_method = _choice(eigh_method, EIGH_METHODS, "eigh_method")
         self.dict_key_y = dict_key_y
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable (model output -> tensor), got {type(output_fn).__name__}")
+        self.output_fn = output_fn
         self.temperature = temperature
         self.dtype, self.device = self.layout.dtype, self.layout.device
         self._sigma = _check_sigma(sigma_noise, likelihood, self.dtype, self.device).detach().clone()
@@ -431,7 +437,7 @@ class Laplace(Posterior):
                      if self._covers(self.layout.offsets[i])]
             with ModeGuard(self.model, False):
                 curv.compute(self.model, loader, self.likelihood, self.curvature, names, n_data, n_out,
-                             self.mc_samples, generator, self._split)
+                             self.mc_samples, generator, self._split, self.output_fn)
         for t, b in zip(curv.tensors(), self._tensor_owners(curv)):
             if not bool(torch.isfinite(t).all()):
                 raise RuntimeError(f"the curvature of block {b!r} is not finite (NaN or infinity): the model's outputs "
@@ -588,6 +594,7 @@ class Laplace(Posterior):
                 if wrong is not None:
                     raise wrong from e
                 raise
+            out = model_output(out, self.output_fn)
             _refuse_unbatched(x, out, name)
             out = outputs_2d(out, self.likelihood)
         _refuse_unbatched(x, out, name)
@@ -1011,6 +1018,8 @@ class Laplace(Posterior):
             x = split_rows(x, options.get("batch_size") or 1024)
         if options.get("input_fn") is None and not is_rows(x):
             options["input_fn"] = _whole_dict
+        if options.get("output_fn") is None and self.output_fn is not None:
+            options["output_fn"] = self.output_fn
         return Posterior.predict(self, x, n_samples, likelihood=self.likelihood, **options)
 
     def _input_batches(self, x, batch_size: int):
@@ -1168,6 +1177,7 @@ class Laplace(Posterior):
             if wrong is not None:
                 raise wrong from e
             raise
+        out = model_output(out, self.output_fn)
         _refuse_unbatched(x, out, "x")
         return outputs_2d(out, self.likelihood)
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import eigenvalues, fisher, ggn
+from ..nn.inputs import model_output
 from ..nn.loaders import batches
 
 _LOSSES = {"classification": nn.CrossEntropyLoss, "binary": nn.BCEWithLogitsLoss, "regression": nn.MSELoss}
@@ -57,15 +58,17 @@ class LowRankCurvature:
         raise RuntimeError("the low-rank curvature is computed matrix-free after the data pass (compute())")
 
     def compute(self, model, loader, likelihood: str, curvature: str, names: list[str], n_data: int,
-                n_outputs: int, mc_samples: int, generator, split) -> None:
+                n_outputs: int, mc_samples: int, generator, split, output_fn=None) -> None:
         """Top-k eigenpairs of the curvature of the covered parameters ``names`` over ``loader``
         (walked once per block of Lanczos vectors); ``split(item, i)``: a loader item's (inputs,
-        targets), Laplace's (pairs or dict batches)."""
+        targets), Laplace's (pairs or dict batches); ``output_fn``: Laplace's, applied to the
+        model's outputs."""
         data = _Pairs(loader, likelihood, self.eigvals.dtype, split)
         loss = _LOSSES[likelihood]()
-        wrapped = {"binary": _Flat, "regression": _Columns}.get(likelihood, lambda m: m)(model)
-        prefix = "model." if wrapped is not model else ""
-        params = [prefix + n for n in names]
+        base = _Output(model, output_fn) if output_fn is not None else model
+        wrapped = {"binary": _Flat, "regression": _Columns}.get(likelihood, lambda m: m)(base)
+        own = dict(model.named_parameters())
+        params = [own[n] for n in names]  # (the Parameters themselves: the wrappers prefix their names)
         if curvature == "ggn":
             op = ggn(wrapped, loss, data, params=params)
         elif curvature == "ef":  # (mc_samples and the generator are the MC Fisher's)
@@ -89,6 +92,17 @@ class LowRankCurvature:
 
     def set_counts(self, counts):
         pass
+
+
+class _Output(nn.Module):
+    """output_fn(model(x)): the outputs tensor of a model that returns something else."""
+
+    def __init__(self, model, output_fn):
+        super().__init__()
+        self.model, self.output_fn = model, output_fn
+
+    def forward(self, x):
+        return model_output(self.model(x), self.output_fn)
 
 
 class _Columns(nn.Module):
