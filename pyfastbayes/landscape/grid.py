@@ -79,7 +79,7 @@ def _row_blocks(x, y: Tensor, nb: int, r: int | None):
     A shared input whose first dimension happens to equal nb cannot be told from a batched one: it
     is split too (grid's batch_rows docstring says so)."""
     # a dict batch's tensors (HuggingFace style) are its inputs; its other values go with every block
-    args = (*(x if isinstance(x, tuple) else (x,)),)
+    args = x if isinstance(x, tuple) else (x,)
     parts = [v for a in args for v in (row_tensors(a) if isinstance(a, Mapping) else (a,))]
     if r is None or nb <= r or not all(torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == nb for a in (*parts, y)):
         yield x, y, nb

@@ -139,9 +139,9 @@ class Layer:
         if not self.inputs or any(a is None or a.dim() == 0 for a in self.inputs):
             return None
         sizes = {a.shape[0] for a in self.inputs}
-        if len(sizes) > 1 and not strict:
-            return max(sizes)
         if len(sizes) > 1:
+            if not strict:
+                return max(sizes)
             raise ValueError(f"layer {self.name!r} ({type(self.module).__name__}) is called on inputs of "
                              f"{sorted(sizes)} rows in one forward; Laplace needs every call of a covered layer "
                              "to run on the batch's N examples (freeze it, requires_grad=False, if it is not)")
@@ -230,15 +230,15 @@ class _Matrix(Layer):
 
     def _inputs(self) -> Tensor:
         """The inputs as [N, T, in]: the T positions sharing the weight over all calls."""
-        return _join([self._call_inputs(a, o) for a, o in zip(self.inputs, self.outs)], 1)
+        return _join([self._call_inputs(a) for a in self.inputs], 1)
 
     def _grads(self, gs: list[Tensor]) -> Tensor:
         """Output gradients (per call [m, *out.shape]) -> [m, N, T, out], the calls' positions in
         the order of :meth:`_inputs`."""
         return _join([self._call_grads(g) for g in gs], 2)
 
-    def _call_inputs(self, a: Tensor, out: Tensor) -> Tensor:
-        """One call's input as [N, T_call, in] (its output ``out`` for the sizes)."""
+    def _call_inputs(self, a: Tensor) -> Tensor:
+        """One call's input as [N, T_call, in]."""
         raise NotImplementedError
 
     def _call_grads(self, g: Tensor) -> Tensor:
@@ -303,7 +303,7 @@ class _Matrix(Layer):
 
 
 class _Linear(_Matrix):
-    def _call_inputs(self, a, out):
+    def _call_inputs(self, a):
         return a.reshape(a.shape[0], -1, a.shape[-1])
 
     def _call_grads(self, g):
@@ -360,7 +360,7 @@ class _Conv(_Matrix):
         conv_t = F.conv_transpose1d if self.dims == 1 else F.conv_transpose2d
         return conv_t(g, w, None, m.stride, self.pad, extra, 1, m.dilation)
 
-    def _call_inputs(self, a, out):
+    def _call_inputs(self, a):
         m = self.module
         if a.dim() != self.dims + 2:
             raise ValueError(f"layer {self.name!r}: Laplace needs batched inputs [N, C, ...] for "
@@ -479,10 +479,6 @@ class _Embedding(Layer):
         if self.sharing == "reduce" and idx.shape[1] > 1:
             return idx, gg, keep, True
         return idx, gg, keep, False
-
-    def jacobian_numel(self) -> int:
-        N = self.batch_rows(strict=False)
-        return 0 if N is None else N * self.module.weight.numel()  # M [N, V, D] per direction
 
     def jacobians(self, gs):
         idx, gg, keep, _ = self._onehot_parts(gs)

@@ -63,9 +63,10 @@ class Recorder:
 def backprop(f: Tensor, layers: list[Layer], R: Tensor, keep_graph: bool = False) -> list[list[Tensor] | None]:
     """Per layer the gradients [m, *out.shape] of <R[j], f> with respect to the output of each of
     its recorded calls (a list; a call the outputs do not depend on is dropped from the layer's
-    record; None when they depend on none of them), for the m directions R [m, N, C] in one batched backward (a loop
-    when an operation has no batching rule). ``keep_graph``: the graph stays for another call
-    (the next chunk of directions); otherwise the loop's last backward may free it."""
+    record; None when they depend on none of them), for the m directions R [m, N, C] in one
+    batched backward (a loop when an operation has no batching rule). ``keep_graph``: the graph
+    stays for another call (the next chunk of directions); otherwise the loop's last backward may
+    free it."""
     for layer in layers:
         if not layer.outs:
             raise RuntimeError(f"layer {layer.name!r} did not take part in this batch's forward pass with gradients "

@@ -927,8 +927,8 @@ class Laplace(Posterior):
         if not is_rows(x) or not _rows_or_none(x):
             return batch_size
         cache = self._glm_row_bytes  # the sizes depend on the row's shape only
-        key = tuple((k, tuple(t.shape[1:]), t.dtype, t.device) for k, t in
-                    ([(None, x)] if torch.is_tensor(x) else [(k, v) for k, v in x.items() if torch.is_tensor(v)]))
+        key = tuple((k, tuple(t.shape[1:]), t.dtype, t.device)
+                    for k, t in (x.items() if isinstance(x, Mapping) else [(None, x)]) if torch.is_tensor(t))
         if key not in cache:
             try:
                 parts = self._glm_pieces(take_rows(x, slice(0, 1)), 1)[0][1]

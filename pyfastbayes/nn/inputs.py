@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .loaders import batches
+from .rows import is_rows, rows_to
 
 __all__ = ["iterate_inputs", "check_reiterable", "model_input", "model_output", "call_model", "to_device", "dtype_mismatch"]
 
@@ -90,16 +91,8 @@ def to_device(inp: ModelInput, device) -> ModelInput:
     """Move a model input (a tensor, or a tuple of arguments: its tensors and the tensors of its
     dicts, e.g. a dict batch passed whole) to ``device``."""
     if isinstance(inp, tuple):
-        return tuple(_moved(a, device) for a in inp)
+        return tuple(rows_to(a, device) if is_rows(a) else a for a in inp)
     return inp.to(device)
-
-
-def _moved(a, device):
-    if torch.is_tensor(a):
-        return a.to(device)
-    if isinstance(a, Mapping):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in a.items()}
-    return a
 
 
 def call_model(fn: Callable, inp: ModelInput):
