@@ -555,6 +555,9 @@ def _distributed_worker(rank, world, port, out_dir):
             "gridsearch", val_loader=[(Xv, yv)] if rank == 0 else [], grid_size=9))
         results["grid_split"] = float(la.optimize_prior_precision(
             "gridsearch", val_loader=[(Xv[:7], yv[:7])] if rank == 0 else [(Xv[7:], yv[7:])], grid_size=9))
+        # online fitting: the second fit's all-reduced part is added once, not once per process
+        online = Laplace(mlp(), prior_precision=0.6).fit(_shards()[rank], progress=False)
+        results["online"] = online.fit(_shards()[rank], progress=False, override=False).to_dense()
         # an error on one process (rank 1: an empty loader) must stop every process, not leave the
         # others waiting in the all-reduce
         try:
@@ -593,6 +596,10 @@ def test_distributed_fit_equals_one_process_on_the_union():
     want_grid = float(la.optimize_prior_precision("gridsearch", val_loader=[(Xv, yv)], grid_size=9))
     for got in ranks:  # the union's choice on every rank (each rank chose by its own shard before)
         assert got["grid"] == want_grid and got["grid_split"] == want_grid
+    both = [b for shard in _shards() for b in shard]
+    online = Laplace(mlp(), prior_precision=0.6).fit(both, progress=False).fit(both, progress=False, override=False)
+    for got in ranks:
+        torch.testing.assert_close(got["online"], online.to_dense(), rtol=1e-10, atol=1e-12)
     for structure in STRUCTURES:
         want = union[structure]
         assert "error" not in want

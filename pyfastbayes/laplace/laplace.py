@@ -322,6 +322,14 @@ class Laplace(Posterior):
         self._prior = ml.check_prior(value, self.blocks, self.n_params, self.hessian_structure, self.dtype, self.device)
 
     @property
+    def prior_precision_diag(self) -> Tensor:
+        """The prior precision per covered parameter [P_c] (selection order), whatever its shape
+        ([], [n_blocks] or [P_c]); laplace-torch's name."""
+        if self._prior is None:
+            raise RuntimeError("subset_of_weights='last_layer': the covered parameters are known after fit(train_loader)")
+        return self._delta().detach()
+
+    @property
     def prior_mean(self) -> Tensor:
         """The prior's mean: [] (one value for every weight) or [P] (per weight, the covered ones' order)."""
         pm = self.__dict__.get("_prior_mean")
@@ -376,9 +384,16 @@ class Laplace(Posterior):
             raise RuntimeError("subset_of_weights='last_layer' finds its layer in fit(): call fit(loader) first")
 
     # ---- fit ---------------------------------------------------------------------------------------------
-    def fit(self, loader, progress: bool = True, *, generator: torch.Generator | None = None) -> "Laplace":
+    def fit(self, loader, progress: bool = True, *, override: bool = True,
+            generator: torch.Generator | None = None) -> "Laplace":
         """Accumulate the curvature over ``loader`` (an iterable of (inputs [N, ...], targets) batches,
         e.g. a DataLoader) at the model's current weights, in eval mode; returns self.
+
+        ``override=False`` (laplace-torch's online fitting, e.g. a sequence of tasks): the new
+        batches' curvature, loss and rows are added to those of the previous fits, and the mean
+        becomes the model's current weights; the curvature equals one fit over all the data at
+        once (Kronecker factors: A averaged over every fitted row, G summed), each part computed
+        at the weights of its own fit. Not for 'lowrank' (its eigenpairs do not add up).
 
         One forward and one batched backward per batch (one per chunk of the m directions when
         their output gradients would pass 256 MiB, :meth:`_directions_per_pass`); under torch.distributed every process
@@ -387,14 +402,19 @@ class Laplace(Posterior):
         non-finite curvature)."""
         # a last-layer Laplace finds its layer here: a failed fit forgets it again (state unchanged)
         saved = self._setup_state() if self.layers is None else None
+        if not isinstance(override, bool):
+            raise TypeError(f"override must be True or False, got {type(override).__name__}")
+        if not override and self.hessian_structure == "lowrank":
+            raise ValueError("fit(override=False) adds curvature to the previous fit's, which 'lowrank' cannot (its "
+                             "top eigenpairs do not add up): refit on all the data, or use 'kron', 'diag' or 'full'")
         try:
-            return self._fit(loader, progress, generator)
+            return self._fit(loader, progress, generator, None if override else self._fitted)
         except BaseException:
             if saved is not None:
                 self._restore_setup(saved)
             raise
 
-    def _fit(self, loader, progress: bool, generator) -> "Laplace":
+    def _fit(self, loader, progress: bool, generator, previous=None) -> "Laplace":
         self.layout.params()
         if torch.is_tensor(loader):
             raise TypeError("fit needs an iterable of (inputs, targets) batches (e.g. a DataLoader), not a tensor")
@@ -438,6 +458,15 @@ class Laplace(Posterior):
             with ModeGuard(self.model, False):
                 curv.compute(self.model, loader, self.likelihood, self.curvature, names, n_data, n_out,
                              self.mc_samples, generator, self._split, self.output_fn)
+        if previous is not None:  # override=False: the previous fits' sums and counts added (to the new tensors)
+            p_curv, p_loss, p_n, p_out = previous[:4]
+            if p_out != n_out:
+                raise ValueError(f"fit(override=False): the model now outputs {n_out} columns, the previous fit saw "
+                                 f"{p_out}")
+            for t, p in zip(curv.tensors(), p_curv.tensors()):
+                t += p
+            curv.set_counts([a + b for a, b in zip(curv.counts(), p_curv.counts())])
+            loss, n_data = loss + p_loss.double(), n_data + p_n
         for t, b in zip(curv.tensors(), self._tensor_owners(curv)):
             if not bool(torch.isfinite(t).all()):
                 raise RuntimeError(f"the curvature of block {b!r} is not finite (NaN or infinity): the model's outputs "
@@ -1073,6 +1102,36 @@ class Laplace(Posterior):
             dev = precision.sample(n, self._scale(), self._delta(), generator)
             out[:, self.positions] += dev.to(out.dtype)
         return out
+
+    def log_prob(self, theta: Tensor, normalized: bool = True) -> Tensor:
+        """log N(theta; theta_MAP, P^-1) of the covered parameters (laplace-torch's ``log_prob``).
+
+        Args:
+            theta: [P] or [n, P] in the flat layout of :attr:`mean` and :meth:`sample` (with
+                subset_of_weights='last_layer' only its covered entries ``theta[..., la.positions]``
+                count), or [P_c] / [n, P_c], the covered ones alone.
+            normalized: with the Gaussian's normaliser (log det P - P_c log 2 pi) / 2; False: only
+                -(theta - theta_MAP)^T P (theta - theta_MAP) / 2.
+
+        Returns: a scalar for one theta, [n] for n rows, in the model's dtype."""
+        _, _, _, _, mean, precision = self._need_fit()
+        if not torch.is_tensor(theta):
+            raise TypeError(f"theta must be a tensor [P] or [n, P], got {type(theta).__name__}")
+        if not isinstance(normalized, bool):
+            raise TypeError(f"normalized must be True or False, got {type(normalized).__name__}")
+        if theta.dim() not in (1, 2) or theta.shape[-1] not in (mean.numel(), self.n_params):
+            raise ValueError(f"theta must have shape [P] = [{mean.numel()}] or [n, P] (or the {self.n_params} covered "
+                             f"parameters: [P_c] or [n, P_c]), got {tuple(theta.shape)}")
+        if theta.device != mean.device or not theta.is_floating_point():
+            raise ValueError(f"theta must be a floating tensor on {mean.device}, got {theta.dtype} on {theta.device}")
+        rows = theta.reshape(-1, theta.shape[-1]).to(mean.dtype)
+        if rows.shape[1] != self.n_params:
+            rows = rows[:, self.positions]
+        s, delta = self._scale(), self._delta()
+        out = -0.5 * precision.quad(rows - mean[self.positions], s, delta)
+        if normalized:
+            out = out + 0.5 * (precision.logdet(s, self._prior) - self.n_params * math.log(2 * math.pi))
+        return out.reshape(theta.shape[:-1])
 
     @property
     def posterior_variance(self) -> Tensor:

@@ -158,6 +158,10 @@ class LowRankPrecision:
         d = self._delta(delta)
         return 1 / d + self.U.square() @ (1 / (s * self.vals + d) - 1 / d)
 
+    def quad(self, x, s, delta):
+        """x^T P x [n] for rows x [n, P]."""
+        return s * ((x @ self.U).square() * self.vals).sum(1) + self._delta(delta) * x.square().sum(1)
+
     def functional_variance(self, parts, s, delta):
         d = self._delta(delta)
         w = 1 / (s * self.vals + d) - 1 / d  # [k]

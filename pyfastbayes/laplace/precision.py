@@ -1,5 +1,6 @@
 """Posterior precisions P = s H + diag(delta) of the three structures, with what Laplace needs from
-them: log-determinant, draws N(0, P^-1) and the GLM functional variance J P^-1 J^T.
+them: log-determinant, draws N(0, P^-1), quadratic forms d^T P d (``quad``: the posterior's log
+density) and the GLM functional variance J P^-1 J^T.
 
 ``s`` = 1 / (sigma^2 T) scales the likelihood curvature H; ``delta`` [P] is the prior precision
 per covered parameter in selection order (``block.sel``), constant within a Kronecker block.
@@ -112,6 +113,22 @@ class KronPrecision:
             out[:, b.sel.reshape(-1)] = (z @ QR.t()).reshape(n, -1)
         return out
 
+    def quad(self, d: Tensor, s: Tensor, delta: Tensor) -> Tensor:
+        """d^T P d [n] for rows d [n, P]: per Kronecker block d rotated into the eigenbasis,
+        Q_L^T D Q_R, its squares weighted by the eigenvalues s l_i r_j + delta."""
+        out = d.new_zeros(d.shape[0])
+        for i, b in enumerate(self.blocks):
+            sel = b.sel.reshape(-1)
+            if b.kind == "diag":
+                out += (d[:, sel].square() * (s * self.h[i] + delta[sel])).sum(1)
+                continue
+            z = d[:, sel].reshape(-1, b.p, b.q) @ self.right[i][1]
+            QL = self.left[i][1]
+            if QL is not None:
+                z = QL.t() @ z
+            out += (z.square() * (s * self.eigenvalues(i) + _block_delta(delta, b))).sum((1, 2))
+        return out
+
     def variance(self, s: Tensor, delta: Tensor) -> Tensor:
         """The marginal posterior variances diag(P^-1) [P]: per Kronecker block
         (Q_L o Q_L) diag-scaled (Q_R o Q_R)^T with the eigenvalues 1 / (s l_i r_j + delta)."""
@@ -190,6 +207,9 @@ class DiagPrecision:
     def variance(self, s, delta):
         return 1.0 / (s * self.h + delta)
 
+    def quad(self, d, s, delta):
+        return (d.square() * (s * self.h + delta)).sum(1)
+
     def functional_variance(self, parts, s, delta):
         var = 1.0 / (s * self.h + delta)
         fvar = None
@@ -262,6 +282,9 @@ class FullPrecision:
         if L is None:
             return (V @ (d.sqrt()[:, None] * (V.mT @ z))).t()
         return torch.linalg.solve_triangular(L.t(), z, upper=True).t()
+
+    def quad(self, d, s, delta):
+        return s * ((d @ self.H) * d).sum(1) + (d.square() * delta).sum(1)
 
     def covariance(self, s, delta) -> Tensor:
         L, V, d = self._inverse_root(s, delta)
