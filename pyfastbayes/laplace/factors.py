@@ -146,9 +146,11 @@ def part_rows(part, dtype) -> Tensor:
     return t[0].to(dtype)
 
 
-def part_sq_sum(part) -> Tensor:
-    """sum over directions and examples of the squared Jacobian, [numel] in index order."""
+def part_sq_sum(part, dtype: torch.dtype) -> Tensor:
+    """sum over directions and examples of the squared Jacobian, [numel] in index order, computed
+    in ``dtype`` (the accumulator's: float32 for a half model, whose squares would overflow)."""
     kind, *t = part
+    t = [x.to(dtype) for x in t]
     if kind == "factored":
         U, V = t
         return (U.square().sum(0).t() @ V.square()).reshape(-1)  # [p, N] @ [N, q]
@@ -185,7 +187,7 @@ class KronCurvature:
             g = _needed(g, layer)
             if layer.blocks[0].kind == "diag":
                 for part in layer.jacobians(g):
-                    self.h[i] += part_sq_sum(part).to(self.h[i].dtype)
+                    self.h[i] += part_sq_sum(part, self.h[i].dtype)
                     i += 1
                 continue
             layer_rows = layer.kron_rows(g)
@@ -255,7 +257,7 @@ class DiagCurvature:
     def add(self, layers, grads, activations: bool = True) -> None:
         """Add the squared Jacobians of one chunk of directions (separable: ``activations`` unused)."""
         for i, (_, part) in enumerate(block_parts(layers, grads)):
-            self.h[i] += part_sq_sum(part).to(self.h[i].dtype)
+            self.h[i] += part_sq_sum(part, self.h[i].dtype)
 
     def tensors(self):
         return list(self.h.values())

@@ -95,7 +95,8 @@ def _check_sigma(value, likelihood: str, dtype, device, name: str = "sigma_noise
         raise TypeError(f"{name} must be a float > 0 or a one-value tensor, got {type(value).__name__}")
     if torch.is_tensor(value) and (value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be a real tensor (the noise standard deviation), got {value.dtype}")
-    t = value.to(dtype=dtype, device=device) if torch.is_tensor(value) else \
+    # a copy (its graph kept): the Laplace owns it (the caller's tensor changed in place later changes nothing)
+    t = value.to(dtype=dtype, device=device, copy=True) if torch.is_tensor(value) else \
         torch.tensor(float(value), dtype=dtype, device=device)
     if t.numel() != 1:
         raise ValueError(f"{name} must be a scalar (a float or a tensor with one value), got shape "
@@ -110,6 +111,46 @@ def _check_sigma(value, likelihood: str, dtype, device, name: str = "sigma_noise
     return t
 
 
+_PRINT_CHUNK = 1 << 22
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Laplace of a ``dtype`` model computes in: float32 for float16 / bfloat16."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _fingerprints(model: nn.Module, trainable: list[Tensor]) -> dict[str, Tensor]:
+    """Per frozen parameter and buffer of ``model`` (not in ``trainable``) a float64 fingerprint
+    [4] on the CPU: the sum, the sum of squares, a position-weighted sum and the sum of absolute
+    values (the others' scale) of its values, computed on its device in chunks, no copy of the
+    tensor. A Laplace records them at fit: its curvature and GLM predictive depend on those
+    tensors too, and a state_dict loaded into a model whose frozen part differs is refused."""
+    skip = {id(p) for p in trainable}
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in skip or t.is_complex():
+            continue
+        acc = torch.zeros(4, dtype=torch.float64, device=t.device)
+        for k, c in enumerate(t.detach().reshape(-1).split(_PRINT_CHUNK)):
+            c = c.double()
+            w = torch.arange(c.numel(), dtype=torch.float64, device=c.device).remainder_(1021).add_(1 + k % 7)
+            acc += torch.stack([c.sum(), c.square().sum(), (c * w).sum(), c.abs().sum()])
+        out[name] = acc.cpu()
+    return out
+
+
+def _same_fingerprint(a, b) -> bool:
+    """Whether two fingerprints (:func:`_fingerprints`) agree up to float64 rounding (sums on two
+    devices may differ in their last bits): each within 1e-10 of its scale."""
+    if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape or a.shape != (4,):
+        return False
+    a, b = a.double().cpu(), b.double().cpu()
+    if torch.equal(a, b):
+        return True
+    scale = torch.stack([a[3], a[1], 1028 * a[3], a[3]]).abs()
+    return bool(((a - b).abs() <= 1e-10 * scale).all())
+
+
 def _check_prior_mean(value, P: int | None, dtype, device, name: str = "prior_mean") -> Tensor:
     """prior_mean (a float, or a tensor [] / [1] / [P]) as a finite tensor; ``P=None`` (a last-layer
     Laplace before fit) leaves the length of a 1-D tensor to fit."""
@@ -117,7 +158,8 @@ def _check_prior_mean(value, P: int | None, dtype, device, name: str = "prior_me
         raise TypeError(f"{name} must be a float or a tensor [P], got {type(value).__name__}")
     if torch.is_tensor(value) and (value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
-    t = value.to(dtype=dtype, device=device) if torch.is_tensor(value) else \
+    # a copy: the Laplace owns it (the caller's tensor changed in place later changes nothing here)
+    t = value.detach().to(dtype=dtype, device=device, copy=True) if torch.is_tensor(value) else \
         torch.tensor(float(value), dtype=dtype, device=device)
     if t.dim() > 1 or (t.dim() == 1 and t.numel() != 1 and P is not None and t.numel() != P) or \
             (t.dim() == 1 and not t.numel()):
@@ -195,6 +237,12 @@ class Laplace(Posterior):
         output_fn: model output -> the outputs tensor, for models that return something else
             (a HuggingFace ``ModelOutput``: ``lambda out: out.logits``); used in every forward
             (fit, predictives, 'lowrank', ``marglik_training``).
+        enable_backprop: predictives differentiable in their inputs (laplace-torch's option, e.g.
+            for Bayesian-optimisation acquisition functions): :meth:`la`, :meth:`predict`,
+            :meth:`predictive_samples` and :meth:`functional_variance` keep the graph to x. The
+            GLM predictive then builds each row chunk's explicit Jacobians [n, C, P_c] with
+            torch.func.jacrev (memory as laplace-torch's; default False: no Jacobian tensor),
+            the 'nn' one runs each draw through torch.func.functional_call.
 
     After :meth:`fit`: ``mean`` [P] (the MAP), ``n_data``, ``n_outputs``, :meth:`log_marginal_likelihood`,
     :meth:`optimize_prior_precision`, :meth:`la` (laplace-torch's ``__call__``, also ``la(x)``),
@@ -213,7 +261,8 @@ class Laplace(Posterior):
                  hessian_structure: str = "kron", *, prior_precision=1.0, sigma_noise: float = 1.0,
                  temperature: float = 1.0, curvature: str = "ggn", prior_mean=0.0, bias_block: str = "joint",
                  kfac_approx: str = "expand", unsupported: str = "error", mc_samples: int = 1,
-                 eigh_method: str = "auto", low_rank: int = 20, dict_key_y: str = "labels", output_fn=None):
+                 eigh_method: str = "auto", low_rank: int = 20, dict_key_y: str = "labels", output_fn=None,
+                 enable_backprop: bool = False):
         super().__init__(model)
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
@@ -229,13 +278,20 @@ class Laplace(Posterior):
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable (model output -> tensor), got {type(output_fn).__name__}")
         self.output_fn = output_fn
+        if not isinstance(enable_backprop, bool):
+            raise TypeError(f"enable_backprop must be True or False, got {type(enable_backprop).__name__}")
+        self.enable_backprop = enable_backprop
         self.temperature = temperature
-        self.dtype, self.device = self.layout.dtype, self.layout.device
+        # float16 / bfloat16 models: curvature, posterior, evidence and predictive moments in float32
+        # (sums of squared gradients overflow float16, torch has no half Cholesky / eigh on the CPU)
+        self.model_dtype, self.device = self.layout.dtype, self.layout.device
+        self.dtype = _accumulator_dtype(self.model_dtype)
         self._sigma = _check_sigma(sigma_noise, likelihood, self.dtype, self.device).detach().clone()
         self._prior_value, self._prior_mean_value = prior_precision, prior_mean
         self._prior: Tensor | None = None
         self.layers = None
         self._fitted = None  # (curvature, loss, n_data, n_outputs, mean, precision)
+        self._frozen: dict[str, Tensor] = {}  # the frozen parameters' and buffers' fingerprints at fit
         self._glm_row_bytes = {}  # the GLM parts' bytes per input row, by the row's shape (_glm_rows)
         if self.subset_of_weights == "all":
             self._setup(set(self.layout.names))
@@ -293,7 +349,7 @@ class Laplace(Posterior):
             try:
                 calls = parameter_calls(self.model, x)
             except RuntimeError as e:  # the same words as the forward of the 'all' fit
-                wrong = dtype_mismatch(self._model_tensors(x), self.dtype, e, name="loader", refit=", then fit again")
+                wrong = dtype_mismatch(self._model_tensors(x), self.model_dtype, e, name="loader", refit=", then fit again")
                 if wrong is not None:
                     raise wrong from e
                 raise
@@ -471,8 +527,10 @@ class Laplace(Posterior):
             if not bool(torch.isfinite(t).all()):
                 raise RuntimeError(f"the curvature of block {b!r} is not finite (NaN or infinity): the model's outputs "
                                    "or gradients overflowed on the training data; check the inputs and the weights")
-        mean = self.layout.flatten()
-        self._fitted = (curv, loss.to(self.dtype), n_data, n_out, mean, self._new_precision(curv))
+        mean = self.layout.flatten().to(self.dtype)
+        precision = self._new_precision(curv)
+        self._frozen = _fingerprints(self.model, self.layout.params())
+        self._fitted = (curv, loss.to(self.dtype), n_data, n_out, mean, precision)
         return self
 
     def _local_pass(self, curv, first, batches, progress: bool, generator, lowrank: bool, total: int | None = None):
@@ -490,10 +548,11 @@ class Laplace(Posterior):
                     n_out = f.shape[1] if n_out is None else n_out
                     if f.shape[1] != n_out:
                         raise ValueError(f"batch {i}: the model outputs {f.shape[1]} columns, earlier batches {n_out}")
-                    yt = check_targets(y, f, self.likelihood)
-                    loss += summed_loss(f.detach(), yt, self.likelihood).double()
+                    fd = f.detach().to(self.dtype)  # (float32 for a half model: losses, loss-Hessian roots)
+                    yt = check_targets(y, fd, self.likelihood)
+                    loss += summed_loss(fd, yt, self.likelihood).double()
                     if not lowrank:
-                        R = directions(f, yt, self.likelihood, self.curvature, self.mc_samples, generator).to(f.dtype)
+                        R = directions(fd, yt, self.likelihood, self.curvature, self.mc_samples, generator).to(f.dtype)
                         # the m directions' output gradients (m x every covered layer's output) in
                         # chunks under _FIT_BYTES: G sums over directions, A is added once per batch
                         chunks = R.split(self._directions_per_pass(layers, R.shape[0]))
@@ -619,7 +678,7 @@ class Laplace(Posterior):
             try:
                 out = self.model(x)
             except RuntimeError as e:
-                wrong = dtype_mismatch(self._model_tensors(x), self.dtype, e, name=name, refit=", then fit again")
+                wrong = dtype_mismatch(self._model_tensors(x), self.model_dtype, e, name=name, refit=", then fit again")
                 if wrong is not None:
                     raise wrong from e
                 raise
@@ -926,7 +985,7 @@ class Laplace(Posterior):
         """The GLM predictive linearises the model at its CURRENT weights: they must be the MAP the
         curvature was computed at (RuntimeError otherwise, saying how to fix it)."""
         mean = self._need_fit()[4]
-        if not torch.equal(self.layout.flatten(), mean):
+        if not torch.equal(self.layout.flatten(), mean.to(self.model_dtype)):
             raise RuntimeError(f"{what}: the model's weights changed since the Laplace was fitted (or loaded); the GLM "
                                "predictive linearises at the fitted MAP: write it back with "
                                "la.layout.write_(la.mean) or fit again")
@@ -936,18 +995,44 @@ class Laplace(Posterior):
         caller has checked the weights with :meth:`_check_at_mean`)."""
         pieces = []
         with ModeGuard(self.model, False):
+            if self.enable_backprop:
+                return [self._jacobian_pieces(xb) for xb in self._input_batches(x, batch_size)]
             for xb in self._input_batches(x, batch_size):
                 f, layers = self._forward(xb)
                 C = f.shape[1]
                 eye = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, f.shape[0], C)
                 grads = backprop(f, layers, eye)
-                parts = [(b, tuple(t.detach() if torch.is_tensor(t) else t for t in part))
-                         for b, part in block_parts(layers, grads)]
-                pieces.append((f.detach(), parts))
+                # (a half model's parts and outputs in float32, the posterior's dtype)
+                parts = [(b, tuple(t.detach().to(self.dtype) if torch.is_tensor(t) and t.is_floating_point() else t
+                                   for t in part)) for b, part in block_parts(layers, grads)]
+                pieces.append((f.detach().to(self.dtype), parts))
                 for layer in layers:
                     layer.clear()
                 del f  # and its graph, before the next batch's forward (see _local_pass)
         return pieces
+
+    def _jacobian_pieces(self, x) -> tuple[Tensor, list]:
+        """(f_mu [n, C], Jacobian parts per block) of inputs x with the covered parameters'
+        Jacobians explicit, [C, n, p, q] per Kronecker block and [C, n, numel] per diagonal block
+        (torch.func.jacrev): differentiable in x (``enable_backprop``)."""
+        x = rows_to(x, self.device)
+        own = dict(self.model.named_parameters())
+        names = [n for n, o in zip(self.layout.names, self.layout.offsets) if self._covers(o)]
+        values = tuple(own[n].detach() for n in names)
+
+        def outputs(*v):
+            out = model_output(torch.func.functional_call(self.model, dict(zip(names, v)), (x,)), self.output_fn)
+            _refuse_unbatched(x, out, "x")
+            return outputs_2d(out, self.likelihood)
+
+        f = outputs(*values)
+        jac = torch.func.jacrev(outputs, argnums=tuple(range(len(values))))(*values)  # [n, C, *shape] each
+        n, C = f.shape
+        # the covered parameters in layout order: their flat entries are the selection order
+        J = torch.cat([j.reshape(n, C, -1) for j in jac], 2).permute(1, 0, 2).to(self.dtype)  # [C, n, P_c]
+        parts = [(b, ("matrix", J[:, :, b.sel]) if b.kind == "kron" else ("rows", J[:, :, b.sel.reshape(-1)]))
+                 for b in self.blocks]
+        return f.to(self.dtype), parts
 
     def _glm_rows(self, x, batch_size: int) -> int:
         """Rows per chunk of the GLM predictive: ``batch_size``, fewer when a chunk's Jacobian parts
@@ -979,7 +1064,6 @@ class Laplace(Posterior):
             vars_.append(precision.functional_variance(parts, s, delta).to(f.dtype))
         return torch.cat(mus), torch.cat(vars_)
 
-    @torch.no_grad()
     def functional_variance(self, x, batch_size: int = 256) -> tuple[Tensor, Tensor]:
         """GLM predictive moments of the outputs: (f_mu [N, C], f_var [N, C, C]) = (f(x; theta_MAP),
         J P^-1 J^T), without [N, C, P] Jacobians for 'kron' and 'diag'. Rows go through in chunks of
@@ -988,6 +1072,10 @@ class Laplace(Posterior):
         over 256 MiB (on CUDA also a quarter of the free memory)."""
         batch_size = check_int(batch_size, "batch_size", 1)
         self._check_at_mean("the GLM predictive")
+        with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
+            return self._functional_variance(x, batch_size)
+
+    def _functional_variance(self, x, batch_size: int) -> tuple[Tensor, Tensor]:
         mus, vars_, n_inputs = [], [], 0
         for xb in self._input_batches(x, batch_size):  # one chunk's Jacobian parts alive at a time
             n_inputs += 1
@@ -1020,6 +1108,8 @@ class Laplace(Posterior):
         link_approx = _link(pred_type, link_approx)
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
+        if pred_type == "nn" and self.enable_backprop:
+            return self._nn_moments(x, n_samples, generator, batch_size, unbiased=True)
         if pred_type == "nn":
             out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size)
             if self.likelihood == "regression":  # laplace-torch's samples.var(0): the unbiased variance
@@ -1074,7 +1164,16 @@ class Laplace(Posterior):
             raise ValueError(f"this Laplace was built for likelihood={self.likelihood!r}, got {likelihood!r}")
         _choice(pred_type, PRED_TYPES, "pred_type")
         batch_size = self._batch_size(batch_size, pred_type)
-        if pred_type == "nn":
+        if pred_type == "nn" and self.enable_backprop:
+            _link(pred_type, link_approx)
+            if options:
+                raise TypeError(f"enable_backprop=True: pred_type='nn' runs each draw through torch.func.functional_call "
+                                f"and takes no {sorted(options)} (the BMA loop's options)")
+            out = self._nn_moments(x, n_samples, generator, batch_size, unbiased=False)
+            if self.likelihood != "regression":
+                return out
+            mean, epi = out
+        elif pred_type == "nn":
             _link(pred_type, link_approx)
             out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size, **options)
             if self.likelihood != "regression":
@@ -1194,7 +1293,6 @@ class Laplace(Posterior):
         self._need_fit()
         return self._prior_terms(self._prior)[1]
 
-    @torch.no_grad()
     def predictive_samples(self, x, pred_type: str = "glm", n_samples: int = 100, *,
                            generator: torch.Generator | None = None, batch_size: int | None = None) -> Tensor:
         """Draws of the predictive (laplace-torch's ``predictive_samples``): [n_samples, N, C]
@@ -1207,38 +1305,53 @@ class Laplace(Posterior):
         _choice(pred_type, PRED_TYPES, "pred_type")
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
-        if pred_type == "glm":
-            f_mu, f_var = self.functional_variance(x, batch_size)
-            f = draws(f_mu, f_var, n_samples, generator)
-        else:
-            self._need_fit()
-            xs = [rows_to(xb, self.device) for xb in self._input_batches(x, batch_size)]
-            if not xs:
-                raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
-            outs = []
-            with ModeGuard(self.model, False):
-                for theta in self.iter_samples(n_samples, generator=generator):
-                    params = self.layout.unflatten(theta.to(self.dtype))
-                    outs.append(torch.cat([self._call_at(params, xb) for xb in xs]))
-            f = torch.stack(outs)
-        if self.likelihood == "classification":
-            return f.softmax(-1)
-        if self.likelihood == "binary":
-            return f[..., 0].sigmoid()
-        return f
+        with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
+            if pred_type == "glm":
+                f_mu, f_var = self.functional_variance(x, batch_size)
+                f = draws(f_mu, f_var, n_samples, generator)
+            else:
+                f = self._nn_outputs(x, n_samples, generator, batch_size)
+            if self.likelihood == "classification":
+                return f.softmax(-1)
+            if self.likelihood == "binary":
+                return f[..., 0].sigmoid()
+            return f
+
+    def _nn_outputs(self, x, n_samples: int, generator, batch_size: int) -> Tensor:
+        """The outputs [n_samples, N, C] at n_samples weight draws (torch.func.functional_call, eval
+        mode; differentiable in x where gradients are enabled)."""
+        self._need_fit()
+        xs = [rows_to(xb, self.device) for xb in self._input_batches(x, batch_size)]
+        if not xs:
+            raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
+        outs = []
+        with ModeGuard(self.model, False):
+            for theta in self.iter_samples(n_samples, generator=generator):
+                params = self.layout.unflatten(theta.to(self.model_dtype))
+                outs.append(torch.cat([self._call_at(params, xb) for xb in xs]))
+        return torch.stack(outs)
+
+    def _nn_moments(self, x, n_samples: int, generator, batch_size: int, unbiased: bool):
+        """enable_backprop's 'nn' predictive (differentiable in x): probabilities averaged over the
+        draws, or for regression (mean, variance over the draws) [N, C] each."""
+        samples = self.predictive_samples(x, "nn", n_samples, generator=generator, batch_size=batch_size)
+        if self.likelihood != "regression":
+            return samples.mean(0)
+        var = samples.var(0, correction=1 if unbiased and n_samples > 1 else 0)
+        return samples.mean(0), var
 
     def _call_at(self, params: dict, x: Tensor) -> Tensor:
         """The model's outputs [N, C] on inputs x at the weights ``params`` (functional_call)."""
         try:
             out = torch.func.functional_call(self.model, params, (x,))
         except RuntimeError as e:
-            wrong = dtype_mismatch(self._model_tensors(x), self.dtype, e, name="x")
+            wrong = dtype_mismatch(self._model_tensors(x), self.model_dtype, e, name="x")
             if wrong is not None:
                 raise wrong from e
             raise
         out = model_output(out, self.output_fn)
         _refuse_unbatched(x, out, "x")
-        return outputs_2d(out, self.likelihood)
+        return outputs_2d(out, self.likelihood).to(self.dtype)  # (a half model's: in float32, as the GLM's)
 
     def to_dense(self) -> Tensor:
         """The posterior precision P [P_c, P_c] over the covered parameters (selection order: flat
@@ -1303,7 +1416,7 @@ class Laplace(Posterior):
                      curvature_tensors=[t.detach().clone() for t in curv.tensors()], counts=curv.counts(),
                      loss=loss.detach().clone(), n_data=n, n_outputs=C, mean=mean.clone(),
                      prior_precision=self._prior.detach().clone(), prior_mean=self.prior_mean.clone(),
-                     sigma_noise=self._sigma.detach().clone())
+                     sigma_noise=self._sigma.detach().clone(), frozen=dict(self._frozen))
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -1347,9 +1460,19 @@ class Laplace(Posterior):
         if self.likelihood == "binary" and n_outputs != 1:
             raise ValueError(f"state_dict['n_outputs'] must be 1 for likelihood='binary', got {n_outputs}")
         mean = self._check_state_tensor(state, "mean", (self.layout.numel,))
-        if not torch.equal(self.layout.flatten(), mean.to(self.device, self.dtype)):
+        if not torch.equal(self.layout.flatten(), mean.to(self.device, self.model_dtype)):
             raise ValueError("state_dict was saved at other weights than the model's current ones: load the model's "
                              "own state_dict (the MAP the Laplace was fitted at) first")
+        frozen = _fingerprints(self.model, self.layout.params())
+        saved_frozen = state.get("frozen", frozen)  # (a state saved before the fingerprints were: not checked)
+        if not isinstance(saved_frozen, dict):
+            raise ValueError("state_dict['frozen'] must be the dict of fingerprints Laplace.state_dict() saves")
+        differ = [k for k in sorted(set(frozen) | set(saved_frozen))
+                  if k not in frozen or k not in saved_frozen or not _same_fingerprint(frozen[k], saved_frozen[k])]
+        if differ:
+            raise ValueError(f"state_dict was fitted with other frozen parameters or buffers than the model's current "
+                             f"ones ({differ[:5]}{' ...' if len(differ) > 5 else ''}): the curvature and the GLM "
+                             "predictive depend on them too; load the model's own state_dict first")
         curv = self._new_curvature(blocks)
         tensors = curv.tensors()
         saved = state["curvature_tensors"]
@@ -1371,8 +1494,9 @@ class Laplace(Posterior):
         # everything checked: assign
         self.__dict__.update(plan)
         self._sigma = sigma
-        self._fitted = (curv, loss.to(self.device, self.dtype), int(n_data), int(n_outputs),
-                        mean.to(self.device, self.dtype), precision)
+        self._frozen = frozen
+        self._fitted = (curv, loss.to(self.device, self.dtype, copy=True), int(n_data), int(n_outputs),
+                        mean.to(self.device, self.dtype, copy=True), precision)  # (copies: owned, as the rest)
 
     def _saved_last_layer(self, name) -> nn.Module:
         """The module ``name`` a last-layer state_dict was saved for: an nn.Linear of this model."""

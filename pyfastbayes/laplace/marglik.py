@@ -47,7 +47,9 @@ def check_prior(value, blocks, P: int | None, structure: str, dtype, device, nam
         raise TypeError(f"{name} must be a positive float or a tensor ({shapes}), got {type(value).__name__}")
     if torch.is_tensor(value) and (value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be a real tensor (a prior precision > 0), got {value.dtype}")
-    t = torch.as_tensor(value, dtype=dtype, device=device) if not torch.is_tensor(value) else value.to(dtype=dtype, device=device)
+    # a copy (differentiable, for the marginal likelihood's tuning): the Laplace owns what it stores
+    t = torch.as_tensor(value, dtype=dtype, device=device) if not torch.is_tensor(value) else \
+        value.to(dtype=dtype, device=device, copy=True)
     if t.dim() > 1 or (t.dim() == 1 and (not t.numel() or (known and t.numel() not in (1, len(blocks), P)))):
         raise ValueError(f"{name} must have shape {shapes}, got {tuple(t.shape)}")
     if not bool(torch.isfinite(t.detach()).all()) or not bool((t.detach() > 0).all()):
