@@ -155,3 +155,85 @@ def test_half_model_is_computed_in_float32(structure, likelihood, half):
     m_half.load_state_dict({k: v for k, v in m_half.state_dict().items()})  # (unchanged weights)
     la.sample_(m_half, generator=torch.Generator().manual_seed(0))  # a float32 draw written into the half model
     assert next(m_half.parameters()).dtype == half
+
+
+# ---- the joint GLM predictive and diagonal outputs (laplace-torch's joint / diagonal_output) ----------------
+def _brute_force_cov(la, model, X):
+    """J P^-1 J^T [N C, N C] from torch.func Jacobians of the covered parameters and the inverse of
+    to_dense() (rows n C + c)."""
+    names = [n for n, p in model.named_parameters()]
+    covered = set(la.positions.tolist())
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    theta = torch.cat([params[n].reshape(-1) for n in names])
+
+    def f(flat):
+        parts = dict(zip(names, flat.split([params[n].numel() for n in names])))
+        return torch.func.functional_call(model, {n: parts[n].view_as(params[n]) for n in names}, (X,))
+
+    J = torch.func.jacrev(f)(theta).reshape(-1, theta.numel())[:, sorted(covered)]
+    return f(theta).reshape(-1), J @ torch.linalg.inv(la.to_dense()) @ J.t()
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_joint_covariance_against_brute_force(structure, kind, subset):
+    model = _mlp() if kind == "mlp" else _cnn()
+    X, y = _data(kind, "regression")
+    plain, grad = _pair(model, "regression", structure, X, y, subset_of_weights=subset, sigma_noise=0.5)
+    Xt = X[:5]
+    want_mu, want_cov = _brute_force_cov(plain, model, Xt)
+    for la in (plain, grad):
+        f_mu, f_cov = la.la(Xt, joint=True, batch_size=2)  # (rows in chunks of 2)
+        assert f_mu.shape == (15,) and f_cov.shape == (15, 15)
+        torch.testing.assert_close(f_mu, want_mu, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(f_cov, want_cov, rtol=1e-8, atol=1e-12)
+        # each input's own block is the marginal predictive's f_var
+        f_var = la.functional_variance(Xt)[1]
+        blocks = f_cov.reshape(5, 3, 5, 3).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        torch.testing.assert_close(blocks, f_var, rtol=1e-8, atol=1e-12)
+    x = Xt.clone().requires_grad_(True)
+    g = torch.autograd.grad(grad.functional_covariance(x)[1].sum(), x)[0]
+    assert g.shape == x.shape and float(g.abs().sum()) > 0
+    assert not plain.functional_covariance(x)[1].requires_grad
+
+
+def test_diagonal_output():
+    model = _mlp()
+    X, y = _data("mlp", "regression")
+    la = Laplace(model, "regression", sigma_noise=0.5).fit([(X, y)], progress=False)
+    f_mu, f_var = la.la(X[:4])
+    d_mu, d_var = la.la(X[:4], diagonal_output=True)
+    torch.testing.assert_close(d_mu, f_mu, rtol=0, atol=0)
+    torch.testing.assert_close(d_var, torch.diagonal(f_var, dim1=1, dim2=2), rtol=0, atol=0)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    s = la.predictive_samples(X[:4], n_samples=20000, generator=gen(), diagonal_output=True)
+    c = torch.einsum("snc,snd->ncd", s - s.mean(0), s - s.mean(0)) / 20000
+    off = c - torch.diag_embed(torch.diagonal(c, dim1=1, dim2=2))
+    assert float(off.abs().max()) < 0.05 * float(d_var.max())  # independent outputs
+    Xc, yc = _data("mlp", "classification")
+    lc = Laplace(model).fit([(Xc, yc)], progress=False)
+    # probit reads the diagonal only: unchanged; 'mc' draws from the diagonal covariance
+    torch.testing.assert_close(lc.la(Xc[:4], diagonal_output=True), lc.la(Xc[:4]), rtol=0, atol=0)
+    fm, fv = lc.functional_variance(Xc[:4])
+    from pyfastbayes.laplace.predictive import draws
+    want = draws(fm, torch.diag_embed(torch.diagonal(fv, dim1=1, dim2=2)), 7, gen()).softmax(-1).mean(0)
+    torch.testing.assert_close(lc.la(Xc[:4], link_approx="mc", n_samples=7, generator=gen(), diagonal_output=True),
+                               want, rtol=1e-12, atol=0)
+
+
+def test_joint_and_diagonal_output_refusals():
+    model = _mlp()
+    X, y = _data("mlp", "classification")
+    lc = Laplace(model).fit([(X, y)], progress=False)
+    with pytest.raises(ValueError, match="joint=True"):
+        lc.la(X, joint=True)
+    Xr, yr = _data("mlp", "regression")
+    lr = Laplace(model, "regression").fit([(Xr, yr)], progress=False)
+    assert lr.la(Xr[:3], joint=True, diagonal_output=True)[1].shape == (9, 9)  # joint wins (laplace-torch's rule)
+    with pytest.raises(ValueError, match="pred_type='glm'"):
+        lr.la(Xr, pred_type="nn", joint=True)
+    with pytest.raises(ValueError, match="pred_type='glm'"):
+        lr.predictive_samples(Xr, pred_type="nn", diagonal_output=True)
+    with pytest.raises(TypeError, match="joint"):
+        lr.la(Xr, joint=1)

@@ -21,11 +21,6 @@ respect to the inputs need ``enable_backprop=True`` (laplace-torch's option).
 
 Upstream tests left out (or parts of them):
 
-- test_regression_predictive's ``joint=True`` part and test_backprop_glm_joint: ours has no joint
-  predictive covariance over inputs (``la()`` takes no ``joint``).
-- test_reg_glm_predictive_correct_behavior's ``joint`` / ``diagonal_output`` options: ours has
-  neither; the non-joint [N, C, C] covariance and its diagonal (``predict(x).epistemic``) are
-  checked in test_reg_glm_predictive_shapes.
 - test_functional_samples as such: ours has no ``functional_samples`` nor a settable likelihood;
   its intent (draws of f, reproducible with a generator, the same draws whatever the link) is in
   test_functional_samples_are_the_f_draws.
@@ -142,8 +137,12 @@ def test_regression_predictive(structure):
     assert f_mu_nn.shape == f_var_nn.shape == (len(X), 2)
     assert bool((f_var_nn >= 0).all())
 
-    # (upstream's joint check "the joint covariance's diagonal blocks are the non-joint variance"
-    # becomes: predict()'s epistemic part is diag(f_var), its total adds sigma^2)
+    # the joint predictive: f_mu flattened, f_cov [N C, N C] whose diagonal blocks are f_var
+    f_mu_joint, f_cov_joint = la(X, pred_type="glm", joint=True)
+    assert f_mu_joint.shape == (20,) and f_cov_joint.shape == (20, 20)
+    torch.testing.assert_close(f_mu_joint, f_mu.reshape(-1))
+    torch.testing.assert_close(torch.einsum("bkbl->bkl", f_cov_joint.reshape(10, 2, 10, 2)), f_var)
+    # predict()'s epistemic part is diag(f_var), its total adds sigma^2
     pred = la.predict(X)
     torch.testing.assert_close(pred.mean, f_mu)
     torch.testing.assert_close(pred.epistemic, torch.diagonal(f_var, dim1=1, dim2=2))
@@ -396,6 +395,24 @@ def test_backprop_glm(structure, link):
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
+def test_backprop_glm_joint(structure):
+    model, la, X = _backprop_setup(structure)
+    f_mu, f_cov = la(X, pred_type="glm", joint=True)
+    g_mu = torch.autograd.grad(f_mu.sum(), X, retain_graph=True)[0]
+    g_cov = torch.autograd.grad(f_cov.sum(), X)[0]
+    Sigma = torch.linalg.inv(la.to_dense()).detach()
+
+    def fcov_sum(x):
+        J = torch.func.jacrev(lambda th: torch.func.functional_call(model, _unflatten(model, th), (x,)))(la.mean)
+        J = J.reshape(-1, J.shape[-1])
+        return (J @ Sigma @ J.t()).sum()
+
+    x0 = X.detach()
+    torch.testing.assert_close(g_mu, torch.func.grad(lambda x: model(x).sum())(x0), atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(g_cov, torch.func.grad(fcov_sum)(x0), atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
 def test_backprop_nn(structure):
     model, la, X = _backprop_setup(structure)
     f_mu, f_var = la(X, pred_type="nn", link_approx="mc", n_samples=10, generator=torch.Generator().manual_seed(2))
@@ -416,11 +433,14 @@ def test_backprop_nn(structure):
 # ---- test_reg_glm_predictive_correct_behavior ----------------------------------------------------------
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_reg_glm_predictive_shapes(structure):
-    """The non-joint parts: full output covariance [N, C, C] from la(), its diagonal [N, C] from
-    predict() (ours has no joint / diagonal_output options)."""
+    """joint ignores diagonal_output (as upstream); diagonal_output gives [N, C] otherwise; and
+    predict()'s epistemic part is the same diagonal."""
     model = _model()
     X, y, loader = _data("regression")
     la = _fit(model, "regression", structure, loader)
+    for diagonal in (True, False):
+        assert la(X, pred_type="glm", joint=True, diagonal_output=diagonal)[1].shape == (20, 20)
+    assert la(X, pred_type="glm", diagonal_output=True)[1].shape == (10, 2)
     f_mu, f_var = la(X, pred_type="glm")
     assert f_mu.shape == (10, 2) and f_var.shape == (10, 2, 2)
     pred = la.predict(X)

@@ -1015,6 +1015,15 @@ class Laplace(Posterior):
         """(f_mu [n, C], Jacobian parts per block) of inputs x with the covered parameters'
         Jacobians explicit, [C, n, p, q] per Kronecker block and [C, n, numel] per diagonal block
         (torch.func.jacrev): differentiable in x (``enable_backprop``)."""
+        f, J = self._explicit_jacobian(x)
+        parts = [(b, ("matrix", J[:, :, b.sel]) if b.kind == "kron" else ("rows", J[:, :, b.sel.reshape(-1)]))
+                 for b in self.blocks]
+        return f, parts
+
+    def _explicit_jacobian(self, x) -> tuple[Tensor, Tensor]:
+        """(f [n, C], J [C, n, P_c]): the outputs and their Jacobians with respect to the covered
+        parameters (selection order) by torch.func.jacrev, in the Laplace's dtype; differentiable
+        in x where gradients are enabled."""
         x = rows_to(x, self.device)
         own = dict(self.model.named_parameters())
         names = [n for n, o in zip(self.layout.names, self.layout.offsets) if self._covers(o)]
@@ -1025,14 +1034,13 @@ class Laplace(Posterior):
             _refuse_unbatched(x, out, "x")
             return outputs_2d(out, self.likelihood)
 
-        f = outputs(*values)
-        jac = torch.func.jacrev(outputs, argnums=tuple(range(len(values))))(*values)  # [n, C, *shape] each
+        with ModeGuard(self.model, False):
+            f = outputs(*values)
+            jac = torch.func.jacrev(outputs, argnums=tuple(range(len(values))))(*values)  # [n, C, *shape] each
         n, C = f.shape
         # the covered parameters in layout order: their flat entries are the selection order
-        J = torch.cat([j.reshape(n, C, -1) for j in jac], 2).permute(1, 0, 2).to(self.dtype)  # [C, n, P_c]
-        parts = [(b, ("matrix", J[:, :, b.sel]) if b.kind == "kron" else ("rows", J[:, :, b.sel.reshape(-1)]))
-                 for b in self.blocks]
-        return f.to(self.dtype), parts
+        J = torch.cat([j.reshape(n, C, -1) for j in jac], 2).permute(1, 0, 2).to(self.dtype)
+        return f.to(self.dtype), J
 
     def _glm_rows(self, x, batch_size: int) -> int:
         """Rows per chunk of the GLM predictive: ``batch_size``, fewer when a chunk's Jacobian parts
@@ -1093,8 +1101,35 @@ class Laplace(Posterior):
                     torch.empty(0, C, C, dtype=self.dtype, device=self.device))
         return torch.cat(mus), torch.cat(vars_)
 
+    def functional_covariance(self, x, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+        """The joint GLM predictive over all inputs (laplace-torch's ``functional_covariance``,
+        ``la(x, joint=True)``): (f_mu [N C], f_cov [N C, N C]) = (f(x; theta_MAP) flattened
+        row-major, J P^-1 J^T with J [N C, P_c] the outputs' Jacobians). J is explicit
+        (torch.func.jacrev, ``batch_size`` input rows at a time; refused past COVARIANCE_BYTES):
+        meant for the few inputs of a joint prediction, e.g. batched Bayesian optimisation."""
+        batch_size = check_int(batch_size, "batch_size", 1)
+        self._check_at_mean("the GLM predictive")
+        precision = self._need_fit()[5]
+        with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
+            fs, Js = [], []
+            for xb in self._input_batches(x, batch_size):
+                if _rows_or_none(xb) == 0:
+                    continue
+                f, J = self._explicit_jacobian(xb)
+                fs.append(f), Js.append(J.permute(1, 0, 2).reshape(-1, J.shape[2]))  # rows n C + c
+                need = sum(j.numel() for j in Js) * J.element_size()
+                if need > COVARIANCE_BYTES:
+                    raise RuntimeError(f"functional_covariance: the Jacobians of these inputs pass {need / 2**30:.1f} "
+                                       "GiB; the joint predictive is for a few inputs: pass fewer (or use la(x) for "
+                                       "each input's own covariance, which builds no Jacobian)")
+            if not fs:
+                raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
+            J = torch.cat(Js)
+            return torch.cat(fs).reshape(-1), precision.inv_quad(J, self._scale(), self._delta())
+
     def la(self, x, pred_type: str = "glm", link_approx: str | None = None, n_samples: int = 100, *,
-           generator: torch.Generator | None = None, batch_size: int | None = None):
+           generator: torch.Generator | None = None, batch_size: int | None = None, joint: bool = False,
+           diagonal_output: bool = False):
         """laplace-torch's ``__call__``: classification -> probabilities [N, C] ('binary': [N]);
         regression -> (f_mu [N, C], f_var [N, C, C]) for 'glm' (the epistemic, functional variance:
         sigma^2 is not in it), (mean [N, C], variance [N, C] over the draws) for 'nn', the variance
@@ -1103,11 +1138,25 @@ class Laplace(Posterior):
         'probit' (default), 'bridge', 'bridge_norm' or 'mc' for 'glm'; 'nn' averages ``n_samples``
         draws, i.e. 'mc' (the default there; another link is refused, as laplace-torch does).
         ``x``: a tensor [N, ...] or a dict batch (``batch_size`` rows per forward, default 256
-        for 'glm', 1024 for 'nn'), or an iterable of batches."""
+        for 'glm', 1024 for 'nn'), or an iterable of batches. laplace-torch's ``joint`` (regression,
+        'glm': (f_mu [N C], f_cov [N C, N C]) over all inputs, :meth:`functional_covariance`; it
+        takes precedence over ``diagonal_output``) and
+        ``diagonal_output`` ('glm': only the outputs' variances, f_var [N, C] for regression; the
+        link or the draws of classification see a diagonal covariance)."""
         _choice(pred_type, PRED_TYPES, "pred_type")
         link_approx = _link(pred_type, link_approx)
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
+        for flag, value in (("joint", joint), ("diagonal_output", diagonal_output)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {type(value).__name__}")
+            if value and pred_type != "glm":
+                raise ValueError(f"{flag}=True is for pred_type='glm' (laplace-torch ignores it for 'nn')")
+        if joint:  # (diagonal_output is ignored then, as laplace-torch does)
+            if self.likelihood != "regression":
+                raise ValueError("joint=True is the regression GLM predictive's joint covariance over all inputs "
+                                 "(laplace-torch ignores it for classification)")
+            return self.functional_covariance(x, batch_size)
         if pred_type == "nn" and self.enable_backprop:
             return self._nn_moments(x, n_samples, generator, batch_size, unbiased=True)
         if pred_type == "nn":
@@ -1118,7 +1167,9 @@ class Laplace(Posterior):
             return out
         f_mu, f_var = self.functional_variance(x, batch_size)
         if self.likelihood == "regression":
-            return f_mu, f_var
+            return (f_mu, torch.diagonal(f_var, dim1=1, dim2=2)) if diagonal_output else (f_mu, f_var)
+        if diagonal_output:
+            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
         return probabilities(f_mu, f_var, self.likelihood, link_approx, n_samples, generator)
 
     __call__ = la
@@ -1294,20 +1345,28 @@ class Laplace(Posterior):
         return self._prior_terms(self._prior)[1]
 
     def predictive_samples(self, x, pred_type: str = "glm", n_samples: int = 100, *,
-                           generator: torch.Generator | None = None, batch_size: int | None = None) -> Tensor:
+                           generator: torch.Generator | None = None, batch_size: int | None = None,
+                           diagonal_output: bool = False) -> Tensor:
         """Draws of the predictive (laplace-torch's ``predictive_samples``): [n_samples, N, C]
         class probabilities ('classification'), [n_samples, N] P(y = 1) ('binary') or outputs f
         [n_samples, N, C] ('regression', no observation noise). 'glm': f ~ N(f_mu, f_var) of the
         linearised model per input (:meth:`functional_variance`); 'nn': the network at weight
         draws theta ~ N(theta_MAP, P^-1) (:meth:`sample`; torch.func.functional_call, eval mode).
         x: a tensor [N, ...] or a dict batch (rows in chunks of ``batch_size``, default 256 for
-        'glm', 1024 for 'nn') or an iterable of input batches."""
+        'glm', 1024 for 'nn') or an iterable of input batches. ``diagonal_output`` ('glm'): draws
+        with the outputs' variances only (laplace-torch's option)."""
         _choice(pred_type, PRED_TYPES, "pred_type")
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
+        if not isinstance(diagonal_output, bool):
+            raise TypeError(f"diagonal_output must be True or False, got {type(diagonal_output).__name__}")
+        if diagonal_output and pred_type != "glm":
+            raise ValueError("diagonal_output=True is for pred_type='glm' (laplace-torch ignores it for 'nn')")
         with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
             if pred_type == "glm":
                 f_mu, f_var = self.functional_variance(x, batch_size)
+                if diagonal_output:
+                    f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
                 f = draws(f_mu, f_var, n_samples, generator)
             else:
                 f = self._nn_outputs(x, n_samples, generator, batch_size)

@@ -162,6 +162,12 @@ class LowRankPrecision:
         """x^T P x [n] for rows x [n, P]."""
         return s * ((x @ self.U).square() * self.vals).sum(1) + self._delta(delta) * x.square().sum(1)
 
+    def inv_quad(self, J, s, delta):
+        """J P^-1 J^T [R, R] for rows J [R, P]: J J^T / delta + (J U) diag(w) (J U)^T."""
+        d = self._delta(delta)
+        JU = J @ self.U
+        return J @ J.t() / d + (JU * (1 / (s * self.vals + d) - 1 / d)) @ JU.t()
+
     def functional_variance(self, parts, s, delta):
         d = self._delta(delta)
         w = 1 / (s * self.vals + d) - 1 / d  # [k]

@@ -1,6 +1,7 @@
 """Posterior precisions P = s H + diag(delta) of the three structures, with what Laplace needs from
 them: log-determinant, draws N(0, P^-1), quadratic forms d^T P d (``quad``: the posterior's log
-density) and the GLM functional variance J P^-1 J^T.
+density), J P^-1 J^T of explicit rows (``inv_quad``: the joint GLM predictive) and the GLM
+functional variance J P^-1 J^T from factored Jacobian parts.
 
 ``s`` = 1 / (sigma^2 T) scales the likelihood curvature H; ``delta`` [P] is the prior precision
 per covered parameter in selection order (``block.sel``), constant within a Kronecker block.
@@ -129,6 +130,24 @@ class KronPrecision:
             out += (z.square() * (s * self.eigenvalues(i) + _block_delta(delta, b))).sum((1, 2))
         return out
 
+    def inv_quad(self, J: Tensor, s: Tensor, delta: Tensor) -> Tensor:
+        """J P^-1 J^T [R, R] for explicit rows J [R, P] (the joint GLM predictive): per block the
+        rows rotated into its eigenbasis and scaled by 1 / sqrt(s l_i r_j + delta)."""
+        R = J.shape[0]
+        out = J.new_zeros(R, R)
+        for i, b in enumerate(self.blocks):
+            sel = b.sel.reshape(-1)
+            if b.kind == "diag":
+                W = J[:, sel] / torch.sqrt(s * self.h[i] + delta[sel])
+            else:
+                W = J[:, sel].reshape(R, b.p, b.q) @ self.right[i][1]
+                QL = self.left[i][1]
+                if QL is not None:
+                    W = QL.t() @ W
+                W = (W / torch.sqrt(s * self.eigenvalues(i) + _block_delta(delta, b))).reshape(R, -1)
+            out.addmm_(W, W.t())
+        return out
+
     def variance(self, s: Tensor, delta: Tensor) -> Tensor:
         """The marginal posterior variances diag(P^-1) [P]: per Kronecker block
         (Q_L o Q_L) diag-scaled (Q_R o Q_R)^T with the eigenvalues 1 / (s l_i r_j + delta)."""
@@ -210,6 +229,10 @@ class DiagPrecision:
     def quad(self, d, s, delta):
         return (d.square() * (s * self.h + delta)).sum(1)
 
+    def inv_quad(self, J, s, delta):
+        W = J / torch.sqrt(s * self.h + delta)
+        return W @ W.t()
+
     def functional_variance(self, parts, s, delta):
         var = 1.0 / (s * self.h + delta)
         fvar = None
@@ -285,6 +308,12 @@ class FullPrecision:
 
     def quad(self, d, s, delta):
         return s * ((d @ self.H) * d).sum(1) + (d.square() * delta).sum(1)
+
+    def inv_quad(self, J, s, delta):
+        L, V, d = self._inverse_root(s, delta)
+        # J P^-1 J^T = W^T W with W = L^-1 J^T (or (J V diag(d)^(1/2))^T): a sum of squares
+        W = torch.linalg.solve_triangular(L, J.t(), upper=False) if L is not None else (J @ V * d.sqrt()).t()
+        return W.t() @ W
 
     def covariance(self, s, delta) -> Tensor:
         L, V, d = self._inverse_root(s, delta)
