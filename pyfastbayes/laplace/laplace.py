@@ -52,6 +52,7 @@ PRED_TYPES = ("glm", "nn")
 # batch reached gigabytes for a CNN of a million weights
 _GLM_BYTES = 256 << 20
 COVARIANCE_BYTES = 1 << 30  # the largest dense posterior_covariance built for 'kron' / 'lowrank'
+_BACKPROP_ROWS = 32  # input rows per torch.func.jacrev of the explicit-Jacobian GLM path (cost ~ rows^2 C)
 _FIT_BYTES = 256 << 20  # fit's output gradients of one batched backward (Laplace._directions_per_pass)
 _CONSTRUCTOR = object()  # Laplace._plan: the prior given to the constructor (or set before fit)
 _STATE_NAMES = ("state_dict['prior_precision']", "state_dict['prior_mean']")
@@ -119,19 +120,28 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _fingerprints(model: nn.Module, trainable: list[Tensor]) -> dict[str, Tensor]:
-    """Per frozen parameter and buffer of ``model`` (not in ``trainable``) a float64 fingerprint
-    [4] on the CPU: the sum, the sum of squares, a position-weighted sum and the sum of absolute
-    values (the others' scale) of its values, computed on its device in chunks, no copy of the
-    tensor. A Laplace records them at fit: its curvature and GLM predictive depend on those
-    tensors too, and a state_dict loaded into a model whose frozen part differs is refused."""
-    skip = {id(p) for p in trainable}
+def _fingerprints(model: nn.Module, trainable: list[str]) -> dict[str, Tensor]:
+    """Per frozen floating parameter and persistent floating buffer of ``model`` (the trainable
+    parameters, named ``trainable``, are compared exactly through the mean) a float64
+    fingerprint [4] on the CPU: the sum, the sum of squares, a position-weighted sum and the sum
+    of absolute values (the others' scale) of its values (a sparse tensor's coalesced indices and
+    values), computed on its device in chunks. A Laplace records them at fit: its curvature and
+    GLM predictive depend on those tensors too, and a state_dict loaded into a model whose frozen
+    part differs is refused. Integer buffers (step counters, num_batches_tracked) and
+    non-persistent ones (caches a forward may fill) are left out."""
+    skip = set(trainable)
+    persistent = set(model.state_dict(keep_vars=True))
     out = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in skip or t.is_complex():
+        if name in skip or name not in persistent or not t.is_floating_point() or t.device.type == "meta":
             continue
+        if t.layout != torch.strided:
+            c = t.detach().to_sparse_coo().coalesce()
+            flat = torch.cat([c.indices().reshape(-1).double(), c.values().reshape(-1).double()])
+        else:
+            flat = t.detach().reshape(-1)
         acc = torch.zeros(4, dtype=torch.float64, device=t.device)
-        for k, c in enumerate(t.detach().reshape(-1).split(_PRINT_CHUNK)):
+        for k, c in enumerate(flat.split(_PRINT_CHUNK)):
             c = c.double()
             w = torch.arange(c.numel(), dtype=torch.float64, device=c.device).remainder_(1021).add_(1 + k % 7)
             acc += torch.stack([c.sum(), c.square().sum(), (c * w).sum(), c.abs().sum()])
@@ -141,14 +151,14 @@ def _fingerprints(model: nn.Module, trainable: list[Tensor]) -> dict[str, Tensor
 
 def _same_fingerprint(a, b) -> bool:
     """Whether two fingerprints (:func:`_fingerprints`) agree up to float64 rounding (sums on two
-    devices may differ in their last bits): each within 1e-10 of its scale."""
+    devices may differ in their last bits): each within 1e-10 of its scale; NaN and infinities
+    (a buffer holding them) agree with themselves."""
     if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape or a.shape != (4,):
         return False
     a, b = a.double().cpu(), b.double().cpu()
-    if torch.equal(a, b):
-        return True
     scale = torch.stack([a[3], a[1], 1028 * a[3], a[3]]).abs()
-    return bool(((a - b).abs() <= 1e-10 * scale).all())
+    same = (a == b) | (a.isnan() & b.isnan()) | ((a - b).abs() <= 1e-10 * scale)
+    return bool(same.all())
 
 
 def _check_prior_mean(value, P: int | None, dtype, device, name: str = "prior_mean") -> Tensor:
@@ -158,8 +168,8 @@ def _check_prior_mean(value, P: int | None, dtype, device, name: str = "prior_me
         raise TypeError(f"{name} must be a float or a tensor [P], got {type(value).__name__}")
     if torch.is_tensor(value) and (value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
-    # a copy: the Laplace owns it (the caller's tensor changed in place later changes nothing here)
-    t = value.detach().to(dtype=dtype, device=device, copy=True) if torch.is_tensor(value) else \
+    # a copy (its graph kept): the Laplace owns it (the caller's tensor changed in place later changes nothing)
+    t = value.to(dtype=dtype, device=device, copy=True) if torch.is_tensor(value) else \
         torch.tensor(float(value), dtype=dtype, device=device)
     if t.dim() > 1 or (t.dim() == 1 and t.numel() != 1 and P is not None and t.numel() != P) or \
             (t.dim() == 1 and not t.numel()):
@@ -440,7 +450,7 @@ class Laplace(Posterior):
             raise RuntimeError("subset_of_weights='last_layer' finds its layer in fit(): call fit(loader) first")
 
     # ---- fit ---------------------------------------------------------------------------------------------
-    def fit(self, loader, progress: bool = True, *, override: bool = True,
+    def fit(self, loader, *, progress: bool = True, override: bool = True,
             generator: torch.Generator | None = None) -> "Laplace":
         """Accumulate the curvature over ``loader`` (an iterable of (inputs [N, ...], targets) batches,
         e.g. a DataLoader) at the model's current weights, in eval mode; returns self.
@@ -450,6 +460,7 @@ class Laplace(Posterior):
         becomes the model's current weights; the curvature equals one fit over all the data at
         once (Kronecker factors: A averaged over every fitted row, G summed), each part computed
         at the weights of its own fit. Not for 'lowrank' (its eigenpairs do not add up).
+        The options are keyword-only: laplace-torch's positional order is (override, progress_bar).
 
         One forward and one batched backward per batch (one per chunk of the m directions when
         their output gradients would pass 256 MiB, :meth:`_directions_per_pass`); under torch.distributed every process
@@ -529,7 +540,7 @@ class Laplace(Posterior):
                                    "or gradients overflowed on the training data; check the inputs and the weights")
         mean = self.layout.flatten().to(self.dtype)
         precision = self._new_precision(curv)
-        self._frozen = _fingerprints(self.model, self.layout.params())
+        self._frozen = _fingerprints(self.model, self.layout.names)
         self._fitted = (curv, loss.to(self.dtype), n_data, n_out, mean, precision)
         return self
 
@@ -1046,6 +1057,8 @@ class Laplace(Posterior):
         """Rows per chunk of the GLM predictive: ``batch_size``, fewer when a chunk's Jacobian parts
         (measured on one row of ``x``, a tensor, and counted twice: the precision's rotated copy)
         would pass :data:`_GLM_BYTES` (on CUDA also a quarter of the free memory)."""
+        if self.enable_backprop:  # jacrev of a chunk of n rows costs n C backward passes over all n rows
+            batch_size = min(batch_size, _BACKPROP_ROWS)
         if not is_rows(x) or not _rows_or_none(x):
             return batch_size
         cache = self._glm_row_bytes  # the sizes depend on the row's shape only
@@ -1112,7 +1125,7 @@ class Laplace(Posterior):
         precision = self._need_fit()[5]
         with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
             fs, Js = [], []
-            for xb in self._input_batches(x, batch_size):
+            for xb in self._input_batches(x, min(batch_size, _BACKPROP_ROWS)):  # (see _glm_rows)
                 if _rows_or_none(xb) == 0:
                     continue
                 f, J = self._explicit_jacobian(xb)
@@ -1263,7 +1276,8 @@ class Laplace(Posterior):
             normalized: with the Gaussian's normaliser (log det P - P_c log 2 pi) / 2; False: only
                 -(theta - theta_MAP)^T P (theta - theta_MAP) / 2.
 
-        Returns: a scalar for one theta, [n] for n rows, in the model's dtype."""
+        Returns: a scalar for one theta, [n] for n rows, in the Laplace's dtype (float32 for a
+        float16 / bfloat16 model)."""
         _, _, _, _, mean, precision = self._need_fit()
         if not torch.is_tensor(theta):
             raise TypeError(f"theta must be a tensor [P] or [n, P], got {type(theta).__name__}")
@@ -1306,7 +1320,7 @@ class Laplace(Posterior):
         if self.hessian_structure == "full":
             return precision.covariance(self._scale(), self._delta())
         # the result, and for 'kron' / 'lowrank' also to_dense() and its Cholesky factor
-        need = (1 if self.hessian_structure == "diag" else 3) * self.n_params ** 2 * self.layout.dtype.itemsize
+        need = (1 if self.hessian_structure == "diag" else 3) * self.n_params ** 2 * self.dtype.itemsize
         if need > COVARIANCE_BYTES:
             raise RuntimeError(f"posterior_covariance of {self.n_params} parameters is a dense {self.n_params} x "
                                f"{self.n_params} matrix ({need / 2**30:.1f} GiB with its work space) of a "
@@ -1317,7 +1331,7 @@ class Laplace(Posterior):
         L, info = torch.linalg.cholesky_ex(self.to_dense())
         if int(info) != 0:
             raise RuntimeError("the posterior precision is not positive definite in "
-                               f"{self.layout.dtype}: raise prior_precision, or fit in float64")
+                               f"{self.dtype}: raise prior_precision, or fit in float64")
         return torch.cholesky_inverse(L)
 
     @property
@@ -1475,7 +1489,8 @@ class Laplace(Posterior):
                      curvature_tensors=[t.detach().clone() for t in curv.tensors()], counts=curv.counts(),
                      loss=loss.detach().clone(), n_data=n, n_outputs=C, mean=mean.clone(),
                      prior_precision=self._prior.detach().clone(), prior_mean=self.prior_mean.clone(),
-                     sigma_noise=self._sigma.detach().clone(), frozen=dict(self._frozen))
+                     sigma_noise=self._sigma.detach().clone(),
+                     frozen={k: v.clone() for k, v in self._frozen.items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -1522,7 +1537,7 @@ class Laplace(Posterior):
         if not torch.equal(self.layout.flatten(), mean.to(self.device, self.model_dtype)):
             raise ValueError("state_dict was saved at other weights than the model's current ones: load the model's "
                              "own state_dict (the MAP the Laplace was fitted at) first")
-        frozen = _fingerprints(self.model, self.layout.params())
+        frozen = _fingerprints(self.model, self.layout.names)
         saved_frozen = state.get("frozen", frozen)  # (a state saved before the fingerprints were: not checked)
         if not isinstance(saved_frozen, dict):
             raise ValueError("state_dict['frozen'] must be the dict of fingerprints Laplace.state_dict() saves")
