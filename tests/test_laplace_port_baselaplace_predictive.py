@@ -21,9 +21,9 @@ respect to the inputs need ``enable_backprop=True`` (laplace-torch's option).
 
 Upstream tests left out (or parts of them):
 
-- test_functional_samples as such: ours has no ``functional_samples`` nor a settable likelihood;
-  its intent (draws of f, reproducible with a generator, the same draws whatever the link) is in
-  test_functional_samples_are_the_f_draws.
+- test_functional_samples' change of ``lap.likelihood`` after fit: ours has no settable
+  likelihood; a classification Laplace's functional_samples are checked to be the f draws whose
+  softmax its predictive_samples are.
 - test_reward_modeling and the 'reward_modeling' cases of test_dict_data / test_gridsearch: ours
   has no 'reward_modeling' likelihood.
 - test_dict_data's ``backend`` parametrisation (Asdl / BackPACK / Curvlinops, and BackPACK's
@@ -263,25 +263,36 @@ def test_classification_predictive_samples(structure):
 # ---- test_functional_samples ---------------------------------------------------------------------------
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_functional_samples_are_the_f_draws(structure):
-    """Upstream: functional samples (f draws) are [S, N, C], reproducible with a generator, and the
-    same whatever the likelihood. Ours: a regression Laplace's predictive_samples are the f draws;
-    a classification Laplace's are their softmax (the same draws, whatever the link)."""
+    """functional_samples: f draws [S, N, C] before the link, reproducible with a generator; the
+    predictive_samples are their link (same draws); 'glm' draws have the moments of la(x); 'nn'
+    draws are the network at la.sample weights."""
     model = _model()
     X, y, loader = _data("regression")
     la = _fit(model, "regression", structure, loader, sigma_noise=0.3, prior_precision=0.7)
     f = model(X).detach()
     g = torch.Generator()
     for pred_type in ("glm", "nn"):
-        a = la.predictive_samples(X, pred_type=pred_type, n_samples=100, generator=g.manual_seed(123))
-        b = la.predictive_samples(X, pred_type=pred_type, n_samples=100, generator=g.manual_seed(123))
-        c = la.predictive_samples(X, pred_type=pred_type, n_samples=100, generator=g.manual_seed(124))
+        a = la.functional_samples(X, pred_type=pred_type, n_samples=100, generator=g.manual_seed(123))
+        b = la.functional_samples(X, pred_type=pred_type, n_samples=100, generator=g.manual_seed(123))
+        c = la.functional_samples(X, pred_type=pred_type, n_samples=100, generator=g.manual_seed(124))
         assert a.shape == (100, *f.shape)
         assert torch.equal(a, b) and not torch.allclose(a, c)
-    # the classification Laplace: its 'glm' draws' softmax averages to la(x, 'mc'), the same draws
+        torch.testing.assert_close(la.predictive_samples(X, pred_type=pred_type, n_samples=100,
+                                                         generator=g.manual_seed(123)), a, rtol=0, atol=0)
+    torch.testing.assert_close(la.functional_samples(X, "nn", 3, generator=g.manual_seed(5)),
+                               _net_draws(la, model, X, 3, 5).detach(), rtol=1e-12, atol=1e-12)
+    s = la.functional_samples(X, n_samples=20000, generator=g.manual_seed(6))
+    f_mu, f_var = la(X)
+    torch.testing.assert_close(s.mean(0), f_mu, rtol=0, atol=5 * float(f_var.diagonal(dim1=1, dim2=2).max()) ** 0.5
+                               / 20000 ** 0.5)
+    # a classification Laplace: predictive_samples are the softmax of the same f draws, whose
+    # average is la(x, 'mc')
     Xc, yc, loader_c = _data("classification")
     lc = _fit(model, "classification", structure, loader_c, prior_precision=0.7)
+    fc = lc.functional_samples(X, n_samples=30, generator=g.manual_seed(9))
     s = lc.predictive_samples(X, n_samples=30, generator=g.manual_seed(9))
-    assert s.shape == (30, *f.shape)
+    assert fc.shape == s.shape == (30, *f.shape)
+    torch.testing.assert_close(s, fc.softmax(-1), rtol=0, atol=0)
     torch.testing.assert_close(lc(X, link_approx="mc", n_samples=30, generator=g.manual_seed(9)), s.mean(0))
 
 

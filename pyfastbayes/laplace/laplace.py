@@ -1363,12 +1363,26 @@ class Laplace(Posterior):
                            diagonal_output: bool = False) -> Tensor:
         """Draws of the predictive (laplace-torch's ``predictive_samples``): [n_samples, N, C]
         class probabilities ('classification'), [n_samples, N] P(y = 1) ('binary') or outputs f
-        [n_samples, N, C] ('regression', no observation noise). 'glm': f ~ N(f_mu, f_var) of the
-        linearised model per input (:meth:`functional_variance`); 'nn': the network at weight
-        draws theta ~ N(theta_MAP, P^-1) (:meth:`sample`; torch.func.functional_call, eval mode).
-        x: a tensor [N, ...] or a dict batch (rows in chunks of ``batch_size``, default 256 for
-        'glm', 1024 for 'nn') or an iterable of input batches. ``diagonal_output`` ('glm'): draws
-        with the outputs' variances only (laplace-torch's option)."""
+        [n_samples, N, C] ('regression', no observation noise): the link applied to
+        :meth:`functional_samples` (same arguments, same draws)."""
+        f = self.functional_samples(x, pred_type, n_samples, generator=generator, batch_size=batch_size,
+                                    diagonal_output=diagonal_output)
+        if self.likelihood == "classification":
+            return f.softmax(-1)
+        if self.likelihood == "binary":
+            return f[..., 0].sigmoid()
+        return f
+
+    def functional_samples(self, x, pred_type: str = "glm", n_samples: int = 100, *,
+                           generator: torch.Generator | None = None, batch_size: int | None = None,
+                           diagonal_output: bool = False) -> Tensor:
+        """Draws of the outputs f [n_samples, N, C] before the link (laplace-torch's
+        ``functional_samples``, e.g. for Thompson sampling). 'glm': f ~ N(f_mu, f_var) of the
+        linearised model per input (:meth:`functional_variance`; ``diagonal_output``: with the
+        outputs' variances only); 'nn': the network at weight draws theta ~ N(theta_MAP, P^-1)
+        (:meth:`sample`; torch.func.functional_call, eval mode). x: a tensor [N, ...] or a dict
+        batch (rows in chunks of ``batch_size``, default 256 for 'glm', 1024 for 'nn') or an
+        iterable of input batches."""
         _choice(pred_type, PRED_TYPES, "pred_type")
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
@@ -1377,18 +1391,12 @@ class Laplace(Posterior):
         if diagonal_output and pred_type != "glm":
             raise ValueError("diagonal_output=True is for pred_type='glm' (laplace-torch ignores it for 'nn')")
         with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
-            if pred_type == "glm":
-                f_mu, f_var = self.functional_variance(x, batch_size)
-                if diagonal_output:
-                    f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
-                f = draws(f_mu, f_var, n_samples, generator)
-            else:
-                f = self._nn_outputs(x, n_samples, generator, batch_size)
-            if self.likelihood == "classification":
-                return f.softmax(-1)
-            if self.likelihood == "binary":
-                return f[..., 0].sigmoid()
-            return f
+            if pred_type == "nn":
+                return self._nn_outputs(x, n_samples, generator, batch_size)
+            f_mu, f_var = self.functional_variance(x, batch_size)
+            if diagonal_output:
+                f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
+            return draws(f_mu, f_var, n_samples, generator)
 
     def _nn_outputs(self, x, n_samples: int, generator, batch_size: int) -> Tensor:
         """The outputs [n_samples, N, C] at n_samples weight draws (torch.func.functional_call, eval
