@@ -13,6 +13,9 @@ laplace-torch``; the reference Laplace library) in the same run, as ratios (issu
 4. a 'kron' GLM predictive over all weights of a model whose [N, C, P] Jacobian (laplace-torch's
    predictive) does not fit the device: ours only on the CPU, with the bytes laplace-torch would
    need; on CUDA laplace-torch is tried too and its out-of-memory error reported.
+4b. the same probit predictive with ``enable_backprop=True`` and the gradient of the class-0
+   probabilities with respect to the inputs (Bayesian optimisation's use): both sides build
+   explicit Jacobians here; gradients checked against laplace-torch's default backend.
 5. eigendecomposition: ``eigh_many`` ('batched', 'loop', 'cpu', 'streams': CUDA streams, one host thread each) against ``torch.linalg.eigh`` on
    the stacked batch and a loop of it (laplace-torch decomposes one factor at a time), on 16
    matrices 512 x 512 and on the Kronecker factors of the MLP.
@@ -331,6 +334,36 @@ def _mb(m):
     return "" if m is None else round(m, 1)
 
 
+def _backprop_rows(name, x_test, fitted, device, rep):
+    """The kron GLM probit predictive with enable_backprop and the input gradient of the class-0
+    probabilities: ours against laplace-torch's default backend (the fitted pair of the fit rows)."""
+    ours, theirs, ref_name = fitted[(name, "kron")]
+    if theirs is None:
+        return []
+    case = f"kron GLM probit + input gradient (enable_backprop), {len(x_test)} rows, {name}"
+
+    def grad_of(call):
+        def run():
+            x = x_test.detach().clone().requires_grad_(True)
+            return torch.autograd.grad(call(x)[:, 0].sum(), x)[0]
+        return run
+
+    saved = (ours.enable_backprop, theirs.enable_backprop)
+    ours.enable_backprop = theirs.enable_backprop = True
+    try:
+        g_ours, t_ours = _time(grad_of(lambda x: ours.la(x, link_approx="probit")), device, rep)
+        with _quiet():
+            g_theirs, t_theirs = _time(grad_of(lambda x: theirs(x, pred_type="glm", link_approx="probit")), device,
+                                       rep)
+    finally:
+        ours.enable_backprop, theirs.enable_backprop = saved
+    scale = float(g_theirs.abs().max())
+    agree = _agree(f"{case}: input gradients", float((g_ours - g_theirs).abs().max()) / max(scale, 1e-30), 1e-4,
+                   "rel to max")
+    return [row(SUITE, case, _label(ref_name), t_theirs, t_theirs, agree=agree),
+            row(SUITE, case, "pyfastbayes Laplace", t_ours, t_theirs)]
+
+
 # ---- 4. a model whose Jacobians do not fit --------------------------------------------------------------
 def _device_bytes(device: str) -> int:
     if device == "cuda":
@@ -481,6 +514,8 @@ def run(device: str, quick: bool) -> list[dict]:
         if name.startswith("MLP"):
             rows += _marglik_rows(name, fitted, device, quick, rep)
         rows += _predictive_rows(name, model, loader, xs, fitted, laplace, backends, device, rep)
+        if laplace is not None and (name, "kron") in fitted:
+            rows += _backprop_rows(name, xs, fitted, device, rep)
     rows += _big_rows(laplace, device, quick, rep)
     # the MLP's Kronecker factors with our default blocks (bias folded into the activation factor)
     joint = Laplace(mlp, "classification", hessian_structure="kron").fit(

@@ -213,8 +213,11 @@ def test_diagonal_output():
     assert float(off.abs().max()) < 0.05 * float(d_var.max())  # independent outputs
     Xc, yc = _data("mlp", "classification")
     lc = Laplace(model).fit([(Xc, yc)], progress=False)
-    # probit reads the diagonal only: unchanged; 'mc' draws from the diagonal covariance
-    torch.testing.assert_close(lc.la(Xc[:4], diagonal_output=True), lc.la(Xc[:4]), rtol=0, atol=0)
+    # probit reads the diagonal only and the bridge links ignore the option (laplace-torch's rule):
+    # unchanged; 'mc' draws from the diagonal covariance
+    for link in ("probit", "bridge", "bridge_norm"):
+        torch.testing.assert_close(lc.la(Xc[:4], link_approx=link, diagonal_output=True),
+                                   lc.la(Xc[:4], link_approx=link), rtol=0, atol=0)
     fm, fv = lc.functional_variance(Xc[:4])
     from pyfastbayes.laplace.predictive import draws
     want = draws(fm, torch.diag_embed(torch.diagonal(fv, dim1=1, dim2=2)), 7, gen()).softmax(-1).mean(0)
@@ -249,3 +252,22 @@ def test_enable_backprop_caps_the_rows_per_jacobian():
     assert plain._glm_rows(X, 256) > _BACKPROP_ROWS
     assert grad._glm_rows(X, 256) == _BACKPROP_ROWS
     torch.testing.assert_close(grad.la(X), plain.la(X), rtol=1e-9, atol=1e-12)
+
+
+def test_joint_covariance_empty_inputs_and_memory_guard(monkeypatch):
+    from pyfastbayes.laplace import laplace as laplace_mod
+    model = _mlp()
+    X, y = _data("mlp", "regression")
+    la = Laplace(model, "regression").fit([(X, y)], progress=False)
+    f_mu, f_cov = la.la(X[:0], joint=True)
+    assert f_mu.shape == (0,) and f_cov.shape == (0, 0)
+    with pytest.raises(ValueError, match="no inputs"):
+        la.functional_covariance([])
+    # the guard counts f_cov [N C, N C] too: 24 rows x 3 outputs of a last-layer Laplace (P_c = 21)
+    ll = Laplace(model, "regression", subset_of_weights="last_layer").fit([(X, y)], progress=False)
+    need = (72 * 21 + 72 * 72) * 8
+    monkeypatch.setattr(laplace_mod, "COVARIANCE_BYTES", need - 1)
+    with pytest.raises(RuntimeError, match="f_cov"):
+        ll.functional_covariance(X)
+    monkeypatch.setattr(laplace_mod, "COVARIANCE_BYTES", need)
+    assert ll.functional_covariance(X)[1].shape == (72, 72)

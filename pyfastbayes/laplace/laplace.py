@@ -123,12 +123,13 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 def _fingerprints(model: nn.Module, trainable: list[str]) -> dict[str, Tensor]:
     """Per frozen floating parameter and persistent floating buffer of ``model`` (the trainable
     parameters, named ``trainable``, are compared exactly through the mean) a float64
-    fingerprint [4] on the CPU: the sum, the sum of squares, a position-weighted sum and the sum
-    of absolute values (the others' scale) of its values (a sparse tensor's coalesced indices and
-    values), computed on its device in chunks. A Laplace records them at fit: its curvature and
-    GLM predictive depend on those tensors too, and a state_dict loaded into a model whose frozen
-    part differs is refused. Integer buffers (step counters, num_batches_tracked) and
-    non-persistent ones (caches a forward may fill) are left out."""
+    fingerprint [7] on the CPU: over its finite values the sum, the sum of squares, a
+    position-weighted sum and the sum of absolute values (the others' scale), then the counts of
+    NaN, +inf and -inf entries (a sparse tensor: its coalesced indices and values), computed on
+    its device in chunks. A Laplace records them at fit: its curvature and GLM predictive depend
+    on those tensors too, and a state_dict loaded into a model whose frozen part differs is
+    refused. Integer buffers (step counters, num_batches_tracked) and non-persistent ones (caches
+    a forward may fill) are left out."""
     skip = set(trainable)
     persistent = set(model.state_dict(keep_vars=True))
     out = {}
@@ -140,25 +141,24 @@ def _fingerprints(model: nn.Module, trainable: list[str]) -> dict[str, Tensor]:
             flat = torch.cat([c.indices().reshape(-1).double(), c.values().reshape(-1).double()])
         else:
             flat = t.detach().reshape(-1)
-        acc = torch.zeros(4, dtype=torch.float64, device=t.device)
+        acc = torch.zeros(7, dtype=torch.float64, device=t.device)
         for k, c in enumerate(flat.split(_PRINT_CHUNK)):
             c = c.double()
+            odd = torch.stack([c.isnan().sum(), c.isposinf().sum(), c.isneginf().sum()]).double()
+            c = torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0)
             w = torch.arange(c.numel(), dtype=torch.float64, device=c.device).remainder_(1021).add_(1 + k % 7)
-            acc += torch.stack([c.sum(), c.square().sum(), (c * w).sum(), c.abs().sum()])
+            acc += torch.cat([torch.stack([c.sum(), c.square().sum(), (c * w).sum(), c.abs().sum()]), odd])
         out[name] = acc.cpu()
     return out
 
 
 def _same_fingerprint(a, b) -> bool:
-    """Whether two fingerprints (:func:`_fingerprints`) agree up to float64 rounding (sums on two
-    devices may differ in their last bits): each within 1e-10 of its scale; NaN and infinities
-    (a buffer holding them) agree with themselves."""
-    if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape or a.shape != (4,):
-        return False
+    """Whether two fingerprints (:func:`_fingerprints`) agree: the sums up to float64 rounding
+    (sums on two devices may differ in their last bits: each within 1e-10 of its scale), the
+    counts of non-finite entries exactly."""
     a, b = a.double().cpu(), b.double().cpu()
     scale = torch.stack([a[3], a[1], 1028 * a[3], a[3]]).abs()
-    same = (a == b) | (a.isnan() & b.isnan()) | ((a - b).abs() <= 1e-10 * scale)
-    return bool(same.all())
+    return bool(((a[:4] - b[:4]).abs() <= 1e-10 * scale).all()) and torch.equal(a[4:], b[4:])
 
 
 def _check_prior_mean(value, P: int | None, dtype, device, name: str = "prior_mean") -> Tensor:
@@ -168,8 +168,9 @@ def _check_prior_mean(value, P: int | None, dtype, device, name: str = "prior_me
         raise TypeError(f"{name} must be a float or a tensor [P], got {type(value).__name__}")
     if torch.is_tensor(value) and (value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
-    # a copy (its graph kept): the Laplace owns it (the caller's tensor changed in place later changes nothing)
-    t = value.to(dtype=dtype, device=device, copy=True) if torch.is_tensor(value) else \
+    # a detached copy, as the stored prior precision and noise: the Laplace owns it (the caller's
+    # tensor changed in place later changes nothing; no graph is kept into its evidence or state)
+    t = value.detach().to(dtype=dtype, device=device, copy=True) if torch.is_tensor(value) else \
         torch.tensor(float(value), dtype=dtype, device=device)
     if t.dim() > 1 or (t.dim() == 1 and t.numel() != 1 and P is not None and t.numel() != P) or \
             (t.dim() == 1 and not t.numel()):
@@ -1115,30 +1116,39 @@ class Laplace(Posterior):
         return torch.cat(mus), torch.cat(vars_)
 
     def functional_covariance(self, x, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-        """The joint GLM predictive over all inputs (laplace-torch's ``functional_covariance``,
-        ``la(x, joint=True)``): (f_mu [N C], f_cov [N C, N C]) = (f(x; theta_MAP) flattened
-        row-major, J P^-1 J^T with J [N C, P_c] the outputs' Jacobians). J is explicit
-        (torch.func.jacrev, ``batch_size`` input rows at a time; refused past COVARIANCE_BYTES):
-        meant for the few inputs of a joint prediction, e.g. batched Bayesian optimisation."""
+        """The joint GLM predictive over all inputs (``la(x, joint=True)``): (f_mu [N C], f_cov
+        [N C, N C]) = (f(x; theta_MAP) flattened row-major, J P^-1 J^T with J [N C, P_c] the
+        outputs' Jacobians). laplace-torch's ``functional_covariance`` takes the Jacobians; this
+        one takes the inputs (a tensor, a dict batch or an iterable of them). J is explicit
+        (torch.func.jacrev, at most 32 input rows at a time); refused when J and f_cov together
+        would pass COVARIANCE_BYTES: meant for the few inputs of a joint prediction, e.g. batched
+        Bayesian optimisation. No rows: ([0], [0, 0])."""
         batch_size = check_int(batch_size, "batch_size", 1)
         self._check_at_mean("the GLM predictive")
         precision = self._need_fit()[5]
+        step = min(batch_size, _BACKPROP_ROWS)  # (see _glm_rows)
         with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
-            fs, Js = [], []
-            for xb in self._input_batches(x, min(batch_size, _BACKPROP_ROWS)):  # (see _glm_rows)
-                if _rows_or_none(xb) == 0:
-                    continue
-                f, J = self._explicit_jacobian(xb)
-                fs.append(f), Js.append(J.permute(1, 0, 2).reshape(-1, J.shape[2]))  # rows n C + c
-                need = sum(j.numel() for j in Js) * J.element_size()
-                if need > COVARIANCE_BYTES:
-                    raise RuntimeError(f"functional_covariance: the Jacobians of these inputs pass {need / 2**30:.1f} "
-                                       "GiB; the joint predictive is for a few inputs: pass fewer (or use la(x) for "
-                                       "each input's own covariance, which builds no Jacobian)")
-            if not fs:
+            fs, Js, n_inputs, rows = [], [], 0, 0
+            for xb in self._input_batches(x, step):
+                n_inputs += 1
+                for xc in split_rows(xb, step) if is_rows(xb) else (xb,):
+                    if _rows_or_none(xc) == 0:
+                        continue
+                    f, J = self._explicit_jacobian(xc)
+                    fs.append(f), Js.append(J.permute(1, 0, 2).reshape(-1, J.shape[2]))  # rows n C + c
+                    rows += Js[-1].shape[0]
+                    need = (rows * J.shape[2] + rows * rows) * J.element_size()
+                    if need > COVARIANCE_BYTES:
+                        raise RuntimeError(f"functional_covariance: the Jacobians and the [N C, N C] covariance f_cov "
+                                           f"of these inputs pass {need / 2**30:.2f} GiB; the joint predictive is for "
+                                           "a few inputs: pass fewer (or use la(x) for each input's own covariance, "
+                                           "which builds no Jacobian)")
+            if not n_inputs:
                 raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
-            J = torch.cat(Js)
-            return torch.cat(fs).reshape(-1), precision.inv_quad(J, self._scale(), self._delta())
+            if not fs:
+                return (torch.empty(0, dtype=self.dtype, device=self.device),
+                        torch.empty(0, 0, dtype=self.dtype, device=self.device))
+            return torch.cat(fs).reshape(-1), precision.inv_quad(torch.cat(Js), self._scale(), self._delta())
 
     def la(self, x, pred_type: str = "glm", link_approx: str | None = None, n_samples: int = 100, *,
            generator: torch.Generator | None = None, batch_size: int | None = None, joint: bool = False,
@@ -1154,8 +1164,9 @@ class Laplace(Posterior):
         for 'glm', 1024 for 'nn'), or an iterable of batches. laplace-torch's ``joint`` (regression,
         'glm': (f_mu [N C], f_cov [N C, N C]) over all inputs, :meth:`functional_covariance`; it
         takes precedence over ``diagonal_output``) and
-        ``diagonal_output`` ('glm': only the outputs' variances, f_var [N, C] for regression; the
-        link or the draws of classification see a diagonal covariance)."""
+        ``diagonal_output`` ('glm': only the outputs' variances, f_var [N, C] for regression; for
+        classification the 'mc' link's draws see a diagonal covariance, as laplace-torch's: probit
+        reads only the diagonal anyway, the bridge links ignore the option)."""
         _choice(pred_type, PRED_TYPES, "pred_type")
         link_approx = _link(pred_type, link_approx)
         n_samples = check_int(n_samples, "n_samples", 1)
@@ -1181,8 +1192,8 @@ class Laplace(Posterior):
         f_mu, f_var = self.functional_variance(x, batch_size)
         if self.likelihood == "regression":
             return (f_mu, torch.diagonal(f_var, dim1=1, dim2=2)) if diagonal_output else (f_mu, f_var)
-        if diagonal_output:
-            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
+        if diagonal_output and link_approx == "mc":  # (probit reads the diagonal only; the bridge links ignore it,
+            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))  # as laplace-torch's)
         return probabilities(f_mu, f_var, self.likelihood, link_approx, n_samples, generator)
 
     __call__ = la
@@ -1496,7 +1507,7 @@ class Laplace(Posterior):
                      blocks=[b.name for b in self.blocks], last_layer=getattr(self, "last_layer_name", None),
                      curvature_tensors=[t.detach().clone() for t in curv.tensors()], counts=curv.counts(),
                      loss=loss.detach().clone(), n_data=n, n_outputs=C, mean=mean.clone(),
-                     prior_precision=self._prior.detach().clone(), prior_mean=self.prior_mean.clone(),
+                     prior_precision=self._prior.detach().clone(), prior_mean=self.prior_mean.detach().clone(),
                      sigma_noise=self._sigma.detach().clone(),
                      frozen={k: v.clone() for k, v in self._frozen.items()})
         return state
@@ -1549,8 +1560,11 @@ class Laplace(Posterior):
         saved_frozen = state.get("frozen", frozen)  # (a state saved before the fingerprints were: not checked)
         if not isinstance(saved_frozen, dict):
             raise ValueError("state_dict['frozen'] must be the dict of fingerprints Laplace.state_dict() saves")
-        differ = [k for k in sorted(set(frozen) | set(saved_frozen))
-                  if k not in frozen or k not in saved_frozen or not _same_fingerprint(frozen[k], saved_frozen[k])]
+        # every frozen tensor of the model must have been seen at fit and agree; a saved entry of
+        # another shape is of an older format (not compared), one the model lacks is not needed
+        differ = [k for k, v in frozen.items()
+                  if k not in saved_frozen or not torch.is_tensor(saved_frozen[k])
+                  or (saved_frozen[k].shape == v.shape and not _same_fingerprint(v, saved_frozen[k]))]
         if differ:
             raise ValueError(f"state_dict was fitted with other frozen parameters or buffers than the model's current "
                              f"ones ({differ[:5]}{' ...' if len(differ) > 5 else ''}): the curvature and the GLM "
