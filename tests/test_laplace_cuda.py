@@ -58,3 +58,39 @@ def test_cuda_marglik_and_float32():
     assert float(la.log_marginal_likelihood()) > before
     p = la.la(x[:5].float().cuda())
     assert p.device.type == "cuda" and torch.allclose(p.sum(1), torch.ones(5, device="cuda"))
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full", "lowrank"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_cuda_seventeenth_session_api_equals_cpu(structure, which):
+    """log_prob, online fit, the joint covariance and enable_backprop input gradients on CUDA equal
+    the CPU's (fp64)."""
+    model, x, y = _models()[which]
+    yr = torch.randn(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        batches = [(x[:25].to(device), yr[:25].to(device)), (x[25:].to(device), yr[25:].to(device))]
+        gen = dict(generator=torch.Generator(device).manual_seed(0)) if structure == "lowrank" else {}
+        la = Laplace(m, "regression", hessian_structure=structure, prior_precision=0.8, low_rank=8,
+                     enable_backprop=True).fit(batches[:1], progress=False, **gen)
+        if structure != "lowrank":
+            la.fit(batches[1:], progress=False, override=False)
+        theta = la.mean + 0.01 * torch.arange(la.mean.numel(), dtype=torch.float64, device=device).sin()
+        xg = x[:5].to(device).clone().requires_grad_(True)
+        f_mu, f_cov = la.la(xg, joint=True)
+        grad = torch.autograd.grad(f_cov.sum() + f_mu.sum(), xg)[0]
+        out[device] = [la.log_prob(theta), f_mu.detach(), f_cov.detach(), grad]
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_cuda_half_model_is_computed_in_float32(half):
+    model, x, y = _models()[0]
+    m = copy.deepcopy(model).to("cuda", half)
+    la = Laplace(m, hessian_structure="kron").fit([(x.to("cuda", half), y.to("cuda"))], progress=False)
+    assert la.log_marginal_likelihood().dtype == torch.float32
+    p = la.la(x[:7].to("cuda", half))
+    assert p.dtype == torch.float32 and bool(torch.isfinite(p).all())
+    assert la.predictive_samples(x[:7].to("cuda", half), n_samples=3).dtype == torch.float32
