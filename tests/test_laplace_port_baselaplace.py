@@ -281,3 +281,24 @@ def test_log_prob_last_layer_takes_both_layouts():
         la.log_prob(covered[:, :-1])
     with pytest.raises(TypeError, match="theta"):
         la.log_prob(covered.tolist())
+
+
+# ---- laplace-torch's argument names -------------------------------------------------------------------
+def test_laplace_torch_argument_names():
+    """sample(n_samples=...), log_prior_prec_min / _max, and a clear error for laplace-torch's
+    positional pred_type in optimize_prior_precision."""
+    model, loader = _model(), _loader("classification")
+    la = Laplace(model, "classification", prior_precision=0.7).fit(loader, progress=False)
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    torch.testing.assert_close(la.sample(n_samples=3, generator=gen()), la.sample(3, generator=gen()), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="once"):
+        la.sample(3, n_samples=3)
+    with pytest.raises(TypeError, match="once"):
+        la.sample()
+    val = [loader.dataset.tensors]
+    a = la.optimize_prior_precision("gridsearch", val_loader=val, grid_size=5, log_prior_prec_min=-1,
+                                    log_prior_prec_max=1)
+    b = la.optimize_prior_precision("gridsearch", val_loader=val, grid_size=5, log_prior_prec_range=(-1, 1))
+    assert float(a) == float(b) and 0.1 <= float(a) <= 10
+    with pytest.raises(ValueError, match="pred_type"):
+        la.optimize_prior_precision("glm")

@@ -810,7 +810,9 @@ class Laplace(Posterior):
                                  n_steps: int = 100, lr: float = 0.1, init_prior_prec=None, val_loader=None,
                                  log_prior_prec_range: tuple[float, float] = (-4.0, 4.0), grid_size: int = 21,
                                  pred_type: str = "glm", link_approx: str | None = None, n_samples: int = 100,
-                                 tune_sigma: bool | None = None, progress: bool = False) -> Tensor:
+                                 tune_sigma: bool | None = None, progress: bool = False,
+                                 log_prior_prec_min: float | None = None,
+                                 log_prior_prec_max: float | None = None) -> Tensor:
         """Tune the prior precision (and for regression the noise) after :meth:`fit`; returns it.
 
         method='marglik': Adam on log delta (and log sigma when ``tune_sigma``, default True for
@@ -819,9 +821,18 @@ class Laplace(Posterior):
         'layerwise' (one per block) or 'diag' (one per parameter; not for 'kron').
         method='gridsearch': the scalar delta among ``grid_size`` values log-spaced over
         10**log_prior_prec_range with the lowest predictive NLL on ``val_loader`` (classification,
-        binary) or Gaussian NLL (regression), using ``pred_type`` / ``link_approx``.
+        binary) or Gaussian NLL (regression), using ``pred_type`` / ``link_approx``
+        (laplace-torch's ``log_prior_prec_min`` / ``log_prior_prec_max`` set the range's ends too).
         """
+        if method in PRED_TYPES:
+            raise ValueError(f"method must be one of {ml.TUNING}, got {method!r}: laplace-torch's first positional "
+                             f"argument is pred_type, here a keyword (optimize_prior_precision(method='gridsearch', "
+                             f"pred_type={method!r}, ...))")
         _choice(method, ml.TUNING, "method")
+        if log_prior_prec_min is not None or log_prior_prec_max is not None:
+            lo, hi = log_prior_prec_range
+            log_prior_prec_range = (lo if log_prior_prec_min is None else log_prior_prec_min,
+                                    hi if log_prior_prec_max is None else log_prior_prec_max)
         _choice(prior_structure, ml.PRIOR_STRUCTURES, "prior_structure")
         self._need_fit()
         if method == "gridsearch":
@@ -1265,11 +1276,15 @@ class Laplace(Posterior):
         return RegressionPredictive(mean, alea + epi, alea, epi)
 
     # ---- draws and matrices ------------------------------------------------------------------------------
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int | None = None, *, generator: torch.Generator | None = None,
+               n_samples: int | None = None) -> Tensor:
         """n draws [n, P] of N(theta_MAP, P^-1) over all trainable weights (the uncovered ones, with
         subset_of_weights='last_layer', stay at the MAP; ``sample(n)[:, la.positions]`` are the
-        covered ones, laplace-torch's [n, P_c]), ready for :meth:`sample_`."""
-        n = check_int(n, "n", 0)
+        covered ones, laplace-torch's [n, P_c]), ready for :meth:`sample_`. ``n_samples``:
+        laplace-torch's name for n."""
+        if (n is None) == (n_samples is None):
+            raise TypeError("sample takes the number of draws once: sample(n) or sample(n_samples=n)")
+        n = check_int(n if n is not None else n_samples, "n", 0)
         _, _, _, _, mean, precision = self._need_fit()
         out = mean.unsqueeze(0).repeat(n, 1)
         if n:
