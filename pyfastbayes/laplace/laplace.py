@@ -521,8 +521,7 @@ class Laplace(Posterior):
         if n_data == 0:
             raise ValueError("fit: the loader's batches hold no rows")
         if lowrank:
-            names = [self.layout.names[i] for i in range(len(self.layout.names))
-                     if self._covers(self.layout.offsets[i])]
+            names = self._covered_names()
             with ModeGuard(self.model, False):
                 curv.compute(self.model, loader, self.likelihood, self.curvature, names, n_data, n_out,
                              self.mc_samples, generator, self._split, self.output_fn)
@@ -621,10 +620,14 @@ class Laplace(Posterior):
             return PRECISIONS["kron"](curv, eigh_method=self.eigh_method)
         return _PRECISIONS[self.hessian_structure](curv)
 
-    def _covers(self, offset: int) -> bool:
-        """Whether the flat position ``offset`` (a parameter tensor's start) is covered."""
-        i = int(torch.searchsorted(self.positions.cpu(), torch.tensor(offset)))
-        return i < self.n_params and int(self.positions[i]) == offset
+    def _covered_names(self) -> list[str]:
+        """The covered parameters' names in layout order (a parameter tensor is covered whole: its
+        start offset is among ``positions``), from one host copy of ``positions``."""
+        pos = self.positions.cpu()
+        offsets = torch.tensor(self.layout.offsets, dtype=pos.dtype)
+        i = torch.searchsorted(pos, offsets).clamp_max(max(pos.numel() - 1, 0))
+        hit = (pos[i] == offsets).tolist() if pos.numel() else [False] * len(offsets)
+        return [n for n, h in zip(self.layout.names, hit) if h]
 
     def _tensor_owners(self, curv) -> list[str]:
         if self.hessian_structure == "full":
@@ -1049,17 +1052,17 @@ class Laplace(Posterior):
         in x where gradients are enabled."""
         x = rows_to(x, self.device)
         own = dict(self.model.named_parameters())
-        names = [n for n, o in zip(self.layout.names, self.layout.offsets) if self._covers(o)]
+        names = self._covered_names()
         values = tuple(own[n].detach() for n in names)
 
-        def outputs(*v):
+        def outputs(*v):  # (the outputs twice: differentiated, and as jacrev's aux, f itself)
             out = model_output(torch.func.functional_call(self.model, dict(zip(names, v)), (x,)), self.output_fn)
             _refuse_unbatched(x, out, "x")
-            return outputs_2d(out, self.likelihood)
+            out = outputs_2d(out, self.likelihood)
+            return out, out
 
         with ModeGuard(self.model, False):
-            f = outputs(*values)
-            jac = torch.func.jacrev(outputs, argnums=tuple(range(len(values))))(*values)  # [n, C, *shape] each
+            jac, f = torch.func.jacrev(outputs, argnums=tuple(range(len(values))), has_aux=True)(*values)
         n, C = f.shape
         # the covered parameters in layout order: their flat entries are the selection order
         J = torch.cat([j.reshape(n, C, -1) for j in jac], 2).permute(1, 0, 2).to(self.dtype)
@@ -1182,11 +1185,8 @@ class Laplace(Posterior):
         link_approx = _link(pred_type, link_approx)
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
-        for flag, value in (("joint", joint), ("diagonal_output", diagonal_output)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {type(value).__name__}")
-            if value and pred_type != "glm":
-                raise ValueError(f"{flag}=True is for pred_type='glm' (laplace-torch ignores it for 'nn')")
+        _check_glm_flag("joint", joint, pred_type)
+        _check_glm_flag("diagonal_output", diagonal_output, pred_type)
         if joint:  # (diagonal_output is ignored then, as laplace-torch does)
             if self.likelihood != "regression":
                 raise ValueError("joint=True is the regression GLM predictive's joint covariance over all inputs "
@@ -1204,7 +1204,7 @@ class Laplace(Posterior):
         if self.likelihood == "regression":
             return (f_mu, torch.diagonal(f_var, dim1=1, dim2=2)) if diagonal_output else (f_mu, f_var)
         if diagonal_output and link_approx == "mc":  # (probit reads the diagonal only; the bridge links ignore it,
-            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))  # as laplace-torch's)
+            f_var = _diagonal_only(f_var)  # as laplace-torch's)
         return probabilities(f_mu, f_var, self.likelihood, link_approx, n_samples, generator)
 
     __call__ = la
@@ -1412,17 +1412,12 @@ class Laplace(Posterior):
         _choice(pred_type, PRED_TYPES, "pred_type")
         n_samples = check_int(n_samples, "n_samples", 1)
         batch_size = self._batch_size(batch_size, pred_type)
-        if not isinstance(diagonal_output, bool):
-            raise TypeError(f"diagonal_output must be True or False, got {type(diagonal_output).__name__}")
-        if diagonal_output and pred_type != "glm":
-            raise ValueError("diagonal_output=True is for pred_type='glm' (laplace-torch ignores it for 'nn')")
+        _check_glm_flag("diagonal_output", diagonal_output, pred_type)
         with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
             if pred_type == "nn":
                 return self._nn_outputs(x, n_samples, generator, batch_size)
             f_mu, f_var = self.functional_variance(x, batch_size)
-            if diagonal_output:
-                f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
-            return draws(f_mu, f_var, n_samples, generator)
+            return draws(f_mu, _diagonal_only(f_var) if diagonal_output else f_var, n_samples, generator)
 
     def _nn_outputs(self, x, n_samples: int, generator, batch_size: int) -> Tensor:
         """The outputs [n_samples, N, C] at n_samples weight draws (torch.func.functional_call, eval
@@ -1630,6 +1625,19 @@ def _class_nll(p: Tensor, y: Tensor, likelihood: str) -> float:
         yb = y.reshape(-1).to(p.dtype)
         return float(-(yb * p.clamp_min(tiny).log() + (1 - yb) * (1 - p).clamp_min(tiny).log()).mean())
     return float(-p.gather(1, y.reshape(-1, 1).long()).clamp_min(tiny).log().mean())
+
+
+def _check_glm_flag(name: str, value, pred_type: str) -> None:
+    """laplace-torch's ``joint`` / ``diagonal_output``: a bool, True only for pred_type='glm'."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    if value and pred_type != "glm":
+        raise ValueError(f"{name}=True is for pred_type='glm' (laplace-torch ignores it for 'nn')")
+
+
+def _diagonal_only(f_var: Tensor) -> Tensor:
+    """[N, C, C] covariances with their off-diagonal entries zeroed (``diagonal_output``)."""
+    return torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
 
 
 def _whole_dict(item):

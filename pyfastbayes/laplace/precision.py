@@ -114,37 +114,34 @@ class KronPrecision:
             out[:, b.sel.reshape(-1)] = (z @ QR.t()).reshape(n, -1)
         return out
 
-    def quad(self, d: Tensor, s: Tensor, delta: Tensor) -> Tensor:
-        """d^T P d [n] for rows d [n, P]: per Kronecker block d rotated into the eigenbasis,
-        Q_L^T D Q_R, its squares weighted by the eigenvalues s l_i r_j + delta."""
-        out = d.new_zeros(d.shape[0])
+    def _eigen_rows(self, d: Tensor, s: Tensor, delta: Tensor):
+        """Per block, rows d [n, P] in the block's eigenbasis (Q_L^T D Q_R; a diagonal block's own
+        entries) [n, numel] and the eigenvalues of P there (s l_i r_j + delta; s h + delta) [numel]."""
         for i, b in enumerate(self.blocks):
             sel = b.sel.reshape(-1)
             if b.kind == "diag":
-                out += (d[:, sel].square() * (s * self.h[i] + delta[sel])).sum(1)
+                yield d[:, sel], s * self.h[i] + delta[sel]
                 continue
             z = d[:, sel].reshape(-1, b.p, b.q) @ self.right[i][1]
             QL = self.left[i][1]
             if QL is not None:
                 z = QL.t() @ z
-            out += (z.square() * (s * self.eigenvalues(i) + _block_delta(delta, b))).sum((1, 2))
+            yield z.reshape(d.shape[0], -1), (s * self.eigenvalues(i) + _block_delta(delta, b)).reshape(-1)
+
+    def quad(self, d: Tensor, s: Tensor, delta: Tensor) -> Tensor:
+        """d^T P d [n] for rows d [n, P]: the rows' squares in each block's eigenbasis weighted by
+        its eigenvalues."""
+        out = d.new_zeros(d.shape[0])
+        for z, e in self._eigen_rows(d, s, delta):
+            out += (z.square() * e).sum(1)
         return out
 
     def inv_quad(self, J: Tensor, s: Tensor, delta: Tensor) -> Tensor:
         """J P^-1 J^T [R, R] for explicit rows J [R, P] (the joint GLM predictive): per block the
-        rows rotated into its eigenbasis and scaled by 1 / sqrt(s l_i r_j + delta)."""
-        R = J.shape[0]
-        out = J.new_zeros(R, R)
-        for i, b in enumerate(self.blocks):
-            sel = b.sel.reshape(-1)
-            if b.kind == "diag":
-                W = J[:, sel] / torch.sqrt(s * self.h[i] + delta[sel])
-            else:
-                W = J[:, sel].reshape(R, b.p, b.q) @ self.right[i][1]
-                QL = self.left[i][1]
-                if QL is not None:
-                    W = QL.t() @ W
-                W = (W / torch.sqrt(s * self.eigenvalues(i) + _block_delta(delta, b))).reshape(R, -1)
+        rows in its eigenbasis scaled by 1 / sqrt(eigenvalue), their Gram matrix."""
+        out = J.new_zeros(J.shape[0], J.shape[0])
+        for z, e in self._eigen_rows(J, s, delta):
+            W = z / torch.sqrt(e)
             out.addmm_(W, W.t())
         return out
 
