@@ -127,3 +127,44 @@ def test_auto_takes_the_host_pool_for_several_large_cpu_matrices(monkeypatch):
         assert seen == [3]
     finally:
         torch.set_num_threads(before)
+
+
+def _tiny_sparse_ggn(n=500, k=131, r=115, scale=1e-8, seed=0):
+    """A float32 curvature like a subnetwork's of the largest-variance weights of an overfit ReLU
+    MLP (the demo's MAP): most rows and columns zero (dead units), the rest ~1e-8 down to ~1e-38.
+    torch 2.13's CPU float32 eigvalsh fails to converge on this one."""
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(r, k, generator=g) * torch.rand(k, generator=g) ** 4
+    H = torch.zeros(n, n)
+    idx = torch.randperm(n, generator=g)[:k]
+    H[idx[:, None], idx[None]] = (J.t() @ J) * scale
+    return H
+
+
+def test_psd_eigh_decomposes_tiny_curvatures_lapack_gives_up_on():
+    from pyfastbayes.laplace.eigenbasis import psd_eigh
+
+    H = _tiny_sparse_ggn()
+    exact = torch.linalg.eigvalsh(H.double())
+    vals = psd_eigh(H, eigenvectors=False)
+    assert (vals.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    lam, V = psd_eigh(H)
+    assert (lam.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    back = (V.double() * lam.double()) @ V.double().t()
+    assert (back - H.double()).abs().max() <= 1e-5 * H.abs().max()
+    # a matrix LAPACK handles gets torch's own result, bit for bit
+    A = torch.randn(40, 40, generator=torch.Generator().manual_seed(1))
+    A = A @ A.t()
+    assert torch.equal(psd_eigh(A)[0], torch.linalg.eigh(A)[0]) and torch.equal(psd_eigh(A)[1], torch.linalg.eigh(A)[1])
+    # through eigh_many and a full posterior's log determinant
+    from types import SimpleNamespace
+    from pyfastbayes.laplace.eigenbasis import eigh_many
+    from pyfastbayes.laplace.precision import FullPrecision
+
+    for method in ("batched", "loop", "cpu"):
+        (lam2, _), = eigh_many([H], method=method)
+        assert (lam2.double() - exact.clamp_min(0)).abs().max() <= 1e-5 * exact.abs().max()
+    prec = FullPrecision(SimpleNamespace(blocks=[], H=H))
+    s, delta = torch.tensor(3e7), torch.tensor([0.5])
+    want = torch.log(3e7 * exact.clamp_min(0) + 0.5).sum()
+    torch.testing.assert_close(prec.logdet(s, delta).double(), want, rtol=1e-5, atol=1e-4)

@@ -84,7 +84,7 @@ def _eigh_host(mats: list[Tensor], threads: int | None) -> list[tuple[Tensor, Te
     budget = torch.get_num_threads()  # torch's CPU threads: the cores this process may use
     workers = max(1, min(len(host), threads or budget))
     if workers == 1:
-        results = [torch.linalg.eigh(h) for h in host]
+        results = [psd_eigh(h) for h in host]
     else:
         # the cores split between the workers (each LAPACK call on budget // workers threads): with
         # every worker on all of torch's threads they oversubscribe the cores (2 cores, 16 x 512 x 512:
@@ -93,7 +93,7 @@ def _eigh_host(mats: list[Tensor], threads: int | None) -> list[tuple[Tensor, Te
             torch.set_num_threads(max(1, budget // workers))
             try:
                 with ThreadPoolExecutor(workers) as pool:
-                    results = list(pool.map(torch.linalg.eigh, host))
+                    results = list(pool.map(psd_eigh, host))
             finally:
                 torch.set_num_threads(budget)
     return [(vals.clamp_min(0).to(m.device), vecs.to(m.device)) for (vals, vecs), m in zip(results, mats)]
@@ -143,5 +143,30 @@ def _eigh_streams(mats: list[Tensor], threads: int | None) -> list[tuple[Tensor,
 
 
 def _eigh(stack: Tensor, device) -> tuple[Tensor, Tensor]:
-    vals, vecs = torch.linalg.eigh(stack)
+    vals, vecs = psd_eigh(stack)
     return vals.clamp_min(0).to(device), vecs.to(device)
+
+
+def psd_eigh(a: Tensor, eigenvectors: bool = True):
+    """``torch.linalg.eigh`` (or ``eigvalsh`` without ``eigenvectors``) of symmetric matrices
+    [..., n, n], retried where LAPACK / cuSOLVER fails to converge: a curvature whose entries are
+    all tiny (float32, a GGN of ~1e-8 over weights the data barely move, e.g. a subnetwork of the
+    largest-variance weights) makes float32 ``syevd`` fail. The retry divides each matrix by its
+    largest |entry| (the eigenvalues scale back exactly, the eigenvectors are the same), then,
+    should that fail too, decomposes in float64 and rounds back. A matrix that decomposes the
+    first time gets torch's result unchanged."""
+    f = torch.linalg.eigh if eigenvectors else torch.linalg.eigvalsh
+    try:
+        return f(a)
+    except torch.linalg.LinAlgError:
+        pass
+    scale = a.detach().abs().amax((-2, -1), keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    b = a / scale
+    try:
+        out = f(b)
+    except torch.linalg.LinAlgError:
+        out = f(b.double())
+        out = tuple(t.to(a.dtype) for t in out) if eigenvectors else out.to(a.dtype)
+    if eigenvectors:
+        return out[0] * scale[..., 0], out[1]
+    return out * scale[..., 0]

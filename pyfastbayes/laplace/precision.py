@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .eigenbasis import eigh_many
+from .eigenbasis import eigh_many, psd_eigh
 from .factors import KronCurvature, grads_shape, jacobian_rows
 from .marglik import expand_prior
 
@@ -251,7 +251,7 @@ class FullPrecision:
     def _eigh_psd(self) -> tuple[Tensor, Tensor]:
         """H's eigenvalues clamped at 0 and eigenvectors (decomposed once)."""
         if self._eigh is None:
-            lam, V = torch.linalg.eigh(self.H)
+            lam, V = psd_eigh(self.H)
             self._eigh = (lam.clamp_min(0), V)
         return self._eigh
 
@@ -292,7 +292,7 @@ class FullPrecision:
             # Not for a per-block / per-weight prior being differentiated, even with equal values:
             # each entry's gradient is its own diagonal of the covariance, not the sum of them all
             if self._eig is None:
-                self._eig = torch.linalg.eigvalsh(self.H).clamp_min(0)
+                self._eig = psd_eigh(self.H, eigenvectors=False).clamp_min(0)
             return torch.log(s * self._eig + delta.reshape(-1)[0]).sum()
         return 2 * torch.log(torch.diagonal(self._chol(s, _per_parameter(delta, self.blocks)))).sum()
 
