@@ -735,6 +735,35 @@ def test_probit_bridge_and_mc_links():
     assert mc.shape == (6, C) and torch.allclose(mc.sum(1), torch.ones(6, dtype=DT))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bridge_stays_a_distribution_where_the_variances_vanish(dtype):
+    """The bridge's corrected variances f_var_kk - row_k^2 / total cancel: near the MAP (variances
+    ~1e-9 in float32) they came out <= 0 and gave negative or NaN probabilities, and all-zero
+    f_var rows gave K ones (nan_to_num). Now: probabilities in [0, 1] summing to 1, equal to the
+    formula wherever the variances are resolved, and large logits do not overflow."""
+    from pyfastbayes.laplace.predictive import probabilities
+
+    g = torch.Generator().manual_seed(0)
+    N, C = 64, 5
+    f = (3 * torch.randn(N, C, generator=g, dtype=torch.float64)).to(dtype)
+    J = torch.randn(N, C, 3, generator=g, dtype=torch.float64)
+    V = (1e-9 * J @ J.mT).to(dtype)   # rank 3 of 5, tiny
+    V[:4] = 0                         # no variance at all
+    f[4:8] *= 60                      # logit ranges beyond float32's exp
+    for link in ("bridge", "bridge_norm"):
+        p = probabilities(f, V, "classification", link, 1)
+        assert torch.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
+        torch.testing.assert_close(p.sum(1), torch.ones(N, dtype=dtype))
+    # resolved variances (float64, well above rounding): the formula exactly
+    Vb = torch.randn(N, C, C, generator=g, dtype=torch.float64)
+    Vb = Vb @ Vb.mT + torch.eye(C, dtype=torch.float64)
+    fb = torch.randn(N, C, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(probabilities(fb, Vb, "classification", "bridge", 1), ref.bridge(fb, Vb),
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(probabilities(fb, Vb, "classification", "bridge_norm", 1),
+                               ref.bridge(fb, Vb, normalise=True), rtol=1e-12, atol=1e-14)
+
+
 def test_binary_links_return_one_probability_per_row():
     la, Xs, f, V = _glm_setup("binary", out=1)
     assert V.shape == (6, 1, 1)

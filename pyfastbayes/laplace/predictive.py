@@ -3,7 +3,8 @@
 - 'probit': softmax(f_mu / sqrt(1 + pi/8 diag(f_var))) (MacKay 1992; Gibbs 1997), one pass.
 - 'bridge': the Laplace bridge to a Dirichlet (Hobbhahn et al. 2022), after the zero-mean
   correction of the logits (laplace-torch's 'bridge'); 'bridge_norm' adds its variance
-  normalisation.
+  normalisation. Computed in logs, the corrected variances floored at their rounding level
+  (probabilities stay in [0, 1] for variances near 0).
 - 'mc': mean of softmax over n_samples draws f ~ N(f_mu, f_var) (Cholesky of f_var, a tiny jitter
   relative to its diagonal when it is singular).
 For likelihood='binary' (C = 1) probit gives sigmoid(f / sqrt(1 + pi/8 var)) and mc the mean
@@ -59,11 +60,20 @@ def _bridge(f_mu: Tensor, f_var: Tensor, normalise: bool) -> Tensor:
     row = f_var.sum(-1)
     mu = f_mu - row * f_mu.sum(-1, keepdim=True) / total[:, None]
     var = f_var - torch.einsum("bi,bj->bij", row, f_var.sum(-2)) / total[:, None, None]
-    d = torch.diagonal(var, dim1=1, dim2=2)
+    # d, the diagonal of the zero-mean-corrected covariance f_var_kk - row_k^2 / total, is >= 0
+    # mathematically, but the subtraction cancels: a posterior near its MAP (variances ~1e-9)
+    # left d <= 0, i.e. negative or NaN "probabilities" (laplace-torch's formula does the same).
+    # It is floored at its rounding level.
+    eps = torch.finfo(f_var.dtype)
+    floor = (eps.eps * K * torch.diagonal(f_var, dim1=1, dim2=2).abs()).clamp_min(eps.tiny)
+    d = torch.maximum(torch.diagonal(var, dim1=1, dim2=2), floor)
     if normalise:
         m = d.mean(1) / math.sqrt(K / 2)
         mu = mu / m.sqrt()[:, None]
         d = d / m[:, None]
-    sum_exp = torch.exp(-mu).sum(1, keepdim=True)
-    alpha = (1 - 2 / K + mu.exp() / K ** 2 * sum_exp) / d
-    return torch.nan_to_num(alpha / alpha.sum(1, keepdim=True), nan=1.0)
+    # alpha_k = (1 - 2/K + e^mu_k sum_j e^-mu_j / K^2) / d_k, normalised, in logs (e^mu overflows
+    # float32 beyond a logit range of ~88)
+    lse = mu + torch.logsumexp(-mu, 1, keepdim=True)
+    base = torch.log(torch.tensor(1 - 2 / K, dtype=mu.dtype, device=mu.device))  # -inf for K = 2
+    log_num = torch.logaddexp(base.expand_as(lse), lse - 2 * math.log(K))
+    return torch.softmax(log_num - torch.log(d), 1)
