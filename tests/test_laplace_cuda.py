@@ -94,3 +94,29 @@ def test_cuda_half_model_is_computed_in_float32(half):
     p = la.la(x[:7].to("cuda", half))
     assert p.dtype == torch.float32 and bool(torch.isfinite(p).all())
     assert la.predictive_samples(x[:7].to("cuda", half), n_samples=3).dtype == torch.float32
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_cuda_subnetwork_equals_cpu(structure, which):
+    """Subnetwork Laplace and a mask's scores on CUDA: the same precision, evidence, GLM variance
+    for the same indices (chosen on the CPU), the same diagonal-Laplace variances."""
+    from pyfastbayes.laplace import subnetmask
+
+    model, x, y = _models()[which]
+    loader = [(x[:25], y[:25]), (x[25:], y[25:])]
+    idx = subnetmask.LargestVarianceDiagLaplaceSubnetMask(model, 30, Laplace(model, hessian_structure="diag")) \
+        .select(loader)
+    results = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        data = [(a.to(device), b.to(device)) for a, b in loader]
+        scores = subnetmask.LargestVarianceDiagLaplaceSubnetMask(
+            m, 30, Laplace(m, hessian_structure="diag")).compute_param_scores(data)
+        la = Laplace(m, "classification", "subnetwork", structure, subnetwork_indices=idx.to(device),
+                     prior_precision=0.8).fit(data, progress=False)
+        _, f_var = la.functional_variance(x[:7].to(device))
+        results[device] = (scores.cpu(), la.to_dense().cpu(), la.log_marginal_likelihood().cpu(), f_var.cpu())
+        assert la.sample(2).device.type == device
+    for a, b in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)

@@ -3,14 +3,12 @@
 The same checks re-expressed against ``pyfastbayes.laplace.Laplace``: its four structures stand for
 laplace-torch's Full/Kron/Diag/LowRank classes, ``subset_of_weights='last_layer'`` for the LL
 classes, and a parameter subset is chosen the way ours does it (``requires_grad=False`` parameters
-are left out; laplace-torch's SubnetLaplace picks indices). Where upstream compares numbers, the
+are left out) and, as laplace-torch's SubnetLaplace, by indices (``subset_of_weights='subnetwork'``). Where upstream compares numbers, the
 port compares the same numbers exactly (state_dict round trips) or against laplace-torch 0.3.
 
 Left out (upstream tests with no meaning for our public API):
 - test_serialize_functional, test_serialize_no_pickle_functional: FunctionalLaplace (GP
   formulation, ``n_subset``) has no counterpart in ours.
-- test_serialize_subnetlaplace: ours has no index-chosen subnetwork; ported instead as the
-  round trip of a ``requires_grad`` subset (test_serialize_subset).
 - test_map_location, its whole-object part across devices: ours has no ``Laplace.to(device)``;
   a Laplace is bound to its model's device, so only the CPU pickle round trip and (on CUDA)
   the state_dict route between devices are ported.
@@ -225,6 +223,23 @@ def test_serialize_subset(structure):
     la2 = Laplace(_copy_of(model), "regression", "all", structure)
     la2.load_state_dict(_through_file(la.state_dict()))
     _assert_same_posterior(la, la2, "regression")
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_serialize_subnetlaplace(structure):
+    """Upstream's indices [1, 10, 104, 44] (unsorted: ours sorts them), the round trip exact; a
+    Laplace over other indices refuses the state."""
+    idx = torch.tensor([1, 10, 104, 44])
+    model = _mlp()
+    la = _fitted(model, "regression", "subnetwork", structure, subnetwork_indices=idx)
+    la2 = Laplace(_copy_of(model), "regression", "subnetwork", structure, subnetwork_indices=idx)
+    la2.load_state_dict(_through_file(la.state_dict()))
+    _assert_same_posterior(la, la2, "regression")
+    assert la2.positions.tolist() == [1, 10, 44, 104]
+    la3 = Laplace(_copy_of(model), "regression", "subnetwork", structure, subnetwork_indices=torch.tensor([1, 10, 44]))
+    with pytest.raises(ValueError, match="other subnetwork_indices"):
+        la3.load_state_dict(_through_file(la.state_dict()))
+    _assert_unfitted(la3)
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)

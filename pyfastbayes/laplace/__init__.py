@@ -1,5 +1,5 @@
 """Laplace approximations over a trained network's weights: KFAC (Kronecker-factored), diagonal and
-full, all weights or the last layer; the marginal likelihood and prior tuning; GLM (probit, bridge,
+full, all weights, the last layer or a subnetwork; the marginal likelihood and prior tuning; GLM (probit, bridge,
 MC) and sampling predictives.
 
 - :class:`Laplace` (laplace.py): the posterior (a :class:`pyfastbayes.posteriors.Posterior`).
@@ -9,11 +9,14 @@ MC) and sampling predictives.
 - precision.py: the posterior precision per structure (log det, draws, J P^-1 J^T).
 - marglik.py: the log marginal likelihood and prior structures; predictive.py: link approximations;
   training.py: :func:`marglik_training` (network and prior trained together); lowrank.py: 'lowrank'.
+- subnetwork.py: 'subnetwork' (the covered layers cut to chosen entries); subnetmask.py: choosing
+  them (laplace-torch's subnetwork masks).
 - _layers.py: which layers are supported and how their blocks are formed; _likelihood.py: losses,
   targets, output-space directions.
 """
 from .eigenbasis import eigh_many
 from .laplace import Laplace, RegressionPredictive
 from .training import marglik_training
+from . import subnetmask
 
-__all__ = ["Laplace", "RegressionPredictive", "eigh_many", "marglik_training"]
+__all__ = ["Laplace", "RegressionPredictive", "eigh_many", "marglik_training", "subnetmask"]

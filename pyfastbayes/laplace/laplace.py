@@ -36,13 +36,14 @@ from ._likelihood import (CURVATURES, LIKELIHOODS, check_targets, directions, lo
 from .eigenbasis import METHODS as EIGH_METHODS
 from .factors import STRUCTURES, Recorder, backprop, block_parts
 from .lowrank import LowRankCurvature, LowRankPrecision
+from . import subnetwork as subnet
 from .precision import PRECISIONS
 from .predictive import LINKS, draws, probabilities
 from .._warnings import warn_user
 
 __all__ = ["Laplace", "RegressionPredictive"]
 
-SUBSETS = ("all", "last_layer")
+SUBSETS = ("all", "last_layer", "subnetwork")
 BIAS_BLOCKS = ("joint", "separate")
 SHARING = ("expand", "reduce")
 PRED_TYPES = ("glm", "nn")
@@ -219,8 +220,14 @@ class Laplace(Posterior):
             'classification', [N] or [N, 1] for 'binary', [N] or [N, C] for 'regression'.
         likelihood: 'classification' (cross-entropy), 'regression' (Gaussian with noise
             ``sigma_noise``) or 'binary' (one logit, Bernoulli).
-        subset_of_weights: 'all' trainable weights, or 'last_layer' (the last module with
-            parameters called in the forward, which must be an ``nn.Linear``).
+        subset_of_weights: 'all' trainable weights, 'last_layer' (the last module with
+            parameters called in the forward, which must be an ``nn.Linear``) or 'subnetwork'
+            (the entries ``subnetwork_indices``, the others held at the MAP; Daxberger et al.
+            2021, laplace-torch's SubnetLaplace; hessian_structure 'full' or 'diag').
+        subnetwork_indices: for 'subnetwork', a 1-D integer tensor [k] of flat positions in the
+            trainable parameters (``parameters_to_vector`` of those with requires_grad; unique,
+            sorted here: ``positions`` is their order), e.g. from
+            :mod:`pyfastbayes.laplace.subnetmask`.
         hessian_structure: 'kron' (KFAC), 'diag' (exact diagonal), 'full', 'lowrank' (the top
             ``low_rank`` eigenpairs by block Lanczos on the matrix-free curvature plus a scalar
             prior; the loader must be re-iterable: several data passes).
@@ -261,7 +268,8 @@ class Laplace(Posterior):
     ``posterior_variance``, ``posterior_covariance``, ``log_det_posterior_precision``,
     ``log_det_prior_precision``, ``log_det_ratio``, ``scatter``, ``state_dict``. ``positions`` [P_c]
     (int64): where the P_c covered parameters sit in the flat [P] layout of ``mean`` and
-    :meth:`sample` (all of them unless subset_of_weights='last_layer'); ``n_params`` = P_c.
+    :meth:`sample` (all of them for subset_of_weights='all'; the sorted ``subnetwork_indices``
+    for 'subnetwork'); ``n_params`` = P_c.
     Everything after ``hessian_structure`` is keyword-only (laplace-torch's positional order
     differs).
     """
@@ -273,7 +281,7 @@ class Laplace(Posterior):
                  temperature: float = 1.0, curvature: str = "ggn", prior_mean=0.0, bias_block: str = "joint",
                  kfac_approx: str = "expand", unsupported: str = "error", mc_samples: int = 1,
                  eigh_method: str = "auto", low_rank: int = 20, dict_key_y: str = "labels", output_fn=None,
-                 enable_backprop: bool = False):
+                 enable_backprop: bool = False, subnetwork_indices=None):
         super().__init__(model)
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
@@ -304,8 +312,11 @@ class Laplace(Posterior):
         self._fitted = None  # (curvature, loss, n_data, n_outputs, mean, precision)
         self._frozen: dict[str, Tensor] = {}  # the frozen parameters' and buffers' fingerprints at fit
         self._glm_row_bytes = {}  # the GLM parts' bytes per input row, by the row's shape (_glm_rows)
+        self.subnetwork_indices = self._check_subnetwork(subnetwork_indices)
         if self.subset_of_weights == "all":
             self._setup(set(self.layout.names))
+        elif self.subset_of_weights == "subnetwork":
+            self._setup(set(subnet.covered_names(self.layout, self.subnetwork_indices)))
         else:  # the last layer is found in fit(): what can be checked without it is checked now
             self._prior_value = ml.check_prior(prior_precision, None, None, self.hessian_structure, self.dtype,
                                                self.device)
@@ -323,6 +334,8 @@ class Laplace(Posterior):
         kron = self.hessian_structure == "kron"  # the only structure that approximates a generic module
         layers = build_layers(self.model, self.layout, selected, bias_block=self.bias_block,
                               sharing=self.kfac_approx, unsupported=self.unsupported if kron else "generic")
+        if self.subnetwork_indices is not None:  # the covered layers' blocks cut to the subnetwork's entries
+            layers = subnet.restrict(layers, self.subnetwork_indices)
         blocks = [b for layer in layers for b in layer.blocks]
         positions = torch.cat([b.index.reshape(-1) for b in blocks]).sort().values
         rank = torch.full((self.layout.numel,), -1, dtype=torch.long)
@@ -621,13 +634,26 @@ class Laplace(Posterior):
         return _PRECISIONS[self.hessian_structure](curv)
 
     def _covered_names(self) -> list[str]:
-        """The covered parameters' names in layout order (a parameter tensor is covered whole: its
-        start offset is among ``positions``), from one host copy of ``positions``."""
-        pos = self.positions.cpu()
-        offsets = torch.tensor(self.layout.offsets, dtype=pos.dtype)
-        i = torch.searchsorted(pos, offsets).clamp_max(max(pos.numel() - 1, 0))
-        hit = (pos[i] == offsets).tolist() if pos.numel() else [False] * len(offsets)
-        return [n for n, h in zip(self.layout.names, hit) if h]
+        """The names, in layout order, of the parameters holding covered entries (whole tensors,
+        but for a subnetwork), from one host copy of ``positions``."""
+        return subnet.covered_names(self.layout, self.positions.cpu())
+
+    def _check_subnetwork(self, indices) -> Tensor | None:
+        """subnetwork_indices checked against subset_of_weights and hessian_structure: sorted [k]
+        int64 on the CPU for 'subnetwork', None otherwise."""
+        if self.subset_of_weights != "subnetwork":
+            if indices is not None:
+                raise ValueError("subnetwork_indices is for subset_of_weights='subnetwork', got "
+                                 f"subset_of_weights={self.subset_of_weights!r}")
+            return None
+        if indices is None:
+            raise ValueError("subset_of_weights='subnetwork' needs subnetwork_indices: flat positions in the trainable "
+                             "parameters, e.g. pyfastbayes.laplace.subnetmask.LargestMagnitudeSubnetMask(model, "
+                             "n_params_subnet=...).select()")
+        if self.hessian_structure not in ("full", "diag"):
+            raise ValueError("subset_of_weights='subnetwork' takes hessian_structure 'full' or 'diag' (part of a "
+                             f"weight matrix has no Kronecker factors), got {self.hessian_structure!r}")
+        return subnet.check_indices(indices, self.layout.numel)
 
     def _tensor_owners(self, curv) -> list[str]:
         if self.hessian_structure == "full":
@@ -1066,6 +1092,8 @@ class Laplace(Posterior):
         n, C = f.shape
         # the covered parameters in layout order: their flat entries are the selection order
         J = torch.cat([j.reshape(n, C, -1) for j in jac], 2).permute(1, 0, 2).to(self.dtype)
+        if self.subnetwork_indices is not None:  # the subnetwork's columns of its parameters' Jacobian
+            J = J.index_select(2, subnet.covered_columns(self.layout, names, self.positions.cpu()).to(J.device))
         return f.to(self.dtype), J
 
     def _glm_rows(self, x, batch_size: int) -> int:
@@ -1520,6 +1548,8 @@ class Laplace(Posterior):
                      prior_precision=self._prior.detach().clone(), prior_mean=self.prior_mean.detach().clone(),
                      sigma_noise=self._sigma.detach().clone(),
                      frozen={k: v.clone() for k, v in self._frozen.items()})
+        if self.subnetwork_indices is not None:
+            state["subnetwork_indices"] = self.subnetwork_indices.clone()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -1536,6 +1566,13 @@ class Laplace(Posterior):
                     "prior_mean", "sigma_noise") + (("last_layer",) if self.subset_of_weights == "last_layer" else ()):
             if key not in state:
                 raise ValueError(f"state_dict has no {key!r}: it was not saved by Laplace.state_dict()")
+        if self.subnetwork_indices is not None:
+            saved_idx = state.get("subnetwork_indices")
+            if not (torch.is_tensor(saved_idx) and saved_idx.shape == self.subnetwork_indices.shape
+                    and torch.equal(saved_idx.cpu().long(), self.subnetwork_indices)):
+                raise ValueError("state_dict was saved by a subnetwork Laplace over other subnetwork_indices "
+                                 f"({'none' if saved_idx is None else tuple(getattr(saved_idx, 'shape', ()))}) than "
+                                 f"this one's [{self.subnetwork_indices.numel()}]: build it with the same indices")
         # the covered layers, blocks and prior, planned without touching self
         if self.subset_of_weights == "last_layer":
             name = state["last_layer"]

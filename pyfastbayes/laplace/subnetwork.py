@@ -1,0 +1,106 @@
+"""Subnetwork Laplace (Daxberger et al. 2021, laplace-torch's ``SubnetLaplace``): the posterior
+over a chosen subset S of the weights, the others held at the MAP. Its precision is the
+curvature's [S, S] submatrix plus the prior, so it is computed from the covered layers'
+per-example Jacobian columns of S only: :class:`SubsetLayer` wraps a layer of
+:mod:`._layers` and hands on, per block that holds some of S, a diagonal-kind block of just
+those entries and the Jacobian part restricted to their columns ('rows' [m, N, k]). The full
+and diagonal structures, the GLM and 'nn' predictives, sampling and the marginal likelihood then
+work unchanged on the restricted blocks. A Kronecker factorisation of part of a matrix does not
+exist, hence 'full' and 'diag' only (as in laplace-torch).
+
+``subnetwork_indices`` index the flat vector of the model's trainable parameters
+(:class:`pyfastbayes.nn.ParamLayout`; ``parameters_to_vector`` of the parameters with
+``requires_grad``), as laplace-torch's do; :mod:`.subnetmask` chooses them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._layers import Block, Layer
+
+
+def check_indices(indices, n_params: int, name: str = "subnetwork_indices") -> Tensor:
+    """The subnetwork's flat positions as a sorted int64 CPU tensor [k]: ``indices`` must be a
+    1-D integer tensor (or a list of ints), non-empty, without duplicates, within [0, P)."""
+    if isinstance(indices, (list, tuple, range)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise TypeError(f"{name} must hold integers (flat positions in the trainable parameters)")
+        indices = torch.tensor(list(indices), dtype=torch.long)
+    if not torch.is_tensor(indices):
+        raise TypeError(f"{name} must be a 1-D integer tensor of flat parameter positions (e.g. from "
+                        f"pyfastbayes.laplace.subnetmask), got {type(indices).__name__}")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        hint = " (a boolean mask: pass mask.nonzero().flatten())" if indices.dtype == torch.bool else ""
+        raise TypeError(f"{name} must be an integer tensor, got {indices.dtype}{hint}")
+    if indices.dim() != 1 or indices.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
+    idx = indices.detach().to("cpu", torch.long)
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= n_params:
+        raise ValueError(f"{name} must lie in [0, {n_params}) (the model's {n_params} trainable parameters), "
+                         f"got values from {lo} to {hi}")
+    idx = idx.sort().values
+    if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
+        raise ValueError(f"{name} must not contain duplicate entries")
+    return idx
+
+
+def covered_names(layout, positions: Tensor) -> list[str]:
+    """The names (layout order) of the parameter tensors holding at least one of ``positions``
+    (sorted, on the CPU)."""
+    starts = torch.tensor(layout.offsets, dtype=torch.long)
+    sizes = torch.tensor([max(1, int(torch.Size(s).numel())) for s in layout.shapes], dtype=torch.long)
+    hits = torch.searchsorted(positions, starts + sizes) - torch.searchsorted(positions, starts)
+    return [n for n, h in zip(layout.names, hits.tolist()) if h > 0]
+
+
+def covered_columns(layout, names: list[str], positions: Tensor) -> Tensor:
+    """Where ``positions`` (sorted) sit among the flat entries of the parameters ``names``
+    (layout order) laid end to end: the columns of their Jacobian [.., sum numel] to keep."""
+    whole = torch.cat([torch.arange(o, o + int(torch.Size(s).numel()))
+                       for n, o, s in zip(layout.names, layout.offsets, layout.shapes) if n in set(names)])
+    return torch.searchsorted(whole, positions)
+
+
+class SubsetLayer:
+    """A covered layer restricted to the subnetwork: ``blocks`` are diagonal-kind blocks of the
+    selected entries of the inner layer's blocks (blocks without any are dropped), and
+    :meth:`jacobians` gives their Jacobian columns; everything else (recording, the forward's
+    bookkeeping, memory estimates) is the inner layer's."""
+
+    def __init__(self, inner: Layer, positions: Tensor):
+        self.inner = inner
+        self.blocks, self._takes = [], []  # (the inner block's number, its selected entries) per block
+        for j, b in enumerate(inner.blocks):
+            flat = b.index.reshape(-1)
+            take = torch.isin(flat, positions).nonzero().flatten()
+            if take.numel():
+                self.blocks.append(Block(b.name, "diag", flat[take]))
+                self._takes.append((j, take))
+
+    def __getattr__(self, name):  # (only reached for what SubsetLayer itself lacks)
+        return getattr(self.__dict__["inner"], name)
+
+    def jacobians(self, gs: list[Tensor]) -> list:
+        parts = self.inner.jacobians(gs)
+        return [("rows", _columns(parts[j], take.to(gs[0].device))) for j, take in self._takes]
+
+
+def _columns(part, take: Tensor) -> Tensor:
+    """A Jacobian part's columns ``take`` (entries in the block's flat index order) as rows
+    [m, N, k], without the part's full rows: U (x) V gives U[.., i] V[.., j] for its entries (i, j)."""
+    kind, *t = part
+    if kind == "factored":
+        U, V = t
+        q = V.shape[-1]
+        return U.index_select(-1, take // q) * V.index_select(-1, take % q).unsqueeze(0)
+    M = t[0]
+    return M.reshape(M.shape[0], M.shape[1], -1).index_select(-1, take)
+
+
+def restrict(layers: list[Layer], positions: Tensor) -> list[SubsetLayer]:
+    """The layers restricted to ``positions`` (sorted flat positions); a layer left without any
+    selected entry is dropped (its parameters are not covered)."""
+    out = [SubsetLayer(layer, positions) for layer in layers]
+    return [s for s in out if s.blocks]
