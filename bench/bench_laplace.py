@@ -16,6 +16,9 @@ laplace-torch``; the reference Laplace library) in the same run, as ratios (issu
 4b. the same probit predictive with ``enable_backprop=True`` and the gradient of the class-0
    probabilities with respect to the inputs (Bayesian optimisation's use): both sides build
    explicit Jacobians here; gradients checked against laplace-torch's default backend.
+4c. subnetwork Laplace ('full' over the 1000 weights of largest |theta|, the same indices on both
+   sides): fit, and the GLM probit predictive on the test split (time, peak memory), against
+   laplace-torch's SubnetLaplace (default backend).
 5. eigendecomposition: ``eigh_many`` ('batched', 'loop', 'cpu', 'streams': CUDA streams, one host thread each) against ``torch.linalg.eigh`` on
    the stacked batch and a loop of it (laplace-torch decomposes one factor at a time), on 16
    matrices 512 x 512 and on the Kronecker factors of the MLP.
@@ -364,6 +367,55 @@ def _backprop_rows(name, x_test, fitted, device, rep):
             row(SUITE, case, "pyfastbayes Laplace", t_ours, t_theirs)]
 
 
+# ---- 3b. subnetwork Laplace ----------------------------------------------------------------------------
+SUBNET_K = 1000
+
+
+def _subnet_rows(name, model, loader, x_test, laplace, device, quick, rep):
+    """Subnetwork Laplace ('full' over the SUBNET_K weights of largest |theta|, the same indices on
+    both sides): fit, and the GLM probit predictive on the test rows, ours against laplace-torch's
+    SubnetLaplace (default backend: per-batch Jacobians over ALL weights, then their columns)."""
+    from pyfastbayes.laplace import Laplace, subnetmask
+
+    if laplace is None:
+        return []
+    if quick and name.startswith("CNN"):
+        print(f"# bench_laplace --quick: the CNN's subnetwork rows left out (laplace-torch: ~20 s per call and an "
+              f"11 GB predictive on 2 CPU cores)")
+        return []
+    idx = subnetmask.LargestMagnitudeSubnetMask(model, SUBNET_K).select()
+    fit_case = f"fit subnetwork full (k = {SUBNET_K}), {name}"
+    pred_case = f"subnetwork GLM probit predictive, {len(x_test)} test rows, {name}"
+
+    def ours_fit():
+        return Laplace(model, "classification", "subnetwork", "full", subnetwork_indices=idx).fit(loader,
+                                                                                                  progress=False)
+
+    def peer_fit():
+        la = laplace.Laplace(model, "classification", subset_of_weights="subnetwork", hessian_structure="full",
+                             subnetwork_indices=idx)
+        la.fit(loader)
+        return la
+
+    ours, t_ours = _time(ours_fit, device, rep)
+    with _quiet():
+        theirs, t_theirs = _time(peer_fit, device, rep)
+    lml, their_lml = float(ours.log_marginal_likelihood()), float(theirs.log_marginal_likelihood())
+    agree = _agree(f"{fit_case}: log marginal likelihood {lml:.8g} vs {their_lml:.8g}", _rel(lml, their_lml), 1e-4)
+    rows = [row(SUITE, fit_case, _label(BACKENDS[0]), t_theirs, t_theirs, agree=agree),
+            row(SUITE, fit_case, "pyfastbayes Laplace", t_ours, t_theirs)]
+    p_ours, t_ours = _time(lambda: ours.la(x_test, link_approx="probit"), device, rep)
+    m_ours = peak_mb_any(lambda: ours.la(x_test, link_approx="probit"), device)
+    with _quiet():
+        p_theirs, t_theirs = _time(lambda: theirs(x_test, pred_type="glm", link_approx="probit"), device, rep)
+        m_theirs = peak_mb_any(lambda: theirs(x_test, pred_type="glm", link_approx="probit"), device)
+    agree = _agree(f"{pred_case}: probabilities", float((p_ours - p_theirs).abs().max()), 1e-4, "max abs")
+    extra = dict(mem_vs_default=round(m_theirs / m_ours, 1)) if m_ours and m_theirs else {}
+    rows += [row(SUITE, pred_case, _label(BACKENDS[0]), t_theirs, t_theirs, peak_MB=_mb(m_theirs), agree=agree),
+             row(SUITE, pred_case, "pyfastbayes Laplace", t_ours, t_theirs, peak_MB=_mb(m_ours), **extra)]
+    return rows
+
+
 # ---- 4. a model whose Jacobians do not fit --------------------------------------------------------------
 def _device_bytes(device: str) -> int:
     if device == "cuda":
@@ -516,6 +568,7 @@ def run(device: str, quick: bool) -> list[dict]:
         rows += _predictive_rows(name, model, loader, xs, fitted, laplace, backends, device, rep)
         if laplace is not None and (name, "kron") in fitted:
             rows += _backprop_rows(name, xs, fitted, device, rep)
+        rows += _subnet_rows(name, model, loader, xs, laplace, device, quick, rep)
     rows += _big_rows(laplace, device, quick, rep)
     # the MLP's Kronecker factors with our default blocks (bias folded into the activation factor)
     joint = Laplace(mlp, "classification", hessian_structure="kron").fit(

@@ -205,14 +205,18 @@ class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
         return swag
 
 
+def _names(value, name: str, what: str) -> list[str]:
+    if isinstance(value, str) or not hasattr(value, "__iter__") or not all(isinstance(n, str) for n in value):
+        raise TypeError(f"{name} must be a list of {what} names (str)")
+    return list(value)
+
+
 class ParamNameSubnetMask(SubnetMask):
     """Every entry of the named trainable parameters (names as in ``model.named_parameters()``)."""
 
     def __init__(self, model: nn.Module, parameter_names: list[str]):
         super().__init__(model)
-        if isinstance(parameter_names, str) or not all(isinstance(n, str) for n in parameter_names):
-            raise TypeError("parameter_names must be a list of parameter names (str)")
-        self.parameter_names = list(parameter_names)
+        self.parameter_names = _names(parameter_names, "parameter_names", "parameter")
 
     def get_subnet_mask(self, train_loader) -> Tensor:
         if not self.parameter_names:
@@ -230,9 +234,7 @@ class ModuleNameSubnetMask(SubnetMask):
 
     def __init__(self, model: nn.Module, module_names: list[str]):
         super().__init__(model)
-        if isinstance(module_names, str) or not all(isinstance(n, str) for n in module_names):
-            raise TypeError("module_names must be a list of module names (str)")
-        self.module_names = list(module_names)
+        self.module_names = _names(module_names, "module_names", "module")
 
     def get_subnet_mask(self, train_loader) -> Tensor:
         if not self.module_names:
