@@ -24,8 +24,6 @@ Upstream tests left out (or parts of them):
 - test_functional_samples' change of ``lap.likelihood`` after fit: ours has no settable
   likelihood; a classification Laplace's functional_samples are checked to be the f draws whose
   softmax its predictive_samples are.
-- test_reward_modeling and the 'reward_modeling' cases of test_dict_data / test_gridsearch: ours
-  has no 'reward_modeling' likelihood.
 - test_dict_data's ``backend`` parametrisation (Asdl / BackPACK / Curvlinops, and BackPACK's
   refusal of dict batches): ours has no backends (the GGN / EF curvatures are parametrised).
 - test_dict_data_diagEF_curvlinops_fails: a curvlinops limitation; ours fits 'diag' + 'ef' on
@@ -67,7 +65,7 @@ def _model(out: int = 2):
 def _data(likelihood: str, seed: int = 1, n: int = 10, out: int = 2):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, 3, generator=g, dtype=DTYPE)
-    y = torch.randint(2, (n,), generator=g) if likelihood == "classification" else \
+    y = torch.randint(2, (n,), generator=g) if likelihood in ("classification", "reward_modeling") else \
         torch.randn(n, out, generator=g, dtype=DTYPE)
     return X, y, DataLoader(TensorDataset(X, y), batch_size=3)
 
@@ -326,18 +324,19 @@ class _DictModel(nn.Module):
 def _dict_loaders(likelihood):
     g = torch.Generator().manual_seed(4)
     X = torch.randn(10, 5, generator=g, dtype=DTYPE)
-    Y = torch.randint(2, (10, 1), generator=g) if likelihood == "classification" else \
+    Y = torch.randint(2, (10, 1), generator=g) if likelihood != "regression" else \
         torch.randn(10, 2, generator=g, dtype=DTYPE)
     items = [{"test_input_key": X[i], "test_label_key": Y[i]} for i in range(10)]
     dict_loader = DataLoader(_ListDataset(items), batch_size=3, collate_fn=_collate)
-    y = Y[:, 0] if likelihood == "classification" else Y
+    y = Y[:, 0] if likelihood != "regression" else Y
     return dict_loader, DataLoader(TensorDataset(X, y), batch_size=3)
 
 
 @pytest.mark.parametrize("curvature", ["ggn", "ef"])
-@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression", "reward_modeling"])
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_dict_data(structure, likelihood, curvature):
+    """(reward_modeling as upstream: fitted on the classification loader, predicted as regression)"""
     torch.manual_seed(0)
     model = _DictModel().to(DTYPE)
     loader, tensor_loader = _dict_loaders(likelihood)
@@ -466,14 +465,16 @@ def _val_nll(la, X, y):
         f_mu, f_var = la(X)
         var = torch.diagonal(f_var, dim1=1, dim2=2) + la.sigma_noise ** 2
         return float((0.5 * (torch.log(2 * math.pi * var) + (y - f_mu) ** 2 / var)).sum(1).mean())
-    p = la(X, link_approx="probit")
+    p = la(X, link_approx="probit", fitting=True)  # (reward_modeling: the pairs' classification)
     return float(-p.gather(1, y[:, None]).log().mean())
 
 
 @pytest.mark.parametrize("prior_type", ["scalar", "layerwise", "diag"])
-@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression", "reward_modeling"])
 @pytest.mark.parametrize("structure", ["diag", "full", "kron"])
 def test_gridsearch(structure, likelihood, prior_type):
+    """(reward_modeling as upstream: a classifier fitted and scored on class_loader as pairs'
+    classification, the validation NLL of la(x, fitting=True))"""
     model = _model()
     X, y, loader = _data(likelihood)
     probe = Laplace(model, likelihood, hessian_structure=structure)
@@ -498,6 +499,42 @@ def test_gridsearch(structure, likelihood, prior_type):
         la.prior_precision = delta
         nlls.append(_val_nll(la, X, y))
     assert float(best) == pytest.approx(grid[min(range(grid_size), key=nlls.__getitem__)], rel=1e-12)
+
+
+# ---- test_reward_modeling -------------------------------------------------------------------------------
+class _RewardModel(nn.Module):
+    """Upstream's reward model: pairs [B, 2, 3] -> the pair's rewards [B, 2], inputs [B, 3] -> [B, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 100), nn.ReLU(), nn.Linear(100, 1))
+
+    def forward(self, x):
+        if x.dim() == 3:
+            b, _, d = x.shape
+            return self.net(x.reshape(-1, d)).reshape(b, 2)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_reward_modeling(structure):
+    """Upstream's shapes (KronLaplace, DiagLaplace there; every structure here), and the values:
+    f_mu the network's rewards, f_var J P^-1 J^T of the single inputs' Jacobians."""
+    torch.manual_seed(0)
+    model = _RewardModel().to(DTYPE)
+    g = torch.Generator().manual_seed(5)
+    pairs, y = torch.randn(10, 2, 3, generator=g, dtype=DTYPE), torch.randint(2, (10,), generator=g)
+    X = torch.randn(10, 3, generator=g, dtype=DTYPE)
+    la = _fit(model, "reward_modeling", structure, DataLoader(TensorDataset(pairs, y), batch_size=3))
+    f = model(X).detach()
+    with pytest.raises(ValueError):
+        la(X, pred_type="linear")
+    f_mu, f_var = la(X, pred_type="glm")
+    torch.testing.assert_close(f_mu, f, atol=1e-12, rtol=0)
+    assert f_var.shape == (f_mu.shape[0], f_mu.shape[1], f_mu.shape[1]) and len(f_mu) == len(X)
+    torch.testing.assert_close(f_var, _brute_fvar(la, model, X), atol=1e-12, rtol=1e-8)
+    f_mu, f_var = la(X, pred_type="nn", link_approx="mc")
+    assert f_mu.shape == f_var.shape == (len(X), 1)
 
 
 # ---- test_parametric_fit_y_shape -----------------------------------------------------------------------

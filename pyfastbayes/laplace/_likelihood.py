@@ -18,7 +18,9 @@ from torch import Tensor
 
 from .. import ops
 
-LIKELIHOODS = ("classification", "regression", "binary")
+# 'reward_modeling' (laplace-torch's): fitted as the 'classification' of preference pairs, predicted
+# as the 'regression' of one reward per input (Laplace._fit_likelihood / Laplace._lik)
+LIKELIHOODS = ("classification", "regression", "binary", "reward_modeling")
 CURVATURES = ("ggn", "ef", "mc_fisher")
 
 

@@ -11,6 +11,7 @@ activations and output gradients instead of [N, C, P] Jacobians.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Mapping
@@ -219,7 +220,12 @@ class Laplace(Posterior):
         model: the trained network (its current weights are the MAP); outputs [N, C] logits for
             'classification', [N] or [N, 1] for 'binary', [N] or [N, C] for 'regression'.
         likelihood: 'classification' (cross-entropy), 'regression' (Gaussian with noise
-            ``sigma_noise``) or 'binary' (one logit, Bernoulli).
+            ``sigma_noise``), 'binary' (one logit, Bernoulli) or 'reward_modeling'
+            (laplace-torch's): fitted as the 'classification' of preference pairs (the model
+            maps inputs [N, 2, ...] to the pair's rewards [N, 2], targets: the preferred one) and
+            predicted as the 'regression' of one reward per input ([N, ...] -> [N] or [N, 1];
+            no observation noise); ``fitting=True`` in :meth:`la` / :meth:`predictive_samples`
+            predicts pairs, and the gridsearch scores the validation pairs.
         subset_of_weights: 'all' trainable weights, 'last_layer' (the last module with
             parameters called in the forward, which must be an ``nn.Linear``) or 'subnetwork'
             (the entries ``subnetwork_indices``, the others held at the MAP; Daxberger et al.
@@ -284,6 +290,7 @@ class Laplace(Posterior):
                  enable_backprop: bool = False, subnetwork_indices=None):
         super().__init__(model)
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
+        self._fitting = False  # reward_modeling: the pairs' classification (fit, gridsearch, la(fitting=True))
         self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
         self.hessian_structure = _choice(hessian_structure, tuple(_STRUCTURES), "hessian_structure")
         self.low_rank = check_int(low_rank, "low_rank", 1)
@@ -442,6 +449,29 @@ class Laplace(Posterior):
     def temperature(self, value) -> None:
         self._temperature = check_positive_float(value, "temperature")
 
+    @property
+    def _fit_likelihood(self) -> str:
+        """The likelihood of the fitted data: 'classification' (of preference pairs) for
+        'reward_modeling', else ``likelihood``."""
+        return "classification" if self.likelihood == "reward_modeling" else self.likelihood
+
+    @property
+    def _lik(self) -> str:
+        """The likelihood the outputs of the current call have: for 'reward_modeling' the pairs'
+        'classification' in fitting mode (fit, gridsearch, ``la(..., fitting=True)``), else
+        'regression' (one reward per input); ``likelihood`` otherwise."""
+        if self.likelihood != "reward_modeling":
+            return self.likelihood
+        return "classification" if self._fitting else "regression"
+
+    @contextlib.contextmanager
+    def _fitting_mode(self, on: bool = True):
+        saved, self._fitting = self._fitting, on or self._fitting
+        try:
+            yield
+        finally:
+            self._fitting = saved
+
     def _scale(self, sigma: Tensor | None = None) -> Tensor:
         """What the fitted curvature (accumulated at sigma = 1) is multiplied by: 1 / (sigma^2 T);
         for the empirical Fisher of a regression 1 / (sigma^4 T), its per-example gradients
@@ -449,7 +479,7 @@ class Laplace(Posterior):
         has no 1/2 and it scales the squared gradients by 1 / sigma^2, like the GGN)."""
         sigma = self._sigma if sigma is None else sigma
         s2 = sigma.square()
-        if self.curvature == "ef" and self.likelihood == "regression":
+        if self.curvature == "ef" and self._fit_likelihood == "regression":
             s2 = s2.square()
         return 1.0 / (s2 * self.temperature)
 
@@ -513,7 +543,8 @@ class Laplace(Posterior):
                 raise ValueError("fit: the loader yielded no batches; pass a loader with at least one (inputs, targets) "
                                  "batch")
             if self.layers is None:
-                self._find_last_layer(rows_to(self._split(first, 0)[0], self.device))
+                with self._fitting_mode():
+                    self._find_last_layer(rows_to(self._split(first, 0)[0], self.device))
             self._check_uses(self._split(first, 0)[0])
             curv = self._new_curvature()
             # every batch allocates the same MB-sized temporaries (output gradients of the m
@@ -521,7 +552,8 @@ class Laplace(Posterior):
             # instead of page-faulting afresh each batch (pyfastbayes._memory.allocation_cache)
             with allocation_cache(torch.device(self.device).type == "cpu"):
                 total = _length(loader)  # (the bar's total, when known)
-                loss, n_data, n_out = self._local_pass(curv, first, batches, progress, generator, lowrank, total)
+                with self._fitting_mode():
+                    loss, n_data, n_out = self._local_pass(curv, first, batches, progress, generator, lowrank, total)
         except Exception as e:  # under torch.distributed the other ranks must learn of it, or they wait forever
             if not dist:
                 raise
@@ -536,7 +568,7 @@ class Laplace(Posterior):
         if lowrank:
             names = self._covered_names()
             with ModeGuard(self.model, False):
-                curv.compute(self.model, loader, self.likelihood, self.curvature, names, n_data, n_out,
+                curv.compute(self.model, loader, self._fit_likelihood, self.curvature, names, n_data, n_out,
                              self.mc_samples, generator, self._split, self.output_fn)
         if previous is not None:  # override=False: the previous fits' sums and counts added (to the new tensors)
             p_curv, p_loss, p_n, p_out = previous[:4]
@@ -573,10 +605,10 @@ class Laplace(Posterior):
                     if f.shape[1] != n_out:
                         raise ValueError(f"batch {i}: the model outputs {f.shape[1]} columns, earlier batches {n_out}")
                     fd = f.detach().to(self.dtype)  # (float32 for a half model: losses, loss-Hessian roots)
-                    yt = check_targets(y, fd, self.likelihood)
-                    loss += summed_loss(fd, yt, self.likelihood).double()
+                    yt = check_targets(y, fd, self._fit_likelihood)
+                    loss += summed_loss(fd, yt, self._fit_likelihood).double()
                     if not lowrank:
-                        R = directions(fd, yt, self.likelihood, self.curvature, self.mc_samples, generator).to(f.dtype)
+                        R = directions(fd, yt, self._fit_likelihood, self.curvature, self.mc_samples, generator).to(f.dtype)
                         # the m directions' output gradients (m x every covered layer's output) in
                         # chunks under _FIT_BYTES: G sums over directions, A is added once per batch
                         chunks = R.split(self._directions_per_pass(layers, R.shape[0]))
@@ -725,7 +757,7 @@ class Laplace(Posterior):
                 raise
             out = model_output(out, self.output_fn)
             _refuse_unbatched(x, out, name)
-            out = outputs_2d(out, self.likelihood)
+            out = outputs_2d(out, self._lik)
         _refuse_unbatched(x, out, name)
         return out, self.layers
 
@@ -795,7 +827,7 @@ class Laplace(Posterior):
             sigma: the noise std for regression (a scalar tensor; default :attr:`sigma_noise`).
         """
         curv, loss, n, C, _, _ = self._need_fit()
-        return log_likelihood(loss, n, C, self.likelihood, self._sigma if sigma is None else sigma, self.temperature)
+        return log_likelihood(loss, n, C, self._fit_likelihood, self._sigma if sigma is None else sigma, self.temperature)
 
     def _prior_terms(self, prior: Tensor) -> tuple[Tensor, Tensor]:
         """(log det P_0, (theta_MAP - mu_0)^T P_0 (theta_MAP - mu_0)) for a prior of shape [],
@@ -915,7 +947,8 @@ class Laplace(Posterior):
             if not dist and n_local == 0:
                 raise ValueError("val_loader yielded no rows")
             if n_local:
-                sums = self._grid_nll_sums(batches, grid, pred_type, link_approx, n_samples)
+                with self._fitting_mode():  # (reward_modeling: the validation pairs' classification NLL)
+                    sums = self._grid_nll_sums(batches, grid, pred_type, link_approx, n_samples)
         except Exception as e:  # the other ranks must learn of it, or they wait in the all-reduce forever
             if not dist:
                 raise
@@ -961,7 +994,7 @@ class Laplace(Posterior):
         # indices (integers in [0, C)), 0/1 for 'binary', the outputs' shape for 'regression'
         try:
             y = check_targets(y, torch.empty(y.shape[0], self.n_outputs, dtype=self.dtype, device=self.device),
-                              self.likelihood)
+                              self._lik)
         except ValueError as e:
             raise ValueError(f"val_loader: {e}") from None
         # the rows joined once, unless the batches' rows differ in shape (dict batches padded to
@@ -1016,21 +1049,21 @@ class Laplace(Posterior):
         return grid.tolist()
 
     def _nll(self, f_mu, f_var, y, link_approx, n_samples) -> float:
-        if self.likelihood == "regression":
+        if self._lik == "regression":
             yt = check_targets(y, f_mu, "regression")
             var = torch.diagonal(f_var, dim1=1, dim2=2) + self._sigma.square()
             return float((0.5 * (torch.log(2 * math.pi * var) + (yt - f_mu).square() / var)).sum(1).mean())
-        p = probabilities(f_mu, f_var, self.likelihood, link_approx, n_samples)
-        return _class_nll(p, y, self.likelihood)
+        p = probabilities(f_mu, f_var, self._lik, link_approx, n_samples)
+        return _class_nll(p, y, self._lik)
 
     def _nll_nn(self, x, y, n_samples) -> float:
         out = self._nn_predict(x, n_samples)
-        if self.likelihood == "regression":
+        if self._lik == "regression":
             mean, var = out
             mean, var = outputs_2d(mean, "regression"), outputs_2d(var, "regression") + self._sigma.square()
             yt = check_targets(y, mean, "regression")
             return float((0.5 * (torch.log(2 * math.pi * var) + (yt - mean).square() / var)).sum(1).mean())
-        return _class_nll(out, y, self.likelihood)
+        return _class_nll(out, y, self._lik)
 
     # ---- predictives -------------------------------------------------------------------------------------
     def _check_at_mean(self, what: str) -> None:
@@ -1084,7 +1117,7 @@ class Laplace(Posterior):
         def outputs(*v):  # (the outputs twice: differentiated, and as jacrev's aux, f itself)
             out = model_output(torch.func.functional_call(self.model, dict(zip(names, v)), (x,)), self.output_fn)
             _refuse_unbatched(x, out, "x")
-            out = outputs_2d(out, self.likelihood)
+            out = outputs_2d(out, self._lik)
             return out, out
 
         with ModeGuard(self.model, False):
@@ -1151,8 +1184,8 @@ class Laplace(Posterior):
                 mus.append(f_mu), vars_.append(f_var)
         if not n_inputs:
             raise ValueError("x yielded no inputs: pass a tensor [N, ...] with N >= 1 or a non-empty loader")
-        if not mus:
-            C = self.n_outputs
+        if not mus:  # (reward_modeling outside fitting mode: one reward per input)
+            C = self.n_outputs if self._lik == self._fit_likelihood else 1
             return (torch.empty(0, C, dtype=self.dtype, device=self.device),
                     torch.empty(0, C, C, dtype=self.dtype, device=self.device))
         return torch.cat(mus), torch.cat(vars_)
@@ -1194,7 +1227,7 @@ class Laplace(Posterior):
 
     def la(self, x, pred_type: str = "glm", link_approx: str | None = None, n_samples: int = 100, *,
            generator: torch.Generator | None = None, batch_size: int | None = None, joint: bool = False,
-           diagonal_output: bool = False):
+           diagonal_output: bool = False, fitting: bool = False):
         """laplace-torch's ``__call__``: classification -> probabilities [N, C] ('binary': [N]);
         regression -> (f_mu [N, C], f_var [N, C, C]) for 'glm' (the epistemic, functional variance:
         sigma^2 is not in it), (mean [N, C], variance [N, C] over the draws) for 'nn', the variance
@@ -1208,7 +1241,16 @@ class Laplace(Posterior):
         takes precedence over ``diagonal_output``) and
         ``diagonal_output`` ('glm': only the outputs' variances, f_var [N, C] for regression; for
         classification the 'mc' link's draws see a diagonal covariance, as laplace-torch's: probit
-        reads only the diagonal anyway, the bridge links ignore the option)."""
+        reads only the diagonal anyway, the bridge links ignore the option). ``fitting`` (laplace-torch's):
+        for 'reward_modeling', x holds preference pairs and the result is the pairs' classification
+        predictive (probabilities [N, 2]); otherwise (the default) x holds single inputs and the
+        result is the regression one of their rewards (f_mu, f_var). No effect for the others."""
+        if not isinstance(fitting, bool):
+            raise TypeError(f"fitting must be True or False, got {type(fitting).__name__}")
+        with self._fitting_mode(fitting):
+            return self._la(x, pred_type, link_approx, n_samples, generator, batch_size, joint, diagonal_output)
+
+    def _la(self, x, pred_type, link_approx, n_samples, generator, batch_size, joint, diagonal_output):
         _choice(pred_type, PRED_TYPES, "pred_type")
         link_approx = _link(pred_type, link_approx)
         n_samples = check_int(n_samples, "n_samples", 1)
@@ -1216,7 +1258,7 @@ class Laplace(Posterior):
         _check_glm_flag("joint", joint, pred_type)
         _check_glm_flag("diagonal_output", diagonal_output, pred_type)
         if joint:  # (diagonal_output is ignored then, as laplace-torch does)
-            if self.likelihood != "regression":
+            if self._lik != "regression":
                 raise ValueError("joint=True is the regression GLM predictive's joint covariance over all inputs "
                                  "(laplace-torch ignores it for classification)")
             return self.functional_covariance(x, batch_size)
@@ -1224,16 +1266,16 @@ class Laplace(Posterior):
             return self._nn_moments(x, n_samples, generator, batch_size, unbiased=True)
         if pred_type == "nn":
             out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size)
-            if self.likelihood == "regression":  # laplace-torch's samples.var(0): the unbiased variance
+            if self._lik == "regression":  # laplace-torch's samples.var(0): the unbiased variance
                 var = out[1] * (n_samples / (n_samples - 1)) if n_samples > 1 else out[1]
                 return outputs_2d(out[0], "regression"), outputs_2d(var, "regression")
             return out
         f_mu, f_var = self.functional_variance(x, batch_size)
-        if self.likelihood == "regression":
+        if self._lik == "regression":
             return (f_mu, torch.diagonal(f_var, dim1=1, dim2=2)) if diagonal_output else (f_mu, f_var)
         if diagonal_output and link_approx == "mc":  # (probit reads the diagonal only; the bridge links ignore it,
             f_var = _diagonal_only(f_var)  # as laplace-torch's)
-        return probabilities(f_mu, f_var, self.likelihood, link_approx, n_samples, generator)
+        return probabilities(f_mu, f_var, self._lik, link_approx, n_samples, generator)
 
     __call__ = la
 
@@ -1253,7 +1295,7 @@ class Laplace(Posterior):
             options["input_fn"] = _whole_dict
         if options.get("output_fn") is None and self.output_fn is not None:
             options["output_fn"] = self.output_fn
-        return Posterior.predict(self, x, n_samples, likelihood=self.likelihood, **options)
+        return Posterior.predict(self, x, n_samples, likelihood=self._lik, **options)
 
     def _input_batches(self, x, batch_size: int):
         """Model inputs from ``x``: a tensor or a dict batch split into row chunks of at most
@@ -1274,7 +1316,7 @@ class Laplace(Posterior):
         through the one BMA loop of :class:`~pyfastbayes.posteriors.Posterior` (``options``: its
         ``bn_loader``, ``progress``, ``input_fn``, ``output_fn``); ``link_approx`` as in :meth:`la`;
         ``batch_size``: rows per forward when x is a tensor (default 256 for 'glm', 1024 for 'nn')."""
-        if likelihood is not None and likelihood != self.likelihood:
+        if likelihood is not None and likelihood not in (self.likelihood, self._lik):
             raise ValueError(f"this Laplace was built for likelihood={self.likelihood!r}, got {likelihood!r}")
         _choice(pred_type, PRED_TYPES, "pred_type")
         batch_size = self._batch_size(batch_size, pred_type)
@@ -1284,23 +1326,25 @@ class Laplace(Posterior):
                 raise TypeError(f"enable_backprop=True: pred_type='nn' runs each draw through torch.func.functional_call "
                                 f"and takes no {sorted(options)} (the BMA loop's options)")
             out = self._nn_moments(x, n_samples, generator, batch_size, unbiased=False)
-            if self.likelihood != "regression":
+            if self._lik != "regression":
                 return out
             mean, epi = out
         elif pred_type == "nn":
             _link(pred_type, link_approx)
             out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size, **options)
-            if self.likelihood != "regression":
+            if self._lik != "regression":
                 return out
             mean, epi = outputs_2d(out[0], "regression"), outputs_2d(out[1], "regression")
         else:
             if options:
                 raise TypeError(f"pred_type='glm' takes no {sorted(options)}")
             out = self.la(x, "glm", link_approx, n_samples, generator=generator, batch_size=batch_size)
-            if self.likelihood != "regression":
+            if self._lik != "regression":
                 return out
             mean, epi = out[0], torch.diagonal(out[1], dim1=1, dim2=2)
-        alea = self._sigma.detach().square().to(mean.dtype).expand_as(mean)
+        # (reward_modeling: a reward has no observation noise, as laplace-torch's)
+        alea = (self._sigma.detach().square() if self.likelihood == "regression" else self._sigma.new_zeros(())) \
+            .to(mean.dtype).expand_as(mean)
         return RegressionPredictive(mean, alea + epi, alea, epi)
 
     # ---- draws and matrices ------------------------------------------------------------------------------
@@ -1414,18 +1458,22 @@ class Laplace(Posterior):
 
     def predictive_samples(self, x, pred_type: str = "glm", n_samples: int = 100, *,
                            generator: torch.Generator | None = None, batch_size: int | None = None,
-                           diagonal_output: bool = False) -> Tensor:
+                           diagonal_output: bool = False, fitting: bool = False) -> Tensor:
         """Draws of the predictive (laplace-torch's ``predictive_samples``): [n_samples, N, C]
         class probabilities ('classification'), [n_samples, N] P(y = 1) ('binary') or outputs f
-        [n_samples, N, C] ('regression', no observation noise): the link applied to
+        [n_samples, N, C] ('regression' and 'reward_modeling', no observation noise; with
+        ``fitting=True`` the latter's preference pairs' probabilities): the link applied to
         :meth:`functional_samples` (same arguments, same draws)."""
-        f = self.functional_samples(x, pred_type, n_samples, generator=generator, batch_size=batch_size,
-                                    diagonal_output=diagonal_output)
-        if self.likelihood == "classification":
-            return f.softmax(-1)
-        if self.likelihood == "binary":
-            return f[..., 0].sigmoid()
-        return f
+        if not isinstance(fitting, bool):
+            raise TypeError(f"fitting must be True or False, got {type(fitting).__name__}")
+        with self._fitting_mode(fitting):
+            f = self.functional_samples(x, pred_type, n_samples, generator=generator, batch_size=batch_size,
+                                        diagonal_output=diagonal_output)
+            if self._lik == "classification":
+                return f.softmax(-1)
+            if self._lik == "binary":
+                return f[..., 0].sigmoid()
+            return f
 
     def functional_samples(self, x, pred_type: str = "glm", n_samples: int = 100, *,
                            generator: torch.Generator | None = None, batch_size: int | None = None,
@@ -1465,7 +1513,7 @@ class Laplace(Posterior):
         """enable_backprop's 'nn' predictive (differentiable in x): probabilities averaged over the
         draws, or for regression (mean, variance over the draws) [N, C] each."""
         samples = self.predictive_samples(x, "nn", n_samples, generator=generator, batch_size=batch_size)
-        if self.likelihood != "regression":
+        if self._lik != "regression":
             return samples.mean(0)
         var = samples.var(0, correction=1 if unbiased and n_samples > 1 else 0)
         return samples.mean(0), var
@@ -1481,7 +1529,7 @@ class Laplace(Posterior):
             raise
         out = model_output(out, self.output_fn)
         _refuse_unbatched(x, out, "x")
-        return outputs_2d(out, self.likelihood).to(self.dtype)  # (a half model's: in float32, as the GLM's)
+        return outputs_2d(out, self._lik).to(self.dtype)  # (a half model's: in float32, as the GLM's)
 
     def to_dense(self) -> Tensor:
         """The posterior precision P [P_c, P_c] over the covered parameters (selection order: flat

@@ -109,7 +109,7 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
             x, y = la._split(item, i)
             x, y = rows_to(x, la.device), y.to(la.device)
             opt.zero_grad()
-            nll = _mean_nll(model_output(model(x), la.output_fn), y, likelihood, sigma2)
+            nll = _mean_nll(model_output(model(x), la.output_fn), y, la._fit_likelihood, sigma2)
             theta = torch.cat([p.reshape(-1) for p in params])
             # the mode of la's posterior (log likelihood / T + log prior): mean NLL + T delta
             # |theta - prior_mean|^2 / (2 N); laplace-torch divides by T instead, which trains
