@@ -5,6 +5,8 @@ submatrix is the subnetwork posterior's curvature; the GLM predictive J_S P^-1 J
 same Jacobians' columns; laplace-torch 0.3's SubnetLaplace and subnetwork masks on the same model,
 data and indices (log marginal likelihood, probit probabilities, the selected indices).
 """
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -44,7 +46,8 @@ def _data(N=24, D=4, C=3, seed=1, shape=None):
 
 
 def _indices(P, k, seed=3):
-    return torch.randperm(P, generator=torch.Generator().manual_seed(seed))[:k]
+    """k random positions of P, sorted (unsorted ones warn: test_copy_pickle_..._unsorted_warning)."""
+    return torch.randperm(P, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
 def _exact_precision(model, loader, idx, prior, structure, likelihood="classification", sigma=1.0):
@@ -151,7 +154,8 @@ def test_state_dict_round_trip_and_other_indices_refused():
     idx = _indices(P, 10)
     la = Laplace(model, "classification", "subnetwork", "diag", subnetwork_indices=idx).fit(loader, progress=False)
     state = la.state_dict()
-    lb = Laplace(model, "classification", "subnetwork", "diag", subnetwork_indices=idx.flip(0))
+    with pytest.warns(UserWarning, match="used sorted"):  # (the same set, given in another order)
+        lb = Laplace(model, "classification", "subnetwork", "diag", subnetwork_indices=idx.flip(0))
     lb.load_state_dict(state)
     torch.testing.assert_close(lb.log_marginal_likelihood(), la.log_marginal_likelihood())
     lc = Laplace(model, "classification", "subnetwork", "diag", subnetwork_indices=_indices(P, 10, seed=9))
@@ -288,3 +292,59 @@ def test_curvatures_on_a_cnn_with_a_frozen_parameter(curvature, structure):
     if structure == "diag":
         H = torch.diag(torch.diagonal(H))
     torch.testing.assert_close(la.to_dense(), H + 0.5 * torch.eye(30, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_copy_pickle_numpy_indices_and_the_unsorted_warning():
+    """(review) a subnetwork Laplace survives copy.deepcopy and torch.save / load (SubsetLayer's
+    attribute forwarding raised KeyError while they rebuilt it); a list of numpy integers is
+    taken; unsorted indices warn that the sorted order is used (a per-weight prior follows it)."""
+    import copy
+
+    import numpy as np
+
+    model = _mlp()
+    X, _, loader = _data()
+    P = sum(p.numel() for p in model.parameters())
+    idx = _indices(P, 12).sort().values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sorted indices: no warning
+        la = Laplace(model, "classification", "subnetwork", "full", subnetwork_indices=idx).fit(loader, progress=False)
+    for other in (copy.deepcopy(la), _pickled(la)):
+        torch.testing.assert_close(other(X[:4]), la(X[:4]), rtol=0, atol=0)
+        torch.testing.assert_close(other.log_marginal_likelihood(), la.log_marginal_likelihood(), rtol=0, atol=0)
+    lb = Laplace(model, "classification", "subnetwork", "full", subnetwork_indices=[np.int64(i) for i in idx.tolist()])
+    assert torch.equal(lb.positions.cpu(), idx)
+    with pytest.raises(TypeError, match="must hold integers"):
+        Laplace(model, "classification", "subnetwork", "full", subnetwork_indices=[0, 1.5])
+    with pytest.warns(UserWarning, match="used sorted"):
+        Laplace(model, "classification", "subnetwork", "full", subnetwork_indices=idx.flip(0))
+
+
+def _pickled(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_glm_chunks_count_the_covered_layers_whole_parts():
+    """(review) the GLM predictive's rows per chunk count the covered layer's whole Jacobian parts,
+    which exist while the subnetwork's columns are taken: a few weights of a wide convolution
+    must not get bigger chunks than the all-weights Laplace's budget allows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 3))
+    X = torch.randn(16, 8, 8, 8)
+    y = torch.randint(0, 3, (16,))
+    la = Laplace(model, "classification", "subnetwork", "diag", subnetwork_indices=torch.arange(11)) \
+        .fit([(X, y)], progress=False)
+    rows = la._glm_rows(X, 256)
+    per_row = next(iter(la._glm_row_bytes.values()))
+    whole = 3 * 64 * 8 * 9 * 4  # one row's [C, out, in k] float32 matrix of the convolution's weight
+    assert per_row >= whole and rows <= (256 << 20) // whole
+    # and the values: J_S diag(1 / (h_S + delta)) J_S^T from the exact Jacobians' columns
+    _, f_var = la.functional_variance(X[:5])
+    J = ref.jacobians(model, X[:5])[:, :, :11]
+    var = 1.0 / torch.diagonal(la.to_dense())
+    torch.testing.assert_close(f_var, torch.einsum("ncp,p,ndp->ncd", J, var, J), rtol=1e-5, atol=1e-7)

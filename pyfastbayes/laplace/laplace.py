@@ -1145,7 +1145,8 @@ class Laplace(Posterior):
                 parts = self._glm_pieces(take_rows(x, slice(0, 1)), 1)[0][1]
             except Exception:  # noqa: BLE001  (an input the model refuses: the real pass raises its own error)
                 return batch_size
-            cache[key] = 2 * sum(t.numel() * t.element_size() for _, part in parts for t in part if torch.is_tensor(t))
+            cache[key] = 2 * sum(t.numel() * t.element_size() for _, part in parts for t in part if torch.is_tensor(t)) \
+                + sum(layer.__dict__.get("inner_bytes", 0) for layer in self.layers)  # (a subnetwork's whole parts)
         per_row = cache[key]
         budget = _GLM_BYTES
         if torch.device(self.device).type == "cuda":  # (where the parts live: the model's device)

@@ -14,9 +14,12 @@ exist, hence 'full' and 'diag' only (as in laplace-torch).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
+from .._warnings import warn_user
 from ._layers import Block, Layer
 
 
@@ -24,9 +27,12 @@ def check_indices(indices, n_params: int, name: str = "subnetwork_indices") -> T
     """The subnetwork's flat positions as a sorted int64 CPU tensor [k]: ``indices`` must be a
     1-D integer tensor (or a list of ints), non-empty, without duplicates, within [0, P)."""
     if isinstance(indices, (list, tuple, range)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-            raise TypeError(f"{name} must hold integers (flat positions in the trainable parameters)")
-        indices = torch.tensor(list(indices), dtype=torch.long)
+        try:  # (Python or numpy integers; not bools, floats or strings)
+            if any(isinstance(i, bool) for i in indices):
+                raise TypeError
+            indices = torch.tensor([operator.index(i) for i in indices], dtype=torch.long)
+        except TypeError:
+            raise TypeError(f"{name} must hold integers (flat positions in the trainable parameters)") from None
     if not torch.is_tensor(indices):
         raise TypeError(f"{name} must be a 1-D integer tensor of flat parameter positions (e.g. from "
                         f"pyfastbayes.laplace.subnetmask), got {type(indices).__name__}")
@@ -40,10 +46,14 @@ def check_indices(indices, n_params: int, name: str = "subnetwork_indices") -> T
     if lo < 0 or hi >= n_params:
         raise ValueError(f"{name} must lie in [0, {n_params}) (the model's {n_params} trainable parameters), "
                          f"got values from {lo} to {hi}")
-    idx = idx.sort().values
-    if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
+    ordered = idx.sort().values
+    if idx.numel() > 1 and bool((ordered[1:] == ordered[:-1]).any()):
         raise ValueError(f"{name} must not contain duplicate entries")
-    return idx
+    if not torch.equal(ordered, idx):
+        warn_user(f"{name} are used sorted (Laplace.positions): a per-weight prior_precision or prior_mean [k], and "
+                  "the covered entries of posterior_variance and of the draws, follow the sorted order, not the "
+                  "order given (pass sorted indices, e.g. idx.sort().values, to silence this)")
+    return ordered
 
 
 def covered_names(layout, positions: Tensor) -> list[str]:
@@ -80,10 +90,16 @@ class SubsetLayer:
                 self._takes.append((j, take))
 
     def __getattr__(self, name):  # (only reached for what SubsetLayer itself lacks)
-        return getattr(self.__dict__["inner"], name)
+        inner = self.__dict__.get("inner")  # (absent while copy / pickle rebuild the object)
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     def jacobians(self, gs: list[Tensor]) -> list:
         parts = self.inner.jacobians(gs)
+        # the inner layer's whole parts exist while the columns are taken: the GLM predictive's
+        # chunk budget (Laplace._glm_rows) counts them too
+        self.inner_bytes = sum(t.numel() * t.element_size() for part in parts for t in part[1:] if torch.is_tensor(t))
         return [("rows", _columns(parts[j], take.to(gs[0].device))) for j, take in self._takes]
 
 
