@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from torch.func import functional_call, grad, vmap
 
 import _laplace_reference as ref
-from _helpers import spawn_gloo
+from _helpers import require, spawn_gloo
 from pyfastbayes.laplace import Laplace, RegressionPredictive
 
 DT = torch.float64
@@ -697,3 +698,43 @@ def test_a_squeezed_batch_of_one_gets_the_likelihood_message():
     with pytest.raises(ValueError, match=r"needs outputs \[N\] or \[N, C\]; the model outputs \(\)"):
         Laplace(model, "regression", hessian_structure="full").fit([(X[:10], y[:10]), (X[10:], y[10:])],
                                                                    progress=False)
+
+
+def test_last_layer_name():
+    """laplace-torch's ``last_layer_name``: the named nn.Linear is covered, set up at construction
+    (n_params and a per-weight prior before fit), the same posterior as the one found in fit; a
+    name that is not an nn.Linear with trainable parameters, or with another subset, is refused;
+    a state saved for another last layer is refused."""
+    X, y = data(n=20)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    found = Laplace(model, "classification", "last_layer", "full").fit([(X, y)], progress=False)
+    named = Laplace(model, "classification", "last_layer", "full", last_layer_name="4",
+                    prior_precision=torch.ones(18, dtype=DT))
+    assert named.n_params == 18 and named.last_layer_name == "4"
+    named.fit([(X, y)], progress=False)
+    torch.testing.assert_close(named.to_dense(), found.to_dense(), rtol=0, atol=0)
+    middle = Laplace(model, "classification", "last_layer", "kron", last_layer_name="2").fit([(X, y)], progress=False)
+    assert middle.n_params == 30 and middle.block_names == ["2.weight+bias"]  # (through the rest of the net)
+    for name, exc, words in [("1", ValueError, "not an nn.Linear"), ("9", ValueError, "not a module"),
+                             (2, TypeError, "module name")]:
+        with pytest.raises(exc, match=words):
+            Laplace(model, "classification", "last_layer", last_layer_name=name)
+    with pytest.raises(ValueError, match="last_layer_name is for subset_of_weights='last_layer'"):
+        Laplace(model, "classification", "all", last_layer_name="4")
+    other = Laplace(model, "classification", "last_layer", "kron", last_layer_name="4")
+    with pytest.raises(ValueError, match="saved for the last layer '2'"):
+        other.load_state_dict(middle.state_dict())
+
+
+def test_last_layer_name_against_laplace_torch():
+    laplace = require("laplace", "laplace-torch's last_layer_name is the reference")
+    X, y = data(n=30)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    for structure in ("full", "kron", "diag"):
+        ours = Laplace(model, "classification", "last_layer", structure, last_layer_name="4", bias_block="separate",
+                       prior_precision=0.7).fit([(X, y)], progress=False)
+        theirs = laplace.Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure=structure,
+                                 last_layer_name="4", prior_precision=0.7)
+        theirs.fit(DataLoader(TensorDataset(X, y), batch_size=30))
+        torch.testing.assert_close(ours.log_marginal_likelihood(), theirs.log_marginal_likelihood().detach(),
+                                   rtol=1e-8, atol=1e-8)

@@ -12,7 +12,7 @@ of ``pyfastbayes.laplace.laplace``): options after ``hessian_structure`` are key
 'kron' the default ``bias_block='joint'`` gives the last layer ONE block (a layerwise prior has one
 entry), ``bias_block='separate'`` gives laplace-torch's two; ``mean`` and ``sample(n)`` span all
 trainable parameters (the covered ones are ``[..., la.positions]``); the last layer is found in
-``fit`` (there is no ``last_layer_name`` argument), so a 1-D prior's length is checked there;
+``fit`` unless ``last_layer_name`` names it, so without it a 1-D prior's length is checked there;
 ``log_likelihood`` is a method and nothing is defined before ``fit``; a float16 / bfloat16
 model's Laplace computes in float32 and returns float32.
 
@@ -197,6 +197,25 @@ def test_laplace_init_before_fit(structure, model, class_loader):
     assert la.n_params == theta.numel() == 42
     torch.testing.assert_close(la.mean[la.positions], theta, rtol=0, atol=0)
     torch.testing.assert_close(la.mean, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_laplace_init_with_last_layer_name(model, class_loader, structure):
+    """Upstream test_laplace_init (``last_layer_name='1'``): the layer is set up at construction
+    (laplace-torch then sets mean = prior_mean; ours refuses ``mean`` before fit, as without the
+    name), its parameter count and a per-weight prior are known before fit, and the fit equals
+    the one that finds the layer itself."""
+    la = _lap(model, "classification", structure, last_layer_name="1")
+    assert la.n_params == 42 and la.last_layer_name == "1"
+    with pytest.raises(RuntimeError, match="fit"):
+        la.mean
+    if structure != "kron":
+        _lap(model, "classification", structure, last_layer_name="1", prior_precision=torch.ones(42))
+        with pytest.raises(ValueError):
+            _lap(model, "classification", structure, last_layer_name="1", prior_precision=torch.ones(41))
+    la.fit(class_loader, progress=False)
+    found = _fit(model, "classification", structure, class_loader)
+    torch.testing.assert_close(la.to_dense(), found.to_dense(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag"])

@@ -230,6 +230,10 @@ class Laplace(Posterior):
             parameters called in the forward, which must be an ``nn.Linear``) or 'subnetwork'
             (the entries ``subnetwork_indices``, the others held at the MAP; Daxberger et al.
             2021, laplace-torch's SubnetLaplace; hessian_structure 'full' or 'diag').
+        last_layer_name: for 'last_layer', the nn.Linear to cover (a name of
+            ``model.named_modules()``, laplace-torch's option): set up at construction, so the
+            covered parameters, ``n_params`` and a per-weight prior are known before fit; default:
+            the last module with trainable parameters that the first batch's forward calls.
         subnetwork_indices: for 'subnetwork', a 1-D integer tensor [k] of flat positions in the
             trainable parameters (``parameters_to_vector`` of those with requires_grad; unique,
             sorted here: ``positions`` is their order), e.g. from
@@ -287,7 +291,7 @@ class Laplace(Posterior):
                  temperature: float = 1.0, curvature: str = "ggn", prior_mean=0.0, bias_block: str = "joint",
                  kfac_approx: str = "expand", unsupported: str = "error", mc_samples: int = 1,
                  eigh_method: str = "auto", low_rank: int = 20, dict_key_y: str = "labels", output_fn=None,
-                 enable_backprop: bool = False, subnetwork_indices=None):
+                 enable_backprop: bool = False, subnetwork_indices=None, last_layer_name: str | None = None):
         super().__init__(model)
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self._fitting = False  # reward_modeling: the pairs' classification (fit, gridsearch, la(fitting=True))
@@ -320,10 +324,16 @@ class Laplace(Posterior):
         self._frozen: dict[str, Tensor] = {}  # the frozen parameters' and buffers' fingerprints at fit
         self._glm_row_bytes = {}  # the GLM parts' bytes per input row, by the row's shape (_glm_rows)
         self.subnetwork_indices = self._check_subnetwork(subnetwork_indices)
+        self._named = last_layer_name is not None  # a last layer given by name, not found in fit
+        if last_layer_name is not None and self.subset_of_weights != "last_layer":
+            raise ValueError(f"last_layer_name is for subset_of_weights='last_layer', got "
+                             f"subset_of_weights={self.subset_of_weights!r}")
         if self.subset_of_weights == "all":
             self._setup(set(self.layout.names))
         elif self.subset_of_weights == "subnetwork":
             self._setup(set(subnet.covered_names(self.layout, self.subnetwork_indices)))
+        elif last_layer_name is not None:  # the last layer named: set up now, as laplace-torch's option
+            self._setup_last_layer(last_layer_name, self._named_last_layer(last_layer_name, "last_layer_name"))
         else:  # the last layer is found in fit(): what can be checked without it is checked now
             self._prior_value = ml.check_prior(prior_precision, None, None, self.hessian_structure, self.dtype,
                                                self.device)
@@ -390,7 +400,11 @@ class Laplace(Posterior):
         name, mod = order[-1]
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"subset_of_weights='last_layer' needs the last layer with parameters to be nn.Linear; "
-                             f"it is {name!r} ({type(mod).__name__})")
+                             f"it is {name!r} ({type(mod).__name__}): pass last_layer_name=<an nn.Linear's name> to "
+                             "choose another")
+        self._setup_last_layer(name, mod)
+
+    def _setup_last_layer(self, name: str, mod: nn.Module) -> None:
         prefix = f"{name}." if name else ""
         self._setup({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad})
         self.last_layer_name = name
@@ -1626,6 +1640,9 @@ class Laplace(Posterior):
         if self.subset_of_weights == "last_layer":
             name = state["last_layer"]
             mod = self._saved_last_layer(name)
+            if self._named and name != self.last_layer_name:
+                raise ValueError(f"state_dict was saved for the last layer {name!r}, this Laplace was built with "
+                                 f"last_layer_name={self.last_layer_name!r}")
             prefix = f"{name}." if name else ""
             plan = self._plan({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad},
                               state["prior_precision"], state["prior_mean"], _STATE_NAMES)
@@ -1692,15 +1709,20 @@ class Laplace(Posterior):
 
     def _saved_last_layer(self, name) -> nn.Module:
         """The module ``name`` a last-layer state_dict was saved for: an nn.Linear of this model."""
+        return self._named_last_layer(name, "state_dict['last_layer']", ": the state_dict was saved for another "
+                                                                         "architecture")
+
+    def _named_last_layer(self, name, what: str, hint: str = "") -> nn.Module:
+        """The module ``name`` (given as ``what``): an nn.Linear of this model with trainable parameters."""
         if not isinstance(name, str):
-            raise ValueError(f"state_dict['last_layer'] must be a module name (str), got {type(name).__name__}")
+            raise (ValueError if what.startswith("state_dict") else TypeError)(
+                f"{what} must be a module name (str), got {type(name).__name__}")
         try:
             mod = self.model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"state_dict['last_layer'] = {name!r} is not a module of this model: the state_dict "
-                             "was saved for another architecture") from None
+            raise ValueError(f"{what} = {name!r} is not a module of this model{hint}") from None
         if not isinstance(mod, nn.Linear) or not any(p.requires_grad for p in mod.parameters(recurse=False)):
-            raise ValueError(f"state_dict['last_layer'] = {name!r} is not an nn.Linear with trainable parameters in "
+            raise ValueError(f"{what} = {name!r} is not an nn.Linear with trainable parameters in "
                              f"this model (it is {type(mod).__name__})")
         return mod
 
