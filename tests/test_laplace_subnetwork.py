@@ -38,6 +38,23 @@ class _Seq(nn.Module):
         return self.head(torch.tanh(self.lin(h)).flatten(1))
 
 
+class _Tokens(nn.Module):
+    """An Embedding (with a padding token) over [N, T] tokens, a Linear called twice on [N, T, D]
+    (separate bias block), a strided padded Conv2d, then a head: every entry-wise Jacobian path."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.lin = nn.Linear(4, 4)
+        self.conv = nn.Conv2d(1, 2, 3, stride=2, padding=1)
+        self.head = nn.Linear(4 * 4 + 2 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(torch.tanh(self.lin(self.emb(x)))))  # [N, 4, 4]
+        c = torch.tanh(self.conv(h.unsqueeze(1)))  # [N, 2, 2, 2]
+        return self.head(torch.cat([h.flatten(1), c.flatten(1)], 1))
+
+
 def _data(N=24, D=4, C=3, seed=1, shape=None):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(N, *(shape or (D,)), generator=g, dtype=torch.float64)
@@ -58,13 +75,22 @@ def _exact_precision(model, loader, idx, prior, structure, likelihood="classific
 
 
 @pytest.mark.parametrize("structure", ["full", "diag"])
-@pytest.mark.parametrize("make", ["mlp", "seq"])
+@pytest.mark.parametrize("make", ["mlp", "seq", "tokens"])
 def test_precision_and_glm_predictive_equal_the_exact_submatrix(structure, make):
-    model = _mlp() if make == "mlp" else _Seq().double()
-    X, y, loader = _data(shape=None if make == "mlp" else (2, 5))
+    if make == "tokens":
+        torch.manual_seed(0)
+        model = _Tokens().double()
+        g = torch.Generator().manual_seed(1)
+        X, y = torch.randint(0, 7, (24, 4), generator=g), torch.randint(0, 3, (24,), generator=g)
+        loader = DataLoader(TensorDataset(X, y), batch_size=10)
+        kw = dict(bias_block="separate")
+    else:
+        model = _mlp() if make == "mlp" else _Seq().double()
+        X, y, loader = _data(shape=None if make == "mlp" else (2, 5))
+        kw = {}
     P = sum(p.numel() for p in model.parameters())
     idx = _indices(P, 23)
-    la = Laplace(model, "classification", "subnetwork", structure, subnetwork_indices=idx, prior_precision=0.6)
+    la = Laplace(model, "classification", "subnetwork", structure, subnetwork_indices=idx, prior_precision=0.6, **kw)
     la.fit(loader, progress=False)
     s = idx.sort().values
     assert torch.equal(la.positions.cpu(), s) and la.n_params == 23
@@ -329,22 +355,89 @@ def _pickled(obj):
     return torch.load(buf, weights_only=False)
 
 
-def test_glm_chunks_count_the_covered_layers_whole_parts():
-    """(review) the GLM predictive's rows per chunk count the covered layer's whole Jacobian parts,
-    which exist while the subnetwork's columns are taken: a few weights of a wide convolution
-    must not get bigger chunks than the all-weights Laplace's budget allows."""
+def test_wide_layers_give_their_entries_columns_alone():
+    """(review) a few weights of a wide convolution: their Jacobian columns are built alone
+    (m N T k numbers), not cut from the layer's [m, N, out, in k] matrix, so the GLM predictive's
+    chunks are the whole batch with a few bytes per row; a layer without entry-wise columns (a
+    generic module's per-example gradients) has its whole parts counted in the budget."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 3))
     X = torch.randn(16, 8, 8, 8)
     y = torch.randint(0, 3, (16,))
     la = Laplace(model, "classification", "subnetwork", "diag", subnetwork_indices=torch.arange(11)) \
         .fit([(X, y)], progress=False)
-    rows = la._glm_rows(X, 256)
+    assert la._glm_rows(X, 256) == 256
     per_row = next(iter(la._glm_row_bytes.values()))
-    whole = 3 * 64 * 8 * 9 * 4  # one row's [C, out, in k] float32 matrix of the convolution's weight
-    assert per_row >= whole and rows <= (256 << 20) // whole
-    # and the values: J_S diag(1 / (h_S + delta)) J_S^T from the exact Jacobians' columns
+    assert per_row < 3 * 64 * 8 * 9 * 4  # one row's [C, out, in k] float32 matrix of the convolution
     _, f_var = la.functional_variance(X[:5])
     J = ref.jacobians(model, X[:5])[:, :, :11]
     var = 1.0 / torch.diagonal(la.to_dense())
     torch.testing.assert_close(f_var, torch.einsum("ncp,p,ndp->ncd", J, var, J), rtol=1e-5, atol=1e-7)
+
+    class Scale(nn.Module):  # a module with its own parameters: generic per-example gradients
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4096))
+
+        def forward(self, x):
+            return x * self.weight
+
+    model = nn.Sequential(Scale(), nn.Linear(4096, 3))
+    X = torch.randn(8, 4096)
+    la = Laplace(model, "classification", "subnetwork", "diag", subnetwork_indices=torch.arange(5)) \
+        .fit([(X, torch.randint(0, 3, (8,)))], progress=False)
+    la._glm_rows(X, 256)
+    assert next(iter(la._glm_row_bytes.values())) >= 3 * 4096 * 4  # the module's [C, 1 row, 4096] gradients
+
+class _Wide(nn.Module):
+    """Layers wide enough that a few chosen entries take the entry-wise path: an Embedding over 3
+    tokens (padding token 0), a Linear over the 3 positions, a Conv2d, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8, padding_idx=0)
+        self.lin = nn.Linear(8, 16)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Linear(3 * 16 + 8 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(self.emb(x)))  # [N, 3, 16]
+        c = torch.tanh(self.conv(h.reshape(-1, 3, 4, 4).repeat(1, 1, 2, 2)[:, :, :6, :6]))  # [N, 8, 4, 4]
+        return self.head(torch.cat([h.flatten(1), c.flatten(1)], 1))
+
+
+@pytest.mark.parametrize("bias_block", ["joint", "separate"])
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_entrywise_columns_equal_the_exact_ones(structure, bias_block):
+    """A few entries of each wide layer (Embedding with padding, Linear over positions, Conv2d;
+    weight, bias and joint blocks): built entry by entry (asserted), the precision and the GLM
+    variance equal the exact GGN's submatrix and J_S P^-1 J_S^T."""
+    torch.manual_seed(0)
+    model = _Wide().double()
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randint(0, 50, (20, 3), generator=g), torch.randint(0, 3, (20,), generator=g)
+    X[:4, 0] = 0  # padding tokens
+    loader = DataLoader(TensorDataset(X, y), batch_size=8)
+    offsets, o = {}, 0
+    for n, p in model.named_parameters():
+        offsets[n], o = o, o + p.numel()
+    idx = torch.tensor([offsets["emb.weight"] + 8 * 3 + 1, offsets["emb.weight"] + 8 * 17 + 5, offsets["emb.weight"] + 2,
+                        offsets["lin.weight"] + 7, offsets["lin.weight"] + 100, offsets["lin.bias"] + 4,
+                        offsets["conv.weight"] + 11, offsets["conv.weight"] + 150, offsets["conv.bias"] + 6,
+                        offsets["head.weight"] + 3]).sort().values
+    la = Laplace(model, "classification", "subnetwork", structure, subnetwork_indices=idx, prior_precision=0.9,
+                 bias_block=bias_block).fit(loader, progress=False)
+    f, _ = la._forward(X[:8])  # (a recorded forward, as fit's: the layers decide their path on it)
+    wide = [layer for layer in la.layers if layer.inner.name in ("emb", "lin", "conv")]
+    assert len(wide) == 3 and all(layer._entrywise() for layer in wide)
+    for layer in la.layers:
+        layer.clear()
+    H = ref.exact_curvature(model, loader, "classification")[idx][:, idx]
+    if structure == "diag":
+        H = torch.diag(H.diagonal())
+    Pm = H + 0.9 * torch.eye(10, dtype=torch.float64)
+    torch.testing.assert_close(la.to_dense(), Pm, rtol=1e-10, atol=1e-12)
+    _, f_var = la.functional_variance(X[:6])
+    J = ref.jacobians(model, X[:6])[:, :, idx]
+    torch.testing.assert_close(f_var, torch.einsum("ncp,pq,ndq->ncd", J, torch.linalg.inv(Pm), J), rtol=1e-9,
+                               atol=1e-12)

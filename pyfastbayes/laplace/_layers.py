@@ -284,6 +284,40 @@ class _Matrix(Layer):
             parts.append(self._bias_part(gg))
         return parts
 
+    def entry_jacobians(self, gs, takes: list[tuple[int, Tensor]]) -> list[Tensor]:
+        """Per (block j, entries ``take`` of its flat [p * q] order) the per-example Jacobian
+        columns [m, N, k] of those entries alone: sum_t g[.., t, o] a[.., t, i] for entry (o, i),
+        without the block's [m, N, p, q] matrix (a subnetwork over a few weights of a wide
+        convolution: m N T k numbers instead of m N out in)."""
+        # the output and input channels first: each entry's gathers are contiguous rows
+        g0 = self._grads(gs).permute(3, 0, 1, 2).contiguous()  # [out, m, N, T]
+        a0 = None
+        out = []
+        for j, take in takes:
+            q = self.blocks[j].q
+            o, i = take // q, take % q
+            g_sel = g0.index_select(0, o)  # [k, m, N, T]
+            if q == 1 and not (self.joint and self.has_weight):  # a bias block of its own (or a lone bias)
+                out.append(g_sel.sum(-1).permute(1, 2, 0))
+                continue
+            if a0 is None:
+                a = self._inputs()  # [N, T, in]
+                av = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], -1) if self.joint else a
+                a0 = av.permute(2, 0, 1).contiguous()  # [in, N, T]
+            out.append((g_sel * a0.index_select(0, i).unsqueeze(1)).sum(-1).permute(1, 2, 0))  # [m, N, k]
+        return out
+
+    def entry_numel(self, k: int) -> int:
+        """Numbers per direction that :meth:`entry_jacobians` builds for k entries, N T k (as
+        :meth:`jacobian_numel`, beyond the output gradients and the inputs' rows, which both
+        paths read)."""
+        N = self.batch_rows(strict=False)
+        if N is None:
+            return 0
+        n_out = self.params["weight"][1][0] if self.has_weight else self.params["bias"][2]
+        T = sum(o.numel() // max(1, o.shape[0] * n_out) for o in self.outs)
+        return N * T * k
+
     def kron_rows(self, gs):
         gg = self._grads(gs)
         reduce = self.sharing == "reduce" and gg.shape[2] > 1
@@ -488,6 +522,26 @@ class _Embedding(Layer):
         src = gg * keep.to(gg.dtype)[None, :, :, None]
         M.scatter_add_(2, idx[None, :, :, None].expand(m, N, T, D), src)
         return [("matrix", M)]
+
+    def entry_jacobians(self, gs, takes: list[tuple[int, Tensor]]) -> list[Tensor]:
+        """(see :meth:`_Matrix.entry_jacobians`) entry (v, d): sum_t [idx_t = v] g[.., t, d]
+        over the non-padding tokens, without the [m, N, V, D] matrix."""
+        idx, gg, keep, _ = self._onehot_parts(gs)
+        D = gg.shape[-1]
+        g0 = gg.permute(3, 0, 1, 2).contiguous()  # [D, m, N, T]
+        out = []
+        for _, take in takes:
+            v, d = take // D, take % D
+            hit = ((idx.unsqueeze(0) == v[:, None, None]) & keep.unsqueeze(0)).to(gg.dtype)  # [k, N, T]
+            out.append((g0.index_select(0, d) * hit.unsqueeze(1)).sum(-1).permute(1, 2, 0))  # [m, N, k]
+        return out
+
+    def entry_numel(self, k: int) -> int:
+        N = self.batch_rows(strict=False)
+        if N is None:
+            return 0
+        T = sum(a.numel() // max(1, a.shape[0]) for a in self.inputs)
+        return N * T * k
 
     def kron_rows(self, gs):
         idx, gg, keep, reduce = self._onehot_parts(gs)

@@ -95,12 +95,34 @@ class SubsetLayer:
             raise AttributeError(name)
         return getattr(inner, name)
 
+    def _entrywise(self) -> bool:
+        """Whether the chosen entries' columns are built alone (Linear over positions, convolutions,
+        Embedding: m N T k numbers) rather than cut from the layer's whole Jacobian parts: when they
+        are at most half of those parts (few entries of a wide layer; on the CPU the gathers are
+        faster than the parts' batched GEMM up to about there). An unshared Linear's
+        parts are factored, U (x) V: its columns are cut from them without the whole rows."""
+        if not hasattr(self.inner, "entry_jacobians"):
+            return False
+        whole = self.inner.jacobian_numel()
+        return whole > 0 and 2 * self.inner.entry_numel(sum(t.numel() for _, t in self._takes)) <= whole
+
     def jacobians(self, gs: list[Tensor]) -> list:
+        takes = [(j, take.to(gs[0].device)) for j, take in self._takes]
+        if self._entrywise():
+            self.inner_bytes = 0
+            return [("rows", r) for r in self.inner.entry_jacobians(gs, takes)]
         parts = self.inner.jacobians(gs)
         # the inner layer's whole parts exist while the columns are taken: the GLM predictive's
         # chunk budget (Laplace._glm_rows) counts them too
         self.inner_bytes = sum(t.numel() * t.element_size() for part in parts for t in part[1:] if torch.is_tensor(t))
-        return [("rows", _columns(parts[j], take.to(gs[0].device))) for j, take in self._takes]
+        return [("rows", _columns(parts[j], take)) for j, take in takes]
+
+    def jacobian_numel(self) -> int:
+        """Numbers per direction :meth:`jacobians` builds (fit's memory budget): the entries'
+        columns where the inner layer takes them alone, its whole parts otherwise."""
+        if self._entrywise():
+            return self.inner.entry_numel(sum(take.numel() for _, take in self._takes))
+        return self.inner.jacobian_numel()
 
 
 def _columns(part, take: Tensor) -> Tensor:
