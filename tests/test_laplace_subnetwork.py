@@ -357,9 +357,9 @@ def _pickled(obj):
 
 def test_wide_layers_give_their_entries_columns_alone():
     """(review) a few weights of a wide convolution: their Jacobian columns are built alone
-    (m N T k numbers), not cut from the layer's [m, N, out, in k] matrix, so the GLM predictive's
-    chunks are the whole batch with a few bytes per row; a layer without entry-wise columns (a
-    generic module's per-example gradients) has its whole parts counted in the budget."""
+    (m N T k numbers), not cut from the layer's [m, N, out, in k] matrix (the GLM predictive's
+    chunks are the whole batch); a layer without entry-wise columns (a generic module's
+    per-example gradients) has its whole parts counted in the chunk budget."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 3))
     X = torch.randn(16, 8, 8, 8)
@@ -367,8 +367,9 @@ def test_wide_layers_give_their_entries_columns_alone():
     la = Laplace(model, "classification", "subnetwork", "diag", subnetwork_indices=torch.arange(11)) \
         .fit([(X, y)], progress=False)
     assert la._glm_rows(X, 256) == 256
-    per_row = next(iter(la._glm_row_bytes.values()))
-    assert per_row < 3 * 64 * 8 * 9 * 4  # one row's [C, out, in k] float32 matrix of the convolution
+    la._forward(X[:2])  # (a recorded forward: the layer decides its path on it)
+    assert la.layers[0]._entrywise()
+    la.layers[0].clear()
     _, f_var = la.functional_variance(X[:5])
     J = ref.jacobians(model, X[:5])[:, :, :11]
     var = 1.0 / torch.diagonal(la.to_dense())

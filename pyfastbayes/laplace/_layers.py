@@ -292,11 +292,12 @@ class _Matrix(Layer):
         # the output and input channels first: each entry's gathers are contiguous rows
         g0 = self._grads(gs).permute(3, 0, 1, 2).contiguous()  # [out, m, N, T]
         a0 = None
-        out = []
+        out, biggest = [], 0
         for j, take in takes:
             q = self.blocks[j].q
             o, i = take // q, take % q
             g_sel = g0.index_select(0, o)  # [k, m, N, T]
+            biggest = max(biggest, 2 * g_sel.numel())  # (and the product)
             if q == 1 and not (self.joint and self.has_weight):  # a bias block of its own (or a lone bias)
                 out.append(g_sel.sum(-1).permute(1, 2, 0))
                 continue
@@ -305,6 +306,8 @@ class _Matrix(Layer):
                 av = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], -1) if self.joint else a
                 a0 = av.permute(2, 0, 1).contiguous()  # [in, N, T]
             out.append((g_sel * a0.index_select(0, i).unsqueeze(1)).sum(-1).permute(1, 2, 0))  # [m, N, k]
+        # the temporaries (for the GLM predictive's chunk budget): the permuted copies and the gathers
+        self.entry_bytes = (g0.numel() + (0 if a0 is None else a0.numel()) + biggest) * g0.element_size()
         return out
 
     def entry_numel(self, k: int) -> int:
@@ -316,7 +319,7 @@ class _Matrix(Layer):
             return 0
         n_out = self.params["weight"][1][0] if self.has_weight else self.params["bias"][2]
         T = sum(o.numel() // max(1, o.shape[0] * n_out) for o in self.outs)
-        return N * T * k
+        return 2 * N * T * k  # (the gathered output gradients and their product with the inputs)
 
     def kron_rows(self, gs):
         gg = self._grads(gs)
@@ -529,11 +532,14 @@ class _Embedding(Layer):
         idx, gg, keep, _ = self._onehot_parts(gs)
         D = gg.shape[-1]
         g0 = gg.permute(3, 0, 1, 2).contiguous()  # [D, m, N, T]
-        out = []
+        out, biggest = [], 0
         for _, take in takes:
             v, d = take // D, take % D
             hit = ((idx.unsqueeze(0) == v[:, None, None]) & keep.unsqueeze(0)).to(gg.dtype)  # [k, N, T]
-            out.append((g0.index_select(0, d) * hit.unsqueeze(1)).sum(-1).permute(1, 2, 0))  # [m, N, k]
+            g_sel = g0.index_select(0, d)
+            biggest = max(biggest, 2 * g_sel.numel() + hit.numel())
+            out.append((g_sel * hit.unsqueeze(1)).sum(-1).permute(1, 2, 0))  # [m, N, k]
+        self.entry_bytes = (g0.numel() + biggest) * g0.element_size()  # (see _Matrix.entry_jacobians)
         return out
 
     def entry_numel(self, k: int) -> int:
@@ -541,7 +547,7 @@ class _Embedding(Layer):
         if N is None:
             return 0
         T = sum(a.numel() // max(1, a.shape[0]) for a in self.inputs)
-        return N * T * k
+        return 3 * N * T * k  # (the gathered output gradients, the token matches, their product)
 
     def kron_rows(self, gs):
         idx, gg, keep, reduce = self._onehot_parts(gs)

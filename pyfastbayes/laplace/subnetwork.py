@@ -109,8 +109,9 @@ class SubsetLayer:
     def jacobians(self, gs: list[Tensor]) -> list:
         takes = [(j, take.to(gs[0].device)) for j, take in self._takes]
         if self._entrywise():
-            self.inner_bytes = 0
-            return [("rows", r) for r in self.inner.entry_jacobians(gs, takes)]
+            rows = self.inner.entry_jacobians(gs, takes)
+            self.inner_bytes = self.inner.entry_bytes  # (its temporaries, for the GLM chunk budget)
+            return [("rows", r) for r in rows]
         parts = self.inner.jacobians(gs)
         # the inner layer's whole parts exist while the columns are taken: the GLM predictive's
         # chunk budget (Laplace._glm_rows) counts them too
