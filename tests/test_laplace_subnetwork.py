@@ -442,3 +442,33 @@ def test_entrywise_columns_equal_the_exact_ones(structure, bias_block):
     J = ref.jacobians(model, X[:6])[:, :, idx]
     torch.testing.assert_close(f_var, torch.einsum("ncp,pq,ndq->ncd", J, torch.linalg.inv(Pm), J), rtol=1e-9,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("bias, bias_block", [(False, "joint"), (True, "separate"), (True, "joint")])
+def test_entrywise_one_input_linear(bias, bias_block):
+    """(final read) a Linear with ONE input over positions: its weight block has one column, like a
+    bias block, but its entries' columns are sum_t g a, not sum_t g (the entry-wise path had
+    told the two apart by the column count)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 64, bias=bias)
+            self.head = nn.Linear(64 * 3, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.lin(x.unsqueeze(-1))).flatten(1))
+
+    torch.manual_seed(0)
+    model = M().double()
+    X = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    idx = torch.tensor([5, 40, 70]) if bias else torch.tensor([5, 40])
+    la = Laplace(model, "classification", "subnetwork", "full", subnetwork_indices=idx, bias_block=bias_block) \
+        .fit([(X, y)], progress=False)
+    la._forward(X[:2])
+    assert la.layers[0]._entrywise()
+    for layer in la.layers:
+        layer.clear()
+    H = ref.exact_curvature(model, [(X, y)], "classification")[idx][:, idx]
+    torch.testing.assert_close(la.to_dense(), H + torch.eye(len(idx), dtype=torch.float64), rtol=1e-10, atol=1e-12)

@@ -298,7 +298,7 @@ class _Matrix(Layer):
             o, i = take // q, take % q
             g_sel = g0.index_select(0, o)  # [k, m, N, T]
             biggest = max(biggest, 2 * g_sel.numel())  # (and the product)
-            if q == 1 and not (self.joint and self.has_weight):  # a bias block of its own (or a lone bias)
+            if not self.has_weight or j == 1:  # a bias block of its own (_make_blocks: [bias] or [weight, bias])
                 out.append(g_sel.sum(-1).permute(1, 2, 0))
                 continue
             if a0 is None:
