@@ -405,8 +405,7 @@ class Laplace(Posterior):
         self._setup_last_layer(name, mod)
 
     def _setup_last_layer(self, name: str, mod: nn.Module) -> None:
-        prefix = f"{name}." if name else ""
-        self._setup({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad})
+        self._setup(_own_trainable(name, mod))
         self.last_layer_name = name
 
     # ---- prior -------------------------------------------------------------------------------------------
@@ -1160,7 +1159,7 @@ class Laplace(Posterior):
             except Exception:  # noqa: BLE001  (an input the model refuses: the real pass raises its own error)
                 return batch_size
             cache[key] = 2 * sum(t.numel() * t.element_size() for _, part in parts for t in part if torch.is_tensor(t)) \
-                + sum(layer.__dict__.get("inner_bytes", 0) for layer in self.layers)  # (a subnetwork's whole parts)
+                + sum(getattr(layer, "inner_bytes", 0) for layer in self.layers)  # (a subnetwork's temporaries)
         per_row = cache[key]
         budget = _GLM_BYTES
         if torch.device(self.device).type == "cuda":  # (where the parts live: the model's device)
@@ -1643,9 +1642,7 @@ class Laplace(Posterior):
             if self._named and name != self.last_layer_name:
                 raise ValueError(f"state_dict was saved for the last layer {name!r}, this Laplace was built with "
                                  f"last_layer_name={self.last_layer_name!r}")
-            prefix = f"{name}." if name else ""
-            plan = self._plan({prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad},
-                              state["prior_precision"], state["prior_mean"], _STATE_NAMES)
+            plan = self._plan(_own_trainable(name, mod), state["prior_precision"], state["prior_mean"], _STATE_NAMES)
             plan["last_layer_name"] = name
         else:
             plan = dict(_prior=ml.check_prior(state["prior_precision"], self.blocks, self.n_params,
@@ -1709,14 +1706,14 @@ class Laplace(Posterior):
 
     def _saved_last_layer(self, name) -> nn.Module:
         """The module ``name`` a last-layer state_dict was saved for: an nn.Linear of this model."""
-        return self._named_last_layer(name, "state_dict['last_layer']", ": the state_dict was saved for another "
-                                                                         "architecture")
+        return self._named_last_layer(name, "state_dict['last_layer']",
+                                      ": the state_dict was saved for another architecture", not_str=ValueError)
 
-    def _named_last_layer(self, name, what: str, hint: str = "") -> nn.Module:
-        """The module ``name`` (given as ``what``): an nn.Linear of this model with trainable parameters."""
+    def _named_last_layer(self, name, what: str, hint: str = "", not_str: type = TypeError) -> nn.Module:
+        """The module ``name`` (given as ``what``): an nn.Linear of this model with trainable
+        parameters; ``not_str``: the error for a name that is not a str (a corrupt state: ValueError)."""
         if not isinstance(name, str):
-            raise (ValueError if what.startswith("state_dict") else TypeError)(
-                f"{what} must be a module name (str), got {type(name).__name__}")
+            raise not_str(f"{what} must be a module name (str), got {type(name).__name__}")
         try:
             mod = self.model.get_submodule(name)
         except AttributeError:
@@ -1733,6 +1730,12 @@ def _class_nll(p: Tensor, y: Tensor, likelihood: str) -> float:
         yb = y.reshape(-1).to(p.dtype)
         return float(-(yb * p.clamp_min(tiny).log() + (1 - yb) * (1 - p).clamp_min(tiny).log()).mean())
     return float(-p.gather(1, y.reshape(-1, 1).long()).clamp_min(tiny).log().mean())
+
+
+def _own_trainable(name: str, mod: nn.Module) -> set[str]:
+    """The model-level names of module ``name``'s own trainable parameters."""
+    prefix = f"{name}." if name else ""
+    return {prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad}
 
 
 def _check_glm_flag(name: str, value, pred_type: str) -> None:

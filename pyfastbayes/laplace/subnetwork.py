@@ -79,6 +79,8 @@ class SubsetLayer:
     :meth:`jacobians` gives their Jacobian columns; everything else (recording, the forward's
     bookkeeping, memory estimates) is the inner layer's."""
 
+    inner_bytes = 0  # the temporaries of the last jacobians() call (the GLM predictive's chunk budget)
+
     def __init__(self, inner: Layer, positions: Tensor):
         self.inner = inner
         self.blocks, self._takes = [], []  # (the inner block's number, its selected entries) per block
