@@ -68,8 +68,9 @@ def covered_names(layout, positions: Tensor) -> list[str]:
 def covered_columns(layout, names: list[str], positions: Tensor) -> Tensor:
     """Where ``positions`` (sorted) sit among the flat entries of the parameters ``names``
     (layout order) laid end to end: the columns of their Jacobian [.., sum numel] to keep."""
+    wanted = set(names)
     whole = torch.cat([torch.arange(o, o + int(torch.Size(s).numel()))
-                       for n, o, s in zip(layout.names, layout.offsets, layout.shapes) if n in set(names)])
+                       for n, o, s in zip(layout.names, layout.offsets, layout.shapes) if n in wanted])
     return torch.searchsorted(whole, positions)
 
 
@@ -90,6 +91,7 @@ class SubsetLayer:
             if take.numel():
                 self.blocks.append(Block(b.name, "diag", flat[take]))
                 self._takes.append((j, take))
+        self._k = sum(take.numel() for _, take in self._takes)  # the layer's chosen entries
 
     def __getattr__(self, name):  # (only reached for what SubsetLayer itself lacks)
         inner = self.__dict__.get("inner")  # (absent while copy / pickle rebuild the object)
@@ -106,7 +108,7 @@ class SubsetLayer:
         if not hasattr(self.inner, "entry_jacobians"):
             return False
         whole = self.inner.jacobian_numel()
-        return whole > 0 and 2 * self.inner.entry_numel(sum(t.numel() for _, t in self._takes)) <= whole
+        return whole > 0 and 2 * self.inner.entry_numel(self._k) <= whole
 
     def jacobians(self, gs: list[Tensor]) -> list:
         takes = [(j, take.to(gs[0].device)) for j, take in self._takes]
@@ -124,7 +126,7 @@ class SubsetLayer:
         """Numbers per direction :meth:`jacobians` builds (fit's memory budget): the entries'
         columns where the inner layer takes them alone, its whole parts otherwise."""
         if self._entrywise():
-            return self.inner.entry_numel(sum(take.numel() for _, take in self._takes))
+            return self.inner.entry_numel(self._k)
         return self.inner.jacobian_numel()
 
 
