@@ -3,6 +3,7 @@ against autograd, the factor identities B B^T = H, extreme logits, C = 1, C = 10
 CUDA kernel against the CPU op over shapes that cross its code paths. The GGN / Fisher operators
 built on it are tested in their own files."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -13,12 +14,22 @@ from pyfastbayes import _reference, ops
 from _helpers import ALL_DTYPES, DEVICES, Bad, OpContract, OpSpec, needs_cuda, needs_native, placement, put
 
 OP = "loss_hessian"
-KINDS = ("cross_entropy", "bce", "mse")
+KINDS = ("cross_entropy", "bce", "mse")  # the kinds that take any C (gaussian_natural: even C, its own tests)
+GN = "gaussian_natural"
 MODES = ("hessian", "factor", "factor_t")
 
 
 def _logits(N, C, gen, scale=3.0):
     return torch.randn(N, C, generator=gen, dtype=torch.float64) * scale
+
+
+def _natural(N, C, gen):
+    """Natural parameters [N, C = 2D] of D Gaussians: eta1 = mu / s2, eta2 = -1 / (2 s2) with mu ~
+    N(0, 2^2) and log s2 ~ N(0, 1.5^2)."""
+    D = C // 2
+    mu = torch.randn(N, D, generator=gen, dtype=torch.float64) * 2
+    s2 = torch.exp(torch.randn(N, D, generator=gen, dtype=torch.float64) * 1.5)
+    return torch.cat([mu / s2, -0.5 / s2], 1)
 
 
 def lh_make(kind, device, dtype, gen):
@@ -29,17 +40,24 @@ def lh_make(kind, device, dtype, gen):
     if kind == "random":  # every kind x mode, several (N, C, k) shapes, C = 1 and k = 1 included
         for (N, C, k), loss, mode in itertools.product([(33, 7, 3), (5, 1, 2), (9, 40, 1), (4, 3, 33)], KINDS, MODES):
             calls.append(call(loss, _logits(N, C, gen), torch.randn(N, C, k, generator=gen, dtype=torch.float64), mode))
+        for (N, C, k), mode in itertools.product([(33, 8, 3), (5, 2, 2), (9, 40, 1), (4, 4, 33)], MODES):
+            calls.append(call(GN, _natural(N, C, gen), torch.randn(N, C, k, generator=gen, dtype=torch.float64), mode))
         return calls
     if kind == "empty":  # N = 0: an empty [0, C, k] result
-        return [call(loss, _logits(0, 5, gen), torch.empty(0, 5, 2, dtype=torch.float64), mode)
-                for loss, mode in itertools.product(KINDS, MODES)]
+        return [call(loss, _logits(0, 6, gen), torch.empty(0, 6, 2, dtype=torch.float64), mode)
+                for loss, mode in itertools.product(KINDS + (GN,), MODES)]
     # transposed outputs, permuted V (k strided), a column slice of wider outputs
-    for loss, mode in itertools.product(KINDS, MODES):
-        x = _logits(6, 11, gen).t()  # [11, 6] viewed transposed: N = 11, C = 6
+    for loss, mode in itertools.product(KINDS + (GN,), MODES):
+        # [11, 6] viewed transposed: N = 11, C = 6 (gaussian_natural: its eta2 columns 3-5 below 0)
+        x = _natural(11, 6, gen).t().contiguous().t() if loss == GN else _logits(6, 11, gen).t()
         V = torch.randn(3, 11, 6, generator=gen, dtype=torch.float64).permute(1, 2, 0)  # [11, 6, 3]
         calls.append(call(loss, x, V, mode))  # .to() keeps the strides of these dense views
-        wide = _logits(8, 9, gen).to(dtype=dtype, device=device)[:, 2:7]
-        Vw = torch.randn(8, 10, 2, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)[:, ::2]
+        wide = _logits(8, 9, gen)
+        if loss == GN:  # columns 2:8 of wider outputs
+            wide[:, 2:8] = _natural(8, 6, gen)
+        cols = slice(2, 8) if loss == GN else slice(2, 7)
+        wide = wide.to(dtype=dtype, device=device)[:, cols]
+        Vw = torch.randn(8, 2 * wide.shape[1], 2, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)[:, ::2]
         calls.append(dict(kind=loss, outputs=wide, V=Vw, mode=mode))
     return calls
 
@@ -64,13 +82,25 @@ def _opcheck_args(kind, mode, dtype, N=4):
     return f
 
 
+def _gn_opcheck_args(mode, dtype):
+    def f(device):
+        gen = torch.Generator().manual_seed(4)
+        return dict(kind=GN, outputs=_natural(4, 6, gen).to(dtype=dtype, device=device),
+                    V=torch.randn(4, 6, 3, generator=gen).to(dtype=dtype, device=device), mode=mode)
+    return f
+
+
 LOSS_HESSIAN = OpSpec(
     OP, grid=ALL_DTYPES, make=lh_make, good=lh_good, post=lh_post, seed=11,
     opcheck=[_opcheck_args("cross_entropy", "factor", torch.float64), _opcheck_args("cross_entropy", "factor_t", torch.float32),
              _opcheck_args("bce", "factor", torch.float64), _opcheck_args("mse", "hessian", torch.float32),
-             _opcheck_args("cross_entropy", "hessian", torch.float32, N=0)],
+             _opcheck_args("cross_entropy", "hessian", torch.float32, N=0), _gn_opcheck_args("factor", torch.float64),
+             _gn_opcheck_args("factor_t", torch.float32)],
     bad=[
-        Bad("kind-unknown", put(kind="nll"), rf"^{OP}: kind must be 'cross_entropy', 'bce' or 'mse', got 'nll'$"),
+        Bad("kind-unknown", put(kind="nll"),
+            rf"^{OP}: kind must be 'cross_entropy', 'bce', 'mse' or 'gaussian_natural', got 'nll'$"),
+        Bad("gaussian-odd-C", put(kind=GN), rf"^{OP}: kind 'gaussian_natural' needs an even number of columns C = 2D "
+            rf"\(eta1 of the D targets, then their eta2\), got C = 5$"),
         Bad("kind-case", put(kind="CrossEntropy"), rf"^{OP}: kind must be .* got 'CrossEntropy'$"),
         Bad("mode-unknown", put(mode="sqrt"), rf"^{OP}: mode must be 'hessian', 'factor' or 'factor_t', got 'sqrt'$"),
         Bad("outputs-int", put(outputs=lambda a, d: a["outputs"].long(), V=lambda a, d: a["V"].long()),
@@ -249,6 +279,63 @@ def test_wrapper_falls_back_to_the_reference_without_a_kernel(monkeypatch):
     torch.testing.assert_close(ops.loss_hessian(**a), expected, rtol=0, atol=0)
 
 
+# ---- gaussian_natural ---------------------------------------------------------------------------
+def _gaussian_row_nll(y):
+    """The row's summed Gaussian NLL as a function of its natural parameters [2D], written with
+    torch.distributions.Normal (mean -eta1 / (2 eta2), variance -1 / (2 eta2)): its Hessian is H_n."""
+    D = y.shape[0]
+
+    def f(o):
+        eta1, eta2 = o[:D], o[D:]
+        return -torch.distributions.Normal(-eta1 / (2 * eta2), (-0.5 / eta2).sqrt()).log_prob(y).sum()
+    return f
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_natural_matches_autograd(device):
+    """Row n of loss_hessian('gaussian_natural', x, I) is the autograd Hessian of the row's Gaussian
+    NLL (whatever the targets: the natural parameterisation's Hessian has no y in it), B B^T = H,
+    factor_t is B^T, and products with a random V match the matrices."""
+    gen = torch.Generator().manual_seed(12)
+    N, D = 7, 3
+    x = _natural(N, 2 * D, gen)
+    H = torch.stack([torch.autograd.functional.hessian(_gaussian_row_nll(torch.randn(D, generator=gen, dtype=torch.float64)),
+                                                       x[n]) for n in range(N)])
+    H2 = torch.stack([torch.autograd.functional.hessian(_gaussian_row_nll(torch.randn(D, generator=gen, dtype=torch.float64) * 9),
+                                                        x[n]) for n in range(N)])
+    torch.testing.assert_close(H, H2, rtol=1e-10, atol=1e-10)  # (the reference itself: y-free)
+    V = torch.randn(N, 2 * D, 4, generator=gen, dtype=torch.float64)
+    I = _eye(N, 2 * D, torch.float64, device)
+    for backend in _backends(device):
+        lh = lambda X, mode, xx=x: ops.loss_hessian(GN, xx.to(device), X.to(device), mode, backend=backend).cpu()  # noqa: E731
+        torch.testing.assert_close(lh(I, "hessian"), H, rtol=1e-12, atol=1e-12, msg=lambda m: f"{backend}: {m}")
+        B, Bt = lh(I, "factor"), lh(I, "factor_t")
+        torch.testing.assert_close(B @ B.transpose(1, 2), H, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(Bt, B.transpose(1, 2), rtol=0, atol=0)
+        assert not B[:, :D, D:].any()  # lower triangular in each (eta1, eta2) block: Cholesky's factor
+        for mode, M in (("hessian", H), ("factor", B), ("factor_t", Bt)):
+            torch.testing.assert_close(lh(V, mode), M @ V, rtol=1e-12, atol=1e-12)
+            got32 = lh(V.float(), mode, x.float()).double()
+            torch.testing.assert_close(got32, M @ V, rtol=1e-4, atol=1e-4, msg=lambda m: f"{backend} fp32 {mode}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_natural_no_gaussian_gives_nan_in_its_block(device):
+    """eta2 >= 0 (and NaN) is no Gaussian: its block's two rows are NaN, the other blocks exact."""
+    gen = torch.Generator().manual_seed(13)
+    x = _natural(3, 4, gen)  # D = 2
+    good = x.clone()
+    x[0, 2], x[1, 3], x[2, 2] = 0.0, 0.5, math.nan
+    V = torch.randn(3, 4, 2, generator=gen, dtype=torch.float64)
+    for backend, mode in itertools.product(_backends(device), MODES):
+        out = ops.loss_hessian(GN, x.to(device), V.to(device), mode, backend=backend).cpu()
+        want = ops.loss_hessian(GN, good.to(device), V.to(device), mode, backend=backend).cpu()
+        bad = torch.zeros(3, 4, dtype=torch.bool)
+        bad[0, [0, 2]] = bad[1, [1, 3]] = bad[2, [0, 2]] = True
+        assert out[bad].isnan().all(), (backend, mode)
+        torch.testing.assert_close(out[~bad], want[~bad], rtol=0, atol=0)
+
+
 # ---- CUDA kernel against the CPU op -----------------------------------------------------------
 # Shapes crossing the kernel's paths: k = 1 (lanes over classes), k in (1, 32) (lanes split over
 # classes and columns, partial column tiles), k > 32 (several column tiles), C below and above
@@ -274,6 +361,23 @@ def test_cuda_matches_cpu(kind, dtype):
         cpu = ops.loss_hessian(kind, x, V, mode, backend="native")
         gpu = ops.loss_hessian(kind, x.cuda(), V.cuda(), mode, backend="native")
         torch.testing.assert_close(gpu.cpu(), cpu, **tol, msg=lambda m: f"{kind} {mode} {(N, C, k)}: {m}")
+
+
+@needs_cuda
+@needs_native
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_cuda_matches_cpu_gaussian_natural(dtype):
+    gen = torch.Generator().manual_seed(9)
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == torch.float64 else {
+        torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float16: dict(rtol=2e-3, atol=2e-3),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}[dtype]
+    for (N, C, k), mode in itertools.product([(1, 2, 1), (37, 2, 3), (5, 34, 3), (9, 256, 5), (5000, 4, 1), (3, 100, 33)],
+                                             MODES):
+        x = _natural(N, C, gen).to(dtype)
+        V = torch.randn(N, C, k, generator=gen, dtype=torch.float64).to(dtype)
+        cpu = ops.loss_hessian(GN, x, V, mode, backend="native")
+        gpu = ops.loss_hessian(GN, x.cuda(), V.cuda(), mode, backend="native")
+        torch.testing.assert_close(gpu.cpu(), cpu, **tol, msg=lambda m: f"{mode} {(N, C, k)}: {m}")
 
 
 @needs_cuda

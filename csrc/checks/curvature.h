@@ -20,7 +20,8 @@ inline LossProblem check_loss_hessian(std::string_view kind, const at::Tensor& o
   if (kind == "cross_entropy") pr.kind = LossKind::kCrossEntropy;
   else if (kind == "bce") pr.kind = LossKind::kBce;
   else if (kind == "mse") pr.kind = LossKind::kMse;
-  else TORCH_CHECK(false, op, ": kind must be 'cross_entropy', 'bce' or 'mse', got '", kind, "'");
+  else if (kind == "gaussian_natural") pr.kind = LossKind::kGaussianNatural;
+  else TORCH_CHECK(false, op, ": kind must be 'cross_entropy', 'bce', 'mse' or 'gaussian_natural', got '", kind, "'");
   if (mode == "hessian") pr.mode = HessMode::kHessian;
   else if (mode == "factor") pr.mode = HessMode::kFactor;
   else if (mode == "factor_t") pr.mode = HessMode::kFactorT;
@@ -33,6 +34,9 @@ inline LossProblem check_loss_hessian(std::string_view kind, const at::Tensor& o
               ": outputs must be float64, float32, float16 or bfloat16, got ", outputs.scalar_type());
   TORCH_CHECK(outputs.dim() == 2, op, ": outputs must be [N, C], got shape ", outputs.sizes());
   TORCH_CHECK(outputs.size(1) >= 1, op, ": outputs needs C >= 1 columns, got C = ", outputs.size(1));
+  TORCH_CHECK(pr.kind != LossKind::kGaussianNatural || outputs.size(1) % 2 == 0, op,
+              ": kind 'gaussian_natural' needs an even number of columns C = 2D (eta1 of the D targets, then "
+              "their eta2), got C = ", outputs.size(1));
   TORCH_CHECK(V.device() == outputs.device(), op, ": V is on ", V.device(), " but outputs is on ", outputs.device());
   TORCH_CHECK(V.scalar_type() == outputs.scalar_type(), op, ": V must have the dtype of outputs (",
               outputs.scalar_type(), "), got ", V.scalar_type());

@@ -13,16 +13,27 @@
 //  - bce: h = s (1 - s), s = sigmoid(x), computed as e / (1 + e)^2 with e = exp(-|x|) (no
 //    cancellation in 1 - s, no overflow); H = diag(h), B = B^T = diag(sqrt(h)).
 //  - mse: H = 2 I, B = B^T = sqrt(2) I.
+//  - gaussian_natural: C = 2D outputs, the natural parameters of D Gaussians, eta1 = x[d] =
+//    mu / s2 and eta2 = x[D + d] = -1 / (2 s2) < 0 (s2 the variance). The row's loss, the sum of
+//    the D negative log-likelihoods -eta1 y - eta2 y^2 + A(eta), A = -eta1^2 / (4 eta2)
+//    - log(-2 eta2) / 2, has the y-free Hessian of A, one 2 x 2 block per d on (d, D + d):
+//      H = [[s2, 2 mu s2], [2 mu s2, 4 mu^2 s2 + 2 s2^2]] = B B^T, B = [[s, 0], [2 mu s, sqrt(2) s2]],
+//    s = sqrt(s2), mu = eta1 s2 (so the exact GGN is the Fisher). Per column (v1, v2) of the block:
+//      hessian  o1 = s2 (v1 + 2 mu v2),  o2 = 2 mu o1 + 2 s2^2 v2
+//      factor   o1 = s v1,               o2 = 2 mu o1 + sqrt(2) s2 v2
+//      factor_t o1 = s (v1 + 2 mu v2),   o2 = sqrt(2) s2 v2
+//    eta2 >= 0 (no Gaussian) or NaN gives NaN in both rows of the block.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "common/fastmath.h"
 #include "common/macros.h"
 
 namespace pyfastbayes {
 
-enum class LossKind : int { kCrossEntropy = 0, kBce = 1, kMse = 2 };
+enum class LossKind : int { kCrossEntropy = 0, kBce = 1, kMse = 2, kGaussianNatural = 3 };
 enum class HessMode : int { kHessian = 0, kFactor = 1, kFactorT = 2 };
 
 struct LossProblem {
@@ -63,6 +74,23 @@ PFB_HD T ce_out_scale(T p, HessMode mode) {
 template <class T>
 PFB_HD T ce_out(T a, T v, T t, HessMode mode) {
   return mode == HessMode::kFactor ? a * (v - a * t) : a * (v - t);
+}
+
+// gaussian_natural: the block's outputs (o1, o2) for one column (v1, v2) of V, from eta1, eta2.
+template <class T>
+PFB_HD void gaussian_natural_out(T eta1, T eta2, T v1, T v2, HessMode mode, T& o1, T& o2) {
+  const T s2 = eta2 < T(0) ? T(-0.5) / eta2 : std::numeric_limits<T>::quiet_NaN();
+  const T mu2 = T(2) * eta1 * s2;  // 2 mu
+  if (mode == HessMode::kHessian) {
+    o1 = s2 * (v1 + mu2 * v2);
+    o2 = mu2 * o1 + T(2) * s2 * s2 * v2;
+  } else if (mode == HessMode::kFactor) {
+    o1 = typed_sqrt(s2) * v1;
+    o2 = mu2 * o1 + static_cast<T>(1.4142135623730951) * s2 * v2;
+  } else {
+    o1 = typed_sqrt(s2) * (v1 + mu2 * v2);
+    o2 = static_cast<T>(1.4142135623730951) * s2 * v2;
+  }
 }
 
 }  // namespace pyfastbayes

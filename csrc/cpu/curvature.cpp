@@ -1,5 +1,5 @@
 // CPU kernel of loss_hessian: rows split over threads (at::parallel_for); per row the softmax is
-// computed once (cross_entropy), then the k columns of V_n are read row by row of V_n (contiguous)
+// computed once (cross_entropy; gaussian_natural: each 2 x 2 block's columns in turn), then the k columns of V_n are read row by row of V_n (contiguous)
 // twice: once for the k dots (double accumulators), once for the outputs. Per-element math:
 // common/curvature.h (the CUDA kernel's functions).
 #include <ATen/Dispatch.h>
@@ -31,6 +31,29 @@ void elementwise_rows(const scalar_t* x, const scalar_t* v, scalar_t* out, int64
     scalar_t* oi = out + i * k;
     for (int64_t j = 0; j < k; ++j) oi[j] = static_cast<scalar_t>(a * static_cast<T>(vi[j]));
   }
+}
+
+// gaussian_natural rows [r0, r1): block d of row n pairs outputs (d, D + d), C = 2D; each column j
+// of the block's two rows of V_n gives the two outputs (common/curvature.h).
+template <typename scalar_t>
+void gaussian_natural_rows(const scalar_t* x, const scalar_t* v, scalar_t* out, int64_t r0, int64_t r1, int64_t C,
+                           int64_t k, HessMode mode) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t D = C / 2;
+  for (int64_t n = r0; n < r1; ++n)
+    for (int64_t d = 0; d < D; ++d) {
+      const T eta1 = static_cast<T>(x[n * C + d]), eta2 = static_cast<T>(x[n * C + D + d]);
+      const scalar_t* v1 = v + (n * C + d) * k;
+      const scalar_t* v2 = v1 + D * k;
+      scalar_t* o1 = out + (n * C + d) * k;
+      scalar_t* o2 = o1 + D * k;
+      for (int64_t j = 0; j < k; ++j) {
+        T a, b;
+        gaussian_natural_out(eta1, eta2, static_cast<T>(v1[j]), static_cast<T>(v2[j]), mode, a, b);
+        o1[j] = static_cast<scalar_t>(a);
+        o2[j] = static_cast<scalar_t>(b);
+      }
+    }
 }
 
 // cross_entropy rows [r0, r1): softmax once per row into w / a (the dot weights and the output
@@ -89,6 +112,7 @@ at::Tensor loss_hessian_cpu(c10::string_view kind, const at::Tensor& outputs, co
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
       if (pr.kind == LossKind::kCrossEntropy) cross_entropy_rows(xp, vp, op, r0, r1, C, k, pr.mode);
+      else if (pr.kind == LossKind::kGaussianNatural) gaussian_natural_rows(xp, vp, op, r0, r1, C, k, pr.mode);
       else elementwise_rows(xp, vp, op, r0, r1, C, k, pr);
     });
   });

@@ -3,6 +3,9 @@
 // bce / mse (elementwise): one thread per output element, grid-stride over the flat [N, C, k]
 // index i; the scale of class c = i / k is recomputed per element (an exp for bce).
 //
+// gaussian_natural: one thread per (row n, block d, column j), grid-stride over N * D * k; it reads
+// eta1, eta2 and the column's two entries of V and writes both outputs of the block.
+//
 // cross_entropy: one block per row, grid-stride over the rows (the loop bound is uniform over the
 // block, so every thread reaches every __syncthreads). Per row:
 //  1. max and sum of exp(x - m) over the C logits (threads over classes; block reductions in a
@@ -65,6 +68,25 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const scalar_t* _
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const T a = elementwise_scale(pr.kind, pr.mode, static_cast<T>(x[i / k]));
     out[i] = static_cast<scalar_t>(a * static_cast<T>(V[i]));
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) gaussian_natural_kernel(const scalar_t* __restrict__ x,
+                                                                    const scalar_t* __restrict__ V,
+                                                                    scalar_t* __restrict__ out, int64_t total,
+                                                                    int64_t D, int64_t k, HessMode mode) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t j = i % k, nd = i / k, d = nd % D, n = nd / D;  // i = (n * D + d) * k + j
+    const int64_t e1 = n * 2 * D + d;                            // flat index of eta1 in x [N, 2D]
+    const int64_t i1 = e1 * k + j, i2 = (e1 + D) * k + j;         // the block's two entries of V / out
+    T a, b;
+    gaussian_natural_out(static_cast<T>(x[e1]), static_cast<T>(x[e1 + D]), static_cast<T>(V[i1]),
+                         static_cast<T>(V[i2]), mode, a, b);
+    out[i1] = static_cast<scalar_t>(a);
+    out[i2] = static_cast<scalar_t>(b);
   }
 }
 
@@ -193,6 +215,18 @@ void launch_elementwise(const at::Tensor& x, const at::Tensor& v, at::Tensor& ou
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
+void launch_gaussian_natural(const at::Tensor& x, const at::Tensor& v, at::Tensor& out, HessMode mode) {
+  const int64_t D = x.size(1) / 2, k = v.size(2);
+  const int64_t total = x.size(0) * D * k;
+  if (total == 0) return;
+  auto kernel = gaussian_natural_kernel<scalar_t>;
+  const int grid = grid_for(reinterpret_cast<const void*>(kernel), kThreads, 0, blocks_for(total));
+  kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      x.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total, D, k, mode);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor loss_hessian_cuda(c10::string_view kind, const at::Tensor& outputs, const at::Tensor& V,
                              c10::string_view mode) {
   const LossProblem pr = check_loss_hessian(kind, outputs, V, mode, c10::DeviceType::CUDA);
@@ -204,6 +238,7 @@ at::Tensor loss_hessian_cuda(c10::string_view kind, const at::Tensor& outputs, c
   const at::Tensor v = V.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "loss_hessian_cuda", [&] {
     if (pr.kind == LossKind::kCrossEntropy) launch_cross_entropy<scalar_t>(x, v, out, pr.mode);
+    else if (pr.kind == LossKind::kGaussianNatural) launch_gaussian_natural<scalar_t>(x, v, out, pr.mode);
     else launch_elementwise<scalar_t>(x, v, out, pr);
   });
   return out;

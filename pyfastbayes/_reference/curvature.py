@@ -14,6 +14,12 @@ and a factor B_n with H_n = B_n B_n^T, applied to the k columns of V_n [C, k]:
   computed as e / (1 + e)^2 with e = exp(-|x|) (no cancellation in 1 - s, no overflow);
   H = diag(h), B = B^T = diag(sqrt(h)).
 - mse ((f - y)^2 per element, no reduction scaling): H = 2 I, B = B^T = sqrt(2) I.
+- gaussian_natural: C = 2D outputs, the natural parameters of D Gaussians: eta1 = outputs[:, :D]
+  (mu / s2) and eta2 = outputs[:, D:] (-1 / (2 s2), < 0). The negative log-likelihood
+  -eta1 y - eta2 y^2 + A(eta), A = -eta1^2 / (4 eta2) - log(-2 eta2) / 2, has the Hessian of A (no
+  y in it: the exact GGN is the Fisher), one 2 x 2 block per target d on outputs (d, D + d):
+  H = [[s2, 2 mu s2], [2 mu s2, 4 mu^2 s2 + 2 s2^2]], B = [[s, 0], [2 mu s, sqrt(2) s2]], s = sqrt(s2),
+  mu = eta1 s2. eta2 >= 0 (no Gaussian) gives NaN in the block.
 
 Arithmetic in the op math type (float64 for float64 inputs, float32 for float32 / float16 /
 bfloat16), the softmax max-subtracted, the row sum of the exponentials and the dots t accumulated
@@ -28,7 +34,7 @@ from torch import Tensor
 
 from ._checks import KERNEL_DTYPES, check, check_dense, check_meta_mix, dispatch_device_type, scalar_type, sizes
 
-KINDS = ("cross_entropy", "bce", "mse")
+KINDS = ("cross_entropy", "bce", "mse", "gaussian_natural")
 MODES = ("hessian", "factor", "factor_t")
 
 
@@ -37,7 +43,7 @@ def check_loss_hessian(kind: str, outputs: Tensor, V: Tensor, mode: str, *, fake
     op = "loss_hessian"
     check_meta_mix(op, outputs=outputs, V=V)
     check_dense(op, outputs=outputs, V=V)
-    check(kind in KINDS, op, ": kind must be 'cross_entropy', 'bce' or 'mse', got '", kind, "'")
+    check(kind in KINDS, op, ": kind must be 'cross_entropy', 'bce', 'mse' or 'gaussian_natural', got '", kind, "'")
     check(mode in MODES, op, ": mode must be 'hessian', 'factor' or 'factor_t', got '", mode, "'")
     kernel = dispatch_device_type(outputs, V)
     check(outputs.device.type.upper() == kernel, op, ": outputs is on ", outputs.device, ", expected ", kernel)
@@ -46,6 +52,9 @@ def check_loss_hessian(kind: str, outputs: Tensor, V: Tensor, mode: str, *, fake
           scalar_type(outputs.dtype))
     check(outputs.dim() == 2, op, ": outputs must be [N, C], got shape ", sizes(outputs))
     check(outputs.shape[1] >= 1, op, ": outputs needs C >= 1 columns, got C = ", outputs.shape[1])
+    check(kind != "gaussian_natural" or outputs.shape[1] % 2 == 0, op,
+          ": kind 'gaussian_natural' needs an even number of columns C = 2D (eta1 of the D targets, then their eta2), "
+          "got C = ", outputs.shape[1])
     check(V.device == outputs.device, op, ": V is on ", V.device, " but outputs is on ", outputs.device)
     check(V.dtype == outputs.dtype, op, ": V must have the dtype of outputs (", scalar_type(outputs.dtype), "), got ",
           scalar_type(V.dtype))
@@ -67,6 +76,22 @@ def loss_hessian(kind: str, outputs: Tensor, V: Tensor, mode: str = "hessian") -
     v = V.detach().to(opmath)
     if kind == "mse":
         out = v * (2.0 if mode == "hessian" else math.sqrt(2.0))
+    elif kind == "gaussian_natural":
+        D = x.shape[1] // 2
+        eta1, eta2 = x[:, :D, None], x[:, D:, None]
+        s2 = torch.where(eta2 < 0, -0.5 / eta2, torch.full_like(eta2, math.nan))
+        mu2 = 2 * eta1 * s2  # 2 mu
+        v1, v2 = v[:, :D], v[:, D:]
+        if mode == "hessian":
+            o1 = s2 * (v1 + mu2 * v2)
+            o2 = mu2 * o1 + 2 * s2 * s2 * v2
+        elif mode == "factor":
+            o1 = s2.sqrt() * v1
+            o2 = mu2 * o1 + math.sqrt(2.0) * s2 * v2
+        else:
+            o1 = s2.sqrt() * (v1 + mu2 * v2)
+            o2 = math.sqrt(2.0) * s2 * v2
+        out = torch.cat([o1, o2], 1)
     elif kind == "bce":
         e = torch.exp(-x.abs())
         h = e / ((1 + e) * (1 + e))

@@ -25,6 +25,11 @@ def loss_hessian(kind: str, outputs: Tensor, V: Tensor, mode: str = "hessian", *
       B = diag(sqrt(s (1 - s))).
     - 'mse' ((f - y)^2 per element): H = 2 I, B = sqrt(2) I. No reduction scaling: for
       ``reduction='mean'`` the caller divides by the number of elements averaged.
+    - 'gaussian_natural' (heteroscedastic Gaussian NLL in natural parameters, C = 2D even):
+      outputs [:, :D] are eta1 = mu / s2, outputs [:, D:] are eta2 = -1 / (2 s2) < 0; per target d
+      the 2 x 2 block on outputs (d, D + d) is H = [[s2, 2 mu s2], [2 mu s2, 4 mu^2 s2 + 2 s2^2]]
+      (the NLL's Hessian, free of y: the exact GGN is the Fisher), B = [[s, 0], [2 mu s, sqrt(2) s2]],
+      s = sqrt(s2). eta2 >= 0 gives NaN in its block (callers check: :class:`pyfastbayes.nn.NaturalGaussianNLLLoss`).
 
     The sum-reduced loss of N rows has the block-diagonal Hessian of these H_n. Softmax is
     max-subtracted (logits of any magnitude), sums and dots accumulate in float64, the rest runs
