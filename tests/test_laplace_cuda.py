@@ -1,6 +1,7 @@
 """The Laplace pipeline on a CUDA device equals the CPU one (fp64: the same math on other kernels):
-fit for every structure and both bias blocks, evidence, dense precision, GLM functional variance,
-probit probabilities, draws' device, marglik tuning; an MLP and a CNN. Skipped without CUDA."""
+fit for every structure and both bias blocks (and the heteroscedastic likelihood), evidence, dense
+precision, GLM functional variance, probit probabilities, draws' device, marglik tuning; an MLP and
+a CNN. Skipped without CUDA."""
 import copy
 
 import pytest
@@ -120,3 +121,34 @@ def test_cuda_subnetwork_equals_cpu(structure, which):
         assert la.sample(2).device.type == device
     for a, b in zip(results["cpu"], results["cuda"]):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full", "lowrank"])
+@pytest.mark.parametrize("curvature", ["ggn", "mc_fisher"])
+def test_cuda_heteroscedastic_equals_cpu(structure, curvature):
+    """likelihood='heteroscedastic_regression' (the gaussian_natural loss-Hessian kernel on CUDA):
+    precision, evidence, the GLM predictive's moments and the curvature operator's GGN as on the CPU."""
+    from pyfastbayes.curvature import ggn
+    from pyfastbayes.nn import NaturalGaussianNLLLoss, NaturalHead
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4), NaturalHead()).double()  # D = 2
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, dtype=torch.float64, generator=g), torch.randn(40, 2, dtype=torch.float64, generator=g)
+    loader = [(x[:25], y[:25]), (x[25:], y[25:])]
+    results = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        data = [(a.to(device), b.to(device)) for a, b in loader]
+        la = Laplace(m, "heteroscedastic_regression", hessian_structure=structure, curvature=curvature, low_rank=8,
+                     prior_precision=0.8).fit(data, progress=False, generator=torch.Generator(device).manual_seed(0))
+        pred = la.predict(x[:7].to(device))
+        op = ggn(m, NaturalGaussianNLLLoss(), data).to_dense() if structure == "full" else torch.zeros(())
+        results[device] = [t.cpu() for t in (la.log_marginal_likelihood(), la.to_dense(), pred.mean, pred.aleatoric,
+                                             pred.epistemic, op)]
+    tol = dict(rtol=1e-6, atol=1e-8) if structure == "lowrank" else dict(rtol=1e-9, atol=1e-11)
+    if curvature == "mc_fisher":  # the label draws come from each device's own generator
+        assert all(torch.isfinite(t).all() for t in results["cuda"])
+        results = {d: r[2:4] for d, r in results.items()}  # the MAP's outputs agree all the same
+    for a, b in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(b, a, **tol)

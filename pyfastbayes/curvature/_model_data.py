@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.gaussian import NaturalGaussianNLLLoss
 from ..nn.loaders import batches
 from ..nn.rows import rows_to
 from ..nn.params import ParamLayout
@@ -95,14 +96,16 @@ def iterate(data: Iterable, device: torch.device) -> Iterator[tuple]:
 
 # ---- loss -----------------------------------------------------------------------------------------------
 _FUNCTIONAL = {F.cross_entropy: "cross_entropy", F.binary_cross_entropy_with_logits: "bce", F.mse_loss: "mse"}
-_MODULES = ((nn.CrossEntropyLoss, "cross_entropy"), (nn.BCEWithLogitsLoss, "bce"), (nn.MSELoss, "mse"))
+_MODULES = ((nn.CrossEntropyLoss, "cross_entropy"), (nn.BCEWithLogitsLoss, "bce"), (nn.MSELoss, "mse"),
+            (NaturalGaussianNLLLoss, "gaussian_natural"))
 SUPPORTED = ("torch.nn.CrossEntropyLoss / F.cross_entropy, torch.nn.BCEWithLogitsLoss / "
-             "F.binary_cross_entropy_with_logits, torch.nn.MSELoss / F.mse_loss (reduction='mean')")
+             "F.binary_cross_entropy_with_logits, torch.nn.MSELoss / F.mse_loss, "
+             "pyfastbayes.nn.NaturalGaussianNLLLoss (reduction='mean')")
 
 
 def loss_kind(loss_fn, what: str) -> str:
-    """'cross_entropy', 'bce' or 'mse' for the supported losses (module instances or the torch
-    functionals, called with their defaults); ValueError for anything else, or for settings that
+    """'cross_entropy', 'bce', 'mse' or 'gaussian_natural' for the supported losses (module
+    instances or the torch functionals, called with their defaults); ValueError for anything else, or for settings that
     change the output-space Hessian (class ``weight``, ``pos_weight``, a reduction other than
     'mean')."""
     if not callable(loss_fn):

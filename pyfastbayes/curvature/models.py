@@ -12,19 +12,24 @@ dataset, L = sum_b (N_b / N) L_b, i.e. each batch's curvature weighted by N_b / 
 of N_b * curvature_b, divided by N at the end of the pass). With f_n the outputs of example n
 flattened to C numbers, J_n = d f_n / d theta, and l_n the example's loss (cross-entropy: its
 row's loss; BCE-with-logits and MSE: the SUM over its C output elements, so the mean loss is
-L = 1 / (N C) sum_n l_n for these two and L = 1 / N sum_n l_n for cross-entropy):
+L = 1 / (N C) sum_n l_n for these two and L = 1 / N sum_n l_n for cross-entropy;
+``pyfastbayes.nn.NaturalGaussianNLLLoss``: outputs are C = 2D natural parameters of D Gaussians,
+l_n the sum of its D NLLs, L = 1 / (N D) sum_n l_n):
 
 - Hessian: d^2 L / d theta^2, any ``loss_fn`` returning a scalar (rows counted as N_b = the
   targets' first dimension).
 - GGN: c sum_n J_n^T H_n J_n, H_n = d^2 l_n / d f_n^2 (``pyfastbayes.ops.loss_hessian``),
-  c = 1 / N (cross-entropy) or 1 / (N C) (BCE, MSE).
+  c = 1 / N (cross-entropy), 1 / (N C) (BCE, MSE) or 1 / (N D) (natural Gaussian, whose H_n, the
+  covariance of (y, y^2), has no y in it: there the GGN is the Fisher and the Hessian of the loss
+  in the outputs).
 - Fisher, 'empirical': c sum_n J_n^T g_n g_n^T J_n = c sum_n grad_theta l_n grad_theta l_n^T with
   g_n = d l_n / d f_n at the data's targets (from ``loss_fn`` itself, so label smoothing counts).
 - Fisher, 'mc': c sum_n J_n^T (1 / S sum_s r_ns r_ns^T) J_n with S = ``mc_samples`` draws per
   example of r = d l_n / d f_n at targets sampled from the model's predictive: cross-entropy
   y ~ Categorical(softmax f_n), r = softmax(f_n) - onehot(y); BCE y ~ Bernoulli(sigmoid f_n)
   per element, r = sigmoid(f_n) - y; MSE the Gaussian of which (f - y)^2 is the NLL up to
-  constants, y ~ N(f_n, I / 2), r = 2 (f_n - y). E[r r^T] = H_n in all three cases, so the
+  constants, y ~ N(f_n, I / 2), r = 2 (f_n - y); natural Gaussian y ~ N(mu, s2) per target,
+  r = (mu - y, mu^2 + s2 - y^2). E[r r^T] = H_n in all four cases, so the
   MC Fisher is an unbiased estimate of the GGN. The draws come from a fixed generator state
   (``generator`` at construction), so every product applies the same matrix; batches must come
   in the same order in every pass (no shuffling). Same definitions and scalings as curvlinops'
@@ -52,6 +57,7 @@ from .. import ops
 from .._warnings import warn_user
 from ..calibration._checks import check_generator, check_int
 from ..nn.batchnorm import ModeGuard
+from ..nn.gaussian import check_natural, natural_gradient, natural_targets, natural_to_mean_var
 from ..nn.inputs import dtype_mismatch
 from ._model_data import (Selection, all_reduce, as_batches, differentiable_kernels, distributed_active, ignore_index,
                           iterate, loss_kind, mode_dependent, shuffles)
@@ -229,6 +235,10 @@ class _OutputSpaceOperator(_ModelCurvature):
         targets, so without this wrong ones (class 7 of 3, MSE targets [N] for outputs [N, 1]
         that the loss would broadcast to [N, N]) would pass silently. One host read per batch
         (integer class targets only), as the ignore_index check needs anyway."""
+        if self.kind == "gaussian_natural":  # natural parameters [N, 2D] (eta2 < 0), targets [N, D] or [N] for D = 1
+            D = check_natural(out.detach().reshape(out.shape[0], -1), f"{self.what}: the model's outputs")
+            natural_targets(y, out.detach().reshape(out.shape[0], 2 * D))
+            return
         if self.kind != "cross_entropy" or y.is_floating_point():
             if y.shape != out.shape:
                 what = "class probabilities" if self.kind == "cross_entropy" else "targets"
@@ -271,8 +281,13 @@ class _OutputSpaceOperator(_ModelCurvature):
 
     def _scale(self, C: int) -> float:
         """Weight of one example's term in the batch sum: 1 for cross-entropy (the mean runs over
-        rows), 1 / C for BCE and MSE (the mean runs over all N C elements)."""
-        return 1.0 if self.kind == "cross_entropy" else 1.0 / C
+        rows), 1 / C for BCE and MSE (the mean runs over all N C elements), 1 / D for the Gaussian
+        in natural parameters (over the N D targets of its C = 2D outputs)."""
+        return 1.0 if self.kind == "cross_entropy" else 1.0 / self._per_row(C)
+
+    def _per_row(self, C: int) -> int:
+        """Terms of the mean loss per row: C (BCE, MSE), C / 2 (natural Gaussian), 1 (cross-entropy)."""
+        return 1 if self.kind == "cross_entropy" else C // 2 if self.kind == "gaussian_natural" else C
 
 
 class GGNOperator(_OutputSpaceOperator):
@@ -325,10 +340,11 @@ class FisherOperator(_OutputSpaceOperator):
         scale = self._scale(C)
         if self.fisher_kind == "empirical":
             # g_n = d l_n / d f_n at the data's targets: the batch loss's gradient times N_b (CE)
-            # or N_b C (BCE, MSE), undoing the mean reduction (l_n sums over its C elements)
+            # or N_b C (BCE, MSE; N_b D for the natural Gaussian), undoing the mean reduction (l_n sums
+            # over its elements)
             loss_fn = self.loss_fn
             g = grad(lambda o: loss_fn(o, y))(out.detach()).reshape(N, C)
-            g = g * (nb if self.kind == "cross_entropy" else nb * C)
+            g = g * (nb * self._per_row(C))
             return lambda U: (g.unsqueeze(-1) * torch.einsum("nc,nck->nk", g, U).unsqueeze(1)) * scale
         r = self._draw(out2)  # [S, N, C]
         S = r.shape[0]
@@ -346,6 +362,10 @@ class FisherOperator(_OutputSpaceOperator):
         elif self.kind == "bce":
             s = torch.sigmoid(f).unsqueeze(0).expand(S, N, C)
             r = s - torch.bernoulli(s, generator=g)
+        elif self.kind == "gaussian_natural":  # y ~ N(mu, s2), r = (mu - y, mu^2 + s2 - y^2)
+            mu, s2 = natural_to_mean_var(f)
+            y = mu + s2.sqrt() * torch.randn(S, N, C // 2, generator=g, dtype=work, device=f.device)
+            r = natural_gradient(f.expand(S, N, C), y)
         else:  # y ~ N(f, I / 2), r = 2 (f - y) ~ 2 N(0, I / 2)
             r = 2 * math.sqrt(0.5) * torch.randn(S, N, C, generator=g, dtype=work, device=f.device)
         return r.to(out2.dtype)

@@ -5,8 +5,11 @@ for the exact GGN, sampled labels for the MC Fisher, the loss gradient for the e
 Conventions (laplace-torch's, so numbers compare): 'classification' -> sum of cross-entropies of
 logits [N, C]; 'binary' -> sum of binary cross-entropies of one logit per row [N, 1];
 'regression' -> half the sum of squared errors of outputs [N, C] (the Gaussian log-likelihood is
--loss / sigma^2 - N C log(sigma sqrt(2 pi))). The curvature is that of these losses at sigma = 1 and
-temperature 1; the posterior precision scales it by 1 / (sigma^2 T).
+-loss / sigma^2 - N C log(sigma sqrt(2 pi))); 'heteroscedastic_regression' -> the summed Gaussian NLL
+(with its log(2 pi) / 2 terms) of targets [N, D] under the natural parameters [N, 2D] the model
+outputs (``pyfastbayes.nn.gaussian``; the noise is the model's, sigma_noise stays 1). The curvature
+is that of these losses at sigma = 1 and temperature 1; the posterior precision scales it by
+1 / (sigma^2 T).
 """
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..nn.gaussian import check_natural, natural_gradient, natural_nll, natural_targets, natural_to_mean_var
 
 # 'reward_modeling' (laplace-torch's): fitted as the 'classification' of preference pairs, predicted
 # as the 'regression' of one reward per input (Laplace._fit_likelihood / Laplace._lik)
-LIKELIHOODS = ("classification", "regression", "binary", "reward_modeling")
+LIKELIHOODS = ("classification", "regression", "binary", "reward_modeling", "heteroscedastic_regression")
 CURVATURES = ("ggn", "ef", "mc_fisher")
+HETERO = "heteroscedastic_regression"
+GAUSSIAN = ("regression", HETERO)  # the likelihoods whose predictive is a Gaussian's moments
 
 
 def outputs_2d(out, likelihood: str) -> Tensor:
@@ -32,6 +38,9 @@ def outputs_2d(out, likelihood: str) -> Tensor:
         if out.dim() != 2 or out.shape[1] < 2:
             raise ValueError(f"likelihood='classification' needs logits [N, C] with C >= 2; the model outputs "
                              f"{tuple(out.shape)} (one logit per row: likelihood='binary')")
+        return out
+    if likelihood == HETERO:
+        check_natural(out, "likelihood='heteroscedastic_regression': the model's outputs")
         return out
     if out.dim() == 1:
         # a view in the graph even under no_grad (functional_variance runs under no_grad with the
@@ -57,6 +66,8 @@ def check_targets(y, f: Tensor, likelihood: str) -> Tensor:
     if y.shape[:1] != (N,):
         raise ValueError(f"targets have {tuple(y.shape)} rows but the outputs {N}: one target per input row")
     y = y.to(f.device)
+    if likelihood == HETERO:
+        return natural_targets(y, f)
     if likelihood == "classification":
         if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ValueError(f"likelihood='classification' needs class indices [N] (an integer tensor), got "
@@ -93,6 +104,8 @@ def summed_loss(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
         loss = F.cross_entropy(f, y, reduction="sum")
     elif likelihood == "binary":
         loss = F.binary_cross_entropy_with_logits(f, y, reduction="sum")
+    elif likelihood == HETERO:
+        loss = natural_nll(f, y).sum()
     else:
         loss = 0.5 * (f - y).square().sum()
     if not bool(torch.isfinite(loss)):
@@ -133,6 +146,9 @@ def _directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_sample
     if curvature == "ggn":
         if likelihood == "regression":  # 0.5 (f - y)^2: Hessian I
             return torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, N, C)
+        if likelihood == HETERO:  # the 2 x 2 Cholesky factor of each target's block: C = 2D directions
+            eye = torch.eye(C, dtype=f.dtype, device=f.device).expand(N, C, C)
+            return ops.loss_hessian("gaussian_natural", f, eye, "factor").permute(2, 0, 1)
         if likelihood == "classification" and C > 1:
             return _softmax_directions(f)
         eye = torch.eye(C, dtype=f.dtype, device=f.device).expand(N, C, C)
@@ -146,6 +162,9 @@ def _directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_sample
             ys = torch.multinomial(f.softmax(-1), 1, generator=generator)[:, 0]
         elif likelihood == "binary":
             ys = torch.bernoulli(f.sigmoid(), generator=generator)
+        elif likelihood == HETERO:
+            mu, s2 = natural_to_mean_var(f)
+            ys = mu + s2.sqrt() * torch.randn(mu.shape, dtype=f.dtype, device=f.device, generator=generator)
         else:
             ys = f + torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
         draws.append(_loss_gradient(f, ys, likelihood))
@@ -176,6 +195,8 @@ def _loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
         return f.softmax(-1) - F.one_hot(y, f.shape[1]).to(f.dtype)
     if likelihood == "binary":
         return f.sigmoid() - y
+    if likelihood == HETERO:
+        return natural_gradient(f, y)
     return f - y
 
 

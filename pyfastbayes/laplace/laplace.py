@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .._memory import allocation_cache
 from ..nn import ModeGuard
 from ..nn.calls import parameter_calls
+from ..nn.gaussian import check_natural, natural_targets, natural_to_mean_var
 from ..nn.inputs import dtype_mismatch, iterate_inputs, model_input, model_output
 from ..nn.rows import cat_rows, is_rows, row_count, rows_to, same_row_shapes, split_rows, take_rows
 from ..nn.loaders import batches as loader_batches
@@ -32,8 +33,8 @@ from ..posteriors.base import Posterior
 from . import marglik as ml
 from ._layers import build_layers
 from ._uses import used_outside
-from ._likelihood import (CURVATURES, LIKELIHOODS, check_targets, directions, log_likelihood, outputs_2d,
-                          summed_loss)
+from ._likelihood import (CURVATURES, GAUSSIAN, HETERO, LIKELIHOODS, check_targets, directions, log_likelihood,
+                          outputs_2d, summed_loss)
 from .eigenbasis import METHODS as EIGH_METHODS
 from .factors import STRUCTURES, Recorder, backprop, block_parts
 from .lowrank import LowRankCurvature, LowRankPrecision
@@ -71,6 +72,26 @@ class RegressionPredictive(NamedTuple):
     variance: Tensor
     aleatoric: Tensor
     epistemic: Tensor
+
+
+def heteroscedastic_glm(f_mu: Tensor, f_var: Tensor) -> RegressionPredictive:
+    """The GLM predictive of y for natural parameters eta ~ N(f_mu [N, 2D], f_var [N, 2D, 2D]) by
+    the delta method (first order, the linearisation of the GLM carried through eta -> (mu, s2)):
+    mean mu(f_mu) and aleatoric s2(f_mu) [N, D]; epistemic g^T f_var g per target, g = d mu / d
+    (eta1, eta2) = s2 (1, 2 mu), i.e. the linearised network's variance of the mean. A draw-based
+    alternative: predict(..., pred_type='nn')."""
+    mu, s2 = natural_to_mean_var(f_mu)
+    D = mu.shape[1]
+    d = torch.arange(D, device=f_mu.device)
+    v11, v12, v22 = f_var[:, d, d], f_var[:, d, d + D], f_var[:, d + D, d + D]
+    g2 = 2 * mu
+    epi = s2.square() * (v11 + 2 * g2 * v12 + g2.square() * v22)
+    return RegressionPredictive(mu, s2 + epi, s2, epi)
+
+
+def _gaussian_nll(mean: Tensor, var: Tensor, y: Tensor) -> float:
+    """The mean over rows of the Gaussian NLL of targets y [N, D] (summed over D) under N(mean, var)."""
+    return float((0.5 * (torch.log(2 * math.pi * var) + (y - mean).square() / var)).sum(1).mean())
 
 
 def _choice(value, options, name):
@@ -225,7 +246,13 @@ class Laplace(Posterior):
             maps inputs [N, 2, ...] to the pair's rewards [N, 2], targets: the preferred one) and
             predicted as the 'regression' of one reward per input ([N, ...] -> [N] or [N, 1];
             no observation noise); ``fitting=True`` in :meth:`la` / :meth:`predictive_samples`
-            predicts pairs, and the gridsearch scores the validation pairs.
+            predicts pairs, and the gridsearch scores the validation pairs; or
+            'heteroscedastic_regression' (Immer et al. 2023): the model outputs the natural
+            parameters [N, 2D] of a Gaussian per target, eta1 = mu / s2 then eta2 = -1 / (2 s2) < 0
+            (end it in :class:`pyfastbayes.nn.NaturalHead`), targets [N, D] ([N] for D = 1); the
+            exact GGN is then the Fisher, the noise is the model's (sigma_noise stays 1), ``la``
+            returns the natural parameters' (f_mu, f_var) and :meth:`predict` the moments of y
+            (mean, aleatoric s2, epistemic variance of the mean).
         subset_of_weights: 'all' trainable weights, 'last_layer' (the last module with
             parameters called in the forward, which must be an ``nn.Linear``) or 'subnetwork'
             (the entries ``subnetwork_indices``, the others held at the MAP; Daxberger et al.
@@ -1062,6 +1089,9 @@ class Laplace(Posterior):
         return grid.tolist()
 
     def _nll(self, f_mu, f_var, y, link_approx, n_samples) -> float:
+        if self._lik == HETERO:
+            pred = heteroscedastic_glm(f_mu, f_var)
+            return _gaussian_nll(pred.mean, pred.variance, natural_targets(y, f_mu))
         if self._lik == "regression":
             yt = check_targets(y, f_mu, "regression")
             var = torch.diagonal(f_var, dim1=1, dim2=2) + self._sigma.square()
@@ -1070,6 +1100,9 @@ class Laplace(Posterior):
         return _class_nll(p, y, self._lik)
 
     def _nll_nn(self, x, y, n_samples) -> float:
+        if self._lik == HETERO:
+            pred = self.predict(x, n_samples, pred_type="nn", progress=False)
+            return _gaussian_nll(pred.mean, pred.variance, outputs_2d(y, "regression").to(pred.mean))
         out = self._nn_predict(x, n_samples)
         if self._lik == "regression":
             mean, var = out
@@ -1280,12 +1313,12 @@ class Laplace(Posterior):
             return self._nn_moments(x, n_samples, generator, batch_size, unbiased=True)
         if pred_type == "nn":
             out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size)
-            if self._lik == "regression":  # laplace-torch's samples.var(0): the unbiased variance
+            if self._lik in GAUSSIAN:  # laplace-torch's samples.var(0): the unbiased variance
                 var = out[1] * (n_samples / (n_samples - 1)) if n_samples > 1 else out[1]
                 return outputs_2d(out[0], "regression"), outputs_2d(var, "regression")
             return out
         f_mu, f_var = self.functional_variance(x, batch_size)
-        if self._lik == "regression":
+        if self._lik in GAUSSIAN:
             return (f_mu, torch.diagonal(f_var, dim1=1, dim2=2)) if diagonal_output else (f_mu, f_var)
         if diagonal_output and link_approx == "mc":  # (probit reads the diagonal only; the bridge links ignore it,
             f_var = _diagonal_only(f_var)  # as laplace-torch's)
@@ -1309,7 +1342,9 @@ class Laplace(Posterior):
             options["input_fn"] = _whole_dict
         if options.get("output_fn") is None and self.output_fn is not None:
             options["output_fn"] = self.output_fn
-        return Posterior.predict(self, x, n_samples, likelihood=self._lik, **options)
+        # (heteroscedastic: the BMA of the natural parameters, or of what output_fn makes of them, as a regression's)
+        return Posterior.predict(self, x, n_samples, likelihood="regression" if self._lik == HETERO else self._lik,
+                                 **options)
 
     def _input_batches(self, x, batch_size: int):
         """Model inputs from ``x``: a tensor or a dict batch split into row chunks of at most
@@ -1334,6 +1369,8 @@ class Laplace(Posterior):
             raise ValueError(f"this Laplace was built for likelihood={self.likelihood!r}, got {likelihood!r}")
         _choice(pred_type, PRED_TYPES, "pred_type")
         batch_size = self._batch_size(batch_size, pred_type)
+        if self._lik == HETERO:
+            return self._predict_heteroscedastic(x, n_samples, pred_type, link_approx, generator, batch_size, options)
         if pred_type == "nn" and self.enable_backprop:
             _link(pred_type, link_approx)
             if options:
@@ -1359,6 +1396,37 @@ class Laplace(Posterior):
         # (reward_modeling: a reward has no observation noise, as laplace-torch's)
         alea = (self._sigma.detach().square() if self.likelihood == "regression" else self._sigma.new_zeros(())) \
             .to(mean.dtype).expand_as(mean)
+        return RegressionPredictive(mean, alea + epi, alea, epi)
+
+    def _predict_heteroscedastic(self, x, n_samples, pred_type, link_approx, generator, batch_size, options):
+        """predict() for 'heteroscedastic_regression': the moments of y (module function
+        heteroscedastic_glm for 'glm'; for 'nn' the mixture over the draws: mean E[mu], aleatoric
+        E[s2], epistemic Var[mu], divided by n_samples)."""
+        _link(pred_type, link_approx)
+        if pred_type == "glm":
+            if options:
+                raise TypeError(f"pred_type='glm' takes no {sorted(options)}")
+            return heteroscedastic_glm(*self.la(x, "glm", n_samples=n_samples, batch_size=batch_size))
+        if self.enable_backprop:
+            if options:
+                raise TypeError(f"enable_backprop=True: pred_type='nn' runs each draw through torch.func.functional_call "
+                                f"and takes no {sorted(options)} (the BMA loop's options)")
+            mu, s2 = natural_to_mean_var(self.predictive_samples(x, "nn", n_samples, generator=generator,
+                                                                 batch_size=batch_size))
+            mean, epi = mu.mean(0), mu.var(0, correction=0)
+            alea = s2.mean(0)
+            return RegressionPredictive(mean, alea + epi, alea, epi)
+        user_fn = options.pop("output_fn", None) or self.output_fn
+
+        def moments(out):  # a draw's natural parameters -> [mu, s2] [N, 2D]: the BMA loop averages them
+            eta = model_output(out, user_fn)
+            check_natural(eta, "likelihood='heteroscedastic_regression': a sampled network's outputs")
+            return torch.cat(natural_to_mean_var(eta), 1)
+
+        m, v = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size, output_fn=moments, **options)
+        m, v = outputs_2d(m, "regression"), outputs_2d(v, "regression")
+        D = m.shape[1] // 2
+        mean, alea, epi = m[:, :D], m[:, D:], v[:, :D]
         return RegressionPredictive(mean, alea + epi, alea, epi)
 
     # ---- draws and matrices ------------------------------------------------------------------------------
@@ -1476,7 +1544,8 @@ class Laplace(Posterior):
         """Draws of the predictive (laplace-torch's ``predictive_samples``): [n_samples, N, C]
         class probabilities ('classification'), [n_samples, N] P(y = 1) ('binary') or outputs f
         [n_samples, N, C] ('regression' and 'reward_modeling', no observation noise; with
-        ``fitting=True`` the latter's preference pairs' probabilities): the link applied to
+        ``fitting=True`` the latter's preference pairs' probabilities; 'heteroscedastic_regression':
+        the natural parameters [n_samples, N, 2D]): the link applied to
         :meth:`functional_samples` (same arguments, same draws)."""
         if not isinstance(fitting, bool):
             raise TypeError(f"fitting must be True or False, got {type(fitting).__name__}")
@@ -1527,7 +1596,7 @@ class Laplace(Posterior):
         """enable_backprop's 'nn' predictive (differentiable in x): probabilities averaged over the
         draws, or for regression (mean, variance over the draws) [N, C] each."""
         samples = self.predictive_samples(x, "nn", n_samples, generator=generator, batch_size=batch_size)
-        if self._lik != "regression":
+        if self._lik not in GAUSSIAN:
             return samples.mean(0)
         var = samples.var(0, correction=1 if unbiased and n_samples > 1 else 0)
         return samples.mean(0), var
@@ -1662,6 +1731,9 @@ class Laplace(Posterior):
                 raise ValueError(f"state_dict[{key!r}] must be an int >= 1, got {v!r}")
         if self.likelihood == "binary" and n_outputs != 1:
             raise ValueError(f"state_dict['n_outputs'] must be 1 for likelihood='binary', got {n_outputs}")
+        if self.likelihood == HETERO and n_outputs % 2:
+            raise ValueError(f"state_dict['n_outputs'] must be even (2D natural parameters) for "
+                             f"likelihood='heteroscedastic_regression', got {n_outputs}")
         mean = self._check_state_tensor(state, "mean", (self.layout.numel,))
         if not torch.equal(self.layout.flatten(), mean.to(self.device, self.model_dtype)):
             raise ValueError("state_dict was saved at other weights than the model's current ones: load the model's "

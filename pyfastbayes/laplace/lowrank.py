@@ -17,9 +17,11 @@ from torch import Tensor, nn
 
 from ..curvature import eigenvalues, fisher, ggn
 from ..nn.inputs import model_output
+from ..nn.gaussian import NaturalGaussianNLLLoss
 from ..nn.loaders import batches
 
-_LOSSES = {"classification": nn.CrossEntropyLoss, "binary": nn.BCEWithLogitsLoss, "regression": nn.MSELoss}
+_LOSSES = {"classification": nn.CrossEntropyLoss, "binary": nn.BCEWithLogitsLoss, "regression": nn.MSELoss,
+           "heteroscedastic_regression": NaturalGaussianNLLLoss}
 
 
 class _Pairs:
@@ -36,7 +38,7 @@ class _Pairs:
             x, y = self.split(item, i)
             if self.likelihood == "binary":
                 y = y.reshape(-1).to(torch.get_default_dtype() if not y.is_floating_point() else y.dtype)
-            elif self.likelihood == "regression":
+            elif self.likelihood in ("regression", "heteroscedastic_regression"):
                 y = y.reshape(y.shape[0], -1)
                 y = y if y.is_floating_point() else y.to(self.dtype)
             yield x, y
@@ -80,7 +82,9 @@ class LowRankCurvature:
         # half the summed squared error is (N C / 2) times the mean squared error (its GGN and MC
         # Fisher); its per-example gradients J^T r are half those of the squared error, 2 J^T r, so
         # the empirical Fisher, a sum of their outer products over N C-averaged terms, is (N C / 4) times
-        scale = n_data * n_outputs / (4 if curvature == "ef" else 2) if likelihood == "regression" else n_data
+        # the natural Gaussian's NLL is already the summed loss's per-target term: (N D) times its mean
+        scale = n_data * n_outputs / (4 if curvature == "ef" else 2) if likelihood == "regression" else \
+            n_data * n_outputs // 2 if likelihood == "heteroscedastic_regression" else n_data
         self.eigvals.copy_((vals * scale).clamp_min(0))
         self.eigvecs.copy_(vecs)
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..nn.gaussian import natural_nll, natural_targets
 from ..nn.loaders import batches
 from ..nn.inputs import model_output
 from ..nn.rows import rows_to
@@ -46,7 +47,8 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
     Args:
         model: the network (trained in place).  train_loader: re-iterable (inputs, targets) batches.
         likelihood: as :class:`Laplace` ('classification', 'binary'; 'regression' learns
-            sigma_noise too).
+            sigma_noise too; 'heteroscedastic_regression': the model outputs natural parameters
+            [N, 2D], e.g. ending in :class:`pyfastbayes.nn.NaturalHead`, and learns the noise itself).
         hessian_structure: the Laplace used for the evidence ('kron' default, 'diag', 'full').
         prior_structure: 'scalar' or 'layerwise' (one delta per block; 'diag' for diag/full).
         n_epochs, lr, optimizer_cls: the network's training (mean NLL + T delta |theta - prior_mean|^2
@@ -146,4 +148,6 @@ def _mean_nll(f, y, likelihood: str, sigma2):
         return nn.functional.cross_entropy(f, y)
     if likelihood == "binary":
         return nn.functional.binary_cross_entropy_with_logits(f.reshape(-1), y.reshape(-1).to(f.dtype))
+    if likelihood == "heteroscedastic_regression":  # the summed Gaussian NLL of a row, averaged over rows
+        return natural_nll(f, natural_targets(y, f)).sum(1).mean()
     return 0.5 * (f - y.reshape(f.shape)).square().sum(1).mean() / sigma2
