@@ -217,6 +217,70 @@ def test_subnetwork_and_last_layer_are_submatrices():
                                atol=1e-12)
 
 
+def test_targets_on_far_apart_scales_keep_their_curvature():
+    """D = 2 targets on scales 1e5 apart (mean 1e5, sd 1e3; mean 0, sd 1e-5): every entry of the
+    exact GGN, EF and MC Fisher survives (no entry of a row is negligible across targets: the tiny
+    target's sqrt(2) s2 meets a Jacobian of eta2 ~ 1 / s2 through the head)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), NaturalHead()).to(DT)
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+        model[0].bias.copy_(torch.tensor([1e5 / 1e6, 0.0, math.log(1 / 1e6), math.log(1 / 1e-10)], dtype=DT))
+    X = torch.randn(10, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mu, s2 = natural_to_mean_var(model(X))
+    y = mu + s2.sqrt() * torch.randn(10, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+    H = _exact_ggn(model, [(X, y)])
+    eye = 1e-6 * torch.eye(len(H), dtype=DT)
+    full = _fit(model, [(X, y)], "full", prior_precision=1e-6)
+    # (rtol only: the entries span 1e-12 to 1e10; the small ones carry cancellation at 1e-8)
+    torch.testing.assert_close(full.to_dense() - eye, H, rtol=1e-6, atol=0)
+    diag = _fit(model, [(X, y)], "diag", prior_precision=1e-6)
+    torch.testing.assert_close(torch.diagonal(diag.to_dense()) - 1e-6, torch.diagonal(H), rtol=1e-6, atol=0)
+    J, f = ref.jacobians(model, X), ref.outputs(model, X)
+    gr = torch.func.vmap(torch.func.grad(lambda o, t: _normal_nll(o[None], t[None]).sum()))(f, y)
+    ef = _fit(model, [(X, y)], "full", prior_precision=1e-6, curvature="ef")
+    torch.testing.assert_close(ef.to_dense() - eye, torch.einsum("ncp,nc,nd,ndq->pq", J, gr, gr, J), rtol=1e-6, atol=0)
+
+
+def test_temperature_tempers_the_whole_log_density_but_2pi():
+    """A constant-variance model (s2 = 0.49) is 'regression' with sigma_noise = 0.7: the same
+    precision, evidence and predictive at T = 1. At T = 2 the precision and the predictive still
+    agree; the evidence differs by N log(sigma) (1 - 1 / T) exactly: 'regression' leaves its noise
+    normaliser N log(sigma sqrt(2 pi)) untempered (sigma is a hyper-parameter there, laplace-torch's
+    convention), while here log(sigma) is the network's and part of the tempered likelihood; only
+    the constant log(2 pi) / 2 per target stays untempered in both."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).to(DT)
+
+    class Const(nn.Module):  # natural parameters of N(body(x), 0.49), no parameter in the variance
+        def __init__(self):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            m = self.body(x)
+            return torch.cat([m / 0.49, torch.full_like(m, -0.5 / 0.49)], 1)
+
+    X, y = _data(20, 1)
+    loader = _loader(X, y)
+    for T in (1.0, 2.0):
+        het = _fit(Const(), loader, "full", prior_precision=0.8, temperature=T)
+        reg = Laplace(body, "regression", "all", "full", prior_precision=0.8, sigma_noise=0.7,
+                      temperature=T).fit(loader, progress=False)
+        torch.testing.assert_close(het.to_dense(), reg.to_dense(), rtol=1e-10, atol=1e-12)
+        gap = 20 * math.log(0.7) * (1 - 1 / T)
+        torch.testing.assert_close(het.log_marginal_likelihood(), reg.log_marginal_likelihood() + gap, rtol=1e-10,
+                                   atol=1e-10)
+        want = -(_normal_nll(ref.outputs(Const(), X), y).sum() - 10 * math.log(2 * math.pi)) / T \
+            - 10 * math.log(2 * math.pi)
+        torch.testing.assert_close(het.log_likelihood(), want, rtol=1e-12, atol=1e-12)
+        hp, rp = het.predict(X[:5]), reg.predict(X[:5])
+        torch.testing.assert_close(hp.mean, rp.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(hp.epistemic, rp.epistemic, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(hp.aleatoric, rp.aleatoric, rtol=1e-12, atol=1e-12)
+
+
 # ---- predictives --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_glm_predictive_is_the_linearised_mean_and_variance(subset):
@@ -331,6 +395,37 @@ def test_gridsearch_picks_the_best_validation_nll(pred_type):
         assert math.isclose(float(la.prior_precision), float(grid[min(range(6), key=scores.__getitem__)]), rel_tol=1e-9)
     else:  # the draws differ from the ones above: the choice is among the best
         assert scores[int(torch.isclose(grid, la.prior_precision.reshape(())).nonzero())] <= sorted(scores)[1] + 1e-9
+
+
+def test_gridsearch_nn_with_enable_backprop_and_the_joint_predictive():
+    model = _model(1)
+    X, y = _data(40, 1)
+    la = _fit(model, _loader(X, y, 10), "kron", enable_backprop=True)
+    la.optimize_prior_precision(method="gridsearch", val_loader=_loader(*_data(20, 1, seed=5), 10),
+                                log_prior_prec_range=(-2, 3), grid_size=6, pred_type="nn", n_samples=20)
+    assert float(la.prior_precision) in {float(v) for v in torch.logspace(-2, 3, 6, dtype=DT)}
+    f_mu, f_cov = la(X[:3], joint=True)  # the natural parameters' joint covariance over the inputs
+    mu, var = la(X[:3])
+    torch.testing.assert_close(f_mu, mu.reshape(-1), rtol=1e-12, atol=1e-12)
+    for n in range(3):
+        torch.testing.assert_close(f_cov[2 * n:2 * n + 2, 2 * n:2 * n + 2], var[n], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backprop", [False, True])
+def test_draws_that_are_no_gaussian_are_refused(backprop):
+    """A model without NaturalHead whose MAP is a Gaussian (eta2 < 0) but whose weight draws are
+    not: every 'nn' predictive says so instead of averaging them."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 2)).to(DT)
+    with torch.no_grad():
+        m[0].weight.mul_(0.01)
+        m[0].bias.copy_(torch.tensor([0.0, -0.05]))
+    X, y = _data(10, 1)
+    la = _fit(m, [(X, y)], "full", enable_backprop=backprop)
+    for call in (lambda: la.predict(X[:3], 50, pred_type="nn", generator=torch.Generator().manual_seed(0)),
+                 lambda: la(X[:3], "nn", n_samples=50, generator=torch.Generator().manual_seed(0))):
+        with pytest.raises(ValueError, match=r"outputs: the second half .*eta2 = -1 / \(2 sigma\^2\), must be < 0"):
+            call()
 
 
 def test_marglik_tuning_and_state_dict():

@@ -6,7 +6,7 @@ Conventions (laplace-torch's, so numbers compare): 'classification' -> sum of cr
 logits [N, C]; 'binary' -> sum of binary cross-entropies of one logit per row [N, 1];
 'regression' -> half the sum of squared errors of outputs [N, C] (the Gaussian log-likelihood is
 -loss / sigma^2 - N C log(sigma sqrt(2 pi))); 'heteroscedastic_regression' -> the summed Gaussian NLL
-(with its log(2 pi) / 2 terms) of targets [N, D] under the natural parameters [N, 2D] the model
+(without its constant log(2 pi) / 2 per target, as regression's) of targets [N, D] under the natural parameters [N, 2D] the model
 outputs (``pyfastbayes.nn.gaussian``; the noise is the model's, sigma_noise stays 1). The curvature
 is that of these losses at sigma = 1 and temperature 1; the posterior precision scales it by
 1 / (sigma^2 T).
@@ -104,8 +104,8 @@ def summed_loss(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
         loss = F.cross_entropy(f, y, reduction="sum")
     elif likelihood == "binary":
         loss = F.binary_cross_entropy_with_logits(f, y, reduction="sum")
-    elif likelihood == HETERO:
-        loss = natural_nll(f, y).sum()
+    elif likelihood == HETERO:  # (without its log(2 pi) / 2 per target: log_likelihood adds it, untempered)
+        loss = (natural_nll(f, y) - 0.5 * math.log(2 * math.pi)).sum()
     else:
         loss = 0.5 * (f - y).square().sum()
     if not bool(torch.isfinite(loss)):
@@ -133,10 +133,14 @@ def directions(f: Tensor, y: Tensor, likelihood: str, curvature: str, mc_samples
                generator: torch.Generator | None) -> Tensor:
     """Output-space directions R [m, N, C] with sum_j R[j, n] R[j, n]^T the per-row curvature
     (exactly for 'ggn', in expectation for 'mc_fisher', the gradient outer product for 'ef'),
-    entries negligible within their row (below 2^-50 of its largest) dropped to 0."""
+    entries negligible within their row (below 2^-50 of its largest) dropped to 0 (not for
+    'heteroscedastic_regression', nor for the regression GGN's identity)."""
     R = _directions(f.detach(), y, likelihood, curvature, mc_samples, generator)
-    if curvature == "ggn" and likelihood == "regression":
-        return R  # the identity's 0 / 1 entries: nothing to drop, and no copy of the expanded view
+    if (curvature == "ggn" and likelihood == "regression") or likelihood == HETERO:
+        # regression's GGN: the identity's 0 / 1 entries, nothing to drop and no copy of the expanded
+        # view. The natural Gaussian: a row's targets may live on scales far apart (and a tiny
+        # sqrt(2) s2 entry meets a Jacobian of eta2 ~ 1 / s2), so no entry is negligible in its row
+        return R
     return _drop_negligible(R)
 
 
@@ -203,8 +207,11 @@ def _loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
 def log_likelihood(loss: Tensor, n_data: int, n_outputs: int, likelihood: str, sigma: Tensor,
                    temperature: float) -> Tensor:
     """log p(D | theta_MAP) from the summed loss (laplace-torch's convention, differentiable in
-    sigma): -loss / (sigma^2 T), minus N C log(sigma sqrt(2 pi)) for regression."""
+    sigma): -loss / (sigma^2 T), minus N C log(sigma sqrt(2 pi)) for regression and N D log(2 pi) / 2
+    for 'heteroscedastic_regression' (its loss leaves that constant out: tempered alike)."""
     factor = 1.0 / (sigma.square() * temperature)
+    if likelihood == HETERO:  # the Gaussians' normaliser log(2 pi) / 2 per target, untempered as regression's
+        return -factor * loss - n_data * (n_outputs // 2) * (0.5 * math.log(2 * math.pi))
     if likelihood != "regression":
         return -factor * loss
     return -factor * loss - n_data * n_outputs * torch.log(sigma * math.sqrt(2 * math.pi))

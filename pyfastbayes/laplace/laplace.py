@@ -1101,7 +1101,7 @@ class Laplace(Posterior):
 
     def _nll_nn(self, x, y, n_samples) -> float:
         if self._lik == HETERO:
-            pred = self.predict(x, n_samples, pred_type="nn", progress=False)
+            pred = self.predict(x, n_samples, pred_type="nn", **({} if self.enable_backprop else dict(progress=False)))
             return _gaussian_nll(pred.mean, pred.variance, outputs_2d(y, "regression").to(pred.mean))
         out = self._nn_predict(x, n_samples)
         if self._lik == "regression":
@@ -1305,14 +1305,15 @@ class Laplace(Posterior):
         _check_glm_flag("joint", joint, pred_type)
         _check_glm_flag("diagonal_output", diagonal_output, pred_type)
         if joint:  # (diagonal_output is ignored then, as laplace-torch does)
-            if self._lik != "regression":
+            if self._lik not in GAUSSIAN:
                 raise ValueError("joint=True is the regression GLM predictive's joint covariance over all inputs "
                                  "(laplace-torch ignores it for classification)")
             return self.functional_covariance(x, batch_size)
         if pred_type == "nn" and self.enable_backprop:
             return self._nn_moments(x, n_samples, generator, batch_size, unbiased=True)
         if pred_type == "nn":
-            out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size)
+            checked = dict(output_fn=self._natural_fn()) if self._lik == HETERO else {}
+            out = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size, **checked)
             if self._lik in GAUSSIAN:  # laplace-torch's samples.var(0): the unbiased variance
                 var = out[1] * (n_samples / (n_samples - 1)) if n_samples > 1 else out[1]
                 return outputs_2d(out[0], "regression"), outputs_2d(var, "regression")
@@ -1416,18 +1417,25 @@ class Laplace(Posterior):
             mean, epi = mu.mean(0), mu.var(0, correction=0)
             alea = s2.mean(0)
             return RegressionPredictive(mean, alea + epi, alea, epi)
-        user_fn = options.pop("output_fn", None) or self.output_fn
-
-        def moments(out):  # a draw's natural parameters -> [mu, s2] [N, 2D]: the BMA loop averages them
-            eta = model_output(out, user_fn)
-            check_natural(eta, "likelihood='heteroscedastic_regression': a sampled network's outputs")
-            return torch.cat(natural_to_mean_var(eta), 1)
-
+        # a draw's natural parameters -> [mu, s2] [N, 2D]: the BMA loop averages them
+        moments = self._natural_fn(lambda eta: torch.cat(natural_to_mean_var(eta), 1), options.pop("output_fn", None))
         m, v = self._nn_predict(x, n_samples, generator=generator, batch_size=batch_size, output_fn=moments, **options)
         m, v = outputs_2d(m, "regression"), outputs_2d(v, "regression")
         D = m.shape[1] // 2
         mean, alea, epi = m[:, :D], m[:, D:], v[:, :D]
         return RegressionPredictive(mean, alea + epi, alea, epi)
+
+    def _natural_fn(self, transform=None, user_fn=None):
+        """The BMA loop's output_fn for 'heteroscedastic_regression': a draw's outputs (through
+        ``user_fn`` or the Laplace's output_fn) checked to be natural parameters (eta2 < 0, a
+        ValueError naming the draw otherwise), then ``transform``-ed."""
+        user_fn = user_fn or self.output_fn
+
+        def fn(out):
+            eta = model_output(out, user_fn)
+            check_natural(eta, "likelihood='heteroscedastic_regression': a sampled network's outputs")
+            return eta if transform is None else transform(eta)
+        return fn
 
     # ---- draws and matrices ------------------------------------------------------------------------------
     def sample(self, n: int | None = None, *, generator: torch.Generator | None = None,
