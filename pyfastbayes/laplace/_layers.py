@@ -321,15 +321,39 @@ class _Matrix(Layer):
         T = sum(o.numel() // max(1, o.shape[0] * n_out) for o in self.outs)
         return 2 * N * T * k  # (the gathered output gradients and their product with the inputs)
 
+    # feature_reduction='pick_first' / 'pick_last' (laplace-torch's option, a last layer over [N, T, in]
+    # whose model reads one position of its outputs): that position's index, set by Laplace; None: all
+    pick: int | None = None
+
+    def _picked(self, gg: Tensor) -> Tensor:
+        """gg [m, N, T, out] at the picked position only ([m, N, 1, out]), after checking that the
+        model's outputs do not depend on the other positions (their output gradients are all zero)."""
+        p = self.pick % gg.shape[2]
+        rest = gg.clone()
+        rest[:, :, p] = 0
+        if bool(rest.any()):
+            which = "first" if self.pick == 0 else "last"
+            raise ValueError(f"feature_reduction='pick_{which}' says the model reads only the {which} of the "
+                             f"{gg.shape[2]} positions of layer {self.name!r}'s outputs, but the model's outputs depend "
+                             "on other positions too (their output gradients are not zero); pass the reduction the "
+                             "model does ('pick_first', 'pick_last', 'average') or None")
+        return gg[:, :, p:p + 1]
+
     def kron_rows(self, gs):
         gg = self._grads(gs)
+        pick = self.pick is not None and gg.shape[2] > 1
+        if pick:
+            gg = self._picked(gg)
         reduce = self.sharing == "reduce" and gg.shape[2] > 1
         if reduce:
             gg = gg.sum(2, keepdim=True)
         g_rows = gg.reshape(-1, gg.shape[-1])
         if not self.has_weight:
             return [KronRows(g_rows, g_rows.shape[0])]  # A = [[1]]: the bias alone
-        parts, order = self._patch_parts(reduce)
+        if pick:  # the picked position's inputs: the features laplace-torch's reduction hands the last layer
+            parts, order = [self._inputs()[:, self.pick]], None
+        else:
+            parts, order = self._patch_parts(reduce)
         n = gg.shape[1] * gg.shape[2]  # the activation rows: examples (x positions unless reduced)
         if order is not None and self.joint:
             order = torch.cat([order, order.new_tensor([order.numel()])])  # the bias stays last

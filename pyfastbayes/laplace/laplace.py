@@ -94,6 +94,9 @@ def _gaussian_nll(mean: Tensor, var: Tensor, y: Tensor) -> float:
     return float((0.5 * (torch.log(2 * math.pi * var) + (y - mean).square() / var)).sum(1).mean())
 
 
+FEATURE_REDUCTIONS = ("pick_first", "pick_last", "average")
+
+
 def _choice(value, options, name):
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
@@ -276,6 +279,15 @@ class Laplace(Posterior):
             'mc_fisher' (``mc_samples`` sampled labels per input), 'ef' (empirical Fisher).
         bias_block: 'joint' (a layer's weight and bias form one Kronecker block: the activation
             factor gets the bias column) or 'separate' (laplace-torch's blocks).
+        feature_reduction: for 'last_layer' over features [N, T, D] whose model reduces the layer's
+            outputs over the T positions (laplace-torch's option, e.g. an LLM's classifier head):
+            'pick_first' / 'pick_last' (the model reads that position's outputs: checked at fit),
+            'average' (their mean) or None. Only the Kronecker factors depend on it: that
+            position's features, or the mean feature with the summed output gradient (Eschenhagen
+            et al.'s 'reduce'), i.e. the KFAC of the reduced model; 'diag', 'full' and the
+            predictives use the exact Jacobians of whatever the model does, as laplace-torch's with
+            the option. (laplace-torch's own 'kron' ignores the option: curvlinops' KFAC sees the
+            head's inputs at all T positions, our None / 'expand'.)
         kfac_approx: 'expand' or 'reduce' for layers whose weights are shared over positions
             (convolutions, sequences).
         unsupported: for hessian_structure='kron', 'error' (default) or 'diag' (diagonal blocks,
@@ -318,7 +330,8 @@ class Laplace(Posterior):
                  temperature: float = 1.0, curvature: str = "ggn", prior_mean=0.0, bias_block: str = "joint",
                  kfac_approx: str = "expand", unsupported: str = "error", mc_samples: int = 1,
                  eigh_method: str = "auto", low_rank: int = 20, dict_key_y: str = "labels", output_fn=None,
-                 enable_backprop: bool = False, subnetwork_indices=None, last_layer_name: str | None = None):
+                 enable_backprop: bool = False, subnetwork_indices=None, last_layer_name: str | None = None,
+                 feature_reduction: str | None = None):
         super().__init__(model)
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self._fitting = False  # reward_modeling: the pairs' classification (fit, gridsearch, la(fitting=True))
@@ -351,6 +364,12 @@ class Laplace(Posterior):
         self._frozen: dict[str, Tensor] = {}  # the frozen parameters' and buffers' fingerprints at fit
         self._glm_row_bytes = {}  # the GLM parts' bytes per input row, by the row's shape (_glm_rows)
         self.subnetwork_indices = self._check_subnetwork(subnetwork_indices)
+        if feature_reduction is not None:
+            _choice(feature_reduction, FEATURE_REDUCTIONS, "feature_reduction")
+            if self.subset_of_weights != "last_layer":
+                raise ValueError(f"feature_reduction is for subset_of_weights='last_layer' (how the model reduces its "
+                                 f"last layer's outputs over positions), got subset_of_weights={self.subset_of_weights!r}")
+        self.feature_reduction = feature_reduction
         self._named = last_layer_name is not None  # a last layer given by name, not found in fit
         if last_layer_name is not None and self.subset_of_weights != "last_layer":
             raise ValueError(f"last_layer_name is for subset_of_weights='last_layer', got "
@@ -434,6 +453,10 @@ class Laplace(Posterior):
     def _setup_last_layer(self, name: str, mod: nn.Module) -> None:
         self._setup(_own_trainable(name, mod))
         self.last_layer_name = name
+        if self.feature_reduction == "average":  # the mean feature and the summed output gradient: 'reduce'
+            self.layers[0].sharing = "reduce"
+        elif self.feature_reduction is not None:
+            self.layers[0].pick = 0 if self.feature_reduction == "pick_first" else -1
 
     # ---- prior -------------------------------------------------------------------------------------------
     @property
@@ -1675,6 +1698,8 @@ class Laplace(Posterior):
                       kfac_approx=self.kfac_approx, temperature=self.temperature)
         if self.hessian_structure == "lowrank":
             config["low_rank"] = self.low_rank
+        if self.feature_reduction is not None:
+            config["feature_reduction"] = self.feature_reduction
         return config
 
     def state_dict(self) -> dict:
