@@ -3,6 +3,8 @@ full, all weights, the last layer or a subnetwork; the marginal likelihood and p
 MC) and sampling predictives.
 
 - :class:`Laplace` (laplace.py): the posterior (a :class:`pyfastbayes.posteriors.Posterior`).
+- :class:`FunctionalLaplace` (functional.py): the GP view on a subset of the data (laplace-torch's
+  ``hessian_structure='gp'``).
 - factors.py: the curvature accumulated over the data (one forward and one batched backward per
   batch, or one per chunk of directions under 256 MiB of output gradients; Kronecker factors through ``pyfastbayes.ops.kfac_factor_``).
 - eigenbasis.py: eigendecomposition of many factors at once (:func:`eigh_many`).
@@ -15,8 +17,9 @@ MC) and sampling predictives.
   targets, output-space directions.
 """
 from .eigenbasis import eigh_many
+from .functional import FunctionalLaplace
 from .laplace import Laplace, RegressionPredictive
 from .training import marglik_training
 from . import subnetmask
 
-__all__ = ["Laplace", "RegressionPredictive", "eigh_many", "marglik_training", "subnetmask"]
+__all__ = ["Laplace", "FunctionalLaplace", "RegressionPredictive", "eigh_many", "marglik_training", "subnetmask"]

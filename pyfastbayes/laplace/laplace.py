@@ -336,6 +336,9 @@ class Laplace(Posterior):
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self._fitting = False  # reward_modeling: the pairs' classification (fit, gridsearch, la(fitting=True))
         self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
+        if hessian_structure == "gp":
+            raise ValueError("hessian_structure='gp' (laplace-torch's functional Laplace) is "
+                             "pyfastbayes.laplace.FunctionalLaplace(model, likelihood, n_subset=...)")
         self.hessian_structure = _choice(hessian_structure, tuple(_STRUCTURES), "hessian_structure")
         self.low_rank = check_int(low_rank, "low_rank", 1)
         self.curvature = _choice(curvature, CURVATURES, "curvature")

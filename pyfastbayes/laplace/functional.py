@@ -1,0 +1,463 @@
+"""Functional (GP) Laplace: the linearised network as a Gaussian process on a subset of the data
+(Khan et al. 2019; Immer et al. 2021, "Improving predictions of Bayesian neural nets via local
+linearization"; laplace-torch's ``FunctionalLaplace``, ``hessian_structure='gp'``).
+
+The GGN posterior of the linearised network f(x; theta) ~ f(x; theta*) + J(x) (theta - theta*) is
+a GP over functions with kernel k(x, x') = J(x) J(x')^T / delta. With M training points chosen at
+random (subset of data, the prior variance scaled by M / N as laplace-torch does: kernel variance
+s = (M / N) / delta), L the Cholesky factor of s K_MM + D, D = diag(1 / (Lambda / (sigma^2 T))) (the
+loss Hessians' diagonal, an infinite 1 / 0 taken as 10: laplace-torch's rule):
+
+- predictive (GLM): f_var(x) = s k(x, x) - v^T v, v = L^-1 s K_{M x}, no [P, P] matrix anywhere;
+- evidence: classification (Rasmussen & Williams 2006, eq. 3.32, Lambda's diagonal W):
+  log p(y | f*) - (log|I + W^1/2 s K_MM W^1/2| + mu^T (s K_MM + eps I)^-1 mu) / 2 with mu =
+  J (theta* - theta_0); regression the exact GP evidence of the linearised model,
+  -(log|s K_MM + sigma^2 I| + r^T (s K_MM + sigma^2 I)^-1 r + M C log(2 pi)) / 2 with r = y -
+  f* - J (theta_0 - theta*): with M = N it equals the weight-space Laplace evidence
+  (``Laplace(..., 'full')``). laplace-torch adds its log-likelihood term to this for regression
+  too, which counts the data twice (its numbers differ from ours there; classification agrees);
+- draws of the weights by pathwise conditioning (Wilson et al. 2020): theta = theta* + e - J_M^T
+  (s K_MM + D)^-1 (J_M e + d) / delta_M with e ~ N(0, I / delta_M), d ~ N(0, D), delta_M = delta N / M:
+  N(theta*, (delta_M I + J_M^T D^-1 J_M)^-1) without a [P, P] matrix.
+
+Jacobians are explicit (torch.func, per example), [M, C, P], kept under JACOBIAN_BYTES and
+recomputed chunk by chunk otherwise. ``independent_outputs``: one kernel per output, the C x C
+kernel's diagonal only (laplace-torch's option).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+from tqdm.auto import tqdm
+
+from .._warnings import warn_user
+from ..calibration._checks import check_generator, check_int, check_positive_float
+from ..nn import ModeGuard
+from ..nn.inputs import model_output
+from ..nn.loaders import batches as loader_batches
+from ..posteriors.base import Posterior
+from . import marglik as ml
+from ._likelihood import check_targets, log_likelihood, outputs_2d, summed_loss
+from .predictive import probabilities
+
+JACOBIAN_BYTES = 512 << 20  # the subset's Jacobians [M, C, P] are kept below this, recomputed above it
+_EPS = 1e-5  # classification's scatter: (s K_MM + eps I)^-1 (laplace-torch's)
+_INF_NOISE = 10.0  # D's entry where a loss Hessian entry is 0 (laplace-torch's nan_to_num posinf)
+LIKELIHOODS = ("classification", "regression")
+
+
+class FunctionalLaplace(Posterior):
+    """GP (functional) Laplace on a subset of the training data (module docstring).
+
+    Args:
+        model: the trained network, outputs [N, C] (logits for 'classification'; [N] or [N, C]
+            for 'regression'); its trainable parameters are covered.
+        likelihood: 'classification' or 'regression'.
+        n_subset: M, the training points the GP conditions on (1 <= M <= N), drawn without
+            replacement with NumPy's ``default_rng(seed)`` as laplace-torch's ``SoDSampler``.
+        sigma_noise, prior_precision (a scalar: the GP view has an isotropic prior), prior_mean
+            (a scalar or [P]), temperature: as :class:`~pyfastbayes.laplace.Laplace`.
+        independent_outputs: one kernel per output (the C x C kernel's diagonal).
+        seed: the subset's seed.  batch_size: rows per Jacobian chunk.
+        output_fn: model output -> the tensor [N, C] (as Laplace's).
+
+    Attributes after :meth:`fit`: ``n_data`` (N), ``subset`` (the M row indices), ``n_outputs`` (C).
+    """
+
+    kind = "FunctionalLaplace"
+
+    def __init__(self, model: nn.Module, likelihood: str = "classification", n_subset: int = 100, *,
+                 sigma_noise: float = 1.0, prior_precision: float = 1.0, prior_mean=0.0, temperature: float = 1.0,
+                 independent_outputs: bool = False, seed: int = 0, batch_size: int = 64, output_fn=None):
+        super().__init__(model)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS} for the functional (GP) Laplace, got "
+                             f"{likelihood!r}")
+        self.likelihood = likelihood
+        self.n_subset = check_int(n_subset, "n_subset", 1)
+        self.temperature = check_positive_float(temperature, "temperature")
+        if not isinstance(independent_outputs, bool):
+            raise TypeError(f"independent_outputs must be True or False, got {type(independent_outputs).__name__}")
+        self.independent_outputs = independent_outputs
+        self.seed = check_int(seed, "seed", 0)
+        self.batch_size = check_int(batch_size, "batch_size", 1)
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable (model output -> tensor), got {type(output_fn).__name__}")
+        self.output_fn = output_fn
+        self.dtype, self.device = self.layout.dtype, self.layout.device
+        if self.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"FunctionalLaplace needs a float32 or float64 model, got {self.dtype}")
+        self.sigma_noise = sigma_noise
+        self.prior_precision = prior_precision
+        pm = torch.as_tensor(prior_mean, dtype=self.dtype, device=self.device)
+        if pm.dim() > 1 or (pm.dim() == 1 and pm.numel() not in (1, self.numel)) or not bool(torch.isfinite(pm).all()):
+            raise ValueError(f"prior_mean must be a finite scalar or a [P] = [{self.numel}] tensor, got shape "
+                             f"{tuple(pm.shape)}")
+        self.prior_mean = pm.reshape(-1).expand(self.numel).clone() if pm.numel() == 1 else pm.clone()
+        self._fitted = None
+
+    # ---- hyper-parameters --------------------------------------------------------------------------
+    @property
+    def prior_precision(self) -> Tensor:
+        """delta, a scalar tensor (the GP kernel's variance is (M / N) / delta); assignable."""
+        return self._delta
+
+    @prior_precision.setter
+    def prior_precision(self, value) -> None:
+        t = torch.as_tensor(value, dtype=self.dtype, device=self.device).detach()
+        if t.numel() != 1:
+            raise ValueError(f"FunctionalLaplace takes a scalar prior_precision (the GP view's isotropic prior), got "
+                             f"shape {tuple(t.shape)}")
+        if not math.isfinite(float(t)) or float(t) <= 0:
+            raise ValueError(f"prior_precision must be a finite number > 0, got {float(t)}")
+        self._delta = t.reshape(()).clone()
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        return self._sigma
+
+    @sigma_noise.setter
+    def sigma_noise(self, value) -> None:
+        v = float(value)
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"sigma_noise must be a finite number > 0, got {v}")
+        if self.likelihood != "regression" and v != 1.0:
+            raise ValueError(f"sigma_noise is the regression noise; likelihood={self.likelihood!r} needs sigma_noise=1")
+        self._sigma = torch.tensor(v, dtype=self.dtype, device=self.device)
+
+    # ---- Jacobians -----------------------------------------------------------------------------------
+    def _jacobians(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(f [n, C], J [n, C, P]) of input rows x [n, ...] (per example: vmap of jacrev)."""
+        names = self.layout.names
+        own = dict(self.model.named_parameters())
+        values = tuple(own[n].detach() for n in names)
+        model, output_fn, lik = self.model, self.output_fn, self.likelihood
+
+        def one(xi):
+            def out(*v):
+                o = model_output(functional_call(model, dict(zip(names, v)), (xi.unsqueeze(0),)), output_fn)
+                o = outputs_2d(o, lik)[0]
+                return o, o
+            jac, f = jacrev(out, argnums=tuple(range(len(values))), has_aux=True)(*values)
+            return f, torch.cat([j.reshape(f.shape[0], -1) for j in jac], 1)
+
+        with ModeGuard(self.model, False):
+            f, J = vmap(one)(x.to(self.device))
+        return f.detach(), J.detach()
+
+    def _subset_chunks(self):
+        """Yield (rows slice, J [b, C, P]) over the subset in chunks of batch_size (kept or recomputed)."""
+        st = self._fitted
+        for k, s in enumerate(range(0, st["M"], self.batch_size)):
+            rows = slice(s, min(s + self.batch_size, st["M"]))
+            if st["J"] is not None:
+                yield rows, st["J"][rows]
+            else:
+                yield rows, self._jacobians(st["X"][rows])[1]
+
+    # ---- fit -----------------------------------------------------------------------------------------
+    def fit(self, loader, progress: bool = True) -> "FunctionalLaplace":
+        """Condition on M rows of ``loader`` (a DataLoader over a map-style dataset, or any iterable
+        of (inputs [B, ...], targets) batches, whose rows are gathered first): their Jacobians,
+        the kernel K_MM, the loss Hessians' diagonal and the evidence terms. Returns self."""
+        X, Y = self._rows(loader)
+        N = X.shape[0]
+        M = self.n_subset
+        if M > N:
+            raise ValueError(f"n_subset = {M} is larger than the {N} training rows")
+        idx = torch.tensor(np.random.default_rng(self.seed).choice(N, M, replace=False), dtype=torch.long)
+        X, Y = X[idx].to(self.device), Y[idx]
+        fs, Js = [], []
+        keep = True
+        for s in tqdm(range(0, M, self.batch_size), desc="FunctionalLaplace.fit", disable=not progress, leave=False):
+            f, J = self._jacobians(X[s:s + self.batch_size])
+            fs.append(f)
+            if keep:
+                Js.append(J)
+                keep = sum(j.numel() for j in Js) * J.element_size() * 2 <= JACOBIAN_BYTES
+                if not keep:
+                    Js = []
+        f = torch.cat(fs)
+        C = f.shape[1]
+        y = check_targets(Y, f, self.likelihood)
+        loss = summed_loss(f, y, self.likelihood).double()
+        J = torch.cat(Js) if keep else None
+        self._fitted = dict(M=M, N=N, C=C, X=X, y=y, f=f, J=J, loss=loss, theta=self.layout.flatten().detach().clone())
+        self.n_data, self.n_outputs, self.subset = N, C, idx
+        # the kernel K_MM [M C, M C] (rows m * C + c), symmetric by construction
+        K = torch.zeros(M * C, M * C, dtype=self.dtype, device=self.device)
+        chunks = list(self._subset_chunks()) if J is not None else None
+        for i, (ri, Ji) in enumerate(chunks or self._subset_chunks()):
+            Ji2 = Ji.reshape(-1, Ji.shape[-1])
+            for rj, Jj in (chunks[i:] if chunks is not None else self._chunks_from(ri.start)):
+                blk = Ji2 @ Jj.reshape(-1, Jj.shape[-1]).t()
+                K[ri.start * C:ri.stop * C, rj.start * C:rj.stop * C] = blk
+                K[rj.start * C:rj.stop * C, ri.start * C:ri.stop * C] = blk.t()
+        self._fitted["K"] = K
+        # mu: J (theta* - theta_0) per row [M, C] (the scatter's mean offset)
+        d = self._fitted["theta"].to(self.dtype) - self.prior_mean
+        self._fitted["Jd"] = torch.cat([torch.einsum("bcp,p->bc", Jc, d) for _, Jc in self._subset_chunks()])
+        self._fitted["lam"] = self._loss_hessian_diag(f)
+        return self
+
+    def _chunks_from(self, start: int):
+        for rows, J in self._subset_chunks():
+            if rows.start >= start:
+                yield rows, J
+
+    def _rows(self, loader) -> tuple[Tensor, Tensor]:
+        """All (inputs, targets) rows of the loader, joined (tensor inputs only)."""
+        xs, ys = [], []
+        for i, item in enumerate(loader_batches(loader)):
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not torch.is_tensor(item[0]):
+                raise TypeError(f"FunctionalLaplace.fit: batch {i} must be (inputs tensor [B, ...], targets), got "
+                                f"{type(item).__name__}")
+            xs.append(item[0]), ys.append(item[1])
+        if not xs:
+            raise ValueError("FunctionalLaplace.fit: the loader yielded no batches")
+        return torch.cat(xs), torch.cat(ys)
+
+    def _loss_hessian_diag(self, f: Tensor) -> Tensor:
+        """Lambda's diagonal [M, C]: 1 (regression), p (1 - p) (classification)."""
+        if self.likelihood == "regression":
+            return torch.ones_like(f)
+        p = f.softmax(-1)
+        return p * (1 - p)
+
+    def _need_fit(self) -> dict:
+        if self._fitted is None:
+            raise RuntimeError("FunctionalLaplace: call fit(train_loader) first")
+        return self._fitted
+
+    # ---- the GP algebra ------------------------------------------------------------------------------
+    def _s(self, delta: Tensor | None = None) -> Tensor:
+        st = self._need_fit()
+        return (st["M"] / st["N"]) / (self._delta if delta is None else delta)
+
+    def _h_factor(self, sigma: Tensor | None = None) -> Tensor:
+        sigma = self._sigma if sigma is None else sigma
+        return 1.0 / (sigma.square() * self.temperature)
+
+    def _blocks(self, K: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """(kernel, its row indices into the flat [M C]) per independent GP: one for the joint kernel,
+        C (the c-th outputs' rows) with independent_outputs."""
+        st = self._need_fit()
+        M, C = st["M"], st["C"]
+        if not self.independent_outputs:
+            return [(K, torch.arange(M * C, device=K.device))]
+        out = []
+        for c in range(C):
+            rows = torch.arange(M, device=K.device) * C + c
+            out.append((K[rows][:, rows], rows))
+        return out
+
+    def _noise_diag(self, sigma: Tensor | None = None) -> Tensor:
+        """D [M C]: 1 / (lambda h), infinite entries as laplace-torch's 10."""
+        lam = self._need_fit()["lam"].reshape(-1) * self._h_factor(sigma)
+        return torch.nan_to_num(1.0 / lam, posinf=_INF_NOISE)
+
+    def _chol(self, delta=None, sigma=None) -> list[Tensor]:
+        """Cholesky factors of s K_b + D_b per independent GP b."""
+        st = self._need_fit()
+        s, D = self._s(delta), self._noise_diag(sigma)
+        return [torch.linalg.cholesky(s * Kb + torch.diag(D[rows])) for Kb, rows in self._blocks(st["K"])]
+
+    def log_likelihood(self) -> Tensor:
+        """log p(y_M | f*) of the subset's rows (as Laplace's: tempered, regression's normaliser)."""
+        st = self._need_fit()
+        return log_likelihood(st["loss"].to(self.dtype), st["M"], st["C"], self.likelihood, self._sigma,
+                              self.temperature)
+
+    def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None) -> Tensor:
+        """The GP Laplace evidence of the subset (module docstring); differentiable in the two
+        tensors when given (they are used, not stored)."""
+        st = self._need_fit()
+        delta = self._delta if prior_precision is None else torch.as_tensor(prior_precision, dtype=self.dtype,
+                                                                            device=self.device).reshape(())
+        sigma = self._sigma if sigma_noise is None else torch.as_tensor(sigma_noise, dtype=self.dtype,
+                                                                        device=self.device).reshape(())
+        s = self._s(delta)
+        K = st["K"]
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        if self.likelihood == "regression":
+            r = (st["y"] - st["f"] + st["Jd"]).reshape(-1)  # y - (f* + J (theta_0 - theta*))
+            for Kb, rows in self._blocks(K):
+                A = s * Kb + sigma.square() * self.temperature * torch.eye(len(rows), dtype=self.dtype,
+                                                                           device=self.device)
+                Lc = torch.linalg.cholesky(A)
+                v = torch.linalg.solve_triangular(Lc, r[rows, None], upper=False)
+                total = total - 0.5 * (2 * torch.log(torch.diagonal(Lc)).sum() + v.square().sum()
+                                       + len(rows) * math.log(2 * math.pi))
+            return total
+        W = (st["lam"].reshape(-1) * self._h_factor(sigma)).sqrt()
+        mu = st["Jd"].reshape(-1)
+        for Kb, rows in self._blocks(K):
+            w = W[rows]
+            I = torch.eye(len(rows), dtype=self.dtype, device=self.device)
+            logdet = torch.logdet(w[:, None] * (s * Kb) * w + I)
+            Lc = torch.linalg.cholesky(s * Kb + _EPS * I)
+            v = torch.linalg.solve_triangular(Lc, mu[rows, None], upper=False)
+            total = total - 0.5 * (logdet + v.square().sum())
+        return self.log_likelihood() + total
+
+    # ---- predictives ---------------------------------------------------------------------------------
+    def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_mu [n, C], f_var [n, C, C]) of the GP posterior at input rows x [n, ...]."""
+        st = self._need_fit()
+        C = st["C"]
+        s = self._s()
+        chol = self._chol()
+        mus, vars_ = [], []
+        for r0 in range(0, x.shape[0], self.batch_size):
+            f, Js = self._jacobians(x[r0:r0 + self.batch_size])
+            n = f.shape[0]
+            Kxs = torch.cat([Js.reshape(n * C, -1) @ Jc.reshape(-1, Jc.shape[-1]).t()
+                             for _, Jc in self._subset_chunks()], 1) * s  # [n C, M C]
+            kss = s * torch.einsum("ncp,ndp->ncd", Js, Js)
+            if self.independent_outputs:
+                var = torch.zeros(n, C, C, dtype=self.dtype, device=self.device)
+                for c, (Lc, (_, rows)) in enumerate(zip(chol, self._blocks(st["K"]))):
+                    rc = torch.arange(n, device=self.device) * C + c
+                    v = torch.linalg.solve_triangular(Lc, Kxs[rc][:, rows].t(), upper=False)  # [M, n]
+                    var[:, c, c] = kss[:, c, c] - v.square().sum(0)
+            else:
+                v = torch.linalg.solve_triangular(chol[0], Kxs.t(), upper=False).t().reshape(n, C, -1)  # [n, C, MC]
+                var = kss - torch.einsum("ncm,ndm->ncd", v, v)
+            mus.append(f), vars_.append(var)
+        return torch.cat(mus), torch.cat(vars_)
+
+    def la(self, x: Tensor, link_approx: str = "probit", n_samples: int = 100, generator=None):
+        """laplace-torch's ``__call__`` with pred_type='gp': classification probabilities [n, C],
+        regression (f_mu [n, C], f_var [n, C, C]) (sigma^2 not in it)."""
+        f_mu, f_var = self.functional_variance(x)
+        if self.likelihood == "regression":
+            return f_mu, f_var
+        return probabilities(f_mu, f_var, "classification", link_approx, n_samples, generator)
+
+    __call__ = la
+
+    # ---- weight draws ---------------------------------------------------------------------------------
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n draws [n, P] from N(theta*, (delta_M I + J_M^T D^-1 J_M)^-1), delta_M = delta N / M, by
+        pathwise conditioning (module docstring): the weight-space posterior whose linearised
+        network is this GP (with the joint kernel also under independent_outputs). Inherited
+        :meth:`predict` averages the network over them (the 'nn' predictive)."""
+        st = self._need_fit()
+        n = check_int(n, "n", 0)
+        check_generator(generator)
+        P, C = self.numel, st["C"]
+        delta_m = self._delta * st["N"] / st["M"]
+        e = torch.randn(n, P, dtype=self.dtype, device=self.device, generator=generator) / delta_m.sqrt()
+        D = self._noise_diag()
+        d = torch.randn(n, st["M"] * C, dtype=self.dtype, device=self.device, generator=generator) * D.sqrt()
+        Je = torch.cat([torch.einsum("bcp,np->nbc", Jc, e).reshape(n, -1) for _, Jc in self._subset_chunks()], 1)
+        rhs = (Je + d).t()  # [M C, n]
+        # the joint kernel always (independent_outputs approximates the GP in function space only;
+        # a weight-space Gaussian needs the whole J_M J_M^T)
+        Lj = torch.linalg.cholesky(self._s() * st["K"] + torch.diag(D))
+        out = torch.cholesky_solve(rhs, Lj)
+        # J_M^T out / delta_M, chunk by chunk
+        corr = torch.zeros(n, P, dtype=self.dtype, device=self.device)
+        for rows, Jc in self._subset_chunks():
+            corr += torch.einsum("bcp,bcn->np", Jc, out[rows.start * C:rows.stop * C].reshape(-1, C, n))
+        return st["theta"].to(self.dtype) + e - corr / delta_m
+
+    def predict(self, x, n_samples: int = 30, *, likelihood: str | None = None, **options):
+        """The network averaged over :meth:`sample`'s weight draws (the posterior interface's BMA
+        loop; ``options`` as :meth:`pyfastbayes.posteriors.Posterior.predict`'s): probabilities
+        [N, C] or, for regression, (mean, variance) [N, C] of the outputs; the GP predictive
+        itself is :meth:`la` / :meth:`functional_variance`."""
+        return Posterior.predict(self, x, n_samples, likelihood=likelihood or self.likelihood, **options)
+
+    # ---- tuning ----------------------------------------------------------------------------------------
+    def optimize_prior_precision(self, method: str = "marglik", *, n_steps: int = 100, lr: float = 0.1,
+                                 init_prior_prec: float | None = None, val_loader=None,
+                                 log_prior_prec_range: tuple[float, float] = (-4.0, 4.0), grid_size: int = 21,
+                                 link_approx: str = "probit", progress: bool = False) -> Tensor:
+        """Tune the scalar prior precision: 'marglik' (Adam on log delta over
+        :meth:`log_marginal_likelihood`) or 'gridsearch' (the lowest validation NLL of the GP
+        predictive on ``val_loader`` over 10**linspace(range, grid_size)). Returns it."""
+        if method not in ml.TUNING:
+            raise ValueError(f"method must be one of {ml.TUNING}, got {method!r}")
+        self._need_fit()
+        if method == "marglik":
+            start = self._delta if init_prior_prec is None else torch.as_tensor(init_prior_prec, dtype=self.dtype)
+            log_delta = torch.log(start.to(self.device).reshape(())).detach().clone()
+            ml.adam(lambda: -self.log_marginal_likelihood(log_delta.exp()), [log_delta], n_steps, lr, progress,
+                    "FunctionalLaplace marglik")
+            self.prior_precision = log_delta.detach().exp()
+            return self.prior_precision
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs val_loader (batches of (inputs, targets))")
+        Xv, Yv = self._rows(val_loader)
+        grid = torch.logspace(float(log_prior_prec_range[0]), float(log_prior_prec_range[1]),
+                              check_int(grid_size, "grid_size", 1), dtype=torch.float64)
+        best, best_nll = None, math.inf
+        old = self._delta
+        for delta in grid:
+            self.prior_precision = float(delta)
+            nll = self._val_nll(Xv, Yv, link_approx)
+            if nll < best_nll:
+                best, best_nll = float(delta), nll
+        self.prior_precision = best if best is not None else old
+        if best is None:
+            warn_user("FunctionalLaplace gridsearch: every prior gave a non-finite validation NLL; prior kept")
+        return self.prior_precision
+
+    def _val_nll(self, X: Tensor, Y: Tensor, link_approx: str) -> float:
+        f_mu, f_var = self.functional_variance(X)
+        y = check_targets(Y, f_mu, self.likelihood)
+        if self.likelihood == "regression":
+            var = torch.diagonal(f_var, dim1=1, dim2=2) + self._sigma.square()
+            return float((0.5 * (torch.log(2 * math.pi * var) + (y - f_mu).square() / var)).sum(1).mean())
+        p = probabilities(f_mu, f_var, "classification", link_approx, 100, None)
+        nll = float(-torch.log(p.gather(1, y[:, None]).clamp_min(torch.finfo(p.dtype).tiny)).mean())
+        return nll if math.isfinite(nll) else math.inf
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        st = self._need_fit()
+        state = self._state_header()
+        state.update(likelihood=self.likelihood, n_subset=self.n_subset, seed=self.seed,
+                     independent_outputs=self.independent_outputs, temperature=self.temperature,
+                     prior_precision=self._delta.clone(), prior_mean=self.prior_mean.clone(),
+                     sigma_noise=self._sigma.clone(), n_data=st["N"], n_outputs=st["C"], subset=self.subset.clone(),
+                     X=st["X"].clone(), y=st["y"].clone(), f=st["f"].clone(), K=st["K"].clone(), Jd=st["Jd"].clone(),
+                     lam=st["lam"].clone(), loss=st["loss"].clone(), theta=st["theta"].clone())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_header(state)
+        for key in ("likelihood", "n_subset", "seed", "independent_outputs", "temperature"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"state_dict was saved with {key}={state.get(key)!r}, this FunctionalLaplace has "
+                                 f"{getattr(self, key)!r}")
+        theta = self._check_state_tensor(state, "theta", (self.numel,))
+        if not torch.equal(theta.to(self.device, self.dtype), self.layout.flatten().detach()):
+            raise ValueError("state_dict was saved at other weights than the model's current ones: load the model's "
+                             "own state_dict (the MAP the posterior was fitted at) first")
+        N, C, M = (self._check_state_count(state, k, 1) for k in ("n_data", "n_outputs", "n_subset"))
+        K = self._check_state_tensor(state, "K", (M * C, M * C))
+        prior_precision, sigma = state["prior_precision"], state["sigma_noise"]
+        old = (self._delta, self._sigma)
+        try:
+            self.prior_precision, self.sigma_noise = prior_precision, float(sigma)
+        except (TypeError, ValueError):
+            self._delta, self._sigma = old
+            raise
+        self.prior_mean = self._check_state_tensor(state, "prior_mean", (self.numel,)).to(self.device,
+                                                                                           self.dtype).clone()
+        X = state["X"].to(self.device)
+        self._fitted = dict(M=M, N=N, C=C, X=X, y=state["y"].to(self.device), f=state["f"].to(self.device, self.dtype),
+                            J=None, loss=state["loss"], theta=theta.to(self.device).clone(),
+                            K=K.to(self.device, self.dtype), Jd=state["Jd"].to(self.device, self.dtype),
+                            lam=state["lam"].to(self.device, self.dtype))
+        self.n_data, self.n_outputs, self.subset = N, C, state["subset"].clone()
+        if M * C * self.numel * self.layout.dtype.itemsize * 2 <= JACOBIAN_BYTES:  # recompute and keep J_M
+            self._fitted["J"] = torch.cat([self._jacobians(X[s:s + self.batch_size])[1]
+                                           for s in range(0, M, self.batch_size)])
+

@@ -1,0 +1,172 @@
+"""FunctionalLaplace (the GP view on a subset of the data, laplace-torch's hessian_structure='gp').
+
+References: laplace-torch 0.3's FunctionalLaplace on the same model, data and subset (classification:
+evidence and probit probabilities; regression: the predictive moments, and its evidence, which adds
+its log-likelihood term once more); the weight-space full Laplace (pyfastbayes.laplace.Laplace, and
+dense matrices written here): with M = N the GP predictive variance is J* P^-1 J*^T, and at a MAP
+the GP evidence of regression is the weight-space Laplace evidence; the draws' moments.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import _laplace_reference as ref
+from _helpers import require
+from pyfastbayes.laplace import FunctionalLaplace, Laplace
+from pyfastbayes.laplace import functional as fl_mod
+
+DT = torch.float64
+
+
+def _problem(lik, N=60, D=3, C=3, seed=0, train=False, delta=0.5, sigma=1.0):
+    torch.manual_seed(seed)
+    X = torch.randn(N, D, dtype=DT)
+    y = torch.randint(0, C, (N,)) if lik == "classification" else torch.sin(X[:, :C]) + 0.3 * torch.randn(N, C, dtype=DT)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)).to(DT)
+    if train:  # to the MAP of the loss + delta |theta|^2 / 2 (tightly: the evidence identity needs it)
+        opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                history_size=50, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            out = model(X)
+            data = nn.functional.cross_entropy(out, y, reduction="sum") if lik == "classification" else \
+                0.5 * (out - y).square().sum() / sigma ** 2
+            loss = data + 0.5 * delta * sum(p.square().sum() for p in model.parameters())
+            loss.backward()
+            return loss
+        for _ in range(5):
+            opt.step(closure)
+    return model, DataLoader(TensorDataset(X, y), batch_size=16), X
+
+
+@pytest.mark.parametrize("independent", [False, True])
+@pytest.mark.parametrize("lik", ["classification", "regression"])
+def test_against_laplace_torch(lik, independent):
+    laplace = require("laplace", "laplace-torch is the reference Laplace library")
+    from laplace.curvature import BackPackGGN
+
+    C = 3 if lik == "classification" else 2
+    model, loader, _ = _problem(lik, C=C)
+    theirs = laplace.Laplace(model, lik, subset_of_weights="all", hessian_structure="gp", n_subset=25,
+                             prior_precision=0.5, independent_outputs=independent, backend=BackPackGGN)
+    theirs.fit(loader)
+    ours = FunctionalLaplace(model, lik, 25, prior_precision=0.5, independent_outputs=independent,
+                             batch_size=16).fit(loader, progress=False)
+    assert torch.equal(ours.subset, theirs.train_loader.sampler.indices)
+    xt = torch.randn(6, 3, dtype=DT, generator=torch.Generator().manual_seed(5))
+    if lik == "classification":
+        torch.testing.assert_close(ours.log_marginal_likelihood(), theirs.log_marginal_likelihood().reshape(()),
+                                   rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours(xt), theirs(xt, pred_type="gp", link_approx="probit"), rtol=1e-10, atol=1e-12)
+        return
+    (m1, v1), (m2, v2) = ours(xt), theirs(xt, pred_type="gp")
+    torch.testing.assert_close(m1, m2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v1, v2, rtol=1e-10, atol=1e-12)
+    # laplace-torch's regression evidence is the GP evidence plus its log-likelihood term (the data
+    # counted twice) without the GP's normaliser -M C log(2 pi) / 2
+    torch.testing.assert_close(theirs.log_marginal_likelihood().reshape(()),
+                               ours.log_marginal_likelihood() + theirs.log_likelihood.reshape(())
+                               + 0.5 * 25 * 2 * math.log(2 * math.pi), rtol=1e-10, atol=1e-9)
+
+
+def _dense_precision(model, X, lik, delta, sigma=1.0, T=1.0):
+    """delta I + J^T diag(lambda / (sigma^2 T)) J [P, P] over all rows (the loss Hessians' diagonal)."""
+    J = ref.jacobians(model, X)  # [N, C, P]
+    f = ref.outputs(model, X)
+    lam = torch.ones_like(f) if lik == "regression" else f.softmax(-1) * (1 - f.softmax(-1))
+    P = J.shape[-1]
+    return delta * torch.eye(P, dtype=DT) + torch.einsum("ncp,nc,ncq->pq", J, lam / (sigma ** 2 * T), J)
+
+
+@pytest.mark.parametrize("lik", ["classification", "regression"])
+def test_all_rows_is_the_weight_space_posterior(lik):
+    """With M = N: f_var(x) = J(x) P^-1 J(x)^T for the dense P = delta I + J^T Lambda J (Lambda's
+    diagonal), and for regression the evidence at a MAP is the weight-space full Laplace's."""
+    model, loader, X = _problem(lik, C=3 if lik == "classification" else 2, train=True, sigma=0.7)
+    sigma = 0.7 if lik == "regression" else 1.0
+    gp = FunctionalLaplace(model, lik, 60, prior_precision=0.5, sigma_noise=sigma, batch_size=16).fit(
+        loader, progress=False)
+    xt = torch.randn(6, 3, dtype=DT, generator=torch.Generator().manual_seed(5))
+    Jt = ref.jacobians(model, xt)
+    Sigma = torch.linalg.inv(_dense_precision(model, X, lik, 0.5, sigma))
+    f_mu, f_var = gp.functional_variance(xt)
+    torch.testing.assert_close(f_var, torch.einsum("ncp,pq,ndq->ncd", Jt, Sigma, Jt), rtol=1e-9, atol=1e-12)
+    if lik == "regression":
+        full = Laplace(model, "regression", "all", "full", prior_precision=0.5, sigma_noise=0.7).fit(loader,
+                                                                                                  progress=False)
+        torch.testing.assert_close(gp.log_marginal_likelihood(), full.log_marginal_likelihood(), rtol=1e-9, atol=1e-8)
+        torch.testing.assert_close(f_var, full(xt)[1], rtol=1e-9, atol=1e-12)
+
+
+def test_draws_have_the_weight_space_moments():
+    """sample(n): mean theta*, covariance (delta N / M I + J_M^T D^-1 J_M)^-1 (dense reference over
+    the subset rows), within sampling error."""
+    model, loader, X = _problem("classification", N=40)
+    gp = FunctionalLaplace(model, "classification", 30, prior_precision=2.0, batch_size=16).fit(loader, progress=False)
+    draws = gp.sample(100_000, generator=torch.Generator().manual_seed(0))  # (P = 59: the covariance to ~2.5 %)
+    theta = ref.flat(model)
+    prec = _dense_precision(model, X[gp.subset], "classification", 2.0 * 40 / 30)
+    cov = torch.linalg.inv(prec)
+    emp = torch.cov(draws.T)
+    assert float((draws.mean(0) - theta).abs().max() / cov.diagonal().sqrt().max()) < 0.05
+    assert float((emp - cov).norm() / cov.norm()) < 0.04
+
+
+def test_recomputed_jacobians_give_the_same_posterior(monkeypatch):
+    """Past JACOBIAN_BYTES the subset's Jacobians are recomputed chunk by chunk: the same numbers."""
+    model, loader, _ = _problem("classification")
+    kept = FunctionalLaplace(model, "classification", 40, batch_size=16).fit(loader, progress=False)
+    monkeypatch.setattr(fl_mod, "JACOBIAN_BYTES", 0)
+    again = FunctionalLaplace(model, "classification", 40, batch_size=16).fit(loader, progress=False)
+    assert kept._fitted["J"] is not None and again._fitted["J"] is None
+    xt = torch.randn(4, 3, dtype=DT)
+    torch.testing.assert_close(again._fitted["K"], kept._fitted["K"], rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(again.log_marginal_likelihood(), kept.log_marginal_likelihood())
+    torch.testing.assert_close(again.functional_variance(xt), kept.functional_variance(xt))
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    torch.testing.assert_close(again.sample(3, generator=g()), kept.sample(3, generator=g()))
+
+
+def test_tuning_and_state_dict():
+    model, loader, X = _problem("classification")
+    gp = FunctionalLaplace(model, "classification", 30, batch_size=16).fit(loader, progress=False)
+    before = float(gp.log_marginal_likelihood())
+    gp.optimize_prior_precision("marglik", n_steps=200, lr=0.1)
+    assert float(gp.log_marginal_likelihood()) > before
+    # gridsearch: the prior of the lowest validation NLL among the grid's
+    g = torch.Generator().manual_seed(3)
+    Xv, yv = torch.randn(30, 3, generator=g, dtype=DT), torch.randint(0, 3, (30,), generator=g)
+    grid = torch.logspace(-2, 2, 5, dtype=DT)
+    nll = []
+    for d in grid:
+        gp.prior_precision = float(d)
+        p = gp(Xv)
+        nll.append(float(-torch.log(p[torch.arange(30), yv]).mean()))
+    gp.optimize_prior_precision("gridsearch", val_loader=[(Xv, yv)], log_prior_prec_range=(-2, 2), grid_size=5)
+    assert math.isclose(float(gp.prior_precision), float(grid[min(range(5), key=nll.__getitem__)]), rel_tol=1e-12)
+    again = FunctionalLaplace(model, "classification", 30, batch_size=16)
+    again.load_state_dict(gp.state_dict())
+    torch.testing.assert_close(again.log_marginal_likelihood(), gp.log_marginal_likelihood())
+    torch.testing.assert_close(again(Xv), gp(Xv))
+
+
+def test_bad_input():
+    model, loader, X = _problem("classification")
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        FunctionalLaplace(model, "binary", 10)
+    with pytest.raises(ValueError, match="scalar prior_precision"):
+        FunctionalLaplace(model, "classification", 10, prior_precision=torch.ones(3))
+    with pytest.raises(ValueError, match="n_subset = 100 is larger than the 60 training rows"):
+        FunctionalLaplace(model, "classification", 100).fit(loader, progress=False)
+    with pytest.raises(RuntimeError, match="call fit"):
+        FunctionalLaplace(model, "classification", 10)(X[:2])
+    with pytest.raises(ValueError, match="sigma_noise is the regression noise"):
+        FunctionalLaplace(model, "classification", 10, sigma_noise=2.0)
+    with pytest.raises(ValueError, match="FunctionalLaplace"):
+        Laplace(model, "classification", "all", "gp")
+    with pytest.raises(ValueError, match="class indices"):
+        FunctionalLaplace(model, "classification", 10).fit([(X, torch.rand(60, dtype=DT))], progress=False)
