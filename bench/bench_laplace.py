@@ -19,6 +19,9 @@ laplace-torch``; the reference Laplace library) in the same run, as ratios (issu
 4c. subnetwork Laplace ('full' over the 1000 weights of largest |theta|, the same indices on both
    sides): fit, and the GLM probit predictive on the test split (time, peak memory), against
    laplace-torch's SubnetLaplace (default backend).
+4d. functional (GP) Laplace on 200 training rows (the digits MLP): fit and the GP probit predictive on
+   the test split (independent outputs: laplace-torch's joint-kernel predictive mixes output indices
+   on this network), against laplace-torch's FunctionalLaplace (its default backend, BackPackGGN).
 5. eigendecomposition: ``eigh_many`` ('batched', 'loop', 'cpu', 'streams': CUDA streams, one host thread each) against ``torch.linalg.eigh`` on
    the stacked batch and a loop of it (laplace-torch decomposes one factor at a time), on 16
    matrices 512 x 512 and on the Kronecker factors of the MLP.
@@ -416,6 +419,54 @@ def _subnet_rows(name, model, loader, x_test, laplace, device, quick, rep):
     return rows
 
 
+# ---- 4d. functional (GP) Laplace -------------------------------------------------------------------------
+GP_SUBSET = 200
+
+
+def _functional_rows(name, model, loader, x_test, laplace, device, quick, rep):
+    """FunctionalLaplace on GP_SUBSET training rows (laplace-torch's subset draw, seed 0): fit, and
+    the GP probit predictive on the test rows, against laplace-torch's FunctionalLaplace (its
+    default backend, BackPackGGN: the kernel block of every pair of subset batches from Jacobians
+    computed anew for the pair). The predictive is compared with independent_outputs=True on both
+    sides: laplace-torch's joint-kernel predictive mixes the test and training output indices
+    (tests/test_laplace_functional.py), visible on this two-hidden-layer MLP."""
+    from pyfastbayes.laplace import FunctionalLaplace
+
+    if laplace is None or not hasattr(laplace, "FunctionalLaplace"):
+        return []
+    from laplace.curvature import BackPackGGN
+
+    M = 100 if quick else GP_SUBSET
+    fit_case = f"fit functional (GP, n_subset = {M}), {name}"
+    pred_case = f"functional GP probit predictive (independent outputs), {len(x_test)} test rows, {name}"
+
+    def ours_fit(independent=False):
+        return FunctionalLaplace(model, "classification", M, batch_size=loader.batch_size,
+                                 independent_outputs=independent).fit(loader, progress=False)
+
+    def peer_fit(independent=False):
+        la = laplace.Laplace(model, "classification", subset_of_weights="all", hessian_structure="gp", n_subset=M,
+                             independent_outputs=independent, backend=BackPackGGN)
+        la.fit(loader)
+        return la
+
+    ours, t_ours = _time(ours_fit, device, rep)
+    with _quiet():
+        theirs, t_theirs = _time(peer_fit, device, rep)
+    lml, their_lml = float(ours.log_marginal_likelihood()), float(theirs.log_marginal_likelihood())
+    agree = _agree(f"{fit_case}: log marginal likelihood {lml:.8g} vs {their_lml:.8g}", _rel(lml, their_lml), 1e-4)
+    rows = [row(SUITE, fit_case, "laplace-torch FunctionalLaplace (BackPackGGN)", t_theirs, t_theirs, agree=agree),
+            row(SUITE, fit_case, "pyfastbayes FunctionalLaplace", t_ours, t_theirs)]
+    ours, theirs = ours_fit(True), peer_fit(True)
+    p_ours, t_ours = _time(lambda: ours(x_test), device, rep)
+    with _quiet():
+        p_theirs, t_theirs = _time(lambda: theirs(x_test, pred_type="gp", link_approx="probit"), device, rep)
+    agree = _agree(f"{pred_case}: probabilities", float((p_ours - p_theirs.to(p_ours)).abs().max()), 1e-4, "max abs")
+    rows += [row(SUITE, pred_case, "laplace-torch FunctionalLaplace (BackPackGGN)", t_theirs, t_theirs, agree=agree),
+             row(SUITE, pred_case, "pyfastbayes FunctionalLaplace", t_ours, t_theirs)]
+    return rows
+
+
 # ---- 4. a model whose Jacobians do not fit --------------------------------------------------------------
 def _device_bytes(device: str) -> int:
     if device == "cuda":
@@ -569,6 +620,8 @@ def run(device: str, quick: bool) -> list[dict]:
         if laplace is not None and (name, "kron") in fitted:
             rows += _backprop_rows(name, xs, fitted, device, rep)
         rows += _subnet_rows(name, model, loader, xs, laplace, device, quick, rep)
+        if name.startswith("MLP"):
+            rows += _functional_rows(name, model, loader, xs, laplace, device, quick, rep)
     rows += _big_rows(laplace, device, quick, rep)
     # the MLP's Kronecker factors with our default blocks (bias folded into the activation factor)
     joint = Laplace(mlp, "classification", hessian_structure="kron").fit(

@@ -1,10 +1,12 @@
 """FunctionalLaplace (the GP view on a subset of the data, laplace-torch's hessian_structure='gp').
 
-References: laplace-torch 0.3's FunctionalLaplace on the same model, data and subset (classification:
-evidence and probit probabilities; regression: the predictive moments, and its evidence, which adds
-its log-likelihood term once more); the weight-space full Laplace (pyfastbayes.laplace.Laplace, and
-dense matrices written here): with M = N the GP predictive variance is J* P^-1 J*^T, and at a MAP
-the GP evidence of regression is the weight-space Laplace evidence; the draws' moments.
+References: dense matrices written here and the weight-space full Laplace (pyfastbayes.laplace.Laplace):
+with M = N the GP predictive variance is J* P^-1 J*^T, and at a MAP the GP evidence of regression is
+the weight-space Laplace evidence; the draws' moments. laplace-torch 0.3's FunctionalLaplace on the
+same model, data and subset, where its definitions are ours: classification's evidence and probit
+probabilities, regression's predictive moments (on a one-hidden-layer network: see
+test_laplace_torch_mixes_output_indices_on_deeper_networks), and its regression evidence, which adds
+its log-likelihood term once more (tested as that gap).
 """
 import math
 
@@ -21,11 +23,12 @@ from pyfastbayes.laplace import functional as fl_mod
 DT = torch.float64
 
 
-def _problem(lik, N=60, D=3, C=3, seed=0, train=False, delta=0.5, sigma=1.0):
+def _problem(lik, N=60, D=3, C=3, seed=0, train=False, delta=0.5, sigma=1.0, deep=False):
     torch.manual_seed(seed)
     X = torch.randn(N, D, dtype=DT)
     y = torch.randint(0, C, (N,)) if lik == "classification" else torch.sin(X[:, :C]) + 0.3 * torch.randn(N, C, dtype=DT)
-    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)).to(DT)
+    hidden = [nn.Linear(D, 8), nn.Tanh()] + ([nn.Linear(8, 8), nn.Tanh()] if deep else [])
+    model = nn.Sequential(*hidden, nn.Linear(8, C)).to(DT)
     if train:  # to the MAP of the loss + delta |theta|^2 / 2 (tightly: the evidence identity needs it)
         opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
                                 history_size=50, line_search_fn="strong_wolfe")
@@ -86,7 +89,7 @@ def _dense_precision(model, X, lik, delta, sigma=1.0, T=1.0):
 def test_all_rows_is_the_weight_space_posterior(lik):
     """With M = N: f_var(x) = J(x) P^-1 J(x)^T for the dense P = delta I + J^T Lambda J (Lambda's
     diagonal), and for regression the evidence at a MAP is the weight-space full Laplace's."""
-    model, loader, X = _problem(lik, C=3 if lik == "classification" else 2, train=True, sigma=0.7)
+    model, loader, X = _problem(lik, C=3 if lik == "classification" else 2, train=True, sigma=0.7, deep=True)
     sigma = 0.7 if lik == "regression" else 1.0
     gp = FunctionalLaplace(model, lik, 60, prior_precision=0.5, sigma_noise=sigma, batch_size=16).fit(
         loader, progress=False)
@@ -100,6 +103,53 @@ def test_all_rows_is_the_weight_space_posterior(lik):
                                                                                                   progress=False)
         torch.testing.assert_close(gp.log_marginal_likelihood(), full.log_marginal_likelihood(), rtol=1e-9, atol=1e-8)
         torch.testing.assert_close(f_var, full(xt)[1], rtol=1e-9, atol=1e-12)
+
+
+def test_laplace_torch_mixes_output_indices_on_deeper_networks():
+    """laplace-torch's joint-kernel predictive reshapes K_{*M} [N*, M, C*, C] to [N*, M C*, C]: the
+    test output index takes the place of the training one. The C x C blocks of a one-hidden-layer
+    network's kernel are symmetric, which hides it; with two hidden layers they are not, and its
+    f_var leaves the dense J* P^-1 J*^T (M = N) that ours equals. With independent_outputs
+    (diagonal blocks only) the two agree."""
+    laplace = require("laplace", "laplace-torch is the reference Laplace library")
+    from laplace.curvature import BackPackGGN
+
+    model, loader, X = _problem("classification", deep=True)
+    xt = torch.randn(6, 3, dtype=DT, generator=torch.Generator().manual_seed(5))
+    Jt = ref.jacobians(model, xt)
+    want = torch.einsum("ncp,pq,ndq->ncd", Jt, torch.linalg.inv(_dense_precision(model, X, "classification", 0.5)), Jt)
+    ours = FunctionalLaplace(model, "classification", 60, prior_precision=0.5, batch_size=16).fit(loader,
+                                                                                                 progress=False)
+    theirs = laplace.Laplace(model, "classification", subset_of_weights="all", hessian_structure="gp", n_subset=60,
+                             prior_precision=0.5, backend=BackPackGGN)
+    theirs.fit(loader)
+    torch.testing.assert_close(ours.functional_variance(xt)[1], want, rtol=1e-9, atol=1e-12)
+    their_var = theirs.predictive_moments(xt)[1]
+    assert float((their_var - want).abs().max()) > 1e-3 * float(want.abs().max())
+    ind = FunctionalLaplace(model, "classification", 60, prior_precision=0.5, independent_outputs=True,
+                            batch_size=16).fit(loader, progress=False)
+    their_ind = laplace.Laplace(model, "classification", subset_of_weights="all", hessian_structure="gp",
+                                n_subset=60, prior_precision=0.5, independent_outputs=True, backend=BackPackGGN)
+    their_ind.fit(loader)
+    torch.testing.assert_close(ind.functional_variance(xt)[1], their_ind.predictive_moments(xt)[1], rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_a_saturated_softmax_is_a_point_without_information():
+    """Rows whose softmax saturates exactly (p = 1 in float64: W = 0) add nothing: the predictive
+    is the dense J* (delta I + J^T W J)^-1 J*^T (M = N), which laplace-torch's 1 / 0 -> 10 rule is not."""
+    model, loader, X = _problem("classification")
+    with torch.no_grad():
+        model[-1].weight.mul_(400)  # logit gaps of hundreds: p(1 - p) = 0 for most rows
+    f = model(X)
+    assert bool(((f.softmax(-1) * (1 - f.softmax(-1))) == 0).any())
+    gp = FunctionalLaplace(model, "classification", 60, prior_precision=0.5, batch_size=16).fit(loader, progress=False)
+    xt = torch.randn(6, 3, dtype=DT, generator=torch.Generator().manual_seed(5))
+    Jt = ref.jacobians(model, xt)
+    want = torch.einsum("ncp,pq,ndq->ncd", Jt, torch.linalg.inv(_dense_precision(model, X, "classification", 0.5)), Jt)
+    torch.testing.assert_close(gp.functional_variance(xt)[1], want, rtol=1e-8, atol=1e-10)
+    assert math.isfinite(float(gp.log_marginal_likelihood()))
+    assert bool(torch.isfinite(gp.sample(3)).all())
 
 
 def test_draws_have_the_weight_space_moments():
@@ -117,12 +167,12 @@ def test_draws_have_the_weight_space_moments():
 
 
 def test_recomputed_jacobians_give_the_same_posterior(monkeypatch):
-    """Past JACOBIAN_BYTES the subset's Jacobians are recomputed chunk by chunk: the same numbers."""
+    """Past JACOBIAN_BYTES the subset's Jacobian parts are recomputed chunk by chunk: the same numbers."""
     model, loader, _ = _problem("classification")
     kept = FunctionalLaplace(model, "classification", 40, batch_size=16).fit(loader, progress=False)
     monkeypatch.setattr(fl_mod, "JACOBIAN_BYTES", 0)
     again = FunctionalLaplace(model, "classification", 40, batch_size=16).fit(loader, progress=False)
-    assert kept._fitted["J"] is not None and again._fitted["J"] is None
+    assert kept._fitted["parts"] is not None and again._fitted["parts"] is None
     xt = torch.randn(4, 3, dtype=DT)
     torch.testing.assert_close(again._fitted["K"], kept._fitted["K"], rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(again.log_marginal_likelihood(), kept.log_marginal_likelihood())
@@ -170,3 +220,38 @@ def test_bad_input():
         Laplace(model, "classification", "all", "gp")
     with pytest.raises(ValueError, match="class indices"):
         FunctionalLaplace(model, "classification", 10).fit([(X, torch.rand(60, dtype=DT))], progress=False)
+
+
+def test_convolution_and_layernorm_parts_against_dense_jacobians():
+    """A CNN with a LayerNorm (Jacobian parts 'matrix' for the convolution, 'rows' for the norm's
+    affine parameters, 'factored' for the head) on a subset of 20 of 30 rows: the kernel, the
+    evidence (prior_mean != 0) and the predictive against the same formulas on dense torch.func
+    Jacobians."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.LayerNorm(3 * 4 * 4),
+                          nn.Linear(3 * 4 * 4, 3)).to(DT)
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(30, 1, 4, 4, generator=g, dtype=DT), torch.randint(0, 3, (30,), generator=g)
+    gp = FunctionalLaplace(model, "classification", 20, prior_precision=0.8, prior_mean=0.1, batch_size=7).fit(
+        [(X[:16], y[:16]), (X[16:], y[16:])], progress=False)
+    idx = gp.subset
+    J = ref.jacobians(model, X[idx])  # [M, C, P]
+    Jf = J.reshape(-1, J.shape[-1])
+    s = (20 / 30) / 0.8
+    K = Jf @ Jf.T
+    torch.testing.assert_close(gp._fitted["K"], K, rtol=1e-11, atol=1e-12)
+    f = ref.outputs(model, X[idx])
+    p = f.softmax(-1)
+    W = (p * (1 - p)).reshape(-1)
+    mu = Jf @ (ref.flat(model) - 0.1)
+    I = torch.eye(len(K), dtype=DT)
+    want = -nn.functional.cross_entropy(f, y[idx], reduction="sum") - 0.5 * (
+        torch.logdet(W.sqrt()[:, None] * s * K * W.sqrt() + I) + mu @ torch.linalg.solve(s * K + 1e-5 * I, mu))
+    torch.testing.assert_close(gp.log_marginal_likelihood(), want, rtol=1e-10, atol=1e-10)
+    xt = torch.randn(4, 1, 4, 4, generator=g, dtype=DT)
+    Jt = ref.jacobians(model, xt).reshape(-1, J.shape[-1])
+    Kxs = s * Jt @ Jf.T
+    var = s * Jt @ Jt.T - Kxs @ torch.linalg.solve(s * K + torch.diag(1 / W), Kxs.T)
+    got = gp.functional_variance(xt)[1]
+    for n in range(4):
+        torch.testing.assert_close(got[n], var[3 * n:3 * n + 3, 3 * n:3 * n + 3], rtol=1e-9, atol=1e-12)

@@ -5,10 +5,12 @@ linearization"; laplace-torch's ``FunctionalLaplace``, ``hessian_structure='gp'`
 The GGN posterior of the linearised network f(x; theta) ~ f(x; theta*) + J(x) (theta - theta*) is
 a GP over functions with kernel k(x, x') = J(x) J(x')^T / delta. With M training points chosen at
 random (subset of data, the prior variance scaled by M / N as laplace-torch does: kernel variance
-s = (M / N) / delta), L the Cholesky factor of s K_MM + D, D = diag(1 / (Lambda / (sigma^2 T))) (the
-loss Hessians' diagonal, an infinite 1 / 0 taken as 10: laplace-torch's rule):
+s = (M / N) / delta), W = Lambda / (sigma^2 T) the loss Hessians' diagonal (>= 0) and L the Cholesky
+factor of B = I + W^1/2 s K_MM W^1/2 (Rasmussen & Williams' algorithm 3.2: (s K_MM + W^-1)^-1 =
+W^1/2 B^-1 W^1/2 without inverting W, so a saturated softmax, W = 0, is a point without
+information; laplace-torch inverts W and takes 1 / 0 as 10, its only difference from ours):
 
-- predictive (GLM): f_var(x) = s k(x, x) - v^T v, v = L^-1 s K_{M x}, no [P, P] matrix anywhere;
+- predictive (GLM): f_var(x) = s k(x, x) - v^T v, v = L^-1 W^1/2 s K_{M x}, no [P, P] matrix anywhere;
 - evidence: classification (Rasmussen & Williams 2006, eq. 3.32, Lambda's diagonal W):
   log p(y | f*) - (log|I + W^1/2 s K_MM W^1/2| + mu^T (s K_MM + eps I)^-1 mu) / 2 with mu =
   J (theta* - theta_0); regression the exact GP evidence of the linearised model,
@@ -17,10 +19,15 @@ loss Hessians' diagonal, an infinite 1 / 0 taken as 10: laplace-torch's rule):
   (``Laplace(..., 'full')``). laplace-torch adds its log-likelihood term to this for regression
   too, which counts the data twice (its numbers differ from ours there; classification agrees);
 - draws of the weights by pathwise conditioning (Wilson et al. 2020): theta = theta* + e - J_M^T
-  (s K_MM + D)^-1 (J_M e + d) / delta_M with e ~ N(0, I / delta_M), d ~ N(0, D), delta_M = delta N / M:
-  N(theta*, (delta_M I + J_M^T D^-1 J_M)^-1) without a [P, P] matrix.
+  W^1/2 B^-1 (W^1/2 J_M e + z) / delta_M with e ~ N(0, I / delta_M), z ~ N(0, I), delta_M = delta N / M:
+  N(theta*, (delta_M I + J_M^T W J_M)^-1) without a [P, P] matrix.
 
-Jacobians are explicit (torch.func, per example), [M, C, P], kept under JACOBIAN_BYTES and
+No Jacobian is formed. The per-example Jacobian of a layer comes from Laplace's batched backward of
+the C output directions in the factored form of its GLM predictive (an unshared Linear's is
+g_{n,c} (x) a_n: output gradient times input), so a kernel entry is a sum over layers of
+(g . g') (a . a'), O((M C)^2 (out + in)) per layer instead of the O((M C)^2 out in) of J J^T
+(laplace-torch's); shared layers (convolutions) give their [out, in] matrix per example and
+direction, other modules their gradient rows. The subset's parts are kept under JACOBIAN_BYTES and
 recomputed chunk by chunk otherwise. ``independent_outputs``: one kernel per output, the C x C
 kernel's diagonal only (laplace-torch's option).
 """
@@ -31,22 +38,18 @@ import math
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 from tqdm.auto import tqdm
 
 from .._warnings import warn_user
 from ..calibration._checks import check_generator, check_int, check_positive_float
-from ..nn import ModeGuard
-from ..nn.inputs import model_output
 from ..nn.loaders import batches as loader_batches
 from ..posteriors.base import Posterior
 from . import marglik as ml
 from ._likelihood import check_targets, log_likelihood, outputs_2d, summed_loss
 from .predictive import probabilities
 
-JACOBIAN_BYTES = 512 << 20  # the subset's Jacobians [M, C, P] are kept below this, recomputed above it
+JACOBIAN_BYTES = 512 << 20  # the subset's Jacobian parts are kept below this, recomputed above it
 _EPS = 1e-5  # classification's scatter: (s K_MM + eps I)^-1 (laplace-torch's)
-_INF_NOISE = 10.0  # D's entry where a loss Hessian entry is 0 (laplace-torch's nan_to_num posinf)
 LIKELIHOODS = ("classification", "regression")
 
 
@@ -99,6 +102,11 @@ class FunctionalLaplace(Posterior):
                              f"{tuple(pm.shape)}")
         self.prior_mean = pm.reshape(-1).expand(self.numel).clone() if pm.numel() == 1 else pm.clone()
         self._fitted = None
+        # the per-example Jacobian parts of every trainable parameter (Laplace's GLM machinery; a module
+        # without a Kronecker rule gives its per-example gradient rows)
+        from .laplace import Laplace
+
+        self._parts = Laplace(model, likelihood, "all", "diag", unsupported="diag", output_fn=output_fn)
 
     # ---- hyper-parameters --------------------------------------------------------------------------
     @property
@@ -129,35 +137,20 @@ class FunctionalLaplace(Posterior):
             raise ValueError(f"sigma_noise is the regression noise; likelihood={self.likelihood!r} needs sigma_noise=1")
         self._sigma = torch.tensor(v, dtype=self.dtype, device=self.device)
 
-    # ---- Jacobians -----------------------------------------------------------------------------------
-    def _jacobians(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(f [n, C], J [n, C, P]) of input rows x [n, ...] (per example: vmap of jacrev)."""
-        names = self.layout.names
-        own = dict(self.model.named_parameters())
-        values = tuple(own[n].detach() for n in names)
-        model, output_fn, lik = self.model, self.output_fn, self.likelihood
+    # ---- Jacobian parts ------------------------------------------------------------------------------
+    def _pieces(self, x: Tensor) -> tuple[Tensor, list]:
+        """(f [n, C], [(flat positions of the block, its part)]) for input rows x [n, ...]: the
+        parts of Laplace's GLM predictive ('factored' U [C, n, p], V [n, q]; 'matrix' [C, n, p, q];
+        'rows' [C, n, k]), one batched backward of the C output directions."""
+        (f, parts), = self._parts._glm_pieces(x.to(self.device), x.shape[0])
+        return f, [(b.sel, part) for b, part in parts]
 
-        def one(xi):
-            def out(*v):
-                o = model_output(functional_call(model, dict(zip(names, v)), (xi.unsqueeze(0),)), output_fn)
-                o = outputs_2d(o, lik)[0]
-                return o, o
-            jac, f = jacrev(out, argnums=tuple(range(len(values))), has_aux=True)(*values)
-            return f, torch.cat([j.reshape(f.shape[0], -1) for j in jac], 1)
-
-        with ModeGuard(self.model, False):
-            f, J = vmap(one)(x.to(self.device))
-        return f.detach(), J.detach()
-
-    def _subset_chunks(self):
-        """Yield (rows slice, J [b, C, P]) over the subset in chunks of batch_size (kept or recomputed)."""
+    def _subset_parts(self):
+        """Yield (rows slice, parts) over the subset in chunks of batch_size (kept or recomputed)."""
         st = self._fitted
         for k, s in enumerate(range(0, st["M"], self.batch_size)):
             rows = slice(s, min(s + self.batch_size, st["M"]))
-            if st["J"] is not None:
-                yield rows, st["J"][rows]
-            else:
-                yield rows, self._jacobians(st["X"][rows])[1]
+            yield rows, (st["parts"][k] if st["parts"] is not None else self._pieces(st["X"][rows])[1])
 
     # ---- fit -----------------------------------------------------------------------------------------
     def fit(self, loader, progress: bool = True) -> "FunctionalLaplace":
@@ -171,43 +164,37 @@ class FunctionalLaplace(Posterior):
             raise ValueError(f"n_subset = {M} is larger than the {N} training rows")
         idx = torch.tensor(np.random.default_rng(self.seed).choice(N, M, replace=False), dtype=torch.long)
         X, Y = X[idx].to(self.device), Y[idx]
-        fs, Js = [], []
-        keep = True
+        fs, kept, nbytes = [], [], 0
         for s in tqdm(range(0, M, self.batch_size), desc="FunctionalLaplace.fit", disable=not progress, leave=False):
-            f, J = self._jacobians(X[s:s + self.batch_size])
+            f, parts = self._pieces(X[s:s + self.batch_size])
             fs.append(f)
-            if keep:
-                Js.append(J)
-                keep = sum(j.numel() for j in Js) * J.element_size() * 2 <= JACOBIAN_BYTES
-                if not keep:
-                    Js = []
+            if kept is not None:
+                kept.append(parts)
+                nbytes += sum(t.numel() * t.element_size() for _, part in parts for t in part[1:])
+                if nbytes > JACOBIAN_BYTES:
+                    kept = None
         f = torch.cat(fs)
         C = f.shape[1]
         y = check_targets(Y, f, self.likelihood)
         loss = summed_loss(f, y, self.likelihood).double()
-        J = torch.cat(Js) if keep else None
-        self._fitted = dict(M=M, N=N, C=C, X=X, y=y, f=f, J=J, loss=loss, theta=self.layout.flatten().detach().clone())
+        self._fitted = dict(M=M, N=N, C=C, X=X, y=y, f=f, parts=kept, loss=loss,
+                            theta=self.layout.flatten().detach().clone())
         self.n_data, self.n_outputs, self.subset = N, C, idx
-        # the kernel K_MM [M C, M C] (rows m * C + c), symmetric by construction
+        # the kernel K_MM [M C, M C] (rows m * C + c), each pair of chunks once, mirrored
         K = torch.zeros(M * C, M * C, dtype=self.dtype, device=self.device)
-        chunks = list(self._subset_chunks()) if J is not None else None
-        for i, (ri, Ji) in enumerate(chunks or self._subset_chunks()):
-            Ji2 = Ji.reshape(-1, Ji.shape[-1])
-            for rj, Jj in (chunks[i:] if chunks is not None else self._chunks_from(ri.start)):
-                blk = Ji2 @ Jj.reshape(-1, Jj.shape[-1]).t()
+        for ri, pi in self._subset_parts():  # (recomputed: the inner chunks anew for every outer one)
+            for rj, pj in self._subset_parts():
+                if rj.start < ri.start:
+                    continue
+                blk = _kernel(pi, pj)
                 K[ri.start * C:ri.stop * C, rj.start * C:rj.stop * C] = blk
                 K[rj.start * C:rj.stop * C, ri.start * C:ri.stop * C] = blk.t()
         self._fitted["K"] = K
-        # mu: J (theta* - theta_0) per row [M, C] (the scatter's mean offset)
-        d = self._fitted["theta"].to(self.dtype) - self.prior_mean
-        self._fitted["Jd"] = torch.cat([torch.einsum("bcp,p->bc", Jc, d) for _, Jc in self._subset_chunks()])
+        # J (theta* - theta_0) per row [M, C] (the scatter's mean offset)
+        d = (self._fitted["theta"].to(self.dtype) - self.prior_mean)[None]
+        self._fitted["Jd"] = torch.cat([_jvp(parts, d)[0] for _, parts in self._subset_parts()])
         self._fitted["lam"] = self._loss_hessian_diag(f)
         return self
-
-    def _chunks_from(self, start: int):
-        for rows, J in self._subset_chunks():
-            if rows.start >= start:
-                yield rows, J
 
     def _rows(self, loader) -> tuple[Tensor, Tensor]:
         """All (inputs, targets) rows of the loader, joined (tensor inputs only)."""
@@ -255,16 +242,15 @@ class FunctionalLaplace(Posterior):
             out.append((K[rows][:, rows], rows))
         return out
 
-    def _noise_diag(self, sigma: Tensor | None = None) -> Tensor:
-        """D [M C]: 1 / (lambda h), infinite entries as laplace-torch's 10."""
-        lam = self._need_fit()["lam"].reshape(-1) * self._h_factor(sigma)
-        return torch.nan_to_num(1.0 / lam, posinf=_INF_NOISE)
+    def _w_sqrt(self, sigma: Tensor | None = None) -> Tensor:
+        """W^1/2 [M C]: the square roots of the loss Hessians' diagonal / (sigma^2 T)."""
+        return (self._need_fit()["lam"].reshape(-1) * self._h_factor(sigma)).sqrt()
 
-    def _chol(self, delta=None, sigma=None) -> list[Tensor]:
-        """Cholesky factors of s K_b + D_b per independent GP b."""
-        st = self._need_fit()
-        s, D = self._s(delta), self._noise_diag(sigma)
-        return [torch.linalg.cholesky(s * Kb + torch.diag(D[rows])) for Kb, rows in self._blocks(st["K"])]
+    def _chol(self, K: Tensor, rows: Tensor) -> Tensor:
+        """The Cholesky factor of B = I + W^1/2 s K W^1/2 for the kernel K of the flat ``rows``."""
+        w = self._w_sqrt()[rows]
+        return torch.linalg.cholesky(w[:, None] * (self._s() * K) * w + torch.eye(len(rows), dtype=self.dtype,
+                                                                                   device=self.device))
 
     def log_likelihood(self) -> Tensor:
         """log p(y_M | f*) of the subset's rows (as Laplace's: tempered, regression's normaliser)."""
@@ -293,7 +279,7 @@ class FunctionalLaplace(Posterior):
                 total = total - 0.5 * (2 * torch.log(torch.diagonal(Lc)).sum() + v.square().sum()
                                        + len(rows) * math.log(2 * math.pi))
             return total
-        W = (st["lam"].reshape(-1) * self._h_factor(sigma)).sqrt()
+        W = self._w_sqrt(sigma)
         mu = st["Jd"].reshape(-1)
         for Kb, rows in self._blocks(K):
             w = W[rows]
@@ -310,22 +296,24 @@ class FunctionalLaplace(Posterior):
         st = self._need_fit()
         C = st["C"]
         s = self._s()
-        chol = self._chol()
+        blocks = self._blocks(st["K"])
+        chol = [self._chol(Kb, rows) for Kb, rows in blocks]
+        w = self._w_sqrt()
         mus, vars_ = [], []
         for r0 in range(0, x.shape[0], self.batch_size):
-            f, Js = self._jacobians(x[r0:r0 + self.batch_size])
+            f, px = self._pieces(x[r0:r0 + self.batch_size])
             n = f.shape[0]
-            Kxs = torch.cat([Js.reshape(n * C, -1) @ Jc.reshape(-1, Jc.shape[-1]).t()
-                             for _, Jc in self._subset_chunks()], 1) * s  # [n C, M C]
-            kss = s * torch.einsum("ncp,ndp->ncd", Js, Js)
+            # W^1/2 s K_{M x} [M C, n C] (rows: subset row m, output e; columns: input row, output c)
+            Kxs = torch.cat([_kernel(pm, px) for _, pm in self._subset_parts()], 0) * (s * w[:, None])
+            kss = s * _self_kernel(px)
             if self.independent_outputs:
                 var = torch.zeros(n, C, C, dtype=self.dtype, device=self.device)
-                for c, (Lc, (_, rows)) in enumerate(zip(chol, self._blocks(st["K"]))):
+                for c, (Lc, (_, rows)) in enumerate(zip(chol, blocks)):
                     rc = torch.arange(n, device=self.device) * C + c
-                    v = torch.linalg.solve_triangular(Lc, Kxs[rc][:, rows].t(), upper=False)  # [M, n]
+                    v = torch.linalg.solve_triangular(Lc, Kxs[rows][:, rc], upper=False)  # [M, n]
                     var[:, c, c] = kss[:, c, c] - v.square().sum(0)
             else:
-                v = torch.linalg.solve_triangular(chol[0], Kxs.t(), upper=False).t().reshape(n, C, -1)  # [n, C, MC]
+                v = torch.linalg.solve_triangular(chol[0], Kxs, upper=False).t().reshape(n, C, -1)  # [n, C, MC]
                 var = kss - torch.einsum("ncm,ndm->ncd", v, v)
             mus.append(f), vars_.append(var)
         return torch.cat(mus), torch.cat(vars_)
@@ -342,7 +330,7 @@ class FunctionalLaplace(Posterior):
 
     # ---- weight draws ---------------------------------------------------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """n draws [n, P] from N(theta*, (delta_M I + J_M^T D^-1 J_M)^-1), delta_M = delta N / M, by
+        """n draws [n, P] from N(theta*, (delta_M I + J_M^T W J_M)^-1), delta_M = delta N / M, by
         pathwise conditioning (module docstring): the weight-space posterior whose linearised
         network is this GP (with the joint kernel also under independent_outputs). Inherited
         :meth:`predict` averages the network over them (the 'nn' predictive)."""
@@ -352,18 +340,18 @@ class FunctionalLaplace(Posterior):
         P, C = self.numel, st["C"]
         delta_m = self._delta * st["N"] / st["M"]
         e = torch.randn(n, P, dtype=self.dtype, device=self.device, generator=generator) / delta_m.sqrt()
-        D = self._noise_diag()
-        d = torch.randn(n, st["M"] * C, dtype=self.dtype, device=self.device, generator=generator) * D.sqrt()
-        Je = torch.cat([torch.einsum("bcp,np->nbc", Jc, e).reshape(n, -1) for _, Jc in self._subset_chunks()], 1)
-        rhs = (Je + d).t()  # [M C, n]
+        z = torch.randn(n, st["M"] * C, dtype=self.dtype, device=self.device, generator=generator)
+        Je = torch.cat([_jvp(parts, e).reshape(n, -1) for _, parts in self._subset_parts()], 1)
+        w = self._w_sqrt()
+        rhs = (w * Je + z).t()  # [M C, n]: W^1/2 (J_M e + d) with d ~ N(0, W^-1)
         # the joint kernel always (independent_outputs approximates the GP in function space only;
         # a weight-space Gaussian needs the whole J_M J_M^T)
-        Lj = torch.linalg.cholesky(self._s() * st["K"] + torch.diag(D))
-        out = torch.cholesky_solve(rhs, Lj)
+        Lj = self._chol(st["K"], torch.arange(st["M"] * C, device=self.device))
+        out = w[:, None] * torch.cholesky_solve(rhs, Lj)
         # J_M^T out / delta_M, chunk by chunk
         corr = torch.zeros(n, P, dtype=self.dtype, device=self.device)
-        for rows, Jc in self._subset_chunks():
-            corr += torch.einsum("bcp,bcn->np", Jc, out[rows.start * C:rows.stop * C].reshape(-1, C, n))
+        for rows, parts in self._subset_parts():
+            _vjp_(parts, out[rows.start * C:rows.stop * C].t().reshape(n, -1, C), corr)
         return st["theta"].to(self.dtype) + e - corr / delta_m
 
     def predict(self, x, n_samples: int = 30, *, likelihood: str | None = None, **options):
@@ -453,11 +441,72 @@ class FunctionalLaplace(Posterior):
                                                                                            self.dtype).clone()
         X = state["X"].to(self.device)
         self._fitted = dict(M=M, N=N, C=C, X=X, y=state["y"].to(self.device), f=state["f"].to(self.device, self.dtype),
-                            J=None, loss=state["loss"], theta=theta.to(self.device).clone(),
+                            parts=None, loss=state["loss"], theta=theta.to(self.device).clone(),
                             K=K.to(self.device, self.dtype), Jd=state["Jd"].to(self.device, self.dtype),
                             lam=state["lam"].to(self.device, self.dtype))
         self.n_data, self.n_outputs, self.subset = N, C, state["subset"].clone()
-        if M * C * self.numel * self.layout.dtype.itemsize * 2 <= JACOBIAN_BYTES:  # recompute and keep J_M
-            self._fitted["J"] = torch.cat([self._jacobians(X[s:s + self.batch_size])[1]
-                                           for s in range(0, M, self.batch_size)])
+        kept = [self._pieces(X[s:s + self.batch_size])[1] for s in range(0, M, self.batch_size)]
+        if sum(t.numel() * t.element_size() for parts in kept for _, part in parts for t in part[1:]) <= JACOBIAN_BYTES:
+            self._fitted["parts"] = kept
 
+
+# ---- kernel algebra on the Jacobian parts (a block's Jacobian of example n, output c: U[c, n] (x) V[n],
+# M[c, n] or R[c, n]) -----------------------------------------------------------------------------------
+def _dense(part) -> Tensor:
+    """A part's Jacobian rows [C, n, k] (k = the block's entries in its flat order)."""
+    if part[0] == "factored":
+        U, V = part[1], part[2]
+        return (U[..., :, None] * V[None, :, None, :]).reshape(U.shape[0], U.shape[1], -1)
+    return part[1].reshape(part[1].shape[0], part[1].shape[1], -1)
+
+
+def _cross(a, b) -> Tensor:
+    """<J_a[c, n], J_b[d, m]> [n, C, m, C] of one block's parts at two sets of rows."""
+    if a[0] == b[0] == "factored":
+        return torch.einsum("cnp,dmp->ncmd", a[1], b[1]) * (a[2] @ b[2].t())[:, None, :, None]
+    return torch.einsum("cnk,dmk->ncmd", _dense(a), _dense(b))
+
+
+def _kernel(pa: list, pb: list) -> Tensor:
+    """J_a J_b^T [n C, m C] (rows n * C + c) summed over the blocks."""
+    out = None
+    for (_, a), (_, b) in zip(pa, pb):
+        k = _cross(a, b)
+        out = k if out is None else out + k
+    return out.reshape(out.shape[0] * out.shape[1], -1)
+
+
+def _self_kernel(parts: list) -> Tensor:
+    """Each row's own C x C kernel J_n J_n^T [n, C, C]."""
+    out = None
+    for _, p in parts:
+        if p[0] == "factored":
+            k = torch.einsum("cnp,dnp->ncd", p[1], p[1]) * p[2].square().sum(1)[:, None, None]
+        else:
+            Jd = _dense(p)
+            k = torch.einsum("cnk,dnk->ncd", Jd, Jd)
+        out = k if out is None else out + k
+    return out
+
+
+def _jvp(parts: list, d: Tensor) -> Tensor:
+    """J d [k, n, C] for k flat parameter vectors d [k, P] (positions: each block's ``sel``)."""
+    out = None
+    for sel, p in parts:
+        ds = d[:, sel]  # [k, p, q] or [k, numel]
+        if p[0] == "factored":
+            t = torch.einsum("cnp,kpq,nq->knc", p[1], ds, p[2])
+        else:
+            t = torch.einsum("cnj,kj->knc", _dense(p), ds.reshape(ds.shape[0], -1))
+        out = t if out is None else out + t
+    return out
+
+
+def _vjp_(parts: list, w: Tensor, out: Tensor) -> None:
+    """out [k, P] += J^T w for weights w [k, n, C] of the rows' outputs."""
+    for sel, p in parts:
+        if p[0] == "factored":
+            t = torch.einsum("cnp,knc,nq->kpq", p[1], w, p[2])
+        else:
+            t = torch.einsum("cnj,knc->kj", _dense(p), w)
+        out[:, sel.reshape(-1)] += t.reshape(t.shape[0], -1)
