@@ -120,3 +120,23 @@ def test_the_plain_kron_differs_and_a_wrong_reduction_is_refused():
     torch.testing.assert_close(again.log_marginal_likelihood(), picked.log_marginal_likelihood(), rtol=1e-12, atol=0)
     with pytest.raises(ValueError):
         Laplace(model, "classification", "last_layer", "kron").load_state_dict(picked.state_dict())
+
+
+@pytest.mark.parametrize("reduction", ["pick_last", "average"])
+def test_a_loaded_laplace_fitted_again_keeps_the_reduction(reduction):
+    """load_state_dict sets the last layer up with the option too: a fit after the load (override or
+    not) gives the option's factors, not plain 'expand'."""
+    model = _model(reduction)
+    X, y = _data()
+    fresh = Laplace(model, "classification", "last_layer", "kron", feature_reduction=reduction).fit([(X, y)],
+                                                                                                   progress=False)
+    loaded = Laplace(model, "classification", "last_layer", "kron", feature_reduction=reduction)
+    loaded.load_state_dict(fresh.state_dict())
+    loaded.fit([(X, y)], progress=False)
+    torch.testing.assert_close(loaded.log_marginal_likelihood(), fresh.log_marginal_likelihood(), rtol=1e-12, atol=0)
+    again = Laplace(model, "classification", "last_layer", "kron", feature_reduction=reduction)
+    again.load_state_dict(fresh.state_dict())
+    again.fit([(X[:15], y[:15])], override=False, progress=False)
+    both = Laplace(model, "classification", "last_layer", "kron", feature_reduction=reduction).fit(
+        [(X, y), (X[:15], y[:15])], progress=False)
+    torch.testing.assert_close(again.log_marginal_likelihood(), both.log_marginal_likelihood(), rtol=1e-10, atol=0)

@@ -255,3 +255,67 @@ def test_convolution_and_layernorm_parts_against_dense_jacobians():
     got = gp.functional_variance(xt)[1]
     for n in range(4):
         torch.testing.assert_close(got[n], var[3 * n:3 * n + 3, 3 * n:3 * n + 3], rtol=1e-9, atol=1e-12)
+
+
+def test_review_edges():
+    """A shuffling DataLoader draws the same dataset rows as an unshuffled one; targets of another
+    row count are refused; predict() applies output_fn; sample(0) is [0, P]; a state fitted with
+    other buffers (BatchNorm statistics) is refused, and a refused load changes nothing."""
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 3, dtype=DT), torch.randint(0, 3, (40,))
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).to(DT).eval()
+    plain = FunctionalLaplace(model, "classification", 15, batch_size=8).fit(
+        DataLoader(TensorDataset(X, y), batch_size=8), progress=False)
+    shuffled = FunctionalLaplace(model, "classification", 15, batch_size=8).fit(
+        DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True), progress=False)
+    torch.testing.assert_close(shuffled.log_marginal_likelihood(), plain.log_marginal_likelihood())
+    assert torch.equal(shuffled._fitted["X"], X[plain.subset])
+    with pytest.raises(ValueError, match=r"batch 1 has \(7,\) targets for inputs \(8, 3\)"):
+        FunctionalLaplace(model, "classification", 5).fit([(X[:8], y[:8]), (X[8:16], y[8:15])], progress=False)
+    assert plain.sample(0).shape == (0, plain.numel)
+
+    class Pair(nn.Module):  # returns (logits, extra): output_fn picks the logits
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x), x.sum()
+
+    wrapped = FunctionalLaplace(Pair(), "classification", 15, batch_size=8, output_fn=lambda o: o[0]).fit(
+        DataLoader(TensorDataset(X, y), batch_size=8), progress=False)
+    torch.testing.assert_close(wrapped.log_marginal_likelihood(), plain.log_marginal_likelihood())
+    assert wrapped.predict(X[:4], 5, generator=torch.Generator().manual_seed(0)).shape == (4, 3)
+    state = plain.state_dict()
+    with torch.no_grad():
+        model[1].running_mean += 3.0
+    other = FunctionalLaplace(model, "classification", 15, batch_size=8, prior_precision=7.0)
+    with pytest.raises(ValueError, match="outputs on the subset differ"):
+        other.load_state_dict(state)
+    assert float(other.prior_precision) == 7.0 and other._fitted is None
+
+
+def test_regression_evidence_with_temperature_is_the_weight_space_one():
+    """At T = 2 (noise sigma^2 T, its normaliser untempered) and M = N at a MAP of the tempered
+    loss: the GP evidence is the weight-space full Laplace's."""
+    torch.manual_seed(0)
+    N, D, C, T, sigma, delta = 40, 3, 2, 2.0, 0.7, 0.5
+    X = torch.randn(N, D, dtype=DT)
+    y = torch.sin(X[:, :C]) + 0.3 * torch.randn(N, C, dtype=DT)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)).to(DT)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (model(X) - y).square().sum() / (sigma ** 2 * T) + 0.5 * delta * sum(
+            p.square().sum() for p in model.parameters())
+        loss.backward()
+        return loss
+    for _ in range(5):
+        opt.step(closure)
+    loader = DataLoader(TensorDataset(X, y), batch_size=16)
+    kw = dict(prior_precision=delta, sigma_noise=sigma, temperature=T)
+    gp = FunctionalLaplace(model, "regression", N, batch_size=16, **kw).fit(loader, progress=False)
+    full = Laplace(model, "regression", "all", "full", **kw).fit(loader, progress=False)
+    torch.testing.assert_close(gp.log_marginal_likelihood(), full.log_marginal_likelihood(), rtol=1e-9, atol=1e-8)

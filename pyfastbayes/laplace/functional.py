@@ -14,9 +14,9 @@ information; laplace-torch inverts W and takes 1 / 0 as 10, its only difference 
 - evidence: classification (Rasmussen & Williams 2006, eq. 3.32, Lambda's diagonal W):
   log p(y | f*) - (log|I + W^1/2 s K_MM W^1/2| + mu^T (s K_MM + eps I)^-1 mu) / 2 with mu =
   J (theta* - theta_0); regression the exact GP evidence of the linearised model,
-  -(log|s K_MM + sigma^2 I| + r^T (s K_MM + sigma^2 I)^-1 r + M C log(2 pi)) / 2 with r = y -
-  f* - J (theta_0 - theta*): with M = N it equals the weight-space Laplace evidence
-  (``Laplace(..., 'full')``). laplace-torch adds its log-likelihood term to this for regression
+  -(log|s K_MM + sigma^2 T I| + r^T (s K_MM + sigma^2 T I)^-1 r + M C log(2 pi / T)) / 2 with r = y -
+  f* - J (theta_0 - theta*) (the tempered noise sigma^2 T, its normaliser untempered as Laplace's):
+  with M = N at a MAP it equals the weight-space Laplace evidence (``Laplace(..., 'full')``). laplace-torch adds its log-likelihood term to this for regression
   too, which counts the data twice (its numbers differ from ours there; classification agrees);
 - draws of the weights by pathwise conditioning (Wilson et al. 2020): theta = theta* + e - J_M^T
   W^1/2 B^-1 (W^1/2 J_M e + z) / delta_M with e ~ N(0, I / delta_M), z ~ N(0, I), delta_M = delta N / M:
@@ -38,6 +38,7 @@ import math
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .._warnings import warn_user
@@ -197,15 +198,24 @@ class FunctionalLaplace(Posterior):
         return self
 
     def _rows(self, loader) -> tuple[Tensor, Tensor]:
-        """All (inputs, targets) rows of the loader, joined (tensor inputs only)."""
+        """All (inputs, targets) rows of the loader, joined (tensor inputs only). A DataLoader over a
+        map-style dataset is walked in the dataset's order (shuffle or not), so the subset's indices
+        are dataset indices, as laplace-torch's sampler draws them."""
+        if isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and hasattr(loader.dataset, "__getitem__"):
+            loader = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
+                                collate_fn=loader.collate_fn)
         xs, ys = [], []
         for i, item in enumerate(loader_batches(loader)):
-            if not isinstance(item, (tuple, list)) or len(item) != 2 or not torch.is_tensor(item[0]):
-                raise TypeError(f"FunctionalLaplace.fit: batch {i} must be (inputs tensor [B, ...], targets), got "
-                                f"{type(item).__name__}")
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not torch.is_tensor(item[0]) \
+                    or not torch.is_tensor(item[1]):
+                raise TypeError(f"FunctionalLaplace: batch {i} must be (inputs tensor [B, ...], targets tensor [B, ...]), "
+                                f"got {type(item).__name__}")
+            if item[0].dim() == 0 or item[1].dim() == 0 or item[0].shape[0] != item[1].shape[0]:
+                raise ValueError(f"FunctionalLaplace: batch {i} has {tuple(item[1].shape)} targets for inputs "
+                                 f"{tuple(item[0].shape)}: one target per input row")
             xs.append(item[0]), ys.append(item[1])
         if not xs:
-            raise ValueError("FunctionalLaplace.fit: the loader yielded no batches")
+            raise ValueError("FunctionalLaplace: the loader yielded no batches")
         return torch.cat(xs), torch.cat(ys)
 
     def _loss_hessian_diag(self, f: Tensor) -> Tensor:
@@ -277,7 +287,7 @@ class FunctionalLaplace(Posterior):
                 Lc = torch.linalg.cholesky(A)
                 v = torch.linalg.solve_triangular(Lc, r[rows, None], upper=False)
                 total = total - 0.5 * (2 * torch.log(torch.diagonal(Lc)).sum() + v.square().sum()
-                                       + len(rows) * math.log(2 * math.pi))
+                                       + len(rows) * math.log(2 * math.pi / self.temperature))
             return total
         W = self._w_sqrt(sigma)
         mu = st["Jd"].reshape(-1)
@@ -338,6 +348,8 @@ class FunctionalLaplace(Posterior):
         n = check_int(n, "n", 0)
         check_generator(generator)
         P, C = self.numel, st["C"]
+        if n == 0:
+            return st["theta"].to(self.dtype).new_zeros(0, P)
         delta_m = self._delta * st["N"] / st["M"]
         e = torch.randn(n, P, dtype=self.dtype, device=self.device, generator=generator) / delta_m.sqrt()
         z = torch.randn(n, st["M"] * C, dtype=self.dtype, device=self.device, generator=generator)
@@ -359,6 +371,8 @@ class FunctionalLaplace(Posterior):
         loop; ``options`` as :meth:`pyfastbayes.posteriors.Posterior.predict`'s): probabilities
         [N, C] or, for regression, (mean, variance) [N, C] of the outputs; the GP predictive
         itself is :meth:`la` / :meth:`functional_variance`."""
+        if options.get("output_fn") is None:
+            options["output_fn"] = self.output_fn
         return Posterior.predict(self, x, n_samples, likelihood=likelihood or self.likelihood, **options)
 
     # ---- tuning ----------------------------------------------------------------------------------------
@@ -430,24 +444,35 @@ class FunctionalLaplace(Posterior):
                              "own state_dict (the MAP the posterior was fitted at) first")
         N, C, M = (self._check_state_count(state, k, 1) for k in ("n_data", "n_outputs", "n_subset"))
         K = self._check_state_tensor(state, "K", (M * C, M * C))
-        prior_precision, sigma = state["prior_precision"], state["sigma_noise"]
+        prior_mean = self._check_state_tensor(state, "prior_mean", (self.numel,))
+        for key, shape in (("f", (M, C)), ("Jd", (M, C)), ("lam", (M, C))):
+            self._check_state_tensor(state, key, shape)
+        X = state["X"]
+        if not torch.is_tensor(X) or X.shape[:1] != (M,):
+            raise ValueError(f"state_dict['X'] must be the subset's {M} input rows")
         old = (self._delta, self._sigma)
-        try:
-            self.prior_precision, self.sigma_noise = prior_precision, float(sigma)
-        except (TypeError, ValueError):
+        try:  # (checked on self's setters, then put back: nothing changes before every check has passed)
+            self.prior_precision, self.sigma_noise = state["prior_precision"], float(state["sigma_noise"])
+            new = (self._delta, self._sigma)
+        finally:
             self._delta, self._sigma = old
-            raise
-        self.prior_mean = self._check_state_tensor(state, "prior_mean", (self.numel,)).to(self.device,
-                                                                                           self.dtype).clone()
-        X = state["X"].to(self.device)
-        self._fitted = dict(M=M, N=N, C=C, X=X, y=state["y"].to(self.device), f=state["f"].to(self.device, self.dtype),
-                            parts=None, loss=state["loss"], theta=theta.to(self.device).clone(),
-                            K=K.to(self.device, self.dtype), Jd=state["Jd"].to(self.device, self.dtype),
-                            lam=state["lam"].to(self.device, self.dtype))
+        X = X.to(self.device)
+        pieces = [self._pieces(X[s:s + self.batch_size]) for s in range(0, M, self.batch_size)]
+        f = torch.cat([p[0] for p in pieces])
+        saved_f = state["f"].to(self.device, self.dtype)
+        if not torch.allclose(f, saved_f, rtol=1e-5, atol=1e-6 * float(saved_f.abs().max().clamp_min(1))):
+            raise ValueError("state_dict was fitted with another model than this one (its outputs on the subset "
+                             "differ: frozen parameters or buffers, e.g. BatchNorm statistics): load the model's own "
+                             "state_dict first")
+        self._delta, self._sigma = new
+        self.prior_mean = prior_mean.to(self.device, self.dtype).clone()
+        kept = [p[1] for p in pieces]
+        nbytes = sum(t.numel() * t.element_size() for parts in kept for _, part in parts for t in part[1:])
+        self._fitted = dict(M=M, N=N, C=C, X=X, y=state["y"].to(self.device), f=saved_f,
+                            parts=kept if nbytes <= JACOBIAN_BYTES else None, loss=state["loss"],
+                            theta=theta.to(self.device).clone(), K=K.to(self.device, self.dtype),
+                            Jd=state["Jd"].to(self.device, self.dtype), lam=state["lam"].to(self.device, self.dtype))
         self.n_data, self.n_outputs, self.subset = N, C, state["subset"].clone()
-        kept = [self._pieces(X[s:s + self.batch_size])[1] for s in range(0, M, self.batch_size)]
-        if sum(t.numel() * t.element_size() for parts in kept for _, part in parts for t in part[1:]) <= JACOBIAN_BYTES:
-            self._fitted["parts"] = kept
 
 
 # ---- kernel algebra on the Jacobian parts (a block's Jacobian of example n, output c: U[c, n] (x) V[n],

@@ -402,6 +402,11 @@ class Laplace(Posterior):
                               sharing=self.kfac_approx, unsupported=self.unsupported if kron else "generic")
         if self.subnetwork_indices is not None:  # the covered layers' blocks cut to the subnetwork's entries
             layers = subnet.restrict(layers, self.subnetwork_indices)
+        if self.feature_reduction is not None:  # (last_layer only: its one layer, at fit, construction or load)
+            if self.feature_reduction == "average":  # the mean feature and the summed output gradient: 'reduce'
+                layers[0].sharing = "reduce"
+            else:
+                layers[0].pick = 0 if self.feature_reduction == "pick_first" else -1
         blocks = [b for layer in layers for b in layer.blocks]
         positions = torch.cat([b.index.reshape(-1) for b in blocks]).sort().values
         rank = torch.full((self.layout.numel,), -1, dtype=torch.long)
@@ -456,10 +461,6 @@ class Laplace(Posterior):
     def _setup_last_layer(self, name: str, mod: nn.Module) -> None:
         self._setup(_own_trainable(name, mod))
         self.last_layer_name = name
-        if self.feature_reduction == "average":  # the mean feature and the summed output gradient: 'reduce'
-            self.layers[0].sharing = "reduce"
-        elif self.feature_reduction is not None:
-            self.layers[0].pick = 0 if self.feature_reduction == "pick_first" else -1
 
     # ---- prior -------------------------------------------------------------------------------------------
     @property
