@@ -370,6 +370,17 @@ def _backprop_rows(name, x_test, fitted, device, rep):
             row(SUITE, case, "pyfastbayes Laplace", t_ours, t_theirs)]
 
 
+def _fit_pair(case, ours_fit, peer_fit, peer_label, ours_label, device, rep):
+    """(ours, theirs, rows): both fits timed, their log marginal likelihoods checked (rel 1e-4)."""
+    ours, t_ours = _time(ours_fit, device, rep)
+    with _quiet():
+        theirs, t_theirs = _time(peer_fit, device, rep)
+    lml, their_lml = float(ours.log_marginal_likelihood()), float(theirs.log_marginal_likelihood())
+    agree = _agree(f"{case}: log marginal likelihood {lml:.8g} vs {their_lml:.8g}", _rel(lml, their_lml), 1e-4)
+    return ours, theirs, [row(SUITE, case, peer_label, t_theirs, t_theirs, agree=agree),
+                          row(SUITE, case, ours_label, t_ours, t_theirs)]
+
+
 # ---- 3b. subnetwork Laplace ----------------------------------------------------------------------------
 SUBNET_K = 1000
 
@@ -400,13 +411,8 @@ def _subnet_rows(name, model, loader, x_test, laplace, device, quick, rep):
         la.fit(loader)
         return la
 
-    ours, t_ours = _time(ours_fit, device, rep)
-    with _quiet():
-        theirs, t_theirs = _time(peer_fit, device, rep)
-    lml, their_lml = float(ours.log_marginal_likelihood()), float(theirs.log_marginal_likelihood())
-    agree = _agree(f"{fit_case}: log marginal likelihood {lml:.8g} vs {their_lml:.8g}", _rel(lml, their_lml), 1e-4)
-    rows = [row(SUITE, fit_case, _label(BACKENDS[0]), t_theirs, t_theirs, agree=agree),
-            row(SUITE, fit_case, "pyfastbayes Laplace", t_ours, t_theirs)]
+    ours, theirs, rows = _fit_pair(fit_case, ours_fit, peer_fit, _label(BACKENDS[0]), "pyfastbayes Laplace", device,
+                                   rep)
     p_ours, t_ours = _time(lambda: ours.la(x_test, link_approx="probit"), device, rep)
     m_ours = peak_mb_any(lambda: ours.la(x_test, link_approx="probit"), device)
     with _quiet():
@@ -450,13 +456,8 @@ def _functional_rows(name, model, loader, x_test, laplace, device, quick, rep):
         la.fit(loader)
         return la
 
-    ours, t_ours = _time(ours_fit, device, rep)
-    with _quiet():
-        theirs, t_theirs = _time(peer_fit, device, rep)
-    lml, their_lml = float(ours.log_marginal_likelihood()), float(theirs.log_marginal_likelihood())
-    agree = _agree(f"{fit_case}: log marginal likelihood {lml:.8g} vs {their_lml:.8g}", _rel(lml, their_lml), 1e-4)
-    rows = [row(SUITE, fit_case, "laplace-torch FunctionalLaplace (BackPackGGN)", t_theirs, t_theirs, agree=agree),
-            row(SUITE, fit_case, "pyfastbayes FunctionalLaplace", t_ours, t_theirs)]
+    _, _, rows = _fit_pair(fit_case, ours_fit, peer_fit, "laplace-torch FunctionalLaplace (BackPackGGN)",
+                           "pyfastbayes FunctionalLaplace", device, rep)
     ours, theirs = ours_fit(True), peer_fit(True)
     p_ours, t_ours = _time(lambda: ours(x_test), device, rep)
     with _quiet():
