@@ -152,3 +152,23 @@ def test_cuda_heteroscedastic_equals_cpu(structure, curvature):
         results = {d: r[2:4] for d, r in results.items()}  # the MAP's outputs agree all the same
     for a, b in zip(results["cpu"], results["cuda"]):
         torch.testing.assert_close(b, a, **tol)
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_cuda_functional_laplace_equals_cpu(independent):
+    """FunctionalLaplace on CUDA: the kernel, the evidence, the GP predictive and the draws' device as
+    on the CPU (the same subset; the kernel from the GLM parts on each device)."""
+    from pyfastbayes.laplace import FunctionalLaplace
+
+    model, x, y = _models()[0]
+    loader = [(x[:25], y[:25]), (x[25:], y[25:])]
+    results = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        gp = FunctionalLaplace(m, "classification", 30, prior_precision=0.8, independent_outputs=independent,
+                               batch_size=16).fit([(a.to(device), b.to(device)) for a, b in loader], progress=False)
+        assert gp.sample(2).device.type == device
+        results[device] = [t.cpu() for t in (gp._fitted["K"], gp.log_marginal_likelihood(),
+                                             gp.functional_variance(x[:7].to(device))[1], gp(x[:7].to(device)))]
+    for a, b in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
