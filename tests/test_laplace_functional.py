@@ -216,8 +216,16 @@ def test_bad_input():
         FunctionalLaplace(model, "classification", 10)(X[:2])
     with pytest.raises(ValueError, match="sigma_noise is the regression noise"):
         FunctionalLaplace(model, "classification", 10, sigma_noise=2.0)
-    with pytest.raises(ValueError, match="FunctionalLaplace"):
+    with pytest.raises(ValueError, match="needs n_subset=M"):
         Laplace(model, "classification", "all", "gp")
+    with pytest.raises(ValueError, match="covers all weights"):
+        Laplace(model, "classification", "last_layer", "gp", n_subset=10)
+    # laplace-torch's factory call builds the functional Laplace
+    via = Laplace(model, "classification", "all", "gp", n_subset=20, prior_precision=0.5, batch_size=16)
+    assert isinstance(via, FunctionalLaplace)
+    direct = FunctionalLaplace(model, "classification", 20, prior_precision=0.5, batch_size=16)
+    torch.testing.assert_close(via.fit(loader, progress=False).log_marginal_likelihood(),
+                               direct.fit(loader, progress=False).log_marginal_likelihood())
     with pytest.raises(ValueError, match="class indices"):
         FunctionalLaplace(model, "classification", 10).fit([(X, torch.rand(60, dtype=DT))], progress=False)
 

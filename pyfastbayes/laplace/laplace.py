@@ -325,6 +325,24 @@ class Laplace(Posterior):
 
     kind = "Laplace"
 
+    def __new__(cls, model=None, likelihood: str = "classification", subset_of_weights: str = "all",
+                hessian_structure: str = "kron", **kwargs):
+        """``hessian_structure='gp'`` (laplace-torch's functional Laplace, ``n_subset=`` given) builds a
+        :class:`~pyfastbayes.laplace.FunctionalLaplace` instead, as laplace-torch's ``Laplace``
+        factory does (its keyword options: n_subset, prior_precision, sigma_noise, prior_mean,
+        temperature, independent_outputs, seed, batch_size, output_fn)."""
+        if cls is Laplace and hessian_structure == "gp":
+            if subset_of_weights != "all":
+                raise ValueError(f"hessian_structure='gp' (the functional Laplace) covers all weights; got "
+                                 f"subset_of_weights={subset_of_weights!r}")
+            if "n_subset" not in kwargs:
+                raise ValueError("hessian_structure='gp' (the functional Laplace) needs n_subset=M, the training rows "
+                                 "its GP conditions on")
+            from .functional import FunctionalLaplace
+
+            return FunctionalLaplace(model, likelihood, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, likelihood: str = "classification", subset_of_weights: str = "all",
                  hessian_structure: str = "kron", *, prior_precision=1.0, sigma_noise: float = 1.0,
                  temperature: float = 1.0, curvature: str = "ggn", prior_mean=0.0, bias_block: str = "joint",
@@ -336,9 +354,6 @@ class Laplace(Posterior):
         self.likelihood = _choice(likelihood, LIKELIHOODS, "likelihood")
         self._fitting = False  # reward_modeling: the pairs' classification (fit, gridsearch, la(fitting=True))
         self.subset_of_weights = _choice(subset_of_weights, SUBSETS, "subset_of_weights")
-        if hessian_structure == "gp":
-            raise ValueError("hessian_structure='gp' (laplace-torch's functional Laplace) is "
-                             "pyfastbayes.laplace.FunctionalLaplace(model, likelihood, n_subset=...)")
         self.hessian_structure = _choice(hessian_structure, tuple(_STRUCTURES), "hessian_structure")
         self.low_rank = check_int(low_rank, "low_rank", 1)
         self.curvature = _choice(curvature, CURVATURES, "curvature")
