@@ -327,3 +327,16 @@ def test_regression_evidence_with_temperature_is_the_weight_space_one():
     gp = FunctionalLaplace(model, "regression", N, batch_size=16, **kw).fit(loader, progress=False)
     full = Laplace(model, "regression", "all", "full", **kw).fit(loader, progress=False)
     torch.testing.assert_close(gp.log_marginal_likelihood(), full.log_marginal_likelihood(), rtol=1e-9, atol=1e-8)
+
+
+def test_prior_mean_assigned_after_fit():
+    """Assigning prior_mean after fit moves the evidence to a fresh fit's with that mean (the
+    scatter's offset J_M (theta* - theta_0) recomputed); a float is taken as every weight's mean."""
+    model, loader, _ = _problem("classification")
+    gp = FunctionalLaplace(model, "classification", 25, batch_size=16).fit(loader, progress=False)
+    gp.prior_mean = 0.3
+    fresh = FunctionalLaplace(model, "classification", 25, batch_size=16, prior_mean=0.3).fit(loader, progress=False)
+    torch.testing.assert_close(gp.log_marginal_likelihood(), fresh.log_marginal_likelihood(), rtol=1e-12, atol=1e-12)
+    assert gp.state_dict()["prior_mean"].shape == (gp.numel,)
+    with pytest.raises(ValueError, match="prior_mean must be a finite scalar"):
+        gp.prior_mean = torch.ones(3)

@@ -97,12 +97,8 @@ class FunctionalLaplace(Posterior):
             raise TypeError(f"FunctionalLaplace needs a float32 or float64 model, got {self.dtype}")
         self.sigma_noise = sigma_noise
         self.prior_precision = prior_precision
-        pm = torch.as_tensor(prior_mean, dtype=self.dtype, device=self.device)
-        if pm.dim() > 1 or (pm.dim() == 1 and pm.numel() not in (1, self.numel)) or not bool(torch.isfinite(pm).all()):
-            raise ValueError(f"prior_mean must be a finite scalar or a [P] = [{self.numel}] tensor, got shape "
-                             f"{tuple(pm.shape)}")
-        self.prior_mean = pm.reshape(-1).expand(self.numel).clone() if pm.numel() == 1 else pm.clone()
         self._fitted = None
+        self.prior_mean = prior_mean
         # the per-example Jacobian parts of every trainable parameter (Laplace's GLM machinery; a module
         # without a Kronecker rule gives its per-example gradient rows)
         from .laplace import Laplace
@@ -124,6 +120,27 @@ class FunctionalLaplace(Posterior):
         if not math.isfinite(float(t)) or float(t) <= 0:
             raise ValueError(f"prior_precision must be a finite number > 0, got {float(t)}")
         self._delta = t.reshape(()).clone()
+
+    @property
+    def prior_mean(self) -> Tensor:
+        """theta_0 [P]; assignable (a finite scalar or [P]): after fit the evidence's offset
+        J_M (theta* - theta_0) is recomputed (one pass over the subset's parts)."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value) -> None:
+        pm = torch.as_tensor(value, dtype=self.dtype, device=self.device).detach()
+        if pm.dim() > 1 or (pm.dim() == 1 and pm.numel() not in (1, self.numel)) or not bool(torch.isfinite(pm).all()):
+            raise ValueError(f"prior_mean must be a finite scalar or a [P] = [{self.numel}] tensor, got shape "
+                             f"{tuple(pm.shape)}")
+        self._prior_mean = pm.reshape(-1).expand(self.numel).clone() if pm.numel() <= 1 else pm.clone()
+        if self._fitted is not None:
+            self._fitted["Jd"] = self._offset()
+
+    def _offset(self) -> Tensor:
+        """J_M (theta* - theta_0) per subset row [M, C] (the scatter's mean offset)."""
+        d = (self._fitted["theta"].to(self.dtype) - self._prior_mean)[None]
+        return torch.cat([_jvp(parts, d)[0] for _, parts in self._subset_parts()])
 
     @property
     def sigma_noise(self) -> Tensor:
@@ -191,9 +208,7 @@ class FunctionalLaplace(Posterior):
                 K[ri.start * C:ri.stop * C, rj.start * C:rj.stop * C] = blk
                 K[rj.start * C:rj.stop * C, ri.start * C:ri.stop * C] = blk.t()
         self._fitted["K"] = K
-        # J (theta* - theta_0) per row [M, C] (the scatter's mean offset)
-        d = (self._fitted["theta"].to(self.dtype) - self.prior_mean)[None]
-        self._fitted["Jd"] = torch.cat([_jvp(parts, d)[0] for _, parts in self._subset_parts()])
+        self._fitted["Jd"] = self._offset()
         self._fitted["lam"] = self._loss_hessian_diag(f)
         return self
 
@@ -465,7 +480,7 @@ class FunctionalLaplace(Posterior):
                              "differ: frozen parameters or buffers, e.g. BatchNorm statistics): load the model's own "
                              "state_dict first")
         self._delta, self._sigma = new
-        self.prior_mean = prior_mean.to(self.device, self.dtype).clone()
+        self._prior_mean = prior_mean.to(self.device, self.dtype).clone()
         kept = [p[1] for p in pieces]
         nbytes = sum(t.numel() * t.element_size() for parts in kept for _, part in parts for t in part[1:])
         self._fitted = dict(M=M, N=N, C=C, X=X, y=state["y"].to(self.device), f=saved_f,
