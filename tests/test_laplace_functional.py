@@ -340,3 +340,20 @@ def test_prior_mean_assigned_after_fit():
     assert gp.state_dict()["prior_mean"].shape == (gp.numel,)
     with pytest.raises(ValueError, match="prior_mean must be a finite scalar"):
         gp.prior_mean = torch.ones(3)
+
+
+def test_functional_and_predictive_samples():
+    """functional_samples: draws of N(f_mu, f_var) per row (mean and covariance within sampling
+    error, the generator's state reproduces them); predictive_samples: their softmax."""
+    model, loader, X = _problem("classification")
+    gp = FunctionalLaplace(model, "classification", 30, prior_precision=0.5, batch_size=16).fit(loader, progress=False)
+    xt = X[:3]
+    f = gp.functional_samples(xt, 40000, generator=torch.Generator().manual_seed(0))
+    mu, var = gp.functional_variance(xt)
+    assert f.shape == (40000, 3, 3)
+    scale = float(torch.diagonal(var, dim1=1, dim2=2).max().sqrt())
+    assert float((f.mean(0) - mu).abs().max()) < 0.03 * scale
+    for n in range(3):
+        assert float((torch.cov(f[:, n].T) - var[n]).abs().max()) < 0.05 * scale ** 2
+    p = gp.predictive_samples(xt, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(p, gp.functional_samples(xt, 5, generator=torch.Generator().manual_seed(1)).softmax(-1))

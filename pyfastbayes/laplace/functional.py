@@ -47,7 +47,7 @@ from ..nn.loaders import batches as loader_batches
 from ..posteriors.base import Posterior
 from . import marglik as ml
 from ._likelihood import check_targets, log_likelihood, outputs_2d, summed_loss
-from .predictive import probabilities
+from .predictive import draws, probabilities
 
 JACOBIAN_BYTES = 512 << 20  # the subset's Jacobian parts are kept below this, recomputed above it
 _EPS = 1e-5  # classification's scatter: (s K_MM + eps I)^-1 (laplace-torch's)
@@ -352,6 +352,21 @@ class FunctionalLaplace(Posterior):
         return probabilities(f_mu, f_var, "classification", link_approx, n_samples, generator)
 
     __call__ = la
+
+    def functional_samples(self, x: Tensor, n_samples: int = 100, *, generator: torch.Generator | None = None) -> Tensor:
+        """Draws [n_samples, n, C] of the outputs from the GP predictive N(f_mu, f_var) per input row
+        (laplace-torch's ``functional_samples`` with pred_type='gp'; e.g. for Thompson sampling)."""
+        n_samples = check_int(n_samples, "n_samples", 1)
+        check_generator(generator)
+        f_mu, f_var = self.functional_variance(x)
+        return draws(f_mu, f_var, n_samples, generator)
+
+    def predictive_samples(self, x: Tensor, n_samples: int = 100, *,
+                           generator: torch.Generator | None = None) -> Tensor:
+        """:meth:`functional_samples` through the link: class probabilities [n_samples, n, C]
+        (softmax) for classification, the outputs themselves for regression (no noise added)."""
+        f = self.functional_samples(x, n_samples, generator=generator)
+        return f.softmax(-1) if self.likelihood == "classification" else f
 
     # ---- weight draws ---------------------------------------------------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
