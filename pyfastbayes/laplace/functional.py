@@ -47,6 +47,7 @@ from ..nn.loaders import batches as loader_batches
 from ..posteriors.base import Posterior
 from . import marglik as ml
 from ._likelihood import check_targets, log_likelihood, outputs_2d, summed_loss
+from .laplace import Laplace, _class_nll, _gaussian_nll
 from .predictive import draws, probabilities
 
 JACOBIAN_BYTES = 512 << 20  # the subset's Jacobian parts are kept below this, recomputed above it
@@ -101,8 +102,6 @@ class FunctionalLaplace(Posterior):
         self.prior_mean = prior_mean
         # the per-example Jacobian parts of every trainable parameter (Laplace's GLM machinery; a module
         # without a Kronecker rule gives its per-example gradient rows)
-        from .laplace import Laplace
-
         self._parts = Laplace(model, likelihood, "all", "diag", unsupported="diag", output_fn=output_fn)
 
     # ---- hyper-parameters --------------------------------------------------------------------------
@@ -188,7 +187,7 @@ class FunctionalLaplace(Posterior):
             fs.append(f)
             if kept is not None:
                 kept.append(parts)
-                nbytes += sum(t.numel() * t.element_size() for _, part in parts for t in part[1:])
+                nbytes += _nbytes([parts])
                 if nbytes > JACOBIAN_BYTES:
                     kept = None
         f = torch.cat(fs)
@@ -444,10 +443,9 @@ class FunctionalLaplace(Posterior):
         f_mu, f_var = self.functional_variance(X)
         y = check_targets(Y, f_mu, self.likelihood)
         if self.likelihood == "regression":
-            var = torch.diagonal(f_var, dim1=1, dim2=2) + self._sigma.square()
-            return float((0.5 * (torch.log(2 * math.pi * var) + (y - f_mu).square() / var)).sum(1).mean())
-        p = probabilities(f_mu, f_var, "classification", link_approx, 100, None)
-        nll = float(-torch.log(p.gather(1, y[:, None]).clamp_min(torch.finfo(p.dtype).tiny)).mean())
+            nll = _gaussian_nll(f_mu, torch.diagonal(f_var, dim1=1, dim2=2) + self._sigma.square(), y)
+        else:
+            nll = _class_nll(probabilities(f_mu, f_var, "classification", link_approx, 100, None), y, self.likelihood)
         return nll if math.isfinite(nll) else math.inf
 
     # ---- state -------------------------------------------------------------------------------------------
@@ -497,9 +495,8 @@ class FunctionalLaplace(Posterior):
         self._delta, self._sigma = new
         self._prior_mean = prior_mean.to(self.device, self.dtype).clone()
         kept = [p[1] for p in pieces]
-        nbytes = sum(t.numel() * t.element_size() for parts in kept for _, part in parts for t in part[1:])
         self._fitted = dict(M=M, N=N, C=C, X=X, y=state["y"].to(self.device), f=saved_f,
-                            parts=kept if nbytes <= JACOBIAN_BYTES else None, loss=state["loss"],
+                            parts=kept if _nbytes(kept) <= JACOBIAN_BYTES else None, loss=state["loss"],
                             theta=theta.to(self.device).clone(), K=K.to(self.device, self.dtype),
                             Jd=state["Jd"].to(self.device, self.dtype), lam=state["lam"].to(self.device, self.dtype))
         self.n_data, self.n_outputs, self.subset = N, C, state["subset"].clone()
@@ -507,6 +504,11 @@ class FunctionalLaplace(Posterior):
 
 # ---- kernel algebra on the Jacobian parts (a block's Jacobian of example n, output c: U[c, n] (x) V[n],
 # M[c, n] or R[c, n]) -----------------------------------------------------------------------------------
+def _nbytes(chunks: list) -> int:
+    """The bytes of the Jacobian parts of chunks (each a list of (sel, part))."""
+    return sum(t.numel() * t.element_size() for parts in chunks for _, part in parts for t in part[1:])
+
+
 def _dense(part) -> Tensor:
     """A part's Jacobian rows [C, n, k] (k = the block's entries in its flat order)."""
     if part[0] == "factored":
@@ -524,37 +526,28 @@ def _cross(a, b) -> Tensor:
 
 def _kernel(pa: list, pb: list) -> Tensor:
     """J_a J_b^T [n C, m C] (rows n * C + c) summed over the blocks."""
-    out = None
-    for (_, a), (_, b) in zip(pa, pb):
-        k = _cross(a, b)
-        out = k if out is None else out + k
+    out = sum(_cross(a, b) for (_, a), (_, b) in zip(pa, pb))
     return out.reshape(out.shape[0] * out.shape[1], -1)
 
 
 def _self_kernel(parts: list) -> Tensor:
     """Each row's own C x C kernel J_n J_n^T [n, C, C]."""
-    out = None
-    for _, p in parts:
+    def one(p):
         if p[0] == "factored":
-            k = torch.einsum("cnp,dnp->ncd", p[1], p[1]) * p[2].square().sum(1)[:, None, None]
-        else:
-            Jd = _dense(p)
-            k = torch.einsum("cnk,dnk->ncd", Jd, Jd)
-        out = k if out is None else out + k
-    return out
+            return torch.einsum("cnp,dnp->ncd", p[1], p[1]) * p[2].square().sum(1)[:, None, None]
+        Jd = _dense(p)
+        return torch.einsum("cnk,dnk->ncd", Jd, Jd)
+    return sum(one(p) for _, p in parts)
 
 
 def _jvp(parts: list, d: Tensor) -> Tensor:
     """J d [k, n, C] for k flat parameter vectors d [k, P] (positions: each block's ``sel``)."""
-    out = None
-    for sel, p in parts:
+    def one(sel, p):
         ds = d[:, sel]  # [k, p, q] or [k, numel]
         if p[0] == "factored":
-            t = torch.einsum("cnp,kpq,nq->knc", p[1], ds, p[2])
-        else:
-            t = torch.einsum("cnj,kj->knc", _dense(p), ds.reshape(ds.shape[0], -1))
-        out = t if out is None else out + t
-    return out
+            return torch.einsum("cnp,kpq,nq->knc", p[1], ds, p[2])
+        return torch.einsum("cnj,kj->knc", _dense(p), ds.reshape(ds.shape[0], -1))
+    return sum(one(sel, p) for sel, p in parts)
 
 
 def _vjp_(parts: list, w: Tensor, out: Tensor) -> None:

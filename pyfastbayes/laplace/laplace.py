@@ -1136,8 +1136,7 @@ class Laplace(Posterior):
             return _gaussian_nll(pred.mean, pred.variance, natural_targets(y, f_mu))
         if self._lik == "regression":
             yt = check_targets(y, f_mu, "regression")
-            var = torch.diagonal(f_var, dim1=1, dim2=2) + self._sigma.square()
-            return float((0.5 * (torch.log(2 * math.pi * var) + (yt - f_mu).square() / var)).sum(1).mean())
+            return _gaussian_nll(f_mu, torch.diagonal(f_var, dim1=1, dim2=2) + self._sigma.square(), yt)
         p = probabilities(f_mu, f_var, self._lik, link_approx, n_samples)
         return _class_nll(p, y, self._lik)
 
@@ -1149,8 +1148,7 @@ class Laplace(Posterior):
         if self._lik == "regression":
             mean, var = out
             mean, var = outputs_2d(mean, "regression"), outputs_2d(var, "regression") + self._sigma.square()
-            yt = check_targets(y, mean, "regression")
-            return float((0.5 * (torch.log(2 * math.pi * var) + (yt - mean).square() / var)).sum(1).mean())
+            return _gaussian_nll(mean, var, check_targets(y, mean, "regression"))
         return _class_nll(out, y, self._lik)
 
     # ---- predictives -------------------------------------------------------------------------------------
