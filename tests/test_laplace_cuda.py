@@ -154,10 +154,12 @@ def test_cuda_heteroscedastic_equals_cpu(structure, curvature):
         torch.testing.assert_close(b, a, **tol)
 
 
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
 @pytest.mark.parametrize("independent", [False, True])
-def test_cuda_functional_laplace_equals_cpu(independent):
+def test_cuda_functional_laplace_equals_cpu(independent, subset):
     """FunctionalLaplace on CUDA: the kernel, the evidence, the GP predictive and the draws' device as
-    on the CPU (the same subset; the kernel from the GLM parts on each device)."""
+    on the CPU (the same subset; the kernel from the GLM parts on each device); the network at
+    weight draws ('nn' samples) from the same CUDA generator."""
     from pyfastbayes.laplace import FunctionalLaplace
 
     model, x, y = _models()[0]
@@ -165,9 +167,16 @@ def test_cuda_functional_laplace_equals_cpu(independent):
     results = {}
     for device in ("cpu", "cuda"):
         m = copy.deepcopy(model).to(device)
-        gp = FunctionalLaplace(m, "classification", 30, prior_precision=0.8, independent_outputs=independent,
-                               batch_size=16).fit([(a.to(device), b.to(device)) for a, b in loader], progress=False)
+        gp = FunctionalLaplace(m, "classification", 30, subset_of_weights=subset, prior_precision=0.8,
+                               independent_outputs=independent, batch_size=16).fit(
+            [(a.to(device), b.to(device)) for a, b in loader], progress=False)
         assert gp.sample(2).device.type == device
+        if device == "cuda":
+            g = lambda: torch.Generator(device).manual_seed(3)  # noqa: E731
+            thetas = gp.sample(3, generator=g())
+            want = torch.stack([torch.func.functional_call(m, gp.layout.unflatten(t), (x[:7].to(device),)) for t in thetas])
+            torch.testing.assert_close(gp.functional_samples(x[:7].to(device), "nn", n_samples=3, generator=g()),
+                                       want.detach(), rtol=1e-12, atol=1e-12)
         results[device] = [t.cpu() for t in (gp._fitted["K"], gp.log_marginal_likelihood(),
                                              gp.functional_variance(x[:7].to(device))[1], gp(x[:7].to(device)))]
     for a, b in zip(results["cpu"], results["cuda"]):

@@ -46,19 +46,21 @@ def _problem(lik, N=60, D=3, C=3, seed=0, train=False, delta=0.5, sigma=1.0, dee
     return model, DataLoader(TensorDataset(X, y), batch_size=16), X
 
 
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
 @pytest.mark.parametrize("independent", [False, True])
 @pytest.mark.parametrize("lik", ["classification", "regression"])
-def test_against_laplace_torch(lik, independent):
+def test_against_laplace_torch(lik, independent, subset):
+    """laplace-torch's FunctionalLaplace and (subset 'last_layer') FunctionalLLLaplace."""
     laplace = require("laplace", "laplace-torch is the reference Laplace library")
     from laplace.curvature import BackPackGGN
 
     C = 3 if lik == "classification" else 2
     model, loader, _ = _problem(lik, C=C)
-    theirs = laplace.Laplace(model, lik, subset_of_weights="all", hessian_structure="gp", n_subset=25,
+    theirs = laplace.Laplace(model, lik, subset_of_weights=subset, hessian_structure="gp", n_subset=25,
                              prior_precision=0.5, independent_outputs=independent, backend=BackPackGGN)
     theirs.fit(loader)
-    ours = FunctionalLaplace(model, lik, 25, prior_precision=0.5, independent_outputs=independent,
-                             batch_size=16).fit(loader, progress=False)
+    ours = FunctionalLaplace(model, lik, 25, subset_of_weights=subset, prior_precision=0.5,
+                             independent_outputs=independent, batch_size=16).fit(loader, progress=False)
     assert torch.equal(ours.subset, theirs.train_loader.sampler.indices)
     xt = torch.randn(6, 3, dtype=DT, generator=torch.Generator().manual_seed(5))
     if lik == "classification":
@@ -218,8 +220,10 @@ def test_bad_input():
         FunctionalLaplace(model, "classification", 10, sigma_noise=2.0)
     with pytest.raises(ValueError, match="needs n_subset=M"):
         Laplace(model, "classification", "all", "gp")
-    with pytest.raises(ValueError, match="covers all weights"):
-        Laplace(model, "classification", "last_layer", "gp", n_subset=10)
+    with pytest.raises(ValueError, match="subset_of_weights must be one of"):
+        Laplace(model, "classification", "subnetwork", "gp", n_subset=10)
+    with pytest.raises(ValueError, match=r"pred_type must be one of \('gp', 'glm'\).*predict\(x\)"):
+        FunctionalLaplace(model, "classification", 10)(X[:2], pred_type="nn")
     # laplace-torch's factory call builds the functional Laplace
     via = Laplace(model, "classification", "all", "gp", n_subset=20, prior_precision=0.5, batch_size=16)
     assert isinstance(via, FunctionalLaplace)
@@ -348,12 +352,12 @@ def test_functional_and_predictive_samples():
     model, loader, X = _problem("classification")
     gp = FunctionalLaplace(model, "classification", 30, prior_precision=0.5, batch_size=16).fit(loader, progress=False)
     xt = X[:3]
-    f = gp.functional_samples(xt, 40000, generator=torch.Generator().manual_seed(0))
+    f = gp.functional_samples(xt, n_samples=40000, generator=torch.Generator().manual_seed(0))
     mu, var = gp.functional_variance(xt)
     assert f.shape == (40000, 3, 3)
     scale = float(torch.diagonal(var, dim1=1, dim2=2).max().sqrt())
     assert float((f.mean(0) - mu).abs().max()) < 0.03 * scale
     for n in range(3):
         assert float((torch.cov(f[:, n].T) - var[n]).abs().max()) < 0.05 * scale ** 2
-    p = gp.predictive_samples(xt, 5, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(p, gp.functional_samples(xt, 5, generator=torch.Generator().manual_seed(1)).softmax(-1))
+    p = gp.predictive_samples(xt, n_samples=5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(p, gp.functional_samples(xt, n_samples=5, generator=torch.Generator().manual_seed(1)).softmax(-1))

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from .._warnings import warn_user
 from ..calibration._checks import check_generator, check_int, check_positive_float
 from ..nn.loaders import batches as loader_batches
+from ..nn import ModeGuard
 from ..posteriors.base import Posterior
 from . import marglik as ml
 from ._likelihood import check_targets, log_likelihood, outputs_2d, summed_loss
@@ -53,6 +54,9 @@ from .predictive import draws, probabilities
 JACOBIAN_BYTES = 512 << 20  # the subset's Jacobian parts are kept below this, recomputed above it
 _EPS = 1e-5  # classification's scatter: (s K_MM + eps I)^-1 (laplace-torch's)
 LIKELIHOODS = ("classification", "regression")
+SUBSETS = ("all", "last_layer")
+# what fit assigns (put back when it fails)
+_FIT_STATE = ("_fitted", "_prior_mean", "_prior_mean_value", "n_data", "n_outputs", "subset")
 
 
 class FunctionalLaplace(Posterior):
@@ -60,12 +64,17 @@ class FunctionalLaplace(Posterior):
 
     Args:
         model: the trained network, outputs [N, C] (logits for 'classification'; [N] or [N, C]
-            for 'regression'); its trainable parameters are covered.
+            for 'regression').
         likelihood: 'classification' or 'regression'.
         n_subset: M, the training points the GP conditions on (1 <= M <= N), drawn without
             replacement with NumPy's ``default_rng(seed)`` as laplace-torch's ``SoDSampler``.
+        subset_of_weights: 'all' trainable parameters, or 'last_layer' (laplace-torch's
+            FunctionalLLLaplace: the last nn.Linear the forward calls, found at fit, or
+            ``last_layer_name``'s; ``feature_reduction`` as Laplace's, for heads over [N, T, D]);
+            the GP's kernel is the covered parameters' J J^T.
         sigma_noise, prior_precision (a scalar: the GP view has an isotropic prior), prior_mean
-            (a scalar or [P]), temperature: as :class:`~pyfastbayes.laplace.Laplace`.
+            (a scalar or [P_c], the covered parameters'), temperature: as
+            :class:`~pyfastbayes.laplace.Laplace`.
         independent_outputs: one kernel per output (the C x C kernel's diagonal).
         seed: the subset's seed.  batch_size: rows per Jacobian chunk.
         output_fn: model output -> the tensor [N, C] (as Laplace's).
@@ -76,13 +85,19 @@ class FunctionalLaplace(Posterior):
     kind = "FunctionalLaplace"
 
     def __init__(self, model: nn.Module, likelihood: str = "classification", n_subset: int = 100, *,
-                 sigma_noise: float = 1.0, prior_precision: float = 1.0, prior_mean=0.0, temperature: float = 1.0,
-                 independent_outputs: bool = False, seed: int = 0, batch_size: int = 64, output_fn=None):
+                 subset_of_weights: str = "all", sigma_noise: float = 1.0, prior_precision: float = 1.0,
+                 prior_mean=0.0, temperature: float = 1.0, independent_outputs: bool = False, seed: int = 0,
+                 batch_size: int = 64, output_fn=None, last_layer_name: str | None = None,
+                 feature_reduction: str | None = None):
         super().__init__(model)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS} for the functional (GP) Laplace, got "
                              f"{likelihood!r}")
+        if subset_of_weights not in SUBSETS:
+            raise ValueError(f"subset_of_weights must be one of {SUBSETS} for the functional (GP) Laplace, got "
+                             f"{subset_of_weights!r}")
         self.likelihood = likelihood
+        self.subset_of_weights = subset_of_weights
         self.n_subset = check_int(n_subset, "n_subset", 1)
         self.temperature = check_positive_float(temperature, "temperature")
         if not isinstance(independent_outputs, bool):
@@ -96,13 +111,15 @@ class FunctionalLaplace(Posterior):
         self.dtype, self.device = self.layout.dtype, self.layout.device
         if self.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"FunctionalLaplace needs a float32 or float64 model, got {self.dtype}")
+        # the per-example Jacobian parts of the covered parameters (Laplace's GLM machinery; a module
+        # without a Kronecker rule gives its per-example gradient rows); a last layer is found (or
+        # checked, when named) as Laplace's: at fit
+        self._parts = Laplace(model, likelihood, subset_of_weights, "diag", unsupported="diag", output_fn=output_fn,
+                              last_layer_name=last_layer_name, feature_reduction=feature_reduction)
         self.sigma_noise = sigma_noise
         self.prior_precision = prior_precision
         self._fitted = None
         self.prior_mean = prior_mean
-        # the per-example Jacobian parts of every trainable parameter (Laplace's GLM machinery; a module
-        # without a Kronecker rule gives its per-example gradient rows)
-        self._parts = Laplace(model, likelihood, "all", "diag", unsupported="diag", output_fn=output_fn)
 
     # ---- hyper-parameters --------------------------------------------------------------------------
     @property
@@ -122,23 +139,43 @@ class FunctionalLaplace(Posterior):
 
     @property
     def prior_mean(self) -> Tensor:
-        """theta_0 [P]; assignable (a finite scalar or [P]): after fit the evidence's offset
-        J_M (theta* - theta_0) is recomputed (one pass over the subset's parts)."""
-        return self._prior_mean
+        """theta_0 [P_c] of the covered parameters (all trainable ones, or the last layer's, in
+        Laplace's selection order); assignable (a finite scalar or [P_c]; a last layer's length is
+        checked once fit has found the layer): after fit the evidence's offset J_M (theta* - theta_0)
+        is recomputed (one pass over the subset's parts)."""
+        pm = self.__dict__.get("_prior_mean")
+        return pm if pm is not None else self._prior_mean_value
 
     @prior_mean.setter
     def prior_mean(self, value) -> None:
+        P = self._n_covered()
         pm = torch.as_tensor(value, dtype=self.dtype, device=self.device).detach()
-        if pm.dim() > 1 or (pm.dim() == 1 and pm.numel() not in (1, self.numel)) or not bool(torch.isfinite(pm).all()):
-            raise ValueError(f"prior_mean must be a finite scalar or a [P] = [{self.numel}] tensor, got shape "
-                             f"{tuple(pm.shape)}")
-        self._prior_mean = pm.reshape(-1).expand(self.numel).clone() if pm.numel() <= 1 else pm.clone()
+        if pm.dim() > 1 or (pm.dim() == 1 and pm.numel() != 1 and P is not None and pm.numel() != P) \
+                or not pm.numel() or not bool(torch.isfinite(pm).all()):
+            covered = f" = [{P}]" if P is not None else " (the last layer's, once fit has found it)"
+            raise ValueError(f"prior_mean must be a finite scalar or a [P_c]{covered} tensor of the covered "
+                             f"parameters, got shape {tuple(pm.shape)}")
+        self._prior_mean_value = pm.clone()
+        if P is not None:
+            self._prior_mean = pm.reshape(-1).expand(P).clone() if pm.numel() == 1 else pm.clone()
         if self._fitted is not None:
             self._fitted["Jd"] = self._offset()
 
+    def _n_covered(self) -> int | None:
+        """P_c, the covered parameters' count (None: a last layer not found yet)."""
+        return self._parts.n_params if self._parts.layers is not None else None
+
+    @property
+    def positions(self) -> Tensor:
+        """The covered parameters' flat positions [P_c] in :meth:`sample`'s layout (all of them for
+        'all'; a last layer's after fit)."""
+        if self._parts.layers is None:
+            raise RuntimeError("subset_of_weights='last_layer' finds its layer in fit(): call fit(loader) first")
+        return self._parts.positions
+
     def _offset(self) -> Tensor:
         """J_M (theta* - theta_0) per subset row [M, C] (the scatter's mean offset)."""
-        d = (self._fitted["theta"].to(self.dtype) - self._prior_mean)[None]
+        d = (self._fitted["theta"].to(self.dtype)[self.positions] - self._prior_mean)[None]
         return torch.cat([_jvp(parts, d)[0] for _, parts in self._subset_parts()])
 
     @property
@@ -173,12 +210,32 @@ class FunctionalLaplace(Posterior):
     def fit(self, loader, progress: bool = True) -> "FunctionalLaplace":
         """Condition on M rows of ``loader`` (a DataLoader over a map-style dataset, or any iterable
         of (inputs [B, ...], targets) batches, whose rows are gathered first): their Jacobians,
-        the kernel K_MM, the loss Hessians' diagonal and the evidence terms. Returns self."""
+        the kernel K_MM, the loss Hessians' diagonal and the evidence terms. A last layer is found
+        here (the last module with trainable parameters the forward calls, an nn.Linear; or
+        ``last_layer_name``'s). Returns self; a failed fit changes nothing."""
+        saved = (self._parts._setup_state(), {k: self.__dict__[k] for k in _FIT_STATE if k in self.__dict__})
+        try:
+            return self._fit(loader, progress)
+        except BaseException:
+            self._parts._restore_setup(saved[0])
+            for k in _FIT_STATE:
+                if k in saved[1]:
+                    self.__dict__[k] = saved[1][k]
+                else:
+                    self.__dict__.pop(k, None)
+            raise
+
+    def _fit(self, loader, progress: bool) -> "FunctionalLaplace":
         X, Y = self._rows(loader)
         N = X.shape[0]
         M = self.n_subset
         if M > N:
             raise ValueError(f"n_subset = {M} is larger than the {N} training rows")
+        if self._parts.layers is None:  # a last layer: found on the first rows, then the prior mean's length checked
+            with self._parts._fitting_mode():
+                self._parts._find_last_layer(X[:1].to(self.device))
+            self._fitted = None
+            self.prior_mean = self._prior_mean_value
         idx = torch.tensor(np.random.default_rng(self.seed).choice(N, M, replace=False), dtype=torch.long)
         X, Y = X[idx].to(self.device), Y[idx]
         fs, kept, nbytes = [], [], 0
@@ -197,19 +254,39 @@ class FunctionalLaplace(Posterior):
         self._fitted = dict(M=M, N=N, C=C, X=X, y=y, f=f, parts=kept, loss=loss,
                             theta=self.layout.flatten().detach().clone())
         self.n_data, self.n_outputs, self.subset = N, C, idx
-        # the kernel K_MM [M C, M C] (rows m * C + c), each pair of chunks once, mirrored
-        K = torch.zeros(M * C, M * C, dtype=self.dtype, device=self.device)
-        for ri, pi in self._subset_parts():  # (recomputed: the inner chunks anew for every outer one)
-            for rj, pj in self._subset_parts():
-                if rj.start < ri.start:
-                    continue
-                blk = _kernel(pi, pj)
-                K[ri.start * C:ri.stop * C, rj.start * C:rj.stop * C] = blk
-                K[rj.start * C:rj.stop * C, ri.start * C:ri.stop * C] = blk.t()
+        K = self._gram(self.dtype)
         self._fitted["K"] = K
         self._fitted["Jd"] = self._offset()
         self._fitted["lam"] = self._loss_hessian_diag(f)
         return self
+
+    def _gram(self, dtype: torch.dtype) -> Tensor:
+        """The kernel K_MM = J_M J_M^T [M C, M C] (rows m * C + c) in ``dtype``, each pair of the
+        subset's chunks once, mirrored."""
+        st = self._fitted
+        M, C = st["M"], st["C"]
+        K = torch.zeros(M * C, M * C, dtype=dtype, device=self.device)
+        for ri, pi in self._subset_parts():  # (recomputed: the inner chunks anew for every outer one)
+            for rj, pj in self._subset_parts():
+                if rj.start < ri.start:
+                    continue
+                blk = _kernel(pi, pj, dtype)
+                K[ri.start * C:ri.stop * C, rj.start * C:rj.stop * C] = blk
+                K[rj.start * C:rj.stop * C, ri.start * C:ri.stop * C] = blk.t()
+        return K
+
+    def _evidence_kernel(self) -> Tensor:
+        """K_MM in float64 for the evidence (formed once, on its first use): a float32 Gram matrix is
+        indefinite at its rounding level once M C passes the Jacobians' rank (a last layer: M > its
+        inputs + 1), where the evidence needs s K + eps I positive definite (laplace-torch's
+        Cholesky raises there); the float64 Gram matrix of the same parts is positive
+        semi-definite to float64 rounding."""
+        st = self._need_fit()
+        if st["K"].dtype == torch.float64:
+            return st["K"]
+        if "K64" not in st:
+            st["K64"] = self._gram(torch.float64)
+        return st["K64"]
 
     def _rows(self, loader) -> tuple[Tensor, Tensor]:
         """All (inputs, targets) rows of the loader, joined (tensor inputs only). A DataLoader over a
@@ -271,10 +348,12 @@ class FunctionalLaplace(Posterior):
         return (self._need_fit()["lam"].reshape(-1) * self._h_factor(sigma)).sqrt()
 
     def _chol(self, K: Tensor, rows: Tensor) -> Tensor:
-        """The Cholesky factor of B = I + W^1/2 s K W^1/2 for the kernel K of the flat ``rows``."""
-        w = self._w_sqrt()[rows]
-        return torch.linalg.cholesky(w[:, None] * (self._s() * K) * w + torch.eye(len(rows), dtype=self.dtype,
-                                                                                   device=self.device))
+        """The Cholesky factor of B = I + W^1/2 s K W^1/2 for the kernel K of the flat ``rows`` (in
+        K's dtype)."""
+        w = self._w_sqrt()[rows].to(K.dtype)
+        return torch.linalg.cholesky(w[:, None] * (self._s().to(K.dtype) * K) * w
+                                     + torch.eye(len(rows), dtype=K.dtype, device=self.device))
+
 
     def log_likelihood(self) -> Tensor:
         """log p(y_M | f*) of the subset's rows (as Laplace's: tempered, regression's normaliser)."""
@@ -283,102 +362,173 @@ class FunctionalLaplace(Posterior):
                               self.temperature)
 
     def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None) -> Tensor:
-        """The GP Laplace evidence of the subset (module docstring); differentiable in the two
-        tensors when given (they are used, not stored)."""
+        """The GP Laplace evidence of the subset (module docstring), computed in float64 (returned
+        in the model's dtype); differentiable in the two tensors when given (they are used, not
+        stored)."""
         st = self._need_fit()
+        f64 = dict(dtype=torch.float64, device=self.device)
         delta = self._delta if prior_precision is None else torch.as_tensor(prior_precision, dtype=self.dtype,
                                                                             device=self.device).reshape(())
         sigma = self._sigma if sigma_noise is None else torch.as_tensor(sigma_noise, dtype=self.dtype,
                                                                         device=self.device).reshape(())
-        s = self._s(delta)
-        K = st["K"]
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        s = self._s(delta.to(torch.float64))
+        K = self._evidence_kernel()
+        total = torch.zeros((), **f64)
         if self.likelihood == "regression":
-            r = (st["y"] - st["f"] + st["Jd"]).reshape(-1)  # y - (f* + J (theta_0 - theta*))
+            r = (st["y"].to(torch.float64) - st["f"] + st["Jd"]).reshape(-1)  # y - (f* + J (theta_0 - theta*))
+            noise = sigma.to(torch.float64).square() * self.temperature
             for Kb, rows in self._blocks(K):
-                A = s * Kb + sigma.square() * self.temperature * torch.eye(len(rows), dtype=self.dtype,
-                                                                           device=self.device)
-                Lc = torch.linalg.cholesky(A)
+                Lc = torch.linalg.cholesky(s * Kb + noise * torch.eye(len(rows), **f64))
                 v = torch.linalg.solve_triangular(Lc, r[rows, None], upper=False)
                 total = total - 0.5 * (2 * torch.log(torch.diagonal(Lc)).sum() + v.square().sum()
                                        + len(rows) * math.log(2 * math.pi / self.temperature))
-            return total
-        W = self._w_sqrt(sigma)
-        mu = st["Jd"].reshape(-1)
+            return total.to(self.dtype)
+        W = self._w_sqrt(sigma).to(torch.float64)
+        mu = st["Jd"].reshape(-1).to(torch.float64)
         for Kb, rows in self._blocks(K):
             w = W[rows]
-            I = torch.eye(len(rows), dtype=self.dtype, device=self.device)
+            I = torch.eye(len(rows), **f64)
             logdet = torch.logdet(w[:, None] * (s * Kb) * w + I)
             Lc = torch.linalg.cholesky(s * Kb + _EPS * I)
             v = torch.linalg.solve_triangular(Lc, mu[rows, None], upper=False)
             total = total - 0.5 * (logdet + v.square().sum())
-        return self.log_likelihood() + total
+        return self.log_likelihood() + total.to(self.dtype)
 
     # ---- predictives ---------------------------------------------------------------------------------
     def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(f_mu [n, C], f_var [n, C, C]) of the GP posterior at input rows x [n, ...]."""
-        st = self._need_fit()
-        C = st["C"]
-        s = self._s()
-        blocks = self._blocks(st["K"])
-        chol = [self._chol(Kb, rows) for Kb, rows in blocks]
-        w = self._w_sqrt()
+        gps = self._gps()
         mus, vars_ = [], []
         for r0 in range(0, x.shape[0], self.batch_size):
-            f, px = self._pieces(x[r0:r0 + self.batch_size])
-            n = f.shape[0]
-            # W^1/2 s K_{M x} [M C, n C] (rows: subset row m, output e; columns: input row, output c)
-            Kxs = torch.cat([_kernel(pm, px) for _, pm in self._subset_parts()], 0) * (s * w[:, None])
-            kss = s * _self_kernel(px)
-            if self.independent_outputs:
-                var = torch.zeros(n, C, C, dtype=self.dtype, device=self.device)
-                for c, (Lc, (_, rows)) in enumerate(zip(chol, blocks)):
-                    rc = torch.arange(n, device=self.device) * C + c
-                    v = torch.linalg.solve_triangular(Lc, Kxs[rows][:, rc], upper=False)  # [M, n]
-                    var[:, c, c] = kss[:, c, c] - v.square().sum(0)
-            else:
-                v = torch.linalg.solve_triangular(chol[0], Kxs, upper=False).t().reshape(n, C, -1)  # [n, C, MC]
-                var = kss - torch.einsum("ncm,ndm->ncd", v, v)
+            f, var = self._gp_moments(x[r0:r0 + self.batch_size], gps, joint=False)
             mus.append(f), vars_.append(var)
         return torch.cat(mus), torch.cat(vars_)
 
-    def la(self, x: Tensor, link_approx: str = "probit", n_samples: int = 100, generator=None):
-        """laplace-torch's ``__call__`` with pred_type='gp': classification probabilities [n, C],
-        regression (f_mu [n, C], f_var [n, C, C]) (sigma^2 not in it)."""
+    def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_mu [n C], f_cov [n C, n C]): the GP posterior's joint covariance over all the input
+        rows x [n, ...] and outputs (flat index i * C + c; laplace-torch's ``joint=True``)."""
+        f, cov = self._gp_moments(x, self._gps(), joint=True)
+        return f.reshape(-1), cov
+
+    def _gps(self) -> list[tuple[Tensor, Tensor]]:
+        """(the Cholesky factor L of B, its flat rows) per GP: the joint kernel's one, or the C
+        independent ones."""
+        return [(self._chol(Kb, rows), rows) for Kb, rows in self._blocks(self._need_fit()["K"])]
+
+    def _gp_moments(self, x: Tensor, gps: list, joint: bool) -> tuple[Tensor, Tensor]:
+        """(f [n, C], the posterior covariance: per row [n, C, C], or joint [n C, n C]) of the rows x:
+        s K_xx - v^T v with v = L^-1 W^1/2 s K_Mx per GP of ``gps`` (:meth:`_gps`; with
+        independent outputs the cross-output entries are 0)."""
+        st = self._need_fit()
+        C = st["C"]
+        s = self._s()
+        w = self._w_sqrt()
+        f, px = self._pieces(x)
+        n = f.shape[0]
+        if not self.independent_outputs:
+            # W^1/2 s K_{M x} [M C, n C] (rows: subset row m, output e; columns: input row, output c)
+            Kxs = torch.cat([_kernel(pm, px) for _, pm in self._subset_parts()], 0) * (s * w[:, None])
+            v = torch.linalg.solve_triangular(gps[0][0], Kxs, upper=False)  # [MC, nC]
+            if joint:
+                return f, s * _kernel(px, px) - v.t() @ v
+            v = v.t().reshape(n, C, -1)
+            return f, s * _self_kernel(px) - torch.einsum("ncm,ndm->ncd", v, v)
+        # independent outputs: only each output's own kernel entries are formed ([C, M, n], not [M C, n C])
+        Kxs = torch.cat([_kernel_same(pm, px) for _, pm in self._subset_parts()], 1)
+        prior = _kernel_same(px, px) if joint else _self_same(px)  # [C, n, n] / [n, C]
+        out = f.new_zeros((n * C, n * C) if joint else (n, C, C))
+        for c, (Lc, rows) in enumerate(gps):
+            v = torch.linalg.solve_triangular(Lc, Kxs[c] * (s * w[rows])[:, None], upper=False)  # [M, n]
+            if joint:
+                rc = torch.arange(n, device=self.device) * C + c
+                out[rc[:, None], rc] = s * prior[c] - v.t() @ v
+            else:
+                out[:, c, c] = s * prior[:, c] - v.square().sum(0)
+        return f, out
+
+    def la(self, x: Tensor, pred_type: str = "gp", link_approx: str = "probit", n_samples: int = 100, *,
+           generator: torch.Generator | None = None, joint: bool = False, diagonal_output: bool = False):
+        """laplace-torch's ``__call__`` (pred_type 'gp'; 'glm' is accepted as the same linearised
+        predictive; the network averaged over weight draws is :meth:`predict`): classification
+        probabilities [n, C] (``link_approx`` 'probit', 'bridge', 'bridge_norm' or 'mc' with
+        ``n_samples`` draws), regression (f_mu [n, C], f_var [n, C, C]) (sigma^2 not in it;
+        ``diagonal_output``: f_var [n, C]; ``joint``: (f_mu [n C], f_cov [n C, n C]) over all the
+        rows, :meth:`functional_covariance`). x: input rows [n, ...]."""
+        _gp_pred_type(pred_type, nn_too=False)
+        n_samples = check_int(n_samples, "n_samples", 1)
+        check_generator(generator)
+        for name, flag in (("joint", joint), ("diagonal_output", diagonal_output)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+        if joint:
+            if self.likelihood != "regression":
+                raise ValueError("joint=True is the regression predictive's joint covariance over all inputs")
+            return self.functional_covariance(x)
         f_mu, f_var = self.functional_variance(x)
         if self.likelihood == "regression":
-            return f_mu, f_var
+            return (f_mu, torch.diagonal(f_var, dim1=1, dim2=2)) if diagonal_output else (f_mu, f_var)
+        if diagonal_output and link_approx == "mc":
+            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
         return probabilities(f_mu, f_var, "classification", link_approx, n_samples, generator)
 
     __call__ = la
 
-    def functional_samples(self, x: Tensor, n_samples: int = 100, *, generator: torch.Generator | None = None) -> Tensor:
-        """Draws [n_samples, n, C] of the outputs from the GP predictive N(f_mu, f_var) per input row
-        (laplace-torch's ``functional_samples`` with pred_type='gp'; e.g. for Thompson sampling)."""
+    def functional_samples(self, x: Tensor, pred_type: str = "gp", n_samples: int = 100, *,
+                           generator: torch.Generator | None = None, diagonal_output: bool = False) -> Tensor:
+        """Draws [n_samples, n, C] of the outputs at input rows x [n, ...] (laplace-torch's
+        ``functional_samples``, e.g. for Thompson sampling): 'gp' (or 'glm') from the GP predictive
+        N(f_mu, f_var) per row (``diagonal_output``: the outputs' variances only); 'nn' the network
+        at :meth:`sample`'s weight draws (torch.func.functional_call, eval mode)."""
+        pred_type = _gp_pred_type(pred_type, nn_too=True)
         n_samples = check_int(n_samples, "n_samples", 1)
         check_generator(generator)
+        if not isinstance(diagonal_output, bool):
+            raise TypeError(f"diagonal_output must be True or False, got {type(diagonal_output).__name__}")
+        if pred_type == "nn":
+            if diagonal_output:
+                raise ValueError("diagonal_output is for the GP's draws (pred_type='gp'), not the network's")
+            return self._network_at_draws(x, n_samples, generator)
         f_mu, f_var = self.functional_variance(x)
+        if diagonal_output:
+            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
         return draws(f_mu, f_var, n_samples, generator)
 
-    def predictive_samples(self, x: Tensor, n_samples: int = 100, *,
-                           generator: torch.Generator | None = None) -> Tensor:
-        """:meth:`functional_samples` through the link: class probabilities [n_samples, n, C]
-        (softmax) for classification, the outputs themselves for regression (no noise added)."""
-        f = self.functional_samples(x, n_samples, generator=generator)
+    def predictive_samples(self, x: Tensor, pred_type: str = "gp", n_samples: int = 100, *,
+                           generator: torch.Generator | None = None, diagonal_output: bool = False) -> Tensor:
+        """:meth:`functional_samples` (same arguments, same draws) through the link: class
+        probabilities [n_samples, n, C] (softmax) for classification, the outputs themselves for
+        regression (no noise added)."""
+        f = self.functional_samples(x, pred_type, n_samples, generator=generator, diagonal_output=diagonal_output)
         return f.softmax(-1) if self.likelihood == "classification" else f
+
+    def _network_at_draws(self, x: Tensor, n: int, generator) -> Tensor:
+        """The outputs [n, rows, C] of the network at n weight draws (:meth:`sample`)."""
+        thetas = self.sample(n, generator=generator)
+        x = x.to(self.device)
+        outs = []
+        with ModeGuard(self.model, False), torch.no_grad():
+            for theta in thetas:
+                params = self.layout.unflatten(theta.to(self.layout.dtype))
+                outs.append(torch.cat([self._parts._call_at(params, x[r:r + self.batch_size])
+                                       for r in range(0, x.shape[0], self.batch_size)]))
+        return torch.stack(outs)
 
     # ---- weight draws ---------------------------------------------------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """n draws [n, P] from N(theta*, (delta_M I + J_M^T W J_M)^-1), delta_M = delta N / M, by
         pathwise conditioning (module docstring): the weight-space posterior whose linearised
-        network is this GP (with the joint kernel also under independent_outputs). Inherited
+        network is this GP (with the joint kernel also under independent_outputs); for a last
+        layer only its entries (``positions``) move, the others stay at the MAP. Inherited
         :meth:`predict` averages the network over them (the 'nn' predictive)."""
         st = self._need_fit()
         n = check_int(n, "n", 0)
         check_generator(generator)
-        P, C = self.numel, st["C"]
+        theta = st["theta"].to(self.dtype)
+        pos = self.positions
+        P, C = pos.numel(), st["C"]
+        out = theta.unsqueeze(0).repeat(n, 1)
         if n == 0:
-            return st["theta"].to(self.dtype).new_zeros(0, P)
+            return out
         delta_m = self._delta * st["N"] / st["M"]
         e = torch.randn(n, P, dtype=self.dtype, device=self.device, generator=generator) / delta_m.sqrt()
         z = torch.randn(n, st["M"] * C, dtype=self.dtype, device=self.device, generator=generator)
@@ -388,12 +538,13 @@ class FunctionalLaplace(Posterior):
         # the joint kernel always (independent_outputs approximates the GP in function space only;
         # a weight-space Gaussian needs the whole J_M J_M^T)
         Lj = self._chol(st["K"], torch.arange(st["M"] * C, device=self.device))
-        out = w[:, None] * torch.cholesky_solve(rhs, Lj)
+        sol = w[:, None] * torch.cholesky_solve(rhs, Lj)
         # J_M^T out / delta_M, chunk by chunk
         corr = torch.zeros(n, P, dtype=self.dtype, device=self.device)
         for rows, parts in self._subset_parts():
-            _vjp_(parts, out[rows.start * C:rows.stop * C].t().reshape(n, -1, C), corr)
-        return st["theta"].to(self.dtype) + e - corr / delta_m
+            _vjp_(parts, sol[rows.start * C:rows.stop * C].t().reshape(n, -1, C), corr)
+        out[:, pos] += e - corr / delta_m
+        return out
 
     def predict(self, x, n_samples: int = 30, *, likelihood: str | None = None, **options):
         """The network averaged over :meth:`sample`'s weight draws (the posterior interface's BMA
@@ -452,7 +603,9 @@ class FunctionalLaplace(Posterior):
     def state_dict(self) -> dict:
         st = self._need_fit()
         state = self._state_header()
-        state.update(likelihood=self.likelihood, n_subset=self.n_subset, seed=self.seed,
+        state.update(likelihood=self.likelihood, subset_of_weights=self.subset_of_weights,
+                     last_layer=self._parts.last_layer_name if self.subset_of_weights == "last_layer" else None,
+                     n_subset=self.n_subset, seed=self.seed,
                      independent_outputs=self.independent_outputs, temperature=self.temperature,
                      prior_precision=self._delta.clone(), prior_mean=self.prior_mean.clone(),
                      sigma_noise=self._sigma.clone(), n_data=st["N"], n_outputs=st["C"], subset=self.subset.clone(),
@@ -461,18 +614,36 @@ class FunctionalLaplace(Posterior):
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` into this FunctionalLaplace, built with the same options
+        over the same model at the same weights (checked; nothing changes when a check fails)."""
         self._check_header(state)
-        for key in ("likelihood", "n_subset", "seed", "independent_outputs", "temperature"):
-            if state.get(key) != getattr(self, key):
+        for key in ("likelihood", "subset_of_weights", "n_subset", "seed", "independent_outputs", "temperature"):
+            if state.get(key, "all" if key == "subset_of_weights" else None) != getattr(self, key):
                 raise ValueError(f"state_dict was saved with {key}={state.get(key)!r}, this FunctionalLaplace has "
                                  f"{getattr(self, key)!r}")
+        saved = self._parts._setup_state()
+        try:
+            self._load(state)
+        except BaseException:
+            self._parts._restore_setup(saved)
+            raise
+
+    def _load(self, state: dict) -> None:
+        if self.subset_of_weights == "last_layer":
+            name = state.get("last_layer")
+            named = self._parts._named
+            if named and name != self._parts.last_layer_name:
+                raise ValueError(f"state_dict was saved for the last layer {name!r}, this FunctionalLaplace has "
+                                 f"last_layer_name={self._parts.last_layer_name!r}")
+            mod = self._parts._named_last_layer(name, "state_dict['last_layer']", not_str=ValueError)
+            self._parts._setup_last_layer(name, mod)
         theta = self._check_state_tensor(state, "theta", (self.numel,))
         if not torch.equal(theta.to(self.device, self.dtype), self.layout.flatten().detach()):
             raise ValueError("state_dict was saved at other weights than the model's current ones: load the model's "
                              "own state_dict (the MAP the posterior was fitted at) first")
         N, C, M = (self._check_state_count(state, k, 1) for k in ("n_data", "n_outputs", "n_subset"))
         K = self._check_state_tensor(state, "K", (M * C, M * C))
-        prior_mean = self._check_state_tensor(state, "prior_mean", (self.numel,))
+        prior_mean = self._check_state_tensor(state, "prior_mean", (self._n_covered(),))
         for key, shape in (("f", (M, C)), ("Jd", (M, C)), ("lam", (M, C))):
             self._check_state_tensor(state, key, shape)
         X = state["X"]
@@ -494,6 +665,7 @@ class FunctionalLaplace(Posterior):
                              "state_dict first")
         self._delta, self._sigma = new
         self._prior_mean = prior_mean.to(self.device, self.dtype).clone()
+        self._prior_mean_value = self._prior_mean.clone()
         kept = [p[1] for p in pieces]
         self._fitted = dict(M=M, N=N, C=C, X=X, y=state["y"].to(self.device), f=saved_f,
                             parts=kept if _nbytes(kept) <= JACOBIAN_BYTES else None, loss=state["loss"],
@@ -504,6 +676,15 @@ class FunctionalLaplace(Posterior):
 
 # ---- kernel algebra on the Jacobian parts (a block's Jacobian of example n, output c: U[c, n] (x) V[n],
 # M[c, n] or R[c, n]) -----------------------------------------------------------------------------------
+def _gp_pred_type(pred_type, nn_too: bool) -> str:
+    """pred_type checked: 'gp' or 'glm' (the same GP predictive), and 'nn' where ``nn_too``."""
+    allowed = ("gp", "glm", "nn") if nn_too else ("gp", "glm")
+    if pred_type not in allowed:
+        hint = "" if nn_too else " (the network averaged over weight draws: predict(x))"
+        raise ValueError(f"pred_type must be one of {allowed} for the functional (GP) Laplace, got {pred_type!r}{hint}")
+    return pred_type
+
+
 def _nbytes(chunks: list) -> int:
     """The bytes of the Jacobian parts of chunks (each a list of (sel, part))."""
     return sum(t.numel() * t.element_size() for parts in chunks for _, part in parts for t in part[1:])
@@ -517,17 +698,38 @@ def _dense(part) -> Tensor:
     return part[1].reshape(part[1].shape[0], part[1].shape[1], -1)
 
 
-def _cross(a, b) -> Tensor:
-    """<J_a[c, n], J_b[d, m]> [n, C, m, C] of one block's parts at two sets of rows."""
+def _cross(a, b, dtype=None) -> Tensor:
+    """<J_a[c, n], J_b[d, m]> [n, C, m, C] of one block's parts at two sets of rows (computed in
+    ``dtype``, default the parts')."""
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
     if a[0] == b[0] == "factored":
-        return torch.einsum("cnp,dmp->ncmd", a[1], b[1]) * (a[2] @ b[2].t())[:, None, :, None]
-    return torch.einsum("cnk,dmk->ncmd", _dense(a), _dense(b))
+        return torch.einsum("cnp,dmp->ncmd", cast(a[1]), cast(b[1])) * (cast(a[2]) @ cast(b[2]).t())[:, None, :, None]
+    return torch.einsum("cnk,dmk->ncmd", cast(_dense(a)), cast(_dense(b)))
 
 
-def _kernel(pa: list, pb: list) -> Tensor:
-    """J_a J_b^T [n C, m C] (rows n * C + c) summed over the blocks."""
-    out = sum(_cross(a, b) for (_, a), (_, b) in zip(pa, pb))
+def _kernel(pa: list, pb: list, dtype=None) -> Tensor:
+    """J_a J_b^T [n C, m C] (rows n * C + c) summed over the blocks (in ``dtype``, default the parts')."""
+    out = sum(_cross(a, b, dtype) for (_, a), (_, b) in zip(pa, pb))
     return out.reshape(out.shape[0] * out.shape[1], -1)
+
+
+def _kernel_same(pa: list, pb: list) -> Tensor:
+    """<J_a[c, n], J_b[c, m]> [C, n, m] summed over the blocks: each output's own kernel (the
+    independent outputs' GPs), without the cross-output entries."""
+    def one(a, b):
+        if a[0] == b[0] == "factored":
+            return torch.einsum("cnp,cmp->cnm", a[1], b[1]) * (a[2] @ b[2].t())
+        return torch.einsum("cnk,cmk->cnm", _dense(a), _dense(b))
+    return sum(one(a, b) for (_, a), (_, b) in zip(pa, pb))
+
+
+def _self_same(parts: list) -> Tensor:
+    """Each row's own kernel per output |J_c(x_n)|^2 [n, C]."""
+    def one(p):
+        if p[0] == "factored":
+            return torch.einsum("cnp,cnp->nc", p[1], p[1]) * p[2].square().sum(1)[:, None]
+        return _dense(p).square().sum(-1).t()
+    return sum(one(p) for _, p in parts)
 
 
 def _self_kernel(parts: list) -> Tensor:

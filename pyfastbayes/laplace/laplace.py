@@ -329,18 +329,16 @@ class Laplace(Posterior):
                 hessian_structure: str = "kron", **kwargs):
         """``hessian_structure='gp'`` (laplace-torch's functional Laplace, ``n_subset=`` given) builds a
         :class:`~pyfastbayes.laplace.FunctionalLaplace` instead, as laplace-torch's ``Laplace``
-        factory does (its keyword options: n_subset, prior_precision, sigma_noise, prior_mean,
-        temperature, independent_outputs, seed, batch_size, output_fn)."""
+        factory does, over all weights or the last layer (its keyword options: n_subset,
+        prior_precision, sigma_noise, prior_mean, temperature, independent_outputs, seed,
+        batch_size, output_fn, last_layer_name, feature_reduction)."""
         if cls is Laplace and hessian_structure == "gp":
-            if subset_of_weights != "all":
-                raise ValueError(f"hessian_structure='gp' (the functional Laplace) covers all weights; got "
-                                 f"subset_of_weights={subset_of_weights!r}")
             if "n_subset" not in kwargs:
                 raise ValueError("hessian_structure='gp' (the functional Laplace) needs n_subset=M, the training rows "
                                  "its GP conditions on")
             from .functional import FunctionalLaplace
 
-            return FunctionalLaplace(model, likelihood, **kwargs)
+            return FunctionalLaplace(model, likelihood, subset_of_weights=subset_of_weights, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, model: nn.Module, likelihood: str = "classification", subset_of_weights: str = "all",
