@@ -181,3 +181,25 @@ def test_cuda_functional_laplace_equals_cpu(independent, subset):
                                              gp.functional_variance(x[:7].to(device))[1], gp(x[:7].to(device)))]
     for a, b in zip(results["cpu"], results["cuda"]):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("lik", ["classification", "regression"])
+def test_cuda_ella_equals_cpu(lik):
+    """ELLA on CUDA: the same subset and output draws (CPU generators), the basis (float64 eigh),
+    the curvature G, the GP predictive and the weight draws' device as on the CPU."""
+    from pyfastbayes.laplace import ELLA
+
+    model, x, y = _models()[0]
+    if lik == "regression":
+        y = torch.sin(x[:, :4])
+    loader = [(x[:25], y[:25]), (x[25:], y[25:])]
+    results = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        ella = ELLA(m, lik, 30, 12, prior_precision=0.8, batch_size=16).fit(
+            [(a.to(device), b.to(device)) for a, b in loader], progress=False)
+        assert ella.sample(2).device.type == device
+        out = ella(x[:7].to(device))
+        results[device] = [t.cpu() for t in (ella._fitted["G"], *(out if lik == "regression" else (out,)))]
+    for a, b in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)

@@ -38,28 +38,26 @@ import math
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .._warnings import warn_user
-from ..calibration._checks import check_generator, check_int, check_positive_float
-from ..nn.loaders import batches as loader_batches
-from ..nn import ModeGuard
-from ..posteriors.base import Posterior
+from ..calibration._checks import check_generator, check_int
 from . import marglik as ml
-from ._likelihood import check_targets, log_likelihood, outputs_2d, summed_loss
-from .laplace import Laplace, _class_nll, _gaussian_nll
-from .predictive import draws, probabilities
+from ._likelihood import check_targets, log_likelihood, summed_loss
+from ._linearised import LinearisedGP
+from ._kernels import jvp, kernel, kernel_same, part_bytes, self_kernel, self_same, vjp_
 
 JACOBIAN_BYTES = 512 << 20  # the subset's Jacobian parts are kept below this, recomputed above it
 _EPS = 1e-5  # classification's scatter: (s K_MM + eps I)^-1 (laplace-torch's)
-LIKELIHOODS = ("classification", "regression")
-SUBSETS = ("all", "last_layer")
+# the GP algebra's dtype, whatever the model's: a float32 Gram matrix is indefinite at its rounding level
+# once M C passes the Jacobians' rank (a last layer: M > its inputs + 1), where the evidence needs s K +
+# eps I positive definite (laplace-torch's Cholesky raises there), and a float32 s k(x, x) - v^T v loses
+# the posterior variance where it is much smaller than the prior's; the float32 parts are cast per product
+F64 = torch.float64
 # what fit assigns (put back when it fails)
 _FIT_STATE = ("_fitted", "_prior_mean", "_prior_mean_value", "n_data", "n_outputs", "subset")
 
 
-class FunctionalLaplace(Posterior):
+class FunctionalLaplace(LinearisedGP):
     """GP (functional) Laplace on a subset of the training data (module docstring).
 
     Args:
@@ -89,54 +87,17 @@ class FunctionalLaplace(Posterior):
                  prior_mean=0.0, temperature: float = 1.0, independent_outputs: bool = False, seed: int = 0,
                  batch_size: int = 64, output_fn=None, last_layer_name: str | None = None,
                  feature_reduction: str | None = None):
-        super().__init__(model)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS} for the functional (GP) Laplace, got "
-                             f"{likelihood!r}")
-        if subset_of_weights not in SUBSETS:
-            raise ValueError(f"subset_of_weights must be one of {SUBSETS} for the functional (GP) Laplace, got "
-                             f"{subset_of_weights!r}")
-        self.likelihood = likelihood
-        self.subset_of_weights = subset_of_weights
+        super().__init__(model, likelihood, subset_of_weights=subset_of_weights, sigma_noise=sigma_noise,
+                         prior_precision=prior_precision, temperature=temperature, seed=seed, batch_size=batch_size,
+                         output_fn=output_fn, last_layer_name=last_layer_name, feature_reduction=feature_reduction)
         self.n_subset = check_int(n_subset, "n_subset", 1)
-        self.temperature = check_positive_float(temperature, "temperature")
         if not isinstance(independent_outputs, bool):
             raise TypeError(f"independent_outputs must be True or False, got {type(independent_outputs).__name__}")
         self.independent_outputs = independent_outputs
-        self.seed = check_int(seed, "seed", 0)
-        self.batch_size = check_int(batch_size, "batch_size", 1)
-        if output_fn is not None and not callable(output_fn):
-            raise TypeError(f"output_fn must be callable (model output -> tensor), got {type(output_fn).__name__}")
-        self.output_fn = output_fn
-        self.dtype, self.device = self.layout.dtype, self.layout.device
-        if self.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"FunctionalLaplace needs a float32 or float64 model, got {self.dtype}")
-        # the per-example Jacobian parts of the covered parameters (Laplace's GLM machinery; a module
-        # without a Kronecker rule gives its per-example gradient rows); a last layer is found (or
-        # checked, when named) as Laplace's: at fit
-        self._parts = Laplace(model, likelihood, subset_of_weights, "diag", unsupported="diag", output_fn=output_fn,
-                              last_layer_name=last_layer_name, feature_reduction=feature_reduction)
-        self.sigma_noise = sigma_noise
-        self.prior_precision = prior_precision
         self._fitted = None
         self.prior_mean = prior_mean
 
     # ---- hyper-parameters --------------------------------------------------------------------------
-    @property
-    def prior_precision(self) -> Tensor:
-        """delta, a scalar tensor (the GP kernel's variance is (M / N) / delta); assignable."""
-        return self._delta
-
-    @prior_precision.setter
-    def prior_precision(self, value) -> None:
-        t = torch.as_tensor(value, dtype=self.dtype, device=self.device).detach()
-        if t.numel() != 1:
-            raise ValueError(f"FunctionalLaplace takes a scalar prior_precision (the GP view's isotropic prior), got "
-                             f"shape {tuple(t.shape)}")
-        if not math.isfinite(float(t)) or float(t) <= 0:
-            raise ValueError(f"prior_precision must be a finite number > 0, got {float(t)}")
-        self._delta = t.reshape(()).clone()
-
     @property
     def prior_mean(self) -> Tensor:
         """theta_0 [P_c] of the covered parameters (all trainable ones, or the last layer's, in
@@ -161,43 +122,10 @@ class FunctionalLaplace(Posterior):
         if self._fitted is not None:
             self._fitted["Jd"] = self._offset()
 
-    def _n_covered(self) -> int | None:
-        """P_c, the covered parameters' count (None: a last layer not found yet)."""
-        return self._parts.n_params if self._parts.layers is not None else None
-
-    @property
-    def positions(self) -> Tensor:
-        """The covered parameters' flat positions [P_c] in :meth:`sample`'s layout (all of them for
-        'all'; a last layer's after fit)."""
-        if self._parts.layers is None:
-            raise RuntimeError("subset_of_weights='last_layer' finds its layer in fit(): call fit(loader) first")
-        return self._parts.positions
-
     def _offset(self) -> Tensor:
         """J_M (theta* - theta_0) per subset row [M, C] (the scatter's mean offset)."""
-        d = (self._fitted["theta"].to(self.dtype)[self.positions] - self._prior_mean)[None]
-        return torch.cat([_jvp(parts, d)[0] for _, parts in self._subset_parts()])
-
-    @property
-    def sigma_noise(self) -> Tensor:
-        return self._sigma
-
-    @sigma_noise.setter
-    def sigma_noise(self, value) -> None:
-        v = float(value)
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"sigma_noise must be a finite number > 0, got {v}")
-        if self.likelihood != "regression" and v != 1.0:
-            raise ValueError(f"sigma_noise is the regression noise; likelihood={self.likelihood!r} needs sigma_noise=1")
-        self._sigma = torch.tensor(v, dtype=self.dtype, device=self.device)
-
-    # ---- Jacobian parts ------------------------------------------------------------------------------
-    def _pieces(self, x: Tensor) -> tuple[Tensor, list]:
-        """(f [n, C], [(flat positions of the block, its part)]) for input rows x [n, ...]: the
-        parts of Laplace's GLM predictive ('factored' U [C, n, p], V [n, q]; 'matrix' [C, n, p, q];
-        'rows' [C, n, k]), one batched backward of the C output directions."""
-        (f, parts), = self._parts._glm_pieces(x.to(self.device), x.shape[0])
-        return f, [(b.sel, part) for b, part in parts]
+        d = (self._fitted["theta"][self.positions].to(F64) - self._prior_mean.to(F64))[None]
+        return torch.cat([jvp(parts, d)[0] for _, parts in self._subset_parts()])
 
     def _subset_parts(self):
         """Yield (rows slice, parts) over the subset in chunks of batch_size (kept or recomputed)."""
@@ -236,6 +164,7 @@ class FunctionalLaplace(Posterior):
                 self._parts._find_last_layer(X[:1].to(self.device))
             self._fitted = None
             self.prior_mean = self._prior_mean_value
+        self._check_uses_on(X.to(self.device))  # (tied weights, parameters read outside their module: refused)
         idx = torch.tensor(np.random.default_rng(self.seed).choice(N, M, replace=False), dtype=torch.long)
         X, Y = X[idx].to(self.device), Y[idx]
         fs, kept, nbytes = [], [], 0
@@ -244,7 +173,7 @@ class FunctionalLaplace(Posterior):
             fs.append(f)
             if kept is not None:
                 kept.append(parts)
-                nbytes += _nbytes([parts])
+                nbytes += part_bytes([parts])
                 if nbytes > JACOBIAN_BYTES:
                     kept = None
         f = torch.cat(fs)
@@ -254,10 +183,9 @@ class FunctionalLaplace(Posterior):
         self._fitted = dict(M=M, N=N, C=C, X=X, y=y, f=f, parts=kept, loss=loss,
                             theta=self.layout.flatten().detach().clone())
         self.n_data, self.n_outputs, self.subset = N, C, idx
-        K = self._gram(self.dtype)
-        self._fitted["K"] = K
+        self._fitted["K"] = self._gram(F64)
         self._fitted["Jd"] = self._offset()
-        self._fitted["lam"] = self._loss_hessian_diag(f)
+        self._fitted["lam"] = self._loss_hessian_diag(f.to(F64))
         return self
 
     def _gram(self, dtype: torch.dtype) -> Tensor:
@@ -270,44 +198,10 @@ class FunctionalLaplace(Posterior):
             for rj, pj in self._subset_parts():
                 if rj.start < ri.start:
                     continue
-                blk = _kernel(pi, pj, dtype)
+                blk = kernel(pi, pj, dtype)
                 K[ri.start * C:ri.stop * C, rj.start * C:rj.stop * C] = blk
                 K[rj.start * C:rj.stop * C, ri.start * C:ri.stop * C] = blk.t()
         return K
-
-    def _evidence_kernel(self) -> Tensor:
-        """K_MM in float64 for the evidence (formed once, on its first use): a float32 Gram matrix is
-        indefinite at its rounding level once M C passes the Jacobians' rank (a last layer: M > its
-        inputs + 1), where the evidence needs s K + eps I positive definite (laplace-torch's
-        Cholesky raises there); the float64 Gram matrix of the same parts is positive
-        semi-definite to float64 rounding."""
-        st = self._need_fit()
-        if st["K"].dtype == torch.float64:
-            return st["K"]
-        if "K64" not in st:
-            st["K64"] = self._gram(torch.float64)
-        return st["K64"]
-
-    def _rows(self, loader) -> tuple[Tensor, Tensor]:
-        """All (inputs, targets) rows of the loader, joined (tensor inputs only). A DataLoader over a
-        map-style dataset is walked in the dataset's order (shuffle or not), so the subset's indices
-        are dataset indices, as laplace-torch's sampler draws them."""
-        if isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and hasattr(loader.dataset, "__getitem__"):
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
-                                collate_fn=loader.collate_fn)
-        xs, ys = [], []
-        for i, item in enumerate(loader_batches(loader)):
-            if not isinstance(item, (tuple, list)) or len(item) != 2 or not torch.is_tensor(item[0]) \
-                    or not torch.is_tensor(item[1]):
-                raise TypeError(f"FunctionalLaplace: batch {i} must be (inputs tensor [B, ...], targets tensor [B, ...]), "
-                                f"got {type(item).__name__}")
-            if item[0].dim() == 0 or item[1].dim() == 0 or item[0].shape[0] != item[1].shape[0]:
-                raise ValueError(f"FunctionalLaplace: batch {i} has {tuple(item[1].shape)} targets for inputs "
-                                 f"{tuple(item[0].shape)}: one target per input row")
-            xs.append(item[0]), ys.append(item[1])
-        if not xs:
-            raise ValueError("FunctionalLaplace: the loader yielded no batches")
-        return torch.cat(xs), torch.cat(ys)
 
     def _loss_hessian_diag(self, f: Tensor) -> Tensor:
         """Lambda's diagonal [M, C]: 1 (regression), p (1 - p) (classification)."""
@@ -323,11 +217,12 @@ class FunctionalLaplace(Posterior):
 
     # ---- the GP algebra ------------------------------------------------------------------------------
     def _s(self, delta: Tensor | None = None) -> Tensor:
+        """The kernel variance (M / N) / delta (float64)."""
         st = self._need_fit()
-        return (st["M"] / st["N"]) / (self._delta if delta is None else delta)
+        return (st["M"] / st["N"]) / (self._delta if delta is None else delta).to(F64)
 
     def _h_factor(self, sigma: Tensor | None = None) -> Tensor:
-        sigma = self._sigma if sigma is None else sigma
+        sigma = (self._sigma if sigma is None else sigma).to(F64)
         return 1.0 / (sigma.square() * self.temperature)
 
     def _blocks(self, K: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -347,56 +242,55 @@ class FunctionalLaplace(Posterior):
         """W^1/2 [M C]: the square roots of the loss Hessians' diagonal / (sigma^2 T)."""
         return (self._need_fit()["lam"].reshape(-1) * self._h_factor(sigma)).sqrt()
 
-    def _chol(self, K: Tensor, rows: Tensor) -> Tensor:
-        """The Cholesky factor of B = I + W^1/2 s K W^1/2 for the kernel K of the flat ``rows`` (in
-        K's dtype)."""
-        w = self._w_sqrt()[rows].to(K.dtype)
-        return torch.linalg.cholesky(w[:, None] * (self._s().to(K.dtype) * K) * w
+    def _chol(self, K: Tensor, rows: Tensor, delta: Tensor | None = None, sigma: Tensor | None = None) -> Tensor:
+        """The Cholesky factor of B = I + W^1/2 s K W^1/2 for the kernel K of the flat ``rows``."""
+        w = self._w_sqrt(sigma)[rows]
+        return torch.linalg.cholesky(w[:, None] * (self._s(delta) * K) * w
                                      + torch.eye(len(rows), dtype=K.dtype, device=self.device))
 
 
-    def log_likelihood(self) -> Tensor:
-        """log p(y_M | f*) of the subset's rows (as Laplace's: tempered, regression's normaliser)."""
+    def log_likelihood(self, sigma_noise=None) -> Tensor:
+        """log p(y_M | f*) of the subset's rows (as Laplace's: tempered, regression's normaliser;
+        ``sigma_noise``: at that noise instead of the stored one)."""
         st = self._need_fit()
-        return log_likelihood(st["loss"].to(self.dtype), st["M"], st["C"], self.likelihood, self._sigma,
-                              self.temperature)
+        sigma = self._sigma if sigma_noise is None else sigma_noise
+        return log_likelihood(st["loss"].to(self.dtype), st["M"], st["C"], self.likelihood, sigma, self.temperature)
 
     def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None) -> Tensor:
         """The GP Laplace evidence of the subset (module docstring), computed in float64 (returned
         in the model's dtype); differentiable in the two tensors when given (they are used, not
-        stored)."""
+        stored; checked as the setters check them)."""
         st = self._need_fit()
-        f64 = dict(dtype=torch.float64, device=self.device)
-        delta = self._delta if prior_precision is None else torch.as_tensor(prior_precision, dtype=self.dtype,
-                                                                            device=self.device).reshape(())
-        sigma = self._sigma if sigma_noise is None else torch.as_tensor(sigma_noise, dtype=self.dtype,
-                                                                        device=self.device).reshape(())
-        s = self._s(delta.to(torch.float64))
-        K = self._evidence_kernel()
+        f64 = dict(dtype=F64, device=self.device)
+        delta = self._delta if prior_precision is None else _checked(prior_precision, "prior_precision", self.dtype,
+                                                                     self.device)
+        sigma = self._sigma if sigma_noise is None else _checked(sigma_noise, "sigma_noise", self.dtype, self.device)
+        if sigma_noise is not None and self.likelihood != "regression" and float(sigma) != 1.0:
+            raise ValueError(f"sigma_noise is the regression noise; likelihood={self.likelihood!r} needs sigma_noise=1")
+        s = self._s(delta)
         total = torch.zeros((), **f64)
         if self.likelihood == "regression":
-            r = (st["y"].to(torch.float64) - st["f"] + st["Jd"]).reshape(-1)  # y - (f* + J (theta_0 - theta*))
-            noise = sigma.to(torch.float64).square() * self.temperature
-            for Kb, rows in self._blocks(K):
+            r = (st["y"].to(F64) - st["f"].to(F64) + st["Jd"]).reshape(-1)  # y - (f* + J (theta_0 - theta*))
+            noise = sigma.to(F64).square() * self.temperature
+            for Kb, rows in self._blocks(st["K"]):
                 Lc = torch.linalg.cholesky(s * Kb + noise * torch.eye(len(rows), **f64))
                 v = torch.linalg.solve_triangular(Lc, r[rows, None], upper=False)
                 total = total - 0.5 * (2 * torch.log(torch.diagonal(Lc)).sum() + v.square().sum()
                                        + len(rows) * math.log(2 * math.pi / self.temperature))
             return total.to(self.dtype)
-        W = self._w_sqrt(sigma).to(torch.float64)
-        mu = st["Jd"].reshape(-1).to(torch.float64)
-        for Kb, rows in self._blocks(K):
-            w = W[rows]
-            I = torch.eye(len(rows), **f64)
-            logdet = torch.logdet(w[:, None] * (s * Kb) * w + I)
-            Lc = torch.linalg.cholesky(s * Kb + _EPS * I)
+        mu = st["Jd"].reshape(-1)
+        for Kb, rows in self._blocks(st["K"]):
+            logdet = 2 * torch.log(torch.diagonal(self._chol(Kb, rows, delta, sigma))).sum()  # log|I + W^1/2 s K W^1/2|
+            Lc = torch.linalg.cholesky(s * Kb + _EPS * torch.eye(len(rows), **f64))
             v = torch.linalg.solve_triangular(Lc, mu[rows, None], upper=False)
             total = total - 0.5 * (logdet + v.square().sum())
-        return self.log_likelihood() + total.to(self.dtype)
+        return self.log_likelihood(sigma) + total.to(self.dtype)
 
     # ---- predictives ---------------------------------------------------------------------------------
     def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(f_mu [n, C], f_var [n, C, C]) of the GP posterior at input rows x [n, ...]."""
+        if x.shape[0] == 0:
+            return self._empty(False)
         gps = self._gps()
         mus, vars_ = [], []
         for r0 in range(0, x.shape[0], self.batch_size):
@@ -407,6 +301,8 @@ class FunctionalLaplace(Posterior):
     def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(f_mu [n C], f_cov [n C, n C]): the GP posterior's joint covariance over all the input
         rows x [n, ...] and outputs (flat index i * C + c; laplace-torch's ``joint=True``)."""
+        if x.shape[0] == 0:
+            return self._empty(True)
         f, cov = self._gp_moments(x, self._gps(), joint=True)
         return f.reshape(-1), cov
 
@@ -427,16 +323,16 @@ class FunctionalLaplace(Posterior):
         n = f.shape[0]
         if not self.independent_outputs:
             # W^1/2 s K_{M x} [M C, n C] (rows: subset row m, output e; columns: input row, output c)
-            Kxs = torch.cat([_kernel(pm, px) for _, pm in self._subset_parts()], 0) * (s * w[:, None])
+            Kxs = torch.cat([kernel(pm, px, F64) for _, pm in self._subset_parts()], 0) * (s * w[:, None])
             v = torch.linalg.solve_triangular(gps[0][0], Kxs, upper=False)  # [MC, nC]
             if joint:
-                return f, s * _kernel(px, px) - v.t() @ v
+                return f, (s * kernel(px, px, F64) - v.t() @ v).to(self.dtype)
             v = v.t().reshape(n, C, -1)
-            return f, s * _self_kernel(px) - torch.einsum("ncm,ndm->ncd", v, v)
+            return f, (s * self_kernel(px, F64) - torch.einsum("ncm,ndm->ncd", v, v)).to(self.dtype)
         # independent outputs: only each output's own kernel entries are formed ([C, M, n], not [M C, n C])
-        Kxs = torch.cat([_kernel_same(pm, px) for _, pm in self._subset_parts()], 1)
-        prior = _kernel_same(px, px) if joint else _self_same(px)  # [C, n, n] / [n, C]
-        out = f.new_zeros((n * C, n * C) if joint else (n, C, C))
+        Kxs = torch.cat([kernel_same(pm, px, F64) for _, pm in self._subset_parts()], 1)
+        prior = kernel_same(px, px, F64) if joint else self_same(px, F64)  # [C, n, n] / [n, C]
+        out = torch.zeros((n * C, n * C) if joint else (n, C, C), dtype=F64, device=self.device)
         for c, (Lc, rows) in enumerate(gps):
             v = torch.linalg.solve_triangular(Lc, Kxs[c] * (s * w[rows])[:, None], upper=False)  # [M, n]
             if joint:
@@ -444,74 +340,7 @@ class FunctionalLaplace(Posterior):
                 out[rc[:, None], rc] = s * prior[c] - v.t() @ v
             else:
                 out[:, c, c] = s * prior[:, c] - v.square().sum(0)
-        return f, out
-
-    def la(self, x: Tensor, pred_type: str = "gp", link_approx: str = "probit", n_samples: int = 100, *,
-           generator: torch.Generator | None = None, joint: bool = False, diagonal_output: bool = False):
-        """laplace-torch's ``__call__`` (pred_type 'gp'; 'glm' is accepted as the same linearised
-        predictive; the network averaged over weight draws is :meth:`predict`): classification
-        probabilities [n, C] (``link_approx`` 'probit', 'bridge', 'bridge_norm' or 'mc' with
-        ``n_samples`` draws), regression (f_mu [n, C], f_var [n, C, C]) (sigma^2 not in it;
-        ``diagonal_output``: f_var [n, C]; ``joint``: (f_mu [n C], f_cov [n C, n C]) over all the
-        rows, :meth:`functional_covariance`). x: input rows [n, ...]."""
-        _gp_pred_type(pred_type, nn_too=False)
-        n_samples = check_int(n_samples, "n_samples", 1)
-        check_generator(generator)
-        for name, flag in (("joint", joint), ("diagonal_output", diagonal_output)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
-        if joint:
-            if self.likelihood != "regression":
-                raise ValueError("joint=True is the regression predictive's joint covariance over all inputs")
-            return self.functional_covariance(x)
-        f_mu, f_var = self.functional_variance(x)
-        if self.likelihood == "regression":
-            return (f_mu, torch.diagonal(f_var, dim1=1, dim2=2)) if diagonal_output else (f_mu, f_var)
-        if diagonal_output and link_approx == "mc":
-            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
-        return probabilities(f_mu, f_var, "classification", link_approx, n_samples, generator)
-
-    __call__ = la
-
-    def functional_samples(self, x: Tensor, pred_type: str = "gp", n_samples: int = 100, *,
-                           generator: torch.Generator | None = None, diagonal_output: bool = False) -> Tensor:
-        """Draws [n_samples, n, C] of the outputs at input rows x [n, ...] (laplace-torch's
-        ``functional_samples``, e.g. for Thompson sampling): 'gp' (or 'glm') from the GP predictive
-        N(f_mu, f_var) per row (``diagonal_output``: the outputs' variances only); 'nn' the network
-        at :meth:`sample`'s weight draws (torch.func.functional_call, eval mode)."""
-        pred_type = _gp_pred_type(pred_type, nn_too=True)
-        n_samples = check_int(n_samples, "n_samples", 1)
-        check_generator(generator)
-        if not isinstance(diagonal_output, bool):
-            raise TypeError(f"diagonal_output must be True or False, got {type(diagonal_output).__name__}")
-        if pred_type == "nn":
-            if diagonal_output:
-                raise ValueError("diagonal_output is for the GP's draws (pred_type='gp'), not the network's")
-            return self._network_at_draws(x, n_samples, generator)
-        f_mu, f_var = self.functional_variance(x)
-        if diagonal_output:
-            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
-        return draws(f_mu, f_var, n_samples, generator)
-
-    def predictive_samples(self, x: Tensor, pred_type: str = "gp", n_samples: int = 100, *,
-                           generator: torch.Generator | None = None, diagonal_output: bool = False) -> Tensor:
-        """:meth:`functional_samples` (same arguments, same draws) through the link: class
-        probabilities [n_samples, n, C] (softmax) for classification, the outputs themselves for
-        regression (no noise added)."""
-        f = self.functional_samples(x, pred_type, n_samples, generator=generator, diagonal_output=diagonal_output)
-        return f.softmax(-1) if self.likelihood == "classification" else f
-
-    def _network_at_draws(self, x: Tensor, n: int, generator) -> Tensor:
-        """The outputs [n, rows, C] of the network at n weight draws (:meth:`sample`)."""
-        thetas = self.sample(n, generator=generator)
-        x = x.to(self.device)
-        outs = []
-        with ModeGuard(self.model, False), torch.no_grad():
-            for theta in thetas:
-                params = self.layout.unflatten(theta.to(self.layout.dtype))
-                outs.append(torch.cat([self._parts._call_at(params, x[r:r + self.batch_size])
-                                       for r in range(0, x.shape[0], self.batch_size)]))
-        return torch.stack(outs)
+        return f, out.to(self.dtype)
 
     # ---- weight draws ---------------------------------------------------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -529,10 +358,10 @@ class FunctionalLaplace(Posterior):
         out = theta.unsqueeze(0).repeat(n, 1)
         if n == 0:
             return out
-        delta_m = self._delta * st["N"] / st["M"]
-        e = torch.randn(n, P, dtype=self.dtype, device=self.device, generator=generator) / delta_m.sqrt()
-        z = torch.randn(n, st["M"] * C, dtype=self.dtype, device=self.device, generator=generator)
-        Je = torch.cat([_jvp(parts, e).reshape(n, -1) for _, parts in self._subset_parts()], 1)
+        delta_m = self._delta.to(F64) * st["N"] / st["M"]
+        e = torch.randn(n, P, dtype=self.dtype, device=self.device, generator=generator).to(F64) / delta_m.sqrt()
+        z = torch.randn(n, st["M"] * C, dtype=self.dtype, device=self.device, generator=generator).to(F64)
+        Je = torch.cat([jvp(parts, e).reshape(n, -1) for _, parts in self._subset_parts()], 1)
         w = self._w_sqrt()
         rhs = (w * Je + z).t()  # [M C, n]: W^1/2 (J_M e + d) with d ~ N(0, W^-1)
         # the joint kernel always (independent_outputs approximates the GP in function space only;
@@ -540,20 +369,11 @@ class FunctionalLaplace(Posterior):
         Lj = self._chol(st["K"], torch.arange(st["M"] * C, device=self.device))
         sol = w[:, None] * torch.cholesky_solve(rhs, Lj)
         # J_M^T out / delta_M, chunk by chunk
-        corr = torch.zeros(n, P, dtype=self.dtype, device=self.device)
+        corr = torch.zeros(n, P, dtype=F64, device=self.device)
         for rows, parts in self._subset_parts():
-            _vjp_(parts, sol[rows.start * C:rows.stop * C].t().reshape(n, -1, C), corr)
-        out[:, pos] += e - corr / delta_m
+            vjp_(parts, sol[rows.start * C:rows.stop * C].t().reshape(n, -1, C), corr)
+        out[:, pos] += (e - corr / delta_m).to(self.dtype)
         return out
-
-    def predict(self, x, n_samples: int = 30, *, likelihood: str | None = None, **options):
-        """The network averaged over :meth:`sample`'s weight draws (the posterior interface's BMA
-        loop; ``options`` as :meth:`pyfastbayes.posteriors.Posterior.predict`'s): probabilities
-        [N, C] or, for regression, (mean, variance) [N, C] of the outputs; the GP predictive
-        itself is :meth:`la` / :meth:`functional_variance`."""
-        if options.get("output_fn") is None:
-            options["output_fn"] = self.output_fn
-        return Posterior.predict(self, x, n_samples, likelihood=likelihood or self.likelihood, **options)
 
     # ---- tuning ----------------------------------------------------------------------------------------
     def optimize_prior_precision(self, method: str = "marglik", *, n_steps: int = 100, lr: float = 0.1,
@@ -575,29 +395,10 @@ class FunctionalLaplace(Posterior):
             return self.prior_precision
         if val_loader is None:
             raise ValueError("method='gridsearch' needs val_loader (batches of (inputs, targets))")
-        Xv, Yv = self._rows(val_loader)
         grid = torch.logspace(float(log_prior_prec_range[0]), float(log_prior_prec_range[1]),
                               check_int(grid_size, "grid_size", 1), dtype=torch.float64)
-        best, best_nll = None, math.inf
-        old = self._delta
-        for delta in grid:
-            self.prior_precision = float(delta)
-            nll = self._val_nll(Xv, Yv, link_approx)
-            if nll < best_nll:
-                best, best_nll = float(delta), nll
-        self.prior_precision = best if best is not None else old
-        if best is None:
-            warn_user("FunctionalLaplace gridsearch: every prior gave a non-finite validation NLL; prior kept")
+        self.optimize_hyperparameters(val_loader, grid.tolist(), link_approx=link_approx)
         return self.prior_precision
-
-    def _val_nll(self, X: Tensor, Y: Tensor, link_approx: str) -> float:
-        f_mu, f_var = self.functional_variance(X)
-        y = check_targets(Y, f_mu, self.likelihood)
-        if self.likelihood == "regression":
-            nll = _gaussian_nll(f_mu, torch.diagonal(f_var, dim1=1, dim2=2) + self._sigma.square(), y)
-        else:
-            nll = _class_nll(probabilities(f_mu, f_var, "classification", link_approx, 100, None), y, self.likelihood)
-        return nll if math.isfinite(nll) else math.inf
 
     # ---- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -616,147 +417,50 @@ class FunctionalLaplace(Posterior):
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` into this FunctionalLaplace, built with the same options
         over the same model at the same weights (checked; nothing changes when a check fails)."""
-        self._check_header(state)
-        for key in ("likelihood", "subset_of_weights", "n_subset", "seed", "independent_outputs", "temperature"):
-            if state.get(key, "all" if key == "subset_of_weights" else None) != getattr(self, key):
-                raise ValueError(f"state_dict was saved with {key}={state.get(key)!r}, this FunctionalLaplace has "
-                                 f"{getattr(self, key)!r}")
-        saved = self._parts._setup_state()
-        try:
-            self._load(state)
-        except BaseException:
-            self._parts._restore_setup(saved)
-            raise
+        self._load_guarded(state, ("likelihood", "subset_of_weights", "n_subset", "seed", "independent_outputs",
+                                   "temperature"), dict(subset_of_weights="all"))
 
     def _load(self, state: dict) -> None:
-        if self.subset_of_weights == "last_layer":
-            name = state.get("last_layer")
-            named = self._parts._named
-            if named and name != self._parts.last_layer_name:
-                raise ValueError(f"state_dict was saved for the last layer {name!r}, this FunctionalLaplace has "
-                                 f"last_layer_name={self._parts.last_layer_name!r}")
-            mod = self._parts._named_last_layer(name, "state_dict['last_layer']", not_str=ValueError)
-            self._parts._setup_last_layer(name, mod)
-        theta = self._check_state_tensor(state, "theta", (self.numel,))
-        if not torch.equal(theta.to(self.device, self.dtype), self.layout.flatten().detach()):
-            raise ValueError("state_dict was saved at other weights than the model's current ones: load the model's "
-                             "own state_dict (the MAP the posterior was fitted at) first")
+        self._load_last_layer(state)
+        theta = self._check_state_theta(state)
         N, C, M = (self._check_state_count(state, k, 1) for k in ("n_data", "n_outputs", "n_subset"))
         K = self._check_state_tensor(state, "K", (M * C, M * C))
         prior_mean = self._check_state_tensor(state, "prior_mean", (self._n_covered(),))
         for key, shape in (("f", (M, C)), ("Jd", (M, C)), ("lam", (M, C))):
             self._check_state_tensor(state, key, shape)
-        X = state["X"]
-        if not torch.is_tensor(X) or X.shape[:1] != (M,):
-            raise ValueError(f"state_dict['X'] must be the subset's {M} input rows")
-        old = (self._delta, self._sigma)
-        try:  # (checked on self's setters, then put back: nothing changes before every check has passed)
-            self.prior_precision, self.sigma_noise = state["prior_precision"], float(state["sigma_noise"])
-            new = (self._delta, self._sigma)
-        finally:
-            self._delta, self._sigma = old
-        X = X.to(self.device)
-        pieces = [self._pieces(X[s:s + self.batch_size]) for s in range(0, M, self.batch_size)]
-        f = torch.cat([p[0] for p in pieces])
-        saved_f = state["f"].to(self.device, self.dtype)
-        if not torch.allclose(f, saved_f, rtol=1e-5, atol=1e-6 * float(saved_f.abs().max().clamp_min(1))):
-            raise ValueError("state_dict was fitted with another model than this one (its outputs on the subset "
-                             "differ: frozen parameters or buffers, e.g. BatchNorm statistics): load the model's own "
-                             "state_dict first")
-        self._delta, self._sigma = new
+        loss = self._check_state_tensor(state, "loss", ())
+        subset = self._check_state_subset(state, M, N)
+        delta, sigma = self._checked_hyper(state)
+        X, f, pieces = self._check_state_rows(state, M, C)
+        y = state.get("y")
+        if not torch.is_tensor(y) or y.dim() == 0 or y.shape[0] != M:
+            raise ValueError(f"state_dict['y'] must be the subset's {M} targets")
+        try:
+            y = check_targets(y, f, self.likelihood)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"state_dict['y'] are not the subset's targets: {e}") from None
+        self._check_uses_on(X)
+        # every check passed: assign
+        self._delta, self._sigma = delta, sigma
         self._prior_mean = prior_mean.to(self.device, self.dtype).clone()
         self._prior_mean_value = self._prior_mean.clone()
         kept = [p[1] for p in pieces]
-        self._fitted = dict(M=M, N=N, C=C, X=X, y=state["y"].to(self.device), f=saved_f,
-                            parts=kept if _nbytes(kept) <= JACOBIAN_BYTES else None, loss=state["loss"],
-                            theta=theta.to(self.device).clone(), K=K.to(self.device, self.dtype),
-                            Jd=state["Jd"].to(self.device, self.dtype), lam=state["lam"].to(self.device, self.dtype))
-        self.n_data, self.n_outputs, self.subset = N, C, state["subset"].clone()
+        self._fitted = dict(M=M, N=N, C=C, X=X, y=y.to(self.device), f=f, loss=loss.detach().clone(),
+                            parts=kept if part_bytes(kept) <= JACOBIAN_BYTES else None,
+                            theta=theta.to(self.device).clone(), K=K.to(self.device, F64),
+                            Jd=state["Jd"].to(self.device, F64), lam=state["lam"].to(self.device, F64))
+        self.n_data, self.n_outputs, self.subset = N, C, subset
 
 
-# ---- kernel algebra on the Jacobian parts (a block's Jacobian of example n, output c: U[c, n] (x) V[n],
-# M[c, n] or R[c, n]) -----------------------------------------------------------------------------------
-def _gp_pred_type(pred_type, nn_too: bool) -> str:
-    """pred_type checked: 'gp' or 'glm' (the same GP predictive), and 'nn' where ``nn_too``."""
-    allowed = ("gp", "glm", "nn") if nn_too else ("gp", "glm")
-    if pred_type not in allowed:
-        hint = "" if nn_too else " (the network averaged over weight draws: predict(x))"
-        raise ValueError(f"pred_type must be one of {allowed} for the functional (GP) Laplace, got {pred_type!r}{hint}")
-    return pred_type
 
-
-def _nbytes(chunks: list) -> int:
-    """The bytes of the Jacobian parts of chunks (each a list of (sel, part))."""
-    return sum(t.numel() * t.element_size() for parts in chunks for _, part in parts for t in part[1:])
-
-
-def _dense(part) -> Tensor:
-    """A part's Jacobian rows [C, n, k] (k = the block's entries in its flat order)."""
-    if part[0] == "factored":
-        U, V = part[1], part[2]
-        return (U[..., :, None] * V[None, :, None, :]).reshape(U.shape[0], U.shape[1], -1)
-    return part[1].reshape(part[1].shape[0], part[1].shape[1], -1)
-
-
-def _cross(a, b, dtype=None) -> Tensor:
-    """<J_a[c, n], J_b[d, m]> [n, C, m, C] of one block's parts at two sets of rows (computed in
-    ``dtype``, default the parts')."""
-    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
-    if a[0] == b[0] == "factored":
-        return torch.einsum("cnp,dmp->ncmd", cast(a[1]), cast(b[1])) * (cast(a[2]) @ cast(b[2]).t())[:, None, :, None]
-    return torch.einsum("cnk,dmk->ncmd", cast(_dense(a)), cast(_dense(b)))
-
-
-def _kernel(pa: list, pb: list, dtype=None) -> Tensor:
-    """J_a J_b^T [n C, m C] (rows n * C + c) summed over the blocks (in ``dtype``, default the parts')."""
-    out = sum(_cross(a, b, dtype) for (_, a), (_, b) in zip(pa, pb))
-    return out.reshape(out.shape[0] * out.shape[1], -1)
-
-
-def _kernel_same(pa: list, pb: list) -> Tensor:
-    """<J_a[c, n], J_b[c, m]> [C, n, m] summed over the blocks: each output's own kernel (the
-    independent outputs' GPs), without the cross-output entries."""
-    def one(a, b):
-        if a[0] == b[0] == "factored":
-            return torch.einsum("cnp,cmp->cnm", a[1], b[1]) * (a[2] @ b[2].t())
-        return torch.einsum("cnk,cmk->cnm", _dense(a), _dense(b))
-    return sum(one(a, b) for (_, a), (_, b) in zip(pa, pb))
-
-
-def _self_same(parts: list) -> Tensor:
-    """Each row's own kernel per output |J_c(x_n)|^2 [n, C]."""
-    def one(p):
-        if p[0] == "factored":
-            return torch.einsum("cnp,cnp->nc", p[1], p[1]) * p[2].square().sum(1)[:, None]
-        return _dense(p).square().sum(-1).t()
-    return sum(one(p) for _, p in parts)
-
-
-def _self_kernel(parts: list) -> Tensor:
-    """Each row's own C x C kernel J_n J_n^T [n, C, C]."""
-    def one(p):
-        if p[0] == "factored":
-            return torch.einsum("cnp,dnp->ncd", p[1], p[1]) * p[2].square().sum(1)[:, None, None]
-        Jd = _dense(p)
-        return torch.einsum("cnk,dnk->ncd", Jd, Jd)
-    return sum(one(p) for _, p in parts)
-
-
-def _jvp(parts: list, d: Tensor) -> Tensor:
-    """J d [k, n, C] for k flat parameter vectors d [k, P] (positions: each block's ``sel``)."""
-    def one(sel, p):
-        ds = d[:, sel]  # [k, p, q] or [k, numel]
-        if p[0] == "factored":
-            return torch.einsum("cnp,kpq,nq->knc", p[1], ds, p[2])
-        return torch.einsum("cnj,kj->knc", _dense(p), ds.reshape(ds.shape[0], -1))
-    return sum(one(sel, p) for sel, p in parts)
-
-
-def _vjp_(parts: list, w: Tensor, out: Tensor) -> None:
-    """out [k, P] += J^T w for weights w [k, n, C] of the rows' outputs."""
-    for sel, p in parts:
-        if p[0] == "factored":
-            t = torch.einsum("cnp,knc,nq->kpq", p[1], w, p[2])
-        else:
-            t = torch.einsum("cnj,knc->kj", _dense(p), w)
-        out[:, sel.reshape(-1)] += t.reshape(t.shape[0], -1)
+def _checked(value, name: str, dtype, device) -> Tensor:
+    """A scalar hyper-parameter passed to the evidence: finite and > 0 (ValueError), kept
+    differentiable."""
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if t.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
+    t = t.reshape(())
+    v = float(t.detach())
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return t
