@@ -500,6 +500,52 @@ def _functional_pair(name, model, loader, x_test, laplace, device, quick, rep, s
     return rows
 
 
+def _ella_rows(name, model, loader, x_test, laplace, device, quick, rep):
+    """ELLA (M = ELLA_M rows, K = ELLA_K features; laplace-torch's subset and output draws, seed
+    1234): fit (the Nystrom basis and the curvature over all the training rows), and the GP probit
+    predictive on the test rows, against laplace-torch's ELLA (its default backend, CurvlinopsGGN:
+    per-batch Jacobians for the basis, K forward-mode JVPs per batch for the features). ELLA has
+    no evidence: the two fits are checked by the predictive's probabilities."""
+    from pyfastbayes.laplace import ELLA
+
+    if laplace is None or not hasattr(laplace, "ELLA"):
+        return []
+    M, K = (200, 10) if quick else (ELLA_M, ELLA_K)
+    fit_case = f"fit ELLA (M = {M}, K = {K}), {name}"
+    pred_case = f"ELLA probit predictive, {len(x_test)} test rows, {name}"
+    peer = "laplace-torch ELLA (CurvlinopsGGN)"
+
+    def ours_fit():
+        return ELLA(model, "classification", M, K, batch_size=loader.batch_size).fit(loader, progress=False)
+
+    def peer_fit():
+        la = laplace.ELLA(model, "classification", M, K)
+        la.fit(loader)
+        return la
+
+    try:
+        with _quiet():
+            theirs = peer_fit()
+    except Exception as exc:  # noqa: BLE001
+        print(f"# bench_laplace: {fit_case}: {peer} raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}; "
+              f"the ELLA rows are left out")
+        return []
+    ours, t_ours = _time(ours_fit, device, rep)
+    with _quiet():
+        theirs, t_theirs = _time(peer_fit, device, rep)
+    p_ours, tp_ours = _time(lambda: ours(x_test), device, rep)
+    with _quiet():
+        p_theirs, tp_theirs = _time(lambda: theirs(x_test, pred_type="gp", link_approx="probit"), device, rep)
+    agree = _agree(f"{pred_case}: probabilities", float((p_ours - p_theirs.to(p_ours)).abs().max()), 1e-4, "max abs")
+    return [row(SUITE, fit_case, peer, t_theirs, t_theirs, agree=agree), row(SUITE, fit_case, "pyfastbayes ELLA",
+                                                                             t_ours, t_theirs),
+            row(SUITE, pred_case, peer, tp_theirs, tp_theirs, agree=agree),
+            row(SUITE, pred_case, "pyfastbayes ELLA", tp_ours, tp_theirs)]
+
+
+ELLA_M, ELLA_K = 500, 20
+
+
 # ---- 4. a model whose Jacobians do not fit --------------------------------------------------------------
 def _device_bytes(device: str) -> int:
     if device == "cuda":
@@ -655,6 +701,7 @@ def run(device: str, quick: bool) -> list[dict]:
         rows += _subnet_rows(name, model, loader, xs, laplace, device, quick, rep)
         if name.startswith("MLP"):
             rows += _functional_rows(name, model, loader, xs, laplace, device, quick, rep)
+            rows += _ella_rows(name, model, loader, xs, laplace, device, quick, rep)
     rows += _big_rows(laplace, device, quick, rep)
     # the MLP's Kronecker factors with our default blocks (bias folded into the activation factor)
     joint = Laplace(mlp, "classification", hessian_structure="kron").fit(

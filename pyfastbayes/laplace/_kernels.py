@@ -90,8 +90,8 @@ def jvp(parts: list, d: Tensor) -> Tensor:
     def one(sel, p):
         p = cast(p, d.dtype)
         ds = d[:, sel]  # [k, p, q] or [k, numel]
-        if p[0] == "factored":
-            return torch.einsum("cnp,kpq,nq->knc", p[1], ds, p[2])
+        if p[0] == "factored":  # (D_k V^T first: k p q n + C n p k multiply-adds, never [C, n, k, q])
+            return torch.einsum("cnp,kpn->knc", p[1], ds @ p[2].t())
         return torch.einsum("cnj,kj->knc", dense(p), ds.reshape(ds.shape[0], -1))
     return sum(one(sel, p) for sel, p in parts)
 
@@ -100,8 +100,8 @@ def vjp_(parts: list, w: Tensor, out: Tensor) -> None:
     """out [k, P] += J^T w for weights w [k, n, C] of the rows' outputs (in w's dtype)."""
     for sel, p in parts:
         p = cast(p, w.dtype)
-        if p[0] == "factored":
-            t = torch.einsum("cnp,knc,nq->kpq", p[1], w, p[2])
+        if p[0] == "factored":  # (U^T w first: [k, p, n], then times V)
+            t = torch.einsum("cnp,knc->kpn", p[1], w) @ p[2]
         else:
             t = torch.einsum("cnj,knc->kj", dense(p), w)
         out[:, sel.reshape(-1)] += t.reshape(t.shape[0], -1).to(out.dtype)
