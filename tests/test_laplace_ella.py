@@ -157,8 +157,10 @@ def test_bad_input_and_failed_fits():
     fitted = ELLA(model, "classification", 20, 10).fit(loader, progress=False)
     with pytest.raises(NotImplementedError, match="no marginal likelihood"):
         fitted.log_marginal_likelihood()
-    with pytest.raises(ValueError, match="'gridsearch' only"):
+    with pytest.raises(ValueError, match="ELLA has no marginal likelihood"):
         fitted.optimize_prior_precision("marglik")
+    with pytest.raises(ValueError, match="first positional argument is pred_type"):
+        fitted.optimize_prior_precision("gp", "gridsearch", val_loader=[(X, torch.zeros(60, dtype=torch.long))])
     with pytest.raises(ValueError, match="pairs are for regression"):
         fitted.optimize_hyperparameters([(X, torch.zeros(60, dtype=torch.long))], [(1.0, 0.5)])
     with pytest.raises(ValueError, match="grid is empty"):
@@ -189,3 +191,77 @@ def test_float32_model():
                                                   progress=False)
     torch.testing.assert_close(ella.functional_variance(X[:5])[1].double(), e64.functional_variance(X[:5].double())[1],
                                rtol=1e-3, atol=1e-5)
+
+
+def test_laplace_torch_call_forms_and_attributes():
+    """laplace-torch's keywords (pred_type, log_prior_prec_min / _max) and its attributes
+    dual_directions [P, K] and feature_gram [K, K]."""
+    laplace = require("laplace", "laplace-torch is the reference Laplace library")
+    if not hasattr(laplace, "ELLA"):
+        pytest.skip("this laplace-torch has no ELLA")
+    model, loader, X = _problem("classification", train=True)
+    ours = ELLA(model, "classification", 30, 12, batch_size=16).fit(loader, progress=False)
+    theirs = laplace.ELLA(model, "classification", 30, 12)
+    theirs.fit(loader)
+    # the bases agree up to the eigenvectors' signs: D D^T and G in D's coordinates
+    D, Dt = ours.dual_directions, theirs.dual_directions
+    assert D.shape == Dt.shape
+    torch.testing.assert_close(D @ D.T, Dt @ Dt.T, rtol=1e-9, atol=1e-12)
+    signs = torch.sign((D * Dt).sum(0))
+    torch.testing.assert_close(ours.feature_gram * signs[:, None] * signs, theirs.feature_gram, rtol=1e-9, atol=1e-12)
+    g = torch.Generator().manual_seed(5)
+    Xv, yv = torch.randn(30, 3, dtype=DT, generator=g), torch.randint(0, 3, (30,), generator=g)
+    ours.optimize_prior_precision(pred_type="gp", method="gridsearch", val_loader=[(Xv, yv)], log_prior_prec_min=-2,
+                                  log_prior_prec_max=2, grid_size=9)
+    theirs.optimize_prior_precision(pred_type="gp", method="gridsearch", val_loader=DataLoader(TensorDataset(Xv, yv),
+                                                                                            batch_size=30),
+                                    log_prior_prec_min=-2, log_prior_prec_max=2, grid_size=9)
+    assert float(ours.prior_precision) == pytest.approx(float(theirs.prior_precision), rel=1e-6)  # (its grid: float32)
+
+
+def test_the_subset_is_drawn_from_the_rows_the_loader_serves():
+    """A loader restricted by its sampler (a train / validation split of one dataset, drop_last)
+    draws the basis from its own rows, as laplace-torch's training_indices does; an
+    IterableDataset and a loader without automatic batching are gathered."""
+    from torch.utils.data import IterableDataset, SubsetRandomSampler
+
+    torch.manual_seed(0)
+    X, y = torch.randn(80, 3, dtype=DT), torch.randint(0, 3, (80,))
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    ds = TensorDataset(X, y)
+    train = DataLoader(ds, batch_size=16, sampler=SubsetRandomSampler(list(range(40))))
+    ella = ELLA(model, "classification", 20, 8).fit(train, progress=False)
+    assert bool((ella.subset < 40).all()) and ella.n_data == 40
+    laplace = require("laplace", "laplace-torch is the reference Laplace library")
+    if hasattr(laplace, "ELLA"):
+        theirs = laplace.ELLA(model, "classification", 20, 8)
+        theirs.fit(train)
+        torch.testing.assert_close(ella(X[40:45]), theirs(X[40:45], pred_type="gp", link_approx="probit"),
+                                   rtol=1e-9, atol=1e-12)
+    dropped = ELLA(model, "classification", 30, 8).fit(DataLoader(ds, batch_size=16, drop_last=True), progress=False)
+    assert bool((dropped.subset < 80).all()) and dropped.n_data == 80  # (16 x 5: nothing dropped at 80 rows)
+    dropped = ELLA(model, "classification", 30, 8).fit(DataLoader(TensorDataset(X[:75], y[:75]), batch_size=16,
+                                                                  drop_last=True), progress=False)
+    assert bool((dropped.subset < 64).all()) and dropped.n_data == 64
+    # validation loaders are scored on their own rows
+    val = DataLoader(ds, batch_size=16, sampler=SubsetRandomSampler(list(range(40, 80))))
+    a = ELLA(model, "classification", 20, 8).fit(train, progress=False)
+    b = ELLA(model, "classification", 20, 8).fit(train, progress=False)
+    a.optimize_hyperparameters(val, [0.01, 1.0, 100.0])
+    b.optimize_hyperparameters([(X[40:], y[40:])], [0.01, 1.0, 100.0])
+    assert float(a.prior_precision) == float(b.prior_precision)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(X, y))
+
+        def __len__(self):
+            return 80
+
+    streamed = ELLA(model, "classification", 20, 8).fit(DataLoader(Stream(), batch_size=16), progress=False)
+    listed = ELLA(model, "classification", 20, 8).fit(list(DataLoader(ds, batch_size=16)), progress=False)
+    torch.testing.assert_close(streamed(X[:4]), listed(X[:4]), rtol=1e-12, atol=1e-14)
+    batches = [(X[i:i + 20], y[i:i + 20]) for i in range(0, 80, 20)]
+    unbatched = ELLA(model, "classification", 20, 8).fit(DataLoader(batches, batch_size=None), progress=False)
+    assert unbatched.n_data == 80
+    torch.testing.assert_close(unbatched(X[:4]), listed(X[:4]), rtol=1e-12, atol=1e-14)

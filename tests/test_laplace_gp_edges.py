@@ -135,3 +135,26 @@ def test_joint_draws_have_the_joint_covariance(cls):
                               generator=torch.Generator().manual_seed(1)).reshape(60_000, -1)
     out = torch.arange(6) % 2
     assert float(torch.cov(d.T)[out[:, None] != out[None, :]].abs().max()) < 0.04 * scale
+
+
+def test_functional_laplace_draws_from_the_served_rows_and_takes_laplace_torch_keywords():
+    from torch.utils.data import SubsetRandomSampler
+
+    torch.manual_seed(0)
+    X, y = torch.randn(80, 3, dtype=DT), torch.randint(0, 3, (80,))
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    train = DataLoader(TensorDataset(X, y), batch_size=16, sampler=SubsetRandomSampler(list(range(40, 80))))
+    gp = FunctionalLaplace(model, "classification", 30).fit(train, progress=False)
+    assert gp.n_data == 40 and bool((gp.subset >= 40).all())
+    same = FunctionalLaplace(model, "classification", 30).fit([(X[40:], y[40:])], progress=False)
+    assert torch.equal(gp.subset - 40, same.subset)
+    torch.testing.assert_close(gp.log_marginal_likelihood(), same.log_marginal_likelihood(), rtol=0, atol=0)
+    again = FunctionalLaplace(model, "classification", 30)
+    again.load_state_dict(gp.state_dict())  # (dataset indices past n_data load)
+    gp.optimize_prior_precision(method="gridsearch", pred_type="gp", val_loader=[(X[:40], y[:40])],
+                                log_prior_prec_min=-1, log_prior_prec_max=1, grid_size=3)
+    assert min(abs(float(gp.prior_precision) - d) / d for d in (0.1, 1.0, 10.0)) < 1e-12
+    with pytest.raises(ValueError, match="first positional argument is pred_type"):
+        gp.optimize_prior_precision("gp")
+    with pytest.raises(ValueError, match="one scalar prior precision"):
+        gp.optimize_prior_precision("marglik", "layerwise")

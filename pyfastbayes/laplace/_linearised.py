@@ -14,7 +14,8 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import (DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset,
+                              SubsetRandomSampler)
 
 from .._warnings import warn_user
 from ..calibration._checks import check_generator, check_int, check_positive_float
@@ -115,25 +116,42 @@ class LinearisedGP(Posterior):
         return f, [(b.sel, part) for b, part in parts]
 
     def _rows(self, loader) -> tuple[Tensor, Tensor]:
-        """All (inputs, targets) rows of the loader, joined (tensor inputs only). A DataLoader over a
-        map-style dataset is walked in the dataset's order (shuffle or not), so the subset's indices
-        are dataset indices, as laplace-torch's sampler draws them."""
-        if isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and hasattr(loader.dataset, "__getitem__"):
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
-                                collate_fn=loader.collate_fn)
+        """All (inputs, targets) rows the loader yields, joined (tensor inputs only)."""
         xs, ys = [], []
         for i, item in enumerate(loader_batches(loader)):
-            if not isinstance(item, (tuple, list)) or len(item) != 2 or not torch.is_tensor(item[0]) \
-                    or not torch.is_tensor(item[1]):
-                raise TypeError(f"{self.kind}: batch {i} must be (inputs tensor [B, ...], targets tensor [B, ...]), "
-                                f"got {type(item).__name__}")
-            if item[0].dim() == 0 or item[1].dim() == 0 or item[0].shape[0] != item[1].shape[0]:
-                raise ValueError(f"{self.kind}: batch {i} has {tuple(item[1].shape)} targets for inputs "
-                                 f"{tuple(item[0].shape)}: one target per input row")
-            xs.append(item[0]), ys.append(item[1])
+            x, y = self._check_batch(item, i)
+            xs.append(x), ys.append(y)
         if not xs:
             raise ValueError(f"{self.kind}: the loader yielded no batches")
         return torch.cat(xs), torch.cat(ys)
+
+    def _check_batch(self, item, i: int) -> tuple[Tensor, Tensor]:
+        """Batch ``i`` as (inputs [B, ...], targets [B, ...]), else a clear error."""
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not torch.is_tensor(item[0]) \
+                or not torch.is_tensor(item[1]):
+            raise TypeError(f"{self.kind}: batch {i} must be (inputs tensor [B, ...], targets tensor [B, ...]), got "
+                            f"{type(item).__name__}")
+        if item[0].dim() == 0 or item[1].dim() == 0 or item[0].shape[0] != item[1].shape[0]:
+            raise ValueError(f"{self.kind}: batch {i} has {tuple(item[1].shape)} targets for inputs "
+                             f"{tuple(item[0].shape)}: one target per input row")
+        return item[0], item[1]
+
+    def _draw_rows(self, loader, draw) -> tuple[Tensor, Tensor, Tensor, int]:
+        """(indices [M], inputs, targets, N) of the rows ``draw(N, targets)`` picks among the N rows
+        the loader serves (``targets``: a callable giving their targets, for a balanced draw).
+        A DataLoader over a map-style dataset: its sampler's dataset indices (:func:`served_indices`,
+        as laplace-torch's ``training_indices``), the chosen rows read by index; anything else: its
+        rows gathered, indices into them."""
+        served = served_indices(loader)
+        if served is None:
+            X, Y = self._rows(loader)
+            pos = draw(X.shape[0], lambda: Y)
+            return pos, X[pos], Y[pos], X.shape[0]
+        ds = loader.dataset
+        pos = draw(served.numel(), lambda: torch.stack([torch.as_tensor(_target(ds[int(i)])) for i in served]))
+        idx = served[pos]
+        X, Y = self._rows(DataLoader(Subset(ds, idx.tolist()), batch_size=self.batch_size, collate_fn=loader.collate_fn))
+        return idx, X, Y, served.numel()
 
     def la(self, x: Tensor, pred_type: str = "gp", link_approx: str = "probit", n_samples: int = 100, *,
            generator: torch.Generator | None = None, joint: bool = False, diagonal_output: bool = False):
@@ -237,6 +255,36 @@ class LinearisedGP(Posterior):
         z = dict(dtype=self.dtype, device=self.device)
         return (torch.zeros(0, **z), torch.zeros(0, 0, **z)) if joint else (torch.zeros(0, C, **z),
                                                                               torch.zeros(0, C, C, **z))
+
+    # ---- tuning ---------------------------------------------------------------------------------------------
+    _METHODS = ("gridsearch",)
+
+    def _tuning_range(self, method: str, prior_structure: str, pred_type: str, rng, lo, hi) -> tuple:
+        """Check optimize_prior_precision's shared arguments; the grid's log10 range (laplace-torch's
+        ``log_prior_prec_min`` / ``log_prior_prec_max`` set its ends too)."""
+        if method in ("gp", "glm", "nn"):
+            raise ValueError(f"method must be one of {self._METHODS}, got {method!r}: laplace-torch's first positional "
+                             f"argument is pred_type, here a keyword (optimize_prior_precision(method="
+                             f"{self._METHODS[-1]!r}, pred_type={method!r}, ...))")
+        if method not in self._METHODS:
+            extra = " (ELLA has no marginal likelihood)" if self._METHODS == ("gridsearch",) else ""
+            raise ValueError(f"method must be one of {self._METHODS}{extra}, got {method!r}")
+        if prior_structure != "scalar":
+            raise ValueError(f"{self.kind} tunes one scalar prior precision (the GP view's isotropic prior), got "
+                             f"prior_structure={prior_structure!r}")
+        gp_pred_type(pred_type, nn_too=False)
+        if lo is not None or hi is not None:
+            rng = (rng[0] if lo is None else lo, rng[1] if hi is None else hi)
+        return rng
+
+    def _gridsearch(self, val_loader, rng, grid_size: int, link_approx: str) -> Tensor:
+        """The prior precision of the lowest validation NLL among 10**linspace(rng, grid_size)."""
+        self._need_fit()
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs val_loader (batches of (inputs, targets))")
+        grid = torch.logspace(float(rng[0]), float(rng[1]), check_int(grid_size, "grid_size", 1), dtype=torch.float64)
+        self.optimize_hyperparameters(val_loader, grid.tolist(), link_approx=link_approx)
+        return self.prior_precision
 
     # ---- tuning on validation data -------------------------------------------------------------------
     def optimize_hyperparameters(self, val_loader, grid, *, link_approx: str = "probit") -> tuple[Tensor, Tensor]:
@@ -361,3 +409,42 @@ class LinearisedGP(Posterior):
         """Refuse a model that reads a covered parameter outside its module's call (tied weights):
         its Jacobian parts would miss those uses (Laplace's check)."""
         self._parts._check_uses(X[:2])
+
+
+def served_indices(loader) -> Tensor | None:
+    """The dataset indices [N] a DataLoader over a map-style dataset serves in one epoch (first
+    occurrences, in its sampler's order; laplace-torch's ``training_indices``): a sequential
+    sampler's range (without the rows ``drop_last`` drops), a full random sampler's range, a
+    SubsetRandomSampler's indices, any other sampler's (or batch sampler's) once iterated. None for
+    anything else (a plain iterable of batches, an IterableDataset, a loader without automatic
+    batching): its rows are gathered instead."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) \
+            or not hasattr(loader.dataset, "__len__") or loader.batch_sampler is None:
+        return None
+    N, bs = len(loader.dataset), loader.batch_sampler
+    sampler = getattr(bs, "sampler", None)
+    if sampler is None:
+        idx = [int(i) for b in bs for i in b]
+    elif isinstance(sampler, SequentialSampler):
+        idx = list(range(N))
+        if getattr(bs, "drop_last", False):
+            idx = idx[:len(bs) * bs.batch_size]
+    elif isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == N:
+        idx = list(range(N))  # (every row, without consuming the loader's generator)
+    elif isinstance(sampler, SubsetRandomSampler):
+        idx = [int(i) for i in sampler.indices]
+    else:
+        idx = [int(i) for i in sampler]
+    t = torch.as_tensor(list(dict.fromkeys(idx)), dtype=torch.long)
+    if t.numel() == 0:
+        raise ValueError("the loader's sampler serves no rows")
+    if bool((t < 0).any()) or bool((t >= N).any()):
+        raise ValueError(f"the loader's sampler serves indices outside the dataset's {N} rows")
+    return t
+
+
+def _target(item):
+    """A dataset item's target (an (inputs, target) pair)."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(f"a balanced draw reads the dataset's (inputs, target) items, got {type(item).__name__}")
+    return item[1]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..calibration._checks import check_generator, check_int
@@ -160,37 +159,18 @@ class ELLA(LinearisedGP):
         return self
 
     def _subset_rows(self, loader, balanced: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """(dataset indices [M], inputs, targets) of the subset: torch.randperm(N) from ``seed``
-        (laplace-torch's draw over a loader's dataset), or round-robin over the classes."""
-        mapped = isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") \
-            and hasattr(loader.dataset, "__getitem__")
-        if mapped:
-            N = len(loader.dataset)
-            labels = (lambda: torch.stack([torch.as_tensor(_target(loader.dataset[i])) for i in range(N)]))
-        else:
-            Xa, Ya = self._rows(loader)
-            N = Xa.shape[0]
-            labels = (lambda: Ya)
+        """(dataset indices [M], inputs, targets) of the subset among the rows the loader serves:
+        torch.randperm from ``seed`` (laplace-torch's draw), or round-robin over the classes."""
         M = self.subsample_size
-        if M > N:
-            raise ValueError(f"subsample_size = {M} is larger than the {N} training rows")
-        g = torch.Generator().manual_seed(self.seed)
-        idx = _balanced(labels(), M, g) if balanced else torch.randperm(N, generator=g)[:M]
-        if not mapped:
-            return idx, Xa[idx], Ya[idx]
-        X, Y = self._rows(DataLoader(Subset(loader.dataset, idx.tolist()), batch_size=self.batch_size,
-                                     collate_fn=loader.collate_fn))
-        return idx, X, Y
 
-    def _check_batch(self, item, i: int) -> tuple[Tensor, Tensor]:
-        if not isinstance(item, (tuple, list)) or len(item) != 2 or not torch.is_tensor(item[0]) \
-                or not torch.is_tensor(item[1]):
-            raise TypeError(f"ELLA: batch {i} must be (inputs tensor [B, ...], targets tensor [B, ...]), got "
-                            f"{type(item).__name__}")
-        if item[0].dim() == 0 or item[1].dim() == 0 or item[0].shape[0] != item[1].shape[0]:
-            raise ValueError(f"ELLA: batch {i} has {tuple(item[1].shape)} targets for inputs {tuple(item[0].shape)}: "
-                             f"one target per input row")
-        return item[0], item[1]
+        def draw(N, targets):
+            if M > N:
+                raise ValueError(f"subsample_size = {M} is larger than the {N} training rows")
+            g = torch.Generator().manual_seed(self.seed)
+            return _balanced(targets(), M, g) if balanced else torch.randperm(N, generator=g)[:M]
+
+        idx, X, Y, _ = self._draw_rows(loader, draw)
+        return idx, X, Y
 
     def _need_fit(self) -> dict:
         if self._fitted is None:
@@ -298,22 +278,36 @@ class ELLA(LinearisedGP):
         raise NotImplementedError("ELLA has no marginal likelihood: tune the prior with "
                                   "optimize_prior_precision('gridsearch', val_loader=...) or optimize_hyperparameters")
 
-    def optimize_prior_precision(self, method: str = "gridsearch", *, val_loader=None,
-                                 log_prior_prec_range: tuple[float, float] = (-4.0, 4.0), grid_size: int = 21,
-                                 link_approx: str = "probit") -> Tensor:
+    def optimize_prior_precision(self, method: str = "gridsearch", prior_structure: str = "scalar", *,
+                                 val_loader=None, log_prior_prec_range: tuple[float, float] = (-4.0, 4.0),
+                                 grid_size: int = 21, link_approx: str = "probit", pred_type: str = "gp",
+                                 log_prior_prec_min: float | None = None,
+                                 log_prior_prec_max: float | None = None) -> Tensor:
         """The prior precision of the lowest validation NLL of the GP predictive on ``val_loader``
         over 10**linspace(range, grid_size) ('gridsearch', the only method: ELLA has no marginal
-        likelihood). Returns it."""
-        if method != "gridsearch":
-            raise ValueError(f"ELLA tunes its prior by method='gridsearch' only (it has no marginal likelihood), got "
-                             f"{method!r}")
-        self._need_fit()
-        if val_loader is None:
-            raise ValueError("method='gridsearch' needs val_loader (batches of (inputs, targets))")
-        grid = torch.logspace(float(log_prior_prec_range[0]), float(log_prior_prec_range[1]),
-                              check_int(grid_size, "grid_size", 1), dtype=torch.float64)
-        self.optimize_hyperparameters(val_loader, grid.tolist(), link_approx=link_approx)
-        return self.prior_precision
+        likelihood; laplace-torch's ``pred_type`` ('gp') and ``log_prior_prec_min`` / ``_max``
+        accepted). Returns it."""
+        rng = self._tuning_range(method, prior_structure, pred_type, log_prior_prec_range, log_prior_prec_min,
+                                 log_prior_prec_max)
+        return self._gridsearch(val_loader, rng, grid_size, link_approx)
+
+    @property
+    def dual_directions(self) -> Tensor:
+        """laplace-torch's basis D = R^T V Lambda^-1/2 [P_c, K] (formed here when the features use
+        cross kernels)."""
+        st = self._need_fit()
+        if st["dual"] is not None:
+            return st["dual"].t()
+        D = torch.zeros(st["K"], self.positions.numel(), dtype=self.dtype, device=self.device)
+        w = st["proj"].t().to(self.dtype)
+        for k, part in enumerate(st["picked"]):
+            vjp_(part, w[:, k * self.batch_size:(k + 1) * self.batch_size].unsqueeze(-1), D)
+        return D.t()
+
+    @property
+    def feature_gram(self) -> Tensor:
+        """G = sum_n phi_n^T Lambda_n phi_n [K, K] before the noise and temperature (laplace-torch's)."""
+        return self._need_fit()["G"].to(self.dtype)
 
     # ---- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -390,19 +384,12 @@ def _gram(picked: list, batch_size: int, M: int, device) -> Tensor:
     return K
 
 
-def _target(item):
-    """A dataset item's target (an (inputs, target) pair)."""
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise TypeError(f"ELLA(balanced=True) reads the dataset's (inputs, target) items, got {type(item).__name__}")
-    return item[1]
-
-
 def _balanced(labels: Tensor, M: int, g: torch.Generator) -> Tensor:
     """M row indices drawn round-robin over the sorted classes, each class's rows in a random order
     (laplace-torch's balanced draw, the same generator stream)."""
-    if labels.dim() > 1:  # one-hot or probability targets: their argmax
-        labels = labels.reshape(labels.shape[0], -1).argmax(-1)
-    labels = labels.long()
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise ValueError(f"balanced=True needs class indices [N] (an integer tensor), got {tuple(labels.shape)} "
+                         f"{labels.dtype}")
     queues = []
     for cls in labels.unique(sorted=True):
         cand = torch.where(labels == cls)[0]

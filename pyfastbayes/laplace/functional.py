@@ -154,19 +154,21 @@ class FunctionalLaplace(LinearisedGP):
             raise
 
     def _fit(self, loader, progress: bool) -> "FunctionalLaplace":
-        X, Y = self._rows(loader)
-        N = X.shape[0]
         M = self.n_subset
-        if M > N:
-            raise ValueError(f"n_subset = {M} is larger than the {N} training rows")
+
+        def draw(N, _targets):  # (laplace-torch's SoDSampler: NumPy's default_rng(seed))
+            if M > N:
+                raise ValueError(f"n_subset = {M} is larger than the {N} training rows")
+            return torch.tensor(np.random.default_rng(self.seed).choice(N, M, replace=False), dtype=torch.long)
+
+        idx, X, Y, N = self._draw_rows(loader, draw)
+        X = X.to(self.device)
         if self._parts.layers is None:  # a last layer: found on the first rows, then the prior mean's length checked
             with self._parts._fitting_mode():
-                self._parts._find_last_layer(X[:1].to(self.device))
+                self._parts._find_last_layer(X[:1])
             self._fitted = None
             self.prior_mean = self._prior_mean_value
-        self._check_uses_on(X.to(self.device))  # (tied weights, parameters read outside their module: refused)
-        idx = torch.tensor(np.random.default_rng(self.seed).choice(N, M, replace=False), dtype=torch.long)
-        X, Y = X[idx].to(self.device), Y[idx]
+        self._check_uses_on(X)  # (tied weights, parameters read outside their module: refused)
         fs, kept, nbytes = [], [], 0
         for s in tqdm(range(0, M, self.batch_size), desc="FunctionalLaplace.fit", disable=not progress, leave=False):
             f, parts = self._pieces(X[s:s + self.batch_size])
@@ -376,28 +378,28 @@ class FunctionalLaplace(LinearisedGP):
         return out
 
     # ---- tuning ----------------------------------------------------------------------------------------
-    def optimize_prior_precision(self, method: str = "marglik", *, n_steps: int = 100, lr: float = 0.1,
-                                 init_prior_prec: float | None = None, val_loader=None,
-                                 log_prior_prec_range: tuple[float, float] = (-4.0, 4.0), grid_size: int = 21,
-                                 link_approx: str = "probit", progress: bool = False) -> Tensor:
+    _METHODS = ("marglik", "gridsearch")
+
+    def optimize_prior_precision(self, method: str = "marglik", prior_structure: str = "scalar", *,
+                                 n_steps: int = 100, lr: float = 0.1, init_prior_prec: float | None = None,
+                                 val_loader=None, log_prior_prec_range: tuple[float, float] = (-4.0, 4.0),
+                                 grid_size: int = 21, link_approx: str = "probit", pred_type: str = "gp",
+                                 progress: bool = False, log_prior_prec_min: float | None = None,
+                                 log_prior_prec_max: float | None = None) -> Tensor:
         """Tune the scalar prior precision: 'marglik' (Adam on log delta over
         :meth:`log_marginal_likelihood`) or 'gridsearch' (the lowest validation NLL of the GP
-        predictive on ``val_loader`` over 10**linspace(range, grid_size)). Returns it."""
-        if method not in ml.TUNING:
-            raise ValueError(f"method must be one of {ml.TUNING}, got {method!r}")
+        predictive on ``val_loader`` over 10**linspace(range, grid_size); laplace-torch's
+        ``pred_type`` ('gp') and ``log_prior_prec_min`` / ``_max`` accepted). Returns it."""
+        rng = self._tuning_range(method, prior_structure, pred_type, log_prior_prec_range, log_prior_prec_min,
+                                 log_prior_prec_max)
         self._need_fit()
-        if method == "marglik":
-            start = self._delta if init_prior_prec is None else torch.as_tensor(init_prior_prec, dtype=self.dtype)
-            log_delta = torch.log(start.to(self.device).reshape(())).detach().clone()
-            ml.adam(lambda: -self.log_marginal_likelihood(log_delta.exp()), [log_delta], n_steps, lr, progress,
-                    "FunctionalLaplace marglik")
-            self.prior_precision = log_delta.detach().exp()
-            return self.prior_precision
-        if val_loader is None:
-            raise ValueError("method='gridsearch' needs val_loader (batches of (inputs, targets))")
-        grid = torch.logspace(float(log_prior_prec_range[0]), float(log_prior_prec_range[1]),
-                              check_int(grid_size, "grid_size", 1), dtype=torch.float64)
-        self.optimize_hyperparameters(val_loader, grid.tolist(), link_approx=link_approx)
+        if method == "gridsearch":
+            return self._gridsearch(val_loader, rng, grid_size, link_approx)
+        start = self._delta if init_prior_prec is None else torch.as_tensor(init_prior_prec, dtype=self.dtype)
+        log_delta = torch.log(start.to(self.device).reshape(())).detach().clone()
+        ml.adam(lambda: -self.log_marginal_likelihood(log_delta.exp()), [log_delta], n_steps, lr, progress,
+                "FunctionalLaplace marglik")
+        self.prior_precision = log_delta.detach().exp()
         return self.prior_precision
 
     # ---- state -------------------------------------------------------------------------------------------
@@ -429,7 +431,7 @@ class FunctionalLaplace(LinearisedGP):
         for key, shape in (("f", (M, C)), ("Jd", (M, C)), ("lam", (M, C))):
             self._check_state_tensor(state, key, shape)
         loss = self._check_state_tensor(state, "loss", ())
-        subset = self._check_state_subset(state, M, N)
+        subset = self._check_state_subset(state, M)
         delta, sigma = self._checked_hyper(state)
         X, f, pieces = self._check_state_rows(state, M, C)
         y = state.get("y")
