@@ -37,19 +37,22 @@ def dense(part) -> Tensor:
     return part[1].reshape(part[1].shape[0], part[1].shape[1], -1)
 
 
-def cross(a, b, dtype=None) -> Tensor:
-    """<J_a[c, n], J_b[d, m]> [n, C, m, C] of one block's parts at two sets of rows (computed in
-    ``dtype``, default the parts')."""
-    a, b = cast(a, dtype), cast(b, dtype)
-    if a[0] == b[0] == "factored":
-        return torch.einsum("cnp,dmp->ncmd", a[1], b[1]) * (a[2] @ b[2].t())[:, None, :, None]
-    return torch.einsum("cnk,dmk->ncmd", dense(a), dense(b))
-
-
 def kernel(pa: list, pb: list, dtype=None) -> Tensor:
-    """J_a J_b^T [n C, m C] (rows n * C + c) summed over the blocks (in ``dtype``, default the parts')."""
-    out = sum(cross(a, b, dtype) for (_, a), (_, b) in zip(pa, pb))
-    return out.reshape(out.shape[0] * out.shape[1], -1)
+    """J_a J_b^T [n C, m C] (rows n * C + c) summed over the blocks (in ``dtype``, default the
+    parts'). Accumulated in the layout [C, n, C', m] (a factored block's U_a U_b^T is one GEMM there,
+    times V_a V_b^T in place) and permuted once at the end."""
+    acc = None
+    for (_, a), (_, b) in zip(pa, pb):
+        a, b = cast(a, dtype), cast(b, dtype)
+        if a[0] == b[0] == "factored":
+            C, n, m = a[1].shape[0], a[1].shape[1], b[1].shape[1]
+            t = (a[1].reshape(C * n, -1) @ b[1].reshape(b[1].shape[0] * m, -1).t()).view(C, n, -1, m)
+            t.mul_((a[2] @ b[2].t())[None, :, None, :])
+        else:
+            t = torch.einsum("cnk,dmk->cndm", dense(a), dense(b))
+        acc = t if acc is None else acc.add_(t)
+    C, n, D, m = acc.shape
+    return acc.permute(1, 0, 3, 2).reshape(n * C, m * D)
 
 
 def kernel_same(pa: list, pb: list, dtype=None) -> Tensor:
