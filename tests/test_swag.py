@@ -1,6 +1,7 @@
 """SWA / SWAG / MultiSWAG objects: ring buffer, sampling moments, log_prob, peers, end to end. The ops
 themselves (swag_collect_, swag_sample) are tested in test_ops_swag.py."""
 import copy
+import warnings
 import math
 
 import pytest
@@ -397,7 +398,8 @@ def test_update_bn_matches_torch_and_predict_refreshes_bn_per_draw():
     loader = [(x[i:i + 16], None) for i in range(0, 64, 16)]
     ref = copy.deepcopy(model)
     ours = copy.deepcopy(model)
-    SWA(ours).update_bn(loader)
+    # torch's form, update_bn(loader, model): that model's statistics, in place
+    SWA(ours).update_bn(loader, ours)
     torch.optim.swa_utils.update_bn([b for b, _ in loader], ref)
     torch.testing.assert_close(ours[1].running_mean, ref[1].running_mean)
     torch.testing.assert_close(ours[1].running_var, ref[1].running_var)
@@ -597,3 +599,62 @@ def test_cuda_store_device_cpu(dev_dtype):
     torch.testing.assert_close(a, b)
     th = on_gpu.sample(3)
     torch.testing.assert_close(on_cpu.log_prob(th), on_gpu.log_prob(th))
+
+
+def test_swa_update_bn_recomputes_the_averages_statistics():
+    """A torch user's sequence swa.update_bn(loader); swa.predict_mean(x) (after
+    AveragedModel + update_bn(loader, swa_model)): the statistics are the AVERAGE's, kept by the
+    SWA for predict_mean until the next collect; the live model (at its last iterate) is left
+    alone. Before: update_bn refreshed the live model's statistics for its own weights and
+    predict_mean ran the average with them (0.24 off torch's)."""
+    torch.manual_seed(0)
+    model = _bn_model()
+    x = torch.randn(64, 4) * 3 + 1
+    loader = [x[i:i + 16] for i in range(0, 64, 16)]
+    swa, avg = SWA(model), torch.optim.swa_utils.AveragedModel(model)
+    for _ in range(4):
+        _jiggle(model, 0.3)
+        with torch.no_grad():
+            model(x)  # (train-mode forwards move the live running statistics)
+        swa.collect(), avg.update_parameters(model)
+    live = {k: v.clone() for k, v in model.named_buffers()}
+    torch.optim.swa_utils.update_bn(loader, avg)
+    xt = torch.randn(10, 4)
+    want = avg.eval()(xt).softmax(-1)
+    swa.update_bn(loader)
+    assert all(torch.equal(v, live[k]) for k, v in model.named_buffers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = swa.predict_mean(xt)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(swa.bn_buffers["1.running_mean"], avg.module[1].running_mean, rtol=1e-5, atol=1e-6)
+    # a collect moves the average: the kept statistics no longer serve, and predict_mean warns
+    _jiggle(model, 0.3)
+    swa.collect()
+    with pytest.warns(UserWarning, match="BatchNorm layers and no bn_loader"):
+        swa.predict_mean(xt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swa.predict_mean(xt, bn_loader=False)  # the live statistics, on purpose: silent
+
+
+def test_swag_predict_warns_without_bn_loader_on_a_batchnorm_model():
+    torch.manual_seed(0)
+    model = _bn_model()
+    swag = SWAG(model, max_rank=3)
+    for _ in range(4):
+        _jiggle(model, 0.2)
+        swag.collect()
+    xt = torch.randn(5, 4)
+    with pytest.warns(UserWarning, match="bn_loader=<training batches>"):
+        swag.predict(xt, n_samples=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = swag.predict(xt, n_samples=2, bn_loader=False, generator=torch.Generator().manual_seed(1))
+        b = swag.predict(xt, n_samples=2, bn_loader=[torch.randn(16, 4)], generator=torch.Generator().manual_seed(1))
+    assert a.shape == b.shape == (5, 3)
+    no_bn = SWAG(_mlp(torch.float32), max_rank=2)  # (no BatchNorm: no warning)
+    no_bn.collect(), no_bn.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        no_bn.predict(torch.randn(3, 5), n_samples=2)

@@ -35,6 +35,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..calibration._checks import check_int, check_generator  # noqa: F401 (the posteriors import them from here)
+from .._warnings import warn_user
 from ..nn import ModeGuard, ParamLayout, bn_modules, refresh_bn
 from ..nn.inputs import call_model, check_reiterable, dtype_mismatch, iterate_inputs, model_output, to_device
 
@@ -194,7 +195,9 @@ class Posterior(abc.ABC):
                 sigmoid(outputs) [N] for outputs [N] or [N, 1]; 'regression' -> (mean [N, ...],
                 variance over draws [N, ...]) of the outputs.
             bn_loader: when given, the BatchNorm statistics are recomputed for every draw in one
-                pass over it (same accepted forms as ``x``; copies of the buffers).
+                pass over it (same accepted forms as ``x``; copies of the buffers); None: the
+                model's running statistics (SWA / SWAG / MultiSWAG warn then: their draws are far
+                from the weights those were computed for); False: the model's, without warning.
             batch_size: rows per forward pass when ``x`` / ``bn_loader`` are tensors.
             progress: tqdm bar over the draws.  generator: the randomness of the draws.
             output_fn: model output -> the tensor [N, ...] (e.g. ``lambda out: out[0]`` for a model
@@ -206,16 +209,37 @@ class Posterior(abc.ABC):
                              likelihood=likelihood, bn_loader=bn_loader, batch_size=batch_size, progress=progress,
                              input_fn=input_fn, output_fn=output_fn)
 
+    # SWA / SWAG / MultiSWAG: draws far from the weights the running BatchNorm statistics were
+    # computed for (Izmailov et al. and Maddox et al. recompute them per draw): warn without bn_loader
+    _bn_refresh_advised = False
+
+    def _bn_loader(self, bn_loader, models: list, buffers: dict | None = None):
+        """``bn_loader`` for the BMA loop: False -> None (the running statistics, kept on purpose);
+        None on a BatchNorm model of a posterior whose draws need recomputed statistics -> a
+        warning saying how to recompute or keep them."""
+        if bn_loader is False:
+            return None
+        if bn_loader is None and buffers is None and self._bn_refresh_advised and any(bn_modules(m) for m in models):
+            warn_user(f"{self.kind}: the model has BatchNorm layers and no bn_loader was given, so every draw runs "
+                      f"with the running statistics the model holds now, computed for other weights (for SWA, the "
+                      f"last iterate's); pass bn_loader=<training batches> to recompute them per draw (Izmailov et "
+                      f"al. 2018; SWA: or update_bn(loader) once), or bn_loader=False to keep them and silence this")
+        return bn_loader
+
     @torch.no_grad()
     def _average(self, sources: Iterable[Source], x, *, total: int, likelihood: str, bn_loader, batch_size: int,
-                 progress: bool, input_fn: Callable | None, output_fn: Callable | None):
+                 progress: bool, input_fn: Callable | None, output_fn: Callable | None, buffers: dict | None = None):
         """THE Bayesian-model-averaging loop: every flat draw [P] of every (layout, draws) source
-        runs through its layout's model (see the module docstring); ``total`` sizes the bar."""
+        runs through its layout's model (see the module docstring); ``total`` sizes the bar.
+        ``bn_loader=False``: the model's running statistics, without the warning a BatchNorm model
+        gets where recomputing them is advised; ``buffers``: name -> tensor in place of the model's
+        buffers (statistics already recomputed for the draw, e.g. :meth:`SWA.update_bn`'s)."""
         check_likelihood(likelihood)
         batch_size = check_int(batch_size, "batch_size", 1)
+        sources = list(sources)
+        bn_loader = self._bn_loader(bn_loader, [layout.model for layout, *_ in sources], buffers)
         if bn_loader is not None and total > 1:
             check_reiterable(bn_loader, "bn_loader")
-        sources = list(sources)
         for layout, *_ in sources:
             layout.params()  # the model still has the recorded parameters
         inputs = list(iterate_inputs(x, batch_size, input_fn))
@@ -229,7 +253,8 @@ class Posterior(abc.ABC):
                 with ModeGuard(layout.model, False):
                     for theta in draws:
                         try:
-                            out = _forward(layout, theta, batches, bn_loader, batch_size, input_fn, output_fn)
+                            out = _forward(layout, theta, batches, bn_loader, batch_size, input_fn, output_fn,
+                                           buffers)
                         except RuntimeError as e:
                             wrong = dtype_mismatch(batches, layout.dtype, e, refit=", then build the posterior again")
                             if wrong is not None:
@@ -297,13 +322,13 @@ class Posterior(abc.ABC):
 
 
 def _forward(layout: ParamLayout, theta: Tensor, batches: list, bn_loader, batch_size: int,
-             input_fn: Callable | None, output_fn: Callable | None) -> Tensor:
+             input_fn: Callable | None, output_fn: Callable | None, buffers: dict | None = None) -> Tensor:
     """Outputs [N, ...] of the model at the flat draw ``theta`` [P] (eval mode is set by the
     caller), the BatchNorm statistics recomputed on copies of the buffers when ``bn_loader`` is
-    given."""
+    given (``buffers``: in place of the model's own)."""
     model = layout.model
     tensors = layout.unflatten(theta.to(layout.device))
-    buffers = dict(model.named_buffers())
+    buffers = dict(model.named_buffers()) if buffers is None else dict(buffers)
     if bn_loader is not None and bn_modules(model):
         buffers = {k: v.clone() for k, v in buffers.items()}
         tensors.update(buffers)

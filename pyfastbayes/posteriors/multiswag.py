@@ -41,6 +41,7 @@ class MultiSWAG(Posterior):
     """
 
     kind = "MultiSWAG"
+    _bn_refresh_advised = True
 
     def __init__(self, posteriors: Sequence[SWAG]):
         if isinstance(posteriors, (Posterior, str, bytes)) or not isinstance(posteriors, Iterable):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn import update_bn
+from ..nn import bn_modules, refresh_bn, update_bn
 from .base import Posterior, check_int
 
 __all__ = ["SWA"]
@@ -41,10 +41,13 @@ class SWA(Posterior):
 
     Attributes:
         mean: [P] running average.  n_averaged: number of collected models.
+        bn_buffers: the model's buffers with BatchNorm statistics recomputed for the average by
+            :meth:`update_bn` (None before, and again after the next collect).
         device: the parameters' device (where the state lives).  dtype: the state dtype.
     """
 
     kind = "SWA"
+    _bn_refresh_advised = True
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
         super().__init__(model)
@@ -59,6 +62,8 @@ class SWA(Posterior):
         self.dtype = dtype
         self.mean = torch.zeros(self.numel, dtype=dtype, device=self.device)
         self.n_averaged = 0
+        self.bn_buffers = None  # BatchNorm statistics for the average (update_bn), valid at n_averaged == _bn_for
+        self._bn_for = -1
 
     # ---- collecting ----------------------------------------------------------------------------
     def _collect_flag(self, ps: list[Tensor]) -> Tensor:
@@ -95,19 +100,48 @@ class SWA(Posterior):
         if self.n_averaged == 0:
             raise RuntimeError(f"the {self.kind} has no collected models yet: call collect() first")
 
+    def _whole_mean(self) -> Tensor:
+        """The average [P] as one tensor (a sharded SWAG gathers its columns)."""
+        return self.mean
+
+    def _kept_buffers(self, bn_loader) -> dict | None:
+        """:attr:`bn_buffers` where they serve this prediction (no ``bn_loader``, the average they
+        were recomputed for unchanged since)."""
+        return self.bn_buffers if bn_loader is None and self._bn_for == self.n_averaged else None
+
     def load_mean_(self, model: nn.Module | None = None) -> nn.Module:
         """Write the running average [P] into the parameters of ``model`` (default: :attr:`model`)
         in place, cast to each parameter's dtype; returns the model."""
         self._require_collected()
         return self.layout.write_(self.mean, model)
 
+    @torch.no_grad()
     def update_bn(self, loader, model: nn.Module | None = None, *, batch_size: int = 1024,
                   input_fn: Callable | None = None) -> None:
-        """Recompute the BatchNorm statistics of ``model`` (default: :attr:`model`) for its current
-        parameters in one pass over ``loader`` (see :func:`pyfastbayes.nn.update_bn`). A pass that
-        fails (a batch the model refuses, an empty loader) puts the BatchNorm buffers back as they
-        were, rather than leaving them reset or half-averaged."""
-        update_bn(loader, self.model if model is None else model, batch_size=batch_size, input_fn=input_fn)
+        """Recompute BatchNorm statistics in one pass over ``loader`` (the cumulative average in
+        train mode, as ``torch.optim.swa_utils.update_bn``).
+
+        Without ``model``: for the running AVERAGE (on copies of the buffers, through
+        ``functional_call``; the model's own buffers, those of its current weights, are left
+        alone). They are kept in :attr:`bn_buffers` and used by :meth:`predict_mean` /
+        :meth:`predict` when no ``bn_loader`` is given, until the next :meth:`collect`. With
+        ``model`` (torch's ``update_bn(loader, swa_model)``, e.g. after :meth:`load_mean_`): that
+        model's own statistics, for its current parameters, in place. A pass that fails (a batch
+        the model refuses, an empty loader) changes nothing."""
+        batch_size = check_int(batch_size, "batch_size", 1)
+        if model is not None:
+            update_bn(loader, model, batch_size=batch_size, input_fn=input_fn)
+            return
+        self._require_collected()
+        if not bn_modules(self.model):
+            self.bn_buffers = None
+            return
+        tensors = self.layout.unflatten(self._whole_mean().to(self.device))
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        tensors.update(buffers)
+        refresh_bn(self.model, loader, tensors, self.device, batch_size, input_fn)
+        self.bn_buffers = buffers
+        self._bn_for = self.n_averaged
 
     # ---- the Posterior interface (a point mass at the mean) ------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -132,11 +166,14 @@ class SWA(Posterior):
                      progress: bool = False, input_fn: Callable | None = None, output_fn: Callable | None = None):
         """Predictions of the running average in eval mode through ``functional_call`` (the model's
         own parameters and buffers are left alone); ``bn_loader`` recomputes the BatchNorm
-        statistics for the average first (on copies). Arguments and outputs as in
+        statistics for the average first (on copies); without it, the statistics of the last
+        :meth:`update_bn` (for the current average), else the model's own (with a warning, or
+        ``bn_loader=False`` to keep them silently). Arguments and outputs as in
         :meth:`Posterior.predict`."""
         self._require_collected()
         return self._average([(self.layout, [self.mean])], x, total=1, likelihood=likelihood, bn_loader=bn_loader,
-                             batch_size=batch_size, progress=progress, input_fn=input_fn, output_fn=output_fn)
+                             batch_size=batch_size, progress=progress, input_fn=input_fn, output_fn=output_fn,
+                             buffers=self._kept_buffers(bn_loader))
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -156,3 +193,4 @@ class SWA(Posterior):
         self._check_state(state)
         self.mean.copy_(state["mean"])
         self.n_averaged = int(state["n_averaged"])
+        self.bn_buffers, self._bn_for = None, -1

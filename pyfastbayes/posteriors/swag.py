@@ -14,7 +14,10 @@ overwritten).
     \qquad \Sigma_{\text{diag}} = \text{scale}\,\mathrm{diag}(\sigma^2),
 
 with :math:`\sigma^2 = \max(\overline{\theta^2} - \bar\theta^2, \text{var\_clamp})` and K the number
-of deviation rows collected so far (at most ``max_rank``). A draw is
+of deviation rows collected so far (at most ``max_rank``). Before the ring is full this is the
+paper's 1/(K - 1) with the K rows there are; swa_gaussian's code divides by ``max_num_models - 1``
+always, so its low-rank part is (K - 1) / (max_rank - 1) of ours until then (equal once K =
+``max_rank``). A draw is
 :math:`\theta = \bar\theta + \sqrt{\text{scale}}\,\sigma\odot z_1 + \sqrt{\text{scale}/(K-1)}\,D^\top z_2`
 (``cov='lowrank'``) or :math:`\bar\theta + \sqrt{\text{scale}}\,\sigma\odot z_1` (``cov='diag'``),
 z1 ~ N(0, I_P), z2 ~ N(0, I_K). The default ``scale=None`` is the SWAG paper's posterior for each
@@ -483,6 +486,7 @@ class SWAG(ColumnShards, SWA):
 
         check_likelihood(likelihood)
         batch_size = check_int(batch_size, "batch_size", 1)
+        bn_loader = self._bn_loader(bn_loader, [self.model])
         if bn_loader is not None and total > 1:
             check_reiterable(bn_loader, "bn_loader")
         model = self.model
@@ -643,6 +647,18 @@ class SWAG(ColumnShards, SWA):
         self._require_collected()
         return self.layout.write_(self.full_mean(), model)
 
+    def _whole_mean(self) -> Tensor:
+        return self.full_mean() if self.sharded else self.mean
+
+    def update_bn(self, loader, model: nn.Module | None = None, *, batch_size: int = 1024,
+                  input_fn: Callable | None = None) -> None:
+        """As :meth:`SWA.update_bn` (sharded: collective, the mean gathered once; not under FSDP2,
+        whose model holds shards: pass ``bn_loader`` to :meth:`predict_mean` there)."""
+        if model is None and self.fsdp:
+            raise ValueError("an FSDP2-sharded SWAG keeps no recomputed statistics: pass bn_loader=<training batches> "
+                             "to predict_mean / predict, or update_bn(loader, model) on a model holding the average")
+        super().update_bn(loader, model, batch_size=batch_size, input_fn=input_fn)
+
     @torch.no_grad()
     def predict_mean(self, x, *, likelihood: str = "classification", bn_loader=None, batch_size: int = 1024,
                      progress: bool = False, input_fn: Callable | None = None, output_fn: Callable | None = None):
@@ -659,7 +675,7 @@ class SWAG(ColumnShards, SWA):
         self._require_collected()
         return self._average([(self.layout, [self.full_mean()])], x, total=1, likelihood=likelihood,
                              bn_loader=bn_loader, batch_size=batch_size, progress=progress, input_fn=input_fn,
-                             output_fn=output_fn)
+                             output_fn=output_fn, buffers=self._kept_buffers(bn_loader))
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -756,6 +772,7 @@ class SWAG(ColumnShards, SWA):
 
     def _load_state(self, state: dict) -> None:
         self._check_state(state)
+        self.bn_buffers, self._bn_for = None, -1
         self._sync_store()
         def cols(t: Tensor) -> Tensor:  # this rank's columns of a saved [..., P] (or local) tensor
             return t if not self.sharded or "shard" in state else self._take_columns(t)
