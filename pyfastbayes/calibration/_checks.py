@@ -139,9 +139,9 @@ def as_3d(probs: Tensor, from_logits: bool, name: str = "probs") -> Tensor:
     """[N] / [N, C] / [S, N, C] -> [S, N, C] (binary [N] -> [1, N, 2]: (1 - p, p) or logits (0, l))."""
     check_probs(probs, name)
     if probs.dim() == 1:
-        if probs.dtype in (torch.float16, torch.bfloat16):  # 1 - p in 8 / 11 bits would round class 0's p
-            probs = probs.float()
-        first = torch.zeros_like(probs) if from_logits else 1 - probs
+        # in float64: 1 - p in float32 (and 8 / 11 bits) rounds class 0's probability (p = 1e-8 -> 1)
+        probs = probs.double()
+        first = torch.zeros_like(probs) if from_logits else 1 - probs  # (a +inf logit is refused as in [N, C])
         return torch.stack([first, probs], -1).unsqueeze(0)
     return probs.unsqueeze(0) if probs.dim() == 2 else probs
 

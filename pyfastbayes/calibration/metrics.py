@@ -35,8 +35,9 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15, norm: str = "l1", binn
         norm: 'l1' -> ECE = sum_b (n_b / N) |acc_b - conf_b|; 'l2' -> RMSCE = sqrt(sum_b (n_b / N)
             (acc_b - conf_b)^2); 'max' -> MCE = max over non-empty bins of |acc_b - conf_b|.
         binning: 'uniform' (B equal-width bins on [0, 1], the rule in the module docstring) or
-            'adaptive' (equal-mass bins: ACE; rows sorted by the binned value, ties kept in input
-            order, cut into B runs of sizes differing by at most one).
+            'adaptive' (equal-mass bins: ACE; rows sorted by the binned value and cut into B runs
+            of sizes differing by at most one, except that equal values stay together in the bin
+            where their run starts, so bins may hold more or fewer rows, or none).
         classwise: bin every class probability p_c against the indicator [target == c] and average
             the per-class errors over the C classes (classwise-ECE; binary [N]: over both
             classes) instead of the top-label confidence (or, for [N], p) as above.
@@ -79,8 +80,9 @@ def nll(probs: Tensor, targets: Tensor, from_logits: bool = False, validate: boo
 
     probs: [N, C], [S, N, C] (pbar = mean over draws) or binary [N]; targets: [N]. With logits the
     mean over draws is taken in log space (logsumexp), never exponentiating a whole [S, N, C].
-    log pbar is clamped at the log of the smallest normal float64, so a probability of 0 (or a
-    -inf logit of the target) gives the same large finite value (708.4) on both paths.
+    A probability of 0 (or a -inf logit of the target), log pbar = -inf, is taken as the log of
+    the smallest normal float64, the same large finite value (708.4) on both paths; finite log
+    probabilities are kept as they are (a logit gap of 1000 gives 1000).
     ``validate`` as in :func:`ece` (one native pass; NaN, +inf and all -inf logit rows raise);
     without it the target range is still checked, but a bad row is not skipped as in
     :func:`ece`: its NaN reaches the mean (brier and the entropies alike; accuracy counts such a
@@ -122,13 +124,15 @@ def nll_terms(prep: Prepared, from_logits: bool) -> Tensor:
         logp = torch.logsumexp(logp_y, 0) - math.log(S)
     else:
         logp = p3.gather(-1, idx).squeeze(-1).double().mean(0).log()
-    return -logp.clamp_min(_LOG_TINY)
+    return -torch.where(torch.isneginf(logp), _LOG_TINY, logp)  # (finite log-probabilities exact)
 
 
 def brier_terms(prep: Prepared, from_logits: bool) -> Tensor:
     """Brier score per point, float64 [N]: sum_c (pbar_nc - [y_n = c])^2, halved for binary [N]."""
     pbar = mean_probs(prep.p3, from_logits)
-    score = pbar.pow(2).sum(-1) - 2 * pbar.gather(-1, prep.y[:, None]).squeeze(-1) + 1  # no [N, C] one-hot
+    # (1 - p_y)^2 + sum_{c != y} p_c^2: no cancellation where p_y is near 1 (sum p^2 - 2 p_y + 1 had it)
+    py = pbar.gather(-1, prep.y[:, None]).squeeze(-1)
+    score = (1 - py).square() + pbar.square().scatter(-1, prep.y[:, None], 0).sum(-1)
     return score / 2 if prep.binary else score
 
 

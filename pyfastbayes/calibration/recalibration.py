@@ -148,8 +148,11 @@ class TemperatureScaling:
                 return loss
 
             opt.step(closure)  # the minimiser is inside the range (checked first): the clamp is a safeguard
-        n_iter = opt.state[log_t]["n_iter"]
-        self.converged = n_iter < self.max_iter
+        state = opt.state[log_t]
+        n_iter = state["n_iter"]
+        # converged: LBFGS stopped on its tolerances, not on its iteration or evaluation budget (it
+        # also stops after max_eval = max_iter * 5 // 4 closure calls, with n_iter < max_iter)
+        self.converged = n_iter < self.max_iter and state["func_evals"] < opt.param_groups[0]["max_eval"]
         return log_t.detach().clamp(lo, hi).exp(), n_iter
 
     def fit(self, logits: Tensor, targets: Tensor) -> "TemperatureScaling":

@@ -72,12 +72,12 @@ class CalibrationError:
         checks as :func:`ece` (one native pass); an empty batch (N = 0) adds nothing."""
         prep = prepare(probs, targets, from_logits=self.from_logits, validate=False, allow_empty=True)
         C = prep.p3.shape[-1]
+        if prep.p3.shape[1] == 0:  # (an empty shard may have any C: it adds nothing)
+            return
         if self.num_classes is not None and C != self.num_classes:  # given: checked in every mode
             what = "binary [N] probs have" if prep.binary else "probs has"
             raise ValueError(f"{what} C = {C} classes but num_classes = {self.num_classes}; pass num_classes={C} "
                              f"to the constructor")
-        if prep.p3.shape[1] == 0:
-            return
         mode = mode_of(prep, self.classwise)
         if self._mode is not None and mode != self._mode:
             kinds = {"top": "[N, C] probs (top-label calibration)", "positive": "binary [N] probs (calibration of "
