@@ -331,6 +331,21 @@ class LinearisedGP(Posterior):
             nll = _class_nll(probabilities(f_mu, f_var, "classification", link_approx, 100, None), y, self.likelihood)
         return nll if math.isfinite(nll) else math.inf
 
+    def _atomically(self, keys: tuple, fn, *args):
+        """``fn(*args)``; when it fails, the layer setup and the attributes ``keys`` are put back as
+        they were (those it had not set removed again)."""
+        saved = (self._parts._setup_state(), {k: self.__dict__[k] for k in keys if k in self.__dict__})
+        try:
+            return fn(*args)
+        except BaseException:
+            self._parts._restore_setup(saved[0])
+            for k in keys:
+                if k in saved[1]:
+                    self.__dict__[k] = saved[1][k]
+                else:
+                    self.__dict__.pop(k, None)
+            raise
+
     # ---- state: the checks both GPs' loads share (nothing on self changes in them) ----------------------
     def _load_guarded(self, state: dict, keys: tuple, defaults: dict | None = None) -> None:
         """Check the header and the options ``keys`` against self's, then ``self._load(state)``; the

@@ -90,17 +90,7 @@ class ELLA(LinearisedGP):
             raise TypeError(f"balanced must be True or False, got {type(balanced).__name__}")
         if balanced and self.likelihood != "classification":
             raise ValueError("balanced=True draws the subset round-robin over the classes: classification only")
-        saved = (self._parts._setup_state(), {k: self.__dict__[k] for k in _FIT_STATE if k in self.__dict__})
-        try:
-            return self._fit(loader, progress, balanced)
-        except BaseException:
-            self._parts._restore_setup(saved[0])
-            for k in _FIT_STATE:
-                if k in saved[1]:
-                    self.__dict__[k] = saved[1][k]
-                else:
-                    self.__dict__.pop(k, None)
-            raise
+        return self._atomically(_FIT_STATE, self._fit, loader, progress, balanced)
 
     def _fit(self, loader, progress: bool, balanced: bool) -> "ELLA":
         if torch.is_tensor(loader):

@@ -141,17 +141,7 @@ class FunctionalLaplace(LinearisedGP):
         the kernel K_MM, the loss Hessians' diagonal and the evidence terms. A last layer is found
         here (the last module with trainable parameters the forward calls, an nn.Linear; or
         ``last_layer_name``'s). Returns self; a failed fit changes nothing."""
-        saved = (self._parts._setup_state(), {k: self.__dict__[k] for k in _FIT_STATE if k in self.__dict__})
-        try:
-            return self._fit(loader, progress)
-        except BaseException:
-            self._parts._restore_setup(saved[0])
-            for k in _FIT_STATE:
-                if k in saved[1]:
-                    self.__dict__[k] = saved[1][k]
-                else:
-                    self.__dict__.pop(k, None)
-            raise
+        return self._atomically(_FIT_STATE, self._fit, loader, progress)
 
     def _fit(self, loader, progress: bool) -> "FunctionalLaplace":
         M = self.n_subset
