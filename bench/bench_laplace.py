@@ -478,26 +478,43 @@ def _functional_pair(name, model, loader, x_test, laplace, device, quick, rep, s
         la.fit(loader)
         return la
 
-    try:  # (a peer path that does not run on this device is reported, not timed: BackPACK on CUDA, say)
-        with _quiet():
-            peer_fit()
-    except Exception as exc:  # noqa: BLE001
-        print(f"# bench_laplace: {fit_case}: {peer} raised {type(exc).__name__}: "
-              f"{str(exc).splitlines()[0][:160]}; these functional rows are left out")
+    if not _peer_runs(fit_case, peer, peer_fit):
         return []
     # the last layer's float32 kernel is singular once M C passes its rank (the 96 features + 1 times
     # C): laplace-torch's evidence (its Cholesky of s K + 1e-5 I) raises there, ours forms K in float64;
     # the predictive's probabilities below check the two fits agree
     _, _, rows = _fit_pair(fit_case, ours_fit, peer_fit, peer, "pyfastbayes FunctionalLaplace", device, rep,
                            peer_evidence_may_fail=subset == "last_layer")
-    ours, theirs = ours_fit(True), peer_fit(True)
+    _, pred_rows = _gp_predictive_pair(pred_case, ours_fit(True), peer_fit(True), x_test, peer,
+                                       "pyfastbayes FunctionalLaplace", device, rep)
+    return rows + pred_rows
+
+
+def _peer_runs(case: str, peer_label: str, peer_fit) -> bool:
+    """Whether the peer's fit runs here (a path that does not run on this device is reported and
+    its rows left out, not the suite stopped: BackPACK on CUDA, say)."""
+    try:
+        with _quiet():
+            peer_fit()
+        return True
+    except Exception as exc:  # noqa: BLE001
+        print(f"# bench_laplace: {case}: {peer_label} raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}; "
+              f"these rows are left out")
+        return False
+
+
+def _gp_predictive_pair(case, ours, theirs, x_test, peer_label, ours_label, device, rep):
+    """(agreement, rows): the GP probit predictives of two fitted posteriors timed, their
+    probabilities checked (max abs 1e-4)."""
     p_ours, t_ours = _time(lambda: ours(x_test), device, rep)
     with _quiet():
         p_theirs, t_theirs = _time(lambda: theirs(x_test, pred_type="gp", link_approx="probit"), device, rep)
-    agree = _agree(f"{pred_case}: probabilities", float((p_ours - p_theirs.to(p_ours)).abs().max()), 1e-4, "max abs")
-    rows += [row(SUITE, pred_case, peer, t_theirs, t_theirs, agree=agree),
-             row(SUITE, pred_case, "pyfastbayes FunctionalLaplace", t_ours, t_theirs)]
-    return rows
+    agree = _agree(f"{case}: probabilities", float((p_ours - p_theirs.to(p_ours)).abs().max()), 1e-4, "max abs")
+    return agree, [row(SUITE, case, peer_label, t_theirs, t_theirs, agree=agree),
+                   row(SUITE, case, ours_label, t_ours, t_theirs)]
+
+
+ELLA_M, ELLA_K = 500, 20
 
 
 def _ella_rows(name, model, loader, x_test, laplace, device, quick, rep):
@@ -523,27 +540,14 @@ def _ella_rows(name, model, loader, x_test, laplace, device, quick, rep):
         la.fit(loader)
         return la
 
-    try:
-        with _quiet():
-            theirs = peer_fit()
-    except Exception as exc:  # noqa: BLE001
-        print(f"# bench_laplace: {fit_case}: {peer} raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}; "
-              f"the ELLA rows are left out")
+    if not _peer_runs(fit_case, peer, peer_fit):
         return []
     ours, t_ours = _time(ours_fit, device, rep)
     with _quiet():
         theirs, t_theirs = _time(peer_fit, device, rep)
-    p_ours, tp_ours = _time(lambda: ours(x_test), device, rep)
-    with _quiet():
-        p_theirs, tp_theirs = _time(lambda: theirs(x_test, pred_type="gp", link_approx="probit"), device, rep)
-    agree = _agree(f"{pred_case}: probabilities", float((p_ours - p_theirs.to(p_ours)).abs().max()), 1e-4, "max abs")
-    return [row(SUITE, fit_case, peer, t_theirs, t_theirs, agree=agree), row(SUITE, fit_case, "pyfastbayes ELLA",
-                                                                             t_ours, t_theirs),
-            row(SUITE, pred_case, peer, tp_theirs, tp_theirs, agree=agree),
-            row(SUITE, pred_case, "pyfastbayes ELLA", tp_ours, tp_theirs)]
-
-
-ELLA_M, ELLA_K = 500, 20
+    agree, pred_rows = _gp_predictive_pair(pred_case, ours, theirs, x_test, peer, "pyfastbayes ELLA", device, rep)
+    return [row(SUITE, fit_case, peer, t_theirs, t_theirs, agree=agree),
+            row(SUITE, fit_case, "pyfastbayes ELLA", t_ours, t_theirs)] + pred_rows
 
 
 # ---- 4. a model whose Jacobians do not fit --------------------------------------------------------------

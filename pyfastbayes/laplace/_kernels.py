@@ -55,6 +55,20 @@ def kernel(pa: list, pb: list, dtype=None) -> Tensor:
     return acc.permute(1, 0, 3, 2).reshape(n * C, m * D)
 
 
+def gram(chunks, n: int, C: int, dtype, device) -> Tensor:
+    """J J^T [n C, n C] of n rows in ``dtype``: ``chunks()`` yields (rows slice, parts) over them
+    (called again for every outer chunk, so parts may be recomputed); each pair once, mirrored."""
+    K = torch.zeros(n * C, n * C, dtype=dtype, device=device)
+    for ri, pi in chunks():
+        for rj, pj in chunks():
+            if rj.start < ri.start:
+                continue
+            blk = kernel(pi, pj, dtype)
+            K[ri.start * C:ri.stop * C, rj.start * C:rj.stop * C] = blk
+            K[rj.start * C:rj.stop * C, ri.start * C:ri.stop * C] = blk.t()
+    return K
+
+
 def kernel_same(pa: list, pb: list, dtype=None) -> Tensor:
     """<J_a[c, n], J_b[c, m]> [C, n, m] summed over the blocks: each output's own kernel (the
     independent outputs' GPs), without the cross-output entries (in ``dtype``)."""

@@ -24,7 +24,7 @@ from ..nn.loaders import batches as loader_batches
 from ..posteriors.base import Posterior
 from ._kernels import gp_pred_type
 from ._likelihood import check_targets
-from .laplace import Laplace, _class_nll, _gaussian_nll
+from .laplace import Laplace, _class_nll, _diagonal_only, _gaussian_nll
 from .predictive import LINKS, draws, probabilities
 
 LIKELIHOODS = ("classification", "regression")
@@ -33,8 +33,8 @@ SUBSETS = ("all", "last_layer")
 
 class LinearisedGP(Posterior):
     """The linearised network f(x; theta*) + J(x) (theta - theta*) under the prior N(0, I / delta)
-    of the covered weights, seen as a GP (module docstring). Subclasses provide ``fit``,
-    ``functional_variance``, ``functional_covariance``, ``sample`` and ``_need_fit``."""
+    of the covered weights, seen as a GP (module docstring). Subclasses provide ``fit``, ``sample``,
+    ``_need_fit`` and the predictive's ``_prep`` / ``_moments``."""
 
     kind = "LinearisedGP"
 
@@ -153,6 +153,26 @@ class LinearisedGP(Posterior):
         X, Y = self._rows(DataLoader(Subset(ds, idx.tolist()), batch_size=self.batch_size, collate_fn=loader.collate_fn))
         return idx, X, Y, served.numel()
 
+    # ---- predictives: a subclass's _prep() (what every chunk of rows needs) and _moments(x, prep, joint) ----
+    def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_mu [n, C], f_var [n, C, C]) of the posterior of the linearised network at input rows
+        x [n, ...] (f_var: the epistemic, functional covariance; the noise is not in it), in chunks
+        of batch_size rows."""
+        if x.shape[0] == 0:
+            return self._empty(False)
+        prep = self._prep()
+        mus, vars_ = zip(*(self._moments(x[r:r + self.batch_size], prep, False)
+                           for r in range(0, x.shape[0], self.batch_size)))
+        return torch.cat(mus), torch.cat(vars_)
+
+    def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_mu [n C], f_cov [n C, n C]): the joint covariance over all the input rows x [n, ...]
+        and outputs (flat index i * C + c; laplace-torch's ``joint=True``)."""
+        if x.shape[0] == 0:
+            return self._empty(True)
+        f, cov = self._moments(x, self._prep(), True)
+        return f.reshape(-1), cov
+
     def la(self, x: Tensor, pred_type: str = "gp", link_approx: str = "probit", n_samples: int = 100, *,
            generator: torch.Generator | None = None, joint: bool = False, diagonal_output: bool = False):
         """laplace-torch's ``__call__`` (pred_type 'gp'; 'glm' is accepted as the same linearised
@@ -167,9 +187,7 @@ class LinearisedGP(Posterior):
                              f"order differs: pass joint= and link_approx= by keyword)")
         n_samples = check_int(n_samples, "n_samples", 1)
         check_generator(generator)
-        for name, flag in (("joint", joint), ("diagonal_output", diagonal_output)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+        _check_bools(joint=joint, diagonal_output=diagonal_output)
         if joint:
             if self.likelihood != "regression":
                 raise ValueError("joint=True is the regression predictive's joint covariance over all inputs")
@@ -178,7 +196,7 @@ class LinearisedGP(Posterior):
         if self.likelihood == "regression":
             return (f_mu, torch.diagonal(f_var, dim1=1, dim2=2)) if diagonal_output else (f_mu, f_var)
         if diagonal_output and link_approx == "mc":
-            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
+            f_var = _diagonal_only(f_var)
         return probabilities(f_mu, f_var, "classification", link_approx, n_samples, generator)
 
     __call__ = la
@@ -195,9 +213,7 @@ class LinearisedGP(Posterior):
         pred_type = gp_pred_type(pred_type, nn_too=True)
         n_samples = check_int(n_samples, "n_samples", 1)
         check_generator(generator)
-        for name, flag in (("joint", joint), ("diagonal_output", diagonal_output)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+        _check_bools(joint=joint, diagonal_output=diagonal_output)
         if pred_type == "nn":
             if diagonal_output:
                 raise ValueError("diagonal_output is for the GP's draws (pred_type='gp'), not the network's")
@@ -213,7 +229,7 @@ class LinearisedGP(Posterior):
             return draws(f_mu[None], f_cov[None], n_samples, generator).reshape(n_samples, -1, C)
         f_mu, f_var = self.functional_variance(x)
         if diagonal_output:
-            f_var = torch.diag_embed(torch.diagonal(f_var, dim1=1, dim2=2))
+            f_var = _diagonal_only(f_var)
         return draws(f_mu, f_var, n_samples, generator)
 
     def predictive_samples(self, x: Tensor, pred_type: str = "gp", n_samples: int = 100, *,
@@ -267,7 +283,7 @@ class LinearisedGP(Posterior):
                              f"argument is pred_type, here a keyword (optimize_prior_precision(method="
                              f"{self._METHODS[-1]!r}, pred_type={method!r}, ...))")
         if method not in self._METHODS:
-            extra = " (ELLA has no marginal likelihood)" if self._METHODS == ("gridsearch",) else ""
+            extra = f" ({self.kind} has no marginal likelihood)" if "marglik" not in self._METHODS else ""
             raise ValueError(f"method must be one of {self._METHODS}{extra}, got {method!r}")
         if prior_structure != "scalar":
             raise ValueError(f"{self.kind} tunes one scalar prior precision (the GP view's isotropic prior), got "
@@ -356,12 +372,7 @@ class LinearisedGP(Posterior):
             if state.get(key, defaults.get(key)) != getattr(self, key):
                 raise ValueError(f"state_dict was saved with {key}={state.get(key)!r}, this {self.kind} has "
                                  f"{getattr(self, key)!r}")
-        saved = self._parts._setup_state()
-        try:
-            self._load(state)
-        except BaseException:
-            self._parts._restore_setup(saved)
-            raise
+        self._atomically((), self._load, state)
 
     def _load_last_layer(self, state: dict) -> None:
         """A last layer's module from state['last_layer'] set up (checked against a named one)."""
@@ -381,14 +392,12 @@ class LinearisedGP(Posterior):
                              "own state_dict (the MAP the posterior was fitted at) first")
         return theta
 
-    def _check_state_subset(self, state: dict, M: int, N: int | None = None) -> Tensor:
-        """state['subset']: M distinct int64 row indices >= 0 (< N when given)."""
+    def _check_state_subset(self, state: dict, M: int) -> Tensor:
+        """state['subset']: M distinct int64 dataset indices >= 0."""
         t = state.get("subset")
         ok = torch.is_tensor(t) and t.dtype == torch.long and tuple(t.shape) == (M,)
-        ok = ok and bool((t >= 0).all()) and (N is None or bool((t < N).all())) and t.unique().numel() == M
-        if not ok:
-            raise ValueError(f"state_dict['subset'] must be the {M} distinct int64 row indices of the subset"
-                             + (f" in [0, {N})" if N is not None else ""))
+        if not (ok and bool((t >= 0).all()) and t.unique().numel() == M):
+            raise ValueError(f"state_dict['subset'] must be the {M} distinct int64 row indices of the subset")
         return t.clone()
 
     def _checked_hyper(self, state: dict) -> tuple[Tensor, Tensor]:
@@ -463,3 +472,9 @@ def _target(item):
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise TypeError(f"a balanced draw reads the dataset's (inputs, target) items, got {type(item).__name__}")
     return item[1]
+
+
+def _check_bools(**flags) -> None:
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")

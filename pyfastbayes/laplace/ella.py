@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..calibration._checks import check_generator, check_int
 from ..nn.loaders import batches as loader_batches
-from ._kernels import jvp, kernel, vjp_
+from ._kernels import gram, jvp, kernel, vjp_
 from ._likelihood import check_targets
 from ._linearised import LinearisedGP
 
@@ -104,16 +104,16 @@ class ELLA(LinearisedGP):
         self._check_uses_on(X)  # (tied weights, parameters read outside their module: refused)
         # the M rows' Jacobian parts at one output each (seed + 1: laplace-torch's draw)
         picked, fs, choices = [], [], None
-        for s in range(0, M, self.batch_size):
-            f, parts = self._pieces(X[s:s + self.batch_size])
+        for rows in self._chunk_rows(M):
+            f, parts = self._pieces(X[rows])
             if choices is None:
                 choices = torch.randint(f.shape[1], (M,), generator=torch.Generator().manual_seed(self.seed + 1))
             fs.append(f)
-            picked.append(_pick(parts, choices[s:s + f.shape[0]].to(self.device)))
+            picked.append(_pick(parts, choices[rows].to(self.device)))
         f = torch.cat(fs)
         check_targets(Y, f, self.likelihood)  # (the subset's targets: the likelihood's shape, early)
         C = f.shape[1]
-        Kmm = _gram(picked, self.batch_size, M, self.device)
+        Kmm = gram(lambda: zip(self._chunk_rows(M), picked), M, 1, torch.float64, self.device)
         evals, evecs = torch.linalg.eigh(Kmm)
         order = torch.argsort(evals, descending=True)[:K]
         top = evals[order]
@@ -188,12 +188,21 @@ class ELLA(LinearisedGP):
                 cross_cost += C * M * k
         if dual_cost >= cross_cost or P * K * torch.finfo(self.dtype).bits // 8 > DUAL_BYTES:
             return None
-        D = torch.zeros(K, P, dtype=self.dtype, device=self.device)
-        w = st["proj"].t().to(self.dtype)  # [K, M]
-        for k, part in enumerate(st["picked"]):
-            rows = slice(k * self.batch_size, min((k + 1) * self.batch_size, M))
-            vjp_(part, w[:, rows].unsqueeze(-1), D)
-        return D
+        return self._rows_vjp(st["proj"].t())
+
+    def _chunk_rows(self, M: int):
+        """The subset's row slices, chunk by chunk (those of ``picked``)."""
+        return (slice(s, min(s + self.batch_size, M)) for s in range(0, M, self.batch_size))
+
+    def _rows_vjp(self, w: Tensor) -> Tensor:
+        """R^T w: [k, P_c] for weights w [k, M] of the subset's chosen rows (one J^T w per chunk);
+        with w = (V Lambda^-1/2)^T the basis D [K, P_c]."""
+        st = self._fitted
+        out = torch.zeros(w.shape[0], self._n_covered(), dtype=self.dtype, device=self.device)
+        w = w.to(self.dtype)
+        for rows, part in zip(self._chunk_rows(st["M"]), st["picked"]):
+            vjp_(part, w[:, rows].unsqueeze(-1), out)
+        return out
 
     def _features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(f [n, C], phi [n, C, K]) of input rows x: phi = J(x) D, or K(x, rows) V Lambda^-1/2 (the
@@ -212,31 +221,19 @@ class ELLA(LinearisedGP):
         A = st["G"] * h + self._delta.double() * torch.eye(st["K"], dtype=torch.float64, device=self.device)
         return torch.linalg.cholesky(A)
 
-    def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(f_mu [n, C], f_var [n, C, C] = phi A^-1 phi^T) at input rows x [n, ...]."""
-        if x.shape[0] == 0:
-            return self._empty(False)
-        L = self._precision_factor()
-        mus, vars_ = [], []
-        for r0 in range(0, x.shape[0], self.batch_size):
-            f, phi = self._features(x[r0:r0 + self.batch_size].to(self.device))
-            v = torch.linalg.solve_triangular(L, phi.to(torch.float64).transpose(1, 2), upper=False)  # [n, K, C]
-            mus.append(f), vars_.append((v.transpose(1, 2) @ v).to(self.dtype))
-        return torch.cat(mus), torch.cat(vars_)
+    def _prep(self) -> Tensor:
+        return self._precision_factor()
 
-    def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(f_mu [n C], f_cov [n C, n C]): the joint covariance over all the rows x and outputs (flat
-        index i * C + c; laplace-torch's ``joint=True``)."""
-        if x.shape[0] == 0:
-            return self._empty(True)
-        L = self._precision_factor()
-        fs, phis = [], []
-        for r0 in range(0, x.shape[0], self.batch_size):
-            f, phi = self._features(x[r0:r0 + self.batch_size].to(self.device))
-            fs.append(f), phis.append(phi)
-        flat = torch.cat(phis).reshape(-1, self._fitted["K"]).to(torch.float64)
-        v = torch.linalg.solve_triangular(L, flat.t(), upper=False)
-        return torch.cat(fs).reshape(-1), (v.t() @ v).to(self.dtype)
+    def _moments(self, x: Tensor, L: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
+        """(f [n, C], phi A^-1 phi^T: per row [n, C, C] or joint [n C, n C]) of the rows x, L the
+        Cholesky factor of A."""
+        f, phi = self._features(x)
+        phi = phi.to(torch.float64)
+        if joint:
+            v = torch.linalg.solve_triangular(L, phi.reshape(-1, phi.shape[-1]).t(), upper=False)  # [K, n C]
+            return f, (v.t() @ v).to(self.dtype)
+        v = torch.linalg.solve_triangular(L, phi.transpose(1, 2), upper=False)  # [n, K, C]
+        return f, (v.transpose(1, 2) @ v).to(self.dtype)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """n draws [n, P] of the weights theta* + D z, z ~ N(0, A^-1) (the feature-space posterior;
@@ -250,15 +247,8 @@ class ELLA(LinearisedGP):
             return out
         eps = torch.randn(n, st["K"], dtype=self.dtype, device=self.device, generator=generator)
         z = torch.linalg.solve_triangular(self._precision_factor().t(), eps.t().to(torch.float64), upper=True)  # [K, n]
-        if st["dual"] is not None:
-            out[:, self.positions] += z.t().to(self.dtype) @ st["dual"]
-            return out
-        w = (st["proj"] @ z).t().to(self.dtype)  # [n, M]: the rows' weights
-        corr = torch.zeros(n, self.positions.numel(), dtype=self.dtype, device=self.device)
-        for k, part in enumerate(st["picked"]):
-            rows = slice(k * self.batch_size, min((k + 1) * self.batch_size, st["M"]))
-            vjp_(part, w[:, rows].unsqueeze(-1), corr)
-        out[:, self.positions] += corr
+        zt = z.t().to(self.dtype)
+        out[:, self.positions] += zt @ st["dual"] if st["dual"] is not None else self._rows_vjp(zt @ st["proj"].t())
         return out
 
     # ---- tuning --------------------------------------------------------------------------------------------
@@ -286,13 +276,7 @@ class ELLA(LinearisedGP):
         """laplace-torch's basis D = R^T V Lambda^-1/2 [P_c, K] (formed here when the features use
         cross kernels)."""
         st = self._need_fit()
-        if st["dual"] is not None:
-            return st["dual"].t()
-        D = torch.zeros(st["K"], self.positions.numel(), dtype=self.dtype, device=self.device)
-        w = st["proj"].t().to(self.dtype)
-        for k, part in enumerate(st["picked"]):
-            vjp_(part, w[:, k * self.batch_size:(k + 1) * self.batch_size].unsqueeze(-1), D)
-        return D.t()
+        return (st["dual"] if st["dual"] is not None else self._rows_vjp(st["proj"].t())).t()
 
     @property
     def feature_gram(self) -> Tensor:
@@ -333,8 +317,7 @@ class ELLA(LinearisedGP):
         delta, sigma = self._checked_hyper(state)
         X, f, pieces = self._check_state_rows(state, M, C)
         self._check_uses_on(X)
-        picked = [_pick(parts, choices[k * self.batch_size:k * self.batch_size + fk.shape[0]].to(self.device))
-                  for k, (fk, parts) in enumerate(pieces)]
+        picked = [_pick(parts, choices[rows].to(self.device)) for rows, (_, parts) in zip(self._chunk_rows(M), pieces)]
         fitted = dict(M=M, K=K, C=C, X=X, f=f, choices=choices.clone(), picked=picked,
                       proj=proj.to(self.device, torch.float64), G=G.to(self.device, torch.float64),
                       theta=theta.to(self.device).clone())
@@ -360,18 +343,6 @@ def _pick(parts: list, choices: Tensor) -> list:
         else:
             out.append((sel, (p[0], p[1][choices, rows].unsqueeze(0)) + tuple(p[2:])))
     return out
-
-
-def _gram(picked: list, batch_size: int, M: int, device) -> Tensor:
-    """R R^T [M, M] in float64 from the rows' one-output parts, each pair of chunks once, mirrored."""
-    K = torch.zeros(M, M, dtype=torch.float64, device=device)
-    starts = [k * batch_size for k in range(len(picked))]
-    for i, (si, pi) in enumerate(zip(starts, picked)):
-        for sj, pj in zip(starts[i:], picked[i:]):
-            blk = kernel(pi, pj, torch.float64)
-            K[si:si + blk.shape[0], sj:sj + blk.shape[1]] = blk
-            K[sj:sj + blk.shape[1], si:si + blk.shape[0]] = blk.t()
-    return K
 
 
 def _balanced(labels: Tensor, M: int, g: torch.Generator) -> Tensor:

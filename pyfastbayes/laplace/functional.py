@@ -44,7 +44,7 @@ from ..calibration._checks import check_generator, check_int
 from . import marglik as ml
 from ._likelihood import check_targets, log_likelihood, summed_loss
 from ._linearised import LinearisedGP
-from ._kernels import jvp, kernel, kernel_same, part_bytes, self_kernel, self_same, vjp_
+from ._kernels import gram, jvp, kernel, kernel_same, part_bytes, self_kernel, self_same, vjp_
 
 JACOBIAN_BYTES = 512 << 20  # the subset's Jacobian parts are kept below this, recomputed above it
 _EPS = 1e-5  # classification's scatter: (s K_MM + eps I)^-1 (laplace-torch's)
@@ -175,25 +175,10 @@ class FunctionalLaplace(LinearisedGP):
         self._fitted = dict(M=M, N=N, C=C, X=X, y=y, f=f, parts=kept, loss=loss,
                             theta=self.layout.flatten().detach().clone())
         self.n_data, self.n_outputs, self.subset = N, C, idx
-        self._fitted["K"] = self._gram(F64)
+        self._fitted["K"] = gram(self._subset_parts, M, C, F64, self.device)
         self._fitted["Jd"] = self._offset()
         self._fitted["lam"] = self._loss_hessian_diag(f.to(F64))
         return self
-
-    def _gram(self, dtype: torch.dtype) -> Tensor:
-        """The kernel K_MM = J_M J_M^T [M C, M C] (rows m * C + c) in ``dtype``, each pair of the
-        subset's chunks once, mirrored."""
-        st = self._fitted
-        M, C = st["M"], st["C"]
-        K = torch.zeros(M * C, M * C, dtype=dtype, device=self.device)
-        for ri, pi in self._subset_parts():  # (recomputed: the inner chunks anew for every outer one)
-            for rj, pj in self._subset_parts():
-                if rj.start < ri.start:
-                    continue
-                blk = kernel(pi, pj, dtype)
-                K[ri.start * C:ri.stop * C, rj.start * C:rj.stop * C] = blk
-                K[rj.start * C:rj.stop * C, ri.start * C:ri.stop * C] = blk.t()
-        return K
 
     def _loss_hessian_diag(self, f: Tensor) -> Tensor:
         """Lambda's diagonal [M, C]: 1 (regression), p (1 - p) (classification)."""
@@ -240,7 +225,6 @@ class FunctionalLaplace(LinearisedGP):
         return torch.linalg.cholesky(w[:, None] * (self._s(delta) * K) * w
                                      + torch.eye(len(rows), dtype=K.dtype, device=self.device))
 
-
     def log_likelihood(self, sigma_noise=None) -> Tensor:
         """log p(y_M | f*) of the subset's rows (as Laplace's: tempered, regression's normaliser;
         ``sigma_noise``: at that noise instead of the stored one)."""
@@ -278,34 +262,15 @@ class FunctionalLaplace(LinearisedGP):
             total = total - 0.5 * (logdet + v.square().sum())
         return self.log_likelihood(sigma) + total.to(self.dtype)
 
-    # ---- predictives ---------------------------------------------------------------------------------
-    def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(f_mu [n, C], f_var [n, C, C]) of the GP posterior at input rows x [n, ...]."""
-        if x.shape[0] == 0:
-            return self._empty(False)
-        gps = self._gps()
-        mus, vars_ = [], []
-        for r0 in range(0, x.shape[0], self.batch_size):
-            f, var = self._gp_moments(x[r0:r0 + self.batch_size], gps, joint=False)
-            mus.append(f), vars_.append(var)
-        return torch.cat(mus), torch.cat(vars_)
-
-    def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(f_mu [n C], f_cov [n C, n C]): the GP posterior's joint covariance over all the input
-        rows x [n, ...] and outputs (flat index i * C + c; laplace-torch's ``joint=True``)."""
-        if x.shape[0] == 0:
-            return self._empty(True)
-        f, cov = self._gp_moments(x, self._gps(), joint=True)
-        return f.reshape(-1), cov
-
-    def _gps(self) -> list[tuple[Tensor, Tensor]]:
+    # ---- predictives (LinearisedGP's functional_variance / functional_covariance) -------------------
+    def _prep(self) -> list[tuple[Tensor, Tensor]]:
         """(the Cholesky factor L of B, its flat rows) per GP: the joint kernel's one, or the C
         independent ones."""
         return [(self._chol(Kb, rows), rows) for Kb, rows in self._blocks(self._need_fit()["K"])]
 
-    def _gp_moments(self, x: Tensor, gps: list, joint: bool) -> tuple[Tensor, Tensor]:
+    def _moments(self, x: Tensor, gps: list, joint: bool) -> tuple[Tensor, Tensor]:
         """(f [n, C], the posterior covariance: per row [n, C, C], or joint [n C, n C]) of the rows x:
-        s K_xx - v^T v with v = L^-1 W^1/2 s K_Mx per GP of ``gps`` (:meth:`_gps`; with
+        s K_xx - v^T v with v = L^-1 W^1/2 s K_Mx per GP of ``gps`` (:meth:`_prep`; with
         independent outputs the cross-output entries are 0)."""
         st = self._need_fit()
         C = st["C"]

@@ -62,8 +62,7 @@ class SWA(Posterior):
         self.dtype = dtype
         self.mean = torch.zeros(self.numel, dtype=dtype, device=self.device)
         self.n_averaged = 0
-        self.bn_buffers = None  # BatchNorm statistics for the average (update_bn), valid at n_averaged == _bn_for
-        self._bn_for = -1
+        self.bn_buffers = None  # BatchNorm statistics for the current average (update_bn); reset by collect / load
 
     # ---- collecting ----------------------------------------------------------------------------
     def _collect_flag(self, ps: list[Tensor]) -> Tensor:
@@ -92,6 +91,7 @@ class SWA(Posterior):
             self._refuse_collect(ps)
         self._update(ps)
         self.n_averaged += 1
+        self.bn_buffers = None  # (the average moved)
 
     def _update(self, ps: list[Tensor]) -> None:
         ops.swag_collect_(ps, self.mean, None, None, self.n_averaged)
@@ -105,9 +105,8 @@ class SWA(Posterior):
         return self.mean
 
     def _kept_buffers(self, bn_loader) -> dict | None:
-        """:attr:`bn_buffers` where they serve this prediction (no ``bn_loader``, the average they
-        were recomputed for unchanged since)."""
-        return self.bn_buffers if bn_loader is None and self._bn_for == self.n_averaged else None
+        """:attr:`bn_buffers` where they serve this prediction (no ``bn_loader`` given)."""
+        return self.bn_buffers if bn_loader is None else None
 
     def load_mean_(self, model: nn.Module | None = None) -> nn.Module:
         """Write the running average [P] into the parameters of ``model`` (default: :attr:`model`)
@@ -141,7 +140,6 @@ class SWA(Posterior):
         tensors.update(buffers)
         refresh_bn(self.model, loader, tensors, self.device, batch_size, input_fn)
         self.bn_buffers = buffers
-        self._bn_for = self.n_averaged
 
     # ---- the Posterior interface (a point mass at the mean) ------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -193,4 +191,4 @@ class SWA(Posterior):
         self._check_state(state)
         self.mean.copy_(state["mean"])
         self.n_averaged = int(state["n_averaged"])
-        self.bn_buffers, self._bn_for = None, -1
+        self.bn_buffers = None

@@ -772,7 +772,7 @@ class SWAG(ColumnShards, SWA):
 
     def _load_state(self, state: dict) -> None:
         self._check_state(state)
-        self.bn_buffers, self._bn_for = None, -1
+        self.bn_buffers = None
         self._sync_store()
         def cols(t: Tensor) -> Tensor:  # this rank's columns of a saved [..., P] (or local) tensor
             return t if not self.sharded or "shard" in state else self._take_columns(t)
