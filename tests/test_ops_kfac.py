@@ -14,8 +14,10 @@ OP = "kfac_factor_"
 PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float32),
          (torch.bfloat16, torch.float32), (torch.float32, torch.float64), (torch.float16, torch.float64),
          (torch.bfloat16, torch.float64)]
-# (M, d, bias): one row and one column, a tail tile (D = 71 > 64, the CPU tile), many rows
-SHAPES = [(1, 1, True), (1, 1, False), (37, 5, True), (200, 16, False), (65, 70, True), (3, 2, False)]
+# (M, d, bias): one row and one column, a tail tile (D = 71 > 64, the CPU tile), many rows, and
+# the CPU's gram in lower column blocks (d >= 128: 2 blocks, edges inside a tile; 4 blocks)
+SHAPES = [(1, 1, True), (1, 1, False), (37, 5, True), (200, 16, False), (65, 70, True), (3, 2, False),
+          (130, 128, False), (40, 301, True), (9, 520, False)]
 CHUNK_BYTES = 64 << 20  # kKfacChunkBytes (csrc/common/kfac.h)
 
 
@@ -51,7 +53,9 @@ def kf_make(kind, device, g, gen):
     # x as views: transposed, every other row, a column slice; factor contiguous
     base = torch.randn(9, 40, generator=gen).to(dtype=xd, device=device)
     wide = torch.randn(30, 12, generator=gen).to(dtype=xd, device=device)
+    tall = torch.randn(260, 20, generator=gen).to(dtype=xd, device=device)  # its transpose: 2 column blocks
     return [call(sym(10, gen, fd).to(device), base.t(), 0.25, True),
+            call(sym(261, gen, fd).to(device), tall.t(), 0.5, True),
             call(sym(12, gen, fd).to(device), wide[::2], 1.0, False),
             call(sym(6, gen, fd).to(device), wide[:, 3:8], 3.0, True)]
 
@@ -232,6 +236,30 @@ def test_exactly_symmetric(device, fd):
         for backend, F in f.items():
             ops.kfac_factor_(F, x, 0.1 * (k + 1), True, backend=backend)
             assert torch.equal(F, F.t()), (backend, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fd", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("d", [128, 300, 1030])
+def test_blocked_gram_is_exact_and_symmetric(device, fd, d):
+    """From 128 columns the CPU kernel computes x^T x in lower column blocks only (2, 2 and 8
+    blocks here) and mirrors them: small integer activations give the closed form to the bit
+    (every block in its place, none of the skipped upper ones read), onto a symmetric start and
+    with the bias; random rows of mixed magnitudes keep the factor equal to its transpose."""
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randint(-4, 5, (23, d), generator=gen).to(fd)
+    F0 = torch.randint(-9, 10, (d + 1, d + 1), generator=gen).to(fd)
+    F0 = F0 + F0.t()
+    want = (F0.double() + 0.5 * (augmented(x, True).t() @ augmented(x, True))).to(fd)
+    for backend in _backends(device):
+        f = F0.clone().to(device)
+        ops.kfac_factor_(f, x.to(device), 0.5, True, backend=backend)
+        assert torch.equal(f.cpu(), want), backend
+        g = torch.zeros(d, d, dtype=fd, device=device)
+        for k in range(3):
+            xr = (torch.randn(50, d, generator=gen, dtype=torch.float64) * torch.logspace(-2, 2, d, dtype=torch.float64))
+            ops.kfac_factor_(g, xr.to(fd).to(device), 1.0 + k, False, backend=backend)
+            assert torch.equal(g, g.t()), (backend, k)
 
 
 @pytest.mark.parametrize("device", DEVICES)

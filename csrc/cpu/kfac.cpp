@@ -1,8 +1,12 @@
 // CPU kernel of kfac_factor_: gram = x^T x and colsum by ATen (GEMM: MKL / OpenBLAS, row chunks
-// when x is converted; common/kfac.h: kfac_gram), then one pass over factor [D, D] in square
-// tiles of kTile x kTile, the tile rows split over threads (at::parallel_for, OpenMP): each
-// element gets kfac_update's operations (the CUDA kernel's function; see kfac_rows). A tile's
-// transposed reads gram[j, i] go through a local copy (16-32 KiB), so the loop vectorises.
+// when x is converted; common/kfac.h: kfac_gram), of which only the lower block triangle is
+// computed from kKfacBlockMin columns on (kfac_gram_lower: the GEMMs of the blocks above the
+// diagonal are skipped), then one pass over factor [D, D] in square tiles of kTile x kTile, the
+// tile rows split over threads (at::parallel_for, OpenMP). Element (i, j) reads gram's lower
+// triangle only, g = gram[max(i, j), min(i, j)], and gets f + (scale / 2) (g + g): the update of
+// kfac_update (the CUDA kernel's) on an exactly symmetric gram, so (i, j) and (j, i) get the same
+// bits. Reads of gram[j, i] (tiles above the diagonal) go through a local transposed copy of the
+// tile (16-32 KiB), so the loops vectorise; tiles below the diagonal read gram's rows directly.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,15 +23,18 @@ namespace {
 
 constexpr int64_t kTile = 64;  // a 64 x 64 tile of factor: 32 KiB of doubles, plus the transposed tile of gram
 
-// Rows [i0, i1) of factor, in tiles of up to kTile x kTile elements. The part of a tile inside
-// gram (i, j < d) first copies gram's transposed tile (gram[j, i]) into a local buffer, so the
-// update loop reads both operands along rows, without a branch, and vectorises; it applies the
-// very operations of kfac_update (same operands, same order: the same bits). The bias row and
-// column (i == d or j == d) take kfac_update itself.
+// factor row i over columns [j0, j1) += (scale / 2) (g + g), g read along a row: src[j].
+template <typename T>
+inline void add_twice(T* row, const T* src, T half_scale, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) row[j] = add_rn(row[j], mul_rn(half_scale, add_rn(src[j], src[j])));
+}
+
+// Rows [i0, i1) of factor, in tiles of up to kTile x kTile elements (see the file's comment). The
+// bias row and column (i == d or j == d) take kfac_update itself.
 template <typename T>
 void kfac_rows(T* f, const T* gram, const T* colsum, KfacScalars<T> s, int64_t d, int64_t D, int64_t i0,
                int64_t i1) {
-  T tile[kTile * kTile];  // tile[(i - ib) * kTile + (j - jb)] = gram[j, i]
+  T tile[kTile * kTile];  // tile[(i - ib) * kTile + (j - jb)] = gram[j, i], for tiles reaching above the diagonal
   for (int64_t ib = i0; ib < i1; ib += kTile) {
     const int64_t ie = std::min(ib + kTile, i1);
     const int64_t id = std::min(ie, d);  // rows of the tile inside gram: [ib, id)
@@ -35,15 +42,18 @@ void kfac_rows(T* f, const T* gram, const T* colsum, KfacScalars<T> s, int64_t d
       const int64_t je = std::min(jb + kTile, D);
       const int64_t jd = std::min(je, d);  // columns of the tile inside gram: [jb, jd)
       if (ib < id && jb < jd) {
-        for (int64_t j = jb; j < jd; ++j) {
-          const T* gj = gram + j * d;
-          for (int64_t i = ib; i < id; ++i) tile[(i - ib) * kTile + (j - jb)] = gj[i];
+        const bool above = jd - 1 > ib;  // some (i, j) of the tile has j > i: gram[j, i] is read
+        if (above) {
+          for (int64_t j = std::max(jb, ib + 1); j < jd; ++j) {
+            const T* gj = gram + j * d;
+            for (int64_t i = ib; i < std::min(id, j); ++i) tile[(i - ib) * kTile + (j - jb)] = gj[i];
+          }
         }
         for (int64_t i = ib; i < id; ++i) {
           T* row = f + i * D;
-          const T* gi = gram + i * d;
-          const T* ti = tile + (i - ib) * kTile - jb;  // ti[j] = gram[j, i]
-          for (int64_t j = jb; j < jd; ++j) row[j] = add_rn(row[j], mul_rn(s.half_scale, add_rn(gi[j], ti[j])));
+          const int64_t split = std::clamp(i + 1, jb, jd);  // j < split: j <= i, gram's row i
+          add_twice(row, gram + i * d, s.half_scale, jb, split);
+          if (split < jd) add_twice(row, tile + (i - ib) * kTile - jb, s.half_scale, split, jd);
         }
       }
       for (int64_t i = ib; i < ie; ++i) {  // the bias column (i < d, j == d) and row (i == d)
@@ -60,7 +70,7 @@ void kfac_factor_cpu(const at::Tensor& factor, const at::Tensor& x, double scale
   const int64_t M = x.size(0), d = x.size(1), D = factor.size(0);
   if (M == 0) return;  // nothing to add (and factor keeps every bit)
   at::Tensor gram, colsum;
-  std::tie(gram, colsum) = kfac_gram(x, factor.scalar_type(), bias);
+  std::tie(gram, colsum) = kfac_gram(x, factor.scalar_type(), bias, /*lower_blocks=*/true);
   AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "kfac_factor_", [&] {
     const KfacScalars<scalar_t> s = kfac_scalars<scalar_t>(scale, M);
     scalar_t* f = factor.data_ptr<scalar_t>();
