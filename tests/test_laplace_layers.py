@@ -391,7 +391,12 @@ def test_kron_mlp_is_the_blockwise_kfac_formula(bias_block, curvature):
     X, y = torch.randn(11, 4, generator=g, dtype=DT), torch.randint(0, C, (11,), generator=g)
     loader = [(X[:4], y[:4]), (X[4:], y[4:])]
     la = fit(model, loader, "classification", hessian_structure="kron", bias_block=bias_block, curvature=curvature)
-    joint = bias_block == "joint"
+    want = _kfac_dense(model, loader, curvature, bias_block == "joint")
+    torch.testing.assert_close(curvature_part(la), want, rtol=1e-10, atol=1e-12)
+
+
+def _kfac_dense(model, loader, curvature, joint):
+    """The Kronecker blocks of the explicit KFAC formulas as one dense [P, P] matrix (layout order)."""
     facs = ref.kfac_factors(model, loader, "classification", kron_modules(model), "expand", curvature, bias=joint)
     blocks = []
     for (G, A), m in zip(facs, kron_modules(model)):
@@ -403,8 +408,36 @@ def test_kron_mlp_is_the_blockwise_kfac_formula(bias_block, curvature):
             blocks.append(K[flat_pos][:, flat_pos])
         else:
             blocks += [torch.kron(G.contiguous(), A.contiguous()), G]
-    want = torch.block_diag(*blocks)
+    return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize("bias_block", ["joint", "separate"])
+def test_kron_activation_rows_fewer_than_the_width(bias_block):
+    """Batches of fewer rows than a layer's inputs: their activation rows are buffered up to the
+    factor's width and added when it is full (several times here) or when the factors are read.
+    The factors equal the KFAC formulas; so does a loader that refills ONE batch tensor in place
+    (the buffer holds copies), and a second fit(override=False) adds its rows to the first's."""
+    torch.manual_seed(5)
+    model = mlp(D=12, H=9)
+    g = torch.Generator().manual_seed(5)
+    sizes = [3, 5, 2, 7, 4, 1, 6]
+    X, y = torch.randn(sum(sizes), 12, generator=g, dtype=DT), torch.randint(0, C, (sum(sizes),), generator=g)
+    loader = list(zip(X.split(sizes), y.split(sizes)))
+    want = _kfac_dense(model, loader, "ggn", bias_block == "joint")
+    la = fit(model, loader, "classification", hessian_structure="kron", bias_block=bias_block)
     torch.testing.assert_close(curvature_part(la), want, rtol=1e-10, atol=1e-12)
+
+    def refilled():  # one tensor, overwritten for every batch
+        xb = torch.empty(max(sizes), 12, dtype=DT)
+        for xs, ys in loader:
+            xb[:len(xs)].copy_(xs)
+            yield xb[:len(xs)], ys
+    la2 = fit(model, refilled(), "classification", hessian_structure="kron", bias_block=bias_block)
+    torch.testing.assert_close(curvature_part(la2), want, rtol=1e-10, atol=1e-12)
+
+    la3 = fit(model, loader[:3], "classification", hessian_structure="kron", bias_block=bias_block)
+    la3.fit(loader[3:], override=False, progress=False)
+    torch.testing.assert_close(curvature_part(la3), want, rtol=1e-10, atol=1e-12)
 
 
 def test_kron_is_exact_for_one_example():
