@@ -22,6 +22,7 @@ import _laplace_reference as ref
 from _helpers import require
 from pyfastbayes.laplace import Laplace
 from pyfastbayes.laplace import _layers as layers_mod
+from pyfastbayes.laplace import factors as factors_mod
 
 DT = torch.float64
 
@@ -412,7 +413,7 @@ def _kfac_dense(model, loader, curvature, joint):
 
 
 @pytest.mark.parametrize("bias_block", ["joint", "separate"])
-def test_kron_activation_rows_fewer_than_the_width(bias_block):
+def test_kron_activation_rows_fewer_than_the_width(bias_block, monkeypatch):
     """Batches of fewer rows than a layer's inputs: their activation rows are buffered up to the
     factor's width and added when it is full (several times here) or when the factors are read.
     The factors equal the KFAC formulas; so does a loader that refills ONE batch tensor in place
@@ -420,7 +421,7 @@ def test_kron_activation_rows_fewer_than_the_width(bias_block):
     torch.manual_seed(5)
     model = mlp(D=12, H=9)
     g = torch.Generator().manual_seed(5)
-    sizes = [3, 5, 2, 7, 4, 1, 6]
+    sizes = [3, 5, 2, 7, 4, 1, 6, 11, 2]  # (11 > the first batch's 3 when the buffer is capped to it)
     X, y = torch.randn(sum(sizes), 12, generator=g, dtype=DT), torch.randint(0, C, (sum(sizes),), generator=g)
     loader = list(zip(X.split(sizes), y.split(sizes)))
     want = _kfac_dense(model, loader, "ggn", bias_block == "joint")
@@ -438,6 +439,11 @@ def test_kron_activation_rows_fewer_than_the_width(bias_block):
     la3 = fit(model, loader[:3], "classification", hessian_structure="kron", bias_block=bias_block)
     la3.fit(loader[3:], override=False, progress=False)
     torch.testing.assert_close(curvature_part(la3), want, rtol=1e-10, atol=1e-12)
+
+    # a buffer capped to the first batch (3 rows): full after every batch, and later batches larger
+    monkeypatch.setattr(factors_mod, "_ROW_BUFFER_BYTES", 1)
+    la4 = fit(model, loader, "classification", hessian_structure="kron", bias_block=bias_block)
+    torch.testing.assert_close(curvature_part(la4), want, rtol=1e-10, atol=1e-12)
 
 
 def test_kron_is_exact_for_one_example():

@@ -26,6 +26,7 @@ from torch import Tensor
 from .. import ops
 from ._layers import Block, Layer
 
+_ROW_BUFFER_BYTES = 64 << 20  # KronCurvature's buffered activation rows of one block: at most this many bytes
 _CHUNK_ELEMENTS = 1 << 24  # per-example Jacobian rows are built at most this many numbers at a time
 
 
@@ -222,18 +223,27 @@ class KronCurvature:
         (:meth:`flush`): an update of M < d rows costs a pass over all d^2 entries of A (the
         GEMM's writes and the op's symmetric pass) for M d^2 products, so the CPU fit of the
         digits CNN spent 0.7 ms per batch on its 512-wide factor. The rows are copied (a loader
-        may refill its batch tensor in place) and the sums are those of the rows, in another order."""
+        may refill its batch tensor in place) and the sums are those of the rows, in another order.
+        The buffer holds at most _ROW_BUFFER_BYTES (and at least one batch)."""
         A = self.A[i]
         parts = rows.a_parts
         if (rows.a_counts is None and rows.a_order is None and isinstance(parts, list) and len(parts) == 1
                 and A.dim() == 2 and parts[0].shape[0] < parts[0].shape[1]):
             x = parts[0]
-            buf, filled, _ = self._pending.get(i) or (x.new_empty((x.shape[1], x.shape[1]), dtype=A.dtype), 0, None)
+            if i not in self._pending:
+                cap = max(x.shape[0], min(x.shape[1], _ROW_BUFFER_BYTES // (x.shape[1] * A.element_size())))
+                self._pending[i] = (x.new_empty((cap, x.shape[1]), dtype=A.dtype), 0, None)
+            buf, filled, _ = self._pending[i]
             if filled + x.shape[0] > buf.shape[0]:
-                ops.kfac_factor_(A, buf[:filled], 1.0, rows.a_bias)
+                if filled:
+                    ops.kfac_factor_(A, buf[:filled], 1.0, rows.a_bias)
                 filled = 0
-            buf[filled:filled + x.shape[0]].copy_(x)
-            self._pending[i] = (buf, filled + x.shape[0], rows.a_bias)
+            if x.shape[0] > buf.shape[0]:  # a batch larger than the buffer (a later, bigger one): added as it is
+                ops.kfac_factor_(A, x.to(A.dtype), 1.0, rows.a_bias)
+            else:
+                buf[filled:filled + x.shape[0]].copy_(x)
+                filled += x.shape[0]
+            self._pending[i] = (buf, filled, rows.a_bias)
             return
         _add_activations(A, rows)
 
