@@ -44,7 +44,7 @@ def test_against_laplace_torch(lik, balanced):
     (m1, v1), (m2, v2) = ours(xt), theirs(xt, pred_type="gp")
     torch.testing.assert_close(m1, m2, rtol=0, atol=0)
     torch.testing.assert_close(v1, v2, rtol=1e-9, atol=1e-12)
-    (j1, c1), (j2, c2) = ours(xt, joint=True), theirs(xt, pred_type="gp", joint=True)
+    (_, c1), (_, c2) = ours(xt, joint=True), theirs(xt, pred_type="gp", joint=True)
     torch.testing.assert_close(c1, c2, rtol=1e-9, atol=1e-12)
 
 
@@ -265,3 +265,60 @@ def test_the_subset_is_drawn_from_the_rows_the_loader_serves():
     unbatched = ELLA(model, "classification", 20, 8).fit(DataLoader(batches, batch_size=None), progress=False)
     assert unbatched.n_data == 80
     torch.testing.assert_close(unbatched(X[:4]), listed(X[:4]), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("lik", ["classification", "regression"])
+def test_fit_history_against_laplace_torch(lik):
+    """fit(val_loader=, val_steps=): the validation NLL every val_steps batches and after the last,
+    the rows seen after each batch, and one tuning record per grid candidate, as laplace-torch
+    ELLA's ``fit_history_``; each recorded NLL is the one of an ELLA fitted on the batches seen
+    so far."""
+    laplace = require("laplace", "laplace-torch is the reference Laplace library")
+    if not hasattr(laplace, "ELLA"):
+        pytest.skip("this laplace-torch has no ELLA")
+    C = 3 if lik == "classification" else 2
+    model, loader, _ = _problem(lik, C=C, train=True, deep=True)
+    g = torch.Generator().manual_seed(7)
+    Xv = torch.randn(20, 3, dtype=DT, generator=g)
+    Yv = torch.randint(0, C, (20,), generator=g) if lik == "classification" else torch.randn(20, C, dtype=DT, generator=g)
+    val = DataLoader(TensorDataset(Xv, Yv), batch_size=8)
+    theirs = laplace.ELLA(model, lik, 30, 12, prior_precision=0.5)
+    theirs.fit(loader, val_loader=val, val_steps=3)
+    ours = ELLA(model, lik, 30, 12, prior_precision=0.5, batch_size=16).fit(loader, progress=False, val_loader=val,
+                                                                               val_steps=3)
+    h, t = ours.fit_history_, theirs.fit_history_
+    assert h["processed_examples"] == t["processed_examples"] and len(h["processed_examples"]) == len(list(loader))
+    nb = len(list(loader))
+    assert nb % 3 and len(h["val_nll"]) == len(t["val_nll"]) == nb // 3 + 1  # after batches 3, 6, ... and the last
+    assert h["val_nll"] == pytest.approx(t["val_nll"], rel=1e-8)
+    # the first record: an ELLA fitted on the first three batches alone, scored by hand
+    first = ELLA(model, lik, 30, 12, prior_precision=0.5, batch_size=16).fit(loader, progress=False)
+    first._fitted["G"].zero_()
+    for xb, _ in list(loader)[:3]:
+        fb, phi = first._features(xb)
+        phi = phi.double()
+        if lik == "regression":
+            first._fitted["G"] += torch.einsum("nck,ncl->kl", phi, phi)
+        else:
+            p = fb.double().softmax(-1)
+            H = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+            first._fitted["G"] += torch.einsum("nck,ncd,ndl->kl", phi, H, phi)
+    mu, var = first.functional_variance(Xv)
+    if lik == "regression":
+        v = torch.diagonal(var, dim1=1, dim2=2) + 1.0
+        want = float((0.5 * ((Yv - mu).square() / v + v.log() + math.log(2 * math.pi))).sum(1).mean())
+    else:
+        want = float(torch.nn.functional.nll_loss(first(Xv).log(), Yv))
+    assert h["val_nll"][0] == pytest.approx(want, rel=1e-9)
+    # tuning records, then a refit starts a fresh history
+    grid = [0.1, 1.0, 10.0]
+    ours.optimize_hyperparameters(val, grid)
+    theirs.optimize_hyperparameters(val, grid)
+    assert [r["prior_precision"] for r in h["tuning"]] == pytest.approx(grid, rel=1e-12)
+    assert [r["val_nll"] for r in h["tuning"]] == pytest.approx([r["val_nll"] for r in t["tuning"]], rel=1e-8)
+    ours.fit(loader, progress=False)
+    assert ours.fit_history_["val_nll"] == [] and ours.fit_history_["tuning"] == []
+    with pytest.raises(ValueError, match="val_loader"):
+        ours.fit(loader, progress=False, val_steps=2)
+    with pytest.raises(ValueError, match="val_steps"):
+        ours.fit(loader, progress=False, val_loader=val, val_steps=0)

@@ -84,7 +84,8 @@ inline void kfac_gram_lower(at::Tensor& gram, const at::Tensor& xc, int64_t nb, 
 }
 
 // Step 1 on x's device: (gram [d, d], colsum [d] or an undefined tensor without bias), both
-// contiguous and of dtype `math` (the factor's). x: [M, d] with M >= 1. With lower_blocks
+// contiguous and of dtype `math` (the factor's); gram whole, or (lower_blocks) only its lower
+// block triangle set. x: [M, d] with M >= 1. With lower_blocks
 // (the CPU kernel, which reads gram[i, j] for i >= j only), only gram's lower block triangle
 // is computed (kfac_gram_lower, kfac_gram_blocks(d) blocks) and the rest is left unset.
 inline std::pair<at::Tensor, at::Tensor> kfac_gram(const at::Tensor& x, at::ScalarType math, bool bias,

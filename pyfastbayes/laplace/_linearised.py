@@ -324,6 +324,10 @@ class LinearisedGP(Posterior):
                 else:
                     self.prior_precision = cand
                 nll = self._val_nll(Xv, Yv, link_approx)
+                history = getattr(self, "fit_history_", None)  # (ELLA's, laplace-torch's record per candidate)
+                if history is not None:
+                    history["tuning"].append(dict(prior_precision=float(self._delta), sigma_noise=float(self._sigma),
+                                                  val_nll=nll))
                 if nll < best_nll:
                     best, best_nll = (self._delta, self._sigma), nll
         except BaseException:

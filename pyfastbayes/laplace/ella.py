@@ -33,7 +33,7 @@ from ._linearised import LinearisedGP
 
 DUAL_BYTES = 256 << 20  # the explicit basis D [K, P_c] is kept below this (cross kernels otherwise)
 # what fit assigns (put back when it fails)
-_FIT_STATE = ("_fitted", "n_data", "n_outputs", "subset")
+_FIT_STATE = ("_fitted", "n_data", "n_outputs", "subset", "fit_history_")
 
 
 class ELLA(LinearisedGP):
@@ -55,7 +55,10 @@ class ELLA(LinearisedGP):
         output_fn: model output -> the tensor [N, C].
 
     Attributes after :meth:`fit`: ``n_data`` (the rows whose curvature G holds), ``subset`` (the M
-    dataset indices), ``n_outputs`` (C).
+    dataset indices), ``n_outputs`` (C), ``fit_history_`` (laplace-torch's: 'processed_examples',
+    the rows seen after each batch; 'val_nll', the validation NLLs of ``fit(val_loader=)``;
+    'tuning', one record {prior_precision, sigma_noise, val_nll} per candidate of
+    :meth:`optimize_hyperparameters` / the grid search).
     """
 
     kind = "ELLA"
@@ -78,23 +81,36 @@ class ELLA(LinearisedGP):
             raise ValueError("ELLA takes prior_mean=0 only (its feature-space prior is centred at the MAP's "
                              "linearisation; laplace-torch's ELLA refuses it too)")
         self._fitted = None
+        self.fit_history_ = _empty_history()
 
     # ---- fit -----------------------------------------------------------------------------------------
-    def fit(self, loader, progress: bool = True, *, balanced: bool = False) -> "ELLA":
+    def fit(self, loader, progress: bool = True, *, balanced: bool = False, val_loader=None,
+            val_steps: int | None = None) -> "ELLA":
         """Build the Nystrom basis on M rows of ``loader`` and accumulate the feature-space curvature
         G over all its batches. ``loader``: a DataLoader over a map-style dataset (the M rows read
         by index), or any re-iterable of (inputs [B, ...], targets) batches (its rows gathered for the
         subset). ``balanced`` (classification): the M rows drawn round-robin over the classes
-        (laplace-torch's option). Returns self; a failed fit changes nothing."""
+        (laplace-torch's option). ``val_loader`` (batches of (inputs, targets)): the validation NLL
+        of the GP predictive (probit for classification, with the noise for regression) at the
+        current prior, recorded in ``fit_history_['val_nll']`` every ``val_steps`` batches of the
+        curvature pass and after the last (laplace-torch ELLA's history: the NLL as G takes in
+        more data, e.g. to see it overfit); ``fit_history_['processed_examples']`` gets the rows
+        seen after each batch. Returns self; a failed fit changes nothing."""
         if not isinstance(balanced, bool):
             raise TypeError(f"balanced must be True or False, got {type(balanced).__name__}")
         if balanced and self.likelihood != "classification":
             raise ValueError("balanced=True draws the subset round-robin over the classes: classification only")
-        return self._atomically(_FIT_STATE, self._fit, loader, progress, balanced)
+        if val_steps is not None:
+            val_steps = check_int(val_steps, "val_steps", 1)
+            if val_loader is None:
+                raise ValueError("val_steps needs val_loader (the validation batches it scores)")
+        return self._atomically(_FIT_STATE, self._fit, loader, progress, balanced, val_loader, val_steps)
 
-    def _fit(self, loader, progress: bool, balanced: bool) -> "ELLA":
+    def _fit(self, loader, progress: bool, balanced: bool, val_loader=None, val_steps: int | None = None) -> "ELLA":
         if torch.is_tensor(loader):
             raise TypeError("fit needs an iterable of (inputs, targets) batches (e.g. a DataLoader), not a tensor")
+        self.fit_history_ = history = _empty_history()
+        val = None if val_loader is None else self._rows(val_loader)
         idx, X, Y = self._subset_rows(loader, balanced)
         M, K = self.subsample_size, self.n_eigenvalues
         X = X.to(self.device)
@@ -143,8 +159,13 @@ class ELLA(LinearisedGP):
                 pphi = torch.einsum("nc,nck->nk", p, phi)
                 G += torch.einsum("nck,nc,ncl->kl", phi, p, phi) - pphi.t() @ pphi
             n += fb.shape[0]
+            history["processed_examples"].append(float(n))
+            if val is not None and val_steps and (i + 1) % val_steps == 0:
+                history["val_nll"].append(self._val_nll(*val, "probit"))
         if n == 0:
             raise ValueError("ELLA.fit: the loader yielded no batches")
+        if val is not None and (not val_steps or (i + 1) % val_steps):
+            history["val_nll"].append(self._val_nll(*val, "probit"))
         self.n_data, self.n_outputs, self.subset = n, C, idx
         return self
 
@@ -333,6 +354,11 @@ class ELLA(LinearisedGP):
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
+def _empty_history() -> dict:
+    """A fresh ``fit_history_`` (laplace-torch ELLA's keys)."""
+    return {"processed_examples": [], "val_nll": [], "tuning": []}
+
+
 def _pick(parts: list, choices: Tensor) -> list:
     """The parts at one output per row (row n's output ``choices[n]``): one direction, C' = 1."""
     rows = torch.arange(choices.numel(), device=choices.device)

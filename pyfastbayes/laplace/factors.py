@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import ops
 from ._layers import Block, Layer
 
-_ROW_BUFFER_BYTES = 64 << 20  # KronCurvature's buffered activation rows of one block: at most this many bytes
+_ROW_BUFFER_BYTES = 64 << 20  # KronCurvature's buffered activation rows of one block: at most max(this, one batch)
 _CHUNK_ELEMENTS = 1 << 24  # per-example Jacobian rows are built at most this many numbers at a time
 
 
