@@ -316,6 +316,19 @@ def test_fit_history_against_laplace_torch(lik):
     theirs.optimize_hyperparameters(val, grid)
     assert [r["prior_precision"] for r in h["tuning"]] == pytest.approx(grid, rel=1e-12)
     assert [r["val_nll"] for r in h["tuning"]] == pytest.approx([r["val_nll"] for r in t["tuning"]], rel=1e-8)
+    # the history travels with the state (laplace-torch's state_dict has it too), as a copy
+    state = ours.state_dict()
+    again = ELLA(model, lik, 30, 12, batch_size=16)
+    again.load_state_dict(state)
+    assert again.fit_history_ == h and again.fit_history_ is not h
+    state["fit_history"]["val_nll"].append(1.0)
+    assert again.fit_history_ == h
+    del state["fit_history"]  # a state saved before the history existed: an empty one
+    again.load_state_dict(state)
+    assert again.fit_history_ == {"processed_examples": [], "val_nll": [], "tuning": []}
+    state["fit_history"] = {"val_nll": []}
+    with pytest.raises(ValueError, match="fit_history"):
+        again.load_state_dict(state)
     ours.fit(loader, progress=False)
     assert ours.fit_history_["val_nll"] == [] and ours.fit_history_["tuning"] == []
     with pytest.raises(ValueError, match="val_loader"):

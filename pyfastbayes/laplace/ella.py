@@ -21,6 +21,8 @@ regression, the noise) are tuned on validation data (``optimize_prior_precision(
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -314,7 +316,7 @@ class ELLA(LinearisedGP):
                      temperature=self.temperature, prior_precision=self._delta.clone(), sigma_noise=self._sigma.clone(),
                      n_data=self.n_data, n_outputs=st["C"], subset=self.subset.clone(), X=st["X"].clone(),
                      f=st["f"].clone(), choices=st["choices"].clone(), proj=st["proj"].clone(), G=st["G"].clone(),
-                     theta=st["theta"].clone())
+                     theta=st["theta"].clone(), fit_history=copy.deepcopy(self.fit_history_))
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -335,6 +337,7 @@ class ELLA(LinearisedGP):
                 or not bool(((choices >= 0) & (choices < C)).all()):
             raise ValueError(f"state_dict['choices'] must be the subset rows' {M} output indices (int64 in [0, {C}))")
         subset = self._check_state_subset(state, M)
+        history = _checked_history(state.get("fit_history"))
         delta, sigma = self._checked_hyper(state)
         X, f, pieces = self._check_state_rows(state, M, C)
         self._check_uses_on(X)
@@ -351,12 +354,24 @@ class ELLA(LinearisedGP):
         # every check passed: assign
         self._delta, self._sigma = delta, sigma
         self.n_data, self.n_outputs, self.subset = N, C, subset
+        self.fit_history_ = history
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
 def _empty_history() -> dict:
     """A fresh ``fit_history_`` (laplace-torch ELLA's keys)."""
     return {"processed_examples": [], "val_nll": [], "tuning": []}
+
+
+def _checked_history(h) -> dict:
+    """A copy of a state's ``fit_history`` (absent in states saved before it: an empty one),
+    else ValueError: a dict of laplace-torch's three lists."""
+    if h is None:
+        return _empty_history()
+    if not isinstance(h, dict) or set(h) != set(_empty_history()) or not all(isinstance(v, list) for v in h.values()):
+        raise ValueError("state_dict['fit_history'] must be a dict of the lists 'processed_examples', 'val_nll' and "
+                         "'tuning' (ELLA.fit_history_)")
+    return copy.deepcopy(h)
 
 
 def _pick(parts: list, choices: Tensor) -> list:
