@@ -335,3 +335,24 @@ def test_fit_history_against_laplace_torch(lik):
         ours.fit(loader, progress=False, val_steps=2)
     with pytest.raises(ValueError, match="val_steps"):
         ours.fit(loader, progress=False, val_loader=val, val_steps=0)
+
+
+def test_cached_basis_columns_follow_refits_and_loads():
+    """The basis D's columns per block are gathered once per fit (kept with the fit): predictions
+    after a refit on other weights, or after a load, equal a fresh ELLA's, never the old basis's."""
+    model, loader, X = _problem("classification", C=3, train=True, deep=True)
+    ella = ELLA(model, "classification", 30, 12, batch_size=16).fit(loader, progress=False)
+    assert ella._fitted["dual"] is not None  # (the explicit-basis path, the one with the cache)
+    before = ella(X[:5])
+    saved, weights = ella.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    ella.fit(loader, progress=False)
+    fresh = ELLA(model, "classification", 30, 12, batch_size=16).fit(loader, progress=False)
+    after = ella(X[:5])
+    torch.testing.assert_close(after, fresh(X[:5]), rtol=0, atol=0)
+    assert not torch.allclose(after, before)
+    model.load_state_dict(weights)
+    ella.load_state_dict(saved)
+    torch.testing.assert_close(ella(X[:5]), before, rtol=0, atol=0)

@@ -233,7 +233,8 @@ class ELLA(LinearisedGP):
         st = self._need_fit()
         f, px = self._pieces(x)
         if st["dual"] is not None:
-            return f, jvp(px, st["dual"]).permute(1, 2, 0)
+            # (D's columns per block gathered once per fit or load: st goes with D)
+            return f, jvp(px, st["dual"], st.setdefault("dual_cols", {})).permute(1, 2, 0)
         Kx = torch.cat([kernel(px, pm) for pm in st["picked"]], 1)  # [n C, M]
         return f, (Kx @ st["proj"].to(Kx.dtype)).reshape(f.shape[0], st["C"], -1)
 
