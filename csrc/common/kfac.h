@@ -84,25 +84,21 @@ inline void kfac_gram_lower(at::Tensor& gram, const at::Tensor& xc, int64_t nb, 
 }
 
 // Step 1 on x's device: (gram [d, d], colsum [d] or an undefined tensor without bias), both
-// contiguous and of dtype `math` (the factor's); gram whole, or (lower_blocks) only its lower
-// block triangle set. x: [M, d] with M >= 1. With lower_blocks
-// (the CPU kernel, which reads gram[i, j] for i >= j only), only gram's lower block triangle
-// is computed (kfac_gram_lower, kfac_gram_blocks(d) blocks) and the rest is left unset.
+// contiguous and of dtype `math` (the factor's). x: [M, d] with M >= 1, any strides (ATen copies
+// where BLAS must). One GEMM pass over all rows, or, when x is not in `math`, over converted row
+// chunks of kKfacChunkBytes. With lower_blocks (the CPU kernel, which reads gram[i, j] for i >= j
+// only) just gram's lower block triangle is computed (kfac_gram_lower, kfac_gram_blocks(d)
+// blocks) and the rest is left unset.
 inline std::pair<at::Tensor, at::Tensor> kfac_gram(const at::Tensor& x, at::ScalarType math, bool bias,
                                                    bool lower_blocks = false) {
   const int64_t M = x.size(0), d = x.size(1);
   const int64_t nb = lower_blocks ? kfac_gram_blocks(d) : 1;
-  if (x.scalar_type() == math) {  // no conversion: one pass over all rows (any strides: ATen copies if it must)
-    at::Tensor colsum = bias ? at::sum(x, at::IntArrayRef{0}).contiguous() : at::Tensor();
-    if (nb == 1) return {at::mm(x.t(), x).contiguous(), colsum};
-    at::Tensor gram = at::empty({d, d}, x.options());
-    kfac_gram_lower(gram, x, nb, true);
-    return {gram, colsum};
-  }
-  const int64_t rows = kfac_chunk_rows(d, static_cast<int64_t>(c10::elementSize(math)));
+  const bool convert = x.scalar_type() != math;
+  const int64_t rows = convert ? kfac_chunk_rows(d, static_cast<int64_t>(c10::elementSize(math))) : M;
   at::Tensor gram = at::empty({d, d}, x.options().dtype(math)), colsum;
   for (int64_t r0 = 0; r0 < M; r0 += rows) {
-    const at::Tensor xc = x.narrow(0, r0, std::min(rows, M - r0)).to(math);  // one bounded temporary
+    // converted: one bounded temporary per chunk
+    const at::Tensor xc = convert ? x.narrow(0, r0, std::min(rows, M - r0)).to(math) : x;
     kfac_gram_lower(gram, xc, nb, r0 == 0);  // gram (+)= xc^T xc
     if (bias) colsum = r0 == 0 ? at::sum(xc, at::IntArrayRef{0}) : colsum.add_(at::sum(xc, at::IntArrayRef{0}));
   }

@@ -104,16 +104,15 @@ def self_kernel(parts: list, dtype=None) -> Tensor:
 def jvp(parts: list, d: Tensor, cols: dict | None = None) -> Tensor:
     """J d [k, n, C] for k flat parameter vectors d [k, P] (positions: each block's ``sel``), in
     d's dtype. ``cols``: a dict the caller keeps with d (and drops with it), where each block's
-    columns of d, gathered once, are kept for the next calls (keyed by the block's ``sel``)."""
+    columns of d, gathered once, are kept for the next calls (keyed by the block's ``sel`` tensor
+    itself: a tensor hashes by identity, and the key keeps it alive)."""
     def one(sel, p):
         p = cast(p, d.dtype)
-        hit = None if cols is None else cols.get(id(sel))
-        if hit is not None and hit[0] is sel:
-            ds = hit[1]
-        else:
+        ds = None if cols is None else cols.get(sel)
+        if ds is None:
             ds = d[:, sel]  # [k, p, q] or [k, numel]
             if cols is not None:
-                cols[id(sel)] = (sel, ds)
+                cols[sel] = ds
         if p[0] == "factored":  # (D_k V^T first: k p q n + C n p k multiply-adds, never [C, n, k, q])
             return torch.einsum("cnp,kpn->knc", p[1], ds @ p[2].t())
         return torch.einsum("cnj,kj->knc", dense(p), ds.reshape(ds.shape[0], -1))

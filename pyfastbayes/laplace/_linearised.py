@@ -324,10 +324,7 @@ class LinearisedGP(Posterior):
                 else:
                     self.prior_precision = cand
                 nll = self._val_nll(Xv, Yv, link_approx)
-                history = getattr(self, "fit_history_", None)  # (ELLA's, laplace-torch's record per candidate)
-                if history is not None:
-                    history["tuning"].append(dict(prior_precision=float(self._delta), sigma_noise=float(self._sigma),
-                                                  val_nll=nll))
+                self._scored(nll)
                 if nll < best_nll:
                     best, best_nll = (self._delta, self._sigma), nll
         except BaseException:
@@ -340,6 +337,10 @@ class LinearisedGP(Posterior):
             warn_user(f"{self.kind} grid search: every candidate gave a non-finite validation NLL; kept the previous "
                       f"hyper-parameters")
         return self._delta, self._sigma
+
+    def _scored(self, nll: float) -> None:
+        """A tuning candidate (the current hyper-parameters) got validation NLL ``nll`` (ELLA
+        records it in its ``fit_history_``)."""
 
     def _val_nll(self, X: Tensor, Y: Tensor, link_approx: str) -> float:
         """The mean validation NLL of the GP predictive (regression: with the noise sigma^2)."""

@@ -113,6 +113,9 @@ class ELLA(LinearisedGP):
             raise TypeError("fit needs an iterable of (inputs, targets) batches (e.g. a DataLoader), not a tensor")
         self.fit_history_ = history = _empty_history()
         val = None if val_loader is None else self._rows(val_loader)
+
+        def score():  # the validation NLL with the curvature G holds so far
+            history["val_nll"].append(self._val_nll(*val, "probit"))
         idx, X, Y = self._subset_rows(loader, balanced)
         M, K = self.subsample_size, self.n_eigenvalues
         X = X.to(self.device)
@@ -163,11 +166,11 @@ class ELLA(LinearisedGP):
             n += fb.shape[0]
             history["processed_examples"].append(float(n))
             if val is not None and val_steps and (i + 1) % val_steps == 0:
-                history["val_nll"].append(self._val_nll(*val, "probit"))
+                score()
         if n == 0:
             raise ValueError("ELLA.fit: the loader yielded no batches")
         if val is not None and (not val_steps or (i + 1) % val_steps):
-            history["val_nll"].append(self._val_nll(*val, "probit"))
+            score()
         self.n_data, self.n_outputs, self.subset = n, C, idx
         return self
 
@@ -258,6 +261,10 @@ class ELLA(LinearisedGP):
             return f, (v.t() @ v).to(self.dtype)
         v = torch.linalg.solve_triangular(L, phi.transpose(1, 2), upper=False)  # [n, K, C]
         return f, (v.transpose(1, 2) @ v).to(self.dtype)
+
+    def _scored(self, nll: float) -> None:
+        self.fit_history_["tuning"].append(dict(prior_precision=float(self._delta), sigma_noise=float(self._sigma),
+                                                val_nll=nll))
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """n draws [n, P] of the weights theta* + D z, z ~ N(0, A^-1) (the feature-space posterior;

@@ -178,7 +178,7 @@ class KronCurvature:
             self.A[i] = (torch.zeros(a_dim, dtype=dtype, device=device) if b.left_diag
                          else torch.zeros(a_dim, a_dim, dtype=dtype, device=device))
             self.n[i] = 0
-        self._pending = {}  # block -> (row buffer [a_dim, in], rows filled, bias): see _add_activation_rows
+        self._pending = {}  # block -> (row buffer [rows, in], rows filled, bias): see _add_activation_rows
 
     def add(self, layers: list[Layer], grads: list[Tensor], activations: bool = True) -> None:
         """Add one batch's output gradients of m directions ``grads`` (per layer and call [m, *out.shape])
