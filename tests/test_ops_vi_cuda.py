@@ -9,6 +9,8 @@ the multi-tensor launcher: the partials of the second land after the first's), 5
 inputs one element past an aligned allocation (the ChunkSplit head) and strided (stand-ins); the
 result is bit for bit the same on every call (fixed summation order); a bad prior_var (not checked
 on CUDA) gives NaN; a CUDA graph replayed after prior_var and grad changed in place.
+Section 4 (vi_weight_kl, vi_weight_kl_backward_): against the CPU op, every dtype and kind, through
+device views.
 
 Tolerances. Both devices draw the same Philox bits; the fp32 Box-Muller code is the same, but nvcc
 contracts a * b + c into FMAs and CUDA's expf / log1pf round differently from glibc's, so the
@@ -132,6 +134,44 @@ def test_sigma_sq_cuda_matches_cpu(dtype, n, views):
             torch.testing.assert_close(base[0::2], before[0::2], rtol=0, atol=0, equal_nan=True)
         elif views[1] == "offset":
             assert sentinels_intact(g_dev, base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_weight_kl_cuda_matches_cpu(dtype, n, kind):
+    """vi_weight_kl and vi_weight_kl_backward_ (section 4) on the device against the CPU ops: w, the KL
+    (float64 block partials vs the CPU's float32 runs: 1e-5 relative), grad_rho / grad_mu in place
+    through device views (strided grad_mu: its other half untouched), w or the empty [0]; the KL
+    bit for bit the same on a second call (fixed order); kl_grad read on the device."""
+    require_cuda_kernel("vi_weight_kl_backward_")
+    gen = torch.Generator().manual_seed(n + 29)
+    grad_rho, rho = pair_values("rho", n, dtype, gen)
+    mu = (0.3 * torch.randn(n, generator=gen, dtype=torch.float64)).to(dtype)
+    grad_mu = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    rng = torch.tensor([5, 2**32 + 3])
+    g = torch.tensor(0.37)
+    w_cpu, kl_cpu = ops.vi_weight_kl(mu, rho, rng, 4, 0.5, kind, backend="native")
+    gr_cpu, gm_cpu = grad_rho.clone(), grad_mu.clone()
+    ww_cpu = ops.vi_weight_kl_backward_(gr_cpu, gm_cpu, mu, rho, rng, 4, g, 0.5, kind, True, backend="native")
+    d = lambda t, how="plain": device_view(t, how)  # noqa: E731
+    mu_d, rho_d, rng_d = d(mu, "offset"), d(rho), rng.cuda()
+    w, kl = ops.vi_weight_kl(mu_d, rho_d, rng_d, 4, 0.5, kind, backend="native")
+    torch.testing.assert_close(w.cpu(), w_cpu, **tol(dtype), equal_nan=True)
+    torch.testing.assert_close(kl.cpu(), kl_cpu, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.equal(ops.vi_weight_kl(mu_d, rho_d, rng_d, 4, 0.5, kind, backend="native")[1], kl)
+    gr_d, gm_d = d(grad_rho), d(grad_mu, "strided")
+    before = gm_d._base.clone()
+    for want_w in (True, False):
+        gr, gm = gr_d.clone(), gm_d if want_w else gm_d.clone()
+        ww = ops.vi_weight_kl_backward_(gr, gm, mu_d, rho_d, rng_d, 4, g.cuda(), 0.5, kind, want_w, backend="native")
+        torch.testing.assert_close(gr.cpu(), gr_cpu, **tol(dtype), equal_nan=True)
+        torch.testing.assert_close(gm.cpu(), gm_cpu, **tol(dtype), equal_nan=True)
+        if want_w:
+            torch.testing.assert_close(ww.cpu(), ww_cpu, **tol(dtype), equal_nan=True)
+            torch.testing.assert_close(gm_d._base[0::2], before[0::2], rtol=0, atol=0, equal_nan=True)
+        else:
+            assert ww.shape == (0,) and ww.is_cuda
 
 
 @pytest.mark.parametrize("op", list(PAIR_OPS))

@@ -6,6 +6,7 @@
 // Section 2: the closed-form KL (vi_kl, vi_kl_backward).
 // Section 3: the local reparameterisation's weight variance (vi_sigma_sq, vi_sigma_sq_backward_,
 // vi_sigma_sq_and_backward_).
+// Section 4: a layer's weight function with its KL term (vi_weight_kl, vi_weight_kl_backward_).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -153,9 +154,10 @@ inline void check_vi_kl(const char* op, at::TensorList mus, at::TensorList rhos,
 // vi_kl_backward's grad (the gradient of vi_kl's 0-dim result): a 0-dim tensor of a kernel float
 // dtype on the lists' device, read by the kernel (on the device for CUDA: no host sync). Checked
 // after the lists (check_vi_kl), which fix the device.
-inline void check_vi_kl_grad(const char* op, const at::Tensor& grad, const c10::Device& device) {
+inline void check_vi_kl_grad(const char* op, const at::Tensor& grad, const c10::Device& device,
+                             const char* name = "grad") {
   TORCH_CHECK(grad.dim() == 0 && kernel_float_dtype(grad.scalar_type()) && grad.device() == device, op,
-              ": grad must be a 0-dim float64, float32, float16 or bfloat16 tensor on ", device, "; got ",
+              ": ", name, " must be a 0-dim float64, float32, float16 or bfloat16 tensor on ", device, "; got ",
               grad.scalar_type(), " of shape ", grad.sizes(), " on ", grad.device());
 }
 
@@ -186,5 +188,47 @@ inline void check_vi_sigma_sq(const char* op, const at::Tensor& rho, const at::T
 }
 
 // ======================= end of section 3 ======================================================
+
+// ======================= Section 4: a layer's weight function with its KL term =================
+
+// prior_var (a host float: always checked) and kind
+inline void check_vi_weight_options(const char* op, double prior_var, int64_t kind) {
+  TORCH_CHECK(std::isfinite(prior_var) && prior_var > 0.0, op, ": prior_var must be finite and > 0, got ", prior_var);
+  TORCH_CHECK(kind >= 0 && kind <= 2, op, ": kind must be 0 (mu + sigma eps), 1 (sigma eps) or 2 (sigma^2), got ",
+              kind);
+}
+
+// vi_weight_kl: mu, rho as a vi_sample pair (section 1), prior_var and kind
+inline void check_vi_weight_kl(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& rng, int64_t stream,
+                               double prior_var, int64_t kind, c10::DeviceType device_type) {
+  const char* op = "vi_weight_kl";
+  check_vi_pair(op, mu, "mu", rho, "rho", rng, stream, device_type);
+  check_vi_weight_options(op, prior_var, kind);
+}
+
+// vi_weight_kl_backward_: grad_rho, grad_mu, mu, rho of one device, dtype and shape (vi_sample
+// pairs with rho), kl_grad as vi_kl_backward's grad; grad_rho and grad_mu written in place: neither
+// may overlap itself, the other or any input
+inline void check_vi_weight_kl_backward(const at::Tensor& grad_rho, const at::Tensor& grad_mu, const at::Tensor& mu,
+                                        const at::Tensor& rho, const at::Tensor& rng, int64_t stream,
+                                        const at::Tensor& kl_grad, double prior_var, int64_t kind,
+                                        c10::DeviceType device_type) {
+  const char* op = "vi_weight_kl_backward_";
+  check_vi_pair(op, mu, "mu", rho, "rho", rng, stream, device_type);
+  check_vi_pair(op, grad_rho, "grad_rho", rho, "rho", rng, stream, device_type);
+  check_vi_pair(op, grad_mu, "grad_mu", rho, "rho", rng, stream, device_type);
+  check_vi_kl_grad(op, kl_grad, rho.device(), "kl_grad");
+  check_vi_weight_options(op, prior_var, kind);
+  OverlapCheck overlap(op, 6);
+  overlap.add(grad_rho, "grad_rho", -1, true);
+  overlap.add(grad_mu, "grad_mu", -1, true);
+  overlap.add(mu, "mu", -1, false);
+  overlap.add(rho, "rho", -1, false);
+  overlap.add(rng, "rng", -1, false);
+  overlap.add(kl_grad, "kl_grad", -1, false);
+  overlap.run();
+}
+
+// ======================= end of section 4 ======================================================
 
 }  // namespace pyfastbayes

@@ -66,6 +66,26 @@
 // (torch's softplus and softplus_backward with the threshold 20, so autograd through
 // F.softplus(rho).square() gives the same numbers to an ulp). rho = -inf: s = s' = 0, so 0 and
 // grad * 0; rho = +inf: +inf and grad * inf; NaN propagates.
+//
+// ---- Section 4: a layer's weight function with its KL term (vi_weight_kl, vi_weight_kl_backward_)
+//
+// One pass over a Bayesian layer's (mu, rho) that makes the tensor its forward needs, the weight
+// function w of the layer's estimator (kind), and the KL term of the same elements (section 2's
+// closed form against N(0, v)), so that a layer's forward and backward carry their KL and its
+// gradient instead of a separate reduction and a separate backward pass re-reading mu and rho and
+// re-computing softplus:
+//
+//   kind 0 (kViWeightSample):       w = mu + sigma eps        (the reparameterised weight draw)
+//   kind 1 (kViWeightPerturbation): w = sigma eps             (flipout's shared perturbation)
+//   kind 2 (kViWeightVariance):     w = sigma^2               (the local estimator's variance; no noise)
+//
+//   vi_weight_kl:           (w, kl = sum_i kl_term_i)   (section 2's terms and summation rules)
+//   vi_weight_kl_backward_: given d = dL/dw (held in grad_rho on entry) and g = dL/dkl,
+//     grad_rho = data + g (sigma s' / v - s' / sigma),  data = d eps s' (kinds 0, 1), d (2 sigma s') (kind 2)
+//     grad_mu  = (kind 0: d; kinds 1, 2: grad_mu's entry value) + g mu / v
+//   and w again when asked (the input gradient needs it). s' = softplus'(rho); s' / sigma as section
+//   2's vi_kl_grad (1 below -20, 1 / rho above 20). With g = 0 the results are sections 1 and 3's
+//   (vi_sample_and_backward, vi_sigma_sq_and_backward_) to rounding.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -251,5 +271,43 @@ struct ViSigmaSqBackwardRule {  // (grad, rho) -> grad * 2 softplus(rho) softplu
 };
 
 // ======================= end of section 3 ======================================================
+
+// ======================= Section 4: a layer's weight function with its KL term =================
+
+constexpr int kViWeightSample = 0;        // w = mu + sigma eps
+constexpr int kViWeightPerturbation = 1;  // w = sigma eps
+constexpr int kViWeightVariance = 2;      // w = sigma^2 (no noise)
+
+// w of kind K from mu, sigma and eps
+template <int K, class T>
+PFB_HD T vi_weight_value(T mu, T sigma, T eps) {
+  if constexpr (K == kViWeightSample) return mu + sigma * eps;
+  else if constexpr (K == kViWeightPerturbation) return sigma * eps;
+  else return sigma * sigma;
+}
+
+// One element of vi_weight_kl_backward_: d = dL/dw (grad_rho's entry value), gm_in = grad_mu's entry
+// value (unused for kind 0), g = dL/dkl; writes grad_rho, grad_mu and w (kind K)
+template <int K, class T>
+PFB_HD void vi_weight_grad(T mu, T rho, T eps, T d, T gm_in, T g, const ViKlPrior<T>& p, T& grad_rho, T& grad_mu,
+                           T& w) {
+  T sigma, ds, ratio;  // softplus, its derivative, d log sigma / d rho (as vi_kl_grad)
+  if (rho > T(kViSoftplusThreshold)) {
+    sigma = rho;
+    ds = T(1);
+    ratio = T(1) / rho;
+  } else {
+    const T e = vi_exp(rho);
+    sigma = vi_log1p(e);
+    ds = e / (T(1) + e);
+    ratio = rho < T(-kViSoftplusThreshold) ? T(1) : ds / sigma;
+  }
+  const T data = K == kViWeightVariance ? d * (T(2) * sigma * ds) : d * eps * ds;
+  grad_rho = data + g * (sigma * ds * p.inv_v - ratio);
+  grad_mu = (K == kViWeightSample ? d : gm_in) + g * mu * p.inv_v;
+  w = vi_weight_value<K>(mu, sigma, eps);
+}
+
+// ======================= end of section 4 ======================================================
 
 }  // namespace pyfastbayes

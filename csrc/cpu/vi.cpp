@@ -30,6 +30,13 @@
 // derivative); fp16 / bf16 through float copies of each piece. rho through a contiguous stand-in,
 // sigma^2 a new contiguous tensor, grad updated in place (through a contiguous copy written back
 // when it is not contiguous).
+//
+// Section 4 (a layer's weight function with its KL term): at::parallel_for over kViBuf-element
+// pieces aligned from element 0 (for_each_aligned_piece), the noise of a piece drawn as section 1
+// draws it (none for kind 2), then one staged loop (vi_weight_kl_f32 / _f64, vi_weight_grad_f32 /
+// _f64: target_clones) per piece; vi_weight_kl sums each piece's terms by vi_kl's run rule into its
+// own float64 slot, added in piece order (deterministic for any thread count). fp16 / bf16 through
+// float copies of each piece; grad_rho / grad_mu through contiguous copies written back when needed.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -288,23 +295,30 @@ PFB_CPU_INLINE void vi_kl_terms(const T* __restrict mu, const T* __restrict rho,
 // total += the sums of the runs of kViKlRun terms of elements [0, n), run by run in order. A run is
 // summed in a fixed order independent of the clone: 16 lanes, lane j adding terms j, j + 16, j + 32,
 // j + 48 in turn, then the lanes by a fixed halving tree; a short last run is padded with zeros.
+// total += the run sums of the m terms t[0 .. m) (t has room up to m rounded up to kViKlRun: the
+// short last run is padded with zeros there)
+template <class T>
+PFB_CPU_INLINE void vi_kl_add_runs(T* t, int64_t m, double& total) {
+  static_assert(kViKlRun == 64, "the lane sum below covers 64 terms");
+  const int64_t padded = (m + kViKlRun - 1) / kViKlRun * kViKlRun;
+  for (int64_t k = m; k < padded; ++k) t[k] = T(0);
+  for (int64_t r = 0; r < padded; r += kViKlRun) {
+    T acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = ((t[r + j] + t[r + 16 + j]) + t[r + 32 + j]) + t[r + 48 + j];
+    for (int w = 8; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+    total += static_cast<double>(acc[0]);
+  }
+}
+
 template <class T>
 PFB_CPU_INLINE void vi_kl_sum(const T* mu, const T* rho, int64_t n, T half_log_v, T inv_2v, double& total) {
-  static_assert(kViKlRun == 64, "the lane sum below covers 64 terms");
   constexpr int64_t kBlock = 1024;  // terms per vectorised pass (a multiple of kViKlRun)
   alignas(64) T t[kBlock];
   for (int64_t s = 0; s < n; s += kBlock) {
     const int64_t m = std::min(kBlock, n - s);
     vi_kl_terms(mu + s, rho + s, m, half_log_v, inv_2v, t);
-    const int64_t padded = (m + kViKlRun - 1) / kViKlRun * kViKlRun;
-    for (int64_t k = m; k < padded; ++k) t[k] = T(0);
-    for (int64_t r = 0; r < padded; r += kViKlRun) {
-      T acc[16];
-      for (int j = 0; j < 16; ++j) acc[j] = ((t[r + j] + t[r + 16 + j]) + t[r + 32 + j]) + t[r + 48 + j];
-      for (int w = 8; w >= 1; w /= 2)
-        for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-      total += static_cast<double>(acc[0]);
-    }
+    vi_kl_add_runs(t, m, total);
   }
 }
 
@@ -381,6 +395,105 @@ PFB_CPU_CLONES void vi_sigma_sq_f64(const double* rho, double* gr, double* s2, d
   vi_sigma_sq_loop(rho, gr, s2, e, n);
 }
 
+// ---- Section 4's loops: a layer's weight function with its KL term ---------------------------
+// Staged as the loops above (e = exp(rho) stored first); the same expressions as vi_kl_terms for the
+// terms and as the section 1 / 3 rules for w and the data gradients. K: kViWeightSample /
+// kViWeightPerturbation / kViWeightVariance (common/vi.h); z (the noise) is not read for the latter.
+
+// w[k] of kind K and the KL terms into t[k], k < n (t: scratch of at least n rounded up to kViKlRun),
+// then total += their run sums (vi_kl_add_runs)
+template <int K, class T>
+PFB_CPU_INLINE void vi_weight_kl_loop(const T* __restrict mu, const T* __restrict rho, const float* __restrict z,
+                                     T* __restrict w, T* __restrict t, int64_t n, T half_log_v, T inv_2v,
+                                     double& total) {
+  for (int64_t k = 0; k < n; ++k) t[k] = vi_vexp(rho[k]);
+  for (int64_t k = 0; k < n; ++k) t[k] = vi_vsoftplus(rho[k], t[k]);
+  for (int64_t k = 0; k < n; ++k) {
+    if constexpr (K == kViWeightVariance) {
+      w[k] = t[k] * t[k];
+    } else {
+      w[k] = vi_weight_value<K>(mu[k], t[k], static_cast<T>(z[k]));
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const T r = rho[k], sigma = t[k];
+    const T log_sigma = r < T(-kViSoftplusThreshold) ? r : vi_vlog(sigma);
+    t[k] = half_log_v - log_sigma + (sigma * sigma + mu[k] * mu[k]) * inv_2v - T(0.5);
+  }
+  vi_kl_add_runs(t, n, total);
+}
+
+// vi_weight_grad of common/vi.h for k < n: gr (in: dL/dw, out: dL/drho), gm (in: other paths, not
+// read for kind 0; out: dL/dmu), w when W; e: scratch for exp(rho)
+template <int K, bool W, class T>
+PFB_CPU_INLINE void vi_weight_grad_loop(const T* __restrict mu, const T* __restrict rho, const float* __restrict z,
+                                       T* __restrict gr, T* __restrict gm, T* __restrict w, T* __restrict e,
+                                       int64_t n, T g, T inv_v) {
+  for (int64_t k = 0; k < n; ++k) e[k] = vi_vexp(rho[k]);
+  for (int64_t k = 0; k < n; ++k) {
+    const T r = rho[k], ek = e[k];
+    const bool big = r > T(kViSoftplusThreshold);
+    const T sigma = big ? r : vi_vlog1p(ek);
+    const T ds = big ? T(1) : ek / (T(1) + ek);
+    const T ratio = big ? T(1) / r : (r < T(-kViSoftplusThreshold) ? T(1) : ds / sigma);
+    const T d = gr[k];
+    T eps = T(0), data;
+    if constexpr (K == kViWeightVariance) {
+      data = d * (T(2) * sigma * ds);
+    } else {
+      eps = static_cast<T>(z[k]);
+      data = d * eps * ds;
+    }
+    gr[k] = data + g * (sigma * ds * inv_v - ratio);
+    gm[k] = (K == kViWeightSample ? d : gm[k]) + g * mu[k] * inv_v;
+    if constexpr (W) w[k] = vi_weight_value<K>(mu[k], sigma, eps);
+  }
+}
+
+template <class T>
+PFB_CPU_INLINE void vi_weight_kl_kind(int kind, const T* mu, const T* rho, const float* z, T* w, int64_t n,
+                                     T half_log_v, T inv_2v, double& total) {
+  alignas(64) T t[1024];  // n <= kViBuf (1024), a multiple of kViKlRun
+  switch (kind) {
+    case kViWeightSample: vi_weight_kl_loop<kViWeightSample>(mu, rho, z, w, t, n, half_log_v, inv_2v, total); break;
+    case kViWeightPerturbation:
+      vi_weight_kl_loop<kViWeightPerturbation>(mu, rho, z, w, t, n, half_log_v, inv_2v, total);
+      break;
+    default: vi_weight_kl_loop<kViWeightVariance>(mu, rho, z, w, t, n, half_log_v, inv_2v, total); break;
+  }
+}
+
+template <class T>
+PFB_CPU_INLINE void vi_weight_grad_kind(int kind, bool want_w, const T* mu, const T* rho, const float* z, T* gr,
+                                       T* gm, T* w, int64_t n, T g, T inv_v) {
+  alignas(64) T e[1024];  // n <= kViBuf (1024)
+  switch (kind * 2 + (want_w ? 1 : 0)) {
+    case 0: vi_weight_grad_loop<kViWeightSample, false>(mu, rho, z, gr, gm, w, e, n, g, inv_v); break;
+    case 1: vi_weight_grad_loop<kViWeightSample, true>(mu, rho, z, gr, gm, w, e, n, g, inv_v); break;
+    case 2: vi_weight_grad_loop<kViWeightPerturbation, false>(mu, rho, z, gr, gm, w, e, n, g, inv_v); break;
+    case 3: vi_weight_grad_loop<kViWeightPerturbation, true>(mu, rho, z, gr, gm, w, e, n, g, inv_v); break;
+    case 4: vi_weight_grad_loop<kViWeightVariance, false>(mu, rho, z, gr, gm, w, e, n, g, inv_v); break;
+    default: vi_weight_grad_loop<kViWeightVariance, true>(mu, rho, z, gr, gm, w, e, n, g, inv_v); break;
+  }
+}
+
+PFB_CPU_CLONES void vi_weight_kl_f32(int kind, const float* mu, const float* rho, const float* z, float* w, int64_t n,
+                                    float half_log_v, float inv_2v, double& total) {
+  vi_weight_kl_kind(kind, mu, rho, z, w, n, half_log_v, inv_2v, total);
+}
+PFB_CPU_CLONES void vi_weight_kl_f64(int kind, const double* mu, const double* rho, const float* z, double* w,
+                                    int64_t n, double half_log_v, double inv_2v, double& total) {
+  vi_weight_kl_kind(kind, mu, rho, z, w, n, half_log_v, inv_2v, total);
+}
+PFB_CPU_CLONES void vi_weight_grad_f32(int kind, bool want_w, const float* mu, const float* rho, const float* z,
+                                      float* gr, float* gm, float* w, int64_t n, float g, float inv_v) {
+  vi_weight_grad_kind(kind, want_w, mu, rho, z, gr, gm, w, n, g, inv_v);
+}
+PFB_CPU_CLONES void vi_weight_grad_f64(int kind, bool want_w, const double* mu, const double* rho, const float* z,
+                                      double* gr, double* gm, double* w, int64_t n, double g, double inv_v) {
+  vi_weight_grad_kind(kind, want_w, mu, rho, z, gr, gm, w, n, g, inv_v);
+}
+
 namespace {
 
 constexpr int64_t kViBuf = 1024;          // noise values per inner piece (a multiple of 4): 4 KiB on the stack
@@ -405,6 +518,16 @@ inline void noisy_piece(ViNoisy op, const double* a, const double* b, const floa
   vi_noisy_f64(op, a, b, z, out, n);
 }
 
+// z[k] = eps of element s + k, k < m <= kViBuf, s a multiple of 4: fill_normal's whole blocks, and
+// the tensor's partial last block (only the last piece has one) drawn as philox_normal_ draws it,
+// by the scalar philox_normal4, not by fill_normal's clone (whose FMAs may round the normals an
+// ulp differently), so eps stays bit for bit philox_normal_'s; 4 whole + 4 <= kViBuf
+inline void fill_piece_noise(RngPosition pos, uint32_t stream, int64_t s, int64_t m, float* z) {
+  const int64_t whole = m / 4;
+  fill_normal(pos.seed, stream, pos.step, s / 4, whole, z);
+  if (m > 4 * whole) philox_normal4(pos.seed, static_cast<uint64_t>(s / 4 + whole), stream, pos.step, z + 4 * whole);
+}
+
 // Walks [0, n) in pieces of at most kViBuf elements (tasks of at least kViGrainBlocks Philox blocks)
 // and calls piece(s, m, z) with z[k] = eps of element s + k, k < m: the noise of every noisy op
 template <class Piece>
@@ -414,15 +537,23 @@ void for_each_noise_piece(int64_t n, RngPosition pos, uint32_t stream, const Pie
     const int64_t end = std::min(4 * b1, n);
     for (int64_t s = 4 * b0; s < end; s += kViBuf) {  // s: a multiple of 4, the start of a block
       const int64_t m = std::min(kViBuf, end - s);
-      const int64_t whole = m / 4;
-      fill_normal(pos.seed, stream, pos.step, s / 4, whole, z);
-      // the tensor's partial last block (only the last piece has one): drawn as philox_normal_ draws
-      // it, by the scalar philox_normal4, not by fill_normal's clone (whose FMAs may round the
-      // normals an ulp differently), so eps stays bit for bit philox_normal_'s; 4 whole + 4 <= kViBuf
-      if (m > 4 * whole) {
-        philox_normal4(pos.seed, static_cast<uint64_t>(s / 4 + whole), stream, pos.step, z + 4 * whole);
-      }
+      fill_piece_noise(pos, stream, s, m, z);
       piece(s, m, z);
+    }
+  });
+}
+
+// Section 4's walk: [0, n) in pieces [p kViBuf, (p + 1) kViBuf) whose bounds do not depend on the
+// tasks (so a per-piece partial sum, added in piece order, does not depend on the thread count);
+// piece(p, s, m, z) with z the noise of elements s .. s + m (nullptr when !noise)
+template <class Piece>
+void for_each_aligned_piece(int64_t n, bool noise, RngPosition pos, uint32_t stream, const Piece& piece) {
+  at::parallel_for(0, (n + kViBuf - 1) / kViBuf, kViGrainBlocks * 4 / kViBuf, [&](int64_t p0, int64_t p1) {
+    alignas(64) float z[kViBuf];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t s = p * kViBuf, m = std::min(kViBuf, n - s);
+      if (noise) fill_piece_noise(pos, stream, s, m, z);
+      piece(p, s, m, noise ? z : nullptr);
     }
   });
 }
@@ -811,6 +942,130 @@ at::Tensor vi_sigma_sq_and_backward_cpu(const at::Tensor& grad, const at::Tensor
 
 // ======================= end of section 3 ======================================================
 
+// ======================= Section 4: a layer's weight function with its KL term =================
+
+static_assert(kViBuf == 1024, "vi_weight_kl_kind / vi_weight_grad_kind's scratch holds one piece");
+
+inline void weight_kl_piece(int kind, const float* mu, const float* rho, const float* z, float* w, int64_t n,
+                            const ViKlPrior<float>& p, double& total) {
+  vi_weight_kl_f32(kind, mu, rho, z, w, n, p.half_log_v, p.inv_2v, total);
+}
+inline void weight_kl_piece(int kind, const double* mu, const double* rho, const float* z, double* w, int64_t n,
+                            const ViKlPrior<double>& p, double& total) {
+  vi_weight_kl_f64(kind, mu, rho, z, w, n, p.half_log_v, p.inv_2v, total);
+}
+inline void weight_grad_piece(int kind, bool want_w, const float* mu, const float* rho, const float* z, float* gr,
+                              float* gm, float* w, int64_t n, float g, float inv_v) {
+  vi_weight_grad_f32(kind, want_w, mu, rho, z, gr, gm, w, n, g, inv_v);
+}
+inline void weight_grad_piece(int kind, bool want_w, const double* mu, const double* rho, const float* z, double* gr,
+                              double* gm, double* w, int64_t n, double g, double inv_v) {
+  vi_weight_grad_f64(kind, want_w, mu, rho, z, gr, gm, w, n, g, inv_v);
+}
+
+// w and the per-piece KL partials of vi_weight_kl over n contiguous elements (math in op_t)
+template <class scalar_t>
+void weight_kl(int kind, const scalar_t* m, const scalar_t* r, scalar_t* o, int64_t n, double prior_var,
+               RngPosition pos, uint32_t stream, std::vector<double>& partial) {
+  using op_t = at::opmath_type<scalar_t>;
+  const auto prior = ViKlPrior<op_t>::make(prior_var);
+  for_each_aligned_piece(n, kind != kViWeightVariance, pos, stream, [&](int64_t p, int64_t s, int64_t len,
+                                                                          const float* z) {
+    double total = 0.0;
+    if constexpr (std::is_same_v<scalar_t, op_t>) {
+      weight_kl_piece(kind, m + s, r + s, z, o + s, len, prior, total);
+    } else {  // fp16 / bf16: the piece in float
+      alignas(64) op_t c[3][kViBuf];
+      for (int64_t i = 0; i < len; ++i) {
+        c[0][i] = static_cast<op_t>(m[s + i]);
+        c[1][i] = static_cast<op_t>(r[s + i]);
+      }
+      weight_kl_piece(kind, c[0], c[1], z, c[2], len, prior, total);
+      for (int64_t i = 0; i < len; ++i) o[s + i] = static_cast<scalar_t>(c[2][i]);
+    }
+    partial[static_cast<size_t>(p)] = total;
+  });
+}
+
+// (w, kl): the pieces of for_each_aligned_piece, each piece's terms summed into its own float64
+// slot (vi_kl's run rule), the slots added in piece order: deterministic for any thread count
+std::tuple<at::Tensor, at::Tensor> vi_weight_kl_cpu(const at::Tensor& mu, const at::Tensor& rho,
+                                                    const at::Tensor& rng, int64_t stream, double prior_var,
+                                                    int64_t kind) {
+  check_vi_weight_kl(mu, rho, rng, stream, prior_var, kind, c10::DeviceType::CPU);
+  at::Tensor w = at::empty(mu.sizes(), mu.options());  // contiguous
+  const auto rdtype = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t n = mu.numel();
+  std::vector<double> partial(static_cast<size_t>((n + kViBuf - 1) / kViBuf), 0.0);
+  if (n > 0) {
+    const at::Tensor mc = mu.contiguous(), rc = rho.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vi_weight_kl", [&] {
+      weight_kl<scalar_t>(static_cast<int>(kind), mc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(),
+                          w.mutable_data_ptr<scalar_t>(), n, prior_var, read_rng(rng), static_cast<uint32_t>(stream),
+                          partial);
+    });
+  }
+  double total = 0.0;
+  for (const double v : partial) total += v;  // piece order
+  return {w, at::scalar_tensor(total, at::TensorOptions().dtype(rdtype).device(mu.device()))};
+}
+
+// vi_weight_kl_backward_ over n contiguous elements: gr, gm in place, o (w) when not null
+template <class scalar_t>
+void weight_grad(int kind, const scalar_t* m, const scalar_t* r, scalar_t* gr, scalar_t* gm, scalar_t* o, int64_t n,
+                 double g64, double prior_var, RngPosition pos, uint32_t stream) {
+  using op_t = at::opmath_type<scalar_t>;
+  const auto prior = ViKlPrior<op_t>::make(prior_var);
+  const auto g = static_cast<op_t>(g64);
+  const bool want_w = o != nullptr;
+  for_each_aligned_piece(n, kind != kViWeightVariance, pos, stream, [&](int64_t, int64_t s, int64_t len,
+                                                                          const float* z) {
+    if constexpr (std::is_same_v<scalar_t, op_t>) {
+      weight_grad_piece(kind, want_w, m + s, r + s, z, gr + s, gm + s, want_w ? o + s : nullptr, len, g, prior.inv_v);
+    } else {  // fp16 / bf16: the piece in float
+      alignas(64) op_t c[5][kViBuf];
+      for (int64_t i = 0; i < len; ++i) {
+        c[0][i] = static_cast<op_t>(m[s + i]);
+        c[1][i] = static_cast<op_t>(r[s + i]);
+        c[2][i] = static_cast<op_t>(gr[s + i]);
+        c[3][i] = static_cast<op_t>(gm[s + i]);
+      }
+      weight_grad_piece(kind, want_w, c[0], c[1], z, c[2], c[3], c[4], len, g, prior.inv_v);
+      for (int64_t i = 0; i < len; ++i) {
+        gr[s + i] = static_cast<scalar_t>(c[2][i]);
+        gm[s + i] = static_cast<scalar_t>(c[3][i]);
+        if (want_w) o[s + i] = static_cast<scalar_t>(c[4][i]);
+      }
+    }
+  });
+}
+
+// grad_rho and grad_mu updated in place (through contiguous copies written back when they are not
+// contiguous); w (when want_w) a new contiguous tensor, else an empty [0]
+at::Tensor vi_weight_kl_backward_cpu(const at::Tensor& grad_rho, const at::Tensor& grad_mu, const at::Tensor& mu,
+                                     const at::Tensor& rho, const at::Tensor& rng, int64_t stream,
+                                     const at::Tensor& kl_grad, double prior_var, int64_t kind, bool want_w) {
+  check_vi_weight_kl_backward(grad_rho, grad_mu, mu, rho, rng, stream, kl_grad, prior_var, kind,
+                              c10::DeviceType::CPU);
+  at::Tensor w = want_w ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  const int64_t n = mu.numel();
+  if (n == 0) return w;
+  const at::Tensor mc = mu.contiguous(), rc = rho.contiguous();
+  at::Tensor grc = grad_rho.contiguous(), gmc = grad_mu.contiguous();  // themselves when contiguous
+  const double g64 = read_grad(kl_grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vi_weight_kl_backward_", [&] {
+    weight_grad<scalar_t>(static_cast<int>(kind), mc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(),
+                          grc.mutable_data_ptr<scalar_t>(), gmc.mutable_data_ptr<scalar_t>(),
+                          want_w ? w.mutable_data_ptr<scalar_t>() : nullptr, n, g64, prior_var, read_rng(rng),
+                          static_cast<uint32_t>(stream));
+  });
+  if (!grc.is_same(grad_rho)) grad_rho.copy_(grc);
+  if (!gmc.is_same(grad_mu)) grad_mu.copy_(gmc);
+  return w;
+}
+
+// ======================= end of section 4 ======================================================
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
@@ -829,6 +1084,9 @@ TORCH_LIBRARY_IMPL(pyfastbayes, CPU, m) {
   m.impl("vi_sigma_sq", &vi_sigma_sq_cpu);
   m.impl("vi_sigma_sq_backward_", &vi_sigma_sq_backward_cpu);
   m.impl("vi_sigma_sq_and_backward_", &vi_sigma_sq_and_backward_cpu);
+  // section 4
+  m.impl("vi_weight_kl", &vi_weight_kl_cpu);
+  m.impl("vi_weight_kl_backward_", &vi_weight_kl_backward_cpu);
 }
 
 }  // namespace pyfastbayes::cpu

@@ -38,6 +38,13 @@
 // a contiguous stand-in, sigma^2 a new contiguous tensor, grad through a contiguous copy written back
 // when it is not contiguous. CPU and CUDA agree to ~1e-6 relative (expf / log1pf vs the CPU
 // polynomials, FMA contraction).
+//
+// Section 4 (a layer's weight function with its KL term): one thread per group of 4 elements
+// (one Philox block of normals; no noise for kind 2), grid-stride, element accesses; the kind a
+// template parameter. vi_weight_kl adds each thread's KL terms in float64, the block's by block_sum
+// into its slot of a float64 partials buffer, and vi_kl_final_kernel adds the slots in a fixed
+// order (deterministic, no atomics). vi_weight_kl_backward_ reads kl_grad on the device and updates
+// grad_rho / grad_mu in place (through contiguous copies written back when needed).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -366,6 +373,16 @@ __device__ __forceinline__ double kl_read_grad(const void* grad, int kind) {
   }
 }
 
+// kl_read_grad's `kind` of a grad tensor (check_vi_kl_grad admits these four dtypes)
+int kl_grad_kind(const at::Tensor& grad) {
+  switch (grad.scalar_type()) {
+    case at::kDouble: return 0;
+    case at::kFloat: return 1;
+    case at::kHalf: return 2;
+    default: return 3;  // kBFloat16
+  }
+}
+
 // partials[blockIdx.x] = the sum of the terms of this block's chunk (float64). Every thread of the
 // block reaches the reduction (no early exit), so the full-mask shuffles are safe.
 template <typename T, class Table>
@@ -500,13 +517,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> vi_kl_backward_cuda
     gms.push_back(at::empty(m.sizes(), m.options()));  // contiguous
     grs.push_back(at::empty(m.sizes(), m.options()));
   }
-  int grad_kind = 0;
-  switch (grad.scalar_type()) {
-    case at::kDouble: grad_kind = 0; break;
-    case at::kFloat: grad_kind = 1; break;
-    case at::kHalf: grad_kind = 2; break;
-    default: grad_kind = 3; break;  // kBFloat16 (check_vi_kl_grad admits these four)
-  }
+  const int grad_kind = kl_grad_kind(grad);
   const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vi_kl_backward", [&] {
     multi_tensor_apply<4>({&ms, &rs, &gms, &grs}, [&](const auto& tab, int n) {
@@ -594,6 +605,148 @@ at::Tensor vi_sigma_sq_and_backward_cuda(const at::Tensor& grad, const at::Tenso
 
 // ======================= end of section 3 ======================================================
 
+// ======================= Section 4: a layer's weight function with its KL term =================
+
+// vi_weight_kl: w[i] of kind K (vi_weight_value) and partials[blockIdx.x] = the float64 sum of this
+// block's KL terms; one thread per group of 4 elements (one Philox block of normals; none for kind
+// 2), grid-stride; each thread adds its terms in float64, the block by block_sum (fixed order).
+// Every thread reaches the reduction.
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads)
+    vi_weight_kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w, int64_t n,
+                        const int64_t* __restrict__ rng, uint32_t stream, ViKlPrior<at::opmath_type<T>> prior,
+                        double* __restrict__ partials) {
+  using op_t = at::opmath_type<T>;
+  const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
+  const auto step = static_cast<uint32_t>(rng[kRngStep]);
+  const int64_t ngroups = (n + 3) / 4;
+  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double acc = 0.0;
+  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < ngroups; grp += grid_stride) {
+    const int64_t i0 = 4 * grp;
+    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if constexpr (K != kViWeightVariance) philox_normal4(seed, static_cast<uint64_t>(grp), stream, step, z);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (i0 + k < n) {
+        const op_t m = static_cast<op_t>(mu[i0 + k]), r = static_cast<op_t>(rho[i0 + k]);
+        const op_t sigma = vi_softplus(r);
+        w[i0 + k] = static_cast<T>(vi_weight_value<K>(m, sigma, static_cast<op_t>(z[k])));
+        acc += static_cast<double>(prior.half_log_v - vi_log_sigma(r, sigma) + (sigma * sigma + m * m) * prior.inv_2v -
+                                   op_t(0.5));
+      }
+    }
+  }
+  const double v = block_sum(acc);
+  if (threadIdx.x == 0) partials[blockIdx.x] = v;
+}
+
+// vi_weight_kl_backward_: vi_weight_grad of kind K per element, gr / gm in place, w when not null
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads)
+    vi_weight_grad_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ gr,
+                          T* __restrict__ gm, T* __restrict__ w, int64_t n, const int64_t* __restrict__ rng,
+                          uint32_t stream, const void* __restrict__ kl_grad, int grad_kind,
+                          ViKlPrior<at::opmath_type<T>> prior) {
+  using op_t = at::opmath_type<T>;
+  const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
+  const auto step = static_cast<uint32_t>(rng[kRngStep]);
+  const auto g = static_cast<op_t>(kl_read_grad(kl_grad, grad_kind));
+  const int64_t ngroups = (n + 3) / 4;
+  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < ngroups; grp += grid_stride) {
+    const int64_t i0 = 4 * grp;
+    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if constexpr (K != kViWeightVariance) philox_normal4(seed, static_cast<uint64_t>(grp), stream, step, z);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = i0 + k;
+      if (i < n) {
+        op_t a, b, c;
+        vi_weight_grad<K>(static_cast<op_t>(mu[i]), static_cast<op_t>(rho[i]), static_cast<op_t>(z[k]),
+                          static_cast<op_t>(gr[i]), K == kViWeightSample ? op_t(0) : static_cast<op_t>(gm[i]), g,
+                          prior, a, b, c);
+        gr[i] = static_cast<T>(a);
+        gm[i] = static_cast<T>(b);
+        if (w != nullptr) w[i] = static_cast<T>(c);
+      }
+    }
+  }
+}
+
+// the kind argument (0, 1, 2, checked) as the template parameter K of `launch`
+template <class F>
+void with_weight_kind(int64_t kind, const F& launch) {
+  switch (kind) {
+    case kViWeightSample: launch(std::integral_constant<int, kViWeightSample>{}); break;
+    case kViWeightPerturbation: launch(std::integral_constant<int, kViWeightPerturbation>{}); break;
+    default: launch(std::integral_constant<int, kViWeightVariance>{}); break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> vi_weight_kl_cuda(const at::Tensor& mu, const at::Tensor& rho,
+                                                     const at::Tensor& rng, int64_t stream, double prior_var,
+                                                     int64_t kind) {
+  check_vi_weight_kl(mu, rho, rng, stream, prior_var, kind, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  at::Tensor w = at::empty(mu.sizes(), mu.options());  // contiguous
+  const auto rdtype = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor kl = at::empty({}, mu.options().dtype(rdtype));
+  const int64_t n = mu.numel();
+  const int64_t grid = n == 0 ? 0 : resident_blocks_for((n + 3) / 4, kThreads);
+  at::Tensor partials = at::empty({std::max<int64_t>(grid, 1)}, mu.options().dtype(at::kDouble));
+  const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
+  if (n > 0) {
+    const at::Tensor mc = mu.contiguous(), rc = rho.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vi_weight_kl", [&] {
+      const auto prior = ViKlPrior<at::opmath_type<scalar_t>>::make(prior_var);
+      with_weight_kind(kind, [&](auto k) {
+        vi_weight_kl_kernel<scalar_t, decltype(k)::value><<<static_cast<unsigned>(grid), kThreads, 0, cs>>>(
+            mc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(), w.mutable_data_ptr<scalar_t>(), n,
+            rng.const_data_ptr<int64_t>(), static_cast<uint32_t>(stream), prior, partials.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  AT_DISPATCH_FLOATING_TYPES(rdtype, "vi_weight_kl_final", [&] {
+    vi_kl_final_kernel<scalar_t><<<1, kThreads, 0, cs>>>(partials.const_data_ptr<double>(), grid,
+                                                         kl.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {w, kl};
+}
+
+at::Tensor vi_weight_kl_backward_cuda(const at::Tensor& grad_rho, const at::Tensor& grad_mu, const at::Tensor& mu,
+                                      const at::Tensor& rho, const at::Tensor& rng, int64_t stream,
+                                      const at::Tensor& kl_grad, double prior_var, int64_t kind, bool want_w) {
+  check_vi_weight_kl_backward(grad_rho, grad_mu, mu, rho, rng, stream, kl_grad, prior_var, kind,
+                              c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  at::Tensor w = want_w ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  const int64_t n = mu.numel();
+  if (n == 0) return w;
+  const at::Tensor mc = mu.contiguous(), rc = rho.contiguous();
+  at::Tensor grc = grad_rho.contiguous(), gmc = grad_mu.contiguous();  // themselves when contiguous
+  const int64_t grid = resident_blocks_for((n + 3) / 4, kThreads);
+  const cudaStream_t cs = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vi_weight_kl_backward_", [&] {
+    const auto prior = ViKlPrior<at::opmath_type<scalar_t>>::make(prior_var);
+    with_weight_kind(kind, [&](auto k) {
+      vi_weight_grad_kernel<scalar_t, decltype(k)::value><<<static_cast<unsigned>(grid), kThreads, 0, cs>>>(
+          mc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(), grc.mutable_data_ptr<scalar_t>(),
+          gmc.mutable_data_ptr<scalar_t>(), want_w ? w.mutable_data_ptr<scalar_t>() : nullptr, n,
+          rng.const_data_ptr<int64_t>(), static_cast<uint32_t>(stream), kl_grad.const_data_ptr(),
+          kl_grad_kind(kl_grad), prior);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (!grc.is_same(grad_rho)) grad_rho.copy_(grc);
+  if (!gmc.is_same(grad_mu)) grad_mu.copy_(gmc);
+  return w;
+}
+
+// ======================= end of section 4 ======================================================
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfastbayes, CUDA, m) {
@@ -612,6 +765,9 @@ TORCH_LIBRARY_IMPL(pyfastbayes, CUDA, m) {
   m.impl("vi_sigma_sq", &vi_sigma_sq_cuda);
   m.impl("vi_sigma_sq_backward_", &vi_sigma_sq_backward_cuda);
   m.impl("vi_sigma_sq_and_backward_", &vi_sigma_sq_and_backward_cuda);
+  // section 4
+  m.impl("vi_weight_kl", &vi_weight_kl_cuda);
+  m.impl("vi_weight_kl_backward_", &vi_weight_kl_backward_cuda);
 }
 
 }  // namespace pyfastbayes::cuda

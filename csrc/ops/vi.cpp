@@ -22,6 +22,11 @@
 // any strides; math in float32 (float64 for float64); sigma^2 a new contiguous tensor of rho's shape
 // and dtype; the gradient written over grad in place (grad is the caller's temporary: a layer's
 // backward holds one weight-sized tensor fewer at its peak).
+//
+// Section 4: a layer's weight function with its KL term (common/vi.h, section 4). mu, rho: one shape,
+// kernel float dtype and device, any strides; rng, stream: as section 1 (kind 2 draws no noise but
+// takes and checks them alike); prior_var: the prior variance v, a finite float > 0 (a host value);
+// kind: 0 (w = mu + sigma eps), 1 (w = sigma eps), 2 (w = sigma^2).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
@@ -71,4 +76,17 @@ TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
   // ops' results (a local layer's backward needs sigma^2 for its input gradient and d/d rho)
   m.def("vi_sigma_sq_and_backward_(Tensor(a!) grad, Tensor rho) -> Tensor");
   // ---- end of section 3 ----
+
+  // ---- Section 4: a layer's weight function with its KL term ----
+  // -> (w, kl): w of `kind` (a new contiguous tensor of mu's shape and dtype) and the closed-form
+  //    KL(N(mu, sigma^2) || N(0, prior_var)) summed over the elements (0-dim, float64 for float64,
+  //    float32 otherwise; section 2's terms and summation rules: deterministic), from one pass
+  m.def("vi_weight_kl(Tensor mu, Tensor rho, Tensor rng, int stream, float prior_var, int kind) -> (Tensor, Tensor)");
+  // grad_rho (in: dL/dw; out: dL/drho through w and the KL), grad_mu (in: dL/dmu by other paths,
+  // ignored for kind 0; out: the total dL/dmu), both written in place (no overlap with each other or
+  // any input); kl_grad: dL/dkl, a 0-dim kernel float tensor on the device (read there) -> w of
+  // `kind` (as vi_weight_kl's) when want_w, else an empty [0] tensor. One pass, one draw of eps.
+  m.def("vi_weight_kl_backward_(Tensor(a!) grad_rho, Tensor(b!) grad_mu, Tensor mu, Tensor rho, Tensor rng, "
+        "int stream, Tensor kl_grad, float prior_var, int kind, bool want_w) -> Tensor");
+  // ---- end of section 4 ----
 }

@@ -36,6 +36,11 @@ float64) with torch's functions: ``vi_sigma_sq(rho)`` = F.softplus(rho)^2, ``vi_
 rho)`` grad <- grad * (2 softplus(rho) softplus'(rho)) in place (softplus' = 1 above 20, else
 sigmoid: torch's softplus_backward), ``vi_sigma_sq_and_backward_(grad, rho)`` both (sigma^2
 returned). The checks (``check_vi_sigma_sq``) mirror csrc/checks/vi.h.
+
+Section 4, a layer's weight function with its KL term: ``vi_weight_kl`` (w = mu + sigma eps,
+sigma eps or sigma^2 by ``kind``, with section 2's KL of the one tensor) and
+``vi_weight_kl_backward_`` (grad_rho / grad_mu in place: the data gradient through w plus section
+2's KL gradients), from the functions above. The checks mirror csrc/checks/vi.h.
 """
 from __future__ import annotations
 
@@ -384,3 +389,94 @@ def vi_sigma_sq_and_backward_(grad: Tensor, rho: Tensor) -> Tensor:
     with torch.no_grad():
         grad.copy_(_sigma_sq_grad(grad, rho))
     return s2
+
+# ======================= end of section 3 =======================================================
+
+
+# ======================= Section 4: a layer's weight function with its KL term ======================
+
+_WEIGHT_KINDS = ("mu + sigma eps", "sigma eps", "sigma^2")
+
+
+def _check_weight_options(op: str, prior_var: float, kind: int) -> None:
+    check(math.isfinite(prior_var) and prior_var > 0, op, ": prior_var must be finite and > 0, got ", num(prior_var))
+    check(kind in (0, 1, 2), op, ": kind must be 0 (mu + sigma eps), 1 (sigma eps) or 2 (sigma^2), got ", kind)
+
+
+def check_vi_weight_kl(mu: Tensor, rho: Tensor, rng: Tensor, stream: int, prior_var: float, kind: int, *,
+                       fake: bool = False) -> None:
+    """The checks of ``vi_weight_kl`` (``check_vi_weight_kl``, csrc/checks/vi.h): mu, rho a vi_sample
+    pair, prior_var finite and > 0, kind 0, 1 or 2."""
+    op = "vi_weight_kl"
+    check_vi_pair(op, mu, "mu", rho, "rho", rng, stream, fake=fake)
+    _check_weight_options(op, prior_var, kind)
+
+
+def check_vi_weight_kl_backward_(grad_rho: Tensor, grad_mu: Tensor, mu: Tensor, rho: Tensor, rng: Tensor, stream: int,
+                                 kl_grad: Tensor, prior_var: float, kind: int, *, fake: bool = False) -> None:
+    """The checks of ``vi_weight_kl_backward_`` (``check_vi_weight_kl_backward``, csrc/checks/vi.h):
+    grad_rho, grad_mu, mu, rho vi_sample pairs with rho, kl_grad a 0-dim kernel float tensor on their
+    device, prior_var and kind as vi_weight_kl's; grad_rho and grad_mu (written in place) overlap
+    neither themselves, each other nor any input."""
+    op = "vi_weight_kl_backward_"
+    check_meta_mix(op, grad_rho=grad_rho, grad_mu=grad_mu, mu=mu, rho=rho, rng=rng, kl_grad=kl_grad)
+    check_dense(op, kl_grad=kl_grad)
+    check_vi_pair(op, mu, "mu", rho, "rho", rng, stream, fake=fake)
+    check_vi_pair(op, grad_rho, "grad_rho", rho, "rho", rng, stream, fake=fake)
+    check_vi_pair(op, grad_mu, "grad_mu", rho, "rho", rng, stream, fake=fake)
+    check(kl_grad.dim() == 0 and kl_grad.dtype in KERNEL_DTYPES and kl_grad.device == rho.device, op,
+          ": kl_grad must be a 0-dim float64, float32, float16 or bfloat16 tensor on ", rho.device, "; got ",
+          scalar_type(kl_grad.dtype), " of shape ", sizes(kl_grad), " on ", kl_grad.device)
+    _check_weight_options(op, prior_var, kind)
+    if fake and any(isinstance(v, torch.SymInt) for t in (grad_rho, grad_mu) for v in (*t.shape, *t.stride())):
+        return  # symbolic strides cannot be ordered; the kernel checks when it runs
+    (OverlapCheck(op, fake).add(grad_rho, "grad_rho", True).add(grad_mu, "grad_mu", True).add(mu, "mu", False)
+     .add(rho, "rho", False).add(rng, "rng", False).add(kl_grad, "kl_grad", False).run())
+
+
+def _weight_parts(mu: Tensor, rho: Tensor, rng: Tensor, stream: int, kind: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mu, rho, sigma, eps) in the math dtype (eps zeros for kind 2: no noise)."""
+    op = _opmath(mu.dtype)
+    m, r = mu.to(op), rho.to(op)
+    eps = torch.zeros_like(m) if kind == 2 else _eps(mu, rng, stream)
+    return m, r, F.softplus(r), eps
+
+
+def _weight_value(m: Tensor, sigma: Tensor, eps: Tensor, kind: int) -> Tensor:
+    return (m + sigma * eps, sigma * eps, sigma * sigma)[kind]
+
+
+def vi_weight_kl(mu: Tensor, rho: Tensor, rng: Tensor, stream: int, prior_var: float, kind: int) -> tuple[Tensor, Tensor]:
+    """Reference of ``torch.ops.pyfastbayes.vi_weight_kl``: (w, kl), w = mu + sigma eps (kind 0),
+    sigma eps (1) or sigma^2 (2) in the math dtype, a new contiguous tensor in mu's dtype; kl the
+    closed form of :func:`vi_kl` for the one tensor (float64 sums)."""
+    check_vi_weight_kl(mu, rho, rng, stream, prior_var, kind)
+    with torch.no_grad():
+        m, _, sigma, eps = _weight_parts(mu, rho, rng, stream, kind)
+        w = _weight_value(m, sigma, eps, kind).to(mu.dtype).contiguous()
+        kl = vi_kl([mu], [rho], torch.tensor([float(prior_var)], dtype=torch.float64, device=mu.device))
+    return w, kl
+
+
+def vi_weight_kl_backward_(grad_rho: Tensor, grad_mu: Tensor, mu: Tensor, rho: Tensor, rng: Tensor, stream: int,
+                           kl_grad: Tensor, prior_var: float, kind: int, want_w: bool) -> Tensor:
+    """Reference of ``torch.ops.pyfastbayes.vi_weight_kl_backward_``: with d = grad_rho's entry value
+    (dL/dw) and g = kl_grad, grad_rho <- d eps softplus'(rho) (kinds 0, 1) or d 2 sigma softplus'(rho)
+    (kind 2), plus g dKL/drho; grad_mu <- (d for kind 0, else its entry value) + g mu / v (the
+    KL gradients of :func:`vi_kl_backward`); returns w (as :func:`vi_weight_kl`) when want_w, else
+    an empty [0] tensor."""
+    check_vi_weight_kl_backward_(grad_rho, grad_mu, mu, rho, rng, stream, kl_grad, prior_var, kind)
+    with torch.no_grad():
+        m, r, sigma, eps = _weight_parts(mu, rho, rng, stream, kind)
+        op = m.dtype
+        d = grad_rho.to(op)
+        ds = _softplus_grad(r)
+        data = d * (2 * sigma * ds) if kind == 2 else d * eps * ds
+        kl_mu, kl_rho = vi_kl_backward(kl_grad, [mu], [rho],
+                                       torch.tensor([float(prior_var)], dtype=torch.float64, device=mu.device))
+        new_rho = data + kl_rho[0].to(op)
+        new_mu = (d if kind == 0 else grad_mu.to(op)) + kl_mu[0].to(op)
+        w = _weight_value(m, sigma, eps, kind).to(mu.dtype).contiguous() if want_w else mu.new_empty(0)
+        grad_rho.copy_(new_rho.to(grad_rho.dtype))
+        grad_mu.copy_(new_mu.to(grad_mu.dtype))
+    return w

@@ -18,6 +18,12 @@ Section 3, the local reparameterisation's weight variance (:func:`vi_sigma_sq`,
 its gradient (written over the incoming gradient) in one elementwise pass over rho (no noise), for
 the local estimator's x^2 sigma^2^T.
 
+Section 4, a layer's weight function with its KL term (:func:`vi_weight_kl`,
+:func:`vi_weight_kl_backward_`): the tensor a Bayesian layer's forward needs (mu + sigma eps, sigma eps
+or sigma^2) and the layer's closed-form KL from one pass over (mu, rho), and in the backward both
+gradients, through the weight and through the KL, from one pass, so that a layer carries its KL
+instead of a separate reduction and backward re-reading every mu and rho.
+
 Ops of a further section of the family go at the end of this module.
 """
 from __future__ import annotations
@@ -29,12 +35,14 @@ from torch import Tensor
 
 from .. import _native
 from .._reference.vi import (check_vi_kl, check_vi_pair, check_vi_rademacher_, check_vi_rademacher_mul,
-                             check_vi_sample_and_backward, check_vi_sigma_sq)
+                             check_vi_sample_and_backward, check_vi_sigma_sq, check_vi_weight_kl,
+                             check_vi_weight_kl_backward_)
 from ._dispatch import device_of, select
 
 __all__ = ["vi_sample", "vi_sample_backward", "vi_sample_and_backward",
            "vi_local_noise", "vi_local_noise_backward", "vi_rademacher_", "vi_rademacher_mul", "vi_kl",
-           "vi_kl_backward", "vi_sigma_sq", "vi_sigma_sq_backward_", "vi_sigma_sq_and_backward_"]
+           "vi_kl_backward", "vi_sigma_sq", "vi_sigma_sq_backward_", "vi_sigma_sq_and_backward_", "vi_weight_kl",
+           "vi_weight_kl_backward_", "WEIGHT_SAMPLE", "WEIGHT_PERTURBATION", "WEIGHT_VARIANCE"]
 
 # ======================= Section 1: reparameterised noise =======================================
 
@@ -219,6 +227,52 @@ def vi_sigma_sq_and_backward_(grad: Tensor, rho: Tensor, *, backend: str | None 
 
 # ======================= end of section 3 =======================================================
 
+# ======================= Section 4: a layer's weight function with its KL term ======================
+
+WEIGHT_SAMPLE, WEIGHT_PERTURBATION, WEIGHT_VARIANCE = 0, 1, 2  # the ``kind`` of the section 4 ops
+
+
+def vi_weight_kl(mu: Tensor, rho: Tensor, rng: Tensor, stream: int, prior_var: float, kind: int, *,
+                 backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """A Bayesian layer's weight function and its KL term from one pass over (mu, rho).
+
+    mu, rho: [any shape], one dtype (float64, float32, float16 or bfloat16) and device, any strides.
+    rng, stream: as :func:`vi_sample` (kind 2 draws no noise but checks them alike). prior_var: the
+    prior variance v of N(0, v), a finite float > 0. kind: :data:`WEIGHT_SAMPLE` (0, w = mu + sigma
+    eps: 'reparam'), :data:`WEIGHT_PERTURBATION` (1, w = sigma eps: flipout's perturbation) or
+    :data:`WEIGHT_VARIANCE` (2, w = sigma^2: the local estimator's variance), sigma = softplus(rho).
+
+    Returns (w, kl): w a new contiguous tensor of mu's shape and dtype (bit for bit :func:`vi_sample`
+    / :func:`vi_sigma_sq` on the CPU), kl the 0-dim sum of KL(N(mu, sigma^2) || N(0, v)) over the
+    elements, float64 for float64 inputs, else float32, summed as :func:`vi_kl` sums (deterministic).
+    Not differentiable by itself: the gradients come from :func:`vi_weight_kl_backward_`.
+    """
+    return select("vi_weight_kl", mu.device, backend)(mu, rho, rng, stream, float(prior_var), int(kind))
+
+
+def vi_weight_kl_backward_(grad_rho: Tensor, grad_mu: Tensor, mu: Tensor, rho: Tensor, rng: Tensor, stream: int,
+                           kl_grad: Tensor, prior_var: float, kind: int, want_w: bool = False, *,
+                           backend: str | None = None) -> Tensor:
+    """The gradients of :func:`vi_weight_kl`'s two results in one pass, written in place:
+
+        grad_rho <- d eps softplus'(rho)  (kinds 0, 1)  or  d 2 sigma softplus'(rho)  (kind 2)
+                    + g (sigma / v - 1 / sigma) softplus'(rho)
+        grad_mu  <- (d for kind 0, else grad_mu) + g mu / v
+
+    with d = grad_rho's value on entry (dL/dw, e.g. the layer's weight gradient from its input) and g
+    = kl_grad (dL/dkl, a 0-dim float tensor on the device, read there: no host sync). grad_mu holds on
+    entry the gradient of mu by its other paths (flipout's and the local estimator's mean; ignored
+    for kind 0, whose w is mu's only path). grad_rho, grad_mu, mu, rho: one shape, dtype and device,
+    any strides; the two written tensors must not overlap themselves, each other or an input.
+    The same eps as :func:`vi_weight_kl` at the same (rng, stream). Returns w (as
+    :func:`vi_weight_kl`, for the layer's input gradient) when want_w, else an empty [0] tensor.
+    A call refused by its checks changes nothing.
+    """
+    return select("vi_weight_kl_backward_", grad_rho.device, backend)(grad_rho, grad_mu, mu, rho, rng, stream, kl_grad,
+                                                                      float(prior_var), int(kind), bool(want_w))
+
+# ======================= end of section 4 =======================================================
+
 
 if _native.available():
 
@@ -285,3 +339,14 @@ if _native.available():
     def _(grad, rho):
         check_vi_sigma_sq("vi_sigma_sq_and_backward_", rho, grad, fake=True)
         return _new_like(rho)
+
+    @torch.library.register_fake("pyfastbayes::vi_weight_kl")
+    def _(mu, rho, rng, stream, prior_var, kind):
+        check_vi_weight_kl(mu, rho, rng, stream, prior_var, kind, fake=True)
+        dtype = torch.float64 if mu.dtype == torch.float64 else torch.float32
+        return _new_like(mu), mu.new_empty((), dtype=dtype)
+
+    @torch.library.register_fake("pyfastbayes::vi_weight_kl_backward_")
+    def _(grad_rho, grad_mu, mu, rho, rng, stream, kl_grad, prior_var, kind, want_w):
+        check_vi_weight_kl_backward_(grad_rho, grad_mu, mu, rho, rng, stream, kl_grad, prior_var, kind, fake=True)
+        return _new_like(mu) if want_w else mu.new_empty(0)
