@@ -13,7 +13,8 @@ backward, ``torch.optim.SGD`` step, on random data (batch 128) for
 
 Implementations (every Linear / Conv2d Bayesian, prior N(0, 1), the same mu and rho loaded into all):
 - ``pyfastbayes`` ``BayesianLinear`` / ``BayesianConv2d`` with estimator 'reparam', 'local' and
-  'flipout', KL by ``pyfastbayes.vi.kl_divergence`` (one fused reduction);
+  'flipout', KL by ``pyfastbayes.vi.kl_divergence`` after the forward (the KLs the layers' forwards
+  carried: made in their weight passes, their gradients added in their d/d rho passes);
 - bayesian-torch ``LinearReparameterization`` / ``Conv2dReparameterization`` and ``LinearFlipout`` /
   ``Conv2dFlipout`` in its dnn_to_bnn mode (forward returns the output only) with the KL summed over
   the layers by its ``get_kl_loss`` (each layer's ``kl_loss()``; 0.5.0 averages the closed form over

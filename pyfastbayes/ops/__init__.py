@@ -20,7 +20,8 @@ from .sgmcmc import any_nonfinite, psgld_step_, sghmc_step_, sgld_step_
 from .swag import swag_collect_, swag_sample
 from .vi import (vi_kl, vi_kl_backward, vi_local_noise, vi_local_noise_backward, vi_rademacher_, vi_rademacher_mul,
                  vi_sample, vi_sample_and_backward, vi_sample_backward, vi_sigma_sq, vi_sigma_sq_and_backward_,
-                 vi_sigma_sq_backward_, vi_weight_kl, vi_weight_kl_backward_)
+                 vi_sigma_sq_backward_, vi_weight_kl, vi_weight_kl_backward_, WEIGHT_PERTURBATION, WEIGHT_SAMPLE,
+                 WEIGHT_VARIANCE)
 
 __all__ = ["philox4x32", "philox_normal_", "rng_snapshot", "sgld_step_", "sghmc_step_", "psgld_step_", "any_nonfinite",
            "calibration_bins", "loss_hessian", "swag_collect_", "swag_sample", "native_op", "select", "default_backend",
@@ -28,5 +29,5 @@ __all__ = ["philox4x32", "philox_normal_", "rng_snapshot", "sgld_step_", "sghmc_
            "vi_sample_backward", "vi_sample_and_backward", "vi_local_noise",
            "vi_local_noise_backward", "vi_rademacher_", "vi_rademacher_mul", "vi_kl", "vi_kl_backward",
            "vi_sigma_sq", "vi_sigma_sq_backward_", "vi_sigma_sq_and_backward_", "vi_weight_kl",
-           "vi_weight_kl_backward_", "BACKENDS",
+           "vi_weight_kl_backward_", "WEIGHT_SAMPLE", "WEIGHT_PERTURBATION", "WEIGHT_VARIANCE", "BACKENDS",
            "layouts", "HYPER", "RNG", "CALIB_STATS", "CALIB_DIAG", "SWAG", "KERNEL_DTYPES"]

@@ -14,8 +14,19 @@ being saved, so no noise tensor and no sampled-weight tensor outlives the forwar
   d/d rho in one pass (``ops.vi_sigma_sq_and_backward_``, over the d/d sigma^2 it turns into d/d rho).
 - :class:`LocalNoise`: out = mean + sqrt(var) eps over pre-activations (local
   reparameterisation); saves var and the RNG position, regenerates eps in the backward.
+
+The layer's KL. Given ``prior_var`` (the Gaussian prior's variance; a layer passes it when it
+samples with grad mode on), the first three nodes also return the layer's closed-form KL (weight
+and bias) as one more output, made in the pass that makes w (``ops.vi_weight_kl``), and their
+backward adds its gradient in the pass that forms d/d rho (``ops.vi_weight_kl_backward_``): no
+separate reduction or backward re-reads mu and rho. Either output may be backpropagated alone and
+in any order (``set_materialize_grads(False)``): a backward of the KL alone reads the parameters the
+node keeps (their versions checked as autograd checks saved tensors) and keeps the saved tensors for
+a later backward of the output, which would otherwise find them freed.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -78,25 +89,140 @@ def _zero_mean(rho: Tensor) -> Tensor:
     return rho.new_zeros(()).expand(rho.shape)
 
 
+@functools.lru_cache(maxsize=64)
+def prior_var_tensor(var: tuple, device: torch.device) -> Tensor:
+    """The per-tensor prior variances as a float64 device tensor (``ops.vi_kl``'s prior_var), made
+    once per (values, device) instead of a host-to-device copy at every step."""
+    return torch.tensor(var, dtype=torch.float64, device=device)
+
+
+def _versions(ts) -> tuple:
+    return tuple(None if t is None else t._version for t in ts)
+
+
+def _keep_for_kl(ctx, saved: tuple, params: tuple, prior_var: float | None) -> None:
+    """Save ``saved`` for the backward; with a prior_var (the node returns the KL too) also keep the
+    parameters (mu, rho, bias_mu, bias_rho) and rng, and the versions of everything, for backward
+    runs of the KL alone (see the module docstring)."""
+    ctx.save_for_backward(*saved)
+    ctx.prior_var, ctx.kept = prior_var, None
+    if prior_var is not None:
+        ctx.set_materialize_grads(False)
+        ctx.params, ctx.param_versions, ctx.saved_versions = params, _versions(params), _versions(saved)
+
+
+def _check_kept(ts, versions) -> None:
+    if _versions(ts) != versions:
+        raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
+                           "operation since the Bayesian layer's forward (an optimizer step between the forward and "
+                           "this backward?): run the forward again before the backward")
+
+
+def _saved(ctx) -> tuple:
+    """The forward's saved tensors: ``ctx.saved_tensors``, or those a backward of the KL alone kept
+    (then released: the output's graph is spent after this backward, as autograd's would be)."""
+    if ctx.kept is None:
+        return ctx.saved_tensors
+    kept, ctx.kept = ctx.kept, None
+    _check_kept(kept, ctx.saved_versions)
+    return kept
+
+
+def _kl_alone(ctx, g_kl: Tensor, n_inputs: int) -> tuple:
+    """The backward of the KL output alone: the gradients of g_kl * KL for the parameters (inputs
+    1 .. 4 = mu, rho, bias_mu, bias_rho) from ``ops.vi_kl_backward``, None for the rest; the saved
+    tensors are kept for a later backward of the data output."""
+    if ctx.kept is None:
+        try:
+            ctx.kept = ctx.saved_tensors
+        except RuntimeError:  # the data output's backward already ran (and freed them): nothing to keep
+            pass
+    _check_kept(ctx.params, ctx.param_versions)
+    return _add_kl(ctx, [None] * n_inputs, g_kl, *ctx.params)
+
+
+def kl_grads(g_kl: Tensor, mu: Tensor, rho: Tensor, bias_mu: Tensor | None, bias_rho: Tensor | None,
+             prior_var: float) -> tuple[list, list]:
+    """([d/d mu, d/d bias_mu], [d/d rho, d/d bias_rho]) of g_kl * KL (one ``ops.vi_kl_backward``)."""
+    mus, rhos = [mu] + ([] if bias_mu is None else [bias_mu]), [rho] + ([] if bias_rho is None else [bias_rho])
+    gm, gr = ops.vi_kl_backward(g_kl, mus, rhos, prior_var_tensor((prior_var,) * len(mus), mu.device))
+    if bias_mu is None:
+        gm, gr = gm + [None], gr + [None]
+    return gm, gr
+
+
+def _add_kl(ctx, grads: list, g_kl: Tensor, mu, rho, bias_mu, bias_rho) -> tuple:
+    """grads (one per input: x, mu, rho, bias_mu, bias_rho, ...) plus those of g_kl * KL for the
+    parameters that need one: the KL alone, or a node whose parameters do not all need a gradient
+    (the fused path wants all four)."""
+    gm, gr = kl_grads(g_kl, mu, rho, bias_mu, bias_rho, ctx.prior_var)
+    need = ctx.needs_input_grad
+    for i, kl_g in ((1, gm[0]), (2, gr[0]), (3, gm[1]), (4, gr[1])):
+        if need[i] and kl_g is not None:
+            grads[i] = kl_g if grads[i] is None else grads[i] + kl_g
+    return tuple(grads)
+
+
+def _all_params_need_grad(ctx, has_bias: bool) -> bool:
+    need = ctx.needs_input_grad
+    return need[1] and need[2] and (not has_bias or (need[3] and need[4]))
+
+
+def _param_kl_backward(gr_in: Tensor, gm_in: Tensor | None, mu: Tensor, rho: Tensor, rng: Tensor, stream: int,
+                       g_kl: Tensor, prior_var: float, kind: int, want_w: bool = False):
+    """(d/d mu, d/d rho, w) of one parameter pair, KL included, by one ``ops.vi_weight_kl_backward_``:
+    gr_in = dL/dw (w of ``kind``), gm_in = dL/d mu by its other paths (None for kind 0, whose w is
+    mu's only path); both fresh tensors of this backward (written over when already contiguous and
+    in the parameters' dtype)."""
+    gr = _fresh_as(gr_in, rho)
+    gm = torch.empty_like(rho, memory_format=torch.contiguous_format) if gm_in is None else _fresh_as(gm_in, mu)
+    w = ops.vi_weight_kl_backward_(gr, gm, mu, rho, rng, stream, g_kl, prior_var, kind, want_w)
+    return gm, gr, w
+
+
 class SampledAffine(torch.autograd.Function):
-    """y = affine(x, W, b) with W = mu + sigma(rho) eps (eps from (rng, stream)) regenerated in backward."""
+    """y = affine(x, W, b) with W = mu + sigma(rho) eps (eps from (rng, stream)) regenerated in backward;
+    with ``prior_var``: (y, the layer's KL)."""
 
     @staticmethod
-    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream, bias_stream, affine: Affine):
-        w = ops.vi_sample(mu, rho, rng, stream)
-        b = None if bias_mu is None else ops.vi_sample(bias_mu, bias_rho, rng, bias_stream)
-        ctx.save_for_backward(x, mu, rho, bias_rho, rng)
-        ctx.meta = (stream, bias_stream, affine, bias_mu is not None)
-        return affine(x, w, b)
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream, bias_stream, affine: Affine, prior_var=None):
+        has_bias = bias_mu is not None
+        if prior_var is None:
+            w = ops.vi_sample(mu, rho, rng, stream)
+            b = ops.vi_sample(bias_mu, bias_rho, rng, bias_stream) if has_bias else None
+        else:
+            w, kl = ops.vi_weight_kl(mu, rho, rng, stream, prior_var, ops.WEIGHT_SAMPLE)
+            if has_bias:
+                b, kl_b = ops.vi_weight_kl(bias_mu, bias_rho, rng, bias_stream, prior_var, ops.WEIGHT_SAMPLE)
+                kl += kl_b
+            else:
+                b = None
+        _keep_for_kl(ctx, (x, mu, rho, bias_mu, bias_rho, rng), (mu, rho, bias_mu, bias_rho), prior_var)
+        ctx.meta = (stream, bias_stream, affine, has_bias)
+        out = affine(x, w, b)
+        return out if prior_var is None else (out, kl)
 
     @staticmethod
     @once_differentiable  # the noise ops have no derivative of their own: a second order fails loudly
-    def backward(ctx, g):
-        x, mu, rho, bias_rho, rng = ctx.saved_tensors
+    def backward(ctx, g, g_kl=None):
+        if g is None:
+            return _kl_alone(ctx, g_kl, 10)
+        x, mu, rho, bias_mu, bias_rho, rng = _saved(ctx)
         x, g = _in_param_dtype(mu, x, g)
         stream, bias_stream, affine, has_bias = ctx.meta
+        need_x = ctx.needs_input_grad[0]
         gx = gmu = grho = gbmu = gbrho = None
-        need_x, need_mu, need_rho = ctx.needs_input_grad[:3]
+        if g_kl is not None and _all_params_need_grad(ctx, has_bias):  # the weight, its KL and w in one pass
+            gmu, grho, w = _param_kl_backward(affine.grad_weight(x, rho.shape, g), None, mu, rho, rng, stream, g_kl,
+                                              ctx.prior_var, ops.WEIGHT_SAMPLE, need_x)
+            if need_x:
+                gx = affine.grad_input(x, w, g)
+            del w
+            if has_bias:
+                gbmu, gbrho, _ = _param_kl_backward(affine.grad_bias(g), None, bias_mu, bias_rho, rng, bias_stream,
+                                                    g_kl, ctx.prior_var, ops.WEIGHT_SAMPLE)
+            return gx, gmu, grho, gbmu, gbrho, None, None, None, None, None
+        need_mu, need_rho = ctx.needs_input_grad[1:3]
         gw = _as_dtype(affine.grad_weight(x, rho.shape, g), rho.dtype) if need_mu or need_rho else None
         if need_x and need_rho:  # w and d/d rho from one draw of the noise
             w, grho = ops.vi_sample_and_backward(mu, rho, gw, rng, stream)
@@ -111,7 +237,8 @@ class SampledAffine(torch.autograd.Function):
             gb = _as_dtype(affine.grad_bias(g), bias_rho.dtype)
             gbmu = gb if ctx.needs_input_grad[3] else None
             gbrho = ops.vi_sample_backward(gb, bias_rho, rng, bias_stream) if ctx.needs_input_grad[4] else None
-        return gx, gmu, grho, gbmu, gbrho, None, None, None, None
+        grads = [gx, gmu, grho, gbmu, gbrho, None, None, None, None, None]
+        return tuple(grads) if g_kl is None else _add_kl(ctx, grads, g_kl, mu, rho, bias_mu, bias_rho)
 
 
 def _signs_mul(t: Tensor, rng: Tensor, stream: int, affine: "Affine") -> Tensor:
@@ -136,30 +263,55 @@ class Flipout(torch.autograd.Function):
     with the shared perturbation sigma eps (stream s), eps_b (s + 1) and the random signs s_in
     (s + 3) and s_out (s + 4), one per example and feature (:func:`_signs_mul`), all regenerated in
     the backward (for [N, F] inputs by ``ops.vi_rademacher_mul``: no sign tensor at all). Saves x,
-    mu, rho, bias_rho and the RNG position: no noise or perturbation tensor outlives the forward."""
+    mu, rho, bias_mu, bias_rho and the RNG position: no noise or perturbation tensor outlives the
+    forward. With ``prior_var``: (out, the layer's KL)."""
 
     @staticmethod
-    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream: int, affine: Affine):
-        b = None if bias_mu is None else ops.vi_sample(bias_mu, bias_rho, rng, stream + 1)
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream: int, affine: Affine, prior_var=None):
+        has_bias = bias_mu is not None
+        if prior_var is None:
+            b = ops.vi_sample(bias_mu, bias_rho, rng, stream + 1) if has_bias else None
+            dw = ops.vi_sample(_zero_mean(rho), rho, rng, stream)
+        else:
+            dw, kl = ops.vi_weight_kl(mu, rho, rng, stream, prior_var, ops.WEIGHT_PERTURBATION)
+            if has_bias:
+                b, kl_b = ops.vi_weight_kl(bias_mu, bias_rho, rng, stream + 1, prior_var, ops.WEIGHT_SAMPLE)
+                kl += kl_b
+            else:
+                b = None
         xs = _signs_mul(x, rng, stream + 3, affine)  # x * s_in
-        pert = affine(xs, ops.vi_sample(_zero_mean(rho), rho, rng, stream), None)
-        del xs
+        pert = affine(xs, dw, None)
+        del xs, dw
         out = affine(x, mu, b)
         out.add_(_signs_mul(pert, rng, stream + 4, affine))  # + pert * s_out
-        ctx.save_for_backward(x, mu, rho, bias_rho, rng)
-        ctx.meta = (stream, affine, bias_mu is not None)
-        return out
+        _keep_for_kl(ctx, (x, mu, rho, bias_mu, bias_rho, rng), (mu, rho, bias_mu, bias_rho), prior_var)
+        ctx.meta = (stream, affine, has_bias)
+        return out if prior_var is None else (out, kl)
 
     @staticmethod
     @once_differentiable  # the noise ops have no derivative of their own: a second order fails loudly
-    def backward(ctx, g):
-        x, mu, rho, bias_rho, rng = ctx.saved_tensors
+    def backward(ctx, g, g_kl=None):
+        if g is None:
+            return _kl_alone(ctx, g_kl, 9)
+        x, mu, rho, bias_mu, bias_rho, rng = _saved(ctx)
         x, g = _in_param_dtype(mu, x, g)
         stream, affine, has_bias = ctx.meta
         need = ctx.needs_input_grad
         gx = gmu = grho = gbmu = gbrho = None
         if need[0] or need[2]:  # the perturbation's path: grad_out g * s_out
             gp = _signs_mul(g, rng, stream + 4, affine)
+        if g_kl is not None and _all_params_need_grad(ctx, has_bias):  # d/d dW, d/d mu and the KL in one pass
+            gdw = affine.grad_weight(_signs_mul(x, rng, stream + 3, affine), rho.shape, gp)
+            gmu, grho, dw = _param_kl_backward(gdw, affine.grad_weight(x, mu.shape, g), mu, rho, rng, stream, g_kl,
+                                               ctx.prior_var, ops.WEIGHT_PERTURBATION, need[0])
+            del gdw
+            if need[0]:
+                gx = _signs_mul(affine.grad_input(x, dw, gp), rng, stream + 3, affine).add_(affine.grad_input(x, mu, g))
+            del dw
+            if has_bias:
+                gbmu, gbrho, _ = _param_kl_backward(affine.grad_bias(g), None, bias_mu, bias_rho, rng, stream + 1,
+                                                    g_kl, ctx.prior_var, ops.WEIGHT_SAMPLE)
+            return gx, gmu, grho, gbmu, gbrho, None, None, None, None
         gdw = dw = None
         if need[2]:  # d/d dW from x * s_in
             gdw = _as_dtype(affine.grad_weight(_signs_mul(x, rng, stream + 3, affine), rho.shape, gp), rho.dtype)
@@ -178,31 +330,62 @@ class Flipout(torch.autograd.Function):
             gb = _as_dtype(affine.grad_bias(g), bias_rho.dtype)
             gbmu = gb if need[3] else None
             gbrho = ops.vi_sample_backward(gb, bias_rho, rng, stream + 1) if need[4] else None
-        return gx, gmu, grho, gbmu, gbrho, None, None, None
+        grads = [gx, gmu, grho, gbmu, gbrho, None, None, None, None]
+        return tuple(grads) if g_kl is None else _add_kl(ctx, grads, g_kl, mu, rho, bias_mu, bias_rho)
 
 
 class LocalMoments(torch.autograd.Function):
     """The local reparameterisation's pre-activation moments as one autograd node: mean = affine(x,
     mu, bias_mu) and var = affine(x^2, sigma^2, sigma_b^2), sigma^2 = softplus(rho)^2 (``ops.vi_sigma_sq``).
-    Saves x, mu, rho and bias_rho: sigma^2 and x^2 are recomputed in the backward (no weight-sized
-    tensor outlives the forward). The noise is :class:`LocalNoise`'s, a node of its own so that the
-    engine frees the saved var (activation-sized) as soon as its gradient is formed."""
+    Saves x, mu, rho and bias_rho (bias_mu too with a prior_var): sigma^2 and x^2 are recomputed in
+    the backward (no weight-sized tensor outlives the forward). The noise is :class:`LocalNoise`'s, a
+    node of its own so that the engine frees the saved var (activation-sized) as soon as its
+    gradient is formed. With ``prior_var`` (and ``rng``, which the variance ops check but do not
+    draw from): (mean, var, the layer's KL)."""
 
     @staticmethod
-    def forward(ctx, x, mu, rho, bias_mu, bias_rho, affine: Affine):
-        ctx.save_for_backward(x, mu, rho, bias_rho)
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, affine: Affine, rng=None, prior_var=None):
+        has_bias = bias_mu is not None
+        if prior_var is None:
+            s2 = ops.vi_sigma_sq(rho)
+            sb2 = ops.vi_sigma_sq(bias_rho) if has_bias else None
+        else:
+            s2, kl = ops.vi_weight_kl(mu, rho, rng, 0, prior_var, ops.WEIGHT_VARIANCE)
+            if has_bias:
+                sb2, kl_b = ops.vi_weight_kl(bias_mu, bias_rho, rng, 0, prior_var, ops.WEIGHT_VARIANCE)
+                kl += kl_b
+            else:
+                sb2 = None
+        _keep_for_kl(ctx, (x, mu, rho, bias_mu, bias_rho, rng), (mu, rho, bias_mu, bias_rho), prior_var)
         ctx.meta = (affine, None if bias_mu is None else bias_mu.dtype)
-        sb2 = None if bias_rho is None else ops.vi_sigma_sq(bias_rho)
-        return affine(x, mu, bias_mu), affine(x.square(), ops.vi_sigma_sq(rho), sb2)
+        mean, var = affine(x, mu, bias_mu), affine(x.square(), s2, sb2)
+        return (mean, var) if prior_var is None else (mean, var, kl)
 
     @staticmethod
     @once_differentiable  # with LocalNoise's: no silent second order through half the graph
-    def backward(ctx, g, gv):
-        x, mu, rho, bias_rho = ctx.saved_tensors
+    def backward(ctx, g, gv, g_kl=None):
+        if g is None and gv is None:
+            return _kl_alone(ctx, g_kl, 8)
+        x, mu, rho, bias_mu, bias_rho, rng = _saved(ctx)
+        if g is None or gv is None:  # one of the two outputs unused (grads are not materialised with a KL)
+            g, gv = (torch.zeros_like(gv) if g is None else g), (torch.zeros_like(g) if gv is None else gv)
         x, g, gv = _in_param_dtype(mu, x, g, gv)
         affine, bias_dtype = ctx.meta
         need = ctx.needs_input_grad
         gx = gmu = grho = gbmu = gbrho = s2 = None
+        if g_kl is not None and _all_params_need_grad(ctx, bias_dtype is not None):
+            # d/d sigma^2 -> d/d rho, d/d mu and the KL in one pass, with sigma^2 when grad_x needs it
+            gmu, grho, s2 = _param_kl_backward(affine.grad_weight(x.square(), rho.shape, gv),
+                                               affine.grad_weight(x, mu.shape, g), mu, rho, rng, 0, g_kl,
+                                               ctx.prior_var, ops.WEIGHT_VARIANCE, need[0])
+            if bias_dtype is not None:
+                gbmu, gbrho, _ = _param_kl_backward(affine.grad_bias(gv), affine.grad_bias(g), bias_mu, bias_rho, rng,
+                                                    0, g_kl, ctx.prior_var, ops.WEIGHT_VARIANCE)
+            if need[0]:  # grad_x = affine^T(g, mu) + 2 x * affine^T(gv, sigma^2) (affine^T reads x's shape only)
+                gx_var = affine.grad_input(x, s2, gv)
+                del s2
+                gx = affine.grad_input(x, mu, g).addcmul_(x, gx_var, value=2)
+            return gx, gmu, grho, gbmu, gbrho, None, None, None
         if need[2]:  # d/d sigma^2 (affine's weight gradient from x^2), turned into d/d rho in place, with
             # sigma^2 itself from the same pass when grad_x needs it; x^2 freed right after
             grho = _fresh_as(affine.grad_weight(x.square(), rho.shape, gv), rho)
@@ -221,7 +404,8 @@ class LocalMoments(torch.autograd.Function):
             gmu = _as_dtype(affine.grad_weight(x, mu.shape, g), mu.dtype)
         if bias_dtype is not None and need[3]:
             gbmu = _as_dtype(affine.grad_bias(g), bias_dtype)
-        return gx, gmu, grho, gbmu, gbrho, None
+        grads = [gx, gmu, grho, gbmu, gbrho, None, None, None]
+        return tuple(grads) if g_kl is None else _add_kl(ctx, grads, g_kl, mu, rho, bias_mu, bias_rho)
 
 
 class LocalNoise(torch.autograd.Function):

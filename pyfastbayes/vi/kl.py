@@ -1,13 +1,15 @@
 """KL(q || p) of every Bayesian layer of a model, and the ELBO loss.
 
 Gaussian-prior layers: the closed form sum_i log(s / sigma_i) + (sigma_i^2 + mu_i^2) / (2 s^2) - 1/2
-(s the layer's prior std), all layers' tensors in ONE fused multi-tensor reduction (``ops.vi_kl``,
-float32 accumulation or float64 for float64 parameters) with its fused backward. Scale-mixture
-layers: a one-draw Monte Carlo estimate log q(w) - log p(w) at a fresh draw w (no closed form).
+(s the layer's prior std). A layer that sampled with grad mode on carries its own KL from that
+forward (``BayesianLayer.forward_kl``: made in the pass that drew its weights, its gradient added in
+the pass that forms d/d rho), valid while its parameters are unchanged; the other layers' tensors go
+into ONE fused multi-tensor reduction (``ops.vi_kl``, float32 accumulation or float64 for float64
+parameters) with its fused backward. Scale-mixture layers: a one-draw Monte Carlo estimate
+log q(w) - log p(w) at a fresh draw w (no closed form).
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..calibration._checks import check_int
+from ._functions import prior_var_tensor
 from .layers import BayesianLayer
 from .priors import GaussianPrior
 
@@ -63,10 +66,14 @@ def kl_divergence(model: nn.Module) -> Tensor:
     and CUDA graph capture there is no host read and no check: a non-finite KL is returned as it is."""
     layers = bayesian_layers(model, required=True)
     mus, rhos, var, labels = [], [], [], []
-    mc = []
+    mc, carried = [], []
+    compiling = torch.compiler.is_compiling()
     for name, layer in layers:
         pairs = ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho))
-        if isinstance(layer.prior, GaussianPrior):
+        kl = None if compiling else layer.forward_kl()
+        if kl is not None:  # the layer's last forward made it (and its backward adds the gradient) in its own pass
+            carried.append(kl)
+        elif isinstance(layer.prior, GaussianPrior):
             v = layer.prior.std ** 2
             for (mu, rho), pname in zip(pairs, ("weight", "bias")):
                 if mu is not None:
@@ -74,11 +81,13 @@ def kl_divergence(model: nn.Module) -> Tensor:
         else:
             mc.append((layer, [(mu, rho) for mu, rho in pairs if mu is not None]))
     total = None
+    for kl in carried:
+        total = kl if total is None else total + kl
     if mus:
         try:
-            prior_var = (_prior_var.__wrapped__ if torch.compiler.is_compiling() else _prior_var)(tuple(var),
-                                                                                                  mus[0].device)
-            total = _KL.apply(prior_var, *mus, *rhos)  # (compiling: a constant of the graph, no cache)
+            prior_var = (prior_var_tensor.__wrapped__ if compiling else prior_var_tensor)(tuple(var), mus[0].device)
+            fused = _KL.apply(prior_var, *mus, *rhos)  # (compiling: a constant of the graph, no cache)
+            total = fused if total is None else total + fused
         except RuntimeError:  # the op's own words name tensors by index: name the layers when that is why
             _check_one_dtype(labels, mus + rhos)
             raise
@@ -115,13 +124,6 @@ def _check_one_dtype(labels: list, tensors: list) -> None:
                              f"{labels[0][1]} is {first[0]} on {first[1]}, layer {name!r} {pname} is {t.dtype} on "
                              f"{t.device}; the KL sums them in one op: convert the model with model.to(dtype) "
                              "(and model.to(device))")
-
-
-@functools.lru_cache(maxsize=64)
-def _prior_var(var: tuple, device: torch.device) -> Tensor:
-    """The per-tensor prior variances as a float64 device tensor, made once per (values, device)
-    instead of a host-to-device copy at every step."""
-    return torch.tensor(var, dtype=torch.float64, device=device)
 
 
 def _raise_nonfinite(layers, total: Tensor) -> None:

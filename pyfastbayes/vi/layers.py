@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +30,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..calibration._checks import check_int
 from ..nn.inputs import dtype_mismatch
-from ._functions import Affine, Flipout, LocalMoments, LocalNoise, SampledAffine
-from .priors import as_prior
+from ._functions import Affine, Flipout, LocalMoments, LocalNoise, SampledAffine, _versions
+from .priors import GaussianPrior, as_prior
 
 ESTIMATORS = ("reparam", "local", "flipout")
 # streams of a layer's seed: 0 weight, 1 bias, 2 local-reparameterisation output, 3/4 flipout's
@@ -60,6 +61,20 @@ def check_options(init_std, estimator) -> None:
         raise TypeError(f"init_std must be a float > 0 (the initial sigma), got {type(init_std).__name__}")
     if not (math.isfinite(init_std) and init_std > 0):
         raise ValueError(f"init_std must be a finite number > 0 (the initial sigma), got {init_std!r}")
+
+
+# layer -> (its last forward's KL, the (mu, rho, bias_mu, bias_rho) it read, their versions, the
+# prior variance): outside the module (a tensor with a graph in a module attribute would break
+# copy.deepcopy and pickling), and weak (the entry goes with the layer). The KL holds that
+# forward's graph (the input it saved) until the graph's backward runs or the next forward replaces it.
+_FORWARD_KL: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _carries_kl() -> bool:
+    """Whether a sampling forward returns its KL too: grad mode on (a forward under no_grad needs
+    no KL gradient) and not being compiled (torch.compile keeps the one-output nodes and the fused
+    reduction of kl_divergence)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 _RANK_STREAMS: list[int] = []  # 5 * this process's rank, once torch.distributed is initialised
@@ -135,15 +150,41 @@ class BayesianLayer(nn.Module):
                     "model outside the transform (torch.func.functional_call alone works)")
         rng = ops.rng_snapshot(self.rng)  # this forward's position; the buffer advances below, on success only
         s = self.stream + _rank_streams()
+        rho, bias_mu, bias_rho = self.weight_rho, self.bias_mu, self.bias_rho
+        # the layer's KL from this forward's own pass over mu and rho (kl_divergence takes it from here)
+        v = self.prior.std ** 2 if isinstance(self.prior, GaussianPrior) and _carries_kl() else None
         if self.estimator == "reparam":
-            out = SampledAffine.apply(x, mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, s + 1, self.affine)
+            out = SampledAffine.apply(x, mu, rho, bias_mu, bias_rho, rng, s, s + 1, self.affine, v)
         elif self.estimator == "local":
-            mean, var = LocalMoments.apply(x, mu, self.weight_rho, self.bias_mu, self.bias_rho, self.affine)
-            out = LocalNoise.apply(mean, var, rng, s + 2)
+            out = LocalMoments.apply(x, mu, rho, bias_mu, bias_rho, self.affine, rng, v)
+            out = (LocalNoise.apply(out[0], out[1], rng, s + 2),) + out[2:]
         else:  # flipout: x mu + b + ((x * s_in) dW^T) * s_out, dW = sigma eps shared by the batch
-            out = Flipout.apply(x, mu, self.weight_rho, self.bias_mu, self.bias_rho, rng, s, self.affine)
+            out = Flipout.apply(x, mu, rho, bias_mu, bias_rho, rng, s, self.affine, v)
+        if v is not None:
+            out, kl = out
+            _FORWARD_KL[self] = (kl, (mu, rho, bias_mu, bias_rho), _versions((mu, rho, bias_mu, bias_rho)), v)
+        elif isinstance(out, tuple):  # local without a KL: (noisy output,)
+            out = out[0]
         self._advance_rng()
         return out
+
+    def forward_kl(self) -> Tensor | None:
+        """The closed-form KL(q || p) of this layer's weights and bias (a 0-dim tensor) as its last
+        forward computed it, in the pass that drew the weights, differentiable in mu and rho through
+        that forward's autograd node; None when there is none that still holds: no forward with
+        grad mode on since the parameters changed (an optimizer step bumps their versions), another
+        tensor in place of a parameter, another prior, a scale-mixture prior (no closed form) or
+        ``sample_weights`` False. :func:`~pyfastbayes.vi.kl_divergence` uses it and computes the
+        others' in one fused reduction."""
+        entry = _FORWARD_KL.get(self)
+        if entry is None:
+            return None
+        kl, params, versions, v = entry
+        current = (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
+        if (any(a is not b for a, b in zip(params, current)) or _versions(params) != versions
+                or not isinstance(self.prior, GaussianPrior) or self.prior.std ** 2 != v):
+            return None
+        return kl if torch.is_grad_enabled() else kl.detach()
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator!r}, prior={self.prior!r}"
