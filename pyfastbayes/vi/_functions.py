@@ -27,6 +27,7 @@ a later backward of the output, which would otherwise find them freed.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,27 @@ def _zero_mean(rho: Tensor) -> Tensor:
     return rho.new_zeros(()).expand(rho.shape)
 
 
+# layer -> (its last forward's KL, the (mu, rho, bias_mu, bias_rho) it read, their versions, data
+# pointers and requires_grad flags, the prior variance, the forward's token): outside the module (a
+# tensor with a graph in a module attribute would break copy.deepcopy and pickling), weak in the
+# layer. An entry holds its forward's graph, so it is dropped as soon as it is of no more use:
+# taken by kl_divergence (once), or when that forward's backward runs, or at the layer's next
+# forward. Only a grad-mode forward that is never backpropagated nor asked for its KL keeps its
+# graph until the layer's next forward (and, with full backward hooks on the model, whose nodes hold
+# the modules, keeps the layer alive until then).
+_FORWARD_KL: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def release_forward_kl(owner) -> None:
+    """Drop the layer's entry of the forward ``owner`` = (weakref to the layer, token) names (its
+    node's backward ran: the KL is no more to be taken, and its graph must not be kept)."""
+    layer = owner[0]()
+    if layer is not None:
+        entry = _FORWARD_KL.get(layer)
+        if entry is not None and entry[-1] is owner[1]:
+            del _FORWARD_KL[layer]
+
+
 @functools.lru_cache(maxsize=64)
 def prior_var_tensor(var: tuple, device: torch.device) -> Tensor:
     """The per-tensor prior variances as a float64 device tensor (``ops.vi_kl``'s prior_var), made
@@ -100,15 +122,23 @@ def _versions(ts) -> tuple:
     return tuple(None if t is None else t._version for t in ts)
 
 
-def _keep_for_kl(ctx, saved: tuple, params: tuple, prior_var: float | None) -> None:
+def _keep_for_kl(ctx, saved: tuple, params: tuple, prior_var: float | None, owner) -> None:
     """Save ``saved`` for the backward; with a prior_var (the node returns the KL too) also keep the
-    parameters (mu, rho, bias_mu, bias_rho) and rng, and the versions of everything, for backward
-    runs of the KL alone (see the module docstring)."""
+    parameters (mu, rho, bias_mu, bias_rho), the versions of everything, for backward runs of the KL
+    alone (see the module docstring), and ``owner`` (a weak reference to the layer, the forward's
+    token), whose carried KL the backward drops."""
     ctx.save_for_backward(*saved)
-    ctx.prior_var, ctx.kept = prior_var, None
+    ctx.prior_var, ctx.kept, ctx.owner = prior_var, None, owner
     if prior_var is not None:
         ctx.set_materialize_grads(False)
         ctx.params, ctx.param_versions, ctx.saved_versions = params, _versions(params), _versions(saved)
+
+
+def _release(ctx) -> None:
+    """This forward's backward runs: the layer no longer offers its KL (and holds no graph)."""
+    if ctx.owner is not None:
+        release_forward_kl(ctx.owner)
+        ctx.owner = None
 
 
 def _check_kept(ts, versions) -> None:
@@ -120,18 +150,19 @@ def _check_kept(ts, versions) -> None:
 
 def _saved(ctx) -> tuple:
     """The forward's saved tensors: ``ctx.saved_tensors``, or those a backward of the KL alone kept
-    (then released: the output's graph is spent after this backward, as autograd's would be)."""
+    (kept with the node: the output's graph then stays usable, as with retain_graph)."""
+    _release(ctx)
     if ctx.kept is None:
         return ctx.saved_tensors
-    kept, ctx.kept = ctx.kept, None
-    _check_kept(kept, ctx.saved_versions)
-    return kept
+    _check_kept(ctx.kept, ctx.saved_versions)
+    return ctx.kept
 
 
 def _kl_alone(ctx, g_kl: Tensor, n_inputs: int) -> tuple:
     """The backward of the KL output alone: the gradients of g_kl * KL for the parameters (inputs
     1 .. 4 = mu, rho, bias_mu, bias_rho) from ``ops.vi_kl_backward``, None for the rest; the saved
     tensors are kept for a later backward of the data output."""
+    _release(ctx)
     if ctx.kept is None:
         try:
             ctx.kept = ctx.saved_tensors
@@ -185,7 +216,8 @@ class SampledAffine(torch.autograd.Function):
     with ``prior_var``: (y, the layer's KL)."""
 
     @staticmethod
-    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream, bias_stream, affine: Affine, prior_var=None):
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream, bias_stream, affine: Affine, prior_var=None,
+                owner=None):
         has_bias = bias_mu is not None
         if prior_var is None:
             w = ops.vi_sample(mu, rho, rng, stream)
@@ -197,7 +229,7 @@ class SampledAffine(torch.autograd.Function):
                 kl += kl_b
             else:
                 b = None
-        _keep_for_kl(ctx, (x, mu, rho, bias_mu, bias_rho, rng), (mu, rho, bias_mu, bias_rho), prior_var)
+        _keep_for_kl(ctx, (x, mu, rho, bias_mu, bias_rho, rng), (mu, rho, bias_mu, bias_rho), prior_var, owner)
         ctx.meta = (stream, bias_stream, affine, has_bias)
         out = affine(x, w, b)
         return out if prior_var is None else (out, kl)
@@ -206,7 +238,7 @@ class SampledAffine(torch.autograd.Function):
     @once_differentiable  # the noise ops have no derivative of their own: a second order fails loudly
     def backward(ctx, g, g_kl=None):
         if g is None:
-            return _kl_alone(ctx, g_kl, 10)
+            return _kl_alone(ctx, g_kl, 11)
         x, mu, rho, bias_mu, bias_rho, rng = _saved(ctx)
         x, g = _in_param_dtype(mu, x, g)
         stream, bias_stream, affine, has_bias = ctx.meta
@@ -221,7 +253,7 @@ class SampledAffine(torch.autograd.Function):
             if has_bias:
                 gbmu, gbrho, _ = _param_kl_backward(affine.grad_bias(g), None, bias_mu, bias_rho, rng, bias_stream,
                                                     g_kl, ctx.prior_var, ops.WEIGHT_SAMPLE)
-            return gx, gmu, grho, gbmu, gbrho, None, None, None, None, None
+            return gx, gmu, grho, gbmu, gbrho, None, None, None, None, None, None
         need_mu, need_rho = ctx.needs_input_grad[1:3]
         gw = _as_dtype(affine.grad_weight(x, rho.shape, g), rho.dtype) if need_mu or need_rho else None
         if need_x and need_rho:  # w and d/d rho from one draw of the noise
@@ -237,7 +269,7 @@ class SampledAffine(torch.autograd.Function):
             gb = _as_dtype(affine.grad_bias(g), bias_rho.dtype)
             gbmu = gb if ctx.needs_input_grad[3] else None
             gbrho = ops.vi_sample_backward(gb, bias_rho, rng, bias_stream) if ctx.needs_input_grad[4] else None
-        grads = [gx, gmu, grho, gbmu, gbrho, None, None, None, None, None]
+        grads = [gx, gmu, grho, gbmu, gbrho, None, None, None, None, None, None]
         return tuple(grads) if g_kl is None else _add_kl(ctx, grads, g_kl, mu, rho, bias_mu, bias_rho)
 
 
@@ -267,7 +299,7 @@ class Flipout(torch.autograd.Function):
     forward. With ``prior_var``: (out, the layer's KL)."""
 
     @staticmethod
-    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream: int, affine: Affine, prior_var=None):
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, rng, stream: int, affine: Affine, prior_var=None, owner=None):
         has_bias = bias_mu is not None
         if prior_var is None:
             b = ops.vi_sample(bias_mu, bias_rho, rng, stream + 1) if has_bias else None
@@ -284,7 +316,7 @@ class Flipout(torch.autograd.Function):
         del xs, dw
         out = affine(x, mu, b)
         out.add_(_signs_mul(pert, rng, stream + 4, affine))  # + pert * s_out
-        _keep_for_kl(ctx, (x, mu, rho, bias_mu, bias_rho, rng), (mu, rho, bias_mu, bias_rho), prior_var)
+        _keep_for_kl(ctx, (x, mu, rho, bias_mu, bias_rho, rng), (mu, rho, bias_mu, bias_rho), prior_var, owner)
         ctx.meta = (stream, affine, has_bias)
         return out if prior_var is None else (out, kl)
 
@@ -292,7 +324,7 @@ class Flipout(torch.autograd.Function):
     @once_differentiable  # the noise ops have no derivative of their own: a second order fails loudly
     def backward(ctx, g, g_kl=None):
         if g is None:
-            return _kl_alone(ctx, g_kl, 9)
+            return _kl_alone(ctx, g_kl, 10)
         x, mu, rho, bias_mu, bias_rho, rng = _saved(ctx)
         x, g = _in_param_dtype(mu, x, g)
         stream, affine, has_bias = ctx.meta
@@ -311,7 +343,7 @@ class Flipout(torch.autograd.Function):
             if has_bias:
                 gbmu, gbrho, _ = _param_kl_backward(affine.grad_bias(g), None, bias_mu, bias_rho, rng, stream + 1,
                                                     g_kl, ctx.prior_var, ops.WEIGHT_SAMPLE)
-            return gx, gmu, grho, gbmu, gbrho, None, None, None, None
+            return gx, gmu, grho, gbmu, gbrho, None, None, None, None, None
         gdw = dw = None
         if need[2]:  # d/d dW from x * s_in
             gdw = _as_dtype(affine.grad_weight(_signs_mul(x, rng, stream + 3, affine), rho.shape, gp), rho.dtype)
@@ -330,7 +362,7 @@ class Flipout(torch.autograd.Function):
             gb = _as_dtype(affine.grad_bias(g), bias_rho.dtype)
             gbmu = gb if need[3] else None
             gbrho = ops.vi_sample_backward(gb, bias_rho, rng, stream + 1) if need[4] else None
-        grads = [gx, gmu, grho, gbmu, gbrho, None, None, None, None]
+        grads = [gx, gmu, grho, gbmu, gbrho, None, None, None, None, None]
         return tuple(grads) if g_kl is None else _add_kl(ctx, grads, g_kl, mu, rho, bias_mu, bias_rho)
 
 
@@ -344,7 +376,7 @@ class LocalMoments(torch.autograd.Function):
     draw from): (mean, var, the layer's KL)."""
 
     @staticmethod
-    def forward(ctx, x, mu, rho, bias_mu, bias_rho, affine: Affine, rng=None, prior_var=None):
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, affine: Affine, rng=None, prior_var=None, owner=None):
         has_bias = bias_mu is not None
         if prior_var is None:
             s2 = ops.vi_sigma_sq(rho)
@@ -356,7 +388,7 @@ class LocalMoments(torch.autograd.Function):
                 kl += kl_b
             else:
                 sb2 = None
-        _keep_for_kl(ctx, (x, mu, rho, bias_mu, bias_rho, rng), (mu, rho, bias_mu, bias_rho), prior_var)
+        _keep_for_kl(ctx, (x, mu, rho, bias_mu, bias_rho, rng), (mu, rho, bias_mu, bias_rho), prior_var, owner)
         ctx.meta = (affine, None if bias_mu is None else bias_mu.dtype)
         mean, var = affine(x, mu, bias_mu), affine(x.square(), s2, sb2)
         return (mean, var) if prior_var is None else (mean, var, kl)
@@ -365,7 +397,7 @@ class LocalMoments(torch.autograd.Function):
     @once_differentiable  # with LocalNoise's: no silent second order through half the graph
     def backward(ctx, g, gv, g_kl=None):
         if g is None and gv is None:
-            return _kl_alone(ctx, g_kl, 8)
+            return _kl_alone(ctx, g_kl, 9)
         x, mu, rho, bias_mu, bias_rho, rng = _saved(ctx)
         if g is None or gv is None:  # one of the two outputs unused (grads are not materialised with a KL)
             g, gv = (torch.zeros_like(gv) if g is None else g), (torch.zeros_like(g) if gv is None else gv)
@@ -385,7 +417,7 @@ class LocalMoments(torch.autograd.Function):
                 gx_var = affine.grad_input(x, s2, gv)
                 del s2
                 gx = affine.grad_input(x, mu, g).addcmul_(x, gx_var, value=2)
-            return gx, gmu, grho, gbmu, gbrho, None, None, None
+            return gx, gmu, grho, gbmu, gbrho, None, None, None, None
         if need[2]:  # d/d sigma^2 (affine's weight gradient from x^2), turned into d/d rho in place, with
             # sigma^2 itself from the same pass when grad_x needs it; x^2 freed right after
             grho = _fresh_as(affine.grad_weight(x.square(), rho.shape, gv), rho)
@@ -404,7 +436,7 @@ class LocalMoments(torch.autograd.Function):
             gmu = _as_dtype(affine.grad_weight(x, mu.shape, g), mu.dtype)
         if bias_dtype is not None and need[3]:
             gbmu = _as_dtype(affine.grad_bias(g), bias_dtype)
-        grads = [gx, gmu, grho, gbmu, gbrho, None, None, None]
+        grads = [gx, gmu, grho, gbmu, gbrho, None, None, None, None]
         return tuple(grads) if g_kl is None else _add_kl(ctx, grads, g_kl, mu, rho, bias_mu, bias_rho)
 
 

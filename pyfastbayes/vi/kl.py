@@ -2,8 +2,9 @@
 
 Gaussian-prior layers: the closed form sum_i log(s / sigma_i) + (sigma_i^2 + mu_i^2) / (2 s^2) - 1/2
 (s the layer's prior std). A layer that sampled with grad mode on carries its own KL from that
-forward (``BayesianLayer.forward_kl``: made in the pass that drew its weights, its gradient added in
-the pass that forms d/d rho), valid while its parameters are unchanged; the other layers' tensors go
+forward (``BayesianLayer.take_forward_kl``: made in the pass that drew its weights, its gradient
+added in the pass that forms d/d rho), taken once, while its parameters are unchanged; the other
+layers' tensors go
 into ONE fused multi-tensor reduction (``ops.vi_kl``, float32 accumulation or float64 for float64
 parameters) with its fused backward. Scale-mixture layers: a one-draw Monte Carlo estimate
 log q(w) - log p(w) at a fresh draw w (no closed form).
@@ -70,7 +71,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
     compiling = torch.compiler.is_compiling()
     for name, layer in layers:
         pairs = ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho))
-        kl = None if compiling else layer.forward_kl()
+        kl = None if compiling else layer.take_forward_kl()
         if kl is not None:  # the layer's last forward made it (and its backward adds the gradient) in its own pass
             carried.append(kl)
         elif isinstance(layer.prior, GaussianPrior):

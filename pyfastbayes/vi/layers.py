@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..calibration._checks import check_int
 from ..nn.inputs import dtype_mismatch
-from ._functions import Affine, Flipout, LocalMoments, LocalNoise, SampledAffine, _versions
+from ._functions import _FORWARD_KL, Affine, Flipout, LocalMoments, LocalNoise, SampledAffine
 from .priors import GaussianPrior, as_prior
 
 ESTIMATORS = ("reparam", "local", "flipout")
@@ -63,11 +63,9 @@ def check_options(init_std, estimator) -> None:
         raise ValueError(f"init_std must be a finite number > 0 (the initial sigma), got {init_std!r}")
 
 
-# layer -> (its last forward's KL, the (mu, rho, bias_mu, bias_rho) it read, their versions, the
-# prior variance): outside the module (a tensor with a graph in a module attribute would break
-# copy.deepcopy and pickling), and weak (the entry goes with the layer). The KL holds that
-# forward's graph (the input it saved) until the graph's backward runs or the next forward replaces it.
-_FORWARD_KL: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+def _param_state(params) -> tuple:
+    """What must not change for a carried KL to hold: versions, storage and requires_grad of each."""
+    return tuple(None if p is None else (p._version, p.data_ptr(), p.requires_grad) for p in params)
 
 
 def _carries_kl() -> bool:
@@ -137,6 +135,8 @@ class BayesianLayer(nn.Module):
             _check_input_dtype(x, mu)
         if x.dim() == 3 and self.affine.kind == "conv2d":  # an unbatched [C, H, W], as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        if not torch.compiler.is_compiling():
+            _FORWARD_KL.pop(self, None)  # the previous forward's KL (and its graph) is of no more use
         if not self.sample_weights:
             return self.affine(x, mu, self.bias_mu)
         if not torch.compiler.is_compiling():
@@ -148,40 +148,47 @@ class BayesianLayer(nn.Module):
                     "its weights are not supported (its fused noise nodes are autograd Functions without functorch "
                     "rules); set layer.sample_weights = False for a deterministic pass at the means, or call the "
                     "model outside the transform (torch.func.functional_call alone works)")
+        carries = _carries_kl()
         rng = ops.rng_snapshot(self.rng)  # this forward's position; the buffer advances below, on success only
         s = self.stream + _rank_streams()
         rho, bias_mu, bias_rho = self.weight_rho, self.bias_mu, self.bias_rho
-        # the layer's KL from this forward's own pass over mu and rho (kl_divergence takes it from here)
-        v = self.prior.std ** 2 if isinstance(self.prior, GaussianPrior) and _carries_kl() else None
+        # the layer's KL from this forward's own pass over mu and rho (kl_divergence takes it once)
+        v = self.prior.std ** 2 if carries and isinstance(self.prior, GaussianPrior) else None
+        owner = None if v is None else (weakref.ref(self), object())
         if self.estimator == "reparam":
-            out = SampledAffine.apply(x, mu, rho, bias_mu, bias_rho, rng, s, s + 1, self.affine, v)
+            out = SampledAffine.apply(x, mu, rho, bias_mu, bias_rho, rng, s, s + 1, self.affine, v, owner)
         elif self.estimator == "local":
-            out = LocalMoments.apply(x, mu, rho, bias_mu, bias_rho, self.affine, rng, v)
+            out = LocalMoments.apply(x, mu, rho, bias_mu, bias_rho, self.affine, rng, v, owner)
             out = (LocalNoise.apply(out[0], out[1], rng, s + 2),) + out[2:]
         else:  # flipout: x mu + b + ((x * s_in) dW^T) * s_out, dW = sigma eps shared by the batch
-            out = Flipout.apply(x, mu, rho, bias_mu, bias_rho, rng, s, self.affine, v)
+            out = Flipout.apply(x, mu, rho, bias_mu, bias_rho, rng, s, self.affine, v, owner)
         if v is not None:
             out, kl = out
-            _FORWARD_KL[self] = (kl, (mu, rho, bias_mu, bias_rho), _versions((mu, rho, bias_mu, bias_rho)), v)
+            params = (mu, rho, bias_mu, bias_rho)
+            _FORWARD_KL[self] = (kl, params, _param_state(params), v, owner[1])
         elif isinstance(out, tuple):  # local without a KL: (noisy output,)
             out = out[0]
         self._advance_rng()
         return out
 
-    def forward_kl(self) -> Tensor | None:
+    def take_forward_kl(self) -> Tensor | None:
         """The closed-form KL(q || p) of this layer's weights and bias (a 0-dim tensor) as its last
         forward computed it, in the pass that drew the weights, differentiable in mu and rho through
-        that forward's autograd node; None when there is none that still holds: no forward with
-        grad mode on since the parameters changed (an optimizer step bumps their versions), another
-        tensor in place of a parameter, another prior, a scale-mixture prior (no closed form) or
-        ``sample_weights`` False. :func:`~pyfastbayes.vi.kl_divergence` uses it and computes the
-        others' in one fused reduction."""
-        entry = _FORWARD_KL.get(self)
+        that forward's autograd node (whose backward adds the KL's gradient in its own pass over
+        mu and rho); taken once (a second call gives None). None when there is none that still
+        holds: no forward with grad mode on since the last take or backward, a parameter changed
+        since (in place: its version; its storage, e.g. ``model.double()``; requires_grad), another
+        tensor in place of a parameter, another prior, or a scale-mixture prior (no closed form).
+        An in-place write that bumps no version (a write through ``.data`` into the same storage,
+        torch.optim's fused Adam step) between the forward and this call goes unseen: take the KL
+        right after the forward, as a loss does. :func:`~pyfastbayes.vi.kl_divergence` calls it and
+        reduces the other layers' KLs itself."""
+        entry = _FORWARD_KL.pop(self, None)
         if entry is None:
             return None
-        kl, params, versions, v = entry
+        kl, params, state, v, _ = entry
         current = (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
-        if (any(a is not b for a, b in zip(params, current)) or _versions(params) != versions
+        if (any(a is not b for a, b in zip(params, current)) or _param_state(params) != state
                 or not isinstance(self.prior, GaussianPrior) or self.prior.std ** 2 != v):
             return None
         return kl if torch.is_grad_enabled() else kl.detach()
