@@ -1,5 +1,7 @@
 """Fused SG-MCMC steps (sgld_step_, sghmc_step_, psgld_step_) and any_nonfinite: the op contract,
 and what is particular to them (noise scale, skip flag, empty groups, CUDA graphs)."""
+import math
+
 import pytest
 import torch
 
@@ -351,28 +353,62 @@ def nonfinite_make(case, device, dtype, gen):
     else:  # clean, and one NaN / +inf / -inf in each position of a mixed list (other dtypes too)
         base = [rnd(10), rnd(3), torch.zeros(0, dtype=dtype, device=device), rnd(70_000),
                 torch.arange(5, device=device), torch.ones(2, dtype=torch.float64, device=device)]
-    calls = [dict(tensors=base)]
+    calls = [dict(tensors=base, limit=None)]
     for i in range(len(base)):
         if not base[i].is_floating_point() or base[i].numel() == 0:
             continue
         for bad in (float("nan"), float("inf"), -float("inf")):
             ts = [t.clone() for t in base]
             ts[i][torch.unravel_index(torch.tensor(ts[i].numel() // 2 + 1), ts[i].shape)] = bad
-            calls.append(dict(tensors=ts))
+            calls.append(dict(tensors=ts, limit=None))
+    # the limit: the largest magnitude (flagged when >= limit), just above it, below it, a limit
+    # between two values of the dtype, one past the dtype's range (only inf and NaN flagged)
+    top = max(float(t.abs().max()) for t in base if t.is_floating_point() and t.numel())
+    for limit in (top, math.nextafter(top, math.inf), top * 0.999, 1.0, 0.0625, 1e300):
+        calls.append(dict(tensors=base, limit=limit))
     return calls
 
 
 NONFINITE_BAD = placement("any_nonfinite", "tensors", "tensors[0]", index=1,
-                          device=r"any_nonfinite: tensors on (cpu and cuda:0|cuda:0 and cpu)")
+                          device=r"any_nonfinite: tensors on (cpu and cuda:0|cuda:0 and cpu)") + [
+    Bad("limit-zero", put(limit=0.0), r"^any_nonfinite: limit must be > 0 \(a bound on the magnitude\), got 0$"),
+    Bad("limit-negative", put(limit=-2.5), r"^any_nonfinite: limit must be > 0 .*, got -2.5$"),
+    Bad("limit-nan", put(limit=math.nan), r"^any_nonfinite: limit must be > 0 .*, got nan$"),
+]
 
 ANY_NONFINITE = OpSpec(
     "any_nonfinite", grid=ALL_DTYPES, make=nonfinite_make, seed=4,
-    good=lambda device: dict(tensors=[torch.randn(4, device=device), torch.randn(3, device=device)]),
+    good=lambda device: dict(tensors=[torch.randn(4, device=device), torch.randn(3, device=device)], limit=2.0),
     bad=NONFINITE_BAD)
 
 
 class TestAnyNonfinite(OpContract):
     spec = ANY_NONFINITE
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_any_nonfinite_limit_is_exact_in_every_dtype(backend):
+    """|x| >= limit compared exactly: for each dtype the largest value below a limit is not flagged,
+    the smallest at or above it is (float32 at sqrt(float32 max): 2^64 - 2^40 passes, 2^64 is
+    flagged); a limit past a dtype's range flags only inf and NaN; complex: either part."""
+    if backend == "native" and not ops.native_op("any_nonfinite", "cpu"):
+        pytest.skip("no native kernel")
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        info = torch.finfo(dtype)
+        for limit in (info.max ** 0.5, 1.0, 3.0, 1e-3, float(info.max) * 0.75):
+            at = torch.tensor(limit, dtype=torch.float64).to(dtype)  # the nearest value of the dtype
+            if float(at) < limit:
+                at = torch.nextafter(at, torch.tensor(math.inf, dtype=dtype))
+            below = torch.nextafter(at, torch.tensor(0.0, dtype=dtype))
+            for v, want in ((at, True), (-at, True), (below, False), (-below, False)):
+                got = ops.any_nonfinite([torch.zeros(5, dtype=dtype), v.reshape(1)], limit, backend=backend)
+                assert bool(got) == want, (dtype, limit, float(v))
+        big = torch.tensor([info.max, -info.max], dtype=dtype)
+        assert not ops.any_nonfinite([big], 1e300 if dtype != torch.float64 else math.inf, backend=backend)
+        assert ops.any_nonfinite([torch.tensor([math.inf], dtype=dtype)], 1e300, backend=backend)
+    z = torch.tensor([1 + 4j, 2 - 1j], dtype=torch.complex64)
+    assert ops.any_nonfinite([z], 4.0, backend=backend) and not ops.any_nonfinite([z], 4.5, backend=backend)
+    assert ops.any_nonfinite([z.conj()], 4.0, backend=backend)
 
 
 @needs_native

@@ -306,6 +306,38 @@ def test_collect_refuses_nonfinite_parameters(cls, bad):
     assert post.n_averaged == 3 and torch.isfinite(post.mean).all()
 
 
+@pytest.mark.parametrize("deviation_dtype", [None, torch.float16])
+def test_parameters_whose_squares_overflow_the_state_are_refused(deviation_dtype):
+    """A finite float32 parameter at or beyond sqrt(float32 max) (2^64 - 2^39) has a square that
+    overflowed sq_mean to inf: every variance and draw was inf or NaN, silently. Refused (state
+    unchanged); the largest float32 below the limit is taken (finite sq_mean); a float64 state
+    takes the value the float32 one refused."""
+    torch.manual_seed(0)
+    model = _mlp()
+    swag = SWAG(model, max_rank=3, deviation_dtype=deviation_dtype)
+    swag.collect()
+    before = _snapshot(swag)
+    for big in (2.0 ** 64, 3e30):
+        with torch.no_grad():
+            model[0].bias[0] = big
+        with pytest.raises(ValueError, match=r"'0.bias' holds values of magnitude .*sqrt of torch.float32's largest "
+                                             r"value.*state is unchanged.*float64"):
+            swag.collect()
+        _assert_state_is(swag, before)
+    below = torch.nextafter(torch.tensor(2.0 ** 64), torch.tensor(0.0)).item()  # 2^64 - 2^40
+    with torch.no_grad():
+        model[0].bias[0] = 0.0
+        model[0].bias[1] = below
+    if deviation_dtype is None:
+        swag.collect()
+        assert torch.isfinite(swag.sq_mean).all() and swag.n_averaged == 2
+    wide = SWAG(model, max_rank=3, dtype=torch.float64)
+    with torch.no_grad():
+        model[0].bias[1] = 3e30
+    wide.collect()
+    assert torch.isfinite(wide.sq_mean).all()
+
+
 def test_float16_deviations_beyond_range_are_refused():
     """Item 8: deviation_dtype=float16 with deviations above 65504 stored inf: non-finite draws."""
     torch.manual_seed(0)

@@ -3,9 +3,13 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/view_as_real.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <c10/util/bit_cast.h>
 #include <c10/util/OptionalArrayRef.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -144,6 +148,43 @@ inline std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors, c10::Dev
     }
   }
   return out;
+}
+
+// any_nonfinite's limit: none (nullopt), or a number > 0 (inf: no bound beyond +-inf itself)
+inline void check_nonfinite_limit(const std::optional<double>& limit) {
+  TORCH_CHECK(!limit.has_value() || *limit > 0.0, "any_nonfinite: limit must be > 0 (a bound on the magnitude), got ",
+              limit.has_value() ? *limit : 0.0);
+}
+
+// The threshold of any_nonfinite's bit test for a kernel float dtype: an element is flagged when
+// (its bits with the sign cleared) >= the threshold, as unsigned integers (IEEE magnitudes order as
+// their bits; NaN lies above inf). Without a limit: the bits of +inf (NaN and +-inf flagged); with
+// one: the bits of the smallest value of the dtype >= limit (|x| >= that value exactly when
+// |x| >= limit), +inf's when the limit exceeds the dtype's largest finite value.
+inline uint64_t nonfinite_threshold(at::ScalarType dtype, const std::optional<double>& limit) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const double lim = limit.has_value() ? *limit : inf;
+  switch (dtype) {
+    case at::kDouble: return c10::bit_cast<uint64_t>(lim);
+    case at::kFloat: {
+      float f = static_cast<float>(lim);  // nearest (inf beyond the range)
+      if (static_cast<double>(f) < lim) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+      return c10::bit_cast<uint32_t>(f);
+    }
+    case at::kHalf: {
+      c10::Half h(static_cast<float>(lim));  // nearest to the nearest float: floor or ceil of lim
+      uint16_t bits = h.x;
+      if (static_cast<double>(static_cast<float>(h)) < lim) ++bits;  // the next magnitude (inf past 65504)
+      return bits;
+    }
+    case at::kBFloat16: {
+      c10::BFloat16 b(static_cast<float>(lim));
+      uint16_t bits = b.x;
+      if (static_cast<double>(static_cast<float>(b)) < lim) ++bits;
+      return bits;
+    }
+    default: TORCH_CHECK(false, "any_nonfinite: unexpected dtype ", dtype);
+  }
 }
 
 }  // namespace pyfastbayes

@@ -5,7 +5,7 @@
 // reference: non-contiguous tensors are computed on contiguous copies (ContiguousList,
 // checks/sgmcmc.h, says why dense permuted ones are too).
 // And any_nonfinite: its inputs are flat arrays (nonfinite_inputs: dense tensors in place, in
-// memory order), tested on the exponent bits.
+// memory order), tested on their bits (the magnitude's bits against a threshold).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -14,6 +14,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <optional>
+#include <type_traits>
 
 #include "checks/sgmcmc.h"
 #include "common/layouts.h"
@@ -89,45 +91,56 @@ void psgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   step_cpu<PSGLDRule, true>("psgld_step_", params, grads, square_avg, "square_avg", hyper, rng, skip, offsets);
 }
 
-// Non-finite test on the bits: the exponent field all ones (inf or NaN). Integer AND and compare
-// of an int OR-reduction, so every clone below vectorises at its width (a float compare chain
-// `v - v != 0` with a bool reduction did not: 4M floats took 2.2 ms, ~5x the read time).
+// The bit test of any_nonfinite: (bits with the sign cleared) >= threshold (nonfinite_threshold,
+// checks/sgmcmc.h: +inf's bits for NaN / inf, or a limit's), compared as signed integers (both sides
+// are below the sign bit), OR-reduced into an int, so every clone below vectorises at its width (a
+// float compare chain `v - v != 0` with a bool reduction did not: 4M floats took 2.2 ms, ~5x the
+// read time).
 template <typename bits_t>
-int any_exponent_all_ones(const bits_t* x, int64_t n, bits_t exp_mask) {
+int any_magnitude_at_least(const bits_t* x, int64_t n, bits_t abs_mask, bits_t threshold) {
+  using sbits_t = std::make_signed_t<bits_t>;
+  const auto thr = static_cast<sbits_t>(threshold);
   int bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad |= static_cast<int>((x[i] & exp_mask) == exp_mask);
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<int>(static_cast<sbits_t>(x[i] & abs_mask) >= thr);
   return bad;
 }
 #define PFB_NONFINITE_CLONES(NAME, BITS)                                                                    \
-  PFB_CPU_CLONES int NAME(const BITS* x, int64_t n, BITS m) {                                              \
-    return any_exponent_all_ones<BITS>(x, n, m);                                                           \
+  PFB_CPU_CLONES int NAME(const BITS* x, int64_t n, BITS m, BITS thr) {                                    \
+    return any_magnitude_at_least<BITS>(x, n, m, thr);                                                     \
   }
 PFB_NONFINITE_CLONES(nonfinite_bits16, uint16_t)
 PFB_NONFINITE_CLONES(nonfinite_bits32, uint32_t)
 PFB_NONFINITE_CLONES(nonfinite_bits64, uint64_t)
 #undef PFB_NONFINITE_CLONES
 
-// elements [b, e) of a flat input of a kernel float dtype (nonfinite_inputs)
-bool range_nonfinite(const at::Tensor& t, int64_t b, int64_t e) {
+// elements [b, e) of a flat input of a kernel float dtype (nonfinite_inputs), threshold its dtype's
+bool range_nonfinite(const at::Tensor& t, int64_t b, int64_t e, uint64_t thr) {
   const void* base = t.const_data_ptr();
   switch (t.scalar_type()) {
-    case at::kFloat: return nonfinite_bits32(static_cast<const uint32_t*>(base) + b, e - b, 0x7F800000u) != 0;
+    case at::kFloat:
+      return nonfinite_bits32(static_cast<const uint32_t*>(base) + b, e - b, 0x7FFFFFFFu, static_cast<uint32_t>(thr)) != 0;
     case at::kDouble:
-      return nonfinite_bits64(static_cast<const uint64_t*>(base) + b, e - b, 0x7FF0000000000000ull) != 0;
-    case at::kHalf: return nonfinite_bits16(static_cast<const uint16_t*>(base) + b, e - b, 0x7C00u) != 0;
-    case at::kBFloat16: return nonfinite_bits16(static_cast<const uint16_t*>(base) + b, e - b, 0x7F80u) != 0;
+      return nonfinite_bits64(static_cast<const uint64_t*>(base) + b, e - b, 0x7FFFFFFFFFFFFFFFull, thr) != 0;
+    case at::kHalf:
+    case at::kBFloat16:
+      return nonfinite_bits16(static_cast<const uint16_t*>(base) + b, e - b, uint16_t(0x7FFF), static_cast<uint16_t>(thr)) != 0;
     default: TORCH_CHECK(false, "any_nonfinite: unexpected dtype ", t.scalar_type());
   }
 }
 
-at::Tensor any_nonfinite_cpu(at::TensorList tensors) {
+at::Tensor any_nonfinite_cpu(at::TensorList tensors, std::optional<double> limit) {
+  check_nonfinite_limit(limit);
   std::atomic<bool> found{false};
   const auto ts = nonfinite_inputs(tensors, c10::DeviceType::CPU);
   std::vector<int64_t> numels;
-  for (const auto& t : ts) numels.push_back(t.numel());
+  std::vector<uint64_t> thr;
+  for (const auto& t : ts) {
+    numels.push_back(t.numel());
+    thr.push_back(nonfinite_threshold(t.scalar_type(), limit));
+  }
   parallel_chunks(numels, [&](const Chunk& c) {
     if (found.load(std::memory_order_relaxed)) return;
-    if (range_nonfinite(ts[c.tensor], c.begin, c.end)) found.store(true, std::memory_order_relaxed);
+    if (range_nonfinite(ts[c.tensor], c.begin, c.end, thr[c.tensor])) found.store(true, std::memory_order_relaxed);
   });
   return at::zeros({}, at::TensorOptions().dtype(at::kBool)).fill_(found.load());
 }
@@ -135,7 +148,8 @@ at::Tensor any_nonfinite_cpu(at::TensorList tensors) {
 // any_nonfinite when the dispatcher finds no backend kernel: no tensor at all (an empty list has
 // no dispatch key; nothing in it is non-finite: False on the CPU), or tensors on a device this
 // build has no kernel for (the NotImplementedError the dispatcher would raise, with the op's name).
-at::Tensor any_nonfinite_no_backend(at::TensorList tensors) {
+at::Tensor any_nonfinite_no_backend(at::TensorList tensors, std::optional<double> limit) {
+  check_nonfinite_limit(limit);
   TORCH_CHECK_NOT_IMPLEMENTED(tensors.empty(), "any_nonfinite: no kernel for ", tensors[0].device(),
                               " tensors in this build of pyfastbayes");
   return at::zeros({}, at::TensorOptions().dtype(at::kBool));

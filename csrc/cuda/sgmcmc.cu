@@ -184,20 +184,30 @@ void psgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 
 // any_nonfinite over one dtype: 16-byte loads (4 fp32, 2 fp64, 8 fp16/bf16) after a scalar head
 // that aligns them, a scalar tail; the tensors are flat arrays (dense, any memory order: the
-// order does not matter here, see nonfinite_inputs)
+// order does not matter here, see nonfinite_inputs). An element is flagged when its bits with the
+// sign cleared reach `thr` (nonfinite_threshold: +inf's bits, or a limit's), as on the CPU.
+template <typename T>
+struct NonfiniteBits {  // the unsigned integer of T's width
+  using type = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+};
+
 template <typename T, class Table>
-__global__ void __launch_bounds__(kThreads) nonfinite_kernel(const __grid_constant__ Table tab, bool* found) {
-  using op_t = at::opmath_type<T>;
+__global__ void __launch_bounds__(kThreads)
+    nonfinite_kernel(const __grid_constant__ Table tab, bool* found, uint64_t thr64) {
+  using B = typename NonfiniteBits<T>::type;
   constexpr int kVec = 16 / sizeof(T);
+  constexpr B kAbs = static_cast<B>(~B(0) >> 1);  // every bit but the sign
   using VA = VecAccess<T, kVec>;
+  const B thr = static_cast<B>(thr64);
   const int t = find_tensor(tab, blockIdx.x);
   const int64_t begin = int64_t(blockIdx.x - tab.block_start[t]) * kChunk;
   const int64_t end = min(begin + kChunk, tab.numel[t]);
   const T* x = static_cast<const T*>(tab.ptr[0][t]);
   bool bad = false;
   auto check = [&](T v) {
-    const op_t w = static_cast<op_t>(v);
-    bad |= (w - w != op_t(0));  // inf - inf and NaN - NaN are NaN
+    B b;
+    memcpy(&b, &v, sizeof(B));
+    bad |= (b & kAbs) >= thr;
   };
   int head = 0;  // the first offset at which x is 16-byte aligned (none: x is not element-aligned)
   while (head < kVec - 1 && !VA::aligned(x, head)) ++head;
@@ -214,7 +224,8 @@ __global__ void __launch_bounds__(kThreads) nonfinite_kernel(const __grid_consta
   if (__syncthreads_or(bad) && threadIdx.x == 0) *found = true;
 }
 
-at::Tensor any_nonfinite_cuda(at::TensorList tensors) {
+at::Tensor any_nonfinite_cuda(at::TensorList tensors, std::optional<double> limit) {
+  check_nonfinite_limit(limit);
   TORCH_CHECK(!tensors.empty(), "any_nonfinite: empty list");
   const auto device = tensors[0].device();
   for (const auto& t : tensors)  // before the guard: tensors[0] may be a CPU tensor beside CUDA ones
@@ -228,10 +239,11 @@ at::Tensor any_nonfinite_cuda(at::TensorList tensors) {
     for (const auto& t : inputs)
       if (t.scalar_type() == dtype) same.push_back(t);
     if (same.empty()) continue;
+    const uint64_t thr = nonfinite_threshold(dtype, limit);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "any_nonfinite_cuda", [&] {
       multi_tensor_apply<1>({&same}, [&](const auto& tab, int nblocks) {
         nonfinite_kernel<scalar_t, std::decay_t<decltype(tab)>><<<nblocks, kThreads, 0, stream>>>(
-            tab, found.data_ptr<bool>());
+            tab, found.data_ptr<bool>(), thr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

@@ -17,6 +17,8 @@ TORCH_LIBRARY_FRAGMENT(pyfastbayes, m) {
   m.def("sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor hyper, Tensor(b!) rng, Tensor? skip=None, int[]? offsets=None) -> ()");
   m.def("sghmc_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, Tensor hyper, Tensor(c!) rng, Tensor? skip=None, int[]? offsets=None) -> ()");
   m.def("psgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avg, Tensor hyper, Tensor(c!) rng, Tensor? skip=None, int[]? offsets=None) -> ()");
-  // true where any element of any tensor is NaN or +-inf; a bool scalar on the tensors' device
-  m.def("any_nonfinite(Tensor[] tensors) -> Tensor");
+  // true where any element of any tensor is NaN or +-inf, or, given a limit (> 0), has a magnitude
+  // >= limit (floating and complex elements; integer tensors are skipped); a bool scalar on the
+  // tensors' device
+  m.def("any_nonfinite(Tensor[] tensors, float? limit=None) -> Tensor");
 }

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..ops.layouts import HYPER, RNG
-from ._checks import (KERNEL_DTYPES, OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type,
+from ._checks import (KERNEL_DTYPES, OverlapCheck, check, check_dense, check_meta_mix, dispatch_device_type, num,
                       scalar_type, sizes)
 from .random import philox_normal_range
 
@@ -72,10 +72,12 @@ def check_step_args(op: str, params: Sequence[Tensor], grads: Sequence[Tensor], 
     overlap.add(hyper, "hyper", False).add(rng, "rng", True).add(skip, "skip", False).run()
 
 
-def check_any_nonfinite(tensors: Sequence[Tensor], *, fake: bool = False) -> None:
-    """The checks of ``any_nonfinite`` (``nonfinite_inputs``, csrc/checks/sgmcmc.h): one device
-    (the CPU kernel words it as 'all on the CPU'); any dtype (only floating and complex can be
-    non-finite)."""
+def check_any_nonfinite(tensors: Sequence[Tensor], limit: float | None = None, *, fake: bool = False) -> None:
+    """The checks of ``any_nonfinite`` (``check_nonfinite_limit``, ``nonfinite_inputs``,
+    csrc/checks/sgmcmc.h): limit None or > 0; one device (the CPU kernel words it as 'all on the
+    CPU'); any dtype (only floating and complex can be non-finite)."""
+    check(limit is None or limit > 0, "any_nonfinite: limit must be > 0 (a bound on the magnitude), got ",
+          num(limit if limit is not None else 0.0))
     check_meta_mix("any_nonfinite", tensors=tensors)
     check_dense("any_nonfinite", tensors=tensors)
     if not len(tensors):
@@ -144,13 +146,23 @@ def psgld_step_(params, grads, square_avg, hyper, rng, skip=None, offsets=None) 
     _noisy_step("psgld", params, grads, square_avg, hyper, rng, skip, offsets)
 
 
-def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+def any_nonfinite(tensors: Sequence[Tensor], limit: float | None = None) -> Tensor:
     """True (bool scalar) when any element of any floating tensor is NaN or infinite (complex: in
-    its real or imaginary part); integer and bool tensors are never non-finite."""
-    check_any_nonfinite(tensors)
-    # 1-byte floats through float32 (torch.isfinite has no kernel for some, and misreads e8m0's NaN)
-    flags = [~torch.isfinite(t.float() if t.is_floating_point() and t.element_size() == 1 else t).all()
-             for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
+    its real or imaginary part), or, given a limit, has a magnitude >= limit (compared exactly, in
+    float64); integer and bool tensors are never flagged."""
+    check_any_nonfinite(tensors, limit)
+
+    def flag(t: Tensor) -> Tensor:
+        # 1-byte floats through float32 (torch.isfinite has no kernel for some, and misreads e8m0's NaN)
+        t = t.float() if t.is_floating_point() and t.element_size() == 1 else t
+        bad = ~torch.isfinite(t)
+        if limit is not None:
+            mag = torch.view_as_real(t.resolve_conj()).abs() if t.is_complex() else t.abs()
+            over = mag.double() >= limit
+            bad = bad | (over.any(-1) if t.is_complex() else over)
+        return bad.any()
+
+    flags = [flag(t) for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
     if not flags:
         dev = tensors[0].device if len(tensors) else "cpu"
         return torch.zeros((), dtype=torch.bool, device=dev)

@@ -55,13 +55,18 @@ def psgld_step_(params: Sequence[Tensor], grads: Sequence[Tensor], square_avg: S
                                                              _offsets(offsets))
 
 
-def any_nonfinite(tensors: Sequence[Tensor], *, backend: str | None = None) -> Tensor:
+def any_nonfinite(tensors: Sequence[Tensor], limit: float | None = None, *, backend: str | None = None) -> Tensor:
     """Bool scalar on the tensors' device: does any element of any tensor [any shape] hold NaN or
-    +-inf (complex: in its real or imaginary part)? An empty list gives False on the CPU."""
+    +-inf (complex: in its real or imaginary part)? With ``limit`` (a float > 0), also: has any a
+    magnitude >= limit (compared exactly), e.g. the square root of a dtype's largest value, beyond
+    which squares overflow. One read of the tensors (a test on their bits). Integer and bool
+    tensors are never flagged. An empty list gives False on the CPU."""
     tensors = list(tensors)
+    if limit is not None and not limit > 0:
+        check_any_nonfinite(tensors, float(limit))  # refused as the op refuses it, an empty list too
     if not tensors:
         return torch.zeros((), dtype=torch.bool)
-    return select("any_nonfinite", tensors[0].device, backend)(tensors)
+    return select("any_nonfinite", tensors[0].device, backend)(tensors, None if limit is None else float(limit))
 
 
 # ---- fake (meta) kernels: the references' checks (same messages), then shapes only, so
@@ -81,6 +86,6 @@ if _native.available():
         check_step_args("psgld_step_", params, grads, square_avg, hyper, rng, skip, offsets, fake=True)
 
     @torch.library.register_fake("pyfastbayes::any_nonfinite")
-    def _(tensors):
-        check_any_nonfinite(tensors, fake=True)
+    def _(tensors, limit=None):
+        check_any_nonfinite(tensors, limit, fake=True)
         return torch.empty((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")

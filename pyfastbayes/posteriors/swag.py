@@ -277,26 +277,52 @@ class SWAG(ColumnShards, SWA):
     def _fp16_check(self) -> bool:
         return bool(self.max_rank) and self.deviation_dtype == torch.float16
 
+    def _sq_limit(self) -> float:
+        """sqrt of the state dtype's largest value: a parameter at or beyond it in magnitude has a
+        square that overflows sq_mean (float32: 1.84e19)."""
+        return torch.finfo(self.dtype).max ** 0.5
+
+    def _magnitude_flag(self, ps: list[Tensor]) -> Tensor:
+        """A parameter that is NaN, inf, or of magnitude >= sqrt(dtype max): one read of the
+        parameters (``ops.any_nonfinite`` with that limit, in place of SWA's check without one): all
+        of them, also sharded over columns (the replicas must agree: a NaN in another rank's
+        columns of this replica refuses too), the local shards under FSDP2 (the DTensors
+        themselves are not the op's inputs)."""
+        ts = [t for t, _ in self._local(ps)] if self.fsdp else ps
+        return ops.any_nonfinite(ts, self._sq_limit())
+
     def _collect_flag(self, ps: list[Tensor]) -> Tensor:
-        """Non-finite parameters (SWA's fused check); with float16 D instead the range check of the
-        deviation row this collect would write, ``~(max |row| <= 65504)``, which NaN and inf
-        parameters fail too. Its cost: ``torch._foreach_sub`` and ``_foreach_norm`` over the
+        """Parameters that are not finite or whose squares overflow ``dtype`` (sq_mean would hold
+        inf and every variance and draw would be inf or NaN): one read of the parameters; with
+        float16 D also the range check of the deviation row this collect would write,
+        ``~(max |row| <= 65504)``. Its cost: ``torch._foreach_sub`` and ``_foreach_norm`` over the
         parameters, a transient [P] in ``dtype`` and about three passes over P (float16 D trades
-        this for memory; bfloat16 D needs no range check). Sharded, the range check covers this
-        rank's columns and the flag is all-reduced, so that every rank refuses or none does."""
+        this for memory; bfloat16 D needs no range check). Sharded, the checks cover this rank's
+        columns and the flag is all-reduced, so that every rank refuses or none does."""
+        flag = self._magnitude_flag(ps)
         if self._fp16_check():
-            flag = ~(self._local_max_deviation(ps) <= FP16_MAX)
-        elif self.fsdp:  # the local shards (DTensors themselves are not the op's input)
-            flag = ops.any_nonfinite([t for t, _ in self._local(ps)])
-        else:
-            flag = super()._collect_flag(ps)
+            flag = flag | ~(self._local_max_deviation(ps) <= FP16_MAX)
         if self.sharded:
             flag = self._all_reduce(flag.to(torch.int32), torch.distributed.ReduceOp.MAX).bool()
         return flag
 
+    def _refuse_large(self, named: list[tuple[str, Tensor]], where: str = "") -> None:
+        """The ValueError for a parameter at or beyond sqrt(dtype max) in magnitude (its square
+        overflows sq_mean), naming the first one; nothing when there is none."""
+        limit = self._sq_limit()
+        for name, t in named:
+            big = float(t.detach().abs().max()) if t.numel() else 0.0
+            if not big < limit:
+                raise ValueError(f"parameter {name!r} holds values of magnitude {big:.4g}{where}, at or beyond "
+                                 f"{limit:.4g} = sqrt of {self.dtype}'s largest value: their squares overflow the "
+                                 f"{self.kind} second moment (sq_mean would be inf, and every variance and draw inf "
+                                 f"or NaN). collect() refuses it; the {self.kind} state is unchanged. Keep the state in "
+                                 f"dtype=torch.float64, or check the training (weights this large mean it diverged)")
+
     def _refuse_collect(self, ps: list[Tensor]) -> None:
         if not self.sharded:
             super()._refuse_collect(ps)
+            self._refuse_large(list(zip(self.layout.names, ps)))
             self._refuse_fp16(float(self._max_deviation(ps)))
         # sharded: the global maximum (a collective) first, before any rank can raise
         big = float(self._max_deviation(ps)) if self._fp16_check() else None
@@ -306,11 +332,16 @@ class SWAG(ColumnShards, SWA):
                     raise ValueError(f"parameter {self.layout.names[i]!r} holds NaN or inf (in this rank's shard): "
                                      f"collect() refuses it (it would poison the running mean for ever); the "
                                      f"{self.kind} state is unchanged")
+            pieces = [pc for pc in self._pieces if pc[2] > pc[1]]
+            self._refuse_large([(self.layout.names[i], t) for (i, _, _), (t, _) in zip(pieces, self._local(ps))],
+                               " (in this rank's shard)")
             if big is not None and not big <= FP16_MAX:
                 self._refuse_fp16(big)
             raise RuntimeError(f"another rank refused this collect (NaN or inf in its shards of the FSDP2 parameters, "
-                               f"or a deviation beyond float16's range); the {self.kind} state is unchanged")
+                               f"values whose squares overflow {self.dtype}, or a deviation beyond float16's range); "
+                               f"the {self.kind} state is unchanged")
         super()._refuse_collect(ps)  # a non-finite parameter (the same on every rank under DDP)
+        self._refuse_large(list(zip(self.layout.names, ps)))
         if big is not None and not big <= FP16_MAX:
             self._refuse_fp16(big)
         raise RuntimeError(f"another rank refused this collect (non-finite parameters) while this rank's parameters "
