@@ -235,10 +235,10 @@ PFB_HD T vi_kl_term(T mu, T rho, const ViKlPrior<T>& p) {
 // One element's gradients of g * kl: grad_mu = g mu / v, grad_rho = g (sigma s' / v - s' / sigma),
 // s' = softplus'(rho) (vi_softplus_grad: 1 above the threshold), s' / sigma the exact derivative of
 // vi_log_sigma (1 below -20: never 0 / 0)
+// sigma = softplus(rho), ds = softplus'(rho) and ratio = ds / sigma = d log sigma / d rho (1 below
+// -20, 1 / rho above the threshold 20), as the KL gradients need them
 template <class T>
-PFB_HD void vi_kl_grad(T mu, T rho, T g, const ViKlPrior<T>& p, T& grad_mu, T& grad_rho) {
-  grad_mu = g * mu * p.inv_v;
-  T sigma, ds, ratio;  // softplus, its derivative, d log sigma / d rho
+PFB_HD void vi_softplus_parts(T rho, T& sigma, T& ds, T& ratio) {
   if (rho > T(kViSoftplusThreshold)) {
     sigma = rho;
     ds = T(1);
@@ -249,6 +249,13 @@ PFB_HD void vi_kl_grad(T mu, T rho, T g, const ViKlPrior<T>& p, T& grad_mu, T& g
     ds = e / (T(1) + e);
     ratio = rho < T(-kViSoftplusThreshold) ? T(1) : ds / sigma;
   }
+}
+
+template <class T>
+PFB_HD void vi_kl_grad(T mu, T rho, T g, const ViKlPrior<T>& p, T& grad_mu, T& grad_rho) {
+  grad_mu = g * mu * p.inv_v;
+  T sigma, ds, ratio;
+  vi_softplus_parts(rho, sigma, ds, ratio);
   grad_rho = g * (sigma * ds * p.inv_v - ratio);
 }
 
@@ -291,17 +298,8 @@ PFB_HD T vi_weight_value(T mu, T sigma, T eps) {
 template <int K, class T>
 PFB_HD void vi_weight_grad(T mu, T rho, T eps, T d, T gm_in, T g, const ViKlPrior<T>& p, T& grad_rho, T& grad_mu,
                            T& w) {
-  T sigma, ds, ratio;  // softplus, its derivative, d log sigma / d rho (as vi_kl_grad)
-  if (rho > T(kViSoftplusThreshold)) {
-    sigma = rho;
-    ds = T(1);
-    ratio = T(1) / rho;
-  } else {
-    const T e = vi_exp(rho);
-    sigma = vi_log1p(e);
-    ds = e / (T(1) + e);
-    ratio = rho < T(-kViSoftplusThreshold) ? T(1) : ds / sigma;
-  }
+  T sigma, ds, ratio;
+  vi_softplus_parts(rho, sigma, ds, ratio);
   const T data = K == kViWeightVariance ? d * (T(2) * sigma * ds) : d * eps * ds;
   grad_rho = data + g * (sigma * ds * p.inv_v - ratio);
   grad_mu = (K == kViWeightSample ? d : gm_in) + g * mu * p.inv_v;

@@ -607,25 +607,33 @@ at::Tensor vi_sigma_sq_and_backward_cuda(const at::Tensor& grad, const at::Tenso
 
 // ======================= Section 4: a layer's weight function with its KL term =================
 
+// The grid-stride walk of both section 4 kernels: visit(i0, z) for every group of 4 elements
+// starting at i0 = 4 grp, z the group's normals (Philox block grp; zeros for kind 2: no noise)
+template <int K, class Visit>
+__device__ __forceinline__ void for_each_weight_group(int64_t n, const int64_t* __restrict__ rng, uint32_t stream,
+                                                      const Visit& visit) {
+  const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
+  const auto step = static_cast<uint32_t>(rng[kRngStep]);
+  const int64_t ngroups = (n + 3) / 4;
+  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < ngroups; grp += grid_stride) {
+    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if constexpr (K != kViWeightVariance) philox_normal4(seed, static_cast<uint64_t>(grp), stream, step, z);
+    visit(4 * grp, z);
+  }
+}
+
 // vi_weight_kl: w[i] of kind K (vi_weight_value) and partials[blockIdx.x] = the float64 sum of this
 // block's KL terms; one thread per group of 4 elements (one Philox block of normals; none for kind
 // 2), grid-stride; each thread adds its terms in float64, the block by block_sum (fixed order).
-// Every thread reaches the reduction.
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads)
     vi_weight_kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w, int64_t n,
                         const int64_t* __restrict__ rng, uint32_t stream, ViKlPrior<at::opmath_type<T>> prior,
                         double* __restrict__ partials) {
   using op_t = at::opmath_type<T>;
-  const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
-  const auto step = static_cast<uint32_t>(rng[kRngStep]);
-  const int64_t ngroups = (n + 3) / 4;
-  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   double acc = 0.0;
-  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < ngroups; grp += grid_stride) {
-    const int64_t i0 = 4 * grp;
-    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if constexpr (K != kViWeightVariance) philox_normal4(seed, static_cast<uint64_t>(grp), stream, step, z);
+  for_each_weight_group<K>(n, rng, stream, [&](int64_t i0, const float* z) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if (i0 + k < n) {
@@ -636,8 +644,8 @@ __global__ void __launch_bounds__(kThreads)
                                    op_t(0.5));
       }
     }
-  }
-  const double v = block_sum(acc);
+  });
+  const double v = block_sum(acc);  // every thread of the block reaches it
   if (threadIdx.x == 0) partials[blockIdx.x] = v;
 }
 
@@ -649,15 +657,8 @@ __global__ void __launch_bounds__(kThreads)
                           uint32_t stream, const void* __restrict__ kl_grad, int grad_kind,
                           ViKlPrior<at::opmath_type<T>> prior) {
   using op_t = at::opmath_type<T>;
-  const auto seed = static_cast<uint64_t>(rng[kRngSeed]);
-  const auto step = static_cast<uint32_t>(rng[kRngStep]);
   const auto g = static_cast<op_t>(kl_read_grad(kl_grad, grad_kind));
-  const int64_t ngroups = (n + 3) / 4;
-  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < ngroups; grp += grid_stride) {
-    const int64_t i0 = 4 * grp;
-    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if constexpr (K != kViWeightVariance) philox_normal4(seed, static_cast<uint64_t>(grp), stream, step, z);
+  for_each_weight_group<K>(n, rng, stream, [&](int64_t i0, const float* z) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = i0 + k;
@@ -671,7 +672,7 @@ __global__ void __launch_bounds__(kThreads)
         if (w != nullptr) w[i] = static_cast<T>(c);
       }
     }
-  }
+  });
 }
 
 // the kind argument (0, 1, 2, checked) as the template parameter K of `launch`
