@@ -70,11 +70,12 @@ def kl_divergence(model: nn.Module) -> Tensor:
     mc, carried = [], []
     compiling = torch.compiler.is_compiling()
     for name, layer in layers:
-        pairs = ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho))
         kl = None if compiling else layer.take_forward_kl()
         if kl is not None:  # the layer's last forward made it (and its backward adds the gradient) in its own pass
             carried.append(kl)
-        elif isinstance(layer.prior, GaussianPrior):
+            continue
+        pairs = ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho))  # (read once each)
+        if isinstance(layer.prior, GaussianPrior):
             v = layer.prior.std ** 2
             for (mu, rho), pname in zip(pairs, ("weight", "bias")):
                 if mu is not None:
