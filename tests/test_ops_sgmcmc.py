@@ -386,12 +386,13 @@ class TestAnyNonfinite(OpContract):
     spec = ANY_NONFINITE
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["native", "reference"])
-def test_any_nonfinite_limit_is_exact_in_every_dtype(backend):
+def test_any_nonfinite_limit_is_exact_in_every_dtype(backend, device):
     """|x| >= limit compared exactly: for each dtype the largest value below a limit is not flagged,
     the smallest at or above it is (float32 at sqrt(float32 max): 2^64 - 2^40 passes, 2^64 is
     flagged); a limit past a dtype's range flags only inf and NaN; complex: either part."""
-    if backend == "native" and not ops.native_op("any_nonfinite", "cpu"):
+    if backend == "native" and not ops.native_op("any_nonfinite", device):
         pytest.skip("no native kernel")
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         info = torch.finfo(dtype)
@@ -401,12 +402,15 @@ def test_any_nonfinite_limit_is_exact_in_every_dtype(backend):
                 at = torch.nextafter(at, torch.tensor(math.inf, dtype=dtype))
             below = torch.nextafter(at, torch.tensor(0.0, dtype=dtype))
             for v, want in ((at, True), (-at, True), (below, False), (-below, False)):
-                got = ops.any_nonfinite([torch.zeros(5, dtype=dtype), v.reshape(1)], limit, backend=backend)
+                # 70 000 zeros before it: the CUDA kernel's vector path and several blocks
+                got = ops.any_nonfinite([torch.zeros(5, dtype=dtype, device=device),
+                                         torch.cat([torch.zeros(70_000, dtype=dtype), v.reshape(1)]).to(device)],
+                                        limit, backend=backend)
                 assert bool(got) == want, (dtype, limit, float(v))
-        big = torch.tensor([info.max, -info.max], dtype=dtype)
+        big = torch.tensor([info.max, -info.max], dtype=dtype, device=device)
         assert not ops.any_nonfinite([big], 1e300 if dtype != torch.float64 else math.inf, backend=backend)
-        assert ops.any_nonfinite([torch.tensor([math.inf], dtype=dtype)], 1e300, backend=backend)
-    z = torch.tensor([1 + 4j, 2 - 1j], dtype=torch.complex64)
+        assert ops.any_nonfinite([torch.tensor([math.inf], dtype=dtype, device=device)], 1e300, backend=backend)
+    z = torch.tensor([1 + 4j, 2 - 1j], dtype=torch.complex64, device=device)
     assert ops.any_nonfinite([z], 4.0, backend=backend) and not ops.any_nonfinite([z], 4.5, backend=backend)
     assert ops.any_nonfinite([z.conj()], 4.0, backend=backend)
 
