@@ -217,6 +217,16 @@ PFB_CPU_INLINE T vi_vsoftplus_grad(T rho, T e) {
   return rho > T(kViSoftplusThreshold) ? T(1) : e / (T(1) + e);
 }
 
+// common/vi.h's vi_softplus_parts branch-free, from rho and e = exp(rho): sigma = softplus(rho),
+// ds = softplus'(rho), ratio = ds / sigma (1 below -20, 1 / rho above 20): the KL gradients' parts
+template <class T>
+PFB_CPU_INLINE void vi_vsoftplus_parts(T rho, T e, T& sigma, T& ds, T& ratio) {
+  const bool big = rho > T(kViSoftplusThreshold);
+  sigma = big ? rho : vi_vlog1p(e);
+  ds = big ? T(1) : e / (T(1) + e);
+  ratio = big ? T(1) / rho : (rho < T(-kViSoftplusThreshold) ? T(1) : ds / sigma);
+}
+
 enum class ViNoisy : int { kSample, kSampleBackward, kLocalNoise, kLocalNoiseBackward };
 
 // out[k] = rule(a[k], b[k], z[k]) for k < n (ViSampleRule, ViSampleBackwardRule, ViLocalNoiseRule,
@@ -342,12 +352,8 @@ PFB_CPU_INLINE void vi_kl_grad_loop(const T* __restrict mu, const T* __restrict 
     T* __restrict gs = gr + s;
     for (int64_t k = 0; k < m; ++k) gs[k] = vi_vexp(rs[k]);  // staged: e into gr first
     for (int64_t k = 0; k < m; ++k) {
-      const T r = rs[k];
-      const T e = gs[k];
-      const bool big = r > T(kViSoftplusThreshold);
-      const T sigma = big ? r : vi_vlog1p(e);
-      const T ds = big ? T(1) : e / (T(1) + e);
-      const T ratio = big ? T(1) / r : (r < T(-kViSoftplusThreshold) ? T(1) : ds / sigma);
+      T sigma, ds, ratio;
+      vi_vsoftplus_parts(rs[k], gs[k], sigma, ds, ratio);
       gs[k] = g * (sigma * ds * inv_v - ratio);
     }
   }
@@ -431,11 +437,8 @@ PFB_CPU_INLINE void vi_weight_grad_loop(const T* __restrict mu, const T* __restr
                                        int64_t n, T g, T inv_v) {
   for (int64_t k = 0; k < n; ++k) e[k] = vi_vexp(rho[k]);
   for (int64_t k = 0; k < n; ++k) {
-    const T r = rho[k], ek = e[k];
-    const bool big = r > T(kViSoftplusThreshold);
-    const T sigma = big ? r : vi_vlog1p(ek);
-    const T ds = big ? T(1) : ek / (T(1) + ek);
-    const T ratio = big ? T(1) / r : (r < T(-kViSoftplusThreshold) ? T(1) : ds / sigma);
+    T sigma, ds, ratio;
+    vi_vsoftplus_parts(rho[k], e[k], sigma, ds, ratio);
     const T d = gr[k];
     T eps = T(0), data;
     if constexpr (K == kViWeightVariance) {

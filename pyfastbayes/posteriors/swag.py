@@ -327,14 +327,14 @@ class SWAG(ColumnShards, SWA):
         # sharded: the global maximum (a collective) first, before any rank can raise
         big = float(self._max_deviation(ps)) if self._fp16_check() else None
         if self.fsdp:  # a non-finite element in this rank's shards, else in another rank's
-            for (i, lo, hi), (t, _) in zip([pc for pc in self._pieces if pc[2] > pc[1]], self._local(ps)):
+            shards = [(self.layout.names[i], t) for (i, lo, hi), (t, _) in
+                      zip([pc for pc in self._pieces if pc[2] > pc[1]], self._local(ps))]
+            for name, t in shards:
                 if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"parameter {self.layout.names[i]!r} holds NaN or inf (in this rank's shard): "
+                    raise ValueError(f"parameter {name!r} holds NaN or inf (in this rank's shard): "
                                      f"collect() refuses it (it would poison the running mean for ever); the "
                                      f"{self.kind} state is unchanged")
-            pieces = [pc for pc in self._pieces if pc[2] > pc[1]]
-            self._refuse_large([(self.layout.names[i], t) for (i, _, _), (t, _) in zip(pieces, self._local(ps))],
-                               " (in this rank's shard)")
+            self._refuse_large(shards, " (in this rank's shard)")
             if big is not None and not big <= FP16_MAX:
                 self._refuse_fp16(big)
             raise RuntimeError(f"another rank refused this collect (NaN or inf in its shards of the FSDP2 parameters, "

@@ -4,10 +4,9 @@ Gaussian-prior layers: the closed form sum_i log(s / sigma_i) + (sigma_i^2 + mu_
 (s the layer's prior std). A layer that sampled with grad mode on carries its own KL from that
 forward (``BayesianLayer.take_forward_kl``: made in the pass that drew its weights, its gradient
 added in the pass that forms d/d rho), taken once, while its parameters are unchanged; the other
-layers' tensors go
-into ONE fused multi-tensor reduction (``ops.vi_kl``, float32 accumulation or float64 for float64
-parameters) with its fused backward. Scale-mixture layers: a one-draw Monte Carlo estimate
-log q(w) - log p(w) at a fresh draw w (no closed form).
+layers' tensors go into ONE fused multi-tensor reduction (``ops.vi_kl``, float32 accumulation or
+float64 for float64 parameters) with its fused backward. Scale-mixture layers: a one-draw Monte
+Carlo estimate log q(w) - log p(w) at a fresh draw w (no closed form).
 """
 from __future__ import annotations
 

@@ -68,13 +68,6 @@ def _param_state(params) -> tuple:
     return tuple(None if p is None else (p._version, p.data_ptr(), p.requires_grad) for p in params)
 
 
-def _carries_kl() -> bool:
-    """Whether a sampling forward returns its KL too: grad mode on (a forward under no_grad needs
-    no KL gradient) and not being compiled (torch.compile keeps the one-output nodes and the fused
-    reduction of kl_divergence)."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
 _RANK_STREAMS: list[int] = []  # 5 * this process's rank, once torch.distributed is initialised
 
 
@@ -135,11 +128,12 @@ class BayesianLayer(nn.Module):
             _check_input_dtype(x, mu)
         if x.dim() == 3 and self.affine.kind == "conv2d":  # an unbatched [C, H, W], as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        if not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
             _FORWARD_KL.pop(self, None)  # the previous forward's KL (and its graph) is of no more use
         if not self.sample_weights:
             return self.affine(x, mu, self.bias_mu)
-        if not torch.compiler.is_compiling():
+        if not compiling:
             if torch._C._current_graph_task_id() != -1:
                 _refuse_recomputation(self)
             if torch._C._are_functorch_transforms_active():
@@ -148,11 +142,12 @@ class BayesianLayer(nn.Module):
                     "its weights are not supported (its fused noise nodes are autograd Functions without functorch "
                     "rules); set layer.sample_weights = False for a deterministic pass at the means, or call the "
                     "model outside the transform (torch.func.functional_call alone works)")
-        carries = _carries_kl()
+        carries = not compiling and torch.is_grad_enabled()  # (under no_grad no KL gradient is wanted)
         rng = ops.rng_snapshot(self.rng)  # this forward's position; the buffer advances below, on success only
         s = self.stream + _rank_streams()
         rho, bias_mu, bias_rho = self.weight_rho, self.bias_mu, self.bias_rho
-        # the layer's KL from this forward's own pass over mu and rho (kl_divergence takes it once)
+        # the layer's KL from this forward's own pass over mu and rho (kl_divergence takes it once;
+        # torch.compile keeps the one-output nodes and kl_divergence's fused reduction)
         v = self.prior.std ** 2 if carries and isinstance(self.prior, GaussianPrior) else None
         owner = None if v is None else (weakref.ref(self), object())
         if self.estimator == "reparam":
