@@ -44,9 +44,10 @@ def _through(route: str, fn_apply, stand_in, act, monkeypatch):
 @pytest.mark.parametrize("act", [None, "relu", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["all", "x_shared", "lead_dims", "no_bias", "w_shared", "x_dim1", "bias_shared"])
-def test_linear_rule_equals_vmap_of_linear(case, dtype, act, route, monkeypatch):
+@pytest.mark.parametrize("o", [3, 40])  # per-point weights: the CPU's transposed product (o < 32) and the plain one
+def test_linear_rule_equals_vmap_of_linear(o, case, dtype, act, route, monkeypatch):
     g = torch.Generator().manual_seed(0)
-    n, rows, i, o = 5, 7, 4, 3
+    n, rows, i = 5, 7, 4
 
     def r(*s):
         return torch.randn(*s, generator=g, dtype=dtype)
@@ -66,7 +67,10 @@ def test_linear_rule_equals_vmap_of_linear(case, dtype, act, route, monkeypatch)
         b, dims = r(o), (0, 0, None)
     layer = _batched._twin(nn.Linear(i, o, bias=b is not None), _batched._BatchedLinear)
     call = _through(route, lambda x, w, b: _batched._LinearFn.apply(x, w, b, act), layer, act, monkeypatch)
+    narrow = []
+    monkeypatch.setattr(_batched, "_narrow_points", lambda *a, f=_batched._narrow_points: narrow.append(1) or f(*a))
     got = torch.vmap(call, in_dims=dims)(x, w, b)
+    assert bool(narrow) == (o < _batched._NARROW and case not in ("w_shared", "bias_shared"))
     want = _ACTS[act](_ref_linear(x, w, b, dims))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, **tol)
