@@ -343,7 +343,7 @@ def run_chain(name: str, map_model: nn.Module, data: Digits, epochs: int, seed: 
               temperature: float, prior: str, chain: int) -> Chain:
     """Run one chain and evaluate every stored draw: probabilities on the eval inputs, the mean
     log-likelihood of the test and shifted sets per draw and the tracked weights per draw."""
-    from torch.func import functional_call
+    from .nn.stateless import functional_call
 
     t = time.perf_counter()
     buf = run_sampler(name, map_model, data, epochs, seed, progress, samples, temperature, prior, chain)

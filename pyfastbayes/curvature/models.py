@@ -51,7 +51,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from .. import ops
 from .._warnings import warn_user
@@ -59,6 +59,7 @@ from ..calibration._checks import check_generator, check_int
 from ..nn.batchnorm import ModeGuard
 from ..nn.gaussian import check_natural, natural_gradient, natural_targets, natural_to_mean_var
 from ..nn.inputs import dtype_mismatch
+from ..nn.stateless import functional_call
 from ._model_data import (Selection, all_reduce, as_batches, differentiable_kernels, distributed_active, ignore_index,
                           iterate, loss_kind, mode_dependent, shuffles)
 from .operator import LinearOperator

@@ -46,6 +46,7 @@ from ..curvature._model_data import as_batches, iterate, shuffles
 from ..nn import ModeGuard
 from ..nn.batchnorm import BN_STATS, bn_keys
 from ..nn.params import ParamLayout, _difference
+from ..nn.stateless import functional_call
 from ._losses import refuse_sum
 from ._pairs import same_fixed_tensors
 from .directions import refuse_meta
@@ -204,7 +205,7 @@ class _Curve(nn.Module):
             tensors.update(self._bn_buffers(bn_stats))
         elif bn_stats is not None:
             raise ValueError("bn_stats: the model has no BatchNorm layer with running statistics")
-        return torch.func.functional_call(self.template, tensors, args)
+        return functional_call(self.template, tensors, args)
 
     def _bn_buffers(self, bn_stats) -> dict[str, Tensor]:
         """The running statistics forward passes to the template: ``bn_stats`` (checked against

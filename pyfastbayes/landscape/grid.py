@@ -23,7 +23,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .. import ops
 from ..calibration._checks import check_int
@@ -36,6 +35,7 @@ from ..nn.calls import buffers_kept
 from ..nn.batchnorm import bn_modules
 from ..nn.inputs import dtype_mismatch
 from ..nn.rows import row_tensors, take_rows
+from ..nn.stateless import functional_call
 from . import _batched, _first_layer
 from ._losses import point_sums, refuse_sum, row_separable
 from ._pairs import same_fixed_tensors, warn_other_statistics
@@ -692,9 +692,12 @@ def _evaluate(model, layout, theta0, dirs, pts_dev, lo: int, hi: int, c: int, r,
         from tqdm.auto import tqdm
         bar = tqdm(desc="landscape", total=hi - lo, unit="pt", leave=False)
     total = None
-    # CPU: the blocks' activations (MBs, the same shapes block after block) reuse warm memory
+    # CPU: the blocks' activations (MBs, the same shapes block after block) reuse warm memory.
+    # buffers_kept: a forward that updates a buffer in place (a counter, a Bayesian layer's RNG
+    # position) runs on the model's own buffers in the walk; they are put back afterwards
     try:
-        with torch.no_grad(), ModeGuard(model, False), allocation_cache(torch.device(device).type == "cpu"):
+        with torch.no_grad(), ModeGuard(model, False), allocation_cache(torch.device(device).type == "cpu"), \
+                buffers_kept(model):
             plan = _Plan(model, layout, first_layer is not False)
             s = lo
             while s < hi:

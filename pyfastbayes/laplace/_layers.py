@@ -39,10 +39,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.nn.utils import parametrize
 
 from .._warnings import warn_user
+from ..nn.stateless import functional_call
 
 KRON_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 DIAG_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)

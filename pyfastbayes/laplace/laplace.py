@@ -27,6 +27,7 @@ from ..nn.calls import parameter_calls
 from ..nn.gaussian import check_natural, natural_targets, natural_to_mean_var
 from ..nn.inputs import dtype_mismatch, iterate_inputs, model_input, model_output
 from ..nn.rows import cat_rows, is_rows, row_count, rows_to, same_row_shapes, split_rows, take_rows
+from ..nn.stateless import functional_call
 from ..nn.loaders import batches as loader_batches
 from ..calibration._checks import check_int, check_positive_float
 from ..posteriors.base import Posterior
@@ -1199,7 +1200,7 @@ class Laplace(Posterior):
         values = tuple(own[n].detach() for n in names)
 
         def outputs(*v):  # (the outputs twice: differentiated, and as jacrev's aux, f itself)
-            out = model_output(torch.func.functional_call(self.model, dict(zip(names, v)), (x,)), self.output_fn)
+            out = model_output(functional_call(self.model, dict(zip(names, v)), (x,)), self.output_fn)
             _refuse_unbatched(x, out, "x")
             out = outputs_2d(out, self._lik)
             return out, out
@@ -1650,7 +1651,7 @@ class Laplace(Posterior):
     def _call_at(self, params: dict, x: Tensor) -> Tensor:
         """The model's outputs [N, C] on inputs x at the weights ``params`` (functional_call)."""
         try:
-            out = torch.func.functional_call(self.model, params, (x,))
+            out = functional_call(self.model, params, (x,))
         except RuntimeError as e:
             wrong = dtype_mismatch(self._model_tensors(x), self.model_dtype, e, name="x")
             if wrong is not None:

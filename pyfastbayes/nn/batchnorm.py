@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..calibration._checks import check_int
 from .inputs import call_model, dtype_mismatch, iterate_inputs, to_device
+from .stateless import functional_call
 
 __all__ = ["update_bn", "refresh_bn", "bn_modules", "bn_keys", "ModeGuard"]
 

@@ -31,13 +31,13 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..calibration._checks import check_int, check_generator  # noqa: F401 (the posteriors import them from here)
 from .._warnings import warn_user
 from ..nn import ModeGuard, ParamLayout, bn_modules, refresh_bn
 from ..nn.inputs import call_model, check_reiterable, dtype_mismatch, iterate_inputs, model_output, to_device
+from ..nn.stateless import functional_call
 
 __all__ = ["Posterior", "LIKELIHOODS"]
 
