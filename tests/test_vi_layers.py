@@ -278,18 +278,76 @@ def test_kl_divergence_reads_parametrized_parameters():
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
-def test_second_order_gradients_are_refused_not_wrong(estimator):
+@pytest.mark.parametrize("loss", ["square", "linear", "with_kl"])
+def test_second_order_gradients_are_refused_not_wrong(estimator, loss):
     """The noise ops have no derivative of their own, so a gradient of a gradient through a
-    Bayesian layer would silently miss terms: it raises instead (once_differentiable)."""
-    from pyfastbayes.vi import BayesianLinear
+    Bayesian layer would silently miss terms: a backward with create_graph=True through it raises
+    at once. (once_differentiable alone returned constants for a loss linear in the output, and
+    under torch.autograd.grad(..., allow_unused=True) gave None for every parameter.)"""
+    from pyfastbayes.vi import BayesianLinear, kl_divergence
 
     layer = BayesianLinear(3, 2, estimator=estimator)
     x = torch.randn(4, 3, requires_grad=True)
-    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
-        gx.sum().backward()
-    with pytest.raises(RuntimeError):  # torch.autograd.grad: x is cut off from gx's graph ("not used")
-        torch.autograd.grad(gx.sum(), x)
+    out = layer(x)
+    f = {"square": out.square().sum(), "linear": out.sum(), "with_kl": out.square().sum() + kl_divergence(layer)}[loss]
+    with pytest.raises(RuntimeError, match="no second derivative.*sample_weights = False"):
+        torch.autograd.grad(f, [x, layer.weight_rho], create_graph=True)
+
+
+def _closed_form_kl(layer):
+    import torch.nn.functional as F
+
+    v = layer.prior.std ** 2
+    total = 0
+    for mu, rho in ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho)):
+        s = F.softplus(rho)
+        total = total + (0.5 * math.log(v) - torch.log(s) + (s * s + mu * mu) / (2 * v) - 0.5).sum()
+    return total
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+@pytest.mark.parametrize("carried", [True, False])
+def test_second_order_through_the_kl_equals_autograd_of_the_closed_form(estimator, carried):
+    """A gradient penalty on the KL term (create_graph=True): the KL's second derivatives equal plain
+    autograd's of the closed form, for the KL a layer carries from its forward and for the fused
+    reduction (after a forward under no_grad), rho across the float32 softplus range too."""
+    from pyfastbayes.vi import BayesianLinear, kl_divergence
+
+    torch.manual_seed(0)
+    layer = BayesianLinear(3, 2, prior_std=0.5, estimator=estimator).double()
+    with torch.no_grad():
+        layer.weight_rho.copy_(torch.tensor([[-40.0, -3.0, 0.5], [2.0, -31.0, -1.0]]))
+    ps = list(layer.parameters())
+    hs = []
+    for kl in (lambda: _closed_form_kl(layer), lambda: kl_divergence(layer)):
+        with torch.set_grad_enabled(carried):
+            layer(torch.randn(4, 3, dtype=torch.float64))
+        g = torch.autograd.grad(kl(), ps, create_graph=True)
+        hs.append(torch.autograd.grad(sum(gi.square().sum() for gi in g), ps))
+    for want, got in zip(*hs):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_a_layer_whose_outputs_get_no_gradient_gives_none(estimator):
+    """A function downstream that returns None for the layer's output (and no KL taken): no
+    gradients, no error (the node's backward gets no gradient for either output)."""
+    from pyfastbayes.vi import BayesianLinear
+
+    class Cut(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a.detach() + b
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, g
+
+    layer = BayesianLinear(4, 3, estimator=estimator)
+    other = torch.randn(5, 3, requires_grad=True)
+    Cut.apply(layer(torch.randn(5, 4)), other).sum().backward()
+    assert other.grad is not None
+    assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
 
 
 def _step_grads(layer, x, f):
@@ -424,3 +482,22 @@ def test_conv_flipout_shares_one_weight_draw_across_pixels():
     for _ in range(20):
         out = layer(x)
         assert float((out[..., 0] - out[..., 1]).abs().max()) < 1e-6
+
+
+def test_a_layer_builds_under_the_meta_device_and_keeps_its_seed_through_module_type():
+    """Under ``with torch.device('meta')`` the layer builds as nn.Linear does (its seed is drawn on the
+    CPU); ``Module.type(torch.float64)``, which casts every buffer, leaves the int64 RNG position
+    exactly as it was (a float64 cannot hold a 64-bit seed) and the layer still runs."""
+    from pyfastbayes.vi import BayesianConv2d, BayesianLinear
+
+    with torch.device("meta"):
+        lin, conv = BayesianLinear(4, 3), BayesianConv2d(2, 3, 3)
+    assert lin.weight_mu.is_meta and lin.rng.is_meta and conv.rng.is_meta
+    layer = BayesianLinear(3, 2)
+    with torch.no_grad():
+        layer.rng[0] = 2**62 + 1  # not a float64
+    before = layer.rng.clone()
+    model = nn.Sequential(layer).type(torch.float64)
+    assert layer.rng.dtype == torch.int64 and torch.equal(layer.rng, before)
+    assert layer.weight_mu.dtype == torch.float64
+    assert model(torch.randn(5, 3, dtype=torch.float64)).shape == (5, 2)

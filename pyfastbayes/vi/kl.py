@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..calibration._checks import check_int
-from ._functions import prior_var_tensor
+from ._functions import kl_grads_graph, prior_var_tensor
 from .layers import BayesianLayer
 from .priors import GaussianPrior
 
@@ -50,7 +50,10 @@ class _KL(torch.autograd.Function):
     def backward(ctx, g):
         prior_var, *tensors = ctx.saved_tensors
         t = len(tensors) // 2
-        gmu, grho = ops.vi_kl_backward(g, list(tensors[:t]), list(tensors[t:]), prior_var)
+        if torch.is_grad_enabled():  # create_graph=True: the same gradients by differentiable ops (a second order)
+            gmu, grho = kl_grads_graph(g, tensors[:t], tensors[t:], prior_var.tolist())
+        else:
+            gmu, grho = ops.vi_kl_backward(g, list(tensors[:t]), list(tensors[t:]), prior_var)
         return (None, *gmu, *grho)
 
 

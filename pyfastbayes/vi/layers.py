@@ -106,11 +106,21 @@ class BayesianLayer(nn.Module):
         nn.init.kaiming_uniform_(self.weight_mu, a=math.sqrt(5))
         if bias:
             nn.init.uniform_(self.bias_mu, -bound, bound)
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+        # on the CPU whatever the default device (under torch.device('meta') .item() would fail)
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device="cpu"))
         self.register_buffer("rng", torch.tensor([seed, 0], dtype=torch.int64))
         self.stream = 0  # streams 0..4 of the layer's own seed: (seed, step) in the state_dict fix its noise
         self.sample_weights = True
         self._register_load_state_dict_pre_hook(_accept_bayesian_torch_names, with_module=True)
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module's (``.to``, ``.double()``, ``.cuda()``, ...), the RNG position kept int64:
+        ``Module.type(dtype)`` casts every buffer, and a 64-bit seed does not survive a float."""
+        rng = self.rng
+        out = super()._apply(fn, recurse)
+        if self.rng.dtype != torch.int64:
+            self.rng = rng.to(self.rng.device)
+        return out
 
     def _advance_rng(self) -> None:
         """Advance the RNG position by one step: one in-place add of (0, 1), no host sync, so a
