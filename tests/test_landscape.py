@@ -739,3 +739,27 @@ def test_dataloader_of_several_inputs():
     v = torch.randn(sum(p.numel() for p in model.parameters()), generator=g)
     H = hessian(model, nn.CrossEntropyLoss(), loader)
     torch.testing.assert_close(H @ v, hessian(model, nn.CrossEntropyLoss(), ((x, w), y)) @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_pca_directions_of_many_float32_parameters():
+    """The rank rule S[0] max(T, P) eps refused every direction from P ~ 1 / eps (8.4 M float32
+    parameters): a clean float32 line with a wiggle across 9 M parameters gives both directions
+    (aligned with the float64 answer), and an exact line is still refused a second direction."""
+    torch.manual_seed(0)
+    P, T = 9_000_000, 5
+    u = torch.randn(P)
+    u /= u.norm()
+    v = torch.randn(P)
+    v -= (v @ u) * u
+    v /= v.norm()
+    theta0 = torch.randn(P)  # rows far from 0: their rounding is what a spurious direction would come from
+    t = torch.arange(T, dtype=torch.float32)
+    traj = theta0 + t[:, None] * u * 10 + torch.tensor([0.0, 1, 0, -1, 0])[:, None] * v * 1.5
+    dirs, ratio = pca_directions(traj, 2)
+    assert float((dirs[0].double() @ u.double()).abs()) > 0.999 and float((dirs[1].double() @ v.double()).abs()) > 0.999
+    assert ratio.sum().item() == pytest.approx(1.0, abs=1e-6) and ratio[1].item() == pytest.approx(0.0036, rel=0.01)
+    del dirs, traj
+    line = theta0 + t[:, None] * u * 10
+    assert pca_directions(line, 1)[1].item() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="spans only 1 direction"):
+        pca_directions(line, 2)

@@ -393,3 +393,29 @@ def test_parameter_calls_probe_writes_no_buffer():
     before = [b.clone() for b in model.buffers()]
     assert [n for n, _, _ in parameter_calls(model, torch.randn(8, 3))] == ["0", "1"]
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+def test_a_grid_leaves_buffers_its_forward_updates_in_place_as_they_were():
+    """A forward that writes a buffer in place (a call counter) runs on the model's own buffers in
+    the walk, and in the first-layer shortcut's probe: both put back afterwards."""
+    import torch
+    from torch import nn
+    from pyfastbayes.landscape import grid, random_directions
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x)
+
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    for first_layer in (None, False):
+        model = Counting()
+        d = random_directions(model, n=2, generator=torch.Generator().manual_seed(0))
+        grid(model, nn.CrossEntropyLoss(), [(x[:10], y[:10]), (x[10:], y[10:])], d,
+             (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 3)), progress=False, first_layer=first_layer)
+        assert int(model.calls) == 0

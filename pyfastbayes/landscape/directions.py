@@ -153,11 +153,16 @@ def directions_to(model: nn.Module, others) -> Tensor:
     return out
 
 
+_GRAM_COLUMNS = 1 << 20  # columns of the centred trajectory per float64 block of pca_directions' Gram matrix
+
+
 def pca_directions(trajectory: Tensor, n: int = 2) -> tuple[Tensor, Tensor]:
     """Top-n principal directions of a trajectory of flat parameters (e.g. saved every epoch).
 
-    The trajectory is centred on its mean and decomposed with ``torch.linalg.svd``; each direction
-    is a unit vector, its sign fixed so that its largest-magnitude entry is positive.
+    The trajectory is centred on its mean; its principal directions come from the eigenvectors of
+    the T x T Gram matrix of the centred rows, accumulated in float64 (T small, P large: a few
+    passes over the rows, no [T, P] float64 copy); each direction is a unit vector, its sign fixed
+    so that its largest-magnitude entry is positive.
 
     Args:
         trajectory: [T, P] floating point, T >= 2 (one row per saved parameter vector).
@@ -182,23 +187,39 @@ def pca_directions(trajectory: Tensor, n: int = 2) -> tuple[Tensor, Tensor]:
                          "or infinity (a diverged checkpoint?); leave those rows out")
     work = torch.promote_types(trajectory.dtype, torch.float32)
     X = trajectory.to(work)
+    size = float(torch.linalg.vector_norm(X))  # of the rows before centring (the tolerance below)
     X = X - X.mean(dim=0, keepdim=True)
-    _, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    dirs = Vh[:n].clone()
-    # deterministic signs: the largest-magnitude entry of each direction is positive
-    idx = dirs.abs().argmax(dim=1, keepdim=True)
-    dirs.mul_(torch.sign(dirs.gather(1, idx)))
-    var = S.double() ** 2
+    # the T x T Gram matrix X X^T in float64 (column blocks of the centred rows: no float64 copy of
+    # them all), its eigenvectors U and values S^2, then directions X^T U / S: a float32 SVD of the
+    # [T, P] rows themselves sums in float32 along P, and its spurious singular values grow as
+    # eps sqrt(P) S[0] (a clean line of 9 M parameters showed a second one at 1e-4 S[0])
+    G = X.new_zeros(T, T, dtype=torch.float64)
+    for lo in range(0, P, _GRAM_COLUMNS):
+        block = X[:, lo:lo + _GRAM_COLUMNS].double()
+        G.addmm_(block, block.T)
+    evals, U = torch.linalg.eigh(G)
+    var, U = evals.flip(0).clamp_min(0), U.flip(1)  # descending
     total = var.sum()
     if not total > 0:
         raise ValueError("trajectory does not move: all its rows are equal, so it has no principal directions")
-    # a direction with no variance along it (rows on a line, or fewer distinct rows) is arbitrary
-    tol = S[0].double() * max(T, P) * torch.finfo(work).eps
-    spanned = int((S.double() > tol).sum())
+    S = var.sqrt()
+    # a direction with no variance along it (rows on a line, or fewer distinct rows) is arbitrary.
+    # What rounding can put there: storing and centring the rows perturbs each entry by about eps
+    # times its size, a matrix E with ||E||_2 <= ||E||_F ~ eps ||rows||_F; the float64 Gram matrix
+    # (sums of P products) and its eigenvalues add ~ (T + sqrt(P)) eps64 S[0]^2 to S^2. (The
+    # matrix-rank rule S[0] max(T, P) eps grows with P: from P ~ 1 / eps, 8.4 M float32
+    # parameters, it refused every direction.)
+    tol = 2 * torch.finfo(work).eps * size + ((T + P ** 0.5) * torch.finfo(torch.float64).eps) ** 0.5 * float(S[0])
+    spanned = int((S > tol).sum())
     if spanned < n:
         raise ValueError(f"trajectory spans only {spanned} direction(s) around its mean (its rows lie on a "
                          f"{'line' if spanned == 1 else f'{spanned}-D subspace'}), fewer than n = {n}: directions "
                          "beyond those would be arbitrary; ask for fewer")
+    dirs = (U[:, :n].T / S[:n, None]).to(work) @ X  # [n, P]: unit length up to rounding, normalised below
+    dirs /= torch.linalg.vector_norm(dirs, dim=1, keepdim=True)
+    # deterministic signs: the largest-magnitude entry of each direction is positive
+    idx = dirs.abs().argmax(dim=1, keepdim=True)
+    dirs.mul_(torch.sign(dirs.gather(1, idx)))
     return dirs.to(trajectory.dtype), var[:n] / total
 
 
