@@ -503,3 +503,75 @@ def test_gridsearch_with_nn_refuses_a_glm_link():
         la.optimize_prior_precision("gridsearch", val_loader=[(X, y)], pred_type="nn", link_approx="bridge",
                                     n_samples=2)
     la.optimize_prior_precision("gridsearch", val_loader=[(X, y)], pred_type="nn", n_samples=2, grid_size=3)
+
+
+def test_numpy_prior_precisions_are_taken_like_floats():
+    """laplace-torch takes numpy values; so does the constructor, log_marginal_likelihood too."""
+    import numpy as np
+
+    m = mlp()
+    X, Y = torch.randn(12, 4, dtype=DT), torch.randint(0, 3, (12,))
+    for v, want in [(np.float32(0.5), [0.5]), (np.int64(2), [2.0]), (np.array(0.5), [0.5]),
+                    (np.array([1.0, 2.0]), [1.0, 2.0])]:
+        la = Laplace(m, "classification", "all", "diag", prior_precision=v)
+        assert la.prior_precision.dtype == DT and la.prior_precision.reshape(-1).tolist() == want
+    la.fit([(X, Y)], progress=False)
+    assert la.log_marginal_likelihood(np.float32(2.0)).item() == pytest.approx(
+        la.log_marginal_likelihood(2.0).item(), rel=1e-12)
+    for bad in (np.array(["a"]), np.bool_(True), "1"):
+        with pytest.raises(TypeError, match="prior_precision must be a positive float or a tensor"):
+            Laplace(m, prior_precision=bad)
+
+
+def test_refit_after_a_module_was_replaced_says_so():
+    m = mlp()
+    X, Y = torch.randn(12, 4, dtype=DT), torch.randint(0, 3, (12,))
+    for subset in ("all", "last_layer"):
+        la = Laplace(copy.deepcopy(m), "classification", subset, "kron")
+        la.fit([(X, Y)], progress=False)
+        la.model[2] = nn.Linear(5, 3).to(DT)  # same names and shapes, another module
+        with pytest.raises(RuntimeError, match=r"module\(s\) \['2'\] of the model were replaced"):
+            la.fit([(X, Y)], progress=False)
+
+
+def test_modules_the_curvature_cannot_take_are_named_with_what_to_do():
+    """A classification model with [N, T, C] outputs, and an nn.GRU (a tuple for its output)."""
+    seq = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3))).to(DT)
+    with pytest.raises(ValueError, match=r"outputs \(5, 2, 3\) \(C logits per row, one row per example"):
+        Laplace(seq, "classification", "all", "diag").fit([(torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))],
+                                                         progress=False)
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Recurrent().to(DT)
+    X, Y = torch.randn(6, 5, 3, dtype=DT), torch.randint(0, 2, (6,))
+    with pytest.raises(RuntimeError, match=r"layer 'rnn' \(GRU\) returns tuple.*subset_of_weights='last_layer'"):
+        Laplace(model, "classification", "all", "full").fit([(X, Y)], progress=False)
+    la = Laplace(model, "classification", "last_layer", "full")  # what the message suggests works
+    la.fit([(X, Y)], progress=False)
+    assert torch.isfinite(la.log_marginal_likelihood())
+
+
+def test_heteroscedastic_nn_gridsearch_skips_priors_whose_draws_are_not_gaussian():
+    """At prior 1e-4 a sampled network's eta2 = -exp(raw) underflows to -0: that grid point is
+    scored as a non-finite NLL (never chosen), not an error for the whole search."""
+    from pyfastbayes.nn import NaturalHead
+
+    torch.manual_seed(0)
+    X = torch.randn(64, 3)
+    y = X[:, :1] * 2 + 0.3 * torch.randn(64, 1)
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2), NaturalHead())
+    la = Laplace(m, "heteroscedastic_regression", "all", "kron")
+    la.fit([(X, y)], progress=False)
+    torch.manual_seed(0)  # the draws of the 'nn' predictive
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        best = la.optimize_prior_precision("gridsearch", val_loader=[(X, y)], pred_type="nn", n_samples=10)
+    assert torch.isfinite(best).all() and best.min().item() > 1e-4

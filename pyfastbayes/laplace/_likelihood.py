@@ -36,8 +36,11 @@ def outputs_2d(out, likelihood: str) -> Tensor:
         raise TypeError(f"the model must return a tensor [N, C], got {type(out).__name__}")
     if likelihood == "classification":
         if out.dim() != 2 or out.shape[1] < 2:
+            hint = ("one logit per row: likelihood='binary'" if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1)
+                    else "C logits per row, one row per example: a model with more output dimensions (a "
+                    "sequence, an image) must flatten them into the rows, its targets alike" if out.dim() > 2 else "")
             raise ValueError(f"likelihood='classification' needs logits [N, C] with C >= 2; the model outputs "
-                             f"{tuple(out.shape)} (one logit per row: likelihood='binary')")
+                             f"{tuple(out.shape)}" + (f" ({hint})" if hint else ""))
         return out
     if likelihood == HETERO:
         check_natural(out, "likelihood='heteroscedastic_regression': the model's outputs")

@@ -51,7 +51,10 @@ class Recorder:
     def _hook(layer: Layer):
         def hook(module, inp, out):
             if not torch.is_tensor(out):
-                raise RuntimeError(f"layer {layer.name!r} returns {type(out).__name__}, not a tensor")
+                raise RuntimeError(f"layer {layer.name!r} ({type(module).__name__}) returns {type(out).__name__}, not a "
+                                   "tensor: the curvature is formed per module from the tensor its call returns "
+                                   "(nn.GRU / nn.LSTM return tuples); freeze its parameters (requires_grad=False) "
+                                   "or use subset_of_weights='last_layer'")
             if not out.requires_grad:  # a call under torch.no_grad() (a stop-gradient branch): no curvature
                 return None
             return layer.record(inp, out).clone()

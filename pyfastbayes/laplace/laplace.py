@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .._memory import allocation_cache
 from ..nn import ModeGuard
 from ..nn.calls import parameter_calls
-from ..nn.gaussian import check_natural, natural_targets, natural_to_mean_var
+from ..nn.gaussian import NotNatural, check_natural, natural_targets, natural_to_mean_var
 from ..nn.inputs import dtype_mismatch, iterate_inputs, model_input, model_output
 from ..nn.rows import cat_rows, is_rows, row_count, rows_to, same_row_shapes, split_rows, take_rows
 from ..nn.stateless import functional_call
@@ -238,6 +238,14 @@ def _length(loader) -> int | None:
         return None
 
 
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """model.get_submodule(name), None where there is no such module any more."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
 class Laplace(Posterior):
     """Laplace approximation of the posterior over a trained network's weights.
 
@@ -294,8 +302,12 @@ class Laplace(Posterior):
         unsupported: for hessian_structure='kron', 'error' (default) or 'diag' (diagonal blocks,
             with a warning) for modules with parameters that have no Kronecker factorisation. The
             other structures take any module (PReLU, grouped or circular convolutions, ...)
-            exactly, from per-example gradients of its own forward. A module the forward calls
-            several times is covered by all its calls (KFAC: their positions share the weight).
+            exactly, from per-example gradients of its own forward, provided its call returns one
+            tensor and the forward reads its parameters only through that call (not nn.GRU /
+            nn.LSTM, which return tuples, nor nn.MultiheadAttention, which reads its out_proj's
+            weights itself: refused with an error; freeze them or use 'last_layer'). A module the
+            forward calls several times is covered by all its calls (KFAC: their positions share
+            the weight).
         eigh_method: how the Kronecker factors are eigendecomposed
             (:func:`pyfastbayes.laplace.eigenbasis.eigh_many`).
         dict_key_y: the targets' key when a loader yields dict batches (HuggingFace style, as
@@ -608,6 +620,11 @@ class Laplace(Posterior):
 
     def _fit(self, loader, progress: bool, generator, previous=None) -> "Laplace":
         self.layout.params()
+        replaced = [layer.name for layer in self.layers or () if _submodule(self.model, layer.name) is not layer.module]
+        if replaced:  # the same names and shapes (the layout agrees), but the hooks would go to the old modules
+            raise RuntimeError(f"fit: module(s) {replaced} of the model were replaced since this Laplace was built "
+                               "(other module objects under the same names); build a new Laplace for the changed "
+                               "model")
         if torch.is_tensor(loader):
             raise TypeError("fit needs an iterable of (inputs, targets) batches (e.g. a DataLoader), not a tensor")
         lowrank = self.hessian_structure == "lowrank"
@@ -1102,6 +1119,8 @@ class Laplace(Posterior):
             old, self._prior = self._prior, prior
             try:
                 nll = self._nll_nn(x, y, n_samples)
+            except NotNatural:  # heteroscedastic: a draw at this (extreme) prior gave eta2 = 0: not a Gaussian
+                nll = math.inf  # (scored as non-finite: never chosen, as a NaN NLL)
             finally:
                 self._prior = old
             sums.append(float(nll) * y.shape[0])

@@ -12,7 +12,9 @@ parameter; not for the Kronecker structure, whose exact damping needs one delta 
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -43,8 +45,12 @@ def check_prior(value, blocks, P: int | None, structure: str, dtype, device, nam
     fit finds them): everything but the length of a 1-D tensor is checked now, that at fit."""
     known = blocks is not None
     shapes = f"[], [1], [n_blocks] = [{len(blocks)}] or [P] = [{P}]" if known else "[], [1], [n_blocks] or [P]"
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) or torch.is_tensor(value)):
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiu":  # laplace-torch takes numpy values too
+        value = torch.from_numpy(np.asarray(value, dtype=np.float64))
+    if isinstance(value, (bool, np.bool_)) or not (isinstance(value, numbers.Real) or torch.is_tensor(value)):
         raise TypeError(f"{name} must be a positive float or a tensor ({shapes}), got {type(value).__name__}")
+    if isinstance(value, numbers.Real) and not torch.is_tensor(value):
+        value = float(value)  # numpy scalars (np.float32(0.5), np.int64(2)) as Python floats
     if torch.is_tensor(value) and (value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be a real tensor (a prior precision > 0), got {value.dtype}")
     # a copy (differentiable, for the marginal likelihood's tuning): the Laplace owns what it stores

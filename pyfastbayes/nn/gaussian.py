@@ -30,9 +30,13 @@ __all__ = ["NaturalHead", "NaturalGaussianNLLLoss", "natural_to_mean_var", "mean
 LINKS = ("exp", "softplus")
 
 
+class NotNatural(ValueError):
+    """Outputs whose eta2 half is not < 0 (or NaN): not the natural parameters of a Gaussian."""
+
+
 def check_natural(eta: Tensor, what: str = "the natural parameters") -> int:
     """D for natural parameters eta [N, 2D] whose second half (eta2) is < 0; ValueError otherwise
-    (one host read of the check)."""
+    (:class:`NotNatural` for the values; one host read of the check)."""
     if not torch.is_tensor(eta) or not eta.is_floating_point():
         raise TypeError(f"{what} must be a floating tensor [N, 2D], got "
                         f"{type(eta).__name__ if not torch.is_tensor(eta) else eta.dtype}")
@@ -41,7 +45,7 @@ def check_natural(eta: Tensor, what: str = "the natural parameters") -> int:
                          f"got shape {tuple(eta.shape)}")
     D = eta.shape[1] // 2
     if eta.shape[0] and not bool((eta[:, D:] < 0).all()):
-        raise ValueError(f"{what}: the second half of the columns, eta2 = -1 / (2 sigma^2), must be < 0 (and not "
+        raise NotNatural(f"{what}: the second half of the columns, eta2 = -1 / (2 sigma^2), must be < 0 (and not "
                          "NaN); end the network with pyfastbayes.nn.NaturalHead, which keeps it negative")
     return D
 
