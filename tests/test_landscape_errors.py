@@ -419,3 +419,18 @@ def test_a_grid_leaves_buffers_its_forward_updates_in_place_as_they_were():
         grid(model, nn.CrossEntropyLoss(), [(x[:10], y[:10]), (x[10:], y[10:])], d,
              (torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 3)), progress=False, first_layer=first_layer)
         assert int(model.calls) == 0
+
+
+def test_class_targets_of_the_wrong_rank_get_a_value_error():
+    """[rows, 1] class indices for [rows, C] outputs: torch's own check is an assert inside the vmap."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from pyfastbayes.landscape import grid, random_directions
+
+    m = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10, 1))
+    d = random_directions(m, n=2, generator=torch.Generator().manual_seed(0))
+    for loss in (nn.CrossEntropyLoss(), F.cross_entropy):
+        with pytest.raises(ValueError, match=r"targets of shape \(10, 1\) for outputs \(10, 3\).*y.view\(-1\)"):
+            grid(m, loss, (x, y), d, (torch.linspace(-1, 1, 2),) * 2, progress=False)

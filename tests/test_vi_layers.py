@@ -501,3 +501,59 @@ def test_a_layer_builds_under_the_meta_device_and_keeps_its_seed_through_module_
     assert layer.rng.dtype == torch.int64 and torch.equal(layer.rng, before)
     assert layer.weight_mu.dtype == torch.float64
     assert model(torch.randn(5, 3, dtype=torch.float64)).shape == (5, 2)
+
+
+def test_to_bayesian_keeps_frozen_parameters_frozen():
+    """A frozen weight / bias gives a frozen mu and rho; a trainable one trainable ones."""
+    from pyfastbayes.vi import to_bayesian
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Conv2d(1, 1, 1))
+    model[0].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    to_bayesian(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags == {"0.weight_mu": False, "0.weight_rho": False, "0.bias_mu": False, "0.bias_rho": False,
+                     "2.weight_mu": True, "2.weight_rho": True, "2.bias_mu": False, "2.bias_rho": False,
+                     "3.weight_mu": True, "3.weight_rho": True, "3.bias_mu": True, "3.bias_rho": True}
+    model[0](torch.randn(5, 3)).sum()  # the frozen layer still samples
+
+
+def test_kl_divergence_inside_torch_func_transforms():
+    """torch.func.grad over a functional_call of a model at its means plus its KL equals plain
+    autograd of the same loss (the KL by the closed form there; the fused op has no functorch
+    rules); vmap over parameter sets gives each set's KL."""
+    from pyfastbayes.vi import BayesianLinear, kl_divergence
+
+    torch.manual_seed(0)
+    m = nn.Sequential(BayesianLinear(3, 4, prior_std=0.7), nn.Tanh(), BayesianLinear(4, 2)).double()
+    with torch.no_grad():
+        m[0].weight_rho[0, 0] = -35.0  # log softplus taken as rho down there
+    for layer in (m[0], m[2]):
+        layer.sample_weights = False
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    class Loss(nn.Module):  # the KL read inside the call, while functional_call's tensors are in the model
+        def __init__(self, net, data_weight):
+            super().__init__()
+            self.net, self.data_weight = net, data_weight
+
+        def forward(self, x):
+            return self.data_weight * self.net(x).square().sum() + kl_divergence(self.net)
+
+    def loss(p, data_weight=1.0):
+        return torch.func.functional_call(Loss(m, data_weight), {f"net.{k}": v for k, v in p.items()}, (x,))
+
+    got = torch.func.grad(loss)(params)
+    m.zero_grad()
+    (m(x).square().sum() + kl_divergence(m)).backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-10, atol=1e-12)
+    stacked = {k: torch.stack([v, v + 0.1]) for k, v in params.items()}
+    kls = torch.vmap(lambda p: loss(p, 0.0))(stacked)
+    with torch.no_grad():
+        want = [kl_divergence(m).item()]
+        for p in m.parameters():
+            p.add_(0.1)
+        want.append(kl_divergence(m).item())
+    torch.testing.assert_close(kls, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)

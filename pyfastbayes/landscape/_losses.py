@@ -48,6 +48,10 @@ def _cross_entropy(out: Tensor, y: Tensor, ignore: int, weight: Tensor | None) -
         return None
     if y.dtype == torch.uint8:  # class indices F.cross_entropy takes, which gather (its batching rule) does not
         y = y.long()
+    if not y.is_floating_point() and y.dim() != out.dim() - 1:  # (inside the vmap torch's check is an assert)
+        raise ValueError(f"data: class-index targets of shape {tuple(y.shape)} for outputs {tuple(out.shape)}: "
+                         "cross-entropy takes one class index per row, targets [rows]"
+                         + (" (flatten [rows, 1] targets: y.view(-1))" if y.dim() == 2 and y.shape[1] == 1 else ""))
     w = None if weight is None else weight.to(device=out.device, dtype=out.dtype)
     if w is not None or out.dim() != 2 or y.dim() != 1 or y.dtype != torch.int64 or y.shape[0] != out.shape[0]:
         total = F.cross_entropy(out, y, weight=w, ignore_index=ignore, reduction="sum")

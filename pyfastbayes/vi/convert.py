@@ -20,7 +20,8 @@ def to_bayesian(model: nn.Module, prior=1.0, init_std: float = 0.05, exclude=(),
     from the layer's weights and bias (a MAP warm start), sigma = ``init_std``, the given ``prior``
     (a positive float: Gaussian std; or a prior object) and ``estimator``; returns the model.
 
-    A layer used at several places (shared weights) becomes ONE Bayesian layer put at all of them
+    A frozen weight or bias (requires_grad=False) gives a frozen mu and rho (sigma stays
+    ``init_std``). A layer used at several places (shared weights) becomes ONE Bayesian layer put at all of them
     (excluded when any of its names is excluded); a layer whose parameters another module also
     holds (tied weights) or that has forward hooks is refused by name. Convolutions with padding='valid' or an even
     'same' convert to their numeric padding. Every layer is checked and every
@@ -119,8 +120,8 @@ def _exclude_names(exclude) -> set[str]:
 
 
 def _bayesian(name: str, m: nn.Module, prior, init_std: float, estimator: str) -> nn.Module:
-    """The Bayesian layer replacing ``m`` (named ``name``): its sizes, device, dtype and training flag,
-    mu = m's weight and bias. A layer whose sizes a Bayesian layer refuses is named in the error."""
+    """The Bayesian layer replacing ``m`` (named ``name``): its sizes, device, dtype, training flag and
+    frozen parameters (requires_grad of mu and rho as the weight's / the bias's), mu = m's weight and bias. A layer whose sizes a Bayesian layer refuses is named in the error."""
     w = m.weight
     try:
         if isinstance(m, nn.Linear):
@@ -139,4 +140,10 @@ def _bayesian(name: str, m: nn.Module, prior, init_std: float, estimator: str) -
         if m.bias is not None:
             new.bias_mu.copy_(m.bias)
     new.train(m.training)
+    # a frozen weight (or bias) stays frozen: its mu and rho do not train either
+    new.weight_mu.requires_grad_(w.requires_grad)
+    new.weight_rho.requires_grad_(w.requires_grad)
+    if m.bias is not None:
+        new.bias_mu.requires_grad_(m.bias.requires_grad)
+        new.bias_rho.requires_grad_(m.bias.requires_grad)
     return new

@@ -87,7 +87,14 @@ def kl_divergence(model: nn.Module) -> Tensor:
     total = None
     for kl in carried:
         total = kl if total is None else total + kl
-    if mus:
+    if mus and torch._C._are_functorch_transforms_active():
+        # inside torch.func transforms (grad, vmap, jacrev over a functional_call; the layers then run at
+        # their means, sample_weights = False): the closed form by plain torch ops, which functorch
+        # differentiates and batches (the fused op's autograd.Function has no functorch rules)
+        for mu, rho, v in zip(mus, rhos, var):
+            term = _closed_form(mu, rho, v)
+            total = term if total is None else total + term
+    elif mus:
         try:
             prior_var = (prior_var_tensor.__wrapped__ if compiling else prior_var_tensor)(tuple(var), mus[0].device)
             fused = _KL.apply(prior_var, *mus, *rhos)  # (compiling: a constant of the graph, no cache)
@@ -107,10 +114,19 @@ def kl_divergence(model: nn.Module) -> Tensor:
     return total
 
 
+def _closed_form(mu: Tensor, rho: Tensor, v: float) -> Tensor:
+    """KL(N(mu, softplus(rho)^2) || N(0, v)) summed, by differentiable torch ops (log softplus(rho)
+    taken as rho below -20, where softplus underflows in float32 and the two agree to 1e-9)."""
+    sigma = F.softplus(rho)
+    log_sigma = torch.where(rho < -20, rho, torch.log(F.softplus(rho.clamp_min(-20))))
+    return (0.5 * math.log(v) - log_sigma + (sigma * sigma + mu * mu) / (2 * v) - 0.5).sum()
+
+
 def _tracing() -> bool:
-    """Whether the KL is being compiled (torch.compile) or captured into a CUDA graph: no host read
-    then (it would break the graph or the capture); the non-finite check is left out."""
-    if torch.compiler.is_compiling():
+    """Whether the KL is being compiled (torch.compile), captured into a CUDA graph or computed inside
+    torch.func transforms: no host read then (it would break the graph or the capture, or refuse a
+    batched or differentiated value); the non-finite check is left out."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
