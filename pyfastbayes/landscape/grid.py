@@ -49,12 +49,14 @@ _POINT_BYTES = 256 << 20  # default chunk: the thetas [c, P] of one chunk stay u
 _MAX_POINTS = 64           # ... and at most this many points (activations grow with c too)
 
 
-def default_chunk(layout, n_pts: int) -> int:
+def default_chunk(layout, n_pts: int, cpu_points: int | None = None) -> int:
     """Points per chunk by default: their parameters under 256 MiB (and, on CUDA, under a quarter of
-    the free memory), at most 32 on the CPU and 64 on CUDA, at most ``n_pts``."""
+    the free memory), at most ``cpu_points`` on the CPU (default 32, :func:`cpu_tiles`) and 64 on
+    CUDA, at most ``n_pts``."""
     P, device = layout.numel, torch.device(layout.device)
     size = torch.empty((), dtype=layout.dtype).element_size()
-    c = max(1, min(n_pts, _CPU_POINTS if device.type == "cpu" else _MAX_POINTS, _POINT_BYTES // (P * size)))
+    cap = (cpu_points or _CPU_POINTS) if device.type == "cpu" else _MAX_POINTS
+    c = max(1, min(n_pts, cap, _POINT_BYTES // (P * size)))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         c = max(1, min(c, free // 4 // (P * size)))
@@ -68,8 +70,20 @@ def _points(theta0: Tensor, directions: Tensor, coords: Tensor, out: Tensor) -> 
 
 
 _CPU_POINTS = 32              # default points per chunk on the CPU
-_CPU_ROWS = 512               # default rows per block on the CPU (digits MLP and CNN: 256-1797 within 5 %,
-                              # 128 rows 1.4x slower for the CNN, whose small convolutions want rows)
+_CPU_ROWS = 256               # default rows per block on the CPU
+_CPU_CONV_TILE = (8, 2048)    # ... for a model with convolutions (points, rows)
+
+
+def cpu_tiles(model: nn.Module) -> tuple[int, int]:
+    """(points per chunk, rows per block) by default on the CPU. Linear layers run all points of a
+    chunk as one bmm per block: 32 points x 256 rows keep a 128-wide layer's activations [32, 256,
+    128] at 4 MiB, near the cache, and beat 512 rows by 6-9 % on the digits MLP grid (2 AMD EPYC
+    cores; the bmm at ~190 GFLOP/s on 2 MiB outputs, ~145 on 8 MiB). Convolutions run one per point
+    over the block's rows, and oneDNN wants rows: 8 points x whole batches (up to 2048 rows) beat
+    32 x 512 by 5-12 % on the digits CNN grid (32 x 256: 15-30 % slower)."""
+    if any(type(m) is nn.Conv2d for m in model.modules()):
+        return _CPU_CONV_TILE
+    return _CPU_POINTS, _CPU_ROWS
 
 
 def _row_blocks(x, y: Tensor, nb: int, r: int | None):
@@ -526,12 +540,13 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
             the evaluation pass; the statistics pass reads whole batches (batch statistics depend on
             the batch), so a chunk holds the activations of c points x one batch.
         batch_points: points per chunk (default: thetas under 256 MiB and, on CUDA, under a quarter
-            of the free device memory, at most 64 points; 32 on the CPU; a default chunk that runs
-            out of memory is retried with half as many points, with a RuntimeWarning). A chunk of
-            the size you pass that runs out of memory raises torch.OutOfMemoryError.
+            of the free device memory, at most 64 points; on the CPU 32, or 8 for a model with
+            convolutions (:func:`cpu_tiles`); a default chunk that runs out of memory is retried
+            with half as many points, with a RuntimeWarning). A chunk of the size you pass that
+            runs out of memory raises torch.OutOfMemoryError.
         batch_rows: rows of a data batch evaluated together for the chunk's points (default: on the
-            CPU 512 rows (with 32 points: 256 to 1 797 rows ran within 5 % for the digits MLP and
-            CNN, 128 rows 1.4x slower for the CNN); on CUDA the whole batch).
+            CPU 256 rows, or 2048 for a model with convolutions (:func:`cpu_tiles`: measured on the
+            digits MLP and CNN grids); on CUDA the whole batch).
             A batch's value is combined from its blocks as (sum, count) pairs: recognised
             cross-entropy counts the rows it does not ignore; any other fn is taken to be a mean
             over the rows. So the default splits only when the loss and every metric are
@@ -615,10 +630,11 @@ def grid(model: nn.Module, loss_fn, data, directions: Tensor, coords, *, metrics
         A, B = torch.meshgrid(*axes, indexing="ij")
         pts = torch.stack([A.reshape(-1), B.reshape(-1)], dim=1)  # [n1 * n2, 2], row-major (alpha, beta)
     n_pts = pts.shape[0]
-    c = default_chunk(layout, n_pts) if batch_points is None else min(check_int(batch_points, "batch_points", 1),
-                                                                      n_pts)
+    tile = cpu_tiles(model)
+    c = default_chunk(layout, n_pts, tile[0]) if batch_points is None else min(check_int(batch_points, "batch_points",
+                                                                                        1), n_pts)
     if batch_rows is None:
-        r = _CPU_ROWS if torch.device(layout.device).type == "cpu" else None
+        r = tile[1] if torch.device(layout.device).type == "cpu" else None
     else:
         r = check_int(batch_rows, "batch_rows", 1)
     if _batch_dependent(model) or (batch_rows is None
