@@ -557,3 +557,25 @@ def test_kl_divergence_inside_torch_func_transforms():
             p.add_(0.1)
         want.append(kl_divergence(m).item())
     torch.testing.assert_close(kls, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_reseed_gives_a_deep_copy_its_own_noise():
+    """A deep copy keeps the RNG position (the same noise as its original); reseed_ draws a new seed
+    at step 0, repeatably from a generator; a CUDA generator or a seed in its place is refused."""
+    import copy
+
+    from pyfastbayes.vi import BayesianLinear
+
+    layer = BayesianLinear(3, 2, init_std=0.5)
+    x = torch.randn(4, 3)
+    twin = copy.deepcopy(layer)
+    torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+    a = copy.deepcopy(layer).reseed_(torch.Generator().manual_seed(3))
+    b = copy.deepcopy(layer).reseed_(torch.Generator().manual_seed(3))
+    assert a.rng[1].item() == 0 and torch.equal(a.rng, b.rng) and not torch.equal(a.rng, layer.rng)
+    assert not torch.allclose(a(x), layer(x))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        layer.reseed_(3)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CPU torch.Generator"):
+            layer.reseed_(torch.Generator(device="cuda"))

@@ -5,8 +5,9 @@ Each weight has q(w) = N(mu, sigma^2), sigma = softplus(rho); parameters ``weigh
 accepted by ``load_state_dict``). Every forward draws new noise from the layer's Philox position, a
 buffer ``rng`` = (seed, step) advanced by one per successful forward (seeded from torch's global
 generator at construction, so ``torch.manual_seed`` makes runs repeatable, and saved in the
-state_dict, so a loaded layer draws the same noise); the noise is regenerated in the backward,
-never stored (see _functions.py).
+state_dict, so a loaded layer draws the same noise; a deep copy draws its original's noise too:
+``reseed_()`` gives a layer a fresh seed); the noise is regenerated in the backward, never stored
+(see _functions.py).
 
 Estimators: 'reparam' (one weight sample per forward, shared by the batch), 'local' (local
 reparameterisation, Kingma et al. 2015: pre-activations sampled from N(x mu^T, x^2 sigma^2^T),
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..calibration._checks import check_int
+from ..calibration._checks import check_generator, check_int
 from ..nn.inputs import dtype_mismatch
 from ._functions import _FORWARD_KL, Affine, Flipout, LocalMoments, LocalNoise, SampledAffine
 from .priors import GaussianPrior, as_prior
@@ -106,12 +107,21 @@ class BayesianLayer(nn.Module):
         nn.init.kaiming_uniform_(self.weight_mu, a=math.sqrt(5))
         if bias:
             nn.init.uniform_(self.bias_mu, -bound, bound)
-        # on the CPU whatever the default device (under torch.device('meta') .item() would fail)
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device="cpu"))
-        self.register_buffer("rng", torch.tensor([seed, 0], dtype=torch.int64))
+        self.register_buffer("rng", torch.tensor([_draw_seed(None), 0], dtype=torch.int64))
         self.stream = 0  # streams 0..4 of the layer's own seed: (seed, step) in the state_dict fix its noise
         self.sample_weights = True
         self._register_load_state_dict_pre_hook(_accept_bayesian_torch_names, with_module=True)
+
+    def reseed_(self, generator: torch.Generator | None = None) -> "BayesianLayer":
+        """A new 64-bit seed (from the CPU ``generator``, or torch's global CPU generator) at step 0:
+        from now on the layer draws noise independent of any copy's. ``copy.deepcopy`` (and a state
+        dict loaded into another layer) keeps the RNG position, so a copy draws the same noise as its
+        original, e.g. the members of an ensemble built by deep copies: reseed each. In place, no
+        gradient; returns the layer."""
+        seed = _draw_seed(check_generator(generator))
+        with torch.no_grad():
+            self.rng.copy_(torch.tensor([seed, 0], dtype=torch.int64))
+        return self
 
     def _apply(self, fn, recurse=True):
         """nn.Module's (``.to``, ``.double()``, ``.cuda()``, ...), the RNG position kept int64:
@@ -200,6 +210,15 @@ class BayesianLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator!r}, prior={self.prior!r}"
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    """A 64-bit seed from ``generator`` (a CPU one) or torch's global CPU generator, drawn on the CPU
+    whatever the default device (under torch.device('meta') .item() would fail)."""
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator (the seed is drawn on the CPU), got one on "
+                         f"{generator.device}")
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device="cpu", generator=generator))
 
 
 def _refuse_recomputation(layer: nn.Module) -> None:
