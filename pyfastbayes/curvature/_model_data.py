@@ -50,6 +50,10 @@ def as_batches(data) -> Iterable:
     iterators (generators) are refused: every product walks the data again."""
     if _is_batch(data):
         data = [tuple(data)]
+    elif (isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0])
+          and not torch.is_tensor(data[1]) and not isinstance(data[1], (tuple, list, Mapping))):
+        raise TypeError(f"data: the targets must be a tensor, got {type(data[1]).__name__} (convert them, e.g. "
+                        "torch.as_tensor(y))")
     if isinstance(data, Mapping):
         raise TypeError(f"data is one dict (keys {list(data)[:6]}); the curvature needs (inputs, targets) pairs: pass "
                         "(batch, batch['labels']) (the dict is the model's one argument), or a list / DataLoader "
@@ -70,6 +74,10 @@ def _check_batch(item, i: int) -> None:
     if isinstance(item, Mapping):
         raise TypeError(f"data item {i} is a dict (keys {list(item)[:6]}): give (inputs, targets) pairs, e.g. a "
                         "collate_fn or a list of (batch, batch['labels']) (the dict is the model's one argument)")
+    if isinstance(item, (tuple, list)) and len(item) == 2 and not torch.is_tensor(item[1]) \
+            and (torch.is_tensor(item[0]) or isinstance(item[0], (Mapping, tuple, list))):
+        raise TypeError(f"data item {i}: the targets must be a tensor, got {type(item[1]).__name__} (convert them, "
+                        "e.g. torch.as_tensor(y))")
     if not _is_batch(item):
         what = type(item).__name__ if not isinstance(item, (tuple, list)) else f"a {type(item).__name__} of {len(item)}"
         hint = ("; a DataLoader over TensorDataset(x1, x2, y) yields [x1, x2, y]: give the model's inputs as one "
@@ -129,10 +137,11 @@ def loss_kind(loss_fn, what: str) -> str:
 
 
 def ignore_index(loss_fn) -> int | None:
-    """The ``ignore_index`` that mean-reduced cross-entropy would skip rows for (None otherwise)."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
+    """The ``ignore_index`` that mean-reduced cross-entropy or NLL would skip rows for (None
+    otherwise): their batch mean is over the kept targets (weighted by their classes' weights)."""
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.reduction == "mean":
         return loss_fn.ignore_index
-    if loss_fn is F.cross_entropy:
+    if loss_fn is F.cross_entropy or loss_fn is F.nll_loss:
         return -100
     return None
 

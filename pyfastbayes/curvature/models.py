@@ -163,6 +163,30 @@ class _ModelCurvature(LinearOperator):
 _NO_FORWARD_OVER_REVERSE = ("ZeroTensors are immutable", "forward AD", "forward-mode AD")
 
 
+def _warn_if_asymmetric(vjp_g, selected) -> None:
+    """After the switch to reverse-over-reverse (the model has an op without a forward-over-reverse
+    formula), one check that PyTorch's second derivatives are those of a Hessian: u^T (H v) =
+    v^T (H u) for two fixed random u, v (the first batch's, two more products). A double backward
+    that is wrong (torch.nn.utils.parametrizations.weight_norm's: 35 % asymmetric on an MLP) breaks
+    it far beyond rounding: a warning then, as every product, eigenvalue and trace is wrong."""
+    leaves, spec = torch.utils._pytree.tree_flatten(selected)
+    gen = torch.Generator(device=leaves[0].device).manual_seed(0)
+    u, v = ([torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in leaves] for _ in range(2))
+    hu, hv = (torch.utils._pytree.tree_flatten(vjp_g(torch.utils._pytree.tree_unflatten(w, spec))[0])[0]
+              for w in (u, v))
+    dot = lambda a, b: sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))  # noqa: E731
+    norm = lambda a: math.sqrt(dot(a, a))  # noqa: E731
+    scale = norm(u) * norm(hv) + norm(v) * norm(hu)
+    gap = abs(dot(u, hv) - dot(v, hu)) / scale if scale > 0 else 0.0
+    if gap > 10 * math.sqrt(torch.finfo(leaves[0].dtype).eps):
+        warn_user(f"hessian: the model needs reverse-over-reverse products (an op without a forward-over-reverse "
+                  f"formula), and PyTorch's second derivatives of it are not symmetric (u^T H v and v^T H u differ by "
+                  f"{gap:.2g} of their scale): a double backward in the model is wrong (e.g. "
+                  "torch.nn.utils.parametrizations.weight_norm's), so are the products, eigenvalues and traces; "
+                  "write that op out with plain torch ops (weight norm: g * v / v.norm(dim=1, keepdim=True))",
+                  RuntimeWarning)
+
+
 class HessianOperator(_ModelCurvature):
     """The Hessian of the mean loss (see the module docstring); built by :func:`hessian`.
 
@@ -211,8 +235,12 @@ class HessianOperator(_ModelCurvature):
                 if not any(s in str(exc) for s in _NO_FORWARD_OVER_REVERSE):
                     raise
                 self.hvp_mode = "reverse-over-reverse"
+                self._check_symmetry = True
         # the vjp of the gradient (H is symmetric: v^T H = (H v)^T), vmapped over the k tangents
         _, vjp_g = vjp(g, selected)
+        if getattr(self, "_check_symmetry", False):
+            self._check_symmetry = False
+            _warn_if_asymmetric(vjp_g, selected)
         (HV,) = vmap(vjp_g)(tangents)
         return HV, nb
 

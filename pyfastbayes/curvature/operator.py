@@ -153,6 +153,9 @@ class LinearOperator:
 
     def __mul__(self, c) -> "LinearOperator":
         """``c A`` for a real number c (a matrix product is ``A @ V``)."""
+        if isinstance(c, LinearOperator):
+            raise TypeError("an operator times an operator is not supported: * scales by a real number; apply them "
+                            "in turn to vectors (A @ (B @ V))")
         return _Affine(self, _real(c, "the factor (operators multiply vectors with @)"))
 
     __rmul__ = __mul__
