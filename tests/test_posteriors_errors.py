@@ -257,3 +257,82 @@ def test_refresh_bn_with_a_dict_missing_batchnorm_buffers_changes_nothing():
     assert all(torch.equal(t[k], before[k]) for k in t)
     with pytest.raises(ValueError, match=r"tensors has no '1.running_mean'"):
         refresh_bn(m, torch.randn(8, 3), dict(m.named_parameters()))
+
+
+def test_meta_models_and_meta_storage_are_refused_at_construction():
+    """A model on the meta device (no values) and storage on it (every draw dropped): ValueErrors
+    naming what to do, before anything is collected."""
+    from pyfastbayes import SWA, SWAG
+    from pyfastbayes.posteriors import SampleBuffer
+
+    meta = nn.Linear(4, 3, device="meta")
+    for make in (lambda: SWA(meta), lambda: SWAG(meta, max_rank=2), lambda: SampleBuffer(meta, 3)):
+        with pytest.raises(ValueError, match="on the meta device.*to_empty"):
+            make()
+    m = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="store_device='meta' holds no values"):
+        SWAG(m, max_rank=2, store_device="meta")
+    with pytest.raises(ValueError, match="device='meta' holds no values"):
+        SampleBuffer(m, 3, device="meta")
+
+
+def test_parameters_that_overlap_themselves_are_refused():
+    class Expanded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1, 3).expand(4, 3))
+
+        def forward(self, x):
+            return x @ self.w
+
+    from pyfastbayes import SWAG
+    with pytest.raises(ValueError, match="parameter 'w' overlaps itself.*clone"):
+        SWAG(Expanded(), max_rank=2)
+
+
+def test_swa_refuses_parameters_its_mean_cannot_hold():
+    """A float64 parameter of 1e39 in a float32 mean, or +-3e38 whose difference overflows: refused,
+    the mean unchanged (SWAG already refused them through its square's limit)."""
+    from pyfastbayes import SWA
+
+    m = nn.Linear(2, 1).double()
+    swa = SWA(m, dtype=torch.float32)
+    swa.collect()
+    before = swa.mean.clone()
+    with torch.no_grad():
+        m.weight[0, 0] = 1e39
+    with pytest.raises(ValueError, match=r"magnitude 1e\+39.*half of torch.float32's largest value.*float64"):
+        swa.collect()
+    assert torch.equal(swa.mean, before) and swa.n_averaged == 1
+    f = nn.Linear(1, 1, bias=False)
+    swa = SWA(f)
+    with torch.no_grad():
+        f.weight.fill_(-1e38)
+    swa.collect()
+    with torch.no_grad():
+        f.weight.fill_(3e38)
+    with pytest.raises(ValueError, match="would overflow"):
+        swa.collect()
+    assert swa.mean.item() == pytest.approx(-1e38, rel=1e-7)
+
+
+def test_swag_arguments_checked_at_construction():
+    from pyfastbayes import SWA, SWAG
+
+    m = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="var_clamp must be finite in the state dtype torch.float32"):
+        SWAG(m, max_rank=2, var_clamp=1e300)
+    SWAG(m, max_rank=2, var_clamp=1e300, dtype=torch.float64)  # fits a float64 state
+    swag = SWAG(m, max_rank=2)
+    for _ in range(3):
+        with torch.no_grad():
+            m.weight.add_(0.1)
+        swag.collect()
+    with pytest.raises(TypeError, match="scale must be a number or None, got str"):
+        swag.sample(2, scale="2")
+    swag.sample(2, scale=torch.tensor(2.0))
+    bn = _mlp(bn=True)
+    swa = SWA(bn)
+    swa.collect()
+    with pytest.raises(ValueError, match="^loader yielded no batches"):  # the argument's own name
+        swa.update_bn([])

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._memory import overlaps_itself
+
 __all__ = ["ParamLayout"]
 
 Description = list  # [(name, shape tuple, dtype string)]: picklable, stored in state dicts
@@ -69,6 +71,14 @@ class ParamLayout:
         if len(devices) != 1:
             raise ValueError(f"the trainable parameters must be on one device, got {sorted(map(str, devices))}: "
                              "move the model with model.to(device)")
+        if next(iter(devices)).type == "meta":
+            raise ValueError(f"the model's parameters are on the meta device (no values) for the {owner}: materialise "
+                             "the model first, e.g. model.to_empty(device='cpu') and then load its weights")
+        for n, p in named:
+            if overlaps_itself(p):  # writing a draw into it would write one number through several entries
+                raise ValueError(f"parameter {n!r} overlaps itself (stride {tuple(p.stride())}: an expand()ed or "
+                                 "as_strided view), so its entries are not independent parameters: make it a "
+                                 "contiguous tensor (nn.Parameter(t.clone()))")
         self.model = model
         self.owner = owner
         self.names = tuple(n for n, _ in named)

@@ -121,6 +121,22 @@ class _Average:
         return self.acc, self.m2 / self.weight
 
 
+def storage_device(device, default: torch.device, name: str, hint: str) -> torch.device:
+    """``device`` (a posterior's storage) as a torch.device that exists here and holds values (None:
+    ``default``), else an error naming the argument ``name``, with ``hint``; 'meta' is refused
+    (no values: every collect would be dropped)."""
+    if device is None:
+        return default
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, TypeError, AssertionError) as e:
+        raise type(e)(f"{name}={device!r} is not a usable device here ({e}): {hint}") from None
+    if dev.type == "meta":
+        raise ValueError(f"{name}='meta' holds no values (every collected draw would be dropped): {hint}")
+    return dev
+
+
 class Posterior(abc.ABC):
     """A distribution over the trainable weights of ``model`` (P numbers, see
     :class:`pyfastbayes.nn.ParamLayout`), with Bayesian model averaging over its draws.

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Posterior, check_int, check_generator
+from .base import Posterior, check_int, check_generator, storage_device
 
 __all__ = ["SampleBuffer"]
 
@@ -52,7 +52,8 @@ class SampleBuffer(Posterior):
         dtype = self.layout.dtype if dtype is None else dtype
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.device = torch.device(device) if device is not None else self.layout.device
+        self.device = storage_device(device, self.layout.device, "device",
+                                     "pass 'cpu' to keep the draws in host memory, or None for the parameters' device")
         self.max_samples, self.thin = max_samples, thin
         self.draws = torch.empty(max_samples, self.numel, dtype=dtype, device=self.device)
         self.finite = torch.ones(max_samples, dtype=torch.bool, device=self.device)

@@ -65,17 +65,32 @@ class SWA(Posterior):
         self.bn_buffers = None  # BatchNorm statistics for the current average (update_bn); reset by collect / load
 
     # ---- collecting ----------------------------------------------------------------------------
+    def _mean_limit(self) -> float:
+        """Half the state dtype's largest value: a parameter at or beyond it in magnitude can make
+        the running mean's update (theta - mean) overflow, or not fit the state at all (a float64
+        parameter of 1e39 in a float32 mean)."""
+        return torch.finfo(self.dtype).max / 2
+
     def _collect_flag(self, ps: list[Tensor]) -> Tensor:
-        """Bool scalar on the device: does this collect have to be refused? (non-finite params)"""
-        return ops.any_nonfinite(ps)
+        """Bool scalar on the device: does this collect have to be refused? (parameters that are not
+        finite or of magnitude >= :meth:`_mean_limit`: one read, ``ops.any_nonfinite`` with a limit)"""
+        return ops.any_nonfinite(ps, self._mean_limit())
 
     def _refuse_collect(self, ps: list[Tensor]) -> None:
-        """Raise the error that :meth:`_collect_flag` found (slow path, only after a refusal):
-        here the first non-finite parameter."""
+        """Raise the error that :meth:`_collect_flag` found (slow path, only after a refusal): the
+        first non-finite parameter, else the first beyond the mean's range."""
         for name, p in zip(self.layout.names, ps):
             if not torch.isfinite(p).all():
                 raise ValueError(f"parameter {name!r} holds NaN or inf: collect() refuses it (it would poison the "
                                  f"running mean for ever); the {self.kind} state is unchanged")
+        limit = self._mean_limit()
+        for name, p in zip(self.layout.names, ps):
+            big = float(p.detach().abs().max()) if p.numel() else 0.0
+            if not big < limit:
+                raise ValueError(f"parameter {name!r} holds values of magnitude {big:.4g}, at or beyond {limit:.4g} = "
+                                 f"half of {self.dtype}'s largest value: the running mean would overflow to inf or "
+                                 f"NaN. collect() refuses it; the {self.kind} state is unchanged. Keep the state in "
+                                 "dtype=torch.float64, or check the training (weights this large mean it diverged)")
 
     @torch.no_grad()
     def collect(self, model: nn.Module | None = None) -> None:
@@ -138,7 +153,7 @@ class SWA(Posterior):
         tensors = self.layout.unflatten(self._whole_mean().to(self.device))
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
         tensors.update(buffers)
-        refresh_bn(self.model, loader, tensors, self.device, batch_size, input_fn)
+        refresh_bn(self.model, loader, tensors, self.device, batch_size, input_fn, name="loader")
         self.bn_buffers = buffers
 
     # ---- the Posterior interface (a point mass at the mean) ------------------------------------

@@ -72,7 +72,7 @@ from .. import ops
 from .._distributed import local_tensor, shard_offset
 from ..nn import ModeGuard, bn_modules, refresh_bn
 from ..nn.inputs import call_model, check_reiterable, iterate_inputs, model_output, to_device
-from .base import _DRAW_BYTES, _Average, check_int, check_generator, check_likelihood
+from .base import _DRAW_BYTES, _Average, check_int, check_generator, check_likelihood, storage_device
 from ._sharding import ColumnShards, check_shard, shard_columns
 from .swa import PARAM_DTYPES, SWA
 
@@ -104,29 +104,16 @@ def check_scale(scale, cov: str) -> float:
     """``scale`` as a float > 0; None -> :data:`DEFAULT_SCALE` of ``cov``."""
     if scale is None:
         return DEFAULT_SCALE[cov]
-    if isinstance(scale, bool):
-        raise TypeError("scale must be a number, got bool")
-    try:
-        s = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}") from None
+    if torch.is_tensor(scale) and scale.dim() == 0 and not scale.is_complex() and scale.dtype != torch.bool:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # (a string would pass float())
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    s = float(scale)
     if not (math.isfinite(s) and s > 0):
         raise ValueError(f"scale must be a finite number > 0 (it multiplies the covariance), got {scale}")
     return s
 
 
-def _store_device(store_device, default: torch.device) -> torch.device:
-    """``store_device`` as a torch.device that exists here (None: ``default``), else an error
-    naming the argument."""
-    if store_device is None:
-        return default
-    try:
-        dev = torch.device(store_device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, TypeError, AssertionError) as e:
-        raise type(e)(f"store_device={store_device!r} is not a usable device here ({e}): pass 'cpu' to keep "
-                      "the deviations in host memory, or None for the parameters' device") from None
-    return dev
 
 
 def draw_seed(generator: torch.Generator | None) -> int:
@@ -221,6 +208,9 @@ class SWAG(ColumnShards, SWA):
                              f"got {max_rank}")
         check_var_clamp(var_clamp)
         super().__init__(model, dtype)
+        if float(var_clamp) > torch.finfo(self.dtype).max:  # (the op refuses it only when sampling)
+            raise ValueError(f"var_clamp must be finite in the state dtype {self.dtype} (at most "
+                             f"{torch.finfo(self.dtype).max:.3g}), got {var_clamp}")
         if deviation_dtype is None:
             deviation_dtype = self.dtype
         if deviation_dtype not in PARAM_DTYPES:
@@ -228,7 +218,9 @@ class SWAG(ColumnShards, SWA):
         self.max_rank = max_rank
         self.var_clamp = float(var_clamp)
         self.deviation_dtype = deviation_dtype
-        self.store_device = _store_device(store_device, self.device)
+        self.store_device = storage_device(store_device, self.device, "store_device",
+                                           "pass 'cpu' to keep the deviations in host memory, or None for the "
+                                           "parameters' device")
         self._setup_shards(shard, process_group)
         width = self.local_numel
         if self.sharded:
