@@ -455,3 +455,14 @@ def test_bad_input_elsewhere():
         cal.TemperatureScaling(method="grid")
     with pytest.raises(RuntimeError, match="before fit"):
         cal.VectorScaling().transform(torch.randn(2, 3))
+
+
+def test_ood_auroc_compares_large_integer_scores_exactly():
+    """Integer scores beyond 2^53 are distinct in int64, not tied after a float64 cast."""
+    from pyfastbayes.calibration import ood_auroc
+
+    big = 2**53
+    assert ood_auroc(torch.tensor([big + 1]), torch.tensor([big])).item() == 0.0
+    assert ood_auroc(torch.tensor([big]), torch.tensor([big + 1])).item() == 1.0
+    assert ood_auroc(torch.tensor([big, big + 1]), torch.tensor([big + 1])).item() == 0.75
+    assert ood_auroc(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.5])).item() == 0.5

@@ -37,6 +37,8 @@ def train(model, opt, steps, x, y, schedule=None):
 @pytest.mark.parametrize("name", list(SAMPLERS))
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_fused_equals_reference_trajectory(name, dtype):
+    if name == "PSGLD" and dtype == torch.float16:  # refused (its square_avg underflows: test_optim_psgld)
+        pytest.skip("PSGLD refuses float16 parameters")
     x, y = data(dtype=dtype)
     runs = []
     theta0 = torch.cat([p.detach().double().flatten() for p in mlp(dtype).parameters()])

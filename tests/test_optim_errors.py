@@ -17,8 +17,8 @@ def param(n=3):
 # unclear errors: a tensor hyper-parameter must be 0-dim, floating, on the parameters' device
 @pytest.mark.parametrize("value,match", [
     (torch.tensor([0.5]), r"lr must be a 0-dim tensor, got shape \(1,\).*torch.tensor\(0.5"),
-    (torch.tensor(1), r"lr must be a floating-point tensor, got torch.int64.*dtype=torch.float64"),
-    (torch.tensor(True), r"lr must be a floating-point tensor, got torch.bool"),
+    (torch.tensor(1), r"lr must be a float32 or float64 tensor, got torch.int64.*dtype=torch.float64"),
+    (torch.tensor(True), r"lr must be a float32 or float64 tensor, got torch.bool"),
     (torch.tensor(0.5, device="meta"), r"lr is on meta but the parameters .* are on cpu.*\.to\("),
 ])
 def test_tensor_hyperparameter_shape_dtype_device(value, match):

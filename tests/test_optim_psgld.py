@@ -61,3 +61,23 @@ def test_psgld_noise_variance_with_preconditioner(fused):
         # the variance of a sample variance of n normals is 2 sigma^4 / (n - 1): 5 standard errors
         assert abs(measured / expected - 1) < 5 * math.sqrt(2 / (n - 1)), (measured, expected)
         assert abs(noise[half].mean().item()) < 5 * math.sqrt(expected / n)
+
+
+def test_float16_parameters_are_refused_with_the_reason():
+    """In float16, V's (1 - alpha) g^2 underflows to 0 for |g| < 2.4e-3 (alpha 0.99): G = 1 / eps, steps
+    3.5x too large, silently; refused at construction and when a group is added, nothing added."""
+    PSGLD = optim.PSGLD
+    p16 = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    with pytest.raises(TypeError, match=r"float16.*underflows.*bfloat16"):
+        PSGLD([p16], lr=1e-6, num_data=1000)
+    opt = PSGLD([torch.nn.Parameter(torch.zeros(3))], lr=1e-6, num_data=1000)
+    with pytest.raises(TypeError, match="param_groups\\[1\\]\\['params'\\]\\[0\\] is float16"):
+        opt.add_param_group({"params": [p16]})
+    assert len(opt.param_groups) == 1
+    pb = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = PSGLD([pb], lr=1e-6, num_data=1000, temperature=0.0)
+    for _ in range(50):
+        pb.grad = torch.full_like(pb, 1e-3)
+        opt.step()
+    v = opt.state[pb]["square_avg"].float()
+    torch.testing.assert_close(v, torch.full_like(v, 1e-6 * (1 - 0.99 ** 50)), rtol=0.02, atol=0)

@@ -140,3 +140,12 @@ def test_bad_step_names_the_argument():
         s.apply(opt, -1)
     with pytest.raises(TypeError, match="step must be an integer"):
         s.apply(opt, 1.5)
+
+
+def test_a_schedule_that_never_samples_is_refused():
+    """r(t) takes the values k / L only: with L < 1 / (1 - beta) no step of a cycle reaches beta."""
+    for total, cycles in ((10, 3), (7, 7), (40, 10), (1, 1)):
+        with pytest.raises(ValueError, match="never samples with cycles of L"):
+            optim.CyclicalSchedule(total, cycles, 0.1)
+    s = optim.CyclicalSchedule(10, 2, 0.1)  # L = 5: the last step of a cycle, r = 0.8, samples
+    assert [s.is_sampling(t) for t in range(5)] == [False, False, False, False, True]

@@ -203,7 +203,10 @@ def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> Tensor:
     if scores_in.device != scores_out.device:
         raise ValueError(f"scores_in is on {scores_in.device} but scores_out on {scores_out.device}; move one of them")
     n_in, n_out = scores_in.numel(), scores_out.numel()
-    s = torch.cat([scores_in.double(), scores_out.double()])
+    # integer scores compared as int64 (as float64, distinct values beyond 2^53 would tie)
+    common = torch.promote_types(scores_in.dtype, scores_out.dtype)
+    common = torch.float64 if common.is_floating_point else torch.int64
+    s = torch.cat([scores_in.to(common), scores_out.to(common)])
     _, inv, counts = torch.unique(s, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).double()
     mid_rank = ends - (counts.double() - 1) / 2  # 1-based rank, averaged over ties

@@ -80,7 +80,7 @@ def check_hyper(name: str, value, interval: Interval, device: torch.device | Non
         raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(value.shape)}{_where(where)}; pass "
                          f"{name}=torch.tensor(0.5) (no brackets) or {name}=t.reshape(())")
     if value.dtype not in _HYPER_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}{_where(where)}; {fix}")
+        raise TypeError(f"{name} must be a float32 or float64 tensor, got {value.dtype}{_where(where)}; {fix}")
     if device is not None and value.device != device:
         raise ValueError(f"{name} is on {value.device} but the parameters{_where(where)} are on {device}; "
                          f"move it with {name}.to({str(device)!r}) so the step reads it without a copy")

@@ -67,8 +67,14 @@ class CyclicalSchedule:
             raise ValueError(f"n_cycles must be in [1, total_steps={total}], got {n_cycles}")
         lr = check_number("lr_max", lr_max, Interval())
         beta = check_number("explore_fraction", explore_fraction, Interval(0.0, 1.0, True, False))  # 1: never samples
+        length = math.ceil(total / cycles)
+        if (length - 1) / length < beta:  # r(t) takes the values k / L: none reaches beta
+            raise ValueError(f"explore_fraction={explore_fraction} never samples with cycles of L = {length} steps "
+                             f"(total_steps={total} / n_cycles={cycles}): a cycle's last step is at r = {length - 1}/"
+                             f"{length} = {(length - 1) / length:.3g} < explore_fraction; use fewer, longer cycles or "
+                             f"an explore_fraction <= {(length - 1) / length:.3g}")
         self.total_steps, self.n_cycles, self.lr_max, self.explore_fraction = total, cycles, lr, beta
-        self.cycle_length = math.ceil(total / cycles)
+        self.cycle_length = length
 
     def phase(self, step: int) -> float:
         """r(t) in [0, 1): position of ``step`` (0-based) inside its cycle."""

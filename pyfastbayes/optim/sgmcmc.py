@@ -751,10 +751,22 @@ class PSGLD(_SGMCMC):
         G      = 1 / (eps + sqrt(V))
         theta <- theta - (lr / 2) * G * grad U + sqrt(lr * T * G) * xi
 
-    Args as :class:`SGLD`, plus ``alpha`` in [0, 1) and ``eps`` > 0.
+    Args as :class:`SGLD`, plus ``alpha`` in [0, 1) and ``eps`` > 0. Parameters of float64,
+    float32 or bfloat16, not float16: V lives in the parameters' dtype, and in float16 (1 - alpha)
+    g^2 falls below its smallest subnormal (6e-8) for |g| < 2.4e-3 at alpha = 0.99, so V stays 0
+    and G = 1 / eps: steps 3.5x too large on such gradients, silently (bfloat16 has float32's range).
     """
 
     _op_name = "psgld_step_"
+
+    def _check_group(self, group: dict, where: str) -> None:
+        super()._check_group(group, where)
+        for i, p in enumerate(group.get("params") or []):
+            if torch.is_tensor(p) and p.dtype == torch.float16:
+                raise TypeError(f"PSGLD: {where or 'params'}['params'][{i}] is float16: its running average of "
+                                "squared gradients (kept in the parameter's dtype) underflows to 0 in float16 for "
+                                "|grad| < 2.4e-3, which makes the preconditioner 1 / eps; use bfloat16 (float32's "
+                                "range) or float32 parameters")
     _buffer = "square_avg"
     _hyper = {**_COMMON_HYPER, "alpha": ("a", Interval(0.0, 1.0, lo_closed=True)), "eps": ("b", _POSITIVE)}
 
