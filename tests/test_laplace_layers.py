@@ -1147,3 +1147,19 @@ def test_diag_and_full_budget_count_the_jacobian_parts_of_shared_weights(monkeyp
     monkeypatch.setattr(laplace_mod, "_FIT_BYTES", 1 << 40)
     torch.testing.assert_close(fit(model, [(X, y)], "classification", hessian_structure="diag").to_dense(),
                                whole.to_dense(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bridge_of_a_singular_f_var_is_the_limit_of_a_regularised_one(dtype):
+    """One output varies (a subnetwork of one last-layer weight): the corrected variances are exactly
+    0 and per-class floors decided the answer by their ratio (a plausible class got 1e-293). Now the
+    bridge is continuous there: f_var + c I for c -> 0 gives it."""
+    from pyfastbayes.laplace.predictive import probabilities
+
+    f = torch.tensor([[1.8943, -1.2722, 1.0371]], dtype=torch.float64)
+    V = torch.zeros(1, 3, 3, dtype=torch.float64)
+    V[0, 2, 2] = 0.2649
+    want = probabilities(f, V + 1e-9 * torch.eye(3, dtype=torch.float64), "classification", "bridge", 1)
+    got = probabilities(f.to(dtype), V.to(dtype), "classification", "bridge", 1)
+    assert got.min().item() > 0.05
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=0.005)

@@ -80,3 +80,17 @@ def test_bad_settings_are_refused_before_any_training(kwargs, exc, match):
         la, margliks = marglik_training(model, [(X, y)], n_epochs=2, progress=False, prior_structure="scalar",
                                         **kwargs)
         assert len(margliks) >= 1
+
+
+def test_the_callers_modes_are_put_back():
+    """Trained in train mode, fitted in eval mode, handed back in the modes it came in (module by
+    module: a frozen BatchNorm left in eval inside a model in train mode stays so)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.1), nn.Tanh(), nn.Linear(8, 3))
+    for mode in (True, False):
+        model.train(mode)
+        model[1].eval()
+        before = [m.training for m in model.modules()]
+        marglik_training(model, DataLoader(TensorDataset(x, y), batch_size=16), n_epochs=1, progress=False)
+        assert [m.training for m in model.modules()] == before

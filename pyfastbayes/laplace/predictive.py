@@ -56,16 +56,22 @@ def draws(f_mu: Tensor, f_var: Tensor, n: int, generator) -> Tensor:
 
 def _bridge(f_mu: Tensor, f_var: Tensor, normalise: bool) -> Tensor:
     K = f_mu.shape[-1]
-    total = f_var.sum((1, 2)).clamp_min(torch.finfo(f_var.dtype).tiny)
+    eps = torch.finfo(f_var.dtype)
+    # f_var + delta I, delta at f_var's rounding level (eps times its trace): a singular f_var (one
+    # output varies, e.g. a subnetwork of one last-layer weight) has a zero-mean-corrected diagonal
+    # of exactly 0, where the answer was decided by the floors' ratio (1e-293 for a plausible class);
+    # with delta I it is the limit of f_var + c I as c -> 0, continuous in f_var
+    delta = (eps.eps * torch.diagonal(f_var, dim1=1, dim2=2).abs().sum(-1)).clamp_min(eps.tiny)
+    f_var = f_var + delta[:, None, None] * torch.eye(K, dtype=f_var.dtype, device=f_var.device)
+    total = f_var.sum((1, 2)).clamp_min(eps.tiny)
     row = f_var.sum(-1)
     mu = f_mu - row * f_mu.sum(-1, keepdim=True) / total[:, None]
     var = f_var - torch.einsum("bi,bj->bij", row, f_var.sum(-2)) / total[:, None, None]
     # d, the diagonal of the zero-mean-corrected covariance f_var_kk - row_k^2 / total, is >= 0
-    # mathematically, but the subtraction cancels: a posterior near its MAP (variances ~1e-9)
-    # left d <= 0, i.e. negative or NaN "probabilities" (laplace-torch's formula does the same).
-    # It is floored at its rounding level.
-    eps = torch.finfo(f_var.dtype)
-    floor = (eps.eps * K * torch.diagonal(f_var, dim1=1, dim2=2).abs()).clamp_min(eps.tiny)
+    # mathematically (>= delta (1 - 1/K) with the delta I above), but the subtraction cancels: a
+    # posterior near its MAP (variances ~1e-9) left d <= 0, i.e. negative or NaN "probabilities"
+    # (laplace-torch's formula does the same). It is floored at half delta's share.
+    floor = (0.5 * delta * (1 - 1 / K)).clamp_min(eps.tiny)[:, None]
     d = torch.maximum(torch.diagonal(var, dim1=1, dim2=2), floor)
     if normalise:
         m = d.mean(1) / math.sqrt(K / 2)

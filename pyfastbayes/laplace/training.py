@@ -64,7 +64,8 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
 
     Returns:
         (the Laplace fitted at the returned weights with the learnt prior, the log marginal
-        likelihood after every update).
+        likelihood after every update). The network trains in train mode, the Laplace fits in eval
+        mode; every module's mode is then put back as it was at the call (laplace-torch leaves eval).
     """
     if prior_structure not in PRIOR_STRUCTURES:
         raise ValueError(f"prior_structure must be one of {PRIOR_STRUCTURES}, got {prior_structure!r}")
@@ -101,6 +102,7 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
     if n == 0:
         raise ValueError("train_loader yielded no rows")
     prior_mean = la.prior_mean.detach()
+    modes = [m.training for m in model.modules()]
     margliks: list[float] = []
     best = None
     for epoch in tqdm(range(1, n_epochs + 1), desc="marglik training", leave=False, disable=not progress):
@@ -140,6 +142,8 @@ def marglik_training(model: nn.Module, train_loader, likelihood: str = "classifi
     la.prior_precision = log_prior.detach().exp()
     la.sigma_noise = log_sigma.detach().exp()
     la.fit(train_loader, progress=False)
+    for m, was in zip(model.modules(), modes):  # the caller's train / eval modes, module by module
+        m.training = was
     return la, margliks
 
 
