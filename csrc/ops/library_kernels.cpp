@@ -24,6 +24,7 @@ void register_library_kernels() {
   done = true;
   register_dense_only_kernels();
   register_version_bump_kernels();
+  register_math_bit_kernels();
 }
 
 }  // namespace pyfastbayes

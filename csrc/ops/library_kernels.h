@@ -1,7 +1,7 @@
 // Kernels registered for every op of the pyfastbayes library at once, found in the dispatcher
 // (no op list to keep in sync with the schemas; the walk and the registration in library_kernels.cpp):
-// the sparse-input refusal (ops/dense_only.cpp) and
-// the version-counter bump of every mutated argument (ops/version_bump.cpp).
+// the sparse-input refusal (ops/dense_only.cpp), the version-counter bump of every mutated argument
+// (ops/version_bump.cpp) and the math-bit (negative / conjugate view) handling (ops/math_bits.cpp).
 #pragma once
 
 #include <ATen/core/function_schema.h>
@@ -24,7 +24,12 @@ void register_dense_only_kernels();
 // autograd refuses a backward through a tensor an op changed after it was saved (ops/version_bump.cpp).
 void register_version_bump_kernels();
 
-// Both of the above, once; module.cpp calls it when _C is imported, after every schema is defined.
+// One boxed kernel under the Negative and Conjugate keys for every op with a mutable argument: a
+// written argument with the math bit is refused, a read one resolved (ATen's math-bit fallback
+// assumes an in-place op returns its argument: with ours it corrupted the heap; ops/math_bits.cpp).
+void register_math_bit_kernels();
+
+// All of the above, once; module.cpp calls it when _C is imported, after every schema is defined.
 void register_library_kernels();
 
 }  // namespace pyfastbayes
