@@ -42,6 +42,9 @@ inline int64_t check_swag_collect(at::TensorList params, const at::Tensor& mean,
                 mean.device());
     TORCH_CHECK(swag_dev_dtype(p.scalar_type()), op, ": params[", i, "] must be float64/32/16 or bfloat16, got ",
                 p.scalar_type());
+    // (a sum that wraps past int64 could equal mean's size: expanded params of 2^62 elements each)
+    TORCH_CHECK(p.numel() <= std::numeric_limits<int64_t>::max() - total, op,
+                ": the params hold more than 2^63 - 1 elements in all (params[", i, "] has ", p.numel(), ")");
     total += p.numel();
   }
   TORCH_CHECK(params.size() < (size_t(1) << 31), op, ": too many tensors");
