@@ -259,3 +259,13 @@ def test_cuda_matches_cpu_streams():
     a = torch.ops.pyfastbayes.swag_sample(mean, sq, D, 40, 0.5, 1e-30, 42, 1, 0)
     b = torch.ops.pyfastbayes.swag_sample(mean.cuda(), sq.cuda(), D.cuda(), 40, 0.5, 1e-30, 42, 1, 0)
     torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_swag_collect_refuses_params_whose_element_count_overflows():
+    """Expanded params of 2^62 elements each: their int64 sum wrapped to 5 (= mean's size), and the
+    call failed later in a storage-size error; refused by the size check now, nothing written."""
+    mean = torch.zeros(5)
+    with pytest.raises(RuntimeError, match=r"swag_collect_: the params hold more than 2\^63 - 1 elements"):
+        torch.ops.pyfastbayes.swag_collect_([torch.ones(1).expand(2**62)] * 4 + [torch.ones(5)], mean, None, None, 0)
+    assert torch.equal(mean, torch.zeros(5))
