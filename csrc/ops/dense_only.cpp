@@ -49,8 +49,7 @@ std::string first_sparse(const c10::FunctionSchema& schema, const torch::jit::St
 }
 
 void refuse_sparse(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const std::string& name = op.schema().name();  // "pyfastbayes::<op>"
-  TORCH_CHECK(false, name.substr(name.find("::") + 2), ": ", first_sparse(op.schema(), *stack),
+  TORCH_CHECK(false, op_name(op.schema()), ": ", first_sparse(op.schema(), *stack),
               "; pyfastbayes ops take dense (strided) tensors only: pass dense tensors (.to_dense())");
 }
 

@@ -15,6 +15,22 @@ namespace pyfastbayes {
 // impl name is "<op>" or "<op>.<overload>", as torch::Library::impl takes it.
 void for_each_library_op(const std::function<void(const std::string&, const c10::FunctionSchema&)>& fn);
 
+// Whether the schema marks the argument as written (Tensor(a!), Tensor(a!)?, Tensor(a!)[]).
+inline bool writes(const c10::Argument& arg) { return arg.alias_info() != nullptr && arg.alias_info()->isWrite(); }
+
+// Whether the op writes any of its arguments.
+inline bool writes_any(const c10::FunctionSchema& schema) {
+  for (const auto& arg : schema.arguments())
+    if (writes(arg)) return true;
+  return false;
+}
+
+// "<op>" of the schema's "pyfastbayes::<op>", as the errors name it.
+inline std::string op_name(const c10::FunctionSchema& schema) {
+  const std::string& full = schema.name();
+  return full.substr(full.find("::") + 2);
+}
+
 // One boxed kernel under each sparse dispatch key that raises a RuntimeError naming the op and
 // the sparse argument (ops/dense_only.cpp).
 void register_dense_only_kernels();

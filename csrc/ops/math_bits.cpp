@@ -21,8 +21,6 @@
 namespace pyfastbayes {
 namespace {
 
-bool writes(const c10::Argument& arg) { return arg.alias_info() != nullptr && arg.alias_info()->isWrite(); }
-
 template <c10::DispatchKey Key>
 void resolve_math_bit(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   constexpr bool neg = Key == c10::DispatchKey::Negative;
@@ -30,8 +28,7 @@ void resolve_math_bit(const c10::OperatorHandle& op, c10::DispatchKeySet keys, t
   auto resolve = [](const at::Tensor& t) { return neg ? t.resolve_neg() : t.resolve_conj(); };
   const auto& args = op.schema().arguments();
   const size_t first = stack->size() - args.size();
-  const std::string& full = op.schema().name();  // "pyfastbayes::<op>"
-  const std::string name = full.substr(full.find("::") + 2);
+  const std::string name = op_name(op.schema());
   auto refuse = [&](const std::string& what) {
     TORCH_CHECK(false, name, ": ", what, " has the ", neg ? "negative" : "conjugate", " bit set (a lazily ",
                 neg ? "negated view, e.g. z.conj().imag" : "conjugated view, z.conj()",
@@ -69,15 +66,12 @@ void register_math_bit_kernels() {
     // never destroyed: the registrations live as long as the ops (like TORCH_LIBRARY_IMPL's)
     auto* lib = new torch::Library(torch::Library::IMPL, "pyfastbayes", key, __FILE__, __LINE__);
     for_each_library_op([lib, key](const std::string& name, const c10::FunctionSchema& schema) {
-      for (const auto& arg : schema.arguments()) {
-        if (!writes(arg)) continue;
-        lib->impl(name.c_str(), key == c10::DispatchKey::Negative
-                                    ? torch::CppFunction::makeFromBoxedFunction<
-                                          &resolve_math_bit<c10::DispatchKey::Negative>>()
-                                    : torch::CppFunction::makeFromBoxedFunction<
-                                          &resolve_math_bit<c10::DispatchKey::Conjugate>>());
-        return;
-      }
+      if (!writes_any(schema)) return;
+      lib->impl(name.c_str(), key == c10::DispatchKey::Negative
+                                  ? torch::CppFunction::makeFromBoxedFunction<
+                                        &resolve_math_bit<c10::DispatchKey::Negative>>()
+                                  : torch::CppFunction::makeFromBoxedFunction<
+                                        &resolve_math_bit<c10::DispatchKey::Conjugate>>());
     });
   }
 }

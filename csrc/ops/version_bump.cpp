@@ -22,8 +22,6 @@
 namespace pyfastbayes {
 namespace {
 
-bool writes(const c10::Argument& arg) { return arg.alias_info() != nullptr && arg.alias_info()->isWrite(); }
-
 void run_and_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
   const size_t first = stack->size() - args.size();
@@ -36,8 +34,7 @@ void run_and_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
         // no version counter to bump. Inside torch.inference_mode() the write is legal (this kernel
         // still runs when another argument is a normal tensor); outside it ATen refuses in-place
         // writes to inference tensors, and so does this kernel, before the op writes anything
-        const std::string& name = op.schema().name();
-        TORCH_CHECK(c10::InferenceMode::is_enabled(), name.substr(name.find("::") + 2), ": ", args[a].name(),
+        TORCH_CHECK(c10::InferenceMode::is_enabled(), op_name(op.schema()), ": ", args[a].name(),
                     " is an inference tensor (made under torch.inference_mode()), which may be written in place "
                     "only inside torch.inference_mode(): call the op there, or pass a clone made outside it");
         return;
@@ -65,12 +62,7 @@ void register_version_bump_kernels() {
   auto* lib = new torch::Library(torch::Library::IMPL, "pyfastbayes", c10::DispatchKey::ADInplaceOrView, __FILE__,
                                  __LINE__);
   for_each_library_op([lib](const std::string& name, const c10::FunctionSchema& schema) {
-    for (const auto& arg : schema.arguments()) {
-      if (writes(arg)) {
-        lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&run_and_bump_versions>());
-        return;
-      }
-    }
+    if (writes_any(schema)) lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&run_and_bump_versions>());
   });
 }
 
