@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..calibration._checks import check_int
-from ._functions import kl_grads_graph, prior_var_tensor
+from ._functions import closed_form_kl, kl_grads_graph, prior_var_tensor
 from .layers import BayesianLayer
 from .priors import GaussianPrior
 
@@ -92,7 +92,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
         # their means, sample_weights = False): the closed form by plain torch ops, which functorch
         # differentiates and batches (the fused op's autograd.Function has no functorch rules)
         for mu, rho, v in zip(mus, rhos, var):
-            term = _closed_form(mu, rho, v)
+            term = closed_form_kl(mu, rho, v)
             total = term if total is None else total + term
     elif mus:
         try:
@@ -112,14 +112,6 @@ def kl_divergence(model: nn.Module) -> Tensor:
     if not _tracing() and not math.isfinite(total.item()):  # one read of the 0-dim KL (isfinite + bool: two ops)
         _raise_nonfinite(layers, total)
     return total
-
-
-def _closed_form(mu: Tensor, rho: Tensor, v: float) -> Tensor:
-    """KL(N(mu, softplus(rho)^2) || N(0, v)) summed, by differentiable torch ops (log softplus(rho)
-    taken as rho below -20, where softplus underflows in float32 and the two agree to 1e-9)."""
-    sigma = F.softplus(rho)
-    log_sigma = torch.where(rho < -20, rho, torch.log(F.softplus(rho.clamp_min(-20))))
-    return (0.5 * math.log(v) - log_sigma + (sigma * sigma + mu * mu) / (2 * v) - 0.5).sum()
 
 
 def _tracing() -> bool:
