@@ -65,32 +65,38 @@ class SWA(Posterior):
         self.bn_buffers = None  # BatchNorm statistics for the current average (update_bn); reset by collect / load
 
     # ---- collecting ----------------------------------------------------------------------------
-    def _mean_limit(self) -> float:
-        """Half the state dtype's largest value: a parameter at or beyond it in magnitude can make
-        the running mean's update (theta - mean) overflow, or not fit the state at all (a float64
-        parameter of 1e39 in a float32 mean)."""
-        return torch.finfo(self.dtype).max / 2
+    def _limit(self) -> tuple[float, str]:
+        """(the magnitude a collected parameter must stay below, why): half the state dtype's largest
+        value, beyond which the running mean's update (theta - mean) can overflow, or the parameter
+        not fit the state at all (a float64 1e39 in a float32 mean). SWAG's is lower (its square)."""
+        return torch.finfo(self.dtype).max / 2, (f"half of {self.dtype}'s largest value: the running mean would "
+                                                 "overflow to inf or NaN")
 
     def _collect_flag(self, ps: list[Tensor]) -> Tensor:
         """Bool scalar on the device: does this collect have to be refused? (parameters that are not
-        finite or of magnitude >= :meth:`_mean_limit`: one read, ``ops.any_nonfinite`` with a limit)"""
-        return ops.any_nonfinite(ps, self._mean_limit())
+        finite or of magnitude >= :meth:`_limit`: one read, ``ops.any_nonfinite`` with a limit)"""
+        return ops.any_nonfinite(ps, self._limit()[0])
 
     def _refuse_collect(self, ps: list[Tensor]) -> None:
         """Raise the error that :meth:`_collect_flag` found (slow path, only after a refusal): the
-        first non-finite parameter, else the first beyond the mean's range."""
+        first non-finite parameter, else the first beyond :meth:`_limit`."""
         for name, p in zip(self.layout.names, ps):
             if not torch.isfinite(p).all():
                 raise ValueError(f"parameter {name!r} holds NaN or inf: collect() refuses it (it would poison the "
                                  f"running mean for ever); the {self.kind} state is unchanged")
-        limit = self._mean_limit()
-        for name, p in zip(self.layout.names, ps):
-            big = float(p.detach().abs().max()) if p.numel() else 0.0
+        self._refuse_large(list(zip(self.layout.names, ps)))
+
+    def _refuse_large(self, named: list[tuple[str, Tensor]], where: str = "") -> None:
+        """The ValueError naming the first parameter at or beyond :meth:`_limit` in magnitude;
+        nothing when there is none."""
+        limit, why = self._limit()
+        for name, t in named:
+            big = float(t.detach().abs().max()) if t.numel() else 0.0
             if not big < limit:
-                raise ValueError(f"parameter {name!r} holds values of magnitude {big:.4g}, at or beyond {limit:.4g} = "
-                                 f"half of {self.dtype}'s largest value: the running mean would overflow to inf or "
-                                 f"NaN. collect() refuses it; the {self.kind} state is unchanged. Keep the state in "
-                                 "dtype=torch.float64, or check the training (weights this large mean it diverged)")
+                raise ValueError(f"parameter {name!r} holds values of magnitude {big:.4g}{where}, at or beyond "
+                                 f"{limit:.4g} = {why}. collect() refuses it; the {self.kind} state is unchanged. "
+                                 "Keep the state in dtype=torch.float64, or check the training (weights this large "
+                                 "mean it diverged)")
 
     @torch.no_grad()
     def collect(self, model: nn.Module | None = None) -> None:

@@ -269,10 +269,12 @@ class SWAG(ColumnShards, SWA):
     def _fp16_check(self) -> bool:
         return bool(self.max_rank) and self.deviation_dtype == torch.float16
 
-    def _sq_limit(self) -> float:
+    def _limit(self) -> tuple[float, str]:
         """sqrt of the state dtype's largest value: a parameter at or beyond it in magnitude has a
-        square that overflows sq_mean (float32: 1.84e19)."""
-        return torch.finfo(self.dtype).max ** 0.5
+        square that overflows sq_mean (float32: 1.84e19); below SWA's limit, so it covers the mean too."""
+        return torch.finfo(self.dtype).max ** 0.5, (f"sqrt of {self.dtype}'s largest value: their squares overflow "
+                                                    f"the {self.kind} second moment (sq_mean would be inf, and every "
+                                                    "variance and draw inf or NaN)")
 
     def _magnitude_flag(self, ps: list[Tensor]) -> Tensor:
         """A parameter that is NaN, inf, or of magnitude >= sqrt(dtype max): one read of the
@@ -281,7 +283,7 @@ class SWAG(ColumnShards, SWA):
         columns of this replica refuses too), the local shards under FSDP2 (the DTensors
         themselves are not the op's inputs)."""
         ts = [t for t, _ in self._local(ps)] if self.fsdp else ps
-        return ops.any_nonfinite(ts, self._sq_limit())
+        return ops.any_nonfinite(ts, self._limit()[0])
 
     def _collect_flag(self, ps: list[Tensor]) -> Tensor:
         """Parameters that are not finite or whose squares overflow ``dtype`` (sq_mean would hold
@@ -298,23 +300,9 @@ class SWAG(ColumnShards, SWA):
             flag = self._all_reduce(flag.to(torch.int32), torch.distributed.ReduceOp.MAX).bool()
         return flag
 
-    def _refuse_large(self, named: list[tuple[str, Tensor]], where: str = "") -> None:
-        """The ValueError for a parameter at or beyond sqrt(dtype max) in magnitude (its square
-        overflows sq_mean), naming the first one; nothing when there is none."""
-        limit = self._sq_limit()
-        for name, t in named:
-            big = float(t.detach().abs().max()) if t.numel() else 0.0
-            if not big < limit:
-                raise ValueError(f"parameter {name!r} holds values of magnitude {big:.4g}{where}, at or beyond "
-                                 f"{limit:.4g} = sqrt of {self.dtype}'s largest value: their squares overflow the "
-                                 f"{self.kind} second moment (sq_mean would be inf, and every variance and draw inf "
-                                 f"or NaN). collect() refuses it; the {self.kind} state is unchanged. Keep the state in "
-                                 f"dtype=torch.float64, or check the training (weights this large mean it diverged)")
-
     def _refuse_collect(self, ps: list[Tensor]) -> None:
         if not self.sharded:
-            super()._refuse_collect(ps)
-            self._refuse_large(list(zip(self.layout.names, ps)))
+            super()._refuse_collect(ps)  # (non-finite, then beyond the limit)
             self._refuse_fp16(float(self._max_deviation(ps)))
         # sharded: the global maximum (a collective) first, before any rank can raise
         big = float(self._max_deviation(ps)) if self._fp16_check() else None
@@ -332,8 +320,7 @@ class SWAG(ColumnShards, SWA):
             raise RuntimeError(f"another rank refused this collect (NaN or inf in its shards of the FSDP2 parameters, "
                                f"values whose squares overflow {self.dtype}, or a deviation beyond float16's range); "
                                f"the {self.kind} state is unchanged")
-        super()._refuse_collect(ps)  # a non-finite parameter (the same on every rank under DDP)
-        self._refuse_large(list(zip(self.layout.names, ps)))
+        super()._refuse_collect(ps)  # a non-finite or too large parameter (the same on every rank under DDP)
         if big is not None and not big <= FP16_MAX:
             self._refuse_fp16(big)
         raise RuntimeError(f"another rank refused this collect (non-finite parameters) while this rank's parameters "
