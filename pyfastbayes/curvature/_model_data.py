@@ -50,10 +50,9 @@ def as_batches(data) -> Iterable:
     iterators (generators) are refused: every product walks the data again."""
     if _is_batch(data):
         data = [tuple(data)]
-    elif (isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0])
-          and not torch.is_tensor(data[1]) and not isinstance(data[1], (tuple, list, Mapping))):
-        raise TypeError(f"data: the targets must be a tensor, got {type(data[1]).__name__} (convert them, e.g. "
-                        "torch.as_tensor(y))")
+    elif isinstance(data, tuple) and torch.is_tensor(data[0] if data else None) \
+            and not isinstance(data[-1], (tuple, list, Mapping)):
+        _refuse_untensored_targets(data, "data")
     if isinstance(data, Mapping):
         raise TypeError(f"data is one dict (keys {list(data)[:6]}); the curvature needs (inputs, targets) pairs: pass "
                         "(batch, batch['labels']) (the dict is the model's one argument), or a list / DataLoader "
@@ -70,14 +69,21 @@ def as_batches(data) -> Iterable:
     return data
 
 
+def _refuse_untensored_targets(pair, what: str) -> None:
+    """TypeError naming ``what`` for an (inputs, targets) pair whose targets are not a tensor (a
+    numpy array would otherwise make the pair read as a list of batches, its inputs as 'item 0')."""
+    if len(pair) == 2 and not torch.is_tensor(pair[1]):
+        raise TypeError(f"{what}: the targets must be a tensor, got {type(pair[1]).__name__} (convert them, e.g. "
+                        "torch.as_tensor(y))")
+
+
 def _check_batch(item, i: int) -> None:
     if isinstance(item, Mapping):
         raise TypeError(f"data item {i} is a dict (keys {list(item)[:6]}): give (inputs, targets) pairs, e.g. a "
                         "collate_fn or a list of (batch, batch['labels']) (the dict is the model's one argument)")
-    if isinstance(item, (tuple, list)) and len(item) == 2 and not torch.is_tensor(item[1]) \
-            and (torch.is_tensor(item[0]) or isinstance(item[0], (Mapping, tuple, list))):
-        raise TypeError(f"data item {i}: the targets must be a tensor, got {type(item[1]).__name__} (convert them, "
-                        "e.g. torch.as_tensor(y))")
+    if isinstance(item, (tuple, list)) and (torch.is_tensor(item[0] if item else None)
+                                            or isinstance(item[0] if item else None, (Mapping, tuple, list))):
+        _refuse_untensored_targets(item, f"data item {i}")
     if not _is_batch(item):
         what = type(item).__name__ if not isinstance(item, (tuple, list)) else f"a {type(item).__name__} of {len(item)}"
         hint = ("; a DataLoader over TensorDataset(x1, x2, y) yields [x1, x2, y]: give the model's inputs as one "

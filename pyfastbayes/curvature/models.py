@@ -196,6 +196,7 @@ class HessianOperator(_ModelCurvature):
     the same matrix by symmetry) for good. ``hvp_mode`` says which one is in use."""
 
     hvp_mode = "forward-over-reverse"
+    _check_symmetry = False  # set once by the switch to reverse-over-reverse (_warn_if_asymmetric)
 
     def __init__(self, model, loss_fn, data, params=None, distributed=None):
         super().__init__(model, loss_fn, data, params, distributed)
@@ -238,7 +239,7 @@ class HessianOperator(_ModelCurvature):
                 self._check_symmetry = True
         # the vjp of the gradient (H is symmetric: v^T H = (H v)^T), vmapped over the k tangents
         _, vjp_g = vjp(g, selected)
-        if getattr(self, "_check_symmetry", False):
+        if self._check_symmetry:
             self._check_symmetry = False
             _warn_if_asymmetric(vjp_g, selected)
         (HV,) = vmap(vjp_g)(tangents)
